@@ -1,0 +1,227 @@
+//! The byte-level backend trait every store implements.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::stats::CacheStats;
+use crate::ttl::KeyTtl;
+
+/// The result of a health probe.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// `true` when the backend answered correctly.
+    pub healthy: bool,
+    /// How long the probe took.
+    pub latency: Duration,
+    /// The backend kind, e.g. `memory` or `redis`.
+    pub backend: String,
+    /// What went wrong, or other detail (server version, node count, ...).
+    pub detail: String,
+}
+
+impl HealthReport {
+    /// A report.
+    pub fn new(
+        healthy: bool,
+        latency: Duration,
+        backend: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            healthy,
+            latency,
+            backend: backend.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A byte-level cache store: the memory backend, Redis, a multi-level cache, or your own.
+///
+/// The trait is object safe, so caches compose at run time as `Arc<dyn CacheBackend>`: a
+/// multi-level cache takes any backend as L2, strategies and loaders take any backend.
+/// Keys are the caller's keys; a backend that shares its store applies its own prefix
+/// ([`KeySpace`](crate::KeySpace)). Values are opaque bytes — the typed
+/// [`Cache`](crate::Cache) facade encodes and decodes them with a [`Codec`](crate::Codec).
+///
+/// Contract (checked by the conformance suite in `ncm-cache-testkit`):
+/// - an expired key is never returned and counts as missing everywhere;
+/// - `ttl: None` means "no expiry"; a zero TTL is rejected with `InvalidArgument`;
+/// - batch results come back in the order of the keys given;
+/// - `clear_pattern` uses Redis `MATCH` glob syntax and only touches this cache's keys;
+/// - invalid keys are rejected with `InvalidKey` before any I/O.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use bytes::Bytes;
+/// use ncm_cache_core::{CacheBackend, CacheStats, HealthReport, KeyTtl, Result};
+///
+/// /// A backend that stores nothing (every read is a miss).
+/// #[derive(Debug)]
+/// struct Null;
+///
+/// #[async_trait]
+/// impl CacheBackend for Null {
+///     fn name(&self) -> &str { "null" }
+///     async fn get(&self, _key: &str) -> Result<Option<Bytes>> { Ok(None) }
+///     async fn set(&self, _key: &str, _value: Bytes, _ttl: Option<Duration>) -> Result<()> { Ok(()) }
+///     async fn delete(&self, _key: &str) -> Result<bool> { Ok(false) }
+///     async fn exists(&self, _key: &str) -> Result<bool> { Ok(false) }
+///     async fn get_ttl(&self, _key: &str) -> Result<KeyTtl> { Ok(KeyTtl::Missing) }
+///     async fn extend_ttl(&self, _key: &str, _ttl: Duration) -> Result<bool> { Ok(false) }
+///     async fn clear_pattern(&self, _pattern: &str) -> Result<u64> { Ok(0) }
+///     async fn health_report(&self) -> HealthReport {
+///         HealthReport::new(true, Duration::ZERO, "null", "")
+///     }
+///     fn get_stats(&self) -> CacheStats { CacheStats::default() }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let backend: Arc<dyn CacheBackend> = Arc::new(Null);
+/// assert_eq!(backend.get("k").await.unwrap(), None);
+/// // Batch operations have default implementations built on the single-key ones.
+/// assert_eq!(backend.get_many(&["a", "b"]).await.unwrap(), vec![None, None]);
+/// # });
+/// ```
+#[async_trait]
+pub trait CacheBackend: Send + Sync + Debug + 'static {
+    /// The cache's name, used as the `cache` label in stats and metrics.
+    fn name(&self) -> &str;
+
+    /// Reads a value; `None` when the key is missing or expired.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+
+    /// Writes a value, replacing any previous one. `ttl: None` stores it without expiry.
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()>;
+
+    /// Removes a key; `true` when it existed.
+    async fn delete(&self, key: &str) -> Result<bool>;
+
+    /// `true` when the key exists and has not expired.
+    async fn exists(&self, key: &str) -> Result<bool>;
+
+    /// Reads several keys; the result has one slot per key, in order.
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
+
+    /// Writes several values with one TTL.
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
+        for (key, value) in entries {
+            self.set(key, value.clone(), ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes several keys; returns how many existed.
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        let mut n = 0;
+        for key in keys {
+            n += u64::from(self.delete(key).await?);
+        }
+        Ok(n)
+    }
+
+    /// The remaining lifetime of a key.
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl>;
+
+    /// Sets the key's remaining lifetime to `ttl` from now (Redis `PEXPIRE`); `false` when the
+    /// key does not exist.
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool>;
+
+    /// Removes every key of this cache matching a Redis-style glob; returns how many.
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64>;
+
+    /// Probes the backend and reports its health and latency.
+    async fn health_report(&self) -> HealthReport;
+
+    /// `true` when the backend answers (the original's `health_check()`).
+    async fn health_check(&self) -> bool {
+        self.health_report().await.healthy
+    }
+
+    /// A snapshot of the statistics.
+    fn get_stats(&self) -> CacheStats;
+
+    /// Hook: a value read from `key` could not be decoded by the caller's codec. Backends count
+    /// it (the read becomes a miss in their stats); the caller then deletes the entry.
+    fn record_decode_error(&self, key: &str) {
+        let _ = key;
+    }
+
+    /// Releases connections and background tasks. Further calls may fail with `Closed`.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        (**self).get(key).await
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        (**self).set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        (**self).delete(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        (**self).exists(key).await
+    }
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        (**self).get_many(keys).await
+    }
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
+        (**self).set_many(entries, ttl).await
+    }
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        (**self).delete_many(keys).await
+    }
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        (**self).get_ttl(key).await
+    }
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        (**self).extend_ttl(key, ttl).await
+    }
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        (**self).clear_pattern(pattern).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        (**self).health_report().await
+    }
+    async fn health_check(&self) -> bool {
+        (**self).health_check().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        (**self).get_stats()
+    }
+    fn record_decode_error(&self, key: &str) {
+        (**self).record_decode_error(key)
+    }
+    async fn close(&self) -> Result<()> {
+        (**self).close().await
+    }
+}
+
+/// Compile-time check that [`CacheBackend`] stays object safe.
+const _: fn(&dyn CacheBackend) = |_| {};
+
+/// A shared, type-erased backend.
+pub type SharedBackend = Arc<dyn CacheBackend>;

@@ -1,0 +1,369 @@
+//! The typed facade: `get::<T>` / `set` over any backend and codec.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backend::{CacheBackend, HealthReport, SharedBackend};
+use crate::codec::Codec;
+use crate::error::{CacheError, Result};
+use crate::stats::CacheStats;
+use crate::ttl::{Expiry, KeyTtl, TtlPolicy};
+
+/// A typed cache: encodes values with a [`Codec`] and stores them in a [`CacheBackend`].
+///
+/// Cloning is cheap (one `Arc`); clones share the backend. Reads treat a stored value that cannot
+/// be decoded (corrupt, written by an incompatible version, foreign bytes) as a miss: the entry is
+/// counted as a codec error and removed, so the next write repairs it. Use
+/// [`try_get`](Self::try_get) to see the error instead.
+///
+/// ```
+/// # use bytes::Bytes; use serde::{Serialize, de::DeserializeOwned};
+/// # use ncm_cache_core::{Codec, CodecError, CodecErrorKind};
+/// # #[derive(Debug, Clone, Copy)] struct PlainJson;
+/// # impl Codec for PlainJson {
+/// #     fn encode<T: Serialize + ?Sized>(&self, v: &T) -> Result<Bytes, CodecError> {
+/// #         serde_json::to_vec(v).map(Bytes::from).map_err(|e| CodecError::with_source(CodecErrorKind::Encode, "json", e)) }
+/// #     fn decode<T: DeserializeOwned>(&self, b: &[u8]) -> Result<T, CodecError> {
+/// #         serde_json::from_slice(b).map_err(|e| CodecError::with_source(CodecErrorKind::Decode, "json", e)) }
+/// # }
+/// # #[derive(Debug)] struct Store(std::sync::Mutex<std::collections::HashMap<String, Bytes>>);
+/// # #[async_trait::async_trait] impl ncm_cache_core::CacheBackend for Store {
+/// #   fn name(&self) -> &str { "doc" }
+/// #   async fn get(&self, k: &str) -> ncm_cache_core::Result<Option<Bytes>> { Ok(self.0.lock().unwrap().get(k).cloned()) }
+/// #   async fn set(&self, k: &str, v: Bytes, _t: Option<std::time::Duration>) -> ncm_cache_core::Result<()> { self.0.lock().unwrap().insert(k.into(), v); Ok(()) }
+/// #   async fn delete(&self, k: &str) -> ncm_cache_core::Result<bool> { Ok(self.0.lock().unwrap().remove(k).is_some()) }
+/// #   async fn exists(&self, k: &str) -> ncm_cache_core::Result<bool> { Ok(self.0.lock().unwrap().contains_key(k)) }
+/// #   async fn get_ttl(&self, _k: &str) -> ncm_cache_core::Result<ncm_cache_core::KeyTtl> { Ok(ncm_cache_core::KeyTtl::Persistent) }
+/// #   async fn extend_ttl(&self, _k: &str, _t: std::time::Duration) -> ncm_cache_core::Result<bool> { Ok(true) }
+/// #   async fn clear_pattern(&self, _p: &str) -> ncm_cache_core::Result<u64> { Ok(0) }
+/// #   async fn health_report(&self) -> ncm_cache_core::HealthReport { ncm_cache_core::HealthReport::new(true, std::time::Duration::ZERO, "doc", "") }
+/// #   fn get_stats(&self) -> ncm_cache_core::CacheStats { Default::default() }
+/// # }
+/// # let backend = Store(Default::default());
+/// use std::time::Duration;
+/// use ncm_cache_core::Cache;
+///
+/// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+/// struct User { name: String, email: String }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let cache = Cache::builder(backend, PlainJson)
+///     .default_ttl(Duration::from_secs(3600))
+///     .build();
+/// let user = User { name: "John".into(), email: "john@example.com".into() };
+/// cache.set("user:123", &user).await?;
+/// assert_eq!(cache.get::<User>("user:123").await?, Some(user));
+/// assert!(cache.delete("user:123").await?);
+/// # Ok::<(), ncm_cache_core::CacheError>(())
+/// # }).unwrap();
+/// ```
+pub struct Cache<C> {
+    inner: Arc<Inner<C>>,
+}
+
+struct Inner<C> {
+    backend: SharedBackend,
+    codec: C,
+    ttl: TtlPolicy,
+    max_value_size: Option<usize>,
+}
+
+impl<C> Clone for Cache<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for Cache<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("backend", &self.inner.backend)
+            .field("ttl", &self.inner.ttl)
+            .field("max_value_size", &self.inner.max_value_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Cache`].
+#[derive(Debug)]
+#[must_use]
+pub struct CacheBuilder<C> {
+    backend: SharedBackend,
+    codec: C,
+    ttl: TtlPolicy,
+    max_value_size: Option<usize>,
+}
+
+impl<C: Codec> CacheBuilder<C> {
+    /// The TTL used by [`Cache::set`] (default: no expiry).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = TtlPolicy::new(Some(ttl)).with_jitter(self.ttl.jitter());
+        self
+    }
+
+    /// Randomly shortens each TTL by up to this fraction (0.0–0.5) to spread expiries.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.ttl = self.ttl.with_jitter(fraction);
+        self
+    }
+
+    /// Sets the whole TTL policy.
+    pub fn ttl_policy(mut self, policy: TtlPolicy) -> Self {
+        self.ttl = policy;
+        self
+    }
+
+    /// Rejects encoded values larger than `bytes` with [`CacheError::ValueTooLarge`].
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = Some(bytes);
+        self
+    }
+
+    /// Builds the cache.
+    pub fn build(self) -> Cache<C> {
+        Cache {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                codec: self.codec,
+                ttl: self.ttl,
+                max_value_size: self.max_value_size,
+            }),
+        }
+    }
+}
+
+impl<C: Codec> Cache<C> {
+    /// A cache over `backend` with `codec`, no default TTL and no value size limit.
+    pub fn new(backend: impl CacheBackend, codec: C) -> Self {
+        Self::builder(backend, codec).build()
+    }
+
+    /// A cache over an already shared backend.
+    pub fn from_shared(backend: SharedBackend, codec: C) -> Self {
+        Self::builder_shared(backend, codec).build()
+    }
+
+    /// A builder over `backend` with `codec`.
+    pub fn builder(backend: impl CacheBackend, codec: C) -> CacheBuilder<C> {
+        Self::builder_shared(Arc::new(backend), codec)
+    }
+
+    /// A builder over an already shared backend.
+    pub fn builder_shared(backend: SharedBackend, codec: C) -> CacheBuilder<C> {
+        CacheBuilder {
+            backend,
+            codec,
+            ttl: TtlPolicy::default(),
+            max_value_size: None,
+        }
+    }
+
+    /// The backend, for composing (e.g. as the L2 of a multi-level cache).
+    pub fn backend(&self) -> &SharedBackend {
+        &self.inner.backend
+    }
+
+    /// The codec.
+    pub fn codec(&self) -> &C {
+        &self.inner.codec
+    }
+
+    /// The TTL policy.
+    pub fn ttl_policy(&self) -> TtlPolicy {
+        self.inner.ttl
+    }
+
+    /// Reads and decodes a value. A value that cannot be decoded is counted, removed, and
+    /// reported as a miss.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.inner.backend.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(self.decode_or_repair(key, &bytes).await)
+    }
+
+    /// Reads and decodes a value, returning decode failures as [`CacheError::Codec`] (the entry
+    /// is left in place).
+    pub async fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.inner.backend.get(key).await? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(self.inner.codec.decode(&bytes)?)),
+        }
+    }
+
+    /// Encodes and stores a value with the default TTL.
+    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_with_expiry(key, value, Expiry::Default).await
+    }
+
+    /// Encodes and stores a value that expires after `ttl`.
+    pub async fn set_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_with_expiry(key, value, Expiry::After(ttl)).await
+    }
+
+    /// Encodes and stores a value with an explicit [`Expiry`].
+    pub async fn set_with_expiry<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        expiry: Expiry,
+    ) -> Result<()> {
+        let ttl = self.inner.ttl.resolve(expiry)?;
+        let bytes = self.encode(value)?;
+        self.inner.backend.set(key, bytes, ttl).await
+    }
+
+    /// Removes a key; `true` when it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.backend.delete(key).await
+    }
+
+    /// `true` when the key exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.backend.exists(key).await
+    }
+
+    /// The remaining TTL; `None` when the key is missing or never expires
+    /// (use [`ttl_state`](Self::ttl_state) to tell them apart).
+    pub async fn get_ttl(&self, key: &str) -> Result<Option<Duration>> {
+        Ok(self.inner.backend.get_ttl(key).await?.remaining())
+    }
+
+    /// The key's TTL state: missing, persistent, or expiring after a duration.
+    pub async fn ttl_state(&self, key: &str) -> Result<KeyTtl> {
+        self.inner.backend.get_ttl(key).await
+    }
+
+    /// Sets the key's remaining lifetime to `ttl` from now; `false` when the key is missing.
+    pub async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        if ttl.is_zero() {
+            return Err(CacheError::InvalidArgument(
+                "a TTL must be greater than zero (delete the key instead)".into(),
+            ));
+        }
+        self.inner.backend.extend_ttl(key, ttl).await
+    }
+
+    /// Reads several keys in one batch; results in key order, undecodable values as `None`.
+    pub async fn get_many<T: DeserializeOwned>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
+        let raw = self.inner.backend.get_many(keys).await?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (key, bytes) in keys.iter().zip(raw) {
+            out.push(match bytes {
+                None => None,
+                Some(bytes) => self.decode_or_repair(key, &bytes).await,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Encodes and writes several values in one batch with one expiry.
+    pub async fn set_many<K, T, I>(&self, entries: I, expiry: impl Into<Expiry>) -> Result<()>
+    where
+        I: IntoIterator<Item = (K, T)>,
+        K: AsRef<str>,
+        T: Serialize,
+    {
+        let ttl = self.inner.ttl.resolve(expiry.into())?;
+        let encoded = entries
+            .into_iter()
+            .map(|(k, v)| Ok((k, self.encode(&v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let borrowed: Vec<(&str, Bytes)> = encoded
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.clone()))
+            .collect();
+        self.inner.backend.set_many(&borrowed, ttl).await
+    }
+
+    /// Removes several keys; returns how many existed.
+    pub async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        self.inner.backend.delete_many(keys).await
+    }
+
+    /// Removes every key of this cache matching a Redis-style glob (use
+    /// [`escape_glob`](crate::escape_glob) on user-supplied parts).
+    pub async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        self.inner.backend.clear_pattern(pattern).await
+    }
+
+    /// Returns the cached value, or runs `loader`, caches its result and returns it
+    /// (the original's `read_through`). Loader errors are returned and nothing is cached.
+    pub async fn read_through<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+        expiry: impl Into<Expiry>,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(value) = self.get(key).await? {
+            return Ok(value);
+        }
+        let value = loader().await.map_err(CacheError::loader)?;
+        self.set_with_expiry(key, &value, expiry.into()).await?;
+        Ok(value)
+    }
+
+    /// `true` when the backend answers.
+    pub async fn health_check(&self) -> bool {
+        self.inner.backend.health_check().await
+    }
+
+    /// A detailed health probe.
+    pub async fn health_report(&self) -> HealthReport {
+        self.inner.backend.health_report().await
+    }
+
+    /// The backend's statistics.
+    pub fn get_stats(&self) -> CacheStats {
+        self.inner.backend.get_stats()
+    }
+
+    /// Closes the backend.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.backend.close().await
+    }
+
+    fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes> {
+        let bytes = self.inner.codec.encode(value)?;
+        match self.inner.max_value_size {
+            Some(max) if bytes.len() > max => Err(CacheError::ValueTooLarge {
+                size: bytes.len(),
+                max,
+            }),
+            _ => Ok(bytes),
+        }
+    }
+
+    async fn decode_or_repair<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Option<T> {
+        match self.inner.codec.decode(bytes) {
+            Ok(value) => Some(value),
+            Err(err) => {
+                tracing::warn!(key, error = %err, "undecodable cache entry removed");
+                self.inner.backend.record_decode_error(key);
+                if let Err(e) = self.inner.backend.delete(key).await {
+                    tracing::debug!(key, error = %e, "could not remove undecodable entry");
+                }
+                None
+            }
+        }
+    }
+}

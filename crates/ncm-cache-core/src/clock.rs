@@ -1,0 +1,90 @@
+//! Time sources: the system clock, and a manual clock so TTL logic is testable without sleeping.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A monotonic time source.
+///
+/// Backends that keep expiry times in process (the memory backend, L1) read the time through a
+/// `Clock`, so tests can move time forward with [`ManualClock`] instead of sleeping.
+///
+/// ```
+/// use std::time::Duration;
+/// use ncm_cache_core::{Clock, ManualClock};
+/// let clock = ManualClock::new();
+/// let t0 = clock.now();
+/// clock.advance(Duration::from_secs(60));
+/// assert_eq!(clock.now() - t0, Duration::from_secs(60));
+/// ```
+pub trait Clock: Send + Sync + Debug + 'static {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The real monotonic clock ([`Instant::now`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[inline]
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that only moves when told to. Clones share the same time.
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    inner: Arc<ManualInner>,
+}
+
+#[derive(Debug)]
+struct ManualInner {
+    base: Instant,
+    offset_nanos: AtomicU64,
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ManualClock {
+    /// A manual clock starting at the current instant.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(ManualInner {
+                base: Instant::now(),
+                offset_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Moves time forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+
+    /// How far this clock has been advanced in total.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.inner.offset_nanos.load(Ordering::SeqCst))
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.inner.base + self.elapsed()
+    }
+}
+
+/// A shared clock handle.
+pub type SharedClock = Arc<dyn Clock>;
+
+/// The default shared clock: the system clock.
+pub fn system_clock() -> SharedClock {
+    Arc::new(SystemClock)
+}

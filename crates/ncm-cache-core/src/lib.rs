@@ -1,0 +1,39 @@
+//! # ncm-cache-core
+//!
+//! The foundation of [ncm-cache](https://github.com/ncm-foundation/ncm-cache): the pieces every
+//! other crate builds on, and nothing that talks to a network.
+//!
+//! - [`CacheBackend`] — the object-safe, byte-level store trait (memory, Redis, multi-level, ...).
+//! - [`Codec`] and the typed facade [`Cache`] — `get::<T>` / `set` over any backend and codec.
+//! - [`CacheError`] — one error type with predicates (`is_timeout`, `is_connection`, ...).
+//! - [`KeySpace`], [`escape_glob`], [`GlobPattern`] — prefixes, key rules, Redis glob syntax.
+//! - [`TtlPolicy`], [`Expiry`], [`KeyTtl`] — default TTL, per-call TTL, no expiry, jitter.
+//! - [`StatsRecorder`], [`CacheStats`] — atomic counters mirrored to the `metrics` crate.
+//! - [`Clock`], [`ManualClock`] — so TTL logic is testable without sleeping.
+//! - [`CacheStrategy`], [`CacheLevel`], [`ValueSource`] — shared enums.
+//!
+//! Architecture Invariant: this crate names neither `redis` nor `sqlx`; it has no I/O.
+
+mod backend;
+mod cache;
+mod clock;
+mod codec;
+mod error;
+mod key;
+mod stats;
+mod ttl;
+mod types;
+
+pub use backend::{CacheBackend, HealthReport, SharedBackend};
+pub use cache::{Cache, CacheBuilder};
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock, system_clock};
+pub use codec::Codec;
+pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};
+pub use key::{DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, escape_glob, validate_key};
+pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder};
+pub use ttl::{Expiry, KeyTtl, TtlPolicy};
+pub use types::{CacheLevel, CacheStrategy, ValueSource};
+
+/// Re-exported so backend implementors use the same `async_trait` and `Bytes` as the trait.
+pub use async_trait::async_trait;
+pub use bytes::Bytes;
