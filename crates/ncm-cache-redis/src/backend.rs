@@ -1,0 +1,524 @@
+//! `RedisBackend`: the byte-level [`CacheBackend`] over Redis.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use ncm_cache_core::{
+    Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeySpace, KeyTtl, Operation, Result,
+    StatsRecorder, async_trait,
+};
+use redis::{FromRedisValue, RedisResult};
+
+use crate::commands;
+use crate::config::RedisConfig;
+use crate::conn::{Conn, Handle, group_by_slot};
+use crate::error::map_err;
+
+/// The byte-level Redis backend. Most users hold a [`RedisCache`](crate::RedisCache), which
+/// wraps this with a codec; use [`RedisCache::backend`](crate::RedisCache::backend) to compose
+/// it (for example as the L2 of a multi-level cache).
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) conn: Conn,
+    pub(crate) keys: KeySpace,
+    pub(crate) stats: StatsRecorder,
+    pub(crate) config: RedisConfig,
+    closed: AtomicBool,
+    healthy: AtomicBool,
+    used_memory: AtomicU64,
+    health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a failed operation may be retried after a timeout.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idempotent {
+    Yes,
+    No,
+}
+
+impl RedisBackend {
+    /// Connects with `config` (validated first). Fails with a connection error or timeout
+    /// when Redis cannot be reached within `connect_timeout`.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
+        let conn = Conn::connect(&config).await?;
+        let inner = Arc::new(Inner {
+            conn,
+            keys: KeySpace::new(config.key_prefix.clone()).with_max_key_len(config.max_key_len),
+            stats: StatsRecorder::new(config.name.as_str(), "redis"),
+            closed: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            used_memory: AtomicU64::new(0),
+            health_task: std::sync::Mutex::new(None),
+            config,
+        });
+        if let Some(every) = inner.config.health_check_interval {
+            let task = tokio::spawn(health_loop(Arc::downgrade(&inner), every));
+            if let Ok(mut slot) = inner.health_task.lock() {
+                *slot = Some(task);
+            }
+        }
+        Ok(Self { inner })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// The key space (prefix and key rules).
+    pub fn key_space(&self) -> &KeySpace {
+        &self.inner.keys
+    }
+
+    /// `true` when connected to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.conn.is_cluster()
+    }
+
+    /// The result of the last background health check (`true` before the first one).
+    pub fn last_known_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Runs one request with the timeout, stats, retry-on-timeout and error mapping.
+    async fn run<T, F, Fut>(&self, op: Operation, idempotent: Idempotent, f: F) -> Result<T>
+    where
+        F: Fn(Handle) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.inner.run(op, idempotent == Idempotent::Yes, f).await
+    }
+
+    fn full<'k>(&self, key: &'k str) -> Result<std::borrow::Cow<'k, str>> {
+        self.inner.keys.full_key(key)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Refreshes `memory_usage` from `INFO memory` now (the health loop does it periodically).
+    pub async fn refresh_memory_usage(&self) -> Result<u64> {
+        let info: String = self
+            .run(
+                Operation::HealthCheck,
+                Idempotent::Yes,
+                |mut h| async move { redis::cmd("INFO").arg("memory").query_async(&mut h).await },
+            )
+            .await?;
+        let used = commands::used_memory(&info).unwrap_or(0);
+        self.inner.used_memory.store(used, Ordering::Relaxed);
+        Ok(used)
+    }
+
+    async fn scan_and_unlink(&self, pattern: &str) -> Result<u64> {
+        let timeout = self.inner.config.response_timeout;
+        let mut removed = 0u64;
+        match self.inner.conn.primaries(timeout).await? {
+            None => {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = self
+                        .run(Operation::ClearPattern, Idempotent::Yes, |mut h| {
+                            let c = commands::scan(cursor, pattern);
+                            async move { c.query_async(&mut h).await }
+                        })
+                        .await?;
+                    removed += self.unlink_batch(&keys).await?;
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+            Some(primaries) => {
+                for (host, port) in primaries {
+                    let mut cursor = 0u64;
+                    loop {
+                        let step = self.inner.conn.query_node::<(u64, Vec<String>)>(
+                            &host,
+                            port,
+                            commands::scan(cursor, pattern),
+                        );
+                        let (next, keys) = tokio::time::timeout(timeout, step)
+                            .await
+                            .map_err(|_| CacheError::Timeout {
+                                operation: "scan",
+                                after: timeout,
+                            })?
+                            .map_err(|e| map_err("scan", e, timeout))?;
+                        removed += self.unlink_batch(&keys).await?;
+                        cursor = next;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn unlink_batch(&self, keys: &[String]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.run(Operation::ClearPattern, Idempotent::Yes, |mut h| {
+            let c = commands::unlink(keys);
+            async move { c.query_async(&mut h).await }
+        })
+        .await
+    }
+}
+
+impl Inner {
+    pub(crate) async fn run<T, F, Fut>(&self, op: Operation, retry: bool, f: F) -> Result<T>
+    where
+        F: Fn(Handle) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        let timeout = self.config.response_timeout;
+        let attempts = if retry && self.config.retry_on_timeout {
+            2
+        } else {
+            1
+        };
+        let start = Instant::now();
+        let mut result = Err(CacheError::Closed);
+        for _ in 0..attempts {
+            result = match self.conn.handle(timeout).await {
+                Err(e) => Err(e),
+                Ok(handle) => match tokio::time::timeout(timeout, f(handle)).await {
+                    Err(_) => Err(CacheError::Timeout {
+                        operation: op.as_str(),
+                        after: timeout,
+                    }),
+                    Ok(Err(e)) => Err(map_err(op.as_str(), e, timeout)),
+                    Ok(Ok(v)) => Ok(v),
+                },
+            };
+            match &result {
+                Err(e) if e.is_timeout() => {
+                    self.conn.on_error(e);
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        self.stats.latency(op, start.elapsed());
+        if let Err(e) = &result {
+            self.stats.error(op);
+            self.conn.on_error(e);
+            tracing::debug!(operation = op.as_str(), error = %e, "redis operation failed");
+        }
+        result
+    }
+}
+
+async fn health_loop(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { break };
+        if inner.closed.load(Ordering::Relaxed) {
+            break;
+        }
+        let info: Result<String> = inner
+            .run(Operation::HealthCheck, false, |mut h| async move {
+                redis::cmd("INFO").arg("memory").query_async(&mut h).await
+            })
+            .await;
+        let ok = info.is_ok();
+        if let Ok(info) = info
+            && let Some(used) = commands::used_memory(&info)
+        {
+            inner.used_memory.store(used, Ordering::Relaxed);
+        }
+        let was = inner.healthy.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            if ok {
+                tracing::info!(cache = inner.stats.name(), "redis is reachable again");
+            } else {
+                tracing::warn!(cache = inner.stats.name(), "redis health check failed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CacheBackend for RedisBackend {
+    fn name(&self) -> &str {
+        self.inner.stats.name()
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let full = self.full(key)?;
+        let v: Option<Vec<u8>> = self
+            .run(Operation::Get, Idempotent::Yes, |mut h| {
+                let c = commands::get(&full);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        match v {
+            Some(v) => {
+                self.inner.stats.hit();
+                Ok(Some(Bytes::from(v)))
+            }
+            None => {
+                self.inner.stats.miss();
+                Ok(None)
+            }
+        }
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        let full = self.full(key)?;
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        self.run(Operation::Set, Idempotent::No, |mut h| {
+            let c = commands::set(&full, &value, ttl);
+            async move { c.query_async::<()>(&mut h).await }
+        })
+        .await?;
+        self.inner.stats.sets(1);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let full = self.full(key)?;
+        let n: u64 = self
+            .run(Operation::Delete, Idempotent::Yes, |mut h| {
+                let c = commands::unlink(full.as_ref());
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        self.inner.stats.deletes(n);
+        Ok(n > 0)
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        let full = self.full(key)?;
+        let n: u64 = self
+            .run(Operation::Exists, Idempotent::Yes, |mut h| {
+                let c = commands::exists(&full);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        self.check_open()?;
+        let full = keys
+            .iter()
+            .map(|k| self.full(k).map(|f| f.into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        if full.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One MGET; on a cluster, redis-rs splits it per slot and restores the order.
+        let values: Vec<Option<Vec<u8>>> = self
+            .run(Operation::GetMany, Idempotent::Yes, |mut h| {
+                let c = commands::mget(&full);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        if values.len() != full.len() {
+            return Err(CacheError::backend(
+                format!(
+                    "MGET returned {} values for {} keys",
+                    values.len(),
+                    full.len()
+                ),
+                None,
+            ));
+        }
+        let hits = values.iter().filter(|v| v.is_some()).count() as u64;
+        self.inner.stats.hits(hits);
+        self.inner.stats.misses(values.len() as u64 - hits);
+        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+    }
+
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
+        self.check_open()?;
+        commands::check_ttl(ttl)?;
+        let mut full = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            full.push(self.full(key)?.into_owned());
+            commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // One pipelined round trip (per slot on a cluster, the slots in parallel).
+        let groups = if self.inner.conn.is_cluster() {
+            let keys: Vec<&[u8]> = full.iter().map(|k| k.as_bytes()).collect();
+            group_by_slot(&keys)
+        } else {
+            vec![(0..entries.len()).collect()]
+        };
+        try_join_all(groups.into_iter().map(|group| {
+            let full = &full;
+            self.run(Operation::SetMany, Idempotent::No, move |mut h| {
+                let mut pipe = redis::pipe();
+                for &i in &group {
+                    if let Some((_, value)) = entries.get(i) {
+                        pipe.add_command(commands::set(&full[i], value, ttl))
+                            .ignore();
+                    }
+                }
+                async move { pipe.query_async::<()>(&mut h).await }
+            })
+        }))
+        .await?;
+        self.inner.stats.sets(entries.len() as u64);
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        self.check_open()?;
+        let full = keys
+            .iter()
+            .map(|k| self.full(k).map(|f| f.into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        if full.is_empty() {
+            return Ok(0);
+        }
+        let n: u64 = self
+            .run(Operation::DeleteMany, Idempotent::Yes, |mut h| {
+                let c = commands::unlink(&full);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        self.inner.stats.deletes(n);
+        Ok(n)
+    }
+
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        let full = self.full(key)?;
+        let ms: i64 = self
+            .run(Operation::GetTtl, Idempotent::Yes, |mut h| {
+                let c = commands::pttl(&full);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(commands::key_ttl(ms))
+    }
+
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let full = self.full(key)?;
+        commands::check_ttl(Some(ttl))?;
+        let n: u64 = self
+            .run(Operation::ExtendTtl, Idempotent::Yes, |mut h| {
+                let c = commands::pexpire(&full, ttl);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        self.check_open()?;
+        let full = self.inner.keys.full_pattern(pattern)?;
+        let n = self.scan_and_unlink(&full).await?;
+        self.inner.stats.deletes(n);
+        Ok(n)
+    }
+
+    async fn health_report(&self) -> HealthReport {
+        let start = Instant::now();
+        let pong: Result<String> = self
+            .run(Operation::HealthCheck, Idempotent::No, |mut h| async move {
+                redis::cmd("PING").query_async(&mut h).await
+            })
+            .await;
+        let latency = start.elapsed();
+        let topology = if self.is_cluster() {
+            "cluster"
+        } else if self.inner.config.sentinel.is_some() {
+            "sentinel"
+        } else {
+            "single node"
+        };
+        match pong {
+            Ok(p) if p == "PONG" => {
+                self.inner.healthy.store(true, Ordering::Relaxed);
+                HealthReport::new(true, latency, "redis", format!("{topology}: PONG"))
+            }
+            Ok(other) => HealthReport::new(
+                false,
+                latency,
+                "redis",
+                format!("{topology}: unexpected PING reply {other:?}"),
+            ),
+            Err(e) => {
+                self.inner.healthy.store(false, Ordering::Relaxed);
+                HealthReport::new(false, latency, "redis", format!("{topology}: {e}"))
+            }
+        }
+    }
+
+    fn get_stats(&self) -> CacheStats {
+        let mut stats = self.inner.stats.snapshot();
+        let used = self.inner.used_memory.load(Ordering::Relaxed);
+        stats.memory_usage = (used > 0).then_some(used);
+        self.inner.stats.publish_gauges(None, stats.memory_usage);
+        stats
+    }
+
+    fn record_decode_error(&self, _key: &str) {
+        self.inner.stats.undecodable();
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        if let Ok(mut task) = self.inner.health_task.lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut task) = self.health_task.lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// `FromRedisValue` is used by the pipeline module.
+pub(crate) fn parse<T: FromRedisValue>(v: redis::Value) -> RedisResult<T> {
+    T::from_redis_value(v).map_err(Into::into)
+}

@@ -1,0 +1,289 @@
+//! `RedisCache`: the typed async cache over Redis.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ncm_cache_codec::{CompressionType, SerializationType, Serializer};
+use ncm_cache_core::{Cache, CacheStrategy, Result, SharedBackend, TtlPolicy};
+
+use crate::backend::RedisBackend;
+use crate::config::{Compression, RedisConfig, SentinelConfig};
+use crate::pipeline::{PipelineResult, RedisPipeline};
+
+/// The async Redis cache (the original's `RedisCache`).
+///
+/// It dereferences to [`Cache<Serializer>`](ncm_cache_core::Cache), so every typed operation
+/// is available directly: `get::<T>`, `set`, `set_with_ttl`, `delete`, `exists`, `get_ttl`,
+/// `extend_ttl`, `get_many`, `set_many`, `delete_many`, `clear_pattern`, `read_through`,
+/// `health_check`, `get_stats`, `close`. Cloning is cheap; clones share the connections.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use ncm_cache_core::CacheStrategy;
+/// use ncm_cache_redis::RedisCache;
+///
+/// # async fn demo() -> ncm_cache_core::Result<()> {
+/// let cache = RedisCache::builder()
+///     .host("localhost")
+///     .port(6379)
+///     .db(0)
+///     .default_ttl(Duration::from_secs(3600))
+///     .strategy(CacheStrategy::CacheAside)
+///     .build()
+///     .await?;
+/// cache.set("user:123", &serde_json::json!({"name": "John", "email": "john@example.com"})).await?;
+/// let user: Option<serde_json::Value> = cache.get("user:123").await?;
+/// cache.delete("user:123").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RedisCache {
+    backend: Arc<RedisBackend>,
+    cache: Cache<Serializer>,
+}
+
+impl Deref for RedisCache {
+    type Target = Cache<Serializer>;
+    fn deref(&self) -> &Self::Target {
+        &self.cache
+    }
+}
+
+impl RedisCache {
+    /// A builder starting from [`RedisConfig::default`].
+    pub fn builder() -> RedisCacheBuilder {
+        RedisCacheBuilder {
+            config: RedisConfig::default(),
+        }
+    }
+
+    /// Connects with a configuration.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let serializer = serializer_for(&config)?;
+        let ttl = TtlPolicy::new(config.default_ttl);
+        let max_value_size = config.max_value_size;
+        let backend = Arc::new(RedisBackend::connect(config).await?);
+        let cache = Cache::builder_shared(Arc::clone(&backend) as SharedBackend, serializer)
+            .ttl_policy(ttl)
+            .max_value_size(max_value_size)
+            .build();
+        Ok(Self { backend, cache })
+    }
+
+    /// Connects to a `redis://` / `rediss://` URL (see [`RedisConfig::from_url`]).
+    pub async fn from_url(url: &str) -> Result<Self> {
+        Self::connect(RedisConfig::from_url(url)?).await
+    }
+
+    /// The byte-level backend, shareable as `Arc<dyn CacheBackend>` (e.g. as an L2).
+    pub fn backend(&self) -> SharedBackend {
+        Arc::clone(&self.backend) as SharedBackend
+    }
+
+    /// The concrete backend.
+    pub fn redis_backend(&self) -> &Arc<RedisBackend> {
+        &self.backend
+    }
+
+    /// The typed cache this dereferences to.
+    pub fn cache(&self) -> &Cache<Serializer> {
+        &self.cache
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RedisConfig {
+        self.backend.config()
+    }
+
+    /// Starts a pipeline: commands added to it go to Redis in one round trip when passed to
+    /// [`execute_pipeline`](Self::execute_pipeline).
+    pub fn pipeline(&self) -> RedisPipeline {
+        RedisPipeline::new(self.cache.codec().clone(), self.cache.ttl_policy())
+    }
+
+    /// Runs a pipeline; one result per command, in order.
+    pub async fn execute_pipeline(&self, pipeline: RedisPipeline) -> Result<Vec<PipelineResult>> {
+        pipeline.execute(&self.backend).await
+    }
+}
+
+pub(crate) fn serializer_for(config: &RedisConfig) -> Result<Serializer> {
+    let compression = config.compression.algorithm();
+    let mut b = Serializer::builder()
+        .format(config.serialization)
+        .compression(compression)
+        .compression_threshold(config.compression_threshold);
+    if let Some(level) = config.compression_level {
+        b = b.level(level);
+    }
+    b.build()
+}
+
+/// Builds a [`RedisCache`]; every option of [`RedisConfig`] has a method.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisCacheBuilder {
+    config: RedisConfig,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+                self.config.$name = value.into();
+                self
+            }
+        )*
+    };
+}
+
+impl RedisCacheBuilder {
+    setters! {
+        /// Server host.
+        host: String,
+        /// Server port.
+        port: u16,
+        /// Database index.
+        db: i64,
+        /// Multiplexed connections in the pool.
+        max_connections: usize,
+        /// Retry reads once after a timeout.
+        retry_on_timeout: bool,
+        /// TCP keepalive.
+        socket_keepalive: bool,
+        /// TCP keepalive tuning.
+        socket_keepalive_options: crate::config::KeepaliveOptions,
+        /// Key prefix.
+        key_prefix: String,
+        /// Serialization format.
+        serialization: SerializationType,
+        /// Strategy label.
+        strategy: CacheStrategy,
+        /// Connect timeout.
+        connect_timeout: Duration,
+        /// Per-command timeout.
+        response_timeout: Duration,
+        /// TLS (requires the `tls` feature).
+        tls: bool,
+        /// Accept invalid TLS certificates (tests only).
+        tls_insecure: bool,
+        /// Name in stats and metrics.
+        name: String,
+        /// Values below this size are not compressed.
+        compression_threshold: usize,
+        /// Maximum encoded value size.
+        max_value_size: usize,
+    }
+
+    /// Starts from a full configuration.
+    pub fn config(mut self, config: RedisConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Starts from a URL; later calls override its options.
+    pub fn url(mut self, url: &str) -> Result<Self> {
+        self.config = RedisConfig::from_url(url)?;
+        Ok(self)
+    }
+
+    /// ACL username.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.config.username = Some(username.into());
+        self
+    }
+
+    /// Password.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.config.password = Some(password.into());
+        self
+    }
+
+    /// Background health check interval (`None`: off).
+    pub fn health_check_interval(mut self, every: impl Into<Option<Duration>>) -> Self {
+        self.config.health_check_interval = every.into();
+        self
+    }
+
+    /// Default TTL of `set` (`None`: no expiry).
+    pub fn default_ttl(mut self, ttl: impl Into<Option<Duration>>) -> Self {
+        self.config.default_ttl = ttl.into();
+        self
+    }
+
+    /// Compression: `true`/`false` (as in the original) or a [`CompressionType`].
+    pub fn compression(mut self, compression: impl IntoCompression) -> Self {
+        self.config.compression = compression.into_compression();
+        self
+    }
+
+    /// Compression level.
+    pub fn compression_level(mut self, level: i32) -> Self {
+        self.config.compression_level = Some(level);
+        self
+    }
+
+    /// Connect to a Redis Cluster through these seed nodes (`host:port`).
+    pub fn cluster_nodes<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.cluster_nodes = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Connect through Sentinel.
+    pub fn sentinel<I, S>(mut self, master_name: impl Into<String>, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.sentinel = Some(SentinelConfig {
+            master_name: master_name.into(),
+            nodes: nodes.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// The configuration built so far.
+    pub fn as_config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Connects.
+    pub async fn build(self) -> Result<RedisCache> {
+        RedisCache::connect(self.config).await
+    }
+
+    /// Builds a blocking [`RedisSyncCache`](crate::RedisSyncCache) with this configuration.
+    pub fn build_sync(self) -> Result<crate::RedisSyncCache> {
+        crate::RedisSyncCache::connect(self.config)
+    }
+}
+
+/// Things [`RedisCacheBuilder::compression`] accepts.
+pub trait IntoCompression {
+    /// The setting.
+    fn into_compression(self) -> Compression;
+}
+
+impl IntoCompression for bool {
+    fn into_compression(self) -> Compression {
+        Compression::Enabled(self)
+    }
+}
+
+impl IntoCompression for CompressionType {
+    fn into_compression(self) -> Compression {
+        Compression::Algorithm(self)
+    }
+}
+
+impl IntoCompression for Compression {
+    fn into_compression(self) -> Compression {
+        self
+    }
+}

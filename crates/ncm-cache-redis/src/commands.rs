@@ -1,0 +1,131 @@
+//! Command builders and reply parsing shared by the async and the blocking client.
+
+use std::time::Duration;
+
+use ncm_cache_core::{CacheError, KeyTtl, Result};
+use redis::{Cmd, FromRedisValue, Value, cmd};
+
+/// `SET key value [PX ms]`.
+pub(crate) fn set(key: &str, value: &[u8], ttl: Option<Duration>) -> Cmd {
+    let mut c = cmd("SET");
+    c.arg(key).arg(value);
+    if let Some(ttl) = ttl {
+        c.arg("PX").arg(millis(ttl));
+    }
+    c
+}
+
+/// TTL in whole milliseconds, at least 1 (Redis cannot store less).
+pub(crate) fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+pub(crate) fn get(key: &str) -> Cmd {
+    let mut c = cmd("GET");
+    c.arg(key);
+    c
+}
+
+pub(crate) fn unlink<K: redis::ToRedisArgs>(keys: K) -> Cmd {
+    let mut c = cmd("UNLINK");
+    c.arg(keys);
+    c
+}
+
+pub(crate) fn exists(key: &str) -> Cmd {
+    let mut c = cmd("EXISTS");
+    c.arg(key);
+    c
+}
+
+pub(crate) fn mget(keys: &[String]) -> Cmd {
+    let mut c = cmd("MGET");
+    c.arg(keys);
+    c
+}
+
+pub(crate) fn pttl(key: &str) -> Cmd {
+    let mut c = cmd("PTTL");
+    c.arg(key);
+    c
+}
+
+pub(crate) fn pexpire(key: &str, ttl: Duration) -> Cmd {
+    let mut c = cmd("PEXPIRE");
+    c.arg(key).arg(millis(ttl));
+    c
+}
+
+/// `SCAN cursor MATCH pattern COUNT 1000`.
+pub(crate) fn scan(cursor: u64, pattern: &str) -> Cmd {
+    let mut c = cmd("SCAN");
+    c.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT);
+    c
+}
+
+/// Keys asked for per SCAN step and deleted per UNLINK.
+pub(crate) const SCAN_COUNT: usize = 1000;
+
+/// Reads a `PTTL` reply.
+pub(crate) fn key_ttl(ms: i64) -> KeyTtl {
+    match ms {
+        -2 => KeyTtl::Missing,
+        -1 => KeyTtl::Persistent,
+        ms => KeyTtl::Expires(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+    }
+}
+
+/// Rejects zero TTLs (Redis would reject `PX 0` with a less helpful error).
+pub(crate) fn check_ttl(ttl: Option<Duration>) -> Result<()> {
+    if ttl.is_some_and(|t| t.is_zero()) {
+        return Err(CacheError::InvalidArgument(
+            "a TTL must be greater than zero (delete the key instead)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects values over the configured maximum.
+pub(crate) fn check_size(len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(CacheError::ValueTooLarge { size: len, max });
+    }
+    Ok(())
+}
+
+/// Parses `used_memory:<n>` out of `INFO memory`.
+pub(crate) fn used_memory(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The distinct primary addresses in a `CLUSTER SLOTS` reply.
+pub(crate) fn cluster_primaries(slots: Value) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    if let Value::Array(ranges) = slots {
+        for range in ranges {
+            if let Value::Array(items) = range
+                && let Some(Value::Array(primary)) = items.get(2)
+            {
+                let host = primary
+                    .first()
+                    .and_then(|v| String::from_redis_value(v.clone()).ok());
+                let port = primary
+                    .get(1)
+                    .and_then(|v| i64::from_redis_value(v.clone()).ok())
+                    .and_then(|p| u16::try_from(p).ok());
+                if let (Some(host), Some(port)) = (host, port)
+                    && !out.iter().any(|(h, p)| *h == host && *p == port)
+                {
+                    out.push((host, port));
+                }
+            }
+        }
+    }
+    out
+}

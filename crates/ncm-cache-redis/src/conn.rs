@@ -1,0 +1,347 @@
+//! Connections: a pool of self-reconnecting multiplexed connections (single node), a cluster
+//! connection, or a Sentinel-resolved primary. Every call is bounded by the response timeout.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ncm_cache_core::{CacheError, Result};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::io::tcp::TcpSettings;
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
+
+use crate::config::RedisConfig;
+use crate::error::map_err;
+
+/// One handle that speaks to Redis; cloning is cheap.
+#[derive(Clone)]
+pub(crate) enum Handle {
+    Manager(ConnectionManager),
+    Cluster(ClusterConnection),
+    Multiplexed(MultiplexedConnection),
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Manager(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Multiplexed(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Manager(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+            Self::Multiplexed(c) => c.get_db(),
+        }
+    }
+}
+
+/// The topology-specific connection.
+pub(crate) enum Conn {
+    Single {
+        pool: Vec<ConnectionManager>,
+        next: AtomicUsize,
+    },
+    Cluster(ClusterConnection),
+    Sentinel(SentinelConn),
+}
+
+/// A primary found through Sentinel; re-resolved after a connection failure (failover).
+pub(crate) struct SentinelConn {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: RwLock<Option<MultiplexedConnection>>,
+    config: AsyncConnectionConfig,
+}
+
+pub(crate) fn tcp_settings(config: &RedisConfig) -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(true);
+    if !config.socket_keepalive {
+        return settings;
+    }
+    let o = config.socket_keepalive_options;
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(idle) = o.idle {
+        ka = ka.with_time(idle);
+    }
+    if let Some(interval) = o.interval {
+        ka = ka.with_interval(interval);
+    }
+    if let Some(count) = o.count {
+        ka = ka.with_retries(count);
+    }
+    settings.set_keepalive(ka)
+}
+
+fn client_for(config: &RedisConfig, host: &str, port: u16) -> Result<redis::Client> {
+    let url = config.node_url(host, port);
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| CacheError::Config(format!("invalid Redis address {host}:{port}: {e}")))?
+        .set_tcp_settings(tcp_settings(config));
+    redis::Client::open(info).map_err(|e| map_err("connect", e, config.connect_timeout))
+}
+
+impl Conn {
+    pub(crate) async fn connect(config: &RedisConfig) -> Result<Self> {
+        let connect = async {
+            if !config.cluster_nodes.is_empty() {
+                Self::connect_cluster(config).await
+            } else if let Some(sentinel) = &config.sentinel {
+                Self::connect_sentinel(config, &sentinel.master_name, &sentinel.nodes).await
+            } else {
+                Self::connect_single(config).await
+            }
+        };
+        // Bound the whole connection phase: a black-holed address must not hang the caller.
+        let total = config.connect_timeout * 2 + Duration::from_millis(100);
+        tokio::time::timeout(total, connect)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                operation: "connect",
+                after: total,
+            })?
+    }
+
+    async fn connect_single(config: &RedisConfig) -> Result<Self> {
+        let client = client_for(config, &config.host, config.port)?;
+        let mc = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(500));
+        let mut pool = Vec::with_capacity(config.max_connections);
+        for _ in 0..config.max_connections {
+            let manager = ConnectionManager::new_with_config(client.clone(), mc.clone())
+                .await
+                .map_err(|e| map_err("connect", e, config.connect_timeout))?;
+            pool.push(manager);
+        }
+        Ok(Self::Single {
+            pool,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    async fn connect_cluster(config: &RedisConfig) -> Result<Self> {
+        let nodes: Vec<String> = config
+            .cluster_nodes
+            .iter()
+            .map(|n| {
+                let n = n
+                    .trim_start_matches("redis://")
+                    .trim_start_matches("rediss://");
+                let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
+                let port = port.trim_end_matches('/').parse().unwrap_or(6379);
+                config.node_url(host, port)
+            })
+            .collect();
+        let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.response_timeout)
+            .tcp_settings(tcp_settings(config))
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(500);
+        if let Some(u) = &config.username {
+            b = b.username(u);
+        }
+        if let Some(p) = &config.password {
+            b = b.password(p);
+        }
+        let client = b
+            .build()
+            .map_err(|e| CacheError::Config(format!("cluster: {e}")))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| map_err("connect", e, config.connect_timeout))?;
+        Ok(Self::Cluster(conn))
+    }
+
+    async fn connect_sentinel(
+        config: &RedisConfig,
+        master: &str,
+        nodes: &[String],
+    ) -> Result<Self> {
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                if n.contains("://") {
+                    n.clone()
+                } else {
+                    format!("redis://{n}")
+                }
+            })
+            .collect();
+        let mut node = redis::RedisConnectionInfo::default().set_db(config.db);
+        if let Some(u) = &config.username {
+            node = node.set_username(u);
+        }
+        if let Some(p) = &config.password {
+            node = node.set_password(p);
+        }
+        let info = redis::sentinel::SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(node)
+            .set_tcp_settings(tcp_settings(config));
+        let client = SentinelClient::build(
+            addrs,
+            master.to_owned(),
+            Some(info),
+            SentinelServerType::Master,
+        )
+        .map_err(|e| CacheError::Config(format!("sentinel: {e}")))?;
+        let conn = SentinelConn {
+            client: tokio::sync::Mutex::new(client),
+            current: RwLock::new(None),
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.response_timeout)),
+        };
+        conn.handle(config.connect_timeout).await?;
+        Ok(Self::Sentinel(conn))
+    }
+
+    /// A handle for one request (round-robin over the pool).
+    pub(crate) async fn handle(&self, timeout: Duration) -> Result<Handle> {
+        match self {
+            Self::Single { pool, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % pool.len().max(1);
+                pool.get(i)
+                    .cloned()
+                    .map(Handle::Manager)
+                    .ok_or_else(|| CacheError::Config("empty connection pool".into()))
+            }
+            Self::Cluster(c) => Ok(Handle::Cluster(c.clone())),
+            Self::Sentinel(s) => s.handle(timeout).await.map(Handle::Multiplexed),
+        }
+    }
+
+    /// Tells the connection a request failed, so Sentinel can re-resolve the primary.
+    pub(crate) fn on_error(&self, err: &CacheError) {
+        if let Self::Sentinel(s) = self
+            && (err.is_connection() || err.is_timeout())
+            && let Ok(mut current) = s.current.write()
+        {
+            *current = None;
+        }
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// The addresses of every primary (cluster), or `None` for a single node.
+    pub(crate) async fn primaries(&self, timeout: Duration) -> Result<Option<Vec<(String, u16)>>> {
+        let Self::Cluster(c) = self else {
+            return Ok(None);
+        };
+        let mut c = c.clone();
+        let slots: Value = tokio::time::timeout(
+            timeout,
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c),
+        )
+        .await
+        .map_err(|_| CacheError::Timeout {
+            operation: "cluster slots",
+            after: timeout,
+        })?
+        .map_err(|e| map_err("cluster slots", e, timeout))?;
+        let out = crate::commands::cluster_primaries(slots);
+        Ok(Some(out))
+    }
+
+    /// Runs `cmd` on one specific cluster node.
+    pub(crate) async fn query_node<T: FromRedisValue>(
+        &self,
+        host: &str,
+        port: u16,
+        cmd: Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Self::Cluster(c) => {
+                let mut c = c.clone();
+                let v = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.to_owned(),
+                            port,
+                        }),
+                    )
+                    .await?;
+                T::from_redis_value(v).map_err(Into::into)
+            }
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "query_node is only for clusters",
+            ))),
+        }
+    }
+}
+
+impl SentinelConn {
+    async fn handle(&self, timeout: Duration) -> Result<MultiplexedConnection> {
+        if let Ok(current) = self.current.read()
+            && let Some(c) = current.as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let mut client = self.client.lock().await;
+        // Another task may have reconnected while we waited for the lock.
+        if let Ok(current) = self.current.read()
+            && let Some(c) = current.as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let conn = client
+            .get_async_connection_with_config(&self.config)
+            .await
+            .map_err(|e| map_err("sentinel connect", e, timeout))?;
+        if let Ok(mut current) = self.current.write() {
+            *current = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+}
+
+/// Groups command indices by cluster slot, keeping order within each group.
+pub(crate) fn group_by_slot(keys: &[&[u8]]) -> Vec<Vec<usize>> {
+    let mut groups: HashMap<Slot, Vec<usize>> = HashMap::new();
+    let mut order: Vec<Slot> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot = Slot::for_key(key);
+        groups
+            .entry(slot)
+            .or_insert_with(|| {
+                order.push(slot);
+                Vec::new()
+            })
+            .push(i);
+    }
+    order
+        .into_iter()
+        .filter_map(|s| groups.remove(&s))
+        .collect()
+}

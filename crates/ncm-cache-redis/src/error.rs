@@ -1,0 +1,50 @@
+//! Mapping redis-rs errors to [`CacheError`].
+
+use std::time::Duration;
+
+use ncm_cache_core::CacheError;
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+/// Classifies a redis-rs error so callers can use `is_connection()`, `is_timeout()`, ...
+pub(crate) fn map_err(op: &'static str, err: RedisError, timeout: Duration) -> CacheError {
+    if err.is_timeout() {
+        return CacheError::Timeout {
+            operation: op,
+            after: timeout,
+        };
+    }
+    let code = err.code().unwrap_or_default();
+    if matches!(err.kind(), ErrorKind::AuthenticationFailed)
+        || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
+        || matches!(err.kind(), ErrorKind::Server(ServerErrorKind::NoPerm))
+    {
+        return CacheError::Auth(format!(
+            "{op}: {err} (check the username/password and the user's ACL rules)"
+        ));
+    }
+    if err.is_io_error()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || err.is_unrecoverable_error()
+        || matches!(
+            err.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+                | ErrorKind::NoValidReplicasFoundBySentinel
+                | ErrorKind::EmptySentinelList
+                | ErrorKind::Server(
+                    ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ReadOnly
+                )
+        )
+    {
+        return CacheError::connection(format!("{op}: {err}"), Some(Box::new(err)));
+    }
+    if matches!(err.kind(), ErrorKind::InvalidClientConfig) {
+        return CacheError::Config(format!("{op}: {err}"));
+    }
+    CacheError::backend(format!("{op}: {err}"), Some(Box::new(err)))
+}

@@ -1,0 +1,559 @@
+//! `RedisSyncCache`: the blocking twin of [`RedisCache`](crate::RedisCache).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ncm_cache_codec::Serializer;
+use ncm_cache_core::{
+    Bytes, CacheError, CacheStats, Codec, Expiry, HealthReport, KeySpace, KeyTtl, Operation,
+    Result, StatsRecorder, TtlPolicy,
+};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{ConnectionLike, FromRedisValue, RedisResult, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cache::serializer_for;
+use crate::commands;
+use crate::config::RedisConfig;
+use crate::conn::group_by_slot;
+use crate::error::map_err;
+
+/// A blocking Redis cache with its own connection pool (r2d2, up to `max_connections`).
+///
+/// Same methods as [`RedisCache`](crate::RedisCache), without `async`; usable from code with no
+/// tokio runtime. Single node and Cluster (Sentinel: use the async cache).
+///
+/// ```no_run
+/// use ncm_cache_redis::{RedisConfig, RedisSyncCache};
+/// let cache = RedisSyncCache::connect(RedisConfig::from_url("redis://localhost:6379/0")?)?;
+/// cache.set("user:123", &serde_json::json!({"name": "John"}))?;
+/// let user: Option<serde_json::Value> = cache.get("user:123")?;
+/// cache.delete("user:123")?;
+/// # Ok::<(), ncm_cache_core::CacheError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisSyncCache {
+    inner: Arc<SyncInner>,
+}
+
+struct SyncInner {
+    pool: r2d2::Pool<Manager>,
+    keys: KeySpace,
+    stats: StatsRecorder,
+    codec: Serializer,
+    ttl: TtlPolicy,
+    config: RedisConfig,
+    cluster: bool,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for RedisSyncCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSyncCache")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Manager {
+    Single(redis::Client, Duration, Duration),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+enum SyncConn {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl ConnectionLike for SyncConn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn req_command(&mut self, cmd: &redis::Cmd) -> RedisResult<Value> {
+        match self {
+            Self::Single(c) => c.req_command(cmd),
+            Self::Cluster(c) => c.req_command(cmd),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Self::Single(c) => c.check_connection(),
+            Self::Cluster(c) => c.check_connection(),
+        }
+    }
+    fn is_open(&self) -> bool {
+        match self {
+            Self::Single(c) => c.is_open(),
+            Self::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = SyncConn;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> RedisResult<SyncConn> {
+        match self {
+            Self::Single(client, connect, response) => {
+                let c = client.get_connection_with_timeout(*connect)?;
+                c.set_read_timeout(Some(*response))?;
+                c.set_write_timeout(Some(*response))?;
+                Ok(SyncConn::Single(c))
+            }
+            Self::Cluster(client) => client.get_connection().map(SyncConn::Cluster),
+        }
+    }
+
+    fn is_valid(&self, conn: &mut SyncConn) -> RedisResult<()> {
+        redis::cmd("PING").query::<String>(conn).map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut SyncConn) -> bool {
+        !conn.is_open()
+    }
+}
+
+impl RedisSyncCache {
+    /// Connects with `config`; the pool opens one connection now and up to
+    /// `max_connections` on demand.
+    pub fn connect(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
+        if config.sentinel.is_some() {
+            return Err(CacheError::Config(
+                "RedisSyncCache supports single nodes and clusters; use RedisCache for Sentinel"
+                    .into(),
+            ));
+        }
+        let cluster = !config.cluster_nodes.is_empty();
+        let manager = if cluster {
+            let nodes: Vec<String> = config
+                .cluster_nodes
+                .iter()
+                .map(|n| {
+                    let n = n
+                        .trim_start_matches("redis://")
+                        .trim_start_matches("rediss://");
+                    let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
+                    config.node_url(host, port.trim_end_matches('/').parse().unwrap_or(6379))
+                })
+                .collect();
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.response_timeout)
+                .tcp_settings(crate::conn::tcp_settings(&config))
+                .retries(2)
+                .build()
+                .map_err(|e| CacheError::Config(format!("cluster: {e}")))?;
+            Manager::Cluster(client)
+        } else {
+            let url = config.node_url(&config.host, config.port);
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
+                .set_tcp_settings(crate::conn::tcp_settings(&config));
+            let client = redis::Client::open(info)
+                .map_err(|e| map_err("connect", e, config.connect_timeout))?;
+            Manager::Single(client, config.connect_timeout, config.response_timeout)
+        };
+        let max = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let pool = r2d2::Pool::builder()
+            .max_size(max)
+            .min_idle(Some(1))
+            .connection_timeout(config.connect_timeout)
+            .test_on_check_out(false)
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build(manager)
+            .map_err(|e| CacheError::connection(format!("connect: {e}"), Some(Box::new(e))))?;
+        let codec = serializer_for(&config)?;
+        Ok(Self {
+            inner: Arc::new(SyncInner {
+                pool,
+                keys: KeySpace::new(config.key_prefix.clone()).with_max_key_len(config.max_key_len),
+                stats: StatsRecorder::new(config.name.as_str(), "redis"),
+                codec,
+                ttl: TtlPolicy::new(config.default_ttl),
+                config,
+                cluster,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Connects to a `redis://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::connect(RedisConfig::from_url(url)?)
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// The codec used by the typed methods.
+    pub fn codec(&self) -> &Serializer {
+        &self.inner.codec
+    }
+
+    fn run<T>(&self, op: Operation, f: impl Fn(&mut SyncConn) -> RedisResult<T>) -> Result<T> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        let timeout = self.inner.config.response_timeout;
+        let attempts = if self.inner.config.retry_on_timeout {
+            2
+        } else {
+            1
+        };
+        let start = Instant::now();
+        let mut result = Err(CacheError::Closed);
+        for _ in 0..attempts {
+            result = match self.inner.pool.get() {
+                Err(e) => Err(CacheError::connection(
+                    format!("{}: no connection available: {e}", op.as_str()),
+                    Some(Box::new(e)),
+                )),
+                Ok(mut conn) => f(&mut conn).map_err(|e| map_err(op.as_str(), e, timeout)),
+            };
+            if !matches!(&result, Err(e) if e.is_timeout()) {
+                break;
+            }
+        }
+        self.inner.stats.latency(op, start.elapsed());
+        if result.is_err() {
+            self.inner.stats.error(op);
+        }
+        result
+    }
+
+    fn full(&self, key: &str) -> Result<String> {
+        Ok(self.inner.keys.full_key(key)?.into_owned())
+    }
+
+    // ---- byte level -------------------------------------------------------------------------
+
+    /// Reads raw bytes.
+    pub fn get_bytes(&self, key: &str) -> Result<Option<Bytes>> {
+        let full = self.full(key)?;
+        let v: Option<Vec<u8>> = self.run(Operation::Get, |c| commands::get(&full).query(c))?;
+        if v.is_some() {
+            self.inner.stats.hit();
+        } else {
+            self.inner.stats.miss();
+        }
+        Ok(v.map(Bytes::from))
+    }
+
+    /// Writes raw bytes (`ttl: None`: no expiry).
+    pub fn set_bytes(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<()> {
+        let full = self.full(key)?;
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        self.run(Operation::Set, |c| {
+            commands::set(&full, value, ttl).query::<()>(c)
+        })?;
+        self.inner.stats.sets(1);
+        Ok(())
+    }
+
+    /// Reads several keys' raw bytes, in key order.
+    pub fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let full = keys
+            .iter()
+            .map(|k| self.full(k))
+            .collect::<Result<Vec<_>>>()?;
+        if full.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<Vec<u8>>> =
+            self.run(Operation::GetMany, |c| commands::mget(&full).query(c))?;
+        let hits = values.iter().filter(|v| v.is_some()).count() as u64;
+        self.inner.stats.hits(hits);
+        self.inner.stats.misses(values.len() as u64 - hits);
+        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
+    }
+
+    /// Writes several raw values in one pipelined round trip (per slot on a cluster).
+    pub fn set_many_bytes(&self, entries: &[(&str, &[u8])], ttl: Option<Duration>) -> Result<()> {
+        commands::check_ttl(ttl)?;
+        let mut full = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            full.push(self.full(k)?);
+            commands::check_size(v.len(), self.inner.config.max_value_size)?;
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let groups = if self.inner.cluster {
+            group_by_slot(&full.iter().map(|k| k.as_bytes()).collect::<Vec<_>>())
+        } else {
+            vec![(0..entries.len()).collect()]
+        };
+        for group in groups {
+            self.run(Operation::SetMany, |c| {
+                let mut pipe = redis::pipe();
+                for &i in &group {
+                    pipe.add_command(commands::set(&full[i], entries[i].1, ttl))
+                        .ignore();
+                }
+                pipe.query::<()>(c)
+            })?;
+        }
+        self.inner.stats.sets(entries.len() as u64);
+        Ok(())
+    }
+
+    // ---- typed ------------------------------------------------------------------------------
+
+    /// Reads and decodes a value; undecodable values are removed and read as a miss.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.get_bytes(key)? {
+            None => Ok(None),
+            Some(bytes) => Ok(self.decode_or_repair(key, &bytes)),
+        }
+    }
+
+    fn decode_or_repair<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Option<T> {
+        match self.inner.codec.decode(bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "undecodable cache entry removed");
+                self.inner.stats.undecodable();
+                let _ = self.delete(key);
+                None
+            }
+        }
+    }
+
+    /// Encodes and stores a value with the default TTL.
+    pub fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_with_expiry(key, value, Expiry::Default)
+    }
+
+    /// Encodes and stores a value that expires after `ttl`.
+    pub fn set_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.set_with_expiry(key, value, Expiry::After(ttl))
+    }
+
+    /// Encodes and stores a value with an explicit expiry.
+    pub fn set_with_expiry<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        expiry: Expiry,
+    ) -> Result<()> {
+        let ttl = self.inner.ttl.resolve(expiry)?;
+        let bytes = self.inner.codec.encode(value)?;
+        self.set_bytes(key, &bytes, ttl)
+    }
+
+    /// Removes a key; `true` when it existed.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        let full = self.full(key)?;
+        let n: u64 = self.run(Operation::Delete, |c| {
+            commands::unlink(full.as_str()).query(c)
+        })?;
+        self.inner.stats.deletes(n);
+        Ok(n > 0)
+    }
+
+    /// `true` when the key exists.
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        let full = self.full(key)?;
+        let n: u64 = self.run(Operation::Exists, |c| commands::exists(&full).query(c))?;
+        Ok(n > 0)
+    }
+
+    /// The remaining TTL (`None` when missing or persistent).
+    pub fn get_ttl(&self, key: &str) -> Result<Option<Duration>> {
+        Ok(self.ttl_state(key)?.remaining())
+    }
+
+    /// The key's TTL state.
+    pub fn ttl_state(&self, key: &str) -> Result<KeyTtl> {
+        let full = self.full(key)?;
+        let ms: i64 = self.run(Operation::GetTtl, |c| commands::pttl(&full).query(c))?;
+        Ok(commands::key_ttl(ms))
+    }
+
+    /// Sets the remaining lifetime to `ttl`; `false` when the key is missing.
+    pub fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let full = self.full(key)?;
+        commands::check_ttl(Some(ttl))?;
+        let n: u64 = self.run(Operation::ExtendTtl, |c| {
+            commands::pexpire(&full, ttl).query(c)
+        })?;
+        Ok(n > 0)
+    }
+
+    /// Reads and decodes several keys, in key order.
+    pub fn get_many<T: DeserializeOwned>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
+        let raw = self.get_many_bytes(keys)?;
+        Ok(keys
+            .iter()
+            .zip(raw)
+            .map(|(k, v)| v.and_then(|b| self.decode_or_repair(k, &b)))
+            .collect())
+    }
+
+    /// Encodes and writes several values in one round trip.
+    pub fn set_many<K, T, I>(&self, entries: I, expiry: impl Into<Expiry>) -> Result<()>
+    where
+        I: IntoIterator<Item = (K, T)>,
+        K: AsRef<str>,
+        T: Serialize,
+    {
+        let ttl = self.inner.ttl.resolve(expiry.into())?;
+        let encoded = entries
+            .into_iter()
+            .map(|(k, v)| Ok((k, self.inner.codec.encode(&v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let borrowed: Vec<(&str, &[u8])> =
+            encoded.iter().map(|(k, v)| (k.as_ref(), &v[..])).collect();
+        self.set_many_bytes(&borrowed, ttl)
+    }
+
+    /// Removes several keys; returns how many existed.
+    pub fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        let full = keys
+            .iter()
+            .map(|k| self.full(k))
+            .collect::<Result<Vec<_>>>()?;
+        if full.is_empty() {
+            return Ok(0);
+        }
+        let n: u64 = self.run(Operation::DeleteMany, |c| commands::unlink(&full).query(c))?;
+        self.inner.stats.deletes(n);
+        Ok(n)
+    }
+
+    /// Removes every key of this cache matching a Redis glob (SCAN + UNLINK, every primary).
+    pub fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        let full = self.inner.keys.full_pattern(pattern)?;
+        let mut removed = 0;
+        let nodes: Vec<Option<(String, u16)>> = if self.inner.cluster {
+            let slots: Value = self.run(Operation::ClearPattern, |c| {
+                redis::cmd("CLUSTER").arg("SLOTS").query(c)
+            })?;
+            commands::cluster_primaries(slots)
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None]
+        };
+        for node in nodes {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = self.run(Operation::ClearPattern, |c| {
+                    let scan = commands::scan(cursor, &full);
+                    match (&node, &mut *c) {
+                        (Some((host, port)), SyncConn::Cluster(cc)) => {
+                            let v = cc.route_command(
+                                &scan,
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port: *port,
+                                }),
+                            )?;
+                            <(u64, Vec<String>)>::from_redis_value(v).map_err(Into::into)
+                        }
+                        _ => scan.query(c),
+                    }
+                })?;
+                if !keys.is_empty() {
+                    let n: u64 = self.run(Operation::ClearPattern, |c| {
+                        commands::unlink(&keys).query(c)
+                    })?;
+                    removed += n;
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        self.inner.stats.deletes(removed);
+        Ok(removed)
+    }
+
+    /// Returns the cached value or runs `loader`, caches and returns its result.
+    pub fn read_through<T, F, E>(
+        &self,
+        key: &str,
+        loader: F,
+        expiry: impl Into<Expiry>,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> std::result::Result<T, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(v) = self.get(key)? {
+            return Ok(v);
+        }
+        let v = loader().map_err(CacheError::loader)?;
+        self.set_with_expiry(key, &v, expiry.into())?;
+        Ok(v)
+    }
+
+    /// `true` when Redis answers PING.
+    pub fn health_check(&self) -> bool {
+        self.health_report().healthy
+    }
+
+    /// PING with its latency.
+    pub fn health_report(&self) -> HealthReport {
+        let start = Instant::now();
+        let pong: Result<String> =
+            self.run(Operation::HealthCheck, |c| redis::cmd("PING").query(c));
+        let latency = start.elapsed();
+        match pong {
+            Ok(p) => HealthReport::new(p == "PONG", latency, "redis", p),
+            Err(e) => HealthReport::new(false, latency, "redis", e.to_string()),
+        }
+    }
+
+    /// Statistics, with `memory_usage` read from `INFO memory` now.
+    pub fn get_stats(&self) -> CacheStats {
+        let mut stats = self.inner.stats.snapshot();
+        if let Ok(info) = self.run(Operation::HealthCheck, |c| {
+            redis::cmd("INFO").arg("memory").query::<String>(c)
+        }) {
+            stats.memory_usage = commands::used_memory(&info);
+        }
+        stats
+    }
+
+    /// Stops handing out connections; later calls fail with `Closed`.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+    }
+}

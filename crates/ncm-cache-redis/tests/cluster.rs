@@ -1,0 +1,112 @@
+//! RedisCache on a throwaway 3-primary Redis Cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{Bytes, CacheBackend};
+use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
+use ncm_cache_testkit::RedisCluster;
+use ncm_cache_testkit::conformance::{self, RealTime};
+
+fn config(cluster: &RedisCluster) -> RedisConfig {
+    let mut c = RedisConfig::default();
+    c.cluster_nodes = cluster.node_urls();
+    c.response_timeout = Duration::from_secs(1);
+    c.connect_timeout = Duration::from_secs(1);
+    c.health_check_interval = None;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_conformance_spread_batches_patterns_and_failover() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let cache = RedisCache::connect(config(&cluster)).await.unwrap();
+    assert!(cache.redis_backend().is_cluster());
+    conformance::run(cache.backend(), &RealTime).await;
+    let sync = RedisSyncCache::connect(config(&cluster)).unwrap();
+    conformance::run(support::sync_backend(sync), &RealTime).await;
+
+    // Keys spread over all three primaries.
+    let backend = cache.backend();
+    let keys: Vec<String> = (0..300).map(|i| format!("spread:{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let entries: Vec<(&str, Bytes)> = refs
+        .iter()
+        .map(|k| (*k, Bytes::from(k.to_string())))
+        .collect();
+    backend.set_many(&entries, None).await.unwrap();
+    let primaries = cluster.primaries().unwrap();
+    assert_eq!(primaries.len(), 3);
+    for port in &primaries {
+        let n: u64 = cluster
+            .node(*port)
+            .unwrap()
+            .cli(&["DBSIZE"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(n > 50, "primary {port} holds {n} keys: not spread");
+    }
+    // Cross-slot batches come back complete and in order.
+    let mut mixed: Vec<&str> = refs.clone();
+    mixed.insert(7, "missing:a");
+    mixed.insert(150, "missing:b");
+    let got = backend.get_many(&mixed).await.unwrap();
+    for (k, v) in mixed.iter().zip(&got) {
+        if k.starts_with("missing") {
+            assert!(v.is_none());
+        } else {
+            assert_eq!(v.as_deref(), Some(k.as_bytes()), "{k}");
+        }
+    }
+    // clear_pattern reaches every primary and nothing else.
+    backend
+        .set(&"other:1".to_string(), Bytes::from_static(b"x"), None)
+        .await
+        .unwrap();
+    assert_eq!(backend.clear_pattern("spread:1*").await.unwrap(), 111);
+    assert_eq!(backend.delete_many(&refs).await.unwrap(), 300 - 111);
+    assert!(backend.exists("other:1").await.unwrap());
+    for port in &primaries {
+        let node = cluster.node(*port).unwrap();
+        assert_eq!(
+            node.cli(&["INFO", "commandstats"])
+                .unwrap()
+                .matches("cmdstat_keys:")
+                .count(),
+            0
+        );
+    }
+
+    // Kill a primary; after failover the cache keeps working.
+    let victim = primaries[0];
+    cluster.kill_primary(victim).unwrap();
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    let start = Instant::now();
+    loop {
+        let ok = async {
+            for i in 0..30 {
+                let k = format!("after:{i}");
+                cache.set(&k, &i).await?;
+                if cache.get::<i32>(&k).await? != Some(i) {
+                    return Err(ncm_cache_core::CacheError::InvalidArgument(
+                        "wrong value".into(),
+                    ));
+                }
+            }
+            Ok::<_, ncm_cache_core::CacheError>(())
+        }
+        .await;
+        if ok.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "cache not working after failover: {ok:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

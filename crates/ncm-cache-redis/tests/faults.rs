@@ -1,0 +1,116 @@
+//! Outages: a killed server costs at most the timeout per call and recovers by itself; a paused
+//! server times out at the configured timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ncm_cache_redis::{RedisCache, RedisSyncCache};
+use ncm_cache_testkit::RedisServer;
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+/// Slack over the configured timeout for scheduling on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(700);
+
+async fn until_ok(cache: &RedisCache, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cache.set("probe", &1).await.is_ok() && cache.get::<i32>("probe").await.is_ok() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "no recovery within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_fails_fast_and_recovers_after_restart() {
+    let mut server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server)).await.unwrap();
+    cache.set("k", &"v").await.unwrap();
+
+    server.kill();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let err = cache.get::<String>("k").await.unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            err.is_connection() || err.is_timeout(),
+            "typed error, got {err:?}"
+        );
+        assert!(
+            took <= TIMEOUT * 2 + SLACK,
+            "a call took {took:?} with the server down"
+        );
+    }
+    assert!(!cache.health_check().await);
+    assert!(cache.get_stats().errors >= 5);
+
+    server.restart().unwrap();
+    let took = until_ok(&cache, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(3), "recovered in {took:?}");
+    assert!(cache.health_check().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_server_times_out_at_the_configured_timeout() {
+    let server = RedisServer::start().unwrap();
+    let mut config = support::config(&server);
+    config.retry_on_timeout = false;
+    let cache = RedisCache::connect(config).await.unwrap();
+    cache.set("k", &"v").await.unwrap();
+    server.pause().unwrap();
+    let start = Instant::now();
+    let err = cache.get::<String>("k").await.unwrap_err();
+    let took = start.elapsed();
+    assert!(err.is_timeout(), "expected a timeout, got {err:?}");
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(50) && took <= TIMEOUT + SLACK,
+        "took {took:?}"
+    );
+    server.resume().unwrap();
+    until_ok(&cache, Duration::from_secs(5)).await;
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("v")
+    );
+}
+
+#[test]
+fn sync_cache_survives_a_restart() {
+    let mut server = RedisServer::start().unwrap();
+    let cache = RedisSyncCache::connect(support::config(&server)).unwrap();
+    cache.set("k", &1).unwrap();
+    server.kill();
+    let start = Instant::now();
+    let err = cache.get::<i32>("k").unwrap_err();
+    assert!(err.is_connection() || err.is_timeout(), "{err:?}");
+    assert!(
+        start.elapsed() <= TIMEOUT * 4 + SLACK,
+        "took {:?}",
+        start.elapsed()
+    );
+    server.restart().unwrap();
+    let start = Instant::now();
+    while cache.set("k", &2).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(5), "no recovery");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(cache.get::<i32>("k").unwrap(), Some(2));
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_a_typed_error_within_the_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let start = Instant::now();
+    let err = RedisCache::from_url(&format!("redis://127.0.0.1:{port}/?connect_timeout=300ms"))
+        .await
+        .unwrap_err();
+    assert!(err.is_connection() || err.is_timeout(), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}

@@ -1,0 +1,124 @@
+//! ACL users and TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use ncm_cache_core::CacheError;
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::RedisServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_user_with_the_right_password_works_and_a_wrong_one_is_an_auth_error() {
+    let server = RedisServer::builder()
+        .acl_user("app", "s3cret")
+        .start()
+        .unwrap();
+    let base = |user: &str, pass: &str| {
+        let mut c = RedisConfig::from_url(&format!(
+            "redis://{user}:{pass}@127.0.0.1:{}/",
+            server.port()
+        ))
+        .unwrap();
+        c.health_check_interval = None;
+        c.connect_timeout = Duration::from_millis(500);
+        c
+    };
+    let err = RedisCache::connect(base("app", "wrong")).await.unwrap_err();
+    assert!(
+        matches!(err, CacheError::Auth(_)),
+        "expected Auth, got {err:?}"
+    );
+    assert!(
+        err.to_string().contains("password"),
+        "the message says what to check: {err}"
+    );
+
+    let cache = RedisCache::connect(base("app", "s3cret")).await.unwrap();
+    cache.set("k", &"v").await.unwrap();
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("v")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requirepass_server_rejects_a_missing_password() {
+    let server = RedisServer::builder().password("pw").start().unwrap();
+    let mut c = RedisConfig::default();
+    c.port = server.port();
+    c.health_check_interval = None;
+    let err = RedisCache::connect(c.clone()).await;
+    // The handshake succeeds without a password; the first command is refused.
+    match err {
+        Err(e) => assert!(matches!(e, CacheError::Auth(_)), "{e:?}"),
+        Ok(cache) => {
+            let e = cache.set("k", &1).await.unwrap_err();
+            assert!(matches!(e, CacheError::Auth(_)), "{e:?}");
+        }
+    }
+    c.password = Some("pw".into());
+    let cache = RedisCache::connect(c).await.unwrap();
+    cache.set("k", &1).await.unwrap();
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_generated_certificate() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(d.join("key.pem"))
+        .arg("-out")
+        .arg(d.join("cert.pem"))
+        .output()
+        .expect("openssl must be installed for the TLS test");
+    assert!(
+        ok.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = RedisServer::builder()
+        .arg("--tls-port", tls_port.to_string())
+        .arg("--tls-cert-file", d.join("cert.pem").display().to_string())
+        .arg("--tls-key-file", d.join("key.pem").display().to_string())
+        .arg("--tls-auth-clients", "no")
+        .start()
+        .unwrap();
+    let _ = &server;
+    let mut c =
+        RedisConfig::from_url(&format!("rediss://127.0.0.1:{tls_port}/?insecure=true")).unwrap();
+    c.health_check_interval = None;
+    let cache = RedisCache::connect(c).await.unwrap();
+    cache.set("tls", &"secure").await.unwrap();
+    assert_eq!(
+        cache.get::<String>("tls").await.unwrap().as_deref(),
+        Some("secure")
+    );
+    // Plain text on the TLS port fails with a typed error rather than hanging.
+    let mut plain = RedisConfig::from_url(&format!("redis://127.0.0.1:{tls_port}/")).unwrap();
+    plain.health_check_interval = None;
+    plain.connect_timeout = Duration::from_millis(300);
+    plain.response_timeout = Duration::from_millis(300);
+    let r = async { RedisCache::connect(plain).await?.set("x", &1).await }.await;
+    assert!(r.is_err());
+}
