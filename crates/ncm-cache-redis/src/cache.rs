@@ -131,8 +131,8 @@ macro_rules! setters {
     ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
         $(
             $(#[$doc])*
-            pub fn $name(mut self, value: impl Into<$ty>) -> Self {
-                self.config.$name = value.into();
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.config.$name = value;
                 self
             }
         )*
@@ -140,9 +140,25 @@ macro_rules! setters {
 }
 
 impl RedisCacheBuilder {
+    /// Server host.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.config.host = host.into();
+        self
+    }
+
+    /// Key prefix.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+
+    /// Name in stats and metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
     setters! {
-        /// Server host.
-        host: String,
         /// Server port.
         port: u16,
         /// Database index.
@@ -153,10 +169,10 @@ impl RedisCacheBuilder {
         retry_on_timeout: bool,
         /// TCP keepalive.
         socket_keepalive: bool,
+        /// TCP_NODELAY.
+        tcp_nodelay: bool,
         /// TCP keepalive tuning.
         socket_keepalive_options: crate::config::KeepaliveOptions,
-        /// Key prefix.
-        key_prefix: String,
         /// Serialization format.
         serialization: SerializationType,
         /// Strategy label.
@@ -169,8 +185,6 @@ impl RedisCacheBuilder {
         tls: bool,
         /// Accept invalid TLS certificates (tests only).
         tls_insecure: bool,
-        /// Name in stats and metrics.
-        name: String,
         /// Values below this size are not compressed.
         compression_threshold: usize,
         /// Maximum encoded value size.

@@ -65,7 +65,7 @@ pub(crate) enum Conn {
         next: AtomicUsize,
     },
     Cluster(ClusterConnection),
-    Sentinel(SentinelConn),
+    Sentinel(Box<SentinelConn>),
 }
 
 /// A primary found through Sentinel; re-resolved after a connection failure (failover).
@@ -75,8 +75,9 @@ pub(crate) struct SentinelConn {
     config: AsyncConnectionConfig,
 }
 
-pub(crate) fn tcp_settings(config: &RedisConfig) -> TcpSettings {
-    let settings = TcpSettings::default().set_nodelay(true);
+/// The socket options of `config` (nodelay, keepalive).
+pub fn tcp_settings(config: &RedisConfig) -> TcpSettings {
+    let settings = TcpSettings::default().set_nodelay(config.tcp_nodelay);
     if !config.socket_keepalive {
         return settings;
     }
@@ -220,7 +221,7 @@ impl Conn {
                 .set_response_timeout(Some(config.response_timeout)),
         };
         conn.handle(config.connect_timeout).await?;
-        Ok(Self::Sentinel(conn))
+        Ok(Self::Sentinel(Box::new(conn)))
     }
 
     /// A handle for one request (round-robin over the pool).
@@ -315,10 +316,17 @@ impl SentinelConn {
         {
             return Ok(c.clone());
         }
-        let conn = client
-            .get_async_connection_with_config(&self.config)
-            .await
-            .map_err(|e| map_err("sentinel connect", e, timeout))?;
+        // Asking the sentinels and connecting to the primary is bounded as a whole.
+        let conn = tokio::time::timeout(
+            timeout * 2,
+            client.get_async_connection_with_config(&self.config),
+        )
+        .await
+        .map_err(|_| CacheError::Timeout {
+            operation: "sentinel connect",
+            after: timeout * 2,
+        })?
+        .map_err(|e| map_err("sentinel connect", e, timeout))?;
         if let Ok(mut current) = self.current.write() {
             *current = Some(conn.clone());
         }

@@ -34,5 +34,6 @@ mod sync;
 pub use backend::RedisBackend;
 pub use cache::{IntoCompression, RedisCache, RedisCacheBuilder};
 pub use config::{Compression, KeepaliveOptions, RedisConfig, SentinelConfig};
+pub use conn::tcp_settings;
 pub use pipeline::{PipelineResult, RedisPipeline};
 pub use sync::RedisSyncCache;

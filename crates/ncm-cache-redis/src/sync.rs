@@ -65,7 +65,7 @@ enum Manager {
 
 enum SyncConn {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl ConnectionLike for SyncConn {
@@ -124,7 +124,9 @@ impl r2d2::ManageConnection for Manager {
                 c.set_write_timeout(Some(*response))?;
                 Ok(SyncConn::Single(c))
             }
-            Self::Cluster(client) => client.get_connection().map(SyncConn::Cluster),
+            Self::Cluster(client) => client
+                .get_connection()
+                .map(|c| SyncConn::Cluster(Box::new(c))),
         }
     }
 

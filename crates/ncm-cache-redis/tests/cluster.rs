@@ -64,7 +64,7 @@ async fn cluster_conformance_spread_batches_patterns_and_failover() {
     }
     // clear_pattern reaches every primary and nothing else.
     backend
-        .set(&"other:1".to_string(), Bytes::from_static(b"x"), None)
+        .set("other:1", Bytes::from_static(b"x"), None)
         .await
         .unwrap();
     assert_eq!(backend.clear_pattern("spread:1*").await.unwrap(), 111);

@@ -1,4 +1,4 @@
-//! The backend conformance suite: one set of checks every [`CacheBackend`] must pass.
+//! The backend conformance suite: one set of checks every `CacheBackend` must pass.
 //!
 //! Written once and run against every backend (memory, Redis single node, Redis Cluster, the
 //! blocking Redis client, multi-level caches). It only touches keys under a namespace unique to
@@ -72,7 +72,10 @@ pub async fn run(backend: SharedBackend, time: &impl TimeControl) {
     concurrent_use(&backend, &ns).await;
     health_and_stats(&backend).await;
     // Leave nothing behind.
-    backend.clear_pattern(&format!("{}*", escape_glob(&ns))).await.unwrap();
+    backend
+        .clear_pattern(&format!("{}*", escape_glob(&ns)))
+        .await
+        .unwrap();
 }
 
 /// get / set / delete / exists and overwrite.
@@ -84,9 +87,19 @@ pub async fn basic_operations(b: &SharedBackend, ns: &str) {
     assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"one"[..]));
     assert!(b.exists(&k).await.unwrap());
     b.set(&k, Bytes::from_static(b"two"), None).await.unwrap();
-    assert_eq!(b.get(&k).await.unwrap().as_deref(), Some(&b"two"[..]), "overwrite");
-    assert!(b.delete(&k).await.unwrap(), "delete of a present key returns true");
-    assert!(!b.delete(&k).await.unwrap(), "delete of a missing key returns false");
+    assert_eq!(
+        b.get(&k).await.unwrap().as_deref(),
+        Some(&b"two"[..]),
+        "overwrite"
+    );
+    assert!(
+        b.delete(&k).await.unwrap(),
+        "delete of a present key returns true"
+    );
+    assert!(
+        !b.delete(&k).await.unwrap(),
+        "delete of a missing key returns false"
+    );
     assert_eq!(b.get(&k).await.unwrap(), None);
 }
 
@@ -150,7 +163,10 @@ pub async fn unicode_and_odd_keys(b: &SharedBackend, ns: &str) {
         assert_eq!(b.get(&k).await.unwrap(), Some(v), "key {key:?}");
     }
     for key in keys {
-        assert!(b.delete(&format!("{ns}odd:{key}")).await.unwrap(), "{key:?}");
+        assert!(
+            b.delete(&format!("{ns}odd:{key}")).await.unwrap(),
+            "{key:?}"
+        );
     }
 }
 
@@ -160,9 +176,13 @@ pub async fn ttl_behaviour(b: &SharedBackend, ns: &str, time: &impl TimeControl)
     let exp = format!("{ns}ttl:expiring");
     let per = format!("{ns}ttl:persistent");
     let ext = format!("{ns}ttl:extended");
-    b.set(&exp, Bytes::from_static(b"x"), Some(ttl)).await.unwrap();
+    b.set(&exp, Bytes::from_static(b"x"), Some(ttl))
+        .await
+        .unwrap();
     b.set(&per, Bytes::from_static(b"x"), None).await.unwrap();
-    b.set(&ext, Bytes::from_static(b"x"), Some(ttl)).await.unwrap();
+    b.set(&ext, Bytes::from_static(b"x"), Some(ttl))
+        .await
+        .unwrap();
 
     match b.get_ttl(&exp).await.unwrap() {
         KeyTtl::Expires(d) => assert!(d <= ttl && d > ttl / 2, "remaining {d:?} of {ttl:?}"),
@@ -184,7 +204,8 @@ pub async fn ttl_behaviour(b: &SharedBackend, ns: &str, time: &impl TimeControl)
 
     // Zero TTLs are rejected.
     assert!(matches!(
-        b.set(&exp, Bytes::from_static(b"x"), Some(Duration::ZERO)).await,
+        b.set(&exp, Bytes::from_static(b"x"), Some(Duration::ZERO))
+            .await,
         Err(CacheError::InvalidArgument(_))
     ));
     assert!(matches!(
@@ -193,13 +214,26 @@ pub async fn ttl_behaviour(b: &SharedBackend, ns: &str, time: &impl TimeControl)
     ));
 
     time.advance(ttl + ttl / 3).await;
-    assert_eq!(b.get(&exp).await.unwrap(), None, "expired key must not be returned");
+    assert_eq!(
+        b.get(&exp).await.unwrap(),
+        None,
+        "expired key must not be returned"
+    );
     assert!(!b.exists(&exp).await.unwrap());
     assert_eq!(b.get_ttl(&exp).await.unwrap(), KeyTtl::Missing);
-    assert!(!b.extend_ttl(&exp, ttl).await.unwrap(), "cannot extend an expired key");
+    assert!(
+        !b.extend_ttl(&exp, ttl).await.unwrap(),
+        "cannot extend an expired key"
+    );
     assert_eq!(b.get_many(&[exp.as_str()]).await.unwrap(), vec![None]);
-    assert!(b.get(&ext).await.unwrap().is_some(), "extended key outlives its old TTL");
-    assert!(b.get(&per).await.unwrap().is_some(), "persistent key never expires");
+    assert!(
+        b.get(&ext).await.unwrap().is_some(),
+        "extended key outlives its old TTL"
+    );
+    assert!(
+        b.get(&per).await.unwrap().is_some(),
+        "persistent key never expires"
+    );
     b.delete_many(&[per.as_str(), ext.as_str()]).await.unwrap();
 }
 
@@ -235,7 +269,16 @@ pub async fn batch_operations(b: &SharedBackend, ns: &str) {
 pub async fn clear_pattern(b: &SharedBackend, ns: &str) {
     let p = format!("{ns}cp:");
     let names = [
-        "user:1", "user:2", "user:1:profile", "order:1", "a*b", "aXb", "q?", "qq", "[x]", "x",
+        "user:1",
+        "user:2",
+        "user:1:profile",
+        "order:1",
+        "a*b",
+        "aXb",
+        "q?",
+        "qq",
+        "[x]",
+        "x",
     ];
     for n in names {
         b.set(&format!("{p}{n}"), Bytes::from_static(b"v"), None)
@@ -243,24 +286,47 @@ pub async fn clear_pattern(b: &SharedBackend, ns: &str) {
             .unwrap();
     }
     let outside = format!("{ns}outside:user:1");
-    b.set(&outside, Bytes::from_static(b"v"), None).await.unwrap();
+    b.set(&outside, Bytes::from_static(b"v"), None)
+        .await
+        .unwrap();
     let esc = escape_glob(&p).into_owned();
 
     assert_eq!(b.clear_pattern(&format!("{esc}user:?")).await.unwrap(), 2);
     assert!(b.exists(&format!("{p}user:1:profile")).await.unwrap());
     assert_eq!(b.clear_pattern(&format!("{esc}user:*")).await.unwrap(), 1);
     // Escaped metacharacters match only themselves.
-    assert_eq!(b.clear_pattern(&format!("{esc}{}", escape_glob("a*b"))).await.unwrap(), 1);
+    assert_eq!(
+        b.clear_pattern(&format!("{esc}{}", escape_glob("a*b")))
+            .await
+            .unwrap(),
+        1
+    );
     assert!(b.exists(&format!("{p}aXb")).await.unwrap());
-    assert_eq!(b.clear_pattern(&format!("{esc}{}", escape_glob("q?"))).await.unwrap(), 1);
+    assert_eq!(
+        b.clear_pattern(&format!("{esc}{}", escape_glob("q?")))
+            .await
+            .unwrap(),
+        1
+    );
     assert!(b.exists(&format!("{p}qq")).await.unwrap());
-    assert_eq!(b.clear_pattern(&format!("{esc}{}", escape_glob("[x]"))).await.unwrap(), 1);
+    assert_eq!(
+        b.clear_pattern(&format!("{esc}{}", escape_glob("[x]")))
+            .await
+            .unwrap(),
+        1
+    );
     assert!(b.exists(&format!("{p}x")).await.unwrap());
     // Character classes.
-    assert_eq!(b.clear_pattern(&format!("{esc}[ao]rder:*")).await.unwrap(), 1);
+    assert_eq!(
+        b.clear_pattern(&format!("{esc}[ao]rder:*")).await.unwrap(),
+        1
+    );
     // Everything left under the prefix, nothing outside it.
     assert_eq!(b.clear_pattern(&format!("{esc}*")).await.unwrap(), 3);
-    assert!(b.exists(&outside).await.unwrap(), "keys outside the pattern survive");
+    assert!(
+        b.exists(&outside).await.unwrap(),
+        "keys outside the pattern survive"
+    );
     assert_eq!(b.clear_pattern(&format!("{esc}*")).await.unwrap(), 0);
     b.delete(&outside).await.unwrap();
 }

@@ -1,0 +1,291 @@
+//! A throwaway six-node Redis Cluster (3 primaries, 3 replicas) on loopback.
+
+use std::time::Duration;
+
+use crate::RedisServer;
+use crate::process::{HOST, TestkitError, info_field, wait_until};
+use crate::server::RedisServerBuilder;
+
+const NODES: usize = 6;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Three primaries and three replicas, each a [`RedisServer`] started with
+/// `--cluster-enabled yes --cluster-node-timeout 2000`, so a failover takes a few seconds.
+/// Every process is killed on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug)]
+struct NodeLine {
+    port: u16,
+    primary: bool,
+    failed: bool,
+    has_slots: bool,
+}
+
+fn parse_nodes(text: &str) -> Vec<NodeLine> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let port = addr.rsplit(':').next()?.parse().ok()?;
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            Some(NodeLine {
+                port,
+                primary: flags.contains(&"master"),
+                failed: flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "fail?" | "noaddr")),
+                has_slots: fields.len() > 8,
+            })
+        })
+        .collect()
+}
+
+impl RedisCluster {
+    /// Starts six nodes, joins them with `redis-cli --cluster create ... --cluster-replicas 1`
+    /// and waits (up to 30 s) until every node reports `cluster_state:ok` with all 16384 slots
+    /// covered and every replica's link to its primary is up.
+    pub fn start() -> Result<Self, TestkitError> {
+        Self::start_with(RedisServer::builder())
+    }
+
+    /// Like [`start`](Self::start), with every node configured from `builder` (binaries,
+    /// password, extra arguments) plus the cluster arguments.
+    pub fn start_with(builder: RedisServerBuilder) -> Result<Self, TestkitError> {
+        let builder = builder.args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            // Replicas may always take over, even if their link was only just established.
+            "--cluster-replica-validity-factor",
+            "0",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]);
+        let nodes = (0..NODES)
+            .map(|_| builder.clone().start())
+            .collect::<Result<Vec<_>, _>>()?;
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{HOST}:{}", n.port()))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+        nodes[0].cli(&args)?;
+        let cluster = Self { nodes };
+        wait_until(
+            READY_TIMEOUT,
+            "waiting for the cluster to become ready",
+            || cluster.check_ready(),
+        )?;
+        Ok(cluster)
+    }
+
+    /// All six nodes, including killed ones.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The node listening on `port`.
+    pub fn node(&self, port: u16) -> Option<&RedisServer> {
+        self.nodes.iter().find(|n| n.port() == port)
+    }
+
+    /// The node listening on `port`, e.g. to [`restart`](RedisServer::restart) it: it rejoins
+    /// the cluster with its `nodes.conf` (as a replica if it was failed over).
+    pub fn node_mut(&mut self, port: u16) -> Option<&mut RedisServer> {
+        self.nodes.iter_mut().find(|n| n.port() == port)
+    }
+
+    /// The URLs of all nodes (see [`RedisServer::url`]), to seed a cluster client.
+    pub fn node_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    fn node_or_err(&self, port: u16) -> Result<&RedisServer, TestkitError> {
+        self.node(port).ok_or_else(|| TestkitError::Command {
+            what: format!("finding cluster node {port}"),
+            detail: "no such node in this cluster".to_owned(),
+        })
+    }
+
+    fn first_running(&self) -> Result<&RedisServer, TestkitError> {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .ok_or_else(|| TestkitError::Command {
+                what: "finding a running cluster node".to_owned(),
+                detail: "every node has been killed".to_owned(),
+            })
+    }
+
+    /// `CLUSTER INFO` as reported by the node on `port`.
+    pub fn cluster_info(&self, port: u16) -> Result<String, TestkitError> {
+        self.node_or_err(port)?.command(&["CLUSTER", "INFO"])
+    }
+
+    /// `CLUSTER NODES` as reported by the node on `port`.
+    pub fn cluster_nodes(&self, port: u16) -> Result<String, TestkitError> {
+        self.node_or_err(port)?.command(&["CLUSTER", "NODES"])
+    }
+
+    /// Ports of the current primaries serving slots (not marked failed), sorted, as seen
+    /// by the first running node.
+    pub fn primaries(&self) -> Result<Vec<u16>, TestkitError> {
+        let view = self.first_running()?.command(&["CLUSTER", "NODES"])?;
+        let mut ports: Vec<u16> = parse_nodes(&view)
+            .into_iter()
+            .filter(|n| n.primary && n.has_slots && !n.failed)
+            .map(|n| n.port)
+            .collect();
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    /// Ports of the current replicas (not marked failed), sorted, as seen by the first
+    /// running node.
+    pub fn replicas(&self) -> Result<Vec<u16>, TestkitError> {
+        let view = self.first_running()?.command(&["CLUSTER", "NODES"])?;
+        let mut ports: Vec<u16> = parse_nodes(&view)
+            .into_iter()
+            .filter(|n| !n.primary && !n.failed)
+            .map(|n| n.port)
+            .collect();
+        ports.sort_unstable();
+        Ok(ports)
+    }
+
+    /// Kills (SIGKILL) the primary on `port`; fails if `port` is not a current primary.
+    /// Follow with [`wait_for_failover`](Self::wait_for_failover).
+    pub fn kill_primary(&mut self, port: u16) -> Result<(), TestkitError> {
+        let primaries = self.primaries()?;
+        if !primaries.contains(&port) {
+            return Err(TestkitError::Command {
+                what: format!("killing primary {port}"),
+                detail: format!("not a current primary; primaries are {primaries:?}"),
+            });
+        }
+        if let Some(node) = self.node_mut(port) {
+            node.kill();
+        }
+        Ok(())
+    }
+
+    /// Waits (up to `timeout`) until every running node reports `cluster_state:ok` with all
+    /// slots covered, and sees three slot-serving primaries that are all running — i.e. the
+    /// replicas of killed primaries have been promoted.
+    pub fn wait_for_failover(&self, timeout: Duration) -> Result<(), TestkitError> {
+        wait_until(timeout, "waiting for the cluster to fail over", || {
+            self.check_failed_over()
+        })
+    }
+
+    /// Checks `cluster_state:ok` and full slot coverage; returns the `CLUSTER INFO` text.
+    fn check_node_state(node: &RedisServer) -> Result<String, String> {
+        let info = node
+            .command(&["CLUSTER", "INFO"])
+            .map_err(|e| e.to_string())?;
+        let state = info_field(&info, "cluster_state");
+        let slots = info_field(&info, "cluster_slots_ok");
+        if state != Some("ok") || slots != Some("16384") {
+            return Err(format!(
+                "node {}: cluster_state:{} cluster_slots_ok:{}",
+                node.port(),
+                state.unwrap_or("?"),
+                slots.unwrap_or("?")
+            ));
+        }
+        Ok(info)
+    }
+
+    fn check_ready(&self) -> Result<(), String> {
+        for node in &self.nodes {
+            let info = Self::check_node_state(node)?;
+            if info_field(&info, "cluster_known_nodes") != Some("6") {
+                return Err(format!("node {} does not know all nodes yet", node.port()));
+            }
+            let view = node
+                .command(&["CLUSTER", "NODES"])
+                .map_err(|e| e.to_string())?;
+            let lines = parse_nodes(&view);
+            let serving = lines
+                .iter()
+                .filter(|n| n.primary && n.has_slots && !n.failed)
+                .count();
+            let replicas = lines.iter().filter(|n| !n.primary && !n.failed).count();
+            if (serving, replicas) != (NODES / 2, NODES / 2) {
+                return Err(format!(
+                    "node {} sees {serving} primaries and {replicas} replicas",
+                    node.port()
+                ));
+            }
+            let repl = node
+                .command(&["INFO", "replication"])
+                .map_err(|e| e.to_string())?;
+            if info_field(&repl, "role") == Some("slave")
+                && info_field(&repl, "master_link_status") != Some("up")
+            {
+                return Err(format!(
+                    "replica {} is not linked to its primary yet",
+                    node.port()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_failed_over(&self) -> Result<(), String> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            Self::check_node_state(node)?;
+            let view = node
+                .command(&["CLUSTER", "NODES"])
+                .map_err(|e| e.to_string())?;
+            let serving: Vec<u16> = parse_nodes(&view)
+                .into_iter()
+                .filter(|n| n.primary && n.has_slots && !n.failed)
+                .map(|n| n.port)
+                .collect();
+            let dead: Vec<u16> = serving
+                .iter()
+                .copied()
+                .filter(|p| self.node(*p).is_none_or(|n| !n.is_running()))
+                .collect();
+            if serving.len() != NODES / 2 || !dead.is_empty() {
+                return Err(format!(
+                    "node {} sees primaries {serving:?} (killed among them: {dead:?})",
+                    node.port()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_nodes;
+
+    #[test]
+    fn parses_cluster_nodes_lines() {
+        let text = "\
+07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922
+e7d1 127.0.0.1:30001@40001,host myself,master - 0 0 1 connected 0-5460
+6ec2 127.0.0.1:30005@40005 master,fail - 1426238316232 0 5 disconnected
+";
+        let nodes = parse_nodes(text);
+        assert_eq!(nodes.len(), 4);
+        assert!(!nodes[0].primary && !nodes[0].has_slots);
+        assert!(nodes[1].primary && nodes[1].has_slots && nodes[1].port == 30002);
+        assert!(nodes[2].primary && nodes[2].port == 30001);
+        assert!(nodes[3].failed && !nodes[3].has_slots);
+    }
+}
