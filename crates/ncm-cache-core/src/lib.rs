@@ -10,9 +10,11 @@
 //! - [`TtlPolicy`], [`Expiry`], [`KeyTtl`] — default TTL, per-call TTL, no expiry, jitter.
 //! - [`StatsRecorder`], [`CacheStats`] — atomic counters mirrored to the `metrics` crate.
 //! - [`Clock`], [`ManualClock`] — so TTL logic is testable without sleeping.
+//! - [`SingleFlight`] — concurrent loads of one key run once and share the result.
 //! - [`CacheStrategy`], [`CacheLevel`], [`ValueSource`] — shared enums.
 //!
-//! Architecture Invariant: this crate names neither `redis` nor `sqlx`; it has no I/O.
+//! Architecture Invariant: this crate names neither `redis` nor `sqlx`; it has no I/O
+//! (it uses only tokio's `sync` primitives).
 
 mod backend;
 mod cache;
@@ -20,6 +22,7 @@ mod clock;
 mod codec;
 mod duration;
 mod error;
+mod flight;
 mod key;
 mod stats;
 mod ttl;
@@ -31,6 +34,7 @@ pub use clock::{Clock, ManualClock, SharedClock, SystemClock, system_clock};
 pub use codec::Codec;
 pub use duration::{parse_duration, serde_duration};
 pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};
+pub use flight::{SingleFlight, loader_error};
 pub use key::{DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, escape_glob, validate_key};
 pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder};
 pub use ttl::{Expiry, KeyTtl, TtlPolicy};

@@ -10,6 +10,8 @@
 //!   [`is_timeout`](ncm_cache_core::CacheError::is_timeout); service resumes on its own.
 //! - `get_many` is one `MGET`, `set_many` one pipelined round trip, `clear_pattern` is
 //!   `SCAN` + `UNLINK` in batches on every primary (never `KEYS`), always inside the key prefix.
+//! - Building blocks for cross-instance features: [`RedisLock`] (token + Lua release + TTL) and
+//!   reconnecting pub/sub ([`RedisBackend::subscribe`], [`PubSubEvent::Reconnected`]).
 //! - [`RedisBackend`] is the byte-level [`CacheBackend`](ncm_cache_core::CacheBackend) for
 //!   composing (the L2 of a multi-level cache).
 //!
@@ -28,12 +30,16 @@ mod commands;
 mod config;
 mod conn;
 mod error;
+mod lock;
 mod pipeline;
+mod pubsub;
 mod sync;
 
 pub use backend::RedisBackend;
 pub use cache::{IntoCompression, RedisCache, RedisCacheBuilder};
 pub use config::{Compression, KeepaliveOptions, RedisConfig, SentinelConfig};
 pub use conn::tcp_settings;
+pub use lock::RedisLock;
 pub use pipeline::{PipelineResult, RedisPipeline};
+pub use pubsub::{PubSubEvent, Subscription};
 pub use sync::RedisSyncCache;

@@ -1,0 +1,172 @@
+//! A distributed lock: `SET key token NX PX ttl`, released and extended by Lua only by its
+//! holder, expiring by itself if the holder crashes.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{Operation, Result};
+use redis::Script;
+
+use crate::backend::{Inner, RedisBackend};
+use crate::commands;
+
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end",
+    )
+});
+
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end",
+    )
+});
+
+/// A held lock. Release it with [`release`](Self::release); if dropped unreleased it is released
+/// in the background (when a tokio runtime is running), and in any case it expires after its TTL,
+/// so a crashed holder never blocks others for longer than that.
+///
+/// ```no_run
+/// # async fn demo(cache: ncm_cache_redis::RedisCache) -> ncm_cache_core::Result<()> {
+/// use std::time::Duration;
+/// let backend = cache.redis_backend();
+/// if let Some(lock) = backend.try_lock("reload:users", Duration::from_secs(10)).await? {
+///     // ... only one instance gets here at a time ...
+///     lock.release().await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct RedisLock {
+    inner: Arc<Inner>,
+    key: String,
+    token: String,
+    released: AtomicBool,
+}
+
+impl fmt::Debug for RedisLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLock")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn token() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+impl RedisBackend {
+    /// Takes the lock `name` (under the cache's prefix, `lock:` namespace) for `ttl` if nobody
+    /// holds it; `None` when it is held.
+    pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<RedisLock>> {
+        commands::check_ttl(Some(ttl))?;
+        let key = self
+            .key_space()
+            .full_key(&format!("lock:{name}"))?
+            .into_owned();
+        let token = token();
+        let got: Option<String> = self
+            .inner()
+            .run(Operation::Set, false, |mut h| {
+                let mut c = redis::cmd("SET");
+                c.arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(commands::millis(ttl));
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(got.map(|_| RedisLock {
+            inner: Arc::clone(self.inner()),
+            key,
+            token,
+            released: AtomicBool::new(false),
+        }))
+    }
+
+    /// Waits up to `wait` for the lock, polling with backoff (5 ms doubling to 100 ms).
+    pub async fn lock(
+        &self,
+        name: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Option<RedisLock>> {
+        let deadline = Instant::now() + wait;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            if let Some(lock) = self.try_lock(name, ttl).await? {
+                return Ok(Some(lock));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
+impl RedisLock {
+    /// The full Redis key of the lock.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Releases the lock; `false` when it had already expired (and maybe been taken by another).
+    pub async fn release(self) -> Result<bool> {
+        self.released.store(true, Ordering::Relaxed);
+        release(&self.inner, &self.key, &self.token).await
+    }
+
+    /// Extends the lock to `ttl` from now; `false` when it is no longer ours.
+    pub async fn extend(&self, ttl: Duration) -> Result<bool> {
+        commands::check_ttl(Some(ttl))?;
+        let n: i64 = self
+            .inner
+            .run(Operation::ExtendTtl, false, |mut h| {
+                let (key, token) = (self.key.clone(), self.token.clone());
+                async move {
+                    EXTEND
+                        .key(key)
+                        .arg(token)
+                        .arg(commands::millis(ttl))
+                        .invoke_async(&mut h)
+                        .await
+                }
+            })
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+async fn release(inner: &Inner, key: &str, token: &str) -> Result<bool> {
+    let n: i64 = inner
+        .run(Operation::Delete, false, |mut h| {
+            let (key, token) = (key.to_owned(), token.to_owned());
+            async move { RELEASE.key(key).arg(token).invoke_async(&mut h).await }
+        })
+        .await?;
+    Ok(n == 1)
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        if self.released.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (inner, key, token) = (
+                Arc::clone(&self.inner),
+                self.key.clone(),
+                self.token.clone(),
+            );
+            handle.spawn(async move {
+                let _ = release(&inner, &key, &token).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Pub/sub with automatic reconnection, for cross-instance messages (L1 invalidation, events).
+
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ncm_cache_core::{Bytes, CacheError, Operation, Result};
+use tokio::sync::mpsc;
+
+use crate::backend::RedisBackend;
+use crate::config::RedisConfig;
+use crate::error::map_err;
+
+/// Something that happened on a [`Subscription`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum PubSubEvent {
+    /// A message on one of the subscribed channels (the channel without the cache's prefix).
+    Message {
+        /// The channel, as passed to `subscribe`.
+        channel: String,
+        /// The payload.
+        payload: Bytes,
+    },
+    /// The connection broke: messages may be lost until [`Reconnected`](Self::Reconnected).
+    Disconnected,
+    /// Subscribed again after a break. Anything learned from messages may be out of date:
+    /// consumers should resynchronise (e.g. clear their L1).
+    Reconnected,
+}
+
+/// A live subscription; the background task ends when this is dropped.
+pub struct Subscription {
+    rx: mpsc::Receiver<PubSubEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next event; `None` once the subscription has ended.
+    pub async fn recv(&mut self) -> Option<PubSubEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RedisBackend {
+    /// The Redis channel used for `channel`: inside the cache's prefix, so caches with different
+    /// prefixes never hear each other.
+    pub fn channel_name(&self, channel: &str) -> String {
+        format!("{}__ncm:{channel}", self.key_space().prefix())
+    }
+
+    /// Publishes `payload` on `channel`; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64> {
+        let name = self.channel_name(channel);
+        self.inner()
+            .run(Operation::Set, false, |mut h| {
+                let mut c = redis::cmd("PUBLISH");
+                c.arg(&name).arg(payload);
+                async move { c.query_async(&mut h).await }
+            })
+            .await
+    }
+
+    /// Subscribes to `channels`. Returns once subscribed; then delivers messages, and keeps
+    /// reconnecting (with backoff) when the connection breaks, reporting
+    /// [`PubSubEvent::Disconnected`] / [`PubSubEvent::Reconnected`]. A ping every
+    /// `health_check_interval` (at most 1 s) detects a silent connection.
+    pub async fn subscribe(&self, channels: &[&str]) -> Result<Subscription> {
+        let config = self.config().clone();
+        let names: Vec<(String, String)> = channels
+            .iter()
+            .map(|c| (self.channel_name(c), (*c).to_owned()))
+            .collect();
+        let (tx, rx) = mpsc::channel(1024);
+        let first = connect(&config, &names).await?;
+        let task = tokio::spawn(run(config, names, tx, first));
+        Ok(Subscription { rx, task })
+    }
+}
+
+type Conn = (redis::aio::PubSubSink, redis::aio::PubSubStream);
+
+async fn connect(config: &RedisConfig, names: &[(String, String)]) -> Result<Conn> {
+    let timeout = config.connect_timeout;
+    let work = async {
+        let client = pubsub_client(config).await?;
+        let pubsub = client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| map_err("subscribe", e, timeout))?;
+        let (mut sink, stream) = pubsub.split();
+        for (full, _) in names {
+            sink.subscribe(full)
+                .await
+                .map_err(|e| map_err("subscribe", e, timeout))?;
+        }
+        Ok((sink, stream))
+    };
+    tokio::time::timeout(timeout * 2, work)
+        .await
+        .map_err(|_| CacheError::Timeout {
+            operation: "subscribe",
+            after: timeout * 2,
+        })?
+}
+
+/// The node to subscribe on: the server, the Sentinel-resolved primary, or any cluster node
+/// (cluster PUBLISH reaches every node).
+async fn pubsub_client(config: &RedisConfig) -> Result<redis::Client> {
+    let timeout = config.connect_timeout;
+    let url = if let Some(s) = &config.sentinel {
+        let addrs: Vec<String> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                if n.contains("://") {
+                    n.clone()
+                } else {
+                    format!("redis://{n}")
+                }
+            })
+            .collect();
+        let mut sentinel = redis::sentinel::Sentinel::build(addrs)
+            .map_err(|e| CacheError::Config(format!("sentinel: {e}")))?;
+        let client = sentinel
+            .async_master_for(&s.master_name, None)
+            .await
+            .map_err(|e| map_err("sentinel", e, timeout))?;
+        let info = client.get_connection_info();
+        let (host, port) = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => (h.clone(), *p),
+            other => {
+                return Err(CacheError::Config(format!(
+                    "unsupported sentinel address {other:?}"
+                )));
+            }
+        };
+        config.node_url(&host, port)
+    } else if let Some(node) = config.cluster_nodes.first() {
+        let n = node
+            .trim_start_matches("redis://")
+            .trim_start_matches("rediss://");
+        let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
+        config.node_url(host, port.trim_end_matches('/').parse().unwrap_or(6379))
+    } else {
+        config.node_url(&config.host, config.port)
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
+        .set_tcp_settings(crate::conn::tcp_settings(config));
+    redis::Client::open(info).map_err(|e| map_err("subscribe", e, timeout))
+}
+
+async fn run(
+    config: RedisConfig,
+    names: Vec<(String, String)>,
+    tx: mpsc::Sender<PubSubEvent>,
+    first: Conn,
+) {
+    let ping_every = config
+        .health_check_interval
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let mut conn = Some(first);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (mut sink, mut stream) = match conn.take() {
+            Some(c) => c,
+            None => match connect(&config, &names).await {
+                Ok(c) => {
+                    backoff = Duration::from_millis(10);
+                    if tx.send(PubSubEvent::Reconnected).await.is_err() {
+                        return;
+                    }
+                    c
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pub/sub reconnect failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break };
+                    let full = msg.get_channel_name();
+                    let channel = names
+                        .iter()
+                        .find(|(f, _)| f == full)
+                        .map(|(_, c)| c.clone())
+                        .unwrap_or_else(|| full.to_owned());
+                    let payload = Bytes::copy_from_slice(msg.get_payload_bytes());
+                    if tx.send(PubSubEvent::Message { channel, payload }).await.is_err() {
+                        return;
+                    }
+                }
+                _ = ping.tick() => {
+                    let alive = tokio::time::timeout(config.response_timeout, sink.ping::<String>()).await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        if tx.send(PubSubEvent::Disconnected).await.is_err() {
+            return;
+        }
+    }
+}

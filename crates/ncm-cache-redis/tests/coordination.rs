@@ -1,0 +1,150 @@
+//! The cross-instance building blocks: the distributed lock and reconnecting pub/sub.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::Bytes;
+use ncm_cache_redis::{PubSubEvent, RedisCache};
+use ncm_cache_testkit::RedisServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_is_exclusive_expires_and_only_its_holder_releases_it() {
+    let server = RedisServer::start().unwrap();
+    let a = RedisCache::connect(support::config(&server)).await.unwrap();
+    let b = RedisCache::connect(support::config(&server)).await.unwrap();
+    let (a, b) = (a.redis_backend(), b.redis_backend());
+    let ttl = Duration::from_millis(300);
+
+    let held = a.try_lock("job", ttl).await.unwrap().expect("free lock");
+    assert!(b.try_lock("job", ttl).await.unwrap().is_none(), "exclusive");
+    assert!(held.extend(Duration::from_secs(5)).await.unwrap());
+    assert!(held.release().await.unwrap());
+    let held_b = b
+        .try_lock("job", ttl)
+        .await
+        .unwrap()
+        .expect("released lock is free");
+
+    // A crashed holder (never releases): the lock frees itself after its TTL.
+    std::mem::forget(held_b);
+    let start = Instant::now();
+    let taken = a
+        .lock("job", ttl, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .expect("expired");
+    assert!(
+        start.elapsed() <= ttl + Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // An expired holder can neither extend nor release the new holder's lock.
+    let stale = b
+        .try_lock("other", Duration::from_millis(50))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let fresh = a
+        .try_lock("other", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!stale.extend(Duration::from_secs(5)).await.unwrap());
+    assert!(!stale.release().await.unwrap());
+    assert!(
+        b.try_lock("other", ttl).await.unwrap().is_none(),
+        "fresh holder keeps it"
+    );
+    assert!(fresh.release().await.unwrap());
+    assert!(taken.release().await.unwrap());
+    // Lock keys live inside the prefix.
+    assert!(server.cli(&["EXISTS", "lock:job"]).unwrap().contains('0'));
+}
+
+async fn next_message(sub: &mut ncm_cache_redis::Subscription) -> (String, Bytes) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("message in time")
+        {
+            Some(PubSubEvent::Message { channel, payload }) => return (channel, payload),
+            Some(_) => continue,
+            None => panic!("subscription ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_delivers_stays_in_its_prefix_and_reconnects() {
+    let mut server = RedisServer::start().unwrap();
+    let mut cfg = support::config(&server);
+    cfg.key_prefix = "app:".into();
+    cfg.health_check_interval = Some(Duration::from_millis(100));
+    let a = RedisCache::connect(cfg.clone()).await.unwrap();
+    let b = RedisCache::connect(cfg.clone()).await.unwrap();
+    let mut other_cfg = support::config(&server);
+    other_cfg.key_prefix = "other:".into();
+    let other = RedisCache::connect(other_cfg).await.unwrap();
+
+    let mut sub = a.redis_backend().subscribe(&["invalidate"]).await.unwrap();
+    assert_eq!(
+        other
+            .redis_backend()
+            .publish("invalidate", b"not for you")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        b.redis_backend()
+            .publish("invalidate", b"k1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        next_message(&mut sub).await,
+        ("invalidate".into(), Bytes::from_static(b"k1"))
+    );
+
+    // Connection cut: Disconnected, then Reconnected once the server is back, then messages flow.
+    server.kill();
+    server.restart().unwrap();
+    let start = Instant::now();
+    let (mut saw_down, mut saw_up) = (false, false);
+    while !(saw_down && saw_up) {
+        match tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("events in time")
+        {
+            Some(PubSubEvent::Disconnected) => saw_down = true,
+            Some(PubSubEvent::Reconnected) => saw_up = true,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("subscription ended"),
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "resubscribed in {:?}",
+        start.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b
+        .redis_backend()
+        .publish("invalidate", b"k2")
+        .await
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "publisher never reached the subscriber"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(next_message(&mut sub).await.1, Bytes::from_static(b"k2"));
+}
