@@ -6,6 +6,7 @@ use std::time::Duration;
 use ncm_cache_core::{CacheError, Clock, DEFAULT_MAX_KEY_LEN, Result, SharedClock, system_clock};
 
 use crate::backend::MemoryBackend;
+use crate::store::{MemoryStore, StoreValue};
 
 /// Builds a [`MemoryBackend`].
 ///
@@ -108,6 +109,12 @@ impl MemoryBackendBuilder {
 
     /// Builds the backend; fails when a bound is zero.
     pub fn build(self) -> Result<MemoryBackend> {
+        Ok(MemoryBackend::from_store(self.build_store("memory")?))
+    }
+
+    /// Builds a [`MemoryStore`] of any value type (the L1 of a multi-level cache uses this);
+    /// `level` is the `level` label of its stats and metrics.
+    pub fn build_store<V: StoreValue>(self, level: &'static str) -> Result<MemoryStore<V>> {
         if self.max_entries == 0 || self.max_bytes == 0 {
             return Err(CacheError::Config(
                 "memory backend: max_entries and max_bytes must be greater than zero".into(),
@@ -118,6 +125,6 @@ impl MemoryBackendBuilder {
                 "memory backend: shards must be greater than zero".into(),
             ));
         }
-        MemoryBackend::from_builder(self)
+        MemoryStore::from_builder(self, level)
     }
 }

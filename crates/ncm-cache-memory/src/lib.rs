@@ -9,6 +9,9 @@
 //!   [`purge_expired`](MemoryBackend::purge_expired) reclaims the ones nobody touches.
 //! - **Bounded by entry count and by bytes.** Each entry is charged
 //!   `max(key + value + overhead, max_bytes / max_entries)`, so neither bound is ever exceeded.
+//! - **Any value type**: [`MemoryStore<V>`] is the engine; `MemoryBackend` is
+//!   `MemoryStore<Bytes>` behind the `CacheBackend` trait, and the multi-level cache keeps decoded
+//!   values in a `MemoryStore` of its own so an L1 hit never decodes.
 //! - **Time is injectable** ([`ManualClock`](ncm_cache_core::ManualClock)) so TTL behaviour is
 //!   tested exactly, without sleeping.
 //!
@@ -34,6 +37,8 @@
 
 mod backend;
 mod builder;
+mod store;
 
 pub use backend::MemoryBackend;
 pub use builder::MemoryBackendBuilder;
+pub use store::{ENTRY_OVERHEAD, MemoryStore, StoreValue};

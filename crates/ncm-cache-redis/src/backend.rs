@@ -521,3 +521,43 @@ impl Drop for Inner {
 pub(crate) fn parse<T: FromRedisValue>(v: redis::Value) -> RedisResult<T> {
     T::from_redis_value(v).map_err(Into::into)
 }
+
+/// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
+impl RedisBackend {
+    /// Runs one raw command through the connection pool, with the response timeout, stats
+    /// (labelled `op`) and error mapping of every other call. Not retried: the command may not
+    /// be idempotent. Key names are passed as they are: apply [`key_space`](Self::key_space)
+    /// yourself.
+    pub async fn query_cmd<T: FromRedisValue>(&self, op: Operation, cmd: &redis::Cmd) -> Result<T> {
+        self.inner
+            .run(
+                op,
+                false,
+                |mut h| async move { cmd.query_async(&mut h).await },
+            )
+            .await
+    }
+
+    /// Runs a Lua script (`EVALSHA`, loading it on `NOSCRIPT`) with these keys and arguments,
+    /// like [`query_cmd`](Self::query_cmd). On a cluster every key must hash to one slot.
+    pub async fn eval_script<T: FromRedisValue>(
+        &self,
+        op: Operation,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<T> {
+        self.inner
+            .run(op, false, |mut h| async move {
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    invocation.arg(arg.as_slice());
+                }
+                invocation.invoke_async(&mut h).await
+            })
+            .await
+    }
+}

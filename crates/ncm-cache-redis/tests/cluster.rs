@@ -1,5 +1,5 @@
 //! RedisCache on a throwaway 3-primary Redis Cluster.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

@@ -1,5 +1,5 @@
 //! The cross-instance building blocks: the distributed lock and reconnecting pub/sub.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

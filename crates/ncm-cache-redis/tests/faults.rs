@@ -1,6 +1,6 @@
 //! Outages: a killed server costs at most the timeout per call and recovers by itself; a paused
 //! server times out at the configured timeout.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

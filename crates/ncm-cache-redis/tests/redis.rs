@@ -1,5 +1,5 @@
 //! RedisCache and RedisSyncCache against a throwaway single server.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 

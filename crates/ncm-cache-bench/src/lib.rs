@@ -1,0 +1,97 @@
+//! Helpers shared by the side-by-side benchmarks (`cargo xtask bench`).
+//!
+//! Criterion groups follow one convention, read by `cargo xtask bench`: a group is a row, the
+//! function id `ours` is ncm-cache, and each other id is `baseline_<name>`. Custom harnesses
+//! (load tests) write finished rows with [`write_rows`].
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `true` when `cargo xtask bench --quick` is running.
+pub fn quick() -> bool {
+    std::env::var_os("NCM_BENCH_QUICK").is_some_and(|v| v == "1")
+}
+
+/// Criterion configured for this suite: short in quick mode, no plots.
+pub fn criterion() -> criterion::Criterion {
+    let c = criterion::Criterion::default().without_plots();
+    let c = if quick() {
+        c.warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(700))
+            .sample_size(10)
+    } else {
+        c.warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3))
+    };
+    c.configure_from_args()
+}
+
+/// One finished row of `target/bench/results.json`.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Row name.
+    pub name: String,
+    /// Our measurement.
+    pub ours: f64,
+    /// The baseline's measurement in the same run.
+    pub baseline: f64,
+    /// Which baseline.
+    pub baseline_name: String,
+    /// Unit of `ours` and `baseline`.
+    pub unit: String,
+    /// ours/baseline oriented so that bigger is better for us.
+    pub ratio: f64,
+}
+
+/// Writes rows as a JSON array to `$NCM_BENCH_OUT/<file>.json` (default `target/bench/extra`).
+pub fn write_rows(file: &str, rows: &[Row]) -> std::io::Result<PathBuf> {
+    let dir = std::env::var_os("NCM_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench/extra"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{file}.json"));
+    let mut out = std::fs::File::create(&path)?;
+    writeln!(out, "[")?;
+    for (i, r) in rows.iter().enumerate() {
+        let comma = if i + 1 < rows.len() { "," } else { "" };
+        writeln!(
+            out,
+            "  {{\"name\": {:?}, \"ours\": {}, \"baseline\": {}, \"baseline_name\": {:?}, \"unit\": {:?}, \"ratio\": {}}}{comma}",
+            r.name, r.ours, r.baseline, r.baseline_name, r.unit, r.ratio
+        )?;
+    }
+    writeln!(out, "]")?;
+    Ok(path)
+}
+
+/// Runs `f` `rounds` times alternating with `g` and returns the median of each (the same run,
+/// interleaved, so drift on a noisy machine hits both sides alike).
+pub fn interleaved_medians(
+    rounds: usize,
+    mut f: impl FnMut() -> f64,
+    mut g: impl FnMut() -> f64,
+) -> (f64, f64) {
+    let mut a = Vec::with_capacity(rounds);
+    let mut b = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        // ABBA order: neither side always runs first (warm caches, frequency ramps).
+        if round % 2 == 0 {
+            a.push(f());
+            b.push(g());
+        } else {
+            b.push(g());
+            a.push(f());
+        }
+    }
+    (median(&mut a), median(&mut b))
+}
+
+/// The median of a sample (0 when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -1,0 +1,198 @@
+//! The self-describing envelope every stored value starts with (unless written in raw mode).
+//!
+//! | offset | size | field | value |
+//! |---|---|---|---|
+//! | 0 | 2 | magic | `0xC1 0x4E` |
+//! | 2 | 1 | version | `1` |
+//! | 3 | 1 | format | see below |
+//! | 4 | 1 | compression | see below |
+//! | 5 | 4 | uncompressed length, u32 little-endian | only when compression ≠ 0 |
+//! | 5 or 9 | … | payload | the format's bytes, compressed when compression ≠ 0 |
+//!
+//! | format tag | format | | compression tag | compression |
+//! |---|---|---|---|---|
+//! | 1 | JSON | | 0 | none |
+//! | 2 | JSON written by simd-json | | 1 | gzip (RFC 1952) |
+//! | 3 | CBOR | | 2 | LZ4 block |
+//! | 4 | MessagePack (named maps) | | 3 | Zstandard frame |
+//! | 5 | Pickle | | | |
+//!
+//! Tags are stable: a tag is never renumbered or reused. Tag 0 is no format.
+//!
+//! Why the magic cannot be mistaken for a raw value: `0xC1` is the one byte MessagePack never
+//! uses, it is not valid UTF-8 (so no JSON text starts with it), and it is not a pickle opcode
+//! (pickle ≥ 2 starts with `0x80`). In CBOR it would be tag 1 (an epoch date) applied to a
+//! 14-byte byte string, which is invalid CBOR semantics and never written by serde.
+//!
+//! The uncompressed length lets a reader reject a decompression bomb before decompressing
+//! (declared length above the cap), and bounds the decompressor's output buffer, so a lying
+//! length is caught too.
+
+use ncm_cache_core::{CodecError, CodecErrorKind};
+
+use crate::types::{CompressionType, SerializationType};
+
+/// The two magic bytes that open every envelope.
+pub const MAGIC: [u8; 2] = [0xC1, 0x4E];
+
+/// The envelope version this build writes (and the newest it reads).
+pub const VERSION: u8 = 1;
+
+/// Length of the header without the uncompressed length.
+pub(crate) const SHORT_HEADER: usize = 5;
+
+/// Length of the header of a compressed value.
+pub(crate) const LONG_HEADER: usize = 9;
+
+/// The parsed header of an enveloped value.
+///
+/// ```
+/// use ncm_cache_codec::{inspect, CompressionType, SerializationType, Serializer};
+/// use ncm_cache_core::Codec;
+///
+/// let codec = Serializer::builder().format(SerializationType::Json).build().unwrap();
+/// let bytes = codec.encode(&"hello").unwrap();
+/// let header = inspect(&bytes).unwrap().expect("enveloped");
+/// assert_eq!(header.format, SerializationType::Json);
+/// assert_eq!(header.compression, CompressionType::None);
+/// assert_eq!(&bytes[header.header_len..], b"\"hello\"");
+/// // Bytes without the magic are not an envelope.
+/// assert!(inspect(b"\"hello\"").unwrap().is_none());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EnvelopeHeader {
+    /// The envelope version.
+    pub version: u8,
+    /// The format of the payload.
+    pub format: SerializationType,
+    /// The compression of the payload.
+    pub compression: CompressionType,
+    /// The declared uncompressed payload length (compressed values only).
+    pub uncompressed_len: Option<u32>,
+    /// Where the payload starts.
+    pub header_len: usize,
+}
+
+/// Parses the envelope header of `bytes`.
+///
+/// `Ok(None)` when the bytes do not start with the magic (a raw value); an error when they do
+/// but the header is truncated ([`CodecErrorKind::Corrupt`]) or names a version, format or
+/// compression this build does not know ([`CodecErrorKind::Unsupported`]). Whether the format's
+/// cargo feature is compiled in is not checked here.
+pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
+    if !bytes.starts_with(&MAGIC) {
+        return Ok(None);
+    }
+    let &[_, _, version, format, compression, ref rest @ ..] = bytes else {
+        return Err(corrupt("truncated envelope header"));
+    };
+    if version != VERSION {
+        return Err(CodecError::new(
+            CodecErrorKind::Unsupported,
+            "envelope",
+            format!(
+                "envelope version {version} is not supported (this build reads version {VERSION})"
+            ),
+        ));
+    }
+    let format = SerializationType::from_tag(format).ok_or_else(|| {
+        CodecError::new(
+            CodecErrorKind::Unsupported,
+            "envelope",
+            format!("unknown format tag {format}"),
+        )
+    })?;
+    let compression = CompressionType::from_tag(compression).ok_or_else(|| {
+        CodecError::new(
+            CodecErrorKind::Unsupported,
+            "envelope",
+            format!("unknown compression tag {compression}"),
+        )
+    })?;
+    let (uncompressed_len, header_len) = if compression == CompressionType::None {
+        (None, SHORT_HEADER)
+    } else {
+        let &[a, b, c, d, ..] = rest else {
+            return Err(corrupt("truncated envelope header (uncompressed length)"));
+        };
+        (Some(u32::from_le_bytes([a, b, c, d])), LONG_HEADER)
+    };
+    Ok(Some(EnvelopeHeader {
+        version,
+        format,
+        compression,
+        uncompressed_len,
+        header_len,
+    }))
+}
+
+/// The 5-byte header of an uncompressed value.
+pub(crate) const fn short_header(format: SerializationType) -> [u8; SHORT_HEADER] {
+    [
+        MAGIC[0],
+        MAGIC[1],
+        VERSION,
+        format.tag(),
+        CompressionType::None.tag(),
+    ]
+}
+
+/// The 9-byte header of a compressed value.
+pub(crate) fn long_header(
+    format: SerializationType,
+    compression: CompressionType,
+    uncompressed_len: u32,
+) -> [u8; LONG_HEADER] {
+    let [a, b, c, d] = uncompressed_len.to_le_bytes();
+    [
+        MAGIC[0],
+        MAGIC[1],
+        VERSION,
+        format.tag(),
+        compression.tag(),
+        a,
+        b,
+        c,
+        d,
+    ]
+}
+
+fn corrupt(message: &str) -> CodecError {
+    CodecError::new(CodecErrorKind::Corrupt, "envelope", message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse_back() {
+        let h = short_header(SerializationType::Cbor);
+        let parsed = inspect(&h).unwrap().unwrap();
+        assert_eq!(parsed.format, SerializationType::Cbor);
+        assert_eq!(parsed.compression, CompressionType::None);
+        assert_eq!(parsed.header_len, 5);
+        assert_eq!(parsed.uncompressed_len, None);
+
+        let h = long_header(SerializationType::Pickle, CompressionType::Zstd, 70_000);
+        let parsed = inspect(&h).unwrap().unwrap();
+        assert_eq!(parsed.compression, CompressionType::Zstd);
+        assert_eq!(parsed.uncompressed_len, Some(70_000));
+        assert_eq!(parsed.header_len, 9);
+    }
+
+    #[test]
+    fn damaged_headers_are_typed_errors() {
+        assert_eq!(inspect(&[0xC1]).unwrap(), None);
+        assert_eq!(inspect(b"{}").unwrap(), None);
+        let kind = |b: &[u8]| inspect(b).unwrap_err().kind();
+        assert_eq!(kind(&[0xC1, 0x4E]), CodecErrorKind::Corrupt);
+        assert_eq!(kind(&[0xC1, 0x4E, 1, 1]), CodecErrorKind::Corrupt);
+        assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 1, 0, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 1, 9, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 1, 1, 7]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 1, 1, 3, 0, 0]), CodecErrorKind::Corrupt);
+    }
+}

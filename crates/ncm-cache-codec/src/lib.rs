@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod compress;
+mod config;
+mod envelope;
+mod formats;
+#[cfg(feature = "pickle")]
+mod pickle_guard;
+mod serializer;
+mod types;
+
+pub use config::CodecConfig;
+pub use envelope::{EnvelopeHeader, MAGIC, VERSION, inspect};
+pub use serializer::{
+    DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_MAX_DECOMPRESSED_SIZE, Serializer, SerializerBuilder,
+    SerializerFactory,
+};
+pub use types::{CompressionType, SerializationType};

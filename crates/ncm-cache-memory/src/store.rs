@@ -1,0 +1,480 @@
+//! `MemoryStore<V>`: the quick_cache-backed engine shared by [`MemoryBackend`](crate::MemoryBackend)
+//! (values are `Bytes`) and the L1 of the multi-level cache (values are decoded objects).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{
+    Bytes, CacheError, CacheStats, GlobPattern, KeySpace, KeyTtl, Result, SharedClock,
+    StatsRecorder,
+};
+use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
+
+use crate::builder::MemoryBackendBuilder;
+
+/// Bytes charged per entry on top of its key and value: the `String` and value headers, the
+/// expiry, and quick_cache's slot.
+pub const ENTRY_OVERHEAD: u64 = 64;
+
+/// A value the store can hold: cheap to clone, and able to tell its size in bytes.
+pub trait StoreValue: Clone + Send + Sync + 'static {
+    /// The approximate heap size of the value in bytes (used against `max_bytes`).
+    fn size(&self) -> usize;
+}
+
+impl StoreValue for Bytes {
+    #[inline]
+    fn size(&self) -> usize {
+        self.len()
+    }
+}
+
+#[derive(Clone)]
+struct Entry<V> {
+    value: V,
+    expires_at: Option<Instant>,
+}
+
+impl<V> Entry<V> {
+    #[inline]
+    fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// Charges every entry at least `slot` so the byte budget also bounds the entry count.
+#[derive(Clone)]
+struct EntryWeighter {
+    slot: u64,
+}
+
+impl<V: StoreValue> Weighter<String, Entry<V>> for EntryWeighter {
+    #[inline]
+    fn weight(&self, key: &String, val: &Entry<V>) -> u64 {
+        entry_size(key.len(), val.value.size()).max(self.slot)
+    }
+}
+
+#[inline]
+pub(crate) fn entry_size(key_len: usize, value_len: usize) -> u64 {
+    key_len as u64 + value_len as u64 + ENTRY_OVERHEAD
+}
+
+/// Counts evictions.
+#[derive(Clone)]
+struct EvictionCounter {
+    stats: Arc<StatsRecorder>,
+}
+
+impl<V> Lifecycle<String, Entry<V>> for EvictionCounter {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut Self::RequestState, _key: String, _val: Entry<V>) {
+        self.stats.evictions(1);
+    }
+}
+
+type Quick<V> = QuickCache<String, Entry<V>, EntryWeighter, DefaultHashBuilder, EvictionCounter>;
+
+/// An in-process key → value store with per-entry TTL, bounded by entry count and by bytes.
+///
+/// Cloning is cheap; clones share the store. Built with
+/// [`MemoryBackend::builder`](crate::MemoryBackend::builder)`().build_store()`.
+pub struct MemoryStore<V: StoreValue> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V: StoreValue> Clone for MemoryStore<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<V: StoreValue> {
+    store: Quick<V>,
+    clock: SharedClock,
+    keys: KeySpace,
+    stats: Arc<StatsRecorder>,
+    max_entries: u64,
+    max_bytes: u64,
+    max_value_size: Option<usize>,
+    closed: AtomicBool,
+}
+
+impl<V: StoreValue> fmt::Debug for MemoryStore<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("name", &self.inner.stats.name())
+            .field("entries", &self.inner.store.len())
+            .field("weight", &self.inner.store.weight())
+            .field("max_entries", &self.inner.max_entries)
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl<V: StoreValue> MemoryStore<V> {
+    pub(crate) fn from_builder(b: MemoryBackendBuilder, level: &'static str) -> Result<Self> {
+        let shards = b
+            .shards
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get()) * 4)
+            .next_power_of_two();
+        if b.max_bytes < shards as u64 {
+            // Fewer bytes than shards: one shard is enough.
+            return Self::from_builder(
+                MemoryBackendBuilder {
+                    shards: Some(1),
+                    ..b
+                },
+                level,
+            );
+        }
+        // A multiple of the shard count: the per-shard budgets then add up to exactly max_bytes.
+        let capacity = (b.max_bytes / shards as u64) * shards as u64;
+        let slot = capacity.div_ceil(b.max_entries);
+        let options = OptionsBuilder::new()
+            .shards(shards)
+            .estimated_items_capacity(
+                usize::try_from(b.max_entries.min(1 << 24)).unwrap_or(1 << 24),
+            )
+            .weight_capacity(capacity)
+            .build()
+            .map_err(|e| CacheError::Config(format!("memory store: {e}")))?;
+        let stats = Arc::new(StatsRecorder::new(b.name.as_str(), level));
+        let store = QuickCache::with_options(
+            options,
+            EntryWeighter { slot },
+            DefaultHashBuilder::default(),
+            EvictionCounter {
+                stats: Arc::clone(&stats),
+            },
+        );
+        let this = Self {
+            inner: Arc::new(Inner {
+                store,
+                clock: b.clock,
+                keys: KeySpace::new("").with_max_key_len(b.max_key_len),
+                stats,
+                max_entries: b.max_entries,
+                max_bytes: b.max_bytes,
+                max_value_size: b.max_value_size,
+                closed: AtomicBool::new(false),
+            }),
+        };
+        if let Some(every) = b.sweep_interval {
+            this.spawn_sweeper(every);
+        }
+        Ok(this)
+    }
+
+    /// Runs [`purge_expired`](Self::purge_expired) periodically on the current tokio runtime,
+    /// if there is one. The task holds a weak reference and ends when the store is dropped or
+    /// closed.
+    fn spawn_sweeper(&self, every: Duration) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak: Weak<Inner<V>> = Arc::downgrade(&self.inner);
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.closed.load(Ordering::Relaxed) {
+                    break;
+                }
+                inner.purge_expired();
+            }
+        });
+    }
+
+    /// The store's clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
+    /// The stats recorder (counters shared with [`get_stats`](Self::get_stats)).
+    pub fn stats(&self) -> &StatsRecorder {
+        &self.inner.stats
+    }
+
+    /// The configured maximum number of entries.
+    pub fn max_entries(&self) -> u64 {
+        self.inner.max_entries
+    }
+
+    /// The configured maximum number of bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
+    }
+
+    /// The number of entries stored (expired ones not yet reclaimed included).
+    pub fn len(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    /// `true` when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.inner.store.is_empty()
+    }
+
+    /// The bytes charged against `max_bytes`.
+    pub fn weight(&self) -> u64 {
+        self.inner.store.weight()
+    }
+
+    /// The sum of the real sizes (key + value + overhead) of the stored entries.
+    pub fn used_bytes(&self) -> u64 {
+        self.inner
+            .store
+            .iter()
+            .map(|(k, e)| entry_size(k.len(), e.value.size()))
+            .sum()
+    }
+
+    /// The largest value that fits: a value must fit in one shard of the store.
+    pub fn max_storable_value(&self) -> usize {
+        let shard = self
+            .inner
+            .store
+            .shard_capacity()
+            .saturating_sub(ENTRY_OVERHEAD);
+        let shard = usize::try_from(shard).unwrap_or(usize::MAX);
+        self.inner.max_value_size.map_or(shard, |m| m.min(shard))
+    }
+
+    /// Removes every expired entry now; returns how many were removed.
+    pub fn purge_expired(&self) -> u64 {
+        self.inner.purge_expired()
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) {
+        self.inner.store.clear();
+    }
+
+    /// Marks the store closed and empties it; later calls fail with `Closed`.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.store.clear();
+    }
+
+    /// `true` once closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn check(&self, key: &str) -> Result<()> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        self.inner.keys.validate(key)
+    }
+
+    /// Reads a live value (counted as a hit or a miss).
+    #[inline]
+    pub fn get(&self, key: &str) -> Result<Option<V>> {
+        self.check(key)?;
+        Ok(self.inner.lookup(key, true))
+    }
+
+    /// Reads a live value without touching the hit/miss counters.
+    #[inline]
+    pub fn peek(&self, key: &str) -> Result<Option<V>> {
+        self.check(key)?;
+        Ok(self.inner.lookup(key, false))
+    }
+
+    /// Reads a live value with its expiry instant (`None`: never expires), uncounted.
+    pub fn get_with_expiry(&self, key: &str) -> Result<Option<(V, Option<Instant>)>> {
+        self.check(key)?;
+        Ok(self.inner.live(key).map(|e| (e.value, e.expires_at)))
+    }
+
+    /// Stores a value (`ttl: None`: no expiry).
+    pub fn insert(&self, key: &str, value: V, ttl: Option<Duration>) -> Result<()> {
+        self.check(key)?;
+        if ttl.is_some_and(|t| t.is_zero()) {
+            return Err(CacheError::InvalidArgument(
+                "a TTL must be greater than zero (delete the key instead)".into(),
+            ));
+        }
+        let max = self.max_storable_value();
+        let size = value.size();
+        if size > max || entry_size(key.len(), size) > self.inner.store.shard_capacity() {
+            return Err(CacheError::ValueTooLarge { size, max });
+        }
+        let expires_at = ttl.map(|t| self.inner.clock.now() + t);
+        self.inner
+            .store
+            .insert(key.to_owned(), Entry { value, expires_at });
+        self.inner.stats.sets(1);
+        Ok(())
+    }
+
+    /// Removes a key; `true` when a live entry existed.
+    pub fn remove(&self, key: &str) -> Result<bool> {
+        self.check(key)?;
+        let now = self.inner.clock.now();
+        let removed = self
+            .inner
+            .store
+            .remove(key)
+            .is_some_and(|(_, e)| !e.is_expired(now));
+        if removed {
+            self.inner.stats.deletes(1);
+        }
+        Ok(removed)
+    }
+
+    /// `true` when a live entry exists.
+    pub fn contains(&self, key: &str) -> Result<bool> {
+        self.check(key)?;
+        Ok(self.inner.live(key).is_some())
+    }
+
+    /// The remaining lifetime of a key.
+    pub fn ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.check(key)?;
+        Ok(match self.inner.live(key) {
+            None => KeyTtl::Missing,
+            Some(Entry {
+                expires_at: None, ..
+            }) => KeyTtl::Persistent,
+            Some(Entry {
+                expires_at: Some(at),
+                ..
+            }) => KeyTtl::Expires(at.saturating_duration_since(self.inner.clock.now())),
+        })
+    }
+
+    /// Sets the remaining lifetime to `ttl` from now; `false` when the key is missing.
+    pub fn expire(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.check(key)?;
+        if ttl.is_zero() {
+            return Err(CacheError::InvalidArgument(
+                "a TTL must be greater than zero (delete the key instead)".into(),
+            ));
+        }
+        let now = self.inner.clock.now();
+        let result = self.inner.store.entry(key, None, |_, entry| {
+            if entry.is_expired(now) {
+                EntryAction::Remove
+            } else {
+                entry.expires_at = Some(now + ttl);
+                EntryAction::Retain(())
+            }
+        });
+        Ok(match result {
+            EntryResult::Retained(()) => true,
+            EntryResult::Removed(..) => {
+                self.inner.stats.expirations(1);
+                false
+            }
+            // Vacant: dropping the placeholder guard leaves the key absent.
+            _ => false,
+        })
+    }
+
+    /// Removes every key matching a Redis-style glob; returns how many live entries went.
+    pub fn remove_matching(&self, pattern: &str) -> Result<u64> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        let full = self.inner.keys.full_pattern(pattern)?;
+        let glob = GlobPattern::new(&full)?;
+        let now = self.inner.clock.now();
+        let removed = AtomicU64::new(0);
+        self.inner.store.retain(|key, entry| {
+            let remove = glob.matches(key);
+            if remove && !entry.is_expired(now) {
+                removed.fetch_add(1, Ordering::Relaxed);
+            }
+            !remove
+        });
+        let n = removed.into_inner();
+        self.inner.stats.deletes(n);
+        Ok(n)
+    }
+
+    /// Statistics with entry count and bytes.
+    pub fn get_stats(&self) -> CacheStats {
+        let mut stats = self.inner.stats.snapshot();
+        let entries = self.inner.store.len() as u64;
+        let bytes = self.inner.store.weight();
+        stats.entries = Some(entries);
+        stats.memory_usage = Some(bytes);
+        self.inner.stats.publish_gauges(Some(entries), Some(bytes));
+        stats
+    }
+}
+
+impl<V: StoreValue> Inner<V> {
+    #[inline]
+    fn lookup(&self, key: &str, count: bool) -> Option<V> {
+        let found = match self.store.get(key) {
+            Some(entry) if entry.expires_at.is_none() => Some(entry.value),
+            Some(entry) => {
+                let now = self.clock.now();
+                if entry.is_expired(now) {
+                    self.expire(key, now);
+                    None
+                } else {
+                    Some(entry.value)
+                }
+            }
+            None => None,
+        };
+        if count {
+            if found.is_some() {
+                self.stats.hit();
+            } else {
+                self.stats.miss();
+            }
+        }
+        found
+    }
+
+    /// Removes `key` if it is (still) expired at `now`.
+    fn expire(&self, key: &str, now: Instant) {
+        if self.store.remove_if(key, |e| e.is_expired(now)).is_some() {
+            self.stats.expirations(1);
+        }
+    }
+
+    fn live(&self, key: &str) -> Option<Entry<V>> {
+        let entry = self.store.peek(key)?;
+        let now = self.clock.now();
+        if entry.is_expired(now) {
+            self.expire(key, now);
+            None
+        } else {
+            Some(entry)
+        }
+    }
+
+    fn purge_expired(&self) -> u64 {
+        let now = self.clock.now();
+        let removed = AtomicU64::new(0);
+        self.store.retain(|_, e| {
+            let keep = !e.is_expired(now);
+            if !keep {
+                removed.fetch_add(1, Ordering::Relaxed);
+            }
+            keep
+        });
+        let n = removed.into_inner();
+        if n > 0 {
+            self.stats.expirations(n);
+        }
+        n
+    }
+}

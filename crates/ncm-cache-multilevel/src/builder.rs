@@ -1,0 +1,238 @@
+//! Options of a [`MultiLevelCache`](crate::MultiLevelCache) (the original's constructor
+//! arguments, plus the fail-safe, refresh and coherence options).
+
+#[cfg(feature = "redis")]
+use std::sync::Arc;
+use std::time::Duration;
+
+use ncm_cache_codec::Serializer;
+use ncm_cache_core::{Codec, Result, SharedBackend, SharedClock, system_clock};
+
+use crate::cache::MultiLevelCache;
+
+/// Tunables shared by the cache's operations.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) name: String,
+    pub(crate) l1_max_size: u64,
+    pub(crate) l1_max_bytes: u64,
+    pub(crate) l1_default_ttl: Duration,
+    pub(crate) l2_default_ttl: Option<Duration>,
+    pub(crate) enable_promotion: bool,
+    pub(crate) promotion_threshold: u32,
+    pub(crate) enable_stampede_prevention: bool,
+    pub(crate) max_stale_age: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) hard_timeout: Option<Duration>,
+    pub(crate) eager_refresh: Option<f64>,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) breaker_threshold: u32,
+    pub(crate) breaker_cooldown: Duration,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) lock_ttl: Duration,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) lock_wait: Duration,
+    pub(crate) clock: SharedClock,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            name: "multilevel".into(),
+            l1_max_size: 1000,
+            l1_max_bytes: 64 * 1024 * 1024,
+            l1_default_ttl: Duration::from_secs(300),
+            l2_default_ttl: Some(Duration::from_secs(3600)),
+            enable_promotion: true,
+            promotion_threshold: 1,
+            enable_stampede_prevention: true,
+            max_stale_age: None,
+            soft_timeout: None,
+            hard_timeout: None,
+            eager_refresh: None,
+            negative_ttl: None,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(5),
+            lock_ttl: Duration::from_secs(10),
+            lock_wait: Duration::from_secs(5),
+            clock: system_clock(),
+        }
+    }
+}
+
+/// Builds a [`MultiLevelCache`].
+///
+/// ```
+/// use std::time::Duration;
+/// use ncm_cache_memory::MemoryBackend;
+/// use ncm_cache_multilevel::MultiLevelCache;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let l2 = MemoryBackend::new(); // usually a RedisCache's backend()
+/// let cache = MultiLevelCache::builder(l2)
+///     .l1_max_size(1000)
+///     .l1_default_ttl(Duration::from_secs(300))
+///     .l2_default_ttl(Duration::from_secs(3600))
+///     .enable_promotion(true)
+///     .enable_stampede_prevention(true)
+///     .promotion_threshold(2)
+///     .build()?;
+/// cache.set("product:456", serde_json::json!({"name": "Laptop", "price": 999.99})).await?;
+/// let product: Option<serde_json::Value> = cache.get("product:456").await?;
+/// assert!(product.is_some());
+/// # Ok::<(), ncm_cache_core::CacheError>(())
+/// # }).unwrap();
+/// ```
+#[must_use]
+pub struct MultiLevelBuilder<C = Serializer> {
+    pub(crate) l2: SharedBackend,
+    pub(crate) codec: C,
+    pub(crate) options: Options,
+    #[cfg(feature = "redis")]
+    pub(crate) backplane: Option<Arc<ncm_cache_redis::RedisBackend>>,
+    #[cfg(feature = "redis")]
+    pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
+}
+
+macro_rules! option {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.options.$name = value;
+                self
+            }
+        )*
+    };
+}
+
+impl MultiLevelBuilder<Serializer> {
+    pub(crate) fn new(l2: SharedBackend) -> Self {
+        Self::with_codec(l2, Serializer::default())
+    }
+}
+
+impl<C: Codec> MultiLevelBuilder<C> {
+    pub(crate) fn with_codec(l2: SharedBackend, codec: C) -> Self {
+        Self {
+            l2,
+            codec,
+            options: Options::default(),
+            #[cfg(feature = "redis")]
+            backplane: None,
+            #[cfg(feature = "redis")]
+            lock: None,
+        }
+    }
+
+    /// Uses another codec for L2 values (default: the JSON envelope `Serializer`).
+    pub fn codec<D: Codec>(self, codec: D) -> MultiLevelBuilder<D> {
+        MultiLevelBuilder {
+            l2: self.l2,
+            codec,
+            options: self.options,
+            #[cfg(feature = "redis")]
+            backplane: self.backplane,
+            #[cfg(feature = "redis")]
+            lock: self.lock,
+        }
+    }
+
+    option! {
+        /// Maximum number of L1 entries (default 1000).
+        l1_max_size: u64,
+        /// Maximum bytes of L1 (encoded sizes; default 64 MiB).
+        l1_max_bytes: u64,
+        /// TTL of L1 entries (default 5 minutes).
+        l1_default_ttl: Duration,
+        /// Promote values read from L2 into L1 (default true).
+        enable_promotion: bool,
+        /// L2 hits of a key before it is promoted into L1 (default 1).
+        promotion_threshold: u32,
+        /// Single-flight loads per key (default true).
+        enable_stampede_prevention: bool,
+        /// Consecutive L2 failures that open the circuit (default 5).
+        breaker_threshold: u32,
+        /// How long an open circuit skips L2 (default 5 s).
+        breaker_cooldown: Duration,
+    }
+
+    /// The name used in stats, metrics and the backplane channel (default `multilevel`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.options.name = name.into();
+        self
+    }
+
+    /// TTL of L2 entries (default 1 hour; `None`: no expiry).
+    pub fn l2_default_ttl(mut self, ttl: impl Into<Option<Duration>>) -> Self {
+        self.options.l2_default_ttl = ttl.into();
+        self
+    }
+
+    /// Fail-safe: keep values up to `max_stale_age` past their TTL and serve them (marked
+    /// [`ValueSource::Stale`](ncm_cache_core::ValueSource::Stale)) when L2 or the loader fails.
+    pub fn fail_safe(mut self, max_stale_age: Duration) -> Self {
+        self.options.max_stale_age = Some(max_stale_age);
+        self
+    }
+
+    /// Loader timeouts: after `soft` a stale value (if any) is served and the load finishes in
+    /// the background; after `hard` the load is abandoned with a timeout error.
+    pub fn loader_timeouts(mut self, soft: Option<Duration>, hard: Option<Duration>) -> Self {
+        self.options.soft_timeout = soft;
+        self.options.hard_timeout = hard;
+        self
+    }
+
+    /// Eager refresh: a hit later than `fraction` (0.1–0.99) of the L1 TTL starts one background
+    /// reload in `get_or_load`, so hot keys never expire under load.
+    pub fn eager_refresh(mut self, fraction: f64) -> Self {
+        self.options.eager_refresh = Some(if fraction.is_finite() {
+            fraction.clamp(0.1, 0.99)
+        } else {
+            0.8
+        });
+        self
+    }
+
+    /// Negative caching: `get_or_load_optional` caches "not found" for `ttl`.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.options.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// The clock of L1 (tests use a manual clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.options.clock = clock;
+        self
+    }
+
+    /// Cross-instance coherence: publish every set / delete / clear on this Redis and evict
+    /// what other instances publish (requires feature `redis`).
+    #[cfg(feature = "redis")]
+    pub fn backplane(mut self, redis: Arc<ncm_cache_redis::RedisBackend>) -> Self {
+        self.backplane = Some(redis);
+        self
+    }
+
+    /// Cross-process stampede prevention: a Redis lock per key around the loader, held at most
+    /// `lock_ttl`; waiters poll L2 for up to `wait` before loading themselves (feature `redis`).
+    #[cfg(feature = "redis")]
+    pub fn distributed_lock(
+        mut self,
+        redis: Arc<ncm_cache_redis::RedisBackend>,
+        lock_ttl: Duration,
+        wait: Duration,
+    ) -> Self {
+        self.lock = Some(redis);
+        self.options.lock_ttl = lock_ttl;
+        self.options.lock_wait = wait;
+        self
+    }
+
+    /// Builds the cache (spawns the backplane listener when configured; needs a tokio runtime
+    /// then).
+    pub fn build(self) -> Result<MultiLevelCache<C>> {
+        MultiLevelCache::from_builder(self)
+    }
+}

@@ -1,0 +1,671 @@
+//! `MultiLevelCache`: the public API and the read/write paths.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use ncm_cache_codec::Serializer;
+use ncm_cache_core::{
+    CacheBackend, CacheError, CacheLevel, Codec, Result, SharedBackend, SingleFlight, ValueSource,
+};
+use ncm_cache_memory::{MemoryBackend, MemoryStore};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::breaker::CircuitBreaker;
+use crate::builder::{MultiLevelBuilder, Options};
+use crate::l1::{Hits, L1Value};
+use crate::stats::{Counters, MultiLevelStats};
+
+/// A value a multi-level cache can hold: serializable for L2, shareable for L1.
+pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> CacheValue for T {}
+
+pub(crate) type Object = Arc<dyn Any + Send + Sync>;
+/// What a load produces: the value (`None`: not found) and where it came from.
+pub(crate) type Loaded = (Option<Object>, ValueSource);
+
+/// An L1 (in-process, decoded values) in front of any L2 backend (usually Redis).
+///
+/// - **L1 hits never decode**: L1 holds the decoded value behind an `Arc`; a hit is a
+///   quick_cache lookup and an `Arc` clone ([`get_arc`](Self::get_arc)) or a clone of `T`
+///   ([`get`](Self::get)).
+/// - **Promotion**: values read from L2 enter L1 after `promotion_threshold` L2 hits.
+/// - **Stampede prevention**: concurrent [`get_or_load`](Self::get_or_load) calls for one key
+///   run the loader once (single-flight), and with a distributed lock once across processes.
+/// - **Coherence** (feature `redis`): sets and deletes are published on a Redis backplane and
+///   evicted from every other instance's L1; after a backplane reconnect, L1 is cleared.
+/// - **Fail-safe**: with [`fail_safe`](MultiLevelBuilder::fail_safe), a stale value is served
+///   (marked [`ValueSource::Stale`]) when L2 or the loader fails; a circuit breaker skips a failing
+///   L2 for a cool-down.
+///
+/// See [`MultiLevelBuilder`] for an example.
+pub struct MultiLevelCache<C = Serializer> {
+    pub(crate) inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for MultiLevelCache<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for MultiLevelCache<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiLevelCache")
+            .field("name", &self.inner.opts.name)
+            .field("l1", &self.inner.l1)
+            .field("l2", &self.inner.l2)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner<C> {
+    pub(crate) l1: MemoryStore<L1Value>,
+    pub(crate) l2: SharedBackend,
+    pub(crate) codec: C,
+    pub(crate) opts: Options,
+    pub(crate) promotions: MemoryStore<Hits>,
+    pub(crate) flight: SingleFlight<String, Loaded>,
+    pub(crate) breaker: CircuitBreaker,
+    /// Bumped on every invalidation (local or received): an L2 read that started before an
+    /// invalidation must not put its (possibly old) value into L1.
+    pub(crate) epoch: AtomicU64,
+    /// False while the backplane is not subscribed: L1 is then bypassed.
+    pub(crate) l1_enabled: AtomicBool,
+    pub(crate) counters: Counters,
+    pub(crate) refreshing: crate::load::Refreshing,
+    #[cfg(feature = "redis")]
+    pub(crate) backplane: Option<crate::backplane::Backplane>,
+    #[cfg(feature = "redis")]
+    pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
+}
+
+/// The result of looking in L1.
+pub(crate) enum L1Read {
+    Fresh(Option<Object>, bool),
+    Stale(Option<Object>),
+    Miss,
+}
+
+impl MultiLevelCache<Serializer> {
+    /// A builder with `l2` as the second level (any backend: `RedisCache::backend()`,
+    /// a `MemoryBackend`, your own) and the default JSON-envelope codec.
+    pub fn builder(l2: impl CacheBackend) -> MultiLevelBuilder<Serializer> {
+        MultiLevelBuilder::new(Arc::new(l2))
+    }
+
+    /// A builder over an already shared L2.
+    pub fn builder_shared(l2: SharedBackend) -> MultiLevelBuilder<Serializer> {
+        MultiLevelBuilder::new(l2)
+    }
+}
+
+impl<C: Codec> MultiLevelCache<C> {
+    pub(crate) fn from_builder(b: MultiLevelBuilder<C>) -> Result<Self> {
+        let o = b.options;
+        let l1 = MemoryBackend::builder()
+            .name(o.name.clone())
+            .max_entries(o.l1_max_size)
+            .max_bytes(o.l1_max_bytes)
+            .shared_clock(Arc::clone(&o.clock))
+            .build_store::<L1Value>("l1")?;
+        let promotions = MemoryBackend::builder()
+            .name(format!("{}-promotions", o.name))
+            .max_entries(o.l1_max_size.saturating_mul(4).max(64))
+            .max_bytes(o.l1_max_size.saturating_mul(4).max(64) * 256)
+            .shared_clock(Arc::clone(&o.clock))
+            .build_store::<Hits>("promotion")?;
+        #[cfg(feature = "redis")]
+        let has_backplane = b.backplane.is_some();
+        #[cfg(not(feature = "redis"))]
+        let has_backplane = false;
+        let inner = Arc::new(Inner {
+            l1,
+            l2: b.l2,
+            codec: b.codec,
+            breaker: CircuitBreaker::new(o.breaker_threshold, o.breaker_cooldown),
+            opts: o,
+            promotions,
+            flight: SingleFlight::new(),
+            epoch: AtomicU64::new(0),
+            l1_enabled: AtomicBool::new(!has_backplane),
+            counters: Counters::default(),
+            refreshing: crate::load::Refreshing::default(),
+            #[cfg(feature = "redis")]
+            backplane: b.backplane.map(crate::backplane::Backplane::new),
+            #[cfg(feature = "redis")]
+            lock: b.lock,
+        });
+        #[cfg(feature = "redis")]
+        crate::backplane::start(&inner)?;
+        Ok(Self { inner })
+    }
+
+    /// The L2 backend.
+    pub fn l2(&self) -> &SharedBackend {
+        &self.inner.l2
+    }
+
+    /// The codec used for L2.
+    pub fn codec(&self) -> &C {
+        &self.inner.codec
+    }
+
+    /// Number of entries in L1.
+    pub fn l1_len(&self) -> usize {
+        self.inner.l1.len()
+    }
+
+    /// Bytes charged in L1.
+    pub fn l1_weight(&self) -> u64 {
+        self.inner.l1.weight()
+    }
+
+    /// `true` while L1 is in use (with a backplane: only while subscribed).
+    pub fn l1_active(&self) -> bool {
+        self.inner.l1_enabled.load(Ordering::Acquire)
+    }
+
+    /// Reads a value: L1, then L2 (promoting it into L1). Returns a clone of the cached value.
+    pub async fn get<T: CacheValue + Clone>(&self, key: &str) -> Result<Option<T>> {
+        Ok(self.get_arc::<T>(key).await?.map(|v| T::clone(&v)))
+    }
+
+    /// Reads a value as a shared `Arc<T>` (an L1 hit allocates nothing).
+    pub async fn get_arc<T: CacheValue>(&self, key: &str) -> Result<Option<Arc<T>>> {
+        Ok(self.get_with_source::<T>(key).await?.map(|(v, _)| v))
+    }
+
+    /// Reads a value and tells where it came from (L1, L2, or Stale when L2 failed).
+    pub async fn get_with_source<T: CacheValue>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Arc<T>, ValueSource)>> {
+        let inner = &self.inner;
+        let stale = match inner.l1_read::<T>(key)? {
+            L1Read::Fresh(Some(v), _) => {
+                Counters::bump(&inner.counters.l1_hits);
+                return Ok(Some((downcast::<T>(v)?, ValueSource::L1)));
+            }
+            L1Read::Fresh(None, _) => {
+                Counters::bump(&inner.counters.l1_hits);
+                return Ok(None);
+            }
+            L1Read::Stale(v) => v,
+            L1Read::Miss => None,
+        };
+        let epoch = inner.epoch.load(Ordering::Acquire);
+        match inner.l2_read::<T>(key).await {
+            Ok(Some((v, size))) => {
+                Counters::bump(&inner.counters.l2_hits);
+                inner.promote(key, Arc::clone(&v) as Object, size, epoch);
+                Ok(Some((v, ValueSource::L2)))
+            }
+            Ok(None) => {
+                Counters::bump(&inner.counters.misses);
+                Ok(None)
+            }
+            Err(e) => match stale {
+                Some(v) => {
+                    Counters::bump(&inner.counters.stale_served);
+                    Ok(Some((downcast::<T>(v)?, ValueSource::Stale)))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Returns the cached value or runs `loader` once (however many callers ask at the same
+    /// time), caches its result in L2 and L1, and returns it — the original's
+    /// `get(key, loader=...)`. Loader errors reach every waiting caller and are not cached.
+    pub async fn get_or_load<T, F, Fut, E>(&self, key: &str, loader: F) -> Result<T>
+    where
+        T: CacheValue + Clone,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let (v, _) = self.get_or_load_with_source(key, loader).await?;
+        Ok(T::clone(&v))
+    }
+
+    /// [`get_or_load`](Self::get_or_load), returning the shared value and its source.
+    pub async fn get_or_load_with_source<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<(Arc<T>, ValueSource)>
+    where
+        T: CacheValue,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let load = move || async move { loader().await.map(Some) };
+        match self
+            .inner
+            .clone()
+            .get_or_load_erased::<T, _, _, E>(key, load)
+            .await?
+        {
+            (Some(v), source) => Ok((downcast::<T>(v)?, source)),
+            (None, _) => Err(CacheError::InvalidArgument(
+                "loader returned no value".into(),
+            )),
+        }
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load) for loaders that may find nothing: with
+    /// [`negative_ttl`](MultiLevelBuilder::negative_ttl), a `None` is cached in L1 (distinct
+    /// from a miss) so repeated lookups of a missing key do not reach the source.
+    pub async fn get_or_load_optional<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<Option<Arc<T>>>
+    where
+        T: CacheValue,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        match self
+            .inner
+            .clone()
+            .get_or_load_erased::<T, _, _, E>(key, loader)
+            .await?
+        {
+            (Some(v), _) => Ok(Some(downcast::<T>(v)?)),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Writes a value to L2 (with the L2 TTL) and L1, and tells other instances to drop
+    /// their copy.
+    pub async fn set<T: CacheValue>(&self, key: &str, value: T) -> Result<()> {
+        let bytes = self.inner.codec.encode(&value)?;
+        let ttl = self.inner.opts.l2_default_ttl;
+        self.inner
+            .write_encoded(key, Arc::new(value), bytes, ttl)
+            .await
+    }
+
+    /// Writes a value with an explicit L2 TTL.
+    pub async fn set_with_ttl<T: CacheValue>(
+        &self,
+        key: &str,
+        value: T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let bytes = self.inner.codec.encode(&value)?;
+        self.inner
+            .write_encoded(key, Arc::new(value), bytes, Some(ttl))
+            .await
+    }
+
+    /// Writes a value to one level only (the original's `set(key, value, level=...)`).
+    pub async fn set_at<T: CacheValue>(
+        &self,
+        key: &str,
+        value: T,
+        level: CacheLevel,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.epoch.fetch_add(1, Ordering::AcqRel);
+        match level {
+            CacheLevel::L1 => {
+                let size = inner.codec.encode(&value)?.len();
+                inner.l1_insert(key, Some(Arc::new(value) as Object), size, None, false);
+                inner.publish_set(key).await;
+            }
+            CacheLevel::L2 => {
+                let bytes = inner.codec.encode(&value)?;
+                inner.l1.remove(key)?;
+                inner
+                    .l2_write(key, bytes, inner.opts.l2_default_ttl)
+                    .await?;
+                inner.publish_set(key).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a key from both levels (and from other instances' L1).
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let inner = &self.inner;
+        inner.epoch.fetch_add(1, Ordering::AcqRel);
+        let in_l1 = inner.l1.remove(key)?;
+        let in_l2 = inner.l2.delete(key).await;
+        inner.publish_delete(key).await;
+        Ok(in_l2? || in_l1)
+    }
+
+    /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order.
+    pub async fn get_many<T: CacheValue + Clone>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
+        let inner = &self.inner;
+        let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        let mut missing: Vec<(usize, &str)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match inner.l1_read::<T>(key)? {
+                L1Read::Fresh(Some(v), _) => {
+                    Counters::bump(&inner.counters.l1_hits);
+                    out.push(Some(T::clone(downcast::<T>(v)?.as_ref())));
+                }
+                L1Read::Fresh(None, _) => {
+                    Counters::bump(&inner.counters.l1_hits);
+                    out.push(None);
+                }
+                _ => {
+                    out.push(None);
+                    missing.push((i, key));
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let epoch = inner.epoch.load(Ordering::Acquire);
+        let miss_keys: Vec<&str> = missing.iter().map(|(_, k)| *k).collect();
+        let raw = inner.l2_call(inner.l2.get_many(&miss_keys)).await?;
+        for ((i, key), bytes) in missing.into_iter().zip(raw) {
+            let Some(bytes) = bytes else {
+                Counters::bump(&inner.counters.misses);
+                continue;
+            };
+            match inner.codec.decode::<T>(&bytes) {
+                Ok(v) => {
+                    Counters::bump(&inner.counters.l2_hits);
+                    let v = Arc::new(v);
+                    inner.promote(key, Arc::clone(&v) as Object, bytes.len(), epoch);
+                    out[i] = Some(T::clone(&v));
+                }
+                Err(e) => {
+                    inner.repair(key, &e).await;
+                    Counters::bump(&inner.counters.misses);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Batch get-or-load: reads every key, then calls `loader` once with only the missing
+    /// keys and caches what it returns. Results in key order (`None`: the loader had nothing).
+    pub async fn get_many_or_load<T, F, Fut, E>(
+        &self,
+        keys: &[&str],
+        loader: F,
+    ) -> Result<Vec<Option<T>>>
+    where
+        T: CacheValue + Clone,
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<HashMap<String, T>, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut out = self.get_many::<T>(keys).await?;
+        let missing: Vec<String> = keys
+            .iter()
+            .zip(&out)
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| (*k).to_owned())
+            .collect();
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        Counters::bump(&self.inner.counters.loads);
+        let mut loaded = loader(missing).await.map_err(|e| {
+            Counters::bump(&self.inner.counters.load_errors);
+            CacheError::loader(e)
+        })?;
+        let mut encoded: Vec<(String, ncm_cache_core::Bytes)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            if let Some(v) = loaded.remove(*key) {
+                let bytes = self.inner.codec.encode(&v)?;
+                self.inner.l1_insert(
+                    key,
+                    Some(Arc::new(v.clone()) as Object),
+                    bytes.len(),
+                    None,
+                    false,
+                );
+                encoded.push(((*key).to_owned(), bytes));
+                out[i] = Some(v);
+            }
+        }
+        let batch: Vec<(&str, ncm_cache_core::Bytes)> = encoded
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        if !batch.is_empty() {
+            self.inner
+                .l2_call(
+                    self.inner
+                        .l2
+                        .set_many(&batch, self.inner.opts.l2_default_ttl),
+                )
+                .await?;
+            for (k, _) in &encoded {
+                self.inner.publish_set(k).await;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Empties L1, every key of L2 (within its prefix), and other instances' L1.
+    pub async fn clear(&self) -> Result<()> {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.l1.clear();
+        let r = self.inner.l2_call(self.inner.l2.clear_pattern("*")).await;
+        self.inner.publish_clear().await;
+        r.map(|_| ())
+    }
+
+    /// Empties this instance's L1 only.
+    pub fn clear_l1(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.l1.clear();
+    }
+
+    /// Statistics per level and of the multi-level logic.
+    pub fn get_stats(&self) -> MultiLevelStats {
+        self.inner.counters.snapshot(
+            self.inner.l1.get_stats(),
+            self.inner.l2.get_stats(),
+            self.inner.breaker.trips(),
+        )
+    }
+
+    /// `true` when the L2 circuit breaker is open (L2 is being skipped).
+    pub fn l2_circuit_open(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// Stops the backplane and closes L1 (L2 is left to its owner).
+    pub async fn close(&self) -> Result<()> {
+        #[cfg(feature = "redis")]
+        if let Some(bp) = &self.inner.backplane {
+            bp.stop();
+        }
+        self.inner.l1.close();
+        Ok(())
+    }
+}
+
+pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
+    v.downcast::<T>().map_err(|_| {
+        CacheError::InvalidArgument(format!(
+            "the cached value is not a {} (one key, two types?)",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+impl<C: Codec> Inner<C> {
+    pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read> {
+        if !self.l1_enabled.load(Ordering::Acquire) {
+            ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
+            return Ok(L1Read::Miss);
+        }
+        let Some(v) = self.l1.peek(key)? else {
+            return Ok(L1Read::Miss);
+        };
+        let object = match &v.object {
+            None => None,
+            Some(o) if o.is::<T>() => Some(Arc::clone(o)),
+            // Another type under this key: read it from L2 with the requested type.
+            Some(_) => return Ok(L1Read::Miss),
+        };
+        if v.fresh_until.is_none() && v.refresh_at.is_none() {
+            return Ok(L1Read::Fresh(object, false));
+        }
+        let now = self.opts.clock.now();
+        if v.is_fresh(now) {
+            let refresh = v.refresh_at.is_some_and(|t| now >= t);
+            Ok(L1Read::Fresh(object, refresh))
+        } else {
+            Ok(L1Read::Stale(object))
+        }
+    }
+
+    /// Runs an L2 call through the circuit breaker.
+    pub(crate) async fn l2_call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        if !self.breaker.allow() {
+            Counters::bump(&self.counters.l2_errors);
+            return Err(CacheError::CircuitOpen("l2"));
+        }
+        match call.await {
+            Ok(v) => {
+                self.breaker.success();
+                Ok(v)
+            }
+            Err(e) => {
+                Counters::bump(&self.counters.l2_errors);
+                if e.is_unavailable() {
+                    self.breaker.failure();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads and decodes from L2: the value and its encoded size.
+    pub(crate) async fn l2_read<T: CacheValue>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Arc<T>, usize)>> {
+        let Some(bytes) = self.l2_call(self.l2.get(key)).await? else {
+            return Ok(None);
+        };
+        match self.codec.decode::<T>(&bytes) {
+            Ok(v) => Ok(Some((Arc::new(v), bytes.len()))),
+            Err(e) => {
+                self.repair(key, &e).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// An undecodable L2 entry is counted and removed (read as a miss).
+    pub(crate) async fn repair(&self, key: &str, e: &ncm_cache_core::CodecError) {
+        tracing::warn!(key, error = %e, "undecodable L2 entry removed");
+        self.l2.record_decode_error(key);
+        let _ = self.l2.delete(key).await;
+    }
+
+    pub(crate) async fn l2_write(
+        &self,
+        key: &str,
+        bytes: ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.l2_call(self.l2.set(key, bytes, ttl)).await
+    }
+
+    /// Counts an L2 hit of `key` and promotes the value into L1 once it reached the threshold.
+    pub(crate) fn promote(&self, key: &str, value: Object, size: usize, epoch: u64) {
+        if !self.opts.enable_promotion {
+            return;
+        }
+        let threshold = self.opts.promotion_threshold.max(1);
+        if threshold > 1 {
+            let hits = self.promotions.peek(key).ok().flatten().map_or(0, |h| h.0) + 1;
+            if hits < threshold {
+                let _ = self
+                    .promotions
+                    .insert(key, Hits(hits), Some(self.opts.l1_default_ttl));
+                return;
+            }
+            let _ = self.promotions.remove(key);
+        }
+        if self.l1_insert(key, Some(value), size, Some(epoch), false) {
+            Counters::bump(&self.counters.promotions);
+        }
+    }
+
+    /// Puts a value into L1 unless an invalidation happened since `epoch` (for values read
+    /// from L2 or loaded). Returns whether it was inserted.
+    pub(crate) fn l1_insert(
+        &self,
+        key: &str,
+        object: Option<Object>,
+        size: usize,
+        epoch: Option<u64>,
+        negative: bool,
+    ) -> bool {
+        if !self.l1_enabled.load(Ordering::Acquire) {
+            return false;
+        }
+        if epoch.is_some_and(|e| self.epoch.load(Ordering::Acquire) != e) {
+            return false;
+        }
+        let fresh = if negative {
+            self.opts.negative_ttl.unwrap_or(self.opts.l1_default_ttl)
+        } else {
+            self.opts.l1_default_ttl
+        };
+        let now = self.opts.clock.now();
+        let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
+        let value = L1Value {
+            object,
+            size,
+            fresh_until: self.opts.max_stale_age.map(|_| now + fresh),
+            refresh_at: self.opts.eager_refresh.map(|f| now + fresh.mul_f64(f)),
+        };
+        match self.l1.insert(key, value, Some(fresh + stale)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "value not kept in L1");
+                false
+            }
+        }
+    }
+
+    /// Writes L2 first, then L1, then tells other instances. If L2 fails, L1 is not left
+    /// holding a value L2 does not have.
+    pub(crate) async fn write_encoded(
+        &self,
+        key: &str,
+        value: Object,
+        bytes: ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let size = bytes.len();
+        if let Err(e) = self.l2_write(key, bytes, ttl).await {
+            let _ = self.l1.remove(key);
+            self.publish_delete(key).await;
+            return Err(e);
+        }
+        self.l1_insert(key, Some(value), size, None, false);
+        self.publish_set(key).await;
+        Ok(())
+    }
+}

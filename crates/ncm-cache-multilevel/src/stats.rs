@@ -1,0 +1,96 @@
+//! Per-level statistics of a multi-level cache.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use ncm_cache_core::CacheStats;
+use serde::Serialize;
+
+/// Counters of the multi-level logic, on top of each level's own [`CacheStats`].
+#[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
+pub struct MultiLevelStats {
+    /// The L1 store's statistics (entries, bytes, evictions, ...).
+    pub l1: CacheStats,
+    /// The L2 backend's statistics.
+    pub l2: CacheStats,
+    /// Reads answered by L1.
+    pub l1_hits: u64,
+    /// Reads answered by L2.
+    pub l2_hits: u64,
+    /// Reads found nowhere.
+    pub misses: u64,
+    /// Loader runs.
+    pub loads: u64,
+    /// Loader failures.
+    pub load_errors: u64,
+    /// Stale values served by fail-safe.
+    pub stale_served: u64,
+    /// Values promoted from L2 into L1.
+    pub promotions: u64,
+    /// Background refreshes started (eager refresh, soft timeouts).
+    pub background_refreshes: u64,
+    /// L2 failures (including skips while the circuit was open).
+    pub l2_errors: u64,
+    /// Times the L2 circuit breaker opened.
+    pub circuit_trips: u64,
+    /// Invalidations received from other instances.
+    pub backplane_received: u64,
+    /// Invalidations that could not be published.
+    pub backplane_errors: u64,
+    /// L1 resynchronisations after a backplane reconnect.
+    pub resyncs: u64,
+    /// `(l1_hits + l2_hits) / reads`.
+    pub hit_rate: f64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) l1_hits: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    pub(crate) load_errors: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
+    pub(crate) promotions: AtomicU64,
+    pub(crate) background_refreshes: AtomicU64,
+    pub(crate) l2_errors: AtomicU64,
+    pub(crate) backplane_received: AtomicU64,
+    pub(crate) backplane_errors: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, l1: CacheStats, l2: CacheStats, trips: u64) -> MultiLevelStats {
+        let l1_hits = self.l1_hits.load(Relaxed);
+        let l2_hits = self.l2_hits.load(Relaxed);
+        let misses = self.misses.load(Relaxed);
+        let reads = l1_hits + l2_hits + misses;
+        MultiLevelStats {
+            l1,
+            l2,
+            l1_hits,
+            l2_hits,
+            misses,
+            loads: self.loads.load(Relaxed),
+            load_errors: self.load_errors.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
+            promotions: self.promotions.load(Relaxed),
+            background_refreshes: self.background_refreshes.load(Relaxed),
+            l2_errors: self.l2_errors.load(Relaxed),
+            circuit_trips: trips,
+            backplane_received: self.backplane_received.load(Relaxed),
+            backplane_errors: self.backplane_errors.load(Relaxed),
+            resyncs: self.resyncs.load(Relaxed),
+            hit_rate: if reads == 0 {
+                0.0
+            } else {
+                (l1_hits + l2_hits) as f64 / reads as f64
+            },
+        }
+    }
+}

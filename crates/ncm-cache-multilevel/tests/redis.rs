@@ -1,0 +1,231 @@
+//! MultiLevelCache on real Redis: coherence across instances, backplane cuts, the distributed
+//! stampede lock, and fail-safe through a Redis outage.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::ValueSource;
+use ncm_cache_multilevel::MultiLevelCache;
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::RedisServer;
+
+type Io = std::io::Error;
+
+fn config(server: &RedisServer) -> RedisConfig {
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.response_timeout = Duration::from_millis(300);
+    c.connect_timeout = Duration::from_millis(300);
+    c.health_check_interval = Some(Duration::from_millis(100));
+    c
+}
+
+async fn instance(server: &RedisServer) -> MultiLevelCache {
+    let redis = RedisCache::connect(config(server)).await.unwrap();
+    let cache = MultiLevelCache::builder_shared(redis.backend())
+        .name("users")
+        .backplane(Arc::clone(redis.redis_backend()))
+        .build()
+        .unwrap();
+    wait_active(&cache).await;
+    cache
+}
+
+async fn wait_active(cache: &MultiLevelCache) {
+    let start = Instant::now();
+    while !cache.l1_active() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "backplane never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads until `cache` serves `key` from its L1 (a late invalidation may evict a fresh copy once).
+async fn until_l1(cache: &MultiLevelCache, key: &str) {
+    let start = Instant::now();
+    while cache.get_with_source::<u64>(key).await.unwrap().unwrap().1 != ValueSource::L1 {
+        assert!(start.elapsed() < Duration::from_secs(1), "L1 never used");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls `b` until it returns `want`; returns how long that took after the write returned.
+async fn until_seen(b: &MultiLevelCache, key: &str, want: u64) -> Duration {
+    let start = Instant::now();
+    loop {
+        if b.get::<u64>(key).await.unwrap() == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "B kept serving an old value"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_instance_evicts_the_others_l1() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    let mut windows = Vec::new();
+    for v in 0..50u64 {
+        a.set("user:1", v).await.unwrap();
+        windows.push(until_seen(&b, "user:1", v).await);
+        // B serves it from L1 again; the next write on A must evict it there.
+        until_l1(&b, "user:1").await;
+    }
+    windows.sort();
+    let p99 = windows[windows.len() * 99 / 100 - 1];
+    assert!(p99 < Duration::from_millis(100), "stale window p99 {p99:?}");
+    assert!(b.get_stats().backplane_received >= 50);
+    // An instance ignores its own messages: A's L1 keeps its own write.
+    assert_eq!(
+        a.get_with_source::<u64>("user:1").await.unwrap().unwrap().1,
+        ValueSource::L1
+    );
+    a.delete("user:1").await.unwrap();
+    let start = Instant::now();
+    while b.get::<u64>("user:1").await.unwrap().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "delete not propagated"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_backplane_cut_no_value_older_than_the_last_write_is_served() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    a.set("k", 1u64).await.unwrap();
+    until_seen(&b, "k", 1).await;
+    until_l1(&b, "k").await;
+    // Cut every pub/sub connection, and write while B cannot hear.
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    a.set("k", 2u64).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let v = b.get::<u64>("k").await.unwrap();
+        assert!(v == Some(1) || v == Some(2));
+        if v == Some(2) {
+            break;
+        }
+        // Until B notices the cut it may serve its L1 copy; it must not for long.
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "old value served after the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Once the backplane is back, B never serves the old value again.
+    wait_active(&b).await;
+    for _ in 0..50 {
+        assert_eq!(b.get::<u64>("k").await.unwrap(), Some(2));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_times_250_callers_run_the_loader_once() {
+    let server = RedisServer::start().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let redis = RedisCache::connect(config(&server)).await.unwrap();
+        caches.push(
+            MultiLevelCache::builder_shared(redis.backend())
+                .distributed_lock(
+                    Arc::clone(redis.redis_backend()),
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                )
+                .build()
+                .unwrap(),
+        );
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(1000));
+    let mut tasks = Vec::new();
+    for cache in &caches {
+        for _ in 0..250 {
+            let (cache, runs, barrier) = (cache.clone(), runs.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                cache
+                    .get_or_load("report", move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, Io>(7u64)
+                    })
+                    .await
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 7);
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the loader ran once across four instances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_serves_stale_then_loads_and_recovers() {
+    let mut server = RedisServer::start().unwrap();
+    let redis = RedisCache::connect(config(&server)).await.unwrap();
+    let cache = MultiLevelCache::builder_shared(redis.backend())
+        .l1_default_ttl(Duration::from_millis(200))
+        .fail_safe(Duration::from_secs(30))
+        .breaker_cooldown(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    cache
+        .get_or_load("k", || async { Ok::<_, Io>(1u64) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await; // stale in L1 now
+    server.kill();
+    // Redis down and the loader failing: the stale value, marked stale.
+    let (v, src) = cache
+        .get_or_load_with_source::<u64, _, _, _>("k", || async { Err(Io::other("db down too")) })
+        .await
+        .unwrap();
+    assert_eq!((*v, src), (1, ValueSource::Stale));
+    // Redis down, loader fine: the loader's value.
+    let (v, src) = cache
+        .get_or_load_with_source("k", || async { Ok::<_, Io>(2u64) })
+        .await
+        .unwrap();
+    assert_eq!((*v, src), (2, ValueSource::Loader));
+    assert!(cache.get_stats().l2_errors > 0);
+
+    server.restart().unwrap();
+    let start = Instant::now();
+    loop {
+        cache.clear_l1();
+        let r = cache
+            .get_or_load_with_source("k2", || async { Ok::<_, Io>(3u64) })
+            .await;
+        if let Ok((_, ValueSource::Loader)) = &r
+            && redis.get::<u64>("k2").await.ok().flatten() == Some(3)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "L2 not used again: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cache.clear_l1();
+    assert_eq!(
+        cache.get_with_source::<u64>("k2").await.unwrap().unwrap().1,
+        ValueSource::L2
+    );
+}
