@@ -34,6 +34,50 @@ impl Clock for SystemClock {
     }
 }
 
+/// A coarse monotonic clock: reading it costs a few nanoseconds instead of ~25 ns, at a
+/// resolution of a few milliseconds (the kernel tick, `CLOCK_MONOTONIC_COARSE` on Linux).
+///
+/// Used by the L1 of the multi-level cache, whose hit path must stay close to a bare hash
+/// lookup: an L1 entry may live up to one tick longer or shorter than its TTL. Use
+/// [`SystemClock`] where TTLs must be exact to the microsecond.
+///
+/// ```
+/// use ncm_cache_core::{Clock, CoarseClock};
+/// let clock = CoarseClock::new();
+/// let a = clock.now();
+/// std::thread::sleep(std::time::Duration::from_millis(30));
+/// assert!(clock.now() > a);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct CoarseClock {
+    base: Instant,
+    coarse_base: coarsetime::Instant,
+}
+
+impl Default for CoarseClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CoarseClock {
+    /// A coarse clock aligned with [`Instant::now`] at creation.
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            coarse_base: coarsetime::Instant::now(),
+        }
+    }
+}
+
+impl Clock for CoarseClock {
+    #[inline]
+    fn now(&self) -> Instant {
+        let since = coarsetime::Instant::now().duration_since(self.coarse_base);
+        self.base + Duration::from(since)
+    }
+}
+
 /// A clock that only moves when told to. Clones share the same time.
 #[derive(Debug, Clone)]
 pub struct ManualClock {

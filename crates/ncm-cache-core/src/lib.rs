@@ -30,7 +30,7 @@ mod types;
 
 pub use backend::{CacheBackend, HealthReport, SharedBackend};
 pub use cache::{Cache, CacheBuilder};
-pub use clock::{Clock, ManualClock, SharedClock, SystemClock, system_clock};
+pub use clock::{Clock, CoarseClock, ManualClock, SharedClock, SystemClock, system_clock};
 pub use codec::Codec;
 pub use duration::{parse_duration, serde_duration};
 pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};

@@ -22,7 +22,7 @@ const DELETE: u8 = b'D';
 const CLEAR: u8 = b'C';
 
 pub(crate) struct Backplane {
-    redis: Arc<RedisBackend>,
+    pub(crate) redis: Arc<RedisBackend>,
     id: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -160,6 +160,26 @@ impl<C: Codec> Inner<C> {
             Counters::bump(&self.counters.backplane_errors);
             tracing::warn!(key, error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
         }
+    }
+
+    /// When L2 is the backplane's own Redis: the write and its invalidation in one round trip.
+    /// `None` when that does not apply (the caller writes and publishes separately).
+    pub(crate) async fn write_and_publish(
+        &self,
+        key: &str,
+        bytes: &ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> Option<Result<()>> {
+        let bp = self.backplane.as_ref()?;
+        let same = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.redis));
+        if !same {
+            return None;
+        }
+        let msg = bp.message(SET, key);
+        let channel = channel(&self.opts.name);
+        let write: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> =
+            Box::pin(bp.redis.set_and_publish(key, bytes, ttl, &channel, &msg));
+        Some(self.l2_call(write).await)
     }
 
     pub(crate) async fn publish_set(&self, key: &str) {

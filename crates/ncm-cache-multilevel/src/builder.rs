@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ncm_cache_codec::Serializer;
-use ncm_cache_core::{Codec, Result, SharedBackend, SharedClock, system_clock};
+use ncm_cache_core::{CoarseClock, Codec, Result, SharedBackend, SharedClock};
 
 use crate::cache::MultiLevelCache;
 
@@ -55,7 +55,8 @@ impl Default for Options {
             breaker_cooldown: Duration::from_secs(5),
             lock_ttl: Duration::from_secs(10),
             lock_wait: Duration::from_secs(5),
-            clock: system_clock(),
+            // The L1 hit path reads the clock on every hit: a coarse clock keeps it cheap.
+            clock: std::sync::Arc::new(CoarseClock::new()),
         }
     }
 }
@@ -201,7 +202,8 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self
     }
 
-    /// The clock of L1 (tests use a manual clock).
+    /// The clock of L1 (default: [`CoarseClock`], millisecond-level TTL precision; tests use a
+    /// manual clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.options.clock = clock;
         self

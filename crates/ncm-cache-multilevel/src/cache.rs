@@ -86,10 +86,10 @@ pub(crate) struct Inner<C> {
     pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
 }
 
-/// The result of looking in L1.
-pub(crate) enum L1Read {
-    Fresh(Option<Object>, bool),
-    Stale(Option<Object>),
+/// The result of looking in L1 (typed: one type check per hit).
+pub(crate) enum L1Read<T> {
+    Fresh(Option<Arc<T>>, bool),
+    Stale(Option<Arc<T>>),
     Miss,
 }
 
@@ -157,6 +157,11 @@ impl<C: Codec> MultiLevelCache<C> {
         &self.inner.codec
     }
 
+    /// Encodes a value with the cache's codec (for writing L2 directly, e.g. bulk preloads).
+    pub fn codec_bytes<T: Serialize + ?Sized>(&self, value: &T) -> ncm_cache_core::Bytes {
+        self.inner.codec.encode(value).unwrap_or_default()
+    }
+
     /// Number of entries in L1.
     pub fn l1_len(&self) -> usize {
         self.inner.l1.len()
@@ -191,7 +196,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let stale = match inner.l1_read::<T>(key)? {
             L1Read::Fresh(Some(v), _) => {
                 Counters::bump(&inner.counters.l1_hits);
-                return Ok(Some((downcast::<T>(v)?, ValueSource::L1)));
+                return Ok(Some((v, ValueSource::L1)));
             }
             L1Read::Fresh(None, _) => {
                 Counters::bump(&inner.counters.l1_hits);
@@ -214,7 +219,7 @@ impl<C: Codec> MultiLevelCache<C> {
             Err(e) => match stale {
                 Some(v) => {
                     Counters::bump(&inner.counters.stale_served);
-                    Ok(Some((downcast::<T>(v)?, ValueSource::Stale)))
+                    Ok(Some((v, ValueSource::Stale)))
                 }
                 None => Err(e),
             },
@@ -355,7 +360,7 @@ impl<C: Codec> MultiLevelCache<C> {
             match inner.l1_read::<T>(key)? {
                 L1Read::Fresh(Some(v), _) => {
                     Counters::bump(&inner.counters.l1_hits);
-                    out.push(Some(T::clone(downcast::<T>(v)?.as_ref())));
+                    out.push(Some(T::clone(&v)));
                 }
                 L1Read::Fresh(None, _) => {
                     Counters::bump(&inner.counters.l1_hits);
@@ -509,7 +514,7 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 }
 
 impl<C: Codec> Inner<C> {
-    pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read> {
+    pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read<T>> {
         if !self.l1_enabled.load(Ordering::Acquire) {
             ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
             return Ok(L1Read::Miss);
@@ -517,18 +522,21 @@ impl<C: Codec> Inner<C> {
         let Some(v) = self.l1.peek(key)? else {
             return Ok(L1Read::Miss);
         };
+        let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
         let object = match &v.object {
             None => None,
-            Some(o) if o.is::<T>() => Some(Arc::clone(o)),
-            // Another type under this key: read it from L2 with the requested type.
-            Some(_) => return Ok(L1Read::Miss),
+            // One type check: another type under this key is read from L2 with the requested type.
+            Some(o) => match Arc::clone(o).downcast::<T>() {
+                Ok(typed) => Some(typed),
+                Err(_) => return Ok(L1Read::Miss),
+            },
         };
-        if v.fresh_until.is_none() && v.refresh_at.is_none() {
+        if fresh_until.is_none() && refresh_at.is_none() {
             return Ok(L1Read::Fresh(object, false));
         }
         let now = self.opts.clock.now();
-        if v.is_fresh(now) {
-            let refresh = v.refresh_at.is_some_and(|t| now >= t);
+        if fresh_until.is_none_or(|t| now < t) {
+            let refresh = refresh_at.is_some_and(|t| now >= t);
             Ok(L1Read::Fresh(object, refresh))
         } else {
             Ok(L1Read::Stale(object))
@@ -633,12 +641,12 @@ impl<C: Codec> Inner<C> {
         };
         let now = self.opts.clock.now();
         let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
-        let value = L1Value {
+        let value = L1Value::new(crate::l1::L1Entry {
             object,
             size,
             fresh_until: self.opts.max_stale_age.map(|_| now + fresh),
             refresh_at: self.opts.eager_refresh.map(|f| now + fresh.mul_f64(f)),
-        };
+        });
         match self.l1.insert(key, value, Some(fresh + stale)) {
             Ok(()) => true,
             Err(e) => {
@@ -659,13 +667,20 @@ impl<C: Codec> Inner<C> {
     ) -> Result<()> {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let size = bytes.len();
-        if let Err(e) = self.l2_write(key, bytes, ttl).await {
+        // One round trip when L2 is the backplane's Redis, else write then publish.
+        let (written, published) = match self.write_and_publish(key, &bytes, ttl).await {
+            Some(r) => (r, true),
+            None => (self.l2_write(key, bytes, ttl).await, false),
+        };
+        if let Err(e) = written {
             let _ = self.l1.remove(key);
             self.publish_delete(key).await;
             return Err(e);
         }
         self.l1_insert(key, Some(value), size, None, false);
-        self.publish_set(key).await;
+        if !published {
+            self.publish_set(key).await;
+        }
         Ok(())
     }
 }

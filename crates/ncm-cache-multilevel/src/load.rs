@@ -54,9 +54,9 @@ impl<C: Codec> Inner<C> {
                         this.refreshing.end(&key);
                     });
                 }
-                return Ok((v, ValueSource::L1));
+                return Ok((v.map(|v| v as Object), ValueSource::L1));
             }
-            L1Read::Stale(v) => v,
+            L1Read::Stale(v) => v.map(|v| v as Object),
             L1Read::Miss => None,
         };
         let epoch = self.epoch.load(Ordering::Acquire);

@@ -5,6 +5,14 @@ use ncm_cache_core::Codec;
 use crate::cache::Inner;
 
 impl<C: Codec> Inner<C> {
+    pub(crate) async fn write_and_publish(
+        &self,
+        _key: &str,
+        _bytes: &ncm_cache_core::Bytes,
+        _ttl: Option<std::time::Duration>,
+    ) -> Option<ncm_cache_core::Result<()>> {
+        None
+    }
     pub(crate) async fn publish_set(&self, _key: &str) {}
     pub(crate) async fn publish_delete(&self, _key: &str) {}
     pub(crate) async fn publish_clear(&self) {}

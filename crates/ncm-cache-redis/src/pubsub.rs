@@ -73,6 +73,33 @@ impl RedisBackend {
             .await
     }
 
+    /// Writes `key` and publishes `payload` on `channel` in one pipelined round trip (the
+    /// write-then-notify of a multi-level cache whose L2 and backplane are this Redis).
+    pub async fn set_and_publish(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<std::time::Duration>,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<()> {
+        let full = self.key_space().full_key(key)?;
+        crate::commands::check_ttl(ttl)?;
+        crate::commands::check_size(value.len(), self.config().max_value_size)?;
+        let name = self.channel_name(channel);
+        self.inner()
+            .run(Operation::Set, false, |mut h| {
+                let mut pipe = redis::pipe();
+                pipe.add_command(crate::commands::set(&full, value, ttl))
+                    .ignore();
+                pipe.cmd("PUBLISH").arg(&name).arg(payload).ignore();
+                async move { pipe.query_async::<()>(&mut h).await }
+            })
+            .await?;
+        self.inner().stats.sets(1);
+        Ok(())
+    }
+
     /// Subscribes to `channels`. Returns once subscribed; then delivers messages, and keeps
     /// reconnecting (with backoff) when the connection breaks, reporting
     /// [`PubSubEvent::Disconnected`] / [`PubSubEvent::Reconnected`]. A ping every
