@@ -19,6 +19,22 @@ pub use ncm_cache_memory as memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use ncm_cache_memory::MemoryBackend;
 
+/// Redis: `RedisCache`, `RedisSyncCache`, Cluster, Sentinel (feature `redis`).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use ncm_cache_redis as redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
+
+/// L1 + L2 caching (feature `multilevel`).
+#[cfg(feature = "multilevel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "multilevel")))]
+pub use ncm_cache_multilevel as multilevel;
+#[cfg(feature = "multilevel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "multilevel")))]
+pub use ncm_cache_multilevel::MultiLevelCache;
+
 /// The names most programs need: `use ncm_cache::prelude::*;`.
 pub mod prelude {
     pub use ncm_cache_codec::{CompressionType, SerializationType, Serializer, SerializerFactory};
@@ -27,4 +43,8 @@ pub mod prelude {
     };
     #[cfg(feature = "memory")]
     pub use ncm_cache_memory::MemoryBackend;
+    #[cfg(feature = "multilevel")]
+    pub use ncm_cache_multilevel::MultiLevelCache;
+    #[cfg(feature = "redis")]
+    pub use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
 }
