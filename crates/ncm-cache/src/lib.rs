@@ -35,11 +35,25 @@ pub use ncm_cache_multilevel as multilevel;
 #[cfg_attr(docsrs, doc(cfg(feature = "multilevel")))]
 pub use ncm_cache_multilevel::MultiLevelCache;
 
+/// Loaders, `#[cache_loader]` / `#[cache_method]`, warming and reloading (feature `loader`).
+#[cfg(feature = "loader")]
+#[cfg_attr(docsrs, doc(cfg(feature = "loader")))]
+pub use ncm_cache_loader as loader;
+#[cfg(feature = "loader")]
+#[cfg_attr(docsrs, doc(cfg(feature = "loader")))]
+pub use ncm_cache_loader::{
+    CacheLoader, CacheReloader, ReloadStrategy, cache_loader, cache_method,
+};
+
 /// The names most programs need: `use ncm_cache::prelude::*;`.
 pub mod prelude {
     pub use ncm_cache_codec::{CompressionType, SerializationType, Serializer, SerializerFactory};
     pub use ncm_cache_core::{
         Cache, CacheBackend, CacheError, CacheLevel, CacheStrategy, Expiry, Result,
+    };
+    #[cfg(feature = "loader")]
+    pub use ncm_cache_loader::{
+        CacheLoader, CacheReloader, ReloadStrategy, cache_loader, cache_method,
     };
     #[cfg(feature = "memory")]
     pub use ncm_cache_memory::MemoryBackend;

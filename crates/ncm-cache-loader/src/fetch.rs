@@ -1,0 +1,316 @@
+//! The one read path every load goes through: cache → single-flight → loader → cache.
+//!
+//! Registered loaders (`load(name, args)`) and the attribute macros differ only in what their
+//! function returns (`Result<T, CacheError>`, `Result<T, E>`, `Option<T>`, `T`); a [`Mode`]
+//! tells this path which part of a return value is stored and how waiters rebuild it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ncm_cache_core::{CacheError, CacheStrategy, Codec, Expiry, Operation};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::loader::CacheLoader;
+use crate::stats::LoaderCounters;
+
+/// How a return value splits into what is cached and what is returned.
+#[doc(hidden)]
+pub enum Split<S, R> {
+    /// Cache `S`; the caller gets it back (rebuilt with [`Mode::join`]).
+    Store(S),
+    /// Not cached, not an error (e.g. `None`); the caller gets `R`.
+    Empty(R),
+    /// A failure: never cached; the caller gets `R`.
+    Fail(R),
+}
+
+/// How one kind of function output is cached. Implemented by the zero-sized modes the
+/// attribute macros pick from the return type, and by the registered-loader path.
+#[doc(hidden)]
+pub trait Mode<R>: Copy + Send + Sync + 'static {
+    /// The part of `R` that is stored.
+    type Stored: Serialize + DeserializeOwned + Send;
+    /// Splits an output.
+    fn split(output: R) -> Split<Self::Stored, R>;
+    /// Rebuilds an output from a stored value.
+    fn join(stored: Self::Stored) -> R;
+    /// What a waiter returns when the shared load produced an [`Split::Empty`] output; `None`
+    /// makes the waiter run its own call.
+    fn empty() -> Option<R>;
+    /// The error shared with waiters when the leader's output was a [`Split::Fail`].
+    fn flight_error(output: &R) -> CacheError;
+    /// Turns a shared error into this waiter's output; `None` makes the waiter run its own
+    /// call (for error types that cannot be shared).
+    fn shared_error(err: CacheError) -> Option<R>;
+}
+
+/// The registered-loader mode: `Result<T, CacheError>`, errors shared with every waiter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadMode;
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Mode<Result<T, CacheError>> for LoadMode {
+    type Stored = T;
+    fn split(output: Result<T, CacheError>) -> Split<T, Result<T, CacheError>> {
+        match output {
+            Ok(v) => Split::Store(v),
+            Err(e) => Split::Fail(Err(e)),
+        }
+    }
+    fn join(stored: T) -> Result<T, CacheError> {
+        Ok(stored)
+    }
+    fn empty() -> Option<Result<T, CacheError>> {
+        None
+    }
+    fn flight_error(output: &Result<T, CacheError>) -> CacheError {
+        match output {
+            Err(e) => e.clone(),
+            Ok(_) => CacheError::loader("the loader failed"),
+        }
+    }
+    fn shared_error(err: CacheError) -> Option<Result<T, CacheError>> {
+        Some(Err(err))
+    }
+}
+
+/// One call's parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) strategy: CacheStrategy,
+    /// Skip the cache read: run the loader and overwrite (warming, refresh).
+    pub(crate) force: bool,
+}
+
+impl<C: Codec> CacheLoader<C> {
+    /// Reads `call.key`; on a miss runs `body` once across concurrent callers of the key, stores
+    /// what `M` says to store, and returns the output. The cache failing never fails the call
+    /// (it is counted and logged, and the body runs).
+    pub(crate) async fn run_cached<M, R, Fut>(
+        &self,
+        counters: &Arc<LoaderCounters>,
+        call: Call<'_>,
+        body: Fut,
+    ) -> R
+    where
+        M: Mode<R>,
+        Fut: Future<Output = R>,
+    {
+        if !call.force
+            && let Some(value) = self.read::<M::Stored>(counters, call).await
+        {
+            counters.hit();
+            return M::join(value);
+        }
+        // The body is polled in place: by the flight below if this caller leads, or afterwards
+        // if it has to run its own call. `slot` receives the leader's own output, so the leader
+        // never decodes what it just encoded.
+        let mut body = std::pin::pin!(body);
+        let mut slot: Option<(R, bool)> = None;
+        let (shared, ran) = {
+            let (body, slot) = (&mut body, &mut slot);
+            self.inner
+                .flight
+                .run_with_role(call.key.to_owned(), || async move {
+                    if !call.force {
+                        // Double check: a flight that landed just before this one was started
+                        // has already written the value.
+                        if let Some(bytes) = self.read_raw(counters, call).await {
+                            return Ok(Some(bytes));
+                        }
+                    }
+                    let (output, bytes, failed) = self.run_body::<M, R>(counters, call, body).await;
+                    let shared = match (&bytes, failed) {
+                        (_, true) => Err(M::flight_error(&output)),
+                        (bytes, false) => Ok(bytes.clone()),
+                    };
+                    *slot = Some((output, failed));
+                    shared
+                })
+                .await
+        };
+        if ran && let Some((output, failed)) = slot {
+            counters.miss();
+            if failed {
+                counters.error();
+            }
+            return output;
+        }
+        match shared {
+            Ok(Some(bytes)) => match self.inner.cache.codec().decode::<M::Stored>(&bytes) {
+                Ok(value) => {
+                    if ran {
+                        counters.hit();
+                    } else {
+                        counters.miss();
+                    }
+                    return M::join(value);
+                }
+                Err(e) => self.log_cache_error(call, Operation::Get, &e.into()),
+            },
+            Ok(None) => {
+                if let Some(output) = M::empty() {
+                    counters.miss();
+                    return output;
+                }
+            }
+            Err(e) => {
+                if let Some(output) = M::shared_error(e) {
+                    counters.miss();
+                    counters.error();
+                    return output;
+                }
+            }
+        }
+        // The shared load cannot hand this caller a value of its type (its error is not
+        // shareable, or the value did not decode): run this caller's own body.
+        let (output, _, failed) = self.run_body::<M, R>(counters, call, body).await;
+        counters.miss();
+        if failed {
+            counters.error();
+        }
+        output
+    }
+
+    /// Runs the body, times it, and stores what is to be stored. Returns the output, the
+    /// encoded stored value (shared with waiters) and whether the output is a failure.
+    async fn run_body<M, R>(
+        &self,
+        counters: &Arc<LoaderCounters>,
+        call: Call<'_>,
+        body: impl Future<Output = R>,
+    ) -> (R, Option<Bytes>, bool)
+    where
+        M: Mode<R>,
+    {
+        let started = Instant::now();
+        let output = body.await;
+        let elapsed = started.elapsed();
+        let (output, bytes, failed) = match M::split(output) {
+            Split::Store(value) => {
+                // Encode before awaiting anything: no `&T` lives across an await (so `T` need
+                // not be `Sync`).
+                let bytes = self.encode(counters, call, &value);
+                if let Some(bytes) = &bytes {
+                    self.write(counters, call, bytes.clone()).await;
+                }
+                (M::join(value), bytes, false)
+            }
+            Split::Empty(output) => (output, None, false),
+            Split::Fail(output) => (output, None, true),
+        };
+        counters.load(elapsed, !failed);
+        if self.inner.enable_logging {
+            tracing::debug!(
+                loader = call.name,
+                key = call.key,
+                ?elapsed,
+                failed,
+                "loader ran"
+            );
+        }
+        (output, bytes, failed)
+    }
+
+    /// Encodes a loaded value (shared with waiters); `None` when it cannot be encoded.
+    fn encode<S: Serialize>(
+        &self,
+        counters: &Arc<LoaderCounters>,
+        call: Call<'_>,
+        value: &S,
+    ) -> Option<Bytes> {
+        match self.inner.cache.codec().encode(value) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                counters.cache_error(Operation::Set);
+                self.log_cache_error(call, Operation::Set, &e.into());
+                None
+            }
+        }
+    }
+
+    /// Writes an encoded value according to the strategy; failures are counted and logged.
+    async fn write(&self, counters: &Arc<LoaderCounters>, call: Call<'_>, bytes: Bytes) {
+        let cache = &self.inner.cache;
+        if call.strategy == CacheStrategy::WriteAround {
+            return;
+        }
+        let ttl = call.ttl.unwrap_or(self.inner.default_ttl);
+        let ttl = match cache.ttl_policy().resolve(Expiry::After(ttl)) {
+            Ok(ttl) => ttl,
+            Err(e) => {
+                counters.cache_error(Operation::Set);
+                self.log_cache_error(call, Operation::Set, &e);
+                return;
+            }
+        };
+        let backend = Arc::clone(cache.backend());
+        let runtime = tokio::runtime::Handle::try_current();
+        match (call.strategy, runtime) {
+            (CacheStrategy::WriteBehind, Ok(runtime)) => {
+                let (key, value, counters) = (call.key.to_owned(), bytes, Arc::clone(counters));
+                let (name, logging) = (call.name.to_owned(), self.inner.enable_logging);
+                runtime.spawn(async move {
+                    if let Err(e) = backend.set(&key, value, ttl).await {
+                        counters.cache_error(Operation::Set);
+                        if logging {
+                            tracing::warn!(loader = %name, %key, error = %e, "write-behind failed");
+                        }
+                    }
+                });
+            }
+            _ => {
+                if let Err(e) = backend.set(call.key, bytes, ttl).await {
+                    counters.cache_error(Operation::Set);
+                    self.log_cache_error(call, Operation::Set, &e);
+                }
+            }
+        }
+    }
+
+    /// A typed read; a failing cache counts as a miss.
+    async fn read<S: DeserializeOwned>(
+        &self,
+        counters: &LoaderCounters,
+        call: Call<'_>,
+    ) -> Option<S> {
+        match self.inner.cache.get::<S>(call.key).await {
+            Ok(value) => value,
+            Err(e) => {
+                counters.cache_error(Operation::Get);
+                self.log_cache_error(call, Operation::Get, &e);
+                None
+            }
+        }
+    }
+
+    /// A raw read; a failing cache counts as a miss.
+    async fn read_raw(&self, counters: &LoaderCounters, call: Call<'_>) -> Option<Bytes> {
+        match self.inner.cache.backend().get(call.key).await {
+            Ok(value) => value,
+            Err(e) => {
+                counters.cache_error(Operation::Get);
+                self.log_cache_error(call, Operation::Get, &e);
+                None
+            }
+        }
+    }
+
+    fn log_cache_error(&self, call: Call<'_>, op: Operation, err: &CacheError) {
+        if self.inner.enable_logging {
+            tracing::warn!(
+                loader = call.name,
+                key = call.key,
+                operation = op.as_str(),
+                error = %err,
+                "cache unavailable, going on without it"
+            );
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Reading and reloading: `get`, `reload_key`, and the one reload path they share.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use ncm_cache_core::{CacheError, Codec, Expiry, KeyTtl, Result};
+use serde::de::DeserializeOwned;
+
+use super::entry::{Entry, bump};
+use super::{CacheReloader, ReloadStrategy};
+use crate::lease::Lease;
+
+/// The outcome of a reload request.
+pub(crate) struct Reloaded {
+    /// The value's encoding (fresh, or found already in the cache).
+    pub(crate) bytes: Bytes,
+    /// The value, when this caller ran the loader.
+    pub(crate) value: Option<Box<dyn Any + Send>>,
+    /// Whether a loader ran (here or in the flight this caller joined).
+    pub(crate) ran: bool,
+}
+
+impl<C: Codec> CacheReloader<C> {
+    /// Reads the value of `name`, loading or reloading it as its [`ReloadStrategy`] says.
+    ///
+    /// Fails with [`CacheError::InvalidArgument`] when `name` is not registered or holds
+    /// another type, and with the loader's error when a needed load failed (errors are never
+    /// cached). If the cache is down, the loader's value is returned uncached (fail-open).
+    pub async fn get<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<T> {
+        let entry = self.entry(name)?;
+        entry.check_type::<T>()?;
+        bump(&entry.counters.reads);
+        let cache = &self.inner.cache;
+        let (cached, remaining) = match entry.strategy {
+            ReloadStrategy::RefreshAhead { .. } => {
+                let (value, ttl) = tokio::join!(cache.get::<T>(name), cache.ttl_state(name));
+                (value, ttl.ok())
+            }
+            _ => (cache.get::<T>(name).await, None),
+        };
+        match cached {
+            Ok(Some(value)) => {
+                bump(&entry.counters.hits);
+                if let (ReloadStrategy::RefreshAhead { fraction }, Some(KeyTtl::Expires(left))) =
+                    (entry.strategy, remaining)
+                    && left <= entry.ttl.mul_f64(1.0 - fraction)
+                {
+                    self.refresh_in_background(&entry);
+                }
+                return Ok(value);
+            }
+            Ok(None) => {}
+            Err(e) => self.log_cache_error(&entry, "get", &e),
+        }
+        bump(&entry.counters.misses);
+        let reloaded = self.reload_entry(&entry, false).await?;
+        match reloaded.value.map(|v| v.downcast::<T>()) {
+            Some(Ok(value)) => Ok(*value),
+            _ => Ok(cache.codec().decode::<T>(&reloaded.bytes)?),
+        }
+    }
+
+    /// Reloads `name` now (the original's `reload_key(key, force)`): with `force`, always;
+    /// without, only when the value is missing or expired. Returns `true` when a loader ran.
+    pub async fn reload_key(&self, name: &str, force: bool) -> Result<bool> {
+        let entry = self.entry(name)?;
+        Ok(self.reload_entry(&entry, force).await?.ran)
+    }
+
+    /// Starts a background reload of `entry` unless one is already running.
+    fn refresh_in_background(&self, entry: &Arc<Entry>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if entry.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        bump(&entry.counters.refresh_ahead);
+        let (reloader, entry) = (self.clone(), Arc::clone(entry));
+        runtime.spawn(async move {
+            // Errors are counted and logged in `reload_entry`; readers keep the old value.
+            let _ = reloader.reload_entry(&entry, true).await;
+            entry.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// The one reload path: once per name in this process (single-flight), once across
+    /// instances (the `reload:{name}:run` lease). Without `force`, a value already in the
+    /// cache is returned instead of reloading.
+    pub(crate) async fn reload_entry(&self, entry: &Arc<Entry>, force: bool) -> Result<Reloaded> {
+        // Forced and lazy reloads fly separately: a forced reload never settles for a value
+        // that a lazy one merely found.
+        let flight_key = if force {
+            format!("{}\u{0}force", entry.name)
+        } else {
+            entry.name.clone()
+        };
+        let mut slot: Option<Box<dyn Any + Send>> = None;
+        let (result, ran_here) = {
+            let slot = &mut slot;
+            self.inner
+                .flight
+                .run_with_role(flight_key, || async move {
+                    let (lease, granted) = self.run_lease(entry).await;
+                    // Lazy reads, and anyone who waited out another instance's reload, take a
+                    // value that is already there.
+                    if (!force || !granted)
+                        && let Ok(Some(bytes)) = self.inner.cache.backend().get(&entry.name).await
+                    {
+                        release(lease).await;
+                        return Ok((bytes, false));
+                    }
+                    let result = self.load_and_store(entry).await;
+                    release(lease).await;
+                    let loaded = result?;
+                    entry.notify(&*loaded.value);
+                    *slot = Some(loaded.value);
+                    Ok((loaded.bytes, true))
+                })
+                .await
+        };
+        let (bytes, ran) = result?;
+        Ok(Reloaded {
+            bytes,
+            value: if ran_here { slot } else { None },
+            ran,
+        })
+    }
+
+    /// Runs the loader and writes its value; the cache failing does not fail the reload.
+    async fn load_and_store(&self, entry: &Entry) -> Result<super::entry::Loaded> {
+        let load = entry.loader();
+        let loaded = match load().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                bump(&entry.counters.errors);
+                if self.inner.logging {
+                    tracing::warn!(name = %entry.name, error = %e, "reload failed");
+                }
+                return Err(e);
+            }
+        };
+        bump(&entry.counters.reloads);
+        let cache = &self.inner.cache;
+        let stored = match cache.ttl_policy().resolve(Expiry::After(entry.ttl)) {
+            Ok(ttl) => {
+                cache
+                    .backend()
+                    .set(&entry.name, loaded.bytes.clone(), ttl)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            self.log_cache_error(entry, "set", &e);
+        } else if self.inner.logging {
+            tracing::debug!(name = %entry.name, "reloaded");
+        }
+        Ok(loaded)
+    }
+
+    /// Takes the per-key run lease, waiting up to `lock_wait` for another instance's reload.
+    /// Returns the lease and whether it was granted; a failing lease service grants (the
+    /// reload goes on, fail-open).
+    async fn run_lease(&self, entry: &Entry) -> (Option<Box<dyn Lease>>, bool) {
+        let name = format!("reload:{}:run", entry.name);
+        let leases = &self.inner.leases;
+        match leases
+            .acquire(&name, self.inner.lock_ttl, self.inner.lock_wait)
+            .await
+        {
+            Ok(Some(lease)) => (Some(lease), true),
+            Ok(None) => (None, false),
+            Err(e) => {
+                self.log_cache_error(entry, "lease", &e);
+                (None, true)
+            }
+        }
+    }
+
+    pub(crate) fn log_cache_error(&self, entry: &Entry, op: &'static str, err: &CacheError) {
+        if self.inner.logging {
+            tracing::warn!(name = %entry.name, operation = op, error = %err, "cache unavailable, going on without it");
+        }
+    }
+}
+
+async fn release(lease: Option<Box<dyn Lease>>) {
+    if let Some(lease) = lease
+        && let Err(e) = lease.release().await
+    {
+        tracing::debug!(error = %e, "could not release a reload lease (it expires by itself)");
+    }
+}

@@ -1,0 +1,354 @@
+//! `CacheReloader` on tokio's paused clock: lazy, eager and refresh-ahead reloading, scheduled
+//! reloads with callbacks, `reload_key`, errors, and timers that end when asked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{alive_tasks, memory_cache};
+use ncm_cache_core::{CacheError, KeyTtl};
+use ncm_cache_loader::{CacheReloader, ReloadStrategy};
+
+type CountFuture = std::pin::Pin<Box<dyn Future<Output = Result<u64, std::io::Error>> + Send>>;
+
+/// A loader returning 1, 2, 3, ... (after `delay`), and its run counter.
+fn counter(
+    delay: Duration,
+) -> (
+    Arc<AtomicU64>,
+    impl Fn() -> CountFuture + Send + Sync + 'static,
+) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let f = move || {
+        let r = r.clone();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Ok(r.fetch_add(1, Ordering::SeqCst) + 1)
+        }) as CountFuture
+    };
+    (runs, f)
+}
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[tokio::test(start_paused = true)]
+async fn lazy_reloads_on_access_after_expiry() {
+    let reloader = CacheReloader::new(memory_cache());
+    let (runs, f) = counter(Duration::ZERO);
+    reloader
+        .register_loader("fresh_data", f, 10 * SEC, ReloadStrategy::Lazy)
+        .unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "lazy: nothing before the first read"
+    );
+    assert_eq!(reloader.get::<u64>("fresh_data").await.unwrap(), 1);
+    tokio::time::advance(9 * SEC).await;
+    assert_eq!(reloader.get::<u64>("fresh_data").await.unwrap(), 1);
+    tokio::time::advance(2 * SEC).await;
+    assert_eq!(reloader.get::<u64>("fresh_data").await.unwrap(), 2);
+    let stats = reloader.stats("fresh_data").unwrap();
+    assert_eq!(
+        (stats.reads, stats.hits, stats.misses, stats.reloads),
+        (3, 1, 2, 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn eager_readers_never_miss_across_ten_expiry_periods() {
+    let cache = memory_cache();
+    let reloader = CacheReloader::new(cache.clone());
+    let (runs, f) = counter(200 * Duration::from_millis(1));
+    let ttl = 10 * SEC;
+    reloader
+        .register_loader("hot", f, ttl, ReloadStrategy::Eager)
+        .unwrap();
+    // The eager timer loads at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Constant load: 8 readers, each reading every 25 ms for 10 TTLs.
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let (reloader, cache) = (reloader.clone(), cache.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(3 * i)).await;
+                let mut reads = 0u64;
+                let end = tokio::time::Instant::now() + 10 * ttl;
+                while tokio::time::Instant::now() < end {
+                    assert!(
+                        cache.get::<u64>("hot").await.unwrap().is_some(),
+                        "a reader saw the key missing"
+                    );
+                    let _: u64 = reloader.get("hot").await.unwrap();
+                    reads += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    let stats = reloader.stats("hot").unwrap();
+    assert_eq!(stats.misses, 0, "{stats:?}");
+    assert_eq!(stats.hits, reads);
+    assert!(reads > 8 * 3900, "{reads}");
+    // One reload per 8 s (80 % of the TTL) over ~100 s.
+    let n = runs.load(Ordering::SeqCst);
+    assert!((13..=15).contains(&n), "{n} reloads");
+    assert_eq!(stats.owned_ticks, n);
+    reloader.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_ahead_serves_the_old_value_and_reloads_in_the_background() {
+    let reloader = CacheReloader::new(memory_cache());
+    let (runs, f) = counter(SEC);
+    reloader
+        .register_loader("ra", f, 10 * SEC, ReloadStrategy::refresh_ahead())
+        .unwrap();
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    tokio::time::advance(5 * SEC).await;
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    assert_eq!(reloader.stats("ra").unwrap().refresh_ahead, 0, "too early");
+
+    tokio::time::advance(3 * SEC + Duration::from_millis(500)).await;
+    // Past 80 % of the TTL: reads get the old value at once; one refresh starts.
+    for _ in 0..10 {
+        assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    }
+    assert_eq!(reloader.stats("ra").unwrap().refresh_ahead, 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 2);
+    let KeyTtl::Expires(left) = reloader.cache().ttl_state("ra").await.unwrap() else {
+        panic!("no ttl")
+    };
+    assert!(left > 9 * SEC, "the refresh restarted the TTL: {left:?}");
+    let stats = reloader.stats("ra").unwrap();
+    assert_eq!(stats.misses, 1, "only the very first read missed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn scheduled_reloads_tick_run_callbacks_and_stop() {
+    let reloader = CacheReloader::new(memory_cache());
+    let (_, first) = counter(Duration::ZERO);
+    reloader
+        .register_loader("fresh_data", first, 300 * SEC, ReloadStrategy::Lazy)
+        .unwrap();
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let s = seen.clone();
+    reloader
+        .add_reload_callback("fresh_data", move |key: &str, value: &u64| {
+            s.lock().unwrap().push((key.to_owned(), *value));
+        })
+        .unwrap();
+    let baseline = alive_tasks();
+
+    let (runs, scheduled) = counter(Duration::ZERO);
+    reloader
+        .schedule_reload("fresh_data", 60 * SEC, scheduled)
+        .await
+        .unwrap();
+    assert_eq!(alive_tasks(), baseline + 1);
+    tokio::time::sleep(59 * SEC).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the first tick is one interval away"
+    );
+    tokio::time::sleep(4 * 60 * SEC).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    assert_eq!(reloader.get::<u64>("fresh_data").await.unwrap(), 4);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        (1..=4)
+            .map(|v| ("fresh_data".to_string(), v))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(reloader.stats("fresh_data").unwrap().owned_ticks, 4);
+
+    assert!(reloader.cancel_reload("fresh_data").await);
+    assert_eq!(alive_tasks(), baseline);
+    assert!(!reloader.cancel_reload("fresh_data").await);
+    tokio::time::sleep(10 * 60 * SEC).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "no ticks after cancel");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_key_forces_or_fills_only_missing_values() {
+    let reloader = CacheReloader::new(memory_cache());
+    let (runs, f) = counter(Duration::ZERO);
+    reloader
+        .register_loader("k", f, 10 * SEC, ReloadStrategy::Lazy)
+        .unwrap();
+    assert!(
+        reloader.reload_key("k", false).await.unwrap(),
+        "missing: loads"
+    );
+    assert!(
+        !reloader.reload_key("k", false).await.unwrap(),
+        "present: no load"
+    );
+    assert!(reloader.reload_key("k", true).await.unwrap());
+    assert_eq!(reloader.get::<u64>("k").await.unwrap(), 2);
+    tokio::time::advance(11 * SEC).await;
+    assert!(
+        reloader.reload_key("k", false).await.unwrap(),
+        "expired: loads"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn schedule_reload_registers_unknown_names_and_checks_types() {
+    let reloader = CacheReloader::builder(memory_cache())
+        .default_ttl(120 * SEC)
+        .build();
+    reloader
+        .schedule_reload("new", 30 * SEC, || async {
+            Ok::<_, String>("v".to_string())
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(31 * SEC).await;
+    assert_eq!(
+        reloader
+            .cache()
+            .get::<String>("new")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+    let left = reloader.cache().get_ttl("new").await.unwrap().unwrap();
+    assert!(left > 118 * SEC && left <= 120 * SEC, "{left:?}");
+
+    let err = reloader
+        .schedule_reload("new", 30 * SEC, || async { Ok::<_, String>(1u8) })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("holds `alloc::string::String`"),
+        "{err}"
+    );
+    assert!(reloader.get::<u8>("new").await.is_err());
+    assert!(
+        reloader
+            .add_reload_callback("new", |_: &str, _: &u8| {})
+            .is_err()
+    );
+    assert!(reloader.get::<String>("missing").await.is_err());
+    let bad = ReloadStrategy::RefreshAhead { fraction: 1.5 };
+    assert!(
+        reloader
+            .register_loader("x", || async { Ok::<_, String>(1) }, SEC, bad)
+            .is_err()
+    );
+    assert!(
+        reloader
+            .register_loader(
+                "x",
+                || async { Ok::<_, String>(1) },
+                Duration::ZERO,
+                ReloadStrategy::Lazy
+            )
+            .is_err()
+    );
+    reloader.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn loader_errors_are_returned_and_not_cached() {
+    let reloader = CacheReloader::new(memory_cache());
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    reloader
+        .register_loader(
+            "flaky",
+            move || {
+                let r = r.clone();
+                async move {
+                    match r.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err("source down"),
+                        n => Ok(n),
+                    }
+                }
+            },
+            10 * SEC,
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let err = reloader.get::<u64>("flaky").await.unwrap_err();
+    assert!(matches!(err, CacheError::Loader(_)) && err.to_string().contains("source down"));
+    assert_eq!(reloader.get::<u64>("flaky").await.unwrap(), 1);
+    assert_eq!(reloader.stats("flaky").unwrap().errors, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn eager_retries_a_failed_reload_before_expiry() {
+    let reloader = CacheReloader::new(memory_cache());
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    reloader
+        .register_loader(
+            "e",
+            move || {
+                let r = r.clone();
+                async move {
+                    // The second reload (at 8 s) fails; its retry at 10 s succeeds.
+                    match r.fetch_add(1, Ordering::SeqCst) {
+                        1 => Err("blip"),
+                        n => Ok(n),
+                    }
+                }
+            },
+            10 * SEC,
+            ReloadStrategy::Eager,
+        )
+        .unwrap();
+    tokio::time::sleep(9 * SEC).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(1100 * Duration::from_millis(1)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "retried after a quarter interval"
+    );
+    assert_eq!(reloader.cache().get::<u64>("e").await.unwrap(), Some(2));
+    reloader.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_and_drop_end_every_timer() {
+    let baseline = alive_tasks();
+    let reloader = CacheReloader::new(memory_cache());
+    let (_, a) = counter(Duration::ZERO);
+    let (_, b) = counter(Duration::ZERO);
+    reloader
+        .register_loader("a", a, 10 * SEC, ReloadStrategy::Eager)
+        .unwrap();
+    reloader.schedule_reload("b", 5 * SEC, b).await.unwrap();
+    tokio::time::sleep(SEC).await;
+    assert_eq!(alive_tasks(), baseline + 2);
+    reloader.shutdown().await;
+    assert_eq!(alive_tasks(), baseline);
+
+    let (_, c) = counter(Duration::ZERO);
+    reloader
+        .register_loader("c", c, 10 * SEC, ReloadStrategy::Eager)
+        .unwrap();
+    tokio::time::sleep(SEC).await;
+    assert_eq!(alive_tasks(), baseline + 1);
+    drop(reloader);
+    tokio::time::sleep(20 * SEC).await;
+    assert_eq!(alive_tasks(), baseline, "a dropped reloader's timers end");
+}

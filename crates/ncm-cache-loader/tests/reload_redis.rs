@@ -1,0 +1,165 @@
+//! Two `CacheReloader` instances on one real Redis (a throwaway `redis-server`): a scheduled
+//! reload has one owner, so each tick runs the loader once in total; a lazy miss on both
+//! instances at once loads once; the schedule moves to the other instance when its owner stops.
+//!
+//! Redis has no paused clock, so these tests use real time with short intervals and count
+//! loader runs per tick window.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ncm_cache_loader::{CacheReloader, ReloadStrategy};
+use ncm_cache_redis::RedisCache;
+use ncm_cache_testkit::RedisServer;
+
+type Runs = Arc<Mutex<Vec<(&'static str, Instant)>>>;
+
+fn recording_loader(
+    instance: &'static str,
+    runs: Runs,
+    work: Duration,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
++ Send
++ Sync
++ 'static {
+    move || {
+        let runs = runs.clone();
+        Box::pin(async move {
+            runs.lock().unwrap().push((instance, Instant::now()));
+            tokio::time::sleep(work).await;
+            Ok(format!("from {instance}"))
+        })
+    }
+}
+
+async fn two_instances(server: &RedisServer) -> (CacheReloader, CacheReloader) {
+    let a = RedisCache::from_url(&server.url()).await.unwrap();
+    let b = RedisCache::from_url(&server.url()).await.unwrap();
+    let lock_wait = Duration::from_secs(2);
+    (
+        CacheReloader::redis(&a).lock_wait(lock_wait).build(),
+        CacheReloader::redis(&b).lock_wait(lock_wait).build(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scheduled_tick_runs_the_loader_once_across_two_instances() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let runs: Runs = Arc::default();
+    let interval = Duration::from_millis(200);
+    let work = Duration::from_millis(20);
+
+    let started = Instant::now();
+    a.schedule_reload(
+        "shared",
+        interval,
+        recording_loader("a", runs.clone(), work),
+    )
+    .await
+    .unwrap();
+    // Offset the second instance's ticks by a third of an interval.
+    tokio::time::sleep(Duration::from_millis(70)).await;
+    b.schedule_reload(
+        "shared",
+        interval,
+        recording_loader("b", runs.clone(), work),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let elapsed = started.elapsed();
+
+    let seen = runs.lock().unwrap().clone();
+    let ticks = (elapsed.as_millis() / interval.as_millis()) as usize;
+    // At most one run per tick (fewer only if this machine stalls the timers).
+    assert!(
+        (ticks / 2..=ticks).contains(&seen.len()),
+        "{} runs for {ticks} ticks: {seen:?}",
+        seen.len()
+    );
+    assert!(
+        seen.iter().all(|(who, _)| *who == "a"),
+        "one owner: {seen:?}"
+    );
+    for pair in seen.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= interval / 2,
+            "two runs in one tick window ({gap:?}): {seen:?}"
+        );
+    }
+    let (sa, sb) = (a.stats("shared").unwrap(), b.stats("shared").unwrap());
+    assert_eq!(sa.owned_ticks as usize, seen.len());
+    assert_eq!(sb.owned_ticks, 0);
+    assert!(sb.skipped_ticks as usize >= ticks / 2, "{sb:?}");
+
+    // The owner stops: its lease is released and the other instance takes the schedule over.
+    assert!(a.cancel_reload("shared").await);
+    let before = runs.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs.lock().unwrap().len() < before + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after: Vec<_> = runs.lock().unwrap()[before..].to_vec();
+    assert!(
+        after.len() >= 2 && after.iter().all(|(who, _)| *who == "b"),
+        "{after:?}"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+    let value: Option<String> = b.cache().get("shared").await.unwrap();
+    assert_eq!(value.as_deref(), Some("from b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_on_two_instances_at_once_loads_once() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let runs: Runs = Arc::default();
+    let work = Duration::from_millis(300);
+    let ttl = Duration::from_secs(60);
+    a.register_loader(
+        "cold",
+        recording_loader("a", runs.clone(), work),
+        ttl,
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    b.register_loader(
+        "cold",
+        recording_loader("b", runs.clone(), work),
+        ttl,
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+
+    let readers: Vec<_> = (0..20)
+        .map(|i| {
+            let r = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { r.get::<String>("cold").await.unwrap() })
+        })
+        .collect();
+    let mut values = Vec::new();
+    for r in readers {
+        values.push(r.await.unwrap());
+    }
+    assert_eq!(
+        runs.lock().unwrap().len(),
+        1,
+        "one load across both instances"
+    );
+    assert!(values.windows(2).all(|w| w[0] == w[1]), "{values:?}");
+
+    // A forced reload on each instance at once: they take turns, never overlap.
+    runs.lock().unwrap().clear();
+    let (fa, fb) = tokio::join!(a.reload_key("cold", true), b.reload_key("cold", true));
+    let ran = [fa.unwrap(), fb.unwrap()];
+    let seen = runs.lock().unwrap().clone();
+    assert_eq!(seen.len(), ran.iter().filter(|r| **r).count());
+    assert!(!seen.is_empty());
+    if let [first, second] = seen.as_slice() {
+        assert!(second.1 - first.1 >= work, "reloads overlapped: {seen:?}");
+    }
+}

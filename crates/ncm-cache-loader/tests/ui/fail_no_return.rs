@@ -1,0 +1,10 @@
+use ncm_cache_loader::{CacheLoader, cache_loader};
+
+static LOADER: std::sync::LazyLock<CacheLoader> = std::sync::LazyLock::new(|| unimplemented!());
+
+#[cache_loader(loader = LOADER)]
+async fn touch(id: u64) {
+    let _ = id;
+}
+
+fn main() {}

@@ -1,0 +1,225 @@
+//! Warming: `warm_cache` results and concurrency bound, the progress hook, and background
+//! warming rounds on tokio's paused clock, with no task left behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{alive_tasks, memory_cache};
+use ncm_cache_core::CacheStrategy;
+use ncm_cache_loader::{CacheLoader, WarmConfig, WarmProgress};
+use serde_json::json;
+
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A loader whose `user` loader sleeps 10 ms, tracks how many run at once, and fails for 0.
+fn loader_with_gauge() -> (CacheLoader, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let loader = CacheLoader::new(memory_cache());
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, p) = (now.clone(), peak.clone());
+    loader
+        .register_loader(
+            "user",
+            move |id: u64| {
+                let (n, p) = (n.clone(), p.clone());
+                async move {
+                    let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(running, Ordering::SeqCst);
+                    // Decrements when the load ends or is abandoned.
+                    let _running = Running(n);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if id == 0 {
+                        Err(std::io::Error::other("no user 0"))
+                    } else {
+                        Ok(format!("user {id}"))
+                    }
+                }
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    (loader, now, peak)
+}
+
+#[tokio::test(start_paused = true)]
+async fn warm_cache_reports_every_entry_in_order_with_bounded_concurrency() {
+    let (loader, _, peak) = loader_with_gauge();
+    let progress: Arc<Mutex<Vec<WarmProgress>>> = Arc::default();
+    let seen = progress.clone();
+    loader.on_warm_progress(move |p| seen.lock().unwrap().push(p));
+
+    let mut configs: Vec<WarmConfig> = (1..=40).map(|id| WarmConfig::new("user", id)).collect();
+    configs.push(WarmConfig::new("user", 0));
+    configs.push(WarmConfig::new("user", json!("not a number")));
+    configs.push(WarmConfig::new("nobody", 1));
+    let results = loader.warm_cache(configs, 5).await;
+
+    assert_eq!(results.len(), 43);
+    assert!(results[..40].iter().all(|r| r.is_ok()));
+    assert_eq!(results[0].key.as_deref(), Some("loader:user:1"));
+    assert_eq!(results[39].key.as_deref(), Some("loader:user:40"));
+    assert!(results[0].elapsed >= Duration::from_millis(10));
+    assert!(
+        results[40]
+            .outcome
+            .as_ref()
+            .unwrap_err()
+            .contains("no user 0")
+    );
+    assert!(
+        results[41]
+            .outcome
+            .as_ref()
+            .unwrap_err()
+            .contains("do not fit `u64`")
+    );
+    assert_eq!(results[41].key, None);
+    assert!(
+        results[42]
+            .outcome
+            .as_ref()
+            .unwrap_err()
+            .contains("no loader registered")
+    );
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        5,
+        "at most `concurrency` at once"
+    );
+
+    // The values are cached now.
+    let v: String = loader.load("user", 7u64).await.unwrap();
+    assert_eq!(v, "user 7");
+    assert_eq!(loader.get_loader_stats().loaders["user"].hits, 1);
+
+    let progress = progress.lock().unwrap();
+    assert_eq!(progress.len(), 43);
+    let last = progress.last().unwrap();
+    assert_eq!(
+        (last.completed, last.total, last.failed, last.round),
+        (43, 43, 3, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn warming_overwrites_cached_values() {
+    let loader = CacheLoader::new(memory_cache());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    loader
+        .register_loader(
+            "counter",
+            move |(): ()| {
+                let r = r.clone();
+                async move { Ok::<_, std::io::Error>(r.fetch_add(1, Ordering::SeqCst)) }
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    assert_eq!(loader.load::<(), usize>("counter", ()).await.unwrap(), 0);
+    let results = loader
+        .warm_cache([WarmConfig::new("counter", json!(null))], 1)
+        .await;
+    assert!(results[0].is_ok());
+    assert_eq!(loader.load::<(), usize>("counter", ()).await.unwrap(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_warming_runs_rounds_until_stopped_and_leaves_no_task() {
+    let (loader, _, _) = loader_with_gauge();
+    let rounds_seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let seen = rounds_seen.clone();
+    loader.on_warm_progress(move |p| {
+        if p.completed == p.total {
+            seen.lock().unwrap().push(p.round);
+        }
+    });
+    let baseline = alive_tasks();
+    let configs: Vec<WarmConfig> = (1..=10).map(|id| WarmConfig::new("user", id)).collect();
+    loader
+        .start_background_warming(configs, Duration::from_secs(3600), 5)
+        .await
+        .unwrap();
+    assert!(loader.is_background_warming());
+    assert_eq!(alive_tasks(), baseline + 1);
+
+    // Rounds at 0 h, 1 h and 2 h.
+    tokio::time::sleep(Duration::from_secs(2 * 3600 + 1800)).await;
+    assert_eq!(loader.warming_rounds(), 3);
+    assert_eq!(*rounds_seen.lock().unwrap(), vec![1, 2, 3]);
+    assert!(loader.get_health_status().await.background_warming);
+
+    assert!(loader.stop_background_warming().await);
+    assert!(!loader.is_background_warming());
+    assert_eq!(
+        alive_tasks(),
+        baseline,
+        "no task survives stop_background_warming()"
+    );
+    assert!(
+        !loader.stop_background_warming().await,
+        "stopping twice is harmless"
+    );
+
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    assert_eq!(loader.warming_rounds(), 3, "no rounds after stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_mid_round_and_restarting_replace_the_task() {
+    let (loader, running, _) = loader_with_gauge();
+    let baseline = alive_tasks();
+    let configs: Vec<WarmConfig> = (1..=100).map(|id| WarmConfig::new("user", id)).collect();
+    loader
+        .start_background_warming(configs.clone(), Duration::from_secs(60), 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    assert!(running.load(Ordering::SeqCst) > 0, "a round is in progress");
+    // Starting again replaces the running warming.
+    loader
+        .start_background_warming(configs, Duration::from_secs(60), 2)
+        .await
+        .unwrap();
+    assert_eq!(alive_tasks(), baseline + 1);
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    assert!(loader.stop_background_warming().await);
+    assert_eq!(
+        running.load(Ordering::SeqCst),
+        0,
+        "in-flight loads were abandoned"
+    );
+    assert_eq!(alive_tasks(), baseline);
+    assert!(
+        loader
+            .start_background_warming(vec![], Duration::ZERO, 1)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_loader_ends_background_warming() {
+    let (loader, _, _) = loader_with_gauge();
+    let baseline = alive_tasks();
+    loader
+        .start_background_warming(vec![WarmConfig::new("user", 1)], Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(alive_tasks(), baseline + 1);
+    drop(loader);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(alive_tasks(), baseline);
+}
