@@ -45,6 +45,24 @@ pub use ncm_cache_loader::{
     CacheLoader, CacheReloader, ReloadStrategy, cache_loader, cache_method,
 };
 
+/// SQL query caching with table invalidation (feature `sql`, drivers `sqlite` / `postgres` /
+/// `mysql`).
+#[cfg(feature = "sql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sql")))]
+pub use ncm_cache_sql as sql;
+#[cfg(feature = "sql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sql")))]
+pub use ncm_cache_sql::{QueryCacheStrategy, SqlCache};
+
+/// Write-through / write-behind / write-around and invalidation strategies (feature
+/// `strategies`).
+#[cfg(feature = "strategies")]
+#[cfg_attr(docsrs, doc(cfg(feature = "strategies")))]
+pub use ncm_cache_strategies as strategies;
+#[cfg(feature = "strategies")]
+#[cfg_attr(docsrs, doc(cfg(feature = "strategies")))]
+pub use ncm_cache_strategies::CacheStrategies;
+
 /// The names most programs need: `use ncm_cache::prelude::*;`.
 pub mod prelude {
     pub use ncm_cache_codec::{CompressionType, SerializationType, Serializer, SerializerFactory};
@@ -61,4 +79,8 @@ pub mod prelude {
     pub use ncm_cache_multilevel::MultiLevelCache;
     #[cfg(feature = "redis")]
     pub use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
+    #[cfg(feature = "sql")]
+    pub use ncm_cache_sql::{QueryCacheStrategy, SqlCache};
+    #[cfg(feature = "strategies")]
+    pub use ncm_cache_strategies::CacheStrategies;
 }

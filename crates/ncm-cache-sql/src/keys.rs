@@ -1,0 +1,334 @@
+//! Statement analysis (placeholders, canonical text, tables) and the cache keys built from it.
+//!
+//! An entry's key is `{namespace}:{db identity}:|{table}|{table}|:{hash}`:
+//!
+//! - the namespace (default `sql`) and the executor's identity keep databases apart;
+//! - the tables the statement reads, bare and lowercased (`public.users` → `users`), sorted,
+//!   with `%`, `|` and `:` percent-encoded — `|%|` marks a statement whose tables are unknown;
+//! - a 128-bit xxh3 hash of the canonical statement (sqlparser's rendering: whitespace and
+//!   keyword case do not matter, literals do) and of the parameter values.
+//!
+//! Because the tables are in the key, invalidating a table is one pattern delete
+//! (`…:*|users|*`) on any backend, and the "index" expires with the entries themselves.
+
+use std::ops::ControlFlow;
+
+use ncm_cache_core::escape_glob;
+use sqlparser::ast::{Ident, VisitMut, VisitorMut};
+use sqlparser::tokenizer::{Token, Tokenizer};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::executor::SqlDialect;
+use crate::params::{Template, translate};
+use crate::tables::{self, TableName, footprint};
+use crate::value::SqlValue;
+
+/// The longest tables segment we put in a key; statements naming more are not cached.
+const MAX_TAGS_LEN: usize = 1024;
+
+/// Everything derived from a statement's text (memoized per SQL string).
+#[derive(Debug)]
+pub(crate) struct Analysis {
+    /// The SQL rewritten for the driver.
+    pub(crate) template: Template,
+    /// Canonical text: hashed into keys, shown in logs and the slow-query list.
+    pub(crate) normalized: String,
+    /// `false` when sqlparser could not parse the statement.
+    pub(crate) parsed: bool,
+    /// Bare table names read or written, sorted; `None` when unknown.
+    pub(crate) tags: Option<Vec<String>>,
+    /// Tables written (empty: none); `unknown_writes` when they cannot be named.
+    pub(crate) writes: Vec<TableName>,
+    pub(crate) unknown_writes: bool,
+}
+
+impl Analysis {
+    pub(crate) fn new(sql: &str, dialect: SqlDialect, names: Option<&[&str]>) -> Self {
+        let template = translate(sql, dialect, names);
+        match tables::parse(&template.sql, dialect) {
+            Ok(mut statements) if !statements.is_empty() => {
+                if dialect == SqlDialect::Postgres {
+                    // PostgreSQL folds unquoted names to lowercase (result column names too),
+                    // so `SELECT ID FROM Users` is `select id from users`.
+                    let _ = statements.visit(&mut FoldUnquoted);
+                }
+                let normalized = statements
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let fp = footprint(&statements);
+                let mut tags: Vec<String> = fp
+                    .reads
+                    .iter()
+                    .chain(fp.writes.iter())
+                    .map(|t| t.bare().to_owned())
+                    .collect();
+                tags.sort();
+                tags.dedup();
+                Self {
+                    template,
+                    normalized,
+                    parsed: true,
+                    tags: Some(tags),
+                    writes: fp.writes.into_iter().collect(),
+                    unknown_writes: fp.unknown_writes,
+                }
+            }
+            _ => Self {
+                normalized: collapse_whitespace(&template.sql, dialect),
+                template,
+                parsed: false,
+                tags: None,
+                writes: Vec::new(),
+                unknown_writes: true,
+            },
+        }
+    }
+
+    /// `true` when the statement changes data (or might, and could be parsed): such results
+    /// are never cached.
+    pub(crate) fn is_write(&self) -> bool {
+        self.parsed && (self.unknown_writes || !self.writes.is_empty())
+    }
+}
+
+/// Lowercases unquoted identifiers.
+struct FoldUnquoted;
+
+impl VisitorMut for FoldUnquoted {
+    type Break = ();
+
+    fn pre_visit_ident(&mut self, ident: &mut Ident) -> ControlFlow<()> {
+        if ident.quote_style.is_none() {
+            ident.value = ident.value.to_lowercase();
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Token-wise whitespace collapse for statements sqlparser cannot parse: literals and quoted
+/// names keep their exact text.
+fn collapse_whitespace(sql: &str, dialect: SqlDialect) -> String {
+    let Ok(tokens) = Tokenizer::new(dialect.parser_dialect(), sql)
+        .with_unescape(false)
+        .tokenize()
+    else {
+        return sql.to_owned();
+    };
+    let mut out = String::with_capacity(sql.len());
+    let mut pending_space = false;
+    for token in tokens {
+        if let Token::Whitespace(_) = token {
+            pending_space = true;
+            continue;
+        }
+        if pending_space && !out.is_empty() {
+            out.push(' ');
+        }
+        pending_space = false;
+        out.push_str(&token.to_string());
+    }
+    out
+}
+
+/// Builds keys and patterns for one database.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    /// `{namespace}:{identity}:`
+    prefix: String,
+    escaped_prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(namespace: &str, identity: &str) -> Self {
+        let prefix = format!("{namespace}:{identity}:");
+        Self {
+            escaped_prefix: escape_glob(&prefix).into_owned(),
+            prefix,
+        }
+    }
+
+    /// The entry key, or `None` when the statement names too many tables to fit.
+    pub(crate) fn entry(&self, analysis: &Analysis, values: &[SqlValue]) -> Option<String> {
+        let tags = match &analysis.tags {
+            Some(tags) => {
+                let mut s = String::from("|");
+                for t in tags {
+                    s.push_str(&encode_tag(t));
+                    s.push('|');
+                }
+                s
+            }
+            None => "|%|".to_owned(),
+        };
+        if tags.len() > MAX_TAGS_LEN {
+            return None;
+        }
+        Some(format!(
+            "{}{tags}:{:032x}",
+            self.prefix,
+            hash(&analysis.normalized, values)
+        ))
+    }
+
+    /// Entries that read `table` (a bare, lowercased name).
+    pub(crate) fn table_pattern(&self, table: &str) -> String {
+        format!(
+            "{}*|{}|*",
+            self.escaped_prefix,
+            escape_glob(&encode_tag(table))
+        )
+    }
+
+    /// Entries whose tables are unknown.
+    pub(crate) fn unknown_pattern(&self) -> String {
+        format!("{}*|%|*", self.escaped_prefix)
+    }
+
+    /// Every entry of this database.
+    pub(crate) fn all_pattern(&self) -> String {
+        format!("{}*", self.escaped_prefix)
+    }
+
+    /// A user glob over the part of the key after the database (`|tables|:hash`).
+    pub(crate) fn user_pattern(&self, glob: &str) -> String {
+        format!("{}{glob}", self.escaped_prefix)
+    }
+}
+
+fn encode_tag(tag: &str) -> String {
+    let mut out = String::with_capacity(tag.len());
+    for c in tag.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '|' => out.push_str("%7C"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// xxh3-128 of the canonical statement and the values' stable encoding.
+fn hash(normalized: &str, values: &[SqlValue]) -> u128 {
+    let mut h = Xxh3::new();
+    h.update(&(normalized.len() as u64).to_le_bytes());
+    h.update(normalized.as_bytes());
+    let mut buf = Vec::with_capacity(64);
+    for v in values {
+        buf.clear();
+        v.stable_bytes(&mut buf);
+        h.update(&buf);
+    }
+    h.digest128()
+}
+
+#[cfg(test)]
+mod tests {
+    use ncm_cache_core::GlobPattern;
+
+    use super::*;
+
+    fn key(sql: &str, values: &[SqlValue]) -> String {
+        let keys = Keys::new("sql", "postgres://h:5432/db");
+        keys.entry(&Analysis::new(sql, SqlDialect::Postgres, None), values)
+            .unwrap()
+    }
+
+    #[test]
+    fn whitespace_and_keyword_case_do_not_matter_literals_do() {
+        let a = key("SELECT * FROM users WHERE id = %s", &[SqlValue::Int(1)]);
+        let b = key(
+            "select *\n  from   USERS where ID=%s  ",
+            &[SqlValue::Int(1)],
+        );
+        // PostgreSQL folds unquoted names; quoted ones are case-sensitive.
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            key("SELECT * FROM \"USERS\" WHERE id = %s", &[SqlValue::Int(1)])
+        );
+        // SQLite and MySQL report result column names as written: case is kept.
+        let keys = Keys::new("sql", "sqlite");
+        let lite = |sql: &str| keys.entry(&Analysis::new(sql, SqlDialect::Sqlite, None), &[]);
+        assert_eq!(lite("select ID from t"), lite("SELECT   ID FROM t"));
+        assert_ne!(lite("SELECT id FROM t"), lite("SELECT ID FROM t"));
+        assert_ne!(
+            a,
+            key("SELECT * FROM users WHERE id = %s", &[SqlValue::Int(2)])
+        );
+        assert_ne!(
+            a,
+            key(
+                "SELECT * FROM users WHERE id = %s",
+                &[SqlValue::Text("1".into())]
+            )
+        );
+        assert_ne!(
+            key("SELECT * FROM t WHERE n = 'a  b'", &[]),
+            key("SELECT * FROM t WHERE n = 'a b'", &[])
+        );
+        assert_ne!(key("SELECT 1.0", &[]), key("SELECT 1.00", &[]));
+    }
+
+    #[test]
+    fn keys_carry_the_tables() {
+        let k = key(
+            "SELECT * FROM public.users u JOIN orders o ON o.uid = u.id",
+            &[],
+        );
+        assert!(
+            k.starts_with("sql:postgres://h:5432/db:|orders|users|:"),
+            "{k}"
+        );
+        let keys = Keys::new("sql", "postgres://h:5432/db");
+        let users = GlobPattern::new(&keys.table_pattern("users")).unwrap();
+        let user = GlobPattern::new(&keys.table_pattern("user")).unwrap();
+        assert!(users.matches(&k));
+        assert!(!user.matches(&k));
+        // Unparseable SQL is tagged unknown, and matched by the unknown pattern.
+        let u = key("SELEKT whatever FROM", &[]);
+        assert!(u.contains(":|%|:"), "{u}");
+        assert!(
+            GlobPattern::new(&keys.unknown_pattern())
+                .unwrap()
+                .matches(&u)
+        );
+        assert!(!users.matches(&u));
+    }
+
+    #[test]
+    fn odd_table_names_are_encoded_and_escaped() {
+        let keys = Keys::new("sql", "db[1]*");
+        let a = Analysis::new(
+            r#"SELECT * FROM "a|b:c%" JOIN "x*""#,
+            SqlDialect::Postgres,
+            None,
+        );
+        let k = keys.entry(&a, &[]).unwrap();
+        assert!(k.contains("|a%7Cb%3Ac%25|x*|"), "{k}");
+        let g = GlobPattern::new(&keys.table_pattern("x*")).unwrap();
+        assert!(g.matches(&k));
+        let other = Keys::new("sql", "db[1]x");
+        assert!(!g.matches(&other.entry(&a, &[]).unwrap()));
+    }
+
+    #[test]
+    fn collapse_keeps_literals() {
+        assert_eq!(
+            collapse_whitespace("SELEKT  'a   b' ,\n\t\"C  d\"", SqlDialect::Postgres),
+            "SELEKT 'a   b' , \"C  d\""
+        );
+    }
+
+    #[test]
+    fn writes_are_detected() {
+        let a = Analysis::new("INSERT INTO t (a) VALUES (%s)", SqlDialect::Postgres, None);
+        assert!(a.is_write());
+        assert_eq!(a.writes, vec![TableName(vec!["t".into()])]);
+        assert!(!Analysis::new("SELECT 1", SqlDialect::Postgres, None).is_write());
+        let bad = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None);
+        assert!(!bad.parsed && !bad.is_write() && bad.unknown_writes);
+    }
+}

@@ -1,0 +1,235 @@
+//! PostgreSQL LISTEN/NOTIFY: triggers that announce writes, and a listener that invalidates
+//! the cached queries of the tables written — by this process or anyone else.
+
+use std::time::Duration;
+
+use ncm_cache_core::{Codec, Result};
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::cache::SqlCache;
+use crate::executor::database_error;
+
+/// The channel the triggers notify and the listener listens on.
+pub const NOTIFY_CHANNEL: &str = "ncm_cache_invalidate";
+
+/// Name of the trigger function (created in each table's schema) and of the triggers.
+const TRIGGER_NAME: &str = "ncm_cache_invalidate";
+
+/// Installs (or replaces) statement-level triggers that `pg_notify` [`NOTIFY_CHANNEL`] with
+/// the table's quoted `schema.table` after every `INSERT`, `UPDATE`, `DELETE` and `TRUNCATE`.
+///
+/// `tables` are resolved like in SQL (`users`, `app.users`, `"Users"`); the trigger function
+/// is created in each table's schema. Returns the resolved `schema.table` names. Needs the
+/// privilege to create functions and triggers; installs are serialized with an advisory lock
+/// so concurrent callers do not collide.
+pub async fn install_triggers<S: AsRef<str>>(pool: &PgPool, tables: &[S]) -> Result<Vec<String>> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| database_error("cannot start a transaction", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ncm_cache_triggers'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| database_error("cannot take the trigger lock", e))?;
+    let mut resolved = Vec::new();
+    let mut schemas_done: Vec<String> = Vec::new();
+    for table in tables {
+        let row = sqlx::query(
+            "SELECT n.nspname AS schema, c.relname AS name \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = $1::regclass",
+        )
+        .bind(table.as_ref())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| database_error(&format!("unknown table {:?}", table.as_ref()), e))?;
+        let schema: String = row
+            .try_get("schema")
+            .map_err(|e| database_error("bad catalog row", e))?;
+        let name: String = row
+            .try_get("name")
+            .map_err(|e| database_error("bad catalog row", e))?;
+        let (qs, qt) = (quote_ident(&schema), quote_ident(&name));
+        if !schemas_done.contains(&schema) {
+            let function = format!(
+                "CREATE OR REPLACE FUNCTION {qs}.{TRIGGER_NAME}() RETURNS trigger \
+                 LANGUAGE plpgsql AS $ncm$ BEGIN \
+                 PERFORM pg_notify('{NOTIFY_CHANNEL}', \
+                 quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME)); \
+                 RETURN NULL; END $ncm$"
+            );
+            sqlx::query(AssertSqlSafe(function))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| database_error("cannot create the trigger function", e))?;
+            schemas_done.push(schema.clone());
+        }
+        for ddl in [
+            format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {qs}.{qt}"),
+            format!(
+                "CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE \
+                 ON {qs}.{qt} FOR EACH STATEMENT EXECUTE FUNCTION {qs}.{TRIGGER_NAME}()"
+            ),
+        ] {
+            sqlx::query(AssertSqlSafe(ddl))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| database_error("cannot create the trigger", e))?;
+        }
+        resolved.push(format!("{schema}.{name}"));
+    }
+    tx.commit()
+        .await
+        .map_err(|e| database_error("cannot commit the triggers", e))?;
+    Ok(resolved)
+}
+
+/// Removes the triggers [`install_triggers`] created on `tables` (the functions stay; they are
+/// dropped with their schema).
+pub async fn uninstall_triggers<S: AsRef<str>>(pool: &PgPool, tables: &[S]) -> Result<()> {
+    for table in tables {
+        let row = sqlx::query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS q \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = $1::regclass",
+        )
+        .bind(table.as_ref())
+        .fetch_one(pool)
+        .await
+        .map_err(|e| database_error(&format!("unknown table {:?}", table.as_ref()), e))?;
+        let qualified: String = row
+            .try_get("q")
+            .map_err(|e| database_error("bad catalog row", e))?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {qualified}"
+        )))
+        .execute(pool)
+        .await
+        .map_err(|e| database_error("cannot drop the trigger", e))?;
+    }
+    Ok(())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A running invalidation listener. Stop it with [`stop`](Self::stop); dropping the handle
+/// aborts the task, so it never outlives its owner.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ListenerHandle {
+    /// Stops listening and waits for the task to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// `true` while the listener task runs.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl<C: Codec> SqlCache<C> {
+    /// Listens on [`NOTIFY_CHANNEL`] and invalidates a table's cached queries whenever its
+    /// trigger (see [`install_triggers`]) reports a write — including writes by other
+    /// programs. Returns once `LISTEN` is in effect.
+    ///
+    /// If the connection drops, the listener reconnects (with backoff) and, because
+    /// notifications may have been missed meanwhile, invalidates every cached query of this
+    /// database once it listens again.
+    pub async fn listen_postgres(&self, pool: PgPool) -> Result<ListenerHandle> {
+        let listener = connect(&pool).await?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let cache = self.clone();
+        let task = tokio::spawn(async move { cache.listen_loop(pool, listener, stop_rx).await });
+        Ok(ListenerHandle {
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    async fn listen_loop(
+        self,
+        pool: PgPool,
+        mut listener: PgListener,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                _ = &mut stop => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(Some(notification)) => {
+                    let table = notification.payload();
+                    if let Err(e) = self.invalidate_table(table).await {
+                        tracing::warn!(table, error = %e, "invalidation from NOTIFY failed");
+                    }
+                }
+                // The connection dropped and sqlx reconnected: resynchronize.
+                Ok(None) => self.resync().await,
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "invalidation listener lost its connection");
+                    let mut delay = Duration::from_millis(100);
+                    listener = loop {
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        if pool.is_closed() {
+                            return;
+                        }
+                        match connect(&pool).await {
+                            Ok(l) => break l,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "listener reconnect failed");
+                                delay = (delay * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    };
+                    self.resync().await;
+                }
+            }
+        }
+    }
+
+    async fn resync(&self) {
+        match self.invalidate_all().await {
+            Ok(n) => tracing::info!(removed = n, "listener reconnected; cached queries cleared"),
+            Err(e) => tracing::warn!(error = %e, "listener reconnected; clearing the cache failed"),
+        }
+    }
+}
+
+async fn connect(pool: &PgPool) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(pool)
+        .await
+        .map_err(|e| database_error("cannot connect the listener", e))?;
+    listener
+        .listen(NOTIFY_CHANNEL)
+        .await
+        .map_err(|e| database_error("LISTEN failed", e))?;
+    Ok(listener)
+}

@@ -1,0 +1,155 @@
+//! Which tables a statement reads and writes, from sqlparser's syntax tree.
+//!
+//! Reads are every relation the statement names — in joins, subqueries, CTE bodies, set
+//! operations, `INSERT … SELECT` sources, `UPDATE … FROM` — except CTE names used inside their
+//! scope and table-valued functions. Writes are the targets of `INSERT`, `UPDATE`, `DELETE`,
+//! `MERGE`, `TRUNCATE`, `COPY … FROM`, `SELECT … INTO` and table DDL, including DML nested in
+//! CTEs. Names are lowercased (case never prevents an invalidation; at worst two tables that
+//! differ only in quoted case share one).
+
+use std::collections::BTreeSet;
+
+use ncm_cache_core::{CacheError, Result};
+use sqlparser::ast::{ObjectName, ObjectNamePart, Statement, Visit};
+use sqlparser::parser::Parser;
+
+use crate::executor::SqlDialect;
+
+mod collector;
+
+use collector::{Collector, root_is_opaque};
+
+/// Maximum nesting sqlparser accepts before it reports an error (deeper input is rejected,
+/// never overflows the stack).
+const RECURSION_LIMIT: usize = 64;
+
+/// A table name: its identifier parts, lowercased (`["public", "users"]`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct TableName(pub(crate) Vec<String>);
+
+impl TableName {
+    pub(crate) fn from_object_name(name: &ObjectName) -> Self {
+        Self(
+            name.0
+                .iter()
+                .map(|part| match part {
+                    ObjectNamePart::Identifier(ident) => ident.value.to_lowercase(),
+                    other => other.to_string().to_lowercase(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The table without schema or database (`users`): what cache entries are tagged with.
+    pub(crate) fn bare(&self) -> &str {
+        self.0.last().map_or("", String::as_str)
+    }
+
+    /// `schema.table` as written.
+    pub(crate) fn qualified(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+/// What a statement changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writes {
+    /// Nothing: a query, or a statement that changes no table data (`SET`, `BEGIN`, `SHOW`…).
+    None,
+    /// These tables (qualified names as written, lowercased).
+    Tables(Vec<String>),
+    /// Something we cannot see (`CALL`, `DROP SCHEMA`, unparseable SQL): treat every table as
+    /// changed.
+    Unknown,
+}
+
+/// What one parsed statement (or script) touches.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Footprint {
+    pub(crate) reads: BTreeSet<TableName>,
+    pub(crate) writes: BTreeSet<TableName>,
+    pub(crate) unknown_writes: bool,
+}
+
+/// Parses `sql` with the dialect (bounded recursion).
+pub(crate) fn parse(sql: &str, dialect: SqlDialect) -> Result<Vec<Statement>> {
+    Parser::new(dialect.parser_dialect())
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+        .map_err(|e| CacheError::InvalidArgument(format!("cannot parse SQL: {e}")))
+}
+
+/// The tables a statement reads or writes, as `schema.table` / `table` (lowercased, sorted,
+/// without duplicates). CTE names and table functions are not tables.
+///
+/// ```
+/// use ncm_cache_sql::{referenced_tables, SqlDialect};
+/// let sql = "WITH recent AS (SELECT * FROM public.orders WHERE day > now() - interval '1 day')
+///            SELECT u.name, r.total FROM Users u JOIN recent r ON r.user_id = u.id
+///            WHERE u.id IN (SELECT user_id FROM \"Bans\")";
+/// assert_eq!(
+///     referenced_tables(sql, SqlDialect::Postgres).unwrap(),
+///     vec!["bans", "public.orders", "users"],
+/// );
+/// ```
+pub fn referenced_tables(sql: &str, dialect: SqlDialect) -> Result<Vec<String>> {
+    let fp = footprint(&parse(sql, dialect)?);
+    let all: BTreeSet<String> = fp
+        .reads
+        .iter()
+        .chain(fp.writes.iter())
+        .map(TableName::qualified)
+        .collect();
+    Ok(all.into_iter().collect())
+}
+
+/// The tables a statement changes.
+///
+/// ```
+/// use ncm_cache_sql::{written_tables, SqlDialect, Writes};
+/// let w = written_tables("UPDATE accounts a SET balance = b.total FROM balances b WHERE a.id = b.id",
+///                        SqlDialect::Postgres).unwrap();
+/// assert_eq!(w, Writes::Tables(vec!["accounts".into()]));
+/// assert_eq!(written_tables("SELECT 1", SqlDialect::Postgres).unwrap(), Writes::None);
+/// assert_eq!(written_tables("CALL refresh()", SqlDialect::Postgres).unwrap(), Writes::Unknown);
+/// ```
+pub fn written_tables(sql: &str, dialect: SqlDialect) -> Result<Writes> {
+    Ok(footprint(&parse(sql, dialect)?).writes())
+}
+
+impl Footprint {
+    pub(crate) fn writes(&self) -> Writes {
+        if self.unknown_writes {
+            Writes::Unknown
+        } else if self.writes.is_empty() {
+            Writes::None
+        } else {
+            Writes::Tables(self.writes.iter().map(TableName::qualified).collect())
+        }
+    }
+}
+
+/// Reads and writes of parsed statements.
+pub(crate) fn footprint(statements: &[Statement]) -> Footprint {
+    let mut c = Collector::default();
+    for statement in statements {
+        if root_is_opaque(statement) {
+            c.fp.unknown_writes = true;
+        }
+        let _ = statement.visit(&mut c);
+    }
+    c.fp
+}
+
+/// Parses a table name given by a user or a notification (`users`, `public.users`,
+/// `"My Table"`) into its lowercased parts.
+pub(crate) fn parse_table_name(name: &str, dialect: SqlDialect) -> TableName {
+    let parsed = Parser::new(dialect.parser_dialect())
+        .try_with_sql(name)
+        .and_then(|mut p| p.parse_object_name(false));
+    match parsed {
+        Ok(object) if !object.0.is_empty() => TableName::from_object_name(&object),
+        _ => TableName(vec![name.trim().to_lowercase()]),
+    }
+}

@@ -1,0 +1,506 @@
+//! SqlCache on PostgreSQL (own schema per test): the common suite, every parameter and value
+//! type, typed errors with SQLSTATE, and the LISTEN/NOTIFY listener (writes by a separate
+//! connection invalidate within 1 s; reconnection).
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use ncm_cache_sql::postgres::{install_triggers, uninstall_triggers};
+use ncm_cache_sql::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use ncm_cache_sql::sqlx::{AssertSqlSafe, Connection};
+use ncm_cache_sql::{
+    PgExecutor, QueryCacheStrategy, SqlCache, SqlExecutor, SqlValue, database_error_code, params,
+};
+use support::{Probe, common_suite, eventually, memory_cache, pg};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn common_suite_on_postgres() {
+    let Some(db) = pg::db("common_suite_on_postgres").await else {
+        return;
+    };
+    let executor = PgExecutor::new(db.pool.clone());
+    assert!(
+        executor.identity().contains(&db.schema),
+        "{}",
+        executor.identity()
+    );
+    let probe = Arc::new(Probe::new(executor));
+    let cache = SqlCache::builder_shared(memory_cache(), probe.clone())
+        .build()
+        .unwrap();
+    common_suite(&cache, &probe).await;
+}
+
+fn ts() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_parameter_and_column_type_on_postgres() {
+    let Some(db) = pg::db("every_parameter_and_column_type_on_postgres").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache
+        .execute(
+            "CREATE TABLE t (id serial PRIMARY KEY, n integer, b boolean, i2 smallint, i4 integer, \
+             i8 bigint, f4 real, f8 double precision, s text, vc varchar(40), x bytea, \
+             ts timestamp, tz timestamptz, j json, jb jsonb, num numeric(12, 4), d date, \
+             tm time, u uuid, ia integer[], ta text[], mood_col text)",
+            (),
+        )
+        .await
+        .unwrap();
+    let json = serde_json::json!({"a": [1, 2.5, null], "b": {"c": "d"}});
+    cache
+        .execute(
+            "INSERT INTO t (n, b, i2, i4, i8, f4, f8, s, vc, x, ts, tz, j, jb, num, d, tm, u, ia, ta) \
+             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, \
+             12.5, '2024-02-29', '13:14:15.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', \
+             ARRAY[1, NULL, 3], ARRAY['x', 'y'])",
+            params![
+                SqlValue::Null,
+                true,
+                -32768,
+                2_147_483_647,
+                i64::MIN,
+                1.5,
+                -0.1,
+                "O'Reilly %s :x $1",
+                "varchar",
+                vec![0u8, 1, 255],
+                ts(),
+                ts(),
+                json.clone(),
+                json.clone()
+            ],
+        )
+        .await
+        .unwrap();
+    // Each type as a WHERE parameter (the untyped NULL too).
+    let sql = "SELECT n, b, i2, i4, i8, f4, f8, s, vc, x, ts, tz, j, jb, num, d, tm, u, ia, ta \
+               FROM t WHERE b = %(b)s AND i8 = %(i8)s AND f8 = %(f8)s AND s = %(s)s AND x = %(x)s \
+               AND tz = %(tz)s AND ts = %(tz)s AND jb = %(j)s AND i4 = %(i4)s \
+               AND (n = %(null)s OR n IS NULL)";
+    let named = params! {
+        "b" => true, "i8" => i64::MIN, "f8" => -0.1, "s" => "O'Reilly %s :x $1",
+        "x" => vec![0u8, 1, 255], "tz" => ts(), "j" => json.clone(), "i4" => 2_147_483_647,
+        "null" => SqlValue::Null
+    };
+    let rows = cache.query(sql, named.clone()).await.unwrap();
+    assert_eq!(rows.len(), 1, "every bound type matches");
+    let expect = [
+        ("n", SqlValue::Null),
+        ("b", SqlValue::Bool(true)),
+        ("i2", SqlValue::Int(-32768)),
+        ("i4", SqlValue::Int(2_147_483_647)),
+        ("i8", SqlValue::Int(i64::MIN)),
+        ("f4", SqlValue::Float(1.5)),
+        ("f8", SqlValue::Float(-0.1)),
+        ("s", SqlValue::from("O'Reilly %s :x $1")),
+        ("vc", SqlValue::from("varchar")),
+        ("x", SqlValue::Bytes(vec![0, 1, 255])),
+        ("ts", SqlValue::Timestamp(ts())),
+        ("tz", SqlValue::Timestamp(ts())),
+        ("j", SqlValue::Json(json.clone())),
+        ("jb", SqlValue::Json(json.clone())),
+        ("num", SqlValue::from("12.5000")),
+        ("d", SqlValue::from("2024-02-29")),
+        ("tm", SqlValue::from("13:14:15.500")),
+        ("u", SqlValue::from("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+        ("ia", SqlValue::Json(serde_json::json!([1, null, 3]))),
+        ("ta", SqlValue::Json(serde_json::json!(["x", "y"]))),
+    ];
+    for (col, want) in &expect {
+        assert_eq!(rows.get(0, col), Some(want), "column {col}");
+    }
+    // The cached copy is identical, and typed reads work from it.
+    let cached = cache
+        .cache_query(sql, named.clone(), QueryCacheStrategy::CacheOnly, None)
+        .await
+        .unwrap();
+    assert_eq!(cached.as_ref(), Some(&rows));
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        b: bool,
+        i2: i16,
+        f4: f32,
+        num: f64,
+        ts: NaiveDateTime,
+        tz: DateTime<Utc>,
+        jb: serde_json::Value,
+        x: Vec<u8>,
+        n: Option<i32>,
+    }
+    let typed: Vec<Typed> = cache.query_as(sql, named).await.unwrap();
+    let t = &typed[0];
+    assert!(t.b && t.i2 == -32768 && t.f4 == 1.5 && t.num == 12.5 && t.n.is_none());
+    assert_eq!((t.ts.and_utc(), t.tz), (ts(), ts()));
+    assert_eq!((&t.jb, t.x.as_slice()), (&json, &[0u8, 1, 255][..]));
+    // The untyped NULL parameter fits any column type.
+    cache
+        .execute(
+            "UPDATE t SET ts = %s, jb = %s, x = %s",
+            params![SqlValue::Null, SqlValue::Null, SqlValue::Null],
+        )
+        .await
+        .unwrap();
+    let nulls = cache.query("SELECT ts, jb, x FROM t", ()).await.unwrap();
+    assert_eq!(nulls.rows[0], vec![SqlValue::Null; 3]);
+    // Unsupported column types are a typed error naming a fix.
+    let err = cache
+        .query("SELECT point(1, 2) AS p", ())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cast"), "{err}");
+    assert_eq!(
+        cache
+            .query("SELECT point(1, 2)::text AS p", ())
+            .await
+            .unwrap()
+            .get(0, "p"),
+        Some(&SqlValue::from("(1,2)"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sql_returns_the_database_error_with_its_sqlstate() {
+    let Some(db) = pg::db("bad_sql_returns_the_database_error_with_its_sqlstate").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    let syntax = cache.query("SELECT FROM WHERE", ()).await.unwrap_err();
+    assert_eq!(
+        database_error_code(&syntax).as_deref(),
+        Some("42601"),
+        "{syntax}"
+    );
+    let missing = cache
+        .query("SELECT * FROM missing_table", ())
+        .await
+        .unwrap_err();
+    assert_eq!(database_error_code(&missing).as_deref(), Some("42P01"));
+    assert!(missing.to_string().contains("missing_table"), "{missing}");
+    let div = cache.query("SELECT 1 / 0", ()).await.unwrap_err();
+    assert_eq!(database_error_code(&div).as_deref(), Some("22012"));
+    for sql in [
+        "SELECT FROM WHERE",
+        "SELECT * FROM missing_table",
+        "SELECT 1 / 0",
+    ] {
+        assert_eq!(
+            cache
+                .cache_query(sql, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap(),
+            None,
+            "nothing cached for {sql}"
+        );
+    }
+    assert_eq!(cache.get_performance_stats().db_errors, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_truncate_ddl_and_cte_writes_invalidate_on_postgres() {
+    let Some(db) = pg::db("merge_truncate_ddl_and_cte_writes_invalidate_on_postgres").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    for sql in [
+        "CREATE TABLE inv (sku text PRIMARY KEY, qty int)",
+        "CREATE TABLE ship (sku text, qty int)",
+        "CREATE TABLE log (msg text)",
+        "INSERT INTO inv VALUES ('a', 1)",
+        "INSERT INTO ship VALUES ('a', 2), ('b', 3)",
+    ] {
+        cache.execute(sql, ()).await.unwrap();
+    }
+    let inv = "SELECT sku, qty FROM inv ORDER BY sku";
+    let ship = "SELECT count(*) FROM ship";
+    let log = format!("SELECT count(*) FROM {}.log", db.schema);
+    let cached = |sql: String| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(&sql, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    let warm = || async {
+        for sql in [inv.to_string(), ship.to_string(), log.clone()] {
+            cache.query(&sql, ()).await.unwrap();
+        }
+    };
+    // MERGE writes its target only.
+    warm().await;
+    let merged = cache
+        .execute(
+            "MERGE INTO inv t USING ship s ON t.sku = s.sku \
+             WHEN MATCHED THEN UPDATE SET qty = t.qty + s.qty \
+             WHEN NOT MATCHED THEN INSERT VALUES (s.sku, s.qty)",
+            (),
+        )
+        .await
+        .unwrap();
+    assert_eq!(merged, 2);
+    assert!(!cached(inv.into()).await && cached(ship.into()).await);
+    assert_eq!(cache.query(inv, ()).await.unwrap().len(), 2);
+    // A data-modifying CTE writes two tables.
+    warm().await;
+    cache
+        .execute(
+            "WITH moved AS (DELETE FROM ship WHERE sku = %s RETURNING sku) \
+             INSERT INTO log SELECT 'moved ' || sku FROM moved",
+            params!["b"],
+        )
+        .await
+        .unwrap();
+    assert!(!cached(ship.into()).await && !cached(log.clone()).await && cached(inv.into()).await);
+    // TRUNCATE, schema-qualified.
+    warm().await;
+    cache
+        .execute(&format!("TRUNCATE {}.ship", db.schema), ())
+        .await
+        .unwrap();
+    assert!(!cached(ship.into()).await && cached(inv.into()).await);
+    // DDL: a new column changes `SELECT *`.
+    cache.query("SELECT * FROM inv", ()).await.unwrap();
+    cache
+        .execute("ALTER TABLE inv ADD COLUMN note text", ())
+        .await
+        .unwrap();
+    assert!(!cached("SELECT * FROM inv".into()).await);
+    assert_eq!(
+        cache
+            .query("SELECT * FROM inv", ())
+            .await
+            .unwrap()
+            .columns
+            .len(),
+        3
+    );
+    // A procedure call can write anything: everything of this database goes.
+    cache
+        .execute(
+            "CREATE PROCEDURE touch() LANGUAGE sql AS $$ UPDATE inv SET qty = 0 $$",
+            (),
+        )
+        .await
+        .unwrap();
+    warm().await;
+    assert!(cached(inv.into()).await);
+    cache.execute("CALL touch()", ()).await.unwrap();
+    assert!(!cached(inv.into()).await && !cached(ship.into()).await);
+}
+
+/// A pool whose connections carry `application_name`, so a test can find (and kill) them.
+async fn named_pool(db: &pg::PgDb, app: &str) -> ncm_cache_sql::sqlx::PgPool {
+    let opts = PgConnectOptions::from_str(&db.url)
+        .unwrap()
+        .options([("search_path", db.schema.as_str())])
+        .application_name(app);
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_by_another_connection_invalidate_within_a_second() {
+    let Some(db) = pg::db("writes_by_another_connection_invalidate_within_a_second").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)", ())
+        .await
+        .unwrap();
+    cache
+        .execute("CREATE TABLE \"Other Table\" (a int)", ())
+        .await
+        .unwrap();
+    cache
+        .execute("INSERT INTO stock VALUES ('a', 1), ('b', 2)", ())
+        .await
+        .unwrap();
+    let installed = install_triggers(&db.pool, &["stock", "\"Other Table\""])
+        .await
+        .unwrap();
+    assert_eq!(
+        installed,
+        vec![
+            format!("{}.stock", db.schema),
+            format!("{}.Other Table", db.schema)
+        ]
+    );
+    // Installing twice is fine (replace).
+    install_triggers(&db.pool, &["stock"]).await.unwrap();
+    let handle = cache.listen_postgres(db.pool.clone()).await.unwrap();
+    assert!(handle.is_running());
+
+    let q = "SELECT qty FROM stock WHERE sku = %s";
+    let other = "SELECT count(*) FROM \"Other Table\"";
+    cache.query(q, params!["a"]).await.unwrap();
+    cache.query(other, ()).await.unwrap();
+    let cached = |sql: &'static str, p: ncm_cache_sql::SqlParams| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(sql, p, QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(cached(q, params!["a"]).await);
+
+    // Somebody else writes, on their own connection, with a schema-qualified name.
+    let mut other_conn = ncm_cache_sql::sqlx::PgConnection::connect(&db.url)
+        .await
+        .unwrap();
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {}.stock SET qty = qty + 1 WHERE sku = 'a'",
+        db.schema
+    )))
+    .execute(&mut other_conn)
+    .await
+    .unwrap();
+    let took = eventually(Duration::from_secs(1), || cached(q, params!["a"]).map_not())
+        .await
+        .expect("the listener invalidates within 1 s");
+    eprintln!("invalidated {took:?} after the external write");
+    assert!(
+        cached(other, params![]).await,
+        "other tables keep their entries"
+    );
+    assert_eq!(
+        cache.query(q, params!["a"]).await.unwrap().get(0, "qty"),
+        Some(&SqlValue::Int(2))
+    );
+    // Quoted mixed-case names and TRUNCATE go through too.
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "TRUNCATE {}.\"Other Table\"",
+        db.schema
+    )))
+    .execute(&mut other_conn)
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || cached(other, params![])
+            .map_not())
+        .await
+        .is_some()
+    );
+
+    // After stop(), external writes no longer invalidate; after uninstalling, no notifications.
+    handle.stop().await;
+    cache.query(q, params!["b"]).await.unwrap();
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {}.stock SET qty = 9 WHERE sku = 'b'",
+        db.schema
+    )))
+    .execute(&mut other_conn)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        cached(q, params!["b"]).await,
+        "a stopped listener does nothing"
+    );
+    uninstall_triggers(&db.pool, &["stock", "\"Other Table\""])
+        .await
+        .unwrap();
+    other_conn.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_reconnects_and_resynchronizes() {
+    let Some(db) = pg::db("the_listener_reconnects_and_resynchronizes").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache.execute("CREATE TABLE r (a int)", ()).await.unwrap();
+    install_triggers(&db.pool, &["r"]).await.unwrap();
+    let app = format!("ncm_listener_{}", db.schema);
+    let listen_pool = named_pool(&db, &app).await;
+    let handle = cache.listen_postgres(listen_pool).await.unwrap();
+    cache.query("SELECT count(*) FROM r", ()).await.unwrap();
+
+    // Kill the listener's server connection.
+    let killed: Vec<(bool,)> = ncm_cache_sql::sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "the listener connection was found");
+    // Resynchronization clears what may have been missed...
+    let is_cached = || {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(
+                    "SELECT count(*) FROM r",
+                    (),
+                    QueryCacheStrategy::CacheOnly,
+                    None,
+                )
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || is_cached().map_not())
+            .await
+            .is_some()
+    );
+    // ...and notifications work again on the new connection.
+    cache.query("SELECT count(*) FROM r", ()).await.unwrap();
+    let mut other = ncm_cache_sql::sqlx::PgConnection::connect(&db.url)
+        .await
+        .unwrap();
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {}.r VALUES (1)",
+        db.schema
+    )))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || is_cached().map_not())
+            .await
+            .is_some()
+    );
+    assert!(handle.is_running());
+    handle.stop().await;
+    other.close().await.unwrap();
+}
+
+/// `fut.map_not()`: negate a boolean future (keeps the closures above readable).
+trait MapNot: std::future::Future<Output = bool> + Sized {
+    fn map_not(self) -> impl std::future::Future<Output = bool> {
+        async move { !self.await }
+    }
+}
+impl<F: std::future::Future<Output = bool>> MapNot for F {}

@@ -1,0 +1,92 @@
+//! Event-based invalidation: keys and callbacks registered under an event name, run when the
+//! event is triggered — here or, with Redis, on any instance.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ncm_cache_core::Result;
+
+use super::{Broadcast, Invalidator, check_name};
+use crate::stats::Kind;
+
+/// Called with the event name and the keys it invalidated.
+pub(crate) type EventCallback = Arc<dyn Fn(&str, &[String]) + Send + Sync>;
+
+struct Handler {
+    keys: Vec<String>,
+    callback: EventCallback,
+}
+
+/// The registrations of this instance.
+#[derive(Default)]
+pub(crate) struct Events {
+    handlers: Mutex<HashMap<String, Vec<Arc<Handler>>>>,
+}
+
+impl Events {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Handler>>>> {
+        self.handlers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn handlers(&self, event: &str) -> Vec<Arc<Handler>> {
+        self.lock().get(event).cloned().unwrap_or_default()
+    }
+
+    /// Events with registrations here.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+impl Invalidator {
+    /// Registers `keys` and `callback` under `event` (handlers accumulate; each trigger runs all).
+    pub(crate) fn register_event(
+        &self,
+        event: &str,
+        keys: Vec<String>,
+        callback: EventCallback,
+    ) -> Result<()> {
+        check_name("event", event)?;
+        for key in &keys {
+            ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
+        }
+        self.events
+            .lock()
+            .entry(event.to_owned())
+            .or_default()
+            .push(Arc::new(Handler { keys, callback }));
+        Ok(())
+    }
+
+    /// Triggers `event`: other instances are told (Redis), and this instance deletes the keys
+    /// registered for it and runs its callbacks. Returns how many keys existed here.
+    pub(crate) async fn trigger_event(&self, event: &str) -> Result<u64> {
+        check_name("event", event)?;
+        self.stats.event_triggered();
+        self.broadcast(Broadcast::Event {
+            event: event.to_owned(),
+        })
+        .await;
+        self.run_event(event).await
+    }
+
+    /// Runs this instance's handlers of `event`: deletes their keys (each once), then calls
+    /// the callbacks (after the keys are gone).
+    pub(crate) async fn run_event(&self, event: &str) -> Result<u64> {
+        let handlers = self.events.handlers(event);
+        if handlers.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = handlers
+            .iter()
+            .flat_map(|h| h.keys.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let deleted = self.delete_local(&keys, Kind::Event).await?;
+        for h in &handlers {
+            self.run_callback("event", || (h.callback)(event, &h.keys));
+        }
+        Ok(deleted)
+    }
+}

@@ -1,0 +1,169 @@
+//! Invalidation: by time, event, pattern, dependency and tag — in process, or shared across
+//! instances through Redis (feature `redis`).
+
+mod dependency;
+mod event;
+mod pattern;
+mod tags;
+mod time;
+
+use ncm_cache_core::{Result, SharedBackend};
+
+pub(crate) use dependency::Graph;
+
+use crate::stats::{InvalidationRecorder, Kind};
+
+/// Deletes are sent to the backend in chunks of this many keys.
+const DELETE_CHUNK: usize = 1000;
+
+/// A message between instances (carried by Redis pub/sub when the feature is on).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "redis", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "redis", serde(tag = "kind", rename_all = "snake_case"))]
+pub(crate) enum Broadcast {
+    /// An event was triggered: run its local handlers.
+    Event { event: String },
+    /// These keys were invalidated: delete them from the local cache.
+    Keys { keys: Vec<String> },
+    /// A pattern was invalidated: clear it in the local cache.
+    Pattern { pattern: String },
+}
+
+/// The shared state behind every invalidation strategy of one `CacheStrategies`.
+pub(crate) struct Invalidator {
+    pub(crate) backend: SharedBackend,
+    pub(crate) graph: Graph,
+    pub(crate) events: event::Events,
+    pub(crate) timers: time::Timers,
+    pub(crate) stats: InvalidationRecorder,
+    #[cfg(feature = "redis")]
+    pub(crate) remote: Option<crate::remote::Remote>,
+}
+
+impl std::fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invalidator")
+            .field("backend", &self.backend.name())
+            .field("distributed", &self.is_distributed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Invalidator {
+    /// In-process coordination: graph, events and timers in this process only.
+    pub(crate) fn local(backend: SharedBackend) -> Self {
+        Self {
+            backend,
+            graph: Graph::local(),
+            events: event::Events::default(),
+            timers: time::Timers::default(),
+            stats: InvalidationRecorder::default(),
+            #[cfg(feature = "redis")]
+            remote: None,
+        }
+    }
+
+    /// Coordination through Redis (see `crate::remote::connect`).
+    #[cfg(feature = "redis")]
+    pub(crate) fn with_remote(
+        backend: SharedBackend,
+        graph: Graph,
+        remote: crate::remote::Remote,
+    ) -> Self {
+        Self {
+            backend,
+            graph,
+            events: event::Events::default(),
+            timers: time::Timers::default(),
+            stats: InvalidationRecorder::default(),
+            remote: Some(remote),
+        }
+    }
+
+    /// `true` when invalidations reach other instances (Redis coordination).
+    pub(crate) fn is_distributed(&self) -> bool {
+        #[cfg(feature = "redis")]
+        {
+            self.remote.is_some()
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            false
+        }
+    }
+
+    /// Deletes `keys` from the cache (in chunks) and tells other instances with their own
+    /// cache to do the same. Returns how many existed here.
+    pub(crate) async fn delete_keys(&self, keys: &[String], kind: Kind) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.broadcast(Broadcast::Keys {
+            keys: keys.to_vec(),
+        })
+        .await;
+        self.delete_local(keys, kind).await
+    }
+
+    /// Deletes `keys` from this instance's cache only.
+    pub(crate) async fn delete_local(&self, keys: &[String], kind: Kind) -> Result<u64> {
+        let mut deleted = 0;
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            deleted += self.backend.delete_many(&refs).await?;
+        }
+        self.stats.invalidated(kind, deleted);
+        Ok(deleted)
+    }
+
+    /// Sends `message` to the other instances, when they keep their own cache (with a shared
+    /// Redis cache, deleting it once is enough — except for events, whose handlers are local).
+    /// Failures are logged: the local invalidation still happens.
+    pub(crate) async fn broadcast(&self, message: Broadcast) {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote
+            && (remote.needs_broadcast() || matches!(message, Broadcast::Event { .. }))
+            && let Err(e) = Box::pin(remote.publish(&message)).await
+        {
+            tracing::warn!(error = %e, ?message, "could not publish an invalidation to other instances");
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = message;
+    }
+
+    /// Applies a message received from another instance.
+    #[cfg(feature = "redis")]
+    pub(crate) async fn apply_remote(&self, message: Broadcast) {
+        self.stats.remote_message();
+        let result = match message {
+            Broadcast::Event { event } => self.run_event(&event).await.map(drop),
+            Broadcast::Keys { keys } => self.delete_local(&keys, Kind::Remote).await.map(drop),
+            Broadcast::Pattern { pattern } => self
+                .backend
+                .clear_pattern(&pattern)
+                .await
+                .map(|n| self.stats.invalidated(Kind::Remote, n)),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not apply an invalidation from another instance");
+        }
+    }
+
+    /// Runs a user callback, catching and counting a panic so background tasks survive it.
+    pub(crate) fn run_callback(&self, what: &str, f: impl FnOnce()) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            self.stats.callback_panicked();
+            tracing::error!(callback = what, "an invalidation callback panicked");
+        }
+    }
+}
+
+/// Validates a user-supplied name (event, tag, dependency).
+pub(crate) fn check_name(what: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(ncm_cache_core::CacheError::InvalidArgument(format!(
+            "{what} names must not be empty"
+        )));
+    }
+    Ok(())
+}

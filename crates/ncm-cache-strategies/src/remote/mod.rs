@@ -1,0 +1,115 @@
+//! Cross-instance coordination on Redis (feature `redis`): invalidation messages over pub/sub,
+//! the shared dependency/tag graph, and keyspace notifications for time-based invalidation.
+
+mod graph;
+mod keyspace;
+
+use std::sync::{Arc, Weak};
+
+use ncm_cache_core::{CacheError, Result, SharedBackend};
+use ncm_cache_redis::{PubSubEvent, RedisBackend, Subscription};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+pub(crate) use graph::RedisGraph;
+
+use crate::invalidation::{Broadcast, Graph, Invalidator};
+
+/// The pub/sub channel (inside the cache's prefix: `{prefix}__ncm:strategies`).
+pub(crate) const CHANNEL: &str = "strategies";
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    origin: String,
+    #[serde(flatten)]
+    body: Broadcast,
+}
+
+/// The Redis side of one `CacheStrategies`.
+pub(crate) struct Remote {
+    backend: Arc<RedisBackend>,
+    origin: String,
+    /// The cache itself is this Redis: a deletion is seen by every instance at once.
+    shared_cache: bool,
+    subscriber: JoinHandle<()>,
+    keyspace: tokio::sync::Mutex<keyspace::Listener>,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+impl Remote {
+    /// `true` when other instances keep their own cache and must be told about deletions.
+    pub(crate) fn needs_broadcast(&self) -> bool {
+        !self.shared_cache
+    }
+
+    /// Publishes a message to every other instance.
+    pub(crate) async fn publish(&self, body: &Broadcast) -> Result<()> {
+        let payload = serde_json::to_vec(&Envelope {
+            origin: self.origin.clone(),
+            body: body.clone(),
+        })
+        .map_err(|e| CacheError::backend("encoding an invalidation message", Some(Box::new(e))))?;
+        self.backend.publish(CHANNEL, &payload).await.map(drop)
+    }
+
+    /// Starts the keyspace-notification listener on first use; `false` when unavailable (the
+    /// caller then uses timers).
+    pub(crate) async fn keyspace_ready(&self, inv: &Arc<Invalidator>) -> bool {
+        let mut listener = self.keyspace.lock().await;
+        listener.ensure(&self.backend, self.shared_cache, inv).await
+    }
+}
+
+/// Builds an invalidator coordinated through `redis`: subscribes (returning once subscribed),
+/// and keeps the dependency/tag graph in Redis.
+pub(crate) async fn connect(
+    cache_backend: SharedBackend,
+    redis: Arc<RedisBackend>,
+) -> Result<Arc<Invalidator>> {
+    let shared_cache = std::ptr::addr_eq(Arc::as_ptr(&cache_backend), Arc::as_ptr(&redis));
+    let subscription = redis.subscribe(&[CHANNEL]).await?;
+    let origin = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
+    let graph = Graph::Redis(RedisGraph::new(Arc::clone(&redis)));
+    Ok(Arc::new_cyclic(|weak| {
+        let subscriber = tokio::spawn(listen(weak.clone(), subscription, origin.clone()));
+        let remote = Remote {
+            backend: redis,
+            origin,
+            shared_cache,
+            subscriber,
+            keyspace: tokio::sync::Mutex::new(keyspace::Listener::default()),
+        };
+        Invalidator::with_remote(cache_backend, graph, remote)
+    }))
+}
+
+async fn listen(inv: Weak<Invalidator>, mut subscription: Subscription, origin: String) {
+    while let Some(event) = subscription.recv().await {
+        match event {
+            PubSubEvent::Message { payload, .. } => {
+                let envelope: Envelope = match serde_json::from_slice(&payload) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a malformed invalidation message");
+                        continue;
+                    }
+                };
+                if envelope.origin == origin {
+                    continue; // handled locally when it was sent
+                }
+                let Some(inv) = inv.upgrade() else { return };
+                inv.apply_remote(envelope.body).await;
+            }
+            PubSubEvent::Disconnected => tracing::warn!(
+                "invalidation channel disconnected: messages from other instances may be lost until it reconnects"
+            ),
+            PubSubEvent::Reconnected => tracing::info!("invalidation channel reconnected"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Durable write-behind: pending writes journaled in a Redis Stream with a consumer group.
+//!
+//! Layout (one hash slot per queue, so the Lua scripts also run on a Redis Cluster):
+//! - `{prefix}__ncm:wb:{<name>}` — the stream; entries `k` (key) and `v` (encoded value);
+//!   consumer group `ncm-wb`.
+//! - `{prefix}__ncm:wb:{<name>}:consumers` — the set of consumers that have joined.
+//! - `{prefix}__ncm:wb:{<name>}:alive:<consumer>` — a consumer's lease (`SET PX`), renewed in
+//!   the background.
+//!
+//! A write is `XADD` + `XCLAIM … FORCE` in one script: the entry enters the writer's own
+//! pending list atomically, before the caller gets its acknowledgment — no other consumer ever
+//! receives it while the writer lives (nothing reads with `>`). After the store accepted it,
+//! `XACK` + `XDEL`. A process that finds a consumer whose lease expired claims its pending
+//! entries (`XPENDING … IDLE` + `XCLAIM` with a minimum idle time, so two recovering processes
+//! never both take one entry), persists them, and removes the dead consumer.
+
+use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ncm_cache_core::{Cache, CacheError, Codec, Operation, Result};
+use ncm_cache_redis::RedisBackend;
+use redis::{Script, Value};
+
+use super::QueueValue;
+use super::config::DurableConfig;
+use super::state::{CacheSink, Journal, Recovered, Version};
+
+const GROUP: &str = "ncm-wb";
+const CLAIM_BATCH: usize = 500;
+
+static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4])
+local r = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
+if type(r) == 'table' and r.err then
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
+end
+return id
+",
+    )
+});
+
+static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+",
+    )
+});
+
+pub(crate) struct RedisJournal<V> {
+    backend: Arc<RedisBackend>,
+    codec: Arc<dyn CacheSink<V>>,
+    stream: String,
+    members: String,
+    alive_prefix: String,
+    consumer: String,
+    lease: Duration,
+    claim_min_idle: Duration,
+    _v: PhantomData<fn() -> V>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn cmd(name: &str) -> redis::Cmd {
+    redis::cmd(name)
+}
+
+impl<V: QueueValue> RedisJournal<V> {
+    /// Joins (creating if needed) the queue's stream and consumer group.
+    pub(crate) async fn open<C: Codec>(
+        config: &DurableConfig,
+        name: &str,
+        cache: Cache<C>,
+    ) -> Result<Arc<dyn Journal<V>>> {
+        if name.is_empty() || name.contains(['{', '}']) {
+            return Err(CacheError::Config(format!(
+                "durable write-behind needs a store name without braces, got {name:?}"
+            )));
+        }
+        if config.lease < Duration::from_millis(30) {
+            return Err(CacheError::Config(
+                "durable write-behind lease must be at least 30 ms".into(),
+            ));
+        }
+        let ks = config.backend.key_space();
+        let base = format!("__ncm:wb:{{{name}}}");
+        let consumer = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
+        let journal = Self {
+            stream: ks.full_key(&base)?.into_owned(),
+            members: ks.full_key(&format!("{base}:consumers"))?.into_owned(),
+            alive_prefix: ks.full_key(&format!("{base}:alive:"))?.into_owned(),
+            backend: Arc::clone(&config.backend),
+            codec: Arc::new(cache),
+            consumer,
+            lease: config.lease,
+            claim_min_idle: config.claim_min_idle,
+            _v: PhantomData,
+        };
+        let mut create = cmd("XGROUP");
+        create
+            .arg("CREATE")
+            .arg(&journal.stream)
+            .arg(GROUP)
+            .arg("$")
+            .arg("MKSTREAM");
+        if let Err(e) = journal
+            .backend
+            .query_cmd::<()>(Operation::Set, &create)
+            .await
+            && !e.to_string().contains("BUSYGROUP")
+        {
+            return Err(e);
+        }
+        let mut join = cmd("XGROUP");
+        join.arg("CREATECONSUMER")
+            .arg(&journal.stream)
+            .arg(GROUP)
+            .arg(&journal.consumer);
+        journal
+            .backend
+            .query_cmd::<i64>(Operation::Set, &join)
+            .await?;
+        journal.heartbeat().await?;
+        tracing::debug!(stream = %journal.stream, consumer = %journal.consumer, "joined durable write-behind group");
+        Ok(Arc::new(journal))
+    }
+
+    fn alive_key(&self, consumer: &str) -> String {
+        format!("{}{consumer}", self.alive_prefix)
+    }
+
+    async fn pending_of(
+        &self,
+        consumer: &str,
+        idle: Option<Duration>,
+        count: usize,
+    ) -> Result<Vec<String>> {
+        let mut c = cmd("XPENDING");
+        c.arg(&self.stream).arg(GROUP);
+        if let Some(idle) = idle {
+            c.arg("IDLE").arg(millis(idle));
+        }
+        c.arg("-").arg("+").arg(count).arg(consumer);
+        let reply: Value = self.backend.query_cmd(Operation::Get, &c).await?;
+        Ok(items(reply)
+            .into_iter()
+            .filter_map(|row| items(row).into_iter().next().and_then(|id| text(&id)))
+            .collect())
+    }
+
+    /// Claims the pending entries of one dead consumer; removes it once it has none left.
+    async fn adopt(&self, dead: &str, out: &mut Vec<Recovered<V>>) -> Result<()> {
+        loop {
+            let ids = self
+                .pending_of(dead, Some(self.claim_min_idle), CLAIM_BATCH)
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut claim = cmd("XCLAIM");
+            claim
+                .arg(&self.stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(millis(self.claim_min_idle))
+                .arg(&ids);
+            let claimed: Value = self.backend.query_cmd(Operation::Set, &claim).await?;
+            let entries = items(claimed);
+            if entries.is_empty() {
+                break;
+            }
+            for entry in entries {
+                match self.parse_entry(entry) {
+                    Ok(Some(r)) => out.push(r),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(stream = %self.stream, error = %e, "a journaled write-behind entry cannot be decoded; it stays in the stream")
+                    }
+                }
+            }
+        }
+        if self.pending_of(dead, None, 1).await?.is_empty() {
+            let mut del = cmd("XGROUP");
+            del.arg("DELCONSUMER")
+                .arg(&self.stream)
+                .arg(GROUP)
+                .arg(dead);
+            self.backend
+                .query_cmd::<i64>(Operation::Delete, &del)
+                .await?;
+            let mut srem = cmd("SREM");
+            srem.arg(&self.members).arg(dead);
+            self.backend
+                .query_cmd::<i64>(Operation::Delete, &srem)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn parse_entry(&self, entry: Value) -> Result<Option<Recovered<V>>> {
+        let mut parts = items(entry).into_iter();
+        let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+            return Ok(None); // deleted meanwhile
+        };
+        let id = text(&id)
+            .and_then(|s| parse_id(&s))
+            .ok_or_else(|| CacheError::backend("malformed stream entry id", None))?;
+        let mut key = None;
+        let mut value = None;
+        let mut fields = items(fields).into_iter();
+        while let (Some(f), Some(v)) = (fields.next(), fields.next()) {
+            match text(&f).as_deref() {
+                Some("k") => key = text(&v),
+                Some("v") => value = bytes(v),
+                _ => {}
+            }
+        }
+        let (Some(key), Some(value)) = (key, value) else {
+            return Err(CacheError::backend(
+                format!("stream entry {} lacks k or v", id_str(id)),
+                None,
+            ));
+        };
+        Ok(Some(Recovered {
+            id,
+            key,
+            value: self.codec.decode(&value)?,
+        }))
+    }
+}
+
+#[async_trait]
+impl<V: QueueValue> Journal<V> for RedisJournal<V> {
+    async fn append(&self, key: &str, value: &V) -> Result<Version> {
+        let encoded = self.codec.encode(value)?;
+        let args = vec![
+            GROUP.as_bytes().to_vec(),
+            self.consumer.as_bytes().to_vec(),
+            key.as_bytes().to_vec(),
+            encoded.to_vec(),
+        ];
+        let id: String = self
+            .backend
+            .eval_script(
+                Operation::Set,
+                &APPEND,
+                std::slice::from_ref(&self.stream),
+                &args,
+            )
+            .await?;
+        parse_id(&id).ok_or_else(|| {
+            CacheError::backend(format!("XADD returned a malformed id {id:?}"), None)
+        })
+    }
+
+    async fn ack(&self, ids: &[Version]) -> Result<()> {
+        for chunk in ids.chunks(CLAIM_BATCH) {
+            let mut args = Vec::with_capacity(chunk.len() + 1);
+            args.push(GROUP.as_bytes().to_vec());
+            args.extend(chunk.iter().map(|id| id_str(*id).into_bytes()));
+            self.backend
+                .eval_script::<i64>(
+                    Operation::Delete,
+                    &ACK,
+                    std::slice::from_ref(&self.stream),
+                    &args,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn recover(&self) -> Result<Vec<Recovered<V>>> {
+        let mut members = cmd("SMEMBERS");
+        members.arg(&self.members);
+        let members: Vec<String> = self.backend.query_cmd(Operation::Get, &members).await?;
+        let mut out = Vec::new();
+        for m in members.iter().filter(|m| **m != self.consumer) {
+            let mut exists = cmd("EXISTS");
+            exists.arg(self.alive_key(m));
+            if self
+                .backend
+                .query_cmd::<i64>(Operation::Exists, &exists)
+                .await?
+                > 0
+            {
+                continue;
+            }
+            self.adopt(m, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(&self) -> Result<()> {
+        let mut set = cmd("SET");
+        set.arg(self.alive_key(&self.consumer))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(self.lease));
+        self.backend.query_cmd::<()>(Operation::Set, &set).await?;
+        // Re-registered every time, so membership survives a flushed or restarted Redis.
+        let mut register = cmd("SADD");
+        register.arg(&self.members).arg(&self.consumer);
+        self.backend
+            .query_cmd::<i64>(Operation::Set, &register)
+            .await
+            .map(drop)
+    }
+
+    async fn retire(&self) -> Result<()> {
+        if self.pending_of(&self.consumer, None, 1).await?.is_empty() {
+            let mut del = cmd("XGROUP");
+            del.arg("DELCONSUMER")
+                .arg(&self.stream)
+                .arg(GROUP)
+                .arg(&self.consumer);
+            self.backend
+                .query_cmd::<i64>(Operation::Delete, &del)
+                .await?;
+            let mut srem = cmd("SREM");
+            srem.arg(&self.members).arg(&self.consumer);
+            self.backend
+                .query_cmd::<i64>(Operation::Delete, &srem)
+                .await?;
+        } else {
+            tracing::warn!(stream = %self.stream, "leaving unpersisted write-behind entries (dead letters) for another process to adopt");
+        }
+        // Without a lease, another process may adopt what is left right away.
+        let mut del = cmd("DEL");
+        del.arg(self.alive_key(&self.consumer));
+        self.backend
+            .query_cmd::<i64>(Operation::Delete, &del)
+            .await?;
+        Ok(())
+    }
+
+    fn maintenance_every(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(10))
+    }
+}
+
+fn items(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a,
+        Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn parse_id(s: &str) -> Option<Version> {
+    let (ms, seq) = s.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn id_str((ms, seq): Version) -> String {
+    format!("{ms}-{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_round_trip_and_order() {
+        assert_eq!(parse_id("1700000000000-3"), Some((1_700_000_000_000, 3)));
+        assert_eq!(id_str((5, 0)), "5-0");
+        assert!(parse_id("5").is_none() && parse_id("a-b").is_none());
+        assert!(parse_id("10-0") > parse_id("9-99"));
+    }
+}

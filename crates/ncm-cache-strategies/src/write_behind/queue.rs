@@ -1,0 +1,399 @@
+//! The engine of a write-behind queue: the worker task that persists batches, retries, dead
+//! letters, back-pressure and durable-mode maintenance.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use ncm_cache_core::{CacheError, Expiry, Result};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::state::{CacheSink, Dead, Journal, Pending, State, Version, later};
+use super::{DeadLetter, OnFull, QueueFull, QueueValue, WriteBehindConfig};
+use crate::stats::{Counter, WriteBehindRecorder, WriteBehindStats};
+use crate::store::Store;
+
+/// Everything the worker and the handles share.
+pub(crate) struct Shared<V> {
+    pub(crate) name: Arc<str>,
+    config: WriteBehindConfig,
+    store: Store<V>,
+    cache: Arc<dyn CacheSink<V>>,
+    pub(crate) journal: Option<Arc<dyn Journal<V>>>,
+    pub(crate) state: Mutex<State<V>>,
+    /// Serializes cache write + enqueue per key stripe, so the store ends with what the cache has.
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    pub(crate) wake: Notify,
+    pub(crate) space: Notify,
+    pub(crate) flushed: watch::Sender<u64>,
+    pub(crate) stats: WriteBehindRecorder,
+    /// Serializes inline drains (after the worker stopped).
+    pub(crate) inline: tokio::sync::Mutex<()>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections only move entries between maps; a panic cannot leave them torn.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<V: QueueValue> Shared<V> {
+    pub(crate) fn new(
+        store: Store<V>,
+        cache: Arc<dyn CacheSink<V>>,
+        journal: Option<Arc<dyn Journal<V>>>,
+        config: WriteBehindConfig,
+    ) -> Self {
+        let name: Arc<str> = Arc::from(store.name());
+        Self {
+            stats: WriteBehindRecorder::new(&name),
+            name,
+            config,
+            store,
+            cache,
+            journal,
+            state: Mutex::new(State::new()),
+            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            wake: Notify::new(),
+            space: Notify::new(),
+            flushed: watch::Sender::new(0),
+            inline: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn stripe(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize;
+        &self.stripes[h % self.stripes.len()]
+    }
+
+    pub(crate) async fn write(
+        &self,
+        key: &str,
+        value: &V,
+        expiry: Expiry,
+        delay: Duration,
+    ) -> Result<()> {
+        self.reserve(key).await?;
+        let _stripe = self.stripe(key).lock().await;
+        self.cache.set(key, value, expiry).await?;
+        let id = match &self.journal {
+            None => None,
+            Some(journal) => match journal.append(key, value).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    self.stats.add(Counter::Rejected, 1);
+                    self.uncache(key).await;
+                    return Err(e);
+                }
+            },
+        };
+        let inserted = {
+            let mut st = lock(&self.state);
+            if st.exited {
+                None
+            } else {
+                st.vseq += 1;
+                let version = id.unwrap_or((0, st.vseq));
+                let due = later(Instant::now(), delay);
+                let r = st.insert(
+                    key.to_owned(),
+                    value.clone(),
+                    version,
+                    due,
+                    id.into_iter().collect(),
+                );
+                self.stats.pending_gauge(st.pending.len() + st.in_flight);
+                Some(r)
+            }
+        };
+        let Some((coalesced, superseded)) = inserted else {
+            // The worker stopped meanwhile (shutdown). A journaled write stays in Redis and is
+            // adopted later; an in-memory one is withdrawn from the cache.
+            self.stats.add(Counter::Rejected, 1);
+            if id.is_none() {
+                self.uncache(key).await;
+            }
+            return Err(CacheError::Closed);
+        };
+        self.stats.add(Counter::Accepted, 1);
+        self.stats.add(Counter::Coalesced, u64::from(coalesced));
+        self.stats.superseded(superseded);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn uncache(&self, key: &str) {
+        if let Err(e) = self.cache.delete(key).await {
+            tracing::warn!(queue = %self.name, key, error = %e, "could not remove a cached value whose write-behind was refused");
+        }
+    }
+
+    /// Waits for room for `key` (back-pressure).
+    async fn reserve(&self, key: &str) -> Result<()> {
+        let deadline = later(Instant::now(), self.config.full_wait_timeout);
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = lock(&self.state);
+                if st.closing {
+                    drop(st);
+                    self.stats.add(Counter::Rejected, 1);
+                    return Err(CacheError::Closed);
+                }
+                if st.pending.contains_key(key)
+                    || st.pending.len() + st.in_flight < self.config.max_pending
+                {
+                    return Ok(());
+                }
+            }
+            // Full: the worker persists the oldest entries early to make room.
+            self.wake.notify_one();
+            let waited = match self.config.on_full {
+                OnFull::Error => false,
+                OnFull::Wait => tokio::time::timeout_at(deadline, notified).await.is_ok(),
+            };
+            if !waited {
+                self.stats.add(Counter::Rejected, 1);
+                let full = QueueFull {
+                    queue: self.name.to_string(),
+                    max_pending: self.config.max_pending,
+                };
+                return Err(CacheError::backend(full.to_string(), Some(Box::new(full))));
+            }
+        }
+    }
+
+    /// Persists one batch: retries with backoff, then dead letters.
+    async fn persist(&self, batch: Vec<(String, Pending<V>)>) {
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut meta = Vec::with_capacity(batch.len());
+        for (key, p) in batch {
+            entries.push((key, p.value));
+            meta.push((p.version, p.ids));
+        }
+        let mut attempts = 0u32;
+        let result = loop {
+            attempts += 1;
+            self.stats.add(Counter::StoreCalls, 1);
+            match self.store.store_batch(&entries).await {
+                Ok(()) => break Ok(()),
+                Err(e) if attempts <= self.config.max_retries => {
+                    self.stats.add(Counter::Retries, 1);
+                    let pause = backoff(&self.config, attempts);
+                    tracing::warn!(queue = %self.name, entries = entries.len(), attempt = attempts, error = %e, retry_in = ?pause, "write-behind store call failed");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let mut acks = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            match result {
+                Ok(()) => {
+                    self.stats.add(Counter::Stored, entries.len() as u64);
+                    acks = meta.into_iter().flat_map(|(_, ids)| ids).collect();
+                }
+                Err(error) => {
+                    tracing::error!(queue = %self.name, entries = entries.len(), %error, "write-behind gave up: entries moved to the dead-letter list");
+                    let mut dead = 0;
+                    let mut superseded = 0;
+                    for ((key, value), (version, ids)) in entries.into_iter().zip(meta) {
+                        if let Some(p) = st.pending.get_mut(&key) {
+                            // A newer write is already waiting: it carries our ids to the ack.
+                            p.ids.extend(ids);
+                            superseded += 1;
+                            continue;
+                        }
+                        dead += 1;
+                        st.dead.push(Dead {
+                            letter: DeadLetter {
+                                key,
+                                value,
+                                error: error.clone(),
+                                attempts,
+                                failed_at: SystemTime::now(),
+                            },
+                            version,
+                            ids,
+                        });
+                    }
+                    st.last_error = Some(error);
+                    self.stats.add(Counter::DeadLettered, dead);
+                    self.stats.superseded(superseded);
+                }
+            }
+            st.in_flight = 0;
+            self.stats.pending_gauge(st.pending.len());
+        }
+        self.space.notify_waiters();
+        self.ack(acks).await;
+    }
+
+    pub(crate) async fn ack(&self, mut ids: Vec<Version>) {
+        let Some(journal) = &self.journal else { return };
+        ids.append(&mut lock(&self.state).unacked);
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = journal.ack(&ids).await {
+            tracing::warn!(queue = %self.name, entries = ids.len(), error = %e, "could not acknowledge persisted writes; will retry (they may be stored twice after a crash)");
+            lock(&self.state).unacked.append(&mut ids);
+        }
+    }
+
+    /// One step of the worker (or of an inline drain): persists a batch if one is ready.
+    pub(crate) async fn step(&self, worker: bool) -> Step {
+        let batch = {
+            let mut st = lock(&self.state);
+            if st.settle_flush() {
+                self.flushed.send_replace(st.flushed);
+            }
+            let batch = st.take_batch(Instant::now(), &self.config);
+            if batch.is_empty() {
+                if worker && st.closing && st.pending.is_empty() {
+                    // Decided under the lock: a write racing with the exit sees `exited`.
+                    st.exited = true;
+                    return Step::Exit;
+                }
+                return Step::Idle(st.next_wake(self.config.batch_linger));
+            }
+            batch
+        };
+        self.persist(batch).await;
+        Step::Persisted
+    }
+
+    pub(crate) fn requeue_dead_letters(&self) -> usize {
+        let mut st = lock(&self.state);
+        let dead = std::mem::take(&mut st.dead);
+        let n = dead.len();
+        let now = Instant::now();
+        for d in dead {
+            let (_, superseded) = st.insert(d.letter.key, d.letter.value, d.version, now, d.ids);
+            self.stats.superseded(superseded);
+        }
+        self.stats.replayed(n as u64);
+        n
+    }
+
+    pub(crate) async fn recover(&self) -> Result<usize> {
+        let Some(journal) = &self.journal else {
+            return Ok(0);
+        };
+        let adopted = journal.recover().await?;
+        let n = adopted.len();
+        if n > 0 {
+            let mut st = lock(&self.state);
+            let now = Instant::now();
+            for r in adopted {
+                let (_, superseded) = st.insert(r.key, r.value, r.id, now, vec![r.id]);
+                self.stats.superseded(superseded);
+            }
+            drop(st);
+            tracing::info!(queue = %self.name, entries = n, "adopted pending writes of a crashed process");
+            self.stats.add(Counter::Recovered, n as u64);
+            self.wake.notify_one();
+        }
+        Ok(n)
+    }
+
+    pub(crate) fn dead_letters(&self) -> Vec<DeadLetter<V>> {
+        lock(&self.state)
+            .dead
+            .iter()
+            .map(|d| d.letter.clone())
+            .collect()
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        let st = lock(&self.state);
+        st.pending.len() + st.in_flight
+    }
+
+    pub(crate) fn stats(&self) -> WriteBehindStats {
+        let st = lock(&self.state);
+        self.stats.snapshot(
+            (st.pending.len() + st.in_flight) as u64,
+            st.dead.len() as u64,
+        )
+    }
+
+    pub(crate) fn flush_error(&self, dead_before: u64) -> Result<()> {
+        if self.stats.get(Counter::DeadLettered) > dead_before {
+            return Err(lock(&self.state)
+                .last_error
+                .clone()
+                .unwrap_or_else(|| CacheError::store("write-behind entries were dead-lettered")));
+        }
+        Ok(())
+    }
+}
+
+fn backoff(config: &WriteBehindConfig, attempt: u32) -> Duration {
+    let exp = config
+        .retry_backoff
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(config.max_retry_backoff);
+    exp.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+pub(crate) enum Step {
+    Persisted,
+    Idle(Option<Instant>),
+    Exit,
+}
+
+pub(crate) async fn worker<V: QueueValue>(shared: Arc<Shared<V>>) {
+    loop {
+        let next = match shared.step(true).await {
+            Step::Persisted => continue,
+            Step::Exit => break,
+            Step::Idle(next) => next,
+        };
+        {
+            if !lock(&shared.state).unacked.is_empty() {
+                shared.ack(Vec::new()).await;
+            }
+            let sleep = async {
+                match next {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shared.wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+    if let Some(journal) = &shared.journal {
+        shared.ack(Vec::new()).await;
+        if let Err(e) = journal.retire().await {
+            tracing::warn!(queue = %shared.name, error = %e, "could not leave the write-behind consumer group");
+        }
+    }
+    shared.flushed.send_replace(u64::MAX);
+}
+
+pub(crate) async fn maintain<V: QueueValue>(shared: Weak<Shared<V>>, journal: Arc<dyn Journal<V>>) {
+    let mut tick = tokio::time::interval(journal.maintenance_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        if lock(&shared.state).exited {
+            break;
+        }
+        if let Err(e) = journal.heartbeat().await {
+            tracing::warn!(queue = %shared.name, error = %e, "write-behind lease renewal failed");
+        }
+        if let Err(e) = shared.recover().await {
+            tracing::debug!(queue = %shared.name, error = %e, "write-behind recovery pass failed");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The data of a write-behind queue: a coalescing map indexed by due time and by arrival, the
+//! dead letters, and the seams to the cache and the journal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+#[cfg(feature = "redis")]
+use ncm_cache_core::Bytes;
+use ncm_cache_core::{Cache, CacheError, Codec, Expiry, Result};
+use tokio::time::Instant;
+
+use super::{DeadLetter, QueueValue, WriteBehindConfig};
+
+/// The order of writes to one key: a stream id `(ms, seq)` in durable mode, `(0, n)` otherwise.
+pub(crate) type Version = (u64, u64);
+
+/// The cache side of a queue (type-erased over the codec).
+#[async_trait]
+pub(crate) trait CacheSink<V>: Send + Sync {
+    async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()>;
+    async fn delete(&self, key: &str) -> Result<bool>;
+    #[cfg(feature = "redis")]
+    fn encode(&self, value: &V) -> Result<Bytes>;
+    #[cfg(feature = "redis")]
+    fn decode(&self, bytes: &[u8]) -> Result<V>;
+}
+
+#[async_trait]
+impl<C: Codec, V: QueueValue> CacheSink<V> for Cache<C> {
+    async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()> {
+        self.set_with_expiry(key, value, expiry).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        Cache::delete(self, key).await
+    }
+    #[cfg(feature = "redis")]
+    fn encode(&self, value: &V) -> Result<Bytes> {
+        Ok(self.codec().encode(value)?)
+    }
+    #[cfg(feature = "redis")]
+    fn decode(&self, bytes: &[u8]) -> Result<V> {
+        Ok(self.codec().decode(bytes)?)
+    }
+}
+
+/// A write adopted from a crashed process.
+pub(crate) struct Recovered<V> {
+    pub(crate) id: Version,
+    pub(crate) key: String,
+    pub(crate) value: V,
+}
+
+/// Where a durable queue journals its writes (a Redis Stream).
+#[async_trait]
+pub(crate) trait Journal<V>: Send + Sync {
+    /// Appends a write; returning is the acknowledgment.
+    async fn append(&self, key: &str, value: &V) -> Result<Version>;
+    /// Forgets persisted writes.
+    async fn ack(&self, ids: &[Version]) -> Result<()>;
+    /// Claims the pending writes of consumers whose lease expired.
+    async fn recover(&self) -> Result<Vec<Recovered<V>>>;
+    /// Renews this consumer's lease.
+    async fn heartbeat(&self) -> Result<()>;
+    /// Leaves the group when nothing of ours is left unacknowledged.
+    async fn retire(&self) -> Result<()>;
+    /// How often to renew the lease and look for crashed consumers.
+    fn maintenance_every(&self) -> Duration;
+}
+
+pub(crate) struct Pending<V> {
+    pub(crate) value: V,
+    pub(crate) version: Version,
+    pub(crate) due: Instant,
+    pub(crate) seq: u64,
+    pub(crate) ids: Vec<Version>,
+}
+
+pub(crate) struct Dead<V> {
+    pub(crate) letter: DeadLetter<V>,
+    pub(crate) version: Version,
+    pub(crate) ids: Vec<Version>,
+}
+
+pub(crate) struct State<V> {
+    pub(crate) pending: HashMap<String, Pending<V>>,
+    pub(crate) by_due: BTreeMap<(Instant, u64), String>,
+    pub(crate) by_seq: BTreeMap<u64, String>,
+    pub(crate) in_flight: usize,
+    pub(crate) seq: u64,
+    /// Version of memory-mode writes (monotonic, so ties never favour an older value).
+    pub(crate) vseq: u64,
+    pub(crate) flush_target: u64,
+    pub(crate) flushed: u64,
+    pub(crate) dead: Vec<Dead<V>>,
+    pub(crate) unacked: Vec<Version>,
+    pub(crate) last_error: Option<CacheError>,
+    pub(crate) closing: bool,
+    pub(crate) exited: bool,
+}
+
+impl<V> State<V> {
+    pub(crate) fn new() -> Self {
+        Self {
+            pending: HashMap::new(),
+            by_due: BTreeMap::new(),
+            by_seq: BTreeMap::new(),
+            in_flight: 0,
+            seq: 0,
+            vseq: 0,
+            flush_target: 0,
+            flushed: 0,
+            dead: Vec::new(),
+            unacked: Vec::new(),
+            last_error: None,
+            closing: false,
+            exited: false,
+        }
+    }
+
+    /// Adds a write; `true` when it coalesced with a waiting value of the same key.
+    pub(crate) fn insert(
+        &mut self,
+        key: String,
+        value: V,
+        version: Version,
+        due: Instant,
+        ids: Vec<Version>,
+    ) -> (bool, u64) {
+        let mut superseded = 0;
+        if let Some(i) = self.dead.iter().position(|d| d.letter.key == key) {
+            let dead = self.dead.remove(i);
+            superseded = 1;
+            if dead.version > version {
+                // An adopted older write met a newer dead letter: keep the newer value.
+                return self.insert_inner(
+                    key,
+                    dead.letter.value,
+                    dead.version,
+                    due,
+                    [ids, dead.ids].concat(),
+                    superseded,
+                );
+            }
+            return self.insert_inner(
+                key,
+                value,
+                version,
+                due,
+                [ids, dead.ids].concat(),
+                superseded,
+            );
+        }
+        self.insert_inner(key, value, version, due, ids, superseded)
+    }
+
+    fn insert_inner(
+        &mut self,
+        key: String,
+        value: V,
+        version: Version,
+        due: Instant,
+        ids: Vec<Version>,
+        superseded: u64,
+    ) -> (bool, u64) {
+        if let Some(p) = self.pending.get_mut(&key) {
+            if version >= p.version {
+                p.value = value;
+                p.version = version;
+            }
+            p.ids.extend(ids);
+            if due < p.due {
+                self.by_due.remove(&(p.due, p.seq));
+                p.due = due;
+                self.by_due.insert((due, p.seq), key);
+            }
+            return (true, superseded);
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        self.by_due.insert((due, seq), key.clone());
+        self.by_seq.insert(seq, key.clone());
+        self.pending.insert(
+            key,
+            Pending {
+                value,
+                version,
+                due,
+                seq,
+                ids,
+            },
+        );
+        (false, superseded)
+    }
+
+    pub(crate) fn remove(&mut self, key: &str) -> Option<Pending<V>> {
+        let p = self.pending.remove(key)?;
+        self.by_due.remove(&(p.due, p.seq));
+        self.by_seq.remove(&p.seq);
+        Some(p)
+    }
+
+    /// Marks a flush done once nothing at or below its target is waiting.
+    pub(crate) fn settle_flush(&mut self) -> bool {
+        let oldest = self.by_seq.first_key_value().map(|(s, _)| *s);
+        if self.flush_target > self.flushed
+            && self.in_flight == 0
+            && oldest.is_none_or(|s| s > self.flush_target)
+        {
+            self.flushed = self.flush_target;
+            return true;
+        }
+        false
+    }
+
+    /// How many entries are due at `now`, counting up to `cap`.
+    fn due_at(&self, now: Instant, cap: usize) -> usize {
+        self.by_due.range(..=(now, u64::MAX)).take(cap).count()
+    }
+
+    /// When the worker should look again: the oldest due time plus the linger.
+    pub(crate) fn next_wake(&self, linger: std::time::Duration) -> Option<Instant> {
+        self.by_due
+            .first_key_value()
+            .map(|((due, _), _)| later(*due, linger))
+    }
+
+    /// The next batch: due entries; or, when draining (flush, shutdown) or full, the oldest.
+    pub(crate) fn take_batch(
+        &mut self,
+        now: Instant,
+        config: &WriteBehindConfig,
+    ) -> Vec<(String, Pending<V>)> {
+        let drain = self.closing || self.flush_target > self.flushed;
+        let full = self.pending.len() + self.in_flight >= config.max_pending;
+        // Linger: once the oldest entry is due, wait `batch_linger` more (unless a whole batch is
+        // already due) so one call carries everything that became due meanwhile.
+        let ready = self.by_due.first_key_value().is_some_and(|((due, _), _)| {
+            later(*due, config.batch_linger) <= now
+                || self.due_at(now, config.batch_size) >= config.batch_size
+        });
+        if !(drain || full || ready) {
+            self.in_flight = 0;
+            return Vec::new();
+        }
+        let mut batch = Vec::new();
+        while batch.len() < config.batch_size {
+            let key = if drain || full {
+                self.by_seq.first_key_value().map(|(_, k)| k.clone())
+            } else {
+                match self.by_due.first_key_value() {
+                    Some(((due, _), k)) if *due <= now => Some(k.clone()),
+                    _ => None,
+                }
+            };
+            let Some(key) = key else { break };
+            if let Some(p) = self.remove(&key) {
+                batch.push((key, p));
+            }
+        }
+        self.in_flight = batch.len();
+        batch
+    }
+}
+
+/// `at + by`, saturating a century ahead instead of overflowing (a delay of `Duration::MAX`
+/// means "only on flush").
+pub(crate) fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}

@@ -1,0 +1,194 @@
+//! The write and read strategies of `CacheStrategies`: write-through, write-behind,
+//! write-around, read-through and cache-aside.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ncm_cache_core::{CacheError, Codec, DEFAULT_MAX_KEY_LEN, Expiry, Result, validate_key};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::stats::Kind;
+use crate::store::Store;
+use crate::strategies::CacheStrategies;
+use crate::write_behind::{QueueControl, QueueValue, WriteBehind};
+
+impl<C: Codec> CacheStrategies<C> {
+    /// Write-through: the store first, then the cache.
+    ///
+    /// - The store fails → the cache is untouched and [`CacheError::Store`] is returned.
+    /// - The cache write fails after the store succeeded → the key is invalidated (so no stale
+    ///   value is served) and the cache's error is returned. Any error other than
+    ///   `CacheError::Store` therefore means the value **is** persisted.
+    pub async fn write_through<V>(
+        &self,
+        key: &str,
+        value: &V,
+        ttl: impl Into<Expiry>,
+        store: &Store<V>,
+    ) -> Result<()>
+    where
+        V: Serialize + Send + Sync + 'static,
+    {
+        let expiry = ttl.into();
+        // Reject bad arguments before anything reaches the store.
+        validate_key(key, DEFAULT_MAX_KEY_LEN)?;
+        self.cache.ttl_policy().resolve(expiry)?;
+        store.store(key, value).await?;
+        match self.cache.set_with_expiry(key, value, expiry).await {
+            Ok(()) => {
+                self.announce_write(key).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.invalidate_after_failure(key, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Write-around: the store only; the cached key is invalidated (here and, with Redis, on
+    /// instances that keep their own cache). A store failure leaves the cache untouched.
+    pub async fn write_around<V>(&self, key: &str, value: &V, store: &Store<V>) -> Result<()>
+    where
+        V: Send + Sync + 'static,
+    {
+        validate_key(key, DEFAULT_MAX_KEY_LEN)?;
+        store.store(key, value).await?;
+        self.inner
+            .inv
+            .delete_keys(&[key.to_owned()], Kind::Key)
+            .await
+            .map(drop)
+    }
+
+    /// Write-behind: caches `value` now and persists it to `store` after `delay`, through the
+    /// store's [`WriteBehind`] queue (created on first use with the strategies' write-behind
+    /// configuration). See [`WriteBehind`] for coalescing, batching, retries, dead letters and
+    /// back-pressure; call [`flush`](Self::flush) or [`shutdown`](Self::shutdown) to persist
+    /// everything pending.
+    pub async fn write_behind<V: QueueValue>(
+        &self,
+        key: &str,
+        value: &V,
+        ttl: impl Into<Expiry>,
+        store: &Store<V>,
+        delay: Duration,
+    ) -> Result<()> {
+        let queue = self.write_behind_queue(store).await?;
+        queue.write(key, value, ttl, delay).await?;
+        self.announce_write(key).await;
+        Ok(())
+    }
+
+    /// The write-behind queue of `store` (created and started on first use): read its stats
+    /// and dead letters, replay them, flush it. In durable mode, creating it adopts the pending
+    /// writes that crashed processes left for this store.
+    pub async fn write_behind_queue<V: QueueValue>(
+        &self,
+        store: &Store<V>,
+    ) -> Result<WriteBehind<V>> {
+        let id = store.id();
+        if let Some(q) = self.lookup(id)? {
+            return Ok(q);
+        }
+        let _one = self.inner.creating.lock().await;
+        if let Some(q) = self.lookup(id)? {
+            return Ok(q);
+        }
+        #[cfg(feature = "redis")]
+        if self.inner.write_behind.durable.is_some()
+            && self
+                .inner
+                .queues()
+                .values()
+                .any(|q| q.stats().name == store.name())
+        {
+            return Err(CacheError::Config(format!(
+                "two stores are named {:?}: durable write-behind needs a unique name per store",
+                store.name()
+            )));
+        }
+        let queue = WriteBehind::start(
+            self.cache.clone(),
+            store.clone(),
+            self.inner.write_behind.clone(),
+        )
+        .await?;
+        self.inner
+            .queues()
+            .insert(id, Arc::new(queue.clone()) as Arc<dyn QueueControl>);
+        Ok(queue)
+    }
+
+    fn lookup<V: QueueValue>(&self, id: usize) -> Result<Option<WriteBehind<V>>> {
+        let queues = self.inner.queues();
+        let Some(q) = queues.get(&id) else {
+            return Ok(None);
+        };
+        q.as_any()
+            .downcast_ref::<WriteBehind<V>>()
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| CacheError::Config("a store is used with two value types".into()))
+    }
+
+    /// Read-through: the cached value, or `loader`'s result, cached with `ttl`. Concurrent
+    /// callers of one key on this instance share one loader run. A loader error is returned
+    /// (as [`CacheError::Loader`]) and nothing is cached; a failed cache write is logged and the
+    /// loaded value still returned.
+    pub async fn read_through<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+        ttl: impl Into<Expiry>,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let expiry = ttl.into();
+        self.cache.ttl_policy().resolve(expiry)?;
+        if let Some(value) = self.cache.get::<T>(key).await? {
+            return Ok(value);
+        }
+        let bytes = self
+            .inner
+            .flight
+            .run(key.to_owned(), || async {
+                let value = loader().await.map_err(CacheError::loader)?;
+                let bytes = self.cache.codec().encode(&value)?;
+                if let Err(e) = self.cache.set_with_expiry(key, &value, expiry).await {
+                    tracing::warn!(key, error = %e, "read-through could not cache the loaded value");
+                }
+                Ok(bytes)
+            })
+            .await?;
+        Ok(self.cache.codec().decode(&bytes)?)
+    }
+
+    /// Cache-aside, as the application would write it: read the cache; on a miss, load, cache
+    /// with `ttl`, return. (No single-flight; see [`read_through`](Self::read_through).)
+    pub async fn cache_aside<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+        ttl: impl Into<Expiry>,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(value) = self.cache.get::<T>(key).await? {
+            return Ok(value);
+        }
+        let value = loader().await.map_err(CacheError::loader)?;
+        self.cache.set_with_expiry(key, &value, ttl.into()).await?;
+        Ok(value)
+    }
+}

@@ -1,0 +1,374 @@
+//! Every strategy in process, on `MemoryBackend` (no server).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ncm_cache_codec::Serializer;
+use ncm_cache_core::{Cache, CacheError};
+use ncm_cache_memory::MemoryBackend;
+use ncm_cache_strategies::{
+    CacheStrategies, OnFull, WriteBehind, WriteBehindConfig, is_queue_full, store_fn,
+};
+use support::{Flaky, database, eventually};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn strategies() -> CacheStrategies {
+    CacheStrategies::new(Cache::new(MemoryBackend::new(), Serializer::default()))
+}
+
+async fn with_config(config: WriteBehindConfig) -> CacheStrategies {
+    CacheStrategies::builder(Cache::new(MemoryBackend::new(), Serializer::default()))
+        .write_behind(config)
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_coalesces_100k_writes_over_1000_keys() {
+    let s = with_config(WriteBehindConfig::default().batch_size(500)).await;
+    let (store, db) = database("users");
+    support::write_behind_coalesces(&s, &store, &db, 100_000, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failures_retry_then_dead_letter_then_replay() {
+    let s = with_config(
+        WriteBehindConfig::default()
+            .max_retries(2)
+            .retry_backoff(Duration::from_millis(5)),
+    )
+    .await;
+    let (store, db) = database("flaky-db");
+    support::dead_letters(&s, &store, &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reports_dead_letters_and_stays_idempotent() {
+    let s = with_config(
+        WriteBehindConfig::default()
+            .max_retries(1)
+            .retry_backoff(Duration::from_millis(1)),
+    )
+    .await;
+    let (store, db) = database("down");
+    db.failing.store(true, Ordering::SeqCst);
+    s.write_behind("k", &"v".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    let err = s.shutdown().await.unwrap_err();
+    assert!(matches!(err, CacheError::Store(_)), "{err}");
+    assert!(s.shutdown().await.is_err(), "still reported");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    assert_eq!(queue.dead_letters().len(), 1);
+    // Replay works after shutdown (inline), once the store is back.
+    db.failing.store(false, Ordering::SeqCst);
+    assert_eq!(queue.replay_dead_letters().await.unwrap(), 1);
+    assert_eq!(db.get("k").as_deref(), Some("v"));
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_errors_or_waits_while_it_persists_early() {
+    let cache = Cache::new(MemoryBackend::new(), Serializer::default());
+    let (store, db) = database("bounded");
+    let config = WriteBehindConfig::default()
+        .max_pending(10)
+        .batch_size(5)
+        .on_full(OnFull::Error);
+    let queue = WriteBehind::start(cache.clone(), store.clone(), config)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        queue
+            .write(&format!("k{i}"), &"v".to_string(), HOUR, HOUR)
+            .await
+            .unwrap();
+    }
+    let err = queue
+        .write("k10", &"v".to_string(), HOUR, HOUR)
+        .await
+        .unwrap_err();
+    assert!(is_queue_full(&err), "{err}");
+    assert!(
+        !cache.exists("k10").await.unwrap(),
+        "a refused write is not cached"
+    );
+    // A key already waiting always fits (it coalesces). The refused write made the queue
+    // persist its oldest entries early; k9, the newest, is still waiting.
+    queue
+        .write("k9", &"again".to_string(), HOUR, HOUR)
+        .await
+        .unwrap();
+    assert!(queue.stats().rejected >= 1);
+    queue.shutdown().await.unwrap();
+    assert_eq!(db.len(), 10);
+    assert_eq!(db.get("k9").as_deref(), Some("again"));
+
+    // Wait mode: the writer waits while the queue persists its oldest entries early.
+    let (store, db) = database("waiting");
+    let config = WriteBehindConfig::default()
+        .max_pending(10)
+        .batch_size(5)
+        .full_wait_timeout(Duration::from_secs(5));
+    let queue = WriteBehind::start(cache.clone(), store, config)
+        .await
+        .unwrap();
+    for i in 0..50 {
+        queue
+            .write(&format!("w{i}"), &"v".to_string(), HOUR, HOUR)
+            .await
+            .unwrap();
+    }
+    assert!(db.len() >= 40, "persisted early to make room: {}", db.len());
+    assert!(queue.pending() <= 11);
+    queue.shutdown().await.unwrap();
+    assert_eq!(db.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_their_delay_and_flush_does_not() {
+    let s = strategies();
+    let (store, db) = database("delayed");
+    s.write_behind(
+        "d:1",
+        &"a".to_string(),
+        HOUR,
+        &store,
+        Duration::from_millis(150),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.cache().get::<String>("d:1").await.unwrap().as_deref(),
+        Some("a")
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(db.len(), 0, "not before the delay");
+    assert!(eventually(Duration::from_secs(3), || db.len() == 1).await);
+
+    s.write_behind("d:2", &"b".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    assert_eq!(
+        db.get("d:2").as_deref(),
+        Some("b"),
+        "flush persists at once"
+    );
+    assert_eq!(s.write_behind_stats().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_still_persists() {
+    let (store, db) = database("dropped");
+    {
+        let s = strategies();
+        for i in 0..100 {
+            s.write_behind(&format!("x{i}"), &"v".to_string(), HOUR, &store, HOUR)
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || db.len() == 100).await,
+        "the worker drains after the last handle is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_through_store_first_then_cache() {
+    let flaky = Flaky::default();
+    let s = CacheStrategies::new(Cache::new(flaky.clone(), Serializer::default()));
+    let (store, db) = database("wt");
+    s.write_through("user:123", &"John".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert_eq!(db.get("user:123").as_deref(), Some("John"));
+    assert_eq!(
+        s.cache()
+            .get::<String>("user:123")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("John")
+    );
+
+    // The store fails: the cache keeps the old value, the store error comes back.
+    db.failing.store(true, Ordering::SeqCst);
+    let err = s
+        .write_through("user:123", &"Jane".to_string(), HOUR, &store)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Store(_)), "{err}");
+    assert_eq!(
+        s.cache()
+            .get::<String>("user:123")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("John")
+    );
+
+    // The cache fails after the store succeeded: the key is invalidated, not left stale.
+    db.failing.store(false, Ordering::SeqCst);
+    flaky.fail_sets.store(true, Ordering::SeqCst);
+    let err = s
+        .write_through("user:123", &"Jane".to_string(), HOUR, &store)
+        .await
+        .unwrap_err();
+    assert!(err.is_connection(), "{err}");
+    assert_eq!(db.get("user:123").as_deref(), Some("Jane"), "persisted");
+    assert_eq!(
+        s.cache().get::<String>("user:123").await.unwrap(),
+        None,
+        "no stale value"
+    );
+
+    // Bad arguments never reach the store.
+    let calls = db.calls();
+    assert!(
+        s.write_through("", &"x".to_string(), HOUR, &store)
+            .await
+            .is_err()
+    );
+    assert!(
+        s.write_through("k", &"x".to_string(), Duration::ZERO, &store)
+            .await
+            .is_err()
+    );
+    assert_eq!(db.calls(), calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_around_persists_and_invalidates() {
+    let s = strategies();
+    let (store, db) = database("wa");
+    s.cache().set("user:123", &"old").await.unwrap();
+    s.write_around("user:123", &"new".to_string(), &store)
+        .await
+        .unwrap();
+    assert_eq!(db.get("user:123").as_deref(), Some("new"));
+    assert_eq!(s.cache().get::<String>("user:123").await.unwrap(), None);
+    db.failing.store(true, Ordering::SeqCst);
+    s.cache().set("user:123", &"cached").await.unwrap();
+    assert!(
+        s.write_around("user:123", &"x".to_string(), &store)
+            .await
+            .is_err()
+    );
+    assert!(
+        s.cache().exists("user:123").await.unwrap(),
+        "untouched on failure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_through_runs_the_loader_once_for_concurrent_callers() {
+    let s = strategies();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (s, runs, barrier) = (s.clone(), runs.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.read_through(
+                    "rt:user",
+                    || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, std::io::Error>("loaded".to_string())
+                    },
+                    HOUR,
+                )
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), "loaded");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let err = s
+        .read_through::<String, _, _, _>("rt:err", || async { Err("db down") }, HOUR)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Loader(_)));
+    assert!(!s.cache().exists("rt:err").await.unwrap());
+    // Cache-aside, the explicit pattern.
+    let v: u32 = s
+        .cache_aside("ca:n", || async { Ok::<_, std::io::Error>(7) }, HOUR)
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+    let v: u32 = s
+        .cache_aside("ca:n", || async { Ok::<_, std::io::Error>(8) }, HOUR)
+        .await
+        .unwrap();
+    assert_eq!(v, 7, "served from the cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_store_works_for_single_writes() {
+    let saved = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = saved.clone();
+    let save_to_database = store_fn(move |key: String, value: u64| {
+        let sink = sink.clone();
+        async move {
+            sink.lock().unwrap().push((key, value));
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    let s = strategies();
+    s.write_through("n", &1u64, HOUR, &save_to_database)
+        .await
+        .unwrap();
+    s.write_behind("n", &2u64, HOUR, &save_to_database, Duration::ZERO)
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        *saved.lock().unwrap(),
+        [("n".to_string(), 1), ("n".to_string(), 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_graph_chain_and_diamond_with_cycles_from_two_instances() {
+    let a = strategies();
+    let b = a.clone(); // in process, "instances" share the process graph
+    support::dependency_graph(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_patterns_events_and_time() {
+    let s = strategies();
+    support::tags(&s).await;
+    support::pattern(&s).await;
+    support::local_event(&s).await;
+    support::time_based(&s).await;
+    let stats = s.invalidation_stats();
+    assert!(
+        stats.keys_invalidated >= 8 && stats.events_triggered == 2,
+        "{stats:?}"
+    );
+    assert_eq!(stats.expirations_observed, 1);
+    assert!(!s.is_distributed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_callback_is_contained() {
+    let s = strategies();
+    s.cache().set("p", &1).await.unwrap();
+    s.event_based_invalidation("boom", ["p"], |_, _| panic!("user bug"))
+        .await
+        .unwrap();
+    assert_eq!(s.trigger_event_invalidation("boom").await.unwrap(), 1);
+    assert_eq!(s.invalidation_stats().callback_panics, 1);
+}

@@ -1,0 +1,401 @@
+//! Every strategy on a throwaway Redis (feature `redis`): the shared graph, cross-instance
+//! events, keyspace notifications, and durable write-behind — including a process killed with
+//! SIGKILL whose acknowledged writes are replayed by another.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ncm_cache_codec::Serializer;
+use ncm_cache_core::Cache;
+use ncm_cache_memory::MemoryBackend;
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_strategies::{CacheStrategies, DurableConfig, WriteBehindConfig};
+use ncm_cache_testkit::{RedisCluster, RedisServer};
+use support::{database, eventually, eventually_async};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn config(url: &str, prefix: &str) -> RedisConfig {
+    let mut c = RedisConfig::from_url(url).unwrap();
+    c.response_timeout = Duration::from_secs(2);
+    c.connect_timeout = Duration::from_secs(2);
+    c.health_check_interval = None;
+    c.key_prefix = prefix.to_owned();
+    c
+}
+
+async fn cache(server: &RedisServer, prefix: &str) -> RedisCache {
+    RedisCache::connect(config(&server.url(), prefix))
+        .await
+        .unwrap()
+}
+
+fn durable(cache: &RedisCache) -> WriteBehindConfig {
+    let d = DurableConfig::new(cache.redis_backend().clone())
+        .lease(Duration::from_millis(500))
+        .claim_min_idle(Duration::from_millis(50));
+    WriteBehindConfig::default()
+        .batch_size(500)
+        .max_retries(2)
+        .retry_backoff(Duration::from_millis(5))
+        .durable(d)
+}
+
+async fn durable_strategies(cache: &RedisCache) -> CacheStrategies {
+    CacheStrategies::builder(cache.cache().clone())
+        .redis(cache.redis_backend().clone())
+        .write_behind(durable(cache))
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalidation_strategies_on_a_shared_redis() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "app:").await, cache(&server, "app:").await);
+    let a = CacheStrategies::from_redis_cache(&ca).await.unwrap();
+    let b = CacheStrategies::from_redis_cache(&cb).await.unwrap();
+    assert!(a.is_distributed());
+    support::dependency_graph(&a, &b).await;
+    support::tags(&a).await;
+    support::pattern(&a).await;
+    support::local_event(&a).await;
+    support::time_based(&a).await;
+    let flags = server
+        .cli(&["CONFIG", "GET", "notify-keyspace-events"])
+        .unwrap();
+    assert!(
+        flags.contains('E') && flags.contains('x'),
+        "keyspace notifications on: {flags}"
+    );
+    // Proof that the notification, not a timer, drives the callback: the key expires long
+    // before the registered TTL, and the callback follows at once.
+    a.cache().set("app-ks", &1).await.unwrap();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let count = fired.clone();
+    a.time_based_invalidation("app-ks", HOUR, move |_| {
+        count.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
+    .unwrap();
+    server.cli(&["PEXPIRE", "app:app-ks", "20"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || fired.load(Ordering::SeqCst) == 1).await,
+        "expired event delivered"
+    );
+    // The graph lives inside the prefix, in one hash slot, and is empty again.
+    let graph = server.cli(&["KEYS", "app:__ncm:{ncm-deps}*"]).unwrap();
+    assert!(graph.trim().is_empty(), "graph edges left: {graph}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_based_invalidation_falls_back_to_timers_when_config_is_refused() {
+    let server = RedisServer::builder()
+        .args(["--rename-command", "CONFIG", ""])
+        .start()
+        .unwrap();
+    let c = cache(&server, "").await;
+    let s = CacheStrategies::from_redis_cache(&c).await.unwrap();
+    support::time_based(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_triggered_on_one_instance_run_on_another() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (cache(&server, "ev:").await, cache(&server, "ev:").await);
+    // Each instance keeps its own (local) cache; Redis only coordinates.
+    let local = || Cache::new(MemoryBackend::new(), Serializer::default());
+    let a = CacheStrategies::with_redis(local(), ra.redis_backend().clone())
+        .await
+        .unwrap();
+    let b = CacheStrategies::with_redis(local(), rb.redis_backend().clone())
+        .await
+        .unwrap();
+
+    let calls_a = Arc::new(AtomicUsize::new(0));
+    let calls_b = Arc::new(Mutex::new(Vec::new()));
+    for k in ["user:123", "user:456"] {
+        b.cache().set(k, &k).await.unwrap();
+    }
+    a.cache().set("user:123", &"a").await.unwrap();
+    let sink = calls_b.clone();
+    b.event_based_invalidation("user_updated", ["user:123", "user:456"], move |e, keys| {
+        sink.lock().unwrap().push((e.to_owned(), keys.len()));
+    })
+    .await
+    .unwrap();
+    let count = calls_a.clone();
+    a.event_based_invalidation("user_updated", ["user:123"], move |_, _| {
+        count.fetch_add(1, Ordering::SeqCst);
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(
+        a.trigger_event_invalidation("user_updated").await.unwrap(),
+        1
+    );
+    assert_eq!(
+        calls_a.load(Ordering::SeqCst),
+        1,
+        "A ran its handler at once"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || calls_b.lock().unwrap().len()
+            == 1)
+        .await,
+        "B's callback ran"
+    );
+    assert!(!b.cache().exists("user:123").await.unwrap());
+    assert!(!b.cache().exists("user:456").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        calls_a.load(Ordering::SeqCst),
+        1,
+        "A ignored its own message"
+    );
+    assert_eq!(*calls_b.lock().unwrap(), [("user_updated".to_string(), 2)]);
+    assert!(b.invalidation_stats().remote_messages >= 1);
+
+    // Deletions reach the other instance's local cache too.
+    let (store, db) = database("around");
+    b.cache().set("user:9", &"stale").await.unwrap();
+    a.write_around("user:9", &"fresh".to_string(), &store)
+        .await
+        .unwrap();
+    assert_eq!(db.get("user:9").as_deref(), Some("fresh"));
+    let deleted = eventually_async(Duration::from_secs(5), || async {
+        !b.cache().exists("user:9").await.unwrap()
+    })
+    .await;
+    assert!(deleted, "write-around invalidated B's local copy");
+    b.cache().set("dep:user:1", &"stale").await.unwrap();
+    a.dependency_based_invalidation("dep:user:1", ["dep:profile:1"])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.invalidate_dependencies("dep:profile:1").await.unwrap(),
+        1,
+        "shared graph"
+    );
+    assert!(!b.cache().exists("dep:user:1").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_write_behind_coalesces_and_leaves_an_empty_stream() {
+    let server = RedisServer::start().unwrap();
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("orders");
+    support::write_behind_coalesces(&s, &store, &db, 20_000, 200).await;
+    assert_eq!(
+        server.cli(&["XLEN", "__ncm:wb:{orders}"]).unwrap().trim(),
+        "0"
+    );
+    let consumers = server
+        .cli(&["SMEMBERS", "__ncm:wb:{orders}:consumers"])
+        .unwrap();
+    assert!(consumers.trim().is_empty(), "left the group: {consumers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn durable_dead_letters_replay_and_are_adopted_after_shutdown() {
+    let server = RedisServer::start().unwrap();
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("ledger");
+    support::dead_letters(&s, &store, &db).await;
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        server.cli(&["XLEN", "__ncm:wb:{ledger}"]).unwrap().trim(),
+        "0"
+    );
+
+    // A process stops with dead letters: they stay journaled, and another adopts them.
+    let s1 = durable_strategies(&c).await;
+    let (store1, db1) = database("payments");
+    db1.failing.store(true, Ordering::SeqCst);
+    for i in 0..5 {
+        s1.write_behind(
+            &format!("p{i}"),
+            &format!("v{i}"),
+            HOUR,
+            &store1,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    }
+    assert!(s1.shutdown().await.is_err(), "stopped with dead letters");
+    drop(s1);
+    let s2 = durable_strategies(&c).await;
+    let (store2, db2) = database("payments");
+    let q2 = s2.write_behind_queue(&store2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db2.len() < 5 && Instant::now() < deadline {
+        q2.recover().await.unwrap();
+        q2.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        db2.len(),
+        5,
+        "the second process persisted the first one's dead letters"
+    );
+    assert_eq!(db2.get("p3").as_deref(), Some("v3"));
+    assert_eq!(q2.stats().recovered, 5);
+    s2.shutdown().await.unwrap();
+    assert_eq!(
+        server.cli(&["XLEN", "__ncm:wb:{payments}"]).unwrap().trim(),
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graph_tags_events_and_durable_write_behind_on_a_cluster() {
+    let cluster = RedisCluster::start().unwrap();
+    let connect = || async {
+        let mut c = RedisConfig::default();
+        c.cluster_nodes = cluster.node_urls();
+        c.response_timeout = Duration::from_secs(2);
+        c.connect_timeout = Duration::from_secs(2);
+        c.health_check_interval = None;
+        RedisCache::connect(c).await.unwrap()
+    };
+    let (ca, cb) = (connect().await, connect().await);
+    let a = durable_strategies(&ca).await;
+    let b = durable_strategies(&cb).await;
+    // The graph's Lua walks stay in one slot ({ncm-deps}); deletions spread over the nodes.
+    support::dependency_graph(&a, &b).await;
+    support::tags(&a).await;
+    support::pattern(&a).await;
+    support::local_event(&a).await;
+    support::time_based(&a).await; // timers: notifications are per node on a cluster
+    let (store, db) = database("cluster-orders");
+    support::write_behind_coalesces(&a, &store, &db, 8_000, 80).await;
+}
+
+const CHILD: &str = "NCM_STRATEGIES_SIGKILL_CHILD_URL";
+const WRITES: usize = 500;
+const KEYS: usize = 400;
+
+/// The child: acknowledges `WRITES` durable writes (due in an hour), says so, and waits to be
+/// killed.
+async fn acknowledge_and_wait(url: &str) {
+    let c = RedisCache::connect(config(url, "")).await.unwrap();
+    let s = durable_strategies(&c).await;
+    let (store, _db) = database("sigkill");
+    for i in 0..WRITES {
+        s.write_behind(
+            &format!("k{}", i % KEYS),
+            &format!("v{i}"),
+            HOUR,
+            &store,
+            HOUR,
+        )
+        .await
+        .unwrap();
+    }
+    println!("NCM_CHILD_ACKED {WRITES}");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    eprintln!("child was not killed");
+    std::process::exit(3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_write_behind_survives_sigkill() {
+    if let Ok(url) = std::env::var(CHILD) {
+        return acknowledge_and_wait(&url).await;
+    }
+    let server = RedisServer::start().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "durable_write_behind_survives_sigkill",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1"])
+        .env(CHILD, server.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let acked = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("NCM_CHILD_ACKED") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let pid = child.id().to_string();
+    let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        acked,
+        "the child acknowledged its writes (status {status:?})"
+    );
+    assert!(killed.success());
+    assert!(!status.success(), "killed before flushing: {status:?}");
+    let journaled: usize = server
+        .cli(&["XLEN", "__ncm:wb:{sigkill}"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        journaled, WRITES,
+        "every acknowledged write is in the stream"
+    );
+
+    // A new process replays them.
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("sigkill");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.len() < KEYS && Instant::now() < deadline {
+        queue.recover().await.unwrap();
+        queue.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(db.len(), KEYS, "every key reached the store");
+    for k in 0..KEYS {
+        let last = if k + KEYS < WRITES { k + KEYS } else { k };
+        assert_eq!(
+            db.get(&format!("k{k}")),
+            Some(format!("v{last}")),
+            "key k{k}"
+        );
+    }
+    let stats = queue.stats();
+    assert_eq!(stats.recovered, WRITES as u64, "{stats:?}");
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        server.cli(&["XLEN", "__ncm:wb:{sigkill}"]).unwrap().trim(),
+        "0"
+    );
+    let consumers = server
+        .cli(&["SMEMBERS", "__ncm:wb:{sigkill}:consumers"])
+        .unwrap();
+    assert!(
+        consumers.trim().is_empty(),
+        "the dead consumer was removed: {consumers}"
+    );
+}

@@ -1,0 +1,482 @@
+//! Scenarios shared by the in-process tests (`memory.rs`) and the Redis tests (`redis.rs`),
+//! so every strategy is checked on both.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{
+    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, Result, async_trait,
+};
+use ncm_cache_memory::MemoryBackend;
+use ncm_cache_strategies::{CacheStrategies, Store, batch_store_fn};
+
+/// A persistent store in memory that records every call and can be told to fail.
+#[derive(Debug, Default)]
+pub(crate) struct Database {
+    pub(crate) rows: Mutex<HashMap<String, String>>,
+    pub(crate) calls: AtomicU64,
+    pub(crate) entries: AtomicU64,
+    pub(crate) failing: AtomicBool,
+}
+
+impl Database {
+    pub(crate) fn get(&self, key: &str) -> Option<String> {
+        self.rows.lock().unwrap().get(key).cloned()
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.rows.lock().unwrap().len()
+    }
+    pub(crate) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// A batch store writing into a [`Database`].
+pub(crate) fn database(name: &str) -> (Store<String>, Arc<Database>) {
+    let db = Arc::new(Database::default());
+    let d = Arc::clone(&db);
+    let store = batch_store_fn(move |rows: Vec<(String, String)>| {
+        let d = Arc::clone(&d);
+        async move {
+            d.calls.fetch_add(1, Ordering::SeqCst);
+            if d.failing.load(Ordering::SeqCst) {
+                return Err("database unavailable");
+            }
+            d.entries.fetch_add(rows.len() as u64, Ordering::SeqCst);
+            d.rows.lock().unwrap().extend(rows);
+            Ok(())
+        }
+    })
+    .named(name);
+    (store, db)
+}
+
+/// Polls `check` until it holds, for at most `limit`.
+pub(crate) async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
+
+/// Polls the async `check` until it holds, for at most `limit`.
+pub(crate) async fn eventually_async<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check().await
+}
+
+/// A memory backend whose writes can be made to fail.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flaky {
+    pub(crate) inner: MemoryBackend,
+    pub(crate) fail_sets: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl CacheBackend for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        if self.fail_sets.load(Ordering::SeqCst) {
+            return Err(ncm_cache_core::CacheError::connection(
+                "injected failure",
+                None,
+            ));
+        }
+        self.inner.set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(key).await
+    }
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.inner.get_ttl(key).await
+    }
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.extend_ttl(key, ttl).await
+    }
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        self.inner.clear_pattern(pattern).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        self.inner.get_stats()
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn put<C: Codec>(s: &CacheStrategies<C>, keys: &[String]) {
+    let entries: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();
+    s.cache().set_many(entries, HOUR).await.unwrap();
+}
+
+async fn none_left<C: Codec>(s: &CacheStrategies<C>, keys: &[String]) -> bool {
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut left = 0;
+    for chunk in refs.chunks(500) {
+        left += s
+            .cache()
+            .get_many::<String>(chunk)
+            .await
+            .unwrap()
+            .iter()
+            .flatten()
+            .count();
+    }
+    left == 0
+}
+
+/// A chain and a diamond lattice of 1,000 keys each, both with a cycle, invalidated from two
+/// instances at once: every key is invalidated, exactly once in total.
+pub(crate) async fn dependency_graph<C: Codec>(a: &CacheStrategies<C>, b: &CacheStrategies<C>) {
+    // The chain: k0 <- k1 <- ... <- k999, k0 also depends on k999 (a cycle), k0 on the root.
+    let chain: Vec<String> = (0..1000).map(|i| format!("chain:{i}")).collect();
+    a.dependency_based_invalidation(&chain[0], ["chain-root", chain[999].as_str()])
+        .await
+        .unwrap();
+    for i in 1..1000 {
+        let s = if i % 2 == 0 { a } else { b }; // both instances build the shared graph
+        s.dependency_based_invalidation(&chain[i], [chain[i - 1].as_str()])
+            .await
+            .unwrap();
+    }
+    // The lattice: 10 layers of 100; each key depends on two keys of the layer below
+    // (diamonds everywhere), layer 0 on the root, and 0/0 on 9/99 (a cycle).
+    let node = |layer: usize, j: usize| format!("lattice:{layer}:{j}");
+    let mut lattice = Vec::new();
+    for layer in 0..10 {
+        for j in 0..100 {
+            let key = node(layer, j);
+            let deps: Vec<String> = if layer == 0 {
+                vec!["lattice-root".into()]
+            } else {
+                vec![node(layer - 1, j), node(layer - 1, (j + 1) % 100)]
+            };
+            b.dependency_based_invalidation(&key, deps).await.unwrap();
+            lattice.push(key);
+        }
+    }
+    a.dependency_based_invalidation(&node(0, 0), [node(9, 99)])
+        .await
+        .unwrap();
+
+    for (root, keys) in [("chain-root", &chain), ("lattice-root", &lattice)] {
+        put(a, keys).await;
+        let (x, y) = tokio::join!(
+            a.invalidate_dependencies(root),
+            b.invalidate_dependencies(root)
+        );
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_eq!(x + y, 1000, "{root}: each key once in total ({x} + {y})");
+        assert!(none_left(a, keys).await, "{root}: every key deleted");
+        assert!(none_left(b, keys).await, "{root}: every key deleted (b)");
+        // The walk removed the edges: nothing is reached a second time.
+        assert_eq!(a.invalidate_dependencies(root).await.unwrap(), 0);
+    }
+}
+
+/// Tags: keys tagged on write, invalidated by tag; other keys untouched.
+pub(crate) async fn tags<C: Codec>(s: &CacheStrategies<C>) {
+    s.set_with_tags("tag:user:1", &"u1", HOUR, ["user:1", "team:7"])
+        .await
+        .unwrap();
+    s.set_with_tags("tag:user:2", &"u2", HOUR, ["user:2", "team:7"])
+        .await
+        .unwrap();
+    s.set_with_tags("tag:user:3", &"u3", HOUR, ["user:3"])
+        .await
+        .unwrap();
+    // A key depending on a tagged key goes with it.
+    s.cache().set("tag:feed:1", &"f1").await.unwrap();
+    s.dependency_based_invalidation("tag:feed:1", ["tag:user:1"])
+        .await
+        .unwrap();
+    assert_eq!(s.invalidate_tag("team:7").await.unwrap(), 3);
+    for gone in ["tag:user:1", "tag:user:2", "tag:feed:1"] {
+        assert_eq!(s.cache().get::<String>(gone).await.unwrap(), None, "{gone}");
+    }
+    assert_eq!(
+        s.cache()
+            .get::<String>("tag:user:3")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("u3")
+    );
+    assert_eq!(s.invalidate_tag("team:7").await.unwrap(), 0);
+    assert_eq!(s.invalidate_tag("user:3").await.unwrap(), 1);
+    assert!(s.invalidate_tag("").await.is_err());
+}
+
+/// Pattern invalidation with its callback.
+pub(crate) async fn pattern<C: Codec>(s: &CacheStrategies<C>) {
+    for k in ["pat:user:1", "pat:user:2", "pat:user:3", "pat:team:1"] {
+        s.cache().set(k, &k).await.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(None));
+    let sink = Arc::clone(&seen);
+    let n = s
+        .pattern_based_invalidation("pat:user:*", move |pattern, n| {
+            *sink.lock().unwrap() = Some((pattern.to_owned(), n));
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(*seen.lock().unwrap(), Some(("pat:user:*".to_string(), 3)));
+    assert!(s.cache().exists("pat:team:1").await.unwrap());
+}
+
+/// Event invalidation on one instance: keys deleted, then the callback, once per trigger.
+pub(crate) async fn local_event<C: Codec>(s: &CacheStrategies<C>) {
+    s.cache().set("ev:user:123", &1).await.unwrap();
+    s.cache().set("ev:user:456", &2).await.unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&calls);
+    s.event_based_invalidation(
+        "user_updated",
+        ["ev:user:123", "ev:user:456"],
+        move |e, keys| {
+            sink.lock().unwrap().push((e.to_owned(), keys.to_vec()));
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.trigger_event_invalidation("user_updated").await.unwrap(),
+        2
+    );
+    assert!(!s.cache().exists("ev:user:123").await.unwrap());
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [(
+            "user_updated".to_string(),
+            vec!["ev:user:123".to_string(), "ev:user:456".to_string()]
+        )]
+    );
+    assert_eq!(
+        s.trigger_event_invalidation("nobody_listens")
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(s.registered_events().contains(&"user_updated".to_string()));
+}
+
+/// Time-based invalidation: the callback runs once the key expired; a missing key is refused.
+pub(crate) async fn time_based<C: Codec>(s: &CacheStrategies<C>) {
+    s.cache().set("tb:session", &"s").await.unwrap();
+    let fired = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&fired);
+    let start = Instant::now();
+    assert!(
+        s.time_based_invalidation("tb:session", Duration::from_millis(150), move |key| {
+            sink.lock().unwrap().push(key.to_owned());
+        })
+        .await
+        .unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !fired.lock().unwrap().is_empty()).await,
+        "callback ran"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(*fired.lock().unwrap(), ["tb:session"]);
+    assert!(!s.cache().exists("tb:session").await.unwrap());
+    assert!(
+        !s.time_based_invalidation("tb:missing", Duration::from_secs(1), |_| {})
+            .await
+            .unwrap()
+    );
+    // A cancelled registration never fires.
+    s.cache().set("tb:cancelled", &"c").await.unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&never);
+    s.time_based_invalidation("tb:cancelled", Duration::from_millis(50), move |_| {
+        flag.store(true, Ordering::SeqCst);
+    })
+    .await
+    .unwrap();
+    assert!(s.cancel_time_based_invalidation("tb:cancelled"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!never.load(Ordering::SeqCst));
+    assert_eq!(fired.lock().unwrap().len(), 1, "fired once");
+}
+
+/// `writes` write-behind writes over `keys` keys from 8 tasks (each task owns its keys, so the
+/// final value of each key is known): the store ends with every final value, in far fewer
+/// calls than writes, and nothing is left pending after shutdown. Returns (store calls, time).
+pub(crate) async fn write_behind_coalesces<C: Codec>(
+    s: &CacheStrategies<C>,
+    store: &Store<String>,
+    db: &Database,
+    writes: usize,
+    keys: usize,
+) -> (u64, Duration) {
+    let start = Instant::now();
+    let tasks = 8;
+    let per_task = writes / tasks;
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (s, store) = (s.clone(), store.clone());
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    // Task t owns keys t, t + 8, t + 16, ...
+                    let k = (t + tasks * (i % (keys / tasks))) % keys;
+                    let value = format!("{t}:{i}");
+                    s.write_behind(
+                        &format!("wb:{k}"),
+                        &value,
+                        HOUR,
+                        &store,
+                        Duration::from_millis(20),
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let accepted = start.elapsed();
+    s.shutdown().await.unwrap();
+    let elapsed = start.elapsed();
+    let queue = s.write_behind_queue(store).await.unwrap();
+    let stats = queue.stats();
+    assert_eq!(stats.accepted, (per_task * tasks) as u64);
+    assert_eq!(stats.pending, 0, "shutdown leaves nothing pending");
+    assert_eq!(queue.pending(), 0);
+    assert_eq!(stats.dead_letters, 0);
+    assert_eq!(db.len(), keys, "every key reached the store");
+    // The final value of key k: its owner task's last write to it.
+    let per_key = per_task / (keys / tasks);
+    for t in 0..tasks {
+        for slot in 0..keys / tasks {
+            let k = (t + tasks * slot) % keys;
+            let last_i = slot + (keys / tasks) * (per_key - 1);
+            let want = format!("{t}:{last_i}");
+            assert_eq!(
+                db.get(&format!("wb:{k}")).as_deref(),
+                Some(want.as_str()),
+                "key {k}"
+            );
+            assert_eq!(
+                s.cache()
+                    .get::<String>(&format!("wb:{k}"))
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some(want.as_str()),
+                "the cache agrees with the store for key {k}"
+            );
+        }
+    }
+    assert_eq!(stats.store_calls, db.calls());
+    assert_eq!(stats.accepted, stats.coalesced + stats.stored, "{stats:?}");
+    println!(
+        "{} writes over {keys} keys: {} store calls ({} entries stored), accepted in {accepted:?}, persisted in {elapsed:?}",
+        stats.accepted, stats.store_calls, stats.stored
+    );
+    assert!(
+        stats.store_calls * 20 < stats.accepted,
+        "far fewer store calls than writes: {stats:?}"
+    );
+    assert!(matches!(
+        s.write_behind("wb:late", &"x".to_string(), HOUR, store, Duration::ZERO)
+            .await,
+        Err(ncm_cache_core::CacheError::Closed)
+    ));
+    (stats.store_calls, elapsed)
+}
+
+/// Store failures: retries, then dead letters; replaying them (once the store is back)
+/// persists them; a newer write supersedes a dead letter.
+pub(crate) async fn dead_letters<C: Codec>(
+    s: &CacheStrategies<C>,
+    store: &Store<String>,
+    db: &Database,
+) {
+    let queue = s.write_behind_queue(store).await.unwrap();
+    db.failing.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        s.write_behind(
+            &format!("dl:{i}"),
+            &format!("v{i}"),
+            HOUR,
+            store,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        queue.flush().await.is_err(),
+        "flush reports the dead letters"
+    );
+    let dead = queue.dead_letters();
+    assert_eq!(dead.len(), 10);
+    assert!(
+        dead.iter()
+            .all(|d| d.attempts == 3 && d.error.to_string().contains("unavailable"))
+    );
+    let stats = queue.stats();
+    assert!(stats.retries >= 2, "{stats:?}");
+    assert_eq!((stats.dead_lettered, stats.pending), (10, 0));
+    assert_eq!(db.len(), 0);
+
+    // A newer write of dl:0 replaces its dead letter.
+    db.failing.store(false, Ordering::SeqCst);
+    s.write_behind("dl:0", &"newer".to_string(), HOUR, store, Duration::ZERO)
+        .await
+        .unwrap();
+    queue.flush().await.unwrap();
+    assert_eq!(queue.dead_letters().len(), 9);
+    assert_eq!(db.get("dl:0").as_deref(), Some("newer"));
+
+    assert_eq!(queue.replay_dead_letters().await.unwrap(), 9);
+    assert!(queue.dead_letters().is_empty());
+    for i in 1..10 {
+        assert_eq!(db.get(&format!("dl:{i}")), Some(format!("v{i}")));
+    }
+    assert_eq!(
+        db.get("dl:0").as_deref(),
+        Some("newer"),
+        "the replay did not regress dl:0"
+    );
+    let stats = queue.stats();
+    assert_eq!(
+        (stats.replayed, stats.superseded, stats.dead_letters),
+        (9, 1, 0)
+    );
+}
