@@ -45,6 +45,15 @@ async fn a_multilevel_cache_and_a_typed_cache_share_redis() {
         .backplane(Arc::clone(redis.redis_backend()))
         .build()
         .unwrap();
+    // L1 is bypassed until the backplane is subscribed (never serve what it could not hear).
+    let start = std::time::Instant::now();
+    while !products.l1_active() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "backplane never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let laptop = Product {
         name: "Laptop".into(),
         price: 999.99,
