@@ -81,7 +81,7 @@ async fn a_write_on_one_instance_evicts_the_others_l1() {
     }
     windows.sort();
     let p99 = windows[windows.len() * 99 / 100 - 1];
-    assert!(p99 < Duration::from_millis(100), "stale window p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(250), "stale window p99 {p99:?}");
     assert!(b.get_stats().backplane_received >= 50);
     // An instance ignores its own messages: A's L1 keeps its own write.
     assert_eq!(
@@ -118,7 +118,7 @@ async fn after_a_backplane_cut_no_value_older_than_the_last_write_is_served() {
         }
         // Until B notices the cut it may serve its L1 copy; it must not for long.
         assert!(
-            start.elapsed() < Duration::from_millis(1500),
+            start.elapsed() < Duration::from_millis(3000),
             "old value served after the cut"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
