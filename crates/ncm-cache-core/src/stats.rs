@@ -168,7 +168,10 @@ pub struct CacheStats {
     pub hit_rate: f64,
     /// Number of entries, where the backend knows it.
     pub entries: Option<u64>,
-    /// Bytes used, where the backend knows it (the memory backend's weight, Redis `used_memory`).
+    /// Bytes used, where the backend knows it: Redis's `used_memory`; for the memory backend the
+    /// bytes *charged* against `max_bytes` (each entry is charged at least
+    /// `max_bytes / max_entries`), an upper bound of what it really holds
+    /// (`MemoryBackend::used_bytes` walks the entries for the exact figure).
     pub memory_usage: Option<u64>,
     /// Operation latencies, for backends that time their operations.
     pub latency: Option<LatencySummary>,
