@@ -305,6 +305,22 @@ impl RedisConfig {
         Ok(())
     }
 
+    /// The URLs (credentials included) of the configured cluster seed nodes, which may be
+    /// written `host:port`, `redis://host:port` or `rediss://host:port`.
+    pub(crate) fn cluster_node_urls(&self) -> Vec<String> {
+        self.cluster_nodes
+            .iter()
+            .map(|n| {
+                let n = n
+                    .trim_start_matches("redis://")
+                    .trim_start_matches("rediss://")
+                    .trim_end_matches('/');
+                let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
+                self.node_url(host, port.parse().unwrap_or(6379))
+            })
+            .collect()
+    }
+
     /// The `redis://` URL of the configured single node (credentials included).
     pub(crate) fn node_url(&self, host: &str, port: u16) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };

@@ -146,18 +146,7 @@ impl Conn {
     }
 
     async fn connect_cluster(config: &RedisConfig) -> Result<Self> {
-        let nodes: Vec<String> = config
-            .cluster_nodes
-            .iter()
-            .map(|n| {
-                let n = n
-                    .trim_start_matches("redis://")
-                    .trim_start_matches("rediss://");
-                let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
-                let port = port.trim_end_matches('/').parse().unwrap_or(6379);
-                config.node_url(host, port)
-            })
-            .collect();
+        let nodes = config.cluster_node_urls();
         let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
             .connection_timeout(config.connect_timeout)
             .response_timeout(config.response_timeout)

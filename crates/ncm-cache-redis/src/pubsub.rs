@@ -178,12 +178,8 @@ async fn pubsub_client(config: &RedisConfig) -> Result<redis::Client> {
             }
         };
         config.node_url(&host, port)
-    } else if let Some(node) = config.cluster_nodes.first() {
-        let n = node
-            .trim_start_matches("redis://")
-            .trim_start_matches("rediss://");
-        let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
-        config.node_url(host, port.trim_end_matches('/').parse().unwrap_or(6379))
+    } else if let Some(url) = config.cluster_node_urls().into_iter().next() {
+        url
     } else {
         config.node_url(&config.host, config.port)
     };

@@ -152,17 +152,7 @@ impl RedisSyncCache {
         }
         let cluster = !config.cluster_nodes.is_empty();
         let manager = if cluster {
-            let nodes: Vec<String> = config
-                .cluster_nodes
-                .iter()
-                .map(|n| {
-                    let n = n
-                        .trim_start_matches("redis://")
-                        .trim_start_matches("rediss://");
-                    let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
-                    config.node_url(host, port.trim_end_matches('/').parse().unwrap_or(6379))
-                })
-                .collect();
+            let nodes = config.cluster_node_urls();
             let client = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.response_timeout)
