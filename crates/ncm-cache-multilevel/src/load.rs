@@ -178,12 +178,14 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        #[cfg(feature = "redis")]
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
-        let wait: BoxFuture<'_, _> = Box::pin(self.lock_or_wait::<T>(&key));
-        let _lock = match wait.await? {
-            crate::backplane::LockOutcome::Found(v) => return Ok(v),
-            crate::backplane::LockOutcome::Proceed(guard) => guard,
+        #[cfg(feature = "redis")]
+        let _lock = {
+            let wait: BoxFuture<'_, _> = Box::pin(self.lock_or_wait::<T>(&key));
+            match wait.await? {
+                crate::backplane::LockOutcome::Found(v) => return Ok(v),
+                crate::backplane::LockOutcome::Proceed(guard) => guard,
+            }
         };
         let epoch = self.epoch.load(Ordering::Acquire);
         Counters::bump(&self.counters.loads);
