@@ -96,6 +96,8 @@ pub(crate) async fn run(redis_url: Option<&str>) -> CliResult {
     let ml = multilevel(&env).await?;
     loaders(&env).await?;
     codecs()?;
+    crate::demo_more::sql(&env.cache).await?;
+    crate::demo_more::strategies(&env.cache).await?;
     final_stats(&env, &ml).await;
 
     if let Some(redis) = &env.redis {
@@ -145,7 +147,7 @@ async fn complete_example(env: &Env) -> CliResult {
             db_queries.load(Ordering::Relaxed)
         );
     }
-    println!("SQL caching: see the ncm-cache-sql crate (not in this demo yet)");
+    println!("SQL caching: see section f (SqlCache on SQLite)");
     let after = env.cache.get_stats();
     let hits = after.hits - before.hits;
     let reads = after.total_requests - before.total_requests;
@@ -542,7 +544,7 @@ fn codecs() -> CliResult {
 
 /// f. Final statistics.
 async fn final_stats(env: &Env, ml: &MultiLevelCache) {
-    section("f. Final stats");
+    section("h. Final stats");
     if let Some(redis) = &env.redis {
         // Redis `used_memory` is refreshed periodically; read it now.
         redis.redis_backend().refresh_memory_usage().await.ok();

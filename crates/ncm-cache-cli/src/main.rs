@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod demo_more;
 mod redis_tools;
 
 use std::process::ExitCode;

@@ -35,7 +35,11 @@ fn assert_demo_output(out: &Output) {
         "== c. Multi-level cache",
         "== d. Loaders",
         "== e. Codecs",
-        "== f. Final stats",
+        "== f. SQL query caching",
+        "== g. Write and invalidation strategies",
+        "== h. Final stats",
+        "invalidated the table: now [\"Johnny\", \"Jane\"]",
+        "1000 writes over 10 keys",
     ] {
         assert!(text.contains(section), "missing {section:?} in:\n{text}");
     }
@@ -56,10 +60,7 @@ fn assert_demo_output(out: &Output) {
     assert!(text.contains("warm_cache: 100/100"), "{text}");
     assert!(text.contains("reload_key(force=true) ran: true"), "{text}");
     assert!(text.contains("0 combination(s) failed"), "{text}");
-    assert!(
-        text.contains("SQL caching: see the ncm-cache-sql crate"),
-        "{text}"
-    );
+    assert!(text.contains("SQL caching: see section f"), "{text}");
     assert!(text.contains("then L1"), "promotion to L1:\n{text}");
 }
 
