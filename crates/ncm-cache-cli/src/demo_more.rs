@@ -177,6 +177,35 @@ pub(crate) async fn strategies(cache: &Cache<Serializer>) -> CliResult {
         "event: demo:user:456 cached after the event: {}",
         cache.exists("demo:user:456").await?
     );
+    let removed = strategies
+        .pattern_based_invalidation("demo:wb:*", |pattern, n| {
+            println!("pattern {pattern:?} invalidated {n} key(s)");
+        })
+        .await?;
+    println!("pattern: {removed} write-behind keys removed from the cache");
+
+    let expired = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&expired);
+    cache
+        .set_with_ttl("demo:tmp:1", &"short-lived", Duration::from_millis(60))
+        .await?;
+    strategies
+        .time_based_invalidation("demo:tmp:1", Duration::from_millis(60), move |key| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            println!("time-based: {key} expired, callback ran");
+        })
+        .await?;
+    for _ in 0..100 {
+        if expired.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "time: callback ran {} time(s); key cached: {}",
+        expired.load(Ordering::Relaxed),
+        cache.exists("demo:tmp:1").await?
+    );
     strategies.shutdown().await?;
     println!(
         "store calls in this section: {}",

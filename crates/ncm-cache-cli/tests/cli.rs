@@ -40,6 +40,8 @@ fn assert_demo_output(out: &Output) {
         "== h. Final stats",
         "invalidated the table: now [\"Johnny\", \"Jane\"]",
         "1000 writes over 10 keys",
+        "pattern: 10 write-behind keys removed",
+        "time: callback ran 1 time(s); key cached: false",
     ] {
         assert!(text.contains(section), "missing {section:?} in:\n{text}");
     }

@@ -1,6 +1,6 @@
 use ncm_cache_loader::{CacheLoader, cache_method};
 
-static LOADER: std::sync::LazyLock<CacheLoader> = std::sync::LazyLock::new(|| unimplemented!());
+static LOADER: std::sync::LazyLock<CacheLoader> = std::sync::LazyLock::new(|| panic!("compile-fail fixture: never run"));
 
 struct Service;
 
