@@ -137,14 +137,14 @@ impl CacheBackend for MemoryBackend {
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         // Validate every key first so a bad key fails the batch before any read is counted.
         for key in keys {
-            self.store.contains(key).map(|_| ())?;
+            self.store.validate(key)?;
         }
         keys.iter().map(|k| self.store.get(k)).collect()
     }
 
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
         for (key, _) in entries {
-            self.store.contains(key)?;
+            self.store.validate(key)?;
         }
         for (key, value) in entries {
             self.store.insert(key, value.clone(), ttl)?;
@@ -154,7 +154,7 @@ impl CacheBackend for MemoryBackend {
 
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
         for key in keys {
-            self.store.contains(key)?;
+            self.store.validate(key)?;
         }
         let mut n = 0;
         for key in keys {

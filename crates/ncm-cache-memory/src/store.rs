@@ -279,6 +279,12 @@ impl<V: StoreValue> MemoryStore<V> {
         self.inner.keys.validate(key)
     }
 
+    /// Checks a key (and that the store is open) without looking it up.
+    #[inline]
+    pub fn validate(&self, key: &str) -> Result<()> {
+        self.check(key)
+    }
+
     /// Reads a live value (counted as a hit or a miss).
     #[inline]
     pub fn get(&self, key: &str) -> Result<Option<V>> {

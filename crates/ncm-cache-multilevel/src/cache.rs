@@ -158,8 +158,11 @@ impl<C: Codec> MultiLevelCache<C> {
     }
 
     /// Encodes a value with the cache's codec (for writing L2 directly, e.g. bulk preloads).
-    pub fn codec_bytes<T: Serialize + ?Sized>(&self, value: &T) -> ncm_cache_core::Bytes {
-        self.inner.codec.encode(value).unwrap_or_default()
+    pub fn codec_bytes<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> std::result::Result<ncm_cache_core::Bytes, ncm_cache_core::CodecError> {
+        self.inner.codec.encode(value)
     }
 
     /// Number of entries in L1.
