@@ -52,7 +52,7 @@ impl Default for Options {
             eager_refresh: None,
             negative_ttl: None,
             breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(5),
+            breaker_cooldown: Duration::from_secs(1),
             lock_ttl: Duration::from_secs(10),
             lock_wait: Duration::from_secs(5),
             // The L1 hit path reads the clock on every hit: a coarse clock keeps it cheap.
@@ -154,7 +154,8 @@ impl<C: Codec> MultiLevelBuilder<C> {
         enable_stampede_prevention: bool,
         /// Consecutive L2 failures that open the circuit (default 5).
         breaker_threshold: u32,
-        /// How long an open circuit skips L2 (default 5 s).
+        /// How long an open circuit skips L2 (default 1 s, so service resumes within about a
+        /// second of Redis coming back).
         breaker_cooldown: Duration,
     }
 

@@ -38,6 +38,10 @@ pub(crate) fn map_err(op: &'static str, err: RedisError, timeout: Duration) -> C
                         | ServerErrorKind::TryAgain
                         | ServerErrorKind::BusyLoading
                         | ServerErrorKind::ReadOnly
+                        // Redirections still pending after the cluster client's own retries:
+                        // the cluster is moving slots (a failover or a reshard), try again.
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
                 )
         )
     {

@@ -5,7 +5,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ncm_cache_testkit::{RedisCluster, RedisSentinelSet, RedisServer, TestkitError};
+use ncm_cache_testkit::{
+    FaultProxy, ProxyMode, RedisCluster, RedisSentinelSet, RedisServer, TestkitError,
+};
 
 /// Sends an inline `PING` over a fresh connection and returns the first reply line.
 fn raw_ping(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
@@ -310,4 +312,107 @@ fn sentinel_set_fails_over_when_the_primary_is_killed() {
             .trim(),
         "OK"
     );
+}
+
+/// One persistent connection through the proxy: sends inline commands, reads one reply line.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> io::Result<Self> {
+        let writer = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        writer.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Self { writer, reader })
+    }
+
+    fn send(&mut self, inline: &str) -> io::Result<()> {
+        self.writer.write_all(format!("{inline}\r\n").as_bytes())
+    }
+
+    fn reply(&mut self, timeout: Duration) -> io::Result<String> {
+        self.writer.set_read_timeout(Some(timeout))?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim_end().to_owned())
+    }
+}
+
+#[test]
+fn fault_proxy_passes_delays_stalls_refuses_and_cuts() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    assert!(proxy.url().ends_with(&proxy.port().to_string()));
+    assert!(FaultProxy::start("10.0.0.1:6379".parse().unwrap()).is_err());
+
+    // Pass: answers at once.
+    let mut conn = Conn::open(proxy.addr()).unwrap();
+    conn.send("SET k v").unwrap();
+    assert_eq!(conn.reply(Duration::from_secs(2)).unwrap(), "+OK");
+
+    // Delay: a round trip takes at least twice the delay (one per direction).
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(150)));
+    let start = Instant::now();
+    conn.send("PING").unwrap();
+    assert_eq!(conn.reply(Duration::from_secs(3)).unwrap(), "+PONG");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Stall: nothing arrives, and the bytes are delivered in order once healed.
+    proxy.set_mode(ProxyMode::Stall);
+    conn.send("GET k").unwrap();
+    assert!(conn.reply(Duration::from_millis(300)).is_err());
+    proxy.set_mode(ProxyMode::Pass);
+    let mut late = String::new();
+    for _ in 0..2 {
+        match conn.reply(Duration::from_secs(2)) {
+            Ok(line) => late.push_str(&line),
+            Err(_) => break,
+        }
+        if late.contains('v') {
+            break;
+        }
+    }
+    assert!(late.starts_with("$1") && late.ends_with('v'), "{late:?}");
+
+    // Cut: the open connection sees EOF or a reset; new ones still work.
+    proxy.cut();
+    conn.send("PING").ok();
+    assert!(conn.reply(Duration::from_secs(2)).is_err());
+    assert_eq!(
+        raw_ping(proxy.addr(), Duration::from_secs(2)).unwrap(),
+        "+PONG"
+    );
+
+    // Refuse: new connections are closed at once, then accepted again.
+    proxy.set_mode(ProxyMode::Refuse);
+    let refused = raw_ping(proxy.addr(), Duration::from_secs(2)).unwrap_or_default();
+    assert_eq!(
+        refused, "",
+        "a refused connection is closed without an answer"
+    );
+    proxy.set_mode(ProxyMode::Pass);
+    assert_eq!(
+        raw_ping(proxy.addr(), Duration::from_secs(2)).unwrap(),
+        "+PONG"
+    );
+
+    // Dropping the proxy ends its threads and closes its port.
+    let addr = proxy.addr();
+    drop(proxy);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "proxy port still open after drop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
