@@ -3,11 +3,18 @@
 //! | offset | size | field | value |
 //! |---|---|---|---|
 //! | 0 | 2 | magic | `0xC1 0x4E` |
-//! | 2 | 1 | version | `1` |
+//! | 2 | 1 | version | `1` unsigned, `2` signed |
 //! | 3 | 1 | format | see below |
 //! | 4 | 1 | compression | see below |
 //! | 5 | 4 | uncompressed length, u32 little-endian | only when compression ≠ 0 |
 //! | 5 or 9 | … | payload | the format's bytes, compressed when compression ≠ 0 |
+//! | length − 32 | 32 | tag | version 2 only: HMAC-SHA256(key, every byte before the tag) |
+//!
+//! Version 2 ("signed", written when the serializer has a
+//! [`signing_key`](crate::SerializerBuilder::signing_key)) is version 1 with the version byte
+//! set to 2 and a 32-byte HMAC-SHA256 tag appended; the tag covers the whole header (this version
+//! byte included) and the payload. Builds before version 2 existed reject a signed value as an
+//! unsupported version (a miss), they never misread it.
 //!
 //! | format tag | format | | compression tag | compression |
 //! |---|---|---|---|---|
@@ -17,7 +24,7 @@
 //! | 4 | MessagePack (named maps) | | 3 | Zstandard frame |
 //! | 5 | Pickle | | | |
 //!
-//! Tags are stable: a tag is never renumbered or reused. Tag 0 is no format.
+//! Tags and version numbers are stable: never renumbered or reused. Tag 0 is no format.
 //!
 //! Why the magic cannot be mistaken for a raw value: `0xC1` is the one byte MessagePack never
 //! uses, it is not valid UTF-8 (so no JSON text starts with it), and it is not a pickle opcode
@@ -35,8 +42,15 @@ use crate::types::{CompressionType, SerializationType};
 /// The two magic bytes that open every envelope.
 pub const MAGIC: [u8; 2] = [0xC1, 0x4E];
 
-/// The envelope version this build writes (and the newest it reads).
+/// The envelope version of unsigned values.
 pub const VERSION: u8 = 1;
+
+/// The envelope version of signed values: a version-1 layout followed by a [`TAG_LEN`]-byte
+/// HMAC-SHA256 tag over every byte before it. The newest version this build reads.
+pub const SIGNED_VERSION: u8 = 2;
+
+/// Length of the HMAC-SHA256 tag that ends a signed ([`SIGNED_VERSION`]) value.
+pub const TAG_LEN: usize = 32;
 
 /// Length of the header without the uncompressed length.
 pub(crate) const SHORT_HEADER: usize = 5;
@@ -56,6 +70,8 @@ pub(crate) const LONG_HEADER: usize = 9;
 /// assert_eq!(header.format, SerializationType::Json);
 /// assert_eq!(header.compression, CompressionType::None);
 /// assert_eq!(&bytes[header.header_len..], b"\"hello\"");
+/// assert_eq!(header.payload(&bytes), b"\"hello\"");
+/// assert!(!header.is_signed());
 /// // Bytes without the magic are not an envelope.
 /// assert!(inspect(b"\"hello\"").unwrap().is_none());
 /// ```
@@ -74,12 +90,34 @@ pub struct EnvelopeHeader {
     pub header_len: usize,
 }
 
+impl EnvelopeHeader {
+    /// `true` for a signed ([`SIGNED_VERSION`]) value: the last [`TAG_LEN`] bytes are the tag.
+    ///
+    /// `inspect` does not verify the tag; only a [`Serializer`](crate::Serializer) with the key
+    /// can.
+    pub fn is_signed(&self) -> bool {
+        self.version == SIGNED_VERSION
+    }
+
+    /// The payload of `bytes` (the value this header was parsed from): after the header, and
+    /// before the tag of a signed value.
+    pub fn payload<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
+        let end = if self.is_signed() {
+            bytes.len().saturating_sub(TAG_LEN)
+        } else {
+            bytes.len()
+        };
+        bytes.get(self.header_len..end).unwrap_or_default()
+    }
+}
+
 /// Parses the envelope header of `bytes`.
 ///
 /// `Ok(None)` when the bytes do not start with the magic (a raw value); an error when they do
-/// but the header is truncated ([`CodecErrorKind::Corrupt`]) or names a version, format or
-/// compression this build does not know ([`CodecErrorKind::Unsupported`]). Whether the format's
-/// cargo feature is compiled in is not checked here.
+/// but the header is truncated or a signed value is too short to hold its tag
+/// ([`CodecErrorKind::Corrupt`]), or it names a version, format or compression this build does
+/// not know ([`CodecErrorKind::Unsupported`]). Whether the format's cargo feature is compiled in
+/// is not checked here, nor is a signed value's tag.
 pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
     if !bytes.starts_with(&MAGIC) {
         return Ok(None);
@@ -87,12 +125,13 @@ pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
     let &[_, _, version, format, compression, ref rest @ ..] = bytes else {
         return Err(corrupt("truncated envelope header"));
     };
-    if version != VERSION {
+    if version != VERSION && version != SIGNED_VERSION {
         return Err(CodecError::new(
             CodecErrorKind::Unsupported,
             "envelope",
             format!(
-                "envelope version {version} is not supported (this build reads version {VERSION})"
+                "envelope version {version} is not supported (this build reads versions \
+                 {VERSION} and {SIGNED_VERSION})"
             ),
         ));
     }
@@ -118,6 +157,9 @@ pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
         };
         (Some(u32::from_le_bytes([a, b, c, d])), LONG_HEADER)
     };
+    if version == SIGNED_VERSION && bytes.len() < header_len + TAG_LEN {
+        return Err(corrupt("truncated signed envelope (no room for the tag)"));
+    }
     Ok(Some(EnvelopeHeader {
         version,
         format,
@@ -189,10 +231,28 @@ mod tests {
         let kind = |b: &[u8]| inspect(b).unwrap_err().kind();
         assert_eq!(kind(&[0xC1, 0x4E]), CodecErrorKind::Corrupt);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 1]), CodecErrorKind::Corrupt);
-        assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 3, 1, 0]), CodecErrorKind::Unsupported);
+        // Version 2 (signed) needs room for the 32-byte tag.
+        assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0]), CodecErrorKind::Corrupt);
+        assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0, b'1']), CodecErrorKind::Corrupt);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 0, 0]), CodecErrorKind::Unsupported);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 9, 0]), CodecErrorKind::Unsupported);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 1, 7]), CodecErrorKind::Unsupported);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 1, 3, 0, 0]), CodecErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn signed_headers_strip_the_tag() {
+        let mut bytes = short_header(SerializationType::Json).to_vec();
+        bytes[2] = SIGNED_VERSION;
+        bytes.extend_from_slice(b"[1]");
+        bytes.extend_from_slice(&[0xAB; TAG_LEN]);
+        let h = inspect(&bytes).unwrap().unwrap();
+        assert!(h.is_signed());
+        assert_eq!(h.version, 2);
+        assert_eq!(h.payload(&bytes), b"[1]");
+        // An empty payload still parses (the tag alone follows the header).
+        let empty = [&bytes[..SHORT_HEADER], &[0; TAG_LEN][..]].concat();
+        assert_eq!(inspect(&empty).unwrap().unwrap().payload(&empty), b"");
     }
 }

@@ -8,12 +8,14 @@ mod formats;
 #[cfg(feature = "pickle")]
 mod pickle_guard;
 mod serializer;
+mod signing;
 mod types;
 
 pub use config::CodecConfig;
-pub use envelope::{EnvelopeHeader, MAGIC, VERSION, inspect};
+pub use envelope::{EnvelopeHeader, MAGIC, SIGNED_VERSION, TAG_LEN, VERSION, inspect};
 pub use serializer::{
     DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_MAX_DECOMPRESSED_SIZE, Serializer, SerializerBuilder,
     SerializerFactory,
 };
+pub use signing::MIN_SIGNING_KEY_LEN;
 pub use types::{CompressionType, SerializationType};

@@ -5,7 +5,8 @@ use ncm_cache_core::{CacheError, Codec, CodecError, CodecErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{self, LONG_HEADER, SHORT_HEADER};
+use crate::envelope::{self, LONG_HEADER, SHORT_HEADER, SIGNED_VERSION};
+use crate::signing::{SecretBytes, SigningKeys};
 use crate::types::{CompressionType, SerializationType};
 use crate::{compress, formats};
 
@@ -31,9 +32,15 @@ pub const DEFAULT_MAX_DECOMPRESSED_SIZE: usize = 64 * 1024 * 1024;
 /// - **Raw mode** ([`SerializerBuilder::raw`]): the bare format bytes, uncompressed — exactly
 ///   what Python's `json`, `msgpack`, `cbor2` or `pickle` read and write.
 ///
+/// - **Signed** ([`SerializerBuilder::signing_key`]): every value is written in a signed
+///   envelope (HMAC-SHA256 tag appended), and only values signed with one of the configured
+///   keys are read; see the builder method for the exact semantics.
+///
 /// Decoding never panics: corrupt, truncated, foreign or unknown bytes give a [`CodecError`];
 /// a value that would decompress past [`max_decompressed_size`](Self::max_decompressed_size)
 /// is rejected with [`CodecErrorKind::TooLarge`] without allocating it.
+///
+/// `Debug` never prints signing keys.
 ///
 /// ```
 /// use ncm_cache_codec::{CompressionType, SerializationType, Serializer};
@@ -67,6 +74,7 @@ pub struct Serializer {
     threshold: usize,
     max_decompressed: usize,
     raw: bool,
+    signing: Option<SigningKeys>,
 }
 
 impl Default for Serializer {
@@ -79,6 +87,7 @@ impl Default for Serializer {
             threshold: DEFAULT_COMPRESSION_THRESHOLD,
             max_decompressed: DEFAULT_MAX_DECOMPRESSED_SIZE,
             raw: false,
+            signing: None,
         }
     }
 }
@@ -119,8 +128,28 @@ impl Serializer {
         self.raw
     }
 
+    /// `true` when values are signed on write and verified on read
+    /// ([`SerializerBuilder::signing_key`]).
+    pub fn is_signing(&self) -> bool {
+        self.signing.is_some()
+    }
+
     /// Encodes a value into a `Vec` (what [`Codec::encode`] wraps in [`Bytes`]).
     pub fn encode_to_vec<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
+        let mut out = self.encode_unsigned(value)?;
+        if let Some(keys) = &self.signing {
+            // `build` rejects raw mode with a key, so `out` is an envelope: mark it signed, then
+            // append the tag over everything before it (the version byte included).
+            if let Some(version) = out.get_mut(2) {
+                *version = SIGNED_VERSION;
+            }
+            keys.append_tag(&mut out);
+        }
+        Ok(out)
+    }
+
+    /// The raw bytes or the unsigned (version 1) envelope of a value.
+    fn encode_unsigned<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
         let mut out = Vec::with_capacity(128);
         if self.raw {
             formats::encode_into(self.format, value, &mut out)?;
@@ -155,13 +184,20 @@ impl Serializer {
     }
 
     /// Decodes bytes written by any configuration (or raw bytes in the configured format).
+    ///
+    /// With a signing key, only values signed with one of the keys decode; everything else is
+    /// [`CodecErrorKind::Tampered`] (see [`SerializerBuilder::signing_key`]).
     pub fn decode_slice<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        if let Some(keys) = &self.signing {
+            // Before anything else looks at the bytes.
+            keys.verify(bytes)?;
+        }
         let fast_json = self.format == SerializationType::SimdJson;
         let budget = u64::try_from(self.max_decompressed).unwrap_or(u64::MAX);
         let Some(header) = envelope::inspect(bytes)? else {
             return formats::decode(self.format, bytes, fast_json, budget);
         };
-        let payload = bytes.get(header.header_len..).unwrap_or_default();
+        let payload = header.payload(bytes);
         let Some(declared) = header.uncompressed_len else {
             return formats::decode(header.format, payload, fast_json, budget);
         };
@@ -213,6 +249,8 @@ impl Codec for Serializer {
 pub struct SerializerBuilder {
     inner: Serializer,
     level: Option<i32>,
+    signing_key: Option<SecretBytes>,
+    verification_keys: Vec<SecretBytes>,
 }
 
 impl SerializerBuilder {
@@ -253,11 +291,111 @@ impl SerializerBuilder {
         self
     }
 
+    /// Signs every value written with HMAC-SHA256 under `key`, and reads only values signed
+    /// with `key` (or one of the [`verification_keys`](Self::verification_keys)): a defence
+    /// against cache poisoning by anyone who can write to the cache's store but does not hold
+    /// the key. Default: no key.
+    ///
+    /// The key is used as the bytes given (a base64 or hex string is used as its text, not
+    /// decoded); it must be at least [`MIN_SIGNING_KEY_LEN`](crate::MIN_SIGNING_KEY_LEN)
+    /// (16) bytes, else [`build`](Self::build) fails with [`CacheError::Config`]. Use a random
+    /// secret of 32 bytes or more, shared by every reader and writer of the cache.
+    ///
+    /// **With a key:**
+    /// - every value is written as a signed envelope (version 2: the usual envelope, then a
+    ///   32-byte tag over header and payload; see the [crate docs](crate));
+    /// - a value decodes only when it is a signed envelope whose tag verifies (in constant time)
+    ///   under one of the keys. Everything else — unsigned envelopes, raw or foreign bytes,
+    ///   values signed with another key, any altered, truncated or extended value — fails with
+    ///   [`CodecErrorKind::Tampered`], before the payload is parsed or decompressed. The cache
+    ///   read paths treat that like any undecodable entry: a miss, counted in
+    ///   `CacheStats::codec_errors`, and the entry is deleted;
+    /// - raw mode is refused by `build` (raw values cannot carry a tag), and so is reading raw
+    ///   values written by other programs.
+    ///
+    /// **Without a key**, signed values still decode: the tag is skipped, not checked (there is
+    /// nothing to check it with), so readers can be upgraded before writers start signing.
+    /// Rollout: deploy a build that knows version 2 everywhere, then give every instance the
+    /// key. While only some have it, the keyed ones read the others' unsigned writes as misses
+    /// and rewrite them signed. Builds that predate signing read signed values as an
+    /// unsupported envelope version (a miss, never wrong data). Rotation: sign with the new
+    /// key, keep the old one in `verification_keys` until every value signed with it has
+    /// expired, then drop it.
+    ///
+    /// **Not covered:** signing is not encryption (anyone who can read the store reads the
+    /// payloads); the tag covers the value, not the cache key it is stored under nor its TTL,
+    /// so a writer without the key can still delete entries, or copy a validly signed value
+    /// to another key or put back an older one.
+    ///
+    /// ```
+    /// use ncm_cache_codec::Serializer;
+    /// use ncm_cache_core::{Codec, CodecErrorKind};
+    ///
+    /// let signed = Serializer::builder()
+    ///     .signing_key("0123456789abcdef-a-long-random-secret")
+    ///     .build()?;
+    /// let bytes = signed.encode(&"hello")?;
+    /// assert_eq!(bytes[2], 2); // envelope version 2: signed
+    /// assert_eq!(signed.decode::<String>(&bytes)?, "hello");
+    ///
+    /// // A value written without the key is rejected...
+    /// let plain = Serializer::default();
+    /// let forged = plain.encode(&"evil")?;
+    /// let err = signed.decode::<String>(&forged).unwrap_err();
+    /// assert_eq!(err.kind(), CodecErrorKind::Tampered);
+    /// // ...and so is any altered byte of a signed one.
+    /// let mut flipped = bytes.to_vec();
+    /// flipped[7] ^= 1;
+    /// assert_eq!(signed.decode::<String>(&flipped).unwrap_err().kind(), CodecErrorKind::Tampered);
+    ///
+    /// // A reader without a key still reads signed values (tag not checked).
+    /// assert_eq!(plain.decode::<String>(&bytes)?, "hello");
+    ///
+    /// // Keys shorter than 16 bytes are refused.
+    /// assert!(Serializer::builder().signing_key("short").build().is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn signing_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.signing_key = Some(SecretBytes(key.as_ref().to_vec()));
+        self
+    }
+
+    /// Extra keys accepted on read, besides the [`signing_key`](Self::signing_key) (which is
+    /// always tried first): for key rotation. Replaces any keys set before. Each must be at
+    /// least 16 bytes; `build` fails when these are set without a signing key.
+    ///
+    /// ```
+    /// use ncm_cache_codec::Serializer;
+    /// use ncm_cache_core::Codec;
+    ///
+    /// let old = Serializer::builder().signing_key("the-old-key-0123456789").build()?;
+    /// let rotated = Serializer::builder()
+    ///     .signing_key("the-new-key-0123456789")
+    ///     .verification_keys(["the-old-key-0123456789"])
+    ///     .build()?;
+    /// // Values signed with the old key still read; new values are signed with the new key.
+    /// assert_eq!(rotated.decode::<u32>(&old.encode(&7u32)?)?, 7);
+    /// assert!(old.decode::<u32>(&rotated.encode(&7u32)?).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn verification_keys<I, K>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<[u8]>,
+    {
+        self.verification_keys = keys
+            .into_iter()
+            .map(|k| SecretBytes(k.as_ref().to_vec()))
+            .collect();
+        self
+    }
+
     /// Checks the configuration and builds the serializer.
     ///
     /// Fails with [`CacheError::Config`] when the format or compression is not compiled in
-    /// (the message names the cargo feature), when the level is out of range, or when raw mode
-    /// is combined with a compression.
+    /// (the message names the cargo feature), when the level is out of range, when raw mode
+    /// is combined with a compression or a signing key, when a signing or verification key is
+    /// shorter than 16 bytes, or when verification keys are given without a signing key.
     pub fn build(self) -> Result<Serializer, CacheError> {
         let mut s = self.inner;
         if !s.format.is_enabled() {
@@ -284,6 +422,24 @@ impl SerializerBuilder {
         let level = self.level.unwrap_or(s.compression.default_level());
         s.compression.validate_level(level)?;
         s.level = level;
+        s.signing = match &self.signing_key {
+            Some(_) if s.raw => {
+                return Err(CacheError::Config(
+                    "raw mode writes bare bytes and cannot carry a signature; drop `raw` or the \
+                     signing key"
+                        .into(),
+                ));
+            }
+            Some(key) => Some(SigningKeys::new(key, &self.verification_keys)?),
+            None if !self.verification_keys.is_empty() => {
+                return Err(CacheError::Config(
+                    "verification_keys are set without a signing_key; set the signing key too \
+                     (a reader without any key already reads signed values, unverified)"
+                        .into(),
+                ));
+            }
+            None => None,
+        };
         Ok(s)
     }
 }
@@ -419,6 +575,171 @@ mod tests {
             assert_eq!(err.kind(), CodecErrorKind::Unsupported);
             assert!(err.message().contains(format.feature()), "{err}");
         }
+    }
+
+    const KEY: &str = "test-signing-key-0123456789abcdef";
+
+    fn signed() -> Serializer {
+        Serializer::builder().signing_key(KEY).build().unwrap()
+    }
+
+    fn tampered<T: DeserializeOwned + std::fmt::Debug>(codec: &Serializer, bytes: &[u8]) {
+        let err = codec.decode::<T>(bytes).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Tampered, "{err}");
+    }
+
+    /// Signed values round-trip in every compiled-in format and compression, as a version-2
+    /// envelope ending in a 32-byte tag; an unkeyed reader reads them too (tag skipped).
+    #[test]
+    fn signed_values_round_trip_in_every_format_and_compression() {
+        let value: Vec<String> = (0..300).map(|i| format!("item-{i}")).collect();
+        let unkeyed = Serializer::default();
+        for format in SerializationType::ALL
+            .into_iter()
+            .filter(|f| f.is_enabled())
+        {
+            for compression in CompressionType::ALL.into_iter().filter(|c| c.is_enabled()) {
+                let codec = Serializer::builder()
+                    .format(format)
+                    .compression(compression)
+                    .compression_threshold(64)
+                    .signing_key(KEY)
+                    .build()
+                    .unwrap();
+                assert!(codec.is_signing());
+                let bytes = codec.encode(&value).unwrap();
+                let header = envelope::inspect(&bytes).unwrap().unwrap();
+                assert!(header.is_signed(), "{format} {compression}");
+                assert_eq!(header.format.tag(), format.tag());
+                assert_eq!(header.compression, compression);
+                assert_eq!(codec.decode::<Vec<String>>(&bytes).unwrap(), value);
+                assert_eq!(unkeyed.decode::<Vec<String>>(&bytes).unwrap(), value);
+                // The same value unsigned is the same bytes, version 1, without the tag.
+                let plain = Serializer::builder()
+                    .format(format)
+                    .compression(compression)
+                    .compression_threshold(64)
+                    .build()
+                    .unwrap()
+                    .encode(&value)
+                    .unwrap();
+                assert_eq!(bytes.len(), plain.len() + envelope::TAG_LEN);
+                assert_eq!(bytes[2], SIGNED_VERSION);
+                assert_eq!(bytes[3..plain.len()], plain[3..]);
+            }
+        }
+    }
+
+    /// Flipping any single bit of a signed value (header, payload or tag) is `Tampered`, and so
+    /// are truncating and extending it.
+    #[test]
+    fn every_bit_flip_truncation_and_extension_is_tampered() {
+        let codec = signed();
+        let bytes = codec.encode(&("user", 42u32)).unwrap().to_vec();
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut copy = bytes.clone();
+                copy[i] ^= 1 << bit;
+                tampered::<(String, u32)>(&codec, &copy);
+            }
+        }
+        for len in 0..bytes.len() {
+            tampered::<(String, u32)>(&codec, &bytes[..len]);
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        tampered::<(String, u32)>(&codec, &longer);
+        assert_eq!(
+            codec.decode::<(String, u32)>(&bytes).unwrap(),
+            ("user".to_owned(), 42)
+        );
+    }
+
+    /// With a key, unsigned envelopes, raw bytes and values signed with another key are
+    /// `Tampered`.
+    #[test]
+    fn a_keyed_reader_rejects_everything_not_signed_with_its_keys() {
+        let codec = signed();
+        tampered::<String>(&codec, &Serializer::default().encode(&"x").unwrap());
+        tampered::<String>(&codec, b"\"x\"");
+        tampered::<String>(&codec, b"");
+        tampered::<String>(&codec, &[0xC1, 0x4E]);
+        let other = Serializer::builder()
+            .signing_key("another-key-0123456789abcdef")
+            .build()
+            .unwrap();
+        tampered::<String>(&codec, &other.encode(&"x").unwrap());
+        // A forged version-2 envelope with a zero tag.
+        let mut forged = envelope::short_header(SerializationType::Json).to_vec();
+        forged[2] = SIGNED_VERSION;
+        forged.extend_from_slice(b"\"x\"");
+        forged.extend_from_slice(&[0; envelope::TAG_LEN]);
+        tampered::<String>(&codec, &forged);
+        // An unkeyed reader parses the forgery: only a keyed reader checks tags.
+        assert_eq!(
+            Serializer::default().decode::<String>(&forged).unwrap(),
+            "x"
+        );
+    }
+
+    /// Verification keys are accepted on read, in addition to the signing key.
+    #[test]
+    fn verification_keys_allow_rotation() {
+        let old = signed();
+        let new = Serializer::builder()
+            .signing_key("the-new-signing-key-0123456789")
+            .verification_keys([KEY])
+            .build()
+            .unwrap();
+        assert_eq!(new.decode::<u8>(&old.encode(&1u8).unwrap()).unwrap(), 1);
+        assert_eq!(new.decode::<u8>(&new.encode(&2u8).unwrap()).unwrap(), 2);
+        tampered::<u8>(&old, &new.encode(&3u8).unwrap());
+    }
+
+    #[test]
+    fn signing_configuration_errors() {
+        let msg = |b: SerializerBuilder| match b.build() {
+            Err(CacheError::Config(msg)) => msg,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let m = msg(Serializer::builder().signing_key("0123456789abcde"));
+        assert!(
+            m.contains("15 bytes") && m.contains("at least 32 bytes"),
+            "{m}"
+        );
+        let m = msg(Serializer::builder().signing_key(KEY).raw(true));
+        assert!(m.contains("raw"), "{m}");
+        let m = msg(Serializer::builder().verification_keys([KEY]));
+        assert!(m.contains("signing_key"), "{m}");
+        let m = msg(Serializer::builder()
+            .signing_key(KEY)
+            .verification_keys(["short"]));
+        assert!(m.contains("verification key #1"), "{m}");
+        assert!(Serializer::builder().signing_key([7u8; 16]).build().is_ok());
+    }
+
+    /// `Debug` of the serializer and of its builder never shows a key; equality follows keys.
+    #[test]
+    fn keys_are_redacted_and_compared() {
+        let builder = Serializer::builder()
+            .signing_key("SECRET-signing-key-1234")
+            .verification_keys(["SECRET-verify-key-5678"]);
+        let debug = format!("{builder:?} {:?}", builder.clone().build().unwrap());
+        assert!(
+            !debug.contains("SECRET") && !debug.contains("1234"),
+            "{debug}"
+        );
+        assert!(debug.contains("<redacted>"), "{debug}");
+        assert_eq!(signed(), signed());
+        assert_ne!(signed(), Serializer::default());
+        assert_ne!(
+            signed(),
+            Serializer::builder()
+                .signing_key("another-key-0123456789abcdef")
+                .build()
+                .unwrap()
+        );
+        assert!(!Serializer::default().is_signing());
     }
 
     /// The JSON tags decode with either JSON implementation.

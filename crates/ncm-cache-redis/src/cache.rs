@@ -117,7 +117,11 @@ pub(crate) fn serializer_for(config: &RedisConfig) -> Result<Serializer> {
     if let Some(level) = config.compression_level {
         b = b.level(level);
     }
-    b.build()
+    if let Some(key) = &config.signing_key {
+        b = b.signing_key(key);
+    }
+    // Without a signing key, `build` reports verification keys as a misconfiguration.
+    b.verification_keys(&config.verification_keys).build()
 }
 
 /// Builds a [`RedisCache`]; every option of [`RedisConfig`] has a method.
@@ -236,6 +240,24 @@ impl RedisCacheBuilder {
     /// Compression level.
     pub fn compression_level(mut self, level: i32) -> Self {
         self.config.compression_level = Some(level);
+        self
+    }
+
+    /// Signs every stored value with HMAC-SHA256 under `key` and reads only values signed with
+    /// it (see [`RedisConfig::signing_key`]); at least 16 bytes.
+    pub fn signing_key(mut self, key: impl Into<String>) -> Self {
+        self.config.signing_key = Some(key.into());
+        self
+    }
+
+    /// Previous signing keys still accepted on read (key rotation; see
+    /// [`RedisConfig::verification_keys`]).
+    pub fn verification_keys<I, S>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.verification_keys = keys.into_iter().map(Into::into).collect();
         self
     }
 

@@ -121,6 +121,16 @@ pub struct RedisConfig {
     pub compression_level: Option<i32>,
     /// Values smaller than this are not compressed (default 1024 bytes).
     pub compression_threshold: usize,
+    /// HMAC-SHA256 key signing every stored value (default `None`: unsigned; never printed by
+    /// `Debug`). With a key, values not signed with it — written by anyone without the key, or
+    /// altered in Redis — read as misses, are counted in `codec_errors` and are deleted. At
+    /// least 16 bytes (use 32 random bytes); the string's bytes are the key. See
+    /// [`SerializerBuilder::signing_key`](ncm_cache_codec::SerializerBuilder::signing_key) for
+    /// the exact semantics and the rollout.
+    pub signing_key: Option<String>,
+    /// Previous signing keys still accepted on read, for key rotation (default empty; never
+    /// printed by `Debug`). Only used with a `signing_key`.
+    pub verification_keys: Vec<String>,
     /// The caching strategy label of this cache (informational, as in the original).
     pub strategy: CacheStrategy,
     /// Time allowed to establish a connection (default 2 s).
@@ -165,6 +175,8 @@ impl Default for RedisConfig {
             compression: Compression::default(),
             compression_level: None,
             compression_threshold: 1024,
+            signing_key: None,
+            verification_keys: Vec::new(),
             strategy: CacheStrategy::CacheAside,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
@@ -192,6 +204,11 @@ impl fmt::Debug for RedisConfig {
             .field("default_ttl", &self.default_ttl)
             .field("serialization", &self.serialization)
             .field("compression", &self.compression)
+            .field(
+                "signing_key",
+                &self.signing_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("verification_keys", &self.verification_keys.len())
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("tls", &self.tls)
@@ -386,6 +403,30 @@ mod tests {
             ..RedisConfig::default()
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn signing_keys_deserialize_are_redacted_and_reach_the_serializer() {
+        let c: RedisConfig = serde_json::from_str(
+            r#"{"signing_key": "s3cret-signing-key-0123", "verification_keys": ["old-s3cret-key-456789"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.signing_key.as_deref(), Some("s3cret-signing-key-0123"));
+        assert_eq!(c.verification_keys.len(), 1);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(crate::cache::serializer_for(&c).unwrap().is_signing());
+        assert!(
+            !crate::cache::serializer_for(&RedisConfig::default())
+                .unwrap()
+                .is_signing()
+        );
+        let short = RedisConfig {
+            signing_key: Some("short".into()),
+            ..RedisConfig::default()
+        };
+        let err = crate::cache::serializer_for(&short).unwrap_err();
+        assert!(matches!(err, CacheError::Config(_)), "{err}");
     }
 
     #[test]
