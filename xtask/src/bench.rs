@@ -41,6 +41,8 @@ pub(crate) struct BenchOptions {
     pub(crate) publish: bool,
     /// With `publish`: do not run the suite, publish the existing `results.md`.
     pub(crate) no_run: bool,
+    /// Run the soak for this many minutes instead of the suite.
+    pub(crate) soak: Option<f64>,
 }
 
 /// Runs the suite, collects and writes the results; errors when cargo bench failed or no row
@@ -51,6 +53,9 @@ pub(crate) fn run(opts: &BenchOptions) -> Result<()> {
     let out_dir = target.join("bench");
     if opts.no_run {
         return report::publish(&root, &out_dir.join("results.md"));
+    }
+    if let Some(minutes) = opts.soak {
+        return soak(&root, &out_dir, minutes);
     }
     let extra = out_dir.join("extra");
     match fs::remove_dir_all(&extra) {
@@ -107,6 +112,20 @@ pub(crate) fn run(opts: &BenchOptions) -> Result<()> {
         report::publish(&root, &markdown)?;
     }
     Ok(())
+}
+
+/// Runs the soak harness (`benches/soak.rs`) for `minutes`.
+fn soak(root: &Path, out_dir: &Path, minutes: f64) -> Result<()> {
+    fs::create_dir_all(out_dir).map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
+    let mut cmd = util::cargo(root);
+    cmd.args(["bench", "-p", BENCH_PACKAGE, "--bench", "soak"])
+        .env("NCM_SOAK_SECS", format!("{}", minutes * 60.0))
+        .env("NCM_BENCH_OUT", out_dir);
+    if util::run(&mut cmd)? {
+        Ok(())
+    } else {
+        Err("the soak failed (see its output above)".to_owned())
+    }
 }
 
 /// Writes `text` to `path`.

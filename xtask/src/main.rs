@@ -40,6 +40,12 @@ commands:
                           <!-- bench:start --> and <!-- bench:end -->
       --no-run            with --publish: publish the existing results.md without running
 
+  bench --soak [--minutes N]
+      Soak (not part of the suite or CI): N minutes (default 10) of mixed load on a throwaway
+      Redis that is killed and restarted at random; prints ops/s, errors by kind, p99 and RSS
+      per interval, writes target/bench/soak.json, and fails on a wrong value, an untyped
+      error or a recovery slower than 2 s.
+
   help                    print this message
 ";
 
@@ -109,6 +115,18 @@ fn parse_bench(args: &[String]) -> Result<bench::BenchOptions> {
             "--quick" => opts.quick = true,
             "--publish" => opts.publish = true,
             "--no-run" => opts.no_run = true,
+            "--soak" => opts.soak = Some(opts.soak.unwrap_or(10.0)),
+            "--minutes" => {
+                let value = iter.next().ok_or("bench: --minutes needs a value")?;
+                let minutes: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|m: &f64| *m > 0.0 && m.is_finite())
+                    .ok_or(format!(
+                        "bench: --minutes takes a positive number, not `{value}`"
+                    ))?;
+                opts.soak = Some(minutes);
+            }
             "--filter" => {
                 let value = iter.next().ok_or("bench: --filter needs a value")?;
                 opts.filter = Some(value.clone());
@@ -118,6 +136,9 @@ fn parse_bench(args: &[String]) -> Result<bench::BenchOptions> {
                 None => return Err(format!("bench: unknown option `{other}`")),
             },
         }
+    }
+    if opts.soak.is_some() && (opts.quick || opts.publish || opts.filter.is_some()) {
+        return Err("bench: --soak runs alone (no --quick, --filter or --publish)".to_owned());
     }
     if opts.no_run && !opts.publish {
         return Err("bench: --no-run only makes sense with --publish".to_owned());
@@ -146,5 +167,10 @@ mod tests {
         assert!(parse_bench(&strings(&["--no-run"])).is_err());
         assert!(parse_bench(&strings(&["--filter"])).is_err());
         assert!(parse_bench(&strings(&["--bogus"])).is_err());
+        assert_eq!(parse_bench(&strings(&["--soak"])).unwrap().soak, Some(10.0));
+        let opts = parse_bench(&strings(&["--soak", "--minutes", "0.5"])).unwrap();
+        assert_eq!(opts.soak, Some(0.5));
+        assert!(parse_bench(&strings(&["--minutes", "-1"])).is_err());
+        assert!(parse_bench(&strings(&["--soak", "--quick"])).is_err());
     }
 }
