@@ -1,6 +1,9 @@
 //! Load rows of the multi-level cache, on a throwaway redis-server:
-//! - a Zipf 90/10 read/write workload through MultiLevelCache (L1 + Redis, with the backplane)
-//!   beside the same workload on Redis only (ops/s, 64 tasks);
+//! - a Zipf 90/10 read/write workload over 100,000 keys (64 tasks, 100-byte values) through
+//!   MultiLevelCache (L1 + Redis, with the backplane), beside the same workload on our Redis-only
+//!   `RedisCache` and on the `cached` crate's `AsyncRedisCache`, interleaved in one run on the
+//!   same server. Every key is warmed into L1 first, so the rows compare steady states; a second
+//!   MultiLevelCache without the backplane shows what the invalidation messages cost;
 //! - the backplane's stale window: after `set` returns on instance A, how long instance B can
 //!   still return the old value (p99), beside the window without a backplane (the L1 TTL).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -8,27 +11,36 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ncm_cache_bench::{Row, Zipf, interleaved_medians, quick, write_rows};
+use cached::AsyncRedisCache;
+use cached::prelude::ConcurrentCachedAsync;
+use ncm_cache_bench::{Row, Zipf, median, quick, write_rows};
 use ncm_cache_multilevel::MultiLevelCache;
 use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_testkit::RedisServer;
 
 const TASKS: usize = 64;
+/// Keys of the Zipf workload, in quick and full mode alike.
+const KEYS: usize = 100_000;
 
-async fn multilevel(server: &RedisServer, name: &str) -> MultiLevelCache {
+async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiLevelCache {
     let mut config = RedisConfig::from_url(&server.url()).unwrap();
     config.health_check_interval = None;
     let redis = RedisCache::connect(config).await.unwrap();
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let builder = MultiLevelCache::builder_shared(redis.backend())
         .name(name)
-        .l1_max_size(200_000)
-        .backplane(Arc::clone(redis.redis_backend()))
-        .build()
-        .unwrap();
+        // Room for every key of the Zipf workload (the byte budget, 64 MiB, holds them too).
+        .l1_max_size(2 * KEYS as u64);
+    let builder = if backplane {
+        builder.backplane(Arc::clone(redis.redis_backend()))
+    } else {
+        builder
+    };
+    let cache = builder.build().unwrap();
     let start = Instant::now();
     while !cache.l1_active() && start.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert!(cache.l1_active(), "the backplane did not subscribe");
     cache
 }
 
@@ -36,8 +48,14 @@ fn value(i: usize) -> String {
     format!("{i:0>100}")
 }
 
-/// ops/s of TASKS tasks doing `per_task` Zipf-distributed ops (90 % reads).
-async fn zipf_run<R, W, RF, WF>(zipf: Arc<Zipf>, per_task: usize, read: R, write: W) -> f64
+/// ops/s of TASKS tasks doing `per_task` Zipf-distributed ops, `writes` in 10 of them writes.
+async fn zipf_run<R, W, RF, WF>(
+    zipf: Arc<Zipf>,
+    per_task: usize,
+    writes: u8,
+    read: R,
+    write: W,
+) -> f64
 where
     R: Fn(usize) -> RF + Send + Sync + Clone + 'static,
     W: Fn(usize) -> WF + Send + Sync + Clone + 'static,
@@ -52,7 +70,7 @@ where
                 let mut rng = fastrand::Rng::with_seed(t as u64);
                 for _ in 0..per_task {
                     let k = zipf.sample(&mut rng);
-                    if rng.u8(..10) == 0 {
+                    if rng.u8(..10) < writes {
                         write(k).await;
                     } else {
                         read(k).await;
@@ -67,9 +85,105 @@ where
     (TASKS * per_task) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Runs `op(0..n)` on TASKS tasks (each key once).
+async fn each_key<F, Fut>(n: usize, op: F)
+where
+    F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                for i in (t..n).step_by(TASKS) {
+                    op(i).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Runs every contender `rounds` times, rotating (and on odd rounds reversing) the order so
+/// that drift on a noisy machine hits all alike; the median of each.
+fn interleaved(rounds: usize, contenders: &mut [&mut dyn FnMut() -> f64]) -> Vec<f64> {
+    let n = contenders.len();
+    let mut samples = vec![Vec::with_capacity(rounds); n];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..n).map(|i| (i + round) % n).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            samples[i].push(contenders[i]());
+        }
+    }
+    samples.iter_mut().map(|s| median(s)).collect()
+}
+
+/// The ops/s of a MultiLevelCache under the Zipf workload (`writes` in 10).
+fn ml_run(
+    rt: &tokio::runtime::Runtime,
+    ml: &MultiLevelCache,
+    zipf: &Arc<Zipf>,
+    n: usize,
+    writes: u8,
+) -> f64 {
+    let (r, w) = (ml.clone(), ml.clone());
+    rt.block_on(zipf_run(
+        Arc::clone(zipf),
+        n,
+        writes,
+        move |k| {
+            let c = r.clone();
+            async move {
+                c.get::<String>(&format!("k{k}")).await.unwrap().unwrap();
+            }
+        },
+        move |k| {
+            let c = w.clone();
+            async move {
+                c.set(&format!("k{k}"), value(k)).await.unwrap();
+            }
+        },
+    ))
+}
+
+/// The ops/s of our Redis-only cache under the Zipf workload (`writes` in 10).
+fn redis_run(
+    rt: &tokio::runtime::Runtime,
+    redis: &RedisCache,
+    zipf: &Arc<Zipf>,
+    n: usize,
+    writes: u8,
+) -> f64 {
+    let (r, w) = (redis.clone(), redis.clone());
+    rt.block_on(zipf_run(
+        Arc::clone(zipf),
+        n,
+        writes,
+        move |k| {
+            let c = r.clone();
+            async move {
+                c.get::<String>(&format!("k{k}")).await.unwrap().unwrap();
+            }
+        },
+        move |k| {
+            let c = w.clone();
+            async move {
+                c.set(&format!("k{k}"), &value(k)).await.unwrap();
+            }
+        },
+    ))
+}
+
 fn main() {
     let filter = std::env::var("NCM_BENCH_FILTER").unwrap_or_default();
-    if !filter.is_empty() && !"multilevel_zipf backplane_stale_window".contains(&filter) {
+    if !filter.is_empty()
+        && !"multilevel_zipf redis_zipf backplane_stale_window cached_redis".contains(&filter)
+    {
         return;
     }
     let server = RedisServer::start().expect("redis-server is needed for the multi-level benches");
@@ -78,20 +192,26 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (keys, per_task, rounds) = if quick() {
-        (20_000, 400, 3)
-    } else {
-        (100_000, 2_000, 5)
-    };
+    let keys = KEYS;
+    let (per_task, rounds) = if quick() { (1_000, 3) } else { (3_000, 5) };
     let mut rows = Vec::new();
 
-    let (ml, redis_only) = rt.block_on(async {
-        let ml = multilevel(&server, "zipf").await;
+    let preload = Instant::now();
+    let (ml, ml_quiet, redis_only, theirs) = rt.block_on(async {
+        let ml = multilevel(&server, "zipf", true).await;
+        // Same L2 key space as `ml` (its values are there already), no backplane.
+        let ml_quiet = multilevel(&server, "zipf-quiet", false).await;
         let mut config = RedisConfig::from_url(&server.url()).unwrap();
         config.health_check_interval = None;
         config.key_prefix = "plain:".into();
         let redis_only = RedisCache::connect(config).await.unwrap();
-        // Preload both key spaces.
+        let theirs: AsyncRedisCache<String, String> = AsyncRedisCache::builder("zipf")
+            .connection_string(&server.url())
+            .ttl(Duration::from_secs(3600))
+            .build()
+            .await
+            .unwrap();
+        // Preload the three key spaces.
         let batch: Vec<(String, String)> = (0..keys).map(|i| (format!("k{i}"), value(i))).collect();
         for chunk in batch.chunks(1000) {
             redis_only
@@ -112,79 +232,143 @@ fn main() {
                 .await
                 .unwrap();
         }
-        (ml, redis_only)
+        let c = theirs.clone();
+        each_key(keys, move |i| {
+            let c = c.clone();
+            async move {
+                c.async_cache_set(format!("k{i}"), value(i)).await.unwrap();
+            }
+        })
+        .await;
+        // Warm every key into both L1s: the rows compare steady states, not L1's cold start.
+        for cache in [&ml, &ml_quiet] {
+            let c = cache.clone();
+            each_key(keys, move |i| {
+                let c = c.clone();
+                async move {
+                    c.get::<String>(&format!("k{i}")).await.unwrap().unwrap();
+                }
+            })
+            .await;
+        }
+        // Without a backplane nothing can clear L1: every key must be there.
+        assert_eq!(
+            ml_quiet.l1_len(),
+            keys,
+            "every key must be in L1: {:?}",
+            ml_quiet.get_stats()
+        );
+        (ml, ml_quiet, redis_only, theirs)
     });
+    println!(
+        "preloaded and warmed {keys} keys in {:.1} s; L1 entries: {} (backplane), {} (none)",
+        preload.elapsed().as_secs_f64(),
+        ml.l1_len(),
+        ml_quiet.l1_len()
+    );
+    let resyncs = ml.get_stats().resyncs;
     let zipf = Arc::new(Zipf::new(keys, 1.0));
-    // Warm-up (not measured): the rows compare steady states, not L1's cold start.
-    {
-        let r = ml.clone();
+
+    let mut run_ml = || ml_run(&rt, &ml, &zipf, per_task, 1);
+    let mut run_ml_quiet = || ml_run(&rt, &ml_quiet, &zipf, per_task, 1);
+    let mut run_redis = || redis_run(&rt, &redis_only, &zipf, per_task, 1);
+    let mut run_theirs = || {
+        let (r, w) = (theirs.clone(), theirs.clone());
         rt.block_on(zipf_run(
             Arc::clone(&zipf),
-            per_task * 2,
+            per_task,
+            1,
             move |k| {
                 let c = r.clone();
                 async move {
-                    c.get::<String>(&format!("k{k}")).await.unwrap();
+                    c.async_cache_get(&format!("k{k}")).await.unwrap().unwrap();
                 }
             },
-            |_| async {},
-        ));
-    }
-    let (o, b) = interleaved_medians(
+            move |k| {
+                let c = w.clone();
+                async move {
+                    c.async_cache_set(format!("k{k}"), value(k)).await.unwrap();
+                }
+            },
+        ))
+    };
+    let ops = interleaved(
         rounds,
-        || {
-            let (r, w) = (ml.clone(), ml.clone());
-            rt.block_on(zipf_run(
-                Arc::clone(&zipf),
-                per_task,
-                move |k| {
-                    let c = r.clone();
-                    async move {
-                        c.get::<String>(&format!("k{k}")).await.unwrap();
-                    }
-                },
-                move |k| {
-                    let c = w.clone();
-                    async move {
-                        c.set(&format!("k{k}"), value(k)).await.unwrap();
-                    }
-                },
-            ))
-        },
-        || {
-            let (r, w) = (redis_only.clone(), redis_only.clone());
-            rt.block_on(zipf_run(
-                Arc::clone(&zipf),
-                per_task,
-                move |k| {
-                    let c = r.clone();
-                    async move {
-                        c.get::<String>(&format!("k{k}")).await.unwrap();
-                    }
-                },
-                move |k| {
-                    let c = w.clone();
-                    async move {
-                        c.set(&format!("k{k}"), &value(k)).await.unwrap();
-                    }
-                },
-            ))
-        },
+        &mut [
+            &mut run_ml,
+            &mut run_ml_quiet,
+            &mut run_redis,
+            &mut run_theirs,
+        ],
     );
-    rows.push(Row {
-        name: format!("multilevel_zipf_90r10w_{keys}keys_64tasks"),
-        ours: o,
-        baseline: b,
-        baseline_name: "RedisCache only".into(),
-        unit: "ops/s".into(),
-        ratio: o / b,
-    });
+    let (ml_ops, quiet_ops, redis_ops, theirs_ops) = (ops[0], ops[1], ops[2], ops[3]);
+    // Where the reads were answered while measuring (an L1 resync, after a backplane
+    // reconnect, empties L1: its reads then go to Redis until the keys are promoted again).
+    for (label, cache) in [("backplane", &ml), ("no backplane", &ml_quiet)] {
+        let s = cache.get_stats();
+        println!(
+            "MultiLevelCache ({label}): L1 hits {}, L2 hits {}, L1 entries now {}, backplane \
+             resyncs {} ({} while measuring)",
+            s.l1_hits,
+            s.l2_hits,
+            cache.l1_len(),
+            s.resyncs,
+            s.resyncs - if label == "backplane" { resyncs } else { 0 },
+        );
+    }
+    // Where the time goes: each side's reads alone and writes alone (same Zipf keys, 64
+    // tasks). A 90/10 mix runs at about 1 / (0.9 / reads + 0.1 / writes).
+    let diag = per_task / 2;
+    let ml_r = ml_run(&rt, &ml_quiet, &zipf, diag, 0);
+    let ml_w = ml_run(&rt, &ml_quiet, &zipf, diag, 10);
+    let redis_r = redis_run(&rt, &redis_only, &zipf, diag, 0);
+    let redis_w = redis_run(&rt, &redis_only, &zipf, diag, 10);
+    let mix = |r: f64, w: f64| 1.0 / (0.9 / r + 0.1 / w);
+    println!(
+        "reads only / writes only (ops/s): MultiLevelCache (no backplane) {ml_r:.0} / {ml_w:.0}, \
+         RedisCache {redis_r:.0} / {redis_w:.0}; predicted 90/10 mix: {:.0} vs {:.0} = {:.2}x",
+        mix(ml_r, ml_w),
+        mix(redis_r, redis_w),
+        mix(ml_r, ml_w) / mix(redis_r, redis_w),
+    );
+    // Without a backplane nothing was evicted while measuring: the reads stayed L1 hits.
+    assert_eq!(ml_quiet.l1_len(), keys);
+    let name = format!("multilevel_zipf_90r10w_{keys}keys_64tasks");
+    let mut throughput = |name: String, ours: f64, baseline: f64, baseline_name: &str| {
+        rows.push(Row {
+            name,
+            ours,
+            baseline,
+            baseline_name: baseline_name.into(),
+            unit: "ops/s".into(),
+            ratio: ours / baseline,
+        });
+    };
+    throughput(name.clone(), ml_ops, redis_ops, "RedisCache only");
+    throughput(
+        format!("{name}_vs_cached_redis"),
+        ml_ops,
+        theirs_ops,
+        "cached AsyncRedisCache",
+    );
+    throughput(
+        format!("{name}_no_backplane"),
+        quiet_ops,
+        redis_ops,
+        "RedisCache only",
+    );
+    throughput(
+        format!("redis_zipf_90r10w_{keys}keys_64tasks_vs_cached_redis"),
+        redis_ops,
+        theirs_ops,
+        "cached AsyncRedisCache",
+    );
 
     // Stale window of the backplane.
     let samples = if quick() { 100 } else { 500 };
     let p99 = rt.block_on(async {
-        let a = multilevel(&server, "window").await;
-        let b = multilevel(&server, "window").await;
+        let a = multilevel(&server, "window", true).await;
+        let b = multilevel(&server, "window", true).await;
         let mut windows = Vec::with_capacity(samples);
         for v in 0..samples as u64 {
             a.set("hot", v).await.unwrap();
@@ -202,7 +386,6 @@ fn main() {
                 b.get::<u64>("hot").await.unwrap();
             }
         }
-        ncm_cache_bench::median(&mut windows.clone());
         windows.sort_by(f64::total_cmp);
         windows[(windows.len() * 99 / 100).min(windows.len() - 1)]
     });
@@ -218,7 +401,7 @@ fn main() {
 
     for r in &rows {
         println!(
-            "{:<44} ours {:>14.0} {:<6} baseline {:>14.0} ({}) ratio {:.2}",
+            "{:<64} ours {:>14.0} {:<6} baseline {:>14.0} ({}) ratio {:.2}",
             r.name, r.ours, r.unit, r.baseline, r.baseline_name, r.ratio
         );
     }
