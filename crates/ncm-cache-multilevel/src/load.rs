@@ -48,7 +48,10 @@ impl<C: Codec> Inner<C> {
                     let this = Arc::clone(&self);
                     let key = key.to_owned();
                     tokio::spawn(async move {
-                        if let Err(e) = this.load_flight::<T, _, _, E>(&key, loader, None).await {
+                        if let Err(e) = this
+                            .load_flight::<T, _, _, E>(&key, loader, None, false)
+                            .await
+                        {
                             tracing::debug!(key, error = %e, "eager refresh failed");
                         }
                         this.refreshing.end(&key);
@@ -71,15 +74,20 @@ impl<C: Codec> Inner<C> {
             // L2 unavailable: the loader is the source of truth; go on.
             Err(e) => tracing::debug!(key, error = %e, "L2 read failed; loading"),
         }
-        self.load_flight::<T, F, Fut, E>(key, loader, stale).await
+        self.load_flight::<T, F, Fut, E>(key, loader, stale, true)
+            .await
     }
 
     /// Runs the load once per key (single-flight) unless stampede prevention is off.
+    ///
+    /// With `recheck`, the flight first looks at L1 again: a caller that missed just before
+    /// an earlier flight stored its value would otherwise start a second load.
     pub(crate) async fn load_flight<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
         loader: F,
         stale: Option<Object>,
+        recheck: bool,
     ) -> Result<Loaded>
     where
         T: CacheValue,
@@ -95,6 +103,9 @@ impl<C: Codec> Inner<C> {
             let stale = stale.clone();
             move || -> BoxFuture<'static, Result<Loaded>> {
                 Box::pin(async move {
+                    if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key)? {
+                        return Ok((v.map(|v| v as Object), ValueSource::L1));
+                    }
                     this.load_with_timeouts::<T, F, Fut, E>(key, loader, stale)
                         .await
                 })

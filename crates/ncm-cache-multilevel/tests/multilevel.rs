@@ -384,3 +384,85 @@ async fn undecodable_l2_values_are_misses_and_removed() {
     assert!(l2.get_now("bad").unwrap().is_none());
     assert_eq!(cache.get_stats().l2.codec_errors, 1);
 }
+
+/// An L2 whose reads answer `delay` late (the value is read first, as when the reply is slow
+/// on the wire).
+#[derive(Debug)]
+struct SlowReads {
+    inner: MemoryBackend,
+    delay: Duration,
+}
+
+#[ncm_cache_core::async_trait]
+impl CacheBackend for SlowReads {
+    fn name(&self) -> &str {
+        "slow-reads"
+    }
+    async fn get(&self, key: &str) -> ncm_cache_core::Result<Option<ncm_cache_core::Bytes>> {
+        let v = self.inner.get(key).await;
+        tokio::time::sleep(self.delay).await;
+        v
+    }
+    async fn set(
+        &self,
+        key: &str,
+        value: ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> ncm_cache_core::Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> ncm_cache_core::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn exists(&self, key: &str) -> ncm_cache_core::Result<bool> {
+        self.inner.exists(key).await
+    }
+    async fn get_ttl(&self, key: &str) -> ncm_cache_core::Result<ncm_cache_core::KeyTtl> {
+        self.inner.get_ttl(key).await
+    }
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> ncm_cache_core::Result<bool> {
+        self.inner.extend_ttl(key, ttl).await
+    }
+    async fn clear_pattern(&self, pattern: &str) -> ncm_cache_core::Result<u64> {
+        self.inner.clear_pattern(pattern).await
+    }
+    async fn health_report(&self) -> ncm_cache_core::HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> ncm_cache_core::CacheStats {
+        self.inner.get_stats()
+    }
+}
+
+/// A caller whose L2 read missed just before an earlier load stored its value, and who reaches
+/// the single-flight after that load finished, must find the value instead of loading again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_caller_after_a_finished_load_does_not_load_again() {
+    let l2 = SlowReads {
+        inner: MemoryBackend::new(),
+        delay: Duration::from_millis(100),
+    };
+    let cache = MultiLevelCache::builder(l2).build().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let call = |cache: MultiLevelCache, runs: Arc<AtomicUsize>| async move {
+        cache
+            .get_or_load("k", move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<_, std::io::Error>(7u64)
+            })
+            .await
+    };
+    // The first caller's read misses at 0 ms and answers at 100; its load stores at ~110.
+    let first = tokio::spawn(call(cache.clone(), runs.clone()));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // The second reads at 60 ms (a miss) and answers at 160, after the first load finished.
+    let second = tokio::spawn(call(cache.clone(), runs.clone()));
+    assert_eq!(first.await.unwrap().unwrap(), 7);
+    assert_eq!(second.await.unwrap().unwrap(), 7);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the late caller loaded again"
+    );
+}

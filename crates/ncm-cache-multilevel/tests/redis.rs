@@ -229,3 +229,41 @@ async fn redis_outage_serves_stale_then_loads_and_recovers() {
         ValueSource::L2
     );
 }
+
+/// An idle backplane stays connected: its keep-alive pings must not be mistaken for failures
+/// (Redis answers PING on a subscribed connection with an array, not a string), or L1 would be
+/// cleared and bypassed every interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_backplane_stays_connected_and_keeps_l1() {
+    let server = RedisServer::start().unwrap();
+    let cache = instance(&server).await;
+    cache.set("warm", 1u64).await.unwrap();
+    assert_eq!(
+        cache
+            .get_with_source::<u64>("warm")
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        ValueSource::L1
+    );
+    let resyncs = cache.get_stats().resyncs;
+    // Several keep-alive intervals (one second each) with no traffic.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(cache.l1_active(), "backplane dropped while idle");
+    assert_eq!(
+        cache.get_stats().resyncs,
+        resyncs,
+        "L1 was resynchronised while idle"
+    );
+    assert_eq!(
+        cache
+            .get_with_source::<u64>("warm")
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        ValueSource::L1,
+        "L1 kept its entry"
+    );
+}

@@ -186,7 +186,7 @@ async fn pubsub_client(config: &RedisConfig) -> Result<redis::Client> {
     let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
         .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
         .set_tcp_settings(crate::conn::tcp_settings(config));
-    redis::Client::open(info).map_err(|e| map_err("subscribe", e, timeout))
+    crate::conn::open_client(config, info, "subscribe")
 }
 
 async fn run(
@@ -238,7 +238,7 @@ async fn run(
                     }
                 }
                 _ = ping.tick() => {
-                    let alive = tokio::time::timeout(config.response_timeout, sink.ping::<String>()).await;
+                    let alive = tokio::time::timeout(config.response_timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }
