@@ -207,6 +207,12 @@ impl RedisCacheBuilder {
         Ok(self)
     }
 
+    /// Trusts this CA certificate (PEM file) for `rediss://`; see [`RedisConfig::tls_ca_file`].
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.tls_ca_file = Some(path.into());
+        self
+    }
+
     /// ACL username.
     pub fn username(mut self, username: impl Into<String>) -> Self {
         self.config.username = Some(username.into());

@@ -143,6 +143,11 @@ pub struct RedisConfig {
     pub tls: bool,
     /// Accept invalid certificates and host names (tests only).
     pub tls_insecure: bool,
+    /// Trust this CA certificate (a PEM file) for `rediss://` instead of only the system's
+    /// trust store — for servers with a private CA (single-node connections, async, blocking
+    /// and pub/sub; a cluster or Sentinel uses the system trust store and rejects this option).
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Cluster seed nodes (`host:port`); when non-empty, connects to a Redis Cluster.
     pub cluster_nodes: Vec<String>,
     /// Connect through Sentinel.
@@ -182,6 +187,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_secs(1),
             tls: false,
             tls_insecure: false,
+            tls_ca_file: None,
             cluster_nodes: Vec::new(),
             sentinel: None,
             name: "redis".into(),

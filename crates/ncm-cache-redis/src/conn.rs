@@ -100,7 +100,40 @@ fn client_for(config: &RedisConfig, host: &str, port: u16) -> Result<redis::Clie
     let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
         .map_err(|e| CacheError::Config(format!("invalid Redis address {host}:{port}: {e}")))?
         .set_tcp_settings(tcp_settings(config));
-    redis::Client::open(info).map_err(|e| map_err("connect", e, config.connect_timeout))
+    open_client(config, info, "connect")
+}
+
+/// Opens a single-node client: with `tls_ca_file`, trusting that CA (PEM) for `rediss://`.
+pub(crate) fn open_client(
+    config: &RedisConfig,
+    info: redis::ConnectionInfo,
+    op: &'static str,
+) -> Result<redis::Client> {
+    let Some(ca) = config.tls_ca_file.as_ref().filter(|_| config.tls) else {
+        return redis::Client::open(info).map_err(|e| map_err(op, e, config.connect_timeout));
+    };
+    #[cfg(feature = "tls")]
+    {
+        let root_cert = std::fs::read(ca).map_err(|e| {
+            CacheError::Config(format!(
+                "tls_ca_file {}: {e} (give the path of a PEM file with the CA certificate)",
+                ca.display()
+            ))
+        })?;
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        };
+        redis::Client::build_with_tls(info, certs)
+            .map_err(|e| map_err(op, e, config.connect_timeout))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        Err(CacheError::Config(format!(
+            "tls_ca_file {} is set but ncm-cache-redis was built without the `tls` feature",
+            ca.display()
+        )))
+    }
 }
 
 impl Conn {
@@ -146,6 +179,13 @@ impl Conn {
     }
 
     async fn connect_cluster(config: &RedisConfig) -> Result<Self> {
+        if config.tls && config.tls_ca_file.is_some() {
+            return Err(CacheError::Config(
+                "tls_ca_file is supported for single-node connections; a cluster verifies \
+                 against the system trust store (install the CA there)"
+                    .into(),
+            ));
+        }
         let nodes = config.cluster_node_urls();
         let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
             .connection_timeout(config.connect_timeout)
@@ -175,6 +215,13 @@ impl Conn {
         master: &str,
         nodes: &[String],
     ) -> Result<Self> {
+        if config.tls && config.tls_ca_file.is_some() {
+            return Err(CacheError::Config(
+                "tls_ca_file is supported for single-node connections; Sentinel verifies \
+                 against the system trust store (install the CA there)"
+                    .into(),
+            ));
+        }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| {

@@ -47,6 +47,20 @@ pub(crate) fn map_err(op: &'static str, err: RedisError, timeout: Duration) -> C
     {
         return CacheError::connection(format!("{op}: {err}"), Some(Box::new(err)));
     }
+    // TLS failures reach us as client errors wrapping the TLS library's error (redis-rs keeps
+    // its type private), so they are recognised by their message.
+    if matches!(err.kind(), ErrorKind::Client) && {
+        let text = err.to_string();
+        text.contains("certificate") || text.contains("SSL") || text.contains("TLS")
+    } {
+        return CacheError::connection(
+            format!(
+                "{op}: TLS handshake failed: {err} (check `tls_ca_file`, that the server \
+                 certificate names the host you connect to, and that the port speaks TLS)"
+            ),
+            Some(Box::new(err)),
+        );
+    }
     if matches!(err.kind(), ErrorKind::InvalidClientConfig) {
         return CacheError::Config(format!("{op}: {err}"));
     }

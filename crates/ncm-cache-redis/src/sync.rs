@@ -166,8 +166,7 @@ impl RedisSyncCache {
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
                 .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
                 .set_tcp_settings(crate::conn::tcp_settings(&config));
-            let client = redis::Client::open(info)
-                .map_err(|e| map_err("connect", e, config.connect_timeout))?;
+            let client = crate::conn::open_client(&config, info, "connect")?;
             Manager::Single(client, config.connect_timeout, config.response_timeout)
         };
         let max = u32::try_from(config.max_connections).unwrap_or(u32::MAX);

@@ -122,3 +122,157 @@ async fn tls_with_a_generated_certificate() {
     let r = async { RedisCache::connect(plain).await?.set("x", &1).await }.await;
     assert!(r.is_err());
 }
+
+/// Runs openssl with `args` in `dir`; panics with its stderr on failure.
+#[cfg(feature = "tls")]
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl must be installed for the TLS tests");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A server certificate signed by a private CA is verified against that CA (`tls_ca_file`):
+/// trusted with it, rejected without it, and rejected when it names another host.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_the_server_certificate_against_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let subj_ca = "/CN=ncm-cache test CA";
+    openssl(
+        d,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subj_ca,
+            "-keyout", "ca.key", "-out", "ca.pem",
+        ],
+    );
+    // One certificate for 127.0.0.1, one for another name.
+    for (name, san) in [("good", "IP:127.0.0.1"), ("wrong", "DNS:elsewhere.example")] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=redis",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        std::fs::write(
+            d.join(format!("{name}.ext")),
+            format!("subjectAltName={san}\n"),
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+    }
+    let start = |name: &str| {
+        let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = RedisServer::builder()
+            .arg("--tls-port", tls_port.to_string())
+            .arg(
+                "--tls-cert-file",
+                d.join(format!("{name}.pem")).display().to_string(),
+            )
+            .arg(
+                "--tls-key-file",
+                d.join(format!("{name}.key")).display().to_string(),
+            )
+            .arg("--tls-auth-clients", "no")
+            .start()
+            .unwrap();
+        (server, tls_port)
+    };
+    let config = |port: u16, ca: bool| {
+        let mut c = RedisConfig::from_url(&format!("rediss://127.0.0.1:{port}/")).unwrap();
+        c.health_check_interval = None;
+        c.connect_timeout = Duration::from_millis(500);
+        c.response_timeout = Duration::from_millis(500);
+        if ca {
+            c.tls_ca_file = Some(d.join("ca.pem"));
+        }
+        c
+    };
+    let (_good, port) = start("good");
+    // Trusted through the CA file: the async client and the blocking one.
+    let cache = RedisCache::connect(config(port, true)).await.unwrap();
+    cache.set("tls", &"verified").await.unwrap();
+    assert_eq!(
+        cache.get::<String>("tls").await.unwrap().as_deref(),
+        Some("verified")
+    );
+    let sync = ncm_cache_redis::RedisSyncCache::connect(config(port, true)).unwrap();
+    assert_eq!(
+        sync.get::<String>("tls").unwrap().as_deref(),
+        Some("verified")
+    );
+    // Without the CA the certificate is not trusted: a typed error, not a connection.
+    let untrusted = async {
+        RedisCache::connect(config(port, false))
+            .await?
+            .set("x", &1)
+            .await
+    }
+    .await;
+    let err = untrusted.unwrap_err();
+    assert!(
+        err.is_connection() && err.to_string().contains("TLS handshake failed"),
+        "{err:?}"
+    );
+    // A certificate from the same CA for another host is rejected too.
+    let (_wrong, wrong_port) = start("wrong");
+    let err = async {
+        RedisCache::connect(config(wrong_port, true))
+            .await?
+            .set("x", &1)
+            .await
+    }
+    .await
+    .unwrap_err();
+    assert!(
+        err.is_connection() && err.to_string().contains("TLS handshake failed"),
+        "{err:?}"
+    );
+    // A missing CA file is a configuration error that names the file.
+    let mut missing = config(port, false);
+    missing.tls_ca_file = Some(d.join("nope.pem"));
+    let err = RedisCache::connect(missing).await.unwrap_err();
+    assert!(
+        matches!(err, ncm_cache_core::CacheError::Config(ref m) if m.contains("nope.pem")),
+        "{err:?}"
+    );
+}
