@@ -50,10 +50,10 @@ pub(crate) async fn inspect(url: &str, key: &str) -> CliResult {
             println!("format       {}", h.format.name());
             println!("compression  {}", h.compression.name());
             println!("header       {} bytes", h.header_len);
-            println!(
-                "payload      {} bytes",
-                raw.len().saturating_sub(h.header_len)
-            );
+            println!("payload      {} bytes", h.payload(&raw).len());
+            if h.is_signed() {
+                println!("signed       HMAC-SHA256 tag, {} bytes", codec::TAG_LEN);
+            }
             if let Some(n) = h.uncompressed_len {
                 let ratio = n as f64 / raw.len().max(1) as f64;
                 println!("uncompressed {n} bytes (ratio {ratio:.2}x)");
