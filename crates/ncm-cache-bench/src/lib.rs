@@ -22,7 +22,7 @@ pub fn criterion() -> criterion::Criterion {
             .sample_size(10)
     } else {
         c.warm_up_time(Duration::from_secs(1))
-            .measurement_time(Duration::from_secs(3))
+            .measurement_time(Duration::from_secs(2))
     };
     c.configure_from_args()
 }

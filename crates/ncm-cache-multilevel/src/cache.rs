@@ -208,6 +208,19 @@ impl<C: Codec> MultiLevelCache<C> {
             L1Read::Stale(v) => v,
             L1Read::Miss => None,
         };
+        // The L2 path is boxed: it keeps this future small, so an L1 hit (the hot path) moves
+        // and initialises a few words instead of the whole L2 state machine.
+        let slow: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(self.get_from_l2::<T>(key, stale));
+        slow.await
+    }
+
+    async fn get_from_l2<T: CacheValue>(
+        &self,
+        key: &str,
+        stale: Option<Arc<T>>,
+    ) -> Result<Option<(Arc<T>, ValueSource)>> {
+        let inner = &self.inner;
         let epoch = inner.epoch.load(Ordering::Acquire);
         match inner.l2_read::<T>(key).await {
             Ok(Some((v, size))) => {
