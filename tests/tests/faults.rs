@@ -17,16 +17,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::pin::Pin;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ncm_cache::prelude::*;
 use ncm_cache_core::CacheError;
-use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisCluster, RedisServer};
+use ncm_cache_testkit::{
+    FaultProxy, ProxyMode, RedisCluster, RedisServer, kill_child_after_marker,
+};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
@@ -152,6 +152,20 @@ impl Load {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The fault has just ended: asserts recovery within [`RECOVERY`], lets the load run a
+    /// little longer, checks the invariants and that the fault was seen as errors.
+    async fn after_fault(self, what: &str) -> TaskReport {
+        let took = self.recovered_after(Instant::now()).await;
+        assert!(
+            took <= RECOVERY,
+            "{what}: recovered {took:?} after the fault ended"
+        );
+        settle().await;
+        let report = self.finish(what).await;
+        assert!(report.errors > 0, "{what}: the fault was seen as errors");
+        report
     }
 
     /// Stops the tasks and checks the invariants; returns the summed report.
@@ -301,12 +315,7 @@ async fn redis_killed_mid_load_and_restarted() {
     server.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart().unwrap();
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(took <= RECOVERY, "recovered {took:?} after the restart");
-    settle().await;
-    let report = load.finish("kill + restart").await;
-    assert!(report.errors > 0, "the outage was seen as errors");
+    load.after_fault("kill + restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,12 +327,7 @@ async fn redis_paused_then_resumed() {
     server.pause().unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.resume().unwrap();
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(took <= RECOVERY, "recovered {took:?} after SIGCONT");
-    settle().await;
-    let report = load.finish("SIGSTOP + SIGCONT").await;
-    assert!(report.errors > 0, "the pause was seen as timeouts");
+    load.after_fault("SIGSTOP + SIGCONT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,12 +355,7 @@ async fn proxy_delay_below_the_timeout_costs_nothing_and_above_it_times_out() {
     proxy.set_mode(ProxyMode::Delay(Duration::from_millis(400)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set_mode(ProxyMode::Pass);
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(took <= RECOVERY, "recovered {took:?} after the delay ended");
-    settle().await;
-    let report = load.finish("delay 400 ms").await;
-    assert!(report.errors > 0, "a delay over the timeout is a timeout");
+    load.after_fault("delay 400 ms").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,15 +370,7 @@ async fn proxy_stall_delivers_late_replies_to_no_one_else() {
     proxy.set_mode(ProxyMode::Stall);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.set_mode(ProxyMode::Pass);
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(
-        took <= RECOVERY,
-        "recovered {took:?} after the partition healed"
-    );
-    settle().await;
-    let report = load.finish("stall 1.5 s").await;
-    assert!(report.errors > 0, "the stall was seen as timeouts");
+    load.after_fault("stall 1.5 s").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,15 +390,7 @@ async fn proxy_cut_and_refused_connections_then_accepted_again() {
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set_mode(ProxyMode::Pass);
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(
-        took <= RECOVERY,
-        "recovered {took:?} after connections were accepted again"
-    );
-    settle().await;
-    let report = load.finish("cut + refuse").await;
-    assert!(report.errors > 0, "refused connections were seen as errors");
+    load.after_fault("cut + refuse").await;
     assert!(proxy.accepted_connections() > 2, "the cache reconnected");
 }
 
@@ -429,15 +412,7 @@ async fn multilevel_cache_through_a_stalled_and_cut_proxy() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.cut();
     proxy.set_mode(ProxyMode::Pass);
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(
-        took <= RECOVERY,
-        "recovered {took:?} after the proxy healed"
-    );
-    settle().await;
-    let report = load.finish("multilevel stall + cut").await;
-    assert!(report.errors > 0, "the stall was seen as errors");
+    load.after_fault("multilevel stall + cut").await;
 }
 
 /// Acknowledged writes per key index: (version, when acknowledged).
@@ -596,18 +571,7 @@ async fn cluster_primary_killed_during_load_fails_over() {
     let victim = cluster.primaries().unwrap()[0];
     cluster.kill_primary(victim).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    let ended = Instant::now();
-    let took = load.recovered_after(ended).await;
-    assert!(
-        took <= RECOVERY,
-        "recovered {took:?} after the failover completed"
-    );
-    settle().await;
-    let report = load.finish("cluster failover").await;
-    assert!(
-        report.errors > 0,
-        "keys on the dead primary failed until the failover"
-    );
+    load.after_fault("cluster failover").await;
 }
 
 const LOCK_CHILD: &str = "NCM_FAULTS_LOCK_CHILD_URL";
@@ -642,44 +606,20 @@ async fn lock_holder_killed_the_lock_expires_and_another_instance_loads() {
         return hold_the_lock(&url).await;
     }
     let server = RedisServer::start().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lock_holder_killed_the_lock_expires_and_another_instance_loads",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(LOCK_CHILD, server.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let loading = loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) if line.contains("NCM_CHILD_LOADING") => break true,
-            Ok(_) => continue,
-            Err(_) => break false,
-        }
-    };
-    let killed = Command::new("kill")
-        .args(["-9", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
+    let url = server.url();
+    let child = kill_child_after_marker(
+        "lock_holder_killed_the_lock_expires_and_another_instance_loads",
+        (LOCK_CHILD, &url),
+        "NCM_CHILD_LOADING",
+        Duration::from_secs(60),
+    )
+    .unwrap();
     assert!(
-        loading,
-        "the child took the lock and started loading ({status:?})"
+        child.reached_marker,
+        "the child took the lock and started loading ({:?})",
+        child.status
     );
-    assert!(killed.success() && !status.success());
+    assert!(!child.status.success(), "killed: {:?}", child.status);
     let killed_at = Instant::now();
     // The dead process still holds the lock: its key is there, with a TTL.
     let locks = server.cli(&["--scan", "--pattern", "*lock*"]).unwrap();

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -316,43 +314,24 @@ async fn durable_write_behind_survives_sigkill() {
         return acknowledge_and_wait(&url).await;
     }
     let server = RedisServer::start().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "durable_write_behind_survives_sigkill",
-            "--nocapture",
-        ])
-        .args(["--test-threads", "1"])
-        .env(CHILD, server.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let acked = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("NCM_CHILD_ACKED") => break true,
-            Ok(_) => continue,
-            Err(_) => break false,
-        }
-    };
-    let pid = child.id().to_string();
-    let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
-    let status = child.wait().unwrap();
+    let url = server.url();
+    let child = ncm_cache_testkit::kill_child_after_marker(
+        "durable_write_behind_survives_sigkill",
+        (CHILD, &url),
+        "NCM_CHILD_ACKED",
+        Duration::from_secs(60),
+    )
+    .unwrap();
     assert!(
-        acked,
-        "the child acknowledged its writes (status {status:?})"
+        child.reached_marker,
+        "the child acknowledged its writes (status {:?})",
+        child.status
     );
-    assert!(killed.success());
-    assert!(!status.success(), "killed before flushing: {status:?}");
+    assert!(
+        !child.status.success(),
+        "killed before flushing: {:?}",
+        child.status
+    );
     let journaled: usize = server
         .cli(&["XLEN", "__ncm:wb:{sigkill}"])
         .unwrap()
