@@ -12,7 +12,7 @@
 //! else), batch reads, deletes and `get_or_load`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -150,15 +150,28 @@ impl Client {
     }
 }
 
+/// How long a write whose outcome is unknown (it returned an error) may still land. Older
+/// failed versions are forgotten, which keeps the checker's memory bounded (so RSS measures the
+/// cache) and makes the check stricter, not looser.
+const LATE_WRITE_WINDOW: Duration = Duration::from_secs(30);
+
 struct KeyState {
     acked: Option<u64>,
     deleted: bool,
-    failed: BTreeSet<u64>,
+    /// Versions whose write failed, with when it failed.
+    failed: BTreeMap<u64, Instant>,
 }
 
 impl KeyState {
     fn legit(&self, key: &str, v: &Versioned) -> bool {
-        v.key == key && (Some(v.version) == self.acked || self.failed.contains(&v.version))
+        v.key == key && (Some(v.version) == self.acked || self.failed.contains_key(&v.version))
+    }
+
+    fn fail(&mut self, version: u64) {
+        let now = Instant::now();
+        self.failed
+            .retain(|_, at| now.duration_since(*at) < LATE_WRITE_WINDOW);
+        self.failed.insert(version, now);
     }
 }
 
@@ -178,7 +191,7 @@ async fn task(
         .map(|_| KeyState {
             acked: None,
             deleted: true,
-            failed: BTreeSet::new(),
+            failed: BTreeMap::new(),
         })
         .collect();
     let mut rng = fastrand::Rng::with_seed(t as u64);
@@ -206,7 +219,7 @@ async fn task(
                     true
                 }
                 Err(e) => {
-                    state[j].failed.insert(version);
+                    state[j].fail(version);
                     counters.error(&e, &untyped);
                     false
                 }
@@ -257,7 +270,7 @@ async fn task(
                     counters.error(&e, &untyped);
                     // The delete may or may not have happened: both outcomes stay legal.
                     if let Some(v) = state[j].acked {
-                        state[j].failed.insert(v);
+                        state[j].fail(v);
                     }
                     false
                 }
