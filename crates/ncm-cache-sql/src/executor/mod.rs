@@ -163,6 +163,31 @@ pub(crate) fn decode_error(column: &str, type_name: &str, err: impl fmt::Display
     }
 }
 
+/// Turns a driver's rows into [`Rows`]: column names from the first row, each cell through
+/// the driver's `cell` conversion (index, column).
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub(crate) fn to_rows<R: sqlx::Row>(
+    rows: &[R],
+    cell: impl Fn(&R, usize, &<R::Database as sqlx::Database>::Column) -> Result<SqlValue>,
+) -> Result<Rows> {
+    use sqlx::Column;
+    let columns: Vec<String> = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let values = row
+            .columns()
+            .iter()
+            .enumerate()
+            .map(|(i, column)| cell(row, i, column))
+            .collect::<Result<Vec<_>>>()?;
+        out.push(values);
+    }
+    Ok(Rows::new(columns, out))
+}
+
 /// Binds [`SqlValue`]s onto a sqlx query, with the same code for every driver.
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 macro_rules! bind_values {

@@ -6,7 +6,7 @@ use ncm_cache_core::Result;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
-use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error};
+use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error, to_rows};
 use crate::rows::Rows;
 use crate::value::SqlValue;
 
@@ -84,7 +84,9 @@ impl SqlExecutor for MySqlExecutor {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| database_error("MySQL query failed", e))?;
-        to_rows(&rows)
+        to_rows(&rows, |row, i, column| {
+            cell(row, i, column.name(), column.type_info().name())
+        })
     }
 
     async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64> {
@@ -99,22 +101,6 @@ impl SqlExecutor for MySqlExecutor {
             .map_err(|e| database_error("MySQL statement failed", e))?;
         Ok(done.rows_affected())
     }
-}
-
-fn to_rows(rows: &[MySqlRow]) -> Result<Rows> {
-    let columns: Vec<String> = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut values = Vec::with_capacity(columns.len());
-        for (i, column) in row.columns().iter().enumerate() {
-            values.push(cell(row, i, column.name(), column.type_info().name())?);
-        }
-        out.push(values);
-    }
-    Ok(Rows::new(columns, out))
 }
 
 fn cell(row: &MySqlRow, i: usize, name: &str, ty: &str) -> Result<SqlValue> {

@@ -9,7 +9,7 @@ use sqlx::postgres::types::{Oid, PgInterval};
 use sqlx::postgres::{PgArgumentBuffer, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgTypeKind};
 use sqlx::{AssertSqlSafe, Column, Encode, Postgres, Row, Type, TypeInfo, ValueRef};
 
-use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error};
+use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error, to_rows};
 use crate::rows::Rows;
 use crate::value::SqlValue;
 
@@ -117,7 +117,9 @@ impl SqlExecutor for PgExecutor {
             other => other,
         }
         .map_err(|e| database_error("PostgreSQL query failed", e))?;
-        to_rows(&rows)
+        to_rows(&rows, |row, i, column| {
+            cell(row, i, column.name(), column.type_info())
+        })
     }
 
     async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64> {
@@ -145,22 +147,6 @@ fn is_stale_plan(err: &sqlx::Error) -> bool {
     err.as_database_error().is_some_and(|e| {
         e.code().as_deref() == Some("0A000") && e.message().contains("cached plan")
     })
-}
-
-fn to_rows(rows: &[PgRow]) -> Result<Rows> {
-    let columns: Vec<String> = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut values = Vec::with_capacity(columns.len());
-        for (i, column) in row.columns().iter().enumerate() {
-            values.push(cell(row, i, column.name(), column.type_info())?);
-        }
-        out.push(values);
-    }
-    Ok(Rows::new(columns, out))
 }
 
 fn cell(row: &PgRow, i: usize, name: &str, ty: &PgTypeInfo) -> Result<SqlValue> {

@@ -8,7 +8,7 @@ use ncm_cache_core::Result;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
-use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error};
+use super::{SqlDialect, SqlExecutor, bind_values, database_error, decode_error, to_rows};
 use crate::rows::Rows;
 use crate::value::SqlValue;
 
@@ -111,7 +111,9 @@ impl SqlExecutor for SqliteExecutor {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| database_error("SQLite query failed", e))?;
-        to_rows(&rows)
+        to_rows(&rows, |row, i, column| {
+            cell(row, i, column.name(), column.type_info().name())
+        })
     }
 
     async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64> {
@@ -126,22 +128,6 @@ impl SqlExecutor for SqliteExecutor {
             .map_err(|e| database_error("SQLite statement failed", e))?;
         Ok(done.rows_affected())
     }
-}
-
-fn to_rows(rows: &[SqliteRow]) -> Result<Rows> {
-    let columns: Vec<String> = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_owned()).collect())
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut values = Vec::with_capacity(columns.len());
-        for (i, column) in row.columns().iter().enumerate() {
-            values.push(cell(row, i, column.name(), column.type_info().name())?);
-        }
-        out.push(values);
-    }
-    Ok(Rows::new(columns, out))
 }
 
 fn cell(row: &SqliteRow, i: usize, name: &str, declared: &str) -> Result<SqlValue> {
