@@ -63,6 +63,7 @@ impl KeySpace {
     }
 
     /// Checks a user key: not empty, not longer than the maximum.
+    #[inline]
     pub fn validate(&self, key: &str) -> Result<()> {
         validate_key(key, self.max_key_len)
     }
@@ -112,6 +113,7 @@ impl KeySpace {
 /// assert!(validate_key("", 16).unwrap_err().is_invalid_input());
 /// assert!(validate_key(&"x".repeat(17), 16).is_err());
 /// ```
+#[inline]
 pub fn validate_key(key: &str, max_len: usize) -> Result<()> {
     if key.is_empty() {
         return Err(CacheError::invalid_key(key, "keys must not be empty"));

@@ -30,13 +30,15 @@ mod types;
 
 pub use backend::{CacheBackend, HealthReport, SharedBackend};
 pub use cache::{Cache, CacheBuilder};
-pub use clock::{Clock, CoarseClock, ManualClock, SharedClock, SystemClock, system_clock};
+pub use clock::{
+    Clock, CoarseClock, ManualClock, SharedClock, SystemClock, duration_nanos, system_clock,
+};
 pub use codec::Codec;
 pub use duration::{parse_duration, serde_duration};
 pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};
 pub use flight::{SingleFlight, loader_error};
 pub use key::{DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, escape_glob, validate_key};
-pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder};
+pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder, StripedCounter};
 pub use ttl::{Expiry, KeyTtl, TtlPolicy};
 pub use types::{CacheLevel, CacheStrategy, ValueSource};
 

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -179,23 +179,88 @@ pub struct CacheStats {
 
 const BUCKETS: usize = 64 * 4;
 
-/// Atomic counters and a latency histogram for one cache, mirrored to the `metrics` crate.
-#[derive(Debug)]
-pub struct StatsRecorder {
-    name: Arc<str>,
-    level: &'static str,
+/// Stripes of the hot counters: threads bump different cache lines.
+const STRIPES: usize = 8;
+
+/// This thread's stripe (threads are numbered round-robin on first use).
+#[inline]
+fn stripe() -> usize {
+    thread_local! {
+        static STRIPE: usize = {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            NEXT.fetch_add(1, Relaxed)
+        };
+    }
+    STRIPE.with(|s| *s)
+}
+
+/// A counter bumped from many threads at once: striped over cache-line-padded cells (as
+/// Java's `LongAdder`), so concurrent bumps do not contend on one cache line; reading sums the
+/// cells.
+///
+/// ```
+/// use ncm_cache_core::StripedCounter;
+/// let hits = StripedCounter::default();
+/// std::thread::scope(|s| {
+///     for _ in 0..4 {
+///         s.spawn(|| (0..1000).for_each(|_| hits.bump()));
+///     }
+/// });
+/// assert_eq!(hits.load(), 4000);
+/// ```
+#[derive(Debug, Default)]
+pub struct StripedCounter {
+    cells: [PaddedU64; STRIPES],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedU64(AtomicU64);
+
+impl StripedCounter {
+    /// Adds one.
+    #[inline]
+    pub fn bump(&self) {
+        if let Some(cell) = self.cells.get(stripe() % STRIPES) {
+            cell.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The sum of every cell.
+    pub fn load(&self) -> u64 {
+        self.cells.iter().map(|c| c.0.load(Relaxed)).sum()
+    }
+}
+
+/// The counters one thread bumps on the hot path, on their own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    /// Wrapping: a hit turned into a miss may be taken from another stripe's count.
     hits: AtomicU64,
     misses: AtomicU64,
     sets: AtomicU64,
     deletes: AtomicU64,
     errors: AtomicU64,
-    codec_errors: AtomicU64,
-    evictions: AtomicU64,
-    expirations: AtomicU64,
     latency_count: AtomicU64,
     latency_sum_nanos: AtomicU64,
     latency_max_nanos: AtomicU64,
-    latency_buckets: Box<[AtomicU64]>,
+}
+
+/// Atomic counters and a latency histogram for one cache, mirrored to the `metrics` crate.
+///
+/// The counters bumped on every operation are striped per thread (see [`StripedCounter`]), so
+/// a backend shared by many threads does not serialise them on one cache line.
+#[derive(Debug)]
+pub struct StatsRecorder {
+    name: Arc<str>,
+    level: &'static str,
+    stripes: [Stripe; STRIPES],
+    codec_errors: AtomicU64,
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+    /// `STRIPES * BUCKETS` counts, allocated on the first latency recorded.
+    latency_buckets: OnceLock<Box<[AtomicU64]>>,
     counters: Box<[OnceLock<metrics::Counter>]>,
     histograms: Box<[OnceLock<metrics::Histogram>]>,
     extra: [OnceLock<metrics::Counter>; 3],
@@ -208,22 +273,27 @@ impl StatsRecorder {
         Self {
             name: name.into(),
             level,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            sets: AtomicU64::new(0),
-            deletes: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            stripes: Default::default(),
             codec_errors: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             expirations: AtomicU64::new(0),
-            latency_count: AtomicU64::new(0),
-            latency_sum_nanos: AtomicU64::new(0),
-            latency_max_nanos: AtomicU64::new(0),
-            latency_buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            latency_buckets: OnceLock::new(),
             counters: (0..slots).map(|_| OnceLock::new()).collect(),
             histograms: (0..Operation::ALL.len()).map(|_| OnceLock::new()).collect(),
             extra: [OnceLock::new(), OnceLock::new(), OnceLock::new()],
         }
+    }
+
+    #[inline]
+    fn mine(&self) -> &Stripe {
+        &self.stripes[stripe() % STRIPES]
+    }
+
+    /// Sums one counter over the stripes.
+    fn sum(&self, field: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(field(s).load(Relaxed)))
     }
 
     /// The cache name.
@@ -258,53 +328,53 @@ impl StatsRecorder {
     /// Records a read that found a value.
     #[inline]
     pub fn hit(&self) {
-        self.hits.fetch_add(1, Relaxed);
+        self.mine().hits.fetch_add(1, Relaxed);
         self.emit(Operation::Get, Outcome::Hit);
     }
 
     /// Records `n` reads that found a value (batch reads).
     pub fn hits(&self, n: u64) {
-        self.hits.fetch_add(n, Relaxed);
+        self.mine().hits.fetch_add(n, Relaxed);
     }
 
     /// Records a read that found nothing.
     #[inline]
     pub fn miss(&self) {
-        self.misses.fetch_add(1, Relaxed);
+        self.mine().misses.fetch_add(1, Relaxed);
         self.emit(Operation::Get, Outcome::Miss);
     }
 
     /// Records `n` reads that found nothing (batch reads).
     pub fn misses(&self, n: u64) {
-        self.misses.fetch_add(n, Relaxed);
+        self.mine().misses.fetch_add(n, Relaxed);
     }
 
     /// Records `n` successful writes.
     #[inline]
     pub fn sets(&self, n: u64) {
-        self.sets.fetch_add(n, Relaxed);
+        self.mine().sets.fetch_add(n, Relaxed);
     }
 
     /// Records `n` removed keys.
     #[inline]
     pub fn deletes(&self, n: u64) {
-        self.deletes.fetch_add(n, Relaxed);
+        self.mine().deletes.fetch_add(n, Relaxed);
     }
 
     /// Records a failed operation.
     pub fn error(&self, op: Operation) {
-        self.errors.fetch_add(1, Relaxed);
+        self.mine().errors.fetch_add(1, Relaxed);
         self.emit(op, Outcome::Error);
     }
 
     /// Records that a read counted as a hit returned a value the caller could not decode: the
     /// hit becomes a miss and a codec error is counted.
     pub fn undecodable(&self) {
-        // Saturating: never underflow if the hit was counted by another recorder.
-        let _ = self
-            .hits
-            .fetch_update(Relaxed, Relaxed, |h| Some(h.saturating_sub(1)));
-        self.misses.fetch_add(1, Relaxed);
+        // Wrapping per stripe (the hit may have been counted on another one); the sum is
+        // clamped at zero in case the hit was counted by another recorder.
+        let mine = self.mine();
+        mine.hits.fetch_sub(1, Relaxed);
+        mine.misses.fetch_add(1, Relaxed);
         self.codec_error();
     }
 
@@ -338,10 +408,17 @@ impl StatsRecorder {
     /// Records the latency of one operation (in the histogram and in `metrics`).
     pub fn latency(&self, op: Operation, elapsed: Duration) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_nanos.fetch_add(nanos, Relaxed);
-        self.latency_max_nanos.fetch_max(nanos, Relaxed);
-        if let Some(bucket) = self.latency_buckets.get(bucket_index(nanos)) {
+        let i = stripe() % STRIPES;
+        let mine = &self.stripes[i];
+        mine.latency_count.fetch_add(1, Relaxed);
+        mine.latency_sum_nanos.fetch_add(nanos, Relaxed);
+        if nanos > mine.latency_max_nanos.load(Relaxed) {
+            mine.latency_max_nanos.fetch_max(nanos, Relaxed);
+        }
+        let buckets = self
+            .latency_buckets
+            .get_or_init(|| (0..STRIPES * BUCKETS).map(|_| AtomicU64::new(0)).collect());
+        if let Some(bucket) = buckets.get(i * BUCKETS + bucket_index(nanos)) {
             bucket.fetch_add(1, Relaxed);
         }
         if let Some(cell) = self.histograms.get(op.index()) {
@@ -359,17 +436,19 @@ impl StatsRecorder {
 
     /// A snapshot of the counters. `entries` and `memory_usage` are left for the backend to fill.
     pub fn snapshot(&self) -> CacheStats {
-        let hits = self.hits.load(Relaxed);
-        let misses = self.misses.load(Relaxed);
+        // A sum above i64::MAX is a net negative (more hits undone than counted here).
+        let hits = self.sum(|s| &s.hits);
+        let hits = if hits > i64::MAX as u64 { 0 } else { hits };
+        let misses = self.sum(|s| &s.misses);
         let total = hits + misses;
         CacheStats {
             name: self.name.to_string(),
             level: self.level.to_owned(),
             hits,
             misses,
-            sets: self.sets.load(Relaxed),
-            deletes: self.deletes.load(Relaxed),
-            errors: self.errors.load(Relaxed),
+            sets: self.sum(|s| &s.sets),
+            deletes: self.sum(|s| &s.deletes),
+            errors: self.sum(|s| &s.errors),
             codec_errors: self.codec_errors.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             expirations: self.expirations.load(Relaxed),
@@ -398,14 +477,18 @@ impl StatsRecorder {
     }
 
     fn latency_summary(&self) -> Option<LatencySummary> {
-        let count = self.latency_count.load(Relaxed);
+        let count = self.sum(|s| &s.latency_count);
         if count == 0 {
             return None;
         }
-        let counts: Vec<u64> = self
-            .latency_buckets
-            .iter()
-            .map(|b| b.load(Relaxed))
+        let buckets = self.latency_buckets.get()?;
+        let counts: Vec<u64> = (0..BUCKETS)
+            .map(|b| {
+                (0..STRIPES)
+                    .filter_map(|i| buckets.get(i * BUCKETS + b))
+                    .map(|c| c.load(Relaxed))
+                    .sum()
+            })
             .collect();
         let total: u64 = counts.iter().sum();
         let quantile = |q: f64| -> Duration {
@@ -421,10 +504,16 @@ impl StatsRecorder {
         };
         Some(LatencySummary {
             count,
-            mean: Duration::from_nanos(self.latency_sum_nanos.load(Relaxed) / count),
+            mean: Duration::from_nanos(self.sum(|s| &s.latency_sum_nanos) / count),
             p50: quantile(0.50),
             p99: quantile(0.99),
-            max: Duration::from_nanos(self.latency_max_nanos.load(Relaxed)),
+            max: Duration::from_nanos(
+                self.stripes
+                    .iter()
+                    .map(|s| s.latency_max_nanos.load(Relaxed))
+                    .max()
+                    .unwrap_or(0),
+            ),
         })
     }
 }
@@ -452,6 +541,47 @@ fn bucket_midpoint(index: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn striped_counters_sum_bumps_from_every_thread() {
+        let stats = StatsRecorder::new("t", "l2");
+        std::thread::scope(|s| {
+            for _ in 0..(STRIPES + 3) {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        stats.hit();
+                        stats.sets(2);
+                        stats.latency(Operation::Get, Duration::from_micros(10));
+                    }
+                    stats.miss();
+                });
+            }
+        });
+        let snap = stats.snapshot();
+        let threads = (STRIPES + 3) as u64;
+        assert_eq!(snap.hits, 1000 * threads);
+        assert_eq!(snap.sets, 2000 * threads);
+        assert_eq!(snap.misses, threads);
+        let latency = snap.latency.unwrap();
+        assert_eq!(latency.count, 1000 * threads);
+        assert!(
+            latency.p99 >= Duration::from_micros(9) && latency.p99 <= Duration::from_micros(11)
+        );
+    }
+
+    #[test]
+    fn an_undone_hit_on_another_thread_neither_wraps_nor_goes_negative() {
+        let stats = StatsRecorder::new("t", "l2");
+        stats.hit();
+        std::thread::scope(|s| {
+            s.spawn(|| stats.undecodable());
+        });
+        let snap = stats.snapshot();
+        assert_eq!((snap.hits, snap.misses, snap.codec_errors), (0, 1, 1));
+        // More undone than counted (a hit counted by another recorder): clamped at zero.
+        stats.undecodable();
+        assert_eq!(stats.snapshot().hits, 0);
+    }
 
     #[test]
     fn buckets_are_monotonic_and_close() {

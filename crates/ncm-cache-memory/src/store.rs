@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ncm_cache_core::{
     Bytes, CacheError, CacheStats, GlobPattern, KeySpace, KeyTtl, Result, SharedClock,
-    StatsRecorder,
+    StatsRecorder, duration_nanos,
 };
 use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
@@ -32,17 +32,29 @@ impl StoreValue for Bytes {
     }
 }
 
+/// `expires_at` of an entry that never expires.
+const NEVER: u64 = u64::MAX;
+
 #[derive(Clone)]
 struct Entry<V> {
     value: V,
-    expires_at: Option<Instant>,
+    /// The deadline in [`Clock::now_nanos`](ncm_cache_core::Clock::now_nanos) time, or
+    /// [`NEVER`]: 8 bytes per slot instead of an `Option<Instant>`'s 16, and no conversion on a
+    /// hit.
+    expires_at: u64,
 }
 
 impl<V> Entry<V> {
     #[inline]
-    fn is_expired(&self, now: Instant) -> bool {
-        self.expires_at.is_some_and(|at| at <= now)
+    fn is_expired(&self, now: u64) -> bool {
+        self.expires_at <= now
     }
+}
+
+/// The deadline `ttl` after `now` (nanoseconds), never reaching [`NEVER`].
+#[inline]
+fn deadline(now: u64, ttl: Duration) -> u64 {
+    now.saturating_add(duration_nanos(ttl)).min(NEVER - 1)
 }
 
 /// Charges every entry at least `slot` so the byte budget also bounds the entry count.
@@ -299,10 +311,37 @@ impl<V: StoreValue> MemoryStore<V> {
         Ok(self.inner.lookup(key, false))
     }
 
+    /// Like [`peek`](Self::peek) without validating the key, for hot paths: a key that fails
+    /// validation is never stored, so it simply misses. Callers validate on their miss path
+    /// (with [`validate`](Self::validate)) to report a bad key as an error.
+    ///
+    /// ```
+    /// # use ncm_cache_core::Bytes;
+    /// let store = ncm_cache_memory::MemoryBackend::builder().build_store::<Bytes>("l1").unwrap();
+    /// store.insert("k", Bytes::from_static(b"v"), None).unwrap();
+    /// assert_eq!(store.peek_unvalidated("k").unwrap().as_deref(), Some(&b"v"[..]));
+    /// assert_eq!(store.peek_unvalidated("").unwrap(), None);
+    /// assert!(store.validate("").is_err());
+    /// ```
+    #[inline]
+    pub fn peek_unvalidated(&self, key: &str) -> Result<Option<V>> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        Ok(self.inner.lookup(key, false))
+    }
+
     /// Reads a live value with its expiry instant (`None`: never expires), uncounted.
     pub fn get_with_expiry(&self, key: &str) -> Result<Option<(V, Option<Instant>)>> {
         self.check(key)?;
-        Ok(self.inner.live(key).map(|e| (e.value, e.expires_at)))
+        Ok(self.inner.live(key).map(|e| {
+            let at = (e.expires_at != NEVER).then(|| {
+                let clock = &self.inner.clock;
+                let left = e.expires_at.saturating_sub(clock.now_nanos());
+                clock.now() + Duration::from_nanos(left)
+            });
+            (e.value, at)
+        }))
     }
 
     /// Stores a value (`ttl: None`: no expiry).
@@ -318,7 +357,7 @@ impl<V: StoreValue> MemoryStore<V> {
         if size > max || entry_size(key.len(), size) > self.inner.store.shard_capacity() {
             return Err(CacheError::ValueTooLarge { size, max });
         }
-        let expires_at = ttl.map(|t| self.inner.clock.now() + t);
+        let expires_at = ttl.map_or(NEVER, |t| deadline(self.inner.clock.now_nanos(), t));
         self.inner
             .store
             .insert(key.to_owned(), Entry { value, expires_at });
@@ -329,7 +368,7 @@ impl<V: StoreValue> MemoryStore<V> {
     /// Removes a key; `true` when a live entry existed.
     pub fn remove(&self, key: &str) -> Result<bool> {
         self.check(key)?;
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         let removed = self
             .inner
             .store
@@ -353,12 +392,11 @@ impl<V: StoreValue> MemoryStore<V> {
         Ok(match self.inner.live(key) {
             None => KeyTtl::Missing,
             Some(Entry {
-                expires_at: None, ..
+                expires_at: NEVER, ..
             }) => KeyTtl::Persistent,
-            Some(Entry {
-                expires_at: Some(at),
-                ..
-            }) => KeyTtl::Expires(at.saturating_duration_since(self.inner.clock.now())),
+            Some(Entry { expires_at, .. }) => KeyTtl::Expires(Duration::from_nanos(
+                expires_at.saturating_sub(self.inner.clock.now_nanos()),
+            )),
         })
     }
 
@@ -370,12 +408,12 @@ impl<V: StoreValue> MemoryStore<V> {
                 "a TTL must be greater than zero (delete the key instead)".into(),
             ));
         }
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         let result = self.inner.store.entry(key, None, |_, entry| {
             if entry.is_expired(now) {
                 EntryAction::Remove
             } else {
-                entry.expires_at = Some(now + ttl);
+                entry.expires_at = deadline(now, ttl);
                 EntryAction::Retain(())
             }
         });
@@ -397,7 +435,7 @@ impl<V: StoreValue> MemoryStore<V> {
         }
         let full = self.inner.keys.full_pattern(pattern)?;
         let glob = GlobPattern::new(&full)?;
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         let removed = AtomicU64::new(0);
         self.inner.store.retain(|key, entry| {
             let remove = glob.matches(key);
@@ -427,9 +465,9 @@ impl<V: StoreValue> Inner<V> {
     #[inline]
     fn lookup(&self, key: &str, count: bool) -> Option<V> {
         let found = match self.store.get(key) {
-            Some(entry) if entry.expires_at.is_none() => Some(entry.value),
+            Some(entry) if entry.expires_at == NEVER => Some(entry.value),
             Some(entry) => {
-                let now = self.clock.now();
+                let now = self.clock.now_nanos();
                 if entry.is_expired(now) {
                     self.expire(key, now);
                     None
@@ -450,7 +488,7 @@ impl<V: StoreValue> Inner<V> {
     }
 
     /// Removes `key` if it is (still) expired at `now`.
-    fn expire(&self, key: &str, now: Instant) {
+    fn expire(&self, key: &str, now: u64) {
         if self.store.remove_if(key, |e| e.is_expired(now)).is_some() {
             self.stats.expirations(1);
         }
@@ -458,7 +496,7 @@ impl<V: StoreValue> Inner<V> {
 
     fn live(&self, key: &str) -> Option<Entry<V>> {
         let entry = self.store.peek(key)?;
-        let now = self.clock.now();
+        let now = self.clock.now_nanos();
         if entry.is_expired(now) {
             self.expire(key, now);
             None
@@ -468,7 +506,7 @@ impl<V: StoreValue> Inner<V> {
     }
 
     fn purge_expired(&self) -> u64 {
-        let now = self.clock.now();
+        let now = self.clock.now_nanos();
         let removed = AtomicU64::new(0);
         self.store.retain(|_, e| {
             let keep = !e.is_expired(now);

@@ -248,3 +248,39 @@ async fn oversized_values_and_closed_backend_are_typed_errors() {
     assert!(!cache.health_check().await);
     assert!(MemoryBackend::builder().max_entries(0).build().is_err());
 }
+
+#[test]
+fn store_deadlines_follow_the_clock_exactly() {
+    use ncm_cache_core::Clock;
+    let clock = ManualClock::new();
+    let store = MemoryBackend::builder()
+        .clock(clock.clone())
+        .sweep_interval(None)
+        .build_store::<Bytes>("l1")
+        .unwrap();
+    store
+        .insert("k", Bytes::from_static(b"v"), Some(Duration::from_secs(10)))
+        .unwrap();
+    store
+        .insert("forever", Bytes::from_static(b"v"), None)
+        .unwrap();
+    clock.advance(Duration::from_secs(4));
+    let (_, at) = store.get_with_expiry("k").unwrap().unwrap();
+    assert_eq!(at.unwrap() - clock.now(), Duration::from_secs(6));
+    assert_eq!(store.get_with_expiry("forever").unwrap().unwrap().1, None);
+    assert!(store.expire("k", Duration::from_secs(1)).unwrap());
+    clock.advance(Duration::from_millis(999));
+    assert!(store.peek_unvalidated("k").unwrap().is_some());
+    clock.advance(Duration::from_millis(1));
+    assert!(
+        store.peek_unvalidated("k").unwrap().is_none(),
+        "expired at its deadline"
+    );
+    // A TTL too large for the clock's range never expires instead of wrapping.
+    store
+        .insert("far", Bytes::from_static(b"v"), Some(Duration::MAX))
+        .unwrap();
+    clock.advance(Duration::from_secs(86_400 * 365 * 100));
+    assert!(store.get("far").unwrap().is_some());
+    assert_eq!(store.get_with_expiry("forever").unwrap().unwrap().1, None);
+}

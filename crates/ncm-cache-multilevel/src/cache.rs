@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
-use crate::l1::{Hits, L1Value};
+use crate::l1::{Hits, L1Value, NEVER};
 use crate::stats::{Counters, MultiLevelStats};
 
 /// A value a multi-level cache can hold: serializable for L2, shareable for L1.
@@ -85,6 +85,13 @@ pub(crate) struct Inner<C> {
     #[cfg(feature = "redis")]
     pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
 }
+
+/// The L1 part of a read: `Ok(found)` ends it, `Err(stale)` goes on to L2.
+type L1Outcome<T> = std::result::Result<Option<Arc<T>>, Option<Arc<T>>>;
+
+/// The boxed L2 part of a read.
+type BoxedRead<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Option<(Arc<T>, ValueSource)>>> + Send + 'a>>;
 
 /// The result of looking in L1 (typed: one type check per hit).
 pub(crate) enum L1Read<T> {
@@ -182,12 +189,20 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Reads a value: L1, then L2 (promoting it into L1). Returns a clone of the cached value.
     pub async fn get<T: CacheValue + Clone>(&self, key: &str) -> Result<Option<T>> {
-        Ok(self.get_arc::<T>(key).await?.map(|v| T::clone(&v)))
+        let found = match self.read_l1::<T>(key)? {
+            Ok(hit) => hit,
+            Err(stale) => self.read_l2::<T>(key, stale).await?.map(|(v, _)| v),
+        };
+        Ok(found.map(|v| T::clone(&v)))
     }
 
     /// Reads a value as a shared `Arc<T>` (an L1 hit allocates nothing).
     pub async fn get_arc<T: CacheValue>(&self, key: &str) -> Result<Option<Arc<T>>> {
-        Ok(self.get_with_source::<T>(key).await?.map(|(v, _)| v))
+        // Not a call to `get_with_source`: an L1 hit (the hot path) then runs one small future.
+        match self.read_l1::<T>(key)? {
+            Ok(hit) => Ok(hit),
+            Err(stale) => Ok(self.read_l2::<T>(key, stale).await?.map(|(v, _)| v)),
+        }
     }
 
     /// Reads a value and tells where it came from (L1, L2, or Stale when L2 failed).
@@ -195,24 +210,35 @@ impl<C: Codec> MultiLevelCache<C> {
         &self,
         key: &str,
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
+        match self.read_l1::<T>(key)? {
+            Ok(hit) => Ok(hit.map(|v| (v, ValueSource::L1))),
+            Err(stale) => self.read_l2::<T>(key, stale).await,
+        }
+    }
+
+    /// The L1 part of a read: `Ok(found)` ends the read (a fresh value, or a cached "not
+    /// found"); `Err(stale)` goes on to L2, with what fail-safe may serve if L2 fails.
+    #[inline]
+    fn read_l1<T: CacheValue>(&self, key: &str) -> Result<L1Outcome<T>> {
         let inner = &self.inner;
-        let stale = match inner.l1_read::<T>(key)? {
-            L1Read::Fresh(Some(v), _) => {
-                Counters::bump(&inner.counters.l1_hits);
-                return Ok(Some((v, ValueSource::L1)));
+        Ok(match inner.l1_read::<T>(key)? {
+            L1Read::Fresh(v, _) => {
+                inner.counters.l1_hits.bump();
+                Ok(v)
             }
-            L1Read::Fresh(None, _) => {
-                Counters::bump(&inner.counters.l1_hits);
-                return Ok(None);
-            }
-            L1Read::Stale(v) => v,
-            L1Read::Miss => None,
-        };
-        // The L2 path is boxed: it keeps this future small, so an L1 hit (the hot path) moves
-        // and initialises a few words instead of the whole L2 state machine.
-        let slow: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(self.get_from_l2::<T>(key, stale));
-        slow.await
+            L1Read::Stale(v) => Err(v),
+            L1Read::Miss => Err(None),
+        })
+    }
+
+    /// The L2 part of a read, boxed: it keeps the callers' futures small, so an L1 hit moves
+    /// and initialises a few words instead of the whole L2 state machine.
+    fn read_l2<'a, T: CacheValue>(
+        &'a self,
+        key: &'a str,
+        stale: Option<Arc<T>>,
+    ) -> BoxedRead<'a, T> {
+        Box::pin(self.get_from_l2::<T>(key, stale))
     }
 
     async fn get_from_l2<T: CacheValue>(
@@ -375,11 +401,11 @@ impl<C: Codec> MultiLevelCache<C> {
         for (i, key) in keys.iter().enumerate() {
             match inner.l1_read::<T>(key)? {
                 L1Read::Fresh(Some(v), _) => {
-                    Counters::bump(&inner.counters.l1_hits);
+                    inner.counters.l1_hits.bump();
                     out.push(Some(T::clone(&v)));
                 }
                 L1Read::Fresh(None, _) => {
-                    Counters::bump(&inner.counters.l1_hits);
+                    inner.counters.l1_hits.bump();
                     out.push(None);
                 }
                 _ => {
@@ -535,24 +561,26 @@ impl<C: Codec> Inner<C> {
             ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
             return Ok(L1Read::Miss);
         }
-        let Some(v) = self.l1.peek(key)? else {
+        // Only a miss validates the key: a key that fails validation is never stored in L1.
+        let Some(v) = self.l1.peek_unvalidated(key)? else {
+            self.l1.validate(key)?;
             return Ok(L1Read::Miss);
         };
         let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
-        let object = match &v.object {
+        let object = match v.object {
             None => None,
             // One type check: another type under this key is read from L2 with the requested type.
-            Some(o) => match Arc::clone(o).downcast::<T>() {
+            Some(o) => match o.downcast::<T>() {
                 Ok(typed) => Some(typed),
                 Err(_) => return Ok(L1Read::Miss),
             },
         };
-        if fresh_until.is_none() && refresh_at.is_none() {
+        if fresh_until == NEVER && refresh_at == NEVER {
             return Ok(L1Read::Fresh(object, false));
         }
-        let now = self.opts.clock.now();
-        if fresh_until.is_none_or(|t| now < t) {
-            let refresh = refresh_at.is_some_and(|t| now >= t);
+        let now = self.opts.clock.now_nanos();
+        if now < fresh_until {
+            let refresh = now >= refresh_at;
             Ok(L1Read::Fresh(object, refresh))
         } else {
             Ok(L1Read::Stale(object))
@@ -655,14 +683,21 @@ impl<C: Codec> Inner<C> {
         } else {
             self.opts.l1_default_ttl
         };
-        let now = self.opts.clock.now();
+        let now = self.opts.clock.now_nanos();
+        let after = |d: Duration| {
+            now.saturating_add(ncm_cache_core::duration_nanos(d))
+                .min(NEVER - 1)
+        };
         let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
-        let value = L1Value::new(crate::l1::L1Entry {
+        let value = L1Value {
             object,
             size,
-            fresh_until: self.opts.max_stale_age.map(|_| now + fresh),
-            refresh_at: self.opts.eager_refresh.map(|f| now + fresh.mul_f64(f)),
-        });
+            fresh_until: self.opts.max_stale_age.map_or(NEVER, |_| after(fresh)),
+            refresh_at: self
+                .opts
+                .eager_refresh
+                .map_or(NEVER, |f| after(fresh.mul_f64(f))),
+        };
         match self.l1.insert(key, value, Some(fresh + stale)) {
             Ok(()) => true,
             Err(e) => {

@@ -1,45 +1,32 @@
 //! What the L1 holds: decoded values, type-erased, with their freshness deadlines.
 
 use std::any::Any;
-use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ncm_cache_memory::StoreValue;
 
-/// A decoded value in L1 behind one `Arc`: the store clones 8 bytes on a hit.
+/// A decoded value in L1, held inline in the store's slot: a hit copies a few words and bumps
+/// one reference count (the value's), and inserting allocates nothing beyond the value itself.
 #[derive(Clone)]
-pub(crate) struct L1Value(Arc<L1Entry>);
-
-pub(crate) struct L1Entry {
+pub(crate) struct L1Value {
     /// The value, or `None` for a cached "not found" (negative caching).
     pub(crate) object: Option<Arc<dyn Any + Send + Sync>>,
     /// Encoded size, charged against the L1 byte budget.
     pub(crate) size: usize,
-    /// Until when the value is fresh; after it (and before the store TTL) it is stale and
-    /// only served by fail-safe.
-    pub(crate) fresh_until: Option<Instant>,
-    /// When a hit should trigger a background refresh (eager refresh).
-    pub(crate) refresh_at: Option<Instant>,
+    /// Until when the value is fresh, in the L1 clock's `now_nanos` time ([`NEVER`]: while it
+    /// is stored); after it (and before the store TTL) it is stale and only served by fail-safe.
+    pub(crate) fresh_until: u64,
+    /// When a hit should trigger a background refresh (eager refresh), or [`NEVER`].
+    pub(crate) refresh_at: u64,
 }
 
-impl L1Value {
-    pub(crate) fn new(entry: L1Entry) -> Self {
-        Self(Arc::new(entry))
-    }
-}
-
-impl Deref for L1Value {
-    type Target = L1Entry;
-    fn deref(&self) -> &L1Entry {
-        &self.0
-    }
-}
+/// A deadline that never comes.
+pub(crate) const NEVER: u64 = u64::MAX;
 
 impl StoreValue for L1Value {
     #[inline]
     fn size(&self) -> usize {
-        self.0.size
+        self.size
     }
 }
 

@@ -41,7 +41,7 @@ impl<C: Codec> Inner<C> {
     {
         let stale = match self.l1_read::<T>(key)? {
             L1Read::Fresh(v, refresh) => {
-                Counters::bump(&self.counters.l1_hits);
+                self.counters.l1_hits.bump();
                 // One background refresh per key at a time.
                 if refresh && self.refreshing.begin(key) {
                     Counters::bump(&self.counters.background_refreshes);

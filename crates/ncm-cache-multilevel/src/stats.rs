@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use ncm_cache_core::CacheStats;
+use ncm_cache_core::{CacheStats, StripedCounter};
 use serde::Serialize;
 
 /// Counters of the multi-level logic, on top of each level's own [`CacheStats`].
@@ -45,7 +45,8 @@ pub struct MultiLevelStats {
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) l1_hits: AtomicU64,
+    /// Bumped on every L1 hit, from every thread: striped.
+    pub(crate) l1_hits: StripedCounter,
     pub(crate) l2_hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) loads: AtomicU64,
@@ -66,7 +67,7 @@ impl Counters {
     }
 
     pub(crate) fn snapshot(&self, l1: CacheStats, l2: CacheStats, trips: u64) -> MultiLevelStats {
-        let l1_hits = self.l1_hits.load(Relaxed);
+        let l1_hits = self.l1_hits.load();
         let l2_hits = self.l2_hits.load(Relaxed);
         let misses = self.misses.load(Relaxed);
         let reads = l1_hits + l2_hits + misses;

@@ -264,7 +264,11 @@ impl Conn {
     pub(crate) async fn handle(&self, timeout: Duration) -> Result<Handle> {
         match self {
             Self::Single { pool, next } => {
-                let i = next.fetch_add(1, Ordering::Relaxed) % pool.len().max(1);
+                // One connection (the default): no shared round-robin counter to contend on.
+                let i = match pool.len() {
+                    0 | 1 => 0,
+                    n => next.fetch_add(1, Ordering::Relaxed) % n,
+                };
                 pool.get(i)
                     .cloned()
                     .map(Handle::Manager)
