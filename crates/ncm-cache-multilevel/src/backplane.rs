@@ -1,12 +1,22 @@
 //! Cross-instance coherence over Redis pub/sub, and the distributed stampede lock.
 //!
-//! Every set / delete / clear publishes `[op][instance id][key]` on the channel
-//! `l1:{cache name}` (inside the Redis prefix). Every other instance evicts that key (or
-//! everything) from its L1; an instance ignores its own messages. While the subscription is
-//! down, L1 is bypassed; when it comes back, L1 is cleared before it is used again, so nothing
-//! missed during the outage is ever served.
+//! Every set / delete / clear publishes an invalidation on the channel `l1:{cache name}`
+//! (inside the Redis prefix): `[B][instance id: 8 bytes]` followed by entries
+//! `[op][key length: u32 LE][key]`. Every other instance evicts those keys (or everything) from
+//! its L1; an instance ignores its own messages. While the subscription is down, L1 is
+//! bypassed; when it comes back, L1 is cleared before it is used again, so nothing missed
+//! during the outage is ever served.
+//!
+//! Publishing is batched. An uncontended write sends its value and its invalidation in one
+//! round trip (so when `set` returns, the invalidation is published). While a PUBLISH is in
+//! flight, later writes write their value alone and queue their invalidation, which a flush
+//! task publishes with every other queued key in the next message, right after the one in
+//! flight; those writes return without waiting for it (as FusionCache's background backplane
+//! operations do), which keeps a write at one round trip under load. One PUBLISH then carries
+//! many keys, so Redis and every subscriber handle a fraction of the messages; the stale
+//! window grows by at most that one round trip.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,18 +30,164 @@ use crate::stats::Counters;
 const SET: u8 = b'S';
 const DELETE: u8 = b'D';
 const CLEAR: u8 = b'C';
+/// A message of one or more `[op][len][key]` entries.
+const BATCH: u8 = b'B';
 
 pub(crate) struct Backplane {
     pub(crate) redis: Arc<RedisBackend>,
     id: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) batch: Arc<Batcher>,
+}
+
+/// The batching of invalidations (see the module docs).
+pub(crate) struct Batcher {
+    redis: Arc<RedisBackend>,
+    channel: String,
+    id: u64,
+    pending: Mutex<Pending>,
+    /// Failed PUBLISHes of queued invalidations (added to the stats' `backplane_errors`).
+    pub(crate) errors: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// A PUBLISH is in flight (by a leading writer or the flush task).
+    flushing: bool,
+    /// Queued entries, already encoded.
+    entries: Vec<u8>,
+}
+
+/// The right to publish without queueing; on drop, whatever queued meanwhile is handed to a
+/// flush task (also when the leader's future is cancelled).
+pub(crate) struct Lead<'a>(&'a Arc<Batcher>);
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        let Ok(mut p) = self.0.pending.lock() else {
+            return;
+        };
+        if p.entries.is_empty() {
+            p.flushing = false;
+        } else {
+            drop(p);
+            self.0.spawn_flush();
+        }
+    }
+}
+
+impl Batcher {
+    fn message(&self, entries: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(9 + entries.len());
+        m.push(BATCH);
+        m.extend_from_slice(&self.id.to_le_bytes());
+        m.extend_from_slice(entries);
+        m
+    }
+
+    fn try_lead(self: &Arc<Self>) -> Option<Lead<'_>> {
+        let mut p = self.pending.lock().ok()?;
+        if p.flushing {
+            return None;
+        }
+        p.flushing = true;
+        Some(Lead(self))
+    }
+
+    /// Queues an entry for the next message; starts the flush task when none is running.
+    fn enqueue(self: &Arc<Self>, op: u8, key: &str) {
+        let start = {
+            let Ok(mut p) = self.pending.lock() else {
+                return;
+            };
+            encode_entry(&mut p.entries, op, key);
+            !std::mem::replace(&mut p.flushing, true)
+        };
+        if start {
+            self.spawn_flush();
+        }
+    }
+
+    /// Publishes queued entries until none are left, as a task: no caller's cancellation can
+    /// strand other callers' entries.
+    fn spawn_flush(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        let flush = async move {
+            loop {
+                let entries = {
+                    let Ok(mut p) = this.pending.lock() else {
+                        return;
+                    };
+                    if p.entries.is_empty() {
+                        p.flushing = false;
+                        return;
+                    }
+                    std::mem::take(&mut p.entries)
+                };
+                let msg = this.message(&entries);
+                if let Err(e) = this.redis.publish(&this.channel, &msg).await {
+                    this.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(flush);
+            }
+            // No runtime (a drop outside one): nothing can publish them.
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.entries.clear();
+                    p.flushing = false;
+                }
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn encode_entry(out: &mut Vec<u8>, op: u8, key: &str) {
+    out.push(op);
+    // Keys are bounded by the key length limit, far below 4 GiB.
+    out.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
+}
+
+/// The `(op, key)` entries of a message from another instance; `None` for our own messages
+/// and for messages this version does not understand.
+fn decode(payload: &[u8], own_id: u64) -> Option<Vec<(u8, &[u8])>> {
+    let (&kind, rest) = payload.split_first()?;
+    let (origin, mut body) = (rest.get(..8)?, rest.get(8..)?);
+    if origin == own_id.to_le_bytes() {
+        return None;
+    }
+    if kind != BATCH {
+        return None;
+    }
+    let mut entries = Vec::new();
+    while let Some((&op, rest)) = body.split_first() {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let key = rest.get(4..4 + len)?;
+        entries.push((op, key));
+        body = &rest[4 + len..];
+    }
+    Some(entries)
 }
 
 impl Backplane {
-    pub(crate) fn new(redis: Arc<RedisBackend>) -> Self {
+    pub(crate) fn new(redis: Arc<RedisBackend>, name: &str) -> Self {
+        let id = fastrand::u64(..);
         Self {
+            batch: Arc::new(Batcher {
+                redis: Arc::clone(&redis),
+                channel: channel(name),
+                id,
+                pending: Mutex::new(Pending::default()),
+                errors: AtomicU64::new(0),
+            }),
             redis,
-            id: fastrand::u64(..),
+            id,
             task: Mutex::new(None),
         }
     }
@@ -44,12 +200,11 @@ impl Backplane {
         }
     }
 
+    /// A message of one entry.
     fn message(&self, op: u8, key: &str) -> Vec<u8> {
-        let mut m = Vec::with_capacity(9 + key.len());
-        m.push(op);
-        m.extend_from_slice(&self.id.to_le_bytes());
-        m.extend_from_slice(key.as_bytes());
-        m
+        let mut entry = Vec::with_capacity(5 + key.len());
+        encode_entry(&mut entry, op, key);
+        self.batch.message(&entry)
     }
 }
 
@@ -97,25 +252,21 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
             let Some(inner) = weak.upgrade() else { return };
             match event {
                 PubSubEvent::Message { payload, .. } => {
-                    let Some((&op, rest)) = payload.split_first() else {
+                    let Some(entries) = decode(&payload, id) else {
                         continue;
                     };
-                    let (Some(origin), Some(key)) = (rest.get(..8), rest.get(8..)) else {
-                        continue;
-                    };
-                    if origin == id.to_le_bytes() {
-                        continue;
-                    }
-                    Counters::bump(&inner.counters.backplane_received);
                     inner.epoch.fetch_add(1, Ordering::AcqRel);
-                    match op {
-                        CLEAR => inner.l1.clear(),
-                        SET | DELETE => {
-                            if let Ok(key) = std::str::from_utf8(key) {
-                                let _ = inner.l1.remove(key);
+                    for (op, key) in entries {
+                        Counters::bump(&inner.counters.backplane_received);
+                        match op {
+                            CLEAR => inner.l1.clear(),
+                            SET | DELETE => {
+                                if let Ok(key) = std::str::from_utf8(key) {
+                                    let _ = inner.l1.remove(key);
+                                }
                             }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
                 PubSubEvent::Disconnected => {
@@ -149,14 +300,21 @@ fn resync<C>(inner: &Inner<C>, first: bool) {
 }
 
 impl<C: Codec> Inner<C> {
+    /// Publishes an invalidation: at once (returning when it is published) when no PUBLISH
+    /// is in flight, else queued for the next message (returning at once).
     async fn publish(&self, op: u8, key: &str) {
         let Some(bp) = &self.backplane else { return };
+        let Some(lead) = bp.batch.try_lead() else {
+            bp.batch.enqueue(op, key);
+            return;
+        };
         let msg = bp.message(op, key);
-        let channel = channel(&self.opts.name);
         // Boxed: redis-rs futures are deep; keep them out of every write path's future type.
         let publish: std::pin::Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>> =
-            Box::pin(bp.redis.publish(&channel, &msg));
-        if let Err(e) = publish.await {
+            Box::pin(bp.redis.publish(&bp.batch.channel, &msg));
+        let published = publish.await;
+        drop(lead);
+        if let Err(e) = published {
             Counters::bump(&self.counters.backplane_errors);
             tracing::warn!(key, error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
         }
@@ -175,11 +333,16 @@ impl<C: Codec> Inner<C> {
         if !same {
             return None;
         }
+        // Another invalidation in flight: the caller writes alone and queues its own.
+        let lead = bp.batch.try_lead()?;
         let msg = bp.message(SET, key);
-        let channel = channel(&self.opts.name);
-        let write: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> =
-            Box::pin(bp.redis.set_and_publish(key, bytes, ttl, &channel, &msg));
-        Some(self.l2_call(write).await)
+        let write: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> = Box::pin(
+            bp.redis
+                .set_and_publish(key, bytes, ttl, &bp.batch.channel, &msg),
+        );
+        let written = self.l2_call(write).await;
+        drop(lead);
+        Some(written)
     }
 
     pub(crate) async fn publish_set(&self, key: &str) {
@@ -246,4 +409,55 @@ impl<C: Codec> Inner<C> {
 pub(crate) enum LockOutcome {
     Found(Loaded),
     Proceed(Option<RedisLock>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(id: u64, entries: &[(u8, &str)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (op, key) in entries {
+            encode_entry(&mut body, *op, key);
+        }
+        let mut m = vec![BATCH];
+        m.extend_from_slice(&id.to_le_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
+    #[test]
+    fn a_batch_decodes_to_its_entries_and_our_own_is_ignored() {
+        let m = batch(7, &[(SET, "a"), (DELETE, "key:ü"), (CLEAR, "")]);
+        let entries = decode(&m, 8).unwrap();
+        assert_eq!(
+            entries,
+            vec![
+                (SET, &b"a"[..]),
+                (DELETE, "key:ü".as_bytes()),
+                (CLEAR, &b""[..])
+            ]
+        );
+        assert!(
+            decode(&m, 7).is_none(),
+            "an instance ignores its own messages"
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_dropped_without_panicking() {
+        let good = batch(1, &[(SET, "abc")]);
+        // Every truncation, a length past the end, a huge length, an unknown kind.
+        for cut in 0..good.len() - 1 {
+            let _ = decode(&good[..cut], 2);
+        }
+        assert!(decode(&good[..good.len() - 1], 2).is_none());
+        let mut long = good.clone();
+        long[10..14].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&long, 2).is_none());
+        let mut unknown = good.clone();
+        unknown[0] = b'Z';
+        assert!(decode(&unknown, 2).is_none());
+        assert!(decode(&[], 2).is_none());
+    }
 }

@@ -130,6 +130,10 @@ impl<C: Codec> MultiLevelCache<C> {
             .build_store::<Hits>("promotion")?;
         #[cfg(feature = "redis")]
         let has_backplane = b.backplane.is_some();
+        #[cfg(feature = "redis")]
+        let backplane = b
+            .backplane
+            .map(|redis| crate::backplane::Backplane::new(redis, &o.name));
         #[cfg(not(feature = "redis"))]
         let has_backplane = false;
         let inner = Arc::new(Inner {
@@ -145,7 +149,7 @@ impl<C: Codec> MultiLevelCache<C> {
             counters: Counters::default(),
             refreshing: crate::load::Refreshing::default(),
             #[cfg(feature = "redis")]
-            backplane: b.backplane.map(crate::backplane::Backplane::new),
+            backplane,
             #[cfg(feature = "redis")]
             lock: b.lock,
         });
@@ -523,11 +527,17 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Statistics per level and of the multi-level logic.
     pub fn get_stats(&self) -> MultiLevelStats {
-        self.inner.counters.snapshot(
+        #[allow(unused_mut)]
+        let mut stats = self.inner.counters.snapshot(
             self.inner.l1.get_stats(),
             self.inner.l2.get_stats(),
             self.inner.breaker.trips(),
-        )
+        );
+        #[cfg(feature = "redis")]
+        if let Some(bp) = &self.inner.backplane {
+            stats.backplane_errors += bp.batch.errors.load(Ordering::Relaxed);
+        }
+        stats
     }
 
     /// `true` when the L2 circuit breaker is open (L2 is being skipped).

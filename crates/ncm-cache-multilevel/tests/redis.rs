@@ -267,3 +267,76 @@ async fn an_idle_backplane_stays_connected_and_keeps_l1() {
         "L1 kept its entry"
     );
 }
+
+/// How many PUBLISH commands the server has run.
+fn publish_calls(server: &RedisServer) -> u64 {
+    let info = server.command(&["INFO", "commandstats"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_invalidation_messages_and_all_reach_the_other_instance() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    const KEYS: usize = 200;
+    for i in 0..KEYS {
+        a.set(&format!("item:{i}"), 0u64).await.unwrap();
+    }
+    // B holds every key in L1 (version 0).
+    for i in 0..KEYS {
+        until_seen(&b, &format!("item:{i}"), 0).await;
+        until_l1(&b, &format!("item:{i}")).await;
+    }
+    let before = publish_calls(&server);
+    // 64 writers, each rewriting its share of the keys 5 times.
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for round in 1..=5u64 {
+                    for i in (t..KEYS).step_by(64) {
+                        a.set(&format!("item:{i}"), round).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every key's last write reaches B: no L1 copy of an older version survives.
+    for i in 0..KEYS {
+        until_seen(&b, &format!("item:{i}"), 5).await;
+    }
+    let writes = (KEYS * 5) as u64;
+    let published = publish_calls(&server) - before;
+    assert!(
+        published < writes / 2,
+        "{published} PUBLISH for {writes} concurrent writes: invalidations were not batched"
+    );
+    assert!(
+        b.get_stats().backplane_received >= writes,
+        "every write's invalidation is received: {:?}",
+        b.get_stats()
+    );
+    assert_eq!(a.get_stats().backplane_errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_keys_are_rejected_on_the_l1_path_without_touching_l2() {
+    let server = RedisServer::start().unwrap();
+    let a = instance(&server).await;
+    let huge = "k".repeat(1 << 20);
+    for key in ["", huge.as_str()] {
+        let err = a.get::<u64>(key).await.unwrap_err();
+        assert!(
+            matches!(err, ncm_cache_core::CacheError::InvalidKey { .. }),
+            "{err:?}"
+        );
+    }
+    let stats = a.get_stats();
+    assert_eq!((stats.l2_errors, stats.misses), (0, 0), "{stats:?}");
+}
