@@ -124,10 +124,12 @@ impl Batcher {
                     }
                     std::mem::take(&mut p.entries)
                 };
-                let msg = this.message(&entries);
-                if let Err(e) = this.redis.publish(&this.channel, &msg).await {
-                    this.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
+                for part in chunks(&entries, MAX_MESSAGE) {
+                    let msg = this.message(part);
+                    if let Err(e) = this.redis.publish(&this.channel, &msg).await {
+                        this.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
+                    }
                 }
             }
         };
@@ -145,6 +147,31 @@ impl Batcher {
             }
         }
     }
+}
+
+/// Entries per message stop growing past this many bytes (a longer single entry goes alone).
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Splits encoded entries into runs of at most `max` bytes, at entry boundaries.
+fn chunks(entries: &[u8], max: usize) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    let (mut start, mut at) = (0, 0);
+    while at < entries.len() {
+        let len = entries
+            .get(at + 1..at + 5)
+            .and_then(|b| b.try_into().ok())
+            .map_or(usize::MAX, |b| u32::from_le_bytes(b) as usize);
+        let next = (at + 5).saturating_add(len).min(entries.len());
+        if next - start > max && at > start {
+            parts.push(&entries[start..at]);
+            start = at;
+        }
+        at = next;
+    }
+    if start < entries.len() {
+        parts.push(&entries[start..]);
+    }
+    parts
 }
 
 fn encode_entry(out: &mut Vec<u8>, op: u8, key: &str) {
@@ -442,6 +469,39 @@ mod tests {
             decode(&m, 7).is_none(),
             "an instance ignores its own messages"
         );
+    }
+
+    #[test]
+    fn large_batches_split_at_entry_boundaries() {
+        let mut entries = Vec::new();
+        let keys: Vec<String> = (0..100).map(|i| format!("key:{i:04}")).collect();
+        for k in &keys {
+            encode_entry(&mut entries, SET, k);
+        }
+        let parts = chunks(&entries, 64);
+        assert!(parts.len() > 10);
+        let mut seen = Vec::new();
+        for p in &parts {
+            assert!(p.len() <= 64);
+            let msg = batch_of(p);
+            for (_, k) in decode(&msg, 0).unwrap() {
+                seen.push(String::from_utf8(k.to_vec()).unwrap());
+            }
+        }
+        assert_eq!(seen, keys);
+        // An entry longer than the limit goes alone.
+        let mut big = Vec::new();
+        encode_entry(&mut big, SET, "a");
+        encode_entry(&mut big, SET, &"x".repeat(200));
+        encode_entry(&mut big, SET, "b");
+        assert_eq!(chunks(&big, 64).len(), 3);
+    }
+
+    fn batch_of(entries: &[u8]) -> Vec<u8> {
+        let mut m = vec![BATCH];
+        m.extend_from_slice(&1u64.to_le_bytes());
+        m.extend_from_slice(entries);
+        m
     }
 
     #[test]
