@@ -64,9 +64,7 @@ pub(crate) struct Lead<'a>(&'a Arc<Batcher>);
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        let Ok(mut p) = self.0.pending.lock() else {
-            return;
-        };
+        let mut p = self.0.lock();
         if p.entries.is_empty() {
             p.flushing = false;
         } else {
@@ -85,8 +83,16 @@ impl Batcher {
         m
     }
 
+    /// The queue. Nothing panics while holding it; a poisoned lock is still used rather than
+    /// dropping invalidations.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn try_lead(self: &Arc<Self>) -> Option<Lead<'_>> {
-        let mut p = self.pending.lock().ok()?;
+        let mut p = self.lock();
         if p.flushing {
             return None;
         }
@@ -97,9 +103,7 @@ impl Batcher {
     /// Queues an entry for the next message; starts the flush task when none is running.
     fn enqueue(self: &Arc<Self>, op: u8, key: &str) {
         let start = {
-            let Ok(mut p) = self.pending.lock() else {
-                return;
-            };
+            let mut p = self.lock();
             encode_entry(&mut p.entries, op, key);
             !std::mem::replace(&mut p.flushing, true)
         };
@@ -115,9 +119,7 @@ impl Batcher {
         let flush = async move {
             loop {
                 let entries = {
-                    let Ok(mut p) = this.pending.lock() else {
-                        return;
-                    };
+                    let mut p = this.lock();
                     if p.entries.is_empty() {
                         p.flushing = false;
                         return;
@@ -139,10 +141,10 @@ impl Batcher {
             }
             // No runtime (a drop outside one): nothing can publish them.
             Err(_) => {
-                if let Ok(mut p) = self.pending.lock() {
-                    p.entries.clear();
-                    p.flushing = false;
-                }
+                let mut p = self.lock();
+                p.entries.clear();
+                p.flushing = false;
+                drop(p);
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
