@@ -61,6 +61,23 @@ pub fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// A deadline in [`Clock::now_nanos`] time that never comes (an entry without expiry).
+pub const NO_DEADLINE: u64 = u64::MAX;
+
+/// The deadline `d` after `now` (both in [`Clock::now_nanos`] time); saturates below
+/// [`NO_DEADLINE`], so a huge TTL is a far deadline, never "no deadline" or a wrap-around.
+///
+/// ```
+/// use std::time::Duration;
+/// use ncm_cache_core::{NO_DEADLINE, deadline_after};
+/// assert_eq!(deadline_after(1_000, Duration::from_micros(1)), 2_000);
+/// assert_eq!(deadline_after(1_000, Duration::MAX), NO_DEADLINE - 1);
+/// ```
+#[inline]
+pub fn deadline_after(now: u64, d: Duration) -> u64 {
+    now.saturating_add(duration_nanos(d)).min(NO_DEADLINE - 1)
+}
+
 /// The real monotonic clock ([`Instant::now`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
@@ -155,8 +172,9 @@ impl ManualClock {
 
     /// Moves time forward by `by`.
     pub fn advance(&self, by: Duration) {
-        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.inner.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+        self.inner
+            .offset_nanos
+            .fetch_add(duration_nanos(by), Ordering::SeqCst);
     }
 
     /// How far this clock has been advanced in total.

@@ -31,7 +31,8 @@ mod types;
 pub use backend::{CacheBackend, HealthReport, SharedBackend};
 pub use cache::{Cache, CacheBuilder};
 pub use clock::{
-    Clock, CoarseClock, ManualClock, SharedClock, SystemClock, duration_nanos, system_clock,
+    Clock, CoarseClock, ManualClock, NO_DEADLINE, SharedClock, SystemClock, deadline_after,
+    duration_nanos, system_clock,
 };
 pub use codec::Codec;
 pub use duration::{parse_duration, serde_duration};

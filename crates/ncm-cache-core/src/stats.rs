@@ -182,13 +182,13 @@ const BUCKETS: usize = 64 * 4;
 /// Stripes of the hot counters: threads bump different cache lines.
 const STRIPES: usize = 8;
 
-/// This thread's stripe (threads are numbered round-robin on first use).
+/// This thread's stripe, in `0..STRIPES` (threads are numbered round-robin on first use).
 #[inline]
 fn stripe() -> usize {
     thread_local! {
         static STRIPE: usize = {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
-            NEXT.fetch_add(1, Relaxed)
+            NEXT.fetch_add(1, Relaxed) % STRIPES
         };
     }
     STRIPE.with(|s| *s)
@@ -221,7 +221,7 @@ impl StripedCounter {
     /// Adds one.
     #[inline]
     pub fn bump(&self) {
-        if let Some(cell) = self.cells.get(stripe() % STRIPES) {
+        if let Some(cell) = self.cells.get(stripe()) {
             cell.0.fetch_add(1, Relaxed);
         }
     }
@@ -286,7 +286,7 @@ impl StatsRecorder {
 
     #[inline]
     fn mine(&self) -> &Stripe {
-        &self.stripes[stripe() % STRIPES]
+        &self.stripes[stripe()]
     }
 
     /// Sums one counter over the stripes.
@@ -407,8 +407,8 @@ impl StatsRecorder {
 
     /// Records the latency of one operation (in the histogram and in `metrics`).
     pub fn latency(&self, op: Operation, elapsed: Duration) {
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        let i = stripe() % STRIPES;
+        let nanos = crate::clock::duration_nanos(elapsed);
+        let i = stripe();
         let mine = &self.stripes[i];
         mine.latency_count.fetch_add(1, Relaxed);
         mine.latency_sum_nanos.fetch_add(nanos, Relaxed);

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use ncm_cache_core::NO_DEADLINE;
 use ncm_cache_core::{
     Bytes, CacheError, CacheStats, GlobPattern, KeySpace, KeyTtl, Result, SharedClock,
-    StatsRecorder, duration_nanos,
+    StatsRecorder, deadline_after,
 };
 use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
@@ -32,14 +33,11 @@ impl StoreValue for Bytes {
     }
 }
 
-/// `expires_at` of an entry that never expires.
-const NEVER: u64 = u64::MAX;
-
 #[derive(Clone)]
 struct Entry<V> {
     value: V,
     /// The deadline in [`Clock::now_nanos`](ncm_cache_core::Clock::now_nanos) time, or
-    /// [`NEVER`]: 8 bytes per slot instead of an `Option<Instant>`'s 16, and no conversion on a
+    /// [`NO_DEADLINE`](ncm_cache_core::NO_DEADLINE): 8 bytes per slot instead of an `Option<Instant>`'s 16, and no conversion on a
     /// hit.
     expires_at: u64,
 }
@@ -49,12 +47,6 @@ impl<V> Entry<V> {
     fn is_expired(&self, now: u64) -> bool {
         self.expires_at <= now
     }
-}
-
-/// The deadline `ttl` after `now` (nanoseconds), never reaching [`NEVER`].
-#[inline]
-fn deadline(now: u64, ttl: Duration) -> u64 {
-    now.saturating_add(duration_nanos(ttl)).min(NEVER - 1)
 }
 
 /// Charges every entry at least `slot` so the byte budget also bounds the entry count.
@@ -339,7 +331,7 @@ impl<V: StoreValue> MemoryStore<V> {
     pub fn get_with_expiry(&self, key: &str) -> Result<Option<(V, Option<Instant>)>> {
         self.check(key)?;
         Ok(self.inner.live(key).map(|e| {
-            let at = (e.expires_at != NEVER).then(|| {
+            let at = (e.expires_at != NO_DEADLINE).then(|| {
                 let clock = &self.inner.clock;
                 let left = e.expires_at.saturating_sub(clock.now_nanos());
                 clock.now() + Duration::from_nanos(left)
@@ -361,7 +353,9 @@ impl<V: StoreValue> MemoryStore<V> {
         if size > max || entry_size(key.len(), size) > self.inner.store.shard_capacity() {
             return Err(CacheError::ValueTooLarge { size, max });
         }
-        let expires_at = ttl.map_or(NEVER, |t| deadline(self.inner.clock.now_nanos(), t));
+        let expires_at = ttl.map_or(NO_DEADLINE, |t| {
+            deadline_after(self.inner.clock.now_nanos(), t)
+        });
         self.inner
             .store
             .insert(Key::new(key), Entry { value, expires_at });
@@ -396,7 +390,8 @@ impl<V: StoreValue> MemoryStore<V> {
         Ok(match self.inner.live(key) {
             None => KeyTtl::Missing,
             Some(Entry {
-                expires_at: NEVER, ..
+                expires_at: NO_DEADLINE,
+                ..
             }) => KeyTtl::Persistent,
             Some(Entry { expires_at, .. }) => KeyTtl::Expires(Duration::from_nanos(
                 expires_at.saturating_sub(self.inner.clock.now_nanos()),
@@ -417,7 +412,7 @@ impl<V: StoreValue> MemoryStore<V> {
             if entry.is_expired(now) {
                 EntryAction::Remove
             } else {
-                entry.expires_at = deadline(now, ttl);
+                entry.expires_at = deadline_after(now, ttl);
                 EntryAction::Retain(())
             }
         });
@@ -469,7 +464,7 @@ impl<V: StoreValue> Inner<V> {
     #[inline]
     fn lookup(&self, key: &str, count: bool) -> Option<V> {
         let found = match self.store.get(key) {
-            Some(entry) if entry.expires_at == NEVER => Some(entry.value),
+            Some(entry) if entry.expires_at == NO_DEADLINE => Some(entry.value),
             Some(entry) => {
                 let now = self.clock.now_nanos();
                 if entry.is_expired(now) {

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ncm_cache_core::deadline_after;
+
 #[derive(Debug)]
 pub(crate) struct CircuitBreaker {
     threshold: u32,
@@ -30,7 +32,7 @@ impl CircuitBreaker {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        ncm_cache_core::duration_nanos(self.base.elapsed())
     }
 
     /// `true` when a call may go to L2.
@@ -61,7 +63,7 @@ impl CircuitBreaker {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if was_half_open || n >= self.threshold {
             self.failures.store(0, Ordering::Relaxed);
-            let until = self.now() + u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX);
+            let until = deadline_after(self.now(), self.cooldown);
             self.open_until.store(until.max(1), Ordering::Relaxed);
             self.trips.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(cooldown = ?self.cooldown, "L2 circuit opened after repeated failures");

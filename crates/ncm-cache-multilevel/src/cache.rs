@@ -17,8 +17,9 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
-use crate::l1::{Hits, L1Value, NEVER};
+use crate::l1::{Hits, L1Value};
 use crate::stats::{Counters, MultiLevelStats};
+use ncm_cache_core::NO_DEADLINE;
 
 /// A value a multi-level cache can hold: serializable for L2, shareable for L1.
 pub trait CacheValue: Serialize + DeserializeOwned + Send + Sync + 'static {}
@@ -585,7 +586,7 @@ impl<C: Codec> Inner<C> {
                 Err(_) => return Ok(L1Read::Miss),
             },
         };
-        if fresh_until == NEVER && refresh_at == NEVER {
+        if fresh_until == NO_DEADLINE && refresh_at == NO_DEADLINE {
             return Ok(L1Read::Fresh(object, false));
         }
         let now = self.opts.clock.now_nanos();
@@ -694,19 +695,19 @@ impl<C: Codec> Inner<C> {
             self.opts.l1_default_ttl
         };
         let now = self.opts.clock.now_nanos();
-        let after = |d: Duration| {
-            now.saturating_add(ncm_cache_core::duration_nanos(d))
-                .min(NEVER - 1)
-        };
+        let after = |d: Duration| ncm_cache_core::deadline_after(now, d);
         let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
         let value = L1Value {
             object,
             size,
-            fresh_until: self.opts.max_stale_age.map_or(NEVER, |_| after(fresh)),
+            fresh_until: self
+                .opts
+                .max_stale_age
+                .map_or(NO_DEADLINE, |_| after(fresh)),
             refresh_at: self
                 .opts
                 .eager_refresh
-                .map_or(NEVER, |f| after(fresh.mul_f64(f))),
+                .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
         };
         match self.l1.insert(key, value, Some(fresh + stale)) {
             Ok(()) => true,

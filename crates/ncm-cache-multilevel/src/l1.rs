@@ -13,15 +13,12 @@ pub(crate) struct L1Value {
     pub(crate) object: Option<Arc<dyn Any + Send + Sync>>,
     /// Encoded size, charged against the L1 byte budget.
     pub(crate) size: usize,
-    /// Until when the value is fresh, in the L1 clock's `now_nanos` time ([`NEVER`]: while it
+    /// Until when the value is fresh, in the L1 clock's `now_nanos` time ([`NO_DEADLINE`](ncm_cache_core::NO_DEADLINE): while it
     /// is stored); after it (and before the store TTL) it is stale and only served by fail-safe.
     pub(crate) fresh_until: u64,
-    /// When a hit should trigger a background refresh (eager refresh), or [`NEVER`].
+    /// When a hit should trigger a background refresh (eager refresh), or `NO_DEADLINE`.
     pub(crate) refresh_at: u64,
 }
-
-/// A deadline that never comes.
-pub(crate) const NEVER: u64 = u64::MAX;
 
 impl StoreValue for L1Value {
     #[inline]
