@@ -34,19 +34,19 @@ const CLEAR: u8 = b'C';
 const BATCH: u8 = b'B';
 
 pub(crate) struct Backplane {
-    pub(crate) redis: Arc<RedisBackend>,
-    id: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) batch: Arc<Batcher>,
 }
 
-/// The batching of invalidations (see the module docs).
+/// Where invalidations go and the batching of them (see the module docs); shared with the
+/// flush task.
 pub(crate) struct Batcher {
     redis: Arc<RedisBackend>,
     channel: String,
+    /// This instance's id in every message (its own messages are ignored on receipt).
     id: u64,
     pending: Mutex<Pending>,
-    /// Failed PUBLISHes of queued invalidations (added to the stats' `backplane_errors`).
+    /// Failed PUBLISHes: the stats' `backplane_errors`.
     pub(crate) errors: AtomicU64,
 }
 
@@ -76,11 +76,17 @@ impl Drop for Lead<'_> {
 
 impl Batcher {
     fn message(&self, entries: &[u8]) -> Vec<u8> {
-        let mut m = Vec::with_capacity(9 + entries.len());
-        m.push(BATCH);
-        m.extend_from_slice(&self.id.to_le_bytes());
-        m.extend_from_slice(entries);
-        m
+        message(self.id, entries)
+    }
+
+    /// Publishes one message of `entries`; a failure is counted and logged (the writes it
+    /// invalidates have succeeded: other instances keep their L1 copy until it expires).
+    async fn send(&self, entries: &[u8]) {
+        let msg = self.message(entries);
+        if let Err(e) = self.redis.publish(&self.channel, &msg).await {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
+        }
     }
 
     /// The queue. Nothing panics while holding it; a poisoned lock is still used rather than
@@ -127,11 +133,7 @@ impl Batcher {
                     std::mem::take(&mut p.entries)
                 };
                 for part in chunks(&entries, MAX_MESSAGE) {
-                    let msg = this.message(part);
-                    if let Err(e) = this.redis.publish(&this.channel, &msg).await {
-                        this.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
-                    }
+                    this.send(part).await;
                 }
             }
         };
@@ -176,6 +178,15 @@ fn chunks(entries: &[u8], max: usize) -> Vec<&[u8]> {
     parts
 }
 
+/// A message from instance `id` carrying encoded `entries`.
+fn message(id: u64, entries: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(9 + entries.len());
+    m.push(BATCH);
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(entries);
+    m
+}
+
 fn encode_entry(out: &mut Vec<u8>, op: u8, key: &str) {
     out.push(op);
     // Keys are bounded by the key length limit, far below 4 GiB.
@@ -197,26 +208,23 @@ fn decode(payload: &[u8], own_id: u64) -> Option<Vec<(u8, &[u8])>> {
     let mut entries = Vec::new();
     while let Some((&op, rest)) = body.split_first() {
         let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let key = rest.get(4..4 + len)?;
-        entries.push((op, key));
-        body = &rest[4 + len..];
+        let end = len.checked_add(4)?;
+        entries.push((op, rest.get(4..end)?));
+        body = rest.get(end..)?;
     }
     Some(entries)
 }
 
 impl Backplane {
     pub(crate) fn new(redis: Arc<RedisBackend>, name: &str) -> Self {
-        let id = fastrand::u64(..);
         Self {
             batch: Arc::new(Batcher {
-                redis: Arc::clone(&redis),
-                channel: channel(name),
-                id,
+                redis,
+                channel: format!("l1:{name}"),
+                id: fastrand::u64(..),
                 pending: Mutex::new(Pending::default()),
                 errors: AtomicU64::new(0),
             }),
-            redis,
-            id,
             task: Mutex::new(None),
         }
     }
@@ -228,23 +236,19 @@ impl Backplane {
             task.abort();
         }
     }
+}
 
-    /// A message of one entry.
-    fn message(&self, op: u8, key: &str) -> Vec<u8> {
-        let mut entry = Vec::with_capacity(5 + key.len());
-        encode_entry(&mut entry, op, key);
-        self.batch.message(&entry)
-    }
+/// One encoded `[op][len][key]` entry.
+fn entry(op: u8, key: &str) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(5 + key.len());
+    encode_entry(&mut entry, op, key);
+    entry
 }
 
 impl Drop for Backplane {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn channel(name: &str) -> String {
-    format!("l1:{name}")
 }
 
 /// Starts the listener task. L1 stays bypassed until the subscription is live.
@@ -256,9 +260,9 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
         CacheError::Config("the backplane needs a tokio runtime: build the cache inside one".into())
     })?;
     let weak: Weak<Inner<C>> = Arc::downgrade(inner);
-    let redis = Arc::clone(&bp.redis);
-    let id = bp.id;
-    let name = channel(&inner.opts.name);
+    let redis = Arc::clone(&bp.batch.redis);
+    let id = bp.batch.id;
+    let name = bp.batch.channel.clone();
     let task = handle.spawn(async move {
         let mut attempt = 0;
         let mut sub = loop {
@@ -337,16 +341,12 @@ impl<C: Codec> Inner<C> {
             bp.batch.enqueue(op, key);
             return;
         };
-        let msg = bp.message(op, key);
+        let entry = entry(op, key);
         // Boxed: redis-rs futures are deep; keep them out of every write path's future type.
-        let publish: std::pin::Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>> =
-            Box::pin(bp.redis.publish(&bp.batch.channel, &msg));
-        let published = publish.await;
+        let publish: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> =
+            Box::pin(bp.batch.send(&entry));
+        publish.await;
         drop(lead);
-        if let Err(e) = published {
-            Counters::bump(&self.counters.backplane_errors);
-            tracing::warn!(key, error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
-        }
     }
 
     /// When L2 is the backplane's own Redis: the write and its invalidation in one round trip.
@@ -358,15 +358,16 @@ impl<C: Codec> Inner<C> {
         ttl: Option<Duration>,
     ) -> Option<Result<()>> {
         let bp = self.backplane.as_ref()?;
-        let same = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.redis));
+        let same = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.batch.redis));
         if !same {
             return None;
         }
         // Another invalidation in flight: the caller writes alone and queues its own.
         let lead = bp.batch.try_lead()?;
-        let msg = bp.message(SET, key);
+        let msg = bp.batch.message(&entry(SET, key));
         let write: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> = Box::pin(
-            bp.redis
+            bp.batch
+                .redis
                 .set_and_publish(key, bytes, ttl, &bp.batch.channel, &msg),
         );
         let written = self.l2_call(write).await;
@@ -449,10 +450,7 @@ mod tests {
         for (op, key) in entries {
             encode_entry(&mut body, *op, key);
         }
-        let mut m = vec![BATCH];
-        m.extend_from_slice(&id.to_le_bytes());
-        m.extend_from_slice(&body);
-        m
+        message(id, &body)
     }
 
     #[test]
@@ -485,7 +483,7 @@ mod tests {
         let mut seen = Vec::new();
         for p in &parts {
             assert!(p.len() <= 64);
-            let msg = batch_of(p);
+            let msg = message(1, p);
             for (_, k) in decode(&msg, 0).unwrap() {
                 seen.push(String::from_utf8(k.to_vec()).unwrap());
             }
@@ -497,13 +495,6 @@ mod tests {
         encode_entry(&mut big, SET, &"x".repeat(200));
         encode_entry(&mut big, SET, "b");
         assert_eq!(chunks(&big, 64).len(), 3);
-    }
-
-    fn batch_of(entries: &[u8]) -> Vec<u8> {
-        let mut m = vec![BATCH];
-        m.extend_from_slice(&1u64.to_le_bytes());
-        m.extend_from_slice(entries);
-        m
     }
 
     #[test]

@@ -528,17 +528,20 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Statistics per level and of the multi-level logic.
     pub fn get_stats(&self) -> MultiLevelStats {
-        #[allow(unused_mut)]
-        let mut stats = self.inner.counters.snapshot(
+        #[cfg(feature = "redis")]
+        let backplane_errors = self
+            .inner
+            .backplane
+            .as_ref()
+            .map_or(0, |bp| bp.batch.errors.load(Ordering::Relaxed));
+        #[cfg(not(feature = "redis"))]
+        let backplane_errors = 0;
+        self.inner.counters.snapshot(
             self.inner.l1.get_stats(),
             self.inner.l2.get_stats(),
             self.inner.breaker.trips(),
-        );
-        #[cfg(feature = "redis")]
-        if let Some(bp) = &self.inner.backplane {
-            stats.backplane_errors += bp.batch.errors.load(Ordering::Relaxed);
-        }
-        stats
+            backplane_errors,
+        )
     }
 
     /// `true` when the L2 circuit breaker is open (L2 is being skipped).

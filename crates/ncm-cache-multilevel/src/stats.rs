@@ -56,7 +56,6 @@ pub(crate) struct Counters {
     pub(crate) background_refreshes: AtomicU64,
     pub(crate) l2_errors: AtomicU64,
     pub(crate) backplane_received: AtomicU64,
-    pub(crate) backplane_errors: AtomicU64,
     pub(crate) resyncs: AtomicU64,
 }
 
@@ -66,7 +65,15 @@ impl Counters {
         counter.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, l1: CacheStats, l2: CacheStats, trips: u64) -> MultiLevelStats {
+    /// The counters with each level's stats, the breaker's trips and the backplane's publish
+    /// failures (counted where they happen, by the backplane).
+    pub(crate) fn snapshot(
+        &self,
+        l1: CacheStats,
+        l2: CacheStats,
+        trips: u64,
+        backplane_errors: u64,
+    ) -> MultiLevelStats {
         let l1_hits = self.l1_hits.load();
         let l2_hits = self.l2_hits.load(Relaxed);
         let misses = self.misses.load(Relaxed);
@@ -85,7 +92,7 @@ impl Counters {
             l2_errors: self.l2_errors.load(Relaxed),
             circuit_trips: trips,
             backplane_received: self.backplane_received.load(Relaxed),
-            backplane_errors: self.backplane_errors.load(Relaxed),
+            backplane_errors,
             resyncs: self.resyncs.load(Relaxed),
             hit_rate: if reads == 0 {
                 0.0
