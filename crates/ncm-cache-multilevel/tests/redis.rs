@@ -340,3 +340,36 @@ async fn invalid_keys_are_rejected_on_the_l1_path_without_touching_l2() {
     let stats = a.get_stats();
     assert_eq!((stats.l2_errors, stats.misses), (0, 0), "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_publishes_are_counted_while_the_write_itself_succeeds() {
+    let mut server = RedisServer::start().unwrap();
+    let redis = RedisCache::connect(config(&server)).await.unwrap();
+    // L2 in memory, backplane on Redis: the write succeeds even when Redis is gone.
+    let cache = MultiLevelCache::builder(ncm_cache_memory::MemoryBackend::new())
+        .name("publish-failures")
+        .backplane(Arc::clone(redis.redis_backend()))
+        .build()
+        .unwrap();
+    wait_active(&cache).await;
+    server.kill();
+    // Concurrent writes: the first publishes itself, the others queue for the flush task.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.set(&format!("k{i}"), i).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let start = Instant::now();
+    while cache.get_stats().backplane_errors < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "publish failures not counted: {:?}",
+            cache.get_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
