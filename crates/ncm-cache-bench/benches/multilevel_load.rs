@@ -320,13 +320,7 @@ fn main() {
     let diag = per_task / 2;
     let ml_r = ml_run(&rt, ml_quiet, &zipf, diag, 0);
     let ml_w = ml_run(&rt, ml_quiet, &zipf, diag, 10);
-    let publishes = || -> u64 {
-        let info = server.command(&["INFO", "commandstats"]).unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
+    let publishes = || server.command_calls("PUBLISH").unwrap();
     let before = publishes();
     let ml_bp_w = ml_run(&rt, ml, &zipf, diag, 10);
     println!(

@@ -268,15 +268,6 @@ async fn an_idle_backplane_stays_connected_and_keeps_l1() {
     );
 }
 
-/// How many PUBLISH commands the server has run.
-fn publish_calls(server: &RedisServer) -> u64 {
-    let info = server.command(&["INFO", "commandstats"]).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_share_invalidation_messages_and_all_reach_the_other_instance() {
     let server = RedisServer::start().unwrap();
@@ -290,7 +281,7 @@ async fn concurrent_writes_share_invalidation_messages_and_all_reach_the_other_i
         until_seen(&b, &format!("item:{i}"), 0).await;
         until_l1(&b, &format!("item:{i}")).await;
     }
-    let before = publish_calls(&server);
+    let before = server.command_calls("PUBLISH").unwrap();
     // 64 writers, each rewriting its share of the keys 5 times.
     let tasks: Vec<_> = (0..64)
         .map(|t| {
@@ -312,7 +303,7 @@ async fn concurrent_writes_share_invalidation_messages_and_all_reach_the_other_i
         until_seen(&b, &format!("item:{i}"), 5).await;
     }
     let writes = (KEYS * 5) as u64;
-    let published = publish_calls(&server) - before;
+    let published = server.command_calls("PUBLISH").unwrap() - before;
     assert!(
         published < writes / 2,
         "{published} PUBLISH for {writes} concurrent writes: invalidations were not batched"

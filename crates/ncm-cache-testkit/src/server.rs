@@ -361,6 +361,19 @@ impl RedisServer {
         }
     }
 
+    /// How many times the server has run `command` since it started (`INFO commandstats`; 0
+    /// when never), e.g. to check that calls were batched.
+    pub fn command_calls(&self, command: &str) -> Result<u64, TestkitError> {
+        let info = self.command(&["INFO", "commandstats"])?;
+        let prefix = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
     fn command_error(&self, what: &str, detail: String) -> TestkitError {
         TestkitError::Command {
             what: format!("{what} on port {}", self.port),

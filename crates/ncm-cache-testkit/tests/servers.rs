@@ -416,3 +416,15 @@ fn fault_proxy_passes_delays_stalls_refuses_and_cuts() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn command_calls_counts_what_the_server_ran() {
+    let server = RedisServer::start().unwrap();
+    assert_eq!(server.command_calls("PUBLISH").unwrap(), 0);
+    for _ in 0..3 {
+        assert_eq!(server.command(&["PUBLISH", "ch", "m"]).unwrap(), "0");
+    }
+    assert_eq!(server.command_calls("PUBLISH").unwrap(), 3);
+    assert_eq!(server.command_calls("publish").unwrap(), 3);
+    assert_eq!(server.command_calls("NO-SUCH-COMMAND").unwrap(), 0);
+}
