@@ -1,0 +1,495 @@
+//! Regression tests for the coherence model in docs/ARCHITECTURE.md ("Coherence of L1"): each
+//! test puts one call's reply after another call's effect deterministically (a `Slow` layer over
+//! a real backend, a `FaultProxy`, a killed server) and checks that no stale value survives in L1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{ManualClock, SharedBackend, SharedClock, ValueSource};
+use ncm_cache_memory::MemoryBackend;
+use ncm_cache_multilevel::MultiLevelCache;
+use support::{Mode, Slow};
+
+type Io = std::io::Error;
+
+fn memory(clock: &Arc<ManualClock>) -> SharedBackend {
+    Arc::new(
+        MemoryBackend::builder()
+            .shared_clock(Arc::clone(clock) as SharedClock)
+            .build()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn an_explicit_ttl_bounds_the_l1_copy_too() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder_shared(memory(&clock))
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    cache
+        .set_with_ttl("k", 1u64, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<u64>("k").await.unwrap(), Some(1));
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        None,
+        "L1 kept a value past the TTL its writer gave it"
+    );
+}
+
+/// Scenario (b) of the issue: a reader that started after a local write began reads L2 before
+/// the write reaches it, and its reply arrives after the write finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    cache.set("k", 0u64).await.unwrap();
+    cache.clear_l1();
+    slow.set_request_delay(Duration::from_millis(200));
+    slow.get_reply_delay(Duration::from_millis(400));
+    let writer = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.set("k", 1u64).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The write has begun (its invalidation is done); its SET reaches L2 at 200 ms.
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.get::<u64>("k").await })
+    };
+    writer.await.unwrap().unwrap();
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        Some(0),
+        "the reader read L2 before the write"
+    );
+    slow.get_reply_delay(Duration::ZERO);
+    slow.set_request_delay(Duration::ZERO);
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        Some(1),
+        "L1 holds the value the write replaced"
+    );
+}
+
+/// One key's invalidation must not stop another key's promotion (per-key versions, not one
+/// cache-wide epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_of_another_key_does_not_cancel_a_promotion() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    cache.set("a", 1u64).await.unwrap();
+    cache.clear_l1();
+    slow.get_reply_delay(Duration::from_millis(200));
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.get::<u64>("a").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cache.delete("b").await.unwrap();
+    assert_eq!(reader.await.unwrap().unwrap(), Some(1));
+    slow.get_reply_delay(Duration::ZERO);
+    let (_, source) = cache.get_with_source::<u64>("a").await.unwrap().unwrap();
+    assert_eq!(source, ValueSource::L1, "the read of `a` was not promoted");
+}
+
+/// A probe that is cancelled, or that ends with an error other than "unavailable", reports
+/// back: the circuit does not stay half-open forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_recovers_after_a_cancelled_or_odd_probe() {
+    for odd in [Mode::Hang, Mode::ServerError] {
+        let clock = Arc::new(ManualClock::new());
+        let slow = Arc::new(Slow::new(memory(&clock)));
+        let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+            .breaker_threshold(1)
+            .breaker_cooldown(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        cache.set("k", 7u64).await.unwrap();
+        cache.clear_l1();
+        slow.mode(Mode::Unavailable);
+        assert!(cache.get::<u64>("k").await.is_err());
+        assert!(cache.l2_circuit_open(), "one failure opens the circuit");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        slow.mode(odd);
+        // The probe: cancelled after 20 ms (Hang) or answered with a server error.
+        let _ = tokio::time::timeout(Duration::from_millis(20), cache.get::<u64>("k")).await;
+        slow.mode(Mode::Pass);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(7)) = cache.get::<u64>("k").await {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "after a {odd:?} probe the circuit never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A drop guard that records that the loader's future ended (finished or dropped).
+struct Ended(Arc<AtomicBool>);
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// After a soft timeout the load stays the key's one load in flight: requests that come while
+/// it runs serve stale without starting another; the hard timeout ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_timeout_keeps_one_load_per_key_and_the_hard_timeout_bounds_it() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder_shared(memory(&clock))
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(1))
+        .l2_default_ttl(Duration::from_secs(1))
+        .fail_safe(Duration::from_secs(3600))
+        .loader_timeouts(
+            Some(Duration::from_millis(20)),
+            Some(Duration::from_millis(600)),
+        )
+        .build()
+        .unwrap();
+    let v: u64 = cache
+        .get_or_load("k", || async { Ok::<_, Io>(1) })
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    clock.advance(Duration::from_secs(2));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicBool::new(false));
+    for _ in 0..10 {
+        let (loads, ended) = (Arc::clone(&loads), Arc::clone(&ended));
+        let (v, source) = cache
+            .get_or_load_with_source::<u64, _, _, _>("k", move || async move {
+                let _guard = Ended(ended);
+                loads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, Io>(2)
+            })
+            .await
+            .unwrap();
+        assert_eq!((*v, source), (1, ValueSource::Stale));
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "each request after the soft timeout started its own background load"
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        ended.load(Ordering::SeqCst),
+        "the background load outlived the hard timeout"
+    );
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use ncm_cache_redis::{RedisCache, RedisConfig};
+    use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisCluster, RedisServer};
+
+    fn config(url: &str) -> RedisConfig {
+        let mut c = RedisConfig::from_url(url).unwrap();
+        c.response_timeout = Duration::from_millis(300);
+        c.connect_timeout = Duration::from_millis(300);
+        c.health_check_interval = Some(Duration::from_millis(100));
+        c.key_prefix = "app:".into();
+        c
+    }
+
+    async fn wait_active(cache: &MultiLevelCache) {
+        let start = Instant::now();
+        while !cache.l1_active() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "backplane never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn instance(redis: &RedisCache) -> MultiLevelCache {
+        let cache = MultiLevelCache::builder_shared(redis.backend())
+            .name("users")
+            .backplane(Arc::clone(redis.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&cache).await;
+        cache
+    }
+
+    /// Polls until `cache` returns `want` for `key`, failing after `bound`.
+    async fn until_seen(cache: &MultiLevelCache, key: &str, want: u64, bound: Duration) {
+        let start = Instant::now();
+        loop {
+            if cache.get::<u64>(key).await.ok().flatten() == Some(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "still serving an old value of {key} after {bound:?} (want {want})"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Scenario (a) of the issue: an own write whose L1 insert lands after another instance's
+    /// newer write (and its invalidation) must not stay in L1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_own_write_never_lands_over_a_newer_remote_write() {
+        let server = RedisServer::start().unwrap();
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let slow = Arc::new(Slow::new(ra.backend()));
+        let a = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+            .name("users")
+            .backplane(Arc::clone(ra.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        slow.set_reply_delay(Duration::from_millis(300));
+        let write = {
+            let a = a.clone();
+            tokio::spawn(async move { a.set("k", 1u64).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A's SET is in Redis; B overwrites it and publishes while A waits for its reply.
+        b.set("k", 2u64).await.unwrap();
+        write.await.unwrap().unwrap();
+        slow.set_reply_delay(Duration::ZERO);
+        until_seen(&a, "k", 2, Duration::from_secs(1)).await;
+    }
+
+    /// With the backplane on the same Redis as L2, Redis dying makes the backplane disconnect:
+    /// fail-safe must still serve the last values (marked stale), then recover.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fail_safe_serves_stale_values_when_redis_and_its_backplane_die() {
+        let mut server = RedisServer::start().unwrap();
+        let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+        let cache = MultiLevelCache::builder_shared(redis.backend())
+            .name("users")
+            .backplane(Arc::clone(redis.redis_backend()))
+            .fail_safe(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        wait_active(&cache).await;
+        let v: u64 = cache
+            .get_or_load("k", || async { Ok::<_, Io>(1) })
+            .await
+            .unwrap();
+        assert_eq!(v, 1);
+        server.kill();
+        let start = Instant::now();
+        while cache.l1_active() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no disconnect seen"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (v, source) = cache
+            .get_or_load_with_source::<u64, _, _, _>("k", || async {
+                Err::<u64, _>(Io::other("database down too"))
+            })
+            .await
+            .expect("fail-safe served nothing");
+        assert_eq!((*v, source), (1, ValueSource::Stale));
+        // Never served as fresh while disconnected.
+        let read = cache.get_with_source::<u64>("k").await;
+        assert!(
+            matches!(read, Ok(Some((_, ValueSource::Stale)))),
+            "a value kept through the outage was served as {read:?}"
+        );
+        server.restart().unwrap();
+        wait_active(&cache).await;
+        let (v, source) = cache
+            .get_or_load_with_source::<u64, _, _, _>("k", || async { Ok::<_, Io>(2) })
+            .await
+            .unwrap();
+        assert_eq!((*v, source), (2, ValueSource::Loader), "no recovery");
+    }
+
+    /// Eager refresh with the distributed lock on must call the loader (it used to find the old
+    /// L2 value after taking the lock and stop there).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn eager_refresh_with_the_lock_calls_the_loader() {
+        let server = RedisServer::start().unwrap();
+        let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let cache = MultiLevelCache::builder_shared(redis.backend())
+            .clock(Arc::clone(&clock) as SharedClock)
+            .l1_default_ttl(Duration::from_secs(10))
+            .eager_refresh(0.5)
+            .distributed_lock(
+                Arc::clone(redis.redis_backend()),
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+            )
+            .build()
+            .unwrap();
+        let v: u64 = cache
+            .get_or_load("k", || async { Ok::<_, Io>(1) })
+            .await
+            .unwrap();
+        assert_eq!(v, 1);
+        clock.advance(Duration::from_secs(6));
+        let refreshed = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&refreshed);
+        let v: u64 = cache
+            .get_or_load("k", move || async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Io>(2)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            v, 1,
+            "the hit serves the current value and refreshes behind it"
+        );
+        let start = Instant::now();
+        while cache.get::<u64>("k").await.unwrap() != Some(2) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "the eager refresh never called the loader (calls: {})",
+                refreshed.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(refreshed.load(Ordering::SeqCst), 1);
+    }
+
+    /// A loader that runs longer than the lock TTL keeps the lock (renewed): a second instance
+    /// waits for its value instead of loading too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loader_longer_than_the_lock_ttl_runs_once() {
+        let server = RedisServer::start().unwrap();
+        let loads = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..2u64 {
+            let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+            let cache = MultiLevelCache::builder_shared(redis.backend())
+                .distributed_lock(
+                    Arc::clone(redis.redis_backend()),
+                    Duration::from_millis(300),
+                    Duration::from_secs(5),
+                )
+                .build()
+                .unwrap();
+            let loads = Arc::clone(&loads);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                cache
+                    .get_or_load::<u64, _, _, _>("k", move || async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                        Ok::<_, Io>(42)
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), 42);
+        }
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            1,
+            "a second holder got the lock"
+        );
+    }
+
+    /// A PUBLISH that fails is retried: the other instance drops its copy once the backplane
+    /// is reachable again, not when its L1 TTL (5 minutes) runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_publish_is_retried() {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        // A: L2 direct, backplane through the proxy.
+        let l2 = RedisCache::connect(config(&server.url())).await.unwrap();
+        let bp = RedisCache::connect(config(&proxy.url())).await.unwrap();
+        let a = MultiLevelCache::builder_shared(l2.backend())
+            .name("users")
+            .backplane(Arc::clone(bp.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        a.set("k", 1u64).await.unwrap();
+        until_seen(&b, "k", 1, Duration::from_secs(1)).await;
+        proxy.set_mode(ProxyMode::Refuse);
+        proxy.cut();
+        a.set("k", 2u64).await.unwrap();
+        proxy.set_mode(ProxyMode::Pass);
+        until_seen(&b, "k", 2, Duration::from_secs(5)).await;
+    }
+
+    /// The default prefix is empty: `clear()` must not wipe the whole database (other
+    /// applications' keys, lock keys).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clear_never_wipes_a_whole_database() {
+        let server = RedisServer::start().unwrap();
+        server.command(&["SET", "someone-else", "1"]).unwrap();
+        let mut c = config(&server.url());
+        c.key_prefix = String::new();
+        let redis = RedisCache::connect(c).await.unwrap();
+        let cache = instance(&redis).await;
+        cache.set("mine", 1u64).await.unwrap();
+        let cleared = cache.clear().await;
+        assert_eq!(
+            server.command(&["EXISTS", "someone-else"]).unwrap().trim(),
+            "1",
+            "clear() removed a key that is not the cache's (result: {cleared:?})"
+        );
+        assert!(
+            cleared.is_err(),
+            "clear() without a prefix should say why it refuses"
+        );
+    }
+
+    /// On a real 3+3 cluster: writes with the backplane succeed (no CROSSSLOT) and invalidate
+    /// the other instance; the lock works; `clear` reaches every primary.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backplane_works_on_a_cluster() {
+        let cluster = RedisCluster::start().unwrap();
+        let mut c = config(&cluster.node_urls()[0]);
+        c.cluster_nodes = cluster.node_urls();
+        let ra = RedisCache::connect(c.clone()).await.unwrap();
+        let rb = RedisCache::connect(c).await.unwrap();
+        let (a, b) = (instance(&ra).await, instance(&rb).await);
+        for i in 0..20u64 {
+            let key = format!("user:{i}");
+            a.set(&key, i)
+                .await
+                .expect("set with the backplane on a cluster");
+            until_seen(&b, &key, i, Duration::from_secs(1)).await;
+            b.get::<u64>(&key).await.unwrap();
+            a.set(&key, i + 100).await.unwrap();
+            until_seen(&b, &key, i + 100, Duration::from_secs(1)).await;
+        }
+        a.clear().await.unwrap();
+        for i in 0..20u64 {
+            assert_eq!(b.get::<u64>(&format!("user:{i}")).await.unwrap(), None);
+        }
+    }
+}

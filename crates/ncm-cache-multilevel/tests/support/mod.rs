@@ -1,0 +1,133 @@
+//! Test support: `Slow`, a layer over a real backend that delays replies or fails calls on
+//! demand, so a test can put one call's reply after another call's effect deterministically
+//! (as a slow network or a stalled server does).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ncm_cache_core::{
+    Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeyTtl, Result, SharedBackend,
+    async_trait,
+};
+
+/// What `Slow` does to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Forward at once.
+    #[default]
+    Pass,
+    /// Fail with a connection error (the server is unreachable).
+    Unavailable,
+    /// Fail with an error that is not about availability (the server answered with an error).
+    ServerError,
+    /// Never answer (within the test's lifetime).
+    Hang,
+}
+
+#[derive(Debug, Default)]
+struct Settings {
+    mode: Mode,
+    /// `get` reads at once and delivers its reply after this delay.
+    get_reply_delay: Duration,
+    /// `set` waits this long before it reaches the backend.
+    set_request_delay: Duration,
+    /// `set` writes at once and returns after this delay.
+    set_reply_delay: Duration,
+}
+
+/// A backend layer with injectable delays and failures.
+#[derive(Debug)]
+pub struct Slow {
+    inner: SharedBackend,
+    settings: Mutex<Settings>,
+}
+
+impl Slow {
+    pub fn new(inner: SharedBackend) -> Self {
+        Self {
+            inner,
+            settings: Mutex::new(Settings::default()),
+        }
+    }
+
+    pub fn mode(&self, mode: Mode) {
+        self.settings.lock().unwrap().mode = mode;
+    }
+
+    pub fn get_reply_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().get_reply_delay = d;
+    }
+
+    pub fn set_request_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().set_request_delay = d;
+    }
+
+    pub fn set_reply_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().set_reply_delay = d;
+    }
+
+    async fn gate(&self) -> Result<()> {
+        let mode = self.settings.lock().unwrap().mode;
+        match mode {
+            Mode::Pass => Ok(()),
+            Mode::Unavailable => Err(CacheError::connection("slow: down", None)),
+            Mode::ServerError => Err(CacheError::backend("slow: WRONGTYPE", None)),
+            Mode::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CacheBackend for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.gate().await?;
+        let delay = self.settings.lock().unwrap().get_reply_delay;
+        let v = self.inner.get(key).await?;
+        tokio::time::sleep(delay).await;
+        Ok(v)
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.gate().await?;
+        let (before, after) = {
+            let s = self.settings.lock().unwrap();
+            (s.set_request_delay, s.set_reply_delay)
+        };
+        tokio::time::sleep(before).await;
+        self.inner.set(key, value, ttl).await?;
+        tokio::time::sleep(after).await;
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.gate().await?;
+        self.inner.delete(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        self.gate().await?;
+        self.inner.exists(key).await
+    }
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.gate().await?;
+        self.inner.get_ttl(key).await
+    }
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.gate().await?;
+        self.inner.extend_ttl(key, ttl).await
+    }
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        self.gate().await?;
+        self.inner.clear_pattern(pattern).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        self.inner.get_stats()
+    }
+}
