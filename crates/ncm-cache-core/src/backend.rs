@@ -166,6 +166,14 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     async fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    /// For a backend whose store others share (Redis): the prefix every key of this cache
+    /// gets, so that callers can refuse whole-store operations when it is empty (`Some("")`:
+    /// this cache's keys are mixed with everyone else's). `None` (the default): the store
+    /// belongs to this backend alone.
+    fn key_prefix(&self) -> Option<&str> {
+        None
+    }
 }
 
 #[async_trait]
@@ -217,6 +225,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+    fn key_prefix(&self) -> Option<&str> {
+        (**self).key_prefix()
     }
 }
 

@@ -15,23 +15,36 @@
 //! operations do), which keeps a write at one round trip under load. One PUBLISH then carries
 //! many keys, so Redis and every subscriber handle a fraction of the messages; the stale
 //! window grows by at most that one round trip.
+//!
+//! Nothing is dropped: every message carries this instance's sequence number (`[Q][id][seq]`
+//! then entries); a PUBLISH that fails is resent, with the same number and before anything
+//! newer, with backoff (10 ms doubling to 1 s) until it gets through or the cache is closed.
+//! A receiver that sees a sender's number jump (a message lost) makes all of its L1
+//! stale-only, as after a disconnect. On Redis Cluster a write and its PUBLISH are sent apart
+//! (they hash to different slots).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use ncm_cache_redis::{PubSubEvent, RedisBackend, RedisLock};
 
-use crate::cache::{CacheValue, Inner, Loaded, Object};
+use crate::cache::{CacheValue, Fill, Inner, Loaded, Object};
 use crate::load::backoff;
 use crate::stats::Counters;
 
 const SET: u8 = b'S';
 const DELETE: u8 = b'D';
 const CLEAR: u8 = b'C';
-/// A message of one or more `[op][len][key]` entries.
+/// A message of one or more `[op][len][key]` entries (read, no longer sent).
 const BATCH: u8 = b'B';
+/// A message with the sender's sequence number: `[Q][id: 8][seq: 8]` then entries.
+const SEQUENCED: u8 = b'Q';
+/// Queued entries past this many bytes are replaced by one CLEAR (a long outage must not grow
+/// the queue without bound; receivers then drop everything, which is always safe).
+const MAX_QUEUED: usize = 1 << 20;
 
 pub(crate) struct Backplane {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -45,17 +58,23 @@ pub(crate) struct Batcher {
     channel: String,
     /// This instance's id in every message (its own messages are ignored on receipt).
     id: u64,
+    /// The next message's sequence number.
+    seq: AtomicU64,
     pending: Mutex<Pending>,
-    /// Failed PUBLISHes: the stats' `backplane_errors`.
+    /// Failed PUBLISHes (each retried): the stats' `backplane_errors`.
     pub(crate) errors: AtomicU64,
+    /// Set when the cache closes: retries stop.
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
 struct Pending {
     /// A PUBLISH is in flight (by a leading writer or the flush task).
     flushing: bool,
-    /// Queued entries, already encoded.
+    /// Queued entries, already encoded, not yet numbered.
     entries: Vec<u8>,
+    /// Numbered messages not yet published (a failed one first), sent in order.
+    outbox: VecDeque<Vec<u8>>,
 }
 
 /// The right to publish without queueing; on drop, whatever queued meanwhile is handed to a
@@ -65,7 +84,7 @@ pub(crate) struct Lead<'a>(&'a Arc<Batcher>);
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         let mut p = self.0.lock();
-        if p.entries.is_empty() {
+        if p.entries.is_empty() && p.outbox.is_empty() {
             p.flushing = false;
         } else {
             drop(p);
@@ -75,18 +94,31 @@ impl Drop for Lead<'_> {
 }
 
 impl Batcher {
+    /// The next numbered message carrying `entries`. Numbers are taken by whoever may
+    /// publish (the leader or the flush task), so they go out in order.
     fn message(&self, entries: &[u8]) -> Vec<u8> {
-        message(self.id, entries)
+        message(self.id, self.seq.fetch_add(1, Ordering::Relaxed), entries)
     }
 
-    /// Publishes one message of `entries`; a failure is counted and logged (the writes it
-    /// invalidates have succeeded: other instances keep their L1 copy until it expires).
-    async fn send(&self, entries: &[u8]) {
-        let msg = self.message(entries);
-        if let Err(e) = self.redis.publish(&self.channel, &msg).await {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "backplane publish failed; other instances may serve their L1 copy until it expires");
+    /// Publishes one message; `false` (counted, logged) when it failed.
+    async fn send(&self, msg: &[u8]) -> bool {
+        match self.redis.publish(&self.channel, msg).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
         }
+    }
+
+    fn failed(&self, e: &CacheError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "backplane publish failed; retrying (other instances serve their L1 copy until it gets through)");
+    }
+
+    /// A leader's message that did not go out: first in line for the flush task.
+    fn retry_first(&self, msg: Vec<u8>) {
+        self.lock().outbox.push_front(msg);
     }
 
     /// The queue. Nothing panics while holding it; a poisoned lock is still used rather than
@@ -110,6 +142,10 @@ impl Batcher {
     fn enqueue(self: &Arc<Self>, op: u8, key: &str) {
         let start = {
             let mut p = self.lock();
+            if p.entries.len() > MAX_QUEUED {
+                p.entries.clear();
+                encode_entry(&mut p.entries, CLEAR, "");
+            }
             encode_entry(&mut p.entries, op, key);
             !std::mem::replace(&mut p.flushing, true)
         };
@@ -124,16 +160,31 @@ impl Batcher {
         let this = Arc::clone(self);
         let flush = async move {
             loop {
-                let entries = {
+                let next = {
                     let mut p = this.lock();
-                    if p.entries.is_empty() {
-                        p.flushing = false;
+                    if p.outbox.is_empty() && !p.entries.is_empty() {
+                        let entries = std::mem::take(&mut p.entries);
+                        for part in chunks(&entries, MAX_MESSAGE) {
+                            let msg = this.message(part);
+                            p.outbox.push_back(msg);
+                        }
+                    }
+                    match p.outbox.pop_front() {
+                        Some(msg) => msg,
+                        None => {
+                            p.flushing = false;
+                            return;
+                        }
+                    }
+                };
+                let mut attempt = 0u32;
+                while !this.send(&next).await {
+                    if this.stopped.load(Ordering::Relaxed) {
                         return;
                     }
-                    std::mem::take(&mut p.entries)
-                };
-                for part in chunks(&entries, MAX_MESSAGE) {
-                    this.send(part).await;
+                    let wait = Duration::from_millis(10u64 << attempt.min(7));
+                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                    attempt += 1;
                 }
             }
         };
@@ -178,11 +229,12 @@ fn chunks(entries: &[u8], max: usize) -> Vec<&[u8]> {
     parts
 }
 
-/// A message from instance `id` carrying encoded `entries`.
-fn message(id: u64, entries: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(9 + entries.len());
-    m.push(BATCH);
+/// Message `seq` from instance `id` carrying encoded `entries`.
+fn message(id: u64, seq: u64, entries: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(17 + entries.len());
+    m.push(SEQUENCED);
     m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&seq.to_le_bytes());
     m.extend_from_slice(entries);
     m
 }
@@ -194,17 +246,31 @@ fn encode_entry(out: &mut Vec<u8>, op: u8, key: &str) {
     out.extend_from_slice(key.as_bytes());
 }
 
-/// The `(op, key)` entries of a message from another instance; `None` for our own messages
-/// and for messages this version does not understand.
-fn decode(payload: &[u8], own_id: u64) -> Option<Vec<(u8, &[u8])>> {
+/// A message from another instance.
+#[derive(Debug, PartialEq)]
+struct Received<'a> {
+    origin: u64,
+    /// The sender's sequence number (`None` from versions that did not number messages).
+    seq: Option<u64>,
+    entries: Vec<(u8, &'a [u8])>,
+}
+
+/// Decodes a message from another instance; `None` for our own messages and for messages
+/// this version does not understand.
+fn decode(payload: &[u8], own_id: u64) -> Option<Received<'_>> {
     let (&kind, rest) = payload.split_first()?;
-    let (origin, mut body) = (rest.get(..8)?, rest.get(8..)?);
-    if origin == own_id.to_le_bytes() {
+    let origin = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    if origin == own_id {
         return None;
     }
-    if kind != BATCH {
-        return None;
-    }
+    let (seq, mut body) = match kind {
+        BATCH => (None, rest.get(8..)?),
+        SEQUENCED => (
+            Some(u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?)),
+            rest.get(16..)?,
+        ),
+        _ => return None,
+    };
     let mut entries = Vec::new();
     while let Some((&op, rest)) = body.split_first() {
         let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
@@ -212,7 +278,38 @@ fn decode(payload: &[u8], own_id: u64) -> Option<Vec<(u8, &[u8])>> {
         entries.push((op, rest.get(4..end)?));
         body = rest.get(end..)?;
     }
-    Some(entries)
+    Some(Received {
+        origin,
+        seq,
+        entries,
+    })
+}
+
+/// The last sequence number seen per sender, to detect a lost message.
+#[derive(Default)]
+struct Senders(HashMap<u64, u64>);
+
+impl Senders {
+    /// Records `seq` from `origin`; `true` when messages before it were lost.
+    fn gap(&mut self, origin: u64, seq: u64) -> bool {
+        // Bounded: forgetting senders only means their next message is not checked.
+        if self.0.len() > 10_000 {
+            self.0.clear();
+        }
+        match self.0.get_mut(&origin) {
+            Some(last) if seq > *last => {
+                let lost = seq > *last + 1;
+                *last = seq;
+                lost
+            }
+            // A resent message that did arrive the first time: nothing lost.
+            Some(_) => false,
+            None => {
+                self.0.insert(origin, seq);
+                false
+            }
+        }
+    }
 }
 
 impl Backplane {
@@ -222,14 +319,17 @@ impl Backplane {
                 redis,
                 channel: format!("l1:{name}"),
                 id: fastrand::u64(..),
+                seq: AtomicU64::new(0),
                 pending: Mutex::new(Pending::default()),
                 errors: AtomicU64::new(0),
+                stopped: AtomicBool::new(false),
             }),
             task: Mutex::new(None),
         }
     }
 
     pub(crate) fn stop(&self) {
+        self.batch.stopped.store(true, Ordering::Relaxed);
         if let Ok(mut task) = self.task.lock()
             && let Some(task) = task.take()
         {
@@ -281,21 +381,26 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
         if let Some(inner) = weak.upgrade() {
             resync(&inner, true);
         }
+        let mut senders = Senders::default();
         while let Some(event) = sub.recv().await {
             let Some(inner) = weak.upgrade() else { return };
             match event {
                 PubSubEvent::Message { payload, .. } => {
-                    let Some(entries) = decode(&payload, id) else {
+                    let Some(msg) = decode(&payload, id) else {
                         continue;
                     };
-                    inner.epoch.fetch_add(1, Ordering::AcqRel);
-                    for (op, key) in entries {
+                    if msg.seq.is_some_and(|seq| senders.gap(msg.origin, seq)) {
+                        tracing::warn!("backplane message lost: L1 made stale-only");
+                        inner.mark_l1_stale();
+                        Counters::bump(&inner.counters.resyncs);
+                    }
+                    for (op, key) in msg.entries {
                         Counters::bump(&inner.counters.backplane_received);
                         match op {
-                            CLEAR => inner.l1.clear(),
+                            CLEAR => inner.invalidate_l1_all(),
                             SET | DELETE => {
                                 if let Ok(key) = std::str::from_utf8(key) {
-                                    let _ = inner.l1.remove(key);
+                                    let _ = inner.invalidate_l1(key);
                                 }
                             }
                             _ => {}
@@ -304,9 +409,10 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                 }
                 PubSubEvent::Disconnected => {
                     inner.l1_enabled.store(false, Ordering::Release);
-                    inner.epoch.fetch_add(1, Ordering::AcqRel);
-                    inner.l1.clear();
-                    tracing::warn!("backplane disconnected: L1 bypassed until it is back");
+                    inner.mark_l1_stale();
+                    tracing::warn!(
+                        "backplane disconnected: L1 serves nothing as fresh until it is back"
+                    );
                 }
                 PubSubEvent::Reconnected => {
                     resync(&inner, false);
@@ -322,10 +428,10 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
     Ok(())
 }
 
-/// Clears L1 (anything may have changed while we were not listening) and turns it on.
-fn resync<C>(inner: &Inner<C>, first: bool) {
-    inner.epoch.fetch_add(1, Ordering::AcqRel);
-    inner.l1.clear();
+/// Makes L1 stale-only (anything may have changed while we were not listening) and turns it
+/// on.
+fn resync<C: Codec>(inner: &Inner<C>, first: bool) {
+    inner.mark_l1_stale();
     inner.l1_enabled.store(true, Ordering::Release);
     if !first {
         Counters::bump(&inner.counters.resyncs);
@@ -341,11 +447,13 @@ impl<C: Codec> Inner<C> {
             bp.batch.enqueue(op, key);
             return;
         };
-        let entry = entry(op, key);
+        let msg = bp.batch.message(&entry(op, key));
         // Boxed: redis-rs futures are deep; keep them out of every write path's future type.
-        let publish: std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> =
-            Box::pin(bp.batch.send(&entry));
-        publish.await;
+        let publish: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
+            Box::pin(bp.batch.send(&msg));
+        if !publish.await {
+            bp.batch.retry_first(msg);
+        }
         drop(lead);
     }
 
@@ -359,7 +467,8 @@ impl<C: Codec> Inner<C> {
     ) -> Option<Result<()>> {
         let bp = self.backplane.as_ref()?;
         let same = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.batch.redis));
-        if !same {
+        // On a cluster the key and the channel hash to different slots: no shared pipeline.
+        if !same || bp.batch.redis.is_cluster() {
             return None;
         }
         // Another invalidation in flight: the caller writes alone and queues its own.
@@ -371,6 +480,10 @@ impl<C: Codec> Inner<C> {
                 .set_and_publish(key, bytes, ttl, &bp.batch.channel, &msg),
         );
         let written = self.l2_call(write).await;
+        if written.is_err() {
+            // Maybe published, maybe not: resend (a receiver ignores a duplicate number).
+            bp.batch.retry_first(msg);
+        }
         drop(lead);
         Some(written)
     }
@@ -388,7 +501,17 @@ impl<C: Codec> Inner<C> {
     }
 
     /// With a distributed lock: take it, or wait for the holder's value to appear in L2.
-    pub(crate) async fn lock_or_wait<T: CacheValue>(&self, key: &str) -> Result<LockOutcome> {
+    ///
+    /// `check_first`: after taking the lock, look in L2 before loading (someone may have
+    /// loaded just before); off for an eager refresh, which must replace what L2 holds. A
+    /// waiter that gives up after `lock_wait` loads itself, or — when it has a stale value —
+    /// fails with a timeout, so that fail-safe serves the stale value.
+    pub(crate) async fn lock_or_wait<T: CacheValue>(
+        &self,
+        key: &str,
+        check_first: bool,
+        has_stale: bool,
+    ) -> Result<LockOutcome> {
         let Some(redis) = &self.lock else {
             return Ok(LockOutcome::Proceed(None));
         };
@@ -399,7 +522,7 @@ impl<C: Codec> Inner<C> {
             match redis.try_lock(&name, self.opts.lock_ttl).await {
                 Ok(Some(guard)) => {
                     // Someone may have loaded and released just before we got the lock.
-                    if let Some(found) = self.found_in_l2::<T>(key).await {
+                    if check_first && let Some(found) = self.found_in_l2::<T>(key).await {
                         let _ = guard.release().await;
                         return Ok(LockOutcome::Found(found));
                     }
@@ -415,6 +538,12 @@ impl<C: Codec> Inner<C> {
                 return Ok(LockOutcome::Found(found));
             }
             if Instant::now() >= deadline {
+                if has_stale {
+                    return Err(CacheError::Timeout {
+                        operation: "stampede lock wait",
+                        after: self.opts.lock_wait,
+                    });
+                }
                 tracing::warn!(key, "stampede lock wait timed out; loading");
                 return Ok(LockOutcome::Proceed(None));
             }
@@ -424,15 +553,50 @@ impl<C: Codec> Inner<C> {
     }
 
     async fn found_in_l2<T: CacheValue>(&self, key: &str) -> Option<Loaded> {
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let ticket = self.versions.ticket(key);
         match self.l2_read::<T>(key).await {
             Ok(Some((v, size))) => {
                 let v = v as Object;
-                self.l1_insert(key, Some(Arc::clone(&v)), size, Some(epoch), false);
+                let fill = Fill::value(Arc::clone(&v), size, self.opts.l2_default_ttl);
+                self.l1_fill(key, fill, &ticket);
                 Some((Some(v), ValueSource::L2))
             }
             _ => None,
         }
+    }
+
+    /// Runs `work` while renewing `guard` every third of the lock TTL, so a loader longer than
+    /// the TTL keeps the lock (a crashed holder's lock still expires after one TTL).
+    pub(crate) async fn renewing<F: Future>(&self, guard: &RedisLock, work: F) -> F::Output {
+        let ttl = self.opts.lock_ttl;
+        let renew = async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match guard.extend(ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(lock = guard.key(), "stampede lock lost while loading");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(lock = guard.key(), error = %e, "stampede lock not renewed");
+                    }
+                }
+            }
+        };
+        let mut renew = std::pin::pin!(renew);
+        let mut work = std::pin::pin!(work);
+        let mut renewing = true;
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+                return std::task::Poll::Ready(out);
+            }
+            if renewing && renew.as_mut().poll(cx).is_ready() {
+                renewing = false;
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 }
 
@@ -450,15 +614,16 @@ mod tests {
         for (op, key) in entries {
             encode_entry(&mut body, *op, key);
         }
-        message(id, &body)
+        message(id, 5, &body)
     }
 
     #[test]
     fn a_batch_decodes_to_its_entries_and_our_own_is_ignored() {
         let m = batch(7, &[(SET, "a"), (DELETE, "key:ü"), (CLEAR, "")]);
-        let entries = decode(&m, 8).unwrap();
+        let received = decode(&m, 8).unwrap();
+        assert_eq!((received.origin, received.seq), (7, Some(5)));
         assert_eq!(
-            entries,
+            received.entries,
             vec![
                 (SET, &b"a"[..]),
                 (DELETE, "key:ü".as_bytes()),
@@ -469,6 +634,27 @@ mod tests {
             decode(&m, 7).is_none(),
             "an instance ignores its own messages"
         );
+    }
+
+    #[test]
+    fn unnumbered_messages_of_older_versions_are_still_read() {
+        let mut m = vec![BATCH];
+        m.extend_from_slice(&3u64.to_le_bytes());
+        encode_entry(&mut m, DELETE, "k");
+        let received = decode(&m, 8).unwrap();
+        assert_eq!(received.seq, None);
+        assert_eq!(received.entries, vec![(DELETE, &b"k"[..])]);
+    }
+
+    #[test]
+    fn a_jump_in_a_senders_numbers_is_a_lost_message() {
+        let mut s = Senders::default();
+        assert!(!s.gap(1, 10), "a new sender starts anywhere");
+        assert!(!s.gap(1, 11));
+        assert!(!s.gap(1, 11), "a resent message is no gap");
+        assert!(!s.gap(2, 0));
+        assert!(s.gap(1, 13), "12 was lost");
+        assert!(!s.gap(1, 14));
     }
 
     #[test]
@@ -483,8 +669,8 @@ mod tests {
         let mut seen = Vec::new();
         for p in &parts {
             assert!(p.len() <= 64);
-            let msg = message(1, p);
-            for (_, k) in decode(&msg, 0).unwrap() {
+            let msg = message(1, 0, p);
+            for (_, k) in decode(&msg, 0).unwrap().entries {
                 seen.push(String::from_utf8(k.to_vec()).unwrap());
             }
         }
@@ -506,7 +692,7 @@ mod tests {
         }
         assert!(decode(&good[..good.len() - 1], 2).is_none());
         let mut long = good.clone();
-        long[10..14].copy_from_slice(&u32::MAX.to_le_bytes());
+        long[18..22].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&long, 2).is_none());
         let mut unknown = good.clone();
         unknown[0] = b'Z';

@@ -1,7 +1,7 @@
 //! A circuit breaker around L2: after `threshold` consecutive failures, L2 is skipped for a
 //! cool-down; then one probe call is let through (half-open).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::deadline_after;
@@ -14,8 +14,42 @@ pub(crate) struct CircuitBreaker {
     failures: AtomicU32,
     /// Nanoseconds since `base` until which the circuit is open (0: closed).
     open_until: AtomicU64,
-    half_open: AtomicBool,
+    /// When the outstanding half-open probe started (nanoseconds since `base`, 0: none). A
+    /// probe that has not reported within a cool-down no longer blocks the next one.
+    probe_since: AtomicU64,
     trips: AtomicU64,
+}
+
+/// Leave to make one L2 call. Report how it went with [`success`](Self::success) or
+/// [`failure`](Self::failure); a probe dropped without a report (its call was cancelled)
+/// counts as a failure, so half-open never lasts past the next cool-down.
+#[must_use]
+pub(crate) struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    probe: bool,
+    reported: bool,
+}
+
+impl Permit<'_> {
+    /// The call reached L2 (an answer, even an error answer, means it is up).
+    pub(crate) fn success(mut self) {
+        self.reported = true;
+        self.breaker.success();
+    }
+
+    /// L2 was unreachable or timed out.
+    pub(crate) fn failure(mut self) {
+        self.reported = true;
+        self.breaker.failure(self.probe);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.reported && self.probe {
+            self.breaker.failure(true);
+        }
+    }
 }
 
 impl CircuitBreaker {
@@ -26,52 +60,67 @@ impl CircuitBreaker {
             base: Instant::now(),
             failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
-            half_open: AtomicBool::new(false),
+            probe_since: AtomicU64::new(0),
             trips: AtomicU64::new(0),
         }
     }
 
     fn now(&self) -> u64 {
-        ncm_cache_core::duration_nanos(self.base.elapsed())
+        // Never 0, which means "none" in the fields above.
+        ncm_cache_core::duration_nanos(self.base.elapsed()).max(1)
     }
 
-    /// `true` when a call may go to L2.
-    pub(crate) fn allow(&self) -> bool {
-        let until = self.open_until.load(Ordering::Relaxed);
+    /// A permit when a call may go to L2: always while closed; once the cool-down is over, one
+    /// probe at a time (another if the last one has not reported within a cool-down).
+    pub(crate) fn allow(&self) -> Option<Permit<'_>> {
+        let until = self.open_until.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Some(Permit {
+                breaker: self,
+                probe: false,
+                reported: false,
+            });
         }
-        if self.now() < until {
-            return false;
+        let now = self.now();
+        if now < until {
+            return None;
         }
-        // Cool-down over: let one probe through; the others keep skipping until it reports.
-        self.half_open
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        let since = self.probe_since.load(Ordering::Acquire);
+        if since != 0 && now.saturating_sub(since) < ncm_cache_core::duration_nanos(self.cooldown) {
+            return None;
+        }
+        self.probe_since
+            .compare_exchange(since, now, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| Permit {
+                breaker: self,
+                probe: true,
+                reported: false,
+            })
     }
 
-    pub(crate) fn success(&self) {
+    fn success(&self) {
         self.failures.store(0, Ordering::Relaxed);
-        if self.open_until.swap(0, Ordering::Relaxed) != 0 {
+        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
             tracing::info!("L2 circuit closed");
         }
-        self.half_open.store(false, Ordering::Relaxed);
+        self.probe_since.store(0, Ordering::Release);
     }
 
-    pub(crate) fn failure(&self) {
-        let was_half_open = self.half_open.swap(false, Ordering::Relaxed);
+    fn failure(&self, probe: bool) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if was_half_open || n >= self.threshold {
+        if probe || n >= self.threshold {
             self.failures.store(0, Ordering::Relaxed);
             let until = deadline_after(self.now(), self.cooldown);
-            self.open_until.store(until.max(1), Ordering::Relaxed);
+            self.open_until.store(until.max(1), Ordering::Release);
+            self.probe_since.store(0, Ordering::Release);
             self.trips.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(cooldown = ?self.cooldown, "L2 circuit opened after repeated failures");
         }
     }
 
     pub(crate) fn is_open(&self) -> bool {
-        let until = self.open_until.load(Ordering::Relaxed);
+        let until = self.open_until.load(Ordering::Acquire);
         until != 0 && self.now() < until
     }
 
@@ -88,21 +137,37 @@ mod tests {
     fn opens_after_threshold_and_probes_after_cooldown() {
         let b = CircuitBreaker::new(3, Duration::from_millis(30));
         for _ in 0..2 {
-            assert!(b.allow());
-            b.failure();
+            b.allow().unwrap().failure();
         }
-        assert!(b.allow());
-        b.failure();
-        assert!(b.is_open() && !b.allow());
+        b.allow().unwrap().failure();
+        assert!(b.is_open() && b.allow().is_none());
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "one probe after the cool-down");
-        assert!(!b.allow(), "only one probe at a time");
-        b.failure();
+        let probe = b.allow().expect("one probe after the cool-down");
+        assert!(b.allow().is_none(), "only one probe at a time");
+        probe.failure();
         assert!(b.is_open(), "a failed probe reopens at once");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
-        b.success();
-        assert!(!b.is_open() && b.allow() && b.allow());
+        b.allow().unwrap().success();
+        assert!(!b.is_open());
+        assert!(b.allow().is_some() && b.allow().is_some());
         assert_eq!(b.trips(), 2);
+    }
+
+    #[test]
+    fn a_dropped_probe_reopens_and_a_silent_one_expires() {
+        let b = CircuitBreaker::new(1, Duration::from_millis(30));
+        b.allow().unwrap().failure();
+        std::thread::sleep(Duration::from_millis(40));
+        drop(b.allow().expect("probe"));
+        assert!(b.is_open(), "a cancelled probe counts as a failure");
+        std::thread::sleep(Duration::from_millis(40));
+        let silent = b.allow().expect("probe");
+        std::mem::forget(silent);
+        assert!(b.allow().is_none());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            b.allow().is_some(),
+            "a probe that never reports blocks one cool-down at most"
+        );
     }
 }

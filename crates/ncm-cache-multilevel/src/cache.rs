@@ -19,6 +19,7 @@ use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
 use crate::l1::{Hits, L1Value};
 use crate::stats::{Counters, MultiLevelStats};
+use crate::versions::{Ticket, Versions};
 use ncm_cache_core::NO_DEADLINE;
 
 /// A value a multi-level cache can hold: serializable for L2, shareable for L1.
@@ -74,11 +75,15 @@ pub(crate) struct Inner<C> {
     pub(crate) promotions: MemoryStore<Hits>,
     pub(crate) flight: SingleFlight<String, Loaded>,
     pub(crate) breaker: CircuitBreaker,
-    /// Bumped on every invalidation (local or received): an L2 read that started before an
-    /// invalidation must not put its (possibly old) value into L1.
-    pub(crate) epoch: AtomicU64,
-    /// False while the backplane is not subscribed: L1 is then bypassed.
+    /// Per-key invalidation versions: an L2 read or load that started before an invalidation
+    /// of its key must not put its (possibly old) value into L1.
+    pub(crate) versions: Versions,
+    /// The L1 generation: entries of older generations are stale-only.
+    pub(crate) generation: AtomicU64,
+    /// False while the backplane is not subscribed: nothing enters L1 and nothing in it is fresh.
     pub(crate) l1_enabled: AtomicBool,
+    /// Background loads (with loader timeouts): one per key, whoever waits for it.
+    pub(crate) loads: crate::load::Loads,
     pub(crate) counters: Counters,
     pub(crate) refreshing: crate::load::Refreshing,
     #[cfg(feature = "redis")]
@@ -145,7 +150,9 @@ impl<C: Codec> MultiLevelCache<C> {
             opts: o,
             promotions,
             flight: SingleFlight::new(),
-            epoch: AtomicU64::new(0),
+            versions: Versions::default(),
+            generation: AtomicU64::new(0),
+            loads: crate::load::Loads::default(),
             l1_enabled: AtomicBool::new(!has_backplane),
             counters: Counters::default(),
             refreshing: crate::load::Refreshing::default(),
@@ -252,11 +259,11 @@ impl<C: Codec> MultiLevelCache<C> {
         stale: Option<Arc<T>>,
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
         let inner = &self.inner;
-        let epoch = inner.epoch.load(Ordering::Acquire);
+        let ticket = inner.versions.ticket(key);
         match inner.l2_read::<T>(key).await {
             Ok(Some((v, size))) => {
                 Counters::bump(&inner.counters.l2_hits);
-                inner.promote(key, Arc::clone(&v) as Object, size, epoch);
+                inner.promote(key, Arc::clone(&v) as Object, size, &ticket);
                 Ok(Some((v, ValueSource::L2)))
             }
             Ok(None) => {
@@ -369,20 +376,22 @@ impl<C: Codec> MultiLevelCache<C> {
         level: CacheLevel,
     ) -> Result<()> {
         let inner = &self.inner;
-        inner.epoch.fetch_add(1, Ordering::AcqRel);
         match level {
             CacheLevel::L1 => {
                 let size = inner.codec.encode(&value)?.len();
-                inner.l1_insert(key, Some(Arc::new(value) as Object), size, None, false);
+                inner.invalidate_l1(key)?;
+                let ticket = inner.versions.ticket(key);
+                let fill = Fill::value(Arc::new(value) as Object, size, None);
+                inner.l1_fill(key, fill, &ticket);
                 inner.publish_set(key).await;
             }
             CacheLevel::L2 => {
                 let bytes = inner.codec.encode(&value)?;
-                inner.l1.remove(key)?;
-                inner
-                    .l2_write(key, bytes, inner.opts.l2_default_ttl)
-                    .await?;
+                inner.invalidate_l1(key)?;
+                let written = inner.l2_write(key, bytes, inner.opts.l2_default_ttl).await;
+                inner.invalidate_l1(key)?;
                 inner.publish_set(key).await;
+                written?;
             }
         }
         Ok(())
@@ -391,9 +400,11 @@ impl<C: Codec> MultiLevelCache<C> {
     /// Removes a key from both levels (and from other instances' L1).
     pub async fn delete(&self, key: &str) -> Result<bool> {
         let inner = &self.inner;
-        inner.epoch.fetch_add(1, Ordering::AcqRel);
-        let in_l1 = inner.l1.remove(key)?;
-        let in_l2 = inner.l2.delete(key).await;
+        // Bump before (a later fill must not keep the old value) and after the L2 delete (a
+        // read that began in between may have read the old value).
+        let in_l1 = inner.invalidate_l1(key)?;
+        let in_l2 = inner.l2_call(inner.l2.delete(key)).await;
+        inner.invalidate_l1(key)?;
         inner.publish_delete(key).await;
         Ok(in_l2? || in_l1)
     }
@@ -422,10 +433,13 @@ impl<C: Codec> MultiLevelCache<C> {
         if missing.is_empty() {
             return Ok(out);
         }
-        let epoch = inner.epoch.load(Ordering::Acquire);
+        let tickets: Vec<Ticket> = missing
+            .iter()
+            .map(|(_, k)| inner.versions.ticket(k))
+            .collect();
         let miss_keys: Vec<&str> = missing.iter().map(|(_, k)| *k).collect();
         let raw = inner.l2_call(inner.l2.get_many(&miss_keys)).await?;
-        for ((i, key), bytes) in missing.into_iter().zip(raw) {
+        for (((i, key), bytes), ticket) in missing.into_iter().zip(raw).zip(&tickets) {
             let Some(bytes) = bytes else {
                 Counters::bump(&inner.counters.misses);
                 continue;
@@ -434,7 +448,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 Ok(v) => {
                     Counters::bump(&inner.counters.l2_hits);
                     let v = Arc::new(v);
-                    inner.promote(key, Arc::clone(&v) as Object, bytes.len(), epoch);
+                    inner.promote(key, Arc::clone(&v) as Object, bytes.len(), ticket);
                     out[i] = Some(T::clone(&v));
                 }
                 Err(e) => {
@@ -470,6 +484,10 @@ impl<C: Codec> MultiLevelCache<C> {
             return Ok(out);
         }
         Counters::bump(&self.inner.counters.loads);
+        let tickets: HashMap<String, Ticket> = missing
+            .iter()
+            .map(|k| (k.clone(), self.inner.versions.ticket(k)))
+            .collect();
         let mut loaded = loader(missing).await.map_err(|e| {
             Counters::bump(&self.inner.counters.load_errors);
             CacheError::loader(e)
@@ -481,13 +499,6 @@ impl<C: Codec> MultiLevelCache<C> {
             }
             if let Some(v) = loaded.remove(*key) {
                 let bytes = self.inner.codec.encode(&v)?;
-                self.inner.l1_insert(
-                    key,
-                    Some(Arc::new(v.clone()) as Object),
-                    bytes.len(),
-                    None,
-                    false,
-                );
                 encoded.push(((*key).to_owned(), bytes));
                 out[i] = Some(v);
             }
@@ -497,13 +508,28 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         if !batch.is_empty() {
+            let ttl = self.inner.opts.l2_default_ttl;
             self.inner
-                .l2_call(
-                    self.inner
-                        .l2
-                        .set_many(&batch, self.inner.opts.l2_default_ttl),
-                )
+                .l2_call(self.inner.l2.set_many(&batch, ttl))
                 .await?;
+            for (i, key) in keys.iter().enumerate() {
+                let (Some(v), Some(ticket)) = (&out[i], tickets.get(*key)) else {
+                    continue;
+                };
+                let Some((_, bytes)) = encoded.iter().find(|(k, _)| k == key) else {
+                    continue;
+                };
+                // As a writer: keep it in L1 only if nothing invalidated the key meanwhile.
+                match self.inner.versions.advance(ticket) {
+                    Some(mine) => {
+                        let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
+                        self.inner.l1_fill(key, fill, &mine);
+                    }
+                    None => {
+                        let _ = self.inner.l1.remove(key);
+                    }
+                }
+            }
             for (k, _) in &encoded {
                 self.inner.publish_set(k).await;
             }
@@ -512,18 +538,28 @@ impl<C: Codec> MultiLevelCache<C> {
     }
 
     /// Empties L1, every key of L2 (within its prefix), and other instances' L1.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Config`] when L2 is a shared store (Redis) without a key prefix: clearing
+    /// it would remove every key of the database, other applications' and lock keys included.
     pub async fn clear(&self) -> Result<()> {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        self.inner.l1.clear();
-        let r = self.inner.l2_call(self.inner.l2.clear_pattern("*")).await;
-        self.inner.publish_clear().await;
+        let inner = &self.inner;
+        if inner.l2.key_prefix() == Some("") {
+            return Err(CacheError::Config(
+                "clear() refused: L2 has no key prefix, so it would delete every key of the Redis database (other applications' keys and locks too); set RedisConfig::key_prefix (e.g. \"myapp:\") to give the cache its own namespace".into(),
+            ));
+        }
+        inner.invalidate_l1_all();
+        let r = inner.l2_call(inner.l2.clear_pattern("*")).await;
+        inner.invalidate_l1_all();
+        inner.publish_clear().await;
         r.map(|_| ())
     }
 
     /// Empties this instance's L1 only.
     pub fn clear_l1(&self) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        self.inner.l1.clear();
+        self.inner.invalidate_l1_all();
     }
 
     /// Statistics per level and of the multi-level logic.
@@ -571,16 +607,13 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 
 impl<C: Codec> Inner<C> {
     pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read<T>> {
-        if !self.l1_enabled.load(Ordering::Acquire) {
-            ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
-            return Ok(L1Read::Miss);
-        }
         // Only a miss validates the key: a key that fails validation is never stored in L1.
         let Some(v) = self.l1.peek_unvalidated(key)? else {
             self.l1.validate(key)?;
             return Ok(L1Read::Miss);
         };
         let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
+        let current = v.generation == self.generation.load(Ordering::Acquire);
         let object = match v.object {
             None => None,
             // One type check: another type under this key is read from L2 with the requested type.
@@ -589,6 +622,9 @@ impl<C: Codec> Inner<C> {
                 Err(_) => return Ok(L1Read::Miss),
             },
         };
+        if !current {
+            return Ok(self.stale(object));
+        }
         if fresh_until == NO_DEADLINE && refresh_at == NO_DEADLINE {
             return Ok(L1Read::Fresh(object, false));
         }
@@ -597,25 +633,38 @@ impl<C: Codec> Inner<C> {
             let refresh = now >= refresh_at;
             Ok(L1Read::Fresh(object, refresh))
         } else {
-            Ok(L1Read::Stale(object))
+            Ok(self.stale(object))
+        }
+    }
+
+    /// A value L1 may not serve as fresh: kept for fail-safe when that is on.
+    fn stale<T>(&self, object: Option<Arc<T>>) -> L1Read<T> {
+        if self.opts.max_stale_age.is_some() {
+            L1Read::Stale(object)
+        } else {
+            L1Read::Miss
         }
     }
 
     /// Runs an L2 call through the circuit breaker.
     pub(crate) async fn l2_call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
-        if !self.breaker.allow() {
+        let Some(permit) = self.breaker.allow() else {
             Counters::bump(&self.counters.l2_errors);
             return Err(CacheError::CircuitOpen("l2"));
-        }
+        };
+        // A cancelled call drops the permit unreported: a probe then counts as failed.
         match call.await {
             Ok(v) => {
-                self.breaker.success();
+                permit.success();
                 Ok(v)
             }
             Err(e) => {
                 Counters::bump(&self.counters.l2_errors);
                 if e.is_unavailable() {
-                    self.breaker.failure();
+                    permit.failure();
+                } else {
+                    // L2 answered (with an error): it is reachable.
+                    permit.success();
                 }
                 Err(e)
             }
@@ -643,7 +692,7 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn repair(&self, key: &str, e: &ncm_cache_core::CodecError) {
         tracing::warn!(key, error = %e, "undecodable L2 entry removed");
         self.l2.record_decode_error(key);
-        let _ = self.l2.delete(key).await;
+        let _ = self.l2_call(self.l2.delete(key)).await;
     }
 
     pub(crate) async fn l2_write(
@@ -655,8 +704,9 @@ impl<C: Codec> Inner<C> {
         self.l2_call(self.l2.set(key, bytes, ttl)).await
     }
 
-    /// Counts an L2 hit of `key` and promotes the value into L1 once it reached the threshold.
-    pub(crate) fn promote(&self, key: &str, value: Object, size: usize, epoch: u64) {
+    /// Counts an L2 hit of `key` and promotes the value into L1 once it reached the threshold
+    /// (unless `key` was invalidated since `ticket`, taken before the L2 read).
+    pub(crate) fn promote(&self, key: &str, value: Object, size: usize, ticket: &Ticket) {
         if !self.opts.enable_promotion {
             return;
         }
@@ -671,38 +721,70 @@ impl<C: Codec> Inner<C> {
             }
             let _ = self.promotions.remove(key);
         }
-        if self.l1_insert(key, Some(value), size, Some(epoch), false) {
+        let fill = Fill::value(value, size, self.opts.l2_default_ttl);
+        if self.l1_fill(key, fill, ticket) {
             Counters::bump(&self.counters.promotions);
         }
     }
 
-    /// Puts a value into L1 unless an invalidation happened since `epoch` (for values read
-    /// from L2 or loaded). Returns whether it was inserted.
-    pub(crate) fn l1_insert(
-        &self,
-        key: &str,
-        object: Option<Object>,
-        size: usize,
-        epoch: Option<u64>,
-        negative: bool,
-    ) -> bool {
-        if !self.l1_enabled.load(Ordering::Acquire) {
+    /// An invalidation of `key` in this L1 (local or received): bump its version, then evict.
+    /// Returns whether L1 held it.
+    pub(crate) fn invalidate_l1(&self, key: &str) -> Result<bool> {
+        self.versions.invalidate(key);
+        self.l1.remove(key)
+    }
+
+    /// Invalidates and empties all of this L1.
+    pub(crate) fn invalidate_l1_all(&self) {
+        self.versions.invalidate_all();
+        self.l1.clear();
+    }
+
+    /// Makes everything in L1 stale-only (kept for fail-safe, never served as fresh); without
+    /// fail-safe, empties it.
+    pub(crate) fn mark_l1_stale(&self) {
+        // Global bump first: a fill that reads the new generation then fails its second check.
+        self.versions.invalidate_all();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if self.opts.max_stale_age.is_none() {
+            self.l1.clear();
+        }
+    }
+
+    /// Puts a value into L1 while `ticket` is current: checked before the insert and again
+    /// after it (an invalidation in between removes what was inserted). Returns whether it
+    /// stayed.
+    pub(crate) fn l1_fill(&self, key: &str, fill: Fill, ticket: &Ticket) -> bool {
+        if !self.l1_enabled.load(Ordering::Acquire) || !self.versions.current(ticket) {
             return false;
         }
-        if epoch.is_some_and(|e| self.epoch.load(Ordering::Acquire) != e) {
+        if !self.l1_put(key, fill) {
             return false;
         }
-        let fresh = if negative {
+        if self.versions.current(ticket) {
+            true
+        } else {
+            let _ = self.l1.remove(key);
+            false
+        }
+    }
+
+    fn l1_put(&self, key: &str, fill: Fill) -> bool {
+        let mut fresh = if fill.negative {
             self.opts.negative_ttl.unwrap_or(self.opts.l1_default_ttl)
         } else {
             self.opts.l1_default_ttl
         };
+        // Never longer than the entry lives in L2.
+        if let Some(ttl) = fill.l2_ttl {
+            fresh = fresh.min(ttl);
+        }
         let now = self.opts.clock.now_nanos();
         let after = |d: Duration| ncm_cache_core::deadline_after(now, d);
         let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
         let value = L1Value {
-            object,
-            size,
+            object: fill.object,
+            size: fill.size,
             fresh_until: self
                 .opts
                 .max_stale_age
@@ -711,6 +793,7 @@ impl<C: Codec> Inner<C> {
                 .opts
                 .eager_refresh
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
+            generation: self.generation.load(Ordering::Acquire),
         };
         match self.l1.insert(key, value, Some(fresh + stale)) {
             Ok(()) => true,
@@ -730,22 +813,63 @@ impl<C: Codec> Inner<C> {
         bytes: ncm_cache_core::Bytes,
         ttl: Option<Duration>,
     ) -> Result<()> {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         let size = bytes.len();
+        // Bump before: fills that started earlier cannot land after this write.
+        let _ = self.invalidate_l1(key);
+        let ticket = self.versions.ticket(key);
         // One round trip when L2 is the backplane's Redis, else write then publish.
         let (written, published) = match self.write_and_publish(key, &bytes, ttl).await {
             Some(r) => (r, true),
             None => (self.l2_write(key, bytes, ttl).await, false),
         };
         if let Err(e) = written {
-            let _ = self.l1.remove(key);
+            let _ = self.invalidate_l1(key);
             self.publish_delete(key).await;
             return Err(e);
         }
-        self.l1_insert(key, Some(value), size, None, false);
+        // Bump after: a read that began during the write cannot promote the old value. Our
+        // own value goes into L1 only if nobody else invalidated the key meanwhile.
+        match self.versions.advance(&ticket) {
+            Some(mine) => {
+                self.l1_fill(key, Fill::value(value, size, ttl), &mine);
+            }
+            None => {
+                let _ = self.l1.remove(key);
+            }
+        }
         if !published {
             self.publish_set(key).await;
         }
         Ok(())
+    }
+}
+
+/// What goes into L1.
+pub(crate) struct Fill {
+    pub(crate) object: Option<Object>,
+    pub(crate) size: usize,
+    /// A cached "not found" (negative caching: its own TTL).
+    pub(crate) negative: bool,
+    /// The entry's L2 TTL: the L1 copy never outlives it.
+    pub(crate) l2_ttl: Option<Duration>,
+}
+
+impl Fill {
+    pub(crate) fn value(object: Object, size: usize, l2_ttl: Option<Duration>) -> Self {
+        Self {
+            object: Some(object),
+            size,
+            negative: false,
+            l2_ttl,
+        }
+    }
+
+    pub(crate) fn negative() -> Self {
+        Self {
+            object: None,
+            size: 0,
+            negative: true,
+            l2_ttl: None,
+        }
     }
 }

@@ -18,6 +18,9 @@ pub(crate) struct L1Value {
     pub(crate) fresh_until: u64,
     /// When a hit should trigger a background refresh (eager refresh), or `NO_DEADLINE`.
     pub(crate) refresh_at: u64,
+    /// The L1 generation it was inserted in: an entry of an older generation (from before a
+    /// backplane outage or a lost message) is stale-only, served by fail-safe alone.
+    pub(crate) generation: u64,
 }
 
 impl StoreValue for L1Value {

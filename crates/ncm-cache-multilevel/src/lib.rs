@@ -38,6 +38,7 @@ mod load;
 #[cfg(not(feature = "redis"))]
 mod nobackplane;
 mod stats;
+mod versions;
 
 pub use builder::MultiLevelBuilder;
 pub use cache::{CacheValue, MultiLevelCache};

@@ -1,11 +1,14 @@
 //! The load path: single-flight, distributed lock, loader timeouts, fail-safe, eager refresh.
 
-use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use crate::cache::{CacheValue, Inner, L1Read, Loaded, Object};
+use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
+use tokio::sync::watch;
+
+use crate::cache::{CacheValue, Fill, Inner, L1Read, Loaded, Object};
 use crate::stats::Counters;
+use crate::versions::Ticket;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,12 +65,12 @@ impl<C: Codec> Inner<C> {
             L1Read::Stale(v) => v.map(|v| v as Object),
             L1Read::Miss => None,
         };
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let ticket = self.versions.ticket(key);
         match self.l2_read::<T>(key).await {
             Ok(Some((v, size))) => {
                 Counters::bump(&self.counters.l2_hits);
                 let v = v as Object;
-                self.promote(key, Arc::clone(&v), size, epoch);
+                self.promote(key, Arc::clone(&v), size, &ticket);
                 return Ok((Some(v), ValueSource::L2));
             }
             Ok(None) => Counters::bump(&self.counters.misses),
@@ -81,7 +84,8 @@ impl<C: Codec> Inner<C> {
     /// Runs the load once per key (single-flight) unless stampede prevention is off.
     ///
     /// With `recheck`, the flight first looks at L1 again: a caller that missed just before
-    /// an earlier flight stored its value would otherwise start a second load.
+    /// an earlier flight stored its value would otherwise start a second load. `recheck` is
+    /// off for eager refreshes, which must reach the loader.
     pub(crate) async fn load_flight<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
@@ -95,26 +99,31 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        // Boxed: erases the loader's future type here, keeping the caller's future small and
-        // its `Send` check shallow.
-        let work = {
-            let this = Arc::clone(self);
-            let key = key.to_owned();
-            let stale = stale.clone();
-            move || -> BoxFuture<'static, Result<Loaded>> {
-                Box::pin(async move {
-                    if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key)? {
-                        return Ok((v.map(|v| v as Object), ValueSource::L1));
-                    }
-                    this.load_with_timeouts::<T, F, Fut, E>(key, loader, stale)
-                        .await
-                })
-            }
-        };
-        let result = if self.opts.enable_stampede_prevention {
-            self.flight.run(key.to_owned(), work).await
+        let has_stale = stale.is_some();
+        let result = if self.opts.soft_timeout.is_some() || self.opts.hard_timeout.is_some() {
+            self.load_in_background::<T, F, Fut, E>(key, loader, stale.clone(), recheck)
+                .await
         } else {
-            work().await
+            // Boxed: erases the loader's future type here, keeping the caller's future small
+            // and its `Send` check shallow.
+            let work = {
+                let this = Arc::clone(self);
+                let key = key.to_owned();
+                move || -> BoxFuture<'static, Result<Loaded>> {
+                    Box::pin(async move {
+                        if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key)? {
+                            return Ok((v.map(|v| v as Object), ValueSource::L1));
+                        }
+                        this.load_and_store::<T, F, Fut, E>(key, loader, recheck, has_stale)
+                            .await
+                    })
+                }
+            };
+            if self.opts.enable_stampede_prevention {
+                self.flight.run(key.to_owned(), work).await
+            } else {
+                work().await
+            }
         };
         match (result, stale) {
             (Ok(v), _) => Ok(v),
@@ -127,13 +136,15 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// Soft timeout: serve stale and let the load finish in the background. Hard timeout: give
-    /// up with a timeout error.
-    async fn load_with_timeouts<T, F, Fut, E>(
-        self: Arc<Self>,
-        key: String,
+    /// With loader timeouts: the load runs as a task bounded by the hard timeout, and stays
+    /// the key's one load in flight until it ends, whoever waits for it. A caller with a stale
+    /// value waits at most the soft timeout, then serves the stale value.
+    async fn load_in_background<T, F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
         loader: F,
         stale: Option<Object>,
+        recheck: bool,
     ) -> Result<Loaded>
     where
         T: CacheValue,
@@ -141,48 +152,69 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let soft = self.opts.soft_timeout.filter(|_| stale.is_some());
-        let hard = self.opts.hard_timeout;
-        if soft.is_none() && hard.is_none() {
-            return self.load_and_store::<T, F, Fut, E>(key, loader).await;
+        if recheck && let L1Read::Fresh(v, _) = self.l1_read::<T>(key)? {
+            return Ok((v.map(|v| v as Object), ValueSource::L1));
         }
-        let this = Arc::clone(&self);
-        let k = key.clone();
-        let mut task =
-            tokio::spawn(async move { this.load_and_store::<T, F, Fut, E>(k, loader).await });
-        let joined = |r: std::result::Result<Result<Loaded>, tokio::task::JoinError>| {
-            r.unwrap_or_else(|e| Err(CacheError::loader(format!("loader task failed: {e}"))))
+        let has_stale = stale.is_some();
+        let start = {
+            let this = Arc::clone(self);
+            let key = key.to_owned();
+            move || -> BoxFuture<'static, Result<Loaded>> {
+                let hard = this.opts.hard_timeout;
+                Box::pin(async move {
+                    let load = this
+                        .clone()
+                        .load_and_store::<T, F, Fut, E>(key, loader, recheck, has_stale);
+                    let Some(hard) = hard else {
+                        return load.await;
+                    };
+                    match tokio::time::timeout(hard, load).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            Counters::bump(&this.counters.load_errors);
+                            Err(CacheError::Timeout {
+                                operation: "load",
+                                after: hard,
+                            })
+                        }
+                    }
+                })
+            }
         };
-        if let (Some(soft), Some(stale)) = (soft, stale) {
-            match tokio::time::timeout(soft, &mut task).await {
-                Ok(r) => return joined(r),
+        let shared = self.opts.enable_stampede_prevention.then_some(key);
+        let mut rx = self.join_or_start(shared, start);
+        let wait = async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(done) => done.clone().unwrap_or_else(|| Err(ended())),
+                Err(_) => Err(ended()),
+            }
+        };
+        let soft = self.opts.soft_timeout;
+        match (soft, stale) {
+            (Some(soft), Some(stale)) => match tokio::time::timeout(soft, wait).await {
+                Ok(r) => r,
                 Err(_) => {
                     // The load goes on in the background and will refresh the cache.
                     Counters::bump(&self.counters.background_refreshes);
                     Counters::bump(&self.counters.stale_served);
-                    return Ok((Some(stale), ValueSource::Stale));
-                }
-            }
-        }
-        match hard {
-            Some(hard) => match tokio::time::timeout(hard, &mut task).await {
-                Ok(r) => joined(r),
-                Err(_) => {
-                    task.abort();
-                    Counters::bump(&self.counters.load_errors);
-                    Err(CacheError::Timeout {
-                        operation: "load",
-                        after: hard,
-                    })
+                    Ok((Some(stale), ValueSource::Stale))
                 }
             },
-            None => joined(task.await),
+            _ => wait.await,
         }
     }
 
     /// Runs the loader (under the distributed lock when configured) and stores its result in
-    /// L2 and L1.
-    async fn load_and_store<T, F, Fut, E>(self: Arc<Self>, key: String, loader: F) -> Result<Loaded>
+    /// L2 and L1 — in L1 only if no invalidation of the key happened since the load began, and
+    /// in L2 only if none happened before the write (a newer write must not be overwritten by
+    /// what the loader read before it).
+    async fn load_and_store<T, F, Fut, E>(
+        self: Arc<Self>,
+        key: String,
+        loader: F,
+        check_first: bool,
+        has_stale: bool,
+    ) -> Result<Loaded>
     where
         T: CacheValue,
         F: FnOnce() -> Fut + Send + 'static,
@@ -191,50 +223,155 @@ impl<C: Codec> Inner<C> {
     {
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
-        let _lock = {
-            let wait: BoxFuture<'_, _> = Box::pin(self.lock_or_wait::<T>(&key));
+        let lock = {
+            let wait: BoxFuture<'_, _> =
+                Box::pin(self.lock_or_wait::<T>(&key, check_first, has_stale));
             match wait.await? {
                 crate::backplane::LockOutcome::Found(v) => return Ok(v),
                 crate::backplane::LockOutcome::Proceed(guard) => guard,
             }
         };
-        let epoch = self.epoch.load(Ordering::Acquire);
+        #[cfg(not(feature = "redis"))]
+        let _ = (check_first, has_stale);
+        let ticket = self.versions.ticket(&key);
         Counters::bump(&self.counters.loads);
-        let loaded = loader().await.map_err(|e| {
+        let load = loader();
+        #[cfg(feature = "redis")]
+        let loaded = match &lock {
+            Some(guard) => self.renewing(guard, load).await,
+            None => load.await,
+        };
+        #[cfg(not(feature = "redis"))]
+        let loaded = load.await;
+        let loaded = loaded.map_err(|e| {
             Counters::bump(&self.counters.load_errors);
             CacheError::loader(e)
-        })?;
+        });
         let result = match loaded {
-            None => {
+            Err(e) => Err(e),
+            Ok(None) => {
                 if self.opts.negative_ttl.is_some() {
-                    self.l1_insert(&key, None, 0, Some(epoch), true);
+                    self.l1_fill(&key, Fill::negative(), &ticket);
                 }
-                (None, ValueSource::Loader)
+                Ok((None, ValueSource::Loader))
             }
-            Some(v) => {
-                let bytes = self.codec.encode(&v)?;
-                let size = bytes.len();
-                let object: Object = Arc::new(v);
-                match self.l2_write(&key, bytes, self.opts.l2_default_ttl).await {
-                    Ok(()) => {
-                        self.l1_insert(&key, Some(Arc::clone(&object)), size, Some(epoch), false);
-                        self.publish_set(&key).await;
-                    }
-                    // The value is still good: serve it and keep it in L1; count the failure.
-                    Err(e) => {
-                        tracing::warn!(key, error = %e, "loaded value not written to L2");
-                        self.l1_insert(&key, Some(Arc::clone(&object)), size, Some(epoch), false);
-                    }
-                }
-                (Some(object), ValueSource::Loader)
-            }
+            Ok(Some(v)) => self.store_loaded(&key, v, &ticket).await,
         };
         #[cfg(feature = "redis")]
-        if let Some(lock) = _lock {
+        if let Some(lock) = lock {
             let release: BoxFuture<'_, _> = Box::pin(lock.release());
             let _ = release.await;
         }
-        Ok(result)
+        result
+    }
+
+    async fn store_loaded<T: CacheValue>(
+        &self,
+        key: &str,
+        v: T,
+        ticket: &Ticket,
+    ) -> Result<Loaded> {
+        let bytes = self.codec.encode(&v)?;
+        let size = bytes.len();
+        let object: Object = Arc::new(v);
+        if !self.versions.current(ticket) {
+            tracing::debug!(
+                key,
+                "key invalidated during the load; result served, not cached"
+            );
+            return Ok((Some(object), ValueSource::Loader));
+        }
+        let ttl = self.opts.l2_default_ttl;
+        match self.l2_write(key, bytes, ttl).await {
+            Ok(()) => {
+                // As a writer: bump after the write; keep it in L1 only if nothing else
+                // invalidated the key meanwhile.
+                match self.versions.advance(ticket) {
+                    Some(mine) => {
+                        self.l1_fill(key, Fill::value(Arc::clone(&object), size, ttl), &mine);
+                    }
+                    None => {
+                        let _ = self.l1.remove(key);
+                    }
+                }
+                self.publish_set(key).await;
+            }
+            // The value is still good: serve it and keep it in L1; count the failure.
+            Err(e) => {
+                tracing::warn!(key, error = %e, "loaded value not written to L2");
+                self.l1_fill(key, Fill::value(Arc::clone(&object), size, ttl), ticket);
+            }
+        }
+        Ok((Some(object), ValueSource::Loader))
+    }
+}
+
+fn ended() -> CacheError {
+    CacheError::loader("the load task ended without a result (it panicked or was aborted)")
+}
+
+type LoadResult = Option<Result<Loaded>>;
+
+/// Background loads in flight (with loader timeouts): key → the receiver of its result.
+#[derive(Default)]
+pub(crate) struct Loads(std::sync::Mutex<HashMap<String, watch::Receiver<LoadResult>>>);
+
+/// Frees the key when the load task ends, however it ends (also when it panics).
+struct Landed<'a> {
+    loads: &'a Loads,
+    key: Option<String>,
+    rx: watch::Receiver<LoadResult>,
+}
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            let mut map = self.loads.lock();
+            if map.get(key).is_some_and(|rx| rx.same_channel(&self.rx)) {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+impl Loads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<LoadResult>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<C: Codec> Inner<C> {
+    /// Joins the background load of `key` in flight, or starts one as a task (`key` `None`: a
+    /// load of its own, not shared).
+    fn join_or_start(
+        self: &Arc<Self>,
+        key: Option<&str>,
+        start: impl FnOnce() -> BoxFuture<'static, Result<Loaded>>,
+    ) -> watch::Receiver<LoadResult> {
+        let (tx, rx) = watch::channel(None);
+        if let Some(key) = key {
+            let mut map = self.loads.lock();
+            if let Some(rx) = map.get(key) {
+                return rx.clone();
+            }
+            map.insert(key.to_owned(), rx.clone());
+        }
+        let work = start();
+        let this = Arc::clone(self);
+        let key = key.map(str::to_owned);
+        let watched = rx.clone();
+        tokio::spawn(async move {
+            let _landed = Landed {
+                loads: &this.loads,
+                key,
+                rx: watched,
+            };
+            let result = work.await;
+            tx.send_replace(Some(result));
+        });
+        rx
     }
 }
 

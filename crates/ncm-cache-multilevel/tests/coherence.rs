@@ -471,7 +471,7 @@ mod redis {
     /// the other instance; the lock works; `clear` reaches every primary.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_backplane_works_on_a_cluster() {
-        let cluster = RedisCluster::start().unwrap();
+        let mut cluster = RedisCluster::start().unwrap();
         let mut c = config(&cluster.node_urls()[0]);
         c.cluster_nodes = cluster.node_urls();
         let ra = RedisCache::connect(c.clone()).await.unwrap();
@@ -489,7 +489,56 @@ mod redis {
         }
         a.clear().await.unwrap();
         for i in 0..20u64 {
-            assert_eq!(b.get::<u64>(&format!("user:{i}")).await.unwrap(), None);
+            until_gone(&b, &format!("user:{i}")).await;
+        }
+
+        // Lose the node A's subscription is on (the first seed): it moves to another node and
+        // B's writes still reach A's L1.
+        let first = cluster.nodes()[0].port();
+        if cluster.primaries().unwrap().contains(&first) {
+            cluster.kill_primary(first).unwrap();
+            cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+        } else {
+            cluster.node_mut(first).unwrap().kill();
+        }
+        wait_active(&a).await;
+        for i in 0..20u64 {
+            let key = format!("user:{i}");
+            let start = Instant::now();
+            while b.set(&key, 500 + i).await.is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no write after failover"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            until_seen(&a, &key, 500 + i, Duration::from_secs(2)).await;
+            until_l1(&a, &key).await;
+            b.set(&key, 600 + i).await.unwrap();
+            until_seen(&a, &key, 600 + i, Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn until_gone(cache: &MultiLevelCache, key: &str) {
+        let start = Instant::now();
+        while cache.get::<u64>(key).await.unwrap().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{key} survived clear()"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Reads until `cache` serves `key` from L1.
+    async fn until_l1(cache: &MultiLevelCache, key: &str) {
+        let start = Instant::now();
+        while cache.get_with_source::<u64>(key).await.unwrap().unwrap().1 != ValueSource::L1 {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "L1 never used for {key}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

@@ -277,6 +277,10 @@ impl CacheBackend for RedisBackend {
         self.inner.stats.name()
     }
 
+    fn key_prefix(&self) -> Option<&str> {
+        Some(self.key_space().prefix())
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let full = self.full(key)?;
         let v: Option<Vec<u8>> = self

@@ -111,7 +111,7 @@ impl RedisBackend {
             .map(|c| (self.channel_name(c), (*c).to_owned()))
             .collect();
         let (tx, rx) = mpsc::channel(1024);
-        let first = connect(&config, &names).await?;
+        let first = connect(&config, &names, 0).await?;
         let task = tokio::spawn(run(config, names, tx, first));
         Ok(Subscription { rx, task })
     }
@@ -119,10 +119,11 @@ impl RedisBackend {
 
 type Conn = (redis::aio::PubSubSink, redis::aio::PubSubStream);
 
-async fn connect(config: &RedisConfig, names: &[(String, String)]) -> Result<Conn> {
+/// Connects and subscribes; `attempt` picks the cluster node (each retry tries the next one).
+async fn connect(config: &RedisConfig, names: &[(String, String)], attempt: usize) -> Result<Conn> {
     let timeout = config.connect_timeout;
     let work = async {
-        let client = pubsub_client(config).await?;
+        let client = pubsub_client(config, attempt).await?;
         let pubsub = client
             .get_async_pubsub()
             .await
@@ -143,9 +144,10 @@ async fn connect(config: &RedisConfig, names: &[(String, String)]) -> Result<Con
         })?
 }
 
-/// The node to subscribe on: the server, the Sentinel-resolved primary, or any cluster node
-/// (cluster PUBLISH reaches every node).
-async fn pubsub_client(config: &RedisConfig) -> Result<redis::Client> {
+/// The node to subscribe on: the server, the Sentinel-resolved primary, or a cluster node
+/// (cluster PUBLISH reaches every node): seed node `attempt` modulo their number, so a
+/// subscription whose node is lost moves on to the next one.
+async fn pubsub_client(config: &RedisConfig, attempt: usize) -> Result<redis::Client> {
     let timeout = config.connect_timeout;
     let url = if let Some(s) = &config.sentinel {
         let addrs: Vec<String> = s
@@ -178,8 +180,10 @@ async fn pubsub_client(config: &RedisConfig) -> Result<redis::Client> {
             }
         };
         config.node_url(&host, port)
-    } else if let Some(url) = config.cluster_node_urls().into_iter().next() {
-        url
+    } else if !config.cluster_nodes.is_empty() {
+        let mut urls = config.cluster_node_urls();
+        let at = attempt % urls.len().max(1);
+        urls.swap_remove(at)
     } else {
         config.node_url(&config.host, config.port)
     };
@@ -201,10 +205,12 @@ async fn run(
         .min(Duration::from_secs(1));
     let mut conn = Some(first);
     let mut backoff = Duration::from_millis(10);
+    // Which node to try next (cluster): moves on after every break and every failed attempt.
+    let mut attempt = 0usize;
     loop {
         let (mut sink, mut stream) = match conn.take() {
             Some(c) => c,
-            None => match connect(&config, &names).await {
+            None => match connect(&config, &names, attempt).await {
                 Ok(c) => {
                     backoff = Duration::from_millis(10);
                     if tx.send(PubSubEvent::Reconnected).await.is_err() {
@@ -214,6 +220,7 @@ async fn run(
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "pub/sub reconnect failed");
+                    attempt = attempt.wrapping_add(1);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -245,6 +252,7 @@ async fn run(
                 }
             }
         }
+        attempt = attempt.wrapping_add(1);
         if tx.send(PubSubEvent::Disconnected).await.is_err() {
             return;
         }

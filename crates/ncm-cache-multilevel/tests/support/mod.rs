@@ -13,7 +13,7 @@ use ncm_cache_core::{
 
 /// What `Slow` does to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Forward at once.
     #[default]
     Pass,
@@ -38,32 +38,32 @@ struct Settings {
 
 /// A backend layer with injectable delays and failures.
 #[derive(Debug)]
-pub struct Slow {
+pub(crate) struct Slow {
     inner: SharedBackend,
     settings: Mutex<Settings>,
 }
 
 impl Slow {
-    pub fn new(inner: SharedBackend) -> Self {
+    pub(crate) fn new(inner: SharedBackend) -> Self {
         Self {
             inner,
             settings: Mutex::new(Settings::default()),
         }
     }
 
-    pub fn mode(&self, mode: Mode) {
+    pub(crate) fn mode(&self, mode: Mode) {
         self.settings.lock().unwrap().mode = mode;
     }
 
-    pub fn get_reply_delay(&self, d: Duration) {
+    pub(crate) fn get_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().get_reply_delay = d;
     }
 
-    pub fn set_request_delay(&self, d: Duration) {
+    pub(crate) fn set_request_delay(&self, d: Duration) {
         self.settings.lock().unwrap().set_request_delay = d;
     }
 
-    pub fn set_reply_delay(&self, d: Duration) {
+    pub(crate) fn set_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().set_reply_delay = d;
     }
 
@@ -129,5 +129,8 @@ impl CacheBackend for Slow {
     }
     fn get_stats(&self) -> CacheStats {
         self.inner.get_stats()
+    }
+    fn key_prefix(&self) -> Option<&str> {
+        self.inner.key_prefix()
     }
 }
