@@ -38,6 +38,8 @@ use crate::stats::Counters;
 const SET: u8 = b'S';
 const DELETE: u8 = b'D';
 const CLEAR: u8 = b'C';
+/// Delete the keys matching a glob pattern (the entry's "key").
+const PATTERN: u8 = b'P';
 /// A message of one or more `[op][len][key]` entries (read, no longer sent).
 const BATCH: u8 = b'B';
 /// A message with the sender's sequence number: `[Q][id: 8][seq: 8]` then entries.
@@ -398,6 +400,11 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                         Counters::bump(&inner.counters.backplane_received);
                         match op {
                             CLEAR => inner.invalidate_l1_all(),
+                            PATTERN => {
+                                if let Ok(pattern) = std::str::from_utf8(key) {
+                                    let _ = inner.invalidate_l1_matching(pattern);
+                                }
+                            }
                             SET | DELETE => {
                                 if let Ok(key) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1(key);
@@ -498,6 +505,10 @@ impl<C: Codec> Inner<C> {
 
     pub(crate) async fn publish_clear(&self) {
         self.publish(CLEAR, "").await;
+    }
+
+    pub(crate) async fn publish_pattern(&self, pattern: &str) {
+        self.publish(PATTERN, pattern).await;
     }
 
     /// With a distributed lock: take it, or wait for the holder's value to appear in L2.

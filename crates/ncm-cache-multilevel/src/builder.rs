@@ -10,6 +10,14 @@ use ncm_cache_core::{CoarseClock, Codec, Result, SharedBackend, SharedClock};
 
 use crate::cache::MultiLevelCache;
 
+/// The distributed lock's TTL in [`MultiLevelCache::over_redis`]: renewed every third of it
+/// while the loader runs, so it only bounds how long a crashed holder blocks others.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
+/// How long a waiter waits for the lock holder's value in [`MultiLevelCache::over_redis`]
+/// before it loads itself (or serves stale, with fail-safe): longer than the lock TTL, so a
+/// crashed holder's lock expires and is taken over before waiters give up.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(15);
+
 /// Tunables shared by the cache's operations.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
@@ -53,8 +61,8 @@ impl Default for Options {
             negative_ttl: None,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
-            lock_ttl: Duration::from_secs(10),
-            lock_wait: Duration::from_secs(5),
+            lock_ttl: DEFAULT_LOCK_TTL,
+            lock_wait: DEFAULT_LOCK_WAIT,
             // The L1 hit path reads the clock on every hit: a coarse clock keeps it cheap.
             clock: std::sync::Arc::new(CoarseClock::new()),
         }
@@ -218,8 +226,12 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self
     }
 
-    /// Cross-process stampede prevention: a Redis lock per key around the loader, held at most
-    /// `lock_ttl`; waiters poll L2 for up to `wait` before loading themselves (feature `redis`).
+    /// Cross-process stampede prevention: a Redis lock per key around the loader (feature
+    /// `redis`). The lock expires `lock_ttl` after its holder stops renewing it (the holder
+    /// renews it every `lock_ttl / 3` while its loader runs, so a loader may take longer);
+    /// waiters poll L2 for up to `wait`, then load themselves — or, with fail-safe and a stale
+    /// value, serve that. Make `wait` longer than `lock_ttl` (the defaults of
+    /// [`MultiLevelCache::over_redis`]: 10 s and 15 s) so that waiters outlast a crashed holder.
     #[cfg(feature = "redis")]
     pub fn distributed_lock(
         mut self,

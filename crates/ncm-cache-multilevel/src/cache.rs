@@ -117,6 +117,31 @@ impl MultiLevelCache<Serializer> {
     pub fn builder_shared(l2: SharedBackend) -> MultiLevelBuilder<Serializer> {
         MultiLevelBuilder::new(l2)
     }
+
+    /// The recommended setup in one call (feature `redis`): `redis` as L2, as the backplane
+    /// (cross-instance L1 invalidation) and as the distributed stampede lock (TTL
+    /// [`DEFAULT_LOCK_TTL`](crate::DEFAULT_LOCK_TTL), renewed while loading; waiters wait
+    /// [`DEFAULT_LOCK_WAIT`](crate::DEFAULT_LOCK_WAIT)). Other options as on any builder.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> ncm_cache_core::Result<()> {
+    /// use std::time::Duration;
+    /// use ncm_cache_multilevel::MultiLevelCache;
+    /// use ncm_cache_redis::RedisCache;
+    ///
+    /// let redis = RedisCache::builder().url("redis://127.0.0.1:6379")?.key_prefix("app:").build().await?;
+    /// let cache = MultiLevelCache::over_redis(&redis)
+    ///     .fail_safe(Duration::from_secs(600))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn over_redis(redis: &ncm_cache_redis::RedisCache) -> MultiLevelBuilder<Serializer> {
+        let backend = Arc::clone(redis.redis_backend());
+        MultiLevelBuilder::new(redis.backend())
+            .backplane(Arc::clone(&backend))
+            .distributed_lock(backend, crate::DEFAULT_LOCK_TTL, crate::DEFAULT_LOCK_WAIT)
+    }
 }
 
 impl<C: Codec> MultiLevelCache<C> {
@@ -306,6 +331,11 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
+        // The L1 hit inline: no boxed future, no allocation.
+        if let L1Read::Fresh(Some(v), false) = self.inner.l1_read::<T>(key)? {
+            self.inner.counters.l1_hits.bump();
+            return Ok((v, ValueSource::L1));
+        }
         let load = move || async move { loader().await.map(Some) };
         match self
             .inner
@@ -334,6 +364,10 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
+        if let L1Read::Fresh(v, false) = self.inner.l1_read::<T>(key)? {
+            self.inner.counters.l1_hits.bump();
+            return Ok(v);
+        }
         match self
             .inner
             .clone()
@@ -738,6 +772,12 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn invalidate_l1_all(&self) {
         self.versions.invalidate_all();
         self.l1.clear();
+    }
+
+    /// Invalidates every key and removes those matching `pattern` (Redis glob) from L1.
+    pub(crate) fn invalidate_l1_matching(&self, pattern: &str) -> Result<u64> {
+        self.versions.invalidate_all();
+        self.l1.remove_matching(pattern)
     }
 
     /// Makes everything in L1 stale-only (kept for fail-safe, never served as fresh); without

@@ -28,6 +28,7 @@
 //! # }).unwrap();
 //! ```
 
+mod backend;
 #[cfg(feature = "redis")]
 mod backplane;
 mod breaker;
@@ -40,6 +41,7 @@ mod nobackplane;
 mod stats;
 mod versions;
 
-pub use builder::MultiLevelBuilder;
+pub use backend::MultiLevelBackend;
+pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_LOCK_WAIT, MultiLevelBuilder};
 pub use cache::{CacheValue, MultiLevelCache};
 pub use stats::MultiLevelStats;

@@ -16,4 +16,5 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn publish_set(&self, _key: &str) {}
     pub(crate) async fn publish_delete(&self, _key: &str) {}
     pub(crate) async fn publish_clear(&self) {}
+    pub(crate) async fn publish_pattern(&self, _pattern: &str) {}
 }

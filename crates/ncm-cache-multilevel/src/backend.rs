@@ -1,0 +1,190 @@
+//! `MultiLevelCache` as a byte-level [`CacheBackend`]: the layer that `SqlCache`,
+//! `CacheStrategies`, `CacheLoader`, `CacheReloader` and the macros run over (through
+//! `Cache::new(multilevel, codec)`), with the same coherence, breaker and fail-safe as the typed
+//! API. L1 then holds the encoded bytes (a hit is a refcount clone; the caller's facade decodes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ncm_cache_core::{
+    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, Result, ValueSource, async_trait,
+};
+
+use crate::cache::{Inner, L1Read, MultiLevelCache, Object};
+use crate::stats::Counters;
+
+impl<C: Codec> Inner<C> {
+    /// The byte-level read: L1 (bytes), then L2, promoting; a stale L1 copy (fail-safe) when L2
+    /// fails.
+    pub(crate) async fn get_bytes(&self, key: &str) -> Result<Option<(Bytes, ValueSource)>> {
+        let stale = match self.l1_read::<Bytes>(key)? {
+            L1Read::Fresh(v, _) => {
+                self.counters.l1_hits.bump();
+                return Ok(v.map(|b| (Bytes::clone(&b), ValueSource::L1)));
+            }
+            L1Read::Stale(v) => v,
+            L1Read::Miss => None,
+        };
+        let ticket = self.versions.ticket(key);
+        match self.l2_call(self.l2.get(key)).await {
+            Ok(Some(bytes)) => {
+                Counters::bump(&self.counters.l2_hits);
+                let size = bytes.len();
+                self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket);
+                Ok(Some((bytes, ValueSource::L2)))
+            }
+            Ok(None) => {
+                Counters::bump(&self.counters.misses);
+                Ok(None)
+            }
+            Err(e) => match stale {
+                Some(v) => {
+                    Counters::bump(&self.counters.stale_served);
+                    Ok(Some((Bytes::clone(&v), ValueSource::Stale)))
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
+/// A [`MultiLevelCache`] as a byte-level [`CacheBackend`] (from
+/// [`MultiLevelCache::as_backend`]): give it to `Cache::new` and anything that takes a `Cache`
+/// — `SqlCache`, `CacheStrategies`, `CacheLoader`, `CacheReloader`, the macros — runs over
+/// L1 + L2 with the cache's coherence, breaker and fail-safe. A newtype rather than an impl on
+/// `MultiLevelCache` itself, so the typed methods (`get::<T>`, `set`) never clash with the
+/// trait's byte-level ones.
+///
+/// ```
+/// use ncm_cache_core::Cache;
+/// use ncm_cache_codec::Serializer;
+/// use ncm_cache_memory::MemoryBackend;
+/// use ncm_cache_multilevel::MultiLevelCache;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let multi = MultiLevelCache::builder(MemoryBackend::new()).build()?;
+/// let cache = Cache::new(multi.as_backend(), Serializer::default());
+/// cache.set("user:1", &"Ada").await?;
+/// assert_eq!(cache.get::<String>("user:1").await?.as_deref(), Some("Ada"));
+/// assert_eq!(multi.l1_len(), 1);
+/// # Ok::<(), ncm_cache_core::CacheError>(())
+/// # }).unwrap();
+/// ```
+pub struct MultiLevelBackend<C = ncm_cache_codec::Serializer>(MultiLevelCache<C>);
+
+impl<C> Clone for MultiLevelBackend<C> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<C> std::fmt::Debug for MultiLevelBackend<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MultiLevelBackend").field(&self.0).finish()
+    }
+}
+
+impl<C> MultiLevelBackend<C> {
+    /// The multi-level cache behind this backend.
+    pub fn get_ref(&self) -> &MultiLevelCache<C> {
+        &self.0
+    }
+
+    /// Unwraps the multi-level cache.
+    pub fn into_inner(self) -> MultiLevelCache<C> {
+        self.0
+    }
+}
+
+impl<C: Codec> MultiLevelCache<C> {
+    /// This cache as a byte-level [`CacheBackend`] (shares L1, L2 and everything else).
+    pub fn as_backend(&self) -> MultiLevelBackend<C> {
+        MultiLevelBackend(self.clone())
+    }
+}
+
+#[async_trait]
+impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
+    fn name(&self) -> &str {
+        &self.0.inner.opts.name
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.0.inner.get_bytes(key).await?.map(|(b, _)| b))
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        let object = Arc::new(value.clone()) as Object;
+        self.0.inner.write_encoded(key, object, value, ttl).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.0.delete(key).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        if let L1Read::Fresh(Some(_), _) = self.0.inner.l1_read::<Bytes>(key)? {
+            return Ok(true);
+        }
+        self.0.inner.l2_call(self.0.inner.l2.exists(key)).await
+    }
+
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.0.inner.l2_call(self.0.inner.l2.get_ttl(key)).await
+    }
+
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.0
+            .inner
+            .l2_call(self.0.inner.l2.extend_ttl(key, ttl))
+            .await
+    }
+
+    /// `*` is [`MultiLevelCache::clear`]; another pattern deletes its matches in L2 and in every
+    /// instance's L1.
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        let inner = &self.0.inner;
+        if pattern == "*" {
+            self.0.clear().await?;
+            return Ok(0);
+        }
+        inner.invalidate_l1_matching(pattern)?;
+        let removed = inner.l2_call(inner.l2.clear_pattern(pattern)).await;
+        inner.invalidate_l1_matching(pattern)?;
+        inner.publish_pattern(pattern).await;
+        removed
+    }
+
+    async fn health_report(&self) -> HealthReport {
+        self.0.inner.l2.health_report().await
+    }
+
+    fn get_stats(&self) -> CacheStats {
+        let s = self.0.get_stats();
+        let mut out = s.l2.clone();
+        out.name.clone_from(&self.0.inner.opts.name);
+        out.level = "multilevel".into();
+        out.hits = s.l1_hits + s.l2_hits;
+        out.misses = s.misses;
+        out.total_requests = out.hits + out.misses;
+        out.hit_rate = if out.total_requests == 0 {
+            0.0
+        } else {
+            out.hits as f64 / out.total_requests as f64
+        };
+        out
+    }
+
+    fn record_decode_error(&self, key: &str) {
+        let _ = self.0.inner.invalidate_l1(key);
+        self.0.inner.l2.record_decode_error(key);
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.0.close().await
+    }
+
+    fn key_prefix(&self) -> Option<&str> {
+        self.0.inner.l2.key_prefix()
+    }
+}

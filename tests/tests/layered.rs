@@ -1,0 +1,209 @@
+//! The layers over a `MultiLevelCache`: `SqlCache`, `CacheStrategies` and `CacheLoader` each
+//! run over two L1 + Redis L2 instances (with the backplane) through `Cache::new(multi.as_backend(), codec)`,
+//! and a change made through one instance reaches the other's L1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ncm_cache::loader::CacheLoader;
+use ncm_cache::sql::{QueryCacheStrategy, SqlCache, SqlValue, SqliteExecutor, params};
+use ncm_cache::strategies::{CacheStrategies, store_fn};
+use ncm_cache::{Cache, CacheStrategy, MultiLevelCache, RedisCache, RedisConfig, Serializer};
+use ncm_cache_testkit::RedisServer;
+
+async fn instance(server: &RedisServer) -> MultiLevelCache {
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    c.response_timeout = Duration::from_millis(500);
+    c.health_check_interval = Some(Duration::from_millis(100));
+    let redis = RedisCache::connect(c).await.unwrap();
+    let multi = MultiLevelCache::builder_shared(redis.backend())
+        .name("layered")
+        .backplane(Arc::clone(redis.redis_backend()))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    while !multi.l1_active() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "backplane never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    multi
+}
+
+/// Polls `read` until it returns `want`, failing after one second.
+async fn eventually<T, F, Fut>(want: T, mut read: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let start = Instant::now();
+    loop {
+        let got = read().await;
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_cache_over_two_multilevel_instances() {
+    let server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let sql_a = SqlCache::builder(
+        Cache::new(ma.as_backend(), Serializer::default()),
+        SqliteExecutor::connect(&url).await.unwrap(),
+    )
+    .build()
+    .unwrap();
+    let sql_b = SqlCache::builder(
+        Cache::new(mb.as_backend(), Serializer::default()),
+        SqliteExecutor::connect(&url).await.unwrap(),
+    )
+    .build()
+    .unwrap();
+    sql_a
+        .execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
+        .await
+        .unwrap();
+    sql_a
+        .execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
+        .await
+        .unwrap();
+    let query = "SELECT name FROM users WHERE id = %s";
+    let name = |rows: Option<ncm_cache::sql::Rows>| {
+        rows.and_then(|r| r.get(0, "name").cloned())
+            .unwrap_or(SqlValue::Null)
+    };
+    for cache in [&sql_a, &sql_b] {
+        let rows = cache
+            .cache_query(query, params![1], QueryCacheStrategy::CacheFirst, None)
+            .await
+            .unwrap();
+        assert_eq!(name(rows), SqlValue::Text("Ada".into()));
+    }
+    assert!(
+        mb.get_stats().l1_hits + mb.get_stats().l2_hits > 0,
+        "B read A's entry"
+    );
+    // B's cached copy sits in B's L1 now; A's write must evict it there.
+    sql_a
+        .execute(
+            "UPDATE users SET name = %s WHERE id = %s",
+            params!["Grace", 1],
+        )
+        .await
+        .unwrap();
+    eventually(SqlValue::Text("Grace".into()), || async {
+        name(
+            sql_b
+                .cache_query(query, params![1], QueryCacheStrategy::CacheFirst, None)
+                .await
+                .unwrap(),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_over_two_multilevel_instances() {
+    let server = RedisServer::start().unwrap();
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let store = {
+        let db = Arc::clone(&db);
+        store_fn(move |key: String, value: String| {
+            let db = Arc::clone(&db);
+            async move {
+                db.lock().unwrap().insert(key, value);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let a = CacheStrategies::new(Cache::new(ma.as_backend(), Serializer::default()));
+    let b = Cache::new(mb.as_backend(), Serializer::default());
+    a.write_through(
+        "user:1",
+        &"Ada".to_string(),
+        Duration::from_secs(60),
+        &store,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.get::<String>("user:1").await.unwrap().as_deref(),
+        Some("Ada")
+    );
+    assert_eq!(
+        b.get::<String>("user:1").await.unwrap().as_deref(),
+        Some("Ada")
+    );
+    assert!(
+        mb.get_stats().l1_hits > 0,
+        "B's second read came from its L1"
+    );
+    a.write_through(
+        "user:1",
+        &"Grace".to_string(),
+        Duration::from_secs(60),
+        &store,
+    )
+    .await
+    .unwrap();
+    eventually(Some("Grace".to_string()), || async {
+        b.get::<String>("user:1").await.unwrap()
+    })
+    .await;
+    assert_eq!(db.lock().unwrap()["user:1"], "Grace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loader_over_two_multilevel_instances() {
+    let server = RedisServer::start().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut loaders = Vec::new();
+    for _ in 0..2 {
+        let multi = instance(&server).await;
+        let loader = CacheLoader::new(Cache::new(multi.as_backend(), Serializer::default()));
+        let r = Arc::clone(&runs);
+        loader
+            .register_loader(
+                "user",
+                move |id: u64| {
+                    let r = Arc::clone(&r);
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(format!("user {id}"))
+                    }
+                },
+                Duration::from_secs(60),
+                CacheStrategy::CacheAside,
+            )
+            .unwrap();
+        loaders.push((multi, loader));
+    }
+    let (ma, a) = &loaders[0];
+    let (mb, b) = &loaders[1];
+    let v: String = a.load("user", 7u64).await.unwrap();
+    assert_eq!(v, "user 7");
+    let v: String = b.load("user", 7u64).await.unwrap();
+    assert_eq!(v, "user 7");
+    let v: String = b.load("user", 7u64).await.unwrap();
+    assert_eq!(v, "user 7");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "B found A's load in L2");
+    assert!(mb.get_stats().l2_hits >= 1 && mb.get_stats().l1_hits >= 1);
+    assert!(ma.l1_len() >= 1);
+}
