@@ -1,0 +1,180 @@
+//! One worker process of the multi-process coherence checker (`tests/tests/coherence.rs`):
+//! runs mixed set / delete / get / get_or_load / clear on shared keys with versioned values
+//! through `MultiLevelCache::over_redis` (backplane + lock + fail-safe + eager refresh + loader
+//! timeouts) until its deadline, and writes what it did, with wall-clock times, to a log file.
+//!
+//! Environment: `NCM_WORKER_ID`, `NCM_WORKER_SECS`, `NCM_WORKER_SEED`, `NCM_WORKER_LOG`, and
+//! either `NCM_WORKER_URL` (one node) or `NCM_WORKER_NODES` (comma-separated cluster nodes).
+//!
+//! Log lines (times in nanoseconds since the Unix epoch; `ok`/`err`):
+//! - `S key version start end ok|err` — a set
+//! - `D key start end ok|err` — a delete
+//! - `C start end ok|err` — a clear
+//! - `R key version|- start end source|err` — a get (source `L1`, `L2`, `Stale`, ...)
+//! - `G key version|- start end source|err` — a get_or_load (source `Loader`: this call loaded)
+//! - `P key version time` — a loader produced a version (also background refreshes)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ncm_cache::{MultiLevelCache, RedisCache, RedisConfig};
+use serde::{Deserialize, Serialize};
+
+/// Keys every worker uses.
+const KEYS: u64 = 64;
+/// Concurrent tasks per worker.
+const TASKS: u64 = 4;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Val {
+    key: String,
+    version: u64,
+}
+
+fn now() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+struct Log(Mutex<String>);
+
+impl Log {
+    fn line(&self, args: std::fmt::Arguments<'_>) {
+        let mut s = self.0.lock().unwrap();
+        let _ = s.write_fmt(args);
+        s.push('\n');
+    }
+}
+
+fn config() -> RedisConfig {
+    let mut c = match env("NCM_WORKER_URL") {
+        Some(url) => RedisConfig::from_url(&url).unwrap(),
+        None => {
+            let mut c = RedisConfig::default();
+            c.cluster_nodes = env("NCM_WORKER_NODES")
+                .expect("NCM_WORKER_URL or NCM_WORKER_NODES")
+                .split(',')
+                .map(str::to_owned)
+                .collect();
+            c
+        }
+    };
+    c.key_prefix = "chk:".into();
+    c.response_timeout = Duration::from_millis(300);
+    c.connect_timeout = Duration::from_millis(300);
+    c.health_check_interval = Some(Duration::from_millis(100));
+    c
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let id: u64 = env("NCM_WORKER_ID").unwrap().parse().unwrap();
+    let secs: f64 = env("NCM_WORKER_SECS").unwrap().parse().unwrap();
+    let seed: u64 = env("NCM_WORKER_SEED").unwrap().parse().unwrap();
+    let path = env("NCM_WORKER_LOG").unwrap();
+    let redis = loop {
+        match RedisCache::connect(config()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                eprintln!("worker {id}: connect: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let cache = MultiLevelCache::over_redis(&redis)
+        .name("checker")
+        .l1_default_ttl(Duration::from_secs(10))
+        .fail_safe(Duration::from_secs(30))
+        .eager_refresh(0.8)
+        .loader_timeouts(
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_secs(1)),
+        )
+        .build()
+        .unwrap();
+    let log = Arc::new(Log(Mutex::new(String::new())));
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (cache, log, counter) = (cache.clone(), Arc::clone(&log), Arc::clone(&counter));
+        let mut rng = fastrand::Rng::with_seed(seed ^ (id << 32) ^ t);
+        tasks.push(tokio::spawn(async move {
+            let next = || (id << 48) | counter.fetch_add(1, Ordering::Relaxed);
+            while Instant::now() < deadline {
+                let key = format!("k{}", rng.u64(..KEYS));
+                let dice = rng.u32(..10_000);
+                let start = now();
+                if dice < 500 {
+                    let version = next();
+                    let val = Val {
+                        key: key.clone(),
+                        version,
+                    };
+                    let r = cache.set(&key, val).await;
+                    let ok = if r.is_ok() { "ok" } else { "err" };
+                    log.line(format_args!("S {key} {version} {start} {} {ok}", now()));
+                } else if dice < 600 {
+                    let r = cache.delete(&key).await;
+                    let ok = if r.is_ok() { "ok" } else { "err" };
+                    log.line(format_args!("D {key} {start} {} {ok}", now()));
+                } else if dice < 601 {
+                    let r = cache.clear().await;
+                    let ok = if r.is_ok() { "ok" } else { "err" };
+                    log.line(format_args!("C {start} {} {ok}", now()));
+                } else if dice < 8600 {
+                    let r = cache.get_with_source::<Val>(&key).await;
+                    let end = now();
+                    let (version, source) = match r {
+                        Ok(Some((v, source))) => {
+                            assert_eq!(v.key, key, "another key's value");
+                            (v.version.to_string(), format!("{source:?}"))
+                        }
+                        Ok(None) => ("-".to_owned(), "None".to_owned()),
+                        Err(_) => ("-".to_owned(), "err".to_owned()),
+                    };
+                    log.line(format_args!("R {key} {version} {start} {end} {source}"));
+                } else {
+                    let version = next();
+                    let (log2, k2) = (Arc::clone(&log), key.clone());
+                    let r = cache
+                        .get_or_load_with_source::<Val, _, _, _>(&key, move || async move {
+                            log2.line(format_args!("P {k2} {version} {}", now()));
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok::<_, std::io::Error>(Val {
+                                key: k2,
+                                version,
+                            })
+                        })
+                        .await;
+                    let end = now();
+                    let (version, source) = match r {
+                        Ok((v, source)) => {
+                            assert_eq!(v.key, key, "another key's value");
+                            (v.version.to_string(), format!("{source:?}"))
+                        }
+                        Err(_) => ("-".to_owned(), "err".to_owned()),
+                    };
+                    log.line(format_args!("G {key} {version} {start} {end} {source}"));
+                }
+                tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Background refreshes may still log their loads.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let text = log.0.lock().unwrap().clone();
+    std::fs::write(&path, text).unwrap();
+    let _ = cache.close().await;
+}

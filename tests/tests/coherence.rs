@@ -1,0 +1,371 @@
+//! The multi-process coherence checker (issue 16): three OS processes (`coherence_worker`) run
+//! mixed set / delete / get / get_or_load / clear on shared keys with versioned values through
+//! `MultiLevelCache::over_redis` (backplane + lock + fail-safe + eager refresh + loader
+//! timeouts) while this test injects faults — a backplane/L2 connection cut, a partition
+//! (stall), a refused reconnect during which PUBLISHes fail, Redis killed and restarted; on a
+//! 3+3 cluster a paused primary and a failover. Then it checks every read in the merged logs:
+//!
+//! - **nothing invented**: every version read was written (or produced by a loader) for that key;
+//! - **nothing stale outside fault windows**: a read (served as fresh: L1, L2) that began more
+//!   than [`BOUND`] after some write/delete/clear of its key was acknowledged never returns a
+//!   version whose write had finished before that write/delete/clear began.
+//!
+//! Reads that overlap a fault window (plus [`SETTLE`]) and values served as `Stale` (fail-safe)
+//! are not checked for staleness. Duration: `NCM_CHAOS_SECS` per topology (default 12 s;
+//! `cargo xtask chaos --minutes N` runs it longer).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisCluster, RedisServer};
+
+/// How long after an acknowledged write an old value may still be read (the stated bound).
+const BOUND: u128 = 250_000_000;
+/// How long after a fault ends reads are still excused (reconnects, failover settling).
+const SETTLE: u128 = 2_000_000_000;
+const WORKERS: usize = 3;
+
+fn now() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn secs() -> f64 {
+    std::env::var("NCM_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12.0)
+}
+
+fn spawn_worker(id: usize, target: (&str, String), secs: f64, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_coherence_worker"))
+        .env(target.0, target.1)
+        .env("NCM_WORKER_ID", id.to_string())
+        .env("NCM_WORKER_SECS", secs.to_string())
+        .env("NCM_WORKER_SEED", fastrand::u64(..).to_string())
+        .env("NCM_WORKER_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_workers(children: Vec<Child>) {
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a worker failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A write, delete or clear (`key` `None`) as logged.
+#[derive(Debug, Clone)]
+struct Write {
+    key: Option<String>,
+    version: Option<u64>,
+    start: u128,
+    end: u128,
+    ok: bool,
+}
+
+#[derive(Debug)]
+struct Read {
+    key: String,
+    version: u64,
+    start: u128,
+    end: u128,
+    source: String,
+}
+
+#[derive(Default, Debug)]
+struct Report {
+    ops: usize,
+    reads: usize,
+    checked: usize,
+    in_fault_windows: usize,
+    stale_served: usize,
+    from_l1: usize,
+    violations: Vec<String>,
+}
+
+fn num(s: Option<&str>) -> u128 {
+    s.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn parse(logs: &[PathBuf]) -> (Vec<Write>, Vec<Read>, HashMap<String, HashSet<u64>>, usize) {
+    let (mut writes, mut reads, mut produced) = (Vec::new(), Vec::new(), HashMap::new());
+    let mut ops = 0;
+    for path in logs {
+        let text = std::fs::read_to_string(path).unwrap();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let produce = |produced: &mut HashMap<String, HashSet<u64>>, key: &str, v: u64| {
+                produced.entry(key.to_owned()).or_default().insert(v);
+            };
+            match f[0] {
+                "S" => {
+                    ops += 1;
+                    let v: u64 = f[2].parse().unwrap();
+                    produce(&mut produced, f[1], v);
+                    writes.push(Write {
+                        key: Some(f[1].to_owned()),
+                        version: Some(v),
+                        start: num(f.get(3).copied()),
+                        end: num(f.get(4).copied()),
+                        ok: f[5] == "ok",
+                    });
+                }
+                "D" => {
+                    ops += 1;
+                    writes.push(Write {
+                        key: Some(f[1].to_owned()),
+                        version: None,
+                        start: num(f.get(2).copied()),
+                        end: num(f.get(3).copied()),
+                        ok: f[4] == "ok",
+                    });
+                }
+                "C" => {
+                    ops += 1;
+                    writes.push(Write {
+                        key: None,
+                        version: None,
+                        start: num(f.get(1).copied()),
+                        end: num(f.get(2).copied()),
+                        ok: f[3] == "ok",
+                    });
+                }
+                "P" => produce(&mut produced, f[1], f[2].parse().unwrap()),
+                "R" | "G" => {
+                    ops += 1;
+                    let Ok(version) = f[2].parse::<u64>() else {
+                        continue;
+                    };
+                    let (start, end) = (num(f.get(3).copied()), num(f.get(4).copied()));
+                    if f[0] == "G" && f[5] == "Loader" {
+                        // This call loaded: a write acknowledged when the call returned.
+                        writes.push(Write {
+                            key: Some(f[1].to_owned()),
+                            version: Some(version),
+                            start,
+                            end,
+                            ok: true,
+                        });
+                    } else {
+                        reads.push(Read {
+                            key: f[1].to_owned(),
+                            version,
+                            start,
+                            end,
+                            source: f[5].to_owned(),
+                        });
+                    }
+                }
+                _ => panic!("unknown log line {line:?}"),
+            }
+        }
+    }
+    (writes, reads, produced, ops)
+}
+
+fn check(logs: &[PathBuf], faults: &[(u128, u128)]) -> Report {
+    let (writes, reads, produced, ops) = parse(logs);
+    let mut report = Report {
+        ops,
+        reads: reads.len(),
+        ..Report::default()
+    };
+    // Per key: acknowledged writes/deletes (and every clear) sorted by end, with the running
+    // maximum of their starts, to find "a write that began after X and ended before Y".
+    let clears: Vec<&Write> = writes.iter().filter(|w| w.key.is_none() && w.ok).collect();
+    let mut by_key: HashMap<&str, (Vec<u128>, Vec<u128>)> = HashMap::new();
+    let keys: HashSet<&str> = writes.iter().filter_map(|w| w.key.as_deref()).collect();
+    for key in keys {
+        let mut acked: Vec<&Write> = writes
+            .iter()
+            .filter(|w| w.ok && w.key.as_deref() == Some(key))
+            .chain(clears.iter().copied())
+            .collect();
+        acked.sort_by_key(|w| w.end);
+        let ends = acked.iter().map(|w| w.end).collect();
+        let mut max = 0;
+        let max_starts = acked
+            .iter()
+            .map(|w| {
+                max = max.max(w.start);
+                max
+            })
+            .collect();
+        by_key.insert(key, (ends, max_starts));
+    }
+    let producer: HashMap<(&str, u64), &Write> = writes
+        .iter()
+        .filter_map(|w| Some(((w.key.as_deref()?, w.version?), w)))
+        .collect();
+    for r in &reads {
+        if !produced
+            .get(&r.key)
+            .is_some_and(|set| set.contains(&r.version))
+        {
+            report
+                .violations
+                .push(format!("invented: {r:?} was never written"));
+            continue;
+        }
+        if r.source == "Stale" {
+            report.stale_served += 1;
+            continue;
+        }
+        if r.source == "L1" {
+            report.from_l1 += 1;
+        }
+        if faults.iter().any(|(s, e)| r.start <= e + SETTLE && r.end >= *s) {
+            report.in_fault_windows += 1;
+            continue;
+        }
+        // Written by a call that failed, or only by a background load: its time is unknown.
+        let Some(w) = producer.get(&(r.key.as_str(), r.version)) else {
+            continue;
+        };
+        if !w.ok {
+            continue;
+        }
+        report.checked += 1;
+        let Some((ends, max_starts)) = by_key.get(r.key.as_str()) else {
+            continue;
+        };
+        // Acknowledged writes that ended more than BOUND before the read began ...
+        let n = ends.partition_point(|&end| end + BOUND < r.start);
+        // ... did any begin after this version's write had ended?
+        if n > 0 && max_starts[n - 1] > w.end {
+            report.violations.push(format!(
+                "stale: {r:?} (written {w:?}) although a write to {} began after it and ended more than {} ms before the read",
+                r.key,
+                BOUND / 1_000_000
+            ));
+        }
+    }
+    report
+}
+
+fn assert_report(name: &str, report: &Report, faults: usize) {
+    println!(
+        "{name}: {} ops, {} reads ({} from L1, {} stale by fail-safe), {} checked, {} in fault windows, {} faults, {} violations",
+        report.ops,
+        report.reads,
+        report.from_l1,
+        report.stale_served,
+        report.checked,
+        report.in_fault_windows,
+        faults,
+        report.violations.len()
+    );
+    for v in report.violations.iter().take(10) {
+        println!("  {v}");
+    }
+    assert!(report.ops > 1000, "too few operations to mean anything");
+    assert!(report.checked > 100, "too few reads checked");
+    assert!(report.from_l1 > 0, "L1 never served: coherence not exercised");
+    assert!(report.violations.is_empty(), "{name}: coherence violated");
+}
+
+/// Sleeps until `at` after `start`.
+fn sleep_until(start: Instant, at: Duration) {
+    if let Some(d) = at.checked_sub(start.elapsed()) {
+        std::thread::sleep(d);
+    }
+}
+
+#[test]
+fn coherence_checker_single_node() {
+    let secs = secs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = RedisServer::start().unwrap();
+    let proxies: Vec<FaultProxy> = (0..WORKERS)
+        .map(|_| FaultProxy::start(server.addr()).unwrap())
+        .collect();
+    let logs: Vec<PathBuf> = (0..WORKERS)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let children: Vec<Child> = (0..WORKERS)
+        .map(|i| spawn_worker(i, ("NCM_WORKER_URL", proxies[i].url()), secs, &logs[i]))
+        .collect();
+    let start = Instant::now();
+    let mut faults = Vec::new();
+    // A fault schedule of 10 s, repeated while the workers run (quiet at the end).
+    let rounds = (((secs - 2.0) / 10.0).floor() as u32).max(1);
+    for round in 0..rounds {
+        let base = Duration::from_secs(10 * u64::from(round));
+        let p = &proxies[(round as usize) % WORKERS];
+        sleep_until(start, base + Duration::from_secs(2));
+        let t = now();
+        p.cut();
+        faults.push((t, now()));
+        sleep_until(start, base + Duration::from_secs(4));
+        let t = now();
+        proxies[(round as usize + 1) % WORKERS].set_mode(ProxyMode::Stall);
+        std::thread::sleep(Duration::from_millis(800));
+        proxies[(round as usize + 1) % WORKERS].set_mode(ProxyMode::Pass);
+        faults.push((t, now()));
+        sleep_until(start, base + Duration::from_secs(6));
+        // PUBLISHes (and everything else) of one worker fail for 500 ms.
+        let t = now();
+        let p = &proxies[(round as usize + 2) % WORKERS];
+        p.set_mode(ProxyMode::Refuse);
+        p.cut();
+        std::thread::sleep(Duration::from_millis(500));
+        p.set_mode(ProxyMode::Pass);
+        faults.push((t, now()));
+        sleep_until(start, base + Duration::from_secs(8));
+        let t = now();
+        server.kill();
+        std::thread::sleep(Duration::from_millis(700));
+        server.restart().unwrap();
+        faults.push((t, now()));
+    }
+    wait_workers(children);
+    let report = check(&logs, &faults);
+    assert_report("single node", &report, faults.len());
+}
+
+#[test]
+fn coherence_checker_cluster() {
+    let secs = secs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = RedisCluster::start().unwrap();
+    let nodes = cluster.node_urls().join(",");
+    let logs: Vec<PathBuf> = (0..WORKERS)
+        .map(|i| dir.path().join(format!("w{i}.log")))
+        .collect();
+    let children: Vec<Child> = (0..WORKERS)
+        .map(|i| spawn_worker(i, ("NCM_WORKER_NODES", nodes.clone()), secs, &logs[i]))
+        .collect();
+    let start = Instant::now();
+    let mut faults = Vec::new();
+    let primaries = cluster.primaries().unwrap();
+    // A primary paused for 700 ms (its clients time out, then it answers again).
+    sleep_until(start, Duration::from_secs_f64(secs * 0.25));
+    let t = now();
+    let paused = cluster.node(primaries[0]).unwrap();
+    paused.pause().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    paused.resume().unwrap();
+    faults.push((t, now()));
+    // A primary killed: its replica takes over.
+    sleep_until(start, Duration::from_secs_f64(secs * 0.5));
+    let t = now();
+    cluster.kill_primary(primaries[1]).unwrap();
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    faults.push((t, now()));
+    wait_workers(children);
+    let report = check(&logs, &faults);
+    assert_report("3+3 cluster", &report, faults.len());
+}
