@@ -227,7 +227,10 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128)]) -> Report {
         if r.source == "L1" {
             report.from_l1 += 1;
         }
-        if faults.iter().any(|(s, e)| r.start <= e + SETTLE && r.end >= *s) {
+        if faults
+            .iter()
+            .any(|(s, e)| r.start <= e + SETTLE && r.end >= *s)
+        {
             report.in_fault_windows += 1;
             continue;
         }
@@ -273,7 +276,10 @@ fn assert_report(name: &str, report: &Report, faults: usize) {
     }
     assert!(report.ops > 1000, "too few operations to mean anything");
     assert!(report.checked > 100, "too few reads checked");
-    assert!(report.from_l1 > 0, "L1 never served: coherence not exercised");
+    assert!(
+        report.from_l1 > 0,
+        "L1 never served: coherence not exercised"
+    );
     assert!(report.violations.is_empty(), "{name}: coherence violated");
 }
 

@@ -6,6 +6,7 @@
 //!   and ends with the line `ci: N passed, N failed, N skipped`.
 //! * `cargo xtask bench [--quick] [--filter SUBSTR] [--publish [--no-run]]` runs the
 //!   side-by-side benchmark suite and writes `target/bench/results.json` and `results.md`.
+//! * `cargo xtask chaos [--minutes N]` runs the multi-process coherence checker for longer.
 
 mod bench;
 mod ci;
@@ -45,6 +46,11 @@ commands:
       Redis that is killed and restarted at random; prints ops/s, errors by kind, p99 and RSS
       per interval, writes target/bench/soak.json, and fails on a wrong value, an untyped
       error or a recovery slower than 2 s.
+
+  chaos [--minutes N]
+      The multi-process coherence checker (tests/tests/coherence.rs) for N minutes (default 5)
+      per topology — one node, then a 3+3 cluster — instead of CI's 12 s: three worker
+      processes, faults injected throughout, fails on any invented or stale read.
 
   help                    print this message
 ";
@@ -102,6 +108,35 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             }
             Err(msg) => Ok(usage_error(&msg)),
         },
+        "chaos" => {
+            let minutes = match rest {
+                [] => 5.0,
+                [flag, n] if flag == "--minutes" => match n.parse::<f64>() {
+                    Ok(m) if m > 0.0 && m.is_finite() => m,
+                    _ => return Ok(usage_error("chaos: --minutes takes a positive number")),
+                },
+                _ => return Ok(usage_error("chaos: usage: chaos [--minutes N]")),
+            };
+            let root = util::workspace_root()?;
+            let secs = format!("{}", minutes * 60.0);
+            let mut cmd = util::cargo(&root);
+            cmd.env("NCM_CHAOS_SECS", secs).args([
+                "test",
+                "-p",
+                "ncm-cache-tests",
+                "--all-features",
+                "--test",
+                "coherence",
+                "--",
+                "--nocapture",
+                "--test-threads=1",
+            ]);
+            Ok(if util::run(&mut cmd)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         other => Ok(usage_error(&format!("unknown command `{other}`"))),
     }
 }

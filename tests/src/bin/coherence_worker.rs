@@ -149,10 +149,7 @@ async fn main() {
                         .get_or_load_with_source::<Val, _, _, _>(&key, move || async move {
                             log2.line(format_args!("P {k2} {version} {}", now()));
                             tokio::time::sleep(Duration::from_millis(5)).await;
-                            Ok::<_, std::io::Error>(Val {
-                                key: k2,
-                                version,
-                            })
+                            Ok::<_, std::io::Error>(Val { key: k2, version })
                         })
                         .await;
                     let end = now();
