@@ -110,3 +110,34 @@ async fn cluster_conformance_spread_batches_patterns_and_failover() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// While a primary is down (before and during its failover), every call is still bounded by
+/// the configured timeouts: the cluster client's own retries and slot refreshes do not add up
+/// to many seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_during_a_failover_are_bounded_by_the_timeouts() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let cache = RedisCache::connect(config(&cluster)).await.unwrap();
+    let keys: Vec<String> = (0..30).map(|i| format!("fo:{i}")).collect();
+    for k in &keys {
+        cache.set(k, &1u32).await.unwrap();
+    }
+    let primaries = cluster.primaries().unwrap();
+    cluster.kill_primary(primaries[0]).unwrap();
+    // response_timeout + connect_timeout (1 s each) + scheduling slack.
+    let bound = Duration::from_millis(2700);
+    let start = Instant::now();
+    let mut worst = Duration::ZERO;
+    while start.elapsed() < Duration::from_secs(6) {
+        for k in &keys {
+            let t = Instant::now();
+            let _ = cache.get::<u32>(k).await;
+            worst = worst.max(t.elapsed());
+        }
+    }
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    assert!(
+        worst <= bound,
+        "a call took {worst:?} during the failover (bound {bound:?})"
+    );
+}

@@ -114,3 +114,34 @@ async fn connecting_to_nothing_is_a_typed_error_within_the_timeout() {
     assert!(err.is_connection() || err.is_timeout(), "{err:?}");
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+/// A call while the connection is being re-established — the old one cut, the new one
+/// accepted but never answered (a partition during the reconnect) — is still bounded by the
+/// configured timeouts, not by the reconnect's retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_during_a_reconnect_is_bounded_by_the_timeouts() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut config = support::config(&server);
+    config.host = "127.0.0.1".into();
+    config.port = proxy.port();
+    let cache = RedisCache::connect(config).await.unwrap();
+    cache.set("k", &"v").await.unwrap();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    proxy.cut();
+    // Both timeouts once each (the retry on timeout included), plus scheduling slack.
+    let bound = TIMEOUT * 3 + SLACK;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let err = cache.get::<String>("k").await.unwrap_err();
+        let took = start.elapsed();
+        assert!(err.is_timeout() || err.is_connection(), "{err:?}");
+        assert!(
+            took <= bound,
+            "a call took {took:?} during a reconnect (bound {bound:?})"
+        );
+    }
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    let took = until_ok(&cache, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(5), "recovered in {took:?}");
+}
