@@ -71,6 +71,28 @@ fn l1_hit(c: &mut Criterion) {
         })
     });
     g.finish();
+    // The same hit through get_or_load (the loader is not called).
+    let mut g = c.benchmark_group("l1_get_or_load_hit_100B");
+    g.bench_function("ours", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(
+                ready(
+                    cache.get_or_load_with_source::<String, _, _, _>(&keys[i], || async {
+                        Err::<String, _>(std::io::Error::other("never called on a hit"))
+                    }),
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.bench_function("baseline_quick_cache", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(quick.get(keys[i].as_str()))
+        })
+    });
+    g.finish();
     let stats = cache.get_stats();
     assert!(
         stats.l1_hits > 0 && stats.l2_hits == 0 && stats.misses == 0,
