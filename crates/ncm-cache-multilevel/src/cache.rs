@@ -19,7 +19,7 @@ use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
 use crate::l1::{Hits, L1Value};
 use crate::stats::{Counters, MultiLevelStats};
-use crate::versions::{Ticket, Versions};
+use crate::versions::{CONTENDED_TTL, Settled, Ticket, Versions};
 use ncm_cache_core::NO_DEADLINE;
 
 /// A value a multi-level cache can hold: serializable for L2, shareable for L1.
@@ -543,27 +543,32 @@ impl<C: Codec> MultiLevelCache<C> {
             .collect();
         if !batch.is_empty() {
             let ttl = self.inner.opts.l2_default_ttl;
-            self.inner
+            // As writers: only keys nothing invalidated since the load began go into L1.
+            let writes: HashMap<&str, Ticket> = encoded
+                .iter()
+                .filter(|(k, _)| {
+                    tickets
+                        .get(k)
+                        .is_some_and(|t| self.inner.versions.current(t))
+                })
+                .map(|(k, _)| (k.as_str(), self.inner.versions.write_begin(k)))
+                .collect();
+            let written = self
+                .inner
                 .l2_call(self.inner.l2.set_many(&batch, ttl))
-                .await?;
+                .await;
             for (i, key) in keys.iter().enumerate() {
-                let (Some(v), Some(ticket)) = (&out[i], tickets.get(*key)) else {
+                let Some(write) = writes.get(key) else {
                     continue;
                 };
-                let Some((_, bytes)) = encoded.iter().find(|(k, _)| k == key) else {
+                let (Some(v), Some((_, bytes))) = (&out[i], encoded.iter().find(|(k, _)| k == key))
+                else {
                     continue;
                 };
-                // As a writer: keep it in L1 only if nothing invalidated the key meanwhile.
-                match self.inner.versions.advance(ticket) {
-                    Some(mine) => {
-                        let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
-                        self.inner.l1_fill(key, fill, &mine);
-                    }
-                    None => {
-                        let _ = self.inner.l1.remove(key);
-                    }
-                }
+                let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
+                self.inner.settle_write(key, fill, write);
             }
+            written?;
             for (k, _) in &encoded {
                 self.inner.publish_set(k).await;
             }
@@ -854,9 +859,9 @@ impl<C: Codec> Inner<C> {
         ttl: Option<Duration>,
     ) -> Result<()> {
         let size = bytes.len();
-        // Bump before: fills that started earlier cannot land after this write.
-        let _ = self.invalidate_l1(key);
-        let ticket = self.versions.ticket(key);
+        // Bump before: fills that started earlier cannot land after this write. The old L1
+        // copy may still be served until the write is acknowledged.
+        let ticket = self.versions.write_begin(key);
         // One round trip when L2 is the backplane's Redis, else write then publish.
         let (written, published) = match self.write_and_publish(key, &bytes, ttl).await {
             Some(r) => (r, true),
@@ -867,20 +872,31 @@ impl<C: Codec> Inner<C> {
             self.publish_delete(key).await;
             return Err(e);
         }
-        // Bump after: a read that began during the write cannot promote the old value. Our
-        // own value goes into L1 only if nobody else invalidated the key meanwhile.
-        match self.versions.advance(&ticket) {
-            Some(mine) => {
-                self.l1_fill(key, Fill::value(value, size, ttl), &mine);
-            }
-            None => {
-                let _ = self.l1.remove(key);
-            }
-        }
+        self.settle_write(key, Fill::value(value, size, ttl), &ticket);
         if !published {
             self.publish_set(key).await;
         }
         Ok(())
+    }
+
+    /// After this instance's L2 write of `key` (begun with `ticket`): keep the written value in
+    /// L1 unless an invalidation came meanwhile — for at most
+    /// [`CONTENDED_TTL`](crate::versions::CONTENDED_TTL) when another local write of its stripe
+    /// overlapped (which of the two L2 applied last is unknown).
+    pub(crate) fn settle_write(&self, key: &str, mut fill: Fill, ticket: &Ticket) {
+        match self.versions.write_end(ticket) {
+            Settled::Clean(mine) => {
+                self.l1_fill(key, fill, &mine);
+            }
+            Settled::Contended(mine) => {
+                let ttl = fill.l2_ttl.map_or(CONTENDED_TTL, |t| t.min(CONTENDED_TTL));
+                fill.l2_ttl = Some(ttl);
+                self.l1_fill(key, fill, &mine);
+            }
+            Settled::Invalidated => {
+                let _ = self.l1.remove(key);
+            }
+        }
     }
 }
 

@@ -282,24 +282,18 @@ impl<C: Codec> Inner<C> {
             return Ok((Some(object), ValueSource::Loader));
         }
         let ttl = self.opts.l2_default_ttl;
+        let write = self.versions.write_begin(key);
         match self.l2_write(key, bytes, ttl).await {
             Ok(()) => {
-                // As a writer: bump after the write; keep it in L1 only if nothing else
-                // invalidated the key meanwhile.
-                match self.versions.advance(ticket) {
-                    Some(mine) => {
-                        self.l1_fill(key, Fill::value(Arc::clone(&object), size, ttl), &mine);
-                    }
-                    None => {
-                        let _ = self.l1.remove(key);
-                    }
-                }
+                let fill = Fill::value(Arc::clone(&object), size, ttl);
+                self.settle_write(key, fill, &write);
                 self.publish_set(key).await;
             }
             // The value is still good: serve it and keep it in L1; count the failure.
             Err(e) => {
                 tracing::warn!(key, error = %e, "loaded value not written to L2");
-                self.l1_fill(key, Fill::value(Arc::clone(&object), size, ttl), ticket);
+                let fill = Fill::value(Arc::clone(&object), size, ttl);
+                self.settle_write(key, fill, &write);
             }
         }
         Ok((Some(object), ValueSource::Loader))

@@ -1,37 +1,66 @@
-//! Per-key invalidation versions: what keeps an L1 fill from resurrecting a value older than
-//! an acknowledged write or invalidation (docs/ARCHITECTURE.md, "Coherence of L1").
+//! Per-key versions: what keeps an L1 fill from resurrecting a value older than an
+//! acknowledged write or invalidation (docs/ARCHITECTURE.md, "Coherence of L1").
 //!
-//! Every invalidation of a key bumps its stripe (a hash of the key picks one of [`STRIPES`]
-//! counters) before and after its L2 effect, then evicts the key from L1; a cache-wide
-//! invalidation (clear, disconnect, lost message) bumps one global counter. An L1 fill takes a
-//! [`Ticket`] before its L2 read or load and inserts only while the ticket is current, checked
-//! before and after the insert.
+//! A hash of the key picks one of [`STRIPES`] stripes; each has two counters: *invalidations*
+//! (a received message, a local delete) and *local writes* (this instance's own writes, bumped
+//! before and after their L2 write). A cache-wide counter covers clear, disconnects and lost
+//! messages. An L1 fill (a promotion, a waiter's read, a load) takes a [`Ticket`] before its
+//! L2 read or load and inserts only while all three are unchanged, checked before and after
+//! the insert. A writer keeps its own value unless an invalidation came during its write; if
+//! only other local writes of the stripe came, the order of the two writes in L2 is unknown, so
+//! its value stays in L1 for at most [`CONTENDED_TTL`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Number of stripes: one key's invalidation cancels only fills of keys in its stripe.
 pub(crate) const STRIPES: usize = 4096;
+
+/// How long L1 keeps a value whose write overlapped another local write of its stripe (which
+/// of the two L2 applied last is unknown; after this, L1 asks L2).
+pub(crate) const CONTENDED_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Stripe {
+    invalidations: AtomicU64,
+    /// Bumped when a local write begins and when it ends.
+    writes: AtomicU64,
+    /// Local writes between begin and end.
+    in_flight: AtomicU64,
+}
 
 /// The counters. Sequentially consistent: the argument in the module docs orders a bump against
 /// a fill's checks across threads.
 pub(crate) struct Versions {
     global: AtomicU64,
-    stripes: Box<[AtomicU64]>,
+    stripes: Box<[Stripe]>,
 }
 
-/// A snapshot of the two counters that guard one key.
+/// A snapshot of the counters that guard one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
     global: u64,
     stripe: usize,
-    version: u64,
+    invalidations: u64,
+    writes: u64,
+}
+
+/// How a writer's L2 write ended, for its own L1 insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Nothing else touched the key's stripe: keep the value (with this ticket).
+    Clean(Ticket),
+    /// Only other local writes of the stripe overlapped: keep it for [`CONTENDED_TTL`] at most.
+    Contended(Ticket),
+    /// An invalidation came during the write: evict (L2 decides).
+    Invalidated,
 }
 
 impl Default for Versions {
     fn default() -> Self {
         Self {
             global: AtomicU64::new(0),
-            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
         }
     }
 }
@@ -45,22 +74,28 @@ impl Versions {
     /// The current versions of `key`, taken before reading L2 or loading.
     pub(crate) fn ticket(&self, key: &str) -> Ticket {
         let stripe = stripe_of(key);
+        let s = &self.stripes[stripe];
         Ticket {
             global: self.global.load(Ordering::SeqCst),
             stripe,
-            version: self.stripes[stripe].load(Ordering::SeqCst),
+            invalidations: s.invalidations.load(Ordering::SeqCst),
+            writes: s.writes.load(Ordering::SeqCst),
         }
     }
 
-    /// `true` while nothing that guards the ticket's key has been invalidated since it was taken.
+    /// `true` while nothing that guards the ticket's key has changed since it was taken.
     pub(crate) fn current(&self, t: &Ticket) -> bool {
+        let s = &self.stripes[t.stripe];
         self.global.load(Ordering::SeqCst) == t.global
-            && self.stripes[t.stripe].load(Ordering::SeqCst) == t.version
+            && s.invalidations.load(Ordering::SeqCst) == t.invalidations
+            && s.writes.load(Ordering::SeqCst) == t.writes
     }
 
     /// Invalidates `key` (its stripe): every fill of it that took a ticket before now fails.
     pub(crate) fn invalidate(&self, key: &str) {
-        self.stripes[stripe_of(key)].fetch_add(1, Ordering::SeqCst);
+        self.stripes[stripe_of(key)]
+            .invalidations
+            .fetch_add(1, Ordering::SeqCst);
     }
 
     /// Invalidates every key.
@@ -68,23 +103,51 @@ impl Versions {
         self.global.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// A writer's bump after its L2 write: `Some(ticket)` for its own L1 insert when nothing
-    /// else invalidated the key since `t` (only this bump), `None` when something did (the
-    /// writer then evicts instead: which write is newer is L2's to say).
-    pub(crate) fn advance(&self, t: &Ticket) -> Option<Ticket> {
-        let before = self.stripes[t.stripe].fetch_add(1, Ordering::SeqCst);
+    /// A local write of `key` begins: fills that took a ticket earlier fail. Returns the
+    /// writer's ticket.
+    pub(crate) fn write_begin(&self, key: &str) -> Ticket {
+        let s = &self.stripes[stripe_of(key)];
+        s.in_flight.fetch_add(1, Ordering::SeqCst);
+        s.writes.fetch_add(1, Ordering::SeqCst);
+        self.ticket(key)
+    }
+
+    /// A local write begun with `t` ended (call exactly once per [`write_begin`]): bump again
+    /// (a read that began during the write cannot promote the old value) and tell what the
+    /// writer may keep in L1.
+    pub(crate) fn write_end(&self, t: &Ticket) -> Settled {
+        let s = &self.stripes[t.stripe];
+        let before = s.writes.fetch_add(1, Ordering::SeqCst);
+        let others_in_flight = s.in_flight.fetch_sub(1, Ordering::SeqCst) > 1;
         let global = self.global.load(Ordering::SeqCst);
-        (before == t.version && global == t.global).then_some(Ticket {
+        let invalidations = s.invalidations.load(Ordering::SeqCst);
+        if global != t.global || invalidations != t.invalidations {
+            return Settled::Invalidated;
+        }
+        let mine = Ticket {
             global,
             stripe: t.stripe,
-            version: before + 1,
-        })
+            invalidations,
+            writes: before + 1,
+        };
+        if before == t.writes && !others_in_flight {
+            Settled::Clean(mine)
+        } else {
+            Settled::Contended(mine)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn other_stripe_key(of: &str) -> String {
+        (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| stripe_of(k) != stripe_of(of))
+            .unwrap()
+    }
 
     #[test]
     fn tickets_follow_their_key_and_the_global_counter() {
@@ -94,28 +157,44 @@ mod tests {
         v.invalidate("a");
         assert!(!v.current(&a));
         let a = v.ticket("a");
-        // Another key (in another stripe) leaves `a` alone.
-        let other = (0..100)
-            .map(|i| format!("k{i}"))
-            .find(|k| stripe_of(k) != stripe_of("a"))
-            .unwrap();
-        v.invalidate(&other);
-        assert!(v.current(&a));
+        v.invalidate(&other_stripe_key("a"));
+        assert!(v.current(&a), "another stripe leaves `a` alone");
+        let t = v.write_begin("a");
+        assert!(!v.current(&a), "a local write cancels earlier fills");
+        assert!(matches!(v.write_end(&t), Settled::Clean(_)));
+        let a = v.ticket("a");
         v.invalidate_all();
         assert!(!v.current(&a));
     }
 
     #[test]
-    fn a_writer_keeps_its_insert_only_without_a_concurrent_bump() {
+    fn a_writer_learns_what_overlapped_its_write() {
         let v = Versions::default();
-        let t = v.ticket("k");
-        let mine = v.advance(&t).unwrap();
+        let t = v.write_begin("k");
+        let Settled::Clean(mine) = v.write_end(&t) else {
+            panic!("nothing overlapped")
+        };
         assert!(v.current(&mine));
-        let t = v.ticket("k");
-        v.invalidate("k");
+        let (t1, t2) = (v.write_begin("k"), v.write_begin("k"));
         assert!(
-            v.advance(&t).is_none(),
-            "someone else invalidated during the write"
+            matches!(v.write_end(&t2), Settled::Contended(_)),
+            "the first write is still in flight"
         );
+        assert!(matches!(v.write_end(&t1), Settled::Contended(_)));
+        let t = v.write_begin("k");
+        assert!(
+            matches!(v.write_end(&t), Settled::Clean(_)),
+            "back to one writer"
+        );
+        let t = v.write_begin("k");
+        v.invalidate("k");
+        assert_eq!(
+            v.write_end(&t),
+            Settled::Invalidated,
+            "a delete or a message came"
+        );
+        let t = v.write_begin("k");
+        v.invalidate_all();
+        assert_eq!(v.write_end(&t), Settled::Invalidated);
     }
 }
