@@ -40,7 +40,7 @@ async fn a_multilevel_cache_and_a_typed_cache_share_redis() {
         .build()
         .await
         .unwrap();
-    let products = MultiLevelCache::builder_shared(redis.backend())
+    let products = MultiLevelCache::builder(redis.backend())
         .name("products")
         .backplane(Arc::clone(redis.redis_backend()))
         .build()

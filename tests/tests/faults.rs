@@ -400,7 +400,7 @@ async fn multilevel_cache_through_a_stalled_and_cut_proxy() {
     let proxy = FaultProxy::start(server.addr()).unwrap();
     let redis = redis_cache(&proxy.url()).await;
     let cache = Arc::new(
-        MultiLevelCache::builder_shared(redis.backend())
+        MultiLevelCache::builder(redis.backend())
             .name("faults")
             .backplane(Arc::clone(redis.redis_backend()))
             .build()
@@ -429,7 +429,7 @@ async fn backplane_cut_between_two_instances_converges_after_the_fault() {
     let proxy = FaultProxy::start(server.addr()).unwrap();
     let instance = |redis: Arc<RedisCache>| {
         Arc::new(
-            MultiLevelCache::builder_shared(redis.backend())
+            MultiLevelCache::builder(redis.backend())
                 .name("shared")
                 .backplane(Arc::clone(redis.redis_backend()))
                 .build()
@@ -580,7 +580,7 @@ const LOCK_CHILD: &str = "NCM_FAULTS_LOCK_CHILD_URL";
 /// it is killed.
 async fn hold_the_lock(url: &str) {
     let redis = redis_cache(url).await;
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let cache = MultiLevelCache::builder(redis.backend())
         .name("locked")
         .distributed_lock(
             Arc::clone(redis.redis_backend()),
@@ -636,7 +636,7 @@ async fn lock_holder_killed_the_lock_expires_and_another_instance_loads() {
     // The lock is still held by the dead process; this instance waits for it to expire (1 s),
     // then takes it and loads, once.
     let redis = redis_cache(&server.url()).await;
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let cache = MultiLevelCache::builder(redis.backend())
         .name("locked")
         .distributed_lock(
             Arc::clone(redis.redis_backend()),

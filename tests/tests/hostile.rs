@@ -138,7 +138,7 @@ async fn foreign_bytes_under_our_keys_are_misses_counted_and_removed() {
 async fn foreign_bytes_in_l2_are_replaced_by_the_loader_in_a_multilevel_cache() {
     let server = RedisServer::start().unwrap();
     let redis = RedisCache::connect(config(&server, "ml:")).await.unwrap();
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let cache = MultiLevelCache::builder(redis.backend())
         .name("hostile")
         .build()
         .unwrap();

@@ -20,7 +20,7 @@ async fn instance(server: &RedisServer) -> MultiLevelCache {
     c.response_timeout = Duration::from_millis(500);
     c.health_check_interval = Some(Duration::from_millis(100));
     let redis = RedisCache::connect(c).await.unwrap();
-    let multi = MultiLevelCache::builder_shared(redis.backend())
+    let multi = MultiLevelCache::builder(redis.backend())
         .name("layered")
         .backplane(Arc::clone(redis.redis_backend()))
         .build()

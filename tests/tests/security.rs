@@ -300,7 +300,7 @@ async fn signed_multilevel_cache_rejects_tampered_l2_values() {
         .build()
         .unwrap();
     let build = || {
-        MultiLevelCache::builder_shared(Arc::clone(&backend))
+        MultiLevelCache::builder(Arc::clone(&backend))
             .codec(codec.clone())
             .name("accounts")
             .build()

@@ -26,7 +26,7 @@ async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiL
     let mut config = RedisConfig::from_url(&server.url()).unwrap();
     config.health_check_interval = None;
     let redis = RedisCache::connect(config).await.unwrap();
-    let builder = MultiLevelCache::builder_shared(redis.backend())
+    let builder = MultiLevelCache::builder(redis.backend())
         .name(name)
         // Room for every key of the Zipf workload (the byte budget, 64 MiB, holds them too).
         .l1_max_size(2 * KEYS as u64);

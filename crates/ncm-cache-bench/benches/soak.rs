@@ -321,7 +321,7 @@ fn main() {
         let redis = RedisCache::connect(config.clone()).await.unwrap();
         config.key_prefix = "soak-ml:".into();
         let l2 = RedisCache::connect(config).await.unwrap();
-        let multi = MultiLevelCache::builder_shared(l2.backend())
+        let multi = MultiLevelCache::builder(l2.backend())
             .name("soak")
             .backplane(Arc::clone(l2.redis_backend()))
             .build()

@@ -119,7 +119,7 @@ fn main() {
         let mut config = RedisConfig::from_url(&server.url()).unwrap();
         config.health_check_interval = None;
         let redis = RedisCache::connect(config).await.unwrap();
-        MultiLevelCache::builder_shared(redis.backend())
+        MultiLevelCache::builder(redis.backend())
             .name("stampede")
             .build()
             .unwrap()

@@ -240,7 +240,7 @@ fn fmt_ttl(ttl: Option<Duration>) -> String {
 /// c. Multi-level: promotion and stampede prevention.
 async fn multilevel(env: &Env) -> CliResult<MultiLevelCache> {
     section("c. Multi-level cache (L1 memory + L2)");
-    let mut builder = MultiLevelCache::builder_shared(Arc::clone(&env.l2))
+    let mut builder = MultiLevelCache::builder(Arc::clone(&env.l2))
         .name("demo-ml")
         .l1_max_size(10_000)
         .l1_default_ttl(Duration::from_secs(300));

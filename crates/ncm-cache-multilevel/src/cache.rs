@@ -107,13 +107,19 @@ pub(crate) enum L1Read<T> {
 }
 
 impl MultiLevelCache<Serializer> {
-    /// A builder with `l2` as the second level (any backend: `RedisCache::backend()`,
-    /// a `MemoryBackend`, your own) and the default JSON-envelope codec.
-    pub fn builder(l2: impl CacheBackend) -> MultiLevelBuilder<Serializer> {
-        MultiLevelBuilder::new(Arc::new(l2))
+    /// A builder with `l2` as the second level — any backend: a `MemoryBackend`, your own, or
+    /// an already shared one (`RedisCache::backend()`, an `Arc<RedisBackend>`), which is used as
+    /// it is, not wrapped again — and the default JSON-envelope codec. For Redis with the
+    /// backplane and the lock, [`over_redis`](Self::over_redis) wires everything in one call.
+    pub fn builder<B: CacheBackend>(l2: B) -> MultiLevelBuilder<Serializer> {
+        MultiLevelBuilder::new(shared(l2))
     }
 
-    /// A builder over an already shared L2.
+    /// The same as [`builder`](Self::builder), which accepts a [`SharedBackend`] too.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `builder`: it takes a SharedBackend as well"
+    )]
     pub fn builder_shared(l2: SharedBackend) -> MultiLevelBuilder<Serializer> {
         MultiLevelBuilder::new(l2)
     }
@@ -633,6 +639,20 @@ impl<C: Codec> MultiLevelCache<C> {
         self.inner.l1.close();
         Ok(())
     }
+}
+
+/// `l2` as a shared backend: an `Arc` it already is (so the backplane can tell that L2 is its
+/// own Redis), else a new one.
+fn shared<B: CacheBackend>(l2: B) -> SharedBackend {
+    let any: &dyn Any = &l2;
+    if let Some(shared) = any.downcast_ref::<SharedBackend>() {
+        return Arc::clone(shared);
+    }
+    #[cfg(feature = "redis")]
+    if let Some(redis) = any.downcast_ref::<Arc<ncm_cache_redis::RedisBackend>>() {
+        return Arc::clone(redis) as SharedBackend;
+    }
+    Arc::new(l2)
 }
 
 pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {

@@ -28,7 +28,7 @@ fn memory(clock: &Arc<ManualClock>) -> SharedBackend {
 #[tokio::test]
 async fn an_explicit_ttl_bounds_the_l1_copy_too() {
     let clock = Arc::new(ManualClock::new());
-    let cache = MultiLevelCache::builder_shared(memory(&clock))
+    let cache = MultiLevelCache::builder(memory(&clock))
         .clock(Arc::clone(&clock) as SharedClock)
         .build()
         .unwrap();
@@ -51,7 +51,7 @@ async fn an_explicit_ttl_bounds_the_l1_copy_too() {
 async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
     let clock = Arc::new(ManualClock::new());
     let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
         .clock(Arc::clone(&clock) as SharedClock)
         .build()
         .unwrap();
@@ -90,7 +90,7 @@ async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
 async fn an_invalidation_of_another_key_does_not_cancel_a_promotion() {
     let clock = Arc::new(ManualClock::new());
     let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
         .clock(Arc::clone(&clock) as SharedClock)
         .build()
         .unwrap();
@@ -116,7 +116,7 @@ async fn the_breaker_recovers_after_a_cancelled_or_odd_probe() {
     for odd in [Mode::Hang, Mode::ServerError] {
         let clock = Arc::new(ManualClock::new());
         let slow = Arc::new(Slow::new(memory(&clock)));
-        let cache = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+        let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
             .breaker_threshold(1)
             .breaker_cooldown(Duration::from_millis(50))
             .build()
@@ -158,7 +158,7 @@ impl Drop for Ended {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soft_timeout_keeps_one_load_per_key_and_the_hard_timeout_bounds_it() {
     let clock = Arc::new(ManualClock::new());
-    let cache = MultiLevelCache::builder_shared(memory(&clock))
+    let cache = MultiLevelCache::builder(memory(&clock))
         .clock(Arc::clone(&clock) as SharedClock)
         .l1_default_ttl(Duration::from_secs(1))
         .l2_default_ttl(Duration::from_secs(1))
@@ -229,7 +229,7 @@ mod redis {
     }
 
     async fn instance(redis: &RedisCache) -> MultiLevelCache {
-        let cache = MultiLevelCache::builder_shared(redis.backend())
+        let cache = MultiLevelCache::builder(redis.backend())
             .name("users")
             .backplane(Arc::clone(redis.redis_backend()))
             .build()
@@ -260,7 +260,7 @@ mod redis {
         let server = RedisServer::start().unwrap();
         let ra = RedisCache::connect(config(&server.url())).await.unwrap();
         let slow = Arc::new(Slow::new(ra.backend()));
-        let a = MultiLevelCache::builder_shared(Arc::clone(&slow) as SharedBackend)
+        let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
             .name("users")
             .backplane(Arc::clone(ra.redis_backend()))
             .build()
@@ -287,7 +287,7 @@ mod redis {
     async fn fail_safe_serves_stale_values_when_redis_and_its_backplane_die() {
         let mut server = RedisServer::start().unwrap();
         let redis = RedisCache::connect(config(&server.url())).await.unwrap();
-        let cache = MultiLevelCache::builder_shared(redis.backend())
+        let cache = MultiLevelCache::builder(redis.backend())
             .name("users")
             .backplane(Arc::clone(redis.redis_backend()))
             .fail_safe(Duration::from_secs(600))
@@ -337,7 +337,7 @@ mod redis {
         let server = RedisServer::start().unwrap();
         let redis = RedisCache::connect(config(&server.url())).await.unwrap();
         let clock = Arc::new(ManualClock::new());
-        let cache = MultiLevelCache::builder_shared(redis.backend())
+        let cache = MultiLevelCache::builder(redis.backend())
             .clock(Arc::clone(&clock) as SharedClock)
             .l1_default_ttl(Duration::from_secs(10))
             .eager_refresh(0.5)
@@ -388,7 +388,7 @@ mod redis {
         let mut tasks = Vec::new();
         for i in 0..2u64 {
             let redis = RedisCache::connect(config(&server.url())).await.unwrap();
-            let cache = MultiLevelCache::builder_shared(redis.backend())
+            let cache = MultiLevelCache::builder(redis.backend())
                 .distributed_lock(
                     Arc::clone(redis.redis_backend()),
                     Duration::from_millis(300),
@@ -427,7 +427,7 @@ mod redis {
         // A: L2 direct, backplane through the proxy.
         let l2 = RedisCache::connect(config(&server.url())).await.unwrap();
         let bp = RedisCache::connect(config(&proxy.url())).await.unwrap();
-        let a = MultiLevelCache::builder_shared(l2.backend())
+        let a = MultiLevelCache::builder(l2.backend())
             .name("users")
             .backplane(Arc::clone(bp.redis_backend()))
             .build()

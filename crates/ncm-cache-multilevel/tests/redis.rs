@@ -24,7 +24,7 @@ fn config(server: &RedisServer) -> RedisConfig {
 
 async fn instance(server: &RedisServer) -> MultiLevelCache {
     let redis = RedisCache::connect(config(server)).await.unwrap();
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let cache = MultiLevelCache::builder(redis.backend())
         .name("users")
         .backplane(Arc::clone(redis.redis_backend()))
         .build()
@@ -138,7 +138,7 @@ async fn four_instances_times_250_callers_run_the_loader_once() {
     for _ in 0..4 {
         let redis = RedisCache::connect(config(&server)).await.unwrap();
         caches.push(
-            MultiLevelCache::builder_shared(redis.backend())
+            MultiLevelCache::builder(redis.backend())
                 .distributed_lock(
                     Arc::clone(redis.redis_backend()),
                     Duration::from_secs(5),
@@ -179,7 +179,7 @@ async fn four_instances_times_250_callers_run_the_loader_once() {
 async fn redis_outage_serves_stale_then_loads_and_recovers() {
     let mut server = RedisServer::start().unwrap();
     let redis = RedisCache::connect(config(&server)).await.unwrap();
-    let cache = MultiLevelCache::builder_shared(redis.backend())
+    let cache = MultiLevelCache::builder(redis.backend())
         .l1_default_ttl(Duration::from_millis(200))
         .fail_safe(Duration::from_secs(30))
         .breaker_cooldown(Duration::from_millis(200))

@@ -48,7 +48,7 @@ async fn l2_builder() -> Result<MultiLevelBuilder, Box<dyn std::error::Error>> {
             .build()
             .await?;
         println!("L2 is Redis at {url} (with the L1 backplane)");
-        return Ok(MultiLevelCache::builder_shared(redis.backend())
+        return Ok(MultiLevelCache::builder(redis.backend())
             .backplane(std::sync::Arc::clone(redis.redis_backend())));
     }
     println!("L2 is an in-process memory backend (set REDIS_URL and enable `redis` for Redis)");
