@@ -143,18 +143,18 @@ async fn strategies_over_two_multilevel_instances() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        b.get::<String>("user:1").await.unwrap().as_deref(),
-        Some("Ada")
-    );
-    assert_eq!(
-        b.get::<String>("user:1").await.unwrap().as_deref(),
-        Some("Ada")
-    );
-    assert!(
-        mb.get_stats().l1_hits > 0,
-        "B's second read came from its L1"
-    );
+    // A's invalidation may still be on its way (it cancels a promotion it overtakes): read
+    // until B serves from its L1.
+    let start = Instant::now();
+    while mb.get_stats().l1_hits == 0 {
+        let v = b.get::<String>("user:1").await.unwrap();
+        assert_eq!(v.as_deref(), Some("Ada"));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "B never used its L1"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     a.write_through(
         "user:1",
         &"Grace".to_string(),
@@ -199,11 +199,18 @@ async fn loader_over_two_multilevel_instances() {
     let (mb, b) = &loaders[1];
     let v: String = a.load("user", 7u64).await.unwrap();
     assert_eq!(v, "user 7");
-    let v: String = b.load("user", 7u64).await.unwrap();
-    assert_eq!(v, "user 7");
-    let v: String = b.load("user", 7u64).await.unwrap();
-    assert_eq!(v, "user 7");
+    // B finds A's load in L2, then (once A's invalidation has passed) serves it from L1.
+    let start = Instant::now();
+    while mb.get_stats().l1_hits == 0 {
+        let v: String = b.load("user", 7u64).await.unwrap();
+        assert_eq!(v, "user 7");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "B never used its L1"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(runs.load(Ordering::SeqCst), 1, "B found A's load in L2");
-    assert!(mb.get_stats().l2_hits >= 1 && mb.get_stats().l1_hits >= 1);
+    assert!(mb.get_stats().l2_hits >= 1);
     assert!(ma.l1_len() >= 1);
 }

@@ -182,7 +182,21 @@ impl RedisBackend {
         Ok(removed)
     }
 
+    /// Unlinks what a SCAN found, except the library's own keys (`{prefix}__ncm:*`: locks,
+    /// write-behind journals, dependency graphs), which a pattern delete never removes.
     async fn unlink_batch(&self, keys: &[String]) -> Result<u64> {
+        let internal = format!("{}__ncm:", self.key_space().prefix());
+        let owned;
+        let keys = if keys.iter().any(|k| k.starts_with(&internal)) {
+            owned = keys
+                .iter()
+                .filter(|k| !k.starts_with(&internal))
+                .cloned()
+                .collect::<Vec<String>>();
+            owned.as_slice()
+        } else {
+            keys
+        };
         if keys.is_empty() {
             return Ok(0);
         }

@@ -58,13 +58,14 @@ fn token() -> String {
 }
 
 impl RedisBackend {
-    /// Takes the lock `name` (under the cache's prefix, `lock:` namespace) for `ttl` if nobody
+    /// Takes the lock `name` (under the cache's prefix, in the reserved `__ncm:lock:` namespace,
+    /// so no user key collides with it and `clear_pattern` never removes it) for `ttl` if nobody
     /// holds it; `None` when it is held.
     pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<RedisLock>> {
         commands::check_ttl(Some(ttl))?;
         let key = self
             .key_space()
-            .full_key(&format!("lock:{name}"))?
+            .full_key(&format!("__ncm:lock:{name}"))?
             .into_owned();
         let token = token();
         let got: Option<String> = self

@@ -479,6 +479,12 @@ impl RedisSyncCache {
                         _ => scan.query(c),
                     }
                 })?;
+                // The library's own keys (locks, journals) are never removed by a pattern.
+                let internal = format!("{}__ncm:", self.inner.keys.prefix());
+                let keys: Vec<String> = keys
+                    .into_iter()
+                    .filter(|k| !k.starts_with(&internal))
+                    .collect();
                 if !keys.is_empty() {
                     let n: u64 = self.run(Operation::ClearPattern, |c| {
                         commands::unlink(&keys).query(c)

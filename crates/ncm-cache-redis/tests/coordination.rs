@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::Bytes;
-use ncm_cache_redis::{PubSubEvent, RedisCache};
+use ncm_cache_redis::{PubSubEvent, RedisCache, RedisConfig};
 use ncm_cache_testkit::RedisServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,4 +147,42 @@ async fn pubsub_delivers_stays_in_its_prefix_and_reconnects() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(next_message(&mut sub).await.1, Bytes::from_static(b"k2"));
+}
+
+/// Lock keys live in the reserved `__ncm:` namespace: a user key named like a lock does not
+/// collide with one, and a pattern delete (`clear_pattern("*")`, a multi-level `clear()`)
+/// never removes a held lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_never_collide_with_user_keys_nor_vanish_in_a_clear() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let cache = RedisCache::connect(c.clone()).await.unwrap();
+    let backend = cache.redis_backend();
+    cache.set("lock:job", &"user data").await.unwrap();
+    let lock = backend
+        .try_lock("job", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("a user key named lock:job does not hold the lock");
+    assert_eq!(
+        cache.get::<String>("lock:job").await.unwrap().as_deref(),
+        Some("user data")
+    );
+    cache.clear_pattern("*").await.unwrap();
+    assert!(
+        backend
+            .try_lock("job", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "clear_pattern(\"*\") removed a held lock"
+    );
+    assert_eq!(cache.get::<String>("lock:job").await.unwrap(), None);
+    let sync = ncm_cache_redis::RedisSyncCache::connect(c).unwrap();
+    sync.clear_pattern("*").unwrap();
+    assert!(
+        lock.release().await.unwrap(),
+        "the lock survived both clears"
+    );
 }
