@@ -529,8 +529,17 @@ impl<C: Codec> Inner<C> {
         let deadline = Instant::now() + self.opts.lock_wait;
         let name = format!("load:{key}");
         let mut attempt = 0;
+        // When the lock lives on L2's Redis, it goes through L2's circuit breaker: an open
+        // circuit skips the lock (loading without it) instead of waiting on a dead server.
+        let through_breaker = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(redis));
         loop {
-            match redis.try_lock(&name, self.opts.lock_ttl).await {
+            let attempt_lock = redis.try_lock(&name, self.opts.lock_ttl);
+            let taken = if through_breaker {
+                self.l2_call(attempt_lock).await
+            } else {
+                attempt_lock.await
+            };
+            match taken {
                 Ok(Some(guard)) => {
                     // Someone may have loaded and released just before we got the lock.
                     if check_first && let Some(found) = self.found_in_l2::<T>(key).await {
