@@ -25,6 +25,17 @@ fn memory(clock: &Arc<ManualClock>) -> SharedBackend {
     )
 }
 
+/// A multi-level cache over a `Slow` memory L2 (both on one manual clock).
+fn slow_cache() -> (Arc<Slow>, MultiLevelCache) {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(clock as SharedClock)
+        .build()
+        .unwrap();
+    (slow, cache)
+}
+
 #[tokio::test]
 async fn an_explicit_ttl_bounds_the_l1_copy_too() {
     let clock = Arc::new(ManualClock::new());
@@ -49,12 +60,7 @@ async fn an_explicit_ttl_bounds_the_l1_copy_too() {
 /// the write reaches it, and its reply arrives after the write finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .build()
-        .unwrap();
+    let (slow, cache) = slow_cache();
     cache.set("k", 0u64).await.unwrap();
     cache.clear_l1();
     slow.set_request_delay(Duration::from_millis(200));
@@ -88,12 +94,7 @@ async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
 /// cache-wide epoch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_of_another_key_does_not_cancel_a_promotion() {
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .build()
-        .unwrap();
+    let (slow, cache) = slow_cache();
     cache.set("a", 1u64).await.unwrap();
     cache.clear_l1();
     slow.get_reply_delay(Duration::from_millis(200));
