@@ -357,12 +357,15 @@ impl<C: Codec> Inner<C> {
         let key = key.map(str::to_owned);
         let watched = rx.clone();
         tokio::spawn(async move {
-            let _landed = Landed {
+            let landed = Landed {
                 loads: &this.loads,
                 key,
                 rx: watched,
             };
             let result = work.await;
+            // Free the key first: a caller arriving after this load ended starts its own
+            // instead of joining a finished one (whose result may predate its call).
+            drop(landed);
             tx.send_replace(Some(result));
         });
         rx

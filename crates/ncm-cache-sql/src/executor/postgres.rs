@@ -113,7 +113,10 @@ impl SqlExecutor for PgExecutor {
         };
         let rows = match query(true).fetch_all(&self.pool).await {
             // A table changed shape since this connection prepared the statement.
-            Err(e) if is_stale_plan(&e) => query(false).fetch_all(&self.pool).await,
+            Err(e) if is_stale_plan(&e) => match self.fresh_connection().await {
+                Ok(mut conn) => query(true).fetch_all(&mut *conn).await,
+                Err(e) => Err(e),
+            },
             other => other,
         }
         .map_err(|e| database_error("PostgreSQL query failed", e))?;
@@ -132,7 +135,10 @@ impl SqlExecutor for PgExecutor {
             .persistent(persistent)
         };
         let done = match query(true).execute(&self.pool).await {
-            Err(e) if is_stale_plan(&e) => query(false).execute(&self.pool).await,
+            Err(e) if is_stale_plan(&e) => match self.fresh_connection().await {
+                Ok(mut conn) => query(true).execute(&mut *conn).await,
+                Err(e) => Err(e),
+            },
             other => other,
         }
         .map_err(|e| database_error("PostgreSQL statement failed", e))?;
@@ -140,9 +146,23 @@ impl SqlExecutor for PgExecutor {
     }
 }
 
+impl PgExecutor {
+    /// A pooled connection without prepared statements, for a retry after a stale plan (an
+    /// unprepared retry is not enough: the statement may still be found in the cache of the
+    /// connection the pool hands out).
+    async fn fresh_connection(
+        &self,
+    ) -> std::result::Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        use sqlx::Connection as _;
+        let mut conn = self.pool.acquire().await?;
+        conn.clear_cached_statements().await?;
+        Ok(conn)
+    }
+}
+
 /// `cached plan must not change result type`: the connection's prepared statement predates a
-/// DDL change (e.g. `ALTER TABLE … ADD COLUMN` under `SELECT *`). Running the statement
-/// unprepared succeeds.
+/// DDL change (e.g. `ALTER TABLE … ADD COLUMN` under `SELECT *`). The statement is run again
+/// on a connection whose statement cache was cleared.
 fn is_stale_plan(err: &sqlx::Error) -> bool {
     err.as_database_error().is_some_and(|e| {
         e.code().as_deref() == Some("0A000") && e.message().contains("cached plan")
