@@ -133,11 +133,14 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.l2_call(self.0.inner.l2.get_ttl(key)).await
     }
 
+    /// Changes the L2 TTL (it may shorten it) and drops every instance's L1 copy, which would
+    /// otherwise outlive the new TTL.
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.0
-            .inner
-            .l2_call(self.0.inner.l2.extend_ttl(key, ttl))
-            .await
+        let inner = &self.0.inner;
+        let changed = inner.l2_call(inner.l2.extend_ttl(key, ttl)).await;
+        let _ = inner.invalidate_l1(key);
+        inner.publish_delete(key).await;
+        changed
     }
 
     /// `*` is [`MultiLevelCache::clear`]; another pattern deletes its matches in L2 and in every

@@ -206,6 +206,18 @@ impl Batcher {
     }
 }
 
+/// A numbered message not yet known to be published: dropped still holding it (a failure or a
+/// cancelled caller), it goes first in line for the flush task, so its number is never skipped.
+struct Unsent<'a>(&'a Arc<Batcher>, Option<Vec<u8>>);
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(msg) = self.1.take() {
+            self.0.retry_first(msg);
+        }
+    }
+}
+
 /// Entries per message stop growing past this many bytes (a longer single entry goes alone).
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -415,6 +427,8 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     }
                 }
                 PubSubEvent::Disconnected => {
+                    // Numbers after the outage are not gaps: the resync covers them.
+                    senders.0.clear();
                     inner.l1_enabled.store(false, Ordering::Release);
                     inner.mark_l1_stale();
                     tracing::warn!(
@@ -422,6 +436,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     );
                 }
                 PubSubEvent::Reconnected => {
+                    senders.0.clear();
                     resync(&inner, false);
                     tracing::info!("backplane reconnected: L1 cleared and resumed");
                 }
@@ -454,13 +469,16 @@ impl<C: Codec> Inner<C> {
             bp.batch.enqueue(op, key);
             return;
         };
-        let msg = bp.batch.message(&entry(op, key));
+        // Resent by the flush task unless published (also when this future is cancelled).
+        let mut unsent = Unsent(&bp.batch, Some(bp.batch.message(&entry(op, key))));
+        let msg = unsent.1.clone().unwrap_or_default();
         // Boxed: redis-rs futures are deep; keep them out of every write path's future type.
         let publish: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
             Box::pin(bp.batch.send(&msg));
-        if !publish.await {
-            bp.batch.retry_first(msg);
+        if publish.await {
+            unsent.1 = None;
         }
+        drop(unsent);
         drop(lead);
     }
 
@@ -480,17 +498,20 @@ impl<C: Codec> Inner<C> {
         }
         // Another invalidation in flight: the caller writes alone and queues its own.
         let lead = bp.batch.try_lead()?;
-        let msg = bp.batch.message(&entry(SET, key));
+        let mut unsent = Unsent(&bp.batch, Some(bp.batch.message(&entry(SET, key))));
+        let msg = unsent.1.clone().unwrap_or_default();
         let write: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> = Box::pin(
             bp.batch
                 .redis
                 .set_and_publish(key, bytes, ttl, &bp.batch.channel, &msg),
         );
         let written = self.l2_call(write).await;
-        if written.is_err() {
-            // Maybe published, maybe not: resend (a receiver ignores a duplicate number).
-            bp.batch.retry_first(msg);
+        // On an error (maybe published, maybe not) or a cancellation the message is resent;
+        // a receiver ignores a duplicate number.
+        if written.is_ok() {
+            unsent.1 = None;
         }
+        drop(unsent);
         drop(lead);
         Some(written)
     }
@@ -526,7 +547,8 @@ impl<C: Codec> Inner<C> {
         let Some(redis) = &self.lock else {
             return Ok(LockOutcome::Proceed(None));
         };
-        let deadline = Instant::now() + self.opts.lock_wait;
+        let now = Instant::now();
+        let deadline = now.checked_add(self.opts.lock_wait).unwrap_or(now);
         let name = format!("load:{key}");
         let mut attempt = 0;
         // When the lock lives on L2's Redis, it goes through L2's circuit breaker: an open

@@ -543,6 +543,13 @@ impl<C: Codec> MultiLevelCache<C> {
                 out[i] = Some(v);
             }
         }
+        // Keys invalidated while the loader ran are served, not cached: a newer write must not
+        // be overwritten in L2 by what the loader read before it.
+        encoded.retain(|(k, _)| {
+            tickets
+                .get(k)
+                .is_some_and(|t| self.inner.versions.current(t))
+        });
         let batch: Vec<(&str, ncm_cache_core::Bytes)> = encoded
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
@@ -860,7 +867,10 @@ impl<C: Codec> Inner<C> {
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
             generation: self.generation.load(Ordering::Acquire),
         };
-        match self.l1.insert(key, value, Some(fresh + stale)) {
+        match self
+            .l1
+            .insert(key, value, Some(fresh.saturating_add(stale)))
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(key, error = %e, "value not kept in L1");
@@ -888,6 +898,7 @@ impl<C: Codec> Inner<C> {
             None => (self.l2_write(key, bytes, ttl).await, false),
         };
         if let Err(e) = written {
+            let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
             self.publish_delete(key).await;
             return Err(e);
@@ -906,12 +917,17 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn settle_write(&self, key: &str, mut fill: Fill, ticket: &Ticket) {
         match self.versions.write_end(ticket) {
             Settled::Clean(mine) => {
-                self.l1_fill(key, fill, &mine);
+                if !self.l1_fill(key, fill, &mine) {
+                    // Not kept (too large, or overtaken): never leave an older value behind.
+                    let _ = self.l1.remove(key);
+                }
             }
             Settled::Contended(mine) => {
                 let ttl = fill.l2_ttl.map_or(CONTENDED_TTL, |t| t.min(CONTENDED_TTL));
                 fill.l2_ttl = Some(ttl);
-                self.l1_fill(key, fill, &mine);
+                if !self.l1_fill(key, fill, &mine) {
+                    let _ = self.l1.remove(key);
+                }
             }
             Settled::Invalidated => {
                 let _ = self.l1.remove(key);
