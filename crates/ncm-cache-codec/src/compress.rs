@@ -40,6 +40,80 @@ pub(crate) fn decompress(
     }
 }
 
+/// A standard compressed frame found where a raw (envelope-less) value was expected: what
+/// other programs write when they compress a value themselves (Python's `gzip.compress`,
+/// `zlib.compress`, `zstandard`, `lz4.frame`). zlib needs the `gzip` feature (same library).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ForeignFrame {
+    /// RFC 1952 gzip (`1f 8b 08`).
+    Gzip,
+    /// RFC 1950 zlib (`78` and a check byte: Python's `zlib.compress`).
+    Zlib,
+    /// A Zstandard frame (`28 b5 2f fd`).
+    Zstd,
+    /// An LZ4 frame (`04 22 4d 18`); only LZ4's block format is compiled in.
+    Lz4Frame,
+}
+
+/// The compressed frame `bytes` start with, if any.
+pub(crate) fn foreign_frame(bytes: &[u8]) -> Option<ForeignFrame> {
+    match bytes {
+        [0x1f, 0x8b, 0x08, ..] => Some(ForeignFrame::Gzip),
+        // CMF 0x78 (deflate, 32 KiB window) and a FLG that makes the pair a multiple of 31.
+        [0x78, flg, ..] if (0x7800u16 | u16::from(*flg)).is_multiple_of(31) => {
+            Some(ForeignFrame::Zlib)
+        }
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(ForeignFrame::Zstd),
+        [0x04, 0x22, 0x4d, 0x18, ..] => Some(ForeignFrame::Lz4Frame),
+        _ => None,
+    }
+}
+
+/// Decompresses a foreign frame, refusing to produce more than `cap` bytes
+/// ([`CodecErrorKind::TooLarge`]). Frames whose decompressor is not compiled in are
+/// [`CodecErrorKind::Unsupported`].
+pub(crate) fn decompress_foreign(
+    frame: ForeignFrame,
+    src: &[u8],
+    cap: usize,
+) -> Result<Vec<u8>, CodecError> {
+    match frame {
+        ForeignFrame::Gzip => gzip::decompress_capped(src, cap),
+        ForeignFrame::Zlib => gzip::decompress_zlib_capped(src, cap),
+        ForeignFrame::Zstd => zstd_impl::decompress_capped(src, cap),
+        ForeignFrame::Lz4Frame => Err(CodecError::new(
+            CodecErrorKind::Unsupported,
+            "lz4",
+            "an LZ4 *frame* (as Python's lz4.frame writes) is not readable: this crate reads \
+             LZ4 blocks inside its envelope",
+        )),
+    }
+}
+
+/// Reads `reader` to its end, failing with [`CodecErrorKind::TooLarge`] past `cap` bytes.
+#[allow(dead_code, reason = "unused when no compression feature is enabled")]
+fn read_capped(
+    reader: impl std::io::Read,
+    cap: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, CodecError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
+    reader
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| CodecError::with_source(CodecErrorKind::Corrupt, what, e))?;
+    if out.len() > cap {
+        return Err(CodecError::new(
+            CodecErrorKind::TooLarge,
+            what,
+            format!("decompresses past the cap of {cap} bytes (`max_decompressed_size`)"),
+        ));
+    }
+    Ok(out)
+}
+
 /// The error for a compression that is not compiled in.
 pub(crate) fn unsupported(kind: CompressionType) -> CodecError {
     CodecError::new(
@@ -52,11 +126,12 @@ pub(crate) fn unsupported(kind: CompressionType) -> CodecError {
     )
 }
 
-/// The error for a stream that expands past its declared length.
+/// The error for a stream that expands past its declared length: it lies about its length, so
+/// it is damaged (no reader accepts it), not merely large.
 #[allow(dead_code, reason = "unused when no compression feature is enabled")]
 fn too_large(kind: CompressionType, declared: usize) -> CodecError {
     CodecError::new(
-        CodecErrorKind::TooLarge,
+        CodecErrorKind::Corrupt,
         kind.name(),
         format!("decompressed data exceeds its declared length of {declared} bytes"),
     )
@@ -92,6 +167,14 @@ mod gzip {
             .map_err(|e| CodecError::with_source(CodecErrorKind::Compression, "gzip", e))
     }
 
+    pub(super) fn decompress_capped(src: &[u8], cap: usize) -> Result<Vec<u8>, CodecError> {
+        read_capped(GzDecoder::new(src), cap, "gzip")
+    }
+
+    pub(super) fn decompress_zlib_capped(src: &[u8], cap: usize) -> Result<Vec<u8>, CodecError> {
+        read_capped(flate2::read::ZlibDecoder::new(src), cap, "zlib")
+    }
+
     pub(super) fn decompress(src: &[u8], declared: usize) -> Result<Vec<u8>, CodecError> {
         let mut out = Vec::with_capacity(declared);
         // One byte more than declared tells "too long" from "exactly right".
@@ -119,6 +202,14 @@ mod gzip {
     }
 
     pub(super) fn decompress(_: &[u8], _: usize) -> Result<Vec<u8>, CodecError> {
+        Err(unsupported(CompressionType::Gzip))
+    }
+
+    pub(super) fn decompress_capped(_: &[u8], _: usize) -> Result<Vec<u8>, CodecError> {
+        Err(unsupported(CompressionType::Gzip))
+    }
+
+    pub(super) fn decompress_zlib_capped(_: &[u8], _: usize) -> Result<Vec<u8>, CodecError> {
         Err(unsupported(CompressionType::Gzip))
     }
 }
@@ -265,6 +356,12 @@ mod zstd_impl {
         }
     }
 
+    pub(super) fn decompress_capped(src: &[u8], cap: usize) -> Result<Vec<u8>, CodecError> {
+        let decoder = zstd::stream::read::Decoder::with_buffer(src)
+            .map_err(|e| CodecError::with_source(CodecErrorKind::Compression, "zstd", e))?;
+        read_capped(decoder, cap, "zstd")
+    }
+
     fn new_dctx() -> Result<DCtx<'static>, CodecError> {
         DCtx::try_create().ok_or_else(|| {
             CodecError::new(
@@ -291,6 +388,10 @@ mod zstd_impl {
     }
 
     pub(super) fn decompress(_: &[u8], _: usize) -> Result<Vec<u8>, CodecError> {
+        Err(unsupported(CompressionType::Zstd))
+    }
+
+    pub(super) fn decompress_capped(_: &[u8], _: usize) -> Result<Vec<u8>, CodecError> {
         Err(unsupported(CompressionType::Zstd))
     }
 }

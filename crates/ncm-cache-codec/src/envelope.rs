@@ -3,17 +3,19 @@
 //! | offset | size | field | value |
 //! |---|---|---|---|
 //! | 0 | 2 | magic | `0xC1 0x4E` |
-//! | 2 | 1 | version | `1` unsigned, `2` signed |
+//! | 2 | 1 | version | `1` unsigned, `2` signed, `3` signed and bound to the key |
 //! | 3 | 1 | format | see below |
 //! | 4 | 1 | compression | see below |
 //! | 5 | 4 | uncompressed length, u32 little-endian | only when compression ≠ 0 |
 //! | 5 or 9 | … | payload | the format's bytes, compressed when compression ≠ 0 |
-//! | length − 32 | 32 | tag | version 2 only: HMAC-SHA256(key, every byte before the tag) |
+//! | length − 32 | 32 | tag | version 2: HMAC-SHA256(secret, every byte before the tag); version 3: HMAC-SHA256(secret, u32-LE length of the stored key ‖ the stored key ‖ every byte before the tag) |
 //!
 //! Version 2 ("signed", written when the serializer has a
 //! [`signing_key`](crate::SerializerBuilder::signing_key)) is version 1 with the version byte
 //! set to 2 and a 32-byte HMAC-SHA256 tag appended; the tag covers the whole header (this version
-//! byte included) and the payload. Builds before version 2 existed reject a signed value as an
+//! byte included) and the payload. Version 3 ("key-bound") is version 2 whose tag also covers
+//! the key the value is stored under (the full Redis key, prefix included), so a signed value
+//! copied to another key does not verify there. Builds that predate a version read it as an
 //! unsupported version (a miss), they never misread it.
 //!
 //! | format tag | format | | compression tag | compression |
@@ -46,10 +48,19 @@ pub const MAGIC: [u8; 2] = [0xC1, 0x4E];
 pub const VERSION: u8 = 1;
 
 /// The envelope version of signed values: a version-1 layout followed by a [`TAG_LEN`]-byte
-/// HMAC-SHA256 tag over every byte before it. The newest version this build reads.
+/// HMAC-SHA256 tag over every byte before it (not over the key it is stored under: see
+/// [`KEY_BOUND_VERSION`]).
 pub const SIGNED_VERSION: u8 = 2;
 
-/// Length of the HMAC-SHA256 tag that ends a signed ([`SIGNED_VERSION`]) value.
+/// The envelope version of signed values whose tag also covers the key they are stored under:
+/// a version-1 layout followed by a [`TAG_LEN`]-byte HMAC-SHA256 tag over the stored key
+/// (length-prefixed) and every byte before the tag. Written by a signing serializer when it is
+/// told the key ([`Codec::encode_for`](ncm_cache_core::Codec::encode_for)); the newest
+/// version this build reads.
+pub const KEY_BOUND_VERSION: u8 = 3;
+
+/// Length of the HMAC-SHA256 tag that ends a signed ([`SIGNED_VERSION`] or
+/// [`KEY_BOUND_VERSION`]) value.
 pub const TAG_LEN: usize = 32;
 
 /// Length of the header without the uncompressed length.
@@ -91,12 +102,13 @@ pub struct EnvelopeHeader {
 }
 
 impl EnvelopeHeader {
-    /// `true` for a signed ([`SIGNED_VERSION`]) value: the last [`TAG_LEN`] bytes are the tag.
+    /// `true` for a signed ([`SIGNED_VERSION`] or [`KEY_BOUND_VERSION`]) value: the last
+    /// [`TAG_LEN`] bytes are the tag.
     ///
     /// `inspect` does not verify the tag; only a [`Serializer`](crate::Serializer) with the key
     /// can.
     pub fn is_signed(&self) -> bool {
-        self.version == SIGNED_VERSION
+        self.version == SIGNED_VERSION || self.version == KEY_BOUND_VERSION
     }
 
     /// The payload of `bytes` (the value this header was parsed from): after the header, and
@@ -125,13 +137,14 @@ pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
     let &[_, _, version, format, compression, ref rest @ ..] = bytes else {
         return Err(corrupt("truncated envelope header"));
     };
-    if version != VERSION && version != SIGNED_VERSION {
+    if !(VERSION..=KEY_BOUND_VERSION).contains(&version) {
         return Err(CodecError::new(
             CodecErrorKind::Unsupported,
             "envelope",
             format!(
                 "envelope version {version} is not supported (this build reads versions \
-                 {VERSION} and {SIGNED_VERSION})"
+                 {VERSION} to {KEY_BOUND_VERSION}); it was probably written by a newer build: \
+                 the entry is left for it"
             ),
         ));
     }
@@ -157,7 +170,7 @@ pub fn inspect(bytes: &[u8]) -> Result<Option<EnvelopeHeader>, CodecError> {
         };
         (Some(u32::from_le_bytes([a, b, c, d])), LONG_HEADER)
     };
-    if version == SIGNED_VERSION && bytes.len() < header_len + TAG_LEN {
+    if version != VERSION && bytes.len() < header_len + TAG_LEN {
         return Err(corrupt("truncated signed envelope (no room for the tag)"));
     }
     Ok(Some(EnvelopeHeader {
@@ -231,7 +244,8 @@ mod tests {
         let kind = |b: &[u8]| inspect(b).unwrap_err().kind();
         assert_eq!(kind(&[0xC1, 0x4E]), CodecErrorKind::Corrupt);
         assert_eq!(kind(&[0xC1, 0x4E, 1, 1]), CodecErrorKind::Corrupt);
-        assert_eq!(kind(&[0xC1, 0x4E, 3, 1, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 4, 1, 0]), CodecErrorKind::Unsupported);
+        assert_eq!(kind(&[0xC1, 0x4E, 3, 1, 0]), CodecErrorKind::Corrupt);
         // Version 2 (signed) needs room for the 32-byte tag.
         assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0]), CodecErrorKind::Corrupt);
         assert_eq!(kind(&[0xC1, 0x4E, 2, 1, 0, b'1']), CodecErrorKind::Corrupt);

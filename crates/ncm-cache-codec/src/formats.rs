@@ -21,12 +21,34 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
+    let start = out.len();
     match format {
         SerializationType::Json => json::encode(value, out),
         SerializationType::SimdJson => json::encode_fast(value, out),
         SerializationType::Cbor => cbor::encode(value, out),
         SerializationType::MsgPack => msgpack::encode(value, out),
         SerializationType::Pickle => pickle::encode(value, out),
+    }?;
+    // Never write what a reader refuses: a value nested past the depth limit.
+    check_depth(format, out.get(start..).unwrap_or_default()).map_err(|e| {
+        CodecError::new(
+            CodecErrorKind::Encode,
+            format.name(),
+            format!("cannot store this value: {e}"),
+        )
+    })
+}
+
+/// Rejects a value nested [`MAX_DEPTH`](crate::depth::MAX_DEPTH) levels or more, without
+/// recursion (see [`crate::depth`]).
+fn check_depth(format: SerializationType, bytes: &[u8]) -> Result<(), CodecError> {
+    match format {
+        SerializationType::Json | SerializationType::SimdJson => crate::depth::check_json(bytes),
+        SerializationType::Cbor => crate::depth::check_cbor(bytes),
+        SerializationType::MsgPack => crate::depth::check_msgpack(bytes),
+        // Checked by the pickle guard on read; pickle writers are rare and its guard is a
+        // full opcode walk, so it is not repeated on write.
+        SerializationType::Pickle => Ok(()),
     }
 }
 
@@ -93,12 +115,14 @@ pub(crate) mod json {
         bytes: &[u8],
         fast_json: bool,
     ) -> Result<T, CodecError> {
+        // simd-json's serde path recurses once per level without a limit: scan first.
+        // (serde_json has its own limit, the same one.)
         #[cfg(feature = "simd-json")]
-        if fast_json
-            && bytes.len() >= SIMD_JSON_DECODE_THRESHOLD
-            && let Ok(value) = simd::decode(bytes)
-        {
-            return Ok(value);
+        if fast_json && bytes.len() >= SIMD_JSON_DECODE_THRESHOLD {
+            crate::depth::check_json(bytes)?;
+            if let Ok(value) = simd::decode(bytes) {
+                return Ok(value);
+            }
         }
         // Otherwise (or when simd-json refused the input) serde_json decides and words the error.
         let _ = fast_json;
@@ -172,6 +196,7 @@ mod cbor {
     }
 
     pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+        crate::depth::check_cbor(bytes)?;
         ciborium::from_reader(bytes)
             .map_err(|e| CodecError::with_source(CodecErrorKind::Decode, "cbor", e))
     }
@@ -203,6 +228,7 @@ mod msgpack {
     }
 
     pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+        crate::depth::check_msgpack(bytes)?;
         rmp_serde::from_slice(bytes)
             .map_err(|e| CodecError::with_source(CodecErrorKind::Decode, "msgpack", e))
     }

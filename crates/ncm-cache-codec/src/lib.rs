@@ -3,6 +3,7 @@
 
 mod compress;
 mod config;
+mod depth;
 mod envelope;
 mod formats;
 #[cfg(feature = "pickle")]
@@ -12,10 +13,13 @@ mod signing;
 mod types;
 
 pub use config::CodecConfig;
-pub use envelope::{EnvelopeHeader, MAGIC, SIGNED_VERSION, TAG_LEN, VERSION, inspect};
+pub use depth::MAX_DEPTH;
+pub use envelope::{
+    EnvelopeHeader, KEY_BOUND_VERSION, MAGIC, SIGNED_VERSION, TAG_LEN, VERSION, inspect,
+};
 pub use serializer::{
     DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_MAX_DECOMPRESSED_SIZE, Serializer, SerializerBuilder,
     SerializerFactory,
 };
-pub use signing::MIN_SIGNING_KEY_LEN;
+pub use signing::{MIN_SIGNING_KEY_LEN, SignatureMode};
 pub use types::{CompressionType, SerializationType};

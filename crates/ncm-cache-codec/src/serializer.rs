@@ -5,8 +5,8 @@ use ncm_cache_core::{CacheError, Codec, CodecError, CodecErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{self, LONG_HEADER, SHORT_HEADER, SIGNED_VERSION};
-use crate::signing::{SecretBytes, SigningKeys};
+use crate::envelope::{self, KEY_BOUND_VERSION, LONG_HEADER, SHORT_HEADER, SIGNED_VERSION};
+use crate::signing::{SecretBytes, SignatureMode, SigningKeys};
 use crate::types::{CompressionType, SerializationType};
 use crate::{compress, formats};
 
@@ -75,6 +75,7 @@ pub struct Serializer {
     max_decompressed: usize,
     raw: bool,
     signing: Option<SigningKeys>,
+    signature_mode: SignatureMode,
 }
 
 impl Default for Serializer {
@@ -88,6 +89,7 @@ impl Default for Serializer {
             max_decompressed: DEFAULT_MAX_DECOMPRESSED_SIZE,
             raw: false,
             signing: None,
+            signature_mode: SignatureMode::KeyBound,
         }
     }
 }
@@ -134,16 +136,47 @@ impl Serializer {
         self.signing.is_some()
     }
 
-    /// Encodes a value into a `Vec` (what [`Codec::encode`] wraps in [`Bytes`]).
+    /// How signatures are bound to keys ([`SerializerBuilder::signature_mode`]).
+    pub fn signature_mode(&self) -> SignatureMode {
+        self.signature_mode
+    }
+
+    /// Encodes a value into a `Vec` (what [`Codec::encode`] wraps in [`Bytes`]). A signing
+    /// serializer writes an unbound signature (version 2): no key is known here; the cache
+    /// paths use [`encode_vec_for`](Self::encode_vec_for).
     pub fn encode_to_vec<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
+        self.encode_signed(value, None)
+    }
+
+    /// Encodes a value stored under `key` (its parts; see [`Codec::encode_for`]) into a `Vec`:
+    /// a signing serializer binds the signature to the key (version 3) unless its
+    /// [`SignatureMode`] is [`Unbound`](SignatureMode::Unbound).
+    pub fn encode_vec_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Vec<u8>, CodecError> {
+        self.encode_signed(value, Some(key))
+    }
+
+    fn encode_signed<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        key: Option<&[&str]>,
+    ) -> Result<Vec<u8>, CodecError> {
         let mut out = self.encode_unsigned(value)?;
         if let Some(keys) = &self.signing {
+            let key = key.filter(|_| self.signature_mode.binds());
             // `build` rejects raw mode with a key, so `out` is an envelope: mark it signed, then
             // append the tag over everything before it (the version byte included).
             if let Some(version) = out.get_mut(2) {
-                *version = SIGNED_VERSION;
+                *version = if key.is_some() {
+                    KEY_BOUND_VERSION
+                } else {
+                    SIGNED_VERSION
+                };
             }
-            keys.append_tag(&mut out);
+            keys.append_tag(&mut out, key);
         }
         Ok(out)
     }
@@ -189,16 +222,54 @@ impl Serializer {
     /// [`CodecErrorKind::Tampered`] (see [`SerializerBuilder::signing_key`]).
     pub fn decode_slice<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         if let Some(keys) = &self.signing {
-            // Before anything else looks at the bytes.
-            keys.verify(bytes)?;
+            // Before anything else looks at the bytes. Without a key only unbound signatures
+            // can be checked.
+            keys.verify(bytes, None, true)?;
         }
+        self.decode_verified(bytes)
+    }
+
+    /// Decodes bytes read from `key` (its parts; see [`Codec::decode_for`]). A signing
+    /// serializer accepts a key-bound signature only for that key, and an unbound one only in
+    /// [`SignatureMode::Migrating`] or [`SignatureMode::Unbound`].
+    pub fn decode_slice_for<T: DeserializeOwned>(
+        &self,
+        key: &[&str],
+        bytes: &[u8],
+    ) -> Result<T, CodecError> {
+        if let Some(keys) = &self.signing {
+            keys.verify(bytes, Some(key), self.signature_mode.accepts_unbound())?;
+        }
+        self.decode_verified(bytes)
+    }
+
+    /// Decodes once the signature (if any is required) has been checked.
+    fn decode_verified<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let fast_json = self.format == SerializationType::SimdJson;
         let budget = u64::try_from(self.max_decompressed).unwrap_or(u64::MAX);
         let Some(header) = envelope::inspect(bytes)? else {
+            if let Some(frame) = compress::foreign_frame(bytes) {
+                // A standard compressed frame without our envelope (what Python's
+                // `gzip.compress`, `zlib.compress` or `zstandard` write around a value),
+                // bounded by the cap. Bytes that only look like a frame (a raw CBOR text string
+                // can start like zlib) are read as the raw format instead.
+                match compress::decompress_foreign(frame, bytes, self.max_decompressed) {
+                    Ok(data) => return formats::decode(self.format, &data, fast_json, budget),
+                    Err(e) if e.kind().is_damaged() => {
+                        if let Ok(value) = formats::decode(self.format, bytes, fast_json, budget) {
+                            return Ok(value);
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.check_size(bytes.len(), "raw")?;
             return formats::decode(self.format, bytes, fast_json, budget);
         };
         let payload = header.payload(bytes);
         let Some(declared) = header.uncompressed_len else {
+            self.check_size(payload.len(), header.format.name())?;
             return formats::decode(header.format, payload, fast_json, budget);
         };
         if !header.compression.is_enabled() {
@@ -218,6 +289,22 @@ impl Serializer {
         let data = compress::decompress(header.compression, payload, declared)?;
         formats::decode(header.format, &data, fast_json, budget)
     }
+
+    /// The cap applies to every payload, compressed or not.
+    fn check_size(&self, len: usize, what: &'static str) -> Result<(), CodecError> {
+        if len > self.max_decompressed {
+            return Err(CodecError::new(
+                CodecErrorKind::TooLarge,
+                what,
+                format!(
+                    "payload of {len} bytes is above the cap of {} bytes \
+                     (`max_decompressed_size`)",
+                    self.max_decompressed
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Codec for Serializer {
@@ -227,6 +314,18 @@ impl Codec for Serializer {
 
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         self.decode_slice(bytes)
+    }
+
+    fn encode_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        self.encode_vec_for(key, value).map(Bytes::from)
+    }
+
+    fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {
+        self.decode_slice_for(key, bytes)
     }
 }
 
@@ -278,8 +377,12 @@ impl SerializerBuilder {
         self
     }
 
-    /// Reject values that would decompress past `bytes` (default 64 MiB). Also bounds how far
-    /// a pickle may expand through shared (memo) references.
+    /// Reject values whose payload is larger than `bytes` (default 64 MiB): compressed values
+    /// whose declared or actual decompressed size is larger (before decompressing), and
+    /// uncompressed or raw payloads of that size. Such a value reads as
+    /// [`CodecErrorKind::TooLarge`] (a miss; the entry is left, since a reader with a larger cap
+    /// reads it). Values this large are never written compressed. Also bounds how far a pickle
+    /// may expand through shared (memo) references.
     pub fn max_decompressed_size(mut self, bytes: usize) -> Self {
         self.inner.max_decompressed = bytes;
         self
@@ -302,30 +405,32 @@ impl SerializerBuilder {
     /// secret of 32 bytes or more, shared by every reader and writer of the cache.
     ///
     /// **With a key:**
-    /// - every value is written as a signed envelope (version 2: the usual envelope, then a
-    ///   32-byte tag over header and payload; see the [crate docs](crate));
+    /// - every value a cache writes is a signed envelope bound to the key it is stored under
+    ///   (version 3: the usual envelope, then a 32-byte tag over the stored key, the header and
+    ///   the payload; see the [crate docs](crate)). [`Codec::encode`], which knows no key,
+    ///   writes version 2 (tag over header and payload only);
     /// - a value decodes only when it is a signed envelope whose tag verifies (in constant time)
-    ///   under one of the keys. Everything else — unsigned envelopes, raw or foreign bytes,
-    ///   values signed with another key, any altered, truncated or extended value — fails with
-    ///   [`CodecErrorKind::Tampered`], before the payload is parsed or decompressed. The cache
-    ///   read paths treat that like any undecodable entry: a miss, counted in
-    ///   `CacheStats::codec_errors`, and the entry is deleted;
+    ///   under one of the keys — and, read through a cache ([`Codec::decode_for`]), for the key
+    ///   it was read from. Everything else — unsigned envelopes, raw or foreign bytes, values
+    ///   signed with another secret, a signed value copied to another key, any altered,
+    ///   truncated or extended value — fails with [`CodecErrorKind::Tampered`], before the
+    ///   payload is parsed or decompressed. The cache read paths treat that as damage: a miss,
+    ///   counted in `CacheStats::codec_errors`, and the entry is deleted;
     /// - raw mode is refused by `build` (raw values cannot carry a tag), and so is reading raw
     ///   values written by other programs.
     ///
     /// **Without a key**, signed values still decode: the tag is skipped, not checked (there is
     /// nothing to check it with), so readers can be upgraded before writers start signing.
-    /// Rollout: deploy a build that knows version 2 everywhere, then give every instance the
-    /// key. While only some have it, the keyed ones read the others' unsigned writes as misses
-    /// and rewrite them signed. Builds that predate signing read signed values as an
-    /// unsupported envelope version (a miss, never wrong data). Rotation: sign with the new
-    /// key, keep the old one in `verification_keys` until every value signed with it has
-    /// expired, then drop it.
+    /// Rollout, rotation and the upgrade from unbound signatures are step lists in
+    /// `docs/configuration.md` ("Signing"); each is checked by a test that runs instances of
+    /// both steps side by side. In short, rotation: (1) every instance verifies the new key
+    /// (`verification_keys`) while still signing with the old one; (2) every instance signs
+    /// with the new key and verifies the old one; (3) after the longest TTL, drop the old key.
+    /// Skipping step 1 makes the instances not yet rotated delete what the rotated ones write.
     ///
     /// **Not covered:** signing is not encryption (anyone who can read the store reads the
-    /// payloads); the tag covers the value, not the cache key it is stored under nor its TTL,
-    /// so a writer without the key can still delete entries, or copy a validly signed value
-    /// to another key or put back an older one.
+    /// payloads); the tag does not cover the TTL nor the time of writing, so a writer without
+    /// the key can still delete entries or put back an older value of the same key.
     ///
     /// ```
     /// use ncm_cache_codec::Serializer;
@@ -387,6 +492,13 @@ impl SerializerBuilder {
             .into_iter()
             .map(|k| SecretBytes(k.as_ref().to_vec()))
             .collect();
+        self
+    }
+
+    /// How signatures are bound to the keys values are stored under (default
+    /// [`SignatureMode::KeyBound`]); only meaningful with a [`signing_key`](Self::signing_key).
+    pub fn signature_mode(mut self, mode: SignatureMode) -> Self {
+        self.inner.signature_mode = mode;
         self
     }
 
@@ -751,5 +863,178 @@ mod tests {
             bytes.extend_from_slice(b"[1,2]");
             assert_eq!(reader.decode::<Vec<u8>>(&bytes).unwrap(), vec![1, 2]);
         }
+    }
+
+    /// Values nested a million levels deep, inside compressed envelopes of every compression
+    /// and for every format: the depth check runs on the decompressed bytes, before any
+    /// recursive parser (without it, this test would abort on a stack overflow).
+    #[test]
+    fn deep_values_inside_compressed_envelopes_are_rejected() {
+        const N: usize = 1_000_000;
+        let deep: Vec<(SerializationType, Vec<u8>)> = vec![
+            (
+                SerializationType::Json,
+                [vec![b'['; N], vec![b']'; N]].concat(),
+            ),
+            (
+                SerializationType::SimdJson,
+                [vec![b'['; N], vec![b']'; N]].concat(),
+            ),
+            (SerializationType::Cbor, [vec![0x81; N], vec![0]].concat()),
+            (
+                SerializationType::MsgPack,
+                [vec![0x91; N], vec![0]].concat(),
+            ),
+        ];
+        let reader = Serializer::builder()
+            .format(SerializationType::SimdJson)
+            .build()
+            .unwrap();
+        for compression in CompressionType::ALL {
+            if !compression.is_enabled() {
+                continue;
+            }
+            for (format, payload) in &deep {
+                if !format.is_enabled() {
+                    continue;
+                }
+                let declared = u32::try_from(payload.len()).unwrap();
+                let mut bytes = envelope::long_header(*format, compression, declared).to_vec();
+                compress::compress(
+                    compression,
+                    compression.default_level(),
+                    payload,
+                    &mut bytes,
+                )
+                .unwrap();
+                if compression == CompressionType::None {
+                    bytes = [&envelope::short_header(*format)[..], payload].concat();
+                }
+                let err = reader.decode::<serde_json::Value>(&bytes).unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    CodecErrorKind::Corrupt,
+                    "{format} {compression}: {err}"
+                );
+                assert!(err.to_string().contains("levels"), "{err}");
+            }
+        }
+    }
+
+    /// Nothing this crate writes is refused by its readers: a value nested past the limit is
+    /// an encode error, one level less encodes and reads back.
+    #[cfg(feature = "full")]
+    #[test]
+    fn encode_refuses_values_nested_past_the_limit() {
+        fn nest(levels: usize) -> serde_json::Value {
+            let mut v = serde_json::Value::from(1);
+            for _ in 0..levels {
+                v = serde_json::Value::Array(vec![v]);
+            }
+            v
+        }
+        for format in [
+            SerializationType::Json,
+            SerializationType::SimdJson,
+            SerializationType::Cbor,
+            SerializationType::MsgPack,
+        ] {
+            let codec = Serializer::builder().format(format).build().unwrap();
+            let ok = nest(crate::MAX_DEPTH - 1);
+            let bytes = codec.encode(&ok).unwrap();
+            assert_eq!(
+                codec.decode::<serde_json::Value>(&bytes).unwrap(),
+                ok,
+                "{format}"
+            );
+            let err = codec.encode(&nest(crate::MAX_DEPTH)).unwrap_err();
+            assert_eq!(err.kind(), CodecErrorKind::Encode, "{format}: {err}");
+        }
+    }
+
+    /// The cap applies to payloads that are not compressed (enveloped or raw) too.
+    #[test]
+    fn uncompressed_payloads_above_the_cap_are_too_large() {
+        let writer = Serializer::default();
+        let reader = Serializer::builder()
+            .max_decompressed_size(1000)
+            .build()
+            .unwrap();
+        let big = "x".repeat(2000);
+        let bytes = writer.encode(&big).unwrap();
+        assert_eq!(
+            reader.decode::<String>(&bytes).unwrap_err().kind(),
+            CodecErrorKind::TooLarge
+        );
+        let raw = serde_json::to_vec(&big).unwrap();
+        assert_eq!(
+            reader.decode::<String>(&raw).unwrap_err().kind(),
+            CodecErrorKind::TooLarge
+        );
+        // At the cap: read.
+        let fits = "x".repeat(998);
+        assert_eq!(
+            reader
+                .decode::<String>(&writer.encode(&fits).unwrap())
+                .unwrap(),
+            fits
+        );
+    }
+
+    /// Values another program compressed itself (a gzip, zlib or zstd frame around the
+    /// format's bytes, as Python's `gzip.compress(json.dumps(v).encode())` writes) read under
+    /// the cap; a raw CBOR string that starts like zlib still reads as CBOR;
+    /// past the cap they are too large; an LZ4 frame is unsupported (left, not deleted).
+    #[cfg(all(feature = "gzip", feature = "zstd"))]
+    #[test]
+    fn foreign_compressed_frames_read_under_the_cap() {
+        let text = br#"{"id": 7, "name": "Zo\u00eb"}"#;
+        let mut gz = Vec::new();
+        compress::compress(CompressionType::Gzip, 6, text, &mut gz).unwrap();
+        let zst = zstd::stream::encode_all(&text[..], 3).unwrap();
+        let mut zlib = Vec::new();
+        {
+            use std::io::Write;
+            let mut e = flate2::write::ZlibEncoder::new(&mut zlib, flate2::Compression::new(6));
+            e.write_all(text).unwrap();
+            e.finish().unwrap();
+        }
+        assert_eq!(&zlib[..2], &[0x78, 0x9c]);
+        let reader = Serializer::default();
+        for frame in [&gz, &zst, &zlib] {
+            let v: serde_json::Value = reader.decode(frame).unwrap();
+            assert_eq!(v["name"], "Zoë");
+        }
+        let small = Serializer::builder()
+            .max_decompressed_size(10)
+            .build()
+            .unwrap();
+        for frame in [&gz, &zst] {
+            let err = small.decode::<serde_json::Value>(frame).unwrap_err();
+            assert_eq!(err.kind(), CodecErrorKind::TooLarge);
+        }
+        let lz4_frame = [0x04, 0x22, 0x4d, 0x18, 0x64, 0x40, 0xa7, 0, 0, 0, 0];
+        let err = reader.decode::<serde_json::Value>(&lz4_frame).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Unsupported);
+        assert!(!err.kind().is_damaged());
+        // A raw CBOR text string of 156 bytes starts with 78 9c, like zlib: read as CBOR.
+        #[cfg(feature = "cbor")]
+        {
+            let cbor = Serializer::builder()
+                .format(SerializationType::Cbor)
+                .raw(true)
+                .build()
+                .unwrap();
+            let text = "z".repeat(0x9c);
+            let bytes = cbor.encode(&text).unwrap();
+            assert_eq!(&bytes[..2], &[0x78, 0x9c]);
+            assert_eq!(cbor.decode::<String>(&bytes).unwrap(), text);
+        }
+        // A damaged frame is damaged.
+        let mut broken = gz.clone();
+        let at = broken.len() - 6;
+        broken[at] ^= 0xff;
+        let err = reader.decode::<serde_json::Value>(&broken).unwrap_err();
+        assert!(err.kind().is_damaged(), "{err}");
     }
 }

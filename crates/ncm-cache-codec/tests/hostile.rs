@@ -103,20 +103,7 @@ fn input(rng: &mut fastrand::Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
 
 /// Decoders: per format an envelope reader and a raw reader, with a 1 MiB cap.
 fn decoders() -> Vec<Serializer> {
-    let mut out = Vec::new();
-    for f in formats() {
-        for raw in [false, true] {
-            out.push(
-                Serializer::builder()
-                    .format(f)
-                    .raw(raw)
-                    .max_decompressed_size(1 << 20)
-                    .build()
-                    .unwrap(),
-            );
-        }
-    }
-    out
+    decoders_with_cap(1 << 20)
 }
 
 #[test]
@@ -154,6 +141,72 @@ fn ten_thousand_random_and_mutated_inputs_never_panic() {
         errors > INPUTS,
         "most inputs should fail to decode ({errors} errors)"
     );
+}
+
+/// Inputs far above simd-json's 4 KiB threshold, up to a few MiB, for every format and
+/// compression: large valid values (about 1 MiB of records, and 4 MiB in one format), mutated,
+/// and deep nesting spliced into them. Every decoder returns a value or a typed error; none
+/// panics or aborts.
+#[test]
+fn large_and_deep_inputs_up_to_mebibytes_never_panic() {
+    let mut rng = fastrand::Rng::with_seed(0xB16_B00B5);
+    let value = records(4_000);
+    let mut seeds: Vec<Vec<u8>> = envelope_configs(1024)
+        .into_iter()
+        .chain(raw_configs())
+        .map(|codec| codec.encode(&value).unwrap().to_vec())
+        .collect();
+    seeds.push(
+        Serializer::default()
+            .encode(&records(16_000))
+            .unwrap()
+            .to_vec(),
+    );
+    assert!(seeds.iter().all(|s| s.len() > 64 * 1024));
+    assert!(seeds.iter().any(|s| s.len() > 3 << 20));
+    let deep: [&[u8]; 4] = [b"[", b"{\"a\":", &[0x81], &[0x91]];
+    let decoders: Vec<Serializer> = decoders_with_cap(8 << 20);
+    for (n, seed) in seeds.iter().enumerate() {
+        let mut inputs = vec![mutate(&mut rng, std::slice::from_ref(seed))];
+        // Deep nesting spliced into the middle of a large value.
+        let mut spliced = seed.clone();
+        let at = rng.usize(..spliced.len());
+        let head = deep[rng.usize(..deep.len())];
+        spliced.splice(at..at, head.repeat(200_000));
+        inputs.push(spliced);
+        for bytes in &inputs {
+            for codec in &decoders {
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    let _ = codec.decode::<Value>(bytes);
+                    let _ = codec.decode::<serde::de::IgnoredAny>(bytes);
+                }));
+                assert!(
+                    outcome.is_ok(),
+                    "seed #{n} ({} bytes) panicked the {} decoder",
+                    bytes.len(),
+                    common::label(codec)
+                );
+            }
+        }
+    }
+}
+
+/// Decoders: per format an envelope reader and a raw reader, with the given cap.
+fn decoders_with_cap(cap: usize) -> Vec<Serializer> {
+    let mut out = Vec::new();
+    for f in formats() {
+        for raw in [false, true] {
+            out.push(
+                Serializer::builder()
+                    .format(f)
+                    .raw(raw)
+                    .max_decompressed_size(cap)
+                    .build()
+                    .unwrap(),
+            );
+        }
+    }
+    out
 }
 
 #[test]

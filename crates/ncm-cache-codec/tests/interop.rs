@@ -125,6 +125,29 @@ fn python_fixtures_decode() {
 /// "recursive structure found" — a typed error, never wrong data. Shared strings are fine
 /// (`python_fixtures_decode`). When this test fails because the values decode, upstream fixed
 /// it: assert equality with `vec![expected(true); 3]` instead.
+/// Values Python compressed itself around the format's bytes (`gzip.compress` of JSON,
+/// `zlib.compress` of a pickle; fixtures written by gen_fixtures.py) read like their
+/// uncompressed fixtures, through raw and envelope readers.
+#[cfg(feature = "gzip")]
+#[test]
+fn python_compressed_values_decode() {
+    for (format, file, with_blob) in [
+        (SerializationType::Json, "data.json.gz", false),
+        (SerializationType::Pickle, "data.p4.pickle.zlib", true),
+    ] {
+        if !format.is_enabled() {
+            continue;
+        }
+        let bytes = fixture(file);
+        for reader in readers(format) {
+            let data: Data = reader
+                .decode(&bytes)
+                .unwrap_or_else(|e| panic!("{file} via {format}: {e}"));
+            assert_eq!(data, expected(with_blob), "{file}");
+        }
+    }
+}
+
 #[test]
 fn python_pickles_sharing_containers_are_a_typed_error() {
     if !SerializationType::Pickle.is_enabled() {

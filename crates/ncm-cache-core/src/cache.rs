@@ -187,7 +187,7 @@ impl<C: Codec> Cache<C> {
         let Some(bytes) = self.inner.backend.get(key).await? else {
             return Ok(None);
         };
-        Ok(self.decode_or_repair(key, &bytes).await)
+        Ok(self.decode_entry(key, &bytes).await)
     }
 
     /// Reads and decodes a value, returning decode failures as [`CacheError::Codec`] (the entry
@@ -195,7 +195,7 @@ impl<C: Codec> Cache<C> {
     pub async fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.inner.backend.get(key).await? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(self.inner.codec.decode(&bytes)?)),
+            Some(bytes) => Ok(Some(self.decode_for(key, &bytes)?)),
         }
     }
 
@@ -222,7 +222,7 @@ impl<C: Codec> Cache<C> {
         expiry: Expiry,
     ) -> Result<()> {
         let ttl = self.inner.ttl.resolve(expiry)?;
-        let bytes = self.encode(value)?;
+        let bytes = self.encode_for(key, value)?;
         self.inner.backend.set(key, bytes, ttl).await
     }
 
@@ -264,7 +264,7 @@ impl<C: Codec> Cache<C> {
         for (key, bytes) in keys.iter().zip(raw) {
             out.push(match bytes {
                 None => None,
-                Some(bytes) => self.decode_or_repair(key, &bytes).await,
+                Some(bytes) => self.decode_entry(key, &bytes).await,
             });
         }
         Ok(out)
@@ -280,7 +280,10 @@ impl<C: Codec> Cache<C> {
         let ttl = self.inner.ttl.resolve(expiry.into())?;
         let encoded = entries
             .into_iter()
-            .map(|(k, v)| Ok((k, self.encode(&v)?)))
+            .map(|(k, v)| {
+                let bytes = self.encode_for(k.as_ref(), &v)?;
+                Ok((k, bytes))
+            })
             .collect::<Result<Vec<_>>>()?;
         let borrowed: Vec<(&str, Bytes)> = encoded
             .iter()
@@ -342,8 +345,27 @@ impl<C: Codec> Cache<C> {
         self.inner.backend.close().await
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes> {
-        let bytes = self.inner.codec.encode(value)?;
+    /// The parts of the key `key` is stored under (the backend's prefix and `key`), which a
+    /// signing codec binds values to.
+    fn stored_key<'a>(&'a self, key: &'a str) -> [&'a str; 2] {
+        [self.inner.backend.key_prefix().unwrap_or(""), key]
+    }
+
+    /// Encodes a value to be stored under `key` exactly as [`set`](Self::set) does: with the
+    /// codec's [`encode_for`](Codec::encode_for) (a signing codec binds it to the stored key,
+    /// prefix included) and checked against [`max_value_size`](CacheBuilder::max_value_size).
+    /// For layers that write the bytes themselves (loaders, strategies, SQL caching).
+    ///
+    /// ```
+    /// # use ncm_cache_core::{Cache, CacheBackend};
+    /// # async fn demo<C: ncm_cache_core::Codec>(cache: Cache<C>) -> ncm_cache_core::Result<()> {
+    /// let bytes = cache.encode_for("user:1", &"Ada")?;
+    /// cache.backend().set("user:1", bytes, None).await?;
+    /// assert_eq!(cache.get::<String>("user:1").await?.as_deref(), Some("Ada"));
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_for<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<Bytes> {
+        let bytes = self.inner.codec.encode_for(&self.stored_key(key), value)?;
         match self.inner.max_value_size {
             Some(max) if bytes.len() > max => Err(CacheError::ValueTooLarge {
                 size: bytes.len(),
@@ -353,12 +375,29 @@ impl<C: Codec> Cache<C> {
         }
     }
 
-    async fn decode_or_repair<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Option<T> {
-        match self.inner.codec.decode(bytes) {
+    /// Decodes bytes read from `key` with the codec's [`decode_for`](Codec::decode_for),
+    /// returning the error (the entry is left alone; see [`decode_entry`](Self::decode_entry)).
+    pub fn decode_for<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
+        Ok(self.inner.codec.decode_for(&self.stored_key(key), bytes)?)
+    }
+
+    /// Decodes bytes read from `key` the way [`get`](Self::get) does: a value that does not
+    /// decode is a miss (`None`), counted in [`CacheStats::codec_errors`](crate::CacheStats),
+    /// and — when the bytes are damaged or forged ([`CodecErrorKind::is_damaged`]) — deleted.
+    /// Bytes another build or configuration may read (a newer envelope version, format or
+    /// compression; a value above this reader's size cap) are left in place.
+    ///
+    /// [`CodecErrorKind::is_damaged`]: crate::CodecErrorKind::is_damaged
+    pub async fn decode_entry<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Option<T> {
+        match self.inner.codec.decode_for(&self.stored_key(key), bytes) {
             Ok(value) => Some(value),
             Err(err) => {
-                tracing::warn!(key, error = %err, "undecodable cache entry removed");
                 self.inner.backend.record_decode_error(key);
+                if !err.kind().is_damaged() {
+                    tracing::debug!(key, error = %err, "unreadable cache entry left in place");
+                    return None;
+                }
+                tracing::warn!(key, error = %err, "undecodable cache entry removed");
                 if let Err(e) = self.inner.backend.delete(key).await {
                     tracing::debug!(key, error = %e, "could not remove undecodable entry");
                 }

@@ -44,6 +44,43 @@ pub trait Codec: Send + Sync + 'static {
 
     /// Deserializes stored bytes.
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError>;
+
+    /// Serializes a value that will be stored under `key`: the parts of the stored key, which
+    /// concatenated give the key as the store sees it (for example the backend's prefix and the
+    /// cache key). A codec that authenticates values binds them to the key here (a signing
+    /// `Serializer` of `ncm-cache-codec` does), so that a value copied to another key does not
+    /// read there. The default ignores the key and calls [`encode`](Self::encode).
+    ///
+    /// Every cache read and write path of this workspace goes through `encode_for` /
+    /// [`decode_for`](Self::decode_for).
+    ///
+    /// ```
+    /// # use ncm_cache_core::Codec;
+    /// # #[derive(Debug, Clone, Copy)] struct PlainJson;
+    /// # impl Codec for PlainJson {
+    /// #   fn encode<T: serde::Serialize + ?Sized>(&self, v: &T) -> Result<bytes::Bytes, ncm_cache_core::CodecError> { Ok(serde_json::to_vec(v).unwrap().into()) }
+    /// #   fn decode<T: serde::de::DeserializeOwned>(&self, b: &[u8]) -> Result<T, ncm_cache_core::CodecError> { Ok(serde_json::from_slice(b).unwrap()) }
+    /// # }
+    /// // Without an override, the key changes nothing.
+    /// let bytes = PlainJson.encode_for(&["app:", "user:1"], &7).unwrap();
+    /// assert_eq!(bytes, PlainJson.encode(&7).unwrap());
+    /// assert_eq!(PlainJson.decode_for::<i32>(&["app:", "user:2"], &bytes).unwrap(), 7);
+    /// ```
+    fn encode_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        let _ = key;
+        self.encode(value)
+    }
+
+    /// Deserializes bytes read from `key` (its parts, as for [`encode_for`](Self::encode_for)).
+    /// The default ignores the key and calls [`decode`](Self::decode).
+    fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {
+        let _ = key;
+        self.decode(bytes)
+    }
 }
 
 impl<C: Codec> Codec for std::sync::Arc<C> {
@@ -52,5 +89,15 @@ impl<C: Codec> Codec for std::sync::Arc<C> {
     }
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         (**self).decode(bytes)
+    }
+    fn encode_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        (**self).encode_for(key, value)
+    }
+    fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {
+        (**self).decode_for(key, bytes)
     }
 }

@@ -236,6 +236,33 @@ pub enum CodecErrorKind {
     Compression,
 }
 
+impl CodecErrorKind {
+    /// `true` when the bytes are damaged or forged for every reader — they do not parse as
+    /// the expected value ([`Decode`](Self::Decode)), the envelope or the compressed stream is
+    /// broken ([`Corrupt`](Self::Corrupt), [`Compression`](Self::Compression)), or the
+    /// signature does not verify ([`Tampered`](Self::Tampered)): the cache read paths count
+    /// them, read a miss and **delete** the entry.
+    ///
+    /// `false` when another build or configuration may read them: a newer envelope version,
+    /// format or compression ([`Unsupported`](Self::Unsupported), for example during a rolling
+    /// deploy) or a value above this reader's size cap ([`TooLarge`](Self::TooLarge)). The read
+    /// paths count them and read a miss, but **leave** the entry. [`Encode`](Self::Encode) is
+    /// never a read error.
+    ///
+    /// ```
+    /// use ncm_cache_core::CodecErrorKind;
+    ///
+    /// assert!(CodecErrorKind::Tampered.is_damaged());
+    /// assert!(!CodecErrorKind::Unsupported.is_damaged());
+    /// ```
+    pub fn is_damaged(self) -> bool {
+        match self {
+            Self::Decode | Self::Corrupt | Self::Tampered | Self::Compression => true,
+            Self::Encode | Self::Unsupported | Self::TooLarge => false,
+        }
+    }
+}
+
 impl fmt::Display for CodecErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
