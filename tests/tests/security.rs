@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ncm_cache::codec::{Serializer, inspect};
+use ncm_cache::codec::{Serializer, SignatureMode, inspect};
 use ncm_cache::core::{Codec, SharedBackend};
 use ncm_cache::multilevel::MultiLevelCache;
 use ncm_cache::redis::{RedisBackend, RedisCache, RedisConfig};
@@ -244,22 +244,166 @@ async fn signed_cache_rejects_values_written_without_the_key() {
     );
 }
 
-/// The documented limit of signing: the tag covers the value, not the key it is stored under,
-/// so a writer without the key can copy a genuinely signed value to another key of the same
-/// cache and it is accepted there.
+/// A signature covers the key a value is stored under (prefix included): a writer without the
+/// secret who copies a genuinely signed value to another key of the same cache, or to the same
+/// key of another cache that shares the secret, gets a miss there — counted, and the copy is
+/// deleted. The original stays readable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_values_copied_to_another_key_are_accepted_documented_limit() {
+async fn signed_values_copied_to_another_key_are_rejected() {
     let server = RedisServer::start().unwrap();
     let mut con = raw_redis(&server);
     let signed = redis_cache(&server, "app:", Some(SIGNING_KEY)).await;
+    let other_app = redis_cache(&server, "other:", Some(SIGNING_KEY)).await;
     signed.set("account:alice", &alice()).await.unwrap();
     let genuine = raw_get(&mut con, "app:account:alice");
-    let _: () = con.set("app:account:bob", genuine).unwrap();
+    assert_eq!(genuine[2], ncm_cache::codec::KEY_BOUND_VERSION);
+    let mut rejected = 0;
+    let _: () = con.set("app:account:bob", &genuine).unwrap();
+    assert_rejected(
+        &signed,
+        &mut con,
+        &mut rejected,
+        "account:bob",
+        "copied to another key",
+    )
+    .await;
+    let _: () = con.set("other:account:alice", &genuine).unwrap();
     assert_eq!(
-        signed.get::<Account>("account:bob").await.unwrap(),
+        other_app.get::<Account>("account:alice").await.unwrap(),
+        None
+    );
+    assert_eq!(other_app.get_stats().codec_errors, 1);
+    assert!(
+        !exists(&mut con, "other:account:alice"),
+        "the copy was deleted"
+    );
+    // Through every read path: get_many, try_get, the blocking cache, a multi-level L2 read.
+    let _: () = con.set("app:account:carol", &genuine).unwrap();
+    assert!(signed.try_get::<Account>("account:carol").await.is_err());
+    assert_eq!(
+        signed
+            .get_many::<Account>(&["account:alice", "account:carol"])
+            .await
+            .unwrap(),
+        vec![Some(alice()), None]
+    );
+    let _: () = con.set("app:account:dave", &genuine).unwrap();
+    let multi = MultiLevelCache::builder(signed.backend())
+        .codec(signed.codec().clone())
+        .build()
+        .unwrap();
+    assert_eq!(multi.get::<Account>("account:dave").await.unwrap(), None);
+    assert_eq!(
+        multi.get::<Account>("account:alice").await.unwrap(),
         Some(alice())
     );
-    assert_eq!(signed.get_stats().codec_errors, 0);
+    // The genuine value is untouched and still reads.
+    assert_eq!(
+        signed.get::<Account>("account:alice").await.unwrap(),
+        Some(alice())
+    );
+}
+
+/// Caches of one Redis under `prefix`, each with its own signing configuration.
+async fn rotating_cache(
+    server: &RedisServer,
+    signing: &str,
+    verification: &[&str],
+    mode: SignatureMode,
+) -> RedisCache {
+    RedisCache::builder()
+        .url(&server.url())
+        .unwrap()
+        .key_prefix("rot:")
+        .health_check_interval(None)
+        .signing_key(signing)
+        .verification_keys(verification.iter().copied())
+        .signature_mode(mode)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Two instances in different steps of a rollout write and read each other's keys: `true`
+/// when every read hit, no codec error was counted and nothing was deleted.
+async fn side_by_side(
+    a: &RedisCache,
+    b: &RedisCache,
+    con: &mut redis::Connection,
+    round: u32,
+) -> bool {
+    let mut clean = true;
+    for (i, (writer, reader)) in [(a, b), (b, a)].into_iter().enumerate() {
+        let key = format!("k:{round}:{i}");
+        writer.set(&key, &alice()).await.unwrap();
+        let before = reader.get_stats().codec_errors;
+        clean &= reader.get::<Account>(&key).await.unwrap() == Some(alice());
+        clean &= reader.get_stats().codec_errors == before;
+        clean &= exists(con, &format!("rot:{key}"));
+    }
+    clean
+}
+
+/// Key rotation in the documented order (docs/configuration.md, "Signing"): at every step the
+/// instances already moved and those not yet moved read each other's writes, with no miss
+/// and no delete. Skipping step 1 makes the not-yet-rotated instances delete what the rotated
+/// ones write — the step the order exists for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_in_the_documented_order_deletes_nothing() {
+    const OLD: &str = "rotation-old-key-0123456789abcdef";
+    const NEW: &str = "rotation-new-key-0123456789abcdef";
+    let server = RedisServer::start().unwrap();
+    let mut con = raw_redis(&server);
+    let kb = SignatureMode::KeyBound;
+    let start = rotating_cache(&server, OLD, &[], kb).await;
+    let step1 = rotating_cache(&server, OLD, &[NEW], kb).await;
+    let step2 = rotating_cache(&server, NEW, &[OLD], kb).await;
+    let done = rotating_cache(&server, NEW, &[], kb).await;
+    // Step 1 rolls out beside instances not yet touched.
+    assert!(side_by_side(&start, &step1, &mut con, 1).await, "step 1");
+    // Step 2 rolls out beside instances in step 1.
+    assert!(side_by_side(&step1, &step2, &mut con, 2).await, "step 2");
+    // Step 3 (after the longest TTL, no value signed with OLD is left) beside step 2.
+    assert!(side_by_side(&step2, &done, &mut con, 3).await, "step 3");
+    // Skipping step 1: an untouched instance deletes what a step-2 instance writes.
+    assert!(
+        !side_by_side(&start, &step2, &mut con, 4).await,
+        "skipping step 1"
+    );
+    assert!(
+        !exists(&mut con, "rot:k:4:1"),
+        "the untouched instance deleted it"
+    );
+}
+
+/// Upgrading a signing deployment from builds before key binding (docs/configuration.md,
+/// "Signing"): step 1 (`Unbound`) runs beside old builds (which read only unbound values —
+/// stood in for by the values an `Unbound` instance writes); step 2 (`Migrating`) beside
+/// step 1; step 3 (`KeyBound`) beside step 2 once unbound values have expired. Every pair
+/// reads each other's writes without a miss; `KeyBound` rejects unbound values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_to_key_bound_signatures_in_the_documented_order_deletes_nothing() {
+    let server = RedisServer::start().unwrap();
+    let mut con = raw_redis(&server);
+    let unbound = rotating_cache(&server, SIGNING_KEY, &[], SignatureMode::Unbound).await;
+    let migrating = rotating_cache(&server, SIGNING_KEY, &[], SignatureMode::Migrating).await;
+    let bound = rotating_cache(&server, SIGNING_KEY, &[], SignatureMode::KeyBound).await;
+    unbound.set("old", &alice()).await.unwrap();
+    assert_eq!(
+        raw_get(&mut con, "rot:old")[2],
+        ncm_cache::codec::SIGNED_VERSION
+    );
+    assert!(
+        side_by_side(&unbound, &migrating, &mut con, 1).await,
+        "step 2 beside step 1"
+    );
+    assert!(
+        side_by_side(&migrating, &bound, &mut con, 2).await,
+        "step 3 beside step 2"
+    );
+    // An unbound value left over is a miss for a key-bound reader (and is removed).
+    assert_eq!(bound.get::<Account>("old").await.unwrap(), None);
+    assert!(!exists(&mut con, "rot:old"));
 }
 
 /// The blocking cache built from the same configuration rejects planted values too.
@@ -282,6 +426,12 @@ fn signed_sync_cache_rejects_values_written_without_the_key() {
     assert_eq!(signed.get::<Account>("account:mallory").unwrap(), None);
     assert_eq!(signed.get_stats().codec_errors, 1);
     assert!(!exists(&mut con, "sync:account:mallory"));
+    // A genuine value copied to another key is rejected too.
+    let genuine = raw_get(&mut con, "sync:account:alice");
+    let _: () = con.set("sync:account:bob", genuine).unwrap();
+    assert_eq!(signed.get::<Account>("account:bob").unwrap(), None);
+    assert_eq!(signed.get_stats().codec_errors, 2);
+    assert!(!exists(&mut con, "sync:account:bob"));
 }
 
 /// A `MultiLevelCache` over Redis with a signed codec: a tampered L2 value is a miss (counted
@@ -332,7 +482,12 @@ async fn signed_multilevel_cache_rejects_tampered_l2_values() {
     // What is in Redis now is the real value, signed with the key.
     let stored = raw_get(&mut con, "ml:account:1");
     assert!(inspect(&stored).unwrap().unwrap().is_signed());
-    assert_eq!(codec.decode::<Account>(&stored).unwrap(), alice());
+    assert_eq!(
+        codec
+            .decode_for::<Account>(&["ml:", "account:1"], &stored)
+            .unwrap(),
+        alice()
+    );
 
     // A second instance (empty L1) reads the genuine value from L2 ...
     let other = build();

@@ -223,7 +223,7 @@ fn main() {
                 .set_many(
                     &chunk
                         .iter()
-                        .map(|(k, v)| (k.as_str(), ml.codec_bytes(v).unwrap()))
+                        .map(|(k, v)| (k.as_str(), ml.codec_bytes(k, v).unwrap()))
                         .collect::<Vec<_>>(),
                     Some(Duration::from_secs(3600)),
                 )

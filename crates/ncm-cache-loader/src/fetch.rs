@@ -143,7 +143,7 @@ impl<C: Codec> CacheLoader<C> {
             return output;
         }
         match shared {
-            Ok(Some(bytes)) => match self.inner.cache.codec().decode::<M::Stored>(&bytes) {
+            Ok(Some(bytes)) => match self.inner.cache.decode_for::<M::Stored>(call.key, &bytes) {
                 Ok(value) => {
                     if ran {
                         counters.hit();
@@ -152,7 +152,7 @@ impl<C: Codec> CacheLoader<C> {
                     }
                     return M::join(value);
                 }
-                Err(e) => self.log_cache_error(call, Operation::Get, &e.into()),
+                Err(e) => self.log_cache_error(call, Operation::Get, &e),
             },
             Ok(None) => {
                 if let Some(output) = M::empty() {
@@ -225,11 +225,12 @@ impl<C: Codec> CacheLoader<C> {
         call: Call<'_>,
         value: &S,
     ) -> Option<Bytes> {
-        match self.inner.cache.codec().encode(value) {
+        // Bound to the key by a signing codec, checked against `max_value_size`.
+        match self.inner.cache.encode_for(call.key, value) {
             Ok(bytes) => Some(bytes),
             Err(e) => {
                 counters.cache_error(Operation::Set);
-                self.log_cache_error(call, Operation::Set, &e.into());
+                self.log_cache_error(call, Operation::Set, &e);
                 None
             }
         }

@@ -207,12 +207,15 @@ impl<C: Codec> MultiLevelCache<C> {
         &self.inner.codec
     }
 
-    /// Encodes a value with the cache's codec (for writing L2 directly, e.g. bulk preloads).
+    /// Encodes a value to be stored under `key` with the cache's codec, as [`set`](Self::set)
+    /// does (for writing L2 directly, e.g. bulk preloads): a signing codec binds it to the
+    /// stored key.
     pub fn codec_bytes<T: Serialize + ?Sized>(
         &self,
+        key: &str,
         value: &T,
     ) -> std::result::Result<ncm_cache_core::Bytes, ncm_cache_core::CodecError> {
-        self.inner.codec.encode(value)
+        self.inner.encode(key, value)
     }
 
     /// Number of entries in L1.
@@ -388,7 +391,7 @@ impl<C: Codec> MultiLevelCache<C> {
     /// Writes a value to L2 (with the L2 TTL) and L1, and tells other instances to drop
     /// their copy.
     pub async fn set<T: CacheValue>(&self, key: &str, value: T) -> Result<()> {
-        let bytes = self.inner.codec.encode(&value)?;
+        let bytes = self.inner.encode(key, &value)?;
         let ttl = self.inner.opts.l2_default_ttl;
         self.inner
             .write_encoded(key, Arc::new(value), bytes, ttl)
@@ -402,7 +405,7 @@ impl<C: Codec> MultiLevelCache<C> {
         value: T,
         ttl: Duration,
     ) -> Result<()> {
-        let bytes = self.inner.codec.encode(&value)?;
+        let bytes = self.inner.encode(key, &value)?;
         self.inner
             .write_encoded(key, Arc::new(value), bytes, Some(ttl))
             .await
@@ -418,7 +421,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let inner = &self.inner;
         match level {
             CacheLevel::L1 => {
-                let size = inner.codec.encode(&value)?.len();
+                let size = inner.encode(key, &value)?.len();
                 inner.invalidate_l1(key)?;
                 let ticket = inner.versions.ticket(key);
                 let fill = Fill::value(Arc::new(value) as Object, size, None);
@@ -426,7 +429,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 inner.publish_set(key).await;
             }
             CacheLevel::L2 => {
-                let bytes = inner.codec.encode(&value)?;
+                let bytes = inner.encode(key, &value)?;
                 inner.invalidate_l1(key)?;
                 let written = inner.l2_write(key, bytes, inner.opts.l2_default_ttl).await;
                 inner.invalidate_l1(key)?;
@@ -484,7 +487,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 Counters::bump(&inner.counters.misses);
                 continue;
             };
-            match inner.codec.decode::<T>(&bytes) {
+            match inner.decode::<T>(key, &bytes) {
                 Ok(v) => {
                     Counters::bump(&inner.counters.l2_hits);
                     let v = Arc::new(v);
@@ -538,7 +541,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 continue;
             }
             if let Some(v) = loaded.remove(*key) {
-                let bytes = self.inner.codec.encode(&v)?;
+                let bytes = self.inner.encode(key, &v)?;
                 encoded.push(((*key).to_owned(), bytes));
                 out[i] = Some(v);
             }
@@ -745,7 +748,7 @@ impl<C: Codec> Inner<C> {
         let Some(bytes) = self.l2_call(self.l2.get(key)).await? else {
             return Ok(None);
         };
-        match self.codec.decode::<T>(&bytes) {
+        match self.decode::<T>(key, &bytes) {
             Ok(v) => Ok(Some((Arc::new(v), bytes.len()))),
             Err(e) => {
                 self.repair(key, &e).await;
@@ -755,10 +758,37 @@ impl<C: Codec> Inner<C> {
     }
 
     /// An undecodable L2 entry is counted and removed (read as a miss).
+    /// An L2 value of `key` did not decode: counted; removed when damaged or forged, left
+    /// when another build or configuration may read it (see `CodecErrorKind::is_damaged`).
     pub(crate) async fn repair(&self, key: &str, e: &ncm_cache_core::CodecError) {
-        tracing::warn!(key, error = %e, "undecodable L2 entry removed");
         self.l2.record_decode_error(key);
+        if !e.kind().is_damaged() {
+            tracing::debug!(key, error = %e, "unreadable L2 entry left in place");
+            return;
+        }
+        tracing::warn!(key, error = %e, "undecodable L2 entry removed");
         let _ = self.l2_call(self.l2.delete(key)).await;
+    }
+
+    /// Encodes a value stored under `key` (bound to the L2 key, prefix included, by a signing
+    /// codec).
+    pub(crate) fn encode<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> std::result::Result<ncm_cache_core::Bytes, ncm_cache_core::CodecError> {
+        self.codec
+            .encode_for(&[self.l2.key_prefix().unwrap_or(""), key], value)
+    }
+
+    /// Decodes a value read from `key` of L2.
+    pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<T, ncm_cache_core::CodecError> {
+        self.codec
+            .decode_for(&[self.l2.key_prefix().unwrap_or(""), key], bytes)
     }
 
     pub(crate) async fn l2_write(

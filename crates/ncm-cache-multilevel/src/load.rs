@@ -271,7 +271,7 @@ impl<C: Codec> Inner<C> {
         v: T,
         ticket: &Ticket,
     ) -> Result<Loaded> {
-        let bytes = self.codec.encode(&v)?;
+        let bytes = self.encode(key, &v)?;
         let size = bytes.len();
         let object: Object = Arc::new(v);
         if !self.versions.current(ticket) {

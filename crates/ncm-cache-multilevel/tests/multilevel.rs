@@ -371,18 +371,28 @@ async fn negative_caching_and_batch_loads_of_misses_only() {
 }
 
 #[tokio::test]
-async fn undecodable_l2_values_are_misses_and_removed() {
+async fn undecodable_l2_values_are_misses_and_removed_unless_from_a_newer_build() {
     let l2 = MemoryBackend::new();
     let cache = MultiLevelCache::builder(l2.clone()).build().unwrap();
     l2.set_now(
         "bad",
-        ncm_cache_core::Bytes::from_static(b"\xc1\x4e\x01\xff\xff garbage"),
+        ncm_cache_core::Bytes::from_static(b"\xc1\x4e\x01\x01\x00 garbage"),
         None,
     )
     .unwrap();
     assert_eq!(cache.get::<String>("bad").await.unwrap(), None);
     assert!(l2.get_now("bad").unwrap().is_none());
     assert_eq!(cache.get_stats().l2.codec_errors, 1);
+    // An envelope of a newer build (unknown format tag) is a miss, counted, and left.
+    l2.set_now(
+        "newer",
+        ncm_cache_core::Bytes::from_static(b"\xc1\x4e\x01\xff\xff payload"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(cache.get::<String>("newer").await.unwrap(), None);
+    assert!(l2.get_now("newer").unwrap().is_some());
+    assert_eq!(cache.get_stats().l2.codec_errors, 2);
 }
 
 /// An L2 whose reads answer `delay` late (the value is read first, as when the reply is slow

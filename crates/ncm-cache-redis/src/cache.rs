@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ncm_cache_codec::{CompressionType, SerializationType, Serializer};
-use ncm_cache_core::{Cache, CacheStrategy, Result, SharedBackend, TtlPolicy};
+use ncm_cache_core::{Cache, CacheStrategy, Codec, Result, SharedBackend, TtlPolicy};
 
 use crate::backend::RedisBackend;
 use crate::config::{Compression, RedisConfig, SentinelConfig};
@@ -99,7 +99,25 @@ impl RedisCache {
     /// Starts a pipeline: commands added to it go to Redis in one round trip when passed to
     /// [`execute_pipeline`](Self::execute_pipeline).
     pub fn pipeline(&self) -> RedisPipeline {
-        RedisPipeline::new(self.cache.codec().clone(), self.cache.ttl_policy())
+        RedisPipeline::new(
+            self.cache.codec().clone(),
+            self.config().key_prefix.clone(),
+            self.cache.ttl_policy(),
+        )
+    }
+
+    /// Decodes the result of a pipelined `get` of `key` (the key given to
+    /// [`RedisPipeline::get`]); with a signing codec the value must be bound to that key.
+    pub fn decode_result<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        result: &PipelineResult,
+    ) -> Result<Option<T>> {
+        result.decode_with(|bytes| {
+            self.cache
+                .codec()
+                .decode_for(&[&self.config().key_prefix, key], bytes)
+        })
     }
 
     /// Runs a pipeline; one result per command, in order.
@@ -121,7 +139,9 @@ pub(crate) fn serializer_for(config: &RedisConfig) -> Result<Serializer> {
         b = b.signing_key(key);
     }
     // Without a signing key, `build` reports verification keys as a misconfiguration.
-    b.verification_keys(&config.verification_keys).build()
+    b.verification_keys(&config.verification_keys)
+        .signature_mode(config.signature_mode)
+        .build()
 }
 
 /// Builds a [`RedisCache`]; every option of [`RedisConfig`] has a method.
@@ -253,6 +273,12 @@ impl RedisCacheBuilder {
     /// it (see [`RedisConfig::signing_key`]); at least 16 bytes.
     pub fn signing_key(mut self, key: impl Into<String>) -> Self {
         self.config.signing_key = Some(key.into());
+        self
+    }
+
+    /// How signatures are bound to keys (see [`RedisConfig::signature_mode`]).
+    pub fn signature_mode(mut self, mode: ncm_cache_codec::SignatureMode) -> Self {
+        self.config.signature_mode = mode;
         self
     }
 

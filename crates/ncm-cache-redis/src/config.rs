@@ -131,6 +131,11 @@ pub struct RedisConfig {
     /// Previous signing keys still accepted on read, for key rotation (default empty; never
     /// printed by `Debug`). Only used with a `signing_key`.
     pub verification_keys: Vec<String>,
+    /// How signatures are bound to the keys values are stored under (default key-bound; config
+    /// files: `"key_bound"`, `"migrating"`, `"unbound"`). Only used with a `signing_key`; see
+    /// [`SignatureMode`](ncm_cache_codec::SignatureMode) and docs/configuration.md for the
+    /// upgrade from builds before key binding.
+    pub signature_mode: ncm_cache_codec::SignatureMode,
     /// The caching strategy label of this cache (informational, as in the original).
     pub strategy: CacheStrategy,
     /// Time allowed to establish a connection (default 2 s).
@@ -182,6 +187,7 @@ impl Default for RedisConfig {
             compression_threshold: 1024,
             signing_key: None,
             verification_keys: Vec::new(),
+            signature_mode: ncm_cache_codec::SignatureMode::KeyBound,
             strategy: CacheStrategy::CacheAside,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
@@ -215,6 +221,7 @@ impl fmt::Debug for RedisConfig {
                 &self.signing_key.as_ref().map(|_| "<redacted>"),
             )
             .field("verification_keys", &self.verification_keys.len())
+            .field("signature_mode", &self.signature_mode)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("tls", &self.tls)

@@ -67,9 +67,19 @@ pub enum PipelineResult {
 
 impl PipelineResult {
     /// Decodes a `get` result with the cache's codec (any envelope format is understood).
+    ///
+    /// With a signing codec, values are bound to their key: read them with
+    /// [`RedisCache::decode_result`](crate::RedisCache::decode_result), which knows the key.
     pub fn decode<T: DeserializeOwned>(&self, codec: &Serializer) -> Result<Option<T>> {
+        self.decode_with(|bytes| codec.decode(bytes))
+    }
+
+    pub(crate) fn decode_with<T>(
+        &self,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, ncm_cache_core::CodecError>,
+    ) -> Result<Option<T>> {
         match self {
-            Self::Value(Some(bytes)) => Ok(Some(codec.decode(bytes)?)),
+            Self::Value(Some(bytes)) => Ok(Some(decode(bytes)?)),
             Self::Value(None) => Ok(None),
             other => Err(CacheError::InvalidArgument(format!(
                 "pipeline result {other:?} is not a value"
@@ -95,15 +105,18 @@ impl PipelineResult {
 pub struct RedisPipeline {
     ops: Vec<Op>,
     codec: Serializer,
+    /// The cache's key prefix: values are bound to their stored key by a signing codec.
+    prefix: String,
     ttl: TtlPolicy,
     error: Option<CacheError>,
 }
 
 impl RedisPipeline {
-    pub(crate) fn new(codec: Serializer, ttl: TtlPolicy) -> Self {
+    pub(crate) fn new(codec: Serializer, prefix: String, ttl: TtlPolicy) -> Self {
         Self {
             ops: Vec::new(),
             codec,
+            prefix,
             ttl,
             error: None,
         }
@@ -152,7 +165,7 @@ impl RedisPipeline {
             Ok(t) => t,
             Err(e) => return self.fail(e),
         };
-        match self.codec.encode(value) {
+        match self.codec.encode_for(&[&self.prefix, key], value) {
             Ok(value) => {
                 self.ops.push(Op::Set {
                     key: key.to_owned(),

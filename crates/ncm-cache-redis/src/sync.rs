@@ -326,12 +326,21 @@ impl RedisSyncCache {
         }
     }
 
+    /// As `Cache::decode_entry`: a miss, counted; removed only when damaged or forged.
     fn decode_or_repair<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Option<T> {
-        match self.inner.codec.decode(bytes) {
+        match self
+            .inner
+            .codec
+            .decode_for(&[self.inner.keys.prefix(), key], bytes)
+        {
             Ok(v) => Some(v),
             Err(e) => {
-                tracing::warn!(key, error = %e, "undecodable cache entry removed");
                 self.inner.stats.undecodable();
+                if !e.kind().is_damaged() {
+                    tracing::debug!(key, error = %e, "unreadable cache entry left in place");
+                    return None;
+                }
+                tracing::warn!(key, error = %e, "undecodable cache entry removed");
                 let _ = self.delete(key);
                 None
             }
@@ -361,7 +370,10 @@ impl RedisSyncCache {
         expiry: Expiry,
     ) -> Result<()> {
         let ttl = self.inner.ttl.resolve(expiry)?;
-        let bytes = self.inner.codec.encode(value)?;
+        let bytes = self
+            .inner
+            .codec
+            .encode_for(&[self.inner.keys.prefix(), key], value)?;
         self.set_bytes(key, &bytes, ttl)
     }
 
@@ -424,7 +436,13 @@ impl RedisSyncCache {
         let ttl = self.inner.ttl.resolve(expiry.into())?;
         let encoded = entries
             .into_iter()
-            .map(|(k, v)| Ok((k, self.inner.codec.encode(&v)?)))
+            .map(|(k, v)| {
+                let bytes = self
+                    .inner
+                    .codec
+                    .encode_for(&[self.inner.keys.prefix(), k.as_ref()], &v)?;
+                Ok((k, bytes))
+            })
             .collect::<Result<Vec<_>>>()?;
         let borrowed: Vec<(&str, &[u8])> =
             encoded.iter().map(|(k, v)| (k.as_ref(), &v[..])).collect();

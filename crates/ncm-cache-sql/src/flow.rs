@@ -77,19 +77,26 @@ impl<C: Codec> SqlCache<C> {
             self.log(analysis, "miss", start.elapsed(), None);
             return Ok(None);
         };
-        match self.inner().cache.codec().decode::<Rows>(&bytes) {
+        match self.inner().cache.decode_for::<Rows>(key, &bytes) {
             Ok(rows) => {
                 self.inner().stats.hit(start.elapsed());
                 self.log(analysis, "hit", start.elapsed(), Some(rows.len()));
                 Ok(Some(rows))
             }
             Err(err) => {
-                tracing::warn!(key, error = %err, "undecodable cached result removed");
                 self.inner().stats.codec_error();
                 self.inner().stats.miss(start.elapsed());
                 backend.record_decode_error(key);
-                if let Err(e) = backend.delete(key).await {
-                    tracing::debug!(key, error = %e, "could not remove undecodable entry");
+                // Damaged or forged: removed; readable by another build: left (see
+                // `CodecErrorKind::is_damaged`).
+                let damaged = matches!(&err, CacheError::Codec(e) if e.kind().is_damaged());
+                if damaged {
+                    tracing::warn!(key, error = %err, "undecodable cached result removed");
+                    if let Err(e) = backend.delete(key).await {
+                        tracing::debug!(key, error = %e, "could not remove undecodable entry");
+                    }
+                } else {
+                    tracing::debug!(key, error = %err, "unreadable cached result left in place");
                 }
                 Ok(None)
             }
@@ -159,7 +166,7 @@ impl<C: Codec> SqlCache<C> {
         started: u64,
     ) {
         let inner = self.inner();
-        let bytes = match inner.cache.codec().encode(rows) {
+        let bytes = match inner.cache.encode_for(key, rows) {
             Ok(bytes) => bytes,
             Err(err) => {
                 inner.stats.cache_error(Operation::Set);

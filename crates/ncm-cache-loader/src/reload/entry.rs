@@ -23,7 +23,7 @@ pub(crate) type LoadFn = dyn Fn() -> BoxFuture<'static, Result<Loaded>> + Send +
 pub(crate) type Callback = Arc<dyn Fn(&str, &dyn Any) + Send + Sync>;
 
 /// Wraps a user loader: run it, map its error, encode its value with the cache's codec.
-pub(crate) fn erase_loader<C, T, F, Fut, E>(cache: Cache<C>, f: F) -> Arc<LoadFn>
+pub(crate) fn erase_loader<C, T, F, Fut, E>(cache: Cache<C>, name: &str, f: F) -> Arc<LoadFn>
 where
     C: Codec,
     T: Serialize + Send + 'static,
@@ -32,11 +32,13 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
     let f = Arc::new(f);
+    let name: Arc<str> = name.into();
     Arc::new(move || {
-        let (f, cache) = (Arc::clone(&f), cache.clone());
+        let (f, cache, name) = (Arc::clone(&f), cache.clone(), Arc::clone(&name));
         Box::pin(async move {
             let value = f().await.map_err(CacheError::loader)?;
-            let bytes = cache.codec().encode(&value)?;
+            // Bound to the key by a signing codec, checked against `max_value_size`.
+            let bytes = cache.encode_for(&name, &value)?;
             Ok(Loaded {
                 bytes,
                 value: Box::new(value),

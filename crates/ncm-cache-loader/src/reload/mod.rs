@@ -280,7 +280,7 @@ impl<C: Codec> CacheReloader<C> {
             name,
             ttl,
             strategy,
-            erase_loader(self.inner.cache.clone(), f),
+            erase_loader(self.inner.cache.clone(), name, f),
         ));
         write(&self.inner.entries).insert(name.to_owned(), Arc::clone(&entry));
         // A replaced entry's eager timer stops; a new one starts for an Eager entry.
@@ -337,7 +337,7 @@ impl<C: Codec> CacheReloader<C> {
         match self.entry(name) {
             Ok(entry) => {
                 entry.check_type::<T>()?;
-                entry.set_loader(erase_loader(self.inner.cache.clone(), loader));
+                entry.set_loader(erase_loader(self.inner.cache.clone(), name, loader));
             }
             Err(_) => self.register_loader(name, loader, None, ReloadStrategy::Lazy)?,
         }

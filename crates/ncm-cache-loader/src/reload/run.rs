@@ -58,7 +58,7 @@ impl<C: Codec> CacheReloader<C> {
         let reloaded = self.reload_entry(&entry, false).await?;
         match reloaded.value.map(|v| v.downcast::<T>()) {
             Some(Ok(value)) => Ok(*value),
-            _ => Ok(cache.codec().decode::<T>(&reloaded.bytes)?),
+            _ => cache.decode_for::<T>(name, &reloaded.bytes),
         }
     }
 
