@@ -7,10 +7,12 @@ use std::time::Duration;
 use ncm_cache_core::{Cache, CacheError, Codec, Result, SingleFlight};
 
 use crate::cache::{Inner, SqlCache};
+use crate::deps::Dependencies;
 use crate::executor::SqlExecutor;
-use crate::invalidate::Guard;
 use crate::keys::Keys;
+use crate::rules::Policy;
 use crate::stats::SqlStats;
+use crate::tables::parse_table_name;
 
 /// Default lifetime of a cached result: one hour.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -30,6 +32,8 @@ pub struct SqlCacheBuilder<C> {
     namespace: String,
     name: String,
     statement_cache_size: usize,
+    policy: Policy,
+    dependencies: Vec<(String, String)>,
 }
 
 impl<C: Codec> SqlCacheBuilder<C> {
@@ -44,6 +48,8 @@ impl<C: Codec> SqlCacheBuilder<C> {
             namespace: "sql".to_owned(),
             name: "sql".to_owned(),
             statement_cache_size: 1024,
+            policy: Policy::default(),
+            dependencies: Vec::new(),
         }
     }
 
@@ -92,6 +98,65 @@ impl<C: Codec> SqlCacheBuilder<C> {
         self
     }
 
+    /// Cache results of statements that call functions outside the built-in deterministic
+    /// list (default `false`: such statements run uncached, counted as "unknown function
+    /// f()"). Volatile functions (`nextval`, `random`, `now`, …) are never cached.
+    ///
+    /// ```
+    /// # use ncm_cache_sql::{SqlCache, SqliteExecutor};
+    /// # async fn demo(cache: ncm_cache_core::Cache<ncm_cache_codec::Serializer>) -> ncm_cache_core::Result<()> {
+    /// let sql = SqlCache::builder(cache, SqliteExecutor::memory().await?)
+    ///     .deterministic_functions(["price_with_tax"]) // just these,
+    ///     .cache_unknown_functions(false)               // not every unknown one
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn cache_unknown_functions(mut self, on: bool) -> Self {
+        self.policy.unknown_functions = on;
+        self
+    }
+
+    /// Functions (bare names, any case) to treat as deterministic: statements calling them are
+    /// cached. A volatile built-in named here stays uncached.
+    pub fn deterministic_functions<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.policy
+            .deterministic
+            .extend(names.into_iter().map(|n| n.as_ref().to_lowercase()));
+        self
+    }
+
+    /// Cache results of queries that read no table (`SELECT 1 + 1`, `SELECT version()`;
+    /// default `false`: no write would ever invalidate them, so they are only right if they
+    /// never change). Their only invalidations are the TTL and `invalidate_all`.
+    pub fn cache_tableless(mut self, on: bool) -> Self {
+        self.policy.tableless = on;
+        self
+    }
+
+    /// Declares that a write to `written` changes what queries of `affected` return — a
+    /// dependency the catalog does not show, e.g. a trigger on `orders` that writes
+    /// `order_totals`. Writes to `written` then invalidate `affected` too (transitively).
+    /// Views, partitions and cascading foreign keys are read from the catalog (PostgreSQL,
+    /// MySQL/MariaDB) and need no declaration.
+    ///
+    /// ```
+    /// # use ncm_cache_sql::{SqlCache, SqliteExecutor};
+    /// # async fn demo(cache: ncm_cache_core::Cache<ncm_cache_codec::Serializer>) -> ncm_cache_core::Result<()> {
+    /// let sql = SqlCache::builder(cache, SqliteExecutor::memory().await?)
+    ///     .dependency("orders", "order_totals") // a trigger keeps order_totals up to date
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn dependency(mut self, written: &str, affected: &str) -> Self {
+        self.dependencies
+            .push((written.to_owned(), affected.to_owned()));
+        self
+    }
+
     /// Builds the SQL cache.
     pub fn build(self) -> Result<SqlCache<C>> {
         if self.default_ttl.is_zero() {
@@ -105,8 +170,9 @@ impl<C: Codec> SqlCacheBuilder<C> {
             ));
         }
         let keys = Keys::new(&self.namespace, self.executor.identity());
+        let dialect = self.executor.dialect();
         Ok(SqlCache::from_inner(Inner {
-            dialect: self.executor.dialect(),
+            dialect,
             keys,
             cache: self.cache,
             executor: self.executor,
@@ -116,7 +182,18 @@ impl<C: Codec> SqlCacheBuilder<C> {
             statements: (self.statement_cache_size > 0)
                 .then(|| quick_cache::sync::Cache::new(self.statement_cache_size)),
             flights: SingleFlight::new(),
-            guard: Guard::default(),
+            deps: Dependencies::new(
+                self.dependencies
+                    .iter()
+                    .map(|(w, a)| {
+                        (
+                            parse_table_name(w, dialect).bare().to_owned(),
+                            parse_table_name(a, dialect).bare().to_owned(),
+                        )
+                    })
+                    .collect(),
+            ),
+            policy: self.policy,
             stats: SqlStats::new(&self.name, self.performance_monitoring),
         }))
     }

@@ -11,11 +11,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::SqlCacheBuilder;
+use crate::deps::Dependencies;
 use crate::executor::{SqlDialect, SqlExecutor};
-use crate::invalidate::Guard;
 use crate::keys::{Analysis, Keys};
 use crate::params::SqlParams;
 use crate::rows::Rows;
+use crate::rules::Policy;
 use crate::stats::{SqlPerformanceStats, SqlStats};
 
 /// Statements longer than this are analysed on every call instead of being memoized.
@@ -116,7 +117,8 @@ pub(crate) struct Inner<C> {
     pub(crate) logging: bool,
     pub(crate) statements: Option<quick_cache::sync::Cache<String, Arc<Analysis>>>,
     pub(crate) flights: SingleFlight<String, Arc<Rows>>,
-    pub(crate) guard: Guard,
+    pub(crate) policy: Policy,
+    pub(crate) deps: Dependencies,
     pub(crate) stats: SqlStats,
 }
 
@@ -230,12 +232,17 @@ impl<C: Codec> SqlCache<C> {
     }
 
     /// Runs a write (`INSERT`, `UPDATE`, `DELETE`, `MERGE`, `TRUNCATE`, DDL, …) and invalidates
-    /// the cached queries of every table it touches (all of this database's entries when the
-    /// tables cannot be known, e.g. `CALL`). Returns the number of rows affected.
+    /// the cached queries of every table it touches, and of the tables that depend on them
+    /// (views, partitions, cascading foreign keys, declared dependencies); all of this
+    /// database's entries when the tables cannot be known (e.g. `CALL`). Returns the number of
+    /// rows affected.
     ///
-    /// Database failures are [`CacheError::Database`]. If the write succeeded but the
-    /// invalidation failed (the cache is down), the cache's error is returned: the write is
-    /// committed, the cache may be stale until the entries expire.
+    /// Database failures are [`CacheError::Database`]. Once the database has committed the
+    /// write, its result is returned **even if the invalidation fails** (the cache is down):
+    /// the failure is counted (`invalidation_failures`), logged at error level, and retried in
+    /// the background; until a retry succeeds, cached results of those tables may be stale.
+    /// A caller retrying on an error therefore never applies a write twice because of the
+    /// cache.
     pub async fn execute(&self, sql: &str, params: impl Into<SqlParams>) -> Result<u64> {
         let params = params.into();
         let analysis = self.analyze(sql, &params);
@@ -252,20 +259,19 @@ impl<C: Codec> SqlCache<C> {
             start.elapsed(),
             &result.as_ref().map(|n| *n as usize),
         );
-        match result {
-            Ok(affected) => {
-                self.invalidate_writes(&analysis).await?;
-                Ok(affected)
-            }
-            Err(err) => {
-                // A failed statement changed nothing, but a partly applied script might have:
-                // invalidating is cheap and safe.
-                if let Err(e) = self.invalidate_writes(&analysis).await {
-                    tracing::warn!(error = %e, "invalidation after a failed write failed");
-                }
-                Err(err)
-            }
-        }
+        // Also after a failure: a partly applied script may have written, and invalidating is
+        // cheap and safe.
+        self.invalidate_after_write(&analysis).await;
+        result
+    }
+
+    /// The tables whose cached results a write to `tables` invalidates: them, and every table
+    /// that depends on them.
+    pub(crate) async fn dependents(&self, tables: &[String]) -> Vec<String> {
+        self.inner
+            .deps
+            .expand(self.inner.executor.as_ref(), tables)
+            .await
     }
 
     /// The key `sql` with `params` is cached under (for inspection and tests).
@@ -303,7 +309,12 @@ impl<C: Codec> SqlCache<C> {
             .as_ref()
             .filter(|_| sql.len() <= MAX_MEMO_SQL)
         else {
-            return Arc::new(Analysis::new(sql, dialect, names.as_deref()));
+            return Arc::new(Analysis::new(
+                sql,
+                dialect,
+                names.as_deref(),
+                &self.inner.policy,
+            ));
         };
         let memo_key = match &names {
             None => sql.to_owned(),
@@ -312,7 +323,12 @@ impl<C: Codec> SqlCache<C> {
         if let Some(hit) = memo.get(memo_key.as_str()) {
             return hit;
         }
-        let analysis = Arc::new(Analysis::new(sql, dialect, names.as_deref()));
+        let analysis = Arc::new(Analysis::new(
+            sql,
+            dialect,
+            names.as_deref(),
+            &self.inner.policy,
+        ));
         memo.insert(memo_key, Arc::clone(&analysis));
         analysis
     }

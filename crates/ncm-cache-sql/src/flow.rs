@@ -3,13 +3,39 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::{CacheError, Codec, Operation, Result};
+use ncm_cache_core::{Bytes, CacheError, Codec, Operation, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::cache::{QueryCacheStrategy, SqlCache};
 use crate::keys::Analysis;
 use crate::rows::Rows;
+use crate::rules::Uncacheable;
 use crate::stats::SqlStats;
 use crate::value::SqlValue;
+
+/// A cached result: the generation tokens of its tables when the query started (database-wide
+/// token first, then one per table in `Analysis::tags` order) and the rows.
+#[derive(Deserialize)]
+struct Stored {
+    g: Vec<String>,
+    r: Rows,
+}
+
+/// [`Stored`] borrowed, for writing.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    g: &'a [String],
+    r: &'a Rows,
+}
+
+/// What a lookup found: the entry (if valid) and the current generation tokens (`None` when
+/// the cache could not be read).
+struct Found {
+    rows: Option<Rows>,
+    tokens: Option<Vec<Option<Bytes>>>,
+    /// Why the cache could not be read (then `tokens` is `None`).
+    error: Option<CacheError>,
+}
 
 impl<C: Codec> SqlCache<C> {
     pub(crate) async fn run(
@@ -19,109 +45,220 @@ impl<C: Codec> SqlCache<C> {
         strategy: QueryCacheStrategy,
         ttl: Duration,
     ) -> Result<Option<Arc<Rows>>> {
-        if strategy == QueryCacheStrategy::CacheOnly && analysis.is_write() {
-            return Ok(None);
-        }
-        let key = match self.inner().keys.entry(analysis, &values) {
-            Some(key) if !analysis.is_write() => key,
-            _ => {
-                // Writes and statements naming too many tables: run, never cache.
-                if strategy == QueryCacheStrategy::CacheOnly {
-                    return Ok(None);
-                }
-                SqlStats::count(&self.inner().stats.uncached, 1);
-                let rows = self.fetch(analysis, &values).await;
-                if analysis.is_write() {
-                    self.invalidate_writes(analysis).await?;
-                }
-                return rows.map(|r| Some(Arc::new(r)));
+        let key = match &analysis.uncacheable {
+            None => self.inner().keys.entry(analysis, &values),
+            Some(_) => None,
+        };
+        let Some(key) = key else {
+            // Writes, statements that must not be cached, too many tables: run, never cache.
+            if strategy == QueryCacheStrategy::CacheOnly {
+                return Ok(None);
             }
+            let reason = analysis
+                .uncacheable
+                .clone()
+                .unwrap_or(Uncacheable::TooManyTables);
+            self.inner().stats.uncached(reason.label());
+            let rows = self.fetch(analysis, &values).await;
+            if analysis.is_write() {
+                // Even when the statement failed (a partly applied script may have written).
+                self.invalidate_after_write(analysis).await;
+            }
+            return rows.map(|r| Some(Arc::new(r)));
         };
         match strategy {
             QueryCacheStrategy::CacheFirst => {
-                if let Ok(Some(rows)) = self.lookup(&key, analysis).await {
+                let found = self.lookup(&key, analysis).await;
+                if let Some(rows) = found.rows {
                     return Ok(Some(Arc::new(rows)));
                 }
-                self.load(&key, analysis, values, ttl).await.map(Some)
+                self.load(&key, analysis, values, ttl, found.tokens)
+                    .await
+                    .map(Some)
             }
-            QueryCacheStrategy::DbFirst => match self.load(&key, analysis, values, ttl).await {
-                Ok(rows) => Ok(Some(rows)),
-                Err(err) => match self.lookup(&key, analysis).await {
-                    Ok(Some(stale)) => {
-                        SqlStats::count(&self.inner().stats.stale_served, 1);
-                        tracing::warn!(sql = %analysis.normalized, error = %err,
-                            "database failed; serving the cached result");
-                        Ok(Some(Arc::new(stale)))
-                    }
-                    _ => Err(err),
-                },
-            },
-            QueryCacheStrategy::CacheOnly => Ok(self.lookup(&key, analysis).await?.map(Arc::new)),
-        }
-    }
-
-    /// Reads and decodes a cached result. An undecodable entry is counted, removed, and a miss.
-    async fn lookup(&self, key: &str, analysis: &Analysis) -> Result<Option<Rows>> {
-        let backend = self.inner().cache.backend();
-        let start = Instant::now();
-        let bytes = match backend.get(key).await {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                self.inner().stats.cache_error(Operation::Get);
-                tracing::warn!(key, error = %err, "cache read failed");
-                return Err(err);
-            }
-        };
-        let Some(bytes) = bytes else {
-            self.inner().stats.miss(start.elapsed());
-            self.log(analysis, "miss", start.elapsed(), None);
-            return Ok(None);
-        };
-        match self.inner().cache.decode_for::<Rows>(key, &bytes) {
-            Ok(rows) => {
-                self.inner().stats.hit(start.elapsed());
-                self.log(analysis, "hit", start.elapsed(), Some(rows.len()));
-                Ok(Some(rows))
-            }
-            Err(err) => {
-                self.inner().stats.codec_error();
-                self.inner().stats.miss(start.elapsed());
-                backend.record_decode_error(key);
-                // Damaged or forged: removed; readable by another build: left (see
-                // `CodecErrorKind::is_damaged`).
-                let damaged = matches!(&err, CacheError::Codec(e) if e.kind().is_damaged());
-                if damaged {
-                    tracing::warn!(key, error = %err, "undecodable cached result removed");
-                    if let Err(e) = backend.delete(key).await {
-                        tracing::debug!(key, error = %e, "could not remove undecodable entry");
-                    }
-                } else {
-                    tracing::debug!(key, error = %err, "unreadable cached result left in place");
+            QueryCacheStrategy::DbFirst => {
+                let found = self.lookup_quiet(&key, analysis).await;
+                match self.load(&key, analysis, values, ttl, found.tokens).await {
+                    Ok(rows) => Ok(Some(rows)),
+                    Err(err) => match found.rows {
+                        Some(cached) => {
+                            SqlStats::count(&self.inner().stats.stale_served, 1);
+                            tracing::warn!(sql = %analysis.normalized, error = %err,
+                                "database failed; serving the cached result");
+                            Ok(Some(Arc::new(cached)))
+                        }
+                        None => Err(err),
+                    },
                 }
-                Ok(None)
+            }
+            // Only the cache answers: its failure is the caller's error.
+            QueryCacheStrategy::CacheOnly => {
+                let found = self.lookup(&key, analysis).await;
+                match found.error {
+                    Some(err) => Err(err),
+                    None => Ok(found.rows.map(Arc::new)),
+                }
             }
         }
     }
 
-    /// Runs the query once for every concurrent caller of `key` and stores the result.
+    /// The generation keys a result of `analysis` depends on: the database's, then one per
+    /// table.
+    fn generation_keys(&self, analysis: &Analysis) -> Vec<String> {
+        let keys = &self.inner().keys;
+        let mut out = vec![keys.generation_all()];
+        if let Some(tags) = &analysis.tags {
+            out.extend(tags.iter().map(|t| keys.generation(t)));
+        }
+        out
+    }
+
+    /// Reads the entry and the current generation tokens in one batch; the entry is a hit only
+    /// when every token it recorded is still current. Counted as a hit or a miss.
+    async fn lookup(&self, key: &str, analysis: &Analysis) -> Found {
+        let start = Instant::now();
+        let found = self.lookup_quiet(key, analysis).await;
+        let elapsed = start.elapsed();
+        match &found.rows {
+            Some(rows) => {
+                self.inner().stats.hit(elapsed);
+                self.log(analysis, "hit", elapsed, Some(rows.len()));
+            }
+            None => {
+                self.inner().stats.miss(elapsed);
+                self.log(analysis, "miss", elapsed, None);
+            }
+        }
+        found
+    }
+
+    /// [`lookup`](Self::lookup) without counting hits and misses (`DbFirst` reads the cache
+    /// only for its tokens and as a fallback).
+    async fn lookup_quiet(&self, key: &str, analysis: &Analysis) -> Found {
+        let inner = self.inner();
+        let backend = inner.cache.backend();
+        let gens = self.generation_keys(analysis);
+        let mut keys: Vec<&str> = Vec::with_capacity(1 + gens.len());
+        keys.push(key);
+        keys.extend(gens.iter().map(String::as_str));
+        let result = backend.get_many(&keys).await.and_then(|got| {
+            if got.len() == keys.len() {
+                Ok(got)
+            } else {
+                Err(CacheError::backend(
+                    "a batch read returned the wrong count",
+                    None,
+                ))
+            }
+        });
+        let mut got = match result {
+            Ok(got) => got,
+            Err(err) => {
+                inner.stats.cache_error(Operation::Get);
+                tracing::warn!(key, error = %err, "cache read failed; the query goes to the database");
+                return Found {
+                    rows: None,
+                    tokens: None,
+                    error: Some(err),
+                };
+            }
+        };
+        let tokens = got.split_off(1);
+        let entry = got.pop().flatten();
+        let rows = match entry {
+            None => None,
+            Some(bytes) => match inner.cache.decode_for::<Stored>(key, &bytes) {
+                Ok(stored) if current(&stored.g, &tokens) => Some(stored.r),
+                // Read before a later invalidation: unreachable, overwritten by the next store.
+                Ok(_) => None,
+                Err(err) => {
+                    inner.stats.codec_error();
+                    backend.record_decode_error(key);
+                    let damaged = matches!(&err, CacheError::Codec(e) if e.kind().is_damaged());
+                    if damaged {
+                        tracing::warn!(key, error = %err, "undecodable cached result removed");
+                        if let Err(e) = backend.delete(key).await {
+                            tracing::debug!(key, error = %e, "could not remove undecodable entry");
+                        }
+                    } else {
+                        tracing::debug!(key, error = %err, "unreadable cached result left in place");
+                    }
+                    None
+                }
+            },
+        };
+        Found {
+            rows,
+            tokens: Some(tokens),
+            error: None,
+        }
+    }
+
+    /// Runs the query once for every concurrent caller of `key` under the same generation
+    /// tokens and stores the result with those tokens. `tokens`: the current tokens (`None`:
+    /// unknown, the cache is unreachable: the result is served, not stored).
     async fn load(
         &self,
         key: &str,
         analysis: &Analysis,
         values: Vec<SqlValue>,
         ttl: Duration,
+        tokens: Option<Vec<Option<Bytes>>>,
     ) -> Result<Arc<Rows>> {
-        // Callers join a running query only if no invalidation happened since it started, so a
-        // query issued after a write never receives a result read before it.
-        let started = self.inner().guard.epoch();
+        let tokens = match tokens {
+            Some(tokens) => self.ensure_tokens(analysis, tokens).await,
+            None => None,
+        };
+        // Callers join a running query only if they saw the same tokens, so a query issued
+        // after an invalidation never receives a result read before it.
+        let flight = match &tokens {
+            Some(t) => format!("{key}#{}", t.join(",")),
+            None => format!("{key}#?"),
+        };
         self.inner()
             .flights
-            .run(format!("{key}#{started}"), || async move {
+            .run(flight, || async move {
                 let rows = self.fetch(analysis, &values).await?;
-                self.store(key, analysis, &rows, ttl, started).await;
+                if let Some(tokens) = tokens {
+                    self.store(key, &rows, ttl, &tokens).await;
+                } else {
+                    self.inner().stats.uncached("cache unreachable".into());
+                }
                 Ok(Arc::new(rows))
             })
             .await
+    }
+
+    /// The tokens to record, creating the missing ones (a table never invalidated, or whose
+    /// generation key was evicted) before the query runs. `None` when they cannot be written.
+    async fn ensure_tokens(
+        &self,
+        analysis: &Analysis,
+        tokens: Vec<Option<Bytes>>,
+    ) -> Option<Vec<String>> {
+        let gens = self.generation_keys(analysis);
+        let mut out = Vec::with_capacity(tokens.len());
+        let mut create: Vec<(&str, Bytes)> = Vec::new();
+        for (gen_key, token) in gens.iter().zip(tokens) {
+            match token.and_then(|t| String::from_utf8(t.to_vec()).ok()) {
+                Some(t) => out.push(t),
+                None => {
+                    let t = new_token();
+                    create.push((gen_key.as_str(), Bytes::from(t.clone())));
+                    out.push(t);
+                }
+            }
+        }
+        if !create.is_empty() {
+            // Writing a fresh token is itself an invalidation, so racing creators are safe:
+            // whoever loses only makes the other's entries miss once.
+            if let Err(err) = self.inner().cache.backend().set_many(&create, None).await {
+                self.inner().stats.cache_error(Operation::Set);
+                tracing::warn!(error = %err, "cannot create generation tokens; result not cached");
+                return None;
+            }
+        }
+        Some(out)
     }
 
     async fn fetch(&self, analysis: &Analysis, values: &[SqlValue]) -> Result<Rows> {
@@ -155,18 +292,13 @@ impl<C: Codec> SqlCache<C> {
         }
     }
 
-    /// Stores a fresh result unless it is too large or one of its tables was invalidated
-    /// since the query started. Cache failures are logged and counted, never returned.
-    async fn store(
-        &self,
-        key: &str,
-        analysis: &Analysis,
-        rows: &Rows,
-        ttl: Duration,
-        started: u64,
-    ) {
+    /// Stores a fresh result with the tokens it was read under, unless it is too large. A
+    /// token replaced meanwhile makes the entry a miss on every later lookup, so no check
+    /// after the write is needed. Cache failures are logged and counted, never returned.
+    async fn store(&self, key: &str, rows: &Rows, ttl: Duration, tokens: &[String]) {
         let inner = self.inner();
-        let bytes = match inner.cache.encode_for(key, rows) {
+        let stored = StoredRef { g: tokens, r: rows };
+        let bytes = match inner.cache.encode_for(key, &stored) {
             Ok(bytes) => bytes,
             Err(err) => {
                 inner.stats.cache_error(Operation::Set);
@@ -184,23 +316,9 @@ impl<C: Codec> SqlCache<C> {
             );
             return;
         }
-        let tags = analysis.tags.as_deref();
-        if !inner.guard.may_store(started, tags) {
-            SqlStats::count(&inner.stats.uncached, 1);
-            return;
-        }
-        let backend = inner.cache.backend();
-        if let Err(err) = backend.set(key, bytes, Some(ttl)).await {
+        if let Err(err) = inner.cache.backend().set(key, bytes, Some(ttl)).await {
             inner.stats.cache_error(Operation::Set);
             tracing::warn!(key, error = %err, "cache write failed");
-            return;
-        }
-        // An invalidation that ran while we were writing may have missed our entry.
-        if !inner.guard.may_store(started, tags) {
-            SqlStats::count(&inner.stats.uncached, 1);
-            if let Err(err) = backend.delete(key).await {
-                tracing::warn!(key, error = %err, "could not withdraw a result invalidated while stored");
-            }
         }
     }
 
@@ -211,4 +329,28 @@ impl<C: Codec> SqlCache<C> {
             tracing::debug!(sql = %analysis.normalized, outcome, ?elapsed, rows, "sql cache");
         }
     }
+}
+
+/// `true` when every recorded token is the current one.
+fn current(recorded: &[String], now: &[Option<Bytes>]) -> bool {
+    recorded.len() == now.len()
+        && recorded
+            .iter()
+            .zip(now)
+            .all(|(r, n)| n.as_deref() == Some(r.as_bytes()))
+}
+
+/// A fresh generation token: 128 random bits (hex), unique across processes.
+pub(crate) fn new_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&fastrand::u64(..).to_le_bytes());
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Relaxed).to_le_bytes());
+    format!("{:032x}", h.digest128() ^ u128::from(fastrand::u64(..)))
 }

@@ -8,18 +8,22 @@
 //! - a 128-bit xxh3 hash of the canonical statement (sqlparser's rendering: whitespace and
 //!   keyword case do not matter, literals do) and of the parameter values.
 //!
-//! Because the tables are in the key, invalidating a table is one pattern delete
-//! (`…:*|users|*`) on any backend, and the "index" expires with the entries themselves.
+//! The tables are in the key for `invalidate_pattern` (`*users*`); invalidation itself does
+//! not look at keys: every table has a generation key (`{namespace}:{db identity}#gen:{table}`,
+//! plus `#gen*` for the whole database) holding a random token, an entry records the tokens
+//! it was read under, and a lookup reads the entry and the current tokens in one batch. An
+//! invalidation replaces the tokens: O(1) per table, whatever the size of the keyspace.
 
 use std::ops::ControlFlow;
 
 use ncm_cache_core::escape_glob;
-use sqlparser::ast::{Ident, VisitMut, VisitorMut};
+use sqlparser::ast::{Ident, Statement, VisitMut, VisitorMut};
 use sqlparser::tokenizer::{Token, Tokenizer};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::executor::SqlDialect;
 use crate::params::{Template, translate};
+use crate::rules::{self, Policy, Uncacheable};
 use crate::tables::{self, TableName, footprint};
 use crate::value::SqlValue;
 
@@ -34,16 +38,27 @@ pub(crate) struct Analysis {
     /// Canonical text: hashed into keys, shown in logs and the slow-query list.
     pub(crate) normalized: String,
     /// `false` when sqlparser could not parse the statement.
+    #[cfg_attr(not(test), allow(dead_code, reason = "read by tests and Debug"))]
     pub(crate) parsed: bool,
     /// Bare table names read or written, sorted; `None` when unknown.
     pub(crate) tags: Option<Vec<String>>,
     /// Tables written (empty: none); `unknown_writes` when they cannot be named.
     pub(crate) writes: Vec<TableName>,
     pub(crate) unknown_writes: bool,
+    /// Why the result may not be cached (`None`: it may).
+    pub(crate) uncacheable: Option<Uncacheable>,
+    /// The statement may change the schema (DDL, or unparseable and possibly a write): the
+    /// dependency map is reloaded before the next invalidation.
+    pub(crate) ddl: bool,
 }
 
 impl Analysis {
-    pub(crate) fn new(sql: &str, dialect: SqlDialect, names: Option<&[&str]>) -> Self {
+    pub(crate) fn new(
+        sql: &str,
+        dialect: SqlDialect,
+        names: Option<&[&str]>,
+        policy: &Policy,
+    ) -> Self {
         let template = translate(sql, dialect, names);
         match tables::parse(&template.sql, dialect) {
             Ok(mut statements) if !statements.is_empty() => {
@@ -66,6 +81,22 @@ impl Analysis {
                     .collect();
                 tags.sort();
                 tags.dedup();
+                let writes = fp.unknown_writes || !fp.writes.is_empty();
+                let ddl = statements.iter().any(|s| {
+                    !matches!(
+                        s,
+                        Statement::Query(_)
+                            | Statement::Insert(_)
+                            | Statement::Update(_)
+                            | Statement::Delete(_)
+                            | Statement::Merge(_)
+                    )
+                });
+                let uncacheable = if writes {
+                    Some(Uncacheable::Writes)
+                } else {
+                    rules::check(&statements, !fp.reads.is_empty(), policy).err()
+                };
                 Self {
                     template,
                     normalized,
@@ -73,23 +104,30 @@ impl Analysis {
                     tags: Some(tags),
                     writes: fp.writes.into_iter().collect(),
                     unknown_writes: fp.unknown_writes,
+                    uncacheable,
+                    ddl,
                 }
             }
-            _ => Self {
-                normalized: collapse_whitespace(&template.sql, dialect),
-                template,
-                parsed: false,
-                tags: None,
-                writes: Vec::new(),
-                unknown_writes: true,
-            },
+            _ => {
+                let may_write = rules::unparsed_may_write(&template.sql, dialect);
+                Self {
+                    normalized: collapse_whitespace(&template.sql, dialect),
+                    unknown_writes: may_write,
+                    ddl: may_write,
+                    template,
+                    parsed: false,
+                    tags: None,
+                    writes: Vec::new(),
+                    uncacheable: Some(Uncacheable::Unparsed),
+                }
+            }
         }
     }
 
-    /// `true` when the statement changes data (or might, and could be parsed): such results
-    /// are never cached.
+    /// `true` when the statement changes data (or might): such results are never cached and
+    /// running them invalidates what they write (everything, when that is unknown).
     pub(crate) fn is_write(&self) -> bool {
-        self.parsed && (self.unknown_writes || !self.writes.is_empty())
+        self.unknown_writes || !self.writes.is_empty()
     }
 }
 
@@ -172,23 +210,23 @@ impl Keys {
         ))
     }
 
-    /// Entries that read `table` (a bare, lowercased name).
-    pub(crate) fn table_pattern(&self, table: &str) -> String {
-        format!(
-            "{}*|{}|*",
-            self.escaped_prefix,
-            escape_glob(&encode_tag(table))
-        )
+    /// The generation key of `table` (a bare, lowercased name): a random token replaced by
+    /// every invalidation of the table. Entries record the tokens they were read under.
+    ///
+    /// Generation keys sit beside the entries, not under `{namespace}:{identity}:`, so user
+    /// patterns (`invalidate_pattern`) never match them.
+    pub(crate) fn generation(&self, table: &str) -> String {
+        format!("{}#gen:{}", self.base(), encode_tag(table))
     }
 
-    /// Entries whose tables are unknown.
-    pub(crate) fn unknown_pattern(&self) -> String {
-        format!("{}*|%|*", self.escaped_prefix)
+    /// The generation key of the whole database (`invalidate_all`, writes to unknown tables).
+    pub(crate) fn generation_all(&self) -> String {
+        format!("{}#gen*", self.base())
     }
 
-    /// Every entry of this database.
-    pub(crate) fn all_pattern(&self) -> String {
-        format!("{}*", self.escaped_prefix)
+    /// `{namespace}:{identity}` (the prefix without its trailing colon).
+    fn base(&self) -> &str {
+        self.prefix.strip_suffix(':').unwrap_or(&self.prefix)
     }
 
     /// A user glob over the part of the key after the database (`|tables|:hash`).
@@ -232,8 +270,11 @@ mod tests {
 
     fn key(sql: &str, values: &[SqlValue]) -> String {
         let keys = Keys::new("sql", "postgres://h:5432/db");
-        keys.entry(&Analysis::new(sql, SqlDialect::Postgres, None), values)
-            .unwrap()
+        keys.entry(
+            &Analysis::new(sql, SqlDialect::Postgres, None, &Policy::default()),
+            values,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -251,7 +292,12 @@ mod tests {
         );
         // SQLite and MySQL report result column names as written: case is kept.
         let keys = Keys::new("sql", "sqlite");
-        let lite = |sql: &str| keys.entry(&Analysis::new(sql, SqlDialect::Sqlite, None), &[]);
+        let lite = |sql: &str| {
+            keys.entry(
+                &Analysis::new(sql, SqlDialect::Sqlite, None, &Policy::default()),
+                &[],
+            )
+        };
         assert_eq!(lite("select ID from t"), lite("SELECT   ID FROM t"));
         assert_ne!(lite("SELECT id FROM t"), lite("SELECT ID FROM t"));
         assert_ne!(
@@ -283,19 +329,15 @@ mod tests {
             "{k}"
         );
         let keys = Keys::new("sql", "postgres://h:5432/db");
-        let users = GlobPattern::new(&keys.table_pattern("users")).unwrap();
-        let user = GlobPattern::new(&keys.table_pattern("user")).unwrap();
+        // `invalidate_pattern("*users*")` (the original's example) matches by table name.
+        let users = GlobPattern::new(&keys.user_pattern("*|users|*")).unwrap();
+        let user = GlobPattern::new(&keys.user_pattern("*|user|*")).unwrap();
         assert!(users.matches(&k));
         assert!(!user.matches(&k));
-        // Unparseable SQL is tagged unknown, and matched by the unknown pattern.
-        let u = key("SELEKT whatever FROM", &[]);
-        assert!(u.contains(":|%|:"), "{u}");
-        assert!(
-            GlobPattern::new(&keys.unknown_pattern())
-                .unwrap()
-                .matches(&u)
-        );
-        assert!(!users.matches(&u));
+        // Generation keys never look like entries of a table.
+        assert!(!users.matches(&keys.generation("users")));
+        assert_ne!(keys.generation("users"), keys.generation("user"));
+        assert_ne!(keys.generation_all(), keys.generation("*"));
     }
 
     #[test]
@@ -305,13 +347,19 @@ mod tests {
             r#"SELECT * FROM "a|b:c%" JOIN "x*""#,
             SqlDialect::Postgres,
             None,
+            &Policy::default(),
         );
         let k = keys.entry(&a, &[]).unwrap();
         assert!(k.contains("|a%7Cb%3Ac%25|x*|"), "{k}");
-        let g = GlobPattern::new(&keys.table_pattern("x*")).unwrap();
+        let g = GlobPattern::new(&keys.user_pattern("*")).unwrap();
         assert!(g.matches(&k));
         let other = Keys::new("sql", "db[1]x");
         assert!(!g.matches(&other.entry(&a, &[]).unwrap()));
+        assert_eq!(keys.generation("a|b"), "sql:db[1]*#gen:a%7Cb");
+        assert!(
+            !g.matches(&keys.generation("a|b")),
+            "user patterns never match generations"
+        );
     }
 
     #[test]
@@ -324,11 +372,24 @@ mod tests {
 
     #[test]
     fn writes_are_detected() {
-        let a = Analysis::new("INSERT INTO t (a) VALUES (%s)", SqlDialect::Postgres, None);
+        let p = Policy::default();
+        let a = Analysis::new(
+            "INSERT INTO t (a) VALUES (%s)",
+            SqlDialect::Postgres,
+            None,
+            &p,
+        );
         assert!(a.is_write());
+        assert_eq!(a.uncacheable, Some(Uncacheable::Writes));
         assert_eq!(a.writes, vec![TableName(vec!["t".into()])]);
-        assert!(!Analysis::new("SELECT 1", SqlDialect::Postgres, None).is_write());
-        let bad = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None);
-        assert!(!bad.parsed && !bad.is_write() && bad.unknown_writes);
+        let one = Analysis::new("SELECT 1", SqlDialect::Postgres, None, &p);
+        assert!(!one.is_write());
+        assert_eq!(one.uncacheable, Some(Uncacheable::Tableless));
+        // Unparseable: never cached; a possible write only when a write keyword appears.
+        let bad = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None, &p);
+        assert!(!bad.parsed && !bad.is_write());
+        assert_eq!(bad.uncacheable, Some(Uncacheable::Unparsed));
+        let bad_write = Analysis::new("UPDATE t SET ??? x", SqlDialect::Postgres, None, &p);
+        assert!(!bad_write.parsed && bad_write.is_write());
     }
 }

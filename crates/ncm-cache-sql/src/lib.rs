@@ -69,6 +69,7 @@
 mod builder;
 mod cache;
 mod de;
+mod deps;
 mod executor;
 mod flow;
 mod invalidate;
@@ -77,6 +78,7 @@ mod keys;
 mod listener;
 mod params;
 mod rows;
+mod rules;
 mod stats;
 mod tables;
 mod value;

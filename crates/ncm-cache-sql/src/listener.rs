@@ -18,6 +18,12 @@ pub const NOTIFY_CHANNEL: &str = "ncm_cache_invalidate";
 /// Name of the trigger function (created in each table's schema) and of the triggers.
 const TRIGGER_NAME: &str = "ncm_cache_invalidate";
 
+/// Notifications batched into one invalidation, at most.
+const MAX_BATCH: usize = 1024;
+
+/// How long the listener waits for more notifications of a burst before invalidating.
+const BATCH_WAIT: Duration = Duration::from_millis(2);
+
 /// Installs (or replaces) statement-level triggers that `pg_notify` [`NOTIFY_CHANNEL`] with
 /// the table's quoted `schema.table` after every `INSERT`, `UPDATE`, `DELETE` and `TRUNCATE`.
 ///
@@ -182,9 +188,20 @@ impl<C: Codec> SqlCache<C> {
             };
             match next {
                 Ok(Some(notification)) => {
-                    let table = notification.payload();
-                    if let Err(e) = self.invalidate_table(table).await {
-                        tracing::warn!(table, error = %e, "invalidation from NOTIFY failed");
+                    // Batch what has already arrived (a burst of writes), deduplicated, into
+                    // one invalidation.
+                    let mut tables = std::collections::BTreeSet::new();
+                    tables.insert(notification.payload().to_owned());
+                    while tables.len() < MAX_BATCH {
+                        match tokio::time::timeout(BATCH_WAIT, listener.try_recv()).await {
+                            Ok(Ok(Some(n))) => {
+                                tables.insert(n.payload().to_owned());
+                            }
+                            _ => break,
+                        }
+                    }
+                    if !self.invalidate_with_retry(&tables, &mut stop).await {
+                        return;
                     }
                 }
                 // The connection dropped and sqlx reconnected: resynchronize.
@@ -212,6 +229,31 @@ impl<C: Codec> SqlCache<C> {
                     self.resync().await;
                 }
             }
+        }
+    }
+
+    /// Invalidates `tables`, retrying with backoff until it succeeds (the listener's job is
+    /// to not lose a notification). `false` when asked to stop meanwhile.
+    async fn invalidate_with_retry(
+        &self,
+        tables: &std::collections::BTreeSet<String>,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.invalidate_tables(tables).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    crate::stats::SqlStats::count(&self.inner().stats.invalidation_failures, 1);
+                    tracing::warn!(?tables, error = %e, ?delay,
+                        "invalidation from NOTIFY failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = &mut *stop => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 

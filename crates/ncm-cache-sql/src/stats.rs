@@ -53,9 +53,17 @@ pub struct SqlPerformanceStats {
     pub stale_served: u64,
     /// Results served but not cached because they exceeded `max_query_size`.
     pub oversized: u64,
-    /// Results served but not cached for another reason (a write statement, too many tables,
-    /// an invalidation while the query ran).
+    /// Results served but not cached for another reason (see `uncached_reasons`).
     pub uncached: u64,
+    /// Why results were not cached, by reason ("writes", "row locks", "volatile function
+    /// nextval()", "unknown function f()", "reads no table", "unparsed", "not a query",
+    /// "too many tables", "unreadable value: …"), sorted by reason.
+    pub uncached_reasons: Vec<(String, u64)>,
+    /// Invalidations that failed after a write committed (the write still returned its
+    /// result); each is retried in the background.
+    pub invalidation_failures: u64,
+    /// Failed invalidations that later succeeded on a retry.
+    pub invalidation_retries_succeeded: u64,
     /// Cache reads or writes that failed (the query fell through to the database).
     pub cache_errors: u64,
     /// Write statements run through `execute`.
@@ -84,6 +92,9 @@ pub(crate) struct SqlStats {
     pub(crate) stale_served: AtomicU64,
     pub(crate) oversized: AtomicU64,
     pub(crate) uncached: AtomicU64,
+    uncached_reasons: Mutex<std::collections::BTreeMap<String, u64>>,
+    pub(crate) invalidation_failures: AtomicU64,
+    pub(crate) invalidation_retries_succeeded: AtomicU64,
     pub(crate) cache_errors: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) invalidations: AtomicU64,
@@ -102,6 +113,9 @@ impl SqlStats {
             stale_served: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
             uncached: AtomicU64::new(0),
+            uncached_reasons: Mutex::new(std::collections::BTreeMap::new()),
+            invalidation_failures: AtomicU64::new(0),
+            invalidation_retries_succeeded: AtomicU64::new(0),
             cache_errors: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -121,6 +135,25 @@ impl SqlStats {
         self.lookups.miss();
         if self.monitoring {
             self.lookups.latency(Operation::Get, elapsed);
+        }
+    }
+
+    /// A result served but not cached, and why. The reasons map is bounded (reasons name
+    /// functions, so a statement mix could grow it): past 256 reasons new ones count as
+    /// "other".
+    pub(crate) fn uncached(&self, reason: String) {
+        self.uncached.fetch_add(1, Relaxed);
+        let mut reasons = self
+            .uncached_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let len = reasons.len();
+        match reasons.get_mut(&reason) {
+            Some(n) => *n += 1,
+            None if len < 256 => {
+                reasons.insert(reason, 1);
+            }
+            None => *reasons.entry("other".to_owned()).or_default() += 1,
         }
     }
 
@@ -185,6 +218,13 @@ impl SqlStats {
             stale_served: self.stale_served.load(Relaxed),
             oversized: self.oversized.load(Relaxed),
             uncached: self.uncached.load(Relaxed),
+            uncached_reasons: self
+                .uncached_reasons
+                .lock()
+                .map(|r| r.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
+            invalidation_failures: self.invalidation_failures.load(Relaxed),
+            invalidation_retries_succeeded: self.invalidation_retries_succeeded.load(Relaxed),
             cache_errors: self.cache_errors.load(Relaxed),
             writes: self.writes.load(Relaxed),
             invalidations: self.invalidations.load(Relaxed),

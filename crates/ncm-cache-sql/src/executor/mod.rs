@@ -114,6 +114,16 @@ pub trait SqlExecutor: Send + Sync + fmt::Debug + 'static {
 
     /// Runs a statement and returns the number of rows it affected.
     async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64>;
+
+    /// Dependencies between tables that the catalog knows: `(written, affected)` pairs
+    /// (bare table names) meaning a write to `written` changes what queries of `affected`
+    /// return — views over a table, a partitioned table and its partitions (both ways),
+    /// tables whose foreign keys cascade (`ON DELETE/UPDATE CASCADE / SET NULL / SET
+    /// DEFAULT`) from it. The default knows none (SQLite: declare them with
+    /// [`SqlCacheBuilder::dependency`](crate::SqlCacheBuilder::dependency)).
+    async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
 }
 
 const _: fn(&dyn SqlExecutor) = |_| {};

@@ -12,7 +12,9 @@ use crate::value::SqlValue;
 
 /// Runs statements on MySQL or MariaDB through a sqlx [`MySqlPool`] (feature `mysql`).
 ///
-/// The identity (part of every cache key) is `mysql://host:port/database`, no credentials.
+/// The identity (part of every cache key) comes from the server with
+/// [`connect`](Self::connect) / [`from_pool`](Self::from_pool) (server id, database, account);
+/// [`new`](Self::new) uses the connection string (`mysql://host:port/database`).
 /// `BOOLEAN` (`TINYINT(1)`) columns read as `Bool`; `DECIMAL`, `DATE` and `TIME` as text;
 /// unsigned 64-bit values beyond `i64::MAX` as text. MariaDB stores `JSON` as `LONGTEXT`, so
 /// JSON columns read back as text there (MySQL 8 reports them as `Json`).
@@ -48,7 +50,37 @@ impl MySqlExecutor {
             .connect(url)
             .await
             .map_err(|e| database_error("cannot connect to MySQL", e))?;
-        Ok(Self::new(pool))
+        Self::from_pool(pool).await
+    }
+
+    /// An executor over an existing pool, identified by the server rather than by the
+    /// connection string: `mysql://{server}/{database}?user={CURRENT_USER()}`, where the
+    /// server is MySQL's `@@server_uuid`, or on MariaDB (which has none) `@@hostname`,
+    /// `@@port` and `@@datadir`. Two host names reaching one server share entries and
+    /// invalidations; two databases or two accounts never share entries.
+    pub async fn from_pool(pool: MySqlPool) -> Result<Self> {
+        let server = match sqlx::query_scalar::<_, String>("SELECT @@server_uuid")
+            .fetch_one(&pool)
+            .await
+        {
+            Ok(uuid) => uuid,
+            Err(_) => sqlx::query_scalar::<_, String>(
+                "SELECT CONCAT(@@hostname, ':', @@port, ':', @@datadir)",
+            )
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| database_error("cannot identify the MySQL server", e))?,
+        };
+        let row = sqlx::query("SELECT COALESCE(DATABASE(), '') AS db, CURRENT_USER() AS usr")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| database_error("cannot identify the MySQL database", e))?;
+        let get = |c: &str| -> Result<String> {
+            row.try_get::<String, _>(c)
+                .map_err(|e| database_error("bad identity row", e))
+        };
+        let identity = format!("mysql://{server}/{}?user={}", get("db")?, get("usr")?);
+        Ok(Self { pool, identity })
     }
 
     /// Replaces the identity used in cache keys.
@@ -100,6 +132,53 @@ impl SqlExecutor for MySqlExecutor {
             .await
             .map_err(|e| database_error("MySQL statement failed", e))?;
         Ok(done.rows_affected())
+    }
+
+    /// From `information_schema` of the current database: tables whose foreign keys cascade
+    /// (`CASCADE`, `SET NULL`, `SET DEFAULT`) from each table (`REFERENTIAL_CONSTRAINTS`), and
+    /// views over each table (the tables `VIEWS.VIEW_DEFINITION` reads; MariaDB has no
+    /// `VIEW_TABLE_USAGE`). MySQL partitions are part of their table and need no edge.
+    async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        let read = |e| database_error("cannot read table dependencies from information_schema", e);
+        let mut out: Vec<(String, String)> = Vec::new();
+        let fks = sqlx::query(
+            "SELECT CAST(REFERENCED_TABLE_NAME AS CHAR) AS parent, CAST(TABLE_NAME AS CHAR) AS child \
+               FROM information_schema.REFERENTIAL_CONSTRAINTS \
+              WHERE CONSTRAINT_SCHEMA = DATABASE() \
+                AND (DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') \
+                     OR UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read)?;
+        for row in &fks {
+            out.push((
+                row.try_get::<String, _>("parent").map_err(read)?,
+                row.try_get::<String, _>("child").map_err(read)?,
+            ));
+        }
+        let views = sqlx::query(
+            "SELECT CAST(TABLE_NAME AS CHAR) AS name, CAST(VIEW_DEFINITION AS CHAR) AS body \
+               FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read)?;
+        for row in &views {
+            let view: String = row.try_get("name").map_err(read)?;
+            let body: String = row.try_get("body").map_err(read)?;
+            match crate::tables::referenced_tables(&body, SqlDialect::MySql) {
+                Ok(tables) => {
+                    for t in tables {
+                        let bare = t.rsplit('.').next().unwrap_or(&t).to_owned();
+                        out.push((bare, view.clone()));
+                    }
+                }
+                Err(e) => tracing::warn!(view, error = %e,
+                    "cannot read the tables of a view; declare them with SqlCacheBuilder::dependency"),
+            }
+        }
+        Ok(out)
     }
 }
 

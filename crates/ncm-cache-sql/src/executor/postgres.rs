@@ -1,7 +1,7 @@
 //! [`PgExecutor`]: PostgreSQL over a sqlx pool.
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime};
 use ncm_cache_core::Result;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
@@ -15,8 +15,11 @@ use crate::value::SqlValue;
 
 /// Runs statements on PostgreSQL through a sqlx [`PgPool`] (feature `postgres`).
 ///
-/// The identity (part of every cache key) is `postgres://host:port/database`, plus the
-/// connection's `options` (where a `search_path` is usually set); no credentials.
+/// The identity (part of every cache key) comes from the server when built with
+/// [`connect`](Self::connect) or [`from_pool`](Self::from_pool): the cluster's system
+/// identifier, the database, the role and the `search_path`. [`new`](Self::new) (synchronous)
+/// uses the connection string instead (`postgres://host:port/database` plus `options`), which
+/// cannot tell two databases behind one pooler apart nor two host names of one server.
 ///
 /// Parameters are typed: `Int` binds as `int8`, `Text` as `text`, `Timestamp` as `timestamptz`,
 /// `Json` as `jsonb`, `Null` as an untyped NULL (the server infers it). Compare a text
@@ -26,7 +29,8 @@ use crate::value::SqlValue;
 /// use ncm_cache_sql::PgExecutor;
 /// # async fn demo() -> ncm_cache_core::Result<()> {
 /// let db = PgExecutor::connect("postgres://app@127.0.0.1:5432/app").await?;
-/// assert_eq!(ncm_cache_sql::SqlExecutor::identity(&db), "postgres://127.0.0.1:5432/app");
+/// // postgres://7715298389250160788/app?user=app&search_path="$user",public
+/// println!("{}", ncm_cache_sql::SqlExecutor::identity(&db));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -36,7 +40,8 @@ pub struct PgExecutor {
 }
 
 impl PgExecutor {
-    /// An executor over an existing pool.
+    /// An executor over an existing pool, identified by its connection string (prefer
+    /// [`from_pool`](Self::from_pool), which asks the server).
     pub fn new(pool: PgPool) -> Self {
         let opts = pool.connect_options();
         let host = match opts.get_socket() {
@@ -52,13 +57,63 @@ impl PgExecutor {
         Self { pool, identity }
     }
 
-    /// Connects a pool to `url` (`postgres://user:password@host:port/database`).
+    /// Connects a pool to `url` (`postgres://user:password@host:port/database`); the identity
+    /// comes from the server (see [`from_pool`](Self::from_pool)).
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .connect(url)
             .await
             .map_err(|e| database_error("cannot connect to PostgreSQL", e))?;
-        Ok(Self::new(pool))
+        Self::from_pool(pool).await
+    }
+
+    /// An executor over an existing pool, identified by the server rather than by the
+    /// connection string: `postgres://{system identifier}/{database}?user={current_user}
+    /// &search_path={search_path}`. Two host names (or a pooler) reaching one database share
+    /// entries and invalidations; two databases behind one address, or two roles (row-level
+    /// security), never share entries. Without the right to call `pg_control_system()` (it
+    /// needs superuser or `pg_monitor`), the server's address and port stand in for the
+    /// system identifier, with a warning.
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        let sysid = sqlx::query_scalar::<_, String>(
+            "SELECT system_identifier::text FROM pg_control_system()",
+        )
+        .fetch_one(&pool)
+        .await;
+        let server = match sysid {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "pg_control_system() is not readable; the cache \
+                    identifies the database by the server's address instead (grant pg_monitor \
+                    to identify it by its system identifier)");
+                sqlx::query_scalar::<_, String>(
+                    "SELECT coalesce(host(inet_server_addr()), 'local') || ':' || \
+                     coalesce(inet_server_port()::text, '') || ':' || \
+                     current_setting('cluster_name')",
+                )
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| database_error("cannot identify the PostgreSQL server", e))?
+            }
+        };
+        let row = sqlx::query(
+            "SELECT current_database()::text AS db, current_user::text AS usr, \
+             current_setting('search_path') AS sp",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| database_error("cannot identify the PostgreSQL database", e))?;
+        let get = |c: &str| -> Result<String> {
+            row.try_get::<String, _>(c)
+                .map_err(|e| database_error("bad identity row", e))
+        };
+        let identity = format!(
+            "postgres://{server}/{}?user={}&search_path={}",
+            get("db")?,
+            get("usr")?,
+            get("sp")?.replace(' ', "")
+        );
+        Ok(Self { pool, identity })
     }
 
     /// Replaces the identity used in cache keys.
@@ -144,6 +199,47 @@ impl SqlExecutor for PgExecutor {
         .map_err(|e| database_error("PostgreSQL statement failed", e))?;
         Ok(done.rows_affected())
     }
+
+    /// Views (and materialized views) over each table, partitions and their parents (both
+    /// ways), and tables whose foreign keys cascade from each table (`CASCADE`, `SET NULL`,
+    /// `SET DEFAULT` on delete or update), from `pg_depend`, `pg_inherits` and
+    /// `pg_constraint`.
+    async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT src.relname::text AS written, v.relname::text AS affected \
+               FROM pg_depend d \
+               JOIN pg_rewrite r ON r.oid = d.objid \
+               JOIN pg_class v ON v.oid = r.ev_class \
+               JOIN pg_class src ON src.oid = d.refobjid \
+              WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass \
+                AND v.oid <> src.oid AND v.relkind IN ('v', 'm') \
+             UNION \
+             SELECT c.relname::text, p.relname::text FROM pg_inherits i \
+               JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+             UNION \
+             SELECT p.relname::text, c.relname::text FROM pg_inherits i \
+               JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+             UNION \
+             SELECT parent.relname::text, child.relname::text FROM pg_constraint con \
+               JOIN pg_class child ON child.oid = con.conrelid \
+               JOIN pg_class parent ON parent.oid = con.confrelid \
+              WHERE con.contype = 'f' \
+                AND (con.confdeltype IN ('c', 'n', 'd') OR con.confupdtype IN ('c', 'n', 'd'))",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| database_error("cannot read table dependencies from pg_catalog", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>(0)
+                        .map_err(|e| database_error("bad catalog row", e))?,
+                    r.try_get::<String, _>(1)
+                        .map_err(|e| database_error("bad catalog row", e))?,
+                ))
+            })
+            .collect()
+    }
 }
 
 impl PgExecutor {
@@ -176,84 +272,229 @@ fn cell(row: &PgRow, i: usize, name: &str, ty: &PgTypeInfo) -> Result<SqlValue> 
     if raw.is_null() {
         return Ok(SqlValue::Null);
     }
-    let err = |e: &dyn std::fmt::Display| decode_error(name, ty.name(), e);
-    let get = |e: sqlx::Error| decode_error(name, ty.name(), e);
-    let text = || -> Result<SqlValue> {
-        raw.as_str()
+    if raw.format() == sqlx::postgres::PgValueFormat::Text {
+        return raw
+            .as_str()
             .map(|s| SqlValue::Text(s.to_owned()))
-            .map_err(|e| err(&e))
-    };
+            .map_err(|e| decode_error(name, ty.name(), e));
+    }
+    let bytes = raw
+        .as_bytes()
+        .map_err(|e| decode_error(name, ty.name(), e))?;
     let oid = match ty.kind() {
-        PgTypeKind::Enum(_) => return text(),
-        PgTypeKind::Domain(base) => base.oid(),
-        _ => ty.oid(),
+        PgTypeKind::Enum(_) => 25,
+        PgTypeKind::Domain(base) => base.oid().map_or(0, |o| o.0),
+        _ => ty.oid().map_or(0, |o| o.0),
     };
-    Ok(match oid.map(|o| o.0) {
-        Some(16) => SqlValue::Bool(row.try_get(i).map_err(get)?),
-        Some(21) => SqlValue::Int(row.try_get::<i16, _>(i).map_err(get)?.into()),
-        Some(23) => SqlValue::Int(row.try_get::<i32, _>(i).map_err(get)?.into()),
-        Some(20) => SqlValue::Int(row.try_get(i).map_err(get)?),
-        Some(26) => SqlValue::Int(row.try_get::<Oid, _>(i).map_err(get)?.0.into()),
-        Some(700) => SqlValue::Float(row.try_get::<f32, _>(i).map_err(get)?.into()),
-        Some(701) => SqlValue::Float(row.try_get(i).map_err(get)?),
-        // text, "char", name, bpchar, varchar, xml: the binary form is the text.
-        Some(25 | 18 | 19 | 1042 | 1043 | 142) => return text(),
-        Some(17) => SqlValue::Bytes(row.try_get(i).map_err(get)?),
-        Some(1114) => {
-            SqlValue::Timestamp(row.try_get::<NaiveDateTime, _>(i).map_err(get)?.and_utc())
+    // A value the decoder does not know, or malformed for its type, is returned as its
+    // binary wire form: the query the database answered never fails here (cast the column to
+    // text in SQL for a readable value).
+    Ok(binary(oid, bytes).unwrap_or_else(|| SqlValue::Bytes(bytes.to_vec())))
+}
+
+/// Days from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_DAYS: i64 = 10_957;
+/// Microseconds from 1970-01-01 to 2000-01-01.
+const PG_EPOCH_MICROS: i64 = PG_EPOCH_DAYS * 86_400 * 1_000_000;
+
+/// Decodes a value in PostgreSQL's binary format by type oid (`None`: unknown or malformed).
+fn binary(oid: u32, b: &[u8]) -> Option<SqlValue> {
+    let be8 = || -> Option<[u8; 8]> { b.try_into().ok() };
+    let be4 = || -> Option<[u8; 4]> { b.try_into().ok() };
+    let text = || {
+        std::str::from_utf8(b)
+            .ok()
+            .map(|s| SqlValue::Text(s.to_owned()))
+    };
+    Some(match oid {
+        16 => SqlValue::Bool(*b.first()? != 0),
+        21 => SqlValue::Int(i16::from_be_bytes(b.try_into().ok()?).into()),
+        23 => SqlValue::Int(i32::from_be_bytes(be4()?).into()),
+        20 => SqlValue::Int(i64::from_be_bytes(be8()?)),
+        26 => SqlValue::Int(u32::from_be_bytes(be4()?).into()),
+        700 => SqlValue::Float(f32::from_be_bytes(be4()?).into()),
+        701 => SqlValue::Float(f64::from_be_bytes(be8()?)),
+        // text, "char", name, bpchar, varchar, xml, unknown, citext-like: the binary form is
+        // the text.
+        25 | 18 | 19 | 1042 | 1043 | 142 | 705 => return text(),
+        17 => SqlValue::Bytes(b.to_vec()),
+        // timestamp, timestamptz: microseconds since 2000-01-01; ±infinity as text.
+        1114 | 1184 => match i64::from_be_bytes(be8()?) {
+            i64::MAX => SqlValue::Text("infinity".into()),
+            i64::MIN => SqlValue::Text("-infinity".into()),
+            us => SqlValue::Timestamp(DateTime::from_timestamp_micros(
+                us.checked_add(PG_EPOCH_MICROS)?,
+            )?),
+        },
+        // date: days since 2000-01-01.
+        1082 => match i32::from_be_bytes(be4()?) {
+            i32::MAX => SqlValue::Text("infinity".into()),
+            i32::MIN => SqlValue::Text("-infinity".into()),
+            days => {
+                let date = NaiveDate::from_num_days_from_ce_opt(
+                    i32::try_from(i64::from(days) + PG_EPOCH_DAYS + 719_163).ok()?,
+                )?;
+                SqlValue::Text(date.format("%Y-%m-%d").to_string())
+            }
+        },
+        // time: microseconds since midnight.
+        1083 => {
+            let us = i64::from_be_bytes(be8()?);
+            let secs = u32::try_from(us.div_euclid(1_000_000)).ok()?;
+            let nanos = u32::try_from(us.rem_euclid(1_000_000) * 1000).ok()?;
+            let t = NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos)?;
+            SqlValue::Text(t.format("%H:%M:%S%.f").to_string())
         }
-        Some(1184) => SqlValue::Timestamp(row.try_get::<DateTime<Utc>, _>(i).map_err(get)?),
-        Some(1082) => SqlValue::Text(
-            row.try_get::<NaiveDate, _>(i)
-                .map_err(get)?
-                .format("%Y-%m-%d")
-                .to_string(),
-        ),
-        Some(1083) => SqlValue::Text(
-            row.try_get::<NaiveTime, _>(i)
-                .map_err(get)?
-                .format("%H:%M:%S%.f")
-                .to_string(),
-        ),
-        Some(114 | 3802) => SqlValue::Json(
-            row.try_get::<sqlx::types::Json<serde_json::Value>, _>(i)
-                .map_err(get)?
-                .0,
-        ),
-        Some(1700) => {
-            let bytes = raw.as_bytes().map_err(|e| err(&e))?;
-            SqlValue::Text(numeric_text(bytes).ok_or_else(|| err(&"malformed numeric"))?)
-        }
-        Some(2950) => {
-            let bytes = raw.as_bytes().map_err(|e| err(&e))?;
-            SqlValue::Text(uuid_text(bytes).ok_or_else(|| err(&"malformed uuid"))?)
-        }
-        Some(1186) => {
-            let iv: PgInterval = row.try_get(i).map_err(get)?;
+        114 => SqlValue::Json(serde_json::from_slice(b).ok()?),
+        // jsonb: a version byte (1), then the text.
+        3802 => match b.split_first() {
+            Some((1, rest)) => SqlValue::Json(serde_json::from_slice(rest).ok()?),
+            _ => return None,
+        },
+        1700 => SqlValue::Text(numeric_text(b)?),
+        2950 => SqlValue::Text(uuid_text(b)?),
+        1186 => {
+            let iv = PgInterval {
+                microseconds: i64::from_be_bytes(b.get(0..8)?.try_into().ok()?),
+                days: i32::from_be_bytes(b.get(8..12)?.try_into().ok()?),
+                months: i32::from_be_bytes(b.get(12..16)?.try_into().ok()?),
+            };
             SqlValue::Text(interval_text(&iv))
         }
-        Some(1000) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<bool>>, _>(i).map_err(get)?
-        )),
-        Some(1005) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<i16>>, _>(i).map_err(get)?
-        )),
-        Some(1007) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<i32>>, _>(i).map_err(get)?
-        )),
-        Some(1016) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<i64>>, _>(i).map_err(get)?
-        )),
-        Some(1021) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<f32>>, _>(i).map_err(get)?
-        )),
-        Some(1022) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<f64>>, _>(i).map_err(get)?
-        )),
-        Some(1009 | 1015) => SqlValue::Json(serde_json::json!(
-            row.try_get::<Vec<Option<String>>, _>(i).map_err(get)?
-        )),
-        _ => return Err(err(&"unsupported type")),
+        // inet, cidr.
+        869 | 650 => SqlValue::Text(inet_text(b, oid == 650)?),
+        // money: an int8 of cents (with the default lc_monetary's two decimals).
+        790 => {
+            let cents = i64::from_be_bytes(be8()?);
+            let sign = if cents < 0 { "-" } else { "" };
+            let abs = cents.unsigned_abs();
+            SqlValue::Text(format!("{sign}{}.{:02}", abs / 100, abs % 100))
+        }
+        // Arrays of anything this decoder reads, as JSON (nested for several dimensions).
+        _ if is_array(oid) => SqlValue::Json(array_json(b)?),
+        _ => return None,
+    })
+}
+
+/// The oids of PostgreSQL's built-in array types (`_bool`, `_int4`, `_numeric`, `_uuid`,
+/// `_date`, `_timestamptz`, `_jsonb`, …).
+fn is_array(oid: u32) -> bool {
+    matches!(
+        oid,
+        1000 | 1001
+            | 1005
+            | 1007
+            | 1016
+            | 1028
+            | 1021
+            | 1022
+            | 1009
+            | 1014
+            | 1015
+            | 199
+            | 3807
+            | 1231
+            | 2951
+            | 1182
+            | 1115
+            | 1185
+            | 1183
+            | 1187
+            | 1041
+            | 651
+            | 791
+            | 1002
+            | 1003
+    )
+}
+
+/// A binary array as JSON: header (dimensions, flags, element oid, per dimension its length
+/// and lower bound), then each element as a length (-1: NULL) and its bytes.
+fn array_json(b: &[u8]) -> Option<serde_json::Value> {
+    let i32_at = |at: usize| -> Option<i32> {
+        Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let ndim = usize::try_from(i32_at(0)?).ok()?;
+    let elem = u32::try_from(i32_at(8)?).ok()?;
+    if ndim == 0 {
+        return Some(serde_json::Value::Array(Vec::new()));
+    }
+    if ndim > 6 {
+        return None;
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    for d in 0..ndim {
+        dims.push(usize::try_from(i32_at(12 + 8 * d)?).ok()?);
+    }
+    let mut at = 12 + 8 * ndim;
+    let total = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    if total > b.len() {
+        return None;
+    }
+    let mut flat = Vec::with_capacity(total);
+    for _ in 0..total {
+        let len = i32_at(at)?;
+        at += 4;
+        if len < 0 {
+            flat.push(serde_json::Value::Null);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        let bytes = b.get(at..at.checked_add(len)?)?;
+        at += len;
+        flat.push(to_json(binary(elem, bytes)?));
+    }
+    // Fold the flat list into nested arrays, innermost dimension first.
+    for &d in dims.iter().skip(1).rev() {
+        if d == 0 {
+            return Some(serde_json::Value::Array(Vec::new()));
+        }
+        flat = flat
+            .chunks(d)
+            .map(|c| serde_json::Value::Array(c.to_vec()))
+            .collect();
+    }
+    Some(serde_json::Value::Array(flat))
+}
+
+fn to_json(v: SqlValue) -> serde_json::Value {
+    match v {
+        SqlValue::Null => serde_json::Value::Null,
+        SqlValue::Bool(b) => b.into(),
+        SqlValue::Int(n) => n.into(),
+        SqlValue::Float(f) => {
+            serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
+        }
+        SqlValue::Text(s) => s.into(),
+        SqlValue::Bytes(b) => b.into(),
+        SqlValue::Timestamp(t) => t
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            .into(),
+        SqlValue::Json(j) => j,
+    }
+}
+
+/// `inet` / `cidr` binary: family (2: IPv4, 3: IPv6), prefix bits, is-cidr, address length,
+/// address. A host address (full-length prefix) of `inet` prints without the prefix.
+fn inet_text(b: &[u8], cidr: bool) -> Option<String> {
+    let (&family, rest) = b.split_first()?;
+    let (&bits, rest) = rest.split_first()?;
+    let addr = rest.get(2..)?;
+    let (text, full) = match (family, addr.len()) {
+        (2, 4) => (
+            std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]).to_string(),
+            32,
+        ),
+        (3, 16) => {
+            let octets: [u8; 16] = addr.try_into().ok()?;
+            (std::net::Ipv6Addr::from(octets).to_string(), 128)
+        }
+        _ => return None,
+    };
+    Some(if !cidr && bits == full {
+        text
+    } else {
+        format!("{text}/{bits}")
     })
 }
 

@@ -45,7 +45,10 @@ impl SqliteExecutor {
         let identity = if file.starts_with("file:sqlx-in-memory-") || file == ":memory:" {
             format!("sqlite::memory:{}:{file}", std::process::id())
         } else {
-            format!("sqlite://{file}")
+            // The canonical path: `./app.db`, `app.db` and a symlink to it are one database.
+            let path = std::fs::canonicalize(opts.get_filename())
+                .map_or(file, |p| p.display().to_string());
+            format!("sqlite://{path}")
         };
         Self { pool, identity }
     }

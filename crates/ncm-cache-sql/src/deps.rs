@@ -1,0 +1,114 @@
+//! Dependencies beyond the statement: a write to one table changes what queries of other
+//! tables return (views over it, partitions of a partitioned table and their parent, tables
+//! whose foreign keys cascade from it, tables its triggers write). Each write invalidates the
+//! closure of its tables under these edges.
+//!
+//! Edges come from the database catalog ([`SqlExecutor::dependencies`]: loaded before the first
+//! invalidation, reloaded after a DDL statement runs through the cache, and every
+//! [`CATALOG_MAX_AGE`]) and from the builder ([`SqlCacheBuilder::dependency`]).
+//!
+//! [`SqlCacheBuilder::dependency`]: crate::SqlCacheBuilder::dependency
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::executor::SqlExecutor;
+
+/// The catalog's edges are reloaded at least this often (a schema changed by another program).
+pub(crate) const CATALOG_MAX_AGE: Duration = Duration::from_secs(300);
+
+type Edges = HashMap<String, Vec<String>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Dependencies {
+    /// Declared with the builder: written → also affected.
+    declared: Edges,
+    catalog: Mutex<Catalog>,
+}
+
+#[derive(Debug, Default)]
+struct Catalog {
+    edges: Arc<Edges>,
+    /// When the edges were loaded (`None`: never, or marked stale).
+    loaded: Option<Instant>,
+}
+
+impl Dependencies {
+    pub(crate) fn new(declared: Vec<(String, String)>) -> Self {
+        let mut edges = Edges::new();
+        for (from, to) in declared {
+            edges.entry(from).or_default().push(to);
+        }
+        Self {
+            declared: edges,
+            catalog: Mutex::default(),
+        }
+    }
+
+    /// The schema may have changed: reload the catalog's edges before the next expansion.
+    pub(crate) fn mark_stale(&self) {
+        self.lock().loaded = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The catalog's edges, reloaded when stale. A failed load keeps the previous edges (and
+    /// is retried at the next expansion after [`CATALOG_MAX_AGE`] / the next DDL).
+    async fn catalog(&self, executor: &dyn SqlExecutor) -> Arc<Edges> {
+        let (edges, fresh) = {
+            let c = self.lock();
+            let fresh = c.loaded.is_some_and(|at| at.elapsed() < CATALOG_MAX_AGE);
+            (Arc::clone(&c.edges), fresh)
+        };
+        if fresh {
+            return edges;
+        }
+        match executor.dependencies().await {
+            Ok(list) => {
+                let mut map = Edges::new();
+                for (from, to) in list {
+                    let (from, to) = (from.to_lowercase(), to.to_lowercase());
+                    if from != to {
+                        map.entry(from).or_default().push(to);
+                    }
+                }
+                let map = Arc::new(map);
+                let mut c = self.lock();
+                c.edges = Arc::clone(&map);
+                c.loaded = Some(Instant::now());
+                map
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read table dependencies from the catalog; \
+                    using the previous ones");
+                self.lock().loaded = Some(Instant::now());
+                edges
+            }
+        }
+    }
+
+    /// `tables` and every table reachable from them, sorted.
+    pub(crate) async fn expand(
+        &self,
+        executor: &dyn SqlExecutor,
+        tables: &[String],
+    ) -> Vec<String> {
+        let catalog = self.catalog(executor).await;
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut todo: Vec<String> = tables.to_vec();
+        while let Some(t) = todo.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            for edges in [&self.declared, &*catalog] {
+                if let Some(next) = edges.get(&t) {
+                    todo.extend(next.iter().filter(|n| !seen.contains(*n)).cloned());
+                }
+            }
+        }
+        seen.into_iter().collect()
+    }
+}
