@@ -631,6 +631,28 @@ async fn envelopes_from_a_newer_build_are_misses_that_stay() {
         .await
         .unwrap();
     assert_eq!(loaded, 7);
+    // The reloader (which re-reads the raw entry inside its flight) loads and overwrites an
+    // entry it cannot read, instead of failing on it until the TTL.
+    other
+        .backend()
+        .set(
+            "roll:reloaded",
+            Bytes::from_static(&[0xC1, 0x4E, 9, 1, 0, b'1']),
+            None,
+        )
+        .await
+        .unwrap();
+    let reloader = ncm_cache::loader::CacheReloader::new(cache.cache().clone());
+    reloader
+        .register_loader(
+            "reloaded",
+            || async { Ok::<_, CacheError>(5u32) },
+            None,
+            ncm_cache::loader::ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    assert_eq!(reloader.get::<u32>("reloaded").await.unwrap(), 5);
+    assert_eq!(cache.get::<u32>("reloaded").await.unwrap(), Some(5));
     // Damaged bytes this build could read are removed as before.
     other
         .backend()

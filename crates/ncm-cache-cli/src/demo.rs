@@ -216,7 +216,7 @@ async fn basic_ops(env: &Env) -> CliResult {
         let t = Instant::now();
         let results = redis.execute_pipeline(pipeline).await?;
         let got: Option<String> = match results.get(3) {
-            Some(r) => r.decode(redis.codec())?,
+            Some(r) => redis.decode_result("demo:p:2", r)?,
             None => None,
         };
         println!(

@@ -90,26 +90,37 @@ pub(crate) fn decompress_foreign(
     }
 }
 
-/// Reads `reader` to its end, failing with [`CodecErrorKind::TooLarge`] past `cap` bytes.
+/// Reads `reader` to its end, failing with [`CodecErrorKind::TooLarge`] past `cap` bytes. The
+/// buffer grows by doubling but never beyond `cap + 1` bytes (no doubling past the cap).
 #[allow(dead_code, reason = "unused when no compression feature is enabled")]
 fn read_capped(
-    reader: impl std::io::Read,
+    mut reader: impl std::io::Read,
     cap: usize,
     what: &'static str,
 ) -> Result<Vec<u8>, CodecError> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
-    reader
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|e| CodecError::with_source(CodecErrorKind::Corrupt, what, e))?;
-    if out.len() > cap {
-        return Err(CodecError::new(
-            CodecErrorKind::TooLarge,
-            what,
-            format!("decompresses past the cap of {cap} bytes (`max_decompressed_size`)"),
-        ));
+    let limit = cap.saturating_add(1);
+    let mut out: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CodecError::with_source(CodecErrorKind::Corrupt, what, e)),
+        };
+        let n = n.min(limit - out.len());
+        if out.capacity() - out.len() < n {
+            let want = (out.capacity() * 2).max(out.len() + n).min(limit);
+            out.reserve_exact(want - out.len());
+        }
+        out.extend_from_slice(&chunk[..n]);
+        if out.len() > cap {
+            return Err(CodecError::new(
+                CodecErrorKind::TooLarge,
+                what,
+                format!("decompresses past the cap of {cap} bytes (`max_decompressed_size`)"),
+            ));
+        }
     }
     Ok(out)
 }
@@ -357,9 +368,25 @@ mod zstd_impl {
     }
 
     pub(super) fn decompress_capped(src: &[u8], cap: usize) -> Result<Vec<u8>, CodecError> {
-        let decoder = zstd::stream::read::Decoder::with_buffer(src)
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(src)
             .map_err(|e| CodecError::with_source(CodecErrorKind::Compression, "zstd", e))?;
-        read_capped(decoder, cap, "zstd")
+        // A frame may ask for a window up to 2^27 bytes by default: no larger than the cap.
+        let log = usize::BITS - cap.max(1 << 10).saturating_sub(1).leading_zeros();
+        decoder
+            .window_log_max(log.clamp(10, 31))
+            .map_err(|e| CodecError::with_source(CodecErrorKind::Compression, "zstd", e))?;
+        read_capped(decoder, cap, "zstd").map_err(|e| {
+            // A frame whose window is larger than the cap allows is too large, not damaged.
+            if e.to_string().contains("memory") {
+                CodecError::new(
+                    CodecErrorKind::TooLarge,
+                    "zstd",
+                    format!("the frame needs a window larger than the cap of {cap} bytes"),
+                )
+            } else {
+                e
+            }
+        })
     }
 
     fn new_dctx() -> Result<DCtx<'static>, CodecError> {

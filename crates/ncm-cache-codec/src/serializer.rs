@@ -186,16 +186,15 @@ impl Serializer {
         let mut out = Vec::with_capacity(128);
         if self.raw {
             formats::encode_into(self.format, value, &mut out)?;
+            self.check_encoded_size(out.len())?;
             return Ok(out);
         }
         out.extend_from_slice(&envelope::short_header(self.format));
         formats::encode_into(self.format, value, &mut out)?;
         let payload = &out[SHORT_HEADER..];
-        if self.compression == CompressionType::None
-            || payload.len() < self.threshold
-            // Never write what a reader with the same cap would reject.
-            || payload.len() > self.max_decompressed
-        {
+        // Never write what a reader with the same cap would reject.
+        self.check_encoded_size(payload.len())?;
+        if self.compression == CompressionType::None || payload.len() < self.threshold {
             return Ok(out);
         }
         let Ok(declared) = u32::try_from(payload.len()) else {
@@ -255,13 +254,15 @@ impl Serializer {
                 // can start like zlib) are read as the raw format instead.
                 match compress::decompress_foreign(frame, bytes, self.max_decompressed) {
                     Ok(data) => return formats::decode(self.format, &data, fast_json, budget),
-                    Err(e) if e.kind().is_damaged() => {
-                        if let Ok(value) = formats::decode(self.format, bytes, fast_json, budget) {
+                    Err(e) => {
+                        if self.check_size(bytes.len(), "raw").is_ok()
+                            && let Ok(value) =
+                                formats::decode(self.format, bytes, fast_json, budget)
+                        {
                             return Ok(value);
                         }
                         return Err(e);
                     }
-                    Err(e) => return Err(e),
                 }
             }
             self.check_size(bytes.len(), "raw")?;
@@ -288,6 +289,22 @@ impl Serializer {
         }
         let data = compress::decompress(header.compression, payload, declared)?;
         formats::decode(header.format, &data, fast_json, budget)
+    }
+
+    /// A payload above the cap is refused on write: readers with the same cap would refuse it.
+    fn check_encoded_size(&self, len: usize) -> Result<(), CodecError> {
+        if len > self.max_decompressed {
+            return Err(CodecError::new(
+                CodecErrorKind::Encode,
+                self.format.name(),
+                format!(
+                    "the encoded value is {len} bytes, above `max_decompressed_size` ({} \
+                     bytes): readers would refuse it; raise the cap on every reader and writer",
+                    self.max_decompressed
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The cap applies to every payload, compressed or not.
@@ -695,9 +712,17 @@ mod tests {
         Serializer::builder().signing_key(KEY).build().unwrap()
     }
 
+    /// Rejected as forged — or, when the change made the version byte name a newer envelope
+    /// version, as unsupported (a miss either way; never served).
     fn tampered<T: DeserializeOwned + std::fmt::Debug>(codec: &Serializer, bytes: &[u8]) {
         let err = codec.decode::<T>(bytes).unwrap_err();
-        assert_eq!(err.kind(), CodecErrorKind::Tampered, "{err}");
+        let newer = bytes.get(2).is_some_and(|&v| v > KEY_BOUND_VERSION);
+        let expected = if newer && bytes.starts_with(&crate::MAGIC) {
+            CodecErrorKind::Unsupported
+        } else {
+            CodecErrorKind::Tampered
+        };
+        assert_eq!(err.kind(), expected, "{err}");
     }
 
     /// Signed values round-trip in every compiled-in format and compression, as a version-2
@@ -979,6 +1004,43 @@ mod tests {
                 .unwrap(),
             fits
         );
+        // A writer never writes what a reader with its cap refuses (raw mode too).
+        let capped = Serializer::builder()
+            .max_decompressed_size(1000)
+            .build()
+            .unwrap();
+        assert_eq!(
+            capped.encode(&big).unwrap_err().kind(),
+            CodecErrorKind::Encode
+        );
+        let capped_raw = Serializer::builder()
+            .raw(true)
+            .max_decompressed_size(1000)
+            .build()
+            .unwrap();
+        assert_eq!(
+            capped_raw.encode(&big).unwrap_err().kind(),
+            CodecErrorKind::Encode
+        );
+    }
+
+    /// A signing reader leaves a newer build's envelope (unknown version) in place: it is
+    /// `Unsupported`, not `Tampered`.
+    #[test]
+    fn signing_readers_treat_newer_versions_as_unsupported() {
+        let signed = Serializer::builder()
+            .signing_key("a-long-random-secret-0123456789")
+            .build()
+            .unwrap();
+        let mut newer = vec![0xC1, 0x4E, 9, 1, 0, b'1'];
+        newer.extend_from_slice(&[0; 32]);
+        let err = signed.decode_for::<u32>(&["p:", "k"], &newer).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Unsupported);
+        assert!(!err.kind().is_damaged());
+        // An unsigned (version 1) value is still forged for a signing reader.
+        let plain = Serializer::default().encode(&1u32).unwrap();
+        let err = signed.decode_for::<u32>(&["p:", "k"], &plain).unwrap_err();
+        assert_eq!(err.kind(), CodecErrorKind::Tampered);
     }
 
     /// Values another program compressed itself (a gzip, zlib or zstd frame around the

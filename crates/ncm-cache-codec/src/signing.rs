@@ -203,6 +203,17 @@ impl SigningKeys {
                      values of older builds remain",
                 ));
             }
+            // A newer build's envelope: not forged, just not readable here (left in place).
+            (Some(&version), _) if version > KEY_BOUND_VERSION => {
+                return Err(CodecError::new(
+                    CodecErrorKind::Unsupported,
+                    "envelope",
+                    format!(
+                        "envelope version {version} is newer than this build reads \
+                         (up to {KEY_BOUND_VERSION}); the entry is left for the newer build"
+                    ),
+                ));
+            }
             (Some(version), _) => {
                 return Err(tampered(format!(
                     "value is not signed (envelope version {version}); this codec has a signing \

@@ -119,12 +119,6 @@ fn python_fixtures_decode() {
     }
 }
 
-/// Known limitation of serde-pickle 1.2 (its memo reference counting, upstream
-/// birkenfeld/serde-pickle#24): a container that Python references more than once (the same
-/// dict twice, or lists shared by shallow copies) whose own children are memoized fails with
-/// "recursive structure found" — a typed error, never wrong data. Shared strings are fine
-/// (`python_fixtures_decode`). When this test fails because the values decode, upstream fixed
-/// it: assert equality with `vec![expected(true); 3]` instead.
 /// Values Python compressed itself around the format's bytes (`gzip.compress` of JSON,
 /// `zlib.compress` of a pickle; fixtures written by gen_fixtures.py) read like their
 /// uncompressed fixtures, through raw and envelope readers.
@@ -148,6 +142,12 @@ fn python_compressed_values_decode() {
     }
 }
 
+/// Known limitation of serde-pickle 1.2 (its memo reference counting, upstream
+/// birkenfeld/serde-pickle#24): a container that Python references more than once (the same
+/// dict twice, or lists shared by shallow copies) whose own children are memoized fails with
+/// "recursive structure found" — a typed error, never wrong data. Shared strings are fine
+/// (`python_fixtures_decode`). When this test fails because the values decode, upstream fixed
+/// it: assert equality with `vec![expected(true); 3]` instead.
 #[test]
 fn python_pickles_sharing_containers_are_a_typed_error() {
     if !SerializationType::Pickle.is_enabled() {

@@ -171,6 +171,11 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// gets, so that callers can refuse whole-store operations when it is empty (`Some("")`:
     /// this cache's keys are mixed with everyone else's). `None` (the default): the store
     /// belongs to this backend alone.
+    ///
+    /// **A wrapper backend must forward it**: caches bind signed values to the stored key,
+    /// prefix included (`[prefix, key]` passed to `Codec::encode_for`), so a wrapper that
+    /// reports `None` over a prefixed store writes values that other paths over the same
+    /// store (which see the prefix) reject, and lets signed values move between prefixes.
     fn key_prefix(&self) -> Option<&str> {
         None
     }

@@ -181,8 +181,9 @@ impl<C: Codec> Cache<C> {
         self.inner.ttl
     }
 
-    /// Reads and decodes a value. A value that cannot be decoded is counted, removed, and
-    /// reported as a miss.
+    /// Reads and decodes a value. A value that cannot be decoded is counted and reported as a
+    /// miss; it is removed when damaged or forged, left when another build may read it (see
+    /// [`decode_entry`](Self::decode_entry)).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let Some(bytes) = self.inner.backend.get(key).await? else {
             return Ok(None);

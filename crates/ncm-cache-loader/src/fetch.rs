@@ -121,7 +121,16 @@ impl<C: Codec> CacheLoader<C> {
                     if !call.force {
                         // Double check: a flight that landed just before this one was started
                         // has already written the value.
-                        if let Some(bytes) = self.read_raw(counters, call).await {
+                        // Only bytes this build can read: an entry left in place because a
+                        // newer build wrote it (or it is above the size cap) is a miss, and
+                        // the load below overwrites it.
+                        if let Some(bytes) = self.read_raw(counters, call).await
+                            && self
+                                .inner
+                                .cache
+                                .decode_for::<serde::de::IgnoredAny>(call.key, &bytes)
+                                .is_ok()
+                        {
                             return Ok(Some(bytes));
                         }
                     }

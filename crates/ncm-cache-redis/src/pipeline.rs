@@ -66,10 +66,12 @@ pub enum PipelineResult {
 }
 
 impl PipelineResult {
-    /// Decodes a `get` result with the cache's codec (any envelope format is understood).
+    /// Decodes a `get` result with the cache's codec (any envelope format is understood),
+    /// without knowing its key.
     ///
-    /// With a signing codec, values are bound to their key: read them with
-    /// [`RedisCache::decode_result`](crate::RedisCache::decode_result), which knows the key.
+    /// With a signing codec this cannot verify values bound to their key (what `set` writes):
+    /// use [`RedisCache::decode_result`](crate::RedisCache::decode_result), which knows the key
+    /// and works with every codec.
     pub fn decode<T: DeserializeOwned>(&self, codec: &Serializer) -> Result<Option<T>> {
         self.decode_with(|bytes| codec.decode(bytes))
     }
@@ -97,7 +99,8 @@ impl PipelineResult {
 /// pipeline.get("key1");
 /// let results = cache.execute_pipeline(pipeline).await?;
 /// assert_eq!(results.len(), 4);
-/// let v: Option<String> = results[3].decode(cache.codec())?;
+/// // The result of `get("key1")`, decoded for its key (required with a signing codec).
+/// let v: Option<String> = cache.decode_result("key1", &results[3])?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]

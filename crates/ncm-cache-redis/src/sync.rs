@@ -318,7 +318,8 @@ impl RedisSyncCache {
 
     // ---- typed ------------------------------------------------------------------------------
 
-    /// Reads and decodes a value; undecodable values are removed and read as a miss.
+    /// Reads and decodes a value; undecodable values read as a miss (removed when damaged, left
+    /// when another build may read them).
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         match self.get_bytes(key)? {
             None => Ok(None),

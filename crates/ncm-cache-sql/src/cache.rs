@@ -61,10 +61,14 @@ impl FromStr for QueryCacheStrategy {
 ///   the tables a query reads are part of its key.
 /// - [`execute`](Self::execute) runs writes and invalidates the tables they touch;
 ///   [`invalidate_query`](Self::invalidate_query), [`invalidate_pattern`](Self::invalidate_pattern),
-///   [`invalidate_table`](Self::invalidate_table) do it by hand; on PostgreSQL a LISTEN/NOTIFY
-///   listener catches everyone else's writes (`listen_postgres`, feature `postgres`).
-/// - Concurrent misses of one query run it once; a result computed while one of its tables was
-///   invalidated is not stored.
+///   [`invalidate_table`](Self::invalidate_table) do it by hand; views, partitions and
+///   cascading foreign keys are followed; on PostgreSQL a LISTEN/NOTIFY listener catches
+///   everyone else's writes (`listen_postgres`, feature `postgres`).
+/// - Invalidation replaces per-table generation tokens: one write per table, whatever the
+///   keyspace; a result read before a write committed is never served after it, whichever
+///   process stored it (see the crate README, "How invalidation works").
+/// - Concurrent misses of one query run it once. Statements with side effects or results no
+///   write could invalidate are never cached (README, "What is never cached").
 /// - Failures of the cache never fail a query (it falls through to the database and is
 ///   counted); database failures are [`CacheError::Database`] and cache nothing.
 ///

@@ -165,3 +165,58 @@ async fn bad_sql_returns_the_database_error_on_mysql() {
         );
     }
 }
+
+/// On MySQL/MariaDB: the identity comes from the server (and names the database), a delete
+/// that cascades through a foreign key invalidates the child table's results, and a write to a
+/// table invalidates the views over it (from `information_schema`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascades_views_and_server_identity_on_mysql() {
+    let Some(db) = my::db("cascades_views_and_server_identity_on_mysql").await else {
+        return;
+    };
+    let executor = MySqlExecutor::from_pool(db.pool.clone()).await.unwrap();
+    assert!(
+        executor
+            .identity()
+            .contains(&format!("/{}?user=", db.database)),
+        "{}",
+        executor.identity()
+    );
+    assert_ne!(
+        executor.identity(),
+        MySqlExecutor::new(db.pool.clone()).identity()
+    );
+    let cache = SqlCache::builder(memory_cache(), executor).build().unwrap();
+    for stmt in [
+        "CREATE TABLE customers (id INT PRIMARY KEY, name VARCHAR(20)) ENGINE=InnoDB",
+        "CREATE TABLE orders (id INT PRIMARY KEY, customer INT, \
+         FOREIGN KEY (customer) REFERENCES customers(id) ON DELETE CASCADE) ENGINE=InnoDB",
+        "CREATE VIEW customer_names AS SELECT name FROM customers",
+        "INSERT INTO customers VALUES (1, 'ada'), (2, 'bob')",
+        "INSERT INTO orders VALUES (10, 1), (11, 2)",
+    ] {
+        cache.execute(stmt, ()).await.unwrap();
+    }
+    let orders = "SELECT count(*) AS n FROM orders";
+    let names = "SELECT count(*) AS n FROM customer_names";
+    assert_eq!(
+        cache.query(orders, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(2)
+    );
+    assert_eq!(
+        cache.query(names, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(2)
+    );
+    cache
+        .execute("DELETE FROM customers WHERE id = 2", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.query(orders, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(1)
+    );
+    assert_eq!(
+        cache.query(names, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(1)
+    );
+}

@@ -505,3 +505,324 @@ trait MapNot: std::future::Future<Output = bool> + Sized {
     }
 }
 impl<F: std::future::Future<Output = bool>> MapNot for F {}
+
+/// A pool on the test's schema through `host` (`127.0.0.1` or `localhost`) and `database`.
+async fn pool_via(db: &pg::PgDb, host: &str, database: &str) -> ncm_cache_sql::sqlx::PgPool {
+    let url = db
+        .url
+        .replace("127.0.0.1", host)
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{database}"))
+        .unwrap();
+    let opts = PgConnectOptions::from_str(&url)
+        .unwrap()
+        .options([("search_path", db.schema.as_str())]);
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .unwrap()
+}
+
+/// Statements with side effects, row locks, volatile or unknown functions, and results that
+/// read no table run on the database every time (each reason counted); opt-ins cache the
+/// unknown-function and table-less ones, never the volatile ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_statements_run_every_time_on_postgres() {
+    let Some(db) = pg::db("uncacheable_statements_run_every_time_on_postgres").await else {
+        return;
+    };
+    let executor = PgExecutor::from_pool(db.pool.clone()).await.unwrap();
+    let cache = SqlCache::builder(memory_cache(), executor.clone())
+        .build()
+        .unwrap();
+    for stmt in [
+        "CREATE SEQUENCE ids",
+        "CREATE TABLE jobs (id INT PRIMARY KEY, state TEXT)",
+        "INSERT INTO jobs VALUES (1, 'ready'), (2, 'ready')",
+        "CREATE FUNCTION twice(x INT) RETURNS INT LANGUAGE sql IMMUTABLE AS 'SELECT x * 2'",
+    ] {
+        cache.execute(stmt, ()).await.unwrap();
+    }
+    let id = |rows: ncm_cache_sql::Rows| rows.rows[0][0].clone();
+    // nextval: a new id every time.
+    let a = id(cache
+        .query("SELECT nextval('ids') AS n FROM jobs LIMIT 1", ())
+        .await
+        .unwrap());
+    let b = id(cache
+        .query("SELECT nextval('ids') AS n FROM jobs LIMIT 1", ())
+        .await
+        .unwrap());
+    assert_ne!(a, b, "nextval was cached");
+    // FOR UPDATE SKIP LOCKED: two workers in two transactions get different jobs.
+    let claim =
+        "SELECT id FROM jobs WHERE state = 'ready' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED";
+    let mut tx = db.pool.begin().await.unwrap();
+    let held: i32 = ncm_cache_sql::sqlx::query_scalar(claim)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(held, 1);
+    let first = cache.query(claim, ()).await.unwrap();
+    assert_eq!(
+        first.rows[0][0],
+        SqlValue::Int(2),
+        "the locked job is skipped"
+    );
+    tx.rollback().await.unwrap();
+    let second = cache.query(claim, ()).await.unwrap();
+    assert_eq!(second.rows[0][0], SqlValue::Int(1), "not the cached answer");
+    // Table-less and unknown functions.
+    let now = "SELECT now() AS t";
+    cache.query(now, ()).await.unwrap();
+    let tableless = "SELECT 1 + 1 AS two";
+    cache.query(tableless, ()).await.unwrap();
+    let unknown = "SELECT twice(id) AS d FROM jobs WHERE id = 1";
+    cache.query(unknown, ()).await.unwrap();
+    for q in [now, tableless, unknown, claim] {
+        assert_eq!(
+            cache
+                .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap(),
+            None,
+            "{q} was cached"
+        );
+    }
+    let reasons = cache.get_performance_stats().uncached_reasons;
+    for reason in [
+        "volatile function nextval()",
+        "row locks",
+        "volatile function now()",
+        "reads no table",
+        "unknown function twice()",
+    ] {
+        assert!(
+            reasons.iter().any(|(r, n)| r == reason && *n >= 1),
+            "{reason} not counted: {reasons:?}"
+        );
+    }
+    // Opt-ins: declared deterministic functions and table-less results are cached; volatile
+    // functions never are.
+    let opted = SqlCache::builder(memory_cache(), executor)
+        .deterministic_functions(["twice"])
+        .cache_tableless(true)
+        .cache_unknown_functions(true)
+        .build()
+        .unwrap();
+    for q in [tableless, unknown] {
+        opted.query(q, ()).await.unwrap();
+        assert!(
+            opted
+                .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_some(),
+            "{q} not cached with the opt-in"
+        );
+    }
+    opted.query(now, ()).await.unwrap();
+    assert!(
+        opted
+            .cache_query(now, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// The identity comes from the server: executors reaching one database through different host
+/// names share entries and each other's invalidations; another database shares nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_comes_from_the_server_on_postgres() {
+    let Some(db) = pg::db("identity_comes_from_the_server_on_postgres").await else {
+        return;
+    };
+    let shared = memory_cache();
+    let by_ip = PgExecutor::from_pool(pool_via(&db, "127.0.0.1", "test").await)
+        .await
+        .unwrap();
+    let by_name = PgExecutor::from_pool(pool_via(&db, "localhost", "test").await)
+        .await
+        .unwrap();
+    assert_eq!(by_ip.identity(), by_name.identity());
+    assert!(
+        by_ip.identity().contains(&db.schema),
+        "{}",
+        by_ip.identity()
+    );
+    // The client-side identity of the same pools differs: what the old keys used.
+    assert_ne!(
+        PgExecutor::new(by_ip.pool().clone()).identity(),
+        PgExecutor::new(by_name.pool().clone()).identity()
+    );
+    let a = SqlCache::builder(shared.clone(), by_ip).build().unwrap();
+    let b = SqlCache::builder(shared.clone(), by_name).build().unwrap();
+    a.execute("CREATE TABLE acct (id INT PRIMARY KEY, bal INT)", ())
+        .await
+        .unwrap();
+    a.execute("INSERT INTO acct VALUES (1, 10)", ())
+        .await
+        .unwrap();
+    let q = "SELECT bal FROM acct WHERE id = 1";
+    a.query(q, ()).await.unwrap();
+    assert!(
+        b.cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap()
+            .is_some(),
+        "one database: one entry"
+    );
+    b.execute("UPDATE acct SET bal = 20 WHERE id = 1", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap(),
+        None,
+        "b's write invalidated a's entry"
+    );
+    assert_eq!(a.query(q, ()).await.unwrap().rows[0][0], SqlValue::Int(20));
+    // Another database (`postgres`) behind the same address: nothing shared.
+    let other = PgExecutor::from_pool(pool_via(&db, "127.0.0.1", "postgres").await)
+        .await
+        .unwrap();
+    assert_ne!(other.identity(), a.executor().identity());
+    let c = SqlCache::builder(shared, other).build().unwrap();
+    assert_eq!(
+        c.cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Writes reach tables the statement does not name: a view over the table, a partition and its
+/// parent, a child whose foreign key cascades. Their cached results are invalidated (the
+/// dependencies come from the catalog, reloaded after the DDL that created them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_partitions_and_cascades_are_invalidated_on_postgres() {
+    let Some(db) = pg::db("views_partitions_and_cascades_are_invalidated_on_postgres").await else {
+        return;
+    };
+    let executor = PgExecutor::from_pool(db.pool.clone()).await.unwrap();
+    let cache = SqlCache::builder(memory_cache(), executor).build().unwrap();
+    for stmt in [
+        "CREATE TABLE customers (id INT PRIMARY KEY, name TEXT)",
+        "CREATE TABLE orders (id INT PRIMARY KEY, \
+         customer INT REFERENCES customers(id) ON DELETE CASCADE)",
+        "CREATE VIEW customer_names AS SELECT name FROM customers",
+        "CREATE TABLE events (day DATE, n INT) PARTITION BY RANGE (day)",
+        "CREATE TABLE events_2024 PARTITION OF events \
+         FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')",
+        "INSERT INTO customers VALUES (1, 'ada'), (2, 'bob')",
+        "INSERT INTO orders VALUES (10, 1), (11, 2)",
+        "INSERT INTO events VALUES ('2024-05-01', 1)",
+    ] {
+        cache.execute(stmt, ()).await.unwrap();
+    }
+    let count = |rows: ncm_cache_sql::Rows| rows.rows[0][0].clone();
+    let orders = "SELECT count(*) AS n FROM orders";
+    let names = "SELECT count(*) AS n FROM customer_names";
+    let parent = "SELECT sum(n) AS n FROM events";
+    let part = "SELECT sum(n) AS n FROM events_2024";
+    for q in [orders, names, parent, part] {
+        cache.query(q, ()).await.unwrap();
+    }
+    // A delete on customers cascades to orders and changes the view.
+    cache
+        .execute("DELETE FROM customers WHERE id = 2", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(cache.query(orders, ()).await.unwrap()),
+        SqlValue::Int(1)
+    );
+    assert_eq!(
+        count(cache.query(names, ()).await.unwrap()),
+        SqlValue::Int(1)
+    );
+    // A write to the parent lands in the partition; one to the partition changes the parent.
+    cache
+        .execute("INSERT INTO events VALUES ('2024-06-01', 10)", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(cache.query(part, ()).await.unwrap()),
+        SqlValue::Int(11)
+    );
+    cache
+        .execute("INSERT INTO events_2024 VALUES ('2024-07-01', 100)", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(cache.query(parent, ()).await.unwrap()),
+        SqlValue::Int(111)
+    );
+}
+
+/// The PostgreSQL types that used to fail the whole query round-trip through the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrays_inet_money_and_infinity_round_trip_on_postgres() {
+    let Some(db) = pg::db("arrays_inet_money_and_infinity_round_trip_on_postgres").await else {
+        return;
+    };
+    let executor = PgExecutor::from_pool(db.pool.clone()).await.unwrap();
+    let cache = SqlCache::builder(memory_cache(), executor).build().unwrap();
+    cache
+        .execute("CREATE TABLE one (id INT)", ())
+        .await
+        .unwrap();
+    cache
+        .execute("INSERT INTO one VALUES (1)", ())
+        .await
+        .unwrap();
+    let q = "SELECT ARRAY[1.50, NULL, -2]::numeric[] AS nums, \
+             ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11']::uuid[] AS uuids, \
+             ARRAY['2024-02-29', 'infinity']::date[] AS days, \
+             ARRAY['2024-01-01 00:00:00+00']::timestamptz[] AS stamps, \
+             ARRAY['{\"a\": 1}']::jsonb[] AS docs, \
+             ARRAY[[1, 2], [3, 4]] AS grid, \
+             '10.1.2.3'::inet AS host, '10.0.0.0/8'::cidr AS net, '::1'::inet AS v6, \
+             12.34::money AS price, 'infinity'::timestamptz AS forever, \
+             '-infinity'::timestamp AS never, 'infinity'::date AS someday \
+             FROM one";
+    let rows = cache.query(q, ()).await.unwrap();
+    let get = |c: &str| rows.get(0, c).cloned().unwrap();
+    assert_eq!(
+        get("nums"),
+        SqlValue::Json(serde_json::json!(["1.50", null, "-2"]))
+    );
+    assert_eq!(
+        get("uuids"),
+        SqlValue::Json(serde_json::json!(["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]))
+    );
+    assert_eq!(
+        get("days"),
+        SqlValue::Json(serde_json::json!(["2024-02-29", "infinity"]))
+    );
+    assert_eq!(
+        get("stamps"),
+        SqlValue::Json(serde_json::json!(["2024-01-01T00:00:00Z"]))
+    );
+    assert_eq!(get("docs"), SqlValue::Json(serde_json::json!([{"a": 1}])));
+    assert_eq!(
+        get("grid"),
+        SqlValue::Json(serde_json::json!([[1, 2], [3, 4]]))
+    );
+    assert_eq!(get("host"), SqlValue::from("10.1.2.3"));
+    assert_eq!(get("net"), SqlValue::from("10.0.0.0/8"));
+    assert_eq!(get("v6"), SqlValue::from("::1"));
+    assert_eq!(get("price"), SqlValue::from("12.34"));
+    assert_eq!(get("forever"), SqlValue::from("infinity"));
+    assert_eq!(get("never"), SqlValue::from("-infinity"));
+    assert_eq!(get("someday"), SqlValue::from("infinity"));
+    // The cached copy is the same.
+    let cached = cache
+        .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+        .await
+        .unwrap();
+    assert_eq!(cached, Some(rows));
+}

@@ -657,3 +657,47 @@ async fn a_query_after_a_write_never_joins_an_older_flight() {
         .unwrap();
     assert_eq!(cached.get(0, "v"), Some(&SqlValue::from("new")));
 }
+
+/// A dependency no catalog shows (a trigger keeps `order_totals` up to date) is declared on the
+/// builder: writes to `orders` invalidate `order_totals` too, transitively.
+#[tokio::test]
+async fn declared_dependencies_invalidate_the_affected_tables() {
+    let probe = Arc::new(Probe::new(SqliteExecutor::memory().await.unwrap()));
+    let cache = SqlCache::builder_shared(memory_cache(), probe.clone())
+        .dependency("orders", "order_totals")
+        .dependency("order_totals", "dashboard")
+        .build()
+        .unwrap();
+    for stmt in [
+        "CREATE TABLE orders (id INTEGER, total INTEGER)",
+        "CREATE TABLE order_totals (total INTEGER)",
+        "CREATE TABLE dashboard (k TEXT)",
+        "INSERT INTO order_totals VALUES (0)",
+        "INSERT INTO dashboard VALUES ('x')",
+        "CREATE TRIGGER keep_total AFTER INSERT ON orders BEGIN \
+         UPDATE order_totals SET total = total + NEW.total; END",
+    ] {
+        cache.execute(stmt, ()).await.unwrap();
+    }
+    let totals = "SELECT total FROM order_totals";
+    let dash = "SELECT k FROM dashboard";
+    assert_eq!(
+        cache.query(totals, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(0)
+    );
+    cache.query(dash, ()).await.unwrap();
+    assert_eq!(
+        cache.invalidate_table("orders").await.unwrap(),
+        3,
+        "orders, order_totals, dashboard"
+    );
+    cache.query(dash, ()).await.unwrap();
+    cache
+        .execute("INSERT INTO orders VALUES (1, 5)", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.query(totals, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(5)
+    );
+}

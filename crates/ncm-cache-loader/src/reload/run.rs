@@ -106,8 +106,15 @@ impl<C: Codec> CacheReloader<C> {
                     let (lease, granted) = self.run_lease(entry).await;
                     // Lazy reads, and anyone who waited out another instance's reload, take a
                     // value that is already there.
+                    // (Only bytes this build can read: an entry left in place because a newer
+                    // build wrote it is a miss, and the load below overwrites it.)
                     if (!force || !granted)
                         && let Ok(Some(bytes)) = self.inner.cache.backend().get(&entry.name).await
+                        && self
+                            .inner
+                            .cache
+                            .decode_for::<serde::de::IgnoredAny>(&entry.name, &bytes)
+                            .is_ok()
                     {
                         release(lease).await;
                         return Ok((bytes, false));

@@ -229,18 +229,15 @@ impl<V: QueueValue> RedisJournal<V> {
                 None,
             ));
         };
-        Ok(Some(Recovered {
-            id,
-            key,
-            value: self.codec.decode(&value)?,
-        }))
+        let value = self.codec.decode(&[&self.stream, "\0", &key], &value)?;
+        Ok(Some(Recovered { id, key, value }))
     }
 }
 
 #[async_trait]
 impl<V: QueueValue> Journal<V> for RedisJournal<V> {
     async fn append(&self, key: &str, value: &V) -> Result<Version> {
-        let encoded = self.codec.encode(value)?;
+        let encoded = self.codec.encode(&[&self.stream, "\0", key], value)?;
         let args = vec![
             GROUP.as_bytes().to_vec(),
             self.consumer.as_bytes().to_vec(),

@@ -20,10 +20,12 @@ pub(crate) type Version = (u64, u64);
 pub(crate) trait CacheSink<V>: Send + Sync {
     async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()>;
     async fn delete(&self, key: &str) -> Result<bool>;
+    /// Encodes a journal value: bound (by a signing codec) to the journal stream and the
+    /// entry's key, so a value cannot be paired with another key in the journal.
     #[cfg(feature = "redis")]
-    fn encode(&self, value: &V) -> Result<Bytes>;
+    fn encode(&self, binding: &[&str], value: &V) -> Result<Bytes>;
     #[cfg(feature = "redis")]
-    fn decode(&self, bytes: &[u8]) -> Result<V>;
+    fn decode(&self, binding: &[&str], bytes: &[u8]) -> Result<V>;
 }
 
 #[async_trait]
@@ -35,12 +37,12 @@ impl<C: Codec, V: QueueValue> CacheSink<V> for Cache<C> {
         Cache::delete(self, key).await
     }
     #[cfg(feature = "redis")]
-    fn encode(&self, value: &V) -> Result<Bytes> {
-        Ok(self.codec().encode(value)?)
+    fn encode(&self, binding: &[&str], value: &V) -> Result<Bytes> {
+        Ok(self.codec().encode_for(binding, value)?)
     }
     #[cfg(feature = "redis")]
-    fn decode(&self, bytes: &[u8]) -> Result<V> {
-        Ok(self.codec().decode(bytes)?)
+    fn decode(&self, binding: &[&str], bytes: &[u8]) -> Result<V> {
+        Ok(self.codec().decode_for(binding, bytes)?)
     }
 }
 

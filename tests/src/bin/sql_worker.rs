@@ -1,0 +1,105 @@
+//! One service process of the cross-process SqlCache tests (`tests/tests/sql_processes.rs`):
+//! reads one row through a `SqlCache` whose database reads answer `NCM_SQL_DELAY_MS` late (the
+//! rows are read, then the reply is slow — as on a loaded database or network), and prints
+//! what it got.
+//!
+//! Environment: `NCM_SQL_DB` (`postgres` or `mysql`), `NCM_SQL_URL`, `NCM_SQL_QUERY`,
+//! `NCM_SQL_DELAY_MS`, `NCM_SQL_MODE` (`redis` or `multilevel`), and the Redis: `NCM_REDIS_URL`
+//! or `NCM_REDIS_NODES` (cluster seed URLs, comma-separated), `NCM_REDIS_PREFIX`.
+//!
+//! Output lines: `fetched` once the database has answered (before the delay), then
+//! `result <value>`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ncm_cache::core::{Cache, Result};
+use ncm_cache::sql::{MySqlExecutor, PgExecutor, Rows, SqlDialect, SqlExecutor, SqlValue};
+use ncm_cache::{MultiLevelCache, RedisCache, RedisConfig, Serializer, SqlCache};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_default()
+}
+
+/// A real executor whose reads reply `delay` after the database answered.
+#[derive(Debug)]
+struct SlowReply {
+    inner: Arc<dyn SqlExecutor>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl SqlExecutor for SlowReply {
+    fn dialect(&self) -> SqlDialect {
+        self.inner.dialect()
+    }
+    fn identity(&self) -> &str {
+        self.inner.identity()
+    }
+    async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
+        let rows = self.inner.fetch_all(sql, params).await;
+        println!("fetched");
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(self.delay).await;
+        rows
+    }
+    async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+        self.inner.execute(sql, params).await
+    }
+    async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        self.inner.dependencies().await
+    }
+}
+
+/// The Redis of the test: one server or a cluster.
+pub fn redis_config() -> RedisConfig {
+    let mut c = match std::env::var("NCM_REDIS_URL") {
+        Ok(url) if !url.is_empty() => RedisConfig::from_url(&url).unwrap(),
+        _ => {
+            let mut c = RedisConfig::default();
+            c.cluster_nodes = env("NCM_REDIS_NODES")
+                .split(',')
+                .map(str::to_owned)
+                .collect();
+            c
+        }
+    };
+    c.key_prefix = env("NCM_REDIS_PREFIX");
+    c.health_check_interval = None;
+    c
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let url = env("NCM_SQL_URL");
+    let executor: Arc<dyn SqlExecutor> = match env("NCM_SQL_DB").as_str() {
+        "mysql" => Arc::new(MySqlExecutor::connect(&url).await.unwrap()),
+        _ => Arc::new(PgExecutor::connect(&url).await.unwrap()),
+    };
+    let delay = Duration::from_millis(env("NCM_SQL_DELAY_MS").parse().unwrap_or(0));
+    let executor = Arc::new(SlowReply {
+        inner: executor,
+        delay,
+    });
+    let redis = RedisCache::connect(redis_config()).await.unwrap();
+    let cache = match env("NCM_SQL_MODE").as_str() {
+        "multilevel" => {
+            let multi = MultiLevelCache::over_redis(&redis).build().unwrap();
+            Cache::builder(multi.as_backend(), Serializer::default()).build()
+        }
+        _ => redis.cache().clone(),
+    };
+    let sql = SqlCache::builder_shared(cache, executor).build().unwrap();
+    let rows = sql.query(&env("NCM_SQL_QUERY"), ()).await.unwrap();
+    let value = rows
+        .get(0, "v")
+        .and_then(SqlValue::as_str)
+        .unwrap_or("<none>")
+        .to_owned();
+    println!("result {value}");
+    let _ = std::io::stdout().flush();
+}

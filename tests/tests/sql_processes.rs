@@ -1,0 +1,289 @@
+//! SqlCache across OS processes (issue 17): process A reads a row (old value) and replies
+//! late; meanwhile process B commits an UPDATE through `SqlCache::execute`, which invalidates;
+//! then A stores what it read. Every read after B's write must return the new value — from B,
+//! and from a third process. Before generation tokens, A's late store put the old rows back for
+//! the whole TTL (the guard was per process).
+//!
+//! On PostgreSQL and on MariaDB, over one Redis, over a 3+3 Redis Cluster, and over a
+//! `MultiLevelCache` (L1 + Redis + backplane) in every process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ncm_cache::core::Cache;
+use ncm_cache::sql::sqlx::{self, AssertSqlSafe};
+use ncm_cache::sql::{MySqlExecutor, PgExecutor, SqlExecutor, SqlValue};
+use ncm_cache::{MultiLevelCache, RedisCache, RedisConfig, Serializer, SqlCache};
+use ncm_cache_testkit::{RedisCluster, RedisServer};
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+const MARIADB: &str = "mysql://root@127.0.0.1:3306/test";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Db {
+    Postgres,
+    MariaDb,
+}
+
+/// Where the cache lives.
+enum Redis {
+    One(Box<RedisServer>),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    fn env(&self) -> (&'static str, String) {
+        match self {
+            Self::One(s) => ("NCM_REDIS_URL", s.url()),
+            Self::Cluster(c) => ("NCM_REDIS_NODES", c.node_urls().join(",")),
+        }
+    }
+
+    fn config(&self, prefix: &str) -> RedisConfig {
+        let mut c = match self {
+            Self::One(s) => RedisConfig::from_url(&s.url()).unwrap(),
+            Self::Cluster(cl) => {
+                let mut c = RedisConfig::default();
+                c.cluster_nodes = cl.node_urls();
+                c
+            }
+        };
+        c.key_prefix = prefix.into();
+        c.health_check_interval = None;
+        c
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// Creates `{ns}.t (id, v)` with row (1, 'old') in a schema (PostgreSQL) or database (MariaDB)
+/// of its own; returns the qualified table and a cleanup statement.
+async fn setup(db: Db) -> (String, String) {
+    let ns = unique("ncm_xproc");
+    let (create, table, drop) = match db {
+        Db::Postgres => (
+            format!("CREATE SCHEMA {ns}"),
+            format!("{ns}.t"),
+            format!("DROP SCHEMA IF EXISTS {ns} CASCADE"),
+        ),
+        Db::MariaDb => (
+            format!("CREATE DATABASE {ns}"),
+            format!("{ns}.t"),
+            format!("DROP DATABASE IF EXISTS {ns}"),
+        ),
+    };
+    for stmt in [
+        create,
+        format!("CREATE TABLE {table} (id INT PRIMARY KEY, v VARCHAR(20))"),
+        format!("INSERT INTO {table} VALUES (1, 'old')"),
+    ] {
+        admin(db, &stmt).await;
+    }
+    (table, drop)
+}
+
+async fn admin(db: Db, stmt: &str) {
+    match db {
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(PG).await.unwrap();
+            sqlx::query(AssertSqlSafe(stmt.to_owned()))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        Db::MariaDb => {
+            let pool = sqlx::MySqlPool::connect(MARIADB).await.unwrap();
+            sqlx::query(AssertSqlSafe(stmt.to_owned()))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+fn spawn(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, delay_ms: u64) -> Child {
+    let (var, value) = redis.env();
+    Command::new(env!("CARGO_BIN_EXE_sql_worker"))
+        .env(
+            "NCM_SQL_DB",
+            if db == Db::Postgres {
+                "postgres"
+            } else {
+                "mysql"
+            },
+        )
+        .env("NCM_SQL_URL", if db == Db::Postgres { PG } else { MARIADB })
+        .env("NCM_SQL_QUERY", query)
+        .env("NCM_SQL_DELAY_MS", delay_ms.to_string())
+        .env("NCM_SQL_MODE", mode)
+        .env(var, value)
+        .env("NCM_REDIS_PREFIX", prefix)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for the child's `fetched` line, then returns a receiver of its later lines.
+fn wait_fetched(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the worker never read the database");
+    assert_eq!(line, "fetched");
+    rx
+}
+
+fn finish(mut child: Child, lines: &mpsc::Receiver<String>) -> String {
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    assert!(status.success(), "worker failed: {status}\n{stderr}");
+    // The reader thread ends when the child's stdout closes.
+    let mut result = None;
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) {
+        if let Some(v) = line.strip_prefix("result ") {
+            result = Some(v.to_owned());
+        }
+    }
+    result.unwrap_or_else(|| panic!("the worker printed no result\n{stderr}"))
+}
+
+async fn race(db: Db, redis: Redis, mode: &str) {
+    let (table, drop) = setup(db).await;
+    let prefix = format!("{}:", unique("xp"));
+    let query = format!("SELECT v FROM {table} WHERE id = 1");
+
+    // Process B (this one).
+    let executor: std::sync::Arc<dyn SqlExecutor> = match db {
+        Db::Postgres => std::sync::Arc::new(PgExecutor::connect(PG).await.unwrap()),
+        Db::MariaDb => std::sync::Arc::new(MySqlExecutor::connect(MARIADB).await.unwrap()),
+    };
+    let redis_cache = RedisCache::connect(redis.config(&prefix)).await.unwrap();
+    let cache = match mode {
+        "multilevel" => {
+            let multi = MultiLevelCache::over_redis(&redis_cache).build().unwrap();
+            Cache::builder(multi.as_backend(), Serializer::default()).build()
+        }
+        _ => redis_cache.cache().clone(),
+    };
+    let b = SqlCache::builder_shared(cache, executor).build().unwrap();
+
+    // Process A reads 'old', then answers 2 s late.
+    let mut a = spawn(db, &redis, &prefix, mode, &query, 2000);
+    let a_lines = wait_fetched(&mut a);
+    // B commits its write (and invalidates) while A's result is on its way.
+    let n = b
+        .execute(&format!("UPDATE {table} SET v = 'new' WHERE id = 1"), ())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // A stores what it read and returns it (it started before the write: 'old' is right).
+    assert_eq!(finish(a, &a_lines), "old");
+
+    // After the write, every process reads the new value: B (twice: miss then hit) ...
+    for _ in 0..2 {
+        let rows = b.query(&query, ()).await.unwrap();
+        assert_eq!(
+            rows.get(0, "v").and_then(SqlValue::as_str),
+            Some("new"),
+            "B read the value A stored after B's invalidation"
+        );
+    }
+    // ... and a third process.
+    let mut c = spawn(db, &redis, &prefix, mode, &query, 0);
+    let c_lines = wait_fetched_or_hit(&mut c);
+    assert_eq!(finish(c, &c_lines), "new");
+    assert!(
+        b.get_performance_stats().hits >= 1,
+        "B's second read was a hit"
+    );
+    admin(db, &drop).await;
+}
+
+/// Like [`wait_fetched`], but a worker answered from the cache never prints `fetched`.
+fn wait_fetched_or_hit(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if line != "fetched" && tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_slow_read_and_concurrent_write_across_processes() {
+    race(
+        Db::Postgres,
+        Redis::One(Box::new(RedisServer::start().unwrap())),
+        "redis",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_slow_read_and_concurrent_write_across_processes() {
+    race(
+        Db::MariaDb,
+        Redis::One(Box::new(RedisServer::start().unwrap())),
+        "redis",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_slow_read_and_concurrent_write_across_processes_on_a_cluster() {
+    race(
+        Db::Postgres,
+        Redis::Cluster(RedisCluster::start().unwrap()),
+        "redis",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_slow_read_and_concurrent_write_across_processes_over_multilevel() {
+    race(
+        Db::Postgres,
+        Redis::One(Box::new(RedisServer::start().unwrap())),
+        "multilevel",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_slow_read_and_concurrent_write_across_processes_over_multilevel_on_a_cluster() {
+    race(
+        Db::MariaDb,
+        Redis::Cluster(RedisCluster::start().unwrap()),
+        "multilevel",
+    )
+    .await;
+}
