@@ -144,7 +144,7 @@ async fn main() -> Result<(), CacheError> {
 
     // Invalidate by table.
     let removed = sql_cache.invalidate_table("products").await?;
-    println!("invalidate_table(\"products\") removed {removed}");
+    println!("invalidate_table(\"products\") invalidated {removed} table(s)");
 
     // A write through the cache invalidates the tables it touches.
     sql_cache

@@ -32,6 +32,7 @@ pub struct SqlCacheBuilder<C> {
     namespace: String,
     name: String,
     statement_cache_size: usize,
+    decoded_cache_size: usize,
     policy: Policy,
     dependencies: Vec<(String, String)>,
 }
@@ -48,6 +49,7 @@ impl<C: Codec> SqlCacheBuilder<C> {
             namespace: "sql".to_owned(),
             name: "sql".to_owned(),
             statement_cache_size: 1024,
+            decoded_cache_size: 1024,
             policy: Policy::default(),
             dependencies: Vec::new(),
         }
@@ -95,6 +97,17 @@ impl<C: Codec> SqlCacheBuilder<C> {
     /// parses every call).
     pub fn statement_cache_size(mut self, n: usize) -> Self {
         self.statement_cache_size = n;
+        self
+    }
+
+    /// How many decoded results this process keeps (default 1024, and at most about 64 MiB;
+    /// 0: decode every hit). A
+    /// hit whose stored bytes are exactly those of a remembered result shares its rows
+    /// instead of decoding them again ([`SqlCache::cache_query_shared`] then copies nothing).
+    /// Validity is still checked on every read (generation tokens), so remembering never
+    /// serves a stale result.
+    pub fn decoded_cache_size(mut self, n: usize) -> Self {
+        self.decoded_cache_size = n;
         self
     }
 
@@ -181,6 +194,13 @@ impl<C: Codec> SqlCacheBuilder<C> {
             logging: self.query_logging,
             statements: (self.statement_cache_size > 0)
                 .then(|| quick_cache::sync::Cache::new(self.statement_cache_size)),
+            decoded: (self.decoded_cache_size > 0).then(|| {
+                crate::flow::DecodedMemo::with_weighter(
+                    self.decoded_cache_size,
+                    crate::flow::DECODED_BYTES,
+                    crate::flow::DecodedWeighter,
+                )
+            }),
             flights: SingleFlight::new(),
             deps: Dependencies::new(
                 self.dependencies

@@ -120,6 +120,8 @@ pub(crate) struct Inner<C> {
     pub(crate) max_query_size: usize,
     pub(crate) logging: bool,
     pub(crate) statements: Option<quick_cache::sync::Cache<String, Arc<Analysis>>>,
+    /// Results decoded in this process, by key (`decoded_cache_size`; `None`: off).
+    pub(crate) decoded: Option<crate::flow::DecodedMemo>,
     pub(crate) flights: SingleFlight<String, Arc<Rows>>,
     pub(crate) policy: Policy,
     pub(crate) deps: Dependencies,
@@ -213,6 +215,22 @@ impl<C: Codec> SqlCache<C> {
             Some(rows) => rows.deserialize().map(Some),
             None => Ok(None),
         }
+    }
+
+    /// [`cache_query`](Self::cache_query) returning the rows shared (`Arc`): a hit on a result
+    /// this process decoded before costs no decode and no copy.
+    pub async fn cache_query_shared(
+        &self,
+        sql: &str,
+        params: impl Into<SqlParams>,
+        strategy: QueryCacheStrategy,
+        ttl: Option<Duration>,
+    ) -> Result<Option<Arc<Rows>>> {
+        let params = params.into();
+        let ttl = self.ttl(ttl)?;
+        let analysis = self.analyze(sql, &params);
+        let values = analysis.template.values(&params)?;
+        self.run(&analysis, values, strategy, ttl).await
     }
 
     /// Cache-first with the default TTL: the common case.

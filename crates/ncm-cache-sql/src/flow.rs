@@ -21,6 +21,30 @@ struct Stored {
     r: Rows,
 }
 
+/// A result decoded in this process, with the exact bytes it was decoded from and the tokens
+/// they recorded: a later read of the same bytes shares the rows instead of decoding again.
+pub(crate) struct Decoded {
+    bytes: Bytes,
+    tokens: Vec<String>,
+    rows: Arc<Rows>,
+}
+
+/// Charges a remembered result about twice its stored size (the bytes, and the decoded rows).
+#[derive(Clone, Copy)]
+pub(crate) struct DecodedWeighter;
+
+impl quick_cache::Weighter<String, Arc<Decoded>> for DecodedWeighter {
+    fn weight(&self, key: &String, value: &Arc<Decoded>) -> u64 {
+        (key.len() + 2 * value.bytes.len() + 64) as u64
+    }
+}
+
+/// The memory remembered results may use, at most.
+pub(crate) const DECODED_BYTES: u64 = 64 << 20;
+
+/// The memo of decoded results.
+pub(crate) type DecodedMemo = quick_cache::sync::Cache<String, Arc<Decoded>, DecodedWeighter>;
+
 /// [`Stored`] borrowed, for writing.
 #[derive(Serialize)]
 struct StoredRef<'a> {
@@ -31,7 +55,7 @@ struct StoredRef<'a> {
 /// What a lookup found: the entry (if valid) and the current generation tokens (`None` when
 /// the cache could not be read).
 struct Found {
-    rows: Option<Rows>,
+    rows: Option<Arc<Rows>>,
     tokens: Option<Vec<Option<Bytes>>>,
     /// Why the cache could not be read (then `tokens` is `None`).
     error: Option<CacheError>,
@@ -70,7 +94,7 @@ impl<C: Codec> SqlCache<C> {
             QueryCacheStrategy::CacheFirst => {
                 let found = self.lookup(&key, analysis).await;
                 if let Some(rows) = found.rows {
-                    return Ok(Some(Arc::new(rows)));
+                    return Ok(Some(rows));
                 }
                 self.load(&key, analysis, values, ttl, found.tokens)
                     .await
@@ -85,7 +109,7 @@ impl<C: Codec> SqlCache<C> {
                             SqlStats::count(&self.inner().stats.stale_served, 1);
                             tracing::warn!(sql = %analysis.normalized, error = %err,
                                 "database failed; serving the cached result");
-                            Ok(Some(Arc::new(cached)))
+                            Ok(Some(cached))
                         }
                         None => Err(err),
                     },
@@ -96,7 +120,7 @@ impl<C: Codec> SqlCache<C> {
                 let found = self.lookup(&key, analysis).await;
                 match found.error {
                     Some(err) => Err(err),
-                    None => Ok(found.rows.map(Arc::new)),
+                    None => Ok(found.rows),
                 }
             }
         }
@@ -167,10 +191,19 @@ impl<C: Codec> SqlCache<C> {
         let entry = got.pop().flatten();
         let rows = match entry {
             None => None,
+            // The same bytes as a result decoded before: no decode (the rows are shared).
+            Some(bytes) if let Some(d) = self.decoded(key, &bytes) => {
+                current(&d.tokens, &tokens).then(|| Arc::clone(&d.rows))
+            }
             Some(bytes) => match inner.cache.decode_for::<Stored>(key, &bytes) {
-                Ok(stored) if current(&stored.g, &tokens) => Some(stored.r),
-                // Read before a later invalidation: unreachable, overwritten by the next store.
-                Ok(_) => None,
+                Ok(stored) => {
+                    let rows = Arc::new(stored.r);
+                    let valid = current(&stored.g, &tokens);
+                    self.remember(key, bytes, stored.g, Arc::clone(&rows));
+                    // Read before a later invalidation: unreachable, overwritten by the next
+                    // store.
+                    valid.then_some(rows)
+                }
                 Err(err) => {
                     inner.stats.codec_error();
                     backend.record_decode_error(key);
@@ -218,13 +251,13 @@ impl<C: Codec> SqlCache<C> {
         self.inner()
             .flights
             .run(flight, || async move {
-                let rows = self.fetch(analysis, &values).await?;
+                let rows = Arc::new(self.fetch(analysis, &values).await?);
                 if let Some(tokens) = tokens {
                     self.store(key, &rows, ttl, &tokens).await;
                 } else {
                     self.inner().stats.uncached("cache unreachable".into());
                 }
-                Ok(Arc::new(rows))
+                Ok(rows)
             })
             .await
     }
@@ -295,9 +328,12 @@ impl<C: Codec> SqlCache<C> {
     /// Stores a fresh result with the tokens it was read under, unless it is too large. A
     /// token replaced meanwhile makes the entry a miss on every later lookup, so no check
     /// after the write is needed. Cache failures are logged and counted, never returned.
-    async fn store(&self, key: &str, rows: &Rows, ttl: Duration, tokens: &[String]) {
+    async fn store(&self, key: &str, rows: &Arc<Rows>, ttl: Duration, tokens: &[String]) {
         let inner = self.inner();
-        let stored = StoredRef { g: tokens, r: rows };
+        let stored = StoredRef {
+            g: tokens,
+            r: rows,
+        };
         let bytes = match inner.cache.encode_for(key, &stored) {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -316,9 +352,37 @@ impl<C: Codec> SqlCache<C> {
             );
             return;
         }
-        if let Err(err) = inner.cache.backend().set(key, bytes, Some(ttl)).await {
-            inner.stats.cache_error(Operation::Set);
-            tracing::warn!(key, error = %err, "cache write failed");
+        match inner
+            .cache
+            .backend()
+            .set(key, bytes.clone(), Some(ttl))
+            .await
+        {
+            Ok(()) => self.remember(key, bytes, tokens.to_vec(), Arc::clone(rows)),
+            Err(err) => {
+                inner.stats.cache_error(Operation::Set);
+                tracing::warn!(key, error = %err, "cache write failed");
+            }
+        }
+    }
+
+    /// The result decoded from exactly `bytes` under `key` before, if remembered.
+    fn decoded(&self, key: &str, bytes: &Bytes) -> Option<Arc<Decoded>> {
+        let memo = self.inner().decoded.as_ref()?;
+        memo.get(key).filter(|d| d.bytes == *bytes)
+    }
+
+    /// Remembers the result decoded from `bytes` (same bytes, same result: safe to share).
+    fn remember(&self, key: &str, bytes: Bytes, tokens: Vec<String>, rows: Arc<Rows>) {
+        if let Some(memo) = &self.inner().decoded {
+            memo.insert(
+                key.to_owned(),
+                Arc::new(Decoded {
+                    bytes,
+                    tokens,
+                    rows,
+                }),
+            );
         }
     }
 

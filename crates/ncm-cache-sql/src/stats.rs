@@ -70,7 +70,9 @@ pub struct SqlPerformanceStats {
     pub writes: u64,
     /// Invalidation calls (query, pattern, table, write, listener).
     pub invalidations: u64,
-    /// Entries removed by invalidations.
+    /// What invalidations covered: tables whose generation was replaced (`invalidate_table`,
+    /// writes, the listener; `invalidate_all` counts one), plus entries removed by
+    /// `invalidate_query` and `invalidate_pattern`.
     pub invalidated_entries: u64,
     /// Database time per statement (mean, p50, p99, max); empty without performance
     /// monitoring.

@@ -826,3 +826,46 @@ async fn arrays_inet_money_and_infinity_round_trip_on_postgres() {
         .unwrap();
     assert_eq!(cached, Some(rows));
 }
+
+/// A burst of writes by another connection (500 statements, 500 notifications) becomes a few
+/// batched, deduplicated invalidations, and the cached result is fresh afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_batches_a_burst_of_notifications() {
+    let Some(db) = pg::db("the_listener_batches_a_burst_of_notifications").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE hits (n int)", ())
+        .await
+        .unwrap();
+    install_triggers(&db.pool, &["hits"]).await.unwrap();
+    let handle = cache.listen_postgres(db.pool.clone()).await.unwrap();
+    let q = "SELECT count(*) AS n FROM hits";
+    cache.query(q, ()).await.unwrap();
+    let before = cache.get_performance_stats().invalidations;
+    let mut con = db.pool.acquire().await.unwrap();
+    for i in 0..500 {
+        ncm_cache_sql::sqlx::query("INSERT INTO hits VALUES ($1)")
+            .bind(i)
+            .execute(&mut *con)
+            .await
+            .unwrap();
+    }
+    drop(con);
+    let fresh = eventually(Duration::from_secs(5), || {
+        let cache = cache.clone();
+        async move { cache.query(q, ()).await.unwrap().rows[0][0] == SqlValue::Int(500) }
+    })
+    .await;
+    assert!(fresh.is_some(), "the burst was not invalidated");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = cache.get_performance_stats().invalidations - before;
+    assert!(
+        (1..250).contains(&calls),
+        "500 notifications became {calls} invalidations"
+    );
+    handle.stop().await;
+}
