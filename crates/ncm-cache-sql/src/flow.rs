@@ -330,10 +330,7 @@ impl<C: Codec> SqlCache<C> {
     /// after the write is needed. Cache failures are logged and counted, never returned.
     async fn store(&self, key: &str, rows: &Arc<Rows>, ttl: Duration, tokens: &[String]) {
         let inner = self.inner();
-        let stored = StoredRef {
-            g: tokens,
-            r: rows,
-        };
+        let stored = StoredRef { g: tokens, r: rows };
         let bytes = match inner.cache.encode_for(key, &stored) {
             Ok(bytes) => bytes,
             Err(err) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ncm_cache_core::{Codec, Result};
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -175,59 +176,49 @@ impl<C: Codec> SqlCache<C> {
         })
     }
 
+    /// Consumes what the receiving task forwards: batches the tables of a burst (what arrives
+    /// within [`BATCH_WAIT`] of the first, up to [`MAX_BATCH`]), deduplicated, into one
+    /// invalidation; resynchronizes after a lost connection.
     async fn listen_loop(
         self,
         pool: PgPool,
-        mut listener: PgListener,
+        listener: PgListener,
         mut stop: oneshot::Receiver<()>,
     ) {
+        // Bounded: while invalidations fail (the cache is down) the receiver waits, and PostgreSQL
+        // queues the notifications.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(65_536);
+        // The receiving task is never cancelled mid-receive (a cancelled `try_recv` can lose
+        // the connection's state); it ends when this loop ends (its sender fails) or is aborted.
+        let _receiver = AbortOnDrop(tokio::spawn(receive(pool, listener, tx)));
         loop {
-            let next = tokio::select! {
+            let first = tokio::select! {
                 _ = &mut stop => return,
-                next = listener.try_recv() => next,
+                event = rx.recv() => event,
             };
-            match next {
-                Ok(Some(notification)) => {
-                    // Batch what has already arrived (a burst of writes), deduplicated, into
-                    // one invalidation.
-                    let mut tables = std::collections::BTreeSet::new();
-                    tables.insert(notification.payload().to_owned());
-                    while tables.len() < MAX_BATCH {
-                        match tokio::time::timeout(BATCH_WAIT, listener.try_recv()).await {
-                            Ok(Ok(Some(n))) => {
-                                tables.insert(n.payload().to_owned());
-                            }
-                            _ => break,
-                        }
+            let mut tables = std::collections::BTreeSet::new();
+            let mut resync = false;
+            let Some(first) = first else {
+                return; // the pool closed
+            };
+            let mut next = Some(first);
+            tokio::time::sleep(BATCH_WAIT).await;
+            while let Some(event) = next.take() {
+                match event {
+                    Event::Table(t) => {
+                        tables.insert(t);
                     }
-                    if !self.invalidate_with_retry(&tables, &mut stop).await {
-                        return;
-                    }
+                    Event::Lost => resync = true,
                 }
-                // The connection dropped and sqlx reconnected: resynchronize.
-                Ok(None) => self.resync().await,
-                Err(sqlx::Error::PoolClosed) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "invalidation listener lost its connection");
-                    let mut delay = Duration::from_millis(100);
-                    listener = loop {
-                        tokio::select! {
-                            _ = &mut stop => return,
-                            () = tokio::time::sleep(delay) => {}
-                        }
-                        if pool.is_closed() {
-                            return;
-                        }
-                        match connect(&pool).await {
-                            Ok(l) => break l,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "listener reconnect failed");
-                                delay = (delay * 2).min(Duration::from_secs(5));
-                            }
-                        }
-                    };
-                    self.resync().await;
+                if tables.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
                 }
+            }
+            if !tables.is_empty() && !self.invalidate_with_retry(&tables, &mut stop).await {
+                return;
+            }
+            if resync {
+                self.resync().await;
             }
         }
     }
@@ -261,6 +252,57 @@ impl<C: Codec> SqlCache<C> {
         match self.invalidate_all().await {
             Ok(n) => tracing::info!(removed = n, "listener reconnected; cached queries cleared"),
             Err(e) => tracing::warn!(error = %e, "listener reconnected; clearing the cache failed"),
+        }
+    }
+}
+
+/// What the receiving task forwards.
+enum Event {
+    /// A notification: the written table.
+    Table(String),
+    /// The connection was lost (and is back): notifications may have been missed.
+    Lost,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Receives notifications and forwards them; reconnects (with backoff) when the connection
+/// fails. Ends when the consumer is gone or the pool is closed.
+async fn receive(pool: PgPool, mut listener: PgListener, tx: Sender<Event>) {
+    loop {
+        let event = match listener.try_recv().await {
+            Ok(Some(n)) => Event::Table(n.payload().to_owned()),
+            // sqlx reconnected by itself.
+            Ok(None) => Event::Lost,
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "invalidation listener lost its connection");
+                let mut delay = Duration::from_millis(100);
+                listener = loop {
+                    tokio::time::sleep(delay).await;
+                    if pool.is_closed() || tx.is_closed() {
+                        return;
+                    }
+                    match connect(&pool).await {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "listener reconnect failed");
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                };
+                Event::Lost
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
         }
     }
 }

@@ -472,7 +472,7 @@ async fn the_listener_reconnects_and_resynchronizes() {
         }
     };
     assert!(
-        eventually(Duration::from_secs(5), || is_cached().map_not())
+        eventually(Duration::from_secs(10), || is_cached().map_not())
             .await
             .is_some()
     );
