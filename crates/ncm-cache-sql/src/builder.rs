@@ -182,7 +182,11 @@ impl<C: Codec> SqlCacheBuilder<C> {
                 "namespace must be non-empty and free of glob characters".into(),
             ));
         }
-        let keys = Keys::new(&self.namespace, self.executor.identity());
+        let keys = Keys::new(
+            &self.namespace,
+            self.executor.identity(),
+            self.executor.database_identity(),
+        );
         let dialect = self.executor.dialect();
         Ok(SqlCache::from_inner(Inner {
             dialect,
@@ -214,6 +218,7 @@ impl<C: Codec> SqlCacheBuilder<C> {
                     .collect(),
             ),
             policy: self.policy,
+            pending: std::sync::Mutex::default(),
             stats: SqlStats::new(&self.name, self.performance_monitoring),
         }))
     }

@@ -125,6 +125,7 @@ pub(crate) struct Inner<C> {
     pub(crate) flights: SingleFlight<String, Arc<Rows>>,
     pub(crate) policy: Policy,
     pub(crate) deps: Dependencies,
+    pub(crate) pending: std::sync::Mutex<crate::invalidate::Pending>,
     pub(crate) stats: SqlStats,
 }
 

@@ -32,6 +32,8 @@ struct Catalog {
     edges: Arc<Edges>,
     /// When the edges were loaded (`None`: never, or marked stale).
     loaded: Option<Instant>,
+    /// Bumped by every `mark_stale`: a load that started before one is not installed as fresh.
+    epoch: u64,
 }
 
 impl Dependencies {
@@ -48,7 +50,9 @@ impl Dependencies {
 
     /// The schema may have changed: reload the catalog's edges before the next expansion.
     pub(crate) fn mark_stale(&self) {
-        self.lock().loaded = None;
+        let mut c = self.lock();
+        c.loaded = None;
+        c.epoch += 1;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
@@ -58,10 +62,10 @@ impl Dependencies {
     /// The catalog's edges, reloaded when stale. A failed load keeps the previous edges (and
     /// is retried at the next expansion after [`CATALOG_MAX_AGE`] / the next DDL).
     async fn catalog(&self, executor: &dyn SqlExecutor) -> Arc<Edges> {
-        let (edges, fresh) = {
+        let (edges, fresh, epoch) = {
             let c = self.lock();
             let fresh = c.loaded.is_some_and(|at| at.elapsed() < CATALOG_MAX_AGE);
-            (Arc::clone(&c.edges), fresh)
+            (Arc::clone(&c.edges), fresh, c.epoch)
         };
         if fresh {
             return edges;
@@ -77,14 +81,21 @@ impl Dependencies {
                 }
                 let map = Arc::new(map);
                 let mut c = self.lock();
-                c.edges = Arc::clone(&map);
-                c.loaded = Some(Instant::now());
+                // A schema change marked since this load began: use these edges now, but load
+                // again next time.
+                if c.epoch == epoch {
+                    c.edges = Arc::clone(&map);
+                    c.loaded = Some(Instant::now());
+                }
                 map
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read table dependencies from the catalog; \
                     using the previous ones");
-                self.lock().loaded = Some(Instant::now());
+                let mut c = self.lock();
+                if c.epoch == epoch {
+                    c.loaded = Some(Instant::now());
+                }
                 edges
             }
         }

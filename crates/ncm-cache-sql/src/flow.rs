@@ -29,13 +29,14 @@ pub(crate) struct Decoded {
     rows: Arc<Rows>,
 }
 
-/// Charges a remembered result about twice its stored size (the bytes, and the decoded rows).
+/// Charges a remembered result its bytes plus an estimate of its decoded rows (decoded cells
+/// take several times their encoded size: 8× is charged).
 #[derive(Clone, Copy)]
 pub(crate) struct DecodedWeighter;
 
 impl quick_cache::Weighter<String, Arc<Decoded>> for DecodedWeighter {
     fn weight(&self, key: &String, value: &Arc<Decoded>) -> u64 {
-        (key.len() + 2 * value.bytes.len() + 64) as u64
+        (key.len() + 9 * value.bytes.len() + 64) as u64
     }
 }
 
@@ -243,20 +244,18 @@ impl<C: Codec> SqlCache<C> {
             None => None,
         };
         // Callers join a running query only if they saw the same tokens, so a query issued
-        // after an invalidation never receives a result read before it.
-        let flight = match &tokens {
-            Some(t) => format!("{key}#{}", t.join(",")),
-            None => format!("{key}#?"),
+        // after an invalidation never receives a result read before it. Without tokens (the
+        // cache is unreachable) nobody can tell: no sharing.
+        let Some(tokens) = tokens else {
+            self.inner().stats.uncached("cache unreachable".into());
+            return self.fetch(analysis, &values).await.map(Arc::new);
         };
+        let flight = format!("{key}#{}", tokens.join(","));
         self.inner()
             .flights
             .run(flight, || async move {
                 let rows = Arc::new(self.fetch(analysis, &values).await?);
-                if let Some(tokens) = tokens {
-                    self.store(key, &rows, ttl, &tokens).await;
-                } else {
-                    self.inner().stats.uncached("cache unreachable".into());
-                }
+                self.store(key, &rows, ttl, &tokens).await;
                 Ok(rows)
             })
             .await

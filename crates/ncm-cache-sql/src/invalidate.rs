@@ -13,10 +13,18 @@ use crate::params::SqlParams;
 use crate::stats::SqlStats;
 use crate::tables::parse_table_name;
 
-/// Background retries of an invalidation that failed after a write: attempts and the first
-/// delay (doubling, at most 5 s).
-const RETRIES: u32 = 8;
+/// Background retries of invalidations that failed after a write: the first delay, doubling
+/// up to the second, until they succeed.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Invalidations waiting for the background retrier.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    tables: std::collections::BTreeSet<String>,
+    all: bool,
+    running: bool,
+}
 
 /// What an invalidation replaces: the tokens of some tables, or the database's.
 #[derive(Debug, Clone)]
@@ -123,8 +131,10 @@ impl<C: Codec> SqlCache<C> {
     }
 
     /// Invalidates what a statement that ran wrote. Never fails: the statement's result is
-    /// returned to the caller whatever happens here. A failure is counted and logged, and
-    /// retried in the background (with backoff, [`RETRIES`] times) when a runtime is there.
+    /// returned to the caller whatever happens here. A failure is counted and logged, and the
+    /// tables join the pending set of the cache's one background retrier (with backoff, until
+    /// it succeeds), so a write storm during an outage costs a set of table names, not a task
+    /// per write.
     pub(crate) async fn invalidate_after_write(&self, analysis: &Analysis) {
         if analysis.ddl {
             self.inner().deps.mark_stale();
@@ -140,32 +150,76 @@ impl<C: Codec> SqlCache<C> {
         tracing::error!(error = %err, ?target,
             "invalidation after a committed write failed; retrying in the background \
              (cached results of these tables may be stale meanwhile)");
+        let start = {
+            let mut pending = self
+                .inner()
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match target {
+                Target::All => pending.all = true,
+                Target::Tables(t) => pending.tables.extend(t),
+            }
+            !std::mem::replace(&mut pending.running, true)
+        };
+        if !start {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.inner()
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .running = false;
             return;
         };
         let cache = self.clone();
-        runtime.spawn(async move {
-            let mut delay = FIRST_RETRY;
-            for attempt in 1..=RETRIES {
-                tokio::time::sleep(delay).await;
-                match cache.invalidate(target.clone()).await {
-                    Ok(_) => {
-                        SqlStats::count(&cache.inner().stats.invalidation_retries_succeeded, 1);
-                        tracing::info!(?target, attempt, "invalidation retry succeeded");
-                        return;
+        runtime.spawn(async move { cache.retry_pending().await });
+    }
+
+    /// The background retrier: replays the pending invalidations until they succeed.
+    async fn retry_pending(self) {
+        let mut delay = FIRST_RETRY;
+        loop {
+            tokio::time::sleep(delay).await;
+            let target = {
+                let mut pending = self
+                    .inner()
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if pending.all {
+                    pending.all = false;
+                    pending.tables.clear();
+                    Target::All
+                } else if pending.tables.is_empty() {
+                    pending.running = false;
+                    return;
+                } else {
+                    Target::Tables(std::mem::take(&mut pending.tables).into_iter().collect())
+                }
+            };
+            match self.invalidate(target.clone()).await {
+                Ok(_) => {
+                    SqlStats::count(&self.inner().stats.invalidation_retries_succeeded, 1);
+                    tracing::info!(?target, "invalidation retry succeeded");
+                    delay = FIRST_RETRY;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?target, "invalidation retry failed");
+                    let mut pending = self
+                        .inner()
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    match target {
+                        Target::All => pending.all = true,
+                        Target::Tables(t) => pending.tables.extend(t),
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?target, attempt, "invalidation retry failed");
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
             }
-            tracing::error!(
-                ?target,
-                "invalidation abandoned after {RETRIES} retries; \
-                cached results of these tables stay stale until their TTL"
-            );
-        });
+        }
     }
 
     fn count(&self, n: u64) {

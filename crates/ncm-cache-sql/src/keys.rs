@@ -82,6 +82,7 @@ impl Analysis {
                 tags.sort();
                 tags.dedup();
                 let writes = fp.unknown_writes || !fp.writes.is_empty();
+                // Statements that change the schema (the dependency catalog is reloaded).
                 let ddl = statements.iter().any(|s| {
                     !matches!(
                         s,
@@ -90,7 +91,15 @@ impl Analysis {
                             | Statement::Update(_)
                             | Statement::Delete(_)
                             | Statement::Merge(_)
-                    )
+                    ) && {
+                        let text = s.to_string();
+                        let first = text.split_whitespace().next().unwrap_or("");
+                        [
+                            "CREATE", "ALTER", "DROP", "TRUNCATE", "RENAME", "ATTACH", "DETACH",
+                        ]
+                        .iter()
+                        .any(|k| first.eq_ignore_ascii_case(k))
+                    }
                 });
                 let uncacheable = if writes {
                     Some(Uncacheable::Writes)
@@ -176,14 +185,17 @@ pub(crate) struct Keys {
     /// `{namespace}:{identity}:`
     prefix: String,
     escaped_prefix: String,
+    /// `{namespace}:{database identity}`: where the generation keys live.
+    generations: String,
 }
 
 impl Keys {
-    pub(crate) fn new(namespace: &str, identity: &str) -> Self {
+    pub(crate) fn new(namespace: &str, identity: &str, database_identity: &str) -> Self {
         let prefix = format!("{namespace}:{identity}:");
         Self {
             escaped_prefix: escape_glob(&prefix).into_owned(),
             prefix,
+            generations: format!("{namespace}:{database_identity}"),
         }
     }
 
@@ -213,20 +225,16 @@ impl Keys {
     /// The generation key of `table` (a bare, lowercased name): a random token replaced by
     /// every invalidation of the table. Entries record the tokens they were read under.
     ///
-    /// Generation keys sit beside the entries, not under `{namespace}:{identity}:`, so user
+    /// Generation keys are per database identity (every role and search_path of one database
+    /// shares them), beside the entries and not under `{namespace}:{identity}:`, so user
     /// patterns (`invalidate_pattern`) never match them.
     pub(crate) fn generation(&self, table: &str) -> String {
-        format!("{}#gen:{}", self.base(), encode_tag(table))
+        format!("{}#gen:{}", self.generations, encode_tag(table))
     }
 
     /// The generation key of the whole database (`invalidate_all`, writes to unknown tables).
     pub(crate) fn generation_all(&self) -> String {
-        format!("{}#gen*", self.base())
-    }
-
-    /// `{namespace}:{identity}` (the prefix without its trailing colon).
-    fn base(&self) -> &str {
-        self.prefix.strip_suffix(':').unwrap_or(&self.prefix)
+        format!("{}#gen*", self.generations)
     }
 
     /// A user glob over the part of the key after the database (`|tables|:hash`).
@@ -269,7 +277,7 @@ mod tests {
     use super::*;
 
     fn key(sql: &str, values: &[SqlValue]) -> String {
-        let keys = Keys::new("sql", "postgres://h:5432/db");
+        let keys = Keys::new("sql", "postgres://h:5432/db", "postgres://h:5432/db");
         keys.entry(
             &Analysis::new(sql, SqlDialect::Postgres, None, &Policy::default()),
             values,
@@ -291,7 +299,7 @@ mod tests {
             key("SELECT * FROM \"USERS\" WHERE id = %s", &[SqlValue::Int(1)])
         );
         // SQLite and MySQL report result column names as written: case is kept.
-        let keys = Keys::new("sql", "sqlite");
+        let keys = Keys::new("sql", "sqlite", "sqlite");
         let lite = |sql: &str| {
             keys.entry(
                 &Analysis::new(sql, SqlDialect::Sqlite, None, &Policy::default()),
@@ -328,7 +336,7 @@ mod tests {
             k.starts_with("sql:postgres://h:5432/db:|orders|users|:"),
             "{k}"
         );
-        let keys = Keys::new("sql", "postgres://h:5432/db");
+        let keys = Keys::new("sql", "postgres://h:5432/db", "postgres://h:5432/db");
         // `invalidate_pattern("*users*")` (the original's example) matches by table name.
         let users = GlobPattern::new(&keys.user_pattern("*|users|*")).unwrap();
         let user = GlobPattern::new(&keys.user_pattern("*|user|*")).unwrap();
@@ -342,7 +350,7 @@ mod tests {
 
     #[test]
     fn odd_table_names_are_encoded_and_escaped() {
-        let keys = Keys::new("sql", "db[1]*");
+        let keys = Keys::new("sql", "db[1]*", "db[1]*");
         let a = Analysis::new(
             r#"SELECT * FROM "a|b:c%" JOIN "x*""#,
             SqlDialect::Postgres,
@@ -353,7 +361,7 @@ mod tests {
         assert!(k.contains("|a%7Cb%3Ac%25|x*|"), "{k}");
         let g = GlobPattern::new(&keys.user_pattern("*")).unwrap();
         assert!(g.matches(&k));
-        let other = Keys::new("sql", "db[1]x");
+        let other = Keys::new("sql", "db[1]x", "db[1]x");
         assert!(!g.matches(&other.entry(&a, &[]).unwrap()));
         assert_eq!(keys.generation("a|b"), "sql:db[1]*#gen:a%7Cb");
         assert!(
@@ -386,8 +394,16 @@ mod tests {
         assert!(!one.is_write());
         assert_eq!(one.uncacheable, Some(Uncacheable::Tableless));
         // Unparseable: never cached; a possible write only when a write keyword appears.
-        let bad = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None, &p);
+        let bad = Analysis::new(
+            "SELECT a FROM t WHERE ??? ))",
+            SqlDialect::Postgres,
+            None,
+            &p,
+        );
         assert!(!bad.parsed && !bad.is_write());
+        // An unknown leading word: possibly a write (invalidates everything, conservatively).
+        let unknown = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None, &p);
+        assert!(!unknown.parsed && unknown.is_write());
         assert_eq!(bad.uncacheable, Some(Uncacheable::Unparsed));
         let bad_write = Analysis::new("UPDATE t SET ??? x", SqlDialect::Postgres, None, &p);
         assert!(!bad_write.parsed && bad_write.is_write());

@@ -1,5 +1,5 @@
 //! Which statements may be cached: the rules are listed in the crate README ("What is never
-//! cached") and each has a test in `tests/rules.rs`.
+//! cached"); the unit tests below and `tests/postgres.rs` / `tests/sqlite.rs` check them.
 //!
 //! A result is cached only when the statement is one or more queries (`SELECT`, `WITH`,
 //! `VALUES`, `TABLE`) that read at least one table, take no row locks and call only functions
@@ -477,11 +477,18 @@ impl Walk<'_> {
     }
 
     fn function(&mut self, name: &str, args: &FunctionArguments) -> ControlFlow<()> {
-        if VOLATILE.contains(&name) {
+        // With an argument these read a given value, not the clock.
+        let clock_with_args =
+            matches!(name, "unix_timestamp" | "unixepoch") && has_args(args) && !mentions_now(args);
+        if VOLATILE.contains(&name) && !clock_with_args {
             return self.refuse(Uncacheable::Volatile(name.to_owned()));
         }
-        if NOW_SENSITIVE.contains(&name) && mentions_now(args) {
+        // SQLite date functions read the clock with 'now' or with no time value at all.
+        if NOW_SENSITIVE.contains(&name) && (mentions_now(args) || !has_args(args)) {
             return self.refuse(Uncacheable::Volatile(format!("{name}('now')")));
+        }
+        if clock_with_args {
+            return ControlFlow::Continue(());
         }
         if DETERMINISTIC.contains(&name)
             || self.policy.unknown_functions
@@ -504,14 +511,26 @@ impl Visitor for Walk<'_> {
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = expr {
-            return self.function(&bare_name(&f.name.0), &f.args);
+        match expr {
+            Expr::Function(f) => self.function(&bare_name(&f.name.0), &f.args),
+            // PostgreSQL's special date strings read the clock: `'now'::timestamptz`,
+            // `TIMESTAMP 'today'`, `'tomorrow'::date`.
+            Expr::Value(v) if is_clock_string(&v.to_string()) => {
+                self.refuse(Uncacheable::Volatile("'now'".into()))
+            }
+            Expr::TypedString(t) if is_clock_string(&t.to_string()) => {
+                self.refuse(Uncacheable::Volatile("'now'".into()))
+            }
+            _ => ControlFlow::Continue(()),
         }
-        ControlFlow::Continue(())
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         match factor {
+            // A random sample of a table.
+            TableFactor::Table {
+                sample: Some(_), ..
+            } => self.refuse(Uncacheable::Volatile("TABLESAMPLE".into())),
             TableFactor::Table {
                 name,
                 args: Some(_),
@@ -534,31 +553,83 @@ fn bare_name(parts: &[ObjectNamePart]) -> String {
     }
 }
 
+/// `true` when a function is called with at least one argument.
+fn has_args(args: &FunctionArguments) -> bool {
+    match args {
+        FunctionArguments::List(list) => !list.args.is_empty(),
+        FunctionArguments::Subquery(_) => true,
+        FunctionArguments::None => false,
+    }
+}
+
+/// A string literal (possibly typed: `TIMESTAMP 'now'`) naming a moment relative to the clock.
+fn is_clock_string(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    ["'now'", "'today'", "'tomorrow'", "'yesterday'"]
+        .iter()
+        .any(|s| lower.contains(s))
+}
+
 /// `true` when an argument's text contains the string literal `'now'`.
 fn mentions_now(args: &FunctionArguments) -> bool {
     args.to_string().to_lowercase().contains("'now'")
 }
 
-/// Keywords that make a statement sqlparser could not parse a possible write (then every
-/// cached result of the database is invalidated after it runs).
-const WRITE_KEYWORDS: &[&str] = &[
-    "insert", "update", "delete", "merge", "upsert", "replace", "create", "drop", "alter",
-    "truncate", "rename", "call", "do", "copy", "grant", "revoke", "lock", "vacuum", "reindex",
-    "cluster", "refresh", "load", "import", "attach", "detach", "comment", "execute", "exec",
-    "handler", "into",
+/// Leading keywords of statements that only read (or change nothing but the session).
+const READ_LEADERS: &[&str] = &[
+    "select",
+    "values",
+    "table",
+    "show",
+    "explain",
+    "describe",
+    "desc",
+    "pragma",
+    "begin",
+    "start",
+    "commit",
+    "rollback",
+    "savepoint",
+    "release",
+    "set",
+    "reset",
+    "use",
+    "help",
 ];
 
-/// For a statement sqlparser could not parse: `true` when one of its words may make it a write.
+/// For a statement sqlparser could not parse: `true` when it may write. Classified by its
+/// leading keyword: reads (`SELECT`, `SHOW`, `EXPLAIN`, …) do not, unless a `SELECT … INTO`
+/// creates a table; `WITH` writes when its body has `INSERT`, `DELETE`, `MERGE` or an `UPDATE`
+/// that is not a lock (`FOR [NO KEY] UPDATE`); every other statement may. Column names and
+/// function calls (`replace(..)`, a column `comment`) do not count.
 pub(crate) fn unparsed_may_write(sql: &str, dialect: SqlDialect) -> bool {
     let Ok(tokens) = Tokenizer::new(dialect.parser_dialect(), sql).tokenize() else {
         return true;
     };
-    tokens.iter().any(|t| match t {
-        Token::Word(w) if w.quote_style.is_none() => {
-            WRITE_KEYWORDS.contains(&w.value.to_lowercase().as_str())
-        }
-        _ => false,
-    })
+    let words: Vec<String> = tokens
+        .iter()
+        .filter_map(|t| match t {
+            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_lowercase()),
+            _ => None,
+        })
+        .collect();
+    let Some(first) = words.first() else {
+        return false;
+    };
+    match first.as_str() {
+        "with" => words.iter().enumerate().any(|(i, w)| match w.as_str() {
+            "insert" | "delete" | "merge" => true,
+            "update" => {
+                let before = |k: usize| i.checked_sub(k).and_then(|j| words.get(j));
+                !(before(1).is_some_and(|w| w == "for")
+                    || (before(1).is_some_and(|w| w == "key")
+                        && before(2).is_some_and(|w| w == "no")))
+            }
+            _ => false,
+        }),
+        "select" => words.iter().any(|w| w == "into"),
+        leader => !READ_LEADERS.contains(&leader),
+    }
 }
 
 #[cfg(test)]
@@ -616,9 +687,20 @@ mod tests {
         };
         assert!(verdict("SELECT random() FROM t", &all).is_err());
         assert_eq!(verdict("SELECT other_fn(id) FROM t", &all), Ok(()));
-        // SQLite date functions: volatile only with 'now'.
+        // SQLite date functions: volatile with 'now' or without a time value.
         assert!(verdict("SELECT datetime('now') FROM t", &p).is_err());
+        assert!(verdict("SELECT date() FROM t", &p).is_err());
         assert_eq!(verdict("SELECT date('2024-01-01') FROM t", &p), Ok(()));
+        // Clock strings, samples; clock functions given a value are deterministic.
+        for sql in [
+            "SELECT * FROM t WHERE at > 'now'::timestamptz",
+            "SELECT * FROM t WHERE at > TIMESTAMP 'today'",
+            "SELECT * FROM t TABLESAMPLE BERNOULLI (10)",
+        ] {
+            assert!(verdict(sql, &p).is_err(), "{sql}");
+        }
+        assert_eq!(verdict("SELECT unix_timestamp(at) FROM t", &p), Ok(()));
+        assert!(verdict("SELECT unix_timestamp() FROM t", &p).is_err());
     }
 
     #[test]

@@ -685,6 +685,39 @@ async fn identity_comes_from_the_server_on_postgres() {
         "b's write invalidated a's entry"
     );
     assert_eq!(a.query(q, ()).await.unwrap().rows[0][0], SqlValue::Int(20));
+    // Another session setting of the same database (a different search_path, as a different
+    // role would be): separate entries, shared invalidations.
+    let opts = PgConnectOptions::from_str(&db.url)
+        .unwrap()
+        .options([("search_path", format!("{},public", db.schema).as_str())]);
+    let wider = PgExecutor::from_pool(
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_ne!(wider.identity(), a.executor().identity());
+    assert_eq!(wider.database_identity(), a.executor().database_identity());
+    let w = SqlCache::builder(shared.clone(), wider).build().unwrap();
+    a.query(q, ()).await.unwrap();
+    assert_eq!(
+        w.cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap(),
+        None,
+        "another session setting never reads a's entries"
+    );
+    w.execute("UPDATE acct SET bal = 30 WHERE id = 1", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.query(q, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(30),
+        "w's write invalidated a's entry"
+    );
     // Another database (`postgres`) behind the same address: nothing shared.
     let other = PgExecutor::from_pool(pool_via(&db, "127.0.0.1", "postgres").await)
         .await
@@ -743,6 +776,20 @@ async fn views_partitions_and_cascades_are_invalidated_on_postgres() {
     assert_eq!(
         count(cache.query(names, ()).await.unwrap()),
         SqlValue::Int(1)
+    );
+    // A write through the (updatable) view changes the table and every view over it.
+    let ada = "SELECT name FROM customers WHERE id = 1";
+    cache.query(ada, ()).await.unwrap();
+    cache
+        .execute(
+            "UPDATE customer_names SET name = 'ada l.' WHERE name = 'ada'",
+            (),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.query(ada, ()).await.unwrap().rows[0][0],
+        SqlValue::from("ada l.")
     );
     // A write to the parent lands in the partition; one to the partition changes the parent.
     cache

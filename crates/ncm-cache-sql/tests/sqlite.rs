@@ -17,7 +17,7 @@ use ncm_cache_core::{
 use ncm_cache_memory::MemoryBackend;
 use ncm_cache_sql::{QueryCacheStrategy, SqlCache, SqlParams, SqlValue, SqliteExecutor, params};
 use serde::Deserialize;
-use support::{Probe, common_suite, memory_cache};
+use support::{Probe, common_suite, eventually, memory_cache};
 use tokio::sync::Semaphore;
 
 async fn sqlite_cache() -> (SqlCache, Arc<Probe>) {
@@ -699,5 +699,153 @@ async fn declared_dependencies_invalidate_the_affected_tables() {
     assert_eq!(
         cache.query(totals, ()).await.unwrap().rows[0][0],
         SqlValue::Int(5)
+    );
+}
+
+/// A memory backend that can be switched off (every call a connection error).
+#[derive(Debug, Clone, Default)]
+struct Flaky {
+    inner: MemoryBackend,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self) -> ncm_cache_core::Result<()> {
+        if self.down.load(SeqCst) {
+            return Err(CacheError::connection("switched off", None));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheBackend for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    async fn get(&self, k: &str) -> ncm_cache_core::Result<Option<Bytes>> {
+        self.check()?;
+        self.inner.get(k).await
+    }
+    async fn set(&self, k: &str, v: Bytes, t: Option<Duration>) -> ncm_cache_core::Result<()> {
+        self.check()?;
+        self.inner.set(k, v, t).await
+    }
+    async fn delete(&self, k: &str) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.delete(k).await
+    }
+    async fn exists(&self, k: &str) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.exists(k).await
+    }
+    async fn get_ttl(&self, k: &str) -> ncm_cache_core::Result<KeyTtl> {
+        self.check()?;
+        self.inner.get_ttl(k).await
+    }
+    async fn extend_ttl(&self, k: &str, t: Duration) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.extend_ttl(k, t).await
+    }
+    async fn clear_pattern(&self, p: &str) -> ncm_cache_core::Result<u64> {
+        self.check()?;
+        self.inner.clear_pattern(p).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        self.inner.get_stats()
+    }
+}
+
+/// Invalidations that fail after a committed write (the cache is off) are retried by one
+/// background retrier until they succeed: after the cache is back, the write's table is
+/// invalidated without any further call, so a result cached before the outage is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_invalidations_are_retried_until_they_succeed() {
+    let flaky = Flaky::default();
+    let db = SqliteExecutor::memory().await.unwrap();
+    let cache = SqlCache::builder(Cache::new(flaky.clone(), Serializer::default()), db)
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE t (v INTEGER)", ())
+        .await
+        .unwrap();
+    cache.execute("INSERT INTO t VALUES (1)", ()).await.unwrap();
+    let q = "SELECT v FROM t";
+    assert_eq!(
+        cache.query(q, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(1)
+    );
+    flaky.down.store(true, SeqCst);
+    // A storm of writes during the outage: each returns its result.
+    for v in 2..=50 {
+        assert_eq!(
+            cache
+                .execute("UPDATE t SET v = %s", params![v])
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    assert_eq!(cache.get_performance_stats().invalidation_failures, 49);
+    flaky.down.store(false, SeqCst);
+    let retried = eventually(Duration::from_secs(5), || {
+        let cache = cache.clone();
+        async move { cache.get_performance_stats().invalidation_retries_succeeded >= 1 }
+    })
+    .await;
+    assert!(retried.is_some(), "the retrier never succeeded");
+    assert_eq!(
+        cache.query(q, ()).await.unwrap().rows[0][0],
+        SqlValue::Int(50),
+        "the result cached before the outage was served"
+    );
+    // One retrier replayed the set of tables: a handful of attempts, not one per write.
+    assert!(cache.get_performance_stats().invalidation_retries_succeeded <= 3);
+}
+
+/// Remembered decoded results: a hit shares the rows (`cache_query_shared` returns the same
+/// `Arc` every time), and after an invalidation the same stored bytes are a miss — the tokens
+/// are checked on every read, remembered or not.
+#[tokio::test]
+async fn remembered_results_are_shared_and_still_invalidated() {
+    let (cache, probe) = sqlite_cache().await;
+    cache
+        .execute("CREATE TABLE m (v INTEGER)", ())
+        .await
+        .unwrap();
+    cache.execute("INSERT INTO m VALUES (7)", ()).await.unwrap();
+    let q = "SELECT v FROM m";
+    let shared = |cache: SqlCache| async move {
+        cache
+            .cache_query_shared(q, (), QueryCacheStrategy::CacheFirst, None)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let first = shared(cache.clone()).await;
+    let second = shared(cache.clone()).await;
+    let third = shared(cache.clone()).await;
+    assert!(Arc::ptr_eq(&second, &third), "hits share the decoded rows");
+    assert_eq!(*first, *second);
+    assert_eq!(probe.fetches.load(SeqCst), 1);
+    // Invalidate without changing the data: the stored bytes are the same, and still a miss.
+    cache.invalidate_table("m").await.unwrap();
+    assert_eq!(
+        cache
+            .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+            .await
+            .unwrap(),
+        None
+    );
+    let again = shared(cache.clone()).await;
+    assert_eq!(*again, *first);
+    assert_eq!(
+        probe.fetches.load(SeqCst),
+        2,
+        "the invalidated result was not served"
     );
 }

@@ -40,6 +40,9 @@ impl SqlExecutor for SlowReply {
     fn identity(&self) -> &str {
         self.inner.identity()
     }
+    fn database_identity(&self) -> &str {
+        self.inner.database_identity()
+    }
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
         let rows = self.inner.fetch_all(sql, params).await;
         println!("fetched");

@@ -109,6 +109,16 @@ pub trait SqlExecutor: Send + Sync + fmt::Debug + 'static {
     /// It is part of every cache key, so two databases never share entries.
     fn identity(&self) -> &str;
 
+    /// Which database this is, whoever asks: the [`identity`](Self::identity) without what
+    /// differs between sessions of one database (role, `search_path`). Invalidations
+    /// (generation tokens) are kept per database identity, so a write by a service connected
+    /// as one role invalidates the results cached by a service connected as another; entries
+    /// stay per [`identity`](Self::identity), so results visible to one role (row-level
+    /// security) are never served to another. The default is the identity.
+    fn database_identity(&self) -> &str {
+        self.identity()
+    }
+
     /// Runs a statement and returns every row.
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows>;
 

@@ -23,13 +23,16 @@ use crate::value::SqlValue;
 /// use ncm_cache_sql::MySqlExecutor;
 /// # async fn demo() -> ncm_cache_core::Result<()> {
 /// let db = MySqlExecutor::connect("mysql://root@127.0.0.1:3306/app").await?;
-/// assert_eq!(ncm_cache_sql::SqlExecutor::identity(&db), "mysql://127.0.0.1:3306/app");
+/// // mysql://{server uuid}/app?user=root@localhost (MariaDB: hostname:port:datadir for the uuid)
+/// println!("{}", ncm_cache_sql::SqlExecutor::identity(&db));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
 pub struct MySqlExecutor {
     pool: MySqlPool,
     identity: String,
+    /// The identity without the account.
+    database: String,
 }
 
 impl MySqlExecutor {
@@ -41,7 +44,11 @@ impl MySqlExecutor {
             None => format!("{}:{}", opts.get_host(), opts.get_port()),
         };
         let identity = format!("mysql://{host}/{}", opts.get_database().unwrap_or(""));
-        Self { pool, identity }
+        Self {
+            pool,
+            database: identity.clone(),
+            identity,
+        }
     }
 
     /// Connects a pool to `url` (`mysql://user:password@host:port/database`).
@@ -79,14 +86,20 @@ impl MySqlExecutor {
             row.try_get::<String, _>(c)
                 .map_err(|e| database_error("bad identity row", e))
         };
-        let identity = format!("mysql://{server}/{}?user={}", get("db")?, get("usr")?);
-        Ok(Self { pool, identity })
+        let database = format!("mysql://{server}/{}", get("db")?);
+        let identity = format!("{database}?user={}", get("usr")?);
+        Ok(Self {
+            pool,
+            identity,
+            database,
+        })
     }
 
     /// Replaces the identity used in cache keys.
     #[must_use]
     pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
         self.identity = identity.into();
+        self.database.clone_from(&self.identity);
         self
     }
 
@@ -104,6 +117,10 @@ impl SqlExecutor for MySqlExecutor {
 
     fn identity(&self) -> &str {
         &self.identity
+    }
+
+    fn database_identity(&self) -> &str {
+        &self.database
     }
 
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
@@ -171,7 +188,10 @@ impl SqlExecutor for MySqlExecutor {
                 Ok(tables) => {
                     for t in tables {
                         let bare = t.rsplit('.').next().unwrap_or(&t).to_owned();
-                        out.push((bare, view.clone()));
+                        // A write to the table changes the view; one through the
+                        // (updatable) view changes the table.
+                        out.push((bare.clone(), view.clone()));
+                        out.push((view.clone(), bare));
                     }
                 }
                 Err(e) => tracing::warn!(view, error = %e,

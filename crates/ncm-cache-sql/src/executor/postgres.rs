@@ -37,6 +37,8 @@ use crate::value::SqlValue;
 pub struct PgExecutor {
     pool: PgPool,
     identity: String,
+    /// The identity without the role and search_path.
+    database: String,
 }
 
 impl PgExecutor {
@@ -50,11 +52,16 @@ impl PgExecutor {
         };
         let database = opts.get_database().unwrap_or(opts.get_username());
         let mut identity = format!("postgres://{host}/{database}");
+        let database = identity.clone();
         if let Some(options) = opts.get_options().filter(|o| !o.is_empty()) {
             identity.push_str("?options=");
             identity.push_str(options);
         }
-        Self { pool, identity }
+        Self {
+            pool,
+            identity,
+            database,
+        }
     }
 
     /// Connects a pool to `url` (`postgres://user:password@host:port/database`); the identity
@@ -107,19 +114,24 @@ impl PgExecutor {
             row.try_get::<String, _>(c)
                 .map_err(|e| database_error("bad identity row", e))
         };
+        let database = format!("postgres://{server}/{}", get("db")?);
         let identity = format!(
-            "postgres://{server}/{}?user={}&search_path={}",
-            get("db")?,
+            "{database}?user={}&search_path={}",
             get("usr")?,
             get("sp")?.replace(' ', "")
         );
-        Ok(Self { pool, identity })
+        Ok(Self {
+            pool,
+            identity,
+            database,
+        })
     }
 
     /// Replaces the identity used in cache keys.
     #[must_use]
     pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
         self.identity = identity.into();
+        self.database.clone_from(&self.identity);
         self
     }
 
@@ -155,6 +167,10 @@ impl SqlExecutor for PgExecutor {
 
     fn identity(&self) -> &str {
         &self.identity
+    }
+
+    fn database_identity(&self) -> &str {
+        &self.database
     }
 
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
@@ -200,7 +216,8 @@ impl SqlExecutor for PgExecutor {
         Ok(done.rows_affected())
     }
 
-    /// Views (and materialized views) over each table, partitions and their parents (both
+    /// Views (and materialized views) over each table, and the tables under each view (a
+    /// write through an updatable view writes them), partitions and their parents (both
     /// ways), and tables whose foreign keys cascade from each table (`CASCADE`, `SET NULL`,
     /// `SET DEFAULT` on delete or update), from `pg_depend`, `pg_inherits` and
     /// `pg_constraint`.
@@ -213,6 +230,14 @@ impl SqlExecutor for PgExecutor {
                JOIN pg_class src ON src.oid = d.refobjid \
               WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass \
                 AND v.oid <> src.oid AND v.relkind IN ('v', 'm') \
+             UNION \
+             SELECT DISTINCT v.relname::text, src.relname::text \
+               FROM pg_depend d \
+               JOIN pg_rewrite r ON r.oid = d.objid \
+               JOIN pg_class v ON v.oid = r.ev_class \
+               JOIN pg_class src ON src.oid = d.refobjid \
+              WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass \
+                AND v.oid <> src.oid AND v.relkind = 'v' AND src.relkind IN ('r', 'p') \
              UNION \
              SELECT c.relname::text, p.relname::text FROM pg_inherits i \
                JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
@@ -416,6 +441,11 @@ fn array_json(b: &[u8]) -> Option<serde_json::Value> {
     };
     let ndim = usize::try_from(i32_at(0)?).ok()?;
     let elem = u32::try_from(i32_at(8)?).ok()?;
+    // Elements are never arrays (PostgreSQL arrays are multi-dimensional instead): refusing
+    // them bounds the recursion whatever the bytes say.
+    if is_array(elem) {
+        return None;
+    }
     if ndim == 0 {
         return Some(serde_json::Value::Array(Vec::new()));
     }
@@ -428,7 +458,8 @@ fn array_json(b: &[u8]) -> Option<serde_json::Value> {
     }
     let mut at = 12 + 8 * ndim;
     let total = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
-    if total > b.len() {
+    // Every element takes at least its 4-byte length: a header claiming more is malformed.
+    if total > b.len().saturating_sub(12 + 8 * ndim) / 4 {
         return None;
     }
     let mut flat = Vec::with_capacity(total);

@@ -242,6 +242,12 @@ impl SqlExecutor for Probe {
     fn identity(&self) -> &str {
         self.inner.identity()
     }
+    fn database_identity(&self) -> &str {
+        self.inner.database_identity()
+    }
+    async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        self.inner.dependencies().await
+    }
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
         self.fetches.fetch_add(1, SeqCst);
         if let Some(gate) = &self.gate {
