@@ -219,6 +219,7 @@ impl<C: Codec> SqlCacheBuilder<C> {
             ),
             policy: self.policy,
             pending: std::sync::Mutex::default(),
+            token_creation: tokio::sync::Mutex::new(()),
             stats: SqlStats::new(&self.name, self.performance_monitoring),
         }))
     }

@@ -126,6 +126,8 @@ pub(crate) struct Inner<C> {
     pub(crate) policy: Policy,
     pub(crate) deps: Dependencies,
     pub(crate) pending: std::sync::Mutex<crate::invalidate::Pending>,
+    /// Serializes the creation of missing generation tokens in this process.
+    pub(crate) token_creation: tokio::sync::Mutex<()>,
     pub(crate) stats: SqlStats,
 }
 

@@ -269,6 +269,28 @@ impl<C: Codec> SqlCache<C> {
         tokens: Vec<Option<Bytes>>,
     ) -> Option<Vec<String>> {
         let gens = self.generation_keys(analysis);
+        let mut tokens = tokens;
+        // Concurrent first misses of this process create tokens one at a time, and those that
+        // waited use what the first created: they then share one query (single-flight by
+        // tokens) instead of each invalidating the others' results.
+        let _creating = if tokens.iter().any(Option::is_none) {
+            let guard = self.inner().token_creation.lock().await;
+            let missing: Vec<&str> = gens
+                .iter()
+                .zip(&tokens)
+                .filter(|(_, t)| t.is_none())
+                .map(|(g, _)| g.as_str())
+                .collect();
+            if let Ok(now) = self.inner().cache.backend().get_many(&missing).await {
+                let mut now = now.into_iter();
+                for t in tokens.iter_mut().filter(|t| t.is_none()) {
+                    *t = now.next().flatten();
+                }
+            }
+            Some(guard)
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(tokens.len());
         let mut create: Vec<(&str, Bytes)> = Vec::new();
         for (gen_key, token) in gens.iter().zip(tokens) {

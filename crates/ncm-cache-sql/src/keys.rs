@@ -103,6 +103,8 @@ impl Analysis {
                 });
                 let uncacheable = if writes {
                     Some(Uncacheable::Writes)
+                } else if let Some(t) = rules::system_catalog(&fp.reads) {
+                    Some(Uncacheable::SystemCatalog(t))
                 } else {
                     rules::check(&statements, !fp.reads.is_empty(), policy).err()
                 };
@@ -405,6 +407,18 @@ mod tests {
         let unknown = Analysis::new("NOT SQL AT ALL", SqlDialect::Postgres, None, &p);
         assert!(!unknown.parsed && unknown.is_write());
         assert_eq!(bad.uncacheable, Some(Uncacheable::Unparsed));
+        for system in [
+            "SELECT * FROM pg_stat_activity",
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 't'",
+            "SELECT name FROM sqlite_master",
+        ] {
+            let a = Analysis::new(system, SqlDialect::Postgres, None, &p);
+            assert!(
+                matches!(a.uncacheable, Some(Uncacheable::SystemCatalog(_))),
+                "{system}: {:?}",
+                a.uncacheable
+            );
+        }
         let bad_write = Analysis::new("UPDATE t SET ??? x", SqlDialect::Postgres, None, &p);
         assert!(!bad_write.parsed && bad_write.is_write());
     }

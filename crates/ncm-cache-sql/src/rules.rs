@@ -36,6 +36,9 @@ pub(crate) enum Uncacheable {
     Tableless,
     /// Names more tables than fit in a key.
     TooManyTables,
+    /// Reads a system catalog or statistics view (`pg_stat_activity`, `information_schema`,
+    /// `sqlite_master`, …), which changes without any write through the cache.
+    SystemCatalog(String),
 }
 
 impl Uncacheable {
@@ -50,6 +53,7 @@ impl Uncacheable {
             Self::UnknownFunction(f) => format!("unknown function {f}()"),
             Self::Tableless => "reads no table".into(),
             Self::TooManyTables => "too many tables".into(),
+            Self::SystemCatalog(t) => format!("system catalog {t}"),
         }
     }
 }
@@ -573,6 +577,31 @@ fn is_clock_string(text: &str) -> bool {
 /// `true` when an argument's text contains the string literal `'now'`.
 fn mentions_now(args: &FunctionArguments) -> bool {
     args.to_string().to_lowercase().contains("'now'")
+}
+
+/// Schemas of system catalogs and statistics (PostgreSQL, MySQL/MariaDB).
+const SYSTEM_SCHEMAS: &[&str] = &[
+    "pg_catalog",
+    "information_schema",
+    "performance_schema",
+    "sys",
+    "mysql",
+    "pg_toast",
+];
+
+/// The first table `reads` names that is a system catalog or statistics view, if any: a
+/// `pg_*` or `sqlite_*` name, or a table of a system schema.
+pub(crate) fn system_catalog<'a>(
+    reads: impl IntoIterator<Item = &'a crate::tables::TableName>,
+) -> Option<String> {
+    reads.into_iter().find_map(|t| {
+        let parts = &t.0;
+        let bare = parts.last()?;
+        let system = bare.starts_with("pg_")
+            || bare.starts_with("sqlite_")
+            || parts.len() > 1 && SYSTEM_SCHEMAS.contains(&parts[parts.len() - 2].as_str());
+        system.then(|| t.qualified())
+    })
 }
 
 /// Leading keywords of statements that only read (or change nothing but the session).
