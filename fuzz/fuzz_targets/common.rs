@@ -1,5 +1,7 @@
 //! Shared by the per-format targets: target types, input amplification and the decoders.
 
+#![allow(dead_code)] // each target uses a part
+
 use std::collections::BTreeMap;
 
 use ncm_cache_codec::{SerializationType, Serializer};

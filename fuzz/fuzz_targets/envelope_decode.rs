@@ -4,6 +4,9 @@
 
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -11,22 +14,6 @@ use libfuzzer_sys::fuzz_target;
 use ncm_cache_codec::{SerializationType, Serializer};
 use ncm_cache_core::Codec;
 use serde::Deserialize;
-
-/// A self-describing value: exercises `deserialize_any` paths.
-#[allow(dead_code)]
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Any {
-    Null(()),
-    Bool(bool),
-    Int(i64),
-    UInt(u64),
-    Float(f64),
-    Str(String),
-    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
-    List(Vec<Any>),
-    Map(BTreeMap<String, Any>),
-}
 
 /// A typical cached struct: exercises typed paths.
 #[allow(dead_code)]
@@ -39,7 +26,7 @@ struct Record {
     tags: Vec<String>,
     #[serde(with = "serde_bytes")]
     avatar: Vec<u8>,
-    attributes: BTreeMap<String, Any>,
+    attributes: BTreeMap<String, common::Any>,
 }
 
 /// Per format: an envelope reader and a raw reader, capped at 1 MiB decompressed.
@@ -65,7 +52,7 @@ fn decoders() -> &'static [Serializer] {
 
 fuzz_target!(|data: &[u8]| {
     for codec in decoders() {
-        let _ = codec.decode::<Any>(data);
+        let _ = codec.decode::<common::Any>(data);
         let _ = codec.decode::<Vec<Record>>(data);
         let _ = codec.decode::<serde::de::IgnoredAny>(data);
     }

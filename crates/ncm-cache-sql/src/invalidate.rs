@@ -26,6 +26,15 @@ pub(crate) struct Pending {
     running: bool,
 }
 
+impl Pending {
+    fn add(&mut self, target: Target) {
+        match target {
+            Target::All => self.all = true,
+            Target::Tables(t) => self.tables.extend(t),
+        }
+    }
+}
+
 /// What an invalidation replaces: the tokens of some tables, or the database's.
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
@@ -156,10 +165,7 @@ impl<C: Codec> SqlCache<C> {
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            match target {
-                Target::All => pending.all = true,
-                Target::Tables(t) => pending.tables.extend(t),
-            }
+            pending.add(target);
             !std::mem::replace(&mut pending.running, true)
         };
         if !start {
@@ -212,10 +218,7 @@ impl<C: Codec> SqlCache<C> {
                         .pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    match target {
-                        Target::All => pending.all = true,
-                        Target::Tables(t) => pending.tables.extend(t),
-                    }
+                    pending.add(target);
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
             }
