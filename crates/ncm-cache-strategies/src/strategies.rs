@@ -389,7 +389,11 @@ impl<C: Codec> CacheStrategies<C> {
 #[cfg(feature = "redis")]
 impl CacheStrategies<Serializer> {
     /// Strategies over a [`RedisCache`](ncm_cache_redis::RedisCache), coordinated through the
-    /// same Redis.
+    /// same Redis (invalidations, dependency edges, events).
+    ///
+    /// Write-behind queues stay **in memory** (writes not yet persisted are lost if the
+    /// process dies): for a journal on Redis Streams, build with
+    /// [`builder`](Self::builder)`(..).redis(..).write_behind(WriteBehindConfig::default().durable(..))`.
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn from_redis_cache(cache: &ncm_cache_redis::RedisCache) -> Result<Self> {
         Self::with_redis(cache.cache().clone(), Arc::clone(cache.redis_backend())).await
