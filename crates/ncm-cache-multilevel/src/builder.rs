@@ -232,6 +232,7 @@ impl<C: Codec> MultiLevelBuilder<C> {
     /// waiters poll L2 for up to `wait`, then load themselves — or, with fail-safe and a stale
     /// value, serve that. Make `wait` longer than `lock_ttl` (the defaults of
     /// [`MultiLevelCache::over_redis`]: 10 s and 15 s) so that waiters outlast a crashed holder.
+    /// [`build`](Self::build) refuses a `lock_ttl` under 100 ms or a zero `wait`.
     #[cfg(feature = "redis")]
     pub fn distributed_lock(
         mut self,

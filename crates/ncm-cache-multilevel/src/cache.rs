@@ -153,6 +153,15 @@ impl MultiLevelCache<Serializer> {
 impl<C: Codec> MultiLevelCache<C> {
     pub(crate) fn from_builder(b: MultiLevelBuilder<C>) -> Result<Self> {
         let o = b.options;
+        #[cfg(feature = "redis")]
+        if b.lock.is_some() && (o.lock_ttl < Duration::from_millis(100) || o.lock_wait.is_zero()) {
+            return Err(ncm_cache_core::CacheError::Config(format!(
+                "distributed_lock: lock_ttl ({:?}) must be at least 100 ms (the holder renews it \
+                 every lock_ttl / 3) and wait ({:?}) greater than zero; the defaults of \
+                 over_redis are 10 s and 15 s",
+                o.lock_ttl, o.lock_wait
+            )));
+        }
         let l1 = MemoryBackend::builder()
             .name(o.name.clone())
             .max_entries(o.l1_max_size)

@@ -364,3 +364,35 @@ async fn failed_publishes_are_counted_while_the_write_itself_succeeds() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A lock that would expire before its first renewal, or waiters that never wait, are refused
+/// at build time with a message naming the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_ttl_too_short_or_a_zero_wait_is_a_config_error() {
+    let server = RedisServer::start().unwrap();
+    let redis = RedisCache::connect(config(&server)).await.unwrap();
+    for (ttl, wait) in [
+        (Duration::ZERO, Duration::from_secs(1)),
+        (Duration::from_millis(10), Duration::from_secs(1)),
+        (Duration::from_secs(1), Duration::ZERO),
+    ] {
+        let err = MultiLevelCache::builder(redis.backend())
+            .distributed_lock(Arc::clone(redis.redis_backend()), ttl, wait)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&err, ncm_cache_core::CacheError::Config(m) if m.contains("over_redis")),
+            "{err}"
+        );
+    }
+    assert!(
+        MultiLevelCache::builder(redis.backend())
+            .distributed_lock(
+                Arc::clone(redis.redis_backend()),
+                Duration::from_millis(100),
+                Duration::from_millis(1)
+            )
+            .build()
+            .is_ok()
+    );
+}
