@@ -109,8 +109,21 @@ async fn admin(db: Db, stmt: &str) {
 }
 
 fn spawn(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, delay_ms: u64) -> Child {
+    spawn_with(db, redis, prefix, mode, query, delay_ms, 0)
+}
+
+fn spawn_with(
+    db: Db,
+    redis: &Redis,
+    prefix: &str,
+    mode: &str,
+    query: &str,
+    delay_ms: u64,
+    poll_ms: u64,
+) -> Child {
     let (var, value) = redis.env();
     Command::new(env!("CARGO_BIN_EXE_sql_worker"))
+        .env("NCM_SQL_POLL_MS", poll_ms.to_string())
         .env(
             "NCM_SQL_DB",
             if db == Db::Postgres {
@@ -149,10 +162,12 @@ fn lines(child: &mut Child, fetched: bool) -> mpsc::Receiver<String> {
             }
         }
     });
-    if fetched {
-        marker_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the worker never read the database");
+    if fetched && marker_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        panic!("the worker never read the database:\n{stderr}");
     }
     rx
 }
@@ -197,12 +212,23 @@ async fn race(db: Db, redis: Redis, mode: &str) {
     // Process A reads 'old', then answers 2 s late.
     let mut a = spawn(db, &redis, &prefix, mode, &query, 2000);
     let a_lines = lines(&mut a, true);
+    // Process D (started after A's lookup, so A reads the database) polls the row the whole
+    // time: its cache warm (its L1, over a MultiLevelCache) across B's write.
+    let mut d = spawn_with(db, &redis, &prefix, mode, &query, 0, 4000);
+    let d_lines = lines(&mut d, false);
+    let first_poll = d_lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the polling worker printed nothing");
     // B commits its write (and invalidates) while A's result is on its way.
     let n = b
         .execute(&format!("UPDATE {table} SET v = 'new' WHERE id = 1"), ())
         .await
         .unwrap();
     assert_eq!(n, 1);
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     // A stores what it read and returns it (it started before the write: 'old' is right).
     assert_eq!(finish(a, &a_lines), "old");
 
@@ -222,6 +248,31 @@ async fn race(db: Db, redis: Redis, mode: &str) {
     assert!(
         b.get_performance_stats().hits >= 1,
         "B's second read was a hit"
+    );
+    // D, polling with a warm cache across the write: 'old' before it, and from 1 s after it
+    // (the multi-level backplane's bound; at once on Redis alone) only 'new'.
+    assert!(d.wait().unwrap().success(), "the polling worker failed");
+    let mut polls = Vec::new();
+    for line in std::iter::once(first_poll).chain(std::iter::from_fn(|| {
+        d_lines.recv_timeout(Duration::from_secs(30)).ok()
+    })) {
+        let f: Vec<&str> = line.split(' ').collect();
+        if let [_, t, v] = f[..] {
+            polls.push((t.parse::<u128>().unwrap(), v.to_owned()));
+        }
+    }
+    assert!(
+        polls.iter().any(|(t, v)| *t < written && v == "old"),
+        "D never read before the write: {polls:?}"
+    );
+    let late: Vec<_> = polls
+        .iter()
+        .filter(|(t, _)| *t > written + 1_000_000_000)
+        .collect();
+    assert!(!late.is_empty(), "D stopped polling too early");
+    assert!(
+        late.iter().all(|(_, v)| v == "new"),
+        "D served the old value more than 1 s after the write: {late:?}"
     );
     admin(db, &drop).await;
 }

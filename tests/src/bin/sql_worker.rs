@@ -8,7 +8,7 @@
 //! or `NCM_REDIS_NODES` (cluster seed URLs, comma-separated), `NCM_REDIS_PREFIX`.
 //!
 //! Output lines: `fetched` once the database has answered (before the delay), then
-//! `result <value>`.
+//! `result <value>`; with `NCM_SQL_POLL_MS`, `poll <unix ns> <value>` every 20 ms instead.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -97,6 +97,26 @@ async fn main() {
         _ => redis.cache().clone(),
     };
     let sql = SqlCache::builder_shared(cache, executor).build().unwrap();
+    // Polling mode: read every 20 ms for NCM_SQL_POLL_MS, printing `poll <unix ns> <value>`
+    // (a process whose L1 is warm while another process writes).
+    let poll_ms: u64 = env("NCM_SQL_POLL_MS").parse().unwrap_or(0);
+    if poll_ms > 0 {
+        let end = std::time::Instant::now() + Duration::from_millis(poll_ms);
+        while std::time::Instant::now() < end {
+            let rows = sql.query(&env("NCM_SQL_QUERY"), ()).await.unwrap();
+            let v = rows
+                .get(0, "v")
+                .and_then(SqlValue::as_str)
+                .unwrap_or("<none>");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            println!("poll {now} {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::io::stdout().flush();
+        return;
+    }
     let rows = sql.query(&env("NCM_SQL_QUERY"), ()).await.unwrap();
     let value = rows
         .get(0, "v")
