@@ -427,8 +427,11 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     }
                 }
                 PubSubEvent::Disconnected => {
-                    // Numbers after the outage are not gaps: the resync covers them.
-                    senders.0.clear();
+                    // The senders' numbers are kept across the outage: the first message of
+                    // each sender afterwards shows what was missed meanwhile as a gap (one
+                    // more resync, harmless), and — what forgetting them missed — a message
+                    // lost right after the reconnect (a cluster's bus still settling after a
+                    // failover) shows as a gap at that sender's next message.
                     inner.l1_enabled.store(false, Ordering::Release);
                     inner.mark_l1_stale();
                     tracing::warn!(
@@ -436,7 +439,6 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     );
                 }
                 PubSubEvent::Reconnected => {
-                    senders.0.clear();
                     resync(&inner, false);
                     tracing::info!("backplane reconnected: L1 cleared and resumed");
                 }
