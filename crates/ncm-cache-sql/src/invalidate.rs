@@ -160,11 +160,7 @@ impl<C: Codec> SqlCache<C> {
             "invalidation after a committed write failed; retrying in the background \
              (cached results of these tables may be stale meanwhile)");
         let start = {
-            let mut pending = self
-                .inner()
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending();
             pending.add(target);
             !std::mem::replace(&mut pending.running, true)
         };
@@ -172,11 +168,7 @@ impl<C: Codec> SqlCache<C> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.inner()
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .running = false;
+            self.pending().running = false;
             return;
         };
         let cache = self.clone();
@@ -189,11 +181,7 @@ impl<C: Codec> SqlCache<C> {
         loop {
             tokio::time::sleep(delay).await;
             let target = {
-                let mut pending = self
-                    .inner()
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut pending = self.pending();
                 if pending.all {
                     pending.all = false;
                     pending.tables.clear();
@@ -213,16 +201,20 @@ impl<C: Codec> SqlCache<C> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, ?target, "invalidation retry failed");
-                    let mut pending = self
-                        .inner()
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
+                    let mut pending = self.pending();
                     pending.add(target);
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
             }
         }
+    }
+
+    /// The retrier's pending set (a poisoned lock is recovered: losing invalidations is worse).
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.inner()
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn count(&self, n: u64) {
