@@ -51,8 +51,9 @@ pub trait Codec: Send + Sync + 'static {
     /// `Serializer` of `ncm-cache-codec` does), so that a value copied to another key does not
     /// read there. The default ignores the key and calls [`encode`](Self::encode).
     ///
-    /// Every cache read and write path of this workspace goes through `encode_for` /
-    /// [`decode_for`](Self::decode_for).
+    /// Every path of this workspace that stores bytes or reads stored bytes goes through
+    /// `encode_for` / [`decode_for`](Self::decode_for) (values only passed between tasks in
+    /// memory, e.g. a single-flight's shared result, may use `encode` / `decode`).
     ///
     /// ```
     /// # use ncm_cache_core::Codec;
