@@ -327,6 +327,38 @@ impl<V: StoreValue> MemoryStore<V> {
         Ok(self.inner.lookup(key, false))
     }
 
+    /// [`peek_unvalidated`](Self::peek_unvalidated) at `now`, a reading of this store's clock
+    /// ([`Clock::now_nanos`](ncm_cache_core::Clock::now_nanos)) the caller took for its own
+    /// checks too: a hot path reads the clock once.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use ncm_cache_core::{Bytes, Clock, ManualClock, SharedClock};
+    /// let clock = Arc::new(ManualClock::new());
+    /// let store = ncm_cache_memory::MemoryBackend::builder()
+    ///     .shared_clock(Arc::clone(&clock) as SharedClock)
+    ///     .build_store::<Bytes>("l1")
+    ///     .unwrap();
+    /// store.insert("k", Bytes::from_static(b"v"), Some(std::time::Duration::from_secs(60))).unwrap();
+    /// let now = clock.now_nanos();
+    /// assert!(store.peek_unvalidated_at("k", now).unwrap().is_some());
+    /// assert!(store.peek_unvalidated_at("k", now + 61_000_000_000).unwrap().is_none(), "expired by then");
+    /// ```
+    #[inline]
+    pub fn peek_unvalidated_at(&self, key: &str, now: u64) -> Result<Option<V>> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        Ok(match self.inner.store.get(key) {
+            Some(entry) if entry.is_expired(now) => {
+                self.inner.expire(key, now);
+                None
+            }
+            Some(entry) => Some(entry.value),
+            None => None,
+        })
+    }
+
     /// Reads a live value with its expiry instant (`None`: never expires), uncounted.
     pub fn get_with_expiry(&self, key: &str) -> Result<Option<(V, Option<Instant>)>> {
         self.check(key)?;

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use ncm_cache_redis::{PubSubEvent, RedisBackend, RedisLock};
 
+use crate::breaker::CircuitBreaker;
 use crate::cache::{CacheValue, Fill, Inner, Loaded, Object};
 use crate::load::backoff;
 use crate::stats::Counters;
@@ -67,6 +68,9 @@ pub(crate) struct Batcher {
     pub(crate) errors: AtomicU64,
     /// Set when the cache closes: retries stop.
     stopped: AtomicBool,
+    /// L2's circuit breaker when the backplane is L2's Redis: while it is open, invalidations
+    /// wait in the queue instead of each waiting a response timeout on a server known down.
+    breaker: Option<Arc<CircuitBreaker>>,
 }
 
 #[derive(Default)]
@@ -104,13 +108,39 @@ impl Batcher {
 
     /// Publishes one message; `false` (counted, logged) when it failed.
     async fn send(&self, msg: &[u8]) -> bool {
+        let permit = match &self.breaker {
+            Some(breaker) => match breaker.allow() {
+                Some(permit) => Some(permit),
+                // Not attempted (the circuit is open): deferred, not a failure.
+                None => return false,
+            },
+            None => None,
+        };
+        // A cancelled send drops the permit unreported: a probe then counts as failed.
         match self.redis.publish(&self.channel, msg).await {
-            Ok(_) => true,
+            Ok(_) => {
+                if let Some(p) = permit {
+                    p.success();
+                }
+                true
+            }
             Err(e) => {
+                if let Some(p) = permit {
+                    if e.is_unavailable() {
+                        p.failure();
+                    } else {
+                        p.success();
+                    }
+                }
                 self.failed(&e);
                 false
             }
         }
+    }
+
+    /// `true` when L2's breaker (gating this backplane) is open: publish later, from the queue.
+    fn circuit_open(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|b| b.is_open())
     }
 
     fn failed(&self, e: &CacheError) {
@@ -327,7 +357,11 @@ impl Senders {
 }
 
 impl Backplane {
-    pub(crate) fn new(redis: Arc<RedisBackend>, name: &str) -> Self {
+    pub(crate) fn new(
+        redis: Arc<RedisBackend>,
+        name: &str,
+        breaker: Option<Arc<CircuitBreaker>>,
+    ) -> Self {
         Self {
             batch: Arc::new(Batcher {
                 redis,
@@ -337,6 +371,7 @@ impl Backplane {
                 pending: Mutex::new(Pending::default()),
                 errors: AtomicU64::new(0),
                 stopped: AtomicBool::new(false),
+                breaker,
             }),
             task: Mutex::new(None),
         }
@@ -467,7 +502,12 @@ impl<C: Codec> Inner<C> {
     /// is in flight, else queued for the next message (returning at once).
     async fn publish(&self, op: u8, key: &str) {
         let Some(bp) = &self.backplane else { return };
-        let Some(lead) = bp.batch.try_lead() else {
+        // With L2's circuit open, the flush task sends it once L2 answers again.
+        let lead = match bp.batch.circuit_open() {
+            true => None,
+            false => bp.batch.try_lead(),
+        };
+        let Some(lead) = lead else {
             bp.batch.enqueue(op, key);
             return;
         };
@@ -516,6 +556,13 @@ impl<C: Codec> Inner<C> {
         drop(unsent);
         drop(lead);
         Some(written)
+    }
+
+    /// Queues a delete of `key` for the flush task, without waiting (usable in a `Drop`).
+    pub(crate) fn queue_delete(&self, key: &str) {
+        if let Some(bp) = &self.backplane {
+            bp.batch.enqueue(DELETE, key);
+        }
     }
 
     pub(crate) async fn publish_set(&self, key: &str) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ncm_cache_codec::Serializer;
-use ncm_cache_core::{CoarseClock, Codec, Result, SharedBackend, SharedClock};
+use ncm_cache_core::{Clock, CoarseClock, Codec, Result, SharedBackend, SharedClock};
 
 use crate::cache::MultiLevelCache;
 
@@ -41,11 +41,29 @@ pub(crate) struct Options {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) lock_wait: Duration,
     pub(crate) clock: SharedClock,
+    /// The default clock itself (the same readings as `clock`), called directly on the L1 hit
+    /// path: no dynamic call. `None` once a clock is configured.
+    pub(crate) coarse: Option<CoarseClock>,
+}
+
+impl Options {
+    /// The L1 clock's [`now_nanos`](ncm_cache_core::Clock::now_nanos).
+    #[inline]
+    pub(crate) fn now_nanos(&self) -> u64 {
+        match &self.coarse {
+            Some(c) => c.now_nanos(),
+            None => self.clock.now_nanos(),
+        }
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
+        // The L1 hit path reads the clock on every hit: a coarse clock keeps it cheap.
+        let coarse = CoarseClock::new();
         Self {
+            clock: std::sync::Arc::new(coarse),
+            coarse: Some(coarse),
             name: "multilevel".into(),
             l1_max_size: 1000,
             l1_max_bytes: 64 * 1024 * 1024,
@@ -63,8 +81,6 @@ impl Default for Options {
             breaker_cooldown: Duration::from_secs(1),
             lock_ttl: DEFAULT_LOCK_TTL,
             lock_wait: DEFAULT_LOCK_WAIT,
-            // The L1 hit path reads the clock on every hit: a coarse clock keeps it cheap.
-            clock: std::sync::Arc::new(CoarseClock::new()),
         }
     }
 }
@@ -215,6 +231,7 @@ impl<C: Codec> MultiLevelBuilder<C> {
     /// manual clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.options.clock = clock;
+        self.options.coarse = None;
         self
     }
 

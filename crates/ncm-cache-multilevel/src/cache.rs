@@ -74,7 +74,7 @@ pub(crate) struct Inner<C> {
     pub(crate) opts: Options,
     pub(crate) promotions: MemoryStore<Hits>,
     pub(crate) flight: SingleFlight<String, Loaded>,
-    pub(crate) breaker: CircuitBreaker,
+    pub(crate) breaker: Arc<CircuitBreaker>,
     /// Per-key invalidation versions: an L2 read or load that started before an invalidation
     /// of its key must not put its (possibly old) value into L1.
     pub(crate) versions: Versions,
@@ -176,17 +176,21 @@ impl<C: Codec> MultiLevelCache<C> {
             .build_store::<Hits>("promotion")?;
         #[cfg(feature = "redis")]
         let has_backplane = b.backplane.is_some();
+        let breaker = Arc::new(CircuitBreaker::new(o.breaker_threshold, o.breaker_cooldown));
         #[cfg(feature = "redis")]
-        let backplane = b
-            .backplane
-            .map(|redis| crate::backplane::Backplane::new(redis, &o.name));
+        let backplane = b.backplane.map(|redis| {
+            // PUBLISH to L2's own Redis goes through L2's breaker (not to another server).
+            let same = std::ptr::addr_eq(Arc::as_ptr(&b.l2), Arc::as_ptr(&redis));
+            let gate = same.then(|| Arc::clone(&breaker));
+            crate::backplane::Backplane::new(redis, &o.name, gate)
+        });
         #[cfg(not(feature = "redis"))]
         let has_backplane = false;
         let inner = Arc::new(Inner {
             l1,
             l2: b.l2,
             codec: b.codec,
-            breaker: CircuitBreaker::new(o.breaker_threshold, o.breaker_cooldown),
+            breaker,
             opts: o,
             promotions,
             flight: SingleFlight::new(),
@@ -451,14 +455,7 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Removes a key from both levels (and from other instances' L1).
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        let inner = &self.inner;
-        // Bump before (a later fill must not keep the old value) and after the L2 delete (a
-        // read that began in between may have read the old value).
-        let in_l1 = inner.invalidate_l1(key)?;
-        let in_l2 = inner.l2_call(inner.l2.delete(key)).await;
-        inner.invalidate_l1(key)?;
-        inner.publish_delete(key).await;
-        Ok(in_l2? || in_l1)
+        self.inner.delete_everywhere(key).await
     }
 
     /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order.
@@ -685,13 +682,15 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 
 impl<C: Codec> Inner<C> {
     pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read<T>> {
+        // One clock reading for the store's expiry and the freshness checks below.
+        let now = self.opts.now_nanos();
         // Only a miss validates the key: a key that fails validation is never stored in L1.
-        let Some(v) = self.l1.peek_unvalidated(key)? else {
+        let Some(v) = self.l1.peek_unvalidated_at(key, now)? else {
             self.l1.validate(key)?;
             return Ok(L1Read::Miss);
         };
         let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
-        let current = v.generation == self.generation.load(Ordering::Acquire);
+        let current = v.generation == self.generation.load(Ordering::Acquire) as u32;
         let object = match v.object {
             None => None,
             // One type check: another type under this key is read from L2 with the requested type.
@@ -703,10 +702,6 @@ impl<C: Codec> Inner<C> {
         if !current {
             return Ok(self.stale(object));
         }
-        if fresh_until == NO_DEADLINE && refresh_at == NO_DEADLINE {
-            return Ok(L1Read::Fresh(object, false));
-        }
-        let now = self.opts.clock.now_nanos();
         if now < fresh_until {
             let refresh = now >= refresh_at;
             Ok(L1Read::Fresh(object, refresh))
@@ -890,12 +885,12 @@ impl<C: Codec> Inner<C> {
         if let Some(ttl) = fill.l2_ttl {
             fresh = fresh.min(ttl);
         }
-        let now = self.opts.clock.now_nanos();
+        let now = self.opts.now_nanos();
         let after = |d: Duration| ncm_cache_core::deadline_after(now, d);
         let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
         let value = L1Value {
             object: fill.object,
-            size: fill.size,
+            size: u32::try_from(fill.size).unwrap_or(u32::MAX),
             fresh_until: self
                 .opts
                 .max_stale_age
@@ -904,7 +899,8 @@ impl<C: Codec> Inner<C> {
                 .opts
                 .eager_refresh
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
-            generation: self.generation.load(Ordering::Acquire),
+            // Truncation is the point: see `L1Value::generation`.
+            generation: self.generation.load(Ordering::Acquire) as u32,
         };
         match self
             .l1
@@ -931,11 +927,13 @@ impl<C: Codec> Inner<C> {
         // Bump before: fills that started earlier cannot land after this write. The old L1
         // copy may still be served until the write is acknowledged.
         let ticket = self.versions.write_begin(key);
+        let mut guard = Unannounced::new(self, key, Some(ticket));
         // One round trip when L2 is the backplane's Redis, else write then publish.
         let (written, published) = match self.write_and_publish(key, &bytes, ttl).await {
             Some(r) => (r, true),
             None => (self.l2_write(key, bytes, ttl).await, false),
         };
+        guard.disarm();
         if let Err(e) = written {
             let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
@@ -947,6 +945,18 @@ impl<C: Codec> Inner<C> {
             self.publish_set(key).await;
         }
         Ok(())
+    }
+
+    /// Deletes `key` everywhere: L1 (before and after the L2 delete: a read that began in
+    /// between may have read the old value), L2, and other instances' L1.
+    pub(crate) async fn delete_everywhere(&self, key: &str) -> Result<bool> {
+        let in_l1 = self.invalidate_l1(key)?;
+        let mut guard = Unannounced::new(self, key, None);
+        let in_l2 = self.l2_call(self.l2.delete(key)).await;
+        guard.disarm();
+        self.invalidate_l1(key)?;
+        self.publish_delete(key).await;
+        Ok(in_l2? || in_l1)
     }
 
     /// After this instance's L2 write of `key` (begun with `ticket`): keep the written value in
@@ -972,6 +982,46 @@ impl<C: Codec> Inner<C> {
                 let _ = self.l1.remove(key);
             }
         }
+    }
+}
+
+/// Armed while a write or delete of `key` may have reached L2 but is not yet settled and
+/// announced. Dropped armed — the caller's future was cancelled during the L2 call (a request
+/// timeout around `set`, a dropped handler) — it ends the write, evicts the local copy and
+/// queues the invalidation for other instances, as if the call had failed after reaching L2.
+pub(crate) struct Unannounced<'a, C: Codec> {
+    inner: &'a Inner<C>,
+    key: &'a str,
+    write: Option<Ticket>,
+    armed: bool,
+}
+
+impl<'a, C: Codec> Unannounced<'a, C> {
+    pub(crate) fn new(inner: &'a Inner<C>, key: &'a str, write: Option<Ticket>) -> Self {
+        Self {
+            inner,
+            key,
+            write,
+            armed: true,
+        }
+    }
+
+    /// The L2 call ended (either way): the caller settles and announces it itself.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl<C: Codec> Drop for Unannounced<'_, C> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(t) = self.write.take() {
+            let _ = self.inner.versions.write_end(&t);
+        }
+        let _ = self.inner.invalidate_l1(self.key);
+        self.inner.queue_delete(self.key);
     }
 }
 

@@ -11,8 +11,10 @@ use ncm_cache_memory::StoreValue;
 pub(crate) struct L1Value {
     /// The value, or `None` for a cached "not found" (negative caching).
     pub(crate) object: Option<Arc<dyn Any + Send + Sync>>,
-    /// Encoded size, charged against the L1 byte budget.
-    pub(crate) size: usize,
+    /// Encoded size, charged against the L1 byte budget (saturating: a value of 4 GiB or
+    /// more never fits an L1 budget anyway). 32 bits keep the slot small: a hit's cost is
+    /// mostly cache misses on the slot.
+    pub(crate) size: u32,
     /// Until when the value is fresh, in the L1 clock's `now_nanos` time ([`NO_DEADLINE`](ncm_cache_core::NO_DEADLINE): while it
     /// is stored); after it (and before the store TTL) it is stale and only served by fail-safe.
     pub(crate) fresh_until: u64,
@@ -20,13 +22,14 @@ pub(crate) struct L1Value {
     pub(crate) refresh_at: u64,
     /// The L1 generation it was inserted in: an entry of an older generation (from before a
     /// backplane outage or a lost message) is stale-only, served by fail-safe alone.
-    pub(crate) generation: u64,
+    /// (The low 32 bits: compared for equality only, and four billion resyncs apart.)
+    pub(crate) generation: u32,
 }
 
 impl StoreValue for L1Value {
     #[inline]
     fn size(&self) -> usize {
-        self.size
+        self.size as usize
     }
 }
 

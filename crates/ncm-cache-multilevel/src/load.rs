@@ -283,7 +283,10 @@ impl<C: Codec> Inner<C> {
         }
         let ttl = self.opts.l2_default_ttl;
         let write = self.versions.write_begin(key);
-        match self.l2_write(key, bytes, ttl).await {
+        let mut guard = crate::cache::Unannounced::new(self, key, Some(write));
+        let written = self.l2_write(key, bytes, ttl).await;
+        guard.disarm();
+        match written {
             Ok(()) => {
                 let fill = Fill::value(Arc::clone(&object), size, ttl);
                 self.settle_write(key, fill, &write);

@@ -13,6 +13,7 @@ impl<C: Codec> Inner<C> {
     ) -> Option<ncm_cache_core::Result<()>> {
         None
     }
+    pub(crate) fn queue_delete(&self, _key: &str) {}
     pub(crate) async fn publish_set(&self, _key: &str) {}
     pub(crate) async fn publish_delete(&self, _key: &str) {}
     pub(crate) async fn publish_clear(&self) {}

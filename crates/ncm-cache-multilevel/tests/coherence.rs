@@ -282,6 +282,94 @@ mod redis {
         until_seen(&a, "k", 2, Duration::from_secs(1)).await;
     }
 
+    /// A write or delete whose caller is cancelled after its command reached Redis (a request
+    /// timeout around `set`, a dropped handler) must still be announced: every instance stops
+    /// serving the old value, the writer's own L1 included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_or_delete_cancelled_after_reaching_redis_still_invalidates() {
+        let server = RedisServer::start().unwrap();
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let slow = Arc::new(Slow::new(ra.backend()));
+        let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+            .name("users")
+            .backplane(Arc::clone(ra.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        a.set("k", 1u64).await.unwrap();
+        until_seen(&b, "k", 1, Duration::from_secs(1)).await;
+        assert_eq!(a.get::<u64>("k").await.unwrap(), Some(1));
+        slow.set_reply_delay(Duration::from_millis(500));
+        let cancelled = tokio::time::timeout(Duration::from_millis(100), a.set("k", 2u64)).await;
+        assert!(cancelled.is_err(), "the set was meant to be cancelled");
+        slow.set_reply_delay(Duration::ZERO);
+        // The SET is in Redis: the old value must not outlive the stale-window bound.
+        until_seen(&b, "k", 2, Duration::from_secs(1)).await;
+        until_seen(&a, "k", 2, Duration::from_secs(1)).await;
+        slow.delete_reply_delay(Duration::from_millis(500));
+        let cancelled = tokio::time::timeout(Duration::from_millis(100), a.delete("k")).await;
+        assert!(cancelled.is_err(), "the delete was meant to be cancelled");
+        slow.delete_reply_delay(Duration::ZERO);
+        let start = Instant::now();
+        while b.get::<u64>("k").await.unwrap().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "another instance still serves a key deleted by a cancelled delete"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The writer's versions were released: its next write is kept in L1 (not 1 s).
+        a.set("k", 3u64).await.unwrap();
+        assert_eq!(a.get_with_source::<u64>("k").await.unwrap().map(|(v, s)| (*v, s)), Some((3, ValueSource::L1)));
+    }
+
+    /// PUBLISH goes through L2's circuit breaker when the backplane is L2's Redis: with the
+    /// circuit open, a delete's invalidation is queued (and sent once Redis answers again)
+    /// instead of waiting a response timeout on a server known to be down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_circuit_queues_publishes_instead_of_waiting_on_a_dead_server() {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let mut c = config(&format!("redis://{}", proxy.addr()));
+        c.response_timeout = Duration::from_secs(1);
+        let ra = RedisCache::connect(c).await.unwrap();
+        let a = MultiLevelCache::builder(ra.backend())
+            .name("users")
+            .backplane(Arc::clone(ra.redis_backend()))
+            .breaker_threshold(1)
+            .breaker_cooldown(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        b.set("k", 1u64).await.unwrap();
+        until_seen(&b, "k", 1, Duration::from_secs(1)).await;
+        proxy.set_mode(ProxyMode::Stall);
+        assert!(a.get::<u64>("k").await.is_err(), "the stalled read must fail");
+        assert!(a.l2_circuit_open());
+        let start = Instant::now();
+        let _ = a.delete("k").await;
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(300),
+            "a delete with the circuit open waited {took:?} on its PUBLISH"
+        );
+        // The queued invalidation is delivered once Redis answers again: B drops its copy.
+        assert_eq!(b.l1_len(), 1);
+        proxy.set_mode(ProxyMode::Pass);
+        let start = Instant::now();
+        while b.l1_len() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the queued invalidation never reached the other instance"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// With the backplane on the same Redis as L2, Redis dying makes the backplane disconnect:
     /// fail-safe must still serve the last values (marked stale), then recover.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

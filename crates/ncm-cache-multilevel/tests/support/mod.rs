@@ -34,6 +34,8 @@ struct Settings {
     set_request_delay: Duration,
     /// `set` writes at once and returns after this delay.
     set_reply_delay: Duration,
+    /// `delete` deletes at once and returns after this delay.
+    delete_reply_delay: Duration,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -65,6 +67,10 @@ impl Slow {
 
     pub(crate) fn set_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().set_reply_delay = d;
+    }
+
+    pub(crate) fn delete_reply_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().delete_reply_delay = d;
     }
 
     async fn gate(&self) -> Result<()> {
@@ -106,7 +112,10 @@ impl CacheBackend for Slow {
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         self.gate().await?;
-        self.inner.delete(key).await
+        let delay = self.settings.lock().unwrap().delete_reply_delay;
+        let found = self.inner.delete(key).await?;
+        tokio::time::sleep(delay).await;
+        Ok(found)
     }
     async fn exists(&self, key: &str) -> Result<bool> {
         self.gate().await?;
