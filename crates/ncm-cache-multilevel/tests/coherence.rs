@@ -608,6 +608,62 @@ mod redis {
         }
     }
 
+    /// The node of the backplane channel's slot dies: a write on another node succeeds, and
+    /// its PUBLISH still reaches the other instance at once, before the failover (the client
+    /// does not pin PUBLISH to the channel's slot owner; a cluster PUBLISH reaches every node's
+    /// subscribers). Written to test the guess that such a PUBLISH waits for the failover
+    /// (docs/RELIABILITY.md, the cluster checker's exception): it does not (delivered in
+    /// ~2–8 ms here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_is_retried_through_another_node_when_the_channels_node_dies() {
+        let mut cluster = RedisCluster::start().unwrap();
+        let seed = cluster.nodes()[0].port();
+        // A cache name whose channel's slot is not on the seed node (both subscriptions are
+        // there and must survive), and a key on a third node.
+        let (name, channel_owner) = (0..64)
+            .map(|i| format!("users{i}"))
+            .find_map(|name| {
+                let owner = cluster.owner_of(&format!("app:__ncm:l1:{name}")).unwrap();
+                (owner != seed).then_some((name, owner))
+            })
+            .unwrap();
+        let key = (0..64)
+            .map(|i| format!("k{i}"))
+            .find(|k| {
+                let owner = cluster.owner_of(&format!("app:{k}")).unwrap();
+                owner != channel_owner
+            })
+            .unwrap();
+        let mut c = config(&cluster.node_urls()[0]);
+        c.cluster_nodes = vec![cluster.node_urls()[0].clone()];
+        let (ra, rb) = (
+            RedisCache::connect(c.clone()).await.unwrap(),
+            RedisCache::connect(c).await.unwrap(),
+        );
+        let build = |r: &RedisCache| {
+            MultiLevelCache::builder(r.backend())
+                .name(name.clone())
+                .backplane(Arc::clone(r.redis_backend()))
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (build(&ra), build(&rb));
+        wait_active(&a).await;
+        wait_active(&b).await;
+        a.set(&key, 1u64).await.unwrap();
+        until_seen(&b, &key, 1, Duration::from_secs(1)).await;
+        until_l1(&b, &key).await;
+        cluster.kill_primary(channel_owner).unwrap();
+        let start = Instant::now();
+        a.set(&key, 2u64).await.expect("the key's node is alive");
+        until_seen(&b, &key, 2, Duration::from_millis(1500)).await;
+        assert!(
+            b.l1_active(),
+            "B's subscription was lost: the test no longer shows a retried PUBLISH"
+        );
+        eprintln!("delivered {:?} after the channel's node died", start.elapsed());
+    }
+
     async fn until_gone(cache: &MultiLevelCache, key: &str) {
         let start = Instant::now();
         while cache.get::<u64>(key).await.unwrap().is_some() {

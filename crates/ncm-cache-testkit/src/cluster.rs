@@ -163,6 +163,22 @@ impl RedisCluster {
         Ok(ports)
     }
 
+    /// The port of the primary that serves `key`'s slot (the one that answers `GET key`
+    /// instead of redirecting), e.g. to kill the node a channel or key lives on.
+    pub fn owner_of(&self, key: &str) -> Result<u16, TestkitError> {
+        for port in self.primaries()? {
+            if let Some(node) = self.node(port)
+                && node.command(&["GET", key]).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+        Err(TestkitError::Command {
+            what: format!("finding the owner of {key}"),
+            detail: "every primary redirected the key".to_owned(),
+        })
+    }
+
     /// Kills (SIGKILL) the primary on `port`; fails if `port` is not a current primary.
     /// Follow with [`wait_for_failover`](Self::wait_for_failover).
     pub fn kill_primary(&mut self, port: u16) -> Result<(), TestkitError> {
