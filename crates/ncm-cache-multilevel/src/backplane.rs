@@ -628,6 +628,21 @@ impl<C: Codec> Inner<C> {
             if let Some(found) = self.found_in_l2::<T>(key).await {
                 return Ok(LockOutcome::Found(found));
             }
+            // The holder found nothing: it left that in the lock (see `release_not_found`).
+            let note = redis.lock_note(&name);
+            let note = if through_breaker {
+                self.l2_call(note).await
+            } else {
+                note.await
+            };
+            if let Ok(Some(note)) = note
+                && note == NOT_FOUND
+            {
+                if self.opts.negative_ttl.is_some() {
+                    self.l1_fill(key, Fill::negative(), &self.versions.ticket(key));
+                }
+                return Ok(LockOutcome::Found((None, ValueSource::L2)));
+            }
             if Instant::now() >= deadline {
                 if has_stale {
                     return Err(CacheError::Timeout {
@@ -640,6 +655,14 @@ impl<C: Codec> Inner<C> {
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
+        }
+    }
+
+    /// Releases the load lock of a loader that found nothing, leaving that in the lock for
+    /// [`NOT_FOUND_KEEP`]: the callers waiting for it return `None` instead of loading again.
+    pub(crate) async fn release_not_found(&self, lock: RedisLock) {
+        if let Err(e) = lock.release_with_note(NOT_FOUND, NOT_FOUND_KEEP).await {
+            tracing::debug!(error = %e, "stampede lock not released (it expires by itself)");
         }
     }
 
@@ -690,6 +713,14 @@ impl<C: Codec> Inner<C> {
         .await
     }
 }
+
+/// The note a load lock holds for a while after its loader found nothing.
+const NOT_FOUND: &str = "none";
+
+/// How long that note lasts: longer than a waiter's longest poll interval (100 ms), short
+/// enough that a row inserted meanwhile is loaded soon by the next caller (the note is not
+/// evicted by a delete, unlike a negative entry in L1).
+const NOT_FOUND_KEEP: Duration = Duration::from_millis(250);
 
 pub(crate) enum LockOutcome {
     Found(Loaded),

@@ -259,8 +259,14 @@ impl<C: Codec> Inner<C> {
         };
         #[cfg(feature = "redis")]
         if let Some(lock) = lock {
-            let release: BoxFuture<'_, _> = Box::pin(lock.release());
-            let _ = release.await;
+            let release: BoxFuture<'_, ()> = match &result {
+                // Waiters in other processes see the "not found" instead of loading again.
+                Ok((None, _)) => Box::pin(self.release_not_found(lock)),
+                _ => Box::pin(async move {
+                    let _ = lock.release().await;
+                }),
+            };
+            release.await;
         }
         result
     }

@@ -507,6 +507,50 @@ mod redis {
         );
     }
 
+    /// A loader that finds nothing, with instances of two processes waiting on the lock: the
+    /// holder's "not found" is visible to the waiters (they return `None` without loading),
+    /// with and without negative caching.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lock_waiters_see_the_holders_not_found() {
+        let server = RedisServer::start().unwrap();
+        for negative_ttl in [Some(Duration::from_secs(5)), None] {
+            let key = format!("missing:{}", negative_ttl.is_some());
+            let loads = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for i in 0..3u64 {
+                let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+                let mut builder = MultiLevelCache::builder(redis.backend()).distributed_lock(
+                    Arc::clone(redis.redis_backend()),
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                );
+                if let Some(ttl) = negative_ttl {
+                    builder = builder.negative_ttl(ttl);
+                }
+                let cache = builder.build().unwrap();
+                let (loads, key) = (Arc::clone(&loads), key.clone());
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                    cache
+                        .get_or_load_optional::<u64, _, _, _>(&key, move || async move {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            Ok::<_, Io>(None)
+                        })
+                        .await
+                }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap().unwrap(), None);
+            }
+            assert_eq!(
+                loads.load(Ordering::SeqCst),
+                1,
+                "waiters loaded again after the holder found nothing (negative_ttl {negative_ttl:?})"
+            );
+        }
+    }
+
     /// A PUBLISH that fails is retried: the other instance drops its copy once the backplane
     /// is reachable again, not when its L1 TTL (5 minutes) runs out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

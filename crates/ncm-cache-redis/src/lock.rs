@@ -24,6 +24,16 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Replaces the holder's token with a note that keeps the lock taken for a while.
+static RELEASE_WITH_NOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 else return 0 end",
+    )
+});
+
+/// What a lock's value starts with when it holds a note (a token is 32 hex digits).
+const NOTE: &str = "note:";
+
 /// A held lock. Release it with [`release`](Self::release); if dropped unreleased it is released
 /// in the background (when a tokio runtime is running), and in any case it expires after its TTL,
 /// so a crashed holder never blocks others for longer than that.
@@ -88,6 +98,31 @@ impl RedisBackend {
         }))
     }
 
+    /// The note a holder left in the lock `name` on release
+    /// ([`RedisLock::release_with_note`]), while it lasts; `None` when the lock is free or held.
+    ///
+    /// ```no_run
+    /// # async fn demo(redis: &ncm_cache_redis::RedisBackend) -> ncm_cache_core::Result<()> {
+    /// if redis.lock_note("load:user:1").await?.as_deref() == Some("none") {
+    ///     // the holder found nothing: don't load again
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock_note(&self, name: &str) -> Result<Option<String>> {
+        let key = self
+            .key_space()
+            .full_key(&format!("__ncm:lock:{name}"))?
+            .into_owned();
+        let value: Option<String> = self
+            .inner()
+            .run(Operation::Get, true, |mut h| {
+                let c = redis::cmd("GET").arg(&key).take();
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(value.and_then(|v| v.strip_prefix(NOTE).map(str::to_owned)))
+    }
+
     /// Waits up to `wait` for the lock, polling with backoff (5 ms doubling to 100 ms).
     pub async fn lock(
         &self,
@@ -121,6 +156,32 @@ impl RedisLock {
     pub async fn release(self) -> Result<bool> {
         self.released.store(true, Ordering::Relaxed);
         release(&self.inner, &self.key, &self.token).await
+    }
+
+    /// Releases the lock by leaving `note` in it for `keep`: the lock stays taken that long
+    /// (nobody else gets it), and others read the note with
+    /// [`RedisBackend::lock_note`] — e.g. a loader's "not found" for the callers that waited
+    /// for it. `false` when the lock was no longer ours (nothing is written then).
+    pub async fn release_with_note(self, note: &str, keep: Duration) -> Result<bool> {
+        commands::check_ttl(Some(keep))?;
+        self.released.store(true, Ordering::Relaxed);
+        let value = format!("{NOTE}{note}");
+        let n: i64 = self
+            .inner
+            .run(Operation::Delete, false, |mut h| {
+                let (key, token, value) = (self.key.clone(), self.token.clone(), value.clone());
+                async move {
+                    RELEASE_WITH_NOTE
+                        .key(key)
+                        .arg(token)
+                        .arg(value)
+                        .arg(commands::millis(keep))
+                        .invoke_async(&mut h)
+                        .await
+                }
+            })
+            .await?;
+        Ok(n == 1)
     }
 
     /// Extends the lock to `ttl` from now; `false` when it is no longer ours.
