@@ -172,13 +172,18 @@ impl Batcher {
 
     /// Queues an entry for the next message; starts the flush task when none is running.
     fn enqueue(self: &Arc<Self>, op: u8, key: &str) {
+        self.enqueue_entries(&entry(op, key));
+    }
+
+    /// Queues encoded entries (see [`enqueue`](Self::enqueue)).
+    fn enqueue_entries(self: &Arc<Self>, entries: &[u8]) {
         let start = {
             let mut p = self.lock();
             if p.entries.len() > MAX_QUEUED {
                 p.entries.clear();
                 encode_entry(&mut p.entries, CLEAR, "");
             }
-            encode_entry(&mut p.entries, op, key);
+            p.entries.extend_from_slice(entries);
             !std::mem::replace(&mut p.flushing, true)
         };
         if start {
@@ -501,18 +506,24 @@ impl<C: Codec> Inner<C> {
     /// Publishes an invalidation: at once (returning when it is published) when no PUBLISH
     /// is in flight, else queued for the next message (returning at once).
     async fn publish(&self, op: u8, key: &str) {
+        self.publish_entries(entry(op, key)).await;
+    }
+
+    /// Publishes encoded entries as one message (see [`publish`](Self::publish)); more than
+    /// one message's worth goes through the queue, which splits it.
+    async fn publish_entries(&self, entries: Vec<u8>) {
         let Some(bp) = &self.backplane else { return };
         // With L2's circuit open, the flush task sends it once L2 answers again.
-        let lead = match bp.batch.circuit_open() {
+        let lead = match bp.batch.circuit_open() || entries.len() > MAX_MESSAGE {
             true => None,
             false => bp.batch.try_lead(),
         };
         let Some(lead) = lead else {
-            bp.batch.enqueue(op, key);
+            bp.batch.enqueue_entries(&entries);
             return;
         };
         // Resent by the flush task unless published (also when this future is cancelled).
-        let mut unsent = Unsent(&bp.batch, Some(bp.batch.message(&entry(op, key))));
+        let mut unsent = Unsent(&bp.batch, Some(bp.batch.message(&entries)));
         let msg = unsent.1.clone().unwrap_or_default();
         // Boxed: redis-rs futures are deep; keep them out of every write path's future type.
         let publish: std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> =
@@ -562,6 +573,17 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn queue_delete(&self, key: &str) {
         if let Some(bp) = &self.backplane {
             bp.batch.enqueue(DELETE, key);
+        }
+    }
+
+    /// Publishes a SET of every key in one message (a batch write).
+    pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let mut entries = Vec::new();
+        for key in keys {
+            encode_entry(&mut entries, SET, key);
+        }
+        if !entries.is_empty() {
+            self.publish_entries(entries).await;
         }
     }
 

@@ -591,9 +591,10 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner.settle_write(key, fill, write);
             }
             written?;
-            for (k, _) in &encoded {
-                self.inner.publish_set(k).await;
-            }
+            // One message for the batch.
+            self.inner
+                .publish_sets(encoded.iter().map(|(k, _)| k.as_str()))
+                .await;
         }
         Ok(out)
     }

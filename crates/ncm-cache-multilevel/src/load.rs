@@ -51,13 +51,14 @@ impl<C: Codec> Inner<C> {
                     let this = Arc::clone(&self);
                     let key = key.to_owned();
                     tokio::spawn(async move {
+                        // Ends the refresh also when the loader panics (the task unwinds).
+                        let _done = RefreshDone(&this, &key);
                         if let Err(e) = this
                             .load_flight::<T, _, _, E>(&key, loader, None, false)
                             .await
                         {
                             tracing::debug!(key, error = %e, "eager refresh failed");
                         }
-                        this.refreshing.end(&key);
                     });
                 }
                 return Ok((v.map(|v| v as Object), ValueSource::L1));
@@ -385,6 +386,15 @@ impl<C: Codec> Inner<C> {
 #[cfg(feature = "redis")]
 pub(crate) fn backoff(attempt: u32) -> std::time::Duration {
     std::time::Duration::from_millis((5u64 << attempt.min(5)).min(100))
+}
+
+/// Ends a key's background refresh when dropped (finished, failed, cancelled or panicked).
+struct RefreshDone<'a, C>(&'a Arc<Inner<C>>, &'a str);
+
+impl<C> Drop for RefreshDone<'_, C> {
+    fn drop(&mut self) {
+        self.0.refreshing.end(self.1);
+    }
 }
 
 /// Keys with a background refresh under way.

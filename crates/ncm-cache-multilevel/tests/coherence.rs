@@ -322,7 +322,13 @@ mod redis {
         }
         // The writer's versions were released: its next write is kept in L1 (not 1 s).
         a.set("k", 3u64).await.unwrap();
-        assert_eq!(a.get_with_source::<u64>("k").await.unwrap().map(|(v, s)| (*v, s)), Some((3, ValueSource::L1)));
+        assert_eq!(
+            a.get_with_source::<u64>("k")
+                .await
+                .unwrap()
+                .map(|(v, s)| (*v, s)),
+            Some((3, ValueSource::L1))
+        );
     }
 
     /// PUBLISH goes through L2's circuit breaker when the backplane is L2's Redis: with the
@@ -348,7 +354,10 @@ mod redis {
         b.set("k", 1u64).await.unwrap();
         until_seen(&b, "k", 1, Duration::from_secs(1)).await;
         proxy.set_mode(ProxyMode::Stall);
-        assert!(a.get::<u64>("k").await.is_err(), "the stalled read must fail");
+        assert!(
+            a.get::<u64>("k").await.is_err(),
+            "the stalled read must fail"
+        );
         assert!(a.l2_circuit_open());
         let start = Instant::now();
         let _ = a.delete("k").await;
@@ -705,7 +714,10 @@ mod redis {
             b.l1_active(),
             "B's subscription was lost: the test no longer shows a retried PUBLISH"
         );
-        eprintln!("delivered {:?} after the channel's node died", start.elapsed());
+        eprintln!(
+            "delivered {:?} after the channel's node died",
+            start.elapsed()
+        );
     }
 
     async fn until_gone(cache: &MultiLevelCache, key: &str) {

@@ -270,6 +270,57 @@ async fn eager_refresh_reloads_in_the_background_once() {
     );
 }
 
+/// A refresh whose loader panics must not leave the key marked "refreshing": the next hit
+/// past the refresh point starts a new refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_refresh_does_not_stop_later_refreshes() {
+    let clock = ManualClock::new();
+    let cache = MultiLevelCache::builder(MemoryBackend::new())
+        .clock(Arc::new(clock.clone()))
+        .l1_default_ttl(Duration::from_secs(100))
+        .eager_refresh(0.5)
+        .build()
+        .unwrap();
+    let v: u64 = cache
+        .get_or_load("k", || async { Ok::<_, Io>(0) })
+        .await
+        .unwrap();
+    assert_eq!(v, 0);
+    clock.advance(Duration::from_secs(60)); // past 50 % of the TTL
+    let panicked = Arc::new(AtomicUsize::new(0));
+    let p = Arc::clone(&panicked);
+    let v: u64 = cache
+        .get_or_load("k", move || async move {
+            p.fetch_add(1, Ordering::SeqCst);
+            if p.load(Ordering::SeqCst) > 0 {
+                panic!("loader bug");
+            }
+            Ok::<u64, Io>(9)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 0, "the current value is served while the refresh runs");
+    for _ in 0..100 {
+        if panicked.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The next hit refreshes again.
+    for _ in 0..100 {
+        let v: u64 = cache
+            .get_or_load("k", || async { Ok::<_, Io>(1) })
+            .await
+            .unwrap();
+        if v == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no refresh ever ran again after a refresh's loader panicked");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soft_timeout_serves_stale_and_hard_timeout_gives_up() {
     let clock = ManualClock::new();

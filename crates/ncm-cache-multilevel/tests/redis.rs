@@ -396,3 +396,53 @@ async fn a_lock_ttl_too_short_or_a_zero_wait_is_a_config_error() {
             .is_ok()
     );
 }
+
+/// A batch load announces its keys in one PUBLISH (it used to send one per key, one round trip
+/// after the other), and the other instance still drops every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_load_publishes_its_keys_in_one_message() {
+    let server = RedisServer::start().unwrap();
+    let instance = |redis: RedisCache| async move {
+        let cache = MultiLevelCache::builder(redis.backend())
+            .name("batch")
+            .backplane(Arc::clone(redis.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&cache).await;
+        cache
+    };
+    let a = instance(RedisCache::connect(config(&server)).await.unwrap()).await;
+    let b = instance(RedisCache::connect(config(&server)).await.unwrap()).await;
+    let keys: Vec<String> = (0..50).map(|i| format!("item:{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // B holds an old copy of every key.
+    for k in &refs {
+        b.set_at(k, 0u64, ncm_cache_core::CacheLevel::L1)
+            .await
+            .unwrap();
+    }
+    let before = server.command_calls("publish").unwrap();
+    let loaded = a
+        .get_many_or_load::<u64, _, _, _>(&refs, |missing| async move {
+            Ok::<_, std::io::Error>(missing.into_iter().map(|k| (k, 7u64)).collect())
+        })
+        .await
+        .unwrap();
+    assert!(loaded.iter().all(|v| *v == Some(7)));
+    let publishes = server.command_calls("publish").unwrap() - before;
+    assert!(
+        publishes <= 2,
+        "{publishes} PUBLISHes for one batch load of {} keys",
+        refs.len()
+    );
+    let start = Instant::now();
+    for k in &refs {
+        while b.get::<u64>(k).await.unwrap() != Some(7) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "{k}: B kept its old copy"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
