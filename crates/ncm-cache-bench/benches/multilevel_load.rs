@@ -5,7 +5,9 @@
 //!   same server. Every key is warmed into L1 first, so the rows compare steady states; a second
 //!   MultiLevelCache without the backplane shows what the invalidation messages cost;
 //! - the backplane's stale window: after `set` returns on instance A, how long instance B can
-//!   still return the old value (p99), beside the window without a backplane (the L1 TTL).
+//!   still return the old value (p99), beside the window without a backplane (the L1 TTL);
+//! - both again on a throwaway 3+3 Redis Cluster (`_cluster` rows), beside RedisCache on the
+//!   same cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use cached::prelude::ConcurrentCachedAsync;
 use ncm_cache_bench::{Row, Zipf, median, quick, write_rows};
 use ncm_cache_multilevel::MultiLevelCache;
 use ncm_cache_redis::{RedisCache, RedisConfig};
-use ncm_cache_testkit::RedisServer;
+use ncm_cache_testkit::{RedisCluster, RedisServer};
 
 const TASKS: usize = 64;
 /// Keys of the Zipf workload, in quick and full mode alike.
@@ -25,6 +27,20 @@ const KEYS: usize = 100_000;
 async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiLevelCache {
     let mut config = RedisConfig::from_url(&server.url()).unwrap();
     config.health_check_interval = None;
+    multilevel_on(config, name, backplane).await
+}
+
+/// The config of a client of `cluster` (every node a seed).
+fn cluster_config(cluster: &RedisCluster, prefix: &str) -> RedisConfig {
+    let urls = cluster.node_urls();
+    let mut config = RedisConfig::from_url(&urls[0]).unwrap();
+    config.cluster_nodes = urls;
+    config.health_check_interval = None;
+    config.key_prefix = prefix.into();
+    config
+}
+
+async fn multilevel_on(config: RedisConfig, name: &str, backplane: bool) -> MultiLevelCache {
     let redis = RedisCache::connect(config).await.unwrap();
     let builder = MultiLevelCache::builder(redis.backend())
         .name(name)
@@ -180,7 +196,8 @@ fn redis_run(
 fn main() {
     let filter = std::env::var("NCM_BENCH_FILTER").unwrap_or_default();
     if !filter.is_empty()
-        && !"multilevel_zipf redis_zipf backplane_stale_window cached_redis".contains(&filter)
+        && !"multilevel_zipf redis_zipf backplane_stale_window cached_redis _cluster"
+            .contains(&filter)
     {
         return;
     }
@@ -378,10 +395,115 @@ fn main() {
     );
 
     // Stale window of the backplane.
-    let samples = if quick() { 100 } else { 500 };
     let p99 = rt.block_on(async {
         let a = multilevel(&server, "window", true).await;
         let b = multilevel(&server, "window", true).await;
+        stale_window_p99(&a, &b).await
+    });
+    let ttl_ns = Duration::from_secs(300).as_nanos() as f64;
+    rows.push(Row {
+        name: "backplane_stale_window_p99".into(),
+        ours: p99,
+        baseline: ttl_ns,
+        baseline_name: "no backplane (L1 TTL 300 s)".into(),
+        unit: "ns".into(),
+        ratio: ttl_ns / p99,
+    });
+    drop(server);
+    cluster_rows(&rt, &zipf, per_task, rounds, &mut rows);
+
+    for r in &rows {
+        println!(
+            "{:<64} ours {:>14.0} {:<6} baseline {:>14.0} ({}) ratio {:.2}",
+            r.name, r.ours, r.unit, r.baseline, r.baseline_name, r.ratio
+        );
+    }
+    write_rows("multilevel", &rows).unwrap();
+}
+
+/// The same Zipf row and stale window on a 3+3 Redis Cluster: MultiLevelCache (backplane on
+/// the cluster) beside RedisCache on the same cluster.
+fn cluster_rows(
+    rt: &tokio::runtime::Runtime,
+    zipf: &Zipf,
+    per_task: usize,
+    rounds: usize,
+    rows: &mut Vec<Row>,
+) {
+    let cluster = RedisCluster::start().expect("redis-server is needed for the cluster rows");
+    let (ml, redis_only) = rt.block_on(async {
+        let ml = multilevel_on(cluster_config(&cluster, "ml:"), "zipf", true).await;
+        let redis_only = RedisCache::connect(cluster_config(&cluster, "plain:"))
+            .await
+            .unwrap();
+        let batch: Vec<(String, String)> = (0..KEYS).map(|i| (format!("k{i}"), value(i))).collect();
+        for chunk in batch.chunks(1000) {
+            redis_only
+                .set_many(
+                    chunk.iter().map(|(k, v)| (k.as_str(), v)),
+                    ncm_cache_core::Expiry::Default,
+                )
+                .await
+                .unwrap();
+            ml.l2()
+                .set_many(
+                    &chunk
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), ml.codec_bytes(k, v).unwrap()))
+                        .collect::<Vec<_>>(),
+                    Some(Duration::from_secs(3600)),
+                )
+                .await
+                .unwrap();
+        }
+        let c = ml.clone();
+        each_key(KEYS, move |i| {
+            let c = c.clone();
+            async move {
+                c.get::<String>(&format!("k{i}")).await.unwrap().unwrap();
+            }
+        })
+        .await;
+        (ml, redis_only)
+    });
+    let ml: &'static MultiLevelCache = Box::leak(Box::new(ml));
+    let redis_only: &'static RedisCache = Box::leak(Box::new(redis_only));
+    let mut run_ml = || ml_run(rt, ml, zipf, per_task, 1);
+    let mut run_redis = || redis_run(rt, redis_only, zipf, per_task, 1);
+    let ops = interleaved(rounds, &mut [&mut run_ml, &mut run_redis]);
+    let s = ml.get_stats();
+    println!(
+        "cluster: MultiLevelCache L1 hits {}, L2 hits {}, resyncs {}",
+        s.l1_hits, s.l2_hits, s.resyncs
+    );
+    rows.push(Row {
+        name: format!("multilevel_zipf_90r10w_{KEYS}keys_64tasks_cluster"),
+        ours: ops[0],
+        baseline: ops[1],
+        baseline_name: "RedisCache only (same cluster)".into(),
+        unit: "ops/s".into(),
+        ratio: ops[0] / ops[1],
+    });
+    let p99 = rt.block_on(async {
+        let a = multilevel_on(cluster_config(&cluster, "ml:"), "window", true).await;
+        let b = multilevel_on(cluster_config(&cluster, "ml:"), "window", true).await;
+        stale_window_p99(&a, &b).await
+    });
+    let ttl_ns = Duration::from_secs(300).as_nanos() as f64;
+    rows.push(Row {
+        name: "backplane_stale_window_p99_cluster".into(),
+        ours: p99,
+        baseline: ttl_ns,
+        baseline_name: "no backplane (L1 TTL 300 s)".into(),
+        unit: "ns".into(),
+        ratio: ttl_ns / p99,
+    });
+}
+
+/// After `set` returns on `a`, how long `b` can still return the old value: p99 in ns.
+async fn stale_window_p99(a: &MultiLevelCache, b: &MultiLevelCache) -> f64 {
+    let samples = if quick() { 100 } else { 500 };
+    {
         let mut windows = Vec::with_capacity(samples);
         for v in 0..samples as u64 {
             a.set("hot", v).await.unwrap();
@@ -401,22 +523,5 @@ fn main() {
         }
         windows.sort_by(f64::total_cmp);
         windows[(windows.len() * 99 / 100).min(windows.len() - 1)]
-    });
-    let ttl_ns = Duration::from_secs(300).as_nanos() as f64;
-    rows.push(Row {
-        name: "backplane_stale_window_p99".into(),
-        ours: p99,
-        baseline: ttl_ns,
-        baseline_name: "no backplane (L1 TTL 300 s)".into(),
-        unit: "ns".into(),
-        ratio: ttl_ns / p99,
-    });
-
-    for r in &rows {
-        println!(
-            "{:<64} ours {:>14.0} {:<6} baseline {:>14.0} ({}) ratio {:.2}",
-            r.name, r.ours, r.unit, r.baseline, r.baseline_name, r.ratio
-        );
     }
-    write_rows("multilevel", &rows).unwrap();
 }
