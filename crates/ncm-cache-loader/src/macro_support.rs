@@ -48,16 +48,38 @@ pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
     Ok(key)
 }
 
-/// `crate::module::Type::method` from the type name of a fn item declared in the method's body
-/// (`crate::module::Type::method::{{closure}}::__ncm_cache_fn`).
-pub fn fn_path(nested_fn: &'static str) -> &'static str {
-    let mut path = nested_fn
-        .strip_suffix("::__ncm_cache_fn")
-        .unwrap_or(nested_fn);
-    while let Some(outer) = path.strip_suffix("::{{closure}}") {
-        path = outer;
+/// The loader name of a method: `{module}::{Type}::{method}`, where `module` is the
+/// `module_path!()` of the `impl` and `Type` the last path segment of `Self` — as written,
+/// not as the compiler prints paths, so it does not change with the toolchain. A generic
+/// `Self` keeps its type arguments (`Repo<app::User>`, as `type_name` prints them): every
+/// instantiation gets its own keys, which may change with the compiler; give `name = ...`
+/// where keys must never change. Interned: one allocation per (type, method) per process.
+pub fn method_path(
+    module: &'static str,
+    self_type: &'static str,
+    method: &'static str,
+) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, RwLock};
+    type Names = HashMap<(&'static str, &'static str, &'static str), &'static str>;
+    static NAMES: LazyLock<RwLock<Names>> = LazyLock::new(Default::default);
+    let id = (module, self_type, method);
+    if let Some(name) = NAMES.read().ok().and_then(|n| n.get(&id).copied()) {
+        return name;
     }
-    path
+    let name: &'static str =
+        Box::leak(format!("{module}::{}::{method}", type_segment(self_type)).into_boxed_str());
+    if let Ok(mut names) = NAMES.write() {
+        return names.entry(id).or_insert(name);
+    }
+    name
+}
+
+/// `Type` (or `Type<args>`) from a full type name `a::b::Type<args>`.
+fn type_segment(full: &str) -> &str {
+    let generics = full.find('<').unwrap_or(full.len());
+    let start = full[..generics].rfind("::").map_or(0, |i| i + 2);
+    &full[start..]
 }
 
 /// The call every annotated function makes: cache hit, or the body (once per key across
@@ -100,8 +122,194 @@ where
     loader.run_cached::<M, R, Fut>(&counters, call, body).await
 }
 
-/// `Result<T, E>`: `Ok` is cached, `Err` is returned and never cached. A caller that waited on
-/// a concurrent call which failed runs its own call (its `E` cannot be shared).
+/// Picks the [`Mode`] from the function's output type, whatever name it is written with (a
+/// type alias included), by autoref specialization: the macro emits
+/// `(&&&&&Probe::<R>::new()).__ncm_mode()` with the five `Tier*` traits in scope, and the first
+/// tier whose impl applies wins:
+/// 1. `Result<T, E>` with `E: Clone` — [`SharedResultMode`] (waiters get a clone of the error);
+/// 2. `Result<T, E>` with `E: From<CacheError>` — [`FromErrorResultMode`];
+/// 3. any other `Result<T, E>` — [`ResultMode`] (waiters run their own call);
+/// 4. `Option<T>` — [`OptionMode`];
+/// 5. anything else — [`PlainMode`].
+pub struct Probe<R>(std::marker::PhantomData<fn() -> R>);
+
+impl<R> Probe<R> {
+    /// The probe for output type `R`.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// Outputs `mode = result` accepts.
+#[diagnostic::on_unimplemented(
+    message = "`mode = result` needs a function returning `Result<T, E>` (or an alias of one), not `{Self}`"
+)]
+pub trait IsResult {}
+
+impl<T, E> IsResult for std::result::Result<T, E> {}
+
+/// The probe for `mode = result` (only `Result` outputs).
+pub const fn result_probe<R: IsResult>() -> Probe<R> {
+    Probe(std::marker::PhantomData)
+}
+
+/// Tier 1 of [`Probe`].
+pub trait Tier1 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<T, E: Clone + Send + Sync + 'static> Tier1 for &&&&Probe<std::result::Result<T, E>> {
+    type M = SharedResultMode;
+    fn __ncm_mode(&self) -> SharedResultMode {
+        SharedResultMode
+    }
+}
+
+/// Tier 2 of [`Probe`].
+pub trait Tier2 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<T, E: From<CacheError>> Tier2 for &&&Probe<std::result::Result<T, E>> {
+    type M = FromErrorResultMode;
+    fn __ncm_mode(&self) -> FromErrorResultMode {
+        FromErrorResultMode
+    }
+}
+
+/// Tier 3 of [`Probe`].
+pub trait Tier3 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<T, E> Tier3 for &&Probe<std::result::Result<T, E>> {
+    type M = ResultMode;
+    fn __ncm_mode(&self) -> ResultMode {
+        ResultMode
+    }
+}
+
+/// Tier 4 of [`Probe`].
+pub trait Tier4 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<T> Tier4 for &Probe<Option<T>> {
+    type M = OptionMode;
+    fn __ncm_mode(&self) -> OptionMode {
+        OptionMode
+    }
+}
+
+/// Tier 5 of [`Probe`].
+pub trait Tier5 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<R> Tier5 for Probe<R> {
+    type M = PlainMode;
+    fn __ncm_mode(&self) -> PlainMode {
+        PlainMode
+    }
+}
+
+/// The leader's error, carried to waiters inside [`CacheError::Loader`].
+struct SharedFailure<E>(E);
+
+impl<E> std::fmt::Debug for SharedFailure<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedFailure")
+    }
+}
+
+impl<E> std::fmt::Display for SharedFailure<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a concurrent call of the same key failed")
+    }
+}
+
+impl<E> std::error::Error for SharedFailure<E> {}
+
+/// `Result<T, E>` with `E: Clone`: `Ok` is cached; on `Err` the one load's error is cloned to
+/// every caller that waited on it (one call per key, also on failure).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedResultMode;
+
+impl<T, E> Mode<std::result::Result<T, E>> for SharedResultMode
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: Clone + Send + Sync + 'static,
+{
+    type Stored = T;
+    fn split(output: std::result::Result<T, E>) -> Split<T, std::result::Result<T, E>> {
+        ResultMode::split(output)
+    }
+    fn join(stored: T) -> std::result::Result<T, E> {
+        Ok(stored)
+    }
+    fn empty() -> Option<std::result::Result<T, E>> {
+        None
+    }
+    fn flight_error(output: &std::result::Result<T, E>) -> CacheError {
+        match output {
+            Err(e) => CacheError::Loader(std::sync::Arc::new(SharedFailure(e.clone()))),
+            Ok(_) => CacheError::loader("the loader failed"),
+        }
+    }
+    fn shared_error(err: CacheError) -> Option<std::result::Result<T, E>> {
+        match &err {
+            CacheError::Loader(inner) => inner
+                .downcast_ref::<SharedFailure<E>>()
+                .map(|f| Err(f.0.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// `Result<T, E>` with `E: From<CacheError>` (not `Clone`): waiters of a failed load get
+/// `E::from(CacheError::Loader(..))` ("a concurrent call of the same key failed") instead of
+/// running their own call.
+#[derive(Debug, Clone, Copy)]
+pub struct FromErrorResultMode;
+
+impl<T, E> Mode<std::result::Result<T, E>> for FromErrorResultMode
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: From<CacheError>,
+{
+    type Stored = T;
+    fn split(output: std::result::Result<T, E>) -> Split<T, std::result::Result<T, E>> {
+        ResultMode::split(output)
+    }
+    fn join(stored: T) -> std::result::Result<T, E> {
+        Ok(stored)
+    }
+    fn empty() -> Option<std::result::Result<T, E>> {
+        None
+    }
+    fn flight_error(_: &std::result::Result<T, E>) -> CacheError {
+        CacheError::loader("a concurrent call of the same key failed")
+    }
+    fn shared_error(err: CacheError) -> Option<std::result::Result<T, E>> {
+        Some(Err(E::from(err)))
+    }
+}
+
+/// `Result<T, E>` whose `E` is neither `Clone` nor `From<CacheError>`: `Ok` is cached, `Err`
+/// is returned and never cached; a caller that waited on a concurrent call which failed runs
+/// its own call (its `E` cannot be shared). Make `E: Clone` (or return `Arc<E>`) for one call
+/// per key on failure too.
 #[derive(Debug, Clone, Copy)]
 pub struct ResultMode;
 
@@ -213,14 +421,23 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::fn_path;
+    use super::method_path;
 
     #[test]
-    fn fn_paths_drop_the_marker_and_closure_segments() {
+    fn method_paths_use_the_impl_module_and_the_types_own_name() {
         assert_eq!(
-            fn_path("app::svc::UserService::get::{{closure}}::__ncm_cache_fn"),
+            method_path("app::svc", "app::svc::UserService", "get"),
             "app::svc::UserService::get"
         );
-        assert_eq!(fn_path("app::get::__ncm_cache_fn"), "app::get");
+        assert_eq!(
+            method_path("app", "other::place::Repo<app::User>", "find"),
+            "app::Repo<app::User>::find"
+        );
+        assert_eq!(method_path("app", "Plain", "f"), "app::Plain::f");
+        // Interned: the same pointer each time.
+        assert!(std::ptr::eq(
+            method_path("app", "Plain", "f"),
+            method_path("app", "Plain", "f")
+        ));
     }
 }

@@ -71,6 +71,7 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
         _ => {}
     }
     let mode = output_mode(sig, &opts, name)?;
+    reject_unkeyed_generics(sig, &opts, name)?;
 
     // The key: a custom expression, or every non-`self` argument in order.
     let key = match &opts.key {
@@ -108,10 +109,21 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
         // borrow of `self` outlives this line.
         quote_spanned!(l.span()=> (#l).__ncm_cache_loader())
     });
-    let fn_name = match &opts.name {
-        Some(lit) => quote!(#lit),
-        None => quote!(::ncm_cache_loader::__private::fn_path(
-            ::core::any::type_name_of_val(&__ncm_cache_fn)
+    // The loader name (the key's middle part): `module::fn` or `module::Type::method`, from
+    // the source as written — never from the compiler's `type_name` of the fn, whose format may
+    // change between toolchains.
+    let ident = &sig.ident;
+    let fn_name = match (&opts.name, kind) {
+        (Some(lit), _) => quote!(#lit),
+        (None, Kind::Function) => quote!(::core::concat!(
+            ::core::module_path!(),
+            "::",
+            ::core::stringify!(#ident)
+        )),
+        (None, Kind::Method) => quote!(::ncm_cache_loader::__private::method_path(
+            ::core::module_path!(),
+            ::core::any::type_name::<Self>(),
+            ::core::stringify!(#ident),
         )),
     };
     let ttl = &opts.ttl;
@@ -130,7 +142,6 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
     Ok(quote! {
         #(#attrs)*
         #vis #defaultness #sig {
-            fn __ncm_cache_fn() {}
             let #v_name: &'static str = #fn_name;
             let #v_loader = #loader;
             let #v_key = #key;
@@ -143,9 +154,37 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
     })
 }
 
-/// Picks how the return value is cached from its type: `Result<T, E>` (and aliases whose name
-/// ends in `Result`) caches `Ok` only; `Option<T>` caches `Some` (and `None` with
-/// `cache_none = true`); any other owned type is cached as is.
+/// A generic function has one name for every instantiation: `get::<User>(1)` and
+/// `get::<Order>(1)` would share a key. Refused unless `key = ...` tells them apart.
+fn reject_unkeyed_generics(sig: &Signature, opts: &Options, name: &str) -> syn::Result<()> {
+    if opts.key.is_some() {
+        return Ok(());
+    }
+    let generic = sig
+        .generics
+        .params
+        .iter()
+        .find(|p| matches!(p, syn::GenericParam::Type(_) | syn::GenericParam::Const(_)));
+    match generic {
+        Some(param) => Err(syn::Error::new(
+            param.span(),
+            format!(
+                "#[{name}] on a generic function: every instantiation would share one cache \
+                 key (`{f}::<A>(1)` and `{f}::<B>(1)` read each other's values). Give a \
+                 `key = ...` that tells them apart, e.g. key = format!(\"{{}}:{{id}}\", \
+                 std::any::type_name::<T>()), or make the function non-generic",
+                f = sig.ident
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Picks how the return value is cached. By default from its type, whatever name it is written
+/// with (an alias included), through `__private::Probe`: `Result<T, E>` caches `Ok` only (and
+/// shares a failure with the callers that waited on it when `E: Clone` or
+/// `E: From<CacheError>`); `Option<T>` caches `Some` (and `None` with `cache_none = true`);
+/// any other owned type is cached as is. `mode = result | option | value` forces one.
 fn output_mode(sig: &Signature, opts: &Options, name: &str) -> syn::Result<TokenStream> {
     let ty = match &sig.output {
         ReturnType::Default => {
@@ -187,23 +226,35 @@ fn output_mode(sig: &Signature, opts: &Options, name: &str) -> syn::Result<Token
         }
         _ => None,
     };
-    let last = last_ident.unwrap_or_default();
-    let is_option = last == "Option";
+    let mode = opts.mode.as_ref().map(|m| (m.to_string(), m.span()));
+    let is_option = match &mode {
+        Some((m, _)) => m == "option",
+        None => last_ident.as_deref() == Some("Option"),
+    };
     if let Some(flag) = opts.cache_none.as_ref().filter(|_| !is_option) {
         return Err(syn::Error::new(
             flag.span(),
-            "`cache_none` applies only to functions returning `Option<T>`",
+            "`cache_none` applies only to functions returning `Option<T>` (behind a type \
+             alias, add `mode = option`)",
         ));
     }
-    Ok(if last.ends_with("Result") {
-        quote!(::ncm_cache_loader::__private::ResultMode)
-    } else if is_option {
-        if opts.cache_none.as_ref().is_some_and(|b| b.value) {
-            quote!(::ncm_cache_loader::__private::OptionCacheNoneMode)
-        } else {
-            quote!(::ncm_cache_loader::__private::OptionMode)
-        }
-    } else {
-        quote!(::ncm_cache_loader::__private::PlainMode)
+    let private = quote!(::ncm_cache_loader::__private);
+    if opts.cache_none.as_ref().is_some_and(|b| b.value) {
+        return Ok(quote!(#private::OptionCacheNoneMode));
+    }
+    Ok(match mode {
+        Some((m, _)) if m == "option" => quote!(#private::OptionMode),
+        Some((m, _)) if m == "value" => quote!(#private::PlainMode),
+        Some((_, span)) => quote_spanned! {span=> {
+            #[allow(unused_imports)]
+            // All tiers in scope: a non-`Result` output then fails on `result_probe` alone.
+            use #private::{Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
+            (&&&&&#private::result_probe::<#ty>()).__ncm_mode()
+        }},
+        None => quote! {{
+            #[allow(unused_imports)]
+            use #private::{Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
+            (&&&&&#private::Probe::<#ty>::new()).__ncm_mode()
+        }},
     })
 }

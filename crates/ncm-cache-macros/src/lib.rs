@@ -23,13 +23,28 @@
 //! | `loader` | the `CacheLoader` (a static, a `LazyLock`, `self.field`, a call returning `&CacheLoader`, ...) | required |
 //! | `ttl` | seconds (`1800`, `0.5`), a duration string (`"30m"`, `"1h 30m"`), or a `Duration` expression | the loader's `default_ttl` |
 //! | `strategy` | a `CacheStrategy` variant (`ReadThrough`, `CacheStrategy::WriteBehind`, `"write_around"`) | `CacheAside` |
-//! | `key` | an expression over the arguments whose `Display` form is the key's argument part | the arguments as canonical JSON |
+//! | `key` | an expression over the arguments whose `Display` form is the key's argument part (required on generic functions) | the arguments as canonical JSON |
 //! | `name` | a string: the loader name used in keys and stats | the function's path |
 //! | `cache_none` | `true` / `false`: also cache `None` (functions returning `Option<T>`) | `false` |
+//! | `mode` | `result` (cache `Ok` only), `option` (cache `Some` only), `value` (cache what is returned) | from the return type |
 //!
-//! The return type decides what is cached: `Result<T, E>` (or an alias whose name ends in
-//! `Result`) caches only `Ok`; `Option<T>` caches `Some` (and `None` with `cache_none = true`);
-//! any other owned type is always cached.
+//! **What is cached** follows the return *type*, whatever name it is written with (a type
+//! alias included): `Result<T, E>` caches only `Ok`; `Option<T>` caches `Some` (and `None`
+//! with `cache_none = true`); any other owned type is always cached. `mode = ...` forces one.
+//!
+//! **Keys** are `loader:{name}:{arguments}`: `name` is `{module_path!()}::{fn}` for a
+//! function and `{module_path!()}::{Type}::{method}` for a method (the `impl`'s module, `Type`
+//! as written; a generic `Self` adds its type arguments as `type_name` prints them, so each
+//! instantiation has its own keys), and the arguments are canonical JSON
+//! (`loader:app::users::get_user:[42]`). Nothing comes from the compiler's name of the
+//! function, so keys survive a toolchain upgrade. A generic function needs `key = ...`
+//! (otherwise every instantiation would share one key). `name = ...` fixes the name.
+//!
+//! **Failures are shared**: concurrent callers of one key run the body once; when it fails,
+//! every caller that waited gets its error — a clone when `E: Clone`, `E::from(CacheError)` when
+//! `E: From<CacheError>` — so a failing database sees one call per key, not one per caller.
+//! Only an error type that is neither makes each waiter run its own call (return `Arc<E>` to
+//! avoid that).
 
 mod expand;
 mod options;

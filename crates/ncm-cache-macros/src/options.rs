@@ -15,7 +15,7 @@ const STRATEGIES: [(&str, &str); 5] = [
     ("WriteAround", "write_around"),
 ];
 
-const OPTIONS: &str = "loader, ttl, strategy, key, name, cache_none";
+const OPTIONS: &str = "loader, ttl, strategy, key, name, cache_none, mode";
 
 /// The options of one `#[cache_loader(..)]` / `#[cache_method(..)]`.
 pub(crate) struct Options {
@@ -31,6 +31,8 @@ pub(crate) struct Options {
     pub(crate) name: Option<LitStr>,
     /// Whether `None` results are cached (`Option` returns only).
     pub(crate) cache_none: Option<LitBool>,
+    /// How the output is cached when its type does not say (`result`, `option`, `value`).
+    pub(crate) mode: Option<syn::Ident>,
 }
 
 impl Options {
@@ -43,6 +45,7 @@ impl Options {
             key: None,
             name: None,
             cache_none: None,
+            mode: None,
         };
         let parser = syn::meta::parser(|meta| {
             let Some(ident) = meta.path.get_ident() else {
@@ -70,6 +73,24 @@ impl Options {
                     opts.name = Some(name);
                 }
                 "cache_none" => opts.cache_none = Some(meta.value()?.parse()?),
+                "mode" => {
+                    let value = meta.value()?;
+                    let mode: syn::Ident = match value.parse::<LitStr>() {
+                        Ok(s) => syn::Ident::new(&s.value(), s.span()),
+                        Err(_) => value.parse()?,
+                    };
+                    if !["result", "option", "value"].contains(&mode.to_string().as_str()) {
+                        return Err(syn::Error::new(
+                            mode.span(),
+                            format!(
+                                "unknown mode `{mode}`; expected `result` (cache `Ok` only), \
+                                 `option` (cache `Some` only) or `value` (cache whatever is \
+                                 returned)"
+                            ),
+                        ));
+                    }
+                    opts.mode = Some(mode);
+                }
                 other => {
                     return Err(meta.error(format!(
                         "unknown option `{other}`; expected one of: {OPTIONS}"

@@ -17,6 +17,31 @@ fn loader() -> &'static CacheLoader {
 struct DbError;
 
 type AppResult<T> = Result<T, DbError>;
+type Lookup<T> = Result<T, DbError>;
+type Maybe<T> = Option<T>;
+
+#[cache_loader(loader = LOADER)]
+async fn alias_without_result_in_its_name(id: u64) -> Lookup<u64> {
+    Ok(id)
+}
+
+#[cache_loader(loader = LOADER, mode = option, cache_none = true)]
+async fn option_alias(id: u64) -> Maybe<u64> {
+    Some(id)
+}
+
+#[cache_loader(loader = LOADER, mode = "value")]
+async fn cached_as_a_whole(id: u64) -> Result<u64, String> {
+    Ok(id)
+}
+
+#[cache_loader(loader = LOADER, key = format!("{}:{id}", std::any::type_name::<T>()))]
+async fn generic_with_a_key<T: Default + serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
+    id: u64,
+) -> Result<T, DbError> {
+    let _ = id;
+    Ok(T::default())
+}
 
 #[cache_loader(loader = LOADER, ttl = "1h 30m", strategy = ReadThrough)]
 async fn profile(user_id: u64) -> Result<String, DbError> {
