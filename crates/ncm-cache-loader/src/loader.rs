@@ -276,6 +276,62 @@ impl<C: Codec> CacheLoader<C> {
         registered.load(self, args, false).await
     }
 
+    /// Loads through the loader registered as `name` with named arguments — the original's
+    /// `load(name, **kwargs)`: `kwargs` (a JSON object) are the fields of the loader's struct
+    /// argument. Cached and single-flight like [`load`](Self::load), under the same key.
+    ///
+    /// ```
+    /// # use ncm_cache_core::{Cache, CacheStrategy};
+    /// # use ncm_cache_loader::CacheLoader;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let cache = Cache::new(ncm_cache_memory::MemoryBackend::new(), ncm_cache_codec::Serializer::default());
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Search { query: String, limit: u32 }
+    /// let loader = CacheLoader::new(cache);
+    /// loader.register_loader(
+    ///     "search",
+    ///     |s: Search| async move { Ok::<_, std::io::Error>(vec![s.query; s.limit as usize]) },
+    ///     None,
+    ///     CacheStrategy::CacheAside,
+    /// )?;
+    /// let hits: Vec<String> = loader
+    ///     .load_named("search", serde_json::json!({"query": "rust", "limit": 2}))
+    ///     .await?;
+    /// assert_eq!(hits.len(), 2);
+    /// # Ok::<(), ncm_cache_core::CacheError>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::InvalidArgument`] when no loader has that name, `kwargs` is not an object
+    /// or does not fit the loader's argument, or `T` is not the loader's value type; the
+    /// loader's own error otherwise.
+    pub async fn load_named<T>(&self, name: &str, kwargs: serde_json::Value) -> Result<T>
+    where
+        T: Send + 'static,
+    {
+        let erased = self.registered(name)?;
+        let serde_json::Value::Object(kwargs) = kwargs else {
+            return Err(CacheError::InvalidArgument(format!(
+                "named arguments for loader {name:?} must be a JSON object"
+            )));
+        };
+        if erased.value_type() != std::any::TypeId::of::<T>() {
+            let (a, t) = erased.signature();
+            return Err(CacheError::InvalidArgument(format!(
+                "loader {name:?} takes `{a}` and returns `{t}`, not `{}`",
+                type_name::<T>()
+            )));
+        }
+        let value = erased
+            .load_json(self, serde_json::Value::Null, kwargs)
+            .await?;
+        value.downcast::<T>().map(|v| *v).map_err(|_| {
+            CacheError::InvalidArgument(format!("loader {name:?} returned another type"))
+        })
+    }
+
     /// Removes the cached value of one call of `name`; `true` when it was cached.
     pub async fn invalidate<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> Result<bool> {
         self.inner

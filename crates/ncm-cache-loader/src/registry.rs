@@ -1,7 +1,7 @@
 //! Registered loaders: the typed record behind a name, its type-erased view for the by-name
 //! paths (`load`, warming), and the typed [`LoaderHandle`].
 
-use std::any::{Any, type_name};
+use std::any::{Any, TypeId, type_name};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use ncm_cache_codec::Serializer;
 use ncm_cache_core::{CacheError, CacheStrategy, Codec, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::fetch::{Call, LoadMode};
 use crate::key::{args_key, loader_key};
@@ -86,7 +86,56 @@ pub(crate) trait ErasedLoader<C>: Send + Sync {
         &'a self,
         loader: &'a CacheLoader<C>,
         args: Value,
+        kwargs: Map<String, Value>,
     ) -> BoxFuture<'a, (Option<String>, Result<()>)>;
+    /// The value's type.
+    fn value_type(&self) -> TypeId;
+    /// Loads (cached, single-flight) for JSON arguments; the value boxed (of `value_type`).
+    fn load_json<'a>(
+        &'a self,
+        loader: &'a CacheLoader<C>,
+        args: Value,
+        kwargs: Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Box<dyn Any + Send>>>;
+}
+
+/// The loader's argument from the original's positional `args` and named `kwargs` (see
+/// [`WarmConfig`](crate::WarmConfig)).
+fn from_json<A: DeserializeOwned>(
+    name: &str,
+    args: Value,
+    kwargs: Map<String, Value>,
+) -> Result<A> {
+    let misfit = |e: serde_json::Error| {
+        CacheError::InvalidArgument(format!(
+            "arguments for loader {name:?} do not fit `{}`: {e}",
+            type_name::<A>()
+        ))
+    };
+    let positional = !matches!(&args, Value::Null) && args != Value::Array(Vec::new());
+    match (positional, kwargs.is_empty()) {
+        (true, false) => Err(CacheError::InvalidArgument(format!(
+            "loader {name:?} got both positional `args` and named `kwargs`; a Rust loader takes \
+             one value (`{}`): give its fields as `kwargs`, or the value as `args`",
+            type_name::<A>()
+        ))),
+        (false, false) => serde_json::from_value(Value::Object(kwargs)).map_err(misfit),
+        // `null` or `[]`: no arguments (`()`), or an empty list for a list argument.
+        (false, true) => serde_json::from_value(Value::Null)
+            .or_else(|_| serde_json::from_value(args))
+            .map_err(misfit),
+        (true, true) => match args {
+            // One positional argument is that argument (as in Python); a list argument given
+            // as `[[1, 2]]` or `[1, 2]` both fit.
+            Value::Array(mut items) if items.len() == 1 => {
+                let only = items.pop().unwrap_or(Value::Null);
+                serde_json::from_value(only.clone())
+                    .or_else(|_| serde_json::from_value(Value::Array(vec![only])))
+                    .map_err(misfit)
+            }
+            other => serde_json::from_value(other).map_err(misfit),
+        },
+    }
 }
 
 impl<C, A, T> ErasedLoader<C> for Registered<A, T>
@@ -107,22 +156,33 @@ where
         &'a self,
         loader: &'a CacheLoader<C>,
         args: Value,
+        kwargs: Map<String, Value>,
     ) -> BoxFuture<'a, (Option<String>, Result<()>)> {
         Box::pin(async move {
-            let args: A = match serde_json::from_value(args) {
+            let args: A = match from_json(&self.name, args, kwargs) {
                 Ok(args) => args,
-                Err(e) => {
-                    let err = CacheError::InvalidArgument(format!(
-                        "arguments for loader {:?} do not fit `{}`: {e}",
-                        self.name,
-                        type_name::<A>()
-                    ));
-                    return (None, Err(err));
-                }
+                Err(e) => return (None, Err(e)),
             };
             let key = self.key(&args).ok();
             let result = self.load(loader, args, true).await.map(drop);
             (key, result)
+        })
+    }
+
+    fn value_type(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+
+    fn load_json<'a>(
+        &'a self,
+        loader: &'a CacheLoader<C>,
+        args: Value,
+        kwargs: Map<String, Value>,
+    ) -> BoxFuture<'a, Result<Box<dyn Any + Send>>> {
+        Box::pin(async move {
+            let args: A = from_json(&self.name, args, kwargs)?;
+            let value = self.load(loader, args, false).await?;
+            Ok(Box::new(value) as Box<dyn Any + Send>)
         })
     }
 }

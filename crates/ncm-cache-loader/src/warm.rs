@@ -14,8 +14,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::loader::{CacheLoader, read, write};
 
-/// One key to warm: the loader's name and its arguments as JSON (the original's
-/// `{"name": ..., "args": [...]}`). Deserializable, so warming lists can live in configuration.
+/// One key to warm, as the original writes it: `{"name": ..., "args": [...], "kwargs": {...}}`.
+/// Deserializable, so warming lists can live in configuration; an unknown field is an error.
+///
+/// How `args` and `kwargs` become the loader's argument (its type `A`):
+/// - `args` is the list of positional arguments: one entry is that argument (`[123]` for a
+///   `u64` loader; a list entry for a `Vec` loader), several are a tuple (`["rust", 10]` for
+///   `(String, u32)`); a value that is not a list is the argument itself (`"args": 123`);
+/// - `kwargs` are named arguments: the fields of a struct (or map) argument;
+/// - both at once is an error (a Rust loader takes one value: positional or named).
 ///
 /// ```
 /// use ncm_cache_loader::WarmConfig;
@@ -24,14 +31,23 @@ use crate::loader::{CacheLoader, read, write};
 /// assert_eq!(a, b);
 /// let c = WarmConfig::with_args("search", &("rust", 10)).unwrap();
 /// assert_eq!(c.args, serde_json::json!(["rust", 10]));
+/// let d: WarmConfig = serde_json::from_str(
+///     r#"{"name": "search", "args": [], "kwargs": {"query": "rust", "limit": 10}}"#,
+/// ).unwrap();
+/// assert_eq!(d.kwargs["limit"], 10);
+/// assert!(serde_json::from_str::<WarmConfig>(r#"{"name": "x", "argz": [1]}"#).is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WarmConfig {
     /// The registered loader's name.
     pub name: String,
-    /// The arguments, as the JSON form of the loader's argument type (`null` for `()`).
+    /// Positional arguments (see above; `null` or `[]` for a `()` loader).
     #[serde(default)]
     pub args: Value,
+    /// Named arguments: the fields of a struct argument.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub kwargs: serde_json::Map<String, Value>,
 }
 
 impl WarmConfig {
@@ -40,7 +56,28 @@ impl WarmConfig {
         Self {
             name: name.into(),
             args: args.into(),
+            kwargs: serde_json::Map::new(),
         }
+    }
+
+    /// A config from a name and named arguments (a JSON object: the fields of the loader's
+    /// struct argument).
+    ///
+    /// ```
+    /// let c = ncm_cache_loader::WarmConfig::with_kwargs("search", serde_json::json!({"q": "rust"})).unwrap();
+    /// assert_eq!(c.kwargs["q"], "rust");
+    /// ```
+    pub fn with_kwargs(name: impl Into<String>, kwargs: Value) -> Result<Self> {
+        let Value::Object(kwargs) = kwargs else {
+            return Err(CacheError::InvalidArgument(
+                "named arguments must be a JSON object".into(),
+            ));
+        };
+        Ok(Self {
+            name: name.into(),
+            args: Value::Null,
+            kwargs,
+        })
     }
 
     /// A config from a name and typed arguments.
@@ -272,7 +309,7 @@ impl<C: Codec> CacheLoader<C> {
     async fn warm_one(&self, config: WarmConfig) -> WarmResult {
         let started = Instant::now();
         let (key, outcome) = match self.registered(&config.name) {
-            Ok(registered) => registered.warm(self, config.args).await,
+            Ok(registered) => registered.warm(self, config.args, config.kwargs).await,
             Err(e) => (None, Err(e)),
         };
         WarmResult {

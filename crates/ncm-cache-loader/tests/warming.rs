@@ -223,3 +223,78 @@ async fn dropping_the_loader_ends_background_warming() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(alive_tasks(), baseline);
 }
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Search {
+    query: String,
+    limit: u32,
+}
+
+/// The original's warming config, as JSON, works as written: positional `args` (a list, one
+/// entry per parameter), named `kwargs` (the fields of a struct argument), and an unknown field
+/// is an error rather than silently ignored. `load_named` is the original's `load(name, **kw)`.
+#[tokio::test]
+async fn the_originals_warming_config_works_as_written() {
+    let loader = CacheLoader::new(memory_cache());
+    let user = loader
+        .register_loader(
+            "user_data",
+            |id: u64| async move { Ok::<_, std::io::Error>(format!("user {id}")) },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let search = loader
+        .register_loader(
+            "search",
+            |s: Search| async move { Ok::<_, std::io::Error>(format!("{}:{}", s.query, s.limit)) },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let pair = loader
+        .register_loader(
+            "pair",
+            |(a, b): (String, u32)| async move { Ok::<_, std::io::Error>(format!("{a}{b}")) },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let configs: Vec<WarmConfig> = serde_json::from_value(json!([
+        {"name": "user_data", "args": [123], "kwargs": {}},
+        {"name": "search", "kwargs": {"query": "rust", "limit": 10}},
+        {"name": "pair", "args": ["a", 1]},
+        {"name": "user_data", "args": 7}
+    ]))
+    .unwrap();
+    let results = loader.warm_cache(configs, 2).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // Warmed under the keys the typed calls use.
+    for key in [
+        user.key(&123).unwrap(),
+        user.key(&7).unwrap(),
+        search
+            .key(&Search {
+                query: "rust".into(),
+                limit: 10,
+            })
+            .unwrap(),
+        pair.key(&("a".into(), 1)).unwrap(),
+    ] {
+        assert!(loader.cache().exists(&key).await.unwrap(), "{key} not warmed");
+    }
+    // Named arguments, like the original's `load("search", query="rust", limit=10)`.
+    let found: String = loader
+        .load_named("search", json!({"query": "go", "limit": 3}))
+        .await
+        .unwrap();
+    assert_eq!(found, "go:3");
+    // Mistakes are errors that say what is wrong.
+    let unknown = serde_json::from_value::<WarmConfig>(json!({"name": "x", "argz": [1]}));
+    assert!(unknown.unwrap_err().to_string().contains("argz"));
+    let mixed: Vec<WarmConfig> =
+        serde_json::from_value(json!([{"name": "search", "args": ["rust"], "kwargs": {"limit": 1}}]))
+            .unwrap();
+    let result = &loader.warm_cache(mixed, 1).await[0];
+    assert!(result.outcome.as_ref().unwrap_err().contains("both"), "{result:?}");
+}
