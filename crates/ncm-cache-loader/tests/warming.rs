@@ -281,7 +281,10 @@ async fn the_originals_warming_config_works_as_written() {
             .unwrap(),
         pair.key(&("a".into(), 1)).unwrap(),
     ] {
-        assert!(loader.cache().exists(&key).await.unwrap(), "{key} not warmed");
+        assert!(
+            loader.cache().exists(&key).await.unwrap(),
+            "{key} not warmed"
+        );
     }
     // Named arguments, like the original's `load("search", query="rust", limit=10)`.
     let found: String = loader
@@ -292,9 +295,13 @@ async fn the_originals_warming_config_works_as_written() {
     // Mistakes are errors that say what is wrong.
     let unknown = serde_json::from_value::<WarmConfig>(json!({"name": "x", "argz": [1]}));
     assert!(unknown.unwrap_err().to_string().contains("argz"));
-    let mixed: Vec<WarmConfig> =
-        serde_json::from_value(json!([{"name": "search", "args": ["rust"], "kwargs": {"limit": 1}}]))
-            .unwrap();
+    let mixed: Vec<WarmConfig> = serde_json::from_value(
+        json!([{"name": "search", "args": ["rust"], "kwargs": {"limit": 1}}]),
+    )
+    .unwrap();
     let result = &loader.warm_cache(mixed, 1).await[0];
-    assert!(result.outcome.as_ref().unwrap_err().contains("both"), "{result:?}");
+    assert!(
+        result.outcome.as_ref().unwrap_err().contains("both"),
+        "{result:?}"
+    );
 }

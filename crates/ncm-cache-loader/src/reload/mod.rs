@@ -32,7 +32,10 @@ pub enum ReloadStrategy {
     Lazy,
     /// Reload on a timer before the value expires (at the reloader's `eager_fraction` of the
     /// TTL, 80 % by default), so readers never miss. Across instances on Redis the timer has
-    /// one owner.
+    /// one owner; when it dies, another instance takes over and reloads before the value
+    /// expires, provided a load plus the run lease ([`lock_ttl`](CacheReloaderBuilder::lock_ttl))
+    /// fit in what is left of the TTL at the reload point minus 1.5 × the timer lease (a
+    /// quarter of that remaining time, at most 15 s).
     Eager,
     /// Serve the cached value, and reload it in the background when it is read after
     /// `fraction` of its TTL has passed (0 < fraction < 1; 0.8 is usual).
@@ -159,8 +162,9 @@ impl<C: Codec> CacheReloaderBuilder<C> {
         self
     }
 
-    /// The TTL of the lease held while one instance reloads a key (default 30 s): longer than
-    /// a load takes, short enough that a crashed instance does not block the others long.
+    /// The TTL of the lease held while one instance reloads a key (default 10 s), renewed
+    /// every third of it while the load runs (a longer load keeps it): a crashed instance
+    /// blocks the others' reloads of that key for at most this long.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
         if !ttl.is_zero() {
             self.lock_ttl = ttl;
@@ -224,7 +228,7 @@ impl<C: Codec> CacheReloader<C> {
             leases: Arc::new(LocalLeases),
             default_ttl: Duration::from_secs(300),
             eager_fraction: 0.8,
-            lock_ttl: Duration::from_secs(30),
+            lock_ttl: Duration::from_secs(10),
             lock_wait: Duration::from_secs(5),
             logging: true,
         }

@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ncm_cache_core::{CacheError, Codec, Expiry, KeyTtl, Result};
@@ -119,7 +120,13 @@ impl<C: Codec> CacheReloader<C> {
                         release(lease).await;
                         return Ok((bytes, false));
                     }
-                    let result = self.load_and_store(entry).await;
+                    // A load longer than the lease keeps it: renewed every third of its TTL.
+                    let result = renewing(
+                        lease.as_deref(),
+                        self.inner.lock_ttl,
+                        self.load_and_store(entry),
+                    )
+                    .await;
                     release(lease).await;
                     let loaded = result?;
                     entry.notify(&*loaded.value);
@@ -192,6 +199,39 @@ impl<C: Codec> CacheReloader<C> {
             tracing::warn!(name = %entry.name, operation = op, error = %err, "cache unavailable, going on without it");
         }
     }
+}
+
+/// Runs `work`, extending `lease` to `ttl` every third of `ttl` until it ends.
+async fn renewing<F: Future>(lease: Option<&dyn Lease>, ttl: Duration, work: F) -> F::Output {
+    let Some(lease) = lease else {
+        return work.await;
+    };
+    let renew = async move {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match lease.extend(ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("reload lease lost while loading");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "reload lease not renewed"),
+            }
+        }
+    };
+    let mut work = std::pin::pin!(work);
+    let mut renew = std::pin::pin!(renew);
+    let mut renewing = true;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = work.as_mut().poll(cx) {
+            return std::task::Poll::Ready(out);
+        }
+        if renewing && renew.as_mut().poll(cx).is_ready() {
+            renewing = false;
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 async fn release(lease: Option<Box<dyn Lease>>) {

@@ -1,9 +1,11 @@
 //! Timers: eager reloads and scheduled reloads, each with one owner across instances.
 //!
-//! Every tick, the instance holding the timer's lease (`reload:{name}` for a schedule,
-//! `reload:{name}:eager` for an eager timer) renews it for 1.5 intervals and reloads; the
-//! others fail to take it and skip the tick. If the owner stops (or dies), its lease is
-//! released (or expires) and the next instance to tick takes over.
+//! One instance at a time owns a timer: it holds the timer's lease (`reload:{name}` for a
+//! schedule, `reload:{name}:eager` for an eager timer), renews it every third of its TTL (also
+//! while a load runs) and reloads when a reload is due; the others try to take the lease as
+//! often, and skip. The lease is short (see [`timer_lease_ttl`]): if the owner stops, it is
+//! released; if it dies, it expires and another instance takes over, reloading an eager value
+//! at its reload point (at once when the value is missing) — before it expires.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -98,18 +100,41 @@ struct Timer<C> {
     every: Duration,
 }
 
+/// The timer lease's TTL: for an eager value a quarter of the time between a reload and the
+/// value's expiry (so that, when the owner dies, another instance — which tries every third
+/// of it — takes over and reloads well before the value expires); for a schedule a quarter of
+/// the interval. At least 30 ms, at most 15 s.
+pub(crate) fn timer_lease_ttl(every: Duration, value_ttl: Option<Duration>) -> Duration {
+    let slack = match value_ttl {
+        Some(ttl) => ttl.saturating_sub(every),
+        None => every,
+    };
+    (slack / 4).clamp(Duration::from_millis(30), Duration::from_secs(15))
+}
+
 impl<C: Codec> Timer<C> {
+    /// Every third of the lease TTL, the owner renews its lease and the others try to take
+    /// it; the owner reloads when a reload is due, renewing the lease while the load runs.
     async fn run(self, eager: bool, mut stopped: watch::Receiver<bool>) {
-        let lease_ttl = self.every.mul_f64(1.5).max(Duration::from_millis(10));
-        let start = if eager {
-            Instant::now()
-        } else {
-            Instant::now() + self.every
+        let value_ttl = match self.reloader.upgrade() {
+            Some(inner) => {
+                let reloader = CacheReloader { inner };
+                match reloader.entry(&self.name) {
+                    Ok(entry) => eager.then_some(entry.ttl),
+                    Err(_) => return,
+                }
+            }
+            None => return,
         };
-        let mut ticker = tokio::time::interval_at(start, self.every);
+        let lease_ttl = timer_lease_ttl(self.every, value_ttl);
+        let mut ticker = tokio::time::interval(lease_ttl / 3);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut owned: Option<Box<dyn Lease>> = None;
-        loop {
+        // When this instance, owning the timer, reloads next.
+        let mut due: Option<Instant> = None;
+        // Interval ticks a non-owner lets pass (`skipped_ticks`).
+        let mut next_skip = Instant::now() + self.every;
+        'ticks: loop {
             tokio::select! {
                 biased;
                 _ = stopped.changed() => break,
@@ -123,26 +148,69 @@ impl<C: Codec> Timer<C> {
             let Ok(entry) = reloader.entry(&self.name) else {
                 break;
             };
+            let was_owner = owned.is_some();
             owned = self.own(&reloader, owned.take(), lease_ttl).await;
             if owned.is_none() {
-                bump(&entry.counters.skipped_ticks);
+                due = None;
+                if Instant::now() >= next_skip {
+                    bump(&entry.counters.skipped_ticks);
+                    next_skip = Instant::now() + self.every;
+                }
+                continue;
+            }
+            if !was_owner {
+                due = Some(self.first_due(&reloader, eager, value_ttl).await);
+            }
+            let now = Instant::now();
+            if due.is_some_and(|d| now < d) {
                 continue;
             }
             bump(&entry.counters.owned_ticks);
-            tokio::select! {
-                biased;
-                _ = stopped.changed() => break,
-                result = reloader.reload_entry(&entry, true) => {
-                    if result.is_err() && eager {
-                        // An eager value must not expire: retry well before it does.
-                        ticker.reset_after(self.every / 4);
+            let reload = reloader.reload_entry(&entry, true);
+            let mut reload = std::pin::pin!(reload);
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    _ = stopped.changed() => break 'ticks,
+                    result = &mut reload => break result,
+                    // A long load keeps the timer: renew while it runs.
+                    _ = ticker.tick() => {
+                        owned = self.own(&reloader, owned.take(), lease_ttl).await;
                     }
                 }
-            }
+            };
+            due = Some(match result {
+                // An eager value must not expire: retry well before it does.
+                Err(_) if eager => Instant::now() + self.every / 4,
+                // Another instance held the reload (and may have died holding it): look
+                // again soon.
+                Ok(r) if eager && !r.ran => Instant::now() + lease_ttl,
+                _ => now + self.every,
+            });
         }
         if let Some(lease) = owned {
-            // Hand the timer over to another instance at its next tick.
+            // Hand the timer over to another instance at its next try.
             let _ = lease.release().await;
+        }
+    }
+
+    /// When a new owner reloads first: an eager value when its remaining TTL reaches the
+    /// reload point (at once if it is missing or unreadable), a schedule after one interval.
+    async fn first_due(
+        &self,
+        reloader: &CacheReloader<C>,
+        eager: bool,
+        value_ttl: Option<Duration>,
+    ) -> Instant {
+        let now = Instant::now();
+        let Some(ttl) = value_ttl.filter(|_| eager) else {
+            return now + self.every;
+        };
+        match reloader.inner.cache.ttl_state(&self.name).await {
+            Ok(ncm_cache_core::KeyTtl::Expires(left)) => {
+                now + left.saturating_sub(ttl.saturating_sub(self.every))
+            }
+            _ => now,
         }
     }
 
