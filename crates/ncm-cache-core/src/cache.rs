@@ -14,6 +14,7 @@ use crate::codec::Codec;
 use crate::error::{CacheError, Result};
 use crate::stats::CacheStats;
 use crate::ttl::{Expiry, KeyTtl, TtlPolicy};
+use crate::types::CacheFailure;
 
 /// A typed cache: encodes values with a [`Codec`] and stores them in a [`CacheBackend`].
 ///
@@ -305,7 +306,9 @@ impl<C: Codec> Cache<C> {
     }
 
     /// Returns the cached value, or runs `loader`, caches its result and returns it
-    /// (the original's `read_through`). Loader errors are returned and nothing is cached.
+    /// (the original's `read_through`). Loader errors are returned and nothing is cached. The
+    /// cache failing never fails the call ([`CacheFailure::FailOpen`]: a failed read is a miss,
+    /// a failed write is logged); see [`read_through_with`](Self::read_through_with).
     pub async fn read_through<T, F, Fut, E>(
         &self,
         key: &str,
@@ -318,12 +321,83 @@ impl<C: Codec> Cache<C> {
         Fut: Future<Output = std::result::Result<T, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(value) = self.get(key).await? {
+        self.read_through_with(key, loader, expiry, CacheFailure::FailOpen)
+            .await
+    }
+
+    /// [`read_through`](Self::read_through) with the choice of what a cache failure does —
+    /// the one read-through implementation (the strategies crate and `CacheLoader` use its
+    /// steps, [`read_for_load`](Self::read_for_load) and [`store_loaded`](Self::store_loaded)).
+    ///
+    /// ```
+    /// # use ncm_cache_core::{Cache, CacheFailure, Expiry};
+    /// # async fn demo<C: ncm_cache_core::Codec>(cache: Cache<C>) -> ncm_cache_core::Result<()> {
+    /// let name: String = cache
+    ///     .read_through_with("user:1", || async { Ok::<_, std::io::Error>("Ada".to_owned()) },
+    ///         Expiry::Default, CacheFailure::FailClosed)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The loader's error ([`CacheError::Loader`]); an invalid key or expiry; with
+    /// [`CacheFailure::FailClosed`], the cache's error on read or write.
+    pub async fn read_through_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        loader: F,
+        expiry: impl Into<Expiry>,
+        on_failure: CacheFailure,
+    ) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let expiry = expiry.into();
+        self.ttl_policy().resolve(expiry)?;
+        if let Some(value) = self.read_for_load(key, on_failure).await? {
             return Ok(value);
         }
         let value = loader().await.map_err(CacheError::loader)?;
-        self.set_with_expiry(key, &value, expiry.into()).await?;
+        match self.encode_for(key, &value) {
+            Ok(bytes) => self.store_loaded(key, bytes, expiry, on_failure).await?,
+            Err(e) => on_failure.apply(key, "encode", e)?,
+        }
         Ok(value)
+    }
+
+    /// The read step of a read-through: the cached value; under
+    /// [`CacheFailure::FailOpen`] a failing cache is a miss (logged). An invalid key is an
+    /// error either way.
+    pub async fn read_for_load<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        on_failure: CacheFailure,
+    ) -> Result<Option<T>> {
+        match self.get::<T>(key).await {
+            Ok(found) => Ok(found),
+            Err(e) => on_failure.apply(key, "get", e).map(|()| None),
+        }
+    }
+
+    /// The write step of a read-through: stores a loaded value's bytes (from
+    /// [`encode_for`](Self::encode_for)) with `expiry`; under [`CacheFailure::FailOpen`] a
+    /// failing cache is logged and `Ok`.
+    pub async fn store_loaded(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expiry: Expiry,
+        on_failure: CacheFailure,
+    ) -> Result<()> {
+        let ttl = self.ttl_policy().resolve(expiry)?;
+        match self.inner.backend.set(key, bytes, ttl).await {
+            Ok(()) => Ok(()),
+            Err(e) => on_failure.apply(key, "set", e),
+        }
     }
 
     /// `true` when the backend answers.

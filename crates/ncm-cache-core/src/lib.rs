@@ -41,7 +41,7 @@ pub use flight::{SingleFlight, loader_error};
 pub use key::{DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, escape_glob, validate_key};
 pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder, StripedCounter};
 pub use ttl::{Expiry, KeyTtl, TtlPolicy};
-pub use types::{CacheLevel, CacheStrategy, ValueSource};
+pub use types::{CacheFailure, CacheLevel, CacheStrategy, ValueSource};
 
 /// Re-exported so backend implementors use the same `async_trait` and `Bytes` as the trait.
 pub use async_trait::async_trait;

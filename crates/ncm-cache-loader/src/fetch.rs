@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ncm_cache_core::{CacheError, CacheStrategy, Codec, Expiry, Operation};
+use ncm_cache_core::{CacheError, CacheFailure, CacheStrategy, Codec, Expiry, Operation};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -88,6 +88,18 @@ pub(crate) struct Call<'a> {
     pub(crate) force: bool,
 }
 
+impl Call<'_> {
+    /// What a cache failure does to this call: [`CacheStrategy::ReadThrough`] reads through
+    /// the cache, so its failures fail the call ([`CacheFailure::FailClosed`], where the output
+    /// can carry a `CacheError`); every other strategy goes on without the cache.
+    pub(crate) fn on_failure(&self) -> CacheFailure {
+        match self.strategy {
+            CacheStrategy::ReadThrough => CacheFailure::FailClosed,
+            _ => CacheFailure::FailOpen,
+        }
+    }
+}
+
 impl<C: Codec> CacheLoader<C> {
     /// Reads `call.key`; on a miss runs `body` once across concurrent callers of the key, stores
     /// what `M` says to store, and returns the output. The cache failing never fails the call
@@ -102,11 +114,21 @@ impl<C: Codec> CacheLoader<C> {
         M: Mode<R>,
         Fut: Future<Output = R>,
     {
-        if !call.force
-            && let Some(value) = self.read::<M::Stored>(counters, call).await
-        {
-            counters.hit();
-            return M::join(value);
+        if !call.force {
+            match self.read::<M::Stored>(counters, call).await {
+                Ok(Some(value)) => {
+                    counters.hit();
+                    return M::join(value);
+                }
+                Ok(None) => {}
+                // Fail-closed (ReadThrough): the cache's error, when the output can carry it.
+                Err(e) => {
+                    if let Some(output) = M::shared_error(e) {
+                        counters.error();
+                        return output;
+                    }
+                }
+            }
         }
         // The body is polled in place: by the flight below if this caller leads, or afterwards
         // if it has to run its own call. `slot` receives the leader's own output, so the leader
@@ -124,7 +146,7 @@ impl<C: Codec> CacheLoader<C> {
                         // Only bytes this build can read: an entry left in place because a
                         // newer build wrote it (or it is above the size cap) is a miss, and
                         // the load below overwrites it.
-                        if let Some(bytes) = self.read_raw(counters, call).await
+                        if let Some(bytes) = self.read_raw(counters, call).await?
                             && self
                                 .inner
                                 .cache
@@ -206,10 +228,16 @@ impl<C: Codec> CacheLoader<C> {
                 // Encode before awaiting anything: no `&T` lives across an await (so `T` need
                 // not be `Sync`).
                 let bytes = self.encode(counters, call, &value);
-                if let Some(bytes) = &bytes {
-                    self.write(counters, call, bytes.clone()).await;
+                let written = match &bytes {
+                    Some(bytes) => self.write(counters, call, bytes.clone()).await,
+                    None => Ok(()),
+                };
+                // Fail-closed (ReadThrough): a value the cache did not take is not returned,
+                // when the output can carry the cache's error.
+                match written.map_err(M::shared_error) {
+                    Err(Some(failure)) => (failure, None, true),
+                    _ => (M::join(value), bytes, false),
                 }
-                (M::join(value), bytes, false)
             }
             Split::Empty(output) => (output, None, false),
             Split::Fail(output) => (output, None, true),
@@ -245,11 +273,17 @@ impl<C: Codec> CacheLoader<C> {
         }
     }
 
-    /// Writes an encoded value according to the strategy; failures are counted and logged.
-    async fn write(&self, counters: &Arc<LoaderCounters>, call: Call<'_>, bytes: Bytes) {
+    /// Writes an encoded value according to the strategy (see [`Call::on_failure`]); failures
+    /// are counted and logged, and returned under fail-closed.
+    async fn write(
+        &self,
+        counters: &Arc<LoaderCounters>,
+        call: Call<'_>,
+        bytes: Bytes,
+    ) -> Result<(), CacheError> {
         let cache = &self.inner.cache;
         if call.strategy == CacheStrategy::WriteAround {
-            return;
+            return Ok(());
         }
         let ttl = call.ttl.unwrap_or(self.inner.default_ttl);
         let ttl = match cache.ttl_policy().resolve(Expiry::After(ttl)) {
@@ -257,7 +291,7 @@ impl<C: Codec> CacheLoader<C> {
             Err(e) => {
                 counters.cache_error(Operation::Set);
                 self.log_cache_error(call, Operation::Set, &e);
-                return;
+                return Err(e);
             }
         };
         let backend = Arc::clone(cache.backend());
@@ -278,36 +312,39 @@ impl<C: Codec> CacheLoader<C> {
             _ => {
                 if let Err(e) = backend.set(call.key, bytes, ttl).await {
                     counters.cache_error(Operation::Set);
-                    self.log_cache_error(call, Operation::Set, &e);
+                    return call.on_failure().apply(call.key, "set", e);
                 }
             }
         }
+        Ok(())
     }
 
-    /// A typed read; a failing cache counts as a miss.
+    /// A typed read; a failing cache is a miss (fail-open) or the error (fail-closed).
     async fn read<S: DeserializeOwned>(
         &self,
         counters: &LoaderCounters,
         call: Call<'_>,
-    ) -> Option<S> {
+    ) -> Result<Option<S>, CacheError> {
         match self.inner.cache.get::<S>(call.key).await {
-            Ok(value) => value,
+            Ok(value) => Ok(value),
             Err(e) => {
                 counters.cache_error(Operation::Get);
-                self.log_cache_error(call, Operation::Get, &e);
-                None
+                call.on_failure().apply(call.key, "get", e).map(|()| None)
             }
         }
     }
 
-    /// A raw read; a failing cache counts as a miss.
-    async fn read_raw(&self, counters: &LoaderCounters, call: Call<'_>) -> Option<Bytes> {
+    /// A raw read; a failing cache is a miss (fail-open) or the error (fail-closed).
+    async fn read_raw(
+        &self,
+        counters: &LoaderCounters,
+        call: Call<'_>,
+    ) -> Result<Option<Bytes>, CacheError> {
         match self.inner.cache.backend().get(call.key).await {
-            Ok(value) => value,
+            Ok(value) => Ok(value),
             Err(e) => {
                 counters.cache_error(Operation::Get);
-                self.log_cache_error(call, Operation::Get, &e);
-                None
+                call.on_failure().apply(call.key, "get", e).map(|()| None)
             }
         }
     }

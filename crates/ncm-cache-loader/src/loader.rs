@@ -227,6 +227,7 @@ impl<C: Codec> CacheLoader<C> {
                 "loader {name:?}: the TTL must be greater than zero"
             )));
         }
+        check_strategy(name, strategy)?;
         let f = Arc::new(f);
         let load: Box<LoadFn<A, T>> = Box::new(move |args| {
             let f = Arc::clone(&f);
@@ -427,4 +428,18 @@ pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A loader reads; [`CacheStrategy::WriteThrough`] is about writes (to a store, then the
+/// cache) and has no meaning here: refused rather than silently treated as another strategy.
+pub(crate) fn check_strategy(name: &str, strategy: CacheStrategy) -> Result<()> {
+    if strategy == CacheStrategy::WriteThrough {
+        return Err(CacheError::InvalidArgument(format!(
+            "loader {name:?}: WriteThrough is a write strategy (use CacheStrategies::write_through \
+             for writes); a loader takes CacheAside (the default: a failing cache is skipped), \
+             ReadThrough (a failing cache fails the call), WriteBehind (the loaded value is \
+             cached in the background) or WriteAround (loaded values are not cached)"
+        )));
+    }
+    Ok(())
 }

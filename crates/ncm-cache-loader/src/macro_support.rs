@@ -112,11 +112,23 @@ where
             return body.await;
         }
     };
+    let strategy = match strategy.unwrap_or_default() {
+        // Literals are refused at compile time; an expression that evaluates to it is too,
+        // here, the first time: a cached function only reads.
+        CacheStrategy::WriteThrough => {
+            if let Err(e) = crate::loader::check_strategy(name, CacheStrategy::WriteThrough) {
+                counters.cache_error(Operation::Set);
+                tracing::error!(loader = name, error = %e, "calling without the cache");
+            }
+            return body.await;
+        }
+        other => other,
+    };
     let call = Call {
         name,
         key: &key,
         ttl,
-        strategy: strategy.unwrap_or_default(),
+        strategy,
         force: false,
     };
     loader.run_cached::<M, R, Fut>(&counters, call, body).await

@@ -175,6 +175,13 @@ fn strategy_tokens(expr: &Expr) -> syn::Result<TokenStream> {
             .iter()
             .find(|(camel, snake)| *camel == name || *snake == name);
         match found {
+            Some(("WriteThrough", _)) => Err(syn::Error::new(
+                span,
+                "WriteThrough is a write strategy (use CacheStrategies::write_through for \
+                 writes); a cached function takes CacheAside (the default: a failing cache is \
+                 skipped), ReadThrough (a failing cache fails the call), WriteBehind (the \
+                 result is cached in the background) or WriteAround (results are not cached)",
+            )),
             Some((camel, _)) => {
                 let ident = syn::Ident::new(camel, span);
                 Ok(quote!(::core::option::Option::Some(
@@ -185,7 +192,7 @@ fn strategy_tokens(expr: &Expr) -> syn::Result<TokenStream> {
                 span,
                 format!(
                     "unknown strategy `{name}`; expected one of CacheAside, ReadThrough, \
-                     WriteThrough, WriteBehind, WriteAround"
+                     WriteBehind, WriteAround"
                 ),
             )),
         }

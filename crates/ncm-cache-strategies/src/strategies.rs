@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use ncm_cache_codec::Serializer;
-use ncm_cache_core::{Bytes, Cache, CacheError, Codec, Expiry, Result, SingleFlight};
+use ncm_cache_core::{Bytes, Cache, CacheError, CacheFailure, Codec, Expiry, Result, SingleFlight};
 use serde::Serialize;
 
 use crate::invalidation::Invalidator;
@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     pub(crate) creating: tokio::sync::Mutex<()>,
     pub(crate) write_behind: WriteBehindConfig,
     pub(crate) flight: SingleFlight<String, Bytes>,
+    /// What `read_through` / `cache_aside` do when the cache fails.
+    pub(crate) on_cache_failure: CacheFailure,
 }
 
 impl Inner {
@@ -100,6 +102,7 @@ impl<C> fmt::Debug for CacheStrategies<C> {
 pub struct CacheStrategiesBuilder<C> {
     cache: Cache<C>,
     write_behind: WriteBehindConfig,
+    on_cache_failure: CacheFailure,
     #[cfg(feature = "redis")]
     redis: Option<Arc<ncm_cache_redis::RedisBackend>>,
 }
@@ -117,6 +120,13 @@ impl<C: Codec> CacheStrategiesBuilder<C> {
     /// [`CacheStrategies::write_behind`] (one per store).
     pub fn write_behind(mut self, config: WriteBehindConfig) -> Self {
         self.write_behind = config;
+        self
+    }
+
+    /// What [`CacheStrategies::read_through`] and [`CacheStrategies::cache_aside`] do when the
+    /// cache fails (default [`CacheFailure::FailOpen`]: the loaded value is served).
+    pub fn on_cache_failure(mut self, on_failure: CacheFailure) -> Self {
+        self.on_cache_failure = on_failure;
         self
     }
 
@@ -147,6 +157,7 @@ impl<C: Codec> CacheStrategiesBuilder<C> {
             self.cache,
             inv,
             self.write_behind,
+            self.on_cache_failure,
         ))
     }
 }
@@ -155,7 +166,12 @@ impl<C: Codec> CacheStrategies<C> {
     /// Strategies over `cache`, coordinated in this process.
     pub fn new(cache: Cache<C>) -> Self {
         let inv = Arc::new(Invalidator::local(Arc::clone(cache.backend())));
-        Self::from_parts(cache, inv, WriteBehindConfig::default())
+        Self::from_parts(
+            cache,
+            inv,
+            WriteBehindConfig::default(),
+            CacheFailure::FailOpen,
+        )
     }
 
     /// A builder (write-behind settings, Redis coordination).
@@ -163,6 +179,7 @@ impl<C: Codec> CacheStrategies<C> {
         CacheStrategiesBuilder {
             cache,
             write_behind: WriteBehindConfig::default(),
+            on_cache_failure: CacheFailure::FailOpen,
             #[cfg(feature = "redis")]
             redis: None,
         }
@@ -180,7 +197,12 @@ impl<C: Codec> CacheStrategies<C> {
         Self::builder(cache).redis(redis).build().await
     }
 
-    fn from_parts(cache: Cache<C>, inv: Arc<Invalidator>, write_behind: WriteBehindConfig) -> Self {
+    fn from_parts(
+        cache: Cache<C>,
+        inv: Arc<Invalidator>,
+        write_behind: WriteBehindConfig,
+        on_cache_failure: CacheFailure,
+    ) -> Self {
         Self {
             cache,
             inner: Arc::new(Inner {
@@ -189,6 +211,7 @@ impl<C: Codec> CacheStrategies<C> {
                 creating: tokio::sync::Mutex::new(()),
                 write_behind,
                 flight: SingleFlight::new(),
+                on_cache_failure,
             }),
         }
     }

@@ -136,8 +136,10 @@ impl<C: Codec> CacheStrategies<C> {
 
     /// Read-through: the cached value, or `loader`'s result, cached with `ttl`. Concurrent
     /// callers of one key on this instance share one loader run. A loader error is returned
-    /// (as [`CacheError::Loader`]) and nothing is cached; a failed cache write is logged and the
-    /// loaded value still returned.
+    /// (as [`CacheError::Loader`]) and nothing is cached. A cache failure follows
+    /// [`on_cache_failure`](crate::CacheStrategiesBuilder::on_cache_failure) (default
+    /// fail-open: a failed read is a miss, a failed write is logged) — the same steps as
+    /// `Cache::read_through_with`.
     pub async fn read_through<T, F, Fut, E>(
         &self,
         key: &str,
@@ -151,8 +153,9 @@ impl<C: Codec> CacheStrategies<C> {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let expiry = ttl.into();
+        let on_failure = self.inner.on_cache_failure;
         self.cache.ttl_policy().resolve(expiry)?;
-        if let Some(value) = self.cache.get::<T>(key).await? {
+        if let Some(value) = self.cache.read_for_load::<T>(key, on_failure).await? {
             return Ok(value);
         }
         let bytes = self
@@ -160,18 +163,20 @@ impl<C: Codec> CacheStrategies<C> {
             .flight
             .run(key.to_owned(), || async {
                 let value = loader().await.map_err(CacheError::loader)?;
-                let bytes = self.cache.codec().encode(&value)?;
-                if let Err(e) = self.cache.set_with_expiry(key, &value, expiry).await {
-                    tracing::warn!(key, error = %e, "read-through could not cache the loaded value");
-                }
+                let bytes = self.cache.encode_for(key, &value)?;
+                self.cache
+                    .store_loaded(key, bytes.clone(), expiry, on_failure)
+                    .await?;
                 Ok(bytes)
             })
             .await?;
-        Ok(self.cache.codec().decode(&bytes)?)
+        self.cache.decode_for(key, &bytes)
     }
 
     /// Cache-aside, as the application would write it: read the cache; on a miss, load, cache
-    /// with `ttl`, return. (No single-flight; see [`read_through`](Self::read_through).)
+    /// with `ttl`, return — `Cache::read_through_with` with this instance's
+    /// [`on_cache_failure`](crate::CacheStrategiesBuilder::on_cache_failure). (No
+    /// single-flight; see [`read_through`](Self::read_through).)
     pub async fn cache_aside<T, F, Fut, E>(
         &self,
         key: &str,
@@ -184,11 +189,8 @@ impl<C: Codec> CacheStrategies<C> {
         Fut: Future<Output = std::result::Result<T, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(value) = self.cache.get::<T>(key).await? {
-            return Ok(value);
-        }
-        let value = loader().await.map_err(CacheError::loader)?;
-        self.cache.set_with_expiry(key, &value, ttl.into()).await?;
-        Ok(value)
+        self.cache
+            .read_through_with(key, loader, ttl, self.inner.on_cache_failure)
+            .await
     }
 }

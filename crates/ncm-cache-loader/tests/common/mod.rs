@@ -41,6 +41,8 @@ pub fn memory_cache() -> Cache<Serializer> {
 pub struct Flaky {
     inner: Arc<MemoryBackend>,
     down: Arc<AtomicBool>,
+    writes_down: Arc<AtomicBool>,
+    write_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Flaky {
@@ -48,7 +50,20 @@ impl Flaky {
         Self {
             inner: Arc::new(memory_backend()),
             down: Arc::new(AtomicBool::new(false)),
+            writes_down: Arc::new(AtomicBool::new(false)),
+            write_delay_ms: Arc::default(),
         }
+    }
+
+    /// Writes fail (reads work).
+    pub fn set_writes_down(&self, down: bool) {
+        self.writes_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Writes take this long.
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.write_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn set_down(&self, down: bool) {
@@ -75,6 +90,11 @@ impl CacheBackend for Flaky {
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.check()?;
+        if self.writes_down.load(Ordering::SeqCst) {
+            return Err(CacheError::connection("writes switched off", None));
+        }
+        let delay = self.write_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         self.inner.set(key, value, ttl).await
     }
     async fn delete(&self, key: &str) -> Result<bool> {
