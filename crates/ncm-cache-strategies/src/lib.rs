@@ -76,7 +76,7 @@ mod write_behind;
 mod write_through;
 
 pub use stats::{InvalidationStats, WriteBehindStats};
-pub use store::{PersistentStore, Store, StoreError, batch_store_fn, store_fn};
+pub use store::{PersistentStore, Store, StoreError, WriteVersion, batch_store_fn, store_fn};
 pub use strategies::{CacheStrategies, CacheStrategiesBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -56,6 +56,46 @@ where
         }
         Ok(())
     }
+
+    /// Persists a write-behind batch with each entry's [`WriteVersion`] (`versions[i]` is
+    /// `entries[i]`'s). The default ignores the versions and calls
+    /// [`store_batch`](Self::store_batch); override it to write conditionally, which makes the
+    /// order of writes exact even when several instances persist one key.
+    async fn store_batch_versioned(
+        &self,
+        entries: &[(String, V)],
+        versions: &[WriteVersion],
+    ) -> Result<(), StoreError> {
+        let _ = versions;
+        self.store_batch(entries).await
+    }
+}
+
+/// The order of one write-behind write, handed to
+/// [`PersistentStore::store_batch_versioned`]: in durable mode the write's Redis Stream id
+/// (milliseconds, sequence), ordered across every instance writing the queue; in memory mode a
+/// sequence of this process (`ms` = 0). A store can keep it next to the row and write
+/// conditionally (`... WHERE version < $v`), so that no write ever lands over a newer one.
+///
+/// ```
+/// use ncm_cache_strategies::WriteVersion;
+/// let a = WriteVersion { ms: 1_700_000_000_000, seq: 1 };
+/// let b = WriteVersion { ms: 1_700_000_000_000, seq: 2 };
+/// assert!(a < b && a.as_u128() < b.as_u128());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteVersion {
+    /// Milliseconds part of the stream id (0 in memory mode).
+    pub ms: u64,
+    /// Sequence part.
+    pub seq: u64,
+}
+
+impl WriteVersion {
+    /// One number, ordered like the versions (e.g. for a `NUMERIC` column).
+    pub fn as_u128(self) -> u128 {
+        (u128::from(self.ms) << 64) | u128::from(self.seq)
+    }
 }
 
 /// A shared handle to a [`PersistentStore`], passed to the strategies (the original's
@@ -141,6 +181,19 @@ impl<V: Send + Sync + 'static> Store<V> {
     pub async fn store_batch(&self, entries: &[(String, V)]) -> Result<()> {
         self.inner
             .store_batch(entries)
+            .await
+            .map_err(CacheError::store)
+    }
+
+    /// Persists a write-behind batch with its versions, mapping a failure to
+    /// [`CacheError::Store`].
+    pub async fn store_batch_versioned(
+        &self,
+        entries: &[(String, V)],
+        versions: &[WriteVersion],
+    ) -> Result<()> {
+        self.inner
+            .store_batch_versioned(entries, versions)
             .await
             .map_err(CacheError::store)
     }

@@ -378,3 +378,94 @@ async fn durable_write_behind_survives_sigkill() {
         "the dead consumer was removed: {consumers}"
     );
 }
+
+/// A store that keeps each key's version and refuses older ones (`UPDATE … WHERE version < $v`).
+#[derive(Default)]
+struct VersionedTable(Mutex<std::collections::HashMap<String, (String, u128)>>);
+
+#[ncm_cache_strategies::async_trait]
+impl ncm_cache_strategies::PersistentStore<String> for VersionedTable {
+    async fn store(
+        &self,
+        _key: &str,
+        _value: &String,
+    ) -> Result<(), ncm_cache_strategies::StoreError> {
+        Err("this store only takes versioned batches".into())
+    }
+    async fn store_batch_versioned(
+        &self,
+        entries: &[(String, String)],
+        versions: &[ncm_cache_strategies::WriteVersion],
+    ) -> Result<(), ncm_cache_strategies::StoreError> {
+        let mut rows = self.0.lock().unwrap();
+        for ((key, value), version) in entries.iter().zip(versions) {
+            let v = version.as_u128();
+            let row = rows.entry(key.clone()).or_insert((String::new(), 0));
+            if row.1 < v {
+                *row = (value.clone(), v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durable write-behind hands the store each write's stream id: increasing per key across
+/// instances, so a conditional store keeps the newest value whatever order batches arrive in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_sees_each_writes_stream_id_in_write_order() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "").await, cache(&server, "").await);
+    let table = Arc::new(VersionedTable::default());
+    let store =
+        ncm_cache_strategies::Store::new(SharedTable(Arc::clone(&table))).named("versioned");
+    let a = durable_strategies(&ca).await;
+    let b = durable_strategies(&cb).await;
+    let qa = a.write_behind_queue(&store).await.unwrap();
+    let qb = b.write_behind_queue(&store).await.unwrap();
+    for round in 0..5u32 {
+        let (q, who) = if round % 2 == 0 {
+            (&qa, "a")
+        } else {
+            (&qb, "b")
+        };
+        for k in 0..20 {
+            q.write(
+                &format!("k{k}"),
+                &format!("{who}{round}"),
+                HOUR,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    qa.flush().await.unwrap();
+    qb.flush().await.unwrap();
+    let rows = table.0.lock().unwrap().clone();
+    assert_eq!(rows.len(), 20);
+    for (key, (value, version)) in rows {
+        assert_eq!(value, "a4", "{key}");
+        assert!(version > 0, "a durable write's version is its stream id");
+    }
+}
+
+/// `Store::new` takes the implementation by value; share one table between the two instances.
+struct SharedTable(Arc<VersionedTable>);
+
+#[ncm_cache_strategies::async_trait]
+impl ncm_cache_strategies::PersistentStore<String> for SharedTable {
+    async fn store(
+        &self,
+        key: &str,
+        value: &String,
+    ) -> Result<(), ncm_cache_strategies::StoreError> {
+        self.0.store(key, value).await
+    }
+    async fn store_batch_versioned(
+        &self,
+        entries: &[(String, String)],
+        versions: &[ncm_cache_strategies::WriteVersion],
+    ) -> Result<(), ncm_cache_strategies::StoreError> {
+        self.0.store_batch_versioned(entries, versions).await
+    }
+}

@@ -6,6 +6,17 @@
 //! - `{prefix}__ncm:wb:{<name>}:consumers` — the set of consumers that have joined.
 //! - `{prefix}__ncm:wb:{<name>}:alive:<consumer>` — a consumer's lease (`SET PX`), renewed in
 //!   the background.
+//! - `{prefix}__ncm:wb:{<name>}:newest` and `…:counts` — hashes: key → id of its newest
+//!   journaled write, and how many of its entries the stream holds (both set by the append and
+//!   removed when the key's last entry is acknowledged: bounded by the keys with entries).
+//!
+//! **Order and fencing.** Before a batch goes to the store, one script checks each entry: still
+//! in this consumer's pending list (else another process adopted it while this one stalled: it
+//! is dropped, not persisted), and still its key's newest journaled write (else a newer write —
+//! from any process — supersedes it: it is acknowledged, not persisted). So adoption, dead-letter
+//! replay, a resumed consumer and two instances writing one key never put an older value back,
+//! except in the window between that check and the store call; the store receives each entry's
+//! stream id ([`WriteVersion`](crate::WriteVersion)) to close it with a conditional write.
 //!
 //! A write is `XADD` + `XCLAIM … FORCE` in one script: the entry enters the writer's own
 //! pending list atomically, before the caller gets its acknowledgment — no other consumer ever
@@ -25,11 +36,12 @@ use redis::{Script, Value};
 
 use super::QueueValue;
 use super::config::DurableConfig;
-use super::state::{CacheSink, Journal, Recovered, Version};
+use super::state::{CacheSink, Journal, Recovered, Verdict, Version};
 
 const GROUP: &str = "ncm-wb";
 const CLAIM_BATCH: usize = 500;
 
+/// XADD, the entry into the writer's pending list, and the key's newest id — one step.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -39,16 +51,58 @@ if type(r) == 'table' and r.err then
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
   redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
 end
+redis.call('HSET', KEYS[2], ARGV[3], id)
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 return id
 ",
     )
 });
 
+/// For each (key, id) about to be persisted by consumer ARGV[2]: 2 when the entry is no longer
+/// in its pending list (adopted by another process), 1 when a newer write of the key was
+/// journaled, else 0 (persist).
+static FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for i = 3, #ARGV, 2 do
+  local key, id = ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then
+    out[#out + 1] = 2
+  else
+    local newest = redis.call('HGET', KEYS[2], key)
+    if newest and newest ~= id then
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+end
+return out
+",
+    )
+});
+
+/// Acknowledges and deletes (key, id) pairs. A key's records (newest id, entries in the
+/// stream) go when its last entry does: while any entry of the key is left (pending with any
+/// process, or a dead letter), an older one can still be told from the newest.
 static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+local n = 0
+for i = 2, #ARGV, 2 do
+  local key, id = ARGV[i], ARGV[i + 1]
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  if redis.call('XDEL', KEYS[1], id) == 1 then
+    n = n + 1
+    if redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
+      redis.call('HDEL', KEYS[3], key)
+      redis.call('HDEL', KEYS[2], key)
+    end
+  end
+end
+return n
 ",
     )
 });
@@ -57,6 +111,10 @@ pub(crate) struct RedisJournal<V> {
     backend: Arc<RedisBackend>,
     codec: Arc<dyn CacheSink<V>>,
     stream: String,
+    /// Hash: key → id of its newest journaled write (same hash slot as the stream).
+    newest: String,
+    /// Hash: key → how many of its entries are in the stream.
+    counts: String,
     members: String,
     alive_prefix: String,
     consumer: String,
@@ -95,6 +153,8 @@ impl<V: QueueValue> RedisJournal<V> {
         let consumer = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
         let journal = Self {
             stream: ks.full_key(&base)?.into_owned(),
+            newest: ks.full_key(&format!("{base}:newest"))?.into_owned(),
+            counts: ks.full_key(&format!("{base}:counts"))?.into_owned(),
             members: ks.full_key(&format!("{base}:consumers"))?.into_owned(),
             alive_prefix: ks.full_key(&format!("{base}:alive:"))?.into_owned(),
             backend: Arc::clone(&config.backend),
@@ -249,7 +309,11 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
             .eval_script(
                 Operation::Set,
                 &APPEND,
-                std::slice::from_ref(&self.stream),
+                &[
+                    self.stream.clone(),
+                    self.newest.clone(),
+                    self.counts.clone(),
+                ],
                 &args,
             )
             .await?;
@@ -258,16 +322,57 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
         })
     }
 
-    async fn ack(&self, ids: &[Version]) -> Result<()> {
-        for chunk in ids.chunks(CLAIM_BATCH) {
-            let mut args = Vec::with_capacity(chunk.len() + 1);
+    async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>> {
+        let mut out = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(CLAIM_BATCH) {
+            let mut args = Vec::with_capacity(2 + 2 * chunk.len());
             args.push(GROUP.as_bytes().to_vec());
-            args.extend(chunk.iter().map(|id| id_str(*id).into_bytes()));
+            args.push(self.consumer.as_bytes().to_vec());
+            for (key, id) in chunk {
+                args.push(key.as_bytes().to_vec());
+                args.push(id_str(*id).into_bytes());
+            }
+            let codes: Vec<i64> = self
+                .backend
+                .eval_script(
+                    Operation::Get,
+                    &FENCE,
+                    &[self.stream.clone(), self.newest.clone()],
+                    &args,
+                )
+                .await?;
+            if codes.len() != chunk.len() {
+                return Err(CacheError::backend(
+                    "write-behind fence: unexpected reply length",
+                    None,
+                ));
+            }
+            out.extend(codes.into_iter().map(|c| match c {
+                0 => Verdict::Persist,
+                1 => Verdict::Superseded,
+                _ => Verdict::Lost,
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, ids: &[(String, Version)]) -> Result<()> {
+        for chunk in ids.chunks(CLAIM_BATCH) {
+            let mut args = Vec::with_capacity(1 + 2 * chunk.len());
+            args.push(GROUP.as_bytes().to_vec());
+            for (key, id) in chunk {
+                args.push(key.as_bytes().to_vec());
+                args.push(id_str(*id).into_bytes());
+            }
             self.backend
                 .eval_script::<i64>(
                     Operation::Delete,
                     &ACK,
-                    std::slice::from_ref(&self.stream),
+                    &[
+                        self.stream.clone(),
+                        self.newest.clone(),
+                        self.counts.clone(),
+                    ],
                     &args,
                 )
                 .await?;

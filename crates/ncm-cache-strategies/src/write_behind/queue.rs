@@ -8,10 +8,10 @@ use ncm_cache_core::{CacheError, Expiry, Result};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::state::{CacheSink, Dead, Journal, Pending, State, Version, later};
+use super::state::{CacheSink, Dead, Journal, Pending, State, Verdict, Version, later};
 use super::{DeadLetter, OnFull, QueueFull, QueueValue, WriteBehindConfig};
 use crate::stats::{Counter, WriteBehindRecorder, WriteBehindStats};
-use crate::store::Store;
+use crate::store::{Store, WriteVersion};
 
 /// Everything the worker and the handles share.
 pub(crate) struct Shared<V> {
@@ -165,7 +165,8 @@ impl<V: QueueValue> Shared<V> {
         }
     }
 
-    /// Persists one batch: retries with backoff, then dead letters.
+    /// Persists one batch: fenced against the journal (durable mode), retried with backoff,
+    /// then dead letters.
     async fn persist(&self, batch: Vec<(String, Pending<V>)>) {
         let mut entries = Vec::with_capacity(batch.len());
         let mut meta = Vec::with_capacity(batch.len());
@@ -173,11 +174,24 @@ impl<V: QueueValue> Shared<V> {
             entries.push((key, p.value));
             meta.push((p.version, p.ids));
         }
+        // Superseded entries: acknowledged without being stored.
+        let mut acks: Vec<(String, Version)> = Vec::new();
         let mut attempts = 0u32;
         let result = loop {
             attempts += 1;
-            self.stats.add(Counter::StoreCalls, 1);
-            match self.store.store_batch(&entries).await {
+            let attempt = match self.fence(&mut entries, &mut meta, &mut acks).await {
+                Err(e) => Err(e),
+                Ok(()) if entries.is_empty() => break Ok(()),
+                Ok(()) => {
+                    self.stats.add(Counter::StoreCalls, 1);
+                    let versions: Vec<WriteVersion> = meta
+                        .iter()
+                        .map(|((ms, seq), _)| WriteVersion { ms: *ms, seq: *seq })
+                        .collect();
+                    self.store.store_batch_versioned(&entries, &versions).await
+                }
+            };
+            match attempt {
                 Ok(()) => break Ok(()),
                 Err(e) if attempts <= self.config.max_retries => {
                     self.stats.add(Counter::Retries, 1);
@@ -188,13 +202,14 @@ impl<V: QueueValue> Shared<V> {
                 Err(e) => break Err(e),
             }
         };
-        let mut acks = Vec::new();
         {
             let mut st = lock(&self.state);
             match result {
                 Ok(()) => {
                     self.stats.add(Counter::Stored, entries.len() as u64);
-                    acks = meta.into_iter().flat_map(|(_, ids)| ids).collect();
+                    for ((key, _), (_, ids)) in entries.into_iter().zip(meta) {
+                        acks.extend(ids.into_iter().map(|id| (key.clone(), id)));
+                    }
                 }
                 Err(error) => {
                     tracing::error!(queue = %self.name, entries = entries.len(), %error, "write-behind gave up: entries moved to the dead-letter list");
@@ -232,7 +247,56 @@ impl<V: QueueValue> Shared<V> {
         self.ack(acks).await;
     }
 
-    pub(crate) async fn ack(&self, mut ids: Vec<Version>) {
+    /// Durable mode: asks the journal about every entry of the batch (atomically) and keeps
+    /// only those still ours and newest for their key; superseded ones are moved to `acks`,
+    /// ones another process adopted are dropped. Nothing to do in memory mode.
+    async fn fence(
+        &self,
+        entries: &mut Vec<(String, V)>,
+        meta: &mut Vec<(Version, Vec<Version>)>,
+        acks: &mut Vec<(String, Version)>,
+    ) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let asked: Vec<(&str, Version)> = entries
+            .iter()
+            .zip(meta.iter())
+            .map(|((key, _), (version, _))| (key.as_str(), *version))
+            .collect();
+        let verdicts = journal.fence(&asked).await?;
+        let (mut superseded, mut lost) = (0u64, 0u64);
+        let mut kept_entries = Vec::with_capacity(entries.len());
+        let mut kept_meta = Vec::with_capacity(meta.len());
+        for ((entry, m), verdict) in entries.drain(..).zip(meta.drain(..)).zip(verdicts) {
+            match verdict {
+                Verdict::Persist => {
+                    kept_entries.push(entry);
+                    kept_meta.push(m);
+                }
+                Verdict::Superseded => {
+                    superseded += 1;
+                    acks.extend(m.1.into_iter().map(|id| (entry.0.clone(), id)));
+                }
+                Verdict::Lost => lost += 1,
+            }
+        }
+        *entries = kept_entries;
+        *meta = kept_meta;
+        if superseded > 0 {
+            self.stats.superseded(superseded);
+            tracing::debug!(queue = %self.name, superseded, "skipped writes superseded by newer journaled writes");
+        }
+        if lost > 0 {
+            tracing::warn!(queue = %self.name, lost, "writes adopted by another process while this one stalled; not persisting them here");
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn ack(&self, mut ids: Vec<(String, Version)>) {
         let Some(journal) = &self.journal else { return };
         ids.append(&mut lock(&self.state).unacked);
         if ids.is_empty() {

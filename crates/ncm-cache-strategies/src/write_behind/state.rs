@@ -53,13 +53,26 @@ pub(crate) struct Recovered<V> {
     pub(crate) value: V,
 }
 
+/// What the journal says about a write this process is about to persist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Still ours and the newest write of its key: persist it.
+    Persist,
+    /// A newer write of its key was journaled (by any process): skip it and acknowledge it.
+    Superseded,
+    /// Another process adopted it (our lease ran out while we stalled): leave it alone.
+    Lost,
+}
+
 /// Where a durable queue journals its writes (a Redis Stream).
 #[async_trait]
 pub(crate) trait Journal<V>: Send + Sync {
     /// Appends a write; returning is the acknowledgment.
     async fn append(&self, key: &str, value: &V) -> Result<Version>;
-    /// Forgets persisted writes.
-    async fn ack(&self, ids: &[Version]) -> Result<()>;
+    /// Checks, in one atomic step, each `(key, newest version held)` about to be persisted.
+    async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
+    /// Forgets persisted (or superseded) writes of their keys.
+    async fn ack(&self, ids: &[(String, Version)]) -> Result<()>;
     /// Claims the pending writes of consumers whose lease expired.
     async fn recover(&self) -> Result<Vec<Recovered<V>>>;
     /// Renews this consumer's lease.
@@ -95,7 +108,7 @@ pub(crate) struct State<V> {
     pub(crate) flush_target: u64,
     pub(crate) flushed: u64,
     pub(crate) dead: Vec<Dead<V>>,
-    pub(crate) unacked: Vec<Version>,
+    pub(crate) unacked: Vec<(String, Version)>,
     pub(crate) last_error: Option<CacheError>,
     pub(crate) closing: bool,
     pub(crate) exited: bool,

@@ -403,7 +403,13 @@ pub(crate) async fn write_behind_coalesces<C: Codec>(
         }
     }
     assert_eq!(stats.store_calls, db.calls());
-    assert_eq!(stats.accepted, stats.coalesced + stats.stored, "{stats:?}");
+    // Durable mode skips a write superseded by a newer one of its key while its batch was
+    // being fenced (`superseded`); the invariant of WriteBehindStats.
+    assert_eq!(
+        stats.accepted,
+        stats.coalesced + stats.stored + stats.superseded,
+        "{stats:?}"
+    );
     println!(
         "{} writes over {keys} keys: {} store calls ({} entries stored), accepted in {accepted:?}, persisted in {elapsed:?}",
         stats.accepted, stats.store_calls, stats.stored
