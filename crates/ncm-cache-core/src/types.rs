@@ -55,20 +55,24 @@ pub enum CacheFailure {
 impl CacheFailure {
     /// Applies the policy to a cache error met by operation `op` on `key`: under
     /// [`FailOpen`](Self::FailOpen) it is logged and swallowed (`Ok`); under
-    /// [`FailClosed`](Self::FailClosed) returned. An invalid argument (a bad key or TTL) is the
-    /// caller's mistake and always returned.
+    /// [`FailClosed`](Self::FailClosed) returned. A bad key, pattern or argument (a TTL of
+    /// zero, ...) is the caller's mistake and always returned; a value above the size cap
+    /// (`ValueTooLarge`) follows the policy (fail-open: served, not cached).
     ///
     /// ```
     /// use ncm_cache_core::{CacheError, CacheFailure};
     /// let down = || CacheError::connection("redis down", None);
     /// assert!(CacheFailure::FailOpen.apply("k", "get", down()).is_ok());
     /// assert!(CacheFailure::FailClosed.apply("k", "get", down()).is_err());
-    /// let bad = CacheError::InvalidArgument("empty key".into());
+    /// let bad = ncm_cache_core::validate_key("", 250).unwrap_err();
     /// assert!(CacheFailure::FailOpen.apply("", "get", bad).is_err());
     /// ```
     pub fn apply(self, key: &str, op: &str, err: crate::CacheError) -> crate::Result<()> {
+        let caller_mistake =
+            err.is_invalid_input() && !matches!(err, crate::CacheError::ValueTooLarge { .. });
         match (self, &err) {
-            (_, crate::CacheError::InvalidArgument(_)) | (Self::FailClosed, _) => Err(err),
+            _ if caller_mistake => Err(err),
+            (Self::FailClosed, _) => Err(err),
             (Self::FailOpen, _) => {
                 tracing::warn!(key, operation = op, error = %err, "cache failed; going on without it (fail-open)");
                 Ok(())

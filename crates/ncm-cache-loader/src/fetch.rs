@@ -46,6 +46,12 @@ pub trait Mode<R>: Copy + Send + Sync + 'static {
     /// Turns a shared error into this waiter's output; `None` makes the waiter run its own
     /// call (for error types that cannot be shared).
     fn shared_error(err: CacheError) -> Option<R>;
+    /// Whether [`shared_error`](Self::shared_error) can turn any `CacheError` (a failing
+    /// cache, not only a shared load failure) into an output: only then can a `ReadThrough`
+    /// call fail closed.
+    fn carries_cache_error() -> bool {
+        false
+    }
 }
 
 /// The registered-loader mode: `Result<T, CacheError>`, errors shared with every waiter.
@@ -75,6 +81,9 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Mode<Result<T, CacheError
     fn shared_error(err: CacheError) -> Option<Result<T, CacheError>> {
         Some(Err(err))
     }
+    fn carries_cache_error() -> bool {
+        true
+    }
 }
 
 /// One call's parameters.
@@ -86,16 +95,21 @@ pub(crate) struct Call<'a> {
     pub(crate) strategy: CacheStrategy,
     /// Skip the cache read: run the loader and overwrite (warming, refresh).
     pub(crate) force: bool,
+    /// A failing cache fails the call (set by `run_cached` from the strategy and the mode).
+    pub(crate) fail_closed: bool,
 }
 
 impl Call<'_> {
     /// What a cache failure does to this call: [`CacheStrategy::ReadThrough`] reads through
-    /// the cache, so its failures fail the call ([`CacheFailure::FailClosed`], where the output
-    /// can carry a `CacheError`); every other strategy goes on without the cache.
+    /// the cache, so its failures fail the call ([`CacheFailure::FailClosed`]) — when the
+    /// output can carry a `CacheError` (a registered loader; a macro whose error type is
+    /// `From<CacheError>`); otherwise, and for every other strategy, the call goes on without
+    /// the cache.
     pub(crate) fn on_failure(&self) -> CacheFailure {
-        match self.strategy {
-            CacheStrategy::ReadThrough => CacheFailure::FailClosed,
-            _ => CacheFailure::FailOpen,
+        if self.fail_closed {
+            CacheFailure::FailClosed
+        } else {
+            CacheFailure::FailOpen
         }
     }
 }
@@ -114,6 +128,10 @@ impl<C: Codec> CacheLoader<C> {
         M: Mode<R>,
         Fut: Future<Output = R>,
     {
+        let call = Call {
+            fail_closed: call.strategy == CacheStrategy::ReadThrough && M::carries_cache_error(),
+            ..call
+        };
         if !call.force {
             match self.read::<M::Stored>(counters, call).await {
                 Ok(Some(value)) => {

@@ -48,6 +48,48 @@ pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
     Ok(key)
 }
 
+/// The path the compiler gives the fn that declares a marker fn (`a::b::f` from
+/// `a::b::f::{{closure}}::__ncm_cache_fn`).
+fn enclosing_path(marker: &'static str) -> &'static str {
+    let mut path = marker.strip_suffix("::__ncm_cache_fn").unwrap_or(marker);
+    while let Some(outer) = path.strip_suffix("::{{closure}}") {
+        path = outer;
+    }
+    path
+}
+
+/// The loader name of a `#[cache_loader]` function: `{module_path!()}::{fn}` — from the
+/// source, the same on every toolchain — unless the function sits in an `impl` block or in
+/// another function, where that would be shared with a namesake (`impl User { fn get }` and
+/// `impl Order { fn get }`): then the compiler's path of the function (`app::User::get`),
+/// which a toolchain may print differently (give `name = ...` where keys must never change).
+pub fn fn_name(stable: &'static str, marker: &'static str) -> &'static str {
+    let compiler = enclosing_path(marker);
+    if compiler == stable { stable } else { compiler }
+}
+
+/// The loader name of a `#[cache_method]` method: [`method_path`], and in a trait impl also
+/// the trait (`app::Pg as app::UserRepo::get`), so two traits' methods of one name on one type
+/// never share keys.
+pub fn method_name(
+    module: &'static str,
+    self_type: &'static str,
+    method: &'static str,
+    marker: &'static str,
+) -> &'static str {
+    let compiler = enclosing_path(marker);
+    // `<app::Pg as app::UserRepo>::get`: the trait is between " as " and the closing ">::".
+    let trait_part = compiler
+        .strip_prefix('<')
+        .and_then(|rest| rest.rsplit_once(">::"))
+        .and_then(|(inside, _)| inside.rsplit_once(" as "))
+        .map(|(_, trait_path)| trait_path);
+    match trait_part {
+        None => method_path(module, self_type, method),
+        Some(trait_path) => intern(module, self_type, method, Some(trait_path)),
+    }
+}
+
 /// The loader name of a method: `{module}::{Type}::{method}`, where `module` is the
 /// `module_path!()` of the `impl` and `Type` the last path segment of `Self` — as written,
 /// not as the compiler prints paths, so it does not change with the toolchain. A generic
@@ -59,16 +101,35 @@ pub fn method_path(
     self_type: &'static str,
     method: &'static str,
 ) -> &'static str {
+    intern(module, self_type, method, None)
+}
+
+/// `{module}::{Type}::{method}`, or `{module}::{Type} as {Trait}::{method}`, interned.
+fn intern(
+    module: &'static str,
+    self_type: &'static str,
+    method: &'static str,
+    trait_path: Option<&'static str>,
+) -> &'static str {
     use std::collections::HashMap;
     use std::sync::{LazyLock, RwLock};
-    type Names = HashMap<(&'static str, &'static str, &'static str), &'static str>;
-    static NAMES: LazyLock<RwLock<Names>> = LazyLock::new(Default::default);
-    let id = (module, self_type, method);
+    type Id = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+    );
+    static NAMES: LazyLock<RwLock<HashMap<Id, &'static str>>> = LazyLock::new(Default::default);
+    let id = (module, self_type, method, trait_path);
     if let Some(name) = NAMES.read().ok().and_then(|n| n.get(&id).copied()) {
         return name;
     }
-    let name: &'static str =
-        Box::leak(format!("{module}::{}::{method}", type_segment(self_type)).into_boxed_str());
+    let ty = type_segment(self_type);
+    let name = match trait_path {
+        None => format!("{module}::{ty}::{method}"),
+        Some(t) => format!("{module}::{ty} as {t}::{method}"),
+    };
+    let name: &'static str = Box::leak(name.into_boxed_str());
     if let Ok(mut names) = NAMES.write() {
         return names.entry(id).or_insert(name);
     }
@@ -130,16 +191,19 @@ where
         ttl,
         strategy,
         force: false,
+        fail_closed: false,
     };
     loader.run_cached::<M, R, Fut>(&counters, call, body).await
 }
 
 /// Picks the [`Mode`] from the function's output type, whatever name it is written with (a
 /// type alias included), by autoref specialization: the macro emits
-/// `(&&&&&Probe::<R>::new()).__ncm_mode()` with the five `Tier*` traits in scope, and the first
+/// `(&&&&&&Probe::<R>::new()).__ncm_mode()` with the six `Tier*` traits in scope, and the first
 /// tier whose impl applies wins:
+/// 0. `Result<T, E>` with `E: Clone + From<CacheError>` — [`SharedFromResultMode`] (waiters get a
+///    clone of the error; a failing cache reaches a `ReadThrough` call as `E::from`);
 /// 1. `Result<T, E>` with `E: Clone` — [`SharedResultMode`] (waiters get a clone of the error);
-/// 2. `Result<T, E>` with `E: From<CacheError>` — [`FromErrorResultMode`];
+/// 2. `Result<T, E>` with `E: From<CacheError> + Display` — [`FromErrorResultMode`];
 /// 3. any other `Result<T, E>` — [`ResultMode`] (waiters run their own call);
 /// 4. `Option<T>` — [`OptionMode`];
 /// 5. anything else — [`PlainMode`].
@@ -166,6 +230,22 @@ pub const fn result_probe<R: IsResult>() -> Probe<R> {
     Probe(std::marker::PhantomData)
 }
 
+/// Tier 0 of [`Probe`].
+pub trait Tier0 {
+    /// The picked mode.
+    type M;
+    /// Picks it.
+    fn __ncm_mode(&self) -> Self::M;
+}
+impl<T, E: Clone + From<CacheError> + Send + Sync + 'static> Tier0
+    for &&&&&Probe<std::result::Result<T, E>>
+{
+    type M = SharedFromResultMode;
+    fn __ncm_mode(&self) -> SharedFromResultMode {
+        SharedFromResultMode
+    }
+}
+
 /// Tier 1 of [`Probe`].
 pub trait Tier1 {
     /// The picked mode.
@@ -187,7 +267,7 @@ pub trait Tier2 {
     /// Picks it.
     fn __ncm_mode(&self) -> Self::M;
 }
-impl<T, E: From<CacheError>> Tier2 for &&&Probe<std::result::Result<T, E>> {
+impl<T, E: From<CacheError> + std::fmt::Display> Tier2 for &&&Probe<std::result::Result<T, E>> {
     type M = FromErrorResultMode;
     fn __ncm_mode(&self) -> FromErrorResultMode {
         FromErrorResultMode
@@ -253,6 +333,39 @@ impl<E> std::fmt::Display for SharedFailure<E> {
 
 impl<E> std::error::Error for SharedFailure<E> {}
 
+/// `Result<T, E>` with `E: Clone + From<CacheError>`: like [`SharedResultMode`] (the one load's
+/// error cloned to every waiter), and a failing cache reaches a `ReadThrough` call as
+/// `E::from(CacheError)`.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedFromResultMode;
+
+impl<T, E> Mode<std::result::Result<T, E>> for SharedFromResultMode
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+    E: Clone + From<CacheError> + Send + Sync + 'static,
+{
+    type Stored = T;
+    fn split(output: std::result::Result<T, E>) -> Split<T, std::result::Result<T, E>> {
+        ResultMode::split(output)
+    }
+    fn join(stored: T) -> std::result::Result<T, E> {
+        Ok(stored)
+    }
+    fn empty() -> Option<std::result::Result<T, E>> {
+        None
+    }
+    fn flight_error(output: &std::result::Result<T, E>) -> CacheError {
+        SharedResultMode::flight_error(output)
+    }
+    fn shared_error(err: CacheError) -> Option<std::result::Result<T, E>> {
+        <SharedResultMode as Mode<std::result::Result<T, E>>>::shared_error(err.clone())
+            .or_else(|| Some(Err(E::from(err))))
+    }
+    fn carries_cache_error() -> bool {
+        true
+    }
+}
+
 /// `Result<T, E>` with `E: Clone`: `Ok` is cached; on `Err` the one load's error is cloned to
 /// every caller that waited on it (one call per key, also on failure).
 #[derive(Debug, Clone, Copy)]
@@ -289,16 +402,17 @@ where
     }
 }
 
-/// `Result<T, E>` with `E: From<CacheError>` (not `Clone`): waiters of a failed load get
-/// `E::from(CacheError::Loader(..))` ("a concurrent call of the same key failed") instead of
-/// running their own call.
+/// `Result<T, E>` with `E: From<CacheError> + Display` (not `Clone`; `anyhow::Error`, boxed
+/// errors): waiters of a failed load get `E::from(CacheError::Loader(..))` carrying the
+/// leader's error message (not its type: a waiter cannot downcast it) instead of running their
+/// own call; a failing cache reaches a `ReadThrough` call as `E::from`.
 #[derive(Debug, Clone, Copy)]
 pub struct FromErrorResultMode;
 
 impl<T, E> Mode<std::result::Result<T, E>> for FromErrorResultMode
 where
     T: Serialize + DeserializeOwned + Send + 'static,
-    E: From<CacheError>,
+    E: From<CacheError> + std::fmt::Display,
 {
     type Stored = T;
     fn split(output: std::result::Result<T, E>) -> Split<T, std::result::Result<T, E>> {
@@ -310,11 +424,17 @@ where
     fn empty() -> Option<std::result::Result<T, E>> {
         None
     }
-    fn flight_error(_: &std::result::Result<T, E>) -> CacheError {
-        CacheError::loader("a concurrent call of the same key failed")
+    fn flight_error(output: &std::result::Result<T, E>) -> CacheError {
+        match output {
+            Err(e) => CacheError::loader(e.to_string()),
+            Ok(_) => CacheError::loader("a concurrent call of the same key failed"),
+        }
     }
     fn shared_error(err: CacheError) -> Option<std::result::Result<T, E>> {
         Some(Err(E::from(err)))
+    }
+    fn carries_cache_error() -> bool {
+        true
     }
 }
 
@@ -434,6 +554,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::method_path;
+
+    #[test]
+    fn names_come_from_the_source_unless_the_fn_sits_in_an_impl_or_a_trait_impl() {
+        use super::{fn_name, method_name};
+        assert_eq!(
+            fn_name("app::get", "app::get::{{closure}}::__ncm_cache_fn"),
+            "app::get"
+        );
+        assert_eq!(
+            fn_name("app::get", "app::User::get::{{closure}}::__ncm_cache_fn"),
+            "app::User::get"
+        );
+        assert_eq!(
+            method_name(
+                "app",
+                "app::Pg",
+                "get",
+                "<app::Pg as app::UserRepo>::get::{{closure}}::__ncm_cache_fn"
+            ),
+            "app::Pg as app::UserRepo::get"
+        );
+        assert_eq!(
+            method_name(
+                "app",
+                "app::Pg",
+                "get",
+                "app::Pg::get::{{closure}}::__ncm_cache_fn"
+            ),
+            "app::Pg::get"
+        );
+    }
 
     #[test]
     fn method_paths_use_the_impl_module_and_the_types_own_name() {

@@ -68,6 +68,7 @@ where
             ttl: self.ttl,
             strategy: self.strategy,
             force,
+            fail_closed: false,
         };
         let body = (self.load)(args);
         loader
@@ -113,29 +114,29 @@ fn from_json<A: DeserializeOwned>(
         ))
     };
     let positional = !matches!(&args, Value::Null) && args != Value::Array(Vec::new());
-    match (positional, kwargs.is_empty()) {
-        (true, false) => Err(CacheError::InvalidArgument(format!(
+    if positional && !kwargs.is_empty() {
+        return Err(CacheError::InvalidArgument(format!(
             "loader {name:?} got both positional `args` and named `kwargs`; a Rust loader takes \
              one value (`{}`): give its fields as `kwargs`, or the value as `args`",
             type_name::<A>()
-        ))),
-        (false, false) => serde_json::from_value(Value::Object(kwargs)).map_err(misfit),
-        // `null` or `[]`: no arguments (`()`), or an empty list for a list argument.
-        (false, true) => serde_json::from_value(Value::Null)
-            .or_else(|_| serde_json::from_value(args))
-            .map_err(misfit),
-        (true, true) => match args {
-            // One positional argument is that argument (as in Python); a list argument given
-            // as `[[1, 2]]` or `[1, 2]` both fit.
-            Value::Array(mut items) if items.len() == 1 => {
-                let only = items.pop().unwrap_or(Value::Null);
-                serde_json::from_value(only.clone())
-                    .or_else(|_| serde_json::from_value(Value::Array(vec![only])))
-                    .map_err(misfit)
-            }
-            other => serde_json::from_value(other).map_err(misfit),
-        },
+        )));
     }
+    if !kwargs.is_empty() {
+        return serde_json::from_value(Value::Object(kwargs)).map_err(misfit);
+    }
+    // The value as written first (what `WarmConfig::with_args` produces, so it round-trips);
+    // then the original's forms: one positional argument `[x]` is `x`, and `[]` is no
+    // argument (`()`).
+    let exact = serde_json::from_value::<A>(args.clone());
+    exact.or_else(|first| match args {
+        Value::Array(mut items) if items.len() == 1 => {
+            serde_json::from_value(items.pop().unwrap_or(Value::Null)).map_err(|_| misfit(first))
+        }
+        Value::Array(items) if items.is_empty() => {
+            serde_json::from_value(Value::Null).map_err(|_| misfit(first))
+        }
+        _ => Err(misfit(first)),
+    })
 }
 
 impl<C, A, T> ErasedLoader<C> for Registered<A, T>

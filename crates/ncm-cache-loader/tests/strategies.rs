@@ -124,18 +124,52 @@ impl From<CacheError> for AppError {
     }
 }
 
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cache_loader(loader = MACRO_LOADER.1, strategy = ReadThrough)]
 async fn through(id: u64) -> Result<u64, AppError> {
     Ok(id)
 }
 
-#[tokio::test]
+/// `CacheError` itself is `Clone` and `From<CacheError>`: both sharing and fail-closed apply.
+#[cache_loader(loader = MACRO_LOADER.1, strategy = ReadThrough)]
+async fn through_cache_error(id: u64) -> Result<u64, CacheError> {
+    Ok(id + 100)
+}
+
+static OPTION_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// An `Option` cannot carry the cache's error: ReadThrough then goes on without the cache.
+#[cache_loader(loader = MACRO_LOADER.1, strategy = ReadThrough)]
+async fn through_option(id: u64) -> Option<u64> {
+    OPTION_CALLS.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Some(id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_through_function_fails_with_the_cache_when_its_error_can_say_so() {
     MACRO_LOADER.0.set_writes_down(true);
     let err = through(1).await.unwrap_err();
     assert!(err.0.contains("writes switched off"), "{err:?}");
+    let err = through_cache_error(1).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
     MACRO_LOADER.0.set_writes_down(false);
     assert_eq!(through(1).await.unwrap(), 1);
+    assert_eq!(through_cache_error(1).await.unwrap(), 101);
+    // The cache down, 50 concurrent callers of an `Option` function: one call (single-flight
+    // kept), every caller served.
+    MACRO_LOADER.0.set_down(true);
+    let calls: Vec<_> = (0..50).map(|_| tokio::spawn(through_option(7))).collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), Some(7));
+    }
+    MACRO_LOADER.0.set_down(false);
+    assert_eq!(OPTION_CALLS.load(Ordering::SeqCst), 1);
 }
 
 /// The same failing cache under every read-through path: fail-open serves the loaded value,

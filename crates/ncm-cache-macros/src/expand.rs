@@ -113,17 +113,19 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
     // the source as written — never from the compiler's `type_name` of the fn, whose format may
     // change between toolchains.
     let ident = &sig.ident;
+    // The compiler's path of the function (from a marker fn declared in its body) only tells
+    // where it sits when that is not `module::fn`: in an impl, a trait impl or another fn.
     let fn_name = match (&opts.name, kind) {
         (Some(lit), _) => quote!(#lit),
-        (None, Kind::Function) => quote!(::core::concat!(
-            ::core::module_path!(),
-            "::",
-            ::core::stringify!(#ident)
+        (None, Kind::Function) => quote!(::ncm_cache_loader::__private::fn_name(
+            ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+            ::core::any::type_name_of_val(&__ncm_cache_fn),
         )),
-        (None, Kind::Method) => quote!(::ncm_cache_loader::__private::method_path(
+        (None, Kind::Method) => quote!(::ncm_cache_loader::__private::method_name(
             ::core::module_path!(),
             ::core::any::type_name::<Self>(),
             ::core::stringify!(#ident),
+            ::core::any::type_name_of_val(&__ncm_cache_fn),
         )),
     };
     let ttl = &opts.ttl;
@@ -142,6 +144,7 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
     Ok(quote! {
         #(#attrs)*
         #vis #defaultness #sig {
+            fn __ncm_cache_fn() {}
             let #v_name: &'static str = #fn_name;
             let #v_loader = #loader;
             let #v_key = #key;
@@ -226,6 +229,21 @@ fn output_mode(sig: &Signature, opts: &Options, name: &str) -> syn::Result<Token
         }
         _ => None,
     };
+    // `-> R` for a type parameter `R`: its type is only known per instantiation, and the mode
+    // is picked once here; `R = Result<..>` would then cache errors.
+    if let Type::Path(p) = ty
+        && opts.mode.is_none()
+        && let Some(ident) = p.path.get_ident()
+        && sig.generics.type_params().any(|t| t.ident == *ident)
+    {
+        return Err(syn::Error::new(
+            ty.span(),
+            format!(
+                "#[{name}]: the return type is the type parameter `{ident}`, so what to cache \
+                 cannot be told from it; add `mode = result`, `mode = option` or `mode = value`"
+            ),
+        ));
+    }
     let mode = opts.mode.as_ref().map(|m| (m.to_string(), m.span()));
     let is_option = match &mode {
         Some((m, _)) => m == "option",
@@ -248,13 +266,13 @@ fn output_mode(sig: &Signature, opts: &Options, name: &str) -> syn::Result<Token
         Some((_, span)) => quote_spanned! {span=> {
             #[allow(unused_imports)]
             // All tiers in scope: a non-`Result` output then fails on `result_probe` alone.
-            use #private::{Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
-            (&&&&&#private::result_probe::<#ty>()).__ncm_mode()
+            use #private::{Tier0 as _, Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
+            (&&&&&&#private::result_probe::<#ty>()).__ncm_mode()
         }},
         None => quote! {{
             #[allow(unused_imports)]
-            use #private::{Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
-            (&&&&&#private::Probe::<#ty>::new()).__ncm_mode()
+            use #private::{Tier0 as _, Tier1 as _, Tier2 as _, Tier3 as _, Tier4 as _, Tier5 as _};
+            (&&&&&&#private::Probe::<#ty>::new()).__ncm_mode()
         }},
     })
 }

@@ -22,7 +22,7 @@
 //! |---|---|---|
 //! | `loader` | the `CacheLoader` (a static, a `LazyLock`, `self.field`, a call returning `&CacheLoader`, ...) | required |
 //! | `ttl` | seconds (`1800`, `0.5`), a duration string (`"30m"`, `"1h 30m"`), or a `Duration` expression | the loader's `default_ttl` |
-//! | `strategy` | `CacheAside` (a failing cache is skipped), `ReadThrough` (a failing cache fails the call, when the error type can carry a `CacheError`), `WriteBehind` (the result is cached in the background), `WriteAround` (results are not cached); `WriteThrough` is refused (a write strategy) | `CacheAside` |
+//! | `strategy` | `CacheAside` (a failing cache is skipped), `ReadThrough` (a failing cache fails the call, when the error type is `From<CacheError>`), `WriteBehind` (the result is cached in the background), `WriteAround` (results are not cached); `WriteThrough` is refused (a write strategy) | `CacheAside` |
 //! | `key` | an expression over the arguments whose `Display` form is the key's argument part (required on generic functions) | the arguments as canonical JSON |
 //! | `name` | a string: the loader name used in keys and stats | the function's path |
 //! | `cache_none` | `true` / `false`: also cache `None` (functions returning `Option<T>`) | `false` |
@@ -36,15 +36,23 @@
 //! function and `{module_path!()}::{Type}::{method}` for a method (the `impl`'s module, `Type`
 //! as written; a generic `Self` adds its type arguments as `type_name` prints them, so each
 //! instantiation has its own keys), and the arguments are canonical JSON
-//! (`loader:app::users::get_user:[42]`). Nothing comes from the compiler's name of the
-//! function, so keys survive a toolchain upgrade. A generic function needs `key = ...`
-//! (otherwise every instantiation would share one key). `name = ...` fixes the name.
+//! (`loader:app::users::get_user:[42]`). For those, nothing comes from the compiler's name of
+//! the function, so keys survive a toolchain upgrade. Where that name would be shared — an
+//! associated function in an `impl` block (`impl User { fn get }` beside `impl Order { fn get }`),
+//! a method of a trait impl (the trait is added: `app::Pg as app::UserRepo::find`) — the
+//! compiler's path is used, which a toolchain may print differently: give `name = ...` where
+//! keys must never change. A generic function needs `key = ...` (otherwise every
+//! instantiation would share one key); so does an associated function of a generic `impl`
+//! (the macro cannot see the impl's parameters). A return type that is a bare type parameter
+//! needs `mode = ...`.
 //!
 //! **Failures are shared**: concurrent callers of one key run the body once; when it fails,
-//! every caller that waited gets its error — a clone when `E: Clone`, `E::from(CacheError)` when
-//! `E: From<CacheError>` — so a failing database sees one call per key, not one per caller.
-//! Only an error type that is neither makes each waiter run its own call (return `Arc<E>` to
-//! avoid that).
+//! every caller that waited gets its error — a clone when `E: Clone`, or
+//! `E::from(CacheError)` carrying the leader's message when `E: From<CacheError> + Display`
+//! (`anyhow::Error`, boxed errors) — so a failing database sees one call per key, not one per
+//! caller. Only an error type that is neither makes each waiter run its own call (return
+//! `Arc<E>` to avoid that). With `strategy = ReadThrough`, a failing cache fails the call
+//! when the error type is `From<CacheError>`; otherwise the call goes on without the cache.
 
 mod expand;
 mod options;

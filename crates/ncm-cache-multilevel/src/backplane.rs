@@ -578,9 +578,18 @@ impl<C: Codec> Inner<C> {
 
     /// Publishes a SET of every key in one message (a batch write).
     pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        self.publish_all(SET, keys).await;
+    }
+
+    /// Publishes a DELETE of every key in one message (a failed batch write).
+    pub(crate) async fn publish_deletes<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        self.publish_all(DELETE, keys).await;
+    }
+
+    async fn publish_all<'k>(&self, op: u8, keys: impl Iterator<Item = &'k str>) {
         let mut entries = Vec::new();
         for key in keys {
-            encode_entry(&mut entries, SET, key);
+            encode_entry(&mut entries, op, key);
         }
         if !entries.is_empty() {
             self.publish_entries(entries).await;
@@ -626,6 +635,9 @@ impl<C: Codec> Inner<C> {
         // circuit skips the lock (loading without it) instead of waiting on a dead server.
         let through_breaker = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(redis));
         loop {
+            // Taken before this round's reads: a negative fill from the holder's note must not
+            // land over an invalidation that arrived meanwhile.
+            let round = self.versions.ticket(key);
             let attempt_lock = redis.try_lock(&name, self.opts.lock_ttl);
             let taken = if through_breaker {
                 self.l2_call(attempt_lock).await
@@ -661,7 +673,7 @@ impl<C: Codec> Inner<C> {
                 && note == NOT_FOUND
             {
                 if self.opts.negative_ttl.is_some() {
-                    self.l1_fill(key, Fill::negative(), &self.versions.ticket(key));
+                    self.l1_fill(key, Fill::negative(), &round);
                 }
                 return Ok(LockOutcome::Found((None, ValueSource::L2)));
             }

@@ -575,10 +575,32 @@ impl<C: Codec> MultiLevelCache<C> {
                 })
                 .map(|(k, _)| (k.as_str(), self.inner.versions.write_begin(k)))
                 .collect();
+            // Cancelled during the batch write: every key is ended and announced.
+            let mut guard = Unannounced::many(
+                &self.inner,
+                encoded
+                    .iter()
+                    .map(|(k, _)| (k.as_str(), writes.get(k.as_str()).copied()))
+                    .collect(),
+            );
             let written = self
                 .inner
                 .l2_call(self.inner.l2.set_many(&batch, ttl))
                 .await;
+            guard.disarm();
+            if let Err(e) = written {
+                // Some keys may have reached L2: evict them here and everywhere else.
+                for (k, _) in &encoded {
+                    if let Some(t) = writes.get(k.as_str()) {
+                        let _ = self.inner.versions.write_end(t);
+                    }
+                    let _ = self.inner.invalidate_l1(k);
+                }
+                self.inner
+                    .publish_deletes(encoded.iter().map(|(k, _)| k.as_str()))
+                    .await;
+                return Err(e);
+            }
             for (i, key) in keys.iter().enumerate() {
                 let Some(write) = writes.get(key) else {
                     continue;
@@ -590,7 +612,6 @@ impl<C: Codec> MultiLevelCache<C> {
                 let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
                 self.inner.settle_write(key, fill, write);
             }
-            written?;
             // One message for the batch.
             self.inner
                 .publish_sets(encoded.iter().map(|(k, _)| k.as_str()))
@@ -849,6 +870,7 @@ impl<C: Codec> Inner<C> {
 
     /// Makes everything in L1 stale-only (kept for fail-safe, never served as fresh); without
     /// fail-safe, empties it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn mark_l1_stale(&self) {
         // Global bump first: a fill that reads the new generation then fails its second check.
         self.versions.invalidate_all();
@@ -992,17 +1014,21 @@ impl<C: Codec> Inner<C> {
 /// queues the invalidation for other instances, as if the call had failed after reaching L2.
 pub(crate) struct Unannounced<'a, C: Codec> {
     inner: &'a Inner<C>,
-    key: &'a str,
-    write: Option<Ticket>,
+    /// The keys, each with its write's ticket (`None` for a delete).
+    writes: Vec<(&'a str, Option<Ticket>)>,
     armed: bool,
 }
 
 impl<'a, C: Codec> Unannounced<'a, C> {
     pub(crate) fn new(inner: &'a Inner<C>, key: &'a str, write: Option<Ticket>) -> Self {
+        Self::many(inner, vec![(key, write)])
+    }
+
+    /// One guard for a batch write.
+    pub(crate) fn many(inner: &'a Inner<C>, writes: Vec<(&'a str, Option<Ticket>)>) -> Self {
         Self {
             inner,
-            key,
-            write,
+            writes,
             armed: true,
         }
     }
@@ -1018,11 +1044,13 @@ impl<C: Codec> Drop for Unannounced<'_, C> {
         if !self.armed {
             return;
         }
-        if let Some(t) = self.write.take() {
-            let _ = self.inner.versions.write_end(&t);
+        for (key, write) in self.writes.drain(..) {
+            if let Some(t) = write {
+                let _ = self.inner.versions.write_end(&t);
+            }
+            let _ = self.inner.invalidate_l1(key);
+            self.inner.queue_delete(key);
         }
-        let _ = self.inner.invalidate_l1(self.key);
-        self.inner.queue_delete(self.key);
     }
 }
 

@@ -331,6 +331,49 @@ mod redis {
         );
     }
 
+    /// A batch load whose caller is cancelled during its L2 batch write: the keys that may
+    /// have reached Redis are announced, so another instance stops serving its old copies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_load_cancelled_mid_write_still_invalidates() {
+        let server = RedisServer::start().unwrap();
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let slow = Arc::new(Slow::new(ra.backend()));
+        let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+            .name("users")
+            .backplane(Arc::clone(ra.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        let keys = ["m0", "m1", "m2"];
+        for k in keys {
+            b.set_at(k, 0u64, ncm_cache_core::CacheLevel::L1)
+                .await
+                .unwrap();
+        }
+        slow.set_reply_delay(Duration::from_millis(500));
+        let load = a.get_many_or_load::<u64, _, _, _>(&keys, |missing| async move {
+            Ok::<_, Io>(missing.into_iter().map(|k| (k, 7u64)).collect())
+        });
+        let cancelled = tokio::time::timeout(Duration::from_millis(150), load).await;
+        assert!(
+            cancelled.is_err(),
+            "the batch load was meant to be cancelled"
+        );
+        slow.set_reply_delay(Duration::ZERO);
+        let start = Instant::now();
+        for k in keys {
+            while b.get::<u64>(k).await.unwrap() == Some(0) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(1),
+                    "{k}: the other instance still serves its old copy"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
     /// PUBLISH goes through L2's circuit breaker when the backplane is L2's Redis: with the
     /// circuit open, a delete's invalidation is queued (and sent once Redis answers again)
     /// instead of waiting a response timeout on a server known to be down.

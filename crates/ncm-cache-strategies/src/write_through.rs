@@ -163,14 +163,21 @@ impl<C: Codec> CacheStrategies<C> {
             .flight
             .run(key.to_owned(), || async {
                 let value = loader().await.map_err(CacheError::loader)?;
-                let bytes = self.cache.encode_for(key, &value)?;
-                self.cache
-                    .store_loaded(key, bytes.clone(), expiry, on_failure)
-                    .await?;
+                // Waiters share the encoded value, so it is encoded without the size cap; the
+                // cap applies to what is stored (as in `Cache::read_through_with`).
+                let bytes = self.cache.codec().encode_for(&[key], &value)?;
+                match self.cache.encode_for(key, &value) {
+                    Ok(stored) => {
+                        self.cache
+                            .store_loaded(key, stored, expiry, on_failure)
+                            .await?
+                    }
+                    Err(e) => on_failure.apply(key, "encode", e)?,
+                }
                 Ok(bytes)
             })
             .await?;
-        self.cache.decode_for(key, &bytes)
+        Ok(self.cache.codec().decode_for(&[key], &bytes)?)
     }
 
     /// Cache-aside, as the application would write it: read the cache; on a miss, load, cache

@@ -381,3 +381,52 @@ async fn a_panicking_callback_is_contained() {
     assert_eq!(s.trigger_event_invalidation("boom").await.unwrap(), 1);
     assert_eq!(s.invalidation_stats().callback_panics, 1);
 }
+
+/// One entry the store refuses (a constraint violation) among 100 in one batch: the batch is
+/// split until the bad entry is alone, so only it becomes a dead letter and the other 99 reach
+/// the store (before: the whole batch of 100 was dead-lettered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_entry_dead_letters_alone() {
+    let s = with_config(
+        WriteBehindConfig::default()
+            .max_retries(1)
+            .retry_backoff(Duration::from_millis(1))
+            .batch_size(100),
+    )
+    .await;
+    let stored = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let rows = Arc::clone(&stored);
+    let store = ncm_cache_strategies::batch_store_fn(move |batch: Vec<(String, String)>| {
+        let rows = Arc::clone(&rows);
+        async move {
+            if batch.iter().any(|(_, v)| v == "poison") {
+                return Err("value violates a constraint");
+            }
+            rows.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    })
+    .named("split");
+    for i in 0..100 {
+        let value = if i == 37 {
+            "poison".to_owned()
+        } else {
+            format!("v{i}")
+        };
+        s.write_behind(
+            &format!("k{i}"),
+            &value,
+            HOUR,
+            &store,
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(s.flush().await.is_err(), "the bad entry is reported");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    let dead = queue.dead_letters();
+    assert_eq!(dead.len(), 1, "only the bad entry: {dead:?}");
+    assert_eq!(dead[0].key, "k37");
+    assert_eq!(stored.lock().unwrap().len(), 99);
+}

@@ -120,13 +120,13 @@ impl<C: Codec> Timer<C> {
             Some(inner) => {
                 let reloader = CacheReloader { inner };
                 match reloader.entry(&self.name) {
-                    Ok(entry) => eager.then_some(entry.ttl),
+                    Ok(entry) => entry.ttl,
                     Err(_) => return,
                 }
             }
             None => return,
         };
-        let lease_ttl = timer_lease_ttl(self.every, value_ttl);
+        let lease_ttl = timer_lease_ttl(self.every, eager.then_some(value_ttl));
         let mut ticker = tokio::time::interval(lease_ttl / 3);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut owned: Option<Box<dyn Lease>> = None;
@@ -194,23 +194,24 @@ impl<C: Codec> Timer<C> {
         }
     }
 
-    /// When a new owner reloads first: an eager value when its remaining TTL reaches the
-    /// reload point (at once if it is missing or unreadable), a schedule after one interval.
+    /// When a new owner reloads first: one interval after the value was last written (its age
+    /// is its TTL minus what is left of it), so a change of owner (a restart, a deploy) neither
+    /// restarts the countdown nor reloads early. Without a value to tell: an eager timer at
+    /// once, a schedule after one interval.
     async fn first_due(
         &self,
         reloader: &CacheReloader<C>,
         eager: bool,
-        value_ttl: Option<Duration>,
+        value_ttl: Duration,
     ) -> Instant {
         let now = Instant::now();
-        let Some(ttl) = value_ttl.filter(|_| eager) else {
-            return now + self.every;
-        };
         match reloader.inner.cache.ttl_state(&self.name).await {
             Ok(ncm_cache_core::KeyTtl::Expires(left)) => {
-                now + left.saturating_sub(ttl.saturating_sub(self.every))
+                let age = value_ttl.saturating_sub(left);
+                now + self.every.saturating_sub(age)
             }
-            _ => now,
+            _ if eager => now,
+            _ => now + self.every,
         }
     }
 

@@ -25,4 +25,12 @@ async fn alias_without_mode(id: u64) -> Maybe<u64> {
     Some(id)
 }
 
+#[cache_loader(loader = LOADER, key = id)]
+async fn generic_return<R: Default + serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
+    id: u64,
+) -> R {
+    let _ = id;
+    R::default()
+}
+
 fn main() {}

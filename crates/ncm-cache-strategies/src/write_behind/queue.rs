@@ -165,8 +165,9 @@ impl<V: QueueValue> Shared<V> {
         }
     }
 
-    /// Persists one batch: fenced against the journal (durable mode), retried with backoff,
-    /// then dead letters.
+    /// Persists one batch: fenced against the journal (durable mode), retried with backoff;
+    /// a batch still failing is split to find the entries the store refuses (see
+    /// [`store_or_split`](Self::store_or_split)), which become dead letters.
     async fn persist(&self, batch: Vec<(String, Pending<V>)>) {
         let mut entries = Vec::with_capacity(batch.len());
         let mut meta = Vec::with_capacity(batch.len());
@@ -174,12 +175,102 @@ impl<V: QueueValue> Shared<V> {
             entries.push((key, p.value));
             meta.push((p.version, p.ids));
         }
-        // Superseded entries: acknowledged without being stored.
-        let mut acks: Vec<(String, Version)> = Vec::new();
+        let mut out = Outcome::default();
+        self.store_or_split(entries, meta, self.config.max_retries, &mut out)
+            .await;
+        {
+            let mut st = lock(&self.state);
+            self.stats.add(Counter::Stored, out.stored);
+            let mut dead = 0;
+            let mut superseded = 0;
+            for failed in out.failed {
+                for ((key, value), (version, ids)) in failed.entries.into_iter().zip(failed.meta) {
+                    if let Some(p) = st.pending.get_mut(&key) {
+                        // A newer write is already waiting: it carries our ids to the ack.
+                        p.ids.extend(ids);
+                        superseded += 1;
+                        continue;
+                    }
+                    dead += 1;
+                    st.dead.push(Dead {
+                        letter: DeadLetter {
+                            key,
+                            value,
+                            error: failed.error.clone(),
+                            attempts: failed.attempts,
+                            failed_at: SystemTime::now(),
+                        },
+                        version,
+                        ids,
+                    });
+                }
+                tracing::error!(queue = %self.name, error = %failed.error, "write-behind gave up: entries moved to the dead-letter list");
+                st.last_error = Some(failed.error);
+            }
+            self.stats.add(Counter::DeadLettered, dead);
+            self.stats.superseded(superseded);
+            st.in_flight = 0;
+            self.stats.pending_gauge(st.pending.len());
+        }
+        self.space.notify_waiters();
+        self.ack(out.acks).await;
+    }
+
+    /// Fences and stores `entries` with up to `max_retries` retries. When that fails for a
+    /// batch of several entries, it is bisected: both halves are tried once; when one fails
+    /// alone it is bisected in turn, so one bad entry (a constraint the store refuses) is found
+    /// in about 2·log₂(n) calls and dead-letters alone; when both fail (the store is down, or
+    /// several bad entries), both are given up at once.
+    async fn store_or_split(
+        &self,
+        entries: Vec<(String, V)>,
+        meta: Vec<(Version, Vec<Version>)>,
+        retries: u32,
+        out: &mut Outcome<V>,
+    ) {
+        let Some(mut failed) = self.attempt(entries, meta, retries, out).await else {
+            return;
+        };
+        while failed.entries.len() > 1 {
+            let mid = failed.entries.len() / 2;
+            let right = failed.entries.split_off(mid);
+            let right_meta = failed.meta.split_off(mid);
+            let before = failed.attempts;
+            // A dead letter counts every store call its entry took part in.
+            let tried = |f: Option<Failed<V>>| {
+                f.map(|mut f| {
+                    f.attempts += before;
+                    f
+                })
+            };
+            let left = tried(self.attempt(failed.entries, failed.meta, 0, out).await);
+            let right = tried(self.attempt(right, right_meta, 0, out).await);
+            match (left, right) {
+                (None, None) => return,
+                (Some(one), None) | (None, Some(one)) => failed = one,
+                (Some(a), Some(b)) => {
+                    tracing::warn!(queue = %self.name, error = %b.error, "both halves of a failing batch failed: the store is down (or several entries are bad)");
+                    out.failed.push(a);
+                    out.failed.push(b);
+                    return;
+                }
+            }
+        }
+        out.failed.push(failed);
+    }
+
+    /// One fenced store call with up to `retries` retries; `Some` with what failed.
+    async fn attempt(
+        &self,
+        mut entries: Vec<(String, V)>,
+        mut meta: Vec<(Version, Vec<Version>)>,
+        retries: u32,
+        out: &mut Outcome<V>,
+    ) -> Option<Failed<V>> {
         let mut attempts = 0u32;
         let result = loop {
             attempts += 1;
-            let attempt = match self.fence(&mut entries, &mut meta, &mut acks).await {
+            let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
                 Err(e) => Err(e),
                 Ok(()) if entries.is_empty() => break Ok(()),
                 Ok(()) => {
@@ -193,7 +284,7 @@ impl<V: QueueValue> Shared<V> {
             };
             match attempt {
                 Ok(()) => break Ok(()),
-                Err(e) if attempts <= self.config.max_retries => {
+                Err(e) if attempts <= retries => {
                     self.stats.add(Counter::Retries, 1);
                     let pause = backoff(&self.config, attempts);
                     tracing::warn!(queue = %self.name, entries = entries.len(), attempt = attempts, error = %e, retry_in = ?pause, "write-behind store call failed");
@@ -202,49 +293,21 @@ impl<V: QueueValue> Shared<V> {
                 Err(e) => break Err(e),
             }
         };
-        {
-            let mut st = lock(&self.state);
-            match result {
-                Ok(()) => {
-                    self.stats.add(Counter::Stored, entries.len() as u64);
-                    for ((key, _), (_, ids)) in entries.into_iter().zip(meta) {
-                        acks.extend(ids.into_iter().map(|id| (key.clone(), id)));
-                    }
+        match result {
+            Ok(()) => {
+                out.stored += entries.len() as u64;
+                for ((key, _), (_, ids)) in entries.into_iter().zip(meta) {
+                    out.acks.extend(ids.into_iter().map(|id| (key.clone(), id)));
                 }
-                Err(error) => {
-                    tracing::error!(queue = %self.name, entries = entries.len(), %error, "write-behind gave up: entries moved to the dead-letter list");
-                    let mut dead = 0;
-                    let mut superseded = 0;
-                    for ((key, value), (version, ids)) in entries.into_iter().zip(meta) {
-                        if let Some(p) = st.pending.get_mut(&key) {
-                            // A newer write is already waiting: it carries our ids to the ack.
-                            p.ids.extend(ids);
-                            superseded += 1;
-                            continue;
-                        }
-                        dead += 1;
-                        st.dead.push(Dead {
-                            letter: DeadLetter {
-                                key,
-                                value,
-                                error: error.clone(),
-                                attempts,
-                                failed_at: SystemTime::now(),
-                            },
-                            version,
-                            ids,
-                        });
-                    }
-                    st.last_error = Some(error);
-                    self.stats.add(Counter::DeadLettered, dead);
-                    self.stats.superseded(superseded);
-                }
+                None
             }
-            st.in_flight = 0;
-            self.stats.pending_gauge(st.pending.len());
+            Err(error) => Some(Failed {
+                entries,
+                meta,
+                error,
+                attempts,
+            }),
         }
-        self.space.notify_waiters();
-        self.ack(acks).await;
     }
 
     /// Durable mode: asks the journal about every entry of the batch (atomically) and keeps
@@ -458,6 +521,31 @@ pub(crate) async fn maintain<V: QueueValue>(shared: Weak<Shared<V>>, journal: Ar
         }
         if let Err(e) = shared.recover().await {
             tracing::debug!(queue = %shared.name, error = %e, "write-behind recovery pass failed");
+        }
+    }
+}
+
+/// Entries the store refused after every attempt.
+struct Failed<V> {
+    entries: Vec<(String, V)>,
+    meta: Vec<(Version, Vec<Version>)>,
+    error: CacheError,
+    attempts: u32,
+}
+
+/// What persisting a batch came to.
+struct Outcome<V> {
+    stored: u64,
+    acks: Vec<(String, Version)>,
+    failed: Vec<Failed<V>>,
+}
+
+impl<V> Default for Outcome<V> {
+    fn default() -> Self {
+        Self {
+            stored: 0,
+            acks: Vec::new(),
+            failed: Vec::new(),
         }
     }
 }
