@@ -10,7 +10,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ncm_cache_testkit::RedisServer;
+use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisServer};
 
 const LEASE_MS: u64 = 500;
 
@@ -22,8 +22,18 @@ struct Worker {
 
 impl Worker {
     fn start(server: &RedisServer, abort_after_store: bool) -> Self {
+        Self::start_with(server, abort_after_store, None)
+    }
+
+    fn start_with(server: &RedisServer, abort_after_store: bool, journal: Option<String>) -> Self {
+        Self::start_on(server.url(), abort_after_store, journal)
+    }
+
+    /// A worker whose cache and store are at `url` (the server, or a proxy in front of it).
+    fn start_on(url: String, abort_after_store: bool, journal: Option<String>) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wb_worker"))
-            .env("NCM_REDIS_URL", server.url())
+            .env("NCM_REDIS_URL", url)
+            .env("NCM_WB_JOURNAL_URL", journal.unwrap_or_default())
             .env("NCM_WB_LEASE_MS", LEASE_MS.to_string())
             .env(
                 "NCM_WB_ABORT_AFTER_STORE",
@@ -67,9 +77,13 @@ impl Worker {
     }
 
     fn command(&mut self, line: &str) -> String {
+        self.send(line);
+        self.expect("ok", Duration::from_secs(10))
+    }
+
+    fn send(&mut self, line: &str) {
         writeln!(self.stdin, "{line}").unwrap();
         self.stdin.flush().unwrap();
-        self.expect("ok", Duration::from_secs(10))
     }
 
     fn write_all(&mut self, keys: usize, value: &str, delay_ms: u64) {
@@ -188,4 +202,55 @@ fn two_live_instances_writing_the_same_keys_leave_the_last_write() {
     a.command("flush");
     b.command("flush");
     assert_store(&server, 100, "b2");
+}
+
+/// A write is journaled before it is cached: a process that dies while its journal append
+/// hangs leaves nothing in the cache (before: the cache held a value no journal had, so it was
+/// never persisted — the store and the cache disagreed until the TTL).
+#[test]
+fn a_crash_before_the_journal_append_leaves_no_cached_value() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut p1 = Worker::start_with(&server, false, Some(proxy.url()));
+    proxy.set_mode(ProxyMode::Stall);
+    p1.send("write k0 v1 0");
+    std::thread::sleep(Duration::from_millis(500));
+    p1.child.kill().unwrap();
+    p1.child.wait().unwrap();
+    let cached = server.cli(&["EXISTS", "k0"]).unwrap();
+    assert_eq!(
+        cached.trim(),
+        "0",
+        "a value was cached without being journaled"
+    );
+    assert!(store(&server).is_empty());
+}
+
+/// The other side: a process dies after journaling v2 but before caching it (its cache
+/// connection hangs), while the cache still holds v1. The process that adopts v2 persists it
+/// and evicts the key, so the cache does not keep serving v1 against a store holding v2.
+#[test]
+fn an_adopted_write_evicts_the_older_cached_value_once_persisted() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut p1 = Worker::start_on(proxy.url(), false, Some(server.url()));
+    p1.command("write k0 v1 0");
+    p1.command("flush");
+    assert_store(&server, 1, "v1");
+    assert_eq!(server.cli(&["EXISTS", "k0"]).unwrap().trim(), "1");
+    proxy.set_mode(ProxyMode::Stall);
+    p1.send("write k0 v2 0");
+    std::thread::sleep(Duration::from_millis(500));
+    p1.child.kill().unwrap();
+    p1.child.wait().unwrap();
+    let mut p2 = Worker::start(&server, false);
+    std::thread::sleep(Duration::from_millis(LEASE_MS * 3));
+    p2.command("recover");
+    p2.command("flush");
+    assert_store(&server, 1, "v2");
+    assert_eq!(
+        server.cli(&["EXISTS", "k0"]).unwrap().trim(),
+        "0",
+        "the cache still holds v1 while the store has v2"
+    );
 }

@@ -469,3 +469,115 @@ impl ncm_cache_strategies::PersistentStore<String> for SharedTable {
         self.0.store_batch_versioned(entries, versions).await
     }
 }
+
+/// An entry of a dead consumer that cannot be decoded (another writer's format, damage) goes
+/// to the queue's dead-entry stream when adopted, instead of staying in the journal forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_journal_entries_go_to_the_dead_entry_stream() {
+    let server = RedisServer::start().unwrap();
+    let stream = "__ncm:wb:{ghosts}";
+    server
+        .cli(&["XGROUP", "CREATE", stream, "ncm-wb", "$", "MKSTREAM"])
+        .unwrap();
+    let id = server
+        .cli(&["XADD", stream, "*", "k", "order:1", "v", "not a value"])
+        .unwrap();
+    server
+        .cli(&[
+            "XCLAIM",
+            stream,
+            "ncm-wb",
+            "ghost",
+            "0",
+            id.trim(),
+            "FORCE",
+            "JUSTID",
+        ])
+        .unwrap();
+    server
+        .cli(&["SADD", "__ncm:wb:{ghosts}:consumers", "ghost"])
+        .unwrap();
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("ghosts");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    // Entries are adopted once idle for `claim_min_idle` (50 ms here).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    queue.recover().await.unwrap();
+    let len = |key: &str| -> u64 { server.cli(&["XLEN", key]).unwrap().trim().parse().unwrap() };
+    assert_eq!(len(stream), 0, "the bad entry left the journal");
+    assert_eq!(
+        len("__ncm:wb:{ghosts}:dead"),
+        1,
+        "and is kept for inspection"
+    );
+    let kept = server
+        .cli(&["XRANGE", "__ncm:wb:{ghosts}:dead", "-", "+"])
+        .unwrap();
+    assert!(
+        kept.contains("order:1") && kept.contains("not a value"),
+        "{kept}"
+    );
+    let members = server
+        .cli(&["SMEMBERS", "__ncm:wb:{ghosts}:consumers"])
+        .unwrap();
+    assert!(!members.contains("ghost"), "{members}");
+    assert_eq!(db.len(), 0);
+    s.shutdown().await.unwrap();
+}
+
+/// A crashed process left 50 pending writes; the process adopting them has `max_pending` 10:
+/// it never holds more than 10 at once, and still persists all 50.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_respects_max_pending() {
+    let server = RedisServer::start().unwrap();
+    let url = server.url();
+    // The crashed process: a runtime that is dropped with its writes waiting an hour.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = RedisCache::connect(config(&url, "")).await.unwrap();
+            let s = durable_strategies(&c).await;
+            let (store, _) = database("bounded");
+            let queue = s.write_behind_queue(&store).await.unwrap();
+            for i in 0..50 {
+                queue
+                    .write(&format!("k{i}"), &format!("v{i}"), HOUR, HOUR)
+                    .await
+                    .unwrap();
+            }
+            // No drop (which would flush): as if killed.
+            std::mem::forget(queue);
+            std::mem::forget(s);
+            std::mem::forget(c);
+        });
+        drop(rt);
+    })
+    .join()
+    .unwrap();
+    // Past the dead process's lease (500 ms).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let c = cache(&server, "").await;
+    let s = CacheStrategies::builder(c.cache().clone())
+        .redis(c.redis_backend().clone())
+        .write_behind(durable(&c).max_pending(10))
+        .build()
+        .await
+        .unwrap();
+    let (store, db) = database("bounded");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    let mut most = queue.pending();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.len() < 50 && Instant::now() < deadline {
+        queue.recover().await.unwrap();
+        most = most.max(queue.pending());
+        queue.flush().await.unwrap();
+    }
+    assert_eq!(db.len(), 50, "every adopted write reached the store");
+    assert!(most <= 10, "held {most} pending writes with max_pending 10");
+    s.shutdown().await.unwrap();
+}

@@ -2,8 +2,9 @@
 //! durable `WriteBehind<String>` queue named `orders`, whose store is the Redis hash `db` (a
 //! real system of record shared by every process), driven by commands on stdin.
 //!
-//! Environment: `NCM_REDIS_URL`, `NCM_WB_LEASE_MS`, and `NCM_WB_ABORT_AFTER_STORE=1` to abort
-//! the process right after its first successful store call (a crash between persist and ack).
+//! Environment: `NCM_REDIS_URL`, `NCM_WB_LEASE_MS`, `NCM_WB_ABORT_AFTER_STORE=1` to abort the
+//! process right after its first successful store call (a crash between persist and ack), and
+//! `NCM_WB_JOURNAL_URL` to reach the journal's Redis another way (through a fault proxy).
 //!
 //! Commands, one per line, each answered by one line (`ok ...` or `err ...`):
 //! `write <key> <value> <delay_ms>`, `flush`, `recover`.
@@ -61,7 +62,16 @@ async fn main() {
     })
     .named("orders");
     let lease = Duration::from_millis(env("NCM_WB_LEASE_MS").parse().unwrap());
-    let durable = DurableConfig::new(redis.redis_backend().clone())
+    // The journal on another connection (e.g. through a fault proxy) when asked.
+    let journal = match env("NCM_WB_JOURNAL_URL") {
+        u if u.is_empty() => redis.clone(),
+        u => {
+            let mut c = RedisConfig::from_url(&u).unwrap();
+            c.response_timeout = Duration::from_secs(30);
+            RedisCache::connect(c).await.unwrap()
+        }
+    };
+    let durable = DurableConfig::new(journal.redis_backend().clone())
         .lease(lease)
         .claim_min_idle(Duration::from_millis(50));
     let config = WriteBehindConfig::default()

@@ -6,6 +6,8 @@
 //! - `{prefix}__ncm:wb:{<name>}:consumers` — the set of consumers that have joined.
 //! - `{prefix}__ncm:wb:{<name>}:alive:<consumer>` — a consumer's lease (`SET PX`), renewed in
 //!   the background.
+//! - `{prefix}__ncm:wb:{<name>}:dead` — entries that cannot be decoded (another writer's format,
+//!   damage), moved out of the journal when adopted, with `reason` and the original `id`.
 //! - `{prefix}__ncm:wb:{<name>}:newest` and `…:counts` — hashes: key → id of its newest
 //!   journaled write, and how many of its entries the stream holds (both set by the append and
 //!   removed when the key's last entry is acknowledged: bounded by the keys with entries).
@@ -84,6 +86,31 @@ return out
     )
 });
 
+/// Moves one entry (ARGV[2], of key ARGV[3], '' when unknown) to the dead-entry stream KEYS[4]
+/// with the reason ARGV[4], and removes it from the journal like an acknowledgment.
+static BURY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then return 0 end
+local fields = e[1][2]
+fields[#fields + 1] = 'reason'
+fields[#fields + 1] = ARGV[4]
+fields[#fields + 1] = 'id'
+fields[#fields + 1] = ARGV[2]
+redis.call('XADD', KEYS[4], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and ARGV[3] ~= '' then
+  if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], ARGV[3])
+    redis.call('HDEL', KEYS[2], ARGV[3])
+  end
+end
+return 1
+",
+    )
+});
+
 /// Acknowledges and deletes (key, id) pairs. A key's records (newest id, entries in the
 /// stream) go when its last entry does: while any entry of the key is left (pending with any
 /// process, or a dead letter), an older one can still be told from the newest.
@@ -115,6 +142,8 @@ pub(crate) struct RedisJournal<V> {
     newest: String,
     /// Hash: key → how many of its entries are in the stream.
     counts: String,
+    /// Stream of entries that cannot be decoded, moved out of the journal for inspection.
+    dead: String,
     members: String,
     alive_prefix: String,
     consumer: String,
@@ -155,6 +184,7 @@ impl<V: QueueValue> RedisJournal<V> {
             stream: ks.full_key(&base)?.into_owned(),
             newest: ks.full_key(&format!("{base}:newest"))?.into_owned(),
             counts: ks.full_key(&format!("{base}:counts"))?.into_owned(),
+            dead: ks.full_key(&format!("{base}:dead"))?.into_owned(),
             members: ks.full_key(&format!("{base}:consumers"))?.into_owned(),
             alive_prefix: ks.full_key(&format!("{base}:alive:"))?.into_owned(),
             backend: Arc::clone(&config.backend),
@@ -216,11 +246,16 @@ impl<V: QueueValue> RedisJournal<V> {
             .collect())
     }
 
-    /// Claims the pending entries of one dead consumer; removes it once it has none left.
-    async fn adopt(&self, dead: &str, out: &mut Vec<Recovered<V>>) -> Result<()> {
+    /// Claims up to `limit` pending entries of one dead consumer; removes it once it has none
+    /// left. Entries that cannot be decoded go to the dead-entry stream.
+    async fn adopt(&self, dead: &str, out: &mut Vec<Recovered<V>>, limit: usize) -> Result<()> {
         loop {
+            let room = limit.saturating_sub(out.len()).min(CLAIM_BATCH);
+            if room == 0 {
+                return Ok(());
+            }
             let ids = self
-                .pending_of(dead, Some(self.claim_min_idle), CLAIM_BATCH)
+                .pending_of(dead, Some(self.claim_min_idle), room)
                 .await?;
             if ids.is_empty() {
                 break;
@@ -241,9 +276,7 @@ impl<V: QueueValue> RedisJournal<V> {
                 match self.parse_entry(entry) {
                     Ok(Some(r)) => out.push(r),
                     Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(stream = %self.stream, error = %e, "a journaled write-behind entry cannot be decoded; it stays in the stream")
-                    }
+                    Err(bad) => self.bury(bad).await?,
                 }
             }
         }
@@ -265,14 +298,15 @@ impl<V: QueueValue> RedisJournal<V> {
         Ok(())
     }
 
-    fn parse_entry(&self, entry: Value) -> Result<Option<Recovered<V>>> {
+    fn parse_entry(&self, entry: Value) -> std::result::Result<Option<Recovered<V>>, Bad> {
         let mut parts = items(entry).into_iter();
         let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
             return Ok(None); // deleted meanwhile
         };
-        let id = text(&id)
-            .and_then(|s| parse_id(&s))
-            .ok_or_else(|| CacheError::backend("malformed stream entry id", None))?;
+        let Some(id) = text(&id).and_then(|s| parse_id(&s)) else {
+            tracing::error!(stream = %self.stream, "a write-behind journal entry has a malformed id; left in place");
+            return Ok(None);
+        };
         let mut key = None;
         let mut value = None;
         let mut fields = items(fields).into_iter();
@@ -284,13 +318,48 @@ impl<V: QueueValue> RedisJournal<V> {
             }
         }
         let (Some(key), Some(value)) = (key, value) else {
-            return Err(CacheError::backend(
-                format!("stream entry {} lacks k or v", id_str(id)),
-                None,
-            ));
+            return Err(Bad {
+                id,
+                key: None,
+                error: CacheError::backend(
+                    format!("stream entry {} lacks k or v", id_str(id)),
+                    None,
+                ),
+            });
         };
-        let value = self.codec.decode(&[&self.stream, "\0", &key], &value)?;
-        Ok(Some(Recovered { id, key, value }))
+        match self.codec.decode(&[&self.stream, "\0", &key], &value) {
+            Ok(value) => Ok(Some(Recovered { id, key, value })),
+            Err(error) => Err(Bad {
+                id,
+                key: Some(key),
+                error,
+            }),
+        }
+    }
+
+    /// Moves an entry that cannot be decoded to the dead-entry stream.
+    async fn bury(&self, bad: Bad) -> Result<()> {
+        tracing::error!(stream = %self.stream, dead = %self.dead, error = %bad.error, "a write-behind journal entry cannot be decoded; moved to the dead-entry stream");
+        let args = vec![
+            GROUP.as_bytes().to_vec(),
+            id_str(bad.id).into_bytes(),
+            bad.key.unwrap_or_default().into_bytes(),
+            bad.error.to_string().into_bytes(),
+        ];
+        self.backend
+            .eval_script::<i64>(
+                Operation::Delete,
+                &BURY,
+                &[
+                    self.stream.clone(),
+                    self.newest.clone(),
+                    self.counts.clone(),
+                    self.dead.clone(),
+                ],
+                &args,
+            )
+            .await
+            .map(drop)
     }
 }
 
@@ -380,7 +449,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
         Ok(())
     }
 
-    async fn recover(&self) -> Result<Vec<Recovered<V>>> {
+    async fn recover(&self, limit: usize) -> Result<Vec<Recovered<V>>> {
         let mut members = cmd("SMEMBERS");
         members.arg(&self.members);
         let members: Vec<String> = self.backend.query_cmd(Operation::Get, &members).await?;
@@ -396,7 +465,10 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
             {
                 continue;
             }
-            self.adopt(m, &mut out).await?;
+            if out.len() >= limit {
+                break;
+            }
+            self.adopt(m, &mut out, limit).await?;
         }
         Ok(out)
     }
@@ -481,6 +553,13 @@ fn parse_id(s: &str) -> Option<Version> {
 
 fn id_str((ms, seq): Version) -> String {
     format!("{ms}-{seq}")
+}
+
+/// A journal entry this process cannot decode.
+struct Bad {
+    id: Version,
+    key: Option<String>,
+    error: CacheError,
 }
 
 #[cfg(test)]

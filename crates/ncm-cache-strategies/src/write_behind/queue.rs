@@ -75,18 +75,29 @@ impl<V: QueueValue> Shared<V> {
     ) -> Result<()> {
         self.reserve(key).await?;
         let _stripe = self.stripe(key).lock().await;
-        self.cache.set(key, value, expiry).await?;
+        // Journal first, then the cache: a crash in between leaves a journaled write (adopted
+        // and persisted by another process, which then evicts the key), never a cached value
+        // that no journal holds.
         let id = match &self.journal {
             None => None,
             Some(journal) => match journal.append(key, value).await {
                 Ok(id) => Some(id),
                 Err(e) => {
                     self.stats.add(Counter::Rejected, 1);
-                    self.uncache(key).await;
                     return Err(e);
                 }
             },
         };
+        if let Err(e) = self.cache.set(key, value, expiry).await {
+            // Not acknowledged: withdraw the journaled write.
+            self.stats.add(Counter::Rejected, 1);
+            if let (Some(journal), Some(id)) = (&self.journal, id)
+                && let Err(w) = journal.ack(&[(key.to_owned(), id)]).await
+            {
+                tracing::warn!(queue = %self.name, key, error = %w, "could not withdraw a journaled write whose cache write failed; it will be persisted");
+            }
+            return Err(e);
+        }
         let inserted = {
             let mut st = lock(&self.state);
             if st.exited {
@@ -102,6 +113,8 @@ impl<V: QueueValue> Shared<V> {
                     due,
                     id.into_iter().collect(),
                 );
+                // This process's value is now the cached one.
+                st.adopted.remove(key);
                 self.stats.pending_gauge(st.pending.len() + st.in_flight);
                 Some(r)
             }
@@ -178,6 +191,20 @@ impl<V: QueueValue> Shared<V> {
         let mut out = Outcome::default();
         self.store_or_split(entries, meta, self.config.max_retries, &mut out)
             .await;
+        let evict: Vec<String> = {
+            let mut st = lock(&self.state);
+            if st.adopted.is_empty() {
+                Vec::new()
+            } else {
+                let keys: Vec<String> = out.acks.iter().map(|(k, _)| k.clone()).collect();
+                keys.into_iter().filter(|k| st.adopted.remove(k)).collect()
+            }
+        };
+        for key in &evict {
+            // An adopted write's writer may have died before caching it: the cache may hold
+            // an older value than the store now has.
+            self.uncache(key).await;
+        }
         {
             let mut st = lock(&self.state);
             self.stats.add(Counter::Stored, out.stored);
@@ -410,12 +437,25 @@ impl<V: QueueValue> Shared<V> {
         let Some(journal) = &self.journal else {
             return Ok(0);
         };
-        let adopted = journal.recover().await?;
+        // Back-pressure: adopt no more than there is room for; the rest waits for the next
+        // pass (every lease / 3), still pending with the dead consumer.
+        let room = {
+            let st = lock(&self.state);
+            self.config
+                .max_pending
+                .saturating_sub(st.pending.len() + st.in_flight)
+        };
+        if room == 0 {
+            return Ok(0);
+        }
+        let adopted = journal.recover(room).await?;
         let n = adopted.len();
         if n > 0 {
             let mut st = lock(&self.state);
             let now = Instant::now();
             for r in adopted {
+                // Its writer may have died before caching it: evicted once persisted.
+                st.adopted.insert(r.key.clone());
                 let (_, superseded) = st.insert(r.key, r.value, r.id, now, vec![r.id]);
                 self.stats.superseded(superseded);
             }

@@ -73,8 +73,8 @@ pub(crate) trait Journal<V>: Send + Sync {
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
     /// Forgets persisted (or superseded) writes of their keys.
     async fn ack(&self, ids: &[(String, Version)]) -> Result<()>;
-    /// Claims the pending writes of consumers whose lease expired.
-    async fn recover(&self) -> Result<Vec<Recovered<V>>>;
+    /// Claims up to `limit` pending writes of consumers whose lease expired.
+    async fn recover(&self, limit: usize) -> Result<Vec<Recovered<V>>>;
     /// Renews this consumer's lease.
     async fn heartbeat(&self) -> Result<()>;
     /// Leaves the group when nothing of ours is left unacknowledged.
@@ -109,6 +109,9 @@ pub(crate) struct State<V> {
     pub(crate) flushed: u64,
     pub(crate) dead: Vec<Dead<V>>,
     pub(crate) unacked: Vec<(String, Version)>,
+    /// Keys whose waiting write was adopted from a crashed process (not written by this one):
+    /// their cached value is evicted once the write is persisted.
+    pub(crate) adopted: std::collections::HashSet<String>,
     pub(crate) last_error: Option<CacheError>,
     pub(crate) closing: bool,
     pub(crate) exited: bool,
@@ -127,6 +130,7 @@ impl<V> State<V> {
             flushed: 0,
             dead: Vec::new(),
             unacked: Vec::new(),
+            adopted: std::collections::HashSet::new(),
             last_error: None,
             closing: false,
             exited: false,
