@@ -69,9 +69,18 @@ pub(crate) struct Inner {
     pub(crate) flight: SingleFlight<String, Bytes>,
     /// What `read_through` / `cache_aside` do when the cache fails.
     pub(crate) on_cache_failure: CacheFailure,
+    /// Orders write-throughs of one key in this process.
+    pub(crate) stripes: Box<[tokio::sync::Mutex<()>]>,
 }
 
 impl Inner {
+    /// The lock that orders write-throughs of `key` in this process.
+    pub(crate) fn stripe(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize;
+        &self.stripes[h % self.stripes.len()]
+    }
+
     pub(crate) fn queues(&self) -> MutexGuard<'_, HashMap<usize, Arc<dyn QueueControl>>> {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -212,6 +221,7 @@ impl<C: Codec> CacheStrategies<C> {
                 write_behind,
                 flight: SingleFlight::new(),
                 on_cache_failure,
+                stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             }),
         }
     }

@@ -21,6 +21,13 @@ impl<C: Codec> CacheStrategies<C> {
     /// - The cache write fails after the store succeeded → the key is invalidated (so no stale
     ///   value is served) and the cache's error is returned. Any error other than
     ///   `CacheError::Store` therefore means the value **is** persisted.
+    /// - **Order**: write-throughs of one key on this instance run one after the other, so
+    ///   the cache ends with what the store ends with. Across instances (with Redis
+    ///   coordination, e.g. [`from_redis_cache`](Self::from_redis_cache)), a write-through
+    ///   that overlapped another of the same key — which of the two the store applied last is
+    ///   unknown — evicts the key after its cache write, so the cache is never left older (or
+    ///   newer) than the store; the window is one Redis round trip after the later cache write
+    ///   (or the cache TTL, if the writing process dies in that round trip).
     pub async fn write_through<V>(
         &self,
         key: &str,
@@ -35,8 +42,27 @@ impl<C: Codec> CacheStrategies<C> {
         // Reject bad arguments before anything reaches the store.
         validate_key(key, DEFAULT_MAX_KEY_LEN)?;
         self.cache.ttl_policy().resolve(expiry)?;
-        store.store(key, value).await?;
-        match self.cache.set_with_expiry(key, value, expiry).await {
+        let _in_order = self.inner.stripe(key).lock().await;
+        let mark = self.inner.inv.write_begin(key).await;
+        let stored = store.store(key, value).await;
+        let cached = match stored {
+            Ok(()) => self.cache.set_with_expiry(key, value, expiry).await,
+            Err(e) => {
+                self.inner.inv.write_end(mark).await;
+                return Err(e);
+            }
+        };
+        if self.inner.inv.write_end(mark).await {
+            // Overlapped another instance's write-through of the key: the store may hold
+            // either value, so the cache holds neither.
+            self.invalidate_after_failure(
+                key,
+                &CacheError::Config("concurrent write-through".into()),
+            )
+            .await;
+            return cached;
+        }
+        match cached {
             Ok(()) => {
                 self.announce_write(key).await;
                 Ok(())

@@ -430,3 +430,39 @@ async fn one_bad_entry_dead_letters_alone() {
     assert_eq!(dead[0].key, "k37");
     assert_eq!(stored.lock().unwrap().len(), 99);
 }
+
+/// Two write-throughs of one key in one process, the first with a slow store reply: they run
+/// one after the other, so the cache ends with what the store ends with (before: the slow
+/// one's value landed in the cache last while the store held the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_throughs_of_one_key_are_ordered_in_process() {
+    let s = strategies();
+    let rows = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let store_with = |delay: Duration| {
+        let rows = Arc::clone(&rows);
+        ncm_cache_strategies::store_fn(move |key: String, value: String| {
+            let rows = Arc::clone(&rows);
+            async move {
+                rows.lock().unwrap().insert(key, value);
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let (slow, fast) = (
+        store_with(Duration::from_millis(200)),
+        store_with(Duration::ZERO),
+    );
+    let first = {
+        let (s, slow) = (s.clone(), slow.clone());
+        tokio::spawn(async move { s.write_through("k", &"a".to_string(), HOUR, &slow).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_through("k", &"b".to_string(), HOUR, &fast)
+        .await
+        .unwrap();
+    first.await.unwrap().unwrap();
+    let stored = rows.lock().unwrap().get("k").cloned();
+    let cached: Option<String> = s.cache().get("k").await.unwrap();
+    assert_eq!(cached, stored, "cache and store disagree");
+}

@@ -581,3 +581,66 @@ async fn adoption_respects_max_pending() {
     assert!(most <= 10, "held {most} pending writes with max_pending 10");
     s.shutdown().await.unwrap();
 }
+
+/// A store whose writes land at once but whose reply comes `delay` later (a slow database).
+struct SlowReplyStore {
+    rows: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    delay: Duration,
+}
+
+#[ncm_cache_strategies::async_trait]
+impl ncm_cache_strategies::PersistentStore<String> for SlowReplyStore {
+    async fn store(
+        &self,
+        key: &str,
+        value: &String,
+    ) -> Result<(), ncm_cache_strategies::StoreError> {
+        self.rows
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), value.clone());
+        tokio::time::sleep(self.delay).await;
+        Ok(())
+    }
+}
+
+/// Two instances write-through one key at once: A's store write lands first but replies late,
+/// B's lands second and replies at once, so B writes the cache first and A last. The cache must
+/// not end older than the store (before: A's value stayed cached, the store held B's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_write_through_of_one_key_never_leaves_the_cache_older_than_the_store() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "app:").await, cache(&server, "app:").await);
+    let a = CacheStrategies::from_redis_cache(&ca).await.unwrap();
+    let b = CacheStrategies::from_redis_cache(&cb).await.unwrap();
+    let rows = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let slow = ncm_cache_strategies::Store::new(SlowReplyStore {
+        rows: Arc::clone(&rows),
+        delay: Duration::from_millis(300),
+    });
+    let fast = ncm_cache_strategies::Store::new(SlowReplyStore {
+        rows: Arc::clone(&rows),
+        delay: Duration::ZERO,
+    });
+    for round in 0..3 {
+        let (va, vb) = (format!("a{round}"), format!("b{round}"));
+        let write_a = {
+            let (a, slow, va) = (a.clone(), slow.clone(), va.clone());
+            tokio::spawn(async move { a.write_through("k", &va, HOUR, &slow).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.write_through("k", &vb, HOUR, &fast).await.unwrap();
+        write_a.await.unwrap().unwrap();
+        let stored = rows.lock().unwrap().get("k").cloned();
+        assert_eq!(
+            stored.as_deref(),
+            Some(vb.as_str()),
+            "the store applied B last"
+        );
+        let cached: Option<String> = a.cache().get("k").await.unwrap();
+        assert!(
+            cached.is_none() || cached == stored,
+            "round {round}: the cache holds {cached:?} while the store holds {stored:?}"
+        );
+    }
+}

@@ -49,7 +49,46 @@ impl std::fmt::Debug for Invalidator {
     }
 }
 
+/// A write-through in flight, as other instances see it (`None`: in-process coordination, or
+/// Redis unreachable when it began).
+pub(crate) type WriteMark = Option<WriteMarkInner>;
+
+#[cfg(feature = "redis")]
+pub(crate) type WriteMarkInner = crate::remote::WriteMark;
+#[cfg(not(feature = "redis"))]
+pub(crate) type WriteMarkInner = ();
+
 impl Invalidator {
+    /// Begins a write-through of `key` across instances (see `CacheStrategies::write_through`).
+    pub(crate) async fn write_begin(&self, key: &str) -> WriteMark {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            return match remote.write_begin(key).await {
+                Ok(mark) => Some(mark),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "write-through: cross-instance order unknown (Redis unreachable); the key will be evicted after the write");
+                    None
+                }
+            };
+        }
+        let _ = key;
+        None
+    }
+
+    /// Ends it; `true` when the cached value must not be kept (it overlapped another
+    /// instance's write-through of the key, or the order could not be checked).
+    pub(crate) async fn write_end(&self, mark: WriteMark) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            return match mark {
+                Some(mark) => remote.write_end(mark).await.unwrap_or(true),
+                None => true,
+            };
+        }
+        let _ = mark;
+        false
+    }
+
     /// In-process coordination: graph, events and timers in this process only.
     pub(crate) fn local(backend: SharedBackend) -> Self {
         Self {

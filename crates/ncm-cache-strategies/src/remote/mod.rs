@@ -41,7 +41,84 @@ impl Drop for Remote {
     }
 }
 
+/// Starts a write-through of a key: counts it in flight and bumps the key's generation.
+static WRITE_BEGIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local g = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return {n, g}
+",
+    )
+});
+
+/// Ends it: 1 when another write-through of the key began since (the generation moved).
+static WRITE_END: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local g = redis.call('GET', KEYS[2])
+local n = redis.call('DECR', KEYS[1])
+if n <= 0 then redis.call('DEL', KEYS[1]) end
+if g == ARGV[1] then return 0 end
+return 1
+",
+    )
+});
+
+/// How long a write-through's marks live if its process dies before ending it.
+const WRITE_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One write-through of a key, as other instances see it.
+pub(crate) struct WriteMark {
+    keys: [String; 2],
+    generation: i64,
+    /// Another write-through of the key was in flight when this one began.
+    overlapped: bool,
+}
+
 impl Remote {
+    /// Marks a write-through of `key` as begun (cross-instance ordering, see
+    /// `CacheStrategies::write_through`).
+    pub(crate) async fn write_begin(&self, key: &str) -> Result<WriteMark> {
+        let base = self
+            .backend
+            .key_space()
+            .full_key(&format!("__ncm:wt:{{{key}}}"))?
+            .into_owned();
+        let keys = [format!("{base}:n"), format!("{base}:g")];
+        let (n, g): (i64, i64) = self
+            .backend
+            .eval_script(
+                ncm_cache_core::Operation::Set,
+                &WRITE_BEGIN,
+                &keys,
+                &[WRITE_LEASE.as_millis().to_string().into_bytes()],
+            )
+            .await?;
+        Ok(WriteMark {
+            keys,
+            generation: g,
+            overlapped: n > 1,
+        })
+    }
+
+    /// Ends a write-through; `true` when it overlapped another one of the key (in flight when
+    /// it began, or begun since): which value the store kept is then unknown.
+    pub(crate) async fn write_end(&self, mark: WriteMark) -> Result<bool> {
+        let moved: i64 = self
+            .backend
+            .eval_script(
+                ncm_cache_core::Operation::Set,
+                &WRITE_END,
+                &mark.keys,
+                &[mark.generation.to_string().into_bytes()],
+            )
+            .await?;
+        Ok(mark.overlapped || moved == 1)
+    }
+
     /// `true` when other instances keep their own cache and must be told about deletions.
     pub(crate) fn needs_broadcast(&self) -> bool {
         !self.shared_cache

@@ -55,6 +55,7 @@ pub(crate) struct Recovered<V> {
 
 /// What the journal says about a write this process is about to persist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum Verdict {
     /// Still ours and the newest write of its key: persist it.
     Persist,
