@@ -214,3 +214,87 @@ async fn loader_over_two_multilevel_instances() {
     assert!(mb.get_stats().l2_hits >= 1);
     assert!(ma.l1_len() >= 1);
 }
+
+/// `max_value_size` holds on every path that writes the cache: the typed API, write-through,
+/// write-behind, the loader and the reloader. A value above it is never stored; the paths that
+/// must still return the value (the loader) serve it uncached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_path_enforces_max_value_size() {
+    use ncm_cache::loader::{CacheReloader, ReloadStrategy};
+    let cache = Cache::builder(ncm_cache::MemoryBackend::new(), Serializer::default())
+        .max_value_size(256)
+        .build();
+    let big = "x".repeat(1024);
+    let err = cache.set("typed", &big).await.unwrap_err();
+    assert!(
+        matches!(err, ncm_cache::CacheError::ValueTooLarge { .. }),
+        "{err:?}"
+    );
+
+    let strategies = CacheStrategies::new(cache.clone());
+    let store = store_fn(|_k: String, _v: String| async { Ok::<_, std::io::Error>(()) });
+    let err = strategies
+        .write_through("wt", &big, Duration::from_secs(60), &store)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ncm_cache::CacheError::ValueTooLarge { .. }),
+        "{err:?}"
+    );
+    let err = strategies
+        .write_behind("wb", &big, Duration::from_secs(60), &store, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ncm_cache::CacheError::ValueTooLarge { .. }),
+        "{err:?}"
+    );
+
+    let loader = CacheLoader::new(cache.clone());
+    let value = big.clone();
+    loader
+        .register_loader(
+            "big",
+            move |_: u32| {
+                let value = value.clone();
+                async move { Ok::<_, std::io::Error>(value) }
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    assert_eq!(
+        loader.load::<u32, String>("big", 1).await.unwrap().len(),
+        1024
+    );
+
+    let reloader = CacheReloader::new(cache.clone());
+    let value = big.clone();
+    reloader
+        .register_loader(
+            "big-reload",
+            move || {
+                let value = value.clone();
+                async move { Ok::<_, std::io::Error>(value) }
+            },
+            Duration::from_secs(60),
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    assert!(reloader.get::<String>("big-reload").await.is_err());
+
+    for key in ["typed", "wt", "wb", "loader:big:1", "big-reload"] {
+        assert!(
+            !cache.exists(key).await.unwrap(),
+            "{key} stored a value above the cap"
+        );
+    }
+    assert_eq!(
+        strategies
+            .write_behind_queue(&store)
+            .await
+            .unwrap()
+            .pending(),
+        0
+    );
+}
