@@ -275,12 +275,19 @@ impl<C: Codec> CacheStrategies<C> {
     /// Deletes `key` (here, and on instances that keep their own cache); `true` when it existed
     /// here.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
-        Ok(self
+        let existed = self
             .inner
             .inv
             .delete_keys(&[key.to_owned()], Kind::Key)
             .await?
-            > 0)
+            > 0;
+        // A deleted key's declared dependencies end with it.
+        self.inner
+            .inv
+            .graph
+            .remove(&crate::invalidation::key_node(key))
+            .await?;
+        Ok(existed)
     }
 
     /// Gives `key` a TTL of `ttl` and runs `callback(key)` once it has expired (the original's
@@ -348,7 +355,10 @@ impl<C: Codec> CacheStrategies<C> {
     }
 
     /// Records that `key` depends on each of `dependencies`: invalidating one of them
-    /// (directly or transitively) deletes `key`.
+    /// (directly or transitively) deletes `key`. The edges live as long as `key` (its remaining
+    /// TTL in the cache; a day if it is not written yet — declare after writing, or use
+    /// [`set_with_dependencies`](Self::set_with_dependencies)) or until it is deleted with
+    /// [`invalidate`](Self::invalidate).
     pub async fn dependency_based_invalidation<I, K>(
         &self,
         key: &str,
@@ -359,12 +369,55 @@ impl<C: Codec> CacheStrategies<C> {
         K: Into<String>,
     {
         let deps: Vec<String> = dependencies.into_iter().map(Into::into).collect();
-        self.inner.inv.add_dependencies(key, &deps).await
+        self.inner.inv.add_dependencies(key, &deps, None).await
+    }
+
+    /// Caches `value` under `key` and declares that it depends on each of `dependencies`, for
+    /// as long as it lives (`ttl`): [`invalidate_dependencies`](Self::invalidate_dependencies)
+    /// of any of them deletes it — also after it was deleted by an earlier walk and cached
+    /// again. The edges are recorded first (an edge to a key not yet written is harmless).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use ncm_cache_strategies::CacheStrategies;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let cache = ncm_cache_core::Cache::new(ncm_cache_memory::MemoryBackend::new(), ncm_cache_codec::Serializer::default());
+    /// let s = CacheStrategies::new(cache);
+    /// s.set_with_dependencies("user:1", &"Ada", Duration::from_secs(60), ["profile:1"]).await?;
+    /// assert_eq!(s.invalidate_dependencies("profile:1").await?, 1);
+    /// assert_eq!(s.cache().get::<String>("user:1").await?, None);
+    /// # Ok::<(), ncm_cache_core::CacheError>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn set_with_dependencies<V, I, K>(
+        &self,
+        key: &str,
+        value: &V,
+        ttl: impl Into<Expiry>,
+        dependencies: I,
+    ) -> Result<()>
+    where
+        V: Serialize + ?Sized,
+        I: IntoIterator<Item = K>,
+        K: Into<String>,
+    {
+        let expiry = ttl.into();
+        let lifetime = self.cache.ttl_policy().resolve(expiry)?;
+        let deps: Vec<String> = dependencies.into_iter().map(Into::into).collect();
+        self.inner
+            .inv
+            .add_dependencies(key, &deps, Some(lifetime))
+            .await?;
+        self.cache.set_with_expiry(key, value, expiry).await?;
+        self.announce_write(key).await;
+        Ok(())
     }
 
     /// Deletes every key that depends on `dependency`, transitively (cycle-safe, each key
-    /// once — also when several instances invalidate at the same time). `dependency` itself is
-    /// not deleted. Returns how many keys were invalidated.
+    /// once per walk). `dependency` itself is not deleted. Returns how many keys the walk
+    /// reached. The edges stay (declared facts): a key deleted here and cached again is reached
+    /// again by the next walk; an edge ends when its key is deleted with
+    /// [`invalidate`](Self::invalidate) or its lifetime (the key's TTL when declared) ends.
     pub async fn invalidate_dependencies(&self, dependency: &str) -> Result<u64> {
         self.inner.inv.invalidate_dependencies(dependency).await
     }
@@ -384,9 +437,11 @@ impl<C: Codec> CacheStrategies<C> {
         K: Into<String>,
     {
         let tags: Vec<String> = tags.into_iter().map(Into::into).collect();
+        let expiry = ttl.into();
+        let lifetime = self.cache.ttl_policy().resolve(expiry)?;
         // Tag first: a tag pointing at a key not yet written is harmless; the reverse is not.
-        self.inner.inv.add_tags(key, &tags).await?;
-        self.cache.set_with_expiry(key, value, ttl.into()).await?;
+        self.inner.inv.add_tags(key, &tags, lifetime).await?;
+        self.cache.set_with_expiry(key, value, expiry).await?;
         self.announce_write(key).await;
         Ok(())
     }

@@ -89,9 +89,23 @@ async fn invalidation_strategies_on_a_shared_redis() {
         eventually(Duration::from_secs(3), || fired.load(Ordering::SeqCst) == 1).await,
         "expired event delivered"
     );
-    // The graph lives inside the prefix, in one hash slot, and is empty again.
-    let graph = server.cli(&["KEYS", "app:__ncm:{ncm-deps}*"]).unwrap();
-    assert!(graph.trim().is_empty(), "graph edges left: {graph}");
+    // The graph lives inside the prefix, in one hash slot; its edges stay (declared facts),
+    // each set expiring with its last edge: nothing in it lives forever.
+    let count = |script: &str| -> i64 {
+        server
+            .cli(&["EVAL", script, "0", "app:__ncm:{ncm-deps}*"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let all = count("return #redis.call('KEYS', ARGV[1])");
+    let forever = count(
+        "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+         if redis.call('PTTL', k) < 0 then n = n + 1 end end return n",
+    );
+    assert!(all > 0, "the declared edges are kept");
+    assert_eq!(forever, 0, "{forever} of {all} graph keys never expire");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,4 +657,41 @@ async fn concurrent_write_through_of_one_key_never_leaves_the_cache_older_than_t
             "round {round}: the cache holds {cached:?} while the store holds {stored:?}"
         );
     }
+}
+
+/// Declared dependencies are facts, shared by the instances: a walk from one dependency leaves
+/// the dependent's other edges (before: invalidating `profile:1` also dropped
+/// `user:1 → settings:1`); an edge ends with its dependent's TTL or its deletion, so the graph
+/// in Redis is bounded by the keys alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_edges_persist_until_their_key_is_deleted_or_expires() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "app:").await, cache(&server, "app:").await);
+    let a = CacheStrategies::from_redis_cache(&ca).await.unwrap();
+    let b = CacheStrategies::from_redis_cache(&cb).await.unwrap();
+    a.set_with_dependencies("user:1", &"u1", HOUR, ["profile:1", "settings:1"])
+        .await
+        .unwrap();
+    assert_eq!(b.invalidate_dependencies("profile:1").await.unwrap(), 1);
+    assert_eq!(a.cache().get::<String>("user:1").await.unwrap(), None);
+    // Cached again with a plain set: the declared edge to settings:1 still reaches it.
+    a.cache().set("user:1", &"u1 again").await.unwrap();
+    assert_eq!(b.invalidate_dependencies("settings:1").await.unwrap(), 1);
+    assert_eq!(a.cache().get::<String>("user:1").await.unwrap(), None);
+    // Deleting the key ends its edges.
+    a.invalidate("user:1").await.unwrap();
+    assert_eq!(b.invalidate_dependencies("settings:1").await.unwrap(), 0);
+    // An edge lives as long as its key's TTL.
+    a.set_with_dependencies("short:1", &"s", Duration::from_millis(300), ["root:1"])
+        .await
+        .unwrap();
+    let graph = "app:__ncm:{ncm-deps}:d:k:root:1";
+    assert_eq!(server.cli(&["EXISTS", graph]).unwrap().trim(), "1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.cli(&["EXISTS", graph]).unwrap().trim(),
+        "0",
+        "the edge set outlived its only edge"
+    );
+    assert_eq!(b.invalidate_dependencies("root:1").await.unwrap(), 0);
 }

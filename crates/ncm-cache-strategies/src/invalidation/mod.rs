@@ -9,7 +9,7 @@ mod time;
 
 use ncm_cache_core::{Result, SharedBackend};
 
-pub(crate) use dependency::Graph;
+pub(crate) use dependency::{Graph, key_node};
 
 use crate::stats::{InvalidationRecorder, Kind};
 

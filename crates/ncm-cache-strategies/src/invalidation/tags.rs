@@ -9,13 +9,19 @@ use crate::stats::Kind;
 
 impl Invalidator {
     /// Attaches `tags` to `key` (added to the tags it already has).
-    pub(crate) async fn add_tags(&self, key: &str, tags: &[String]) -> Result<()> {
+    /// Tags `key` for `lifetime` (the TTL it is written with; `None`: until it is deleted).
+    pub(crate) async fn add_tags(
+        &self,
+        key: &str,
+        tags: &[String],
+        lifetime: Option<std::time::Duration>,
+    ) -> Result<()> {
         ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
         let nodes: Vec<String> = tags
             .iter()
             .map(|t| check_name("tag", t).map(|()| tag_node(t)))
             .collect::<Result<_>>()?;
-        self.graph.add(&key_node(key), &nodes).await
+        self.graph.add(&key_node(key), &nodes, lifetime).await
     }
 
     /// Deletes every key tagged `tag`; returns how many keys were invalidated.

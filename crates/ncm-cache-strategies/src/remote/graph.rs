@@ -1,7 +1,10 @@
 //! The dependency/tag graph in Redis, shared by every instance.
 //!
-//! Sets `{prefix}__ncm:{ncm-deps}:d:<node>` (who depends on `node`) and
-//! `{prefix}__ncm:{ncm-deps}:r:<node>` (what `node` depends on). Every key carries the hash tag
+//! Sorted sets `{prefix}__ncm:{ncm-deps}:d:<node>` (who depends on `node`) and
+//! `{prefix}__ncm:{ncm-deps}:r:<node>` (what `node` depends on), scored by each edge's end (ms
+//! since the epoch, or `inf`): an edge lives as long as its dependent key (its TTL when it was
+//! declared) or until that key is deleted; each set expires with its last edge, so the graph
+//! is bounded by the keys alive. Every key carries the hash tag
 //! `{ncm-deps}`, so the whole graph lives in one slot and the walk can run as one atomic Lua
 //! script even on a Redis Cluster. The trade-off: the graph is not spread over the cluster
 //! (one node holds it and runs every walk), and a walk over a very large graph blocks that node
@@ -13,36 +16,62 @@ use ncm_cache_core::{Operation, Result};
 use ncm_cache_redis::RedisBackend;
 use redis::Script;
 
-static ADD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local base, node = ARGV[1], ARGV[2]
-for i = 3, #ARGV do
-  if ARGV[i] ~= node then
-    redis.call('SADD', base .. 'd:' .. ARGV[i], node)
-    redis.call('SADD', base .. 'r:' .. node, ARGV[i])
+/// Sets a sorted set's expiry to its latest member's (or none, for an edge without expiry).
+const EXPIRE_FN: &str = r"
+local function expire(key)
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if #top == 0 then return end
+  if top[2] == 'inf' then
+    redis.call('PERSIST', key)
+  else
+    redis.call('PEXPIREAT', key, top[2])
   end
 end
-return #ARGV - 2
-",
-    )
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+";
+
+/// Records `node` → each dependency, until ARGV[3] (ms since the epoch, or `inf`); prunes the
+/// touched sets' expired edges and sets each set's expiry to its last edge's.
+static ADD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{EXPIRE_FN}
+local base, node, upto = ARGV[1], ARGV[2], ARGV[3]
+local r = base .. 'r:' .. node
+for i = 4, #ARGV do
+  local dep = ARGV[i]
+  if dep ~= node then
+    local d = base .. 'd:' .. dep
+    redis.call('ZADD', d, upto, node)
+    redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
+    expire(d)
+    redis.call('ZADD', r, upto, dep)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', r, '-inf', '(' .. now)
+expire(r)
+return #ARGV - 3
+"
+    ))
 });
 
-/// Breadth-first walk with a visited set (cycle-safe); returns the reached keys (`k:` nodes,
-/// without the root) and removes the edges of everything reached. Atomic: two instances
-/// walking at once never both return a key.
+/// Breadth-first walk over live edges with a visited set (cycle-safe); returns the reached
+/// keys (`k:` nodes, without the root). Edges stay: a declared dependency holds until its
+/// dependent is deleted ([`REMOVE`]) or its lifetime ends. Expired edges met are pruned.
 static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{EXPIRE_FN}
 local base, root = ARGV[1], ARGV[2]
-local visited = { [root] = true }
-local order = { root }
+local visited = {{ [root] = true }}
+local order = {{ root }}
 local head = 1
-local keys = {}
+local keys = {{}}
 while head <= #order do
   local node = order[head]
   head = head + 1
-  for _, m in ipairs(redis.call('SMEMBERS', base .. 'd:' .. node)) do
+  local d = base .. 'd:' .. node
+  redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
+  for _, m in ipairs(redis.call('ZRANGE', d, 0, -1)) do
     if not visited[m] then
       visited[m] = true
       order[#order + 1] = m
@@ -52,19 +81,21 @@ while head <= #order do
     end
   end
 end
-for i, node in ipairs(order) do
-  redis.call('DEL', base .. 'd:' .. node)
-  if i > 1 then
-    local r = base .. 'r:' .. node
-    for _, dep in ipairs(redis.call('SMEMBERS', r)) do
-      if not visited[dep] then
-        redis.call('SREM', base .. 'd:' .. dep, node)
-      end
-    end
-    redis.call('DEL', r)
-  end
-end
 return keys
+"
+    ))
+});
+
+/// Removes a deleted node's own edges (what it depended on).
+static REMOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local base, node = ARGV[1], ARGV[2]
+local r = base .. 'r:' .. node
+for _, dep in ipairs(redis.call('ZRANGE', r, 0, -1)) do
+  redis.call('ZREM', base .. 'd:' .. dep, node)
+end
+return redis.call('DEL', r)
 ",
     )
 });
@@ -81,13 +112,27 @@ impl RedisGraph {
         Self { backend, base }
     }
 
-    pub(crate) async fn add(&self, node: &str, deps: &[String]) -> Result<()> {
+    /// Records that `node` depends on each of `deps` until `until` (`None`: no end).
+    pub(crate) async fn add(
+        &self,
+        node: &str,
+        deps: &[String],
+        until: Option<std::time::SystemTime>,
+    ) -> Result<()> {
         if deps.is_empty() {
             return Ok(());
         }
-        let mut args = Vec::with_capacity(deps.len() + 2);
+        let until = match until {
+            None => "inf".to_owned(),
+            Some(t) => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+                .to_string(),
+        };
+        let mut args = Vec::with_capacity(deps.len() + 3);
         args.push(self.base.clone().into_bytes());
         args.push(node.as_bytes().to_vec());
+        args.push(until.into_bytes());
         args.extend(deps.iter().map(|d| d.as_bytes().to_vec()));
         let keys = [format!("{}r:{node}", self.base)];
         self.backend
@@ -102,5 +147,14 @@ impl RedisGraph {
         self.backend
             .eval_script(Operation::Delete, &INVALIDATE, &keys, &args)
             .await
+    }
+
+    pub(crate) async fn remove(&self, node: &str) -> Result<()> {
+        let args = [self.base.clone().into_bytes(), node.as_bytes().to_vec()];
+        let keys = [format!("{}r:{node}", self.base)];
+        self.backend
+            .eval_script::<i64>(Operation::Delete, &REMOVE, &keys, &args)
+            .await
+            .map(drop)
     }
 }
