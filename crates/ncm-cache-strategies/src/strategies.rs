@@ -293,6 +293,11 @@ impl<C: Codec> CacheStrategies<C> {
     /// Gives `key` a TTL of `ttl` and runs `callback(key)` once it has expired (the original's
     /// `time_based_invalidation`). Returns `false` when the key does not exist (nothing is
     /// registered). A later registration of the same key replaces this one.
+    ///
+    /// The event is **expiry only**: Redis's `expired` keyspace notification (re-enabled after
+    /// every reconnect, as a restarted Redis forgets it; expirations missed during a break are
+    /// found by checking the watched keys), or a timer where notifications are unavailable. A
+    /// delete or an overwrite of the key fires nothing.
     pub async fn time_based_invalidation(
         &self,
         key: &str,
@@ -311,7 +316,12 @@ impl<C: Codec> CacheStrategies<C> {
     }
 
     /// Registers `keys` and `callback(event, keys)` under `event`. Handlers accumulate: each
-    /// trigger deletes the keys of every handler, then runs their callbacks.
+    /// trigger deletes the keys of every handler, then runs their callbacks. With Redis
+    /// coordination the keys are registered in Redis for every instance — a trigger on any
+    /// instance deletes them, also after this one is gone — while the callback runs on this
+    /// instance only (when the trigger's message reaches it: at most once; a message lost in a
+    /// disconnect is not replayed, and an instance with a cache of its own empties it on
+    /// reconnecting).
     pub async fn event_based_invalidation<I, K>(
         &self,
         event: &str,
@@ -326,10 +336,12 @@ impl<C: Codec> CacheStrategies<C> {
         self.inner
             .inv
             .register_event(event, keys, Arc::new(callback))
+            .await
     }
 
-    /// Triggers `event` on every instance: here at once (keys deleted, then callbacks run),
-    /// elsewhere through Redis. Returns how many registered keys existed here.
+    /// Triggers `event` on every instance: the keys registered for it (by any instance, with
+    /// Redis) are deleted, then the callbacks run — here at once, elsewhere through Redis.
+    /// Returns how many registered keys existed.
     pub async fn trigger_event_invalidation(&self, event: &str) -> Result<u64> {
         self.inner.inv.trigger_event(event).await
     }

@@ -695,3 +695,105 @@ async fn dependency_edges_persist_until_their_key_is_deleted_or_expires() {
     );
     assert_eq!(b.invalidate_dependencies("root:1").await.unwrap(), 0);
 }
+
+/// A Redis restart loses `notify-keyspace-events` (a `CONFIG SET`): the listener sets it again
+/// when it reconnects, so time-based callbacks keep firing on expiry (before: they stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_based_callbacks_survive_a_redis_restart() {
+    let mut server = RedisServer::start().unwrap();
+    let c = cache(&server, "app:").await;
+    let s = CacheStrategies::from_redis_cache(&c).await.unwrap();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let register = |key: &'static str| {
+        let (s, fired) = (s.clone(), Arc::clone(&fired));
+        async move {
+            s.cache().set(key, &1).await.unwrap();
+            assert!(
+                s.time_based_invalidation(key, HOUR, move |_| {
+                    fired.fetch_add(1, Ordering::SeqCst);
+                })
+                .await
+                .unwrap()
+            );
+        }
+    };
+    register("before").await;
+    server.cli(&["PEXPIRE", "app:before", "20"]).unwrap();
+    assert!(eventually(Duration::from_secs(3), || fired.load(Ordering::SeqCst) == 1).await);
+    server.restart().unwrap();
+    // Until the cache and the listener are back.
+    let start = Instant::now();
+    while s.cache().set("probe", &1).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flags = || {
+        server
+            .cli(&["CONFIG", "GET", "notify-keyspace-events"])
+            .unwrap()
+    };
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            let f = flags();
+            f.contains('E') && f.contains('x')
+        })
+        .await,
+        "notifications not enabled again after the restart: {}",
+        flags()
+    );
+    register("after").await;
+    server.cli(&["PEXPIRE", "app:after", "20"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || fired.load(Ordering::SeqCst) == 2).await,
+        "the expiry after the restart fired no callback"
+    );
+}
+
+/// Event registrations live in Redis: an event triggered on an instance that registered
+/// nothing deletes the keys another instance registered, also after that one is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_registrations_are_shared_through_redis() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "app:").await, cache(&server, "app:").await);
+    {
+        let a = CacheStrategies::from_redis_cache(&ca).await.unwrap();
+        a.event_based_invalidation("user_updated", ["ev:user:1", "ev:user:2"], |_, _| {})
+            .await
+            .unwrap();
+        a.shutdown().await.unwrap();
+    }
+    let b = CacheStrategies::from_redis_cache(&cb).await.unwrap();
+    b.cache().set("ev:user:1", &1).await.unwrap();
+    b.cache().set("ev:user:2", &2).await.unwrap();
+    assert!(b.registered_events().is_empty());
+    assert_eq!(
+        b.trigger_event_invalidation("user_updated").await.unwrap(),
+        2
+    );
+    assert!(!b.cache().exists("ev:user:1").await.unwrap());
+    assert!(!b.cache().exists("ev:user:2").await.unwrap());
+}
+
+/// An instance with a cache of its own empties it when its invalidation channel reconnects:
+/// invalidations sent by others during the break may have been lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_cache_is_resynchronised_after_the_channel_reconnects() {
+    let server = RedisServer::start().unwrap();
+    let c = cache(&server, "app:").await;
+    let local = Cache::new(MemoryBackend::new(), Serializer::default());
+    let s = CacheStrategies::builder(local.clone())
+        .redis(c.redis_backend().clone())
+        .build()
+        .await
+        .unwrap();
+    local.set("mine", &1).await.unwrap();
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            !local.exists("mine").await.unwrap()
+        })
+        .await,
+        "the local cache kept a value across a break in the invalidation channel"
+    );
+    assert!(s.is_distributed());
+}

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ncm_cache_core::{KeyTtl, Result};
 
@@ -66,7 +66,7 @@ impl Graph {
             }
             #[cfg(feature = "redis")]
             Self::Redis(g) => {
-                let until = lifetime.and_then(|l| SystemTime::now().checked_add(l));
+                let until = lifetime.and_then(|l| std::time::SystemTime::now().checked_add(l));
                 Box::pin(g.add(node, deps, until)).await
             }
         }

@@ -40,7 +40,9 @@ impl Events {
 
 impl Invalidator {
     /// Registers `keys` and `callback` under `event` (handlers accumulate; each trigger runs all).
-    pub(crate) fn register_event(
+    /// With Redis, the keys are also registered in Redis, for every instance: a trigger
+    /// anywhere deletes them, also after this instance is gone; the callback runs here only.
+    pub(crate) async fn register_event(
         &self,
         event: &str,
         keys: Vec<String>,
@@ -50,6 +52,10 @@ impl Invalidator {
         for key in &keys {
             ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
         }
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            Box::pin(remote.register_event_keys(event, &keys)).await?;
+        }
         self.events
             .lock()
             .entry(event.to_owned())
@@ -58,16 +64,31 @@ impl Invalidator {
         Ok(())
     }
 
-    /// Triggers `event`: other instances are told (Redis), and this instance deletes the keys
-    /// registered for it and runs its callbacks. Returns how many keys existed here.
+    /// Triggers `event`: deletes every key registered for it — by any instance, with Redis —
+    /// then tells the other instances (which run their callbacks), and runs this instance's
+    /// callbacks. Returns how many keys existed.
     pub(crate) async fn trigger_event(&self, event: &str) -> Result<u64> {
         check_name("event", event)?;
         self.stats.event_triggered();
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut keys: BTreeSet<String> = self
+            .events
+            .handlers(event)
+            .iter()
+            .flat_map(|h| h.keys.iter().cloned())
+            .collect();
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            keys.extend(Box::pin(remote.event_keys(event)).await?);
+        }
+        let keys: Vec<String> = keys.into_iter().collect();
+        let deleted = self.delete_keys(&keys, Kind::Event).await?;
         self.broadcast(Broadcast::Event {
             event: event.to_owned(),
         })
         .await;
-        self.run_event(event).await
+        self.run_event(event).await?;
+        Ok(deleted)
     }
 
     /// Runs this instance's handlers of `event`: deletes their keys (each once), then calls

@@ -170,6 +170,30 @@ impl Invalidator {
         let _ = message;
     }
 
+    /// After a break in the invalidation channel: messages from other instances may have been
+    /// lost. A cache of this instance's own (not the shared Redis) is emptied, as it may hold
+    /// keys others invalidated meanwhile; a shared cache needs nothing (their deletes reached
+    /// it). Callbacks of events triggered meanwhile elsewhere do not run here.
+    #[cfg(feature = "redis")]
+    pub(crate) async fn resync(&self) {
+        let Some(remote) = &self.remote else { return };
+        if !remote.needs_broadcast() {
+            return;
+        }
+        match self.backend.clear_pattern("*").await {
+            Ok(n) => {
+                self.stats.invalidated(Kind::Remote, n);
+                tracing::warn!(
+                    cleared = n,
+                    "local cache emptied after the invalidation channel reconnected (messages may have been lost)"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not empty the local cache after a reconnect: it may serve values invalidated elsewhere until they expire")
+            }
+        }
+    }
+
     /// Applies a message received from another instance.
     #[cfg(feature = "redis")]
     pub(crate) async fn apply_remote(&self, message: Broadcast) {

@@ -1,6 +1,8 @@
 //! Keyspace notifications for time-based invalidation: `notify-keyspace-events` gets `Ex`
 //! (`CONFIG SET`, keeping the flags already set), and a dedicated pub/sub connection listens on
-//! `__keyevent@<db>__:expired`. Where that is not possible — the cache is not this Redis, a
+//! `__keyevent@<db>__:expired`; after every reconnect the flags are set again (a restarted Redis
+//! has lost them) and the watched keys are checked for expirations missed meanwhile. Where that
+//! is not possible — the cache is not this Redis, a
 //! Cluster or Sentinel deployment (notifications are per node), or `CONFIG` is refused — the
 //! caller falls back to timers; the reason is logged once.
 
@@ -82,6 +84,7 @@ async fn start(
     let every = config.response_timeout;
     Ok(tokio::spawn(run(
         Arc::downgrade(inv),
+        Arc::clone(backend),
         client,
         channel,
         conn,
@@ -164,6 +167,7 @@ async fn subscribe(client: &redis::Client, channel: &str, timeout: Duration) -> 
 
 async fn run(
     inv: Weak<Invalidator>,
+    backend: Arc<RedisBackend>,
     client: redis::Client,
     channel: String,
     first: Conn,
@@ -178,6 +182,10 @@ async fn run(
             None => match subscribe(&client, &channel, timeout).await {
                 Ok(c) => {
                     backoff = Duration::from_millis(10);
+                    // A restarted Redis has lost `notify-keyspace-events` (a CONFIG SET).
+                    if let Err(e) = enable_notifications(&backend).await {
+                        tracing::warn!(error = %e, "keyspace notifications could not be enabled again after a reconnect; time-based callbacks wait for the sweep");
+                    }
                     // Expirations during the break were missed: check the watched keys now.
                     let Some(inv) = inv.upgrade() else { return };
                     sweep(&inv).await;

@@ -119,6 +119,41 @@ impl Remote {
         Ok(mark.overlapped || moved == 1)
     }
 
+    /// The set of keys registered (by any instance) under `event`.
+    fn event_set(&self, event: &str) -> Result<String> {
+        Ok(self
+            .backend
+            .key_space()
+            .full_key(&format!("__ncm:ev:{event}"))?
+            .into_owned())
+    }
+
+    /// Shares a registration: the keys of `event`, for every instance (also after this one is
+    /// gone).
+    pub(crate) async fn register_event_keys(&self, event: &str, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("SADD");
+        cmd.arg(self.event_set(event)?);
+        for k in keys {
+            cmd.arg(k);
+        }
+        self.backend
+            .query_cmd::<i64>(ncm_cache_core::Operation::Set, &cmd)
+            .await
+            .map(drop)
+    }
+
+    /// Every key registered under `event` by any instance.
+    pub(crate) async fn event_keys(&self, event: &str) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(self.event_set(event)?);
+        self.backend
+            .query_cmd(ncm_cache_core::Operation::Get, &cmd)
+            .await
+    }
+
     /// `true` when other instances keep their own cache and must be told about deletions.
     pub(crate) fn needs_broadcast(&self) -> bool {
         !self.shared_cache
@@ -185,7 +220,11 @@ async fn listen(inv: Weak<Invalidator>, mut subscription: Subscription, origin: 
             PubSubEvent::Disconnected => tracing::warn!(
                 "invalidation channel disconnected: messages from other instances may be lost until it reconnects"
             ),
-            PubSubEvent::Reconnected => tracing::info!("invalidation channel reconnected"),
+            PubSubEvent::Reconnected => {
+                tracing::info!("invalidation channel reconnected");
+                let Some(inv) = inv.upgrade() else { return };
+                inv.resync().await;
+            }
             _ => {}
         }
     }
