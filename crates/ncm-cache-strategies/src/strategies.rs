@@ -387,7 +387,9 @@ impl<C: Codec> CacheStrategies<C> {
     /// Caches `value` under `key` and declares that it depends on each of `dependencies`, for
     /// as long as it lives (`ttl`): [`invalidate_dependencies`](Self::invalidate_dependencies)
     /// of any of them deletes it — also after it was deleted by an earlier walk and cached
-    /// again. The edges are recorded first (an edge to a key not yet written is harmless).
+    /// again. With the graph and the cache in one Redis (not a cluster) the edges and the value
+    /// are written by one script, in one round trip; otherwise the edges first (an edge to a
+    /// key not yet written is harmless), then the value.
     ///
     /// ```
     /// # use std::time::Duration;
@@ -416,11 +418,20 @@ impl<C: Codec> CacheStrategies<C> {
         let expiry = ttl.into();
         let lifetime = self.cache.ttl_policy().resolve(expiry)?;
         let deps: Vec<String> = dependencies.into_iter().map(Into::into).collect();
-        self.inner
+        // One round trip when the graph and the cache share one Redis node.
+        let bytes = self.cache.encode_for(key, value)?;
+        if !self
+            .inner
             .inv
-            .add_dependencies(key, &deps, Some(lifetime))
-            .await?;
-        self.cache.set_with_expiry(key, value, expiry).await?;
+            .add_dependencies_and_set(key, &deps, lifetime, &bytes)
+            .await?
+        {
+            self.inner
+                .inv
+                .add_dependencies(key, &deps, Some(lifetime))
+                .await?;
+            self.cache.set_with_expiry(key, value, expiry).await?;
+        }
         self.announce_write(key).await;
         Ok(())
     }

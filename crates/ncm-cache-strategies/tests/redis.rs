@@ -797,3 +797,37 @@ async fn a_local_cache_is_resynchronised_after_the_channel_reconnects() {
     );
     assert!(s.is_distributed());
 }
+
+/// `set_with_dependencies` on a Redis that holds both the cache and the graph: one round trip
+/// (measured through a proxy adding 100 ms each way), and the edges and the value are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_with_dependencies_is_one_round_trip() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let c = RedisCache::connect(config(&proxy.url(), "app:"))
+        .await
+        .unwrap();
+    let s = CacheStrategies::from_redis_cache(&c).await.unwrap();
+    s.set_with_dependencies("warm", &0, HOUR, ["warm-dep"])
+        .await
+        .unwrap();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Delay(Duration::from_millis(
+        100,
+    )));
+    let start = Instant::now();
+    s.set_with_dependencies("order:1", &"o1", HOUR, ["user:1", "cart:1"])
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    assert!(
+        took < Duration::from_millis(350),
+        "{took:?}: more than one round trip of 200 ms"
+    );
+    assert_eq!(
+        s.cache().get::<String>("order:1").await.unwrap().as_deref(),
+        Some("o1")
+    );
+    assert_eq!(s.invalidate_dependencies("cart:1").await.unwrap(), 1);
+    assert_eq!(s.cache().get::<String>("order:1").await.unwrap(), None);
+}

@@ -217,6 +217,33 @@ impl Invalidator {
         self.graph.add(&key_node(key), &deps, lifetime).await
     }
 
+    /// With the graph and the cache in one Redis (not a cluster): records `key`'s edges and
+    /// writes its encoded value in one round trip. `false` when that does not apply (the
+    /// caller records and writes separately).
+    pub(crate) async fn add_dependencies_and_set(
+        &self,
+        key: &str,
+        dependencies: &[String],
+        lifetime: Option<Duration>,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        #[cfg(feature = "redis")]
+        if let (Graph::Redis(graph), Some(remote)) = (&self.graph, &self.remote)
+            && remote.shares_cache_on_one_node()
+        {
+            ncm_cache_core::validate_key(key, ncm_cache_core::DEFAULT_MAX_KEY_LEN)?;
+            let deps: Vec<String> = dependencies
+                .iter()
+                .map(|d| check_name("dependency", d).map(|()| key_node(d)))
+                .collect::<Result<_>>()?;
+            let full = remote.full_key(key)?;
+            Box::pin(graph.add_and_set(&key_node(key), &deps, lifetime, &full, bytes)).await?;
+            return Ok(true);
+        }
+        let _ = (key, dependencies, lifetime, bytes);
+        Ok(false)
+    }
+
     /// How long `key` lives, from the cache: its remaining TTL; none when it never expires; a
     /// day when it is not there (yet).
     pub(crate) async fn key_lifetime(&self, key: &str) -> Option<Duration> {

@@ -55,6 +55,35 @@ return #ARGV - 3
     ))
 });
 
+/// [`ADD`] and the dependent's value in one step (one round trip): KEYS[2] is the cache key,
+/// ARGV[4] its TTL in ms ('' for none), ARGV[5] the value; dependencies from ARGV[6].
+static ADD_AND_SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{EXPIRE_FN}
+local base, node, upto = ARGV[1], ARGV[2], ARGV[3]
+local r = base .. 'r:' .. node
+for i = 6, #ARGV do
+  local dep = ARGV[i]
+  if dep ~= node then
+    local d = base .. 'd:' .. dep
+    redis.call('ZADD', d, upto, node)
+    redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
+    expire(d)
+    redis.call('ZADD', r, upto, dep)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', r, '-inf', '(' .. now)
+expire(r)
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[2], ARGV[5])
+else
+  redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
+end
+return 1
+"
+    ))
+});
+
 /// Breadth-first walk over live edges with a visited set (cycle-safe); returns the reached
 /// keys (`k:` nodes, without the root). Edges stay: a declared dependency holds until its
 /// dependent is deleted ([`REMOVE`]) or its lifetime ends. Expired edges met are pruned.
@@ -137,6 +166,38 @@ impl RedisGraph {
         let keys = [format!("{}r:{node}", self.base)];
         self.backend
             .eval_script::<i64>(Operation::Set, &ADD, &keys, &args)
+            .await
+            .map(drop)
+    }
+
+    /// Records the edges and writes `value` under the cache key `full_key` (in this Redis, not
+    /// a cluster) in one script: one round trip.
+    pub(crate) async fn add_and_set(
+        &self,
+        node: &str,
+        deps: &[String],
+        lifetime: Option<std::time::Duration>,
+        full_key: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let until = match lifetime.and_then(|l| std::time::SystemTime::now().checked_add(l)) {
+            None => "inf".to_owned(),
+            Some(t) => t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+                .to_string(),
+        };
+        let px = lifetime.map_or(String::new(), |l| l.as_millis().max(1).to_string());
+        let mut args = Vec::with_capacity(deps.len() + 5);
+        args.push(self.base.clone().into_bytes());
+        args.push(node.as_bytes().to_vec());
+        args.push(until.into_bytes());
+        args.push(px.into_bytes());
+        args.push(value.to_vec());
+        args.extend(deps.iter().map(|d| d.as_bytes().to_vec()));
+        let keys = [format!("{}r:{node}", self.base), full_key.to_owned()];
+        self.backend
+            .eval_script::<i64>(Operation::Set, &ADD_AND_SET, &keys, &args)
             .await
             .map(drop)
     }

@@ -154,6 +154,17 @@ impl Remote {
             .await
     }
 
+    /// `true` when the cache is this Redis and it is one node: a script may touch a cache key
+    /// and the graph together.
+    pub(crate) fn shares_cache_on_one_node(&self) -> bool {
+        self.shared_cache && !self.backend.is_cluster()
+    }
+
+    /// The Redis key of cache key `key`.
+    pub(crate) fn full_key(&self, key: &str) -> Result<String> {
+        Ok(self.backend.key_space().full_key(key)?.into_owned())
+    }
+
     /// `true` when other instances keep their own cache and must be told about deletions.
     pub(crate) fn needs_broadcast(&self) -> bool {
         !self.shared_cache
