@@ -73,9 +73,11 @@ where
 
 /// The order of one write-behind write, handed to
 /// [`PersistentStore::store_batch_versioned`]: in durable mode the write's Redis Stream id
-/// (milliseconds, sequence), ordered across every instance writing the queue; in memory mode a
-/// sequence of this process (`ms` = 0). A store can keep it next to the row and write
-/// conditionally (`... WHERE version < $v`), so that no write ever lands over a newer one.
+/// (milliseconds, sequence), ordered across every instance writing the queue and across
+/// restarts — a store can keep it next to the row and write conditionally
+/// (`... WHERE version < $v`), so that no write ever lands over a newer one. In memory mode it
+/// is a sequence of this process (`ms` = 0) that restarts at zero with the process: do not
+/// store it as a row version (a restarted process's writes would all be refused).
 ///
 /// ```
 /// use ncm_cache_strategies::WriteVersion;

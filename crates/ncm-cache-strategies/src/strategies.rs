@@ -275,19 +275,20 @@ impl<C: Codec> CacheStrategies<C> {
     /// Deletes `key` (here, and on instances that keep their own cache); `true` when it existed
     /// here.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
-        let existed = self
-            .inner
-            .inv
-            .delete_keys(&[key.to_owned()], Kind::Key)
-            .await?
-            > 0;
-        // A deleted key's declared dependencies end with it.
+        // A deleted key's declared dependencies end with it — first: a concurrent
+        // `set_with_dependencies` of the key then keeps its new edges (a stray edge to a
+        // missing key is harmless).
         self.inner
             .inv
             .graph
             .remove(&crate::invalidation::key_node(key))
             .await?;
-        Ok(existed)
+        Ok(self
+            .inner
+            .inv
+            .delete_keys(&[key.to_owned()], Kind::Key)
+            .await?
+            > 0)
     }
 
     /// Gives `key` a TTL of `ttl` and runs `callback(key)` once it has expired (the original's
@@ -418,7 +419,8 @@ impl<C: Codec> CacheStrategies<C> {
         let expiry = ttl.into();
         let lifetime = self.cache.ttl_policy().resolve(expiry)?;
         let deps: Vec<String> = dependencies.into_iter().map(Into::into).collect();
-        // One round trip when the graph and the cache share one Redis node.
+        // One round trip when the graph and the cache share one Redis node. The TTL is
+        // resolved once (jitter included): the edges live exactly as long as the value.
         let bytes = self.cache.encode_for(key, value)?;
         if !self
             .inner
@@ -430,7 +432,7 @@ impl<C: Codec> CacheStrategies<C> {
                 .inv
                 .add_dependencies(key, &deps, Some(lifetime))
                 .await?;
-            self.cache.set_with_expiry(key, value, expiry).await?;
+            self.cache.backend().set(key, bytes, lifetime).await?;
         }
         self.announce_write(key).await;
         Ok(())
@@ -460,11 +462,12 @@ impl<C: Codec> CacheStrategies<C> {
         K: Into<String>,
     {
         let tags: Vec<String> = tags.into_iter().map(Into::into).collect();
-        let expiry = ttl.into();
-        let lifetime = self.cache.ttl_policy().resolve(expiry)?;
+        // Resolved once (jitter included): the tags live exactly as long as the value.
+        let lifetime = self.cache.ttl_policy().resolve(ttl.into())?;
+        let bytes = self.cache.encode_for(key, value)?;
         // Tag first: a tag pointing at a key not yet written is harmless; the reverse is not.
         self.inner.inv.add_tags(key, &tags, lifetime).await?;
-        self.cache.set_with_expiry(key, value, expiry).await?;
+        self.cache.backend().set(key, bytes, lifetime).await?;
         self.announce_write(key).await;
         Ok(())
     }

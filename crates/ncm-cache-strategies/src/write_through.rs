@@ -25,9 +25,13 @@ impl<C: Codec> CacheStrategies<C> {
     ///   the cache ends with what the store ends with. Across instances (with Redis
     ///   coordination, e.g. [`from_redis_cache`](Self::from_redis_cache)), a write-through
     ///   that overlapped another of the same key — which of the two the store applied last is
-    ///   unknown — evicts the key after its cache write, so the cache is never left older (or
-    ///   newer) than the store; the window is one Redis round trip after the later cache write
-    ///   (or the cache TTL, if the writing process dies in that round trip).
+    ///   unknown — evicts the key after its cache write, so the cache is not left older (or
+    ///   newer) than the store past one Redis round trip after the later cache write. Limits: a
+    ///   write-through whose process dies (or whose call is cancelled) between its cache write
+    ///   and its end leaves its mark for 30 s (later write-throughs of the key evict during that
+    ///   time) and, if no other write-through overlapped it, its value until the cache TTL; when
+    ///   Redis cannot be reached to mark a write, that writer evicts its own value, but others
+    ///   do not learn of it.
     pub async fn write_through<V>(
         &self,
         key: &str,

@@ -831,3 +831,40 @@ async fn set_with_dependencies_is_one_round_trip() {
     assert_eq!(s.invalidate_dependencies("cart:1").await.unwrap(), 1);
     assert_eq!(s.cache().get::<String>("order:1").await.unwrap(), None);
 }
+
+/// A write whose cache write fails after its journal append (here: a value above the cache's
+/// size cap) is withdrawn — and the key's older acknowledged write is still stored (the newest-id
+/// record goes back to it; before, the older write was skipped as superseded and lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_write_does_not_supersede_the_older_acknowledged_one() {
+    let server = RedisServer::start().unwrap();
+    let mut cfg = config(&server.url(), "");
+    cfg.max_value_size = 64;
+    let c = RedisCache::connect(cfg).await.unwrap();
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("withdraw");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    queue
+        .write("k", &"small".to_string(), HOUR, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let err = queue
+        .write("k", &"x".repeat(1000), HOUR, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ncm_cache_core::CacheError::ValueTooLarge { .. }),
+        "{err:?}"
+    );
+    queue.flush().await.unwrap();
+    assert_eq!(
+        db.get("k").as_deref(),
+        Some("small"),
+        "the acknowledged write was lost"
+    );
+    assert_eq!(
+        server.cli(&["XLEN", "__ncm:wb:{withdraw}"]).unwrap().trim(),
+        "0"
+    );
+    s.shutdown().await.unwrap();
+}

@@ -65,10 +65,7 @@ impl Graph {
                 Ok(())
             }
             #[cfg(feature = "redis")]
-            Self::Redis(g) => {
-                let until = lifetime.and_then(|l| std::time::SystemTime::now().checked_add(l));
-                Box::pin(g.add(node, deps, until)).await
-            }
+            Self::Redis(g) => Box::pin(g.add(node, deps, lifetime)).await,
         }
     }
 

@@ -79,7 +79,12 @@ impl Invalidator {
             .collect();
         #[cfg(feature = "redis")]
         if let Some(remote) = &self.remote {
-            keys.extend(Box::pin(remote.event_keys(event)).await?);
+            match Box::pin(remote.event_keys(event)).await {
+                Ok(shared) => keys.extend(shared),
+                Err(e) => {
+                    tracing::warn!(event, error = %e, "event registrations of other instances unavailable; deleting this instance's keys only")
+                }
+            }
         }
         let keys: Vec<String> = keys.into_iter().collect();
         let deleted = self.delete_keys(&keys, Kind::Event).await?;

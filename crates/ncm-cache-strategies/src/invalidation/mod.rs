@@ -177,7 +177,10 @@ impl Invalidator {
     #[cfg(feature = "redis")]
     pub(crate) async fn resync(&self) {
         let Some(remote) = &self.remote else { return };
-        if !remote.needs_broadcast() {
+        // Only a store of this instance alone (no key prefix: not shared, e.g. in-process
+        // memory); a shared one (Redis, a multi-level cache's L2) is kept coherent by its own
+        // means, and emptying it would wipe it for every instance.
+        if !remote.needs_broadcast() || self.backend.key_prefix().is_some() {
             return;
         }
         match self.backend.clear_pattern("*").await {

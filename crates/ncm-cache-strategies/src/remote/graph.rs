@@ -36,7 +36,10 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 static ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{EXPIRE_FN}
-local base, node, upto = ARGV[1], ARGV[2], ARGV[3]
+local base, node = ARGV[1], ARGV[2]
+-- The edge's end from its lifetime, on Redis's clock (no skew with the pruning below).
+local upto = 'inf'
+if ARGV[3] ~= 'inf' then upto = now + tonumber(ARGV[3]) end
 local r = base .. 'r:' .. node
 for i = 4, #ARGV do
   local dep = ARGV[i]
@@ -60,7 +63,10 @@ return #ARGV - 3
 static ADD_AND_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{EXPIRE_FN}
-local base, node, upto = ARGV[1], ARGV[2], ARGV[3]
+local base, node = ARGV[1], ARGV[2]
+-- The edge's end from its lifetime, on Redis's clock (no skew with the pruning below).
+local upto = 'inf'
+if ARGV[3] ~= 'inf' then upto = now + tonumber(ARGV[3]) end
 local r = base .. 'r:' .. node
 for i = 6, #ARGV do
   local dep = ARGV[i]
@@ -99,7 +105,9 @@ while head <= #order do
   local node = order[head]
   head = head + 1
   local d = base .. 'd:' .. node
-  redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
+  if redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now) > 0 then
+    expire(d)
+  end
   for _, m in ipairs(redis.call('ZRANGE', d, 0, -1)) do
     if not visited[m] then
       visited[m] = true
@@ -117,16 +125,18 @@ return keys
 
 /// Removes a deleted node's own edges (what it depended on).
 static REMOVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{EXPIRE_FN}
 local base, node = ARGV[1], ARGV[2]
 local r = base .. 'r:' .. node
 for _, dep in ipairs(redis.call('ZRANGE', r, 0, -1)) do
-  redis.call('ZREM', base .. 'd:' .. dep, node)
+  local d = base .. 'd:' .. dep
+  redis.call('ZREM', d, node)
+  expire(d)
 end
 return redis.call('DEL', r)
-",
-    )
+"
+    ))
 });
 
 /// The Redis graph of one cache prefix.
@@ -141,27 +151,20 @@ impl RedisGraph {
         Self { backend, base }
     }
 
-    /// Records that `node` depends on each of `deps` until `until` (`None`: no end).
+    /// Records that `node` depends on each of `deps` for `lifetime` (`None`: no end).
     pub(crate) async fn add(
         &self,
         node: &str,
         deps: &[String],
-        until: Option<std::time::SystemTime>,
+        lifetime: Option<std::time::Duration>,
     ) -> Result<()> {
         if deps.is_empty() {
             return Ok(());
         }
-        let until = match until {
-            None => "inf".to_owned(),
-            Some(t) => t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-                .to_string(),
-        };
         let mut args = Vec::with_capacity(deps.len() + 3);
         args.push(self.base.clone().into_bytes());
         args.push(node.as_bytes().to_vec());
-        args.push(until.into_bytes());
+        args.push(lifetime_arg(lifetime).into_bytes());
         args.extend(deps.iter().map(|d| d.as_bytes().to_vec()));
         let keys = [format!("{}r:{node}", self.base)];
         self.backend
@@ -180,18 +183,11 @@ impl RedisGraph {
         full_key: &str,
         value: &[u8],
     ) -> Result<()> {
-        let until = match lifetime.and_then(|l| std::time::SystemTime::now().checked_add(l)) {
-            None => "inf".to_owned(),
-            Some(t) => t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-                .to_string(),
-        };
         let px = lifetime.map_or(String::new(), |l| l.as_millis().max(1).to_string());
         let mut args = Vec::with_capacity(deps.len() + 5);
         args.push(self.base.clone().into_bytes());
         args.push(node.as_bytes().to_vec());
-        args.push(until.into_bytes());
+        args.push(lifetime_arg(lifetime).into_bytes());
         args.push(px.into_bytes());
         args.push(value.to_vec());
         args.extend(deps.iter().map(|d| d.as_bytes().to_vec()));
@@ -218,4 +214,9 @@ impl RedisGraph {
             .await
             .map(drop)
     }
+}
+
+/// An edge's lifetime in ms for the scripts, or `inf`.
+fn lifetime_arg(lifetime: Option<std::time::Duration>) -> String {
+    lifetime.map_or_else(|| "inf".to_owned(), |l| l.as_millis().max(1).to_string())
 }

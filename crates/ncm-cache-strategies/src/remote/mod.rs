@@ -41,65 +41,74 @@ impl Drop for Remote {
     }
 }
 
-/// Starts a write-through of a key: counts it in flight and bumps the key's generation.
+/// Starts a write-through of a key: adds this write's token (scored by its deadline) to the
+/// key's set of writes in flight, pruning the expired ones (a writer that died or was
+/// cancelled), and records it as the key's latest write. Returns how many are in flight.
 static WRITE_BEGIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local n = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-local g = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return {n, g}
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return redis.call('ZCARD', KEYS[1])
 ",
     )
 });
 
-/// Ends it: 1 when another write-through of the key began since (the generation moved).
+/// Ends it: 1 when another write-through of the key began since (it is no longer the latest).
 static WRITE_END: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local g = redis.call('GET', KEYS[2])
-local n = redis.call('DECR', KEYS[1])
-if n <= 0 then redis.call('DEL', KEYS[1]) end
-if g == ARGV[1] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
 return 1
 ",
     )
 });
 
-/// How long a write-through's marks live if its process dies before ending it.
-const WRITE_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a write-through's mark lives if its process dies (or its call is cancelled)
+/// before ending it: later write-throughs of the key treat it as overlapping until then.
+const WRITE_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One write-through of a key, as other instances see it.
 pub(crate) struct WriteMark {
     keys: [String; 2],
-    generation: i64,
+    token: String,
     /// Another write-through of the key was in flight when this one began.
     overlapped: bool,
 }
 
 impl Remote {
     /// Marks a write-through of `key` as begun (cross-instance ordering, see
-    /// `CacheStrategies::write_through`).
+    /// `CacheStrategies::write_through`). The marks share one hash slot, named by a hash of the
+    /// key (any key, braces included).
     pub(crate) async fn write_begin(&self, key: &str) -> Result<WriteMark> {
+        let tag = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
         let base = self
             .backend
             .key_space()
-            .full_key(&format!("__ncm:wt:{{{key}}}"))?
+            .full_key(&format!("__ncm:wt:{{{tag:016x}}}"))?
             .into_owned();
-        let keys = [format!("{base}:n"), format!("{base}:g")];
-        let (n, g): (i64, i64) = self
+        let keys = [format!("{base}:w"), format!("{base}:last")];
+        let token = format!("{:032x}", fastrand::u128(..));
+        let n: i64 = self
             .backend
             .eval_script(
                 ncm_cache_core::Operation::Set,
                 &WRITE_BEGIN,
                 &keys,
-                &[WRITE_LEASE.as_millis().to_string().into_bytes()],
+                &[
+                    token.clone().into_bytes(),
+                    WRITE_LEASE.as_millis().to_string().into_bytes(),
+                ],
             )
             .await?;
         Ok(WriteMark {
             keys,
-            generation: g,
+            token,
             overlapped: n > 1,
         })
     }
@@ -113,7 +122,7 @@ impl Remote {
                 ncm_cache_core::Operation::Set,
                 &WRITE_END,
                 &mark.keys,
-                &[mark.generation.to_string().into_bytes()],
+                &[mark.token.into_bytes()],
             )
             .await?;
         Ok(mark.overlapped || moved == 1)

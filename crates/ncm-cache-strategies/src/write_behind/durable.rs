@@ -38,7 +38,7 @@ use redis::{Script, Value};
 
 use super::QueueValue;
 use super::config::DurableConfig;
-use super::state::{CacheSink, Journal, Recovered, Verdict, Version};
+use super::state::{Appended, CacheSink, Journal, Recovered, Verdict, Version};
 
 const GROUP: &str = "ncm-wb";
 const CLAIM_BATCH: usize = 500;
@@ -47,15 +47,16 @@ const CLAIM_BATCH: usize = 500;
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4])
+local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1')
 local r = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
 if type(r) == 'table' and r.err then
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
   redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
 end
+local prev = redis.call('HGET', KEYS[2], ARGV[3]) or ''
 redis.call('HSET', KEYS[2], ARGV[3], id)
 redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-return id
+return {id, prev}
 ",
     )
 });
@@ -94,18 +95,65 @@ static BURY: LazyLock<Script> = LazyLock::new(|| {
 local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if #e == 0 then return 0 end
 local fields = e[1][2]
+local mine = false
+for j = 1, #fields, 2 do
+  if fields[j] == 'c' then mine = true end
+end
 fields[#fields + 1] = 'reason'
 fields[#fields + 1] = ARGV[4]
 fields[#fields + 1] = 'id'
 fields[#fields + 1] = ARGV[2]
-redis.call('XADD', KEYS[4], '*', unpack(fields))
+-- Bounded: about the newest 10,000 dead entries are kept.
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and ARGV[3] ~= '' then
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and mine and ARGV[3] ~= '' then
   if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then
     redis.call('HDEL', KEYS[3], ARGV[3])
     redis.call('HDEL', KEYS[2], ARGV[3])
   end
 end
+return 1
+",
+    )
+});
+
+/// Withdraws an appended entry that was not acknowledged (its cache write failed): removes it
+/// like an acknowledgment and gives the key's newest-id record back to ARGV[4], the entry it
+/// replaced, when that one is still in the stream.
+static WITHDRAW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key, id, prev = ARGV[2], ARGV[3], ARGV[4]
+redis.call('XACK', KEYS[1], ARGV[1], id)
+if redis.call('XDEL', KEYS[1], id) == 1 then
+  if redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], key)
+    redis.call('HDEL', KEYS[2], key)
+    return 1
+  end
+end
+if redis.call('HGET', KEYS[2], key) == id then
+  if prev ~= '' and #redis.call('XRANGE', KEYS[1], prev, prev) > 0 then
+    redis.call('HSET', KEYS[2], key, prev)
+  else
+    redis.call('HDEL', KEYS[2], key)
+  end
+end
+return 1
+",
+    )
+});
+
+/// Removes consumer ARGV[2] from the group and the member set — only if it has nothing pending
+/// and (ARGV[3] = `dead`) its lease KEYS[3] is gone, checked in the same step: a consumer that
+/// resumed and appended meanwhile keeps its entry.
+static REMOVE_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[3] == 'dead' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 ",
     )
@@ -117,13 +165,24 @@ return 1
 static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local function counted(id)
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #e == 0 then return false end
+  local f = e[1][2]
+  for j = 1, #f, 2 do
+    if f[j] == 'c' then return true end
+  end
+  return false
+end
 local n = 0
 for i = 2, #ARGV, 2 do
   local key, id = ARGV[i], ARGV[i + 1]
+  -- Entries of older builds carry no count mark: they never touch the counts.
+  local mine = counted(id)
   redis.call('XACK', KEYS[1], ARGV[1], id)
   if redis.call('XDEL', KEYS[1], id) == 1 then
     n = n + 1
-    if redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
+    if mine and redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
       redis.call('HDEL', KEYS[3], key)
       redis.call('HDEL', KEYS[2], key)
     end
@@ -280,22 +339,27 @@ impl<V: QueueValue> RedisJournal<V> {
                 }
             }
         }
-        if self.pending_of(dead, None, 1).await?.is_empty() {
-            let mut del = cmd("XGROUP");
-            del.arg("DELCONSUMER")
-                .arg(&self.stream)
-                .arg(GROUP)
-                .arg(dead);
-            self.backend
-                .query_cmd::<i64>(Operation::Delete, &del)
-                .await?;
-            let mut srem = cmd("SREM");
-            srem.arg(&self.members).arg(dead);
-            self.backend
-                .query_cmd::<i64>(Operation::Delete, &srem)
-                .await?;
-        }
-        Ok(())
+        self.remove_consumer(dead, true).await
+    }
+
+    /// Removes `consumer` if it has nothing pending (and, for a `dead` one, no lease), in one
+    /// atomic step.
+    async fn remove_consumer(&self, consumer: &str, dead: bool) -> Result<()> {
+        let keys = [
+            self.stream.clone(),
+            self.members.clone(),
+            self.alive_key(consumer),
+        ];
+        let mode: &[u8] = if dead { b"dead" } else { b"self" };
+        let args = vec![
+            GROUP.as_bytes().to_vec(),
+            consumer.as_bytes().to_vec(),
+            mode.to_vec(),
+        ];
+        self.backend
+            .eval_script::<i64>(Operation::Delete, &REMOVE_CONSUMER, &keys, &args)
+            .await
+            .map(drop)
     }
 
     fn parse_entry(&self, entry: Value) -> std::result::Result<Option<Recovered<V>>, Bad> {
@@ -365,7 +429,7 @@ impl<V: QueueValue> RedisJournal<V> {
 
 #[async_trait]
 impl<V: QueueValue> Journal<V> for RedisJournal<V> {
-    async fn append(&self, key: &str, value: &V) -> Result<Version> {
+    async fn append(&self, key: &str, value: &V) -> Result<Appended> {
         let encoded = self.codec.encode(&[&self.stream, "\0", key], value)?;
         let args = vec![
             GROUP.as_bytes().to_vec(),
@@ -373,7 +437,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
             key.as_bytes().to_vec(),
             encoded.to_vec(),
         ];
-        let id: String = self
+        let (id, prev): (String, String) = self
             .backend
             .eval_script(
                 Operation::Set,
@@ -386,9 +450,35 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                 &args,
             )
             .await?;
-        parse_id(&id).ok_or_else(|| {
+        let id = parse_id(&id).ok_or_else(|| {
             CacheError::backend(format!("XADD returned a malformed id {id:?}"), None)
+        })?;
+        Ok(Appended {
+            id,
+            prev: parse_id(&prev),
         })
+    }
+
+    async fn withdraw(&self, key: &str, appended: Appended) -> Result<()> {
+        let args = vec![
+            GROUP.as_bytes().to_vec(),
+            key.as_bytes().to_vec(),
+            id_str(appended.id).into_bytes(),
+            appended.prev.map(id_str).unwrap_or_default().into_bytes(),
+        ];
+        self.backend
+            .eval_script::<i64>(
+                Operation::Delete,
+                &WITHDRAW,
+                &[
+                    self.stream.clone(),
+                    self.newest.clone(),
+                    self.counts.clone(),
+                ],
+                &args,
+            )
+            .await
+            .map(drop)
     }
 
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>> {
@@ -491,19 +581,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
 
     async fn retire(&self) -> Result<()> {
         if self.pending_of(&self.consumer, None, 1).await?.is_empty() {
-            let mut del = cmd("XGROUP");
-            del.arg("DELCONSUMER")
-                .arg(&self.stream)
-                .arg(GROUP)
-                .arg(&self.consumer);
-            self.backend
-                .query_cmd::<i64>(Operation::Delete, &del)
-                .await?;
-            let mut srem = cmd("SREM");
-            srem.arg(&self.members).arg(&self.consumer);
-            self.backend
-                .query_cmd::<i64>(Operation::Delete, &srem)
-                .await?;
+            self.remove_consumer(&self.consumer, false).await?;
         } else {
             tracing::warn!(stream = %self.stream, "leaving unpersisted write-behind entries (dead letters) for another process to adopt");
         }

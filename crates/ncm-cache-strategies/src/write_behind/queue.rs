@@ -78,25 +78,33 @@ impl<V: QueueValue> Shared<V> {
         // Journal first, then the cache: a crash in between leaves a journaled write (adopted
         // and persisted by another process, which then evicts the key), never a cached value
         // that no journal holds.
-        let id = match &self.journal {
+        let appended = match &self.journal {
             None => None,
             Some(journal) => match journal.append(key, value).await {
-                Ok(id) => Some(id),
+                Ok(appended) => Some(appended),
                 Err(e) => {
                     self.stats.add(Counter::Rejected, 1);
                     return Err(e);
                 }
             },
         };
+        let id = appended.map(|a| a.id);
+        // A cache failure after the append: the write is taken back from the journal (not
+        // acknowledged). If that fails too, it stays queued — it is journaled and will be
+        // persisted — and the cache's error is still returned.
+        let mut cache_failure = None;
         if let Err(e) = self.cache.set(key, value, expiry).await {
-            // Not acknowledged: withdraw the journaled write.
             self.stats.add(Counter::Rejected, 1);
-            if let (Some(journal), Some(id)) = (&self.journal, id)
-                && let Err(w) = journal.ack(&[(key.to_owned(), id)]).await
-            {
-                tracing::warn!(queue = %self.name, key, error = %w, "could not withdraw a journaled write whose cache write failed; it will be persisted");
+            match (&self.journal, appended) {
+                (Some(journal), Some(a)) => match journal.withdraw(key, a).await {
+                    Ok(()) => return Err(e),
+                    Err(w) => {
+                        tracing::warn!(queue = %self.name, key, error = %w, "could not withdraw a journaled write whose cache write failed; it will be persisted");
+                        cache_failure = Some(e);
+                    }
+                },
+                _ => return Err(e),
             }
-            return Err(e);
         }
         let inserted = {
             let mut st = lock(&self.state);
@@ -120,14 +128,22 @@ impl<V: QueueValue> Shared<V> {
             }
         };
         let Some((coalesced, superseded)) = inserted else {
-            // The worker stopped meanwhile (shutdown). A journaled write stays in Redis and is
-            // adopted later; an in-memory one is withdrawn from the cache.
+            // The worker stopped meanwhile (shutdown): nothing is queued — a journaled write
+            // is withdrawn (the consumer may have left the group already, so nobody would adopt
+            // it) and the cached value removed.
             self.stats.add(Counter::Rejected, 1);
-            if id.is_none() {
-                self.uncache(key).await;
+            if let (Some(journal), Some(a)) = (&self.journal, appended)
+                && let Err(e) = journal.withdraw(key, a).await
+            {
+                tracing::warn!(queue = %self.name, key, error = %e, "could not withdraw a write refused at shutdown");
             }
+            self.uncache(key).await;
             return Err(CacheError::Closed);
         };
+        if let Some(e) = cache_failure {
+            self.wake.notify_one();
+            return Err(e);
+        }
         self.stats.add(Counter::Accepted, 1);
         self.stats.add(Counter::Coalesced, u64::from(coalesced));
         self.stats.superseded(superseded);
@@ -191,18 +207,27 @@ impl<V: QueueValue> Shared<V> {
         let mut out = Outcome::default();
         self.store_or_split(entries, meta, self.config.max_retries, &mut out)
             .await;
+        // Adopted writes that were stored (not superseded): their writer may have died before
+        // caching them, so the cache may hold an older value than the store now has.
         let evict: Vec<String> = {
             let mut st = lock(&self.state);
             if st.adopted.is_empty() {
                 Vec::new()
             } else {
-                let keys: Vec<String> = out.acks.iter().map(|(k, _)| k.clone()).collect();
-                keys.into_iter().filter(|k| st.adopted.remove(k)).collect()
+                let stored = std::mem::take(&mut out.stored_keys);
+                stored
+                    .into_iter()
+                    .filter(|k| st.adopted.remove(k))
+                    .collect()
             }
         };
         for key in &evict {
-            // An adopted write's writer may have died before caching it: the cache may hold
-            // an older value than the store now has.
+            // Under the key's write lock, and only while no local write of it is waiting: a
+            // local write caches its own (newer) value.
+            let _stripe = self.stripe(key).lock().await;
+            if lock(&self.state).pending.contains_key(key) {
+                continue;
+            }
             self.uncache(key).await;
         }
         {
@@ -212,10 +237,12 @@ impl<V: QueueValue> Shared<V> {
             let mut superseded = 0;
             for failed in out.failed {
                 for ((key, value), (version, ids)) in failed.entries.into_iter().zip(failed.meta) {
-                    if let Some(p) = st.pending.get_mut(&key) {
-                        // A newer write is already waiting: it carries our ids to the ack.
-                        p.ids.extend(ids);
-                        superseded += 1;
+                    if st.pending.contains_key(&key) {
+                        // Another write of the key is waiting (a newer local one, or an older
+                        // one adopted meanwhile): merged, the newer value kept, every id
+                        // carried to the ack.
+                        let (_, dropped) = st.insert(key, value, version, Instant::now(), ids);
+                        superseded += 1 + dropped;
                         continue;
                     }
                     dead += 1;
@@ -325,6 +352,7 @@ impl<V: QueueValue> Shared<V> {
                 out.stored += entries.len() as u64;
                 for ((key, _), (_, ids)) in entries.into_iter().zip(meta) {
                     out.acks.extend(ids.into_iter().map(|id| (key.clone(), id)));
+                    out.stored_keys.push(key);
                 }
                 None
             }
@@ -371,7 +399,10 @@ impl<V: QueueValue> Shared<V> {
                     superseded += 1;
                     acks.extend(m.1.into_iter().map(|id| (entry.0.clone(), id)));
                 }
-                Verdict::Lost => lost += 1,
+                Verdict::Lost => {
+                    lost += 1;
+                    lock(&self.state).adopted.remove(&entry.0);
+                }
             }
         }
         *entries = kept_entries;
@@ -576,6 +607,8 @@ struct Failed<V> {
 /// What persisting a batch came to.
 struct Outcome<V> {
     stored: u64,
+    /// The keys stored (for the eviction of adopted ones).
+    stored_keys: Vec<String>,
     acks: Vec<(String, Version)>,
     failed: Vec<Failed<V>>,
 }
@@ -584,6 +617,7 @@ impl<V> Default for Outcome<V> {
     fn default() -> Self {
         Self {
             stored: 0,
+            stored_keys: Vec::new(),
             acks: Vec::new(),
             failed: Vec::new(),
         }

@@ -53,6 +53,13 @@ pub(crate) struct Recovered<V> {
     pub(crate) value: V,
 }
 
+/// A journaled write: its id, and the id of the key's newest write it replaced as newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Appended {
+    pub(crate) id: Version,
+    pub(crate) prev: Option<Version>,
+}
+
 /// What the journal says about a write this process is about to persist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -68,8 +75,10 @@ pub(crate) enum Verdict {
 /// Where a durable queue journals its writes (a Redis Stream).
 #[async_trait]
 pub(crate) trait Journal<V>: Send + Sync {
-    /// Appends a write; returning is the acknowledgment.
-    async fn append(&self, key: &str, value: &V) -> Result<Version>;
+    /// Appends a write (the acknowledgment comes once it is also cached).
+    async fn append(&self, key: &str, value: &V) -> Result<Appended>;
+    /// Takes back an appended write that was not acknowledged.
+    async fn withdraw(&self, key: &str, appended: Appended) -> Result<()>;
     /// Checks, in one atomic step, each `(key, newest version held)` about to be persisted.
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
     /// Forgets persisted (or superseded) writes of their keys.
