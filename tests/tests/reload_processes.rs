@@ -74,7 +74,15 @@ async fn an_eager_values_owner_killed_mid_reload_is_replaced_before_the_value_ex
     let mut a = Worker::start(&server, "A");
     a.wait_for("ready", Duration::from_secs(10));
     a.wait_for("loaded 1", Duration::from_secs(5));
-    assert!(reader.get::<String>("config").await.unwrap().is_some());
+    // "loaded" is printed by the loader, just before the reloader writes the value.
+    let start = Instant::now();
+    while reader.get::<String>("config").await.unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the first load was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let b = Worker::start(&server, "B");
     b.wait_for("ready", Duration::from_secs(10));
     // A owns the timer: kill it in the middle of its next reload (it holds the run lease and
