@@ -31,28 +31,36 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 ";
 
-/// Records `node` → each dependency, until ARGV[3] (ms since the epoch, or `inf`); prunes the
-/// touched sets' expired edges and sets each set's expiry to its last edge's.
+/// `record(first)`: records `ARGV[2]` → each dependency from `ARGV[first]` on, for the
+/// lifetime `ARGV[3]` (ms, or `inf`; the end computed on Redis's clock, so no skew with the
+/// pruning); prunes the touched sets' expired edges and sets each set's expiry to its last
+/// edge's.
+const RECORD_FN: &str = r"
+local function record(first)
+  local base, node = ARGV[1], ARGV[2]
+  local upto = 'inf'
+  if ARGV[3] ~= 'inf' then upto = now + tonumber(ARGV[3]) end
+  local r = base .. 'r:' .. node
+  for i = first, #ARGV do
+    local dep = ARGV[i]
+    if dep ~= node then
+      local d = base .. 'd:' .. dep
+      redis.call('ZADD', d, upto, node)
+      redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
+      expire(d)
+      redis.call('ZADD', r, upto, dep)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', r, '-inf', '(' .. now)
+  expire(r)
+end
+";
+
+/// Records `node` → each dependency (from ARGV[4]) for the lifetime ARGV[3].
 static ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{EXPIRE_FN}
-local base, node = ARGV[1], ARGV[2]
--- The edge's end from its lifetime, on Redis's clock (no skew with the pruning below).
-local upto = 'inf'
-if ARGV[3] ~= 'inf' then upto = now + tonumber(ARGV[3]) end
-local r = base .. 'r:' .. node
-for i = 4, #ARGV do
-  local dep = ARGV[i]
-  if dep ~= node then
-    local d = base .. 'd:' .. dep
-    redis.call('ZADD', d, upto, node)
-    redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
-    expire(d)
-    redis.call('ZADD', r, upto, dep)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', r, '-inf', '(' .. now)
-expire(r)
+        r"{EXPIRE_FN}{RECORD_FN}
+record(4)
 return #ARGV - 3
 "
     ))
@@ -62,24 +70,8 @@ return #ARGV - 3
 /// ARGV[4] its TTL in ms ('' for none), ARGV[5] the value; dependencies from ARGV[6].
 static ADD_AND_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{EXPIRE_FN}
-local base, node = ARGV[1], ARGV[2]
--- The edge's end from its lifetime, on Redis's clock (no skew with the pruning below).
-local upto = 'inf'
-if ARGV[3] ~= 'inf' then upto = now + tonumber(ARGV[3]) end
-local r = base .. 'r:' .. node
-for i = 6, #ARGV do
-  local dep = ARGV[i]
-  if dep ~= node then
-    local d = base .. 'd:' .. dep
-    redis.call('ZADD', d, upto, node)
-    redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. now)
-    expire(d)
-    redis.call('ZADD', r, upto, dep)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', r, '-inf', '(' .. now)
-expire(r)
+        r"{EXPIRE_FN}{RECORD_FN}
+record(6)
 if ARGV[4] == '' then
   redis.call('SET', KEYS[2], ARGV[5])
 else
