@@ -64,6 +64,30 @@ fn value(i: usize) -> String {
     format!("{i:0>100}")
 }
 
+/// Writes the Zipf keys' values into `redis_only`'s key space and `ml`'s L2, in batches.
+async fn preload_keys(ml: &MultiLevelCache, redis_only: &RedisCache) {
+    let batch: Vec<(String, String)> = (0..KEYS).map(|i| (format!("k{i}"), value(i))).collect();
+    for chunk in batch.chunks(1000) {
+        redis_only
+            .set_many(
+                chunk.iter().map(|(k, v)| (k.as_str(), v)),
+                ncm_cache_core::Expiry::Default,
+            )
+            .await
+            .unwrap();
+        ml.l2()
+            .set_many(
+                &chunk
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), ml.codec_bytes(k, v).unwrap()))
+                    .collect::<Vec<_>>(),
+                Some(Duration::from_secs(3600)),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// The Zipf keys' names (`k0`, `k1`, ...), built once: the timed loops allocate no key.
 fn names() -> &'static [String] {
     static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -227,26 +251,7 @@ fn main() {
             .await
             .unwrap();
         // Preload the three key spaces.
-        let batch: Vec<(String, String)> = (0..keys).map(|i| (format!("k{i}"), value(i))).collect();
-        for chunk in batch.chunks(1000) {
-            redis_only
-                .set_many(
-                    chunk.iter().map(|(k, v)| (k.as_str(), v)),
-                    ncm_cache_core::Expiry::Default,
-                )
-                .await
-                .unwrap();
-            ml.l2()
-                .set_many(
-                    &chunk
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), ml.codec_bytes(k, v).unwrap()))
-                        .collect::<Vec<_>>(),
-                    Some(Duration::from_secs(3600)),
-                )
-                .await
-                .unwrap();
-        }
+        preload_keys(&ml, &redis_only).await;
         let c = theirs.clone();
         each_key(keys, move |i| {
             let c = c.clone();
@@ -436,26 +441,7 @@ fn cluster_rows(
         let redis_only = RedisCache::connect(cluster_config(&cluster, "plain:"))
             .await
             .unwrap();
-        let batch: Vec<(String, String)> = (0..KEYS).map(|i| (format!("k{i}"), value(i))).collect();
-        for chunk in batch.chunks(1000) {
-            redis_only
-                .set_many(
-                    chunk.iter().map(|(k, v)| (k.as_str(), v)),
-                    ncm_cache_core::Expiry::Default,
-                )
-                .await
-                .unwrap();
-            ml.l2()
-                .set_many(
-                    &chunk
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), ml.codec_bytes(k, v).unwrap()))
-                        .collect::<Vec<_>>(),
-                    Some(Duration::from_secs(3600)),
-                )
-                .await
-                .unwrap();
-        }
+        preload_keys(&ml, &redis_only).await;
         let c = ml.clone();
         each_key(KEYS, move |i| {
             let c = c.clone();

@@ -254,11 +254,11 @@ mod redis {
         }
     }
 
-    /// Scenario (a) of the issue: an own write whose L1 insert lands after another instance's
-    /// newer write (and its invalidation) must not stay in L1.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_own_write_never_lands_over_a_newer_remote_write() {
-        let server = RedisServer::start().unwrap();
+    /// Instance A, whose L2 calls go through a `Slow` layer (delays set by the test), and
+    /// instance B, both on `server` with the backplane.
+    async fn slow_writer_and_reader(
+        server: &RedisServer,
+    ) -> (Arc<Slow>, MultiLevelCache, MultiLevelCache) {
         let ra = RedisCache::connect(config(&server.url())).await.unwrap();
         let slow = Arc::new(Slow::new(ra.backend()));
         let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
@@ -269,6 +269,27 @@ mod redis {
         wait_active(&a).await;
         let rb = RedisCache::connect(config(&server.url())).await.unwrap();
         let b = instance(&rb).await;
+        (slow, a, b)
+    }
+
+    /// Polls until `cache` no longer returns `old` for `key`, failing after 1 s.
+    async fn until_not(cache: &MultiLevelCache, key: &str, old: Option<u64>) {
+        let start = Instant::now();
+        while cache.get::<u64>(key).await.unwrap() == old {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "{key}: still served {old:?} after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Scenario (a) of the issue: an own write whose L1 insert lands after another instance's
+    /// newer write (and its invalidation) must not stay in L1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_own_write_never_lands_over_a_newer_remote_write() {
+        let server = RedisServer::start().unwrap();
+        let (slow, a, b) = slow_writer_and_reader(&server).await;
         slow.set_reply_delay(Duration::from_millis(300));
         let write = {
             let a = a.clone();
@@ -288,16 +309,7 @@ mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_or_delete_cancelled_after_reaching_redis_still_invalidates() {
         let server = RedisServer::start().unwrap();
-        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
-        let slow = Arc::new(Slow::new(ra.backend()));
-        let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-            .name("users")
-            .backplane(Arc::clone(ra.redis_backend()))
-            .build()
-            .unwrap();
-        wait_active(&a).await;
-        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
-        let b = instance(&rb).await;
+        let (slow, a, b) = slow_writer_and_reader(&server).await;
         a.set("k", 1u64).await.unwrap();
         until_seen(&b, "k", 1, Duration::from_secs(1)).await;
         assert_eq!(a.get::<u64>("k").await.unwrap(), Some(1));
@@ -312,14 +324,13 @@ mod redis {
         let cancelled = tokio::time::timeout(Duration::from_millis(100), a.delete("k")).await;
         assert!(cancelled.is_err(), "the delete was meant to be cancelled");
         slow.delete_reply_delay(Duration::ZERO);
-        let start = Instant::now();
-        while b.get::<u64>("k").await.unwrap().is_some() {
-            assert!(
-                start.elapsed() < Duration::from_secs(1),
-                "another instance still serves a key deleted by a cancelled delete"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // Another instance stops serving the key deleted by the cancelled delete.
+        until_not(&b, "k", Some(2)).await;
+        assert_eq!(
+            b.get::<u64>("k").await.unwrap(),
+            None,
+            "the key was deleted"
+        );
         // The writer's versions were released: its next write is kept in L1 (not 1 s).
         a.set("k", 3u64).await.unwrap();
         assert_eq!(
@@ -336,16 +347,7 @@ mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_load_cancelled_mid_write_still_invalidates() {
         let server = RedisServer::start().unwrap();
-        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
-        let slow = Arc::new(Slow::new(ra.backend()));
-        let a = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-            .name("users")
-            .backplane(Arc::clone(ra.redis_backend()))
-            .build()
-            .unwrap();
-        wait_active(&a).await;
-        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
-        let b = instance(&rb).await;
+        let (slow, a, b) = slow_writer_and_reader(&server).await;
         let keys = ["m0", "m1", "m2"];
         for k in keys {
             b.set_at(k, 0u64, ncm_cache_core::CacheLevel::L1)
@@ -362,15 +364,8 @@ mod redis {
             "the batch load was meant to be cancelled"
         );
         slow.set_reply_delay(Duration::ZERO);
-        let start = Instant::now();
         for k in keys {
-            while b.get::<u64>(k).await.unwrap() == Some(0) {
-                assert!(
-                    start.elapsed() < Duration::from_secs(1),
-                    "{k}: the other instance still serves its old copy"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            until_not(&b, k, Some(0)).await;
         }
     }
 
