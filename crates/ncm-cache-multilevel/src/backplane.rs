@@ -32,7 +32,7 @@ use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use ncm_cache_redis::{PubSubEvent, RedisBackend, RedisLock};
 
 use crate::breaker::CircuitBreaker;
-use crate::cache::{CacheValue, Fill, Inner, Loaded, Object};
+use crate::cache::{CacheValue, Fill, Inner, Link, Loaded, Object};
 use crate::load::backoff;
 use crate::stats::Counters;
 
@@ -472,8 +472,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     // more resync, harmless), and — what forgetting them missed — a message
                     // lost right after the reconnect (a cluster's bus still settling after a
                     // failover) shows as a gap at that sender's next message.
-                    inner.l1_enabled.store(false, Ordering::Release);
-                    inner.mark_l1_stale();
+                    inner.link_down(Link::Backplane);
                     tracing::warn!(
                         "backplane disconnected: L1 serves nothing as fresh until it is back"
                     );
@@ -493,13 +492,9 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
 }
 
 /// Makes L1 stale-only (anything may have changed while we were not listening) and turns it
-/// on.
+/// on once every coherence link is up.
 fn resync<C: Codec>(inner: &Inner<C>, first: bool) {
-    inner.mark_l1_stale();
-    inner.l1_enabled.store(true, Ordering::Release);
-    if !first {
-        Counters::bump(&inner.counters.resyncs);
-    }
+    inner.link_up(Link::Backplane, first);
 }
 
 impl<C: Codec> Inner<C> {

@@ -117,6 +117,10 @@ pub struct MultiLevelBuilder<C = Serializer> {
     pub(crate) backplane: Option<Arc<ncm_cache_redis::RedisBackend>>,
     #[cfg(feature = "redis")]
     pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
+    #[cfg(feature = "redis")]
+    pub(crate) tracking: Option<Arc<ncm_cache_redis::RedisBackend>>,
+    #[cfg(feature = "redis")]
+    pub(crate) coherence: Option<crate::Coherence>,
 }
 
 macro_rules! option {
@@ -147,6 +151,10 @@ impl<C: Codec> MultiLevelBuilder<C> {
             backplane: None,
             #[cfg(feature = "redis")]
             lock: None,
+            #[cfg(feature = "redis")]
+            tracking: None,
+            #[cfg(feature = "redis")]
+            coherence: None,
         }
     }
 
@@ -160,6 +168,10 @@ impl<C: Codec> MultiLevelBuilder<C> {
             backplane: self.backplane,
             #[cfg(feature = "redis")]
             lock: self.lock,
+            #[cfg(feature = "redis")]
+            tracking: self.tracking,
+            #[cfg(feature = "redis")]
+            coherence: self.coherence,
         }
     }
 
@@ -241,6 +253,55 @@ impl<C: Codec> MultiLevelBuilder<C> {
     pub fn backplane(mut self, redis: Arc<ncm_cache_redis::RedisBackend>) -> Self {
         self.backplane = Some(redis);
         self
+    }
+
+    /// Server-assisted coherence (feature `redis`): evict from L1 every key under `redis`'s
+    /// prefix that Redis reports changed — by any client, by expiry, eviction or a flush —
+    /// through RESP3 client tracking in broadcast mode on every primary. Alone (without
+    /// [`backplane`](Self::backplane)) or beside it; see [`Coherence`](crate::Coherence).
+    #[cfg(feature = "redis")]
+    pub fn client_tracking(mut self, redis: Arc<ncm_cache_redis::RedisBackend>) -> Self {
+        self.tracking = Some(redis);
+        self
+    }
+
+    /// Which coherence mechanism to use with the Redis already given (by
+    /// [`over_redis`](crate::MultiLevelCache::over_redis), [`backplane`](Self::backplane) or
+    /// [`client_tracking`](Self::client_tracking)); see [`Coherence`](crate::Coherence).
+    /// [`build`](Self::build) fails when no Redis was given.
+    #[cfg(feature = "redis")]
+    pub fn coherence(mut self, mode: crate::Coherence) -> Self {
+        self.coherence = Some(mode);
+        self
+    }
+
+    /// The backplane's and the tracking's Redis after [`coherence`](Self::coherence).
+    #[cfg(feature = "redis")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn coherence_links(
+        &self,
+    ) -> Result<(
+        Option<Arc<ncm_cache_redis::RedisBackend>>,
+        Option<Arc<ncm_cache_redis::RedisBackend>>,
+    )> {
+        let (bp, tr) = (self.backplane.clone(), self.tracking.clone());
+        let Some(mode) = self.coherence else {
+            return Ok((bp, tr));
+        };
+        let Some(any) = bp.clone().or_else(|| tr.clone()) else {
+            return Err(ncm_cache_core::CacheError::Config(format!(
+                "coherence({mode:?}) needs a Redis: start from MultiLevelCache::over_redis, or \
+                 give one with backplane(..) or client_tracking(..)"
+            )));
+        };
+        Ok(match mode {
+            crate::Coherence::Backplane => (Some(bp.unwrap_or(any)), None),
+            crate::Coherence::Tracking => (None, Some(tr.unwrap_or(any))),
+            _ => (
+                Some(bp.unwrap_or_else(|| Arc::clone(&any))),
+                Some(tr.unwrap_or(any)),
+            ),
+        })
     }
 
     /// Cross-process stampede prevention: a Redis lock per key around the loader (feature

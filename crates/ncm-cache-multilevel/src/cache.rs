@@ -80,8 +80,12 @@ pub(crate) struct Inner<C> {
     pub(crate) versions: Versions,
     /// The L1 generation: entries of older generations are stale-only.
     pub(crate) generation: AtomicU64,
-    /// False while the backplane is not subscribed: nothing enters L1 and nothing in it is fresh.
+    /// False while a coherence link (backplane, tracking) is down: nothing enters L1 and
+    /// nothing in it is fresh.
     pub(crate) l1_enabled: AtomicBool,
+    /// The coherence links not (yet) connected, one bit per [`Link`]; `l1_enabled` is set
+    /// under this lock, so two links going up and down at once cannot leave L1 on.
+    pub(crate) links_down: std::sync::Mutex<u8>,
     /// Background loads (with loader timeouts): one per key, whoever waits for it.
     pub(crate) loads: crate::load::Loads,
     pub(crate) counters: Counters,
@@ -90,6 +94,16 @@ pub(crate) struct Inner<C> {
     pub(crate) backplane: Option<crate::backplane::Backplane>,
     #[cfg(feature = "redis")]
     pub(crate) lock: Option<Arc<ncm_cache_redis::RedisBackend>>,
+    #[cfg(feature = "redis")]
+    pub(crate) tracking: Option<crate::tracking::Tracker>,
+}
+
+/// A source of invalidations L1 depends on.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum Link {
+    Backplane = 1,
+    Tracking = 2,
 }
 
 /// The L1 part of a read: `Ok(found)` ends it, `Err(stale)` goes on to L2.
@@ -152,6 +166,8 @@ impl MultiLevelCache<Serializer> {
 
 impl<C: Codec> MultiLevelCache<C> {
     pub(crate) fn from_builder(b: MultiLevelBuilder<C>) -> Result<Self> {
+        #[cfg(feature = "redis")]
+        let (backplane_redis, tracking_redis) = b.coherence_links()?;
         let o = b.options;
         #[cfg(feature = "redis")]
         if b.lock.is_some() && (o.lock_ttl < Duration::from_millis(100) || o.lock_wait.is_zero()) {
@@ -175,17 +191,18 @@ impl<C: Codec> MultiLevelCache<C> {
             .shared_clock(Arc::clone(&o.clock))
             .build_store::<Hits>("promotion")?;
         #[cfg(feature = "redis")]
-        let has_backplane = b.backplane.is_some();
+        let links = u8::from(backplane_redis.is_some()) * Link::Backplane as u8
+            + u8::from(tracking_redis.is_some()) * Link::Tracking as u8;
         let breaker = Arc::new(CircuitBreaker::new(o.breaker_threshold, o.breaker_cooldown));
         #[cfg(feature = "redis")]
-        let backplane = b.backplane.map(|redis| {
+        let backplane = backplane_redis.map(|redis| {
             // PUBLISH to L2's own Redis goes through L2's breaker (not to another server).
             let same = std::ptr::addr_eq(Arc::as_ptr(&b.l2), Arc::as_ptr(&redis));
             let gate = same.then(|| Arc::clone(&breaker));
             crate::backplane::Backplane::new(redis, &o.name, gate)
         });
         #[cfg(not(feature = "redis"))]
-        let has_backplane = false;
+        let links = 0u8;
         let inner = Arc::new(Inner {
             l1,
             l2: b.l2,
@@ -197,16 +214,21 @@ impl<C: Codec> MultiLevelCache<C> {
             versions: Versions::default(),
             generation: AtomicU64::new(0),
             loads: crate::load::Loads::default(),
-            l1_enabled: AtomicBool::new(!has_backplane),
+            l1_enabled: AtomicBool::new(links == 0),
+            links_down: std::sync::Mutex::new(links),
             counters: Counters::default(),
             refreshing: crate::load::Refreshing::default(),
             #[cfg(feature = "redis")]
             backplane,
             #[cfg(feature = "redis")]
             lock: b.lock,
+            #[cfg(feature = "redis")]
+            tracking: tracking_redis.map(crate::tracking::Tracker::new),
         });
         #[cfg(feature = "redis")]
         crate::backplane::start(&inner)?;
+        #[cfg(feature = "redis")]
+        crate::tracking::start(&inner)?;
         Ok(Self { inner })
     }
 
@@ -674,6 +696,10 @@ impl<C: Codec> MultiLevelCache<C> {
         if let Some(bp) = &self.inner.backplane {
             bp.stop();
         }
+        #[cfg(feature = "redis")]
+        if let Some(t) = &self.inner.tracking {
+            t.stop();
+        }
         self.inner.l1.close();
         Ok(())
     }
@@ -877,6 +903,32 @@ impl<C: Codec> Inner<C> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         if self.opts.max_stale_age.is_none() {
             self.l1.clear();
+        }
+    }
+
+    /// A coherence link went down: L1 is bypassed and everything in it made stale-only.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn link_down(&self, link: Link) {
+        let mut down = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
+        *down |= link as u8;
+        self.l1_enabled.store(false, Ordering::Release);
+        drop(down);
+        self.mark_l1_stale();
+    }
+
+    /// A coherence link is (again) up: anything may have changed while it was not, so L1 is
+    /// made stale-only; L1 is used again once every link is up.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn link_up(&self, link: Link, first: bool) {
+        self.mark_l1_stale();
+        let mut down = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
+        *down &= !(link as u8);
+        if *down == 0 {
+            self.l1_enabled.store(true, Ordering::Release);
+        }
+        drop(down);
+        if !first {
+            Counters::bump(&self.counters.resyncs);
         }
     }
 

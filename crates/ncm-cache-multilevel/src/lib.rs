@@ -39,9 +39,13 @@ mod load;
 #[cfg(not(feature = "redis"))]
 mod nobackplane;
 mod stats;
+#[cfg(feature = "redis")]
+mod tracking;
 mod versions;
 
 pub use backend::MultiLevelBackend;
 pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_LOCK_WAIT, MultiLevelBuilder};
 pub use cache::{CacheValue, MultiLevelCache};
 pub use stats::MultiLevelStats;
+#[cfg(feature = "redis")]
+pub use tracking::Coherence;

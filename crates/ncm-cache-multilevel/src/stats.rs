@@ -37,7 +37,9 @@ pub struct MultiLevelStats {
     pub backplane_received: u64,
     /// Invalidations that could not be published.
     pub backplane_errors: u64,
-    /// L1 resynchronisations after a backplane reconnect.
+    /// Keys invalidated by Redis's client-tracking pushes (`Coherence::Tracking` / `Both`).
+    pub tracking_received: u64,
+    /// L1 resynchronisations after a backplane or tracking reconnect (or a lost message).
     pub resyncs: u64,
     /// `(l1_hits + l2_hits) / reads`.
     pub hit_rate: f64,
@@ -56,6 +58,7 @@ pub(crate) struct Counters {
     pub(crate) background_refreshes: AtomicU64,
     pub(crate) l2_errors: AtomicU64,
     pub(crate) backplane_received: AtomicU64,
+    pub(crate) tracking_received: AtomicU64,
     pub(crate) resyncs: AtomicU64,
 }
 
@@ -93,6 +96,7 @@ impl Counters {
             circuit_trips: trips,
             backplane_received: self.backplane_received.load(Relaxed),
             backplane_errors,
+            tracking_received: self.tracking_received.load(Relaxed),
             resyncs: self.resyncs.load(Relaxed),
             hit_rate: if reads == 0 {
                 0.0

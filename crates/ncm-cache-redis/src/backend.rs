@@ -86,6 +86,26 @@ impl RedisBackend {
         &self.inner.keys
     }
 
+    /// Another handle to the same connection (for background tasks of this crate).
+    pub(crate) fn clone_handle(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// The primaries of a cluster, sorted (`None` for a single node or Sentinel).
+    pub(crate) async fn primaries(&self) -> Result<Option<Vec<(String, u16)>>> {
+        let mut found = self
+            .inner
+            .conn
+            .primaries(self.inner.config.response_timeout)
+            .await?;
+        if let Some(list) = found.as_mut() {
+            list.sort();
+        }
+        Ok(found)
+    }
+
     /// `true` when connected to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.inner.conn.is_cluster()

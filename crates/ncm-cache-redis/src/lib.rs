@@ -34,6 +34,7 @@ mod lock;
 mod pipeline;
 mod pubsub;
 mod sync;
+mod tracking;
 
 pub use backend::RedisBackend;
 pub use cache::{IntoCompression, RedisCache, RedisCacheBuilder};
@@ -43,3 +44,4 @@ pub use lock::RedisLock;
 pub use pipeline::{PipelineResult, RedisPipeline};
 pub use pubsub::{PubSubEvent, Subscription};
 pub use sync::RedisSyncCache;
+pub use tracking::{Tracking, TrackingEvent};

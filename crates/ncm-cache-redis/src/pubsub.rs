@@ -148,6 +148,16 @@ async fn connect(config: &RedisConfig, names: &[(String, String)], attempt: usiz
 /// (cluster PUBLISH reaches every node): seed node `attempt` modulo their number, so a
 /// subscription whose node is lost moves on to the next one.
 async fn pubsub_client(config: &RedisConfig, attempt: usize) -> Result<redis::Client> {
+    let url = node_url(config, attempt).await?;
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
+        .set_tcp_settings(crate::conn::tcp_settings(config));
+    crate::conn::open_client(config, info, "subscribe")
+}
+
+/// The address of the server, of the Sentinel-resolved primary, or of cluster seed node
+/// `attempt` modulo their number.
+pub(crate) async fn node_url(config: &RedisConfig, attempt: usize) -> Result<String> {
     let timeout = config.connect_timeout;
     let url = if let Some(s) = &config.sentinel {
         let addrs: Vec<String> = s
@@ -187,10 +197,7 @@ async fn pubsub_client(config: &RedisConfig, attempt: usize) -> Result<redis::Cl
     } else {
         config.node_url(&config.host, config.port)
     };
-    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-        .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?
-        .set_tcp_settings(crate::conn::tcp_settings(config));
-    crate::conn::open_client(config, info, "subscribe")
+    Ok(url)
 }
 
 async fn run(

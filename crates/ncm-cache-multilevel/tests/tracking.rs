@@ -1,0 +1,370 @@
+//! Server-assisted coherence (`Coherence::Tracking`): L1 copies evicted by Redis's own RESP3
+//! client-tracking pushes, for changes made by any client — a plain redis-rs connection and
+//! `redis-cli` standing in for other programs — by expiry and by a flush; a server restart and
+//! a cluster failover make L1 untrusted until tracking is back.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{CacheError, ValueSource};
+use ncm_cache_multilevel::{Coherence, MultiLevelCache};
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::{RedisCluster, RedisServer};
+
+/// How long after a foreign change an instance may still serve the old value (pushes arrive in
+/// well under a millisecond on loopback; loose for a loaded CI machine).
+const BOUND: Duration = Duration::from_millis(250);
+
+fn config(url: &str) -> RedisConfig {
+    let mut c = RedisConfig::from_url(url).unwrap();
+    c.key_prefix = "app:".into();
+    c.response_timeout = Duration::from_millis(300);
+    c.connect_timeout = Duration::from_millis(300);
+    c.health_check_interval = Some(Duration::from_millis(100));
+    c
+}
+
+fn cluster_config(cluster: &RedisCluster) -> RedisConfig {
+    let mut c = config("redis://127.0.0.1:6379");
+    c.cluster_nodes = cluster.node_urls();
+    c
+}
+
+async fn tracked(config: RedisConfig, mode: Coherence) -> MultiLevelCache {
+    let redis = RedisCache::connect(config).await.unwrap();
+    let cache = MultiLevelCache::over_redis(&redis)
+        .name("users")
+        .coherence(mode)
+        .build()
+        .unwrap();
+    wait_active(&cache).await;
+    cache
+}
+
+async fn wait_active(cache: &MultiLevelCache) {
+    let start = Instant::now();
+    while !cache.l1_active() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "tracking never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads until `cache` serves `key` from its L1.
+async fn until_l1(cache: &MultiLevelCache, key: &str) {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some((_, ValueSource::L1))) = cache.get_with_source::<u64>(key).await {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(2), "L1 never used");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls until `cache` returns `want` for `key`; returns how long that took. Fails past `limit`.
+async fn until_seen(
+    cache: &MultiLevelCache,
+    key: &str,
+    want: Option<u64>,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(got) = cache.get::<u64>(key).await
+            && got == want
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "kept serving an old value of {key} for {:?} (want {want:?}, have {:?})",
+            start.elapsed(),
+            cache.get_with_source::<u64>(key).await
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// A plain redis-rs connection: another program writing the cache's keys.
+async fn foreign(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn p99(mut d: Vec<Duration>) -> Duration {
+    d.sort();
+    d[(d.len() * 99 / 100).min(d.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_by_another_program_evict_every_instance_l1() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (
+        tracked(config(&server.url()), Coherence::Tracking).await,
+        tracked(config(&server.url()), Coherence::Tracking).await,
+    );
+    let mut other = foreign(&server.url()).await;
+    a.set("user:1", 0u64).await.unwrap();
+    let mut windows = Vec::new();
+    for v in 1..=40u64 {
+        until_l1(&a, "user:1").await;
+        until_l1(&b, "user:1").await;
+        let bytes = a.codec_bytes("user:1", &v).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("app:user:1")
+            .arg(bytes.as_ref())
+            .query_async(&mut other)
+            .await
+            .unwrap();
+        windows.push(until_seen(&b, "user:1", Some(v), BOUND).await);
+        until_seen(&a, "user:1", Some(v), BOUND).await;
+    }
+    println!("foreign write → other instances' L1: p99 {:?}", p99(windows));
+    assert!(b.get_stats().tracking_received >= 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
+    let server = RedisServer::start().unwrap();
+    let cache = tracked(config(&server.url()), Coherence::Tracking).await;
+    let mut other = foreign(&server.url()).await;
+    // A write by redis-cli: RENAME of a key another program prepared.
+    cache.set("k", 1u64).await.unwrap();
+    until_l1(&cache, "k").await;
+    let bytes = cache.codec_bytes("k", &2u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("staging")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    server.cli(&["RENAME", "staging", "app:k"]).unwrap();
+    until_seen(&cache, "k", Some(2), BOUND).await;
+    // DEL.
+    until_l1(&cache, "k").await;
+    server.cli(&["DEL", "app:k"]).unwrap();
+    until_seen(&cache, "k", None, BOUND).await;
+    // Expiry by the server: the EXPIRE itself, then the key's removal when it expires.
+    cache.set("k", 3u64).await.unwrap();
+    until_l1(&cache, "k").await;
+    server.cli(&["PEXPIRE", "app:k", "300"]).unwrap();
+    let set_at = Instant::now();
+    until_l1(&cache, "k").await;
+    // Read from L1 only from here: a read of L2 would expire the key itself (lazily).
+    until_seen(&cache, "k", None, Duration::from_millis(300) + Duration::from_secs(2)).await;
+    assert!(set_at.elapsed() >= Duration::from_millis(290), "gone before it expired");
+    // FLUSHALL empties every key of L1.
+    for i in 0..20u64 {
+        cache.set(&format!("f{i}"), i).await.unwrap();
+        until_l1(&cache, &format!("f{i}")).await;
+    }
+    server.cli(&["FLUSHALL"]).unwrap();
+    for i in 0..20u64 {
+        until_seen(&cache, &format!("f{i}"), None, BOUND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_racing_a_foreign_write_never_leaves_the_old_value_in_l1() {
+    let server = RedisServer::start().unwrap();
+    let cache = tracked(config(&server.url()), Coherence::Tracking).await;
+    let mut other = foreign(&server.url()).await;
+    for round in 0..30u64 {
+        let last = (round + 1) * 100;
+        let writer = {
+            let encoded: Vec<_> = (round * 100 + 1..=last)
+                .map(|v| cache.codec_bytes("hot", &v).unwrap())
+                .collect();
+            let mut other = other.clone();
+            tokio::spawn(async move {
+                for bytes in encoded {
+                    let _: () = redis::cmd("SET")
+                        .arg("app:hot")
+                        .arg(bytes.as_ref())
+                        .query_async(&mut other)
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        // Readers promote whatever they read while the writes go on.
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    for _ in 0..200 {
+                        let _ = cache.get::<u64>("hot").await;
+                    }
+                })
+            })
+            .collect();
+        writer.await.unwrap();
+        for r in readers {
+            r.await.unwrap();
+        }
+        until_seen(&cache, "hot", Some(last), BOUND).await;
+        // And it stays the last value (nothing older lands in L1 afterwards).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cache.get::<u64>("hot").await.unwrap(), Some(last));
+    }
+    let _: () = redis::cmd("DEL")
+        .arg("app:hot")
+        .query_async(&mut other)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_nothing_from_before_is_served_as_fresh() {
+    let mut server = RedisServer::start().unwrap();
+    let cache = tracked(config(&server.url()), Coherence::Tracking).await;
+    cache.set("k", 1u64).await.unwrap();
+    until_l1(&cache, "k").await;
+    server.kill();
+    // Down: L1 is not trusted (no fail-safe configured: nothing is served).
+    let start = Instant::now();
+    while cache.l1_active() {
+        assert!(start.elapsed() < Duration::from_secs(2), "outage not noticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!matches!(
+        cache.get_with_source::<u64>("k").await,
+        Ok(Some((_, ValueSource::L1)))
+    ));
+    server.restart().unwrap();
+    wait_active(&cache).await;
+    // The restarted server is empty: the old value is gone everywhere.
+    until_seen(&cache, "k", None, BOUND).await;
+    // And tracking works again: a foreign write is seen.
+    cache.set("k", 2u64).await.unwrap();
+    until_l1(&cache, "k").await;
+    let mut other = foreign(&server.url()).await;
+    let bytes = cache.codec_bytes("k", &3u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:k")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    until_seen(&cache, "k", Some(3), BOUND).await;
+    assert!(cache.get_stats().resyncs >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_modes_together_hear_other_programs_and_other_instances() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (
+        tracked(config(&server.url()), Coherence::Both).await,
+        tracked(config(&server.url()), Coherence::Both).await,
+    );
+    a.set("k", 1u64).await.unwrap();
+    until_l1(&b, "k").await;
+    a.set("k", 2u64).await.unwrap();
+    until_seen(&b, "k", Some(2), BOUND).await;
+    until_l1(&b, "k").await;
+    server.cli(&["DEL", "app:k"]).unwrap();
+    until_seen(&b, "k", None, BOUND).await;
+    assert!(b.get_stats().backplane_received >= 1);
+    assert!(b.get_stats().tracking_received >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_client_tracking_keeps_l1_off_and_serves_from_redis() {
+    let server = RedisServer::builder()
+        .args(["--rename-command", "CLIENT", ""])
+        .start()
+        .unwrap();
+    let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+    let refused = redis.redis_backend().track_changes().await.unwrap_err();
+    assert!(matches!(refused, CacheError::Config(_)), "{refused}");
+    assert!(refused.to_string().contains("backplane"), "{refused}");
+    let cache = MultiLevelCache::over_redis(&redis)
+        .coherence(Coherence::Tracking)
+        .build()
+        .unwrap();
+    cache.set("k", 1u64).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cache.l1_active());
+    assert_eq!(
+        cache.get_with_source::<u64>("k").await.unwrap(),
+        Some((std::sync::Arc::new(1u64), ValueSource::L2))
+    );
+    // Tracking asked for without any Redis to track: a clear error at build time.
+    let err = MultiLevelCache::builder(ncm_cache_memory::MemoryBackend::new())
+        .coherence(Coherence::Tracking)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("needs a Redis"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let (a, b) = (
+        tracked(cluster_config(&cluster), Coherence::Tracking).await,
+        tracked(cluster_config(&cluster), Coherence::Tracking).await,
+    );
+    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    // Keys on every primary: each one's foreign write is seen.
+    let keys: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
+    let owners: std::collections::HashSet<u16> = keys
+        .iter()
+        .map(|k| cluster.owner_of(&format!("app:{k}")).unwrap())
+        .collect();
+    assert_eq!(owners.len(), 3, "keys must cover every primary");
+    for (i, key) in keys.iter().enumerate() {
+        a.set(key, 1u64).await.unwrap();
+        until_l1(&b, key).await;
+        let bytes = a.codec_bytes(key, &(i as u64 + 10)).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("app:{key}"))
+            .arg(bytes.as_ref())
+            .query_async(&mut other)
+            .await
+            .unwrap();
+        until_seen(&b, key, Some(i as u64 + 10), BOUND).await;
+    }
+    // A failover: the primary of c0 dies; its replica takes over. B must never serve c0's old
+    // value from L1 once the new primary accepted a newer one.
+    until_l1(&b, "c0").await;
+    let old_primary = cluster.owner_of("app:c0").unwrap();
+    cluster.kill_primary(old_primary).unwrap();
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    let bytes = a.codec_bytes("c0", &99u64).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let w: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("app:c0")
+            .arg(bytes.as_ref())
+            .query_async(&mut other)
+            .await;
+        if w.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new primary never took the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_seen(&b, "c0", Some(99), Duration::from_secs(10)).await;
+    wait_active(&b).await;
+    // Tracking runs on the new primary too.
+    until_l1(&b, "c0").await;
+    let bytes = a.codec_bytes("c0", &100u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:c0")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    until_seen(&b, "c0", Some(100), BOUND).await;
+}

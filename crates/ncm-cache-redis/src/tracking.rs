@@ -1,0 +1,314 @@
+//! Server-assisted invalidation: RESP3 `CLIENT TRACKING` in broadcast mode, on every primary.
+//!
+//! One RESP3 connection per primary (the server, the Sentinel-resolved primary, or every
+//! primary of a cluster) sends `CLIENT TRACKING ON BCAST PREFIX <key prefix>`; Redis then
+//! pushes the names of the keys under that prefix that any client changed, deleted, or that
+//! expired or were evicted, and a null push on `FLUSHDB`/`FLUSHALL`. A connection lost, a ping
+//! unanswered within `response_timeout`, or (cluster) a change in the set of primaries ends
+//! the session: [`TrackingEvent::Disconnected`], then everything is connected and tracked
+//! again and [`TrackingEvent::Reconnected`] is reported.
+
+use std::fmt;
+use std::time::Duration;
+
+use ncm_cache_core::{CacheError, Result};
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use crate::backend::RedisBackend;
+use crate::config::RedisConfig;
+use crate::error::map_err;
+
+/// Something that happened on a [`Tracking`] session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TrackingEvent {
+    /// These keys (without the cache's prefix) changed, were deleted or expired.
+    Invalidated(Vec<String>),
+    /// The server dropped every key (`FLUSHDB` / `FLUSHALL`).
+    Flushed,
+    /// Tracking broke: invalidations may be lost until [`Reconnected`](Self::Reconnected).
+    Disconnected,
+    /// Every primary is tracked again. Anything cached before may be out of date.
+    Reconnected,
+}
+
+/// A live tracking session; its background task ends when this is dropped.
+pub struct Tracking {
+    rx: mpsc::Receiver<TrackingEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for Tracking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracking").finish_non_exhaustive()
+    }
+}
+
+impl Tracking {
+    /// The next event; `None` once the session has ended.
+    pub async fn recv(&mut self) -> Option<TrackingEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A push from the connection of session `session` (pushes of an older session are ignored).
+type Push = (u64, PushInfo);
+
+/// The tracked connections of one session, with the primaries they track.
+struct Session {
+    conns: Vec<redis::aio::MultiplexedConnection>,
+    primaries: Option<Vec<(String, u16)>>,
+}
+
+impl RedisBackend {
+    /// Starts server-assisted invalidation (RESP3 client tracking in broadcast mode for the
+    /// cache's key prefix) on every primary. Returns once every primary is tracked; then
+    /// reports what Redis pushes, reconnecting with backoff when a connection breaks.
+    ///
+    /// Fails with [`CacheError::Config`] when a server refuses `HELLO 3` or `CLIENT TRACKING`
+    /// (Redis before 6, a proxy or a managed service that disabled them).
+    ///
+    /// ```no_run
+    /// # async fn demo(redis: ncm_cache_redis::RedisBackend) -> ncm_cache_core::Result<()> {
+    /// use ncm_cache_redis::TrackingEvent;
+    /// let mut tracking = redis.track_changes().await?;
+    /// while let Some(event) = tracking.recv().await {
+    ///     if let TrackingEvent::Invalidated(keys) = event {
+    ///         println!("changed: {keys:?}");
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn track_changes(&self) -> Result<Tracking> {
+        let (push_tx, push_rx) = mpsc::unbounded_channel::<Push>();
+        let first = connect(self, &push_tx, 0).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(run(self.clone_handle(), push_tx, push_rx, tx, first));
+        Ok(Tracking { rx, task })
+    }
+}
+
+/// Connects to every primary and turns tracking on; pushes go to `push_tx` tagged `session`.
+async fn connect(
+    backend: &RedisBackend,
+    push_tx: &mpsc::UnboundedSender<Push>,
+    session: u64,
+) -> Result<Session> {
+    let config = backend.config();
+    let timeout = config.connect_timeout;
+    let primaries = backend.primaries().await?;
+    let urls: Vec<String> = match &primaries {
+        Some(list) => list.iter().map(|(h, p)| config.node_url(h, *p)).collect(),
+        None => vec![crate::pubsub::node_url(config, 0).await?],
+    };
+    let prefix = backend.key_space().prefix().to_owned();
+    let mut conns = Vec::with_capacity(urls.len());
+    for url in urls {
+        let work = track_node(config, &url, &prefix, push_tx.clone(), session);
+        let conn = tokio::time::timeout(timeout * 2, work)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                operation: "client tracking",
+                after: timeout * 2,
+            })??;
+        conns.push(conn);
+    }
+    Ok(Session { conns, primaries })
+}
+
+/// One RESP3 connection to `url` with broadcast tracking of `prefix`.
+async fn track_node(
+    config: &RedisConfig,
+    url: &str,
+    prefix: &str,
+    push_tx: mpsc::UnboundedSender<Push>,
+    session: u64,
+) -> Result<redis::aio::MultiplexedConnection> {
+    let timeout = config.connect_timeout;
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    let info = info
+        .set_redis_settings(settings)
+        .set_tcp_settings(crate::conn::tcp_settings(config));
+    let client = crate::conn::open_client(config, info, "client tracking")?;
+    let sender = move |push: PushInfo| push_tx.send((session, push));
+    let conn_config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(config.response_timeout))
+        .set_push_sender(sender);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&conn_config)
+        .await
+        .map_err(|e| refused_or(e, "client tracking", timeout))?;
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("TRACKING").arg("ON").arg("BCAST");
+    if !prefix.is_empty() {
+        cmd.arg("PREFIX").arg(prefix);
+    }
+    cmd.query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| refused_or(e, "client tracking", timeout))?;
+    Ok(conn)
+}
+
+/// A server's refusal (an error reply: unknown or renamed command, no permission, RESP3 not
+/// spoken) as a configuration error; anything else as a connection error.
+fn refused_or(e: redis::RedisError, op: &'static str, timeout: Duration) -> CacheError {
+    use redis::{ErrorKind, ServerErrorKind};
+    if matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm)
+            | ErrorKind::RESP3NotSupported
+            | ErrorKind::Extension
+    ) {
+        CacheError::Config(format!(
+            "{op}: the server refused RESP3 client tracking ({e}); it needs Redis 6+ with \
+             HELLO and CLIENT TRACKING available — use the pub/sub backplane instead"
+        ))
+    } else {
+        map_err(op, e, timeout)
+    }
+}
+
+async fn run(
+    backend: RedisBackend,
+    push_tx: mpsc::UnboundedSender<Push>,
+    mut push_rx: mpsc::UnboundedReceiver<Push>,
+    tx: mpsc::Sender<TrackingEvent>,
+    first: Session,
+) {
+    let config = backend.config().clone();
+    let ping_every = config
+        .health_check_interval
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let prefix = backend.key_space().prefix().to_owned();
+    let mut session = 0u64;
+    let mut current = Some(first);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let Session {
+            mut conns,
+            primaries,
+        } = match current.take() {
+            Some(s) => s,
+            None => match connect(&backend, &push_tx, session).await {
+                Ok(s) => {
+                    backoff = Duration::from_millis(10);
+                    if tx.send(TrackingEvent::Reconnected).await.is_err() {
+                        return;
+                    }
+                    s
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "client tracking: reconnect failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                push = push_rx.recv() => {
+                    let Some((from, push)) = push else { return };
+                    if from != session {
+                        continue;
+                    }
+                    let event = match push.kind {
+                        PushKind::Invalidate => invalidation(&push.data, &prefix),
+                        PushKind::Disconnection => break,
+                        _ => None,
+                    };
+                    if let Some(event) = event
+                        && tx.send(event).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                _ = ping.tick() => {
+                    if !alive(&mut conns, config.response_timeout).await {
+                        break;
+                    }
+                    if primaries.is_some() && backend.primaries().await.ok().flatten() != primaries {
+                        tracing::info!("client tracking: the cluster's primaries changed; tracking again");
+                        break;
+                    }
+                }
+            }
+        }
+        drop(conns);
+        session += 1;
+        if tx.send(TrackingEvent::Disconnected).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Pings every tracked connection; `false` when one did not answer in time.
+async fn alive(conns: &mut [redis::aio::MultiplexedConnection], timeout: Duration) -> bool {
+    for conn in conns {
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<Value>(conn);
+        if !matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_))) {
+            return false;
+        }
+    }
+    true
+}
+
+/// The event of an `invalidate` push: its keys without `prefix`, or a flush (null payload).
+fn invalidation(data: &[Value], prefix: &str) -> Option<TrackingEvent> {
+    match data.first()? {
+        Value::Nil => Some(TrackingEvent::Flushed),
+        Value::Array(keys) | Value::Set(keys) => {
+            let keys = keys
+                .iter()
+                .filter_map(|k| match k {
+                    Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                    Value::SimpleString(s) => Some(s.as_str()),
+                    _ => None,
+                })
+                .map(|k| k.strip_prefix(prefix).unwrap_or(k).to_owned())
+                .collect();
+            Some(TrackingEvent::Invalidated(keys))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_become_events() {
+        let keys = Value::Array(vec![
+            Value::BulkString(b"app:a".to_vec()),
+            Value::BulkString(b"app:b".to_vec()),
+        ]);
+        assert_eq!(
+            invalidation(&[keys], "app:"),
+            Some(TrackingEvent::Invalidated(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            invalidation(&[Value::Nil], "app:"),
+            Some(TrackingEvent::Flushed)
+        );
+        assert_eq!(invalidation(&[], "app:"), None);
+        assert_eq!(invalidation(&[Value::Int(1)], "app:"), None);
+    }
+}
