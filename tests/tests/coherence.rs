@@ -47,8 +47,15 @@ fn secs() -> f64 {
         .unwrap_or(12.0)
 }
 
-fn spawn_worker(id: usize, target: (&str, String), secs: f64, log: &Path) -> Child {
+fn spawn_worker(
+    id: usize,
+    target: (&str, String),
+    secs: f64,
+    log: &Path,
+    extra: &[(&str, &str)],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_coherence_worker"))
+        .envs(extra.iter().copied())
         .env(target.0, target.1)
         .env("NCM_WORKER_ID", id.to_string())
         .env("NCM_WORKER_SECS", secs.to_string())
@@ -298,18 +305,40 @@ fn sleep_until(start: Instant, at: Duration) {
 
 #[test]
 fn coherence_checker_single_node() {
+    single_node("single node", "backplane", false);
+}
+
+/// Client tracking instead of the backplane, with a fourth process writing the keys with a
+/// plain redis-rs client (another program).
+#[test]
+fn coherence_checker_tracking_single_node_with_a_foreign_writer() {
+    single_node("single node, tracking + foreign writer", "tracking", true);
+}
+
+fn single_node(name: &str, coherence: &str, foreign: bool) {
     let secs = secs();
     let dir = tempfile::tempdir().unwrap();
     let mut server = RedisServer::start().unwrap();
     let proxies: Vec<FaultProxy> = (0..WORKERS)
         .map(|_| FaultProxy::start(server.addr()).unwrap())
         .collect();
-    let logs: Vec<PathBuf> = (0..WORKERS)
+    let mut logs: Vec<PathBuf> = (0..WORKERS)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
-    let children: Vec<Child> = (0..WORKERS)
-        .map(|i| spawn_worker(i, ("NCM_WORKER_URL", proxies[i].url()), secs, &logs[i]))
+    let mode = [("NCM_WORKER_COHERENCE", coherence)];
+    let mut children: Vec<Child> = (0..WORKERS)
+        .map(|i| spawn_worker(i, ("NCM_WORKER_URL", proxies[i].url()), secs, &logs[i], &mode))
         .collect();
+    if foreign {
+        logs.push(dir.path().join("foreign.log"));
+        children.push(spawn_worker(
+            WORKERS,
+            ("NCM_WORKER_URL", server.url()),
+            secs,
+            &logs[WORKERS],
+            &[("NCM_WORKER_FOREIGN", "1")],
+        ));
+    }
     let start = Instant::now();
     let mut faults = Vec::new();
     // A fault schedule of 10 s, repeated while the workers run (quiet at the end).
@@ -345,21 +374,42 @@ fn coherence_checker_single_node() {
     }
     wait_workers(children);
     let report = check(&logs, &faults);
-    assert_report("single node", &report, faults.len());
+    assert_report(name, &report, faults.len());
 }
 
 #[test]
 fn coherence_checker_cluster() {
+    cluster("3+3 cluster", "backplane", false);
+}
+
+/// Client tracking on every primary of the cluster, with a foreign writer process.
+#[test]
+fn coherence_checker_tracking_cluster_with_a_foreign_writer() {
+    cluster("3+3 cluster, tracking + foreign writer", "tracking", true);
+}
+
+fn cluster(name: &str, coherence: &str, foreign: bool) {
     let secs = secs();
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = RedisCluster::start().unwrap();
     let nodes = cluster.node_urls().join(",");
-    let logs: Vec<PathBuf> = (0..WORKERS)
+    let mut logs: Vec<PathBuf> = (0..WORKERS)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
-    let children: Vec<Child> = (0..WORKERS)
-        .map(|i| spawn_worker(i, ("NCM_WORKER_NODES", nodes.clone()), secs, &logs[i]))
+    let mode = [("NCM_WORKER_COHERENCE", coherence)];
+    let mut children: Vec<Child> = (0..WORKERS)
+        .map(|i| spawn_worker(i, ("NCM_WORKER_NODES", nodes.clone()), secs, &logs[i], &mode))
         .collect();
+    if foreign {
+        logs.push(dir.path().join("foreign.log"));
+        children.push(spawn_worker(
+            WORKERS,
+            ("NCM_WORKER_NODES", nodes.clone()),
+            secs,
+            &logs[WORKERS],
+            &[("NCM_WORKER_FOREIGN", "1")],
+        ));
+    }
     let start = Instant::now();
     let mut faults = Vec::new();
     let primaries = cluster.primaries().unwrap();
@@ -379,5 +429,5 @@ fn coherence_checker_cluster() {
     faults.push((t, now(), FAILOVER_SETTLE));
     wait_workers(children);
     let report = check(&logs, &faults);
-    assert_report("3+3 cluster", &report, faults.len());
+    assert_report(name, &report, faults.len());
 }

@@ -4,7 +4,10 @@
 //! timeouts) until its deadline, and writes what it did, with wall-clock times, to a log file.
 //!
 //! Environment: `NCM_WORKER_ID`, `NCM_WORKER_SECS`, `NCM_WORKER_SEED`, `NCM_WORKER_LOG`, and
-//! either `NCM_WORKER_URL` (one node) or `NCM_WORKER_NODES` (comma-separated cluster nodes).
+//! either `NCM_WORKER_URL` (one node) or `NCM_WORKER_NODES` (comma-separated cluster nodes);
+//! `NCM_WORKER_COHERENCE` = `backplane` (default) | `tracking` | `both`; with
+//! `NCM_WORKER_FOREIGN=1` the worker is *another program*: it only sets and deletes, with a
+//! plain redis-rs client (values encoded as the cache would), never through the cache.
 //!
 //! Log lines (times in nanoseconds since the Unix epoch; `ok`/`err`):
 //! - `S key version start end ok|err` — a set
@@ -20,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ncm_cache::multilevel::Coherence;
 use ncm_cache::{MultiLevelCache, RedisCache, RedisConfig};
 use serde::{Deserialize, Serialize};
 
@@ -89,7 +93,13 @@ async fn main() {
             }
         }
     };
+    let coherence = match env("NCM_WORKER_COHERENCE").as_deref() {
+        Some("tracking") => Coherence::Tracking,
+        Some("both") => Coherence::Both,
+        _ => Coherence::Backplane,
+    };
     let cache = MultiLevelCache::over_redis(&redis)
+        .coherence(coherence)
         .name("checker")
         .l1_default_ttl(Duration::from_secs(10))
         .fail_safe(Duration::from_secs(30))
@@ -103,6 +113,11 @@ async fn main() {
     let log = Arc::new(Log(Mutex::new(String::new())));
     let counter = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    if env("NCM_WORKER_FOREIGN").is_some() {
+        foreign(&cache, id, seed, deadline, &log).await;
+        std::fs::write(&path, log.0.lock().unwrap().clone()).unwrap();
+        return;
+    }
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let (cache, log, counter) = (cache.clone(), Arc::clone(&log), Arc::clone(&counter));
@@ -174,4 +189,92 @@ async fn main() {
     let text = log.0.lock().unwrap().clone();
     std::fs::write(&path, text).unwrap();
     let _ = cache.close().await;
+}
+
+/// A plain client of the same Redis (one node or cluster), as another program would use.
+enum Plain {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Plain {
+    async fn connect() -> redis::RedisResult<Self> {
+        match env("NCM_WORKER_URL") {
+            Some(url) => Ok(Self::Node(
+                redis::Client::open(url)?
+                    .get_multiplexed_async_connection()
+                    .await?,
+            )),
+            None => {
+                let nodes: Vec<String> = env("NCM_WORKER_NODES")
+                    .unwrap()
+                    .split(',')
+                    .map(|n| format!("redis://{}", n.trim_start_matches("redis://")))
+                    .collect();
+                Ok(Self::Cluster(
+                    redis::cluster::ClusterClient::builder(nodes)
+                        .response_timeout(Duration::from_millis(300))
+                        .connection_timeout(Duration::from_millis(300))
+                        .build()?
+                        .get_async_connection()
+                        .await?,
+                ))
+            }
+        }
+    }
+
+    async fn run(&mut self, cmd: &redis::Cmd) -> bool {
+        let call = async {
+            match self {
+                Self::Node(c) => cmd.query_async::<redis::Value>(c).await,
+                Self::Cluster(c) => cmd.query_async::<redis::Value>(c).await,
+            }
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), call).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// The foreign writer: SET (the cache's encoding, its TTL) and DEL of the shared keys.
+async fn foreign(cache: &MultiLevelCache, id: u64, seed: u64, deadline: Instant, log: &Log) {
+    let mut plain = loop {
+        match Plain::connect().await {
+            Ok(p) => break p,
+            Err(e) => {
+                eprintln!("foreign worker: connect: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut rng = fastrand::Rng::with_seed(seed ^ (id << 32));
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let key = format!("k{}", rng.u64(..KEYS));
+        let start = now();
+        if rng.u32(..10) < 8 {
+            let version = (id << 48) | n;
+            n += 1;
+            let bytes = cache
+                .codec_bytes(
+                    &key,
+                    &Val {
+                        key: key.clone(),
+                        version,
+                    },
+                )
+                .unwrap();
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(format!("chk:{key}")).arg(bytes.as_ref()).arg("EX").arg(3600);
+            let ok = if plain.run(&cmd).await { "ok" } else { "err" };
+            log.line(format_args!("S {key} {version} {start} {} {ok}", now()));
+        } else {
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(format!("chk:{key}"));
+            let ok = if plain.run(&cmd).await { "ok" } else { "err" };
+            log.line(format_args!("D {key} {start} {} {ok}", now()));
+        }
+        tokio::time::sleep(Duration::from_micros(rng.u64(1000..5000))).await;
+    }
 }
