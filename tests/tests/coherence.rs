@@ -327,7 +327,15 @@ fn single_node(name: &str, coherence: &str, foreign: bool) {
         .collect();
     let mode = [("NCM_WORKER_COHERENCE", coherence)];
     let mut children: Vec<Child> = (0..WORKERS)
-        .map(|i| spawn_worker(i, ("NCM_WORKER_URL", proxies[i].url()), secs, &logs[i], &mode))
+        .map(|i| {
+            spawn_worker(
+                i,
+                ("NCM_WORKER_URL", proxies[i].url()),
+                secs,
+                &logs[i],
+                &mode,
+            )
+        })
         .collect();
     if foreign {
         logs.push(dir.path().join("foreign.log"));
@@ -398,7 +406,15 @@ fn cluster(name: &str, coherence: &str, foreign: bool) {
         .collect();
     let mode = [("NCM_WORKER_COHERENCE", coherence)];
     let mut children: Vec<Child> = (0..WORKERS)
-        .map(|i| spawn_worker(i, ("NCM_WORKER_NODES", nodes.clone()), secs, &logs[i], &mode))
+        .map(|i| {
+            spawn_worker(
+                i,
+                ("NCM_WORKER_NODES", nodes.clone()),
+                secs,
+                &logs[i],
+                &mode,
+            )
+        })
         .collect();
     if foreign {
         logs.push(dir.path().join("foreign.log"));

@@ -7,7 +7,11 @@
 //! - the backplane's stale window: after `set` returns on instance A, how long instance B can
 //!   still return the old value (p99), beside the window without a backplane (the L1 TTL);
 //! - both again on a throwaway 3+3 Redis Cluster (`_cluster` rows), beside RedisCache on the
-//!   same cluster.
+//!   same cluster;
+//! - client tracking (`Coherence::Tracking`): the Zipf row in tracking mode in the same
+//!   interleaving, and the stale window after a write by *another program* (a plain redis-rs
+//!   client), which the backplane never hears (its window is the L1 TTL), on one node and on
+//!   the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use cached::AsyncRedisCache;
 use cached::prelude::ConcurrentCachedAsync;
 use ncm_cache_bench::{Row, Zipf, median, quick, write_rows};
-use ncm_cache_multilevel::MultiLevelCache;
+use ncm_cache_multilevel::{Coherence, MultiLevelCache};
 use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_testkit::{RedisCluster, RedisServer};
 
@@ -27,7 +31,7 @@ const KEYS: usize = 100_000;
 async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiLevelCache {
     let mut config = RedisConfig::from_url(&server.url()).unwrap();
     config.health_check_interval = None;
-    multilevel_on(config, name, backplane).await
+    multilevel_on(config, name, backplane.then_some(Coherence::Backplane)).await
 }
 
 /// The config of a client of `cluster` (every node a seed).
@@ -40,16 +44,21 @@ fn cluster_config(cluster: &RedisCluster, prefix: &str) -> RedisConfig {
     config
 }
 
-async fn multilevel_on(config: RedisConfig, name: &str, backplane: bool) -> MultiLevelCache {
+async fn multilevel_on(
+    config: RedisConfig,
+    name: &str,
+    coherence: Option<Coherence>,
+) -> MultiLevelCache {
     let redis = RedisCache::connect(config).await.unwrap();
     let builder = MultiLevelCache::builder(redis.backend())
         .name(name)
         // Room for every key of the Zipf workload (the byte budget, 64 MiB, holds them too).
         .l1_max_size(2 * KEYS as u64);
-    let builder = if backplane {
-        builder.backplane(Arc::clone(redis.redis_backend()))
-    } else {
-        builder
+    let builder = match coherence {
+        Some(mode) => builder
+            .backplane(Arc::clone(redis.redis_backend()))
+            .coherence(mode),
+        None => builder,
     };
     let cache = builder.build().unwrap();
     let start = Instant::now();
@@ -75,6 +84,14 @@ async fn preload_keys(ml: &MultiLevelCache, redis_only: &RedisCache) {
             )
             .await
             .unwrap();
+    }
+    preload_l2(ml).await;
+}
+
+/// Writes the Zipf keys' values into `ml`'s L2, in batches.
+async fn preload_l2(ml: &MultiLevelCache) {
+    let batch: Vec<(String, String)> = (0..KEYS).map(|i| (format!("k{i}"), value(i))).collect();
+    for chunk in batch.chunks(1000) {
         ml.l2()
             .set_many(
                 &chunk
@@ -220,7 +237,7 @@ fn redis_run(
 fn main() {
     let filter = std::env::var("NCM_BENCH_FILTER").unwrap_or_default();
     if !filter.is_empty()
-        && !"multilevel_zipf redis_zipf backplane_stale_window cached_redis _cluster"
+        && !"multilevel_zipf redis_zipf backplane_stale_window cached_redis _cluster tracking"
             .contains(&filter)
     {
         return;
@@ -236,8 +253,13 @@ fn main() {
     let mut rows = Vec::new();
 
     let preload = Instant::now();
-    let (ml, ml_quiet, redis_only, theirs) = rt.block_on(async {
+    let (ml, ml_quiet, ml_trk, redis_only, theirs) = rt.block_on(async {
         let ml = multilevel(&server, "zipf", true).await;
+        // Client tracking, in a key space of its own (BCAST on its prefix).
+        let mut config = RedisConfig::from_url(&server.url()).unwrap();
+        config.health_check_interval = None;
+        config.key_prefix = "trk:".into();
+        let ml_trk = multilevel_on(config, "zipf-trk", Some(Coherence::Tracking)).await;
         // Same L2 key space as `ml` (its values are there already), no backplane.
         let ml_quiet = multilevel(&server, "zipf-quiet", false).await;
         let mut config = RedisConfig::from_url(&server.url()).unwrap();
@@ -260,8 +282,9 @@ fn main() {
             }
         })
         .await;
-        // Warm every key into both L1s: the rows compare steady states, not L1's cold start.
-        for cache in [&ml, &ml_quiet] {
+        preload_l2(&ml_trk).await;
+        // Warm every key into the L1s: the rows compare steady states, not L1's cold start.
+        for cache in [&ml, &ml_quiet, &ml_trk] {
             let c = cache.clone();
             each_key(keys, move |i| {
                 let c = c.clone();
@@ -278,7 +301,7 @@ fn main() {
             "every key must be in L1: {:?}",
             ml_quiet.get_stats()
         );
-        (ml, ml_quiet, redis_only, theirs)
+        (ml, ml_quiet, ml_trk, redis_only, theirs)
     });
     println!(
         "preloaded and warmed {keys} keys in {:.1} s; L1 entries: {} (backplane), {} (none)",
@@ -291,11 +314,13 @@ fn main() {
     // Leaked: the timed closures hold `&'static` caches instead of cloning an `Arc` per op.
     let ml: &'static MultiLevelCache = Box::leak(Box::new(ml));
     let ml_quiet: &'static MultiLevelCache = Box::leak(Box::new(ml_quiet));
+    let ml_trk: &'static MultiLevelCache = Box::leak(Box::new(ml_trk));
     let redis_only: &'static RedisCache = Box::leak(Box::new(redis_only));
     let theirs: &'static AsyncRedisCache<String, String> = Box::leak(Box::new(theirs));
 
     let mut run_ml = || ml_run(&rt, ml, &zipf, per_task, 1);
     let mut run_ml_quiet = || ml_run(&rt, ml_quiet, &zipf, per_task, 1);
+    let mut run_ml_trk = || ml_run(&rt, ml_trk, &zipf, per_task, 1);
     let mut run_redis = || redis_run(&rt, redis_only, &zipf, per_task, 1);
     let mut run_theirs = || {
         rt.block_on(zipf_run(
@@ -320,9 +345,16 @@ fn main() {
             &mut run_ml_quiet,
             &mut run_redis,
             &mut run_theirs,
+            &mut run_ml_trk,
         ],
     );
     let (ml_ops, quiet_ops, redis_ops, theirs_ops) = (ops[0], ops[1], ops[2], ops[3]);
+    let trk_ops = ops[4];
+    let s = ml_trk.get_stats();
+    println!(
+        "MultiLevelCache (tracking): L1 hits {}, L2 hits {}, pushed invalidations {}, resyncs {}",
+        s.l1_hits, s.l2_hits, s.tracking_received, s.resyncs
+    );
     // Where the reads were answered while measuring (an L1 resync, after a backplane
     // reconnect, empties L1: its reads then go to Redis until the keys are promoted again).
     for (label, cache) in [("backplane", ml), ("no backplane", ml_quiet)] {
@@ -393,6 +425,18 @@ fn main() {
         "RedisCache only",
     );
     throughput(
+        format!("{name}_tracking"),
+        trk_ops,
+        redis_ops,
+        "RedisCache only",
+    );
+    throughput(
+        format!("{name}_tracking_vs_backplane"),
+        trk_ops,
+        ml_ops,
+        "MultiLevelCache (backplane)",
+    );
+    throughput(
         format!("redis_zipf_90r10w_{keys}keys_64tasks_vs_cached_redis"),
         redis_ops,
         theirs_ops,
@@ -411,6 +455,29 @@ fn main() {
         ours: p99,
         baseline: ttl_ns,
         baseline_name: "no backplane (L1 TTL 300 s)".into(),
+        unit: "ns".into(),
+        ratio: ttl_ns / p99,
+    });
+    let p99 = rt.block_on(async {
+        let mut config = RedisConfig::from_url(&server.url()).unwrap();
+        config.key_prefix = "fw:".into();
+        let tracked = multilevel_on(config.clone(), "foreign", Some(Coherence::Tracking)).await;
+        let deaf = multilevel_on(config, "foreign", Some(Coherence::Backplane)).await;
+        let mut other = Plain::Node(
+            redis::Client::open(server.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        );
+        backplane_misses_foreign_writes(&deaf, &mut other).await;
+        foreign_window_p99(&tracked, &mut other).await
+    });
+    rows.push(Row {
+        name: "tracking_foreign_writer_stale_window_p99".into(),
+        ours: p99,
+        baseline: ttl_ns,
+        baseline_name: "backplane (a foreign write is unseen until the L1 TTL, 300 s)".into(),
         unit: "ns".into(),
         ratio: ttl_ns / p99,
     });
@@ -437,7 +504,12 @@ fn cluster_rows(
 ) {
     let cluster = RedisCluster::start().expect("redis-server is needed for the cluster rows");
     let (ml, redis_only) = rt.block_on(async {
-        let ml = multilevel_on(cluster_config(&cluster, "ml:"), "zipf", true).await;
+        let ml = multilevel_on(
+            cluster_config(&cluster, "ml:"),
+            "zipf",
+            Some(Coherence::Backplane),
+        )
+        .await;
         let redis_only = RedisCache::connect(cluster_config(&cluster, "plain:"))
             .await
             .unwrap();
@@ -471,8 +543,18 @@ fn cluster_rows(
         ratio: ops[0] / ops[1],
     });
     let p99 = rt.block_on(async {
-        let a = multilevel_on(cluster_config(&cluster, "ml:"), "window", true).await;
-        let b = multilevel_on(cluster_config(&cluster, "ml:"), "window", true).await;
+        let a = multilevel_on(
+            cluster_config(&cluster, "ml:"),
+            "window",
+            Some(Coherence::Backplane),
+        )
+        .await;
+        let b = multilevel_on(
+            cluster_config(&cluster, "ml:"),
+            "window",
+            Some(Coherence::Backplane),
+        )
+        .await;
         stale_window_p99(&a, &b).await
     });
     let ttl_ns = Duration::from_secs(300).as_nanos() as f64;
@@ -484,6 +566,90 @@ fn cluster_rows(
         unit: "ns".into(),
         ratio: ttl_ns / p99,
     });
+    let p99 = rt.block_on(async {
+        let tracked = multilevel_on(
+            cluster_config(&cluster, "fw:"),
+            "foreign",
+            Some(Coherence::Tracking),
+        )
+        .await;
+        let mut other = Plain::Cluster(
+            redis::cluster::ClusterClient::new(cluster.node_urls())
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap(),
+        );
+        foreign_window_p99(&tracked, &mut other).await
+    });
+    rows.push(Row {
+        name: "tracking_foreign_writer_stale_window_p99_cluster".into(),
+        ours: p99,
+        baseline: ttl_ns,
+        baseline_name: "backplane (a foreign write is unseen until the L1 TTL, 300 s)".into(),
+        unit: "ns".into(),
+        ratio: ttl_ns / p99,
+    });
+}
+
+/// A plain redis-rs client: another program writing the cache's keys.
+enum Plain {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Plain {
+    /// Writes `bytes` under the full key `key`.
+    async fn set(&mut self, key: &str, bytes: &[u8]) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(bytes);
+        match self {
+            Self::Node(c) => cmd.query_async::<()>(c).await.unwrap(),
+            Self::Cluster(c) => cmd.query_async::<()>(c).await.unwrap(),
+        }
+    }
+}
+
+/// Shows what tracking is for: a backplane-only instance keeps serving its L1 copy after a
+/// foreign write (until its L1 TTL).
+async fn backplane_misses_foreign_writes(deaf: &MultiLevelCache, other: &mut Plain) {
+    deaf.set("hot", 0u64).await.unwrap();
+    deaf.get::<u64>("hot").await.unwrap();
+    other
+        .set("fw:hot", &deaf.codec_bytes("hot", &1u64).unwrap())
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        deaf.get::<u64>("hot").await.unwrap(),
+        Some(0),
+        "a backplane-only L1 saw a foreign write?"
+    );
+}
+
+/// After a foreign write returns, how long `b` (tracking) can still return the old value:
+/// p99 in ns.
+async fn foreign_window_p99(b: &MultiLevelCache, other: &mut Plain) -> f64 {
+    let samples = if quick() { 100 } else { 500 };
+    let mut windows = Vec::with_capacity(samples);
+    for v in 0..samples as u64 {
+        let bytes = b.codec_bytes("hot", &v).unwrap();
+        other.set("fw:hot", &bytes).await;
+        let start = Instant::now();
+        loop {
+            if b.get::<u64>("hot").await.unwrap() == Some(v) {
+                break;
+            }
+            tokio::task::yield_now().await;
+            assert!(start.elapsed() < Duration::from_secs(2));
+        }
+        windows.push(start.elapsed().as_nanos() as f64);
+        // Make sure B holds it in L1 before the next write.
+        for _ in 0..3 {
+            b.get::<u64>("hot").await.unwrap();
+        }
+    }
+    windows.sort_by(f64::total_cmp);
+    windows[(windows.len() * 99 / 100).min(windows.len() - 1)]
 }
 
 /// After `set` returns on `a`, how long `b` can still return the old value: p99 in ns.

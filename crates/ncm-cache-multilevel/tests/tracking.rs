@@ -126,7 +126,10 @@ async fn writes_by_another_program_evict_every_instance_l1() {
         windows.push(until_seen(&b, "user:1", Some(v), BOUND).await);
         until_seen(&a, "user:1", Some(v), BOUND).await;
     }
-    println!("foreign write → other instances' L1: p99 {:?}", p99(windows));
+    println!(
+        "foreign write → other instances' L1: p99 {:?}",
+        p99(windows)
+    );
     assert!(b.get_stats().tracking_received >= 40);
 }
 
@@ -158,8 +161,17 @@ async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
     let set_at = Instant::now();
     until_l1(&cache, "k").await;
     // Read from L1 only from here: a read of L2 would expire the key itself (lazily).
-    until_seen(&cache, "k", None, Duration::from_millis(300) + Duration::from_secs(2)).await;
-    assert!(set_at.elapsed() >= Duration::from_millis(290), "gone before it expired");
+    until_seen(
+        &cache,
+        "k",
+        None,
+        Duration::from_millis(300) + Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        set_at.elapsed() >= Duration::from_millis(290),
+        "gone before it expired"
+    );
     // FLUSHALL empties every key of L1.
     for i in 0..20u64 {
         cache.set(&format!("f{i}"), i).await.unwrap();
@@ -231,7 +243,10 @@ async fn after_a_server_restart_nothing_from_before_is_served_as_fresh() {
     // Down: L1 is not trusted (no fail-safe configured: nothing is served).
     let start = Instant::now();
     while cache.l1_active() {
-        assert!(start.elapsed() < Duration::from_secs(2), "outage not noticed");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "outage not noticed"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(!matches!(
@@ -352,7 +367,10 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
         if w.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "the new primary never took the write");
+        assert!(
+            Instant::now() < deadline,
+            "the new primary never took the write"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     until_seen(&b, "c0", Some(99), Duration::from_secs(10)).await;

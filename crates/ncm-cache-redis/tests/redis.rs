@@ -280,3 +280,46 @@ fn sync_cache_needs_no_runtime() {
         .unwrap();
     assert_eq!(s.decode::<i32>(&s.encode(&5).unwrap()).unwrap(), 5);
 }
+
+/// Client tracking reports what any client changes under the prefix (without the prefix), a
+/// flush, and a restart as Disconnected then Reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tracking_reports_changes_flushes_and_reconnects() {
+    use ncm_cache_redis::TrackingEvent;
+    let mut server = RedisServer::start().unwrap();
+    let mut config = ncm_cache_redis::RedisConfig::from_url(&server.url()).unwrap();
+    config.key_prefix = "app:".into();
+    config.connect_timeout = Duration::from_millis(300);
+    config.response_timeout = Duration::from_millis(300);
+    config.health_check_interval = Some(Duration::from_millis(100));
+    let redis = RedisCache::connect(config).await.unwrap();
+    let mut tracking = redis.redis_backend().track_changes().await.unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), tracking.recv())
+            .await
+            .expect("no tracking event within 5 s")
+            .expect("tracking ended")
+    };
+    server.command(&["SET", "other:x", "1"]).unwrap();
+    server.command(&["SET", "app:user:1", "1"]).unwrap();
+    assert_eq!(
+        next().await,
+        TrackingEvent::Invalidated(vec!["user:1".into()]),
+        "only keys under the prefix, without it"
+    );
+    server.command(&["FLUSHALL"]).unwrap();
+    assert_eq!(next().await, TrackingEvent::Flushed);
+    server.kill();
+    assert_eq!(next().await, TrackingEvent::Disconnected);
+    server.restart().unwrap();
+    assert_eq!(next().await, TrackingEvent::Reconnected);
+    server.command(&["DEL", "app:user:1"]).unwrap();
+    server.command(&["SET", "app:user:2", "2"]).unwrap();
+    let mut seen = Vec::new();
+    while seen.is_empty() {
+        if let TrackingEvent::Invalidated(keys) = next().await {
+            seen.extend(keys);
+        }
+    }
+    assert!(seen.contains(&"user:2".to_owned()), "{seen:?}");
+}

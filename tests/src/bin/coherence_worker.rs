@@ -266,7 +266,10 @@ async fn foreign(cache: &MultiLevelCache, id: u64, seed: u64, deadline: Instant,
                 )
                 .unwrap();
             let mut cmd = redis::cmd("SET");
-            cmd.arg(format!("chk:{key}")).arg(bytes.as_ref()).arg("EX").arg(3600);
+            cmd.arg(format!("chk:{key}"))
+                .arg(bytes.as_ref())
+                .arg("EX")
+                .arg(3600);
             let ok = if plain.run(&cmd).await { "ok" } else { "err" };
             log.line(format_args!("S {key} {version} {start} {} {ok}", now()));
         } else {
