@@ -484,6 +484,11 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                 _ => {}
             }
         }
+        // The subscription ended (it never does while it runs): nothing invalidates L1 any more.
+        if let Some(inner) = weak.upgrade() {
+            inner.link_down(Link::Backplane);
+            tracing::error!("backplane listener ended: L1 stays off");
+        }
     });
     if let Ok(mut slot) = bp.task.lock() {
         *slot = Some(task);

@@ -8,7 +8,6 @@ use ncm_cache_core::{CacheError, Codec, Result};
 use ncm_cache_redis::{RedisBackend, TrackingEvent};
 
 use crate::cache::{Inner, Link};
-use crate::load::backoff;
 use crate::stats::Counters;
 
 /// How an instance learns that another one — or any other client of Redis — changed a key it
@@ -85,26 +84,29 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
     let weak: Weak<Inner<C>> = Arc::downgrade(inner);
     let redis = Arc::clone(&tracker.redis);
     let task = handle.spawn(async move {
-        let mut attempt = 0;
+        let mut attempt = 0u32;
         let mut tracking = loop {
             match redis.track_changes().await {
                 Ok(t) => break t,
                 Err(e) => {
-                    // A server that refuses tracking is logged loudly; L1 stays off (safe).
-                    if matches!(e, CacheError::Config(_)) {
-                        tracing::error!(error = %e, "client tracking refused: L1 stays off");
-                    } else {
-                        tracing::warn!(error = %e, "client tracking failed; retrying");
-                    }
                     if weak.strong_count() == 0 {
                         return;
                     }
-                    let cap = match e {
-                        CacheError::Config(_) => Duration::from_secs(30),
-                        _ => Duration::from_millis(50),
+                    // A server that refuses tracking: logged loudly, asked again every 30 s;
+                    // L1 stays off meanwhile (nothing would invalidate it).
+                    let wait = if matches!(e, CacheError::Config(_)) {
+                        tracing::error!(error = %e, "client tracking refused: L1 stays off");
+                        Duration::from_secs(30)
+                    } else {
+                        if attempt == 0 {
+                            tracing::warn!(error = %e, "client tracking failed; retrying");
+                        } else {
+                            tracing::debug!(error = %e, "client tracking failed; retrying");
+                        }
+                        Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(1))
                     };
-                    tokio::time::sleep(backoff(attempt).max(cap)).await;
-                    attempt += 1;
+                    tokio::time::sleep(wait).await;
+                    attempt = attempt.saturating_add(1);
                 }
             }
         };
@@ -139,6 +141,11 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                 }
                 _ => {}
             }
+        }
+        // The session ended (it never does while it runs): nothing invalidates L1 any more.
+        if let Some(inner) = weak.upgrade() {
+            inner.link_down(Link::Tracking);
+            tracing::error!("client tracking ended: L1 stays off");
         }
     });
     if let Ok(mut slot) = tracker.task.lock() {

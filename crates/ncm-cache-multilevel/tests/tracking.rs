@@ -350,30 +350,14 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
             .unwrap();
         until_seen(&b, key, Some(i as u64 + 10), BOUND).await;
     }
-    // A failover: the primary of c0 dies; its replica takes over. B must never serve c0's old
-    // value from L1 once the new primary accepted a newer one.
+    // A failover: the primary of c0 dies; its replica takes over. Once the new primary has
+    // acknowledged a newer value, B must not serve the old one from L1.
     until_l1(&b, "c0").await;
     let old_primary = cluster.owner_of("app:c0").unwrap();
     cluster.kill_primary(old_primary).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    let bytes = a.codec_bytes("c0", &99u64).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let w: redis::RedisResult<()> = redis::cmd("SET")
-            .arg("app:c0")
-            .arg(bytes.as_ref())
-            .query_async(&mut other)
-            .await;
-        if w.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new primary never took the write"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    until_seen(&b, "c0", Some(99), Duration::from_secs(10)).await;
+    let acked = foreign_write_until_accepted(&mut other, &a, "c0", 99).await;
+    never_old_from_l1(&b, "c0", 99, acked).await;
     wait_active(&b).await;
     // Tracking runs on the new primary too.
     until_l1(&b, "c0").await;
@@ -385,4 +369,149 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
         .await
         .unwrap();
     until_seen(&b, "c0", Some(100), BOUND).await;
+}
+
+/// Writes `v` to `key` with the cluster client until a primary accepts it; returns when.
+async fn foreign_write_until_accepted(
+    other: &mut redis::cluster_async::ClusterConnection,
+    codec: &MultiLevelCache,
+    key: &str,
+    v: u64,
+) -> Instant {
+    let bytes = codec.codec_bytes(key, &v).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let w: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("app:{key}"))
+            .arg(bytes.as_ref())
+            .query_async(other)
+            .await;
+        if w.is_ok() {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "no primary took the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `key` on `b` until it returns `want`: a read that began more than [`BOUND`] after the
+/// write was acknowledged (`acked`) must not return anything else from L1. (L2 reads may fail
+/// while the cluster client learns the new topology.)
+async fn never_old_from_l1(b: &MultiLevelCache, key: &str, want: u64, acked: Instant) {
+    loop {
+        let began = Instant::now();
+        match b.get_with_source::<u64>(key).await {
+            Ok(Some((v, _))) if *v == want => return,
+            Ok(Some((v, ValueSource::L1))) => assert!(
+                began < acked + BOUND,
+                "L1 served {v} {:?} after the new value was acknowledged",
+                began - acked
+            ),
+            _ => {}
+        }
+        assert!(acked.elapsed() < Duration::from_secs(10), "never saw {want}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A manual failover leaves the old primary up (now a replica): tracking moves to the new
+/// primary at the next health check, so B does not keep serving its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
+    let cluster = RedisCluster::start().unwrap();
+    let (a, b) = (
+        tracked(cluster_config(&cluster), Coherence::Tracking).await,
+        tracked(cluster_config(&cluster), Coherence::Tracking).await,
+    );
+    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    a.set("m", 1u64).await.unwrap();
+    until_l1(&b, "m").await;
+    let primary = cluster.owner_of("app:m").unwrap();
+    let replica = cluster.replica_of(primary).unwrap();
+    cluster
+        .node(replica)
+        .unwrap()
+        .command(&["CLUSTER", "FAILOVER"])
+        .unwrap();
+    let start = Instant::now();
+    while cluster.owner_of("app:m").unwrap() != replica {
+        assert!(start.elapsed() < Duration::from_secs(20), "no failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cluster.node(primary).unwrap().is_running(), "the old primary stays up");
+    let acked = foreign_write_until_accepted(&mut other, &a, "m", 2).await;
+    never_old_from_l1(&b, "m", 2, acked).await;
+    // And tracking works on the new primary.
+    wait_active(&b).await;
+    until_l1(&b, "m").await;
+    let bytes = a.codec_bytes("m", &3u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:m")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    until_seen(&b, "m", Some(3), BOUND).await;
+}
+
+/// Through Sentinel: the resolved primary is tracked; after a failover, tracking follows the
+/// new primary and a foreign write there is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_sentinel_tracking_follows_a_failover() {
+    let mut set = ncm_cache_testkit::RedisSentinelSet::start().unwrap();
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let redis = RedisCache::builder()
+        .sentinel(set.master_name(), sentinels)
+        .key_prefix("app:")
+        .health_check_interval(Some(Duration::from_millis(100)))
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let b = MultiLevelCache::over_redis(&redis)
+        .coherence(Coherence::Tracking)
+        .build()
+        .unwrap();
+    wait_active(&b).await;
+    let url = |addr: std::net::SocketAddr| format!("redis://{addr}");
+    b.set("s", 1u64).await.unwrap();
+    until_l1(&b, "s").await;
+    let mut other = foreign(&url(set.primary_addr().unwrap())).await;
+    let bytes = b.codec_bytes("s", &2u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:s")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    until_seen(&b, "s", Some(2), BOUND).await;
+    // Failover: the primary dies, a replica is promoted.
+    until_l1(&b, "s").await;
+    set.kill_primary().unwrap();
+    set.wait_for_failover(Duration::from_secs(30)).unwrap();
+    let mut other = foreign(&url(set.primary_addr().unwrap())).await;
+    let bytes = b.codec_bytes("s", &3u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:s")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    let acked = Instant::now();
+    never_old_from_l1(&b, "s", 3, acked).await;
+    wait_active(&b).await;
+    until_l1(&b, "s").await;
+    let bytes = b.codec_bytes("s", &4u64).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("app:s")
+        .arg(bytes.as_ref())
+        .query_async(&mut other)
+        .await
+        .unwrap();
+    until_seen(&b, "s", Some(4), BOUND).await;
 }

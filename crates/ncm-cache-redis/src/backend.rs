@@ -93,17 +93,22 @@ impl RedisBackend {
         }
     }
 
-    /// The primaries of a cluster, sorted (`None` for a single node or Sentinel).
-    pub(crate) async fn primaries(&self) -> Result<Option<Vec<(String, u16)>>> {
-        let mut found = self
-            .inner
-            .conn
-            .primaries(self.inner.config.response_timeout)
-            .await?;
-        if let Some(list) = found.as_mut() {
-            list.sort();
+    /// Every primary of a cluster that is not marked failed, from `CLUSTER NODES` — also one
+    /// that owns no slot yet (a resharding target) — sorted; `None` for a single node or
+    /// Sentinel. An empty list is an error (the node asked does not know the cluster yet).
+    pub(crate) async fn cluster_masters(&self) -> Result<Option<Vec<(String, u16)>>> {
+        let timeout = self.inner.config.response_timeout;
+        let Some(text) = self.inner.conn.cluster_nodes(timeout).await? else {
+            return Ok(None);
+        };
+        let masters = commands::cluster_masters(&text);
+        if masters.is_empty() {
+            return Err(CacheError::Connection {
+                message: "CLUSTER NODES lists no primary".into(),
+                source: None,
+            });
         }
-        Ok(found)
+        Ok(Some(masters))
     }
 
     /// `true` when connected to a Redis Cluster.

@@ -104,6 +104,35 @@ pub(crate) fn used_memory(info: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The primaries in a `CLUSTER NODES` reply that are not failed (a suspected failure,
+/// `fail?`, still counts: it may take writes), sorted and distinct.
+pub(crate) fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let addr = fields.nth(1)?;
+            let flags = fields.next()?;
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master")
+                || flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "noaddr" | "handshake"))
+            {
+                return None;
+            }
+            // `host:port@cport[,hostname]`
+            let hostport = addr.split(['@', ',']).next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            (!host.is_empty() && port != 0).then(|| (host.to_owned(), port))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The distinct primary addresses in a `CLUSTER SLOTS` reply.
 pub(crate) fn cluster_primaries(slots: Value) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
@@ -128,4 +157,32 @@ pub(crate) fn cluster_primaries(slots: Value) -> Vec<(String, u16)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_masters_skips_failed_replicas_and_unknown_addresses() {
+        let nodes = "\
+a1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:30002@40002,host2 master - 0 0 2 connected 5461-10922
+a3 127.0.0.1:30003@40003 master,fail - 0 0 3 disconnected 10923-16383
+a4 127.0.0.1:30004@40004 slave a1 0 0 1 connected
+a5 127.0.0.1:30005@40005 master,fail? - 0 0 5 connected
+a6 :0@0 master,noaddr - 0 0 6 disconnected
+a7 127.0.0.1:30007@40007 master - 0 0 7 connected
+";
+        assert_eq!(
+            cluster_masters(nodes),
+            vec![
+                ("127.0.0.1".to_owned(), 30001),
+                ("127.0.0.1".to_owned(), 30002),
+                ("127.0.0.1".to_owned(), 30005),
+                ("127.0.0.1".to_owned(), 30007),
+            ]
+        );
+        assert!(cluster_masters("").is_empty());
+    }
 }

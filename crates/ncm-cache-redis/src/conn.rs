@@ -313,6 +313,25 @@ impl Conn {
         Ok(Some(out))
     }
 
+    /// `CLUSTER NODES` as text (cluster), or `None` for a single node.
+    pub(crate) async fn cluster_nodes(&self, timeout: Duration) -> Result<Option<String>> {
+        let Self::Cluster(c) = self else {
+            return Ok(None);
+        };
+        let mut c = c.clone();
+        let text: String = tokio::time::timeout(
+            timeout,
+            redis::cmd("CLUSTER").arg("NODES").query_async(&mut c),
+        )
+        .await
+        .map_err(|_| CacheError::Timeout {
+            operation: "cluster nodes",
+            after: timeout,
+        })?
+        .map_err(|e| map_err("cluster nodes", e, timeout))?;
+        Ok(Some(text))
+    }
+
     /// Runs `cmd` on one specific cluster node.
     pub(crate) async fn query_node<T: FromRedisValue>(
         &self,

@@ -61,10 +61,14 @@ impl Drop for Tracking {
 /// A push from the connection of session `session` (pushes of an older session are ignored).
 type Push = (u64, PushInfo);
 
-/// The tracked connections of one session, with the primaries they track.
+/// The tracked connections of one session, with what identifies the topology they track.
 struct Session {
     conns: Vec<redis::aio::MultiplexedConnection>,
-    primaries: Option<Vec<(String, u16)>>,
+    /// Cluster: every primary (from `CLUSTER NODES`), compared again on every health check.
+    masters: Option<Vec<(String, u16)>>,
+    /// Sentinel and cluster: each tracked node must still answer `ROLE` with `master` (a
+    /// demoted primary that stays up stops receiving writes).
+    check_role: bool,
 }
 
 impl RedisBackend {
@@ -103,24 +107,29 @@ async fn connect(
 ) -> Result<Session> {
     let config = backend.config();
     let timeout = config.connect_timeout;
-    let primaries = backend.primaries().await?;
-    let urls: Vec<String> = match &primaries {
+    let masters = backend.cluster_masters().await?;
+    let urls: Vec<String> = match &masters {
         Some(list) => list.iter().map(|(h, p)| config.node_url(h, *p)).collect(),
         None => vec![crate::pubsub::node_url(config, 0).await?],
     };
     let prefix = backend.key_space().prefix().to_owned();
-    let mut conns = Vec::with_capacity(urls.len());
-    for url in urls {
-        let work = track_node(config, &url, &prefix, push_tx.clone(), session);
-        let conn = tokio::time::timeout(timeout * 2, work)
-            .await
-            .map_err(|_| CacheError::Timeout {
-                operation: "client tracking",
-                after: timeout * 2,
-            })??;
-        conns.push(conn);
-    }
-    Ok(Session { conns, primaries })
+    let track = urls.iter().map(|url| {
+        let work = track_node(config, url, &prefix, push_tx.clone(), session);
+        async move {
+            tokio::time::timeout(timeout * 2, work)
+                .await
+                .map_err(|_| CacheError::Timeout {
+                    operation: "client tracking",
+                    after: timeout * 2,
+                })?
+        }
+    });
+    let conns = futures_util::future::try_join_all(track).await?;
+    Ok(Session {
+        conns,
+        check_role: masters.is_some() || config.sentinel.is_some(),
+        masters,
+    })
 }
 
 /// One RESP3 connection to `url` with broadcast tracking of `prefix`.
@@ -162,16 +171,20 @@ async fn track_node(
     Ok(conn)
 }
 
-/// A server's refusal (an error reply: unknown or renamed command, no permission, RESP3 not
-/// spoken) as a configuration error; anything else as a connection error.
+/// A server's refusal (the command unknown or renamed, no permission, RESP3 not spoken) as a
+/// configuration error; anything else (including other error replies, such as "max number of
+/// clients reached") as a connection error, retried.
 fn refused_or(e: redis::RedisError, op: &'static str, timeout: Duration) -> CacheError {
     use redis::{ErrorKind, ServerErrorKind};
-    if matches!(
-        e.kind(),
-        ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm)
-            | ErrorKind::RESP3NotSupported
-            | ErrorKind::Extension
-    ) {
+    let text = e.to_string().to_ascii_lowercase();
+    let refused = match e.kind() {
+        ErrorKind::Server(ServerErrorKind::NoPerm) | ErrorKind::RESP3NotSupported => true,
+        ErrorKind::Server(ServerErrorKind::ResponseError) | ErrorKind::Extension => {
+            text.contains("unknown") || text.contains("not supported") || text.contains("disabled")
+        }
+        _ => false,
+    };
+    if refused {
         CacheError::Config(format!(
             "{op}: the server refused RESP3 client tracking ({e}); it needs Redis 6+ with \
              HELLO and CLIENT TRACKING available — use the pub/sub backplane instead"
@@ -188,41 +201,47 @@ async fn run(
     tx: mpsc::Sender<TrackingEvent>,
     first: Session,
 ) {
-    let config = backend.config().clone();
-    let ping_every = config
-        .health_check_interval
-        .unwrap_or(Duration::from_secs(1))
-        .min(Duration::from_secs(1));
     let prefix = backend.key_space().prefix().to_owned();
     let mut session = 0u64;
     let mut current = Some(first);
     let mut backoff = Duration::from_millis(10);
+    let mut refused = false;
     loop {
-        let Session {
-            mut conns,
-            primaries,
-        } = match current.take() {
+        let live = match current.take() {
             Some(s) => s,
-            None => match connect(&backend, &push_tx, session).await {
-                Ok(s) => {
-                    backoff = Duration::from_millis(10);
-                    if tx.send(TrackingEvent::Reconnected).await.is_err() {
-                        return;
+            None => {
+                // A new number for every attempt: pushes (a Disconnection) of a half-built
+                // earlier attempt are ignored.
+                session += 1;
+                match connect(&backend, &push_tx, session).await {
+                    Ok(s) => {
+                        backoff = Duration::from_millis(10);
+                        refused = false;
+                        if tx.send(TrackingEvent::Reconnected).await.is_err() {
+                            return;
+                        }
+                        s
                     }
-                    s
+                    Err(e) => {
+                        if matches!(e, CacheError::Config(_)) && !refused {
+                            refused = true;
+                            tracing::error!(error = %e, "client tracking refused on reconnect; L1 stays off until it is accepted");
+                        } else {
+                            tracing::debug!(error = %e, "client tracking: reconnect failed");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "client tracking: reconnect failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+            }
         };
-        let mut ping = tokio::time::interval(ping_every);
-        ping.tick().await;
+        // Health checks run beside the pushes, never in front of them.
+        let health = watch(&backend, &live);
+        tokio::pin!(health);
         loop {
             tokio::select! {
+                biased;
                 push = push_rx.recv() => {
                     let Some((from, push)) = push else { return };
                     if from != session {
@@ -230,7 +249,10 @@ async fn run(
                     }
                     let event = match push.kind {
                         PushKind::Invalidate => invalidation(&push.data, &prefix),
-                        PushKind::Disconnection => break,
+                        PushKind::Disconnection => {
+                            tracing::info!("client tracking: a connection closed; tracking again");
+                            break;
+                        }
                         _ => None,
                     };
                     if let Some(event) = event
@@ -239,35 +261,79 @@ async fn run(
                         return;
                     }
                 }
-                _ = ping.tick() => {
-                    if !alive(&mut conns, config.response_timeout).await {
-                        break;
-                    }
-                    if primaries.is_some() && backend.primaries().await.ok().flatten() != primaries {
-                        tracing::info!("client tracking: the cluster's primaries changed; tracking again");
-                        break;
-                    }
+                reason = &mut health => {
+                    tracing::info!(reason, "client tracking: tracking again");
+                    break;
                 }
             }
         }
-        drop(conns);
-        session += 1;
         if tx.send(TrackingEvent::Disconnected).await.is_err() {
             return;
         }
     }
 }
 
-/// Pings every tracked connection; `false` when one did not answer in time.
-async fn alive(conns: &mut [redis::aio::MultiplexedConnection], timeout: Duration) -> bool {
-    for conn in conns {
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<Value>(conn);
-        if !matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_))) {
-            return false;
+/// Ends (with the reason) when the session can no longer be trusted: a tracked node that does
+/// not answer within `response_timeout` (or is no longer a primary), or a cluster whose
+/// primaries changed (or whose topology cannot be read three times in a row). Checks every
+/// `health_check_interval`, at most 1 s apart.
+async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
+    let config = backend.config();
+    let every = config
+        .health_check_interval
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let timeout = config.response_timeout;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut unreadable = 0;
+    loop {
+        tick.tick().await;
+        let checks = session.conns.iter().map(|conn| {
+            let mut conn = conn.clone();
+            let cmd = redis::cmd(if session.check_role { "ROLE" } else { "PING" });
+            async move {
+                match tokio::time::timeout(timeout, cmd.query_async::<Value>(&mut conn)).await {
+                    Ok(Ok(reply)) => !session.check_role || is_primary(&reply),
+                    _ => false,
+                }
+            }
+        });
+        if !futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .all(|ok| ok)
+        {
+            return "a tracked node did not answer in time or is no longer a primary";
+        }
+        if let Some(masters) = &session.masters {
+            match backend.cluster_masters().await {
+                Ok(now) if now.as_ref() != Some(masters) => {
+                    return "the cluster's primaries changed";
+                }
+                Ok(_) => unreadable = 0,
+                Err(_) => {
+                    unreadable += 1;
+                    if unreadable >= 3 {
+                        return "the cluster's topology could not be read";
+                    }
+                }
+            }
         }
     }
-    true
+}
+
+/// `ROLE`'s reply names a primary.
+fn is_primary(reply: &Value) -> bool {
+    let Value::Array(items) = reply else {
+        return false;
+    };
+    match items.first() {
+        Some(Value::BulkString(b)) => b == b"master",
+        Some(Value::SimpleString(s)) => s == "master",
+        _ => false,
+    }
 }
 
 /// The event of an `invalidate` push: its keys without `prefix`, or a flush (null payload).

@@ -20,6 +20,9 @@ pub struct RedisCluster {
 /// One line of `CLUSTER NODES`.
 #[derive(Debug)]
 struct NodeLine {
+    id: String,
+    /// The primary's id (replicas), `-` for a primary.
+    of: String,
     port: u16,
     primary: bool,
     failed: bool,
@@ -34,6 +37,8 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
             let port = addr.rsplit(':').next()?.parse().ok()?;
             let flags: Vec<&str> = fields.get(2)?.split(',').collect();
             Some(NodeLine {
+                id: (*fields.first()?).to_owned(),
+                of: (*fields.get(3)?).to_owned(),
                 port,
                 primary: flags.contains(&"master"),
                 failed: flags
@@ -177,6 +182,25 @@ impl RedisCluster {
             what: format!("finding the owner of {key}"),
             detail: "every primary redirected the key".to_owned(),
         })
+    }
+
+    /// The port of a replica (not failed) of the primary on `port`, as seen by that primary.
+    pub fn replica_of(&self, port: u16) -> Result<u16, TestkitError> {
+        let view = self.cluster_nodes(port)?;
+        let lines = parse_nodes(&view);
+        let id = lines
+            .iter()
+            .find(|n| n.port == port)
+            .map(|n| n.id.clone())
+            .unwrap_or_default();
+        lines
+            .iter()
+            .find(|n| !n.primary && !n.failed && n.of == id)
+            .map(|n| n.port)
+            .ok_or_else(|| TestkitError::Command {
+                what: format!("finding a replica of {port}"),
+                detail: "no replica in CLUSTER NODES".to_owned(),
+            })
     }
 
     /// Kills (SIGKILL) the primary on `port`; fails if `port` is not a current primary.
