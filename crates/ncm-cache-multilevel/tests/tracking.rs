@@ -409,7 +409,10 @@ async fn never_old_from_l1(b: &MultiLevelCache, key: &str, want: u64, acked: Ins
             ),
             _ => {}
         }
-        assert!(acked.elapsed() < Duration::from_secs(10), "never saw {want}");
+        assert!(
+            acked.elapsed() < Duration::from_secs(10),
+            "never saw {want}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -442,7 +445,10 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
         assert!(start.elapsed() < Duration::from_secs(20), "no failover");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(cluster.node(primary).unwrap().is_running(), "the old primary stays up");
+    assert!(
+        cluster.node(primary).unwrap().is_running(),
+        "the old primary stays up"
+    );
     let acked = foreign_write_until_accepted(&mut other, &a, "m", 2).await;
     never_old_from_l1(&b, "m", 2, acked).await;
     // And tracking works on the new primary.
