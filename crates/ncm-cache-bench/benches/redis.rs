@@ -54,7 +54,13 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn redis_benchmark(port: u16, clients: usize, requests: usize, size: usize) -> Option<(f64, f64)> {
+fn redis_benchmark(
+    port: u16,
+    clients: usize,
+    pipeline: usize,
+    requests: usize,
+    size: usize,
+) -> Option<(f64, f64)> {
     let out = std::process::Command::new("redis-benchmark")
         .args([
             "-h",
@@ -70,7 +76,7 @@ fn redis_benchmark(port: u16, clients: usize, requests: usize, size: usize) -> O
             "-d",
             &size.to_string(),
             "-P",
-            "1",
+            &pipeline.to_string(),
             "-t",
             "set,get",
             "--csv",
@@ -125,8 +131,12 @@ fn main() {
                 ours.set(&format!("k{i}"), value(size), None).await.unwrap();
             }
         });
-        for tasks in [1usize, 64] {
-            let n = if tasks == 1 { per_task * 4 } else { per_task };
+        for tasks in [1usize, 64, 256] {
+            let n = match tasks {
+                1 => per_task * 4,
+                256 => per_task / 2,
+                _ => per_task,
+            };
             // GET
             let (o, b) = interleaved_medians(
                 rounds,
@@ -215,7 +225,7 @@ fn main() {
 
     // Ours at 64 tasks beside redis-benchmark -c 64 -P 1 (the server's limit without pipelining).
     let requests = if quick() { 20_000 } else { 100_000 };
-    if let Some((set_rps, get_rps)) = redis_benchmark(server.port(), 64, requests, 100) {
+    if let Some((set_rps, get_rps)) = redis_benchmark(server.port(), 64, 1, requests, 100) {
         for (op, rps) in [("get", get_rps), ("set", set_rps)] {
             if let Some(ours_row) = rows
                 .iter()
@@ -234,6 +244,23 @@ fn main() {
         }
     } else {
         eprintln!("redis-benchmark not found: its rows are skipped");
+    }
+    // ... and beside redis-benchmark -c 64 -P 16 (near the server's limit: 16 commands per
+    // round trip per client).
+    if let Some((_, get_rps)) = redis_benchmark(server.port(), 64, 16, requests * 5, 100)
+        && let Some(ours_row) = rows
+            .iter()
+            .find(|r| r.name == "redis_get_64tasks_100B")
+            .cloned()
+    {
+        rows.push(Row {
+            name: "redis_get_64tasks_100B".into(),
+            ours: ours_row.ours,
+            baseline: get_rps,
+            baseline_name: "redis-benchmark -c 64 -P 16".into(),
+            unit: "ops/s".into(),
+            ratio: ours_row.ours / get_rps,
+        });
     }
 
     // get_many of 100 keys (100 B values) beside 100 sequential gets (latency per batch).
@@ -277,6 +304,9 @@ fn main() {
         ratio: b / o,
     });
 
+    drop(server);
+    cluster_get_row(&rt, rounds, per_task, &mut rows);
+
     for r in &rows {
         println!(
             "{:<28} ours {:>12.0} {:<10} baseline {:>12.0} ({}) ratio {:.2}",
@@ -285,4 +315,69 @@ fn main() {
     }
     let path = write_rows("redis", &rows).unwrap();
     println!("wrote {}", path.display());
+}
+
+/// GET 100 B at 64 tasks on a throwaway 3+3 cluster: RedisCache beside redis-rs's own
+/// cluster-async connection.
+fn cluster_get_row(
+    rt: &tokio::runtime::Runtime,
+    rounds: usize,
+    per_task: usize,
+    rows: &mut Vec<Row>,
+) {
+    let Ok(cluster) = ncm_cache_testkit::RedisCluster::start() else {
+        eprintln!("no cluster: the cluster row is skipped");
+        return;
+    };
+    let (ours, raw) = rt.block_on(async {
+        let urls = cluster.node_urls();
+        let mut config = RedisConfig::from_url(&urls[0]).unwrap();
+        config.cluster_nodes = urls.clone();
+        config.health_check_interval = None;
+        let cache = RedisCache::connect(config).await.unwrap();
+        let raw = redis::cluster::ClusterClient::new(urls)
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap();
+        let ours = cache.backend();
+        for i in 0..KEYS {
+            ours.set(&format!("k{i}"), value(100), None).await.unwrap();
+        }
+        (ours, raw)
+    });
+    let tasks = 64;
+    let (o, b) = interleaved_medians(
+        rounds,
+        || {
+            let ours = Arc::clone(&ours);
+            rt.block_on(throughput(tasks, per_task, move |i| {
+                let ours = Arc::clone(&ours);
+                async move {
+                    ours.get(&format!("k{}", i % KEYS)).await.unwrap();
+                }
+            }))
+        },
+        || {
+            let raw = raw.clone();
+            rt.block_on(throughput(tasks, per_task, move |i| {
+                let mut raw = raw.clone();
+                async move {
+                    let _: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(format!("k{}", i % KEYS))
+                        .query_async(&mut raw)
+                        .await
+                        .unwrap();
+                }
+            }))
+        },
+    );
+    rows.push(Row {
+        name: "redis_get_64tasks_100B_cluster".into(),
+        ours: o,
+        baseline: b,
+        baseline_name: "redis-rs cluster-async".into(),
+        unit: "ops/s".into(),
+        ratio: o / b,
+    });
 }

@@ -27,6 +27,8 @@ pub struct RedisBackend {
 
 pub(crate) struct Inner {
     pub(crate) conn: Conn,
+    /// Queues of automatic batching (`RedisConfig::auto_batch`).
+    pub(crate) batcher: Option<crate::batch::Batcher>,
     pub(crate) keys: KeySpace,
     pub(crate) stats: StatsRecorder,
     pub(crate) config: RedisConfig,
@@ -57,8 +59,12 @@ impl RedisBackend {
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
         let conn = Conn::connect(&config).await?;
+        // Off on a cluster: per-slot batches of random keys are batches of one.
+        let batcher =
+            (config.auto_batch && !conn.is_cluster()).then(crate::batch::Batcher::default);
         let inner = Arc::new(Inner {
             conn,
+            batcher,
             keys: KeySpace::new(config.key_prefix.clone()).with_max_key_len(config.max_key_len),
             stats: StatsRecorder::new(config.name.as_str(), "redis"),
             closed: AtomicBool::new(false),
@@ -322,16 +328,23 @@ impl CacheBackend for RedisBackend {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         let full = self.full(key)?;
-        let v: Option<Vec<u8>> = self
-            .run(Operation::Get, Idempotent::Yes, |mut h| {
-                let c = commands::get(&full);
-                async move { c.query_async(&mut h).await }
-            })
-            .await?;
+        let v: Option<Bytes> = match &self.inner.batcher {
+            Some(batcher) => {
+                self.check_open()?;
+                crate::batch::get(&self.inner, batcher, full.into_owned()).await?
+            }
+            None => self
+                .run(Operation::Get, Idempotent::Yes, |mut h| {
+                    let c = commands::get(&full);
+                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
+                })
+                .await?
+                .map(Bytes::from),
+        };
         match v {
             Some(v) => {
                 self.inner.stats.hit();
-                Ok(Some(Bytes::from(v)))
+                Ok(Some(v))
             }
             None => {
                 self.inner.stats.miss();
@@ -344,11 +357,19 @@ impl CacheBackend for RedisBackend {
         let full = self.full(key)?;
         commands::check_ttl(ttl)?;
         commands::check_size(value.len(), self.inner.config.max_value_size)?;
-        self.run(Operation::Set, Idempotent::No, |mut h| {
-            let c = commands::set(&full, &value, ttl);
-            async move { c.query_async::<()>(&mut h).await }
-        })
-        .await?;
+        match &self.inner.batcher {
+            Some(batcher) => {
+                self.check_open()?;
+                crate::batch::set(&self.inner, batcher, full.into_owned(), value, ttl).await?;
+            }
+            None => {
+                self.run(Operation::Set, Idempotent::No, |mut h| {
+                    let c = commands::set(&full, &value, ttl);
+                    async move { c.query_async::<()>(&mut h).await }
+                })
+                .await?;
+            }
+        }
         self.inner.stats.sets(1);
         Ok(())
     }

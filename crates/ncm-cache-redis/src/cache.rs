@@ -191,6 +191,8 @@ impl RedisCacheBuilder {
         max_connections: usize,
         /// Retry reads once after a timeout.
         retry_on_timeout: bool,
+        /// Automatic batching of concurrent gets and sets (default true).
+        auto_batch: bool,
         /// TCP keepalive.
         socket_keepalive: bool,
         /// TCP_NODELAY.

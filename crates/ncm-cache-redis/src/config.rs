@@ -97,6 +97,10 @@ pub struct RedisConfig {
     pub max_connections: usize,
     /// Retry a read once when it timed out (default true). Writes are never retried blindly.
     pub retry_on_timeout: bool,
+    /// Automatic batching (default true): concurrent `get`s share one `MGET`, concurrent
+    /// `set`s one pipeline, with no timer (an idle connection sends at once). See
+    /// docs/BENCHMARKS.md for where it wins and where it costs.
+    pub auto_batch: bool,
     /// Enable TCP keepalive (default true).
     pub socket_keepalive: bool,
     /// Disable Nagle's algorithm (default true): lowest latency per call. `false` lets the
@@ -175,6 +179,7 @@ impl Default for RedisConfig {
             password: None,
             max_connections: 2,
             retry_on_timeout: true,
+            auto_batch: true,
             socket_keepalive: true,
             tcp_nodelay: true,
             socket_keepalive_options: KeepaliveOptions::default(),
@@ -228,6 +233,7 @@ impl fmt::Debug for RedisConfig {
             .field("cluster_nodes", &self.cluster_nodes)
             .field("sentinel", &self.sentinel)
             .field("name", &self.name)
+            .field("auto_batch", &self.auto_batch)
             .finish_non_exhaustive()
     }
 }

@@ -25,6 +25,7 @@
 //! ```
 
 mod backend;
+mod batch;
 mod cache;
 mod commands;
 mod config;

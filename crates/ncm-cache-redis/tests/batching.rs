@@ -1,0 +1,273 @@
+//! Automatic batching (`RedisConfig::auto_batch`, on by default): concurrent gets share MGETs
+//! and concurrent sets pipelines, and still every reply reaches exactly its own caller — under
+//! a stall, a cut and a kill, with callers cancelled mid-batch, and with a write refused for
+//! one key among many.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{Bytes, CacheBackend, CacheError, SharedBackend};
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisServer};
+
+const KEYS: usize = 200;
+
+fn key(i: usize) -> String {
+    format!("k{i}")
+}
+
+/// The value stored under key `i`: names its key, so a reply given to the wrong caller shows.
+fn value(i: usize) -> Bytes {
+    Bytes::from(format!("value-of-k{i}"))
+}
+
+async fn preload(cache: &SharedBackend) {
+    for i in 0..KEYS {
+        cache.set(&key(i), value(i), None).await.unwrap();
+    }
+}
+
+/// `tasks` tasks doing `per_task` gets of random keys (duplicates among concurrent calls
+/// included); every answer must be its own key's value. Returns (ok, errors).
+async fn storm(cache: &SharedBackend, tasks: usize, per_task: usize) -> (usize, usize) {
+    storm_until(cache, tasks, per_task, None, false).await
+}
+
+/// [`storm`], for at least `until` when given (then `per_task` is ignored), with missing keys
+/// allowed when `restarted` (a restarted server is empty).
+async fn storm_until(
+    cache: &SharedBackend,
+    tasks: usize,
+    per_task: usize,
+    until: Option<Instant>,
+    restarted: bool,
+) -> (usize, usize) {
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let cache = Arc::clone(cache);
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(t as u64);
+                let (mut ok, mut err) = (0, 0);
+                let mut n = 0;
+                while until.map_or(n < per_task, |u| Instant::now() < u) {
+                    n += 1;
+                    // A small hot set: many concurrent calls read the same key.
+                    let i = if rng.bool() {
+                        rng.usize(..4)
+                    } else {
+                        rng.usize(..KEYS)
+                    };
+                    match cache.get(&key(i)).await {
+                        Ok(Some(v)) => {
+                            assert_eq!(v, value(i), "a reply reached the wrong caller");
+                            ok += 1;
+                        }
+                        Ok(None) => assert!(restarted, "k{i} read as missing"),
+                        Err(e) => {
+                            assert!(e.is_timeout() || e.is_connection(), "{e:?}");
+                            err += 1;
+                        }
+                    }
+                }
+                (ok, err)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for h in handles {
+        let (ok, err) = h.await.unwrap();
+        total.0 += ok;
+        total.1 += err;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_share_mgets_and_each_caller_gets_its_own_value() {
+    let server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server))
+        .await
+        .unwrap()
+        .backend();
+    preload(&cache).await;
+    let gets_before = server.command_calls("GET").unwrap();
+    let (ok, err) = storm(&cache, 128, 100).await;
+    assert_eq!((ok, err), (12_800, 0));
+    let mgets = server.command_calls("MGET").unwrap();
+    let gets = server.command_calls("GET").unwrap() - gets_before;
+    println!("12,800 gets sent as {mgets} MGETs and {gets} GETs");
+    assert!(mgets > 0, "no batch was formed");
+    assert!(
+        mgets + gets < 12_800 / 2,
+        "batching saved little: {mgets} MGETs + {gets} GETs for 12,800 calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_batch_every_get_is_its_own_command() {
+    let server = RedisServer::start().unwrap();
+    let mut config = support::config(&server);
+    config.auto_batch = false;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    preload(&cache).await;
+    let (ok, _) = storm(&cache, 32, 20).await;
+    assert_eq!(ok, 640);
+    assert_eq!(server.command_calls("MGET").unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller() {
+    let mut server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
+    config.response_timeout = Duration::from_millis(200);
+    config.connect_timeout = Duration::from_millis(200);
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    preload(&cache).await;
+    let faults = {
+        let proxy_handle = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(150));
+                proxy.set_mode(ProxyMode::Stall);
+                std::thread::sleep(Duration::from_millis(300));
+                proxy.set_mode(ProxyMode::Pass);
+                std::thread::sleep(Duration::from_millis(150));
+                proxy.cut();
+            }
+            proxy
+        });
+        let until = Instant::now() + Duration::from_millis(1900);
+        let (ok, err) = storm_until(&cache, 64, 0, Some(until), false).await;
+        println!("under faults: {ok} answers, {err} errors");
+        assert!(ok > 1000, "too few answers");
+        assert!(err > 0, "the faults were not felt");
+        proxy_handle.join().unwrap()
+    };
+    // A kill in the middle of a storm, then a restart: answers are right or typed errors.
+    let storm_cache = Arc::clone(&cache);
+    let until = Instant::now() + Duration::from_millis(1000);
+    let during =
+        tokio::spawn(async move { storm_until(&storm_cache, 64, 0, Some(until), true).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().unwrap();
+    let (ok, err) = during.await.unwrap();
+    println!("across a kill: {ok} answers, {err} errors");
+    drop(faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_callers_do_not_fail_the_others_in_their_batch() {
+    let server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server))
+        .await
+        .unwrap()
+        .backend();
+    preload(&cache).await;
+    for round in 0..20u64 {
+        let handles: Vec<_> = (0..64usize)
+            .map(|t| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let i = (t * 7 + round as usize) % KEYS;
+                    if t % 2 == 0 {
+                        // Cancelled almost at once: maybe while leading a batch.
+                        let _ = tokio::time::timeout(Duration::from_micros(20), cache.get(&key(i)))
+                            .await;
+                        None
+                    } else {
+                        Some((i, cache.get(&key(i)).await))
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Some((i, r)) = h.await.unwrap() {
+                assert_eq!(r.unwrap(), Some(value(i)));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
+    config.response_timeout = Duration::from_millis(200);
+    config.connect_timeout = Duration::from_millis(200);
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    preload(&cache).await;
+    proxy.set_mode(ProxyMode::Stall);
+    let handles: Vec<_> = (0..100usize)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let r = if i % 2 == 0 {
+                    cache.get(&key(i)).await.map(|_| ())
+                } else {
+                    cache.set(&key(i), value(i), None).await
+                };
+                (r, start.elapsed())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (r, took) = h.await.unwrap();
+        let e = r.unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+        // connect 200 ms + two read attempts of 200 ms, plus scheduling slack.
+        assert!(took < Duration::from_millis(600 + 700), "waited {took:?}");
+    }
+    proxy.set_mode(ProxyMode::Pass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_fails_only_its_own_call() {
+    // This user may write `app:ok*` keys only.
+    let server = RedisServer::builder()
+        .args([
+            "--user", "app", "on", ">pw", "~app:ok*", "&*", "+@all", "--user", "default", "off",
+        ])
+        .start()
+        .unwrap();
+    let mut config = RedisConfig::from_url(&format!("redis://app:pw@{}", server.addr())).unwrap();
+    config.key_prefix = "app:".into();
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    for _ in 0..20 {
+        let handles: Vec<_> = (0..64usize)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let k = if i % 3 == 0 {
+                        format!("no{i}")
+                    } else {
+                        format!("ok{i}")
+                    };
+                    (i, cache.set(&k, value(i), None).await)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, r) = h.await.unwrap();
+            if i % 3 == 0 {
+                assert!(matches!(r, Err(CacheError::Auth(_))), "{r:?}");
+            } else {
+                r.unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        cache.get("ok1").await.unwrap(),
+        Some(value(1)),
+        "the allowed writes landed"
+    );
+}
