@@ -136,17 +136,43 @@ fn call_bound(inner: &Inner, op: &'static str, retried: bool) -> (Duration, &'st
     (c.connect_timeout + c.response_timeout * attempts, op)
 }
 
+/// Waits for this call's answer. An error the batch delivered was counted in the stats by
+/// the batch; one that happens here (the bound passed, the batch abandoned) is counted here.
 async fn wait<T>(
+    inner: &Inner,
     rx: oneshot::Receiver<Result<T>>,
     (bound, op): (Duration, &'static str),
+    kind: Operation,
 ) -> Result<T> {
-    match tokio::time::timeout(bound, rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(abandoned()),
-        Err(_) => Err(CacheError::Timeout {
+    let failed = match tokio::time::timeout(bound, rx).await {
+        Ok(Ok(r)) => return r,
+        Ok(Err(_)) => abandoned(),
+        Err(_) => CacheError::Timeout {
             operation: op,
             after: bound,
-        }),
+        },
+    };
+    inner.stats.error(kind);
+    Err(failed)
+}
+
+/// Hands `answer` to its caller and counts a delivered error, so that every failed call is
+/// counted once: `pending` is an error `Inner::run` already counted for the batch, attributed
+/// to the first failed call delivered.
+fn deliver<T>(
+    inner: &Inner,
+    kind: Operation,
+    tx: oneshot::Sender<Result<T>>,
+    answer: Result<T>,
+    pending: &mut bool,
+) {
+    let failed = answer.is_err();
+    if tx.send(answer).is_ok() && failed {
+        if *pending {
+            *pending = false;
+        } else {
+            inner.stats.error(kind);
+        }
     }
 }
 
@@ -164,7 +190,7 @@ pub(crate) async fn get(
         };
         lead.run().await;
     }
-    wait(rx, call_bound(inner, "get", true)).await
+    wait(inner, rx, call_bound(inner, "get", true), Operation::Get).await
 }
 
 /// Writes `key` (a full key) in a batch.
@@ -184,7 +210,7 @@ pub(crate) async fn set(
     }) {
         tokio::spawn(flush_sets(Arc::clone(inner), batch));
     }
-    wait(rx, call_bound(inner, "set", false)).await
+    wait(inner, rx, call_bound(inner, "set", false), Operation::Set).await
 }
 
 /// A read batch sent by its leading caller; resent by a task if that caller is cancelled.
@@ -258,7 +284,14 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             })
             .await;
         if let Some(g) = batch.pop() {
-            let _ = g.tx.send(r.map(|v| v.map(Bytes::from)));
+            let mut pending = r.is_err();
+            deliver(
+                inner,
+                Operation::Get,
+                g.tx,
+                r.map(|v| v.map(Bytes::from)),
+                &mut pending,
+            );
         }
         return;
     }
@@ -282,6 +315,8 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             mget.query_async(&mut h).await
         })
         .await;
+    // A failed MGET was counted once by `run`; a reply of the wrong length was not.
+    let mut pending = r.is_err();
     let r = r.and_then(|values| {
         if values.len() == keys.len() {
             Ok(values
@@ -306,7 +341,7 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             Ok(values) => Ok(values[at].clone()),
             Err(e) => Err(e.clone()),
         };
-        let _ = g.tx.send(answer);
+        deliver(inner, Operation::Get, g.tx, answer, &mut pending);
     }
 }
 
@@ -344,26 +379,25 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
         }
     });
     let outcomes = futures_util::future::join_all(sends).await;
-    let mut result: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+    let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
     for (group, outcome) in groups.iter().zip(outcomes) {
-        match outcome {
-            Ok(replies) => {
-                for (&i, reply) in group.iter().zip(replies) {
-                    result[i] = Some(
-                        reply
-                            .map(|_| ())
-                            .map_err(|e| crate::error::map_err("set", e, timeout)),
-                    );
-                }
-            }
-            Err(e) => {
-                for &i in group {
-                    result[i] = Some(Err(e.clone()));
-                }
-            }
+        // A failed pipeline was counted once by `run`; error replies were not.
+        let mut pending = outcome.is_err();
+        let mut replies = outcome.map(Vec::into_iter);
+        for &i in group {
+            let Some(call) = calls.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            let answer = match &mut replies {
+                Ok(replies) => match replies.next() {
+                    Some(reply) => reply
+                        .map(|_| ())
+                        .map_err(|e| crate::error::map_err("set", e, timeout)),
+                    None => Err(abandoned()),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            deliver(inner, Operation::Set, call.tx, answer, &mut pending);
         }
-    }
-    for (s, r) in batch.drain(..).zip(result) {
-        let _ = s.tx.send(r.unwrap_or_else(|| Err(abandoned())));
     }
 }

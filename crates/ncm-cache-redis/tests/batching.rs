@@ -226,6 +226,12 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
         // connect 200 ms + two read attempts of 200 ms, plus scheduling slack.
         assert!(took < Duration::from_millis(600 + 700), "waited {took:?}");
     }
+    // Every failed call is counted, not one per failed batch.
+    assert!(
+        cache.get_stats().errors >= 100,
+        "{} errors counted for 100 failed calls",
+        cache.get_stats().errors
+    );
     proxy.set_mode(ProxyMode::Pass);
 }
 
