@@ -242,7 +242,7 @@ impl RedisConfig {
     /// Parses `redis://[user][:password@]host[:port][/db][?option=value&...]` (or `rediss://`
     /// for TLS). Query options: `key_prefix`, `default_ttl`, `max_connections`,
     /// `connect_timeout`, `response_timeout`, `health_check_interval`, `name`, `serialization`,
-    /// `compression`, `insecure`. Unknown options are rejected.
+    /// `compression`, `insecure`, `auto_batch`. Unknown options are rejected.
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url)
             .map_err(|e| CacheError::Config(format!("invalid Redis URL: {e}")))?;
@@ -289,6 +289,7 @@ impl RedisConfig {
             "max_connections" => {
                 self.max_connections = value.parse().map_err(|_| bad("max_connections"))?;
             }
+            "auto_batch" => self.auto_batch = value.parse().map_err(|_| bad("auto_batch"))?,
             "connect_timeout" => self.connect_timeout = parse_duration(value)?,
             "response_timeout" | "timeout" => self.response_timeout = parse_duration(value)?,
             "health_check_interval" => self.health_check_interval = Some(parse_duration(value)?),

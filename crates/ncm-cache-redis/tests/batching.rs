@@ -109,8 +109,8 @@ async fn concurrent_gets_share_mgets_and_each_caller_gets_its_own_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_auto_batch_every_get_is_its_own_command() {
     let server = RedisServer::start().unwrap();
-    let mut config = support::config(&server);
-    config.auto_batch = false;
+    let config = RedisConfig::from_url(&format!("{}?auto_batch=false", server.url())).unwrap();
+    assert!(!config.auto_batch);
     let cache = RedisCache::connect(config).await.unwrap().backend();
     preload(&cache).await;
     let (ok, _) = storm(&cache, 32, 20).await;
