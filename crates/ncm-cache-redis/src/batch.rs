@@ -1,29 +1,34 @@
-//! Automatic batching of concurrent single-key calls (`RedisConfig::auto_batch`, on by default).
+//! Automatic batching of concurrent single-key calls (`RedisConfig::auto_batch`, on by default;
+//! off on a cluster, where per-slot batches of random keys are batches of one).
 //!
 //! Concurrent `get`s are coalesced into one `MGET` (duplicates of a key share one slot) and
-//! concurrent `set`s into one pipeline (per hash slot on a cluster). Nothing waits for a timer:
-//! a call that finds fewer than [`MAX_IN_FLIGHT`] batches in flight sends at once — alone when
-//! the connection is idle, so a single caller pays nothing but a lock and a oneshot — and the
-//! calls that arrive while batches are in flight are sent together as soon as one returns.
+//! concurrent `set`s into one pipeline. Nothing waits for a timer: a call that finds fewer than
+//! [`MAX_IN_FLIGHT`] batches in flight sends at once — alone, since a free slot means nothing
+//! is queued, so an idle connection costs a call only a lock and a oneshot — and the calls
+//! that arrive while batches are in flight go together in the next batch, sent by a task as
+//! soon as one of those returns.
 //!
-//! Reads are sent by the caller that leads them (no task hop); if that caller is cancelled
-//! mid-flight, its batch is sent again by a background task for the others (a read is
-//! idempotent). Writes are always sent by a background task, so a cancelled caller never
-//! cancels the writes of others, and are never resent. Every caller gets its own result (a
-//! write's error reply reaches only its call) or a copy of its batch's failure, and waits no
-//! longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt);
-//! a caller that gave up is left out of any batch not yet sent, so a timed-out write is never
-//! applied later. On a cluster batching is off (per-slot batches gained nothing there yet).
+//! A lone `get` is sent by its caller (no task hop); every other batch by a task, so a
+//! cancelled caller never cancels the calls of others. Every caller gets its own answer (a
+//! write's error reply reaches only its call) or a copy of its batch's failure. A caller waits
+//! no longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt) for
+//! its batch to be sent; a write already handed to the connection is then waited for as an
+//! unbatched one is (until the connection answers or fails), and a write whose caller gave up
+//! before that is never sent, so it is never applied behind its caller's back. A batch is bounded in calls ([`MAX_BATCH`]) and, for
+//! writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
-//! One difference from a plain GET: `MGET` answers nil for a key holding another type where
-//! GET answers `WRONGTYPE`, so such a key reads as missing.
+//! Differences a caller can see: a failed batch fails all of its calls (each counted once in
+//! the stats; a multi-level cache's breaker sees each); a key holding a non-string type reads
+//! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it went alone; latency
+//! stats are per batch, without the time a call spent queued. `RedisSyncCache` does not batch.
 //!
-//! Order: a batch is taken from the queue in arrival order and keeps it; two batches may be in
-//! flight at once, so two calls that were both in flight may apply in either order (as two
-//! concurrent calls may without batching); a call made after another returned is always
-//! applied after it.
+//! Order: a batch is taken from the queue in arrival order and keeps it; several batches may be
+//! in flight, so two calls that were both in flight may apply in either order (as two
+//! concurrent calls may without batching); a call made after another returned `Ok` is applied
+//! after it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,10 +38,12 @@ use tokio::sync::oneshot;
 use crate::backend::Inner;
 use crate::commands;
 
-/// Batches of one kind in flight at once (one being sent while another's reply is handled).
+/// Batches of one kind in flight at once.
 pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Most calls in one batch (one MGET / one pipeline).
 pub(crate) const MAX_BATCH: usize = 256;
+/// Most value bytes in one batch of writes (a larger value goes alone).
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// A queued read.
 pub(crate) struct Get {
@@ -44,15 +51,38 @@ pub(crate) struct Get {
     tx: oneshot::Sender<Result<Option<Bytes>>>,
 }
 
+/// A write's progress: queued, handed to the connection, or given up by its caller.
+const QUEUED: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// A queued write.
 pub(crate) struct Set {
     key: String,
     value: Bytes,
     ttl: Option<Duration>,
+    state: Arc<AtomicU8>,
     tx: oneshot::Sender<Result<()>>,
 }
 
-/// The queues of one connection.
+trait Weight {
+    /// Bytes this call adds to a batch.
+    fn weight(&self) -> usize;
+}
+
+impl Weight for Get {
+    fn weight(&self) -> usize {
+        0
+    }
+}
+
+impl Weight for Set {
+    fn weight(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
+/// The queues of one backend.
 #[derive(Default)]
 pub(crate) struct Batcher {
     gets: Lane<Get>,
@@ -79,17 +109,28 @@ struct Queue<R> {
     in_flight: usize,
 }
 
-impl<R> Queue<R> {
+impl<R: Weight> Queue<R> {
+    /// The next batch: the oldest calls, up to [`MAX_BATCH`] calls and [`MAX_BATCH_BYTES`]
+    /// (always at least one).
     fn take(&mut self) -> Vec<R> {
-        if self.items.len() <= MAX_BATCH {
+        let mut bytes = 0;
+        let mut n = 0;
+        for r in self.items.iter().take(MAX_BATCH) {
+            bytes += r.weight();
+            if n > 0 && bytes > MAX_BATCH_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        if n == self.items.len() {
             std::mem::take(&mut self.items)
         } else {
-            self.items.drain(..MAX_BATCH).collect()
+            self.items.drain(..n).collect()
         }
     }
 }
 
-impl<R> Lane<R> {
+impl<R: Weight> Lane<R> {
     fn lock(&self) -> MutexGuard<'_, Queue<R>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -110,12 +151,68 @@ impl<R> Lane<R> {
     fn next(&self) -> Option<Vec<R>> {
         let mut q = self.lock();
         if q.items.is_empty() {
-            q.in_flight -= 1;
+            q.in_flight = q.in_flight.saturating_sub(1);
             None
         } else {
             Some(q.take())
         }
     }
+}
+
+/// A slot in flight; given back (or passed to a new task with the queued calls) when dropped —
+/// also when its holder is cancelled or panics, so a slot never leaks.
+struct Slot<'a, R: Weight + Send + 'static> {
+    inner: &'a Arc<Inner>,
+    lane: fn(&Batcher) -> &Lane<R>,
+    flush: fn(Arc<Inner>, Vec<R>) -> futures_util::future::BoxFuture<'static, ()>,
+    held: bool,
+}
+
+impl<R: Weight + Send + 'static> Slot<'_, R> {
+    /// The next batch for this slot, or `None` with the slot given back.
+    fn next(&mut self) -> Option<Vec<R>> {
+        let batch = self
+            .inner
+            .batcher
+            .as_ref()
+            .and_then(|b| (self.lane)(b).next());
+        self.held = batch.is_some();
+        batch
+    }
+}
+
+impl<R: Weight + Send + 'static> Drop for Slot<'_, R> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let Some(batch) = self.next() else { return };
+        // Queued calls wait for this slot: a task sends them (or, with no runtime left, they
+        // are dropped and their callers see the batch abandoned).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn((self.flush)(Arc::clone(self.inner), batch));
+        } else if let Some(b) = self.inner.batcher.as_ref() {
+            drop(batch);
+            let mut q = (self.lane)(b).lock();
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+fn gets(b: &Batcher) -> &Lane<Get> {
+    &b.gets
+}
+
+fn sets(b: &Batcher) -> &Lane<Set> {
+    &b.sets
+}
+
+fn spawn_gets(inner: Arc<Inner>, batch: Vec<Get>) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(flush_gets(inner, batch))
+}
+
+fn spawn_sets(inner: Arc<Inner>, batch: Vec<Set>) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(flush_sets(inner, batch))
 }
 
 /// The answer when a batch ended without one for this call (its sender was dropped: the
@@ -127,33 +224,121 @@ fn abandoned() -> CacheError {
     }
 }
 
-/// How long a caller waits for its batch at most: what one unbatched call may take (connect,
-/// then each attempt's response timeout). A caller that gives up is dropped from any batch
-/// not yet sent.
-fn call_bound(inner: &Inner, op: &'static str, retried: bool) -> (Duration, &'static str) {
+/// How long a caller waits for its batch: what one unbatched call may take (connect, then each
+/// attempt's response timeout).
+fn call_bound(inner: &Inner, retried: bool) -> Duration {
     let c = &inner.config;
     let attempts = if retried && c.retry_on_timeout { 2 } else { 1 };
-    (c.connect_timeout + c.response_timeout * attempts, op)
+    c.connect_timeout + c.response_timeout * attempts
 }
 
-/// Waits for this call's answer. An error the batch delivered was counted in the stats by
-/// the batch; one that happens here (the bound passed, the batch abandoned) is counted here.
-async fn wait<T>(
-    inner: &Inner,
-    rx: oneshot::Receiver<Result<T>>,
-    (bound, op): (Duration, &'static str),
-    kind: Operation,
-) -> Result<T> {
-    let failed = match tokio::time::timeout(bound, rx).await {
-        Ok(Ok(r)) => return r,
-        Ok(Err(_)) => abandoned(),
-        Err(_) => CacheError::Timeout {
-            operation: op,
-            after: bound,
-        },
-    };
+/// The error of a call that waited past its bound (counted here: no batch counted it).
+fn timed_out<T>(inner: &Inner, op: &'static str, kind: Operation, after: Duration) -> Result<T> {
     inner.stats.error(kind);
-    Err(failed)
+    Err(CacheError::Timeout {
+        operation: op,
+        after,
+    })
+}
+
+/// Reads `key` (a full key) in a batch.
+pub(crate) async fn get(
+    inner: &Arc<Inner>,
+    batcher: &Batcher,
+    key: String,
+) -> Result<Option<Bytes>> {
+    let (tx, mut rx) = oneshot::channel();
+    if let Some(mut batch) = batcher.gets.push(Get { key, tx }) {
+        // A free slot: the queue was empty, this call goes alone, sent from here.
+        let mut slot = Slot {
+            inner,
+            lane: gets,
+            flush: spawn_gets,
+            held: true,
+        };
+        send_gets(inner, &mut batch).await;
+        if let Some(next) = slot.next() {
+            // The slot goes with the calls queued meanwhile, to a task.
+            slot.held = false;
+            tokio::spawn(flush_gets(Arc::clone(inner), next));
+        }
+    }
+    let bound = call_bound(inner, true);
+    match tokio::time::timeout(bound, &mut rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(abandoned()),
+        Err(_) => timed_out(inner, "get", Operation::Get, bound),
+    }
+}
+
+/// Writes `key` (a full key) in a batch.
+pub(crate) async fn set(
+    inner: &Arc<Inner>,
+    batcher: &Batcher,
+    key: String,
+    value: Bytes,
+    ttl: Option<Duration>,
+) -> Result<()> {
+    let (tx, mut rx) = oneshot::channel();
+    let state = Arc::new(AtomicU8::new(QUEUED));
+    let call = Set {
+        key,
+        value,
+        ttl,
+        state: Arc::clone(&state),
+        tx,
+    };
+    if let Some(batch) = batcher.sets.push(call) {
+        tokio::spawn(flush_sets(Arc::clone(inner), batch));
+    }
+    let bound = call_bound(inner, false);
+    match tokio::time::timeout(bound, &mut rx).await {
+        Ok(Ok(r)) => return r,
+        Ok(Err(_)) => return Err(abandoned()),
+        Err(_) => {}
+    }
+    // Not sent yet: it never will be.
+    if state
+        .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        return timed_out(inner, "set", Operation::Set, bound);
+    }
+    // Sent: like an unbatched write, its caller learns how it ended (the connection bounds the
+    // wait: response timeout, reconnect settings).
+    rx.await.unwrap_or_else(|_| Err(abandoned()))
+}
+
+async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
+    let mut slot = Slot {
+        inner: &inner,
+        lane: gets,
+        flush: spawn_gets,
+        held: true,
+    };
+    loop {
+        send_gets(&inner, &mut batch).await;
+        match slot.next() {
+            Some(next) => batch = next,
+            None => return,
+        }
+    }
+}
+
+async fn flush_sets(inner: Arc<Inner>, mut batch: Vec<Set>) {
+    let mut slot = Slot {
+        inner: &inner,
+        lane: sets,
+        flush: spawn_sets,
+        held: true,
+    };
+    loop {
+        send_sets(&inner, &mut batch).await;
+        match slot.next() {
+            Some(next) => batch = next,
+            None => return,
+        }
+    }
 }
 
 /// Hands `answer` to its caller and counts a delivered error, so that every failed call is
@@ -176,129 +361,39 @@ fn deliver<T>(
     }
 }
 
-/// Reads `key` (a full key) in a batch.
-pub(crate) async fn get(
-    inner: &Arc<Inner>,
-    batcher: &Batcher,
-    key: String,
-) -> Result<Option<Bytes>> {
-    let (tx, rx) = oneshot::channel();
-    if let Some(batch) = batcher.gets.push(Get { key, tx }) {
-        let mut lead = Leading {
-            inner,
-            batch: Some(batch),
-        };
-        lead.run().await;
-    }
-    wait(inner, rx, call_bound(inner, "get", true), Operation::Get).await
-}
-
-/// Writes `key` (a full key) in a batch.
-pub(crate) async fn set(
-    inner: &Arc<Inner>,
-    batcher: &Batcher,
-    key: String,
-    value: Bytes,
-    ttl: Option<Duration>,
-) -> Result<()> {
-    let (tx, rx) = oneshot::channel();
-    if let Some(batch) = batcher.sets.push(Set {
-        key,
-        value,
-        ttl,
-        tx,
-    }) {
-        tokio::spawn(flush_sets(Arc::clone(inner), batch));
-    }
-    wait(inner, rx, call_bound(inner, "set", false), Operation::Set).await
-}
-
-/// A read batch sent by its leading caller; resent by a task if that caller is cancelled.
-struct Leading<'a> {
-    inner: &'a Arc<Inner>,
-    batch: Option<Vec<Get>>,
-}
-
-impl Leading<'_> {
-    async fn run(&mut self) {
-        if let Some(batch) = self.batch.as_mut() {
-            send_gets(self.inner, batch).await;
-        }
-        self.batch = None;
-        if let Some(batcher) = self.inner.batcher.as_ref()
-            && let Some(next) = batcher.gets.next()
-        {
-            tokio::spawn(flush_gets(Arc::clone(self.inner), next));
-        }
-    }
-}
-
-impl Drop for Leading<'_> {
-    fn drop(&mut self) {
-        // Cancelled mid-flight: the others still wait for this batch (the slot is still held).
-        if let Some(batch) = self.batch.take() {
-            tokio::spawn(flush_gets(Arc::clone(self.inner), batch));
-        }
-    }
-}
-
-async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
-    let Some(batcher) = inner.batcher.as_ref() else {
-        return;
-    };
-    loop {
-        send_gets(&inner, &mut batch).await;
-        match batcher.gets.next() {
-            Some(next) => batch = next,
-            None => return,
-        }
-    }
-}
-
-async fn flush_sets(inner: Arc<Inner>, mut batch: Vec<Set>) {
-    let Some(batcher) = inner.batcher.as_ref() else {
-        return;
-    };
-    loop {
-        send_sets(&inner, &mut batch).await;
-        match batcher.sets.next() {
-            Some(next) => batch = next,
-            None => return,
-        }
-    }
+/// Whether `Inner::run` counted this failure (it does not count `Closed`, returned before any
+/// attempt).
+fn counted_by_run<T>(r: &Result<T>) -> bool {
+    matches!(r, Err(e) if !matches!(e, CacheError::Closed))
 }
 
 /// One GET (a batch of one) or one MGET of the distinct keys; every caller gets its answer.
 async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
     // Callers that gave up (timed out, cancelled) are not asked for.
     batch.retain(|g| !g.tx.is_closed());
-    if batch.is_empty() {
-        return;
-    }
-    if batch.len() == 1 {
-        let key = batch[0].key.as_str();
+    if batch.len() <= 1 {
+        let Some(g) = batch.pop() else { return };
+        let key = g.key.as_str();
         let r: Result<Option<Vec<u8>>> = inner
             .run(Operation::Get, true, |mut h| {
                 let c = commands::get(key);
                 async move { c.query_async(&mut h).await }
             })
             .await;
-        if let Some(g) = batch.pop() {
-            let mut pending = r.is_err();
-            deliver(
-                inner,
-                Operation::Get,
-                g.tx,
-                r.map(|v| v.map(Bytes::from)),
-                &mut pending,
-            );
-        }
+        let mut pending = counted_by_run(&r);
+        deliver(
+            inner,
+            Operation::Get,
+            g.tx,
+            r.map(|v| v.map(Bytes::from)),
+            &mut pending,
+        );
         return;
     }
-    // Distinct keys in first-seen order; `slot[i]` is call i's key's place.
+    // Distinct keys in first-seen order; `place[i]` is call i's key's index among them.
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     let mut keys: Vec<&str> = Vec::with_capacity(batch.len());
-    let slot: Vec<usize> = batch
+    let place: Vec<usize> = batch
         .iter()
         .map(|g| {
             *index.entry(g.key.as_str()).or_insert_with(|| {
@@ -315,8 +410,7 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             mget.query_async(&mut h).await
         })
         .await;
-    // A failed MGET was counted once by `run`; a reply of the wrong length was not.
-    let mut pending = r.is_err();
+    let mut pending = counted_by_run(&r);
     let r = r.and_then(|values| {
         if values.len() == keys.len() {
             Ok(values
@@ -336,7 +430,7 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
     });
     drop(index);
     drop(keys);
-    for (g, at) in batch.drain(..).zip(slot) {
+    for (g, at) in batch.drain(..).zip(place) {
         let answer = match &r {
             Ok(values) => Ok(values[at].clone()),
             Err(e) => Err(e.clone()),
@@ -345,59 +439,71 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
     }
 }
 
-/// One pipeline of SETs (per hash slot on a cluster); every caller gets its own command's
-/// outcome (a server error reply reaches only its call), or its pipeline's failure.
+/// One pipeline of SETs, built when the connection is ready: a write whose caller gave up
+/// before that is left out. Every caller gets its own command's outcome (an error reply
+/// reaches only its call) or the pipeline's failure.
 async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
-    // A write whose caller gave up before it was sent is not sent: its caller saw a timeout
-    // (or was cancelled) and the write is not applied later behind its back.
-    batch.retain(|s| !s.tx.is_closed());
-    if batch.is_empty() {
-        return;
-    }
-    let groups: Vec<Vec<usize>> = if inner.conn.is_cluster() {
-        let keys: Vec<&[u8]> = batch.iter().map(|s| s.key.as_bytes()).collect();
-        crate::conn::group_by_slot(&keys)
-    } else {
-        vec![(0..batch.len()).collect()]
-    };
     let timeout = inner.config.response_timeout;
-    let sends = groups.iter().map(|group| {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for &i in group {
-            let s = &batch[i];
-            pipe.add_command(commands::set(&s.key, &s.value, s.ttl));
-        }
-        async move {
-            let pipe = &pipe;
-            inner
-                .run(Operation::Set, false, |mut h| async move {
-                    pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut h)
-                        .await
+    let calls = &*batch;
+    let r: Result<(Vec<usize>, Vec<redis::RedisResult<redis::Value>>)> = inner
+        .run(Operation::Set, false, |mut h| {
+            // Claimed now, with the connection in hand: from here the write is the caller's
+            // to wait for.
+            let sent: Vec<usize> = calls
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.state
+                        .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
                 })
-                .await
-        }
-    });
-    let outcomes = futures_util::future::join_all(sends).await;
+                .map(|(i, _)| i)
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &sent {
+                let s = &calls[i];
+                pipe.add_command(commands::set(&s.key, &s.value, s.ttl));
+            }
+            async move {
+                if sent.is_empty() {
+                    return redis::RedisResult::Ok((sent, Vec::new()));
+                }
+                let replies = pipe
+                    .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut h)
+                    .await?;
+                Ok((sent, replies))
+            }
+        })
+        .await;
+    let mut pending = counted_by_run(&r);
     let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
-    for (group, outcome) in groups.iter().zip(outcomes) {
-        // A failed pipeline was counted once by `run`; error replies were not.
-        let mut pending = outcome.is_err();
-        let mut replies = outcome.map(Vec::into_iter);
-        for &i in group {
-            let Some(call) = calls.get_mut(i).and_then(Option::take) else {
-                continue;
-            };
-            let answer = match &mut replies {
-                Ok(replies) => match replies.next() {
-                    Some(reply) => reply
-                        .map(|_| ())
-                        .map_err(|e| crate::error::map_err("set", e, timeout)),
+    match r {
+        Ok((sent, replies)) => {
+            let mut replies = replies.into_iter();
+            for i in sent {
+                let Some(call) = calls.get_mut(i).and_then(Option::take) else {
+                    continue;
+                };
+                let answer = match replies.next() {
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(e)) => {
+                        let e = crate::error::map_err("set", e, timeout);
+                        // READONLY and the like: the connection must be re-resolved.
+                        if e.is_connection() {
+                            inner.conn.on_error(&e);
+                        }
+                        Err(e)
+                    }
                     None => Err(abandoned()),
-                },
-                Err(e) => Err(e.clone()),
-            };
-            deliver(inner, Operation::Set, call.tx, answer, &mut pending);
+                };
+                deliver(inner, Operation::Set, call.tx, answer, &mut pending);
+            }
+        }
+        Err(e) => {
+            for call in calls.into_iter().flatten() {
+                deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
+            }
         }
     }
 }
