@@ -136,11 +136,18 @@ async fn writes_by_another_program_evict_every_instance_l1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
     let server = RedisServer::start().unwrap();
-    let cache = tracked(config(&server.url()), Coherence::Tracking).await;
+    // Two instances: each must stop serving its copy.
+    let (cache, other_instance) = (
+        tracked(config(&server.url()), Coherence::Tracking).await,
+        tracked(config(&server.url()), Coherence::Tracking).await,
+    );
+    let both = [&cache, &other_instance];
     let mut other = foreign(&server.url()).await;
     // A write by redis-cli: RENAME of a key another program prepared.
     cache.set("k", 1u64).await.unwrap();
-    until_l1(&cache, "k").await;
+    for c in both {
+        until_l1(c, "k").await;
+    }
     let bytes = cache.codec_bytes("k", &2u64).unwrap();
     let _: () = redis::cmd("SET")
         .arg("staging")
@@ -149,25 +156,37 @@ async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
         .await
         .unwrap();
     server.cli(&["RENAME", "staging", "app:k"]).unwrap();
-    until_seen(&cache, "k", Some(2), BOUND).await;
+    for c in both {
+        until_seen(c, "k", Some(2), BOUND).await;
+    }
     // DEL.
-    until_l1(&cache, "k").await;
+    for c in both {
+        until_l1(c, "k").await;
+    }
     server.cli(&["DEL", "app:k"]).unwrap();
-    until_seen(&cache, "k", None, BOUND).await;
+    for c in both {
+        until_seen(c, "k", None, BOUND).await;
+    }
     // Expiry by the server: the EXPIRE itself, then the key's removal when it expires.
     cache.set("k", 3u64).await.unwrap();
-    until_l1(&cache, "k").await;
+    for c in both {
+        until_l1(c, "k").await;
+    }
     server.cli(&["PEXPIRE", "app:k", "300"]).unwrap();
     let set_at = Instant::now();
-    until_l1(&cache, "k").await;
+    for c in both {
+        until_l1(c, "k").await;
+    }
     // Read from L1 only from here: a read of L2 would expire the key itself (lazily).
-    until_seen(
-        &cache,
-        "k",
-        None,
-        Duration::from_millis(300) + Duration::from_secs(2),
-    )
-    .await;
+    for c in both {
+        until_seen(
+            c,
+            "k",
+            None,
+            Duration::from_millis(300) + Duration::from_secs(2),
+        )
+        .await;
+    }
     assert!(
         set_at.elapsed() >= Duration::from_millis(290),
         "gone before it expired"
@@ -175,11 +194,15 @@ async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
     // FLUSHALL empties every key of L1.
     for i in 0..20u64 {
         cache.set(&format!("f{i}"), i).await.unwrap();
-        until_l1(&cache, &format!("f{i}")).await;
+        for c in both {
+            until_l1(c, &format!("f{i}")).await;
+        }
     }
     server.cli(&["FLUSHALL"]).unwrap();
     for i in 0..20u64 {
-        until_seen(&cache, &format!("f{i}"), None, BOUND).await;
+        for c in both {
+            until_seen(c, &format!("f{i}"), None, BOUND).await;
+        }
     }
 }
 
