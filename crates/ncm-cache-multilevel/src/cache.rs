@@ -167,7 +167,7 @@ impl MultiLevelCache<Serializer> {
 impl<C: Codec> MultiLevelCache<C> {
     pub(crate) fn from_builder(b: MultiLevelBuilder<C>) -> Result<Self> {
         #[cfg(feature = "redis")]
-        let (backplane_redis, tracking_redis) = b.coherence_links()?;
+        let (backplane_redis, tracking_redis) = fall_back_without_tracking(b.coherence_links()?);
         let o = b.options;
         #[cfg(feature = "redis")]
         if b.lock.is_some() && (o.lock_ttl < Duration::from_millis(100) || o.lock_wait.is_zero()) {
@@ -261,6 +261,21 @@ impl<C: Codec> MultiLevelCache<C> {
     /// Bytes charged in L1.
     pub fn l1_weight(&self) -> u64 {
         self.inner.l1.weight()
+    }
+
+    /// The coherence mechanism in use (feature `redis`): what was asked for, unless the server
+    /// cannot do client tracking (then the backplane); `None` without any.
+    #[cfg(feature = "redis")]
+    pub fn coherence(&self) -> Option<crate::Coherence> {
+        match (
+            self.inner.backplane.is_some(),
+            self.inner.tracking.is_some(),
+        ) {
+            (true, true) => Some(crate::Coherence::Both),
+            (true, false) => Some(crate::Coherence::Backplane),
+            (false, true) => Some(crate::Coherence::Tracking),
+            (false, false) => None,
+        }
     }
 
     /// `true` while L1 is in use (with a backplane: only while subscribed).
@@ -702,6 +717,33 @@ impl<C: Codec> MultiLevelCache<C> {
         }
         self.inner.l1.close();
         Ok(())
+    }
+}
+
+/// Client tracking where the server cannot do it (probed at connect: `CLIENT TRACKING` renamed
+/// or refused, no RESP3) falls back to the backplane on the same Redis, with the reason logged:
+/// other instances' writes are still heard, other programs' writes are not.
+#[cfg(feature = "redis")]
+#[allow(clippy::type_complexity)]
+fn fall_back_without_tracking(
+    (backplane, tracking): (
+        Option<Arc<ncm_cache_redis::RedisBackend>>,
+        Option<Arc<ncm_cache_redis::RedisBackend>>,
+    ),
+) -> (
+    Option<Arc<ncm_cache_redis::RedisBackend>>,
+    Option<Arc<ncm_cache_redis::RedisBackend>>,
+) {
+    match tracking {
+        Some(t) if !t.capabilities().client_tracking => {
+            tracing::error!(
+                capabilities = %t.capabilities(),
+                "client tracking is not available on this server: using the pub/sub backplane \
+                 instead (writes by other programs are not seen by L1)"
+            );
+            (backplane.or(Some(t)), None)
+        }
+        other => (backplane, other),
     }
 }
 

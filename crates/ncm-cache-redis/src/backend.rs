@@ -27,6 +27,8 @@ pub struct RedisBackend {
 
 pub(crate) struct Inner {
     pub(crate) conn: Conn,
+    /// What the server can do, probed at connect.
+    pub(crate) capabilities: crate::capabilities::Capabilities,
     /// Queues of automatic batching (`RedisConfig::auto_batch`).
     pub(crate) batcher: Option<crate::batch::Batcher>,
     pub(crate) keys: KeySpace,
@@ -59,11 +61,13 @@ impl RedisBackend {
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
         let conn = Conn::connect(&config).await?;
+        let capabilities = crate::capabilities::probe(&config).await;
         // Off on a cluster: per-slot batches of random keys are batches of one.
         let batcher =
             (config.auto_batch && !conn.is_cluster()).then(crate::batch::Batcher::default);
         let inner = Arc::new(Inner {
             conn,
+            capabilities,
             batcher,
             keys: KeySpace::new(config.key_prefix.clone()).with_max_key_len(config.max_key_len),
             stats: StatsRecorder::new(config.name.as_str(), "redis"),
@@ -533,7 +537,12 @@ impl CacheBackend for RedisBackend {
         match pong {
             Ok(p) if p == "PONG" => {
                 self.inner.healthy.store(true, Ordering::Relaxed);
-                HealthReport::new(true, latency, "redis", format!("{topology}: PONG"))
+                HealthReport::new(
+                    true,
+                    latency,
+                    "redis",
+                    format!("{topology}: PONG; {}", self.inner.capabilities),
+                )
             }
             Ok(other) => HealthReport::new(
                 false,

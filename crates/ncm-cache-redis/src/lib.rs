@@ -27,6 +27,7 @@
 mod backend;
 mod batch;
 mod cache;
+mod capabilities;
 mod commands;
 mod config;
 mod conn;
@@ -39,6 +40,7 @@ mod tracking;
 
 pub use backend::RedisBackend;
 pub use cache::{IntoCompression, RedisCache, RedisCacheBuilder};
+pub use capabilities::Capabilities;
 pub use config::{Compression, KeepaliveOptions, RedisConfig, SentinelConfig};
 pub use conn::tcp_settings;
 pub use lock::RedisLock;
