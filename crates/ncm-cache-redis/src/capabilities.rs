@@ -88,10 +88,20 @@ pub(crate) async fn probe(config: &RedisConfig) -> Capabilities {
     let mut caps = Capabilities::default();
     let timeout = config.connect_timeout + config.response_timeout;
     let work = async {
-        let url = crate::pubsub::node_url(config, 0).await?;
-        let resp2 = connect(config, &url, false).await?;
-        probe_with(&mut caps, config, &url, resp2).await;
-        Ok::<_, CacheError>(())
+        // The first node that answers (a cluster's first seed may be down).
+        let seeds = config.cluster_nodes.len().max(1);
+        let mut last = None;
+        for attempt in 0..seeds {
+            let url = crate::pubsub::node_url(config, attempt).await?;
+            match connect(config, &url, false).await {
+                Ok(resp2) => {
+                    probe_with(&mut caps, config, &url, resp2).await;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(CacheError::Closed))
     };
     match tokio::time::timeout(timeout * 2, work).await {
         Ok(Ok(())) => {}
@@ -100,11 +110,8 @@ pub(crate) async fn probe(config: &RedisConfig) -> Capabilities {
             .notes
             .push(format!("probe timed out after {:?}", timeout * 2)),
     }
-    if !caps.notes.is_empty() {
-        tracing::info!(capabilities = %caps, "Redis capabilities: some are missing");
-    } else {
-        tracing::debug!(capabilities = %caps, "Redis capabilities");
-    }
+    // Not louder: what the cache would use and cannot is logged where it falls back.
+    tracing::debug!(capabilities = %caps, "Redis capabilities");
     caps
 }
 
