@@ -98,6 +98,20 @@ async fn foreign(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// Another program's `SET` of the full key `key`.
+async fn put<K: redis::ToRedisArgs>(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: K,
+    bytes: &[u8],
+) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(bytes)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 fn p99(mut d: Vec<Duration>) -> Duration {
     d.sort();
     d[(d.len() * 99 / 100).min(d.len() - 1)]
@@ -117,12 +131,7 @@ async fn writes_by_another_program_evict_every_instance_l1() {
         until_l1(&a, "user:1").await;
         until_l1(&b, "user:1").await;
         let bytes = a.codec_bytes("user:1", &v).unwrap();
-        let _: () = redis::cmd("SET")
-            .arg("app:user:1")
-            .arg(bytes.as_ref())
-            .query_async(&mut other)
-            .await
-            .unwrap();
+        put(&mut other, "app:user:1", &bytes).await;
         windows.push(until_seen(&b, "user:1", Some(v), BOUND).await);
         until_seen(&a, "user:1", Some(v), BOUND).await;
     }
@@ -149,12 +158,7 @@ async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
         until_l1(c, "k").await;
     }
     let bytes = cache.codec_bytes("k", &2u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("staging")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "staging", &bytes).await;
     server.cli(&["RENAME", "staging", "app:k"]).unwrap();
     for c in both {
         until_seen(c, "k", Some(2), BOUND).await;
@@ -220,12 +224,7 @@ async fn a_read_racing_a_foreign_write_never_leaves_the_old_value_in_l1() {
             let mut other = other.clone();
             tokio::spawn(async move {
                 for bytes in encoded {
-                    let _: () = redis::cmd("SET")
-                        .arg("app:hot")
-                        .arg(bytes.as_ref())
-                        .query_async(&mut other)
-                        .await
-                        .unwrap();
+                    put(&mut other, "app:hot", &bytes).await;
                 }
             })
         };
@@ -285,12 +284,7 @@ async fn after_a_server_restart_nothing_from_before_is_served_as_fresh() {
     until_l1(&cache, "k").await;
     let mut other = foreign(&server.url()).await;
     let bytes = cache.codec_bytes("k", &3u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:k")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:k", &bytes).await;
     until_seen(&cache, "k", Some(3), BOUND).await;
     assert!(cache.get_stats().resyncs >= 1);
 }
@@ -400,12 +394,7 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
         a.set(key, 1u64).await.unwrap();
         until_l1(&b, key).await;
         let bytes = a.codec_bytes(key, &(i as u64 + 10)).unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(format!("app:{key}"))
-            .arg(bytes.as_ref())
-            .query_async(&mut other)
-            .await
-            .unwrap();
+        put(&mut other, format!("app:{key}"), &bytes).await;
         until_seen(&b, key, Some(i as u64 + 10), BOUND).await;
     }
     // A failover: the primary of c0 dies; its replica takes over. Once the new primary has
@@ -420,12 +409,7 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
     // Tracking runs on the new primary too.
     until_l1(&b, "c0").await;
     let bytes = a.codec_bytes("c0", &100u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:c0")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:c0", &bytes).await;
     until_seen(&b, "c0", Some(100), BOUND).await;
 }
 
@@ -514,12 +498,7 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
     wait_active(&b).await;
     until_l1(&b, "m").await;
     let bytes = a.codec_bytes("m", &3u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:m")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:m", &bytes).await;
     until_seen(&b, "m", Some(3), BOUND).await;
 }
 
@@ -548,12 +527,7 @@ async fn through_sentinel_tracking_follows_a_failover() {
     until_l1(&b, "s").await;
     let mut other = foreign(&url(set.primary_addr().unwrap())).await;
     let bytes = b.codec_bytes("s", &2u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:s")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:s", &bytes).await;
     until_seen(&b, "s", Some(2), BOUND).await;
     // Failover: the primary dies, a replica is promoted.
     until_l1(&b, "s").await;
@@ -561,22 +535,12 @@ async fn through_sentinel_tracking_follows_a_failover() {
     set.wait_for_failover(Duration::from_secs(30)).unwrap();
     let mut other = foreign(&url(set.primary_addr().unwrap())).await;
     let bytes = b.codec_bytes("s", &3u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:s")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:s", &bytes).await;
     let acked = Instant::now();
     never_old_from_l1(&b, "s", 3, acked).await;
     wait_active(&b).await;
     until_l1(&b, "s").await;
     let bytes = b.codec_bytes("s", &4u64).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("app:s")
-        .arg(bytes.as_ref())
-        .query_async(&mut other)
-        .await
-        .unwrap();
+    put(&mut other, "app:s", &bytes).await;
     until_seen(&b, "s", Some(4), BOUND).await;
 }
