@@ -720,9 +720,12 @@ impl<C: Codec> MultiLevelCache<C> {
     }
 }
 
-/// Client tracking where the server cannot do it (probed at connect: `CLIENT TRACKING` renamed
-/// or refused, no RESP3) falls back to the backplane on the same Redis, with the reason logged:
-/// other instances' writes are still heard, other programs' writes are not.
+/// Client tracking where the server refused it for certain (probed at connect: `CLIENT
+/// TRACKING` unknown, renamed or forbidden, no RESP3) falls back to the backplane on the same
+/// Redis, with the reason logged: other instances' writes are still heard, other programs'
+/// writes are not. A probe that merely failed (a timeout, a network error) changes nothing:
+/// the tracking listener retries, and L1 stays off until it is up — never a silent switch of
+/// mode, which would leave this instance deaf to tracking instances (they do not publish).
 #[cfg(feature = "redis")]
 #[allow(clippy::type_complexity)]
 fn fall_back_without_tracking(
@@ -735,8 +738,8 @@ fn fall_back_without_tracking(
     Option<Arc<ncm_cache_redis::RedisBackend>>,
 ) {
     match tracking {
-        Some(t) if !t.capabilities().client_tracking => {
-            tracing::error!(
+        Some(t) if t.capabilities().tracking_refused => {
+            tracing::warn!(
                 capabilities = %t.capabilities(),
                 "client tracking is not available on this server: using the pub/sub backplane \
                  instead (writes by other programs are not seen by L1)"

@@ -325,6 +325,10 @@ async fn a_server_without_client_tracking_falls_back_to_the_backplane() {
         caps.resp3 && !caps.client_tracking && !caps.functions,
         "{caps:?}"
     );
+    assert!(
+        caps.tracking_refused,
+        "a refusal, not a failed probe: {caps:?}"
+    );
     assert_eq!(caps.server, "redis");
     assert!(
         caps.version.starts_with(|c: char| c.is_ascii_digit()),
@@ -367,6 +371,7 @@ async fn the_probe_finds_what_a_plain_server_has() {
         caps.resp3 && caps.client_tracking && caps.functions && caps.sharded_pubsub,
         "{caps:?}"
     );
+    assert!(!caps.tracking_refused);
     let cache = tracked(config(&server.url()), Coherence::Tracking).await;
     assert_eq!(cache.coherence(), Some(Coherence::Tracking));
 }

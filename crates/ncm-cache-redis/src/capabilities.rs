@@ -42,6 +42,9 @@ pub struct Capabilities {
     pub functions: bool,
     /// Why each missing capability is missing (a refused, renamed or unknown command).
     pub notes: Vec<String>,
+    /// The server refused client tracking for certain (an unknown, renamed or forbidden
+    /// command, no RESP3) — not merely a probe that failed or timed out.
+    pub tracking_refused: bool,
 }
 
 impl fmt::Display for Capabilities {
@@ -120,8 +123,17 @@ async fn connect(
     url: &str,
     resp3: bool,
 ) -> Result<redis::aio::MultiplexedConnection> {
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|e| CacheError::Config(format!("invalid Redis address: {e}")))?;
+    connect_raw(config, url, resp3)
+        .await
+        .map_err(|e| crate::error::map_err("capability probe", e, config.connect_timeout))
+}
+
+async fn connect_raw(
+    config: &RedisConfig,
+    url: &str,
+    resp3: bool,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?;
     let info = if resp3 {
         let settings = info
             .redis_settings()
@@ -132,14 +144,19 @@ async fn connect(
         info
     };
     let info = info.set_tcp_settings(crate::conn::tcp_settings(config));
-    let client = crate::conn::open_client(config, info, "capability probe")?;
+    let client = crate::conn::open_client(config, info, "capability probe").map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "capability probe",
+            e.to_string(),
+        ))
+    })?;
     let conn_config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.response_timeout));
     client
         .get_multiplexed_async_connection_with_config(&conn_config)
         .await
-        .map_err(|e| crate::error::map_err("capability probe", e, config.connect_timeout))
 }
 
 async fn probe_with(
@@ -210,24 +227,30 @@ async fn probe_with(
             .notes
             .push(format!("functions: FUNCTION LIST refused ({e})")),
     }
-    // RESP3, and client tracking on a RESP3 connection (turned off again at once).
-    match connect(config, url, true).await {
+    // RESP3, and client tracking as the cache would turn it on (broadcast, the key prefix),
+    // on a connection dropped right after.
+    match connect_raw(config, url, true).await {
         Ok(mut resp3) => {
             caps.resp3 = true;
-            match redis::cmd("CLIENT")
-                .arg("TRACKING")
-                .arg("OFF")
-                .query_async::<Value>(&mut resp3)
-                .await
-            {
+            let mut cmd = redis::cmd("CLIENT");
+            cmd.arg("TRACKING").arg("ON").arg("BCAST");
+            if !config.key_prefix.is_empty() {
+                cmd.arg("PREFIX").arg(&config.key_prefix);
+            }
+            match cmd.query_async::<Value>(&mut resp3).await {
                 Ok(_) => caps.client_tracking = true,
-                Err(e) => caps
-                    .notes
-                    .push(format!("client tracking: CLIENT TRACKING refused ({e})")),
+                Err(e) => {
+                    let e =
+                        crate::tracking::refused_or(e, "client tracking", config.response_timeout);
+                    caps.tracking_refused = matches!(e, CacheError::Config(_));
+                    caps.notes.push(format!("client tracking: {e}"));
+                }
             }
         }
         Err(e) => {
-            caps.notes.push(format!("RESP3: HELLO 3 refused ({e})"));
+            let e = crate::tracking::refused_or(e, "RESP3", config.connect_timeout);
+            caps.tracking_refused = matches!(e, CacheError::Config(_));
+            caps.notes.push(format!("RESP3: {e}"));
             caps.notes.push("client tracking: needs RESP3".into());
         }
     }

@@ -174,7 +174,7 @@ async fn track_node(
 /// A server's refusal (the command unknown or renamed, no permission, RESP3 not spoken) as a
 /// configuration error; anything else (including other error replies, such as "max number of
 /// clients reached") as a connection error, retried.
-fn refused_or(e: redis::RedisError, op: &'static str, timeout: Duration) -> CacheError {
+pub(crate) fn refused_or(e: redis::RedisError, op: &'static str, timeout: Duration) -> CacheError {
     use redis::{ErrorKind, ServerErrorKind};
     let text = e.to_string().to_ascii_lowercase();
     let refused = match e.kind() {
