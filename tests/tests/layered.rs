@@ -298,3 +298,57 @@ async fn every_write_path_enforces_max_value_size() {
         0
     );
 }
+
+/// Adaptive caching with tags: a loader over instance A tags its value; the strategies' tag
+/// graph (in Redis) records it, and invalidating the tag removes the entry from L2 and from
+/// both instances' L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaders_tags_are_invalidated_through_the_strategies() {
+    use ncm_cache::{EntryOptions, Loaded, ValueSource};
+    let server = RedisServer::start().unwrap();
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let strategies = CacheStrategies::builder(Cache::new(ma.as_backend(), Serializer::default()))
+        .redis(Arc::clone(redis.redis_backend()))
+        .build()
+        .await
+        .unwrap();
+    ma.set_tag_index(strategies.tag_index()).unwrap();
+    for key in ["doc:1", "doc:2"] {
+        let got = ma
+            .get_or_load_with::<String, _, _, _>(key, &EntryOptions::new(), |ctx| async move {
+                let tag = if ctx.key() == "doc:1" {
+                    "docs"
+                } else {
+                    "other"
+                };
+                Ok::<_, std::io::Error>(Loaded::value(format!("body of {}", ctx.key())).tags([tag]))
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.map(|(_, s)| s), Some(ValueSource::Loader));
+    }
+    // B holds doc:1 in its L1.
+    let start = Instant::now();
+    while mb
+        .get_with_source::<String>("doc:1")
+        .await
+        .unwrap()
+        .map(|(_, s)| s)
+        != Some(ValueSource::L1)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "B never used its L1"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(strategies.invalidate_tag("docs").await.unwrap(), 1);
+    assert_eq!(ma.get::<String>("doc:1").await.unwrap(), None);
+    assert!(ma.l2().get("doc:1").await.unwrap().is_none());
+    eventually(None, || async { mb.get::<String>("doc:1").await.unwrap() }).await;
+    // The other tag's entry stays.
+    assert!(ma.get::<String>("doc:2").await.unwrap().is_some());
+}

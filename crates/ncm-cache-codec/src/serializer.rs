@@ -164,7 +164,16 @@ impl Serializer {
         value: &T,
         key: Option<&[&str]>,
     ) -> Result<Vec<u8>, CodecError> {
-        let mut out = self.encode_unsigned(value)?;
+        self.encode_signed_with(value, key, true)
+    }
+
+    fn encode_signed_with<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        key: Option<&[&str]>,
+        compress: bool,
+    ) -> Result<Vec<u8>, CodecError> {
+        let mut out = self.encode_unsigned(value, compress)?;
         if let Some(keys) = &self.signing {
             let key = key.filter(|_| self.signature_mode.binds());
             // `build` rejects raw mode with a key, so `out` is an envelope: mark it signed, then
@@ -182,7 +191,11 @@ impl Serializer {
     }
 
     /// The raw bytes or the unsigned (version 1) envelope of a value.
-    fn encode_unsigned<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, CodecError> {
+    fn encode_unsigned<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        compress: bool,
+    ) -> Result<Vec<u8>, CodecError> {
         let mut out = Vec::with_capacity(128);
         if self.raw {
             formats::encode_into(self.format, value, &mut out)?;
@@ -194,7 +207,8 @@ impl Serializer {
         let payload = &out[SHORT_HEADER..];
         // Never write what a reader with the same cap would reject.
         self.check_encoded_size(payload.len())?;
-        if self.compression == CompressionType::None || payload.len() < self.threshold {
+        if !compress || self.compression == CompressionType::None || payload.len() < self.threshold
+        {
             return Ok(out);
         }
         let Ok(declared) = u32::try_from(payload.len()) else {
@@ -339,6 +353,15 @@ impl Codec for Serializer {
         value: &T,
     ) -> Result<Bytes, CodecError> {
         self.encode_vec_for(key, value).map(Bytes::from)
+    }
+
+    fn encode_uncompressed_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        self.encode_signed_with(value, Some(key), false)
+            .map(Bytes::from)
     }
 
     fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {

@@ -142,6 +142,17 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// key does not exist.
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool>;
 
+    /// Reads a value and, when found, sets its remaining lifetime to `ttl` from now (sliding
+    /// expiration: an entry read often stays, an idle one expires). Redis does both in one
+    /// `GETEX PX`; the default reads, then calls [`extend_ttl`](Self::extend_ttl).
+    async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
+        let found = self.get(key).await?;
+        if found.is_some() {
+            self.extend_ttl(key, ttl).await?;
+        }
+        Ok(found)
+    }
+
     /// Removes every key of this cache matching a Redis-style glob; returns how many.
     async fn clear_pattern(&self, pattern: &str) -> Result<u64>;
 
@@ -213,6 +224,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
         (**self).extend_ttl(key, ttl).await
     }
+    async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
+        (**self).get_and_touch(key, ttl).await
+    }
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         (**self).clear_pattern(pattern).await
     }
@@ -234,6 +248,35 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     fn key_prefix(&self) -> Option<&str> {
         (**self).key_prefix()
     }
+}
+
+/// Records which tags a cache key carries, so that invalidating a tag can find its keys: what
+/// a multi-level cache calls when a loader tags its value (adaptive caching).
+/// `ncm-cache-strategies` implements it over its tag graph (`CacheStrategies::tag_index`).
+///
+/// ```
+/// use std::sync::Mutex;
+/// use std::time::Duration;
+/// use ncm_cache_core::{Result, TagIndex, async_trait};
+///
+/// /// An in-process index (one process only).
+/// #[derive(Debug, Default)]
+/// struct Local(Mutex<Vec<(String, String)>>);
+///
+/// #[async_trait]
+/// impl TagIndex for Local {
+///     async fn tag(&self, key: &str, tags: &[String], _ttl: Option<Duration>) -> Result<()> {
+///         let mut pairs = self.0.lock().unwrap();
+///         pairs.extend(tags.iter().map(|t| (t.clone(), key.to_owned())));
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait TagIndex: Send + Sync + Debug + 'static {
+    /// Records that `key` carries `tags`, for as long as `ttl` (the entry's lifetime; `None`:
+    /// until the key is deleted).
+    async fn tag(&self, key: &str, tags: &[String], ttl: Option<Duration>) -> Result<()>;
 }
 
 /// Compile-time check that [`CacheBackend`] stays object safe.

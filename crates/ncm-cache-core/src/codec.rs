@@ -76,6 +76,18 @@ pub trait Codec: Send + Sync + 'static {
         self.encode(value)
     }
 
+    /// [`encode_for`](Self::encode_for) without compression (a per-call "no compression", e.g.
+    /// for values read often and already small or incompressible). Whatever the codec writes
+    /// must still decode with [`decode_for`](Self::decode_for). The default is `encode_for`
+    /// (a codec that never compresses has nothing to skip).
+    fn encode_uncompressed_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        self.encode_for(key, value)
+    }
+
     /// Deserializes bytes read from `key` (its parts, as for [`encode_for`](Self::encode_for)).
     /// The default ignores the key and calls [`decode`](Self::decode).
     fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {
@@ -97,6 +109,13 @@ impl<C: Codec> Codec for std::sync::Arc<C> {
         value: &T,
     ) -> Result<Bytes, CodecError> {
         (**self).encode_for(key, value)
+    }
+    fn encode_uncompressed_for<T: Serialize + ?Sized>(
+        &self,
+        key: &[&str],
+        value: &T,
+    ) -> Result<Bytes, CodecError> {
+        (**self).encode_uncompressed_for(key, value)
     }
     fn decode_for<T: DeserializeOwned>(&self, key: &[&str], bytes: &[u8]) -> Result<T, CodecError> {
         (**self).decode_for(key, bytes)

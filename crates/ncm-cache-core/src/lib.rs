@@ -28,7 +28,7 @@ mod stats;
 mod ttl;
 mod types;
 
-pub use backend::{CacheBackend, HealthReport, SharedBackend};
+pub use backend::{CacheBackend, HealthReport, SharedBackend, TagIndex};
 pub use cache::{Cache, CacheBuilder};
 pub use clock::{
     Clock, CoarseClock, ManualClock, NO_DEADLINE, SharedClock, SystemClock, deadline_after,

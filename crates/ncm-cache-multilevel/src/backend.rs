@@ -11,13 +11,18 @@ use ncm_cache_core::{
 };
 
 use crate::cache::{Inner, L1Read, MultiLevelCache, Object};
+use crate::options::{Eff, EntryOptions};
 use crate::stats::Counters;
 
 impl<C: Codec> Inner<C> {
     /// The byte-level read: L1 (bytes), then L2, promoting; a stale L1 copy (fail-safe) when L2
     /// fails.
-    pub(crate) async fn get_bytes(&self, key: &str) -> Result<Option<(Bytes, ValueSource)>> {
-        let stale = match self.l1_read::<Bytes>(key)? {
+    pub(crate) async fn get_bytes(
+        &self,
+        key: &str,
+        eff: &Eff,
+    ) -> Result<Option<(Bytes, ValueSource)>> {
+        let stale = match self.l1_read::<Bytes>(key, eff)? {
             L1Read::Fresh(v, _) => {
                 self.counters.l1_hits.bump();
                 return Ok(v.map(|b| (Bytes::clone(&b), ValueSource::L1)));
@@ -26,11 +31,11 @@ impl<C: Codec> Inner<C> {
             L1Read::Miss => None,
         };
         let ticket = self.versions.ticket(key);
-        match self.l2_call(self.l2.get(key)).await {
+        match self.l2_get(key, eff).await {
             Ok(Some(bytes)) => {
                 Counters::bump(&self.counters.l2_hits);
                 let size = bytes.len();
-                self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket);
+                self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket, eff);
                 Ok(Some((bytes, ValueSource::L2)))
             }
             Ok(None) => {
@@ -70,11 +75,11 @@ impl<C: Codec> Inner<C> {
 /// # Ok::<(), ncm_cache_core::CacheError>(())
 /// # }).unwrap();
 /// ```
-pub struct MultiLevelBackend<C = ncm_cache_codec::Serializer>(MultiLevelCache<C>);
+pub struct MultiLevelBackend<C = ncm_cache_codec::Serializer>(MultiLevelCache<C>, Eff);
 
 impl<C> Clone for MultiLevelBackend<C> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self(self.0.clone(), self.1)
     }
 }
 
@@ -99,7 +104,34 @@ impl<C> MultiLevelBackend<C> {
 impl<C: Codec> MultiLevelCache<C> {
     /// This cache as a byte-level [`CacheBackend`] (shares L1, L2 and everything else).
     pub fn as_backend(&self) -> MultiLevelBackend<C> {
-        MultiLevelBackend(self.clone())
+        MultiLevelBackend(self.clone(), self.inner.defaults)
+    }
+
+    /// This cache as a byte-level [`CacheBackend`] whose every call uses `options` (a TTL
+    /// passed to `set` still wins over `options`' TTL): e.g. a `SqlCache` whose results skip
+    /// L1, or loaders whose values slide.
+    ///
+    /// ```
+    /// use ncm_cache_core::{Cache, CacheBackend};
+    /// use ncm_cache_codec::Serializer;
+    /// use ncm_cache_memory::MemoryBackend;
+    /// use ncm_cache_multilevel::{EntryOptions, MultiLevelCache};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let multi = MultiLevelCache::builder(MemoryBackend::new()).build()?;
+    /// let no_l1 = multi.as_backend_with(&EntryOptions::new().skip_l1())?;
+    /// let cache = Cache::new(no_l1, Serializer::default());
+    /// cache.set("report:1", &42).await?;
+    /// assert_eq!(multi.l1_len(), 0);
+    /// assert_eq!(cache.get::<i32>("report:1").await?, Some(42));
+    /// # Ok::<(), ncm_cache_core::CacheError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn as_backend_with(&self, options: &EntryOptions) -> Result<MultiLevelBackend<C>> {
+        Ok(MultiLevelBackend(
+            self.clone(),
+            options.resolve(&self.inner.defaults)?,
+        ))
     }
 }
 
@@ -110,20 +142,22 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        Ok(self.0.inner.get_bytes(key).await?.map(|(b, _)| b))
+        Ok(self.0.inner.get_bytes(key, &self.1).await?.map(|(b, _)| b))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
-        self.0.inner.write_encoded(key, object, value, ttl).await
+        let mut eff = self.1;
+        eff.l2_ttl = ttl;
+        self.0.inner.write_encoded(key, object, value, &eff).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.0.delete(key).await
+        self.0.inner.delete_everywhere(key, &self.1).await
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
-        if let L1Read::Fresh(Some(_), _) = self.0.inner.l1_read::<Bytes>(key)? {
+        if let L1Read::Fresh(Some(_), _) = self.0.inner.l1_read::<Bytes>(key, &self.1)? {
             return Ok(true);
         }
         self.0.inner.l2_call(self.0.inner.l2.exists(key)).await

@@ -32,7 +32,7 @@ use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use ncm_cache_redis::{PubSubEvent, RedisBackend, RedisLock};
 
 use crate::breaker::CircuitBreaker;
-use crate::cache::{CacheValue, Fill, Inner, Link, Loaded, Object};
+use crate::cache::{CacheValue, Fill, Found, Inner, Link, Object};
 use crate::load::backoff;
 use crate::stats::Counters;
 
@@ -623,6 +623,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         check_first: bool,
         has_stale: bool,
+        eff: &crate::options::Eff,
     ) -> Result<LockOutcome> {
         let Some(redis) = &self.lock else {
             return Ok(LockOutcome::Proceed(None));
@@ -647,7 +648,7 @@ impl<C: Codec> Inner<C> {
             match taken {
                 Ok(Some(guard)) => {
                     // Someone may have loaded and released just before we got the lock.
-                    if check_first && let Some(found) = self.found_in_l2::<T>(key).await {
+                    if check_first && let Some(found) = self.found_in_l2::<T>(key, eff).await {
                         let _ = guard.release().await;
                         return Ok(LockOutcome::Found(found));
                     }
@@ -659,7 +660,7 @@ impl<C: Codec> Inner<C> {
                     return Ok(LockOutcome::Proceed(None));
                 }
             }
-            if let Some(found) = self.found_in_l2::<T>(key).await {
+            if let Some(found) = self.found_in_l2::<T>(key, eff).await {
                 return Ok(LockOutcome::Found(found));
             }
             // The holder found nothing: it left that in the lock (see `release_not_found`).
@@ -672,8 +673,8 @@ impl<C: Codec> Inner<C> {
             if let Ok(Some(note)) = note
                 && note == NOT_FOUND
             {
-                if self.opts.negative_ttl.is_some() {
-                    self.l1_fill(key, Fill::negative(), &round);
+                if eff.negative_ttl.is_some() {
+                    self.l1_fill(key, Fill::negative(), &round, eff);
                 }
                 return Ok(LockOutcome::Found((None, ValueSource::L2)));
             }
@@ -700,13 +701,17 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    async fn found_in_l2<T: CacheValue>(&self, key: &str) -> Option<Loaded> {
+    async fn found_in_l2<T: CacheValue>(
+        &self,
+        key: &str,
+        eff: &crate::options::Eff,
+    ) -> Option<Found> {
         let ticket = self.versions.ticket(key);
-        match self.l2_read::<T>(key).await {
+        match self.l2_read::<T>(key, eff).await {
             Ok(Some((v, size))) => {
                 let v = v as Object;
-                let fill = Fill::value(Arc::clone(&v), size, self.opts.l2_default_ttl);
-                self.l1_fill(key, fill, &ticket);
+                let fill = Fill::value(Arc::clone(&v), size, eff.l2_ttl);
+                self.l1_fill(key, fill, &ticket, eff);
                 Some((Some(v), ValueSource::L2))
             }
             _ => None,
@@ -757,7 +762,7 @@ const NOT_FOUND: &str = "none";
 const NOT_FOUND_KEEP: Duration = Duration::from_millis(250);
 
 pub(crate) enum LockOutcome {
-    Found(Loaded),
+    Found(Found),
     Proceed(Option<RedisLock>),
 }
 

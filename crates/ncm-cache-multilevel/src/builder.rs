@@ -121,6 +121,7 @@ pub struct MultiLevelBuilder<C = Serializer> {
     pub(crate) tracking: Option<Arc<ncm_cache_redis::RedisBackend>>,
     #[cfg(feature = "redis")]
     pub(crate) coherence: Option<crate::Coherence>,
+    pub(crate) tags: Option<std::sync::Arc<dyn ncm_cache_core::TagIndex>>,
 }
 
 macro_rules! option {
@@ -155,6 +156,7 @@ impl<C: Codec> MultiLevelBuilder<C> {
             tracking: None,
             #[cfg(feature = "redis")]
             coherence: None,
+            tags: None,
         }
     }
 
@@ -172,6 +174,7 @@ impl<C: Codec> MultiLevelBuilder<C> {
             tracking: self.tracking,
             #[cfg(feature = "redis")]
             coherence: self.coherence,
+            tags: self.tags,
         }
     }
 
@@ -321,6 +324,16 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self.lock = Some(redis);
         self.options.lock_ttl = lock_ttl;
         self.options.lock_wait = wait;
+        self
+    }
+
+    /// Where the tags a loader gives ([`Loaded::tags`](crate::Loaded::tags)) are recorded, so
+    /// that invalidating a tag removes the entries — e.g. `CacheStrategies::tag_index()` of
+    /// strategies over this cache's [`as_backend`](MultiLevelCache::as_backend). Can also be set
+    /// after the build with [`MultiLevelCache::set_tag_index`] (strategies built over the
+    /// cache exist only then).
+    pub fn tag_index(mut self, index: std::sync::Arc<dyn ncm_cache_core::TagIndex>) -> Self {
+        self.tags = Some(index);
         self
     }
 

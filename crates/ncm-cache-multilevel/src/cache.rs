@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
 use crate::l1::{Hits, L1Value};
+use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
 use crate::versions::{CONTENDED_TTL, Settled, Ticket, Versions};
 use ncm_cache_core::NO_DEADLINE;
@@ -28,7 +29,7 @@ impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> CacheValue for T {
 
 pub(crate) type Object = Arc<dyn Any + Send + Sync>;
 /// What a load produces: the value (`None`: not found) and where it came from.
-pub(crate) type Loaded = (Option<Object>, ValueSource);
+pub(crate) type Found = (Option<Object>, ValueSource);
 
 /// An L1 (in-process, decoded values) in front of any L2 backend (usually Redis).
 ///
@@ -72,8 +73,12 @@ pub(crate) struct Inner<C> {
     pub(crate) l2: SharedBackend,
     pub(crate) codec: C,
     pub(crate) opts: Options,
+    /// The builder's entry options, for calls without their own.
+    pub(crate) defaults: Eff,
+    /// Where loaders' tags are recorded ([`Loaded::tags`]).
+    pub(crate) tags: std::sync::OnceLock<Arc<dyn ncm_cache_core::TagIndex>>,
     pub(crate) promotions: MemoryStore<Hits>,
-    pub(crate) flight: SingleFlight<String, Loaded>,
+    pub(crate) flight: SingleFlight<String, Found>,
     pub(crate) breaker: Arc<CircuitBreaker>,
     /// Per-key invalidation versions: an L2 read or load that started before an invalidation
     /// of its key must not put its (possibly old) value into L1.
@@ -203,7 +208,13 @@ impl<C: Codec> MultiLevelCache<C> {
         });
         #[cfg(not(feature = "redis"))]
         let links = 0u8;
+        let tags = std::sync::OnceLock::new();
+        if let Some(index) = b.tags {
+            let _ = tags.set(index);
+        }
         let inner = Arc::new(Inner {
+            defaults: Eff::defaults(&o),
+            tags,
             l1,
             l2: b.l2,
             codec: b.codec,
@@ -287,7 +298,10 @@ impl<C: Codec> MultiLevelCache<C> {
     pub async fn get<T: CacheValue + Clone>(&self, key: &str) -> Result<Option<T>> {
         let found = match self.read_l1::<T>(key)? {
             Ok(hit) => hit,
-            Err(stale) => self.read_l2::<T>(key, stale).await?.map(|(v, _)| v),
+            Err(stale) => self
+                .read_l2::<T>(key, stale, &self.inner.defaults)
+                .await?
+                .map(|(v, _)| v),
         };
         Ok(found.map(|v| T::clone(&v)))
     }
@@ -297,7 +311,10 @@ impl<C: Codec> MultiLevelCache<C> {
         // Not a call to `get_with_source`: an L1 hit (the hot path) then runs one small future.
         match self.read_l1::<T>(key)? {
             Ok(hit) => Ok(hit),
-            Err(stale) => Ok(self.read_l2::<T>(key, stale).await?.map(|(v, _)| v)),
+            Err(stale) => Ok(self
+                .read_l2::<T>(key, stale, &self.inner.defaults)
+                .await?
+                .map(|(v, _)| v)),
         }
     }
 
@@ -308,7 +325,25 @@ impl<C: Codec> MultiLevelCache<C> {
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
         match self.read_l1::<T>(key)? {
             Ok(hit) => Ok(hit.map(|v| (v, ValueSource::L1))),
-            Err(stale) => self.read_l2::<T>(key, stale).await,
+            Err(stale) => self.read_l2::<T>(key, stale, &self.inner.defaults).await,
+        }
+    }
+
+    /// Reads a value with per-call [`EntryOptions`] (skip L1 or L2, sliding expiration,
+    /// fail-safe): the value and where it came from.
+    pub async fn get_with<T: CacheValue>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+    ) -> Result<Option<(Arc<T>, ValueSource)>> {
+        let eff = options.resolve(&self.inner.defaults)?;
+        match self.inner.l1_read::<T>(key, &eff)? {
+            L1Read::Fresh(v, _) => {
+                self.inner.counters.l1_hits.bump();
+                Ok(v.map(|v| (v, ValueSource::L1)))
+            }
+            L1Read::Stale(stale) => self.read_l2::<T>(key, stale, &eff).await,
+            L1Read::Miss => self.read_l2::<T>(key, None, &eff).await,
         }
     }
 
@@ -317,7 +352,7 @@ impl<C: Codec> MultiLevelCache<C> {
     #[inline]
     fn read_l1<T: CacheValue>(&self, key: &str) -> Result<L1Outcome<T>> {
         let inner = &self.inner;
-        Ok(match inner.l1_read::<T>(key)? {
+        Ok(match inner.l1_read::<T>(key, &inner.defaults)? {
             L1Read::Fresh(v, _) => {
                 inner.counters.l1_hits.bump();
                 Ok(v)
@@ -333,21 +368,23 @@ impl<C: Codec> MultiLevelCache<C> {
         &'a self,
         key: &'a str,
         stale: Option<Arc<T>>,
+        eff: &'a Eff,
     ) -> BoxedRead<'a, T> {
-        Box::pin(self.get_from_l2::<T>(key, stale))
+        Box::pin(self.get_from_l2::<T>(key, stale, eff))
     }
 
     async fn get_from_l2<T: CacheValue>(
         &self,
         key: &str,
         stale: Option<Arc<T>>,
+        eff: &Eff,
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
         let inner = &self.inner;
         let ticket = inner.versions.ticket(key);
-        match inner.l2_read::<T>(key).await {
+        match inner.l2_read::<T>(key, eff).await {
             Ok(Some((v, size))) => {
                 Counters::bump(&inner.counters.l2_hits);
-                inner.promote(key, Arc::clone(&v) as Object, size, &ticket);
+                inner.promote(key, Arc::clone(&v) as Object, size, &ticket, eff);
                 Ok(Some((v, ValueSource::L2)))
             }
             Ok(None) => {
@@ -391,15 +428,14 @@ impl<C: Codec> MultiLevelCache<C> {
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
         // The L1 hit inline: no boxed future, no allocation.
-        if let L1Read::Fresh(Some(v), false) = self.inner.l1_read::<T>(key)? {
-            self.inner.counters.l1_hits.bump();
+        let inner = &self.inner;
+        if let L1Read::Fresh(Some(v), false) = inner.l1_read::<T>(key, &inner.defaults)? {
+            inner.counters.l1_hits.bump();
             return Ok((v, ValueSource::L1));
         }
-        let load = move || async move { loader().await.map(Some) };
-        match self
-            .inner
-            .clone()
-            .get_or_load_erased::<T, _, _, E>(key, load)
+        let load = move |_: LoadContext<T>| async move { loader().await.map(Loaded::value) };
+        match Arc::clone(inner)
+            .get_or_load_erased::<T, _, _, E>(key, inner.defaults, load)
             .await?
         {
             (Some(v), source) => Ok((downcast::<T>(v)?, source)),
@@ -423,17 +459,63 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
         E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
     {
-        if let L1Read::Fresh(v, false) = self.inner.l1_read::<T>(key)? {
-            self.inner.counters.l1_hits.bump();
+        let inner = &self.inner;
+        if let L1Read::Fresh(v, false) = inner.l1_read::<T>(key, &inner.defaults)? {
+            inner.counters.l1_hits.bump();
             return Ok(v);
         }
-        match self
-            .inner
-            .clone()
-            .get_or_load_erased::<T, _, _, E>(key, loader)
+        let load = move |_: LoadContext<T>| async move { loader().await.map(Loaded::from) };
+        match Arc::clone(inner)
+            .get_or_load_erased::<T, _, _, E>(key, inner.defaults, load)
             .await?
         {
             (Some(v), _) => Ok(Some(downcast::<T>(v)?)),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// The general load: per-call [`EntryOptions`], and a loader that is given a
+    /// [`LoadContext`] (the key; on a refresh the stale value and its validator) and answers
+    /// a [`Loaded`] — a value, "not found" or "not modified", with its own TTL, tags, or "do
+    /// not cache" (adaptive caching). `None`: not found.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use ncm_cache_memory::MemoryBackend;
+    /// use ncm_cache_multilevel::{EntryOptions, Loaded, MultiLevelCache};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let cache = MultiLevelCache::builder(MemoryBackend::new()).build()?;
+    /// let options = EntryOptions::new().ttl(Duration::from_secs(60));
+    /// // An error page is served to this caller but cached nowhere.
+    /// let page = cache
+    ///     .get_or_load_with::<String, _, _, std::io::Error>("page:/missing", &options, |ctx| async move {
+    ///         Ok(Loaded::value(format!("404 {}", ctx.key())).do_not_cache())
+    ///     })
+    ///     .await?;
+    /// assert_eq!(page.map(|(v, _)| v.to_string()).as_deref(), Some("404 page:/missing"));
+    /// assert!(cache.l2().get("page:/missing").await?.is_none());
+    /// # Ok::<(), ncm_cache_core::CacheError>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn get_or_load_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        loader: F,
+    ) -> Result<Option<(Arc<T>, ValueSource)>>
+    where
+        T: CacheValue,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let eff = options.resolve(&self.inner.defaults)?;
+        match Arc::clone(&self.inner)
+            .get_or_load_erased::<T, _, _, E>(key, eff, loader)
+            .await?
+        {
+            (Some(v), source) => Ok(Some((downcast::<T>(v)?, source))),
             (None, _) => Ok(None),
         }
     }
@@ -442,9 +524,23 @@ impl<C: Codec> MultiLevelCache<C> {
     /// their copy.
     pub async fn set<T: CacheValue>(&self, key: &str, value: T) -> Result<()> {
         let bytes = self.inner.encode(key, &value)?;
-        let ttl = self.inner.opts.l2_default_ttl;
         self.inner
-            .write_encoded(key, Arc::new(value), bytes, ttl)
+            .write_encoded(key, Arc::new(value), bytes, &self.inner.defaults)
+            .await
+    }
+
+    /// Writes a value with per-call [`EntryOptions`] (TTLs, skip L1 / L2 / backplane, no
+    /// compression, L1 size).
+    pub async fn set_with<T: CacheValue>(
+        &self,
+        key: &str,
+        value: T,
+        options: &EntryOptions,
+    ) -> Result<()> {
+        let eff = options.resolve(&self.inner.defaults)?;
+        let bytes = self.inner.encode_with(key, &value, &eff)?;
+        self.inner
+            .write_encoded(key, Arc::new(value), bytes, &eff)
             .await
     }
 
@@ -455,9 +551,10 @@ impl<C: Codec> MultiLevelCache<C> {
         value: T,
         ttl: Duration,
     ) -> Result<()> {
+        let eff = EntryOptions::new().ttl(ttl).resolve(&self.inner.defaults)?;
         let bytes = self.inner.encode(key, &value)?;
         self.inner
-            .write_encoded(key, Arc::new(value), bytes, Some(ttl))
+            .write_encoded(key, Arc::new(value), bytes, &eff)
             .await
     }
 
@@ -475,7 +572,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 inner.invalidate_l1(key)?;
                 let ticket = inner.versions.ticket(key);
                 let fill = Fill::value(Arc::new(value) as Object, size, None);
-                inner.l1_fill(key, fill, &ticket);
+                inner.l1_fill(key, fill, &ticket, &inner.defaults);
                 inner.publish_set(key).await;
             }
             CacheLevel::L2 => {
@@ -492,7 +589,16 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Removes a key from both levels (and from other instances' L1).
     pub async fn delete(&self, key: &str) -> Result<bool> {
-        self.inner.delete_everywhere(key).await
+        self.inner
+            .delete_everywhere(key, &self.inner.defaults)
+            .await
+    }
+
+    /// Removes a key with per-call [`EntryOptions`]: `skip_l2_write` removes the local copy
+    /// only, `skip_backplane` leaves other instances' copies to their TTL.
+    pub async fn delete_with(&self, key: &str, options: &EntryOptions) -> Result<bool> {
+        let eff = options.resolve(&self.inner.defaults)?;
+        self.inner.delete_everywhere(key, &eff).await
     }
 
     /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order.
@@ -501,7 +607,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<(usize, &str)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            match inner.l1_read::<T>(key)? {
+            match inner.l1_read::<T>(key, &inner.defaults)? {
                 L1Read::Fresh(Some(v), _) => {
                     inner.counters.l1_hits.bump();
                     out.push(Some(T::clone(&v)));
@@ -534,7 +640,13 @@ impl<C: Codec> MultiLevelCache<C> {
                 Ok(v) => {
                     Counters::bump(&inner.counters.l2_hits);
                     let v = Arc::new(v);
-                    inner.promote(key, Arc::clone(&v) as Object, bytes.len(), ticket);
+                    inner.promote(
+                        key,
+                        Arc::clone(&v) as Object,
+                        bytes.len(),
+                        ticket,
+                        &inner.defaults,
+                    );
                     out[i] = Some(T::clone(&v));
                 }
                 Err(e) => {
@@ -647,7 +759,8 @@ impl<C: Codec> MultiLevelCache<C> {
                     continue;
                 };
                 let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
-                self.inner.settle_write(key, fill, write);
+                self.inner
+                    .settle_write(key, fill, write, &self.inner.defaults);
             }
             // One message for the batch.
             self.inner
@@ -675,6 +788,17 @@ impl<C: Codec> MultiLevelCache<C> {
         inner.invalidate_l1_all();
         inner.publish_clear().await;
         r.map(|_| ())
+    }
+
+    /// Sets the [`tag_index`](MultiLevelBuilder::tag_index) after the build (once).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Config`] when the cache already has one.
+    pub fn set_tag_index(&self, index: Arc<dyn ncm_cache_core::TagIndex>) -> Result<()> {
+        self.inner.tags.set(index).map_err(|_| {
+            CacheError::Config("set_tag_index: this cache already has a tag index".into())
+        })
     }
 
     /// Empties this instance's L1 only.
@@ -774,9 +898,15 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 }
 
 impl<C: Codec> Inner<C> {
-    pub(crate) fn l1_read<T: CacheValue>(&self, key: &str) -> Result<L1Read<T>> {
+    #[inline]
+    pub(crate) fn l1_read<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
+        if !eff.read_l1() {
+            return Ok(L1Read::Miss);
+        }
         // One clock reading for the store's expiry and the freshness checks below.
         let now = self.opts.now_nanos();
+        // Sliding entries re-arm on a hit: the ticket guards that re-insert.
+        let ticket = eff.sliding.map(|_| self.versions.ticket(key));
         // Only a miss validates the key: a key that fails validation is never stored in L1.
         let Some(v) = self.l1.peek_unvalidated_at(key, now)? else {
             self.l1.validate(key)?;
@@ -784,6 +914,8 @@ impl<C: Codec> Inner<C> {
         };
         let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
         let current = v.generation == self.generation.load(Ordering::Acquire) as u32;
+        // Kept for the re-arm of a sliding entry only: a plain hit moves the value out.
+        let sliding = ticket.map(|t| (t, v.clone()));
         let object = match v.object {
             None => None,
             // One type check: another type under this key is read from L2 with the requested type.
@@ -793,22 +925,68 @@ impl<C: Codec> Inner<C> {
             },
         };
         if !current {
-            return Ok(self.stale(object));
+            return Ok(self.stale(object, now, fresh_until, eff));
         }
         if now < fresh_until {
+            if let (Some(idle), Some((ticket, v))) = (eff.sliding, sliding) {
+                self.slide(key, v, now, idle, eff, &ticket);
+            }
             let refresh = now >= refresh_at;
             Ok(L1Read::Fresh(object, refresh))
         } else {
-            Ok(self.stale(object))
+            Ok(self.stale(object, now, fresh_until, eff))
         }
     }
 
-    /// A value L1 may not serve as fresh: kept for fail-safe when that is on.
-    fn stale<T>(&self, object: Option<Arc<T>>) -> L1Read<T> {
-        if self.opts.max_stale_age.is_some() {
-            L1Read::Stale(object)
-        } else {
-            L1Read::Miss
+    /// A value L1 may not serve as fresh: served by fail-safe when the call has it and the
+    /// value is not older than the call's max stale age.
+    fn stale<T>(&self, object: Option<Arc<T>>, now: u64, fresh_until: u64, eff: &Eff) -> L1Read<T> {
+        match eff.max_stale_age {
+            Some(age) if now <= fresh_until.saturating_add(ncm_cache_core::duration_nanos(age)) => {
+                L1Read::Stale(object)
+            }
+            _ => L1Read::Miss,
+        }
+    }
+
+    /// Sliding expiration on an L1 hit: once a quarter of `idle` has passed since the entry was
+    /// last armed, it is armed again in L1 (guarded by `ticket`, like any fill) and its L2
+    /// TTL re-armed in the background — at most one L2 call per quarter of `idle`.
+    fn slide(&self, key: &str, v: L1Value, now: u64, idle: Duration, eff: &Eff, ticket: &Ticket) {
+        let armed_for = eff.l1_ttl.min(idle);
+        let left = v.fresh_until.saturating_sub(now);
+        if left > ncm_cache_core::duration_nanos(armed_for.mul_f64(0.75)) {
+            return;
+        }
+        let fill = Fill {
+            object: v.object,
+            size: v.size as usize,
+            negative: false,
+            l2_ttl: Some(idle),
+            validator: v.validator,
+        };
+        if !self.l1_fill(key, fill, ticket, eff) || !eff.write_l2() {
+            return;
+        }
+        let (l2, breaker) = (Arc::clone(&self.l2), Arc::clone(&self.breaker));
+        let key = key.to_owned();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let Some(permit) = breaker.allow() else {
+                    return;
+                };
+                match l2.extend_ttl(&key, idle).await {
+                    Ok(_) => permit.success(),
+                    Err(e) => {
+                        tracing::debug!(key, error = %e, "sliding expiration: L2 TTL not re-armed");
+                        if e.is_unavailable() {
+                            permit.failure();
+                        } else {
+                            permit.success();
+                        }
+                    }
+                }
+            });
         }
     }
 
@@ -841,8 +1019,9 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn l2_read<T: CacheValue>(
         &self,
         key: &str,
+        eff: &Eff,
     ) -> Result<Option<(Arc<T>, usize)>> {
-        let Some(bytes) = self.l2_call(self.l2.get(key)).await? else {
+        let Some(bytes) = self.l2_get(key, eff).await? else {
             return Ok(None);
         };
         match self.decode::<T>(key, &bytes) {
@@ -854,7 +1033,22 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// An undecodable L2 entry is counted and removed (read as a miss).
+    /// The L2 read of one call: none with `skip_l2_read`; with sliding expiration, a read that
+    /// re-arms the TTL in the same round trip (`GETEX`).
+    pub(crate) async fn l2_get(
+        &self,
+        key: &str,
+        eff: &Eff,
+    ) -> Result<Option<ncm_cache_core::Bytes>> {
+        if !eff.read_l2() {
+            return Ok(None);
+        }
+        match eff.sliding {
+            Some(idle) if eff.write_l2() => self.l2_call(self.l2.get_and_touch(key, idle)).await,
+            _ => self.l2_call(self.l2.get(key)).await,
+        }
+    }
+
     /// An L2 value of `key` did not decode: counted; removed when damaged or forged, left
     /// when another build or configuration may read it (see `CodecErrorKind::is_damaged`).
     pub(crate) async fn repair(&self, key: &str, e: &ncm_cache_core::CodecError) {
@@ -878,6 +1072,20 @@ impl<C: Codec> Inner<C> {
             .encode_for(&[self.l2.key_prefix().unwrap_or(""), key], value)
     }
 
+    /// Encodes with a call's options (`no_compression`).
+    pub(crate) fn encode_with<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        eff: &Eff,
+    ) -> std::result::Result<ncm_cache_core::Bytes, ncm_cache_core::CodecError> {
+        if eff.compress() {
+            return self.encode(key, value);
+        }
+        self.codec
+            .encode_uncompressed_for(&[self.l2.key_prefix().unwrap_or(""), key], value)
+    }
+
     /// Decodes a value read from `key` of L2.
     pub(crate) fn decode<T: serde::de::DeserializeOwned>(
         &self,
@@ -899,8 +1107,15 @@ impl<C: Codec> Inner<C> {
 
     /// Counts an L2 hit of `key` and promotes the value into L1 once it reached the threshold
     /// (unless `key` was invalidated since `ticket`, taken before the L2 read).
-    pub(crate) fn promote(&self, key: &str, value: Object, size: usize, ticket: &Ticket) {
-        if !self.opts.enable_promotion {
+    pub(crate) fn promote(
+        &self,
+        key: &str,
+        value: Object,
+        size: usize,
+        ticket: &Ticket,
+        eff: &Eff,
+    ) {
+        if !self.opts.enable_promotion || !eff.write_l1() {
             return;
         }
         let threshold = self.opts.promotion_threshold.max(1);
@@ -914,8 +1129,8 @@ impl<C: Codec> Inner<C> {
             }
             let _ = self.promotions.remove(key);
         }
-        let fill = Fill::value(value, size, self.opts.l2_default_ttl);
-        if self.l1_fill(key, fill, ticket) {
+        let fill = Fill::value(value, size, eff.l2_ttl);
+        if self.l1_fill(key, fill, ticket, eff) {
             Counters::bump(&self.counters.promotions);
         }
     }
@@ -980,11 +1195,14 @@ impl<C: Codec> Inner<C> {
     /// Puts a value into L1 while `ticket` is current: checked before the insert and again
     /// after it (an invalidation in between removes what was inserted). Returns whether it
     /// stayed.
-    pub(crate) fn l1_fill(&self, key: &str, fill: Fill, ticket: &Ticket) -> bool {
-        if !self.l1_enabled.load(Ordering::Acquire) || !self.versions.current(ticket) {
+    pub(crate) fn l1_fill(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) -> bool {
+        if !eff.write_l1()
+            || !self.l1_enabled.load(Ordering::Acquire)
+            || !self.versions.current(ticket)
+        {
             return false;
         }
-        if !self.l1_put(key, fill) {
+        if !self.l1_put(key, fill, eff) {
             return false;
         }
         if self.versions.current(ticket) {
@@ -995,11 +1213,11 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    fn l1_put(&self, key: &str, fill: Fill) -> bool {
+    fn l1_put(&self, key: &str, fill: Fill, eff: &Eff) -> bool {
         let mut fresh = if fill.negative {
-            self.opts.negative_ttl.unwrap_or(self.opts.l1_default_ttl)
+            eff.negative_ttl.unwrap_or(eff.l1_ttl)
         } else {
-            self.opts.l1_default_ttl
+            eff.l1_ttl
         };
         // Never longer than the entry lives in L2.
         if let Some(ttl) = fill.l2_ttl {
@@ -1007,24 +1225,21 @@ impl<C: Codec> Inner<C> {
         }
         let now = self.opts.now_nanos();
         let after = |d: Duration| ncm_cache_core::deadline_after(now, d);
-        let stale = self.opts.max_stale_age.unwrap_or(Duration::ZERO);
+        let size = eff.size.map_or(fill.size, |s| s as usize);
         let value = L1Value {
             object: fill.object,
-            size: u32::try_from(fill.size).unwrap_or(u32::MAX),
-            fresh_until: self
-                .opts
-                .max_stale_age
-                .map_or(NO_DEADLINE, |_| after(fresh)),
-            refresh_at: self
-                .opts
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+            fresh_until: after(fresh),
+            refresh_at: eff
                 .eager_refresh
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
             // Truncation is the point: see `L1Value::generation`.
             generation: self.generation.load(Ordering::Acquire) as u32,
+            validator: fill.validator,
         };
         match self
             .l1
-            .insert(key, value, Some(fresh.saturating_add(stale)))
+            .insert(key, value, Some(fresh.saturating_add(eff.keep_stale)))
         {
             Ok(()) => true,
             Err(e) => {
@@ -1034,6 +1249,16 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// The validator kept with `key`'s L1 entry (fresh or stale), for a conditional refresh.
+    pub(crate) fn l1_validator(&self, key: &str) -> Option<Arc<str>> {
+        let now = self.opts.now_nanos();
+        self.l1
+            .peek_unvalidated_at(key, now)
+            .ok()
+            .flatten()
+            .and_then(|v| v.validator)
+    }
+
     /// Writes L2 first, then L1, then tells other instances. If L2 fails, L1 is not left
     /// holding a value L2 does not have.
     pub(crate) async fn write_encoded(
@@ -1041,15 +1266,31 @@ impl<C: Codec> Inner<C> {
         key: &str,
         value: Object,
         bytes: ncm_cache_core::Bytes,
-        ttl: Option<Duration>,
+        eff: &Eff,
     ) -> Result<()> {
         let size = bytes.len();
+        let ttl = eff.l2_ttl;
+        if !eff.write_l2() {
+            // This instance's L1 only (others drop their copy unless told not to).
+            self.invalidate_l1(key)?;
+            let ticket = self.versions.ticket(key);
+            self.l1_fill(key, Fill::value(value, size, ttl), &ticket, eff);
+            if eff.announce() {
+                self.publish_set(key).await;
+            }
+            return Ok(());
+        }
         // Bump before: fills that started earlier cannot land after this write. The old L1
         // copy may still be served until the write is acknowledged.
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket));
         // One round trip when L2 is the backplane's Redis, else write then publish.
-        let (written, published) = match self.write_and_publish(key, &bytes, ttl).await {
+        let combined = if eff.announce() {
+            self.write_and_publish(key, &bytes, ttl).await
+        } else {
+            None
+        };
+        let (written, published) = match combined {
             Some(r) => (r, true),
             None => (self.l2_write(key, bytes, ttl).await, false),
         };
@@ -1057,11 +1298,13 @@ impl<C: Codec> Inner<C> {
         if let Err(e) = written {
             let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
-            self.publish_delete(key).await;
+            if eff.announce() {
+                self.publish_delete(key).await;
+            }
             return Err(e);
         }
-        self.settle_write(key, Fill::value(value, size, ttl), &ticket);
-        if !published {
+        self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
+        if !published && eff.announce() {
             self.publish_set(key).await;
         }
         Ok(())
@@ -1069,13 +1312,20 @@ impl<C: Codec> Inner<C> {
 
     /// Deletes `key` everywhere: L1 (before and after the L2 delete: a read that began in
     /// between may have read the old value), L2, and other instances' L1.
-    pub(crate) async fn delete_everywhere(&self, key: &str) -> Result<bool> {
+    pub(crate) async fn delete_everywhere(&self, key: &str, eff: &Eff) -> Result<bool> {
         let in_l1 = self.invalidate_l1(key)?;
-        let mut guard = Unannounced::new(self, key, None);
-        let in_l2 = self.l2_call(self.l2.delete(key)).await;
-        guard.disarm();
-        self.invalidate_l1(key)?;
-        self.publish_delete(key).await;
+        let in_l2 = if eff.write_l2() {
+            let mut guard = Unannounced::new(self, key, None);
+            let in_l2 = self.l2_call(self.l2.delete(key)).await;
+            guard.disarm();
+            self.invalidate_l1(key)?;
+            in_l2
+        } else {
+            Ok(false)
+        };
+        if eff.announce() {
+            self.publish_delete(key).await;
+        }
         Ok(in_l2? || in_l1)
     }
 
@@ -1083,10 +1333,10 @@ impl<C: Codec> Inner<C> {
     /// L1 unless an invalidation came meanwhile — for at most
     /// [`CONTENDED_TTL`](crate::versions::CONTENDED_TTL) when another local write of its stripe
     /// overlapped (which of the two L2 applied last is unknown).
-    pub(crate) fn settle_write(&self, key: &str, mut fill: Fill, ticket: &Ticket) {
+    pub(crate) fn settle_write(&self, key: &str, mut fill: Fill, ticket: &Ticket, eff: &Eff) {
         match self.versions.write_end(ticket) {
             Settled::Clean(mine) => {
-                if !self.l1_fill(key, fill, &mine) {
+                if !self.l1_fill(key, fill, &mine, eff) {
                     // Not kept (too large, or overtaken): never leave an older value behind.
                     let _ = self.l1.remove(key);
                 }
@@ -1094,7 +1344,7 @@ impl<C: Codec> Inner<C> {
             Settled::Contended(mine) => {
                 let ttl = fill.l2_ttl.map_or(CONTENDED_TTL, |t| t.min(CONTENDED_TTL));
                 fill.l2_ttl = Some(ttl);
-                if !self.l1_fill(key, fill, &mine) {
+                if !self.l1_fill(key, fill, &mine, eff) {
                     let _ = self.l1.remove(key);
                 }
             }
@@ -1159,6 +1409,8 @@ pub(crate) struct Fill {
     pub(crate) negative: bool,
     /// The entry's L2 TTL: the L1 copy never outlives it.
     pub(crate) l2_ttl: Option<Duration>,
+    /// The loader's validator (conditional refresh).
+    pub(crate) validator: Option<Arc<str>>,
 }
 
 impl Fill {
@@ -1168,6 +1420,7 @@ impl Fill {
             size,
             negative: false,
             l2_ttl,
+            validator: None,
         }
     }
 
@@ -1177,6 +1430,7 @@ impl Fill {
             size: 0,
             negative: true,
             l2_ttl: None,
+            validator: None,
         }
     }
 }

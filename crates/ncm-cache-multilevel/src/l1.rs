@@ -24,6 +24,8 @@ pub(crate) struct L1Value {
     /// backplane outage or a lost message) is stale-only, served by fail-safe alone.
     /// (The low 32 bits: compared for equality only, and four billion resyncs apart.)
     pub(crate) generation: u32,
+    /// The loader's validator (ETag, version) for a conditional refresh, if it gave one.
+    pub(crate) validator: Option<Arc<str>>,
 }
 
 impl StoreValue for L1Value {

@@ -38,6 +38,7 @@ mod l1;
 mod load;
 #[cfg(not(feature = "redis"))]
 mod nobackplane;
+mod options;
 mod stats;
 #[cfg(feature = "redis")]
 mod tracking;
@@ -46,6 +47,7 @@ mod versions;
 pub use backend::MultiLevelBackend;
 pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_LOCK_WAIT, MultiLevelBuilder};
 pub use cache::{CacheValue, MultiLevelCache};
+pub use options::{EntryOptions, LoadContext, Loaded};
 pub use stats::MultiLevelStats;
 #[cfg(feature = "redis")]
 pub use tracking::Coherence;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use tokio::sync::watch;
 
-use crate::cache::{CacheValue, Fill, Inner, L1Read, Loaded, Object};
+use crate::cache::{CacheValue, Fill, Found, Inner, L1Read, Object};
+use crate::options::{Answer, Eff, LoadContext, Loaded};
 use crate::stats::Counters;
 use crate::versions::Ticket;
 
@@ -19,30 +20,32 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn get_or_load_erased<'a, T, F, Fut, E>(
         self: Arc<Self>,
         key: &'a str,
+        eff: Eff,
         loader: F,
-    ) -> BoxFuture<'a, Result<Loaded>>
+    ) -> BoxFuture<'a, Result<Found>>
     where
         T: CacheValue,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
         // Boxed so the public async fns that call this stay small types.
-        Box::pin(self.get_or_load_inner::<T, F, Fut, E>(key, loader))
+        Box::pin(self.get_or_load_inner::<T, F, Fut, E>(key, eff, loader))
     }
 
     async fn get_or_load_inner<T, F, Fut, E>(
         self: Arc<Self>,
         key: &str,
+        eff: Eff,
         loader: F,
-    ) -> Result<Loaded>
+    ) -> Result<Found>
     where
         T: CacheValue,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let stale = match self.l1_read::<T>(key)? {
+        let stale = match self.l1_read::<T>(key, &eff)? {
             L1Read::Fresh(v, refresh) => {
                 self.counters.l1_hits.bump();
                 // One background refresh per key at a time.
@@ -50,11 +53,13 @@ impl<C: Codec> Inner<C> {
                     Counters::bump(&self.counters.background_refreshes);
                     let this = Arc::clone(&self);
                     let key = key.to_owned();
+                    // The loader sees the value it refreshes (conditional refresh).
+                    let current = v.clone().map(|v| v as Object);
                     tokio::spawn(async move {
                         // Ends the refresh also when the loader panics (the task unwinds).
                         let _done = RefreshDone(&this, &key);
                         if let Err(e) = this
-                            .load_flight::<T, _, _, E>(&key, loader, None, false)
+                            .load_flight::<T, F, Fut, E>(&key, eff, loader, current, false)
                             .await
                         {
                             tracing::debug!(key, error = %e, "eager refresh failed");
@@ -67,18 +72,18 @@ impl<C: Codec> Inner<C> {
             L1Read::Miss => None,
         };
         let ticket = self.versions.ticket(key);
-        match self.l2_read::<T>(key).await {
+        match self.l2_read::<T>(key, &eff).await {
             Ok(Some((v, size))) => {
                 Counters::bump(&self.counters.l2_hits);
                 let v = v as Object;
-                self.promote(key, Arc::clone(&v), size, &ticket);
+                self.promote(key, Arc::clone(&v), size, &ticket, &eff);
                 return Ok((Some(v), ValueSource::L2));
             }
             Ok(None) => Counters::bump(&self.counters.misses),
             // L2 unavailable: the loader is the source of truth; go on.
             Err(e) => tracing::debug!(key, error = %e, "L2 read failed; loading"),
         }
-        self.load_flight::<T, F, Fut, E>(key, loader, stale, true)
+        self.load_flight::<T, F, Fut, E>(key, eff, loader, stale, true)
             .await
     }
 
@@ -90,19 +95,19 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn load_flight<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
+        eff: Eff,
         loader: F,
         stale: Option<Object>,
         recheck: bool,
-    ) -> Result<Loaded>
+    ) -> Result<Found>
     where
         T: CacheValue,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let has_stale = stale.is_some();
-        let result = if self.opts.soft_timeout.is_some() || self.opts.hard_timeout.is_some() {
-            self.load_in_background::<T, F, Fut, E>(key, loader, stale.clone(), recheck)
+        let result = if eff.soft_timeout.is_some() || eff.hard_timeout.is_some() {
+            self.load_in_background::<T, F, Fut, E>(key, eff, loader, stale.clone(), recheck)
                 .await
         } else {
             // Boxed: erases the loader's future type here, keeping the caller's future small
@@ -110,12 +115,13 @@ impl<C: Codec> Inner<C> {
             let work = {
                 let this = Arc::clone(self);
                 let key = key.to_owned();
-                move || -> BoxFuture<'static, Result<Loaded>> {
+                let stale = stale.clone();
+                move || -> BoxFuture<'static, Result<Found>> {
                     Box::pin(async move {
-                        if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key)? {
+                        if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key, &eff)? {
                             return Ok((v.map(|v| v as Object), ValueSource::L1));
                         }
-                        this.load_and_store::<T, F, Fut, E>(key, loader, recheck, has_stale)
+                        this.load_and_store::<T, F, Fut, E>(key, eff, loader, recheck, stale)
                             .await
                     })
                 }
@@ -128,7 +134,7 @@ impl<C: Codec> Inner<C> {
         };
         match (result, stale) {
             (Ok(v), _) => Ok(v),
-            (Err(e), Some(stale)) if self.opts.max_stale_age.is_some() => {
+            (Err(e), Some(stale)) if eff.max_stale_age.is_some() => {
                 tracing::warn!(key, error = %e, "serving a stale value (fail-safe)");
                 Counters::bump(&self.counters.stale_served);
                 Ok((Some(stale), ValueSource::Stale))
@@ -143,29 +149,30 @@ impl<C: Codec> Inner<C> {
     async fn load_in_background<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
+        eff: Eff,
         loader: F,
         stale: Option<Object>,
         recheck: bool,
-    ) -> Result<Loaded>
+    ) -> Result<Found>
     where
         T: CacheValue,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        if recheck && let L1Read::Fresh(v, _) = self.l1_read::<T>(key)? {
+        if recheck && let L1Read::Fresh(v, _) = self.l1_read::<T>(key, &eff)? {
             return Ok((v.map(|v| v as Object), ValueSource::L1));
         }
-        let has_stale = stale.is_some();
         let start = {
             let this = Arc::clone(self);
             let key = key.to_owned();
-            move || -> BoxFuture<'static, Result<Loaded>> {
-                let hard = this.opts.hard_timeout;
+            let stale = stale.clone();
+            move || -> BoxFuture<'static, Result<Found>> {
+                let hard = eff.hard_timeout;
                 Box::pin(async move {
                     let load = this
                         .clone()
-                        .load_and_store::<T, F, Fut, E>(key, loader, recheck, has_stale);
+                        .load_and_store::<T, F, Fut, E>(key, eff, loader, recheck, stale);
                     let Some(hard) = hard else {
                         return load.await;
                     };
@@ -190,8 +197,7 @@ impl<C: Codec> Inner<C> {
                 Err(_) => Err(ended()),
             }
         };
-        let soft = self.opts.soft_timeout;
-        match (soft, stale) {
+        match (eff.soft_timeout, stale) {
             (Some(soft), Some(stale)) => match tokio::time::timeout(soft, wait).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -212,21 +218,23 @@ impl<C: Codec> Inner<C> {
     async fn load_and_store<T, F, Fut, E>(
         self: Arc<Self>,
         key: String,
+        eff: Eff,
         loader: F,
         check_first: bool,
-        has_stale: bool,
-    ) -> Result<Loaded>
+        stale: Option<Object>,
+    ) -> Result<Found>
     where
         T: CacheValue,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Option<T>, E>> + Send + 'static,
+        F: FnOnce(LoadContext<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        let has_stale = stale.is_some();
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
         let lock = {
             let wait: BoxFuture<'_, _> =
-                Box::pin(self.lock_or_wait::<T>(&key, check_first, has_stale));
+                Box::pin(self.lock_or_wait::<T>(&key, check_first, has_stale, &eff));
             match wait.await? {
                 crate::backplane::LockOutcome::Found(v) => return Ok(v),
                 crate::backplane::LockOutcome::Proceed(guard) => guard,
@@ -236,7 +244,13 @@ impl<C: Codec> Inner<C> {
         let _ = (check_first, has_stale);
         let ticket = self.versions.ticket(&key);
         Counters::bump(&self.counters.loads);
-        let load = loader();
+        let stale = stale.and_then(|o| o.downcast::<T>().ok());
+        let context = LoadContext {
+            validator: stale.as_ref().and_then(|_| self.l1_validator(&key)),
+            key: key.clone(),
+            stale: stale.clone(),
+        };
+        let load = loader(context);
         #[cfg(feature = "redis")]
         let loaded = match &lock {
             Some(guard) => self.renewing(guard, load).await,
@@ -250,13 +264,7 @@ impl<C: Codec> Inner<C> {
         });
         let result = match loaded {
             Err(e) => Err(e),
-            Ok(None) => {
-                if self.opts.negative_ttl.is_some() {
-                    self.l1_fill(&key, Fill::negative(), &ticket);
-                }
-                Ok((None, ValueSource::Loader))
-            }
-            Ok(Some(v)) => self.store_loaded(&key, v, &ticket).await,
+            Ok(loaded) => self.store_answer(&key, eff, loaded, stale, &ticket).await,
         };
         #[cfg(feature = "redis")]
         if let Some(lock) = lock {
@@ -272,15 +280,128 @@ impl<C: Codec> Inner<C> {
         result
     }
 
+    /// Caches what the loader answered, as it asked (adaptive caching).
+    async fn store_answer<T: CacheValue>(
+        &self,
+        key: &str,
+        mut eff: Eff,
+        loaded: Loaded<T>,
+        stale: Option<Arc<T>>,
+        ticket: &Ticket,
+    ) -> Result<Found> {
+        if let Some(ttl) = loaded.ttl {
+            eff.l2_ttl = Some(ttl);
+        }
+        if let Some(ttl) = loaded.l1_ttl {
+            eff.l1_ttl = ttl;
+        }
+        let (value, validator) = match loaded.answer {
+            Answer::NotFound => {
+                if loaded.cache && eff.negative_ttl.is_some() {
+                    self.l1_fill(key, Fill::negative(), ticket, &eff);
+                }
+                return Ok((None, ValueSource::Loader));
+            }
+            Answer::NotModified => {
+                let Some(stale) = stale else {
+                    return Err(CacheError::InvalidArgument(format!(
+                        "the loader of {key:?} answered \"not modified\" but there was no value \
+                         to keep (LoadContext::stale_value was None): answer Loaded::value"
+                    )));
+                };
+                Counters::bump(&self.counters.not_modified);
+                if !loaded.cache {
+                    return Ok((Some(stale as Object), ValueSource::Loader));
+                }
+                let validator = loaded.validator.or_else(|| self.l1_validator(key));
+                return self.rearm(key, stale, validator, &eff, ticket).await;
+            }
+            Answer::Value(v) => (v, loaded.validator),
+        };
+        if !loaded.cache {
+            return Ok((Some(Arc::new(value) as Object), ValueSource::Loader));
+        }
+        if !loaded.tags.is_empty() {
+            let Some(index) = self.tags.get() else {
+                return Err(CacheError::Config(format!(
+                    "the loader of {key:?} tagged its value but the cache has no tag index: \
+                     give one with MultiLevelBuilder::tag_index (e.g. a CacheStrategies' \
+                     tag_index()) or drop the tags"
+                )));
+            };
+            // Tag first: a tag pointing at a key not yet written is harmless; the reverse is not.
+            index.tag(key, &loaded.tags, eff.l2_ttl).await?;
+        }
+        self.store_loaded(key, value, ticket, &eff, validator).await
+    }
+
+    /// "Not modified": the stale value stays, its TTL re-armed in L2 (`PEXPIRE`, no payload
+    /// write unless L2 lost the entry) and in L1.
+    async fn rearm<T: CacheValue>(
+        &self,
+        key: &str,
+        value: Arc<T>,
+        validator: Option<Arc<str>>,
+        eff: &Eff,
+        ticket: &Ticket,
+    ) -> Result<Found> {
+        let object = Arc::clone(&value) as Object;
+        if !self.versions.current(ticket) {
+            // Written or invalidated meanwhile: what the loader compared against is gone.
+            return Ok((Some(object), ValueSource::Loader));
+        }
+        if eff.write_l2()
+            && let Some(ttl) = eff.l2_ttl
+        {
+            match self.l2_call(self.l2.extend_ttl(key, ttl)).await {
+                Ok(true) => {}
+                // Gone from L2 meanwhile: write it again.
+                Ok(false) => {
+                    let bytes = self.encode_with(key, &*value, eff)?;
+                    return self
+                        .store_encoded(key, object, bytes, ticket, eff, validator)
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "not-modified value: L2 TTL not re-armed")
+                }
+            }
+        }
+        let size = self
+            .l1
+            .peek_unvalidated_at(key, self.opts.now_nanos())
+            .ok()
+            .flatten()
+            .map_or(0, |v| v.size as usize);
+        let mut fill = Fill::value(Arc::clone(&object), size, eff.l2_ttl);
+        fill.validator = validator;
+        self.l1_fill(key, fill, ticket, eff);
+        Ok((Some(object), ValueSource::Loader))
+    }
+
     async fn store_loaded<T: CacheValue>(
         &self,
         key: &str,
         v: T,
         ticket: &Ticket,
-    ) -> Result<Loaded> {
-        let bytes = self.encode(key, &v)?;
+        eff: &Eff,
+        validator: Option<Arc<str>>,
+    ) -> Result<Found> {
+        let bytes = self.encode_with(key, &v, eff)?;
+        self.store_encoded(key, Arc::new(v), bytes, ticket, eff, validator)
+            .await
+    }
+
+    async fn store_encoded(
+        &self,
+        key: &str,
+        object: Object,
+        bytes: ncm_cache_core::Bytes,
+        ticket: &Ticket,
+        eff: &Eff,
+        validator: Option<Arc<str>>,
+    ) -> Result<Found> {
         let size = bytes.len();
-        let object: Object = Arc::new(v);
         if !self.versions.current(ticket) {
             tracing::debug!(
                 key,
@@ -288,22 +409,28 @@ impl<C: Codec> Inner<C> {
             );
             return Ok((Some(object), ValueSource::Loader));
         }
-        let ttl = self.opts.l2_default_ttl;
+        let ttl = eff.l2_ttl;
         let write = self.versions.write_begin(key);
         let mut guard = crate::cache::Unannounced::new(self, key, Some(write));
-        let written = self.l2_write(key, bytes, ttl).await;
+        let written = if eff.write_l2() {
+            self.l2_write(key, bytes, ttl).await
+        } else {
+            Ok(())
+        };
         guard.disarm();
+        let mut fill = Fill::value(Arc::clone(&object), size, ttl);
+        fill.validator = validator;
         match written {
             Ok(()) => {
-                let fill = Fill::value(Arc::clone(&object), size, ttl);
-                self.settle_write(key, fill, &write);
-                self.publish_set(key).await;
+                self.settle_write(key, fill, &write, eff);
+                if eff.write_l2() && eff.announce() {
+                    self.publish_set(key).await;
+                }
             }
             // The value is still good: serve it and keep it in L1; count the failure.
             Err(e) => {
                 tracing::warn!(key, error = %e, "loaded value not written to L2");
-                let fill = Fill::value(Arc::clone(&object), size, ttl);
-                self.settle_write(key, fill, &write);
+                self.settle_write(key, fill, &write, eff);
             }
         }
         Ok((Some(object), ValueSource::Loader))
@@ -314,7 +441,7 @@ fn ended() -> CacheError {
     CacheError::loader("the load task ended without a result (it panicked or was aborted)")
 }
 
-type LoadResult = Option<Result<Loaded>>;
+type LoadResult = Option<Result<Found>>;
 
 /// Background loads in flight (with loader timeouts): key → the receiver of its result.
 #[derive(Default)]
@@ -352,7 +479,7 @@ impl<C: Codec> Inner<C> {
     fn join_or_start(
         self: &Arc<Self>,
         key: Option<&str>,
-        start: impl FnOnce() -> BoxFuture<'static, Result<Loaded>>,
+        start: impl FnOnce() -> BoxFuture<'static, Result<Found>>,
     ) -> watch::Receiver<LoadResult> {
         let (tx, rx) = watch::channel(None);
         if let Some(key) = key {

@@ -29,6 +29,8 @@ pub struct MultiLevelStats {
     pub promotions: u64,
     /// Background refreshes started (eager refresh, soft timeouts).
     pub background_refreshes: u64,
+    /// Loads answered "not modified" (conditional refresh: TTL re-armed, no payload written).
+    pub not_modified: u64,
     /// L2 failures (including skips while the circuit was open).
     pub l2_errors: u64,
     /// Times the L2 circuit breaker opened.
@@ -56,6 +58,7 @@ pub(crate) struct Counters {
     pub(crate) stale_served: AtomicU64,
     pub(crate) promotions: AtomicU64,
     pub(crate) background_refreshes: AtomicU64,
+    pub(crate) not_modified: AtomicU64,
     pub(crate) l2_errors: AtomicU64,
     pub(crate) backplane_received: AtomicU64,
     pub(crate) tracking_received: AtomicU64,
@@ -92,6 +95,7 @@ impl Counters {
             stale_served: self.stale_served.load(Relaxed),
             promotions: self.promotions.load(Relaxed),
             background_refreshes: self.background_refreshes.load(Relaxed),
+            not_modified: self.not_modified.load(Relaxed),
             l2_errors: self.l2_errors.load(Relaxed),
             circuit_trips: trips,
             backplane_received: self.backplane_received.load(Relaxed),

@@ -511,6 +511,28 @@ impl CacheBackend for RedisBackend {
         Ok(n > 0)
     }
 
+    async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
+        let full = self.full(key)?;
+        commands::check_ttl(Some(ttl))?;
+        // Not batched: GETEX writes (the TTL), so it goes straight to the primary.
+        let v: Option<Vec<u8>> = self
+            .run(Operation::Get, Idempotent::Yes, |mut h| {
+                let c = commands::getex(&full, ttl);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        match v {
+            Some(v) => {
+                self.inner.stats.hit();
+                Ok(Some(Bytes::from(v)))
+            }
+            None => {
+                self.inner.stats.miss();
+                Ok(None)
+            }
+        }
+    }
+
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         self.check_open()?;
         let full = self.inner.keys.full_pattern(pattern)?;

@@ -26,6 +26,13 @@ pub(crate) fn get(key: &str) -> Cmd {
     c
 }
 
+/// `GETEX key PX ms` (Redis 6.2+): a read that re-arms the TTL in the same round trip.
+pub(crate) fn getex(key: &str, ttl: Duration) -> Cmd {
+    let mut c = cmd("GETEX");
+    c.arg(key).arg("PX").arg(millis(ttl));
+    c
+}
+
 pub(crate) fn unlink<K: redis::ToRedisArgs>(keys: K) -> Cmd {
     let mut c = cmd("UNLINK");
     c.arg(keys);

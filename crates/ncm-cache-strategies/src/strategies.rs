@@ -472,6 +472,15 @@ impl<C: Codec> CacheStrategies<C> {
         Ok(())
     }
 
+    /// These strategies' tag graph as a [`TagIndex`](ncm_cache_core::TagIndex): give it to a
+    /// `MultiLevelCache` (`set_tag_index`) under these strategies, and the tags its loaders
+    /// give (adaptive caching) are recorded here, so [`invalidate_tag`](Self::invalidate_tag)
+    /// removes those entries. It holds the strategies weakly (no reference cycle through the
+    /// cache): once they are dropped, tagging fails with `Closed`.
+    pub fn tag_index(&self) -> Arc<dyn ncm_cache_core::TagIndex> {
+        Arc::new(TagGraph(Arc::downgrade(&self.inner.inv)))
+    }
+
     /// Deletes every key tagged `tag` (and the keys depending on those); returns how many.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64> {
         self.inner.inv.invalidate_tag(tag).await
@@ -511,5 +520,24 @@ impl CacheStrategies<Serializer> {
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn from_redis_cache(cache: &ncm_cache_redis::RedisCache) -> Result<Self> {
         Self::with_redis(cache.cache().clone(), Arc::clone(cache.redis_backend())).await
+    }
+}
+
+/// [`CacheStrategies::tag_index`].
+#[derive(Debug)]
+struct TagGraph(std::sync::Weak<Invalidator>);
+
+#[ncm_cache_core::async_trait]
+impl ncm_cache_core::TagIndex for TagGraph {
+    async fn tag(
+        &self,
+        key: &str,
+        tags: &[String],
+        ttl: Option<std::time::Duration>,
+    ) -> Result<()> {
+        let Some(inv) = self.0.upgrade() else {
+            return Err(CacheError::Closed);
+        };
+        inv.add_tags(key, tags, ttl).await
     }
 }

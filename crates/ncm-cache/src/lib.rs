@@ -33,7 +33,7 @@ pub use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
 pub use ncm_cache_multilevel as multilevel;
 #[cfg(feature = "multilevel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "multilevel")))]
-pub use ncm_cache_multilevel::MultiLevelCache;
+pub use ncm_cache_multilevel::{EntryOptions, LoadContext, Loaded, MultiLevelCache};
 
 /// Loaders, `#[cache_loader]` / `#[cache_method]`, warming and reloading (feature `loader`).
 #[cfg(feature = "loader")]
@@ -76,7 +76,7 @@ pub mod prelude {
     #[cfg(feature = "memory")]
     pub use ncm_cache_memory::MemoryBackend;
     #[cfg(feature = "multilevel")]
-    pub use ncm_cache_multilevel::MultiLevelCache;
+    pub use ncm_cache_multilevel::{EntryOptions, LoadContext, Loaded, MultiLevelCache};
     #[cfg(feature = "redis")]
     pub use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
     #[cfg(feature = "sql")]

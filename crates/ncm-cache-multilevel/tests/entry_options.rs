@@ -1,0 +1,490 @@
+//! Per-call controls on a throwaway Redis: `EntryOptions` (skip levels, backplane, TTLs,
+//! compression, size, fail-safe, timeouts, eager refresh), adaptive caching ("do not cache",
+//! TTL from the value), conditional refresh ("not modified" re-arms without a payload write,
+//! counted with `INFO commandstats`) and sliding expiration on L1 and L2 (`GETEX`).
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ncm_cache_codec::{CompressionType, Serializer};
+use ncm_cache_core::ValueSource;
+use ncm_cache_multilevel::{EntryOptions, Loaded, MultiLevelCache};
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::RedisServer;
+
+async fn redis(server: &RedisServer) -> RedisCache {
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    c.response_timeout = Duration::from_millis(300);
+    c.connect_timeout = Duration::from_millis(300);
+    RedisCache::connect(c).await.unwrap()
+}
+
+/// L2 + backplane, no lock (its `SET NX` would show in the SET counts).
+async fn instance(redis: &RedisCache) -> MultiLevelCache {
+    let cache = MultiLevelCache::builder(redis.backend())
+        .backplane(Arc::clone(redis.redis_backend()))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    while !cache.l1_active() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache
+}
+
+fn in_l2(server: &RedisServer, key: &str) -> bool {
+    server.command(&["EXISTS", &format!("app:{key}")]).unwrap() == "1"
+}
+
+fn pttl(server: &RedisServer, key: &str) -> i64 {
+    server
+        .command(&["PTTL", &format!("app:{key}")])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+async fn source(cache: &MultiLevelCache, key: &str) -> Option<(String, ValueSource)> {
+    cache
+        .get_with_source::<String>(key)
+        .await
+        .unwrap()
+        .map(|(v, s)| (v.to_string(), s))
+}
+
+/// Polls until `check` holds (bounded).
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < Duration::from_secs(3), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_flags_keep_a_call_to_the_levels_it_names() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (redis(&server).await, redis(&server).await);
+    let (a, b) = (instance(&ra).await, instance(&rb).await);
+
+    // skip_l2: this instance's L1 only.
+    let local = EntryOptions::new().skip_l2();
+    a.set_with("local", "mine".to_string(), &local)
+        .await
+        .unwrap();
+    assert!(!in_l2(&server, "local"));
+    let got = a.get_with::<String>("local", &local).await.unwrap();
+    assert_eq!(
+        got.map(|(v, s)| (v.to_string(), s)),
+        Some(("mine".into(), ValueSource::L1))
+    );
+    assert_eq!(b.get::<String>("local").await.unwrap(), None);
+
+    // skip_l1: L2 only, nothing kept locally.
+    let before = a.l1_len();
+    a.set_with("remote", "r".to_string(), &EntryOptions::new().skip_l1())
+        .await
+        .unwrap();
+    assert!(in_l2(&server, "remote"));
+    assert_eq!(a.l1_len(), before);
+    let got = a
+        .get_with::<String>("remote", &EntryOptions::new().skip_l1())
+        .await
+        .unwrap();
+    assert_eq!(got.map(|(_, s)| s), Some(ValueSource::L2));
+    assert_eq!(a.l1_len(), before, "skip_l1 must not promote");
+
+    // skip_backplane: the other instance keeps its copy; a plain write reaches it.
+    a.set("shared", "v1".to_string()).await.unwrap();
+    eventually("b holds v1 in L1", async || {
+        source(&b, "shared").await == Some(("v1".into(), ValueSource::L1))
+    })
+    .await;
+    a.set_with(
+        "shared",
+        "v2".to_string(),
+        &EntryOptions::new().skip_backplane(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        source(&b, "shared").await,
+        Some(("v1".into(), ValueSource::L1))
+    );
+    a.set("shared", "v3".to_string()).await.unwrap();
+    eventually("b sees v3", async || {
+        b.get::<String>("shared").await.unwrap().as_deref() == Some("v3")
+    })
+    .await;
+
+    // delete_with(skip_l2_write): the local copy goes, L2 keeps it.
+    a.set("kept", "k".to_string()).await.unwrap();
+    a.delete_with("kept", &EntryOptions::new().skip_l2_write())
+        .await
+        .unwrap();
+    assert!(in_l2(&server, "kept"));
+    assert_eq!(
+        source(&a, "kept").await.map(|(_, s)| s),
+        Some(ValueSource::L2)
+    );
+    // skip_l2_read: an L1 miss is a miss, although L2 has the value.
+    a.clear_l1();
+    assert!(
+        a.get_with::<String>("kept", &EntryOptions::new().skip_l2_read())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_compression_and_size_are_per_call() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let codec = Serializer::builder()
+        .compression(CompressionType::Gzip)
+        .compression_threshold(64)
+        .build()
+        .unwrap();
+    let cache = MultiLevelCache::builder(r.backend())
+        .codec(codec)
+        .build()
+        .unwrap();
+    cache
+        .set_with(
+            "short",
+            1u32,
+            &EntryOptions::new().ttl(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    let ttl = pttl(&server, "short");
+    assert!((1..=2000).contains(&ttl), "PTTL {ttl}");
+    assert!(pttl(&server, "other-default") < 0);
+
+    let text = "abcdefgh".repeat(512);
+    cache.set("zipped", text.clone()).await.unwrap();
+    cache
+        .set_with("plain", text.clone(), &EntryOptions::new().no_compression())
+        .await
+        .unwrap();
+    let len = |k: &str| -> usize {
+        server
+            .command(&["STRLEN", &format!("app:{k}")])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(len("zipped") < 500, "compressed: {}", len("zipped"));
+    assert!(len("plain") > 4096, "uncompressed: {}", len("plain"));
+    cache.clear_l1();
+    assert_eq!(
+        cache.get::<String>("plain").await.unwrap(),
+        Some(text.clone())
+    );
+    assert_eq!(cache.get::<String>("zipped").await.unwrap(), Some(text));
+
+    let weight = cache.l1_weight();
+    cache
+        .set_with("heavy", 1u8, &EntryOptions::new().size(100_000))
+        .await
+        .unwrap();
+    assert!(cache.l1_weight() >= weight + 100_000);
+
+    // l1_ttl: L1 forgets it first, L2 still has it.
+    cache
+        .set_with(
+            "brief",
+            "b".to_string(),
+            &EntryOptions::new().l1_ttl(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        source(&cache, "brief").await.map(|(_, s)| s),
+        Some(ValueSource::L1)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = cache
+        .get_with::<String>("brief", &EntryOptions::new().skip_l1_write())
+        .await
+        .unwrap();
+    assert_eq!(got.map(|(_, s)| s), Some(ValueSource::L2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_safe_timeouts_and_eager_refresh_are_per_call() {
+    let mut server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    // The builder has none of them.
+    let cache = MultiLevelCache::builder(r.backend())
+        .l1_default_ttl(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let safe = EntryOptions::new().fail_safe(Duration::from_secs(60));
+    cache.set_with("k", "old".to_string(), &safe).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.kill();
+    // Without fail-safe the L2 error reaches the caller; with it, the stale copy is served.
+    assert!(
+        cache
+            .get_with::<String>("k", &EntryOptions::new())
+            .await
+            .is_err()
+    );
+    let got = cache.get_with::<String>("k", &safe).await.unwrap();
+    assert_eq!(
+        got.map(|(v, s)| (v.to_string(), s)),
+        Some(("old".into(), ValueSource::Stale))
+    );
+    server.restart().unwrap();
+
+    // A soft timeout of this call serves the stale value while the slow load goes on.
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::builder(r.backend())
+        .l1_default_ttl(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let slow = EntryOptions::new()
+        .fail_safe(Duration::from_secs(60))
+        .timeouts(
+            Some(Duration::from_millis(50)),
+            Some(Duration::from_secs(5)),
+        );
+    let loads = Arc::new(AtomicU32::new(0));
+    let load = |loads: Arc<AtomicU32>, delay: u64| {
+        move |_ctx| async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok::<_, std::io::Error>(Loaded::value(format!("v{n}")))
+        }
+    };
+    cache
+        .get_or_load_with::<String, _, _, _>("slow", &slow, load(Arc::clone(&loads), 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // L1 stale; L2 is removed so the call must load.
+    cache.l2().delete("slow").await.unwrap();
+    let start = Instant::now();
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("slow", &slow, load(Arc::clone(&loads), 400))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.0.as_str(), got.1), ("v1", ValueSource::Stale));
+    assert!(start.elapsed() < Duration::from_millis(350));
+    eventually("the slow load lands", async || {
+        loads.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    // Eager refresh of this call's entries: a hit past half the L1 TTL refreshes in the background.
+    let eager = EntryOptions::new()
+        .l1_ttl(Duration::from_millis(400))
+        .eager_refresh(0.5);
+    let refreshes = Arc::new(AtomicU32::new(0));
+    let background = cache.get_stats().background_refreshes;
+    cache
+        .get_or_load_with::<String, _, _, _>("eager", &eager, load(Arc::clone(&refreshes), 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("eager", &eager, load(Arc::clone(&refreshes), 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.1, ValueSource::L1);
+    eventually("refreshed", async || refreshes.load(Ordering::SeqCst) == 2).await;
+    assert_eq!(cache.get_stats().background_refreshes, background + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_caching_decides_from_the_loaded_value() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = instance(&r).await;
+    let none = EntryOptions::new();
+    let sets = || server.command_calls("set").unwrap();
+    let before = sets();
+    // "Do not cache": served to the caller, written nowhere.
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("err", &none, |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("error page".to_string()).do_not_cache())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        got.map(|(v, s)| (v.to_string(), s)),
+        Some(("error page".into(), ValueSource::Loader))
+    );
+    assert_eq!(sets(), before, "a value not to cache was written to L2");
+    assert!(!in_l2(&server, "err"));
+    assert_eq!(cache.l1_len(), 0);
+    // The next call loads again.
+    let again = cache
+        .get_or_load_with::<String, _, _, _>("err", &none, |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("fixed".to_string()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.unwrap().0.as_str(), "fixed");
+    assert_eq!(sets(), before + 1);
+
+    // A TTL chosen from the value: drafts live 2 s, the rest the default hour.
+    for (key, draft) in [("doc:1", true), ("doc:2", false)] {
+        cache
+            .get_or_load_with::<String, _, _, _>(key, &none, move |_| async move {
+                let answer = Loaded::value(format!("draft={draft}"));
+                Ok::<_, std::io::Error>(if draft {
+                    answer.ttl(Duration::from_secs(2))
+                } else {
+                    answer
+                })
+            })
+            .await
+            .unwrap();
+    }
+    assert!((1..=2000).contains(&pttl(&server, "doc:1")));
+    assert!(pttl(&server, "doc:2") > 3_000_000);
+
+    // Tags without a tag index: a typed error that says what to do, nothing cached.
+    let err = cache
+        .get_or_load_with::<String, _, _, _>("tagged", &none, |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("t".to_string()).tags(["docs"]))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tag_index"), "{err}");
+    assert!(!in_l2(&server, "tagged"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::builder(r.backend())
+        .backplane(Arc::clone(r.redis_backend()))
+        .l1_default_ttl(Duration::from_millis(400))
+        .eager_refresh(0.5)
+        .build()
+        .unwrap();
+    eventually("backplane up", async || cache.l1_active()).await;
+    let seen = Arc::new(std::sync::Mutex::new(
+        Vec::<(Option<String>, Option<String>)>::new(),
+    ));
+    let origin = {
+        let seen = Arc::clone(&seen);
+        move || {
+            let seen = Arc::clone(&seen);
+            move |ctx: ncm_cache_multilevel::LoadContext<String>| async move {
+                seen.lock().unwrap().push((
+                    ctx.stale_value().map(|v| v.to_string()),
+                    ctx.validator().map(str::to_owned),
+                ));
+                // The origin's ETag is still "e1": nothing changed.
+                Ok::<_, std::io::Error>(if ctx.validator() == Some("e1") {
+                    Loaded::not_modified()
+                } else {
+                    Loaded::value("body".to_string()).validator("e1")
+                })
+            }
+        }
+    };
+    let opts = EntryOptions::new();
+    cache
+        .get_or_load_with::<String, _, _, _>("page", &opts, origin())
+        .await
+        .unwrap();
+    let (sets, pexpires) = (
+        server.command_calls("set").unwrap(),
+        server.command_calls("pexpire").unwrap(),
+    );
+    assert_eq!(sets, 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // A hit past the refresh point: the background refresh asks the origin conditionally.
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("page", &opts, origin())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.0.as_str(), got.1), ("body", ValueSource::L1));
+    eventually("not modified", async || cache.get_stats().not_modified == 1).await;
+    assert_eq!(
+        seen.lock().unwrap()[1],
+        (Some("body".into()), Some("e1".into())),
+        "the loader sees the stale value and its validator"
+    );
+    assert_eq!(
+        server.command_calls("set").unwrap(),
+        sets,
+        "no payload written"
+    );
+    assert_eq!(server.command_calls("pexpire").unwrap(), pexpires + 1);
+    // Re-armed in L1: still fresh past the first load's 400 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        source(&cache, "page").await.map(|(_, s)| s),
+        Some(ValueSource::L1)
+    );
+    // "Not modified" with nothing to keep is a typed error.
+    let err = cache
+        .get_or_load_with::<String, _, _, _>("fresh-key", &opts, |_| async {
+            Ok::<_, std::io::Error>(Loaded::not_modified())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not modified"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_expiration_keeps_what_is_read_and_drops_what_is_idle() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (redis(&server).await, redis(&server).await);
+    let (a, b) = (instance(&ra).await, instance(&rb).await);
+    let idle = Duration::from_millis(600);
+    let sliding = EntryOptions::new().sliding(idle);
+    a.set_with("s", "v".to_string(), &sliding).await.unwrap();
+    assert!(pttl(&server, "s") <= 600);
+    // Read from L1 for three idle periods: L1 and L2 both stay.
+    let start = Instant::now();
+    while start.elapsed() < idle * 3 {
+        let got = a.get_with::<String>("s", &sliding).await.unwrap();
+        assert_eq!(
+            got.map(|(_, s)| s),
+            Some(ValueSource::L1),
+            "at {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(in_l2(&server, "s"), "L2 was not re-armed by L1 hits");
+
+    // An L2 hit re-arms in the same round trip: one GETEX, no GET, no PEXPIRE.
+    let (getex, get, pexpire) = (
+        server.command_calls("getex").unwrap(),
+        server.command_calls("get").unwrap(),
+        server.command_calls("pexpire").unwrap(),
+    );
+    let got = b
+        .get_with::<String>("s", &EntryOptions::new().sliding(idle).skip_l1())
+        .await
+        .unwrap();
+    assert_eq!(got.map(|(_, s)| s), Some(ValueSource::L2));
+    assert_eq!(server.command_calls("getex").unwrap(), getex + 1);
+    assert_eq!(server.command_calls("get").unwrap(), get);
+    assert_eq!(server.command_calls("pexpire").unwrap(), pexpire);
+    assert!(pttl(&server, "s") > 400);
+
+    // Idle: gone from both levels.
+    tokio::time::sleep(idle + Duration::from_millis(200)).await;
+    assert!(!in_l2(&server, "s"));
+    assert!(a.get_with::<String>("s", &sliding).await.unwrap().is_none());
+}
