@@ -305,17 +305,28 @@ fn sleep_until(start: Instant, at: Duration) {
 
 #[test]
 fn coherence_checker_single_node() {
-    single_node("single node", "backplane", false);
+    single_node("single node", "backplane", false, false);
+}
+
+/// Backplane, with epochs: every `clear()` is one write of a new epoch (no SCAN).
+#[test]
+fn coherence_checker_epoch_clear_single_node() {
+    single_node("single node, epoch clear", "backplane", false, true);
 }
 
 /// Client tracking instead of the backplane, with a fourth process writing the keys with a
 /// plain redis-rs client (another program).
 #[test]
 fn coherence_checker_tracking_single_node_with_a_foreign_writer() {
-    single_node("single node, tracking + foreign writer", "tracking", true);
+    single_node(
+        "single node, tracking + foreign writer",
+        "tracking",
+        true,
+        false,
+    );
 }
 
-fn single_node(name: &str, coherence: &str, foreign: bool) {
+fn single_node(name: &str, coherence: &str, foreign: bool, epoch: bool) {
     let secs = secs();
     let dir = tempfile::tempdir().unwrap();
     let mut server = RedisServer::start().unwrap();
@@ -325,7 +336,10 @@ fn single_node(name: &str, coherence: &str, foreign: bool) {
     let mut logs: Vec<PathBuf> = (0..WORKERS)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
-    let mode = [("NCM_WORKER_COHERENCE", coherence)];
+    let mode = [
+        ("NCM_WORKER_COHERENCE", coherence),
+        ("NCM_WORKER_EPOCH", if epoch { "1" } else { "" }),
+    ];
     let mut children: Vec<Child> = (0..WORKERS)
         .map(|i| {
             spawn_worker(
@@ -387,16 +401,33 @@ fn single_node(name: &str, coherence: &str, foreign: bool) {
 
 #[test]
 fn coherence_checker_cluster() {
-    cluster("3+3 cluster", "backplane", false);
+    cluster("3+3 cluster", "backplane", false, false);
+}
+
+/// Client tracking on every primary, with epochs: a clear reaches the other processes as the
+/// epoch key's invalidation push.
+#[test]
+fn coherence_checker_epoch_clear_tracking_cluster() {
+    cluster(
+        "3+3 cluster, tracking + epoch clear",
+        "tracking",
+        false,
+        true,
+    );
 }
 
 /// Client tracking on every primary of the cluster, with a foreign writer process.
 #[test]
 fn coherence_checker_tracking_cluster_with_a_foreign_writer() {
-    cluster("3+3 cluster, tracking + foreign writer", "tracking", true);
+    cluster(
+        "3+3 cluster, tracking + foreign writer",
+        "tracking",
+        true,
+        false,
+    );
 }
 
-fn cluster(name: &str, coherence: &str, foreign: bool) {
+fn cluster(name: &str, coherence: &str, foreign: bool, epoch: bool) {
     let secs = secs();
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = RedisCluster::start().unwrap();
@@ -404,7 +435,10 @@ fn cluster(name: &str, coherence: &str, foreign: bool) {
     let mut logs: Vec<PathBuf> = (0..WORKERS)
         .map(|i| dir.path().join(format!("w{i}.log")))
         .collect();
-    let mode = [("NCM_WORKER_COHERENCE", coherence)];
+    let mode = [
+        ("NCM_WORKER_COHERENCE", coherence),
+        ("NCM_WORKER_EPOCH", if epoch { "1" } else { "" }),
+    ];
     let mut children: Vec<Child> = (0..WORKERS)
         .map(|i| {
             spawn_worker(

@@ -451,7 +451,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     for (op, key) in msg.entries {
                         Counters::bump(&inner.counters.backplane_received);
                         match op {
-                            CLEAR => inner.invalidate_l1_all(),
+                            CLEAR => inner.remote_clear(),
                             PATTERN => {
                                 if let Ok(pattern) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1_matching(pattern);
@@ -634,7 +634,7 @@ impl<C: Codec> Inner<C> {
         let mut attempt = 0;
         // When the lock lives on L2's Redis, it goes through L2's circuit breaker: an open
         // circuit skips the lock (loading without it) instead of waiting on a dead server.
-        let through_breaker = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(redis));
+        let through_breaker = std::ptr::addr_eq(Arc::as_ptr(&self.l2_raw), Arc::as_ptr(redis));
         loop {
             // Taken before this round's reads: a negative fill from the holder's note must not
             // land over an invalidation that arrived meanwhile.

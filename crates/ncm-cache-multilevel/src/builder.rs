@@ -29,6 +29,7 @@ pub(crate) struct Options {
     pub(crate) enable_promotion: bool,
     pub(crate) promotion_threshold: u32,
     pub(crate) enable_stampede_prevention: bool,
+    pub(crate) epoch_clear: bool,
     pub(crate) max_stale_age: Option<Duration>,
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) hard_timeout: Option<Duration>,
@@ -72,6 +73,7 @@ impl Default for Options {
             enable_promotion: true,
             promotion_threshold: 1,
             enable_stampede_prevention: true,
+            epoch_clear: false,
             max_stale_age: None,
             soft_timeout: None,
             hard_timeout: None,
@@ -324,6 +326,22 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self.lock = Some(redis);
         self.options.lock_ttl = lock_ttl;
         self.options.lock_wait = wait;
+        self
+    }
+
+    /// O(1) [`clear`](MultiLevelCache::clear) on a shared Redis: L2 keys are kept in the
+    /// cache's current epoch (`@{token}:{key}` under the prefix), and `clear()` starts a new
+    /// epoch with one write to `__ncm:epoch:{name}` instead of scanning the keyspace; the old
+    /// epoch's keys expire by their L2 TTL. Caches of different names share a prefix without
+    /// touching each other's entries. Other instances hear of a clear over their coherence
+    /// link (backplane or client tracking) and otherwise re-read the epoch at least every
+    /// second. Every instance of the cache must use it (the keys differ), and only this cache
+    /// reads them (not a plain `RedisCache`, nor the Python library). [`build`](Self::build)
+    /// refuses it without an `l2_default_ttl` (old epochs would never expire). Keep the epoch
+    /// key from eviction (a `volatile-*` or `noeviction` policy): a lost epoch key reads as the
+    /// first epoch. See docs/ARCHITECTURE.md, "O(1) clear".
+    pub fn epoch_clear(mut self, on: bool) -> Self {
+        self.options.epoch_clear = on;
         self
     }
 

@@ -70,7 +70,13 @@ impl<C> fmt::Debug for MultiLevelCache<C> {
 
 pub(crate) struct Inner<C> {
     pub(crate) l1: MemoryStore<L1Value>,
+    /// L2 as the cache uses it (through its epoch with `epoch_clear`).
     pub(crate) l2: SharedBackend,
+    /// L2 as it was given (to tell whether the backplane or lock share its Redis).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) l2_raw: SharedBackend,
+    /// The epoch of L2 keys, with `epoch_clear`.
+    pub(crate) epoch: Option<Arc<crate::epoch::EpochBackend>>,
     pub(crate) codec: C,
     pub(crate) opts: Options,
     /// The builder's entry options, for calls without their own.
@@ -208,6 +214,24 @@ impl<C: Codec> MultiLevelCache<C> {
         });
         #[cfg(not(feature = "redis"))]
         let links = 0u8;
+        if o.epoch_clear && o.l2_default_ttl.is_none() {
+            return Err(CacheError::Config(
+                "epoch_clear needs an l2_default_ttl: a clear leaves the old epoch's keys to \
+                 expire, which keys without a TTL never do"
+                    .into(),
+            ));
+        }
+        let epoch = o.epoch_clear.then(|| {
+            Arc::new(crate::epoch::EpochBackend::new(
+                Arc::clone(&b.l2),
+                &o.name,
+                false,
+            ))
+        });
+        let l2: SharedBackend = match &epoch {
+            Some(e) => Arc::clone(e) as SharedBackend,
+            None => Arc::clone(&b.l2),
+        };
         let tags = std::sync::OnceLock::new();
         if let Some(index) = b.tags {
             let _ = tags.set(index);
@@ -216,7 +240,9 @@ impl<C: Codec> MultiLevelCache<C> {
             defaults: Eff::defaults(&o),
             tags,
             l1,
-            l2: b.l2,
+            l2,
+            l2_raw: b.l2,
+            epoch,
             codec: b.codec,
             breaker,
             opts: o,
@@ -778,7 +804,7 @@ impl<C: Codec> MultiLevelCache<C> {
     /// it would remove every key of the database, other applications' and lock keys included.
     pub async fn clear(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.l2.key_prefix() == Some("") {
+        if inner.epoch.is_none() && inner.l2.key_prefix() == Some("") {
             return Err(CacheError::Config(
                 "clear() refused: L2 has no key prefix, so it would delete every key of the Redis database (other applications' keys and locks too); set RedisConfig::key_prefix (e.g. \"myapp:\") to give the cache its own namespace".into(),
             ));
@@ -1148,6 +1174,16 @@ impl<C: Codec> Inner<C> {
         self.l1.clear();
     }
 
+    /// Another instance cleared the cache (or Redis was flushed): L1 emptied, and with epochs
+    /// the epoch read again before the next L2 call.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn remote_clear(&self) {
+        if let Some(e) = &self.epoch {
+            e.forget();
+        }
+        self.invalidate_l1_all();
+    }
+
     /// Invalidates every key and removes those matching `pattern` (Redis glob) from L1.
     pub(crate) fn invalidate_l1_matching(&self, pattern: &str) -> Result<u64> {
         self.versions.invalidate_all();
@@ -1172,6 +1208,9 @@ impl<C: Codec> Inner<C> {
         let mut down = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
         *down |= link as u8;
         self.l1_enabled.store(false, Ordering::Release);
+        if let Some(e) = &self.epoch {
+            e.set_linked(false);
+        }
         drop(down);
         self.mark_l1_stale();
     }
@@ -1183,6 +1222,11 @@ impl<C: Codec> Inner<C> {
         self.mark_l1_stale();
         let mut down = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
         *down &= !(link as u8);
+        if let Some(e) = &self.epoch {
+            // Clears may have been missed while the link was down.
+            e.set_linked(*down == 0);
+            e.forget();
+        }
         if *down == 0 {
             self.l1_enabled.store(true, Ordering::Release);
         }

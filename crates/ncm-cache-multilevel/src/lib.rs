@@ -34,6 +34,7 @@ mod backplane;
 mod breaker;
 mod builder;
 mod cache;
+mod epoch;
 mod l1;
 mod load;
 #[cfg(not(feature = "redis"))]

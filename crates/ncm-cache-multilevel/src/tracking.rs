@@ -118,7 +118,18 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
             match event {
                 TrackingEvent::Invalidated(keys) => {
                     for key in &keys {
-                        let _ = inner.invalidate_l1(key);
+                        match &inner.epoch {
+                            None => {
+                                let _ = inner.invalidate_l1(key);
+                            }
+                            Some(epoch) => match epoch.user_key(key) {
+                                Some(key) => {
+                                    let _ = inner.invalidate_l1(key);
+                                }
+                                // The epoch key changed: a clear.
+                                None => inner.remote_clear(),
+                            },
+                        }
                     }
                     inner
                         .counters
@@ -126,7 +137,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                         .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 TrackingEvent::Flushed => {
-                    inner.invalidate_l1_all();
+                    inner.remote_clear();
                     Counters::bump(&inner.counters.tracking_received);
                 }
                 TrackingEvent::Disconnected => {

@@ -6,6 +6,7 @@
 //! Environment: `NCM_WORKER_ID`, `NCM_WORKER_SECS`, `NCM_WORKER_SEED`, `NCM_WORKER_LOG`, and
 //! either `NCM_WORKER_URL` (one node) or `NCM_WORKER_NODES` (comma-separated cluster nodes);
 //! `NCM_WORKER_COHERENCE` = `backplane` (default) | `tracking` | `both`; with
+//! `NCM_WORKER_EPOCH=1` clears by epoch (`epoch_clear`); with
 //! `NCM_WORKER_FOREIGN=1` the worker is *another program*: it only sets and deletes, with a
 //! plain redis-rs client (values encoded as the cache would), never through the cache.
 //!
@@ -101,6 +102,7 @@ async fn main() {
     let cache = MultiLevelCache::over_redis(&redis)
         .coherence(coherence)
         .name("checker")
+        .epoch_clear(env("NCM_WORKER_EPOCH").is_some())
         .l1_default_ttl(Duration::from_secs(10))
         .fail_safe(Duration::from_secs(30))
         .eager_refresh(0.8)

@@ -1,0 +1,278 @@
+//! O(1) `clear()` on a shared Redis ([`epoch_clear`](crate::MultiLevelBuilder::epoch_clear)):
+//! L2 keys live in the cache's current *epoch* (`@{token}:{key}`); `clear()` writes a new random
+//! token to one key (`__ncm:epoch:{name}`) instead of scanning the keyspace, and the old
+//! epoch's keys are left to their L2 TTL. Every instance keeps the token it last read and
+//! forgets it when told of a clear (a backplane CLEAR, the epoch key's client-tracking push), on
+//! a coherence link's reconnect, and — while it has no link up — at least every
+//! [`RECHECK`]. See docs/ARCHITECTURE.md, "O(1) clear".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{
+    Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeyTtl, Result, SharedBackend,
+    async_trait,
+};
+
+/// How old a token may be when no coherence link is up (no one would tell of a clear).
+pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+
+/// The epoch token before any clear (the epoch key absent).
+const FIRST: &str = "0";
+
+/// The longest token accepted from the epoch key.
+const MAX_TOKEN: usize = 16;
+
+/// L2 seen through the cache's current epoch.
+pub(crate) struct EpochBackend {
+    inner: SharedBackend,
+    /// The epoch key (in `inner`'s namespace).
+    key: String,
+    state: std::sync::RwLock<Option<(Arc<str>, Instant)>>,
+    /// Bumped by every `forget`: a read of the epoch key that began before it is not kept.
+    forgets: AtomicU64,
+    /// One read of the epoch key at a time.
+    fetch: tokio::sync::Mutex<()>,
+    /// Whether every coherence link is up (a clear elsewhere would be heard).
+    linked: AtomicBool,
+}
+
+impl std::fmt::Debug for EpochBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochBackend")
+            .field("inner", &self.inner)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EpochBackend {
+    pub(crate) fn new(inner: SharedBackend, name: &str, linked: bool) -> Self {
+        Self {
+            inner,
+            key: format!("__ncm:epoch:{name}"),
+            state: std::sync::RwLock::new(None),
+            forgets: AtomicU64::new(0),
+            fetch: tokio::sync::Mutex::new(()),
+            linked: AtomicBool::new(linked),
+        }
+    }
+
+    /// A clear may have happened elsewhere: read the epoch key again before the next L2 call.
+    pub(crate) fn forget(&self) {
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Links up (clears are heard) or not (the token is re-read every [`RECHECK`]).
+    pub(crate) fn set_linked(&self, linked: bool) {
+        self.linked.store(linked, Ordering::SeqCst);
+        if linked {
+            self.forget();
+        }
+    }
+
+    /// The cache key of an L2 key that client tracking reported: `None` for the epoch key
+    /// itself (a clear), the key without its epoch otherwise.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn user_key<'k>(&self, l2_key: &'k str) -> Option<&'k str> {
+        if l2_key == self.key {
+            return None;
+        }
+        Some(
+            l2_key
+                .strip_prefix('@')
+                .and_then(|rest| rest.split_once(':'))
+                .filter(|(token, _)| token.len() <= MAX_TOKEN)
+                .map_or(l2_key, |(_, key)| key),
+        )
+    }
+
+    fn cached(&self) -> Option<Arc<str>> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let (token, read_at) = state.as_ref()?;
+        if !self.linked.load(Ordering::SeqCst) && read_at.elapsed() >= RECHECK {
+            return None;
+        }
+        Some(Arc::clone(token))
+    }
+
+    /// The current token: the one kept, or read from the epoch key.
+    async fn token(&self) -> Result<Arc<str>> {
+        if let Some(token) = self.cached() {
+            return Ok(token);
+        }
+        let _one = self.fetch.lock().await;
+        if let Some(token) = self.cached() {
+            return Ok(token);
+        }
+        let before = self.forgets.load(Ordering::SeqCst);
+        let token: Arc<str> = match self.inner.get(&self.key).await? {
+            None => Arc::from(FIRST),
+            Some(bytes) => Arc::from(parse_token(&bytes)?),
+        };
+        // A forget during the read (a clear announced meanwhile): use it for this call, keep
+        // nothing.
+        if self.forgets.load(Ordering::SeqCst) == before {
+            *self.state.write().unwrap_or_else(|e| e.into_inner()) =
+                Some((Arc::clone(&token), Instant::now()));
+        }
+        Ok(token)
+    }
+
+    /// Starts a new epoch: everything written before is no longer read. One write.
+    async fn bump(&self) -> Result<()> {
+        let token = format!("{:x}", fastrand::u64(..));
+        self.forget();
+        // Read before the write: a clear announced by another instance during it wins.
+        let before = self.forgets.load(Ordering::SeqCst);
+        self.inner
+            .set(&self.key, Bytes::from(token.clone().into_bytes()), None)
+            .await?;
+        let _one = self.fetch.lock().await;
+        if self.forgets.load(Ordering::SeqCst) == before {
+            *self.state.write().unwrap_or_else(|e| e.into_inner()) =
+                Some((Arc::from(token), Instant::now()));
+        }
+        Ok(())
+    }
+
+    async fn full(&self, key: &str) -> Result<String> {
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        Ok(format!("@{}:{key}", self.token().await?))
+    }
+}
+
+fn parse_token(bytes: &[u8]) -> Result<&str> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .filter(|t| {
+            !t.is_empty() && t.len() <= MAX_TOKEN && t.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+        .ok_or_else(|| {
+            CacheError::backend(
+                "the cache's epoch key (__ncm:epoch:<name>) holds something that is not an epoch \
+                 token; delete the key (which clears the cache) or fix what writes it",
+                None,
+            )
+        })
+}
+
+#[async_trait]
+impl CacheBackend for EpochBackend {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(&self.full(key).await?).await
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.inner.set(&self.full(key).await?, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.delete(&self.full(key).await?).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(&self.full(key).await?).await
+    }
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let token = self.token().await?;
+        let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.inner.get_many(&refs).await
+    }
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
+        let token = self.token().await?;
+        let full: Vec<String> = entries
+            .iter()
+            .map(|(k, _)| format!("@{token}:{k}"))
+            .collect();
+        let entries: Vec<(&str, Bytes)> = full
+            .iter()
+            .zip(entries)
+            .map(|(k, (_, v))| (k.as_str(), v.clone()))
+            .collect();
+        self.inner.set_many(&entries, ttl).await
+    }
+    async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
+        let token = self.token().await?;
+        let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.inner.delete_many(&refs).await
+    }
+    async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
+        self.inner.get_ttl(&self.full(key).await?).await
+    }
+    async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
+        self.inner.extend_ttl(&self.full(key).await?, ttl).await
+    }
+    async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
+        self.inner.get_and_touch(&self.full(key).await?, ttl).await
+    }
+    /// `*` starts a new epoch (one write, whatever the keyspace holds); another pattern
+    /// deletes its matches in the current epoch (a SCAN, as without epochs).
+    async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        if pattern == "*" {
+            self.bump().await?;
+            return Ok(0);
+        }
+        self.inner.clear_pattern(&self.full(pattern).await?).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        self.inner.get_stats()
+    }
+    fn record_decode_error(&self, key: &str) {
+        self.inner.record_decode_error(key);
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn key_prefix(&self) -> Option<&str> {
+        self.inner.key_prefix()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracked_keys_lose_their_epoch_and_the_epoch_key_means_a_clear() {
+        let e = EpochBackend::new(
+            Arc::new(ncm_cache_memory::MemoryBackend::new()),
+            "users",
+            true,
+        );
+        assert_eq!(e.user_key("@0:user:1"), Some("user:1"));
+        assert_eq!(e.user_key("@9f3a:a:b"), Some("a:b"));
+        assert_eq!(e.user_key("plain"), Some("plain"));
+        assert_eq!(e.user_key("__ncm:epoch:users"), None);
+        assert!(parse_token(b"9f3a").is_ok());
+        assert!(parse_token(b"").is_err());
+        assert!(parse_token(b"a:b").is_err());
+        assert!(parse_token(&[0xff]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_clear_is_one_write_and_hides_the_old_epoch() {
+        let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
+        let e = EpochBackend::new(Arc::clone(&mem), "c", true);
+        e.set("k", Bytes::from_static(b"v"), None).await.unwrap();
+        assert!(mem.get("@0:k").await.unwrap().is_some());
+        e.clear_pattern("*").await.unwrap();
+        assert_eq!(e.get("k").await.unwrap(), None);
+        // The old epoch's key is left to its TTL.
+        assert!(mem.get("@0:k").await.unwrap().is_some());
+        // Another instance reads the new epoch from the key.
+        let other = EpochBackend::new(Arc::clone(&mem), "c", true);
+        other
+            .set("k", Bytes::from_static(b"w"), None)
+            .await
+            .unwrap();
+        assert_eq!(e.get("k").await.unwrap().as_deref(), Some(&b"w"[..]));
+    }
+}

@@ -1,0 +1,154 @@
+//! O(1) `clear()` with epochs (`epoch_clear`) on a throwaway Redis holding 2,000,000 keys of
+//! other programs: one write and no SCAN, whatever the keyspace; afterwards no instance — over
+//! the backplane, over client tracking, or with no coherence link at all (after its re-check
+//! interval) — serves anything of the cleared cache; caches of other names on the same prefix
+//! keep their entries.
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::CacheError;
+use ncm_cache_multilevel::{Coherence, EntryOptions, MultiLevelCache};
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::RedisServer;
+
+const KEYS: usize = 100;
+
+async fn redis(server: &RedisServer) -> RedisCache {
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    c.response_timeout = Duration::from_secs(2);
+    c.connect_timeout = Duration::from_millis(500);
+    RedisCache::connect(c).await.unwrap()
+}
+
+async fn instance(r: &RedisCache, name: &str, coherence: Option<Coherence>) -> MultiLevelCache {
+    let mut b = MultiLevelCache::builder(r.backend())
+        .name(name)
+        .epoch_clear(true)
+        .l1_max_size(10_000);
+    if let Some(mode) = coherence {
+        b = b.backplane(Arc::clone(r.redis_backend())).coherence(mode);
+    }
+    let cache = b.build().unwrap();
+    let start = Instant::now();
+    while !cache.l1_active() {
+        assert!(start.elapsed() < Duration::from_secs(10), "link never up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache
+}
+
+/// How many of the test keys `cache` still serves (L1 or L2).
+async fn served(cache: &MultiLevelCache, options: &EntryOptions) -> usize {
+    let mut n = 0;
+    for i in 0..KEYS {
+        if cache
+            .get_with::<u64>(&format!("k{i}"), options)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn until_none(cache: &MultiLevelCache, options: &EntryOptions, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let n = served(cache, options).await;
+        if n == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{n} keys still served after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clear_is_one_write_on_a_redis_holding_two_million_other_keys() {
+    let server = RedisServer::builder()
+        .arg("--enable-debug-command", "yes")
+        .start()
+        .unwrap();
+    server
+        .command(&["DEBUG", "POPULATE", "2000000", "other", "16"])
+        .unwrap();
+    assert_eq!(server.command(&["DBSIZE"]).unwrap(), "2000000");
+    let (ra, rb, rc, rd) = (
+        redis(&server).await,
+        redis(&server).await,
+        redis(&server).await,
+        redis(&server).await,
+    );
+    let a = instance(&ra, "users", Some(Coherence::Backplane)).await;
+    let b = instance(&rb, "users", Some(Coherence::Backplane)).await;
+    let t = instance(&rc, "users", Some(Coherence::Tracking)).await;
+    // No coherence link: L1 is its own business, but its L2 reads follow the epoch.
+    let lone = instance(&rd, "users", None).await;
+    // Another cache on the same prefix.
+    let orders = instance(&ra, "orders", Some(Coherence::Backplane)).await;
+    for i in 0..KEYS {
+        a.set(&format!("k{i}"), i as u64).await.unwrap();
+        orders.set(&format!("k{i}"), i as u64).await.unwrap();
+    }
+    let all = EntryOptions::new();
+    let l2_only = EntryOptions::new().skip_l1();
+    for cache in [&a, &b, &t, &lone] {
+        assert_eq!(served(cache, &all).await, KEYS);
+        // Read twice: the second from L1.
+        assert_eq!(served(cache, &all).await, KEYS);
+    }
+
+    let (sets, scans, unlinks) = (
+        server.command_calls("set").unwrap(),
+        server.command_calls("scan").unwrap(),
+        server.command_calls("unlink").unwrap(),
+    );
+    let start = Instant::now();
+    a.clear().await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(server.command_calls("set").unwrap(), sets + 1, "one write");
+    assert_eq!(server.command_calls("scan").unwrap(), scans, "no SCAN");
+    assert_eq!(
+        server.command_calls("unlink").unwrap(),
+        unlinks,
+        "no delete"
+    );
+    // Generous for a loaded CI machine; a SCAN of 2M keys takes seconds (bench: clear rows).
+    assert!(took < Duration::from_millis(250), "clear took {took:?}");
+    eprintln!("epoch clear with 2M other keys: {took:?}");
+
+    // Nothing of the cleared cache is served by any instance.
+    assert_eq!(served(&a, &all).await, 0);
+    until_none(&b, &all, Duration::from_millis(500)).await;
+    until_none(&t, &all, Duration::from_millis(500)).await;
+    until_none(&lone, &l2_only, Duration::from_millis(1500)).await;
+    // Written again after the clear: seen by all, from the new epoch.
+    a.set("k0", 7u64).await.unwrap();
+    assert_eq!(b.get::<u64>("k0").await.unwrap(), Some(7));
+    assert_eq!(t.get::<u64>("k0").await.unwrap(), Some(7));
+    // The other cache and the other program's keys are untouched.
+    assert_eq!(served(&orders, &all).await, KEYS);
+    assert_eq!(server.command(&["EXISTS", "other:0"]).unwrap(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_need_an_l2_ttl() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let err = MultiLevelCache::builder(r.backend())
+        .epoch_clear(true)
+        .l2_default_ttl(None)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Config(_)), "{err}");
+    assert!(err.to_string().contains("l2_default_ttl"), "{err}");
+}
