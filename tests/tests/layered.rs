@@ -352,3 +352,55 @@ async fn a_loaders_tags_are_invalidated_through_the_strategies() {
     // The other tag's entry stays.
     assert!(ma.get::<String>("doc:2").await.unwrap().is_some());
 }
+
+/// Per-use entry options through the byte-level layer: a loader whose cache is
+/// `as_backend_with(skip_l1 + sliding)` keeps nothing in L1 and its L2 entries slide, while
+/// another loader over the same multi-level cache uses L1 as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaders_over_as_backend_with_use_their_entry_options() {
+    use ncm_cache::EntryOptions;
+    let server = RedisServer::start().unwrap();
+    let multi = instance(&server).await;
+    let options = EntryOptions::new()
+        .skip_l1()
+        .sliding(Duration::from_millis(800));
+    let sliding = CacheLoader::new(Cache::new(
+        multi.as_backend_with(&options).unwrap(),
+        Serializer::default(),
+    ));
+    let plain = CacheLoader::new(Cache::new(multi.as_backend(), Serializer::default()));
+    let runs = Arc::new(AtomicUsize::new(0));
+    for loader in [&sliding, &plain] {
+        let runs = Arc::clone(&runs);
+        loader
+            .register_loader(
+                "user",
+                move |id: u64| {
+                    let runs = Arc::clone(&runs);
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(format!("user {id}"))
+                    }
+                },
+                Duration::from_millis(800),
+                CacheStrategy::CacheAside,
+            )
+            .unwrap();
+    }
+    let v: String = sliding.load("user", 1u64).await.unwrap();
+    assert_eq!(v, "user 1");
+    assert_eq!(multi.l1_len(), 0, "skip_l1: nothing in L1");
+    let getex = server.command_calls("getex").unwrap();
+    // Read every 300 ms for 2.4 s: each read re-arms the 800 ms TTL in L2 (GETEX).
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v: String = sliding.load("user", 1u64).await.unwrap();
+        assert_eq!(v, "user 1");
+    }
+    assert!(server.command_calls("getex").unwrap() >= getex + 8);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the sliding entry expired");
+    assert_eq!(multi.l1_len(), 0);
+    // The plain loader's entry goes into L1.
+    let _: String = plain.load("user", 2u64).await.unwrap();
+    assert!(multi.l1_len() >= 1);
+}

@@ -160,18 +160,24 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         if let L1Read::Fresh(Some(_), _) = self.0.inner.l1_read::<Bytes>(key, &self.1)? {
             return Ok(true);
         }
-        self.0.inner.l2_call(self.0.inner.l2.exists(key)).await
+        self.0
+            .inner
+            .l2_call("exists", self.0.inner.l2.exists(key))
+            .await
     }
 
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
-        self.0.inner.l2_call(self.0.inner.l2.get_ttl(key)).await
+        self.0
+            .inner
+            .l2_call("ttl", self.0.inner.l2.get_ttl(key))
+            .await
     }
 
     /// Changes the L2 TTL (it may shorten it) and drops every instance's L1 copy, which would
     /// otherwise outlive the new TTL.
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
         let inner = &self.0.inner;
-        let changed = inner.l2_call(inner.l2.extend_ttl(key, ttl)).await;
+        let changed = inner.l2_call("expire", inner.l2.extend_ttl(key, ttl)).await;
         let _ = inner.invalidate_l1(key);
         inner.publish_delete(key).await;
         changed
@@ -186,7 +192,9 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             return Ok(0);
         }
         inner.invalidate_l1_matching(pattern)?;
-        let removed = inner.l2_call(inner.l2.clear_pattern(pattern)).await;
+        let removed = inner
+            .l2_call("clear_pattern", inner.l2.clear_pattern(pattern))
+            .await;
         inner.invalidate_l1_matching(pattern)?;
         inner.publish_pattern(pattern).await;
         removed

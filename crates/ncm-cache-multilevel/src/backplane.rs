@@ -512,6 +512,18 @@ impl<C: Codec> Inner<C> {
     /// Publishes encoded entries as one message (see [`publish`](Self::publish)); more than
     /// one message's worth goes through the queue, which splits it.
     async fn publish_entries(&self, entries: Vec<u8>) {
+        if self.backplane.is_none() {
+            return;
+        }
+        let span = tracing::info_span!(
+            "ncm_cache.backplane.publish",
+            cache = %self.opts.name,
+            bytes = entries.len()
+        );
+        tracing::Instrument::instrument(self.publish_entries_now(entries), span).await;
+    }
+
+    async fn publish_entries_now(&self, entries: Vec<u8>) {
         let Some(bp) = &self.backplane else { return };
         // With L2's circuit open, the flush task sends it once L2 answers again.
         let lead = match bp.batch.circuit_open() || entries.len() > MAX_MESSAGE {
@@ -558,7 +570,7 @@ impl<C: Codec> Inner<C> {
                 .redis
                 .set_and_publish(key, bytes, ttl, &bp.batch.channel, &msg),
         );
-        let written = self.l2_call(write).await;
+        let written = self.l2_call("set+publish", write).await;
         // On an error (maybe published, maybe not) or a cancellation the message is resent;
         // a receiver ignores a duplicate number.
         if written.is_ok() {
@@ -641,7 +653,7 @@ impl<C: Codec> Inner<C> {
             let round = self.versions.ticket(key);
             let attempt_lock = redis.try_lock(&name, self.opts.lock_ttl);
             let taken = if through_breaker {
-                self.l2_call(attempt_lock).await
+                self.l2_call("lock", attempt_lock).await
             } else {
                 attempt_lock.await
             };
@@ -666,7 +678,7 @@ impl<C: Codec> Inner<C> {
             // The holder found nothing: it left that in the lock (see `release_not_found`).
             let note = redis.lock_note(&name);
             let note = if through_breaker {
-                self.l2_call(note).await
+                self.l2_call("lock_note", note).await
             } else {
                 note.await
             };

@@ -366,6 +366,7 @@ impl<C: Codec> MultiLevelCache<C> {
         match self.inner.l1_read::<T>(key, &eff)? {
             L1Read::Fresh(v, _) => {
                 self.inner.counters.l1_hits.bump();
+                self.inner.trace_l1_hit(key);
                 Ok(v.map(|v| (v, ValueSource::L1)))
             }
             L1Read::Stale(stale) => self.read_l2::<T>(key, stale, &eff).await,
@@ -381,6 +382,7 @@ impl<C: Codec> MultiLevelCache<C> {
         Ok(match inner.l1_read::<T>(key, &inner.defaults)? {
             L1Read::Fresh(v, _) => {
                 inner.counters.l1_hits.bump();
+                inner.trace_l1_hit(key);
                 Ok(v)
             }
             L1Read::Stale(v) => Err(v),
@@ -396,7 +398,17 @@ impl<C: Codec> MultiLevelCache<C> {
         stale: Option<Arc<T>>,
         eff: &'a Eff,
     ) -> BoxedRead<'a, T> {
-        Box::pin(self.get_from_l2::<T>(key, stale, eff))
+        let span = tracing::info_span!(
+            "ncm_cache.get",
+            cache = %self.inner.opts.name,
+            key,
+            l1 = if stale.is_some() { "stale" } else { "miss" },
+            source = tracing::field::Empty
+        );
+        Box::pin(tracing::Instrument::instrument(
+            self.get_from_l2::<T>(key, stale, eff),
+            span,
+        ))
     }
 
     async fn get_from_l2<T: CacheValue>(
@@ -407,22 +419,29 @@ impl<C: Codec> MultiLevelCache<C> {
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
         let inner = &self.inner;
         let ticket = inner.versions.ticket(key);
+        let span = tracing::Span::current();
         match inner.l2_read::<T>(key, eff).await {
             Ok(Some((v, size))) => {
+                span.record("source", "L2");
                 Counters::bump(&inner.counters.l2_hits);
                 inner.promote(key, Arc::clone(&v) as Object, size, &ticket, eff);
                 Ok(Some((v, ValueSource::L2)))
             }
             Ok(None) => {
+                span.record("source", "miss");
                 Counters::bump(&inner.counters.misses);
                 Ok(None)
             }
             Err(e) => match stale {
                 Some(v) => {
+                    span.record("source", "Stale");
                     Counters::bump(&inner.counters.stale_served);
                     Ok(Some((v, ValueSource::Stale)))
                 }
-                None => Err(e),
+                None => {
+                    span.record("source", "error");
+                    Err(e)
+                }
             },
         }
     }
@@ -457,6 +476,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let inner = &self.inner;
         if let L1Read::Fresh(Some(v), false) = inner.l1_read::<T>(key, &inner.defaults)? {
             inner.counters.l1_hits.bump();
+            inner.trace_l1_hit(key);
             return Ok((v, ValueSource::L1));
         }
         let load = move |_: LoadContext<T>| async move { loader().await.map(Loaded::value) };
@@ -488,6 +508,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let inner = &self.inner;
         if let L1Read::Fresh(v, false) = inner.l1_read::<T>(key, &inner.defaults)? {
             inner.counters.l1_hits.bump();
+            inner.trace_l1_hit(key);
             return Ok(v);
         }
         let load = move |_: LoadContext<T>| async move { loader().await.map(Loaded::from) };
@@ -656,7 +677,9 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|(_, k)| inner.versions.ticket(k))
             .collect();
         let miss_keys: Vec<&str> = missing.iter().map(|(_, k)| *k).collect();
-        let raw = inner.l2_call(inner.l2.get_many(&miss_keys)).await?;
+        let raw = inner
+            .l2_call("get_many", inner.l2.get_many(&miss_keys))
+            .await?;
         for (((i, key), bytes), ticket) in missing.into_iter().zip(raw).zip(&tickets) {
             let Some(bytes) = bytes else {
                 Counters::bump(&inner.counters.misses);
@@ -760,7 +783,7 @@ impl<C: Codec> MultiLevelCache<C> {
             );
             let written = self
                 .inner
-                .l2_call(self.inner.l2.set_many(&batch, ttl))
+                .l2_call("set_many", self.inner.l2.set_many(&batch, ttl))
                 .await;
             guard.disarm();
             if let Err(e) = written {
@@ -810,7 +833,7 @@ impl<C: Codec> MultiLevelCache<C> {
             ));
         }
         inner.invalidate_l1_all();
-        let r = inner.l2_call(inner.l2.clear_pattern("*")).await;
+        let r = inner.l2_call("clear", inner.l2.clear_pattern("*")).await;
         inner.invalidate_l1_all();
         inner.publish_clear().await;
         r.map(|_| ())
@@ -964,6 +987,17 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// An L1 hit as a span (`ncm_cache.get`, source `L1`, DEBUG level: a hit takes tens of
+    /// nanoseconds, which a span per hit would multiply). Nothing but a level check when DEBUG
+    /// is off for `ncm_cache_multilevel`.
+    #[inline]
+    pub(crate) fn trace_l1_hit(&self, key: &str) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("ncm_cache.get", cache = %self.opts.name, key, source = "L1")
+                .in_scope(|| {});
+        }
+    }
+
     /// A value L1 may not serve as fresh: served by fail-safe when the call has it and the
     /// value is not older than the call's max stale age.
     fn stale<T>(&self, object: Option<Arc<T>>, now: u64, fresh_until: u64, eff: &Eff) -> L1Read<T> {
@@ -1017,18 +1051,33 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Runs an L2 call through the circuit breaker.
-    pub(crate) async fn l2_call<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+    ///
+    /// Traced as a span `ncm_cache.l2` (INFO) with the operation and its result.
+    pub(crate) async fn l2_call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let span = tracing::info_span!(
+            "ncm_cache.l2",
+            cache = %self.opts.name,
+            op,
+            result = tracing::field::Empty
+        );
         let Some(permit) = self.breaker.allow() else {
             Counters::bump(&self.counters.l2_errors);
+            span.record("result", "circuit_open");
             return Err(CacheError::CircuitOpen("l2"));
         };
         // A cancelled call drops the permit unreported: a probe then counts as failed.
-        match call.await {
+        match tracing::Instrument::instrument(call, span.clone()).await {
             Ok(v) => {
+                span.record("result", "ok");
                 permit.success();
                 Ok(v)
             }
             Err(e) => {
+                span.record("result", "error");
                 Counters::bump(&self.counters.l2_errors);
                 if e.is_unavailable() {
                     permit.failure();
@@ -1070,8 +1119,11 @@ impl<C: Codec> Inner<C> {
             return Ok(None);
         }
         match eff.sliding {
-            Some(idle) if eff.write_l2() => self.l2_call(self.l2.get_and_touch(key, idle)).await,
-            _ => self.l2_call(self.l2.get(key)).await,
+            Some(idle) if eff.write_l2() => {
+                self.l2_call("getex", self.l2.get_and_touch(key, idle))
+                    .await
+            }
+            _ => self.l2_call("get", self.l2.get(key)).await,
         }
     }
 
@@ -1084,7 +1136,7 @@ impl<C: Codec> Inner<C> {
             return;
         }
         tracing::warn!(key, error = %e, "undecodable L2 entry removed");
-        let _ = self.l2_call(self.l2.delete(key)).await;
+        let _ = self.l2_call("delete", self.l2.delete(key)).await;
     }
 
     /// Encodes a value stored under `key` (bound to the L2 key, prefix included, by a signing
@@ -1128,7 +1180,7 @@ impl<C: Codec> Inner<C> {
         bytes: ncm_cache_core::Bytes,
         ttl: Option<Duration>,
     ) -> Result<()> {
-        self.l2_call(self.l2.set(key, bytes, ttl)).await
+        self.l2_call("set", self.l2.set(key, bytes, ttl)).await
     }
 
     /// Counts an L2 hit of `key` and promotes the value into L1 once it reached the threshold
@@ -1360,7 +1412,7 @@ impl<C: Codec> Inner<C> {
         let in_l1 = self.invalidate_l1(key)?;
         let in_l2 = if eff.write_l2() {
             let mut guard = Unannounced::new(self, key, None);
-            let in_l2 = self.l2_call(self.l2.delete(key)).await;
+            let in_l2 = self.l2_call("delete", self.l2.delete(key)).await;
             guard.disarm();
             self.invalidate_l1(key)?;
             in_l2

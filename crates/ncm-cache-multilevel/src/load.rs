@@ -29,8 +29,18 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        let span = tracing::info_span!(
+            "ncm_cache.get_or_load",
+            cache = %self.opts.name,
+            key,
+            l1 = tracing::field::Empty,
+            source = tracing::field::Empty
+        );
         // Boxed so the public async fns that call this stay small types.
-        Box::pin(self.get_or_load_inner::<T, F, Fut, E>(key, eff, loader))
+        Box::pin(tracing::Instrument::instrument(
+            self.get_or_load_inner::<T, F, Fut, E>(key, eff, loader),
+            span,
+        ))
     }
 
     async fn get_or_load_inner<T, F, Fut, E>(
@@ -45,8 +55,11 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        let span = tracing::Span::current();
         let stale = match self.l1_read::<T>(key, &eff)? {
             L1Read::Fresh(v, refresh) => {
+                span.record("l1", "hit");
+                span.record("source", "L1");
                 self.counters.l1_hits.bump();
                 // One background refresh per key at a time.
                 if refresh && self.refreshing.begin(key) {
@@ -68,12 +81,19 @@ impl<C: Codec> Inner<C> {
                 }
                 return Ok((v.map(|v| v as Object), ValueSource::L1));
             }
-            L1Read::Stale(v) => v.map(|v| v as Object),
-            L1Read::Miss => None,
+            L1Read::Stale(v) => {
+                span.record("l1", "stale");
+                v.map(|v| v as Object)
+            }
+            L1Read::Miss => {
+                span.record("l1", "miss");
+                None
+            }
         };
         let ticket = self.versions.ticket(key);
         match self.l2_read::<T>(key, &eff).await {
             Ok(Some((v, size))) => {
+                span.record("source", "L2");
                 Counters::bump(&self.counters.l2_hits);
                 let v = v as Object;
                 self.promote(key, Arc::clone(&v), size, &ticket, &eff);
@@ -83,8 +103,17 @@ impl<C: Codec> Inner<C> {
             // L2 unavailable: the loader is the source of truth; go on.
             Err(e) => tracing::debug!(key, error = %e, "L2 read failed; loading"),
         }
-        self.load_flight::<T, F, Fut, E>(key, eff, loader, stale, true)
-            .await
+        let found = self
+            .load_flight::<T, F, Fut, E>(key, eff, loader, stale, true)
+            .await;
+        span.record(
+            "source",
+            match &found {
+                Ok((_, source)) => source_name(*source),
+                Err(_) => "error",
+            },
+        );
+        found
     }
 
     /// Runs the load once per key (single-flight) unless stampede prevention is off.
@@ -250,7 +279,13 @@ impl<C: Codec> Inner<C> {
             key: key.clone(),
             stale: stale.clone(),
         };
-        let load = loader(context);
+        let span = tracing::info_span!(
+            "ncm_cache.load",
+            cache = %self.opts.name,
+            key = %key,
+            answer = tracing::field::Empty
+        );
+        let load = tracing::Instrument::instrument(loader(context), span.clone());
         #[cfg(feature = "redis")]
         let loaded = match &lock {
             Some(guard) => self.renewing(guard, load).await,
@@ -262,6 +297,18 @@ impl<C: Codec> Inner<C> {
             Counters::bump(&self.counters.load_errors);
             CacheError::loader(e)
         });
+        span.record(
+            "answer",
+            match &loaded {
+                Ok(l) => match l.answer {
+                    Answer::Value(_) if !l.cache => "value, not cached",
+                    Answer::Value(_) => "value",
+                    Answer::NotFound => "not found",
+                    Answer::NotModified => "not modified",
+                },
+                Err(_) => "error",
+            },
+        );
         let result = match loaded {
             Err(e) => Err(e),
             Ok(loaded) => self.store_answer(&key, eff, loaded, stale, &ticket).await,
@@ -353,7 +400,7 @@ impl<C: Codec> Inner<C> {
         if eff.write_l2()
             && let Some(ttl) = eff.l2_ttl
         {
-            match self.l2_call(self.l2.extend_ttl(key, ttl)).await {
+            match self.l2_call("expire", self.l2.extend_ttl(key, ttl)).await {
                 Ok(true) => {}
                 // Gone from L2 meanwhile: write it again.
                 Ok(false) => {
@@ -434,6 +481,16 @@ impl<C: Codec> Inner<C> {
             }
         }
         Ok((Some(object), ValueSource::Loader))
+    }
+}
+
+fn source_name(source: ValueSource) -> &'static str {
+    match source {
+        ValueSource::L1 => "L1",
+        ValueSource::L2 => "L2",
+        ValueSource::Stale => "Stale",
+        ValueSource::Loader => "Loader",
+        _ => "other",
     }
 }
 
