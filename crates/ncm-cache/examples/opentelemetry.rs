@@ -87,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         spans
             .iter()
             .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no span {name}"))
+            .ok_or_else(|| format!("no span {name} was exported"))
     };
     let attr = |span: &SpanData, key: &str| {
         span.attributes
@@ -95,8 +95,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .find(|kv| kv.key.as_str() == key)
             .map(|kv| kv.value.to_string())
     };
-    let request = find("GET /users/42");
-    let load_path = find("ncm_cache.get_or_load");
+    let request = find("GET /users/42")?;
+    let load_path = find("ncm_cache.get_or_load")?;
     assert_eq!(load_path.parent_span_id, request.span_context.span_id());
     assert_eq!(attr(load_path, "l1").as_deref(), Some("miss"));
     assert_eq!(attr(load_path, "source").as_deref(), Some("Loader"));
@@ -108,9 +108,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let ops: Vec<String> = l2.iter().filter_map(|s| attr(s, "op")).collect();
     assert_eq!(ops, ["get", "set"]);
-    let load = find("ncm_cache.load");
+    let load = find("ncm_cache.load")?;
     assert_eq!(attr(load, "answer").as_deref(), Some("value"));
-    let hit = find("ncm_cache.get");
+    let hit = find("ncm_cache.get")?;
     assert_eq!(attr(hit, "source").as_deref(), Some("L1"));
     assert_eq!(hit.parent_span_id, request.span_context.span_id());
     println!("{} spans exported, nested under the request", spans.len());
