@@ -549,3 +549,48 @@ async fn through_sentinel_tracking_follows_a_failover() {
     put(&mut other, "app:s", &bytes).await;
     until_seen(&b, "s", Some(4), BOUND).await;
 }
+
+/// A password-protected primary behind Sentinel: the data connection, the backplane's
+/// subscription, client tracking (its `ROLE` checks) and the capability probe all log in, so
+/// `Coherence::Both` comes up and another instance's write and a foreign write are both seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_sentinel_primary_is_subscribed_and_tracked() {
+    let set = ncm_cache_testkit::RedisSentinelSet::start_with_password("s3cret").unwrap();
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let connect = || async {
+        RedisCache::builder()
+            .sentinel(set.master_name(), sentinels.clone())
+            .password("s3cret")
+            .key_prefix("app:")
+            .health_check_interval(Some(Duration::from_millis(100)))
+            .connect_timeout(Duration::from_millis(500))
+            .response_timeout(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap()
+    };
+    let (ra, rb) = (connect().await, connect().await);
+    assert!(
+        !rb.redis_backend().capabilities().tracking_refused,
+        "{}",
+        rb.redis_backend().capabilities()
+    );
+    let a = MultiLevelCache::over_redis(&ra).build().unwrap();
+    let b = MultiLevelCache::over_redis(&rb)
+        .coherence(Coherence::Both)
+        .build()
+        .unwrap();
+    wait_active(&a).await;
+    wait_active(&b).await;
+    assert_eq!(b.coherence(), Some(Coherence::Both));
+    a.set("p", 1u64).await.unwrap();
+    until_l1(&b, "p").await;
+    a.set("p", 2u64).await.unwrap();
+    until_seen(&b, "p", Some(2), BOUND).await;
+    until_l1(&b, "p").await;
+    let primary = set.primary_addr().unwrap();
+    let mut other = foreign(&format!("redis://:s3cret@{primary}")).await;
+    let bytes = b.codec_bytes("p", &3u64).unwrap();
+    put(&mut other, "app:p", &bytes).await;
+    until_seen(&b, "p", Some(3), BOUND).await;
+}

@@ -232,20 +232,10 @@ impl Conn {
                 }
             })
             .collect();
-        let mut node = redis::RedisConnectionInfo::default().set_db(config.db);
-        if let Some(u) = &config.username {
-            node = node.set_username(u);
-        }
-        if let Some(p) = &config.password {
-            node = node.set_password(p);
-        }
-        let info = redis::sentinel::SentinelNodeConnectionInfo::default()
-            .set_redis_connection_info(node)
-            .set_tcp_settings(tcp_settings(config));
         let client = SentinelClient::build(
             addrs,
             master.to_owned(),
-            Some(info),
+            Some(sentinel_node_info(config)),
             SentinelServerType::Master,
         )
         .map_err(|e| CacheError::Config(format!("sentinel: {e}")))?;
@@ -411,4 +401,23 @@ pub(crate) fn group_by_slot(keys: &[&[u8]]) -> Vec<Vec<usize>> {
         .into_iter()
         .filter_map(|s| groups.remove(&s))
         .collect()
+}
+
+/// How to reach the primary Sentinel names: the configured database, username and password
+/// and socket options. Used by every path that resolves it (the data connection, pub/sub,
+/// client tracking, the capability probe): without the password, a protected primary refuses
+/// the `ROLE` check Sentinel resolution ends with.
+pub(crate) fn sentinel_node_info(
+    config: &RedisConfig,
+) -> redis::sentinel::SentinelNodeConnectionInfo {
+    let mut node = redis::RedisConnectionInfo::default().set_db(config.db);
+    if let Some(u) = &config.username {
+        node = node.set_username(u);
+    }
+    if let Some(p) = &config.password {
+        node = node.set_password(p);
+    }
+    redis::sentinel::SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(node)
+        .set_tcp_settings(tcp_settings(config))
 }

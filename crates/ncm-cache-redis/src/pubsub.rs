@@ -174,7 +174,10 @@ pub(crate) async fn node_url(config: &RedisConfig, attempt: usize) -> Result<Str
         let mut sentinel = redis::sentinel::Sentinel::build(addrs)
             .map_err(|e| CacheError::Config(format!("sentinel: {e}")))?;
         let client = sentinel
-            .async_master_for(&s.master_name, None)
+            .async_master_for(
+                &s.master_name,
+                Some(&crate::conn::sentinel_node_info(config)),
+            )
             .await
             .map_err(|e| map_err("sentinel", e, timeout))?;
         let info = client.get_connection_info();

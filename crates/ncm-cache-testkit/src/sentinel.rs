@@ -44,13 +44,26 @@ impl RedisSentinelSet {
     /// replica is linked and every sentinel sees the primary as `ok` with one replica and
     /// three sentinels.
     pub fn start() -> Result<Self, TestkitError> {
-        let primary = RedisServer::builder()
-            .args(["--repl-diskless-sync-delay", "0"])
-            .start()?;
+        Self::start_inner(None)
+    }
+
+    /// The same with `password` required by the primary and the replica (`requirepass`,
+    /// `masterauth`); the sentinels know it (`sentinel auth-pass`) and need none themselves.
+    pub fn start_with_password(password: &str) -> Result<Self, TestkitError> {
+        Self::start_inner(Some(password))
+    }
+
+    fn start_inner(password: Option<&str>) -> Result<Self, TestkitError> {
+        let data = |args: Vec<String>| {
+            let mut b = RedisServer::builder().args(args);
+            if let Some(p) = password {
+                b = b.password(p).args(["--masterauth", p]);
+            }
+            b.start()
+        };
+        let primary = data(vec!["--repl-diskless-sync-delay".into(), "0".into()])?;
         let port = primary.port().to_string();
-        let replica = RedisServer::builder()
-            .args(["--replicaof", HOST, &port])
-            .start()?;
+        let replica = data(vec!["--replicaof".into(), HOST.into(), port.clone()])?;
         let conf_dir = tempfile::Builder::new()
             .prefix("ncm-sentinel-")
             .tempdir()
@@ -62,7 +75,10 @@ impl RedisSentinelSet {
             "sentinel monitor {MASTER_NAME} {HOST} {port} 2\n\
              sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
              sentinel failover-timeout {MASTER_NAME} 5000\n\
-             sentinel parallel-syncs {MASTER_NAME} 1\n"
+             sentinel parallel-syncs {MASTER_NAME} 1\n{}",
+            password.map_or(String::new(), |p| format!(
+                "sentinel auth-pass {MASTER_NAME} {p}\n"
+            ))
         );
         let mut sentinels = Vec::with_capacity(SENTINELS);
         for i in 0..SENTINELS {
