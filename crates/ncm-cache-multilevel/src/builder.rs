@@ -30,6 +30,7 @@ pub(crate) struct Options {
     pub(crate) promotion_threshold: u32,
     pub(crate) enable_stampede_prevention: bool,
     pub(crate) epoch_clear: bool,
+    pub(crate) trace_l1_hits: bool,
     pub(crate) max_stale_age: Option<Duration>,
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) hard_timeout: Option<Duration>,
@@ -74,6 +75,7 @@ impl Default for Options {
             promotion_threshold: 1,
             enable_stampede_prevention: true,
             epoch_clear: false,
+            trace_l1_hits: false,
             max_stale_age: None,
             soft_timeout: None,
             hard_timeout: None,
@@ -342,6 +344,14 @@ impl<C: Codec> MultiLevelBuilder<C> {
     /// first epoch. See docs/ARCHITECTURE.md, "O(1) clear".
     pub fn epoch_clear(mut self, on: bool) -> Self {
         self.options.epoch_clear = on;
+        self
+    }
+
+    /// L1 hits as `tracing` spans too (`ncm_cache.get`, source `L1`, DEBUG level; default off):
+    /// a hit takes tens of nanoseconds, and even asking `tracing` whether DEBUG is on costs it
+    /// about 10 %. The other spans (L2, loads, the backplane) are always emitted.
+    pub fn trace_l1_hits(mut self, on: bool) -> Self {
+        self.options.trace_l1_hits = on;
         self
     }
 

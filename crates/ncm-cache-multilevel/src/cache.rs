@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
-use crate::l1::{Hits, L1Value};
+use crate::l1::{Hits, L1Value, Validator};
 use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
 use crate::versions::{CONTENDED_TTL, Settled, Ticket, Versions};
@@ -84,6 +84,8 @@ pub(crate) struct Inner<C> {
     /// Where loaders' tags are recorded ([`Loaded::tags`]).
     pub(crate) tags: std::sync::OnceLock<Arc<dyn ncm_cache_core::TagIndex>>,
     pub(crate) promotions: MemoryStore<Hits>,
+    /// Validators of L1 entries that have one (replaced or removed whenever L1 is filled).
+    pub(crate) validators: MemoryStore<Validator>,
     pub(crate) flight: SingleFlight<String, Found>,
     pub(crate) breaker: Arc<CircuitBreaker>,
     /// Per-key invalidation versions: an L2 read or load that started before an invalidation
@@ -201,6 +203,12 @@ impl<C: Codec> MultiLevelCache<C> {
             .max_bytes(o.l1_max_size.saturating_mul(4).max(64) * 256)
             .shared_clock(Arc::clone(&o.clock))
             .build_store::<Hits>("promotion")?;
+        let validators = MemoryBackend::builder()
+            .name(format!("{}-validators", o.name))
+            .max_entries(o.l1_max_size.max(64))
+            .max_bytes(o.l1_max_size.max(64) * 256)
+            .shared_clock(Arc::clone(&o.clock))
+            .build_store::<Validator>("validator")?;
         #[cfg(feature = "redis")]
         let links = u8::from(backplane_redis.is_some()) * Link::Backplane as u8
             + u8::from(tracking_redis.is_some()) * Link::Tracking as u8;
@@ -247,6 +255,7 @@ impl<C: Codec> MultiLevelCache<C> {
             breaker,
             opts: o,
             promotions,
+            validators,
             flight: SingleFlight::new(),
             versions: Versions::default(),
             generation: AtomicU64::new(0),
@@ -947,15 +956,20 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 }
 
 impl<C: Codec> Inner<C> {
+    /// Looks in L1 with a call's options: the plain read (the hot path, as lean as before
+    /// per-call options existed), or — `skip_l1_read`, `sliding` — the special one.
     #[inline]
     pub(crate) fn l1_read<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
-        if !eff.read_l1() {
-            return Ok(L1Read::Miss);
+        if eff.special_read() {
+            return self.l1_read_special(key, eff);
         }
+        self.l1_lookup(key, eff)
+    }
+
+    #[inline]
+    fn l1_lookup<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
         // One clock reading for the store's expiry and the freshness checks below.
         let now = self.opts.now_nanos();
-        // Sliding entries re-arm on a hit: the ticket guards that re-insert.
-        let ticket = eff.sliding.map(|_| self.versions.ticket(key));
         // Only a miss validates the key: a key that fails validation is never stored in L1.
         let Some(v) = self.l1.peek_unvalidated_at(key, now)? else {
             self.l1.validate(key)?;
@@ -963,8 +977,6 @@ impl<C: Codec> Inner<C> {
         };
         let (fresh_until, refresh_at) = (v.fresh_until, v.refresh_at);
         let current = v.generation == self.generation.load(Ordering::Acquire) as u32;
-        // Kept for the re-arm of a sliding entry only: a plain hit moves the value out.
-        let sliding = ticket.map(|t| (t, v.clone()));
         let object = match v.object {
             None => None,
             // One type check: another type under this key is read from L2 with the requested type.
@@ -977,9 +989,6 @@ impl<C: Codec> Inner<C> {
             return Ok(self.stale(object, now, fresh_until, eff));
         }
         if now < fresh_until {
-            if let (Some(idle), Some((ticket, v))) = (eff.sliding, sliding) {
-                self.slide(key, v, now, idle, eff, &ticket);
-            }
             let refresh = now >= refresh_at;
             Ok(L1Read::Fresh(object, refresh))
         } else {
@@ -987,12 +996,30 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// An L1 hit as a span (`ncm_cache.get`, source `L1`, DEBUG level: a hit takes tens of
-    /// nanoseconds, which a span per hit would multiply). Nothing but a level check when DEBUG
-    /// is off for `ncm_cache_multilevel`.
+    /// `skip_l1_read` (a miss) or `sliding` (a hit re-arms the entry).
+    #[inline(never)]
+    fn l1_read_special<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
+        if !eff.read_l1() {
+            return Ok(L1Read::Miss);
+        }
+        // Taken before the lookup: it guards the re-insert of what the lookup saw.
+        let ticket = self.versions.ticket(key);
+        let found = self.l1_lookup::<T>(key, eff)?;
+        if let (L1Read::Fresh(Some(_), _), Some(idle)) = (&found, eff.sliding) {
+            let now = self.opts.now_nanos();
+            if let Some(v) = self.l1.peek_unvalidated_at(key, now)? {
+                self.slide(key, v, now, idle, eff, &ticket);
+            }
+        }
+        Ok(found)
+    }
+
+    /// An L1 hit as a span (`ncm_cache.get`, source `L1`, DEBUG level) when
+    /// [`trace_l1_hits`](MultiLevelBuilder::trace_l1_hits) is on. Off, it is one test of a
+    /// flag: even `tracing::enabled!` costs an L1 hit about 10 % (measured, docs/BENCHMARKS.md).
     #[inline]
     pub(crate) fn trace_l1_hit(&self, key: &str) {
-        if tracing::enabled!(tracing::Level::DEBUG) {
+        if self.opts.trace_l1_hits && tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug_span!("ncm_cache.get", cache = %self.opts.name, key, source = "L1")
                 .in_scope(|| {});
         }
@@ -1023,7 +1050,7 @@ impl<C: Codec> Inner<C> {
             size: v.size as usize,
             negative: false,
             l2_ttl: Some(idle),
-            validator: v.validator,
+            validator: self.l1_validator(key),
         };
         if !self.l1_fill(key, fill, ticket, eff) || !eff.write_l2() {
             return;
@@ -1331,12 +1358,19 @@ impl<C: Codec> Inner<C> {
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
             // Truncation is the point: see `L1Value::generation`.
             generation: self.generation.load(Ordering::Acquire) as u32,
-            validator: fill.validator,
         };
-        match self
-            .l1
-            .insert(key, value, Some(fresh.saturating_add(eff.keep_stale)))
-        {
+        let ttl = Some(fresh.saturating_add(eff.keep_stale));
+        // The validator follows the entry: set with it, or gone with a value that has none.
+        match fill.validator {
+            Some(v) => {
+                let _ = self.validators.insert(key, Validator(v), ttl);
+            }
+            None if self.validators.len() > 0 => {
+                let _ = self.validators.remove(key);
+            }
+            None => {}
+        }
+        match self.l1.insert(key, value, ttl) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!(key, error = %e, "value not kept in L1");
@@ -1347,12 +1381,10 @@ impl<C: Codec> Inner<C> {
 
     /// The validator kept with `key`'s L1 entry (fresh or stale), for a conditional refresh.
     pub(crate) fn l1_validator(&self, key: &str) -> Option<Arc<str>> {
-        let now = self.opts.now_nanos();
-        self.l1
-            .peek_unvalidated_at(key, now)
-            .ok()
-            .flatten()
-            .and_then(|v| v.validator)
+        if self.validators.len() == 0 {
+            return None;
+        }
+        self.validators.peek(key).ok().flatten().map(|v| v.0)
     }
 
     /// Writes L2 first, then L1, then tells other instances. If L2 fails, L1 is not left

@@ -24,14 +24,24 @@ pub(crate) struct L1Value {
     /// backplane outage or a lost message) is stale-only, served by fail-safe alone.
     /// (The low 32 bits: compared for equality only, and four billion resyncs apart.)
     pub(crate) generation: u32,
-    /// The loader's validator (ETag, version) for a conditional refresh, if it gave one.
-    pub(crate) validator: Option<Arc<str>>,
 }
 
 impl StoreValue for L1Value {
     #[inline]
     fn size(&self) -> usize {
         self.size as usize
+    }
+}
+
+/// A loader's validator (ETag, version) of the L1 entry of the same key, for a conditional
+/// refresh. Kept beside L1, not in its slot: most entries have none, and the slot's size is
+/// what an L1 hit costs.
+#[derive(Clone)]
+pub(crate) struct Validator(pub(crate) Arc<str>);
+
+impl StoreValue for Validator {
+    fn size(&self) -> usize {
+        self.0.len()
     }
 }
 

@@ -246,6 +246,11 @@ impl Eff {
         }
     }
 
+    /// A read other than the plain L1 lookup: `skip_l1_read` or `sliding`.
+    #[inline]
+    pub(crate) fn special_read(&self) -> bool {
+        self.flags & SKIP_L1_READ != 0 || self.sliding.is_some()
+    }
     #[inline]
     pub(crate) fn read_l1(&self) -> bool {
         self.flags & SKIP_L1_READ == 0

@@ -1,7 +1,8 @@
 //! A request's cache path as OpenTelemetry spans: `tracing-opentelemetry` turns the spans of a
 //! `MultiLevelCache` — `ncm_cache.get_or_load` (with the `l1` result and the value's `source`),
 //! `ncm_cache.l2` (operation and result), `ncm_cache.load` (the loader's answer),
-//! `ncm_cache.backplane.publish`, and `ncm_cache.get` for L1 hits (DEBUG level) — into OTel
+//! `ncm_cache.backplane.publish`, and `ncm_cache.get` for L1 hits (DEBUG level, with
+//! `trace_l1_hits`) — into OTel
 //! spans, nested under the caller's own span.
 //!
 //! The exporter here prints each span (a real service uses `opentelemetry-otlp` instead, with
@@ -60,7 +61,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("ncm-cache-example")));
     tracing::subscriber::set_global_default(subscriber)?;
 
-    let cache = MultiLevelCache::builder(MemoryBackend::new()).build()?;
+    let cache = MultiLevelCache::builder(MemoryBackend::new())
+        .trace_l1_hits(true)
+        .build()?;
     let request = tracing::info_span!("GET /users/42");
     async {
         // Miss everywhere: L1 miss, L2 get (miss), the loader, the L2 set.
