@@ -86,6 +86,9 @@ pub(crate) struct Inner<C> {
     pub(crate) promotions: MemoryStore<Hits>,
     /// Validators of L1 entries that have one (replaced or removed whenever L1 is filled).
     pub(crate) validators: MemoryStore<Validator>,
+    /// Set once a validator was stored: until then fills skip the validator store (its `len`
+    /// visits every shard).
+    pub(crate) has_validators: AtomicBool,
     pub(crate) flight: SingleFlight<String, Found>,
     pub(crate) breaker: Arc<CircuitBreaker>,
     /// Per-key invalidation versions: an L2 read or load that started before an invalidation
@@ -256,6 +259,7 @@ impl<C: Codec> MultiLevelCache<C> {
             opts: o,
             promotions,
             validators,
+            has_validators: AtomicBool::new(false),
             flight: SingleFlight::new(),
             versions: Versions::default(),
             generation: AtomicU64::new(0),
@@ -1363,9 +1367,10 @@ impl<C: Codec> Inner<C> {
         // The validator follows the entry: set with it, or gone with a value that has none.
         match fill.validator {
             Some(v) => {
+                self.has_validators.store(true, Ordering::Release);
                 let _ = self.validators.insert(key, Validator(v), ttl);
             }
-            None if self.validators.len() > 0 => {
+            None if self.has_validators.load(Ordering::Acquire) => {
                 let _ = self.validators.remove(key);
             }
             None => {}
@@ -1381,7 +1386,7 @@ impl<C: Codec> Inner<C> {
 
     /// The validator kept with `key`'s L1 entry (fresh or stale), for a conditional refresh.
     pub(crate) fn l1_validator(&self, key: &str) -> Option<Arc<str>> {
-        if self.validators.len() == 0 {
+        if !self.has_validators.load(Ordering::Acquire) {
             return None;
         }
         self.validators.peek(key).ok().flatten().map(|v| v.0)
