@@ -556,7 +556,10 @@ impl<C: Codec> Inner<C> {
         ttl: Option<Duration>,
     ) -> Option<Result<()>> {
         let bp = self.backplane.as_ref()?;
-        let same = std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.batch.redis));
+        // `l2`, not `l2_raw`: with epochs L2 is the epoch wrapper, and the combined path would
+        // write the bare key; such writes go through the wrapper, then publish.
+        let same = self.epoch.is_none()
+            && std::ptr::addr_eq(Arc::as_ptr(&self.l2), Arc::as_ptr(&bp.batch.redis));
         // On a cluster the key and the channel hash to different slots: no shared pipeline.
         if !same || bp.batch.redis.is_cluster() {
             return None;

@@ -1277,6 +1277,11 @@ impl<C: Codec> Inner<C> {
     /// fail-safe, empties it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn mark_l1_stale(&self) {
+        // With epochs, the token first (a clear may have been missed: a link down, a lost
+        // message): a read that takes its ticket after the bump below uses the new epoch.
+        if let Some(e) = &self.epoch {
+            e.forget();
+        }
         // Global bump first: a fill that reads the new generation then fails its second check.
         self.versions.invalidate_all();
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -1306,9 +1311,8 @@ impl<C: Codec> Inner<C> {
         let mut down = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
         *down &= !(link as u8);
         if let Some(e) = &self.epoch {
-            // Clears may have been missed while the link was down.
+            // Clears missed while the link was down: `mark_l1_stale` above forgot the token.
             e.set_linked(*down == 0);
-            e.forget();
         }
         if *down == 0 {
             self.l1_enabled.store(true, Ordering::Release);

@@ -2,12 +2,13 @@
 //! L2 keys live in the cache's current *epoch* (`@{token}:{key}`); `clear()` writes a new random
 //! token to one key (`__ncm:epoch:{name}`) instead of scanning the keyspace, and the old
 //! epoch's keys are left to their L2 TTL. Every instance keeps the token it last read and
-//! forgets it when told of a clear (a backplane CLEAR, the epoch key's client-tracking push), on
-//! a coherence link's reconnect, and — while it has no link up — at least every
-//! [`RECHECK`]. See docs/ARCHITECTURE.md, "O(1) clear".
+//! forgets it when told of a clear (a backplane CLEAR, the epoch key's client-tracking push),
+//! whenever L1 is made stale-only (a link down or back, a lost backplane message), and re-reads
+//! it at least every [`RECHECK`] while a link is down or absent, every [`RECHECK_LINKED`]
+//! otherwise. See docs/ARCHITECTURE.md, "O(1) clear".
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::{
@@ -17,6 +18,11 @@ use ncm_cache_core::{
 
 /// How old a token may be when no coherence link is up (no one would tell of a clear).
 pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+
+/// How old a token may be with every link up: a clear is announced, but a lost epoch key
+/// (evicted, or a restart without persistence) is not, and instances must not stay split
+/// between two epochs.
+pub(crate) const RECHECK_LINKED: Duration = Duration::from_secs(30);
 
 /// The epoch token before any clear (the epoch key absent).
 const FIRST: &str = "0";
@@ -29,9 +35,10 @@ pub(crate) struct EpochBackend {
     inner: SharedBackend,
     /// The epoch key (in `inner`'s namespace).
     key: String,
-    state: std::sync::RwLock<Option<(Arc<str>, Instant)>>,
-    /// Bumped by every `forget`: a read of the epoch key that began before it is not kept.
-    forgets: AtomicU64,
+    /// The token kept and when it was read, with the number of `forget`s so far: a read of
+    /// the epoch key is kept only if no forget happened since it began (checked and stored
+    /// under the same lock as `forget` bumps it).
+    state: std::sync::RwLock<State>,
     /// One read of the epoch key at a time.
     fetch: tokio::sync::Mutex<()>,
     /// Whether every coherence link is up (a clear elsewhere would be heard).
@@ -52,8 +59,7 @@ impl EpochBackend {
         Self {
             inner,
             key: format!("__ncm:epoch:{name}"),
-            state: std::sync::RwLock::new(None),
-            forgets: AtomicU64::new(0),
+            state: std::sync::RwLock::new(State::default()),
             fetch: tokio::sync::Mutex::new(()),
             linked: AtomicBool::new(linked),
         }
@@ -61,16 +67,27 @@ impl EpochBackend {
 
     /// A clear may have happened elsewhere: read the epoch key again before the next L2 call.
     pub(crate) fn forget(&self) {
-        self.forgets.fetch_add(1, Ordering::SeqCst);
-        *self.state.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.forgets += 1;
+        state.token = None;
     }
 
-    /// Links up (clears are heard) or not (the token is re-read every [`RECHECK`]).
+    fn forgets(&self) -> u64 {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).forgets
+    }
+
+    /// Keeps `token` unless a forget happened since `before`.
+    fn keep(&self, token: Arc<str>, before: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if state.forgets == before {
+            state.token = Some((token, Instant::now()));
+        }
+    }
+
+    /// Links up (clears are heard: the token is re-read every [`RECHECK_LINKED`]) or not
+    /// (every [`RECHECK`]). The caller forgets the token when a link goes down or comes back.
     pub(crate) fn set_linked(&self, linked: bool) {
         self.linked.store(linked, Ordering::SeqCst);
-        if linked {
-            self.forget();
-        }
     }
 
     /// The cache key of an L2 key that client tracking reported: `None` for the epoch key
@@ -91,8 +108,13 @@ impl EpochBackend {
 
     fn cached(&self) -> Option<Arc<str>> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        let (token, read_at) = state.as_ref()?;
-        if !self.linked.load(Ordering::SeqCst) && read_at.elapsed() >= RECHECK {
+        let (token, read_at) = state.token.as_ref()?;
+        let max_age = if self.linked.load(Ordering::SeqCst) {
+            RECHECK_LINKED
+        } else {
+            RECHECK
+        };
+        if read_at.elapsed() >= max_age {
             return None;
         }
         Some(Arc::clone(token))
@@ -107,17 +129,14 @@ impl EpochBackend {
         if let Some(token) = self.cached() {
             return Ok(token);
         }
-        let before = self.forgets.load(Ordering::SeqCst);
+        let before = self.forgets();
         let token: Arc<str> = match self.inner.get(&self.key).await? {
             None => Arc::from(FIRST),
             Some(bytes) => Arc::from(parse_token(&bytes)?),
         };
         // A forget during the read (a clear announced meanwhile): use it for this call, keep
         // nothing.
-        if self.forgets.load(Ordering::SeqCst) == before {
-            *self.state.write().unwrap_or_else(|e| e.into_inner()) =
-                Some((Arc::clone(&token), Instant::now()));
-        }
+        self.keep(Arc::clone(&token), before);
         Ok(token)
     }
 
@@ -126,15 +145,12 @@ impl EpochBackend {
         let token = format!("{:x}", fastrand::u64(..));
         self.forget();
         // Read before the write: a clear announced by another instance during it wins.
-        let before = self.forgets.load(Ordering::SeqCst);
+        let before = self.forgets();
         self.inner
             .set(&self.key, Bytes::from(token.clone().into_bytes()), None)
             .await?;
         let _one = self.fetch.lock().await;
-        if self.forgets.load(Ordering::SeqCst) == before {
-            *self.state.write().unwrap_or_else(|e| e.into_inner()) =
-                Some((Arc::from(token), Instant::now()));
-        }
+        self.keep(Arc::from(token), before);
         Ok(())
     }
 
@@ -142,6 +158,22 @@ impl EpochBackend {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         Ok(format!("@{}:{key}", self.token().await?))
     }
+
+    /// The keys of a batch under the current epoch (each checked as `full` does).
+    async fn full_many<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Result<Vec<String>> {
+        let token = self.token().await?;
+        keys.map(|k| {
+            ncm_cache_core::validate_key(k, usize::MAX)?;
+            Ok(format!("@{token}:{k}"))
+        })
+        .collect()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<(Arc<str>, Instant)>,
+    forgets: u64,
 }
 
 fn parse_token(bytes: &[u8]) -> Result<&str> {
@@ -177,17 +209,12 @@ impl CacheBackend for EpochBackend {
         self.inner.exists(&self.full(key).await?).await
     }
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
-        let token = self.token().await?;
-        let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
+        let full = self.full_many(keys.iter().copied()).await?;
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
         self.inner.get_many(&refs).await
     }
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
-        let token = self.token().await?;
-        let full: Vec<String> = entries
-            .iter()
-            .map(|(k, _)| format!("@{token}:{k}"))
-            .collect();
+        let full = self.full_many(entries.iter().map(|(k, _)| *k)).await?;
         let entries: Vec<(&str, Bytes)> = full
             .iter()
             .zip(entries)
@@ -196,8 +223,7 @@ impl CacheBackend for EpochBackend {
         self.inner.set_many(&entries, ttl).await
     }
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
-        let token = self.token().await?;
-        let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
+        let full = self.full_many(keys.iter().copied()).await?;
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
         self.inner.delete_many(&refs).await
     }
@@ -255,6 +281,40 @@ mod tests {
         assert!(parse_token(b"").is_err());
         assert!(parse_token(b"a:b").is_err());
         assert!(parse_token(&[0xff]).is_err());
+    }
+
+    /// A clear whose announcement was lost (a backplane gap, a link down and back) is caught
+    /// up when L1 is made stale-only: the token is read again.
+    #[tokio::test]
+    async fn making_l1_stale_forgets_the_epoch() {
+        use crate::{EntryOptions, MultiLevelCache};
+        let mem = Arc::new(ncm_cache_memory::MemoryBackend::new());
+        let build = || {
+            MultiLevelCache::builder(Arc::clone(&mem))
+                .epoch_clear(true)
+                .build()
+                .unwrap()
+        };
+        let (this, other) = (build(), build());
+        this.set("k", 1u32).await.unwrap();
+        other.clear().await.unwrap();
+        let l2 = EntryOptions::new().skip_l1();
+        // Unannounced: this instance still reads its epoch (within its re-check interval).
+        let read = this.get_with::<u32>("k", &l2).await.unwrap();
+        assert_eq!(read.map(|(v, _)| *v), Some(1));
+        this.inner.mark_l1_stale();
+        assert!(this.get_with::<u32>("k", &l2).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_read_overtaken_by_a_forget_is_not_kept() {
+        let e = EpochBackend::new(Arc::new(ncm_cache_memory::MemoryBackend::new()), "c", true);
+        let before = e.forgets();
+        e.forget();
+        e.keep(Arc::from("old"), before);
+        assert!(e.cached().is_none());
+        e.keep(Arc::from("new"), e.forgets());
+        assert_eq!(e.cached().as_deref(), Some("new"));
     }
 
     #[tokio::test]
