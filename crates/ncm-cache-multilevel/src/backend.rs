@@ -148,7 +148,8 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
         let mut eff = self.1;
-        eff.l2_ttl = ttl;
+        // `None` from the facade (it has no TTL of its own) keeps the options' TTL, if any.
+        eff.l2_ttl = ttl.or(self.1.explicit_ttl());
         self.0.inner.write_encoded(key, object, value, &eff).await
     }
 

@@ -1000,22 +1000,10 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// `skip_l1_read` (a miss) or `sliding` (a hit re-arms the entry).
+    /// `skip_l1_read`: a miss.
     #[inline(never)]
-    fn l1_read_special<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
-        if !eff.read_l1() {
-            return Ok(L1Read::Miss);
-        }
-        // Taken before the lookup: it guards the re-insert of what the lookup saw.
-        let ticket = self.versions.ticket(key);
-        let found = self.l1_lookup::<T>(key, eff)?;
-        if let (L1Read::Fresh(Some(_), _), Some(idle)) = (&found, eff.sliding) {
-            let now = self.opts.now_nanos();
-            if let Some(v) = self.l1.peek_unvalidated_at(key, now)? {
-                self.slide(key, v, now, idle, eff, &ticket);
-            }
-        }
-        Ok(found)
+    fn l1_read_special<T: CacheValue>(&self, _key: &str, _eff: &Eff) -> Result<L1Read<T>> {
+        Ok(L1Read::Miss)
     }
 
     /// An L1 hit as a span (`ncm_cache.get`, source `L1`, DEBUG level) when
@@ -1037,47 +1025,6 @@ impl<C: Codec> Inner<C> {
                 L1Read::Stale(object)
             }
             _ => L1Read::Miss,
-        }
-    }
-
-    /// Sliding expiration on an L1 hit: once a quarter of `idle` has passed since the entry was
-    /// last armed, it is armed again in L1 (guarded by `ticket`, like any fill) and its L2
-    /// TTL re-armed in the background — at most one L2 call per quarter of `idle`.
-    fn slide(&self, key: &str, v: L1Value, now: u64, idle: Duration, eff: &Eff, ticket: &Ticket) {
-        let armed_for = eff.l1_ttl.min(idle);
-        let left = v.fresh_until.saturating_sub(now);
-        if left > ncm_cache_core::duration_nanos(armed_for.mul_f64(0.75)) {
-            return;
-        }
-        let fill = Fill {
-            object: v.object,
-            size: v.size as usize,
-            negative: false,
-            l2_ttl: Some(idle),
-            validator: self.l1_validator(key),
-        };
-        if !self.l1_fill(key, fill, ticket, eff) || !eff.write_l2() {
-            return;
-        }
-        let (l2, breaker) = (Arc::clone(&self.l2), Arc::clone(&self.breaker));
-        let key = key.to_owned();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let Some(permit) = breaker.allow() else {
-                    return;
-                };
-                match l2.extend_ttl(&key, idle).await {
-                    Ok(_) => permit.success(),
-                    Err(e) => {
-                        tracing::debug!(key, error = %e, "sliding expiration: L2 TTL not re-armed");
-                        if e.is_unavailable() {
-                            permit.failure();
-                        } else {
-                            permit.success();
-                        }
-                    }
-                }
-            });
         }
     }
 

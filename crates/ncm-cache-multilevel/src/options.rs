@@ -107,10 +107,11 @@ impl EntryOptions {
         self
     }
 
-    /// Sliding (idle) expiration: every hit re-arms the entry's lifetime to `idle`, in L1 and
-    /// in L2 (an L2 hit is one `GETEX PX`; an L1 hit re-arms L2 in the background at most
-    /// every quarter of `idle`). An entry nobody reads for `idle` expires. Used as the TTL of
-    /// entries this call stores unless [`ttl`](Self::ttl) is set.
+    /// Sliding (idle) expiration: every L2 read re-arms the entry's L2 lifetime to `idle` in
+    /// the same round trip (`GETEX PX`), and L1 keeps a copy for at most half of `idle`, so an
+    /// entry read at least every `idle / 2` stays; one nobody reads expires between `idle / 2`
+    /// and `idle` after its last read. It replaces the entry's TTL when it is read (and is the
+    /// TTL of entries this call stores unless [`ttl`](Self::ttl) is set).
     pub fn sliding(mut self, idle: Duration) -> Self {
         self.sliding = Some(idle);
         self
@@ -190,8 +191,10 @@ impl EntryOptions {
         }
         let l2_ttl = self.ttl.or(self.sliding).or(defaults.l2_ttl);
         let mut l1_ttl = self.l1_ttl.unwrap_or(defaults.l1_ttl);
+        // L1 copies of a sliding entry last half of `idle`: reads then go to L2, whose
+        // `GETEX` re-arms the entry there before it can expire (an L1 hit re-arms nothing).
         if let Some(idle) = self.sliding {
-            l1_ttl = l1_ttl.min(idle);
+            l1_ttl = l1_ttl.min(idle / 2);
         }
         let max_stale_age = self.fail_safe.unwrap_or(defaults.max_stale_age);
         Ok(Eff {
@@ -206,6 +209,7 @@ impl EntryOptions {
             sliding: self.sliding,
             flags: self.flags,
             size: self.size,
+            explicit_ttl: self.ttl.or(self.sliding),
         })
     }
 }
@@ -226,6 +230,7 @@ pub(crate) struct Eff {
     pub(crate) sliding: Option<Duration>,
     flags: u8,
     pub(crate) size: Option<u32>,
+    explicit_ttl: Option<Duration>,
 }
 
 impl Eff {
@@ -243,13 +248,18 @@ impl Eff {
             sliding: None,
             flags: 0,
             size: None,
+            explicit_ttl: None,
         }
     }
 
-    /// A read other than the plain L1 lookup: `skip_l1_read` or `sliding`.
+    /// A read other than the plain L1 lookup: `skip_l1_read`.
     #[inline]
     pub(crate) fn special_read(&self) -> bool {
-        self.flags & SKIP_L1_READ != 0 || self.sliding.is_some()
+        !self.read_l1()
+    }
+    /// The TTL the call's options set themselves (`ttl` or `sliding`), not the builder's.
+    pub(crate) fn explicit_ttl(&self) -> Option<Duration> {
+        self.explicit_ttl
     }
     #[inline]
     pub(crate) fn read_l1(&self) -> bool {
@@ -444,7 +454,7 @@ mod tests {
             .resolve(&defaults)
             .unwrap();
         assert_eq!(eff.l2_ttl, Some(Duration::from_secs(2)));
-        assert_eq!(eff.l1_ttl, Duration::from_secs(2));
+        assert_eq!(eff.l1_ttl, Duration::from_secs(1));
         assert!(eff.read_l1() && !eff.write_l1() && eff.read_l2() && eff.write_l2());
         let eff = EntryOptions::new()
             .ttl(Duration::from_secs(9))

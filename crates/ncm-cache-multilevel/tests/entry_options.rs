@@ -453,19 +453,19 @@ async fn sliding_expiration_keeps_what_is_read_and_drops_what_is_idle() {
     let sliding = EntryOptions::new().sliding(idle);
     a.set_with("s", "v".to_string(), &sliding).await.unwrap();
     assert!(pttl(&server, "s") <= 600);
-    // Read from L1 for three idle periods: L1 and L2 both stay.
+    // Read for three idle periods: mostly from L1 (a copy lasts idle / 2), from L2 (GETEX,
+    // re-arming it) when the copy ends; the entry stays.
     let start = Instant::now();
+    let mut from_l1 = 0;
     while start.elapsed() < idle * 3 {
         let got = a.get_with::<String>("s", &sliding).await.unwrap();
-        assert_eq!(
-            got.map(|(_, s)| s),
-            Some(ValueSource::L1),
-            "at {:?}",
-            start.elapsed()
-        );
+        let source = got.map(|(_, s)| s);
+        assert!(source.is_some(), "gone at {:?}", start.elapsed());
+        from_l1 += usize::from(source == Some(ValueSource::L1));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(in_l2(&server, "s"), "L2 was not re-armed by L1 hits");
+    assert!(from_l1 > 6, "L1 served {from_l1} reads");
+    assert!(in_l2(&server, "s"), "L2 was not re-armed by the reads");
 
     // An L2 hit re-arms in the same round trip: one GETEX, no GET, no PEXPIRE.
     let (getex, get, pexpire) = (
