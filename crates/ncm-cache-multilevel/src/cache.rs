@@ -960,12 +960,13 @@ pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
 }
 
 impl<C: Codec> Inner<C> {
-    /// Looks in L1 with a call's options: the plain read (the hot path, as lean as before
-    /// per-call options existed), or — `skip_l1_read`, `sliding` — the special one.
+    /// Looks in L1 with a call's options: a miss with `skip_l1_read`, else the plain lookup
+    /// (the hot path, as lean as before per-call options existed).
     #[inline]
     pub(crate) fn l1_read<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
         if eff.special_read() {
-            return self.l1_read_special(key, eff);
+            // `skip_l1_read`.
+            return Ok(L1Read::Miss);
         }
         self.l1_lookup(key, eff)
     }
@@ -998,12 +999,6 @@ impl<C: Codec> Inner<C> {
         } else {
             Ok(self.stale(object, now, fresh_until, eff))
         }
-    }
-
-    /// `skip_l1_read`: a miss.
-    #[inline(never)]
-    fn l1_read_special<T: CacheValue>(&self, _key: &str, _eff: &Eff) -> Result<L1Read<T>> {
-        Ok(L1Read::Miss)
     }
 
     /// An L1 hit as a span (`ncm_cache.get`, source `L1`, DEBUG level) when
