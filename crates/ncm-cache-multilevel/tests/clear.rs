@@ -79,7 +79,10 @@ async fn a_clear_is_one_write_on_a_redis_holding_two_million_other_keys() {
         .start()
         .unwrap();
     server
-        .command(&["DEBUG", "POPULATE", "2000000", "other", "16"])
+        .command_with_timeout(
+            &["DEBUG", "POPULATE", "2000000", "other", "16"],
+            Duration::from_secs(60),
+        )
         .unwrap();
     assert_eq!(server.command(&["DBSIZE"]).unwrap(), "2000000");
     let (ra, rb, rc, rd) = (

@@ -354,7 +354,24 @@ impl RedisServer {
     /// returns a status, integer or bulk reply as text; error replies and array replies are
     /// errors. Times out after 2 s. Faster than [`cli`](Self::cli) for polling.
     pub fn command(&self, args: &[&str]) -> Result<String, TestkitError> {
-        match call(self.addr(), self.password(), args, Duration::from_secs(2)) {
+        self.command_with_timeout(args, Duration::from_secs(2))
+    }
+
+    /// [`command`](Self::command) with its own reply timeout, for slow commands such as
+    /// `DEBUG POPULATE` of millions of keys on a loaded machine.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let server = ncm_cache_testkit::RedisServer::start()?;
+    /// server.command_with_timeout(&["DEBUG", "POPULATE", "1000000"], Duration::from_secs(60))?;
+    /// # Ok::<(), ncm_cache_testkit::TestkitError>(())
+    /// ```
+    pub fn command_with_timeout(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<String, TestkitError> {
+        match call(self.addr(), self.password(), args, timeout) {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(reply)) => Err(self.command_error(&args.join(" "), reply)),
             Err(e) => Err(self.command_error(&args.join(" "), e.to_string())),
