@@ -144,11 +144,14 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
 
     /// Reads a value and, when found, sets its remaining lifetime to `ttl` from now (sliding
     /// expiration: an entry read often stays, an idle one expires). Redis does both in one
-    /// `GETEX PX`; the default reads, then calls [`extend_ttl`](Self::extend_ttl).
+    /// `GETEX PX`; the default reads, then calls [`extend_ttl`](Self::extend_ttl) — whose
+    /// failure is logged, not returned: the read succeeded, and the entry keeps its old TTL.
     async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
         let found = self.get(key).await?;
-        if found.is_some() {
-            self.extend_ttl(key, ttl).await?;
+        if found.is_some()
+            && let Err(e) = self.extend_ttl(key, ttl).await
+        {
+            tracing::debug!(key, error = %e, "sliding expiration: TTL not re-armed");
         }
         Ok(found)
     }

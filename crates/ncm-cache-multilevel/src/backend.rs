@@ -27,7 +27,7 @@ impl<C: Codec> Inner<C> {
                 self.counters.l1_hits.bump();
                 return Ok(v.map(|b| (Bytes::clone(&b), ValueSource::L1)));
             }
-            L1Read::Stale(v) => v,
+            L1Read::Stale(v, _) => v,
             L1Read::Miss => None,
         };
         let ticket = self.versions.ticket(key);

@@ -643,6 +643,11 @@ impl<C: Codec> Inner<C> {
         let Some(redis) = &self.lock else {
             return Ok(LockOutcome::Proceed(None));
         };
+        // The lock shares a load through L2: a call that does not read L2 cannot see the
+        // holder's result, and one that does not write L2 cannot give its own.
+        if !eff.read_l2() || !eff.write_l2() {
+            return Ok(LockOutcome::Proceed(None));
+        }
         let now = Instant::now();
         let deadline = now.checked_add(self.opts.lock_wait).unwrap_or(now);
         let name = format!("load:{key}");
@@ -678,20 +683,23 @@ impl<C: Codec> Inner<C> {
             if let Some(found) = self.found_in_l2::<T>(key, eff).await {
                 return Ok(LockOutcome::Found(found));
             }
-            // The holder found nothing: it left that in the lock (see `release_not_found`).
+            // The holder found nothing: it left that in the lock (see `release_with_note`).
             let note = redis.lock_note(&name);
             let note = if through_breaker {
                 self.l2_call("lock_note", note).await
             } else {
                 note.await
             };
-            if let Ok(Some(note)) = note
-                && note == NOT_FOUND
-            {
-                if eff.negative_ttl.is_some() {
-                    self.l1_fill(key, Fill::negative(), &round, eff);
+            match note.ok().flatten().as_deref() {
+                Some(NOT_FOUND) => {
+                    if eff.negative_ttl.is_some() {
+                        self.l1_fill(key, Fill::negative(), &round, eff);
+                    }
+                    return Ok(LockOutcome::Found((None, ValueSource::L2)));
                 }
-                return Ok(LockOutcome::Found((None, ValueSource::L2)));
+                // The holder's answer was not cached: nothing will appear in L2 to wait for.
+                Some(NOT_CACHED) => return Ok(LockOutcome::Proceed(None)),
+                _ => {}
             }
             if Instant::now() >= deadline {
                 if has_stale {
@@ -708,10 +716,15 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// Releases the load lock of a loader that found nothing, leaving that in the lock for
-    /// [`NOT_FOUND_KEEP`]: the callers waiting for it return `None` instead of loading again.
-    pub(crate) async fn release_not_found(&self, lock: RedisLock) {
-        if let Err(e) = lock.release_with_note(NOT_FOUND, NOT_FOUND_KEEP).await {
+    /// Releases a load lock leaving a note for [`NOTE_KEEP`]: after a loader that found
+    /// nothing, the callers waiting for it return `None` instead of loading again; after an
+    /// answer that was not cached (`do_not_cache`), they load at once instead of one by one.
+    pub(crate) async fn release_with_note(&self, lock: RedisLock, note: LockNote) {
+        let note = match note {
+            LockNote::NotFound => NOT_FOUND,
+            LockNote::NotCached => NOT_CACHED,
+        };
+        if let Err(e) = lock.release_with_note(note, NOTE_KEEP).await {
             tracing::debug!(error = %e, "stampede lock not released (it expires by itself)");
         }
     }
@@ -771,10 +784,20 @@ impl<C: Codec> Inner<C> {
 /// The note a load lock holds for a while after its loader found nothing.
 const NOT_FOUND: &str = "none";
 
-/// How long that note lasts: longer than a waiter's longest poll interval (100 ms), short
+/// The note a load lock holds for a while after its loader's answer was not cached.
+const NOT_CACHED: &str = "uncached";
+
+/// What a released load lock tells its waiters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LockNote {
+    NotFound,
+    NotCached,
+}
+
+/// How long a note lasts: longer than a waiter's longest poll interval (100 ms), short
 /// enough that a row inserted meanwhile is loaded soon by the next caller (the note is not
 /// evicted by a delete, unlike a negative entry in L1).
-const NOT_FOUND_KEEP: Duration = Duration::from_millis(250);
+const NOTE_KEEP: Duration = Duration::from_millis(250);
 
 pub(crate) enum LockOutcome {
     Found(Found),

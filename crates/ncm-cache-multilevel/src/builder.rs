@@ -232,11 +232,7 @@ impl<C: Codec> MultiLevelBuilder<C> {
     /// Eager refresh: a hit later than `fraction` (0.1–0.99) of the L1 TTL starts one background
     /// reload in `get_or_load`, so hot keys never expire under load.
     pub fn eager_refresh(mut self, fraction: f64) -> Self {
-        self.options.eager_refresh = Some(if fraction.is_finite() {
-            fraction.clamp(0.1, 0.99)
-        } else {
-            0.8
-        });
+        self.options.eager_refresh = Some(crate::options::eager_fraction(fraction));
         self
     }
 

@@ -89,6 +89,9 @@ pub(crate) struct Inner<C> {
     /// Set once a validator was stored: until then fills skip the validator store (its `len`
     /// visits every shard).
     pub(crate) has_validators: AtomicBool,
+    /// Set once a call with its own fail-safe (`EntryOptions::fail_safe`) filled L1 while the
+    /// builder has none: a link outage then keeps L1 as stale-only instead of emptying it.
+    pub(crate) per_call_fail_safe: AtomicBool,
     pub(crate) flight: SingleFlight<String, Found>,
     pub(crate) breaker: Arc<CircuitBreaker>,
     /// Per-key invalidation versions: an L2 read or load that started before an invalidation
@@ -132,7 +135,9 @@ type BoxedRead<'a, T> =
 /// The result of looking in L1 (typed: one type check per hit).
 pub(crate) enum L1Read<T> {
     Fresh(Option<Arc<T>>, bool),
-    Stale(Option<Arc<T>>),
+    /// A value fail-safe may serve, until the deadline (clock nanos: its fresh end plus the
+    /// call's max stale age).
+    Stale(Option<Arc<T>>, u64),
     Miss,
 }
 
@@ -260,6 +265,7 @@ impl<C: Codec> MultiLevelCache<C> {
             promotions,
             validators,
             has_validators: AtomicBool::new(false),
+            per_call_fail_safe: AtomicBool::new(false),
             flight: SingleFlight::new(),
             versions: Versions::default(),
             generation: AtomicU64::new(0),
@@ -382,7 +388,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner.trace_l1_hit(key);
                 Ok(v.map(|v| (v, ValueSource::L1)))
             }
-            L1Read::Stale(stale) => self.read_l2::<T>(key, stale, &eff).await,
+            L1Read::Stale(stale, _) => self.read_l2::<T>(key, stale, &eff).await,
             L1Read::Miss => self.read_l2::<T>(key, None, &eff).await,
         }
     }
@@ -398,7 +404,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 inner.trace_l1_hit(key);
                 Ok(v)
             }
-            L1Read::Stale(v) => Err(v),
+            L1Read::Stale(v, _) => Err(v),
             L1Read::Miss => Err(None),
         })
     }
@@ -950,6 +956,11 @@ fn shared<B: CacheBackend>(l2: B) -> SharedBackend {
     Arc::new(l2)
 }
 
+/// The address of a value's allocation: identifies it while someone holds it.
+pub(crate) fn address(value: &Object) -> usize {
+    Arc::as_ptr(value).cast::<()>() as usize
+}
+
 pub(crate) fn downcast<T: Send + Sync + 'static>(v: Object) -> Result<Arc<T>> {
     v.downcast::<T>().map_err(|_| {
         CacheError::InvalidArgument(format!(
@@ -1016,10 +1027,15 @@ impl<C: Codec> Inner<C> {
     /// value is not older than the call's max stale age.
     fn stale<T>(&self, object: Option<Arc<T>>, now: u64, fresh_until: u64, eff: &Eff) -> L1Read<T> {
         match eff.max_stale_age {
-            Some(age) if now <= fresh_until.saturating_add(ncm_cache_core::duration_nanos(age)) => {
-                L1Read::Stale(object)
+            Some(age) => {
+                let until = fresh_until.saturating_add(ncm_cache_core::duration_nanos(age));
+                if now <= until {
+                    L1Read::Stale(object, until)
+                } else {
+                    L1Read::Miss
+                }
             }
-            _ => L1Read::Miss,
+            None => L1Read::Miss,
         }
     }
 
@@ -1227,7 +1243,7 @@ impl<C: Codec> Inner<C> {
         // Global bump first: a fill that reads the new generation then fails its second check.
         self.versions.invalidate_all();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        if self.opts.max_stale_age.is_none() {
+        if self.opts.max_stale_age.is_none() && !self.per_call_fail_safe.load(Ordering::Acquire) {
             self.l1.clear();
         }
     }
@@ -1310,16 +1326,24 @@ impl<C: Codec> Inner<C> {
             generation: self.generation.load(Ordering::Acquire) as u32,
         };
         let ttl = Some(fresh.saturating_add(eff.keep_stale));
+        if self.opts.max_stale_age.is_none()
+            && eff.max_stale_age.is_some()
+            && !self.per_call_fail_safe.load(Ordering::Relaxed)
+        {
+            self.per_call_fail_safe.store(true, Ordering::Release);
+        }
         // The validator follows the entry: set with it, or gone with a value that has none.
-        match fill.validator {
-            Some(v) => {
+        match (fill.validator, &value.object) {
+            (Some(v), Some(object)) => {
                 self.has_validators.store(true, Ordering::Release);
-                let _ = self.validators.insert(key, Validator(v), ttl);
+                let _ = self
+                    .validators
+                    .insert(key, Validator(v, address(object)), ttl);
             }
-            None if self.has_validators.load(Ordering::Acquire) => {
+            _ if self.has_validators.load(Ordering::Acquire) => {
                 let _ = self.validators.remove(key);
             }
-            None => {}
+            _ => {}
         }
         match self.l1.insert(key, value, ttl) {
             Ok(()) => true,
@@ -1330,12 +1354,33 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// The validator kept with `key`'s L1 entry (fresh or stale), for a conditional refresh.
-    pub(crate) fn l1_validator(&self, key: &str) -> Option<Arc<str>> {
+    /// The validator of `value` (an L1 entry of `key`, fresh or stale, which the caller
+    /// holds), for a conditional refresh: `None` when `key` now has another value.
+    pub(crate) fn l1_validator(&self, key: &str, value: &Object) -> Option<Arc<str>> {
         if !self.has_validators.load(Ordering::Acquire) {
             return None;
         }
-        self.validators.peek(key).ok().flatten().map(|v| v.0)
+        self.validators
+            .peek(key)
+            .ok()
+            .flatten()
+            .filter(|v| v.1 == address(value))
+            .map(|v| v.0)
+    }
+
+    /// The size of `key`'s L1 entry if it is still `value` (fresh or stale): a "not modified"
+    /// answer may re-arm only the value its loader compared against.
+    pub(crate) fn l1_holds(&self, key: &str, value: &Object) -> Option<u32> {
+        self.l1
+            .peek_unvalidated_at(key, self.opts.now_nanos())
+            .ok()
+            .flatten()
+            .filter(|v| {
+                v.object
+                    .as_ref()
+                    .is_some_and(|o| address(o) == address(value))
+            })
+            .map(|v| v.size)
     }
 
     /// Writes L2 first, then L1, then tells other instances. If L2 fails, L1 is not left
@@ -1362,7 +1407,7 @@ impl<C: Codec> Inner<C> {
         // Bump before: fills that started earlier cannot land after this write. The old L1
         // copy may still be served until the write is acknowledged.
         let ticket = self.versions.write_begin(key);
-        let mut guard = Unannounced::new(self, key, Some(ticket));
+        let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         // One round trip when L2 is the backplane's Redis, else write then publish.
         let combined = if eff.announce() {
             self.write_and_publish(key, &bytes, ttl).await
@@ -1394,7 +1439,7 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn delete_everywhere(&self, key: &str, eff: &Eff) -> Result<bool> {
         let in_l1 = self.invalidate_l1(key)?;
         let in_l2 = if eff.write_l2() {
-            let mut guard = Unannounced::new(self, key, None);
+            let mut guard = Unannounced::new(self, key, None).announce(eff.announce());
             let in_l2 = self.l2_call("delete", self.l2.delete(key)).await;
             guard.disarm();
             self.invalidate_l1(key)?;
@@ -1443,6 +1488,8 @@ pub(crate) struct Unannounced<'a, C: Codec> {
     /// The keys, each with its write's ticket (`None` for a delete).
     writes: Vec<(&'a str, Option<Ticket>)>,
     armed: bool,
+    /// Whether other instances are told (not with `skip_backplane`).
+    announce: bool,
 }
 
 impl<'a, C: Codec> Unannounced<'a, C> {
@@ -1456,7 +1503,14 @@ impl<'a, C: Codec> Unannounced<'a, C> {
             inner,
             writes,
             armed: true,
+            announce: true,
         }
+    }
+
+    /// A call with `skip_backplane`: a cancelled write is not announced either.
+    pub(crate) fn announce(mut self, announce: bool) -> Self {
+        self.announce = announce;
+        self
     }
 
     /// The L2 call ended (either way): the caller settles and announces it itself.
@@ -1475,7 +1529,9 @@ impl<C: Codec> Drop for Unannounced<'_, C> {
                 let _ = self.inner.versions.write_end(&t);
             }
             let _ = self.inner.invalidate_l1(key);
-            self.inner.queue_delete(key);
+            if self.announce {
+                self.inner.queue_delete(key);
+            }
         }
     }
 }

@@ -35,9 +35,10 @@ impl StoreValue for L1Value {
 
 /// A loader's validator (ETag, version) of the L1 entry of the same key, for a conditional
 /// refresh. Kept beside L1, not in its slot: most entries have none, and the slot's size is
-/// what an L1 hit costs.
+/// what an L1 hit costs. Anchored to the value it describes (the address of its `Arc`, held
+/// alive by whoever compares): a validator is only ever paired with its own value.
 #[derive(Clone)]
-pub(crate) struct Validator(pub(crate) Arc<str>);
+pub(crate) struct Validator(pub(crate) Arc<str>, pub(crate) usize);
 
 impl StoreValue for Validator {
     fn size(&self) -> usize {

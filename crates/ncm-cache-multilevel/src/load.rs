@@ -12,6 +12,26 @@ use crate::stats::Counters;
 use crate::versions::Ticket;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The value a load starts from: what its loader sees (conditional refresh: the value and its
+/// validator, taken together from L1) and, for a caller's load, until when fail-safe may serve
+/// it if the load fails. An eager refresh has a value but no fail-safe: nobody waits for it.
+#[derive(Clone)]
+pub(crate) struct Prior {
+    pub(crate) value: Object,
+    pub(crate) validator: Option<Arc<str>>,
+    /// Clock nanos; `None`: never served in place of the load's result.
+    pub(crate) serve_until: Option<u64>,
+}
+
+impl Prior {
+    /// What fail-safe may serve now, if anything.
+    fn servable(&self, now: u64) -> Option<Object> {
+        self.serve_until
+            .filter(|until| now <= *until)
+            .map(|_| Arc::clone(&self.value))
+    }
+}
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl<C: Codec> Inner<C> {
@@ -66,8 +86,16 @@ impl<C: Codec> Inner<C> {
                     Counters::bump(&self.counters.background_refreshes);
                     let this = Arc::clone(&self);
                     let key = key.to_owned();
-                    // The loader sees the value it refreshes (conditional refresh).
-                    let current = v.clone().map(|v| v as Object);
+                    // The loader sees the value it refreshes (conditional refresh); a failed
+                    // refresh serves nobody, so it has no fail-safe.
+                    let current = v.clone().map(|v| {
+                        let value = v as Object;
+                        Prior {
+                            validator: self.l1_validator(&key, &value),
+                            value,
+                            serve_until: None,
+                        }
+                    });
                     tokio::spawn(async move {
                         // Ends the refresh also when the loader panics (the task unwinds).
                         let _done = RefreshDone(&this, &key);
@@ -81,9 +109,16 @@ impl<C: Codec> Inner<C> {
                 }
                 return Ok((v.map(|v| v as Object), ValueSource::L1));
             }
-            L1Read::Stale(v) => {
+            L1Read::Stale(v, until) => {
                 span.record("l1", "stale");
-                v.map(|v| v as Object)
+                v.map(|v| {
+                    let value = v as Object;
+                    Prior {
+                        validator: self.l1_validator(key, &value),
+                        value,
+                        serve_until: Some(until),
+                    }
+                })
             }
             L1Read::Miss => {
                 span.record("l1", "miss");
@@ -126,7 +161,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         eff: Eff,
         loader: F,
-        stale: Option<Object>,
+        stale: Option<Prior>,
         recheck: bool,
     ) -> Result<Found>
     where
@@ -161,14 +196,17 @@ impl<C: Codec> Inner<C> {
                 work().await
             }
         };
-        match (result, stale) {
+        // The stale value's age is checked again now: the load may have taken up to the
+        // hard timeout, past the max stale age.
+        let now = self.opts.now_nanos();
+        match (result, stale.and_then(|s| s.servable(now))) {
             (Ok(v), _) => Ok(v),
-            (Err(e), Some(stale)) if eff.max_stale_age.is_some() => {
+            (Err(e), Some(stale)) => {
                 tracing::warn!(key, error = %e, "serving a stale value (fail-safe)");
                 Counters::bump(&self.counters.stale_served);
                 Ok((Some(stale), ValueSource::Stale))
             }
-            (Err(e), _) => Err(e),
+            (Err(e), None) => Err(e),
         }
     }
 
@@ -180,7 +218,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         eff: Eff,
         loader: F,
-        stale: Option<Object>,
+        stale: Option<Prior>,
         recheck: bool,
     ) -> Result<Found>
     where
@@ -226,16 +264,24 @@ impl<C: Codec> Inner<C> {
                 Err(_) => Err(ended()),
             }
         };
-        match (eff.soft_timeout, stale) {
-            (Some(soft), Some(stale)) => match tokio::time::timeout(soft, wait).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // The load goes on in the background and will refresh the cache.
-                    Counters::bump(&self.counters.background_refreshes);
-                    Counters::bump(&self.counters.stale_served);
-                    Ok((Some(stale), ValueSource::Stale))
+        let servable = stale.filter(|s| s.serve_until.is_some());
+        match (eff.soft_timeout, servable) {
+            (Some(soft), Some(stale)) => {
+                let mut wait = std::pin::pin!(wait);
+                match tokio::time::timeout(soft, wait.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => match stale.servable(self.opts.now_nanos()) {
+                        Some(stale) => {
+                            // The load goes on in the background and will refresh the cache.
+                            Counters::bump(&self.counters.background_refreshes);
+                            Counters::bump(&self.counters.stale_served);
+                            Ok((Some(stale), ValueSource::Stale))
+                        }
+                        // Too old to serve by now: wait for the load.
+                        None => wait.await,
+                    },
                 }
-            },
+            }
             _ => wait.await,
         }
     }
@@ -250,7 +296,7 @@ impl<C: Codec> Inner<C> {
         eff: Eff,
         loader: F,
         check_first: bool,
-        stale: Option<Object>,
+        stale: Option<Prior>,
     ) -> Result<Found>
     where
         T: CacheValue,
@@ -258,7 +304,8 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let has_stale = stale.is_some();
+        // A waiter that gives up on the lock serves its stale value instead of loading.
+        let has_stale = stale.as_ref().is_some_and(|s| s.serve_until.is_some());
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
         let lock = {
@@ -273,9 +320,12 @@ impl<C: Codec> Inner<C> {
         let _ = (check_first, has_stale);
         let ticket = self.versions.ticket(&key);
         Counters::bump(&self.counters.loads);
-        let stale = stale.and_then(|o| o.downcast::<T>().ok());
+        let (stale, validator) = match stale {
+            Some(p) => (p.value.downcast::<T>().ok(), p.validator),
+            None => (None, None),
+        };
         let context = LoadContext {
-            validator: stale.as_ref().and_then(|_| self.l1_validator(&key)),
+            validator: stale.as_ref().and(validator.clone()),
             key: key.clone(),
             stale: stale.clone(),
         };
@@ -311,35 +361,64 @@ impl<C: Codec> Inner<C> {
         );
         let result = match loaded {
             Err(e) => Err(e),
-            Ok(loaded) => self.store_answer(&key, eff, loaded, stale, &ticket).await,
+            Ok(loaded) => {
+                self.store_answer(&key, eff, loaded, stale, validator, &ticket)
+                    .await
+            }
         };
         #[cfg(feature = "redis")]
         if let Some(lock) = lock {
-            let release: BoxFuture<'_, ()> = match &result {
+            use crate::backplane::LockNote;
+            let note = match &result {
                 // Waiters in other processes see the "not found" instead of loading again.
-                Ok((None, _)) => Box::pin(self.release_not_found(lock)),
-                _ => Box::pin(async move {
+                Ok(((None, _), Stored::Cached)) => Some(LockNote::NotFound),
+                // Nothing reached L2 for waiters to find: they load at once, not one by one.
+                Ok((_, Stored::NotCached)) => Some(LockNote::NotCached),
+                _ => None,
+            };
+            let release: BoxFuture<'_, ()> = match note {
+                Some(note) => Box::pin(self.release_with_note(lock, note)),
+                None => Box::pin(async move {
                     let _ = lock.release().await;
                 }),
             };
             release.await;
         }
-        result
+        result.map(|(found, _)| found)
     }
 
-    /// Caches what the loader answered, as it asked (adaptive caching).
+    /// Caches what the loader answered, as it asked (adaptive caching), and says whether
+    /// L2 got it (for the lock's waiters).
     async fn store_answer<T: CacheValue>(
         &self,
         key: &str,
         mut eff: Eff,
         loaded: Loaded<T>,
         stale: Option<Arc<T>>,
+        stale_validator: Option<Arc<str>>,
         ticket: &Ticket,
-    ) -> Result<Found> {
+    ) -> Result<(Found, Stored)> {
+        let stored = if loaded.cache && eff.write_l2() {
+            Stored::Cached
+        } else {
+            Stored::NotCached
+        };
         if let Some(ttl) = loaded.ttl {
+            if ttl.is_zero() {
+                return Err(CacheError::InvalidArgument(format!(
+                    "the loader of {key:?} answered with a zero TTL: answer \
+                     Loaded::do_not_cache() for a value not to keep"
+                )));
+            }
             eff.l2_ttl = Some(ttl);
         }
         if let Some(ttl) = loaded.l1_ttl {
+            if ttl.is_zero() {
+                return Err(CacheError::InvalidArgument(format!(
+                    "the loader of {key:?} answered with a zero L1 TTL: answer with \
+                     EntryOptions::skip_l1_write on the call, or Loaded::do_not_cache()"
+                )));
+            }
             eff.l1_ttl = ttl;
         }
         let (value, validator) = match loaded.answer {
@@ -347,7 +426,7 @@ impl<C: Codec> Inner<C> {
                 if loaded.cache && eff.negative_ttl.is_some() {
                     self.l1_fill(key, Fill::negative(), ticket, &eff);
                 }
-                return Ok((None, ValueSource::Loader));
+                return Ok(((None, ValueSource::Loader), stored));
             }
             Answer::NotModified => {
                 let Some(stale) = stale else {
@@ -358,32 +437,56 @@ impl<C: Codec> Inner<C> {
                 };
                 Counters::bump(&self.counters.not_modified);
                 if !loaded.cache {
-                    return Ok((Some(stale as Object), ValueSource::Loader));
+                    return Ok(((Some(stale as Object), ValueSource::Loader), stored));
                 }
-                let validator = loaded.validator.or_else(|| self.l1_validator(key));
-                return self.rearm(key, stale, validator, &eff, ticket).await;
+                self.tag(key, &loaded.tags, &eff).await?;
+                let validator = loaded.validator.or(stale_validator);
+                return Ok((
+                    self.rearm(key, stale, validator, &eff, ticket).await?,
+                    stored,
+                ));
             }
             Answer::Value(v) => (v, loaded.validator),
         };
         if !loaded.cache {
-            return Ok((Some(Arc::new(value) as Object), ValueSource::Loader));
+            return Ok((
+                (Some(Arc::new(value) as Object), ValueSource::Loader),
+                stored,
+            ));
         }
-        if !loaded.tags.is_empty() {
-            let Some(index) = self.tags.get() else {
-                return Err(CacheError::Config(format!(
-                    "the loader of {key:?} tagged its value but the cache has no tag index: \
-                     give one with MultiLevelBuilder::tag_index (e.g. a CacheStrategies' \
-                     tag_index()) or drop the tags"
-                )));
-            };
-            // Tag first: a tag pointing at a key not yet written is harmless; the reverse is not.
-            index.tag(key, &loaded.tags, eff.l2_ttl).await?;
+        self.tag(key, &loaded.tags, &eff).await?;
+        let found = self
+            .store_loaded(key, value, ticket, &eff, validator)
+            .await?;
+        Ok((found, stored))
+    }
+
+    /// Records a loader's tags before its value is written: a tag pointing at a key not yet
+    /// written is harmless; the reverse is not. A sliding entry's tags do not expire (its
+    /// lifetime has no bound known here); they go when the tag or the key is invalidated.
+    async fn tag(&self, key: &str, tags: &[String], eff: &Eff) -> Result<()> {
+        if tags.is_empty() {
+            return Ok(());
         }
-        self.store_loaded(key, value, ticket, &eff, validator).await
+        let Some(index) = self.tags.get() else {
+            return Err(CacheError::Config(format!(
+                "the loader of {key:?} tagged its value but the cache has no tag index: \
+                 give one with MultiLevelBuilder::tag_index (e.g. a CacheStrategies' \
+                 tag_index()) or drop the tags"
+            )));
+        };
+        let lifetime = if eff.sliding.is_some() {
+            None
+        } else {
+            eff.l2_ttl
+        };
+        index.tag(key, tags, lifetime).await
     }
 
     /// "Not modified": the stale value stays, its TTL re-armed in L2 (`PEXPIRE`, no payload
-    /// write unless L2 lost the entry) and in L1.
+    /// write unless L2 lost the entry) and in L1 — only while L1 still holds that very value
+    /// and no write or invalidation of the key came since the load began: otherwise what the
+    /// loader compared against is no longer what is cached, and nothing is stored.
     async fn rearm<T: CacheValue>(
         &self,
         key: &str,
@@ -393,37 +496,39 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
     ) -> Result<Found> {
         let object = Arc::clone(&value) as Object;
+        let served = || Ok((Some(Arc::clone(&object)), ValueSource::Loader));
+        let Some(size) = self.l1_holds(key, &object) else {
+            return served();
+        };
         if !self.versions.current(ticket) {
-            // Written or invalidated meanwhile: what the loader compared against is gone.
-            return Ok((Some(object), ValueSource::Loader));
+            return served();
         }
-        if eff.write_l2()
-            && let Some(ttl) = eff.l2_ttl
-        {
-            match self.l2_call("expire", self.l2.extend_ttl(key, ttl)).await {
+        if eff.write_l2() {
+            let kept = match eff.l2_ttl {
+                Some(ttl) => self.l2_call("expire", self.l2.extend_ttl(key, ttl)).await,
+                // No TTL to re-arm: only whether L2 still has it.
+                None => self.l2_call("exists", self.l2.exists(key)).await,
+            };
+            match kept {
                 Ok(true) => {}
                 // Gone from L2 meanwhile: write it again.
                 Ok(false) => {
                     let bytes = self.encode_with(key, &*value, eff)?;
                     return self
-                        .store_encoded(key, object, bytes, ticket, eff, validator)
+                        .store_encoded(key, Arc::clone(&object), bytes, ticket, eff, validator)
                         .await;
                 }
+                // L2's TTL unknown: L1 keeps its old deadlines (never past L2's).
                 Err(e) => {
-                    tracing::warn!(key, error = %e, "not-modified value: L2 TTL not re-armed")
+                    tracing::warn!(key, error = %e, "not-modified value: L2 TTL not re-armed");
+                    return served();
                 }
             }
         }
-        let size = self
-            .l1
-            .peek_unvalidated_at(key, self.opts.now_nanos())
-            .ok()
-            .flatten()
-            .map_or(0, |v| v.size as usize);
-        let mut fill = Fill::value(Arc::clone(&object), size, eff.l2_ttl);
+        let mut fill = Fill::value(Arc::clone(&object), size as usize, eff.l2_ttl);
         fill.validator = validator;
         self.l1_fill(key, fill, ticket, eff);
-        Ok((Some(object), ValueSource::Loader))
+        served()
     }
 
     async fn store_loaded<T: CacheValue>(
@@ -458,7 +563,8 @@ impl<C: Codec> Inner<C> {
         }
         let ttl = eff.l2_ttl;
         let write = self.versions.write_begin(key);
-        let mut guard = crate::cache::Unannounced::new(self, key, Some(write));
+        let mut guard =
+            crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
         let written = if eff.write_l2() {
             self.l2_write(key, bytes, ttl).await
         } else {
@@ -482,6 +588,13 @@ impl<C: Codec> Inner<C> {
         }
         Ok((Some(object), ValueSource::Loader))
     }
+}
+
+/// Whether a load's answer reached L2, where the lock's waiters look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    Cached,
+    NotCached,
 }
 
 fn source_name(source: ValueSource) -> &'static str {

@@ -95,9 +95,10 @@ impl EntryOptions {
     }
 
     /// Eager refresh for entries this call stores: a hit after `fraction` of the L1 TTL
-    /// refreshes the entry in the background (`fraction` in `(0, 1)`).
+    /// refreshes the entry in the background. As with the builder's, `fraction` is clamped
+    /// to 0.1–0.99 (0.8 when not finite).
     pub fn eager_refresh(mut self, fraction: f64) -> Self {
-        self.eager_refresh = Some(Some(fraction));
+        self.eager_refresh = Some(Some(eager_fraction(fraction)));
         self
     }
 
@@ -182,13 +183,6 @@ impl EntryOptions {
         positive("ttl", self.ttl)?;
         positive("l1_ttl", self.l1_ttl)?;
         positive("sliding", self.sliding)?;
-        if let Some(Some(f)) = self.eager_refresh
-            && !(f > 0.0 && f < 1.0)
-        {
-            return Err(CacheError::InvalidArgument(format!(
-                "EntryOptions: eager_refresh fraction {f} must be between 0 and 1 (exclusive)"
-            )));
-        }
         let l2_ttl = self.ttl.or(self.sliding).or(defaults.l2_ttl);
         let mut l1_ttl = self.l1_ttl.unwrap_or(defaults.l1_ttl);
         // L1 copies of a sliding entry last half of `idle`: reads then go to L2, whose
@@ -215,6 +209,15 @@ impl EntryOptions {
 }
 
 /// The effective options of one call (the builder's, with a call's [`EntryOptions`] over them).
+/// An eager-refresh fraction as the builder and the per-call options take it.
+pub(crate) fn eager_fraction(fraction: f64) -> f64 {
+    if fraction.is_finite() {
+        fraction.clamp(0.1, 0.99)
+    } else {
+        0.8
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Eff {
     pub(crate) l2_ttl: Option<Duration>,
@@ -470,11 +473,16 @@ mod tests {
                 .resolve(&defaults)
                 .is_err()
         );
-        assert!(
-            EntryOptions::new()
-                .eager_refresh(1.5)
-                .resolve(&defaults)
-                .is_err()
-        );
+        // Clamped as the builder's is.
+        let eff = EntryOptions::new()
+            .eager_refresh(1.5)
+            .resolve(&defaults)
+            .unwrap();
+        assert_eq!(eff.eager_refresh, Some(0.99));
+        let eff = EntryOptions::new()
+            .eager_refresh(0.0)
+            .resolve(&defaults)
+            .unwrap();
+        assert_eq!(eff.eager_refresh, Some(0.1));
     }
 }

@@ -488,3 +488,313 @@ async fn sliding_expiration_keeps_what_is_read_and_drops_what_is_idle() {
     assert!(!in_l2(&server, "s"));
     assert!(a.get_with::<String>("s", &sliding).await.unwrap().is_none());
 }
+
+type Answer = Result<Loaded<String>, std::io::Error>;
+type BoxedAnswer = std::pin::Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// A loader that counts its runs, waits `delay`, then answers `answer()`.
+fn slow_loader<A>(
+    runs: &Arc<AtomicU32>,
+    delay: Duration,
+    answer: A,
+) -> impl FnOnce(ncm_cache_multilevel::LoadContext<String>) -> BoxedAnswer + Send + 'static
+where
+    A: FnOnce() -> Answer + Send + 'static,
+{
+    let runs = Arc::clone(runs);
+    move |_ctx| {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(delay).await;
+            answer()
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_eager_refresh_is_not_fail_safe_and_stale_is_not_served_past_its_age() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::builder(r.backend())
+        .l1_default_ttl(Duration::from_millis(400))
+        .eager_refresh(0.5)
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let opts = EntryOptions::new();
+    let runs = Arc::new(AtomicU32::new(0));
+    let ok = || Ok(Loaded::value("v1".to_string()));
+    let fail = || Err(std::io::Error::other("database down"));
+    cache
+        .get_or_load_with::<String, _, _, _>("k", &opts, slow_loader(&runs, Duration::ZERO, ok))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Past the refresh point: served from L1; the refresh fails in the background.
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("k", &opts, slow_loader(&runs, Duration::ZERO, fail))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.1, ValueSource::L1);
+    eventually("the refresh failed", async || {
+        cache.get_stats().load_errors == 1
+    })
+    .await;
+    // Nobody was served a stale value: the refresh was no fail-safe fallback.
+    assert_eq!(cache.get_stats().stale_served, 0);
+
+    // A stale value is served after a failed load only within the max stale age, checked
+    // when the load ends (a slow load can outlast it).
+    let short = MultiLevelCache::builder(r.backend())
+        .l1_default_ttl(Duration::from_millis(100))
+        .fail_safe(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    short.set("s", "old".to_string()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    short.l2().delete("s").await.unwrap();
+    // Stale for 50 ms of its 300: a quick failure serves it ...
+    let quick = short
+        .get_or_load_with::<String, _, _, _>("s", &opts, slow_loader(&runs, Duration::ZERO, fail))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((quick.0.as_str(), quick.1), ("old", ValueSource::Stale));
+    // ... a failure 400 ms later (past 100 + 300 ms) does not.
+    let slow = short
+        .get_or_load_with::<String, _, _, _>(
+            "s",
+            &opts,
+            slow_loader(&runs, Duration::from_millis(400), fail),
+        )
+        .await;
+    assert!(slow.is_err(), "served {slow:?} past the max stale age");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_fail_safe_serves_through_an_outage_of_the_backplanes_redis() {
+    let mut server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    // The builder has no fail-safe; the backplane shares the Redis that dies.
+    let cache = instance(&r).await;
+    let safe = EntryOptions::new().fail_safe(Duration::from_secs(60));
+    cache.set_with("k", "old".to_string(), &safe).await.unwrap();
+    server.kill();
+    eventually("the link is seen down", async || !cache.l1_active()).await;
+    let got = cache.get_with::<String>("k", &safe).await.unwrap();
+    assert_eq!(
+        got.map(|(v, s)| (v.to_string(), s)),
+        Some(("old".into(), ValueSource::Stale)),
+        "the call's fail-safe kept nothing through the outage"
+    );
+    // A call without fail-safe gets the error, not the stale copy.
+    assert!(
+        cache
+            .get_with::<String>("k", &EntryOptions::new())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_modified_rearms_only_the_value_its_loader_compared() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::over_redis(&r)
+        .l1_default_ttl(Duration::from_millis(100))
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    eventually("backplane up", async || cache.l1_active()).await;
+    let opts = EntryOptions::new();
+    cache
+        .get_or_load_with::<String, _, _, _>("page", &opts, |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("v1".to_string()).validator("e1"))
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // v1 is stale in L1 and gone from L2; another process holds the load lock.
+    r.backend().delete("page").await.unwrap();
+    server
+        .command(&["SET", "app:__ncm:lock:load:page", "other", "PX", "400"])
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let load = {
+        let cache = cache.clone();
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            cache
+                .get_or_load_with::<String, _, _, _>(
+                    "page",
+                    &EntryOptions::new(),
+                    move |ctx| async move {
+                        *seen.lock().unwrap() = Some((
+                            ctx.stale_value().map(|v| v.to_string()),
+                            ctx.validator().map(str::to_owned),
+                        ));
+                        Ok::<_, std::io::Error>(Loaded::not_modified())
+                    },
+                )
+                .await
+        })
+    };
+    // While the load waits for the lock, this instance writes v2 (its L1 only).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cache
+        .set_with(
+            "page",
+            "v2".to_string(),
+            &EntryOptions::new()
+                .skip_l2_write()
+                .l1_ttl(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let got = load.await.unwrap().unwrap().unwrap();
+    // The loader saw v1 with v1's validator, and said v1 is current: v1 is its answer ...
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some((Some("v1".into()), Some("e1".into())))
+    );
+    assert_eq!(got.0.as_str(), "v1");
+    // ... but L1 holds v2 now, which "not modified" says nothing about: v2 stays, and v1 is
+    // not written back to L2.
+    assert_eq!(
+        source(&cache, "page").await,
+        Some(("v2".into(), ValueSource::L1))
+    );
+    assert!(!in_l2(&server, "page"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_follows_the_calls_options_and_the_loaders_answer() {
+    let server = RedisServer::start().unwrap();
+    let mut instances = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..5 {
+        let r = redis(&server).await;
+        let cache = MultiLevelCache::over_redis(&r).build().unwrap();
+        eventually("backplane up", async || cache.l1_active()).await;
+        instances.push(cache);
+        connections.push(r);
+    }
+    let step = Duration::from_millis(300);
+
+    // A holder whose answer is not cached: its waiters load at once, not one after another.
+    let running = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let mut calls = Vec::new();
+    for (i, cache) in instances.iter().enumerate() {
+        let (cache, running, most) = (cache.clone(), Arc::clone(&running), Arc::clone(&most));
+        calls.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(if i == 0 { 0 } else { 50 })).await;
+            cache
+                .get_or_load_with::<String, _, _, _>(
+                    "draft",
+                    &EntryOptions::new(),
+                    move |_| async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(step).await;
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(Loaded::value("d".to_string()).do_not_cache())
+                    },
+                )
+                .await
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().unwrap().0.as_str(), "d");
+    }
+    assert!(
+        most.load(Ordering::SeqCst) >= 2,
+        "waiters of an uncached answer loaded one at a time"
+    );
+
+    // An uncached "not found" is no "not found" for the waiters: they load themselves.
+    let (a, b) = (instances[0].clone(), instances[1].clone());
+    let holder = tokio::spawn(async move {
+        a.get_or_load_with::<String, _, _, _>("maybe", &EntryOptions::new(), move |_| async move {
+            tokio::time::sleep(step).await;
+            Ok::<_, std::io::Error>(Loaded::not_found().do_not_cache())
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiter = b
+        .get_or_load_with::<String, _, _, _>("maybe", &EntryOptions::new(), |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("found".to_string()))
+        })
+        .await
+        .unwrap();
+    assert!(holder.await.unwrap().unwrap().is_none());
+    assert_eq!(waiter.unwrap().0.as_str(), "found");
+
+    // A call that skips reading L2 cannot see a holder's result: it does not wait for one.
+    let a = instances[0].clone();
+    let holder = tokio::spawn(async move {
+        a.get_or_load_with::<String, _, _, _>("busy", &EntryOptions::new(), move |_| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, std::io::Error>(Loaded::value("slow".to_string()))
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let own = instances[1]
+        .get_or_load_with::<String, _, _, _>(
+            "busy",
+            &EntryOptions::new().skip_l2_read(),
+            |_| async { Ok::<_, std::io::Error>(Loaded::value("own".to_string())) },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(own.0.as_str(), "own");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "waited {:?} for a lock whose result it cannot read",
+        start.elapsed()
+    );
+    holder.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_reads_fall_back_when_getex_is_refused() {
+    let server = RedisServer::builder()
+        .args(["--rename-command", "GETEX", ""])
+        .start()
+        .unwrap();
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::builder(r.backend()).build().unwrap();
+    let sliding = EntryOptions::new()
+        .sliding(Duration::from_secs(2))
+        .skip_l1();
+    cache
+        .set_with("k", "v".to_string(), &sliding)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..2 {
+        let got = cache.get_with::<String>("k", &sliding).await.unwrap();
+        assert_eq!(got.map(|(v, _)| v.to_string()).as_deref(), Some("v"));
+        // Re-armed by the fallback's PEXPIRE.
+        assert!(
+            pttl(&server, "k") > 1_800,
+            "TTL not re-armed: {}",
+            pttl(&server, "k")
+        );
+    }
+    assert_eq!(server.command_calls("pexpire").unwrap(), 2);
+
+    // A loader's zero TTL is a typed error, not an entry that never expires.
+    let err = cache
+        .get_or_load_with::<String, _, _, _>("z", &EntryOptions::new(), |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("z".to_string()).ttl(Duration::ZERO))
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("do_not_cache"), "{err}");
+}

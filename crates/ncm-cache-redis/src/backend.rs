@@ -35,6 +35,9 @@ pub(crate) struct Inner {
     pub(crate) stats: StatsRecorder,
     pub(crate) config: RedisConfig,
     closed: AtomicBool,
+    /// The server refused `GETEX` (before Redis 6.2, or renamed away): sliding reads are a
+    /// `GET` then a `PEXPIRE`.
+    no_getex: AtomicBool,
     healthy: AtomicBool,
     used_memory: AtomicU64,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -72,6 +75,7 @@ impl RedisBackend {
             keys: KeySpace::new(config.key_prefix.clone()).with_max_key_len(config.max_key_len),
             stats: StatsRecorder::new(config.name.as_str(), "redis"),
             closed: AtomicBool::new(false),
+            no_getex: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             used_memory: AtomicU64::new(0),
             health_task: std::sync::Mutex::new(None),
@@ -514,13 +518,33 @@ impl CacheBackend for RedisBackend {
     async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
         let full = self.full(key)?;
         commands::check_ttl(Some(ttl))?;
+        if self.inner.no_getex.load(Ordering::Relaxed) {
+            return self.get_then_touch(key, ttl).await;
+        }
         // Not batched: GETEX writes (the TTL), so it goes straight to the primary.
-        let v: Option<Vec<u8>> = self
+        let read: Result<Option<Vec<u8>>> = self
             .run(Operation::Get, Idempotent::Yes, |mut h| {
                 let c = commands::getex(&full, ttl);
                 async move { c.query_async(&mut h).await }
             })
-            .await?;
+            .await;
+        let v = match read {
+            Err(e)
+                if e.to_string()
+                    .to_ascii_lowercase()
+                    .contains("unknown command") =>
+            {
+                if !self.inner.no_getex.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "the server refused GETEX (it needs Redis 6.2+); sliding expiration \
+                         reads with GET then PEXPIRE (two round trips)"
+                    );
+                }
+                return self.get_then_touch(key, ttl).await;
+            }
+            read => read?,
+        };
         match v {
             Some(v) => {
                 self.inner.stats.hit();
@@ -619,6 +643,18 @@ pub(crate) fn parse<T: FromRedisValue>(v: redis::Value) -> RedisResult<T> {
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
 impl RedisBackend {
+    /// Sliding read without `GETEX`: a read, then a re-arm whose failure only leaves the old
+    /// TTL (the read succeeded).
+    async fn get_then_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
+        let found = self.get(key).await?;
+        if found.is_some()
+            && let Err(e) = self.extend_ttl(key, ttl).await
+        {
+            tracing::debug!(key, error = %e, "sliding expiration: TTL not re-armed");
+        }
+        Ok(found)
+    }
+
     /// Runs one raw command through the connection pool, with the response timeout, stats
     /// (labelled `op`) and error mapping of every other call. Not retried: the command may not
     /// be idempotent. Key names are passed as they are: apply [`key_space`](Self::key_space)
