@@ -353,6 +353,86 @@ async fn a_loaders_tags_are_invalidated_through_the_strategies() {
     assert!(ma.get::<String>("doc:2").await.unwrap().is_some());
 }
 
+/// Tags outlive a short first TTL when the entry does: a sliding entry read within its idle
+/// time, and an entry a conditional refresh re-armed with "not modified" (giving its tags
+/// again), are still found by their tag after that first TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_follow_entries_whose_ttl_is_extended() {
+    use ncm_cache::{EntryOptions, Loaded};
+    let server = RedisServer::start().unwrap();
+    let multi = instance(&server).await;
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let strategies =
+        CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+            .redis(Arc::clone(redis.redis_backend()))
+            .build()
+            .await
+            .unwrap();
+    multi.set_tag_index(strategies.tag_index()).unwrap();
+    let ttl = Duration::from_millis(600);
+
+    // Sliding: read every 150 ms for 1.2 s (twice its idle time), then invalidated by tag.
+    let sliding = EntryOptions::new().sliding(ttl);
+    let tagged = |tag: &'static str| {
+        move |_ctx: ncm_cache::LoadContext<String>| async move {
+            Ok::<_, std::io::Error>(Loaded::value("body".to_string()).tags([tag]))
+        }
+    };
+    multi
+        .get_or_load_with::<String, _, _, _>("slide", &sliding, tagged("s"))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < 2 * ttl {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            multi
+                .get_with::<String>("slide", &sliding)
+                .await
+                .unwrap()
+                .is_some(),
+            "the sliding entry expired while read"
+        );
+    }
+    assert_eq!(strategies.invalidate_tag("s").await.unwrap(), 1);
+    assert!(multi.get::<String>("slide").await.unwrap().is_none());
+
+    // Conditional refresh: a hit past half the TTL asks the origin, which answers "not
+    // modified" with the same tags; 750 ms after the first load the tag still finds it.
+    let eager = EntryOptions::new().ttl(ttl).eager_refresh(0.5);
+    let origin = || {
+        move |ctx: ncm_cache::LoadContext<String>| async move {
+            Ok::<_, std::io::Error>(if ctx.validator() == Some("e1") {
+                Loaded::not_modified().tags(["c"])
+            } else {
+                Loaded::value("page".to_string())
+                    .validator("e1")
+                    .tags(["c"])
+            })
+        }
+    };
+    let first = Instant::now();
+    multi
+        .get_or_load_with::<String, _, _, _>("cond", &eager, origin())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    multi
+        .get_or_load_with::<String, _, _, _>("cond", &eager, origin())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while multi.get_stats().not_modified == 0 {
+        assert!(start.elapsed() < Duration::from_secs(2), "never refreshed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(750).saturating_sub(first.elapsed())).await;
+    assert_eq!(strategies.invalidate_tag("c").await.unwrap(), 1);
+    assert!(multi.l2().get("cond").await.unwrap().is_none());
+}
+
 /// Per-use entry options through the byte-level layer: a loader whose cache is
 /// `as_backend_with(skip_l1 + sliding)` keeps nothing in L1 and its L2 entries slide, while
 /// another loader over the same multi-level cache uses L1 as configured.
