@@ -798,3 +798,32 @@ async fn sliding_reads_fall_back_when_getex_is_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("do_not_cache"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_skip_backplane_write_is_not_announced_either() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (redis(&server).await, redis(&server).await);
+    let (a, b) = (instance(&ra).await, instance(&rb).await);
+    a.set("k", "v0".to_string()).await.unwrap();
+    eventually("B holds v0 in L1", async || {
+        source(&b, "k").await == Some(("v0".into(), ValueSource::L1))
+    })
+    .await;
+    // The write is cancelled while Redis does not answer (a request timeout around it).
+    server.pause().unwrap();
+    let quiet = EntryOptions::new().skip_backplane();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        a.set_with("k", "v1".to_string(), &quiet),
+    )
+    .await;
+    server.resume().unwrap();
+    assert!(cancelled.is_err());
+    // A cancelled write of a call that announces nothing queues no invalidation either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        source(&b, "k").await,
+        Some(("v0".into(), ValueSource::L1)),
+        "B was told about a write that asked for no backplane message"
+    );
+}
