@@ -15,6 +15,17 @@ const SKIP_L2_WRITE: u8 = 8;
 const SKIP_BACKPLANE: u8 = 16;
 const NO_COMPRESSION: u8 = 32;
 
+/// An `EntryOptions` method that sets one flag.
+macro_rules! flag_setter {
+    ($(#[$doc:meta])* $name:ident, $flag:ident) => {
+        $(#[$doc])*
+        pub fn $name(mut self) -> Self {
+            self.flags |= $flag;
+            self
+        }
+    };
+}
+
 /// Options of one call — `get_or_load_with`, `get_with`, `set_with`, `delete_with` of a
 /// [`MultiLevelCache`](crate::MultiLevelCache), or every call of a
 /// [`MultiLevelBackend`](crate::MultiLevelBackend) view
@@ -123,48 +134,42 @@ impl EntryOptions {
         self.skip_l1_read().skip_l1_write()
     }
 
-    /// Does not read L1: reads go to L2 (then the loader).
-    pub fn skip_l1_read(mut self) -> Self {
-        self.flags |= SKIP_L1_READ;
-        self
-    }
+    flag_setter!(
+        /// Does not read L1: reads go to L2 (then the loader).
+        skip_l1_read, SKIP_L1_READ
+    );
 
-    /// Does not put the value into L1 (any local copy is evicted instead).
-    pub fn skip_l1_write(mut self) -> Self {
-        self.flags |= SKIP_L1_WRITE;
-        self
-    }
+    flag_setter!(
+        /// Does not put the value into L1 (any local copy is evicted instead).
+        skip_l1_write, SKIP_L1_WRITE
+    );
 
     /// Neither reads nor writes L2: the entry lives in this instance's L1 only.
     pub fn skip_l2(self) -> Self {
         self.skip_l2_read().skip_l2_write()
     }
 
-    /// Does not read L2: an L1 miss goes to the loader (or is a miss).
-    pub fn skip_l2_read(mut self) -> Self {
-        self.flags |= SKIP_L2_READ;
-        self
-    }
+    flag_setter!(
+        /// Does not read L2: an L1 miss goes to the loader (or is a miss).
+        skip_l2_read, SKIP_L2_READ
+    );
 
-    /// Does not write (or delete in) L2: writes and deletes stay in L1.
-    pub fn skip_l2_write(mut self) -> Self {
-        self.flags |= SKIP_L2_WRITE;
-        self
-    }
+    flag_setter!(
+        /// Does not write (or delete in) L2: writes and deletes stay in L1.
+        skip_l2_write, SKIP_L2_WRITE
+    );
 
-    /// Does not tell other instances (no backplane message): their L1 may keep an old copy
-    /// until its TTL — for values only this instance reads, or bulk loads announced otherwise.
-    /// (Client tracking still sees the L2 write: Redis reports it, not this cache.)
-    pub fn skip_backplane(mut self) -> Self {
-        self.flags |= SKIP_BACKPLANE;
-        self
-    }
+    flag_setter!(
+        /// Does not tell other instances (no backplane message): their L1 may keep an old copy
+        /// until its TTL — for values only this instance reads, or bulk loads announced otherwise.
+        /// (Client tracking still sees the L2 write: Redis reports it, not this cache.)
+        skip_backplane, SKIP_BACKPLANE
+    );
 
-    /// Stores the value uncompressed whatever the codec's threshold.
-    pub fn no_compression(mut self) -> Self {
-        self.flags |= NO_COMPRESSION;
-        self
-    }
+    flag_setter!(
+        /// Stores the value uncompressed whatever the codec's threshold.
+        no_compression, NO_COMPRESSION
+    );
 
     /// The weight charged against L1's byte budget (instead of the encoded size).
     pub fn size(mut self, bytes: u32) -> Self {
@@ -208,7 +213,6 @@ impl EntryOptions {
     }
 }
 
-/// The effective options of one call (the builder's, with a call's [`EntryOptions`] over them).
 /// An eager-refresh fraction as the builder and the per-call options take it.
 pub(crate) fn eager_fraction(fraction: f64) -> f64 {
     if fraction.is_finite() {
@@ -218,6 +222,7 @@ pub(crate) fn eager_fraction(fraction: f64) -> f64 {
     }
 }
 
+/// The effective options of one call (the builder's, with a call's [`EntryOptions`] over them).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Eff {
     pub(crate) l2_ttl: Option<Duration>,

@@ -507,21 +507,30 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
     until_seen(&b, "m", Some(3), BOUND).await;
 }
 
+/// A `RedisCache` on the primary a Sentinel set names, with short timeouts.
+async fn through_sentinel(
+    set: &ncm_cache_testkit::RedisSentinelSet,
+    password: Option<&str>,
+) -> RedisCache {
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let mut builder = RedisCache::builder()
+        .sentinel(set.master_name(), sentinels)
+        .key_prefix("app:")
+        .health_check_interval(Some(Duration::from_millis(100)))
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500));
+    if let Some(password) = password {
+        builder = builder.password(password);
+    }
+    builder.build().await.unwrap()
+}
+
 /// Through Sentinel: the resolved primary is tracked; after a failover, tracking follows the
 /// new primary and a foreign write there is seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_sentinel_tracking_follows_a_failover() {
     let mut set = ncm_cache_testkit::RedisSentinelSet::start().unwrap();
-    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
-    let redis = RedisCache::builder()
-        .sentinel(set.master_name(), sentinels)
-        .key_prefix("app:")
-        .health_check_interval(Some(Duration::from_millis(100)))
-        .connect_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
+    let redis = through_sentinel(&set, None).await;
     let b = MultiLevelCache::over_redis(&redis)
         .coherence(Coherence::Tracking)
         .build()
@@ -556,20 +565,10 @@ async fn through_sentinel_tracking_follows_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_protected_sentinel_primary_is_subscribed_and_tracked() {
     let set = ncm_cache_testkit::RedisSentinelSet::start_with_password("s3cret").unwrap();
-    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
-    let connect = || async {
-        RedisCache::builder()
-            .sentinel(set.master_name(), sentinels.clone())
-            .password("s3cret")
-            .key_prefix("app:")
-            .health_check_interval(Some(Duration::from_millis(100)))
-            .connect_timeout(Duration::from_millis(500))
-            .response_timeout(Duration::from_millis(500))
-            .build()
-            .await
-            .unwrap()
-    };
-    let (ra, rb) = (connect().await, connect().await);
+    let (ra, rb) = (
+        through_sentinel(&set, Some("s3cret")).await,
+        through_sentinel(&set, Some("s3cret")).await,
+    );
     assert!(
         !rb.redis_backend().capabilities().tracking_refused,
         "{}",
