@@ -71,7 +71,16 @@ pub(crate) struct Batcher {
     /// L2's circuit breaker when the backplane is L2's Redis: while it is open, invalidations
     /// wait in the queue instead of each waiting a response timeout on a server known down.
     breaker: Option<Arc<CircuitBreaker>>,
+    /// Rung when a write reached Redis while the flush task backs off: Redis answers, so the
+    /// queue is retried now instead of after up to a second (a write acknowledged right after
+    /// an outage — a cluster failover — would otherwise leave other instances' copies that long).
+    wake: tokio::sync::Notify,
 }
+
+/// After a wake, the flush task retries no sooner than this after its last attempt, so a steady
+/// stream of writes during a partial outage (the channel's node down, other nodes up) does not
+/// turn the retries into a busy loop.
+const WOKEN_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Pending {
@@ -219,8 +228,17 @@ impl Batcher {
                     if this.stopped.load(Ordering::Relaxed) {
                         return;
                     }
+                    let failed = Instant::now();
                     let wait = Duration::from_millis(10u64 << attempt.min(7));
-                    tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+                        () = this.wake.notified() => {
+                            let since = failed.elapsed();
+                            if since < WOKEN_RETRY {
+                                tokio::time::sleep(WOKEN_RETRY - since).await;
+                            }
+                        }
+                    }
                     attempt += 1;
                 }
             }
@@ -377,6 +395,7 @@ impl Backplane {
                 errors: AtomicU64::new(0),
                 stopped: AtomicBool::new(false),
                 breaker,
+                wake: tokio::sync::Notify::new(),
             }),
             task: Mutex::new(None),
         }
@@ -505,13 +524,15 @@ fn resync<C: Codec>(inner: &Inner<C>, first: bool) {
 impl<C: Codec> Inner<C> {
     /// Publishes an invalidation: at once (returning when it is published) when no PUBLISH
     /// is in flight, else queued for the next message (returning at once).
-    async fn publish(&self, op: u8, key: &str) {
-        self.publish_entries(entry(op, key)).await;
+    async fn publish(&self, op: u8, key: &str, written: bool) {
+        self.publish_entries(entry(op, key), written).await;
     }
 
     /// Publishes encoded entries as one message (see [`publish`](Self::publish)); more than
     /// one message's worth goes through the queue, which splits it.
-    async fn publish_entries(&self, entries: Vec<u8>) {
+    ///
+    /// `written`: the caller's write just reached L2, so Redis answers (see `Batcher::wake`).
+    async fn publish_entries(&self, entries: Vec<u8>, written: bool) {
         if self.backplane.is_none() {
             return;
         }
@@ -520,10 +541,10 @@ impl<C: Codec> Inner<C> {
             cache = %self.opts.name,
             bytes = entries.len()
         );
-        tracing::Instrument::instrument(self.publish_entries_now(entries), span).await;
+        tracing::Instrument::instrument(self.publish_entries_now(entries, written), span).await;
     }
 
-    async fn publish_entries_now(&self, entries: Vec<u8>) {
+    async fn publish_entries_now(&self, entries: Vec<u8>, written: bool) {
         let Some(bp) = &self.backplane else { return };
         // With L2's circuit open, the flush task sends it once L2 answers again.
         let lead = match bp.batch.circuit_open() || entries.len() > MAX_MESSAGE {
@@ -532,6 +553,10 @@ impl<C: Codec> Inner<C> {
         };
         let Some(lead) = lead else {
             bp.batch.enqueue_entries(&entries);
+            if written {
+                // Redis took this write: a flush task backing off may retry now.
+                bp.batch.wake.notify_one();
+            }
             return;
         };
         // Resent by the flush task unless published (also when this future is cancelled).
@@ -591,40 +616,42 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// Publishes a SET of every key in one message (a batch write).
+    /// Publishes a SET of every key in one message (a batch write that reached L2).
     pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
-        self.publish_all(SET, keys).await;
+        self.publish_all(SET, keys, true).await;
     }
 
     /// Publishes a DELETE of every key in one message (a failed batch write).
     pub(crate) async fn publish_deletes<'k>(&self, keys: impl Iterator<Item = &'k str>) {
-        self.publish_all(DELETE, keys).await;
+        self.publish_all(DELETE, keys, false).await;
     }
 
-    async fn publish_all<'k>(&self, op: u8, keys: impl Iterator<Item = &'k str>) {
+    async fn publish_all<'k>(&self, op: u8, keys: impl Iterator<Item = &'k str>, written: bool) {
         let mut entries = Vec::new();
         for key in keys {
             encode_entry(&mut entries, op, key);
         }
         if !entries.is_empty() {
-            self.publish_entries(entries).await;
+            self.publish_entries(entries, written).await;
         }
     }
 
+    /// The invalidation of a write (after it reached L2, or of this instance's L1 only).
     pub(crate) async fn publish_set(&self, key: &str) {
-        self.publish(SET, key).await;
+        self.publish(SET, key, true).await;
     }
 
+    /// The invalidation of a delete (also of one whose L2 call failed).
     pub(crate) async fn publish_delete(&self, key: &str) {
-        self.publish(DELETE, key).await;
+        self.publish(DELETE, key, false).await;
     }
 
     pub(crate) async fn publish_clear(&self) {
-        self.publish(CLEAR, "").await;
+        self.publish(CLEAR, "", false).await;
     }
 
     pub(crate) async fn publish_pattern(&self, pattern: &str) {
-        self.publish(PATTERN, pattern).await;
+        self.publish(PATTERN, pattern, false).await;
     }
 
     /// With a distributed lock: take it, or wait for the holder's value to appear in L2.

@@ -369,6 +369,60 @@ mod redis {
         }
     }
 
+    /// After an outage in which PUBLISHes failed (the flush task backing off towards 1 s), a
+    /// write acknowledged once Redis answers again reaches the other instances within a round
+    /// trip or two — not after the rest of the backoff (on a cluster: writes right after a
+    /// failover, whose channel node was the one lost).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_after_an_outage_is_announced_without_waiting_out_the_backoff() {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let ra = RedisCache::connect(config(&format!("redis://{}", proxy.addr())))
+            .await
+            .unwrap();
+        // The breaker out of the way: this is about the publish queue's own retries.
+        let a = MultiLevelCache::builder(ra.backend())
+            .name("users")
+            .backplane(Arc::clone(ra.redis_backend()))
+            .breaker_threshold(1_000_000)
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        let mut worst = Duration::ZERO;
+        for round in 1..=3u64 {
+            let old = round * 10;
+            b.set("k", old).await.unwrap();
+            until_seen(&b, "k", old, Duration::from_secs(1)).await;
+            proxy.set_mode(ProxyMode::Refuse);
+            proxy.cut();
+            // A delete during the outage: its invalidation fails and is retried with backoff.
+            let _ = a.delete("other").await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            proxy.set_mode(ProxyMode::Pass);
+            let new = old + 1;
+            let acked = loop {
+                if a.set("k", new).await.is_ok() {
+                    break Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            loop {
+                if b.get::<u64>("k").await.unwrap() == Some(new) {
+                    break;
+                }
+                assert!(acked.elapsed() < Duration::from_secs(3), "never announced");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            worst = worst.max(acked.elapsed());
+        }
+        assert!(
+            worst < Duration::from_millis(300),
+            "a write acknowledged after the outage reached the other instance only after {worst:?}"
+        );
+    }
+
     /// PUBLISH goes through L2's circuit breaker when the backplane is L2's Redis: with the
     /// circuit open, a delete's invalidation is queued (and sent once Redis answers again)
     /// instead of waiting a response timeout on a server known to be down.
