@@ -10,7 +10,7 @@
 //!   than [`BOUND`] after some write/delete/clear of its key was acknowledged never returns a
 //!   version whose write had finished before that write/delete/clear began.
 //!
-//! Reads that overlap a fault window (plus [`SETTLE`], [`FAILOVER_SETTLE`] after a failover)
+//! Reads that overlap a fault window (plus [`SETTLE`] after it, a failover included)
 //! and values served as `Stale` (fail-safe)
 //! are not checked for staleness. Duration: `NCM_CHAOS_SECS` per topology (default 12 s;
 //! `cargo xtask chaos --minutes N` runs it longer).
@@ -28,10 +28,6 @@ use ncm_cache_testkit::{FaultProxy, ProxyMode, RedisCluster, RedisServer};
 const BOUND: u128 = 1_000_000_000;
 /// How long after a fault ends reads are still excused (reconnects, failover settling).
 const SETTLE: u128 = 2_000_000_000;
-/// After a cluster failover (the cluster reports `ok`), writers still publish through a
-/// topology that names the dead primary until their client refreshes it: invalidations of
-/// writes made then arrive up to a few seconds late (seen: 1.7 s past the 2 s settle).
-const FAILOVER_SETTLE: u128 = 5_000_000_000;
 const WORKERS: usize = 3;
 
 fn now() -> u128 {
@@ -476,7 +472,7 @@ fn cluster(name: &str, coherence: &str, foreign: bool, epoch: bool) {
     let t = now();
     cluster.kill_primary(primaries[1]).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    faults.push((t, now(), FAILOVER_SETTLE));
+    faults.push((t, now(), SETTLE));
     wait_workers(children);
     let report = check(&logs, &faults);
     assert_report(name, &report, faults.len());

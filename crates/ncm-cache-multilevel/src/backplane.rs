@@ -18,7 +18,9 @@
 //!
 //! Nothing is dropped: every message carries this instance's sequence number (`[Q][id][seq]`
 //! then entries); a PUBLISH that fails is resent, with the same number and before anything
-//! newer, with backoff (10 ms doubling to 1 s) until it gets through or the cache is closed.
+//! newer, with backoff (10 ms doubling to 1 s) until it gets through or the cache is closed; a
+//! write that reaches Redis meanwhile cuts the backoff short (a retry at most 20 ms after the
+//! last attempt), so a write acknowledged after an outage is not announced a second late.
 //! A receiver that sees a sender's number jump (a message lost) makes all of its L1
 //! stale-only, as after a disconnect. On Redis Cluster a write and its PUBLISH are sent apart
 //! (they hash to different slots).
