@@ -666,7 +666,7 @@ impl<C: Codec> Inner<C> {
         &self,
         key: &str,
         check_first: bool,
-        has_stale: bool,
+        serve_until: Option<u64>,
         eff: &crate::options::Eff,
     ) -> Result<LockOutcome> {
         let Some(redis) = &self.lock else {
@@ -731,7 +731,7 @@ impl<C: Codec> Inner<C> {
                 _ => {}
             }
             if Instant::now() >= deadline {
-                if has_stale {
+                if serve_until.is_some_and(|until| self.opts.now_nanos() <= until) {
                     return Err(CacheError::Timeout {
                         operation: "stampede lock wait",
                         after: self.opts.lock_wait,

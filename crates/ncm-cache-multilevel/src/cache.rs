@@ -1336,9 +1336,14 @@ impl<C: Codec> Inner<C> {
         match (fill.validator, &value.object) {
             (Some(v), Some(object)) => {
                 self.has_validators.store(true, Ordering::Release);
-                let _ = self
+                if self
                     .validators
-                    .insert(key, Validator(v, address(object)), ttl);
+                    .insert(key, Validator(v, address(object)), ttl)
+                    .is_err()
+                {
+                    // Not kept (too large): never leave the previous value's behind.
+                    let _ = self.validators.remove(key);
+                }
             }
             _ if self.has_validators.load(Ordering::Acquire) => {
                 let _ = self.validators.remove(key);

@@ -304,20 +304,21 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        // A waiter that gives up on the lock serves its stale value instead of loading.
-        let has_stale = stale.as_ref().is_some_and(|s| s.serve_until.is_some());
+        // A waiter that gives up on the lock serves its stale value instead of loading, while
+        // fail-safe may still serve it.
+        let serve_until = stale.as_ref().and_then(|s| s.serve_until);
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
         let lock = {
             let wait: BoxFuture<'_, _> =
-                Box::pin(self.lock_or_wait::<T>(&key, check_first, has_stale, &eff));
+                Box::pin(self.lock_or_wait::<T>(&key, check_first, serve_until, &eff));
             match wait.await? {
                 crate::backplane::LockOutcome::Found(v) => return Ok(v),
                 crate::backplane::LockOutcome::Proceed(guard) => guard,
             }
         };
         #[cfg(not(feature = "redis"))]
-        let _ = (check_first, has_stale);
+        let _ = (check_first, serve_until);
         let ticket = self.versions.ticket(&key);
         Counters::bump(&self.counters.loads);
         let (stale, validator) = match stale {
@@ -441,10 +442,7 @@ impl<C: Codec> Inner<C> {
                 }
                 self.tag(key, &loaded.tags, &eff).await?;
                 let validator = loaded.validator.or(stale_validator);
-                return Ok((
-                    self.rearm(key, stale, validator, &eff, ticket).await?,
-                    stored,
-                ));
+                return self.rearm(key, stale, validator, &eff, ticket).await;
             }
             Answer::Value(v) => (v, loaded.validator),
         };
@@ -455,15 +453,12 @@ impl<C: Codec> Inner<C> {
             ));
         }
         self.tag(key, &loaded.tags, &eff).await?;
-        let found = self
-            .store_loaded(key, value, ticket, &eff, validator)
-            .await?;
-        Ok((found, stored))
+        self.store_loaded(key, value, ticket, &eff, validator).await
     }
 
     /// Records a loader's tags before its value is written: a tag pointing at a key not yet
     /// written is harmless; the reverse is not. A sliding entry's tags do not expire (its
-    /// lifetime has no bound known here); they go when the tag or the key is invalidated.
+    /// lifetime has no bound known here): they stay until the tag is invalidated.
     async fn tag(&self, key: &str, tags: &[String], eff: &Eff) -> Result<()> {
         if tags.is_empty() {
             return Ok(());
@@ -494,14 +489,12 @@ impl<C: Codec> Inner<C> {
         validator: Option<Arc<str>>,
         eff: &Eff,
         ticket: &Ticket,
-    ) -> Result<Found> {
+    ) -> Result<(Found, Stored)> {
         let object = Arc::clone(&value) as Object;
-        let served = || Ok((Some(Arc::clone(&object)), ValueSource::Loader));
-        let Some(size) = self.l1_holds(key, &object) else {
-            return served();
-        };
-        if !self.versions.current(ticket) {
-            return served();
+        // Whatever L2 holds stays there for the lock's waiters to find.
+        let served = |stored| Ok(((Some(Arc::clone(&object)), ValueSource::Loader), stored));
+        if self.l1_holds(key, &object).is_none() || !self.versions.current(ticket) {
+            return served(Stored::Cached);
         }
         if eff.write_l2() {
             let kept = match eff.l2_ttl {
@@ -521,14 +514,18 @@ impl<C: Codec> Inner<C> {
                 // L2's TTL unknown: L1 keeps its old deadlines (never past L2's).
                 Err(e) => {
                     tracing::warn!(key, error = %e, "not-modified value: L2 TTL not re-armed");
-                    return served();
+                    return served(Stored::NotCached);
                 }
             }
         }
-        let mut fill = Fill::value(Arc::clone(&object), size as usize, eff.l2_ttl);
-        fill.validator = validator;
-        self.l1_fill(key, fill, ticket, eff);
-        served()
+        // Checked again after the L2 call: a promotion meanwhile (which bumps no version) may
+        // have put a newer value there.
+        if let Some(size) = self.l1_holds(key, &object) {
+            let mut fill = Fill::value(Arc::clone(&object), size as usize, eff.l2_ttl);
+            fill.validator = validator;
+            self.l1_fill(key, fill, ticket, eff);
+        }
+        served(Stored::Cached)
     }
 
     async fn store_loaded<T: CacheValue>(
@@ -538,7 +535,7 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
         eff: &Eff,
         validator: Option<Arc<str>>,
-    ) -> Result<Found> {
+    ) -> Result<(Found, Stored)> {
         let bytes = self.encode_with(key, &v, eff)?;
         self.store_encoded(key, Arc::new(v), bytes, ticket, eff, validator)
             .await
@@ -552,14 +549,14 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
         eff: &Eff,
         validator: Option<Arc<str>>,
-    ) -> Result<Found> {
+    ) -> Result<(Found, Stored)> {
         let size = bytes.len();
         if !self.versions.current(ticket) {
             tracing::debug!(
                 key,
                 "key invalidated during the load; result served, not cached"
             );
-            return Ok((Some(object), ValueSource::Loader));
+            return Ok(((Some(object), ValueSource::Loader), Stored::NotCached));
         }
         let ttl = eff.l2_ttl;
         let write = self.versions.write_begin(key);
@@ -573,20 +570,26 @@ impl<C: Codec> Inner<C> {
         guard.disarm();
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
-        match written {
+        let stored = match written {
             Ok(()) => {
                 self.settle_write(key, fill, &write, eff);
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;
+                }
+                if eff.write_l2() {
+                    Stored::Cached
+                } else {
+                    Stored::NotCached
                 }
             }
             // The value is still good: serve it and keep it in L1; count the failure.
             Err(e) => {
                 tracing::warn!(key, error = %e, "loaded value not written to L2");
                 self.settle_write(key, fill, &write, eff);
+                Stored::NotCached
             }
-        }
-        Ok((Some(object), ValueSource::Loader))
+        };
+        Ok(((Some(object), ValueSource::Loader), stored))
     }
 }
 

@@ -827,3 +827,60 @@ async fn a_cancelled_skip_backplane_write_is_not_announced_either() {
         "B was told about a write that asked for no backplane message"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_waiter_whose_stale_value_aged_out_loads_instead_of_failing() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = MultiLevelCache::builder(r.backend())
+        .backplane(Arc::clone(r.redis_backend()))
+        .distributed_lock(
+            Arc::clone(r.redis_backend()),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .l1_default_ttl(Duration::from_millis(100))
+        .fail_safe(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    eventually("backplane up", async || cache.l1_active()).await;
+    cache.set("k", "v1".to_string()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Stale for 50 ms of its 300; gone from L2; another process holds the load lock for good.
+    r.backend().delete("k").await.unwrap();
+    server
+        .command(&["SET", "app:__ncm:lock:load:k", "other", "PX", "10000"])
+        .unwrap();
+    // The wait gives up after 1 s, when the stale value is too old to serve: it loads.
+    let got = cache
+        .get_or_load_with::<String, _, _, _>("k", &EntryOptions::new(), |_| async {
+            Ok::<_, std::io::Error>(Loaded::value("v2".to_string()))
+        })
+        .await;
+    assert_eq!(
+        got.map(|g| g.map(|(v, s)| (v.to_string(), s))).unwrap(),
+        Some(("v2".into(), ValueSource::Loader))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_reads_fall_back_when_an_acl_forbids_getex() {
+    let server = RedisServer::builder()
+        .args(["--user", "app", "on", ">pw", "~*", "&*", "+@all", "-getex"])
+        .start()
+        .unwrap();
+    let mut c =
+        RedisConfig::from_url(&format!("redis://app:pw@127.0.0.1:{}", server.port())).unwrap();
+    c.key_prefix = "app:".into();
+    let r = RedisCache::connect(c).await.unwrap();
+    let cache = MultiLevelCache::builder(r.backend()).build().unwrap();
+    let sliding = EntryOptions::new()
+        .sliding(Duration::from_secs(2))
+        .skip_l1();
+    cache
+        .set_with("k", "v".to_string(), &sliding)
+        .await
+        .unwrap();
+    let got = cache.get_with::<String>("k", &sliding).await.unwrap();
+    assert_eq!(got.map(|(v, _)| v.to_string()).as_deref(), Some("v"));
+}

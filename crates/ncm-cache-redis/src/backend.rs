@@ -529,11 +529,7 @@ impl CacheBackend for RedisBackend {
             })
             .await;
         let v = match read {
-            Err(e)
-                if e.to_string()
-                    .to_ascii_lowercase()
-                    .contains("unknown command") =>
-            {
+            Err(e) if getex_refused(&e) => {
                 if !self.inner.no_getex.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         error = %e,
@@ -642,6 +638,15 @@ pub(crate) fn parse<T: FromRedisValue>(v: redis::Value) -> RedisResult<T> {
 }
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
+/// A server (or proxy, or ACL) that does not run `GETEX`: an unknown or renamed command, an
+/// ACL refusal (`NOPERM`), an unsupported command. (Not a wrong password: GET would fail too.)
+fn getex_refused(e: &CacheError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["unknown command", "noperm", "not supported", "unsupported"]
+        .iter()
+        .any(|s| text.contains(s))
+}
+
 impl RedisBackend {
     /// Sliding read without `GETEX`: a read, then a re-arm whose failure only leaves the old
     /// TTL (the read succeeded).
