@@ -147,13 +147,7 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// `GETEX PX`; the default reads, then calls [`extend_ttl`](Self::extend_ttl) — whose
     /// failure is logged, not returned: the read succeeded, and the entry keeps its old TTL.
     async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
-        let found = self.get(key).await?;
-        if found.is_some()
-            && let Err(e) = self.extend_ttl(key, ttl).await
-        {
-            tracing::debug!(key, error = %e, "sliding expiration: TTL not re-armed");
-        }
-        Ok(found)
+        get_then_extend(self, key, ttl).await
     }
 
     /// Removes every key of this cache matching a Redis-style glob; returns how many.
@@ -280,6 +274,31 @@ pub trait TagIndex: Send + Sync + Debug + 'static {
     /// Records that `key` carries `tags`, for as long as `ttl` (the entry's lifetime; `None`:
     /// until the key is deleted).
     async fn tag(&self, key: &str, tags: &[String], ttl: Option<Duration>) -> Result<()>;
+}
+
+/// [`CacheBackend::get_and_touch`] in two calls: a read, then, when found,
+/// [`extend_ttl`](CacheBackend::extend_ttl) — whose failure is logged, not returned (the read
+/// succeeded; the entry keeps its old TTL). The trait's default, and a fallback for backends
+/// whose one-call form the server refuses.
+///
+/// ```
+/// # use ncm_cache_core::{CacheBackend, get_then_extend};
+/// # async fn demo(backend: &dyn CacheBackend) -> ncm_cache_core::Result<()> {
+/// let value = get_then_extend(backend, "session:1", std::time::Duration::from_secs(60)).await?;
+/// # let _ = value; Ok(()) }
+/// ```
+pub async fn get_then_extend<B: CacheBackend + ?Sized>(
+    backend: &B,
+    key: &str,
+    ttl: Duration,
+) -> Result<Option<Bytes>> {
+    let found = backend.get(key).await?;
+    if found.is_some()
+        && let Err(e) = backend.extend_ttl(key, ttl).await
+    {
+        tracing::debug!(key, error = %e, "sliding expiration: TTL not re-armed");
+    }
+    Ok(found)
 }
 
 /// Compile-time check that [`CacheBackend`] stays object safe.

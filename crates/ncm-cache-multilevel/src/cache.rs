@@ -975,8 +975,7 @@ impl<C: Codec> Inner<C> {
     /// (the hot path, as lean as before per-call options existed).
     #[inline]
     pub(crate) fn l1_read<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L1Read<T>> {
-        if eff.special_read() {
-            // `skip_l1_read`.
+        if !eff.read_l1() {
             return Ok(L1Read::Miss);
         }
         self.l1_lookup(key, eff)

@@ -12,6 +12,7 @@ use crate::stats::Counters;
 use crate::versions::Ticket;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The value a load starts from: what its loader sees (conditional refresh: the value and its
 /// validator, taken together from L1) and, for a caller's load, until when fail-safe may serve
@@ -32,7 +33,6 @@ impl Prior {
             .map(|_| Arc::clone(&self.value))
     }
 }
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl<C: Codec> Inner<C> {
     /// L1 → L2 → (single-flight) loader, with fail-safe. `None` in the result: the loader

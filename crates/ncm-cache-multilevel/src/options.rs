@@ -260,11 +260,6 @@ impl Eff {
         }
     }
 
-    /// A read other than the plain L1 lookup: `skip_l1_read`.
-    #[inline]
-    pub(crate) fn special_read(&self) -> bool {
-        !self.read_l1()
-    }
     /// The TTL the call's options set themselves (`ttl` or `sliding`), not the builder's.
     pub(crate) fn explicit_ttl(&self) -> Option<Duration> {
         self.explicit_ttl

@@ -519,7 +519,7 @@ impl CacheBackend for RedisBackend {
         let full = self.full(key)?;
         commands::check_ttl(Some(ttl))?;
         if self.inner.no_getex.load(Ordering::Relaxed) {
-            return self.get_then_touch(key, ttl).await;
+            return ncm_cache_core::get_then_extend(self, key, ttl).await;
         }
         // Not batched: GETEX writes (the TTL), so it goes straight to the primary.
         let read: Result<Option<Vec<u8>>> = self
@@ -537,7 +537,7 @@ impl CacheBackend for RedisBackend {
                          reads with GET then PEXPIRE (two round trips)"
                     );
                 }
-                return self.get_then_touch(key, ttl).await;
+                return ncm_cache_core::get_then_extend(self, key, ttl).await;
             }
             read => read?,
         };
@@ -637,7 +637,6 @@ pub(crate) fn parse<T: FromRedisValue>(v: redis::Value) -> RedisResult<T> {
     T::from_redis_value(v).map_err(Into::into)
 }
 
-/// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
 /// A server (or proxy, or ACL) that does not run `GETEX`: an unknown or renamed command, an
 /// ACL refusal (`NOPERM`), an unsupported command. (Not a wrong password: GET would fail too.)
 fn getex_refused(e: &CacheError) -> bool {
@@ -647,19 +646,8 @@ fn getex_refused(e: &CacheError) -> bool {
         .any(|s| text.contains(s))
 }
 
+/// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
 impl RedisBackend {
-    /// Sliding read without `GETEX`: a read, then a re-arm whose failure only leaves the old
-    /// TTL (the read succeeded).
-    async fn get_then_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
-        let found = self.get(key).await?;
-        if found.is_some()
-            && let Err(e) = self.extend_ttl(key, ttl).await
-        {
-            tracing::debug!(key, error = %e, "sliding expiration: TTL not re-armed");
-        }
-        Ok(found)
-    }
-
     /// Runs one raw command through the connection pool, with the response timeout, stats
     /// (labelled `op`) and error mapping of every other call. Not retried: the command may not
     /// be idempotent. Key names are passed as they are: apply [`key_space`](Self::key_space)
