@@ -66,6 +66,22 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// A load whose loader answers `answer()` fails with a typed error that says `what` to do.
+async fn refused(
+    cache: &MultiLevelCache,
+    key: &str,
+    answer: impl FnOnce() -> Loaded<String> + Send + 'static,
+    what: &str,
+) {
+    let err = cache
+        .get_or_load_with::<String, _, _, _>(key, &EntryOptions::new(), move |_| async move {
+            Ok::<_, std::io::Error>(answer())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(what), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_flags_keep_a_call_to_the_levels_it_names() {
     let server = RedisServer::start().unwrap();
@@ -356,13 +372,13 @@ async fn adaptive_caching_decides_from_the_loaded_value() {
     assert!(pttl(&server, "doc:2") > 3_000_000);
 
     // Tags without a tag index: a typed error that says what to do, nothing cached.
-    let err = cache
-        .get_or_load_with::<String, _, _, _>("tagged", &none, |_| async {
-            Ok::<_, std::io::Error>(Loaded::value("t".to_string()).tags(["docs"]))
-        })
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("tag_index"), "{err}");
+    refused(
+        &cache,
+        "tagged",
+        || Loaded::value("t".to_string()).tags(["docs"]),
+        "tag_index",
+    )
+    .await;
     assert!(!in_l2(&server, "tagged"));
 }
 
@@ -435,13 +451,7 @@ async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
         Some(ValueSource::L1)
     );
     // "Not modified" with nothing to keep is a typed error.
-    let err = cache
-        .get_or_load_with::<String, _, _, _>("fresh-key", &opts, |_| async {
-            Ok::<_, std::io::Error>(Loaded::not_modified())
-        })
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("not modified"), "{err}");
+    refused(&cache, "fresh-key", Loaded::not_modified, "not modified").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -790,13 +800,13 @@ async fn sliding_reads_fall_back_when_getex_is_refused() {
     assert_eq!(server.command_calls("pexpire").unwrap(), 2);
 
     // A loader's zero TTL is a typed error, not an entry that never expires.
-    let err = cache
-        .get_or_load_with::<String, _, _, _>("z", &EntryOptions::new(), |_| async {
-            Ok::<_, std::io::Error>(Loaded::value("z".to_string()).ttl(Duration::ZERO))
-        })
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("do_not_cache"), "{err}");
+    refused(
+        &cache,
+        "z",
+        || Loaded::value("z".to_string()).ttl(Duration::ZERO),
+        "do_not_cache",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
