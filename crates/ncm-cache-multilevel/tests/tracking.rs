@@ -507,6 +507,87 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
     until_seen(&b, "m", Some(3), BOUND).await;
 }
 
+/// A failover under way: the cluster has flagged a dead primary `fail`, and its replica, alive,
+/// has not taken over yet. Tracking only the surviving primaries at that moment would turn L1
+/// back on and miss the writes the replica acknowledges once promoted, until the next topology
+/// check (a chaos run found such stale reads 1–2 s after a failover). L1 stays off until the
+/// replica has taken over, then follows the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let b = tracked(cluster_config(&cluster), Coherence::Tracking).await;
+    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    b.set("f", 1u64).await.unwrap();
+    until_l1(&b, "f").await;
+    let primary = cluster.owner_of("app:f").unwrap();
+    let replica = cluster.replica_of(primary).unwrap();
+    // The replica takes over only when told to: the window between "flagged failed" and
+    // "replica promoted", a second or less on its own, lasts as long as the test needs.
+    cluster
+        .node(replica)
+        .unwrap()
+        .command(&["CONFIG", "SET", "cluster-replica-no-failover", "yes"])
+        .unwrap();
+    cluster.kill_primary(primary).unwrap();
+    let start = Instant::now();
+    while !flagged_failed_by_all(&cluster, primary) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the cluster never flagged {primary} as failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reconnect attempts (at most 1 s apart) and topology checks (every 100 ms) come and go:
+    // L1 stays off while the shard has a replica that may take over at any moment.
+    let flagged = Instant::now();
+    while flagged.elapsed() < Duration::from_millis(2500) {
+        assert!(
+            !b.l1_active(),
+            "L1 was turned on {:?} after the cluster flagged {primary} failed, before its \
+             replica {replica} took over",
+            flagged.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster
+        .node(replica)
+        .unwrap()
+        .command(&["CLUSTER", "FAILOVER", "FORCE"])
+        .unwrap();
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    let acked = foreign_write_until_accepted(&mut other, &b, "f", 2).await;
+    never_old_from_l1(&b, "f", 2, acked).await;
+    wait_active(&b).await;
+    until_l1(&b, "f").await;
+    let bytes = b.codec_bytes("f", &3u64).unwrap();
+    put(&mut other, "app:f", &bytes).await;
+    until_seen(&b, "f", Some(3), BOUND).await;
+}
+
+/// Every running node's `CLUSTER NODES` flags the node on `port` `fail` (not just `fail?`).
+fn flagged_failed_by_all(cluster: &RedisCluster, port: u16) -> bool {
+    let needle = format!(":{port}@");
+    cluster
+        .nodes()
+        .iter()
+        .filter(|n| n.is_running())
+        .all(|n| {
+            n.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
+                text.lines().any(|line| {
+                    let mut fields = line.split_whitespace().skip(1);
+                    fields.next().is_some_and(|addr| addr.contains(&needle))
+                        && fields
+                            .next()
+                            .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
+                })
+            })
+        })
+}
+
 /// A `RedisCache` on the primary a Sentinel set names, with short timeouts.
 async fn through_sentinel(
     set: &ncm_cache_testkit::RedisSentinelSet,

@@ -58,6 +58,17 @@ enum Idempotent {
     No,
 }
 
+/// A cluster's primaries as one node sees them (see [`RedisBackend::cluster_masters`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClusterPrimaries {
+    /// Every primary not flagged failed, sorted.
+    pub(crate) nodes: Vec<(String, u16)>,
+    /// `host:port` of a failed primary that still owns slots while a replica of it is alive:
+    /// a failover is under way, and the replica's writes will not reach a client tracking
+    /// only `nodes`.
+    pub(crate) failing_over: Option<String>,
+}
+
 impl RedisBackend {
     /// Connects with `config` (validated first). Fails with a connection error or timeout
     /// when Redis cannot be reached within `connect_timeout`.
@@ -108,9 +119,10 @@ impl RedisBackend {
     }
 
     /// Every primary of a cluster that is not marked failed, from `CLUSTER NODES` — also one
-    /// that owns no slot yet (a resharding target) — sorted; `None` for a single node or
+    /// that owns no slot yet (a resharding target) — sorted, and the failed primary whose
+    /// replica has yet to take over, if a failover is under way; `None` for a single node or
     /// Sentinel. An empty list is an error (the node asked does not know the cluster yet).
-    pub(crate) async fn cluster_masters(&self) -> Result<Option<Vec<(String, u16)>>> {
+    pub(crate) async fn cluster_masters(&self) -> Result<Option<ClusterPrimaries>> {
         let timeout = self.inner.config.response_timeout;
         let Some(text) = self.inner.conn.cluster_nodes(timeout).await? else {
             return Ok(None);
@@ -122,7 +134,10 @@ impl RedisBackend {
                 source: None,
             });
         }
-        Ok(Some(masters))
+        Ok(Some(ClusterPrimaries {
+            nodes: masters,
+            failing_over: commands::failover_pending(&text),
+        }))
     }
 
     /// `true` when connected to a Redis Cluster.

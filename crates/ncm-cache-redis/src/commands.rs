@@ -140,6 +140,34 @@ pub(crate) fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
     out
 }
 
+/// A failover under way, from a `CLUSTER NODES` text: the address of a primary flagged `fail`
+/// that still owns slots while a replica of it is not flagged `fail` — that replica is about to
+/// take over (or is being told to), and its writes would go unseen by a client that tracked
+/// only the other primaries. `None` once the replica has taken over (the failed node owns no
+/// slots any more), or when no replica of it is left (the shard is lost, not failing over).
+pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
+    // (id, address, flags, primary's id, owns slots)
+    let lines: Vec<(&str, &str, Vec<&str>, &str, bool)> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?.split(',').collect();
+            Some((*fields.first()?, *fields.get(1)?, flags, *fields.get(3)?, fields.len() > 8))
+        })
+        .collect();
+    lines
+        .iter()
+        .find(|(id, _, flags, _, slots)| {
+            *slots
+                && flags.contains(&"master")
+                && flags.contains(&"fail")
+                && lines
+                    .iter()
+                    .any(|(_, _, f, of, _)| of == id && !f.contains(&"fail"))
+        })
+        .map(|(_, addr, ..)| addr.split(['@', ',']).next().unwrap_or(addr).to_owned())
+}
+
 /// The distinct primary addresses in a `CLUSTER SLOTS` reply.
 pub(crate) fn cluster_primaries(slots: Value) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
@@ -191,5 +219,30 @@ a7 127.0.0.1:30007@40007 master - 0 0 7 connected
             ]
         );
         assert!(cluster_masters("").is_empty());
+    }
+
+    #[test]
+    fn a_failover_is_pending_while_a_failed_primary_with_a_live_replica_owns_slots() {
+        let failing = "\
+a1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:30002@40002 master - 0 0 2 connected 5461-10922
+a3 127.0.0.1:30003@40003,host3 master,fail - 0 0 3 disconnected 10923-16383
+a4 127.0.0.1:30004@40004 slave a1 0 0 1 connected
+a5 127.0.0.1:30005@40005 slave a2 0 0 2 connected
+a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
+";
+        assert_eq!(failover_pending(failing).as_deref(), Some("127.0.0.1:30003"));
+        // Only suspected (`fail?`): not yet a failover, the node may come back.
+        let suspected = failing.replace("master,fail -", "master,fail? -");
+        assert_eq!(failover_pending(&suspected), None);
+        // The replica took over: the failed node owns nothing.
+        let done = failing
+            .replace("master,fail - 0 0 3 disconnected 10923-16383", "master,fail - 0 0 3 disconnected")
+            .replace("slave,fail? a3 0 0 3 connected", "master - 0 0 4 connected 10923-16383");
+        assert_eq!(failover_pending(&done), None);
+        // Its only replica failed too: the shard is lost, nothing will take over.
+        let lost = failing.replace("slave,fail? a3", "slave,fail a3");
+        assert_eq!(failover_pending(&lost), None);
+        assert_eq!(failover_pending(""), None);
     }
 }

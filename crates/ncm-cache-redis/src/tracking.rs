@@ -107,7 +107,23 @@ async fn connect(
 ) -> Result<Session> {
     let config = backend.config();
     let timeout = config.connect_timeout;
-    let masters = backend.cluster_masters().await?;
+    let masters = match backend.cluster_masters().await? {
+        Some(primaries) => {
+            // Tracking the survivors now would miss the replica's writes once it is promoted,
+            // until the next topology check: L1 stays off until it has taken over.
+            if let Some(failed) = primaries.failing_over {
+                return Err(CacheError::Connection {
+                    message: format!(
+                        "client tracking: a failover is under way (primary {failed} failed and \
+                         a replica of it has not taken over yet); L1 stays off until it has"
+                    ),
+                    source: None,
+                });
+            }
+            Some(primaries.nodes)
+        }
+        None => None,
+    };
     let urls: Vec<String> = match &masters {
         Some(list) => list.iter().map(|(h, p)| config.node_url(h, *p)).collect(),
         None => vec![crate::pubsub::node_url(config, 0).await?],
@@ -309,7 +325,10 @@ async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
         }
         if let Some(masters) = &session.masters {
             match backend.cluster_masters().await {
-                Ok(now) if now.as_ref() != Some(masters) => {
+                Ok(Some(now)) if now.failing_over.is_some() => {
+                    return "a primary failed and its replica is about to take over";
+                }
+                Ok(now) if now.as_ref().map(|p| &p.nodes) != Some(masters) => {
                     return "the cluster's primaries changed";
                 }
                 Ok(_) => unreadable = 0,
