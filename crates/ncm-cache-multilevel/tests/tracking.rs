@@ -571,21 +571,17 @@ async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
 /// Every running node's `CLUSTER NODES` flags the node on `port` `fail` (not just `fail?`).
 fn flagged_failed_by_all(cluster: &RedisCluster, port: u16) -> bool {
     let needle = format!(":{port}@");
-    cluster
-        .nodes()
-        .iter()
-        .filter(|n| n.is_running())
-        .all(|n| {
-            n.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
-                text.lines().any(|line| {
-                    let mut fields = line.split_whitespace().skip(1);
-                    fields.next().is_some_and(|addr| addr.contains(&needle))
-                        && fields
-                            .next()
-                            .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
-                })
+    cluster.nodes().iter().filter(|n| n.is_running()).all(|n| {
+        n.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
+            text.lines().any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                fields.next().is_some_and(|addr| addr.contains(&needle))
+                    && fields
+                        .next()
+                        .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
             })
         })
+    })
 }
 
 /// A `RedisCache` on the primary a Sentinel set names, with short timeouts.

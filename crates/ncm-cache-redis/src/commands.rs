@@ -152,7 +152,13 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let flags = fields.get(2)?.split(',').collect();
-            Some((*fields.first()?, *fields.get(1)?, flags, *fields.get(3)?, fields.len() > 8))
+            Some((
+                *fields.first()?,
+                *fields.get(1)?,
+                flags,
+                *fields.get(3)?,
+                fields.len() > 8,
+            ))
         })
         .collect();
     lines
@@ -231,14 +237,23 @@ a4 127.0.0.1:30004@40004 slave a1 0 0 1 connected
 a5 127.0.0.1:30005@40005 slave a2 0 0 2 connected
 a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
 ";
-        assert_eq!(failover_pending(failing).as_deref(), Some("127.0.0.1:30003"));
+        assert_eq!(
+            failover_pending(failing).as_deref(),
+            Some("127.0.0.1:30003")
+        );
         // Only suspected (`fail?`): not yet a failover, the node may come back.
         let suspected = failing.replace("master,fail -", "master,fail? -");
         assert_eq!(failover_pending(&suspected), None);
         // The replica took over: the failed node owns nothing.
         let done = failing
-            .replace("master,fail - 0 0 3 disconnected 10923-16383", "master,fail - 0 0 3 disconnected")
-            .replace("slave,fail? a3 0 0 3 connected", "master - 0 0 4 connected 10923-16383");
+            .replace(
+                "master,fail - 0 0 3 disconnected 10923-16383",
+                "master,fail - 0 0 3 disconnected",
+            )
+            .replace(
+                "slave,fail? a3 0 0 3 connected",
+                "master - 0 0 4 connected 10923-16383",
+            );
         assert_eq!(failover_pending(&done), None);
         // Its only replica failed too: the shard is lost, nothing will take over.
         let lost = failing.replace("slave,fail? a3", "slave,fail a3");
