@@ -17,6 +17,7 @@
 //! - `R key version|- start end source|err` — a get (source `L1`, `L2`, `Stale`, ...)
 //! - `G key version|- start end source|err` — a get_or_load (source `Loader`: this call loaded)
 //! - `P key version time` — a loader produced a version (also background refreshes)
+//! - `A time 1|0` — this instance's L1 was found turned on / off (polled every 10 ms)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fmt::Write as _;
@@ -121,6 +122,19 @@ async fn main() {
         return;
     }
     let mut tasks = Vec::new();
+    // When this instance's L1 was turned on and off (to place a violation against it).
+    let (c, l) = (cache.clone(), Arc::clone(&log));
+    tasks.push(tokio::spawn(async move {
+        let mut was = None;
+        while Instant::now() < deadline {
+            let active = c.l1_active();
+            if was != Some(active) {
+                l.line(format_args!("A {} {}", now(), u8::from(active)));
+                was = Some(active);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }));
     for t in 0..TASKS {
         let (cache, log, counter) = (cache.clone(), Arc::clone(&log), Arc::clone(&counter));
         let mut rng = fastrand::Rng::with_seed(seed ^ (id << 32) ^ t);
