@@ -163,3 +163,71 @@ async fn a_miss_on_two_instances_at_once_loads_once() {
         assert!(second.1 - first.1 >= work, "reloads overlapped: {seen:?}");
     }
 }
+
+/// An instance that takes a schedule over while another instance's reload of the value is
+/// still running (as when the old owner stalled past its short timer lease — a loaded CI run
+/// saw two runs 52 ms apart) does not run the loader again at once: the reload was due by
+/// the old value's age, but once the run lease is free the value is fresh, so the new owner
+/// skips and runs one interval after that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_skips_the_run_another_instances_reload_just_made() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let runs: Runs = Arc::default();
+    let interval = Duration::from_millis(600);
+    a.register_loader(
+        "shared",
+        recording_loader("a", runs.clone(), Duration::from_millis(300)),
+        None,
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    assert!(a.reload_key("shared", true).await.unwrap());
+    // Older than an interval: due at once for whoever owns the timer next.
+    tokio::time::sleep(interval).await;
+    // A's slow reload holds the run lease while B takes the schedule over.
+    let a = Arc::new(a);
+    let slow = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.reload_key("shared", true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.schedule_reload(
+        "shared",
+        interval,
+        recording_loader("b", runs.clone(), Duration::from_millis(10)),
+    )
+    .await
+    .unwrap();
+    assert!(slow.await.unwrap().unwrap());
+    let written = Instant::now();
+    tokio::time::sleep(interval / 3).await;
+    let seen = runs.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|(who, _)| *who == "a"),
+        "B ran right after A's reload wrote the value: {seen:?}"
+    );
+    // The schedule goes on: B runs about one interval after A's write.
+    let start = Instant::now();
+    while !runs.lock().unwrap().iter().any(|(who, _)| *who == "b") {
+        assert!(
+            start.elapsed() < interval * 3,
+            "B never ran: {:?}",
+            runs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_b = runs
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(who, _)| *who == "b")
+        .map(|(_, at)| *at)
+        .unwrap();
+    assert!(
+        first_b >= written + interval / 2,
+        "B ran {:?} after A's write",
+        first_b - written
+    );
+    b.shutdown().await;
+}

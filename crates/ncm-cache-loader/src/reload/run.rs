@@ -56,7 +56,7 @@ impl<C: Codec> CacheReloader<C> {
             Err(e) => self.log_cache_error(&entry, "get", &e),
         }
         bump(&entry.counters.misses);
-        let reloaded = self.reload_entry(&entry, false).await?;
+        let reloaded = self.reload_entry(&entry, false, None).await?;
         match reloaded.value.map(|v| v.downcast::<T>()) {
             Some(Ok(value)) => Ok(*value),
             _ => cache.decode_for::<T>(name, &reloaded.bytes),
@@ -67,7 +67,7 @@ impl<C: Codec> CacheReloader<C> {
     /// without, only when the value is missing or expired. Returns `true` when a loader ran.
     pub async fn reload_key(&self, name: &str, force: bool) -> Result<bool> {
         let entry = self.entry(name)?;
-        Ok(self.reload_entry(&entry, force).await?.ran)
+        Ok(self.reload_entry(&entry, force, None).await?.ran)
     }
 
     /// Starts a background reload of `entry` unless one is already running.
@@ -82,15 +82,22 @@ impl<C: Codec> CacheReloader<C> {
         let (reloader, entry) = (self.clone(), Arc::clone(entry));
         runtime.spawn(async move {
             // Errors are counted and logged in `reload_entry`; readers keep the old value.
-            let _ = reloader.reload_entry(&entry, true).await;
+            let _ = reloader.reload_entry(&entry, true, None).await;
             entry.refreshing.store(false, Ordering::Release);
         });
     }
 
     /// The one reload path: once per name in this process (single-flight), once across
     /// instances (the `reload:{name}:run` lease). Without `force`, a value already in the
-    /// cache is returned instead of reloading.
-    pub(crate) async fn reload_entry(&self, entry: &Arc<Entry>, force: bool) -> Result<Reloaded> {
+    /// cache is returned instead of reloading; with `fresh_within`, a value written less than
+    /// that long ago (by another instance's reload that held the run lease while this one
+    /// waited for it) is returned instead of reloading, even with `force`.
+    pub(crate) async fn reload_entry(
+        &self,
+        entry: &Arc<Entry>,
+        force: bool,
+        fresh_within: Option<Duration>,
+    ) -> Result<Reloaded> {
         // Forced and lazy reloads fly separately: a forced reload never settles for a value
         // that a lazy one merely found.
         let flight_key = if force {
@@ -109,7 +116,7 @@ impl<C: Codec> CacheReloader<C> {
                     // value that is already there.
                     // (Only bytes this build can read: an entry left in place because a newer
                     // build wrote it is a miss, and the load below overwrites it.)
-                    if (!force || !granted)
+                    if (!force || !granted || self.written_within(entry, fresh_within).await)
                         && let Ok(Some(bytes)) = self.inner.cache.backend().get(&entry.name).await
                         && self
                             .inner
@@ -173,6 +180,18 @@ impl<C: Codec> CacheReloader<C> {
             tracing::debug!(name = %entry.name, "reloaded");
         }
         Ok(loaded)
+    }
+
+    /// Whether `entry`'s value was written less than `within` ago (its age is its TTL minus
+    /// what is left of it).
+    async fn written_within(&self, entry: &Entry, within: Option<Duration>) -> bool {
+        let Some(within) = within else {
+            return false;
+        };
+        match self.inner.cache.ttl_state(&entry.name).await {
+            Ok(KeyTtl::Expires(left)) => entry.ttl.saturating_sub(left) < within,
+            _ => false,
+        }
     }
 
     /// Takes the per-key run lease, waiting up to `lock_wait` for another instance's reload.

@@ -166,7 +166,11 @@ impl<C: Codec> Timer<C> {
                 continue;
             }
             bump(&entry.counters.owned_ticks);
-            let reload = reloader.reload_entry(&entry, true);
+            // A schedule skips a run when another instance's reload wrote the value less than
+            // half an interval ago (it held the run lease while this one took the timer over,
+            // e.g. after the old owner stalled past its lease).
+            let fresh_within = (!eager).then_some(self.every / 2);
+            let reload = reloader.reload_entry(&entry, true, fresh_within);
             let mut reload = std::pin::pin!(reload);
             let result = loop {
                 tokio::select! {
@@ -185,6 +189,8 @@ impl<C: Codec> Timer<C> {
                 // Another instance held the reload (and may have died holding it): look
                 // again soon.
                 Ok(r) if eager && !r.ran => Instant::now() + lease_ttl,
+                // Skipped, the value being fresh: one interval after it was written.
+                Ok(r) if !r.ran => self.first_due(&reloader, false, value_ttl).await,
                 _ => now + self.every,
             });
         }
