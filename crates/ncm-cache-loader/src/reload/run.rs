@@ -188,9 +188,17 @@ impl<C: Codec> CacheReloader<C> {
         let Some(within) = within else {
             return false;
         };
-        match self.inner.cache.ttl_state(&entry.name).await {
-            Ok(KeyTtl::Expires(left)) => entry.ttl.saturating_sub(left) < within,
-            _ => false,
+        self.value_age(&entry.name, entry.ttl)
+            .await
+            .is_some_and(|age| age < within)
+    }
+
+    /// How long ago `name`'s value, stored for `ttl`, was written (`ttl` minus what is left
+    /// of it); `None` without a value (or an expiry) to tell.
+    pub(crate) async fn value_age(&self, name: &str, ttl: Duration) -> Option<Duration> {
+        match self.inner.cache.ttl_state(name).await {
+            Ok(KeyTtl::Expires(left)) => Some(ttl.saturating_sub(left)),
+            _ => None,
         }
     }
 

@@ -211,13 +211,10 @@ impl<C: Codec> Timer<C> {
         value_ttl: Duration,
     ) -> Instant {
         let now = Instant::now();
-        match reloader.inner.cache.ttl_state(&self.name).await {
-            Ok(ncm_cache_core::KeyTtl::Expires(left)) => {
-                let age = value_ttl.saturating_sub(left);
-                now + self.every.saturating_sub(age)
-            }
-            _ if eager => now,
-            _ => now + self.every,
+        match reloader.value_age(&self.name, value_ttl).await {
+            Some(age) => now + self.every.saturating_sub(age),
+            None if eager => now,
+            None => now + self.every,
         }
     }
 
