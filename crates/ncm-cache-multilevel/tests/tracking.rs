@@ -383,11 +383,7 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
         tracked(cluster_config(&cluster), Coherence::Tracking).await,
         tracked(cluster_config(&cluster), Coherence::Tracking).await,
     );
-    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
-        .unwrap()
-        .get_async_connection()
-        .await
-        .unwrap();
+    let mut other = cluster_client(&cluster).await;
     // Keys on every primary: each one's foreign write is seen.
     let keys: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
     let owners: std::collections::HashSet<u16> = keys
@@ -473,11 +469,7 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
         tracked(cluster_config(&cluster), Coherence::Tracking).await,
         tracked(cluster_config(&cluster), Coherence::Tracking).await,
     );
-    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
-        .unwrap()
-        .get_async_connection()
-        .await
-        .unwrap();
+    let mut other = cluster_client(&cluster).await;
     a.set("m", 1u64).await.unwrap();
     until_l1(&b, "m").await;
     let primary = cluster.owner_of("app:m").unwrap();
@@ -516,48 +508,38 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
 async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
     let mut cluster = RedisCluster::start().unwrap();
     let b = tracked(cluster_config(&cluster), Coherence::Tracking).await;
-    let mut other = redis::cluster::ClusterClient::new(cluster.node_urls())
-        .unwrap()
-        .get_async_connection()
-        .await
-        .unwrap();
+    let mut other = cluster_client(&cluster).await;
     b.set("f", 1u64).await.unwrap();
     until_l1(&b, "f").await;
     let primary = cluster.owner_of("app:f").unwrap();
     let replica = cluster.replica_of(primary).unwrap();
-    // The replica takes over only when told to: the window between "flagged failed" and
-    // "replica promoted", a second or less on its own, lasts as long as the test needs.
-    cluster
-        .node(replica)
-        .unwrap()
-        .command(&["CONFIG", "SET", "cluster-replica-no-failover", "yes"])
-        .unwrap();
     cluster.kill_primary(primary).unwrap();
+    // The window between "flagged failed" and "replica promoted" lasts half a second or more
+    // (the replica's election delay); frozen as soon as it flags its primary, the replica
+    // holds it open for 1.4 s — less than the cluster's node timeout (2 s), so it is not
+    // suspected itself.
     let start = Instant::now();
-    while !flagged_failed_by_all(&cluster, primary) {
+    while !flags_failed(cluster.node(replica).unwrap(), primary) {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "the cluster never flagged {primary} as failed"
+            "{replica} never flagged its primary {primary} as failed"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Reconnect attempts (at most 1 s apart) and topology checks (every 100 ms) come and go:
-    // L1 stays off while the shard has a replica that may take over at any moment.
+    cluster.node(replica).unwrap().pause().unwrap();
+    // Reconnect attempts (every 100 ms while a failover is pending) and topology checks come
+    // and go: L1 stays off while the shard has a replica that may take over at any moment.
     let flagged = Instant::now();
-    while flagged.elapsed() < Duration::from_millis(2500) {
+    while flagged.elapsed() < Duration::from_millis(1300) {
         assert!(
             !b.l1_active(),
-            "L1 was turned on {:?} after the cluster flagged {primary} failed, before its \
-             replica {replica} took over",
+            "L1 was turned on {:?} after {primary} was flagged failed, before its replica \
+             {replica} took over",
             flagged.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    cluster
-        .node(replica)
-        .unwrap()
-        .command(&["CLUSTER", "FAILOVER", "FORCE"])
-        .unwrap();
+    cluster.node(replica).unwrap().resume().unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
     let acked = foreign_write_until_accepted(&mut other, &b, "f", 2).await;
     never_old_from_l1(&b, "f", 2, acked).await;
@@ -568,18 +550,168 @@ async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
     until_seen(&b, "f", Some(3), BOUND).await;
 }
 
-/// Every running node's `CLUSTER NODES` flags the node on `port` `fail` (not just `fail?`).
-fn flagged_failed_by_all(cluster: &RedisCluster, port: u16) -> bool {
+/// A replica set to `cluster-replica-no-failover` never promotes itself: its primary's death
+/// is a lost shard, not a failover to wait for, so L1 comes back over the surviving primaries
+/// (a key of another shard is tracked again), and a manual failover later is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_comes_back_over_the_survivors_when_the_replica_will_not_take_over() {
+    let mut cluster = RedisCluster::start().unwrap();
+    let b = tracked(cluster_config(&cluster), Coherence::Tracking).await;
+    let mut other = cluster_client(&cluster).await;
+    b.set("n", 1u64).await.unwrap();
+    let primary = cluster.owner_of("app:n").unwrap();
+    let elsewhere = key_not_on(&cluster, primary);
+    let replica = cluster.replica_of(primary).unwrap();
+    cluster
+        .node(replica)
+        .unwrap()
+        .command(&["CONFIG", "SET", "cluster-replica-no-failover", "yes"])
+        .unwrap();
+    // The other shards keep serving while this one is down.
+    for node in cluster.nodes() {
+        node.command(&["CONFIG", "SET", "cluster-require-full-coverage", "no"])
+            .unwrap();
+    }
+    cluster.kill_primary(primary).unwrap();
+    wait_flagged_failed(&cluster, primary).await;
+    let flagged = Instant::now();
+    while !b.l1_active() {
+        assert!(
+            flagged.elapsed() < Duration::from_secs(3),
+            "L1 stayed off although {primary}'s only replica never takes over on its own"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.set(&elsewhere, 1u64).await.unwrap();
+    until_l1(&b, &elsewhere).await;
+    let bytes = b.codec_bytes(&elsewhere, &2u64).unwrap();
+    put(&mut other, &format!("app:{elsewhere}"), &bytes).await;
+    until_seen(&b, &elsewhere, Some(2), BOUND).await;
+    // Told to, the replica takes over; tracking follows it at the next health check.
+    cluster
+        .node(replica)
+        .unwrap()
+        .command(&["CLUSTER", "FAILOVER", "FORCE"])
+        .unwrap();
+    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+    let acked = foreign_write_until_accepted(&mut other, &b, "n", 2).await;
+    never_old_from_l1(&b, "n", 2, acked).await;
+    wait_active(&b).await;
+    until_l1(&b, "n").await;
+    let bytes = b.codec_bytes("n", &3u64).unwrap();
+    put(&mut other, "app:n", &bytes).await;
+    until_seen(&b, "n", Some(3), BOUND).await;
+}
+
+/// A replica whose data is too old to be promoted (`cluster-replica-validity-factor`) looks
+/// like any other, so its shard's failover never completes: L1 stays off for
+/// `cluster_failover_wait`, then comes back over the survivors. When the frozen primary answers
+/// again it still owns its slots (the cluster clears its `fail` flag only later) and takes
+/// writes at once: tracking takes it back at the next health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
+    const WAIT: Duration = Duration::from_secs(1);
+    let cluster = RedisCluster::start().unwrap();
+    let mut config = cluster_config(&cluster);
+    config.cluster_failover_wait = WAIT;
+    let b = tracked(config, Coherence::Tracking).await;
+    let mut other = cluster_client(&cluster).await;
+    b.set("w", 1u64).await.unwrap();
+    until_l1(&b, "w").await;
+    let primary = cluster.owner_of("app:w").unwrap();
+    let replica = cluster.replica_of(primary).unwrap();
+    // The replica refuses to fail over when it last heard from its primary more than
+    // repl-ping-replica-period + node-timeout × validity-factor (1 s + 2 s) before the primary
+    // stopped answering; the primary pings it only once an hour and gets no writes meanwhile.
+    let rep = cluster.node(replica).unwrap();
+    rep.command(&["CONFIG", "SET", "cluster-replica-validity-factor", "1"])
+        .unwrap();
+    rep.command(&["CONFIG", "SET", "repl-ping-replica-period", "1"])
+        .unwrap();
+    let pri = cluster.node(primary).unwrap();
+    pri.command(&["CONFIG", "SET", "repl-ping-replica-period", "3600"])
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    pri.pause().unwrap();
+    wait_flagged_failed(&cluster, primary).await;
+    let flagged = Instant::now();
+    while !b.l1_active() {
+        assert!(
+            flagged.elapsed() < WAIT + Duration::from_secs(4),
+            "L1 stayed off for more than cluster_failover_wait ({WAIT:?}) plus a reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let off_for = flagged.elapsed();
+    assert!(
+        !cluster
+            .cluster_nodes(replica)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("myself,master")),
+        "setup: the replica {replica} took over, so there was no failover that never completes"
+    );
+    assert!(
+        off_for >= WAIT - Duration::from_millis(200),
+        "L1 came back {off_for:?} after the primary was flagged failed, before \
+         cluster_failover_wait ({WAIT:?}) while its replica could still take over"
+    );
+    // The primary answers again, still flagged failed by the others: its writes reach this
+    // instance once the next health check has found it.
+    pri.resume().unwrap();
+    let acked = foreign_write_until_accepted(&mut other, &b, "w", 2).await;
+    never_old_from_l1(&b, "w", 2, acked).await;
+    wait_active(&b).await;
+    until_l1(&b, "w").await;
+    let bytes = b.codec_bytes("w", &3u64).unwrap();
+    put(&mut other, "app:w", &bytes).await;
+    until_seen(&b, "w", Some(3), BOUND).await;
+}
+
+/// A cluster client for writes from "another program".
+async fn cluster_client(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.node_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A key (without the `app:` prefix) whose slot the primary on `port` does not own.
+fn key_not_on(cluster: &RedisCluster, port: u16) -> String {
+    (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|k| cluster.owner_of(&format!("app:{k}")).unwrap() != port)
+        .unwrap()
+}
+
+/// Waits until every other running node flags the node on `port` `fail`.
+async fn wait_flagged_failed(cluster: &RedisCluster, port: u16) {
+    let start = Instant::now();
+    while !cluster
+        .nodes()
+        .iter()
+        .filter(|n| n.is_running() && n.port() != port)
+        .all(|n| flags_failed(n, port))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the cluster never flagged {port} as failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `node`'s `CLUSTER NODES` flags the node on `port` `fail` (not just `fail?`).
+fn flags_failed(node: &ncm_cache_testkit::RedisServer, port: u16) -> bool {
     let needle = format!(":{port}@");
-    cluster.nodes().iter().filter(|n| n.is_running()).all(|n| {
-        n.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
-            text.lines().any(|line| {
-                let mut fields = line.split_whitespace().skip(1);
-                fields.next().is_some_and(|addr| addr.contains(&needle))
-                    && fields
-                        .next()
-                        .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
-            })
+    node.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
+        text.lines().any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next().is_some_and(|addr| addr.contains(&needle))
+                && fields
+                    .next()
+                    .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
         })
     })
 }

@@ -67,6 +67,8 @@ pub(crate) struct ClusterPrimaries {
     /// a failover is under way, and the replica's writes will not reach a client tracking
     /// only `nodes`.
     pub(crate) failing_over: Option<String>,
+    /// Primaries flagged failed that still own slots (see `commands::failed_slot_owners`).
+    pub(crate) failed: Vec<(String, u16)>,
 }
 
 impl RedisBackend {
@@ -137,6 +139,7 @@ impl RedisBackend {
         Ok(Some(ClusterPrimaries {
             nodes: masters,
             failing_over: commands::failover_pending(&text),
+            failed: commands::failed_slot_owners(&text),
         }))
     }
 

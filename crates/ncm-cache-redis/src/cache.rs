@@ -253,6 +253,13 @@ impl RedisCacheBuilder {
         self
     }
 
+    /// Cluster with client tracking: the longest L1 stays off waiting for a failed primary's
+    /// replica to take over (default 15 s; see [`RedisConfig::cluster_failover_wait`]).
+    pub fn cluster_failover_wait(mut self, wait: Duration) -> Self {
+        self.config.cluster_failover_wait = wait;
+        self
+    }
+
     /// Default TTL of `set` (`None`: no expiry).
     pub fn default_ttl(mut self, ttl: impl Into<Option<Duration>>) -> Self {
         self.config.default_ttl = ttl.into();

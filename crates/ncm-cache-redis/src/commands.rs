@@ -114,18 +114,31 @@ pub(crate) fn used_memory(info: &str) -> Option<u64> {
 /// The primaries in a `CLUSTER NODES` reply that are not failed (a suspected failure,
 /// `fail?`, still counts: it may take writes), sorted and distinct.
 pub(crate) fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
+    primaries_where(nodes, |flags, _| {
+        !flags
+            .iter()
+            .any(|f| matches!(*f, "fail" | "noaddr" | "handshake"))
+    })
+}
+
+/// The primaries in a `CLUSTER NODES` reply flagged `fail` that still own slots: nobody has
+/// taken their slots over, so one that answers again takes writes for them at once (the
+/// cluster clears the flag only later). Sorted and distinct.
+pub(crate) fn failed_slot_owners(nodes: &str) -> Vec<(String, u16)> {
+    primaries_where(nodes, |flags, owns_slots| {
+        owns_slots && flags.contains(&"fail") && !flags.contains(&"noaddr")
+    })
+}
+
+/// The addresses of the primaries whose flags (and whether they own slots) pass `keep`.
+fn primaries_where(nodes: &str, keep: impl Fn(&[&str], bool) -> bool) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = nodes
         .lines()
         .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let addr = fields.nth(1)?;
-            let flags = fields.next()?;
-            let flags: Vec<&str> = flags.split(',').collect();
-            if !flags.contains(&"master")
-                || flags
-                    .iter()
-                    .any(|f| matches!(*f, "fail" | "noaddr" | "handshake"))
-            {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let addr = fields.get(1)?;
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            if !flags.contains(&"master") || !keep(&flags, fields.len() > 8) {
                 return None;
             }
             // `host:port@cport[,hostname]`
@@ -141,10 +154,11 @@ pub(crate) fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
 }
 
 /// A failover under way, from a `CLUSTER NODES` text: the address of a primary flagged `fail`
-/// that still owns slots while a replica of it is not flagged `fail` — that replica is about to
-/// take over (or is being told to), and its writes would go unseen by a client that tracked
+/// that still owns slots while a replica of it is flagged neither `fail` nor `nofailover` —
+/// that replica is about to take over, and its writes would go unseen by a client that tracked
 /// only the other primaries. `None` once the replica has taken over (the failed node owns no
-/// slots any more), or when no replica of it is left (the shard is lost, not failing over).
+/// slots any more), or when no replica of it may promote itself (the shard is lost, or its
+/// replicas are set to `cluster-replica-no-failover`: nothing takes over unless told to).
 pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
     // (id, address, flags, primary's id, owns slots)
     let lines: Vec<(&str, &str, Vec<&str>, &str, bool)> = nodes
@@ -167,9 +181,9 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
             *slots
                 && flags.contains(&"master")
                 && flags.contains(&"fail")
-                && lines
-                    .iter()
-                    .any(|(_, _, f, of, _)| of == id && !f.contains(&"fail"))
+                && lines.iter().any(|(_, _, f, of, _)| {
+                    of == id && !f.contains(&"fail") && !f.contains(&"nofailover")
+                })
         })
         .map(|(_, addr, ..)| addr.split(['@', ',']).next().unwrap_or(addr).to_owned())
 }
@@ -241,6 +255,10 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
             failover_pending(failing).as_deref(),
             Some("127.0.0.1:30003")
         );
+        assert_eq!(
+            failed_slot_owners(failing),
+            vec![("127.0.0.1".to_owned(), 30003)]
+        );
         // Only suspected (`fail?`): not yet a failover, the node may come back.
         let suspected = failing.replace("master,fail -", "master,fail? -");
         assert_eq!(failover_pending(&suspected), None);
@@ -255,9 +273,13 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
                 "master - 0 0 4 connected 10923-16383",
             );
         assert_eq!(failover_pending(&done), None);
+        assert!(failed_slot_owners(&done).is_empty());
         // Its only replica failed too: the shard is lost, nothing will take over.
         let lost = failing.replace("slave,fail? a3", "slave,fail a3");
         assert_eq!(failover_pending(&lost), None);
+        // Its replica never promotes itself (`cluster-replica-no-failover`): nothing to wait for.
+        let manual = failing.replace("slave,fail? a3", "slave,nofailover a3");
+        assert_eq!(failover_pending(&manual), None);
         assert_eq!(failover_pending(""), None);
     }
 }

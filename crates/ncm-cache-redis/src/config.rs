@@ -148,6 +148,12 @@ pub struct RedisConfig {
     /// Time allowed for one command's reply (default 1 s). Every call is bounded by it.
     #[serde(with = "serde_duration")]
     pub response_timeout: Duration,
+    /// Cluster with client tracking: how long L1 stays off while a failed primary's replica has
+    /// not taken over yet (default 15 s). Past it, a warning is logged and the surviving
+    /// primaries are tracked; a replica promoted later is then caught by the next health check
+    /// (its writes can go unseen for up to `health_check_interval`, at most 1 s).
+    #[serde(with = "serde_duration")]
+    pub cluster_failover_wait: Duration,
     /// Use TLS (`rediss://`); requires the `tls` feature.
     pub tls: bool,
     /// Accept invalid certificates and host names (tests only).
@@ -196,6 +202,7 @@ impl Default for RedisConfig {
             strategy: CacheStrategy::CacheAside,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
+            cluster_failover_wait: Duration::from_secs(15),
             tls: false,
             tls_insecure: false,
             tls_ca_file: None,
@@ -241,8 +248,9 @@ impl fmt::Debug for RedisConfig {
 impl RedisConfig {
     /// Parses `redis://[user][:password@]host[:port][/db][?option=value&...]` (or `rediss://`
     /// for TLS). Query options: `key_prefix`, `default_ttl`, `max_connections`,
-    /// `connect_timeout`, `response_timeout`, `health_check_interval`, `name`, `serialization`,
-    /// `compression`, `insecure`, `auto_batch`. Unknown options are rejected.
+    /// `connect_timeout`, `response_timeout`, `health_check_interval`, `cluster_failover_wait`,
+    /// `name`, `serialization`, `compression`, `insecure`, `auto_batch`. Unknown options are
+    /// rejected.
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url)
             .map_err(|e| CacheError::Config(format!("invalid Redis URL: {e}")))?;
@@ -293,6 +301,7 @@ impl RedisConfig {
             "connect_timeout" => self.connect_timeout = parse_duration(value)?,
             "response_timeout" | "timeout" => self.response_timeout = parse_duration(value)?,
             "health_check_interval" => self.health_check_interval = Some(parse_duration(value)?),
+            "cluster_failover_wait" => self.cluster_failover_wait = parse_duration(value)?,
             "name" => self.name = value.to_owned(),
             "serialization" => self.serialization = value.parse()?,
             "compression" => {

@@ -66,6 +66,9 @@ struct Session {
     conns: Vec<redis::aio::MultiplexedConnection>,
     /// Cluster: every primary (from `CLUSTER NODES`), compared again on every health check.
     masters: Option<Vec<(String, u16)>>,
+    /// Cluster: primaries flagged failed that still own slots and did not answer; each health
+    /// check tries them again, since one that answers takes writes for its slots at once.
+    absent: Vec<(String, u16)>,
     /// Sentinel and cluster: each tracked node must still answer `ROLE` with `master` (a
     /// demoted primary that stays up stops receiving writes).
     check_role: bool,
@@ -92,10 +95,63 @@ impl RedisBackend {
     /// ```
     pub async fn track_changes(&self) -> Result<Tracking> {
         let (push_tx, push_rx) = mpsc::unbounded_channel::<Push>();
-        let first = connect(self, &push_tx, 0).await?;
+        let mut wait = FailoverWait::new(self.config().cluster_failover_wait);
+        let first = connect(self, &push_tx, 0, &mut wait).await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(self.clone_handle(), push_tx, push_rx, tx, first));
+        let task = tokio::spawn(run(self.clone_handle(), push_tx, push_rx, tx, first, wait));
         Ok(Tracking { rx, task })
+    }
+}
+
+/// How long tracking has held back for a Cluster failover under way, bounded by
+/// `cluster_failover_wait`: a replica that is never promoted (its data too old, elections that
+/// keep failing) must not keep L1 off for good.
+struct FailoverWait {
+    limit: Duration,
+    /// The failed primary waited for, since when, and whether the wait was given up.
+    since: Option<(String, std::time::Instant, bool)>,
+}
+
+impl FailoverWait {
+    fn new(limit: Duration) -> Self {
+        Self { limit, since: None }
+    }
+
+    /// Whether to hold back for `failing` (a pending failover's failed primary, or `None`):
+    /// true until the same failover has been waited for `limit`; then false, with a warning.
+    fn holds(&mut self, failing: Option<&str>) -> bool {
+        let Some(failed) = failing else {
+            self.since = None;
+            return false;
+        };
+        let now = std::time::Instant::now();
+        match &mut self.since {
+            Some((node, since, gave_up)) if node == failed => {
+                if now.duration_since(*since) < self.limit {
+                    return true;
+                }
+                if !*gave_up {
+                    *gave_up = true;
+                    tracing::warn!(
+                        primary = %failed,
+                        waited = ?self.limit,
+                        "client tracking: a failed primary's replica has not taken over within \
+                         cluster_failover_wait; tracking the surviving primaries (a later \
+                         promotion is caught by the next health check)"
+                    );
+                }
+                false
+            }
+            _ => {
+                self.since = Some((failed.to_owned(), now, false));
+                !self.limit.is_zero()
+            }
+        }
+    }
+
+    /// Whether a failover is being waited for (not given up): reconnects retry soon.
+    fn waiting(&self) -> bool {
+        matches!(self.since, Some((_, _, false)))
     }
 }
 
@@ -104,14 +160,17 @@ async fn connect(
     backend: &RedisBackend,
     push_tx: &mpsc::UnboundedSender<Push>,
     session: u64,
+    wait: &mut FailoverWait,
 ) -> Result<Session> {
     let config = backend.config();
     let timeout = config.connect_timeout;
-    let masters = match backend.cluster_masters().await? {
+    let (masters, failed) = match backend.cluster_masters().await? {
         Some(primaries) => {
             // Tracking the survivors now would miss the replica's writes once it is promoted,
-            // until the next topology check: L1 stays off until it has taken over.
-            if let Some(failed) = primaries.failing_over {
+            // until the next topology check: L1 stays off until it has taken over (or for
+            // `cluster_failover_wait` at most).
+            if wait.holds(primaries.failing_over.as_deref()) {
+                let failed = primaries.failing_over.unwrap_or_default();
                 return Err(CacheError::Connection {
                     message: format!(
                         "client tracking: a failover is under way (primary {failed} failed and \
@@ -120,9 +179,9 @@ async fn connect(
                     source: None,
                 });
             }
-            Some(primaries.nodes)
+            (Some(primaries.nodes), primaries.failed)
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     let urls: Vec<String> = match &masters {
         Some(list) => list.iter().map(|(h, p)| config.node_url(h, *p)).collect(),
@@ -140,11 +199,36 @@ async fn connect(
                 })?
         }
     });
-    let conns = futures_util::future::try_join_all(track).await?;
+    // A failed primary that still owns its slots is tracked too if it answers (it takes
+    // writes for them); if it does not, the health checks keep trying it.
+    let failed_urls: Vec<String> = failed.iter().map(|(h, p)| config.node_url(h, *p)).collect();
+    let revived = failed_urls.iter().map(|url| {
+        let work = track_node(config, url, &prefix, push_tx.clone(), session);
+        async move {
+            tokio::time::timeout(config.response_timeout, work)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+        }
+    });
+    let (conns, revived) = futures_util::future::join(
+        futures_util::future::try_join_all(track),
+        futures_util::future::join_all(revived),
+    )
+    .await;
+    let mut conns = conns?;
+    let mut absent = Vec::new();
+    for (node, conn) in failed.into_iter().zip(revived) {
+        match conn {
+            Some(conn) => conns.push(conn),
+            None => absent.push(node),
+        }
+    }
     Ok(Session {
         conns,
         check_role: masters.is_some() || config.sentinel.is_some(),
         masters,
+        absent,
     })
 }
 
@@ -216,6 +300,7 @@ async fn run(
     mut push_rx: mpsc::UnboundedReceiver<Push>,
     tx: mpsc::Sender<TrackingEvent>,
     first: Session,
+    mut wait: FailoverWait,
 ) {
     let prefix = backend.key_space().prefix().to_owned();
     let mut session = 0u64;
@@ -229,7 +314,7 @@ async fn run(
                 // A new number for every attempt: pushes (a Disconnection) of a half-built
                 // earlier attempt are ignored.
                 session += 1;
-                match connect(&backend, &push_tx, session).await {
+                match connect(&backend, &push_tx, session, &mut wait).await {
                     Ok(s) => {
                         backoff = Duration::from_millis(10);
                         refused = false;
@@ -245,6 +330,11 @@ async fn run(
                         } else {
                             tracing::debug!(error = %e, "client tracking: reconnect failed");
                         }
+                        if wait.waiting() {
+                            // The promotion can come at any moment; L1 comes back soon after.
+                            tokio::time::sleep(FAILOVER_POLL).await;
+                            continue;
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                         continue;
@@ -253,7 +343,7 @@ async fn run(
             }
         };
         // Health checks run beside the pushes, never in front of them.
-        let health = watch(&backend, &live);
+        let health = watch(&backend, &live, &mut wait);
         tokio::pin!(health);
         loop {
             tokio::select! {
@@ -293,7 +383,7 @@ async fn run(
 /// not answer within `response_timeout` (or is no longer a primary), or a cluster whose
 /// primaries changed (or whose topology cannot be read three times in a row). Checks every
 /// `health_check_interval`, at most 1 s apart.
-async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
+async fn watch(backend: &RedisBackend, session: &Session, wait: &mut FailoverWait) -> &'static str {
     let config = backend.config();
     let every = config
         .health_check_interval
@@ -316,16 +406,24 @@ async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
                 }
             }
         });
-        if !futures_util::future::join_all(checks)
-            .await
-            .into_iter()
-            .all(|ok| ok)
-        {
+        let probes = session.absent.iter().map(|(host, port)| {
+            let url = config.node_url(host, *port);
+            async move { answers(config, &url).await }
+        });
+        let (checks, probes) = futures_util::future::join(
+            futures_util::future::join_all(checks),
+            futures_util::future::join_all(probes),
+        )
+        .await;
+        if !checks.into_iter().all(|ok| ok) {
             return "a tracked node did not answer in time or is no longer a primary";
+        }
+        if probes.into_iter().any(|up| up) {
+            return "a failed primary that still owns slots answers again";
         }
         if let Some(masters) = &session.masters {
             match backend.cluster_masters().await {
-                Ok(Some(now)) if now.failing_over.is_some() => {
+                Ok(Some(now)) if wait.holds(now.failing_over.as_deref()) => {
                     return "a primary failed and its replica is about to take over";
                 }
                 Ok(now) if now.as_ref().map(|p| &p.nodes) != Some(masters) => {
@@ -343,6 +441,22 @@ async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
     }
 }
 
+/// Whether the node at `url` answers `PING` within `response_timeout` (connecting included).
+async fn answers(config: &RedisConfig, url: &str) -> bool {
+    let probe = async {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).ok()?;
+        let info = info.set_tcp_settings(crate::conn::tcp_settings(config));
+        let client = crate::conn::open_client(config, info, "client tracking").ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await.ok()
+    };
+    tokio::time::timeout(config.response_timeout, probe)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
 /// `ROLE`'s reply names a primary.
 fn is_primary(reply: &Value) -> bool {
     let Value::Array(items) = reply else {
@@ -354,6 +468,9 @@ fn is_primary(reply: &Value) -> bool {
         _ => false,
     }
 }
+
+/// How often a reconnect is tried while a failover is being waited for.
+const FAILOVER_POLL: Duration = Duration::from_millis(100);
 
 /// The event of an `invalidate` push: its keys without `prefix`, or a flush (null payload).
 fn invalidation(data: &[Value], prefix: &str) -> Option<TrackingEvent> {
