@@ -656,9 +656,10 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
         "L1 came back {off_for:?} after the primary was flagged failed, before \
          cluster_failover_wait ({WAIT:?}) while its replica could still take over"
     );
-    // The primary answers again, still flagged failed by the others: its writes reach this
-    // instance once the next health check has found it.
+    // The primary answers again, still flagged failed by the others (for up to twice the node
+    // timeout): its writes reach this instance once the next health check has found it.
     pri.resume().unwrap();
+    until_l1(&b, "w").await;
     let acked = foreign_write_until_accepted(&mut other, &b, "w", 2).await;
     never_old_from_l1(&b, "w", 2, acked).await;
     wait_active(&b).await;
