@@ -515,9 +515,9 @@ async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
     let replica = cluster.replica_of(primary).unwrap();
     cluster.kill_primary(primary).unwrap();
     // The window between "flagged failed" and "replica promoted" lasts half a second or more
-    // (the replica's election delay); frozen as soon as it flags its primary, the replica
-    // holds it open for 1.4 s — less than the cluster's node timeout (2 s), so it is not
-    // suspected itself.
+    // (the replica's election delay). Frozen as soon as it flags its primary, the replica holds
+    // it open for 3 s, longer than tracking's slowest reconnect backoff (1 s); the others'
+    // node timeout, raised at once to 6 s, keeps them from suspecting the frozen replica.
     let start = Instant::now();
     while !flags_failed(cluster.node(replica).unwrap(), primary) {
         assert!(
@@ -527,10 +527,16 @@ async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cluster.node(replica).unwrap().pause().unwrap();
+    let flagged = Instant::now();
+    for node in cluster.nodes() {
+        if node.is_running() && node.port() != replica {
+            node.command(&["CONFIG", "SET", "cluster-node-timeout", "6000"])
+                .unwrap();
+        }
+    }
     // Reconnect attempts (every 100 ms while a failover is pending) and topology checks come
     // and go: L1 stays off while the shard has a replica that may take over at any moment.
-    let flagged = Instant::now();
-    while flagged.elapsed() < Duration::from_millis(1300) {
+    while flagged.elapsed() < Duration::from_secs(3) {
         assert!(
             !b.l1_active(),
             "L1 was turned on {:?} after {primary} was flagged failed, before its replica \
