@@ -10,7 +10,7 @@
 //!   than [`BOUND`] after some write/delete/clear of its key was acknowledged never returns a
 //!   version whose write had finished before that write/delete/clear began.
 //!
-//! Reads that overlap a fault window (plus [`SETTLE`], [`FAILOVER_SETTLE`] after a failover)
+//! Reads that overlap a fault window (plus [`SETTLE`], [`failover_settle`] after a failover)
 //! and values served as `Stale` (fail-safe)
 //! are not checked for staleness. Duration: `NCM_CHAOS_SECS` per topology (default 12 s;
 //! `cargo xtask chaos --minutes N` runs it longer).
@@ -35,7 +35,13 @@ const SETTLE: u128 = 2_000_000_000;
 /// 4 one-minute runs at 2 s still failed after it (2.0–2.4 s after the failover settled; 0 in
 /// 32 runs after those). Each violation says how long after the last fault it came, which
 /// write superseded it and when the reader's L1 was switched, to find the rest.
-const FAILOVER_SETTLE: u128 = 5_000_000_000;
+/// `NCM_CHAOS_FAILOVER_SETTLE_MS` overrides it, to hunt for them.
+fn failover_settle() -> u128 {
+    std::env::var("NCM_CHAOS_FAILOVER_SETTLE_MS")
+        .ok()
+        .and_then(|s| s.parse::<u128>().ok())
+        .map_or(5_000_000_000, |ms| ms * 1_000_000)
+}
 const WORKERS: usize = 3;
 
 fn now() -> u128 {
@@ -526,7 +532,7 @@ fn cluster(name: &str, coherence: &str, foreign: bool, epoch: bool) {
     let t = now();
     cluster.kill_primary(primaries[1]).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    faults.push((t, now(), FAILOVER_SETTLE));
+    faults.push((t, now(), failover_settle()));
     wait_workers(children);
     let report = check(&logs, &faults);
     assert_report(name, &report, faults.len());
