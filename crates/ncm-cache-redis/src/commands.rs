@@ -175,9 +175,11 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
             ))
         })
         .collect();
+    // The smallest address when several are under way: every node's text (in its own order)
+    // names the same one, so the wait for it is not restarted by whichever node answered.
     lines
         .iter()
-        .find(|(id, _, flags, _, slots)| {
+        .filter(|(id, _, flags, _, slots)| {
             *slots
                 && flags.contains(&"master")
                 && flags.contains(&"fail")
@@ -186,6 +188,7 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
                 })
         })
         .map(|(_, addr, ..)| addr.split(['@', ',']).next().unwrap_or(addr).to_owned())
+        .min()
 }
 
 /// The distinct primary addresses in a `CLUSTER SLOTS` reply.
@@ -277,6 +280,17 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
         // Its only replica failed too: the shard is lost, nothing will take over.
         let lost = failing.replace("slave,fail? a3", "slave,fail a3");
         assert_eq!(failover_pending(&lost), None);
+        // Two under way: the same one whatever the order of the lines (each node has its own).
+        let two = failing.replace(
+            "a2 127.0.0.1:30002@40002 master -",
+            "a2 127.0.0.1:30002@40002 master,fail -",
+        );
+        let reversed: String = two.lines().rev().map(|l| format!("{l}\n")).collect();
+        assert_eq!(failover_pending(&two).as_deref(), Some("127.0.0.1:30002"));
+        assert_eq!(
+            failover_pending(&reversed).as_deref(),
+            Some("127.0.0.1:30002")
+        );
         // Its replica never promotes itself (`cluster-replica-no-failover`): nothing to wait for.
         let manual = failing.replace("slave,fail? a3", "slave,nofailover a3");
         assert_eq!(failover_pending(&manual), None);
