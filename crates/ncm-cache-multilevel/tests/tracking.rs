@@ -620,7 +620,7 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
     let cluster = RedisCluster::start().unwrap();
     let mut config = cluster_config(&cluster);
     config.cluster_failover_wait = WAIT;
-    let b = tracked(config, Coherence::Tracking).await;
+    let b = tracked(config.clone(), Coherence::Tracking).await;
     let mut other = cluster_client(&cluster).await;
     b.set("w", 1u64).await.unwrap();
     until_l1(&b, "w").await;
@@ -662,8 +662,16 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
         "L1 came back {off_for:?} after the primary was flagged failed, before \
          cluster_failover_wait ({WAIT:?}) while its replica could still take over"
     );
+    // An instance started while the failover is stuck waits for it no longer either (its
+    // first tracking attempts fail, and the wait is not restarted by each of them).
+    let started = Instant::now();
+    let late = tracked(config, Coherence::Tracking).await;
+    assert!(late.l1_active(), "started {:?} ago", started.elapsed());
     // The primary answers again, still flagged failed by the others (for up to twice the node
-    // timeout): its writes reach this instance once the next health check has found it.
+    // timeout): its writes reach this instance once the next health check has found it. Its
+    // replica, now up to date again, is kept from taking over meanwhile.
+    rep.command(&["CONFIG", "SET", "cluster-replica-no-failover", "yes"])
+        .unwrap();
     pri.resume().unwrap();
     until_l1(&b, "w").await;
     let acked = foreign_write_until_accepted(&mut other, &b, "w", 2).await;

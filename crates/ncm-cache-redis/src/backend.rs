@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     healthy: AtomicBool,
     used_memory: AtomicU64,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Client tracking's wait for Cluster failovers under way, across its sessions.
+    failover_wait: std::sync::Mutex<crate::tracking::FailoverWait>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -63,10 +65,10 @@ enum Idempotent {
 pub(crate) struct ClusterPrimaries {
     /// Every primary not flagged failed, sorted.
     pub(crate) nodes: Vec<(String, u16)>,
-    /// `host:port` of a failed primary that still owns slots while a replica of it is alive:
-    /// a failover is under way, and the replica's writes will not reach a client tracking
-    /// only `nodes`.
-    pub(crate) failing_over: Option<String>,
+    /// `host:port` of each failed primary that still owns slots while a replica of it may take
+    /// over: a failover is under way, and the replica's writes will not reach a client
+    /// tracking only `nodes`.
+    pub(crate) failing_over: Vec<String>,
     /// Primaries flagged failed that still own slots (see `commands::failed_slot_owners`).
     pub(crate) failed: Vec<(String, u16)>,
 }
@@ -92,6 +94,9 @@ impl RedisBackend {
             healthy: AtomicBool::new(true),
             used_memory: AtomicU64::new(0),
             health_task: std::sync::Mutex::new(None),
+            failover_wait: std::sync::Mutex::new(crate::tracking::FailoverWait::new(
+                config.cluster_failover_wait,
+            )),
             config,
         });
         if let Some(every) = inner.config.health_check_interval {
@@ -141,6 +146,26 @@ impl RedisBackend {
             failing_over: commands::failover_pending(&text),
             failed: commands::failed_slot_owners(&text),
         }))
+    }
+
+    /// Whether client tracking holds back for the failovers `pending` (see
+    /// `tracking::FailoverWait::holds`).
+    pub(crate) fn failover_holds(&self, pending: &[String]) -> bool {
+        let mut wait = self
+            .inner
+            .failover_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        wait.holds(pending, std::time::Instant::now())
+    }
+
+    /// Whether client tracking is waiting for a failover (reconnects retry soon).
+    pub(crate) fn failover_waiting(&self) -> bool {
+        self.inner
+            .failover_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .waiting(std::time::Instant::now())
     }
 
     /// `true` when connected to a Redis Cluster.

@@ -153,13 +153,13 @@ fn primaries_where(nodes: &str, keep: impl Fn(&[&str], bool) -> bool) -> Vec<(St
     out
 }
 
-/// A failover under way, from a `CLUSTER NODES` text: the address of a primary flagged `fail`
-/// that still owns slots while a replica of it is flagged neither `fail` nor `nofailover` —
-/// that replica is about to take over, and its writes would go unseen by a client that tracked
-/// only the other primaries. `None` once the replica has taken over (the failed node owns no
-/// slots any more), or when no replica of it may promote itself (the shard is lost, or its
-/// replicas are set to `cluster-replica-no-failover`: nothing takes over unless told to).
-pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
+/// The failovers under way, from a `CLUSTER NODES` text: the address (sorted) of each primary
+/// flagged `fail` that still owns slots while a replica of it is flagged neither `fail` nor
+/// `nofailover` — that replica is about to take over, and its writes would go unseen by a
+/// client that tracked only the other primaries. A primary is not listed once its replica has
+/// taken over (it owns no slots any more), or when no replica of it may promote itself (the
+/// shard is lost, or its replicas are set to `cluster-replica-no-failover`).
+pub(crate) fn failover_pending(nodes: &str) -> Vec<String> {
     // (id, address, flags, primary's id, owns slots)
     let lines: Vec<(&str, &str, Vec<&str>, &str, bool)> = nodes
         .lines()
@@ -175,9 +175,7 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
             ))
         })
         .collect();
-    // The smallest address when several are under way: every node's text (in its own order)
-    // names the same one, so the wait for it is not restarted by whichever node answered.
-    lines
+    let mut out: Vec<String> = lines
         .iter()
         .filter(|(id, _, flags, _, slots)| {
             *slots
@@ -188,7 +186,10 @@ pub(crate) fn failover_pending(nodes: &str) -> Option<String> {
                 })
         })
         .map(|(_, addr, ..)| addr.split(['@', ',']).next().unwrap_or(addr).to_owned())
-        .min()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The distinct primary addresses in a `CLUSTER SLOTS` reply.
@@ -255,8 +256,8 @@ a5 127.0.0.1:30005@40005 slave a2 0 0 2 connected
 a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
 ";
         assert_eq!(
-            failover_pending(failing).as_deref(),
-            Some("127.0.0.1:30003")
+            failover_pending(failing),
+            vec!["127.0.0.1:30003".to_owned()]
         );
         assert_eq!(
             failed_slot_owners(failing),
@@ -264,7 +265,7 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
         );
         // Only suspected (`fail?`): not yet a failover, the node may come back.
         let suspected = failing.replace("master,fail -", "master,fail? -");
-        assert_eq!(failover_pending(&suspected), None);
+        assert!(failover_pending(&suspected).is_empty());
         // The replica took over: the failed node owns nothing.
         let done = failing
             .replace(
@@ -275,25 +276,24 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
                 "slave,fail? a3 0 0 3 connected",
                 "master - 0 0 4 connected 10923-16383",
             );
-        assert_eq!(failover_pending(&done), None);
+        assert!(failover_pending(&done).is_empty());
         assert!(failed_slot_owners(&done).is_empty());
         // Its only replica failed too: the shard is lost, nothing will take over.
         let lost = failing.replace("slave,fail? a3", "slave,fail a3");
-        assert_eq!(failover_pending(&lost), None);
-        // Two under way: the same one whatever the order of the lines (each node has its own).
+        assert!(failover_pending(&lost).is_empty());
+        // Two under way: both, in the same order whatever the order of the lines (each node
+        // lists them in its own).
         let two = failing.replace(
             "a2 127.0.0.1:30002@40002 master -",
             "a2 127.0.0.1:30002@40002 master,fail -",
         );
         let reversed: String = two.lines().rev().map(|l| format!("{l}\n")).collect();
-        assert_eq!(failover_pending(&two).as_deref(), Some("127.0.0.1:30002"));
-        assert_eq!(
-            failover_pending(&reversed).as_deref(),
-            Some("127.0.0.1:30002")
-        );
+        let both = vec!["127.0.0.1:30002".to_owned(), "127.0.0.1:30003".to_owned()];
+        assert_eq!(failover_pending(&two), both);
+        assert_eq!(failover_pending(&reversed), both);
         // Its replica never promotes itself (`cluster-replica-no-failover`): nothing to wait for.
         let manual = failing.replace("slave,fail? a3", "slave,nofailover a3");
-        assert_eq!(failover_pending(&manual), None);
-        assert_eq!(failover_pending(""), None);
+        assert!(failover_pending(&manual).is_empty());
+        assert!(failover_pending("").is_empty());
     }
 }

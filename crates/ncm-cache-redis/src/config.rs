@@ -236,6 +236,7 @@ impl fmt::Debug for RedisConfig {
             .field("signature_mode", &self.signature_mode)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
+            .field("cluster_failover_wait", &self.cluster_failover_wait)
             .field("tls", &self.tls)
             .field("cluster_nodes", &self.cluster_nodes)
             .field("sentinel", &self.sentinel)

@@ -9,7 +9,7 @@
 //! again and [`TrackingEvent::Reconnected`] is reported.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ncm_cache_core::{CacheError, Result};
 use redis::{PushInfo, PushKind, Value};
@@ -58,14 +58,24 @@ impl Drop for Tracking {
     }
 }
 
+/// What a cluster session tracks.
+struct Topology {
+    /// Every primary tracked: those not failed, and failed ones still owning slots that
+    /// answered.
+    tracked: Vec<(String, u16)>,
+    /// Every primary not failed or still owning slots (see [`union`]) when tracking started.
+    known: Vec<(String, u16)>,
+}
+
 /// A push from the connection of session `session` (pushes of an older session are ignored).
 type Push = (u64, PushInfo);
 
 /// The tracked connections of one session, with what identifies the topology they track.
 struct Session {
     conns: Vec<redis::aio::MultiplexedConnection>,
-    /// Cluster: every primary (from `CLUSTER NODES`), compared again on every health check.
-    masters: Option<Vec<(String, u16)>>,
+    /// Cluster: the primaries tracked and the view they came from, checked on every health
+    /// check.
+    topology: Option<Topology>,
     /// Cluster: primaries flagged failed that still own slots and did not answer; each health
     /// check tries them again, since one that answers takes writes for its slots at once.
     absent: Vec<(String, u16)>,
@@ -95,63 +105,91 @@ impl RedisBackend {
     /// ```
     pub async fn track_changes(&self) -> Result<Tracking> {
         let (push_tx, push_rx) = mpsc::unbounded_channel::<Push>();
-        let mut wait = FailoverWait::new(self.config().cluster_failover_wait);
-        let first = connect(self, &push_tx, 0, &mut wait).await?;
+        let first = connect(self, &push_tx, 0).await?;
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(self.clone_handle(), push_tx, push_rx, tx, first, wait));
+        let task = tokio::spawn(run(self.clone_handle(), push_tx, push_rx, tx, first));
         Ok(Tracking { rx, task })
     }
 }
 
-/// How long tracking has held back for a Cluster failover under way, bounded by
+/// How long tracking has held back for each Cluster failover under way, bounded by
 /// `cluster_failover_wait`: a replica that is never promoted (its data too old, elections that
-/// keep failing) must not keep L1 off for good.
-struct FailoverWait {
+/// keep failing) must not keep L1 off for good. Kept by the backend, so a tracking session
+/// started anew (after a first attempt that failed) does not restart the wait.
+#[derive(Debug)]
+pub(crate) struct FailoverWait {
     limit: Duration,
-    /// The failed primary waited for, since when, and whether the wait was given up.
-    since: Option<(String, std::time::Instant, bool)>,
+    waits: Vec<Waited>,
+}
+
+/// One failed primary waited for.
+#[derive(Debug)]
+struct Waited {
+    node: String,
+    /// First seen with a failover under way.
+    since: Instant,
+    /// Last seen so: a wait is forgotten only once no node has named it for `limit`, so a
+    /// node whose view differs for a moment (the failed primary itself, back) does not
+    /// restart it.
+    last: Instant,
+    gave_up: bool,
 }
 
 impl FailoverWait {
-    fn new(limit: Duration) -> Self {
-        Self { limit, since: None }
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            waits: Vec::new(),
+        }
     }
 
-    /// Whether to hold back for `failing` (a pending failover's failed primary, or `None`):
-    /// true until the same failover has been waited for `limit`; then false, with a warning.
-    fn holds(&mut self, failing: Option<&str>) -> bool {
-        let Some(failed) = failing else {
-            self.since = None;
-            return false;
-        };
-        let now = std::time::Instant::now();
-        match &mut self.since {
-            Some((node, since, gave_up)) if node == failed => {
-                if now.duration_since(*since) < self.limit {
-                    return true;
+    /// Whether to hold back, `pending` being the failed primaries whose failover is under way
+    /// (`commands::failover_pending`) as seen `now`: true while any of them has been waited for
+    /// less than `limit`. A wait that runs out is given up once, with a warning, without
+    /// hiding another failover that comes later.
+    pub(crate) fn holds(&mut self, pending: &[String], now: Instant) -> bool {
+        let limit = self.limit;
+        self.waits
+            .retain(|w| pending.contains(&w.node) || now.duration_since(w.last) < limit);
+        let mut hold = false;
+        for node in pending {
+            let i = match self.waits.iter().position(|w| &w.node == node) {
+                Some(i) => i,
+                None => {
+                    self.waits.push(Waited {
+                        node: node.clone(),
+                        since: now,
+                        last: now,
+                        gave_up: false,
+                    });
+                    self.waits.len() - 1
                 }
-                if !*gave_up {
-                    *gave_up = true;
+            };
+            let w = &mut self.waits[i];
+            w.last = now;
+            if now.duration_since(w.since) < limit {
+                hold = true;
+            } else if !w.gave_up {
+                w.gave_up = true;
+                if !limit.is_zero() {
                     tracing::warn!(
-                        primary = %failed,
-                        waited = ?self.limit,
+                        primary = %node,
+                        waited = ?limit,
                         "client tracking: a failed primary's replica has not taken over within \
                          cluster_failover_wait; tracking the surviving primaries (a later \
                          promotion is caught by the next health check)"
                     );
                 }
-                false
-            }
-            _ => {
-                self.since = Some((failed.to_owned(), now, false));
-                !self.limit.is_zero()
             }
         }
+        hold
     }
 
-    /// Whether a failover is being waited for (not given up): reconnects retry soon.
-    fn waiting(&self) -> bool {
-        matches!(self.since, Some((_, _, false)))
+    /// Whether a failover is being waited for (not given up) at `now`: reconnects retry soon.
+    pub(crate) fn waiting(&self, now: Instant) -> bool {
+        self.waits
+            .iter()
+            .any(|w| !w.gave_up && now.duration_since(w.since) < self.limit)
     }
 }
 
@@ -160,7 +198,6 @@ async fn connect(
     backend: &RedisBackend,
     push_tx: &mpsc::UnboundedSender<Push>,
     session: u64,
-    wait: &mut FailoverWait,
 ) -> Result<Session> {
     let config = backend.config();
     let timeout = config.connect_timeout;
@@ -169,12 +206,12 @@ async fn connect(
             // Tracking the survivors now would miss the replica's writes once it is promoted,
             // until the next topology check: L1 stays off until it has taken over (or for
             // `cluster_failover_wait` at most).
-            if wait.holds(primaries.failing_over.as_deref()) {
-                let failed = primaries.failing_over.unwrap_or_default();
+            if backend.failover_holds(&primaries.failing_over) {
                 return Err(CacheError::Connection {
                     message: format!(
-                        "client tracking: a failover is under way (primary {failed} failed and \
-                         a replica of it has not taken over yet); L1 stays off until it has"
+                        "client tracking: a failover is under way (primary {} failed and a \
+                         replica of it has not taken over yet); L1 stays off until it has",
+                        primaries.failing_over.join(", ")
                     ),
                     source: None,
                 });
@@ -205,7 +242,7 @@ async fn connect(
     let revived = failed_urls.iter().map(|url| {
         let work = track_node(config, url, &prefix, push_tx.clone(), session);
         async move {
-            tokio::time::timeout(config.response_timeout, work)
+            tokio::time::timeout(timeout, work)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
@@ -218,18 +255,36 @@ async fn connect(
     .await;
     let mut conns = conns?;
     let mut absent = Vec::new();
-    for (node, conn) in failed.into_iter().zip(revived) {
+    let mut revived_nodes = Vec::new();
+    for (node, conn) in failed.iter().cloned().zip(revived) {
         match conn {
-            Some(conn) => conns.push(conn),
+            Some(conn) => {
+                conns.push(conn);
+                revived_nodes.push(node);
+            }
             None => absent.push(node),
         }
     }
+    let topology = masters.as_ref().map(|nodes| Topology {
+        tracked: nodes.iter().chain(&revived_nodes).cloned().collect(),
+        known: union(nodes, &failed),
+    });
     Ok(Session {
         conns,
-        check_role: masters.is_some() || config.sentinel.is_some(),
-        masters,
+        check_role: topology.is_some() || config.sentinel.is_some(),
+        topology,
         absent,
     })
+}
+
+/// The primaries of a cluster's view that own slots or take writes: the ones not failed and
+/// the failed ones still owning slots — the same set whether or not a node flags one of them
+/// failed (a failed primary back up never flags itself).
+fn union(nodes: &[(String, u16)], failed: &[(String, u16)]) -> Vec<(String, u16)> {
+    let mut all: Vec<(String, u16)> = nodes.iter().chain(failed).cloned().collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// One RESP3 connection to `url` with broadcast tracking of `prefix`.
@@ -300,7 +355,6 @@ async fn run(
     mut push_rx: mpsc::UnboundedReceiver<Push>,
     tx: mpsc::Sender<TrackingEvent>,
     first: Session,
-    mut wait: FailoverWait,
 ) {
     let prefix = backend.key_space().prefix().to_owned();
     let mut session = 0u64;
@@ -314,7 +368,7 @@ async fn run(
                 // A new number for every attempt: pushes (a Disconnection) of a half-built
                 // earlier attempt are ignored.
                 session += 1;
-                match connect(&backend, &push_tx, session, &mut wait).await {
+                match connect(&backend, &push_tx, session).await {
                     Ok(s) => {
                         backoff = Duration::from_millis(10);
                         refused = false;
@@ -330,7 +384,7 @@ async fn run(
                         } else {
                             tracing::debug!(error = %e, "client tracking: reconnect failed");
                         }
-                        if wait.waiting() {
+                        if backend.failover_waiting() {
                             // The promotion can come at any moment; L1 comes back soon after.
                             tokio::time::sleep(FAILOVER_POLL).await;
                             continue;
@@ -343,7 +397,7 @@ async fn run(
             }
         };
         // Health checks run beside the pushes, never in front of them.
-        let health = watch(&backend, &live, &mut wait);
+        let health = watch(&backend, &live);
         tokio::pin!(health);
         loop {
             tokio::select! {
@@ -383,7 +437,7 @@ async fn run(
 /// not answer within `response_timeout` (or is no longer a primary), or a cluster whose
 /// primaries changed (or whose topology cannot be read three times in a row). Checks every
 /// `health_check_interval`, at most 1 s apart.
-async fn watch(backend: &RedisBackend, session: &Session, wait: &mut FailoverWait) -> &'static str {
+async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
     let config = backend.config();
     let every = config
         .health_check_interval
@@ -410,9 +464,17 @@ async fn watch(backend: &RedisBackend, session: &Session, wait: &mut FailoverWai
             let url = config.node_url(host, *port);
             async move { answers(config, &url).await }
         });
-        let (checks, probes) = futures_util::future::join(
+        // All at once: a probe of an unresponsive node does not delay the topology read.
+        let view = async {
+            match &session.topology {
+                Some(_) => Some(backend.cluster_masters().await),
+                None => None,
+            }
+        };
+        let (checks, probes, view) = futures_util::future::join3(
             futures_util::future::join_all(checks),
             futures_util::future::join_all(probes),
+            view,
         )
         .await;
         if !checks.into_iter().all(|ok| ok) {
@@ -421,20 +483,25 @@ async fn watch(backend: &RedisBackend, session: &Session, wait: &mut FailoverWai
         if probes.into_iter().any(|up| up) {
             return "a failed primary that still owns slots answers again";
         }
-        if let Some(masters) = &session.masters {
-            match backend.cluster_masters().await {
-                Ok(Some(now)) if wait.holds(now.failing_over.as_deref()) => {
-                    return "a primary failed and its replica is about to take over";
-                }
-                Ok(now) if now.as_ref().map(|p| &p.nodes) != Some(masters) => {
-                    return "the cluster's primaries changed";
-                }
-                Ok(_) => unreadable = 0,
-                Err(_) => {
-                    unreadable += 1;
-                    if unreadable >= 3 {
-                        return "the cluster's topology could not be read";
-                    }
+        let (Some(topology), Some(view)) = (&session.topology, view) else {
+            continue;
+        };
+        match view {
+            Ok(Some(now)) if backend.failover_holds(&now.failing_over) => {
+                return "a primary failed and its replica is about to take over";
+            }
+            Ok(Some(now)) if union(&now.nodes, &now.failed) != topology.known => {
+                return "the cluster's primaries changed";
+            }
+            Ok(Some(now)) if now.nodes.iter().any(|n| !topology.tracked.contains(n)) => {
+                return "a primary that was not tracked takes writes";
+            }
+            Ok(Some(_)) => unreadable = 0,
+            Ok(None) => return "the server is no longer a cluster",
+            Err(_) => {
+                unreadable += 1;
+                if unreadable >= 3 {
+                    return "the cluster's topology could not be read";
                 }
             }
         }
@@ -512,5 +579,42 @@ mod tests {
         );
         assert_eq!(invalidation(&[], "app:"), None);
         assert_eq!(invalidation(&[Value::Int(1)], "app:"), None);
+    }
+
+    fn nodes(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn each_failover_is_waited_for_on_its_own_and_at_most_the_limit() {
+        let limit = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut wait = FailoverWait::new(limit);
+        assert!(!wait.holds(&[], at(0)));
+        // A stuck failover: held, then given up after the limit.
+        assert!(wait.holds(&nodes(&["p1"]), at(0)));
+        assert!(wait.waiting(at(5)));
+        assert!(wait.holds(&nodes(&["p1"]), at(9)));
+        assert!(!wait.holds(&nodes(&["p1"]), at(10)));
+        assert!(!wait.waiting(at(10)));
+        // Another failover while the first is still stuck: waited for, not hidden by it.
+        assert!(wait.holds(&nodes(&["p1", "p2"]), at(20)));
+        assert!(wait.waiting(at(20)));
+        // A view that does not list p1 for a moment (p1 itself, back) does not restart its
+        // wait; p2 has taken over meanwhile.
+        assert!(!wait.holds(&[], at(25)));
+        assert!(!wait.holds(&nodes(&["p1"]), at(26)));
+        // Forgotten once nobody has named it for the limit: a new failover of it is waited for.
+        assert!(!wait.holds(&[], at(40)));
+        assert!(wait.holds(&nodes(&["p1"]), at(41)));
+    }
+
+    #[test]
+    fn a_zero_limit_never_holds_back() {
+        let mut wait = FailoverWait::new(Duration::ZERO);
+        let now = Instant::now();
+        assert!(!wait.holds(&nodes(&["p1"]), now));
+        assert!(!wait.waiting(now));
     }
 }
