@@ -149,9 +149,10 @@ pub struct RedisConfig {
     #[serde(with = "serde_duration")]
     pub response_timeout: Duration,
     /// Cluster with client tracking: how long L1 stays off while a failed primary's replica has
-    /// not taken over yet (default 15 s). Past it, a warning is logged and the surviving
-    /// primaries are tracked; a replica promoted later is then caught by the next health check
-    /// (its writes can go unseen for up to `health_check_interval`, at most 1 s).
+    /// not taken over yet (default 15 s), counted for each failover from when this instance
+    /// first saw it. Past it, a warning is logged and the surviving primaries are tracked; a
+    /// replica promoted later is then caught by the next topology read (its writes can go
+    /// unseen for up to `health_check_interval`, at most 1 s, plus `response_timeout`).
     #[serde(with = "serde_duration")]
     pub cluster_failover_wait: Duration,
     /// Use TLS (`rediss://`); requires the `tls` feature.
