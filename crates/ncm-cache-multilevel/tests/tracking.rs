@@ -663,10 +663,9 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
          cluster_failover_wait ({WAIT:?}) while its replica could still take over"
     );
     // An instance started while the failover is stuck waits for it no longer either (its
-    // first tracking attempts fail, and the wait is not restarted by each of them).
-    let started = Instant::now();
-    let late = tracked(config, Coherence::Tracking).await;
-    assert!(late.l1_active(), "started {:?} ago", started.elapsed());
+    // first tracking attempts fail, and the wait is not restarted by each of them):
+    // `tracked` fails unless its L1 is on within 10 s.
+    let _late = tracked(config, Coherence::Tracking).await;
     // The primary answers again, still flagged failed by the others (for up to twice the node
     // timeout): its writes reach this instance once the next health check has found it. Its
     // replica, now up to date again, is kept from taking over meanwhile.

@@ -69,6 +69,8 @@ pub(crate) struct ClusterPrimaries {
     /// over: a failover is under way, and the replica's writes will not reach a client
     /// tracking only `nodes`.
     pub(crate) failing_over: Vec<String>,
+    /// `host:port` of the node that answered, if it is a primary owning slots.
+    pub(crate) reporter: Option<String>,
     /// Primaries flagged failed that still own slots (see `commands::failed_slot_owners`).
     pub(crate) failed: Vec<(String, u16)>,
 }
@@ -144,19 +146,24 @@ impl RedisBackend {
         Ok(Some(ClusterPrimaries {
             nodes: masters,
             failing_over: commands::failover_pending(&text),
+            reporter: commands::reporting_primary(&text),
             failed: commands::failed_slot_owners(&text),
         }))
     }
 
-    /// Whether client tracking holds back for the failovers `pending` (see
+    /// Whether client tracking holds back for the failovers under way in `view` (see
     /// `tracking::FailoverWait::holds`).
-    pub(crate) fn failover_holds(&self, pending: &[String]) -> bool {
+    pub(crate) fn failover_holds(&self, view: &ClusterPrimaries) -> bool {
         let mut wait = self
             .inner
             .failover_wait
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        wait.holds(pending, std::time::Instant::now())
+        wait.holds(
+            &view.failing_over,
+            view.reporter.as_deref(),
+            std::time::Instant::now(),
+        )
     }
 
     /// Whether client tracking is waiting for a failover (reconnects retry soon).

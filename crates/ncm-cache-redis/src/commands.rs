@@ -192,6 +192,23 @@ pub(crate) fn failover_pending(nodes: &str) -> Vec<String> {
     out
 }
 
+/// The address of the node that wrote a `CLUSTER NODES` text (`myself`) if it is a primary
+/// owning slots. A failed primary back up never flags itself `fail`, so its own text says
+/// nothing of the failover the others still see under way.
+pub(crate) fn reporting_primary(nodes: &str) -> Option<String> {
+    nodes.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+        (flags.contains(&"myself") && flags.contains(&"master") && fields.len() > 8).then(|| {
+            fields[1]
+                .split(['@', ','])
+                .next()
+                .unwrap_or(fields[1])
+                .to_owned()
+        })
+    })
+}
+
 /// The distinct primary addresses in a `CLUSTER SLOTS` reply.
 pub(crate) fn cluster_primaries(slots: Value) -> Vec<(String, u16)> {
     let mut out: Vec<(String, u16)> = Vec::new();
@@ -263,6 +280,11 @@ a6 127.0.0.1:30006@40006 slave,fail? a3 0 0 3 connected
             failed_slot_owners(failing),
             vec![("127.0.0.1".to_owned(), 30003)]
         );
+        assert_eq!(
+            reporting_primary(failing).as_deref(),
+            Some("127.0.0.1:30001")
+        );
+        assert_eq!(reporting_primary(&failing.replace("myself,", "")), None);
         // Only suspected (`fail?`): not yet a failover, the node may come back.
         let suspected = failing.replace("master,fail -", "master,fail? -");
         assert!(failover_pending(&suspected).is_empty());

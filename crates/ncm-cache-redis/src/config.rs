@@ -152,7 +152,8 @@ pub struct RedisConfig {
     /// not taken over yet (default 15 s), counted for each failover from when this instance
     /// first saw it. Past it, a warning is logged and the surviving primaries are tracked; a
     /// replica promoted later is then caught by the next topology read (its writes can go
-    /// unseen for up to `health_check_interval`, at most 1 s, plus `response_timeout`).
+    /// unseen for up to about `health_check_interval`, at most 1 s, plus twice
+    /// `response_timeout`).
     #[serde(with = "serde_duration")]
     pub cluster_failover_wait: Duration,
     /// Use TLS (`rediss://`); requires the `tls` feature.

@@ -144,14 +144,26 @@ impl FailoverWait {
     }
 
     /// Whether to hold back, `pending` being the failed primaries whose failover is under way
-    /// (`commands::failover_pending`) as seen `now`: true while any of them has been waited for
-    /// less than `limit`. A wait that runs out is given up once, with a warning, without
-    /// hiding another failover that comes later.
-    pub(crate) fn holds(&mut self, pending: &[String], now: Instant) -> bool {
+    /// (`commands::failover_pending`) in the view of `reporter` (the primary that answered, if
+    /// it is one) as seen `now`: true while any of them has been waited for less than `limit`.
+    /// A wait that runs out is given up once, with a warning, without hiding a failover of
+    /// another primary that comes later.
+    pub(crate) fn holds(
+        &mut self,
+        pending: &[String],
+        reporter: Option<&str>,
+        now: Instant,
+    ) -> bool {
         let limit = self.limit;
         self.waits
             .retain(|w| pending.contains(&w.node) || now.duration_since(w.last) < limit);
-        let mut hold = false;
+        // A failed primary back up never flags itself: its own view says nothing of the
+        // failover the others still see under way, so it neither ends nor renews the wait.
+        let mut hold = reporter.is_some_and(|me| {
+            self.waits
+                .iter()
+                .any(|w| w.node == me && now.duration_since(w.since) < limit)
+        });
         for node in pending {
             let i = match self.waits.iter().position(|w| &w.node == node) {
                 Some(i) => i,
@@ -206,7 +218,7 @@ async fn connect(
             // Tracking the survivors now would miss the replica's writes once it is promoted,
             // until the next topology check: L1 stays off until it has taken over (or for
             // `cluster_failover_wait` at most).
-            if backend.failover_holds(&primaries.failing_over) {
+            if backend.failover_holds(&primaries) {
                 return Err(CacheError::Connection {
                     message: format!(
                         "client tracking: a failover is under way (primary {} failed and a \
@@ -239,10 +251,12 @@ async fn connect(
     // A failed primary that still owns its slots is tracked too if it answers (it takes
     // writes for them); if it does not, the health checks keep trying it.
     let failed_urls: Vec<String> = failed.iter().map(|(h, p)| config.node_url(h, *p)).collect();
+    // At least the health check's probe (`answers`): a node that answered it gets as long.
+    let revive_within = timeout.max(config.response_timeout);
     let revived = failed_urls.iter().map(|url| {
         let work = track_node(config, url, &prefix, push_tx.clone(), session);
         async move {
-            tokio::time::timeout(timeout, work)
+            tokio::time::timeout(revive_within, work)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
@@ -487,7 +501,7 @@ async fn watch(backend: &RedisBackend, session: &Session) -> &'static str {
             continue;
         };
         match view {
-            Ok(Some(now)) if backend.failover_holds(&now.failing_over) => {
+            Ok(Some(now)) if backend.failover_holds(&now) => {
                 return "a primary failed and its replica is about to take over";
             }
             Ok(Some(now)) if union(&now.nodes, &now.failed) != topology.known => {
@@ -591,30 +605,46 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut wait = FailoverWait::new(limit);
-        assert!(!wait.holds(&[], at(0)));
+        assert!(!wait.holds(&[], None, at(0)));
         // A stuck failover: held, then given up after the limit.
-        assert!(wait.holds(&nodes(&["p1"]), at(0)));
+        assert!(wait.holds(&nodes(&["p1"]), None, at(0)));
         assert!(wait.waiting(at(5)));
-        assert!(wait.holds(&nodes(&["p1"]), at(9)));
-        assert!(!wait.holds(&nodes(&["p1"]), at(10)));
+        assert!(wait.holds(&nodes(&["p1"]), None, at(9)));
+        assert!(!wait.holds(&nodes(&["p1"]), None, at(10)));
         assert!(!wait.waiting(at(10)));
         // Another failover while the first is still stuck: waited for, not hidden by it.
-        assert!(wait.holds(&nodes(&["p1", "p2"]), at(20)));
+        assert!(wait.holds(&nodes(&["p1", "p2"]), None, at(20)));
         assert!(wait.waiting(at(20)));
         // A view that does not list p1 for a moment (p1 itself, back) does not restart its
         // wait; p2 has taken over meanwhile.
-        assert!(!wait.holds(&[], at(25)));
-        assert!(!wait.holds(&nodes(&["p1"]), at(26)));
+        assert!(!wait.holds(&[], None, at(25)));
+        assert!(!wait.holds(&nodes(&["p1"]), None, at(26)));
         // Forgotten once nobody has named it for the limit: a new failover of it is waited for.
-        assert!(!wait.holds(&[], at(40)));
-        assert!(wait.holds(&nodes(&["p1"]), at(41)));
+        assert!(!wait.holds(&[], None, at(40)));
+        assert!(wait.holds(&nodes(&["p1"]), None, at(41)));
+    }
+
+    #[test]
+    fn a_failed_primarys_own_view_does_not_end_the_wait_for_it() {
+        let limit = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut wait = FailoverWait::new(limit);
+        assert!(wait.holds(&nodes(&["p1"]), None, at(0)));
+        // p1, back, answers: it lists no failover, but the others still do.
+        assert!(wait.holds(&[], Some("p1"), at(2)));
+        assert!(!wait.holds(&[], Some("p2"), at(2)));
+        assert!(wait.holds(&nodes(&["p1"]), Some("p2"), at(3)));
+        // Not past the limit, and not once the others have stopped naming it for the limit.
+        assert!(!wait.holds(&[], Some("p1"), at(10)));
+        assert!(!wait.holds(&[], Some("p1"), at(30)));
     }
 
     #[test]
     fn a_zero_limit_never_holds_back() {
         let mut wait = FailoverWait::new(Duration::ZERO);
         let now = Instant::now();
-        assert!(!wait.holds(&nodes(&["p1"]), now));
+        assert!(!wait.holds(&nodes(&["p1"]), None, now));
         assert!(!wait.waiting(now));
     }
 }
