@@ -404,14 +404,7 @@ async fn on_a_cluster_every_primary_is_tracked_and_a_failover_is_survived() {
     let old_primary = cluster.owner_of("app:c0").unwrap();
     cluster.kill_primary(old_primary).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    let acked = foreign_write_until_accepted(&mut other, &a, "c0", 99).await;
-    never_old_from_l1(&b, "c0", 99, acked).await;
-    wait_active(&b).await;
-    // Tracking runs on the new primary too.
-    until_l1(&b, "c0").await;
-    let bytes = a.codec_bytes("c0", &100u64).unwrap();
-    put(&mut other, "app:c0", &bytes).await;
-    until_seen(&b, "c0", Some(100), BOUND).await;
+    followed_on_the_new_topology(&b, &mut other, "c0", 99).await;
 }
 
 /// Writes `v` to `key` with the cluster client until a primary accepts it; returns when.
@@ -435,6 +428,25 @@ async fn foreign_write_until_accepted(
         assert!(Instant::now() < deadline, "no primary took the write");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// After a topology change: a foreign write of `v` to `key` (retried until a primary takes
+/// it) is never followed by an L1 read of the old value beginning more than [`BOUND`] after its
+/// acknowledgement; once tracking is back, a second foreign write (`v + 1`) is seen within
+/// [`BOUND`] — tracking covers the primary that now owns `key`.
+async fn followed_on_the_new_topology(
+    b: &MultiLevelCache,
+    other: &mut redis::cluster_async::ClusterConnection,
+    key: &str,
+    v: u64,
+) {
+    let acked = foreign_write_until_accepted(other, b, key, v).await;
+    never_old_from_l1(b, key, v, acked).await;
+    wait_active(b).await;
+    until_l1(b, key).await;
+    let bytes = b.codec_bytes(key, &(v + 1)).unwrap();
+    put(other, &format!("app:{key}"), &bytes).await;
+    until_seen(b, key, Some(v + 1), BOUND).await;
 }
 
 /// Reads `key` on `b` until it returns `want`: a read that began more than [`BOUND`] after the
@@ -489,14 +501,7 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
         cluster.node(primary).unwrap().is_running(),
         "the old primary stays up"
     );
-    let acked = foreign_write_until_accepted(&mut other, &a, "m", 2).await;
-    never_old_from_l1(&b, "m", 2, acked).await;
-    // And tracking works on the new primary.
-    wait_active(&b).await;
-    until_l1(&b, "m").await;
-    let bytes = a.codec_bytes("m", &3u64).unwrap();
-    put(&mut other, "app:m", &bytes).await;
-    until_seen(&b, "m", Some(3), BOUND).await;
+    followed_on_the_new_topology(&b, &mut other, "m", 2).await;
 }
 
 /// A failover under way: the cluster has flagged a dead primary `fail`, and its replica, alive,
@@ -547,13 +552,7 @@ async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
     }
     cluster.node(replica).unwrap().resume().unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    let acked = foreign_write_until_accepted(&mut other, &b, "f", 2).await;
-    never_old_from_l1(&b, "f", 2, acked).await;
-    wait_active(&b).await;
-    until_l1(&b, "f").await;
-    let bytes = b.codec_bytes("f", &3u64).unwrap();
-    put(&mut other, "app:f", &bytes).await;
-    until_seen(&b, "f", Some(3), BOUND).await;
+    followed_on_the_new_topology(&b, &mut other, "f", 2).await;
 }
 
 /// A replica set to `cluster-replica-no-failover` never promotes itself: its primary's death
@@ -600,13 +599,7 @@ async fn l1_comes_back_over_the_survivors_when_the_replica_will_not_take_over() 
         .command(&["CLUSTER", "FAILOVER", "FORCE"])
         .unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    let acked = foreign_write_until_accepted(&mut other, &b, "n", 2).await;
-    never_old_from_l1(&b, "n", 2, acked).await;
-    wait_active(&b).await;
-    until_l1(&b, "n").await;
-    let bytes = b.codec_bytes("n", &3u64).unwrap();
-    put(&mut other, "app:n", &bytes).await;
-    until_seen(&b, "n", Some(3), BOUND).await;
+    followed_on_the_new_topology(&b, &mut other, "n", 2).await;
 }
 
 /// A replica whose data is too old to be promoted (`cluster-replica-validity-factor`) looks
@@ -673,13 +666,7 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
         .unwrap();
     pri.resume().unwrap();
     until_l1(&b, "w").await;
-    let acked = foreign_write_until_accepted(&mut other, &b, "w", 2).await;
-    never_old_from_l1(&b, "w", 2, acked).await;
-    wait_active(&b).await;
-    until_l1(&b, "w").await;
-    let bytes = b.codec_bytes("w", &3u64).unwrap();
-    put(&mut other, "app:w", &bytes).await;
-    until_seen(&b, "w", Some(3), BOUND).await;
+    followed_on_the_new_topology(&b, &mut other, "w", 2).await;
 }
 
 /// A cluster client for writes from "another program".
