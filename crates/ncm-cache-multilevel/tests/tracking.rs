@@ -511,48 +511,70 @@ async fn on_a_cluster_a_manual_failover_moves_tracking_to_the_new_primary() {
 /// replica has taken over, then follows the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l1_stays_off_until_a_failed_primarys_replica_has_taken_over() {
-    let mut cluster = RedisCluster::start().unwrap();
-    let b = tracked(cluster_config(&cluster), Coherence::Tracking).await;
-    let mut other = cluster_client(&cluster).await;
-    b.set("f", 1u64).await.unwrap();
-    until_l1(&b, "f").await;
-    let primary = cluster.owner_of("app:f").unwrap();
-    let replica = cluster.replica_of(primary).unwrap();
-    cluster.kill_primary(primary).unwrap();
-    // The window between "flagged failed" and "replica promoted" lasts half a second or more
-    // (the replica's election delay). Frozen as soon as it flags its primary, the replica holds
-    // it open for 3 s, longer than tracking's slowest reconnect backoff (1 s); the others'
-    // node timeout, raised at once to 6 s, keeps them from suspecting the frozen replica.
-    let start = Instant::now();
-    while !flags_failed(cluster.node(replica).unwrap(), primary) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{replica} never flagged its primary {primary} as failed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cluster.node(replica).unwrap().pause().unwrap();
-    let flagged = Instant::now();
-    for node in cluster.nodes() {
-        if node.is_running() && node.port() != replica {
-            node.command(&["CONFIG", "SET", "cluster-node-timeout", "6000"])
-                .unwrap();
+    // The replica must be frozen within its election delay (half a second or more after it
+    // flags its primary); a machine stalled longer than that lets it take over first, and the
+    // scenario is set up again on a new cluster.
+    for attempt in 1..=3 {
+        let mut cluster = RedisCluster::start().unwrap();
+        let b = tracked(cluster_config(&cluster), Coherence::Tracking).await;
+        let mut other = cluster_client(&cluster).await;
+        b.set("f", 1u64).await.unwrap();
+        until_l1(&b, "f").await;
+        let primary = cluster.owner_of("app:f").unwrap();
+        let replica = cluster.replica_of(primary).unwrap();
+        cluster.kill_primary(primary).unwrap();
+        // The window between "flagged failed" and "replica promoted" lasts half a second or
+        // more (the replica's election delay). Frozen as soon as it flags its primary, the
+        // replica holds it open for 3 s, longer than tracking's slowest reconnect backoff
+        // (1 s); the others' node timeout, raised at once to 6 s, keeps them from suspecting
+        // the frozen replica.
+        let start = Instant::now();
+        while !flags_failed(cluster.node(replica).unwrap(), primary) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{replica} never flagged its primary {primary} as failed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        cluster.node(replica).unwrap().pause().unwrap();
+        let flagged = Instant::now();
+        if seen_as_primary(&cluster, replica) {
+            eprintln!("attempt {attempt}: {replica} took over before it was frozen; again");
+            continue;
+        }
+        for node in cluster.nodes() {
+            if node.is_running() && node.port() != replica {
+                node.command(&["CONFIG", "SET", "cluster-node-timeout", "6000"])
+                    .unwrap();
+            }
+        }
+        // Reconnect attempts (every 100 ms while a failover is pending) and topology checks
+        // come and go: L1 stays off while the shard has a replica that may take over at any
+        // moment.
+        while flagged.elapsed() < Duration::from_secs(3) {
+            assert!(
+                !b.l1_active(),
+                "L1 was turned on {:?} after {primary} was flagged failed, before its replica \
+                 {replica} took over",
+                flagged.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cluster.node(replica).unwrap().resume().unwrap();
+        cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
+        followed_on_the_new_topology(&b, &mut other, "f", 2).await;
+        return;
     }
-    // Reconnect attempts (every 100 ms while a failover is pending) and topology checks come
-    // and go: L1 stays off while the shard has a replica that may take over at any moment.
-    while flagged.elapsed() < Duration::from_secs(3) {
-        assert!(
-            !b.l1_active(),
-            "L1 was turned on {:?} after {primary} was flagged failed, before its replica \
-             {replica} took over",
-            flagged.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cluster.node(replica).unwrap().resume().unwrap();
-    cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
-    followed_on_the_new_topology(&b, &mut other, "f", 2).await;
+    panic!("the replica took over before it could be frozen, three times");
+}
+
+/// Some other running node lists the node on `port` as a primary.
+fn seen_as_primary(cluster: &RedisCluster, port: u16) -> bool {
+    cluster
+        .nodes()
+        .iter()
+        .filter(|n| n.is_running() && n.port() != port)
+        .any(|n| flags_of(n, port).iter().any(|f| f == "master"))
 }
 
 /// A replica set to `cluster-replica-no-failover` never promotes itself: its primary's death
@@ -705,16 +727,23 @@ async fn wait_flagged_failed(cluster: &RedisCluster, port: u16) {
 
 /// `node`'s `CLUSTER NODES` flags the node on `port` `fail` (not just `fail?`).
 fn flags_failed(node: &ncm_cache_testkit::RedisServer, port: u16) -> bool {
+    flags_of(node, port).iter().any(|f| f == "fail")
+}
+
+/// The flags `node`'s `CLUSTER NODES` gives the node on `port` (none if it cannot be read).
+fn flags_of(node: &ncm_cache_testkit::RedisServer, port: u16) -> Vec<String> {
     let needle = format!(":{port}@");
-    node.command(&["CLUSTER", "NODES"]).is_ok_and(|text| {
-        text.lines().any(|line| {
+    let text = node.command(&["CLUSTER", "NODES"]).unwrap_or_default();
+    text.lines()
+        .find_map(|line| {
             let mut fields = line.split_whitespace().skip(1);
-            fields.next().is_some_and(|addr| addr.contains(&needle))
-                && fields
-                    .next()
-                    .is_some_and(|flags| flags.split(',').any(|f| f == "fail"))
+            fields
+                .next()
+                .filter(|addr| addr.contains(&needle))
+                .and(fields.next())
         })
-    })
+        .map(|flags| flags.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// A `RedisCache` on the primary a Sentinel set names, with short timeouts.
