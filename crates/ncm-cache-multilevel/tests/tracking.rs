@@ -658,12 +658,13 @@ async fn l1_comes_back_when_a_failover_outlasts_cluster_failover_wait() {
     let flagged = Instant::now();
     while !b.l1_active() {
         assert!(
-            flagged.elapsed() < WAIT + Duration::from_secs(4),
-            "L1 stayed off for more than cluster_failover_wait ({WAIT:?}) plus a reconnect"
+            flagged.elapsed() < WAIT + Duration::from_secs(6),
+            "L1 stayed off for more than cluster_failover_wait ({WAIT:?}) plus 6 s of reconnects"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let off_for = flagged.elapsed();
+    eprintln!("L1 back {off_for:?} after the primary was flagged failed");
     assert!(
         !cluster
             .cluster_nodes(replica)

@@ -399,7 +399,9 @@ async fn run(
                             tracing::debug!(error = %e, "client tracking: reconnect failed");
                         }
                         if backend.failover_waiting() {
-                            // The promotion can come at any moment; L1 comes back soon after.
+                            // The promotion (or the end of the wait) can come at any moment;
+                            // L1 comes back soon after, not a long backoff later.
+                            backoff = Duration::from_millis(10);
                             tokio::time::sleep(FAILOVER_POLL).await;
                             continue;
                         }
