@@ -14,8 +14,9 @@
 //! no longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt) for
 //! its batch to be sent; a write already handed to the connection is then waited for as an
 //! unbatched one is (until the connection answers or fails), and a write whose caller gave up
-//! before that is never sent, so it is never applied behind its caller's back. A batch is bounded in calls ([`MAX_BATCH`]) and, for
-//! writes, in bytes ([`MAX_BATCH_BYTES`]).
+//! before that (its bound passed, or its future was dropped: a caller's own timeout, a
+//! cancelled request) is never sent, so it is never applied behind its caller's back. A batch
+//! is bounded in calls ([`MAX_BATCH`]) and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
 //! Differences a caller can see: a failed batch fails all of its calls (each counted once in
 //! the stats; a multi-level cache's breaker sees each); a key holding a non-string type reads
@@ -63,6 +64,18 @@ pub(crate) struct Set {
     ttl: Option<Duration>,
     state: Arc<AtomicU8>,
     tx: oneshot::Sender<Result<()>>,
+}
+
+/// Withdraws a queued write when its caller's future ends (completed, timed out or dropped):
+/// a write not yet sent is then never sent. Once sent, nothing changes.
+struct Withdraw(Arc<AtomicU8>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 trait Weight {
@@ -281,6 +294,9 @@ pub(crate) async fn set(
 ) -> Result<()> {
     let (tx, mut rx) = oneshot::channel();
     let state = Arc::new(AtomicU8::new(QUEUED));
+    // Dropped with this future (a caller's own timeout, a cancelled request) before the write
+    // was handed to the connection: it is withdrawn, as after `bound` below.
+    let _withdrawn_on_drop = Withdraw(Arc::clone(&state));
     let call = Set {
         key,
         value,

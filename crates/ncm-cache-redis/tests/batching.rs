@@ -277,3 +277,41 @@ async fn a_refused_write_fails_only_its_own_call() {
         "the allowed writes landed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
+    config.response_timeout = Duration::from_secs(3);
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    cache.set("k", value(0), None).await.unwrap();
+    // Every write now takes 600 ms: four lone writes fill every batch slot, so the next write
+    // is queued behind them.
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
+    let busy: Vec<_> = (1..=4usize)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.set(&key(i), value(i), None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The caller gives up on its own (its future is dropped while the write is queued) ...
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(20), cache.set("k", value(1), None)).await;
+    assert!(gave_up.is_err(), "the write was expected to be queued");
+    // ... and deletes the key; the delete is acknowledged before any slot frees up.
+    assert!(cache.delete("k").await.unwrap());
+    for b in busy {
+        b.await.unwrap().unwrap();
+    }
+    proxy.set_mode(ProxyMode::Pass);
+    // Had the dropped write gone out with the next batch, it would have landed after the delete.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        None,
+        "a write whose caller was dropped before it was sent came back after a later delete"
+    );
+}
