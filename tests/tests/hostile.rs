@@ -666,3 +666,50 @@ async fn envelopes_from_a_newer_build_are_misses_that_stay() {
     assert_eq!(cache.get::<Order>("bad").await.unwrap(), None);
     assert!(!exists(&other, "roll:bad").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_are_not_utf8_under_the_prefix_do_not_stop_a_pattern_clear() {
+    let server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(config(&server, "app:")).await.unwrap();
+    // Another program leaves a binary key name under our prefix.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let binary_key = b"app:\xff\xfebin".to_vec();
+    let _: () = redis::cmd("SET")
+        .arg(&binary_key)
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    cache.set("a", &1u32).await.unwrap();
+    cache.set("b", &2u32).await.unwrap();
+    assert_eq!(cache.clear_pattern("*").await.unwrap(), 3);
+    assert_eq!(cache.get::<u32>("a").await.unwrap(), None);
+    let left: bool = redis::cmd("EXISTS")
+        .arg(&binary_key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!left, "the binary key under the prefix is cleared too");
+
+    // The blocking cache, the same way.
+    let _: () = redis::cmd("SET")
+        .arg(&binary_key)
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    cache.set("c", &3u32).await.unwrap();
+    let url = server.url();
+    let removed = tokio::task::spawn_blocking(move || {
+        let mut c = RedisConfig::from_url(&url).unwrap();
+        c.health_check_interval = None;
+        c.key_prefix = "app:".into();
+        RedisSyncCache::connect(c).unwrap().clear_pattern("*")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(removed, 2);
+    assert_eq!(cache.get::<u32>("c").await.unwrap(), None);
+}

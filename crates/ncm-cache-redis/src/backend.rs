@@ -230,7 +230,7 @@ impl RedisBackend {
             None => {
                 let mut cursor = 0u64;
                 loop {
-                    let (next, keys): (u64, Vec<String>) = self
+                    let (next, keys): (u64, Vec<Vec<u8>>) = self
                         .run(Operation::ClearPattern, Idempotent::Yes, |mut h| {
                             let c = commands::scan(cursor, pattern);
                             async move { c.query_async(&mut h).await }
@@ -247,7 +247,7 @@ impl RedisBackend {
                 for (host, port) in primaries {
                     let mut cursor = 0u64;
                     loop {
-                        let step = self.inner.conn.query_node::<(u64, Vec<String>)>(
+                        let step = self.inner.conn.query_node::<(u64, Vec<Vec<u8>>)>(
                             &host,
                             port,
                             commands::scan(cursor, pattern),
@@ -272,16 +272,18 @@ impl RedisBackend {
     }
 
     /// Unlinks what a SCAN found, except the library's own keys (`{prefix}__ncm:*`: locks,
-    /// write-behind journals, dependency graphs), which a pattern delete never removes.
-    async fn unlink_batch(&self, keys: &[String]) -> Result<u64> {
+    /// write-behind journals, dependency graphs), which a pattern delete never removes. Keys
+    /// are bytes: another program may have written names that are not UTF-8 under the prefix.
+    async fn unlink_batch(&self, keys: &[Vec<u8>]) -> Result<u64> {
         let internal = format!("{}__ncm:", self.key_space().prefix());
+        let internal = internal.as_bytes();
         let owned;
-        let keys = if keys.iter().any(|k| k.starts_with(&internal)) {
+        let keys = if keys.iter().any(|k| k.starts_with(internal)) {
             owned = keys
                 .iter()
-                .filter(|k| !k.starts_with(&internal))
+                .filter(|k| !k.starts_with(internal))
                 .cloned()
-                .collect::<Vec<String>>();
+                .collect::<Vec<Vec<u8>>>();
             owned.as_slice()
         } else {
             keys

@@ -482,7 +482,7 @@ impl RedisSyncCache {
         for node in nodes {
             let mut cursor = 0u64;
             loop {
-                let (next, keys): (u64, Vec<String>) = self.run(Operation::ClearPattern, |c| {
+                let (next, keys): (u64, Vec<Vec<u8>>) = self.run(Operation::ClearPattern, |c| {
                     let scan = commands::scan(cursor, &full);
                     match (&node, &mut *c) {
                         (Some((host, port)), SyncConn::Cluster(cc)) => {
@@ -493,16 +493,17 @@ impl RedisSyncCache {
                                     port: *port,
                                 }),
                             )?;
-                            <(u64, Vec<String>)>::from_redis_value(v).map_err(Into::into)
+                            <(u64, Vec<Vec<u8>>)>::from_redis_value(v).map_err(Into::into)
                         }
                         _ => scan.query(c),
                     }
                 })?;
                 // The library's own keys (locks, journals) are never removed by a pattern.
+                // Bytes: a name under the prefix need not be UTF-8.
                 let internal = format!("{}__ncm:", self.inner.keys.prefix());
-                let keys: Vec<String> = keys
+                let keys: Vec<Vec<u8>> = keys
                     .into_iter()
-                    .filter(|k| !k.starts_with(&internal))
+                    .filter(|k| !k.starts_with(internal.as_bytes()))
                     .collect();
                 if !keys.is_empty() {
                     let n: u64 = self.run(Operation::ClearPattern, |c| {
