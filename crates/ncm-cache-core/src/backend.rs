@@ -175,6 +175,24 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         Ok(())
     }
 
+    /// Reads one of ncm-cache's own keys, [`RESERVED_KEY_PREFIX`](crate::RESERVED_KEY_PREFIX)
+    /// + `name`, which user calls cannot name (they refuse keys in that namespace). The
+    /// multi-level cache keeps its epoch there.
+    ///
+    /// The default reads `get("__ncm:{name}")`, which suits a backend that does not refuse
+    /// reserved keys; the built-in backends override it, and **a wrapper backend must forward
+    /// it**.
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        self.get(&format!("{}{name}", crate::RESERVED_KEY_PREFIX))
+            .await
+    }
+
+    /// Writes one of ncm-cache's own keys (see [`get_reserved`](Self::get_reserved)).
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.set(&format!("{}{name}", crate::RESERVED_KEY_PREFIX), value, ttl)
+            .await
+    }
+
     /// For a backend whose store others share (Redis): the prefix every key of this cache
     /// gets, so that callers can refuse whole-store operations when it is empty (`Some("")`:
     /// this cache's keys are mixed with everyone else's). `None` (the default): the store
@@ -241,6 +259,12 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn close(&self) -> Result<()> {
         (**self).close().await
+    }
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        (**self).get_reserved(name).await
+    }
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        (**self).set_reserved(name, value, ttl).await
     }
     fn key_prefix(&self) -> Option<&str> {
         (**self).key_prefix()

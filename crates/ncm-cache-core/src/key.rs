@@ -7,6 +7,12 @@ use crate::error::{CacheError, Result, truncate};
 /// Default maximum length of a key (without the prefix), in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 4096;
 
+/// The start of ncm-cache's own keys in every key space (locks, epochs, write-behind
+/// journals, dependency graphs): user keys may not begin with it ([`validate_key`] refuses
+/// them), so no user key can overwrite, delete or block one of them. Internal keys are made
+/// with [`KeySpace::reserved_key`].
+pub const RESERVED_KEY_PREFIX: &str = "__ncm:";
+
 /// The namespace of one cache: a prefix put in front of every key, and the key rules.
 ///
 /// Backends that share a store with other programs (Redis) put the prefix on every key and
@@ -68,6 +74,21 @@ impl KeySpace {
         validate_key(key, self.max_key_len)
     }
 
+    /// One of ncm-cache's own keys: the prefix, [`RESERVED_KEY_PREFIX`], then `name` (not
+    /// empty, at most the maximum key length). User keys cannot name it.
+    ///
+    /// ```
+    /// use ncm_cache_core::KeySpace;
+    /// let ks = KeySpace::new("app:");
+    /// assert_eq!(ks.reserved_key("lock:job").unwrap(), "app:__ncm:lock:job");
+    /// // A user key spelled the same way is refused:
+    /// assert!(ks.full_key("__ncm:lock:job").unwrap_err().is_invalid_input());
+    /// ```
+    pub fn reserved_key(&self, name: &str) -> Result<String> {
+        check_shape(name, self.max_key_len)?;
+        Ok(format!("{}{RESERVED_KEY_PREFIX}{name}", self.prefix))
+    }
+
     /// Validates `key` and returns it with the prefix in front.
     pub fn full_key<'k>(&self, key: &'k str) -> Result<Cow<'k, str>> {
         self.validate(key)?;
@@ -105,16 +126,32 @@ impl KeySpace {
     }
 }
 
-/// Checks a key: not empty and at most `max_len` bytes.
+/// Checks a user key: not empty, at most `max_len` bytes, and not in ncm-cache's own
+/// namespace ([`RESERVED_KEY_PREFIX`]).
 ///
 /// ```
 /// use ncm_cache_core::validate_key;
 /// assert!(validate_key("user:1", 16).is_ok());
 /// assert!(validate_key("", 16).unwrap_err().is_invalid_input());
 /// assert!(validate_key(&"x".repeat(17), 16).is_err());
+/// assert!(validate_key("__ncm:lock:job", 64).unwrap_err().is_invalid_input());
 /// ```
 #[inline]
 pub fn validate_key(key: &str, max_len: usize) -> Result<()> {
+    check_shape(key, max_len)?;
+    if key.starts_with(RESERVED_KEY_PREFIX) {
+        return Err(CacheError::invalid_key(
+            key,
+            "keys beginning with `__ncm:` are reserved for ncm-cache's own keys (locks, \
+             epochs, write-behind journals); choose another key",
+        ));
+    }
+    Ok(())
+}
+
+/// Not empty and at most `max_len` bytes.
+#[inline]
+fn check_shape(key: &str, max_len: usize) -> Result<()> {
     if key.is_empty() {
         return Err(CacheError::invalid_key(key, "keys must not be empty"));
     }

@@ -120,6 +120,14 @@ impl CacheBackend for MemoryBackend {
         self.store.get(key)
     }
 
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        self.store.get_reserved(name)
+    }
+
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.store.insert_reserved(name, value, ttl)
+    }
+
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.store
             .insert(key, value, ttl)

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::NO_DEADLINE;
 use ncm_cache_core::{
     Bytes, CacheError, CacheStats, GlobPattern, KeySpace, KeyTtl, Result, SharedClock,
     StatsRecorder, deadline_after,
 };
+use ncm_cache_core::{NO_DEADLINE, RESERVED_KEY_PREFIX};
 use quick_cache::sync::{Cache as QuickCache, EntryAction, EntryResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
@@ -375,6 +375,33 @@ impl<V: StoreValue> MemoryStore<V> {
     /// Stores a value (`ttl: None`: no expiry).
     pub fn insert(&self, key: &str, value: V, ttl: Option<Duration>) -> Result<()> {
         self.check(key)?;
+        self.insert_checked(key, value, ttl)
+    }
+
+    /// Reads one of ncm-cache's own keys ([`RESERVED_KEY_PREFIX`] + `name`), which
+    /// [`get`](Self::get) refuses.
+    pub fn get_reserved(&self, name: &str) -> Result<Option<V>> {
+        let key = self.reserved(name)?;
+        Ok(self.inner.lookup(&key, true))
+    }
+
+    /// Writes one of ncm-cache's own keys (see [`get_reserved`](Self::get_reserved)).
+    pub fn insert_reserved(&self, name: &str, value: V, ttl: Option<Duration>) -> Result<()> {
+        let key = self.reserved(name)?;
+        self.insert_checked(&key, value, ttl)
+    }
+
+    /// The stored name of a reserved key, checked like a key (and the store open).
+    fn reserved(&self, name: &str) -> Result<String> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(CacheError::Closed);
+        }
+        self.inner.keys.reserved_key(name)?;
+        Ok(format!("{RESERVED_KEY_PREFIX}{name}"))
+    }
+
+    /// [`insert`](Self::insert) of a checked key.
+    fn insert_checked(&self, key: &str, value: V, ttl: Option<Duration>) -> Result<()> {
         if ttl.is_some_and(|t| t.is_zero()) {
             return Err(CacheError::InvalidArgument(
                 "a TTL must be greater than zero (delete the key instead)".into(),

@@ -145,6 +145,15 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         Ok(self.0.inner.get_bytes(key, &self.1).await?.map(|(b, _)| b))
     }
 
+    /// The library's own keys live in L2 only (as the multi-level cache keeps its epoch).
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        self.0.inner.l2_raw.get_reserved(name).await
+    }
+
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.0.inner.l2_raw.set_reserved(name, value, ttl).await
+    }
+
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
         let mut eff = self.1;

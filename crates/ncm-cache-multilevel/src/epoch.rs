@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::{
-    Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeyTtl, Result, SharedBackend,
-    async_trait,
+    Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeyTtl, RESERVED_KEY_PREFIX, Result,
+    SharedBackend, async_trait,
 };
 
 /// How old a token may be when no coherence link is up (no one would tell of a clear).
@@ -33,8 +33,10 @@ const MAX_TOKEN: usize = 16;
 /// L2 seen through the cache's current epoch.
 pub(crate) struct EpochBackend {
     inner: SharedBackend,
-    /// The epoch key (in `inner`'s namespace).
+    /// The epoch key (in `inner`'s namespace), as client tracking reports it.
     key: String,
+    /// Its name among the reserved keys (`get_reserved`): `key` without `__ncm:`.
+    reserved: String,
     /// The token kept and when it was read, with the number of `forget`s so far: a read of
     /// the epoch key is kept only if no forget happened since it began (checked and stored
     /// under the same lock as `forget` bumps it).
@@ -58,7 +60,8 @@ impl EpochBackend {
     pub(crate) fn new(inner: SharedBackend, name: &str, linked: bool) -> Self {
         Self {
             inner,
-            key: format!("__ncm:epoch:{name}"),
+            key: format!("{RESERVED_KEY_PREFIX}epoch:{name}"),
+            reserved: format!("epoch:{name}"),
             state: std::sync::RwLock::new(State::default()),
             fetch: tokio::sync::Mutex::new(()),
             linked: AtomicBool::new(linked),
@@ -130,7 +133,7 @@ impl EpochBackend {
             return Ok(token);
         }
         let before = self.forgets();
-        let token: Arc<str> = match self.inner.get(&self.key).await? {
+        let token: Arc<str> = match self.inner.get_reserved(&self.reserved).await? {
             None => Arc::from(FIRST),
             Some(bytes) => Arc::from(parse_token(&bytes)?),
         };
@@ -147,7 +150,11 @@ impl EpochBackend {
         // Read before the write: a clear announced by another instance during it wins.
         let before = self.forgets();
         self.inner
-            .set(&self.key, Bytes::from(token.clone().into_bytes()), None)
+            .set_reserved(
+                &self.reserved,
+                Bytes::from(token.clone().into_bytes()),
+                None,
+            )
             .await?;
         let _one = self.fetch.lock().await;
         self.keep(Arc::from(token), before);
@@ -198,6 +205,12 @@ impl CacheBackend for EpochBackend {
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.inner.get(&self.full(key).await?).await
+    }
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        self.inner.get_reserved(name).await
+    }
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.inner.set_reserved(name, value, ttl).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.inner.set(&self.full(key).await?, value, ttl).await

@@ -202,6 +202,59 @@ impl RedisBackend {
         self.inner.keys.full_key(key)
     }
 
+    /// GET of a full key (batched when batching is on), counted as a hit or a miss.
+    async fn get_full(&self, full: std::borrow::Cow<'_, str>) -> Result<Option<Bytes>> {
+        let v: Option<Bytes> = match &self.inner.batcher {
+            Some(batcher) => {
+                self.check_open()?;
+                crate::batch::get(&self.inner, batcher, full.into_owned()).await?
+            }
+            None => self
+                .run(Operation::Get, Idempotent::Yes, |mut h| {
+                    let c = commands::get(&full);
+                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
+                })
+                .await?
+                .map(Bytes::from),
+        };
+        match v {
+            Some(v) => {
+                self.inner.stats.hit();
+                Ok(Some(v))
+            }
+            None => {
+                self.inner.stats.miss();
+                Ok(None)
+            }
+        }
+    }
+
+    /// SET of a full key (batched when batching is on).
+    async fn set_full(
+        &self,
+        full: std::borrow::Cow<'_, str>,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        match &self.inner.batcher {
+            Some(batcher) => {
+                self.check_open()?;
+                crate::batch::set(&self.inner, batcher, full.into_owned(), value, ttl).await?;
+            }
+            None => {
+                self.run(Operation::Set, Idempotent::No, |mut h| {
+                    let c = commands::set(&full, &value, ttl);
+                    async move { c.query_async::<()>(&mut h).await }
+                })
+                .await?;
+            }
+        }
+        self.inner.stats.sets(1);
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(CacheError::Closed);
@@ -387,51 +440,21 @@ impl CacheBackend for RedisBackend {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let full = self.full(key)?;
-        let v: Option<Bytes> = match &self.inner.batcher {
-            Some(batcher) => {
-                self.check_open()?;
-                crate::batch::get(&self.inner, batcher, full.into_owned()).await?
-            }
-            None => self
-                .run(Operation::Get, Idempotent::Yes, |mut h| {
-                    let c = commands::get(&full);
-                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
-                })
-                .await?
-                .map(Bytes::from),
-        };
-        match v {
-            Some(v) => {
-                self.inner.stats.hit();
-                Ok(Some(v))
-            }
-            None => {
-                self.inner.stats.miss();
-                Ok(None)
-            }
-        }
+        self.get_full(self.full(key)?).await
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        let full = self.full(key)?;
-        commands::check_ttl(ttl)?;
-        commands::check_size(value.len(), self.inner.config.max_value_size)?;
-        match &self.inner.batcher {
-            Some(batcher) => {
-                self.check_open()?;
-                crate::batch::set(&self.inner, batcher, full.into_owned(), value, ttl).await?;
-            }
-            None => {
-                self.run(Operation::Set, Idempotent::No, |mut h| {
-                    let c = commands::set(&full, &value, ttl);
-                    async move { c.query_async::<()>(&mut h).await }
-                })
-                .await?;
-            }
-        }
-        self.inner.stats.sets(1);
-        Ok(())
+        self.set_full(self.full(key)?, value, ttl).await
+    }
+
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        let full = self.inner.keys.reserved_key(name)?;
+        self.get_full(full.into()).await
+    }
+
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        let full = self.inner.keys.reserved_key(name)?;
+        self.set_full(full.into(), value, ttl).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {

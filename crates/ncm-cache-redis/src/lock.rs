@@ -73,10 +73,7 @@ impl RedisBackend {
     /// holds it; `None` when it is held.
     pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<RedisLock>> {
         commands::check_ttl(Some(ttl))?;
-        let key = self
-            .key_space()
-            .full_key(&format!("__ncm:lock:{name}"))?
-            .into_owned();
+        let key = self.key_space().reserved_key(&format!("lock:{name}"))?;
         let token = token();
         let got: Option<String> = self
             .inner()
@@ -109,10 +106,7 @@ impl RedisBackend {
     /// # Ok(()) }
     /// ```
     pub async fn lock_note(&self, name: &str) -> Result<Option<String>> {
-        let key = self
-            .key_space()
-            .full_key(&format!("__ncm:lock:{name}"))?
-            .into_owned();
+        let key = self.key_space().reserved_key(&format!("lock:{name}"))?;
         let value: Option<String> = self
             .inner()
             .run(Operation::Get, true, |mut h| {

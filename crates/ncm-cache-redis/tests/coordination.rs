@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::Bytes;
+use ncm_cache_core::{Bytes, CacheBackend};
 use ncm_cache_redis::{PubSubEvent, RedisCache, RedisConfig};
 use ncm_cache_testkit::RedisServer;
 
@@ -184,5 +184,83 @@ async fn locks_never_collide_with_user_keys_nor_vanish_in_a_clear() {
     assert!(
         lock.release().await.unwrap(),
         "the lock survived both clears"
+    );
+}
+
+/// No user call can name a key of the reserved namespace: a user key spelled like a lock (or
+/// the multi-level cache's stampede lock) is refused with `InvalidKey`, so it can neither hold
+/// a lock nobody took, nor delete another instance's lock, nor hide from a pattern clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_keys_cannot_reach_the_reserved_namespace() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let cache = RedisCache::connect(c.clone()).await.unwrap();
+    let backend = cache.redis_backend();
+    let refused = cache.set("__ncm:lock:job", &"user data").await.unwrap_err();
+    assert!(
+        matches!(refused, ncm_cache_core::CacheError::InvalidKey { .. }),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("reserved"), "{refused}");
+    assert!(
+        backend
+            .try_lock("job", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_some(),
+        "a user write blocked the lock"
+    );
+    // Another instance's stampede lock cannot be deleted through the cache.
+    let held = backend
+        .try_lock("load:k", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cache
+            .delete("__ncm:lock:load:k")
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        backend
+            .try_lock("load:k", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none(),
+        "the lock is still held"
+    );
+    assert!(held.release().await.unwrap());
+    // Every user entry point refuses the namespace: reads, many-key calls, the blocking cache.
+    let b = cache.backend();
+    assert!(b.get("__ncm:x").await.unwrap_err().is_invalid_input());
+    assert!(b.exists("__ncm:x").await.unwrap_err().is_invalid_input());
+    assert!(
+        b.get_many(&["a", "__ncm:x"])
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        b.set_many(&[("__ncm:x", Bytes::from_static(b"v"))], None)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    let sync = ncm_cache_redis::RedisSyncCache::connect(c).unwrap();
+    assert!(sync.set("__ncm:x", &1u8).unwrap_err().is_invalid_input());
+    // The library's own keys still work through the reserved calls (the multi-level epoch).
+    b.set_reserved("epoch:t", Bytes::from_static(b"abc"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get_reserved("epoch:t").await.unwrap(),
+        Some(Bytes::from_static(b"abc"))
+    );
+    assert_eq!(
+        server.cli(&["GET", "app:__ncm:epoch:t"]).unwrap().trim(),
+        "abc"
     );
 }

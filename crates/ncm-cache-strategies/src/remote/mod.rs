@@ -90,8 +90,7 @@ impl Remote {
         let base = self
             .backend
             .key_space()
-            .full_key(&format!("__ncm:wt:{{{tag:016x}}}"))?
-            .into_owned();
+            .reserved_key(&format!("wt:{{{tag:016x}}}"))?;
         let keys = [format!("{base}:w"), format!("{base}:last")];
         let token = format!("{:032x}", fastrand::u128(..));
         let n: i64 = self
@@ -130,11 +129,9 @@ impl Remote {
 
     /// The set of keys registered (by any instance) under `event`.
     fn event_set(&self, event: &str) -> Result<String> {
-        Ok(self
-            .backend
+        self.backend
             .key_space()
-            .full_key(&format!("__ncm:ev:{event}"))?
-            .into_owned())
+            .reserved_key(&format!("ev:{event}"))
     }
 
     /// Shares a registration: the keys of `event`, for every instance (also after this one is

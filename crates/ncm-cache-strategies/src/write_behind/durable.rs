@@ -237,15 +237,15 @@ impl<V: QueueValue> RedisJournal<V> {
             ));
         }
         let ks = config.backend.key_space();
-        let base = format!("__ncm:wb:{{{name}}}");
+        let base = format!("wb:{{{name}}}");
         let consumer = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
         let journal = Self {
-            stream: ks.full_key(&base)?.into_owned(),
-            newest: ks.full_key(&format!("{base}:newest"))?.into_owned(),
-            counts: ks.full_key(&format!("{base}:counts"))?.into_owned(),
-            dead: ks.full_key(&format!("{base}:dead"))?.into_owned(),
-            members: ks.full_key(&format!("{base}:consumers"))?.into_owned(),
-            alive_prefix: ks.full_key(&format!("{base}:alive:"))?.into_owned(),
+            stream: ks.reserved_key(&base)?,
+            newest: ks.reserved_key(&format!("{base}:newest"))?,
+            counts: ks.reserved_key(&format!("{base}:counts"))?,
+            dead: ks.reserved_key(&format!("{base}:dead"))?,
+            members: ks.reserved_key(&format!("{base}:consumers"))?,
+            alive_prefix: ks.reserved_key(&format!("{base}:alive:"))?,
             backend: Arc::clone(&config.backend),
             codec: Arc::new(cache),
             consumer,
