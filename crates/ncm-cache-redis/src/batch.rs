@@ -19,7 +19,8 @@
 //! is bounded in calls ([`MAX_BATCH`]) and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
 //! Differences a caller can see: a failed batch fails all of its calls (each counted once in
-//! the stats; a multi-level cache's breaker sees each); a key holding a non-string type reads
+//! the stats; a multi-level cache's breaker sees each), except an `MGET` refused by an ACL key
+//! permission, which is asked again key by key so that only the forbidden keys' calls fail; a key holding a non-string type reads
 //! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it went alone; latency
 //! stats are per batch, without the time a call spent queued. `RedisSyncCache` does not batch.
 //!
@@ -358,19 +359,19 @@ async fn flush_sets(inner: Arc<Inner>, mut batch: Vec<Set>) {
 }
 
 /// Hands `answer` to its caller and counts a delivered error, so that every failed call is
-/// counted once: `pending` is an error `Inner::run` already counted for the batch, attributed
-/// to the first failed call delivered.
+/// counted once: `pending` are errors `Inner::run` already counted for the batch, attributed
+/// to the first failed calls delivered.
 fn deliver<T>(
     inner: &Inner,
     kind: Operation,
     tx: oneshot::Sender<Result<T>>,
     answer: Result<T>,
-    pending: &mut bool,
+    pending: &mut u32,
 ) {
     let failed = answer.is_err();
     if tx.send(answer).is_ok() && failed {
-        if *pending {
-            *pending = false;
+        if *pending > 0 {
+            *pending -= 1;
         } else {
             inner.stats.error(kind);
         }
@@ -396,7 +397,7 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
                 async move { c.query_async(&mut h).await }
             })
             .await;
-        let mut pending = counted_by_run(&r);
+        let mut pending = u32::from(counted_by_run(&r));
         deliver(
             inner,
             Operation::Get,
@@ -426,13 +427,15 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             mget.query_async(&mut h).await
         })
         .await;
-    let mut pending = counted_by_run(&r);
+    let mut pending = u32::from(counted_by_run(&r));
     let r = r.and_then(|values| {
         if values.len() == keys.len() {
-            Ok(values
-                .into_iter()
-                .map(|v| v.map(Bytes::from))
-                .collect::<Vec<_>>())
+            Ok(Answers::All(
+                values
+                    .into_iter()
+                    .map(|v| v.map(Bytes::from))
+                    .collect::<Vec<_>>(),
+            ))
         } else {
             Err(CacheError::Backend {
                 message: format!(
@@ -444,15 +447,73 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
             })
         }
     });
+    // ACL key permissions apply to a whole MGET: one caller's forbidden key refuses it for
+    // every caller. Asked again key by key (one pipeline), each caller gets its own answer.
+    let r = match r {
+        Err(CacheError::Auth(_)) => {
+            let again = get_each(inner, &keys).await;
+            pending += u32::from(counted_by_run(&again));
+            again
+        }
+        r => r,
+    };
     drop(index);
     drop(keys);
     for (g, at) in batch.drain(..).zip(place) {
         let answer = match &r {
-            Ok(values) => Ok(values[at].clone()),
+            Ok(Answers::All(values)) => Ok(values[at].clone()),
+            Ok(Answers::Each(answers)) => answers[at].clone(),
             Err(e) => Err(e.clone()),
         };
         deliver(inner, Operation::Get, g.tx, answer, &mut pending);
     }
+}
+
+/// The answers to a batch of reads: one `MGET` reply, or one reply per key.
+enum Answers {
+    All(Vec<Option<Bytes>>),
+    Each(Vec<Result<Option<Bytes>>>),
+}
+
+/// A GET per key in one pipeline, each with its own reply (an error reply reaches only its
+/// key's callers).
+async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
+    let timeout = inner.config.response_timeout;
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for key in keys {
+        pipe.add_command(commands::get(key));
+    }
+    let pipe = &pipe;
+    let replies: Vec<redis::RedisResult<redis::Value>> = inner
+        .run(Operation::Get, true, |mut h| async move {
+            pipe.query_async(&mut h).await
+        })
+        .await?;
+    if replies.len() != keys.len() {
+        return Err(CacheError::Backend {
+            message: format!(
+                "a pipeline of {} GETs answered {} replies",
+                keys.len(),
+                replies.len()
+            ),
+            source: None,
+        });
+    }
+    Ok(Answers::Each(
+        replies
+            .into_iter()
+            .map(|reply| {
+                reply
+                    .and_then(|v| {
+                        <Option<Vec<u8>> as redis::FromRedisValue>::from_redis_value(v)
+                            .map_err(Into::into)
+                    })
+                    .map(|v| v.map(Bytes::from))
+                    .map_err(|e| crate::error::map_err("get", e, timeout))
+            })
+            .collect(),
+    ))
 }
 
 /// One pipeline of SETs, built when the connection is ready: a write whose caller gave up
@@ -492,7 +553,7 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
             }
         })
         .await;
-    let mut pending = counted_by_run(&r);
+    let mut pending = u32::from(counted_by_run(&r));
     let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
     match r {
         Ok((sent, replies)) => {

@@ -315,3 +315,50 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
         "a write whose caller was dropped before it was sent came back after a later delete"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_refused_for_one_key_fails_only_its_own_call() {
+    // This user may read and write `app:ok*` keys only: Redis refuses a whole MGET that
+    // names any other key.
+    let server = RedisServer::builder()
+        .args([
+            "--user", "app", "on", ">pw", "~app:ok*", "&*", "+@all", "--user", "default", "off",
+        ])
+        .start()
+        .unwrap();
+    let mut config = RedisConfig::from_url(&format!("redis://app:pw@{}", server.addr())).unwrap();
+    config.key_prefix = "app:".into();
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    for i in 0..64 {
+        cache.set(&format!("ok{i}"), value(i), None).await.unwrap();
+    }
+    let mut refused = 0;
+    for _ in 0..20 {
+        let handles: Vec<_> = (0..64usize)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let k = if i % 3 == 0 {
+                        format!("no{i}")
+                    } else {
+                        format!("ok{i}")
+                    };
+                    (i, cache.get(&k).await)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (i, r) = h.await.unwrap();
+            if i % 3 == 0 {
+                assert!(matches!(r, Err(CacheError::Auth(_))), "{r:?}");
+                refused += 1;
+            } else {
+                assert_eq!(r.unwrap(), Some(value(i)), "an allowed read of ok{i}");
+            }
+        }
+    }
+    assert_eq!(refused, 20 * 22);
+    // Each refused call counted once.
+    assert_eq!(cache.get_stats().errors, 20 * 22);
+}
