@@ -25,13 +25,15 @@
 //!
 //! ## How invalidation works
 //!
-//! A cached result's key carries the tables its statement reads:
-//! `sql:{database}:|orders|users|:{hash}`. [`SqlCache::invalidate_table`] is then a pattern
-//! delete (`…:*|users|*`) that works on every backend and needs no separate index: nothing can
-//! outgrow the entries, and every instance sharing the cache sees the same keys. Statements
-//! whose tables cannot be determined are tagged unknown and removed by every table
-//! invalidation. Within a process, a result computed while one of its tables was invalidated
-//! is not stored (see the crate's README for the reasoning).
+//! Every table has a generation key beside the entries (`{namespace}:{identity}#gen:{table}`,
+//! and `#gen*` for the whole database) holding a random token. A cached result records the
+//! tokens of its tables read *before* its query ran, and a read is a hit only while every one
+//! of them is still current (one batch read fetches the entry and the tokens).
+//! [`SqlCache::invalidate_table`] replaces the tokens of the table and of what depends on it:
+//! one batch write, whatever the number of entries — never a scan of the keyspace — and every
+//! instance sharing the cache sees it on its next read. A result computed while one of its
+//! tables was invalidated carries an old token, so it is never served. Statements whose
+//! tables cannot be determined are not cached. See the crate's README for the reasoning.
 //!
 //! ```
 //! use ncm_cache_codec::Serializer;
