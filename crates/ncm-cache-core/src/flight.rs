@@ -86,25 +86,59 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
             let mut calls = lock(&self.calls);
             Arc::clone(calls.entry(key.clone()).or_default())
         };
+        // Frees the key when this caller leaves, landed or cancelled (see `Leave`).
+        let leave = Leave {
+            calls: &self.calls,
+            key,
+            call,
+        };
         let mut ran = false;
-        let result = call
+        let result = leave
+            .call
             .get_or_init(|| {
                 ran = true;
                 load()
             })
             .await
             .clone();
-        // The first caller to see the landed flight frees the key (only if it is still ours).
-        let mut calls = lock(&self.calls);
-        if calls.get(&key).is_some_and(|c| Arc::ptr_eq(c, &call)) {
-            calls.remove(&key);
-        }
+        drop(leave);
         (result, ran)
     }
 
     /// Number of keys with a load in flight.
     pub fn in_flight(&self) -> usize {
         lock(&self.calls).len()
+    }
+}
+
+/// One caller's share of a flight. When it ends — the flight landed, or the caller's future
+/// was dropped — the key is freed if the flight is still the key's and either landed or has
+/// no other caller left (only the map's reference is left once this one is released): a lone caller
+/// cancelled mid-load leaves no entry behind, while a cancelled leader with waiters leaves
+/// the flight to them (one of them runs its own loader).
+struct Leave<'a, K: Hash + Eq, V> {
+    calls: &'a Mutex<HashMap<K, Call<V>>>,
+    key: K,
+    call: Call<V>,
+}
+
+impl<K: Hash + Eq, V> Drop for Leave<'_, K, V> {
+    fn drop(&mut self) {
+        // Every clone of a flight is made and released under this lock, so the count read
+        // below is exact.
+        let mut calls = lock(self.calls);
+        let call = std::mem::take(&mut self.call);
+        let ours = calls.get(&self.key).is_some_and(|c| Arc::ptr_eq(c, &call));
+        let landed = call.initialized();
+        drop(call);
+        if ours
+            && (landed
+                || calls
+                    .get(&self.key)
+                    .is_some_and(|c| Arc::strong_count(c) == 1))
+        {
+            calls.remove(&self.key);
+        }
     }
 }
 
@@ -124,6 +158,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_caller_cancelled_mid_load_leaves_no_entry_behind() {
+        let flight = SingleFlight::<u32, u32>::new();
+        for i in 0..1000 {
+            let gave_up = tokio::time::timeout(
+                Duration::from_millis(1),
+                flight.run(i, std::future::pending::<Result<u32>>),
+            )
+            .await;
+            assert!(gave_up.is_err());
+        }
+        assert_eq!(flight.in_flight(), 0, "cancelled flights stayed in the map");
+        // A cancelled leader with a waiter still hands over, and the key is then freed.
+        let flight = Arc::new(SingleFlight::<&'static str, u32>::new());
+        let f = Arc::clone(&flight);
+        let leader =
+            tokio::spawn(async move { f.run("k", std::future::pending::<Result<u32>>).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let f = Arc::clone(&flight);
+        let waiter = tokio::spawn(async move { f.run("k", || async { Ok(7) }).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(flight.in_flight(), 1);
+        leader.abort();
+        assert_eq!(waiter.await.unwrap().unwrap(), 7);
+        assert_eq!(flight.in_flight(), 0);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_thousand_waiters_share_one_error_and_the_next_call_runs_again() {
