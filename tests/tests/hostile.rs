@@ -667,6 +667,16 @@ async fn envelopes_from_a_newer_build_are_misses_that_stay() {
     assert!(!exists(&other, "roll:bad").await);
 }
 
+/// Writes `key` (any bytes) as another program would.
+async fn set_raw(raw: &mut redis::aio::MultiplexedConnection, key: &[u8]) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg("x")
+        .query_async(raw)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_are_not_utf8_under_the_prefix_do_not_stop_a_pattern_clear() {
     let server = RedisServer::start().unwrap();
@@ -675,12 +685,7 @@ async fn keys_that_are_not_utf8_under_the_prefix_do_not_stop_a_pattern_clear() {
     let client = redis::Client::open(server.url()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
     let binary_key = b"app:\xff\xfebin".to_vec();
-    let _: () = redis::cmd("SET")
-        .arg(&binary_key)
-        .arg("x")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    set_raw(&mut raw, &binary_key).await;
     cache.set("a", &1u32).await.unwrap();
     cache.set("b", &2u32).await.unwrap();
     assert_eq!(cache.clear_pattern("*").await.unwrap(), 3);
@@ -693,12 +698,7 @@ async fn keys_that_are_not_utf8_under_the_prefix_do_not_stop_a_pattern_clear() {
     assert!(!left, "the binary key under the prefix is cleared too");
 
     // The blocking cache, the same way.
-    let _: () = redis::cmd("SET")
-        .arg(&binary_key)
-        .arg("x")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    set_raw(&mut raw, &binary_key).await;
     cache.set("c", &3u32).await.unwrap();
     let url = server.url();
     let removed = tokio::task::spawn_blocking(move || {

@@ -235,9 +235,8 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
     proxy.set_mode(ProxyMode::Pass);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_write_fails_only_its_own_call() {
-    // This user may write `app:ok*` keys only.
+/// A server whose user `app` may read and write `app:ok*` keys only, and a cache of that user.
+async fn acl_cache() -> (RedisServer, SharedBackend) {
     let server = RedisServer::builder()
         .args([
             "--user", "app", "on", ">pw", "~app:ok*", "&*", "+@all", "--user", "default", "off",
@@ -248,6 +247,13 @@ async fn a_refused_write_fails_only_its_own_call() {
     config.key_prefix = "app:".into();
     config.health_check_interval = None;
     let cache = RedisCache::connect(config).await.unwrap().backend();
+    (server, cache)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_fails_only_its_own_call() {
+    // This user may write `app:ok*` keys only.
+    let (_server, cache) = acl_cache().await;
     for _ in 0..20 {
         let handles: Vec<_> = (0..64usize)
             .map(|i| {
@@ -320,16 +326,7 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
 async fn a_read_refused_for_one_key_fails_only_its_own_call() {
     // This user may read and write `app:ok*` keys only: Redis refuses a whole MGET that
     // names any other key.
-    let server = RedisServer::builder()
-        .args([
-            "--user", "app", "on", ">pw", "~app:ok*", "&*", "+@all", "--user", "default", "off",
-        ])
-        .start()
-        .unwrap();
-    let mut config = RedisConfig::from_url(&format!("redis://app:pw@{}", server.addr())).unwrap();
-    config.key_prefix = "app:".into();
-    config.health_check_interval = None;
-    let cache = RedisCache::connect(config).await.unwrap().backend();
+    let (_server, cache) = acl_cache().await;
     for i in 0..64 {
         cache.set(&format!("ok{i}"), value(i), None).await.unwrap();
     }
