@@ -16,7 +16,7 @@ use ncm_cache_memory::MemoryBackend;
 use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_strategies::{CacheStrategies, DurableConfig, WriteBehindConfig};
 use ncm_cache_testkit::{RedisCluster, RedisServer};
-use support::{database, eventually, eventually_async};
+use support::{Flaky, database, eventually, eventually_async};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -866,5 +866,125 @@ async fn a_withdrawn_write_does_not_supersede_the_older_acknowledged_one() {
         server.cli(&["XLEN", "__ncm:wb:{withdraw}"]).unwrap().trim(),
         "0"
     );
+    s.shutdown().await.unwrap();
+}
+
+/// The journal side of a queue over a [`Flaky`] local cache, with `config` for the journal's
+/// connection: only the journal talks to Redis.
+async fn flaky_queue(
+    journal: RedisConfig,
+    store: &ncm_cache_strategies::Store<String>,
+) -> (
+    CacheStrategies,
+    Flaky,
+    Cache<Serializer>,
+    ncm_cache_strategies::WriteBehind<String>,
+) {
+    let c = RedisCache::connect(journal).await.unwrap();
+    let flaky = Flaky::default();
+    let local = Cache::new(flaky.clone(), Serializer::default());
+    let s = CacheStrategies::builder(local.clone())
+        .redis(c.redis_backend().clone())
+        .write_behind(durable(&c))
+        .build()
+        .await
+        .unwrap();
+    let queue = s.write_behind_queue(store).await.unwrap();
+    (s, flaky, local, queue)
+}
+
+/// After a flush, the acknowledged write is stored (or the newer unacknowledged one, which may
+/// or may not have happened), cache and store agree, and the journal is empty.
+async fn acknowledged_write_survived(
+    server: &RedisServer,
+    stream: &str,
+    db: &support::Database,
+    local: &Cache<Serializer>,
+) {
+    let stored = db.get("k");
+    assert!(
+        matches!(stored.as_deref(), Some("small" | "big")),
+        "the acknowledged write was lost: the store holds {stored:?}"
+    );
+    let cached: Option<String> = local.get("k").await.unwrap();
+    assert!(
+        cached.is_none() || cached == stored,
+        "the cache holds {cached:?} but the store {stored:?}"
+    );
+    assert_eq!(
+        server.cli(&["XLEN", stream]).unwrap().trim(),
+        "0",
+        "a journal entry was left behind"
+    );
+}
+
+/// A write whose journal append timed out but ran late (Redis stalled, then caught up) left an
+/// entry this process did not know: the older acknowledged write was judged superseded by it and
+/// acknowledged without being stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_append_that_lands_late_does_not_lose_the_older_acknowledged_write() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut cfg = config(&proxy.url(), "");
+    cfg.response_timeout = Duration::from_millis(300);
+    let (store, db) = database("late");
+    let (s, _flaky, local, queue) = flaky_queue(cfg, &store).await;
+    queue
+        .write("k", &"small".to_string(), HOUR, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let newest = || {
+        server
+            .cli(&["HGET", "__ncm:wb:{late}:newest", "k"])
+            .unwrap()
+    };
+    let first = newest();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    let err = queue.write("k", &"big".to_string(), HOUR, HOUR).await;
+    assert!(err.is_err(), "the append was meant to time out");
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    assert!(
+        eventually(Duration::from_secs(3), || newest() != first).await,
+        "scenario not reproduced: the timed-out append never landed"
+    );
+    queue.flush().await.unwrap();
+    acknowledged_write_survived(&server, "__ncm:wb:{late}", &db, &local).await;
+    s.shutdown().await.unwrap();
+}
+
+/// A write whose caller stops waiting after its journal append (here: while its cache write
+/// hangs) is not left orphaned in the journal: before, it stayed pending under this live consumer,
+/// the key's older acknowledged write was then judged superseded by it and acknowledged without
+/// being stored, and the orphan itself was stored only when the process exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_write_does_not_make_the_older_acknowledged_one_superseded() {
+    let server = RedisServer::start().unwrap();
+    let (store, db) = database("cancelled");
+    let (s, flaky, local, queue) = flaky_queue(config(&server.url(), ""), &store).await;
+    queue
+        .write("k", &"small".to_string(), HOUR, Duration::from_millis(200))
+        .await
+        .unwrap();
+    flaky.hang_sets.store(true, Ordering::SeqCst);
+    let big = "big".to_string();
+    // "k" has an older acknowledged write waiting; "solo" has none (nothing would ever fence
+    // its orphan before the process exits).
+    for key in ["k", "solo"] {
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(150),
+            queue.write(key, &big, HOUR, HOUR),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the cache write was meant to hang");
+    }
+    flaky.hang_sets.store(false, Ordering::SeqCst);
+    queue.flush().await.unwrap();
+    let cached: Option<String> = local.get("solo").await.unwrap();
+    assert!(
+        cached.is_none() || cached == db.get("solo"),
+        "the cache holds {cached:?} but the store {:?}",
+        db.get("solo")
+    );
+    acknowledged_write_survived(&server, "__ncm:wb:{cancelled}", &db, &local).await;
     s.shutdown().await.unwrap();
 }

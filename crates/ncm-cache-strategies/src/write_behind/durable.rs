@@ -62,21 +62,29 @@ return {id, prev}
 });
 
 /// For each (key, id) about to be persisted by consumer ARGV[2]: 2 when the entry is no longer
-/// in its pending list (adopted by another process), 1 when a newer write of the key was
-/// journaled, else 0 (persist).
+/// in its pending list (adopted by another process); when a newer write of the key was
+/// journaled, that write's id if it is pending under this same consumer, else 1; else 0
+/// (persist).
 static FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local function mine(id)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  return #p > 0 and p[1][2] == ARGV[2]
+end
 local out = {}
 for i = 3, #ARGV, 2 do
   local key, id = ARGV[i], ARGV[i + 1]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p == 0 or p[1][2] ~= ARGV[2] then
+  if not mine(id) then
     out[#out + 1] = 2
   else
     local newest = redis.call('HGET', KEYS[2], key)
     if newest and newest ~= id then
-      out[#out + 1] = 1
+      if mine(newest) then
+        out[#out + 1] = newest
+      else
+        out[#out + 1] = 1
+      end
     else
       out[#out + 1] = 0
     end
@@ -491,7 +499,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                 args.push(key.as_bytes().to_vec());
                 args.push(id_str(*id).into_bytes());
             }
-            let codes: Vec<i64> = self
+            let codes: Vec<Value> = self
                 .backend
                 .eval_script(
                     Operation::Get,
@@ -506,13 +514,41 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                     None,
                 ));
             }
-            out.extend(codes.into_iter().map(|c| match c {
-                0 => Verdict::Persist,
-                1 => Verdict::Superseded,
-                _ => Verdict::Lost,
-            }));
+            for code in codes {
+                out.push(match code {
+                    Value::Int(0) => Verdict::Persist,
+                    Value::Int(1) => Verdict::Superseded,
+                    Value::Int(_) => Verdict::Lost,
+                    other => match text(&other).as_deref().and_then(parse_id) {
+                        Some(newest) => Verdict::Orphan(newest),
+                        None => {
+                            return Err(CacheError::backend(
+                                format!("write-behind fence: unexpected reply {other:?}"),
+                                None,
+                            ));
+                        }
+                    },
+                });
+            }
         }
         Ok(out)
+    }
+
+    async fn fetch(&self, id: Version) -> Result<Option<Recovered<V>>> {
+        let mut range = cmd("XRANGE");
+        let id_text = id_str(id);
+        range.arg(&self.stream).arg(&id_text).arg(&id_text);
+        let reply: Value = self.backend.query_cmd(Operation::Get, &range).await?;
+        let Some(entry) = items(reply).into_iter().next() else {
+            return Ok(None);
+        };
+        match self.parse_entry(entry) {
+            Ok(found) => Ok(found),
+            Err(bad) => {
+                self.bury(bad).await?;
+                Ok(None)
+            }
+        }
     }
 
     async fn ack(&self, ids: &[(String, Version)]) -> Result<()> {

@@ -75,6 +75,17 @@ impl<V: QueueValue> Shared<V> {
     ) -> Result<()> {
         self.reserve(key).await?;
         let _stripe = self.stripe(key).lock().await;
+        // From here, a caller that stops waiting (its future dropped) may leave a journaled
+        // entry or a cached value behind: the guard queues the write instead (see `Unfinished`).
+        *lock(&self.state).writing.entry(key.to_owned()).or_default() += 1;
+        let mut unfinished = Unfinished {
+            shared: self,
+            key,
+            value,
+            delay,
+            id: None,
+            armed: self.journal.is_none(),
+        };
         // Journal first, then the cache: a crash in between leaves a journaled write (adopted
         // and persisted by another process, which then evicts the key), never a cached value
         // that no journal holds.
@@ -89,6 +100,8 @@ impl<V: QueueValue> Shared<V> {
             },
         };
         let id = appended.map(|a| a.id);
+        unfinished.id = id;
+        unfinished.armed = true;
         // A cache failure after the append: the write is taken back from the journal (not
         // acknowledged). If that fails too, it stays queued — it is journaled and will be
         // persisted — and the cache's error is still returned.
@@ -97,15 +110,22 @@ impl<V: QueueValue> Shared<V> {
             self.stats.add(Counter::Rejected, 1);
             match (&self.journal, appended) {
                 (Some(journal), Some(a)) => match journal.withdraw(key, a).await {
-                    Ok(()) => return Err(e),
+                    Ok(()) => {
+                        unfinished.armed = false;
+                        return Err(e);
+                    }
                     Err(w) => {
                         tracing::warn!(queue = %self.name, key, error = %w, "could not withdraw a journaled write whose cache write failed; it will be persisted");
                         cache_failure = Some(e);
                     }
                 },
-                _ => return Err(e),
+                _ => {
+                    unfinished.armed = false;
+                    return Err(e);
+                }
             }
         }
+        unfinished.armed = false;
         let inserted = {
             let mut st = lock(&self.state);
             if st.exited {
@@ -149,6 +169,34 @@ impl<V: QueueValue> Shared<V> {
         self.stats.superseded(superseded);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Queues a write whose caller stopped waiting after its journal append (or during its
+    /// cache write): it may or may not have been cached, so it is persisted like an adopted one
+    /// (the cached value evicted after). Left out, a journaled entry would stay pending under
+    /// this consumer until the process exits, and an older write of its key would be judged
+    /// superseded by it; a cached value would never reach the store.
+    fn take_over(&self, key: &str, value: &V, delay: Duration, id: Option<Version>) {
+        let mut st = lock(&self.state);
+        if st.exited {
+            // The consumer left: another process adopts a journaled entry.
+            tracing::warn!(queue = %self.name, key, "a write cancelled at shutdown was not queued");
+            return;
+        }
+        st.vseq += 1;
+        let version = id.unwrap_or((0, st.vseq));
+        let due = later(Instant::now(), delay);
+        st.insert(
+            key.to_owned(),
+            value.clone(),
+            version,
+            due,
+            id.into_iter().collect(),
+        );
+        st.adopted.insert(key.to_owned());
+        self.stats.pending_gauge(st.pending.len() + st.in_flight);
+        drop(st);
+        self.wake.notify_one();
     }
 
     async fn uncache(&self, key: &str) {
@@ -389,13 +437,30 @@ impl<V: QueueValue> Shared<V> {
         let (mut superseded, mut lost) = (0u64, 0u64);
         let mut kept_entries = Vec::with_capacity(entries.len());
         let mut kept_meta = Vec::with_capacity(meta.len());
-        for ((entry, m), verdict) in entries.drain(..).zip(meta.drain(..)).zip(verdicts) {
+        for ((mut entry, mut m), verdict) in entries.drain(..).zip(meta.drain(..)).zip(verdicts) {
+            let verdict = match verdict {
+                Verdict::Orphan(newest) => match self.orphan(journal, &entry.0, newest).await? {
+                    None => Verdict::Superseded,
+                    Some(value) => {
+                        // Persisted in place of the older write (both acknowledged after), and
+                        // the cached value evicted after: the orphan's cache write may never
+                        // have happened.
+                        tracing::warn!(queue = %self.name, key = %entry.0, "persisting a journaled write whose caller stopped waiting (or whose append timed out) in place of an older one");
+                        entry.1 = value;
+                        m.0 = newest;
+                        m.1.push(newest);
+                        lock(&self.state).adopted.insert(entry.0.clone());
+                        Verdict::Persist
+                    }
+                },
+                v => v,
+            };
             match verdict {
                 Verdict::Persist => {
                     kept_entries.push(entry);
                     kept_meta.push(m);
                 }
-                Verdict::Superseded => {
+                Verdict::Superseded | Verdict::Orphan(_) => {
                     superseded += 1;
                     acks.extend(m.1.into_iter().map(|id| (entry.0.clone(), id)));
                 }
@@ -415,6 +480,40 @@ impl<V: QueueValue> Shared<V> {
             tracing::warn!(queue = %self.name, lost, "writes adopted by another process while this one stalled; not persisting them here");
         }
         Ok(())
+    }
+
+    /// The value of `newest`, a write of `key` pending under this consumer that supersedes one
+    /// about to be persisted — when this process does not know it (an orphan); `None` when it
+    /// does (it is queued, a dead letter, or a write of the key is under way here) or the write
+    /// is gone.
+    async fn orphan(
+        &self,
+        journal: &Arc<dyn Journal<V>>,
+        key: &str,
+        newest: Version,
+    ) -> Result<Option<V>> {
+        let known = {
+            let st = lock(&self.state);
+            let holds =
+                |version: Version, ids: &[Version]| version >= newest || ids.contains(&newest);
+            st.writing.contains_key(key)
+                || st
+                    .pending
+                    .get(key)
+                    .is_some_and(|p| holds(p.version, &p.ids))
+                || st
+                    .dead
+                    .iter()
+                    .any(|d| d.letter.key == key && holds(d.version, &d.ids))
+        };
+        if known {
+            return Ok(None);
+        }
+        Ok(journal
+            .fetch(newest)
+            .await?
+            .filter(|r| r.key == key)
+            .map(|r| r.value))
     }
 
     pub(crate) async fn ack(&self, mut ids: Vec<(String, Version)>) {
@@ -536,6 +635,35 @@ fn backoff(config: &WriteBehindConfig, attempt: u32) -> Duration {
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
         .min(config.max_retry_backoff);
     exp.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+/// Armed while a write's outcome is in the air (after its journal append, during its cache
+/// write); a future dropped then hands the write to [`Shared::take_over`].
+struct Unfinished<'a, V: QueueValue> {
+    shared: &'a Shared<V>,
+    key: &'a str,
+    value: &'a V,
+    delay: Duration,
+    id: Option<Version>,
+    armed: bool,
+}
+
+impl<V: QueueValue> Drop for Unfinished<'_, V> {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.shared.state);
+            if let Some(n) = st.writing.get_mut(self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    st.writing.remove(self.key);
+                }
+            }
+        }
+        if self.armed {
+            self.shared
+                .take_over(self.key, self.value, self.delay, self.id);
+        }
+    }
 }
 
 pub(crate) enum Step {

@@ -70,6 +70,11 @@ pub(crate) enum Verdict {
     Superseded,
     /// Another process adopted it (our lease ran out while we stalled): leave it alone.
     Lost,
+    /// A newer write of its key supersedes it, and that write is pending under this very
+    /// consumer: either one this process knows (then like `Superseded`), or an orphan — a write
+    /// whose caller stopped waiting after its journal append, or whose append timed out and ran
+    /// late — which must be persisted in its place, not left for adoption at exit.
+    Orphan(Version),
 }
 
 /// Where a durable queue journals its writes (a Redis Stream).
@@ -81,6 +86,8 @@ pub(crate) trait Journal<V>: Send + Sync {
     async fn withdraw(&self, key: &str, appended: Appended) -> Result<()>;
     /// Checks, in one atomic step, each `(key, newest version held)` about to be persisted.
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
+    /// Reads one journaled write back (`None` when it is gone).
+    async fn fetch(&self, id: Version) -> Result<Option<Recovered<V>>>;
     /// Forgets persisted (or superseded) writes of their keys.
     async fn ack(&self, ids: &[(String, Version)]) -> Result<()>;
     /// Claims up to `limit` pending writes of consumers whose lease expired.
@@ -122,6 +129,9 @@ pub(crate) struct State<V> {
     /// Keys whose waiting write was adopted from a crashed process (not written by this one):
     /// their cached value is evicted once the write is persisted.
     pub(crate) adopted: std::collections::HashSet<String>,
+    /// Keys with a write between its start and its queueing (journal append, cache write): a
+    /// journaled entry of such a key this process does not hold yet is not an orphan.
+    pub(crate) writing: HashMap<String, u32>,
     pub(crate) last_error: Option<CacheError>,
     pub(crate) closing: bool,
     pub(crate) exited: bool,
@@ -141,6 +151,7 @@ impl<V> State<V> {
             dead: Vec::new(),
             unacked: Vec::new(),
             adopted: std::collections::HashSet::new(),
+            writing: HashMap::new(),
             last_error: None,
             closing: false,
             exited: false,

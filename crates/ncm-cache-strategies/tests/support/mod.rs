@@ -82,11 +82,12 @@ where
     check().await
 }
 
-/// A memory backend whose writes can be made to fail.
+/// A memory backend whose writes can be made to fail, or to hang until the flag is cleared.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Flaky {
     pub(crate) inner: MemoryBackend,
     pub(crate) fail_sets: Arc<AtomicBool>,
+    pub(crate) hang_sets: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -98,6 +99,9 @@ impl CacheBackend for Flaky {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        while self.hang_sets.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if self.fail_sets.load(Ordering::SeqCst) {
             return Err(ncm_cache_core::CacheError::connection(
                 "injected failure",
