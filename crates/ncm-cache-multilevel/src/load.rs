@@ -170,9 +170,22 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        // Named by the key's versions now: a caller that starts after an invalidation or a
+        // local write of the key does not join a load begun before it.
+        let flight = self
+            .opts
+            .enable_stampede_prevention
+            .then(|| self.versions.flight_key(key));
         let result = if eff.soft_timeout.is_some() || eff.hard_timeout.is_some() {
-            self.load_in_background::<T, F, Fut, E>(key, eff, loader, stale.clone(), recheck)
-                .await
+            self.load_in_background::<T, F, Fut, E>(
+                key,
+                flight.as_deref(),
+                eff,
+                loader,
+                stale.clone(),
+                recheck,
+            )
+            .await
         } else {
             // Boxed: erases the loader's future type here, keeping the caller's future small
             // and its `Send` check shallow.
@@ -190,10 +203,9 @@ impl<C: Codec> Inner<C> {
                     })
                 }
             };
-            if self.opts.enable_stampede_prevention {
-                self.flight.run(key.to_owned(), work).await
-            } else {
-                work().await
+            match flight {
+                Some(flight) => self.flight.run(flight, work).await,
+                None => work().await,
             }
         };
         // The stale value's age is checked again now: the load may have taken up to the
@@ -216,6 +228,7 @@ impl<C: Codec> Inner<C> {
     async fn load_in_background<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
+        flight: Option<&str>,
         eff: Eff,
         loader: F,
         stale: Option<Prior>,
@@ -256,8 +269,7 @@ impl<C: Codec> Inner<C> {
                 })
             }
         };
-        let shared = self.opts.enable_stampede_prevention.then_some(key);
-        let mut rx = self.join_or_start(shared, start);
+        let mut rx = self.join_or_start(flight, start);
         let wait = async move {
             match rx.wait_for(Option::is_some).await {
                 Ok(done) => done.clone().unwrap_or_else(|| Err(ended())),
@@ -647,8 +659,8 @@ impl Loads {
 }
 
 impl<C: Codec> Inner<C> {
-    /// Joins the background load of `key` in flight, or starts one as a task (`key` `None`: a
-    /// load of its own, not shared).
+    /// Joins the background load named `key` (a [`flight_key`](crate::versions::Versions::flight_key))
+    /// in flight, or starts one as a task (`key` `None`: a load of its own, not shared).
     fn join_or_start(
         self: &Arc<Self>,
         key: Option<&str>,

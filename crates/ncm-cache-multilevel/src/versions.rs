@@ -83,6 +83,14 @@ impl Versions {
         }
     }
 
+    /// `key` tagged with its versions now: the name of a load in flight (single-flight), so a
+    /// caller that starts after an invalidation or a local write of the key never joins a load
+    /// begun before it (whose loader may have read the older value).
+    pub(crate) fn flight_key(&self, key: &str) -> String {
+        let t = self.ticket(key);
+        format!("{key}\0{}.{}.{}", t.global, t.invalidations, t.writes)
+    }
+
     /// `true` while nothing that guards the ticket's key has changed since it was taken.
     pub(crate) fn current(&self, t: &Ticket) -> bool {
         let s = &self.stripes[t.stripe];
@@ -165,6 +173,26 @@ mod tests {
         let a = v.ticket("a");
         v.invalidate_all();
         assert!(!v.current(&a));
+    }
+
+    #[test]
+    fn a_flight_is_named_by_its_keys_versions() {
+        let v = Versions::default();
+        let before = v.flight_key("k");
+        assert_eq!(
+            before,
+            v.flight_key("k"),
+            "nothing happened: the same flight"
+        );
+        v.invalidate("k");
+        let after = v.flight_key("k");
+        assert_ne!(before, after, "after an invalidation: a new flight");
+        v.write_end(&v.write_begin("k"));
+        assert_ne!(
+            after,
+            v.flight_key("k"),
+            "after a local write: a new flight"
+        );
     }
 
     #[test]

@@ -203,6 +203,63 @@ async fn a_soft_timeout_keeps_one_load_per_key_and_the_hard_timeout_bounds_it() 
     );
 }
 
+/// A caller that starts after an acknowledged delete must not join a load that began before
+/// it: that load may have read the deleted value (found by review). Before, the second caller
+/// got the first load's result ("old") and its own loader never ran. Checked on both load
+/// paths: the plain single-flight and the background load of the loader timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_after_a_delete_does_not_join_a_load_that_began_before_it() {
+    for timeouts in [false, true] {
+        let clock = Arc::new(ManualClock::new());
+        let mut builder = MultiLevelCache::builder(memory(&clock)).clock(clock as SharedClock);
+        if timeouts {
+            builder = builder.loader_timeouts(None, Some(Duration::from_secs(30)));
+        }
+        let cache = builder.build().unwrap();
+        let (inside_tx, inside_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load::<String, _, _, _>("k", move || async move {
+                        let _ = inside_tx.send(());
+                        let _ = release_rx.await;
+                        Ok::<_, Io>("old".to_owned())
+                    })
+                    .await
+            })
+        };
+        inside_rx.await.unwrap();
+        cache.delete("k").await.unwrap();
+        let ran = Arc::new(AtomicBool::new(false));
+        let second = {
+            let (cache, ran) = (cache.clone(), Arc::clone(&ran));
+            tokio::spawn(async move {
+                cache
+                    .get_or_load::<String, _, _, _>("k", move || async move {
+                        ran.store(true, Ordering::SeqCst);
+                        Ok::<_, Io>("new".to_owned())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release_tx.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), "old");
+        assert_eq!(
+            second.await.unwrap().unwrap(),
+            "new",
+            "a caller that began after the delete got the older load's result (timeouts: {timeouts})"
+        );
+        assert!(ran.load(Ordering::SeqCst));
+        assert_eq!(
+            cache.get::<String>("k").await.unwrap().as_deref(),
+            Some("new")
+        );
+    }
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
