@@ -187,7 +187,13 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     /// otherwise outlive the new TTL.
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
         let inner = &self.0.inner;
+        // Cancelled during the L2 call (which may have run): still evicted and announced.
+        let cancelled = crate::cache::OnCancel::new(|| {
+            let _ = inner.invalidate_l1(key);
+            inner.queue_delete(key);
+        });
         let changed = inner.l2_call("expire", inner.l2.extend_ttl(key, ttl)).await;
+        cancelled.disarm();
         let _ = inner.invalidate_l1(key);
         inner.publish_delete(key).await;
         changed
@@ -202,9 +208,14 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             return Ok(0);
         }
         inner.invalidate_l1_matching(pattern)?;
+        let cancelled = crate::cache::OnCancel::new(|| {
+            let _ = inner.invalidate_l1_matching(pattern);
+            inner.queue_pattern(pattern);
+        });
         let removed = inner
             .l2_call("clear_pattern", inner.l2.clear_pattern(pattern))
             .await;
+        cancelled.disarm();
         inner.invalidate_l1_matching(pattern)?;
         inner.publish_pattern(pattern).await;
         removed

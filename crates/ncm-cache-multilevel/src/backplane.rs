@@ -618,6 +618,20 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// Queues a CLEAR for the flush task, without waiting (usable in a `Drop`).
+    pub(crate) fn queue_clear(&self) {
+        if let Some(bp) = &self.backplane {
+            bp.batch.enqueue(CLEAR, "");
+        }
+    }
+
+    /// Queues a pattern delete for the flush task, without waiting (usable in a `Drop`).
+    pub(crate) fn queue_pattern(&self, pattern: &str) {
+        if let Some(bp) = &self.backplane {
+            bp.batch.enqueue(PATTERN, pattern);
+        }
+    }
+
     /// Publishes a SET of every key in one message (a batch write that reached L2).
     pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
         self.publish_all(SET, keys, true).await;

@@ -644,7 +644,13 @@ impl<C: Codec> MultiLevelCache<C> {
             CacheLevel::L2 => {
                 let bytes = inner.encode(key, &value)?;
                 inner.invalidate_l1(key)?;
+                // A local write (fills that began before it cannot land after it), announced
+                // also when this call is cancelled during the L2 write.
+                let ticket = inner.versions.write_begin(key);
+                let mut guard = Unannounced::new(inner, key, Some(ticket));
                 let written = inner.l2_write(key, bytes, inner.opts.l2_default_ttl).await;
+                guard.disarm();
+                let _ = inner.versions.write_end(&ticket);
                 inner.invalidate_l1(key)?;
                 inner.publish_set(key).await;
                 written?;
@@ -852,7 +858,13 @@ impl<C: Codec> MultiLevelCache<C> {
             ));
         }
         inner.invalidate_l1_all();
+        // Cancelled during the L2 call (which may have run): still emptied and announced.
+        let cancelled = OnCancel::new(|| {
+            inner.invalidate_l1_all();
+            inner.queue_clear();
+        });
         let r = inner.l2_call("clear", inner.l2.clear_pattern("*")).await;
+        cancelled.disarm();
         inner.invalidate_l1_all();
         inner.publish_clear().await;
         r.map(|_| ())
@@ -1536,6 +1548,29 @@ impl<C: Codec> Drop for Unannounced<'_, C> {
             if self.announce {
                 self.inner.queue_delete(key);
             }
+        }
+    }
+}
+
+/// Runs its closure when dropped before [`disarm`](Self::disarm): what a call cancelled
+/// during its L2 call still owes (L1 evictions, an announcement queued for the flush task).
+pub(crate) struct OnCancel<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnCancel<F> {
+    pub(crate) fn new(f: F) -> Self {
+        Self(Some(f))
+    }
+
+    /// The call ended (either way): the caller settles and announces it itself.
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnCancel<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
 }

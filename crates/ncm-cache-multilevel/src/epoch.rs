@@ -149,6 +149,9 @@ impl EpochBackend {
         self.forget();
         // Read before the write: a clear announced by another instance during it wins.
         let before = self.forgets();
+        // Cancelled during the write (which may have landed): a token read meanwhile may be
+        // the old one, so forget it; the next call reads the epoch key again.
+        let unsettled = crate::cache::OnCancel::new(|| self.forget());
         self.inner
             .set_reserved(
                 &self.reserved,
@@ -157,6 +160,7 @@ impl EpochBackend {
             )
             .await?;
         let _one = self.fetch.lock().await;
+        unsettled.disarm();
         self.keep(Arc::from(token), before);
         Ok(())
     }

@@ -399,6 +399,108 @@ mod redis {
         );
     }
 
+    /// Runs `call` with a 100 ms timeout, which must expire (its L2 reply is held back).
+    async fn cancelled<F: std::future::Future>(what: &str, call: F) {
+        let r = tokio::time::timeout(Duration::from_millis(100), call).await;
+        assert!(r.is_err(), "{what} was meant to be cancelled");
+    }
+
+    /// The other cancellable writes (found by review): a level-2 `set_at`, a TTL change and a
+    /// pattern delete through `as_backend()`, and `clear()` — without and with epochs — whose
+    /// caller is cancelled after the L2 call reached Redis. Before, none was announced: other
+    /// instances (and, for an epoch clear, the writer too) kept serving old values for their
+    /// whole L1 TTL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_level_writes_ttl_changes_and_clears_are_still_announced() {
+        use ncm_cache_core::{CacheBackend, CacheLevel};
+        let server = RedisServer::start().unwrap();
+        let (slow, a, b) = slow_writer_and_reader(&server).await;
+        let bound = Duration::from_secs(1);
+
+        a.set("k", 1u64).await.unwrap();
+        until_seen(&b, "k", 1, bound).await;
+        slow.set_reply_delay(Duration::from_millis(500));
+        cancelled("set_at(L2)", a.set_at("k", 2u64, CacheLevel::L2)).await;
+        slow.set_reply_delay(Duration::ZERO);
+        until_seen(&b, "k", 2, bound).await;
+        until_seen(&a, "k", 2, bound).await;
+
+        slow.other_reply_delay(Duration::from_millis(500));
+        a.set("t", 1u64).await.unwrap();
+        until_seen(&b, "t", 1, bound).await;
+        until_l1(&b, "t").await;
+        cancelled(
+            "extend_ttl",
+            a.as_backend().extend_ttl("t", Duration::from_millis(300)),
+        )
+        .await;
+        // B drops its L1 copy (which would outlive the shorter TTL) and asks L2 again.
+        let start = Instant::now();
+        while b.get_with_source::<u64>("t").await.unwrap().map(|(_, s)| s) == Some(ValueSource::L1)
+        {
+            assert!(start.elapsed() < bound, "B kept its L1 copy of t");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        a.set("p:1", 1u64).await.unwrap();
+        until_seen(&b, "p:1", 1, bound).await;
+        until_l1(&b, "p:1").await;
+        cancelled("clear_pattern", a.as_backend().clear_pattern("p:*")).await;
+        until_not(&b, "p:1", Some(1)).await;
+
+        a.set("c", 1u64).await.unwrap();
+        until_seen(&b, "c", 1, bound).await;
+        until_l1(&b, "c").await;
+        cancelled("clear", a.clear()).await;
+        until_not(&b, "c", Some(1)).await;
+        until_not(&a, "c", Some(1)).await;
+        slow.other_reply_delay(Duration::ZERO);
+    }
+
+    /// An epoch `clear()` cancelled while its new epoch is being written: the writer forgets
+    /// its token and every instance is told, so nobody reads the old epoch on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_epoch_clear_is_still_announced() {
+        let server = RedisServer::start().unwrap();
+        let epoch = |l2: SharedBackend, redis: &RedisCache| {
+            MultiLevelCache::builder(l2)
+                .name("users")
+                .backplane(Arc::clone(redis.redis_backend()))
+                .epoch_clear(true)
+                .l2_default_ttl(Duration::from_secs(60))
+                .build()
+                .unwrap()
+        };
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let slow = Arc::new(Slow::new(ra.backend()));
+        let a = epoch(Arc::clone(&slow) as SharedBackend, &ra);
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = epoch(rb.backend(), &rb);
+        wait_active(&a).await;
+        wait_active(&b).await;
+        let bound = Duration::from_secs(1);
+        a.set("c", 1u64).await.unwrap();
+        until_seen(&b, "c", 1, bound).await;
+        until_seen(&a, "c", 1, bound).await;
+        // The new epoch lands at 50 ms; the clear's reply would come at 550 ms.
+        slow.set_request_delay(Duration::from_millis(50));
+        slow.set_reply_delay(Duration::from_millis(500));
+        // A reader of A re-reads the epoch key before the new epoch lands (the old token).
+        let reader = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                a.get::<u64>("c").await
+            })
+        };
+        cancelled("clear", a.clear()).await;
+        let _ = reader.await.unwrap();
+        slow.set_request_delay(Duration::ZERO);
+        slow.set_reply_delay(Duration::ZERO);
+        until_not(&b, "c", Some(1)).await;
+        until_not(&a, "c", Some(1)).await;
+    }
+
     /// A batch load whose caller is cancelled during its L2 batch write: the keys that may
     /// have reached Redis are announced, so another instance stops serving its old copies.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

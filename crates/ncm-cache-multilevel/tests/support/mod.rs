@@ -36,6 +36,8 @@ struct Settings {
     set_reply_delay: Duration,
     /// `delete` deletes at once and returns after this delay.
     delete_reply_delay: Duration,
+    /// `extend_ttl` and `clear_pattern` act at once and return after this delay.
+    other_reply_delay: Duration,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -71,6 +73,15 @@ impl Slow {
 
     pub(crate) fn delete_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().delete_reply_delay = d;
+    }
+
+    pub(crate) fn other_reply_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().other_reply_delay = d;
+    }
+
+    async fn after_other(&self) {
+        let delay = self.settings.lock().unwrap().other_reply_delay;
+        tokio::time::sleep(delay).await;
     }
 
     async fn gate(&self) -> Result<()> {
@@ -127,11 +138,31 @@ impl CacheBackend for Slow {
     }
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
         self.gate().await?;
-        self.inner.extend_ttl(key, ttl).await
+        let changed = self.inner.extend_ttl(key, ttl).await?;
+        self.after_other().await;
+        Ok(changed)
     }
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         self.gate().await?;
-        self.inner.clear_pattern(pattern).await
+        let removed = self.inner.clear_pattern(pattern).await?;
+        self.after_other().await;
+        Ok(removed)
+    }
+    async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
+        self.gate().await?;
+        self.inner.get_reserved(name).await
+    }
+    /// Delayed like `set` (the epoch of an epoch clear is written here).
+    async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.gate().await?;
+        let (before, after) = {
+            let s = self.settings.lock().unwrap();
+            (s.set_request_delay, s.set_reply_delay)
+        };
+        tokio::time::sleep(before).await;
+        self.inner.set_reserved(name, value, ttl).await?;
+        tokio::time::sleep(after).await;
+        Ok(())
     }
     async fn health_report(&self) -> HealthReport {
         self.inner.health_report().await
