@@ -157,8 +157,11 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
         let mut eff = self.1;
-        // `None` from the facade (it has no TTL of its own) keeps the options' TTL, if any.
-        eff.l2_ttl = ttl.or(self.1.explicit_ttl());
+        // `None` from the facade (it has no TTL of its own) keeps the options' TTL, else the
+        // builder's `l2_default_ttl` (as for every other write of the cache).
+        eff.l2_ttl = ttl
+            .or(self.1.explicit_ttl())
+            .or(self.0.inner.opts.l2_default_ttl);
         self.0.inner.write_encoded(key, object, value, &eff).await
     }
 

@@ -203,6 +203,33 @@ async fn a_soft_timeout_keeps_one_load_per_key_and_the_hard_timeout_bounds_it() 
     );
 }
 
+/// A write through `as_backend()` (what a `Cache` facade, `SqlCache`, strategies and loaders
+/// over L1 + L2 use) that gives no TTL gets the builder's `l2_default_ttl` (found by review).
+/// Before, it was stored without expiry — with `epoch_clear`, such keys outlived every clear.
+#[tokio::test]
+async fn a_write_through_as_backend_without_a_ttl_gets_the_l2_default_ttl() {
+    use ncm_cache_core::{CacheBackend, KeyTtl};
+    for epochs in [false, true] {
+        let clock = Arc::new(ManualClock::new());
+        let cache = MultiLevelCache::builder(memory(&clock))
+            .clock(clock as SharedClock)
+            .l2_default_ttl(Duration::from_secs(60))
+            .epoch_clear(epochs)
+            .build()
+            .unwrap();
+        let backend = cache.as_backend();
+        backend
+            .set("k", ncm_cache_core::Bytes::from_static(b"v"), None)
+            .await
+            .unwrap();
+        let ttl = backend.get_ttl("k").await.unwrap();
+        assert!(
+            matches!(ttl, KeyTtl::Expires(t) if t <= Duration::from_secs(60)),
+            "stored {ttl:?} (epochs: {epochs})"
+        );
+    }
+}
+
 /// A caller that starts after an acknowledged delete must not join a load that began before
 /// it: that load may have read the deleted value (found by review). Before, the second caller
 /// got the first load's result ("old") and its own loader never ran. Checked on both load
