@@ -746,10 +746,12 @@ impl<C: Codec> MultiLevelCache<C> {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut out = self.get_many::<T>(keys).await?;
+        // Each missing key once, in order (a key may be asked for twice).
+        let mut seen = std::collections::HashSet::new();
         let missing: Vec<String> = keys
             .iter()
             .zip(&out)
-            .filter(|(_, v)| v.is_none())
+            .filter(|(k, v)| v.is_none() && seen.insert(**k))
             .map(|(k, _)| (*k).to_owned())
             .collect();
         if missing.is_empty() {
@@ -765,10 +767,18 @@ impl<C: Codec> MultiLevelCache<C> {
             CacheError::loader(e)
         })?;
         let mut encoded: Vec<(String, ncm_cache_core::Bytes)> = Vec::new();
+        // The first position of each loaded key: a repeat gets a copy of its value, and the
+        // key is written (and its version settled) once.
+        let mut first: HashMap<&str, usize> = HashMap::new();
         for (i, key) in keys.iter().enumerate() {
             if out[i].is_some() {
                 continue;
             }
+            if let Some(&j) = first.get(key) {
+                out[i] = out[j].clone();
+                continue;
+            }
+            first.insert(key, i);
             if let Some(v) = loaded.remove(*key) {
                 let bytes = self.inner.encode(key, &v)?;
                 encoded.push(((*key).to_owned(), bytes));
@@ -828,6 +838,9 @@ impl<C: Codec> MultiLevelCache<C> {
                 let Some(write) = writes.get(key) else {
                     continue;
                 };
+                if first.get(key) != Some(&i) {
+                    continue;
+                }
                 let (Some(v), Some((_, bytes))) = (&out[i], encoded.iter().find(|(k, _)| k == key))
                 else {
                     continue;

@@ -230,6 +230,34 @@ async fn a_write_through_as_backend_without_a_ttl_gets_the_l2_default_ttl() {
     }
 }
 
+/// A key asked for twice in one `get_many_or_load` gets its value at both positions, and the
+/// loader sees it once (found by review; before: `[Some, None]` and the key passed twice).
+#[tokio::test]
+async fn a_repeated_key_in_a_batch_load_is_loaded_once_and_served_twice() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder(memory(&clock))
+        .clock(clock as SharedClock)
+        .build()
+        .unwrap();
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = {
+        let asked = Arc::clone(&asked);
+        cache
+            .get_many_or_load::<u64, _, _, _>(&["a", "a", "b"], move |missing| async move {
+                asked.lock().unwrap().extend(missing.iter().cloned());
+                Ok::<_, Io>(missing.into_iter().map(|k| (k, 7u64)).collect())
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(got, vec![Some(7), Some(7), Some(7)]);
+    assert_eq!(*asked.lock().unwrap(), vec!["a".to_owned(), "b".to_owned()]);
+    // The key's write was settled once: a later write is kept in L1 as a clean one.
+    cache.set("a", 8u64).await.unwrap();
+    let (v, source) = cache.get_with_source::<u64>("a").await.unwrap().unwrap();
+    assert_eq!((*v, source), (8, ValueSource::L1));
+}
+
 /// A caller that starts after an acknowledged delete must not join a load that began before
 /// it: that load may have read the deleted value (found by review). Before, the second caller
 /// got the first load's result ("old") and its own loader never ran. Checked on both load
