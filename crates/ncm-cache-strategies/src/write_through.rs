@@ -14,6 +14,33 @@ use crate::store::Store;
 use crate::strategies::CacheStrategies;
 use crate::write_behind::{QueueControl, QueueValue, WriteBehind};
 
+/// Armed while a write-through's outcome is in the air (its store call, its cache write): a
+/// future dropped then evicts the key in a task (the store may hold the new value while the
+/// cache holds the old one). The write's in-flight mark is left to expire (30 s).
+struct EvictOnCancel<'a> {
+    inv: Option<Arc<crate::invalidation::Invalidator>>,
+    key: &'a str,
+}
+
+impl Drop for EvictOnCancel<'_> {
+    fn drop(&mut self) {
+        let Some(inv) = self.inv.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key = self.key,
+                "a cancelled write-through could not evict its key (no runtime): a stale value may be served until it expires"
+            );
+            return;
+        };
+        let key = self.key.to_owned();
+        runtime.spawn(async move {
+            if let Err(e) = inv.delete_keys(std::slice::from_ref(&key), Kind::Key).await {
+                tracing::error!(key, error = %e, "a cancelled write-through could not evict its key: a stale value may be served until it expires");
+            }
+        });
+    }
+}
+
 impl<C: Codec> CacheStrategies<C> {
     /// Write-through: the store first, then the cache.
     ///
@@ -26,12 +53,14 @@ impl<C: Codec> CacheStrategies<C> {
     ///   coordination, e.g. [`from_redis_cache`](Self::from_redis_cache)), a write-through
     ///   that overlapped another of the same key — which of the two the store applied last is
     ///   unknown — evicts the key after its cache write, so the cache is not left older (or
-    ///   newer) than the store past one Redis round trip after the later cache write. Limits: a
-    ///   write-through whose process dies (or whose call is cancelled) between its cache write
-    ///   and its end leaves its mark for 30 s (later write-throughs of the key evict during that
-    ///   time) and, if no other write-through overlapped it, its value until the cache TTL; when
-    ///   Redis cannot be reached to mark a write, that writer evicts its own value, but others
-    ///   do not learn of it.
+    ///   newer) than the store past one Redis round trip after the later cache write.
+    /// - **Cancelled** (the future dropped) after the store call began: the key is evicted (in a
+    ///   task), since the store may hold the new value while the cache still holds the old.
+    /// - Limits: a write-through whose process dies (or whose call is cancelled) between its
+    ///   cache write and its end leaves its mark for 30 s (later write-throughs of the key evict
+    ///   during that time) and, if the process died and no other write-through overlapped it,
+    ///   its value until the cache TTL; when Redis cannot be reached to mark a write, that
+    ///   writer evicts its own value, but others do not learn of it.
     pub async fn write_through<V>(
         &self,
         key: &str,
@@ -48,14 +77,22 @@ impl<C: Codec> CacheStrategies<C> {
         self.cache.ttl_policy().resolve(expiry)?;
         let _in_order = self.inner.stripe(key).lock().await;
         let mark = self.inner.inv.write_begin(key).await;
+        // A caller that stops waiting once the store call began (it may have committed) leaves
+        // the key evicted, not holding the value the store may have replaced.
+        let mut unfinished = EvictOnCancel {
+            inv: Some(Arc::clone(&self.inner.inv)),
+            key,
+        };
         let stored = store.store(key, value).await;
         let cached = match stored {
             Ok(()) => self.cache.set_with_expiry(key, value, expiry).await,
             Err(e) => {
+                unfinished.inv = None;
                 self.inner.inv.write_end(mark).await;
                 return Err(e);
             }
         };
+        unfinished.inv = None;
         if self.inner.inv.write_end(mark).await {
             // Overlapped another instance's write-through of the key: the store may hold
             // either value, so the cache holds neither.

@@ -13,7 +13,7 @@ use ncm_cache_memory::MemoryBackend;
 use ncm_cache_strategies::{
     CacheStrategies, OnFull, WriteBehind, WriteBehindConfig, is_queue_full, store_fn,
 };
-use support::{Flaky, database, eventually};
+use support::{Flaky, database, eventually, eventually_async};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -465,4 +465,34 @@ async fn write_throughs_of_one_key_are_ordered_in_process() {
     let stored = rows.lock().unwrap().get("k").cloned();
     let cached: Option<String> = s.cache().get("k").await.unwrap();
     assert_eq!(cached, stored, "cache and store disagree");
+}
+
+/// A write-through whose caller stops waiting after the store committed (here: while the cache
+/// write hangs) must not leave the older cached value in place (found by review). Before, the
+/// cache kept `old` until its TTL while the store held `new`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_cancelled_after_the_store_write_evicts_the_key() {
+    let flaky = Flaky::default();
+    let s = CacheStrategies::new(Cache::new(flaky.clone(), Serializer::default()));
+    let (store, db) = database("wt-cancel");
+    s.write_through("k", &"old".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    flaky.hang_sets.store(true, Ordering::SeqCst);
+    let new = "new".to_string();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        s.write_through("k", &new, HOUR, &store),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the cache write was meant to hang");
+    flaky.hang_sets.store(false, Ordering::SeqCst);
+    assert_eq!(db.get("k").as_deref(), Some("new"), "the store committed");
+    assert!(
+        eventually_async(Duration::from_secs(1), || async {
+            s.cache().get::<String>("k").await.unwrap().as_deref() != Some("old")
+        })
+        .await,
+        "the cache kept the value the committed write replaced"
+    );
 }
