@@ -352,3 +352,71 @@ async fn shutdown_and_drop_end_every_timer() {
     tokio::time::sleep(20 * SEC).await;
     assert_eq!(alive_tasks(), baseline, "a dropped reloader's timers end");
 }
+
+/// A loader that panics once (found by review): before, the panic ended an Eager timer for
+/// good, and left refresh-ahead's "refreshing" flag set, so that name was never refreshed
+/// again. Now a panic is a failed reload: counted, retried, and the next refresh runs.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_loader_stops_neither_eager_reloads_nor_refresh_ahead() {
+    fn panics_once(
+        runs: &Arc<AtomicU64>,
+    ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<u64, String>> + Send>>
+    + Send
+    + Sync
+    + 'static {
+        let r = runs.clone();
+        move || {
+            let r = r.clone();
+            Box::pin(async move {
+                match r.fetch_add(1, Ordering::SeqCst) {
+                    1 => panic!("a loader bug"),
+                    n => Ok(n + 1),
+                }
+            })
+        }
+    }
+    let reloader = CacheReloader::new(memory_cache());
+    let eager = Arc::new(AtomicU64::new(0));
+    reloader
+        .register_loader("e", panics_once(&eager), 10 * SEC, ReloadStrategy::Eager)
+        .unwrap();
+    // Reloads at 0 s and 8 s (the panic); the retry a quarter interval later.
+    tokio::time::sleep(9 * SEC).await;
+    assert_eq!(eager.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(1100 * Duration::from_millis(1)).await;
+    assert_eq!(
+        eager.load(Ordering::SeqCst),
+        3,
+        "the timer ended with the panic"
+    );
+    assert_eq!(reloader.cache().get::<u64>("e").await.unwrap(), Some(3));
+    assert!(
+        reloader.stats("e").unwrap().errors >= 1,
+        "the panic counts as an error"
+    );
+
+    let ahead = Arc::new(AtomicU64::new(0));
+    reloader
+        .register_loader(
+            "ra",
+            panics_once(&ahead),
+            10 * SEC,
+            ReloadStrategy::refresh_ahead(),
+        )
+        .unwrap();
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    tokio::time::advance(8 * SEC + Duration::from_millis(500)).await;
+    // The first refresh panics; the next read past 80 % starts another.
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ahead.load(Ordering::SeqCst), 2);
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        ahead.load(Ordering::SeqCst),
+        3,
+        "no refresh ran again after the panic"
+    );
+    assert_eq!(reloader.get::<u64>("ra").await.unwrap(), 3);
+    reloader.shutdown().await;
+}

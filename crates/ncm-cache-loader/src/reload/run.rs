@@ -81,9 +81,10 @@ impl<C: Codec> CacheReloader<C> {
         bump(&entry.counters.refresh_ahead);
         let (reloader, entry) = (self.clone(), Arc::clone(entry));
         runtime.spawn(async move {
+            // Cleared however the refresh ends (also cancelled at runtime shutdown).
+            let _done = Refreshed(&entry);
             // Errors are counted and logged in `reload_entry`; readers keep the old value.
             let _ = reloader.reload_entry(&entry, true, None).await;
-            entry.refreshing.store(false, Ordering::Release);
         });
     }
 
@@ -153,7 +154,13 @@ impl<C: Codec> CacheReloader<C> {
     /// Runs the loader and writes its value; the cache failing does not fail the reload.
     async fn load_and_store(&self, entry: &Entry) -> Result<super::entry::Loaded> {
         let load = entry.loader();
-        let loaded = match load().await {
+        // A panicking loader is a failed reload: the timer, refresh-ahead and other callers
+        // go on (a panic would end an eager or scheduled timer for good).
+        let run = std::panic::AssertUnwindSafe(async move { load().await });
+        let loaded = match futures_util::FutureExt::catch_unwind(run)
+            .await
+            .unwrap_or_else(|panic| Err(panicked(&entry.name, &*panic)))
+        {
             Ok(loaded) => loaded,
             Err(e) => {
                 bump(&entry.counters.errors);
@@ -259,6 +266,25 @@ async fn renewing<F: Future>(lease: Option<&dyn Lease>, ttl: Duration, work: F) 
         std::task::Poll::Pending
     })
     .await
+}
+
+/// Clears an entry's `refreshing` flag when dropped.
+struct Refreshed<'a>(&'a Entry);
+
+impl Drop for Refreshed<'_> {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+    }
+}
+
+/// The error a panicking loader of `name` comes to.
+fn panicked(name: &str, panic: &(dyn Any + Send)) -> CacheError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".to_owned());
+    CacheError::loader(format!("the loader of {name:?} panicked: {what}"))
 }
 
 async fn release(lease: Option<Box<dyn Lease>>) {
