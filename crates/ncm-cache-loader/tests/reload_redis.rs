@@ -231,3 +231,62 @@ async fn a_new_owner_skips_the_run_another_instances_reload_just_made() {
     );
     b.shutdown().await;
 }
+
+/// A reload whose run lease was lost mid-load (here: the lease key removed, as when its process
+/// stalls past the lease TTL and another instance takes the lease) must not store its result
+/// over the value the new holder stored meanwhile (found by review). Before, it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (e, g) = (Arc::clone(&entered), Arc::clone(&gate));
+    a.register_loader(
+        "k",
+        move || {
+            let (e, g) = (Arc::clone(&e), Arc::clone(&g));
+            async move {
+                e.notify_one();
+                g.notified().await;
+                Ok::<_, String>("from a, read before b's".to_owned())
+            }
+        },
+        Duration::from_secs(60),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    b.register_loader(
+        "k",
+        || async { Ok::<_, String>("from b".to_owned()) },
+        Duration::from_secs(60),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    let slow = {
+        let a = a.clone();
+        tokio::spawn(async move { a.reload_key("k", true).await })
+    };
+    entered.notified().await;
+    assert_eq!(
+        server
+            .cli(&["DEL", "__ncm:lock:reload:k:run"])
+            .unwrap()
+            .trim(),
+        "1",
+        "the run lease is held under its reserved key"
+    );
+    assert!(
+        b.reload_key("k", true).await.unwrap(),
+        "b took the lease and reloaded"
+    );
+    gate.notify_one();
+    let _ = slow.await.unwrap();
+    assert_eq!(
+        b.get::<String>("k").await.unwrap(),
+        "from b",
+        "the reload that lost its lease overwrote the new holder's value"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

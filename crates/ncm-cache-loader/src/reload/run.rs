@@ -132,7 +132,7 @@ impl<C: Codec> CacheReloader<C> {
                     let result = renewing(
                         lease.as_deref(),
                         self.inner.lock_ttl,
-                        self.load_and_store(entry),
+                        self.load_and_store(entry, lease.as_deref()),
                     )
                     .await;
                     release(lease).await;
@@ -151,8 +151,14 @@ impl<C: Codec> CacheReloader<C> {
         })
     }
 
-    /// Runs the loader and writes its value; the cache failing does not fail the reload.
-    async fn load_and_store(&self, entry: &Entry) -> Result<super::entry::Loaded> {
+    /// Runs the loader and writes its value; the cache failing does not fail the reload. The
+    /// value is not written when the run lease was lost meanwhile (a stall past its TTL):
+    /// another instance may hold it and have stored a newer value.
+    async fn load_and_store(
+        &self,
+        entry: &Entry,
+        lease: Option<&dyn Lease>,
+    ) -> Result<super::entry::Loaded> {
         let load = entry.loader();
         // A panicking loader is a failed reload: the timer, refresh-ahead and other callers
         // go on (a panic would end an eager or scheduled timer for good).
@@ -171,6 +177,13 @@ impl<C: Codec> CacheReloader<C> {
             }
         };
         bump(&entry.counters.reloads);
+        // Still ours? (A failing lease service is fail-open, as when taking the lease.)
+        if let Some(lease) = lease
+            && let Ok(false) = lease.extend(self.inner.lock_ttl).await
+        {
+            tracing::warn!(name = %entry.name, "reload lease lost while loading (a stall?): the value is returned, not stored");
+            return Ok(loaded);
+        }
         let cache = &self.inner.cache;
         let stored = match cache.ttl_policy().resolve(Expiry::After(entry.ttl)) {
             Ok(ttl) => {
