@@ -436,8 +436,17 @@ impl<C: Codec> Inner<C> {
         }
         let (value, validator) = match loaded.answer {
             Answer::NotFound => {
+                // The value this load refreshed (or stood in for) no longer exists at the
+                // source: removed everywhere, unless the key was written or invalidated since.
+                let mut ticket = *ticket;
+                if stale.is_some() && self.versions.current(&ticket) {
+                    if let Err(e) = self.delete_everywhere(key, &eff).await {
+                        tracing::warn!(key, error = %e, "the loader found nothing, but the old value could not be removed");
+                    }
+                    ticket = self.versions.ticket(key);
+                }
                 if loaded.cache && eff.negative_ttl.is_some() {
-                    self.l1_fill(key, Fill::negative(), ticket, &eff);
+                    self.l1_fill(key, Fill::negative(), &ticket, &eff);
                 }
                 return Ok(((None, ValueSource::Loader), stored));
             }

@@ -258,6 +258,47 @@ async fn a_repeated_key_in_a_batch_load_is_loaded_once_and_served_twice() {
     assert_eq!((*v, source), (8, ValueSource::L1));
 }
 
+/// An eager refresh whose loader answers "not found" (the row was deleted at the source)
+/// removes the old value from L2 and L1 (found by review). Before, L2 kept it: the deleted
+/// value was served on, and re-promoted from L2 for its whole L2 TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_finds_nothing_removes_the_old_value() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder(memory(&clock))
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(10))
+        .l2_default_ttl(Duration::from_secs(3600))
+        .eager_refresh(0.5)
+        .build()
+        .unwrap();
+    let first = cache
+        .get_or_load_optional::<u64, _, _, _>("k", || async { Ok::<_, Io>(Some(1)) })
+        .await
+        .unwrap();
+    assert_eq!(first.as_deref(), Some(&1));
+    clock.advance(Duration::from_secs(6));
+    let refreshed = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&refreshed);
+    // Past the refresh point: served from L1, one refresh starts and finds nothing.
+    let _ = cache
+        .get_or_load_optional::<u64, _, _, _>("k", move || async move {
+            r.store(true, Ordering::SeqCst);
+            Ok::<_, Io>(None)
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while cache.l2().get("k").await.unwrap().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "L2 kept the value the loader no longer finds (refresh ran: {})",
+            refreshed.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(cache.get::<u64>("k").await.unwrap(), None);
+}
+
 /// A caller that starts after an acknowledged delete must not join a load that began before
 /// it: that load may have read the deleted value (found by review). Before, the second caller
 /// got the first load's result ("old") and its own loader never ran. Checked on both load
