@@ -84,6 +84,23 @@ impl Slow {
         tokio::time::sleep(delay).await;
     }
 
+    /// A write: held back by `set_request_delay` before it reaches the backend, its reply by
+    /// `set_reply_delay`.
+    async fn delayed_write(
+        &self,
+        write: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        self.gate().await?;
+        let (before, after) = {
+            let s = self.settings.lock().unwrap();
+            (s.set_request_delay, s.set_reply_delay)
+        };
+        tokio::time::sleep(before).await;
+        write.await?;
+        tokio::time::sleep(after).await;
+        Ok(())
+    }
+
     async fn gate(&self) -> Result<()> {
         let mode = self.settings.lock().unwrap().mode;
         match mode {
@@ -111,15 +128,7 @@ impl CacheBackend for Slow {
         Ok(v)
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.gate().await?;
-        let (before, after) = {
-            let s = self.settings.lock().unwrap();
-            (s.set_request_delay, s.set_reply_delay)
-        };
-        tokio::time::sleep(before).await;
-        self.inner.set(key, value, ttl).await?;
-        tokio::time::sleep(after).await;
-        Ok(())
+        self.delayed_write(self.inner.set(key, value, ttl)).await
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         self.gate().await?;
@@ -154,15 +163,8 @@ impl CacheBackend for Slow {
     }
     /// Delayed like `set` (the epoch of an epoch clear is written here).
     async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.gate().await?;
-        let (before, after) = {
-            let s = self.settings.lock().unwrap();
-            (s.set_request_delay, s.set_reply_delay)
-        };
-        tokio::time::sleep(before).await;
-        self.inner.set_reserved(name, value, ttl).await?;
-        tokio::time::sleep(after).await;
-        Ok(())
+        self.delayed_write(self.inner.set_reserved(name, value, ttl))
+            .await
     }
     async fn health_report(&self) -> HealthReport {
         self.inner.health_report().await
