@@ -880,8 +880,21 @@ async fn flaky_queue(
     Cache<Serializer>,
     ncm_cache_strategies::WriteBehind<String>,
 ) {
+    flaky_queue_over(journal, store, Flaky::default()).await
+}
+
+/// [`flaky_queue`] over a given cache (shared by two instances, as Redis would be).
+async fn flaky_queue_over(
+    journal: RedisConfig,
+    store: &ncm_cache_strategies::Store<String>,
+    flaky: Flaky,
+) -> (
+    CacheStrategies,
+    Flaky,
+    Cache<Serializer>,
+    ncm_cache_strategies::WriteBehind<String>,
+) {
     let c = RedisCache::connect(journal).await.unwrap();
-    let flaky = Flaky::default();
     let local = Cache::new(flaky.clone(), Serializer::default());
     let s = CacheStrategies::builder(local.clone())
         .redis(c.redis_backend().clone())
@@ -987,4 +1000,78 @@ async fn a_cancelled_write_does_not_make_the_older_acknowledged_one_superseded()
     );
     acknowledged_write_survived(&server, "__ncm:wb:{cancelled}", &db, &local).await;
     s.shutdown().await.unwrap();
+}
+
+/// The fence judged an older acknowledged write of `k` superseded (and acknowledged it) while a
+/// newer write of `k` was between its journal append and its cache write; that cache write then
+/// failed and the newer write was withdrawn: neither value was ever stored. `same` runs the newer
+/// write on the instance that queued the older one; otherwise on a second instance (another
+/// consumer of the journal, over the same cache).
+async fn superseded_by_a_write_that_is_then_withdrawn(same: bool, name: &str) {
+    let server = RedisServer::start().unwrap();
+    let (store, db) = database(name);
+    let (sa, flaky, local, a) = flaky_queue(config(&server.url(), ""), &store).await;
+    let second = if same {
+        None
+    } else {
+        Some(flaky_queue_over(config(&server.url(), ""), &store, flaky.clone()).await)
+    };
+    let b = second.as_ref().map_or(&a, |(.., queue)| queue);
+    let stream = format!("__ncm:wb:{{{name}}}");
+    a.write("k", &"small".to_string(), HOUR, Duration::from_millis(300))
+        .await
+        .unwrap();
+    flaky.hang_sets.store(true, Ordering::SeqCst);
+    flaky.fail_sets.store(true, Ordering::SeqCst);
+    let newer = {
+        let b = b.clone();
+        tokio::spawn(async move { b.write("k", &"big".to_string(), HOUR, HOUR).await })
+    };
+    // The older write's batch comes due, is fenced against the newer entry and acknowledged.
+    let xlen = || server.cli(&["XLEN", &stream]).unwrap().trim().to_owned();
+    assert!(
+        eventually(Duration::from_secs(3), || xlen() == "2").await,
+        "the newer write was never appended"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || xlen() == "1").await,
+        "scenario not reproduced: the older write was never judged superseded"
+    );
+    // Now the newer write's cache write fails.
+    flaky.hang_sets.store(false, Ordering::SeqCst);
+    let err = newer.await.unwrap();
+    assert!(
+        err.is_err(),
+        "the newer write's cache write was meant to fail"
+    );
+    flaky.fail_sets.store(false, Ordering::SeqCst);
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    acknowledged_write_survived(&server, &stream, &db, &local).await;
+    for record in ["newest", "counts", "pinned"] {
+        assert_eq!(
+            server
+                .cli(&["HLEN", &format!("{stream}:{record}")])
+                .unwrap()
+                .trim(),
+            "0",
+            "the journal's {record} record of the key was left behind"
+        );
+    }
+    if let Some((s, ..)) = second {
+        s.shutdown().await.unwrap();
+    }
+    sa.shutdown().await.unwrap();
+}
+
+/// See [`superseded_by_a_write_that_is_then_withdrawn`]: both writes on one instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_write_superseded_by_a_withdrawn_local_write_is_still_stored() {
+    superseded_by_a_write_that_is_then_withdrawn(true, "withdrawn-local").await;
+}
+
+/// See [`superseded_by_a_write_that_is_then_withdrawn`]: the newer write on another instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_write_superseded_by_another_instances_withdrawn_write_is_still_stored() {
+    superseded_by_a_write_that_is_then_withdrawn(false, "withdrawn-remote").await;
 }

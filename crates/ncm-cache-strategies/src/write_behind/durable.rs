@@ -11,6 +11,9 @@
 //! - `{prefix}__ncm:wb:{<name>}:newest` and `…:counts` — hashes: key → id of its newest
 //!   journaled write, and how many of its entries the stream holds (both set by the append and
 //!   removed when the key's last entry is acknowledged: bounded by the keys with entries).
+//! - `{prefix}__ncm:wb:{<name>}:pinned` — hash: key → id of the newer write that an older write
+//!   of the key was acknowledged as superseded by. That write can no longer be withdrawn (see
+//!   below); removed with the key's other records.
 //!
 //! **Order and fencing.** Before a batch goes to the store, one script checks each entry: still
 //! in this consumer's pending list (else another process adopted it while this one stalled: it
@@ -19,6 +22,12 @@
 //! replay, a resumed consumer and two instances writing one key never put an older value back,
 //! except in the window between that check and the store call; the store receives each entry's
 //! stream id ([`WriteVersion`](crate::WriteVersion)) to close it with a conditional write.
+//!
+//! **Withdrawal.** A write whose cache write fails after its append is withdrawn (taken back
+//! from the journal, the key's newest id handed back to the entry it replaced) — unless the fence
+//! already acknowledged an older write of the key as superseded by it (its id is `pinned`): then
+//! the withdrawal is refused in the same atomic step and the write is persisted, so the older,
+//! acknowledged write is never lost to a newer one that did not happen.
 //!
 //! A write is `XADD` + `XCLAIM … FORCE` in one script: the entry enters the writer's own
 //! pending list atomically, before the caller gets its acknowledgment — no other consumer ever
@@ -63,8 +72,8 @@ return {id, prev}
 
 /// For each (key, id) about to be persisted by consumer ARGV[2]: 2 when the entry is no longer
 /// in its pending list (adopted by another process); when a newer write of the key was
-/// journaled, that write's id if it is pending under this same consumer, else 1; else 0
-/// (persist).
+/// journaled, that write's id if it is pending under this same consumer, else 1 — and the newer
+/// write is pinned in KEYS[3] (it may no longer be withdrawn); else 0 (persist).
 static FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -80,6 +89,7 @@ for i = 3, #ARGV, 2 do
   else
     local newest = redis.call('HGET', KEYS[2], key)
     if newest and newest ~= id then
+      redis.call('HSET', KEYS[3], key, newest)
       if mine(newest) then
         out[#out + 1] = newest
       else
@@ -118,6 +128,7 @@ if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and mine and ARGV[3] ~= '' then
   if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then
     redis.call('HDEL', KEYS[3], ARGV[3])
     redis.call('HDEL', KEYS[2], ARGV[3])
+    redis.call('HDEL', KEYS[5], ARGV[3])
   end
 end
 return 1
@@ -127,16 +138,19 @@ return 1
 
 /// Withdraws an appended entry that was not acknowledged (its cache write failed): removes it
 /// like an acknowledgment and gives the key's newest-id record back to ARGV[4], the entry it
-/// replaced, when that one is still in the stream.
+/// replaced, when that one is still in the stream. Refused (0, nothing changed) when the entry
+/// is pinned in KEYS[4]: an older write of the key was acknowledged as superseded by it.
 static WITHDRAW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local key, id, prev = ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HGET', KEYS[4], key) == id then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], id)
 if redis.call('XDEL', KEYS[1], id) == 1 then
   if redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
     redis.call('HDEL', KEYS[3], key)
     redis.call('HDEL', KEYS[2], key)
+    redis.call('HDEL', KEYS[4], key)
     return 1
   end
 end
@@ -193,6 +207,7 @@ for i = 2, #ARGV, 2 do
     if mine and redis.call('HINCRBY', KEYS[3], key, -1) <= 0 then
       redis.call('HDEL', KEYS[3], key)
       redis.call('HDEL', KEYS[2], key)
+      redis.call('HDEL', KEYS[4], key)
     end
   end
 end
@@ -209,6 +224,9 @@ pub(crate) struct RedisJournal<V> {
     newest: String,
     /// Hash: key → how many of its entries are in the stream.
     counts: String,
+    /// Hash: key → id of a write that may no longer be withdrawn (an older one was
+    /// acknowledged as superseded by it).
+    pinned: String,
     /// Stream of entries that cannot be decoded, moved out of the journal for inspection.
     dead: String,
     members: String,
@@ -251,6 +269,7 @@ impl<V: QueueValue> RedisJournal<V> {
             stream: ks.reserved_key(&base)?,
             newest: ks.reserved_key(&format!("{base}:newest"))?,
             counts: ks.reserved_key(&format!("{base}:counts"))?,
+            pinned: ks.reserved_key(&format!("{base}:pinned"))?,
             dead: ks.reserved_key(&format!("{base}:dead"))?,
             members: ks.reserved_key(&format!("{base}:consumers"))?,
             alive_prefix: ks.reserved_key(&format!("{base}:alive:"))?,
@@ -427,6 +446,7 @@ impl<V: QueueValue> RedisJournal<V> {
                     self.newest.clone(),
                     self.counts.clone(),
                     self.dead.clone(),
+                    self.pinned.clone(),
                 ],
                 &args,
             )
@@ -467,7 +487,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
         })
     }
 
-    async fn withdraw(&self, key: &str, appended: Appended) -> Result<()> {
+    async fn withdraw(&self, key: &str, appended: Appended) -> Result<bool> {
         let args = vec![
             GROUP.as_bytes().to_vec(),
             key.as_bytes().to_vec(),
@@ -482,11 +502,12 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                     self.stream.clone(),
                     self.newest.clone(),
                     self.counts.clone(),
+                    self.pinned.clone(),
                 ],
                 &args,
             )
             .await
-            .map(drop)
+            .map(|done| done == 1)
     }
 
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>> {
@@ -504,7 +525,11 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                 .eval_script(
                     Operation::Get,
                     &FENCE,
-                    &[self.stream.clone(), self.newest.clone()],
+                    &[
+                        self.stream.clone(),
+                        self.newest.clone(),
+                        self.pinned.clone(),
+                    ],
                     &args,
                 )
                 .await?;
@@ -567,6 +592,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                         self.stream.clone(),
                         self.newest.clone(),
                         self.counts.clone(),
+                        self.pinned.clone(),
                     ],
                     &args,
                 )

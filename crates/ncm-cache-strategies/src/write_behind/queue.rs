@@ -103,16 +103,22 @@ impl<V: QueueValue> Shared<V> {
         unfinished.id = id;
         unfinished.armed = true;
         // A cache failure after the append: the write is taken back from the journal (not
-        // acknowledged). If that fails too, it stays queued — it is journaled and will be
-        // persisted — and the cache's error is still returned.
+        // acknowledged). If that fails too, or the journal refuses (an older write of the key
+        // was already acknowledged as superseded by this one), it stays queued — it is
+        // journaled and will be persisted, and the key evicted from the cache after — and the
+        // cache's error is still returned.
         let mut cache_failure = None;
         if let Err(e) = self.cache.set(key, value, expiry).await {
             self.stats.add(Counter::Rejected, 1);
             match (&self.journal, appended) {
                 (Some(journal), Some(a)) => match journal.withdraw(key, a).await {
-                    Ok(()) => {
+                    Ok(true) => {
                         unfinished.armed = false;
                         return Err(e);
+                    }
+                    Ok(false) => {
+                        tracing::warn!(queue = %self.name, key, error = %e, "a write whose cache write failed supersedes an older acknowledged write; it will be persisted");
+                        cache_failure = Some(e);
                     }
                     Err(w) => {
                         tracing::warn!(queue = %self.name, key, error = %w, "could not withdraw a journaled write whose cache write failed; it will be persisted");
@@ -141,8 +147,13 @@ impl<V: QueueValue> Shared<V> {
                     due,
                     id.into_iter().collect(),
                 );
-                // This process's value is now the cached one.
-                st.adopted.remove(key);
+                if cache_failure.is_some() {
+                    // Not (surely) cached: the key is evicted once this write is persisted.
+                    st.adopted.insert(key.to_owned());
+                } else {
+                    // This process's value is now the cached one.
+                    st.adopted.remove(key);
+                }
                 self.stats.pending_gauge(st.pending.len() + st.in_flight);
                 Some(r)
             }
@@ -152,10 +163,16 @@ impl<V: QueueValue> Shared<V> {
             // is withdrawn (the consumer may have left the group already, so nobody would adopt
             // it) and the cached value removed.
             self.stats.add(Counter::Rejected, 1);
-            if let (Some(journal), Some(a)) = (&self.journal, appended)
-                && let Err(e) = journal.withdraw(key, a).await
-            {
-                tracing::warn!(queue = %self.name, key, error = %e, "could not withdraw a write refused at shutdown");
+            if let (Some(journal), Some(a)) = (&self.journal, appended) {
+                match journal.withdraw(key, a).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(queue = %self.name, key, "a write refused at shutdown supersedes an older acknowledged write; left in the journal for another process to adopt");
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %self.name, key, error = %e, "could not withdraw a write refused at shutdown");
+                    }
+                }
             }
             self.uncache(key).await;
             return Err(CacheError::Closed);

@@ -82,8 +82,9 @@ pub(crate) enum Verdict {
 pub(crate) trait Journal<V>: Send + Sync {
     /// Appends a write (the acknowledgment comes once it is also cached).
     async fn append(&self, key: &str, value: &V) -> Result<Appended>;
-    /// Takes back an appended write that was not acknowledged.
-    async fn withdraw(&self, key: &str, appended: Appended) -> Result<()>;
+    /// Takes back an appended write that was not acknowledged: `false` when it may no longer
+    /// be (an older write of its key was acknowledged as superseded by it) and must be persisted.
+    async fn withdraw(&self, key: &str, appended: Appended) -> Result<bool>;
     /// Checks, in one atomic step, each `(key, newest version held)` about to be persisted.
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
     /// Reads one journaled write back (`None` when it is gone).
