@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::{Operation, Result};
+use ncm_cache_core::{CacheError, Operation, Result};
 use redis::Script;
 
 use crate::backend::{Inner, RedisBackend};
@@ -31,12 +31,17 @@ static RELEASE_WITH_NOTE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// How many times a lock dropped unreleased is released in the background before it is left
+/// to expire (pauses of 50 ms doubling between attempts: about 0.75 s in all, plus the calls).
+const BACKGROUND_RELEASE_ATTEMPTS: u32 = 5;
+
 /// What a lock's value starts with when it holds a note (a token is 32 hex digits).
 const NOTE: &str = "note:";
 
-/// A held lock. Release it with [`release`](Self::release); if dropped unreleased it is released
-/// in the background (when a tokio runtime is running), and in any case it expires after its TTL,
-/// so a crashed holder never blocks others for longer than that.
+/// A held lock. Release it with [`release`](Self::release); if dropped unreleased — also when a
+/// release failed, or its future was dropped before it completed — it is released in the
+/// background (when a tokio runtime is running), and in any case it expires after its TTL, so a
+/// crashed holder never blocks others for longer than that.
 ///
 /// ```no_run
 /// # async fn demo(cache: ncm_cache_redis::RedisCache) -> ncm_cache_core::Result<()> {
@@ -147,18 +152,23 @@ impl RedisLock {
     }
 
     /// Releases the lock; `false` when it had already expired (and maybe been taken by another).
+    /// On an error (or when this future is dropped first), the release is tried once more in
+    /// the background.
     pub async fn release(self) -> Result<bool> {
+        let released = release(&self.inner, &self.key, &self.token).await?;
+        // Only now: a failed or cancelled call leaves the drop guard armed.
         self.released.store(true, Ordering::Relaxed);
-        release(&self.inner, &self.key, &self.token).await
+        Ok(released)
     }
 
     /// Releases the lock by leaving `note` in it for `keep`: the lock stays taken that long
     /// (nobody else gets it), and others read the note with
     /// [`RedisBackend::lock_note`] — e.g. a loader's "not found" for the callers that waited
-    /// for it. `false` when the lock was no longer ours (nothing is written then).
+    /// for it. `false` when the lock was no longer ours (nothing is written then). On an error
+    /// (or when this future is dropped first), the lock is released without the note in the
+    /// background.
     pub async fn release_with_note(self, note: &str, keep: Duration) -> Result<bool> {
         commands::check_ttl(Some(keep))?;
-        self.released.store(true, Ordering::Relaxed);
         let value = format!("{NOTE}{note}");
         let n: i64 = self
             .inner
@@ -175,6 +185,8 @@ impl RedisLock {
                 }
             })
             .await?;
+        // Only now: a failed or cancelled call leaves the drop guard armed.
+        self.released.store(true, Ordering::Relaxed);
         Ok(n == 1)
     }
 
@@ -221,7 +233,20 @@ impl Drop for RedisLock {
                 self.token.clone(),
             );
             handle.spawn(async move {
-                let _ = release(&inner, &key, &token).await;
+                // Bounded retries (the release is idempotent: it checks the token): a lock
+                // left after a connection failure would block waiters for its whole TTL.
+                let mut pause = Duration::from_millis(50);
+                for attempt in 1..=BACKGROUND_RELEASE_ATTEMPTS {
+                    match release(&inner, &key, &token).await {
+                        Ok(_) | Err(CacheError::Closed) => return,
+                        Err(e) => {
+                            tracing::debug!(lock = %key, attempt, error = %e, "background lock release failed");
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
+                    }
+                }
+                tracing::warn!(lock = %key, "could not release a lock in the background; it frees itself at its TTL");
             });
         }
     }

@@ -264,3 +264,68 @@ async fn user_keys_cannot_reach_the_reserved_namespace() {
         "abc"
     );
 }
+
+/// A `release` (or `release_with_note`) that fails on a broken connection, or whose caller
+/// stops waiting before the command reached Redis (the connection is being re-established
+/// through a stalled network), still frees the lock once Redis is reachable again: the drop
+/// guard releases it. Before, the lock was marked released before the call, so it stayed taken
+/// for its whole TTL and waiters polled until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_failed_or_was_cancelled_still_frees_the_lock() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut config = support::config(&server);
+    config.host = "127.0.0.1".into();
+    config.port = proxy.port();
+    config.response_timeout = Duration::from_secs(2);
+    config.connect_timeout = Duration::from_secs(2);
+    let a = RedisCache::connect(config).await.unwrap();
+    let b = RedisCache::connect(support::config(&server)).await.unwrap();
+    for (noted, cancelled) in [(false, false), (true, false), (false, true), (true, true)] {
+        let name = format!("job-{noted}-{cancelled}");
+        let held = a
+            .redis_backend()
+            .try_lock(&name, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("free lock");
+        // Failed: the connection is cut first, so the release meets a broken pipe. Cancelled:
+        // the release is sent into a stalled connection, its caller gives up, and the
+        // connection is cut with the command still in flight (it never reaches Redis).
+        proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+        if !cancelled {
+            proxy.cut();
+        }
+        let release = async {
+            if noted {
+                held.release_with_note("gone", Duration::from_millis(100))
+                    .await
+            } else {
+                held.release().await
+            }
+        };
+        let outcome = tokio::time::timeout(Duration::from_millis(200), release).await;
+        if cancelled {
+            assert!(
+                outcome.is_err(),
+                "the release was meant to hang: {outcome:?}"
+            );
+            proxy.cut();
+        } else {
+            assert!(
+                matches!(outcome, Ok(Err(_))),
+                "the release was meant to fail: {outcome:?}"
+            );
+        }
+        proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+        let free = b
+            .redis_backend()
+            .lock(&name, Duration::from_secs(1), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            free.is_some(),
+            "{name}: the lock stayed taken after its release failed or was cancelled"
+        );
+    }
+}
