@@ -152,8 +152,8 @@ impl RedisLock {
     }
 
     /// Releases the lock; `false` when it had already expired (and maybe been taken by another).
-    /// On an error (or when this future is dropped first), the release is tried once more in
-    /// the background.
+    /// On an error (or when this future is dropped first), the lock is released in the
+    /// background (up to 5 attempts).
     pub async fn release(self) -> Result<bool> {
         let released = release(&self.inner, &self.key, &self.token).await?;
         // Only now: a failed or cancelled call leaves the drop guard armed.

@@ -273,10 +273,7 @@ async fn user_keys_cannot_reach_the_reserved_namespace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_failed_or_was_cancelled_still_frees_the_lock() {
     let server = RedisServer::start().unwrap();
-    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
-    let mut config = support::config(&server);
-    config.host = "127.0.0.1".into();
-    config.port = proxy.port();
+    let (proxy, mut config) = support::proxied(&server);
     config.response_timeout = Duration::from_secs(2);
     config.connect_timeout = Duration::from_secs(2);
     let a = RedisCache::connect(config).await.unwrap();

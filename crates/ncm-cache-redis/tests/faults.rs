@@ -121,10 +121,7 @@ async fn connecting_to_nothing_is_a_typed_error_within_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_during_a_reconnect_is_bounded_by_the_timeouts() {
     let server = RedisServer::start().unwrap();
-    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
-    let mut config = support::config(&server);
-    config.host = "127.0.0.1".into();
-    config.port = proxy.port();
+    let (proxy, config) = support::proxied(&server);
     let cache = RedisCache::connect(config).await.unwrap();
     cache.set("k", &"v").await.unwrap();
     proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);

@@ -1048,6 +1048,11 @@ async fn superseded_by_a_write_that_is_then_withdrawn(same: bool, name: &str) {
     a.flush().await.unwrap();
     b.flush().await.unwrap();
     acknowledged_write_survived(&server, &stream, &db, &local).await;
+    assert_eq!(
+        db.get("k").as_deref(),
+        Some("big"),
+        "the write the older one was acknowledged as superseded by was not persisted"
+    );
     for record in ["newest", "counts", "pinned"] {
         assert_eq!(
             server

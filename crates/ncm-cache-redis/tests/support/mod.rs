@@ -19,6 +19,16 @@ pub(crate) fn config(server: &RedisServer) -> RedisConfig {
     c
 }
 
+/// A [`FaultProxy`](ncm_cache_testkit::FaultProxy) in front of `server`, and a [`config`] that
+/// goes through it.
+pub(crate) fn proxied(server: &RedisServer) -> (ncm_cache_testkit::FaultProxy, RedisConfig) {
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut c = config(server);
+    c.host = "127.0.0.1".into();
+    c.port = proxy.port();
+    (proxy, c)
+}
+
 /// Runs a [`RedisSyncCache`]'s blocking methods on tokio's blocking pool, so the conformance
 /// suite (async) exercises the blocking client for real.
 #[derive(Debug, Clone)]
