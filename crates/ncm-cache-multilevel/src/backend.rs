@@ -221,7 +221,11 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         cancelled.disarm();
         inner.invalidate_l1_matching(pattern)?;
         inner.publish_pattern(pattern).await;
-        removed
+        let removed = removed?;
+        inner
+            .tell_trackers(crate::tombstone::Tombstone::Pattern(pattern))
+            .await?;
+        Ok(removed)
     }
 
     async fn health_report(&self) -> HealthReport {

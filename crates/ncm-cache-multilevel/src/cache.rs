@@ -20,6 +20,7 @@ use crate::builder::{MultiLevelBuilder, Options};
 use crate::l1::{Hits, L1Value, Validator};
 use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
+use crate::tombstone::{TOMBSTONE_TTL, Tombstone};
 use crate::versions::{CONTENDED_TTL, Settled, Ticket, Versions};
 use ncm_cache_core::NO_DEADLINE;
 
@@ -880,7 +881,12 @@ impl<C: Codec> MultiLevelCache<C> {
         cancelled.disarm();
         inner.invalidate_l1_all();
         inner.publish_clear().await;
-        r.map(|_| ())
+        r?;
+        if inner.epoch.is_none() {
+            // (With epochs, the new token's write is what tracking instances hear.)
+            inner.tell_trackers(Tombstone::All).await?;
+        }
+        Ok(())
     }
 
     /// Sets the [`tag_index`](MultiLevelBuilder::tag_index) after the build (once).
@@ -1479,7 +1485,39 @@ impl<C: Codec> Inner<C> {
         if eff.announce() {
             self.publish_delete(key).await;
         }
-        Ok(in_l2? || in_l1)
+        let in_l2 = in_l2?;
+        if !in_l2 && eff.write_l2() {
+            // Redis removed nothing, so it pushes nothing: other instances may still hold
+            // the key in L1 (a cached "not found").
+            self.tell_trackers(Tombstone::Key(key)).await?;
+        }
+        Ok(in_l2 || in_l1)
+    }
+
+    /// With client tracking: makes Redis push an invalidation it would not push by itself
+    /// (see [`Tombstone`]). Without tracking, nothing.
+    ///
+    /// # Errors
+    ///
+    /// The L2 error of the tombstone's write: other tracking instances may then keep what
+    /// it would have dropped (for at most their L1 TTL, or `negative_ttl`).
+    pub(crate) async fn tell_trackers(&self, tombstone: Tombstone<'_>) -> Result<()> {
+        #[cfg(feature = "redis")]
+        let tracked = self.tracking.is_some();
+        #[cfg(not(feature = "redis"))]
+        let tracked = false;
+        if !tracked {
+            return Ok(());
+        }
+        self.l2_call(
+            "tombstone",
+            self.l2.set_reserved(
+                &tombstone.name(),
+                ncm_cache_core::Bytes::new(),
+                Some(TOMBSTONE_TTL),
+            ),
+        )
+        .await
     }
 
     /// After this instance's L2 write of `key` (begun with `ticket`): keep the written value in

@@ -41,6 +41,7 @@ mod load;
 mod nobackplane;
 mod options;
 mod stats;
+mod tombstone;
 #[cfg(feature = "redis")]
 mod tracking;
 mod versions;

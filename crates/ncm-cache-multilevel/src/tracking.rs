@@ -9,6 +9,7 @@ use ncm_cache_redis::{RedisBackend, TrackingEvent};
 
 use crate::cache::{Inner, Link};
 use crate::stats::Counters;
+use crate::tombstone::Tombstone;
 
 /// How an instance learns that another one — or any other client of Redis — changed a key it
 /// holds in L1.
@@ -118,6 +119,18 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
             match event {
                 TrackingEvent::Invalidated(keys) => {
                     for key in &keys {
+                        if let Some(tombstone) = Tombstone::parse(key) {
+                            match tombstone {
+                                Tombstone::Key(k) => {
+                                    let _ = inner.invalidate_l1(k);
+                                }
+                                Tombstone::Pattern(p) => {
+                                    let _ = inner.invalidate_l1_matching(p);
+                                }
+                                Tombstone::All => inner.remote_clear(),
+                            }
+                            continue;
+                        }
                         match &inner.epoch {
                             None => {
                                 let _ = inner.invalidate_l1(key);

@@ -833,3 +833,63 @@ async fn a_password_protected_sentinel_primary_is_subscribed_and_tracked() {
     put(&mut other, "app:p", &bytes).await;
     until_seen(&b, "p", Some(3), BOUND).await;
 }
+
+/// A "not found" cached in L1 (`negative_ttl`) has no Redis key behind it, so a delete or a
+/// clear elsewhere changes nothing Redis would push about. The instance that invalidates
+/// still has to reach the others: a source that now has the key must be asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_or_clear_elsewhere_ends_a_cached_not_found() {
+    let server = RedisServer::start().unwrap();
+    for epoch in [false, true] {
+        let build = || async {
+            let redis = RedisCache::connect(config(&server.url())).await.unwrap();
+            let cache = MultiLevelCache::over_redis(&redis)
+                .name("users")
+                .coherence(Coherence::Tracking)
+                .negative_ttl(Duration::from_secs(60))
+                .epoch_clear(epoch)
+                .build()
+                .unwrap();
+            wait_active(&cache).await;
+            cache
+        };
+        let (a, b) = (build().await, build().await);
+        for (i, by) in ["delete", "pattern", "clear"].into_iter().enumerate() {
+            let key = format!("absent:{epoch}:{i}");
+            let none = a
+                .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(None) })
+                .await
+                .unwrap();
+            assert_eq!(none, None);
+            // The "not found" is served from L1 now: the loader is not asked.
+            let cached = a
+                .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(Some(7)) })
+                .await
+                .unwrap();
+            assert_eq!(cached, None, "the not-found was not cached");
+            match by {
+                "delete" => {
+                    b.delete(&key).await.unwrap();
+                }
+                "pattern" => {
+                    use ncm_cache_core::CacheBackend;
+                    b.as_backend()
+                        .clear_pattern(&format!("absent:{epoch}:*"))
+                        .await
+                        .unwrap();
+                }
+                _ => b.clear().await.unwrap(),
+            }
+            tokio::time::sleep(BOUND).await;
+            let after = a
+                .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(Some(1)) })
+                .await
+                .unwrap();
+            assert_eq!(
+                after.as_deref(),
+                Some(&1),
+                "epoch_clear {epoch}, by {by}: a cached not-found outlived the invalidation"
+            );
+        }
+    }
+}
