@@ -698,10 +698,13 @@ impl<C: Codec> Inner<C> {
         // When the lock lives on L2's Redis, it goes through L2's circuit breaker: an open
         // circuit skips the lock (loading without it) instead of waiting on a dead server.
         let through_breaker = std::ptr::addr_eq(Arc::as_ptr(&self.l2_raw), Arc::as_ptr(redis));
+        // Taken before the first read: a negative fill from the holder's note must not land
+        // over an invalidation heard at any time while this call waited.
+        let first = self.versions.ticket(key);
+        // Whether this call found the lock held (not just a note left by a load that had
+        // ended before it looked): only then is the holder's "not found" its answer too.
+        let mut saw_held = false;
         loop {
-            // Taken before this round's reads: a negative fill from the holder's note must not
-            // land over an invalidation that arrived meanwhile.
-            let round = self.versions.ticket(key);
             let attempt_lock = redis.try_lock(&name, self.opts.lock_ttl);
             let taken = if through_breaker {
                 self.l2_call("lock", attempt_lock).await
@@ -734,15 +737,19 @@ impl<C: Codec> Inner<C> {
                 note.await
             };
             match note.ok().flatten().as_deref() {
-                Some(NOT_FOUND) => {
+                Some(NOT_FOUND) if saw_held => {
                     if eff.negative_ttl.is_some() {
-                        self.l1_fill(key, Fill::negative(), &round, eff);
+                        self.l1_fill(key, Fill::negative(), &first, eff);
                     }
                     return Ok(LockOutcome::Found((None, ValueSource::L2)));
                 }
+                // A "not found" from a load that ended before this call looked: it may predate
+                // an invalidation this call must see (a delete its holder had not heard of
+                // yet), so this call asks the source itself.
+                Some(NOT_FOUND) => return Ok(LockOutcome::Proceed(None)),
                 // The holder's answer was not cached: nothing will appear in L2 to wait for.
                 Some(NOT_CACHED) => return Ok(LockOutcome::Proceed(None)),
-                _ => {}
+                _ => saw_held = true,
             }
             if Instant::now() >= deadline {
                 if serve_until.is_some_and(|until| self.opts.now_nanos() <= until) {

@@ -448,6 +448,14 @@ impl<C: Codec> Inner<C> {
                 if loaded.cache && eff.negative_ttl.is_some() {
                     self.l1_fill(key, Fill::negative(), &ticket, &eff);
                 }
+                // Written or invalidated during the load (a delete because the row was just
+                // inserted): this "not found" may be older than that, so the lock's waiters
+                // are not told it (they load themselves).
+                let stored = if self.versions.current(&ticket) {
+                    stored
+                } else {
+                    Stored::NotCached
+                };
                 return Ok(((None, ValueSource::Loader), stored));
             }
             Answer::NotModified => {

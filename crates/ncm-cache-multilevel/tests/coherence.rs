@@ -907,6 +907,114 @@ mod redis {
         }
     }
 
+    type RowLoad =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u64>, Io>> + Send>>;
+
+    /// A loader that reads the row `source` holds (0: none), then takes `delay` to answer:
+    /// a query whose answer predates what happens meanwhile.
+    fn row_loader(
+        source: &Arc<std::sync::atomic::AtomicU64>,
+        delay: Duration,
+    ) -> impl FnOnce() -> RowLoad + Send + 'static {
+        let source = Arc::clone(source);
+        move || {
+            Box::pin(async move {
+                let row = source.load(Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                Ok((row != 0).then_some(row))
+            })
+        }
+    }
+
+    /// A lock holder's "not found" is shared with the waiters through a note in the lock key
+    /// (250 ms). A `delete` of the key during the holder's load (the row was just inserted)
+    /// must end that answer: a read that begins after the delete asks the source — whether
+    /// the holder heard the delete before it released (it then leaves no "not found") or not
+    /// (its backplane stalled: the note is honoured only by a call that saw the lock held, and
+    /// a waiter that heard an invalidation while it waited caches nothing).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_holders_not_found_does_not_outlive_a_delete_during_its_load() {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let direct = RedisCache::connect(config(&server.url())).await.unwrap();
+        // x's backplane goes through the proxy; its health check is too slow to notice the
+        // stall within the test, so x releases without having heard the delete.
+        let mut slow = config(&proxy.url());
+        slow.health_check_interval = Some(Duration::from_secs(10));
+        slow.response_timeout = Duration::from_secs(5);
+        let proxied = RedisCache::connect(slow).await.unwrap();
+        let locked = |bp: &RedisCache| {
+            MultiLevelCache::builder(direct.backend())
+                .name("users")
+                .backplane(Arc::clone(bp.redis_backend()))
+                .distributed_lock(
+                    Arc::clone(direct.redis_backend()),
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                )
+                .negative_ttl(Duration::from_secs(60))
+                .build()
+                .unwrap()
+        };
+        let (x, y, z) = (locked(&proxied), locked(&direct), locked(&direct));
+        for c in [&x, &y, &z] {
+            wait_active(c).await;
+        }
+        for stalled in [false, true] {
+            let key = format!("row:{stalled}");
+            let source = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let hold = tokio::spawn({
+                let (x, key) = (x.clone(), key.clone());
+                let load = row_loader(&source, Duration::from_millis(400));
+                async move { x.get_or_load_optional::<u64, _, _, _>(&key, load).await }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // z waits on x's lock: its call overlaps the delete.
+            let wait = tokio::spawn({
+                let (z, key) = (z.clone(), key.clone());
+                let load = row_loader(&source, Duration::ZERO);
+                async move { z.get_or_load_optional::<u64, _, _, _>(&key, load).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if stalled {
+                proxy.set_mode(ProxyMode::Stall);
+            }
+            source.store(1, Ordering::SeqCst);
+            y.delete(&key).await.unwrap();
+            assert_eq!(
+                hold.await.unwrap().unwrap(),
+                None,
+                "x read before the insert"
+            );
+            let overlapped = wait.await.unwrap().unwrap().map(|v| *v);
+            if stalled {
+                // Either answer is one of a call that overlapped the delete.
+                assert!(matches!(overlapped, None | Some(1)), "{overlapped:?}");
+            } else {
+                // x heard the delete before it released: it tells its waiters nothing.
+                assert_eq!(
+                    overlapped,
+                    Some(1),
+                    "z was handed x's outdated \"not found\""
+                );
+            }
+            // Well within the note's 250 ms: reads that begin after the delete.
+            for (name, c) in [("y", &y), ("z", &z)] {
+                let got = c
+                    .get_or_load_optional::<u64, _, _, _>(&key, row_loader(&source, Duration::ZERO))
+                    .await
+                    .unwrap()
+                    .map(|v| *v);
+                assert_eq!(
+                    got,
+                    Some(1),
+                    "{name} (x's backplane stalled: {stalled}) served the \"not found\" of a load that began before the delete"
+                );
+            }
+            proxy.set_mode(ProxyMode::Pass);
+        }
+    }
+
     /// A PUBLISH that fails is retried: the other instance drops its copy once the backplane
     /// is reachable again, not when its L1 TTL (5 minutes) runs out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
