@@ -375,10 +375,17 @@ impl Inner {
             // request; a second timer per call cost ~10 % throughput under load.
             result = match self.conn.handle(self.config.connect_timeout).await {
                 Err(e) => Err(e),
-                Ok(handle) => match f(handle).await {
-                    Err(e) => Err(map_err(op.as_str(), e, timeout)),
-                    Ok(v) => Ok(v),
-                },
+                Ok(handle) => {
+                    let slot = handle.slot();
+                    match f(handle).await {
+                        Err(e) => {
+                            let e = map_err(op.as_str(), e, timeout);
+                            self.conn.on_call_error(slot, &e);
+                            Err(e)
+                        }
+                        Ok(v) => Ok(v),
+                    }
+                }
             };
             match &result {
                 Err(e) if e.is_timeout() => {

@@ -12,7 +12,8 @@
 //! cancelled caller never cancels the calls of others. Every caller gets its own answer (a
 //! write's error reply reaches only its call) or a copy of its batch's failure. A caller waits
 //! no longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt) for
-//! its batch to be sent; a write already handed to the connection is then waited for as an
+//! its batch to be sent (a write is handed over only once the connection is up: after a failure
+//! on it, a `PING` first waits out any reconnect); a write already handed over is waited for as an
 //! unbatched one is (until the connection answers or fails), and a write whose caller gave up
 //! before that (its bound passed, or its future was dropped: a caller's own timeout, a
 //! cancelled request) is never sent, so it is never applied behind its caller's back. A batch
@@ -524,25 +525,33 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
     let calls = &*batch;
     let r: Result<(Vec<usize>, Vec<redis::RedisResult<redis::Value>>)> = inner
         .run(Operation::Set, false, |mut h| {
-            // Claimed now, with the connection in hand: from here the write is the caller's
-            // to wait for.
-            let sent: Vec<usize> = calls
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| {
-                    s.state
-                        .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                })
-                .map(|(i, _)| i)
-                .collect();
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for &i in &sent {
-                let s = &calls[i];
-                pipe.add_command(commands::set(&s.key, &s.value, s.ttl));
-            }
+            let slot = h.slot();
             async move {
+                // A connection manager that is reconnecting holds a request until the new
+                // connection is up, long after its caller may have gone: after a failure on
+                // this connection, a PING first waits for that (nothing is claimed yet).
+                if inner.conn.may_be_reconnecting(slot) {
+                    redis::cmd("PING").query_async::<()>(&mut h).await?;
+                    inner.conn.connected(slot);
+                }
+                // Claimed now, with the connection up: from here the write is the caller's
+                // to wait for.
+                let sent: Vec<usize> = calls
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| {
+                        s.state
+                            .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for &i in &sent {
+                    let s = &calls[i];
+                    pipe.add_command(commands::set(&s.key, &s.value, s.ttl));
+                }
                 if sent.is_empty() {
                     return redis::RedisResult::Ok((sent, Vec::new()));
                 }

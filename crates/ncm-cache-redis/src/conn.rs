@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ncm_cache_core::{CacheError, Result};
@@ -22,7 +22,8 @@ use crate::error::map_err;
 /// One handle that speaks to Redis; cloning is cheap.
 #[derive(Clone)]
 pub(crate) enum Handle {
-    Manager(ConnectionManager),
+    /// A connection of the single-node pool, with its place in the pool.
+    Manager(ConnectionManager, usize),
     Cluster(ClusterConnection),
     Multiplexed(MultiplexedConnection),
 }
@@ -30,7 +31,7 @@ pub(crate) enum Handle {
 impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Manager(c) => c.req_packed_command(cmd),
+            Self::Manager(c, _) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
             Self::Multiplexed(c) => c.req_packed_command(cmd),
         }
@@ -43,7 +44,7 @@ impl ConnectionLike for Handle {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Manager(c, _) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -51,9 +52,19 @@ impl ConnectionLike for Handle {
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Manager(c) => c.get_db(),
+            Self::Manager(c, _) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
             Self::Multiplexed(c) => c.get_db(),
+        }
+    }
+}
+
+impl Handle {
+    /// Its place in the single-node pool.
+    pub(crate) fn slot(&self) -> Option<usize> {
+        match self {
+            Self::Manager(_, i) => Some(*i),
+            _ => None,
         }
     }
 }
@@ -62,6 +73,9 @@ impl ConnectionLike for Handle {
 pub(crate) enum Conn {
     Single {
         pool: Vec<ConnectionManager>,
+        /// Per connection: a call on it failed in a way a reconnect may follow (see
+        /// [`Conn::may_be_reconnecting`]).
+        suspect: Vec<AtomicBool>,
         next: AtomicUsize,
     },
     Cluster(ClusterConnection),
@@ -173,6 +187,7 @@ impl Conn {
             pool.push(manager);
         }
         Ok(Self::Single {
+            suspect: pool.iter().map(|_| AtomicBool::new(false)).collect(),
             pool,
             next: AtomicUsize::new(0),
         })
@@ -253,7 +268,7 @@ impl Conn {
     /// A handle for one request (round-robin over the pool).
     pub(crate) async fn handle(&self, timeout: Duration) -> Result<Handle> {
         match self {
-            Self::Single { pool, next } => {
+            Self::Single { pool, next, .. } => {
                 // One connection (the default): no shared round-robin counter to contend on.
                 let i = match pool.len() {
                     0 | 1 => 0,
@@ -261,11 +276,44 @@ impl Conn {
                 };
                 pool.get(i)
                     .cloned()
-                    .map(Handle::Manager)
+                    .map(|c| Handle::Manager(c, i))
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
             Self::Cluster(c) => Ok(Handle::Cluster(c.clone())),
             Self::Sentinel(s) => s.handle(timeout).await.map(Handle::Multiplexed),
+        }
+    }
+
+    /// A call on the pool's connection `slot` failed with `err`: after a connection error or
+    /// a timeout its `ConnectionManager` may be reconnecting, and would hold the next request
+    /// until the new connection is up — however long its caller has been gone.
+    pub(crate) fn on_call_error(&self, slot: Option<usize>, err: &CacheError) {
+        if let (Self::Single { suspect, .. }, Some(i)) = (self, slot)
+            && (err.is_connection() || err.is_timeout())
+            && let Some(flag) = suspect.get(i)
+        {
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the pool's connection `slot` may be reconnecting (a call on it failed since
+    /// one last succeeded through [`connected`](Self::connected)). A request sent on it now
+    /// may wait for the reconnect before it reaches a socket.
+    pub(crate) fn may_be_reconnecting(&self, slot: Option<usize>) -> bool {
+        match (self, slot) {
+            (Self::Single { suspect, .. }, Some(i)) => {
+                suspect.get(i).is_some_and(|f| f.load(Ordering::Acquire))
+            }
+            _ => false,
+        }
+    }
+
+    /// A request on the pool's connection `slot` was answered after it was suspect.
+    pub(crate) fn connected(&self, slot: Option<usize>) {
+        if let (Self::Single { suspect, .. }, Some(i)) = (self, slot)
+            && let Some(flag) = suspect.get(i)
+        {
+            flag.store(false, Ordering::Release);
         }
     }
 

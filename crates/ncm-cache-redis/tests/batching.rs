@@ -322,6 +322,60 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
     );
 }
 
+/// A write whose caller gives up while the connection is being re-established (the old one
+/// cut after a failure, the new one stalled) is never applied once the connection is back —
+/// as without batching, where the dropped call never reaches a socket. Before, the batch
+/// claimed the write as soon as it had the connection manager, which then waited for the
+/// reconnect and sent it seconds after its caller had gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_caller_gave_up_during_a_reconnect_is_never_applied() {
+    let server = RedisServer::start().unwrap();
+    for auto_batch in [true, false] {
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
+        config.connect_timeout = Duration::from_millis(400);
+        config.response_timeout = Duration::from_millis(500);
+        config.health_check_interval = None;
+        config.auto_batch = auto_batch;
+        let cache = RedisCache::connect(config).await.unwrap().backend();
+        let k = format!("k:{auto_batch}");
+        cache.set(&k, value(0), None).await.unwrap();
+        proxy.set_mode(ProxyMode::Stall);
+        proxy.cut();
+        // Calls meet the cut connection until the connection manager is reconnecting (to a
+        // stalled proxy): a call then waits for that and times out.
+        let mut reconnecting = false;
+        for _ in 0..10 {
+            if let Err(e) = cache.get(&k).await
+                && e.is_timeout()
+            {
+                reconnecting = true;
+                break;
+            }
+        }
+        assert!(reconnecting, "no call ever waited for the reconnect");
+        // The caller gives up on its own while the reconnect is under way.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), cache.set(&k, value(1), None)).await;
+        assert!(
+            gave_up.is_err(),
+            "the write was expected to wait for the reconnect: {gave_up:?}"
+        );
+        proxy.set_mode(ProxyMode::Pass);
+        let start = Instant::now();
+        while cache.get("probe").await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            cache.get(&k).await.unwrap(),
+            Some(value(0)),
+            "auto_batch {auto_batch}: a write whose caller gave up during a reconnect was applied after it"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_refused_for_one_key_fails_only_its_own_call() {
     // This user may read and write `app:ok*` keys only: Redis refuses a whole MGET that
