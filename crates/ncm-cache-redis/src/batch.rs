@@ -8,7 +8,8 @@
 //! that arrive while batches are in flight go together in the next batch, sent by a task as
 //! soon as one of those returns.
 //!
-//! A lone `get` is sent by its caller (no task hop); every other batch by a task, so a
+//! A lone `get` is sent by its caller (no task hop) unless it takes the last free slot; every
+//! other batch by a task (so futures polled once and then parked cannot hold every slot), so a
 //! cancelled caller never cancels the calls of others. Every caller gets its own answer (a
 //! write's error reply reaches only its call) or a copy of its batch's failure. A caller waits
 //! no longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt) for
@@ -150,13 +151,14 @@ impl<R: Weight> Lane<R> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `req`; returns a batch (with a slot in flight) when the caller may send one.
-    fn push(&self, req: R) -> Option<Vec<R>> {
+    /// Queues `req`; returns a batch (with a slot in flight) when the caller may send one,
+    /// and whether that slot is the last one free (see [`get`]).
+    fn push(&self, req: R) -> Option<(Vec<R>, bool)> {
         let mut q = self.lock();
         q.items.push(req);
         if q.in_flight < MAX_IN_FLIGHT {
             q.in_flight += 1;
-            Some(q.take())
+            Some((q.take(), q.in_flight == MAX_IN_FLIGHT))
         } else {
             None
         }
@@ -263,26 +265,39 @@ pub(crate) async fn get(
     key: String,
 ) -> Result<Option<Bytes>> {
     let (tx, mut rx) = oneshot::channel();
-    if let Some(mut batch) = batcher.gets.push(Get { key, tx }) {
-        // A free slot: the queue was empty, this call goes alone, sent from here.
-        let mut slot = Slot {
-            inner,
-            lane: gets,
-            flush: spawn_gets,
-            held: true,
-        };
-        send_gets(inner, &mut batch).await;
-        if let Some(next) = slot.next() {
-            // The slot goes with the calls queued meanwhile, to a task.
-            slot.held = false;
-            tokio::spawn(flush_gets(Arc::clone(inner), next));
+    match batcher.gets.push(Get { key, tx }) {
+        // The last free slot goes to a task: a caller's future holds its slot until it is
+        // polled again, and futures polled once then left unpolled (a `select!` arm no longer
+        // looked at, a busy task) must not hold every slot — the other calls would wait for
+        // them, not for Redis.
+        Some((batch, true)) => {
+            tokio::spawn(flush_gets(Arc::clone(inner), batch));
         }
+        Some((batch, false)) => send_alone(inner, batch).await,
+        None => {}
     }
     let bound = call_bound(inner, true);
     match tokio::time::timeout(bound, &mut rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(abandoned()),
         Err(_) => timed_out(inner, "get", Operation::Get, bound),
+    }
+}
+
+/// Sends a lone read from its caller's future (a free slot: the queue was empty), then hands
+/// the slot to a task with the calls queued meanwhile.
+async fn send_alone(inner: &Arc<Inner>, mut batch: Vec<Get>) {
+    let mut slot = Slot {
+        inner,
+        lane: gets,
+        flush: spawn_gets,
+        held: true,
+    };
+    send_gets(inner, &mut batch).await;
+    if let Some(next) = slot.next() {
+        // The slot goes with the calls queued meanwhile, to a task.
+        slot.held = false;
+        tokio::spawn(flush_gets(Arc::clone(inner), next));
     }
 }
 
@@ -306,7 +321,7 @@ pub(crate) async fn set(
         state: Arc::clone(&state),
         tx,
     };
-    if let Some(batch) = batcher.sets.push(call) {
+    if let Some((batch, _)) = batcher.sets.push(call) {
         tokio::spawn(flush_sets(Arc::clone(inner), batch));
     }
     let bound = call_bound(inner, false);

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -320,6 +321,47 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
         None,
         "a write whose caller was dropped before it was sent came back after a later delete"
     );
+}
+
+/// Futures of `get` polled once and then left unpolled (kept alive, not dropped: a `select!`
+/// arm the task no longer looks at, a task busy elsewhere) do not hold up everyone else's
+/// reads: before, each held a batch slot until it was polled again, and four of them left no
+/// slot, so every other `get` waited out its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_polled_once_then_parked_do_not_block_other_reads() {
+    let server = RedisServer::start().unwrap();
+    let mut config = RedisConfig::from_url(&server.url()).unwrap();
+    config.response_timeout = Duration::from_millis(500);
+    config.connect_timeout = Duration::from_millis(500);
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    preload(&cache).await;
+    let keys: Vec<String> = (0..8).map(key).collect();
+    let mut parked = Vec::new();
+    for k in &keys {
+        let mut f = Box::pin(cache.get(k));
+        // One poll sends it; then it is kept but not polled.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        parked.push(f);
+    }
+    let start = Instant::now();
+    let (ok, err) = storm(&cache, 16, 20).await;
+    assert_eq!(
+        err,
+        0,
+        "{err} of {} reads failed behind the parked ones",
+        ok + err
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "reads took {:?} behind the parked ones",
+        start.elapsed()
+    );
+    // The parked ones still get their answers.
+    for (i, f) in parked.into_iter().enumerate() {
+        assert_eq!(f.await.unwrap(), Some(value(i)));
+    }
 }
 
 /// A write whose caller gives up while the connection is being re-established (the old one
