@@ -701,9 +701,6 @@ impl<C: Codec> Inner<C> {
         // Taken before the first read: a negative fill from the holder's note must not land
         // over an invalidation heard at any time while this call waited.
         let first = self.versions.ticket(key);
-        // Whether this call found the lock held (not just a note left by a load that had
-        // ended before it looked): only then is the holder's "not found" its answer too.
-        let mut saw_held = false;
         loop {
             let attempt_lock = redis.try_lock(&name, self.opts.lock_ttl);
             let taken = if through_breaker {
@@ -737,19 +734,16 @@ impl<C: Codec> Inner<C> {
                 note.await
             };
             match note.ok().flatten().as_deref() {
-                Some(NOT_FOUND) if saw_held => {
+                Some(NOT_FOUND) => {
                     if eff.negative_ttl.is_some() {
                         self.l1_fill(key, Fill::negative(), &first, eff);
                     }
                     return Ok(LockOutcome::Found((None, ValueSource::L2)));
                 }
-                // A "not found" from a load that ended before this call looked: it may predate
-                // an invalidation this call must see (a delete its holder had not heard of
-                // yet), so this call asks the source itself.
-                Some(NOT_FOUND) => return Ok(LockOutcome::Proceed(None)),
-                // The holder's answer was not cached: nothing will appear in L2 to wait for.
+                // The holder's answer was not cached, or the key was deleted during its load
+                // (`overrule_load`): nothing will appear in L2 to wait for.
                 Some(NOT_CACHED) => return Ok(LockOutcome::Proceed(None)),
-                _ => saw_held = true,
+                _ => {}
             }
             if Instant::now() >= deadline {
                 if serve_until.is_some_and(|until| self.opts.now_nanos() <= until) {
@@ -763,6 +757,24 @@ impl<C: Codec> Inner<C> {
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
+        }
+    }
+
+    /// A delete of `key`: a load of it under way elsewhere may have read the source before
+    /// the change the delete stands for, so its lock (or the "not found" note it left) is
+    /// overruled by an "uncached" note — its waiters, and callers in the next [`NOTE_KEEP`],
+    /// load themselves instead of taking its answer. Without a lock, nothing.
+    pub(crate) async fn overrule_load(&self, key: &str) {
+        let Some(redis) = &self.lock else { return };
+        let name = format!("load:{key}");
+        let overrule = redis.overrule_lock(&name, NOT_CACHED, NOTE_KEEP);
+        let r = if std::ptr::addr_eq(Arc::as_ptr(&self.l2_raw), Arc::as_ptr(redis)) {
+            self.l2_call("lock", overrule).await
+        } else {
+            overrule.await
+        };
+        if let Err(e) = r {
+            tracing::warn!(key, error = %e, "a load of the deleted key under way elsewhere could not be overruled: its waiters may take its answer");
         }
     }
 

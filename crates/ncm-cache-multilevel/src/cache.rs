@@ -1475,7 +1475,18 @@ impl<C: Codec> Inner<C> {
         let in_l1 = self.invalidate_l1(key)?;
         let in_l2 = if eff.write_l2() {
             let mut guard = Unannounced::new(self, key, None).announce(eff.announce());
-            let in_l2 = self.l2_call("delete", self.l2.delete(key)).await;
+            let delete = self.l2_call("delete", self.l2.delete(key));
+            #[cfg(feature = "redis")]
+            let in_l2 = if self.lock.is_some() {
+                // Beside the DEL, not after it (boxed: this path is rare and its future large).
+                let both: std::pin::Pin<Box<dyn Future<Output = Result<bool>> + Send + '_>> =
+                    Box::pin(async { tokio::join!(delete, self.overrule_load(key)).0 });
+                both.await
+            } else {
+                delete.await
+            };
+            #[cfg(not(feature = "redis"))]
+            let in_l2 = delete.await;
             guard.disarm();
             self.invalidate_l1(key)?;
             in_l2

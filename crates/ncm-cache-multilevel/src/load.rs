@@ -449,9 +449,12 @@ impl<C: Codec> Inner<C> {
                     self.l1_fill(key, Fill::negative(), &ticket, &eff);
                 }
                 // Written or invalidated during the load (a delete because the row was just
-                // inserted): this "not found" may be older than that, so the lock's waiters
-                // are not told it (they load themselves).
-                let stored = if self.versions.current(&ticket) {
+                // inserted), or a link down (such an invalidation may be unheard): this "not
+                // found" may be older than that, so the lock's waiters are not told it (they
+                // load themselves).
+                let stored = if self.versions.current(&ticket)
+                    && self.l1_enabled.load(std::sync::atomic::Ordering::Acquire)
+                {
                     stored
                 } else {
                     Stored::NotCached

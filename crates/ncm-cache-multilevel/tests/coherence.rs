@@ -873,7 +873,9 @@ mod redis {
             let key = format!("missing:{}", negative_ttl.is_some());
             let loads = Arc::new(AtomicUsize::new(0));
             let mut tasks = Vec::new();
-            for i in 0..3u64 {
+            // Three wait on the holder's lock; a fourth comes 100 ms after its release (500 ms
+            // load), while the note lasts: it takes the answer too.
+            for i in [0u64, 1, 2, 6] {
                 let redis = RedisCache::connect(config(&server.url())).await.unwrap();
                 let mut builder = MultiLevelCache::builder(redis.backend()).distributed_lock(
                     Arc::clone(redis.redis_backend()),
@@ -928,10 +930,9 @@ mod redis {
 
     /// A lock holder's "not found" is shared with the waiters through a note in the lock key
     /// (250 ms). A `delete` of the key during the holder's load (the row was just inserted)
-    /// must end that answer: a read that begins after the delete asks the source — whether
-    /// the holder heard the delete before it released (it then leaves no "not found") or not
-    /// (its backplane stalled: the note is honoured only by a call that saw the lock held, and
-    /// a waiter that heard an invalidation while it waited caches nothing).
+    /// must end that answer: a read that begins after the delete asks the source — during the
+    /// holder's load and after it, whether the holder hears of the delete or not (its
+    /// backplane stalled): the delete overrules the holder's lock with an "uncached" note.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_holders_not_found_does_not_outlive_a_delete_during_its_load() {
         let server = RedisServer::start().unwrap();
@@ -981,6 +982,17 @@ mod redis {
             }
             source.store(1, Ordering::SeqCst);
             y.delete(&key).await.unwrap();
+            // y reads again while x still holds the lock: its answer must not be x's.
+            let during = y
+                .get_or_load_optional::<u64, _, _, _>(&key, row_loader(&source, Duration::ZERO))
+                .await
+                .unwrap()
+                .map(|v| *v);
+            assert_eq!(
+                during,
+                Some(1),
+                "y (x's backplane stalled: {stalled}) took the answer of x's load, begun before its delete"
+            );
             assert_eq!(
                 hold.await.unwrap().unwrap(),
                 None,
@@ -991,7 +1003,7 @@ mod redis {
                 // Either answer is one of a call that overlapped the delete.
                 assert!(matches!(overlapped, None | Some(1)), "{overlapped:?}");
             } else {
-                // x heard the delete before it released: it tells its waiters nothing.
+                // The delete overruled x's lock: its waiter loads itself.
                 assert_eq!(
                     overlapped,
                     Some(1),

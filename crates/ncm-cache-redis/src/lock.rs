@@ -122,6 +122,38 @@ impl RedisBackend {
         Ok(value.and_then(|v| v.strip_prefix(NOTE).map(str::to_owned)))
     }
 
+    /// Replaces what the lock `name` holds — a holder's token or a note — with `note` for
+    /// `keep`, if it holds anything; `false` when it was free (nothing is written then). The
+    /// holder's release and renewal then fail (the lock is no longer its own), and whoever
+    /// reads [`lock_note`](Self::lock_note) meanwhile reads `note`. For when the answer a
+    /// holder is computing is known to be outdated — its key was deleted during the load.
+    ///
+    /// ```no_run
+    /// # async fn demo(redis: &ncm_cache_redis::RedisBackend) -> ncm_cache_core::Result<()> {
+    /// use std::time::Duration;
+    /// redis.overrule_lock("load:user:1", "uncached", Duration::from_millis(250)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn overrule_lock(&self, name: &str, note: &str, keep: Duration) -> Result<bool> {
+        commands::check_ttl(Some(keep))?;
+        let key = self.key_space().reserved_key(&format!("lock:{name}"))?;
+        let value = format!("{NOTE}{note}");
+        let set: Option<String> = self
+            .inner()
+            .run(Operation::Set, false, |mut h| {
+                let c = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("PX")
+                    .arg(commands::millis(keep))
+                    .arg("XX")
+                    .take();
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
     /// Waits up to `wait` for the lock, polling with backoff (5 ms doubling to 100 ms).
     pub async fn lock(
         &self,
