@@ -7,6 +7,11 @@ use crate::error::{CacheError, Result, truncate};
 /// Default maximum length of a key (without the prefix), in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 4096;
 
+/// How much longer than the maximum key length the name of one of ncm-cache's own keys may
+/// be: room for a kind in front of a user key (`lock:load:{key}`, `inv:key:{key}`), so a
+/// key of the maximum length still has its lock and its invalidation marker.
+pub const RESERVED_NAME_ROOM: usize = 64;
+
 /// The start of ncm-cache's own keys in every key space (locks, epochs, write-behind
 /// journals, dependency graphs): user keys may not begin with it ([`validate_key`] refuses
 /// them), so no user key can overwrite, delete or block one of them. Internal keys are made
@@ -75,7 +80,8 @@ impl KeySpace {
     }
 
     /// One of ncm-cache's own keys: the prefix, [`RESERVED_KEY_PREFIX`], then `name` (not
-    /// empty, at most the maximum key length). User keys cannot name it.
+    /// empty, at most the maximum key length plus [`RESERVED_NAME_ROOM`]). User keys cannot
+    /// name it.
     ///
     /// ```
     /// use ncm_cache_core::KeySpace;
@@ -83,9 +89,14 @@ impl KeySpace {
     /// assert_eq!(ks.reserved_key("lock:job").unwrap(), "app:__ncm:lock:job");
     /// // A user key spelled the same way is refused:
     /// assert!(ks.full_key("__ncm:lock:job").unwrap_err().is_invalid_input());
+    /// // A key of the maximum length still has a lock:
+    /// let ks = ks.with_max_key_len(16);
+    /// let longest = "k".repeat(16);
+    /// ks.full_key(&longest).unwrap();
+    /// ks.reserved_key(&format!("lock:load:{longest}")).unwrap();
     /// ```
     pub fn reserved_key(&self, name: &str) -> Result<String> {
-        check_shape(name, self.max_key_len)?;
+        check_shape(name, self.max_key_len.saturating_add(RESERVED_NAME_ROOM))?;
         Ok(format!("{}{RESERVED_KEY_PREFIX}{name}", self.prefix))
     }
 

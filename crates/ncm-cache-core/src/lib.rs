@@ -39,7 +39,8 @@ pub use duration::{parse_duration, serde_duration};
 pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};
 pub use flight::{SingleFlight, loader_error};
 pub use key::{
-    DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, RESERVED_KEY_PREFIX, escape_glob, validate_key,
+    DEFAULT_MAX_KEY_LEN, GlobPattern, KeySpace, RESERVED_KEY_PREFIX, RESERVED_NAME_ROOM,
+    escape_glob, validate_key,
 };
 pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder, StripedCounter};
 pub use ttl::{Expiry, KeyTtl, TtlPolicy};

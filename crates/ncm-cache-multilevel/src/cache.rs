@@ -20,7 +20,7 @@ use crate::builder::{MultiLevelBuilder, Options};
 use crate::l1::{Hits, L1Value, Validator};
 use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
-use crate::tombstone::{TOMBSTONE_TTL, Tombstone};
+use crate::tombstone::Tombstone;
 use crate::versions::{CONTENDED_TTL, Settled, Ticket, Versions};
 use ncm_cache_core::NO_DEADLINE;
 
@@ -1505,30 +1505,46 @@ impl<C: Codec> Inner<C> {
         Ok(in_l2 || in_l1)
     }
 
-    /// With client tracking: makes Redis push an invalidation it would not push by itself
-    /// (see [`Tombstone`]). Without tracking, nothing.
+    /// With client tracking and no backplane (which carries every invalidation itself):
+    /// makes Redis push an invalidation it would not push by itself (see [`Tombstone`]), on
+    /// the tracked Redis. The write is spawned: a caller cancelled during it still has it
+    /// written (nothing else would retry it). Otherwise, nothing.
     ///
     /// # Errors
     ///
-    /// The L2 error of the tombstone's write: other tracking instances may then keep what
-    /// it would have dropped (for at most their L1 TTL, or `negative_ttl`).
+    /// The error of the tombstone's write: other tracking instances may then keep what it
+    /// would have dropped (for at most their L1 TTL, or `negative_ttl`).
     pub(crate) async fn tell_trackers(&self, tombstone: Tombstone<'_>) -> Result<()> {
         #[cfg(feature = "redis")]
-        let tracked = self.tracking.is_some();
-        #[cfg(not(feature = "redis"))]
-        let tracked = false;
-        if !tracked {
-            return Ok(());
+        if let Some(tracker) = &self.tracking
+            && self.backplane.is_none()
+        {
+            use ncm_cache_core::CacheBackend as _;
+            let redis = Arc::clone(&tracker.redis);
+            let (name, ttl) = (tombstone.name(), tombstone.ttl());
+            let write = async move {
+                tokio::spawn(async move {
+                    redis
+                        .set_reserved(&name, ncm_cache_core::Bytes::new(), ttl)
+                        .await
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(CacheError::Backend {
+                        message: format!("the invalidation marker's write did not finish: {e}"),
+                        source: None,
+                    })
+                })
+            };
+            let on_l2 = std::ptr::addr_eq(Arc::as_ptr(&self.l2_raw), Arc::as_ptr(&tracker.redis));
+            return if on_l2 {
+                self.l2_call("tombstone", write).await
+            } else {
+                write.await
+            };
         }
-        self.l2_call(
-            "tombstone",
-            self.l2.set_reserved(
-                &tombstone.name(),
-                ncm_cache_core::Bytes::new(),
-                Some(TOMBSTONE_TTL),
-            ),
-        )
-        .await
+        let _ = tombstone;
+        Ok(())
     }
 
     /// After this instance's L2 write of `key` (begun with `ticket`): keep the written value in

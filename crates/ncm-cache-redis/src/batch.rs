@@ -14,7 +14,9 @@
 //! write's error reply reaches only its call) or a copy of its batch's failure. A caller waits
 //! no longer than an unbatched call may (`connect_timeout` + `response_timeout` per attempt) for
 //! its batch to be sent (a write is handed over only once the connection is up: after a failure
-//! on it, a `PING` first waits out any reconnect); a write already handed over is waited for as an
+//! on a pool connection, a `PING` first waits out its manager's reconnect; batching runs on
+//! single-node pools and Sentinel, whose connection is re-resolved before a batch gets it); a
+//! write already handed over is waited for as an
 //! unbatched one is (until the connection answers or fails), and a write whose caller gave up
 //! before that (its bound passed, or its future was dropped: a caller's own timeout, a
 //! cancelled request) is never sent, so it is never applied behind its caller's back. A batch
@@ -545,9 +547,13 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                 // A connection manager that is reconnecting holds a request until the new
                 // connection is up, long after its caller may have gone: after a failure on
                 // this connection, a PING first waits for that (nothing is claimed yet).
-                if inner.conn.may_be_reconnecting(slot) {
+                // (Again if another call failed meanwhile; a few times at most.)
+                for _ in 0..3 {
+                    let Some(seen) = inner.conn.may_be_reconnecting(slot) else {
+                        break;
+                    };
                     redis::cmd("PING").query_async::<()>(&mut h).await?;
-                    inner.conn.connected(slot);
+                    inner.conn.connected(slot, seen);
                 }
                 // Claimed now, with the connection up: from here the write is the caller's
                 // to wait for.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ncm_cache_core::{CacheError, Result};
@@ -69,13 +69,20 @@ impl Handle {
     }
 }
 
+/// The failures of one pool connection a reconnect may follow, and how many are cleared.
+#[derive(Default)]
+pub(crate) struct Suspect {
+    failures: AtomicU64,
+    cleared: AtomicU64,
+}
+
 /// The topology-specific connection.
 pub(crate) enum Conn {
     Single {
         pool: Vec<ConnectionManager>,
-        /// Per connection: a call on it failed in a way a reconnect may follow (see
-        /// [`Conn::may_be_reconnecting`]).
-        suspect: Vec<AtomicBool>,
+        /// Per connection: failures a reconnect may follow, and how many of them a later
+        /// answer has cleared (see [`Conn::may_be_reconnecting`]).
+        suspect: Vec<Suspect>,
         next: AtomicUsize,
     },
     Cluster(ClusterConnection),
@@ -187,7 +194,7 @@ impl Conn {
             pool.push(manager);
         }
         Ok(Self::Single {
-            suspect: pool.iter().map(|_| AtomicBool::new(false)).collect(),
+            suspect: pool.iter().map(|_| Suspect::default()).collect(),
             pool,
             next: AtomicUsize::new(0),
         })
@@ -290,30 +297,32 @@ impl Conn {
     pub(crate) fn on_call_error(&self, slot: Option<usize>, err: &CacheError) {
         if let (Self::Single { suspect, .. }, Some(i)) = (self, slot)
             && (err.is_connection() || err.is_timeout())
-            && let Some(flag) = suspect.get(i)
+            && let Some(s) = suspect.get(i)
         {
-            flag.store(true, Ordering::Release);
+            s.failures.fetch_add(1, Ordering::AcqRel);
         }
     }
 
-    /// Whether the pool's connection `slot` may be reconnecting (a call on it failed since
-    /// one last succeeded through [`connected`](Self::connected)). A request sent on it now
-    /// may wait for the reconnect before it reaches a socket.
-    pub(crate) fn may_be_reconnecting(&self, slot: Option<usize>) -> bool {
-        match (self, slot) {
-            (Self::Single { suspect, .. }, Some(i)) => {
-                suspect.get(i).is_some_and(|f| f.load(Ordering::Acquire))
-            }
-            _ => false,
-        }
+    /// Whether the pool's connection `slot` may be reconnecting: a call on it failed after
+    /// the last failure [`connected`](Self::connected) cleared. A request sent on it now may
+    /// wait for the reconnect before it reaches a socket. `Some(failures seen)` when it may.
+    pub(crate) fn may_be_reconnecting(&self, slot: Option<usize>) -> Option<u64> {
+        let (Self::Single { suspect, .. }, Some(i)) = (self, slot) else {
+            return None;
+        };
+        let s = suspect.get(i)?;
+        let failures = s.failures.load(Ordering::Acquire);
+        (failures > s.cleared.load(Ordering::Acquire)).then_some(failures)
     }
 
-    /// A request on the pool's connection `slot` was answered after it was suspect.
-    pub(crate) fn connected(&self, slot: Option<usize>) {
+    /// A request on the pool's connection `slot`, sent after [`may_be_reconnecting`]
+    /// (Self::may_be_reconnecting) saw `seen` failures, was answered: those are cleared (a
+    /// failure since is not).
+    pub(crate) fn connected(&self, slot: Option<usize>, seen: u64) {
         if let (Self::Single { suspect, .. }, Some(i)) = (self, slot)
-            && let Some(flag) = suspect.get(i)
+            && let Some(s) = suspect.get(i)
         {
-            flag.store(false, Ordering::Release);
+            s.cleared.fetch_max(seen, Ordering::AcqRel);
         }
     }
 
