@@ -274,20 +274,20 @@ impl<C: Codec> SqlCache<C> {
         let values = analysis.template.values(&params)?;
         SqlStats::count(&self.inner.stats.writes, 1);
         let start = Instant::now();
-        let result = self
-            .inner
-            .executor
-            .execute(&analysis.template.sql, &values)
-            .await;
-        self.record_db(
-            &analysis,
-            start.elapsed(),
-            &result.as_ref().map(|n| *n as usize),
-        );
-        // Also after a failure: a partly applied script may have written, and invalidating is
-        // cheap and safe.
-        self.invalidate_after_write(&analysis).await;
-        result
+        let write = async {
+            let result = self
+                .inner
+                .executor
+                .execute(&analysis.template.sql, &values)
+                .await;
+            self.record_db(
+                &analysis,
+                start.elapsed(),
+                &result.as_ref().map(|n| *n as usize),
+            );
+            result
+        };
+        self.write_then_invalidate(&analysis, write).await
     }
 
     /// The tables whose cached results a write to `tables` invalidates: them, and every table

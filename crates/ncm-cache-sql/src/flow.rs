@@ -84,11 +84,14 @@ impl<C: Codec> SqlCache<C> {
                 .clone()
                 .unwrap_or(Uncacheable::TooManyTables);
             self.inner().stats.uncached(reason.label());
-            let rows = self.fetch(analysis, &values).await;
-            if analysis.is_write() {
-                // Even when the statement failed (a partly applied script may have written).
-                self.invalidate_after_write(analysis).await;
-            }
+            let rows = if analysis.is_write() {
+                // Invalidated even when the statement failed (a partly applied script may have
+                // written) or this call is dropped first.
+                self.write_then_invalidate(analysis, self.fetch(analysis, &values))
+                    .await
+            } else {
+                self.fetch(analysis, &values).await
+            };
             return rows.map(|r| Some(Arc::new(r)));
         };
         match strategy {

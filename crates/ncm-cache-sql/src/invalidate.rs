@@ -159,6 +159,33 @@ impl<C: Codec> SqlCache<C> {
         tracing::error!(error = %err, ?target,
             "invalidation after a committed write failed; retrying in the background \
              (cached results of these tables may be stale meanwhile)");
+        self.retry_later(target);
+    }
+
+    /// Runs `write` (a statement that writes), then invalidates what it wrote — also when
+    /// this future is dropped before that is done (a request timeout, a client gone): the
+    /// database may have committed the write all the same (a statement already sent runs to
+    /// its end), so its tables then go to the background retrier at once.
+    pub(crate) async fn write_then_invalidate<T>(
+        &self,
+        analysis: &Analysis,
+        write: impl std::future::Future<Output = T>,
+    ) -> T {
+        let mut unfinished = Unfinished {
+            cache: self,
+            analysis,
+            armed: true,
+        };
+        let out = write.await;
+        // Also after a failure: a partly applied script may have written, and invalidating is
+        // cheap and safe.
+        self.invalidate_after_write(analysis).await;
+        unfinished.armed = false;
+        out
+    }
+
+    /// Adds `target` to the background retrier's pending set, starting it if it is idle.
+    fn retry_later(&self, target: Target) {
         let start = {
             let mut pending = self.pending();
             pending.add(target);
@@ -221,5 +248,31 @@ impl<C: Codec> SqlCache<C> {
         let stats = &self.inner().stats;
         SqlStats::count(&stats.invalidations, 1);
         SqlStats::count(&stats.invalidated_entries, n);
+    }
+}
+
+/// The invalidation of a write whose caller was dropped before it was done: handed to the
+/// background retrier (see [`SqlCache::write_then_invalidate`]).
+struct Unfinished<'a, C: Codec> {
+    cache: &'a SqlCache<C>,
+    analysis: &'a Analysis,
+    armed: bool,
+}
+
+impl<C: Codec> Drop for Unfinished<'_, C> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if self.analysis.ddl {
+            self.cache.inner().deps.mark_stale();
+        }
+        if let Some(target) = SqlCache::<C>::write_target(self.analysis) {
+            tracing::warn!(
+                ?target,
+                "a write was cancelled before its invalidation was done; invalidating in the background"
+            );
+            self.cache.retry_later(target);
+        }
     }
 }

@@ -206,6 +206,47 @@ async fn oversized_results_are_served_but_not_cached() {
     assert_eq!(probe.fetches.load(SeqCst), 3);
 }
 
+/// A write whose caller is dropped after the database applied it (a request timeout while the
+/// reply is late) still invalidates its table: nothing read before it is served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_after_it_committed_still_invalidates() {
+    let gate = Arc::new(Semaphore::new(0));
+    let mut probe = Probe::new(SqliteExecutor::memory().await.unwrap());
+    probe.exec_gate = Some(gate.clone());
+    let probe = Arc::new(probe);
+    let cache = SqlCache::builder_shared(memory_cache(), probe.clone())
+        .build()
+        .unwrap();
+    gate.add_permits(100);
+    cache
+        .execute("CREATE TABLE t (v INTEGER)", ())
+        .await
+        .unwrap();
+    cache.execute("INSERT INTO t VALUES (1)", ()).await.unwrap();
+    gate.forget_permits(gate.available_permits());
+    let read = |cache: SqlCache| async move {
+        let rows = cache.query("SELECT v FROM t", ()).await.unwrap();
+        rows.get(0, "v").cloned()
+    };
+    assert_eq!(read(cache.clone()).await, Some(SqlValue::Int(1)));
+    // Applied, but its reply never comes before the caller gives up.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        cache.execute("UPDATE t SET v = 2", ()),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the write was expected to wait at the gate"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        read(cache.clone()).await,
+        Some(SqlValue::Int(2)),
+        "a result read before a committed write was served after it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_run_the_query_once() {
     let gate = Arc::new(Semaphore::new(0));

@@ -220,6 +220,9 @@ pub(crate) struct Probe {
     pub(crate) fail: AtomicBool,
     /// When set, every fetch waits for a permit.
     pub(crate) gate: Option<Arc<Semaphore>>,
+    /// When set, every execute waits for a permit after the database applied it (a reply
+    /// that comes late).
+    pub(crate) exec_gate: Option<Arc<Semaphore>>,
 }
 
 impl Probe {
@@ -230,6 +233,7 @@ impl Probe {
             executes: AtomicUsize::new(0),
             fail: AtomicBool::new(false),
             gate: None,
+            exec_gate: None,
         }
     }
 }
@@ -269,7 +273,11 @@ impl SqlExecutor for Probe {
                 source: None,
             });
         }
-        self.inner.execute(sql, params).await
+        let applied = self.inner.execute(sql, params).await;
+        if let Some(gate) = &self.exec_gate {
+            let _permit = gate.acquire().await;
+        }
+        applied
     }
 }
 
