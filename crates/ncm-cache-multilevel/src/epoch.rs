@@ -5,7 +5,8 @@
 //! forgets it when told of a clear (a backplane CLEAR, the epoch key's client-tracking push),
 //! whenever L1 is made stale-only (a link down or back, a lost backplane message), and re-reads
 //! it at least every [`RECHECK`] while a link is down or absent, every [`RECHECK_LINKED`]
-//! otherwise. See docs/ARCHITECTURE.md, "O(1) clear".
+//! otherwise. Every write reads the epoch key after it lands and is made again under a new
+//! token if a clear not heard of yet moved it. See docs/ARCHITECTURE.md, "O(1) clear".
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -133,14 +134,42 @@ impl EpochBackend {
             return Ok(token);
         }
         let before = self.forgets();
-        let token: Arc<str> = match self.inner.get_reserved(&self.reserved).await? {
-            None => Arc::from(FIRST),
-            Some(bytes) => Arc::from(parse_token(&bytes)?),
-        };
+        let token = self.read_epoch().await?;
         // A forget during the read (a clear announced meanwhile): use it for this call, keep
         // nothing.
         self.keep(Arc::clone(&token), before);
         Ok(token)
+    }
+
+    /// The token in the epoch key now (not the one kept).
+    async fn read_epoch(&self) -> Result<Arc<str>> {
+        Ok(match self.inner.get_reserved(&self.reserved).await? {
+            None => Arc::from(FIRST),
+            Some(bytes) => Arc::from(parse_token(&bytes)?),
+        })
+    }
+
+    /// Runs a write (set, delete) under the kept token, then reads the epoch key. If a clear
+    /// elsewhere moved it before this instance heard of it (the CLEAR message still on its way,
+    /// no link, a token younger than its re-check interval), the write landed in the old epoch,
+    /// where nobody reads: lost, while older writes that instances which had heard of the clear
+    /// made in the new epoch stay, for their whole L2 TTL. So the token is forgotten and the
+    /// write made again under the new one, once: a clear after that read happened during this
+    /// call, and such a clear may take the write with it. `merge` combines the two results.
+    async fn fenced<T, F, Fut>(&self, write: F, merge: fn(T, T) -> T) -> Result<T>
+    where
+        F: Fn(Arc<str>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let token = self.token().await?;
+        let first = write(Arc::clone(&token)).await?;
+        let now = self.read_epoch().await?;
+        if now == token {
+            return Ok(first);
+        }
+        self.forget();
+        let again = write(now).await?;
+        Ok(merge(first, again))
     }
 
     /// Starts a new epoch: everything written before is no longer read. One write.
@@ -217,10 +246,23 @@ impl CacheBackend for EpochBackend {
         self.inner.set_reserved(name, value, ttl).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.inner.set(&self.full(key).await?, value, ttl).await
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        self.fenced(
+            |token| {
+                let value = value.clone();
+                async move { self.inner.set(&format!("@{token}:{key}"), value, ttl).await }
+            },
+            |(), ()| (),
+        )
+        .await
     }
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.inner.delete(&self.full(key).await?).await
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        self.fenced(
+            |token| async move { self.inner.delete(&format!("@{token}:{key}")).await },
+            |a, b| a || b,
+        )
+        .await
     }
     async fn exists(&self, key: &str) -> Result<bool> {
         self.inner.exists(&self.full(key).await?).await
@@ -231,18 +273,39 @@ impl CacheBackend for EpochBackend {
         self.inner.get_many(&refs).await
     }
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
-        let full = self.full_many(entries.iter().map(|(k, _)| *k)).await?;
-        let entries: Vec<(&str, Bytes)> = full
-            .iter()
-            .zip(entries)
-            .map(|(k, (_, v))| (k.as_str(), v.clone()))
-            .collect();
-        self.inner.set_many(&entries, ttl).await
+        for (k, _) in entries {
+            ncm_cache_core::validate_key(k, usize::MAX)?;
+        }
+        self.fenced(
+            |token| async move {
+                let full: Vec<String> = entries
+                    .iter()
+                    .map(|(k, _)| format!("@{token}:{k}"))
+                    .collect();
+                let entries: Vec<(&str, Bytes)> = full
+                    .iter()
+                    .zip(entries)
+                    .map(|(k, (_, v))| (k.as_str(), v.clone()))
+                    .collect();
+                self.inner.set_many(&entries, ttl).await
+            },
+            |(), ()| (),
+        )
+        .await
     }
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
-        let full = self.full_many(keys.iter().copied()).await?;
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        self.inner.delete_many(&refs).await
+        for k in keys {
+            ncm_cache_core::validate_key(k, usize::MAX)?;
+        }
+        self.fenced(
+            |token| async move {
+                let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
+                let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+                self.inner.delete_many(&refs).await
+            },
+            |a, b| a + b,
+        )
+        .await
     }
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
         self.inner.get_ttl(&self.full(key).await?).await
@@ -260,7 +323,16 @@ impl CacheBackend for EpochBackend {
             self.bump().await?;
             return Ok(0);
         }
-        self.inner.clear_pattern(&self.full(pattern).await?).await
+        ncm_cache_core::validate_key(pattern, usize::MAX)?;
+        self.fenced(
+            |token| async move {
+                self.inner
+                    .clear_pattern(&format!("@{token}:{pattern}"))
+                    .await
+            },
+            |a, b| a + b,
+        )
+        .await
     }
     async fn health_report(&self) -> HealthReport {
         self.inner.health_report().await

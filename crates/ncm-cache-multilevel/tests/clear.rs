@@ -155,3 +155,65 @@ async fn epochs_need_an_l2_ttl() {
     assert!(matches!(err, CacheError::Config(_)), "{err}");
     assert!(err.to_string().contains("l2_default_ttl"), "{err}");
 }
+
+/// An instance that has not heard of a clear yet (its announcement still on the way; here no
+/// link at all and a token younger than the re-check interval) writes with the old token. Its
+/// write and delete must still win over older writes made in the new epoch by instances that
+/// did hear: before the fix they landed in the old epoch, and the older value was served by
+/// every instance for its whole L2 TTL (the multi-process checker found this as an L1 read of
+/// a superseded version, `coherence_checker_epoch_clear_single_node`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_an_old_epoch_still_supersedes_older_writes() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (redis(&server).await, redis(&server).await);
+    let heard = instance(&ra, "users", Some(Coherence::Backplane)).await;
+    let late = instance(&rb, "users", None).await;
+    let l2_only = EntryOptions::new().skip_l1();
+    // `late` reads the epoch now and keeps it for its re-check interval (1 s without a link).
+    late.set("k", 1u64).await.unwrap();
+    heard.clear().await.unwrap();
+    heard.set("k", 2u64).await.unwrap();
+    late.set("k", 3u64).await.unwrap();
+    assert_eq!(
+        heard
+            .get_with::<u64>("k", &l2_only)
+            .await
+            .unwrap()
+            .map(|(v, _)| *v),
+        Some(3)
+    );
+    assert_eq!(
+        late.get_with::<u64>("k", &l2_only)
+            .await
+            .unwrap()
+            .map(|(v, _)| *v),
+        Some(3)
+    );
+
+    // The same for a delete and a pattern delete.
+    late.set("d", 1u64).await.unwrap();
+    heard.clear().await.unwrap();
+    heard.set("d", 2u64).await.unwrap();
+    heard.set("p1", 2u64).await.unwrap();
+    assert!(late.delete("d").await.unwrap());
+    assert_eq!(
+        ncm_cache_core::CacheBackend::clear_pattern(&late.as_backend(), "p*")
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        heard
+            .get_with::<u64>("d", &l2_only)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        heard
+            .get_with::<u64>("p1", &l2_only)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
