@@ -292,7 +292,7 @@ impl<C: Codec> SqlCache<C> {
 
     /// The tables whose cached results a write to `tables` invalidates: them, and every table
     /// that depends on them.
-    pub(crate) async fn dependents(&self, tables: &[String]) -> Vec<String> {
+    pub(crate) async fn dependents(&self, tables: &[String]) -> Option<Vec<String>> {
         self.inner
             .deps
             .expand(self.inner.executor.as_ref(), tables)

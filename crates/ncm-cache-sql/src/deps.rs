@@ -18,6 +18,9 @@ use crate::executor::SqlExecutor;
 /// The catalog's edges are reloaded at least this often (a schema changed by another program).
 pub(crate) const CATALOG_MAX_AGE: Duration = Duration::from_secs(300);
 
+/// After a failed catalog load, the next expansion within this long does not ask again.
+pub(crate) const CATALOG_RETRY: Duration = Duration::from_secs(1);
+
 type Edges = HashMap<String, Vec<String>>;
 
 #[derive(Debug, Default)]
@@ -32,6 +35,11 @@ struct Catalog {
     edges: Arc<Edges>,
     /// When the edges were loaded (`None`: never, or marked stale).
     loaded: Option<Instant>,
+    /// The edges are known to match the schema as of some load: never loaded, or a schema
+    /// change (DDL through the cache) since, makes them unknown.
+    known: bool,
+    /// A load failed: the next is not tried before this.
+    retry_at: Option<Instant>,
     /// Bumped by every `mark_stale`: a load that started before one is not installed as fresh.
     epoch: u64,
 }
@@ -52,6 +60,8 @@ impl Dependencies {
     pub(crate) fn mark_stale(&self) {
         let mut c = self.lock();
         c.loaded = None;
+        c.known = false;
+        c.retry_at = None;
         c.epoch += 1;
     }
 
@@ -59,16 +69,19 @@ impl Dependencies {
         self.catalog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The catalog's edges, reloaded when stale. A failed load keeps the previous edges (and
-    /// is retried at the next expansion after [`CATALOG_MAX_AGE`] / the next DDL).
-    async fn catalog(&self, executor: &dyn SqlExecutor) -> Arc<Edges> {
-        let (edges, fresh, epoch) = {
+    /// The catalog's edges, reloaded when stale; `None` when they are unknown (no load has
+    /// succeeded since the last schema change, and this one failed too), so the caller must
+    /// assume every table is affected. A failed load is tried again after [`CATALOG_RETRY`]
+    /// (meanwhile the previous edges are used if they are known, else `None`).
+    async fn catalog(&self, executor: &dyn SqlExecutor) -> Option<Arc<Edges>> {
+        let (edges, fresh, known, epoch) = {
             let c = self.lock();
-            let fresh = c.loaded.is_some_and(|at| at.elapsed() < CATALOG_MAX_AGE);
-            (Arc::clone(&c.edges), fresh, c.epoch)
+            let fresh = c.loaded.is_some_and(|at| at.elapsed() < CATALOG_MAX_AGE)
+                || c.retry_at.is_some_and(|at| Instant::now() < at);
+            (Arc::clone(&c.edges), fresh, c.known, c.epoch)
         };
         if fresh {
-            return edges;
+            return known.then_some(edges);
         }
         match executor.dependencies().await {
             Ok(list) => {
@@ -86,28 +99,32 @@ impl Dependencies {
                 if c.epoch == epoch {
                     c.edges = Arc::clone(&map);
                     c.loaded = Some(Instant::now());
+                    c.known = true;
+                    c.retry_at = None;
                 }
-                map
+                Some(map)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read table dependencies from the catalog; \
-                    using the previous ones");
+                tracing::warn!(error = %e, known,
+                    "cannot read table dependencies from the catalog; using the previous ones \
+                     if they are known, else invalidating every cached query; retrying in 1 s");
                 let mut c = self.lock();
                 if c.epoch == epoch {
-                    c.loaded = Some(Instant::now());
+                    c.retry_at = Some(Instant::now() + CATALOG_RETRY);
                 }
-                edges
+                known.then_some(edges)
             }
         }
     }
 
-    /// `tables` and every table reachable from them, sorted.
+    /// `tables` and every table reachable from them, sorted; `None` when the catalog's
+    /// edges are unknown (every table must be assumed affected).
     pub(crate) async fn expand(
         &self,
         executor: &dyn SqlExecutor,
         tables: &[String],
-    ) -> Vec<String> {
-        let catalog = self.catalog(executor).await;
+    ) -> Option<Vec<String>> {
+        let catalog = self.catalog(executor).await?;
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut todo: Vec<String> = tables.to_vec();
         while let Some(t) = todo.pop() {
@@ -120,6 +137,6 @@ impl Dependencies {
                 }
             }
         }
-        seen.into_iter().collect()
+        Some(seen.into_iter().collect())
     }
 }

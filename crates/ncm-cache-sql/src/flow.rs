@@ -309,7 +309,8 @@ impl<C: Codec> SqlCache<C> {
         if !create.is_empty() {
             // Writing a fresh token is itself an invalidation, so racing creators are safe:
             // whoever loses only makes the other's entries miss once.
-            if let Err(err) = self.inner().cache.backend().set_many(&create, None).await {
+            let ttl = Some(crate::keys::GENERATION_TTL);
+            if let Err(err) = self.inner().cache.backend().set_many(&create, ttl).await {
                 self.inner().stats.cache_error(Operation::Set);
                 tracing::warn!(error = %err, "cannot create generation tokens; result not cached");
                 return None;

@@ -106,16 +106,21 @@ impl<C: Codec> SqlCache<C> {
         let inner = self.inner();
         let keys = match &target {
             Target::All => vec![inner.keys.generation_all()],
-            Target::Tables(tags) => {
-                let tables = self.dependents(tags).await;
-                tables.iter().map(|t| inner.keys.generation(t)).collect()
-            }
+            // Dependencies unknown (the catalog could not be read): everything.
+            Target::Tables(tags) => match self.dependents(tags).await {
+                Some(tables) => tables.iter().map(|t| inner.keys.generation(t)).collect(),
+                None => vec![inner.keys.generation_all()],
+            },
         };
         let entries: Vec<(&str, Bytes)> = keys
             .iter()
             .map(|k| (k.as_str(), Bytes::from(new_token())))
             .collect();
-        inner.cache.backend().set_many(&entries, None).await?;
+        inner
+            .cache
+            .backend()
+            .set_many(&entries, Some(crate::keys::GENERATION_TTL))
+            .await?;
         let n = entries.len() as u64;
         self.count(n);
         tracing::debug!(?target, generations = n, "invalidated");

@@ -181,6 +181,13 @@ fn collapse_whitespace(sql: &str, dialect: SqlDialect) -> String {
     out
 }
 
+/// How long a generation key lives after it was last written (created or invalidated): a
+/// table that is no longer queried does not leave a key behind for good. Its expiry is an
+/// invalidation (the next reader writes a new token), so it is always safe; a result cached
+/// for longer than this misses once.
+pub(crate) const GENERATION_TTL: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// Builds keys and patterns for one database.
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {

@@ -217,8 +217,8 @@ impl<C: Codec> SqlCache<C> {
             if !tables.is_empty() && !self.invalidate_with_retry(&tables, &mut stop).await {
                 return;
             }
-            if resync {
-                self.resync().await;
+            if resync && !self.resync(&mut stop).await {
+                return;
             }
         }
     }
@@ -230,14 +230,46 @@ impl<C: Codec> SqlCache<C> {
         tables: &std::collections::BTreeSet<String>,
         stop: &mut oneshot::Receiver<()>,
     ) -> bool {
+        self.until_done(stop, "invalidation from NOTIFY", || {
+            self.invalidate_tables(tables)
+        })
+        .await
+    }
+
+    /// Clears every cached query after a reconnect (notifications may have been missed),
+    /// retrying with backoff until it succeeds: a failure (the cache down too) left results
+    /// cached before the outage served for their whole TTL. `false` when asked to stop.
+    async fn resync(&self, stop: &mut oneshot::Receiver<()>) -> bool {
+        let done = self
+            .until_done(stop, "clearing the cache after a reconnect", || {
+                self.invalidate_all()
+            })
+            .await;
+        if done {
+            tracing::info!("listener reconnected; cached queries cleared");
+        }
+        done
+    }
+
+    /// Runs `call` until it succeeds, with backoff (50 ms doubling to 5 s), counting each
+    /// failure. `false` when asked to stop meanwhile.
+    async fn until_done<T, F, Fut>(
+        &self,
+        stop: &mut oneshot::Receiver<()>,
+        what: &str,
+        mut call: F,
+    ) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.invalidate_tables(tables).await {
+            match call().await {
                 Ok(_) => return true,
                 Err(e) => {
                     crate::stats::SqlStats::count(&self.inner().stats.invalidation_failures, 1);
-                    tracing::warn!(?tables, error = %e, ?delay,
-                        "invalidation from NOTIFY failed; retrying");
+                    tracing::warn!(error = %e, ?delay, "{what} failed; retrying");
                 }
             }
             tokio::select! {
@@ -245,13 +277,6 @@ impl<C: Codec> SqlCache<C> {
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn resync(&self) {
-        match self.invalidate_all().await {
-            Ok(n) => tracing::info!(removed = n, "listener reconnected; cached queries cleared"),
-            Err(e) => tracing::warn!(error = %e, "listener reconnected; clearing the cache failed"),
         }
     }
 }

@@ -17,7 +17,7 @@ use ncm_cache_sql::sqlx::{AssertSqlSafe, Connection};
 use ncm_cache_sql::{
     PgExecutor, QueryCacheStrategy, SqlCache, SqlExecutor, SqlValue, database_error_code, params,
 };
-use support::{Probe, common_suite, eventually, memory_cache, pg};
+use support::{Flaky, Probe, common_suite, eventually, memory_cache, pg};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn common_suite_on_postgres() {
@@ -496,6 +496,152 @@ async fn the_listener_reconnects_and_resynchronizes() {
     assert!(handle.is_running());
     handle.stop().await;
     other.close().await.unwrap();
+}
+
+/// The listener's resynchronization after a reconnect (everything cached may have missed a
+/// notification) fails while the cache is down: it is retried until it succeeds, so results
+/// cached before the outage are not served afterwards. Before, the failure was only logged, and
+/// they were served for their whole TTL (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_fails_while_the_cache_is_down_is_retried() {
+    let Some(db) = pg::db("a_resync_that_fails_while_the_cache_is_down_is_retried").await else {
+        return;
+    };
+    let flaky = Flaky::default();
+    let cache = SqlCache::builder(
+        ncm_cache_core::Cache::new(flaky.clone(), ncm_cache_codec::Serializer::default()),
+        PgExecutor::new(db.pool.clone()),
+    )
+    .build()
+    .unwrap();
+    cache.execute("CREATE TABLE rs (a int)", ()).await.unwrap();
+    install_triggers(&db.pool, &["rs"]).await.unwrap();
+    let app = format!("ncm_resync_{}", db.schema);
+    let listen_pool = named_pool(&db, &app).await;
+    let handle = cache.listen_postgres(listen_pool).await.unwrap();
+    let q = "SELECT count(*) FROM rs";
+    cache.query(q, ()).await.unwrap();
+
+    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let pids = || async {
+        let rows: Vec<(i32,)> = ncm_cache_sql::sqlx::query_as(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&app)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|(p,)| p).collect::<Vec<_>>()
+    };
+    let old = pids().await;
+    assert!(!old.is_empty(), "the listener connection was found");
+    let _: Vec<(bool,)> = ncm_cache_sql::sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // The listener is back on a new connection, and its resync has run (and failed) meanwhile.
+    let back = eventually(Duration::from_secs(10), || async {
+        pids().await.iter().any(|p| !old.contains(p))
+    })
+    .await;
+    assert!(back.is_some(), "the listener reconnected");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let gone = eventually(Duration::from_secs(10), || {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_none()
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "a result cached before the reconnect is still served after the cache came back"
+    );
+    assert!(cache.get_performance_stats().invalidation_failures >= 1);
+    assert!(handle.is_running());
+    handle.stop().await;
+}
+
+/// The dependency catalog cannot be read (a permission, a timeout) when a write to a table
+/// under a view is invalidated: the view's cached result must not survive. The write then
+/// invalidates every cached query; once the catalog reads again (tried after 1 s), only the
+/// dependents are. Before, the failed load left no edges, marked as loaded for 5 minutes, and
+/// the view's result was served stale for its TTL (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_that_cannot_be_read_does_not_leave_views_stale() {
+    let Some(db) = pg::db("a_catalog_that_cannot_be_read_does_not_leave_views_stale").await else {
+        return;
+    };
+    let probe = Arc::new(Probe::new(
+        PgExecutor::from_pool(db.pool.clone()).await.unwrap(),
+    ));
+    probe
+        .deps_fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let cache = SqlCache::builder_shared(memory_cache(), probe.clone())
+        .build()
+        .unwrap();
+    for stmt in [
+        "CREATE TABLE base (n INT)",
+        "CREATE VIEW over_base AS SELECT n FROM base",
+        "CREATE TABLE other (n INT)",
+    ] {
+        cache.execute(stmt, ()).await.unwrap();
+    }
+    let view = "SELECT count(*) AS n FROM over_base";
+    let count = |rows: ncm_cache_sql::Rows| rows.rows[0][0].clone();
+    assert_eq!(
+        count(cache.query(view, ()).await.unwrap()),
+        SqlValue::Int(0)
+    );
+    cache
+        .execute("INSERT INTO base VALUES (1)", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(cache.query(view, ()).await.unwrap()),
+        SqlValue::Int(1),
+        "the view's result cached before the write was served"
+    );
+
+    // The catalog reads again: after its retry interval, a write invalidates the view and
+    // leaves an unrelated table's result cached.
+    probe
+        .deps_fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let unrelated = "SELECT count(*) AS n FROM other";
+    cache.query(unrelated, ()).await.unwrap();
+    cache
+        .execute("INSERT INTO base VALUES (2)", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(cache.query(view, ()).await.unwrap()),
+        SqlValue::Int(2)
+    );
+    let cached = |q: &'static str| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(q, (), QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(
+        cached(unrelated).await,
+        "only the write's dependents are invalidated"
+    );
 }
 
 /// `fut.map_not()`: negate a boolean future (keeps the closures above readable).

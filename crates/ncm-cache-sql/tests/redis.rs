@@ -39,6 +39,14 @@ async fn common_suite_over_redis() {
             .all(|k| k.is_empty() || k.starts_with("app:sql:")),
         "{keys}"
     );
+    // Generation keys expire (7 days after their last write): a table no longer queried
+    // leaves no key behind for good (before: no TTL — found by review).
+    let gens: Vec<&str> = keys.lines().filter(|k| k.contains("#gen")).collect();
+    assert!(!gens.is_empty(), "{keys}");
+    for key in gens {
+        let ttl: i64 = server.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 0 && ttl <= 7 * 24 * 3600 * 1000, "{key}: PTTL {ttl}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

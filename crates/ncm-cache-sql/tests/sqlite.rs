@@ -17,7 +17,7 @@ use ncm_cache_core::{
 use ncm_cache_memory::MemoryBackend;
 use ncm_cache_sql::{QueryCacheStrategy, SqlCache, SqlParams, SqlValue, SqliteExecutor, params};
 use serde::Deserialize;
-use support::{Probe, common_suite, eventually, memory_cache};
+use support::{Flaky, Probe, common_suite, eventually, memory_cache};
 use tokio::sync::Semaphore;
 
 async fn sqlite_cache() -> (SqlCache, Arc<Probe>) {
@@ -748,63 +748,6 @@ async fn declared_dependencies_invalidate_the_affected_tables() {
         cache.query(totals, ()).await.unwrap().rows[0][0],
         SqlValue::Int(5)
     );
-}
-
-/// A memory backend that can be switched off (every call a connection error).
-#[derive(Debug, Clone, Default)]
-struct Flaky {
-    inner: MemoryBackend,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Flaky {
-    fn check(&self) -> ncm_cache_core::Result<()> {
-        if self.down.load(SeqCst) {
-            return Err(CacheError::connection("switched off", None));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl CacheBackend for Flaky {
-    fn name(&self) -> &str {
-        "flaky"
-    }
-    async fn get(&self, k: &str) -> ncm_cache_core::Result<Option<Bytes>> {
-        self.check()?;
-        self.inner.get(k).await
-    }
-    async fn set(&self, k: &str, v: Bytes, t: Option<Duration>) -> ncm_cache_core::Result<()> {
-        self.check()?;
-        self.inner.set(k, v, t).await
-    }
-    async fn delete(&self, k: &str) -> ncm_cache_core::Result<bool> {
-        self.check()?;
-        self.inner.delete(k).await
-    }
-    async fn exists(&self, k: &str) -> ncm_cache_core::Result<bool> {
-        self.check()?;
-        self.inner.exists(k).await
-    }
-    async fn get_ttl(&self, k: &str) -> ncm_cache_core::Result<KeyTtl> {
-        self.check()?;
-        self.inner.get_ttl(k).await
-    }
-    async fn extend_ttl(&self, k: &str, t: Duration) -> ncm_cache_core::Result<bool> {
-        self.check()?;
-        self.inner.extend_ttl(k, t).await
-    }
-    async fn clear_pattern(&self, p: &str) -> ncm_cache_core::Result<u64> {
-        self.check()?;
-        self.inner.clear_pattern(p).await
-    }
-    async fn health_report(&self) -> HealthReport {
-        self.inner.health_report().await
-    }
-    fn get_stats(&self) -> CacheStats {
-        self.inner.get_stats()
-    }
 }
 
 /// Invalidations that fail after a committed write (the cache is off) are retried by one

@@ -149,12 +149,19 @@ impl SqlValue {
             Self::Float(v) => framed(out, 3, &v.to_bits().to_le_bytes()),
             Self::Text(s) => framed(out, 4, s.as_bytes()),
             Self::Bytes(b) => framed(out, 5, b),
-            Self::Timestamp(t) => {
-                let nanos = t
-                    .timestamp_nanos_opt()
-                    .map_or_else(|| t.timestamp().to_le_bytes(), i64::to_le_bytes);
-                framed(out, 6, &nanos);
-            }
+            // Nanoseconds since the epoch where they fit in an i64 (1677–2262; the encoding
+            // of every release so far); outside, seconds and nanoseconds under another tag, so
+            // two instants never share bytes (before, whole seconds under the same tag: a
+            // far-future instant collided with one in 1970, and sub-second parts were lost).
+            Self::Timestamp(t) => match t.timestamp_nanos_opt() {
+                Some(nanos) => framed(out, 6, &nanos.to_le_bytes()),
+                None => {
+                    let mut wide = [0u8; 12];
+                    wide[..8].copy_from_slice(&t.timestamp().to_le_bytes());
+                    wide[8..].copy_from_slice(&t.timestamp_subsec_nanos().to_le_bytes());
+                    framed(out, 8, &wide);
+                }
+            },
             // serde_json keeps object keys sorted (no `preserve_order`), so equal documents
             // print equal text.
             Self::Json(j) => framed(out, 7, j.to_string().as_bytes()),
@@ -334,6 +341,34 @@ mod tests {
             enc(SqlValue::Json(serde_json::json!({"b": 1, "a": 2}))),
             enc(SqlValue::Json(serde_json::json!({"a": 2, "b": 1})))
         );
+    }
+
+    /// Instants outside what i64 nanoseconds hold (before 1677, after 2262) keep their
+    /// sub-second part and never share bytes with an instant inside that range (found by
+    /// review: they were encoded as whole seconds under the nanoseconds' tag).
+    #[test]
+    fn stable_bytes_keep_every_instant_apart() {
+        let enc = |t: DateTime<Utc>| {
+            let mut out = Vec::new();
+            SqlValue::Timestamp(t).stable_bytes(&mut out);
+            out
+        };
+        let far = DateTime::from_timestamp(10_000_000_000, 0).unwrap(); // 2286
+        let far_and_a_bit = DateTime::from_timestamp(10_000_000_000, 500).unwrap();
+        assert_ne!(enc(far), enc(far_and_a_bit));
+        // 10^10 ns after the epoch (1970) against 10^10 s after it.
+        let near = DateTime::from_timestamp_nanos(10_000_000_000);
+        assert_ne!(enc(far), enc(near));
+        let old = DateTime::from_timestamp(-10_000_000_000, 1).unwrap(); // 1653
+        assert_ne!(
+            enc(old),
+            enc(DateTime::from_timestamp(-10_000_000_000, 2).unwrap())
+        );
+        // Inside the range, the encoding of earlier releases (cache keys stay the same).
+        let mut expected = vec![6];
+        expected.extend_from_slice(&8u64.to_le_bytes());
+        expected.extend_from_slice(&10_000_000_000i64.to_le_bytes());
+        assert_eq!(enc(near), expected);
     }
 
     #[test]

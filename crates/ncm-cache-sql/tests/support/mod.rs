@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ncm_cache_codec::Serializer;
-use ncm_cache_core::{Cache, CacheError, Result};
+use ncm_cache_core::{
+    Bytes, Cache, CacheBackend, CacheError, CacheStats, HealthReport, KeyTtl, Result,
+};
 use ncm_cache_memory::MemoryBackend;
 use ncm_cache_sql::{
     QueryCacheStrategy, Rows, SqlCache, SqlDialect, SqlExecutor, SqlValue, params,
@@ -40,6 +42,63 @@ pub(crate) fn unique(prefix: &str) -> String {
 /// A cache over a fresh memory backend.
 pub(crate) fn memory_cache() -> Cache<Serializer> {
     Cache::new(MemoryBackend::new(), Serializer::default())
+}
+
+/// A memory backend that can be switched off (every call a connection error).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Flaky {
+    pub(crate) inner: MemoryBackend,
+    pub(crate) down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self) -> ncm_cache_core::Result<()> {
+        if self.down.load(SeqCst) {
+            return Err(CacheError::connection("switched off", None));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheBackend for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    async fn get(&self, k: &str) -> ncm_cache_core::Result<Option<Bytes>> {
+        self.check()?;
+        self.inner.get(k).await
+    }
+    async fn set(&self, k: &str, v: Bytes, t: Option<Duration>) -> ncm_cache_core::Result<()> {
+        self.check()?;
+        self.inner.set(k, v, t).await
+    }
+    async fn delete(&self, k: &str) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.delete(k).await
+    }
+    async fn exists(&self, k: &str) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.exists(k).await
+    }
+    async fn get_ttl(&self, k: &str) -> ncm_cache_core::Result<KeyTtl> {
+        self.check()?;
+        self.inner.get_ttl(k).await
+    }
+    async fn extend_ttl(&self, k: &str, t: Duration) -> ncm_cache_core::Result<bool> {
+        self.check()?;
+        self.inner.extend_ttl(k, t).await
+    }
+    async fn clear_pattern(&self, p: &str) -> ncm_cache_core::Result<u64> {
+        self.check()?;
+        self.inner.clear_pattern(p).await
+    }
+    async fn health_report(&self) -> HealthReport {
+        self.inner.health_report().await
+    }
+    fn get_stats(&self) -> CacheStats {
+        self.inner.get_stats()
+    }
 }
 
 /// Runs `f` on a separate thread with its own runtime (usable from `Drop`).
@@ -223,6 +282,8 @@ pub(crate) struct Probe {
     /// When set, every execute waits for a permit after the database applied it (a reply
     /// that comes late).
     pub(crate) exec_gate: Option<Arc<Semaphore>>,
+    /// When set, reading the dependency catalog fails.
+    pub(crate) deps_fail: AtomicBool,
 }
 
 impl Probe {
@@ -234,6 +295,7 @@ impl Probe {
             fail: AtomicBool::new(false),
             gate: None,
             exec_gate: None,
+            deps_fail: AtomicBool::new(false),
         }
     }
 }
@@ -250,6 +312,12 @@ impl SqlExecutor for Probe {
         self.inner.database_identity()
     }
     async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+        if self.deps_fail.load(SeqCst) {
+            return Err(CacheError::Database {
+                message: "catalog unreadable (probe)".into(),
+                source: None,
+            });
+        }
         self.inner.dependencies().await
     }
     async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
