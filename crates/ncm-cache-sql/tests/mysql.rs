@@ -220,3 +220,67 @@ async fn cascades_views_and_server_identity_on_mysql() {
         SqlValue::Int(1)
     );
 }
+
+/// A statement may name another database's table (`UPDATE other_db.t`). On MySQL a database
+/// is what a schema is elsewhere, so invalidations are kept per server: a write through an
+/// executor connected to one database invalidates what an executor connected to the other
+/// cached of that table and of the views over it, and the reverse. Before, generation keys
+/// were per database and tagged with bare names, so the write invalidated `t` of the writer's
+/// own database and the other database's results were served stale for their TTL (found by
+/// review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_another_databases_table_invalidates_its_results_on_mysql() {
+    let test = "a_write_to_another_databases_table_invalidates_its_results_on_mysql";
+    let Some(one) = my::db(test).await else {
+        return;
+    };
+    let Some(two) = my::db(test).await else {
+        return;
+    };
+    let shared = memory_cache();
+    let a = SqlCache::builder(
+        shared.clone(),
+        MySqlExecutor::from_pool(one.pool.clone()).await.unwrap(),
+    )
+    .build()
+    .unwrap();
+    let b = SqlCache::builder(
+        shared,
+        MySqlExecutor::from_pool(two.pool.clone()).await.unwrap(),
+    )
+    .build()
+    .unwrap();
+    b.execute("CREATE TABLE t (n INT)", ()).await.unwrap();
+    b.execute("CREATE VIEW vt AS SELECT n FROM t", ())
+        .await
+        .unwrap();
+    let count = |rows: ncm_cache_sql::Rows| rows.rows[0][0].clone();
+    let (table, view) = (
+        "SELECT count(*) AS n FROM t",
+        "SELECT count(*) AS n FROM vt",
+    );
+    let qualified = format!("SELECT count(*) AS n FROM {}.t", two.database);
+    assert_eq!(count(b.query(table, ()).await.unwrap()), SqlValue::Int(0));
+    assert_eq!(count(b.query(view, ()).await.unwrap()), SqlValue::Int(0));
+    assert_eq!(
+        count(a.query(&qualified, ()).await.unwrap()),
+        SqlValue::Int(0)
+    );
+
+    // A writes the other database's table: B's results of the table and its view go.
+    a.execute(&format!("INSERT INTO {}.t VALUES (1)", two.database), ())
+        .await
+        .unwrap();
+    assert_eq!(count(b.query(table, ()).await.unwrap()), SqlValue::Int(1));
+    assert_eq!(count(b.query(view, ()).await.unwrap()), SqlValue::Int(1));
+    // B writes its own table: A's result of it (named with the database) goes.
+    assert_eq!(
+        count(a.query(&qualified, ()).await.unwrap()),
+        SqlValue::Int(1)
+    );
+    b.execute("INSERT INTO t VALUES (2)", ()).await.unwrap();
+    assert_eq!(
+        count(a.query(&qualified, ()).await.unwrap()),
+        SqlValue::Int(2)
+    );
+}

@@ -31,7 +31,11 @@ use crate::value::SqlValue;
 pub struct MySqlExecutor {
     pool: MySqlPool,
     identity: String,
-    /// The identity without the account.
+    /// Where invalidations are kept: the server (`mysql://{server}`). A MySQL database is
+    /// what a schema is elsewhere, and a statement may name another database's table
+    /// (`UPDATE other_db.t`), so every database of a server shares generation keys (by bare
+    /// table name: a write to `db1.t` also invalidates results of `db2.t`, never the reverse
+    /// of what is needed).
     database: String,
 }
 
@@ -46,7 +50,7 @@ impl MySqlExecutor {
         let identity = format!("mysql://{host}/{}", opts.get_database().unwrap_or(""));
         Self {
             pool,
-            database: identity.clone(),
+            database: format!("mysql://{host}"),
             identity,
         }
     }
@@ -64,7 +68,8 @@ impl MySqlExecutor {
     /// connection string: `mysql://{server}/{database}?user={CURRENT_USER()}`, where the
     /// server is MySQL's `@@server_uuid`, or on MariaDB (which has none) `@@hostname`,
     /// `@@port` and `@@datadir`. Two host names reaching one server share entries and
-    /// invalidations; two databases or two accounts never share entries.
+    /// invalidations; two databases or two accounts never share entries. Invalidations are
+    /// per server (a statement may write another database's table).
     pub async fn from_pool(pool: MySqlPool) -> Result<Self> {
         let server = match sqlx::query_scalar::<_, String>("SELECT @@server_uuid")
             .fetch_one(&pool)
@@ -86,8 +91,8 @@ impl MySqlExecutor {
             row.try_get::<String, _>(c)
                 .map_err(|e| database_error("bad identity row", e))
         };
-        let database = format!("mysql://{server}/{}", get("db")?);
-        let identity = format!("{database}?user={}", get("usr")?);
+        let identity = format!("mysql://{server}/{}?user={}", get("db")?, get("usr")?);
+        let database = format!("mysql://{server}");
         Ok(Self {
             pool,
             identity,
@@ -151,7 +156,8 @@ impl SqlExecutor for MySqlExecutor {
         Ok(done.rows_affected())
     }
 
-    /// From `information_schema` of the current database: tables whose foreign keys cascade
+    /// From `information_schema`, for every database the account sees (invalidations are per
+    /// server, and a write may name another database's table): tables whose foreign keys cascade
     /// (`CASCADE`, `SET NULL`, `SET DEFAULT`) from each table (`REFERENTIAL_CONSTRAINTS`), and
     /// views over each table (the tables `VIEWS.VIEW_DEFINITION` reads; MariaDB has no
     /// `VIEW_TABLE_USAGE`). MySQL partitions are part of their table and need no edge.
@@ -161,7 +167,7 @@ impl SqlExecutor for MySqlExecutor {
         let fks = sqlx::query(
             "SELECT CAST(REFERENCED_TABLE_NAME AS CHAR) AS parent, CAST(TABLE_NAME AS CHAR) AS child \
                FROM information_schema.REFERENTIAL_CONSTRAINTS \
-              WHERE CONSTRAINT_SCHEMA = DATABASE() \
+              WHERE CONSTRAINT_SCHEMA NOT IN ('mysql', 'sys', 'performance_schema', 'information_schema') \
                 AND (DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') \
                      OR UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))",
         )
@@ -176,7 +182,8 @@ impl SqlExecutor for MySqlExecutor {
         }
         let views = sqlx::query(
             "SELECT CAST(TABLE_NAME AS CHAR) AS name, CAST(VIEW_DEFINITION AS CHAR) AS body \
-               FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()",
+               FROM information_schema.VIEWS \
+              WHERE TABLE_SCHEMA NOT IN ('mysql', 'sys', 'performance_schema', 'information_schema')",
         )
         .fetch_all(&self.pool)
         .await
