@@ -155,7 +155,9 @@ impl EpochBackend {
     /// where nobody reads: lost, while older writes that instances which had heard of the clear
     /// made in the new epoch stay, for their whole L2 TTL. So the token is forgotten and the
     /// write made again under the new one, once: a clear after that read happened during this
-    /// call, and such a clear may take the write with it. `merge` combines the two results.
+    /// call, and such a clear may take the write with it. `merge` picks the result: for deletes
+    /// the redo's (what the old epoch held is read by nobody; counting it would hide that the
+    /// current epoch had nothing, which decides whether a tombstone is written).
     async fn fenced<T, F, Fut>(&self, write: F, merge: fn(T, T) -> T) -> Result<T>
     where
         F: Fn(Arc<str>) -> Fut,
@@ -260,7 +262,7 @@ impl CacheBackend for EpochBackend {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         self.fenced(
             |token| async move { self.inner.delete(&format!("@{token}:{key}")).await },
-            |a, b| a || b,
+            |_, b| b,
         )
         .await
     }
@@ -303,7 +305,7 @@ impl CacheBackend for EpochBackend {
                 let refs: Vec<&str> = full.iter().map(String::as_str).collect();
                 self.inner.delete_many(&refs).await
             },
-            |a, b| a + b,
+            |_, b| b,
         )
         .await
     }
@@ -330,7 +332,7 @@ impl CacheBackend for EpochBackend {
                     .clear_pattern(&format!("@{token}:{pattern}"))
                     .await
             },
-            |a, b| a + b,
+            |_, b| b,
         )
         .await
     }
