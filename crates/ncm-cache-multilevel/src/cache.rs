@@ -282,6 +282,14 @@ impl<C: Codec> MultiLevelCache<C> {
             #[cfg(feature = "redis")]
             tracking: tracking_redis.map(crate::tracking::Tracker::new),
         });
+        if let Some(epoch) = &inner.epoch {
+            let cache = Arc::downgrade(&inner);
+            epoch.on_late_redo(Box::new(move |write| {
+                if let Some(inner) = cache.upgrade() {
+                    inner.redone_late(write);
+                }
+            }));
+        }
         #[cfg(feature = "redis")]
         crate::backplane::start(&inner)?;
         #[cfg(feature = "redis")]
@@ -1237,6 +1245,31 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn invalidate_l1(&self, key: &str) -> Result<bool> {
         self.versions.invalidate(key);
         self.l1.remove(key)
+    }
+
+    /// A write whose caller gave up before its epoch check was made again in a new epoch
+    /// (in the background): the caller's eviction and announcement went out before it, and a
+    /// read in between may have cached what the new epoch held then, so both are made again.
+    fn redone_late(&self, write: &crate::epoch::Write) {
+        use crate::epoch::Write;
+        match write {
+            Write::Set(entries, _) => {
+                for (key, _) in entries {
+                    let _ = self.invalidate_l1(key);
+                    self.queue_delete(key);
+                }
+            }
+            Write::Delete(keys) => {
+                for key in keys {
+                    let _ = self.invalidate_l1(key);
+                    self.queue_delete(key);
+                }
+            }
+            Write::Pattern(pattern) => {
+                let _ = self.invalidate_l1_matching(pattern);
+                self.queue_pattern(pattern);
+            }
+        }
     }
 
     /// Invalidates and empties all of this L1.

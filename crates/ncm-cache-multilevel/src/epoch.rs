@@ -33,25 +33,135 @@ const MAX_TOKEN: usize = 16;
 
 /// L2 seen through the cache's current epoch.
 pub(crate) struct EpochBackend {
-    inner: SharedBackend,
+    core: Arc<Core>,
     /// The epoch key (in `inner`'s namespace), as client tracking reports it.
     key: String,
-    /// Its name among the reserved keys (`get_reserved`): `key` without `__ncm:`.
-    reserved: String,
-    /// The token kept and when it was read, with the number of `forget`s so far: a read of
-    /// the epoch key is kept only if no forget happened since it began (checked and stored
-    /// under the same lock as `forget` bumps it).
-    state: std::sync::RwLock<State>,
     /// One read of the epoch key at a time.
     fetch: tokio::sync::Mutex<()>,
     /// Whether every coherence link is up (a clear elsewhere would be heard).
     linked: AtomicBool,
 }
 
+/// What a write whose caller gave up before its epoch check still needs (see [`Unsettled`]).
+struct Core {
+    inner: SharedBackend,
+    /// The epoch key's name among the reserved keys (`get_reserved`): without `__ncm:`.
+    reserved: String,
+    /// The token kept and when it was read, with the number of `forget`s so far: a read of
+    /// the epoch key is kept only if no forget happened since it began (checked and stored
+    /// under the same lock as `forget` bumps it).
+    state: std::sync::RwLock<State>,
+    /// Told of a write made again in a new epoch after its caller gave up: the caller's
+    /// announcement went out before it, so the cache announces it again.
+    late: std::sync::OnceLock<LateHook>,
+}
+
+/// See [`EpochBackend::on_late_redo`].
+pub(crate) type LateHook = Box<dyn Fn(&Write) + Send + Sync>;
+
+/// An L2 write, in user keys: what the epoch check makes again under a new token.
+pub(crate) enum Write {
+    Set(Vec<(String, Bytes)>, Option<Duration>),
+    Delete(Vec<String>),
+    Pattern(String),
+}
+
+impl Write {
+    /// Makes the write in epoch `token`: the number of keys removed (0 for a set).
+    async fn run(&self, inner: &dyn CacheBackend, token: &str) -> Result<u64> {
+        let full = |k: &str| format!("@{token}:{k}");
+        match self {
+            Self::Set(entries, ttl) => {
+                if let [(k, v)] = entries.as_slice() {
+                    inner.set(&full(k), v.clone(), *ttl).await?;
+                } else {
+                    let keys: Vec<String> = entries.iter().map(|(k, _)| full(k)).collect();
+                    let entries: Vec<(&str, Bytes)> = keys
+                        .iter()
+                        .zip(entries)
+                        .map(|(k, (_, v))| (k.as_str(), v.clone()))
+                        .collect();
+                    inner.set_many(&entries, *ttl).await?;
+                }
+                Ok(0)
+            }
+            Self::Delete(keys) => {
+                if let [k] = keys.as_slice() {
+                    return Ok(u64::from(inner.delete(&full(k)).await?));
+                }
+                let keys: Vec<String> = keys.iter().map(|k| full(k)).collect();
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                inner.delete_many(&refs).await
+            }
+            Self::Pattern(pattern) => inner.clear_pattern(&full(pattern)).await,
+        }
+    }
+}
+
+impl Core {
+    fn forget(&self) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.forgets += 1;
+        state.token = None;
+    }
+
+    /// The token in the epoch key now (not the one kept).
+    async fn read_epoch(&self) -> Result<Arc<str>> {
+        Ok(match self.inner.get_reserved(&self.reserved).await? {
+            None => Arc::from(FIRST),
+            Some(bytes) => Arc::from(parse_token(&bytes)?),
+        })
+    }
+
+    /// The epoch check of a write made under `token` whose caller gave up before the check
+    /// ended: as [`EpochBackend::fenced`], then the late hook.
+    async fn late_fence(&self, token: &str, write: &Write) {
+        match self.read_epoch().await {
+            Ok(now) if *now == *token => {}
+            Ok(now) => {
+                self.forget();
+                if write.run(&*self.inner, &now).await.is_ok()
+                    && let Some(told) = self.late.get()
+                {
+                    told(write);
+                }
+            }
+            // Not known whether a clear moved it: the next call reads the epoch key again.
+            Err(_) => self.forget(),
+        }
+    }
+}
+
+/// A write made under `token` whose epoch check has not ended. Dropped armed (the caller gave
+/// up: a timeout, a dropped future), it spawns the check and, if the epoch moved, the redo:
+/// otherwise a write that landed in the old epoch would stay there, where nobody reads.
+struct Unsettled {
+    core: Arc<Core>,
+    token: Arc<str>,
+    write: Write,
+    armed: bool,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.core.forget();
+            return;
+        };
+        let core = Arc::clone(&self.core);
+        let token = Arc::clone(&self.token);
+        let write = std::mem::replace(&mut self.write, Write::Delete(Vec::new()));
+        runtime.spawn(async move { core.late_fence(&token, &write).await });
+    }
+}
+
 impl std::fmt::Debug for EpochBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EpochBackend")
-            .field("inner", &self.inner)
+            .field("inner", &self.core.inner)
             .field("key", &self.key)
             .finish_non_exhaustive()
     }
@@ -60,10 +170,13 @@ impl std::fmt::Debug for EpochBackend {
 impl EpochBackend {
     pub(crate) fn new(inner: SharedBackend, name: &str, linked: bool) -> Self {
         Self {
-            inner,
+            core: Arc::new(Core {
+                inner,
+                reserved: format!("epoch:{name}"),
+                state: std::sync::RwLock::new(State::default()),
+                late: std::sync::OnceLock::new(),
+            }),
             key: format!("{RESERVED_KEY_PREFIX}epoch:{name}"),
-            reserved: format!("epoch:{name}"),
-            state: std::sync::RwLock::new(State::default()),
             fetch: tokio::sync::Mutex::new(()),
             linked: AtomicBool::new(linked),
         }
@@ -71,18 +184,27 @@ impl EpochBackend {
 
     /// A clear may have happened elsewhere: read the epoch key again before the next L2 call.
     pub(crate) fn forget(&self) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        state.forgets += 1;
-        state.token = None;
+        self.core.forget();
+    }
+
+    /// `told` learns of each write its caller gave up on before the epoch check, which the
+    /// check then made again in a new epoch (in the background, after the caller's own
+    /// announcement): the cache evicts and announces its keys again. Set once.
+    pub(crate) fn on_late_redo(&self, told: LateHook) {
+        let _ = self.core.late.set(told);
     }
 
     fn forgets(&self) -> u64 {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).forgets
+        self.core
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .forgets
     }
 
     /// Keeps `token` unless a forget happened since `before`.
     fn keep(&self, token: Arc<str>, before: u64) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.core.state.write().unwrap_or_else(|e| e.into_inner());
         if state.forgets == before {
             state.token = Some((token, Instant::now()));
         }
@@ -111,7 +233,7 @@ impl EpochBackend {
     }
 
     fn cached(&self) -> Option<Arc<str>> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let state = self.core.state.read().unwrap_or_else(|e| e.into_inner());
         let (token, read_at) = state.token.as_ref()?;
         let max_age = if self.linked.load(Ordering::SeqCst) {
             RECHECK_LINKED
@@ -141,12 +263,8 @@ impl EpochBackend {
         Ok(token)
     }
 
-    /// The token in the epoch key now (not the one kept).
     async fn read_epoch(&self) -> Result<Arc<str>> {
-        Ok(match self.inner.get_reserved(&self.reserved).await? {
-            None => Arc::from(FIRST),
-            Some(bytes) => Arc::from(parse_token(&bytes)?),
-        })
+        self.core.read_epoch().await
     }
 
     /// Runs a write (set, delete) under the kept token, then reads the epoch key. If a clear
@@ -155,23 +273,38 @@ impl EpochBackend {
     /// where nobody reads: lost, while older writes that instances which had heard of the clear
     /// made in the new epoch stay, for their whole L2 TTL. So the token is forgotten and the
     /// write made again under the new one, once: a clear after that read happened during this
-    /// call, and such a clear may take the write with it. `merge` picks the result: for deletes
-    /// the redo's (what the old epoch held is read by nobody; counting it would hide that the
-    /// current epoch had nothing, which decides whether a tombstone is written).
-    async fn fenced<T, F, Fut>(&self, write: F, merge: fn(T, T) -> T) -> Result<T>
-    where
-        F: Fn(Arc<str>) -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
+    /// call, and such a clear may take the write with it. A caller that gives up before this
+    /// ends leaves it to a spawned task ([`Unsettled`]). The result is the redo's when there is
+    /// one: what the old epoch held is read by nobody (for a delete, counting it would hide
+    /// that the current epoch had nothing, which decides whether a tombstone is written).
+    async fn fenced(&self, write: Write) -> Result<u64> {
         let token = self.token().await?;
-        let first = write(Arc::clone(&token)).await?;
+        let mut owed = Unsettled {
+            core: Arc::clone(&self.core),
+            token: Arc::clone(&token),
+            write,
+            armed: true,
+        };
+        let inner = &*self.core.inner;
+        let first = match owed.write.run(inner, &token).await {
+            Ok(first) => first,
+            Err(e) => {
+                // Not written (or not known): the caller settles it as a failed write.
+                owed.armed = false;
+                return Err(e);
+            }
+        };
+        // An error here leaves the check to the spawned task (the write landed).
         let now = self.read_epoch().await?;
         if now == token {
+            owed.armed = false;
             return Ok(first);
         }
         self.forget();
-        let again = write(now).await?;
-        Ok(merge(first, again))
+        owed.token = Arc::clone(&now);
+        let again = owed.write.run(inner, &now).await;
+        owed.armed = false;
+        again
     }
 
     /// Starts a new epoch: everything written before is no longer read. One write.
@@ -183,9 +316,10 @@ impl EpochBackend {
         // Cancelled during the write (which may have landed): a token read meanwhile may be
         // the old one, so forget it; the next call reads the epoch key again.
         let unsettled = crate::cache::OnCancel::new(|| self.forget());
-        self.inner
+        self.core
+            .inner
             .set_reserved(
-                &self.reserved,
+                &self.core.reserved,
                 Bytes::from(token.clone().into_bytes()),
                 None,
             )
@@ -236,87 +370,66 @@ fn parse_token(bytes: &[u8]) -> Result<&str> {
 #[async_trait]
 impl CacheBackend for EpochBackend {
     fn name(&self) -> &str {
-        self.inner.name()
+        self.core.inner.name()
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.inner.get(&self.full(key).await?).await
+        self.core.inner.get(&self.full(key).await?).await
     }
     async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
-        self.inner.get_reserved(name).await
+        self.core.inner.get_reserved(name).await
     }
     async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        self.inner.set_reserved(name, value, ttl).await
+        self.core.inner.set_reserved(name, value, ttl).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
-        self.fenced(
-            |token| {
-                let value = value.clone();
-                async move { self.inner.set(&format!("@{token}:{key}"), value, ttl).await }
-            },
-            |(), ()| (),
-        )
-        .await
+        self.fenced(Write::Set(vec![(key.to_owned(), value)], ttl))
+            .await
+            .map(drop)
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
-        self.fenced(
-            |token| async move { self.inner.delete(&format!("@{token}:{key}")).await },
-            |_, b| b,
-        )
-        .await
+        Ok(self.fenced(Write::Delete(vec![key.to_owned()])).await? > 0)
     }
     async fn exists(&self, key: &str) -> Result<bool> {
-        self.inner.exists(&self.full(key).await?).await
+        self.core.inner.exists(&self.full(key).await?).await
     }
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         let full = self.full_many(keys.iter().copied()).await?;
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        self.inner.get_many(&refs).await
+        self.core.inner.get_many(&refs).await
     }
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
         for (k, _) in entries {
             ncm_cache_core::validate_key(k, usize::MAX)?;
         }
-        self.fenced(
-            |token| async move {
-                let full: Vec<String> = entries
-                    .iter()
-                    .map(|(k, _)| format!("@{token}:{k}"))
-                    .collect();
-                let entries: Vec<(&str, Bytes)> = full
-                    .iter()
-                    .zip(entries)
-                    .map(|(k, (_, v))| (k.as_str(), v.clone()))
-                    .collect();
-                self.inner.set_many(&entries, ttl).await
-            },
-            |(), ()| (),
-        )
-        .await
+        let entries = entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        self.fenced(Write::Set(entries, ttl)).await.map(drop)
     }
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
         for k in keys {
             ncm_cache_core::validate_key(k, usize::MAX)?;
         }
-        self.fenced(
-            |token| async move {
-                let full: Vec<String> = keys.iter().map(|k| format!("@{token}:{k}")).collect();
-                let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-                self.inner.delete_many(&refs).await
-            },
-            |_, b| b,
-        )
-        .await
+        let keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.fenced(Write::Delete(keys)).await
     }
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
-        self.inner.get_ttl(&self.full(key).await?).await
+        self.core.inner.get_ttl(&self.full(key).await?).await
     }
     async fn extend_ttl(&self, key: &str, ttl: Duration) -> Result<bool> {
-        self.inner.extend_ttl(&self.full(key).await?, ttl).await
+        self.core
+            .inner
+            .extend_ttl(&self.full(key).await?, ttl)
+            .await
     }
     async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
-        self.inner.get_and_touch(&self.full(key).await?, ttl).await
+        self.core
+            .inner
+            .get_and_touch(&self.full(key).await?, ttl)
+            .await
     }
     /// `*` starts a new epoch (one write, whatever the keyspace holds); another pattern
     /// deletes its matches in the current epoch (a SCAN, as without epochs).
@@ -326,30 +439,22 @@ impl CacheBackend for EpochBackend {
             return Ok(0);
         }
         ncm_cache_core::validate_key(pattern, usize::MAX)?;
-        self.fenced(
-            |token| async move {
-                self.inner
-                    .clear_pattern(&format!("@{token}:{pattern}"))
-                    .await
-            },
-            |_, b| b,
-        )
-        .await
+        self.fenced(Write::Pattern(pattern.to_owned())).await
     }
     async fn health_report(&self) -> HealthReport {
-        self.inner.health_report().await
+        self.core.inner.health_report().await
     }
     fn get_stats(&self) -> CacheStats {
-        self.inner.get_stats()
+        self.core.inner.get_stats()
     }
     fn record_decode_error(&self, key: &str) {
-        self.inner.record_decode_error(key);
+        self.core.inner.record_decode_error(key);
     }
     async fn close(&self) -> Result<()> {
-        self.inner.close().await
+        self.core.inner.close().await
     }
     fn key_prefix(&self) -> Option<&str> {
-        self.inner.key_prefix()
+        self.core.inner.key_prefix()
     }
 }
 

@@ -597,6 +597,52 @@ mod redis {
         until_not(&a, "c", Some(1)).await;
     }
 
+    /// With `epoch_clear`, a write whose caller gave up before its epoch check is made again
+    /// in the new epoch by a spawned task, after the caller's own announcement went out: it is
+    /// announced again, so an instance that cached what the new epoch held in between (here
+    /// `heard`, reading all along) does not keep serving it for its L1 TTL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_redone_after_its_caller_gave_up_is_announced_again() {
+        let server = RedisServer::start().unwrap();
+        let build = |l2: SharedBackend, backplane: Option<&RedisCache>| {
+            let mut b = MultiLevelCache::builder(l2)
+                .name("users")
+                .epoch_clear(true)
+                .l2_default_ttl(Duration::from_secs(60));
+            if let Some(redis) = backplane {
+                b = b.backplane(Arc::clone(redis.redis_backend()));
+            }
+            b.build().unwrap()
+        };
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let slow = Arc::new(Slow::new(ra.backend()));
+        let late = build(Arc::clone(&slow) as SharedBackend, Some(&ra));
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let heard = build(rb.backend(), Some(&rb));
+        let rc = RedisCache::connect(config(&server.url())).await.unwrap();
+        let clearer = build(rc.backend(), None);
+        wait_active(&late).await;
+        wait_active(&heard).await;
+        // `late` reads the epoch and keeps it (30 s with its link up); the clear is not
+        // announced (`clearer` has no backplane), so it keeps the old one.
+        late.set("s", 1u64).await.unwrap();
+        clearer.clear().await.unwrap();
+        heard.set("s", 2u64).await.unwrap();
+        until_seen(&heard, "s", 2, Duration::from_secs(1)).await;
+        // The write lands at once, its epoch check answers at 400 ms; the caller gives up at
+        // 100 ms, and `heard` reads (and caches the new epoch's 2) until 350 ms.
+        slow.reserved_reply_delay(Duration::from_millis(400));
+        cancelled("set", late.set("s", 3u64)).await;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(250) {
+            let _ = heard.get::<u64>("s").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        until_seen(&heard, "s", 3, Duration::from_secs(2)).await;
+        slow.reserved_reply_delay(Duration::ZERO);
+        until_seen(&late, "s", 3, Duration::from_secs(1)).await;
+    }
+
     /// A batch load whose caller is cancelled during its L2 batch write: the keys that may
     /// have reached Redis are announced, so another instance stops serving its old copies.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1209,4 +1255,69 @@ mod redis {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// With `epoch_clear`, a write reads the epoch key after it lands and is made again in the new
+/// epoch if a clear it had not heard of moved it. A caller that gives up (a timeout, a dropped
+/// future) between the two must not leave its write in the old epoch, where nobody reads:
+/// older values written in the new epoch would be served for their whole L2 TTL.
+#[tokio::test]
+async fn a_write_cancelled_before_its_epoch_check_still_reaches_the_current_epoch() {
+    let mem: SharedBackend = Arc::new(MemoryBackend::new());
+    let slow = Arc::new(Slow::new(Arc::clone(&mem)));
+    let build = |l2: SharedBackend| {
+        MultiLevelCache::builder(l2)
+            .epoch_clear(true)
+            .l2_default_ttl(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let heard = build(Arc::clone(&mem));
+    let late = build(Arc::clone(&slow) as SharedBackend);
+    // `late` reads the epoch now and keeps it for its re-check interval (1 s without a link).
+    late.set("d", 1u64).await.unwrap();
+    heard.clear().await.unwrap();
+    for key in ["d", "s", "p1"] {
+        heard.set(key, 2u64).await.unwrap();
+    }
+    // Every write of `late` lands at once; its epoch check answers after 200 ms.
+    slow.reserved_reply_delay(Duration::from_millis(200));
+    let give_up = Duration::from_millis(20);
+    assert!(
+        tokio::time::timeout(give_up, late.delete("d"))
+            .await
+            .is_err()
+    );
+    assert!(
+        tokio::time::timeout(give_up, late.set("s", 3u64))
+            .await
+            .is_err()
+    );
+    let backend = late.as_backend();
+    let pattern = ncm_cache_core::CacheBackend::clear_pattern(&backend, "p*");
+    assert!(tokio::time::timeout(give_up, pattern).await.is_err());
+
+    let l2_only = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+    let read = |key: &'static str| {
+        let heard = heard.clone();
+        let l2_only = l2_only.clone();
+        async move {
+            heard
+                .get_with::<u64>(key, &l2_only)
+                .await
+                .unwrap()
+                .map(|(v, _)| *v)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut now = (read("d").await, read("s").await, read("p1").await);
+    while now != (None, Some(3), None) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = (read("d").await, read("s").await, read("p1").await);
+    }
+    assert_eq!(
+        now,
+        (None, Some(3), None),
+        "(d, s, p1) as every instance reads them"
+    );
 }

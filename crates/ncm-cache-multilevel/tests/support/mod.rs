@@ -38,6 +38,8 @@ struct Settings {
     delete_reply_delay: Duration,
     /// `extend_ttl` and `clear_pattern` act at once and return after this delay.
     other_reply_delay: Duration,
+    /// `get_reserved` reads at once and delivers its reply after this delay.
+    reserved_reply_delay: Duration,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -77,6 +79,10 @@ impl Slow {
 
     pub(crate) fn other_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().other_reply_delay = d;
+    }
+
+    pub(crate) fn reserved_reply_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().reserved_reply_delay = d;
     }
 
     async fn after_other(&self) {
@@ -159,7 +165,10 @@ impl CacheBackend for Slow {
     }
     async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
         self.gate().await?;
-        self.inner.get_reserved(name).await
+        let delay = self.settings.lock().unwrap().reserved_reply_delay;
+        let v = self.inner.get_reserved(name).await?;
+        tokio::time::sleep(delay).await;
+        Ok(v)
     }
     /// Delayed like `set` (the epoch of an epoch clear is written here).
     async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
