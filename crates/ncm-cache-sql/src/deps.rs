@@ -140,3 +140,99 @@ impl Dependencies {
         Some(seen.into_iter().collect())
     }
 }
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+    use crate::executor::SqliteExecutor;
+    use crate::{Rows, SqlDialect, SqlValue};
+    use ncm_cache_core::Result;
+
+    /// A database whose catalog is a table of edges: dropping it makes the catalog unreadable
+    /// (as a revoked privilege or a lost connection does).
+    #[derive(Debug)]
+    struct EdgeTable(SqliteExecutor);
+
+    #[async_trait::async_trait]
+    impl SqlExecutor for EdgeTable {
+        fn dialect(&self) -> SqlDialect {
+            self.0.dialect()
+        }
+        fn identity(&self) -> &str {
+            self.0.identity()
+        }
+        async fn fetch_all(&self, sql: &str, params: &[SqlValue]) -> Result<Rows> {
+            self.0.fetch_all(sql, params).await
+        }
+        async fn execute(&self, sql: &str, params: &[SqlValue]) -> Result<u64> {
+            self.0.execute(sql, params).await
+        }
+        async fn dependencies(&self) -> Result<Vec<(String, String)>> {
+            let rows = self.0.fetch_all("SELECT w, a FROM edges", &[]).await?;
+            Ok(rows
+                .rows
+                .into_iter()
+                .filter_map(|r| match (r.first(), r.get(1)) {
+                    (Some(SqlValue::Text(w)), Some(SqlValue::Text(a))) => {
+                        Some((w.clone(), a.clone()))
+                    }
+                    _ => None,
+                })
+                .collect())
+        }
+    }
+
+    async fn edges(db: &EdgeTable, list: Option<&[(&str, &str)]>) {
+        db.execute("DROP TABLE IF EXISTS edges", &[]).await.unwrap();
+        let Some(list) = list else { return };
+        db.execute("CREATE TABLE edges (w TEXT, a TEXT)", &[])
+            .await
+            .unwrap();
+        for (w, a) in list {
+            db.execute(
+                "INSERT INTO edges VALUES (?, ?)",
+                &[SqlValue::Text((*w).into()), SqlValue::Text((*a).into())],
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    /// The two branches of an unreadable catalog: with edges known (loaded, aged out), they
+    /// are used and the catalog is asked again only after `CATALOG_RETRY`; after a schema
+    /// change, nothing is known and the caller must invalidate everything.
+    #[tokio::test]
+    async fn an_unreadable_catalog_keeps_known_edges_and_forgets_them_after_a_schema_change() {
+        let db = EdgeTable(SqliteExecutor::memory().await.unwrap());
+        let deps = Dependencies::new(Vec::new());
+        let base = ["base".to_owned()];
+        edges(&db, Some(&[("base", "over_base")])).await;
+        let both = Some(vec!["base".to_owned(), "over_base".to_owned()]);
+        assert_eq!(deps.expand(&db, &base).await, both);
+
+        // Aged out, and the catalog cannot be read: the known edges are used.
+        let age = |deps: &Dependencies| {
+            deps.lock().loaded = Instant::now().checked_sub(CATALOG_MAX_AGE + CATALOG_RETRY);
+        };
+        age(&deps);
+        edges(&db, None).await;
+        assert_eq!(deps.expand(&db, &base).await, both);
+        // Readable again but within the retry interval: not asked (the new edge is unseen).
+        edges(&db, Some(&[("base", "other_view")])).await;
+        assert_eq!(deps.expand(&db, &base).await, both);
+        // After it: asked, and the new edges are used.
+        deps.lock().retry_at = Instant::now().checked_sub(Duration::from_millis(1));
+        let other = Some(vec!["base".to_owned(), "other_view".to_owned()]);
+        assert_eq!(deps.expand(&db, &base).await, other);
+
+        // A schema change, then an unreadable catalog: nothing is known.
+        deps.mark_stale();
+        edges(&db, None).await;
+        assert_eq!(deps.expand(&db, &base).await, None);
+        // Still nothing within the retry interval, even once readable.
+        edges(&db, Some(&[("base", "over_base")])).await;
+        assert_eq!(deps.expand(&db, &base).await, None);
+        deps.lock().retry_at = Instant::now().checked_sub(Duration::from_millis(1));
+        assert_eq!(deps.expand(&db, &base).await, both);
+    }
+}
