@@ -284,9 +284,9 @@ impl<C: Codec> MultiLevelCache<C> {
         });
         if let Some(epoch) = &inner.epoch {
             let cache = Arc::downgrade(&inner);
-            epoch.on_late_redo(Box::new(move |write| {
+            epoch.on_late_removal(Box::new(move |removal| {
                 if let Some(inner) = cache.upgrade() {
-                    inner.redone_late(write);
+                    inner.removed_late(removal);
                 }
             }));
         }
@@ -1247,20 +1247,22 @@ impl<C: Codec> Inner<C> {
         self.l1.remove(key)
     }
 
-    /// A write whose caller gave up before its epoch check was made again in a new epoch
-    /// (in the background): the caller's eviction and announcement went out before it, and a
-    /// read in between may have cached what the new epoch held then, so both are made again.
-    fn redone_late(&self, write: &crate::epoch::Write) {
+    /// Keys removed in a new epoch after a write's caller gave up before its epoch check (in
+    /// the background, see `epoch.rs`): the caller's eviction and announcement went out before,
+    /// and a read in between may have cached what the new epoch held then, so both are made
+    /// again. Announced even for a call with `skip_backplane`: an extra eviction only costs a
+    /// miss.
+    fn removed_late(&self, removal: &crate::epoch::Write) {
         use crate::epoch::Write;
-        match write {
-            Write::Set(entries, _) => {
-                for (key, _) in entries {
+        match removal {
+            Write::Delete(keys) => {
+                for key in keys {
                     let _ = self.invalidate_l1(key);
                     self.queue_delete(key);
                 }
             }
-            Write::Delete(keys) => {
-                for key in keys {
+            Write::Set(entries, _) => {
+                for (key, _) in entries {
                     let _ = self.invalidate_l1(key);
                     self.queue_delete(key);
                 }

@@ -51,15 +51,17 @@ struct Core {
     /// the epoch key is kept only if no forget happened since it began (checked and stored
     /// under the same lock as `forget` bumps it).
     state: std::sync::RwLock<State>,
-    /// Told of a write made again in a new epoch after its caller gave up: the caller's
-    /// announcement went out before it, so the cache announces it again.
+    /// Told of the keys removed in a new epoch after a write's caller gave up (see
+    /// [`Core::late_fence`]): the caller's announcement went out before, so the cache evicts
+    /// and announces them again.
     late: std::sync::OnceLock<LateHook>,
 }
 
-/// See [`EpochBackend::on_late_redo`].
+/// See [`EpochBackend::on_late_removal`].
 pub(crate) type LateHook = Box<dyn Fn(&Write) + Send + Sync>;
 
-/// An L2 write, in user keys: what the epoch check makes again under a new token.
+/// An L2 write, in user keys: what the epoch check makes again under a new token (or, for a
+/// write whose caller gave up, removes).
 pub(crate) enum Write {
     Set(Vec<(String, Bytes)>, Option<Duration>),
     Delete(Vec<String>),
@@ -67,6 +69,14 @@ pub(crate) enum Write {
 }
 
 impl Write {
+    /// What removes the write's keys: a set becomes a delete of its keys.
+    fn into_removal(self) -> Self {
+        match self {
+            Self::Set(entries, _) => Self::Delete(entries.into_iter().map(|(k, _)| k).collect()),
+            other => other,
+        }
+    }
+
     /// Makes the write in epoch `token`: the number of keys removed (0 for a set).
     async fn run(&self, inner: &dyn CacheBackend, token: &str) -> Result<u64> {
         let full = |k: &str| format!("@{token}:{k}");
@@ -113,33 +123,48 @@ impl Core {
         })
     }
 
-    /// The epoch check of a write made under `token` whose caller gave up before the check
-    /// ended: as [`EpochBackend::fenced`], then the late hook.
-    async fn late_fence(&self, token: &str, write: &Write) {
-        match self.read_epoch().await {
-            Ok(now) if *now == *token => {}
-            Ok(now) => {
+    /// The epoch check of a write whose caller gave up before it ended (see [`Unsettled`]).
+    /// If the epoch moved since `token`, or the caller gave up during the redo, the write's
+    /// keys are removed in the current epoch, not written again: this runs after the caller
+    /// gave up, and a write or clear that came since must not be undone by a value from
+    /// before it. A removal only costs a miss. Then the keys are evicted and announced again
+    /// (also when the removal failed: it may have landed).
+    async fn late_fence(&self, token: &str, write: Write, redoing: bool) {
+        let now = match self.read_epoch().await {
+            Ok(now) => now,
+            Err(e) => {
+                // Not known whether a clear moved it: the next call reads the epoch key again.
+                tracing::warn!(error = %e, "epoch check of an abandoned write failed: it may \
+                    have stayed in the previous epoch (read by nobody) until its TTL");
                 self.forget();
-                if write.run(&*self.inner, &now).await.is_ok()
-                    && let Some(told) = self.late.get()
-                {
-                    told(write);
-                }
+                return;
             }
-            // Not known whether a clear moved it: the next call reads the epoch key again.
-            Err(_) => self.forget(),
+        };
+        if *now == *token && !redoing {
+            return;
+        }
+        if *now != *token {
+            self.forget();
+        }
+        let removal = write.into_removal();
+        let _ = removal.run(&*self.inner, &now).await;
+        if let Some(told) = self.late.get() {
+            told(&removal);
         }
     }
 }
 
 /// A write made under `token` whose epoch check has not ended. Dropped armed (the caller gave
-/// up: a timeout, a dropped future), it spawns the check and, if the epoch moved, the redo:
-/// otherwise a write that landed in the old epoch would stay there, where nobody reads.
+/// up: a timeout, a dropped future), it spawns [`Core::late_fence`]: otherwise a write that
+/// landed in the old epoch would stay there, where nobody reads, while an older value written
+/// in the new epoch is served.
 struct Unsettled {
     core: Arc<Core>,
     token: Arc<str>,
     write: Write,
     armed: bool,
+    /// The epoch moved and the write is being made again under `token` (the new one).
+    redoing: bool,
 }
 
 impl Drop for Unsettled {
@@ -148,13 +173,18 @@ impl Drop for Unsettled {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "a write abandoned outside a tokio runtime: its epoch is not \
+                checked, it may stay in the previous epoch (read by nobody) until its TTL"
+            );
             self.core.forget();
             return;
         };
         let core = Arc::clone(&self.core);
         let token = Arc::clone(&self.token);
         let write = std::mem::replace(&mut self.write, Write::Delete(Vec::new()));
-        runtime.spawn(async move { core.late_fence(&token, &write).await });
+        let redoing = self.redoing;
+        runtime.spawn(async move { core.late_fence(&token, write, redoing).await });
     }
 }
 
@@ -187,10 +217,10 @@ impl EpochBackend {
         self.core.forget();
     }
 
-    /// `told` learns of each write its caller gave up on before the epoch check, which the
-    /// check then made again in a new epoch (in the background, after the caller's own
-    /// announcement): the cache evicts and announces its keys again. Set once.
-    pub(crate) fn on_late_redo(&self, told: LateHook) {
+    /// `told` learns of the keys removed in a new epoch after a write's caller gave up before
+    /// its epoch check (see [`Core::late_fence`]): the cache evicts and announces them again.
+    /// Set once.
+    pub(crate) fn on_late_removal(&self, told: LateHook) {
         let _ = self.core.late.set(told);
     }
 
@@ -274,9 +304,10 @@ impl EpochBackend {
     /// made in the new epoch stay, for their whole L2 TTL. So the token is forgotten and the
     /// write made again under the new one, once: a clear after that read happened during this
     /// call, and such a clear may take the write with it. A caller that gives up before this
-    /// ends leaves it to a spawned task ([`Unsettled`]). The result is the redo's when there is
-    /// one: what the old epoch held is read by nobody (for a delete, counting it would hide
-    /// that the current epoch had nothing, which decides whether a tombstone is written).
+    /// ends leaves the check to a spawned task, which removes the keys instead
+    /// ([`Unsettled`]). The result is the redo's when there is one: what the old epoch held is
+    /// read by nobody (for a delete, counting it would hide that the current epoch had
+    /// nothing, which decides whether a tombstone is written).
     async fn fenced(&self, write: Write) -> Result<u64> {
         let token = self.token().await?;
         let mut owed = Unsettled {
@@ -284,6 +315,7 @@ impl EpochBackend {
             token: Arc::clone(&token),
             write,
             armed: true,
+            redoing: false,
         };
         let inner = &*self.core.inner;
         let first = match owed.write.run(inner, &token).await {
@@ -302,6 +334,7 @@ impl EpochBackend {
         }
         self.forget();
         owed.token = Arc::clone(&now);
+        owed.redoing = true;
         let again = owed.write.run(inner, &now).await;
         owed.armed = false;
         again

@@ -597,12 +597,13 @@ mod redis {
         until_not(&a, "c", Some(1)).await;
     }
 
-    /// With `epoch_clear`, a write whose caller gave up before its epoch check is made again
-    /// in the new epoch by a spawned task, after the caller's own announcement went out: it is
-    /// announced again, so an instance that cached what the new epoch held in between (here
-    /// `heard`, reading all along) does not keep serving it for its L1 TTL.
+    /// With `epoch_clear`, a write whose caller gave up before its epoch check has its keys
+    /// removed in the new epoch by a spawned task, after the caller's own announcement went
+    /// out: they are announced again — also when the removal's reply is an error (it may have
+    /// landed) — so an instance that cached what the new epoch held in between (here `heard`,
+    /// reading all along) does not keep serving it for its L1 TTL.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_redone_after_its_caller_gave_up_is_announced_again() {
+    async fn keys_removed_after_a_caller_gave_up_are_announced_again() {
         let server = RedisServer::start().unwrap();
         let build = |l2: SharedBackend, backplane: Option<&RedisCache>| {
             let mut b = MultiLevelCache::builder(l2)
@@ -627,20 +628,42 @@ mod redis {
         // announced (`clearer` has no backplane), so it keeps the old one.
         late.set("s", 1u64).await.unwrap();
         clearer.clear().await.unwrap();
-        heard.set("s", 2u64).await.unwrap();
-        until_seen(&heard, "s", 2, Duration::from_secs(1)).await;
-        // The write lands at once, its epoch check answers at 400 ms; the caller gives up at
-        // 100 ms, and `heard` reads (and caches the new epoch's 2) until 350 ms.
+        for key in ["s", "p1"] {
+            heard.set(key, 2u64).await.unwrap();
+            until_seen(&heard, key, 2, Duration::from_secs(1)).await;
+        }
+        // The writes land at once, their epoch checks answer at 400 ms and 500 ms; the callers
+        // give up at 100 and 200 ms, and `heard` reads (and caches the new epoch's 2) until
+        // 350 ms. The removal of `s` lands and answers with an error.
         slow.reserved_reply_delay(Duration::from_millis(400));
-        cancelled("set", late.set("s", 3u64)).await;
+        slow.delete_fails_after(true);
         let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(250) {
-            let _ = heard.get::<u64>("s").await.unwrap();
+        cancelled("set", late.set("s", 3u64)).await;
+        let backend = late.as_backend();
+        cancelled(
+            "pattern delete",
+            ncm_cache_core::CacheBackend::clear_pattern(&backend, "p*"),
+        )
+        .await;
+        while start.elapsed() < Duration::from_millis(350) {
+            for key in ["s", "p1"] {
+                let _ = heard.get::<u64>(key).await.unwrap();
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        until_seen(&heard, "s", 3, Duration::from_secs(2)).await;
+        for key in ["s", "p1"] {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while heard.get::<u64>(key).await.unwrap().is_some() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{key}: heard still serves the new epoch's older value"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         slow.reserved_reply_delay(Duration::ZERO);
-        until_seen(&late, "s", 3, Duration::from_secs(1)).await;
+        slow.delete_fails_after(false);
+        assert_eq!(late.get::<u64>("s").await.unwrap(), None);
     }
 
     /// A batch load whose caller is cancelled during its L2 batch write: the keys that may
@@ -1257,12 +1280,9 @@ mod redis {
     }
 }
 
-/// With `epoch_clear`, a write reads the epoch key after it lands and is made again in the new
-/// epoch if a clear it had not heard of moved it. A caller that gives up (a timeout, a dropped
-/// future) between the two must not leave its write in the old epoch, where nobody reads:
-/// older values written in the new epoch would be served for their whole L2 TTL.
-#[tokio::test]
-async fn a_write_cancelled_before_its_epoch_check_still_reaches_the_current_epoch() {
+/// Two instances with `epoch_clear` over one memory L2: `other` direct, `late` through a `Slow`
+/// layer; `late` has read the epoch (and keeps it for its re-check interval: 1 s without a link).
+async fn epoch_pair() -> (Arc<Slow>, MultiLevelCache, MultiLevelCache) {
     let mem: SharedBackend = Arc::new(MemoryBackend::new());
     let slow = Arc::new(Slow::new(Arc::clone(&mem)));
     let build = |l2: SharedBackend| {
@@ -1272,10 +1292,47 @@ async fn a_write_cancelled_before_its_epoch_check_still_reaches_the_current_epoc
             .build()
             .unwrap()
     };
-    let heard = build(Arc::clone(&mem));
+    let other = build(mem);
     let late = build(Arc::clone(&slow) as SharedBackend);
-    // `late` reads the epoch now and keeps it for its re-check interval (1 s without a link).
-    late.set("d", 1u64).await.unwrap();
+    late.set("warm", 0u64).await.unwrap();
+    (slow, other, late)
+}
+
+/// What `cache` reads of `key` from L2 (its current epoch).
+async fn in_l2(cache: &MultiLevelCache, key: &str) -> Option<u64> {
+    let l2_only = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+    cache
+        .get_with::<u64>(key, &l2_only)
+        .await
+        .unwrap()
+        .map(|(v, _)| *v)
+}
+
+/// Polls `read` until it gives `want` (or 3 s pass); the last reading.
+async fn settles<T, F, Fut>(want: T, mut read: F) -> T
+where
+    T: PartialEq,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = read().await;
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With `epoch_clear`, a write reads the epoch key after it lands and is made again in the new
+/// epoch if a clear it had not heard of moved it. A caller that gives up (a timeout, a dropped
+/// future) between the two must not leave an older value in the new epoch, written there by
+/// an instance that had heard of the clear, to be served for its whole L2 TTL: the check runs
+/// in the background and removes the keys in the new epoch.
+#[tokio::test]
+async fn a_write_abandoned_before_its_epoch_check_leaves_no_older_value_in_the_new_epoch() {
+    let (slow, heard, late) = epoch_pair().await;
     heard.clear().await.unwrap();
     for key in ["d", "s", "p1"] {
         heard.set(key, 2u64).await.unwrap();
@@ -1296,28 +1353,85 @@ async fn a_write_cancelled_before_its_epoch_check_still_reaches_the_current_epoc
     let backend = late.as_backend();
     let pattern = ncm_cache_core::CacheBackend::clear_pattern(&backend, "p*");
     assert!(tokio::time::timeout(give_up, pattern).await.is_err());
-
-    let l2_only = ncm_cache_multilevel::EntryOptions::new().skip_l1();
-    let read = |key: &'static str| {
-        let heard = heard.clone();
-        let l2_only = l2_only.clone();
-        async move {
-            heard
-                .get_with::<u64>(key, &l2_only)
-                .await
-                .unwrap()
-                .map(|(v, _)| *v)
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut now = (read("d").await, read("s").await, read("p1").await);
-    while now != (None, Some(3), None) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        now = (read("d").await, read("s").await, read("p1").await);
-    }
+    let now = settles((None, None, None), || async {
+        (
+            in_l2(&heard, "d").await,
+            in_l2(&heard, "s").await,
+            in_l2(&heard, "p1").await,
+        )
+    })
+    .await;
     assert_eq!(
         now,
-        (None, Some(3), None),
+        (None, None, None),
         "(d, s, p1) as every instance reads them"
+    );
+}
+
+/// The background check of an abandoned write runs after its caller gave up: a write or a
+/// clear that came since must not be undone by the abandoned value (found by review: the check
+/// wrote it again in the new epoch, over a newer acknowledged write, or after a clear).
+#[tokio::test]
+async fn an_abandoned_write_does_not_undo_later_writes_or_clears() {
+    // A newer write after the caller gave up.
+    let (slow, other, late) = epoch_pair().await;
+    other.clear().await.unwrap();
+    slow.reserved_request_delay(Duration::from_millis(100));
+    let give_up = Duration::from_millis(20);
+    assert!(
+        tokio::time::timeout(give_up, late.set("k", 2u64))
+            .await
+            .is_err()
+    );
+    other.set("k", 4u64).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let read = in_l2(&other, "k").await;
+    assert_ne!(read, Some(2), "the abandoned write undid a newer one");
+
+    // A clear after the caller gave up (no clear it had not heard of before).
+    let (slow, other, late) = epoch_pair().await;
+    slow.reserved_request_delay(Duration::from_millis(100));
+    assert!(
+        tokio::time::timeout(give_up, late.set("k", 2u64))
+            .await
+            .is_err()
+    );
+    other.clear().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        in_l2(&other, "k").await,
+        None,
+        "a value from before the clear"
+    );
+}
+
+/// A caller that gives up while its write is being made again in the new epoch (the redo not
+/// sent yet): the background check must not take the moved epoch for settled.
+#[tokio::test]
+async fn a_write_abandoned_during_its_redo_leaves_no_older_value_in_the_new_epoch() {
+    let (slow, heard, late) = epoch_pair().await;
+    heard.clear().await.unwrap();
+    heard.set("s", 2u64).await.unwrap();
+    // The first write lands at once; the check answers at 100 ms; the redo is held 500 ms
+    // before it reaches L2; the caller gives up at 200 ms.
+    slow.reserved_reply_delay(Duration::from_millis(100));
+    let hold = {
+        let slow = Arc::clone(&slow);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            slow.set_request_delay(Duration::from_millis(500));
+        })
+    };
+    let r = tokio::time::timeout(Duration::from_millis(200), late.set("s", 3u64)).await;
+    assert!(
+        r.is_err(),
+        "the write was meant to be abandoned during its redo"
+    );
+    hold.await.unwrap();
+    slow.set_request_delay(Duration::ZERO);
+    let now = settles(None, || in_l2(&heard, "s")).await;
+    assert_eq!(
+        now, None,
+        "the new epoch still holds the value from before the write"
     );
 }

@@ -142,6 +142,7 @@ impl Dependencies {
 }
 
 #[cfg(all(test, feature = "sqlite"))]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::executor::SqliteExecutor;

@@ -40,6 +40,10 @@ struct Settings {
     other_reply_delay: Duration,
     /// `get_reserved` reads at once and delivers its reply after this delay.
     reserved_reply_delay: Duration,
+    /// `get_reserved` waits this long before it reads.
+    reserved_request_delay: Duration,
+    /// `delete` deletes, then answers with an error (a reply lost after the command ran).
+    delete_fails_after: bool,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -83,6 +87,14 @@ impl Slow {
 
     pub(crate) fn reserved_reply_delay(&self, d: Duration) {
         self.settings.lock().unwrap().reserved_reply_delay = d;
+    }
+
+    pub(crate) fn reserved_request_delay(&self, d: Duration) {
+        self.settings.lock().unwrap().reserved_request_delay = d;
+    }
+
+    pub(crate) fn delete_fails_after(&self, fails: bool) {
+        self.settings.lock().unwrap().delete_fails_after = fails;
     }
 
     async fn after_other(&self) {
@@ -138,9 +150,15 @@ impl CacheBackend for Slow {
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         self.gate().await?;
-        let delay = self.settings.lock().unwrap().delete_reply_delay;
+        let (delay, fails) = {
+            let s = self.settings.lock().unwrap();
+            (s.delete_reply_delay, s.delete_fails_after)
+        };
         let found = self.inner.delete(key).await?;
         tokio::time::sleep(delay).await;
+        if fails {
+            return Err(CacheError::connection("slow: reply lost", None));
+        }
         Ok(found)
     }
     async fn exists(&self, key: &str) -> Result<bool> {
@@ -165,7 +183,11 @@ impl CacheBackend for Slow {
     }
     async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
         self.gate().await?;
-        let delay = self.settings.lock().unwrap().reserved_reply_delay;
+        let (before, delay) = {
+            let s = self.settings.lock().unwrap();
+            (s.reserved_request_delay, s.reserved_reply_delay)
+        };
+        tokio::time::sleep(before).await;
         let v = self.inner.get_reserved(name).await?;
         tokio::time::sleep(delay).await;
         Ok(v)
