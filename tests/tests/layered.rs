@@ -484,3 +484,108 @@ async fn loaders_over_as_backend_with_use_their_entry_options() {
     let _: String = plain.load("user", 2u64).await.unwrap();
     assert!(multi.l1_len() >= 1);
 }
+
+/// `CacheStrategies` with Redis coordination, one per process, each over its own
+/// `MultiLevelCache` (L1 + the shared Redis L2). Their invalidation messages ask other
+/// instances to drop what they keep themselves: the L1, never the shared L2 (found by review:
+/// every write by one instance was deleted from L2 by every other, and a write-behind value
+/// not yet persisted was replaced by the store's older one for the cache TTL). A pattern
+/// invalidation deletes from L2 once, not once per instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
+    let server = RedisServer::start().unwrap();
+    let strategies = |multi: MultiLevelCache| {
+        let url = server.url();
+        async move {
+            let mut c = RedisConfig::from_url(&url).unwrap();
+            c.key_prefix = "app:".into();
+            let coordination = RedisCache::connect(c).await.unwrap();
+            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+                .redis(Arc::clone(coordination.redis_backend()))
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let (sa, sb) = (strategies(ma.clone()).await, strategies(mb.clone()).await);
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    db.lock().unwrap().insert("user:1".into(), "v1".into());
+    let store = {
+        let db = Arc::clone(&db);
+        store_fn(move |key: String, value: String| {
+            let db = Arc::clone(&db);
+            async move {
+                db.lock().unwrap().insert(key, value);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let in_l2 = |key: &'static str| {
+        let ma = ma.clone();
+        async move { ma.l2().get(key).await.unwrap().is_some() }
+    };
+
+    // A write-behind: acknowledged, persisted in 2 s; until then every reader sees it.
+    sa.write_behind(
+        "user:1",
+        &"v2".to_string(),
+        Duration::from_secs(60),
+        &store,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    sa.write_through(
+        "user:2",
+        &"Ada".to_string(),
+        Duration::from_secs(60),
+        &store,
+    )
+    .await
+    .unwrap();
+    // Time for B to receive A's messages.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(in_l2("user:1").await, "B deleted A's write-behind value");
+    assert!(in_l2("user:2").await, "B deleted A's write-through value");
+    let from_store = {
+        let db = Arc::clone(&db);
+        move || async move { Ok::<_, std::io::Error>(db.lock().unwrap()["user:1"].clone()) }
+    };
+    let read: String = sb
+        .read_through("user:1", from_store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(read, "v2", "B read the store's older value");
+
+    // One pattern invalidation: one SCAN pass over L2, whoever receives the message.
+    for i in 0..50 {
+        ma.set(&format!("p:{i}"), i).await.unwrap();
+    }
+    let scans = || server.command_calls("SCAN").unwrap();
+    let before = scans();
+    assert_eq!(
+        sa.pattern_based_invalidation("p:*", |_, _| {})
+            .await
+            .unwrap(),
+        50
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let passes = scans() - before;
+    assert!(passes >= 1, "the pattern delete scanned nothing");
+    let one_pass = passes;
+    // B's copy of the message must not SCAN again: compare with a pattern only A handles.
+    for i in 0..50 {
+        ma.set(&format!("p:{i}"), i).await.unwrap();
+    }
+    let before = scans();
+    ncm_cache::core::CacheBackend::clear_pattern(&ma.as_backend(), "p:*")
+        .await
+        .unwrap();
+    assert_eq!(
+        scans() - before,
+        one_pass,
+        "B's copy of the message scanned L2 again"
+    );
+    eventually(None, || async { mb.get::<i32>("p:7").await.unwrap() }).await;
+}

@@ -135,6 +135,26 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         Ok(n)
     }
 
+    /// Removes `keys` from what this instance alone keeps, leaving what other instances share;
+    /// returns how many were removed here. This is what another instance's invalidation
+    /// message asks for (`ncm-cache-strategies` with Redis coordination): that instance has
+    /// removed the shared copy already, and may have written a new value since.
+    ///
+    /// The default is [`delete_many`](Self::delete_many), right for a store this process alone
+    /// owns (in-process memory). **A backend over a shared store must override it**, or every
+    /// instance's message deletes the other instances' writes from the store they share: the
+    /// Redis backend removes nothing, a multi-level cache only its L1. A wrapper backend must
+    /// forward it.
+    async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
+        self.delete_many(keys).await
+    }
+
+    /// [`evict_local`](Self::evict_local) for every key matching a Redis-style glob (`*`: all
+    /// this instance keeps alone). The default is [`clear_pattern`](Self::clear_pattern).
+    async fn evict_local_matching(&self, pattern: &str) -> Result<u64> {
+        self.clear_pattern(pattern).await
+    }
+
     /// The remaining lifetime of a key.
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl>;
 
@@ -232,6 +252,12 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
         (**self).delete_many(keys).await
+    }
+    async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
+        (**self).evict_local(keys).await
+    }
+    async fn evict_local_matching(&self, pattern: &str) -> Result<u64> {
+        (**self).evict_local_matching(pattern).await
     }
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
         (**self).get_ttl(key).await

@@ -169,6 +169,26 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.delete_everywhere(key, &self.1).await
     }
 
+    /// This instance's L1 only: L2 is what instances share.
+    async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
+        let mut evicted = 0;
+        for key in keys {
+            evicted += u64::from(self.0.inner.invalidate_l1(key)?);
+        }
+        Ok(evicted)
+    }
+
+    /// This instance's L1 only (`*`: all of it): L2 is what instances share.
+    async fn evict_local_matching(&self, pattern: &str) -> Result<u64> {
+        let inner = &self.0.inner;
+        if pattern == "*" {
+            let held = inner.l1.len() as u64;
+            inner.invalidate_l1_all();
+            return Ok(held);
+        }
+        inner.invalidate_l1_matching(pattern)
+    }
+
     async fn exists(&self, key: &str) -> Result<bool> {
         if let L1Read::Fresh(Some(_), _) = self.0.inner.l1_read::<Bytes>(key, &self.1)? {
             return Ok(true);

@@ -449,6 +449,14 @@ impl CacheBackend for EpochBackend {
         let keys = keys.iter().map(|k| (*k).to_owned()).collect();
         self.fenced(Write::Delete(keys)).await
     }
+    /// Nothing: L2 is what instances share.
+    async fn evict_local(&self, _keys: &[&str]) -> Result<u64> {
+        Ok(0)
+    }
+    /// Nothing: L2 is what instances share.
+    async fn evict_local_matching(&self, _pattern: &str) -> Result<u64> {
+        Ok(0)
+    }
     async fn get_ttl(&self, key: &str) -> Result<KeyTtl> {
         self.core.inner.get_ttl(&self.full(key).await?).await
     }

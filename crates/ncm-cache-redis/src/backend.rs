@@ -446,6 +446,16 @@ impl CacheBackend for RedisBackend {
         Some(self.key_space().prefix())
     }
 
+    /// Nothing: every instance shares what Redis keeps.
+    async fn evict_local(&self, _keys: &[&str]) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// Nothing: every instance shares what Redis keeps.
+    async fn evict_local_matching(&self, _pattern: &str) -> Result<u64> {
+        Ok(0)
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.get_full(self.full(key)?).await
     }

@@ -155,6 +155,17 @@ impl Invalidator {
         Ok(deleted)
     }
 
+    /// Another instance deleted `keys`: removes them from what this instance keeps alone.
+    #[cfg(feature = "redis")]
+    async fn evict_remote(&self, keys: &[String]) -> Result<()> {
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let evicted = self.backend.evict_local(&refs).await?;
+            self.stats.invalidated(Kind::Remote, evicted);
+        }
+        Ok(())
+    }
+
     /// Sends `message` to the other instances, when they keep their own cache (with a shared
     /// Redis cache, deleting it once is enough — except for events, whose handlers are local).
     /// Failures are logged: the local invalidation still happens.
@@ -177,13 +188,13 @@ impl Invalidator {
     #[cfg(feature = "redis")]
     pub(crate) async fn resync(&self) {
         let Some(remote) = &self.remote else { return };
-        // Only a store of this instance alone (no key prefix: not shared, e.g. in-process
-        // memory); a shared one (Redis, a multi-level cache's L2) is kept coherent by its own
-        // means, and emptying it would wipe it for every instance.
-        if !remote.needs_broadcast() || self.backend.key_prefix().is_some() {
+        // Only what this instance keeps alone (in-process memory, a multi-level cache's L1);
+        // a shared store (Redis, a multi-level cache's L2) is kept coherent by its own means,
+        // and emptying it would wipe it for every instance.
+        if !remote.needs_broadcast() {
             return;
         }
-        match self.backend.clear_pattern("*").await {
+        match self.backend.evict_local_matching("*").await {
             Ok(n) => {
                 self.stats.invalidated(Kind::Remote, n);
                 tracing::warn!(
@@ -203,10 +214,12 @@ impl Invalidator {
         self.stats.remote_message();
         let result = match message {
             Broadcast::Event { event } => self.run_event(&event).await.map(drop),
-            Broadcast::Keys { keys } => self.delete_local(&keys, Kind::Remote).await.map(drop),
+            // What this instance keeps alone (a shared store was deleted from by the sender,
+            // which may have written to it since).
+            Broadcast::Keys { keys } => self.evict_remote(&keys).await,
             Broadcast::Pattern { pattern } => self
                 .backend
-                .clear_pattern(&pattern)
+                .evict_local_matching(&pattern)
                 .await
                 .map(|n| self.stats.invalidated(Kind::Remote, n)),
         };
