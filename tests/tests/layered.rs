@@ -589,3 +589,110 @@ async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
     );
     eventually(None, || async { mb.get::<i32>("p:7").await.unwrap() }).await;
 }
+
+/// Runs `load` (spawned); once its source read began, `invalidate` (on another instance); then
+/// lets the load finish.
+async fn overtaken(
+    entered: &tokio::sync::Notify,
+    release: &tokio::sync::Notify,
+    load: tokio::task::JoinHandle<String>,
+    invalidate: impl std::future::Future<Output = ()>,
+) {
+    entered.notified().await;
+    invalidate.await;
+    // Time for the invalidation to reach the loading instance over the backplane.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.notify_one();
+    assert_eq!(load.await.unwrap(), "old", "the caller gets what it loaded");
+}
+
+/// Deletes `key` through `multi`'s `as_backend()` (as a layer over it does).
+async fn delete_on(multi: &MultiLevelCache, key: &str) {
+    Cache::new(multi.as_backend(), Serializer::default())
+        .delete(key)
+        .await
+        .unwrap();
+}
+
+/// A load over a `MultiLevelCache` through `as_backend()` (CacheLoader, CacheStrategies'
+/// read-through, `Cache::read_through_with`) whose key another instance invalidates while the
+/// loader reads the source: the loaded value may be older than the write behind that
+/// invalidation, and is served but not cached — as `MultiLevelCache::get_or_load` does (found by
+/// review: it was stored and announced, and every instance served it for the TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
+    use tokio::sync::Notify;
+    let server = RedisServer::start().unwrap();
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    // The source read: tells it began, then waits to be released; answers "old".
+    let slow_source = {
+        let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+        move || {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            async move {
+                entered.notify_one();
+                release.notified().await;
+                Ok::<_, std::io::Error>("old".to_string())
+            }
+        }
+    };
+    // CacheLoader.
+    let loader_a = CacheLoader::new(Cache::new(ma.as_backend(), Serializer::default()));
+    let source = slow_source.clone();
+    loader_a
+        .register_loader(
+            "user",
+            move |_id: u64| source(),
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let loader_b = CacheLoader::new(Cache::new(mb.as_backend(), Serializer::default()));
+    loader_b
+        .register_loader(
+            "user",
+            |_id: u64| async { Ok::<_, std::io::Error>("new".to_string()) },
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let load = tokio::spawn({
+        let a = loader_a.clone();
+        async move { a.load::<u64, String>("user", 1).await.unwrap() }
+    });
+    overtaken(&entered, &release, load, async {
+        loader_b.invalidate("user", &1u64).await.unwrap();
+    })
+    .await;
+    let v: String = loader_b.load("user", 1u64).await.unwrap();
+    assert_eq!(v, "new", "CacheLoader cached the overtaken load");
+
+    // CacheStrategies::read_through and Cache::read_through_with.
+    let strategies = CacheStrategies::new(Cache::new(ma.as_backend(), Serializer::default()));
+    let source = slow_source.clone();
+    let load = tokio::spawn(async move {
+        strategies
+            .read_through("k2", source, Duration::from_secs(60))
+            .await
+            .unwrap()
+    });
+    overtaken(&entered, &release, load, delete_on(&mb, "k2")).await;
+    assert!(
+        mb.l2().get("k2").await.unwrap().is_none(),
+        "read_through cached the overtaken load"
+    );
+    let cache = Cache::new(ma.as_backend(), Serializer::default());
+    let source = slow_source.clone();
+    let load = tokio::spawn(async move {
+        cache
+            .read_through_with("k3", source, Duration::from_secs(60), Default::default())
+            .await
+            .unwrap()
+    });
+    overtaken(&entered, &release, load, delete_on(&mb, "k3")).await;
+    assert!(
+        mb.l2().get("k3").await.unwrap().is_none(),
+        "read_through_with cached the overtaken load"
+    );
+}

@@ -135,6 +135,35 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         Ok(n)
     }
 
+    /// What this backend knows of `key`'s invalidations now, taken by a read-through before
+    /// its loader reads the source and handed back to [`set_loaded`](Self::set_loaded).
+    /// `None` (the default): the backend cannot tell (every loaded value is stored).
+    ///
+    /// `Cache::read_through_with`, `CacheStrategies::read_through` / `cache_aside` and
+    /// `CacheLoader` take a mark after their cache miss and store with it.
+    fn load_mark(&self, key: &str) -> Option<LoadMark> {
+        let _ = key;
+        None
+    }
+
+    /// Stores a loaded value as [`set`](Self::set) does, unless `key` was invalidated or
+    /// written on this instance since `mark` was taken: the load may have read the source
+    /// before a newer write, whose invalidation this instance has seen, and its older value
+    /// must not be put back for the TTL. Returns whether it was stored. The default stores.
+    ///
+    /// A multi-level cache checks its per-key versions (as its own `get_or_load` does); a
+    /// wrapper backend must forward both methods.
+    async fn set_loaded(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        mark: Option<LoadMark>,
+    ) -> Result<bool> {
+        let _ = mark;
+        self.set(key, value, ttl).await.map(|()| true)
+    }
+
     /// Removes `keys` from what this instance alone keeps, leaving what other instances share;
     /// returns how many were removed here. This is what another instance's invalidation
     /// message asks for (`ncm-cache-strategies` with Redis coordination): that instance has
@@ -227,6 +256,23 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     }
 }
 
+/// What a backend knew of a key's invalidations when a load began
+/// ([`CacheBackend::load_mark`]); opaque to everyone but the backend that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LoadMark([u64; 4]);
+
+impl LoadMark {
+    /// A mark from a backend's own counters.
+    pub const fn new(parts: [u64; 4]) -> Self {
+        Self(parts)
+    }
+
+    /// The counters it was made from.
+    pub const fn parts(&self) -> [u64; 4] {
+        self.0
+    }
+}
+
 #[async_trait]
 impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     fn name(&self) -> &str {
@@ -252,6 +298,18 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn delete_many(&self, keys: &[&str]) -> Result<u64> {
         (**self).delete_many(keys).await
+    }
+    fn load_mark(&self, key: &str) -> Option<LoadMark> {
+        (**self).load_mark(key)
+    }
+    async fn set_loaded(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        mark: Option<LoadMark>,
+    ) -> Result<bool> {
+        (**self).set_loaded(key, value, ttl, mark).await
     }
     async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
         (**self).evict_local(keys).await

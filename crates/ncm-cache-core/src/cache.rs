@@ -361,9 +361,13 @@ impl<C: Codec> Cache<C> {
         if let Some(value) = self.read_for_load(key, on_failure).await? {
             return Ok(value);
         }
+        let mark = self.load_mark(key);
         let value = loader().await.map_err(CacheError::loader)?;
         match self.encode_for(key, &value) {
-            Ok(bytes) => self.store_loaded(key, bytes, expiry, on_failure).await?,
+            Ok(bytes) => {
+                self.store_loaded_since(key, bytes, expiry, on_failure, mark)
+                    .await?;
+            }
             Err(e) => on_failure.apply(key, "encode", e)?,
         }
         Ok(value)
@@ -393,10 +397,34 @@ impl<C: Codec> Cache<C> {
         expiry: Expiry,
         on_failure: CacheFailure,
     ) -> Result<()> {
+        self.store_loaded_since(key, bytes, expiry, on_failure, None)
+            .await
+            .map(drop)
+    }
+
+    /// What the backend knows of `key`'s invalidations now ([`CacheBackend::load_mark`]):
+    /// take it after a read-through's miss, before the loader reads the source, and store
+    /// with [`store_loaded_since`](Self::store_loaded_since).
+    pub fn load_mark(&self, key: &str) -> Option<crate::LoadMark> {
+        self.inner.backend.load_mark(key)
+    }
+
+    /// [`store_loaded`](Self::store_loaded), skipped when `key` was invalidated or written on
+    /// this instance since `mark` ([`CacheBackend::set_loaded`]): the loaded value may be
+    /// older than that write, and is served but not cached. Returns whether it was stored
+    /// (`false` also for a failure under [`CacheFailure::FailOpen`]).
+    pub async fn store_loaded_since(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expiry: Expiry,
+        on_failure: CacheFailure,
+        mark: Option<crate::LoadMark>,
+    ) -> Result<bool> {
         let ttl = self.ttl_policy().resolve(expiry)?;
-        match self.inner.backend.set(key, bytes, ttl).await {
-            Ok(()) => Ok(()),
-            Err(e) => on_failure.apply(key, "set", e),
+        match self.inner.backend.set_loaded(key, bytes, ttl, mark).await {
+            Ok(stored) => Ok(stored),
+            Err(e) => on_failure.apply(key, "set", e).map(|()| false),
         }
     }
 

@@ -28,7 +28,7 @@ mod stats;
 mod ttl;
 mod types;
 
-pub use backend::{CacheBackend, HealthReport, SharedBackend, TagIndex, get_then_extend};
+pub use backend::{CacheBackend, HealthReport, LoadMark, SharedBackend, TagIndex, get_then_extend};
 pub use cache::{Cache, CacheBuilder};
 pub use clock::{
     Clock, CoarseClock, ManualClock, NO_DEADLINE, SharedClock, SystemClock, deadline_after,

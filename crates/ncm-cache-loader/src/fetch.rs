@@ -238,6 +238,9 @@ impl<C: Codec> CacheLoader<C> {
     where
         M: Mode<R>,
     {
+        // Before the source is read: an invalidation of the key seen meanwhile keeps the
+        // (maybe older) value out of the cache.
+        let mark = self.inner.cache.load_mark(call.key);
         let started = Instant::now();
         let output = body.await;
         let elapsed = started.elapsed();
@@ -247,7 +250,7 @@ impl<C: Codec> CacheLoader<C> {
                 // not be `Sync`).
                 let bytes = self.encode(counters, call, &value);
                 let written = match &bytes {
-                    Some(bytes) => self.write(counters, call, bytes.clone()).await,
+                    Some(bytes) => self.write(counters, call, bytes.clone(), mark).await,
                     None => Ok(()),
                 };
                 // Fail-closed (ReadThrough): a value the cache did not take is not returned,
@@ -298,6 +301,7 @@ impl<C: Codec> CacheLoader<C> {
         counters: &Arc<LoaderCounters>,
         call: Call<'_>,
         bytes: Bytes,
+        mark: Option<ncm_cache_core::LoadMark>,
     ) -> Result<(), CacheError> {
         let cache = &self.inner.cache;
         if call.strategy == CacheStrategy::WriteAround {
@@ -319,7 +323,7 @@ impl<C: Codec> CacheLoader<C> {
                 let (key, value, counters) = (call.key.to_owned(), bytes, Arc::clone(counters));
                 let (name, logging) = (call.name.to_owned(), self.inner.enable_logging);
                 runtime.spawn(async move {
-                    if let Err(e) = backend.set(&key, value, ttl).await {
+                    if let Err(e) = backend.set_loaded(&key, value, ttl, mark).await {
                         counters.cache_error(Operation::Set);
                         if logging {
                             tracing::warn!(loader = %name, %key, error = %e, "write-behind failed");
@@ -328,7 +332,7 @@ impl<C: Codec> CacheLoader<C> {
                 });
             }
             _ => {
-                if let Err(e) = backend.set(call.key, bytes, ttl).await {
+                if let Err(e) = backend.set_loaded(call.key, bytes, ttl, mark).await {
                     counters.cache_error(Operation::Set);
                     return call.on_failure().apply(call.key, "set", e);
                 }

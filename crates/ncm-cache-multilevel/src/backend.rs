@@ -169,6 +169,32 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.delete_everywhere(key, &self.1).await
     }
 
+    /// The key's invalidation versions on this instance (as `get_or_load` takes them).
+    fn load_mark(&self, key: &str) -> Option<ncm_cache_core::LoadMark> {
+        Some(self.0.inner.versions.ticket(key).mark())
+    }
+
+    /// Not stored when the key was invalidated (here or, announced, elsewhere) or written on
+    /// this instance since `mark`, as `get_or_load` refuses to store such a load.
+    async fn set_loaded(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        mark: Option<ncm_cache_core::LoadMark>,
+    ) -> Result<bool> {
+        if let Some(mark) = mark {
+            let versions = &self.0.inner.versions;
+            let current =
+                crate::versions::Ticket::from_mark(key, mark).is_some_and(|t| versions.current(&t));
+            if !current {
+                tracing::debug!(key, "key invalidated during the load; result not cached");
+                return Ok(false);
+            }
+        }
+        self.set(key, value, ttl).await.map(|()| true)
+    }
+
     /// This instance's L1 only: L2 is what instances share.
     async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
         let mut evicted = 0;

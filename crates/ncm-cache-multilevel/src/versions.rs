@@ -45,6 +45,30 @@ pub(crate) struct Ticket {
     writes: u64,
 }
 
+impl Ticket {
+    /// The ticket as a [`LoadMark`](ncm_cache_core::LoadMark) (`as_backend().load_mark`).
+    pub(crate) fn mark(&self) -> ncm_cache_core::LoadMark {
+        ncm_cache_core::LoadMark::new([
+            self.global,
+            self.stripe as u64,
+            self.invalidations,
+            self.writes,
+        ])
+    }
+
+    /// A mark back as a ticket of `key`; `None` when it was not made for `key`'s stripe.
+    pub(crate) fn from_mark(key: &str, mark: ncm_cache_core::LoadMark) -> Option<Self> {
+        let [global, stripe, invalidations, writes] = mark.parts();
+        let own = stripe_of(key);
+        (stripe == own as u64).then_some(Self {
+            global,
+            stripe: own,
+            invalidations,
+            writes,
+        })
+    }
+}
+
 /// How a writer's L2 write ended, for its own L1 insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Settled {

@@ -229,6 +229,9 @@ impl<C: Codec> CacheStrategies<C> {
             .inner
             .flight
             .run(key.to_owned(), || async {
+                // Before the source is read: an invalidation of the key seen meanwhile keeps
+                // the (maybe older) value out of the cache.
+                let mark = self.cache.load_mark(key);
                 let value = loader().await.map_err(CacheError::loader)?;
                 // Waiters share the encoded value, so it is encoded without the size cap; the
                 // cap applies to what is stored (as in `Cache::read_through_with`).
@@ -236,8 +239,8 @@ impl<C: Codec> CacheStrategies<C> {
                 match self.cache.encode_for(key, &value) {
                     Ok(stored) => {
                         self.cache
-                            .store_loaded(key, stored, expiry, on_failure)
-                            .await?
+                            .store_loaded_since(key, stored, expiry, on_failure, mark)
+                            .await?;
                     }
                     Err(e) => on_failure.apply(key, "encode", e)?,
                 }

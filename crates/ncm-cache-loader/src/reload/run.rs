@@ -160,6 +160,9 @@ impl<C: Codec> CacheReloader<C> {
         lease: Option<&dyn Lease>,
     ) -> Result<super::entry::Loaded> {
         let load = entry.loader();
+        // Before the source is read: an invalidation of the value seen meanwhile keeps the
+        // (maybe older) reload out of the cache.
+        let mark = self.inner.cache.load_mark(&entry.name);
         // A panicking loader is a failed reload: the timer, refresh-ahead and other callers
         // go on (a panic would end an eager or scheduled timer for good).
         let run = std::panic::AssertUnwindSafe(async move { load().await });
@@ -189,15 +192,17 @@ impl<C: Codec> CacheReloader<C> {
             Ok(ttl) => {
                 cache
                     .backend()
-                    .set(&entry.name, loaded.bytes.clone(), ttl)
+                    .set_loaded(&entry.name, loaded.bytes.clone(), ttl, mark)
                     .await
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = stored {
-            self.log_cache_error(entry, "set", &e);
-        } else if self.inner.logging {
-            tracing::debug!(name = %entry.name, "reloaded");
+        match stored {
+            Err(e) => self.log_cache_error(entry, "set", &e),
+            Ok(false) => tracing::debug!(name = %entry.name,
+                "invalidated while reloading: the value is returned, not stored"),
+            Ok(true) if self.inner.logging => tracing::debug!(name = %entry.name, "reloaded"),
+            Ok(true) => {}
         }
         Ok(loaded)
     }
