@@ -526,6 +526,7 @@ async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
         async move { ma.l2().get(key).await.unwrap().is_some() }
     };
 
+    let received = sb.invalidation_stats().remote_messages;
     // A write-behind: acknowledged, persisted in 2 s; until then every reader sees it.
     sa.write_behind(
         "user:1",
@@ -544,8 +545,16 @@ async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
     )
     .await
     .unwrap();
-    // Time for B to receive A's messages.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B received A's two messages (counted on arrival; then a moment to apply them).
+    let start = Instant::now();
+    while sb.invalidation_stats().remote_messages < received + 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "A's messages never reached B"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(in_l2("user:1").await, "B deleted A's write-behind value");
     assert!(in_l2("user:2").await, "B deleted A's write-through value");
     let from_store = {
@@ -694,5 +703,70 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
     assert!(
         mb.l2().get("k3").await.unwrap().is_none(),
         "read_through_with cached the overtaken load"
+    );
+}
+
+/// The same two strategies instances over multi-level caches *without* a backplane (nothing
+/// keeps their L1s coherent but the strategies' messages): A's write reaches B's L1 through
+/// `evict_local`, which evicts B's L1 copy and leaves the shared L2 alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backplane() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let redis = RedisCache::connect(c.clone()).await.unwrap();
+        let multi = MultiLevelCache::builder(redis.backend())
+            .name("quiet")
+            .build()
+            .unwrap();
+        let strategies =
+            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+                .redis(Arc::clone(redis.redis_backend()))
+                .build()
+                .await
+                .unwrap();
+        caches.push((multi, strategies));
+    }
+    let (ma, sa) = &caches[0];
+    let (mb, sb) = &caches[1];
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let store = {
+        let db = Arc::clone(&db);
+        store_fn(move |key: String, value: String| {
+            let db = Arc::clone(&db);
+            async move {
+                db.lock().unwrap().insert(key, value);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let hour = Duration::from_secs(3600);
+    sa.write_through("k", &"v1".to_string(), hour, &store)
+        .await
+        .unwrap();
+    // B reads it into its L1 (served from there from now on).
+    let b = sb.cache().clone();
+    let (hits, start) = (mb.get_stats().l1_hits, Instant::now());
+    while mb.get_stats().l1_hits == hits {
+        assert_eq!(b.get::<String>("k").await.unwrap().as_deref(), Some("v1"));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "B never used its L1"
+        );
+    }
+    let before = sb.invalidation_stats().remote_messages;
+    sa.write_through("k", &"v2".to_string(), hour, &store)
+        .await
+        .unwrap();
+    eventually(Some("v2".to_string()), || async {
+        b.get::<String>("k").await.unwrap()
+    })
+    .await;
+    assert!(sb.invalidation_stats().remote_messages > before);
+    assert!(
+        ma.l2().get("k").await.unwrap().is_some(),
+        "B deleted A's write"
     );
 }

@@ -169,18 +169,25 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// message asks for (`ncm-cache-strategies` with Redis coordination): that instance has
     /// removed the shared copy already, and may have written a new value since.
     ///
-    /// The default is [`delete_many`](Self::delete_many), right for a store this process alone
-    /// owns (in-process memory). **A backend over a shared store must override it**, or every
-    /// instance's message deletes the other instances' writes from the store they share: the
-    /// Redis backend removes nothing, a multi-level cache only its L1. A wrapper backend must
-    /// forward it.
+    /// The default follows [`key_prefix`](Self::key_prefix): a store others share (`Some`)
+    /// removes nothing, one this process alone owns (`None`, in-process memory) is deleted
+    /// from ([`delete_many`](Self::delete_many)). A backend that keeps a part of its own over
+    /// a shared store overrides it (a multi-level cache evicts its L1 only); a wrapper backend
+    /// must forward it.
     async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
+        if self.key_prefix().is_some() {
+            return Ok(0);
+        }
         self.delete_many(keys).await
     }
 
     /// [`evict_local`](Self::evict_local) for every key matching a Redis-style glob (`*`: all
-    /// this instance keeps alone). The default is [`clear_pattern`](Self::clear_pattern).
+    /// this instance keeps alone). The default follows [`key_prefix`](Self::key_prefix) as
+    /// `evict_local` does, with [`clear_pattern`](Self::clear_pattern) for a store of its own.
     async fn evict_local_matching(&self, pattern: &str) -> Result<u64> {
+        if self.key_prefix().is_some() {
+            return Ok(0);
+        }
         self.clear_pattern(pattern).await
     }
 

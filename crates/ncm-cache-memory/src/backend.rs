@@ -1,9 +1,11 @@
 //! `MemoryBackend`: the [`CacheBackend`] over a [`MemoryStore<Bytes>`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ncm_cache_core::{
-    Bytes, CacheBackend, CacheStats, HealthReport, KeyTtl, Operation, Result, async_trait,
+    Bytes, CacheBackend, CacheStats, HealthReport, KeyTtl, LoadMark, Operation, Result, async_trait,
 };
 
 use crate::builder::MemoryBackendBuilder;
@@ -15,6 +17,69 @@ use crate::store::MemoryStore;
 #[derive(Clone, Debug)]
 pub struct MemoryBackend {
     store: MemoryStore<Bytes>,
+    marks: Arc<Marks>,
+}
+
+/// Stripes of the per-key write counters.
+const MARK_STRIPES: usize = 1024;
+
+/// Write counters for [`CacheBackend::load_mark`] / [`CacheBackend::set_loaded`]: every write,
+/// delete or eviction request of a key bumps its stripe (a whole-store one bumps `all`)
+/// *before* it acts, so a load that took its mark earlier does not store over it.
+#[derive(Debug)]
+struct Marks {
+    stripes: Box<[AtomicU64]>,
+    all: AtomicU64,
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Self {
+            stripes: (0..MARK_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            all: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Marks {
+    fn stripe(key: &str) -> usize {
+        // FNV-1a: cheap and stable; a collision only costs a load that is not stored.
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        // Truncation is the point: the low bits pick the stripe.
+        (hash as usize) % MARK_STRIPES
+    }
+
+    fn bump(&self, key: &str) {
+        if let Some(s) = self.stripes.get(Self::stripe(key)) {
+            s.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn bump_all(&self) {
+        self.all.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn mark(&self, key: &str) -> LoadMark {
+        let stripe = Self::stripe(key);
+        let writes = self
+            .stripes
+            .get(stripe)
+            .map_or(0, |s| s.load(Ordering::SeqCst));
+        LoadMark::new([self.all.load(Ordering::SeqCst), stripe as u64, writes, 0])
+    }
+
+    fn current(&self, key: &str, mark: LoadMark) -> bool {
+        let [all, stripe, writes, _] = mark.parts();
+        let own = Self::stripe(key);
+        stripe == own as u64
+            && self.all.load(Ordering::SeqCst) == all
+            && self
+                .stripes
+                .get(own)
+                .is_some_and(|s| s.load(Ordering::SeqCst) == writes)
+    }
 }
 
 impl Default for MemoryBackend {
@@ -40,7 +105,10 @@ impl MemoryBackend {
     }
 
     pub(crate) fn from_store(store: MemoryStore<Bytes>) -> Self {
-        Self { store }
+        Self {
+            store,
+            marks: Arc::default(),
+        }
     }
 
     /// The underlying store.
@@ -90,6 +158,7 @@ impl MemoryBackend {
 
     /// Removes every entry.
     pub fn clear(&self) {
+        self.marks.bump_all();
         self.store.clear();
     }
 
@@ -101,11 +170,13 @@ impl MemoryBackend {
 
     /// Writes a value without going through the async trait.
     pub fn set_now(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.marks.bump(key);
         self.store.insert(key, value, ttl)
     }
 
     /// Removes a key without going through the async trait; `true` when a live entry existed.
     pub fn delete_now(&self, key: &str) -> Result<bool> {
+        self.marks.bump(key);
         self.store.remove(key)
     }
 }
@@ -129,13 +200,35 @@ impl CacheBackend for MemoryBackend {
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.marks.bump(key);
         self.store
             .insert(key, value, ttl)
             .inspect_err(|_| self.store.stats().error(Operation::Set))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
+        self.marks.bump(key);
         self.store.remove(key)
+    }
+
+    /// Every write or delete of the key (or clear) on this backend bumps its counter.
+    fn load_mark(&self, key: &str) -> Option<LoadMark> {
+        Some(self.marks.mark(key))
+    }
+
+    /// Not stored when the key was written or deleted (here, or by an eviction another
+    /// instance's invalidation message asked for) since `mark`.
+    async fn set_loaded(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+        mark: Option<LoadMark>,
+    ) -> Result<bool> {
+        if mark.is_some_and(|m| !self.marks.current(key, m)) {
+            return Ok(false);
+        }
+        self.set(key, value, ttl).await.map(|()| true)
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
@@ -155,6 +248,7 @@ impl CacheBackend for MemoryBackend {
             self.store.validate(key)?;
         }
         for (key, value) in entries {
+            self.marks.bump(key);
             self.store.insert(key, value.clone(), ttl)?;
         }
         Ok(())
@@ -166,6 +260,7 @@ impl CacheBackend for MemoryBackend {
         }
         let mut n = 0;
         for key in keys {
+            self.marks.bump(key);
             n += u64::from(self.store.remove(key)?);
         }
         Ok(n)
@@ -180,6 +275,7 @@ impl CacheBackend for MemoryBackend {
     }
 
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
+        self.marks.bump_all();
         self.store.remove_matching(pattern)
     }
 

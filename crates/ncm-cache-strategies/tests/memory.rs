@@ -496,3 +496,104 @@ async fn a_write_through_cancelled_after_the_store_write_evicts_the_key() {
         "the cache kept the value the committed write replaced"
     );
 }
+
+/// A backend over a store other instances share (it reports a key prefix) and that does not
+/// say what to evict for another instance's message: the trait's default removes nothing
+/// from it. One this process alone owns (no prefix) is deleted from.
+#[tokio::test]
+async fn evicting_for_another_instance_leaves_a_shared_store_alone() {
+    use ncm_cache_core::{Bytes, CacheBackend, CacheStats, HealthReport, KeyTtl, async_trait};
+
+    #[derive(Debug)]
+    struct Shared(MemoryBackend);
+
+    #[async_trait]
+    impl CacheBackend for Shared {
+        fn name(&self) -> &str {
+            "shared"
+        }
+        async fn get(&self, key: &str) -> ncm_cache_core::Result<Option<Bytes>> {
+            self.0.get(key).await
+        }
+        async fn set(
+            &self,
+            key: &str,
+            value: Bytes,
+            ttl: Option<Duration>,
+        ) -> ncm_cache_core::Result<()> {
+            self.0.set(key, value, ttl).await
+        }
+        async fn delete(&self, key: &str) -> ncm_cache_core::Result<bool> {
+            self.0.delete(key).await
+        }
+        async fn exists(&self, key: &str) -> ncm_cache_core::Result<bool> {
+            self.0.exists(key).await
+        }
+        async fn get_ttl(&self, key: &str) -> ncm_cache_core::Result<KeyTtl> {
+            self.0.get_ttl(key).await
+        }
+        async fn extend_ttl(&self, key: &str, ttl: Duration) -> ncm_cache_core::Result<bool> {
+            self.0.extend_ttl(key, ttl).await
+        }
+        async fn clear_pattern(&self, pattern: &str) -> ncm_cache_core::Result<u64> {
+            self.0.clear_pattern(pattern).await
+        }
+        async fn health_report(&self) -> HealthReport {
+            self.0.health_report().await
+        }
+        fn get_stats(&self) -> CacheStats {
+            self.0.get_stats()
+        }
+        fn key_prefix(&self) -> Option<&str> {
+            Some("app:")
+        }
+    }
+
+    let shared = Shared(MemoryBackend::new());
+    let own = MemoryBackend::new();
+    for b in [&shared as &dyn CacheBackend, &own] {
+        b.set("k", Bytes::from_static(b"v"), None).await.unwrap();
+    }
+    assert_eq!(shared.evict_local(&["k"]).await.unwrap(), 0);
+    assert_eq!(shared.evict_local_matching("*").await.unwrap(), 0);
+    assert!(shared.get("k").await.unwrap().is_some());
+    assert_eq!(own.evict_local(&["k"]).await.unwrap(), 1);
+    assert!(own.get("k").await.unwrap().is_none());
+}
+
+/// An in-process cache does not store a read-through's load when the key was written or
+/// deleted while the loader read the source (the value may be older than that write).
+#[tokio::test]
+async fn a_load_overtaken_by_a_delete_is_not_cached_in_memory() {
+    let cache = Cache::new(MemoryBackend::new(), Serializer::default());
+    let c = cache.clone();
+    let v: String = cache
+        .read_through_with(
+            "k",
+            move || async move {
+                c.delete("k").await.unwrap();
+                Ok::<_, std::io::Error>("old".to_string())
+            },
+            Duration::from_secs(60),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, "old");
+    assert_eq!(cache.get::<String>("k").await.unwrap(), None);
+    // Without a write in between, the load is stored.
+    let v: String = cache
+        .read_through_with(
+            "k",
+            || async { Ok::<_, std::io::Error>("fresh".to_string()) },
+            Duration::from_secs(60),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, "fresh");
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+}

@@ -1080,3 +1080,75 @@ async fn an_older_write_superseded_by_a_withdrawn_local_write_is_still_stored() 
 async fn an_older_write_superseded_by_another_instances_withdrawn_write_is_still_stored() {
     superseded_by_a_write_that_is_then_withdrawn(false, "withdrawn-remote").await;
 }
+
+/// Instances that each keep their own in-process cache, coordinated through Redis: B's
+/// read-through misses and reads the source slowly; meanwhile A writes the key through and
+/// tells B; B's load, which may have read the source before A's write, is returned but not
+/// cached (B's next read loads again) — before, B cached the older value for the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_through_overtaken_by_another_instances_write_is_not_cached() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (cache(&server, "rt:").await, cache(&server, "rt:").await);
+    let local = || Cache::new(MemoryBackend::new(), Serializer::default());
+    let a = CacheStrategies::with_redis(local(), ra.redis_backend().clone())
+        .await
+        .unwrap();
+    let b = CacheStrategies::with_redis(local(), rb.redis_backend().clone())
+        .await
+        .unwrap();
+    let db: Arc<Mutex<std::collections::HashMap<String, String>>> = Arc::default();
+    db.lock().unwrap().insert("k".into(), "old".into());
+    let store = {
+        let db = Arc::clone(&db);
+        ncm_cache_strategies::store_fn(move |key: String, value: String| {
+            let db = Arc::clone(&db);
+            async move {
+                db.lock().unwrap().insert(key, value);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let (entered, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let load = {
+        let (b, db) = (b.clone(), Arc::clone(&db));
+        let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+        tokio::spawn(async move {
+            b.read_through::<String, _, _, _>(
+                "k",
+                move || async move {
+                    let read = db.lock().unwrap()["k"].clone();
+                    entered.notify_one();
+                    release.notified().await;
+                    Ok::<_, std::io::Error>(read)
+                },
+                HOUR,
+            )
+            .await
+            .unwrap()
+        })
+    };
+    entered.notified().await;
+    let before = b.invalidation_stats().remote_messages;
+    a.write_through("k", &"new".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            b.invalidation_stats().remote_messages > before
+        })
+        .await,
+        "A's message never reached B"
+    );
+    // The message is counted when it arrives: give its eviction a moment to run.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    release.notify_one();
+    assert_eq!(load.await.unwrap(), "old", "the caller gets what it loaded");
+    assert_eq!(
+        b.cache().get::<String>("k").await.unwrap(),
+        None,
+        "B cached a load older than A's write"
+    );
+}

@@ -199,10 +199,10 @@ impl<C: Codec> CacheReloader<C> {
         };
         match stored {
             Err(e) => self.log_cache_error(entry, "set", &e),
-            Ok(false) => tracing::debug!(name = %entry.name,
+            Ok(false) if self.inner.logging => tracing::debug!(name = %entry.name,
                 "invalidated while reloading: the value is returned, not stored"),
             Ok(true) if self.inner.logging => tracing::debug!(name = %entry.name, "reloaded"),
-            Ok(true) => {}
+            Ok(_) => {}
         }
         Ok(loaded)
     }

@@ -92,13 +92,18 @@ impl Invalidator {
             event: event.to_owned(),
         })
         .await;
-        self.run_event(event).await?;
+        self.run_event(event, false).await?;
         Ok(deleted)
     }
 
     /// Runs this instance's handlers of `event`: deletes their keys (each once), then calls
-    /// the callbacks (after the keys are gone).
-    pub(crate) async fn run_event(&self, event: &str) -> Result<u64> {
+    /// the callbacks (after the keys are gone). `remote`: another instance triggered it and
+    /// deleted the keys registered anywhere from the cache already; only what this instance
+    /// keeps alone is evicted ([`CacheBackend::evict_local`]), so a write to a shared cache
+    /// since the trigger stays.
+    ///
+    /// [`CacheBackend::evict_local`]: ncm_cache_core::CacheBackend::evict_local
+    pub(crate) async fn run_event(&self, event: &str, remote: bool) -> Result<u64> {
         let handlers = self.events.handlers(event);
         if handlers.is_empty() {
             return Ok(0);
@@ -109,7 +114,11 @@ impl Invalidator {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let deleted = self.delete_local(&keys, Kind::Event).await?;
+        let deleted = if remote {
+            self.evict_remote(&keys, Kind::Event).await?
+        } else {
+            self.delete_local(&keys, Kind::Event).await?
+        };
         for h in &handlers {
             self.run_callback("event", || (h.callback)(event, &h.keys));
         }

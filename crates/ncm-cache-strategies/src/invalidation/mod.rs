@@ -156,14 +156,14 @@ impl Invalidator {
     }
 
     /// Another instance deleted `keys`: removes them from what this instance keeps alone.
-    #[cfg(feature = "redis")]
-    async fn evict_remote(&self, keys: &[String]) -> Result<()> {
+    pub(crate) async fn evict_remote(&self, keys: &[String], kind: Kind) -> Result<u64> {
+        let mut evicted = 0;
         for chunk in keys.chunks(DELETE_CHUNK) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            let evicted = self.backend.evict_local(&refs).await?;
-            self.stats.invalidated(Kind::Remote, evicted);
+            evicted += self.backend.evict_local(&refs).await?;
         }
-        Ok(())
+        self.stats.invalidated(kind, evicted);
+        Ok(evicted)
     }
 
     /// Sends `message` to the other instances, when they keep their own cache (with a shared
@@ -213,10 +213,10 @@ impl Invalidator {
     pub(crate) async fn apply_remote(&self, message: Broadcast) {
         self.stats.remote_message();
         let result = match message {
-            Broadcast::Event { event } => self.run_event(&event).await.map(drop),
+            Broadcast::Event { event } => self.run_event(&event, true).await.map(drop),
             // What this instance keeps alone (a shared store was deleted from by the sender,
             // which may have written to it since).
-            Broadcast::Keys { keys } => self.evict_remote(&keys).await,
+            Broadcast::Keys { keys } => self.evict_remote(&keys, Kind::Remote).await.map(drop),
             Broadcast::Pattern { pattern } => self
                 .backend
                 .evict_local_matching(&pattern)
