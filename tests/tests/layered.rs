@@ -676,6 +676,7 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
     .await;
     let v: String = loader_b.load("user", 1u64).await.unwrap();
     assert_eq!(v, "new", "CacheLoader cached the overtaken load");
+    assert_eq!(ma.get_stats().loads_not_cached, 1);
 
     // CacheStrategies::read_through and Cache::read_through_with.
     let strategies = CacheStrategies::new(Cache::new(ma.as_backend(), Serializer::default()));
@@ -704,6 +705,7 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
         mb.l2().get("k3").await.unwrap().is_none(),
         "read_through_with cached the overtaken load"
     );
+    assert_eq!(ma.get_stats().loads_not_cached, 3);
 }
 
 /// The same two strategies instances over multi-level caches *without* a backplane (nothing

@@ -188,6 +188,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             let current =
                 crate::versions::Ticket::from_mark(key, mark).is_some_and(|t| versions.current(&t));
             if !current {
+                Counters::bump(&self.0.inner.counters.loads_not_cached);
                 tracing::debug!(key, "key invalidated during the load; result not cached");
                 return Ok(false);
             }

@@ -584,6 +584,7 @@ impl<C: Codec> Inner<C> {
     ) -> Result<(Found, Stored)> {
         let size = bytes.len();
         if !self.versions.current(ticket) {
+            Counters::bump(&self.counters.loads_not_cached);
             tracing::debug!(
                 key,
                 "key invalidated during the load; result served, not cached"

@@ -23,6 +23,11 @@ pub struct MultiLevelStats {
     pub loads: u64,
     /// Loader failures.
     pub load_errors: u64,
+    /// Loaded values served but not cached: the key was invalidated or written on this
+    /// instance while the loader ran (`get_or_load`, and loads through `as_backend()`:
+    /// `CacheLoader`, `CacheStrategies::read_through`, `Cache::read_through_with`). A pattern
+    /// invalidation or a resync counts for every load in flight.
+    pub loads_not_cached: u64,
     /// Stale values served by fail-safe.
     pub stale_served: u64,
     /// Values promoted from L2 into L1.
@@ -55,6 +60,7 @@ pub(crate) struct Counters {
     pub(crate) misses: AtomicU64,
     pub(crate) loads: AtomicU64,
     pub(crate) load_errors: AtomicU64,
+    pub(crate) loads_not_cached: AtomicU64,
     pub(crate) stale_served: AtomicU64,
     pub(crate) promotions: AtomicU64,
     pub(crate) background_refreshes: AtomicU64,
@@ -92,6 +98,7 @@ impl Counters {
             misses,
             loads: self.loads.load(Relaxed),
             load_errors: self.load_errors.load(Relaxed),
+            loads_not_cached: self.loads_not_cached.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
             promotions: self.promotions.load(Relaxed),
             background_refreshes: self.background_refreshes.load(Relaxed),

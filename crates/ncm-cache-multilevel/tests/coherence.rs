@@ -1435,3 +1435,40 @@ async fn a_write_abandoned_during_its_redo_leaves_no_older_value_in_the_new_epoc
         "the new epoch still holds the value from before the write"
     );
 }
+
+/// A load whose key is invalidated while the loader runs is served, not cached, and counted
+/// (`loads_not_cached`), through `get_or_load` and through `as_backend()`'s `set_loaded`.
+#[tokio::test]
+async fn loads_overtaken_by_an_invalidation_are_served_not_cached_and_counted() {
+    use ncm_cache_core::{Bytes, CacheBackend};
+    let cache = MultiLevelCache::builder(Arc::new(MemoryBackend::new()) as SharedBackend)
+        .build()
+        .unwrap();
+    let c = cache.clone();
+    let v: u64 = cache
+        .get_or_load("k", move || async move {
+            c.delete("k").await.unwrap();
+            Ok::<_, Io>(1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    assert!(cache.l2().get("k").await.unwrap().is_none());
+    assert_eq!(cache.get_stats().loads_not_cached, 1);
+
+    let backend = cache.as_backend();
+    let mark = backend.load_mark("b");
+    backend.delete("b").await.unwrap();
+    let stored = backend
+        .set_loaded("b", Bytes::from_static(b"v"), None, mark)
+        .await
+        .unwrap();
+    assert!(!stored);
+    assert_eq!(cache.get_stats().loads_not_cached, 2);
+    let mark = backend.load_mark("b");
+    let stored = backend
+        .set_loaded("b", Bytes::from_static(b"v"), None, mark)
+        .await
+        .unwrap();
+    assert!(stored, "nothing happened to the key since the mark");
+}
