@@ -772,3 +772,54 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
         "B deleted A's write"
     );
 }
+
+/// Another instance's event reaches B after A wrote one of the event's keys again: B runs its
+/// handlers and evicts the keys from its L1 only (the trigger deleted them from the shared
+/// L2 already), so A's newer write stays (found by review: B deleted it from L2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_event_does_not_delete_a_newer_write_from_the_shared_l2() {
+    use std::sync::atomic::AtomicBool;
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let coordination = RedisCache::connect(c).await.unwrap();
+    let (ma, mb) = (instance(&server).await, instance(&server).await);
+    let sb = CacheStrategies::builder(Cache::new(mb.as_backend(), Serializer::default()))
+        .redis(Arc::clone(coordination.redis_backend()))
+        .build()
+        .await
+        .unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    sb.event_based_invalidation("user_updated", ["user:1"], move |_, _| {
+        r.store(true, Ordering::SeqCst);
+    })
+    .await
+    .unwrap();
+    // A's write after the trigger deleted the key; then the trigger's message reaches B.
+    Cache::new(ma.as_backend(), Serializer::default())
+        .set("user:1", &"v2".to_string())
+        .await
+        .unwrap();
+    coordination
+        .redis_backend()
+        .publish(
+            "strategies",
+            br#"{"origin":"another-instance","kind":"event","event":"user_updated"}"#,
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while !ran.load(Ordering::SeqCst) {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "B never ran its handler"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        ma.l2().get("user:1").await.unwrap().is_some(),
+        "B's handler deleted A's newer write from L2"
+    );
+}
