@@ -721,6 +721,7 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
         let redis = RedisCache::connect(c.clone()).await.unwrap();
         let multi = MultiLevelCache::builder(redis.backend())
             .name("quiet")
+            .fail_safe(Duration::from_secs(600))
             .build()
             .unwrap();
         let strategies =
@@ -771,6 +772,19 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
         ma.l2().get("k").await.unwrap().is_some(),
         "B deleted A's write"
     );
+
+    // Another instance's `pattern_based_invalidation("*")`: B's L1 is emptied, not kept as
+    // stale-only for fail-safe.
+    assert!(mb.l1_len() > 0);
+    sa.pattern_based_invalidation("*", |_, _| {}).await.unwrap();
+    let start = Instant::now();
+    while mb.l1_len() > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "B's L1 kept the cleared entries"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Another instance's event reaches B after A wrote one of the event's keys again: B runs its
@@ -801,25 +815,37 @@ async fn a_remote_event_does_not_delete_a_newer_write_from_the_shared_l2() {
         .set("user:1", &"v2".to_string())
         .await
         .unwrap();
-    coordination
-        .redis_backend()
-        .publish(
-            "strategies",
-            br#"{"origin":"another-instance","kind":"event","event":"user_updated"}"#,
-        )
-        .await
-        .unwrap();
-    let start = Instant::now();
-    while !ran.load(Ordering::SeqCst) {
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "B never ran its handler"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let event = |complete: bool| {
+        let (ran, backend) = (Arc::clone(&ran), Arc::clone(coordination.redis_backend()));
+        async move {
+            ran.store(false, Ordering::SeqCst);
+            let message = format!(
+                r#"{{"origin":"another-instance","kind":"event","event":"user_updated","complete":{complete}}}"#
+            );
+            backend
+                .publish("strategies", message.as_bytes())
+                .await
+                .unwrap();
+            let start = Instant::now();
+            while !ran.load(Ordering::SeqCst) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "B never ran its handler"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    event(true).await;
     assert!(
         ma.l2().get("user:1").await.unwrap().is_some(),
         "B's handler deleted A's newer write from L2"
+    );
+    // A trigger that could not read the other instances' registrations (so did not delete
+    // B's keys): B deletes them from the cache itself.
+    event(false).await;
+    assert!(
+        ma.l2().get("user:1").await.unwrap().is_none(),
+        "B left its registered key in L2 after an incomplete trigger"
     );
 }

@@ -111,7 +111,8 @@ impl MemoryBackend {
         }
     }
 
-    /// The underlying store.
+    /// The underlying store. Writes made directly through it are not seen by
+    /// [`set_loaded`](CacheBackend::set_loaded): a load overtaken by them is still stored.
     pub fn store(&self) -> &MemoryStore<Bytes> {
         &self.store
     }
@@ -228,7 +229,11 @@ impl CacheBackend for MemoryBackend {
         if mark.is_some_and(|m| !self.marks.current(key, m)) {
             return Ok(false);
         }
-        self.set(key, value, ttl).await.map(|()| true)
+        // Not a write that overtakes other loads of the stripe: no bump.
+        self.store
+            .insert(key, value, ttl)
+            .inspect_err(|_| self.store.stats().error(Operation::Set))
+            .map(|()| true)
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {

@@ -205,14 +205,13 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         Ok(evicted)
     }
 
-    /// This instance's L1 only: L2 is what instances share. `*` (messages may have been lost)
-    /// makes all of L1 stale-only, as a lost backplane message does: kept for fail-safe, never
-    /// served as fresh (emptied without fail-safe).
+    /// This instance's L1 only (`*`: all of it, emptied as for a clear announced by another
+    /// instance): L2 is what instances share.
     async fn evict_local_matching(&self, pattern: &str) -> Result<u64> {
         let inner = &self.0.inner;
         if pattern == "*" {
             let held = inner.l1.len() as u64;
-            inner.mark_l1_stale();
+            inner.invalidate_l1_all();
             return Ok(held);
         }
         inner.invalidate_l1_matching(pattern)

@@ -1298,6 +1298,7 @@ impl<C: Codec> Inner<C> {
 
     /// Makes everything in L1 stale-only (kept for fail-safe, never served as fresh); without
     /// fail-safe, empties it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn mark_l1_stale(&self) {
         // With epochs, the token first (a clear may have been missed: a link down, a lost
         // message): a read that takes its ticket after the bump below uses the new epoch.

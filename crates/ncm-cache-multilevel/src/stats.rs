@@ -23,8 +23,8 @@ pub struct MultiLevelStats {
     pub loads: u64,
     /// Loader failures.
     pub load_errors: u64,
-    /// Loaded values served but not cached: the key was invalidated or written on this
-    /// instance while the loader ran (`get_or_load`, and loads through `as_backend()`:
+    /// Loaded values not cached (served to their callers, or dropped for a background
+    /// refresh): the key was invalidated or written on this instance while the loader ran (`get_or_load`, and loads through `as_backend()`:
     /// `CacheLoader`, `CacheStrategies::read_through`, `Cache::read_through_with`). A pattern
     /// invalidation or a resync counts for every load in flight.
     pub loads_not_cached: u64,

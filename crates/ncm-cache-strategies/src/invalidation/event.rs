@@ -71,6 +71,8 @@ impl Invalidator {
         check_name("event", event)?;
         self.stats.event_triggered();
         #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut complete = true;
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
         let mut keys: BTreeSet<String> = self
             .events
             .handlers(event)
@@ -82,7 +84,8 @@ impl Invalidator {
             match Box::pin(remote.event_keys(event)).await {
                 Ok(shared) => keys.extend(shared),
                 Err(e) => {
-                    tracing::warn!(event, error = %e, "event registrations of other instances unavailable; deleting this instance's keys only")
+                    complete = false;
+                    tracing::warn!(event, error = %e, "event registrations of other instances unavailable; deleting this instance's keys, the others delete theirs")
                 }
             }
         }
@@ -90,6 +93,7 @@ impl Invalidator {
         let deleted = self.delete_keys(&keys, Kind::Event).await?;
         self.broadcast(Broadcast::Event {
             event: event.to_owned(),
+            complete,
         })
         .await;
         self.run_event(event, false).await?;
@@ -97,13 +101,13 @@ impl Invalidator {
     }
 
     /// Runs this instance's handlers of `event`: deletes their keys (each once), then calls
-    /// the callbacks (after the keys are gone). `remote`: another instance triggered it and
-    /// deleted the keys registered anywhere from the cache already; only what this instance
-    /// keeps alone is evicted ([`CacheBackend::evict_local`]), so a write to a shared cache
-    /// since the trigger stays.
+    /// the callbacks (after the keys are gone). `evict_only`: another instance triggered it
+    /// and deleted the keys registered anywhere from the cache already; only what this
+    /// instance keeps alone is evicted ([`CacheBackend::evict_local`]), so a write to a shared
+    /// cache since the trigger stays.
     ///
     /// [`CacheBackend::evict_local`]: ncm_cache_core::CacheBackend::evict_local
-    pub(crate) async fn run_event(&self, event: &str, remote: bool) -> Result<u64> {
+    pub(crate) async fn run_event(&self, event: &str, evict_only: bool) -> Result<u64> {
         let handlers = self.events.handlers(event);
         if handlers.is_empty() {
             return Ok(0);
@@ -114,7 +118,7 @@ impl Invalidator {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let deleted = if remote {
+        let deleted = if evict_only {
             self.evict_remote(&keys, Kind::Event).await?
         } else {
             self.delete_local(&keys, Kind::Event).await?

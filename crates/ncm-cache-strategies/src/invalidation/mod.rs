@@ -21,8 +21,15 @@ const DELETE_CHUNK: usize = 1000;
 #[cfg_attr(feature = "redis", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "redis", serde(tag = "kind", rename_all = "snake_case"))]
 pub(crate) enum Broadcast {
-    /// An event was triggered: run its local handlers.
-    Event { event: String },
+    /// An event was triggered: run its local handlers. `complete`: the trigger deleted every
+    /// key registered for it by any instance (it could read the shared registrations), so a
+    /// receiver only evicts what it keeps alone; otherwise (or from a sender that predates the
+    /// flag) the receiver deletes its handlers' keys from the cache itself.
+    Event {
+        event: String,
+        #[cfg_attr(feature = "redis", serde(default))]
+        complete: bool,
+    },
     /// These keys were invalidated: delete them from the local cache.
     Keys { keys: Vec<String> },
     /// A pattern was invalidated: clear it in the local cache.
@@ -213,7 +220,9 @@ impl Invalidator {
     pub(crate) async fn apply_remote(&self, message: Broadcast) {
         self.stats.remote_message();
         let result = match message {
-            Broadcast::Event { event } => self.run_event(&event, true).await.map(drop),
+            Broadcast::Event { event, complete } => {
+                self.run_event(&event, complete).await.map(drop)
+            }
             // What this instance keeps alone (a shared store was deleted from by the sender,
             // which may have written to it since).
             Broadcast::Keys { keys } => self.evict_remote(&keys, Kind::Remote).await.map(drop),
