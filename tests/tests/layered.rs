@@ -57,6 +57,27 @@ where
     }
 }
 
+/// A store writing into `db` (the "database" of the strategies tests).
+fn map_store(db: &Arc<Mutex<HashMap<String, String>>>) -> ncm_cache::strategies::Store<String> {
+    let db = Arc::clone(db);
+    store_fn(move |key: String, value: String| {
+        let db = Arc::clone(&db);
+        async move {
+            db.lock().unwrap().insert(key, value);
+            Ok::<_, std::io::Error>(())
+        }
+    })
+}
+
+/// Polls `done` until it holds, failing after two seconds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(2), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_cache_over_two_multilevel_instances() {
     let server = RedisServer::start().unwrap();
@@ -123,16 +144,7 @@ async fn strategies_over_two_multilevel_instances() {
     let server = RedisServer::start().unwrap();
     let (ma, mb) = (instance(&server).await, instance(&server).await);
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let store = {
-        let db = Arc::clone(&db);
-        store_fn(move |key: String, value: String| {
-            let db = Arc::clone(&db);
-            async move {
-                db.lock().unwrap().insert(key, value);
-                Ok::<_, std::io::Error>(())
-            }
-        })
-    };
+    let store = map_store(&db);
     let a = CacheStrategies::new(Cache::new(ma.as_backend(), Serializer::default()));
     let b = Cache::new(mb.as_backend(), Serializer::default());
     a.write_through(
@@ -511,16 +523,7 @@ async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
     let (sa, sb) = (strategies(ma.clone()).await, strategies(mb.clone()).await);
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     db.lock().unwrap().insert("user:1".into(), "v1".into());
-    let store = {
-        let db = Arc::clone(&db);
-        store_fn(move |key: String, value: String| {
-            let db = Arc::clone(&db);
-            async move {
-                db.lock().unwrap().insert(key, value);
-                Ok::<_, std::io::Error>(())
-            }
-        })
-    };
+    let store = map_store(&db);
     let in_l2 = |key: &'static str| {
         let ma = ma.clone();
         async move { ma.l2().get(key).await.unwrap().is_some() }
@@ -546,14 +549,10 @@ async fn strategies_instances_coordinated_over_redis_keep_each_others_writes() {
     .await
     .unwrap();
     // B received A's two messages (counted on arrival; then a moment to apply them).
-    let start = Instant::now();
-    while sb.invalidation_stats().remote_messages < received + 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "A's messages never reached B"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("A's messages reach B", || {
+        sb.invalidation_stats().remote_messages >= received + 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(in_l2("user:1").await, "B deleted A's write-behind value");
     assert!(in_l2("user:2").await, "B deleted A's write-through value");
@@ -735,16 +734,7 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
     let (ma, sa) = &caches[0];
     let (mb, sb) = &caches[1];
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let store = {
-        let db = Arc::clone(&db);
-        store_fn(move |key: String, value: String| {
-            let db = Arc::clone(&db);
-            async move {
-                db.lock().unwrap().insert(key, value);
-                Ok::<_, std::io::Error>(())
-            }
-        })
-    };
+    let store = map_store(&db);
     let hour = Duration::from_secs(3600);
     sa.write_through("k", &"v1".to_string(), hour, &store)
         .await
@@ -777,14 +767,7 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
     // stale-only for fail-safe.
     assert!(mb.l1_len() > 0);
     sa.pattern_based_invalidation("*", |_, _| {}).await.unwrap();
-    let start = Instant::now();
-    while mb.l1_len() > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "B's L1 kept the cleared entries"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("B's L1 drops the cleared entries", || mb.l1_len() == 0).await;
 }
 
 /// Another instance's event reaches B after A wrote one of the event's keys again: B runs its
@@ -826,14 +809,7 @@ async fn a_remote_event_does_not_delete_a_newer_write_from_the_shared_l2() {
                 .publish("strategies", message.as_bytes())
                 .await
                 .unwrap();
-            let start = Instant::now();
-            while !ran.load(Ordering::SeqCst) {
-                assert!(
-                    start.elapsed() < Duration::from_secs(2),
-                    "B never ran its handler"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            until("B runs its handler", || ran.load(Ordering::SeqCst)).await;
         }
     };
     event(true).await;

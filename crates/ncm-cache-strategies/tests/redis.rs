@@ -35,6 +35,21 @@ async fn cache(server: &RedisServer, prefix: &str) -> RedisCache {
         .unwrap()
 }
 
+/// Two instances, each with its own in-process cache, coordinated through Redis.
+async fn local_pair(server: &RedisServer, prefix: &str) -> (CacheStrategies, CacheStrategies) {
+    let mut pair = Vec::new();
+    for _ in 0..2 {
+        let redis = cache(server, prefix).await;
+        let local = Cache::new(MemoryBackend::new(), Serializer::default());
+        let s = CacheStrategies::with_redis(local, redis.redis_backend().clone())
+            .await
+            .unwrap();
+        pair.push(s);
+    }
+    let b = pair.pop().unwrap();
+    (pair.pop().unwrap(), b)
+}
+
 fn durable(cache: &RedisCache) -> WriteBehindConfig {
     let d = DurableConfig::new(cache.redis_backend().clone())
         .lease(Duration::from_millis(500))
@@ -122,15 +137,8 @@ async fn time_based_invalidation_falls_back_to_timers_when_config_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_triggered_on_one_instance_run_on_another() {
     let server = RedisServer::start().unwrap();
-    let (ra, rb) = (cache(&server, "ev:").await, cache(&server, "ev:").await);
     // Each instance keeps its own (local) cache; Redis only coordinates.
-    let local = || Cache::new(MemoryBackend::new(), Serializer::default());
-    let a = CacheStrategies::with_redis(local(), ra.redis_backend().clone())
-        .await
-        .unwrap();
-    let b = CacheStrategies::with_redis(local(), rb.redis_backend().clone())
-        .await
-        .unwrap();
+    let (a, b) = local_pair(&server, "ev:").await;
 
     let calls_a = Arc::new(AtomicUsize::new(0));
     let calls_b = Arc::new(Mutex::new(Vec::new()));
@@ -1088,14 +1096,7 @@ async fn an_older_write_superseded_by_another_instances_withdrawn_write_is_still
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_through_overtaken_by_another_instances_write_is_not_cached() {
     let server = RedisServer::start().unwrap();
-    let (ra, rb) = (cache(&server, "rt:").await, cache(&server, "rt:").await);
-    let local = || Cache::new(MemoryBackend::new(), Serializer::default());
-    let a = CacheStrategies::with_redis(local(), ra.redis_backend().clone())
-        .await
-        .unwrap();
-    let b = CacheStrategies::with_redis(local(), rb.redis_backend().clone())
-        .await
-        .unwrap();
+    let (a, b) = local_pair(&server, "rt:").await;
     let db: Arc<Mutex<std::collections::HashMap<String, String>>> = Arc::default();
     db.lock().unwrap().insert("k".into(), "old".into());
     let store = {

@@ -151,26 +151,30 @@ impl Invalidator {
         self.delete_local(keys, kind).await
     }
 
-    /// Deletes `keys` from this instance's cache only.
+    /// Deletes `keys` from this instance's cache, without telling other instances.
     pub(crate) async fn delete_local(&self, keys: &[String], kind: Kind) -> Result<u64> {
-        let mut deleted = 0;
-        for chunk in keys.chunks(DELETE_CHUNK) {
-            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            deleted += self.backend.delete_many(&refs).await?;
-        }
-        self.stats.invalidated(kind, deleted);
-        Ok(deleted)
+        self.remove_here(keys, kind, false).await
     }
 
     /// Another instance deleted `keys`: removes them from what this instance keeps alone.
     pub(crate) async fn evict_remote(&self, keys: &[String], kind: Kind) -> Result<u64> {
-        let mut evicted = 0;
+        self.remove_here(keys, kind, true).await
+    }
+
+    /// Removes `keys` in chunks: from the cache, or (`evict_only`) from what this instance
+    /// keeps alone ([`CacheBackend::evict_local`](ncm_cache_core::CacheBackend::evict_local)).
+    async fn remove_here(&self, keys: &[String], kind: Kind, evict_only: bool) -> Result<u64> {
+        let mut removed = 0;
         for chunk in keys.chunks(DELETE_CHUNK) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            evicted += self.backend.evict_local(&refs).await?;
+            removed += if evict_only {
+                self.backend.evict_local(&refs).await?
+            } else {
+                self.backend.delete_many(&refs).await?
+            };
         }
-        self.stats.invalidated(kind, evicted);
-        Ok(evicted)
+        self.stats.invalidated(kind, removed);
+        Ok(removed)
     }
 
     /// Sends `message` to the other instances, when they keep their own cache (with a shared
