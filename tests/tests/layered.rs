@@ -15,7 +15,11 @@ use ncm_cache::{Cache, CacheStrategy, MultiLevelCache, RedisCache, RedisConfig, 
 use ncm_cache_testkit::RedisServer;
 
 async fn instance(server: &RedisServer) -> MultiLevelCache {
-    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    instance_on(RedisConfig::from_url(&server.url()).unwrap()).await
+}
+
+/// A multi-level instance (L1 + Redis L2 + backplane) over a single node or a cluster.
+async fn instance_on(mut c: RedisConfig) -> MultiLevelCache {
     c.key_prefix = "app:".into();
     c.response_timeout = Duration::from_millis(500);
     c.health_check_interval = Some(Duration::from_millis(100));
@@ -629,9 +633,28 @@ async fn delete_on(multi: &MultiLevelCache, key: &str) {
 /// review: it was stored and announced, and every instance served it for the TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
-    use tokio::sync::Notify;
     let server = RedisServer::start().unwrap();
     let (ma, mb) = (instance(&server).await, instance(&server).await);
+    overtaken_loads_are_not_cached(&ma, &mb).await;
+}
+
+/// The same on a 3+3 Redis Cluster (the backplane, the keys and the invalidation on
+/// different nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached_on_a_cluster() {
+    let cluster = ncm_cache_testkit::RedisCluster::start().unwrap();
+    let config = || {
+        let mut c = RedisConfig::default();
+        c.cluster_nodes = cluster.node_urls();
+        c
+    };
+    let (ma, mb) = (instance_on(config()).await, instance_on(config()).await);
+    overtaken_loads_are_not_cached(&ma, &mb).await;
+}
+
+/// A (loading) and B (invalidating) as in the two tests above.
+async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCache) {
+    use tokio::sync::Notify;
     let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     // The source read: tells it began, then waits to be released; answers "old".
     let slow_source = {
@@ -686,7 +709,7 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
             .await
             .unwrap()
     });
-    overtaken(&entered, &release, load, delete_on(&mb, "k2")).await;
+    overtaken(&entered, &release, load, delete_on(mb, "k2")).await;
     assert!(
         mb.l2().get("k2").await.unwrap().is_none(),
         "read_through cached the overtaken load"
@@ -699,7 +722,7 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached() {
             .await
             .unwrap()
     });
-    overtaken(&entered, &release, load, delete_on(&mb, "k3")).await;
+    overtaken(&entered, &release, load, delete_on(mb, "k3")).await;
     assert!(
         mb.l2().get("k3").await.unwrap().is_none(),
         "read_through_with cached the overtaken load"
