@@ -175,6 +175,13 @@ impl MemoryBackend {
         self.store.insert(key, value, ttl)
     }
 
+    /// Stores a value, counting a failure (`set` and `set_loaded`, after their marks).
+    fn insert(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
+        self.store
+            .insert(key, value, ttl)
+            .inspect_err(|_| self.store.stats().error(Operation::Set))
+    }
+
     /// Removes a key without going through the async trait; `true` when a live entry existed.
     pub fn delete_now(&self, key: &str) -> Result<bool> {
         self.marks.bump(key);
@@ -202,9 +209,7 @@ impl CacheBackend for MemoryBackend {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.marks.bump(key);
-        self.store
-            .insert(key, value, ttl)
-            .inspect_err(|_| self.store.stats().error(Operation::Set))
+        self.insert(key, value, ttl)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
@@ -230,10 +235,7 @@ impl CacheBackend for MemoryBackend {
             return Ok(false);
         }
         // Not a write that overtakes other loads of the stripe: no bump.
-        self.store
-            .insert(key, value, ttl)
-            .inspect_err(|_| self.store.stats().error(Operation::Set))
-            .map(|()| true)
+        self.insert(key, value, ttl).map(|()| true)
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {

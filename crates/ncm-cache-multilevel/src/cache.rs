@@ -1252,22 +1252,16 @@ impl<C: Codec> Inner<C> {
     /// and a read in between may have cached what the new epoch held then, so both are made
     /// again. Announced even for a call with `skip_backplane`: an extra eviction only costs a
     /// miss.
-    fn removed_late(&self, removal: &crate::epoch::Write) {
-        use crate::epoch::Write;
+    fn removed_late(&self, removal: &crate::epoch::Removal) {
+        use crate::epoch::Removal;
         match removal {
-            Write::Delete(keys) => {
+            Removal::Keys(keys) => {
                 for key in keys {
                     let _ = self.invalidate_l1(key);
                     self.queue_delete(key);
                 }
             }
-            Write::Set(entries, _) => {
-                for (key, _) in entries {
-                    let _ = self.invalidate_l1(key);
-                    self.queue_delete(key);
-                }
-            }
-            Write::Pattern(pattern) => {
+            Removal::Pattern(pattern) => {
                 let _ = self.invalidate_l1_matching(pattern);
                 self.queue_pattern(pattern);
             }

@@ -58,22 +58,44 @@ struct Core {
 }
 
 /// See [`EpochBackend::on_late_removal`].
-pub(crate) type LateHook = Box<dyn Fn(&Write) + Send + Sync>;
+pub(crate) type LateHook = Box<dyn Fn(&Removal) + Send + Sync>;
 
-/// An L2 write, in user keys: what the epoch check makes again under a new token (or, for a
-/// write whose caller gave up, removes).
+/// An L2 write, in user keys: what the epoch check makes again under a new token.
 pub(crate) enum Write {
     Set(Vec<(String, Bytes)>, Option<Duration>),
-    Delete(Vec<String>),
+    Remove(Removal),
+}
+
+/// A delete or pattern delete, in user keys: also what removes an abandoned write's keys.
+pub(crate) enum Removal {
+    Keys(Vec<String>),
     Pattern(String),
+}
+
+impl Removal {
+    /// Removes in epoch `token`: the number of keys removed.
+    async fn run(&self, inner: &dyn CacheBackend, token: &str) -> Result<u64> {
+        let full = |k: &str| format!("@{token}:{k}");
+        match self {
+            Self::Keys(keys) => {
+                if let [k] = keys.as_slice() {
+                    return Ok(u64::from(inner.delete(&full(k)).await?));
+                }
+                let keys: Vec<String> = keys.iter().map(|k| full(k)).collect();
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                inner.delete_many(&refs).await
+            }
+            Self::Pattern(pattern) => inner.clear_pattern(&full(pattern)).await,
+        }
+    }
 }
 
 impl Write {
     /// What removes the write's keys: a set becomes a delete of its keys.
-    fn into_removal(self) -> Self {
+    fn into_removal(self) -> Removal {
         match self {
-            Self::Set(entries, _) => Self::Delete(entries.into_iter().map(|(k, _)| k).collect()),
-            other => other,
+            Self::Set(entries, _) => Removal::Keys(entries.into_iter().map(|(k, _)| k).collect()),
+            Self::Remove(removal) => removal,
         }
     }
 
@@ -95,15 +117,7 @@ impl Write {
                 }
                 Ok(0)
             }
-            Self::Delete(keys) => {
-                if let [k] = keys.as_slice() {
-                    return Ok(u64::from(inner.delete(&full(k)).await?));
-                }
-                let keys: Vec<String> = keys.iter().map(|k| full(k)).collect();
-                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-                inner.delete_many(&refs).await
-            }
-            Self::Pattern(pattern) => inner.clear_pattern(&full(pattern)).await,
+            Self::Remove(removal) => removal.run(inner, token).await,
         }
     }
 }
@@ -182,7 +196,7 @@ impl Drop for Unsettled {
         };
         let core = Arc::clone(&self.core);
         let token = Arc::clone(&self.token);
-        let write = std::mem::replace(&mut self.write, Write::Delete(Vec::new()));
+        let write = std::mem::replace(&mut self.write, Write::Remove(Removal::Keys(Vec::new())));
         let redoing = self.redoing;
         runtime.spawn(async move { core.late_fence(&token, write, redoing).await });
     }
@@ -422,7 +436,10 @@ impl CacheBackend for EpochBackend {
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
-        Ok(self.fenced(Write::Delete(vec![key.to_owned()])).await? > 0)
+        Ok(self
+            .fenced(Write::Remove(Removal::Keys(vec![key.to_owned()])))
+            .await?
+            > 0)
     }
     async fn exists(&self, key: &str) -> Result<bool> {
         self.core.inner.exists(&self.full(key).await?).await
@@ -447,7 +464,7 @@ impl CacheBackend for EpochBackend {
             ncm_cache_core::validate_key(k, usize::MAX)?;
         }
         let keys = keys.iter().map(|k| (*k).to_owned()).collect();
-        self.fenced(Write::Delete(keys)).await
+        self.fenced(Write::Remove(Removal::Keys(keys))).await
     }
     /// Nothing: L2 is what instances share.
     async fn evict_local(&self, _keys: &[&str]) -> Result<u64> {
@@ -480,7 +497,8 @@ impl CacheBackend for EpochBackend {
             return Ok(0);
         }
         ncm_cache_core::validate_key(pattern, usize::MAX)?;
-        self.fenced(Write::Pattern(pattern.to_owned())).await
+        self.fenced(Write::Remove(Removal::Pattern(pattern.to_owned())))
+            .await
     }
     async fn health_report(&self) -> HealthReport {
         self.core.inner.health_report().await
