@@ -848,3 +848,246 @@ async fn a_remote_event_does_not_delete_a_newer_write_from_the_shared_l2() {
         "B left its registered key in L2 after an incomplete trigger"
     );
 }
+
+/// A load that misses, reads the source (`old`), and meanwhile sees another instance write a
+/// newer value (`new`) to the shared Redis without hearing of it before its store (a plain
+/// Redis cache has nothing to hear it with; a multi-level cache without a backplane neither):
+/// the load's older value must not overwrite the newer write. The caller still gets what it
+/// loaded. Covers `CacheLoader` (the other instance invalidates, then loads `new` itself),
+/// `CacheStrategies::read_through`, `Cache::read_through_with` and, for multi-level caches,
+/// `MultiLevelCache::get_or_load`.
+async fn loads_do_not_overwrite_a_newer_write(
+    a: impl ncm_cache::core::CacheBackend,
+    b: impl ncm_cache::core::CacheBackend,
+    multi: Option<(&MultiLevelCache, &MultiLevelCache)>,
+) {
+    use tokio::sync::Notify;
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let slow_source = {
+        let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+        move || {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            async move {
+                entered.notify_one();
+                release.notified().await;
+                Ok::<_, std::io::Error>("old".to_string())
+            }
+        }
+    };
+    let (cache_a, cache_b) = (
+        Cache::new(a, Serializer::default()),
+        Cache::new(b, Serializer::default()),
+    );
+    let newest = |key: &'static str| {
+        let (ca, cb) = (cache_a.clone(), cache_b.clone());
+        async move {
+            let on_b: Option<String> = cb.get(key).await.unwrap();
+            let on_a: Option<String> = ca.get(key).await.unwrap();
+            (on_b, on_a)
+        }
+    };
+    let want = (Some("new".to_string()), Some("new".to_string()));
+
+    // CacheLoader: B invalidates and loads `new` while A's load of `old` is under way.
+    let loader_a = CacheLoader::new(cache_a.clone());
+    let source = slow_source.clone();
+    loader_a
+        .register_loader(
+            "user",
+            move |_id: u64| source(),
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let loader_b = CacheLoader::new(cache_b.clone());
+    loader_b
+        .register_loader(
+            "user",
+            |_id: u64| async { Ok::<_, std::io::Error>("new".to_string()) },
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let load = tokio::spawn({
+        let a = loader_a.clone();
+        async move { a.load::<u64, String>("user", 1).await.unwrap() }
+    });
+    overtaken(&entered, &release, load, async {
+        loader_b.invalidate("user", &1u64).await.unwrap();
+        let v: String = loader_b.load("user", 1u64).await.unwrap();
+        assert_eq!(v, "new");
+    })
+    .await;
+    let key = ncm_cache::loader::loader_key("user", &ncm_cache::loader::args_key(&1u64).unwrap());
+    let on_b: Option<String> = cache_b.get(&key).await.unwrap();
+    let on_a: Option<String> = cache_a.get(&key).await.unwrap();
+    assert_eq!(
+        (on_b, on_a),
+        want,
+        "CacheLoader: the overtaken load overwrote the newer value"
+    );
+
+    // A write-behind loader: its store runs in the background after the call returns.
+    let source = slow_source.clone();
+    loader_a
+        .register_loader(
+            "later",
+            move |_id: u64| source(),
+            Duration::from_secs(60),
+            CacheStrategy::WriteBehind,
+        )
+        .unwrap();
+    let load = tokio::spawn({
+        let a = loader_a.clone();
+        async move { a.load::<u64, String>("later", 1).await.unwrap() }
+    });
+    let key = ncm_cache::loader::loader_key("later", &ncm_cache::loader::args_key(&1u64).unwrap());
+    overtaken(&entered, &release, load, async {
+        cache_b.set(&key, &"new".to_string()).await.unwrap();
+    })
+    .await;
+    // The background store has had its time (`overtaken` waited for the caller).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let on_b: Option<String> = cache_b.get(&key).await.unwrap();
+    let on_a: Option<String> = cache_a.get(&key).await.unwrap();
+    assert_eq!(
+        (on_b, on_a),
+        want,
+        "write-behind CacheLoader: the overtaken load overwrote the newer value"
+    );
+
+    // CacheStrategies::read_through: B writes `new` while A's read-through loads.
+    let strategies = CacheStrategies::new(cache_a.clone());
+    let source = slow_source.clone();
+    let load = tokio::spawn(async move {
+        strategies
+            .read_through("k2", source, Duration::from_secs(60))
+            .await
+            .unwrap()
+    });
+    overtaken(&entered, &release, load, async {
+        cache_b.set("k2", &"new".to_string()).await.unwrap();
+    })
+    .await;
+    assert_eq!(
+        newest("k2").await,
+        want,
+        "read_through: the overtaken load overwrote the newer value"
+    );
+
+    // Cache::read_through_with.
+    let source = slow_source.clone();
+    let load = tokio::spawn({
+        let cache = cache_a.clone();
+        async move {
+            cache
+                .read_through_with("k3", source, Duration::from_secs(60), Default::default())
+                .await
+                .unwrap()
+        }
+    });
+    overtaken(&entered, &release, load, async {
+        cache_b.set("k3", &"new".to_string()).await.unwrap();
+    })
+    .await;
+    assert_eq!(
+        newest("k3").await,
+        want,
+        "read_through_with: the overtaken load overwrote the newer value"
+    );
+
+    // MultiLevelCache::get_or_load.
+    if let Some((ma, mb)) = multi {
+        let source = slow_source.clone();
+        let load = tokio::spawn({
+            let ma = ma.clone();
+            async move {
+                ma.get_or_load::<String, _, _, _>("k4", source)
+                    .await
+                    .unwrap()
+            }
+        });
+        overtaken(&entered, &release, load, async {
+            mb.set("k4", "new".to_string()).await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            newest("k4").await,
+            want,
+            "get_or_load: the overtaken load overwrote the newer value"
+        );
+        let fresh: Option<String> = ma.get("k4").await.unwrap();
+        assert_eq!(
+            fresh.as_deref(),
+            Some("new"),
+            "get_or_load kept its older value in L1"
+        );
+    }
+}
+
+/// Plain `RedisCache` instances (no L1: nothing to hear another instance's write with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_does_not_overwrite_a_write_made_during_it_on_plain_redis() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let a = RedisCache::connect(c.clone()).await.unwrap();
+    let b = RedisCache::connect(c).await.unwrap();
+    loads_do_not_overwrite_a_newer_write(a.backend(), b.backend(), None).await;
+}
+
+/// Two multi-level instances without a backplane (L2 shared, nothing tells A of B's write),
+/// on a single node and on a 3+3 cluster.
+/// With `epoch_clear`, L2 keys live in the cache's epoch (a load's store checks it too).
+async fn quiet_pair(
+    config: impl Fn() -> RedisConfig,
+    epoch_clear: bool,
+) -> (MultiLevelCache, MultiLevelCache) {
+    let mut pair = Vec::new();
+    for _ in 0..2 {
+        let mut c = config();
+        c.key_prefix = if epoch_clear { "epoch:" } else { "app:" }.into();
+        let redis = RedisCache::connect(c).await.unwrap();
+        pair.push(
+            MultiLevelCache::builder(redis.backend())
+                .name("quiet")
+                .epoch_clear(epoch_clear)
+                .build()
+                .unwrap(),
+        );
+    }
+    let b = pair.pop().unwrap();
+    (pair.pop().unwrap(), b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_does_not_overwrite_a_write_made_during_it_on_multilevel_caches() {
+    let server = RedisServer::start().unwrap();
+    for epoch_clear in [false, true] {
+        let (ma, mb) = quiet_pair(
+            || RedisConfig::from_url(&server.url()).unwrap(),
+            epoch_clear,
+        )
+        .await;
+        loads_do_not_overwrite_a_newer_write(ma.as_backend(), mb.as_backend(), Some((&ma, &mb)))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_does_not_overwrite_a_write_made_during_it_on_a_cluster() {
+    let cluster = ncm_cache_testkit::RedisCluster::start().unwrap();
+    let config = || {
+        let mut c = RedisConfig::default();
+        c.cluster_nodes = cluster.node_urls();
+        c
+    };
+    let (ma, mb) = quiet_pair(config, false).await;
+    loads_do_not_overwrite_a_newer_write(ma.as_backend(), mb.as_backend(), Some((&ma, &mb))).await;
+    let (mut ca, mut cb) = (config(), config());
+    ca.key_prefix = "plain:".into();
+    cb.key_prefix = "plain:".into();
+    let a = RedisCache::connect(ca).await.unwrap();
+    let b = RedisCache::connect(cb).await.unwrap();
+    loads_do_not_overwrite_a_newer_write(a.backend(), b.backend(), None).await;
+}

@@ -137,10 +137,11 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
 
     /// What this backend knows of `key`'s invalidations now, taken by a read-through before
     /// its loader reads the source and handed back to [`set_loaded`](Self::set_loaded).
-    /// `None` (the default): the backend cannot tell (every loaded value is stored).
+    /// `None` (the default): the backend keeps no such counters.
     ///
     /// `Cache::read_through_with`, `CacheStrategies::read_through` / `cache_aside` and
-    /// `CacheLoader` take a mark after their cache miss and store with it.
+    /// `CacheLoader` take a mark after their cache miss ([`LoadMark::after_miss`], through
+    /// `Cache::miss_mark`) and store with it; reloads and refreshes take a plain one.
     fn load_mark(&self, key: &str) -> Option<LoadMark> {
         let _ = key;
         None
@@ -149,7 +150,12 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// Stores a loaded value as [`set`](Self::set) does, unless `key` was invalidated or
     /// written on this instance since `mark` was taken: the load may have read the source
     /// before a newer write, whose invalidation this instance has seen, and its older value
-    /// must not be put back for the TTL. Returns whether it was stored. The default stores.
+    /// must not be put back for the TTL. A mark taken after a miss
+    /// ([`LoadMark::follows_miss`]) also stores only while the key is still absent
+    /// ([`set_if_absent`](Self::set_if_absent)): whatever is there now was written after the
+    /// miss, by this instance or another, and is at least as new as what the load read.
+    /// Returns whether it was stored. The default keeps no counters: it stores, only if
+    /// absent after a miss.
     ///
     /// A multi-level cache checks its per-key versions (as its own `get_or_load` does); a
     /// wrapper backend must forward both methods.
@@ -160,7 +166,23 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         ttl: Option<Duration>,
         mark: Option<LoadMark>,
     ) -> Result<bool> {
-        let _ = mark;
+        if mark.is_some_and(|m| m.follows_miss()) {
+            return self.set_if_absent(key, value, ttl).await;
+        }
+        self.set(key, value, ttl).await.map(|()| true)
+    }
+
+    /// Writes `value` only if `key` holds nothing (Redis `SET NX`); returns whether it was
+    /// written. What a load that followed a miss stores with: it must not overwrite a value
+    /// written since the miss.
+    ///
+    /// The default asks [`exists`](Self::exists), then sets: not atomic (a write between the
+    /// two is overwritten). A backend that others share overrides it with one atomic command;
+    /// a wrapper backend must forward it.
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        if self.exists(key).await? {
+            return Ok(false);
+        }
         self.set(key, value, ttl).await.map(|()| true)
     }
 
@@ -264,19 +286,52 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
 }
 
 /// What a backend knew of a key's invalidations when a load began
-/// ([`CacheBackend::load_mark`]); opaque to everyone but the backend that made it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LoadMark([u64; 4]);
+/// ([`CacheBackend::load_mark`]), and whether the load followed a miss; the counters are
+/// opaque to everyone but the backend that made them.
+///
+/// ```
+/// use ncm_cache_core::LoadMark;
+///
+/// let mark = LoadMark::new([7, 0, 0, 0]);
+/// assert!(!mark.follows_miss());
+/// let after_miss = mark.after_miss();
+/// assert!(after_miss.follows_miss());
+/// assert_eq!(after_miss.parts(), [7, 0, 0, 0]);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LoadMark {
+    parts: [u64; 4],
+    after_miss: bool,
+}
 
 impl LoadMark {
     /// A mark from a backend's own counters.
     pub const fn new(parts: [u64; 4]) -> Self {
-        Self(parts)
+        Self {
+            parts,
+            after_miss: false,
+        }
     }
 
     /// The counters it was made from.
     pub const fn parts(&self) -> [u64; 4] {
-        self.0
+        self.parts
+    }
+
+    /// The same mark, for a load that began with the key absent from the cache: its value is
+    /// stored only if the key is still absent ([`CacheBackend::set_loaded`]). A reload or a
+    /// refresh, which replaces a value on purpose, keeps the plain mark.
+    #[must_use]
+    pub const fn after_miss(self) -> Self {
+        Self {
+            after_miss: true,
+            ..self
+        }
+    }
+
+    /// Whether the load followed a miss ([`after_miss`](Self::after_miss)).
+    pub const fn follows_miss(&self) -> bool {
+        self.after_miss
     }
 }
 
@@ -317,6 +372,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
         mark: Option<LoadMark>,
     ) -> Result<bool> {
         (**self).set_loaded(key, value, ttl, mark).await
+    }
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        (**self).set_if_absent(key, value, ttl).await
     }
     async fn evict_local(&self, keys: &[&str]) -> Result<u64> {
         (**self).evict_local(keys).await

@@ -361,7 +361,7 @@ impl<C: Codec> Cache<C> {
         if let Some(value) = self.read_for_load(key, on_failure).await? {
             return Ok(value);
         }
-        let mark = self.load_mark(key);
+        let mark = self.miss_mark(key);
         let value = loader().await.map_err(CacheError::loader)?;
         match self.encode_for(key, &value) {
             Ok(bytes) => {
@@ -407,6 +407,13 @@ impl<C: Codec> Cache<C> {
     /// with [`store_loaded_since`](Self::store_loaded_since).
     pub fn load_mark(&self, key: &str) -> Option<crate::LoadMark> {
         self.inner.backend.load_mark(key)
+    }
+
+    /// [`load_mark`](Self::load_mark) for a load that follows a miss
+    /// ([`LoadMark::after_miss`]): its value is stored only while `key` is still absent, so
+    /// it never overwrites a value written meanwhile, here or by another instance.
+    pub fn miss_mark(&self, key: &str) -> Option<crate::LoadMark> {
+        Some(self.load_mark(key).unwrap_or_default().after_miss())
     }
 
     /// [`store_loaded`](Self::store_loaded), skipped when `key` was invalidated or written on

@@ -240,7 +240,13 @@ impl<C: Codec> CacheLoader<C> {
     {
         // Before the source is read: an invalidation of the key seen meanwhile keeps the
         // (maybe older) value out of the cache.
-        let mark = self.inner.cache.load_mark(call.key);
+        // A forced load (warming, refresh) replaces a value on purpose; any other followed a
+        // miss and must not overwrite a value written since.
+        let mark = if call.force {
+            self.inner.cache.load_mark(call.key)
+        } else {
+            self.inner.cache.miss_mark(call.key)
+        };
         let started = Instant::now();
         let output = body.await;
         let elapsed = started.elapsed();

@@ -175,7 +175,9 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     }
 
     /// Not stored when the key was invalidated (here or, announced, elsewhere) or written on
-    /// this instance since `mark`, as `get_or_load` refuses to store such a load.
+    /// this instance since `mark`, as `get_or_load` refuses to store such a load; after a
+    /// miss, not stored either when L2 holds the key by now (`SET NX`: another instance wrote
+    /// it, announced or not).
     async fn set_loaded(
         &self,
         key: &str,
@@ -192,8 +194,21 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 tracing::debug!(key, "key invalidated during the load; result not cached");
                 return Ok(false);
             }
+            if mark.follows_miss() {
+                return self.set_if_absent(key, value, ttl).await;
+            }
         }
         self.set(key, value, ttl).await.map(|()| true)
+    }
+
+    /// L2 only if absent there (`SET NX`), then L1 and the announcement as for `set`.
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        let object = Arc::new(value.clone()) as Object;
+        let mut eff = self.1;
+        eff.l2_ttl = ttl
+            .or(self.1.explicit_ttl())
+            .or(self.0.inner.opts.l2_default_ttl);
+        self.0.inner.write_loaded(key, object, value, &eff).await
     }
 
     /// This instance's L1 only: L2 is what instances share.

@@ -1498,6 +1498,58 @@ impl<C: Codec> Inner<C> {
         Ok(())
     }
 
+    /// A load's store after a miss (`CacheBackend::set_if_absent`, and `set_loaded` with a
+    /// mark taken after a miss): L2 only if the key is still absent there (`SET NX`), then L1
+    /// and the announcement as for a write. Refused — something was written since the miss,
+    /// here or by another instance, at least as new as what the load read — nothing is kept
+    /// here (counted in `loads_not_cached`). Returns whether it was stored.
+    pub(crate) async fn write_loaded(
+        &self,
+        key: &str,
+        value: Object,
+        bytes: ncm_cache_core::Bytes,
+        eff: &Eff,
+    ) -> Result<bool> {
+        if !eff.write_l2() {
+            return self
+                .write_encoded(key, value, bytes, eff)
+                .await
+                .map(|()| true);
+        }
+        let size = bytes.len();
+        let ttl = eff.l2_ttl;
+        let ticket = self.versions.write_begin(key);
+        let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
+        let written = self
+            .l2_call("set", self.l2.set_if_absent(key, bytes, ttl))
+            .await;
+        guard.disarm();
+        match written {
+            Ok(true) => {
+                self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
+                if eff.announce() {
+                    self.publish_set(key).await;
+                }
+                Ok(true)
+            }
+            Ok(false) => {
+                // Nothing written: whatever L1 holds now came after the miss.
+                let _ = self.versions.write_end(&ticket);
+                Counters::bump(&self.counters.loads_not_cached);
+                tracing::debug!(key, "written since the load's miss; result not cached");
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = self.versions.write_end(&ticket);
+                let _ = self.invalidate_l1(key);
+                if eff.announce() {
+                    self.publish_delete(key).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Deletes `key` everywhere: L1 (before and after the L2 delete: a read that began in
     /// between may have read the old value), L2, and other instances' L1.
     pub(crate) async fn delete_everywhere(&self, key: &str, eff: &Eff) -> Result<bool> {

@@ -434,6 +434,23 @@ impl CacheBackend for EpochBackend {
             .await
             .map(drop)
     }
+    /// A load's store (see `CacheBackend::set_loaded`): written only if absent in the kept
+    /// epoch, then the epoch checked as for any write. If a clear moved it, the value is not
+    /// made again under the new token (it was loaded before that clear): `false`, and the
+    /// write left in the old epoch, which no one reads. Nothing to fence on a cancel either.
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        let token = self.token().await?;
+        let full = format!("@{token}:{key}");
+        if !self.core.inner.set_if_absent(&full, value, ttl).await? {
+            return Ok(false);
+        }
+        if self.read_epoch().await? == token {
+            return Ok(true);
+        }
+        self.forget();
+        Ok(false)
+    }
     async fn delete(&self, key: &str) -> Result<bool> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         Ok(self
@@ -570,6 +587,28 @@ mod tests {
         assert!(e.cached().is_none());
         e.keep(Arc::from("new"), e.forgets());
         assert_eq!(e.cached().as_deref(), Some("new"));
+    }
+
+    /// A load stored while a clear this instance has not heard of moved the epoch: written
+    /// in the old epoch (which no one reads), not made again in the new one.
+    #[tokio::test]
+    async fn a_load_stored_across_an_unheard_clear_is_not_kept() {
+        let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
+        let e = EpochBackend::new(Arc::clone(&mem), "c", true);
+        let other = EpochBackend::new(Arc::clone(&mem), "c", true);
+        let v = || Bytes::from_static(b"v");
+        assert!(e.set_if_absent("k", v(), None).await.unwrap());
+        // Not written over an existing value.
+        assert!(!e.set_if_absent("k", v(), None).await.unwrap());
+        other.clear_pattern("*").await.unwrap();
+        // `e` still holds the old token: the write lands in the old epoch, then the check.
+        assert!(!e.set_if_absent("j", v(), None).await.unwrap());
+        assert!(mem.get("@0:j").await.unwrap().is_some());
+        assert_eq!(e.get("j").await.unwrap(), None);
+        assert_eq!(other.get("j").await.unwrap(), None);
+        // The token was read again: the next load is stored in the new epoch.
+        assert!(e.set_if_absent("j", v(), None).await.unwrap());
+        assert!(other.get("j").await.unwrap().is_some());
     }
 
     #[tokio::test]

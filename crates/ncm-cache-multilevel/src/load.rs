@@ -375,7 +375,7 @@ impl<C: Codec> Inner<C> {
         let result = match loaded {
             Err(e) => Err(e),
             Ok(loaded) => {
-                self.store_answer(&key, eff, loaded, stale, validator, &ticket)
+                self.store_answer(&key, eff, loaded, stale, validator, &ticket, check_first)
                     .await
             }
         };
@@ -401,7 +401,9 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Caches what the loader answered, as it asked (adaptive caching), and says whether
-    /// L2 got it (for the lock's waiters).
+    /// L2 got it (for the lock's waiters). `after_miss`: the load began on an L2 miss (not
+    /// an eager refresh), so its value goes to L2 only while the key is still absent there.
+    #[allow(clippy::too_many_arguments)]
     async fn store_answer<T: CacheValue>(
         &self,
         key: &str,
@@ -410,6 +412,7 @@ impl<C: Codec> Inner<C> {
         stale: Option<Arc<T>>,
         stale_validator: Option<Arc<str>>,
         ticket: &Ticket,
+        after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let stored = if loaded.cache && eff.write_l2() {
             Stored::Cached
@@ -485,7 +488,8 @@ impl<C: Codec> Inner<C> {
             ));
         }
         self.tag(key, &loaded.tags, &eff).await?;
-        self.store_loaded(key, value, ticket, &eff, validator).await
+        self.store_loaded(key, value, ticket, &eff, validator, after_miss)
+            .await
     }
 
     /// Records a loader's tags before its value is written: a tag pointing at a key not yet
@@ -536,11 +540,20 @@ impl<C: Codec> Inner<C> {
             };
             match kept {
                 Ok(true) => {}
-                // Gone from L2 meanwhile: write it again.
+                // Gone from L2 meanwhile: write it again, unless something else is there by
+                // the time it lands.
                 Ok(false) => {
                     let bytes = self.encode_with(key, &*value, eff)?;
                     return self
-                        .store_encoded(key, Arc::clone(&object), bytes, ticket, eff, validator)
+                        .store_encoded(
+                            key,
+                            Arc::clone(&object),
+                            bytes,
+                            ticket,
+                            eff,
+                            validator,
+                            true,
+                        )
                         .await;
                 }
                 // L2's TTL unknown: L1 keeps its old deadlines (never past L2's).
@@ -567,12 +580,15 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
         eff: &Eff,
         validator: Option<Arc<str>>,
+        after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let bytes = self.encode_with(key, &v, eff)?;
-        self.store_encoded(key, Arc::new(v), bytes, ticket, eff, validator)
+        self.store_encoded(key, Arc::new(v), bytes, ticket, eff, validator, after_miss)
             .await
     }
 
+    /// Writes L2 (only if the key is absent there, `after_miss`), then L1, then announces.
+    #[allow(clippy::too_many_arguments)]
     async fn store_encoded(
         &self,
         key: &str,
@@ -581,6 +597,7 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
         eff: &Eff,
         validator: Option<Arc<str>>,
+        after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let size = bytes.len();
         if !self.versions.current(ticket) {
@@ -595,16 +612,30 @@ impl<C: Codec> Inner<C> {
         let write = self.versions.write_begin(key);
         let mut guard =
             crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
-        let written = if eff.write_l2() {
-            self.l2_write(key, bytes, ttl).await
+        let written = if !eff.write_l2() {
+            Ok(true)
+        } else if after_miss {
+            self.l2_call("set", self.l2.set_if_absent(key, bytes, ttl))
+                .await
         } else {
-            Ok(())
+            self.l2_write(key, bytes, ttl).await.map(|()| true)
         };
         guard.disarm();
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
         let stored = match written {
-            Ok(()) => {
+            // Written since the miss, here or elsewhere (announced or not): what L2 holds
+            // is at least as new as this load, and its waiters find it there.
+            Ok(false) => {
+                let _ = self.versions.write_end(&write);
+                Counters::bump(&self.counters.loads_not_cached);
+                tracing::debug!(
+                    key,
+                    "written since the load's miss; result served, not cached"
+                );
+                Stored::Cached
+            }
+            Ok(true) => {
                 self.settle_write(key, fill, &write, eff);
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;

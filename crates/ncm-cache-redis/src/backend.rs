@@ -464,6 +464,25 @@ impl CacheBackend for RedisBackend {
         self.set_full(self.full(key)?, value, ttl).await
     }
 
+    /// One `SET … NX` (not batched, not retried: a write that landed before a lost reply
+    /// would read as refused on a retry).
+    async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
+        let full = self.full(key)?;
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        self.check_open()?;
+        let written: Option<String> = self
+            .run(Operation::Set, Idempotent::No, |mut h| {
+                let c = commands::set_nx(&full, &value, ttl);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        if written.is_some() {
+            self.inner.stats.sets(1);
+        }
+        Ok(written.is_some())
+    }
+
     async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {
         let full = self.inner.keys.reserved_key(name)?;
         self.get_full(full.into()).await

@@ -15,6 +15,13 @@ pub(crate) fn set(key: &str, value: &[u8], ttl: Option<Duration>) -> Cmd {
     c
 }
 
+/// `SET key value NX [PX ms]`: written only if the key holds nothing (reply `OK` or nil).
+pub(crate) fn set_nx(key: &str, value: &[u8], ttl: Option<Duration>) -> Cmd {
+    let mut c = set(key, value, ttl);
+    c.arg("NX");
+    c
+}
+
 /// TTL in whole milliseconds, at least 1 (Redis cannot store less).
 pub(crate) fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)

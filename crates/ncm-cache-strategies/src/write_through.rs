@@ -231,7 +231,7 @@ impl<C: Codec> CacheStrategies<C> {
             .run(key.to_owned(), || async {
                 // Before the source is read: an invalidation of the key seen meanwhile keeps
                 // the (maybe older) value out of the cache.
-                let mark = self.cache.load_mark(key);
+                let mark = self.cache.miss_mark(key);
                 let value = loader().await.map_err(CacheError::loader)?;
                 // Waiters share the encoded value, so it is encoded without the size cap; the
                 // cap applies to what is stored (as in `Cache::read_through_with`).
