@@ -1022,6 +1022,40 @@ async fn loads_do_not_overwrite_a_newer_write(
             Some("new"),
             "get_or_load kept its older value in L1"
         );
+
+        // MultiLevelCache::get_many_or_load: `k5` written meanwhile, `k6` not.
+        let source = slow_source.clone();
+        let load = tokio::spawn({
+            let ma = ma.clone();
+            async move {
+                let got = ma
+                    .get_many_or_load::<String, _, _, _>(&["k5", "k6"], move |keys| async move {
+                        let old = source().await?;
+                        Ok::<_, std::io::Error>(
+                            keys.into_iter().map(|k| (k, old.clone())).collect(),
+                        )
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(got[1].as_deref(), Some("old"));
+                got[0].clone().unwrap()
+            }
+        });
+        overtaken(&entered, &release, load, async {
+            mb.set("k5", "new".to_string()).await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            newest("k5").await,
+            want,
+            "get_many_or_load: the overtaken load overwrote the newer value"
+        );
+        let k6: Option<String> = mb.get("k6").await.unwrap();
+        assert_eq!(
+            k6.as_deref(),
+            Some("old"),
+            "get_many_or_load stored what nobody wrote over"
+        );
     }
 }
 
@@ -1090,4 +1124,135 @@ async fn a_load_does_not_overwrite_a_write_made_during_it_on_a_cluster() {
     let a = RedisCache::connect(ca).await.unwrap();
     let b = RedisCache::connect(cb).await.unwrap();
     loads_do_not_overwrite_a_newer_write(a.backend(), b.backend(), None).await;
+}
+
+/// A load that did not find its key absent — the entry there is another build's (a newer
+/// envelope this build cannot read, left in place), or the call skipped the L2 read — replaces
+/// it, as before stores became "only if still absent": such an entry would otherwise refuse
+/// every load's store until it expires, and each read would run the loader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_replaces_what_it_could_not_read_or_did_not_read() {
+    use ncm_cache::{EntryOptions, Loaded};
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let redis = RedisCache::connect(c.clone()).await.unwrap();
+    let multi = MultiLevelCache::builder(redis.backend()).build().unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let raw = client.get_multiplexed_async_connection().await.unwrap();
+    // A newer envelope version: `Unsupported` here, left in place by reads.
+    let newer = |key: &'static str| {
+        let mut raw = raw.clone();
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(format!("app:{key}"))
+                .arg(&[0xC1_u8, 0x4E, 9, 1, 0, b'1'][..])
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+    };
+    let cache = redis.cache().clone();
+    let load = || async { Ok::<_, std::io::Error>(7u32) };
+
+    newer("rt").await;
+    let v: u32 = cache
+        .read_through_with("rt", load, Duration::from_secs(60), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+    assert_eq!(
+        cache.get::<u32>("rt").await.unwrap(),
+        Some(7),
+        "read_through_with"
+    );
+
+    newer("st").await;
+    let strategies = CacheStrategies::new(cache.clone());
+    let v: u32 = strategies
+        .read_through("st", load, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+    assert_eq!(
+        cache.get::<u32>("st").await.unwrap(),
+        Some(7),
+        "read_through"
+    );
+
+    let loader = CacheLoader::new(cache.clone());
+    loader
+        .register_loader(
+            "n",
+            move |_id: u64| load(),
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let key = ncm_cache::loader::loader_key("n", &ncm_cache::loader::args_key(&1u64).unwrap());
+    let mut conn = raw.clone();
+    let _: () = redis::cmd("SET")
+        .arg(format!("app:{key}"))
+        .arg(&[0xC1_u8, 0x4E, 9, 1, 0, b'1'][..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let v: u32 = loader.load("n", 1u64).await.unwrap();
+    assert_eq!(v, 7);
+    assert_eq!(
+        cache.get::<u32>(&key).await.unwrap(),
+        Some(7),
+        "CacheLoader"
+    );
+
+    newer("ml").await;
+    let v = multi
+        .get_or_load("ml", || async { Ok::<_, std::io::Error>(7u32) })
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+    assert_eq!(
+        cache.get::<u32>("ml").await.unwrap(),
+        Some(7),
+        "get_or_load"
+    );
+
+    // `skip_l2_read`: L2 holds 1, the call loads 2 without reading it, and keeps it.
+    cache.set("skip", &1u32).await.unwrap();
+    let skip = EntryOptions::new().skip_l2_read();
+    let got = multi
+        .get_or_load_with::<u32, _, _, _>("skip", &skip, |_| async {
+            Ok::<_, std::io::Error>(Loaded::value(2u32))
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.map(|(v, _)| *v), Some(2));
+    assert_eq!(
+        cache.get::<u32>("skip").await.unwrap(),
+        Some(2),
+        "skip_l2_read: L2"
+    );
+    assert_eq!(
+        multi.get::<u32>("skip").await.unwrap(),
+        Some(2),
+        "skip_l2_read: L1"
+    );
+    // The same through the facade over `as_backend_with(skip_l2_read)`.
+    cache.set("skip2", &1u32).await.unwrap();
+    let facade = Cache::new(multi.as_backend_with(&skip).unwrap(), Serializer::default());
+    let v: u32 = facade
+        .read_through_with(
+            "skip2",
+            || async { Ok::<_, std::io::Error>(2u32) },
+            Duration::from_secs(60),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(
+        cache.get::<u32>("skip2").await.unwrap(),
+        Some(2),
+        "as_backend_with(skip_l2_read)"
+    );
 }

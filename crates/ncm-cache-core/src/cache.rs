@@ -358,10 +358,10 @@ impl<C: Codec> Cache<C> {
     {
         let expiry = expiry.into();
         self.ttl_policy().resolve(expiry)?;
-        if let Some(value) = self.read_for_load(key, on_failure).await? {
+        let (found, mark) = self.read_for_load_marked(key, on_failure).await?;
+        if let Some(value) = found {
             return Ok(value);
         }
-        let mark = self.miss_mark(key);
         let value = loader().await.map_err(CacheError::loader)?;
         match self.encode_for(key, &value) {
             Ok(bytes) => {
@@ -384,6 +384,32 @@ impl<C: Codec> Cache<C> {
         match self.get::<T>(key).await {
             Ok(found) => Ok(found),
             Err(e) => on_failure.apply(key, "get", e).map(|()| None),
+        }
+    }
+
+    /// [`read_for_load`](Self::read_for_load) with the mark to store the load with
+    /// ([`store_loaded_since`](Self::store_loaded_since)), taken after the read: on a hit
+    /// `(Some(value), None)`. The key absent: [`miss_mark`](Self::miss_mark) (the load is
+    /// stored only while the key is still absent). Present but unreadable here (damaged, or
+    /// another build's newer envelope, left in place), or the read failed under
+    /// [`CacheFailure::FailOpen`]: a plain [`load_mark`](Self::load_mark), so the load replaces
+    /// what it could not read — a miss mark would be refused by that very entry every time.
+    pub async fn read_for_load_marked<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        on_failure: CacheFailure,
+    ) -> Result<(Option<T>, Option<crate::LoadMark>)> {
+        let bytes = match self.inner.backend.get(key).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok((None, self.miss_mark(key))),
+            Err(e) => {
+                on_failure.apply(key, "get", e)?;
+                return Ok((None, self.load_mark(key)));
+            }
+        };
+        match self.decode_entry(key, &bytes).await {
+            Some(value) => Ok((Some(value), None)),
+            None => Ok((None, self.load_mark(key))),
         }
     }
 
@@ -411,7 +437,11 @@ impl<C: Codec> Cache<C> {
 
     /// [`load_mark`](Self::load_mark) for a load that follows a miss
     /// ([`LoadMark::after_miss`]): its value is stored only while `key` is still absent, so
-    /// it never overwrites a value written meanwhile, here or by another instance.
+    /// it never overwrites a value written meanwhile, here or by another instance. Always
+    /// `Some`: for a backend that keeps no counters, a mark whose parts are all zero. Take it
+    /// only when the read found the key absent (see
+    /// [`read_for_load_marked`](Self::read_for_load_marked)), not when it found something it
+    /// could not read.
     pub fn miss_mark(&self, key: &str) -> Option<crate::LoadMark> {
         Some(self.load_mark(key).unwrap_or_default().after_miss())
     }

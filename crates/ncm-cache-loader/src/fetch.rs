@@ -158,23 +158,31 @@ impl<C: Codec> CacheLoader<C> {
             self.inner
                 .flight
                 .run_with_role(call.key.to_owned(), || async move {
+                    // Whether the load replaces what is there (see `run_body`).
+                    let mut replace = call.force;
                     if !call.force {
                         // Double check: a flight that landed just before this one was started
                         // has already written the value.
                         // Only bytes this build can read: an entry left in place because a
                         // newer build wrote it (or it is above the size cap) is a miss, and
-                        // the load below overwrites it.
-                        if let Some(bytes) = self.read_raw(counters, call).await?
-                            && self
-                                .inner
-                                .cache
-                                .decode_for::<serde::de::IgnoredAny>(call.key, &bytes)
-                                .is_ok()
-                        {
-                            return Ok(Some(bytes));
+                        // the load below overwrites it; so does a load after a failed read
+                        // (fail-open), which cannot tell whether the key is there.
+                        match self.read_raw(counters, call).await? {
+                            Ok(Some(bytes))
+                                if self
+                                    .inner
+                                    .cache
+                                    .decode_for::<serde::de::IgnoredAny>(call.key, &bytes)
+                                    .is_ok() =>
+                            {
+                                return Ok(Some(bytes));
+                            }
+                            Ok(None) => {}
+                            Ok(Some(_)) | Err(()) => replace = true,
                         }
                     }
-                    let (output, bytes, failed) = self.run_body::<M, R>(counters, call, body).await;
+                    let (output, bytes, failed) =
+                        self.run_body::<M, R>(counters, call, body, replace).await;
                     let shared = match (&bytes, failed) {
                         (_, true) => Err(M::flight_error(&output)),
                         (bytes, false) => Ok(bytes.clone()),
@@ -219,7 +227,9 @@ impl<C: Codec> CacheLoader<C> {
         }
         // The shared load cannot hand this caller a value of its type (its error is not
         // shareable, or the value did not decode): run this caller's own body.
-        let (output, _, failed) = self.run_body::<M, R>(counters, call, body).await;
+        let (output, _, failed) = self
+            .run_body::<M, R>(counters, call, body, call.force)
+            .await;
         counters.miss();
         if failed {
             counters.error();
@@ -229,11 +239,15 @@ impl<C: Codec> CacheLoader<C> {
 
     /// Runs the body, times it, and stores what is to be stored. Returns the output, the
     /// encoded stored value (shared with waiters) and whether the output is a failure.
+    /// `replace`: the load replaces what the cache holds (warming, refresh, an entry this
+    /// build cannot read); otherwise it followed a miss and is stored only while the key is
+    /// still absent.
     async fn run_body<M, R>(
         &self,
         counters: &Arc<LoaderCounters>,
         call: Call<'_>,
         body: impl Future<Output = R>,
+        replace: bool,
     ) -> (R, Option<Bytes>, bool)
     where
         M: Mode<R>,
@@ -242,7 +256,7 @@ impl<C: Codec> CacheLoader<C> {
         // (maybe older) value out of the cache.
         // A forced load (warming, refresh) replaces a value on purpose; any other followed a
         // miss and must not overwrite a value written since.
-        let mark = if call.force {
+        let mark = if replace {
             self.inner.cache.load_mark(call.key)
         } else {
             self.inner.cache.miss_mark(call.key)
@@ -362,17 +376,20 @@ impl<C: Codec> CacheLoader<C> {
         }
     }
 
-    /// A raw read; a failing cache is a miss (fail-open) or the error (fail-closed).
+    /// A raw read; a failing cache is `Err(())` (fail-open: the read failed, the call goes on)
+    /// or the error (fail-closed).
     async fn read_raw(
         &self,
         counters: &LoaderCounters,
         call: Call<'_>,
-    ) -> Result<Option<Bytes>, CacheError> {
+    ) -> Result<Result<Option<Bytes>, ()>, CacheError> {
         match self.inner.cache.backend().get(call.key).await {
-            Ok(value) => Ok(value),
+            Ok(value) => Ok(Ok(value)),
             Err(e) => {
                 counters.cache_error(Operation::Get);
-                call.on_failure().apply(call.key, "get", e).map(|()| None)
+                call.on_failure()
+                    .apply(call.key, "get", e)
+                    .map(|()| Err(()))
             }
         }
     }

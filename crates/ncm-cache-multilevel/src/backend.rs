@@ -194,7 +194,8 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 tracing::debug!(key, "key invalidated during the load; result not cached");
                 return Ok(false);
             }
-            if mark.follows_miss() {
+            // The miss is this backend's: with `skip_l2_read` L2 was not asked.
+            if mark.follows_miss() && self.1.read_l2() {
                 return self.set_if_absent(key, value, ttl).await;
             }
         }

@@ -825,11 +825,24 @@ impl<C: Codec> MultiLevelCache<C> {
                     .map(|(k, _)| (k.as_str(), writes.get(k.as_str()).copied()))
                     .collect(),
             );
+            // Each key only while still absent from L2 (every key here missed): a write of it
+            // since, by any instance, is at least as new as what the loader read.
+            let each = batch
+                .iter()
+                .map(|(k, v)| self.inner.l2.set_if_absent(k, v.clone(), ttl));
             let written = self
                 .inner
-                .l2_call("set_many", self.inner.l2.set_many(&batch, ttl))
+                .l2_call("set", futures_util::future::try_join_all(each))
                 .await;
             guard.disarm();
+            let written = written.map(|stored| {
+                batch
+                    .iter()
+                    .zip(stored)
+                    .filter(|(_, stored)| !stored)
+                    .map(|((k, _), _)| *k)
+                    .collect::<std::collections::HashSet<&str>>()
+            });
             if let Err(e) = written {
                 // Some keys may have reached L2: evict them here and everywhere else.
                 for (k, _) in &encoded {
@@ -843,11 +856,18 @@ impl<C: Codec> MultiLevelCache<C> {
                     .await;
                 return Err(e);
             }
+            let refused = written.unwrap_or_default();
             for (i, key) in keys.iter().enumerate() {
                 let Some(write) = writes.get(key) else {
                     continue;
                 };
                 if first.get(key) != Some(&i) {
+                    continue;
+                }
+                if refused.contains(key) {
+                    // Not written: whatever L1 holds now came after the miss.
+                    let _ = self.inner.versions.write_end(write);
+                    Counters::bump(&self.inner.counters.loads_not_cached);
                     continue;
                 }
                 let (Some(v), Some((_, bytes))) = (&out[i], encoded.iter().find(|(k, _)| k == key))
@@ -858,9 +878,14 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner
                     .settle_write(key, fill, write, &self.inner.defaults);
             }
-            // One message for the batch.
+            // One message for the batch (the keys written).
             self.inner
-                .publish_sets(encoded.iter().map(|(k, _)| k.as_str()))
+                .publish_sets(
+                    encoded
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .filter(|k| !refused.contains(k)),
+                )
                 .await;
         }
         Ok(out)
@@ -1123,14 +1148,26 @@ impl<C: Codec> Inner<C> {
         key: &str,
         eff: &Eff,
     ) -> Result<Option<(Arc<T>, usize)>> {
+        Ok(match self.l2_lookup::<T>(key, eff).await? {
+            L2Read::Found(v, size) => Some((v, size)),
+            _ => None,
+        })
+    }
+
+    /// [`l2_read`](Self::l2_read), telling a key L2 does not hold from one it did not read
+    /// (`skip_l2_read`) or could not decode (repaired as `l2_read` does).
+    pub(crate) async fn l2_lookup<T: CacheValue>(&self, key: &str, eff: &Eff) -> Result<L2Read<T>> {
+        if !eff.read_l2() {
+            return Ok(L2Read::Unknown);
+        }
         let Some(bytes) = self.l2_get(key, eff).await? else {
-            return Ok(None);
+            return Ok(L2Read::Absent);
         };
         match self.decode::<T>(key, &bytes) {
-            Ok(v) => Ok(Some((Arc::new(v), bytes.len()))),
+            Ok(v) => Ok(L2Read::Found(Arc::new(v), bytes.len())),
             Err(e) => {
                 self.repair(key, &e).await;
-                Ok(None)
+                Ok(L2Read::Unknown)
             }
         }
     }
@@ -1766,4 +1803,14 @@ impl Fill {
             validator: None,
         }
     }
+}
+
+/// What an L2 read of one key found ([`Inner::l2_lookup`]).
+pub(crate) enum L2Read<T> {
+    /// A value this instance can read, with its encoded size.
+    Found(Arc<T>, usize),
+    /// L2 holds nothing under the key.
+    Absent,
+    /// Not read (`skip_l2_read`), or held something this instance could not decode.
+    Unknown,
 }

@@ -434,10 +434,13 @@ impl CacheBackend for EpochBackend {
             .await
             .map(drop)
     }
-    /// A load's store (see `CacheBackend::set_loaded`): written only if absent in the kept
-    /// epoch, then the epoch checked as for any write. If a clear moved it, the value is not
-    /// made again under the new token (it was loaded before that clear): `false`, and the
-    /// write left in the old epoch, which no one reads. Nothing to fence on a cancel either.
+    /// A load's store (see `CacheBackend::set_loaded`): written only if absent in the epoch
+    /// kept now, then the epoch checked as for any write. If a clear moved it during the
+    /// write, the value is not made again under the new token: `false`, and the write left in
+    /// the old epoch, which no one reads (nothing to fence on a cancel either). A clear this
+    /// instance learned of earlier in the load is the caller's to catch (a multi-level cache's
+    /// versions: a clear heard bumps them all); one not heard at all, whose token is read
+    /// again (at most every second without a link) before the store, is not caught.
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         let token = self.token().await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use tokio::sync::watch;
 
-use crate::cache::{CacheValue, Fill, Found, Inner, L1Read, Object};
+use crate::cache::{CacheValue, Fill, Found, Inner, L1Read, L2Read, Object};
 use crate::options::{Answer, Eff, LoadContext, Loaded};
 use crate::stats::Counters;
 use crate::versions::Ticket;
@@ -100,7 +100,7 @@ impl<C: Codec> Inner<C> {
                         // Ends the refresh also when the loader panics (the task unwinds).
                         let _done = RefreshDone(&this, &key);
                         if let Err(e) = this
-                            .load_flight::<T, F, Fut, E>(&key, eff, loader, current, false)
+                            .load_flight::<T, F, Fut, E>(&key, eff, loader, current, Began::Refresh)
                             .await
                         {
                             tracing::debug!(key, error = %e, "eager refresh failed");
@@ -126,20 +126,26 @@ impl<C: Codec> Inner<C> {
             }
         };
         let ticket = self.versions.ticket(key);
-        match self.l2_read::<T>(key, &eff).await {
-            Ok(Some((v, size))) => {
+        // Only an L2 read that found nothing lets the load store "only if still absent": not
+        // a skipped, failed or unreadable read, whose load must replace what is there.
+        let mut absent = false;
+        match self.l2_lookup::<T>(key, &eff).await {
+            Ok(L2Read::Found(v, size)) => {
                 span.record("source", "L2");
                 Counters::bump(&self.counters.l2_hits);
                 let v = v as Object;
                 self.promote(key, Arc::clone(&v), size, &ticket, &eff);
                 return Ok((Some(v), ValueSource::L2));
             }
-            Ok(None) => Counters::bump(&self.counters.misses),
+            Ok(read) => {
+                absent = matches!(read, L2Read::Absent);
+                Counters::bump(&self.counters.misses);
+            }
             // L2 unavailable: the loader is the source of truth; go on.
             Err(e) => tracing::debug!(key, error = %e, "L2 read failed; loading"),
         }
         let found = self
-            .load_flight::<T, F, Fut, E>(key, eff, loader, stale, true)
+            .load_flight::<T, F, Fut, E>(key, eff, loader, stale, Began::Miss { absent })
             .await;
         span.record(
             "source",
@@ -153,16 +159,16 @@ impl<C: Codec> Inner<C> {
 
     /// Runs the load once per key (single-flight) unless stampede prevention is off.
     ///
-    /// With `recheck`, the flight first looks at L1 again: a caller that missed just before
-    /// an earlier flight stored its value would otherwise start a second load. `recheck` is
-    /// off for eager refreshes, which must reach the loader.
+    /// After a miss, the flight first looks at L1 again: a caller that missed just before
+    /// an earlier flight stored its value would otherwise start a second load. Not for eager
+    /// refreshes ([`Began::Refresh`]), which must reach the loader.
     pub(crate) async fn load_flight<T, F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
         eff: Eff,
         loader: F,
         stale: Option<Prior>,
-        recheck: bool,
+        began: Began,
     ) -> Result<Found>
     where
         T: CacheValue,
@@ -183,7 +189,7 @@ impl<C: Codec> Inner<C> {
                 eff,
                 loader,
                 stale.clone(),
-                recheck,
+                began,
             )
             .await
         } else {
@@ -195,10 +201,12 @@ impl<C: Codec> Inner<C> {
                 let stale = stale.clone();
                 move || -> BoxFuture<'static, Result<Found>> {
                     Box::pin(async move {
-                        if recheck && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key, &eff)? {
+                        if began.recheck()
+                            && let L1Read::Fresh(v, _) = this.l1_read::<T>(&key, &eff)?
+                        {
                             return Ok((v.map(|v| v as Object), ValueSource::L1));
                         }
-                        this.load_and_store::<T, F, Fut, E>(key, eff, loader, recheck, stale)
+                        this.load_and_store::<T, F, Fut, E>(key, eff, loader, began, stale)
                             .await
                     })
                 }
@@ -232,7 +240,7 @@ impl<C: Codec> Inner<C> {
         eff: Eff,
         loader: F,
         stale: Option<Prior>,
-        recheck: bool,
+        began: Began,
     ) -> Result<Found>
     where
         T: CacheValue,
@@ -240,7 +248,9 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        if recheck && let L1Read::Fresh(v, _) = self.l1_read::<T>(key, &eff)? {
+        if began.recheck()
+            && let L1Read::Fresh(v, _) = self.l1_read::<T>(key, &eff)?
+        {
             return Ok((v.map(|v| v as Object), ValueSource::L1));
         }
         let start = {
@@ -252,7 +262,7 @@ impl<C: Codec> Inner<C> {
                 Box::pin(async move {
                     let load = this
                         .clone()
-                        .load_and_store::<T, F, Fut, E>(key, eff, loader, recheck, stale);
+                        .load_and_store::<T, F, Fut, E>(key, eff, loader, began, stale);
                     let Some(hard) = hard else {
                         return load.await;
                     };
@@ -307,7 +317,7 @@ impl<C: Codec> Inner<C> {
         key: String,
         eff: Eff,
         loader: F,
-        check_first: bool,
+        began: Began,
         stale: Option<Prior>,
     ) -> Result<Found>
     where
@@ -319,6 +329,7 @@ impl<C: Codec> Inner<C> {
         // A waiter that gives up on the lock serves its stale value instead of loading, while
         // fail-safe may still serve it.
         let serve_until = stale.as_ref().and_then(|s| s.serve_until);
+        let check_first = began.recheck();
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
         let lock = {
@@ -375,7 +386,7 @@ impl<C: Codec> Inner<C> {
         let result = match loaded {
             Err(e) => Err(e),
             Ok(loaded) => {
-                self.store_answer(&key, eff, loaded, stale, validator, &ticket, check_first)
+                self.store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
                     .await
             }
         };
@@ -628,6 +639,11 @@ impl<C: Codec> Inner<C> {
             // is at least as new as this load, and its waiters find it there.
             Ok(false) => {
                 let _ = self.versions.write_end(&write);
+                // A "not modified" value whose L2 copy was gone (`rearm`): L1 holds it and L2
+                // now holds something else.
+                if self.l1_holds(key, &object).is_some() {
+                    let _ = self.l1.remove(key);
+                }
                 Counters::bump(&self.counters.loads_not_cached);
                 tracing::debug!(
                     key,
@@ -654,6 +670,27 @@ impl<C: Codec> Inner<C> {
             }
         };
         Ok(((Some(object), ValueSource::Loader), stored))
+    }
+}
+
+/// How a load began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Began {
+    /// An eager refresh of a fresh L1 value (it replaces the value in L2).
+    Refresh,
+    /// A miss; `absent`: L2 was read and held nothing, so the load stores only while the key
+    /// is still absent there (not after a skipped, failed or unreadable L2 read).
+    Miss { absent: bool },
+}
+
+impl Began {
+    /// Whether the flight looks at L1 (and the lock's holder at L2) again first.
+    fn recheck(self) -> bool {
+        matches!(self, Self::Miss { .. })
+    }
+
+    fn absent(self) -> bool {
+        matches!(self, Self::Miss { absent: true })
     }
 }
 

@@ -222,16 +222,21 @@ impl<C: Codec> CacheStrategies<C> {
         let expiry = ttl.into();
         let on_failure = self.inner.on_cache_failure;
         self.cache.ttl_policy().resolve(expiry)?;
-        if let Some(value) = self.cache.read_for_load::<T>(key, on_failure).await? {
+        // The mark is taken after the read: a load that follows a real absence stores only
+        // while the key is still absent.
+        let (found, mark) = self
+            .cache
+            .read_for_load_marked::<T>(key, on_failure)
+            .await?;
+        if let Some(value) = found {
             return Ok(value);
         }
         let bytes = self
             .inner
             .flight
             .run(key.to_owned(), || async {
-                // Before the source is read: an invalidation of the key seen meanwhile keeps
-                // the (maybe older) value out of the cache.
-                let mark = self.cache.miss_mark(key);
+                // `mark` was taken before the source is read: an invalidation of the key seen
+                // meanwhile keeps the (maybe older) value out of the cache.
                 let value = loader().await.map_err(CacheError::loader)?;
                 // Waiters share the encoded value, so it is encoded without the size cap; the
                 // cap applies to what is stored (as in `Cache::read_through_with`).
