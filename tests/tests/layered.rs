@@ -853,9 +853,9 @@ async fn a_remote_event_does_not_delete_a_newer_write_from_the_shared_l2() {
 /// newer value (`new`) to the shared Redis without hearing of it before its store (a plain
 /// Redis cache has nothing to hear it with; a multi-level cache without a backplane neither):
 /// the load's older value must not overwrite the newer write. The caller still gets what it
-/// loaded. Covers `CacheLoader` (the other instance invalidates, then loads `new` itself),
-/// `CacheStrategies::read_through`, `Cache::read_through_with` and, for multi-level caches,
-/// `MultiLevelCache::get_or_load`.
+/// loaded. Covers `CacheLoader` (the other instance invalidates, then loads `new` itself; and
+/// a write-behind loader), `CacheStrategies::read_through`, `Cache::read_through_with` and, for
+/// multi-level caches, `MultiLevelCache::get_or_load` and `get_many_or_load`.
 async fn loads_do_not_overwrite_a_newer_write(
     a: impl ncm_cache::core::CacheBackend,
     b: impl ncm_cache::core::CacheBackend,
@@ -1215,6 +1215,20 @@ async fn a_load_replaces_what_it_could_not_read_or_did_not_read() {
         cache.get::<u32>("ml").await.unwrap(),
         Some(7),
         "get_or_load"
+    );
+
+    newer("gm").await;
+    let got = multi
+        .get_many_or_load::<u32, _, _, _>(&["gm"], |keys| async move {
+            Ok::<_, std::io::Error>(keys.into_iter().map(|k| (k, 7u32)).collect())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(7)]);
+    assert_eq!(
+        cache.get::<u32>("gm").await.unwrap(),
+        Some(7),
+        "get_many_or_load"
     );
 
     // `skip_l2_read`: L2 holds 1, the call loads 2 without reading it, and keeps it.

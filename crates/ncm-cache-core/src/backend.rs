@@ -140,8 +140,10 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// `None` (the default): the backend keeps no such counters.
     ///
     /// `Cache::read_through_with`, `CacheStrategies::read_through` / `cache_aside` and
-    /// `CacheLoader` take a mark after their cache miss ([`LoadMark::after_miss`], through
-    /// `Cache::miss_mark`) and store with it; reloads and refreshes take a plain one.
+    /// `CacheLoader` take a mark after their cache read and store with it: a miss mark
+    /// ([`LoadMark::after_miss`], `Cache::miss_mark`) only when the read found the key absent;
+    /// a plain one when it found something it could not read, or failed, and for reloads and
+    /// refreshes, which replace what is there.
     fn load_mark(&self, key: &str) -> Option<LoadMark> {
         let _ = key;
         None

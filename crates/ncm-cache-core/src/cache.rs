@@ -436,7 +436,7 @@ impl<C: Codec> Cache<C> {
     }
 
     /// [`load_mark`](Self::load_mark) for a load that follows a miss
-    /// ([`LoadMark::after_miss`]): its value is stored only while `key` is still absent, so
+    /// ([`LoadMark::after_miss`](crate::LoadMark::after_miss)): its value is stored only while `key` is still absent, so
     /// it never overwrites a value written meanwhile, here or by another instance. Always
     /// `Some`: for a backend that keeps no counters, a mark whose parts are all zero. Take it
     /// only when the read found the key absent (see

@@ -684,7 +684,17 @@ impl<C: Codec> MultiLevelCache<C> {
 
     /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order.
     pub async fn get_many<T: CacheValue + Clone>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
+        self.get_many_read(keys).await.map(|(out, _)| out)
+    }
+
+    /// [`get_many`](Self::get_many), and for each key whether L2 was read for it and held
+    /// nothing (not: an L1 answer, or an L2 entry this instance could not decode).
+    async fn get_many_read<T: CacheValue + Clone>(
+        &self,
+        keys: &[&str],
+    ) -> Result<(Vec<Option<T>>, Vec<bool>)> {
         let inner = &self.inner;
+        let mut absent = vec![false; keys.len()];
         let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<(usize, &str)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -704,7 +714,7 @@ impl<C: Codec> MultiLevelCache<C> {
             }
         }
         if missing.is_empty() {
-            return Ok(out);
+            return Ok((out, absent));
         }
         let tickets: Vec<Ticket> = missing
             .iter()
@@ -716,6 +726,9 @@ impl<C: Codec> MultiLevelCache<C> {
             .await?;
         for (((i, key), bytes), ticket) in missing.into_iter().zip(raw).zip(&tickets) {
             let Some(bytes) = bytes else {
+                if let Some(a) = absent.get_mut(i) {
+                    *a = true;
+                }
                 Counters::bump(&inner.counters.misses);
                 continue;
             };
@@ -738,7 +751,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 }
             }
         }
-        Ok(out)
+        Ok((out, absent))
     }
 
     /// Batch get-or-load: reads every key, then calls `loader` once with only the missing
@@ -754,7 +767,16 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<HashMap<String, T>, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut out = self.get_many::<T>(keys).await?;
+        let (mut out, absent) = self.get_many_read::<T>(keys).await?;
+        // Keys L2 was read for and did not hold: their loads are stored only while still
+        // absent. The others (an L2 entry this build cannot read, a negative L1 answer) are
+        // replaced.
+        let absent: std::collections::HashSet<&str> = keys
+            .iter()
+            .zip(&absent)
+            .filter(|(_, a)| **a)
+            .map(|(k, _)| *k)
+            .collect();
         // Each missing key once, in order (a key may be asked for twice).
         let mut seen = std::collections::HashSet::new();
         let missing: Vec<String> = keys
@@ -825,14 +847,28 @@ impl<C: Codec> MultiLevelCache<C> {
                     .map(|(k, _)| (k.as_str(), writes.get(k.as_str()).copied()))
                     .collect(),
             );
-            // Each key only while still absent from L2 (every key here missed): a write of it
-            // since, by any instance, is at least as new as what the loader read.
-            let each = batch
-                .iter()
-                .map(|(k, v)| self.inner.l2.set_if_absent(k, v.clone(), ttl));
+            // A key L2 did not hold only while still absent: a write of it since, by any
+            // instance, is at least as new as what the loader read. Every command runs to its
+            // end (none dropped half-way when another fails).
+            let each = batch.iter().map(|(k, v)| {
+                let (l2, v) = (&self.inner.l2, v.clone());
+                let only_if_absent = absent.contains(k);
+                async move {
+                    if only_if_absent {
+                        l2.set_if_absent(k, v, ttl).await
+                    } else {
+                        l2.set(k, v, ttl).await.map(|()| true)
+                    }
+                }
+            });
             let written = self
                 .inner
-                .l2_call("set", futures_util::future::try_join_all(each))
+                .l2_call("set", async {
+                    futures_util::future::join_all(each)
+                        .await
+                        .into_iter()
+                        .collect::<Result<Vec<bool>>>()
+                })
                 .await;
             guard.disarm();
             let written = written.map(|stored| {
