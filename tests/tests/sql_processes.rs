@@ -112,6 +112,31 @@ fn spawn(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, delay_ms:
     spawn_with(db, redis, prefix, mode, query, delay_ms, 0)
 }
 
+/// A worker reading the row through one of the cache's loaders (`NCM_LOAD_PATH`).
+fn spawn_loader(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, path: &str) -> Child {
+    let (var, value) = redis.env();
+    Command::new(env!("CARGO_BIN_EXE_sql_worker"))
+        .env(
+            "NCM_SQL_DB",
+            if db == Db::Postgres {
+                "postgres"
+            } else {
+                "mysql"
+            },
+        )
+        .env("NCM_SQL_URL", if db == Db::Postgres { PG } else { MARIADB })
+        .env("NCM_SQL_QUERY", query)
+        .env("NCM_SQL_DELAY_MS", "2000")
+        .env("NCM_SQL_MODE", mode)
+        .env("NCM_LOAD_PATH", path)
+        .env(var, value)
+        .env("NCM_REDIS_PREFIX", prefix)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn spawn_with(
     db: Db,
     redis: &Redis,
@@ -323,6 +348,82 @@ async fn mariadb_slow_read_and_concurrent_write_across_processes_over_multilevel
         Db::MariaDb,
         Redis::Cluster(RedisCluster::start().unwrap()),
         "multilevel",
+    )
+    .await;
+}
+
+/// The cache-aside race across processes, with a loader instead of the `SqlCache`: process A's
+/// loader (`CacheStrategies::read_through`, `CacheLoader`, `MultiLevelCache::get_or_load`) misses
+/// and reads the row (`old`), whose reply comes 2 s late; meanwhile this process (B) commits an
+/// UPDATE to `new` and writes `new` to the cache (a write-through service). A returns `old` (it
+/// read before the write) but must not store it over B's write: A's store is "only if still
+/// absent" (`SET NX`). Before that, on a plain Redis cache, A's `old` overwrote `new` for the
+/// TTL. Over multi-level caches with the backplane A also hears B's write first.
+async fn load_race(db: Db, redis: Redis, mode: &str, paths: &[&str]) {
+    let (table, drop) = setup(db).await;
+    let prefix = format!("{}:", unique("xl"));
+    let query = format!("SELECT v FROM {table} WHERE id = 1");
+    let redis_cache = RedisCache::connect(redis.config(&prefix)).await.unwrap();
+    let cache = match mode {
+        "multilevel" => {
+            let multi = MultiLevelCache::over_redis(&redis_cache).build().unwrap();
+            Cache::builder(multi.as_backend(), Serializer::default()).build()
+        }
+        _ => redis_cache.cache().clone(),
+    };
+    for (round, path) in paths.iter().enumerate() {
+        let key = match *path {
+            "read_through" => "rt:1".to_owned(),
+            "get_or_load" => "gl:1".to_owned(),
+            _ => ncm_cache::loader::loader_key("row", &ncm_cache::loader::args_key(&1u64).unwrap()),
+        };
+        let (was, now) = if round % 2 == 0 {
+            ("old", "new")
+        } else {
+            ("new", "old")
+        };
+        let mut a = spawn_loader(db, &redis, &prefix, mode, &query, path);
+        let a_lines = lines(&mut a, true);
+        admin(db, &format!("UPDATE {table} SET v = '{now}' WHERE id = 1")).await;
+        cache.set(&key, &now.to_owned()).await.unwrap();
+        assert_eq!(finish(a, &a_lines), was, "{path}: A returns what it read");
+        let cached: Option<String> = cache.get(&key).await.unwrap();
+        assert_eq!(
+            cached.as_deref(),
+            Some(now),
+            "{path} ({mode}): A's late load overwrote the newer write"
+        );
+        // A third process reads the new value from the cache (its loader would answer 2 s late).
+        let start = std::time::Instant::now();
+        let mut c = spawn_loader(db, &redis, &prefix, mode, &query, path);
+        let c_lines = lines(&mut c, false);
+        assert_eq!(finish(c, &c_lines), now, "{path}: a third process");
+        assert!(
+            start.elapsed() < Duration::from_millis(2000),
+            "{path}: the third process loaded instead of reading the cache"
+        );
+    }
+    admin(db, &drop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_load_does_not_overwrite_a_write_across_processes() {
+    load_race(
+        Db::Postgres,
+        Redis::One(Box::new(RedisServer::start().unwrap())),
+        "redis",
+        &["read_through", "loader"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_load_does_not_overwrite_a_write_across_processes_over_multilevel_on_a_cluster() {
+    load_race(
+        Db::MariaDb,
+        Redis::Cluster(RedisCluster::start().unwrap()),
+        "multilevel",
+        &["read_through", "loader", "get_or_load"],
     )
     .await;
 }

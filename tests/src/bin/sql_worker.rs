@@ -9,8 +9,19 @@
 //!
 //! Output lines: `fetched` once the database has answered (before the delay), then
 //! `result <value>`; with `NCM_SQL_POLL_MS`, `poll <unix ns> <value>` every 20 ms instead.
+//!
+//! With `NCM_LOAD_PATH` the row is read by a loader of the cache instead of the `SqlCache`
+//! (`tests/tests/sql_processes.rs`, loads overtaken by a write): `read_through`
+//! (`CacheStrategies::read_through`, key `rt:1`), `loader` (`CacheLoader`, loader `row` with
+//! argument `1`) or `get_or_load` (`MultiLevelCache::get_or_load`, key `gl:1`; multi-level
+//! mode only).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
 
 use std::io::Write;
 use std::sync::Arc;
@@ -89,13 +100,19 @@ async fn main() {
         delay,
     });
     let redis = RedisCache::connect(redis_config()).await.unwrap();
-    let cache = match env("NCM_SQL_MODE").as_str() {
-        "multilevel" => {
-            let multi = MultiLevelCache::over_redis(&redis).build().unwrap();
-            Cache::builder(multi.as_backend(), Serializer::default()).build()
-        }
-        _ => redis.cache().clone(),
+    let multi = (env("NCM_SQL_MODE") == "multilevel")
+        .then(|| MultiLevelCache::over_redis(&redis).build().unwrap());
+    let cache = match &multi {
+        Some(multi) => Cache::builder(multi.as_backend(), Serializer::default()).build(),
+        None => redis.cache().clone(),
     };
+    let path = env("NCM_LOAD_PATH");
+    if !path.is_empty() {
+        let value = load(&path, cache, multi.as_ref(), executor).await;
+        println!("result {value}");
+        let _ = std::io::stdout().flush();
+        return;
+    }
     let sql = SqlCache::builder_shared(cache, executor).build().unwrap();
     // Polling mode: read every 20 ms for NCM_SQL_POLL_MS, printing `poll <unix ns> <value>`
     // (a process whose L1 is warm while another process writes).
@@ -125,4 +142,54 @@ async fn main() {
         .to_owned();
     println!("result {value}");
     let _ = std::io::stdout().flush();
+}
+
+/// Reads the row through one of the cache's loaders (`NCM_LOAD_PATH`): the loader reads the
+/// database, which answers late.
+async fn load(
+    path: &str,
+    cache: Cache<Serializer>,
+    multi: Option<&MultiLevelCache>,
+    executor: Arc<SlowReply>,
+) -> String {
+    use ncm_cache::CacheStrategy;
+    use ncm_cache::loader::CacheLoader;
+    use ncm_cache::strategies::CacheStrategies;
+    let read = move || {
+        let executor = Arc::clone(&executor);
+        async move {
+            let rows = executor.fetch_all(&env("NCM_SQL_QUERY"), &[]).await?;
+            Ok::<_, ncm_cache::core::CacheError>(
+                rows.get(0, "v")
+                    .and_then(SqlValue::as_str)
+                    .unwrap_or("<none>")
+                    .to_owned(),
+            )
+        }
+    };
+    let ttl = Duration::from_secs(600);
+    match path {
+        "read_through" => CacheStrategies::new(cache)
+            .read_through("rt:1", read, ttl)
+            .await
+            .unwrap(),
+        "loader" => {
+            let loader = CacheLoader::new(cache);
+            loader
+                .register_loader(
+                    "row",
+                    move |_id: u64| read(),
+                    ttl,
+                    CacheStrategy::CacheAside,
+                )
+                .unwrap();
+            loader.load("row", 1u64).await.unwrap()
+        }
+        "get_or_load" => multi
+            .expect("get_or_load needs NCM_SQL_MODE=multilevel")
+            .get_or_load::<String, _, _, _>("gl:1", read)
+            .await
+            .unwrap(),
+        other => panic!("unknown NCM_LOAD_PATH {other:?}"),
+    }
 }
