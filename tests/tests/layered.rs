@@ -1270,3 +1270,87 @@ async fn a_load_replaces_what_it_could_not_read_or_did_not_read() {
         "as_backend_with(skip_l2_read)"
     );
 }
+
+/// A caller that arrives after an invalidation of a key does not join a load of it that began
+/// before (single-flight): that load may have read the source before the write behind the
+/// invalidation, and would hand this caller the older value (read-your-writes). The caller
+/// starts its own load; the earlier one is served to its own callers and not stored.
+/// `CacheStrategies::read_through` and `CacheLoader`, over a `MemoryBackend` and over a
+/// multi-level cache (as `MultiLevelCache::get_or_load` already does).
+async fn later_callers_do_not_join_an_older_load(backend: impl ncm_cache::core::CacheBackend) {
+    use tokio::sync::Notify;
+    let cache = Cache::new(backend, Serializer::default());
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The first read of the source is slow and finds `old`; later ones find `new`.
+    let source = {
+        let (entered, release, calls) = (
+            Arc::clone(&entered),
+            Arc::clone(&release),
+            Arc::clone(&calls),
+        );
+        move || {
+            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+            let first = calls.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+            async move {
+                if !first {
+                    return Ok::<_, std::io::Error>("new".to_string());
+                }
+                entered.notify_one();
+                release.notified().await;
+                Ok("old".to_string())
+            }
+        }
+    };
+    let ttl = Duration::from_secs(60);
+
+    let strategies = CacheStrategies::new(cache.clone());
+    let first = tokio::spawn({
+        let (s, source) = (strategies.clone(), source.clone());
+        async move { s.read_through("j", source, ttl).await.unwrap() }
+    });
+    entered.notified().await;
+    cache.delete("j").await.unwrap();
+    let second = tokio::time::timeout(
+        Duration::from_secs(2),
+        strategies.read_through("j", source.clone(), ttl),
+    )
+    .await
+    .expect("read_through: the caller after the delete waited for the older load")
+    .unwrap();
+    assert_eq!(second, "new", "read_through: joined the older load");
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), "old");
+    let cached: Option<String> = cache.get("j").await.unwrap();
+    assert_eq!(cached.as_deref(), Some("new"), "read_through");
+
+    let loader = CacheLoader::new(cache.clone());
+    let s = source.clone();
+    loader
+        .register_loader("u", move |_id: u64| s(), ttl, CacheStrategy::CacheAside)
+        .unwrap();
+    let first = tokio::spawn({
+        let loader = loader.clone();
+        async move { loader.load::<u64, String>("u", 1).await.unwrap() }
+    });
+    entered.notified().await;
+    loader.invalidate("u", &1u64).await.unwrap();
+    let second: String = tokio::time::timeout(Duration::from_secs(2), loader.load("u", 1u64))
+        .await
+        .expect("CacheLoader: the caller after the invalidation waited for the older load")
+        .unwrap();
+    assert_eq!(second, "new", "CacheLoader: joined the older load");
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), "old");
+    let key = ncm_cache::loader::loader_key("u", &ncm_cache::loader::args_key(&1u64).unwrap());
+    let cached: Option<String> = cache.get(&key).await.unwrap();
+    assert_eq!(cached.as_deref(), Some("new"), "CacheLoader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_callers_do_not_join_a_load_begun_before_an_invalidation() {
+    later_callers_do_not_join_an_older_load(ncm_cache::MemoryBackend::new()).await;
+    let server = RedisServer::start().unwrap();
+    let multi = instance(&server).await;
+    later_callers_do_not_join_an_older_load(multi.as_backend()).await;
+}

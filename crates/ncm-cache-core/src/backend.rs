@@ -335,6 +335,29 @@ impl LoadMark {
     pub const fn follows_miss(&self) -> bool {
         self.after_miss
     }
+
+    /// The single-flight name of a load of `key` that begins with `mark`: callers whose marks
+    /// differ — an invalidation or write of the key came between them — do not share a load,
+    /// so a caller arriving after a write never waits for, and gets, what a load begun before
+    /// it read. `None` (a backend without counters): the key alone.
+    ///
+    /// ```
+    /// use ncm_cache_core::LoadMark;
+    ///
+    /// let before = Some(LoadMark::new([0, 3, 1, 0]));
+    /// let after = Some(LoadMark::new([0, 3, 2, 0]));
+    /// assert_ne!(LoadMark::flight_key("k", before), LoadMark::flight_key("k", after));
+    /// assert_eq!(LoadMark::flight_key("k", None), "k");
+    /// ```
+    pub fn flight_key(key: &str, mark: Option<Self>) -> String {
+        match mark {
+            Some(m) => {
+                let [a, b, c, d] = m.parts;
+                format!("{key}\u{0}{a:x}.{b:x}.{c:x}.{d:x}")
+            }
+            None => key.to_owned(),
+        }
+    }
 }
 
 #[async_trait]

@@ -155,9 +155,15 @@ impl<C: Codec> CacheLoader<C> {
         let mut slot: Option<(R, bool)> = None;
         let (shared, ran) = {
             let (body, slot) = (&mut body, &mut slot);
+            // Named by the key's mark now: a caller after an invalidation or write of the key
+            // does not join a load begun before it (whose source read may be older).
+            let flight = ncm_cache_core::LoadMark::flight_key(
+                call.key,
+                self.inner.cache.load_mark(call.key),
+            );
             self.inner
                 .flight
-                .run_with_role(call.key.to_owned(), || async move {
+                .run_with_role(flight, || async move {
                     // Whether the load replaces what is there (see `run_body`).
                     let mut replace = call.force;
                     if !call.force {

@@ -688,13 +688,13 @@ impl<C: Codec> MultiLevelCache<C> {
     }
 
     /// [`get_many`](Self::get_many), and for each key whether L2 was read for it and held
-    /// nothing (not: an L1 answer, or an L2 entry this instance could not decode).
+    /// nothing (not: an L1 answer, or an L2 entry this instance could not decode); empty
+    /// when L2 was not read at all.
     async fn get_many_read<T: CacheValue + Clone>(
         &self,
         keys: &[&str],
     ) -> Result<(Vec<Option<T>>, Vec<bool>)> {
         let inner = &self.inner;
-        let mut absent = vec![false; keys.len()];
         let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<(usize, &str)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -714,8 +714,10 @@ impl<C: Codec> MultiLevelCache<C> {
             }
         }
         if missing.is_empty() {
-            return Ok((out, absent));
+            // Nothing read from L2: no key is known absent (no allocation for it).
+            return Ok((out, Vec::new()));
         }
+        let mut absent = vec![false; keys.len()];
         let tickets: Vec<Ticket> = missing
             .iter()
             .map(|(_, k)| inner.versions.ticket(k))

@@ -231,10 +231,12 @@ impl<C: Codec> CacheStrategies<C> {
         if let Some(value) = found {
             return Ok(value);
         }
+        // Named by the mark: a caller after an invalidation does not join an older load.
+        let flight = ncm_cache_core::LoadMark::flight_key(key, mark);
         let bytes = self
             .inner
             .flight
-            .run(key.to_owned(), || async {
+            .run(flight, || async {
                 // `mark` was taken before the source is read: an invalidation of the key seen
                 // meanwhile keeps the (maybe older) value out of the cache.
                 let value = loader().await.map_err(CacheError::loader)?;
