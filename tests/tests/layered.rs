@@ -1354,3 +1354,53 @@ async fn later_callers_do_not_join_a_load_begun_before_an_invalidation() {
     let multi = instance(&server).await;
     later_callers_do_not_join_an_older_load(multi.as_backend()).await;
 }
+
+/// Naming flights by the key's load mark does not split a cold key's stampede: 50 concurrent
+/// callers of one missing key over a multi-level cache run the loader once, through
+/// `CacheStrategies::read_through` and `CacheLoader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_of_a_cold_key_share_one_load_over_a_multilevel_cache() {
+    let server = RedisServer::start().unwrap();
+    let multi = instance(&server).await;
+    let cache = Cache::new(multi.as_backend(), Serializer::default());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = {
+        let calls = Arc::clone(&calls);
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, std::io::Error>("v".to_string())
+            }
+        }
+    };
+    let ttl = Duration::from_secs(60);
+    let strategies = CacheStrategies::new(cache.clone());
+    let callers: Vec<_> = (0..50)
+        .map(|_| {
+            let (s, source) = (strategies.clone(), source.clone());
+            tokio::spawn(async move { s.read_through("hot", source, ttl).await.unwrap() })
+        })
+        .collect();
+    for c in callers {
+        assert_eq!(c.await.unwrap(), "v");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "read_through");
+
+    calls.store(0, Ordering::SeqCst);
+    let loader = CacheLoader::new(cache.clone());
+    let s = source.clone();
+    loader
+        .register_loader("hot", move |_id: u64| s(), ttl, CacheStrategy::CacheAside)
+        .unwrap();
+    let callers: Vec<_> = (0..50)
+        .map(|_| {
+            let loader = loader.clone();
+            tokio::spawn(async move { loader.load::<u64, String>("hot", 1).await.unwrap() })
+        })
+        .collect();
+    for c in callers {
+        assert_eq!(c.await.unwrap(), "v");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "CacheLoader");
+}

@@ -339,7 +339,11 @@ impl LoadMark {
     /// The single-flight name of a load of `key` that begins with `mark`: callers whose marks
     /// differ — an invalidation or write of the key came between them — do not share a load,
     /// so a caller arriving after a write never waits for, and gets, what a load begun before
-    /// it read. `None` (a backend without counters): the key alone.
+    /// it read. `None`, or counters all zero (a backend without counters): the key alone.
+    ///
+    /// The counters are striped (a multi-level cache also has a cache-wide one): a write or
+    /// invalidation of *another* key of the stripe, or a pattern invalidation, also starts a
+    /// new flight — more loads of a hot key whose loader is slow while its stripe is written.
     ///
     /// ```
     /// use ncm_cache_core::LoadMark;
@@ -348,14 +352,15 @@ impl LoadMark {
     /// let after = Some(LoadMark::new([0, 3, 2, 0]));
     /// assert_ne!(LoadMark::flight_key("k", before), LoadMark::flight_key("k", after));
     /// assert_eq!(LoadMark::flight_key("k", None), "k");
+    /// assert_eq!(LoadMark::flight_key("k", Some(LoadMark::default().after_miss())), "k");
     /// ```
     pub fn flight_key(key: &str, mark: Option<Self>) -> String {
         match mark {
-            Some(m) => {
+            Some(m) if m.parts != [0; 4] => {
                 let [a, b, c, d] = m.parts;
                 format!("{key}\u{0}{a:x}.{b:x}.{c:x}.{d:x}")
             }
-            None => key.to_owned(),
+            _ => key.to_owned(),
         }
     }
 }

@@ -237,6 +237,13 @@ impl<C: Codec> CacheStrategies<C> {
             .inner
             .flight
             .run(flight, || async {
+                // Double check: a flight of the key that stored just before this one began
+                // (its store may have moved the mark this caller took) left the value.
+                if let Ok(Some(stored)) = self.cache.backend().get(key).await
+                    && let Ok(value) = self.cache.decode_for::<T>(key, &stored)
+                {
+                    return Ok(self.cache.codec().encode_for(&[key], &value)?);
+                }
                 // `mark` was taken before the source is read: an invalidation of the key seen
                 // meanwhile keeps the (maybe older) value out of the cache.
                 let value = loader().await.map_err(CacheError::loader)?;
