@@ -652,25 +652,34 @@ async fn a_load_overtaken_by_an_invalidation_elsewhere_is_not_cached_on_a_cluste
     overtaken_loads_are_not_cached(&ma, &mb).await;
 }
 
-/// A (loading) and B (invalidating) as in the two tests above.
-async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCache) {
-    use tokio::sync::Notify;
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    // The source read: tells it began, then waits to be released; answers "old".
-    let slow_source = {
+/// What a source read of the overtaken-load tests returns.
+type SourceRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>>;
+
+/// A source read that tells it began (`entered`), then waits to be released; answers "old".
+fn slow_source(
+    entered: &Arc<tokio::sync::Notify>,
+    release: &Arc<tokio::sync::Notify>,
+) -> impl Fn() -> SourceRead + Clone + Send + Sync + 'static {
+    let (entered, release) = (Arc::clone(entered), Arc::clone(release));
+    move || {
         let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-        move || {
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            async move {
-                entered.notify_one();
-                release.notified().await;
-                Ok::<_, std::io::Error>("old".to_string())
-            }
-        }
-    };
-    // CacheLoader.
-    let loader_a = CacheLoader::new(Cache::new(ma.as_backend(), Serializer::default()));
-    let source = slow_source.clone();
+        Box::pin(async move {
+            entered.notify_one();
+            release.notified().await;
+            Ok("old".to_string())
+        })
+    }
+}
+
+/// `CacheLoader`s of instances A and B with a loader `user`: A's reads `source`, B's answers
+/// "new".
+fn user_loaders(
+    a: Cache<Serializer>,
+    b: Cache<Serializer>,
+    source: impl Fn() -> SourceRead + Send + Sync + 'static,
+) -> (CacheLoader<Serializer>, CacheLoader<Serializer>) {
+    let (loader_a, loader_b) = (CacheLoader::new(a), CacheLoader::new(b));
     loader_a
         .register_loader(
             "user",
@@ -679,7 +688,6 @@ async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCac
             CacheStrategy::CacheAside,
         )
         .unwrap();
-    let loader_b = CacheLoader::new(Cache::new(mb.as_backend(), Serializer::default()));
     loader_b
         .register_loader(
             "user",
@@ -688,6 +696,20 @@ async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCac
             CacheStrategy::CacheAside,
         )
         .unwrap();
+    (loader_a, loader_b)
+}
+
+/// A (loading) and B (invalidating) as in the two tests above.
+async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCache) {
+    use tokio::sync::Notify;
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let slow_source = slow_source(&entered, &release);
+    // CacheLoader.
+    let (loader_a, loader_b) = user_loaders(
+        Cache::new(ma.as_backend(), Serializer::default()),
+        Cache::new(mb.as_backend(), Serializer::default()),
+        slow_source.clone(),
+    );
     let load = tokio::spawn({
         let a = loader_a.clone();
         async move { a.load::<u64, String>("user", 1).await.unwrap() }
@@ -863,17 +885,7 @@ async fn loads_do_not_overwrite_a_newer_write(
 ) {
     use tokio::sync::Notify;
     let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let slow_source = {
-        let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-        move || {
-            let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-            async move {
-                entered.notify_one();
-                release.notified().await;
-                Ok::<_, std::io::Error>("old".to_string())
-            }
-        }
-    };
+    let slow_source = slow_source(&entered, &release);
     let (cache_a, cache_b) = (
         Cache::new(a, Serializer::default()),
         Cache::new(b, Serializer::default()),
@@ -889,25 +901,7 @@ async fn loads_do_not_overwrite_a_newer_write(
     let want = (Some("new".to_string()), Some("new".to_string()));
 
     // CacheLoader: B invalidates and loads `new` while A's load of `old` is under way.
-    let loader_a = CacheLoader::new(cache_a.clone());
-    let source = slow_source.clone();
-    loader_a
-        .register_loader(
-            "user",
-            move |_id: u64| source(),
-            Duration::from_secs(60),
-            CacheStrategy::CacheAside,
-        )
-        .unwrap();
-    let loader_b = CacheLoader::new(cache_b.clone());
-    loader_b
-        .register_loader(
-            "user",
-            |_id: u64| async { Ok::<_, std::io::Error>("new".to_string()) },
-            Duration::from_secs(60),
-            CacheStrategy::CacheAside,
-        )
-        .unwrap();
+    let (loader_a, loader_b) = user_loaders(cache_a.clone(), cache_b.clone(), slow_source.clone());
     let load = tokio::spawn({
         let a = loader_a.clone();
         async move { a.load::<u64, String>("user", 1).await.unwrap() }

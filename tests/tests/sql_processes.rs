@@ -112,31 +112,6 @@ fn spawn(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, delay_ms:
     spawn_with(db, redis, prefix, mode, query, delay_ms, 0)
 }
 
-/// A worker reading the row through one of the cache's loaders (`NCM_LOAD_PATH`).
-fn spawn_loader(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, path: &str) -> Child {
-    let (var, value) = redis.env();
-    Command::new(env!("CARGO_BIN_EXE_sql_worker"))
-        .env(
-            "NCM_SQL_DB",
-            if db == Db::Postgres {
-                "postgres"
-            } else {
-                "mysql"
-            },
-        )
-        .env("NCM_SQL_URL", if db == Db::Postgres { PG } else { MARIADB })
-        .env("NCM_SQL_QUERY", query)
-        .env("NCM_SQL_DELAY_MS", "2000")
-        .env("NCM_SQL_MODE", mode)
-        .env("NCM_LOAD_PATH", path)
-        .env(var, value)
-        .env("NCM_REDIS_PREFIX", prefix)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn spawn_with(
     db: Db,
     redis: &Redis,
@@ -146,27 +121,42 @@ fn spawn_with(
     delay_ms: u64,
     poll_ms: u64,
 ) -> Child {
-    let (var, value) = redis.env();
-    Command::new(env!("CARGO_BIN_EXE_sql_worker"))
+    worker(db, redis, prefix, mode, query, delay_ms)
         .env("NCM_SQL_POLL_MS", poll_ms.to_string())
-        .env(
-            "NCM_SQL_DB",
-            if db == Db::Postgres {
-                "postgres"
-            } else {
-                "mysql"
-            },
-        )
-        .env("NCM_SQL_URL", if db == Db::Postgres { PG } else { MARIADB })
-        .env("NCM_SQL_QUERY", query)
-        .env("NCM_SQL_DELAY_MS", delay_ms.to_string())
-        .env("NCM_SQL_MODE", mode)
-        .env(var, value)
-        .env("NCM_REDIS_PREFIX", prefix)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// A worker reading the row through one of the cache's loaders (`NCM_LOAD_PATH`), its
+/// database reply 2 s late.
+fn spawn_loader(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, path: &str) -> Child {
+    worker(db, redis, prefix, mode, query, 2000)
+        .env("NCM_LOAD_PATH", path)
+        .spawn()
+        .unwrap()
+}
+
+/// A worker process reading the row late (`delay_ms`), not yet spawned.
+fn worker(db: Db, redis: &Redis, prefix: &str, mode: &str, query: &str, delay_ms: u64) -> Command {
+    let (var, value) = redis.env();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sql_worker"));
+    c.env(
+        "NCM_SQL_DB",
+        if db == Db::Postgres {
+            "postgres"
+        } else {
+            "mysql"
+        },
+    )
+    .env("NCM_SQL_URL", if db == Db::Postgres { PG } else { MARIADB })
+    .env("NCM_SQL_QUERY", query)
+    .env("NCM_SQL_DELAY_MS", delay_ms.to_string())
+    .env("NCM_SQL_MODE", mode)
+    .env(var, value)
+    .env("NCM_REDIS_PREFIX", prefix)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
 }
 
 /// Forwards the child's output lines (without the `fetched` marker) to a receiver; with

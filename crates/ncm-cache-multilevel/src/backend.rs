@@ -135,6 +135,19 @@ impl<C: Codec> MultiLevelCache<C> {
     }
 }
 
+impl<C: Codec> MultiLevelBackend<C> {
+    /// The options of a write through this backend with the facade's `ttl`: `None` (the
+    /// facade has no TTL of its own) keeps the options' TTL, else the builder's
+    /// `l2_default_ttl` (as for every other write of the cache).
+    fn write_eff(&self, ttl: Option<Duration>) -> Eff {
+        let mut eff = self.1;
+        eff.l2_ttl = ttl
+            .or(self.1.explicit_ttl())
+            .or(self.0.inner.opts.l2_default_ttl);
+        eff
+    }
+}
+
 #[async_trait]
 impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     fn name(&self) -> &str {
@@ -156,12 +169,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
 
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
-        let mut eff = self.1;
-        // `None` from the facade (it has no TTL of its own) keeps the options' TTL, else the
-        // builder's `l2_default_ttl` (as for every other write of the cache).
-        eff.l2_ttl = ttl
-            .or(self.1.explicit_ttl())
-            .or(self.0.inner.opts.l2_default_ttl);
+        let eff = self.write_eff(ttl);
         self.0.inner.write_encoded(key, object, value, &eff).await
     }
 
@@ -205,10 +213,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     /// L2 only if absent there (`SET NX`), then L1 and the announcement as for `set`.
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         let object = Arc::new(value.clone()) as Object;
-        let mut eff = self.1;
-        eff.l2_ttl = ttl
-            .or(self.1.explicit_ttl())
-            .or(self.0.inner.opts.l2_default_ttl);
+        let eff = self.write_eff(ttl);
         self.0.inner.write_loaded(key, object, value, &eff).await
     }
 
