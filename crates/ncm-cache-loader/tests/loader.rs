@@ -325,3 +325,28 @@ async fn disabled_metrics_collect_nothing() {
     let _: User = loader.load("user", 1u64).await.unwrap();
     assert_eq!(loader.get_loader_stats().total.calls, 0);
 }
+
+/// A load whose cache read failed (fail-open) cannot tell whether the key is there: it
+/// replaces what is there rather than storing "only if still absent", which the entry
+/// already present would refuse on every call (the loader running each time).
+#[tokio::test]
+async fn a_load_after_a_failed_read_replaces_the_entry() {
+    let backend = Flaky::new();
+    let cache = Cache::new(backend.clone(), Serializer::default());
+    let loader = CacheLoader::new(cache.clone());
+    let runs = counting_loader(&loader, "user", CacheStrategy::CacheAside);
+    let key = loader_key("user", &args_key(&7u64).unwrap());
+    cache.set(&key, &"stale").await.unwrap();
+    backend.set_reads_down(true);
+    let user: User = loader.load("user", 7u64).await.unwrap();
+    assert_eq!(user.id, 7);
+    backend.set_reads_down(false);
+    let stored: Option<User> = cache.get(&key).await.unwrap();
+    assert_eq!(
+        stored.map(|u| u.id),
+        Some(7),
+        "the loaded value replaced the entry"
+    );
+    let _: User = loader.load("user", 7u64).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the next call is a hit");
+}

@@ -597,3 +597,33 @@ async fn a_load_overtaken_by_a_delete_is_not_cached_in_memory() {
         Some("fresh")
     );
 }
+
+/// A read-through whose cache read failed (fail-open) cannot tell whether the key is there:
+/// its load replaces what is there rather than storing "only if still absent", which the
+/// entry already present would refuse on every call (`Cache::read_through_with` alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_after_a_failed_read_replaces_the_entry() {
+    let flaky = Flaky::default();
+    let s = CacheStrategies::new(Cache::new(flaky.clone(), Serializer::default()));
+    for key in ["rt", "rtw"] {
+        s.cache().set(key, &"old").await.unwrap();
+    }
+    flaky.fail_gets.store(true, Ordering::SeqCst);
+    let load = || async { Ok::<_, std::io::Error>("new".to_string()) };
+    let v: String = s.read_through("rt", load, HOUR).await.unwrap();
+    assert_eq!(v, "new");
+    let v: String = s
+        .cache()
+        .read_through_with("rtw", load, HOUR, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(v, "new");
+    flaky.fail_gets.store(false, Ordering::SeqCst);
+    for key in ["rt", "rtw"] {
+        assert_eq!(
+            s.cache().get::<String>(key).await.unwrap().as_deref(),
+            Some("new"),
+            "{key}: the loaded value replaced the entry"
+        );
+    }
+}

@@ -41,6 +41,7 @@ pub fn memory_cache() -> Cache<Serializer> {
 pub struct Flaky {
     inner: Arc<MemoryBackend>,
     down: Arc<AtomicBool>,
+    reads_down: Arc<AtomicBool>,
     writes_down: Arc<AtomicBool>,
     write_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -50,9 +51,15 @@ impl Flaky {
         Self {
             inner: Arc::new(memory_backend()),
             down: Arc::new(AtomicBool::new(false)),
+            reads_down: Arc::new(AtomicBool::new(false)),
             writes_down: Arc::new(AtomicBool::new(false)),
             write_delay_ms: Arc::default(),
         }
+    }
+
+    /// Reads fail (writes work).
+    pub fn set_reads_down(&self, down: bool) {
+        self.reads_down.store(down, Ordering::SeqCst);
     }
 
     /// Writes fail (reads work).
@@ -86,6 +93,9 @@ impl CacheBackend for Flaky {
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.check()?;
+        if self.reads_down.load(Ordering::SeqCst) {
+            return Err(CacheError::connection("reads switched off", None));
+        }
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {

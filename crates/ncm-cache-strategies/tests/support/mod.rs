@@ -82,10 +82,12 @@ where
     check().await
 }
 
-/// A memory backend whose writes can be made to fail, or to hang until the flag is cleared.
+/// A memory backend whose writes (or reads) can be made to fail, or writes to hang until the
+/// flag is cleared.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Flaky {
     pub(crate) inner: MemoryBackend,
+    pub(crate) fail_gets: Arc<AtomicBool>,
     pub(crate) fail_sets: Arc<AtomicBool>,
     pub(crate) hang_sets: Arc<AtomicBool>,
 }
@@ -96,6 +98,12 @@ impl CacheBackend for Flaky {
         "flaky"
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        if self.fail_gets.load(Ordering::SeqCst) {
+            return Err(ncm_cache_core::CacheError::connection(
+                "injected failure",
+                None,
+            ));
+        }
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
