@@ -307,7 +307,9 @@ pub struct LoadMark {
 }
 
 impl LoadMark {
-    /// A mark from a backend's own counters.
+    /// A mark from a backend's own counters. The fourth part may count writes that do not
+    /// name a new single-flight ([`flight_key`](Self::flight_key) leaves it out): a backend
+    /// whose writes fill the cache before they return, so that later callers find the value.
     pub const fn new(parts: [u64; 4]) -> Self {
         Self {
             parts,
@@ -337,9 +339,10 @@ impl LoadMark {
     }
 
     /// The single-flight name of a load of `key` that begins with `mark`: callers whose marks
-    /// differ — an invalidation or write of the key came between them — do not share a load,
-    /// so a caller arriving after a write never waits for, and gets, what a load begun before
-    /// it read. `None`, or counters all zero (a backend without counters): the key alone.
+    /// differ in their first three parts — an invalidation of the key came between them — do
+    /// not share a load, so a caller arriving after it never waits for, and gets, what a load
+    /// begun before it read. `None`, or counters all zero (a backend without counters): the
+    /// key alone.
     ///
     /// The counters are striped (a multi-level cache also has a cache-wide one): a write or
     /// invalidation of *another* key of the stripe, or a pattern invalidation, also starts a
@@ -351,14 +354,17 @@ impl LoadMark {
     /// let before = Some(LoadMark::new([0, 3, 1, 0]));
     /// let after = Some(LoadMark::new([0, 3, 2, 0]));
     /// assert_ne!(LoadMark::flight_key("k", before), LoadMark::flight_key("k", after));
+    /// // The fourth part (writes that fill the cache) keeps the flight.
+    /// let written = Some(LoadMark::new([0, 3, 1, 9]));
+    /// assert_eq!(LoadMark::flight_key("k", before), LoadMark::flight_key("k", written));
     /// assert_eq!(LoadMark::flight_key("k", None), "k");
     /// assert_eq!(LoadMark::flight_key("k", Some(LoadMark::default().after_miss())), "k");
     /// ```
     pub fn flight_key(key: &str, mark: Option<Self>) -> String {
         match mark {
-            Some(m) if m.parts != [0; 4] => {
-                let [a, b, c, d] = m.parts;
-                format!("{key}\u{0}{a:x}.{b:x}.{c:x}.{d:x}")
+            Some(m) if m.parts[..3] != [0; 3] => {
+                let [a, b, c, _] = m.parts;
+                format!("{key}\u{0}{a:x}.{b:x}.{c:x}")
             }
             _ => key.to_owned(),
         }

@@ -176,8 +176,8 @@ impl<C: Codec> Inner<C> {
         Fut: Future<Output = std::result::Result<Loaded<T>, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        // Named by the key's versions now: a caller that starts after an invalidation or a
-        // local write of the key does not join a load begun before it.
+        // Named by the key's invalidation versions now: a caller that starts after an
+        // invalidation of the key does not join a load begun before it.
         let flight = self
             .opts
             .enable_stampede_prevention
