@@ -446,3 +446,40 @@ async fn a_batch_load_publishes_its_keys_in_one_message() {
         }
     }
 }
+
+/// 10,000 concurrent callers of a cold key (a 50 ms loader), three rounds, the first on a
+/// fresh connection, as the stampede bench runs them: the loader runs once per round. Callers
+/// whose L2 miss comes back while the load's own store is being written used to name a new
+/// flight (the store bumps the local-writes version) and load a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_callers_of_a_cold_key_run_the_loader_once_per_round() {
+    let server = RedisServer::start().unwrap();
+    let mut c = config(&server);
+    c.health_check_interval = None;
+    let redis = RedisCache::connect(c).await.unwrap();
+    let cache = MultiLevelCache::builder(redis.backend())
+        .name("stampede")
+        .build()
+        .unwrap();
+    for round in 0..3u64 {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..10_000)
+            .map(|_| {
+                let (cache, runs) = (cache.clone(), Arc::clone(&runs));
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(&format!("stampede:{round}"), move || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, Io>(round)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), round);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "round {round}");
+    }
+}
