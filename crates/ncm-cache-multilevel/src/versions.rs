@@ -109,11 +109,10 @@ impl Versions {
     }
 
     /// `key` tagged with its invalidation versions now: the name of a load in flight
-    /// (single-flight), so a caller that starts after an invalidation of the key never joins a
-    /// load begun before it (whose loader may have read the older value). Local writes do not
-    /// name a new flight: a write fills L1 and L2 before it returns, so a caller after it finds
-    /// the value before any flight — while a load's own store (a write too) would otherwise
-    /// send the callers that missed just before it into a second load of the key.
+    /// (single-flight), so a caller that starts after an invalidation of the key — a caller's
+    /// own write counts as one — never joins a load begun before it (whose loader may have
+    /// read the older value). The writes version is left out: a load's own store bumps it,
+    /// and would otherwise send the callers that missed just before it into a second load.
     pub(crate) fn flight_key(&self, key: &str) -> String {
         let t = self.ticket(key);
         format!("{key}\0{}.{}", t.global, t.invalidations)

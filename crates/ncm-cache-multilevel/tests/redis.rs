@@ -483,3 +483,52 @@ async fn ten_thousand_callers_of_a_cold_key_run_the_loader_once_per_round() {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "round {round}");
     }
 }
+
+/// A caller that starts after a `set` of the key returned does not join a load begun before
+/// it, also when it cannot see the set's value (the set skipped L1, the caller skips the L2
+/// read): a set is an invalidation of the key's flight, as a delete is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_after_a_set_does_not_join_an_older_load() {
+    use ncm_cache_multilevel::{EntryOptions, Loaded};
+    let server = RedisServer::start().unwrap();
+    let cache = instance(&server).await;
+    let (entered, release) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let old = tokio::spawn({
+        let (cache, entered, release) = (cache.clone(), entered.clone(), release.clone());
+        async move {
+            cache
+                .get_or_load("k", move || async move {
+                    entered.notify_one();
+                    release.notified().await;
+                    Ok::<_, Io>(1u64)
+                })
+                .await
+        }
+    });
+    entered.notified().await;
+    cache
+        .set_with("k", 2u64, &EntryOptions::new().skip_l1_write())
+        .await
+        .unwrap();
+    let after = tokio::time::timeout(
+        Duration::from_secs(2),
+        cache.get_or_load_with::<u64, _, _, _>(
+            "k",
+            &EntryOptions::new().skip_l2_read(),
+            |_| async { Ok::<_, Io>(Loaded::value(3u64)) },
+        ),
+    )
+    .await
+    .expect("the caller after the set waited for the older load")
+    .unwrap();
+    assert_eq!(
+        after.map(|(v, _)| *v),
+        Some(3),
+        "joined the load begun before the set"
+    );
+    release.notify_one();
+    assert_eq!(old.await.unwrap().unwrap(), 1);
+}
