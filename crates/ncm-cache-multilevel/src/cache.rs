@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
+use crate::epoch::Placed;
 use crate::l1::{Hits, L1Value, Validator};
 use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
@@ -1582,6 +1583,24 @@ impl<C: Codec> Inner<C> {
     /// and the announcement as for a write. Refused — something was written since the miss,
     /// here or by another instance, at least as new as what the load read — nothing is kept
     /// here (counted in `loads_not_cached`). Returns whether it was stored.
+    /// A load's L2 store after a miss: only if the key is absent (in the current epoch, with
+    /// `epoch_clear`: see `EpochBackend::place_if_absent`).
+    pub(crate) async fn place_if_absent(
+        &self,
+        key: &str,
+        bytes: ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<Placed> {
+        if let Some(epoch) = &self.epoch {
+            return epoch.place_if_absent(key, bytes, ttl).await;
+        }
+        Ok(if self.l2.set_if_absent(key, bytes, ttl).await? {
+            Placed::Stored
+        } else {
+            Placed::Refused
+        })
+    }
+
     pub(crate) async fn write_loaded(
         &self,
         key: &str,
@@ -1600,8 +1619,9 @@ impl<C: Codec> Inner<C> {
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
-            .l2_call("set", self.l2.set_if_absent(key, bytes, ttl))
-            .await;
+            .l2_call("set", self.place_if_absent(key, bytes, ttl))
+            .await
+            .map(|placed| placed == Placed::Stored);
         guard.disarm();
         match written {
             Ok(true) => {

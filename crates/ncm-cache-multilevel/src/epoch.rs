@@ -354,6 +354,46 @@ impl EpochBackend {
         again
     }
 
+    /// A load's store after a miss: written only if absent in the epoch kept now, then the
+    /// epoch checked as for any write. If a clear this instance had not heard of moved it, the
+    /// load's read may have looked in the old epoch (a false absence: the new epoch may hold a
+    /// value written before the load began), so the store is made again, only if absent, under
+    /// the new token, once (as [`fenced`](Self::fenced) does): [`Placed::Missed`] when the new
+    /// epoch holds a value, which the caller then reads. What landed in the old epoch is read
+    /// by nobody. A clear this instance learned of earlier in the load is the caller's to
+    /// catch (a multi-level cache's versions: a clear heard bumps them all).
+    pub(crate) async fn place_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<Placed> {
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        let inner = &*self.core.inner;
+        let token = self.token().await?;
+        if !inner
+            .set_if_absent(&format!("@{token}:{key}"), value.clone(), ttl)
+            .await?
+        {
+            return Ok(Placed::Refused);
+        }
+        let now = self.read_epoch().await?;
+        if now == token {
+            return Ok(Placed::Stored);
+        }
+        self.forget();
+        Ok(
+            if inner
+                .set_if_absent(&format!("@{now}:{key}"), value, ttl)
+                .await?
+            {
+                Placed::Stored
+            } else {
+                Placed::Missed
+            },
+        )
+    }
+
     /// Starts a new epoch: everything written before is no longer read. One write.
     async fn bump(&self) -> Result<()> {
         let token = format!("{:x}", fastrand::u64(..));
@@ -391,6 +431,18 @@ impl EpochBackend {
         })
         .collect()
     }
+}
+
+/// What a load's store "only if absent" did ([`EpochBackend::place_if_absent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// Written: the key was absent.
+    Stored,
+    /// Not written: the key was there (written since the load's read).
+    Refused,
+    /// Not written: the epoch had moved, and the new one holds the key, which the load's read
+    /// (in the old epoch) may have missed.
+    Missed,
 }
 
 #[derive(Default)]
@@ -434,25 +486,9 @@ impl CacheBackend for EpochBackend {
             .await
             .map(drop)
     }
-    /// A load's store (see `CacheBackend::set_loaded`): written only if absent in the epoch
-    /// kept now, then the epoch checked as for any write. If a clear moved it during the
-    /// write, the value is not made again under the new token: `false`, and the write left in
-    /// the old epoch, which no one reads (nothing to fence on a cancel either). A clear this
-    /// instance learned of earlier in the load is the caller's to catch (a multi-level cache's
-    /// versions: a clear heard bumps them all); one not heard at all, whose token is read
-    /// again (at most every second without a link) before the store, is not caught.
+    /// A load's store (see `CacheBackend::set_loaded`): [`EpochBackend::place_if_absent`].
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
-        ncm_cache_core::validate_key(key, usize::MAX)?;
-        let token = self.token().await?;
-        let full = format!("@{token}:{key}");
-        if !self.core.inner.set_if_absent(&full, value, ttl).await? {
-            return Ok(false);
-        }
-        if self.read_epoch().await? == token {
-            return Ok(true);
-        }
-        self.forget();
-        Ok(false)
+        Ok(self.place_if_absent(key, value, ttl).await? == Placed::Stored)
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
@@ -592,26 +628,32 @@ mod tests {
         assert_eq!(e.cached().as_deref(), Some("new"));
     }
 
-    /// A load stored while a clear this instance has not heard of moved the epoch: written
-    /// in the old epoch (which no one reads), not made again in the new one.
+    /// A load stored while a clear this instance has not heard of moved the epoch: made
+    /// again, only if absent, in the new epoch; `Missed` when the new epoch holds the key.
     #[tokio::test]
-    async fn a_load_stored_across_an_unheard_clear_is_not_kept() {
+    async fn a_load_stored_across_an_unheard_clear_goes_to_the_new_epoch() {
         let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
         let e = EpochBackend::new(Arc::clone(&mem), "c", true);
         let other = EpochBackend::new(Arc::clone(&mem), "c", true);
-        let v = || Bytes::from_static(b"v");
-        assert!(e.set_if_absent("k", v(), None).await.unwrap());
+        let v = |b: &'static [u8]| Bytes::from_static(b);
+        assert!(e.set_if_absent("k", v(b"v"), None).await.unwrap());
         // Not written over an existing value.
-        assert!(!e.set_if_absent("k", v(), None).await.unwrap());
+        let refused = e.place_if_absent("k", v(b"w"), None).await.unwrap();
+        assert_eq!(refused, Placed::Refused);
         other.clear_pattern("*").await.unwrap();
-        // `e` still holds the old token: the write lands in the old epoch, then the check.
-        assert!(!e.set_if_absent("j", v(), None).await.unwrap());
+        // `e` still holds the old token: the write lands in the old epoch, then the check,
+        // then the new epoch, where the key is absent.
+        assert!(e.set_if_absent("j", v(b"v"), None).await.unwrap());
         assert!(mem.get("@0:j").await.unwrap().is_some());
-        assert_eq!(e.get("j").await.unwrap(), None);
-        assert_eq!(other.get("j").await.unwrap(), None);
-        // The token was read again: the next load is stored in the new epoch.
-        assert!(e.set_if_absent("j", v(), None).await.unwrap());
-        assert!(other.get("j").await.unwrap().is_some());
+        assert_eq!(other.get("j").await.unwrap().as_deref(), Some(&b"v"[..]));
+        // Again (`e` reads the token, then another clear), with the key in the new epoch: not
+        // written over it.
+        assert!(e.get("m").await.unwrap().is_none());
+        other.clear_pattern("*").await.unwrap();
+        other.set("m", v(b"new"), None).await.unwrap();
+        let missed = e.place_if_absent("m", v(b"old"), None).await.unwrap();
+        assert_eq!(missed, Placed::Missed);
+        assert_eq!(other.get("m").await.unwrap().as_deref(), Some(&b"new"[..]));
     }
 
     #[tokio::test]

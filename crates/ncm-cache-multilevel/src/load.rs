@@ -7,6 +7,7 @@ use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
 use tokio::sync::watch;
 
 use crate::cache::{CacheValue, Fill, Found, Inner, L1Read, L2Read, Object};
+use crate::epoch::Placed;
 use crate::options::{Answer, Eff, LoadContext, Loaded};
 use crate::stats::Counters;
 use crate::versions::Ticket;
@@ -386,8 +387,16 @@ impl<C: Codec> Inner<C> {
         let result = match loaded {
             Err(e) => Err(e),
             Ok(loaded) => {
-                self.store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
-                    .await
+                let stored = self
+                    .store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
+                    .await;
+                match stored {
+                    Ok((found, Stored::Missed)) => Ok((
+                        self.answer_missed::<T>(&key, &eff, found).await,
+                        Stored::Cached,
+                    )),
+                    other => other,
+                }
             }
         };
         #[cfg(feature = "redis")]
@@ -409,6 +418,21 @@ impl<C: Codec> Inner<C> {
             release.await;
         }
         result.map(|(found, _)| found)
+    }
+
+    /// The answer of a load whose read missed a value the cache held ([`Stored::Missed`]):
+    /// that value, read from L2 now (and promoted as a read's would be), or the loaded one if
+    /// L2 cannot give it (gone again, unreadable, failed).
+    async fn answer_missed<T: CacheValue>(&self, key: &str, eff: &Eff, loaded: Found) -> Found {
+        let ticket = self.versions.ticket(key);
+        match self.l2_lookup::<T>(key, eff).await {
+            Ok(L2Read::Found(v, size)) => {
+                let v = v as Object;
+                self.promote(key, Arc::clone(&v), size, &ticket, eff);
+                (Some(v), ValueSource::L2)
+            }
+            _ => loaded,
+        }
     }
 
     /// Caches what the loader answered, as it asked (adaptive caching), and says whether
@@ -624,12 +648,14 @@ impl<C: Codec> Inner<C> {
         let mut guard =
             crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
         let written = if !eff.write_l2() {
-            Ok(true)
+            Ok(Placed::Stored)
         } else if after_miss {
-            self.l2_call("set", self.l2.set_if_absent(key, bytes, ttl))
+            self.l2_call("set", self.place_if_absent(key, bytes, ttl))
                 .await
         } else {
-            self.l2_write(key, bytes, ttl).await.map(|()| true)
+            self.l2_write(key, bytes, ttl)
+                .await
+                .map(|()| Placed::Stored)
         };
         guard.disarm();
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
@@ -637,7 +663,7 @@ impl<C: Codec> Inner<C> {
         let stored = match written {
             // Written since the miss, here or elsewhere (announced or not): what L2 holds
             // is at least as new as this load, and its waiters find it there.
-            Ok(false) => {
+            Ok(placed @ (Placed::Refused | Placed::Missed)) => {
                 let _ = self.versions.write_end(&write);
                 // A "not modified" value whose L2 copy was gone (`rearm`): L1 holds it and L2
                 // now holds something else.
@@ -649,9 +675,13 @@ impl<C: Codec> Inner<C> {
                     key,
                     "written since the load's miss; result served, not cached"
                 );
-                Stored::Cached
+                if placed == Placed::Missed {
+                    Stored::Missed
+                } else {
+                    Stored::Cached
+                }
             }
-            Ok(true) => {
+            Ok(Placed::Stored) => {
                 self.settle_write(key, fill, &write, eff);
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;
@@ -699,6 +729,11 @@ impl Began {
 pub(crate) enum Stored {
     Cached,
     NotCached,
+    /// Not stored: the load's L2 read looked in an epoch a clear had already left (not heard
+    /// of yet), and the new epoch holds the key. That value is the caller's answer, as a read
+    /// in the right epoch would have found it (see [`Inner::answer_missed`]); the lock's
+    /// waiters find it in L2.
+    Missed,
 }
 
 fn source_name(source: ValueSource) -> &'static str {

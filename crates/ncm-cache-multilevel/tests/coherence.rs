@@ -1472,3 +1472,43 @@ async fn loads_overtaken_by_an_invalidation_are_served_not_cached_and_counted() 
         .unwrap();
     assert!(stored, "nothing happened to the key since the mark");
 }
+
+/// With `epoch_clear`, an instance that has not heard of a clear yet (no link: it keeps its
+/// token up to 1 s) reads a key in the old epoch, finds it absent, and loads. Found by the
+/// coherence checker (epoch, one node): the load's store ("only if absent") went into the old
+/// epoch and was refused by the epoch check, and the caller got its loaded value while every
+/// read after it got the value the new epoch had held since before the call. The store is now
+/// made again, only if absent, in the new epoch: kept there when the key is absent, and when a
+/// value is there the caller gets that value, as a read in the right epoch would have.
+#[tokio::test]
+async fn a_load_after_an_unheard_clear_stores_in_and_answers_from_the_new_epoch() {
+    let (_slow, heard, late) = epoch_pair().await;
+    heard.clear().await.unwrap();
+    heard.set("k", 2u64).await.unwrap();
+    let (v, source) = late
+        .get_or_load_with_source::<u64, _, _, _>("k", || async { Ok::<_, Io>(3) })
+        .await
+        .unwrap();
+    assert_eq!(
+        (*v, source),
+        (2, ValueSource::L2),
+        "the caller got a value the cache does not hold"
+    );
+    assert_eq!(late.get::<u64>("k").await.unwrap(), Some(2));
+    assert_eq!(in_l2(&heard, "k").await, Some(2));
+
+    // Another clear `late` has not heard of, and nothing in the new epoch: the load is kept.
+    let refused = late.get_stats().loads_not_cached;
+    heard.clear().await.unwrap();
+    let v: u64 = late
+        .get_or_load("j", || async { Ok::<_, Io>(4) })
+        .await
+        .unwrap();
+    assert_eq!(v, 4);
+    assert_eq!(
+        in_l2(&heard, "j").await,
+        Some(4),
+        "the load was not stored in the new epoch"
+    );
+    assert_eq!(late.get_stats().loads_not_cached, refused);
+}
