@@ -1578,11 +1578,6 @@ impl<C: Codec> Inner<C> {
         Ok(())
     }
 
-    /// A load's store after a miss (`CacheBackend::set_if_absent`, and `set_loaded` with a
-    /// mark taken after a miss): L2 only if the key is still absent there (`SET NX`), then L1
-    /// and the announcement as for a write. Refused — something was written since the miss,
-    /// here or by another instance, at least as new as what the load read — nothing is kept
-    /// here (counted in `loads_not_cached`). Returns whether it was stored.
     /// A load's L2 store after a miss: only if the key is absent (in the current epoch, with
     /// `epoch_clear`: see `EpochBackend::place_if_absent`).
     pub(crate) async fn place_if_absent(
@@ -1601,6 +1596,11 @@ impl<C: Codec> Inner<C> {
         })
     }
 
+    /// A load's store after a miss (`CacheBackend::set_if_absent`, and `set_loaded` with a
+    /// mark taken after a miss): L2 only if the key is still absent there (`SET NX`), then L1
+    /// and the announcement as for a write. Refused — something was written since the miss,
+    /// here or by another instance, at least as new as what the load read — nothing is kept
+    /// here (counted in `loads_not_cached`). Returns whether it was stored.
     pub(crate) async fn write_loaded(
         &self,
         key: &str,
@@ -1621,7 +1621,7 @@ impl<C: Codec> Inner<C> {
         let written = self
             .l2_call("set", self.place_if_absent(key, bytes, ttl))
             .await
-            .map(|placed| placed == Placed::Stored);
+            .map(|placed| matches!(placed, Placed::Stored));
         guard.disarm();
         match written {
             Ok(true) => {

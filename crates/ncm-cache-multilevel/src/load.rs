@@ -391,8 +391,8 @@ impl<C: Codec> Inner<C> {
                     .store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
                     .await;
                 match stored {
-                    Ok((found, Stored::Missed)) => Ok((
-                        self.answer_missed::<T>(&key, &eff, found).await,
+                    Ok((found, Stored::Missed(held))) => Ok((
+                        self.answer_missed::<T>(&key, &eff, found, &held),
                         Stored::Cached,
                     )),
                     other => other,
@@ -420,18 +420,30 @@ impl<C: Codec> Inner<C> {
         result.map(|(found, _)| found)
     }
 
-    /// The answer of a load whose read missed a value the cache held ([`Stored::Missed`]):
-    /// that value, read from L2 now (and promoted as a read's would be), or the loaded one if
-    /// L2 cannot give it (gone again, unreadable, failed).
-    async fn answer_missed<T: CacheValue>(&self, key: &str, eff: &Eff, loaded: Found) -> Found {
+    /// The answer of a load whose read missed the value `held` that the cache held
+    /// ([`Stored::Missed`]): that value, as an L2 hit (promoted as a read's would be), or the
+    /// loaded one, served and not cached, if this build cannot decode it.
+    fn answer_missed<T: CacheValue>(
+        &self,
+        key: &str,
+        eff: &Eff,
+        loaded: Found,
+        held: &ncm_cache_core::Bytes,
+    ) -> Found {
         let ticket = self.versions.ticket(key);
-        match self.l2_lookup::<T>(key, eff).await {
-            Ok(L2Read::Found(v, size)) => {
-                let v = v as Object;
-                self.promote(key, Arc::clone(&v), size, &ticket, eff);
+        match self.decode::<T>(key, held) {
+            Ok(v) => {
+                Counters::bump(&self.counters.l2_hits);
+                let v = Arc::new(v) as Object;
+                self.promote(key, Arc::clone(&v), held.len(), &ticket, eff);
                 (Some(v), ValueSource::L2)
             }
-            _ => loaded,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "the new epoch's value is unreadable here; \
+                    the load's result served, not cached");
+                Counters::bump(&self.counters.loads_not_cached);
+                loaded
+            }
         }
     }
 
@@ -663,21 +675,21 @@ impl<C: Codec> Inner<C> {
         let stored = match written {
             // Written since the miss, here or elsewhere (announced or not): what L2 holds
             // is at least as new as this load, and its waiters find it there.
-            Ok(placed @ (Placed::Refused | Placed::Missed)) => {
+            Ok(placed @ (Placed::Refused | Placed::Missed(_))) => {
                 let _ = self.versions.write_end(&write);
                 // A "not modified" value whose L2 copy was gone (`rearm`): L1 holds it and L2
                 // now holds something else.
                 if self.l1_holds(key, &object).is_some() {
                     let _ = self.l1.remove(key);
                 }
-                Counters::bump(&self.counters.loads_not_cached);
-                tracing::debug!(
-                    key,
-                    "written since the load's miss; result served, not cached"
-                );
-                if placed == Placed::Missed {
-                    Stored::Missed
+                if let Placed::Missed(held) = placed {
+                    Stored::Missed(held)
                 } else {
+                    Counters::bump(&self.counters.loads_not_cached);
+                    tracing::debug!(
+                        key,
+                        "written since the load's miss; result served, not cached"
+                    );
                     Stored::Cached
                 }
             }
@@ -725,15 +737,15 @@ impl Began {
 }
 
 /// Whether a load's answer reached L2, where the lock's waiters look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Stored {
     Cached,
     NotCached,
     /// Not stored: the load's L2 read looked in an epoch a clear had already left (not heard
-    /// of yet), and the new epoch holds the key. That value is the caller's answer, as a read
-    /// in the right epoch would have found it (see [`Inner::answer_missed`]); the lock's
+    /// of yet), and the new epoch holds this entry. That value is the caller's answer, as a
+    /// read in the right epoch would have found it (`Inner::answer_missed`); the lock's
     /// waiters find it in L2.
-    Missed,
+    Missed(ncm_cache_core::Bytes),
 }
 
 fn source_name(source: ValueSource) -> &'static str {
