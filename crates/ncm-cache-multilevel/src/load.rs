@@ -421,7 +421,7 @@ impl<C: Codec> Inner<C> {
     }
 
     /// The answer of a load whose read missed the value `held` that the cache held
-    /// ([`Stored::Missed`]): that value, as an L2 hit (promoted as a read's would be), or the
+    /// ([`Stored::Missed`]): that value, as from L2 (promoted as a read's would be), or the
     /// loaded one, served and not cached, if this build cannot decode it.
     fn answer_missed<T: CacheValue>(
         &self,
@@ -433,7 +433,7 @@ impl<C: Codec> Inner<C> {
         let ticket = self.versions.ticket(key);
         match self.decode::<T>(key, held) {
             Ok(v) => {
-                Counters::bump(&self.counters.l2_hits);
+                // (Counted once, as the miss it began as.)
                 let v = Arc::new(v) as Object;
                 self.promote(key, Arc::clone(&v), held.len(), &ticket, eff);
                 (Some(v), ValueSource::L2)
