@@ -713,3 +713,109 @@ async fn keys_that_are_not_utf8_under_the_prefix_do_not_stop_a_pattern_clear() {
     assert_eq!(removed, 2);
     assert_eq!(cache.get::<u32>("c").await.unwrap(), None);
 }
+
+/// A key of another Redis type (a hash, a list) left under our prefix by another program: a
+/// batched read (`MGET`: `get_many`, and concurrent `get`s coalesced) reads it as nil, so a
+/// load after it stores "only if absent" — and `SET NX` refused it, so every read ran the
+/// loader again and nothing was ever cached (a lone `GET` sees `WRONGTYPE`, and the load after
+/// that failed read replaced the key). Now a refused store looks at the key's type and
+/// replaces a key that holds no string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_is_replaced_by_a_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    let server = RedisServer::start().unwrap();
+    let redis = RedisCache::connect(config(&server, "t:")).await.unwrap();
+    let multi = MultiLevelCache::builder(redis.backend())
+        .name("types")
+        .build()
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let raw = client.get_multiplexed_async_connection().await.unwrap();
+    let encoded = ncm_cache_core::Codec::encode(redis.cache().codec(), &7u32).unwrap();
+    for kind in ["hash", "list"] {
+        let plant = |key: String| {
+            let mut c = redis::cmd(if kind == "hash" { "HSET" } else { "RPUSH" });
+            c.arg(format!("t:{key}"));
+            if kind == "hash" {
+                c.arg("f");
+            }
+            c.arg("v");
+            let mut raw = raw.clone();
+            async move {
+                let _: () = c.query_async(&mut raw).await.unwrap();
+            }
+        };
+        // MultiLevelCache::get_many_or_load (its L2 read is one MGET), twice.
+        let key = format!("many-{kind}");
+        plant(key.clone()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let calls = Arc::clone(&calls);
+            let got = multi
+                .get_many_or_load::<u32, _, _, _>(&[key.as_str()], move |keys| async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(keys.into_iter().map(|k| (k, 7)).collect())
+                })
+                .await
+                .unwrap();
+            assert_eq!(got[0], Some(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "{kind}: loaded twice");
+        assert_eq!(redis.get::<u32>(&key).await.unwrap(), Some(7), "{kind}");
+        // The backend's store "only if absent" itself.
+        let key = format!("nx-{kind}");
+        plant(key.clone()).await;
+        let stored = redis
+            .backend()
+            .set_if_absent(&key, encoded.clone(), Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(stored, "{kind}: refused");
+        assert_eq!(redis.get::<u32>(&key).await.unwrap(), Some(7), "{kind}");
+        let ttl = redis.backend().get_ttl(&key).await.unwrap();
+        assert!(
+            matches!(ttl, ncm_cache_core::KeyTtl::Expires(t) if t > Duration::from_secs(50)),
+            "{kind}: TTL {ttl:?}"
+        );
+        // A string stays refused.
+        let stored = redis
+            .backend()
+            .set_if_absent(&key, encoded.clone(), None)
+            .await
+            .unwrap();
+        assert!(!stored, "{kind}: a string was replaced");
+    }
+    assert_eq!(multi.get_stats().loads_not_cached, 0);
+}
+
+/// The same replacement on a 3+3 cluster (the type is looked at by a script, routed by key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_is_replaced_by_a_load_on_a_cluster() {
+    let cluster = ncm_cache_testkit::RedisCluster::start().unwrap();
+    let mut c = RedisConfig::default();
+    c.cluster_nodes = cluster.node_urls();
+    c.key_prefix = "t:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let client = redis::cluster::ClusterClient::new(cluster.node_urls()).unwrap();
+    let mut raw = client.get_async_connection().await.unwrap();
+    let encoded = ncm_cache_core::Codec::encode(redis.cache().codec(), &7u32).unwrap();
+    for i in 0..8 {
+        let key = format!("h{i}");
+        let _: () = redis::cmd("HSET")
+            .arg(format!("t:{key}"))
+            .arg("f")
+            .arg("v")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        let stored = redis
+            .backend()
+            .set_if_absent(&key, encoded.clone(), None)
+            .await
+            .unwrap();
+        assert!(stored, "{key}: refused");
+        assert_eq!(redis.get::<u32>(&key).await.unwrap(), Some(7), "{key}");
+    }
+}

@@ -14,6 +14,18 @@ use ncm_cache_core::{
 use redis::{FromRedisValue, RedisResult};
 
 use crate::commands;
+
+/// Writes `ARGV[1]` (with a TTL of `ARGV[2]` ms unless 0) over a key that holds another type
+/// than a string (see `set_if_absent`); 1 when written.
+static REPLACE_OTHER_TYPE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "local t = redis.call('type', KEYS[1])['ok'] \
+         if t == 'string' or t == 'none' then return 0 end \
+         if ARGV[2] == '0' then redis.call('set', KEYS[1], ARGV[1]) \
+         else redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) end \
+         return 1",
+    )
+});
 use crate::config::RedisConfig;
 use crate::conn::{Conn, Handle, group_by_slot};
 use crate::error::map_err;
@@ -465,7 +477,13 @@ impl CacheBackend for RedisBackend {
     }
 
     /// One `SET … NX` (not batched, not retried: a write that landed before a lost reply
-    /// would read as refused on a retry).
+    /// would read as refused on a retry). Refused, the key's type is looked at (one script,
+    /// only then): a key of another type (a hash, a list: another program's) reads as nil
+    /// through a batched `MGET`, so a load after such a read would be refused until the key
+    /// goes, and each read would run the loader; it is replaced instead, as a plain write
+    /// (and a load after an unbatched read, which sees `WRONGTYPE`) replaces it. A string —
+    /// or nothing, if the key went meanwhile — stays refused, as does every store when the look
+    /// fails (scripts forbidden by an ACL: the error is counted, the store refused).
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         let full = self.full(key)?;
         commands::check_ttl(ttl)?;
@@ -477,10 +495,28 @@ impl CacheBackend for RedisBackend {
                 async move { c.query_async(&mut h).await }
             })
             .await?;
-        if written.is_some() {
+        let written = match written {
+            Some(_) => true,
+            None => {
+                let ms = ttl.map_or(0, commands::millis);
+                let replaced: Result<i64> = self
+                    .eval_script(
+                        Operation::Set,
+                        &REPLACE_OTHER_TYPE,
+                        &[full.into_owned()],
+                        &[value.to_vec(), ms.to_string().into_bytes()],
+                    )
+                    .await;
+                // Scripts forbidden (an ACL), or the call failed: refused, as before the look.
+                replaced.inspect_err(|e| {
+                    tracing::debug!(key, error = %e, "refused load store: the key's type was not looked at");
+                }).is_ok_and(|n| n == 1)
+            }
+        };
+        if written {
             self.inner.stats.sets(1);
         }
-        Ok(written.is_some())
+        Ok(written)
     }
 
     async fn get_reserved(&self, name: &str) -> Result<Option<Bytes>> {

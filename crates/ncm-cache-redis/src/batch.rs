@@ -25,7 +25,8 @@
 //! Differences a caller can see: a failed batch fails all of its calls (each counted once in
 //! the stats; a multi-level cache's breaker sees each), except an `MGET` refused by an ACL key
 //! permission, which is asked again key by key so that only the forbidden keys' calls fail; a key holding a non-string type reads
-//! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it went alone; latency
+//! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it went alone (a load
+//! after either replaces it: see `set_if_absent`); latency
 //! stats are per batch, without the time a call spent queued. `RedisSyncCache` does not batch.
 //!
 //! Order: a batch is taken from the queue in arrival order and keeps it; several batches may be
