@@ -1545,11 +1545,11 @@ impl<C: Codec> Inner<C> {
             return Ok(());
         }
         // Bump before: fills that started earlier cannot land after this write. The old L1
-        // copy may still be served until the write is acknowledged. A write of the caller's
-        // is an invalidation too (bumped before the writer's own ticket): callers after it
-        // name a new load flight, never joining one begun before it (a load's own store,
-        // which only bumps the writes version, keeps the flight).
-        self.versions.invalidate(key);
+        // copy may still be served until the write is acknowledged. Callers after a write of
+        // the caller's name a new load flight, never joining one begun before it (a load's
+        // own store keeps the flight); no ticket sees that, so overlapping local writes still
+        // settle as contended, not invalidated.
+        self.versions.renew_flight(key);
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         // One round trip when L2 is the backplane's Redis, else write then publish.

@@ -27,6 +27,10 @@ struct Stripe {
     writes: AtomicU64,
     /// Local writes between begin and end.
     in_flight: AtomicU64,
+    /// Bumped by a caller's own write (not a load's store): it only renames the key's load
+    /// flight ([`Versions::renew_flight`]); no ticket checks it, so overlapping writes still
+    /// settle as [`Settled::Contended`], not as invalidated.
+    sets: AtomicU64,
 }
 
 /// The counters. Sequentially consistent: the argument in the module docs orders a bump against
@@ -43,15 +47,22 @@ pub(crate) struct Ticket {
     stripe: usize,
     invalidations: u64,
     writes: u64,
+    /// The stripe's `sets` (flight naming only: not compared by [`Versions::current`]).
+    sets: u64,
 }
 
+/// Bits of a mark's second part that hold the stripe; the rest hold the stripe's `sets`.
+const STRIPE_BITS: u32 = 16;
+
 impl Ticket {
-    /// The ticket as a [`LoadMark`](ncm_cache_core::LoadMark) (`as_backend().load_mark`); its
-    /// last part is the local writes counter, which `LoadMark::flight_key` leaves out.
+    /// The ticket as a [`LoadMark`](ncm_cache_core::LoadMark) (`as_backend().load_mark`): its
+    /// second part holds the stripe and, above [`STRIPE_BITS`], the stripe's `sets` (so a
+    /// caller's own write renames flights named by `LoadMark::flight_key` too); its last part
+    /// is the local writes counter, which `LoadMark::flight_key` leaves out.
     pub(crate) fn mark(&self) -> ncm_cache_core::LoadMark {
         ncm_cache_core::LoadMark::new([
             self.global,
-            self.stripe as u64,
+            self.stripe as u64 | (self.sets << STRIPE_BITS),
             self.invalidations,
             self.writes,
         ])
@@ -59,13 +70,14 @@ impl Ticket {
 
     /// A mark back as a ticket of `key`; `None` when it was not made for `key`'s stripe.
     pub(crate) fn from_mark(key: &str, mark: ncm_cache_core::LoadMark) -> Option<Self> {
-        let [global, stripe, invalidations, writes] = mark.parts();
+        let [global, packed, invalidations, writes] = mark.parts();
         let own = stripe_of(key);
-        (stripe == own as u64).then_some(Self {
+        (packed & ((1 << STRIPE_BITS) - 1) == own as u64).then_some(Self {
             global,
             stripe: own,
             invalidations,
             writes,
+            sets: packed >> STRIPE_BITS,
         })
     }
 }
@@ -105,17 +117,28 @@ impl Versions {
             stripe,
             invalidations: s.invalidations.load(Ordering::SeqCst),
             writes: s.writes.load(Ordering::SeqCst),
+            sets: s.sets.load(Ordering::SeqCst),
         }
     }
 
     /// `key` tagged with its invalidation versions now: the name of a load in flight
-    /// (single-flight), so a caller that starts after an invalidation of the key — a caller's
-    /// own write counts as one — never joins a load begun before it (whose loader may have
-    /// read the older value). The writes version is left out: a load's own store bumps it,
-    /// and would otherwise send the callers that missed just before it into a second load.
+    /// (single-flight), so a caller that starts after an invalidation of the key — or after a
+    /// caller's own write ([`renew_flight`](Self::renew_flight)) — never joins a load begun
+    /// before it (whose loader may have read the older value). The writes version is left
+    /// out: a load's own store bumps it, and would otherwise send the callers that missed just
+    /// before it into a second load.
     pub(crate) fn flight_key(&self, key: &str) -> String {
         let t = self.ticket(key);
-        format!("{key}\0{}.{}", t.global, t.invalidations)
+        format!("{key}\0{}.{}.{}", t.global, t.invalidations, t.sets)
+    }
+
+    /// A caller's own write of `key` begins (not a load's store): later callers name a new
+    /// load flight. Unlike [`invalidate`](Self::invalidate), no ticket sees it, so a write
+    /// overlapping another local write of the stripe settles as [`Settled::Contended`].
+    pub(crate) fn renew_flight(&self, key: &str) {
+        self.stripes[stripe_of(key)]
+            .sets
+            .fetch_add(1, Ordering::SeqCst);
     }
 
     /// `true` while nothing that guards the ticket's key has changed since it was taken.
@@ -164,6 +187,7 @@ impl Versions {
             stripe: t.stripe,
             invalidations,
             writes: before + 1,
+            sets: s.sets.load(Ordering::SeqCst),
         };
         if before == t.writes && !others_in_flight {
             Settled::Clean(mine)
@@ -218,7 +242,27 @@ mod tests {
         assert_eq!(
             after,
             v.flight_key("k"),
-            "a local write (a load's own store among them) keeps the flight"
+            "a load's own store keeps the flight"
+        );
+        v.renew_flight("k");
+        assert_ne!(
+            after,
+            v.flight_key("k"),
+            "a caller's own write: a new flight"
+        );
+        let mark = v.ticket("k").mark();
+        let back = Ticket::from_mark("k", mark).unwrap();
+        assert_eq!(back, v.ticket("k"), "a mark carries the ticket");
+        assert!(v.current(&back));
+        v.renew_flight("k");
+        assert!(
+            v.current(&back),
+            "a caller's write is no invalidation of fills"
+        );
+        assert_ne!(
+            ncm_cache_core::LoadMark::flight_key("k", Some(mark)),
+            ncm_cache_core::LoadMark::flight_key("k", Some(v.ticket("k").mark())),
+            "marks name the new flight too"
         );
     }
 
@@ -241,6 +285,13 @@ mod tests {
             matches!(v.write_end(&t), Settled::Clean(_)),
             "back to one writer"
         );
+        // Two callers' writes overlapping (each renames the flight first, as `set` does).
+        v.renew_flight("k");
+        let t1 = v.write_begin("k");
+        v.renew_flight("k");
+        let t2 = v.write_begin("k");
+        assert!(matches!(v.write_end(&t1), Settled::Contended(_)));
+        assert!(matches!(v.write_end(&t2), Settled::Contended(_)));
         let t = v.write_begin("k");
         v.invalidate("k");
         assert_eq!(

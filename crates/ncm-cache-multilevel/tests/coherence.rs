@@ -1531,3 +1531,41 @@ async fn a_load_spanning_an_unheard_clear_is_not_stored_in_the_new_epoch() {
     );
     assert_eq!(late.get_stats().loads_not_cached, 1);
 }
+
+/// Two local writes of one hot key overlap (which of the two L2 applied last is unknown): each
+/// writer keeps its value in L1 for at most 1 s (`CONTENDED_TTL`), after which L1 asks L2 —
+/// not evicted at once. Found by review: once a caller's write renamed the key's load flight
+/// by bumping its invalidation version, every overlapping write evicted the key, and a hot key
+/// written by several tasks was read from L2 after almost every write.
+#[tokio::test]
+async fn overlapping_local_writes_keep_the_key_in_l1_for_at_most_a_second() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    slow.set_reply_delay(Duration::from_millis(200));
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.set("k", 1u64).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    slow.set_reply_delay(Duration::ZERO);
+    // Lands in L2 after the first write, and returns before it.
+    cache.set("k", 2u64).await.unwrap();
+    first.await.unwrap();
+    let l1_only = ncm_cache_multilevel::EntryOptions::new().skip_l2_read();
+    let held = cache
+        .get_with::<u64>("k", &l1_only)
+        .await
+        .unwrap()
+        .map(|(v, _)| *v);
+    assert!(held.is_some(), "overlapping writes evicted the key");
+    clock.advance(Duration::from_millis(1500));
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        Some(2),
+        "L1 kept a contended value past 1 s"
+    );
+}
