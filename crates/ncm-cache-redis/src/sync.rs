@@ -522,6 +522,11 @@ impl RedisSyncCache {
     }
 
     /// Returns the cached value or runs `loader`, caches and returns its result.
+    ///
+    /// After a miss the result is stored only if the key is still absent (`SET NX`), as the
+    /// async caches' loads are: a value another instance wrote while the loader ran is newer
+    /// than what the loader read, and stays (the caller still gets its loaded value). An
+    /// entry this build cannot read (another build's, left in place) is replaced.
     pub fn read_through<T, F, E>(
         &self,
         key: &str,
@@ -533,11 +538,38 @@ impl RedisSyncCache {
         F: FnOnce() -> std::result::Result<T, E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(v) = self.get(key)? {
+        let absent = match self.get_bytes(key)? {
+            None => true,
+            Some(bytes) => match self.decode_or_repair(key, &bytes) {
+                Some(v) => return Ok(v),
+                None => false,
+            },
+        };
+        let v = loader().map_err(CacheError::loader)?;
+        let expiry = expiry.into();
+        if !absent {
+            self.set_with_expiry(key, &v, expiry)?;
             return Ok(v);
         }
-        let v = loader().map_err(CacheError::loader)?;
-        self.set_with_expiry(key, &v, expiry.into())?;
+        let ttl = self.inner.ttl.resolve(expiry)?;
+        let bytes = self
+            .inner
+            .codec
+            .encode_for(&[self.inner.keys.prefix(), key], &v)?;
+        let full = self.full(key)?;
+        commands::check_ttl(ttl)?;
+        commands::check_size(bytes.len(), self.inner.config.max_value_size)?;
+        let written: Option<String> = self.run(Operation::Set, |c| {
+            commands::set_nx(&full, &bytes, ttl).query(c)
+        })?;
+        if written.is_some() {
+            self.inner.stats.sets(1);
+        } else {
+            tracing::debug!(
+                key,
+                "written since the load's miss; result served, not cached"
+            );
+        }
         Ok(v)
     }
 

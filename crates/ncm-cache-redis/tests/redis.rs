@@ -323,3 +323,43 @@ async fn client_tracking_reports_changes_flushes_and_reconnects() {
     }
     assert!(seen.contains(&"user:2".to_owned()), "{seen:?}");
 }
+
+/// The blocking cache's `read_through` after a miss stores only if the key is still absent, as
+/// the async paths do (found by review: it stored with a plain `SET`). Another instance writes
+/// `new` while the loader reads `old`: the cache keeps `new`, the caller gets what it loaded.
+/// An entry this build cannot read (another build's newer envelope, left in place) is replaced.
+#[test]
+fn sync_read_through_does_not_overwrite_a_write_made_during_its_load() {
+    let server = RedisServer::start().unwrap();
+    let a = RedisSyncCache::connect(support::config(&server)).unwrap();
+    let b = RedisSyncCache::connect(support::config(&server)).unwrap();
+    let v: String = a
+        .read_through(
+            "k",
+            || {
+                b.set("k", "new").unwrap();
+                Ok::<_, std::io::Error>("old".to_owned())
+            },
+            Expiry::Default,
+        )
+        .unwrap();
+    assert_eq!(v, "old", "the caller gets what it loaded");
+    assert_eq!(
+        b.get::<String>("k").unwrap().as_deref(),
+        Some("new"),
+        "the load overwrote a newer write"
+    );
+
+    // A newer envelope (unreadable here, left in place): replaced by the load.
+    b.set_bytes("n", &[0xC1, 0x4E, 9, 1, 0, b'1'], None)
+        .unwrap();
+    let v: String = a
+        .read_through(
+            "n",
+            || Ok::<_, std::io::Error>("loaded".to_owned()),
+            Expiry::Default,
+        )
+        .unwrap();
+    assert_eq!(v, "loaded");
+    assert_eq!(b.get::<String>("n").unwrap().as_deref(), Some("loaded"));
+}
