@@ -1632,8 +1632,16 @@ impl<C: Codec> Inner<C> {
                 Ok(true)
             }
             Ok(false) => {
-                // Nothing written: whatever L1 holds now came after the miss.
+                // Nothing written: whatever L1 holds now came after the miss — except a cached
+                // "not found" (`negative_ttl`), which this path's read took for an absent key:
+                // L2 holds a value after all, so it goes (else every load through this path
+                // would run the loader, refused, until `negative_ttl` ends).
                 let _ = self.versions.write_end(&ticket);
+                if let Ok(L1Read::Fresh(None, _) | L1Read::Stale(None, _)) =
+                    self.l1_read::<ncm_cache_core::Bytes>(key, eff)
+                {
+                    let _ = self.l1.remove(key);
+                }
                 Counters::bump(&self.counters.loads_not_cached);
                 tracing::debug!(key, "written since the load's miss; result not cached");
                 Ok(false)

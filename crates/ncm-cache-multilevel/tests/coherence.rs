@@ -1569,3 +1569,51 @@ async fn overlapping_local_writes_keep_the_key_in_l1_for_at_most_a_second() {
         "L1 kept a contended value past 1 s"
     );
 }
+
+/// A cached "not found" (`negative_ttl`) read through `as_backend()` looks like an absent key,
+/// so a load after it stores "only if absent"; when another instance wrote the key to L2
+/// meanwhile (unheard: no link), the store is refused. Found by review: the negative entry
+/// stayed, so every such load ran the loader again until `negative_ttl` ended. A refused store
+/// now drops it, and the next read finds the other instance's value in L2.
+#[tokio::test]
+async fn a_refused_load_after_a_cached_not_found_drops_it() {
+    let mem: SharedBackend = Arc::new(MemoryBackend::new());
+    let a = MultiLevelCache::builder(Arc::clone(&mem))
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let b = MultiLevelCache::builder(mem).build().unwrap();
+    let none = a
+        .get_or_load_optional::<String, _, _, _>("k", || async { Ok::<_, Io>(None) })
+        .await
+        .unwrap();
+    assert!(none.is_none());
+    b.set("k", "new".to_owned()).await.unwrap();
+    let cache = ncm_cache_core::Cache::new(a.as_backend(), ncm_cache_codec::Serializer::default());
+    let loads = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let loads = Arc::clone(&loads);
+        let v: String = cache
+            .read_through_with(
+                "k",
+                move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Io>("old".to_owned())
+                },
+                Duration::from_secs(60),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        assert!(v == "old" || v == "new", "{v}");
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "the cached \"not found\" kept sending loads to a refused store"
+    );
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("new")
+    );
+}
