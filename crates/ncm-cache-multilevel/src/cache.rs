@@ -915,7 +915,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 };
                 let fill = Fill::value(Arc::new(v.clone()) as Object, bytes.len(), ttl);
                 self.inner
-                    .settle_write(key, fill, write, &self.inner.defaults);
+                    .settle_load(key, fill, write, &self.inner.defaults);
             }
             // One message for the batch (the keys written).
             self.inner
@@ -1621,11 +1621,11 @@ impl<C: Codec> Inner<C> {
         let written = self
             .l2_call("set", self.place_if_absent(key, bytes, ttl))
             .await
-            .map(|placed| matches!(placed, Placed::Stored));
+            .map(|placed| placed == Placed::Stored);
         guard.disarm();
         match written {
             Ok(true) => {
-                self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
+                self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
                 if eff.announce() {
                     self.publish_set(key).await;
                 }
@@ -1739,13 +1739,28 @@ impl<C: Codec> Inner<C> {
     /// L1 unless an invalidation came meanwhile — for at most
     /// [`CONTENDED_TTL`](crate::versions::CONTENDED_TTL) when another local write of its stripe
     /// overlapped (which of the two L2 applied last is unknown).
-    pub(crate) fn settle_write(&self, key: &str, mut fill: Fill, ticket: &Ticket, eff: &Eff) {
+    pub(crate) fn settle_write(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) {
+        self.settle(key, fill, ticket, eff, true);
+    }
+
+    /// [`settle_write`](Self::settle_write) for a load's store: one that overlapped another
+    /// local write of its stripe is not kept (L2 decides). An "only if absent" store that
+    /// succeeded came before any write of the key that overlapped it, so keeping it even for
+    /// `CONTENDED_TTL` would serve it over that newer write here (found by review).
+    pub(crate) fn settle_load(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) {
+        self.settle(key, fill, ticket, eff, false);
+    }
+
+    fn settle(&self, key: &str, mut fill: Fill, ticket: &Ticket, eff: &Eff, keep_contended: bool) {
         match self.versions.write_end(ticket) {
             Settled::Clean(mine) => {
                 if !self.l1_fill(key, fill, &mine, eff) {
                     // Not kept (too large, or overtaken): never leave an older value behind.
                     let _ = self.l1.remove(key);
                 }
+            }
+            Settled::Contended(_) if !keep_contended => {
+                let _ = self.l1.remove(key);
             }
             Settled::Contended(mine) => {
                 let ttl = fill.l2_ttl.map_or(CONTENDED_TTL, |t| t.min(CONTENDED_TTL));

@@ -356,13 +356,12 @@ impl EpochBackend {
 
     /// A load's store after a miss: written only if absent in the epoch kept now, then the
     /// epoch checked as for any write. If a clear this instance had not heard of moved it, the
-    /// value is not made again under the new token: the load may have read the source before
-    /// that clear. But the load's read may also have looked in the old epoch after the clear
-    /// (a false absence), so the new epoch is read instead: [`Placed::Missed`] with what it
-    /// holds, which the caller answers with, as a read in the right epoch would have;
-    /// [`Placed::Refused`] when it holds nothing. What landed in the old epoch is read by
-    /// nobody. A clear this instance learned of earlier in the load is the caller's to catch
-    /// (a multi-level cache's versions: a clear heard bumps them all).
+    /// value is not made again under the new token (the load may have read its source before
+    /// that clear): [`Placed::Moved`], and the token forgotten. The load's read may also have
+    /// looked in the old epoch after the clear (a false absence): the caller reads the new
+    /// epoch (a multi-level `get_or_load` answers with what it holds). What landed in the old
+    /// epoch is read by nobody. A clear this instance learned of earlier in the load is the
+    /// caller's to catch (a multi-level cache's versions: a clear heard bumps them all).
     pub(crate) async fn place_if_absent(
         &self,
         key: &str,
@@ -370,23 +369,20 @@ impl EpochBackend {
         ttl: Option<Duration>,
     ) -> Result<Placed> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
-        let inner = &*self.core.inner;
         let token = self.token().await?;
-        if !inner
+        if !self
+            .core
+            .inner
             .set_if_absent(&format!("@{token}:{key}"), value, ttl)
             .await?
         {
             return Ok(Placed::Refused);
         }
-        let now = self.read_epoch().await?;
-        if now == token {
+        if self.read_epoch().await? == token {
             return Ok(Placed::Stored);
         }
         self.forget();
-        Ok(match inner.get(&format!("@{now}:{key}")).await? {
-            Some(held) => Placed::Missed(held),
-            None => Placed::Refused,
-        })
+        Ok(Placed::Moved)
     }
 
     /// Starts a new epoch: everything written before is no longer read. One write.
@@ -429,15 +425,15 @@ impl EpochBackend {
 }
 
 /// What a load's store "only if absent" did ([`EpochBackend::place_if_absent`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placed {
     /// Written: the key was absent.
     Stored,
-    /// Not written: the key was there (written since the load's read), or the epoch moved.
+    /// Not written: the key was there (written since the load's read).
     Refused,
-    /// Not written: the epoch had moved, and the new one holds this entry, which the load's
-    /// read (in the old epoch) may have missed.
-    Missed(Bytes),
+    /// Not kept: written in an epoch a clear had already left; the new one may hold the key,
+    /// which the load's read (in the old epoch) may have missed.
+    Moved,
 }
 
 #[derive(Default)]
@@ -627,8 +623,7 @@ mod tests {
     }
 
     /// A load stored while a clear this instance has not heard of moved the epoch: not made
-    /// again in the new epoch (the load may have read its source before the clear); `Missed`
-    /// with what the new epoch holds, if anything.
+    /// again in the new epoch (the load may have read its source before the clear): `Moved`.
     #[tokio::test]
     async fn a_load_stored_across_an_unheard_clear_is_not_kept() {
         let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
@@ -645,12 +640,12 @@ mod tests {
         assert!(mem.get("@0:j").await.unwrap().is_some());
         assert_eq!(other.get("j").await.unwrap(), None);
         // Again (`e` reads the token, then another clear), with the key in the new epoch:
-        // what is there is the answer.
+        // not written over it.
         assert!(e.get("m").await.unwrap().is_none());
         other.clear_pattern("*").await.unwrap();
         other.set("m", v(b"new"), None).await.unwrap();
-        let missed = e.place_if_absent("m", v(b"old"), None).await.unwrap();
-        assert_eq!(missed, Placed::Missed(v(b"new")));
+        let moved = e.place_if_absent("m", v(b"old"), None).await.unwrap();
+        assert_eq!(moved, Placed::Moved);
         assert_eq!(other.get("m").await.unwrap().as_deref(), Some(&b"new"[..]));
     }
 

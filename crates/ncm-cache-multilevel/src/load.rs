@@ -391,8 +391,8 @@ impl<C: Codec> Inner<C> {
                     .store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
                     .await;
                 match stored {
-                    Ok((found, Stored::Missed(held))) => Ok((
-                        self.answer_missed::<T>(&key, &eff, found, &held),
+                    Ok((found, Stored::Missed(held, ticket))) => Ok((
+                        self.answer_missed::<T>(&key, &eff, found, &held, &ticket),
                         Stored::Cached,
                     )),
                     other => other,
@@ -421,21 +421,22 @@ impl<C: Codec> Inner<C> {
     }
 
     /// The answer of a load whose read missed the value `held` that the cache held
-    /// ([`Stored::Missed`]): that value, as from L2 (promoted as a read's would be), or the
-    /// loaded one, served and not cached, if this build cannot decode it.
+    /// ([`Stored::Missed`], read with `ticket` taken before): that value, as from L2 (promoted
+    /// as a read's would be), or the loaded one, served and not cached, if this build cannot
+    /// decode it.
     fn answer_missed<T: CacheValue>(
         &self,
         key: &str,
         eff: &Eff,
         loaded: Found,
         held: &ncm_cache_core::Bytes,
+        ticket: &Ticket,
     ) -> Found {
-        let ticket = self.versions.ticket(key);
         match self.decode::<T>(key, held) {
             Ok(v) => {
                 // (Counted once, as the miss it began as.)
                 let v = Arc::new(v) as Object;
-                self.promote(key, Arc::clone(&v), held.len(), &ticket, eff);
+                self.promote(key, Arc::clone(&v), held.len(), ticket, eff);
                 (Some(v), ValueSource::L2)
             }
             Err(e) => {
@@ -675,26 +676,37 @@ impl<C: Codec> Inner<C> {
         let stored = match written {
             // Written since the miss, here or elsewhere (announced or not): what L2 holds
             // is at least as new as this load, and its waiters find it there.
-            Ok(placed @ (Placed::Refused | Placed::Missed(_))) => {
+            Ok(placed @ (Placed::Refused | Placed::Moved)) => {
                 let _ = self.versions.write_end(&write);
                 // A "not modified" value whose L2 copy was gone (`rearm`): L1 holds it and L2
                 // now holds something else.
                 if self.l1_holds(key, &object).is_some() {
                     let _ = self.l1.remove(key);
                 }
-                if let Placed::Missed(held) = placed {
-                    Stored::Missed(held)
-                } else {
+                match placed {
+                    // The load's read may have looked in an epoch a clear had left: the new
+                    // one's value is the answer (read with a ticket taken first, as every
+                    // fill's read).
+                    Placed::Moved => {
+                        let ticket = self.versions.ticket(key);
+                        match self.l2_get(key, eff).await {
+                            Ok(Some(held)) => Some(Stored::Missed(held, ticket)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+                .unwrap_or_else(|| {
                     Counters::bump(&self.counters.loads_not_cached);
                     tracing::debug!(
                         key,
                         "written since the load's miss; result served, not cached"
                     );
                     Stored::Cached
-                }
+                })
             }
             Ok(Placed::Stored) => {
-                self.settle_write(key, fill, &write, eff);
+                self.settle_load(key, fill, &write, eff);
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;
                 }
@@ -742,10 +754,10 @@ pub(crate) enum Stored {
     Cached,
     NotCached,
     /// Not stored: the load's L2 read looked in an epoch a clear had already left (not heard
-    /// of yet), and the new epoch holds this entry. That value is the caller's answer, as a
-    /// read in the right epoch would have found it (`Inner::answer_missed`); the lock's
-    /// waiters find it in L2.
-    Missed(ncm_cache_core::Bytes),
+    /// of yet), and the new epoch holds this entry (read with this ticket). That value is the
+    /// caller's answer, as a read in the right epoch would have found it
+    /// (`Inner::answer_missed`); the lock's waiters find it in L2.
+    Missed(ncm_cache_core::Bytes, Ticket),
 }
 
 fn source_name(source: ValueSource) -> &'static str {

@@ -1617,3 +1617,33 @@ async fn a_refused_load_after_a_cached_not_found_drops_it() {
         Some("new")
     );
 }
+
+/// A load's "only if absent" store that succeeded came before any write of the key that
+/// overlapped it: here a caller's `set` lands in L2 after the load's store and returns first.
+/// The load must not then put its older value in L1 over the set's (found by review: once
+/// overlapping writes were kept up to 1 s again, a load's store was kept too, and the writer's
+/// next read on this instance got the loaded value for up to 1 s).
+#[tokio::test]
+async fn a_load_store_overlapped_by_a_set_does_not_shadow_it_in_l1() {
+    let (slow, cache) = slow_cache();
+    slow.set_reply_delay(Duration::from_millis(200));
+    let load = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load("k", || async { Ok::<_, Io>(1u64) })
+                .await
+                .unwrap()
+        }
+    });
+    // The load's store has landed; its reply is held.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    slow.set_reply_delay(Duration::ZERO);
+    cache.set("k", 2u64).await.unwrap();
+    assert_eq!(load.await.unwrap(), 1, "the caller gets what it loaded");
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        Some(2),
+        "the load's older value shadowed the set in L1"
+    );
+}
