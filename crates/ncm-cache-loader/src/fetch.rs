@@ -156,11 +156,16 @@ impl<C: Codec> CacheLoader<C> {
         let (shared, ran) = {
             let (body, slot) = (&mut body, &mut slot);
             // Named by the key's mark now: a caller after an invalidation or write of the key
-            // does not join a load begun before it (whose source read may be older).
-            let flight = ncm_cache_core::LoadMark::flight_key(
+            // does not join a load begun before it (whose source read may be older). Forced
+            // calls (`refresh`) fly apart from lazy ones, as `CacheReloader`'s do: a refresh
+            // runs the loader now, never settling for a lazy load begun before it.
+            let mut flight = ncm_cache_core::LoadMark::flight_key(
                 call.key,
                 self.inner.cache.load_mark(call.key),
             );
+            if call.force {
+                flight.push_str("\0force");
+            }
             self.inner
                 .flight
                 .run_with_role(flight, || async move {

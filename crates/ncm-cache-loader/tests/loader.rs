@@ -350,3 +350,52 @@ async fn a_load_after_a_failed_read_replaces_the_entry() {
     let _: User = loader.load("user", 7u64).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the next call is a hit");
 }
+
+/// A `refresh` runs the loader now: it never joins a lazy load of the key already in flight,
+/// whose source read may be older (found by review: both flights were named by the key's mark
+/// alone, so `refresh` waited for and returned the lazy load's value, and the cache kept it).
+#[tokio::test]
+async fn a_refresh_does_not_join_a_lazy_load_in_flight() {
+    let loader = CacheLoader::new(memory_cache());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handle = loader
+        .register_loader(
+            "slow",
+            {
+                let (runs, release) = (Arc::clone(&runs), Arc::clone(&release));
+                move |_: u32| {
+                    let (runs, release) = (Arc::clone(&runs), Arc::clone(&release));
+                    async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst);
+                        if n == 0 {
+                            release.notified().await;
+                        }
+                        Ok::<_, std::io::Error>(format!("v{n}"))
+                    }
+                }
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let lazy = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.load(1).await.unwrap() }
+    });
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refreshed = tokio::time::timeout(Duration::from_secs(2), handle.refresh(1))
+        .await
+        .expect("the refresh waited for the lazy load")
+        .unwrap();
+    assert_eq!(refreshed, "v1");
+    release.notify_one();
+    assert_eq!(lazy.await.unwrap(), "v0");
+    assert_eq!(
+        handle.load(1).await.unwrap(),
+        "v1",
+        "the refresh's value is not what is cached"
+    );
+}

@@ -223,7 +223,9 @@ impl CacheBackend for MemoryBackend {
     }
 
     /// Not stored when the key was written or deleted (here, or by an eviction another
-    /// instance's invalidation message asked for) since `mark`.
+    /// instance's invalidation message asked for) since `mark`, nor — for a load after a miss
+    /// ([`LoadMark::follows_miss`]) — when the key is there now: another load's store (a
+    /// `refresh`) bumps no counter, and may be newer.
     async fn set_loaded(
         &self,
         key: &str,
@@ -232,6 +234,9 @@ impl CacheBackend for MemoryBackend {
         mark: Option<LoadMark>,
     ) -> Result<bool> {
         if mark.is_some_and(|m| !self.marks.current(key, m)) {
+            return Ok(false);
+        }
+        if mark.is_some_and(|m| m.follows_miss()) && self.store.contains(key)? {
             return Ok(false);
         }
         // Not a write that overtakes other loads of the stripe: no bump.
