@@ -157,8 +157,9 @@ impl<C: Codec> CacheLoader<C> {
             let (body, slot) = (&mut body, &mut slot);
             // Named by the key's mark now: a caller after an invalidation or write of the key
             // does not join a load begun before it (whose source read may be older). Forced
-            // calls (`refresh`) fly apart from lazy ones, as `CacheReloader`'s do: a refresh
-            // runs the loader now, never settling for a lazy load begun before it.
+            // calls (`refresh`, warming) fly apart from lazy ones, as `CacheReloader`'s do: a
+            // refresh never settles for a lazy load begun before it (concurrent refreshes
+            // still share one run).
             let mut flight = ncm_cache_core::LoadMark::flight_key(
                 call.key,
                 self.inner.cache.load_mark(call.key),

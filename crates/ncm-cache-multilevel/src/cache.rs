@@ -832,15 +832,22 @@ impl<C: Codec> MultiLevelCache<C> {
             .collect();
         if !batch.is_empty() {
             let ttl = self.inner.opts.l2_default_ttl;
-            // As writers: only keys nothing invalidated since the load began go into L1.
-            let writes: HashMap<&str, Ticket> = encoded
+            // As writers: only keys nothing invalidated since the load began go into L1, all
+            // checked before any write begins (a write's begin bumps its stripe: checked one by
+            // one, a key sharing a stripe with an earlier key of the batch looked overtaken by
+            // the batch itself, and never reached L1).
+            let current: Vec<&str> = encoded
                 .iter()
-                .filter(|(k, _)| {
+                .map(|(k, _)| k.as_str())
+                .filter(|k| {
                     tickets
-                        .get(k)
+                        .get(*k)
                         .is_some_and(|t| self.inner.versions.current(t))
                 })
-                .map(|(k, _)| (k.as_str(), self.inner.versions.write_begin(k)))
+                .collect();
+            let writes: HashMap<&str, Ticket> = current
+                .into_iter()
+                .map(|k| (k, self.inner.versions.write_begin(k)))
                 .collect();
             // Cancelled during the batch write: every key is ended and announced.
             let mut guard = Unannounced::many(
@@ -1743,10 +1750,12 @@ impl<C: Codec> Inner<C> {
         self.settle(key, fill, ticket, eff, true);
     }
 
-    /// [`settle_write`](Self::settle_write) for a load's store: one that overlapped another
-    /// local write of its stripe is not kept (L2 decides). An "only if absent" store that
+    /// [`settle_write`](Self::settle_write) for a load's store: one that a caller's own write
+    /// of its stripe overlapped is not kept (L2 decides). An "only if absent" store that
     /// succeeded came before any write of the key that overlapped it, so keeping it even for
-    /// `CONTENDED_TTL` would serve it over that newer write here (found by review).
+    /// `CONTENDED_TTL` would serve it over that newer write here (found by review). Overlapped
+    /// only by other loads' stores (the keys of one `get_many_or_load` batch, say), it is kept
+    /// as a write's is.
     pub(crate) fn settle_load(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) {
         self.settle(key, fill, ticket, eff, false);
     }
@@ -1759,7 +1768,7 @@ impl<C: Codec> Inner<C> {
                     let _ = self.l1.remove(key);
                 }
             }
-            Settled::Contended(_) if !keep_contended => {
+            Settled::Contended(mine) if !keep_contended && mine.set_since(ticket) => {
                 let _ = self.l1.remove(key);
             }
             Settled::Contended(mine) => {

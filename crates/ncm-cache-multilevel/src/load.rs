@@ -683,26 +683,30 @@ impl<C: Codec> Inner<C> {
                 if self.l1_holds(key, &object).is_some() {
                     let _ = self.l1.remove(key);
                 }
-                match placed {
-                    // The load's read may have looked in an epoch a clear had left: the new
-                    // one's value is the answer (read with a ticket taken first, as every
-                    // fill's read).
-                    Placed::Moved => {
-                        let ticket = self.versions.ticket(key);
-                        match self.l2_get(key, eff).await {
-                            Ok(Some(held)) => Some(Stored::Missed(held, ticket)),
-                            _ => None,
-                        }
+                // The load's read may have looked in an epoch a clear had left: the new one's
+                // value is the answer (read with a ticket taken first, as every fill's read).
+                // Nothing there (or the read failed): nothing in L2 for the lock's waiters.
+                let moved = placed == Placed::Moved;
+                let held = if moved {
+                    let ticket = self.versions.ticket(key);
+                    match self.l2_get(key, eff).await {
+                        Ok(Some(held)) => Some(Stored::Missed(held, ticket)),
+                        _ => None,
                     }
-                    _ => None,
-                }
-                .unwrap_or_else(|| {
+                } else {
+                    None
+                };
+                held.unwrap_or_else(|| {
                     Counters::bump(&self.counters.loads_not_cached);
                     tracing::debug!(
                         key,
                         "written since the load's miss; result served, not cached"
                     );
-                    Stored::Cached
+                    if moved {
+                        Stored::NotCached
+                    } else {
+                        Stored::Cached
+                    }
                 })
             }
             Ok(Placed::Stored) => {
@@ -716,10 +720,16 @@ impl<C: Codec> Inner<C> {
                     Stored::NotCached
                 }
             }
-            // The value is still good: serve it and keep it in L1; count the failure.
+            // The value is still good: serve it and keep it in L1; count the failure. (After a
+            // miss, as a load's store: an "only if absent" write that landed came before any
+            // caller's write that overlapped it.)
             Err(e) => {
                 tracing::warn!(key, error = %e, "loaded value not written to L2");
-                self.settle_write(key, fill, &write, eff);
+                if after_miss {
+                    self.settle_load(key, fill, &write, eff);
+                } else {
+                    self.settle_write(key, fill, &write, eff);
+                }
                 Stored::NotCached
             }
         };

@@ -68,6 +68,12 @@ impl Ticket {
         ])
     }
 
+    /// Whether a caller's own write of the stripe ([`Versions::renew_flight`]) began between
+    /// `begun` (a write's ticket) and this one (its settled ticket).
+    pub(crate) fn set_since(&self, begun: &Ticket) -> bool {
+        self.sets != begun.sets
+    }
+
     /// A mark back as a ticket of `key`; `None` when it was not made for `key`'s stripe.
     pub(crate) fn from_mark(key: &str, mark: ncm_cache_core::LoadMark) -> Option<Self> {
         let [global, packed, invalidations, writes] = mark.parts();
