@@ -153,13 +153,17 @@ impl<C: Codec> CacheLoader<C> {
         // never decodes what it just encoded.
         let mut body = std::pin::pin!(body);
         let mut slot: Option<(R, bool)> = None;
-        let (shared, ran) = {
+        // A forced call that joined a flight runs one more: the flight it joined began before
+        // it (its source read may predate this call), while the next one begins after it.
+        // Concurrent refreshes thus share the run begun after all of them.
+        let mut rounds = if call.force { 2 } else { 1 };
+        let (shared, ran) = loop {
+            rounds -= 1;
             let (body, slot) = (&mut body, &mut slot);
             // Named by the key's mark now: a caller after an invalidation or write of the key
             // does not join a load begun before it (whose source read may be older). Forced
             // calls (`refresh`, warming) fly apart from lazy ones, as `CacheReloader`'s do: a
-            // refresh never settles for a lazy load begun before it (concurrent refreshes
-            // still share one run).
+            // refresh never settles for a lazy load begun before it.
             let mut flight = ncm_cache_core::LoadMark::flight_key(
                 call.key,
                 self.inner.cache.load_mark(call.key),
@@ -167,7 +171,8 @@ impl<C: Codec> CacheLoader<C> {
             if call.force {
                 flight.push_str("\0force");
             }
-            self.inner
+            let landed = self
+                .inner
                 .flight
                 .run_with_role(flight, || async move {
                     // Whether the load replaces what is there (see `run_body`).
@@ -202,7 +207,10 @@ impl<C: Codec> CacheLoader<C> {
                     *slot = Some((output, failed));
                     shared
                 })
-                .await
+                .await;
+            if landed.1 || rounds == 0 {
+                break landed;
+            }
         };
         if ran && let Some((output, failed)) = slot {
             counters.miss();

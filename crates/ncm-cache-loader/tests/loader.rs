@@ -399,3 +399,58 @@ async fn a_refresh_does_not_join_a_lazy_load_in_flight() {
         "the refresh's value is not what is cached"
     );
 }
+
+/// A refresh called while another refresh of the key runs must not be handed that one's value:
+/// its source read began before this call (a write to the source in between would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_does_not_settle_for_a_refresh_begun_before_it() {
+    let loader = CacheLoader::new(memory_cache());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handle = loader
+        .register_loader(
+            "slow_refresh",
+            {
+                let (runs, release) = (Arc::clone(&runs), Arc::clone(&release));
+                move |_: u32| {
+                    let (runs, release) = (Arc::clone(&runs), Arc::clone(&release));
+                    async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst);
+                        if n == 0 {
+                            release.notified().await;
+                        }
+                        Ok::<_, std::io::Error>(format!("v{n}"))
+                    }
+                }
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let first = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.refresh(1).await.unwrap() }
+    });
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Called now, while the first refresh's loader (which read the source as "v0") runs.
+    let second = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.refresh(1).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), "v0");
+    assert_eq!(
+        second.await.unwrap(),
+        "v1",
+        "the second refresh was handed the value of a refresh begun before it"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        handle.load(1).await.unwrap(),
+        "v1",
+        "the newer refresh is not what is cached"
+    );
+}

@@ -208,6 +208,62 @@ async fn reload_key_forces_or_fills_only_missing_values() {
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
+/// A forced `reload_key` called while another forced reload of the name runs in this process
+/// must not settle for that one: its loader read the source before this call began.
+#[tokio::test(start_paused = true)]
+async fn a_forced_reload_does_not_settle_for_one_begun_before_it() {
+    let reloader = CacheReloader::new(memory_cache());
+    let source = Arc::new(AtomicU64::new(1));
+    let runs = Arc::new(AtomicU64::new(0));
+    let (s, r) = (Arc::clone(&source), Arc::clone(&runs));
+    reloader
+        .register_loader(
+            "k",
+            move || {
+                let (s, r) = (Arc::clone(&s), Arc::clone(&r));
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    // The source is read first, then the load takes a second.
+                    let read = s.load(Ordering::SeqCst);
+                    tokio::time::sleep(SEC).await;
+                    Ok::<_, std::io::Error>(read)
+                }
+            },
+            60 * SEC,
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let reloader = Arc::new(reloader);
+    let first = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.reload_key("k", true).await }
+    });
+    tokio::time::sleep(SEC / 10).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the first reload is running"
+    );
+    // The source changes, then a second forced reload is asked for.
+    source.store(2, Ordering::SeqCst);
+    let second = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.reload_key("k", true).await }
+    });
+    assert!(first.await.unwrap().unwrap());
+    assert!(second.await.unwrap().unwrap());
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the second reload ran its own load"
+    );
+    assert_eq!(
+        reloader.get::<u64>("k").await.unwrap(),
+        2,
+        "the cache kept a value read before the second reload was asked for"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn schedule_reload_registers_unknown_names_and_checks_types() {
     let reloader = CacheReloader::builder(memory_cache())

@@ -21,6 +21,8 @@ pub(crate) struct Reloaded {
     pub(crate) value: Option<Box<dyn Any + Send>>,
     /// Whether a loader ran (here or in the flight this caller joined).
     pub(crate) ran: bool,
+    /// Whether this caller joined another caller's flight (begun before it).
+    joined: bool,
 }
 
 impl<C: Codec> CacheReloader<C> {
@@ -93,7 +95,25 @@ impl<C: Codec> CacheReloader<C> {
     /// cache is returned instead of reloading; with `fresh_within`, a value written less than
     /// that long ago (by another instance's reload that held the run lease while this one
     /// waited for it) is returned instead of reloading, even with `force`.
+    ///
+    /// A forced reload that joined another one in this process (begun before it, so its
+    /// loader may have read the source before this call) runs once more: it then leads, or
+    /// joins one begun after it. Concurrent forced reloads thus share that later run.
     pub(crate) async fn reload_entry(
+        &self,
+        entry: &Arc<Entry>,
+        force: bool,
+        fresh_within: Option<Duration>,
+    ) -> Result<Reloaded> {
+        let reloaded = self.reload_flight(entry, force, fresh_within).await?;
+        if force && reloaded.joined {
+            return self.reload_flight(entry, force, fresh_within).await;
+        }
+        Ok(reloaded)
+    }
+
+    /// One flight of [`reload_entry`](Self::reload_entry).
+    async fn reload_flight(
         &self,
         entry: &Arc<Entry>,
         force: bool,
@@ -148,6 +168,7 @@ impl<C: Codec> CacheReloader<C> {
             bytes,
             value: if ran_here { slot } else { None },
             ran,
+            joined: !ran_here,
         })
     }
 
