@@ -1570,6 +1570,11 @@ impl<C: Codec> Inner<C> {
             None => (self.l2_write(key, bytes, ttl).await, false),
         };
         guard.disarm();
+        // Again once the L2 write has returned, before it settles: a load whose store began
+        // while this write was under way and settles after it sees a caller's write
+        // overlapped it (`settle_load`), and a caller after this write never joins a load
+        // begun during it.
+        self.versions.renew_flight(key);
         if let Err(e) = written {
             let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
@@ -1753,9 +1758,12 @@ impl<C: Codec> Inner<C> {
     /// [`settle_write`](Self::settle_write) for a load's store: one that a caller's own write
     /// of its stripe overlapped is not kept (L2 decides). An "only if absent" store that
     /// succeeded came before any write of the key that overlapped it, so keeping it even for
-    /// `CONTENDED_TTL` would serve it over that newer write here (found by review). Overlapped
-    /// only by other loads' stores (the keys of one `get_many_or_load` batch, say), it is kept
-    /// as a write's is.
+    /// `CONTENDED_TTL` would serve it over that newer write here (found by review). A caller's
+    /// write renames flights when it begins and when its L2 write returns, so `set_since` sees
+    /// one that began during this store and one already under way when it began that ended
+    /// before it settles; one still under way settles after this store and replaces or evicts
+    /// its L1 copy itself. Overlapped only by other loads' stores (the keys of one
+    /// `get_many_or_load` batch, say), it is kept as a write's is.
     pub(crate) fn settle_load(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) {
         self.settle(key, fill, ticket, eff, false);
     }

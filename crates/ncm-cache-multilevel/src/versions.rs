@@ -27,9 +27,11 @@ struct Stripe {
     writes: AtomicU64,
     /// Local writes between begin and end.
     in_flight: AtomicU64,
-    /// Bumped by a caller's own write (not a load's store): it only renames the key's load
-    /// flight ([`Versions::renew_flight`]); no ticket checks it, so overlapping writes still
-    /// settle as [`Settled::Contended`], not as invalidated.
+    /// Bumped by a caller's own write (not a load's store) when it begins and when its L2
+    /// write returns: it only renames the key's load flight ([`Versions::renew_flight`]) and
+    /// tells a load's store that a caller's write overlapped it ([`Ticket::set_since`]); no
+    /// ticket's `current` checks it, so overlapping writes still settle as
+    /// [`Settled::Contended`], not as invalidated.
     sets: AtomicU64,
 }
 
@@ -68,8 +70,9 @@ impl Ticket {
         ])
     }
 
-    /// Whether a caller's own write of the stripe ([`Versions::renew_flight`]) began between
-    /// `begun` (a write's ticket) and this one (its settled ticket).
+    /// Whether a caller's own write of the stripe ([`Versions::renew_flight`]) began, or had
+    /// its L2 write return, between `begun` (a write's ticket) and this one (its settled
+    /// ticket).
     pub(crate) fn set_since(&self, begun: &Ticket) -> bool {
         self.sets != begun.sets
     }
@@ -138,8 +141,8 @@ impl Versions {
         format!("{key}\0{}.{}.{}", t.global, t.invalidations, t.sets)
     }
 
-    /// A caller's own write of `key` begins (not a load's store): later callers name a new
-    /// load flight. Unlike [`invalidate`](Self::invalidate), no ticket sees it, so a write
+    /// A caller's own write of `key` begins, or its L2 write returned (not a load's store):
+    /// later callers name a new load flight. Unlike [`invalidate`](Self::invalidate), no ticket sees it, so a write
     /// overlapping another local write of the stripe settles as [`Settled::Contended`].
     pub(crate) fn renew_flight(&self, key: &str) {
         self.stripes[stripe_of(key)]

@@ -1648,6 +1648,42 @@ async fn a_load_store_overlapped_by_a_set_does_not_shadow_it_in_l1() {
     );
 }
 
+/// The same, with the set already under way when the load's store begins: the set's L2 write
+/// is held before it reaches L2, the load misses and stores first, then the set lands, returns
+/// and keeps its value in L1; the load's reply comes last. Its store came before the set's, so
+/// it must not replace the set's value in L1 (before: `settle_load` saw only a set that began
+/// during its store, and served the loaded value here for up to 1 s).
+#[tokio::test]
+async fn a_load_store_overlapped_by_a_set_begun_before_it_does_not_shadow_it_in_l1() {
+    let (slow, cache) = slow_cache();
+    slow.set_request_delay(Duration::from_millis(100));
+    let set = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.set("k", 2u64).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The set is held before L2; the load's store lands at once, its reply comes late.
+    slow.set_request_delay(Duration::ZERO);
+    slow.set_reply_delay(Duration::from_millis(300));
+    let load = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load("k", || async { Ok::<_, Io>(1u64) })
+                .await
+                .unwrap()
+        }
+    });
+    set.await.unwrap();
+    assert_eq!(load.await.unwrap(), 1, "the caller gets what it loaded");
+    slow.set_reply_delay(Duration::ZERO);
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        Some(2),
+        "the load's older value shadowed the set in L1"
+    );
+}
+
 /// The keys of one `get_many_or_load` batch that share a stripe (about a tenth of 1,000 keys
 /// over 4,096 stripes) all reach L1. Two bugs kept them out: the batch checked each key's
 /// ticket after the writes of earlier keys had begun (bumping their stripes), so a key sharing
