@@ -276,3 +276,73 @@ async fn tls_verifies_the_server_certificate_against_a_private_ca() {
         "{err:?}"
     );
 }
+
+/// A user whose ACL forbids scripts: a load's "only if absent" store works (`SET NX` needs no
+/// script), and a refused one, whose look at the key's type is a script, stays refused — the
+/// call does not fail, the forbidden script is counted as an error, and the key of another
+/// type is left as it is (docs/ARCHITECTURE.md: "scripts forbidden by an ACL").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_load_store_without_scripts_stays_refused_and_is_counted() {
+    let server = RedisServer::builder()
+        .args([
+            "--user",
+            "app",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-@scripting",
+            "--user",
+            "default",
+            "off",
+        ])
+        .start()
+        .unwrap();
+    let url = format!("redis://app:pw@{}/", server.addr());
+    let mut config = RedisConfig::from_url(&url).unwrap();
+    config.key_prefix = "app:".into();
+    config.health_check_interval = None;
+    let cache = RedisCache::connect(config).await.unwrap();
+    let backend = cache.backend();
+    let mut raw = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let value = ncm_cache_core::Bytes::from_static(b"loaded");
+    assert!(
+        backend
+            .set_if_absent("fresh", value.clone(), None)
+            .await
+            .unwrap(),
+        "an absent key is stored without a script"
+    );
+    let _: () = redis::cmd("HSET")
+        .arg("app:h")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let errors = backend.get_stats().errors;
+    let stored = backend
+        .set_if_absent("h", value.clone(), Some(Duration::from_secs(60)))
+        .await
+        .expect("a refused store whose script is forbidden does not fail the call");
+    assert!(
+        !stored,
+        "the hash was replaced although scripts are forbidden"
+    );
+    assert_eq!(
+        backend.get_stats().errors,
+        errors + 1,
+        "the forbidden script was not counted as an error"
+    );
+    let kind: String = redis::cmd("TYPE")
+        .arg("app:h")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+}
