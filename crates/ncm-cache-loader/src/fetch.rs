@@ -359,7 +359,9 @@ impl<C: Codec> CacheLoader<C> {
         let backend = Arc::clone(cache.backend());
         let runtime = tokio::runtime::Handle::try_current();
         match (call.strategy, runtime) {
-            (CacheStrategy::WriteBehind, Ok(runtime)) => {
+            // A forced load (refresh, warming) replaces what is there, so two of its stores in
+            // flight at once could apply out of order: it is stored before the call returns.
+            (CacheStrategy::WriteBehind, Ok(runtime)) if !call.force => {
                 let (key, value, counters) = (call.key.to_owned(), bytes, Arc::clone(counters));
                 let (name, logging) = (call.name.to_owned(), self.inner.enable_logging);
                 runtime.spawn(async move {

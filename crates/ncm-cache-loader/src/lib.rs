@@ -26,7 +26,7 @@
 //! | strategy | on a miss |
 //! |---|---|
 //! | `CacheAside` (default), `ReadThrough`, `WriteThrough` | the value is written before the call returns |
-//! | `WriteBehind` | the call returns at once; the value is written in the background |
+//! | `WriteBehind` | the call returns at once; the value is written in the background (a `refresh` or warm, which replaces, is written before it returns, so two of them never land out of order) |
 //! | `WriteAround` | the value is returned and not written (only values written by others are read) |
 //!
 //! ## The attribute macros

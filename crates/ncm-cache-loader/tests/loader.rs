@@ -454,3 +454,40 @@ async fn a_refresh_does_not_settle_for_a_refresh_begun_before_it() {
         "the newer refresh is not what is cached"
     );
 }
+
+/// Two refreshes one after the other under `WriteBehind`: the first one's store must not land
+/// after the second's (a forced store replaces, so two of them in flight at once could apply
+/// in either order). Here the first store is slow and the second fast (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_refreshes_store_in_the_order_they_were_made() {
+    let backend = Flaky::new();
+    let cache = Cache::new(backend.clone(), Serializer::default());
+    let loader = CacheLoader::new(cache);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handle = loader
+        .register_loader(
+            "wb",
+            {
+                let runs = Arc::clone(&runs);
+                move |_: u32| {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    async move { Ok::<_, std::io::Error>(format!("v{n}")) }
+                }
+            },
+            None,
+            CacheStrategy::WriteBehind,
+        )
+        .unwrap();
+    backend.set_write_delay(Duration::from_millis(300));
+    assert_eq!(handle.refresh(1).await.unwrap(), "v0");
+    // Let a background store, if any, start with the slow delay.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    backend.set_write_delay(Duration::ZERO);
+    assert_eq!(handle.refresh(1).await.unwrap(), "v1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        handle.load(1).await.unwrap(),
+        "v1",
+        "the first refresh's store landed after the second's"
+    );
+}

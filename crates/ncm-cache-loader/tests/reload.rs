@@ -264,6 +264,99 @@ async fn a_forced_reload_does_not_settle_for_one_begun_before_it() {
     );
 }
 
+/// The same when the earlier forced reload fails: the later one is not handed its error (the
+/// source may have recovered since), it runs its own load.
+#[tokio::test(start_paused = true)]
+async fn a_forced_reload_does_not_settle_for_the_error_of_one_begun_before_it() {
+    let reloader = Arc::new(CacheReloader::new(memory_cache()));
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = Arc::clone(&runs);
+    reloader
+        .register_loader(
+            "k",
+            move || {
+                let r = Arc::clone(&r);
+                async move {
+                    // The first run finds the source down; it is back for the second.
+                    let n = r.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(SEC).await;
+                    if n == 0 {
+                        Err(std::io::Error::other("source down"))
+                    } else {
+                        Ok(7u64)
+                    }
+                }
+            },
+            60 * SEC,
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let first = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.reload_key("k", true).await }
+    });
+    tokio::time::sleep(SEC / 10).await;
+    let second = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.reload_key("k", true).await }
+    });
+    assert!(first.await.unwrap().is_err());
+    assert!(
+        second
+            .await
+            .unwrap()
+            .expect("handed the error of a reload begun before it"),
+        "no loader ran for the second reload"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(reloader.get::<u64>("k").await.unwrap(), 7);
+}
+
+/// A lazy read after this process deleted the value does not join a lazy load begun before
+/// the delete (whose loader read the source before it): its flight is named by the value's
+/// load mark, as `CacheLoader`'s are.
+#[tokio::test(start_paused = true)]
+async fn a_lazy_read_after_a_delete_does_not_join_a_load_begun_before_it() {
+    let cache = memory_cache();
+    let reloader = Arc::new(CacheReloader::new(cache.clone()));
+    let source = Arc::new(AtomicU64::new(1));
+    let s = Arc::clone(&source);
+    reloader
+        .register_loader(
+            "k",
+            move || {
+                let s = Arc::clone(&s);
+                async move {
+                    let read = s.load(Ordering::SeqCst);
+                    tokio::time::sleep(SEC).await;
+                    Ok::<_, std::io::Error>(read)
+                }
+            },
+            60 * SEC,
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let first = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.get::<u64>("k").await }
+    });
+    tokio::time::sleep(SEC / 10).await;
+    // The source changes, and the value is deleted (cache-aside), while the first load runs.
+    source.store(2, Ordering::SeqCst);
+    cache.delete("k").await.unwrap();
+    let second = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.get::<u64>("k").await }
+    });
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        2,
+        "a read after the delete was handed a load begun before it"
+    );
+    assert_eq!(reloader.get::<u64>("k").await.unwrap(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn schedule_reload_registers_unknown_names_and_checks_types() {
     let reloader = CacheReloader::builder(memory_cache())

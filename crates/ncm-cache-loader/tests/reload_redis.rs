@@ -290,3 +290,41 @@ async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value()
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A lazy load after a miss stores only while the value is still absent: a write another
+/// process made while the loader ran stays (before: the reload stored with a plain `SET` and
+/// every instance read its older value for the TTL; found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_reload_after_a_miss_does_not_overwrite_a_write_made_during_it() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let ours = RedisCache::from_url(&server.url()).await.unwrap();
+    let other = RedisCache::from_url(&server.url()).await.unwrap();
+    let reloader = Arc::new(CacheReloader::redis(&ours).build());
+    let runs: Runs = Arc::default();
+    reloader
+        .register_loader(
+            "cfg",
+            recording_loader("a", runs.clone(), Duration::from_millis(300)),
+            None,
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let read = tokio::spawn({
+        let reloader = Arc::clone(&reloader);
+        async move { reloader.get::<String>("cfg").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(runs.lock().unwrap().len(), 1, "the lazy load is running");
+    // Another process writes the value (the source changed) while the load runs.
+    other.set("cfg", &"from b".to_string()).await.unwrap();
+    assert_eq!(
+        read.await.unwrap().unwrap(),
+        "from a",
+        "the caller gets its load"
+    );
+    assert_eq!(
+        other.get::<String>("cfg").await.unwrap().as_deref(),
+        Some("from b"),
+        "the lazy reload overwrote a newer write"
+    );
+}

@@ -21,8 +21,6 @@ pub(crate) struct Reloaded {
     pub(crate) value: Option<Box<dyn Any + Send>>,
     /// Whether a loader ran (here or in the flight this caller joined).
     pub(crate) ran: bool,
-    /// Whether this caller joined another caller's flight (begun before it).
-    joined: bool,
 }
 
 impl<C: Codec> CacheReloader<C> {
@@ -105,26 +103,33 @@ impl<C: Codec> CacheReloader<C> {
         force: bool,
         fresh_within: Option<Duration>,
     ) -> Result<Reloaded> {
-        let reloaded = self.reload_flight(entry, force, fresh_within).await?;
-        if force && reloaded.joined {
-            return self.reload_flight(entry, force, fresh_within).await;
+        // Also when the joined flight failed: its error is as old as its source read.
+        let (reloaded, joined) = self.reload_flight(entry, force, fresh_within).await;
+        if force && joined {
+            return self.reload_flight(entry, force, fresh_within).await.0;
         }
-        Ok(reloaded)
+        reloaded
     }
 
-    /// One flight of [`reload_entry`](Self::reload_entry).
+    /// One flight of [`reload_entry`](Self::reload_entry), and whether this caller joined
+    /// another caller's flight.
     async fn reload_flight(
         &self,
         entry: &Arc<Entry>,
         force: bool,
         fresh_within: Option<Duration>,
-    ) -> Result<Reloaded> {
+    ) -> (Result<Reloaded>, bool) {
         // Forced and lazy reloads fly separately: a forced reload never settles for a value
-        // that a lazy one merely found.
+        // that a lazy one merely found. A lazy flight is named by the value's load mark now,
+        // as `CacheLoader`'s are: a read after an invalidation or write of the value on this
+        // instance never joins a load begun before it (whose source read may be older).
         let flight_key = if force {
             format!("{}\u{0}force", entry.name)
         } else {
-            entry.name.clone()
+            ncm_cache_core::LoadMark::flight_key(
+                &entry.name,
+                self.inner.cache.load_mark(&entry.name),
+            )
         };
         let mut slot: Option<Box<dyn Any + Send>> = None;
         let (result, ran_here) = {
@@ -137,22 +142,31 @@ impl<C: Codec> CacheReloader<C> {
                     // value that is already there.
                     // (Only bytes this build can read: an entry left in place because a newer
                     // build wrote it is a miss, and the load below overwrites it.)
-                    if (!force || !granted || self.written_within(entry, fresh_within).await)
-                        && let Ok(Some(bytes)) = self.inner.cache.backend().get(&entry.name).await
-                        && self
-                            .inner
-                            .cache
-                            .decode_for::<serde::de::IgnoredAny>(&entry.name, &bytes)
-                            .is_ok()
-                    {
-                        release(lease).await;
-                        return Ok((bytes, false));
+                    // A lazy load that found the value absent stores it only while it is still
+                    // absent (a write by any instance since is at least as new); a forced one,
+                    // or one after an entry it could not read, replaces it.
+                    let mut after_miss = false;
+                    if !force || !granted || self.written_within(entry, fresh_within).await {
+                        match self.inner.cache.backend().get(&entry.name).await {
+                            Ok(Some(bytes))
+                                if self
+                                    .inner
+                                    .cache
+                                    .decode_for::<serde::de::IgnoredAny>(&entry.name, &bytes)
+                                    .is_ok() =>
+                            {
+                                release(lease).await;
+                                return Ok((bytes, false));
+                            }
+                            Ok(None) => after_miss = !force,
+                            Ok(Some(_)) | Err(_) => {}
+                        }
                     }
                     // A load longer than the lease keeps it: renewed every third of its TTL.
                     let result = renewing(
                         lease.as_deref(),
                         self.inner.lock_ttl,
-                        self.load_and_store(entry, lease.as_deref()),
+                        self.load_and_store(entry, lease.as_deref(), after_miss),
                     )
                     .await;
                     release(lease).await;
@@ -163,13 +177,12 @@ impl<C: Codec> CacheReloader<C> {
                 })
                 .await
         };
-        let (bytes, ran) = result?;
-        Ok(Reloaded {
+        let reloaded = result.map(|(bytes, ran)| Reloaded {
             bytes,
             value: if ran_here { slot } else { None },
             ran,
-            joined: !ran_here,
-        })
+        });
+        (reloaded, !ran_here)
     }
 
     /// Runs the loader and writes its value; the cache failing does not fail the reload. The
@@ -179,11 +192,16 @@ impl<C: Codec> CacheReloader<C> {
         &self,
         entry: &Entry,
         lease: Option<&dyn Lease>,
+        after_miss: bool,
     ) -> Result<super::entry::Loaded> {
         let load = entry.loader();
         // Before the source is read: an invalidation of the value seen meanwhile keeps the
-        // (maybe older) reload out of the cache.
-        let mark = self.inner.cache.load_mark(&entry.name);
+        // (maybe older) reload out of the cache; after a miss, so does any write of it since.
+        let mark = if after_miss {
+            self.inner.cache.miss_mark(&entry.name)
+        } else {
+            self.inner.cache.load_mark(&entry.name)
+        };
         // A panicking loader is a failed reload: the timer, refresh-ahead and other callers
         // go on (a panic would end an eager or scheduled timer for good).
         let run = std::panic::AssertUnwindSafe(async move { load().await });
@@ -221,7 +239,7 @@ impl<C: Codec> CacheReloader<C> {
         match stored {
             Err(e) => self.log_cache_error(entry, "set", &e),
             Ok(false) if self.inner.logging => tracing::debug!(name = %entry.name,
-                "invalidated while reloading: the value is returned, not stored"),
+                "invalidated while reloading (or, after a miss, written since): the value is returned, not stored"),
             Ok(true) if self.inner.logging => tracing::debug!(name = %entry.name, "reloaded"),
             Ok(_) => {}
         }
