@@ -274,20 +274,20 @@ impl<C: Codec> SqlCache<C> {
         let values = analysis.template.values(&params)?;
         SqlStats::count(&self.inner.stats.writes, 1);
         let start = Instant::now();
-        let write = async {
-            let result = self
+        self.write_then_invalidate(&analysis, move |cache, analysis| async move {
+            let result = cache
                 .inner
                 .executor
                 .execute(&analysis.template.sql, &values)
                 .await;
-            self.record_db(
+            cache.record_db(
                 &analysis,
                 start.elapsed(),
                 &result.as_ref().map(|n| *n as usize),
             );
             result
-        };
-        self.write_then_invalidate(&analysis, write).await
+        })
+        .await
     }
 
     /// The tables whose cached results a write to `tables` invalidates: them, and every table

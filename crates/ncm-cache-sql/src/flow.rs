@@ -65,7 +65,7 @@ struct Found {
 impl<C: Codec> SqlCache<C> {
     pub(crate) async fn run(
         &self,
-        analysis: &Analysis,
+        analysis: &Arc<Analysis>,
         values: Vec<SqlValue>,
         strategy: QueryCacheStrategy,
         ttl: Duration,
@@ -87,8 +87,10 @@ impl<C: Codec> SqlCache<C> {
             let rows = if analysis.is_write() {
                 // Invalidated even when the statement failed (a partly applied script may have
                 // written) or this call is dropped first.
-                self.write_then_invalidate(analysis, self.fetch(analysis, &values))
-                    .await
+                self.write_then_invalidate(analysis, move |cache, analysis| async move {
+                    cache.fetch(&analysis, &values).await
+                })
+                .await
             } else {
                 self.fetch(analysis, &values).await
             };

@@ -2,9 +2,10 @@
 //! one write per table however many keys the store holds — and the retry of invalidations that
 //! failed after a write committed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ncm_cache_core::{Bytes, Codec, Result};
+use ncm_cache_core::{Bytes, CacheError, Codec, Result};
 
 use crate::cache::SqlCache;
 use crate::flow::new_token;
@@ -167,26 +168,53 @@ impl<C: Codec> SqlCache<C> {
         self.retry_later(target);
     }
 
-    /// Runs `write` (a statement that writes), then invalidates what it wrote — also when
-    /// this future is dropped before that is done (a request timeout, a client gone): the
-    /// database may have committed the write all the same (a statement already sent runs to
-    /// its end), so its tables then go to the background retrier at once.
-    pub(crate) async fn write_then_invalidate<T>(
+    /// Runs the write `make` returns (a statement that writes), then invalidates what it
+    /// wrote — also when this future is dropped first (a request timeout, a client gone).
+    /// Both run in a task of their own, which the caller only waits for: a statement already
+    /// sent runs to its end on the server all the same (it may be waiting for a lock), and
+    /// its invalidation comes after it ends — an invalidation before the commit alone would
+    /// let a result read in between be stored under the new token and served after it. A
+    /// caller dropped first also hands the tables to the background retrier at once (the
+    /// write may already have committed, its reply late or lost), so they are invalidated
+    /// then and once more when the statement ends.
+    pub(crate) async fn write_then_invalidate<T, F, Fut>(
         &self,
-        analysis: &Analysis,
-        write: impl std::future::Future<Output = T>,
-    ) -> T {
+        analysis: &Arc<Analysis>,
+        make: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Self, Arc<Analysis>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
         let mut unfinished = Unfinished {
             cache: self,
             analysis,
             armed: true,
         };
-        let out = write.await;
-        // Also after a failure: a partly applied script may have written, and invalidating is
-        // cheap and safe.
-        self.invalidate_after_write(analysis).await;
+        let (cache, analysis) = (self.clone(), Arc::clone(analysis));
+        let write = make(self.clone(), Arc::clone(&analysis));
+        let task = async move {
+            let out = write.await;
+            // Also after a failure: a partly applied script may have written, and
+            // invalidating is cheap and safe.
+            cache.invalidate_after_write(&analysis).await;
+            out
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let out = task.await;
+            unfinished.armed = false;
+            return out;
+        };
+        let ended = runtime.spawn(task).await;
         unfinished.armed = false;
-        out
+        match ended {
+            Ok(out) => out,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(CacheError::Closed).inspect_err(|_| {
+                tracing::warn!(error = %e, "a write's task was cancelled (the runtime is shutting down)");
+            }),
+        }
     }
 
     /// Adds `target` to the background retrier's pending set, starting it if it is idle.
@@ -256,8 +284,8 @@ impl<C: Codec> SqlCache<C> {
     }
 }
 
-/// The invalidation of a write whose caller was dropped before it was done: handed to the
-/// background retrier (see [`SqlCache::write_then_invalidate`]).
+/// A write whose caller was dropped before its task ended: its tables go to the background
+/// retrier at once (see [`SqlCache::write_then_invalidate`]).
 struct Unfinished<'a, C: Codec> {
     cache: &'a SqlCache<C>,
     analysis: &'a Analysis,
@@ -275,7 +303,8 @@ impl<C: Codec> Drop for Unfinished<'_, C> {
         if let Some(target) = SqlCache::<C>::write_target(self.analysis) {
             tracing::warn!(
                 ?target,
-                "a write was cancelled before its invalidation was done; invalidating in the background"
+                "a write's caller gave up before it ended; invalidating in the background now \
+                 and again when the statement ends"
             );
             self.cache.retry_later(target);
         }

@@ -1062,3 +1062,76 @@ async fn the_listener_batches_a_burst_of_notifications() {
     );
     handle.stop().await;
 }
+
+/// A write whose caller gives up while the statement waits for a row lock — sent, not yet
+/// committed — is invalidated after it commits, not before: a result read in between (the old
+/// row) is not served after the commit (before: the dropped call handed its tables to the
+/// background retrier, which invalidated 100 ms later while the statement still waited; the
+/// read after that cached the old row under the new token, served after the commit until
+/// the TTL; found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_before_it_committed_is_invalidated_after_it_commits() {
+    let Some(db) = pg::db("a_write_cancelled_before_it_committed").await else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE users (id integer PRIMARY KEY, name text)", ())
+        .await
+        .unwrap();
+    cache
+        .execute("INSERT INTO users VALUES (1, 'Ada')", ())
+        .await
+        .unwrap();
+    let read = || async {
+        let rows = cache
+            .query("SELECT name FROM users WHERE id = 1", ())
+            .await
+            .unwrap();
+        rows.get(0, "name")
+            .and_then(|v| v.as_str().map(str::to_owned))
+    };
+    // Another connection holds the row's lock.
+    let mut locker = db.pool.begin().await.unwrap();
+    ncm_cache_sql::sqlx::query("SELECT 1 FROM users WHERE id = 1 FOR UPDATE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        cache.execute("UPDATE users SET name = 'Bob' WHERE id = 1", ()),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the update was expected to wait for the lock"
+    );
+    // Past the background retrier's first try; the update still waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read().await.as_deref(), Some("Ada"));
+    // The lock goes: the update commits.
+    locker.commit().await.unwrap();
+    let committed = || async {
+        ncm_cache_sql::sqlx::query_scalar::<_, String>("SELECT name FROM users WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            == "Bob"
+    };
+    assert!(
+        eventually(Duration::from_secs(3), committed)
+            .await
+            .is_some(),
+        "the given-up update never committed"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            read().await.as_deref() == Some("Bob")
+        })
+        .await
+        .is_some(),
+        "the row read before the update committed is served after it"
+    );
+}
