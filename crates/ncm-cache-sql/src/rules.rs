@@ -626,8 +626,8 @@ const READ_LEADERS: &[&str] = &[
     "help",
 ];
 
-/// For a statement sqlparser could not parse: `true` when it may write. Classified by its
-/// leading keyword: reads (`SELECT`, `SHOW`, `EXPLAIN`, …) do not, unless a `SELECT … INTO`
+/// For a statement sqlparser could not parse: `true` when it may write. Each statement of a
+/// script (split at `;`) is classified by its leading keyword: reads (`SELECT`, `SHOW`, `EXPLAIN`, …) do not, unless a `SELECT … INTO`
 /// creates a table; `WITH` writes when its body has `INSERT`, `DELETE`, `MERGE` or an `UPDATE`
 /// that is not a lock (`FOR [NO KEY] UPDATE`); every other statement may. Column names and
 /// function calls (`replace(..)`, a column `comment`) do not count.
@@ -635,6 +635,14 @@ pub(crate) fn unparsed_may_write(sql: &str, dialect: SqlDialect) -> bool {
     let Ok(tokens) = Tokenizer::new(dialect.parser_dialect(), sql).tokenize() else {
         return true;
     };
+    // A script: drivers run every statement, so each is judged by its own leading word.
+    tokens
+        .split(|t| matches!(t, Token::SemiColon))
+        .any(statement_may_write)
+}
+
+/// [`unparsed_may_write`] for one statement's tokens.
+fn statement_may_write(tokens: &[Token]) -> bool {
     let words: Vec<String> = tokens
         .iter()
         .filter_map(|t| match t {
@@ -742,5 +750,19 @@ mod tests {
         assert!(!unparsed_may_write("SELECT weird syntax ~~~ FROM t", d));
         // Quoted identifiers do not count.
         assert!(!unparsed_may_write("SELECT \"update\" FROM t ???", d));
+        // A script: each statement by its own leading word (drivers run every statement;
+        // found by review: a script led by a read was taken for a read).
+        assert!(unparsed_may_write(
+            "SELECT 1 FROM t INDEXED BY i; DELETE FROM t WHERE id = 1",
+            d
+        ));
+        assert!(!unparsed_may_write(
+            "SELECT 1 FROM t INDEXED BY i; SELECT 2 FROM t ???;",
+            d
+        ));
+        assert!(unparsed_may_write(
+            "SELECT 1 FROM t ???; WITH x AS (SELECT 1) DELETE FROM t",
+            d
+        ));
     }
 }
