@@ -78,9 +78,13 @@ impl PgExecutor {
     /// connection string: `postgres://{system identifier}/{database}?user={current_user}
     /// &search_path={search_path}`. Two host names (or a pooler) reaching one database share
     /// entries and invalidations; two databases behind one address, or two roles (row-level
-    /// security), never share entries. Without the right to call `pg_control_system()` (it
-    /// needs superuser or `pg_monitor`), the server's address and port stand in for the
-    /// system identifier, with a warning.
+    /// security), never share entries. Without the right to call `pg_control_system()` (some
+    /// installations keep it for superusers and `pg_monitor`), the server's start time and
+    /// `cluster_name` stand in for the system identifier, with a warning: the same for every
+    /// connection to the server however it is reached (a host name, an address, a Unix
+    /// socket), but new after a restart (the cache starts empty then), and different on a
+    /// replica — grant `pg_monitor`, or set one identity with
+    /// [`with_identity`](Self::with_identity), when reads and writes go to different servers.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         let sysid = sqlx::query_scalar::<_, String>(
             "SELECT system_identifier::text FROM pg_control_system()",
@@ -91,16 +95,10 @@ impl PgExecutor {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(error = %e, "pg_control_system() is not readable; the cache \
-                    identifies the database by the server's address instead (grant pg_monitor \
-                    to identify it by its system identifier)");
-                sqlx::query_scalar::<_, String>(
-                    "SELECT coalesce(host(inet_server_addr()), 'local') || ':' || \
-                     coalesce(inet_server_port()::text, '') || ':' || \
-                     current_setting('cluster_name')",
-                )
-                .fetch_one(&pool)
-                .await
-                .map_err(|e| database_error("cannot identify the PostgreSQL server", e))?
+                    identifies the database by the server's start time instead (a restart \
+                    starts an empty cache; a replica is another server: grant pg_monitor to \
+                    identify it by its system identifier)");
+                server_by_start_time(&pool).await?
             }
         };
         let row = sqlx::query(
@@ -139,6 +137,20 @@ impl PgExecutor {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// The server part of the identity without `pg_control_system()`: its start time and
+/// `cluster_name`, which every connection reads alike (not the address it was reached at: a
+/// Unix socket and TCP would differ, and so would their caches; found by review).
+async fn server_by_start_time(pool: &PgPool) -> Result<String> {
+    sqlx::query_scalar::<_, String>(
+        "SELECT 'started:' || \
+         (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text || ':' || \
+         current_setting('cluster_name')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|e| database_error("cannot identify the PostgreSQL server", e))
 }
 
 /// A NULL without a type: the server infers it from the context, so it fits any column.
@@ -621,6 +633,42 @@ fn interval_text(iv: &PgInterval) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The identity without `pg_control_system()` is the same over TCP and over the Unix
+    /// socket (before: `127.0.0.1:5432:…` and `local::…`, so processes reaching one database
+    /// in the two ways never saw each other's invalidations). Skipped where the local server
+    /// or its socket is not there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_fallback_identity_does_not_depend_on_how_the_server_is_reached() {
+        use sqlx::postgres::PgConnectOptions;
+        let connect = |opts: PgConnectOptions| async move {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(3))
+                .connect_with(opts)
+                .await
+        };
+        let tcp = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(5432)
+            .username("postgres")
+            .database("test");
+        let socket = PgConnectOptions::new()
+            .socket("/var/run/postgresql")
+            .port(5432)
+            .username("postgres")
+            .database("test");
+        let (Ok(tcp), Ok(socket)) = (connect(tcp).await, connect(socket).await) else {
+            eprintln!("skipped: no PostgreSQL on 127.0.0.1:5432 and /var/run/postgresql");
+            return;
+        };
+        let (by_tcp, by_socket) = (
+            server_by_start_time(&tcp).await.unwrap(),
+            server_by_start_time(&socket).await.unwrap(),
+        );
+        assert_eq!(by_tcp, by_socket);
+        assert!(by_tcp.starts_with("started:"), "{by_tcp}");
+    }
 
     fn numeric(ndigits: u16, weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
         let mut b = Vec::new();
