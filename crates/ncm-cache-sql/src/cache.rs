@@ -293,9 +293,18 @@ impl<C: Codec> SqlCache<C> {
     /// The tables whose cached results a write to `tables` invalidates: them, and every table
     /// that depends on them.
     pub(crate) async fn dependents(&self, tables: &[String]) -> Option<Vec<String>> {
+        // The shared catalog token first: a schema change through another instance since
+        // this one loaded its catalog makes it load again.
+        let shared = self
+            .inner
+            .cache
+            .backend()
+            .get(&self.inner.keys.catalog())
+            .await
+            .ok();
         self.inner
             .deps
-            .expand(self.inner.executor.as_ref(), tables)
+            .expand(self.inner.executor.as_ref(), tables, shared)
             .await
     }
 

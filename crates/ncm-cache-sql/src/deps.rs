@@ -4,14 +4,18 @@
 //! closure of its tables under these edges.
 //!
 //! Edges come from the database catalog ([`SqlExecutor::dependencies`]: loaded before the first
-//! invalidation, reloaded after a DDL statement runs through the cache, and every
-//! [`CATALOG_MAX_AGE`]) and from the builder ([`SqlCacheBuilder::dependency`]).
+//! invalidation, reloaded after a DDL statement runs through this cache or any other instance
+//! sharing its store — a DDL replaces the database's shared catalog token, which every
+//! expansion reads first, one read per invalidation — and every [`CATALOG_MAX_AGE`]) and from
+//! the builder ([`SqlCacheBuilder::dependency`]).
 //!
 //! [`SqlCacheBuilder::dependency`]: crate::SqlCacheBuilder::dependency
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use ncm_cache_core::Bytes;
 
 use crate::executor::SqlExecutor;
 
@@ -30,6 +34,15 @@ pub(crate) struct Dependencies {
     catalog: Mutex<Catalog>,
 }
 
+impl Catalog {
+    fn mark_stale(&mut self) {
+        self.loaded = None;
+        self.known = false;
+        self.retry_at = None;
+        self.epoch += 1;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Catalog {
     edges: Arc<Edges>,
@@ -42,6 +55,9 @@ struct Catalog {
     retry_at: Option<Instant>,
     /// Bumped by every `mark_stale`: a load that started before one is not installed as fresh.
     epoch: u64,
+    /// The shared catalog token read before the edges were loaded: another value means a
+    /// schema change through another instance since.
+    shared: Option<Bytes>,
 }
 
 impl Dependencies {
@@ -58,11 +74,7 @@ impl Dependencies {
 
     /// The schema may have changed: reload the catalog's edges before the next expansion.
     pub(crate) fn mark_stale(&self) {
-        let mut c = self.lock();
-        c.loaded = None;
-        c.known = false;
-        c.retry_at = None;
-        c.epoch += 1;
+        self.lock().mark_stale();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
@@ -73,9 +85,22 @@ impl Dependencies {
     /// succeeded since the last schema change, and this one failed too), so the caller must
     /// assume every table is affected. A failed load is tried again after [`CATALOG_RETRY`]
     /// (meanwhile the previous edges are used if they are known, else `None`).
-    async fn catalog(&self, executor: &dyn SqlExecutor) -> Option<Arc<Edges>> {
+    ///
+    /// `shared`: the shared catalog token as read now (`None` when it could not be read); one
+    /// other than at the last load marks the edges stale first.
+    async fn catalog(
+        &self,
+        executor: &dyn SqlExecutor,
+        shared: Option<Option<Bytes>>,
+    ) -> Option<Arc<Edges>> {
         let (edges, fresh, known, epoch) = {
-            let c = self.lock();
+            let mut c = self.lock();
+            if let Some(now) = &shared
+                && c.loaded.is_some()
+                && *now != c.shared
+            {
+                c.mark_stale();
+            }
             let fresh = c.loaded.is_some_and(|at| at.elapsed() < CATALOG_MAX_AGE)
                 || c.retry_at.is_some_and(|at| Instant::now() < at);
             (Arc::clone(&c.edges), fresh, c.known, c.epoch)
@@ -101,6 +126,9 @@ impl Dependencies {
                     c.loaded = Some(Instant::now());
                     c.known = true;
                     c.retry_at = None;
+                    if let Some(now) = shared {
+                        c.shared = now;
+                    }
                 }
                 Some(map)
             }
@@ -118,13 +146,15 @@ impl Dependencies {
     }
 
     /// `tables` and every table reachable from them, sorted; `None` when the catalog's
-    /// edges are unknown (every table must be assumed affected).
+    /// edges are unknown (every table must be assumed affected). `shared`: see
+    /// [`catalog`](Self::catalog).
     pub(crate) async fn expand(
         &self,
         executor: &dyn SqlExecutor,
         tables: &[String],
+        shared: Option<Option<Bytes>>,
     ) -> Option<Vec<String>> {
-        let catalog = self.catalog(executor).await?;
+        let catalog = self.catalog(executor, shared).await?;
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut todo: Vec<String> = tables.to_vec();
         while let Some(t) = todo.pop() {
@@ -209,7 +239,7 @@ mod tests {
         let base = ["base".to_owned()];
         edges(&db, Some(&[("base", "over_base")])).await;
         let both = Some(vec!["base".to_owned(), "over_base".to_owned()]);
-        assert_eq!(deps.expand(&db, &base).await, both);
+        assert_eq!(deps.expand(&db, &base, None).await, both);
 
         // Aged out, and the catalog cannot be read: the known edges are used.
         let age = |deps: &Dependencies| {
@@ -217,23 +247,43 @@ mod tests {
         };
         age(&deps);
         edges(&db, None).await;
-        assert_eq!(deps.expand(&db, &base).await, both);
+        assert_eq!(deps.expand(&db, &base, None).await, both);
         // Readable again but within the retry interval: not asked (the new edge is unseen).
         edges(&db, Some(&[("base", "other_view")])).await;
-        assert_eq!(deps.expand(&db, &base).await, both);
+        assert_eq!(deps.expand(&db, &base, None).await, both);
         // After it: asked, and the new edges are used.
         deps.lock().retry_at = Instant::now().checked_sub(Duration::from_millis(1));
         let other = Some(vec!["base".to_owned(), "other_view".to_owned()]);
-        assert_eq!(deps.expand(&db, &base).await, other);
+        assert_eq!(deps.expand(&db, &base, None).await, other);
 
         // A schema change, then an unreadable catalog: nothing is known.
         deps.mark_stale();
         edges(&db, None).await;
-        assert_eq!(deps.expand(&db, &base).await, None);
+        assert_eq!(deps.expand(&db, &base, None).await, None);
         // Still nothing within the retry interval, even once readable.
         edges(&db, Some(&[("base", "over_base")])).await;
-        assert_eq!(deps.expand(&db, &base).await, None);
+        assert_eq!(deps.expand(&db, &base, None).await, None);
         deps.lock().retry_at = Instant::now().checked_sub(Duration::from_millis(1));
-        assert_eq!(deps.expand(&db, &base).await, both);
+        assert_eq!(deps.expand(&db, &base, None).await, both);
+    }
+
+    /// A schema change through another instance (another shared catalog token) reloads the
+    /// edges; the same token, or one that could not be read, keeps them.
+    #[tokio::test]
+    async fn another_instances_schema_change_reloads_the_catalog() {
+        let db = EdgeTable(SqliteExecutor::memory().await.unwrap());
+        let deps = Dependencies::new(Vec::new());
+        let base = ["base".to_owned()];
+        let first = Some(vec!["base".to_owned(), "v1".to_owned()]);
+        let second = Some(vec!["base".to_owned(), "v2".to_owned()]);
+        edges(&db, Some(&[("base", "v1")])).await;
+        assert_eq!(deps.expand(&db, &base, Some(None)).await, first);
+        edges(&db, Some(&[("base", "v2")])).await;
+        assert_eq!(deps.expand(&db, &base, Some(None)).await, first);
+        assert_eq!(deps.expand(&db, &base, None).await, first);
+        let changed = Some(Some(Bytes::from_static(b"t1")));
+        assert_eq!(deps.expand(&db, &base, changed.clone()).await, second);
+        edges(&db, Some(&[("base", "v3")])).await;
+        assert_eq!(deps.expand(&db, &base, changed).await, second);
     }
 }

@@ -24,15 +24,18 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 pub(crate) struct Pending {
     tables: std::collections::BTreeSet<String>,
     all: bool,
+    /// A schema change to announce (the shared catalog token, see `deps.rs`).
+    schema: bool,
     running: bool,
 }
 
 impl Pending {
-    fn add(&mut self, target: Target) {
+    fn add(&mut self, target: Target, schema: bool) {
         match target {
             Target::All => self.all = true,
             Target::Tables(t) => self.tables.extend(t),
         }
+        self.schema |= schema;
     }
 }
 
@@ -94,25 +97,35 @@ impl<C: Codec> SqlCache<C> {
             .into_iter()
             .map(|t| parse_table_name(t.as_ref(), dialect).bare().to_owned())
             .collect();
-        self.invalidate(Target::Tables(tags)).await
+        self.invalidate(Target::Tables(tags), false).await
     }
 
     /// Invalidates every cached result of this database (one write). Returns 1.
     pub async fn invalidate_all(&self) -> Result<u64> {
-        self.invalidate(Target::All).await
+        self.invalidate(Target::All, false).await
     }
 
-    /// Replaces the generation tokens of `target` (tables expanded by their dependencies).
-    pub(crate) async fn invalidate(&self, target: Target) -> Result<u64> {
+    /// Replaces the generation tokens of `target` (tables expanded by their dependencies) and,
+    /// after a schema change (`schema`), the shared catalog token in the same write, so every
+    /// instance reloads its dependency catalog before its next expansion.
+    pub(crate) async fn invalidate(&self, target: Target, schema: bool) -> Result<u64> {
         let inner = self.inner();
-        let keys = match &target {
+        let mut keys = match &target {
             Target::All => vec![inner.keys.generation_all()],
+            Target::Tables(tags) if tags.is_empty() => Vec::new(),
             // Dependencies unknown (the catalog could not be read): everything.
             Target::Tables(tags) => match self.dependents(tags).await {
                 Some(tables) => tables.iter().map(|t| inner.keys.generation(t)).collect(),
                 None => vec![inner.keys.generation_all()],
             },
         };
+        let generations = keys.len() as u64;
+        if schema {
+            keys.push(inner.keys.catalog());
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
         let entries: Vec<(&str, Bytes)> = keys
             .iter()
             .map(|k| (k.as_str(), Bytes::from(new_token())))
@@ -122,10 +135,16 @@ impl<C: Codec> SqlCache<C> {
             .backend()
             .set_many(&entries, Some(crate::keys::GENERATION_TTL))
             .await?;
-        let n = entries.len() as u64;
+        let n = generations;
         self.count(n);
         tracing::debug!(?target, generations = n, "invalidated");
         Ok(n)
+    }
+
+    /// [`write_target`](Self::write_target), or no table when a schema change wrote none
+    /// (its catalog token is still replaced).
+    fn write_target_or_schema(analysis: &Analysis) -> Option<Target> {
+        Self::write_target(analysis).or_else(|| analysis.ddl.then(|| Target::Tables(Vec::new())))
     }
 
     /// What a statement that ran wrote: its tables, or everything when they are unknown.
@@ -154,10 +173,10 @@ impl<C: Codec> SqlCache<C> {
         if analysis.ddl {
             self.inner().deps.mark_stale();
         }
-        let Some(target) = Self::write_target(analysis) else {
+        let Some(target) = Self::write_target_or_schema(analysis) else {
             return;
         };
-        let Err(err) = self.invalidate(target.clone()).await else {
+        let Err(err) = self.invalidate(target.clone(), analysis.ddl).await else {
             return;
         };
         let stats = &self.inner().stats;
@@ -165,7 +184,7 @@ impl<C: Codec> SqlCache<C> {
         tracing::error!(error = %err, ?target,
             "invalidation after a committed write failed; retrying in the background \
              (cached results of these tables may be stale meanwhile)");
-        self.retry_later(target);
+        self.retry_later(target, analysis.ddl);
     }
 
     /// Runs the write `make` returns (a statement that writes), then invalidates what it
@@ -217,11 +236,12 @@ impl<C: Codec> SqlCache<C> {
         }
     }
 
-    /// Adds `target` to the background retrier's pending set, starting it if it is idle.
-    fn retry_later(&self, target: Target) {
+    /// Adds `target` (and a schema change to announce) to the background retrier's pending
+    /// set, starting it if it is idle.
+    fn retry_later(&self, target: Target, schema: bool) {
         let start = {
             let mut pending = self.pending();
-            pending.add(target);
+            pending.add(target, schema);
             !std::mem::replace(&mut pending.running, true)
         };
         if !start {
@@ -240,20 +260,22 @@ impl<C: Codec> SqlCache<C> {
         let mut delay = FIRST_RETRY;
         loop {
             tokio::time::sleep(delay).await;
-            let target = {
+            let (target, schema) = {
                 let mut pending = self.pending();
-                if pending.all {
+                let schema = std::mem::take(&mut pending.schema);
+                let target = if pending.all {
                     pending.all = false;
                     pending.tables.clear();
                     Target::All
-                } else if pending.tables.is_empty() {
+                } else if pending.tables.is_empty() && !schema {
                     pending.running = false;
                     return;
                 } else {
                     Target::Tables(std::mem::take(&mut pending.tables).into_iter().collect())
-                }
+                };
+                (target, schema)
             };
-            match self.invalidate(target.clone()).await {
+            match self.invalidate(target.clone(), schema).await {
                 Ok(_) => {
                     SqlStats::count(&self.inner().stats.invalidation_retries_succeeded, 1);
                     tracing::info!(?target, "invalidation retry succeeded");
@@ -262,7 +284,7 @@ impl<C: Codec> SqlCache<C> {
                 Err(e) => {
                     tracing::warn!(error = %e, ?target, "invalidation retry failed");
                     let mut pending = self.pending();
-                    pending.add(target);
+                    pending.add(target, schema);
                     delay = (delay * 2).min(MAX_RETRY_DELAY);
                 }
             }
@@ -300,13 +322,13 @@ impl<C: Codec> Drop for Unfinished<'_, C> {
         if self.analysis.ddl {
             self.cache.inner().deps.mark_stale();
         }
-        if let Some(target) = SqlCache::<C>::write_target(self.analysis) {
+        if let Some(target) = SqlCache::<C>::write_target_or_schema(self.analysis) {
             tracing::warn!(
                 ?target,
                 "a write's caller gave up before it ended; invalidating in the background now \
                  and again when the statement ends"
             );
-            self.cache.retry_later(target);
+            self.cache.retry_later(target, self.analysis.ddl);
         }
     }
 }

@@ -241,6 +241,12 @@ impl Keys {
         format!("{}#gen:{}", self.generations, encode_tag(table))
     }
 
+    /// The shared catalog token of the database: replaced after a schema change through any
+    /// instance, so every instance reloads its dependency catalog (`deps.rs`).
+    pub(crate) fn catalog(&self) -> String {
+        format!("{}#catalog", self.generations)
+    }
+
     /// The generation key of the whole database (`invalidate_all`, writes to unknown tables).
     pub(crate) fn generation_all(&self) -> String {
         format!("{}#gen*", self.generations)

@@ -1135,3 +1135,44 @@ async fn a_write_cancelled_before_it_committed_is_invalidated_after_it_commits()
         "the row read before the update committed is served after it"
     );
 }
+
+/// A schema change made through one instance reaches the dependency catalog of another that
+/// had already loaded its own: a view created by A over `users` is invalidated by B's write to
+/// `users` (before: B kept its catalog, loaded before the view existed, for up to 5 minutes, so
+/// A's cached view result stayed valid after B's write; found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_created_through_one_instance_is_invalidated_by_anothers_write() {
+    let Some(db) = pg::db("a_view_created_through_one_instance").await else {
+        return;
+    };
+    let shared = memory_cache();
+    let a = SqlCache::builder(shared.clone(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    let b = SqlCache::builder(shared.clone(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    a.execute("CREATE TABLE users (id integer PRIMARY KEY, name text)", ())
+        .await
+        .unwrap();
+    // B writes once: it loads its catalog (no view yet).
+    b.execute("INSERT INTO users VALUES (1, 'Ada')", ())
+        .await
+        .unwrap();
+    a.execute("CREATE VIEW v AS SELECT id, name FROM users", ())
+        .await
+        .unwrap();
+    let q = "SELECT name FROM v WHERE id = 1";
+    assert_eq!(
+        a.query(q, ()).await.unwrap().rows[0][0],
+        SqlValue::Text("Ada".into())
+    );
+    b.execute("UPDATE users SET name = 'Bob' WHERE id = 1", ())
+        .await
+        .unwrap();
+    assert_eq!(
+        a.query(q, ()).await.unwrap().rows[0][0],
+        SqlValue::Text("Bob".into()),
+        "the view's result read before B's write was served after it"
+    );
+}
