@@ -51,6 +51,69 @@ impl<C: Codec> Inner<C> {
             },
         }
     }
+
+    /// [`get_bytes`](Self::get_bytes) for several keys: L1 first, the rest in one L2 batch
+    /// (`get_many`: one `MGET` on Redis). When L2 fails, the stale L1 copies are served if
+    /// every key L2 was asked for has one (fail-safe), else the call fails. A sliding read
+    /// touches each key (`GETEX`), so it reads them one by one, concurrently.
+    pub(crate) async fn get_many_bytes(
+        &self,
+        keys: &[&str],
+        eff: &Eff,
+    ) -> Result<Vec<Option<Bytes>>> {
+        if !eff.read_l2() || (eff.sliding.is_some() && eff.write_l2()) {
+            let each = keys.iter().map(|k| self.get_bytes(k, eff));
+            return futures_util::future::join_all(each)
+                .await
+                .into_iter()
+                .map(|r| r.map(|v| v.map(|(b, _)| b)))
+                .collect();
+        }
+        let mut out: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        // (index, key, stale copy, ticket taken before the L2 read)
+        let mut missing = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let stale = match self.l1_read::<Bytes>(key, eff)? {
+                L1Read::Fresh(v, _) => {
+                    self.counters.l1_hits.bump();
+                    out.push(v.map(|b| Bytes::clone(&b)));
+                    continue;
+                }
+                L1Read::Stale(v, _) => v,
+                L1Read::Miss => None,
+            };
+            out.push(None);
+            missing.push((i, *key, stale, self.versions.ticket(key)));
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let miss_keys: Vec<&str> = missing.iter().map(|(_, k, _, _)| *k).collect();
+        match self.l2_call("get_many", self.l2.get_many(&miss_keys)).await {
+            Ok(raw) => {
+                for ((i, key, _, ticket), bytes) in missing.into_iter().zip(raw) {
+                    let Some(bytes) = bytes else {
+                        Counters::bump(&self.counters.misses);
+                        continue;
+                    };
+                    Counters::bump(&self.counters.l2_hits);
+                    let size = bytes.len();
+                    self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket, eff);
+                    out[i] = Some(bytes);
+                }
+                Ok(out)
+            }
+            Err(e) if missing.iter().all(|(_, _, stale, _)| stale.is_some()) => {
+                for (i, _, stale, _) in missing {
+                    Counters::bump(&self.counters.stale_served);
+                    out[i] = stale.map(|b| Bytes::clone(&b));
+                }
+                tracing::debug!(error = %e, "L2 batch read failed; stale copies served");
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A [`MultiLevelCache`] as a byte-level [`CacheBackend`] (from
@@ -156,6 +219,11 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         Ok(self.0.inner.get_bytes(key, &self.1).await?.map(|(b, _)| b))
+    }
+
+    /// L1 first, the rest in one L2 batch (see `Inner::get_many_bytes`).
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        self.0.inner.get_many_bytes(keys, &self.1).await
     }
 
     /// The library's own keys live in L2 only (as the multi-level cache keeps its epoch).

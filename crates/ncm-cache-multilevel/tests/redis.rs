@@ -532,3 +532,44 @@ async fn a_caller_after_a_set_does_not_join_an_older_load() {
     release.notify_one();
     assert_eq!(old.await.unwrap().unwrap(), 1);
 }
+
+/// `as_backend().get_many` (what `SqlCache` reads a result and its table tokens with) reads
+/// L1 first and the rest in one L2 batch: one `MGET`, no `GET` (before: the trait's default
+/// read the keys one by one, a round trip each; found by review). A key another instance
+/// wrote is read from L2 and promoted; one in L1 is not asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_batch_read_is_one_l2_batch() {
+    use ncm_cache_core::{Bytes, CacheBackend};
+    let server = RedisServer::start().unwrap();
+    let writer = instance(&server).await;
+    let reader = instance(&server).await;
+    let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        writer
+            .as_backend()
+            .set(k, Bytes::from(k.clone()), None)
+            .await
+            .unwrap();
+    }
+    // One key already in the reader's L1.
+    reader.as_backend().get("k0").await.unwrap();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).chain(["absent"]).collect();
+    let (gets, mgets) = (
+        server.command_calls("get").unwrap(),
+        server.command_calls("mget").unwrap(),
+    );
+    let got = reader.as_backend().get_many(&refs).await.unwrap();
+    assert_eq!(
+        server.command_calls("get").unwrap(),
+        gets,
+        "read key by key"
+    );
+    assert_eq!(server.command_calls("mget").unwrap(), mgets + 1);
+    for (k, v) in refs.iter().zip(&got) {
+        let expected = (*k != "absent").then(|| Bytes::from(k.to_string()));
+        assert_eq!(v, &expected, "{k}");
+    }
+    // Promoted: read again from L1 alone.
+    reader.as_backend().get_many(&refs[..10]).await.unwrap();
+    assert_eq!(server.command_calls("mget").unwrap(), mgets + 1);
+}
