@@ -154,6 +154,35 @@ impl Drop for Ended {
     }
 }
 
+/// `as_backend().get_many` with fail-safe: when its one L2 batch fails, the stale L1 copies
+/// are served if every key it asked L2 for has one; if one has none, the call fails.
+#[tokio::test]
+async fn a_failed_backend_batch_read_serves_stale_copies_only_when_all_have_one() {
+    use ncm_cache_core::{Bytes, CacheBackend};
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(1))
+        .fail_safe(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let backend = cache.as_backend();
+    for k in ["a", "b"] {
+        backend.set(k, Bytes::from(k), None).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    slow.mode(Mode::Unavailable);
+    assert_eq!(
+        backend.get_many(&["a", "b"]).await.unwrap(),
+        vec![Some(Bytes::from("a")), Some(Bytes::from("b"))]
+    );
+    assert!(
+        backend.get_many(&["a", "never-cached"]).await.is_err(),
+        "a key without a stale copy was answered as absent while L2 was down"
+    );
+}
+
 /// After a soft timeout the load stays the key's one load in flight: requests that come while
 /// it runs serve stale without starting another; the hard timeout ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
