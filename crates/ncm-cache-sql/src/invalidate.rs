@@ -225,10 +225,16 @@ impl<C: Codec> SqlCache<C> {
             unfinished.armed = false;
             return out;
         };
-        let ended = runtime.spawn(task).await;
-        unfinished.armed = false;
+        let ended = runtime
+            .spawn(tracing::Instrument::in_current_span(task))
+            .await;
+        // Disarmed only when the task ended normally (its invalidation ran): a panic in it or
+        // its cancellation (a runtime shutting down) leaves the tables to the retrier.
         match ended {
-            Ok(out) => out,
+            Ok(out) => {
+                unfinished.armed = false;
+                out
+            }
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(CacheError::Closed).inspect_err(|_| {
                 tracing::warn!(error = %e, "a write's task was cancelled (the runtime is shutting down)");

@@ -247,6 +247,48 @@ async fn a_write_cancelled_after_it_committed_still_invalidates() {
     );
 }
 
+/// A write whose execution panics after the database applied it still invalidates its table
+/// (the background retrier takes it): nothing read before it is served afterwards (found by
+/// review: once the write ran in a task of its own, a panic there skipped its invalidation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_panics_after_it_applied_still_invalidates() {
+    let probe = Arc::new(Probe::new(SqliteExecutor::memory().await.unwrap()));
+    let cache = SqlCache::builder_shared(memory_cache(), probe.clone())
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE t (v INTEGER)", ())
+        .await
+        .unwrap();
+    cache.execute("INSERT INTO t VALUES (1)", ()).await.unwrap();
+    let read = |cache: SqlCache| async move {
+        let rows = cache.query("SELECT v FROM t", ()).await.unwrap();
+        rows.get(0, "v").cloned()
+    };
+    assert_eq!(read(cache.clone()).await, Some(SqlValue::Int(1)));
+    probe
+        .panic_after_execute
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let panicked = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.execute("UPDATE t SET v = 2", ()).await }
+    })
+    .await;
+    assert!(
+        panicked.is_err_and(|e| e.is_panic()),
+        "the panic reaches the caller"
+    );
+    probe
+        .panic_after_execute
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        read(cache.clone()).await,
+        Some(SqlValue::Int(2)),
+        "a result read before the applied write was served after it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_run_the_query_once() {
     let gate = Arc::new(Semaphore::new(0));

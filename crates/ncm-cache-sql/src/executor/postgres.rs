@@ -78,29 +78,24 @@ impl PgExecutor {
     /// connection string: `postgres://{system identifier}/{database}?user={current_user}
     /// &search_path={search_path}`. Two host names (or a pooler) reaching one database share
     /// entries and invalidations; two databases behind one address, or two roles (row-level
-    /// security), never share entries. Without the right to call `pg_control_system()` (some
-    /// installations keep it for superusers and `pg_monitor`), the server's start time and
-    /// `cluster_name` stand in for the system identifier, with a warning: the same for every
-    /// connection to the server however it is reached (a host name, an address, a Unix
-    /// socket), but new after a restart (the cache starts empty then), and different on a
-    /// replica — grant `pg_monitor`, or set one identity with
-    /// [`with_identity`](Self::with_identity), when reads and writes go to different servers.
+    /// security), never share entries.
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::Config`](ncm_cache_core::CacheError::Config) when the role may not call
+    /// `pg_control_system()` (some installations keep it for superusers and `pg_monitor`):
+    /// nothing else identifies the server alike for every instance — its address depends on
+    /// how a connection reached it (TCP or a Unix socket), its start time changes with every
+    /// restart — and instances that disagree never see each other's invalidations. Grant
+    /// `pg_monitor`, or build with [`new`](Self::new) and one
+    /// [`with_identity`](Self::with_identity) shared by every instance.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         let sysid = sqlx::query_scalar::<_, String>(
             "SELECT system_identifier::text FROM pg_control_system()",
         )
         .fetch_one(&pool)
         .await;
-        let server = match sysid {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::warn!(error = %e, "pg_control_system() is not readable; the cache \
-                    identifies the database by the server's start time instead (a restart \
-                    starts an empty cache; a replica is another server: grant pg_monitor to \
-                    identify it by its system identifier)");
-                server_by_start_time(&pool).await?
-            }
-        };
+        let server = sysid.map_err(unidentified)?;
         let row = sqlx::query(
             "SELECT current_database()::text AS db, current_user::text AS usr, \
              current_setting('search_path') AS sp",
@@ -139,18 +134,23 @@ impl PgExecutor {
     }
 }
 
-/// The server part of the identity without `pg_control_system()`: its start time and
-/// `cluster_name`, which every connection reads alike (not the address it was reached at: a
-/// Unix socket and TCP would differ, and so would their caches; found by review).
-async fn server_by_start_time(pool: &PgPool) -> Result<String> {
-    sqlx::query_scalar::<_, String>(
-        "SELECT 'started:' || \
-         (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text || ':' || \
-         current_setting('cluster_name')",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(|e| database_error("cannot identify the PostgreSQL server", e))
+/// Why the server's system identifier could not be read: a role without the right to call
+/// `pg_control_system()` is a configuration error that says what to do (found by review: a
+/// fallback on the server's address differed between TCP and Unix-socket connections, one on
+/// its start time between instances started before and after a restart); anything else is
+/// the database's error.
+fn unidentified(e: sqlx::Error) -> ncm_cache_core::CacheError {
+    let denied = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42501"));
+    if !denied {
+        return database_error("cannot identify the PostgreSQL server", e);
+    }
+    ncm_cache_core::CacheError::Config(format!(
+        "cannot identify the PostgreSQL server: this role may not call pg_control_system() \
+         ({e}), and no other value names the server alike for every instance; grant it \
+         pg_monitor (GRANT pg_monitor TO <role>), or build the executor with \
+         PgExecutor::new(pool).with_identity(\"postgres://<server>/<database>\") using the same \
+         identity in every instance"
+    ))
 }
 
 /// A NULL without a type: the server infers it from the context, so it fits any column.
@@ -634,40 +634,48 @@ fn interval_text(iv: &PgInterval) -> String {
 mod tests {
     use super::*;
 
-    /// The identity without `pg_control_system()` is the same over TCP and over the Unix
-    /// socket (before: `127.0.0.1:5432:…` and `local::…`, so processes reaching one database
-    /// in the two ways never saw each other's invalidations). Skipped where the local server
-    /// or its socket is not there.
+    /// A role that may not call `pg_control_system()` gets a configuration error that says
+    /// what to do (a permission error, 42501, made for real by a role without the right to
+    /// read server files); any other failure stays the database's error. Skipped without a
+    /// local PostgreSQL.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_fallback_identity_does_not_depend_on_how_the_server_is_reached() {
-        use sqlx::postgres::PgConnectOptions;
-        let connect = |opts: PgConnectOptions| async move {
-            PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(std::time::Duration::from_secs(3))
-                .connect_with(opts)
-                .await
-        };
-        let tcp = PgConnectOptions::new()
-            .host("127.0.0.1")
-            .port(5432)
-            .username("postgres")
-            .database("test");
-        let socket = PgConnectOptions::new()
-            .socket("/var/run/postgresql")
-            .port(5432)
-            .username("postgres")
-            .database("test");
-        let (Ok(tcp), Ok(socket)) = (connect(tcp).await, connect(socket).await) else {
-            eprintln!("skipped: no PostgreSQL on 127.0.0.1:5432 and /var/run/postgresql");
+    async fn an_unreadable_system_identifier_is_a_config_error_that_says_what_to_do() {
+        let Ok(pool) = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(3))
+            .connect("postgres://postgres@127.0.0.1:5432/test")
+            .await
+        else {
+            eprintln!("skipped: no PostgreSQL on 127.0.0.1:5432");
             return;
         };
-        let (by_tcp, by_socket) = (
-            server_by_start_time(&tcp).await.unwrap(),
-            server_by_start_time(&socket).await.unwrap(),
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SET ROLE pg_monitor")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let denied = sqlx::query_scalar::<_, String>("SELECT pg_read_file('/etc/hostname')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_err();
+        let e = unidentified(denied);
+        assert!(
+            matches!(&e, ncm_cache_core::CacheError::Config(m)
+                if m.contains("GRANT pg_monitor") && m.contains("with_identity")),
+            "{e:?}"
         );
-        assert_eq!(by_tcp, by_socket);
-        assert!(by_tcp.starts_with("started:"), "{by_tcp}");
+        let other = sqlx::query_scalar::<_, String>("SELECT no_such_column FROM pg_class")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                unidentified(other),
+                ncm_cache_core::CacheError::Database { .. }
+            ),
+            "another failure is the database's error"
+        );
+        sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
     }
 
     fn numeric(ndigits: u16, weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {

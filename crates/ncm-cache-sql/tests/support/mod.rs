@@ -284,6 +284,8 @@ pub(crate) struct Probe {
     pub(crate) exec_gate: Option<Arc<Semaphore>>,
     /// When set, reading the dependency catalog fails.
     pub(crate) deps_fail: AtomicBool,
+    /// When set, every execute panics after the database applied it (a bug in a driver).
+    pub(crate) panic_after_execute: AtomicBool,
 }
 
 impl Probe {
@@ -296,6 +298,7 @@ impl Probe {
             gate: None,
             exec_gate: None,
             deps_fail: AtomicBool::new(false),
+            panic_after_execute: AtomicBool::new(false),
         }
     }
 }
@@ -345,6 +348,10 @@ impl SqlExecutor for Probe {
         if let Some(gate) = &self.exec_gate {
             let _permit = gate.acquire().await;
         }
+        assert!(
+            !self.panic_after_execute.load(SeqCst),
+            "probe: a panic after the write was applied"
+        );
         applied
     }
 }
