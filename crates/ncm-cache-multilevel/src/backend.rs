@@ -357,6 +357,9 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             .await;
         cancelled.disarm();
         inner.invalidate_l1_matching(pattern)?;
+        if let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern) {
+            inner.recheck_loads_matching(|k| glob.matches(k)).await;
+        }
         inner.publish_pattern(pattern).await;
         let removed = removed?;
         inner

@@ -464,27 +464,57 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     let Some(msg) = decode(&payload, id) else {
                         continue;
                     };
+                    // Loads stored here that these invalidations may have overtaken
+                    // (`recent.rs`): checked in a task of their own.
+                    let now = inner.opts.now_nanos();
+                    let mut withdraw = Vec::new();
                     if msg.seq.is_some_and(|seq| senders.gap(msg.origin, seq)) {
                         tracing::warn!("backplane message lost: L1 made stale-only");
                         inner.mark_l1_stale();
                         Counters::bump(&inner.counters.resyncs);
+                        withdraw.extend(inner.recent.invalidated_matching(now, |_| true));
                     }
                     for (op, key) in msg.entries {
                         Counters::bump(&inner.counters.backplane_received);
                         match op {
-                            CLEAR => inner.remote_clear(),
+                            CLEAR => {
+                                inner.remote_clear();
+                                let stored = inner.recent.invalidated_matching(now, |_| true);
+                                // With epochs, a load's store cannot land in the new one.
+                                if inner.epoch.is_none() {
+                                    withdraw.extend(stored);
+                                }
+                            }
                             PATTERN => {
                                 if let Ok(pattern) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1_matching(pattern);
+                                    if let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern) {
+                                        withdraw.extend(
+                                            inner
+                                                .recent
+                                                .invalidated_matching(now, |k| glob.matches(k)),
+                                        );
+                                    }
                                 }
                             }
                             SET | DELETE => {
                                 if let Ok(key) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1(key);
+                                    if let Some(digest) = inner.recent.invalidated(key, now) {
+                                        withdraw.push((key.to_owned(), digest));
+                                    }
                                 }
                             }
                             _ => {}
                         }
+                    }
+                    if !withdraw.is_empty() {
+                        let inner = Arc::clone(&inner);
+                        tokio::spawn(async move {
+                            for (key, digest) in withdraw {
+                                inner.withdraw_load(&key, digest).await;
+                            }
+                        });
                     }
                 }
                 PubSubEvent::Disconnected => {
@@ -500,6 +530,18 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                 }
                 PubSubEvent::Reconnected => {
                     resync(&inner, false);
+                    // Messages sent meanwhile are lost: every load stored since is checked.
+                    let withdraw = inner
+                        .recent
+                        .invalidated_matching(inner.opts.now_nanos(), |_| true);
+                    if !withdraw.is_empty() {
+                        let inner = Arc::clone(&inner);
+                        tokio::spawn(async move {
+                            for (key, digest) in withdraw {
+                                inner.withdraw_load(&key, digest).await;
+                            }
+                        });
+                    }
                     tracing::info!("backplane reconnected: L1 cleared and resumed");
                 }
                 _ => {}

@@ -110,6 +110,8 @@ pub(crate) struct Inner<C> {
     /// Background loads (with loader timeouts): one per key, whoever waits for it.
     pub(crate) loads: crate::load::Loads,
     pub(crate) counters: Counters,
+    /// Loads' stores still checked against invalidations heard late (`recent.rs`).
+    pub(crate) recent: crate::recent::RecentLoads,
     pub(crate) refreshing: crate::load::Refreshing,
     #[cfg(feature = "redis")]
     pub(crate) backplane: Option<crate::backplane::Backplane>,
@@ -275,6 +277,7 @@ impl<C: Codec> MultiLevelCache<C> {
             l1_enabled: AtomicBool::new(links == 0),
             links_down: std::sync::Mutex::new(links),
             counters: Counters::default(),
+            recent: crate::recent::RecentLoads::default(),
             refreshing: crate::load::Refreshing::default(),
             #[cfg(feature = "redis")]
             backplane,
@@ -849,6 +852,17 @@ impl<C: Codec> MultiLevelCache<C> {
                 .into_iter()
                 .map(|k| (k, self.inner.versions.write_begin(k)))
                 .collect();
+            // Checked against invalidations heard late (`recent.rs`): (id, digest) per key.
+            let now = self.inner.opts.now_nanos();
+            let recent: HashMap<&str, (u64, u64)> = batch
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        (self.inner.recent.begin(k, now), crate::recent::digest(v)),
+                    )
+                })
+                .collect();
             // Cancelled during the batch write: every key is ended and announced.
             let mut guard = Unannounced::many(
                 &self.inner,
@@ -889,6 +903,23 @@ impl<C: Codec> MultiLevelCache<C> {
                     .map(|((k, _), _)| *k)
                     .collect::<std::collections::HashSet<&str>>()
             });
+            let now = self.inner.opts.now_nanos();
+            let mut withdraw = Vec::new();
+            for (k, (id, digest)) in &recent {
+                match &written {
+                    Ok(refused) if !refused.contains(k) => {
+                        if let crate::recent::Landed::Check(d) =
+                            self.inner.recent.landed(k, *id, *digest, now)
+                        {
+                            withdraw.push((*k, d));
+                        }
+                    }
+                    _ => self.inner.recent.abandoned(k, *id),
+                }
+            }
+            for (k, d) in withdraw {
+                self.inner.withdraw_load(k, d).await;
+            }
             if let Err(e) = written {
                 // Some keys may have reached L2: evict them here and everywhere else.
                 for (k, _) in &encoded {
@@ -959,6 +990,7 @@ impl<C: Codec> MultiLevelCache<C> {
         let r = inner.l2_call("clear", inner.l2.clear_pattern("*")).await;
         cancelled.disarm();
         inner.invalidate_l1_all();
+        inner.recheck_loads_after_clear().await;
         inner.publish_clear().await;
         r?;
         if inner.epoch.is_none() {
@@ -1629,15 +1661,26 @@ impl<C: Codec> Inner<C> {
         let size = bytes.len();
         let ttl = eff.l2_ttl;
         let ticket = self.versions.write_begin(key);
+        let digest = crate::recent::digest(&bytes);
+        let recent = self.recent.begin(key, self.opts.now_nanos());
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
             .l2_call("set", self.place_if_absent(key, bytes, ttl))
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();
+        if !matches!(written, Ok(true)) {
+            self.recent.abandoned(key, recent);
+        }
         match written {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
+                if let crate::recent::Landed::Check(digest) =
+                    self.recent
+                        .landed(key, recent, digest, self.opts.now_nanos())
+                {
+                    self.withdraw_load(key, digest).await;
+                }
                 if eff.announce() {
                     self.publish_set(key).await;
                 }
@@ -1669,6 +1712,52 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// A load's store that a delete may have overtaken (`recent.rs`): removed from L2 when L2
+    /// still holds exactly its bytes (its digest), evicted here, and announced.
+    pub(crate) async fn withdraw_load(&self, key: &str, digest: u64) {
+        match self.l2_call("get", self.l2.get(key)).await {
+            Ok(Some(held)) if crate::recent::digest(&held) == digest => {}
+            _ => return,
+        }
+        if let Err(e) = self.l2_call("delete", self.l2.delete(key)).await {
+            tracing::warn!(key, error = %e, "a load stored after a delete of its key could not be withdrawn");
+            return;
+        }
+        let _ = self.invalidate_l1(key);
+        Counters::bump(&self.counters.loads_withdrawn);
+        tracing::debug!(key, "a load stored after a delete of its key was withdrawn");
+        self.publish_delete(key).await;
+    }
+
+    /// `key` was invalidated (here, or by another instance's message): a load's store of it
+    /// that may have landed after that invalidation's delete is checked (`recent.rs`).
+    pub(crate) async fn recheck_loads_of(&self, key: &str) {
+        if let Some(digest) = self.recent.invalidated(key, self.opts.now_nanos()) {
+            self.withdraw_load(key, digest).await;
+        }
+    }
+
+    /// After a clear: with `epoch_clear` a load's store cannot land in the new epoch (see
+    /// `EpochBackend::place_if_absent`), so nothing is checked; without, every load stored
+    /// here within the window is (as the clear's own `SCAN`, this grows with the work).
+    pub(crate) async fn recheck_loads_after_clear(&self) {
+        if self.epoch.is_some() {
+            let _ = self
+                .recent
+                .invalidated_matching(self.opts.now_nanos(), |_| true);
+            return;
+        }
+        self.recheck_loads_matching(|_| true).await;
+    }
+
+    /// [`recheck_loads_of`](Self::recheck_loads_of) for every key `matches` accepts.
+    pub(crate) async fn recheck_loads_matching(&self, matches: impl Fn(&str) -> bool) {
+        let now = self.opts.now_nanos();
+        for (key, digest) in self.recent.invalidated_matching(now, matches) {
+            self.withdraw_load(&key, digest).await;
+        }
+    }
+
     /// Deletes `key` everywhere: L1 (before and after the L2 delete: a read that began in
     /// between may have read the old value), L2, and other instances' L1.
     pub(crate) async fn delete_everywhere(&self, key: &str, eff: &Eff) -> Result<bool> {
@@ -1689,6 +1778,8 @@ impl<C: Codec> Inner<C> {
             let in_l2 = delete.await;
             guard.disarm();
             self.invalidate_l1(key)?;
+            // A load of the key stored here may have landed after this delete.
+            self.recheck_loads_of(key).await;
             in_l2
         } else {
             Ok(false)

@@ -40,6 +40,7 @@ mod load;
 #[cfg(not(feature = "redis"))]
 mod nobackplane;
 mod options;
+mod recent;
 mod stats;
 mod tombstone;
 #[cfg(feature = "redis")]

@@ -658,6 +658,11 @@ impl<C: Codec> Inner<C> {
         }
         let ttl = eff.l2_ttl;
         let write = self.versions.write_begin(key);
+        // Checked against invalidations heard late (`recent.rs`).
+        let digest = crate::recent::digest(&bytes);
+        let recent = eff
+            .write_l2()
+            .then(|| self.recent.begin(key, self.opts.now_nanos()));
         let mut guard =
             crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
         let written = if !eff.write_l2() {
@@ -671,6 +676,11 @@ impl<C: Codec> Inner<C> {
                 .map(|()| Placed::Stored)
         };
         guard.disarm();
+        if let Some(id) = recent
+            && !matches!(written, Ok(Placed::Stored))
+        {
+            self.recent.abandoned(key, id);
+        }
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
         let stored = match written {
@@ -711,6 +721,12 @@ impl<C: Codec> Inner<C> {
             }
             Ok(Placed::Stored) => {
                 self.settle_load(key, fill, &write, eff);
+                if let Some(id) = recent
+                    && let crate::recent::Landed::Check(digest) =
+                        self.recent.landed(key, id, digest, self.opts.now_nanos())
+                {
+                    self.withdraw_load(key, digest).await;
+                }
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;
                 }

@@ -28,6 +28,11 @@ pub struct MultiLevelStats {
     /// `CacheLoader`, `CacheStrategies::read_through`, `Cache::read_through_with`). A pattern
     /// invalidation or a resync counts for every load in flight.
     pub loads_not_cached: u64,
+    /// Loaded values removed from L2 after they were stored: an invalidation of the key heard
+    /// within 5 s of the store (or during it) may stand for a delete the store landed after,
+    /// and L2 still held exactly what the load stored (docs/ARCHITECTURE.md, "Coherence of
+    /// L1").
+    pub loads_withdrawn: u64,
     /// Stale values served by fail-safe.
     pub stale_served: u64,
     /// Values promoted from L2 into L1.
@@ -61,6 +66,7 @@ pub(crate) struct Counters {
     pub(crate) loads: AtomicU64,
     pub(crate) load_errors: AtomicU64,
     pub(crate) loads_not_cached: AtomicU64,
+    pub(crate) loads_withdrawn: AtomicU64,
     pub(crate) stale_served: AtomicU64,
     pub(crate) promotions: AtomicU64,
     pub(crate) background_refreshes: AtomicU64,
@@ -99,6 +105,7 @@ impl Counters {
             loads: self.loads.load(Relaxed),
             load_errors: self.load_errors.load(Relaxed),
             loads_not_cached: self.loads_not_cached.load(Relaxed),
+            loads_withdrawn: self.loads_withdrawn.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
             promotions: self.promotions.load(Relaxed),
             background_refreshes: self.background_refreshes.load(Relaxed),

@@ -154,6 +154,38 @@ impl Drop for Ended {
     }
 }
 
+/// A delete on this instance that lands in L2 while a load's store is held before it (the
+/// delete stands for a change of the source the load read before): the store, landing after
+/// the delete, is withdrawn — L2 ends without the older value (before: it stayed in L2 for
+/// its TTL, and every read took it).
+#[tokio::test]
+async fn a_load_store_landing_after_a_local_delete_is_withdrawn() {
+    use ncm_cache_core::CacheBackend as _;
+    let (slow, cache) = slow_cache();
+    slow.set_request_delay(Duration::from_millis(200));
+    let load = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load("k", || async { Ok::<_, Io>(1u64) })
+                .await
+                .unwrap()
+        }
+    });
+    // The store is held before L2; the delete lands first.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cache.delete("k").await.unwrap();
+    assert_eq!(load.await.unwrap(), 1, "the caller gets what it loaded");
+    slow.set_request_delay(Duration::ZERO);
+    assert_eq!(
+        slow.get("k").await.unwrap(),
+        None,
+        "the older value stayed in L2"
+    );
+    assert_eq!(cache.get::<u64>("k").await.unwrap(), None);
+    assert_eq!(cache.get_stats().loads_withdrawn, 1);
+}
+
 /// `as_backend().get_many` with fail-safe: when its one L2 batch fails, the stale L1 copies
 /// are served if every key it asked L2 for has one; if one has none, the call fails.
 #[tokio::test]
@@ -419,6 +451,77 @@ mod redis {
             .unwrap();
         wait_active(&cache).await;
         cache
+    }
+
+    /// A delete heard late (cache-aside across processes): A's load read its source, B changed
+    /// the source and deleted the key, A's store landed after that delete (the key was absent,
+    /// so "only if absent" let it in), and B's message reached A only after the store. A
+    /// withdraws what it stored once it hears the delete: L2 no longer holds the older value,
+    /// and B's next read loads the new one (before: every instance read A's older value from
+    /// L2 for its TTL). A's backplane is behind a proxy that delays its messages by 300 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_stored_after_a_delete_heard_late_is_withdrawn() {
+        use ncm_cache_core::CacheBackend as _;
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        // Its backplane's connection: long enough timeouts for the delay below.
+        let mut slow = config(&format!("redis://{}", proxy.addr()));
+        slow.response_timeout = Duration::from_secs(3);
+        slow.health_check_interval = None;
+        let late = RedisCache::connect(slow).await.unwrap();
+        let a = MultiLevelCache::builder(ra.backend())
+            .name("users")
+            .backplane(Arc::clone(late.redis_backend()))
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
+        let (started, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let load = tokio::spawn({
+            let (a, started, release) = (a.clone(), Arc::clone(&started), Arc::clone(&release));
+            async move {
+                a.get_or_load("k", || async move {
+                    // The source is read ("old"), then the load waits.
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, Io>("old".to_string())
+                })
+                .await
+                .unwrap()
+            }
+        });
+        started.notified().await;
+        // B changes the source, then deletes the key; A hears of it 300 ms later.
+        b.delete("k").await.unwrap();
+        release.notify_one();
+        // (A's own announcement of its store also goes through the delayed backplane, so the
+        // call returns only after B's message came: the withdrawal may be done by then.)
+        assert_eq!(
+            load.await.unwrap(),
+            "old",
+            "the loader's caller gets its value"
+        );
+        let start = Instant::now();
+        while ra.backend().get("k").await.unwrap().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the value stored after the delete stayed in L2"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.get_stats().loads_withdrawn, 1);
+        let fresh: String = b
+            .get_or_load("k", || async { Ok::<_, Io>("new".to_string()) })
+            .await
+            .unwrap();
+        assert_eq!(fresh, "new");
+        proxy.set_mode(ProxyMode::Pass);
     }
 
     /// Polls until `cache` returns `want` for `key`, failing after `bound`.
