@@ -417,3 +417,64 @@ async fn a_late_load_does_not_overwrite_a_write_across_processes_over_multilevel
     )
     .await;
 }
+
+/// Cache-aside with a delete, across processes, the delete heard late: process A's
+/// `MultiLevelCache::get_or_load` reads the row (`old`), its reply 500 ms late; this process (B)
+/// commits an UPDATE and deletes the key (the cache-aside write), while A's backplane is
+/// stalled (a proxy), so A's store lands after the delete — the key was absent, "only if
+/// absent" lets it in — and A hears of the delete only afterwards. Once it does, A withdraws
+/// what it stored: a third process then loads the new row. Before, every process read A's
+/// `old` from Redis for the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_stored_after_a_delete_heard_late_is_withdrawn_across_processes() {
+    use ncm_cache::core::CacheBackend as _;
+    use ncm_cache_testkit::{FaultProxy, ProxyMode};
+    let db = Db::Postgres;
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let redis = Redis::One(Box::new(server));
+    let (table, drop) = setup(db).await;
+    let prefix = format!("{}:", unique("xd"));
+    let query = format!("SELECT v FROM {table} WHERE id = 1");
+    let redis_cache = RedisCache::connect(redis.config(&prefix)).await.unwrap();
+    let multi = MultiLevelCache::over_redis(&redis_cache).build().unwrap();
+    let key = "gl:1";
+    admin(db, &format!("UPDATE {table} SET v = 'old' WHERE id = 1")).await;
+    let mut a = worker(db, &redis, &prefix, "multilevel", &query, 500)
+        .env("NCM_LOAD_PATH", "get_or_load")
+        .env("NCM_BACKPLANE_URL", proxy.url())
+        .env("NCM_LINGER_MS", "5000")
+        .spawn()
+        .unwrap();
+    // A has read `old` (its backplane was up before it loaded); its messages now wait.
+    let a_lines = lines(&mut a, true);
+    proxy.set_mode(ProxyMode::Stall);
+    admin(db, &format!("UPDATE {table} SET v = 'new' WHERE id = 1")).await;
+    multi.delete(key).await.unwrap();
+    let result = a_lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("A printed no result");
+    assert_eq!(result, "result old", "A returns what it read");
+    let raw = redis_cache.backend();
+    let held = raw.get(key).await.unwrap();
+    assert!(
+        held.is_some(),
+        "A's store did not land after the delete (the race did not happen)"
+    );
+    // A hears the delete now.
+    proxy.set_mode(ProxyMode::Pass);
+    let start = std::time::Instant::now();
+    while raw.get(key).await.unwrap().is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "A's older value stayed in Redis after A heard the delete"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = a.kill();
+    let _ = a.wait();
+    let mut c = spawn_loader(db, &redis, &prefix, "multilevel", &query, "get_or_load");
+    let c_lines = lines(&mut c, false);
+    assert_eq!(finish(c, &c_lines), "new", "a third process");
+    admin(db, &drop).await;
+}

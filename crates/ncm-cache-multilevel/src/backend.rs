@@ -262,17 +262,31 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         mark: Option<ncm_cache_core::LoadMark>,
     ) -> Result<bool> {
         if let Some(mark) = mark {
+            // The miss is this backend's: with `skip_l2_read` L2 was not asked.
+            let after_miss = mark.follows_miss() && self.1.read_l2();
+            let eff = self.write_eff(ttl);
+            // A load's store, remembered for deletes heard late (`recent.rs`) from before the
+            // version check.
+            let tracked = (after_miss && eff.write_l2())
+                .then(|| crate::cache::Tracked::begin(&self.0.inner, key, &value, &eff));
             let versions = &self.0.inner.versions;
             let current =
                 crate::versions::Ticket::from_mark(key, mark).is_some_and(|t| versions.current(&t));
             if !current {
+                if let Some(t) = tracked {
+                    t.abandon();
+                }
                 Counters::bump(&self.0.inner.counters.loads_not_cached);
                 tracing::debug!(key, "key invalidated during the load; result not cached");
                 return Ok(false);
             }
-            // The miss is this backend's: with `skip_l2_read` L2 was not asked.
-            if mark.follows_miss() && self.1.read_l2() {
-                return self.set_if_absent(key, value, ttl).await;
+            if after_miss {
+                let object = Arc::new(value.clone()) as Object;
+                return self
+                    .0
+                    .inner
+                    .write_loaded(key, object, value, &eff, tracked)
+                    .await;
             }
         }
         self.set(key, value, ttl).await.map(|()| true)
@@ -282,7 +296,10 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         let object = Arc::new(value.clone()) as Object;
         let eff = self.write_eff(ttl);
-        self.0.inner.write_loaded(key, object, value, &eff).await
+        self.0
+            .inner
+            .write_loaded(key, object, value, &eff, None)
+            .await
     }
 
     /// This instance's L1 only: L2 is what instances share.

@@ -43,6 +43,10 @@ const DELETE: u8 = b'D';
 const CLEAR: u8 = b'C';
 /// Delete the keys matching a glob pattern (the entry's "key").
 const PATTERN: u8 = b'P';
+/// A load's value withdrawn from L2 (`recent.rs`): drop the key from L1, but do not check
+/// this instance's own loads of it — no source changed, and checking would let withdrawals
+/// chase each other's fresh loads of a hot key. (Versions before it ignore the entry.)
+const WITHDRAWN: u8 = b'W';
 /// A message of one or more `[op][len][key]` entries (read, no longer sent).
 const BATCH: u8 = b'B';
 /// A message with the sender's sequence number: `[Q][id: 8][seq: 8]` then entries.
@@ -464,22 +468,24 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     let Some(msg) = decode(&payload, id) else {
                         continue;
                     };
-                    // Loads stored here that these invalidations may have overtaken
-                    // (`recent.rs`): checked in a task of their own.
+                    // Loads stored here that these deletes may have overtaken (`recent.rs`):
+                    // checked in a task of their own.
                     let now = inner.opts.now_nanos();
                     let mut withdraw = Vec::new();
                     if msg.seq.is_some_and(|seq| senders.gap(msg.origin, seq)) {
                         tracing::warn!("backplane message lost: L1 made stale-only");
                         inner.mark_l1_stale();
                         Counters::bump(&inner.counters.resyncs);
-                        withdraw.extend(inner.recent.invalidated_matching(now, |_| true));
+                        // No sign of a delete: nothing to withdraw (a delete lost with the
+                        // message is not covered).
+                        inner.recent.forget_all();
                     }
                     for (op, key) in msg.entries {
                         Counters::bump(&inner.counters.backplane_received);
                         match op {
                             CLEAR => {
                                 inner.remote_clear();
-                                let stored = inner.recent.invalidated_matching(now, |_| true);
+                                let stored = inner.recent.deleted_matching(now, |_| true);
                                 // With epochs, a load's store cannot land in the new one.
                                 if inner.epoch.is_none() {
                                     withdraw.extend(stored);
@@ -490,19 +496,33 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                                     let _ = inner.invalidate_l1_matching(pattern);
                                     if let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern) {
                                         withdraw.extend(
-                                            inner
-                                                .recent
-                                                .invalidated_matching(now, |k| glob.matches(k)),
+                                            inner.recent.deleted_matching(now, |k| glob.matches(k)),
                                         );
                                     }
                                 }
                             }
-                            SET | DELETE => {
+                            WITHDRAWN => {
                                 if let Ok(key) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1(key);
-                                    if let Some(digest) = inner.recent.invalidated(key, now) {
-                                        withdraw.push((key.to_owned(), digest));
-                                    }
+                                }
+                            }
+                            // A write never leaves an older load behind: an "only if absent"
+                            // store after it is refused, one before it is overwritten.
+                            SET => {
+                                if let Ok(key) = std::str::from_utf8(key) {
+                                    let _ = inner.invalidate_l1(key);
+                                }
+                            }
+                            DELETE => {
+                                if let Ok(key) = std::str::from_utf8(key) {
+                                    let _ = inner.invalidate_l1(key);
+                                    withdraw.extend(
+                                        inner
+                                            .recent
+                                            .deleted(key, now)
+                                            .into_iter()
+                                            .map(|d| (key.to_owned(), d)),
+                                    );
                                 }
                             }
                             _ => {}
@@ -510,11 +530,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     }
                     if !withdraw.is_empty() {
                         let inner = Arc::clone(&inner);
-                        tokio::spawn(async move {
-                            for (key, digest) in withdraw {
-                                inner.withdraw_load(&key, digest).await;
-                            }
-                        });
+                        tokio::spawn(async move { inner.withdraw_loads(withdraw, true).await });
                     }
                 }
                 PubSubEvent::Disconnected => {
@@ -530,18 +546,9 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                 }
                 PubSubEvent::Reconnected => {
                     resync(&inner, false);
-                    // Messages sent meanwhile are lost: every load stored since is checked.
-                    let withdraw = inner
-                        .recent
-                        .invalidated_matching(inner.opts.now_nanos(), |_| true);
-                    if !withdraw.is_empty() {
-                        let inner = Arc::clone(&inner);
-                        tokio::spawn(async move {
-                            for (key, digest) in withdraw {
-                                inner.withdraw_load(&key, digest).await;
-                            }
-                        });
-                    }
+                    // Messages sent meanwhile are lost; no sign of a delete: nothing to
+                    // withdraw (a delete lost with them is not covered).
+                    inner.recent.forget_all();
                     tracing::info!("backplane reconnected: L1 cleared and resumed");
                 }
                 _ => {}
@@ -677,6 +684,11 @@ impl<C: Codec> Inner<C> {
     /// Publishes a SET of every key in one message (a batch write that reached L2).
     pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
         self.publish_all(SET, keys, true).await;
+    }
+
+    /// Announces a load's value withdrawn from L2 (see [`WITHDRAWN`]).
+    pub(crate) async fn publish_withdrawn(&self, key: &str) {
+        self.publish(WITHDRAWN, key, false).await;
     }
 
     /// Publishes a DELETE of every key in one message (a failed batch write).

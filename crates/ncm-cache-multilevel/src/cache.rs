@@ -835,6 +835,11 @@ impl<C: Codec> MultiLevelCache<C> {
             .collect();
         if !batch.is_empty() {
             let ttl = self.inner.opts.l2_default_ttl;
+            // Remembered for deletes heard late (`recent.rs`), before the version checks.
+            let mut recent: HashMap<&str, Tracked<'_, C>> = batch
+                .iter()
+                .map(|(k, v)| (*k, Tracked::begin(&self.inner, k, v, &self.inner.defaults)))
+                .collect();
             // As writers: only keys nothing invalidated since the load began go into L1, all
             // checked before any write begins (a write's begin bumps its stripe: checked one by
             // one, a key sharing a stripe with an earlier key of the batch looked overtaken by
@@ -851,17 +856,6 @@ impl<C: Codec> MultiLevelCache<C> {
             let writes: HashMap<&str, Ticket> = current
                 .into_iter()
                 .map(|k| (k, self.inner.versions.write_begin(k)))
-                .collect();
-            // Checked against invalidations heard late (`recent.rs`): (id, digest) per key.
-            let now = self.inner.opts.now_nanos();
-            let recent: HashMap<&str, (u64, u64)> = batch
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        *k,
-                        (self.inner.recent.begin(k, now), crate::recent::digest(v)),
-                    )
-                })
                 .collect();
             // Cancelled during the batch write: every key is ended and announced.
             let mut guard = Unannounced::many(
@@ -903,22 +897,12 @@ impl<C: Codec> MultiLevelCache<C> {
                     .map(|((k, _), _)| *k)
                     .collect::<std::collections::HashSet<&str>>()
             });
-            let now = self.inner.opts.now_nanos();
-            let mut withdraw = Vec::new();
-            for (k, (id, digest)) in &recent {
+            for (k, t) in recent.drain() {
                 match &written {
-                    Ok(refused) if !refused.contains(k) => {
-                        if let crate::recent::Landed::Check(d) =
-                            self.inner.recent.landed(k, *id, *digest, now)
-                        {
-                            withdraw.push((*k, d));
-                        }
-                    }
-                    _ => self.inner.recent.abandoned(k, *id),
+                    Ok(refused) if !refused.contains(k) => t.landed().await,
+                    Ok(_) => t.abandon(),
+                    Err(_) => t.unsettled(),
                 }
-            }
-            for (k, d) in withdraw {
-                self.inner.withdraw_load(k, d).await;
             }
             if let Err(e) = written {
                 // Some keys may have reached L2: evict them here and everywhere else.
@@ -1645,14 +1629,20 @@ impl<C: Codec> Inner<C> {
     /// and the announcement as for a write. Refused — something was written since the miss,
     /// here or by another instance, at least as new as what the load read — nothing is kept
     /// here (counted in `loads_not_cached`). Returns whether it was stored.
+    /// `tracked`: the store of a load after a miss, remembered for deletes heard late
+    /// (`recent.rs`); `None` for a plain "only if absent" write.
     pub(crate) async fn write_loaded(
         &self,
         key: &str,
         value: Object,
         bytes: ncm_cache_core::Bytes,
         eff: &Eff,
+        tracked: Option<Tracked<'_, C>>,
     ) -> Result<bool> {
         if !eff.write_l2() {
+            if let Some(t) = tracked {
+                t.abandon();
+            }
             return self
                 .write_encoded(key, value, bytes, eff)
                 .await
@@ -1661,25 +1651,29 @@ impl<C: Codec> Inner<C> {
         let size = bytes.len();
         let ttl = eff.l2_ttl;
         let ticket = self.versions.write_begin(key);
-        let digest = crate::recent::digest(&bytes);
-        let recent = self.recent.begin(key, self.opts.now_nanos());
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
             .l2_call("set", self.place_if_absent(key, bytes, ttl))
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();
-        if !matches!(written, Ok(true)) {
-            self.recent.abandoned(key, recent);
-        }
+        let tracked = match (tracked, &written) {
+            (Some(t), Ok(true)) => Some(t),
+            (Some(t), Ok(false)) => {
+                t.abandon();
+                None
+            }
+            (Some(t), Err(_)) => {
+                t.unsettled();
+                None
+            }
+            (None, _) => None,
+        };
         match written {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
-                if let crate::recent::Landed::Check(digest) =
-                    self.recent
-                        .landed(key, recent, digest, self.opts.now_nanos())
-                {
-                    self.withdraw_load(key, digest).await;
+                if let Some(t) = tracked {
+                    t.landed().await;
                 }
                 if eff.announce() {
                     self.publish_set(key).await;
@@ -1713,11 +1707,17 @@ impl<C: Codec> Inner<C> {
     }
 
     /// A load's store that a delete may have overtaken (`recent.rs`): removed from L2 when L2
-    /// still holds exactly its bytes (its digest), evicted here, and announced.
-    pub(crate) async fn withdraw_load(&self, key: &str, digest: u64) {
+    /// still holds exactly its bytes (its digest), evicted here, and announced as a withdrawal
+    /// (`announce`: not for a delete made with `skip_backplane`). The look and the delete are
+    /// two calls: a write landing between them is deleted too (one more miss).
+    pub(crate) async fn withdraw_load(&self, key: &str, digest: u64, announce: bool) {
         match self.l2_call("get", self.l2.get(key)).await {
             Ok(Some(held)) if crate::recent::digest(&held) == digest => {}
-            _ => return,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "a load's store that a delete may have overtaken could not be checked");
+                return;
+            }
         }
         if let Err(e) = self.l2_call("delete", self.l2.delete(key)).await {
             tracing::warn!(key, error = %e, "a load stored after a delete of its key could not be withdrawn");
@@ -1726,14 +1726,26 @@ impl<C: Codec> Inner<C> {
         let _ = self.invalidate_l1(key);
         Counters::bump(&self.counters.loads_withdrawn);
         tracing::debug!(key, "a load stored after a delete of its key was withdrawn");
-        self.publish_delete(key).await;
+        if announce {
+            self.publish_withdrawn(key).await;
+        }
     }
 
-    /// `key` was invalidated (here, or by another instance's message): a load's store of it
-    /// that may have landed after that invalidation's delete is checked (`recent.rs`).
-    pub(crate) async fn recheck_loads_of(&self, key: &str) {
-        if let Some(digest) = self.recent.invalidated(key, self.opts.now_nanos()) {
-            self.withdraw_load(key, digest).await;
+    /// Withdraws each `(key, digest)` that L2 still holds, a few at a time.
+    pub(crate) async fn withdraw_loads(&self, found: Vec<(String, u64)>, announce: bool) {
+        use futures_util::StreamExt as _;
+        futures_util::stream::iter(found)
+            .for_each_concurrent(16, |(key, digest)| async move {
+                self.withdraw_load(&key, digest, announce).await;
+            })
+            .await;
+    }
+
+    /// `key` was deleted here: a load's store of it that may have landed after the delete is
+    /// checked (`recent.rs`).
+    pub(crate) async fn recheck_loads_of(&self, key: &str, announce: bool) {
+        for digest in self.recent.deleted(key, self.opts.now_nanos()) {
+            self.withdraw_load(key, digest, announce).await;
         }
     }
 
@@ -1744,7 +1756,7 @@ impl<C: Codec> Inner<C> {
         if self.epoch.is_some() {
             let _ = self
                 .recent
-                .invalidated_matching(self.opts.now_nanos(), |_| true);
+                .deleted_matching(self.opts.now_nanos(), |_| true);
             return;
         }
         self.recheck_loads_matching(|_| true).await;
@@ -1752,10 +1764,8 @@ impl<C: Codec> Inner<C> {
 
     /// [`recheck_loads_of`](Self::recheck_loads_of) for every key `matches` accepts.
     pub(crate) async fn recheck_loads_matching(&self, matches: impl Fn(&str) -> bool) {
-        let now = self.opts.now_nanos();
-        for (key, digest) in self.recent.invalidated_matching(now, matches) {
-            self.withdraw_load(&key, digest).await;
-        }
+        let found = self.recent.deleted_matching(self.opts.now_nanos(), matches);
+        self.withdraw_loads(found, true).await;
     }
 
     /// Deletes `key` everywhere: L1 (before and after the L2 delete: a read that began in
@@ -1779,7 +1789,7 @@ impl<C: Codec> Inner<C> {
             guard.disarm();
             self.invalidate_l1(key)?;
             // A load of the key stored here may have landed after this delete.
-            self.recheck_loads_of(key).await;
+            self.recheck_loads_of(key, eff.announce()).await;
             in_l2
         } else {
             Ok(false)
@@ -2006,4 +2016,66 @@ pub(crate) enum L2Read<T> {
     Absent,
     /// Not read (`skip_l2_read`), or held something this instance could not decode.
     Unknown,
+}
+
+/// A load's L2 store remembered for deletes heard late (`recent.rs`), from before the load's
+/// last version check. Ended by its outcome; dropped unended (the caller cancelled during the
+/// store), it is remembered as possibly landed.
+pub(crate) struct Tracked<'a, C> {
+    inner: &'a Inner<C>,
+    key: &'a str,
+    id: u64,
+    announce: bool,
+    ended: bool,
+}
+
+impl<'a, C: Codec> Tracked<'a, C> {
+    pub(crate) fn begin(inner: &'a Inner<C>, key: &'a str, bytes: &[u8], eff: &Eff) -> Self {
+        let id = inner
+            .recent
+            .begin(key, crate::recent::digest(bytes), inner.opts.now_nanos());
+        Self {
+            inner,
+            key,
+            id,
+            announce: eff.announce(),
+            ended: false,
+        }
+    }
+
+    /// Not stored (refused, moved, or not sent).
+    pub(crate) fn abandon(mut self) {
+        self.ended = true;
+        self.inner.recent.abandoned(self.key, self.id);
+    }
+
+    /// Failed: it may have landed.
+    pub(crate) fn unsettled(mut self) {
+        self.ended = true;
+        self.inner
+            .recent
+            .unsettled(self.key, self.id, self.inner.opts.now_nanos());
+    }
+
+    /// Stored; withdrawn at once if a delete of the key came while it was in flight.
+    pub(crate) async fn landed(mut self) {
+        self.ended = true;
+        let now = self.inner.opts.now_nanos();
+        if let crate::recent::Landed::Check(digest) =
+            self.inner.recent.landed(self.key, self.id, now)
+        {
+            self.inner
+                .withdraw_load(self.key, digest, self.announce)
+                .await;
+        }
+    }
+}
+
+impl<C> Drop for Tracked<'_, C> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let now = self.inner.opts.now_nanos();
+            self.inner.recent.unsettled(self.key, self.id, now);
+        }
+    }
 }

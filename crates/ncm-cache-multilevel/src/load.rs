@@ -648,7 +648,14 @@ impl<C: Codec> Inner<C> {
         after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let size = bytes.len();
+        // Remembered for deletes heard late (`recent.rs`), from before the version check.
+        let tracked = eff
+            .write_l2()
+            .then(|| crate::cache::Tracked::begin(self, key, &bytes, eff));
         if !self.versions.current(ticket) {
+            if let Some(t) = tracked {
+                t.abandon();
+            }
             Counters::bump(&self.counters.loads_not_cached);
             tracing::debug!(
                 key,
@@ -658,11 +665,6 @@ impl<C: Codec> Inner<C> {
         }
         let ttl = eff.l2_ttl;
         let write = self.versions.write_begin(key);
-        // Checked against invalidations heard late (`recent.rs`).
-        let digest = crate::recent::digest(&bytes);
-        let recent = eff
-            .write_l2()
-            .then(|| self.recent.begin(key, self.opts.now_nanos()));
         let mut guard =
             crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
         let written = if !eff.write_l2() {
@@ -676,11 +678,18 @@ impl<C: Codec> Inner<C> {
                 .map(|()| Placed::Stored)
         };
         guard.disarm();
-        if let Some(id) = recent
-            && !matches!(written, Ok(Placed::Stored))
-        {
-            self.recent.abandoned(key, id);
-        }
+        let tracked = match (tracked, &written) {
+            (Some(t), Ok(Placed::Stored)) => Some(t),
+            (Some(t), Ok(_)) => {
+                t.abandon();
+                None
+            }
+            (Some(t), Err(_)) => {
+                t.unsettled();
+                None
+            }
+            (None, _) => None,
+        };
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
         let stored = match written {
@@ -721,11 +730,8 @@ impl<C: Codec> Inner<C> {
             }
             Ok(Placed::Stored) => {
                 self.settle_load(key, fill, &write, eff);
-                if let Some(id) = recent
-                    && let crate::recent::Landed::Check(digest) =
-                        self.recent.landed(key, id, digest, self.opts.now_nanos())
-                {
-                    self.withdraw_load(key, digest).await;
+                if let Some(t) = tracked {
+                    t.landed().await;
                 }
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;

@@ -20,6 +20,7 @@ impl<C: Codec> Inner<C> {
     pub(crate) async fn publish_deletes<'k>(&self, _keys: impl Iterator<Item = &'k str>) {}
     pub(crate) async fn publish_set(&self, _key: &str) {}
     pub(crate) async fn publish_delete(&self, _key: &str) {}
+    pub(crate) async fn publish_withdrawn(&self, _key: &str) {}
     pub(crate) async fn publish_clear(&self) {}
     pub(crate) async fn publish_pattern(&self, _pattern: &str) {}
 }

@@ -28,10 +28,9 @@ pub struct MultiLevelStats {
     /// `CacheLoader`, `CacheStrategies::read_through`, `Cache::read_through_with`). A pattern
     /// invalidation or a resync counts for every load in flight.
     pub loads_not_cached: u64,
-    /// Loaded values removed from L2 after they were stored: an invalidation of the key heard
-    /// within 5 s of the store (or during it) may stand for a delete the store landed after,
-    /// and L2 still held exactly what the load stored (docs/ARCHITECTURE.md, "Coherence of
-    /// L1").
+    /// Loaded values removed from L2 after they were stored: a delete of the key heard within
+    /// 5 s of the store (or during it) may have come before the store landed, and L2 still
+    /// held exactly what the load stored (docs/ARCHITECTURE.md, "Coherence of L1").
     pub loads_withdrawn: u64,
     /// Stale values served by fail-safe.
     pub stale_served: u64,

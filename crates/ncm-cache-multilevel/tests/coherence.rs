@@ -521,6 +521,14 @@ mod redis {
             .await
             .unwrap();
         assert_eq!(fresh, "new");
+        // A's withdrawal reaches B after B stored the new value: it only evicts, so B's fresh
+        // load stays (before: announced as a delete, it made B withdraw its own load too).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            ra.backend().get("k").await.unwrap().is_some(),
+            "a withdrawal made another instance withdraw a fresh load"
+        );
+        assert_eq!(b.get_stats().loads_withdrawn, 0);
         proxy.set_mode(ProxyMode::Pass);
     }
 

@@ -14,7 +14,9 @@
 //! (`tests/tests/sql_processes.rs`, loads overtaken by a write): `read_through`
 //! (`CacheStrategies::read_through`, key `rt:1`), `loader` (`CacheLoader`, loader `row` with
 //! argument `1`) or `get_or_load` (`MultiLevelCache::get_or_load`, key `gl:1`; multi-level
-//! mode only).
+//! mode only). In multi-level mode the worker first waits for its backplane, whose connection
+//! goes to `NCM_BACKPLANE_URL` when set (a proxy the test can stall); `NCM_LINGER_MS` keeps it
+//! running that long after its result (a service goes on hearing invalidations).
 
 #![allow(
     clippy::unwrap_used,
@@ -100,8 +102,30 @@ async fn main() {
         delay,
     });
     let redis = RedisCache::connect(redis_config()).await.unwrap();
-    let multi = (env("NCM_SQL_MODE") == "multilevel")
-        .then(|| MultiLevelCache::over_redis(&redis).build().unwrap());
+    let backplane = match env("NCM_BACKPLANE_URL") {
+        url if url.is_empty() => None,
+        url => {
+            let mut c = RedisConfig::from_url(&url).unwrap();
+            c.key_prefix = env("NCM_REDIS_PREFIX");
+            c.health_check_interval = None;
+            // Long enough that the test's stall is not taken for a dead link.
+            c.response_timeout = Duration::from_secs(3);
+            Some(RedisCache::connect(c).await.unwrap())
+        }
+    };
+    let multi = (env("NCM_SQL_MODE") == "multilevel").then(|| {
+        let mut builder = MultiLevelCache::over_redis(&redis);
+        if let Some(bp) = &backplane {
+            builder = builder.backplane(Arc::clone(bp.redis_backend()));
+        }
+        builder.build().unwrap()
+    });
+    if let Some(multi) = &multi {
+        let start = std::time::Instant::now();
+        while !multi.l1_active() && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let cache = match &multi {
         Some(multi) => Cache::builder(multi.as_backend(), Serializer::default()).build(),
         None => redis.cache().clone(),
@@ -111,6 +135,8 @@ async fn main() {
         let value = load(&path, cache, multi.as_ref(), executor).await;
         println!("result {value}");
         let _ = std::io::stdout().flush();
+        let linger = env("NCM_LINGER_MS").parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(linger)).await;
         return;
     }
     let sql = SqlCache::builder_shared(cache, executor).build().unwrap();
