@@ -477,8 +477,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                         inner.mark_l1_stale();
                         Counters::bump(&inner.counters.resyncs);
                         // No sign of a delete: nothing to withdraw (a delete lost with the
-                        // message is not covered).
-                        inner.recent.forget_all();
+                        // message is not covered); what is remembered stays checked.
                     }
                     for (op, key) in msg.entries {
                         Counters::bump(&inner.counters.backplane_received);
@@ -548,7 +547,6 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     resync(&inner, false);
                     // Messages sent meanwhile are lost; no sign of a delete: nothing to
                     // withdraw (a delete lost with them is not covered).
-                    inner.recent.forget_all();
                     tracing::info!("backplane reconnected: L1 cleared and resumed");
                 }
                 _ => {}

@@ -822,6 +822,16 @@ impl<C: Codec> MultiLevelCache<C> {
                 out[i] = Some(v);
             }
         }
+        // Remembered for deletes heard late (`recent.rs`), before the version checks.
+        let mut recent: HashMap<String, Tracked<'_, C>> = encoded
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Tracked::begin(&self.inner, k, v, &self.inner.defaults),
+                )
+            })
+            .collect();
         // Keys invalidated while the loader ran are served, not cached: a newer write must not
         // be overwritten in L2 by what the loader read before it.
         encoded.retain(|(k, _)| {
@@ -829,17 +839,22 @@ impl<C: Codec> MultiLevelCache<C> {
                 .get(k)
                 .is_some_and(|t| self.inner.versions.current(t))
         });
+        let dropped: Vec<String> = recent
+            .keys()
+            .filter(|k| !encoded.iter().any(|(e, _)| e == *k))
+            .cloned()
+            .collect();
+        for k in dropped {
+            if let Some(t) = recent.remove(&k) {
+                t.abandon();
+            }
+        }
         let batch: Vec<(&str, ncm_cache_core::Bytes)> = encoded
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         if !batch.is_empty() {
             let ttl = self.inner.opts.l2_default_ttl;
-            // Remembered for deletes heard late (`recent.rs`), before the version checks.
-            let mut recent: HashMap<&str, Tracked<'_, C>> = batch
-                .iter()
-                .map(|(k, v)| (*k, Tracked::begin(&self.inner, k, v, &self.inner.defaults)))
-                .collect();
             // As writers: only keys nothing invalidated since the load began go into L1, all
             // checked before any write begins (a write's begin bumps its stripe: checked one by
             // one, a key sharing a stripe with an earlier key of the batch looked overtaken by
@@ -897,11 +912,13 @@ impl<C: Codec> MultiLevelCache<C> {
                     .map(|((k, _), _)| *k)
                     .collect::<std::collections::HashSet<&str>>()
             });
+            // Ended now, withdrawn (if a delete overtook them) once the batch is settled.
+            let mut withdraw = Vec::new();
             for (k, t) in recent.drain() {
                 match &written {
-                    Ok(refused) if !refused.contains(k) => t.landed().await,
-                    Ok(_) => t.abandon(),
-                    Err(_) => t.unsettled(),
+                    Ok(refused) if refused.contains(k.as_str()) => t.abandon(),
+                    Ok(_) => withdraw.extend(t.end(true)),
+                    Err(_) => withdraw.extend(t.end(false)),
                 }
             }
             if let Err(e) = written {
@@ -915,6 +932,9 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner
                     .publish_deletes(encoded.iter().map(|(k, _)| k.as_str()))
                     .await;
+                for (key, digest, announce) in withdraw {
+                    self.inner.withdraw_load(&key, digest, announce).await;
+                }
                 return Err(e);
             }
             let refused = written.unwrap_or_default();
@@ -948,6 +968,9 @@ impl<C: Codec> MultiLevelCache<C> {
                         .filter(|k| !refused.contains(k)),
                 )
                 .await;
+            for (key, digest, announce) in withdraw {
+                self.inner.withdraw_load(&key, digest, announce).await;
+            }
         }
         Ok(out)
     }
@@ -1664,7 +1687,7 @@ impl<C: Codec> Inner<C> {
                 None
             }
             (Some(t), Err(_)) => {
-                t.unsettled();
+                t.finish(false).await;
                 None
             }
             (None, _) => None,
@@ -1673,7 +1696,7 @@ impl<C: Codec> Inner<C> {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
                 if let Some(t) = tracked {
-                    t.landed().await;
+                    t.finish(true).await;
                 }
                 if eff.announce() {
                     self.publish_set(key).await;
@@ -2020,23 +2043,23 @@ pub(crate) enum L2Read<T> {
 
 /// A load's L2 store remembered for deletes heard late (`recent.rs`), from before the load's
 /// last version check. Ended by its outcome; dropped unended (the caller cancelled during the
-/// store), it is remembered as possibly landed.
+/// store), it is remembered as possibly landed (a delete heard meanwhile is then not acted on).
 pub(crate) struct Tracked<'a, C> {
     inner: &'a Inner<C>,
-    key: &'a str,
+    key: String,
     id: u64,
     announce: bool,
     ended: bool,
 }
 
 impl<'a, C: Codec> Tracked<'a, C> {
-    pub(crate) fn begin(inner: &'a Inner<C>, key: &'a str, bytes: &[u8], eff: &Eff) -> Self {
+    pub(crate) fn begin(inner: &'a Inner<C>, key: &str, bytes: &[u8], eff: &Eff) -> Self {
         let id = inner
             .recent
             .begin(key, crate::recent::digest(bytes), inner.opts.now_nanos());
         Self {
             inner,
-            key,
+            key: key.to_owned(),
             id,
             announce: eff.announce(),
             ended: false,
@@ -2046,27 +2069,32 @@ impl<'a, C: Codec> Tracked<'a, C> {
     /// Not stored (refused, moved, or not sent).
     pub(crate) fn abandon(mut self) {
         self.ended = true;
-        self.inner.recent.abandoned(self.key, self.id);
+        self.inner.recent.abandoned(&self.key, self.id);
     }
 
-    /// Failed: it may have landed.
-    pub(crate) fn unsettled(mut self) {
-        self.ended = true;
-        self.inner
-            .recent
-            .unsettled(self.key, self.id, self.inner.opts.now_nanos());
-    }
-
-    /// Stored; withdrawn at once if a delete of the key came while it was in flight.
-    pub(crate) async fn landed(mut self) {
+    /// The store landed (`landed`) or may have (it failed): what to withdraw now, if a delete
+    /// of the key came while it was in flight (see [`Inner::withdraw_load`]).
+    pub(crate) fn end(mut self, landed: bool) -> Option<(String, u64, bool)> {
         self.ended = true;
         let now = self.inner.opts.now_nanos();
-        if let crate::recent::Landed::Check(digest) =
-            self.inner.recent.landed(self.key, self.id, now)
-        {
-            self.inner
-                .withdraw_load(self.key, digest, self.announce)
-                .await;
+        let outcome = if landed {
+            self.inner.recent.landed(&self.key, self.id, now)
+        } else {
+            self.inner.recent.unsettled(&self.key, self.id, now)
+        };
+        match outcome {
+            crate::recent::Landed::Check(digest) => {
+                Some((std::mem::take(&mut self.key), digest, self.announce))
+            }
+            crate::recent::Landed::Keep => None,
+        }
+    }
+
+    /// [`end`](Self::end), then the withdrawal it asks for.
+    pub(crate) async fn finish(self, landed: bool) {
+        let inner = self.inner;
+        if let Some((key, digest, announce)) = self.end(landed) {
+            inner.withdraw_load(&key, digest, announce).await;
         }
     }
 }
@@ -2075,7 +2103,7 @@ impl<C> Drop for Tracked<'_, C> {
     fn drop(&mut self) {
         if !self.ended {
             let now = self.inner.opts.now_nanos();
-            self.inner.recent.unsettled(self.key, self.id, now);
+            let _ = self.inner.recent.unsettled(&self.key, self.id, now);
         }
     }
 }

@@ -685,7 +685,7 @@ impl<C: Codec> Inner<C> {
                 None
             }
             (Some(t), Err(_)) => {
-                t.unsettled();
+                t.finish(false).await;
                 None
             }
             (None, _) => None,
@@ -731,7 +731,7 @@ impl<C: Codec> Inner<C> {
             Ok(Placed::Stored) => {
                 self.settle_load(key, fill, &write, eff);
                 if let Some(t) = tracked {
-                    t.landed().await;
+                    t.finish(true).await;
                 }
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;

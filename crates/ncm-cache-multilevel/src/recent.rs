@@ -7,7 +7,8 @@
 //!
 //! Each L2 store of a load is remembered from just before the load's last version check until
 //! [`WINDOW`] after it landed (also when it failed or its caller was cancelled: it may have
-//! landed all the same). A delete of its key within that time — a DELETE, pattern or CLEAR
+//! landed all the same; a failed one that a delete overtook is checked at once). A delete of
+//! its key within that time — a DELETE, pattern or CLEAR
 //! message from another instance, or a delete, pattern delete or clear on this one — takes
 //! the entry: if the store has landed, its bytes are removed from L2 if L2 still holds exactly
 //! them (a later write's bytes are left alone), and the removal is announced as a withdrawal
@@ -116,15 +117,10 @@ impl RecentLoads {
     }
 
     /// The store `id` of `key` may or may not have landed (it failed, or its caller was
-    /// cancelled): remembered as landed, so a later delete checks it. (A delete that came
-    /// meanwhile is not acted on: this cannot wait for L2.)
-    pub(crate) fn unsettled(&self, key: &str, id: u64, now: u64) {
-        let mut r = self.lock();
-        if let Some(entry) = r.find(key, id) {
-            entry.state = State::Stored {
-                until: ncm_cache_core::deadline_after(now, WINDOW),
-            };
-        }
+    /// cancelled): checked now if a delete came while it was in flight, else remembered as
+    /// landed, so a later delete checks it.
+    pub(crate) fn unsettled(&self, key: &str, id: u64, now: u64) -> Landed {
+        self.landed(key, id, now)
     }
 
     /// The store `id` of `key` was not made (refused, or not sent): nothing to check.
@@ -162,15 +158,6 @@ impl RecentLoads {
             !list.is_empty()
         });
         check
-    }
-
-    /// Forgets every store (a lost message or a reconnect: no sign of a delete, so nothing is
-    /// checked; a delete it hid is not covered).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn forget_all(&self) {
-        let mut r = self.lock();
-        r.entries.clear();
-        r.order.clear();
     }
 }
 
@@ -292,12 +279,16 @@ mod tests {
         r.abandoned("k", id);
         assert!(r.deleted("k", 1).is_empty());
         let id = r.begin("k", 2, 0);
-        r.unsettled("k", id, 1);
+        assert_eq!(r.unsettled("k", id, 1), Landed::Keep);
         assert_eq!(r.deleted("k", 2), vec![2]);
+        // A failed store that a delete overtook in flight is checked at once.
+        let id = r.begin("k", 3, 3);
+        assert!(r.deleted("k", 4).is_empty());
+        assert_eq!(r.unsettled("k", id, 5), Landed::Check(3));
     }
 
     #[test]
-    fn matching_deletes_mark_and_collect_and_forget_all_forgets() {
+    fn matching_deletes_mark_and_collect() {
         let r = RecentLoads::default();
         let a = r.begin("user:1", 1, 0);
         r.landed("user:1", a, 0);
@@ -312,8 +303,7 @@ mod tests {
             Landed::Check(2),
             "marked in flight"
         );
-        r.forget_all();
-        assert!(r.deleted("order:1", 1).is_empty());
+        assert!(r.deleted("order:1", 1).is_empty(), "in flight: marked only");
     }
 
     #[test]

@@ -186,6 +186,38 @@ async fn a_load_store_landing_after_a_local_delete_is_withdrawn() {
     assert_eq!(cache.get_stats().loads_withdrawn, 1);
 }
 
+/// The same through `get_many_or_load` (one batch of stores) and a pattern delete through
+/// `as_backend()`: each store landing after the delete is withdrawn.
+#[tokio::test]
+async fn batch_load_stores_landing_after_a_pattern_delete_are_withdrawn() {
+    use ncm_cache_core::CacheBackend as _;
+    let (slow, cache) = slow_cache();
+    slow.set_request_delay(Duration::from_millis(200));
+    let load = tokio::spawn({
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_many_or_load::<u64, _, _, _>(&["p:1", "p:2"], |keys| async move {
+                    Ok::<_, Io>(keys.into_iter().map(|k| (k, 1)).collect())
+                })
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cache.as_backend().clear_pattern("p:*").await.unwrap();
+    assert_eq!(load.await.unwrap(), vec![Some(1), Some(1)]);
+    slow.set_request_delay(Duration::ZERO);
+    for k in ["p:1", "p:2"] {
+        assert_eq!(
+            slow.get(k).await.unwrap(),
+            None,
+            "{k}: the older value stayed in L2"
+        );
+    }
+    assert_eq!(cache.get_stats().loads_withdrawn, 2);
+}
+
 /// `as_backend().get_many` with fail-safe: when its one L2 batch fails, the stale L1 copies
 /// are served if every key it asked L2 for has one; if one has none, the call fails.
 #[tokio::test]
