@@ -1680,18 +1680,7 @@ impl<C: Codec> Inner<C> {
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();
-        let tracked = match (tracked, &written) {
-            (Some(t), Ok(true)) => Some(t),
-            (Some(t), Ok(false)) => {
-                t.abandon();
-                None
-            }
-            (Some(t), Err(_)) => {
-                t.finish(false).await;
-                None
-            }
-            (None, _) => None,
-        };
+        let tracked = Tracked::after(tracked, written.as_ref().map(|stored| *stored)).await;
         match written {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
@@ -2087,6 +2076,27 @@ impl<'a, C: Codec> Tracked<'a, C> {
                 Some((std::mem::take(&mut self.key), digest, self.announce))
             }
             crate::recent::Landed::Keep => None,
+        }
+    }
+
+    /// After the store was sent: kept (for [`finish`](Self::finish)`(true)` once the store is
+    /// settled) when it landed, abandoned when it was refused, ended as possibly landed when
+    /// it failed.
+    pub(crate) async fn after<E>(
+        tracked: Option<Self>,
+        stored: std::result::Result<bool, E>,
+    ) -> Option<Self> {
+        let t = tracked?;
+        match stored {
+            Ok(true) => Some(t),
+            Ok(false) => {
+                t.abandon();
+                None
+            }
+            Err(_) => {
+                t.finish(false).await;
+                None
+            }
         }
     }
 

@@ -678,18 +678,11 @@ impl<C: Codec> Inner<C> {
                 .map(|()| Placed::Stored)
         };
         guard.disarm();
-        let tracked = match (tracked, &written) {
-            (Some(t), Ok(Placed::Stored)) => Some(t),
-            (Some(t), Ok(_)) => {
-                t.abandon();
-                None
-            }
-            (Some(t), Err(_)) => {
-                t.finish(false).await;
-                None
-            }
-            (None, _) => None,
-        };
+        let tracked = crate::cache::Tracked::after(
+            tracked,
+            written.as_ref().map(|placed| *placed == Placed::Stored),
+        )
+        .await;
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
         let stored = match written {
