@@ -835,20 +835,14 @@ impl<C: Codec> MultiLevelCache<C> {
         // Keys invalidated while the loader ran are served, not cached: a newer write must not
         // be overwritten in L2 by what the loader read before it.
         encoded.retain(|(k, _)| {
-            tickets
+            let keep = tickets
                 .get(k)
-                .is_some_and(|t| self.inner.versions.current(t))
-        });
-        let dropped: Vec<String> = recent
-            .keys()
-            .filter(|k| !encoded.iter().any(|(e, _)| e == *k))
-            .cloned()
-            .collect();
-        for k in dropped {
-            if let Some(t) = recent.remove(&k) {
+                .is_some_and(|t| self.inner.versions.current(t));
+            if !keep && let Some(t) = recent.remove(k) {
                 t.abandon();
             }
-        }
+            keep
+        });
         let batch: Vec<(&str, ncm_cache_core::Bytes)> = encoded
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
@@ -917,8 +911,7 @@ impl<C: Codec> MultiLevelCache<C> {
             for (k, t) in recent.drain() {
                 match &written {
                     Ok(refused) if refused.contains(k.as_str()) => t.abandon(),
-                    Ok(_) => withdraw.extend(t.end(true)),
-                    Err(_) => withdraw.extend(t.end(false)),
+                    Ok(_) | Err(_) => withdraw.extend(t.end()),
                 }
             }
             if let Err(e) = written {
@@ -1685,7 +1678,7 @@ impl<C: Codec> Inner<C> {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);
                 if let Some(t) = tracked {
-                    t.finish(true).await;
+                    t.finish().await;
                 }
                 if eff.announce() {
                     self.publish_set(key).await;
@@ -2061,17 +2054,12 @@ impl<'a, C: Codec> Tracked<'a, C> {
         self.inner.recent.abandoned(&self.key, self.id);
     }
 
-    /// The store landed (`landed`) or may have (it failed): what to withdraw now, if a delete
-    /// of the key came while it was in flight (see [`Inner::withdraw_load`]).
-    pub(crate) fn end(mut self, landed: bool) -> Option<(String, u64, bool)> {
+    /// The store landed, or may have (it failed): what to withdraw now, if a delete of the key
+    /// came while it was in flight (see [`Inner::withdraw_load`]).
+    pub(crate) fn end(mut self) -> Option<(String, u64, bool)> {
         self.ended = true;
         let now = self.inner.opts.now_nanos();
-        let outcome = if landed {
-            self.inner.recent.landed(&self.key, self.id, now)
-        } else {
-            self.inner.recent.unsettled(&self.key, self.id, now)
-        };
-        match outcome {
+        match self.inner.recent.landed(&self.key, self.id, now) {
             crate::recent::Landed::Check(digest) => {
                 Some((std::mem::take(&mut self.key), digest, self.announce))
             }
@@ -2079,9 +2067,9 @@ impl<'a, C: Codec> Tracked<'a, C> {
         }
     }
 
-    /// After the store was sent: kept (for [`finish`](Self::finish)`(true)` once the store is
-    /// settled) when it landed, abandoned when it was refused, ended as possibly landed when
-    /// it failed.
+    /// After the store was sent: kept (for [`finish`](Self::finish) once the store is settled)
+    /// when it landed, abandoned when it was refused, finished at once when it failed (it may
+    /// have landed).
     pub(crate) async fn after<E>(
         tracked: Option<Self>,
         stored: std::result::Result<bool, E>,
@@ -2094,16 +2082,16 @@ impl<'a, C: Codec> Tracked<'a, C> {
                 None
             }
             Err(_) => {
-                t.finish(false).await;
+                t.finish().await;
                 None
             }
         }
     }
 
     /// [`end`](Self::end), then the withdrawal it asks for.
-    pub(crate) async fn finish(self, landed: bool) {
+    pub(crate) async fn finish(self) {
         let inner = self.inner;
-        if let Some((key, digest, announce)) = self.end(landed) {
+        if let Some((key, digest, announce)) = self.end() {
             inner.withdraw_load(&key, digest, announce).await;
         }
     }
@@ -2113,7 +2101,7 @@ impl<C> Drop for Tracked<'_, C> {
     fn drop(&mut self) {
         if !self.ended {
             let now = self.inner.opts.now_nanos();
-            let _ = self.inner.recent.unsettled(&self.key, self.id, now);
+            let _ = self.inner.recent.landed(&self.key, self.id, now);
         }
     }
 }

@@ -724,7 +724,7 @@ impl<C: Codec> Inner<C> {
             Ok(Placed::Stored) => {
                 self.settle_load(key, fill, &write, eff);
                 if let Some(t) = tracked {
-                    t.finish(true).await;
+                    t.finish().await;
                 }
                 if eff.write_l2() && eff.announce() {
                     self.publish_set(key).await;

@@ -79,7 +79,7 @@ impl RecentLoads {
 
     /// A load's store of `key` with bytes of `digest` is about to be checked and sent; returns
     /// its id for [`landed`](Self::landed), [`abandoned`](Self::abandoned) or
-    /// [`unsettled`](Self::unsettled).
+    /// (for a store that failed too).
     pub(crate) fn begin(&self, key: &str, digest: u64, now: u64) -> u64 {
         let mut r = self.lock();
         r.forget_old(now);
@@ -94,8 +94,9 @@ impl RecentLoads {
         id
     }
 
-    /// The store `id` of `key` landed: remembered for [`WINDOW`], or — when a delete came
-    /// while it was in flight — to be checked by the caller now.
+    /// The store `id` of `key` landed, or may have (it failed, or its caller was cancelled):
+    /// remembered for [`WINDOW`], or — when a delete came while it was in flight — to be
+    /// checked by the caller now.
     pub(crate) fn landed(&self, key: &str, id: u64, now: u64) -> Landed {
         let mut r = self.lock();
         let Some(entry) = r.find(key, id) else {
@@ -114,13 +115,6 @@ impl RecentLoads {
                 Landed::Keep
             }
         }
-    }
-
-    /// The store `id` of `key` may or may not have landed (it failed, or its caller was
-    /// cancelled): checked now if a delete came while it was in flight, else remembered as
-    /// landed, so a later delete checks it.
-    pub(crate) fn unsettled(&self, key: &str, id: u64, now: u64) -> Landed {
-        self.landed(key, id, now)
     }
 
     /// The store `id` of `key` was not made (refused, or not sent): nothing to check.
@@ -273,18 +267,18 @@ mod tests {
     }
 
     #[test]
-    fn abandoned_stores_are_not_checked_and_unsettled_ones_are() {
+    fn abandoned_stores_are_not_checked_and_failed_ones_are() {
         let r = RecentLoads::default();
         let id = r.begin("k", 1, 0);
         r.abandoned("k", id);
         assert!(r.deleted("k", 1).is_empty());
         let id = r.begin("k", 2, 0);
-        assert_eq!(r.unsettled("k", id, 1), Landed::Keep);
+        assert_eq!(r.landed("k", id, 1), Landed::Keep);
         assert_eq!(r.deleted("k", 2), vec![2]);
         // A failed store that a delete overtook in flight is checked at once.
         let id = r.begin("k", 3, 3);
         assert!(r.deleted("k", 4).is_empty());
-        assert_eq!(r.unsettled("k", id, 5), Landed::Check(3));
+        assert_eq!(r.landed("k", id, 5), Landed::Check(3));
     }
 
     #[test]
