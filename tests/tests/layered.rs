@@ -815,6 +815,69 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
     until("B's L1 drops the cleared entries", || mb.l1_len() == 0).await;
 }
 
+/// Multi-level caches without a backplane, coordinated by the strategies' messages: A's
+/// `invalidate` told B before its delete reached the shared L2, so B missed, read the old value
+/// from L2 and kept it in L1 for its TTL (found by review). A's L2 goes through a proxy that
+/// delays it; its coordination connection does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_reaches_other_instances_after_the_shared_delete() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut direct = RedisConfig::from_url(&server.url()).unwrap();
+    direct.key_prefix = "app:".into();
+    let mut slow = RedisConfig::from_url(&proxy.url()).unwrap();
+    slow.key_prefix = "app:".into();
+    slow.response_timeout = Duration::from_secs(5);
+    slow.health_check_interval = None;
+    let mut caches = Vec::new();
+    for l2 in [slow, direct.clone()] {
+        let redis = RedisCache::connect(l2).await.unwrap();
+        let multi = MultiLevelCache::builder(redis.backend())
+            .name("quiet")
+            .build()
+            .unwrap();
+        let coordination = RedisCache::connect(direct.clone()).await.unwrap();
+        let strategies =
+            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+                .redis(Arc::clone(coordination.redis_backend()))
+                .build()
+                .await
+                .unwrap();
+        caches.push((multi, strategies));
+    }
+    let (_, sa) = &caches[0];
+    let (mb, sb) = &caches[1];
+    let b = sb.cache().clone();
+    b.set("k", &"v1".to_string()).await.unwrap();
+    let hits = mb.get_stats().l1_hits;
+    assert_eq!(b.get::<String>("k").await.unwrap().as_deref(), Some("v1"));
+    assert!(mb.get_stats().l1_hits > hits, "B serves k from its L1");
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Delay(Duration::from_millis(
+        300,
+    )));
+    let before = sb.invalidation_stats().remote_messages;
+    let invalidate = {
+        let a = sa.clone();
+        tokio::spawn(async move { a.invalidate("k").await })
+    };
+    // Reads while A's invalidation is under way may see v1; the first read after B hears it
+    // must not bring v1 back into L1.
+    let start = Instant::now();
+    while sb.invalidation_stats().remote_messages == before {
+        assert!(start.elapsed() < Duration::from_secs(5), "B never heard A");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = b.get::<String>("k").await.unwrap();
+    assert!(invalidate.await.unwrap().unwrap(), "A deleted k");
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        b.get::<String>("k").await.unwrap(),
+        None,
+        "B kept the invalidated value in its L1"
+    );
+}
+
 /// Another instance's event reaches B after A wrote one of the event's keys again: B runs its
 /// handlers and evicts the keys from its L1 only (the trigger deleted them from the shared
 /// L2 already), so A's newer write stays (found by review: B deleted it from L2).

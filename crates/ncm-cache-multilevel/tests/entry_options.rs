@@ -388,7 +388,9 @@ async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
     let r = redis(&server).await;
     let cache = MultiLevelCache::builder(r.backend())
         .backplane(Arc::clone(r.redis_backend()))
-        .l1_default_ttl(Duration::from_millis(400))
+        // Long enough that a loaded machine's oversleeping cannot cross a deadline: the
+        // refresh point is at 1 s, the first load's L1 expiry at 2 s.
+        .l1_default_ttl(Duration::from_millis(2000))
         .eager_refresh(0.5)
         .build()
         .unwrap();
@@ -415,6 +417,7 @@ async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
         }
     };
     let opts = EntryOptions::new();
+    let loaded = std::time::Instant::now();
     cache
         .get_or_load_with::<String, _, _, _>("page", &opts, origin())
         .await
@@ -424,7 +427,7 @@ async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
         server.command_calls("pexpire").unwrap(),
     );
     assert_eq!(sets, 1);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // A hit past the refresh point: the background refresh asks the origin conditionally.
     let got = cache
         .get_or_load_with::<String, _, _, _>("page", &opts, origin())
@@ -444,8 +447,9 @@ async fn conditional_refresh_not_modified_rearms_without_writing_the_payload() {
         "no payload written"
     );
     assert_eq!(server.command_calls("pexpire").unwrap(), pexpires + 1);
-    // Re-armed in L1: still fresh past the first load's 400 ms.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Re-armed in L1 (for 2 s from the refresh, at 1.2 s or later): still fresh past the
+    // first load's expiry.
+    tokio::time::sleep(Duration::from_millis(2300).saturating_sub(loaded.elapsed())).await;
     assert_eq!(
         source(&cache, "page").await.map(|(_, s)| s),
         Some(ValueSource::L1)

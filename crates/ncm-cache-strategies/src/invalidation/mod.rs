@@ -138,17 +138,21 @@ impl Invalidator {
         }
     }
 
-    /// Deletes `keys` from the cache (in chunks) and tells other instances with their own
-    /// cache to do the same. Returns how many existed here.
+    /// Deletes `keys` from the cache (in chunks), then tells other instances with their own
+    /// cache to do the same — after, not before: an instance told first could miss, read the
+    /// shared L2 before the delete reached it and keep the old value for its L1 TTL (found by
+    /// review). Told also when the delete failed (part of it may have landed). Returns how
+    /// many existed here.
     pub(crate) async fn delete_keys(&self, keys: &[String], kind: Kind) -> Result<u64> {
         if keys.is_empty() {
             return Ok(0);
         }
+        let removed = self.delete_local(keys, kind).await;
         self.broadcast(Broadcast::Keys {
             keys: keys.to_vec(),
         })
         .await;
-        self.delete_local(keys, kind).await
+        removed
     }
 
     /// Deletes `keys` from this instance's cache, without telling other instances.
