@@ -273,6 +273,25 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
             .await
     }
 
+    /// Writes one of ncm-cache's own keys only if it holds nothing (see
+    /// [`get_reserved`](Self::get_reserved)); returns whether it was written. The multi-level
+    /// cache creates its epoch key so: instances that find it absent together agree on one.
+    ///
+    /// The default reads, then writes: not atomic (two callers may both write, the later
+    /// winning). A backend that others share overrides it with one atomic command (Redis:
+    /// `SET NX`); **a wrapper backend must forward it**.
+    async fn set_reserved_if_absent(
+        &self,
+        name: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        if self.get_reserved(name).await?.is_some() {
+            return Ok(false);
+        }
+        self.set_reserved(name, value, ttl).await.map(|()| true)
+    }
+
     /// For a backend whose store others share (Redis): the prefix every key of this cache
     /// gets, so that callers can refuse whole-store operations when it is empty (`Some("")`:
     /// this cache's keys are mixed with everyone else's). `None` (the default): the store
@@ -450,6 +469,14 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         (**self).set_reserved(name, value, ttl).await
+    }
+    async fn set_reserved_if_absent(
+        &self,
+        name: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        (**self).set_reserved_if_absent(name, value, ttl).await
     }
     fn key_prefix(&self) -> Option<&str> {
         (**self).key_prefix()

@@ -235,6 +235,19 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.l2_raw.set_reserved(name, value, ttl).await
     }
 
+    async fn set_reserved_if_absent(
+        &self,
+        name: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        self.0
+            .inner
+            .l2_raw
+            .set_reserved_if_absent(name, value, ttl)
+            .await
+    }
+
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         let object = Arc::new(value.clone()) as Object;
         let eff = self.write_eff(ttl);

@@ -25,9 +25,6 @@ pub(crate) const RECHECK: Duration = Duration::from_secs(1);
 /// between two epochs.
 pub(crate) const RECHECK_LINKED: Duration = Duration::from_secs(30);
 
-/// The epoch token before any clear (the epoch key absent).
-const FIRST: &str = "0";
-
 /// The longest token accepted from the epoch key.
 const MAX_TOKEN: usize = 16;
 
@@ -129,12 +126,33 @@ impl Core {
         state.token = None;
     }
 
-    /// The token in the epoch key now (not the one kept).
+    /// The token in the epoch key now (not the one kept). An absent key (never cleared yet,
+    /// or lost: evicted, a restart without persistence) is created with a new random token
+    /// (`SET NX`: instances that find it absent together agree on the one written first).
+    /// Before, an absent key meant the token `0` for every cache name, so caches of different
+    /// names on one prefix shared their L2 keys until one was cleared, and a lost key brought
+    /// back the entries written before the first clear (found by review).
     async fn read_epoch(&self) -> Result<Arc<str>> {
-        Ok(match self.inner.get_reserved(&self.reserved).await? {
-            None => Arc::from(FIRST),
-            Some(bytes) => Arc::from(parse_token(&bytes)?),
-        })
+        // Bounded: the key would have to vanish again between each write and read.
+        for _ in 0..3 {
+            if let Some(bytes) = self.inner.get_reserved(&self.reserved).await? {
+                return Ok(Arc::from(parse_token(&bytes)?));
+            }
+            let token = new_token();
+            let value = Bytes::from(token.clone().into_bytes());
+            if self
+                .inner
+                .set_reserved_if_absent(&self.reserved, value, None)
+                .await?
+            {
+                return Ok(Arc::from(token));
+            }
+        }
+        Err(CacheError::backend(
+            "the cache's epoch key (__ncm:epoch:<name>) disappeared each time it was written: \
+             check the server's eviction policy (the key has no TTL) and what deletes it",
+            None,
+        ))
     }
 
     /// The epoch check of a write whose caller gave up before it ended (see [`Unsettled`]).
@@ -387,7 +405,7 @@ impl EpochBackend {
 
     /// Starts a new epoch: everything written before is no longer read. One write.
     async fn bump(&self) -> Result<()> {
-        let token = format!("{:x}", fastrand::u64(..));
+        let token = new_token();
         self.forget();
         // Read before the write: a clear announced by another instance during it wins.
         let before = self.forgets();
@@ -442,6 +460,11 @@ struct State {
     forgets: u64,
 }
 
+/// A new random epoch token.
+fn new_token() -> String {
+    format!("{:x}", fastrand::u64(..))
+}
+
 fn parse_token(bytes: &[u8]) -> Result<&str> {
     std::str::from_utf8(bytes)
         .ok()
@@ -470,6 +493,17 @@ impl CacheBackend for EpochBackend {
     }
     async fn set_reserved(&self, name: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         self.core.inner.set_reserved(name, value, ttl).await
+    }
+    async fn set_reserved_if_absent(
+        &self,
+        name: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        self.core
+            .inner
+            .set_reserved_if_absent(name, value, ttl)
+            .await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
@@ -571,6 +605,62 @@ impl CacheBackend for EpochBackend {
 mod tests {
     use super::*;
 
+    /// The L2 name of `key` in cache `name`'s current epoch, as the epoch key holds it.
+    async fn in_epoch(mem: &SharedBackend, name: &str, key: &str) -> String {
+        let token = mem.get_reserved(&format!("epoch:{name}")).await.unwrap();
+        let token = String::from_utf8(token.expect("the epoch key exists").to_vec()).unwrap();
+        format!("@{token}:{key}")
+    }
+
+    /// Caches of different names on one L2 keep apart before either was ever cleared: the
+    /// epoch key is created with a random token, not read as a shared `0` (found by review:
+    /// "users" read and overwrote "orders"' entries of the same key).
+    #[tokio::test]
+    async fn caches_of_different_names_never_share_entries() {
+        use crate::{EntryOptions, MultiLevelCache};
+        let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
+        let build = |name: &str| {
+            MultiLevelCache::builder(Arc::clone(&mem))
+                .name(name)
+                .epoch_clear(true)
+                .build()
+                .unwrap()
+        };
+        let (users, orders) = (build("users"), build("orders"));
+        users.set("42", 1u64).await.unwrap();
+        assert_eq!(orders.get::<u64>("42").await.unwrap(), None);
+        orders.set("42", 2u64).await.unwrap();
+        let l2 = EntryOptions::new().skip_l1();
+        let read = users.get_with::<u64>("42", &l2).await.unwrap();
+        assert_eq!(read.map(|(v, _)| *v), Some(1));
+        // Another instance of "users" finds the epoch its first instance created.
+        let again = build("users");
+        let read = again.get::<u64>("42").await.unwrap();
+        assert_eq!(read, Some(1));
+    }
+
+    /// A lost epoch key (evicted) does not bring back the entries of the epoch before it.
+    #[tokio::test]
+    async fn a_lost_epoch_key_starts_a_new_epoch() {
+        let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
+        let e = EpochBackend::new(Arc::clone(&mem), "c", true);
+        e.set("k", Bytes::from_static(b"v"), None).await.unwrap();
+        let first = in_epoch(&mem, "c", "k").await;
+        assert!(mem.get(&first).await.unwrap().is_some());
+        // The key is lost; the next instance to look creates a new epoch.
+        mem.set_reserved(
+            "epoch:c",
+            Bytes::from_static(b"x"),
+            Some(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let other = EpochBackend::new(Arc::clone(&mem), "c", true);
+        assert_eq!(other.get("k").await.unwrap(), None);
+        assert_ne!(in_epoch(&mem, "c", "k").await, first);
+    }
+
     #[test]
     fn tracked_keys_lose_their_epoch_and_the_epoch_key_means_a_clear() {
         let e = EpochBackend::new(
@@ -579,6 +669,7 @@ mod tests {
             true,
         );
         assert_eq!(e.user_key("@0:user:1"), Some("user:1"));
+        assert_eq!(e.user_key("@b5e1f0a2c3d4e5f6:user:1"), Some("user:1"));
         assert_eq!(e.user_key("@9f3a:a:b"), Some("a:b"));
         assert_eq!(e.user_key("plain"), Some("plain"));
         assert_eq!(e.user_key("__ncm:epoch:users"), None);
@@ -631,13 +722,14 @@ mod tests {
         let other = EpochBackend::new(Arc::clone(&mem), "c", true);
         let v = |b: &'static [u8]| Bytes::from_static(b);
         assert!(e.set_if_absent("k", v(b"v"), None).await.unwrap());
+        let first_j = in_epoch(&mem, "c", "j").await;
         // Not written over an existing value.
         let refused = e.place_if_absent("k", v(b"w"), None).await.unwrap();
         assert_eq!(refused, Placed::Refused);
         other.clear_pattern("*").await.unwrap();
         // `e` still holds the old token: the write lands in the old epoch, then the check.
         assert!(!e.set_if_absent("j", v(b"v"), None).await.unwrap());
-        assert!(mem.get("@0:j").await.unwrap().is_some());
+        assert!(mem.get(&first_j).await.unwrap().is_some());
         assert_eq!(other.get("j").await.unwrap(), None);
         // Again (`e` reads the token, then another clear), with the key in the new epoch:
         // not written over it.
@@ -654,11 +746,12 @@ mod tests {
         let mem: SharedBackend = Arc::new(ncm_cache_memory::MemoryBackend::new());
         let e = EpochBackend::new(Arc::clone(&mem), "c", true);
         e.set("k", Bytes::from_static(b"v"), None).await.unwrap();
-        assert!(mem.get("@0:k").await.unwrap().is_some());
+        let first = in_epoch(&mem, "c", "k").await;
+        assert!(mem.get(&first).await.unwrap().is_some());
         e.clear_pattern("*").await.unwrap();
         assert_eq!(e.get("k").await.unwrap(), None);
         // The old epoch's key is left to its TTL.
-        assert!(mem.get("@0:k").await.unwrap().is_some());
+        assert!(mem.get(&first).await.unwrap().is_some());
         // Another instance reads the new epoch from the key.
         let other = EpochBackend::new(Arc::clone(&mem), "c", true);
         other

@@ -100,10 +100,20 @@ async fn a_clear_is_one_write_on_a_redis_holding_two_million_other_keys() {
     let orders = instance(&ra, "orders", Some(Coherence::Backplane)).await;
     for i in 0..KEYS {
         a.set(&format!("k{i}"), i as u64).await.unwrap();
-        orders.set(&format!("k{i}"), i as u64).await.unwrap();
+        orders
+            .set(&format!("k{i}"), i as u64 + 1_000_000)
+            .await
+            .unwrap();
     }
     let all = EntryOptions::new();
     let l2_only = EntryOptions::new().skip_l1();
+    // Apart in L2 before either was cleared (they shared the first epoch's keys before).
+    let in_l2 = async |cache: &MultiLevelCache| {
+        let read = cache.get_with::<u64>("k1", &l2_only).await.unwrap();
+        read.map(|(v, _)| *v)
+    };
+    assert_eq!(in_l2(&b).await, Some(1));
+    assert_eq!(in_l2(&orders).await, Some(1_000_001));
     for cache in [&a, &b, &t, &lone] {
         assert_eq!(served(cache, &all).await, KEYS);
         // Read twice: the second from L1.

@@ -529,6 +529,29 @@ impl CacheBackend for RedisBackend {
         self.set_full(full.into(), value, ttl).await
     }
 
+    /// `SET NX` (one atomic command).
+    async fn set_reserved_if_absent(
+        &self,
+        name: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let full = self.inner.keys.reserved_key(name)?;
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        self.check_open()?;
+        let written: Option<String> = self
+            .run(Operation::Set, Idempotent::No, |mut h| {
+                let c = commands::set_nx(&full, &value, ttl);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        if written.is_some() {
+            self.inner.stats.sets(1);
+        }
+        Ok(written.is_some())
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         let full = self.full(key)?;
         let n: u64 = self
