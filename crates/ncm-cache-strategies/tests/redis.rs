@@ -1089,6 +1089,127 @@ async fn an_older_write_superseded_by_another_instances_withdrawn_write_is_still
     superseded_by_a_write_that_is_then_withdrawn(false, "withdrawn-remote").await;
 }
 
+/// Two instances of one durable queue over one cache (as Redis would be), A's faults its own.
+async fn durable_pair(
+    server: &RedisServer,
+    store: &ncm_cache_strategies::Store<String>,
+) -> (
+    (
+        CacheStrategies,
+        Flaky,
+        ncm_cache_strategies::WriteBehind<String>,
+    ),
+    (CacheStrategies, ncm_cache_strategies::WriteBehind<String>),
+    Cache<Serializer>,
+) {
+    let (sa, fa, local, a) = flaky_queue(config(&server.url(), ""), store).await;
+    let fb = Flaky {
+        inner: fa.inner.clone(),
+        ..Flaky::default()
+    };
+    let (sb, _, _, b) = flaky_queue_over(config(&server.url(), ""), store, fb).await;
+    ((sa, fa, a), (sb, b), local)
+}
+
+/// A's durable write is journaled first, but its cache write lands after B's newer write of
+/// the key (journaled and cached meanwhile): the cache kept A's older value for good while the
+/// store ended with B's (found by review). A's write now caches the key's newest journaled
+/// write after its own cache write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cache_write_does_not_outlive_another_instances_newer_write() {
+    let server = RedisServer::start().unwrap();
+    let (store, db) = database("slow-cache");
+    let ((sa, fa, a), (sb, b), local) = durable_pair(&server, &store).await;
+    let newest = || {
+        server
+            .cli(&["HGET", "__ncm:wb:{slow-cache}:newest", "k"])
+            .unwrap()
+    };
+    fa.hang_sets.store(true, Ordering::SeqCst);
+    let older = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write("k", &"older".to_string(), HOUR, HOUR).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || !newest().trim().is_empty()).await,
+        "A's write was never journaled"
+    );
+    b.write("k", &"newer".to_string(), HOUR, HOUR)
+        .await
+        .unwrap();
+    // A's cache write lands now, after B's.
+    fa.hang_sets.store(false, Ordering::SeqCst);
+    older.await.unwrap().unwrap();
+    let cached: Option<String> = local.get("k").await.unwrap();
+    assert_eq!(
+        cached.as_deref(),
+        Some("newer"),
+        "the cache kept the older write"
+    );
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("newer"));
+    let cached: Option<String> = local.get("k").await.unwrap();
+    assert_eq!(cached.as_deref(), Some("newer"));
+    sb.shutdown().await.unwrap();
+    sa.shutdown().await.unwrap();
+}
+
+/// A write persisted as adopted (here: its caller gave up during its cache write) is followed
+/// by an eviction of its key, since its value may never have been cached. That eviction removed
+/// B's newer write, cached while A's store call ran; a read-through then cached A's older row
+/// from the store, and B's write, persisted later, evicted nothing (found by review). The
+/// cache is now left with the key's newest journaled write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisting_an_adopted_write_does_not_evict_another_instances_newer_write() {
+    let server = RedisServer::start().unwrap();
+    let (store, db) = database("adopted-evict");
+    let ((sa, fa, a), (sb, b), _) = durable_pair(&server, &store).await;
+    fa.hang_sets.store(true, Ordering::SeqCst);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the cache write was meant to hang");
+    fa.hang_sets.store(false, Ordering::SeqCst);
+    // A's store call waits while B writes the key.
+    db.hang.store(true, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(3), || db.calls.load(Ordering::SeqCst)
+            >= 1)
+        .await,
+        "A never began to persist its write"
+    );
+    b.write("k", &"newer".to_string(), HOUR, HOUR)
+        .await
+        .unwrap();
+    db.hang.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(3), || db.get("k").as_deref()
+            == Some("older"))
+        .await,
+        "A's write was not persisted"
+    );
+    a.flush().await.unwrap();
+    let read: String = sb
+        .read_through(
+            "k",
+            || async { Ok::<_, std::io::Error>(db.get("k").unwrap_or_default()) },
+            HOUR,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read, "newer",
+        "a read-through brought the older stored row back"
+    );
+    b.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("newer"));
+    sb.shutdown().await.unwrap();
+    sa.shutdown().await.unwrap();
+}
+
 /// Instances that each keep their own in-process cache, coordinated through Redis: B's
 /// read-through misses and reads the source slowly; meanwhile A writes the key through and
 /// tells B; B's load, which may have read the source before A's write, is returned but not

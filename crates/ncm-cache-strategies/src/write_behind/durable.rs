@@ -576,6 +576,13 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
         }
     }
 
+    async fn newest(&self, key: &str) -> Result<Option<Version>> {
+        let mut hget = cmd("HGET");
+        hget.arg(&self.newest).arg(key);
+        let id: Option<String> = self.backend.query_cmd(Operation::Get, &hget).await?;
+        Ok(id.as_deref().and_then(parse_id))
+    }
+
     async fn ack(&self, ids: &[(String, Version)]) -> Result<()> {
         for chunk in ids.chunks(CLAIM_BATCH) {
             let mut args = Vec::with_capacity(1 + 2 * chunk.len());

@@ -131,6 +131,14 @@ impl<V: QueueValue> Shared<V> {
                 }
             }
         }
+        if cache_failure.is_none()
+            && let (Some(journal), Some(a)) = (&self.journal, appended)
+        {
+            // Another process's newer write of the key may have been cached before this one
+            // landed: the cache must end with the newest journaled write (still armed: a
+            // caller that gives up here leaves the write to be persisted as adopted).
+            self.cache_newest(&**journal, key, Some(a.id), expiry).await;
+        }
         unfinished.armed = false;
         let inserted = {
             let mut st = lock(&self.state);
@@ -216,6 +224,66 @@ impl<V: QueueValue> Shared<V> {
         self.wake.notify_one();
     }
 
+    /// Leaves the cache holding `key`'s newest journaled write, or nothing when none is left
+    /// (the store then holds the newest): its value is read back from the journal and cached
+    /// (with `expiry`) when it is not the one the cache is known to hold (`cached`: the
+    /// journaled write this process just cached, `None` when unknown), and the journal is
+    /// read again after each change until it did not move meanwhile. A write journaled after
+    /// that last read is cached by its own writer after this (journal first, then cache).
+    ///
+    /// Durable mode only. Without it, two processes' writes of one key could leave the cache
+    /// with the older value for good — a slow cache write landing after a newer write's, or
+    /// the eviction after persisting an adopted write removing a newer write's cached value,
+    /// which a read-through then replaced with the older stored row (found by review).
+    async fn cache_newest(
+        &self,
+        journal: &dyn Journal<V>,
+        key: &str,
+        cached: Option<Version>,
+        expiry: Expiry,
+    ) {
+        // What the cache holds now: `Some(None)` once evicted here.
+        let mut holds = cached.map(Some);
+        for _ in 0..8 {
+            let newest = match journal.newest(key).await {
+                Ok(newest) => newest,
+                Err(e) => {
+                    tracing::warn!(queue = %self.name, key, error = %e, "could not check the key's newest journaled write; evicting it (a read reloads the store)");
+                    self.uncache(key).await;
+                    return;
+                }
+            };
+            if holds == Some(newest) {
+                return;
+            }
+            match newest {
+                None => {
+                    self.uncache(key).await;
+                    holds = Some(None);
+                }
+                Some(id) => match journal.fetch(id).await {
+                    Ok(Some(write)) => {
+                        if let Err(e) = self.cache.set(key, &write.value, expiry).await {
+                            tracing::warn!(queue = %self.name, key, error = %e, "could not cache the key's newest journaled write; evicting it");
+                            self.uncache(key).await;
+                            return;
+                        }
+                        holds = Some(Some(id));
+                    }
+                    // Acknowledged meanwhile: read the newest again.
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %self.name, key, error = %e, "could not read the key's newest journaled write; evicting it");
+                        self.uncache(key).await;
+                        return;
+                    }
+                },
+            }
+        }
+        tracing::warn!(queue = %self.name, key, "the key's newest journaled write kept changing; evicting it");
+        self.uncache(key).await;
+    }
+
     async fn uncache(&self, key: &str) {
         if let Err(e) = self.cache.delete(key).await {
             tracing::warn!(queue = %self.name, key, error = %e, "could not remove a cached value whose write-behind was refused");
@@ -293,7 +361,14 @@ impl<V: QueueValue> Shared<V> {
             if lock(&self.state).pending.contains_key(key) {
                 continue;
             }
-            self.uncache(key).await;
+            match &self.journal {
+                // A newer write of another process may be journaled and cached already: kept.
+                Some(journal) => {
+                    self.cache_newest(&**journal, key, None, Expiry::Default)
+                        .await;
+                }
+                None => self.uncache(key).await,
+            }
         }
         {
             let mut st = lock(&self.state);

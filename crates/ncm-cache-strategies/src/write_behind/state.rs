@@ -89,6 +89,9 @@ pub(crate) trait Journal<V>: Send + Sync {
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>>;
     /// Reads one journaled write back (`None` when it is gone).
     async fn fetch(&self, id: Version) -> Result<Option<Recovered<V>>>;
+    /// The id of `key`'s newest journaled write (`None` when none of its writes is left:
+    /// the store holds the newest).
+    async fn newest(&self, key: &str) -> Result<Option<Version>>;
     /// Forgets persisted (or superseded) writes of their keys.
     async fn ack(&self, ids: &[(String, Version)]) -> Result<()>;
     /// Claims up to `limit` pending writes of consumers whose lease expired.

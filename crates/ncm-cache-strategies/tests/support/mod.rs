@@ -20,6 +20,8 @@ pub(crate) struct Database {
     pub(crate) calls: AtomicU64,
     pub(crate) entries: AtomicU64,
     pub(crate) failing: AtomicBool,
+    /// While set, a store call waits (once counted in `calls`).
+    pub(crate) hang: AtomicBool,
 }
 
 impl Database {
@@ -42,6 +44,9 @@ pub(crate) fn database(name: &str) -> (Store<String>, Arc<Database>) {
         let d = Arc::clone(&d);
         async move {
             d.calls.fetch_add(1, Ordering::SeqCst);
+            while d.hang.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if d.failing.load(Ordering::SeqCst) {
                 return Err("database unavailable");
             }
