@@ -281,7 +281,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             // A load's store, remembered for deletes heard late (`recent.rs`) from before the
             // version check.
             let tracked = (after_miss && eff.write_l2())
-                .then(|| crate::cache::Tracked::begin(&self.0.inner, key, &value, &eff));
+                .then(|| crate::cache::Tracked::begin(&self.0.inner, key, &value, &eff, false));
             let versions = &self.0.inner.versions;
             let current =
                 crate::versions::Ticket::from_mark(key, mark).is_some_and(|t| versions.current(&t));

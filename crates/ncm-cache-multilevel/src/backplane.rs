@@ -506,10 +506,18 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                                 }
                             }
                             // A write never leaves an older load behind: an "only if absent"
-                            // store after it is refused, one before it is overwritten.
+                            // store after it is refused, one before it is overwritten. An
+                            // eager refresh's plain store may have landed over it: checked.
                             SET => {
                                 if let Ok(key) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1(key);
+                                    withdraw.extend(
+                                        inner
+                                            .recent
+                                            .overwritten(key, now, 0)
+                                            .into_iter()
+                                            .map(|d| (key.to_owned(), d)),
+                                    );
                                 }
                             }
                             DELETE => {

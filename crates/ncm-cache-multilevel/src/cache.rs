@@ -828,7 +828,7 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    Tracked::begin(&self.inner, k, v, &self.inner.defaults),
+                    Tracked::begin(&self.inner, k, v, &self.inner.defaults, false),
                 )
             })
             .collect();
@@ -1590,6 +1590,7 @@ impl<C: Codec> Inner<C> {
         // settle as contended, not invalidated.
         self.versions.renew_flight(key);
         let ticket = self.versions.write_begin(key);
+        let began = self.opts.now_nanos();
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         // One round trip when L2 is the backplane's Redis, else write then publish.
         let combined = if eff.announce() {
@@ -1607,6 +1608,9 @@ impl<C: Codec> Inner<C> {
         // overlapped it (`settle_load`), and a caller after this write never joins a load
         // begun during it.
         self.versions.renew_flight(key);
+        // An eager refresh's store of the key (a plain SET) that landed after this write began
+        // may have overwritten it (`recent.rs`): checked once this write is settled.
+        let overwritten = self.recent.overwritten(key, self.opts.now_nanos(), began);
         if let Err(e) = written {
             let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
@@ -1618,6 +1622,9 @@ impl<C: Codec> Inner<C> {
         self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
         if !published && eff.announce() {
             self.publish_set(key).await;
+        }
+        for digest in overwritten {
+            self.withdraw_load(key, digest, eff.announce()).await;
         }
         Ok(())
     }
@@ -2035,10 +2042,20 @@ pub(crate) struct Tracked<'a, C> {
 }
 
 impl<'a, C: Codec> Tracked<'a, C> {
-    pub(crate) fn begin(inner: &'a Inner<C>, key: &str, bytes: &[u8], eff: &Eff) -> Self {
-        let id = inner
-            .recent
-            .begin(key, crate::recent::digest(bytes), inner.opts.now_nanos());
+    /// `replaces`: a plain store (an eager refresh's), not "only if absent".
+    pub(crate) fn begin(
+        inner: &'a Inner<C>,
+        key: &str,
+        bytes: &[u8],
+        eff: &Eff,
+        replaces: bool,
+    ) -> Self {
+        let id = inner.recent.begin(
+            key,
+            crate::recent::digest(bytes),
+            inner.opts.now_nanos(),
+            replaces,
+        );
         Self {
             inner,
             key: key.to_owned(),

@@ -651,7 +651,7 @@ impl<C: Codec> Inner<C> {
         // Remembered for deletes heard late (`recent.rs`), from before the version check.
         let tracked = eff
             .write_l2()
-            .then(|| crate::cache::Tracked::begin(self, key, &bytes, eff));
+            .then(|| crate::cache::Tracked::begin(self, key, &bytes, eff, !after_miss));
         if !self.versions.current(ticket) {
             if let Some(t) = tracked {
                 t.abandon();

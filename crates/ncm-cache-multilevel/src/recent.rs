@@ -15,9 +15,16 @@
 //! (which evicts L1 elsewhere but is not itself a delete: withdrawals do not chase each other's
 //! fresh loads); if it is still in flight, the load does this itself once it lands. Removing
 //! what a later load of the same bytes stored costs one more miss, never a stale read.
+//!
+//! An eager refresh's store *replaces* what L2 holds (a plain `SET`, not "only if absent"), so
+//! it can also overwrite a newer write: another instance's (its SET message heard late) or a
+//! caller's on this one (whose L2 write returned first). Such a write takes the refresh's entry
+//! as a delete does, and the refresh's bytes are withdrawn if L2 still holds them — which
+//! means the refresh landed after the write (found by review).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How long after its store a load's value is checked against deletes it may have missed: a
@@ -41,6 +48,9 @@ struct Entry {
     id: u64,
     digest: u64,
     state: State,
+    /// A plain store (an eager refresh): a write of the key heard later may have been
+    /// overwritten by it.
+    replaces: bool,
 }
 
 #[derive(Debug, Default)]
@@ -50,11 +60,43 @@ struct Recent {
     /// Stores in the order they began, to forget the oldest first.
     order: VecDeque<(String, u64)>,
     next_id: u64,
+    /// How many remembered stores replace (`Entry::replaces`).
+    replacing: usize,
 }
 
 /// The loads of one cache whose stores are still checked (see the module docs).
 #[derive(Debug, Default)]
-pub(crate) struct RecentLoads(Mutex<Recent>);
+pub(crate) struct RecentLoads {
+    inner: Mutex<Recent>,
+    /// `Recent::replacing`, readable without the lock: a caller's write looks for refreshes
+    /// it may have been overwritten by only when there are any.
+    replacing: AtomicUsize,
+}
+
+/// The lock, which publishes the count of replacing stores when released.
+struct Locked<'a> {
+    r: std::sync::MutexGuard<'a, Recent>,
+    mirror: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Recent;
+    fn deref(&self) -> &Recent {
+        &self.r
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Recent {
+        &mut self.r
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.mirror.store(self.r.replacing, Ordering::SeqCst);
+    }
+}
 
 /// What a store's end asks of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,24 +113,30 @@ pub(crate) fn digest(bytes: &[u8]) -> u64 {
 }
 
 impl RecentLoads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            r: self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            mirror: &self.replacing,
+        }
     }
 
-    /// A load's store of `key` with bytes of `digest` is about to be checked and sent; returns
-    /// its id for [`landed`](Self::landed), [`abandoned`](Self::abandoned) or
-    /// (for a store that failed too).
-    pub(crate) fn begin(&self, key: &str, digest: u64, now: u64) -> u64 {
+    /// A load's store of `key` with bytes of `digest` is about to be checked and sent
+    /// (`replaces`: a plain store, an eager refresh's); returns its id for
+    /// [`landed`](Self::landed) or [`abandoned`](Self::abandoned).
+    pub(crate) fn begin(&self, key: &str, digest: u64, now: u64, replaces: bool) -> u64 {
         let mut r = self.lock();
         r.forget_old(now);
         r.next_id += 1;
         let id = r.next_id;
+        r.replacing += usize::from(replaces);
         r.entries.entry(key.to_owned()).or_default().push(Entry {
             id,
             digest,
             state: State::InFlight { deleted: false },
+            replaces,
         });
         r.order.push_back((key.to_owned(), id));
         id
@@ -125,14 +173,31 @@ impl RecentLoads {
     /// `key` was deleted: the digests of landed stores to check now (each taken once); stores
     /// in flight are marked, for their loads to check once they land.
     pub(crate) fn deleted(&self, key: &str, now: u64) -> Vec<u64> {
+        self.take(key, now, None)
+    }
+
+    /// `key` was written (another instance's SET message, or a caller's write here whose L2
+    /// write returned), the write having begun at `since` (0: not known):
+    /// [`deleted`](Self::deleted) for the stores that replace only (a store "only if absent"
+    /// cannot land over a write), and of those landed, only the ones that landed after
+    /// `since` (one that landed before the write began was overwritten by it).
+    pub(crate) fn overwritten(&self, key: &str, now: u64, since: u64) -> Vec<u64> {
+        if self.replacing.load(Ordering::SeqCst) == 0 {
+            return Vec::new();
+        }
+        self.take(key, now, Some(since))
+    }
+
+    fn take(&self, key: &str, now: u64, replacing_since: Option<u64>) -> Vec<u64> {
         let mut r = self.lock();
         let Some(list) = r.entries.get_mut(key) else {
             return Vec::new();
         };
-        let check = take_landed(list, now);
+        let (check, gone) = take_landed(list, now, replacing_since);
         if list.is_empty() {
             r.entries.remove(key);
         }
+        r.replacing -= gone;
         check
     }
 
@@ -144,33 +209,51 @@ impl RecentLoads {
     ) -> Vec<(String, u64)> {
         let mut r = self.lock();
         let mut check = Vec::new();
+        let mut gone = 0;
         r.entries.retain(|key, list| {
             if !matches(key) {
                 return true;
             }
-            check.extend(take_landed(list, now).into_iter().map(|d| (key.clone(), d)));
+            let (found, removed) = take_landed(list, now, None);
+            gone += removed;
+            check.extend(found.into_iter().map(|d| (key.clone(), d)));
             !list.is_empty()
         });
+        r.replacing -= gone;
         check
     }
 }
 
-/// Marks the stores in flight and takes the landed ones within their window.
-fn take_landed(list: &mut Vec<Entry>, now: u64) -> Vec<u64> {
+/// Marks the stores in flight and takes the landed ones within their window — with
+/// `replacing_since`, of the stores that replace only, and of the landed ones only those that
+/// landed at or after it (the others are left); with the number of replacing stores removed.
+fn take_landed(list: &mut Vec<Entry>, now: u64, replacing_since: Option<u64>) -> (Vec<u64>, usize) {
+    let window = u64::try_from(WINDOW.as_nanos()).unwrap_or(u64::MAX);
     let mut check = Vec::new();
-    list.retain_mut(|e| match &mut e.state {
-        State::InFlight { deleted } => {
-            *deleted = true;
-            true
+    let mut gone = 0;
+    list.retain_mut(|e| {
+        if replacing_since.is_some() && !e.replaces {
+            return true;
         }
-        State::Stored { until } => {
-            if *until > now {
-                check.push(e.digest);
+        match &mut e.state {
+            State::InFlight { deleted } => {
+                *deleted = true;
+                true
             }
-            false
+            State::Stored { until } => {
+                let landed_at = until.saturating_sub(window);
+                if replacing_since.is_some_and(|since| landed_at < since) {
+                    return true;
+                }
+                if *until > now {
+                    check.push(e.digest);
+                }
+                gone += usize::from(e.replaces);
+                false
+            }
         }
     });
-    check
+    (check, gone)
 }
 
 impl Recent {
@@ -180,10 +263,16 @@ impl Recent {
 
     fn remove(&mut self, key: &str, id: u64) {
         if let Some(list) = self.entries.get_mut(key) {
-            list.retain(|e| e.id != id);
+            let mut gone = 0;
+            list.retain(|e| {
+                let keep = e.id != id;
+                gone += usize::from(!keep && e.replaces);
+                keep
+            });
             if list.is_empty() {
                 self.entries.remove(key);
             }
+            self.replacing -= gone;
         }
     }
 
@@ -223,7 +312,7 @@ mod tests {
     #[test]
     fn a_delete_during_the_store_asks_its_load_to_check() {
         let r = RecentLoads::default();
-        let id = r.begin("k", 7, 0);
+        let id = r.begin("k", 7, 0, false);
         assert!(
             r.deleted("k", 1).is_empty(),
             "in flight: marked, nothing yet"
@@ -235,13 +324,13 @@ mod tests {
     #[test]
     fn a_delete_within_the_window_checks_a_landed_store_once() {
         let r = RecentLoads::default();
-        let id = r.begin("k", 7, 0);
+        let id = r.begin("k", 7, 0, false);
         assert_eq!(r.landed("k", id, SEC), Landed::Keep);
         assert!(r.deleted("other", 2 * SEC).is_empty());
         assert_eq!(r.deleted("k", 2 * SEC), vec![7]);
         assert!(r.deleted("k", 3 * SEC).is_empty());
         // Past the window: nothing.
-        let id = r.begin("k", 8, 10 * SEC);
+        let id = r.begin("k", 8, 10 * SEC, false);
         r.landed("k", id, 10 * SEC);
         let window = u64::try_from(WINDOW.as_nanos()).unwrap();
         assert!(r.deleted("k", 10 * SEC + window + 1).is_empty());
@@ -250,15 +339,15 @@ mod tests {
     #[test]
     fn two_stores_of_one_key_are_each_checked() {
         let r = RecentLoads::default();
-        let first = r.begin("k", 1, 0);
-        let second = r.begin("k", 2, 0);
+        let first = r.begin("k", 1, 0, false);
+        let second = r.begin("k", 2, 0, false);
         assert!(r.deleted("k", 1).is_empty());
         // The second is refused; the first lands after the delete: it is checked.
         r.abandoned("k", second);
         assert_eq!(r.landed("k", first, 2), Landed::Check(1));
         // Both landed, then a delete: both digests.
-        let a = r.begin("k", 3, 10);
-        let b = r.begin("k", 4, 10);
+        let a = r.begin("k", 3, 10, false);
+        let b = r.begin("k", 4, 10, false);
         r.landed("k", a, 11);
         r.landed("k", b, 11);
         let mut found = r.deleted("k", 12);
@@ -269,14 +358,14 @@ mod tests {
     #[test]
     fn abandoned_stores_are_not_checked_and_failed_ones_are() {
         let r = RecentLoads::default();
-        let id = r.begin("k", 1, 0);
+        let id = r.begin("k", 1, 0, false);
         r.abandoned("k", id);
         assert!(r.deleted("k", 1).is_empty());
-        let id = r.begin("k", 2, 0);
+        let id = r.begin("k", 2, 0, false);
         assert_eq!(r.landed("k", id, 1), Landed::Keep);
         assert_eq!(r.deleted("k", 2), vec![2]);
         // A failed store that a delete overtook in flight is checked at once.
-        let id = r.begin("k", 3, 3);
+        let id = r.begin("k", 3, 3, false);
         assert!(r.deleted("k", 4).is_empty());
         assert_eq!(r.landed("k", id, 5), Landed::Check(3));
     }
@@ -284,10 +373,10 @@ mod tests {
     #[test]
     fn matching_deletes_mark_and_collect() {
         let r = RecentLoads::default();
-        let a = r.begin("user:1", 1, 0);
+        let a = r.begin("user:1", 1, 0, false);
         r.landed("user:1", a, 0);
-        let b = r.begin("user:2", 2, 0);
-        r.begin("order:1", 3, 0);
+        let b = r.begin("user:2", 2, 0, false);
+        r.begin("order:1", 3, 0, false);
         assert_eq!(
             r.deleted_matching(1, |k| k.starts_with("user:")),
             vec![("user:1".to_owned(), 1)]
@@ -300,12 +389,39 @@ mod tests {
         assert!(r.deleted("order:1", 1).is_empty(), "in flight: marked only");
     }
 
+    /// A write takes a refresh's store as a delete does; "only if absent" stores are left.
+    #[test]
+    fn a_write_checks_the_refreshes_it_may_have_been_overwritten_by() {
+        let r = RecentLoads::default();
+        assert!(r.overwritten("k", 0, 0).is_empty());
+        let load = r.begin("k", 1, 0, false);
+        let refresh = r.begin("k", 2, 0, true);
+        // In flight: marked, checked once it lands.
+        assert!(r.overwritten("k", 1, 0).is_empty());
+        assert_eq!(r.landed("k", refresh, 2), Landed::Check(2));
+        assert_eq!(r.landed("k", load, 2), Landed::Keep);
+        let refresh = r.begin("k", 3, 3, true);
+        r.landed("k", refresh, 4);
+        assert_eq!(r.replacing.load(Ordering::SeqCst), 1);
+        // A write that began after it landed overwrote it: nothing to check.
+        assert!(r.overwritten("k", 5, 5).is_empty());
+        assert_eq!(r.overwritten("k", 5, 4), vec![3]);
+        assert_eq!(r.replacing.load(Ordering::SeqCst), 0);
+        assert!(r.overwritten("k", 6, 0).is_empty(), "checked once");
+        // The load's store is still there for a delete.
+        assert_eq!(r.deleted("k", 7), vec![1]);
+        // Abandoned and forgotten ones leave the count.
+        let refresh = r.begin("j", 4, 8, true);
+        r.abandoned("j", refresh);
+        assert_eq!(r.replacing.load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn the_oldest_stores_go_beyond_the_cap() {
         let r = RecentLoads::default();
         for i in 0..MAX_ENTRIES + 100 {
             let key = format!("k{i}");
-            let id = r.begin(&key, 1, 0);
+            let id = r.begin(&key, 1, 0, false);
             r.landed(&key, id, 0);
         }
         let len = r.lock().entries.len();

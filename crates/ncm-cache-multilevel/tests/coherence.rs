@@ -186,6 +186,54 @@ async fn a_load_store_landing_after_a_local_delete_is_withdrawn() {
     assert_eq!(cache.get_stats().loads_withdrawn, 1);
 }
 
+/// A caller's `set` on this instance whose L2 write lands while an eager refresh's store (a
+/// plain `SET` of the older value it read before) is held: the refresh lands after the write
+/// and would be what L2 holds for its TTL; it is withdrawn once it lands.
+#[tokio::test]
+async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(10))
+        .eager_refresh(0.5)
+        .build()
+        .unwrap();
+    let loaded: String = cache
+        .get_or_load("k", || async { Ok::<_, Io>("v1".to_string()) })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "v1");
+    clock.advance(Duration::from_secs(6));
+    // The refresh's store is held before L2; the caller's write lands first.
+    slow.set_request_delay(Duration::from_millis(300));
+    let called = Arc::new(tokio::sync::Notify::new());
+    let hit: String = cache
+        .get_or_load("k", {
+            let called = Arc::clone(&called);
+            || async move {
+                called.notify_one();
+                Ok::<_, Io>("old".to_string())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(hit, "v1");
+    called.notified().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.set_request_delay(Duration::ZERO);
+    cache.set("k", "new".to_string()).await.unwrap();
+    let l2 = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = cache.get_with::<String>("k", &l2).await.unwrap();
+    assert_ne!(
+        held.map(|(v, _)| v.to_string()).as_deref(),
+        Some("old"),
+        "the refresh's older value stayed in L2 over the caller's write"
+    );
+    assert_eq!(cache.get_stats().loads_withdrawn, 1);
+}
+
 /// The same through `get_many_or_load` (one batch of stores) and a pattern delete through
 /// `as_backend()`: each store landing after the delete is withdrawn.
 #[tokio::test]
@@ -561,6 +609,87 @@ mod redis {
             "a withdrawal made another instance withdraw a fresh load"
         );
         assert_eq!(b.get_stats().loads_withdrawn, 0);
+        proxy.set_mode(ProxyMode::Pass);
+    }
+
+    /// An eager refresh read its source (`old`); B then changed the source and `set` the key
+    /// (acknowledged); the refresh's store — a plain `SET`, not "only if absent" — landed
+    /// after B's write, and every instance read the refresh's older value from L2 until its
+    /// TTL (found by review). A hears B's SET message (300 ms late, through a proxy) and
+    /// withdraws its refresh's bytes, which L2 still holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_eager_refresh_landing_after_another_instances_write_is_withdrawn() {
+        let server = RedisServer::start().unwrap();
+        let proxy = FaultProxy::start(server.addr()).unwrap();
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let mut slow = config(&format!("redis://{}", proxy.addr()));
+        slow.response_timeout = Duration::from_secs(3);
+        slow.health_check_interval = None;
+        let late = RedisCache::connect(slow).await.unwrap();
+        let a = MultiLevelCache::builder(ra.backend())
+            .name("users")
+            .backplane(Arc::clone(late.redis_backend()))
+            .l1_default_ttl(Duration::from_millis(600))
+            .eager_refresh(0.5)
+            .build()
+            .unwrap();
+        wait_active(&a).await;
+        let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+        let b = instance(&rb).await;
+        let first: String = a
+            .get_or_load("k", || async { Ok::<_, Io>("v1".to_string()) })
+            .await
+            .unwrap();
+        assert_eq!(first, "v1");
+        // Past the refresh point (300 ms), before the L1 expiry.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
+        let (started, release) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let hit: String = a
+            .get_or_load("k", {
+                let (started, release) = (Arc::clone(&started), Arc::clone(&release));
+                || async move {
+                    // The source is read ("old"), then the refresh waits.
+                    started.notify_one();
+                    release.notified().await;
+                    Ok::<_, Io>("old".to_string())
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(hit, "v1", "a hit past the refresh point is served from L1");
+        started.notified().await;
+        // B changes the source and writes the key; A hears of it 300 ms later.
+        b.set("k", "new".to_string()).await.unwrap();
+        release.notify_one();
+        let l2 = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+        let in_l2 = async || {
+            b.get_with::<String>("k", &l2)
+                .await
+                .unwrap()
+                .map(|(v, _)| v.to_string())
+        };
+        // The refresh's store lands after B's write…
+        let start = Instant::now();
+        while in_l2().await.as_deref() != Some("old") {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "scenario not reproduced: the refresh's store never landed over B's write"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // …and is withdrawn once A hears B's write.
+        while in_l2().await.as_deref() == Some("old") {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the refresh's older value stayed in L2 over B's acknowledged write"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.get_stats().loads_withdrawn, 1);
         proxy.set_mode(ProxyMode::Pass);
     }
 
