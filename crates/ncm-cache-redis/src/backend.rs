@@ -68,7 +68,13 @@ impl fmt::Debug for RedisBackend {
 /// Whether a failed operation may be retried after a timeout.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Idempotent {
+    /// A read: again on any connection.
     Yes,
+    /// A write that is safe to repeat (a delete, a TTL change) but not to reorder: again only
+    /// on the connection of the first try, behind it. The first try is still queued there
+    /// (a timeout does not cancel it); retried on another connection, it could run after a
+    /// write the caller made once the retry returned, and undo it (found by review).
+    InOrder,
     No,
 }
 
@@ -207,7 +213,12 @@ impl RedisBackend {
         F: Fn(Handle) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        self.inner.run(op, idempotent == Idempotent::Yes, f).await
+        let retry = match idempotent {
+            Idempotent::Yes => Retry::Anywhere,
+            Idempotent::InOrder => Retry::SameConnection,
+            Idempotent::No => Retry::No,
+        };
+        self.inner.run(op, retry, f).await
     }
 
     fn full<'k>(&self, key: &'k str) -> Result<std::borrow::Cow<'k, str>> {
@@ -356,7 +367,7 @@ impl RedisBackend {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.run(Operation::ClearPattern, Idempotent::Yes, |mut h| {
+        self.run(Operation::ClearPattern, Idempotent::InOrder, |mut h| {
             let c = commands::unlink(keys);
             async move { c.query_async(&mut h).await }
         })
@@ -364,8 +375,19 @@ impl RedisBackend {
     }
 }
 
+/// Whether [`Inner::run`] tries a call again after a timeout (with
+/// `RedisConfig::retry_on_timeout`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Retry {
+    No,
+    /// On any connection (a read).
+    Anywhere,
+    /// On the connection of the first try only (see `Idempotent::InOrder`).
+    SameConnection,
+}
+
 impl Inner {
-    pub(crate) async fn run<T, F, Fut>(&self, op: Operation, retry: bool, f: F) -> Result<T>
+    pub(crate) async fn run<T, F, Fut>(&self, op: Operation, retry: Retry, f: F) -> Result<T>
     where
         F: Fn(Handle) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -374,21 +396,33 @@ impl Inner {
             return Err(CacheError::Closed);
         }
         let timeout = self.config.response_timeout;
-        let attempts = if retry && self.config.retry_on_timeout {
+        let attempts = if retry != Retry::No && self.config.retry_on_timeout {
             2
         } else {
             1
         };
         let start = Instant::now();
         let mut result = Err(CacheError::Closed);
+        // The pool connection a retry must use (`Retry::SameConnection`).
+        let mut pinned = None;
+        // The Sentinel connection the last try used (see `Conn::on_error`).
+        let mut generation = None;
         for _ in 0..attempts {
             // No timer here: every connection type is configured with `response_timeout`
             // (ConnectionManager, ClusterConnection, MultiplexedConnection), which bounds each
             // request; a second timer per call cost ~10 % throughput under load.
-            result = match self.conn.handle(self.config.connect_timeout).await {
+            let handle = match pinned {
+                Some(slot) => self.conn.handle_at(slot, self.config.connect_timeout).await,
+                None => self.conn.handle(self.config.connect_timeout).await,
+            };
+            result = match handle {
                 Err(e) => Err(e),
                 Ok(handle) => {
                     let slot = handle.slot();
+                    generation = handle.generation();
+                    if retry == Retry::SameConnection {
+                        pinned = slot;
+                    }
                     match f(handle).await {
                         Err(e) => {
                             let e = map_err(op.as_str(), e, timeout);
@@ -401,7 +435,7 @@ impl Inner {
             };
             match &result {
                 Err(e) if e.is_timeout() => {
-                    self.conn.on_error(e);
+                    self.conn.on_error(e, generation);
                     continue;
                 }
                 _ => break,
@@ -410,7 +444,7 @@ impl Inner {
         self.stats.latency(op, start.elapsed());
         if let Err(e) = &result {
             self.stats.error(op);
-            self.conn.on_error(e);
+            self.conn.on_error(e, generation);
             tracing::debug!(operation = op.as_str(), error = %e, "redis operation failed");
         }
         result
@@ -427,9 +461,11 @@ async fn health_loop(inner: Weak<Inner>, every: Duration) {
             break;
         }
         let info: Result<String> = inner
-            .run(Operation::HealthCheck, false, |mut h| async move {
-                redis::cmd("INFO").arg("memory").query_async(&mut h).await
-            })
+            .run(
+                Operation::HealthCheck,
+                crate::backend::Retry::No,
+                |mut h| async move { redis::cmd("INFO").arg("memory").query_async(&mut h).await },
+            )
             .await;
         let ok = info.is_ok();
         if let Ok(info) = info
@@ -555,7 +591,7 @@ impl CacheBackend for RedisBackend {
     async fn delete(&self, key: &str) -> Result<bool> {
         let full = self.full(key)?;
         let n: u64 = self
-            .run(Operation::Delete, Idempotent::Yes, |mut h| {
+            .run(Operation::Delete, Idempotent::InOrder, |mut h| {
                 let c = commands::unlink(full.as_ref());
                 async move { c.query_async(&mut h).await }
             })
@@ -653,7 +689,7 @@ impl CacheBackend for RedisBackend {
             return Ok(0);
         }
         let n: u64 = self
-            .run(Operation::DeleteMany, Idempotent::Yes, |mut h| {
+            .run(Operation::DeleteMany, Idempotent::InOrder, |mut h| {
                 let c = commands::unlink(&full);
                 async move { c.query_async(&mut h).await }
             })
@@ -677,7 +713,7 @@ impl CacheBackend for RedisBackend {
         let full = self.full(key)?;
         commands::check_ttl(Some(ttl))?;
         let n: u64 = self
-            .run(Operation::ExtendTtl, Idempotent::Yes, |mut h| {
+            .run(Operation::ExtendTtl, Idempotent::InOrder, |mut h| {
                 let c = commands::pexpire(&full, ttl);
                 async move { c.query_async(&mut h).await }
             })
@@ -693,7 +729,7 @@ impl CacheBackend for RedisBackend {
         }
         // Not batched: GETEX writes (the TTL), so it goes straight to the primary.
         let read: Result<Option<Vec<u8>>> = self
-            .run(Operation::Get, Idempotent::Yes, |mut h| {
+            .run(Operation::Get, Idempotent::InOrder, |mut h| {
                 let c = commands::getex(&full, ttl);
                 async move { c.query_async(&mut h).await }
             })
@@ -824,11 +860,9 @@ impl RedisBackend {
     /// yourself.
     pub async fn query_cmd<T: FromRedisValue>(&self, op: Operation, cmd: &redis::Cmd) -> Result<T> {
         self.inner
-            .run(
-                op,
-                false,
-                |mut h| async move { cmd.query_async(&mut h).await },
-            )
+            .run(op, crate::backend::Retry::No, |mut h| async move {
+                cmd.query_async(&mut h).await
+            })
             .await
     }
 
@@ -842,7 +876,7 @@ impl RedisBackend {
         args: &[Vec<u8>],
     ) -> Result<T> {
         self.inner
-            .run(op, false, |mut h| async move {
+            .run(op, Retry::No, |mut h| async move {
                 let mut invocation = script.prepare_invoke();
                 for key in keys {
                     invocation.key(key);

@@ -411,7 +411,7 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
         let Some(g) = batch.pop() else { return };
         let key = g.key.as_str();
         let r: Result<Option<Vec<u8>>> = inner
-            .run(Operation::Get, true, |mut h| {
+            .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
                 let c = commands::get(key);
                 async move { c.query_async(&mut h).await }
             })
@@ -442,9 +442,11 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
     mget.arg(&keys);
     let mget = &mget;
     let r: Result<Vec<Option<Vec<u8>>>> = inner
-        .run(Operation::Get, true, |mut h| async move {
-            mget.query_async(&mut h).await
-        })
+        .run(
+            Operation::Get,
+            crate::backend::Retry::Anywhere,
+            |mut h| async move { mget.query_async(&mut h).await },
+        )
         .await;
     let mut pending = u32::from(counted_by_run(&r));
     let r = r.and_then(|values| {
@@ -505,9 +507,11 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
     }
     let pipe = &pipe;
     let replies: Vec<redis::RedisResult<redis::Value>> = inner
-        .run(Operation::Get, true, |mut h| async move {
-            pipe.query_async(&mut h).await
-        })
+        .run(
+            Operation::Get,
+            crate::backend::Retry::Anywhere,
+            |mut h| async move { pipe.query_async(&mut h).await },
+        )
         .await?;
     if replies.len() != keys.len() {
         return Err(CacheError::Backend {
@@ -542,7 +546,7 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
     let timeout = inner.config.response_timeout;
     let calls = &*batch;
     let r: Result<(Vec<usize>, Vec<redis::RedisResult<redis::Value>>)> = inner
-        .run(Operation::Set, false, |mut h| {
+        .run(Operation::Set, crate::backend::Retry::No, |mut h| {
             let slot = h.slot();
             async move {
                 // A connection manager that is reconnecting holds a request until the new
@@ -599,7 +603,7 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                         let e = crate::error::map_err("set", e, timeout);
                         // READONLY and the like: the connection must be re-resolved.
                         if e.is_connection() {
-                            inner.conn.on_error(&e);
+                            inner.conn.on_error(&e, None);
                         }
                         Err(e)
                     }

@@ -95,7 +95,9 @@ pub struct RedisConfig {
     /// Multiplexed connections in the pool (default 2). Each carries many concurrent requests,
     /// pipelined; more connections rarely help on a single server.
     pub max_connections: usize,
-    /// Retry a read once when it timed out (default true). Writes are never retried blindly.
+    /// Retry a read once when it timed out (default true); a delete or a TTL change is retried
+    /// only on the connection of its first try (behind it, so it cannot be reordered with a
+    /// later write). Other writes are never retried.
     pub retry_on_timeout: bool,
     /// Automatic batching (default true): concurrent `get`s share one `MGET`, concurrent
     /// `set`s one pipeline, with no timer (an idle connection sends at once). See

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ncm_cache_core::{CacheError, Result};
 use redis::aio::{
@@ -25,7 +25,8 @@ pub(crate) enum Handle {
     /// A connection of the single-node pool, with its place in the pool.
     Manager(ConnectionManager, usize),
     Cluster(ClusterConnection),
-    Multiplexed(MultiplexedConnection),
+    /// A Sentinel primary's connection, with its generation (see [`Conn::on_error`]).
+    Multiplexed(MultiplexedConnection, u64),
 }
 
 impl ConnectionLike for Handle {
@@ -33,7 +34,7 @@ impl ConnectionLike for Handle {
         match self {
             Self::Manager(c, _) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
-            Self::Multiplexed(c) => c.req_packed_command(cmd),
+            Self::Multiplexed(c, _) => c.req_packed_command(cmd),
         }
     }
 
@@ -46,7 +47,7 @@ impl ConnectionLike for Handle {
         match self {
             Self::Manager(c, _) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Multiplexed(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -54,7 +55,7 @@ impl ConnectionLike for Handle {
         match self {
             Self::Manager(c, _) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
-            Self::Multiplexed(c) => c.get_db(),
+            Self::Multiplexed(c, _) => c.get_db(),
         }
     }
 }
@@ -64,6 +65,14 @@ impl Handle {
     pub(crate) fn slot(&self) -> Option<usize> {
         match self {
             Self::Manager(_, i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// Which Sentinel connection it is (`None` for the other kinds).
+    pub(crate) fn generation(&self) -> Option<u64> {
+        match self {
+            Self::Multiplexed(_, generation) => Some(*generation),
             _ => None,
         }
     }
@@ -92,7 +101,12 @@ pub(crate) enum Conn {
 /// A primary found through Sentinel; re-resolved after a connection failure (failover).
 pub(crate) struct SentinelConn {
     client: tokio::sync::Mutex<SentinelClient>,
-    current: RwLock<Option<MultiplexedConnection>>,
+    /// The primary's connection, with its generation.
+    current: RwLock<Option<(u64, MultiplexedConnection)>>,
+    generations: AtomicU64,
+    /// When the last resolution failed, and how: a caller that waited for `client` while it
+    /// ran gets that failure instead of trying again itself (see [`SentinelConn::handle`]).
+    failed: std::sync::Mutex<Option<(Instant, CacheError)>>,
     config: AsyncConnectionConfig,
 }
 
@@ -264,6 +278,8 @@ impl Conn {
         let conn = SentinelConn {
             client: tokio::sync::Mutex::new(client),
             current: RwLock::new(None),
+            generations: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(None),
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 .set_response_timeout(Some(config.response_timeout)),
@@ -287,7 +303,23 @@ impl Conn {
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
             Self::Cluster(c) => Ok(Handle::Cluster(c.clone())),
-            Self::Sentinel(s) => s.handle(timeout).await.map(Handle::Multiplexed),
+            Self::Sentinel(s) => s
+                .handle(timeout)
+                .await
+                .map(|(generation, c)| Handle::Multiplexed(c, generation)),
+        }
+    }
+
+    /// A handle on the pool's connection `slot` (a retry that must follow its first try on
+    /// the same connection); [`handle`](Self::handle) for the other kinds.
+    pub(crate) async fn handle_at(&self, slot: usize, timeout: Duration) -> Result<Handle> {
+        match self {
+            Self::Single { pool, .. } => pool
+                .get(slot)
+                .cloned()
+                .map(|c| Handle::Manager(c, slot))
+                .ok_or_else(|| CacheError::Config("empty connection pool".into())),
+            _ => self.handle(timeout).await,
         }
     }
 
@@ -326,11 +358,16 @@ impl Conn {
         }
     }
 
-    /// Tells the connection a request failed, so Sentinel can re-resolve the primary.
-    pub(crate) fn on_error(&self, err: &CacheError) {
+    /// Tells the connection a request failed, so Sentinel can re-resolve the primary — only
+    /// if it failed on the connection still in use (`generation`, `None`: whichever is): a
+    /// late failure of the one before must not drop a new, healthy one (found by review).
+    pub(crate) fn on_error(&self, err: &CacheError, generation: Option<u64>) {
         if let Self::Sentinel(s) = self
             && (err.is_connection() || err.is_timeout())
             && let Ok(mut current) = s.current.write()
+            && current
+                .as_ref()
+                .is_some_and(|(g, _)| generation.is_none_or(|failed| failed == *g))
         {
             *current = None;
         }
@@ -409,34 +446,62 @@ impl Conn {
 }
 
 impl SentinelConn {
-    async fn handle(&self, timeout: Duration) -> Result<MultiplexedConnection> {
-        if let Ok(current) = self.current.read()
-            && let Some(c) = current.as_ref()
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// The primary's connection, resolved through the sentinels when there is none. One
+    /// resolution at a time, each bounded (asking the sentinels and connecting, `2 × timeout`),
+    /// and so is the wait for the one under way; callers that waited while it failed share
+    /// its failure. Before, each waiter tried again in turn after the one before it failed:
+    /// with the sentinels unresponsive, the last of 16 concurrent calls waited 16 × 2 ×
+    /// `connect_timeout` (found by review).
+    async fn handle(&self, timeout: Duration) -> Result<(u64, MultiplexedConnection)> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let bound = timeout * 2;
+        let arrived = Instant::now();
+        let mut client = tokio::time::timeout(bound, self.client.lock())
+            .await
+            .map_err(|_| CacheError::Timeout {
+                operation: "sentinel connect (waiting for the resolution under way)",
+                after: bound,
+            })?;
+        // Another task may have reconnected while we waited for the lock…
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        // …or failed to, after this call began: its failure is this call's too.
+        if let Ok(failed) = self.failed.lock()
+            && let Some((at, e)) = failed.as_ref()
+            && *at >= arrived
         {
-            return Ok(c.clone());
+            return Err(e.clone());
         }
-        let mut client = self.client.lock().await;
-        // Another task may have reconnected while we waited for the lock.
-        if let Ok(current) = self.current.read()
-            && let Some(c) = current.as_ref()
-        {
-            return Ok(c.clone());
+        let resolved =
+            tokio::time::timeout(bound, client.get_async_connection_with_config(&self.config))
+                .await
+                .map_err(|_| CacheError::Timeout {
+                    operation: "sentinel connect",
+                    after: bound,
+                })
+                .and_then(|r| r.map_err(|e| map_err("sentinel connect", e, timeout)));
+        match resolved {
+            Ok(conn) => {
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Ok(mut current) = self.current.write() {
+                    *current = Some((generation, conn.clone()));
+                }
+                Ok((generation, conn))
+            }
+            Err(e) => {
+                if let Ok(mut failed) = self.failed.lock() {
+                    *failed = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
         }
-        // Asking the sentinels and connecting to the primary is bounded as a whole.
-        let conn = tokio::time::timeout(
-            timeout * 2,
-            client.get_async_connection_with_config(&self.config),
-        )
-        .await
-        .map_err(|_| CacheError::Timeout {
-            operation: "sentinel connect",
-            after: timeout * 2,
-        })?
-        .map_err(|e| map_err("sentinel connect", e, timeout))?;
-        if let Ok(mut current) = self.current.write() {
-            *current = Some(conn.clone());
-        }
-        Ok(conn)
     }
 }
 

@@ -79,25 +79,34 @@ impl RedisBackend {
     pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<Option<RedisLock>> {
         commands::check_ttl(Some(ttl))?;
         let key = self.key_space().reserved_key(&format!("lock:{name}"))?;
-        let token = token();
+        // Released in the background when dropped unclaimed: a `SET` that failed or whose
+        // caller was cancelled may still have landed, and nobody would free the lock before
+        // its TTL (found by review). The release checks the token.
+        let lock = RedisLock {
+            inner: Arc::clone(self.inner()),
+            key,
+            token: token(),
+            released: AtomicBool::new(false),
+        };
+        let (key, token) = (&lock.key, &lock.token);
         let got: Option<String> = self
             .inner()
-            .run(Operation::Set, false, |mut h| {
+            .run(Operation::Set, crate::backend::Retry::No, |mut h| {
                 let mut c = redis::cmd("SET");
-                c.arg(&key)
-                    .arg(&token)
+                c.arg(key)
+                    .arg(token)
                     .arg("NX")
                     .arg("PX")
                     .arg(commands::millis(ttl));
                 async move { c.query_async(&mut h).await }
             })
             .await?;
-        Ok(got.map(|_| RedisLock {
-            inner: Arc::clone(self.inner()),
-            key,
-            token,
-            released: AtomicBool::new(false),
-        }))
+        if got.is_none() {
+            // Held by someone else: nothing of ours to release.
+            lock.released.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        Ok(Some(lock))
     }
 
     /// The note a holder left in the lock `name` on release
@@ -114,7 +123,7 @@ impl RedisBackend {
         let key = self.key_space().reserved_key(&format!("lock:{name}"))?;
         let value: Option<String> = self
             .inner()
-            .run(Operation::Get, true, |mut h| {
+            .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
                 let c = redis::cmd("GET").arg(&key).take();
                 async move { c.query_async(&mut h).await }
             })
@@ -140,7 +149,7 @@ impl RedisBackend {
         let value = format!("{NOTE}{note}");
         let set: Option<String> = self
             .inner()
-            .run(Operation::Set, false, |mut h| {
+            .run(Operation::Set, crate::backend::Retry::No, |mut h| {
                 let c = redis::cmd("SET")
                     .arg(&key)
                     .arg(&value)
@@ -204,7 +213,7 @@ impl RedisLock {
         let value = format!("{NOTE}{note}");
         let n: i64 = self
             .inner
-            .run(Operation::Delete, false, |mut h| {
+            .run(Operation::Delete, crate::backend::Retry::No, |mut h| {
                 let (key, token, value) = (self.key.clone(), self.token.clone(), value.clone());
                 async move {
                     RELEASE_WITH_NOTE
@@ -227,7 +236,7 @@ impl RedisLock {
         commands::check_ttl(Some(ttl))?;
         let n: i64 = self
             .inner
-            .run(Operation::ExtendTtl, false, |mut h| {
+            .run(Operation::ExtendTtl, crate::backend::Retry::No, |mut h| {
                 let (key, token) = (self.key.clone(), self.token.clone());
                 async move {
                     EXTEND
@@ -245,7 +254,7 @@ impl RedisLock {
 
 async fn release(inner: &Inner, key: &str, token: &str) -> Result<bool> {
     let n: i64 = inner
-        .run(Operation::Delete, false, |mut h| {
+        .run(Operation::Delete, crate::backend::Retry::No, |mut h| {
             let (key, token) = (key.to_owned(), token.to_owned());
             async move { RELEASE.key(key).arg(token).invoke_async(&mut h).await }
         })

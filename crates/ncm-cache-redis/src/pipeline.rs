@@ -263,7 +263,7 @@ impl RedisPipeline {
             let cmds: Vec<Cmd> = group.iter().filter_map(|&i| cmds.get(i).cloned()).collect();
             async move {
                 let values: Vec<Value> = inner
-                    .run(Operation::SetMany, false, |mut h| {
+                    .run(Operation::SetMany, crate::backend::Retry::No, |mut h| {
                         let mut pipe = redis::pipe();
                         for c in &cmds {
                             pipe.add_command(c.clone());

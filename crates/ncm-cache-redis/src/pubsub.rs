@@ -65,7 +65,7 @@ impl RedisBackend {
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<u64> {
         let name = self.channel_name(channel);
         self.inner()
-            .run(Operation::Set, false, |mut h| {
+            .run(Operation::Set, crate::backend::Retry::No, |mut h| {
                 let mut c = redis::cmd("PUBLISH");
                 c.arg(&name).arg(payload);
                 async move { c.query_async(&mut h).await }
@@ -88,7 +88,7 @@ impl RedisBackend {
         crate::commands::check_size(value.len(), self.config().max_value_size)?;
         let name = self.channel_name(channel);
         self.inner()
-            .run(Operation::Set, false, |mut h| {
+            .run(Operation::Set, crate::backend::Retry::No, |mut h| {
                 let mut pipe = redis::pipe();
                 pipe.add_command(crate::commands::set(&full, value, ttl))
                     .ignore();

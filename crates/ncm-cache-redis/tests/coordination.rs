@@ -326,3 +326,54 @@ async fn a_release_that_failed_or_was_cancelled_still_frees_the_lock() {
         );
     }
 }
+
+/// A `try_lock` whose `SET NX` reached Redis but whose reply came after the call's timeout
+/// (or whose caller gave up): the lock was taken on the server with a token nobody kept, so
+/// nobody could take it before its TTL (found by review). The unclaimed lock is now released
+/// in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_by_a_timed_out_or_cancelled_try_lock_is_freed() {
+    let server = RedisServer::start().unwrap();
+    let (proxy, mut config) = support::proxied(&server);
+    config.response_timeout = Duration::from_millis(200);
+    let a = RedisCache::connect(config).await.unwrap();
+    let b = RedisCache::connect(support::config(&server)).await.unwrap();
+    for cancelled in [false, true] {
+        let name = format!("job-{cancelled}");
+        // The command reaches Redis after 150 ms; its reply would come back 150 ms later.
+        proxy.set_mode(ncm_cache_testkit::ProxyMode::Delay(Duration::from_millis(
+            150,
+        )));
+        let attempt = a.redis_backend().try_lock(&name, Duration::from_secs(30));
+        if cancelled {
+            let gave_up = tokio::time::timeout(Duration::from_millis(180), attempt).await;
+            assert!(gave_up.is_err(), "the caller was meant to give up first");
+        } else {
+            let r = attempt.await;
+            assert!(r.is_err(), "the call was meant to time out: {r:?}");
+        }
+        // It was taken on the server all the same.
+        let start = Instant::now();
+        while server
+            .command(&["EXISTS", &format!("__ncm:lock:{name}")])
+            .unwrap()
+            != "1"
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "scenario not reproduced: the SET never reached Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+        let free = b
+            .redis_backend()
+            .lock(&name, Duration::from_secs(1), Duration::from_secs(3))
+            .await
+            .unwrap();
+        assert!(
+            free.is_some(),
+            "{name}: the lock stayed taken after the try_lock that took it failed"
+        );
+    }
+}

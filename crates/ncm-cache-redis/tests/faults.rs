@@ -142,3 +142,50 @@ async fn a_call_during_a_reconnect_is_bounded_by_the_timeouts() {
     let took = until_ok(&cache, Duration::from_secs(10)).await;
     assert!(took < Duration::from_secs(5), "recovered in {took:?}");
 }
+
+/// A delete that timed out on one pool connection (stuck behind a blocking command) was
+/// retried on the other; its first try, still queued, ran after a write the caller made once
+/// the retry had returned, and removed it (found by review). A delete's retry now goes behind
+/// its first try on the same connection: a delete that returned `Ok` never undoes a later
+/// write (here it times out, as its first try did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_delete_never_undoes_a_later_write() {
+    use ncm_cache_core::{Bytes, CacheBackend as _, Operation};
+    let server = RedisServer::start().unwrap();
+    let mut c = support::config(&server);
+    c.auto_batch = false;
+    c.response_timeout = Duration::from_millis(300);
+    c.max_connections = 2;
+    c.retry_on_timeout = true;
+    let cache = RedisCache::connect(c.clone()).await.unwrap();
+    let b = cache.redis_backend();
+    // The later write comes from another client (its own connections).
+    let writer = RedisCache::connect(c).await.unwrap();
+    let v = |s: &'static [u8]| Bytes::from_static(s);
+    // Calls alternate between the two connections: 0, 1, 0, 1, …
+    b.set("k", v(b"v1"), None).await.unwrap();
+    b.exists("z").await.unwrap();
+    // Connection 0 is blocked on the server for 2 s; the client gives up after 300 ms.
+    let mut blpop = redis::cmd("BLPOP");
+    blpop.arg("q").arg(2);
+    let blocked: ncm_cache_core::Result<redis::Value> = b.query_cmd(Operation::Get, &blpop).await;
+    assert!(blocked.is_err(), "BLPOP was meant to time out");
+    b.exists("z").await.unwrap();
+    // First try on connection 0 (queued behind BLPOP).
+    let deleted = b.delete("k").await;
+    writer
+        .redis_backend()
+        .set("k", v(b"v2"), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let now = b.get("k").await.unwrap();
+    match deleted {
+        Ok(_) => assert_eq!(
+            now.as_deref(),
+            Some(&b"v2"[..]),
+            "a delete acknowledged before the write undid it"
+        ),
+        Err(e) => assert!(e.is_timeout(), "{e}"),
+    }
+}

@@ -47,3 +47,61 @@ async fn sentinel_failover_moves_the_cache_to_the_new_primary() {
     assert_eq!(cache.get::<i32>("after").await.unwrap(), Some(2));
     assert!(cache.health_check().await);
 }
+
+/// The sentinels stop answering (paused: they accept connections, never reply) just as the
+/// primary drops this client's connection: every call must re-resolve the primary. Before,
+/// callers took the resolution lock one after another and each tried again after the one
+/// before it had failed — the last of 16 concurrent calls waited about 16 × 2 ×
+/// `connect_timeout` (found by review). Now one resolution runs at a time and callers that
+/// waited while it failed share its failure: each call ends within about two resolutions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_sentinels_cost_each_call_a_bounded_wait() {
+    let set = RedisSentinelSet::start().unwrap();
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let bound = Duration::from_millis(300);
+    let cache = RedisCache::builder()
+        .sentinel(set.master_name(), sentinels)
+        .health_check_interval(None)
+        .connect_timeout(bound)
+        .response_timeout(bound)
+        .build()
+        .await
+        .unwrap();
+    cache.set("k", &1).await.unwrap();
+    let primary = set.primary_addr().unwrap();
+    let server = set
+        .servers()
+        .iter()
+        .find(|s| s.addr() == primary)
+        .expect("the primary is one of the set's servers");
+    for s in set.sentinels() {
+        s.pause().unwrap();
+    }
+    server
+        .command(&["CLIENT", "KILL", "TYPE", "normal"])
+        .unwrap();
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let r = cache.exists("k").await;
+                (start.elapsed(), r.is_ok())
+            })
+        })
+        .collect();
+    let mut took = Vec::new();
+    for c in calls {
+        took.push(c.await.unwrap().0);
+    }
+    for s in set.sentinels() {
+        s.resume().unwrap();
+    }
+    let longest = took.iter().max().copied().unwrap_or_default();
+    // Two tries (a timeout is retried), each at most one resolution under way plus its own
+    // (2 × 2 × 300 ms), and slack for a loaded machine.
+    assert!(
+        longest < Duration::from_millis(3500),
+        "a call waited {longest:?} (all: {took:?})"
+    );
+}
