@@ -228,7 +228,8 @@ fn a_crash_before_the_journal_append_leaves_no_cached_value() {
 
 /// The other side: a process dies after journaling v2 but before caching it (its cache
 /// connection hangs), while the cache still holds v1. The process that adopts v2 persists it
-/// and evicts the key, so the cache does not keep serving v1 against a store holding v2.
+/// and evicts the key — or caches v2, the key's newest journaled write while it is not yet
+/// acknowledged — so the cache does not keep serving v1 against a store holding v2.
 #[test]
 fn an_adopted_write_evicts_the_older_cached_value_once_persisted() {
     let server = RedisServer::start().unwrap();
@@ -248,9 +249,9 @@ fn an_adopted_write_evicts_the_older_cached_value_once_persisted() {
     p2.command("recover");
     p2.command("flush");
     assert_store(&server, 1, "v2");
-    assert_eq!(
-        server.cli(&["EXISTS", "k0"]).unwrap().trim(),
-        "0",
-        "the cache still holds v1 while the store has v2"
+    let cached = server.cli(&["GET", "k0"]).unwrap();
+    assert!(
+        cached.trim().is_empty() || (cached.contains("v2") && !cached.contains("v1")),
+        "the cache still holds v1 while the store has v2: {cached:?}"
     );
 }

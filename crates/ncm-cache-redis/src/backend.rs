@@ -411,8 +411,9 @@ impl Inner {
             // No timer here: every connection type is configured with `response_timeout`
             // (ConnectionManager, ClusterConnection, MultiplexedConnection), which bounds each
             // request; a second timer per call cost ~10 % throughput under load.
-            let handle = match pinned {
-                Some(slot) => self.conn.handle_at(slot, self.config.connect_timeout).await,
+            // (Not a second awaited call: the future of every Redis call would nest deeper.)
+            let handle = match pinned.and_then(|slot| self.conn.pooled(slot)) {
+                Some(pooled) => Ok(pooled),
                 None => self.conn.handle(self.config.connect_timeout).await,
             };
             result = match handle {

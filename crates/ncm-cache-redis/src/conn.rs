@@ -311,15 +311,11 @@ impl Conn {
     }
 
     /// A handle on the pool's connection `slot` (a retry that must follow its first try on
-    /// the same connection); [`handle`](Self::handle) for the other kinds.
-    pub(crate) async fn handle_at(&self, slot: usize, timeout: Duration) -> Result<Handle> {
+    /// the same connection); `None` for the other kinds.
+    pub(crate) fn pooled(&self, slot: usize) -> Option<Handle> {
         match self {
-            Self::Single { pool, .. } => pool
-                .get(slot)
-                .cloned()
-                .map(|c| Handle::Manager(c, slot))
-                .ok_or_else(|| CacheError::Config("empty connection pool".into())),
-            _ => self.handle(timeout).await,
+            Self::Single { pool, .. } => pool.get(slot).cloned().map(|c| Handle::Manager(c, slot)),
+            _ => None,
         }
     }
 
