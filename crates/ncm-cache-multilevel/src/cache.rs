@@ -1647,6 +1647,20 @@ impl<C: Codec> Inner<C> {
         })
     }
 
+    /// A load's store that replaces what L2 holds (an eager refresh): a plain write, never
+    /// made again in a new epoch (see `EpochBackend::place`).
+    pub(crate) async fn place(
+        &self,
+        key: &str,
+        bytes: ncm_cache_core::Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<Placed> {
+        if let Some(epoch) = &self.epoch {
+            return epoch.place(key, bytes, ttl).await;
+        }
+        self.l2.set(key, bytes, ttl).await.map(|()| Placed::Stored)
+    }
+
     /// A load's store after a miss (`CacheBackend::set_if_absent`, and `set_loaded` with a
     /// mark taken after a miss): L2 only if the key is still absent there (`SET NX`), then L1
     /// and the announcement as for a write. Refused — something was written since the miss,

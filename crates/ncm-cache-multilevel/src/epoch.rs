@@ -403,6 +403,32 @@ impl EpochBackend {
         Ok(Placed::Moved)
     }
 
+    /// A load's store that replaces (an eager refresh, or any load not after a miss): written
+    /// under the kept token, then the epoch checked as for any write — but when a clear this
+    /// instance had not heard of moved it, not made again under the new token (the load may
+    /// have read its source before that clear; a caller's `set` is made again, a load's value
+    /// is not): [`Placed::Moved`], and the token forgotten. Before, such a refresh was written
+    /// into the new epoch, where every instance read a value loaded before the clear (found by
+    /// review). What landed in the old epoch is read by nobody.
+    pub(crate) async fn place(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<Placed> {
+        ncm_cache_core::validate_key(key, usize::MAX)?;
+        let token = self.token().await?;
+        self.core
+            .inner
+            .set(&format!("@{token}:{key}"), value, ttl)
+            .await?;
+        if self.read_epoch().await? == token {
+            return Ok(Placed::Stored);
+        }
+        self.forget();
+        Ok(Placed::Moved)
+    }
+
     /// Starts a new epoch: everything written before is no longer read. One write.
     async fn bump(&self) -> Result<()> {
         let token = new_token();

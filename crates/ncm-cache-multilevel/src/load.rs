@@ -673,9 +673,7 @@ impl<C: Codec> Inner<C> {
             self.l2_call("set", self.place_if_absent(key, bytes, ttl))
                 .await
         } else {
-            self.l2_write(key, bytes, ttl)
-                .await
-                .map(|()| Placed::Stored)
+            self.l2_call("set", self.place(key, bytes, ttl)).await
         };
         guard.disarm();
         let tracked = crate::cache::Tracked::after(

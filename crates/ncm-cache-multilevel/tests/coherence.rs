@@ -1833,6 +1833,60 @@ async fn a_load_spanning_an_unheard_clear_is_not_stored_in_the_new_epoch() {
     assert_eq!(late.get_stats().loads_not_cached, 1);
 }
 
+/// An eager refresh that spans a clear this instance has not heard of: its store (a plain
+/// `SET`) landed in the old epoch, the epoch check saw the move, and the write was made again
+/// in the new one — a value loaded before the clear, read by every instance from the new epoch
+/// (found by review). Now it is not made again.
+#[tokio::test]
+async fn an_eager_refresh_spanning_an_unheard_clear_is_not_stored_in_the_new_epoch() {
+    let mem: SharedBackend = Arc::new(MemoryBackend::new());
+    let build = || {
+        MultiLevelCache::builder(Arc::clone(&mem))
+            .epoch_clear(true)
+            .l2_default_ttl(Duration::from_secs(60))
+            .l1_default_ttl(Duration::from_millis(400))
+            .eager_refresh(0.5)
+            .build()
+            .unwrap()
+    };
+    let (heard, late) = (build(), build());
+    let first: u64 = late
+        .get_or_load("k", || async { Ok::<_, Io>(1) })
+        .await
+        .unwrap();
+    assert_eq!(first, 1);
+    // Past the refresh point (200 ms), before the L1 expiry.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (clearer, cleared) = (heard.clone(), Arc::new(AtomicBool::new(false)));
+    let done = Arc::clone(&cleared);
+    let hit: u64 = late
+        .get_or_load("k", move || async move {
+            // The source read, then a clear elsewhere before the refresh's store.
+            clearer.clear().await.unwrap();
+            done.store(true, Ordering::SeqCst);
+            Ok::<_, Io>(4)
+        })
+        .await
+        .unwrap();
+    assert_eq!(hit, 1, "served from L1 while the refresh runs");
+    // The refresh ends: not cached (counted), or stored in the new epoch.
+    let start = std::time::Instant::now();
+    while !cleared.load(Ordering::SeqCst)
+        || (late.get_stats().loads_not_cached == 0 && in_l2(&heard, "k").await.is_none())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the refresh never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        in_l2(&heard, "k").await,
+        None,
+        "a value refreshed before the clear is in the new epoch"
+    );
+}
+
 /// Two local writes of one hot key overlap (which of the two L2 applied last is unknown): each
 /// writer keeps its value in L1 for at most 1 s (`CONTENDED_TTL`), after which L1 asks L2 —
 /// not evicted at once. Found by review: once a caller's write renamed the key's load flight
