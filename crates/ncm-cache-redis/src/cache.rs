@@ -121,6 +121,11 @@ impl RedisCache {
     }
 
     /// Runs a pipeline; one result per command, in order.
+    ///
+    /// A pipeline is not a transaction: `Err` when any command failed (a `get` of a key that
+    /// holds a hash, a connection lost midway) — the other commands, before and after it, may
+    /// have been applied all the same (on a cluster, each slot's group is its own round trip).
+    /// Use a Lua script (`RedisBackend::eval_script`) for all-or-nothing.
     pub async fn execute_pipeline(&self, pipeline: RedisPipeline) -> Result<Vec<PipelineResult>> {
         pipeline.execute(&self.backend).await
     }

@@ -64,14 +64,68 @@ enum Manager {
 }
 
 enum SyncConn {
-    Single(redis::Connection),
+    Single(Single),
     Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+/// A single node's connection, with its reply bound and whether a pipeline left replies
+/// unread (the pool then drops it).
+struct Single {
+    conn: redis::Connection,
+    timeout: Duration,
+    broken: bool,
+}
+
+impl Single {
+    /// A pipeline's replies under one bound for all of them. redis's own reads each wait the
+    /// read timeout, so a stalled server cost a pipeline of N commands N × `response_timeout`
+    /// (twice, with a retry: found by review). A timeout leaves replies unread: the connection
+    /// is marked broken.
+    fn pipeline(&mut self, cmd: &[u8], count: usize) -> RedisResult<Vec<Value>> {
+        let deadline = Instant::now() + self.timeout;
+        if let Err(e) = self.conn.send_packed_command(cmd) {
+            self.broken = true;
+            return Err(e);
+        }
+        let mut replies = Vec::with_capacity(count);
+        let mut failed = None;
+        while replies.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                failed = Some(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "pipeline replies past the response timeout",
+                )));
+                break;
+            }
+            if let Err(e) = self.conn.set_read_timeout(Some(left)) {
+                failed = Some(e);
+                break;
+            }
+            match self.conn.recv_response() {
+                // RESP3 push data between replies is not a reply.
+                Ok(Value::Push { .. }) => {}
+                Ok(v) => replies.push(v),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let restored = self.conn.set_read_timeout(Some(self.timeout));
+        if let Some(e) = failed {
+            self.broken = true;
+            return Err(e);
+        }
+        restored?;
+        Ok(replies)
+    }
 }
 
 impl ConnectionLike for SyncConn {
     fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
         match self {
-            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Single(c) => c.conn.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -82,31 +136,33 @@ impl ConnectionLike for SyncConn {
         count: usize,
     ) -> RedisResult<Vec<Value>> {
         match self {
-            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            // No transactions are sent here (`offset` is for MULTI's replies).
+            Self::Single(c) if offset == 0 => c.pipeline(cmd, count),
+            Self::Single(c) => c.conn.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
     fn req_command(&mut self, cmd: &redis::Cmd) -> RedisResult<Value> {
         match self {
-            Self::Single(c) => c.req_command(cmd),
+            Self::Single(c) => c.conn.req_command(cmd),
             Self::Cluster(c) => c.req_command(cmd),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
-            Self::Single(c) => c.get_db(),
+            Self::Single(c) => c.conn.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
     }
     fn check_connection(&mut self) -> bool {
         match self {
-            Self::Single(c) => c.check_connection(),
+            Self::Single(c) => c.conn.check_connection(),
             Self::Cluster(c) => c.check_connection(),
         }
     }
     fn is_open(&self) -> bool {
         match self {
-            Self::Single(c) => c.is_open(),
+            Self::Single(c) => !c.broken && c.conn.is_open(),
             Self::Cluster(c) => c.is_open(),
         }
     }
@@ -122,7 +178,11 @@ impl r2d2::ManageConnection for Manager {
                 let c = client.get_connection_with_timeout(*connect)?;
                 c.set_read_timeout(Some(*response))?;
                 c.set_write_timeout(Some(*response))?;
-                Ok(SyncConn::Single(c))
+                Ok(SyncConn::Single(Single {
+                    conn: c,
+                    timeout: *response,
+                    broken: false,
+                }))
             }
             Self::Cluster(client) => client
                 .get_connection()
@@ -213,7 +273,17 @@ impl RedisSyncCache {
             return Err(CacheError::Closed);
         }
         let timeout = self.inner.config.response_timeout;
-        let attempts = if self.inner.config.retry_on_timeout {
+        // Reads only: a write retried on another pool connection could run before its first
+        // try, still queued on the first one, and be undone by it (as on the async side).
+        let read = matches!(
+            op,
+            Operation::Get
+                | Operation::GetMany
+                | Operation::Exists
+                | Operation::GetTtl
+                | Operation::HealthCheck
+        );
+        let attempts = if read && self.inner.config.retry_on_timeout {
             2
         } else {
             1

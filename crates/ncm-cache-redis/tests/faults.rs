@@ -189,3 +189,39 @@ async fn a_retried_delete_never_undoes_a_later_write() {
         Err(e) => assert!(e.is_timeout(), "{e}"),
     }
 }
+
+/// The blocking client's `set_many` on a stalled server: its pipeline's replies were each
+/// awaited for `response_timeout`, and the call retried — 50 entries cost about 2 × 50 ×
+/// the timeout (found by review). One bound now covers the whole pipeline, and a write is not
+/// retried.
+#[test]
+fn a_stalled_server_costs_a_sync_pipeline_one_timeout() {
+    let server = RedisServer::start().unwrap();
+    let (proxy, mut c) = support::proxied(&server);
+    c.response_timeout = Duration::from_millis(200);
+    let cache = RedisSyncCache::connect(c).unwrap();
+    cache.set_bytes("warm", b"1", None).unwrap();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    let entries: Vec<(String, Vec<u8>)> =
+        (0..50).map(|i| (format!("k{i}"), vec![1u8; 10])).collect();
+    let refs: Vec<(&str, &[u8])> = entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let start = Instant::now();
+    let r = cache.set_many_bytes(&refs, None);
+    let took = start.elapsed();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    assert!(r.is_err(), "the stalled pipeline was meant to fail");
+    assert!(
+        took < Duration::from_millis(200) + Duration::from_millis(700),
+        "took {took:?}"
+    );
+    // The connection that timed out is not reused with replies pending: reads stay right.
+    cache.set_bytes("after", b"2", None).unwrap();
+    assert_eq!(
+        cache.get_bytes("after").unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
+    assert_eq!(cache.get_bytes("warm").unwrap().as_deref(), Some(&b"1"[..]));
+}

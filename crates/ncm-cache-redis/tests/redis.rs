@@ -138,6 +138,15 @@ async fn batch_pipeline_and_read_through() {
     ));
     assert_eq!(results[7], PipelineResult::Bool(true));
     assert_eq!(support::command_calls(&server, "set") - before, 3);
+    // Not a transaction (as documented): one failing command fails the call, and the others
+    // were applied all the same.
+    server.command(&["HSET", "hash", "f", "1"]).unwrap();
+    let mut pipeline = cache.pipeline();
+    pipeline.set("before", "b").get("hash").set("after", "a");
+    assert!(cache.execute_pipeline(pipeline).await.is_err());
+    for key in ["before", "after"] {
+        assert!(cache.exists(key).await.unwrap(), "{key} was not applied");
+    }
 
     let mut calls = 0;
     for _ in 0..3 {
