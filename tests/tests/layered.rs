@@ -878,6 +878,70 @@ async fn an_invalidation_reaches_other_instances_after_the_shared_delete() {
     );
 }
 
+/// `time_based_invalidation` over multi-level caches (no backplane, coordinated by the
+/// strategies): B promoted the key into its L1 after A gave it a 1 s TTL; the promotion does not
+/// know the entry's remaining TTL, so B kept serving the key after it expired and A's callback
+/// ran (found by review). The expiry now evicts the local copies, here and elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_key_is_not_served_from_l1_after_its_time_based_callback() {
+    use std::sync::atomic::AtomicBool;
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let redis = RedisCache::connect(c.clone()).await.unwrap();
+        let multi = MultiLevelCache::builder(redis.backend())
+            .name("expiring")
+            .build()
+            .unwrap();
+        let strategies =
+            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+                .redis(Arc::clone(redis.redis_backend()))
+                .build()
+                .await
+                .unwrap();
+        caches.push((multi, strategies));
+    }
+    let (ma, sa) = &caches[0];
+    let (mb, sb) = &caches[1];
+    let (a, b) = (sa.cache().clone(), sb.cache().clone());
+    a.set("k", &"v".to_string()).await.unwrap();
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fired);
+    assert!(
+        sa.time_based_invalidation("k", Duration::from_secs(1), move |_| {
+            f.store(true, Ordering::SeqCst);
+        })
+        .await
+        .unwrap()
+    );
+    // Both instances read it into their L1 (served from there from now on).
+    for (cache, multi) in [(&a, ma), (&b, mb)] {
+        let (hits, start) = (multi.get_stats().l1_hits, Instant::now());
+        while multi.get_stats().l1_hits == hits {
+            assert_eq!(
+                cache.get::<String>("k").await.unwrap().as_deref(),
+                Some("v")
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "never served from L1"
+            );
+        }
+    }
+    let start = Instant::now();
+    while !fired.load(Ordering::SeqCst) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the callback never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eventually(None, || async { b.get::<String>("k").await.unwrap() }).await;
+    assert_eq!(a.get::<String>("k").await.unwrap(), None);
+}
+
 /// Another instance's event reaches B after A wrote one of the event's keys again: B runs its
 /// handlers and evicts the keys from its L1 only (the trigger deleted them from the shared
 /// L2 already), so A's newer write stays (found by review: B deleted it from L2).

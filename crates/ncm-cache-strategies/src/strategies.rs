@@ -114,6 +114,8 @@ pub struct CacheStrategiesBuilder<C> {
     on_cache_failure: CacheFailure,
     #[cfg(feature = "redis")]
     redis: Option<Arc<ncm_cache_redis::RedisBackend>>,
+    #[cfg(feature = "redis")]
+    write_through_lease: std::time::Duration,
 }
 
 impl<C> fmt::Debug for CacheStrategiesBuilder<C> {
@@ -147,6 +149,19 @@ impl<C: Codec> CacheStrategiesBuilder<C> {
         self
     }
 
+    /// How long a write-through's mark in Redis lives (default 30 s): the bound on a
+    /// write-through's store call for cross-instance ordering (see
+    /// [`CacheStrategies::write_through`]). A write whose store call takes longer still counts
+    /// as overlapping the next write of its key for up to 4 times this; one slower than that
+    /// may leave the cache with the next write's value while the store keeps its own. Raise it
+    /// for a store whose writes can take that long.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn write_through_lease(mut self, lease: std::time::Duration) -> Self {
+        self.write_through_lease = lease;
+        self
+    }
+
     /// Builds; with Redis, returns once subscribed to the invalidation channel.
     pub async fn build(self) -> Result<CacheStrategies<C>> {
         #[cfg(feature = "redis")]
@@ -155,6 +170,7 @@ impl<C: Codec> CacheStrategiesBuilder<C> {
                 Box::pin(crate::remote::connect(
                     Arc::clone(self.cache.backend()),
                     redis,
+                    self.write_through_lease,
                 ))
                 .await?
             }
@@ -191,6 +207,8 @@ impl<C: Codec> CacheStrategies<C> {
             on_cache_failure: CacheFailure::FailOpen,
             #[cfg(feature = "redis")]
             redis: None,
+            #[cfg(feature = "redis")]
+            write_through_lease: crate::remote::WRITE_LEASE,
         }
     }
 

@@ -56,10 +56,15 @@ impl<C: Codec> CacheStrategies<C> {
     ///   newer) than the store past one Redis round trip after the later cache write.
     /// - **Cancelled** (the future dropped) after the store call began: the key is evicted (in a
     ///   task), since the store may hold the new value while the cache still holds the old.
+    /// - A write-through whose store call outlives its mark's lease (30 s by default,
+    ///   [`write_through_lease`](crate::CacheStrategiesBuilder::write_through_lease)) still
+    ///   counts as overlapping the next write-through of the key, if that begins within 4
+    ///   leases, and counts itself as overlapped when it ends.
     /// - Limits: a write-through whose process dies (or whose call is cancelled) between its
-    ///   cache write and its end leaves its mark for 30 s (later write-throughs of the key evict
-    ///   during that time) and, if the process died and no other write-through overlapped it,
-    ///   its value until the cache TTL; when Redis cannot be reached to mark a write, that
+    ///   cache write and its end leaves its mark for the lease (later write-throughs of the key
+    ///   evict during that time) and, if the process died and no other write-through overlapped
+    ///   it, its value until the cache TTL; a store call longer than 4 leases is not seen by a
+    ///   write-through begun after that; when Redis cannot be reached to mark a write, that
     ///   writer evicts its own value, but others do not learn of it.
     pub async fn write_through<V>(
         &self,

@@ -1089,6 +1089,84 @@ async fn an_older_write_superseded_by_another_instances_withdrawn_write_is_still
     superseded_by_a_write_that_is_then_withdrawn(false, "withdrawn-remote").await;
 }
 
+/// A write-through whose store call outlived its mark's lease (200 ms here): B's write-through
+/// of the key, begun after the lease, pruned A's mark and did not count it as an overlap; A's
+/// store committed after B's, yet B kept its own value cached — cache `b`, store `a` until the
+/// TTL (found by review). A pruned mark now counts as an overlap, and a write whose own mark
+/// was pruned counts itself as overlapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_slower_than_its_lease_still_counts_as_an_overlap() {
+    use std::collections::HashMap;
+    let server = RedisServer::start().unwrap();
+    let redis = cache(&server, "lease:").await;
+    // Both instances cache in that Redis, as two processes would.
+    let shared = redis.cache().clone();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(
+            CacheStrategies::builder(shared.clone())
+                .redis(redis.redis_backend().clone())
+                .write_through_lease(Duration::from_millis(200))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let (gate_a, gate_b) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let store = {
+        let (db, gate_a, gate_b) = (Arc::clone(&db), Arc::clone(&gate_a), Arc::clone(&gate_b));
+        ncm_cache_strategies::store_fn(move |k: String, v: String| {
+            let (db, gate_a, gate_b) = (Arc::clone(&db), Arc::clone(&gate_a), Arc::clone(&gate_b));
+            async move {
+                if v == "a" {
+                    // A's store call hangs past its lease, then commits.
+                    gate_a.notified().await;
+                    db.lock().unwrap().insert(k, v);
+                } else {
+                    // B's commits at once, and its reply is slow.
+                    db.lock().unwrap().insert(k, v);
+                    gate_b.notified().await;
+                }
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let a = {
+        let (s, store) = (instances[0].clone(), store.clone());
+        tokio::spawn(async move { s.write_through("k", &"a".to_string(), HOUR, &store).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = {
+        let (s, store) = (instances[1].clone(), store.clone());
+        tokio::spawn(async move { s.write_through("k", &"b".to_string(), HOUR, &store).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || db
+            .lock()
+            .unwrap()
+            .get("k")
+            .map(String::as_str)
+            == Some("b"))
+        .await,
+        "B's store never committed"
+    );
+    gate_a.notify_one();
+    a.await.unwrap().unwrap();
+    gate_b.notify_one();
+    b.await.unwrap().unwrap();
+    let stored = db.lock().unwrap().get("k").cloned();
+    assert_eq!(stored.as_deref(), Some("a"));
+    let cached: Option<String> = shared.get("k").await.unwrap();
+    assert!(
+        cached.is_none() || cached == stored,
+        "the cache holds {cached:?} but the store {stored:?}"
+    );
+}
+
 /// Two instances of one durable queue over one cache (as Redis would be), A's faults its own.
 async fn durable_pair(
     server: &RedisServer,

@@ -131,13 +131,25 @@ impl Invalidator {
         false
     }
 
-    /// Runs the callback of `key` (once) if it is still registered under `token`.
-    pub(crate) fn fire_expired(&self, key: &str, token: Option<u64>) {
-        if let Some(entry) = self.timers.take(key, token) {
-            self.stats.expiration_observed();
-            self.stats.invalidated(Kind::Time, 0);
-            self.run_callback("time", || (entry.callback)(key));
+    /// Runs the callback of `key` (once) if it is still registered under `token`, then drops
+    /// the copies of it that instances keep alone: a multi-level cache's L1, an in-process
+    /// cache coordinated through Redis. Those may outlive the shared entry (a promotion does
+    /// not know the entry's remaining TTL), so the callback ran while they were still served
+    /// (found by review). Other instances are told through the strategies' Redis coordination.
+    pub(crate) async fn fire_expired(&self, key: &str, token: Option<u64>) {
+        let Some(entry) = self.timers.take(key, token) else {
+            return;
+        };
+        self.stats.expiration_observed();
+        self.stats.invalidated(Kind::Time, 0);
+        if let Err(e) = self.backend.evict_local(&[key]).await {
+            tracing::warn!(key, error = %e, "could not evict an expired key's local copy");
         }
+        self.broadcast(super::Broadcast::Keys {
+            keys: vec![key.to_owned()],
+        })
+        .await;
+        self.run_callback("time", || (entry.callback)(key));
     }
 
     /// Stops watching `key`; `true` when it was watched.
@@ -164,7 +176,7 @@ async fn watch(inv: Weak<Invalidator>, key: String, token: u64, first: Duration)
         let Some(inv) = inv.upgrade() else { return };
         match inv.backend.get_ttl(&key).await {
             Ok(KeyTtl::Missing) => {
-                inv.fire_expired(&key, Some(token));
+                inv.fire_expired(&key, Some(token)).await;
                 return;
             }
             Ok(KeyTtl::Expires(left)) => {

@@ -208,7 +208,7 @@ async fn run(
                     let Some(inv) = inv.upgrade() else { return };
                     let full = String::from_utf8_lossy(msg.get_payload_bytes());
                     if let Some(key) = keys.strip(&full) {
-                        inv.fire_expired(key, None);
+                        inv.fire_expired(key, None).await;
                     }
                 }
                 _ = ping.tick() => {
@@ -226,7 +226,7 @@ async fn run(
 async fn sweep(inv: &Invalidator) {
     for key in inv.timers.notified_keys() {
         if let Ok(false) = inv.backend.exists(&key).await {
-            inv.fire_expired(&key, None);
+            inv.fire_expired(&key, None).await;
         }
     }
 }

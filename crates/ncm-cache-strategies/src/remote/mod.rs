@@ -31,6 +31,8 @@ pub(crate) struct Remote {
     origin: String,
     /// The cache itself is this Redis: a deletion is seen by every instance at once.
     shared_cache: bool,
+    /// See [`WRITE_LEASE`].
+    lease: std::time::Duration,
     subscriber: JoinHandle<()>,
     keyspace: tokio::sync::Mutex<keyspace::Listener>,
 }
@@ -42,27 +44,31 @@ impl Drop for Remote {
 }
 
 /// Starts a write-through of a key: adds this write's token (scored by its deadline) to the
-/// key's set of writes in flight, pruning the expired ones (a writer that died or was
-/// cancelled), and records it as the key's latest write. Returns how many are in flight.
+/// key's set of writes in flight, pruning the expired ones (a writer that died, was cancelled,
+/// or is still in a store call longer than its lease), and records it as the key's latest
+/// write. Returns how many are in flight, the pruned ones counted too: a write past its lease
+/// may still commit, after this one (found by review). The set outlives its tokens (4 leases)
+/// so that such a write is still seen.
 static WRITE_BEGIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local pruned = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return redis.call('ZCARD', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], 4 * tonumber(ARGV[2]))
+redis.call('SET', KEYS[2], ARGV[1], 'PX', 4 * tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1]) + pruned
 ",
     )
 });
 
-/// Ends it: 1 when another write-through of the key began since (it is no longer the latest).
+/// Ends it: 1 when another write-through of the key began since (it is no longer the latest),
+/// or its own token was pruned (it outlived its lease: a later write may not have seen it).
 static WRITE_END: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 1 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
 return 1
 ",
@@ -70,8 +76,9 @@ return 1
 });
 
 /// How long a write-through's mark lives if its process dies (or its call is cancelled)
-/// before ending it: later write-throughs of the key treat it as overlapping until then.
-const WRITE_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+/// before ending it: later write-throughs of the key treat it as overlapping until then
+/// (`CacheStrategiesBuilder::write_through_lease`).
+pub(crate) const WRITE_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One write-through of a key, as other instances see it.
 pub(crate) struct WriteMark {
@@ -101,7 +108,7 @@ impl Remote {
                 &keys,
                 &[
                     token.clone().into_bytes(),
-                    WRITE_LEASE.as_millis().to_string().into_bytes(),
+                    self.lease.as_millis().max(1).to_string().into_bytes(),
                 ],
             )
             .await?;
@@ -199,6 +206,7 @@ impl Remote {
 pub(crate) async fn connect(
     cache_backend: SharedBackend,
     redis: Arc<RedisBackend>,
+    lease: std::time::Duration,
 ) -> Result<Arc<Invalidator>> {
     let shared_cache = std::ptr::addr_eq(Arc::as_ptr(&cache_backend), Arc::as_ptr(&redis));
     let subscription = redis.subscribe(&[CHANNEL]).await?;
@@ -210,6 +218,7 @@ pub(crate) async fn connect(
             backend: redis,
             origin,
             shared_cache,
+            lease,
             subscriber,
             keyspace: tokio::sync::Mutex::new(keyspace::Listener::default()),
         };
