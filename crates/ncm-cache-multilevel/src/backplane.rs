@@ -47,6 +47,12 @@ const PATTERN: u8 = b'P';
 /// this instance's own loads of it — no source changed, and checking would let withdrawals
 /// chase each other's fresh loads of a hot key. (Versions before it ignore the entry.)
 const WITHDRAWN: u8 = b'W';
+/// A load's or an eager refresh's store (a value read from the source): drop the key from L1
+/// as for SET, but not taken as a write that a refresh of this instance may have overwritten
+/// (`recent.rs`): concurrent refreshes store the same bytes, and taking each other's stores
+/// for writes, they withdrew each other's values of a hot key (found by review). (Versions
+/// before it ignore the entry: their L1 copy then ends with its TTL.)
+const LOADED: u8 = b'L';
 /// A message of one or more `[op][len][key]` entries (read, no longer sent).
 const BATCH: u8 = b'B';
 /// A message with the sender's sequence number: `[Q][id: 8][seq: 8]` then entries.
@@ -500,7 +506,7 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                                     }
                                 }
                             }
-                            WITHDRAWN => {
+                            WITHDRAWN | LOADED => {
                                 if let Ok(key) = std::str::from_utf8(key) {
                                     let _ = inner.invalidate_l1(key);
                                 }
@@ -688,8 +694,14 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Publishes a SET of every key in one message (a batch write that reached L2).
-    pub(crate) async fn publish_sets<'k>(&self, keys: impl Iterator<Item = &'k str>) {
-        self.publish_all(SET, keys, true).await;
+    /// Announces the stores of a batch of loads (see [`LOADED`]).
+    pub(crate) async fn publish_loads<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        self.publish_all(LOADED, keys, true).await;
+    }
+
+    /// Announces a load's or an eager refresh's store (see [`LOADED`]).
+    pub(crate) async fn publish_loaded(&self, key: &str) {
+        self.publish(LOADED, key, true).await;
     }
 
     /// Announces a load's value withdrawn from L2 (see [`WITHDRAWN`]).

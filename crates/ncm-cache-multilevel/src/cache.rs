@@ -660,12 +660,17 @@ impl<C: Codec> MultiLevelCache<C> {
                 // A local write (fills that began before it cannot land after it), announced
                 // also when this call is cancelled during the L2 write.
                 let ticket = inner.versions.write_begin(key);
+                let began = inner.opts.now_nanos();
                 let mut guard = Unannounced::new(inner, key, Some(ticket));
                 let written = inner.l2_write(key, bytes, inner.opts.l2_default_ttl).await;
                 guard.disarm();
                 let _ = inner.versions.write_end(&ticket);
                 inner.invalidate_l1(key)?;
                 inner.publish_set(key).await;
+                // An eager refresh's store that landed over it (see `write_encoded`).
+                for digest in inner.recent.overwritten(key, inner.opts.now_nanos(), began) {
+                    inner.withdraw_load(key, digest, true).await;
+                }
                 written?;
             }
         }
@@ -954,7 +959,7 @@ impl<C: Codec> MultiLevelCache<C> {
             }
             // One message for the batch (the keys written).
             self.inner
-                .publish_sets(
+                .publish_loads(
                     encoded
                         .iter()
                         .map(|(k, _)| k.as_str())
@@ -1617,6 +1622,10 @@ impl<C: Codec> Inner<C> {
             if eff.announce() {
                 self.publish_delete(key).await;
             }
+            // It may have landed all the same.
+            for digest in overwritten {
+                self.withdraw_load(key, digest, eff.announce()).await;
+            }
             return Err(e);
         }
         self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
@@ -1702,7 +1711,7 @@ impl<C: Codec> Inner<C> {
                     t.finish().await;
                 }
                 if eff.announce() {
-                    self.publish_set(key).await;
+                    self.publish_loaded(key).await;
                 }
                 Ok(true)
             }

@@ -725,7 +725,7 @@ impl<C: Codec> Inner<C> {
                     t.finish().await;
                 }
                 if eff.write_l2() && eff.announce() {
-                    self.publish_set(key).await;
+                    self.publish_loaded(key).await;
                 }
                 if eff.write_l2() {
                     Stored::Cached

@@ -693,6 +693,94 @@ mod redis {
         proxy.set_mode(ProxyMode::Pass);
     }
 
+    /// Two instances refresh a hot key at once and both store the same value: each heard the
+    /// other's store as a write that its own refresh (landing after it, same bytes) may have
+    /// overwritten, and withdrew it — L2 emptied, every instance missing and loading again
+    /// (found by review of the refresh withdrawal). A load's or refresh's store is announced
+    /// as a load now, which a refresh never takes for a write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_refreshes_of_one_value_do_not_withdraw_each_other() {
+        use ncm_cache_core::CacheBackend as _;
+        let server = RedisServer::start().unwrap();
+        let mut caches = Vec::new();
+        let mut redis = Vec::new();
+        for _ in 0..2 {
+            let r = RedisCache::connect(config(&server.url())).await.unwrap();
+            let c = MultiLevelCache::builder(r.backend())
+                .name("users")
+                .backplane(Arc::clone(r.redis_backend()))
+                .l1_default_ttl(Duration::from_millis(800))
+                .eager_refresh(0.5)
+                .build()
+                .unwrap();
+            wait_active(&c).await;
+            caches.push(c);
+            redis.push(r);
+        }
+        for c in &caches {
+            let v: String = c
+                .get_or_load("k", || async { Ok::<_, Io>("v".to_string()) })
+                .await
+                .unwrap();
+            assert_eq!(v, "v");
+        }
+        // Each instance holds the key in L1 (the first load's announcement may have evicted
+        // the second instance's promoted copy: read until it is back).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let any = ncm_cache_multilevel::EntryOptions::new();
+        for c in &caches {
+            let start = Instant::now();
+            while c
+                .get_with::<String>("k", &any)
+                .await
+                .unwrap()
+                .map(|(_, s)| s)
+                != Some(ValueSource::L1)
+            {
+                assert!(start.elapsed() < Duration::from_secs(1), "never in L1");
+            }
+        }
+        // Past both refresh points (400 ms), before the L1 expiry.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let both = Arc::new(tokio::sync::Barrier::new(2));
+        let hits = caches.iter().map(|c| {
+            let both = Arc::clone(&both);
+            async move {
+                c.get_or_load("k", || async move {
+                    // Both refreshes read the source, then store at once.
+                    both.wait().await;
+                    Ok::<_, Io>("v".to_string())
+                })
+                .await
+                .unwrap()
+            }
+        });
+        for hit in futures_util::future::join_all(hits).await {
+            assert_eq!(hit, "v");
+        }
+        let start = Instant::now();
+        while caches
+            .iter()
+            .map(|c| c.get_stats().background_refreshes)
+            .sum::<u64>()
+            < 2
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the refreshes never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for c in &caches {
+            assert_eq!(c.get_stats().loads_withdrawn, 0, "a refresh was withdrawn");
+        }
+        assert!(
+            redis[0].backend().get("k").await.unwrap().is_some(),
+            "the refreshed value was removed from L2"
+        );
+    }
+
     /// Polls until `cache` returns `want` for `key`, failing after `bound`.
     async fn until_seen(cache: &MultiLevelCache, key: &str, want: u64, bound: Duration) {
         let start = Instant::now();
