@@ -403,8 +403,10 @@ impl Inner {
         };
         let start = Instant::now();
         let mut result = Err(CacheError::Closed);
-        // The pool connection a retry must use (`Retry::SameConnection`).
-        let mut pinned = None;
+        // The connection a retry must use (`Retry::SameConnection`): the first try's handle
+        // itself — a pool slot's manager, or the Sentinel connection even after `on_error`
+        // dropped it for later calls (a new one would let the retry overtake the first try).
+        let mut pinned: Option<Handle> = None;
         // The Sentinel connection the last try used (see `Conn::on_error`).
         let mut generation = None;
         for _ in 0..attempts {
@@ -412,8 +414,8 @@ impl Inner {
             // (ConnectionManager, ClusterConnection, MultiplexedConnection), which bounds each
             // request; a second timer per call cost ~10 % throughput under load.
             // (Not a second awaited call: the future of every Redis call would nest deeper.)
-            let handle = match pinned.and_then(|slot| self.conn.pooled(slot)) {
-                Some(pooled) => Ok(pooled),
+            let handle = match pinned.take() {
+                Some(same) => Ok(same),
                 None => self.conn.handle(self.config.connect_timeout).await,
             };
             result = match handle {
@@ -422,7 +424,7 @@ impl Inner {
                     let slot = handle.slot();
                     generation = handle.generation();
                     if retry == Retry::SameConnection {
-                        pinned = slot;
+                        pinned = Some(handle.clone());
                     }
                     match f(handle).await {
                         Err(e) => {

@@ -310,15 +310,6 @@ impl Conn {
         }
     }
 
-    /// A handle on the pool's connection `slot` (a retry that must follow its first try on
-    /// the same connection); `None` for the other kinds.
-    pub(crate) fn pooled(&self, slot: usize) -> Option<Handle> {
-        match self {
-            Self::Single { pool, .. } => pool.get(slot).cloned().map(|c| Handle::Manager(c, slot)),
-            _ => None,
-        }
-    }
-
     /// A call on the pool's connection `slot` failed with `err`: after a connection error or
     /// a timeout its `ConnectionManager` may be reconnecting, and would hold the next request
     /// until the new connection is up — however long its caller has been gone.

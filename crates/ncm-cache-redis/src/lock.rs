@@ -58,6 +58,9 @@ pub struct RedisLock {
     key: String,
     token: String,
     released: AtomicBool,
+    /// For a lock whose `SET` failed or was abandoned: the connection it went on. Its release
+    /// goes behind it there (on another connection, it could run first and find nothing).
+    via: std::sync::Mutex<Option<crate::conn::Handle>>,
 }
 
 impl fmt::Debug for RedisLock {
@@ -87,11 +90,15 @@ impl RedisBackend {
             key,
             token: token(),
             released: AtomicBool::new(false),
+            via: std::sync::Mutex::new(None),
         };
-        let (key, token) = (&lock.key, &lock.token);
+        let (key, token, via) = (&lock.key, &lock.token, &lock.via);
         let got: Option<String> = self
             .inner()
             .run(Operation::Set, crate::backend::Retry::No, |mut h| {
+                if let Ok(mut via) = via.lock() {
+                    *via = Some(h.clone());
+                }
                 let mut c = redis::cmd("SET");
                 c.arg(key)
                     .arg(token)
@@ -105,6 +112,10 @@ impl RedisBackend {
             // Held by someone else: nothing of ours to release.
             lock.released.store(true, Ordering::Relaxed);
             return Ok(None);
+        }
+        // Taken: released like any lock from now on.
+        if let Ok(mut via) = lock.via.lock() {
+            *via = None;
         }
         Ok(Some(lock))
     }
@@ -273,7 +284,20 @@ impl Drop for RedisLock {
                 self.key.clone(),
                 self.token.clone(),
             );
+            let via = self.via.lock().ok().and_then(|mut v| v.take());
             handle.spawn(async move {
+                // An unclaimed lock: first behind its `SET` on that connection.
+                if let Some(mut h) = via {
+                    let timeout = inner.config.response_timeout;
+                    let behind = tokio::time::timeout(
+                        timeout,
+                        RELEASE.key(&key).arg(&token).invoke_async::<i64>(&mut h),
+                    )
+                    .await;
+                    if matches!(behind, Ok(Ok(_))) {
+                        return;
+                    }
+                }
                 // Bounded retries (the release is idempotent: it checks the token): a lock
                 // left after a connection failure would block waiters for its whole TTL.
                 let mut pause = Duration::from_millis(50);
