@@ -131,25 +131,27 @@ impl Invalidator {
         false
     }
 
-    /// Runs the callback of `key` (once) if it is still registered under `token`, then drops
-    /// the copies of it that instances keep alone: a multi-level cache's L1, an in-process
-    /// cache coordinated through Redis. Those may outlive the shared entry (a promotion does
-    /// not know the entry's remaining TTL), so the callback ran while they were still served
-    /// (found by review). Other instances are told through the strategies' Redis coordination.
+    /// Runs the callback of `key` (once) if it is still registered under `token`, after
+    /// dropping this instance's own copy of it (a multi-level cache's L1, an in-process cache
+    /// coordinated through Redis), and tells other instances to drop theirs (through the
+    /// strategies' Redis coordination) after it. Those copies may outlive the shared entry (a
+    /// promotion does not know the entry's remaining TTL), so the callback ran while they were
+    /// still served (found by review).
     pub(crate) async fn fire_expired(&self, key: &str, token: Option<u64>) {
         let Some(entry) = self.timers.take(key, token) else {
             return;
         };
         self.stats.expiration_observed();
         self.stats.invalidated(Kind::Time, 0);
+        // Local first (no network), then the callback, then the other instances.
         if let Err(e) = self.backend.evict_local(&[key]).await {
             tracing::warn!(key, error = %e, "could not evict an expired key's local copy");
         }
+        self.run_callback("time", || (entry.callback)(key));
         self.broadcast(super::Broadcast::Keys {
             keys: vec![key.to_owned()],
         })
         .await;
-        self.run_callback("time", || (entry.callback)(key));
     }
 
     /// Stops watching `key`; `true` when it was watched.

@@ -131,13 +131,15 @@ impl<V: QueueValue> Shared<V> {
                 }
             }
         }
+        // The cache was evicted without knowing what it should hold (`cache_newest`).
+        let mut unsure = false;
         if cache_failure.is_none()
             && let (Some(journal), Some(a)) = (&self.journal, appended)
         {
             // Another process's newer write of the key may have been cached before this one
             // landed: the cache must end with the newest journaled write (still armed: a
             // caller that gives up here leaves the write to be persisted as adopted).
-            self.cache_newest(&**journal, key, Some(a.id), expiry).await;
+            unsure = self.cache_newest(&**journal, key, Some(a.id), expiry).await;
         }
         unfinished.armed = false;
         let inserted = {
@@ -155,7 +157,7 @@ impl<V: QueueValue> Shared<V> {
                     due,
                     id.into_iter().collect(),
                 );
-                if cache_failure.is_some() {
+                if cache_failure.is_some() || unsure {
                     // Not (surely) cached: the key is evicted once this write is persisted.
                     st.adopted.insert(key.to_owned());
                 } else {
@@ -231,6 +233,11 @@ impl<V: QueueValue> Shared<V> {
     /// read again after each change until it did not move meanwhile. A write journaled after
     /// that last read is cached by its own writer after this (journal first, then cache).
     ///
+    /// `true` when it ended by evicting the key without knowing what the journal holds (an
+    /// error, or a key written without pause): the caller's own pending write is then treated
+    /// as adopted (its key evicted once persisted), else a read-through could cache the
+    /// store's older row for good (found by review).
+    ///
     /// Durable mode only. Without it, two processes' writes of one key could leave the cache
     /// with the older value for good — a slow cache write landing after a newer write's, or
     /// the eviction after persisting an adopted write removing a newer write's cached value,
@@ -241,47 +248,56 @@ impl<V: QueueValue> Shared<V> {
         key: &str,
         cached: Option<Version>,
         expiry: Expiry,
-    ) {
+    ) -> bool {
         // What the cache holds now: `Some(None)` once evicted here.
         let mut holds = cached.map(Some);
+        let unsure = |what: &str, e: &CacheError| {
+            tracing::warn!(queue = %self.name, key, error = %e, "could not {what}; evicting it (a read reloads the store)");
+        };
         for _ in 0..8 {
             let newest = match journal.newest(key).await {
                 Ok(newest) => newest,
                 Err(e) => {
-                    tracing::warn!(queue = %self.name, key, error = %e, "could not check the key's newest journaled write; evicting it (a read reloads the store)");
+                    unsure("check the key's newest journaled write", &e);
                     self.uncache(key).await;
-                    return;
+                    return true;
                 }
             };
-            if holds == Some(newest) {
-                return;
+            if newest.is_some() && holds == Some(newest) {
+                return false;
             }
-            match newest {
+            // Its value; `None` when no write is left, or the newest was acknowledged already
+            // (older entries of the key still in the journal): the store holds the newest.
+            let write = match newest {
+                None => None,
+                Some(id) => match journal.fetch(id).await {
+                    Ok(found) => found.map(|w| (id, w.value)),
+                    Err(e) => {
+                        unsure("read the key's newest journaled write", &e);
+                        self.uncache(key).await;
+                        return true;
+                    }
+                },
+            };
+            match write {
+                None if holds == Some(None) => return false,
                 None => {
                     self.uncache(key).await;
                     holds = Some(None);
                 }
-                Some(id) => match journal.fetch(id).await {
-                    Ok(Some(write)) => {
-                        if let Err(e) = self.cache.set(key, &write.value, expiry).await {
-                            tracing::warn!(queue = %self.name, key, error = %e, "could not cache the key's newest journaled write; evicting it");
-                            self.uncache(key).await;
-                            return;
-                        }
-                        holds = Some(Some(id));
-                    }
-                    // Acknowledged meanwhile: read the newest again.
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(queue = %self.name, key, error = %e, "could not read the key's newest journaled write; evicting it");
+                Some((id, value)) => {
+                    if let Err(e) = self.cache.set(key, &value, expiry).await {
+                        unsure("cache the key's newest journaled write", &e);
                         self.uncache(key).await;
-                        return;
+                        return true;
                     }
-                },
+                    holds = Some(Some(id));
+                }
             }
         }
         tracing::warn!(queue = %self.name, key, "the key's newest journaled write kept changing; evicting it");
         self.uncache(key).await;
+        true
     }
 
     async fn uncache(&self, key: &str) {
