@@ -396,7 +396,13 @@ impl EpochBackend {
         {
             return Ok(Placed::Refused);
         }
-        if self.read_epoch().await? == token {
+        self.placed_under(&token).await
+    }
+
+    /// After a load's store under `token`: [`Placed::Stored`] if the epoch is still `token`,
+    /// else [`Placed::Moved`] (and the token forgotten).
+    async fn placed_under(&self, token: &str) -> Result<Placed> {
+        if *self.read_epoch().await? == *token {
             return Ok(Placed::Stored);
         }
         self.forget();
@@ -422,11 +428,7 @@ impl EpochBackend {
             .inner
             .set(&format!("@{token}:{key}"), value, ttl)
             .await?;
-        if self.read_epoch().await? == token {
-            return Ok(Placed::Stored);
-        }
-        self.forget();
-        Ok(Placed::Moved)
+        self.placed_under(&token).await
     }
 
     /// Starts a new epoch: everything written before is no longer read. One write.

@@ -278,6 +278,20 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// `SET NX` of a full key (checked like any write); whether it was written.
+    async fn set_nx_full(&self, full: &str, value: &Bytes, ttl: Option<Duration>) -> Result<bool> {
+        commands::check_ttl(ttl)?;
+        commands::check_size(value.len(), self.inner.config.max_value_size)?;
+        self.check_open()?;
+        let written: Option<String> = self
+            .run(Operation::Set, Idempotent::No, |mut h| {
+                let c = commands::set_nx(full, value, ttl);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        Ok(written.is_some())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(CacheError::Closed);
@@ -525,18 +539,9 @@ impl CacheBackend for RedisBackend {
     /// fails (scripts forbidden by an ACL: the error is counted, the store refused).
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         let full = self.full(key)?;
-        commands::check_ttl(ttl)?;
-        commands::check_size(value.len(), self.inner.config.max_value_size)?;
-        self.check_open()?;
-        let written: Option<String> = self
-            .run(Operation::Set, Idempotent::No, |mut h| {
-                let c = commands::set_nx(&full, &value, ttl);
-                async move { c.query_async(&mut h).await }
-            })
-            .await?;
-        let written = match written {
-            Some(_) => true,
-            None => {
+        let written = match self.set_nx_full(&full, &value, ttl).await? {
+            true => true,
+            false => {
                 let ms = ttl.map_or(0, commands::millis);
                 let replaced: Result<i64> = self
                     .eval_script(
@@ -576,19 +581,11 @@ impl CacheBackend for RedisBackend {
         ttl: Option<Duration>,
     ) -> Result<bool> {
         let full = self.inner.keys.reserved_key(name)?;
-        commands::check_ttl(ttl)?;
-        commands::check_size(value.len(), self.inner.config.max_value_size)?;
-        self.check_open()?;
-        let written: Option<String> = self
-            .run(Operation::Set, Idempotent::No, |mut h| {
-                let c = commands::set_nx(&full, &value, ttl);
-                async move { c.query_async(&mut h).await }
-            })
-            .await?;
-        if written.is_some() {
+        let written = self.set_nx_full(&full, &value, ttl).await?;
+        if written {
             self.inner.stats.sets(1);
         }
-        Ok(written.is_some())
+        Ok(written)
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
