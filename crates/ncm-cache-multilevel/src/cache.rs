@@ -293,6 +293,18 @@ impl<C: Codec> MultiLevelCache<C> {
                     inner.removed_late(removal);
                 }
             }));
+            // A new epoch: announced as a clear (instances still reading the previous one, if
+            // the key was lost, or of a version that read an absent key as epoch `0`, move to
+            // it at once instead of within their re-check interval), and this L1 emptied (no
+            // version bump: on a first start it is empty, and the call creating the key stays
+            // cacheable).
+            let cache = Arc::downgrade(&inner);
+            epoch.on_created(Box::new(move || {
+                if let Some(inner) = cache.upgrade() {
+                    inner.l1.clear();
+                    inner.queue_clear();
+                }
+            }));
         }
         #[cfg(feature = "redis")]
         crate::backplane::start(&inner)?;

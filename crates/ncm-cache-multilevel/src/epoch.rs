@@ -52,7 +52,12 @@ struct Core {
     /// [`Core::late_fence`]): the caller's announcement went out before, so the cache evicts
     /// and announces them again.
     late: std::sync::OnceLock<LateHook>,
+    /// Told when this instance created the epoch key (see [`EpochBackend::on_created`]).
+    created: std::sync::OnceLock<CreatedHook>,
 }
+
+/// See [`EpochBackend::on_created`].
+pub(crate) type CreatedHook = Box<dyn Fn() + Send + Sync>;
 
 /// See [`EpochBackend::on_late_removal`].
 pub(crate) type LateHook = Box<dyn Fn(&Removal) + Send + Sync>;
@@ -145,6 +150,9 @@ impl Core {
                 .set_reserved_if_absent(&self.reserved, value, None)
                 .await?
             {
+                if let Some(told) = self.created.get() {
+                    told();
+                }
                 return Ok(Arc::from(token));
             }
         }
@@ -237,6 +245,7 @@ impl EpochBackend {
                 reserved: format!("epoch:{name}"),
                 state: std::sync::RwLock::new(State::default()),
                 late: std::sync::OnceLock::new(),
+                created: std::sync::OnceLock::new(),
             }),
             key: format!("{RESERVED_KEY_PREFIX}epoch:{name}"),
             fetch: tokio::sync::Mutex::new(()),
@@ -254,6 +263,13 @@ impl EpochBackend {
     /// Set once.
     pub(crate) fn on_late_removal(&self, told: LateHook) {
         let _ = self.core.late.set(told);
+    }
+
+    /// `told` runs when this instance creates the epoch key (it was absent: never cleared, or
+    /// lost): a new epoch began, as with a clear, and instances still on the previous token
+    /// (a lost key is announced by nobody) must hear of it.
+    pub(crate) fn on_created(&self, told: CreatedHook) {
+        let _ = self.core.created.set(told);
     }
 
     fn forgets(&self) -> u64 {
