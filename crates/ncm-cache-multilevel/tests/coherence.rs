@@ -533,6 +533,29 @@ mod redis {
         cache
     }
 
+    /// Instance A ("users"): L2 on `server` directly, its backplane through `proxy` (whose
+    /// delays the tests set), with timeouts long enough for them; `tune` adds options. Returns
+    /// A's L2 cache, its backplane's connection and A.
+    async fn late_instance(
+        server: &RedisServer,
+        proxy: &FaultProxy,
+        tune: impl FnOnce(
+            ncm_cache_multilevel::MultiLevelBuilder,
+        ) -> ncm_cache_multilevel::MultiLevelBuilder,
+    ) -> (RedisCache, RedisCache, MultiLevelCache) {
+        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+        let mut slow = config(&format!("redis://{}", proxy.addr()));
+        slow.response_timeout = Duration::from_secs(3);
+        slow.health_check_interval = None;
+        let late = RedisCache::connect(slow).await.unwrap();
+        let builder = MultiLevelCache::builder(ra.backend())
+            .name("users")
+            .backplane(Arc::clone(late.redis_backend()));
+        let a = tune(builder).build().unwrap();
+        wait_active(&a).await;
+        (ra, late, a)
+    }
+
     /// A delete heard late (cache-aside across processes): A's load read its source, B changed
     /// the source and deleted the key, A's store landed after that delete (the key was absent,
     /// so "only if absent" let it in), and B's message reached A only after the store. A
@@ -544,18 +567,7 @@ mod redis {
         use ncm_cache_core::CacheBackend as _;
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.addr()).unwrap();
-        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
-        // Its backplane's connection: long enough timeouts for the delay below.
-        let mut slow = config(&format!("redis://{}", proxy.addr()));
-        slow.response_timeout = Duration::from_secs(3);
-        slow.health_check_interval = None;
-        let late = RedisCache::connect(slow).await.unwrap();
-        let a = MultiLevelCache::builder(ra.backend())
-            .name("users")
-            .backplane(Arc::clone(late.redis_backend()))
-            .build()
-            .unwrap();
-        wait_active(&a).await;
+        let (ra, _late, a) = late_instance(&server, &proxy, |b| b).await;
         let rb = RedisCache::connect(config(&server.url())).await.unwrap();
         let b = instance(&rb).await;
         proxy.set_mode(ProxyMode::Delay(Duration::from_millis(300)));
@@ -621,19 +633,11 @@ mod redis {
     async fn an_eager_refresh_landing_after_another_instances_write_is_withdrawn() {
         let server = RedisServer::start().unwrap();
         let proxy = FaultProxy::start(server.addr()).unwrap();
-        let ra = RedisCache::connect(config(&server.url())).await.unwrap();
-        let mut slow = config(&format!("redis://{}", proxy.addr()));
-        slow.response_timeout = Duration::from_secs(3);
-        slow.health_check_interval = None;
-        let late = RedisCache::connect(slow).await.unwrap();
-        let a = MultiLevelCache::builder(ra.backend())
-            .name("users")
-            .backplane(Arc::clone(late.redis_backend()))
-            .l1_default_ttl(Duration::from_millis(600))
-            .eager_refresh(0.5)
-            .build()
-            .unwrap();
-        wait_active(&a).await;
+        let (_ra, _late, a) = late_instance(&server, &proxy, |b| {
+            b.l1_default_ttl(Duration::from_millis(600))
+                .eager_refresh(0.5)
+        })
+        .await;
         let rb = RedisCache::connect(config(&server.url())).await.unwrap();
         let b = instance(&rb).await;
         let first: String = a
