@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ncm_cache_core::{Codec, Result};
+use ncm_cache_core::{CacheError, Codec, Result};
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc::Sender;
@@ -225,26 +225,75 @@ impl<C: Codec> SqlCache<C> {
 
     /// Invalidates `tables`, retrying with backoff until it succeeds (the listener's job is
     /// to not lose a notification). `false` when asked to stop meanwhile.
+    ///
+    /// A table no key can be made of (any database user may `pg_notify` the channel: an
+    /// oversized or hostile payload) names no cached result: it is dropped (logged, counted
+    /// in `invalidation_failures`) instead of being retried forever in front of every later
+    /// notification; the other tables of its batch are invalidated one by one.
     async fn invalidate_with_retry(
         &self,
         tables: &std::collections::BTreeSet<String>,
         stop: &mut oneshot::Receiver<()>,
     ) -> bool {
-        self.until_done(stop, "invalidation from NOTIFY", || {
-            self.invalidate_tables(tables)
-        })
-        .await
+        let what = "invalidation from NOTIFY";
+        match self
+            .until_done(stop, what, || self.invalidate_tables(tables))
+            .await
+        {
+            Ended::Done => true,
+            Ended::Stopped => false,
+            Ended::Refused(e) if tables.len() == 1 => {
+                self.drop_unusable(tables, &e);
+                true
+            }
+            Ended::Refused(_) => {
+                for table in tables {
+                    match self
+                        .until_done(stop, what, || self.invalidate_tables([table]))
+                        .await
+                    {
+                        Ended::Done => {}
+                        Ended::Stopped => return false,
+                        Ended::Refused(e) => self.drop_unusable([table], &e),
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Counts and logs notifications dropped because no key can be made of them.
+    fn drop_unusable<'a>(&self, tables: impl IntoIterator<Item = &'a String>, e: &CacheError) {
+        for table in tables {
+            crate::stats::SqlStats::count(&self.inner().stats.invalidation_failures, 1);
+            let shown: String = table.chars().take(64).collect();
+            tracing::warn!(
+                error = %e,
+                table = %shown,
+                len = table.len(),
+                "a notification names no usable table; dropped"
+            );
+        }
     }
 
     /// Clears every cached query after a reconnect (notifications may have been missed),
     /// retrying with backoff until it succeeds: a failure (the cache down too) left results
     /// cached before the outage served for their whole TTL. `false` when asked to stop.
     async fn resync(&self, stop: &mut oneshot::Receiver<()>) -> bool {
-        let done = self
+        let done = match self
             .until_done(stop, "clearing the cache after a reconnect", || {
                 self.invalidate_all()
             })
-            .await;
+            .await
+        {
+            Ended::Done => true,
+            Ended::Stopped => false,
+            // Not expected (the key is the library's own): logged, and the listener goes on.
+            Ended::Refused(e) => {
+                tracing::error!(error = %e, "clearing the cache after a reconnect was refused");
+                return true;
+            }
+        };
         if done {
             tracing::info!("listener reconnected; cached queries cleared");
         }
@@ -252,13 +301,14 @@ impl<C: Codec> SqlCache<C> {
     }
 
     /// Runs `call` until it succeeds, with backoff (50 ms doubling to 5 s), counting each
-    /// failure. `false` when asked to stop meanwhile.
+    /// failure; an error of the input itself (`CacheError::is_invalid_input`: retrying the
+    /// same call cannot succeed) ends it at once, uncounted.
     async fn until_done<T, F, Fut>(
         &self,
         stop: &mut oneshot::Receiver<()>,
         what: &str,
         mut call: F,
-    ) -> bool
+    ) -> Ended
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -266,19 +316,29 @@ impl<C: Codec> SqlCache<C> {
         let mut delay = Duration::from_millis(50);
         loop {
             match call().await {
-                Ok(_) => return true,
+                Ok(_) => return Ended::Done,
+                Err(e) if e.is_invalid_input() => return Ended::Refused(e),
                 Err(e) => {
                     crate::stats::SqlStats::count(&self.inner().stats.invalidation_failures, 1);
                     tracing::warn!(error = %e, ?delay, "{what} failed; retrying");
                 }
             }
             tokio::select! {
-                _ = &mut *stop => return false,
+                _ = &mut *stop => return Ended::Stopped,
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// How a retried call ended.
+enum Ended {
+    Done,
+    /// Asked to stop meanwhile.
+    Stopped,
+    /// Refused for its input: retrying cannot help.
+    Refused(CacheError),
 }
 
 /// What the receiving task forwards.

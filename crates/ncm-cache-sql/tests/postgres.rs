@@ -1176,3 +1176,79 @@ async fn a_view_created_through_one_instance_is_invalidated_by_anothers_write() 
         "the view's result read before B's write was served after it"
     );
 }
+
+/// A notification no table can be named by (any database user may `pg_notify` the channel;
+/// here a 5,000-byte payload, whose generation key exceeds the key length limit) is dropped
+/// and counted: it does not hold back the notifications behind it (before: its invalidation
+/// failed with `InvalidKey` and was retried forever, so every later write by another
+/// connection went unseen and its results were served until their TTL; found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_notification_does_not_block_later_invalidations() {
+    let Some(db) = pg::db("a_hostile_notification_does_not_block_later_invalidations").await
+    else {
+        return;
+    };
+    let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
+        .build()
+        .unwrap();
+    cache
+        .execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)", ())
+        .await
+        .unwrap();
+    cache
+        .execute("INSERT INTO stock VALUES ('a', 1)", ())
+        .await
+        .unwrap();
+    install_triggers(&db.pool, &["stock"]).await.unwrap();
+    let handle = cache.listen_postgres(db.pool.clone()).await.unwrap();
+    let q = "SELECT qty FROM stock WHERE sku = %s";
+    cache.query(q, params!["a"]).await.unwrap();
+    let failures = cache.get_performance_stats().invalidation_failures;
+
+    let mut other = ncm_cache_sql::sqlx::PgConnection::connect(&db.url)
+        .await
+        .unwrap();
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "SELECT pg_notify('{}', repeat('x', 5000))",
+        ncm_cache_sql::postgres::NOTIFY_CHANNEL
+    )))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    // A write after it, in another batch of the listener.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ncm_cache_sql::sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {}.stock SET qty = 2 WHERE sku = 'a'",
+        db.schema
+    )))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let invalidated = eventually(Duration::from_secs(3), || {
+        let cache = cache.clone();
+        async move {
+            cache
+                .cache_query(q, params!["a"], QueryCacheStrategy::CacheOnly, None)
+                .await
+                .unwrap()
+                .is_none()
+        }
+    })
+    .await;
+    assert!(
+        invalidated.is_some(),
+        "the write after a hostile notification was never invalidated"
+    );
+    assert_eq!(
+        cache.query(q, params!["a"]).await.unwrap().get(0, "qty"),
+        Some(&SqlValue::Int(2))
+    );
+    // Dropped once, not retried: one failure counted, none after.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counted = cache.get_performance_stats().invalidation_failures - failures;
+    assert_eq!(counted, 1, "the unusable notification is counted once");
+    assert!(handle.is_running());
+    handle.stop().await;
+    uninstall_triggers(&db.pool, &["stock"]).await.unwrap();
+    other.close().await.unwrap();
+}
