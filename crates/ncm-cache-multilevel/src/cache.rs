@@ -816,6 +816,7 @@ impl<C: Codec> MultiLevelCache<C> {
             .iter()
             .map(|k| (k.clone(), self.inner.versions.ticket(k)))
             .collect();
+        let epoch_since = self.inner.epoch_changes();
         let mut loaded = loader(missing).await.map_err(|e| {
             Counters::bump(&self.inner.counters.load_errors);
             CacheError::loader(e)
@@ -845,7 +846,15 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    Tracked::begin(&self.inner, k, v, &self.inner.defaults, false),
+                    // A store that replaces (the key was not found absent) can land over a
+                    // newer write, as an eager refresh can: remembered as replacing.
+                    Tracked::begin(
+                        &self.inner,
+                        k,
+                        v,
+                        &self.inner.defaults,
+                        !absent.contains(k.as_str()),
+                    ),
                 )
             })
             .collect();
@@ -894,15 +903,19 @@ impl<C: Codec> MultiLevelCache<C> {
             // A key L2 did not hold only while still absent: a write of it since, by any
             // instance, is at least as new as what the loader read. Every command runs to its
             // end (none dropped half-way when another fails).
+            // The others replace, and, as every load's store, are never made again in a new
+            // epoch (`place`): the loader may have read its source before a clear not heard of
+            // here.
             let each = batch.iter().map(|(k, v)| {
-                let (l2, v) = (&self.inner.l2, v.clone());
+                let (inner, v) = (&self.inner, v.clone());
                 let only_if_absent = absent.contains(k);
                 async move {
-                    if only_if_absent {
-                        l2.set_if_absent(k, v, ttl).await
+                    let placed = if only_if_absent {
+                        inner.place_if_absent(k, v, ttl, epoch_since).await?
                     } else {
-                        l2.set(k, v, ttl).await.map(|()| true)
-                    }
+                        inner.place(k, v, ttl, epoch_since).await?
+                    };
+                    Ok(placed == Placed::Stored)
                 }
             });
             let written = self
@@ -1652,14 +1665,16 @@ impl<C: Codec> Inner<C> {
 
     /// A load's L2 store after a miss: only if the key is absent (in the current epoch, with
     /// `epoch_clear`: see `EpochBackend::place_if_absent`).
+    /// `since`: [`epoch_changes`](Self::epoch_changes) when the load began.
     pub(crate) async fn place_if_absent(
         &self,
         key: &str,
         bytes: ncm_cache_core::Bytes,
         ttl: Option<Duration>,
+        since: Option<u64>,
     ) -> Result<Placed> {
         if let Some(epoch) = &self.epoch {
-            return epoch.place_if_absent(key, bytes, ttl).await;
+            return epoch.place_if_absent(key, bytes, ttl, since).await;
         }
         Ok(if self.l2.set_if_absent(key, bytes, ttl).await? {
             Placed::Stored
@@ -1675,11 +1690,19 @@ impl<C: Codec> Inner<C> {
         key: &str,
         bytes: ncm_cache_core::Bytes,
         ttl: Option<Duration>,
+        since: Option<u64>,
     ) -> Result<Placed> {
         if let Some(epoch) = &self.epoch {
-            return epoch.place(key, bytes, ttl).await;
+            return epoch.place(key, bytes, ttl, since).await;
         }
         self.l2.set(key, bytes, ttl).await.map(|()| Placed::Stored)
+    }
+
+    /// With `epoch_clear`, how many times the epoch token in use changed: taken when a load
+    /// begins, before its loader reads the source, and given to its store (`place`), which is
+    /// not made in an epoch that began since. `None` without epochs.
+    pub(crate) fn epoch_changes(&self) -> Option<u64> {
+        self.epoch.as_ref().map(|e| e.changes())
     }
 
     /// A load's store after a miss (`CacheBackend::set_if_absent`, and `set_loaded` with a
@@ -1711,7 +1734,7 @@ impl<C: Codec> Inner<C> {
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
-            .l2_call("set", self.place_if_absent(key, bytes, ttl))
+            .l2_call("set", self.place_if_absent(key, bytes, ttl, None))
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();

@@ -284,8 +284,31 @@ impl EpochBackend {
     fn keep(&self, token: Arc<str>, before: u64) {
         let mut state = self.core.state.write().unwrap_or_else(|e| e.into_inner());
         if state.forgets == before {
+            // The first token read is no change (the instance's first load must not look
+            // overtaken by it).
+            if state.last.as_deref() != Some(&*token) {
+                state.changes += u64::from(state.last.is_some());
+                state.last = Some(Arc::clone(&token));
+            }
             state.token = Some((token, Instant::now()));
         }
+    }
+
+    /// How many times the kept token changed: taken when a load begins (before its loader
+    /// reads the source) and given to its store ([`place`](Self::place),
+    /// [`place_if_absent`](Self::place_if_absent)).
+    pub(crate) fn changes(&self) -> u64 {
+        self.core
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .changes
+    }
+
+    /// Whether the token in use now differs from the one a load began under (`since`, from
+    /// [`changes`](Self::changes)).
+    fn moved_since(&self, since: Option<u64>) -> bool {
+        since.is_some_and(|c| self.changes() != c)
     }
 
     /// Links up (clears are heard: the token is re-read every [`RECHECK_LINKED`]) or not
@@ -396,14 +419,23 @@ impl EpochBackend {
     /// epoch (a multi-level `get_or_load` answers with what it holds). What landed in the old
     /// epoch is read by nobody. A clear this instance learned of earlier in the load is the
     /// caller's to catch (a multi-level cache's versions: a clear heard bumps them all).
+    ///
+    /// `since`: the token's change count when the load began ([`changes`](Self::changes)).
+    /// A token that moved since (read again after its re-check interval, say: a load longer
+    /// than that) may come from a clear after the load's source read: not written
+    /// ([`Placed::Moved`]). Before, such a store went into the new epoch (found by review).
     pub(crate) async fn place_if_absent(
         &self,
         key: &str,
         value: Bytes,
         ttl: Option<Duration>,
+        since: Option<u64>,
     ) -> Result<Placed> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         let token = self.token().await?;
+        if self.moved_since(since) {
+            return Ok(Placed::Moved);
+        }
         if !self
             .core
             .inner
@@ -432,14 +464,19 @@ impl EpochBackend {
     /// is not): [`Placed::Moved`], and the token forgotten. Before, such a refresh was written
     /// into the new epoch, where every instance read a value loaded before the clear (found by
     /// review). What landed in the old epoch is read by nobody.
+    /// `since` as for [`place_if_absent`](Self::place_if_absent).
     pub(crate) async fn place(
         &self,
         key: &str,
         value: Bytes,
         ttl: Option<Duration>,
+        since: Option<u64>,
     ) -> Result<Placed> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
         let token = self.token().await?;
+        if self.moved_since(since) {
+            return Ok(Placed::Moved);
+        }
         self.core
             .inner
             .set(&format!("@{token}:{key}"), value, ttl)
@@ -502,6 +539,11 @@ pub(crate) enum Placed {
 struct State {
     token: Option<(Arc<str>, Instant)>,
     forgets: u64,
+    /// The last token kept (not cleared by a forget) and how many times it changed: a load
+    /// notes the count when it begins, and its store is not made once it moved (see
+    /// [`EpochBackend::place`]).
+    last: Option<Arc<str>>,
+    changes: u64,
 }
 
 /// A new random epoch token.
@@ -558,7 +600,7 @@ impl CacheBackend for EpochBackend {
     /// A load's store (see `CacheBackend::set_loaded`): [`EpochBackend::place_if_absent`].
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         Ok(matches!(
-            self.place_if_absent(key, value, ttl).await?,
+            self.place_if_absent(key, value, ttl, None).await?,
             Placed::Stored
         ))
     }
@@ -768,7 +810,7 @@ mod tests {
         assert!(e.set_if_absent("k", v(b"v"), None).await.unwrap());
         let first_j = in_epoch(&mem, "c", "j").await;
         // Not written over an existing value.
-        let refused = e.place_if_absent("k", v(b"w"), None).await.unwrap();
+        let refused = e.place_if_absent("k", v(b"w"), None, None).await.unwrap();
         assert_eq!(refused, Placed::Refused);
         other.clear_pattern("*").await.unwrap();
         // `e` still holds the old token: the write lands in the old epoch, then the check.
@@ -780,7 +822,7 @@ mod tests {
         assert!(e.get("m").await.unwrap().is_none());
         other.clear_pattern("*").await.unwrap();
         other.set("m", v(b"new"), None).await.unwrap();
-        let moved = e.place_if_absent("m", v(b"old"), None).await.unwrap();
+        let moved = e.place_if_absent("m", v(b"old"), None, None).await.unwrap();
         assert_eq!(moved, Placed::Moved);
         assert_eq!(other.get("m").await.unwrap().as_deref(), Some(&b"new"[..]));
     }

@@ -344,6 +344,8 @@ impl<C: Codec> Inner<C> {
         #[cfg(not(feature = "redis"))]
         let _ = (check_first, serve_until);
         let ticket = self.versions.ticket(&key);
+        // The epoch the load begins in: its store is not made in a later one.
+        let epoch_since = self.epoch_changes();
         Counters::bump(&self.counters.loads);
         let (stale, validator) = match stale {
             Some(p) => (p.value.downcast::<T>().ok(), p.validator),
@@ -388,7 +390,15 @@ impl<C: Codec> Inner<C> {
             Err(e) => Err(e),
             Ok(loaded) => {
                 let stored = self
-                    .store_answer(&key, eff, loaded, stale, validator, &ticket, began.absent())
+                    .store_answer(
+                        &key,
+                        eff,
+                        loaded,
+                        (stale, validator),
+                        &ticket,
+                        epoch_since,
+                        began.absent(),
+                    )
                     .await;
                 match stored {
                     Ok((found, Stored::Missed(held, ticket))) => Ok((
@@ -457,9 +467,9 @@ impl<C: Codec> Inner<C> {
         key: &str,
         mut eff: Eff,
         loaded: Loaded<T>,
-        stale: Option<Arc<T>>,
-        stale_validator: Option<Arc<str>>,
+        (stale, stale_validator): (Option<Arc<T>>, Option<Arc<str>>),
         ticket: &Ticket,
+        epoch_since: Option<u64>,
         after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let stored = if loaded.cache && eff.write_l2() {
@@ -525,7 +535,9 @@ impl<C: Codec> Inner<C> {
                 }
                 self.tag(key, &loaded.tags, &eff).await?;
                 let validator = loaded.validator.or(stale_validator);
-                return self.rearm(key, stale, validator, &eff, ticket).await;
+                return self
+                    .rearm(key, stale, validator, &eff, ticket, epoch_since)
+                    .await;
             }
             Answer::Value(v) => (v, loaded.validator),
         };
@@ -536,8 +548,15 @@ impl<C: Codec> Inner<C> {
             ));
         }
         self.tag(key, &loaded.tags, &eff).await?;
-        self.store_loaded(key, value, ticket, &eff, validator, after_miss)
-            .await
+        self.store_loaded(
+            key,
+            value,
+            (ticket, epoch_since),
+            &eff,
+            validator,
+            after_miss,
+        )
+        .await
     }
 
     /// Records a loader's tags before its value is written: a tag pointing at a key not yet
@@ -573,6 +592,7 @@ impl<C: Codec> Inner<C> {
         validator: Option<Arc<str>>,
         eff: &Eff,
         ticket: &Ticket,
+        epoch_since: Option<u64>,
     ) -> Result<(Found, Stored)> {
         let object = Arc::clone(&value) as Object;
         // Whatever L2 holds stays there for the lock's waiters to find.
@@ -597,7 +617,7 @@ impl<C: Codec> Inner<C> {
                             key,
                             Arc::clone(&object),
                             bytes,
-                            ticket,
+                            (ticket, epoch_since),
                             eff,
                             validator,
                             true,
@@ -625,24 +645,26 @@ impl<C: Codec> Inner<C> {
         &self,
         key: &str,
         v: T,
-        ticket: &Ticket,
+        since: (&Ticket, Option<u64>),
         eff: &Eff,
         validator: Option<Arc<str>>,
         after_miss: bool,
     ) -> Result<(Found, Stored)> {
         let bytes = self.encode_with(key, &v, eff)?;
-        self.store_encoded(key, Arc::new(v), bytes, ticket, eff, validator, after_miss)
+        self.store_encoded(key, Arc::new(v), bytes, since, eff, validator, after_miss)
             .await
     }
 
     /// Writes L2 (only if the key is absent there, `after_miss`), then L1, then announces.
+    /// `since`: the key's versions and the epoch's change count when the load began; a store
+    /// after either moved is not made.
     #[allow(clippy::too_many_arguments)]
     async fn store_encoded(
         &self,
         key: &str,
         object: Object,
         bytes: ncm_cache_core::Bytes,
-        ticket: &Ticket,
+        (ticket, epoch_since): (&Ticket, Option<u64>),
         eff: &Eff,
         validator: Option<Arc<str>>,
         after_miss: bool,
@@ -670,10 +692,11 @@ impl<C: Codec> Inner<C> {
         let written = if !eff.write_l2() {
             Ok(Placed::Stored)
         } else if after_miss {
-            self.l2_call("set", self.place_if_absent(key, bytes, ttl))
+            self.l2_call("set", self.place_if_absent(key, bytes, ttl, epoch_since))
                 .await
         } else {
-            self.l2_call("set", self.place(key, bytes, ttl)).await
+            self.l2_call("set", self.place(key, bytes, ttl, epoch_since))
+                .await
         };
         guard.disarm();
         let tracked = crate::cache::Tracked::after(

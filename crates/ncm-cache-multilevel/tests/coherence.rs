@@ -2161,3 +2161,116 @@ async fn a_batch_load_keeps_every_key_in_l1() {
     }
     assert_eq!(missing, 0, "keys of the batch not in L1");
 }
+
+/// A batch load of a key L2 held but this build could not read (a damaged entry, or another
+/// build's during a rolling deploy) replaces what L2 holds — a plain `SET` — and so, like an
+/// eager refresh, can land after a caller's newer write. It is withdrawn once it lands (found
+/// by review: `get_many_or_load` remembered such stores as "after a miss", which nothing
+/// withdraws, and the older value stayed in L2 for its TTL).
+#[tokio::test]
+async fn a_batch_load_replacing_an_unreadable_entry_is_withdrawn_after_a_local_write() {
+    use ncm_cache_core::{Bytes, CacheBackend as _};
+    let (slow, cache) = slow_cache();
+    slow.set("k", Bytes::from_static(b"\xff\xfenot an envelope"), None)
+        .await
+        .unwrap();
+    slow.set_request_delay(Duration::from_millis(300));
+    let called = Arc::new(tokio::sync::Notify::new());
+    let load = tokio::spawn({
+        let (cache, called) = (cache.clone(), Arc::clone(&called));
+        async move {
+            cache
+                .get_many_or_load::<u64, _, _, _>(&["k"], |keys| async move {
+                    called.notify_one();
+                    Ok::<_, Io>(keys.into_iter().map(|k| (k, 1)).collect())
+                })
+                .await
+                .unwrap()
+        }
+    });
+    called.notified().await;
+    // The batch's store is held before L2; the caller's write lands first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.set_request_delay(Duration::ZERO);
+    cache.set("k", 2u64).await.unwrap();
+    assert_eq!(load.await.unwrap(), vec![Some(1)]);
+    let l2 = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+    let held = cache.get_with::<u64>("k", &l2).await.unwrap();
+    assert_ne!(
+        held.map(|(v, _)| *v),
+        Some(1),
+        "the batch load's older value stayed in L2 over the caller's write"
+    );
+    assert_eq!(cache.get_stats().loads_withdrawn, 1);
+}
+
+/// With `epoch_clear`, the same batch store spanning a clear this instance has not heard of
+/// (no link): it lands in the old epoch, the epoch check sees the move, and it must not be made
+/// again in the new one (found by review: it was, through the plain `set`, and every instance
+/// then read a value loaded before the clear from the new epoch).
+#[tokio::test]
+async fn a_batch_load_replacing_an_entry_across_an_unheard_clear_is_not_stored_in_the_new_epoch() {
+    use ncm_cache_core::{Bytes, CacheBackend as _};
+    let (_slow, heard, late) = epoch_pair().await;
+    late.as_backend()
+        .set("k", Bytes::from_static(b"\xff\xfenot an envelope"), None)
+        .await
+        .unwrap();
+    let clearer = heard.clone();
+    let got = late
+        .get_many_or_load::<u64, _, _, _>(&["k"], move |keys| async move {
+            // The source read, then a clear elsewhere before the batch's store.
+            clearer.clear().await.unwrap();
+            Ok::<_, Io>(keys.into_iter().map(|k| (k, 4)).collect())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(4)]);
+    assert_eq!(
+        in_l2(&heard, "k").await,
+        None,
+        "a value loaded before the clear is in the new epoch"
+    );
+}
+
+/// The same, with a load that outlives the kept token's re-check (1 s without a link): the
+/// store read the epoch key again, found the new token, and put a value loaded before the
+/// clear into the new epoch, where every instance served it for its L2 TTL (found by review:
+/// nothing tied the store's epoch to the one the load began in). Now a store whose epoch moved
+/// since the load began is not made.
+#[tokio::test]
+async fn a_load_outliving_the_token_recheck_is_not_stored_in_a_new_epoch() {
+    let (_slow, heard, late) = epoch_pair().await;
+    let clearer = heard.clone();
+    let v: u64 = late
+        .get_or_load("j", move || async move {
+            // The source read, then a clear elsewhere, then more than the re-check interval.
+            clearer.clear().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            Ok::<_, Io>(4)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 4);
+    assert_eq!(
+        in_l2(&heard, "j").await,
+        None,
+        "a value loaded before the clear is in the new epoch"
+    );
+    // The batch form.
+    let clearer = heard.clone();
+    let got = late
+        .get_many_or_load::<u64, _, _, _>(&["m"], move |keys| async move {
+            clearer.clear().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            Ok::<_, Io>(keys.into_iter().map(|k| (k, 5)).collect())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(5)]);
+    assert_eq!(
+        in_l2(&heard, "m").await,
+        None,
+        "a batch value loaded before the clear is in the new epoch"
+    );
+}

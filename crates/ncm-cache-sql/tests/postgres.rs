@@ -1184,8 +1184,7 @@ async fn a_view_created_through_one_instance_is_invalidated_by_anothers_write() 
 /// connection went unseen and its results were served until their TTL; found by review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_notification_does_not_block_later_invalidations() {
-    let Some(db) = pg::db("a_hostile_notification_does_not_block_later_invalidations").await
-    else {
+    let Some(db) = pg::db("a_hostile_notification_does_not_block_later_invalidations").await else {
         return;
     };
     let cache = SqlCache::builder(memory_cache(), PgExecutor::new(db.pool.clone()))
