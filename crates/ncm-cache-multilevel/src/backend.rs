@@ -27,7 +27,7 @@ impl<C: Codec> Inner<C> {
                 self.counters.l1_hits.bump();
                 return Ok(v.map(|b| (Bytes::clone(&b), ValueSource::L1)));
             }
-            L1Read::Stale(v, _) => v,
+            L1Read::Stale(v, until) => v.map(|v| (v, until)),
             L1Read::Miss => None,
         };
         let ticket = self.versions.ticket(key);
@@ -42,7 +42,7 @@ impl<C: Codec> Inner<C> {
                 Counters::bump(&self.counters.misses);
                 Ok(None)
             }
-            Err(e) => match stale {
+            Err(e) => match self.servable(stale) {
                 Some(v) => {
                     Counters::bump(&self.counters.stale_served);
                     Ok(Some((Bytes::clone(&v), ValueSource::Stale)))
@@ -79,7 +79,7 @@ impl<C: Codec> Inner<C> {
                     out.push(v.map(|b| Bytes::clone(&b)));
                     continue;
                 }
-                L1Read::Stale(v, _) => v,
+                L1Read::Stale(v, until) => v.map(|v| (v, until)),
                 L1Read::Miss => None,
             };
             out.push(None);
@@ -103,10 +103,17 @@ impl<C: Codec> Inner<C> {
                 }
                 Ok(out)
             }
-            Err(e) if missing.iter().all(|(_, _, stale, _)| stale.is_some()) => {
+            // Every key L2 was asked for has a copy still within its max stale age now.
+            Err(e)
+                if missing.iter().all(|(_, _, stale, _)| {
+                    stale
+                        .as_ref()
+                        .is_some_and(|(_, until)| self.opts.now_nanos() <= *until)
+                }) =>
+            {
                 for (i, _, stale, _) in missing {
                     Counters::bump(&self.counters.stale_served);
-                    out[i] = stale.map(|b| Bytes::clone(&b));
+                    out[i] = self.servable(stale).map(|b| Bytes::clone(&b));
                 }
                 tracing::debug!(error = %e, "L2 batch read failed; stale copies served");
                 Ok(out)

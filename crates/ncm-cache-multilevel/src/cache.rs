@@ -130,7 +130,11 @@ pub(crate) enum Link {
 }
 
 /// The L1 part of a read: `Ok(found)` ends it, `Err(stale)` goes on to L2.
-type L1Outcome<T> = std::result::Result<Option<Arc<T>>, Option<Arc<T>>>;
+type L1Outcome<T> = std::result::Result<Option<Arc<T>>, Option<StaleCopy<T>>>;
+
+/// A stale L1 copy fail-safe may serve when L2 fails, and until when (clock nanos: checked
+/// again after the failed read, which may have outlasted the max stale age).
+pub(crate) type StaleCopy<T> = (Arc<T>, u64);
 
 /// The boxed L2 part of a read.
 type BoxedRead<'a, T> =
@@ -413,7 +417,10 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner.trace_l1_hit(key);
                 Ok(v.map(|v| (v, ValueSource::L1)))
             }
-            L1Read::Stale(stale, _) => self.read_l2::<T>(key, stale, &eff).await,
+            L1Read::Stale(stale, until) => {
+                self.read_l2::<T>(key, stale.map(|v| (v, until)), &eff)
+                    .await
+            }
             L1Read::Miss => self.read_l2::<T>(key, None, &eff).await,
         }
     }
@@ -429,7 +436,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 inner.trace_l1_hit(key);
                 Ok(v)
             }
-            L1Read::Stale(v, _) => Err(v),
+            L1Read::Stale(v, until) => Err(v.map(|v| (v, until))),
             L1Read::Miss => Err(None),
         })
     }
@@ -439,7 +446,7 @@ impl<C: Codec> MultiLevelCache<C> {
     fn read_l2<'a, T: CacheValue>(
         &'a self,
         key: &'a str,
-        stale: Option<Arc<T>>,
+        stale: Option<StaleCopy<T>>,
         eff: &'a Eff,
     ) -> BoxedRead<'a, T> {
         let span = tracing::info_span!(
@@ -458,7 +465,7 @@ impl<C: Codec> MultiLevelCache<C> {
     async fn get_from_l2<T: CacheValue>(
         &self,
         key: &str,
-        stale: Option<Arc<T>>,
+        stale: Option<StaleCopy<T>>,
         eff: &Eff,
     ) -> Result<Option<(Arc<T>, ValueSource)>> {
         let inner = &self.inner;
@@ -476,7 +483,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 Counters::bump(&inner.counters.misses);
                 Ok(None)
             }
-            Err(e) => match stale {
+            Err(e) => match inner.servable(stale) {
                 Some(v) => {
                     span.record("source", "Stale");
                     Counters::bump(&inner.counters.stale_served);
@@ -1192,6 +1199,14 @@ impl<C: Codec> Inner<C> {
             tracing::debug_span!("ncm_cache.get", cache = %self.opts.name, key, source = "L1")
                 .in_scope(|| {});
         }
+    }
+
+    /// After a failed L2 read, the stale copy fail-safe may serve: still within its max stale
+    /// age now (the read may have taken its whole timeout).
+    pub(crate) fn servable<T>(&self, stale: Option<StaleCopy<T>>) -> Option<Arc<T>> {
+        stale
+            .filter(|(_, until)| self.opts.now_nanos() <= *until)
+            .map(|(v, _)| v)
     }
 
     /// A value L1 may not serve as fresh: served by fail-safe when the call has it and the

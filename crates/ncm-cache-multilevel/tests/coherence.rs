@@ -2274,3 +2274,56 @@ async fn a_load_outliving_the_token_recheck_is_not_stored_in_a_new_epoch() {
         "a batch value loaded before the clear is in the new epoch"
     );
 }
+
+/// Fail-safe serves a stale copy no older than the max stale age — also when that age passes
+/// while the L2 read is in flight and the read then fails (typed, byte-level and batch reads).
+/// Before (found by review), the age was checked before the read only, so a read failing after
+/// its timeouts (`connect_timeout` + 2 × `response_timeout` on Redis) served a copy older than
+/// promised.
+#[tokio::test]
+async fn a_stale_copy_is_not_served_past_its_max_stale_age_after_a_slow_failed_read() {
+    use ncm_cache_core::CacheBackend as _;
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(1))
+        .fail_safe(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let bytes = cache.as_backend();
+    for k in ["t", "b", "m"] {
+        cache.set(k, 1u64).await.unwrap();
+    }
+    // Fresh until 1 s, servable as stale until 11 s.
+    clock.advance(Duration::from_millis(10_500));
+    slow.get_reply_delay(Duration::from_millis(200));
+    slow.get_fails_after(true);
+    // Within the age all the way: served, marked stale.
+    let (v, source) = cache.get_with_source::<u64>("t").await.unwrap().unwrap();
+    assert_eq!((*v, source), (1, ValueSource::Stale));
+    // The age passes during each read.
+    let typed = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get_with_source::<u64>("t").await }
+    });
+    let single = tokio::spawn({
+        let bytes = bytes.clone();
+        async move { bytes.get("b").await }
+    });
+    let batch = tokio::spawn({
+        let bytes = bytes.clone();
+        async move { bytes.get_many(&["m"]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    clock.advance(Duration::from_secs(1));
+    let typed = typed.await.unwrap();
+    assert!(
+        typed.is_err(),
+        "a copy past its max stale age was served: {typed:?}"
+    );
+    let single = single.await.unwrap();
+    assert!(single.is_err(), "byte-level read served {single:?}");
+    let batch = batch.await.unwrap();
+    assert!(batch.is_err(), "batch read served {batch:?}");
+}

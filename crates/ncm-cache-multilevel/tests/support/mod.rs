@@ -44,6 +44,9 @@ struct Settings {
     reserved_request_delay: Duration,
     /// `delete` deletes, then answers with an error (a reply lost after the command ran).
     delete_fails_after: bool,
+    /// `get` reads, waits `get_reply_delay`, then answers with a connection error (a read
+    /// that times out).
+    get_fails_after: bool,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -93,6 +96,10 @@ impl Slow {
         self.settings.lock().unwrap().reserved_request_delay = d;
     }
 
+    pub(crate) fn get_fails_after(&self, fails: bool) {
+        self.settings.lock().unwrap().get_fails_after = fails;
+    }
+
     pub(crate) fn delete_fails_after(&self, fails: bool) {
         self.settings.lock().unwrap().delete_fails_after = fails;
     }
@@ -140,9 +147,15 @@ impl CacheBackend for Slow {
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         self.gate().await?;
-        let delay = self.settings.lock().unwrap().get_reply_delay;
+        let (delay, fails) = {
+            let s = self.settings.lock().unwrap();
+            (s.get_reply_delay, s.get_fails_after)
+        };
         let v = self.inner.get(key).await?;
         tokio::time::sleep(delay).await;
+        if fails {
+            return Err(CacheError::connection("slow: read timed out", None));
+        }
         Ok(v)
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
