@@ -103,6 +103,20 @@ pub use warm::{WarmConfig, WarmProgress, WarmResult};
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use ncm_cache_macros::{cache_loader, cache_method};
 
+/// The error a panicking loader of `name` comes to (reloads and warming catch the panic: a
+/// timer or a background round must not end with it).
+pub(crate) fn panicked(
+    name: &str,
+    panic: &(dyn std::any::Any + Send),
+) -> ncm_cache_core::CacheError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".to_owned());
+    ncm_cache_core::CacheError::loader(format!("the loader of {name:?} panicked: {what}"))
+}
+
 /// Runtime support for the attribute macros. Not a public API.
 #[doc(hidden)]
 pub mod __private {

@@ -309,7 +309,15 @@ impl<C: Codec> CacheLoader<C> {
     async fn warm_one(&self, config: WarmConfig) -> WarmResult {
         let started = Instant::now();
         let (key, outcome) = match self.registered(&config.name) {
-            Ok(registered) => registered.warm(self, config.args, config.kwargs).await,
+            // A panicking loader fails its entry: the round (and background warming, whose
+            // task the panic would end for good) goes on.
+            Ok(registered) => {
+                let warm =
+                    std::panic::AssertUnwindSafe(registered.warm(self, config.args, config.kwargs));
+                futures_util::FutureExt::catch_unwind(warm)
+                    .await
+                    .unwrap_or_else(|panic| (None, Err(crate::panicked(&config.name, &*panic))))
+            }
             Err(e) => (None, Err(e)),
         };
         WarmResult {

@@ -305,3 +305,43 @@ async fn the_originals_warming_config_works_as_written() {
         "{result:?}"
     );
 }
+
+/// A loader that panics for one entry: `warm_cache` reports that entry as failed (and warms
+/// the others) instead of panicking in the caller, and background warming keeps running its
+/// rounds (before: the panic unwound out of the round and ended the background task for good,
+/// silently; found by review).
+#[tokio::test(start_paused = true)]
+async fn a_panicking_loader_fails_its_entry_and_warming_goes_on() {
+    let loader = CacheLoader::new(memory_cache());
+    loader
+        .register_loader(
+            "user",
+            move |id: u64| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                assert!(id != 2, "bad row {id}");
+                Ok::<_, std::io::Error>(format!("user {id}"))
+            },
+            None,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let configs: Vec<WarmConfig> = (1..=3).map(|id| WarmConfig::new("user", id)).collect();
+    let results = loader.warm_cache(configs.clone(), 2).await;
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok() && results[2].is_ok());
+    let failed = results[1].outcome.as_ref().unwrap_err();
+    assert!(failed.contains("panicked"), "{failed}");
+    assert!(failed.contains("bad row 2"), "{failed}");
+
+    loader
+        .start_background_warming(configs, Duration::from_millis(50), 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(180)).await;
+    assert!(
+        loader.is_background_warming(),
+        "a panicking loader ended background warming"
+    );
+    assert!(loader.warming_rounds() >= 3, "{}", loader.warming_rounds());
+    assert!(loader.stop_background_warming().await);
+}

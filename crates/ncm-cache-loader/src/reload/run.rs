@@ -207,7 +207,7 @@ impl<C: Codec> CacheReloader<C> {
         let run = std::panic::AssertUnwindSafe(async move { load().await });
         let loaded = match futures_util::FutureExt::catch_unwind(run)
             .await
-            .unwrap_or_else(|panic| Err(panicked(&entry.name, &*panic)))
+            .unwrap_or_else(|panic| Err(crate::panicked(&entry.name, &*panic)))
         {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -332,16 +332,6 @@ impl Drop for Refreshed<'_> {
     fn drop(&mut self) {
         self.0.refreshing.store(false, Ordering::Release);
     }
-}
-
-/// The error a panicking loader of `name` comes to.
-fn panicked(name: &str, panic: &(dyn Any + Send)) -> CacheError {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string payload".to_owned());
-    CacheError::loader(format!("the loader of {name:?} panicked: {what}"))
 }
 
 async fn release(lease: Option<Box<dyn Lease>>) {
