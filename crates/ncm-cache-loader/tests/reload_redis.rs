@@ -328,3 +328,57 @@ async fn a_lazy_reload_after_a_miss_does_not_overwrite_a_write_made_during_it() 
         "the lazy reload overwrote a newer write"
     );
 }
+
+/// An explicit forced `reload_key` that cannot get the run lease within `lock_wait` (another
+/// instance's reload, begun before the call, holds it longer) does not report success with the
+/// value that reload will store (its source read predates the call): it fails with a timeout
+/// the caller can retry. Before (found by review) it answered `Ok(false)` with the older value,
+/// and the source's change waited for the next interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_reload_that_cannot_get_the_lease_fails_instead_of_settling() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let a = Arc::new(a);
+    let source = Arc::new(Mutex::new("v1".to_string()));
+    let reads_source = |work: Duration| {
+        let source = Arc::clone(&source);
+        move || {
+            let seen = source.lock().unwrap().clone();
+            Box::pin(async move {
+                tokio::time::sleep(work).await;
+                Ok::<_, String>(seen)
+            }) as std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
+        }
+    };
+    a.register_loader(
+        "cfg",
+        reads_source(Duration::from_secs(3)),
+        Some(Duration::from_secs(60)),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    b.register_loader(
+        "cfg",
+        reads_source(Duration::ZERO),
+        Some(Duration::from_secs(60)),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    let slow = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.reload_key("cfg", true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    *source.lock().unwrap() = "v2".to_string();
+    let forced = b.reload_key("cfg", true).await;
+    assert!(
+        matches!(forced, Err(ref e) if e.is_retryable()),
+        "a forced reload settled for a load begun before it: {forced:?}"
+    );
+    assert!(slow.await.unwrap().unwrap());
+    // Retried once the other reload ended: it runs and stores the source's new value.
+    assert!(b.reload_key("cfg", true).await.unwrap());
+    assert_eq!(b.get::<String>("cfg").await.unwrap(), "v2");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -56,7 +56,7 @@ impl<C: Codec> CacheReloader<C> {
             Err(e) => self.log_cache_error(&entry, "get", &e),
         }
         bump(&entry.counters.misses);
-        let reloaded = self.reload_entry(&entry, false, None).await?;
+        let reloaded = self.reload_entry(&entry, Force::No, None).await?;
         match reloaded.value.map(|v| v.downcast::<T>()) {
             Some(Ok(value)) => Ok(*value),
             _ => cache.decode_for::<T>(name, &reloaded.bytes),
@@ -67,6 +67,7 @@ impl<C: Codec> CacheReloader<C> {
     /// without, only when the value is missing or expired. Returns `true` when a loader ran.
     pub async fn reload_key(&self, name: &str, force: bool) -> Result<bool> {
         let entry = self.entry(name)?;
+        let force = if force { Force::Explicit } else { Force::No };
         Ok(self.reload_entry(&entry, force, None).await?.ran)
     }
 
@@ -84,7 +85,7 @@ impl<C: Codec> CacheReloader<C> {
             // Cleared however the refresh ends (also cancelled at runtime shutdown).
             let _done = Refreshed(&entry);
             // Errors are counted and logged in `reload_entry`; readers keep the old value.
-            let _ = reloader.reload_entry(&entry, true, None).await;
+            let _ = reloader.reload_entry(&entry, Force::Timer, None).await;
         });
     }
 
@@ -100,12 +101,12 @@ impl<C: Codec> CacheReloader<C> {
     pub(crate) async fn reload_entry(
         &self,
         entry: &Arc<Entry>,
-        force: bool,
+        force: Force,
         fresh_within: Option<Duration>,
     ) -> Result<Reloaded> {
         // Also when the joined flight failed: its error is as old as its source read.
         let (reloaded, joined) = self.reload_flight(entry, force, fresh_within).await;
-        if force && joined {
+        if force != Force::No && joined {
             return self.reload_flight(entry, force, fresh_within).await.0;
         }
         reloaded
@@ -116,9 +117,11 @@ impl<C: Codec> CacheReloader<C> {
     async fn reload_flight(
         &self,
         entry: &Arc<Entry>,
-        force: bool,
+        force: Force,
         fresh_within: Option<Duration>,
     ) -> (Result<Reloaded>, bool) {
+        let explicit = force == Force::Explicit;
+        let force = force != Force::No;
         // Forced and lazy reloads fly separately: a forced reload never settles for a value
         // that a lazy one merely found. A lazy flight is named by the value's load mark now,
         // as `CacheLoader`'s are: a read after an invalidation or write of the value on this
@@ -138,6 +141,16 @@ impl<C: Codec> CacheReloader<C> {
                 .flight
                 .run_with_role(flight_key, || async move {
                     let (lease, granted) = self.run_lease(entry).await;
+                    // Another instance's reload, begun before this call (its source read may
+                    // be older), held the lease all of `lock_wait`: an explicit forced reload
+                    // neither settles for what that one stores nor loads beside it (whichever
+                    // store landed last would win). The caller may retry.
+                    if explicit && !granted {
+                        return Err(CacheError::Timeout {
+                            operation: "reload_key (another instance's reload holds the run lease; retry)",
+                            after: self.inner.lock_wait,
+                        });
+                    }
                     // Lazy reads, and anyone who waited out another instance's reload, take a
                     // value that is already there.
                     // (Only bytes this build can read: an entry left in place because a newer
@@ -340,4 +353,16 @@ async fn release(lease: Option<Box<dyn Lease>>) {
     {
         tracing::debug!(error = %e, "could not release a reload lease (it expires by itself)");
     }
+}
+
+/// Why a reload runs regardless of a cached value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Force {
+    /// A read: a cached value is taken instead.
+    No,
+    /// A timer or refresh-ahead: when another instance's reload holds the run lease past
+    /// `lock_wait`, the value it stored is taken.
+    Timer,
+    /// `reload_key(name, true)`: runs, or fails (see `reload_flight`).
+    Explicit,
 }

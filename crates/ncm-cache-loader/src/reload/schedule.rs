@@ -170,7 +170,7 @@ impl<C: Codec> Timer<C> {
             // half an interval ago (it held the run lease while this one took the timer over,
             // e.g. after the old owner stalled past its lease).
             let fresh_within = (!eager).then_some(self.every / 2);
-            let reload = reloader.reload_entry(&entry, true, fresh_within);
+            let reload = reloader.reload_entry(&entry, super::run::Force::Timer, fresh_within);
             let mut reload = std::pin::pin!(reload);
             let result = loop {
                 tokio::select! {
