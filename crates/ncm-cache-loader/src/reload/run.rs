@@ -171,6 +171,14 @@ impl<C: Codec> CacheReloader<C> {
                                 release(lease).await;
                                 return Ok((bytes, false));
                             }
+                            // A timer or refresh-ahead that waited out another instance's
+                            // reload and finds nothing does not load beside it either.
+                            Ok(None) if force && !granted => {
+                                return Err(CacheError::Timeout {
+                                    operation: "reload (another instance's reload holds the run lease)",
+                                    after: self.inner.lock_wait,
+                                });
+                            }
                             Ok(None) => after_miss = !force,
                             Ok(Some(_)) | Err(_) => {}
                         }
