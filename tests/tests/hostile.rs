@@ -819,3 +819,130 @@ async fn a_key_of_another_type_is_replaced_by_a_load_on_a_cluster() {
         assert_eq!(redis.get::<u32>(&key).await.unwrap(), Some(7), "{key}");
     }
 }
+
+/// Durations at their extremes in the configuration — `Duration::MAX` meaning "never" or "no
+/// bound", zero meaning "off" (redis-py's `health_check_interval=0`) — never panic a caller or
+/// a background task (found by review: a `response_timeout` of `Duration::MAX` panicked every
+/// batched read on a duration overflow, the blocking cache's pipelines too; a zero
+/// health-check interval panicked the health, pub/sub and tracking tasks, so a multi-level
+/// cache's backplane never came up; `Duration::MAX` TTLs were refused by Redis; a reloader's
+/// `lock_wait(Duration::MAX)` panicked every reload, a multi-level lock wait of
+/// `Duration::MAX` did not wait at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_durations_in_the_configuration_never_panic() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    let server = RedisServer::start().unwrap();
+
+    let mut unbounded = config(&server, "x:");
+    unbounded.response_timeout = Duration::MAX;
+    unbounded.connect_timeout = Duration::MAX;
+    unbounded.cluster_failover_wait = Duration::MAX;
+    let redis = RedisCache::connect(unbounded.clone()).await.unwrap();
+    redis.set("k", &1u64).await.unwrap();
+    assert_eq!(redis.get::<u64>("k").await.unwrap(), Some(1));
+    // A TTL of Duration::MAX never expires, as on the memory backend.
+    redis
+        .set_with_ttl("forever", &2u64, Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(redis.get::<u64>("forever").await.unwrap(), Some(2));
+    let sync = tokio::task::spawn_blocking(move || {
+        let sync = RedisSyncCache::connect(unbounded).unwrap();
+        sync.set_many([("a", &1u64), ("b", &2u64)], Expiry::Default)
+            .unwrap();
+        sync.get::<u64>("b").unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sync, Some(2));
+
+    // A zero health-check interval: off from a URL (as redis-py's 0), refused by `connect`.
+    let url = format!("{}?health_check_interval=0", server.url());
+    assert_eq!(
+        RedisConfig::from_url(&url).unwrap().health_check_interval,
+        None
+    );
+    let mut zero = config(&server, "z:");
+    zero.health_check_interval = Some(Duration::ZERO);
+    let refused = RedisCache::connect(zero).await;
+    assert!(
+        matches!(refused, Err(CacheError::Config(_))),
+        "{:?}",
+        refused.err()
+    );
+
+    // A multi-level lock wait of Duration::MAX waits: two instances, one load.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let instance = || async {
+        let redis = RedisCache::connect(config(&server, "ml:")).await.unwrap();
+        MultiLevelCache::builder(redis.backend())
+            .distributed_lock(
+                Arc::clone(redis.redis_backend()),
+                Duration::from_secs(10),
+                Duration::MAX,
+            )
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance().await, instance().await);
+    let load = |cache: MultiLevelCache| {
+        let runs = Arc::clone(&runs);
+        tokio::spawn(async move {
+            cache
+                .get_or_load("hot", move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, std::io::Error>(7u64)
+                })
+                .await
+                .unwrap()
+        })
+    };
+    let first = load(a.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = load(b.clone());
+    assert_eq!((first.await.unwrap(), second.await.unwrap()), (7, 7));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "a waiter did not wait");
+
+    // A reloader's lock wait and a schedule of Duration::MAX.
+    let reloader = CacheReloader::redis(&redis)
+        .lock_wait(Duration::MAX)
+        .build();
+    reloader
+        .register_loader(
+            "cfg",
+            || async { Ok::<_, std::io::Error>(3u64) },
+            Some(Duration::MAX),
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    assert_eq!(reloader.get::<u64>("cfg").await.unwrap(), 3);
+    // An eager value that never expires: its timer loads it now and lives on.
+    reloader
+        .register_loader(
+            "eager",
+            || async { Ok::<_, std::io::Error>(4u64) },
+            Some(Duration::MAX),
+            ReloadStrategy::Eager,
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = reloader.stats("eager").unwrap();
+    assert!(
+        stats.owned_ticks >= 1 && stats.reloads >= 1,
+        "the eager timer died: {stats:?}"
+    );
+    assert_eq!(reloader.get::<u64>("eager").await.unwrap(), 4);
+    // A schedule of Duration::MAX ("never again") starts and stops cleanly.
+    reloader
+        .schedule_reload("tick", Duration::MAX, || async {
+            Ok::<_, std::io::Error>(5u64)
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(reloader.cancel_reload("tick").await);
+    reloader.shutdown().await;
+}

@@ -4,6 +4,27 @@ use std::time::Duration;
 
 use crate::error::{CacheError, Result};
 
+/// The longest wait, timeout or interval the library schedules: about 30 years. A longer
+/// configured duration (`Duration::MAX` for "never", "no bound") is treated as this, so that
+/// deadline arithmetic (`now + wait`, `timeout * 2`) cannot overflow and panic.
+pub const MAX_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `d`, at most [`MAX_WAIT`].
+///
+/// ```
+/// use std::time::Duration;
+/// use ncm_cache_core::{MAX_WAIT, capped};
+/// assert_eq!(capped(Duration::MAX), MAX_WAIT);
+/// assert_eq!(capped(Duration::from_secs(5)), Duration::from_secs(5));
+/// ```
+pub const fn capped(d: Duration) -> Duration {
+    if d.as_secs() >= MAX_WAIT.as_secs() {
+        MAX_WAIT
+    } else {
+        d
+    }
+}
+
 /// Parses a duration: a number of seconds (`"90"`, `"1.5"`) or a human form understood by
 /// `humantime` (`"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"2d"`, `"1h 30m"`).
 ///

@@ -35,7 +35,7 @@ pub use clock::{
     duration_nanos, system_clock,
 };
 pub use codec::Codec;
-pub use duration::{parse_duration, serde_duration};
+pub use duration::{MAX_WAIT, capped, parse_duration, serde_duration};
 pub use error::{BoxError, CacheError, CodecError, CodecErrorKind, Result};
 pub use flight::{SingleFlight, loader_error};
 pub use key::{

@@ -47,7 +47,7 @@ pub trait LeaseProvider: Send + Sync + Debug + 'static {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Option<Box<dyn Lease>>> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::now() + ncm_cache_core::capped(wait);
         let mut backoff = Duration::from_millis(5);
         loop {
             if let Some(lease) = self.try_acquire(name, ttl).await? {

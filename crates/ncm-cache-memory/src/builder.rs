@@ -107,7 +107,7 @@ impl MemoryBackendBuilder {
         self
     }
 
-    /// Builds the backend; fails when a bound is zero.
+    /// Builds the backend; fails when a bound or the sweep interval is zero.
     pub fn build(self) -> Result<MemoryBackend> {
         Ok(MemoryBackend::from_store(self.build_store("memory")?))
     }
@@ -118,6 +118,12 @@ impl MemoryBackendBuilder {
         if self.max_entries == 0 || self.max_bytes == 0 {
             return Err(CacheError::Config(
                 "memory backend: max_entries and max_bytes must be greater than zero".into(),
+            ));
+        }
+        if self.sweep_interval.is_some_and(|d| d.is_zero()) {
+            return Err(CacheError::Config(
+                "memory backend: sweep_interval must be greater than zero (None turns the sweeper off)"
+                    .into(),
             ));
         }
         if self.shards == Some(0) {

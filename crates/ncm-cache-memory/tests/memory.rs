@@ -247,6 +247,20 @@ async fn oversized_values_and_closed_backend_are_typed_errors() {
     assert!(matches!(cache.get("k").await, Err(CacheError::Closed)));
     assert!(!cache.health_check().await);
     assert!(MemoryBackend::builder().max_entries(0).build().is_err());
+    // A zero sweep interval is refused (it panicked the sweeper task, so expired entries were
+    // never swept; found by review); `None` turns the sweeper off.
+    assert!(matches!(
+        MemoryBackend::builder()
+            .sweep_interval(Duration::ZERO)
+            .build(),
+        Err(CacheError::Config(_))
+    ));
+    assert!(
+        MemoryBackend::builder()
+            .sweep_interval(None)
+            .build()
+            .is_ok()
+    );
 }
 
 #[test]

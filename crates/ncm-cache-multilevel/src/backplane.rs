@@ -764,7 +764,8 @@ impl<C: Codec> Inner<C> {
             return Ok(LockOutcome::Proceed(None));
         }
         let now = Instant::now();
-        let deadline = now.checked_add(self.opts.lock_wait).unwrap_or(now);
+        // `Duration::MAX` waits (about 30 years), it does not give up at once.
+        let deadline = now + ncm_cache_core::capped(self.opts.lock_wait);
         let name = format!("load:{key}");
         let mut attempt = 0;
         // When the lock lives on L2's Redis, it goes through L2's circuit breaker: an open

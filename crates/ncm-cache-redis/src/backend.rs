@@ -98,6 +98,7 @@ impl RedisBackend {
     /// when Redis cannot be reached within `connect_timeout`.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
+        let config = config.capped();
         let conn = Conn::connect(&config).await?;
         let capabilities = crate::capabilities::probe(&config).await;
         // Off on a cluster: per-slot batches of random keys are batches of one.

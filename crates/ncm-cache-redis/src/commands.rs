@@ -22,9 +22,13 @@ pub(crate) fn set_nx(key: &str, value: &[u8], ttl: Option<Duration>) -> Cmd {
     c
 }
 
-/// TTL in whole milliseconds, at least 1 (Redis cannot store less).
+/// TTL in whole milliseconds, at least 1 (Redis cannot store less) and at most
+/// [`ncm_cache_core::MAX_WAIT`] (Redis refuses an expiry past the largest time it can hold:
+/// `Duration::MAX`, "never", keeps the key about 30 years).
 pub(crate) fn millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(ncm_cache_core::capped(ttl).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 pub(crate) fn get(key: &str) -> Cmd {

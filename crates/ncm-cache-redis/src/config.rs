@@ -305,7 +305,10 @@ impl RedisConfig {
             "auto_batch" => self.auto_batch = value.parse().map_err(|_| bad("auto_batch"))?,
             "connect_timeout" => self.connect_timeout = parse_duration(value)?,
             "response_timeout" | "timeout" => self.response_timeout = parse_duration(value)?,
-            "health_check_interval" => self.health_check_interval = Some(parse_duration(value)?),
+            // 0 turns it off, as in redis-py.
+            "health_check_interval" => {
+                self.health_check_interval = Some(parse_duration(value)?).filter(|d| !d.is_zero());
+            }
             "cluster_failover_wait" => self.cluster_failover_wait = parse_duration(value)?,
             "name" => self.name = value.to_owned(),
             "serialization" => self.serialization = value.parse()?,
@@ -348,12 +351,30 @@ impl RedisConfig {
                 "TLS requested but ncm-cache-redis was built without the `tls` feature".into(),
             ));
         }
+        if self.health_check_interval.is_some_and(|d| d.is_zero()) {
+            return Err(CacheError::Config(
+                "health_check_interval must be greater than zero (None turns health checks off)"
+                    .into(),
+            ));
+        }
         if self.default_ttl.is_some_and(|t| t.is_zero()) {
             return Err(CacheError::Config(
                 "default_ttl must be greater than zero".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The configuration with every wait at most [`ncm_cache_core::MAX_WAIT`] (about 30
+    /// years): `Duration::MAX` means "no bound" to a user, and an overflow to the deadline
+    /// arithmetic. Applied when a connection is made.
+    pub(crate) fn capped(mut self) -> Self {
+        use ncm_cache_core::capped;
+        self.connect_timeout = capped(self.connect_timeout);
+        self.response_timeout = capped(self.response_timeout);
+        self.cluster_failover_wait = capped(self.cluster_failover_wait);
+        self.health_check_interval = self.health_check_interval.map(capped);
+        self
     }
 
     /// The URLs (credentials included) of the configured cluster seed nodes, which may be

@@ -181,7 +181,7 @@ impl RedisBackend {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Option<RedisLock>> {
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + ncm_cache_core::capped(wait);
         let mut backoff = Duration::from_millis(5);
         loop {
             if let Some(lock) = self.try_lock(name, ttl).await? {

@@ -204,6 +204,7 @@ impl RedisSyncCache {
     /// `max_connections` on demand.
     pub fn connect(config: RedisConfig) -> Result<Self> {
         config.validate()?;
+        let config = config.capped();
         if config.sentinel.is_some() {
             return Err(CacheError::Config(
                 "RedisSyncCache supports single nodes and clusters; use RedisCache for Sentinel"

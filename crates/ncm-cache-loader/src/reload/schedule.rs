@@ -66,7 +66,8 @@ impl<C: Codec> CacheReloader<C> {
             reloader: Arc::downgrade(&self.inner),
             lease_name: task.clone(),
             name: name.to_owned(),
-            every,
+            // `Duration::MAX` ("never again") must not overflow the timer's deadlines.
+            every: ncm_cache_core::capped(every),
         };
         let handle = runtime.spawn(timer.run(eager, stopped));
         let old = lock(&self.inner.tasks).insert(task, Task { stop, handle });
