@@ -2,7 +2,11 @@
 //!
 //! The arguments are serialized to canonical JSON: object keys sorted (whatever serde_json's
 //! map order is in this build), no whitespace, numbers as serde_json prints them. The same
-//! arguments therefore give the same key in every process and on every machine. Long argument
+//! arguments therefore give the same key in every process and on every machine — except a
+//! hash-ordered collection (`HashSet`), which serializes in its iteration order: that differs
+//! between processes and between two sets of the same elements. The attribute macros sort a
+//! `HashSet` argument (a set nested in another argument is not seen); when calling `load` or
+//! `invalidate` yourself, pass a `BTreeSet` or a sorted `Vec`. Long argument
 //! strings are replaced by a 128-bit xxh3 hash (`#` + 32 hex digits; canonical JSON never
 //! starts with `#`, so a hash cannot collide with a literal argument string).
 
@@ -46,9 +50,14 @@ pub fn args_key<A: Serialize + ?Sized>(args: &A) -> Result<String> {
 
 /// Canonical form of an already-built JSON value (used by warming configs).
 pub(crate) fn value_key(value: &Value) -> String {
+    hash_if_long(canonical(value))
+}
+
+/// Canonical JSON of `value`, never hashed.
+pub(crate) fn canonical(value: &Value) -> String {
     let mut out = String::new();
     write_canonical(&mut out, value);
-    hash_if_long(out)
+    out
 }
 
 fn hash_if_long(canonical: String) -> String {

@@ -342,6 +342,11 @@ impl<C: Codec> CacheLoader<C> {
     }
 
     /// Removes every cached value of `name`; returns how many.
+    ///
+    /// The pattern is `loader:{name}:*`, so it also removes the values of loaders whose name
+    /// begins with `{name}:` (`invalidate_all("user")` removes `user:profile`'s too): only
+    /// misses for them, but give loaders names that do not extend one another where that
+    /// matters.
     pub async fn invalidate_all(&self, name: &str) -> Result<u64> {
         self.inner
             .cache

@@ -24,6 +24,31 @@ impl<C: Codec> CacheLoader<C> {
     }
 }
 
+/// A hash-ordered set argument (`HashSet`), serialized with its elements sorted (by their
+/// canonical JSON): its iteration order differs between processes and between two sets of the
+/// same elements, and the key must not.
+pub struct Unordered<'a, S: ?Sized>(pub &'a S);
+
+impl<'a, S, T> Serialize for Unordered<'a, S>
+where
+    S: ?Sized,
+    &'a S: IntoIterator<Item = &'a T>,
+    T: Serialize + 'a,
+{
+    fn serialize<Ser: serde::Serializer>(
+        &self,
+        serializer: Ser,
+    ) -> std::result::Result<Ser::Ok, Ser::Error> {
+        let mut items = Vec::new();
+        for item in self.0 {
+            let value = serde_json::to_value(item).map_err(serde::ser::Error::custom)?;
+            items.push((crate::key::canonical(&value), value));
+        }
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        serializer.collect_seq(items.into_iter().map(|(_, v)| v))
+    }
+}
+
 /// A `ttl = <expr>` option must be a `Duration`.
 #[inline]
 pub fn ttl(ttl: Duration) -> Duration {

@@ -305,3 +305,56 @@ async fn namesakes_in_impls_and_trait_impls_have_their_own_keys() {
     let names: Vec<String> = pg.loader.get_loader_stats().loaders.into_keys().collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+mod sets {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    pub(crate) static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    #[cache_loader(loader = LOADER)]
+    pub(crate) async fn count(ids: HashSet<u64>) -> usize {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        ids.len()
+    }
+
+    #[cache_loader(loader = LOADER)]
+    pub(crate) async fn count_ref(ids: &HashSet<u64>, tag: &str) -> usize {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        ids.len() + tag.len()
+    }
+}
+
+/// A `HashSet` argument gives one key whatever its iteration order, which differs between
+/// processes and between two sets of the same elements (found by review: the key followed the
+/// order, so another process's `invalidate` missed, and each process cached its own copy).
+#[tokio::test]
+async fn hash_set_arguments_give_one_key_whatever_their_order() {
+    use std::collections::HashSet;
+    let a: HashSet<u64> = (0..64).collect();
+    let b: HashSet<u64> = (0..64).rev().collect();
+    assert_ne!(
+        a.iter().collect::<Vec<_>>(),
+        b.iter().collect::<Vec<_>>(),
+        "two sets iterating in one order prove nothing"
+    );
+    let before = sets::RUNS.load(Ordering::SeqCst);
+    assert_eq!(sets::count(a.clone()).await, 64);
+    assert_eq!(sets::count(b.clone()).await, 64);
+    assert_eq!(sets::count_ref(&a, "x").await, 65);
+    assert_eq!(sets::count_ref(&b, "x").await, 65);
+    assert_eq!(
+        sets::RUNS.load(Ordering::SeqCst) - before,
+        2,
+        "one run per key"
+    );
+    // Small sets stay readable: sorted by their elements' canonical JSON.
+    let small: HashSet<u64> = [3, 1, 2].into();
+    sets::count(small).await;
+    let key = "loader:macro_keys::sets::count:[[1,2,3]]";
+    assert!(
+        LOADER.cache().exists(key).await.unwrap(),
+        "key moved: {key}"
+    );
+}

@@ -85,7 +85,15 @@ pub(crate) fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::R
                 match &*pt.pat {
                     Pat::Ident(p) if p.subpat.is_none() => {
                         let ident = &p.ident;
-                        args.push(quote_spanned!(pt.span()=> &#ident));
+                        // A hash-ordered set is keyed sorted: its iteration order differs
+                        // between processes (and between two sets of the same elements).
+                        args.push(match hash_set(&pt.ty) {
+                            Some(true) => quote_spanned!(pt.span()=>
+                                &::ncm_cache_loader::__private::Unordered(#ident)),
+                            Some(false) => quote_spanned!(pt.span()=>
+                                &::ncm_cache_loader::__private::Unordered(&#ident)),
+                            None => quote_spanned!(pt.span()=> &#ident),
+                        });
                     }
                     other => {
                         return Err(syn::Error::new(
@@ -275,4 +283,20 @@ fn output_mode(sig: &Signature, opts: &Options, name: &str) -> syn::Result<Token
             (&&&&&&#private::Probe::<#ty>::new()).__ncm_mode()
         }},
     })
+}
+
+/// Whether `ty` is a hash-ordered set (`HashSet`, `FxHashSet`, `AHashSet`, by its last path
+/// segment): `Some(true)` behind a reference, `Some(false)` owned, `None` otherwise.
+fn hash_set(ty: &Type) -> Option<bool> {
+    let (ty, by_ref) = match ty {
+        Type::Reference(r) => (&*r.elem, true),
+        other => (other, false),
+    };
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    matches!(
+        last.ident.to_string().as_str(),
+        "HashSet" | "FxHashSet" | "AHashSet"
+    )
+    .then_some(by_ref)
 }
