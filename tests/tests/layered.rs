@@ -1525,3 +1525,103 @@ async fn concurrent_callers_of_a_cold_key_share_one_load_over_a_multilevel_cache
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "CacheLoader");
 }
+
+/// The README's setup with fail-safe: L1 (300 ms) + Redis L2, fail-safe 1 h. Redis dies; a
+/// loader, a macro-style `CacheLoader` load, a `CacheReloader` read, `Cache::read_through` and
+/// `CacheStrategies::read_through` whose key has only a stale L1 copy left run their load (the
+/// database is up: its newer value is served), and serve the stale copy only when the load
+/// fails too. Before (found by review), the byte-level read served the stale copy as a hit, so
+/// none of them asked the source for the whole outage (up to the max stale age).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
+    use ncm_cache::ReloadStrategy;
+    use ncm_cache::loader::CacheReloader;
+    let mut server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "fs:".into();
+    c.health_check_interval = None;
+    c.connect_timeout = Duration::from_millis(300);
+    c.response_timeout = Duration::from_millis(300);
+    let redis = RedisCache::connect(c).await.unwrap();
+    let multi = MultiLevelCache::builder(redis.backend())
+        .name("fail-safe")
+        .l1_default_ttl(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let cache = Cache::new(multi.as_backend(), Serializer::default());
+    // The source: "v1" now, then down, then "v2".
+    let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
+    let read = {
+        let source = Arc::clone(&source);
+        move || {
+            let now = *source.lock().unwrap();
+            async move {
+                now.map(str::to_owned)
+                    .ok_or_else(|| std::io::Error::other("database down"))
+            }
+        }
+    };
+    let loader = CacheLoader::new(cache.clone());
+    let read_user = read.clone();
+    loader
+        .register_loader(
+            "user",
+            move |_id: u64| read_user(),
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let reloader = CacheReloader::new(cache.clone());
+    let read_cfg = read.clone();
+    reloader
+        .register_loader(
+            "cfg",
+            read_cfg,
+            Some(Duration::from_secs(60)),
+            ReloadStrategy::Lazy,
+        )
+        .unwrap();
+    let strategies = CacheStrategies::new(cache.clone());
+    let reads = |round: &'static str| {
+        let (loader, reloader, cache, strategies, read) = (
+            loader.clone(),
+            &reloader,
+            cache.clone(),
+            &strategies,
+            read.clone(),
+        );
+        async move {
+            let user: std::result::Result<String, _> = loader.load("user", 1u64).await;
+            let cfg: std::result::Result<String, _> = reloader.get("cfg").await;
+            let through: std::result::Result<String, _> = cache
+                .read_through("through", read.clone(), Duration::from_secs(60))
+                .await;
+            let strat: std::result::Result<String, _> = strategies
+                .read_through("strat", read, Duration::from_secs(60))
+                .await;
+            let all =
+                [user, cfg, through, strat].map(|r| r.unwrap_or_else(|e| format!("error: {e}")));
+            eprintln!("{round}: {all:?}");
+            all
+        }
+    };
+    assert_eq!(reads("warm").await, ["v1"; 4].map(String::from));
+    // L1's copies go stale, Redis dies, and the source fails too: the stale copies (within
+    // the max stale age) are served.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.kill();
+    *source.lock().unwrap() = None;
+    assert_eq!(
+        reads("both down").await,
+        ["v1"; 4].map(String::from),
+        "a stale copy was not served when the load failed too"
+    );
+    // The source is back with a newer value, Redis still down: the loads ask it.
+    *source.lock().unwrap() = Some("v2");
+    assert_eq!(
+        reads("redis down").await,
+        ["v2"; 4].map(String::from),
+        "a stale copy was served while the source was up"
+    );
+}

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{CacheError, Result};
 use crate::stats::CacheStats;
 use crate::ttl::KeyTtl;
 
@@ -41,6 +41,24 @@ impl HealthReport {
             detail: detail.into(),
         }
     }
+}
+
+/// What a read before a load found ([`CacheBackend::get_for_load`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LoadRead {
+    /// A value to serve.
+    Hit(Bytes),
+    /// Nothing: load.
+    Miss,
+    /// The shared store failed with `error`, and the backend kept `value` (stale, within its
+    /// fail-safe age): load, and serve `value` only if the load fails too.
+    Stale {
+        /// The stale copy.
+        value: Bytes,
+        /// Why the shared store could not be read.
+        error: CacheError,
+    },
 }
 
 /// A byte-level cache store: the memory backend, Redis, a multi-level cache, or your own.
@@ -108,6 +126,17 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
 
     /// `true` when the key exists and has not expired.
     async fn exists(&self, key: &str) -> Result<bool>;
+
+    /// [`get`](Self::get) before a load (a read-through, a loader, a reload): tells a value to
+    /// serve from a copy a fail-safe backend kept while its shared store failed
+    /// ([`LoadRead::Stale`]), which the caller should serve only if its load fails too — a plain
+    /// `get` serves such a copy as a hit. The default has no such copies.
+    async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
+        Ok(match self.get(key).await? {
+            Some(value) => LoadRead::Hit(value),
+            None => LoadRead::Miss,
+        })
+    }
 
     /// Reads several keys; the result has one slot per key, in order.
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
@@ -445,6 +474,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn get_and_touch(&self, key: &str, ttl: Duration) -> Result<Option<Bytes>> {
         (**self).get_and_touch(key, ttl).await
+    }
+    async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
+        (**self).get_for_load(key).await
     }
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         (**self).clear_pattern(pattern).await

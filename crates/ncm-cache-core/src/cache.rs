@@ -358,11 +358,20 @@ impl<C: Codec> Cache<C> {
     {
         let expiry = expiry.into();
         self.ttl_policy().resolve(expiry)?;
-        let (found, mark) = self.read_for_load_marked(key, on_failure).await?;
+        let (found, mark, stale) = self.read_for_load_fail_safe(key, on_failure).await?;
         if let Some(value) = found {
             return Ok(value);
         }
-        let value = loader().await.map_err(CacheError::loader)?;
+        let value = match loader().await {
+            Ok(value) => value,
+            // The store failed and the backend kept a stale copy (fail-safe): served when the
+            // load fails too.
+            Err(e) => {
+                return self
+                    .decode_stale(key, stale.as_ref())
+                    .ok_or_else(|| CacheError::loader(e));
+            }
+        };
         match self.encode_for(key, &value) {
             Ok(bytes) => {
                 self.store_loaded_since(key, bytes, expiry, on_failure, mark)
@@ -399,18 +408,57 @@ impl<C: Codec> Cache<C> {
         key: &str,
         on_failure: CacheFailure,
     ) -> Result<(Option<T>, Option<crate::LoadMark>)> {
-        let bytes = match self.inner.backend.get(key).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok((None, self.miss_mark(key))),
+        let (found, mark, _) = self.read_for_load_fail_safe(key, on_failure).await?;
+        Ok((found, mark))
+    }
+
+    /// [`read_for_load_marked`](Self::read_for_load_marked), also handing back the stale copy a
+    /// fail-safe backend kept while its shared store failed ([`CacheBackend::get_for_load`]):
+    /// the caller loads, and serves that copy ([`decode_stale`](Self::decode_stale)) only if
+    /// its load fails too. Under [`CacheFailure::FailClosed`] the copy is the answer (as a
+    /// plain `get` serves it): the cache answered through its fail-safe.
+    pub async fn read_for_load_fail_safe<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        on_failure: CacheFailure,
+    ) -> Result<(Option<T>, Option<crate::LoadMark>, Option<Bytes>)> {
+        match self.get_for_load::<T>(key).await {
+            Ok(Found::Value(value)) => Ok((Some(value), None, None)),
+            Ok(Found::Absent) => Ok((None, self.miss_mark(key), None)),
+            Ok(Found::Unreadable) => Ok((None, self.load_mark(key), None)),
+            Ok(Found::Stale(bytes, error)) => {
+                if on_failure == CacheFailure::FailClosed
+                    && let Some(value) = self.decode_stale(key, Some(&bytes))
+                {
+                    return Ok((Some(value), None, None));
+                }
+                on_failure.apply(key, "get", error)?;
+                Ok((None, self.load_mark(key), Some(bytes)))
+            }
             Err(e) => {
                 on_failure.apply(key, "get", e)?;
-                return Ok((None, self.load_mark(key)));
+                Ok((None, self.load_mark(key), None))
             }
-        };
-        match self.decode_entry(key, &bytes).await {
-            Some(value) => Ok((Some(value), None)),
-            None => Ok((None, self.load_mark(key))),
         }
+    }
+
+    /// The read before a load ([`CacheBackend::get_for_load`]), decoded (an undecodable
+    /// entry is counted and, when damaged, removed: [`decode_entry`](Self::decode_entry)).
+    pub async fn get_for_load<T: DeserializeOwned>(&self, key: &str) -> Result<Found<T>> {
+        Ok(match self.inner.backend.get_for_load(key).await? {
+            crate::LoadRead::Hit(bytes) => match self.decode_entry(key, &bytes).await {
+                Some(value) => Found::Value(value),
+                None => Found::Unreadable,
+            },
+            crate::LoadRead::Miss => Found::Absent,
+            crate::LoadRead::Stale { value, error } => Found::Stale(value, error),
+        })
+    }
+
+    /// A stale copy from [`get_for_load`](Self::get_for_load), decoded; `None` when there is
+    /// none or it does not decode.
+    pub fn decode_stale<T: DeserializeOwned>(&self, key: &str, stale: Option<&Bytes>) -> Option<T> {
+        self.decode_for::<T>(key, stale?).ok()
     }
 
     /// The write step of a read-through: stores a loaded value's bytes (from
@@ -545,4 +593,19 @@ impl<C: Codec> Cache<C> {
             }
         }
     }
+}
+
+/// What [`Cache::get_for_load`] found.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Found<T> {
+    /// A value to serve.
+    Value(T),
+    /// Nothing: load, storing only while the key is still absent.
+    Absent,
+    /// An entry this build cannot read: load, replacing it.
+    Unreadable,
+    /// The shared store failed (the error); a fail-safe copy (stale) was kept: load, and serve
+    /// the copy only if the load fails too.
+    Stale(Bytes, CacheError),
 }

@@ -28,8 +28,10 @@ mod stats;
 mod ttl;
 mod types;
 
-pub use backend::{CacheBackend, HealthReport, LoadMark, SharedBackend, TagIndex, get_then_extend};
-pub use cache::{Cache, CacheBuilder};
+pub use backend::{
+    CacheBackend, HealthReport, LoadMark, LoadRead, SharedBackend, TagIndex, get_then_extend,
+};
+pub use cache::{Cache, CacheBuilder, Found};
 pub use clock::{
     Clock, CoarseClock, ManualClock, NO_DEADLINE, SharedClock, SystemClock, deadline_after,
     duration_nanos, system_clock,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ncm_cache_core::{CacheError, CacheFailure, CacheStrategy, Codec, Expiry, Operation};
+use ncm_cache_core::{
+    CacheError, CacheFailure, CacheStrategy, Codec, Expiry, Found, LoadRead, Operation,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -132,13 +134,16 @@ impl<C: Codec> CacheLoader<C> {
             fail_closed: call.strategy == CacheStrategy::ReadThrough && M::carries_cache_error(),
             ..call
         };
+        // A copy a fail-safe backend kept while its shared store failed: served only if the
+        // load fails too (before, it was served as a hit and the loader never ran).
+        let mut stale = None;
         if !call.force {
             match self.read::<M::Stored>(counters, call).await {
-                Ok(Some(value)) => {
+                Ok((Some(value), _)) => {
                     counters.hit();
                     return M::join(value);
                 }
-                Ok(None) => {}
+                Ok((None, copy)) => stale = copy,
                 // Fail-closed (ReadThrough): the cache's error, when the output can carry it.
                 Err(e) => {
                     if let Some(output) = M::shared_error(e) {
@@ -212,6 +217,21 @@ impl<C: Codec> CacheLoader<C> {
                 break landed;
             }
         };
+        let load_failed = if ran {
+            slot.as_ref().is_some_and(|(_, failed)| *failed)
+        } else {
+            shared.is_err()
+        };
+        if load_failed
+            && let Some(value) = self
+                .inner
+                .cache
+                .decode_stale::<M::Stored>(call.key, stale.as_ref())
+        {
+            counters.miss();
+            counters.error();
+            return M::join(value);
+        }
         if ran && let Some((output, failed)) = slot {
             counters.miss();
             if failed {
@@ -384,18 +404,30 @@ impl<C: Codec> CacheLoader<C> {
     }
 
     /// A typed read; a failing cache is a miss (fail-open) or the error (fail-closed).
+    /// The read before a load: a value, or none and maybe a fail-safe backend's stale copy
+    /// (see [`Cache::get_for_load`](ncm_cache_core::Cache::get_for_load)); a failing cache is
+    /// `Ok` (fail-open) or its error (fail-closed, which takes a stale copy as the answer).
     async fn read<S: DeserializeOwned>(
         &self,
         counters: &LoaderCounters,
         call: Call<'_>,
-    ) -> Result<Option<S>, CacheError> {
-        match self.inner.cache.get::<S>(call.key).await {
-            Ok(value) => Ok(value),
-            Err(e) => {
-                counters.cache_error(Operation::Get);
-                call.on_failure().apply(call.key, "get", e).map(|()| None)
-            }
+    ) -> Result<(Option<S>, Option<Bytes>), CacheError> {
+        let cache = &self.inner.cache;
+        let (error, copy) = match cache.get_for_load::<S>(call.key).await {
+            Ok(Found::Value(value)) => return Ok((Some(value), None)),
+            Ok(Found::Stale(bytes, e)) => (e, Some(bytes)),
+            Ok(_) => return Ok((None, None)),
+            Err(e) => (e, None),
+        };
+        counters.cache_error(Operation::Get);
+        if call.on_failure() == CacheFailure::FailClosed
+            && let Some(value) = cache.decode_stale::<S>(call.key, copy.as_ref())
+        {
+            return Ok((Some(value), None));
         }
+        call.on_failure()
+            .apply(call.key, "get", error)
+            .map(|()| (None, copy))
     }
 
     /// A raw read; a failing cache is `Err(())` (fail-open: the read failed, the call goes on)
@@ -405,15 +437,18 @@ impl<C: Codec> CacheLoader<C> {
         counters: &LoaderCounters,
         call: Call<'_>,
     ) -> Result<Result<Option<Bytes>, ()>, CacheError> {
-        match self.inner.cache.backend().get(call.key).await {
-            Ok(value) => Ok(Ok(value)),
-            Err(e) => {
-                counters.cache_error(Operation::Get);
-                call.on_failure()
-                    .apply(call.key, "get", e)
-                    .map(|()| Err(()))
-            }
-        }
+        // A fail-safe copy is no value stored since: the read failed.
+        let error = match self.inner.cache.backend().get_for_load(call.key).await {
+            Ok(LoadRead::Hit(bytes)) => return Ok(Ok(Some(bytes))),
+            Ok(LoadRead::Miss) => return Ok(Ok(None)),
+            Ok(LoadRead::Stale { error, .. }) => error,
+            Ok(_) => return Ok(Err(())),
+            Err(e) => e,
+        };
+        counters.cache_error(Operation::Get);
+        call.on_failure()
+            .apply(call.key, "get", error)
+            .map(|()| Err(()))
     }
 
     fn log_cache_error(&self, call: Call<'_>, op: Operation, err: &CacheError) {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ncm_cache_core::{
-    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, Result, ValueSource, async_trait,
+    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, LoadRead, Result, ValueSource,
+    async_trait,
 };
 
 use crate::cache::{Inner, L1Read, MultiLevelCache, Object};
@@ -22,10 +23,34 @@ impl<C: Codec> Inner<C> {
         key: &str,
         eff: &Eff,
     ) -> Result<Option<(Bytes, ValueSource)>> {
+        Ok(match self.read_bytes(key, eff).await? {
+            BytesRead::Found(bytes, source) => Some((bytes, source)),
+            BytesRead::Absent => None,
+            BytesRead::Stale(bytes, _) => {
+                Counters::bump(&self.counters.stale_served);
+                Some((bytes, ValueSource::Stale))
+            }
+        })
+    }
+
+    /// [`get_bytes`](Self::get_bytes) before a load: a stale copy is handed back apart (the
+    /// load runs, and the copy is served only if it fails too).
+    pub(crate) async fn get_bytes_for_load(&self, key: &str, eff: &Eff) -> Result<LoadRead> {
+        Ok(match self.read_bytes(key, eff).await? {
+            BytesRead::Found(bytes, _) => LoadRead::Hit(bytes),
+            BytesRead::Absent => LoadRead::Miss,
+            BytesRead::Stale(value, error) => LoadRead::Stale { value, error },
+        })
+    }
+
+    async fn read_bytes(&self, key: &str, eff: &Eff) -> Result<BytesRead> {
         let stale = match self.l1_read::<Bytes>(key, eff)? {
             L1Read::Fresh(v, _) => {
                 self.counters.l1_hits.bump();
-                return Ok(v.map(|b| (Bytes::clone(&b), ValueSource::L1)));
+                return Ok(match v {
+                    Some(b) => BytesRead::Found(Bytes::clone(&b), ValueSource::L1),
+                    None => BytesRead::Absent,
+                });
             }
             L1Read::Stale(v, until) => v.map(|v| (v, until)),
             L1Read::Miss => None,
@@ -36,17 +61,14 @@ impl<C: Codec> Inner<C> {
                 Counters::bump(&self.counters.l2_hits);
                 let size = bytes.len();
                 self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket, eff);
-                Ok(Some((bytes, ValueSource::L2)))
+                Ok(BytesRead::Found(bytes, ValueSource::L2))
             }
             Ok(None) => {
                 Counters::bump(&self.counters.misses);
-                Ok(None)
+                Ok(BytesRead::Absent)
             }
             Err(e) => match self.servable(stale) {
-                Some(v) => {
-                    Counters::bump(&self.counters.stale_served);
-                    Ok(Some((Bytes::clone(&v), ValueSource::Stale)))
-                }
+                Some(v) => Ok(BytesRead::Stale(Bytes::clone(&v), e)),
                 None => Err(e),
             },
         }
@@ -226,6 +248,12 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         Ok(self.0.inner.get_bytes(key, &self.1).await?.map(|(b, _)| b))
+    }
+
+    /// A stale copy (fail-safe, L2 failing) is handed back apart: loaders, read-throughs and
+    /// reloads run their load and serve it only if that fails too.
+    async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
+        self.0.inner.get_bytes_for_load(key, &self.1).await
     }
 
     /// L1 first, the rest in one L2 batch (see `Inner::get_many_bytes`).
@@ -437,4 +465,12 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     fn key_prefix(&self) -> Option<&str> {
         self.0.inner.l2.key_prefix()
     }
+}
+
+/// What the byte-level read found.
+enum BytesRead {
+    Found(Bytes, ValueSource),
+    Absent,
+    /// L2 failed (the error); a stale L1 copy fail-safe may serve.
+    Stale(Bytes, ncm_cache_core::CacheError),
 }

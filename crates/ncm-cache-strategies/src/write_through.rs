@@ -229,9 +229,11 @@ impl<C: Codec> CacheStrategies<C> {
         self.cache.ttl_policy().resolve(expiry)?;
         // The mark is taken after the read: a load that follows a real absence stores only
         // while the key is still absent.
-        let (found, mark) = self
+        // With a fail-safe backend whose shared store failed, `stale` is the copy it kept:
+        // served only if the load fails too.
+        let (found, mark, stale) = self
             .cache
-            .read_for_load_marked::<T>(key, on_failure)
+            .read_for_load_fail_safe::<T>(key, on_failure)
             .await?;
         if let Some(value) = found {
             return Ok(value);
@@ -244,7 +246,9 @@ impl<C: Codec> CacheStrategies<C> {
             .run(flight, || async {
                 // Double check: a flight of the key that stored just before this one began
                 // (its store may have moved the mark this caller took) left the value.
-                if let Ok(Some(stored)) = self.cache.backend().get(key).await
+                // (A fail-safe copy is not a value stored since: only a hit counts.)
+                if let Ok(ncm_cache_core::LoadRead::Hit(stored)) =
+                    self.cache.backend().get_for_load(key).await
                     && let Ok(value) = self.cache.decode_for::<T>(key, &stored)
                 {
                     return Ok(self.cache.codec().encode_for(&[key], &value)?);
@@ -265,7 +269,11 @@ impl<C: Codec> CacheStrategies<C> {
                 }
                 Ok(bytes)
             })
-            .await?;
+            .await;
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) => return self.cache.decode_stale(key, stale.as_ref()).ok_or(e),
+        };
         Ok(self.cache.codec().decode_for(&[key], &bytes)?)
     }
 

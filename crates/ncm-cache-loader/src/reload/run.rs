@@ -34,12 +34,25 @@ impl<C: Codec> CacheReloader<C> {
         entry.check_type::<T>()?;
         bump(&entry.counters.reads);
         let cache = &self.inner.cache;
-        let (cached, remaining) = match entry.strategy {
+        let (found, remaining) = match entry.strategy {
             ReloadStrategy::RefreshAhead { .. } => {
-                let (value, ttl) = tokio::join!(cache.get::<T>(name), cache.ttl_state(name));
+                let (value, ttl) =
+                    tokio::join!(cache.get_for_load::<T>(name), cache.ttl_state(name));
                 (value, ttl.ok())
             }
-            _ => (cache.get::<T>(name).await, None),
+            _ => (cache.get_for_load::<T>(name).await, None),
+        };
+        // A fail-safe backend's stale copy (its shared store failed): served only if the
+        // reload fails too.
+        let mut stale = None;
+        let cached = match found {
+            Ok(ncm_cache_core::Found::Value(value)) => Ok(Some(value)),
+            Ok(ncm_cache_core::Found::Stale(bytes, e)) => {
+                stale = Some(bytes);
+                Err(e)
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
         };
         match cached {
             Ok(Some(value)) => {
@@ -56,7 +69,10 @@ impl<C: Codec> CacheReloader<C> {
             Err(e) => self.log_cache_error(&entry, "get", &e),
         }
         bump(&entry.counters.misses);
-        let reloaded = self.reload_entry(&entry, Force::No, None).await?;
+        let reloaded = match self.reload_entry(&entry, Force::No, None).await {
+            Ok(reloaded) => reloaded,
+            Err(e) => return cache.decode_stale::<T>(name, stale.as_ref()).ok_or(e),
+        };
         match reloaded.value.map(|v| v.downcast::<T>()) {
             Some(Ok(value)) => Ok(*value),
             _ => cache.decode_for::<T>(name, &reloaded.bytes),
@@ -160,8 +176,9 @@ impl<C: Codec> CacheReloader<C> {
                     // or one after an entry it could not read, replaces it.
                     let mut after_miss = false;
                     if !force || !granted || self.written_within(entry, fresh_within).await {
-                        match self.inner.cache.backend().get(&entry.name).await {
-                            Ok(Some(bytes))
+                        // A fail-safe copy is no value stored since: the read failed.
+                        match self.inner.cache.backend().get_for_load(&entry.name).await {
+                            Ok(ncm_cache_core::LoadRead::Hit(bytes))
                                 if self
                                     .inner
                                     .cache
@@ -173,14 +190,14 @@ impl<C: Codec> CacheReloader<C> {
                             }
                             // A timer or refresh-ahead that waited out another instance's
                             // reload and finds nothing does not load beside it either.
-                            Ok(None) if force && !granted => {
+                            Ok(ncm_cache_core::LoadRead::Miss) if force && !granted => {
                                 return Err(CacheError::Timeout {
                                     operation: "reload (another instance's reload holds the run lease)",
                                     after: self.inner.lock_wait,
                                 });
                             }
-                            Ok(None) => after_miss = !force,
-                            Ok(Some(_)) | Err(_) => {}
+                            Ok(ncm_cache_core::LoadRead::Miss) => after_miss = !force,
+                            Ok(_) | Err(_) => {}
                         }
                     }
                     // A load longer than the lease keeps it: renewed every third of its TTL.
