@@ -710,21 +710,27 @@ impl<C: Codec> MultiLevelCache<C> {
         self.inner.delete_everywhere(key, &eff).await
     }
 
-    /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order.
+    /// Reads several keys: L1 first, the rest in one L2 batch. Results in key order. When L2
+    /// fails, fail-safe serves the stale L1 copies if every key L2 was asked for has one, else
+    /// the call fails.
     pub async fn get_many<T: CacheValue + Clone>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
-        self.get_many_read(keys).await.map(|(out, _)| out)
+        match self.get_many_read(keys).await? {
+            Ok((out, _)) => Ok(out),
+            Err((out, failed)) => failed.serve(&self.inner, out),
+        }
     }
 
     /// [`get_many`](Self::get_many), and for each key whether L2 was read for it and held
     /// nothing (not: an L1 answer, or an L2 entry this instance could not decode); empty
     /// when L2 was not read at all.
-    async fn get_many_read<T: CacheValue + Clone>(
-        &self,
-        keys: &[&str],
-    ) -> Result<(Vec<Option<T>>, Vec<bool>)> {
+    ///
+    /// `Ok(Err(..))`: the L2 batch failed; what L1 answered and the stale copies fail-safe may
+    /// serve ([`FailedRead`]).
+    async fn get_many_read<T: CacheValue + Clone>(&self, keys: &[&str]) -> Result<ManyRead<T>> {
         let inner = &self.inner;
         let mut out: Vec<Option<T>> = Vec::with_capacity(keys.len());
         let mut missing: Vec<(usize, &str)> = Vec::new();
+        let mut copies: Vec<(usize, Option<StaleCopy<T>>)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             match inner.l1_read::<T>(key, &inner.defaults)? {
                 L1Read::Fresh(Some(v), _) => {
@@ -735,15 +741,21 @@ impl<C: Codec> MultiLevelCache<C> {
                     inner.counters.l1_hits.bump();
                     out.push(None);
                 }
-                _ => {
+                L1Read::Stale(copy, until) => {
                     out.push(None);
                     missing.push((i, key));
+                    copies.push((i, copy.map(|v| (v, until))));
+                }
+                L1Read::Miss => {
+                    out.push(None);
+                    missing.push((i, key));
+                    copies.push((i, None));
                 }
             }
         }
         if missing.is_empty() {
             // Nothing read from L2: no key is known absent (no allocation for it).
-            return Ok((out, Vec::new()));
+            return Ok(Ok((out, Vec::new())));
         }
         let mut absent = vec![false; keys.len()];
         let tickets: Vec<Ticket> = missing
@@ -751,9 +763,13 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|(_, k)| inner.versions.ticket(k))
             .collect();
         let miss_keys: Vec<&str> = missing.iter().map(|(_, k)| *k).collect();
-        let raw = inner
+        let raw = match inner
             .l2_call("get_many", inner.l2.get_many(&miss_keys))
-            .await?;
+            .await
+        {
+            Ok(raw) => raw,
+            Err(error) => return Ok(Err((out, FailedRead { copies, error }))),
+        };
         for (((i, key), bytes), ticket) in missing.into_iter().zip(raw).zip(&tickets) {
             let Some(bytes) = bytes else {
                 if let Some(a) = absent.get_mut(i) {
@@ -781,7 +797,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 }
             }
         }
-        Ok((out, absent))
+        Ok(Ok((out, absent)))
     }
 
     /// Batch get-or-load: reads every key, then calls `loader` once with only the missing
@@ -797,7 +813,12 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<HashMap<String, T>, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (mut out, absent) = self.get_many_read::<T>(keys).await?;
+        // L2 failed: load every key not fresh in L1 (replacing: nothing is known absent),
+        // keeping the stale copies fail-safe serves if the loader fails too.
+        let (mut out, absent, failed) = match self.get_many_read::<T>(keys).await? {
+            Ok((out, absent)) => (out, absent, None),
+            Err((out, failed)) => (out, Vec::new(), Some(failed)),
+        };
         // Keys L2 was read for and did not hold: their loads are stored only while still
         // absent. The others (an L2 entry this build cannot read, a negative L1 answer) are
         // replaced.
@@ -824,10 +845,17 @@ impl<C: Codec> MultiLevelCache<C> {
             .map(|k| (k.clone(), self.inner.versions.ticket(k)))
             .collect();
         let epoch_since = self.inner.epoch_changes();
-        let mut loaded = loader(missing).await.map_err(|e| {
-            Counters::bump(&self.inner.counters.load_errors);
-            CacheError::loader(e)
-        })?;
+        let mut loaded = match loader(missing).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                Counters::bump(&self.inner.counters.load_errors);
+                let e = CacheError::loader(e);
+                return match failed {
+                    Some(failed) => failed.serve(&self.inner, out).map_err(|_| e),
+                    None => Err(e),
+                };
+            }
+        };
         let mut encoded: Vec<(String, ncm_cache_core::Bytes)> = Vec::new();
         // The first position of each loaded key: a repeat gets a copy of its value, and the
         // key is written (and its version settled) once.
@@ -965,7 +993,10 @@ impl<C: Codec> MultiLevelCache<C> {
                 for (key, digest, announce) in withdraw {
                     self.inner.withdraw_load(&key, digest, announce).await;
                 }
-                return Err(e);
+                // The loaded values are still good: served, not cached (as `get_or_load`
+                // serves a load whose store failed).
+                tracing::warn!(error = %e, "batch of loaded values not written to L2");
+                return Ok(out);
             }
             let refused = written.unwrap_or_default();
             for (i, key) in keys.iter().enumerate() {
@@ -2193,5 +2224,39 @@ impl<C> Drop for Tracked<'_, C> {
             let now = self.inner.opts.now_nanos();
             let _ = self.inner.recent.landed(&self.key, self.id, now);
         }
+    }
+}
+
+/// What a typed batch read found: the values in key order and which keys L2 held nothing for;
+/// or, when the L2 batch failed, what L1 answered and the [`FailedRead`].
+type ManyRead<T> =
+    std::result::Result<(Vec<Option<T>>, Vec<bool>), (Vec<Option<T>>, FailedRead<T>)>;
+
+/// A typed batch read whose L2 call failed.
+struct FailedRead<T> {
+    /// Each key L2 was asked for (its position) and its stale L1 copy, if any.
+    copies: Vec<(usize, Option<StaleCopy<T>>)>,
+    error: CacheError,
+}
+
+impl<T: Clone> FailedRead<T> {
+    /// Fail-safe: `out` with the stale copies, if every key L2 was asked for has one still
+    /// within its max stale age; else the L2 error.
+    fn serve<C: Codec>(self, inner: &Inner<C>, mut out: Vec<Option<T>>) -> Result<Vec<Option<T>>> {
+        let mut served = Vec::with_capacity(self.copies.len());
+        for (i, copy) in self.copies {
+            match inner.servable(copy) {
+                Some(v) => served.push((i, v)),
+                None => return Err(self.error),
+            }
+        }
+        for (i, v) in served {
+            Counters::bump(&inner.counters.stale_served);
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(T::clone(&v));
+            }
+        }
+        tracing::debug!(error = %self.error, "L2 batch read failed; stale copies served");
+        Ok(out)
     }
 }

@@ -2327,3 +2327,56 @@ async fn a_stale_copy_is_not_served_past_its_max_stale_age_after_a_slow_failed_r
     let batch = batch.await.unwrap();
     assert!(batch.is_err(), "batch read served {batch:?}");
 }
+
+/// The typed batch calls keep fail-safe while L2 is down, as the single-key ones do: `get_many`
+/// serves stale copies when every key it had to ask L2 for has one (as the byte-level batch
+/// does), and `get_many_or_load` loads (its values served, not cached), serving the stale
+/// copies only when the loader fails too (found by review: both failed with L2's error, and
+/// stale copies were never served by the typed batch calls).
+#[tokio::test]
+async fn typed_batch_calls_keep_fail_safe_while_l2_is_down() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(1))
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    for (k, v) in [("a", 1u64), ("b", 2), ("e", 5)] {
+        cache.set(k, v).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    slow.mode(Mode::Unavailable);
+    assert_eq!(
+        cache.get_many::<u64>(&["a", "b"]).await.unwrap(),
+        vec![Some(1), Some(2)]
+    );
+    assert!(
+        cache.get_many::<u64>(&["a", "c"]).await.is_err(),
+        "a key without a copy fails the call"
+    );
+    let loaded = cache
+        .get_many_or_load::<u64, _, _, _>(&["a", "c"], |keys| async move {
+            Ok::<_, Io>(keys.into_iter().map(|k| (k, 10)).collect())
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, vec![Some(10), Some(10)], "the loader was not asked");
+    let stale = cache
+        .get_many_or_load::<u64, _, _, _>(&["b", "e"], |_| async {
+            Err::<std::collections::HashMap<String, u64>, _>(Io::other("database down"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![Some(2), Some(5)]);
+    assert!(
+        cache
+            .get_many_or_load::<u64, _, _, _>(&["b", "f"], |_| async {
+                Err::<std::collections::HashMap<String, u64>, _>(Io::other("database down"))
+            })
+            .await
+            .is_err(),
+        "a key without a copy fails the call"
+    );
+}
