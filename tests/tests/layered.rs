@@ -1624,4 +1624,15 @@ async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
         ["v2"; 4].map(String::from),
         "a stale copy was served while the source was up"
     );
+    // Those loads' L2 stores failed: their values stay in L1 (as `get_or_load` keeps one), so
+    // when the source fails again once they are stale, they are what fail-safe serves (before:
+    // the failed store evicted the key, and every later read of the outage failed; found by
+    // review).
+    *source.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        reads("both down again").await,
+        ["v2"; 4].map(String::from),
+        "the loads of the outage left nothing for fail-safe"
+    );
 }

@@ -318,8 +318,8 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             let tracked = (after_miss && eff.write_l2())
                 .then(|| crate::cache::Tracked::begin(&self.0.inner, key, &value, &eff, false));
             let versions = &self.0.inner.versions;
-            let current =
-                crate::versions::Ticket::from_mark(key, mark).is_some_and(|t| versions.current(&t));
+            let ticket = crate::versions::Ticket::from_mark(key, mark);
+            let current = ticket.is_some_and(|t| versions.current(&t));
             if !current {
                 if let Some(t) = tracked {
                     t.abandon();
@@ -328,13 +328,28 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 tracing::debug!(key, "key invalidated during the load; result not cached");
                 return Ok(false);
             }
+            let object = Arc::new(value.clone()) as Object;
             if after_miss {
-                let object = Arc::new(value.clone()) as Object;
                 return self
                     .0
                     .inner
                     .write_loaded(key, object, value, &eff, tracked)
                     .await;
+            }
+            // A load that replaces (a refresh, a forced load, one after an unreadable or a
+            // failed read) is stored as `get_or_load` stores one: remembered as replacing
+            // (withdrawn if it lands over a newer write), never made again in a new epoch,
+            // announced as a load, and — its L2 store failing, L2 down — kept in L1, as the
+            // caller is served it (before: a plain write, which evicted L1's copy and
+            // announced a delete, so the first load during an outage left nothing for
+            // fail-safe; found by review).
+            if let Some(ticket) = ticket {
+                let (_, stored) = self
+                    .0
+                    .inner
+                    .store_encoded(key, object, value, (&ticket, None), &eff, None, false)
+                    .await?;
+                return Ok(stored == crate::load::Stored::Cached);
             }
         }
         self.set(key, value, ttl).await.map(|()| true)

@@ -659,7 +659,7 @@ impl<C: Codec> Inner<C> {
     /// `since`: the key's versions and the epoch's change count when the load began; a store
     /// after either moved is not made.
     #[allow(clippy::too_many_arguments)]
-    async fn store_encoded(
+    pub(crate) async fn store_encoded(
         &self,
         key: &str,
         object: Object,
