@@ -130,7 +130,8 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// [`get`](Self::get) before a load (a read-through, a loader, a reload): tells a value to
     /// serve from a copy a fail-safe backend kept while its shared store failed
     /// ([`LoadRead::Stale`]), which the caller should serve only if its load fails too — a plain
-    /// `get` serves such a copy as a hit. The default has no such copies.
+    /// `get` serves such a copy as a hit. The default has no such copies; a backend that wraps
+    /// another should forward this method too, or the copies it passes on become hits.
     async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
         Ok(match self.get(key).await? {
             Some(value) => LoadRead::Hit(value),

@@ -403,12 +403,23 @@ impl<C: Codec> Cache<C> {
     /// another build's newer envelope, left in place), or the read failed under
     /// [`CacheFailure::FailOpen`]: a plain [`load_mark`](Self::load_mark), so the load replaces
     /// what it could not read — a miss mark would be refused by that very entry every time.
+    ///
+    /// A fail-safe backend's stale copy (its shared store failed) is answered as found: use
+    /// [`read_for_load_fail_safe`](Self::read_for_load_fail_safe) to load first and fall back
+    /// on it only when the load fails.
     pub async fn read_for_load_marked<T: DeserializeOwned>(
         &self,
         key: &str,
         on_failure: CacheFailure,
     ) -> Result<(Option<T>, Option<crate::LoadMark>)> {
-        let (found, mark, _) = self.read_for_load_fail_safe(key, on_failure).await?;
+        // A fail-safe copy is this call's answer, as it was before `get_for_load` told it
+        // apart: a caller of this step has no way to fall back on it after its load.
+        let (found, mark, stale) = self.read_for_load_fail_safe(key, on_failure).await?;
+        if found.is_none()
+            && let Some(value) = self.decode_stale(key, stale.as_ref())
+        {
+            return Ok((Some(value), None));
+        }
         Ok((found, mark))
     }
 

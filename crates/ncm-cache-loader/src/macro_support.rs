@@ -24,9 +24,11 @@ impl<C: Codec> CacheLoader<C> {
     }
 }
 
-/// A hash-ordered set argument (`HashSet`), serialized with its elements sorted (by their
-/// canonical JSON): its iteration order differs between processes and between two sets of the
-/// same elements, and the key must not.
+/// A hash-ordered set argument (`HashSet`), serialized with its elements sorted as a
+/// `BTreeSet` of them would be (numbers by value, strings and tuples as `Ord` orders them;
+/// other values by their canonical JSON): its iteration order differs between processes and
+/// between two sets of the same elements, and the key must not — and the key of a `BTreeSet`
+/// (or a sorted `Vec`) of the same elements, as given to `invalidate`, must be the same.
 pub struct Unordered<'a, S: ?Sized>(pub &'a S);
 
 impl<'a, S, T> Serialize for Unordered<'a, S>
@@ -41,11 +43,56 @@ where
     ) -> std::result::Result<Ser::Ok, Ser::Error> {
         let mut items = Vec::new();
         for item in self.0 {
-            let value = serde_json::to_value(item).map_err(serde::ser::Error::custom)?;
-            items.push((crate::key::canonical(&value), value));
+            items.push(serde_json::to_value(item).map_err(serde::ser::Error::custom)?);
         }
-        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        serializer.collect_seq(items.into_iter().map(|(_, v)| v))
+        items.sort_by(natural_order);
+        serializer.collect_seq(items)
+    }
+}
+
+/// The order a `BTreeSet` of the values' Rust types would have, where JSON keeps it: numbers
+/// by value, strings byte-wise, booleans, arrays (tuples) element by element; values of
+/// different kinds, and objects, by kind and then canonical JSON (a total order either way).
+fn natural_order(a: &serde_json::Value, b: &serde_json::Value) -> std::cmp::Ordering {
+    use serde_json::Value;
+    use std::cmp::Ordering;
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Number(_) => 2,
+            Value::String(_) => 3,
+            Value::Array(_) => 4,
+            Value::Object(_) => 5,
+        }
+    }
+    match (a, b) {
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (Value::Number(x), Value::Number(y)) => {
+            let whole = |n: &serde_json::Number| {
+                n.as_i64()
+                    .map(i128::from)
+                    .or_else(|| n.as_u64().map(i128::from))
+            };
+            match (whole(x), whole(y)) {
+                (Some(x), Some(y)) => x.cmp(&y),
+                _ => x
+                    .as_f64()
+                    .partial_cmp(&y.as_f64())
+                    .unwrap_or(Ordering::Equal)
+                    .then_with(|| x.to_string().cmp(&y.to_string())),
+            }
+        }
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        (Value::Array(x), Value::Array(y)) => x
+            .iter()
+            .zip(y)
+            .map(|(x, y)| natural_order(x, y))
+            .find(|o| o.is_ne())
+            .unwrap_or_else(|| x.len().cmp(&y.len())),
+        _ => rank(a)
+            .cmp(&rank(b))
+            .then_with(|| crate::key::canonical(a).cmp(&crate::key::canonical(b))),
     }
 }
 

@@ -349,12 +349,21 @@ async fn hash_set_arguments_give_one_key_whatever_their_order() {
         2,
         "one run per key"
     );
-    // Small sets stay readable: sorted by their elements' canonical JSON.
-    let small: HashSet<u64> = [3, 1, 2].into();
-    sets::count(small).await;
-    let key = "loader:macro_keys::sets::count:[[1,2,3]]";
+    // Sorted as a `BTreeSet` of the same elements is (numbers by value, not as text), so
+    // `invalidate` with one reaches the entry.
+    let small: HashSet<u64> = [10, 2, 3].into();
+    sets::count(small.clone()).await;
+    let key = "loader:macro_keys::sets::count:[[2,3,10]]";
     assert!(
         LOADER.cache().exists(key).await.unwrap(),
         "key moved: {key}"
+    );
+    let sorted: std::collections::BTreeSet<u64> = small.iter().copied().collect();
+    assert!(
+        LOADER
+            .invalidate("macro_keys::sets::count", &(&sorted,))
+            .await
+            .unwrap(),
+        "invalidating with a BTreeSet missed"
     );
 }

@@ -125,17 +125,19 @@ impl<C: Codec> Inner<C> {
                 }
                 Ok(out)
             }
-            // Every key L2 was asked for has a copy still within its max stale age now.
+            // Every key L2 was asked for has a copy still within its max stale age now (one
+            // reading of the clock for all).
             Err(e)
-                if missing.iter().all(|(_, _, stale, _)| {
-                    stale
-                        .as_ref()
-                        .is_some_and(|(_, until)| self.opts.now_nanos() <= *until)
-                }) =>
+                if {
+                    let now = self.opts.now_nanos();
+                    missing.iter().all(|(_, _, stale, _)| {
+                        stale.as_ref().is_some_and(|(_, until)| now <= *until)
+                    })
+                } =>
             {
                 for (i, _, stale, _) in missing {
                     Counters::bump(&self.counters.stale_served);
-                    out[i] = self.servable(stale).map(|b| Bytes::clone(&b));
+                    out[i] = stale.map(|(b, _)| Bytes::clone(&b));
                 }
                 tracing::debug!(error = %e, "L2 batch read failed; stale copies served");
                 Ok(out)

@@ -2380,3 +2380,21 @@ async fn typed_batch_calls_keep_fail_safe_while_l2_is_down() {
         "a key without a copy fails the call"
     );
 }
+
+/// The other side of the epoch check on a load's store: a load longer than the token's
+/// re-check interval with no clear meanwhile re-reads the same token and is stored (the
+/// change count moves only when the token itself changes).
+#[tokio::test]
+async fn a_load_outliving_the_token_recheck_without_a_clear_is_stored() {
+    let (_slow, heard, late) = epoch_pair().await;
+    let v: u64 = late
+        .get_or_load("j", || async {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            Ok::<_, Io>(4)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 4);
+    assert_eq!(in_l2(&heard, "j").await, Some(4));
+    assert_eq!(late.get_stats().loads_not_cached, 0);
+}

@@ -81,6 +81,13 @@ impl<C: Codec> CacheReloader<C> {
 
     /// Reloads `name` now (the original's `reload_key(key, force)`): with `force`, always;
     /// without, only when the value is missing or expired. Returns `true` when a loader ran.
+    ///
+    /// # Errors
+    ///
+    /// The loader's error; and with `force`, a retryable [`CacheError::Timeout`] when another
+    /// reload of `name` (of another instance, or a lazy load of this one) held the run lease
+    /// for all of `lock_wait`: its value may come from a source read older than this call,
+    /// so it is neither taken nor raced — retry.
     pub async fn reload_key(&self, name: &str, force: bool) -> Result<bool> {
         let entry = self.entry(name)?;
         let force = if force { Force::Explicit } else { Force::No };

@@ -187,6 +187,9 @@ impl<C: Codec> Timer<C> {
             due = Some(match result {
                 // An eager value must not expire: retry well before it does.
                 Err(_) if eager => Instant::now() + self.every / 4,
+                // Another instance's reload held the run lease and left no value: look again
+                // soon, not an interval later.
+                Err(e) if e.is_timeout() => Instant::now() + lease_ttl,
                 // Another instance held the reload (and may have died holding it): look
                 // again soon.
                 Ok(r) if eager && !r.ran => Instant::now() + lease_ttl,
