@@ -1636,3 +1636,87 @@ async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
         "the loads of the outage left nothing for fail-safe"
     );
 }
+
+/// `SqlCache` over a fail-safe multi-level cache while Redis is down: a query whose cached
+/// result has only a stale L1 copy left goes to the database (the database's newer row is
+/// served), and the stale copy is served only when the database fails too (found by review:
+/// the entry and its table tokens were read with `get_many`, which served the copies as hits,
+/// so the database was never asked during the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_a_fail_safe_cache_asks_the_database_while_redis_is_down() {
+    let mut server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "sqlfs:".into();
+    c.health_check_interval = None;
+    c.connect_timeout = Duration::from_millis(300);
+    c.response_timeout = Duration::from_millis(300);
+    let redis = RedisCache::connect(c).await.unwrap();
+    let multi = MultiLevelCache::builder(redis.backend())
+        .name("sql-fail-safe")
+        .l1_default_ttl(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let sql = SqlCache::builder(
+        Cache::new(multi.as_backend(), Serializer::default()),
+        SqliteExecutor::connect(&url).await.unwrap(),
+    )
+    .build()
+    .unwrap();
+    sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
+        .await
+        .unwrap();
+    sql.execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
+        .await
+        .unwrap();
+    let query = "SELECT name FROM users WHERE id = %s";
+    let name = |rows: Option<ncm_cache::sql::Rows>| {
+        rows.and_then(|r| r.get(0, "name").cloned())
+            .unwrap_or(SqlValue::Null)
+    };
+    let read = |strategy| {
+        let sql = sql.clone();
+        async move {
+            sql.cache_query(query, params![1], strategy, None)
+                .await
+                .map(name)
+        }
+    };
+    assert_eq!(
+        read(QueryCacheStrategy::CacheFirst).await.unwrap(),
+        SqlValue::Text("Ada".into())
+    );
+    // The copies go stale, Redis dies, and the row changes behind the cache's back (another
+    // program: the cache cannot hear of it while Redis is down).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.kill();
+    let other = SqliteExecutor::connect(&url).await.unwrap();
+    ncm_cache::sql::SqlExecutor::execute(
+        &other,
+        "UPDATE users SET name = ? WHERE id = ?",
+        &[SqlValue::Text("Grace".into()), SqlValue::Int(1)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read(QueryCacheStrategy::CacheFirst).await.unwrap(),
+        SqlValue::Text("Grace".into()),
+        "a stale copy was served while the database was up"
+    );
+    // The cache alone answers with its copy.
+    assert_eq!(
+        read(QueryCacheStrategy::CacheOnly).await.unwrap(),
+        SqlValue::Text("Ada".into())
+    );
+    // The database fails too (the table is gone): the stale copy is served.
+    ncm_cache::sql::SqlExecutor::execute(&other, "DROP TABLE users", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        read(QueryCacheStrategy::CacheFirst).await.unwrap(),
+        SqlValue::Text("Ada".into()),
+        "the stale copy was not served when the database failed"
+    );
+}

@@ -139,6 +139,17 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         })
     }
 
+    /// [`get_many`](Self::get_many) before a load (see [`get_for_load`](Self::get_for_load)):
+    /// one [`LoadRead`] per key, in order.
+    async fn get_many_for_load(&self, keys: &[&str]) -> Result<Vec<LoadRead>> {
+        Ok(self
+            .get_many(keys)
+            .await?
+            .into_iter()
+            .map(|v| v.map_or(LoadRead::Miss, LoadRead::Hit))
+            .collect())
+    }
+
     /// Reads several keys; the result has one slot per key, in order.
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         let mut out = Vec::with_capacity(keys.len());
@@ -478,6 +489,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
         (**self).get_for_load(key).await
+    }
+    async fn get_many_for_load(&self, keys: &[&str]) -> Result<Vec<LoadRead>> {
+        (**self).get_many_for_load(keys).await
     }
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         (**self).clear_pattern(pattern).await

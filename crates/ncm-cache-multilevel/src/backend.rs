@@ -83,28 +83,49 @@ impl<C: Codec> Inner<C> {
         keys: &[&str],
         eff: &Eff,
     ) -> Result<Vec<Option<Bytes>>> {
+        Ok(self
+            .get_many_for_load(keys, eff)
+            .await?
+            .into_iter()
+            .map(|r| match r {
+                LoadRead::Hit(bytes) => Some(bytes),
+                LoadRead::Stale { value, .. } => {
+                    Counters::bump(&self.counters.stale_served);
+                    Some(value)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// [`get_many_bytes`](Self::get_many_bytes) before a load: the stale copies (L2 failed)
+    /// handed back apart.
+    pub(crate) async fn get_many_for_load(
+        &self,
+        keys: &[&str],
+        eff: &Eff,
+    ) -> Result<Vec<LoadRead>> {
         if !eff.read_l2() || (eff.sliding.is_some() && eff.write_l2()) {
-            let each = keys.iter().map(|k| self.get_bytes(k, eff));
+            let each = keys.iter().map(|k| self.get_bytes_for_load(k, eff));
             return futures_util::future::join_all(each)
                 .await
                 .into_iter()
-                .map(|r| r.map(|v| v.map(|(b, _)| b)))
                 .collect();
         }
-        let mut out: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        let mut out: Vec<LoadRead> = Vec::with_capacity(keys.len());
         // (index, key, stale copy, ticket taken before the L2 read)
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let stale = match self.l1_read::<Bytes>(key, eff)? {
                 L1Read::Fresh(v, _) => {
                     self.counters.l1_hits.bump();
-                    out.push(v.map(|b| Bytes::clone(&b)));
+                    out.push(v.map_or(LoadRead::Miss, |b| LoadRead::Hit(Bytes::clone(&b))));
                     continue;
                 }
                 L1Read::Stale(v, until) => v.map(|v| (v, until)),
                 L1Read::Miss => None,
             };
-            out.push(None);
+            out.push(LoadRead::Miss);
             missing.push((i, *key, stale, self.versions.ticket(key)));
         }
         if missing.is_empty() {
@@ -121,7 +142,7 @@ impl<C: Codec> Inner<C> {
                     Counters::bump(&self.counters.l2_hits);
                     let size = bytes.len();
                     self.promote(key, Arc::new(bytes.clone()) as Object, size, &ticket, eff);
-                    out[i] = Some(bytes);
+                    out[i] = LoadRead::Hit(bytes);
                 }
                 Ok(out)
             }
@@ -136,8 +157,12 @@ impl<C: Codec> Inner<C> {
                 } =>
             {
                 for (i, _, stale, _) in missing {
-                    Counters::bump(&self.counters.stale_served);
-                    out[i] = stale.map(|(b, _)| Bytes::clone(&b));
+                    if let Some((b, _)) = stale {
+                        out[i] = LoadRead::Stale {
+                            value: Bytes::clone(&b),
+                            error: e.clone(),
+                        };
+                    }
                 }
                 tracing::debug!(error = %e, "L2 batch read failed; stale copies served");
                 Ok(out)
@@ -261,6 +286,11 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     /// L1 first, the rest in one L2 batch (see `Inner::get_many_bytes`).
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         self.0.inner.get_many_bytes(keys, &self.1).await
+    }
+
+    /// The stale copies (fail-safe, L2 failing) handed back apart, as by `get_for_load`.
+    async fn get_many_for_load(&self, keys: &[&str]) -> Result<Vec<LoadRead>> {
+        self.0.inner.get_many_for_load(keys, &self.1).await
     }
 
     /// The library's own keys live in L2 only (as the multi-level cache keeps its epoch).

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::{Bytes, CacheError, Codec, Operation, Result};
+use ncm_cache_core::{Bytes, CacheError, Codec, LoadRead, Operation, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{QueryCacheStrategy, SqlCache};
@@ -60,6 +60,10 @@ struct Found {
     tokens: Option<Vec<Option<Bytes>>>,
     /// Why the cache could not be read (then `tokens` is `None`).
     error: Option<CacheError>,
+    /// The cache could not be read, but a fail-safe backend kept copies of the entry and its
+    /// tokens (`CacheBackend::get_many_for_load`): the result they make, valid under those
+    /// tokens, served only if the database fails too (or, `CacheOnly`, as the cache's answer).
+    stale: Option<Arc<Rows>>,
 }
 
 impl<C: Codec> SqlCache<C> {
@@ -102,21 +106,20 @@ impl<C: Codec> SqlCache<C> {
                 if let Some(rows) = found.rows {
                     return Ok(Some(rows));
                 }
-                self.load(&key, analysis, values, ttl, found.tokens)
-                    .await
-                    .map(Some)
+                match self.load(&key, analysis, values, ttl, found.tokens).await {
+                    Ok(rows) => Ok(Some(rows)),
+                    Err(err) => match found.stale {
+                        Some(stale) => Ok(Some(self.serve_stale(analysis, &err, stale))),
+                        None => Err(err),
+                    },
+                }
             }
             QueryCacheStrategy::DbFirst => {
                 let found = self.lookup_quiet(&key, analysis).await;
                 match self.load(&key, analysis, values, ttl, found.tokens).await {
                     Ok(rows) => Ok(Some(rows)),
-                    Err(err) => match found.rows {
-                        Some(cached) => {
-                            SqlStats::count(&self.inner().stats.stale_served, 1);
-                            tracing::warn!(sql = %analysis.normalized, error = %err,
-                                "database failed; serving the cached result");
-                            Ok(Some(cached))
-                        }
+                    Err(err) => match found.rows.or(found.stale) {
+                        Some(cached) => Ok(Some(self.serve_stale(analysis, &err, cached))),
                         None => Err(err),
                     },
                 }
@@ -124,9 +127,10 @@ impl<C: Codec> SqlCache<C> {
             // Only the cache answers: its failure is the caller's error.
             QueryCacheStrategy::CacheOnly => {
                 let found = self.lookup(&key, analysis).await;
-                match found.error {
-                    Some(err) => Err(err),
-                    None => Ok(found.rows),
+                match (found.error, found.stale) {
+                    (Some(_), Some(stale)) => Ok(Some(stale)),
+                    (Some(err), None) => Err(err),
+                    (None, _) => Ok(found.rows),
                 }
             }
         }
@@ -171,7 +175,7 @@ impl<C: Codec> SqlCache<C> {
         let mut keys: Vec<&str> = Vec::with_capacity(1 + gens.len());
         keys.push(key);
         keys.extend(gens.iter().map(String::as_str));
-        let result = backend.get_many(&keys).await.and_then(|got| {
+        let result = backend.get_many_for_load(&keys).await.and_then(|got| {
             if got.len() == keys.len() {
                 Ok(got)
             } else {
@@ -181,7 +185,7 @@ impl<C: Codec> SqlCache<C> {
                 ))
             }
         });
-        let mut got = match result {
+        let got = match result {
             Ok(got) => got,
             Err(err) => {
                 inner.stats.cache_error(Operation::Get);
@@ -190,11 +194,39 @@ impl<C: Codec> SqlCache<C> {
                     rows: None,
                     tokens: None,
                     error: Some(err),
+                    stale: None,
                 };
             }
         };
+        // A fail-safe backend's copies (L2 failed): the read failed; what they make is kept
+        // apart, served only if the database fails too.
+        let failed = got.iter().find_map(|r| match r {
+            LoadRead::Stale { error, .. } => Some(error.clone()),
+            _ => None,
+        });
+        let mut got: Vec<Option<Bytes>> = got
+            .into_iter()
+            .map(|r| match r {
+                LoadRead::Hit(bytes) | LoadRead::Stale { value: bytes, .. } => Some(bytes),
+                _ => None,
+            })
+            .collect();
         let tokens = got.split_off(1);
         let entry = got.pop().flatten();
+        if let Some(err) = failed {
+            inner.stats.cache_error(Operation::Get);
+            tracing::warn!(key, error = %err, "cache read failed; the query goes to the database");
+            let stale = entry
+                .and_then(|bytes| inner.cache.decode_for::<Stored>(key, &bytes).ok())
+                .filter(|stored| current(&stored.g, &tokens))
+                .map(|stored| Arc::new(stored.r));
+            return Found {
+                rows: None,
+                tokens: None,
+                error: Some(err),
+                stale,
+            };
+        }
         let rows = match entry {
             None => None,
             // The same bytes as a result decoded before: no decode (the rows are shared).
@@ -230,7 +262,16 @@ impl<C: Codec> SqlCache<C> {
             rows,
             tokens: Some(tokens),
             error: None,
+            stale: None,
         }
+    }
+
+    /// A cached result served because the database failed (`err`): counted and logged.
+    fn serve_stale(&self, analysis: &Analysis, err: &CacheError, rows: Arc<Rows>) -> Arc<Rows> {
+        SqlStats::count(&self.inner().stats.stale_served, 1);
+        tracing::warn!(sql = %analysis.normalized, error = %err,
+            "database failed; serving the cached result");
+        rows
     }
 
     /// Runs the query once for every concurrent caller of `key` under the same generation
