@@ -5,8 +5,10 @@
 //! arguments therefore give the same key in every process and on every machine — except a
 //! hash-ordered collection (`HashSet`), which serializes in its iteration order: that differs
 //! between processes and between two sets of the same elements. The attribute macros sort a
-//! `HashSet` argument (a set nested in another argument is not seen); when calling `load` or
-//! `invalidate` yourself, pass a `BTreeSet` or a sorted `Vec`. Long argument
+//! `HashSet` argument (a set nested in another argument is not seen) in the order a `BTreeSet`
+//! of numbers, strings or tuples has; when calling `load` or `invalidate` yourself, pass a
+//! `BTreeSet` or a sorted `Vec` of such elements (a set of enum variants sorts by their names
+//! there, not their declaration order: pass the `HashSet` itself). Long argument
 //! strings are replaced by a 128-bit xxh3 hash (`#` + 32 hex digits; canonical JSON never
 //! starts with `#`, so a hash cannot collide with a literal argument string).
 

@@ -283,6 +283,19 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.get_bytes_for_load(key, &self.1).await
     }
 
+    /// Every key written (`set`), also after one failed: a failed write evicts its key here
+    /// and elsewhere, so none of them is left behind with an older value (`SqlCache`'s
+    /// invalidation of several tables during an outage, say). The first error is returned.
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Option<Duration>) -> Result<()> {
+        let mut first = None;
+        for (key, value) in entries {
+            if let Err(e) = self.set(key, value.clone(), ttl).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// L1 first, the rest in one L2 batch (see `Inner::get_many_bytes`).
     async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
         self.0.inner.get_many_bytes(keys, &self.1).await
@@ -375,13 +388,21 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             // caller is served it (before: a plain write, which evicted L1's copy and
             // announced a delete, so the first load during an outage left nothing for
             // fail-safe; found by review).
-            if let Some(ticket) = ticket {
+            if eff.write_l2()
+                && let Some(ticket) = ticket
+            {
                 let (_, stored) = self
                     .0
                     .inner
                     .store_encoded(key, object, value, (&ticket, None), &eff, None, false)
                     .await?;
-                return Ok(stored == crate::load::Stored::Cached);
+                return match stored {
+                    crate::load::Stored::Cached => Ok(true),
+                    // The caller learns of the failed store (a fail-closed read-through fails,
+                    // a loader counts it); the value stays in L1 all the same.
+                    crate::load::Stored::Failed(e) => Err(e),
+                    _ => Ok(false),
+                };
             }
         }
         self.set(key, value, ttl).await.map(|()| true)

@@ -416,7 +416,7 @@ impl<C: Codec> Inner<C> {
                 // Waiters in other processes see the "not found" instead of loading again.
                 Ok(((None, _), Stored::Cached)) => Some(LockNote::NotFound),
                 // Nothing reached L2 for waiters to find: they load at once, not one by one.
-                Ok((_, Stored::NotCached)) => Some(LockNote::NotCached),
+                Ok((_, Stored::NotCached | Stored::Failed(_))) => Some(LockNote::NotCached),
                 _ => None,
             };
             let release: BoxFuture<'_, ()> = match note {
@@ -766,7 +766,7 @@ impl<C: Codec> Inner<C> {
                 } else {
                     self.settle_write(key, fill, &write, eff);
                 }
-                Stored::NotCached
+                Stored::Failed(e)
             }
         };
         Ok(((Some(object), ValueSource::Loader), stored))
@@ -795,7 +795,7 @@ impl Began {
 }
 
 /// Whether a load's answer reached L2, where the lock's waiters look.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Stored {
     Cached,
     NotCached,
@@ -804,6 +804,9 @@ pub(crate) enum Stored {
     /// caller's answer, as a read in the right epoch would have found it
     /// (`Inner::answer_missed`); the lock's waiters find it in L2.
     Missed(ncm_cache_core::Bytes, Ticket),
+    /// Not stored: the L2 write failed (the value kept in L1, served). Treated as
+    /// [`Stored::NotCached`] but by `set_loaded`, whose caller learns the error.
+    Failed(CacheError),
 }
 
 fn source_name(source: ValueSource) -> &'static str {

@@ -2398,3 +2398,82 @@ async fn a_load_outliving_the_token_recheck_without_a_clear_is_stored() {
     assert_eq!(in_l2(&heard, "j").await, Some(4));
     assert_eq!(late.get_stats().loads_not_cached, 0);
 }
+
+/// A replacing load's store through `as_backend().set_loaded` (a plain mark: a forced load, a
+/// load after a failed read) whose L2 write fails: its caller learns the error (a fail-closed
+/// read-through fails, a loader counts it) while the value stays in L1 for fail-safe; with
+/// `skip_l2_write` it is a local write, stored (found by review of this stop's change, which
+/// answered `Ok(false)` in both cases).
+#[tokio::test]
+async fn a_replacing_load_store_that_fails_in_l2_is_an_error_and_stays_in_l1() {
+    use ncm_cache_core::{Bytes, CacheBackend as _};
+    let (slow, cache) = slow_cache();
+    let backend = cache.as_backend();
+    let mark = backend.load_mark("k");
+    slow.mode(Mode::Unavailable);
+    let stored = backend
+        .set_loaded("k", Bytes::from_static(b"v"), None, mark)
+        .await;
+    assert!(
+        stored.is_err(),
+        "the failed store was not reported: {stored:?}"
+    );
+    let l1_only = ncm_cache_multilevel::EntryOptions::new().skip_l2_read();
+    let held = cache
+        .as_backend_with(&l1_only)
+        .unwrap()
+        .get("k")
+        .await
+        .unwrap();
+    assert_eq!(held.as_deref(), Some(&b"v"[..]), "the loaded value left L1");
+    slow.mode(Mode::Pass);
+    let local = cache
+        .as_backend_with(&ncm_cache_multilevel::EntryOptions::new().skip_l2_write())
+        .unwrap();
+    let mark = local.load_mark("j");
+    assert!(
+        local
+            .set_loaded("j", Bytes::from_static(b"w"), None, mark)
+            .await
+            .unwrap(),
+        "a local load's store is stored"
+    );
+}
+
+/// `set_many` through `as_backend()` writes every key also after one failed, so a failed
+/// batch leaves no key behind in L1 with its older value (a `SqlCache` invalidation of several
+/// tables during an outage: the first failure stopped the batch, and the other tables' token
+/// copies kept validating results from before the write; found by review).
+#[tokio::test]
+async fn a_failed_backend_batch_write_evicts_every_key() {
+    use ncm_cache_core::{Bytes, CacheBackend as _};
+    let (slow, cache) = slow_cache();
+    let backend = cache.as_backend();
+    for k in ["a", "b"] {
+        backend
+            .set(k, Bytes::from_static(b"old"), None)
+            .await
+            .unwrap();
+    }
+    slow.mode(Mode::Unavailable);
+    let written = backend
+        .set_many(
+            &[
+                ("a", Bytes::from_static(b"new")),
+                ("b", Bytes::from_static(b"new")),
+            ],
+            None,
+        )
+        .await;
+    assert!(written.is_err());
+    let l1_only = cache
+        .as_backend_with(&ncm_cache_multilevel::EntryOptions::new().skip_l2_read())
+        .unwrap();
+    for k in ["a", "b"] {
+        assert_eq!(
+            l1_only.get(k).await.unwrap(),
+            None,
+            "{k} kept its older value"
+        );
+    }
+}

@@ -64,6 +64,9 @@ struct Found {
     /// tokens (`CacheBackend::get_many_for_load`): the result they make, valid under those
     /// tokens, served only if the database fails too (or, `CacheOnly`, as the cache's answer).
     stale: Option<Arc<Rows>>,
+    /// The copied tokens (same case), naming the query's single-flight: concurrent callers
+    /// during an L2 outage share one query instead of each asking the database.
+    copied: Option<String>,
 }
 
 impl<C: Codec> SqlCache<C> {
@@ -106,7 +109,17 @@ impl<C: Codec> SqlCache<C> {
                 if let Some(rows) = found.rows {
                     return Ok(Some(rows));
                 }
-                match self.load(&key, analysis, values, ttl, found.tokens).await {
+                match self
+                    .load(
+                        &key,
+                        analysis,
+                        values,
+                        ttl,
+                        found.tokens,
+                        found.copied.as_deref(),
+                    )
+                    .await
+                {
                     Ok(rows) => Ok(Some(rows)),
                     Err(err) => match found.stale {
                         Some(stale) => Ok(Some(self.serve_stale(analysis, &err, stale))),
@@ -116,7 +129,17 @@ impl<C: Codec> SqlCache<C> {
             }
             QueryCacheStrategy::DbFirst => {
                 let found = self.lookup_quiet(&key, analysis).await;
-                match self.load(&key, analysis, values, ttl, found.tokens).await {
+                match self
+                    .load(
+                        &key,
+                        analysis,
+                        values,
+                        ttl,
+                        found.tokens,
+                        found.copied.as_deref(),
+                    )
+                    .await
+                {
                     Ok(rows) => Ok(Some(rows)),
                     Err(err) => match found.rows.or(found.stale) {
                         Some(cached) => Ok(Some(self.serve_stale(analysis, &err, cached))),
@@ -195,6 +218,7 @@ impl<C: Codec> SqlCache<C> {
                     tokens: None,
                     error: Some(err),
                     stale: None,
+                    copied: None,
                 };
             }
         };
@@ -220,11 +244,21 @@ impl<C: Codec> SqlCache<C> {
                 .and_then(|bytes| inner.cache.decode_for::<Stored>(key, &bytes).ok())
                 .filter(|stored| current(&stored.g, &tokens))
                 .map(|stored| Arc::new(stored.r));
+            let copied = tokens
+                .iter()
+                .map(|t| {
+                    t.as_deref()
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join(",");
             return Found {
                 rows: None,
                 tokens: None,
                 error: Some(err),
                 stale,
+                copied: Some(copied),
             };
         }
         let rows = match entry {
@@ -263,6 +297,7 @@ impl<C: Codec> SqlCache<C> {
             tokens: Some(tokens),
             error: None,
             stale: None,
+            copied: None,
         }
     }
 
@@ -284,6 +319,7 @@ impl<C: Codec> SqlCache<C> {
         values: Vec<SqlValue>,
         ttl: Duration,
         tokens: Option<Vec<Option<Bytes>>>,
+        copied: Option<&str>,
     ) -> Result<Arc<Rows>> {
         let tokens = match tokens {
             Some(tokens) => self.ensure_tokens(analysis, tokens).await,
@@ -294,6 +330,19 @@ impl<C: Codec> SqlCache<C> {
         // cache is unreachable) nobody can tell: no sharing.
         let Some(tokens) = tokens else {
             self.inner().stats.uncached("cache unreachable".into());
+            // Unless a fail-safe backend kept copies of the tokens: callers that saw the same
+            // copies share one query (a write here during the outage fails and evicts its
+            // copies, so no caller after it sees them); the result is not stored.
+            if let Some(copied) = copied {
+                let flight = format!("{key}#copied#{copied}");
+                return self
+                    .inner()
+                    .flights
+                    .run(flight, || async move {
+                        self.fetch(analysis, &values).await.map(Arc::new)
+                    })
+                    .await;
+            }
             return self.fetch(analysis, &values).await.map(Arc::new);
         };
         let flight = format!("{key}#{}", tokens.join(","));
