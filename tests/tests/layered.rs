@@ -1526,6 +1526,22 @@ async fn concurrent_callers_of_a_cold_key_share_one_load_over_a_multilevel_cache
     assert_eq!(calls.load(Ordering::SeqCst), 1, "CacheLoader");
 }
 
+/// L1 (300 ms) + Redis L2 with fail-safe (1 h), short Redis timeouts: the fail-safe rig.
+async fn fail_safe_instance(server: &RedisServer, prefix: &str) -> MultiLevelCache {
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = prefix.into();
+    c.health_check_interval = None;
+    c.connect_timeout = Duration::from_millis(300);
+    c.response_timeout = Duration::from_millis(300);
+    let redis = RedisCache::connect(c).await.unwrap();
+    MultiLevelCache::builder(redis.backend())
+        .name("fail-safe")
+        .l1_default_ttl(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
 /// The README's setup with fail-safe: L1 (300 ms) + Redis L2, fail-safe 1 h. Redis dies; a
 /// loader, a macro-style `CacheLoader` load, a `CacheReloader` read, `Cache::read_through` and
 /// `CacheStrategies::read_through` whose key has only a stale L1 copy left run their load (the
@@ -1537,18 +1553,7 @@ async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
     use ncm_cache::ReloadStrategy;
     use ncm_cache::loader::CacheReloader;
     let mut server = RedisServer::start().unwrap();
-    let mut c = RedisConfig::from_url(&server.url()).unwrap();
-    c.key_prefix = "fs:".into();
-    c.health_check_interval = None;
-    c.connect_timeout = Duration::from_millis(300);
-    c.response_timeout = Duration::from_millis(300);
-    let redis = RedisCache::connect(c).await.unwrap();
-    let multi = MultiLevelCache::builder(redis.backend())
-        .name("fail-safe")
-        .l1_default_ttl(Duration::from_millis(300))
-        .fail_safe(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let multi = fail_safe_instance(&server, "fs:").await;
     let cache = Cache::new(multi.as_backend(), Serializer::default());
     // The source: "v1" now, then down, then "v2".
     let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
@@ -1647,18 +1652,7 @@ async fn sql_over_a_fail_safe_cache_asks_the_database_while_redis_is_down() {
     let mut server = RedisServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("app.db").display());
-    let mut c = RedisConfig::from_url(&server.url()).unwrap();
-    c.key_prefix = "sqlfs:".into();
-    c.health_check_interval = None;
-    c.connect_timeout = Duration::from_millis(300);
-    c.response_timeout = Duration::from_millis(300);
-    let redis = RedisCache::connect(c).await.unwrap();
-    let multi = MultiLevelCache::builder(redis.backend())
-        .name("sql-fail-safe")
-        .l1_default_ttl(Duration::from_millis(300))
-        .fail_safe(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let multi = fail_safe_instance(&server, "sqlfs:").await;
     let sql = SqlCache::builder(
         Cache::new(multi.as_backend(), Serializer::default()),
         SqliteExecutor::connect(&url).await.unwrap(),
