@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::CircuitBreaker;
 use crate::builder::{MultiLevelBuilder, Options};
-use crate::epoch::Placed;
+use crate::epoch::{Placed, Store};
 use crate::l1::{Hits, L1Value, Validator};
 use crate::options::{Eff, EntryOptions, LoadContext, Loaded};
 use crate::stats::{Counters, MultiLevelStats};
@@ -943,15 +943,12 @@ impl<C: Codec> MultiLevelCache<C> {
             // here.
             let each = batch.iter().map(|(k, v)| {
                 let (inner, v) = (&self.inner, v.clone());
-                let only_if_absent = absent.contains(k);
-                async move {
-                    let placed = if only_if_absent {
-                        inner.place_if_absent(k, v, ttl, epoch_since).await?
-                    } else {
-                        inner.place(k, v, ttl, epoch_since).await?
-                    };
-                    Ok(placed == Placed::Stored)
-                }
+                let how = if absent.contains(k) {
+                    Store::IfAbsent
+                } else {
+                    Store::Replace
+                };
+                async move { Ok(inner.place(k, v, ttl, how, epoch_since).await? == Placed::Stored) }
             });
             let written = self
                 .inner
@@ -1709,39 +1706,33 @@ impl<C: Codec> Inner<C> {
         Ok(())
     }
 
-    /// A load's L2 store after a miss: only if the key is absent (in the current epoch, with
-    /// `epoch_clear`: see `EpochBackend::place_if_absent`).
+    /// A load's L2 store, only if the key is absent or replacing (`how`), in the current epoch
+    /// with `epoch_clear` and never made again in a new one (see `EpochBackend::place`).
     /// `since`: [`epoch_changes`](Self::epoch_changes) when the load began.
-    pub(crate) async fn place_if_absent(
-        &self,
-        key: &str,
-        bytes: ncm_cache_core::Bytes,
-        ttl: Option<Duration>,
-        since: Option<u64>,
-    ) -> Result<Placed> {
-        if let Some(epoch) = &self.epoch {
-            return epoch.place_if_absent(key, bytes, ttl, since).await;
-        }
-        Ok(if self.l2.set_if_absent(key, bytes, ttl).await? {
-            Placed::Stored
-        } else {
-            Placed::Refused
-        })
-    }
-
-    /// A load's store that replaces what L2 holds (an eager refresh): a plain write, never
-    /// made again in a new epoch (see `EpochBackend::place`).
     pub(crate) async fn place(
         &self,
         key: &str,
         bytes: ncm_cache_core::Bytes,
         ttl: Option<Duration>,
+        how: Store,
         since: Option<u64>,
     ) -> Result<Placed> {
         if let Some(epoch) = &self.epoch {
-            return epoch.place(key, bytes, ttl, since).await;
+            return epoch.place(key, bytes, ttl, how, since).await;
         }
-        self.l2.set(key, bytes, ttl).await.map(|()| Placed::Stored)
+        Ok(match how {
+            Store::IfAbsent => {
+                if self.l2.set_if_absent(key, bytes, ttl).await? {
+                    Placed::Stored
+                } else {
+                    Placed::Refused
+                }
+            }
+            Store::Replace => {
+                self.l2.set(key, bytes, ttl).await?;
+                Placed::Stored
+            }
+        })
     }
 
     /// With `epoch_clear`, how many times the epoch token in use changed: taken when a load
@@ -1780,7 +1771,7 @@ impl<C: Codec> Inner<C> {
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
-            .l2_call("set", self.place_if_absent(key, bytes, ttl, None))
+            .l2_call("set", self.place(key, bytes, ttl, Store::IfAbsent, None))
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();
@@ -1866,7 +1857,7 @@ impl<C: Codec> Inner<C> {
     }
 
     /// After a clear: with `epoch_clear` a load's store cannot land in the new epoch (see
-    /// `EpochBackend::place_if_absent`), so nothing is checked; without, every load stored
+    /// `EpochBackend::place`), so nothing is checked; without, every load stored
     /// here within the window is (as the clear's own `SCAN`, this grows with the work).
     pub(crate) async fn recheck_loads_after_clear(&self) {
         if self.epoch.is_some() {

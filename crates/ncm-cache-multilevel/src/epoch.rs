@@ -295,8 +295,7 @@ impl EpochBackend {
     }
 
     /// How many times the kept token changed: taken when a load begins (before its loader
-    /// reads the source) and given to its store ([`place`](Self::place),
-    /// [`place_if_absent`](Self::place_if_absent)).
+    /// reads the source) and given to its store ([`place`](Self::place)).
     pub(crate) fn changes(&self) -> u64 {
         self.core
             .state
@@ -411,24 +410,29 @@ impl EpochBackend {
         again
     }
 
-    /// A load's store after a miss: written only if absent in the epoch kept now, then the
-    /// epoch checked as for any write. If a clear this instance had not heard of moved it, the
-    /// value is not made again under the new token (the load may have read its source before
-    /// that clear): [`Placed::Moved`], and the token forgotten. The load's read may also have
-    /// looked in the old epoch after the clear (a false absence): the caller reads the new
-    /// epoch (a multi-level `get_or_load` answers with what it holds). What landed in the old
-    /// epoch is read by nobody. A clear this instance learned of earlier in the load is the
-    /// caller's to catch (a multi-level cache's versions: a clear heard bumps them all).
+    /// A load's store: written under the kept token — only if absent there
+    /// ([`Store::IfAbsent`], a load after a miss) or replacing ([`Store::Replace`], an eager
+    /// refresh or any load not after a miss) — then the epoch checked as for any write. If a
+    /// clear this instance had not heard of moved it, the value is not made again under the
+    /// new token, as a caller's `set` is (the load may have read its source before that
+    /// clear): [`Placed::Moved`], and the token forgotten. Before, such a refresh was written
+    /// into the new epoch, where every instance read a value loaded before the clear (found by
+    /// review). The load's read may also have looked in the old epoch after the clear (a false
+    /// absence): the caller reads the new epoch (a multi-level `get_or_load` answers with what
+    /// it holds). What landed in the old epoch is read by nobody. A clear this instance learned
+    /// of earlier in the load is the caller's to catch (a multi-level cache's versions: a
+    /// clear heard bumps them all).
     ///
     /// `since`: the token's change count when the load began ([`changes`](Self::changes)).
     /// A token that moved since (read again after its re-check interval, say: a load longer
     /// than that) may come from a clear after the load's source read: not written
     /// ([`Placed::Moved`]). Before, such a store went into the new epoch (found by review).
-    pub(crate) async fn place_if_absent(
+    pub(crate) async fn place(
         &self,
         key: &str,
         value: Bytes,
         ttl: Option<Duration>,
+        how: Store,
         since: Option<u64>,
     ) -> Result<Placed> {
         ncm_cache_core::validate_key(key, usize::MAX)?;
@@ -436,13 +440,15 @@ impl EpochBackend {
         if self.moved_since(since) {
             return Ok(Placed::Moved);
         }
-        if !self
-            .core
-            .inner
-            .set_if_absent(&format!("@{token}:{key}"), value, ttl)
-            .await?
-        {
-            return Ok(Placed::Refused);
+        let full = format!("@{token}:{key}");
+        let inner = &self.core.inner;
+        match how {
+            Store::IfAbsent => {
+                if !inner.set_if_absent(&full, value, ttl).await? {
+                    return Ok(Placed::Refused);
+                }
+            }
+            Store::Replace => inner.set(&full, value, ttl).await?,
         }
         self.placed_under(&token).await
     }
@@ -455,33 +461,6 @@ impl EpochBackend {
         }
         self.forget();
         Ok(Placed::Moved)
-    }
-
-    /// A load's store that replaces (an eager refresh, or any load not after a miss): written
-    /// under the kept token, then the epoch checked as for any write — but when a clear this
-    /// instance had not heard of moved it, not made again under the new token (the load may
-    /// have read its source before that clear; a caller's `set` is made again, a load's value
-    /// is not): [`Placed::Moved`], and the token forgotten. Before, such a refresh was written
-    /// into the new epoch, where every instance read a value loaded before the clear (found by
-    /// review). What landed in the old epoch is read by nobody.
-    /// `since` as for [`place_if_absent`](Self::place_if_absent).
-    pub(crate) async fn place(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl: Option<Duration>,
-        since: Option<u64>,
-    ) -> Result<Placed> {
-        ncm_cache_core::validate_key(key, usize::MAX)?;
-        let token = self.token().await?;
-        if self.moved_since(since) {
-            return Ok(Placed::Moved);
-        }
-        self.core
-            .inner
-            .set(&format!("@{token}:{key}"), value, ttl)
-            .await?;
-        self.placed_under(&token).await
     }
 
     /// Starts a new epoch: everything written before is no longer read. One write.
@@ -523,15 +502,25 @@ impl EpochBackend {
     }
 }
 
-/// What a load's store "only if absent" did ([`EpochBackend::place_if_absent`]).
+/// How a load's value is stored ([`EpochBackend::place`], `Inner::place`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Store {
+    /// Only if the key is absent (`SET NX`): a load after a miss.
+    IfAbsent,
+    /// Replacing what is there: an eager refresh, a load after an unreadable or failed read.
+    Replace,
+}
+
+/// What a load's store did ([`EpochBackend::place`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placed {
-    /// Written: the key was absent.
+    /// Written (only if absent: the key was absent).
     Stored,
-    /// Not written: the key was there (written since the load's read).
+    /// Only if absent: not written, the key was there (written since the load's read).
     Refused,
-    /// Not kept: written in an epoch a clear had already left; the new one may hold the key,
-    /// which the load's read (in the old epoch) may have missed.
+    /// Not kept: written in an epoch a clear had already left, or not written because the
+    /// epoch moved since the load began; the new one may hold the key, which the load's read
+    /// (in the old epoch) may have missed.
     Moved,
 }
 
@@ -597,10 +586,10 @@ impl CacheBackend for EpochBackend {
             .await
             .map(drop)
     }
-    /// A load's store (see `CacheBackend::set_loaded`): [`EpochBackend::place_if_absent`].
+    /// A load's store (see `CacheBackend::set_loaded`): [`EpochBackend::place`], only if absent.
     async fn set_if_absent(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<bool> {
         Ok(matches!(
-            self.place_if_absent(key, value, ttl, None).await?,
+            self.place(key, value, ttl, Store::IfAbsent, None).await?,
             Placed::Stored
         ))
     }
@@ -810,7 +799,10 @@ mod tests {
         assert!(e.set_if_absent("k", v(b"v"), None).await.unwrap());
         let first_j = in_epoch(&mem, "c", "j").await;
         // Not written over an existing value.
-        let refused = e.place_if_absent("k", v(b"w"), None, None).await.unwrap();
+        let refused = e
+            .place("k", v(b"w"), None, Store::IfAbsent, None)
+            .await
+            .unwrap();
         assert_eq!(refused, Placed::Refused);
         other.clear_pattern("*").await.unwrap();
         // `e` still holds the old token: the write lands in the old epoch, then the check.
@@ -822,7 +814,10 @@ mod tests {
         assert!(e.get("m").await.unwrap().is_none());
         other.clear_pattern("*").await.unwrap();
         other.set("m", v(b"new"), None).await.unwrap();
-        let moved = e.place_if_absent("m", v(b"old"), None, None).await.unwrap();
+        let moved = e
+            .place("m", v(b"old"), None, Store::IfAbsent, None)
+            .await
+            .unwrap();
         assert_eq!(moved, Placed::Moved);
         assert_eq!(other.get("m").await.unwrap().as_deref(), Some(&b"new"[..]));
     }

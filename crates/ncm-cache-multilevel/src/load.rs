@@ -691,11 +691,13 @@ impl<C: Codec> Inner<C> {
             crate::cache::Unannounced::new(self, key, Some(write)).announce(eff.announce());
         let written = if !eff.write_l2() {
             Ok(Placed::Stored)
-        } else if after_miss {
-            self.l2_call("set", self.place_if_absent(key, bytes, ttl, epoch_since))
-                .await
         } else {
-            self.l2_call("set", self.place(key, bytes, ttl, epoch_since))
+            let how = if after_miss {
+                crate::epoch::Store::IfAbsent
+            } else {
+                crate::epoch::Store::Replace
+            };
+            self.l2_call("set", self.place(key, bytes, ttl, how, epoch_since))
                 .await
         };
         guard.disarm();

@@ -104,44 +104,27 @@ impl<C: Codec> SqlCache<C> {
             return rows.map(|r| Some(Arc::new(r)));
         };
         match strategy {
-            QueryCacheStrategy::CacheFirst => {
-                let found = self.lookup(&key, analysis).await;
-                if let Some(rows) = found.rows {
+            QueryCacheStrategy::CacheFirst | QueryCacheStrategy::DbFirst => {
+                let cache_first = strategy == QueryCacheStrategy::CacheFirst;
+                // `DbFirst` reads the cache only for its tokens and as a fallback: uncounted.
+                let found = if cache_first {
+                    self.lookup(&key, analysis).await
+                } else {
+                    self.lookup_quiet(&key, analysis).await
+                };
+                if cache_first && let Some(rows) = found.rows {
                     return Ok(Some(rows));
                 }
+                // Served when the database fails: `DbFirst`'s cached result, or a fail-safe
+                // backend's copy.
+                let fallback = found.rows.or(found.stale);
+                let copied = found.copied.as_deref();
                 match self
-                    .load(
-                        &key,
-                        analysis,
-                        values,
-                        ttl,
-                        found.tokens,
-                        found.copied.as_deref(),
-                    )
+                    .load(&key, analysis, values, ttl, found.tokens, copied)
                     .await
                 {
                     Ok(rows) => Ok(Some(rows)),
-                    Err(err) => match found.stale {
-                        Some(stale) => Ok(Some(self.serve_stale(analysis, &err, stale))),
-                        None => Err(err),
-                    },
-                }
-            }
-            QueryCacheStrategy::DbFirst => {
-                let found = self.lookup_quiet(&key, analysis).await;
-                match self
-                    .load(
-                        &key,
-                        analysis,
-                        values,
-                        ttl,
-                        found.tokens,
-                        found.copied.as_deref(),
-                    )
-                    .await
-                {
-                    Ok(rows) => Ok(Some(rows)),
-                    Err(err) => match found.rows.or(found.stale) {
+                    Err(err) => match fallback {
                         Some(cached) => Ok(Some(self.serve_stale(analysis, &err, cached))),
                         None => Err(err),
                     },
