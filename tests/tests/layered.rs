@@ -1738,3 +1738,53 @@ async fn sql_over_a_fail_safe_cache_asks_the_database_while_redis_is_down() {
         "the stale copy was not served when the database failed"
     );
 }
+
+/// Over a multi-level cache with the distributed lock (`over_redis`), a `CacheLoader` whose
+/// load fails releases the key's lock at once: a caller on another instance that waited for
+/// it takes it and loads right away, not after the lock's TTL (10 s) or wait (15 s). (The
+/// cross-process case of one load for many callers: `load_processes.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_over_the_lock_lets_another_instance_load_at_once() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let locked = || {
+        MultiLevelCache::over_redis(&redis)
+            .name("locked")
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (locked(), locked());
+    let la = CacheLoader::new(Cache::new(a.as_backend(), Serializer::default()));
+    let lb = CacheLoader::new(Cache::new(b.as_backend(), Serializer::default()));
+    la.register_loader(
+        "item",
+        |_: String| async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Err::<String, _>(std::io::Error::other("the source is down"))
+        },
+        Duration::from_secs(60),
+        CacheStrategy::CacheAside,
+    )
+    .unwrap();
+    lb.register_loader(
+        "item",
+        |k: String| async move { Ok::<_, std::io::Error>(format!("b:{k}")) },
+        Duration::from_secs(60),
+        CacheStrategy::CacheAside,
+    )
+    .unwrap();
+    let first = tokio::spawn(async move { la.load::<String, String>("item", "k".into()).await });
+    // A holds the lock by now; B waits for it.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let start = Instant::now();
+    let got = lb.load::<String, String>("item", "k".into()).await.unwrap();
+    assert_eq!(got, "b:k");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "B waited {:?} for a failed load's lock",
+        start.elapsed()
+    );
+    assert!(first.await.unwrap().is_err());
+}

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ncm_cache_core::{
-    CacheError, CacheFailure, CacheStrategy, Codec, Expiry, Found, LoadRead, Operation,
+    CacheError, CacheFailure, CacheStrategy, Codec, Expiry, Found, LoadEnd, LoadPermit, LoadRead,
+    LoadTurn, Operation,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -164,7 +165,7 @@ impl<C: Codec> CacheLoader<C> {
         let mut rounds = if call.force { 2 } else { 1 };
         let (shared, ran) = loop {
             rounds -= 1;
-            let (body, slot) = (&mut body, &mut slot);
+            let (body, slot, has_stale) = (&mut body, &mut slot, stale.is_some());
             // Named by the key's mark now: a caller after an invalidation or write of the key
             // does not join a load begun before it (whose source read may be older). Forced
             // calls (`refresh`, warming) fly apart from lazy ones, as `CacheReloader`'s do: a
@@ -182,6 +183,9 @@ impl<C: Codec> CacheLoader<C> {
                 .run_with_role(flight, || async move {
                     // Whether the load replaces what is there (see `run_body`).
                     let mut replace = call.force;
+                    // The key's turn across processes (a multi-level cache's stampede lock),
+                    // taken after a miss and held until the value is stored.
+                    let mut permit = LoadPermit::free();
                     if !call.force {
                         // Double check: a flight that landed just before this one was started
                         // has already written the value.
@@ -199,12 +203,23 @@ impl<C: Codec> CacheLoader<C> {
                             {
                                 return Ok(Some(bytes));
                             }
-                            Ok(None) => {}
+                            Ok(None) => {
+                                // Another process may be loading it: wait for its value.
+                                let backend = self.inner.cache.backend();
+                                match backend.begin_load(call.key, has_stale).await? {
+                                    LoadTurn::Found(bytes) => return Ok(Some(bytes)),
+                                    LoadTurn::Load(turn) => permit = turn,
+                                    // Its load found nothing: the waiters' answer when their
+                                    // mode has one, else they run their own call.
+                                    _ => return Ok(None),
+                                }
+                            }
                             Ok(Some(_)) | Err(()) => replace = true,
                         }
                     }
-                    let (output, bytes, failed) =
-                        self.run_body::<M, R>(counters, call, body, replace).await;
+                    let (output, bytes, failed) = self
+                        .run_body::<M, R>(counters, call, body, replace, permit)
+                        .await;
                     let shared = match (&bytes, failed) {
                         (_, true) => Err(M::flight_error(&output)),
                         (bytes, false) => Ok(bytes.clone()),
@@ -217,10 +232,10 @@ impl<C: Codec> CacheLoader<C> {
                 break landed;
             }
         };
-        let load_failed = if ran {
-            slot.as_ref().is_some_and(|(_, failed)| *failed)
-        } else {
-            shared.is_err()
+        // (A leader without output gave up waiting for another process's load: failed.)
+        let load_failed = match &slot {
+            Some((_, failed)) if ran => *failed,
+            _ => shared.is_err(),
         };
         if load_failed
             && let Some(value) = self
@@ -268,7 +283,7 @@ impl<C: Codec> CacheLoader<C> {
         // The shared load cannot hand this caller a value of its type (its error is not
         // shareable, or the value did not decode): run this caller's own body.
         let (output, _, failed) = self
-            .run_body::<M, R>(counters, call, body, call.force)
+            .run_body::<M, R>(counters, call, body, call.force, LoadPermit::free())
             .await;
         counters.miss();
         if failed {
@@ -281,13 +296,15 @@ impl<C: Codec> CacheLoader<C> {
     /// encoded stored value (shared with waiters) and whether the output is a failure.
     /// `replace`: the load replaces what the cache holds (warming, refresh, an entry this
     /// build cannot read); otherwise it followed a miss and is stored only while the key is
-    /// still absent.
+    /// still absent. `permit`: the key's turn across processes, ended once the value is
+    /// stored (or not).
     async fn run_body<M, R>(
         &self,
         counters: &Arc<LoaderCounters>,
         call: Call<'_>,
         body: impl Future<Output = R>,
         replace: bool,
+        permit: LoadPermit,
     ) -> (R, Option<Bytes>, bool)
     where
         M: Mode<R>,
@@ -310,8 +327,14 @@ impl<C: Codec> CacheLoader<C> {
                 // not be `Sync`).
                 let bytes = self.encode(counters, call, &value);
                 let written = match &bytes {
-                    Some(bytes) => self.write(counters, call, bytes.clone(), mark).await,
-                    None => Ok(()),
+                    Some(bytes) => {
+                        self.write(counters, call, bytes.clone(), mark, permit)
+                            .await
+                    }
+                    None => {
+                        permit.end(LoadEnd::NotStored).await;
+                        Ok(())
+                    }
                 };
                 // Fail-closed (ReadThrough): a value the cache did not take is not returned,
                 // when the output can carry the cache's error.
@@ -320,8 +343,14 @@ impl<C: Codec> CacheLoader<C> {
                     _ => (M::join(value), bytes, false),
                 }
             }
-            Split::Empty(output) => (output, None, false),
-            Split::Fail(output) => (output, None, true),
+            Split::Empty(output) => {
+                permit.end(LoadEnd::NotStored).await;
+                (output, None, false)
+            }
+            Split::Fail(output) => {
+                permit.end(LoadEnd::Failed).await;
+                (output, None, true)
+            }
         };
         counters.load(elapsed, !failed);
         if self.inner.enable_logging {
@@ -355,22 +384,26 @@ impl<C: Codec> CacheLoader<C> {
     }
 
     /// Writes an encoded value according to the strategy (see [`Call::on_failure`]); failures
-    /// are counted and logged, and returned under fail-closed.
+    /// are counted and logged, and returned under fail-closed. `permit` ends once the write
+    /// is done (with write-behind, in the background after it).
     async fn write(
         &self,
         counters: &Arc<LoaderCounters>,
         call: Call<'_>,
         bytes: Bytes,
         mark: Option<ncm_cache_core::LoadMark>,
+        permit: LoadPermit,
     ) -> Result<(), CacheError> {
         let cache = &self.inner.cache;
         if call.strategy == CacheStrategy::WriteAround {
+            permit.end(LoadEnd::NotStored).await;
             return Ok(());
         }
         let ttl = call.ttl.unwrap_or(self.inner.default_ttl);
         let ttl = match cache.ttl_policy().resolve(Expiry::After(ttl)) {
             Ok(ttl) => ttl,
             Err(e) => {
+                permit.end(LoadEnd::NotStored).await;
                 counters.cache_error(Operation::Set);
                 self.log_cache_error(call, Operation::Set, &e);
                 return Err(e);
@@ -385,7 +418,9 @@ impl<C: Codec> CacheLoader<C> {
                 let (key, value, counters) = (call.key.to_owned(), bytes, Arc::clone(counters));
                 let (name, logging) = (call.name.to_owned(), self.inner.enable_logging);
                 runtime.spawn(async move {
-                    if let Err(e) = backend.set_loaded(&key, value, ttl, mark).await {
+                    let stored = backend.set_loaded(&key, value, ttl, mark).await;
+                    permit.end(stored_end(&stored)).await;
+                    if let Err(e) = stored {
                         counters.cache_error(Operation::Set);
                         if logging {
                             tracing::warn!(loader = %name, %key, error = %e, "write-behind failed");
@@ -394,7 +429,9 @@ impl<C: Codec> CacheLoader<C> {
                 });
             }
             _ => {
-                if let Err(e) = backend.set_loaded(call.key, bytes, ttl, mark).await {
+                let stored = backend.set_loaded(call.key, bytes, ttl, mark).await;
+                permit.end(stored_end(&stored)).await;
+                if let Err(e) = stored {
                     counters.cache_error(Operation::Set);
                     return call.on_failure().apply(call.key, "set", e);
                 }
@@ -461,5 +498,13 @@ impl<C: Codec> CacheLoader<C> {
                 "cache unavailable, going on without it"
             );
         }
+    }
+}
+
+/// How a load's store ended, for the processes waiting for its turn.
+fn stored_end(stored: &Result<bool, CacheError>) -> LoadEnd {
+    match stored {
+        Ok(true) => LoadEnd::Stored,
+        _ => LoadEnd::NotStored,
     }
 }

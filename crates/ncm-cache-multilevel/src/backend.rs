@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ncm_cache_core::{
-    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, LoadRead, Result, ValueSource,
-    async_trait,
+    Bytes, CacheBackend, CacheStats, Codec, HealthReport, KeyTtl, LoadRead, LoadTurn, Result,
+    ValueSource, async_trait,
 };
 
 use crate::cache::{Inner, L1Read, MultiLevelCache, Object};
@@ -281,6 +281,40 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     /// reloads run their load and serve it only if that fails too.
     async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
         self.0.inner.get_bytes_for_load(key, &self.1).await
+    }
+
+    /// With the distributed lock (`MultiLevelBuilder::distributed_lock`, or `with_redis`):
+    /// takes the key's load lock, or waits for its holder's value to appear in L2, as
+    /// `get_or_load` does — so a `CacheLoader`, a macro or `CacheStrategies::read_through`
+    /// running over this cache loads a key once across processes. The lock is renewed while
+    /// the permit is held. Without a lock, or when this call neither reads nor writes L2, a
+    /// free permit.
+    async fn begin_load(&self, key: &str, has_stale: bool) -> Result<LoadTurn> {
+        #[cfg(feature = "redis")]
+        {
+            let (inner, eff) = (&self.0.inner, &self.1);
+            // The caller's stale copy was checked against the max stale age by the read that
+            // handed it back; the caller checks it again before serving it.
+            let serve_until = has_stale.then_some(u64::MAX);
+            let found = || inner.found_bytes_in_l2(key, eff);
+            let wait: futures_util::future::BoxFuture<'_, _> =
+                Box::pin(inner.lock_or_wait(key, true, serve_until, eff, found));
+            Ok(match wait.await? {
+                crate::backplane::LockOutcome::Found(bytes) => LoadTurn::Found(bytes),
+                crate::backplane::LockOutcome::Absent => LoadTurn::Absent,
+                crate::backplane::LockOutcome::Proceed(Some(guard)) => {
+                    LoadTurn::Load(inner.hold_lock(guard))
+                }
+                crate::backplane::LockOutcome::Proceed(None) => {
+                    LoadTurn::Load(ncm_cache_core::LoadPermit::free())
+                }
+            })
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            let _ = (key, has_stale);
+            Ok(LoadTurn::Load(ncm_cache_core::LoadPermit::free()))
+        }
     }
 
     /// Every key written (`set`), also after one failed: a failed write evicts its key here

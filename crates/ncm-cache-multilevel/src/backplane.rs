@@ -30,8 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::{CacheError, Codec, Result, ValueSource};
+use ncm_cache_core::{CacheError, Codec, LoadEnd, Result, ValueSource};
 use ncm_cache_redis::{PubSubEvent, RedisBackend, RedisLock};
+use std::future::Future;
 
 use crate::breaker::CircuitBreaker;
 use crate::cache::{CacheValue, Fill, Found, Inner, Link, Object};
@@ -748,13 +749,21 @@ impl<C: Codec> Inner<C> {
     /// loaded just before); off for an eager refresh, which must replace what L2 holds. A
     /// waiter that gives up after `lock_wait` loads itself, or — when it has a stale value —
     /// fails with a timeout, so that fail-safe serves the stale value.
-    pub(crate) async fn lock_or_wait<T: CacheValue>(
+    ///
+    /// `found`: reads L2 for the holder's value (and fills L1 with it), as the caller holds
+    /// values (decoded, or the encoded bytes of the byte-level backend).
+    pub(crate) async fn lock_or_wait<X, R, F>(
         &self,
         key: &str,
         check_first: bool,
         serve_until: Option<u64>,
         eff: &crate::options::Eff,
-    ) -> Result<LockOutcome> {
+        found: R,
+    ) -> Result<LockOutcome<X>>
+    where
+        R: Fn() -> F,
+        F: Future<Output = Option<X>>,
+    {
         let Some(redis) = &self.lock else {
             return Ok(LockOutcome::Proceed(None));
         };
@@ -784,7 +793,7 @@ impl<C: Codec> Inner<C> {
             match taken {
                 Ok(Some(guard)) => {
                     // Someone may have loaded and released just before we got the lock.
-                    if check_first && let Some(found) = self.found_in_l2::<T>(key, eff).await {
+                    if check_first && let Some(found) = found().await {
                         let _ = guard.release().await;
                         return Ok(LockOutcome::Found(found));
                     }
@@ -796,7 +805,7 @@ impl<C: Codec> Inner<C> {
                     return Ok(LockOutcome::Proceed(None));
                 }
             }
-            if let Some(found) = self.found_in_l2::<T>(key, eff).await {
+            if let Some(found) = found().await {
                 return Ok(LockOutcome::Found(found));
             }
             // The holder found nothing: it left that in the lock (see `release_with_note`).
@@ -811,7 +820,7 @@ impl<C: Codec> Inner<C> {
                     if eff.negative_ttl.is_some() {
                         self.l1_fill(key, Fill::negative(), &first, eff);
                     }
-                    return Ok(LockOutcome::Found((None, ValueSource::L2)));
+                    return Ok(LockOutcome::Absent);
                 }
                 // The holder's answer was not cached, or the key was deleted during its load
                 // (`overrule_load`): nothing will appear in L2 to wait for.
@@ -864,7 +873,8 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    async fn found_in_l2<T: CacheValue>(
+    /// The lock holder's value in L2, decoded as `T` (L1 filled with it).
+    pub(crate) async fn found_in_l2<T: CacheValue>(
         &self,
         key: &str,
         eff: &crate::options::Eff,
@@ -879,6 +889,79 @@ impl<C: Codec> Inner<C> {
             }
             _ => None,
         }
+    }
+
+    /// The lock holder's value in L2 as the byte-level backend holds it: the encoded bytes
+    /// (L1 filled with them).
+    pub(crate) async fn found_bytes_in_l2(
+        &self,
+        key: &str,
+        eff: &crate::options::Eff,
+    ) -> Option<ncm_cache_core::Bytes> {
+        let ticket = self.versions.ticket(key);
+        match self.l2_get(key, eff).await {
+            Ok(Some(bytes)) => {
+                let size = bytes.len();
+                let fill = Fill::value(Arc::new(bytes.clone()) as Object, size, eff.l2_ttl);
+                self.l1_fill(key, fill, &ticket, eff);
+                Some(bytes)
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps a load lock for a load that runs outside this cache (`CacheLoader`,
+    /// `CacheStrategies::read_through` over the byte-level backend, through
+    /// `CacheBackend::begin_load`): renewed every third of the lock TTL until the permit ends
+    /// (released with the note its end calls for) or is dropped (released).
+    pub(crate) fn hold_lock(&self, guard: RedisLock) -> ncm_cache_core::LoadPermit {
+        let ttl = self.opts.lock_ttl;
+        let (tx, rx) =
+            tokio::sync::oneshot::channel::<(LoadEnd, tokio::sync::oneshot::Sender<()>)>();
+        tokio::spawn(async move {
+            let mut rx = std::pin::pin!(rx);
+            let mut renewing = true;
+            let ended = loop {
+                let tick = async {
+                    if renewing {
+                        tokio::time::sleep(ttl / 3).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    ended = rx.as_mut() => break ended.ok(),
+                    () = tick => match guard.extend(ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(lock = guard.key(), "stampede lock lost while loading");
+                            renewing = false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(lock = guard.key(), error = %e, "stampede lock not renewed");
+                        }
+                    },
+                }
+            };
+            let Some((how, done)) = ended else {
+                // The permit was dropped (the load panicked or was cancelled).
+                let _ = guard.release().await;
+                return;
+            };
+            let note = match how {
+                LoadEnd::Stored | LoadEnd::Failed => None,
+                _ => Some(NOT_CACHED),
+            };
+            let released = match note {
+                Some(note) => guard.release_with_note(note, NOTE_KEEP).await,
+                None => guard.release().await,
+            };
+            if let Err(e) = released {
+                tracing::debug!(error = %e, "stampede lock not released (it expires by itself)");
+            }
+            let _ = done.send(());
+        });
+        ncm_cache_core::LoadPermit::held(HeldLock(tx))
     }
 
     /// Runs `work` while renewing `guard` every third of the lock TTL, so a loader longer than
@@ -934,9 +1017,30 @@ pub(crate) enum LockNote {
 /// evicted by a delete, unlike a negative entry in L1).
 const NOTE_KEEP: Duration = Duration::from_millis(250);
 
-pub(crate) enum LockOutcome {
-    Found(Found),
+pub(crate) enum LockOutcome<X> {
+    /// The holder's value, read from L2.
+    Found(X),
+    /// The holder found nothing at the source (its note).
+    Absent,
+    /// Load: under the lock, or without it.
     Proceed(Option<RedisLock>),
+}
+
+/// A load lock kept for a load running outside this cache ([`Inner::hold_lock`]): ending it
+/// tells the renewing task to release it.
+type EndTx = tokio::sync::oneshot::Sender<(LoadEnd, tokio::sync::oneshot::Sender<()>)>;
+
+struct HeldLock(EndTx);
+
+#[ncm_cache_core::async_trait]
+impl ncm_cache_core::LoadHold for HeldLock {
+    async fn end(self: Box<Self>, how: LoadEnd) {
+        let (done, released) = tokio::sync::oneshot::channel();
+        if self.0.send((how, done)).is_ok() {
+            // Released before the caller goes on (its waiters then find the value or the note).
+            let _ = released.await;
+        }
+    }
 }
 
 #[cfg(test)]

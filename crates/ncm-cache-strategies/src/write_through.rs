@@ -5,7 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ncm_cache_core::{CacheError, Codec, DEFAULT_MAX_KEY_LEN, Expiry, Result, validate_key};
+use ncm_cache_core::{
+    CacheError, Codec, DEFAULT_MAX_KEY_LEN, Expiry, LoadEnd, LoadPermit, LoadRead, LoadTurn,
+    Result, validate_key,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -247,26 +250,59 @@ impl<C: Codec> CacheStrategies<C> {
                 // Double check: a flight of the key that stored just before this one began
                 // (its store may have moved the mark this caller took) left the value.
                 // (A fail-safe copy is not a value stored since: only a hit counts.)
-                if let Ok(ncm_cache_core::LoadRead::Hit(stored)) =
-                    self.cache.backend().get_for_load(key).await
-                    && let Ok(value) = self.cache.decode_for::<T>(key, &stored)
-                {
-                    return Ok(self.cache.codec().encode_for(&[key], &value)?);
-                }
+                let backend = self.cache.backend();
+                let permit = match backend.get_for_load(key).await {
+                    Ok(LoadRead::Hit(stored)) => match self.cache.decode_for::<T>(key, &stored) {
+                        Ok(value) => return Ok(self.cache.codec().encode_for(&[key], &value)?),
+                        Err(_) => LoadPermit::free(),
+                    },
+                    // Another process may be loading it (a multi-level cache's stampede
+                    // lock): wait for its value. (A waiter with a stale copy that gives up
+                    // fails, and the copy is served.)
+                    Ok(LoadRead::Miss) => match backend.begin_load(key, stale.is_some()).await? {
+                        LoadTurn::Found(stored) => match self.cache.decode_for::<T>(key, &stored) {
+                            Ok(value) => {
+                                return Ok(self.cache.codec().encode_for(&[key], &value)?);
+                            }
+                            Err(_) => LoadPermit::free(),
+                        },
+                        LoadTurn::Load(permit) => permit,
+                        _ => LoadPermit::free(),
+                    },
+                    _ => LoadPermit::free(),
+                };
                 // `mark` was taken before the source is read: an invalidation of the key seen
                 // meanwhile keeps the (maybe older) value out of the cache.
-                let value = loader().await.map_err(CacheError::loader)?;
+                let value = match loader().await {
+                    Ok(value) => value,
+                    Err(e) => {
+                        permit.end(LoadEnd::Failed).await;
+                        return Err(CacheError::loader(e));
+                    }
+                };
                 // Waiters share the encoded value, so it is encoded without the size cap; the
                 // cap applies to what is stored (as in `Cache::read_through_with`).
-                let bytes = self.cache.codec().encode_for(&[key], &value)?;
-                match self.cache.encode_for(key, &value) {
+                let bytes = match self.cache.codec().encode_for(&[key], &value) {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        permit.end(LoadEnd::NotStored).await;
+                        return Err(e.into());
+                    }
+                };
+                let stored = match self.cache.encode_for(key, &value) {
                     Ok(stored) => {
                         self.cache
                             .store_loaded_since(key, stored, expiry, on_failure, mark)
-                            .await?;
+                            .await
                     }
-                    Err(e) => on_failure.apply(key, "encode", e)?,
-                }
+                    Err(e) => on_failure.apply(key, "encode", e).map(|()| false),
+                };
+                let end = match stored {
+                    Ok(true) => LoadEnd::Stored,
+                    _ => LoadEnd::NotStored,
+                };
+                permit.end(end).await;
+                stored?;
                 Ok(bytes)
             })
             .await;
