@@ -351,6 +351,17 @@ impl RedisSyncCache {
         }
         let values: Vec<Option<Vec<u8>>> =
             self.run(Operation::GetMany, |c| commands::mget(&full).query(c))?;
+        // A broken proxy or hostile endpoint: never pair values with the wrong keys.
+        if values.len() != full.len() {
+            return Err(CacheError::backend(
+                format!(
+                    "MGET returned {} values for {} keys",
+                    values.len(),
+                    full.len()
+                ),
+                None,
+            ));
+        }
         let hits = values.iter().filter(|v| v.is_some()).count() as u64;
         self.inner.stats.hits(hits);
         self.inner.stats.misses(values.len() as u64 - hits);
