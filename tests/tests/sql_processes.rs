@@ -478,3 +478,69 @@ async fn a_load_stored_after_a_delete_heard_late_is_withdrawn_across_processes()
     assert_eq!(finish(c, &c_lines), "new", "a third process");
     admin(db, &drop).await;
 }
+
+/// Three service processes run one uncached query at once over `MultiLevelCache::over_redis`
+/// (`SqlCache` over `as_backend()`): one asks the database under the key's stampede lock, the
+/// others wait and take its result (stored under the same table tokens). Before, each process
+/// ran the query (3 database reads).
+async fn one_query_across_processes(db: Db, redis: Redis) {
+    let (table, drop) = setup(db).await;
+    let prefix = unique("sqlstampede");
+    // The table's tokens exist (another query of it ran), so the three read the same ones.
+    let warm = worker(
+        db,
+        &redis,
+        &prefix,
+        "multilevel",
+        &format!("SELECT v FROM {table} WHERE id = 2"),
+        0,
+    )
+    .spawn()
+    .unwrap()
+    .wait_with_output()
+    .unwrap();
+    assert!(
+        warm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&warm.stderr)
+    );
+    let query = format!("SELECT v FROM {table} WHERE id = 1");
+    let children: Vec<Child> = (0..3)
+        .map(|_| {
+            worker(db, &redis, &prefix, "multilevel", &query, 1500)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut fetched = 0;
+    let mut outputs = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fetched += stdout.lines().filter(|l| *l == "fetched").count();
+        assert!(stdout.lines().any(|l| l == "result old"), "{stdout}");
+        outputs.push(stdout);
+    }
+    admin(db, &drop).await;
+    assert_eq!(
+        fetched, 1,
+        "the database was read {fetched} times by three processes: {outputs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_query_across_processes_over_multilevel() {
+    let server = RedisServer::start().unwrap();
+    one_query_across_processes(Db::Postgres, Redis::One(Box::new(server))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_one_query_across_processes_over_multilevel_on_a_cluster() {
+    let cluster = RedisCluster::start().unwrap();
+    one_query_across_processes(Db::MariaDb, Redis::Cluster(cluster)).await;
+}

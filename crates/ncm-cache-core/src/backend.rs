@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::error::{CacheError, Result};
 use crate::stats::CacheStats;
 use crate::ttl::KeyTtl;
-use crate::turn::{LoadPermit, LoadTurn};
+use crate::turn::{Accept, LoadPermit, LoadTurn};
 
 /// The result of a health probe.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -219,18 +219,19 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
     /// Called by a load after its read found `key` absent, before it reads the source: waits
     /// for the key's turn when the backend coordinates loads across processes (a multi-level
     /// cache's stampede lock), so one process loads while the others wait and then take its
-    /// value ([`LoadTurn::Found`]). `has_stale`: the caller holds a stale copy it may serve; a
-    /// wait that gives up then fails with [`CacheError::Timeout`] (serve the copy) instead of
-    /// loading. The default coordinates nothing: [`LoadTurn::Load`] with a free permit.
+    /// value ([`LoadTurn::Found`]; only one `accept` takes, see [`Accept`]). `has_stale`: the
+    /// caller holds a stale copy it can serve; a wait that gives up while the copy may still
+    /// be served fails with [`CacheError::Timeout`] (serve the copy) instead of loading. The
+    /// default coordinates nothing: [`LoadTurn::Load`] with a free permit.
     ///
-    /// `CacheLoader` (and the macros) and `CacheStrategies::read_through` call it; a wrapper
-    /// backend must forward it.
+    /// `CacheLoader` (and the macros), `CacheStrategies::read_through` and `SqlCache` call it;
+    /// a wrapper backend must forward it.
     ///
     /// # Errors
     ///
     /// [`CacheError::Timeout`] when `has_stale` and the wait gave up.
-    async fn begin_load(&self, key: &str, has_stale: bool) -> Result<LoadTurn> {
-        let _ = (key, has_stale);
+    async fn begin_load(&self, key: &str, has_stale: bool, accept: Accept<'_>) -> Result<LoadTurn> {
+        let _ = (key, has_stale, accept);
         Ok(LoadTurn::Load(LoadPermit::free()))
     }
 
@@ -509,8 +510,8 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
         (**self).get_for_load(key).await
     }
-    async fn begin_load(&self, key: &str, has_stale: bool) -> Result<LoadTurn> {
-        (**self).begin_load(key, has_stale).await
+    async fn begin_load(&self, key: &str, has_stale: bool, accept: Accept<'_>) -> Result<LoadTurn> {
+        (**self).begin_load(key, has_stale, accept).await
     }
     async fn get_many_for_load(&self, keys: &[&str]) -> Result<Vec<LoadRead>> {
         (**self).get_many_for_load(keys).await

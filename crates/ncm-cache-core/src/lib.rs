@@ -47,7 +47,7 @@ pub use key::{
 };
 pub use stats::{CacheStats, LatencySummary, Operation, Outcome, StatsRecorder, StripedCounter};
 pub use ttl::{Expiry, KeyTtl, TtlPolicy};
-pub use turn::{LoadEnd, LoadHold, LoadPermit, LoadTurn};
+pub use turn::{Accept, LoadEnd, LoadHold, LoadPermit, LoadTurn};
 pub use types::{CacheFailure, CacheLevel, CacheStrategy, ValueSource};
 
 /// Re-exported so backend implementors use the same `async_trait` and `Bytes` as the trait.

@@ -33,9 +33,19 @@ pub enum LoadEnd {
     /// was written or invalidated meanwhile, a failed write): waiters load at once, each on
     /// its own, instead of one after the other.
     NotStored,
+    /// The load found nothing at the source (not cached): waiters answer "not found" too
+    /// ([`LoadTurn::Absent`]) when they can, instead of loading again.
+    NotFound,
     /// The load failed: the next waiter takes the turn and tries.
     Failed,
 }
+
+/// Which values found in the cache while waiting for a turn a caller takes
+/// ([`CacheBackend::begin_load`](crate::CacheBackend::begin_load)): `None`, any value; a
+/// caller whose values say what they were read under (`SqlCache`'s results carry their table
+/// tokens) passes a check, and a value it refuses (stored before the invalidation that made
+/// its read miss) is waited past as if the key were absent.
+pub type Accept<'a> = Option<&'a (dyn Fn(&Bytes) -> bool + Send + Sync)>;
 
 /// One load's turn to run (for instance a distributed lock, renewed while the load runs).
 /// [`free`](Self::free) when the backend coordinates nothing.

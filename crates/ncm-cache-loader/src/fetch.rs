@@ -163,9 +163,16 @@ impl<C: Codec> CacheLoader<C> {
         // it (its source read may predate this call), while the next one begins after it.
         // Concurrent refreshes thus share the run begun after all of them.
         let mut rounds = if call.force { 2 } else { 1 };
+        // Only a copy this caller can serve lets a wait for another process's load give up.
+        let has_stale = stale.is_some()
+            && self
+                .inner
+                .cache
+                .decode_stale::<M::Stored>(call.key, stale.as_ref())
+                .is_some();
         let (shared, ran) = loop {
             rounds -= 1;
-            let (body, slot, has_stale) = (&mut body, &mut slot, stale.is_some());
+            let (body, slot) = (&mut body, &mut slot);
             // Named by the key's mark now: a caller after an invalidation or write of the key
             // does not join a load begun before it (whose source read may be older). Forced
             // calls (`refresh`, warming) fly apart from lazy ones, as `CacheReloader`'s do: a
@@ -203,17 +210,15 @@ impl<C: Codec> CacheLoader<C> {
                             {
                                 return Ok(Some(bytes));
                             }
-                            Ok(None) => {
-                                // Another process may be loading it: wait for its value.
-                                let backend = self.inner.cache.backend();
-                                match backend.begin_load(call.key, has_stale).await? {
-                                    LoadTurn::Found(bytes) => return Ok(Some(bytes)),
-                                    LoadTurn::Load(turn) => permit = turn,
-                                    // Its load found nothing: the waiters' answer when their
-                                    // mode has one, else they run their own call.
-                                    _ => return Ok(None),
+                            Ok(None) => match self.take_turn::<M, R>(call, has_stale).await {
+                                Turn::Found(bytes) => return Ok(Some(bytes)),
+                                Turn::Absent => return Ok(None),
+                                Turn::GaveUp(e) => return Err(e),
+                                Turn::Load(turn, unreadable) => {
+                                    permit = turn;
+                                    replace = unreadable;
                                 }
-                            }
+                            },
                             Ok(Some(_)) | Err(()) => replace = true,
                         }
                     }
@@ -344,7 +349,13 @@ impl<C: Codec> CacheLoader<C> {
                 }
             }
             Split::Empty(output) => {
-                permit.end(LoadEnd::NotStored).await;
+                // Waiters elsewhere take "not found" too, when their mode answers it.
+                let end = if M::empty().is_some() {
+                    LoadEnd::NotFound
+                } else {
+                    LoadEnd::NotStored
+                };
+                permit.end(end).await;
                 (output, None, false)
             }
             Split::Fail(output) => {
@@ -363,6 +374,37 @@ impl<C: Codec> CacheLoader<C> {
             );
         }
         (output, bytes, failed)
+    }
+
+    /// After a miss: the key's turn across processes (a multi-level cache's stampede lock,
+    /// `CacheBackend::begin_load`), waiting for another process's load of it.
+    async fn take_turn<M, R>(&self, call: Call<'_>, has_stale: bool) -> Turn
+    where
+        M: Mode<R>,
+    {
+        // Nothing is stored for others to wait for.
+        if call.strategy == CacheStrategy::WriteAround {
+            return Turn::Load(LoadPermit::free(), false);
+        }
+        let cache = &self.inner.cache;
+        match cache.backend().begin_load(call.key, has_stale, None).await {
+            Ok(LoadTurn::Found(bytes))
+                if cache
+                    .decode_for::<serde::de::IgnoredAny>(call.key, &bytes)
+                    .is_ok() =>
+            {
+                Turn::Found(bytes)
+            }
+            // Stored by a build that writes what this one cannot read: load and replace it.
+            Ok(LoadTurn::Found(_)) => Turn::Load(LoadPermit::free(), true),
+            Ok(LoadTurn::Load(permit)) => Turn::Load(permit, false),
+            // Its load found nothing: the waiters' answer when their mode has one.
+            Ok(_) if M::empty().is_some() => Turn::Absent,
+            Ok(_) => Turn::Load(LoadPermit::free(), false),
+            // Gave up waiting while its stale copy may be served: the copy is the answer.
+            Err(e) if has_stale => Turn::GaveUp(e),
+            Err(_) => Turn::Load(LoadPermit::free(), false),
+        }
     }
 
     /// Encodes a loaded value (shared with waiters); `None` when it cannot be encoded.
@@ -507,4 +549,16 @@ fn stored_end(stored: &Result<bool, CacheError>) -> LoadEnd {
         Ok(true) => LoadEnd::Stored,
         _ => LoadEnd::NotStored,
     }
+}
+
+/// What a flight's turn across processes gave it ([`CacheLoader::take_turn`]).
+enum Turn {
+    /// Another process's value.
+    Found(Bytes),
+    /// Another process's load found nothing.
+    Absent,
+    /// Gave up waiting; the caller serves its stale copy.
+    GaveUp(CacheError),
+    /// Load, holding the permit; `true`: replace what the cache holds (unreadable here).
+    Load(LoadPermit, bool),
 }

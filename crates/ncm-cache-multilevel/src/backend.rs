@@ -289,14 +289,26 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     /// running over this cache loads a key once across processes. The lock is renewed while
     /// the permit is held. Without a lock, or when this call neither reads nor writes L2, a
     /// free permit.
-    async fn begin_load(&self, key: &str, has_stale: bool) -> Result<LoadTurn> {
+    async fn begin_load(
+        &self,
+        key: &str,
+        has_stale: bool,
+        accept: ncm_cache_core::Accept<'_>,
+    ) -> Result<LoadTurn> {
         #[cfg(feature = "redis")]
         {
             let (inner, eff) = (&self.0.inner, &self.1);
-            // The caller's stale copy was checked against the max stale age by the read that
-            // handed it back; the caller checks it again before serving it.
-            let serve_until = has_stale.then_some(u64::MAX);
-            let found = || inner.found_bytes_in_l2(key, eff);
+            // A waiter that gives up serves the caller's stale copy while L1's copy may still
+            // be served (fail-safe's max stale age), else it loads.
+            let serve_until = if has_stale {
+                match inner.l1_read::<Bytes>(key, eff) {
+                    Ok(crate::cache::L1Read::Stale(_, until)) => Some(until),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let found = |ticket| inner.found_bytes_in_l2(key, eff, ticket, accept);
             let wait: futures_util::future::BoxFuture<'_, _> =
                 Box::pin(inner.lock_or_wait(key, true, serve_until, eff, found));
             Ok(match wait.await? {
@@ -312,7 +324,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         }
         #[cfg(not(feature = "redis"))]
         {
-            let _ = (key, has_stale);
+            let _ = (key, has_stale, accept);
             Ok(LoadTurn::Load(ncm_cache_core::LoadPermit::free()))
         }
     }
@@ -372,9 +384,11 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         self.0.inner.delete_everywhere(key, &self.1).await
     }
 
-    /// The key's invalidation versions on this instance (as `get_or_load` takes them).
+    /// The key's invalidation versions on this instance (as `get_or_load` takes them), and
+    /// with `epoch_clear` the epoch's change count.
     fn load_mark(&self, key: &str) -> Option<ncm_cache_core::LoadMark> {
-        Some(self.0.inner.versions.ticket(key).mark())
+        let inner = &self.0.inner;
+        Some(inner.versions.ticket(key).mark(inner.epoch_changes()))
     }
 
     /// Not stored when the key was invalidated (here or, announced, elsewhere) or written on
@@ -397,7 +411,14 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             let tracked = (after_miss && eff.write_l2())
                 .then(|| crate::cache::Tracked::begin(&self.0.inner, key, &value, &eff, false));
             let versions = &self.0.inner.versions;
-            let ticket = crate::versions::Ticket::from_mark(key, mark);
+            let back = crate::versions::Ticket::from_mark(key, mark);
+            let ticket = back.map(|(ticket, _)| ticket);
+            // The epoch the load began in: its store is not made in a later one (a clear
+            // unheard here, found when the token is re-read at the store).
+            let since = back.and_then(|(_, low)| {
+                let now = self.0.inner.epoch_changes()?;
+                Some(crate::versions::epoch_since(now, low))
+            });
             let current = ticket.is_some_and(|t| versions.current(&t));
             if !current {
                 if let Some(t) = tracked {
@@ -412,7 +433,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 return self
                     .0
                     .inner
-                    .write_loaded(key, object, value, &eff, tracked)
+                    .write_loaded(key, object, value, &eff, tracked, since)
                     .await;
             }
             // A load that replaces (a refresh, a forced load, one after an unreadable or a
@@ -428,7 +449,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 let (_, stored) = self
                     .0
                     .inner
-                    .store_encoded(key, object, value, (&ticket, None), &eff, None, false)
+                    .store_encoded(key, object, value, (&ticket, since), &eff, None, false)
                     .await?;
                 return match stored {
                     crate::load::Stored::Cached => Ok(true),
@@ -448,7 +469,7 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         let eff = self.write_eff(ttl);
         self.0
             .inner
-            .write_loaded(key, object, value, &eff, None)
+            .write_loaded(key, object, value, &eff, None, None)
             .await
     }
 

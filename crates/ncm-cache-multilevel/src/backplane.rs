@@ -750,8 +750,9 @@ impl<C: Codec> Inner<C> {
     /// waiter that gives up after `lock_wait` loads itself, or — when it has a stale value —
     /// fails with a timeout, so that fail-safe serves the stale value.
     ///
-    /// `found`: reads L2 for the holder's value (and fills L1 with it), as the caller holds
-    /// values (decoded, or the encoded bytes of the byte-level backend).
+    /// `found`: reads L2 for the holder's value (and fills L1 with it, checked against the
+    /// ticket taken before the wait began), as the caller holds values (decoded, or the
+    /// encoded bytes of the byte-level backend).
     pub(crate) async fn lock_or_wait<X, R, F>(
         &self,
         key: &str,
@@ -761,7 +762,7 @@ impl<C: Codec> Inner<C> {
         found: R,
     ) -> Result<LockOutcome<X>>
     where
-        R: Fn() -> F,
+        R: Fn(crate::versions::Ticket) -> F,
         F: Future<Output = Option<X>>,
     {
         let Some(redis) = &self.lock else {
@@ -793,7 +794,7 @@ impl<C: Codec> Inner<C> {
             match taken {
                 Ok(Some(guard)) => {
                     // Someone may have loaded and released just before we got the lock.
-                    if check_first && let Some(found) = found().await {
+                    if check_first && let Some(found) = found(first).await {
                         let _ = guard.release().await;
                         return Ok(LockOutcome::Found(found));
                     }
@@ -805,7 +806,7 @@ impl<C: Codec> Inner<C> {
                     return Ok(LockOutcome::Proceed(None));
                 }
             }
-            if let Some(found) = found().await {
+            if let Some(found) = found(first).await {
                 return Ok(LockOutcome::Found(found));
             }
             // The holder found nothing: it left that in the lock (see `release_with_note`).
@@ -873,13 +874,15 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// The lock holder's value in L2, decoded as `T` (L1 filled with it).
+    /// The lock holder's value in L2, decoded as `T` (L1 filled with it unless the key was
+    /// invalidated since `ticket`, taken before the wait: a delete heard while waiting keeps a
+    /// value stored before it out of L1).
     pub(crate) async fn found_in_l2<T: CacheValue>(
         &self,
         key: &str,
         eff: &crate::options::Eff,
+        ticket: crate::versions::Ticket,
     ) -> Option<Found> {
-        let ticket = self.versions.ticket(key);
         match self.l2_read::<T>(key, eff).await {
             Ok(Some((v, size))) => {
                 let v = v as Object;
@@ -892,15 +895,17 @@ impl<C: Codec> Inner<C> {
     }
 
     /// The lock holder's value in L2 as the byte-level backend holds it: the encoded bytes
-    /// (L1 filled with them).
+    /// (L1 filled with them, as by [`found_in_l2`](Self::found_in_l2)), when `accept` takes
+    /// them.
     pub(crate) async fn found_bytes_in_l2(
         &self,
         key: &str,
         eff: &crate::options::Eff,
+        ticket: crate::versions::Ticket,
+        accept: ncm_cache_core::Accept<'_>,
     ) -> Option<ncm_cache_core::Bytes> {
-        let ticket = self.versions.ticket(key);
         match self.l2_get(key, eff).await {
-            Ok(Some(bytes)) => {
+            Ok(Some(bytes)) if accept.is_none_or(|take| take(&bytes)) => {
                 let size = bytes.len();
                 let fill = Fill::value(Arc::new(bytes.clone()) as Object, size, eff.l2_ttl);
                 self.l1_fill(key, fill, &ticket, eff);
@@ -950,6 +955,7 @@ impl<C: Codec> Inner<C> {
             };
             let note = match how {
                 LoadEnd::Stored | LoadEnd::Failed => None,
+                LoadEnd::NotFound => Some(NOT_FOUND),
                 _ => Some(NOT_CACHED),
             };
             let released = match note {

@@ -1756,6 +1756,7 @@ impl<C: Codec> Inner<C> {
         bytes: ncm_cache_core::Bytes,
         eff: &Eff,
         tracked: Option<Tracked<'_, C>>,
+        epoch_since: Option<u64>,
     ) -> Result<bool> {
         if !eff.write_l2() {
             if let Some(t) = tracked {
@@ -1771,7 +1772,10 @@ impl<C: Codec> Inner<C> {
         let ticket = self.versions.write_begin(key);
         let mut guard = Unannounced::new(self, key, Some(ticket)).announce(eff.announce());
         let written = self
-            .l2_call("set", self.place(key, bytes, ttl, Store::IfAbsent, None))
+            .l2_call(
+                "set",
+                self.place(key, bytes, ttl, Store::IfAbsent, epoch_since),
+            )
             .await
             .map(|placed| placed == Placed::Stored);
         guard.disarm();

@@ -335,9 +335,11 @@ impl<C: Codec> Inner<C> {
         #[cfg(feature = "redis")]
         let lock = {
             let wait: BoxFuture<'_, _> =
-                Box::pin(self.lock_or_wait(&key, check_first, serve_until, &eff, || {
-                    self.found_in_l2::<T>(&key, &eff)
-                }));
+                Box::pin(
+                    self.lock_or_wait(&key, check_first, serve_until, &eff, |ticket| {
+                        self.found_in_l2::<T>(&key, &eff, ticket)
+                    }),
+                );
             match wait.await? {
                 crate::backplane::LockOutcome::Found(v) => return Ok(v),
                 crate::backplane::LockOutcome::Absent => return Ok((None, ValueSource::L2)),

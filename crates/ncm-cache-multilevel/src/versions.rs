@@ -60,10 +60,13 @@ impl Ticket {
     /// The ticket as a [`LoadMark`](ncm_cache_core::LoadMark) (`as_backend().load_mark`): its
     /// second part holds the stripe and, above [`STRIPE_BITS`], the stripe's `sets` (so a
     /// caller's own write renames flights named by `LoadMark::flight_key` too); its last part
-    /// is the local writes counter, which `LoadMark::flight_key` leaves out.
-    pub(crate) fn mark(&self) -> ncm_cache_core::LoadMark {
+    /// is the local writes counter, which `LoadMark::flight_key` leaves out. Its first part
+    /// holds the cache-wide counter and, above [`GLOBAL_BITS`], the epoch's change count when
+    /// the mark was taken (`epoch`, with `epoch_clear`; see [`epoch_since`]): a load's store
+    /// through `set_loaded` is not made in an epoch begun since, as `get_or_load`'s is not.
+    pub(crate) fn mark(&self, epoch: Option<u64>) -> ncm_cache_core::LoadMark {
         ncm_cache_core::LoadMark::new([
-            self.global,
+            (self.global & GLOBAL_MASK) | (epoch.unwrap_or(0) << GLOBAL_BITS),
             self.stripe as u64 | (self.sets << STRIPE_BITS),
             self.invalidations,
             self.writes,
@@ -77,18 +80,34 @@ impl Ticket {
         self.sets != begun.sets
     }
 
-    /// A mark back as a ticket of `key`; `None` when it was not made for `key`'s stripe.
-    pub(crate) fn from_mark(key: &str, mark: ncm_cache_core::LoadMark) -> Option<Self> {
+    /// A mark back as a ticket of `key` and the low bits of the epoch's change count it
+    /// carries; `None` when it was not made for `key`'s stripe.
+    pub(crate) fn from_mark(key: &str, mark: ncm_cache_core::LoadMark) -> Option<(Self, u64)> {
         let [global, packed, invalidations, writes] = mark.parts();
         let own = stripe_of(key);
-        (packed & ((1 << STRIPE_BITS) - 1) == own as u64).then_some(Self {
-            global,
-            stripe: own,
-            invalidations,
-            writes,
-            sets: packed >> STRIPE_BITS,
-        })
+        (packed & ((1 << STRIPE_BITS) - 1) == own as u64).then_some((
+            Self {
+                global: global & GLOBAL_MASK,
+                stripe: own,
+                invalidations,
+                writes,
+                sets: packed >> STRIPE_BITS,
+            },
+            global >> GLOBAL_BITS,
+        ))
     }
+}
+
+/// Bits of a mark's first part that hold the cache-wide counter (cleared and pattern
+/// invalidations: 2^48 of them are never reached); the rest hold the epoch's change count.
+const GLOBAL_BITS: u32 = 48;
+const GLOBAL_MASK: u64 = (1 << GLOBAL_BITS) - 1;
+
+/// The epoch change count a mark was taken at, from the `low` bits it carries and the count
+/// `now` (which is never lower): the latest count at or below `now` with those low bits. Equal
+/// to `now` when the epoch did not change since (fewer than 2^16 changes during one load).
+pub(crate) fn epoch_since(now: u64, low: u64) -> u64 {
+    now - (now.wrapping_sub(low) & ((1 << (64 - GLOBAL_BITS)) - 1))
 }
 
 /// How a writer's L2 write ended, for its own L1 insert.
@@ -259,9 +278,16 @@ mod tests {
             v.flight_key("k"),
             "a caller's own write: a new flight"
         );
-        let mark = v.ticket("k").mark();
-        let back = Ticket::from_mark("k", mark).unwrap();
+        let mark = v.ticket("k").mark(Some(70_000));
+        let (back, epoch) = Ticket::from_mark("k", mark).unwrap();
         assert_eq!(back, v.ticket("k"), "a mark carries the ticket");
+        assert_eq!(
+            epoch_since(70_000, epoch),
+            70_000,
+            "and the epoch's changes"
+        );
+        assert_eq!(epoch_since(70_003, epoch), 70_000, "three clears since");
+        assert_eq!(epoch_since(5, 5), 5);
         assert!(v.current(&back));
         v.renew_flight("k");
         assert!(
@@ -270,7 +296,7 @@ mod tests {
         );
         assert_ne!(
             ncm_cache_core::LoadMark::flight_key("k", Some(mark)),
-            ncm_cache_core::LoadMark::flight_key("k", Some(v.ticket("k").mark())),
+            ncm_cache_core::LoadMark::flight_key("k", Some(v.ticket("k").mark(Some(70_000)))),
             "marks name the new flight too"
         );
     }

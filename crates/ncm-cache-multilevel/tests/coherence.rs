@@ -2273,6 +2273,37 @@ async fn a_load_outliving_the_token_recheck_is_not_stored_in_a_new_epoch() {
         None,
         "a batch value loaded before the clear is in the new epoch"
     );
+    // Through `as_backend()` (`CacheLoader`, the macros, the strategies' read-through): the
+    // load's mark carries the epoch (before, `set_loaded` stored into the new one), after a
+    // miss and for a replacing load alike.
+    let cache =
+        ncm_cache_core::Cache::new(late.as_backend(), ncm_cache_codec::Serializer::default());
+    for (key, after_miss) in [("b1", true), ("b2", false)] {
+        let mark = if after_miss {
+            cache.miss_mark(key)
+        } else {
+            cache.load_mark(key)
+        };
+        heard.clear().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let bytes = cache.encode_for(key, &6u64).unwrap();
+        let stored = cache
+            .store_loaded_since(
+                key,
+                bytes,
+                ncm_cache_core::Expiry::Default,
+                ncm_cache_core::CacheFailure::FailClosed,
+                mark,
+            )
+            .await
+            .unwrap();
+        assert!(!stored, "{key}: stored in the new epoch");
+        assert_eq!(
+            in_l2(&heard, key).await,
+            None,
+            "{key}: a value loaded through as_backend before the clear is in the new epoch"
+        );
+    }
 }
 
 /// Fail-safe serves a stale copy no older than the max stale age — also when that age passes

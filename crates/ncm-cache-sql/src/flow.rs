@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ncm_cache_core::{Bytes, CacheError, Codec, LoadRead, Operation, Result};
+use ncm_cache_core::{
+    Bytes, CacheError, Codec, LoadEnd, LoadPermit, LoadRead, LoadTurn, Operation, Result,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{QueryCacheStrategy, SqlCache};
@@ -119,8 +121,12 @@ impl<C: Codec> SqlCache<C> {
                 // backend's copy.
                 let fallback = found.rows.or(found.stale);
                 let copied = found.copied.as_deref();
+                // `CacheFirst` waits for another process running the query under the same
+                // tokens (a multi-level cache's stampede lock) and takes its result; `DbFirst`
+                // asks the database itself.
+                let turn = cache_first.then_some(fallback.is_some());
                 match self
-                    .load(&key, analysis, values, ttl, found.tokens, copied)
+                    .load(&key, analysis, values, ttl, (found.tokens, copied), turn)
                     .await
                 {
                     Ok(rows) => Ok(Some(rows)),
@@ -294,15 +300,18 @@ impl<C: Codec> SqlCache<C> {
 
     /// Runs the query once for every concurrent caller of `key` under the same generation
     /// tokens and stores the result with those tokens. `tokens`: the current tokens (`None`:
-    /// unknown, the cache is unreachable: the result is served, not stored).
+    /// unknown, the cache is unreachable: the result is served, not stored). `turn`: take the
+    /// key's turn across processes first (`CacheBackend::begin_load`), taking a result another
+    /// process stored under the same tokens meanwhile; `Some(true)`: the caller has a result
+    /// to serve if the wait gives up.
     async fn load(
         &self,
         key: &str,
         analysis: &Analysis,
         values: Vec<SqlValue>,
         ttl: Duration,
-        tokens: Option<Vec<Option<Bytes>>>,
-        copied: Option<&str>,
+        (tokens, copied): (Option<Vec<Option<Bytes>>>, Option<&str>),
+        turn: Option<bool>,
     ) -> Result<Arc<Rows>> {
         let tokens = match tokens {
             Some(tokens) => self.ensure_tokens(analysis, tokens).await,
@@ -332,11 +341,64 @@ impl<C: Codec> SqlCache<C> {
         self.inner()
             .flights
             .run(flight, || async move {
-                let rows = Arc::new(self.fetch(analysis, &values).await?);
-                self.store(key, &rows, ttl, &tokens).await;
+                let permit = match turn {
+                    Some(has_stale) => match self.take_turn(key, &tokens, has_stale).await {
+                        Ok(Ok(rows)) => return Ok(rows),
+                        Ok(Err(permit)) => permit,
+                        Err(e) => return Err(e),
+                    },
+                    None => LoadPermit::free(),
+                };
+                let rows = match self.fetch(analysis, &values).await {
+                    Ok(rows) => Arc::new(rows),
+                    Err(e) => {
+                        permit.end(LoadEnd::Failed).await;
+                        return Err(e);
+                    }
+                };
+                let stored = self.store(key, &rows, ttl, &tokens).await;
+                permit
+                    .end(if stored {
+                        LoadEnd::Stored
+                    } else {
+                        LoadEnd::NotStored
+                    })
+                    .await;
                 Ok(rows)
             })
             .await
+    }
+
+    /// Waits for the key's turn across processes: `Ok(Ok(rows))`, another process's result
+    /// stored under exactly `tokens` meanwhile; `Ok(Err(permit))`, run the query holding the
+    /// permit; `Err`, the wait gave up while the caller has a result to serve.
+    async fn take_turn(
+        &self,
+        key: &str,
+        tokens: &[String],
+        has_stale: bool,
+    ) -> Result<std::result::Result<Arc<Rows>, LoadPermit>> {
+        // A result stored before the invalidation that made this lookup miss (other tokens)
+        // is waited past.
+        let accept = |bytes: &Bytes| self.result_under(key, bytes, tokens).is_some();
+        let backend = self.inner().cache.backend();
+        match backend.begin_load(key, has_stale, Some(&accept)).await {
+            Ok(LoadTurn::Found(bytes)) => Ok(self
+                .result_under(key, &bytes, tokens)
+                .ok_or_else(LoadPermit::free)),
+            Ok(LoadTurn::Load(permit)) => Ok(Err(permit)),
+            Err(e) if has_stale => Err(e),
+            _ => Ok(Err(LoadPermit::free())),
+        }
+    }
+
+    /// The result `bytes` hold for `key`, if it was read under exactly `tokens`.
+    fn result_under(&self, key: &str, bytes: &Bytes, tokens: &[String]) -> Option<Arc<Rows>> {
+        if let Some(d) = self.decoded(key, bytes) {
+            return (d.tokens == tokens).then(|| Arc::clone(&d.rows));
+        }
+        let stored = self.inner().cache.decode_for::<Stored>(key, bytes).ok()?;
+        (stored.g == tokens).then(|| Arc::new(stored.r))
     }
 
     /// The tokens to record, creating the missing ones (a table never invalidated, or whose
@@ -428,7 +490,8 @@ impl<C: Codec> SqlCache<C> {
     /// Stores a fresh result with the tokens it was read under, unless it is too large. A
     /// token replaced meanwhile makes the entry a miss on every later lookup, so no check
     /// after the write is needed. Cache failures are logged and counted, never returned.
-    async fn store(&self, key: &str, rows: &Arc<Rows>, ttl: Duration, tokens: &[String]) {
+    /// Returns whether it was stored.
+    async fn store(&self, key: &str, rows: &Arc<Rows>, ttl: Duration, tokens: &[String]) -> bool {
         let inner = self.inner();
         let stored = StoredRef { g: tokens, r: rows };
         let bytes = match inner.cache.encode_for(key, &stored) {
@@ -436,7 +499,7 @@ impl<C: Codec> SqlCache<C> {
             Err(err) => {
                 inner.stats.cache_error(Operation::Set);
                 tracing::warn!(key, error = %err, "cannot encode a query result");
-                return;
+                return false;
             }
         };
         if bytes.len() > inner.max_query_size {
@@ -447,7 +510,7 @@ impl<C: Codec> SqlCache<C> {
                 max = inner.max_query_size,
                 "result larger than max_query_size: served, not cached"
             );
-            return;
+            return false;
         }
         match inner
             .cache
@@ -455,10 +518,14 @@ impl<C: Codec> SqlCache<C> {
             .set(key, bytes.clone(), Some(ttl))
             .await
         {
-            Ok(()) => self.remember(key, bytes, tokens.to_vec(), Arc::clone(rows)),
+            Ok(()) => {
+                self.remember(key, bytes, tokens.to_vec(), Arc::clone(rows));
+                true
+            }
             Err(err) => {
                 inner.stats.cache_error(Operation::Set);
                 tracing::warn!(key, error = %err, "cache write failed");
+                false
             }
         }
     }

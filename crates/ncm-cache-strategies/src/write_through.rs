@@ -243,6 +243,8 @@ impl<C: Codec> CacheStrategies<C> {
         }
         // Named by the mark: a caller after an invalidation does not join an older load.
         let flight = ncm_cache_core::LoadMark::flight_key(key, mark);
+        // Only a copy this caller can serve lets a wait for another process's load give up.
+        let has_stale = self.cache.decode_stale::<T>(key, stale.as_ref()).is_some();
         let bytes = self
             .inner
             .flight
@@ -259,14 +261,17 @@ impl<C: Codec> CacheStrategies<C> {
                     // Another process may be loading it (a multi-level cache's stampede
                     // lock): wait for its value. (A waiter with a stale copy that gives up
                     // fails, and the copy is served.)
-                    Ok(LoadRead::Miss) => match backend.begin_load(key, stale.is_some()).await? {
-                        LoadTurn::Found(stored) => match self.cache.decode_for::<T>(key, &stored) {
-                            Ok(value) => {
-                                return Ok(self.cache.codec().encode_for(&[key], &value)?);
+                    Ok(LoadRead::Miss) => match backend.begin_load(key, has_stale, None).await {
+                        Ok(LoadTurn::Found(stored)) => {
+                            match self.cache.decode_for::<T>(key, &stored) {
+                                Ok(value) => {
+                                    return Ok(self.cache.codec().encode_for(&[key], &value)?);
+                                }
+                                Err(_) => LoadPermit::free(),
                             }
-                            Err(_) => LoadPermit::free(),
-                        },
-                        LoadTurn::Load(permit) => permit,
+                        }
+                        Ok(LoadTurn::Load(permit)) => permit,
+                        Err(e) if has_stale => return Err(e),
                         _ => LoadPermit::free(),
                     },
                     _ => LoadPermit::free(),

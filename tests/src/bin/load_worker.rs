@@ -4,13 +4,15 @@
 //! `Cache::new(multi.as_backend(), codec)`.
 //!
 //! Environment: `NCM_REDIS_URL` (one node) or `NCM_REDIS_NODES` (cluster seed URLs,
-//! comma-separated), `NCM_REDIS_PREFIX`, `NCM_LOAD_MODE` (`loader`, `macro`, `strategies`),
+//! comma-separated), `NCM_REDIS_PREFIX`, `NCM_LOAD_MODE` (`loader`, `macro`, `strategies`;
+//! `option`: a `#[cache_loader]` returning `Option` whose source has nothing; `around`: a
+//! `CacheLoader` loader with `WriteAround`, which stores nothing),
 //! `NCM_LOAD_MS` (how long the loader takes), `NCM_LOAD_CALLS` (concurrent calls per round),
 //! `NCM_LOCK_TTL_MS` (the lock's TTL; waiters wait ten times as long).
 //!
 //! Input lines: `go <key>` runs a round of concurrent calls of `key`. Output lines: `ready` once
-//! subscribed; `ran <key>` each time the loader runs; `got <value>` per call; `done` after a
-//! round; `error <e>` for a failed call.
+//! subscribed; `ran <key>` each time the loader runs; `got <value>` per call (`got none` for
+//! `None`); `done` after a round; `error <e>` for a failed call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -66,6 +68,12 @@ async fn from_macro(key: String) -> Result<String, std::io::Error> {
     source(key).await
 }
 
+#[cache_loader(loader = LOADER.get().unwrap(), ttl = 60)]
+async fn nothing(key: String) -> Option<String> {
+    let _ = source(key).await;
+    None
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let redis = RedisCache::connect(redis_config()).await.unwrap();
@@ -83,6 +91,14 @@ async fn main() {
             |key: String| source(key),
             Duration::from_secs(60),
             CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    loader
+        .register_loader(
+            "around",
+            |key: String| source(key),
+            Duration::from_secs(60),
+            CacheStrategy::WriteAround,
         )
         .unwrap();
     LOADER.set(loader.clone()).unwrap();
@@ -107,9 +123,11 @@ async fn main() {
             tokio::spawn(async move {
                 match mode.as_str() {
                     "loader" => loader.load::<String, String>("item", key).await,
+                    "around" => loader.load::<String, String>("around", key).await,
                     "macro" => from_macro(key)
                         .await
                         .map_err(ncm_cache::core::CacheError::loader),
+                    "option" => Ok(nothing(key).await.unwrap_or_else(|| "none".into())),
                     _ => {
                         let k = key.clone();
                         strategies
