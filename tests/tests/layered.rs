@@ -1788,3 +1788,133 @@ async fn a_failed_load_over_the_lock_lets_another_instance_load_at_once() {
     );
     assert!(first.await.unwrap().is_err());
 }
+
+/// A real executor that counts its reads and answers them `delay` late.
+#[derive(Debug)]
+struct Counted {
+    inner: SqliteExecutor,
+    delay: Duration,
+    reads: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl ncm_cache::sql::SqlExecutor for Counted {
+    fn dialect(&self) -> ncm_cache::sql::SqlDialect {
+        self.inner.dialect()
+    }
+    fn identity(&self) -> &str {
+        self.inner.identity()
+    }
+    fn database_identity(&self) -> &str {
+        self.inner.database_identity()
+    }
+    async fn fetch_all(
+        &self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> ncm_cache::core::Result<ncm_cache::sql::Rows> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let rows = self.inner.fetch_all(sql, params).await;
+        tokio::time::sleep(self.delay).await;
+        rows
+    }
+    async fn execute(&self, sql: &str, params: &[SqlValue]) -> ncm_cache::core::Result<u64> {
+        self.inner.execute(sql, params).await
+    }
+    async fn dependencies(&self) -> ncm_cache::core::Result<Vec<(String, String)>> {
+        self.inner.dependencies().await
+    }
+}
+
+/// `DbFirst` reads the database also while a `CacheFirst` call of the same query on this
+/// instance waits for another instance's load of it under the stampede lock (found by review:
+/// both named their flight by the key and tokens, so the `DbFirst` call joined the waiting
+/// one and was answered by the other instance's result, with no database read here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_first_reads_the_database_while_cache_first_waits_for_another_instance() {
+    let server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "app:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let (ma, mb) = (
+        MultiLevelCache::over_redis(&redis).build().unwrap(),
+        MultiLevelCache::over_redis(&redis).build().unwrap(),
+    );
+    let (reads_a, reads_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let sql = |multi: &MultiLevelCache, reads: &Arc<AtomicUsize>, delay| {
+        let url = url.clone();
+        let (cache, reads) = (
+            Cache::new(multi.as_backend(), Serializer::default()),
+            Arc::clone(reads),
+        );
+        async move {
+            let inner = SqliteExecutor::connect(&url).await.unwrap();
+            SqlCache::builder(
+                cache,
+                Counted {
+                    inner,
+                    delay,
+                    reads,
+                },
+            )
+            .build()
+            .unwrap()
+        }
+    };
+    let a = sql(&ma, &reads_a, Duration::ZERO).await;
+    let b = sql(&mb, &reads_b, Duration::from_millis(800)).await;
+    a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
+        .await
+        .unwrap();
+    a.execute("INSERT INTO t VALUES (1, 'x'), (2, 'y')", ())
+        .await
+        .unwrap();
+    // The table's tokens exist, so both instances read the same ones.
+    a.cache_query(
+        "SELECT v FROM t WHERE id = 2",
+        (),
+        QueryCacheStrategy::CacheFirst,
+        None,
+    )
+    .await
+    .unwrap();
+    let query = "SELECT v FROM t WHERE id = 1";
+    // B loads the query under the lock (800 ms).
+    let holder = tokio::spawn(async move {
+        b.cache_query(query, (), QueryCacheStrategy::CacheFirst, None)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        reads_b.load(Ordering::SeqCst),
+        1,
+        "B holds the query's lock"
+    );
+    // A's CacheFirst call waits for B's load ...
+    let waiting = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.cache_query(query, (), QueryCacheStrategy::CacheFirst, None)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = reads_a.load(Ordering::SeqCst);
+    // ... while A's DbFirst call reads the database.
+    let rows = a
+        .cache_query(query, (), QueryCacheStrategy::DbFirst, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rows.get(0, "v").and_then(SqlValue::as_str), Some("x"));
+    assert_eq!(
+        reads_a.load(Ordering::SeqCst),
+        before + 1,
+        "DbFirst was answered without reading the database"
+    );
+    assert!(waiting.await.unwrap().unwrap().is_some());
+    assert!(holder.await.unwrap().unwrap().is_some());
+    assert_eq!(reads_b.load(Ordering::SeqCst), 1);
+}

@@ -163,8 +163,10 @@ fn a_not_found_over_the_lock_is_every_processes_answer() {
         let none = lines.iter().filter(|l| *l == "got none").count();
         assert_eq!(none, CALLS, "{lines:?}");
     }
-    assert_eq!(
-        ran, 1,
+    // One: the holder. (A waiter whose poll a loaded machine delays past the note's 250 ms
+    // takes the lock and asks again: at most one more. Without the note: one per process.)
+    assert!(
+        ran < 3,
         "the source was asked {ran} times for a key it does not have"
     );
 }
@@ -179,21 +181,24 @@ fn a_write_around_loader_does_not_wait_for_other_processes() {
     let mut workers: Vec<Worker> = (0..3)
         .map(|_| Worker::start(("NCM_REDIS_URL", &url), "around", LOAD_MS, CALLS))
         .collect();
-    let start = Instant::now();
     for w in &mut workers {
         w.go("k");
     }
+    let mut began = Vec::new();
     for w in &workers {
         let lines = w.until("done", Duration::from_secs(30));
         let got = lines.iter().filter(|l| *l == "got value of k").count();
         assert_eq!(got, CALLS, "{lines:?}");
+        began.extend(lines.iter().filter_map(|l| {
+            l.strip_prefix("began k ")
+                .map(|ms| ms.parse::<u64>().unwrap())
+        }));
     }
-    // One load's time (plus start-up noise), not two.
-    assert!(
-        start.elapsed() < Duration::from_millis(LOAD_MS * 2 - 200),
-        "{:?}",
-        start.elapsed()
-    );
+    assert_eq!(began.len(), 3, "one load per process: {began:?}");
+    // The three loads overlapped: none began after another's whole load (as it does when
+    // it waits for a lock first).
+    let spread = began.iter().max().unwrap() - began.iter().min().unwrap();
+    assert!(spread < LOAD_MS, "loads began {spread} ms apart: {began:?}");
 }
 
 /// The lock holder is killed in the middle of its load: its lock expires after its TTL (no

@@ -479,32 +479,46 @@ async fn a_load_stored_after_a_delete_heard_late_is_withdrawn_across_processes()
     admin(db, &drop).await;
 }
 
-/// Three service processes run one uncached query at once over `MultiLevelCache::over_redis`
-/// (`SqlCache` over `as_backend()`): one asks the database under the key's stampede lock, the
-/// others wait and take its result (stored under the same table tokens). Before, each process
-/// ran the query (3 database reads).
+/// Three service processes run one query at once over `MultiLevelCache::over_redis`
+/// (`SqlCache` over `as_backend()`) just after a write invalidated its cached result: one asks
+/// the database under the key's stampede lock, the others wait — past the old result still in
+/// L2, stored under the table's old tokens — and take its result (stored under the new ones).
+/// Before, each process ran the query (3 database reads); a waiter that took whatever L2 held
+/// would have found the old result.
 async fn one_query_across_processes(db: Db, redis: Redis) {
     let (table, drop) = setup(db).await;
-    let prefix = unique("sqlstampede");
-    // The table's tokens exist (another query of it ran), so the three read the same ones.
-    let warm = worker(
-        db,
-        &redis,
-        &prefix,
-        "multilevel",
-        &format!("SELECT v FROM {table} WHERE id = 2"),
-        0,
-    )
-    .spawn()
-    .unwrap()
-    .wait_with_output()
-    .unwrap();
+    let prefix = format!("{}:", unique("sqlstampede"));
+    let query = format!("SELECT v FROM {table} WHERE id = 1");
+    // The result is cached ('old') under the table's first tokens.
+    let warm = worker(db, &redis, &prefix, "multilevel", &query, 0)
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
     assert!(
         warm.status.success(),
         "{}",
         String::from_utf8_lossy(&warm.stderr)
     );
-    let query = format!("SELECT v FROM {table} WHERE id = 1");
+    // This process writes the row through its own SqlCache: new tokens, the old result left
+    // in L2 under the old ones.
+    let executor: std::sync::Arc<dyn SqlExecutor> = match db {
+        Db::Postgres => std::sync::Arc::new(PgExecutor::connect(PG).await.unwrap()),
+        Db::MariaDb => std::sync::Arc::new(MySqlExecutor::connect(MARIADB).await.unwrap()),
+    };
+    let redis_cache = RedisCache::connect(redis.config(&prefix)).await.unwrap();
+    let multi = MultiLevelCache::over_redis(&redis_cache).build().unwrap();
+    let writer = SqlCache::builder_shared(
+        Cache::builder(multi.as_backend(), Serializer::default()).build(),
+        executor,
+    )
+    .build()
+    .unwrap();
+    let n = writer
+        .execute(&format!("UPDATE {table} SET v = 'new' WHERE id = 1"), ())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
     let children: Vec<Child> = (0..3)
         .map(|_| {
             worker(db, &redis, &prefix, "multilevel", &query, 1500)
@@ -523,7 +537,7 @@ async fn one_query_across_processes(db: Db, redis: Redis) {
             String::from_utf8_lossy(&out.stderr)
         );
         fetched += stdout.lines().filter(|l| *l == "fetched").count();
-        assert!(stdout.lines().any(|l| l == "result old"), "{stdout}");
+        assert!(stdout.lines().any(|l| l == "result new"), "{stdout}");
         outputs.push(stdout);
     }
     admin(db, &drop).await;

@@ -309,8 +309,13 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
                 None
             };
             let found = |ticket| inner.found_bytes_in_l2(key, eff, ticket, accept);
-            let wait: futures_util::future::BoxFuture<'_, _> =
-                Box::pin(inner.lock_or_wait(key, true, serve_until, eff, found));
+            let wait: futures_util::future::BoxFuture<'_, _> = Box::pin(inner.lock_or_wait(
+                key,
+                true,
+                serve_until,
+                eff,
+                (found, accept.is_none()),
+            ));
             Ok(match wait.await? {
                 crate::backplane::LockOutcome::Found(bytes) => LoadTurn::Found(bytes),
                 crate::backplane::LockOutcome::Absent => LoadTurn::Absent,

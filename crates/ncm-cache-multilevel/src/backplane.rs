@@ -752,14 +752,15 @@ impl<C: Codec> Inner<C> {
     ///
     /// `found`: reads L2 for the holder's value (and fills L1 with it, checked against the
     /// ticket taken before the wait began), as the caller holds values (decoded, or the
-    /// encoded bytes of the byte-level backend).
+    /// encoded bytes of the byte-level backend); `poll`, whether it is read while waiting
+    /// too (see below).
     pub(crate) async fn lock_or_wait<X, R, F>(
         &self,
         key: &str,
         check_first: bool,
         serve_until: Option<u64>,
         eff: &crate::options::Eff,
-        found: R,
+        (found, poll): (R, bool),
     ) -> Result<LockOutcome<X>>
     where
         R: Fn(crate::versions::Ticket) -> F,
@@ -806,7 +807,11 @@ impl<C: Codec> Inner<C> {
                     return Ok(LockOutcome::Proceed(None));
                 }
             }
-            if let Some(found) = found(first).await {
+            // `poll`: look for the holder's value while it holds the lock. Off for a caller
+            // that refuses what L2 holds now (`SqlCache`: a result under older tokens, read in
+            // full on every poll): it looks once it takes the lock, which the holder releases
+            // after its store.
+            if poll && let Some(found) = found(first).await {
                 return Ok(LockOutcome::Found(found));
             }
             // The holder found nothing: it left that in the lock (see `release_with_note`).

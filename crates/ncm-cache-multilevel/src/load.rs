@@ -334,12 +334,13 @@ impl<C: Codec> Inner<C> {
         // Boxed: redis-rs futures are deep; keep them out of the caller's future type.
         #[cfg(feature = "redis")]
         let lock = {
-            let wait: BoxFuture<'_, _> =
-                Box::pin(
-                    self.lock_or_wait(&key, check_first, serve_until, &eff, |ticket| {
-                        self.found_in_l2::<T>(&key, &eff, ticket)
-                    }),
-                );
+            let wait: BoxFuture<'_, _> = Box::pin(self.lock_or_wait(
+                &key,
+                check_first,
+                serve_until,
+                &eff,
+                (|ticket| self.found_in_l2::<T>(&key, &eff, ticket), true),
+            ));
             match wait.await? {
                 crate::backplane::LockOutcome::Found(v) => return Ok(v),
                 crate::backplane::LockOutcome::Absent => return Ok((None, ValueSource::L2)),

@@ -105,9 +105,12 @@ const GLOBAL_MASK: u64 = (1 << GLOBAL_BITS) - 1;
 
 /// The epoch change count a mark was taken at, from the `low` bits it carries and the count
 /// `now` (which is never lower): the latest count at or below `now` with those low bits. Equal
-/// to `now` when the epoch did not change since (fewer than 2^16 changes during one load).
+/// to `now` when the epoch did not change since (fewer than 2^16 changes during one load). A
+/// mark no count of this instance can have made (another instance's, through the public
+/// `Cache::store_loaded_since`) is `u64::MAX`: moved, the store is not made.
 pub(crate) fn epoch_since(now: u64, low: u64) -> u64 {
-    now - (now.wrapping_sub(low) & ((1 << (64 - GLOBAL_BITS)) - 1))
+    now.checked_sub(now.wrapping_sub(low) & ((1 << (64 - GLOBAL_BITS)) - 1))
+        .unwrap_or(u64::MAX)
 }
 
 /// How a writer's L2 write ended, for its own L1 insert.
@@ -288,6 +291,11 @@ mod tests {
         );
         assert_eq!(epoch_since(70_003, epoch), 70_000, "three clears since");
         assert_eq!(epoch_since(5, 5), 5);
+        assert_eq!(
+            epoch_since(3, 5),
+            u64::MAX,
+            "a foreign mark: moved, no panic"
+        );
         assert!(v.current(&back));
         v.renew_flight("k");
         assert!(

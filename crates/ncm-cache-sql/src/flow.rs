@@ -337,7 +337,12 @@ impl<C: Codec> SqlCache<C> {
             }
             return self.fetch(analysis, &values).await.map(Arc::new);
         };
-        let flight = format!("{key}#{}", tokens.join(","));
+        // Calls that take the key's turn across processes fly apart from those that do not
+        // (`DbFirst`): a `DbFirst` call never joins one answered by another process's result.
+        let mut flight = format!("{key}#{}", tokens.join(","));
+        if turn.is_some() {
+            flight.push_str("#turn");
+        }
         self.inner()
             .flights
             .run(flight, || async move {
@@ -398,7 +403,11 @@ impl<C: Codec> SqlCache<C> {
             return (d.tokens == tokens).then(|| Arc::clone(&d.rows));
         }
         let stored = self.inner().cache.decode_for::<Stored>(key, bytes).ok()?;
-        (stored.g == tokens).then(|| Arc::new(stored.r))
+        let rows = Arc::new(stored.r);
+        let under = stored.g == tokens;
+        // The next lookup of these bytes does not decode them again.
+        self.remember(key, bytes.clone(), stored.g, Arc::clone(&rows));
+        under.then_some(rows)
     }
 
     /// The tokens to record, creating the missing ones (a table never invalidated, or whose

@@ -11,7 +11,8 @@
 //! `NCM_LOCK_TTL_MS` (the lock's TTL; waiters wait ten times as long).
 //!
 //! Input lines: `go <key>` runs a round of concurrent calls of `key`. Output lines: `ready` once
-//! subscribed; `ran <key>` each time the loader runs; `got <value>` per call (`got none` for
+//! subscribed; `ran <key>` each time the loader runs, then `began <key> <unix ms>`; `got
+//! <value>` per call (`got none` for
 //! `None`); `done` after a round; `error <e>` for a failed call.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -57,6 +58,10 @@ fn redis_config() -> RedisConfig {
 /// The source: slow, and says each time it runs.
 async fn source(key: String) -> Result<String, std::io::Error> {
     say(&format!("ran {key}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    say(&format!("began {key} {now}"));
     tokio::time::sleep(millis("NCM_LOAD_MS")).await;
     Ok(format!("value of {key}"))
 }
