@@ -1528,6 +1528,15 @@ async fn concurrent_callers_of_a_cold_key_share_one_load_over_a_multilevel_cache
 
 /// L1 (300 ms) + Redis L2 with fail-safe (1 h), short Redis timeouts: the fail-safe rig.
 async fn fail_safe_instance(server: &RedisServer, prefix: &str) -> MultiLevelCache {
+    fail_safe_instance_aged(server, prefix, Duration::from_secs(3600)).await
+}
+
+/// [`fail_safe_instance`] whose stale copies are served for `age` past their L1 TTL.
+async fn fail_safe_instance_aged(
+    server: &RedisServer,
+    prefix: &str,
+    age: Duration,
+) -> MultiLevelCache {
     let mut c = RedisConfig::from_url(&server.url()).unwrap();
     c.key_prefix = prefix.into();
     c.health_check_interval = None;
@@ -1537,7 +1546,7 @@ async fn fail_safe_instance(server: &RedisServer, prefix: &str) -> MultiLevelCac
     MultiLevelCache::builder(redis.backend())
         .name("fail-safe")
         .l1_default_ttl(Duration::from_millis(300))
-        .fail_safe(Duration::from_secs(3600))
+        .fail_safe(age)
         .build()
         .unwrap()
 }
@@ -1917,4 +1926,84 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
     assert!(waiting.await.unwrap().unwrap().is_some());
     assert!(holder.await.unwrap().unwrap().is_some());
     assert_eq!(reads_b.load(Ordering::SeqCst), 1);
+}
+
+/// A stale copy served because a load failed is still within its max stale age when it is
+/// served: a failing load that outlives what was left of the copy's age fails instead, for
+/// `Cache::read_through`, `CacheLoader` and `CacheStrategies::read_through` over a fail-safe
+/// multi-level cache (found by review: they served the copy handed back before the load,
+/// however long the load took; `get_or_load` already re-checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_is_not_served_after_a_load_that_outlived_its_max_stale_age() {
+    let mut server = RedisServer::start().unwrap();
+    // Fresh in L1 for 300 ms, then served stale for 2 s more.
+    let multi = fail_safe_instance_aged(&server, "age:", Duration::from_secs(2)).await;
+    let cache = Cache::new(multi.as_backend(), Serializer::default());
+    let loader = CacheLoader::new(cache.clone());
+    let strategies = CacheStrategies::new(cache.clone());
+    // The source: up ("v1"), then failing at once, then failing after `slow`.
+    let state: Arc<Mutex<Option<Duration>>> = Arc::new(Mutex::new(None));
+    let source = {
+        let state = Arc::clone(&state);
+        move || {
+            let now = *state.lock().unwrap();
+            async move {
+                match now {
+                    None => Ok("v1".to_owned()),
+                    Some(after) => {
+                        tokio::time::sleep(after).await;
+                        Err(std::io::Error::other("database down"))
+                    }
+                }
+            }
+        }
+    };
+    loader
+        .register_loader(
+            "user",
+            {
+                let source = source.clone();
+                move |_: u64| source()
+            },
+            Duration::from_secs(60),
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let read_all = || async {
+        let through: std::result::Result<String, _> = cache
+            .read_through("through", source.clone(), Duration::from_secs(60))
+            .await;
+        let user: std::result::Result<String, _> = loader.load("user", 1u64).await;
+        let strat: std::result::Result<String, _> = strategies
+            .read_through("strat", source.clone(), Duration::from_secs(60))
+            .await;
+        [through, user, strat]
+    };
+    for r in read_all().await {
+        assert_eq!(r.unwrap(), "v1");
+    }
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Failing at once, within the copies' age: the copies are served.
+    *state.lock().unwrap() = Some(Duration::ZERO);
+    for r in read_all().await {
+        assert_eq!(r.unwrap(), "v1", "a stale copy within its age");
+    }
+    // Failing after 2.5 s: by then the copies are past their age (2.3 s after the write).
+    *state.lock().unwrap() = Some(Duration::from_millis(2500));
+    let (through, user, strat) = tokio::join!(
+        cache.read_through::<String, _, _, _>("through", source.clone(), Duration::from_secs(60)),
+        loader.load::<u64, String>("user", 1u64),
+        strategies.read_through::<String, _, _, _>(
+            "strat",
+            source.clone(),
+            Duration::from_secs(60)
+        ),
+    );
+    assert!(through.is_err(), "Cache::read_through served {through:?}");
+    assert!(user.is_err(), "CacheLoader served {user:?}");
+    assert!(
+        strat.is_err(),
+        "CacheStrategies::read_through served {strat:?}"
+    );
 }

@@ -235,6 +235,17 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         Ok(LoadTurn::Load(LoadPermit::free()))
     }
 
+    /// A stale copy [`get_for_load`](Self::get_for_load) handed back ([`LoadRead::Stale`]),
+    /// asked for again when the caller is about to serve it because its load failed: the copy
+    /// to serve now, or `None` when it may no longer be served — the load may have taken
+    /// longer than what was left of the copy's fail-safe age. The default serves `copy`; a
+    /// multi-level cache answers with its L1 copy if it is still within its max stale age (a
+    /// wrapper backend must forward it).
+    async fn stale_to_serve(&self, key: &str, copy: Bytes) -> Option<Bytes> {
+        let _ = key;
+        Some(copy)
+    }
+
     /// Writes `value` only if `key` holds nothing (Redis `SET NX`); returns whether it was
     /// written. What a load that followed a miss stores with: it must not overwrite a value
     /// written since the miss.
@@ -515,6 +526,9 @@ impl<B: CacheBackend + ?Sized> CacheBackend for Arc<B> {
     }
     async fn get_many_for_load(&self, keys: &[&str]) -> Result<Vec<LoadRead>> {
         (**self).get_many_for_load(keys).await
+    }
+    async fn stale_to_serve(&self, key: &str, copy: Bytes) -> Option<Bytes> {
+        (**self).stale_to_serve(key, copy).await
     }
     async fn clear_pattern(&self, pattern: &str) -> Result<u64> {
         (**self).clear_pattern(pattern).await

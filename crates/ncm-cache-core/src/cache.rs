@@ -368,7 +368,8 @@ impl<C: Codec> Cache<C> {
             // load fails too.
             Err(e) => {
                 return self
-                    .decode_stale(key, stale.as_ref())
+                    .stale_after_load(key, stale.as_ref())
+                    .await
                     .ok_or_else(|| CacheError::loader(e));
             }
         };
@@ -467,9 +468,26 @@ impl<C: Codec> Cache<C> {
     }
 
     /// A stale copy from [`get_for_load`](Self::get_for_load), decoded; `None` when there is
-    /// none or it does not decode.
+    /// none or it does not decode. To serve it after a failed load, use
+    /// [`stale_after_load`](Self::stale_after_load).
     pub fn decode_stale<T: DeserializeOwned>(&self, key: &str, stale: Option<&Bytes>) -> Option<T> {
         self.decode_for::<T>(key, stale?).ok()
+    }
+
+    /// [`decode_stale`](Self::decode_stale) for a copy served because the load that followed
+    /// the read failed: the backend is asked again ([`CacheBackend::stale_to_serve`]), so a
+    /// copy whose fail-safe age ran out during a long load is not served.
+    pub async fn stale_after_load<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        stale: Option<&Bytes>,
+    ) -> Option<T> {
+        let bytes = self
+            .inner
+            .backend
+            .stale_to_serve(key, Bytes::clone(stale?))
+            .await?;
+        self.decode_for::<T>(key, &bytes).ok()
     }
 
     /// The write step of a read-through: stores a loaded value's bytes (from

@@ -246,7 +246,8 @@ impl<C: Codec> CacheLoader<C> {
             && let Some(value) = self
                 .inner
                 .cache
-                .decode_stale::<M::Stored>(call.key, stale.as_ref())
+                .stale_after_load::<M::Stored>(call.key, stale.as_ref())
+                .await
         {
             counters.miss();
             counters.error();

@@ -334,6 +334,21 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
         }
     }
 
+    /// L1's copy when it may still be served: a stale one within its max stale age (the
+    /// load that failed may have outlived it), or a fresh one a write or load put there
+    /// meanwhile. Not `copy` itself, whose age is not known here.
+    async fn stale_to_serve(&self, key: &str, copy: Bytes) -> Option<Bytes> {
+        let _ = copy;
+        let inner = &self.0.inner;
+        match inner.l1_read::<Bytes>(key, &self.1) {
+            Ok(L1Read::Fresh(Some(v), _)) => Some(Bytes::clone(&v)),
+            Ok(L1Read::Stale(Some(v), until)) => {
+                inner.servable(Some((v, until))).map(|v| Bytes::clone(&v))
+            }
+            _ => None,
+        }
+    }
+
     /// Every key written (`set`), also after one failed: a failed write evicts its key here
     /// and elsewhere, so none of them is left behind with an older value (`SqlCache`'s
     /// invalidation of several tables during an outage, say). The first error is returned.

@@ -65,7 +65,7 @@ struct Found {
     /// The cache could not be read, but a fail-safe backend kept copies of the entry and its
     /// tokens (`CacheBackend::get_many_for_load`): the result they make, valid under those
     /// tokens, served only if the database fails too (or, `CacheOnly`, as the cache's answer).
-    stale: Option<Arc<Rows>>,
+    stale: Option<(Arc<Rows>, Bytes)>,
     /// The copied tokens (same case), naming the query's single-flight: concurrent callers
     /// during an L2 outage share one query instead of each asking the database.
     copied: Option<String>,
@@ -118,21 +118,35 @@ impl<C: Codec> SqlCache<C> {
                     return Ok(Some(rows));
                 }
                 // Served when the database fails: `DbFirst`'s cached result, or a fail-safe
-                // backend's copy.
-                let fallback = found.rows.or(found.stale);
+                // backend's copy (with its bytes, asked for again then).
+                let fallback = match (found.rows, found.stale) {
+                    (Some(rows), _) => Some((rows, None)),
+                    (None, stale) => stale.map(|(rows, bytes)| (rows, Some(bytes))),
+                };
                 let copied = found.copied.as_deref();
                 // `CacheFirst` waits for another process running the query under the same
                 // tokens (a multi-level cache's stampede lock) and takes its result; `DbFirst`
                 // asks the database itself.
                 let turn = cache_first.then_some(fallback.is_some());
+                let backend = self.inner().cache.backend();
                 match self
                     .load(&key, analysis, values, ttl, (found.tokens, copied), turn)
                     .await
                 {
                     Ok(rows) => Ok(Some(rows)),
                     Err(err) => match fallback {
-                        Some(cached) => Ok(Some(self.serve_stale(analysis, &err, cached))),
-                        None => Err(err),
+                        Some((cached, None)) => Ok(Some(self.serve_stale(analysis, &err, cached))),
+                        // A fail-safe copy: only while it may still be served (the query may
+                        // have outlived its max stale age).
+                        Some((cached, Some(bytes)))
+                            if backend
+                                .stale_to_serve(&key, Bytes::clone(&bytes))
+                                .await
+                                .is_some() =>
+                        {
+                            Ok(Some(self.serve_stale(analysis, &err, cached)))
+                        }
+                        _ => Err(err),
                     },
                 }
             }
@@ -140,7 +154,7 @@ impl<C: Codec> SqlCache<C> {
             QueryCacheStrategy::CacheOnly => {
                 let found = self.lookup(&key, analysis).await;
                 match (found.error, found.stale) {
-                    (Some(_), Some(stale)) => Ok(Some(stale)),
+                    (Some(_), Some((stale, _))) => Ok(Some(stale)),
                     (Some(err), None) => Err(err),
                     (None, _) => Ok(found.rows),
                 }
@@ -229,10 +243,10 @@ impl<C: Codec> SqlCache<C> {
         if let Some(err) = failed {
             inner.stats.cache_error(Operation::Get);
             tracing::warn!(key, error = %err, "cache read failed; the query goes to the database");
-            let stale = entry
-                .and_then(|bytes| inner.cache.decode_for::<Stored>(key, &bytes).ok())
-                .filter(|stored| current(&stored.g, &tokens))
-                .map(|stored| Arc::new(stored.r));
+            let stale = entry.and_then(|bytes| {
+                let stored = inner.cache.decode_for::<Stored>(key, &bytes).ok()?;
+                current(&stored.g, &tokens).then(|| (Arc::new(stored.r), bytes))
+            });
             let copied = tokens
                 .iter()
                 .map(|t| {

@@ -313,7 +313,13 @@ impl<C: Codec> CacheStrategies<C> {
             .await;
         let bytes = match bytes {
             Ok(bytes) => bytes,
-            Err(e) => return self.cache.decode_stale(key, stale.as_ref()).ok_or(e),
+            Err(e) => {
+                return self
+                    .cache
+                    .stale_after_load(key, stale.as_ref())
+                    .await
+                    .ok_or(e);
+            }
         };
         Ok(self.cache.codec().decode_for(&[key], &bytes)?)
     }

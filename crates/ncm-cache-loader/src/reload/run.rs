@@ -71,7 +71,12 @@ impl<C: Codec> CacheReloader<C> {
         bump(&entry.counters.misses);
         let reloaded = match self.reload_entry(&entry, Force::No, None).await {
             Ok(reloaded) => reloaded,
-            Err(e) => return cache.decode_stale::<T>(name, stale.as_ref()).ok_or(e),
+            Err(e) => {
+                return cache
+                    .stale_after_load::<T>(name, stale.as_ref())
+                    .await
+                    .ok_or(e);
+            }
         };
         match reloaded.value.map(|v| v.downcast::<T>()) {
             Some(Ok(value)) => Ok(*value),
