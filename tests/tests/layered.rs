@@ -1986,9 +1986,15 @@ async fn a_stale_copy_is_not_served_after_a_load_that_outlived_its_max_stale_age
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Failing at once, within the copies' age: the copies are served.
     *state.lock().unwrap() = Some(Duration::ZERO);
+    let served = multi.get_stats().stale_served;
     for r in read_all().await {
         assert_eq!(r.unwrap(), "v1", "a stale copy within its age");
     }
+    assert_eq!(
+        multi.get_stats().stale_served - served,
+        3,
+        "the copies served are counted as stale"
+    );
     // Failing after 2.5 s: by then the copies are past their age (2.3 s after the write).
     *state.lock().unwrap() = Some(Duration::from_millis(2500));
     let (through, user, strat) = tokio::join!(
@@ -2006,4 +2012,86 @@ async fn a_stale_copy_is_not_served_after_a_load_that_outlived_its_max_stale_age
         strat.is_err(),
         "CacheStrategies::read_through served {strat:?}"
     );
+}
+
+/// A real executor whose reads fail (after a delay) while `failing` says so.
+#[derive(Debug)]
+struct Failing {
+    inner: SqliteExecutor,
+    failing: Arc<Mutex<Option<Duration>>>,
+}
+
+#[async_trait::async_trait]
+impl ncm_cache::sql::SqlExecutor for Failing {
+    fn dialect(&self) -> ncm_cache::sql::SqlDialect {
+        self.inner.dialect()
+    }
+    fn identity(&self) -> &str {
+        self.inner.identity()
+    }
+    fn database_identity(&self) -> &str {
+        self.inner.database_identity()
+    }
+    async fn fetch_all(
+        &self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> ncm_cache::core::Result<ncm_cache::sql::Rows> {
+        let failing = *self.failing.lock().unwrap();
+        if let Some(after) = failing {
+            tokio::time::sleep(after).await;
+            return Err(ncm_cache::core::CacheError::backend("database down", None));
+        }
+        self.inner.fetch_all(sql, params).await
+    }
+    async fn execute(&self, sql: &str, params: &[SqlValue]) -> ncm_cache::core::Result<u64> {
+        self.inner.execute(sql, params).await
+    }
+    async fn dependencies(&self) -> ncm_cache::core::Result<Vec<(String, String)>> {
+        self.inner.dependencies().await
+    }
+}
+
+/// `SqlCache` over a fail-safe multi-level cache serves its stale result after a failed query
+/// only while the copy is within its max stale age: a query failing at once gets the copy, one
+/// failing after the age ran out gets the error (found by review: the copy handed back before
+/// the query was served, however long the query took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_serves_a_stale_result_after_a_failed_query_only_within_its_age() {
+    let mut server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let multi = fail_safe_instance_aged(&server, "sqlage:", Duration::from_secs(2)).await;
+    let failing = Arc::new(Mutex::new(None));
+    let sql = SqlCache::builder(
+        Cache::new(multi.as_backend(), Serializer::default()),
+        Failing {
+            inner: SqliteExecutor::connect(&url).await.unwrap(),
+            failing: Arc::clone(&failing),
+        },
+    )
+    .build()
+    .unwrap();
+    sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
+        .await
+        .unwrap();
+    sql.execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
+        .await
+        .unwrap();
+    let query = "SELECT name FROM users WHERE id = %s";
+    let read = || async {
+        sql.cache_query(query, params![1], QueryCacheStrategy::CacheFirst, None)
+            .await
+            .map(|rows| rows.and_then(|r| r.get(0, "name").cloned()))
+    };
+    assert_eq!(read().await.unwrap(), Some(SqlValue::Text("Ada".into())));
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Failing at once: the copy (2.3 s after its write at most) is served.
+    *failing.lock().unwrap() = Some(Duration::ZERO);
+    assert_eq!(read().await.unwrap(), Some(SqlValue::Text("Ada".into())));
+    // Failing after 2.5 s: past the copy's age.
+    *failing.lock().unwrap() = Some(Duration::from_millis(2500));
+    let late = read().await;
+    assert!(late.is_err(), "a copy past its age was served: {late:?}");
 }

@@ -335,15 +335,20 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
     }
 
     /// L1's copy when it may still be served: a stale one within its max stale age (the
-    /// load that failed may have outlived it), or a fresh one a write or load put there
-    /// meanwhile. Not `copy` itself, whose age is not known here.
+    /// load that failed may have outlived it; counted as served stale), or a fresh one a
+    /// write or load put there meanwhile. Not `copy` itself, whose age is not known here: a
+    /// copy evicted from L1 during the load (capacity) is not served either.
     async fn stale_to_serve(&self, key: &str, copy: Bytes) -> Option<Bytes> {
         let _ = copy;
         let inner = &self.0.inner;
         match inner.l1_read::<Bytes>(key, &self.1) {
             Ok(L1Read::Fresh(Some(v), _)) => Some(Bytes::clone(&v)),
             Ok(L1Read::Stale(Some(v), until)) => {
-                inner.servable(Some((v, until))).map(|v| Bytes::clone(&v))
+                let served = inner.servable(Some((v, until))).map(|v| Bytes::clone(&v));
+                if served.is_some() {
+                    Counters::bump(&inner.counters.stale_served);
+                }
+                served
             }
             _ => None,
         }

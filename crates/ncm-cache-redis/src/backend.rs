@@ -628,16 +628,7 @@ impl CacheBackend for RedisBackend {
                 async move { c.query_async(&mut h).await }
             })
             .await?;
-        if values.len() != full.len() {
-            return Err(CacheError::backend(
-                format!(
-                    "MGET returned {} values for {} keys",
-                    values.len(),
-                    full.len()
-                ),
-                None,
-            ));
-        }
+        commands::check_mget(values.len(), full.len())?;
         let hits = values.iter().filter(|v| v.is_some()).count() as u64;
         self.inner.stats.hits(hits);
         self.inner.stats.misses(values.len() as u64 - hits);

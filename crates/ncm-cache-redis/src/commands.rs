@@ -62,6 +62,18 @@ pub(crate) fn mget(keys: &[String]) -> Cmd {
     c
 }
 
+/// An `MGET` reply of `got` values for `asked` keys: an error unless they match (a broken
+/// proxy or hostile endpoint: never pair values with the wrong keys).
+pub(crate) fn check_mget(got: usize, asked: usize) -> Result<()> {
+    if got == asked {
+        return Ok(());
+    }
+    Err(CacheError::backend(
+        format!("MGET returned {got} values for {asked} keys"),
+        None,
+    ))
+}
+
 pub(crate) fn pttl(key: &str) -> Cmd {
     let mut c = cmd("PTTL");
     c.arg(key);

@@ -351,17 +351,7 @@ impl RedisSyncCache {
         }
         let values: Vec<Option<Vec<u8>>> =
             self.run(Operation::GetMany, |c| commands::mget(&full).query(c))?;
-        // A broken proxy or hostile endpoint: never pair values with the wrong keys.
-        if values.len() != full.len() {
-            return Err(CacheError::backend(
-                format!(
-                    "MGET returned {} values for {} keys",
-                    values.len(),
-                    full.len()
-                ),
-                None,
-            ));
-        }
+        commands::check_mget(values.len(), full.len())?;
         let hits = values.iter().filter(|v| v.is_some()).count() as u64;
         self.inner.stats.hits(hits);
         self.inner.stats.misses(values.len() as u64 - hits);

@@ -136,13 +136,13 @@ impl<C: Codec> SqlCache<C> {
                     Ok(rows) => Ok(Some(rows)),
                     Err(err) => match fallback {
                         Some((cached, None)) => Ok(Some(self.serve_stale(analysis, &err, cached))),
-                        // A fail-safe copy: only while it may still be served (the query may
-                        // have outlived its max stale age).
+                        // A fail-safe copy: only while the backend may still serve that very
+                        // copy (the query may have outlived its max stale age).
                         Some((cached, Some(bytes)))
                             if backend
                                 .stale_to_serve(&key, Bytes::clone(&bytes))
                                 .await
-                                .is_some() =>
+                                .is_some_and(|now| now == bytes) =>
                         {
                             Ok(Some(self.serve_stale(analysis, &err, cached)))
                         }
