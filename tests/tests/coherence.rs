@@ -121,6 +121,10 @@ struct Report {
     in_fault_windows: usize,
     stale_served: usize,
     from_l1: usize,
+    /// Reads answered by a read-through over the layered instance (`as_backend()`).
+    layered: usize,
+    /// Of those, checked (outside fault windows, their version's write acknowledged).
+    layered_checked: usize,
     violations: Vec<String>,
 }
 
@@ -275,6 +279,8 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
         if r.source == "L1" {
             report.from_l1 += 1;
         }
+        let layered = r.source == "Layered";
+        report.layered += usize::from(layered);
         if faults
             .iter()
             .any(|(s, e, settle)| r.start <= e + settle && r.end >= *s)
@@ -290,6 +296,7 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
             continue;
         }
         report.checked += 1;
+        report.layered_checked += usize::from(layered);
         let Some((acked, ends, max_starts)) = by_key.get(r.key.as_str()) else {
             continue;
         };
@@ -330,12 +337,14 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
 
 fn assert_report(name: &str, report: &Report, faults: usize) {
     println!(
-        "{name}: {} ops, {} reads ({} from L1, {} stale by fail-safe), {} checked, {} in fault windows, {} faults, {} violations",
+        "{name}: {} ops, {} reads ({} from L1, {} stale by fail-safe, {} by read-throughs over as_backend), {} checked ({} of those), {} in fault windows, {} faults, {} violations",
         report.ops,
         report.reads,
         report.from_l1,
         report.stale_served,
+        report.layered,
         report.checked,
+        report.layered_checked,
         report.in_fault_windows,
         faults,
         report.violations.len()

@@ -1,7 +1,9 @@
 //! One worker process of the multi-process coherence checker (`tests/tests/coherence.rs`):
 //! runs mixed set / delete / get / get_or_load / clear on shared keys with versioned values
 //! through `MultiLevelCache::over_redis` (backplane + lock + fail-safe + eager refresh + loader
-//! timeouts) until its deadline, and writes what it did, with wall-clock times, to a log file.
+//! timeouts), and read-throughs through `CacheStrategies` over a second instance's
+//! `as_backend()`, until its deadline, and writes what it did, with wall-clock times, to a log
+//! file.
 //!
 //! Environment: `NCM_WORKER_ID`, `NCM_WORKER_SECS`, `NCM_WORKER_SEED`, `NCM_WORKER_LOG`, and
 //! either `NCM_WORKER_URL` (one node) or `NCM_WORKER_NODES` (comma-separated cluster nodes);
@@ -15,7 +17,8 @@
 //! - `D key start end ok|err` — a delete
 //! - `C start end ok|err` — a clear
 //! - `R key version|- start end source|err` — a get (source `L1`, `L2`, `Stale`, ...)
-//! - `G key version|- start end source|err` — a get_or_load (source `Loader`: this call loaded)
+//! - `G key version|- start end source|err` — a get_or_load, or a read-through over the
+//!   layered instance (source `Layered`); `Loader`: this call loaded
 //! - `P key version time` — a loader produced a version (also background refreshes)
 //! - `A time 1|0` — this instance's L1 was found turned on / off (polled every 10 ms)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -26,7 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ncm_cache::multilevel::Coherence;
-use ncm_cache::{MultiLevelCache, RedisCache, RedisConfig};
+use ncm_cache::strategies::CacheStrategies;
+use ncm_cache::{Cache, MultiLevelCache, RedisCache, RedisConfig, Serializer};
 use serde::{Deserialize, Serialize};
 
 /// Keys every worker uses.
@@ -100,19 +104,28 @@ async fn main() {
         Some("both") => Coherence::Both,
         _ => Coherence::Backplane,
     };
-    let cache = MultiLevelCache::over_redis(&redis)
-        .coherence(coherence)
-        .name("checker")
-        .epoch_clear(env("NCM_WORKER_EPOCH").is_some())
-        .l1_default_ttl(Duration::from_secs(10))
-        .fail_safe(Duration::from_secs(30))
-        .eager_refresh(0.8)
-        .loader_timeouts(
-            Some(Duration::from_millis(50)),
-            Some(Duration::from_secs(1)),
-        )
-        .build()
-        .unwrap();
+    let build = || {
+        MultiLevelCache::over_redis(&redis)
+            .coherence(coherence)
+            .name("checker")
+            .epoch_clear(env("NCM_WORKER_EPOCH").is_some())
+            .l1_default_ttl(Duration::from_secs(10))
+            .fail_safe(Duration::from_secs(30))
+            .eager_refresh(0.8)
+            .loader_timeouts(
+                Some(Duration::from_millis(50)),
+                Some(Duration::from_secs(1)),
+            )
+            .build()
+            .unwrap()
+    };
+    let cache = build();
+    // A second instance in this process, under the layers as a byte-level backend:
+    // `CacheStrategies::read_through` through `as_backend()` (its loads take the same stampede
+    // lock as `get_or_load`'s; its fail-safe copies are re-checked after a failed load). Its
+    // answers are checked as the others are.
+    let layered = build();
+    let strategies = CacheStrategies::new(Cache::new(layered.as_backend(), Serializer::default()));
     let log = Arc::new(Log(Mutex::new(String::new())));
     let counter = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -137,6 +150,7 @@ async fn main() {
     }));
     for t in 0..TASKS {
         let (cache, log, counter) = (cache.clone(), Arc::clone(&log), Arc::clone(&counter));
+        let strategies = strategies.clone();
         let mut rng = fastrand::Rng::with_seed(seed ^ (id << 32) ^ t);
         tasks.push(tokio::spawn(async move {
             let next = || (id << 48) | counter.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +187,33 @@ async fn main() {
                         Err(_) => ("-".to_owned(), "err".to_owned()),
                     };
                     log.line(format_args!("R {key} {version} {start} {end} {source}"));
+                } else if dice >= 9300 {
+                    // A read-through over the layered instance; `Loader`: this call's loader
+                    // produced the value.
+                    let version = next();
+                    let (log2, k2) = (Arc::clone(&log), key.clone());
+                    let load = move || async move {
+                        log2.line(format_args!("P {k2} {version} {}", now()));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok::<_, std::io::Error>(Val { key: k2, version })
+                    };
+                    let r = strategies
+                        .read_through::<Val, _, _, _>(&key, load, Duration::from_secs(60))
+                        .await;
+                    let end = now();
+                    let (got, source) = match r {
+                        Ok(v) => {
+                            assert_eq!(v.key, key, "another key's value");
+                            let source = if v.version == version {
+                                "Loader"
+                            } else {
+                                "Layered"
+                            };
+                            (v.version.to_string(), source)
+                        }
+                        Err(_) => ("-".to_owned(), "err"),
+                    };
+                    log.line(format_args!("G {key} {got} {start} {end} {source}"));
                 } else {
                     let version = next();
                     let (log2, k2) = (Arc::clone(&log), key.clone());
@@ -205,6 +246,7 @@ async fn main() {
     let text = log.0.lock().unwrap().clone();
     std::fs::write(&path, text).unwrap();
     let _ = cache.close().await;
+    let _ = layered.close().await;
 }
 
 /// A plain client of the same Redis (one node or cluster), as another program would use.
