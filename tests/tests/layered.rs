@@ -1798,16 +1798,29 @@ async fn a_failed_load_over_the_lock_lets_another_instance_load_at_once() {
     assert!(first.await.unwrap().is_err());
 }
 
-/// A real executor that counts its reads and answers them `delay` late.
+/// A real database (SQLite) whose reads are counted, answer `delay` late, and fail (after
+/// the delay `failing` holds) while `failing` says so.
 #[derive(Debug)]
-struct Counted {
+struct TestDb {
     inner: SqliteExecutor,
     delay: Duration,
     reads: Arc<AtomicUsize>,
+    failing: Arc<Mutex<Option<Duration>>>,
+}
+
+impl TestDb {
+    async fn open(url: &str, delay: Duration) -> Self {
+        Self {
+            inner: SqliteExecutor::connect(url).await.unwrap(),
+            delay,
+            reads: Arc::default(),
+            failing: Arc::default(),
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl ncm_cache::sql::SqlExecutor for Counted {
+impl ncm_cache::sql::SqlExecutor for TestDb {
     fn dialect(&self) -> ncm_cache::sql::SqlDialect {
         self.inner.dialect()
     }
@@ -1823,6 +1836,11 @@ impl ncm_cache::sql::SqlExecutor for Counted {
         params: &[SqlValue],
     ) -> ncm_cache::core::Result<ncm_cache::sql::Rows> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let failing = *self.failing.lock().unwrap();
+        if let Some(after) = failing {
+            tokio::time::sleep(after).await;
+            return Err(ncm_cache::core::CacheError::backend("database down", None));
+        }
         let rows = self.inner.fetch_all(sql, params).await;
         tokio::time::sleep(self.delay).await;
         rows
@@ -1851,29 +1869,17 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
         MultiLevelCache::over_redis(&redis).build().unwrap(),
         MultiLevelCache::over_redis(&redis).build().unwrap(),
     );
-    let (reads_a, reads_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let sql = |multi: &MultiLevelCache, reads: &Arc<AtomicUsize>, delay| {
-        let url = url.clone();
-        let (cache, reads) = (
-            Cache::new(multi.as_backend(), Serializer::default()),
-            Arc::clone(reads),
-        );
-        async move {
-            let inner = SqliteExecutor::connect(&url).await.unwrap();
-            SqlCache::builder(
-                cache,
-                Counted {
-                    inner,
-                    delay,
-                    reads,
-                },
-            )
+    let (db_a, db_b) = (
+        TestDb::open(&url, Duration::ZERO).await,
+        TestDb::open(&url, Duration::from_millis(800)).await,
+    );
+    let (reads_a, reads_b) = (Arc::clone(&db_a.reads), Arc::clone(&db_b.reads));
+    let sql = |multi: &MultiLevelCache, db| {
+        SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
             .build()
             .unwrap()
-        }
     };
-    let a = sql(&ma, &reads_a, Duration::ZERO).await;
-    let b = sql(&mb, &reads_b, Duration::from_millis(800)).await;
+    let (a, b) = (sql(&ma, db_a), sql(&mb, db_b));
     a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
         .await
         .unwrap();
@@ -2014,44 +2020,6 @@ async fn a_stale_copy_is_not_served_after_a_load_that_outlived_its_max_stale_age
     );
 }
 
-/// A real executor whose reads fail (after a delay) while `failing` says so.
-#[derive(Debug)]
-struct Failing {
-    inner: SqliteExecutor,
-    failing: Arc<Mutex<Option<Duration>>>,
-}
-
-#[async_trait::async_trait]
-impl ncm_cache::sql::SqlExecutor for Failing {
-    fn dialect(&self) -> ncm_cache::sql::SqlDialect {
-        self.inner.dialect()
-    }
-    fn identity(&self) -> &str {
-        self.inner.identity()
-    }
-    fn database_identity(&self) -> &str {
-        self.inner.database_identity()
-    }
-    async fn fetch_all(
-        &self,
-        sql: &str,
-        params: &[SqlValue],
-    ) -> ncm_cache::core::Result<ncm_cache::sql::Rows> {
-        let failing = *self.failing.lock().unwrap();
-        if let Some(after) = failing {
-            tokio::time::sleep(after).await;
-            return Err(ncm_cache::core::CacheError::backend("database down", None));
-        }
-        self.inner.fetch_all(sql, params).await
-    }
-    async fn execute(&self, sql: &str, params: &[SqlValue]) -> ncm_cache::core::Result<u64> {
-        self.inner.execute(sql, params).await
-    }
-    async fn dependencies(&self) -> ncm_cache::core::Result<Vec<(String, String)>> {
-        self.inner.dependencies().await
-    }
-}
-
 /// `SqlCache` over a fail-safe multi-level cache serves its stale result after a failed query
 /// only while the copy is within its max stale age: a query failing at once gets the copy, one
 /// failing after the age ran out gets the error (found by review: the copy handed back before
@@ -2062,16 +2030,11 @@ async fn sql_serves_a_stale_result_after_a_failed_query_only_within_its_age() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("app.db").display());
     let multi = fail_safe_instance_aged(&server, "sqlage:", Duration::from_secs(2)).await;
-    let failing = Arc::new(Mutex::new(None));
-    let sql = SqlCache::builder(
-        Cache::new(multi.as_backend(), Serializer::default()),
-        Failing {
-            inner: SqliteExecutor::connect(&url).await.unwrap(),
-            failing: Arc::clone(&failing),
-        },
-    )
-    .build()
-    .unwrap();
+    let db = TestDb::open(&url, Duration::ZERO).await;
+    let failing = Arc::clone(&db.failing);
+    let sql = SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
+        .build()
+        .unwrap();
     sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
         .await
         .unwrap();
