@@ -104,8 +104,8 @@ async fn main() {
         Some("both") => Coherence::Both,
         _ => Coherence::Backplane,
     };
-    let build = || {
-        MultiLevelCache::over_redis(&redis)
+    let build = |redis: &RedisCache| {
+        MultiLevelCache::over_redis(redis)
             .coherence(coherence)
             .name("checker")
             .epoch_clear(env("NCM_WORKER_EPOCH").is_some())
@@ -119,7 +119,7 @@ async fn main() {
             .build()
             .unwrap()
     };
-    let cache = build();
+    let cache = build(&redis);
     // A second instance in this process, under the layers as a byte-level backend:
     // `CacheStrategies::read_through` through `as_backend()` (its loads take the same stampede
     // lock as `get_or_load`'s; its fail-safe copies are re-checked after a failed load). Its
@@ -127,7 +127,12 @@ async fn main() {
     // Opt-in (`NCM_WORKER_LAYERED=1`, inherited from the checker's environment): a one-minute
     // run with it found 17 stale L1 reads of the *typed* instance in 2 of 6 topologies (stop
     // 43, not yet explained); CI and `cargo xtask chaos` run without it until it is.
-    let layered = env("NCM_WORKER_LAYERED").is_some().then(build);
+    // `own`: the second instance on a `RedisCache` of its own (its own pool and batcher).
+    let layered = match env("NCM_WORKER_LAYERED").as_deref() {
+        Some("own") => Some(build(&RedisCache::connect(config()).await.unwrap())),
+        Some(_) => Some(build(&redis)),
+        None => None,
+    };
     let strategies = layered
         .as_ref()
         .map(|l| CacheStrategies::new(Cache::new(l.as_backend(), Serializer::default())));
