@@ -1651,6 +1651,16 @@ async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
     );
 }
 
+/// Creates `users (id, name)` holding `(1, 'Ada')` through `sql`.
+async fn users_with_ada(sql: &SqlCache) {
+    sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
+        .await
+        .unwrap();
+    sql.execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
+        .await
+        .unwrap();
+}
+
 /// `SqlCache` over a fail-safe multi-level cache while Redis is down: a query whose cached
 /// result has only a stale L1 copy left goes to the database (the database's newer row is
 /// served), and the stale copy is served only when the database fails too (found by review:
@@ -1668,12 +1678,7 @@ async fn sql_over_a_fail_safe_cache_asks_the_database_while_redis_is_down() {
     )
     .build()
     .unwrap();
-    sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
-        .await
-        .unwrap();
-    sql.execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
-        .await
-        .unwrap();
+    users_with_ada(&sql).await;
     let query = "SELECT name FROM users WHERE id = %s";
     let name = |rows: Option<ncm_cache::sql::Rows>| {
         rows.and_then(|r| r.get(0, "name").cloned())
@@ -2035,12 +2040,7 @@ async fn sql_serves_a_stale_result_after_a_failed_query_only_within_its_age() {
     let sql = SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
         .build()
         .unwrap();
-    sql.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)", ())
-        .await
-        .unwrap();
-    sql.execute("INSERT INTO users VALUES (%s, %s)", params![1, "Ada"])
-        .await
-        .unwrap();
+    users_with_ada(&sql).await;
     let query = "SELECT name FROM users WHERE id = %s";
     let read = || async {
         sql.cache_query(query, params![1], QueryCacheStrategy::CacheFirst, None)

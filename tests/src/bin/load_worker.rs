@@ -90,22 +90,14 @@ async fn main() {
         .unwrap();
     let cache = Cache::new(multi.as_backend(), Serializer::default());
     let loader = CacheLoader::new(cache.clone());
-    loader
-        .register_loader(
-            "item",
-            |key: String| source(key),
-            Duration::from_secs(60),
-            CacheStrategy::CacheAside,
-        )
-        .unwrap();
-    loader
-        .register_loader(
-            "around",
-            |key: String| source(key),
-            Duration::from_secs(60),
-            CacheStrategy::WriteAround,
-        )
-        .unwrap();
+    for (name, strategy) in [
+        ("item", CacheStrategy::CacheAside),
+        ("around", CacheStrategy::WriteAround),
+    ] {
+        loader
+            .register_loader(name, source, Duration::from_secs(60), strategy)
+            .unwrap();
+    }
     LOADER.set(loader.clone()).unwrap();
     let strategies = CacheStrategies::new(cache);
     for _ in 0..500 {
