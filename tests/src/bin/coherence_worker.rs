@@ -1,8 +1,9 @@
 //! One worker process of the multi-process coherence checker (`tests/tests/coherence.rs`):
 //! runs mixed set / delete / get / get_or_load / clear on shared keys with versioned values
 //! through `MultiLevelCache::over_redis` (backplane + lock + fail-safe + eager refresh + loader
-//! timeouts), and — with `NCM_WORKER_LAYERED=1` — read-throughs through `CacheStrategies` over
-//! a second instance's `as_backend()`, until its deadline, and writes what it did, with
+//! timeouts), and read-throughs through `CacheStrategies` over a second instance's
+//! `as_backend()` (`NCM_WORKER_LAYERED=0`: none; `own`: that instance on a `RedisCache` of its
+//! own), until its deadline, and writes what it did, with
 //! wall-clock times, to a log file.
 //!
 //! Environment: `NCM_WORKER_ID`, `NCM_WORKER_SECS`, `NCM_WORKER_SEED`, `NCM_WORKER_LOG`, and
@@ -17,8 +18,10 @@
 //! - `D key start end ok|err` — a delete
 //! - `C start end ok|err` — a clear
 //! - `R key version|- start end source|err` — a get (source `L1`, `L2`, `Stale`, ...)
-//! - `G key version|- start end source|err` — a get_or_load, or a read-through over the
-//!   layered instance (source `Layered`); `Loader`: this call loaded
+//! - `G key version|- start end source|err` — a get_or_load (`Loader`: this call's loader
+//!   produced the value; `Joined`: another call's load, joined in flight)
+//! - `L key version|- start end source|err` — a read-through over the layered instance
+//!   (`Loader`: this call's loader produced the value; `Layered`: found in the cache)
 //! - `P key version time` — a loader produced a version (also background refreshes)
 //! - `A time 1|0` — this instance's L1 was found turned on / off (polled every 10 ms)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ncm_cache::multilevel::Coherence;
 use ncm_cache::strategies::CacheStrategies;
-use ncm_cache::{Cache, MultiLevelCache, RedisCache, RedisConfig, Serializer};
+use ncm_cache::{Cache, MultiLevelCache, RedisCache, RedisConfig, Serializer, ValueSource};
 use serde::{Deserialize, Serialize};
 
 /// Keys every worker uses.
@@ -124,14 +127,12 @@ async fn main() {
     // `CacheStrategies::read_through` through `as_backend()` (its loads take the same stampede
     // lock as `get_or_load`'s; its fail-safe copies are re-checked after a failed load). Its
     // answers are checked as the others are.
-    // Opt-in (`NCM_WORKER_LAYERED=1`, inherited from the checker's environment): a one-minute
-    // run with it found 17 stale L1 reads of the *typed* instance in 2 of 6 topologies (stop
-    // 43, not yet explained); CI and `cargo xtask chaos` run without it until it is.
-    // `own`: the second instance on a `RedisCache` of its own (its own pool and batcher).
+    // `NCM_WORKER_LAYERED` (inherited from the checker's environment): `own` puts it on a
+    // `RedisCache` of its own (its own pool and batcher), `0` leaves it out.
     let layered = match env("NCM_WORKER_LAYERED").as_deref() {
         Some("own") => Some(build(&RedisCache::connect(config()).await.unwrap())),
-        Some(_) => Some(build(&redis)),
-        None => None,
+        Some("0") => None,
+        _ => Some(build(&redis)),
     };
     let strategies = layered
         .as_ref()
@@ -223,7 +224,7 @@ async fn main() {
                         }
                         Err(_) => ("-".to_owned(), "err"),
                     };
-                    log.line(format_args!("G {key} {got} {start} {end} {source}"));
+                    log.line(format_args!("L {key} {got} {start} {end} {source}"));
                 } else {
                     let version = next();
                     let (log2, k2) = (Arc::clone(&log), key.clone());
@@ -235,14 +236,19 @@ async fn main() {
                         })
                         .await;
                     let end = now();
-                    let (version, source) = match r {
+                    let (got, source) = match r {
                         Ok((v, source)) => {
                             assert_eq!(v.key, key, "another key's value");
-                            (v.version.to_string(), format!("{source:?}"))
+                            let source = match source {
+                                // Another call's load, joined in flight: a read of it.
+                                ValueSource::Loader if v.version != version => "Joined".to_owned(),
+                                source => format!("{source:?}"),
+                            };
+                            (v.version.to_string(), source)
                         }
                         Err(_) => ("-".to_owned(), "err".to_owned()),
                     };
-                    log.line(format_args!("G {key} {version} {start} {end} {source}"));
+                    log.line(format_args!("G {key} {got} {start} {end} {source}"));
                 }
                 tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
             }
