@@ -11,7 +11,9 @@
 //!   version whose write had finished before that write/delete/clear began. A call that
 //!   returned its own loader's value counts as a write when that value is seen stored (read
 //!   from L2, or by another process): not every load is stored (see `stored_loads`). Reads
-//!   of any loaded value, stored or not, are checked.
+//!   of any loaded value, stored or not, are checked;
+//! - **nothing lost**: a get that finds nothing more than [`BOUND`] after an acknowledged set
+//!   of its key had nothing since that could remove it (see `lost_writes`).
 //!
 //! Reads that overlap a fault window (plus [`SETTLE`], [`failover_settle`] after a failover)
 //! and values served as `Stale` (fail-safe)
@@ -134,6 +136,9 @@ struct Report {
     loads_unseen: usize,
     /// Reads checked whose version came from a load not seen stored (its instance's L1).
     unseen_checked: usize,
+    /// Gets that found nothing after an acknowledged set, checked for a lost write (see
+    /// [`lost_writes`]).
+    misses_checked: usize,
     violations: Vec<String>,
 }
 
@@ -148,6 +153,8 @@ struct Parsed {
     /// Calls that returned their own loader's value (see [`stored_loads`]).
     loads: Vec<Write>,
     reads: Vec<Read>,
+    /// Gets that found nothing.
+    misses: Vec<Read>,
     /// The versions written or produced by a loader, per key.
     produced: HashMap<String, HashSet<u64>>,
     ops: usize,
@@ -157,7 +164,7 @@ struct Parsed {
 
 fn parse(logs: &[PathBuf]) -> Parsed {
     let (mut writes, mut reads, mut produced) = (Vec::new(), Vec::new(), HashMap::new());
-    let (mut loads, mut activity) = (Vec::new(), Vec::new());
+    let (mut loads, mut activity, mut misses) = (Vec::new(), Vec::new(), Vec::new());
     let mut ops = 0;
     for (worker, path) in logs.iter().enumerate() {
         let text = std::fs::read_to_string(path).unwrap();
@@ -209,6 +216,16 @@ fn parse(logs: &[PathBuf]) -> Parsed {
                 "R" | "G" | "L" => {
                     ops += 1;
                     let Ok(version) = f[2].parse::<u64>() else {
+                        if f[0] == "R" && f.get(5) == Some(&"None") {
+                            misses.push(Read {
+                                worker,
+                                key: f[1].to_owned(),
+                                version: 0,
+                                start: num(f.get(3).copied()),
+                                end: num(f.get(4).copied()),
+                                source: "None".to_owned(),
+                            });
+                        }
                         continue;
                     };
                     let (start, end) = (num(f.get(3).copied()), num(f.get(4).copied()));
@@ -242,6 +259,7 @@ fn parse(logs: &[PathBuf]) -> Parsed {
         writes,
         loads,
         reads,
+        misses,
         produced,
         ops,
         activity,
@@ -276,6 +294,7 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
         mut writes,
         loads,
         reads,
+        misses,
         produced,
         ops,
         activity,
@@ -288,6 +307,8 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
         loads_unseen: unseen.len(),
         ..Report::default()
     };
+    // Sets, deletes and clears only: a stored load may be withdrawn (`recent.rs`).
+    lost_writes(&writes, &misses, faults, &mut report);
     writes.extend(stored);
     // Per key: acknowledged writes/deletes (and every clear) sorted by end, with the running
     // maximum of their starts, to find "a write that began after X and ended before Y".
@@ -398,11 +419,75 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
     report
 }
 
+/// How long after a write's caller gave up its keys may still be removed (the epoch check of
+/// an abandoned write or delete removes them in the current epoch: `epoch.rs`, `Unsettled`).
+const LATE_REMOVAL: u128 = 5_000_000_000;
+
+/// **Nothing lost**: a get that began more than [`BOUND`] after an acknowledged `set` of its
+/// key ended finds something, unless a delete or clear (acknowledged or not), a `set` whose
+/// call failed (its keys may be removed after the caller gave up), or a fault (a restart or a
+/// failover loses data) could have removed it since that `set` began. Only the latest such
+/// `set` needs a look: whatever excuses it began after it, so it excuses every earlier one
+/// too. Entries live an hour in L2, so nothing expires during a run.
+fn lost_writes(
+    writes: &[Write],
+    misses: &[Read],
+    faults: &[(u128, u128, u128)],
+    report: &mut Report,
+) {
+    let mut sets: HashMap<&str, Vec<&Write>> = HashMap::new();
+    let mut removals: HashMap<&str, Vec<(u128, u128)>> = HashMap::new();
+    let mut clears = Vec::new();
+    for w in writes {
+        // A removal may land up to its end (a failed `set`: later, see LATE_REMOVAL).
+        let late = if w.ok { w.end } else { w.end + LATE_REMOVAL };
+        match (w.key.as_deref(), w.version) {
+            (None, _) => clears.push((w.start, late)),
+            (Some(key), Some(_)) if w.ok => sets.entry(key).or_default().push(w),
+            (Some(key), _) => removals.entry(key).or_default().push((w.start, late)),
+        }
+    }
+    for list in sets.values_mut() {
+        list.sort_by_key(|w| w.start);
+    }
+    for m in misses {
+        if faults
+            .iter()
+            .any(|(s, e, settle)| m.start <= e + settle && m.end >= *s)
+        {
+            continue;
+        }
+        // The latest acknowledged set that ended more than BOUND before the get began.
+        let Some(w) = sets.get(m.key.as_str()).and_then(|list| {
+            list.iter()
+                .filter(|w| w.end + BOUND < m.start)
+                .max_by_key(|w| w.start)
+        }) else {
+            continue;
+        };
+        report.misses_checked += 1;
+        let removed = |&(start, late): &(u128, u128)| late > w.start && start < m.end;
+        let excused = removals
+            .get(m.key.as_str())
+            .is_some_and(|r| r.iter().any(removed))
+            || clears.iter().any(removed)
+            || faults
+                .iter()
+                .any(|(s, e, settle)| e + settle > w.start && *s < m.start);
+        if !excused {
+            report.violations.push(format!(
+                "lost: {m:?} found nothing, although {w:?} was acknowledged more than {} ms before and nothing since could have removed it",
+                BOUND / 1_000_000
+            ));
+        }
+    }
+}
+
 /// Prints the report and fails on a violation, keeping the workers' logs (with the fault
 /// windows in `faults.log`) for a look at what led to it (always with `NCM_CHAOS_KEEP_LOGS`).
 fn assert_report(name: &str, report: &Report, faults: &[(u128, u128, u128)], dir: TempDir) {
     println!(
-        "{name}: {} ops, {} reads ({} from L1, {} stale by fail-safe, {} by read-throughs over as_backend), {} checked ({} of those), {} in fault windows, {} loads counted as writes ({} not seen stored, {} reads of those checked), {} faults, {} violations",
+        "{name}: {} ops, {} reads ({} from L1, {} stale by fail-safe, {} by read-throughs over as_backend), {} checked ({} of those), {} in fault windows, {} misses checked, {} loads counted as writes ({} not seen stored, {} reads of those checked), {} faults, {} violations",
         report.ops,
         report.reads,
         report.from_l1,
@@ -411,6 +496,7 @@ fn assert_report(name: &str, report: &Report, faults: &[(u128, u128, u128)], dir
         report.checked,
         report.layered_checked,
         report.in_fault_windows,
+        report.misses_checked,
         report.loads_stored,
         report.loads_unseen,
         report.unseen_checked,
