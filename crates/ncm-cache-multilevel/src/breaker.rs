@@ -28,6 +28,9 @@ pub(crate) struct Permit<'a> {
     breaker: &'a CircuitBreaker,
     probe: bool,
     reported: bool,
+    /// How many times the circuit had opened when the call began: the failure of a call
+    /// begun before the circuit last opened is not counted (see [`CircuitBreaker::failure`]).
+    opened: u64,
 }
 
 impl Permit<'_> {
@@ -40,14 +43,14 @@ impl Permit<'_> {
     /// L2 was unreachable or timed out.
     pub(crate) fn failure(mut self) {
         self.reported = true;
-        self.breaker.failure(self.probe);
+        self.breaker.failure(self.probe, self.opened);
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.reported && self.probe {
-            self.breaker.failure(true);
+            self.breaker.failure(true, self.opened);
         }
     }
 }
@@ -79,6 +82,7 @@ impl CircuitBreaker {
                 breaker: self,
                 probe: false,
                 reported: false,
+                opened: self.trips(),
             });
         }
         let now = self.now();
@@ -96,6 +100,7 @@ impl CircuitBreaker {
                 breaker: self,
                 probe: true,
                 reported: false,
+                opened: self.trips(),
             })
     }
 
@@ -107,7 +112,16 @@ impl CircuitBreaker {
         self.probe_since.store(0, Ordering::Release);
     }
 
-    fn failure(&self, probe: bool) {
+    /// A failed call. One begun before the circuit last opened (`opened` is older than
+    /// `trips`) is old news — L2 was already known to be down then — and is not counted: it
+    /// neither extends an open circuit nor reopens one a probe has closed meanwhile. Before,
+    /// calls still in flight when L2 went down reported their timeouts after the probe had
+    /// closed the circuit and opened it again for another cool-down (with the default 1 s
+    /// cool-down and 1 s response timeout, retried once, that is the common case).
+    fn failure(&self, probe: bool, opened: u64) {
+        if !probe && opened != self.trips() {
+            return;
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if probe || n >= self.threshold {
             self.failures.store(0, Ordering::Relaxed);
@@ -150,6 +164,28 @@ mod tests {
         b.allow().unwrap().success();
         assert!(!b.is_open());
         assert!(b.allow().is_some() && b.allow().is_some());
+        assert_eq!(b.trips(), 2);
+    }
+
+    #[test]
+    fn calls_begun_before_the_circuit_opened_do_not_reopen_it_when_they_fail_late() {
+        let b = CircuitBreaker::new(2, Duration::from_millis(30));
+        // In flight when L2 goes down; their timeouts come after the probe's success.
+        let late: Vec<_> = (0..3).map(|_| b.allow().unwrap()).collect();
+        b.allow().unwrap().failure();
+        b.allow().unwrap().failure();
+        assert!(b.is_open());
+        std::thread::sleep(Duration::from_millis(40));
+        b.allow().expect("probe").success();
+        assert!(!b.is_open());
+        for call in late {
+            call.failure();
+        }
+        assert!(!b.is_open(), "old failures reopened the circuit");
+        // Calls begun since count as before.
+        b.allow().unwrap().failure();
+        b.allow().unwrap().failure();
+        assert!(b.is_open());
         assert_eq!(b.trips(), 2);
     }
 
