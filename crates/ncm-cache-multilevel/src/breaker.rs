@@ -117,7 +117,8 @@ impl CircuitBreaker {
     /// neither extends an open circuit nor reopens one a probe has closed meanwhile. Before,
     /// calls still in flight when L2 went down reported their timeouts after the probe had
     /// closed the circuit and opened it again for another cool-down (with the default 1 s
-    /// cool-down and 1 s response timeout, retried once, that is the common case).
+    /// cool-down and 1 s response timeout, retried once, such calls can outlive the
+    /// cool-down).
     fn failure(&self, probe: bool, opened: u64) {
         if !probe && opened != self.trips() {
             return;
