@@ -354,6 +354,11 @@ async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
     };
     loop {
         send_gets(&inner, &mut batch).await;
+        // The callers just answered run before the next batch is taken (a yield, no timer):
+        // their next reads join it, instead of the first of them finding this slot free and
+        // sending alone (at 64 tasks: ~6 calls per command without the yield, ~11 with it;
+        // docs/BENCHMARKS.md, issue 21).
+        tokio::task::yield_now().await;
         match slot.next() {
             Some(next) => batch = next,
             None => return,
