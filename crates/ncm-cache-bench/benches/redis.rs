@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ncm_cache_bench::{Row, interleaved_medians, quick, write_rows};
+use ncm_cache_bench::{Row, interleaved_medians, quick, redis_and_raw, throughput, write_rows};
 use ncm_cache_core::{CacheBackend, SharedBackend};
 use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_testkit::RedisServer;
@@ -20,30 +20,6 @@ const KEYS: usize = 1000;
 
 fn value(size: usize) -> Bytes {
     Bytes::from(vec![b'x'; size])
-}
-
-/// Ops/s of `tasks` tasks each running `per_task` calls of `op`.
-async fn throughput<F, Fut>(tasks: usize, per_task: usize, op: F) -> f64
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let op = Arc::clone(&op);
-            tokio::spawn(async move {
-                for i in 0..per_task {
-                    op(t * per_task + i).await;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.unwrap();
-    }
-    (tasks * per_task) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -111,19 +87,9 @@ fn main() {
     let (rounds, per_task) = if quick() { (4, 800) } else { (8, 3000) };
     let mut rows = Vec::new();
 
-    let (ours, raw): (SharedBackend, ConnectionManager) = rt.block_on(async {
-        let mut config = RedisConfig::from_url(&server.url()).unwrap();
-        config.max_connections = 1;
-        config.health_check_interval = None;
-        // The baseline gets exactly our socket options: the row measures library overhead.
-        let info = redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
-            .unwrap()
-            .set_tcp_settings(ncm_cache_redis::tcp_settings(&config));
-        let cache = RedisCache::connect(config).await.unwrap();
-        let client = redis::Client::open(info).unwrap();
-        let raw = ConnectionManager::new(client).await.unwrap();
-        (cache.backend(), raw)
-    });
+    // The baseline gets exactly our socket options: the rows measure library overhead.
+    let (ours, raw): (SharedBackend, ConnectionManager) =
+        rt.block_on(redis_and_raw(&server.url())).unwrap();
 
     for (size, size_name) in [(100usize, "100B"), (4096, "4KiB")] {
         rt.block_on(async {

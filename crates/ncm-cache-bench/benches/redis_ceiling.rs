@@ -13,11 +13,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use ncm_cache_bench::{Row, median, quick, write_rows};
+use ncm_cache_bench::{Row, median, quick, redis_and_raw, throughput, write_rows};
 use ncm_cache_core::{CacheBackend, SharedBackend};
-use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_testkit::RedisServer;
 use redis::aio::ConnectionManager;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -148,30 +146,6 @@ async fn own_socket(addr: std::net::SocketAddr) -> Arc<Queue> {
     queue
 }
 
-/// Ops/s of TASKS tasks each doing `per_task` calls of `op`.
-async fn throughput<F, Fut>(per_task: usize, op: F) -> f64
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|t| {
-            let op = Arc::clone(&op);
-            tokio::spawn(async move {
-                for i in 0..per_task {
-                    op(t * per_task + i).await;
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (TASKS * per_task) as f64 / start.elapsed().as_secs_f64()
-}
-
 fn main() {
     let filter = std::env::var("NCM_BENCH_FILTER").unwrap_or_default();
     if !filter.is_empty() && !"redis_ceiling".contains(&filter) {
@@ -186,16 +160,7 @@ fn main() {
     let (rounds, per_task) = if quick() { (4, 1500) } else { (8, 3000) };
     let (ours, raw, drivers, socket): (SharedBackend, ConnectionManager, _, _) =
         rt.block_on(async {
-            let mut config = RedisConfig::from_url(&server.url()).unwrap();
-            config.max_connections = 1;
-            config.health_check_interval = None;
-            let info = redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
-                .unwrap()
-                .set_tcp_settings(ncm_cache_redis::tcp_settings(&config));
-            let ours = RedisCache::connect(config).await.unwrap().backend();
-            let raw = ConnectionManager::new(redis::Client::open(info).unwrap())
-                .await
-                .unwrap();
+            let (ours, raw) = redis_and_raw(&server.url()).await.unwrap();
             for i in 0..KEYS {
                 ours.set(&format!("k{i}"), vec![b'x'; 100].into(), None)
                     .await
@@ -215,7 +180,7 @@ fn main() {
                 match which {
                     0 => {
                         let raw = raw.clone();
-                        throughput(per_task, move |i| {
+                        throughput(TASKS, per_task, move |i| {
                             let mut raw = raw.clone();
                             async move {
                                 let v: Option<Vec<u8>> = redis::cmd("GET")
@@ -230,7 +195,7 @@ fn main() {
                     }
                     1 => {
                         let ours = Arc::clone(&ours);
-                        throughput(per_task, move |i| {
+                        throughput(TASKS, per_task, move |i| {
                             let ours = Arc::clone(&ours);
                             async move {
                                 assert!(ours.get(&key(i)).await.unwrap().is_some());
@@ -240,7 +205,7 @@ fn main() {
                     }
                     n => {
                         let queue = Arc::clone(if n == 2 { &drivers } else { &socket });
-                        throughput(per_task, move |i| {
+                        throughput(TASKS, per_task, move |i| {
                             let queue = Arc::clone(&queue);
                             async move {
                                 assert!(queue.get(key(i)).await.is_some());

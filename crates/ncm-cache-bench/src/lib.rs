@@ -89,6 +89,59 @@ pub fn interleaved_medians(
     (median(&mut a), median(&mut b))
 }
 
+/// Ops/s of `tasks` tokio tasks, each running `per_task` calls of `op` in turn (call `i` of
+/// task `t` gets `t * per_task + i`).
+///
+/// # Panics
+/// When a task panics (an `op` failed).
+#[allow(clippy::expect_used)] // a failed op fails the benchmark run
+pub async fn throughput<F, Fut>(tasks: usize, per_task: usize, op: F) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = std::sync::Arc::new(op);
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let op = std::sync::Arc::clone(&op);
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    op(t * per_task + i).await;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("a benchmark task panicked");
+    }
+    (tasks * per_task) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A `RedisCache` backend on one connection (no health checks) and, as its baseline, a raw
+/// redis-rs `ConnectionManager` with exactly our socket options: a row beside it measures
+/// library overhead.
+///
+/// # Errors
+/// When either cannot connect to `url`.
+pub async fn redis_and_raw(
+    url: &str,
+) -> Result<
+    (ncm_cache_core::SharedBackend, redis::aio::ConnectionManager),
+    Box<dyn std::error::Error>,
+> {
+    let mut config = ncm_cache_redis::RedisConfig::from_url(url)?;
+    config.max_connections = 1;
+    config.health_check_interval = None;
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?
+        .set_tcp_settings(ncm_cache_redis::tcp_settings(&config));
+    let ours = ncm_cache_redis::RedisCache::connect(config)
+        .await?
+        .backend();
+    let raw = redis::aio::ConnectionManager::new(redis::Client::open(info)?).await?;
+    Ok((ours, raw))
+}
+
 /// The median of a sample (0 when empty).
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
