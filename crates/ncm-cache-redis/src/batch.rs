@@ -6,7 +6,8 @@
 //! [`MAX_IN_FLIGHT`] batches in flight sends at once — alone, since a free slot means nothing
 //! is queued, so an idle connection costs a call only a lock and a oneshot — and the calls
 //! that arrive while batches are in flight go together in the next batch, sent by a task as
-//! soon as one of those returns.
+//! soon as one of those returns (for reads, after one yield: the callers that batch answered
+//! run first, so their next reads join it).
 //!
 //! A lone `get` is sent by its caller (no task hop) unless it takes the last free slot; every
 //! other batch by a task (so futures polled once and then parked cannot hold every slot), so a
