@@ -236,6 +236,47 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
     proxy.set_mode(ProxyMode::Pass);
 }
 
+/// Reads queued behind batches already stalled still time out within their own bound (connect
+/// + two response timeouts), counted from their call, not from when a batch took them: a
+/// stalled batch holds its slot for two response timeouts, so a read that waited for one and
+/// was then sent would take about four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_queued_behind_stalled_batches_time_out_within_their_own_bound() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
+    config.response_timeout = Duration::from_millis(200);
+    config.connect_timeout = Duration::from_millis(50);
+    config.health_check_interval = None;
+    let bound = Duration::from_millis(50 + 2 * 200);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    preload(&cache).await;
+    proxy.set_mode(ProxyMode::Stall);
+    // Waves: the first ones take every batch slot; the later ones queue behind them.
+    let mut handles = Vec::new();
+    for wave in 0..4usize {
+        for i in 0..16usize {
+            let cache = Arc::clone(&cache);
+            handles.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let r = cache.get(&key(wave * 16 + i)).await;
+                (r, start.elapsed())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for h in handles {
+        let (r, took) = h.await.unwrap();
+        let e = r.unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+        assert!(
+            took < bound + Duration::from_millis(250),
+            "a read waited {took:?} (its bound {bound:?})"
+        );
+    }
+    proxy.set_mode(ProxyMode::Pass);
+}
+
 /// A server whose user `app` may read and write `app:ok*` keys only, and a cache of that user.
 async fn acl_cache() -> (RedisServer, SharedBackend) {
     let server = RedisServer::builder()
