@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use ncm_cache_bench::{Row, median, quick, redis_and_raw, throughput, write_rows};
+use ncm_cache_bench::{Row, median, quick, redis_and_raw, spread, throughput, write_rows};
 use ncm_cache_core::{CacheBackend, SharedBackend};
 use ncm_cache_testkit::RedisServer;
 use redis::aio::ConnectionManager;
@@ -170,12 +170,16 @@ fn main() {
             let socket = own_socket(server.addr()).await;
             (ours, raw, drivers, socket)
         });
-    let key = |i: usize| format!("k{}", i % KEYS);
+    let key = |i: usize| format!("k{}", spread(i, KEYS));
     let mut samples: [Vec<f64>; 4] = Default::default();
+    // Reads and commands (GET + MGET) of our client's rounds: how large its batches were.
+    let commands = || server.command_calls("GET").unwrap() + server.command_calls("MGET").unwrap();
+    let (mut our_reads, mut our_commands) = (0u64, 0u64);
     for round in 0..rounds {
         let mut order = [0, 1, 2, 3];
         order.rotate_left(round % 4);
         for which in order {
+            let before = (which == 1).then(commands);
             let ops = rt.block_on(async {
                 match which {
                     0 => {
@@ -215,6 +219,10 @@ fn main() {
                     }
                 }
             });
+            if let Some(before) = before {
+                our_commands += commands() - before;
+                our_reads += (TASKS * per_task) as u64;
+            }
             samples[which].push(ops);
         }
     }
@@ -247,5 +255,9 @@ fn main() {
             r.name, r.ours, r.baseline, r.ratio
         );
     }
+    println!(
+        "RedisCache: {our_reads} reads in {our_commands} GET/MGET commands ({:.1} reads per command)",
+        our_reads as f64 / our_commands.max(1) as f64
+    );
     write_rows("redis_ceiling", &rows).unwrap();
 }

@@ -142,6 +142,17 @@ pub async fn redis_and_raw(
     Ok((ours, raw))
 }
 
+/// Call `i`'s key among `n`, spread pseudo-randomly (splitmix64): tasks whose call numbers
+/// differ read unrelated keys, so concurrent tasks do not read one key in step (which would
+/// flatter a client that merges duplicate reads).
+pub fn spread(i: usize, n: usize) -> usize {
+    let mut z = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % n.max(1) as u64) as usize
+}
+
 /// The median of a sample (0 when empty).
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
