@@ -6,8 +6,8 @@
 //! [`MAX_IN_FLIGHT`] batches in flight sends at once — alone, since a free slot means nothing
 //! is queued, so an idle connection costs a call only a lock and a oneshot — and the calls
 //! that arrive while batches are in flight go together in the next batch, sent by a task as
-//! soon as one of those returns (for reads, after one yield: the callers that batch answered
-//! run first, so their next reads join it).
+//! soon as one of those returns (for reads, after one yield, so that the callers that batch
+//! answered usually run first and their next reads join it).
 //!
 //! A lone `get` is sent by its caller (no task hop) unless it takes the last free slot; every
 //! other batch by a task (so futures polled once and then parked cannot hold every slot), so a
@@ -355,10 +355,12 @@ async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
     };
     loop {
         send_gets(&inner, &mut batch).await;
-        // The callers just answered run before the next batch is taken (a yield, no timer):
-        // their next reads join it, instead of the first of them finding this slot free and
-        // sending alone (at 64 tasks: ~6 calls per command without the yield, ~11 with it;
-        // docs/BENCHMARKS.md, issue 21).
+        // The callers just answered usually run before the next batch is taken (a yield, no
+        // timer; tokio does not promise the order, and under other load the yielded task waits
+        // behind ready tasks, each read still bounded by its own timer): their next reads join
+        // it, instead of the first of them finding this slot free and sending alone (64 tasks
+        // on spread keys: 9.1 reads per command without the yield, 16.1 with it; the
+        // `redis_ceiling` bench prints it; docs/BENCHMARKS.md, issue 21).
         tokio::task::yield_now().await;
         match slot.next() {
             Some(next) => batch = next,
