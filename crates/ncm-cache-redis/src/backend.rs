@@ -102,8 +102,7 @@ impl RedisBackend {
         let conn = Conn::connect(&config).await?;
         let capabilities = crate::capabilities::probe(&config).await;
         // Off on a cluster: per-slot batches of random keys are batches of one.
-        let batcher =
-            (config.auto_batch && !conn.is_cluster()).then(crate::batch::Batcher::default);
+        let batcher = (config.auto_batch && !conn.is_cluster()).then(crate::batch::Batcher::new);
         let inner = Arc::new(Inner {
             conn,
             capabilities,

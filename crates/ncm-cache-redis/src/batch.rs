@@ -103,10 +103,32 @@ impl Weight for Set {
 }
 
 /// The queues of one backend.
-#[derive(Default)]
 pub(crate) struct Batcher {
     gets: Lane<Get>,
     sets: Lane<Set>,
+    /// The runtime the cache connected on, where its connections' tasks run: batches are sent
+    /// by tasks spawned there, not on the caller's runtime, which may be shut down while a
+    /// batch slot is handed to a task (`batching.rs::batch_slots_survive_the_shutdown_of_a_runtime_the_reads_ran_on`).
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Batcher {
+    /// Queues of a backend connected on the current runtime.
+    pub(crate) fn new() -> Self {
+        Self {
+            gets: Lane::default(),
+            sets: Lane::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+}
+
+/// Spawns a batch's task on the runtime the cache connected on (the caller's without one).
+fn spawn(inner: &Inner, task: impl Future<Output = ()> + Send + 'static) {
+    match inner.batcher.as_ref().and_then(|b| b.runtime.as_ref()) {
+        Some(runtime) => drop(runtime.spawn(task)),
+        None => drop(tokio::spawn(task)),
+    }
 }
 
 struct Lane<R> {
@@ -210,7 +232,10 @@ impl<R: Weight + Send + 'static> Drop for Slot<'_, R> {
         let Some(batch) = self.next() else { return };
         // Queued calls wait for this slot: a task sends them (or, with no runtime left, they
         // are dropped and their callers see the batch abandoned).
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let runtime = (self.inner.batcher.as_ref())
+            .and_then(|b| b.runtime.clone())
+            .or_else(|| tokio::runtime::Handle::try_current().ok());
+        if let Some(rt) = runtime {
             rt.spawn((self.flush)(Arc::clone(self.inner), batch));
         } else if let Some(b) = self.inner.batcher.as_ref() {
             drop(batch);
@@ -275,7 +300,7 @@ pub(crate) async fn get(
         // looked at, a busy task) must not hold every slot — the other calls would wait for
         // them, not for Redis.
         Some((batch, true)) => {
-            tokio::spawn(flush_gets(Arc::clone(inner), batch));
+            spawn(inner, flush_gets(Arc::clone(inner), batch));
         }
         Some((batch, false)) => send_alone(inner, batch).await,
         None => {}
@@ -301,7 +326,7 @@ async fn send_alone(inner: &Arc<Inner>, mut batch: Vec<Get>) {
     if let Some(next) = slot.next() {
         // The slot goes with the calls queued meanwhile, to a task.
         slot.held = false;
-        tokio::spawn(flush_gets(Arc::clone(inner), next));
+        spawn(inner, flush_gets(Arc::clone(inner), next));
     }
 }
 
@@ -326,7 +351,7 @@ pub(crate) async fn set(
         tx,
     };
     if let Some((batch, _)) = batcher.sets.push(call) {
-        tokio::spawn(flush_sets(Arc::clone(inner), batch));
+        spawn(inner, flush_sets(Arc::clone(inner), batch));
     }
     let bound = call_bound(inner, false);
     match tokio::time::timeout(bound, &mut rx).await {

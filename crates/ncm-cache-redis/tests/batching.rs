@@ -503,3 +503,63 @@ async fn a_read_refused_for_one_key_fails_only_its_own_call() {
     // Each refused call counted once.
     assert_eq!(cache.get_stats().errors, 20 * 22);
 }
+
+/// A cache that outlives a runtime its calls ran on (a cache in a `static` shared by several
+/// `#[tokio::test]`s, a runtime per request batch): the runtime is shut down while reads are
+/// queued behind batches in flight. A task that a batch slot was handed to is then dropped
+/// before it ever ran; its slot must still be given back. Before, each such shutdown lost
+/// slots for good, and once all four were gone every read waited out its bound.
+#[test]
+fn batch_slots_survive_the_shutdown_of_a_runtime_the_reads_ran_on() {
+    let server = RedisServer::start().unwrap();
+    // The connection lives on this runtime, which outlives the others.
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = main.block_on(async {
+        let mut config = RedisConfig::from_url(&server.url()).unwrap();
+        config.response_timeout = Duration::from_millis(500);
+        config.connect_timeout = Duration::from_millis(500);
+        config.health_check_interval = None;
+        let cache = RedisCache::connect(config).await.unwrap().backend();
+        preload(&cache).await;
+        cache
+    });
+    for round in 0..20 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for t in 0..64usize {
+            let cache = Arc::clone(&cache);
+            rt.spawn(async move {
+                for i in 0.. {
+                    let _ = cache.get(&key((t * 7 + i) % KEYS)).await;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5 + round % 7));
+        rt.shutdown_background();
+        // Reads from the long-lived runtime still get batch slots at once.
+        let took = main.block_on(async {
+            let start = Instant::now();
+            let reads: Vec<_> = (0..8)
+                .map(|i| {
+                    let cache = Arc::clone(&cache);
+                    tokio::spawn(async move { cache.get(&key(i)).await })
+                })
+                .collect();
+            for (i, r) in reads.into_iter().enumerate() {
+                assert_eq!(r.await.unwrap().unwrap(), Some(value(i)), "round {round}");
+            }
+            start.elapsed()
+        });
+        assert!(
+            took < Duration::from_millis(400),
+            "round {round}: reads took {took:?} after a runtime was shut down (batch slots lost?)"
+        );
+    }
+}
