@@ -123,12 +123,7 @@ async fn without_auto_batch_every_get_is_its_own_command() {
 async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller() {
     let mut server = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(server.addr()).unwrap();
-    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
-    config.response_timeout = Duration::from_millis(200);
-    config.connect_timeout = Duration::from_millis(200);
-    config.health_check_interval = None;
-    let cache = RedisCache::connect(config).await.unwrap().backend();
-    preload(&cache).await;
+    let cache = preloaded(&proxy.url(), 200, 200).await;
     let faults = {
         let proxy_handle = std::thread::spawn(move || {
             for _ in 0..3 {
@@ -195,17 +190,31 @@ async fn cancelled_callers_do_not_fail_the_others_in_their_batch() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
+/// A cache (keys preloaded) reaching its server through a proxy that now stalls: connect and
+/// response timeouts in milliseconds.
+async fn stalled(connect: u64, response: u64) -> (RedisServer, FaultProxy, SharedBackend) {
     let server = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(server.addr()).unwrap();
-    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
-    config.response_timeout = Duration::from_millis(200);
-    config.connect_timeout = Duration::from_millis(200);
+    let cache = preloaded(&proxy.url(), connect, response).await;
+    proxy.set_mode(ProxyMode::Stall);
+    (server, proxy, cache)
+}
+
+/// A cache of `url` (no health checks; connect and response timeouts in milliseconds), its
+/// keys preloaded.
+async fn preloaded(url: &str, connect: u64, response: u64) -> SharedBackend {
+    let mut config = RedisConfig::from_url(url).unwrap();
+    config.response_timeout = Duration::from_millis(response);
+    config.connect_timeout = Duration::from_millis(connect);
     config.health_check_interval = None;
     let cache = RedisCache::connect(config).await.unwrap().backend();
     preload(&cache).await;
-    proxy.set_mode(ProxyMode::Stall);
+    cache
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
+    let (_server, proxy, cache) = stalled(200, 200).await;
     let handles: Vec<_> = (0..100usize)
         .map(|i| {
             let cache = Arc::clone(&cache);
@@ -243,16 +252,8 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
 /// batch is in flight, are bounded by the connection's timeouts alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_queued_behind_stalled_batches_time_out_within_their_own_bound() {
-    let server = RedisServer::start().unwrap();
-    let proxy = FaultProxy::start(server.addr()).unwrap();
-    let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
-    config.response_timeout = Duration::from_millis(500);
-    config.connect_timeout = Duration::from_millis(300);
-    config.health_check_interval = None;
+    let (_server, proxy, cache) = stalled(300, 500).await;
     let bound = Duration::from_millis(300 + 2 * 500);
-    let cache = RedisCache::connect(config).await.unwrap().backend();
-    preload(&cache).await;
-    proxy.set_mode(ProxyMode::Stall);
     // Waves: the first ones take every batch slot; the later ones queue behind them.
     let mut handles = Vec::new();
     for wave in 0..4usize {
@@ -518,15 +519,7 @@ fn batch_slots_survive_the_shutdown_of_a_runtime_the_reads_ran_on() {
         .enable_all()
         .build()
         .unwrap();
-    let cache = main.block_on(async {
-        let mut config = RedisConfig::from_url(&server.url()).unwrap();
-        config.response_timeout = Duration::from_millis(500);
-        config.connect_timeout = Duration::from_millis(500);
-        config.health_check_interval = None;
-        let cache = RedisCache::connect(config).await.unwrap().backend();
-        preload(&cache).await;
-        cache
-    });
+    let cache = main.block_on(preloaded(&server.url(), 500, 500));
     for round in 0..20 {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
