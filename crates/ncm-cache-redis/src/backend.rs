@@ -232,13 +232,14 @@ impl RedisBackend {
                 self.check_open()?;
                 crate::batch::get(&self.inner, batcher, full.into_owned()).await?
             }
-            None => self
-                .run(Operation::Get, Idempotent::Yes, |mut h| {
-                    let c = commands::get(&full);
-                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
-                })
-                .await?
-                .map(Bytes::from),
+            // Boxed: a Redis call's future is kilobytes, and inline it would make every
+            // batched read's future (allocated per call by the trait) as large.
+            None => Box::pin(self.run(Operation::Get, Idempotent::Yes, |mut h| {
+                let c = commands::get(&full);
+                async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
+            }))
+            .await?
+            .map(Bytes::from),
         };
         match v {
             Some(v) => {
@@ -267,10 +268,11 @@ impl RedisBackend {
                 crate::batch::set(&self.inner, batcher, full.into_owned(), value, ttl).await?;
             }
             None => {
-                self.run(Operation::Set, Idempotent::No, |mut h| {
+                // Boxed, as in `get_full`.
+                Box::pin(self.run(Operation::Set, Idempotent::No, |mut h| {
                     let c = commands::set(&full, &value, ttl);
                     async move { c.query_async::<()>(&mut h).await }
-                })
+                }))
                 .await?;
             }
         }
@@ -878,5 +880,36 @@ impl RedisBackend {
                 invocation.invoke_async(&mut h).await
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every call's future is allocated by the trait's boxing: a Redis call's future (kilobytes)
+    /// inlined into it made each batched call allocate and move ~4.4 KB, which cost a fifth of
+    /// the 64-task GET throughput (`redis_ceiling` bench, docs/BENCHMARKS.md, issue 21).
+    #[tokio::test]
+    async fn batched_calls_have_small_futures() {
+        let server = ncm_cache_testkit::RedisServer::start().expect("redis-server");
+        let backend = RedisBackend::connect(crate::RedisConfig::from_url(&server.url()).unwrap())
+            .await
+            .unwrap();
+        let batcher = backend
+            .inner
+            .batcher
+            .as_ref()
+            .expect("batching is on by default");
+        let read = backend.get_full(std::borrow::Cow::Borrowed("k"));
+        let queued = crate::batch::get(&backend.inner, batcher, "k".into());
+        let write = backend.set_full(std::borrow::Cow::Borrowed("k"), Bytes::new(), None);
+        for (what, size) in [
+            ("get_full", std::mem::size_of_val(&read)),
+            ("set_full", std::mem::size_of_val(&write)),
+            ("batch::get", std::mem::size_of_val(&queued)),
+        ] {
+            assert!(size <= 512, "{what}'s future is {size} bytes");
+        }
     }
 }

@@ -20,13 +20,16 @@
 //! write already handed over is waited for as an
 //! unbatched one is (until the connection answers or fails), and a write whose caller gave up
 //! before that (its bound passed, or its future was dropped: a caller's own timeout, a
-//! cancelled request) is never sent, so it is never applied behind its caller's back. A batch
-//! is bounded in calls ([`MAX_BATCH`]) and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
+//! cancelled request) is never sent, so it is never applied behind its caller's back. A read's
+//! bound is kept by the batch that carries it (one timer per batch, not one per read: see
+//! [`get`]); a write's by its caller's own timer. A batch is bounded in calls ([`MAX_BATCH`])
+//! and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
 //! Differences a caller can see: a failed batch fails all of its calls (each counted once in
 //! the stats; a multi-level cache's breaker sees each), except an `MGET` refused by an ACL key
 //! permission, which is asked again key by key so that only the forbidden keys' calls fail; a key holding a non-string type reads
-//! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it went alone (a load
+//! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it was the batch's
+//! only key (a load
 //! after either replaces it: see `set_if_absent`); latency
 //! stats are per batch, without the time a call spent queued. `RedisSyncCache` does not batch.
 //!
@@ -42,6 +45,7 @@ use std::time::Duration;
 
 use ncm_cache_core::{Bytes, CacheError, Operation, Result};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::backend::Inner;
 use crate::commands;
@@ -56,6 +60,9 @@ pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 /// A queued read.
 pub(crate) struct Get {
     key: String,
+    /// When its caller's bound ends (`None`: a bound too large to count): the batch that
+    /// carries the read answers `Timeout` then (see [`send_gets`]).
+    deadline: Option<Instant>,
     tx: oneshot::Sender<Result<Option<Bytes>>>,
 }
 
@@ -288,13 +295,20 @@ fn timed_out<T>(inner: &Inner, op: &'static str, kind: Operation, after: Duratio
 }
 
 /// Reads `key` (a full key) in a batch.
+///
+/// The caller waits with no timer of its own: its read's batch answers `Timeout` when the
+/// read's bound has passed (one timer per batch, not one per read; a timer per read cost
+/// about 8 % of the client's CPU at 64 tasks). A read still queued is within that bound too:
+/// every batch in flight holds only reads made before it, whose bounds end first, and a slot
+/// whose reads have all been answered takes the queue at once.
 pub(crate) async fn get(
     inner: &Arc<Inner>,
     batcher: &Batcher,
     key: String,
 ) -> Result<Option<Bytes>> {
-    let (tx, mut rx) = oneshot::channel();
-    match batcher.gets.push(Get { key, tx }) {
+    let (tx, rx) = oneshot::channel();
+    let deadline = Instant::now().checked_add(call_bound(inner, true));
+    match batcher.gets.push(Get { key, deadline, tx }) {
         // The last free slot goes to a task: a caller's future holds its slot until it is
         // polled again, and futures polled once then left unpolled (a `select!` arm no longer
         // looked at, a busy task) must not hold every slot — the other calls would wait for
@@ -302,27 +316,25 @@ pub(crate) async fn get(
         Some((batch, true)) => {
             spawn(inner, flush_gets(Arc::clone(inner), batch));
         }
-        Some((batch, false)) => send_alone(inner, batch).await,
+        // Boxed: a Redis call's future is kilobytes, and inline it would make every read's
+        // future that large (allocated per call by the trait's boxing; `backend.rs`'s
+        // `batched_calls_have_small_futures`).
+        Some((batch, false)) => Box::pin(send_alone(inner, batch)).await,
         None => {}
     }
-    let bound = call_bound(inner, true);
-    match tokio::time::timeout(bound, &mut rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(abandoned()),
-        Err(_) => timed_out(inner, "get", Operation::Get, bound),
-    }
+    rx.await.unwrap_or_else(|_| Err(abandoned()))
 }
 
 /// Sends a lone read from its caller's future (a free slot: the queue was empty), then hands
 /// the slot to a task with the calls queued meanwhile.
-async fn send_alone(inner: &Arc<Inner>, mut batch: Vec<Get>) {
+async fn send_alone(inner: &Arc<Inner>, batch: Vec<Get>) {
     let mut slot = Slot {
         inner,
         lane: gets,
         flush: spawn_gets,
         held: true,
     };
-    send_gets(inner, &mut batch).await;
+    send_gets(inner, batch).await;
     if let Some(next) = slot.next() {
         // The slot goes with the calls queued meanwhile, to a task.
         slot.held = false;
@@ -379,7 +391,7 @@ async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
         held: true,
     };
     loop {
-        send_gets(&inner, &mut batch).await;
+        send_gets(&inner, batch).await;
         // The callers just answered usually run before the next batch is taken (a yield, no
         // timer; tokio does not promise the order, and under other load the yielded task waits
         // behind ready tasks, each read still bounded by its own timer): their next reads join
@@ -436,43 +448,119 @@ fn counted_by_run<T>(r: &Result<T>) -> bool {
     matches!(r, Err(e) if !matches!(e, CacheError::Closed))
 }
 
-/// One GET (a batch of one) or one MGET of the distinct keys; every caller gets its answer.
-async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
-    // Callers that gave up (timed out, cancelled) are not asked for.
-    batch.retain(|g| !g.tx.is_closed());
-    if batch.len() <= 1 {
-        let Some(g) = batch.pop() else { return };
-        let key = g.key.as_str();
+/// A read of a batch being sent: its bound and its caller (gone once answered).
+struct Waiter {
+    deadline: Option<Instant>,
+    tx: Option<oneshot::Sender<Result<Option<Bytes>>>>,
+}
+
+/// Answers `Timeout` to every waiter whose bound has passed; the earliest bound still to come.
+fn expire(inner: &Inner, waiters: &mut [Waiter]) -> Option<Option<Instant>> {
+    let now = Instant::now();
+    let mut next: Option<Option<Instant>> = None;
+    for w in waiters.iter_mut().filter(|w| w.tx.is_some()) {
+        match w.deadline {
+            Some(d) if d <= now => {
+                if let Some(tx) = w.tx.take() {
+                    let bound = call_bound(inner, true);
+                    if !tx.is_closed() {
+                        let _ = tx.send(timed_out(inner, "get", Operation::Get, bound));
+                    }
+                }
+            }
+            d => {
+                next = Some(match (next.flatten(), d) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                });
+            }
+        }
+    }
+    next
+}
+
+/// One GET (a batch of one) or one MGET of the distinct keys; every caller gets its answer by
+/// its bound: a read whose bound passes first is answered `Timeout`, and once every read of
+/// the batch has been answered the reply is no longer waited for.
+async fn send_gets(inner: &Inner, batch: Vec<Get>) {
+    let mut keys: Vec<String> = Vec::with_capacity(batch.len());
+    let mut waiters: Vec<Waiter> = Vec::with_capacity(batch.len());
+    // Callers that gave up (cancelled) are not asked for.
+    for g in batch.into_iter().filter(|g| !g.tx.is_closed()) {
+        keys.push(g.key);
+        waiters.push(Waiter {
+            deadline: g.deadline,
+            tx: Some(g.tx),
+        });
+    }
+    let Some(mut next) = expire(inner, &mut waiters) else {
+        return;
+    };
+    // Distinct keys in first-seen order; `place[i]` is read i's key's index among them.
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+    let mut distinct: Vec<&str> = Vec::with_capacity(keys.len());
+    let place: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            *index.entry(k.as_str()).or_insert_with(|| {
+                distinct.push(k.as_str());
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    drop(index);
+    let mut reply = std::pin::pin!(ask(inner, &distinct));
+    let (r, mut pending) = loop {
+        let Some(deadline) = next else {
+            break reply.await;
+        };
+        tokio::select! {
+            biased;
+            r = &mut reply => break r,
+            () = tokio::time::sleep_until(deadline) => match expire(inner, &mut waiters) {
+                Some(n) => next = n,
+                // Every read answered: the reply is not waited for.
+                None => return,
+            },
+        }
+    };
+    // A key's value goes to its last caller by move, cloned only for the others: a clone of
+    // the `Bytes` made from a reply's `Vec` allocates.
+    let mut uses = vec![0u32; distinct.len()];
+    for &at in &place {
+        uses[at] += 1;
+    }
+    let mut r = r;
+    for (w, at) in waiters.into_iter().zip(place) {
+        uses[at] -= 1;
+        let Some(tx) = w.tx else { continue };
+        let last = uses[at] == 0;
+        let answer = match &mut r {
+            Ok(Answers::All(values)) if last => Ok(values[at].take()),
+            Ok(Answers::All(values)) => Ok(values[at].clone()),
+            Ok(Answers::Each(answers)) if last => std::mem::replace(&mut answers[at], Ok(None)),
+            Ok(Answers::Each(answers)) => answers[at].clone(),
+            Err(e) => Err(e.clone()),
+        };
+        deliver(inner, Operation::Get, tx, answer, &mut pending);
+    }
+}
+
+/// The values of `keys` (distinct): one GET for one key, else one MGET (asked again key by
+/// key if an ACL refuses it); with the errors `Inner::run` counted.
+async fn ask(inner: &Inner, keys: &[&str]) -> (Result<Answers>, u32) {
+    if let [key] = keys {
         let r: Result<Option<Vec<u8>>> = inner
             .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
                 let c = commands::get(key);
                 async move { c.query_async(&mut h).await }
             })
             .await;
-        let mut pending = u32::from(counted_by_run(&r));
-        deliver(
-            inner,
-            Operation::Get,
-            g.tx,
-            r.map(|v| v.map(Bytes::from)),
-            &mut pending,
-        );
-        return;
+        let pending = u32::from(counted_by_run(&r));
+        return (r.map(|v| Answers::All(vec![v.map(Bytes::from)])), pending);
     }
-    // Distinct keys in first-seen order; `place[i]` is call i's key's index among them.
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-    let mut keys: Vec<&str> = Vec::with_capacity(batch.len());
-    let place: Vec<usize> = batch
-        .iter()
-        .map(|g| {
-            *index.entry(g.key.as_str()).or_insert_with(|| {
-                keys.push(g.key.as_str());
-                keys.len() - 1
-            })
-        })
-        .collect();
     let mut mget = redis::cmd("MGET");
-    mget.arg(&keys);
+    mget.arg(keys);
     let mget = &mget;
     let r: Result<Vec<Option<Vec<u8>>>> = inner
         .run(
@@ -505,22 +593,13 @@ async fn send_gets(inner: &Inner, batch: &mut Vec<Get>) {
     // every caller. Asked again key by key (one pipeline), each caller gets its own answer.
     let r = match r {
         Err(CacheError::Auth(_)) => {
-            let again = get_each(inner, &keys).await;
+            let again = get_each(inner, keys).await;
             pending += u32::from(counted_by_run(&again));
             again
         }
         r => r,
     };
-    drop(index);
-    drop(keys);
-    for (g, at) in batch.drain(..).zip(place) {
-        let answer = match &r {
-            Ok(Answers::All(values)) => Ok(values[at].clone()),
-            Ok(Answers::Each(answers)) => answers[at].clone(),
-            Err(e) => Err(e.clone()),
-        };
-        deliver(inner, Operation::Get, g.tx, answer, &mut pending);
-    }
+    (r, pending)
 }
 
 /// The answers to a batch of reads: one `MGET` reply, or one reply per key.

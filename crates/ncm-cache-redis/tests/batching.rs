@@ -248,8 +248,9 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
 /// Reads queued behind batches already stalled still time out within their own bound (connect
 /// + two response timeouts), counted from their call, not from when a batch took them: a
 /// stalled batch holds its slot for two response timeouts, so a read that waited for one and
-/// was then sent would take about four. (The first reads, sent by their own callers before any
-/// batch is in flight, are bounded by the connection's timeouts alone.)
+/// was then sent would take about four. A read's batch answers `Timeout` at the read's bound
+/// (one timer per batch): the reads in flight, made earlier, reach theirs first, and a slot
+/// whose reads are all answered takes the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_queued_behind_stalled_batches_time_out_within_their_own_bound() {
     let (_server, proxy, cache) = stalled(300, 500).await;
