@@ -6,8 +6,8 @@
 //! [`MAX_IN_FLIGHT`] batches in flight sends at once — alone, since a free slot means nothing
 //! is queued, so an idle connection costs a call only a lock and a oneshot — and the calls
 //! that arrive while batches are in flight go together in the next batch, sent by a task as
-//! soon as one of those returns (for reads, after one yield, so that the callers that batch
-//! answered usually run first and their next reads join it).
+//! soon as one of those returns (after one yield, so that the callers that batch answered
+//! usually run first and their next calls join it).
 //!
 //! A lone `get` is sent by its caller (no task hop) unless it takes the last free slot; every
 //! other batch by a task (so futures polled once and then parked cannot hold every slot), so a
@@ -415,6 +415,10 @@ async fn flush_sets(inner: Arc<Inner>, mut batch: Vec<Set>) {
     };
     loop {
         send_sets(&inner, &mut batch).await;
+        // As for reads (see `flush_gets`): the callers just answered usually queue their next
+        // writes before the next batch is taken (64 tasks, SET 100 B: about 1.1× raw redis-rs
+        // without the yield, 1.3–1.4× with it; docs/BENCHMARKS.md, issue 21).
+        tokio::task::yield_now().await;
         match slot.next() {
             Some(next) => batch = next,
             None => return,
