@@ -22,7 +22,10 @@
 //! before that (its bound passed, or its future was dropped: a caller's own timeout, a
 //! cancelled request) is never sent, so it is never applied behind its caller's back. A read's
 //! bound is kept by the batch that carries it (one timer per batch, not one per read: see
-//! [`get`]); a write's by its caller's own timer. A batch is bounded in calls ([`MAX_BATCH`])
+//! [`get`]; a caller on another runtime than the batch tasks' also keeps its own timer); a
+//! write's by its caller's own timer. Batch tasks run on the runtime the cache connected on;
+//! once a task spawned there was dropped before it ran (that runtime shut down), on the runtime
+//! of the call that hands them over. A batch is bounded in calls ([`MAX_BATCH`])
 //! and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
 //! Differences a caller can see: a failed batch fails all of its calls (each counted once in
@@ -39,7 +42,7 @@
 //! after it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -117,6 +120,11 @@ pub(crate) struct Batcher {
     /// by tasks spawned there, not on the caller's runtime, which may be shut down while a
     /// batch slot is handed to a task (`batching.rs::batch_slots_survive_the_shutdown_of_a_runtime_the_reads_ran_on`).
     runtime: Option<tokio::runtime::Handle>,
+    /// Set once a batch task spawned on `runtime` was dropped before it ran: that runtime has
+    /// shut down (a `static` cache first used by one `#[tokio::test]`), and batch tasks run on
+    /// the runtime of the call that hands them over instead
+    /// (`batching.rs::batched_calls_go_on_after_the_runtime_the_cache_connected_on_shut_down`).
+    runtime_gone: AtomicBool,
 }
 
 impl Batcher {
@@ -126,15 +134,39 @@ impl Batcher {
             gets: Lane::default(),
             sets: Lane::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            runtime_gone: AtomicBool::new(false),
         }
+    }
+
+    /// Whether batch tasks run on the current thread's runtime: then they run as long as the
+    /// caller does, and a read's batch keeps its bound; a caller on another runtime also keeps
+    /// a timer of its own (that runtime may stop running tasks: shut down, or not driven).
+    fn runs_here(&self) -> bool {
+        !self.runtime_gone.load(Ordering::Acquire)
+            && self.runtime.as_ref().is_some_and(|rt| {
+                tokio::runtime::Handle::try_current().is_ok_and(|here| here.id() == rt.id())
+            })
     }
 }
 
-/// Spawns a batch's task on the runtime the cache connected on (the caller's without one).
-fn spawn(inner: &Inner, task: impl Future<Output = ()> + Send + 'static) {
-    match inner.batcher.as_ref().and_then(|b| b.runtime.as_ref()) {
-        Some(runtime) => drop(runtime.spawn(task)),
-        None => drop(tokio::spawn(task)),
+/// The runtime a batch task runs on: the one the cache connected on while it runs, else the
+/// caller's (`None` outside any runtime).
+fn runtime_for(inner: &Inner) -> Option<tokio::runtime::Handle> {
+    match inner.batcher.as_ref() {
+        Some(b) if !b.runtime_gone.load(Ordering::Acquire) => b.runtime.clone(),
+        _ => None,
+    }
+    .or_else(|| tokio::runtime::Handle::try_current().ok())
+}
+
+/// Starts the task of a slot that holds a batch. A task dropped before it ran (its runtime shut
+/// down) hands slot and batch on through the slot's drop.
+fn spawn<R: Weight + Send + 'static>(slot: Slot<R>) {
+    let flush = slot.flush;
+    match runtime_for(&slot.inner) {
+        Some(runtime) => drop(runtime.spawn(flush(slot))),
+        // No runtime: the slot's drop gives the calls back as abandoned.
+        None => drop(slot),
     }
 }
 
@@ -209,46 +241,82 @@ impl<R: Weight> Lane<R> {
     }
 }
 
-/// A slot in flight; given back (or passed to a new task with the queued calls) when dropped —
-/// also when its holder is cancelled or panics, so a slot never leaks.
-struct Slot<'a, R: Weight + Send + 'static> {
-    inner: &'a Arc<Inner>,
+/// A slot in flight and the batch it is to send; given back (or passed to a new task with the
+/// queued calls) when dropped — also when its holder is cancelled or panics, or its task is
+/// dropped before it ran, so a slot never leaks.
+struct Slot<R: Weight + Send + 'static> {
+    inner: Arc<Inner>,
     lane: fn(&Batcher) -> &Lane<R>,
-    flush: fn(Arc<Inner>, Vec<R>) -> futures_util::future::BoxFuture<'static, ()>,
+    flush: fn(Slot<R>) -> futures_util::future::BoxFuture<'static, ()>,
+    /// Calls taken for this slot and not sent yet (empty while a batch is being sent).
+    batch: Vec<R>,
     held: bool,
+    /// Tasks of this slot dropped before they ran, in a row.
+    unrun: u8,
 }
 
-impl<R: Weight + Send + 'static> Slot<'_, R> {
-    /// The next batch for this slot, or `None` with the slot given back.
-    fn next(&mut self) -> Option<Vec<R>> {
-        let batch = self
-            .inner
-            .batcher
-            .as_ref()
-            .and_then(|b| (self.lane)(b).next());
+impl<R: Weight + Send + 'static> Slot<R> {
+    fn new(
+        inner: &Arc<Inner>,
+        lane: fn(&Batcher) -> &Lane<R>,
+        flush: fn(Slot<R>) -> futures_util::future::BoxFuture<'static, ()>,
+        batch: Vec<R>,
+    ) -> Self {
+        Self {
+            inner: Arc::clone(inner),
+            lane,
+            flush,
+            batch,
+            held: true,
+            unrun: 0,
+        }
+    }
+
+    /// Takes the next batch for this slot (`true`), or gives the slot back (`false`).
+    fn refill(&mut self) -> bool {
+        let batch = (self.inner.batcher.as_ref()).and_then(|b| (self.lane)(b).next());
         self.held = batch.is_some();
-        batch
+        self.batch = batch.unwrap_or_default();
+        self.held
     }
 }
 
-impl<R: Weight + Send + 'static> Drop for Slot<'_, R> {
+impl<R: Weight + Send + 'static> Drop for Slot<R> {
     fn drop(&mut self) {
         if !self.held {
             return;
         }
-        let Some(batch) = self.next() else { return };
-        // Queued calls wait for this slot: a task sends them (or, with no runtime left, they
-        // are dropped and their callers see the batch abandoned).
-        let runtime = (self.inner.batcher.as_ref())
-            .and_then(|b| b.runtime.clone())
-            .or_else(|| tokio::runtime::Handle::try_current().ok());
-        if let Some(rt) = runtime {
-            rt.spawn((self.flush)(Arc::clone(self.inner), batch));
-        } else if let Some(b) = self.inner.batcher.as_ref() {
-            drop(batch);
-            let mut q = (self.lane)(b).lock();
-            q.in_flight = q.in_flight.saturating_sub(1);
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut unrun = 0;
+        if batch.is_empty() {
+            // Its holder ended: the calls queued meanwhile go to a task.
+            if !self.refill() {
+                return;
+            }
+            batch = std::mem::take(&mut self.batch);
+        } else {
+            // Taken, never sent: this slot's task was dropped before it ran, so the runtime it
+            // was spawned on has shut down; later tasks run on their caller's runtime.
+            if let Some(b) = self.inner.batcher.as_ref() {
+                b.runtime_gone.store(true, Ordering::Release);
+            }
+            unrun = self.unrun.saturating_add(1);
         }
+        self.held = false;
+        // A second task dropped unrun in a row: no runtime here runs one (this drop is part of
+        // a runtime's shutdown). The calls are dropped (their callers see the batch abandoned,
+        // at once) and the slot given back.
+        if unrun >= 2 {
+            drop(batch);
+            if let Some(b) = self.inner.batcher.as_ref() {
+                let mut q = (self.lane)(b).lock();
+                q.in_flight = q.in_flight.saturating_sub(1);
+            }
+            return;
+        }
+        let mut next = Slot::new(&self.inner, self.lane, self.flush, batch);
+        next.unrun = unrun;
+        spawn(next);
     }
 }
 
@@ -260,12 +328,12 @@ fn sets(b: &Batcher) -> &Lane<Set> {
     &b.sets
 }
 
-fn spawn_gets(inner: Arc<Inner>, batch: Vec<Get>) -> futures_util::future::BoxFuture<'static, ()> {
-    Box::pin(flush_gets(inner, batch))
+fn spawn_gets(slot: Slot<Get>) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(flush_gets(slot))
 }
 
-fn spawn_sets(inner: Arc<Inner>, batch: Vec<Set>) -> futures_util::future::BoxFuture<'static, ()> {
-    Box::pin(flush_sets(inner, batch))
+fn spawn_sets(slot: Slot<Set>) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(flush_sets(slot))
 }
 
 /// The answer when a batch ended without one for this call (its sender was dropped: the
@@ -296,50 +364,53 @@ fn timed_out<T>(inner: &Inner, op: &'static str, kind: Operation, after: Duratio
 
 /// Reads `key` (a full key) in a batch.
 ///
-/// The caller waits with no timer of its own: its read's batch answers `Timeout` when the
-/// read's bound has passed (one timer per batch, not one per read; a timer per read cost
-/// about 8 % of the client's CPU at 64 tasks). A read still queued is within that bound too:
-/// every batch in flight holds only reads made before it, whose bounds end first, and a slot
-/// whose reads have all been answered takes the queue at once.
+/// A caller on the runtime the batch tasks run on waits with no timer of its own: its read's
+/// batch answers `Timeout` when the read's bound has passed (one timer per batch, not one per
+/// read; a timer per read cost about 8 % of the client's CPU at 64 tasks). A read still queued
+/// is within that bound too: every batch in flight holds only reads made before it, whose
+/// bounds end first, and a slot whose reads have all been answered takes the queue at once.
+/// A caller on another runtime keeps its own timer too, since the batch tasks' runtime may
+/// stop running them (shut down, blocked, or a `current_thread` runtime no longer driven).
 pub(crate) async fn get(
     inner: &Arc<Inner>,
     batcher: &Batcher,
     key: String,
 ) -> Result<Option<Bytes>> {
     let (tx, rx) = oneshot::channel();
-    let deadline = Instant::now().checked_add(call_bound(inner, true));
+    let bound = call_bound(inner, true);
+    let deadline = Instant::now().checked_add(bound);
     match batcher.gets.push(Get { key, deadline, tx }) {
         // The last free slot goes to a task: a caller's future holds its slot until it is
         // polled again, and futures polled once then left unpolled (a `select!` arm no longer
         // looked at, a busy task) must not hold every slot — the other calls would wait for
         // them, not for Redis.
-        Some((batch, true)) => {
-            spawn(inner, flush_gets(Arc::clone(inner), batch));
-        }
+        Some((batch, true)) => spawn(Slot::new(inner, gets, spawn_gets, batch)),
         // Boxed: a Redis call's future is kilobytes, and inline it would make every read's
         // future that large (allocated per call by the trait's boxing; `backend.rs`'s
         // `batched_calls_have_small_futures`).
-        Some((batch, false)) => Box::pin(send_alone(inner, batch)).await,
+        Some((batch, false)) => {
+            // Answered (or timed out) by the send itself.
+            Box::pin(send_alone(inner, batch)).await;
+            return rx.await.unwrap_or_else(|_| Err(abandoned()));
+        }
         None => {}
     }
-    rx.await.unwrap_or_else(|_| Err(abandoned()))
+    if batcher.runs_here() {
+        return rx.await.unwrap_or_else(|_| Err(abandoned()));
+    }
+    match tokio::time::timeout(bound, rx).await {
+        Ok(r) => r.unwrap_or_else(|_| Err(abandoned())),
+        Err(_) => timed_out(inner, "get", Operation::Get, bound),
+    }
 }
 
 /// Sends a lone read from its caller's future (a free slot: the queue was empty), then hands
 /// the slot to a task with the calls queued meanwhile.
 async fn send_alone(inner: &Arc<Inner>, batch: Vec<Get>) {
-    let mut slot = Slot {
-        inner,
-        lane: gets,
-        flush: spawn_gets,
-        held: true,
-    };
+    // Dropped after the send (or when this future is), the slot goes with the calls queued
+    // meanwhile to a task.
+    let _slot = Slot::new(inner, gets, spawn_gets, Vec::new());
     send_gets(inner, batch).await;
-    if let Some(next) = slot.next() {
-        // The slot goes with the calls queued meanwhile, to a task.
-        slot.held = false;
-        spawn(inner, flush_gets(Arc::clone(inner), next));
-    }
 }
 
 /// Writes `key` (a full key) in a batch.
@@ -363,7 +434,7 @@ pub(crate) async fn set(
         tx,
     };
     if let Some((batch, _)) = batcher.sets.push(call) {
-        spawn(inner, flush_sets(Arc::clone(inner), batch));
+        spawn(Slot::new(inner, sets, spawn_sets, batch));
     }
     let bound = call_bound(inner, false);
     match tokio::time::timeout(bound, &mut rx).await {
@@ -383,45 +454,35 @@ pub(crate) async fn set(
     rx.await.unwrap_or_else(|_| Err(abandoned()))
 }
 
-async fn flush_gets(inner: Arc<Inner>, mut batch: Vec<Get>) {
-    let mut slot = Slot {
-        inner: &inner,
-        lane: gets,
-        flush: spawn_gets,
-        held: true,
-    };
+async fn flush_gets(mut slot: Slot<Get>) {
+    let inner = Arc::clone(&slot.inner);
     loop {
+        let batch = std::mem::take(&mut slot.batch);
         send_gets(&inner, batch).await;
         // The callers just answered usually run before the next batch is taken (a yield, no
         // timer; tokio does not promise the order, and under other load the yielded task waits
-        // behind ready tasks, each read still bounded by its own timer): their next reads join
+        // behind ready tasks, each queued read still bounded: see `get`): their next reads join
         // it, instead of the first of them finding this slot free and sending alone (64 tasks
         // on spread keys: 9.1 reads per command without the yield, 16.1 with it; the
         // `redis_ceiling` bench prints it; docs/BENCHMARKS.md, issue 21).
         tokio::task::yield_now().await;
-        match slot.next() {
-            Some(next) => batch = next,
-            None => return,
+        if !slot.refill() {
+            return;
         }
     }
 }
 
-async fn flush_sets(inner: Arc<Inner>, mut batch: Vec<Set>) {
-    let mut slot = Slot {
-        inner: &inner,
-        lane: sets,
-        flush: spawn_sets,
-        held: true,
-    };
+async fn flush_sets(mut slot: Slot<Set>) {
+    let inner = Arc::clone(&slot.inner);
     loop {
+        let mut batch = std::mem::take(&mut slot.batch);
         send_sets(&inner, &mut batch).await;
         // As for reads (see `flush_gets`): the callers just answered usually queue their next
         // writes before the next batch is taken (64 tasks, SET 100 B: about 1.1× raw redis-rs
         // without the yield, 1.3–1.4× with it; docs/BENCHMARKS.md, issue 21).
         tokio::task::yield_now().await;
-        match slot.next() {
-            Some(next) => batch = next,
-            None => return,
+        if !slot.refill() {
+            return;
         }
     }
 }
@@ -466,9 +527,14 @@ fn expire(inner: &Inner, waiters: &mut [Waiter]) -> Option<Option<Instant>> {
         match w.deadline {
             Some(d) if d <= now => {
                 if let Some(tx) = w.tx.take() {
-                    let bound = call_bound(inner, true);
-                    if !tx.is_closed() {
-                        let _ = tx.send(timed_out(inner, "get", Operation::Get, bound));
+                    let after = call_bound(inner, true);
+                    let timeout = CacheError::Timeout {
+                        operation: "get",
+                        after,
+                    };
+                    // Counted only when its caller gets it.
+                    if tx.send(Err(timeout)).is_ok() {
+                        inner.stats.error(Operation::Get);
                     }
                 }
             }

@@ -557,3 +557,107 @@ fn batch_slots_survive_the_shutdown_of_a_runtime_the_reads_ran_on() {
         );
     }
 }
+
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The runtime the cache connected on is shut down, as with a `static` cache first used by one
+/// `#[tokio::test]` and then by the next ones: batch tasks spawned there would be dropped before
+/// they ran (their slots lost: after four, every read waited out its bound, or forever once
+/// reads kept no timer of their own). They run on their caller's runtime instead, and reads and
+/// writes go on (after the connection, whose task died with that runtime, reconnects).
+#[test]
+fn batched_calls_go_on_after_the_runtime_the_cache_connected_on_shut_down() {
+    let server = RedisServer::start().unwrap();
+    let first = runtime(1);
+    let cache = first.block_on(preloaded(&server.url(), 500, 500));
+    drop(first);
+    let callers = runtime(2);
+    for round in 0..4 {
+        let (ok, failed) = callers.block_on(async {
+            let tasks: Vec<_> = (0..64usize)
+                .map(|t| {
+                    let cache = Arc::clone(&cache);
+                    tokio::spawn(async move {
+                        let (mut ok, mut failed) = (0, 0);
+                        for i in 0..20 {
+                            let k = (t * 7 + i) % KEYS;
+                            let call = async {
+                                if i % 4 == 0 {
+                                    cache.set(&key(k), value(k), None).await.map(|()| None)
+                                } else {
+                                    cache.get(&key(k)).await.map(|v| Some(v.unwrap()))
+                                }
+                            };
+                            match tokio::time::timeout(Duration::from_secs(5), call).await {
+                                Ok(Ok(Some(v))) => {
+                                    assert_eq!(v, value(k), "round {round}");
+                                    ok += 1;
+                                }
+                                Ok(Ok(None)) => ok += 1,
+                                Ok(Err(_)) => failed += 1,
+                                Err(_) => panic!("round {round}: a batched call hung"),
+                            }
+                        }
+                        (ok, failed)
+                    })
+                })
+                .collect();
+            let (mut ok, mut failed) = (0, 0);
+            for t in tasks {
+                let (o, f) = t.await.unwrap();
+                ok += o;
+                failed += f;
+            }
+            (ok, failed)
+        });
+        // The first calls may fail while the connection reconnects on this runtime.
+        if round > 0 {
+            assert_eq!(
+                failed, 0,
+                "round {round}: {failed} calls failed, {ok} answered"
+            );
+        }
+    }
+}
+
+/// The runtime the cache connected on is alive but no longer driven (a `current_thread`
+/// runtime whose `block_on` returned): neither the connection's task nor batch tasks run
+/// there. A read from another runtime still ends within its bound (connect + two response
+/// timeouts), by its own timer, instead of waiting for a batch that never runs.
+#[test]
+fn batched_reads_keep_their_bound_when_the_cache_runtime_is_not_driven() {
+    let server = RedisServer::start().unwrap();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = first.block_on(preloaded(&server.url(), 200, 200));
+    let bound = Duration::from_millis(200 + 2 * 200);
+    runtime(2).block_on(async {
+        let reads: Vec<_> = (0..32usize)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let r = tokio::time::timeout(Duration::from_secs(5), cache.get(&key(i))).await;
+                    (r.is_ok(), start.elapsed())
+                })
+            })
+            .collect();
+        for r in reads {
+            let (ended, took) = r.await.unwrap();
+            assert!(ended, "a read hung");
+            assert!(
+                took < bound + Duration::from_millis(500),
+                "a read took {took:?}"
+            );
+        }
+    });
+    drop(first);
+}
