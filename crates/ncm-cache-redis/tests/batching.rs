@@ -245,6 +245,30 @@ async fn a_stalled_server_times_each_batched_call_out_within_one_call_bound() {
     proxy.set_mode(ProxyMode::Pass);
 }
 
+/// Reads answered `Timeout` by their batch (their bound passed while it was in flight, or
+/// while they were queued) are each counted once in the stats: a batch counts a timeout only
+/// when its caller gets it, and a batch whose reads were all answered stops waiting without
+/// counting the failure of its own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_batched_read_that_times_out_is_counted_once() {
+    let (_server, proxy, cache) = stalled(200, 200).await;
+    let before = cache.get_stats().errors;
+    let reads: Vec<_> = (0..64usize)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.get(&key(i)).await })
+        })
+        .collect();
+    for r in reads {
+        let e = r.await.unwrap().unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+    }
+    // Requests abandoned when their reads timed out may still end later: wait past them.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(cache.get_stats().errors - before, 64);
+    proxy.set_mode(ProxyMode::Pass);
+}
+
 /// Reads queued behind batches already stalled still time out within their own bound (connect
 /// + two response timeouts), counted from their call, not from when a batch took them: a
 /// stalled batch holds its slot for two response timeouts, so a read that waited for one and
