@@ -305,12 +305,14 @@ impl<R: Weight + Send + 'static> Drop for Slot<R> {
         self.held = false;
         // A second task dropped unrun in a row: no runtime here runs one (this drop is part of
         // a runtime's shutdown). The calls are dropped (their callers see the batch abandoned,
-        // at once) and the slot given back.
+        // at once), and so are those queued meanwhile, so that a free slot still means an
+        // empty queue; `next` gives the slot back once the queue is empty.
         if unrun >= 2 {
             drop(batch);
             if let Some(b) = self.inner.batcher.as_ref() {
-                let mut q = (self.lane)(b).lock();
-                q.in_flight = q.in_flight.saturating_sub(1);
+                while let Some(queued) = (self.lane)(b).next() {
+                    drop(queued);
+                }
             }
             return;
         }
@@ -388,11 +390,8 @@ pub(crate) async fn get(
         // Boxed: a Redis call's future is kilobytes, and inline it would make every read's
         // future that large (allocated per call by the trait's boxing; `backend.rs`'s
         // `batched_calls_have_small_futures`).
-        Some((batch, false)) => {
-            // Answered (or timed out) by the send itself.
-            Box::pin(send_alone(inner, batch)).await;
-            return rx.await.unwrap_or_else(|_| Err(abandoned()));
-        }
+        // Usually answered (or timed out) by the send itself.
+        Some((batch, false)) => Box::pin(send_alone(inner, batch)).await,
         None => {}
     }
     if batcher.runs_here() {
