@@ -101,8 +101,11 @@ impl RedisBackend {
         let config = config.capped();
         let conn = Conn::connect(&config).await?;
         let capabilities = crate::capabilities::probe(&config).await;
-        // Off on a cluster: per-slot batches of random keys are batches of one.
-        let batcher = (config.auto_batch && !conn.is_cluster()).then(crate::batch::Batcher::new);
+        // On a cluster, reads only (one pipeline per primary: see `batch.rs`).
+        let cluster = conn.is_cluster();
+        let batcher = config
+            .auto_batch
+            .then(|| crate::batch::Batcher::new(cluster));
         let inner = Arc::new(Inner {
             conn,
             capabilities,
@@ -263,11 +266,12 @@ impl RedisBackend {
         commands::check_ttl(ttl)?;
         commands::check_size(value.len(), self.inner.config.max_value_size)?;
         match &self.inner.batcher {
-            Some(batcher) => {
+            // Writes are not batched on a cluster (see `batch.rs`).
+            Some(batcher) if !batcher.is_cluster() => {
                 self.check_open()?;
                 crate::batch::set(&self.inner, batcher, full.into_owned(), value, ttl).await?;
             }
-            None => {
+            _ => {
                 // Boxed, as in `get_full`.
                 Box::pin(self.run(Operation::Set, Idempotent::No, |mut h| {
                     let c = commands::set(&full, &value, ttl);

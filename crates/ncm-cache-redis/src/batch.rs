@@ -1,5 +1,10 @@
-//! Automatic batching of concurrent single-key calls (`RedisConfig::auto_batch`, on by default;
-//! off on a cluster, where per-slot batches of random keys are batches of one).
+//! Automatic batching of concurrent single-key calls (`RedisConfig::auto_batch`, on by default).
+//!
+//! On a cluster only reads are batched, as one pipeline of GETs per primary (an `MGET` would
+//! have to share a slot, and random keys rarely do), grouped by a slot map read with
+//! `CLUSTER SLOTS` when there is none and again after a redirect; redis-rs routes each pipeline
+//! by its first key's slot, and a pipeline redirected as a whole (a stale map: a failover, a
+//! migrated slot) is asked again key by key (see [`ask_cluster`]).
 //!
 //! Concurrent `get`s are coalesced into one `MGET` (duplicates of a key share one slot) and
 //! concurrent `set`s into one pipeline. Nothing waits for a timer: a call that finds fewer than
@@ -125,17 +130,26 @@ pub(crate) struct Batcher {
     /// the runtime of the call that hands them over instead
     /// (`batching.rs::batched_calls_go_on_after_the_runtime_the_cache_connected_on_shut_down`).
     runtime_gone: AtomicBool,
+    /// On a cluster: which primary owns each slot, to send a batch's reads as one pipeline per
+    /// primary (writes are not batched there).
+    cluster: Option<Owners>,
 }
 
 impl Batcher {
-    /// Queues of a backend connected on the current runtime.
-    pub(crate) fn new() -> Self {
+    /// Queues of a backend connected on the current runtime (`cluster`: to a Redis Cluster).
+    pub(crate) fn new(cluster: bool) -> Self {
         Self {
             gets: Lane::default(),
             sets: Lane::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             runtime_gone: AtomicBool::new(false),
+            cluster: cluster.then(Owners::default),
         }
+    }
+
+    /// Whether the backend is a cluster's (reads batched per primary, writes not batched).
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// Whether batch tasks run on the current thread's runtime: then they run as long as the
@@ -618,6 +632,11 @@ async fn send_gets(inner: &Inner, batch: Vec<Get>) {
 /// The values of `keys` (distinct): one GET for one key, else one MGET (asked again key by
 /// key if an ACL refuses it); with the errors `Inner::run` counted.
 async fn ask(inner: &Inner, keys: &[&str]) -> (Result<Answers>, u32) {
+    if let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref())
+        && keys.len() > 1
+    {
+        return ask_cluster(inner, owners, keys).await;
+    }
     if let [key] = keys {
         let r: Result<Option<Vec<u8>>> = inner
             .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
@@ -798,5 +817,356 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                 deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
             }
         }
+    }
+}
+
+/// Cluster slots.
+const SLOTS: usize = 16384;
+/// An owner not known (no map yet, or a slot no primary serves).
+const UNKNOWN: u16 = u16::MAX;
+
+/// Which primary owns each slot, as `CLUSTER SLOTS` last answered: only to group a batch's
+/// reads by primary. redis-rs routes each pipeline by the slot of its first key, and a key
+/// whose slot is served elsewhere (the map is stale: a failover, a slot migrated) answers a
+/// redirect and is asked again on its own, redis-rs following the redirect.
+#[derive(Default)]
+pub(crate) struct Owners {
+    /// Slot → index of its primary (`UNKNOWN`): `None` until the first look.
+    map: std::sync::RwLock<Option<Arc<Vec<u16>>>>,
+    /// A redirect was answered (or no map yet): the next batch looks again.
+    stale: AtomicBool,
+    /// A look under way (one at a time; other batches go on with the map they have).
+    looking: AtomicBool,
+    /// After a failed look, none before this (a failover can make `CLUSTER SLOTS` time out).
+    not_before: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Clears a flag when dropped (a look whose batch was dropped midway, its reads answered).
+struct Clear<'a>(&'a AtomicBool);
+
+impl Drop for Clear<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Owners {
+    fn current(&self) -> Option<Arc<Vec<u16>>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks a node for the slot map when there is none or it went stale (one look at a time;
+    /// a failed look leaves the old map, and reads go on with it or key by key).
+    async fn refresh(&self, inner: &Inner) {
+        let wanted = self.stale.load(Ordering::Acquire) || self.current().is_none();
+        let not_before = *self.not_before.lock().unwrap_or_else(|e| e.into_inner());
+        if !wanted
+            || not_before.is_some_and(|t| std::time::Instant::now() < t)
+            || self.looking.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let _looking = Clear(&self.looking);
+        // Not through `Inner::run`: a failed look is not a failed read of the caller's.
+        let timeout = inner.config.response_timeout;
+        match inner.conn.cluster_slots(timeout).await {
+            Ok(None) => {}
+            Ok(Some(slots)) => {
+                let map = Arc::new(slot_owners(slots));
+                *self.map.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
+                self.stale.store(false, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "batched reads: CLUSTER SLOTS failed; the next look in 1 s");
+                *self.not_before.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(std::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Slot → primary index from a `CLUSTER SLOTS` reply (`UNKNOWN` where none is given).
+fn slot_owners(slots: redis::Value) -> Vec<u16> {
+    let mut map = vec![UNKNOWN; SLOTS];
+    let mut primaries: Vec<(Vec<u8>, i64)> = Vec::new();
+    let redis::Value::Array(ranges) = slots else {
+        return map;
+    };
+    for range in ranges {
+        let redis::Value::Array(items) = range else {
+            continue;
+        };
+        let (
+            Some(redis::Value::Int(start)),
+            Some(redis::Value::Int(end)),
+            Some(redis::Value::Array(primary)),
+        ) = (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        let host = match primary.first() {
+            Some(redis::Value::BulkString(h)) => h.clone(),
+            Some(redis::Value::SimpleString(h)) => h.clone().into_bytes(),
+            _ => continue,
+        };
+        let Some(redis::Value::Int(port)) = primary.get(1) else {
+            continue;
+        };
+        let at = match primaries.iter().position(|p| p.0 == host && p.1 == *port) {
+            Some(at) => at,
+            None => {
+                primaries.push((host, *port));
+                primaries.len() - 1
+            }
+        };
+        let Ok(at) = u16::try_from(at) else { continue };
+        let (Ok(start), Ok(end)) = (usize::try_from(*start), usize::try_from(*end)) else {
+            continue;
+        };
+        for owner in map
+            .iter_mut()
+            .take(end.saturating_add(1).min(SLOTS))
+            .skip(start)
+        {
+            *owner = at;
+        }
+    }
+    map
+}
+
+/// Whether `e` is a cluster redirect (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`).
+fn redirected(e: &CacheError) -> bool {
+    let Some(source) = std::error::Error::source(e) else {
+        return false;
+    };
+    // The source is kept in an `Arc`, which may be what `source` hands out.
+    let source = match source.downcast_ref::<ncm_cache_core::BoxError>() {
+        Some(shared) => &**shared as &(dyn std::error::Error + 'static),
+        None => source,
+    };
+    source
+        .downcast_ref::<redis::RedisError>()
+        .is_some_and(redis::RedisError::is_cluster_error)
+}
+
+/// The cluster slot of `key` (its hash tag's, if it has one), as Redis computes it.
+fn slot_of(key: &[u8]) -> usize {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    usize::from(crc16::State::<crc16::XMODEM>::calculate(tagged)) % SLOTS
+}
+
+/// The values of `keys` (distinct) on a cluster: one pipeline of GETs per primary that owns
+/// two or more of them, a GET for the others, all at once; a key answered with a redirect is
+/// asked again alone (the slot map is then looked at again).
+async fn ask_cluster(inner: &Inner, owners: &Owners, keys: &[&str]) -> (Result<Answers>, u32) {
+    owners.refresh(inner).await;
+    let map = owners.current();
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let owner = map.as_ref().map_or(UNKNOWN, |m| m[slot_of(key.as_bytes())]);
+        match groups
+            .iter_mut()
+            .find(|(o, _)| *o == owner && owner != UNKNOWN)
+        {
+            Some((_, group)) => group.push(i),
+            None => groups.push((owner, vec![i])),
+        }
+    }
+    let mut answers: Vec<Result<Option<Bytes>>> = vec![Ok(None); keys.len()];
+    let mut pending = 0u32;
+    let mut again: Vec<usize> = Vec::new();
+    let sent = futures_util::future::join_all(
+        groups.iter().map(|(_, group)| ask_node(inner, keys, group)),
+    )
+    .await;
+    for ((_, group), replies) in groups.iter().zip(sent) {
+        match replies {
+            Ok(values) => {
+                for (&i, v) in group.iter().zip(values) {
+                    match v {
+                        Err(e) if e.is_cluster_error() => again.push(i),
+                        v => {
+                            answers[i] = v.map(|v| v.map(Bytes::from)).map_err(|e| {
+                                crate::error::map_err("get", e, inner.config.response_timeout)
+                            });
+                        }
+                    }
+                }
+            }
+            // redis-rs follows a redirect with the whole pipeline (to the node that one key's
+            // slot moved to), and fails it when keys of other nodes are redirected there too:
+            // then each key is asked alone. (`Inner::run` counted the pipeline's failure.)
+            Err(e) if redirected(&e) => again.extend(group.iter().copied()),
+            Err(e) => {
+                // `Inner::run` counted it (not `Closed`: returned before any attempt).
+                pending += u32::from(!matches!(e, CacheError::Closed));
+                for &i in group {
+                    answers[i] = Err(e.clone());
+                }
+            }
+        }
+    }
+    if !again.is_empty() {
+        owners.stale.store(true, Ordering::Release);
+        let retried = futures_util::future::join_all(again.iter().map(|&i| {
+            let key = keys[i];
+            inner.run(
+                Operation::Get,
+                crate::backend::Retry::Anywhere,
+                move |mut h| {
+                    let c = commands::get(key);
+                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
+                },
+            )
+        }))
+        .await;
+        for (i, r) in again.into_iter().zip(retried) {
+            pending += u32::from(counted_by_run(&r));
+            answers[i] = r.map(|v| v.map(Bytes::from));
+        }
+    }
+    (Ok(Answers::Each(answers)), pending)
+}
+
+/// The replies for `group` (indices into `keys`, all owned by one primary as far as the map
+/// knows): a GET for one key, else one pipeline routed by the first key's slot; each reply
+/// separate (a redirect or an error reply reaches only its key).
+async fn ask_node(
+    inner: &Inner,
+    keys: &[&str],
+    group: &[usize],
+) -> Result<Vec<redis::RedisResult<Option<Vec<u8>>>>> {
+    if let [i] = group {
+        let key = keys[*i];
+        let r: Option<Vec<u8>> = inner
+            .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
+                let c = commands::get(key);
+                async move { c.query_async(&mut h).await }
+            })
+            .await?;
+        return Ok(vec![Ok(r)]);
+    }
+    let mut pipe = redis::pipe();
+    // Each reply on its own: an error reply (a redirect) is that key's, not the pipeline's.
+    pipe.ignore_errors();
+    for &i in group {
+        pipe.add_command(commands::get(keys[i]));
+    }
+    let first = keys[group[0]];
+    let n = group.len();
+    let pipe = &pipe;
+    let values: Vec<redis::Value> = inner
+        .run(
+            Operation::Get,
+            crate::backend::Retry::Anywhere,
+            |h| async move {
+                let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+                    redis::cluster_routing::Route::with_key(
+                        first,
+                        redis::cluster_routing::SlotAddr::Master,
+                    ),
+                );
+                match h {
+                    crate::conn::Handle::Cluster(mut c) => {
+                        c.route_pipeline(pipe.clone(), 0, n, route).await
+                    }
+                    mut other => pipe.query_async(&mut other).await,
+                }
+            },
+        )
+        .await?;
+    if values.len() != n {
+        return Err(CacheError::Backend {
+            message: format!("a pipeline of {n} GETs answered {} replies", values.len()),
+            source: None,
+        });
+    }
+    Ok(values
+        .into_iter()
+        .map(|v| match v {
+            redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+            v => {
+                <Option<Vec<u8>> as redis::FromRedisValue>::from_redis_value(v).map_err(Into::into)
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_computed_as_redis_computes_them() {
+        use redis::cluster_routing::Slot;
+        for key in [
+            "",
+            "a",
+            "k1",
+            "user:{42}:name",
+            "{42}",
+            "{}x",
+            "x{}y{z}",
+            "{a}{b}",
+            "é",
+        ] {
+            let ours = u16::try_from(slot_of(key.as_bytes())).unwrap();
+            assert_eq!(Slot::new(ours), Some(Slot::for_key(key)), "{key:?}");
+        }
+    }
+
+    /// A slot map that sends every key to one primary (stale: a failover, a migration): the
+    /// keys that primary does not own answer a redirect, are asked again alone, each gets its
+    /// own value, and the map is looked at again by the next batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_sent_to_the_wrong_primary_are_asked_again() {
+        let cluster = ncm_cache_testkit::RedisCluster::start().expect("redis cluster");
+        let config = crate::RedisConfig {
+            cluster_nodes: cluster.node_urls(),
+            health_check_interval: None,
+            ..Default::default()
+        };
+        let backend = crate::RedisBackend::connect(config).await.unwrap();
+        let keys: Vec<String> = (0..60).map(|i| format!("wrong:{i}")).collect();
+        for k in &keys {
+            ncm_cache_core::CacheBackend::set(&backend, k, Bytes::from(k.clone()), None)
+                .await
+                .unwrap();
+        }
+        let inner: &Inner = backend.inner();
+        let owners = inner
+            .batcher
+            .as_ref()
+            .and_then(|b| b.cluster.as_ref())
+            .unwrap();
+        *owners.map.write().unwrap() = Some(Arc::new(vec![0; SLOTS]));
+        owners.stale.store(false, Ordering::Release);
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (answers, pending) = ask_cluster(inner, owners, &refs).await;
+        let Ok(Answers::Each(answers)) = answers else {
+            panic!("no answers")
+        };
+        assert_eq!(pending, 0, "no failed read to count");
+        for (k, a) in keys.iter().zip(answers) {
+            assert_eq!(a.unwrap(), Some(Bytes::from(k.clone())), "{k}");
+        }
+        assert!(
+            owners.stale.load(Ordering::Acquire),
+            "the map is looked at again"
+        );
+        // The next batch looks again and groups by the right primaries.
+        let (answers, _) = ask_cluster(inner, owners, &refs).await;
+        assert!(matches!(answers, Ok(Answers::Each(a)) if a.iter().all(Result::is_ok)));
+        assert!(!owners.stale.load(Ordering::Acquire));
+        let map = owners.current().unwrap();
+        assert!(map.iter().all(|&o| o != UNKNOWN) && map.iter().any(|&o| o != 0));
     }
 }

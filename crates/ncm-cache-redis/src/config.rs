@@ -100,7 +100,8 @@ pub struct RedisConfig {
     /// later write). Other writes are never retried.
     pub retry_on_timeout: bool,
     /// Automatic batching (default true): concurrent `get`s share one `MGET`, concurrent
-    /// `set`s one pipeline, with no timer (an idle connection sends at once). See
+    /// `set`s one pipeline, with no timer (an idle connection sends at once); on a cluster,
+    /// concurrent `get`s go as one pipeline per primary and `set`s are not batched. See
     /// docs/BENCHMARKS.md for where it wins and where it costs.
     pub auto_batch: bool,
     /// Enable TCP keepalive (default true).

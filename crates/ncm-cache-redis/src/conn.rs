@@ -366,6 +366,14 @@ impl Conn {
 
     /// The addresses of every primary (cluster), or `None` for a single node.
     pub(crate) async fn primaries(&self, timeout: Duration) -> Result<Option<Vec<(String, u16)>>> {
+        Ok(self
+            .cluster_slots(timeout)
+            .await?
+            .map(crate::commands::cluster_primaries))
+    }
+
+    /// `CLUSTER SLOTS` as one node answers it (cluster), or `None` for a single node.
+    pub(crate) async fn cluster_slots(&self, timeout: Duration) -> Result<Option<Value>> {
         let Self::Cluster(c) = self else {
             return Ok(None);
         };
@@ -380,8 +388,7 @@ impl Conn {
             after: timeout,
         })?
         .map_err(|e| map_err("cluster slots", e, timeout))?;
-        let out = crate::commands::cluster_primaries(slots);
-        Ok(Some(out))
+        Ok(Some(slots))
     }
 
     /// `CLUSTER NODES` as text (cluster), or `None` for a single node.

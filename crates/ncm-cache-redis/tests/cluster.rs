@@ -141,3 +141,42 @@ async fn calls_during_a_failover_are_bounded_by_the_timeouts() {
         "a call took {worst:?} during the failover (bound {bound:?})"
     );
 }
+
+/// Concurrent gets on a cluster are batched per primary (one pipeline of GETs for each primary
+/// owning two or more of a batch's keys): every caller still gets its own key's value, missing
+/// keys included, and a hash-tagged group of keys reads like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_on_a_cluster_each_get_their_own_value() {
+    let cluster = RedisCluster::start().unwrap();
+    let cache = RedisCache::connect(config(&cluster)).await.unwrap();
+    let backend = cache.backend();
+    let key = |i: usize| match i % 10 {
+        0 => format!("{{tag}}:{i}"),
+        _ => format!("batched:{i}"),
+    };
+    for i in 0..200 {
+        backend
+            .set(&key(i), Bytes::from(key(i)), None)
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..64usize)
+        .map(|t| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                for n in 0..40usize {
+                    let i = (t * 13 + n * 7) % 230;
+                    let got = backend.get(&key(i)).await.unwrap();
+                    if i < 200 {
+                        assert_eq!(got, Some(Bytes::from(key(i))), "{}", key(i));
+                    } else {
+                        assert_eq!(got, None, "{}", key(i));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
