@@ -1,10 +1,11 @@
 //! Automatic batching of concurrent single-key calls (`RedisConfig::auto_batch`, on by default).
 //!
-//! On a cluster only reads are batched, as one pipeline of GETs per primary (an `MGET` would
-//! have to share a slot, and random keys rarely do), grouped by a slot map read with
-//! `CLUSTER SLOTS` when there is none and again after a redirect; redis-rs routes each pipeline
-//! by its first key's slot, and a pipeline redirected as a whole (a stale map: a failover, a
-//! migrated slot) is asked again key by key (see [`ask_cluster`]).
+//! On a cluster only reads are batched: a batch is split by the primary that owns each key (a
+//! slot map read with `CLUSTER SLOTS` in a task of its own, when there is none and after a
+//! redirect), and each part goes as one pipeline of GETs routed by its first key's slot,
+//! answered as soon as its primary answers (an `MGET` would have to share a slot, and random
+//! keys rarely do). A pipeline redirected as a whole (a migrated slot, a stale map) is asked
+//! again key by key, and pipelines are held back for a second (see [`ask_cluster`]).
 //!
 //! Concurrent `get`s are coalesced into one `MGET` (duplicates of a key share one slot) and
 //! concurrent `set`s into one pipeline. Nothing waits for a timer: a call that finds fewer than
@@ -565,11 +566,28 @@ fn expire(inner: &Inner, waiters: &mut [Waiter]) -> Option<Option<Instant>> {
 /// One GET (a batch of one) or one MGET of the distinct keys; every caller gets its answer by
 /// its bound: a read whose bound passes first is answered `Timeout`, and once every read of
 /// the batch has been answered the reply is no longer waited for.
-async fn send_gets(inner: &Inner, batch: Vec<Get>) {
+async fn send_gets(inner: &Arc<Inner>, batch: Vec<Get>) {
+    // Callers that gave up (cancelled) are not asked for.
+    let batch: Vec<Get> = batch.into_iter().filter(|g| !g.tx.is_closed()).collect();
+    // On a cluster: one part per primary, each answered as soon as its primary answers (a
+    // stalled primary holds up only its own reads).
+    if let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref())
+        && batch.len() > 1
+    {
+        owners.look_if_stale(inner);
+        let parts = owners.split(batch);
+        futures_util::future::join_all(parts.into_iter().map(|part| send_part(inner, part))).await;
+        return;
+    }
+    send_part(inner, batch).await;
+}
+
+/// One GET (a batch of one) or one MGET (on a cluster: one pipeline to the primary that owns
+/// them all) of the distinct keys of `batch`; see [`send_gets`].
+async fn send_part(inner: &Inner, batch: Vec<Get>) {
     let mut keys: Vec<String> = Vec::with_capacity(batch.len());
     let mut waiters: Vec<Waiter> = Vec::with_capacity(batch.len());
-    // Callers that gave up (cancelled) are not asked for.
-    for g in batch.into_iter().filter(|g| !g.tx.is_closed()) {
+    for g in batch {
         keys.push(g.key);
         waiters.push(Waiter {
             deadline: g.deadline,
@@ -825,23 +843,26 @@ const SLOTS: usize = 16384;
 /// An owner not known (no map yet, or a slot no primary serves).
 const UNKNOWN: u16 = u16::MAX;
 
-/// Which primary owns each slot, as `CLUSTER SLOTS` last answered: only to group a batch's
-/// reads by primary. redis-rs routes each pipeline by the slot of its first key, and a key
-/// whose slot is served elsewhere (the map is stale: a failover, a slot migrated) answers a
-/// redirect and is asked again on its own, redis-rs following the redirect.
+/// Which primary owns each slot, as `CLUSTER SLOTS` last answered: only to split a batch's
+/// reads by primary. redis-rs routes each part's pipeline by the slot of its first key; a part
+/// whose pipeline is redirected (a migrated slot, a stale map) is asked again key by key,
+/// redis-rs following each key's redirect.
 #[derive(Default)]
 pub(crate) struct Owners {
     /// Slot → index of its primary (`UNKNOWN`): `None` until the first look.
     map: std::sync::RwLock<Option<Arc<Vec<u16>>>>,
-    /// A redirect was answered (or no map yet): the next batch looks again.
+    /// A redirect was answered (or no map yet): the map is looked at again.
     stale: AtomicBool,
-    /// A look under way (one at a time; other batches go on with the map they have).
+    /// A look under way (one at a time, in a task of its own: never in a batch's way).
     looking: AtomicBool,
-    /// After a failed look, none before this (a failover can make `CLUSTER SLOTS` time out).
+    /// No look before this (100 ms after a look, 1 s after a failed one).
     not_before: std::sync::Mutex<Option<std::time::Instant>>,
+    /// No pipelines before this (1 s after one was redirected: a slot is moving, and redis-rs
+    /// would bounce each pipeline holding its keys between the two primaries).
+    alone_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// Clears a flag when dropped (a look whose batch was dropped midway, its reads answered).
+/// Clears a flag when dropped (a look whose task was dropped midway).
 struct Clear<'a>(&'a AtomicBool);
 
 impl Drop for Clear<'_> {
@@ -850,47 +871,97 @@ impl Drop for Clear<'_> {
     }
 }
 
+/// Whether `until` (a lock holding an instant) is still ahead.
+fn before(until: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
+    until
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some_and(|t| std::time::Instant::now() < t)
+}
+
+/// Sets `until` to `after` from now.
+fn hold(until: &std::sync::Mutex<Option<std::time::Instant>>, after: Duration) {
+    *until.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now() + after);
+}
+
 impl Owners {
     fn current(&self) -> Option<Arc<Vec<u16>>> {
         self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Asks a node for the slot map when there is none or it went stale (one look at a time;
-    /// a failed look leaves the old map, and reads go on with it or key by key).
-    async fn refresh(&self, inner: &Inner) {
+    /// Starts a look at the slot map in a task when there is none or it went stale (one at a
+    /// time, at most every 100 ms, 1 s after a failed one); batches go on with the map they
+    /// have, or key by key without one.
+    fn look_if_stale(&self, inner: &Arc<Inner>) {
         let wanted = self.stale.load(Ordering::Acquire) || self.current().is_none();
-        let not_before = *self.not_before.lock().unwrap_or_else(|e| e.into_inner());
-        if !wanted
-            || not_before.is_some_and(|t| std::time::Instant::now() < t)
-            || self.looking.swap(true, Ordering::AcqRel)
-        {
+        if !wanted || before(&self.not_before) || self.looking.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _looking = Clear(&self.looking);
-        // Not through `Inner::run`: a failed look is not a failed read of the caller's.
-        let timeout = inner.config.response_timeout;
-        match inner.conn.cluster_slots(timeout).await {
-            Ok(None) => {}
-            Ok(Some(slots)) => {
-                let map = Arc::new(slot_owners(slots));
-                *self.map.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
-                self.stale.store(false, Ordering::Release);
+        let Some(runtime) = runtime_for(inner) else {
+            self.looking.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(inner);
+        drop(runtime.spawn(async move {
+            let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref()) else {
+                return;
+            };
+            let _looking = Clear(&owners.looking);
+            // Cleared first: a redirect answered during the look asks for another.
+            owners.stale.store(false, Ordering::Release);
+            // Not through `Inner::run`: a failed look is not a failed read.
+            match inner.conn.cluster_slots(inner.config.response_timeout).await {
+                Ok(None) => {}
+                Ok(Some(slots)) => {
+                    let map = Arc::new(slot_owners(slots));
+                    *owners.map.write().unwrap_or_else(|e| e.into_inner()) = Some(map);
+                    hold(&owners.not_before, Duration::from_millis(100));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "batched reads: CLUSTER SLOTS failed; the next look in 1 s");
+                    owners.stale.store(true, Ordering::Release);
+                    hold(&owners.not_before, Duration::from_secs(1));
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "batched reads: CLUSTER SLOTS failed; the next look in 1 s");
-                *self.not_before.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(std::time::Instant::now() + Duration::from_secs(1));
+        }));
+    }
+
+    /// `batch` split by the primary that owns each key (a key whose owner is not known, or
+    /// every key while pipelines are held back, in a part of its own).
+    fn split(&self, batch: Vec<Get>) -> Vec<Vec<Get>> {
+        let map = (!before(&self.alone_until))
+            .then(|| self.current())
+            .flatten();
+        let mut parts: Vec<(u16, Vec<Get>)> = Vec::new();
+        for g in batch {
+            let owner = map
+                .as_ref()
+                .map_or(UNKNOWN, |m| m[slot_of(g.key.as_bytes())]);
+            match parts
+                .iter_mut()
+                .find(|(o, _)| *o == owner && owner != UNKNOWN)
+            {
+                Some((_, part)) => part.push(g),
+                None => parts.push((owner, vec![g])),
             }
         }
+        parts.into_iter().map(|(_, part)| part).collect()
     }
 }
 
-/// Slot → primary index from a `CLUSTER SLOTS` reply (`UNKNOWN` where none is given).
+/// Slot → primary index from a `CLUSTER SLOTS` reply (`UNKNOWN` where none is given). A
+/// primary is known by its node ID (by address if the reply has none).
 fn slot_owners(slots: redis::Value) -> Vec<u16> {
     let mut map = vec![UNKNOWN; SLOTS];
-    let mut primaries: Vec<(Vec<u8>, i64)> = Vec::new();
+    let mut primaries: Vec<Vec<u8>> = Vec::new();
     let redis::Value::Array(ranges) = slots else {
         return map;
+    };
+    let text = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) => Some(b.clone()),
+        Some(redis::Value::SimpleString(t)) => Some(t.clone().into_bytes()),
+        Some(redis::Value::Int(n)) => Some(n.to_string().into_bytes()),
+        _ => None,
     };
     for range in ranges {
         let redis::Value::Array(items) = range else {
@@ -904,18 +975,21 @@ fn slot_owners(slots: redis::Value) -> Vec<u16> {
         else {
             continue;
         };
-        let host = match primary.first() {
-            Some(redis::Value::BulkString(h)) => h.clone(),
-            Some(redis::Value::SimpleString(h)) => h.clone().into_bytes(),
-            _ => continue,
+        let id = match text(primary.get(2)) {
+            Some(id) => id,
+            None => match (text(primary.first()), text(primary.get(1))) {
+                (Some(mut host), Some(port)) => {
+                    host.push(b':');
+                    host.extend(port);
+                    host
+                }
+                _ => continue,
+            },
         };
-        let Some(redis::Value::Int(port)) = primary.get(1) else {
-            continue;
-        };
-        let at = match primaries.iter().position(|p| p.0 == host && p.1 == *port) {
+        let at = match primaries.iter().position(|p| *p == id) {
             Some(at) => at,
             None => {
-                primaries.push((host, *port));
+                primaries.push(id);
                 primaries.len() - 1
             }
         };
@@ -963,105 +1037,70 @@ fn slot_of(key: &[u8]) -> usize {
     usize::from(crc16::State::<crc16::XMODEM>::calculate(tagged)) % SLOTS
 }
 
-/// The values of `keys` (distinct) on a cluster: one pipeline of GETs per primary that owns
-/// two or more of them, a GET for the others, all at once; a key answered with a redirect is
-/// asked again alone (the slot map is then looked at again).
+/// The values of `keys` (distinct, owned by one primary as far as the map knows) on a
+/// cluster: one pipeline of GETs routed by the first key's slot. redis-rs follows a redirect
+/// with the whole pipeline (to the primary of the redirected key), so a pipeline holding keys
+/// of two primaries fails: then each key is asked alone, redis-rs following its own redirect,
+/// the map is looked at again and pipelines are held back for a second.
 async fn ask_cluster(inner: &Inner, owners: &Owners, keys: &[&str]) -> (Result<Answers>, u32) {
-    owners.refresh(inner).await;
-    let map = owners.current();
-    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (i, key) in keys.iter().enumerate() {
-        let owner = map.as_ref().map_or(UNKNOWN, |m| m[slot_of(key.as_bytes())]);
-        match groups
-            .iter_mut()
-            .find(|(o, _)| *o == owner && owner != UNKNOWN)
-        {
-            Some((_, group)) => group.push(i),
-            None => groups.push((owner, vec![i])),
+    match ask_node(inner, keys).await {
+        Ok(values) => {
+            let answers = values
+                .into_iter()
+                .map(|v| {
+                    v.map(|v| v.map(Bytes::from))
+                        .map_err(|e| crate::error::map_err("get", e, inner.config.response_timeout))
+                })
+                .collect();
+            (Ok(Answers::Each(answers)), 0)
+        }
+        // `Inner::run` counted the pipeline's failure; the keys are asked again.
+        Err(e) if redirected(&e) => {
+            owners.stale.store(true, Ordering::Release);
+            hold(&owners.alone_until, Duration::from_secs(1));
+            let retried = futures_util::future::join_all(keys.iter().map(|&key| {
+                inner.run(
+                    Operation::Get,
+                    crate::backend::Retry::Anywhere,
+                    move |mut h| {
+                        let c = commands::get(key);
+                        async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
+                    },
+                )
+            }))
+            .await;
+            let mut pending = 0;
+            let answers = retried
+                .into_iter()
+                .map(|r| {
+                    pending += u32::from(counted_by_run(&r));
+                    r.map(|v| v.map(Bytes::from))
+                })
+                .collect();
+            (Ok(Answers::Each(answers)), pending)
+        }
+        Err(e) => {
+            // `Inner::run` counted it (not `Closed`: returned before any attempt).
+            let pending = u32::from(!matches!(e, CacheError::Closed));
+            (Err(e), pending)
         }
     }
-    let mut answers: Vec<Result<Option<Bytes>>> = vec![Ok(None); keys.len()];
-    let mut pending = 0u32;
-    let mut again: Vec<usize> = Vec::new();
-    let sent = futures_util::future::join_all(
-        groups.iter().map(|(_, group)| ask_node(inner, keys, group)),
-    )
-    .await;
-    for ((_, group), replies) in groups.iter().zip(sent) {
-        match replies {
-            Ok(values) => {
-                for (&i, v) in group.iter().zip(values) {
-                    match v {
-                        Err(e) if e.is_cluster_error() => again.push(i),
-                        v => {
-                            answers[i] = v.map(|v| v.map(Bytes::from)).map_err(|e| {
-                                crate::error::map_err("get", e, inner.config.response_timeout)
-                            });
-                        }
-                    }
-                }
-            }
-            // redis-rs follows a redirect with the whole pipeline (to the node that one key's
-            // slot moved to), and fails it when keys of other nodes are redirected there too:
-            // then each key is asked alone. (`Inner::run` counted the pipeline's failure.)
-            Err(e) if redirected(&e) => again.extend(group.iter().copied()),
-            Err(e) => {
-                // `Inner::run` counted it (not `Closed`: returned before any attempt).
-                pending += u32::from(!matches!(e, CacheError::Closed));
-                for &i in group {
-                    answers[i] = Err(e.clone());
-                }
-            }
-        }
-    }
-    if !again.is_empty() {
-        owners.stale.store(true, Ordering::Release);
-        let retried = futures_util::future::join_all(again.iter().map(|&i| {
-            let key = keys[i];
-            inner.run(
-                Operation::Get,
-                crate::backend::Retry::Anywhere,
-                move |mut h| {
-                    let c = commands::get(key);
-                    async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
-                },
-            )
-        }))
-        .await;
-        for (i, r) in again.into_iter().zip(retried) {
-            pending += u32::from(counted_by_run(&r));
-            answers[i] = r.map(|v| v.map(Bytes::from));
-        }
-    }
-    (Ok(Answers::Each(answers)), pending)
 }
 
-/// The replies for `group` (indices into `keys`, all owned by one primary as far as the map
-/// knows): a GET for one key, else one pipeline routed by the first key's slot; each reply
-/// separate (a redirect or an error reply reaches only its key).
+/// One pipeline of GETs of `keys`, routed by the first key's slot; each reply separate (an
+/// error reply reaches only its key).
 async fn ask_node(
     inner: &Inner,
     keys: &[&str],
-    group: &[usize],
 ) -> Result<Vec<redis::RedisResult<Option<Vec<u8>>>>> {
-    if let [i] = group {
-        let key = keys[*i];
-        let r: Option<Vec<u8>> = inner
-            .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
-                let c = commands::get(key);
-                async move { c.query_async(&mut h).await }
-            })
-            .await?;
-        return Ok(vec![Ok(r)]);
-    }
     let mut pipe = redis::pipe();
-    // Each reply on its own: an error reply (a redirect) is that key's, not the pipeline's.
+    // Each reply on its own: an error reply is that key's, not the pipeline's.
     pipe.ignore_errors();
-    for &i in group {
-        pipe.add_command(commands::get(keys[i]));
+    for key in keys {
+        pipe.add_command(commands::get(key));
     }
-    let first = keys[group[0]];
-    let n = group.len();
+    let first = keys.first().copied().unwrap_or_default();
+    let n = keys.len();
     let pipe = &pipe;
     let values: Vec<redis::Value> = inner
         .run(
@@ -1084,6 +1123,8 @@ async fn ask_node(
         )
         .await?;
     if values.len() != n {
+        // Counted here: `Inner::run` saw an answer.
+        inner.stats.error(Operation::Get);
         return Err(CacheError::Backend {
             message: format!("a pipeline of {n} GETs answered {} replies", values.len()),
             source: None,
@@ -1123,9 +1164,11 @@ mod tests {
         }
     }
 
-    /// A slot map that sends every key to one primary (stale: a failover, a migration): the
-    /// keys that primary does not own answer a redirect, are asked again alone, each gets its
-    /// own value, and the map is looked at again by the next batch.
+    /// A slot map that sends every key to one primary (stale: a migrated slot): redis-rs
+    /// follows the first redirect with the whole pipeline and fails it, the keys are asked
+    /// again alone, each gets its own value, none is counted failed, pipelines are held back
+    /// for a second, and a look at the map (in a task) then splits reads by the three
+    /// primaries.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keys_sent_to_the_wrong_primary_are_asked_again() {
         let cluster = ncm_cache_testkit::RedisCluster::start().expect("redis cluster");
@@ -1141,7 +1184,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let inner: &Inner = backend.inner();
+        let inner = backend.inner();
         let owners = inner
             .batcher
             .as_ref()
@@ -1160,13 +1203,35 @@ mod tests {
         }
         assert!(
             owners.stale.load(Ordering::Acquire),
-            "the map is looked at again"
+            "the map is to be looked at again"
         );
-        // The next batch looks again and groups by the right primaries.
-        let (answers, _) = ask_cluster(inner, owners, &refs).await;
-        assert!(matches!(answers, Ok(Answers::Each(a)) if a.iter().all(Result::is_ok)));
-        assert!(!owners.stale.load(Ordering::Acquire));
+        assert!(before(&owners.alone_until), "pipelines are held back");
+        let calls = || {
+            keys.iter()
+                .map(|k| Get {
+                    key: k.clone(),
+                    deadline: None,
+                    tx: oneshot::channel().0,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            owners.split(calls()).len(),
+            keys.len(),
+            "one key per part meanwhile"
+        );
+        owners.look_if_stale(inner);
+        let start = std::time::Instant::now();
+        while owners.current().is_some_and(|m| m.iter().all(|&o| o == 0)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the map was not looked at"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let map = owners.current().unwrap();
-        assert!(map.iter().all(|&o| o != UNKNOWN) && map.iter().any(|&o| o != 0));
+        assert!(map.iter().all(|&o| o != UNKNOWN));
+        *owners.alone_until.lock().unwrap() = None;
+        assert_eq!(owners.split(calls()).len(), 3, "one part per primary");
     }
 }

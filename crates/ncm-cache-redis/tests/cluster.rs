@@ -180,3 +180,66 @@ async fn concurrent_gets_on_a_cluster_each_get_their_own_value() {
         t.await.unwrap();
     }
 }
+
+/// A primary that stops answering (paused, as a host that hangs) holds up only the reads of
+/// its own keys: a batch is sent as one part per primary, each answered as soon as its primary
+/// answers, so reads of the other primaries' keys in the same batches come back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_primary_holds_up_only_its_own_keys_reads() {
+    let cluster = RedisCluster::start().unwrap();
+    let mut c = config(&cluster);
+    c.response_timeout = Duration::from_millis(1500);
+    let cache = RedisCache::connect(c).await.unwrap();
+    let backend = cache.backend();
+    let keys: Vec<String> = (0..90).map(|i| format!("stall:{i}")).collect();
+    for k in &keys {
+        backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
+    }
+    // Concurrent reads first, so that the slot map is known.
+    let warm: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (backend, k) = (backend.clone(), k.clone());
+            tokio::spawn(async move { backend.get(&k).await.unwrap() })
+        })
+        .collect();
+    for w in warm {
+        assert!(w.await.unwrap().is_some());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let victim = cluster.primaries().unwrap()[0];
+    let stalled: Vec<bool> = keys
+        .iter()
+        .map(|k| cluster.owner_of(k).unwrap() == victim)
+        .collect();
+    cluster.node(victim).unwrap().pause().unwrap();
+    let reads: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (backend, k) = (backend.clone(), k.clone());
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let r = backend.get(&k).await;
+                (r, start.elapsed())
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for r in reads {
+        results.push(r.await.unwrap());
+    }
+    cluster.node(victim).unwrap().resume().unwrap();
+    let mut healthy = 0;
+    for ((k, stalled), (r, took)) in keys.iter().zip(stalled).zip(results) {
+        if stalled {
+            continue;
+        }
+        healthy += 1;
+        assert_eq!(r.unwrap(), Some(Bytes::from(k.clone())), "{k}");
+        assert!(
+            took < Duration::from_millis(700),
+            "{k}, on a primary that answers, took {took:?} (held up by the stalled one?)"
+        );
+    }
+    assert!(healthy >= 30, "{healthy} keys on the answering primaries");
+}
