@@ -28,17 +28,19 @@
 //! before that (its bound passed, or its future was dropped: a caller's own timeout, a
 //! cancelled request) is never sent, so it is never applied behind its caller's back. A read's
 //! bound is kept by the batch that carries it (one timer per batch, not one per read: see
-//! [`get`]; a caller on another runtime than the batch tasks' also keeps its own timer); a
+//! [`get`]; on a cluster one per part; a caller on another runtime than the batch tasks' also
+//! keeps its own timer); a
 //! write's by its caller's own timer. Batch tasks run on the runtime the cache connected on;
 //! once a task spawned there was dropped before it ran (that runtime shut down), on the runtime
 //! of the call that hands them over. A batch is bounded in calls ([`MAX_BATCH`])
 //! and, for writes, in bytes ([`MAX_BATCH_BYTES`]).
 //!
-//! Differences a caller can see: a failed batch fails all of its calls (each counted once in
+//! Differences a caller can see: a failed batch (on a cluster, a failed part) fails all of its
+//! calls (each counted once in
 //! the stats; a multi-level cache's breaker sees each), except an `MGET` refused by an ACL key
 //! permission, which is asked again key by key so that only the forbidden keys' calls fail; a key holding a non-string type reads
 //! as missing when its GET went in an `MGET` (nil) and as `WRONGTYPE` when it was the batch's
-//! only key (a load
+//! only key or went in a cluster's pipeline (a load
 //! after either replaces it: see `set_if_absent`); latency
 //! stats are per batch, without the time a call spent queued. `RedisSyncCache` does not batch.
 //!
@@ -569,14 +571,43 @@ fn expire(inner: &Inner, waiters: &mut [Waiter]) -> Option<Option<Instant>> {
 async fn send_gets(inner: &Arc<Inner>, batch: Vec<Get>) {
     // Callers that gave up (cancelled) are not asked for.
     let batch: Vec<Get> = batch.into_iter().filter(|g| !g.tx.is_closed()).collect();
-    // On a cluster: one part per primary, each answered as soon as its primary answers (a
-    // stalled primary holds up only its own reads).
+    // On a cluster: one part per primary, each answered as soon as its primary answers.
     if let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref())
-        && batch.len() > 1
+        && !batch.is_empty()
     {
+        use futures_util::{FutureExt, StreamExt};
         owners.look_if_stale(inner);
-        let parts = owners.split(batch);
-        futures_util::future::join_all(parts.into_iter().map(|part| send_part(inner, part))).await;
+        let mut parts: futures_util::stream::FuturesUnordered<_> = owners
+            .split(batch)
+            .into_iter()
+            .map(|part| {
+                let inner = Arc::clone(inner);
+                async move { send_part(&inner, part).await }
+            })
+            .collect();
+        // The batch keeps its slot until its first part is answered (what gathers the next
+        // batch meanwhile), or for `PART_GRACE` at most; parts still waiting then go on in a
+        // task of their own, so that a stalled primary holds no slot
+        // (`cluster.rs::a_stalled_primary_holds_up_only_its_own_keys_reads`): each of its
+        // reads is still answered by its bound.
+        let grace = tokio::time::sleep(PART_GRACE);
+        let mut grace = std::pin::pin!(grace);
+        tokio::select! {
+            biased;
+            first = parts.next() => if first.is_none() {
+                return;
+            },
+            () = &mut grace => {}
+        }
+        while let Some(Some(())) = parts.next().now_or_never() {}
+        if parts.is_empty() {
+            return;
+        }
+        let rest = async move { while parts.next().await.is_some() {} };
+        match runtime_for(inner) {
+            Some(runtime) => drop(runtime.spawn(rest)),
+            None => rest.await,
+        }
         return;
     }
     send_part(inner, batch).await;
@@ -840,6 +871,9 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
 
 /// Cluster slots.
 const SLOTS: usize = 16384;
+/// How long a cluster batch keeps its slot waiting for its first part (a round trip, when its
+/// primaries answer).
+const PART_GRACE: Duration = Duration::from_millis(10);
 /// An owner not known (no map yet, or a slot no primary serves).
 const UNKNOWN: u16 = u16::MAX;
 
@@ -862,12 +896,15 @@ pub(crate) struct Owners {
     alone_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// Clears a flag when dropped (a look whose task was dropped midway).
-struct Clear<'a>(&'a AtomicBool);
+/// A look at the slot map under way: `Owners::looking` is cleared when it is dropped (the look
+/// ended, or its task was dropped, also before it ran).
+struct Looking(Arc<Inner>);
 
-impl Drop for Clear<'_> {
+impl Drop for Looking {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        if let Some(owners) = self.0.batcher.as_ref().and_then(|b| b.cluster.as_ref()) {
+            owners.looking.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -897,16 +934,16 @@ impl Owners {
         if !wanted || before(&self.not_before) || self.looking.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Clears `looking` when the look ends, or its task is dropped (also before it ran).
+        let looking = Looking(Arc::clone(inner));
         let Some(runtime) = runtime_for(inner) else {
-            self.looking.store(false, Ordering::Release);
             return;
         };
-        let inner = Arc::clone(inner);
         drop(runtime.spawn(async move {
+            let inner = &looking.0;
             let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref()) else {
                 return;
             };
-            let _looking = Clear(&owners.looking);
             // Cleared first: a redirect answered during the look asks for another.
             owners.stale.store(false, Ordering::Release);
             // Not through `Inner::run`: a failed look is not a failed read.

@@ -183,7 +183,8 @@ async fn concurrent_gets_on_a_cluster_each_get_their_own_value() {
 
 /// A primary that stops answering (paused, as a host that hangs) holds up only the reads of
 /// its own keys: a batch is sent as one part per primary, each answered as soon as its primary
-/// answers, so reads of the other primaries' keys in the same batches come back at once.
+/// answers, and gives its slot back once its first part is answered (10 ms at most), so reads
+/// of the other primaries' keys, in the same batches or in later ones, come back at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_primary_holds_up_only_its_own_keys_reads() {
     let cluster = RedisCluster::start().unwrap();
@@ -213,17 +214,20 @@ async fn a_stalled_primary_holds_up_only_its_own_keys_reads() {
         .map(|k| cluster.owner_of(k).unwrap() == victim)
         .collect();
     cluster.node(victim).unwrap().pause().unwrap();
-    let reads: Vec<_> = keys
-        .iter()
-        .map(|k| {
+    // In waves, so that batch slots are taken again and again while the primary is stalled
+    // (each wave's batches hold some of its keys).
+    let mut reads = Vec::new();
+    for wave in keys.chunks(15) {
+        for k in wave {
             let (backend, k) = (backend.clone(), k.clone());
-            tokio::spawn(async move {
+            reads.push(tokio::spawn(async move {
                 let start = Instant::now();
                 let r = backend.get(&k).await;
                 (r, start.elapsed())
-            })
-        })
-        .collect();
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut results = Vec::new();
     for r in reads {
         results.push(r.await.unwrap());
