@@ -687,14 +687,9 @@ async fn ask(inner: &Inner, keys: &[&str]) -> (Result<Answers>, u32) {
         return ask_cluster(inner, owners, keys).await;
     }
     if let [key] = keys {
-        let r: Result<Option<Vec<u8>>> = inner
-            .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
-                let c = commands::get(key);
-                async move { c.query_async(&mut h).await }
-            })
-            .await;
+        let r = get_alone(inner, key).await;
         let pending = u32::from(counted_by_run(&r));
-        return (r.map(|v| Answers::All(vec![v.map(Bytes::from)])), pending);
+        return (r.map(|v| Answers::All(vec![v])), pending);
     }
     let mut mget = redis::cmd("MGET");
     mget.arg(keys);
@@ -745,8 +740,20 @@ enum Answers {
     Each(Vec<Result<Option<Bytes>>>),
 }
 
-/// A GET per key in one pipeline, each with its own reply (an error reply reaches only its
-/// key's callers).
+/// One GET, counted by `Inner::run` when it fails.
+async fn get_alone(inner: &Inner, key: &str) -> Result<Option<Bytes>> {
+    let r: Option<Vec<u8>> = inner
+        .run(Operation::Get, crate::backend::Retry::Anywhere, |mut h| {
+            let c = commands::get(key);
+            async move { c.query_async(&mut h).await }
+        })
+        .await?;
+    Ok(r.map(Bytes::from))
+}
+
+/// A GET per key in one pipeline (on a cluster, routed by the first key's slot), each with its
+/// own reply (an error reply reaches only its key's callers). A failure is counted: by
+/// `Inner::run`, or here for a reply count that does not match.
 async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
     let timeout = inner.config.response_timeout;
     let mut pipe = redis::pipe();
@@ -754,35 +761,50 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
     for key in keys {
         pipe.add_command(commands::get(key));
     }
+    let first = keys.first().copied().unwrap_or_default();
+    let n = keys.len();
     let pipe = &pipe;
-    let replies: Vec<redis::RedisResult<redis::Value>> = inner
+    let values: Vec<redis::Value> = inner
         .run(
             Operation::Get,
             crate::backend::Retry::Anywhere,
-            |mut h| async move { pipe.query_async(&mut h).await },
+            |h| async move {
+                match h {
+                    crate::conn::Handle::Cluster(mut c) => {
+                        let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+                            redis::cluster_routing::Route::with_key(
+                                first,
+                                redis::cluster_routing::SlotAddr::Master,
+                            ),
+                        );
+                        c.route_pipeline(pipe.clone(), 0, n, route).await
+                    }
+                    mut other => {
+                        redis::aio::ConnectionLike::req_packed_commands(&mut other, pipe, 0, n)
+                            .await
+                    }
+                }
+            },
         )
         .await?;
-    if replies.len() != keys.len() {
+    if values.len() != n {
+        inner.stats.error(Operation::Get);
         return Err(CacheError::Backend {
-            message: format!(
-                "a pipeline of {} GETs answered {} replies",
-                keys.len(),
-                replies.len()
-            ),
+            message: format!("a pipeline of {n} GETs answered {} replies", values.len()),
             source: None,
         });
     }
     Ok(Answers::Each(
-        replies
+        values
             .into_iter()
-            .map(|reply| {
-                reply
-                    .and_then(|v| {
-                        <Option<Vec<u8>> as redis::FromRedisValue>::from_redis_value(v)
-                            .map_err(Into::into)
-                    })
-                    .map(|v| v.map(Bytes::from))
-                    .map_err(|e| crate::error::map_err("get", e, timeout))
+            .map(|v| {
+                match v {
+                    redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                    v => <Option<Vec<u8>> as redis::FromRedisValue>::from_redis_value(v)
+                        .map_err(Into::into),
+                }
+                .map(|v| v.map(Bytes::from))
+                .map_err(|e| crate::error::map_err("get", e, timeout))
             })
             .collect(),
     ))
@@ -1080,102 +1102,23 @@ fn slot_of(key: &[u8]) -> usize {
 /// of two primaries fails: then each key is asked alone, redis-rs following its own redirect,
 /// the map is looked at again and pipelines are held back for a second.
 async fn ask_cluster(inner: &Inner, owners: &Owners, keys: &[&str]) -> (Result<Answers>, u32) {
-    match ask_node(inner, keys).await {
-        Ok(values) => {
-            let answers = values
-                .into_iter()
-                .map(|v| {
-                    v.map(|v| v.map(Bytes::from))
-                        .map_err(|e| crate::error::map_err("get", e, inner.config.response_timeout))
-                })
-                .collect();
-            (Ok(Answers::Each(answers)), 0)
-        }
+    match get_each(inner, keys).await {
+        Ok(answers) => (Ok(answers), 0),
         // `Inner::run` counted the pipeline's failure; the keys are asked again.
         Err(e) if redirected(&e) => {
             owners.stale.store(true, Ordering::Release);
             hold(&owners.alone_until, Duration::from_secs(1));
-            let retried = futures_util::future::join_all(keys.iter().map(|&key| {
-                inner.run(
-                    Operation::Get,
-                    crate::backend::Retry::Anywhere,
-                    move |mut h| {
-                        let c = commands::get(key);
-                        async move { c.query_async::<Option<Vec<u8>>>(&mut h).await }
-                    },
-                )
-            }))
-            .await;
-            let mut pending = 0;
-            let answers = retried
-                .into_iter()
-                .map(|r| {
-                    pending += u32::from(counted_by_run(&r));
-                    r.map(|v| v.map(Bytes::from))
-                })
-                .collect();
-            (Ok(Answers::Each(answers)), pending)
+            let retried =
+                futures_util::future::join_all(keys.iter().map(|key| get_alone(inner, key))).await;
+            let pending = retried.iter().map(|r| u32::from(counted_by_run(r))).sum();
+            (Ok(Answers::Each(retried)), pending)
         }
         Err(e) => {
-            // `Inner::run` counted it (not `Closed`: returned before any attempt).
+            // Counted (not `Closed`: returned before any attempt).
             let pending = u32::from(!matches!(e, CacheError::Closed));
             (Err(e), pending)
         }
     }
-}
-
-/// One pipeline of GETs of `keys`, routed by the first key's slot; each reply separate (an
-/// error reply reaches only its key).
-async fn ask_node(
-    inner: &Inner,
-    keys: &[&str],
-) -> Result<Vec<redis::RedisResult<Option<Vec<u8>>>>> {
-    let mut pipe = redis::pipe();
-    // Each reply on its own: an error reply is that key's, not the pipeline's.
-    pipe.ignore_errors();
-    for key in keys {
-        pipe.add_command(commands::get(key));
-    }
-    let first = keys.first().copied().unwrap_or_default();
-    let n = keys.len();
-    let pipe = &pipe;
-    let values: Vec<redis::Value> = inner
-        .run(
-            Operation::Get,
-            crate::backend::Retry::Anywhere,
-            |h| async move {
-                let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
-                    redis::cluster_routing::Route::with_key(
-                        first,
-                        redis::cluster_routing::SlotAddr::Master,
-                    ),
-                );
-                match h {
-                    crate::conn::Handle::Cluster(mut c) => {
-                        c.route_pipeline(pipe.clone(), 0, n, route).await
-                    }
-                    mut other => pipe.query_async(&mut other).await,
-                }
-            },
-        )
-        .await?;
-    if values.len() != n {
-        // Counted here: `Inner::run` saw an answer.
-        inner.stats.error(Operation::Get);
-        return Err(CacheError::Backend {
-            message: format!("a pipeline of {n} GETs answered {} replies", values.len()),
-            source: None,
-        });
-    }
-    Ok(values
-        .into_iter()
-        .map(|v| match v {
-            redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
-            v => {
-                <Option<Vec<u8>> as redis::FromRedisValue>::from_redis_value(v).map_err(Into::into)
-            }
-        })
-        .collect())
 }
 
 #[cfg(test)]
