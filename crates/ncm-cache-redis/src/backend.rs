@@ -452,7 +452,10 @@ impl Inner {
                             self.conn.on_call_error(slot, &e);
                             Err(e)
                         }
-                        Ok(v) => Ok(v),
+                        Ok(v) => {
+                            self.conn.answered();
+                            Ok(v)
+                        }
                     }
                 }
             };

@@ -770,14 +770,20 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
             crate::backend::Retry::Anywhere,
             |h| async move {
                 match h {
-                    crate::conn::Handle::Cluster(mut c) => {
-                        let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
-                            redis::cluster_routing::Route::with_key(
-                                first,
-                                redis::cluster_routing::SlotAddr::Master,
-                            ),
-                        );
-                        c.route_pipeline(pipe.clone(), 0, n, route).await
+                    // Retried as any cluster call is; a redirect is not followed here but
+                    // answered key by key (`ask_cluster`).
+                    crate::conn::Handle::Cluster(c, bound) => {
+                        crate::conn::cluster_call(bound, false, |_| {
+                            let mut c = c.clone();
+                            let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+                                redis::cluster_routing::Route::with_key(
+                                    first,
+                                    redis::cluster_routing::SlotAddr::Master,
+                                ),
+                            );
+                            async move { c.route_pipeline(pipe.clone(), 0, n, route).await }
+                        })
+                        .await
                     }
                     mut other => {
                         redis::aio::ConnectionLike::req_packed_commands(&mut other, pipe, 0, n)

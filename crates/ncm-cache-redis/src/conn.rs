@@ -24,7 +24,8 @@ use crate::error::map_err;
 pub(crate) enum Handle {
     /// A connection of the single-node pool, with its place in the pool.
     Manager(ConnectionManager, usize),
-    Cluster(ClusterConnection),
+    /// The cluster connection, with the bound of one call (see [`cluster_call`]).
+    Cluster(ClusterConnection, Duration),
     /// A Sentinel primary's connection, with its generation (see [`Conn::on_error`]).
     Multiplexed(MultiplexedConnection, u64),
 }
@@ -33,7 +34,7 @@ impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Manager(c, _) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c, bound) => Box::pin(cluster_command(c.clone(), *bound, cmd)),
             Self::Multiplexed(c, _) => c.req_packed_command(cmd),
         }
     }
@@ -46,7 +47,9 @@ impl ConnectionLike for Handle {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Manager(c, _) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c, bound) => {
+                Box::pin(cluster_pipeline(c.clone(), *bound, pipeline, offset, count))
+            }
             Self::Multiplexed(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -54,7 +57,7 @@ impl ConnectionLike for Handle {
     fn get_db(&self) -> i64 {
         match self {
             Self::Manager(c, _) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c, _) => c.get_db(),
             Self::Multiplexed(c, _) => c.get_db(),
         }
     }
@@ -94,7 +97,7 @@ pub(crate) enum Conn {
         suspect: Vec<Suspect>,
         next: AtomicUsize,
     },
-    Cluster(ClusterConnection),
+    Cluster(std::sync::Arc<ClusterConn>),
     Sentinel(Box<SentinelConn>),
 }
 
@@ -215,35 +218,15 @@ impl Conn {
     }
 
     async fn connect_cluster(config: &RedisConfig) -> Result<Self> {
-        if config.tls && config.tls_ca_file.is_some() {
-            return Err(CacheError::Config(
-                "tls_ca_file is supported for single-node connections; a cluster verifies \
-                 against the system trust store (install the CA there)"
-                    .into(),
-            ));
-        }
-        let nodes = config.cluster_node_urls();
-        let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
-            .connection_timeout(config.connect_timeout)
-            .response_timeout(config.response_timeout)
-            .tcp_settings(tcp_settings(config))
-            .retries(3)
-            .min_retry_wait(10)
-            .max_retry_wait(500);
-        if let Some(u) = &config.username {
-            b = b.username(u);
-        }
-        if let Some(p) = &config.password {
-            b = b.password(p);
-        }
-        let client = b
-            .build()
-            .map_err(|e| CacheError::Config(format!("cluster: {e}")))?;
-        let conn = client
-            .get_async_connection()
-            .await
-            .map_err(|e| map_err("connect", e, config.connect_timeout))?;
-        Ok(Self::Cluster(conn))
+        let conn = cluster_connection(config).await?;
+        Ok(Self::Cluster(std::sync::Arc::new(ClusterConn {
+            current: RwLock::new(conn),
+            config: config.clone(),
+            base: Instant::now(),
+            answered: AtomicU64::new(0),
+            replacing: std::sync::atomic::AtomicBool::new(false),
+            replaced: AtomicU64::new(0),
+        })))
     }
 
     async fn connect_sentinel(
@@ -302,7 +285,7 @@ impl Conn {
                     .map(|c| Handle::Manager(c, i))
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
-            Self::Cluster(c) => Ok(Handle::Cluster(c.clone())),
+            Self::Cluster(c) => Ok(Handle::Cluster(c.current(), c.config.response_timeout)),
             Self::Sentinel(s) => s
                 .handle(timeout)
                 .await
@@ -349,6 +332,15 @@ impl Conn {
     /// if it failed on the connection still in use (`generation`, `None`: whichever is): a
     /// late failure of the one before must not drop a new, healthy one (found by review).
     pub(crate) fn on_error(&self, err: &CacheError, generation: Option<u64>) {
+        if let Self::Cluster(c) = self {
+            if err.is_timeout() {
+                c.timed_out();
+            } else if !err.is_connection() {
+                // An error reply: the connection answers.
+                c.answered();
+            }
+            return;
+        }
         if let Self::Sentinel(s) = self
             && (err.is_connection() || err.is_timeout())
             && let Ok(mut current) = s.current.write()
@@ -360,8 +352,15 @@ impl Conn {
         }
     }
 
+    /// A call was answered (the cluster connection's watch: see [`ClusterConn`]).
+    pub(crate) fn answered(&self) {
+        if let Self::Cluster(c) = self {
+            c.answered();
+        }
+    }
+
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self, Self::Cluster(..))
     }
 
     /// The addresses of every primary (cluster), or `None` for a single node.
@@ -377,7 +376,7 @@ impl Conn {
         let Self::Cluster(c) = self else {
             return Ok(None);
         };
-        let mut c = c.clone();
+        let mut c = c.current();
         let slots: Value = tokio::time::timeout(
             timeout,
             redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c),
@@ -396,7 +395,7 @@ impl Conn {
         let Self::Cluster(c) = self else {
             return Ok(None);
         };
-        let mut c = c.clone();
+        let mut c = c.current();
         let text: String = tokio::time::timeout(
             timeout,
             redis::cmd("CLUSTER").arg("NODES").query_async(&mut c),
@@ -419,7 +418,7 @@ impl Conn {
     ) -> redis::RedisResult<T> {
         match self {
             Self::Cluster(c) => {
-                let mut c = c.clone();
+                let mut c = c.current();
                 let v = c
                     .route_command(
                         cmd,
@@ -497,6 +496,282 @@ impl SentinelConn {
             }
         }
     }
+}
+
+/// A new cluster connection (redis-rs's own retries off: see [`cluster_call`]).
+async fn cluster_connection(config: &RedisConfig) -> Result<ClusterConnection> {
+    if config.tls && config.tls_ca_file.is_some() {
+        return Err(CacheError::Config(
+            "tls_ca_file is supported for single-node connections; a cluster verifies \
+             against the system trust store (install the CA there)"
+                .into(),
+        ));
+    }
+    let nodes = config.cluster_node_urls();
+    let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.response_timeout)
+        .tcp_settings(tcp_settings(config))
+        // No retries inside redis-rs: its `ASK` handling sends `ASKING` apart from the
+        // command on a connection other requests share, so under concurrent calls during
+        // a slot migration the flag reaches another request, and the redirects that
+        // follow wedged the whole connection (every later call timed out, on every node;
+        // `tests/cluster.rs::batched_reads_follow_a_slot_being_migrated`). Redirects and
+        // retries are followed by `cluster_call` instead.
+        .retries(0);
+    if let Some(u) = &config.username {
+        b = b.username(u);
+    }
+    if let Some(p) = &config.password {
+        b = b.password(p);
+    }
+    let client = b
+        .build()
+        .map_err(|e| CacheError::Config(format!("cluster: {e}")))?;
+    let conn = client
+        .get_async_connection()
+        .await
+        .map_err(|e| map_err("connect", e, config.connect_timeout))?;
+    Ok(conn)
+}
+
+/// The cluster connection, replaced by a new one when it stops answering altogether.
+///
+/// redis-rs's cluster connection can stop sending anything (seen around a slot refresh under
+/// many concurrent calls: every later call timed out, on every node, for good;
+/// `tests/cluster.rs::batched_reads_through_a_failover_are_bounded_and_recover`). When a call
+/// times out and no call has been answered for twice the response timeout, a new connection is
+/// made (in a task, one at a time, at most once per twice the response timeout) and takes its
+/// place; calls made with the old one end by their timeouts. A stalled connection's task
+/// cannot be stopped from outside: it stays, with its sockets, until the process ends.
+pub(crate) struct ClusterConn {
+    current: RwLock<ClusterConnection>,
+    config: RedisConfig,
+    base: Instant,
+    /// When a call was last answered (ms since `base`).
+    answered: AtomicU64,
+    /// A replacement under way.
+    replacing: std::sync::atomic::AtomicBool,
+    /// When the last replacement was made (ms since `base`).
+    replaced: AtomicU64,
+}
+
+impl ClusterConn {
+    fn current(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A call was answered (also with an error reply).
+    fn answered(&self) {
+        self.answered.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A call timed out: when nothing has been answered for twice the response timeout, the
+    /// connection is replaced in a task (see [`ClusterConn`]).
+    fn timed_out(self: &std::sync::Arc<Self>) {
+        let quiet = u64::try_from(self.config.response_timeout.as_millis() * 2).unwrap_or(u64::MAX);
+        let now = self.now();
+        if now.saturating_sub(self.answered.load(Ordering::Relaxed)) < quiet
+            || now.saturating_sub(self.replaced.load(Ordering::Relaxed)) < quiet
+            || self.replacing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.replacing.store(false, Ordering::Release);
+            return;
+        };
+        let this = std::sync::Arc::clone(self);
+        drop(runtime.spawn(async move {
+            let bound = this.config.connect_timeout * 2 + Duration::from_millis(100);
+            match tokio::time::timeout(bound, cluster_connection(&this.config)).await {
+                Ok(Ok(conn)) => {
+                    *this
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
+                    tracing::warn!(
+                        "redis cluster: no call answered for twice the response timeout; \
+                         the cluster connection was replaced by a new one"
+                    );
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "redis cluster: replacing the connection failed")
+                }
+                Err(_) => tracing::debug!("redis cluster: replacing the connection timed out"),
+            }
+            this.replaced.store(this.now(), Ordering::Relaxed);
+            this.replacing.store(false, Ordering::Release);
+        }));
+    }
+}
+
+/// Where one try of a cluster call goes.
+#[derive(Clone)]
+pub(crate) enum To {
+    /// Routed by redis-rs, by the slot of the command's key.
+    Slot,
+    /// To one node, after a redirect. After an `ASK` (`asking`) the command goes in one
+    /// pipeline behind `ASKING`, so that no other request on the shared connection can take
+    /// the one-command flag.
+    Node {
+        host: String,
+        port: u16,
+        asking: bool,
+    },
+}
+
+/// Tries of one cluster call at most, the first included: redis-rs's own retries are off
+/// (see `Conn::connect_cluster`), so redirects are followed and failures a retry may cure (a
+/// connection lost, a failover under way) retried here, as redis-rs did (3 retries).
+const CLUSTER_TRIES: u32 = 4;
+
+/// One cluster call: `attempt(To::Slot)`, then, within `bound` in all, each redirect followed
+/// (`MOVED`: to the node named; `ASK`: there, behind `ASKING`) when `follow` is set, and a
+/// failure a retry may cure retried after a short wait (10, 40, 160 ms). Only the first try
+/// runs without a timer of its own (redis-rs bounds each request by the response timeout);
+/// later tries are bounded by what is left of `bound`.
+pub(crate) async fn cluster_call<T, F, Fut>(
+    bound: Duration,
+    follow: bool,
+    mut attempt: F,
+) -> redis::RedisResult<T>
+where
+    F: FnMut(To) -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    use redis::RetryMethod;
+    let start = Instant::now();
+    let mut r = attempt(To::Slot).await;
+    for tried in 1..CLUSTER_TRIES {
+        let Err(e) = &r else { break };
+        if e.is_timeout() {
+            break;
+        }
+        let wait = Duration::from_millis(10 << (2 * (tried - 1)));
+        let (to, wait) = match e.retry_method() {
+            RetryMethod::AskRedirect | RetryMethod::MovedRedirect if !follow => break,
+            RetryMethod::AskRedirect | RetryMethod::MovedRedirect => match redirect_of(e) {
+                Some(to) => (to, Duration::ZERO),
+                // No address given: routed by slot again once redis-rs has read the map.
+                None => (To::Slot, wait),
+            },
+            RetryMethod::Reconnect
+            | RetryMethod::ReconnectFromInitialConnections
+            | RetryMethod::RefreshSlotsAndRetry
+            | RetryMethod::WaitAndRetry
+            | RetryMethod::RetryImmediately => (To::Slot, wait),
+            _ => break,
+        };
+        let Some(left) = bound
+            .checked_sub(start.elapsed() + wait)
+            .filter(|left| !left.is_zero())
+        else {
+            break;
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        r = match tokio::time::timeout(left, attempt(to)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a cluster call's retries outlasted the response timeout",
+            )
+            .into()),
+        };
+    }
+    r
+}
+
+/// The node a `MOVED` or `ASK` error names (`None` if it names none, or no host).
+fn redirect_of(e: &redis::RedisError) -> Option<To> {
+    let (node, _slot) = e.redirect_node()?;
+    let (host, port) = node.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then(|| To::Node {
+        host: host.to_owned(),
+        port,
+        asking: matches!(e.retry_method(), redis::RetryMethod::AskRedirect),
+    })
+}
+
+/// `cmd` sent to one node (`asking`: behind `ASKING`, in one pipeline).
+async fn send_to(
+    c: &mut ClusterConnection,
+    host: String,
+    port: u16,
+    asking: bool,
+    cmd: &Cmd,
+) -> redis::RedisResult<Value> {
+    let route = SingleNodeRoutingInfo::ByAddress { host, port };
+    if !asking {
+        return c
+            .route_command(cmd.clone(), RoutingInfo::SingleNode(route))
+            .await;
+    }
+    let mut pipe = redis::pipe();
+    pipe.add_command(redis::cmd("ASKING"))
+        .add_command(cmd.clone());
+    let reply = c.route_pipeline(pipe, 1, 1, route).await?.pop();
+    reply
+        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "ASKING: no reply")))?
+        .extract_error()
+}
+
+/// A pipeline on a cluster (its commands share a slot), with the retries of [`cluster_call`].
+/// A redirected pipeline is not sent whole to the node named (during a migration some of its
+/// keys are still served where they were): its commands are sent one by one, each following
+/// its own redirect. That is only for pipelines of commands that may run again (ours: SET,
+/// GET, UNLINK, EXISTS, PEXPIRE, PTTL); a transaction gets the redirect error. A command's
+/// error reply then fails the whole pipeline.
+async fn cluster_pipeline(
+    c: ClusterConnection,
+    bound: Duration,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> redis::RedisResult<Vec<Value>> {
+    let transaction = pipeline.is_transaction();
+    cluster_call(bound, !transaction, |to| {
+        let mut c = c.clone();
+        async move {
+            if let To::Slot = to {
+                return c.req_packed_commands(pipeline, offset, count).await;
+            }
+            let mut values = Vec::with_capacity(pipeline.len());
+            for cmd in pipeline.cmd_iter() {
+                values.push(cluster_command(c.clone(), bound, cmd).await?);
+            }
+            Ok(values.into_iter().skip(offset).take(count).collect())
+        }
+    })
+    .await
+}
+
+/// One command on a cluster, redirects followed (see [`cluster_call`]).
+async fn cluster_command(
+    c: ClusterConnection,
+    bound: Duration,
+    cmd: &Cmd,
+) -> redis::RedisResult<Value> {
+    cluster_call(bound, true, |to| {
+        let mut c = c.clone();
+        async move {
+            match to {
+                To::Slot => c.req_packed_command(cmd).await,
+                To::Node { host, port, asking } => send_to(&mut c, host, port, asking, cmd).await,
+            }
+        }
+    })
+    .await
 }
 
 /// Groups command indices by cluster slot, keeping order within each group.

@@ -203,6 +203,66 @@ impl RedisCluster {
             })
     }
 
+    /// The node ID of the node on `port` (`CLUSTER MYID`).
+    pub fn node_id(&self, port: u16) -> Result<String, TestkitError> {
+        self.node_or_err(port)?.command(&["CLUSTER", "MYID"])
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`), as the cluster computes it.
+    pub fn slot_of(&self, key: &str) -> Result<u16, TestkitError> {
+        let text = self
+            .first_running()?
+            .command(&["CLUSTER", "KEYSLOT", key])?;
+        text.trim().parse().map_err(|_| TestkitError::Command {
+            what: format!("CLUSTER KEYSLOT {key}"),
+            detail: format!("not a slot: {text}"),
+        })
+    }
+
+    /// Starts moving `slot` from the primary on `from` to the primary on `to`, as
+    /// `redis-cli --cluster reshard` does: the slot is marked `IMPORTING` on `to`, then
+    /// `MIGRATING` on `from`. From then on `from` answers `ASK` for the slot's keys it no longer
+    /// holds; move them with [`migrate_keys`](Self::migrate_keys), then end with
+    /// [`end_slot_migration`](Self::end_slot_migration).
+    pub fn begin_slot_migration(&self, slot: u16, from: u16, to: u16) -> Result<(), TestkitError> {
+        let slot = slot.to_string();
+        let (from_id, to_id) = (self.node_id(from)?, self.node_id(to)?);
+        self.node_or_err(to)?
+            .command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])?;
+        self.node_or_err(from)?
+            .command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])?;
+        Ok(())
+    }
+
+    /// Moves `keys` (of a slot being migrated) from the primary on `from` to the one on `to`
+    /// with one `MIGRATE`.
+    pub fn migrate_keys(&self, from: u16, to: u16, keys: &[&str]) -> Result<(), TestkitError> {
+        let to_port = to.to_string();
+        let mut args = vec!["MIGRATE", HOST, &to_port, "", "0", "5000", "KEYS"];
+        args.extend_from_slice(keys);
+        self.node_or_err(from)?.command(&args)?;
+        Ok(())
+    }
+
+    /// Ends a migration begun with [`begin_slot_migration`](Self::begin_slot_migration):
+    /// `CLUSTER SETSLOT <slot> NODE <to>` on `to`, then on `from`, then on the other primaries,
+    /// after which `from` answers `MOVED` for the slot.
+    pub fn end_slot_migration(&self, slot: u16, from: u16, to: u16) -> Result<(), TestkitError> {
+        let slot = slot.to_string();
+        let to_id = self.node_id(to)?;
+        let mut order = vec![to, from];
+        order.extend(
+            self.primaries()?
+                .into_iter()
+                .filter(|p| *p != to && *p != from),
+        );
+        for port in order {
+            self.node_or_err(port)?
+                .command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])?;
+        }
+        Ok(())
+    }
+
     /// Kills (SIGKILL) the primary on `port`; fails if `port` is not a current primary.
     /// Follow with [`wait_for_failover`](Self::wait_for_failover).
     pub fn kill_primary(&mut self, port: u16) -> Result<(), TestkitError> {
