@@ -772,8 +772,9 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
                 match h {
                     // Retried as any cluster call is; a redirect is not followed here but
                     // answered key by key (`ask_cluster`).
-                    crate::conn::Handle::Cluster(c, bound) => {
-                        crate::conn::cluster_call(bound, false, |_| {
+                    crate::conn::Handle::Cluster(c, cc) => {
+                        let bound = cc.bound();
+                        crate::conn::cluster_call(bound, crate::conn::Redirects::Surface, |_| {
                             let mut c = c.clone();
                             let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
                                 redis::cluster_routing::Route::with_key(

@@ -24,8 +24,9 @@ use crate::error::map_err;
 pub(crate) enum Handle {
     /// A connection of the single-node pool, with its place in the pool.
     Manager(ConnectionManager, usize),
-    /// The cluster connection, with the bound of one call (see [`cluster_call`]).
-    Cluster(ClusterConnection, Duration),
+    /// The cluster connection (the one current when the handle was taken), with what the
+    /// calls on it need (see [`cluster_call`]).
+    Cluster(ClusterConnection, std::sync::Arc<ClusterConn>),
     /// A Sentinel primary's connection, with its generation (see [`Conn::on_error`]).
     Multiplexed(MultiplexedConnection, u64),
 }
@@ -34,7 +35,7 @@ impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Manager(c, _) => c.req_packed_command(cmd),
-            Self::Cluster(c, bound) => Box::pin(cluster_command(c.clone(), *bound, cmd)),
+            Self::Cluster(c, cc) => Box::pin(cluster_command(c.clone(), cc, cmd)),
             Self::Multiplexed(c, _) => c.req_packed_command(cmd),
         }
     }
@@ -47,9 +48,13 @@ impl ConnectionLike for Handle {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Manager(c, _) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c, bound) => {
-                Box::pin(cluster_pipeline(c.clone(), *bound, pipeline, offset, count))
-            }
+            Self::Cluster(c, cc) => Box::pin(cluster_pipeline(
+                c.clone(),
+                cc.bound(),
+                pipeline,
+                offset,
+                count,
+            )),
             Self::Multiplexed(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -224,6 +229,8 @@ impl Conn {
             config: config.clone(),
             base: Instant::now(),
             answered: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            asking: std::sync::Mutex::new(HashMap::new()),
             replacing: std::sync::atomic::AtomicBool::new(false),
             replaced: AtomicU64::new(0),
         })))
@@ -285,7 +292,7 @@ impl Conn {
                     .map(|c| Handle::Manager(c, i))
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
-            Self::Cluster(c) => Ok(Handle::Cluster(c.current(), c.config.response_timeout)),
+            Self::Cluster(c) => Ok(Handle::Cluster(c.current(), std::sync::Arc::clone(c))),
             Self::Sentinel(s) => s
                 .handle(timeout)
                 .await
@@ -540,20 +547,27 @@ async fn cluster_connection(config: &RedisConfig) -> Result<ClusterConnection> {
 /// redis-rs's cluster connection can stop sending anything (seen around a slot refresh under
 /// many concurrent calls: every later call timed out, on every node, for good;
 /// `tests/cluster.rs::batched_reads_through_a_failover_are_bounded_and_recover`). When a call
-/// times out and no call has been answered for twice the response timeout, a new connection is
-/// made (in a task, one at a time, at most once per twice the response timeout) and takes its
-/// place; calls made with the old one end by their timeouts. A stalled connection's task
-/// cannot be stopped from outside: it stays, with its sockets, until the process ends.
+/// times out, at least 4 calls have timed out since the last answer and none has been answered
+/// for twice the response timeout, a new connection is made (in a task, one at a time, at most
+/// once per twice the response timeout) and takes its place; calls made with the old one end
+/// by their timeouts, and redis-rs ends the old connection's task once the last of them has
+/// dropped it.
 pub(crate) struct ClusterConn {
     current: RwLock<ClusterConnection>,
     config: RedisConfig,
     base: Instant,
     /// When a call was last answered (ms since `base`).
     answered: AtomicU64,
+    /// Calls timed out since then.
+    timeouts: AtomicU64,
     /// A replacement under way.
     replacing: std::sync::atomic::AtomicBool,
     /// When the last replacement was made (ms since `base`).
     replaced: AtomicU64,
+    /// Connections of our own to the nodes `ASK`s named: an `ASK` is not followed through
+    /// redis-rs, which connects to no node by address (a node that owns no slot yet, the
+    /// target of a resharding onto a new node, is not among its connections).
+    asking: std::sync::Mutex<HashMap<(String, u16), MultiplexedConnection>>,
 }
 
 impl ClusterConn {
@@ -564,6 +578,65 @@ impl ClusterConn {
             .clone()
     }
 
+    /// The bound of one call: the response timeout.
+    pub(crate) fn bound(&self) -> Duration {
+        self.config.response_timeout
+    }
+
+    /// `cmd` sent behind `ASKING`, in one pipeline, to the node an `ASK` named, on a
+    /// connection of our own to it (made on first use, dropped when it fails).
+    async fn ask(&self, host: String, port: u16, cmd: &Cmd) -> redis::RedisResult<Value> {
+        let node = (host, port);
+        let known = self
+            .asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&node)
+            .cloned();
+        let mut conn = match known {
+            Some(conn) => conn,
+            None => {
+                let client = client_for(&self.config, &node.0, node.1).map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the node an ASK named",
+                        e.to_string(),
+                    ))
+                })?;
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(
+                        &AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(self.config.connect_timeout))
+                            .set_response_timeout(Some(self.config.response_timeout)),
+                    )
+                    .await?;
+                self.asking
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(node.clone(), conn.clone());
+                conn
+            }
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(redis::cmd("ASKING"))
+            .add_command(cmd.clone());
+        let reply = match conn.req_packed_commands(&pipe, 1, 1).await {
+            Ok(mut replies) => replies.pop(),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.asking
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&node);
+                }
+                return Err(e);
+            }
+        };
+        reply
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "ASKING: no reply")))?
+            .extract_error()
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -571,6 +644,9 @@ impl ClusterConn {
     /// A call was answered (also with an error reply).
     fn answered(&self) {
         self.answered.store(self.now(), Ordering::Relaxed);
+        if self.timeouts.load(Ordering::Relaxed) != 0 {
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A call timed out: when nothing has been answered for twice the response timeout, the
@@ -578,7 +654,9 @@ impl ClusterConn {
     fn timed_out(self: &std::sync::Arc<Self>) {
         let quiet = u64::try_from(self.config.response_timeout.as_millis() * 2).unwrap_or(u64::MAX);
         let now = self.now();
-        if now.saturating_sub(self.answered.load(Ordering::Relaxed)) < quiet
+        // Several calls, not one slow call after a quiet spell.
+        if self.timeouts.fetch_add(1, Ordering::Relaxed) < 3
+            || now.saturating_sub(self.answered.load(Ordering::Relaxed)) < quiet
             || now.saturating_sub(self.replaced.load(Ordering::Relaxed)) < quiet
             || self.replacing.swap(true, Ordering::AcqRel)
         {
@@ -618,29 +696,36 @@ impl ClusterConn {
 pub(crate) enum To {
     /// Routed by redis-rs, by the slot of the command's key.
     Slot,
-    /// To one node, after a redirect. After an `ASK` (`asking`) the command goes in one
-    /// pipeline behind `ASKING`, so that no other request on the shared connection can take
-    /// the one-command flag.
-    Node {
-        host: String,
-        port: u16,
-        asking: bool,
-    },
+    /// To the node an `ASK` named, behind `ASKING` in one pipeline, so that no other request
+    /// on the connection can take the one-command flag (see [`ClusterConn::ask`]).
+    Asking { host: String, port: u16 },
 }
 
 /// Tries of one cluster call at most, the first included: redis-rs's own retries are off
-/// (see `Conn::connect_cluster`), so redirects are followed and failures a retry may cure (a
-/// connection lost, a failover under way) retried here, as redis-rs did (3 retries).
+/// (see `Conn::connect_cluster`), so redirects and failures a retry may cure (a connection
+/// lost, a failover under way) are retried here, as redis-rs did (3 retries).
 const CLUSTER_TRIES: u32 = 4;
 
-/// One cluster call: `attempt(To::Slot)`, then, within `bound` in all, each redirect followed
-/// (`MOVED`: to the node named; `ASK`: there, behind `ASKING`) when `follow` is set, and a
-/// failure a retry may cure retried after a short wait (10, 40, 160 ms). Only the first try
-/// runs without a timer of its own (redis-rs bounds each request by the response timeout);
-/// later tries are bounded by what is left of `bound`.
+/// What a cluster call does with a `MOVED` or `ASK`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Redirects {
+    /// Handed to the caller (a batch's pipeline of GETs: its keys are then asked alone).
+    Surface,
+    /// Tried again by slot after a short wait (a `MOVED` makes redis-rs read the slot map
+    /// again): pipelines and commands on keys of several slots, which one node cannot take.
+    Retry,
+    /// As `Retry` for a `MOVED`; an `ASK` is followed to the node named, with `ASKING` and
+    /// the command in one pipeline (a command on one key).
+    Follow,
+}
+
+/// One cluster call: `attempt(To::Slot)`, then, within `bound` in all, redirects handled as
+/// `redirects` says and a failure a retry may cure retried after a short wait (10, 40,
+/// 160 ms). Only the first try runs without a timer of its own (redis-rs bounds each request
+/// by the response timeout); later tries are bounded by what is left of `bound`.
 pub(crate) async fn cluster_call<T, F, Fut>(
     bound: Duration,
-    follow: bool,
+    redirects: Redirects,
     mut attempt: F,
 ) -> redis::RedisResult<T>
 where
@@ -657,13 +742,21 @@ where
         }
         let wait = Duration::from_millis(10 << (2 * (tried - 1)));
         let (to, wait) = match e.retry_method() {
-            RetryMethod::AskRedirect | RetryMethod::MovedRedirect if !follow => break,
-            RetryMethod::AskRedirect | RetryMethod::MovedRedirect => match redirect_of(e) {
+            RetryMethod::AskRedirect | RetryMethod::MovedRedirect
+                if redirects == Redirects::Surface =>
+            {
+                break;
+            }
+            RetryMethod::AskRedirect if redirects == Redirects::Follow => match redirect_of(e) {
                 Some(to) => (to, Duration::ZERO),
-                // No address given: routed by slot again once redis-rs has read the map.
                 None => (To::Slot, wait),
             },
-            RetryMethod::Reconnect
+            // Not by the address named: redis-rs connects to no node by address, and a node
+            // it has no connection to (one just given its first slots) would make it
+            // reconnect to the whole cluster.
+            RetryMethod::AskRedirect
+            | RetryMethod::MovedRedirect
+            | RetryMethod::Reconnect
             | RetryMethod::ReconnectFromInitialConnections
             | RetryMethod::RefreshSlotsAndRetry
             | RetryMethod::WaitAndRetry
@@ -691,47 +784,23 @@ where
     r
 }
 
-/// The node a `MOVED` or `ASK` error names (`None` if it names none, or no host).
+/// Where an `ASK` error sends its command (`None` if it names no node, or no host).
 fn redirect_of(e: &redis::RedisError) -> Option<To> {
     let (node, _slot) = e.redirect_node()?;
     let (host, port) = node.rsplit_once(':')?;
     let port = port.parse().ok()?;
-    (!host.is_empty()).then(|| To::Node {
+    (!host.is_empty()).then(|| To::Asking {
         host: host.to_owned(),
         port,
-        asking: matches!(e.retry_method(), redis::RetryMethod::AskRedirect),
     })
 }
 
-/// `cmd` sent to one node (`asking`: behind `ASKING`, in one pipeline).
-async fn send_to(
-    c: &mut ClusterConnection,
-    host: String,
-    port: u16,
-    asking: bool,
-    cmd: &Cmd,
-) -> redis::RedisResult<Value> {
-    let route = SingleNodeRoutingInfo::ByAddress { host, port };
-    if !asking {
-        return c
-            .route_command(cmd.clone(), RoutingInfo::SingleNode(route))
-            .await;
-    }
-    let mut pipe = redis::pipe();
-    pipe.add_command(redis::cmd("ASKING"))
-        .add_command(cmd.clone());
-    let reply = c.route_pipeline(pipe, 1, 1, route).await?.pop();
-    reply
-        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "ASKING: no reply")))?
-        .extract_error()
-}
-
-/// A pipeline on a cluster (its commands share a slot), with the retries of [`cluster_call`].
-/// A redirected pipeline is not sent whole to the node named (during a migration some of its
-/// keys are still served where they were): its commands are sent one by one, each following
-/// its own redirect. That is only for pipelines of commands that may run again (ours: SET,
-/// GET, UNLINK, EXISTS, PEXPIRE, PTTL); a transaction gets the redirect error. A command's
-/// error reply then fails the whole pipeline.
+/// A pipeline on a cluster (its commands share a slot), with the retries of [`cluster_call`]:
+/// a redirected pipeline is tried again whole, by slot. It is not re-run command by command:
+/// during a migration the source may have run some of its commands before it answered `ASK`
+/// for the others, and running a `SET` again could bring back a value another client has
+/// since replaced. So a pipeline holding a key that has already moved fails while its slot is
+/// being migrated (the caller gets the `ASK`).
 async fn cluster_pipeline(
     c: ClusterConnection,
     bound: Duration,
@@ -739,39 +808,100 @@ async fn cluster_pipeline(
     offset: usize,
     count: usize,
 ) -> redis::RedisResult<Vec<Value>> {
-    let transaction = pipeline.is_transaction();
-    cluster_call(bound, !transaction, |to| {
+    cluster_call(bound, Redirects::Retry, |_| {
         let mut c = c.clone();
-        async move {
-            if let To::Slot = to {
-                return c.req_packed_commands(pipeline, offset, count).await;
-            }
-            let mut values = Vec::with_capacity(pipeline.len());
-            for cmd in pipeline.cmd_iter() {
-                values.push(cluster_command(c.clone(), bound, cmd).await?);
-            }
-            Ok(values.into_iter().skip(offset).take(count).collect())
-        }
+        async move { c.req_packed_commands(pipeline, offset, count).await }
     })
     .await
 }
 
-/// One command on a cluster, redirects followed (see [`cluster_call`]).
+/// One command on a cluster, an `ASK` followed for a command on one key (see
+/// [`cluster_call`]).
 async fn cluster_command(
     c: ClusterConnection,
-    bound: Duration,
+    cc: &ClusterConn,
     cmd: &Cmd,
 ) -> redis::RedisResult<Value> {
-    cluster_call(bound, true, |to| {
+    // A command on several keys (redis-rs splits it by slot) is not sent whole where an `ASK`
+    // names: asked again key by key below.
+    let redirects = if per_key(cmd).is_some() {
+        Redirects::Retry
+    } else {
+        Redirects::Follow
+    };
+    let start = Instant::now();
+    let r = cluster_call(cc.bound(), redirects, |to| {
         let mut c = c.clone();
         async move {
             match to {
                 To::Slot => c.req_packed_command(cmd).await,
-                To::Node { host, port, asking } => send_to(&mut c, host, port, asking, cmd).await,
+                To::Asking { host, port } => cc.ask(host, port, cmd).await,
             }
         }
     })
-    .await
+    .await;
+    // A command on several keys that a slot migration splits (`ASK`, or `TRYAGAIN`: its keys
+    // now on two nodes) is asked again key by key, each following its own `ASK`, within what
+    // is left of the bound.
+    match &r {
+        Err(e)
+            if matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
+                || e.code() == Some("TRYAGAIN") =>
+        {
+            let Some((name, keys)) = per_key(cmd) else {
+                return r;
+            };
+            let Some(left) = cc.bound().checked_sub(start.elapsed()) else {
+                return r;
+            };
+            let each = futures_util::future::try_join_all(keys.iter().map(|key| {
+                let mut one = redis::cmd(name);
+                one.arg(*key);
+                let c = c.clone();
+                async move { Box::pin(cluster_command(c, cc, &one)).await }
+            }));
+            let values = match tokio::time::timeout(left, each).await {
+                Ok(values) => values?,
+                Err(_) => return r,
+            };
+            Ok(match name {
+                "GET" => Value::Array(values),
+                _ => Value::Int(
+                    values
+                        .iter()
+                        .map(|v| match v {
+                            Value::Int(n) => *n,
+                            _ => 0,
+                        })
+                        .sum(),
+                ),
+            })
+        }
+        _ => r,
+    }
+}
+
+/// The one-key command and the keys of a multi-key `MGET`, `UNLINK`, `DEL` or `EXISTS` (whose
+/// replies, key by key, are the values in order or counts to add up); `None` for any other.
+fn per_key(cmd: &Cmd) -> Option<(&'static str, Vec<&[u8]>)> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let name = args.next()??;
+    let one = if name.eq_ignore_ascii_case(b"MGET") {
+        "GET"
+    } else if name.eq_ignore_ascii_case(b"UNLINK") {
+        "UNLINK"
+    } else if name.eq_ignore_ascii_case(b"DEL") {
+        "DEL"
+    } else if name.eq_ignore_ascii_case(b"EXISTS") {
+        "EXISTS"
+    } else {
+        return None;
+    };
+    let keys = args.collect::<Option<Vec<&[u8]>>>()?;
+    (keys.len() > 1).then_some((one, keys))
 }
 
 /// Groups command indices by cluster slot, keeping order within each group.

@@ -286,7 +286,8 @@ async fn read_all_concurrently(
     (failures, worst)
 }
 
-/// A slot moved from one primary to another while many tasks read. While the slot is half
+/// A slot moved from one primary to another while many tasks read (and `get_many`,
+/// `delete_many` and writes run on its keys). While the slot is half
 /// migrated its source answers `ASK` for the keys it no longer holds; redis-rs's own `ASK`
 /// handling sent `ASKING` apart from the command on the shared connection, and under
 /// concurrent reads that wedged the cluster connection: every later call timed out, on every
@@ -308,6 +309,14 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool) {
     for k in &keys {
         backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
     }
+    // Keys of the slot to delete while it moves, half of them moved first.
+    let gone: Vec<String> = (0..10).map(|i| format!("{{mig}}:gone:{i}")).collect();
+    for k in &gone {
+        backend
+            .set(k, Bytes::from_static(b"x"), None)
+            .await
+            .unwrap();
+    }
     // Concurrent reads first, so that the slot map is known.
     let (failures, _) = read_all_concurrently(&backend, &keys, 20).await;
     assert!(failures.is_empty(), "before the move: {failures:?}");
@@ -320,12 +329,31 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool) {
         .find(|p| **p != from)
         .unwrap();
     cluster.begin_slot_migration(slot, from, to).unwrap();
-    let half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
+    let mut half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
+    half.extend(gone[..5].iter().map(String::as_str));
     cluster.migrate_keys(from, to, &half).unwrap();
     // Writes of the slot's keys while it moves, each read back from where it now lives.
     for k in moving.iter().step_by(5) {
         backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
     }
+    // Calls on many keys, the slot's moved and not-yet-moved ones among them (the source
+    // refuses such an `MGET` or `UNLINK` with `TRYAGAIN`): asked again key by key.
+    let all: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let got = backend.get_many(&all).await.unwrap();
+    for (k, v) in all.iter().zip(&got) {
+        assert_eq!(
+            v.as_deref(),
+            Some(k.as_bytes()),
+            "get_many while half moved: {k}"
+        );
+    }
+    let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+    assert_eq!(backend.delete_many(&gone).await.unwrap(), 10);
+    let got = backend.get_many(&gone).await.unwrap();
+    assert!(
+        got.iter().all(Option::is_none),
+        "deleted while half moved: {got:?}"
+    );
     // Over more than the second for which batched pipelines are held back after a redirect.
     let start = Instant::now();
     let mut worst = Duration::ZERO;
