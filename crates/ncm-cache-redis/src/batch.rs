@@ -909,7 +909,7 @@ const UNKNOWN: u16 = u16::MAX;
 /// Which primary owns each slot, as `CLUSTER SLOTS` last answered: only to split a batch's
 /// reads by primary. redis-rs routes each part's pipeline by the slot of its first key; a part
 /// whose pipeline is redirected (a migrated slot, a stale map) is asked again key by key,
-/// redis-rs following each key's redirect.
+/// each key following its own redirect.
 #[derive(Default)]
 pub(crate) struct Owners {
     /// Slot → index of its primary (`UNKNOWN`): `None` until the first look.
@@ -1104,10 +1104,10 @@ fn slot_of(key: &[u8]) -> usize {
 }
 
 /// The values of `keys` (distinct, owned by one primary as far as the map knows) on a
-/// cluster: one pipeline of GETs routed by the first key's slot. redis-rs follows a redirect
-/// with the whole pipeline (to the primary of the redirected key), so a pipeline holding keys
-/// of two primaries fails: then each key is asked alone, redis-rs following its own redirect,
-/// the map is looked at again and pipelines are held back for a second.
+/// cluster: one pipeline of GETs routed by the first key's slot. A pipeline that meets a
+/// redirect (a key of another primary, a slot being migrated) fails with it (`conn.rs` follows
+/// no redirect for a pipeline): then each key is asked alone, following its own redirect, the
+/// map is looked at again and pipelines are held back for a second.
 async fn ask_cluster(inner: &Inner, owners: &Owners, keys: &[&str]) -> (Result<Answers>, u32) {
     match get_each(inner, keys).await {
         Ok(answers) => (Ok(answers), 0),
@@ -1151,8 +1151,8 @@ mod tests {
         }
     }
 
-    /// A slot map that sends every key to one primary (stale: a migrated slot): redis-rs
-    /// follows the first redirect with the whole pipeline and fails it, the keys are asked
+    /// A slot map that sends every key to one primary (stale: a migrated slot): the pipeline
+    /// fails with the first redirect, the keys are asked
     /// again alone, each gets its own value, none is counted failed, pipelines are held back
     /// for a second, and a look at the map (in a task) then splits reads by the three
     /// primaries.

@@ -295,8 +295,8 @@ async fn read_all_concurrently(
 /// followed by `conn.rs`'s `cluster_call` with `ASKING` and the command in one pipeline) every
 /// read while the slot is half moved gets its own key's value, none fails, and none waits
 /// anywhere near the response timeout; after the move, see below.
-async fn reads_follow_a_slot_being_migrated(auto_batch: bool) {
-    let cluster = RedisCluster::start().unwrap();
+async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: bool) {
+    let mut cluster = RedisCluster::start().unwrap();
     let mut c = config(&cluster);
     c.auto_batch = auto_batch;
     let cache = RedisCache::connect(c).await.unwrap();
@@ -322,12 +322,18 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool) {
     assert!(failures.is_empty(), "before the move: {failures:?}");
     let slot = cluster.slot_of(&moving[0]).unwrap();
     let from = cluster.owner_of(&moving[0]).unwrap();
-    let to = *cluster
-        .primaries()
-        .unwrap()
-        .iter()
-        .find(|p| **p != from)
-        .unwrap();
+    // A new node owns no slot, so the cluster client has no connection to it when the first
+    // `ASK` names it (as in a resharding onto a node just added).
+    let to = if onto_a_new_node {
+        cluster.add_node().unwrap()
+    } else {
+        *cluster
+            .primaries()
+            .unwrap()
+            .iter()
+            .find(|p| **p != from)
+            .unwrap()
+    };
     cluster.begin_slot_migration(slot, from, to).unwrap();
     let mut half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
     half.extend(gone[..5].iter().map(String::as_str));
@@ -411,12 +417,17 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_reads_follow_a_slot_being_migrated() {
-    reads_follow_a_slot_being_migrated(true).await;
+    reads_follow_a_slot_being_migrated(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_reads_follow_a_slot_moving_onto_a_new_node() {
+    reads_follow_a_slot_being_migrated(true, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbatched_reads_follow_a_slot_being_migrated() {
-    reads_follow_a_slot_being_migrated(false).await;
+    reads_follow_a_slot_being_migrated(false, false).await;
 }
 
 /// A primary killed while many tasks read (batched pipelines in flight to it): no read ever

@@ -15,6 +15,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// How every node was started (for [`add_node`](Self::add_node)).
+    builder: RedisServerBuilder,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -85,7 +87,7 @@ impl RedisCluster {
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
         nodes[0].cli(&args)?;
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, builder };
         wait_until(
             READY_TIMEOUT,
             "waiting for the cluster to become ready",
@@ -94,7 +96,39 @@ impl RedisCluster {
         Ok(cluster)
     }
 
-    /// All six nodes, including killed ones.
+    /// Starts one more node, configured as the others, and joins it to the cluster
+    /// (`CLUSTER MEET`) as a primary that serves no slot, waiting (up to 30 s) until every
+    /// running node knows it and reports `cluster_state:ok`; returns its port. Move slots to it with
+    /// [`begin_slot_migration`](Self::begin_slot_migration) and the rest, as a resharding
+    /// onto a new node does.
+    pub fn add_node(&mut self) -> Result<u16, TestkitError> {
+        let node = self.builder.clone().start()?;
+        let port = node.port();
+        let port_text = port.to_string();
+        self.first_running()?
+            .command(&["CLUSTER", "MEET", HOST, &port_text])?;
+        self.nodes.push(node);
+        let known = self.nodes.len().to_string();
+        wait_until(READY_TIMEOUT, "waiting for a new node to join", || {
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let info = node
+                    .command(&["CLUSTER", "INFO"])
+                    .map_err(|e| e.to_string())?;
+                if info_field(&info, "cluster_known_nodes") != Some(known.as_str())
+                    || info_field(&info, "cluster_state") != Some("ok")
+                {
+                    return Err(format!(
+                        "node {} does not know every node, or the slots, yet",
+                        node.port()
+                    ));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(port)
+    }
+
+    /// All nodes, including killed ones.
     pub fn nodes(&self) -> &[RedisServer] {
         &self.nodes
     }
