@@ -304,6 +304,15 @@ impl Conn {
     /// a timeout its `ConnectionManager` may be reconnecting, and would hold the next request
     /// until the new connection is up — however long its caller has been gone.
     pub(crate) fn on_call_error(&self, slot: Option<usize>, err: &CacheError) {
+        if let Self::Cluster(c) = self {
+            if err.is_timeout() {
+                c.timed_out();
+            } else if !err.is_connection() {
+                // An error reply: the connection answers.
+                c.answered();
+            }
+            return;
+        }
         if let (Self::Single { suspect, .. }, Some(i)) = (self, slot)
             && (err.is_connection() || err.is_timeout())
             && let Some(s) = suspect.get(i)
@@ -339,15 +348,6 @@ impl Conn {
     /// if it failed on the connection still in use (`generation`, `None`: whichever is): a
     /// late failure of the one before must not drop a new, healthy one (found by review).
     pub(crate) fn on_error(&self, err: &CacheError, generation: Option<u64>) {
-        if let Self::Cluster(c) = self {
-            if err.is_timeout() {
-                c.timed_out();
-            } else if !err.is_connection() {
-                // An error reply: the connection answers.
-                c.answered();
-            }
-            return;
-        }
         if let Self::Sentinel(s) = self
             && (err.is_connection() || err.is_timeout())
             && let Ok(mut current) = s.current.write()
@@ -598,7 +598,7 @@ impl ClusterConn {
             None => {
                 let client = client_for(&self.config, &node.0, node.1).map_err(|e| {
                     redis::RedisError::from((
-                        redis::ErrorKind::Io,
+                        redis::ErrorKind::Client,
                         "the node an ASK named",
                         e.to_string(),
                     ))
@@ -711,8 +711,10 @@ const CLUSTER_TRIES: u32 = 4;
 pub(crate) enum Redirects {
     /// Handed to the caller (a batch's pipeline of GETs: its keys are then asked alone).
     Surface,
-    /// Tried again by slot after a short wait (a `MOVED` makes redis-rs read the slot map
-    /// again): pipelines and commands on keys of several slots, which one node cannot take.
+    /// A `MOVED` tried again by slot after a short wait (a `MOVED` makes redis-rs read the
+    /// slot map again; the slot has moved whole, so nothing ran); an `ASK` or `TRYAGAIN`
+    /// (part of the slot moved) handed to the caller: pipelines (the source may have run some
+    /// of their commands) and commands on several keys (asked again key by key).
     Retry,
     /// As `Retry` for a `MOVED`; an `ASK` is followed to the node named, with `ASKING` and
     /// the command in one pipeline (a command on one key).
@@ -747,6 +749,8 @@ where
             {
                 break;
             }
+            RetryMethod::AskRedirect if redirects == Redirects::Retry => break,
+            _ if redirects == Redirects::Retry && e.code() == Some("TRYAGAIN") => break,
             RetryMethod::AskRedirect if redirects == Redirects::Follow => match redirect_of(e) {
                 Some(to) => (to, Duration::ZERO),
                 None => (To::Slot, wait),
@@ -829,6 +833,14 @@ async fn cluster_command(
     } else {
         Redirects::Follow
     };
+    // Split by slot here (as redis-rs would): a slot's command refused by a migration then ran
+    // nowhere, so asking its keys again one by one counts each exactly once.
+    if let Some((name, _, keys)) = per_key(cmd) {
+        let groups = group_by_slot(&keys);
+        if groups.len() > 1 {
+            return by_slot(c, cc, name, &keys, &groups).await;
+        }
+    }
     let start = Instant::now();
     let r = cluster_call(cc.bound(), redirects, |to| {
         let mut c = c.clone();
@@ -848,7 +860,7 @@ async fn cluster_command(
             if matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
                 || e.code() == Some("TRYAGAIN") =>
         {
-            let Some((name, keys)) = per_key(cmd) else {
+            let Some((_, name, keys)) = per_key(cmd) else {
                 return r;
             };
             let Some(left) = cc.bound().checked_sub(start.elapsed()) else {
@@ -866,42 +878,86 @@ async fn cluster_command(
             };
             Ok(match name {
                 "GET" => Value::Array(values),
-                _ => Value::Int(
-                    values
-                        .iter()
-                        .map(|v| match v {
-                            Value::Int(n) => *n,
-                            _ => 0,
-                        })
-                        .sum(),
-                ),
+                _ => Value::Int(values.iter().map(count).sum()),
             })
         }
         _ => r,
     }
 }
 
-/// The one-key command and the keys of a multi-key `MGET`, `UNLINK`, `DEL` or `EXISTS` (whose
-/// replies, key by key, are the values in order or counts to add up); `None` for any other.
-fn per_key(cmd: &Cmd) -> Option<(&'static str, Vec<&[u8]>)> {
+/// A multi-key `MGET`, `UNLINK`, `DEL` or `EXISTS` on several slots, as one command per slot
+/// (in parallel), the replies put back together: the values in the keys' order, or the
+/// counts added up.
+async fn by_slot(
+    c: ClusterConnection,
+    cc: &ClusterConn,
+    name: &'static str,
+    keys: &[&[u8]],
+    groups: &[Vec<usize>],
+) -> redis::RedisResult<Value> {
+    let parts = futures_util::future::try_join_all(groups.iter().map(|group| {
+        let mut part = redis::cmd(name);
+        for &i in group {
+            part.arg(keys[i]);
+        }
+        let c = c.clone();
+        async move { Box::pin(cluster_command(c, cc, &part)).await }
+    }))
+    .await?;
+    if name != "MGET" {
+        return Ok(Value::Int(parts.iter().map(count).sum()));
+    }
+    let mut values = vec![Value::Nil; keys.len()];
+    for (group, part) in groups.iter().zip(parts) {
+        let Value::Array(part) = part else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "MGET: not an array",
+            )));
+        };
+        if part.len() != group.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "MGET: a reply per key expected",
+            )));
+        }
+        for (&i, v) in group.iter().zip(part) {
+            values[i] = v;
+        }
+    }
+    Ok(Value::Array(values))
+}
+
+/// A count reply's number (0 for anything else).
+fn count(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        _ => 0,
+    }
+}
+
+/// The name, the one-key command and the keys of a multi-key `MGET`, `UNLINK`, `DEL` or
+/// `EXISTS` (whose replies, key by key, are the values in order or counts to add up); `None`
+/// for any other.
+fn per_key(cmd: &Cmd) -> Option<(&'static str, &'static str, Vec<&[u8]>)> {
     let mut args = cmd.args_iter().map(|a| match a {
         redis::Arg::Simple(bytes) => Some(bytes),
         _ => None,
     });
     let name = args.next()??;
-    let one = if name.eq_ignore_ascii_case(b"MGET") {
-        "GET"
+    let (name, one) = if name.eq_ignore_ascii_case(b"MGET") {
+        ("MGET", "GET")
     } else if name.eq_ignore_ascii_case(b"UNLINK") {
-        "UNLINK"
+        ("UNLINK", "UNLINK")
     } else if name.eq_ignore_ascii_case(b"DEL") {
-        "DEL"
+        ("DEL", "DEL")
     } else if name.eq_ignore_ascii_case(b"EXISTS") {
-        "EXISTS"
+        ("EXISTS", "EXISTS")
     } else {
         return None;
     };
     let keys = args.collect::<Option<Vec<&[u8]>>>()?;
-    (keys.len() > 1).then_some((one, keys))
+    (keys.len() > 1).then_some((name, one, keys))
 }
 
 /// Groups command indices by cluster slot, keeping order within each group.

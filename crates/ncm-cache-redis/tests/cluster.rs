@@ -309,8 +309,10 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     for k in &keys {
         backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
     }
-    // Keys of the slot to delete while it moves, half of them moved first.
-    let gone: Vec<String> = (0..10).map(|i| format!("{{mig}}:gone:{i}")).collect();
+    // Keys to delete while the slot moves: 10 of the slot, half of them moved first, and 10 of
+    // other slots (a delete of all of them is refused for the slot only).
+    let mut gone: Vec<String> = (0..10).map(|i| format!("{{mig}}:gone:{i}")).collect();
+    gone.extend((0..10).map(|i| format!("gone-elsewhere:{i}")));
     for k in &gone {
         backend
             .set(k, Bytes::from_static(b"x"), None)
@@ -354,11 +356,23 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
         );
     }
     let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
-    assert_eq!(backend.delete_many(&gone).await.unwrap(), 10);
+    assert_eq!(backend.delete_many(&gone).await.unwrap(), 20);
     let got = backend.get_many(&gone).await.unwrap();
     assert!(
         got.iter().all(Option::is_none),
         "deleted while half moved: {got:?}"
+    );
+    // A pipeline on a moved key (`set_many`) is refused at once with the `ASK`, not sent again
+    // (the source may have run part of a pipeline), and changes nothing.
+    let started = Instant::now();
+    let refused = backend
+        .set_many(&[(moving[0].as_str(), Bytes::from_static(b"other"))], None)
+        .await;
+    assert!(refused.is_err(), "set_many of a moved key: {refused:?}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(
+        backend.get(&moving[0]).await.unwrap().as_deref(),
+        Some(moving[0].as_bytes())
     );
     // Over more than the second for which batched pipelines are held back after a redirect.
     let start = Instant::now();

@@ -105,22 +105,26 @@ impl RedisCluster {
         let node = self.builder.clone().start()?;
         let port = node.port();
         let port_text = port.to_string();
+        let id = node.command(&["CLUSTER", "MYID"])?;
         self.first_running()?
             .command(&["CLUSTER", "MEET", HOST, &port_text])?;
         self.nodes.push(node);
-        let known = self.nodes.len().to_string();
+        // Known by its ID (not a handshake still under way, whose ID is a random one) to every
+        // node, the new one knowing every other without a handshake too, and the slots.
         wait_until(READY_TIMEOUT, "waiting for a new node to join", || {
             for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let view = node
+                    .command(&["CLUSTER", "NODES"])
+                    .map_err(|e| e.to_string())?;
+                let joined = view.lines().any(|l| l.starts_with(id.as_str()));
+                if !joined || view.contains("handshake") {
+                    return Err(format!("node {} does not know every node yet", node.port()));
+                }
                 let info = node
                     .command(&["CLUSTER", "INFO"])
                     .map_err(|e| e.to_string())?;
-                if info_field(&info, "cluster_known_nodes") != Some(known.as_str())
-                    || info_field(&info, "cluster_state") != Some("ok")
-                {
-                    return Err(format!(
-                        "node {} does not know every node, or the slots, yet",
-                        node.port()
-                    ));
+                if info_field(&info, "cluster_state") != Some("ok") {
+                    return Err(format!("node {} does not know the slots yet", node.port()));
                 }
             }
             Ok(())
