@@ -438,6 +438,11 @@ impl Inner {
                 Some(same) => Ok(same),
                 None => self.conn.handle(self.config.connect_timeout).await,
             };
+            // A call not to be retried is not sent again by the cluster connection either.
+            let handle = match retry {
+                Retry::No => handle.map(Handle::no_resend),
+                _ => handle,
+            };
             result = match handle {
                 Err(e) => Err(e),
                 Ok(handle) => {

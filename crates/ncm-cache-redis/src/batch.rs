@@ -772,18 +772,24 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
                 match h {
                     // Retried as any cluster call is; a redirect is not followed here but
                     // answered key by key (`ask_cluster`).
-                    crate::conn::Handle::Cluster(c, cc) => {
+                    crate::conn::Handle::Cluster(c, cc, resend) => {
                         let bound = cc.bound();
-                        crate::conn::cluster_call(bound, crate::conn::Redirects::Surface, |_| {
-                            let mut c = c.clone();
-                            let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
-                                redis::cluster_routing::Route::with_key(
-                                    first,
-                                    redis::cluster_routing::SlotAddr::Master,
-                                ),
-                            );
-                            async move { c.route_pipeline(pipe.clone(), 0, n, route).await }
-                        })
+                        crate::conn::cluster_call(
+                            bound,
+                            crate::conn::Redirects::Surface,
+                            resend,
+                            |_| {
+                                let mut c = c.clone();
+                                let route =
+                                    redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(
+                                        redis::cluster_routing::Route::with_key(
+                                            first,
+                                            redis::cluster_routing::SlotAddr::Master,
+                                        ),
+                                    );
+                                async move { c.route_pipeline(pipe.clone(), 0, n, route).await }
+                            },
+                        )
                         .await
                     }
                     mut other => {

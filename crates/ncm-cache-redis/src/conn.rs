@@ -26,7 +26,9 @@ pub(crate) enum Handle {
     Manager(ConnectionManager, usize),
     /// The cluster connection (the one current when the handle was taken), with what the
     /// calls on it need (see [`cluster_call`]).
-    Cluster(ClusterConnection, std::sync::Arc<ClusterConn>),
+    /// `resend`: whether a call that failed after it may have reached Redis (a connection
+    /// lost) is sent again (not for a call `Inner::run` must not retry).
+    Cluster(ClusterConnection, std::sync::Arc<ClusterConn>, bool),
     /// A Sentinel primary's connection, with its generation (see [`Conn::on_error`]).
     Multiplexed(MultiplexedConnection, u64),
 }
@@ -35,7 +37,7 @@ impl ConnectionLike for Handle {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Manager(c, _) => c.req_packed_command(cmd),
-            Self::Cluster(c, cc) => Box::pin(cluster_command(c.clone(), cc, cmd)),
+            Self::Cluster(c, cc, resend) => Box::pin(cluster_command(c.clone(), cc, *resend, cmd)),
             Self::Multiplexed(c, _) => c.req_packed_command(cmd),
         }
     }
@@ -48,9 +50,10 @@ impl ConnectionLike for Handle {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Manager(c, _) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c, cc) => Box::pin(cluster_pipeline(
+            Self::Cluster(c, cc, resend) => Box::pin(cluster_pipeline(
                 c.clone(),
                 cc.bound(),
+                *resend,
                 pipeline,
                 offset,
                 count,
@@ -62,7 +65,7 @@ impl ConnectionLike for Handle {
     fn get_db(&self) -> i64 {
         match self {
             Self::Manager(c, _) => c.get_db(),
-            Self::Cluster(c, _) => c.get_db(),
+            Self::Cluster(c, ..) => c.get_db(),
             Self::Multiplexed(c, _) => c.get_db(),
         }
     }
@@ -78,6 +81,16 @@ impl Handle {
     }
 
     /// Which Sentinel connection it is (`None` for the other kinds).
+    /// This handle for a call that must not be sent twice: on a cluster, a call that failed
+    /// after it may have reached Redis (a connection lost) is not sent again (a redirect or a
+    /// refusal, which ran nothing, still is).
+    pub(crate) fn no_resend(self) -> Self {
+        match self {
+            Self::Cluster(c, cc, _) => Self::Cluster(c, cc, false),
+            other => other,
+        }
+    }
+
     pub(crate) fn generation(&self) -> Option<u64> {
         match self {
             Self::Multiplexed(_, generation) => Some(*generation),
@@ -292,7 +305,7 @@ impl Conn {
                     .map(|c| Handle::Manager(c, i))
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
-            Self::Cluster(c) => Ok(Handle::Cluster(c.current(), std::sync::Arc::clone(c))),
+            Self::Cluster(c) => Ok(Handle::Cluster(c.current(), std::sync::Arc::clone(c), true)),
             Self::Sentinel(s) => s
                 .handle(timeout)
                 .await
@@ -728,6 +741,7 @@ pub(crate) enum Redirects {
 pub(crate) async fn cluster_call<T, F, Fut>(
     bound: Duration,
     redirects: Redirects,
+    resend: bool,
     mut attempt: F,
 ) -> redis::RedisResult<T>
 where
@@ -750,6 +764,14 @@ where
                 break;
             }
             RetryMethod::AskRedirect if redirects == Redirects::Retry => break,
+            // The call may have reached Redis before its connection was lost.
+            RetryMethod::Reconnect
+            | RetryMethod::ReconnectFromInitialConnections
+            | RetryMethod::RetryImmediately
+                if !resend =>
+            {
+                break;
+            }
             _ if redirects == Redirects::Retry && e.code() == Some("TRYAGAIN") => break,
             RetryMethod::AskRedirect if redirects == Redirects::Follow => match redirect_of(e) {
                 Some(to) => (to, Duration::ZERO),
@@ -808,11 +830,12 @@ fn redirect_of(e: &redis::RedisError) -> Option<To> {
 async fn cluster_pipeline(
     c: ClusterConnection,
     bound: Duration,
+    resend: bool,
     pipeline: &Pipeline,
     offset: usize,
     count: usize,
 ) -> redis::RedisResult<Vec<Value>> {
-    cluster_call(bound, Redirects::Retry, |_| {
+    cluster_call(bound, Redirects::Retry, resend, |_| {
         let mut c = c.clone();
         async move { c.req_packed_commands(pipeline, offset, count).await }
     })
@@ -824,6 +847,7 @@ async fn cluster_pipeline(
 async fn cluster_command(
     c: ClusterConnection,
     cc: &ClusterConn,
+    resend: bool,
     cmd: &Cmd,
 ) -> redis::RedisResult<Value> {
     // A command on several keys (redis-rs splits it by slot) is not sent whole where an `ASK`
@@ -838,11 +862,11 @@ async fn cluster_command(
     if let Some((name, _, keys)) = per_key(cmd) {
         let groups = group_by_slot(&keys);
         if groups.len() > 1 {
-            return by_slot(c, cc, name, &keys, &groups).await;
+            return by_slot(c, cc, resend, name, &keys, &groups).await;
         }
     }
     let start = Instant::now();
-    let r = cluster_call(cc.bound(), redirects, |to| {
+    let r = cluster_call(cc.bound(), redirects, resend, |to| {
         let mut c = c.clone();
         async move {
             match to {
@@ -870,7 +894,7 @@ async fn cluster_command(
                 let mut one = redis::cmd(name);
                 one.arg(*key);
                 let c = c.clone();
-                async move { Box::pin(cluster_command(c, cc, &one)).await }
+                async move { Box::pin(cluster_command(c, cc, resend, &one)).await }
             }));
             let values = match tokio::time::timeout(left, each).await {
                 Ok(values) => values?,
@@ -891,6 +915,7 @@ async fn cluster_command(
 async fn by_slot(
     c: ClusterConnection,
     cc: &ClusterConn,
+    resend: bool,
     name: &'static str,
     keys: &[&[u8]],
     groups: &[Vec<usize>],
@@ -901,7 +926,7 @@ async fn by_slot(
             part.arg(keys[i]);
         }
         let c = c.clone();
-        async move { Box::pin(cluster_command(c, cc, &part)).await }
+        async move { Box::pin(cluster_command(c, cc, resend, &part)).await }
     }))
     .await?;
     if name != "MGET" {
