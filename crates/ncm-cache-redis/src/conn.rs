@@ -850,21 +850,21 @@ async fn cluster_command(
     resend: bool,
     cmd: &Cmd,
 ) -> redis::RedisResult<Value> {
-    // A command on several keys (redis-rs splits it by slot) is not sent whole where an `ASK`
-    // names: asked again key by key below.
-    let redirects = if per_key(cmd).is_some() {
+    // A command on several keys: split by slot here (as redis-rs would), so that a slot's
+    // command refused by a migration ran nowhere and asking its keys again one by one (below)
+    // counts each exactly once; not sent whole where an `ASK` names.
+    let multi = per_key(cmd);
+    if let Some((name, _, keys)) = &multi {
+        let groups = group_by_slot(keys);
+        if groups.len() > 1 {
+            return by_slot(c, cc, resend, name, keys, &groups).await;
+        }
+    }
+    let redirects = if multi.is_some() {
         Redirects::Retry
     } else {
         Redirects::Follow
     };
-    // Split by slot here (as redis-rs would): a slot's command refused by a migration then ran
-    // nowhere, so asking its keys again one by one counts each exactly once.
-    if let Some((name, _, keys)) = per_key(cmd) {
-        let groups = group_by_slot(&keys);
-        if groups.len() > 1 {
-            return by_slot(c, cc, resend, name, &keys, &groups).await;
-        }
-    }
     let start = Instant::now();
     let r = cluster_call(cc.bound(), redirects, resend, |to| {
         let mut c = c.clone();
@@ -884,7 +884,7 @@ async fn cluster_command(
             if matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
                 || e.code() == Some("TRYAGAIN") =>
         {
-            let Some((_, name, keys)) = per_key(cmd) else {
+            let Some((_, name, keys)) = multi else {
                 return r;
             };
             let Some(left) = cc.bound().checked_sub(start.elapsed()) else {
