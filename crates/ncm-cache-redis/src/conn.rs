@@ -25,8 +25,7 @@ pub(crate) enum Handle {
     /// A connection of the single-node pool, with its place in the pool.
     Manager(ConnectionManager, usize),
     /// The cluster connection (the one current when the handle was taken), with what the
-    /// calls on it need (see [`cluster_call`]).
-    /// `resend`: whether a call that failed after it may have reached Redis (a connection
+    /// calls on it need (see [`cluster_call`]); `resend`: whether a call that failed after it may have reached Redis (a connection
     /// lost) is sent again (not for a call `Inner::run` must not retry).
     Cluster(ClusterConnection, std::sync::Arc<ClusterConn>, bool),
     /// A Sentinel primary's connection, with its generation (see [`Conn::on_error`]).
@@ -80,7 +79,6 @@ impl Handle {
         }
     }
 
-    /// Which Sentinel connection it is (`None` for the other kinds).
     /// This handle for a call that must not be sent twice: on a cluster, a call that failed
     /// after it may have reached Redis (a connection lost) is not sent again (a redirect or a
     /// refusal, which ran nothing, still is).
@@ -91,6 +89,7 @@ impl Handle {
         }
     }
 
+    /// Which Sentinel connection it is (`None` for the other kinds).
     pub(crate) fn generation(&self) -> Option<u64> {
         match self {
             Self::Multiplexed(_, generation) => Some(*generation),
@@ -558,8 +557,9 @@ async fn cluster_connection(config: &RedisConfig) -> Result<ClusterConnection> {
 /// The cluster connection, replaced by a new one when it stops answering altogether.
 ///
 /// redis-rs's cluster connection can stop sending anything (seen around a slot refresh under
-/// many concurrent calls: every later call timed out, on every node, for good;
-/// `tests/cluster.rs::batched_reads_through_a_failover_are_bounded_and_recover`). When a call
+/// many concurrent calls, after a migration's `MOVED` and once after a failover: every later
+/// call timed out, on every node, for good; `tests/cluster.rs`'s migration and failover
+/// tests). When a call
 /// times out, at least 4 calls have timed out since the last answer and none has been answered
 /// for twice the response timeout, a new connection is made (in a task, one at a time, at most
 /// once per twice the response timeout) and takes its place; calls made with the old one end
@@ -591,6 +591,13 @@ impl ClusterConn {
             .clone()
     }
 
+    /// The connections to `ASK` targets.
+    fn asking(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), MultiplexedConnection>> {
+        self.asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The bound of one call: the response timeout.
     pub(crate) fn bound(&self) -> Duration {
         self.config.response_timeout
@@ -600,12 +607,7 @@ impl ClusterConn {
     /// connection of our own to it (made on first use, dropped when it fails).
     async fn ask(&self, host: String, port: u16, cmd: &Cmd) -> redis::RedisResult<Value> {
         let node = (host, port);
-        let known = self
-            .asking
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&node)
-            .cloned();
+        let known = self.asking().get(&node).cloned();
         let mut conn = match known {
             Some(conn) => conn,
             None => {
@@ -623,10 +625,7 @@ impl ClusterConn {
                             .set_response_timeout(Some(self.config.response_timeout)),
                     )
                     .await?;
-                self.asking
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(node.clone(), conn.clone());
+                self.asking().insert(node.clone(), conn.clone());
                 conn
             }
         };
@@ -637,10 +636,7 @@ impl ClusterConn {
             Ok(mut replies) => replies.pop(),
             Err(e) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    self.asking
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&node);
+                    self.asking().remove(&node);
                 }
                 return Err(e);
             }
@@ -822,7 +818,8 @@ fn redirect_of(e: &redis::RedisError) -> Option<To> {
 }
 
 /// A pipeline on a cluster (its commands share a slot), with the retries of [`cluster_call`]:
-/// a redirected pipeline is tried again whole, by slot. It is not re-run command by command:
+/// a pipeline that meets a `MOVED` (its slot moved whole: nothing ran) is tried again whole,
+/// by slot; one that meets an `ASK` is neither sent again nor re-run command by command:
 /// during a migration the source may have run some of its commands before it answered `ASK`
 /// for the others, and running a `SET` again could bring back a value another client has
 /// since replaced. So a pipeline holding a key that has already moved fails while its slot is
