@@ -3,7 +3,8 @@
 //! `MultiLevelCache::over_redis` (backplane + lock + fail-safe + eager refresh + loader
 //! timeouts) while this test injects faults — a backplane/L2 connection cut, a partition
 //! (stall), a refused reconnect during which PUBLISHes fail, Redis killed and restarted; on a
-//! 3+3 cluster a paused primary and a failover. Then it checks every read in the merged logs:
+//! 3+3 cluster a paused primary, four slots resharded (not a fault: reads during it are checked)
+//! and a failover. Then it checks every read in the merged logs:
 //!
 //! - **nothing invented**: every version read was written (or produced by a loader) for that key;
 //! - **nothing stale outside fault windows**: a read (served as fresh: L1, L2) that began more
@@ -139,6 +140,8 @@ struct Report {
     /// Gets that found nothing after an acknowledged set, checked for a lost write (see
     /// [`lost_writes`]).
     misses_checked: usize,
+    /// Reads checked that ran inside the watched window, of its keys (a slot migration).
+    watched_checked: usize,
     violations: Vec<String>,
 }
 
@@ -289,7 +292,10 @@ fn stored_loads(loads: Vec<Write>, reads: &[Read]) -> (Vec<Write>, Vec<Write>) {
     })
 }
 
-fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
+/// A window (start, end, keys) whose checked reads are counted apart.
+type Watch<'a> = Option<(u128, u128, &'a HashSet<String>)>;
+
+fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)], watch: Watch<'_>) -> Report {
     let Parsed {
         mut writes,
         loads,
@@ -378,6 +384,9 @@ fn check(logs: &[PathBuf], faults: &[(u128, u128, u128)]) -> Report {
             continue;
         }
         report.checked += 1;
+        report.watched_checked += usize::from(
+            watch.is_some_and(|(s, e, keys)| r.start >= s && r.end <= e && keys.contains(&r.key)),
+        );
         report.layered_checked += usize::from(layered);
         report.unseen_checked +=
             usize::from(unseen_versions.contains(&(r.key.as_str(), r.version)));
@@ -627,7 +636,7 @@ fn single_node(name: &str, coherence: &str, foreign: bool, epoch: bool) {
         faults.push((t, now(), SETTLE));
     }
     wait_workers(children);
-    let report = check(&logs, &faults);
+    let report = check(&logs, &faults, None);
     assert_report(name, &report, &faults, dir);
 }
 
@@ -696,20 +705,54 @@ fn cluster(name: &str, coherence: &str, foreign: bool, epoch: bool) {
     let mut faults = Vec::new();
     let primaries = cluster.primaries().unwrap();
     // A primary paused for 700 ms (its clients time out, then it answers again).
-    sleep_until(start, Duration::from_secs_f64(secs * 0.25));
+    sleep_until(start, Duration::from_secs_f64(secs * 0.2));
     let t = now();
     let paused = cluster.node(primaries[0]).unwrap();
     paused.pause().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     paused.resume().unwrap();
     faults.push((t, now(), SETTLE));
+    // Not a fault: the slots of four of the keys move to another primary as a reshard moves
+    // them, each spending a while half moved (`ASK` for the keys already moved). Reads in that
+    // time are checked as any other.
+    sleep_until(start, Duration::from_secs_f64(secs * 0.45));
+    let (t, began) = (Instant::now(), now());
+    let mut moved = Vec::new();
+    let moved_keys: HashSet<String> = (0..4).map(|i| format!("k{i}")).collect();
+    for i in 0..4 {
+        let key = format!("chk:k{i}");
+        let slot = cluster.slot_of(&key).unwrap();
+        let from = cluster.owner_of(&key).unwrap();
+        let to = *primaries.iter().find(|p| **p != from).unwrap();
+        let half_moved = Duration::from_secs_f64((secs * 0.03).max(0.3));
+        cluster.move_slot(slot, from, to, half_moved).unwrap();
+        moved.push(format!("{slot} ({from} -> {to})"));
+    }
+    eprintln!(
+        "{name}: moved slots {} in {:?}, reads checked throughout",
+        moved.join(", "),
+        t.elapsed()
+    );
+    let migration = (began, now());
     // A primary killed: its replica takes over.
-    sleep_until(start, Duration::from_secs_f64(secs * 0.5));
+    sleep_until(start, Duration::from_secs_f64(secs * 0.7));
     let t = now();
     cluster.kill_primary(primaries[1]).unwrap();
     cluster.wait_for_failover(Duration::from_secs(30)).unwrap();
     faults.push((t, now(), failover_settle()));
     wait_workers(children);
-    let report = check(&logs, &faults);
+    let report = check(
+        &logs,
+        &faults,
+        Some((migration.0, migration.1, &moved_keys)),
+    );
+    println!(
+        "{name}: {} reads of the moved slots' keys checked during the migration",
+        report.watched_checked
+    );
+    assert!(
+        report.watched_checked > 0,
+        "{name}: no read of the moved slots' keys was checked during the migration"
+    );
     assert_report(name, &report, &faults, dir);
 }

@@ -521,3 +521,40 @@ async fn batched_reads_through_a_failover_are_bounded_and_recover() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A call that must not run twice (`query_cmd`: here a `BLMOVE`) whose reply is lost after
+/// Redis ran it is not sent again: it fails at once, and the server ran it once. Before
+/// c2d08bd the cluster connection sent it again after the lost connection (redis-rs's
+/// retries, then `cluster_call`'s): a second `BLMOVE` blocked until the response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_must_not_run_twice_is_not_sent_again_after_a_lost_reply() {
+    let cluster = RedisCluster::start().unwrap();
+    let mut c = config(&cluster);
+    c.response_timeout = Duration::from_secs(3);
+    let cache = RedisCache::connect(c).await.unwrap();
+    let owner = cluster.owner_of("{nsa}src").unwrap();
+    let node = cluster.node(owner).unwrap();
+    let (result, took) =
+        support::lose_the_reply_of_a_command_that_ran(node, cache.redis_backend()).await;
+    assert!(result.is_err(), "the reply was lost: {result:?}");
+    assert!(took < Duration::from_secs(2), "failed after {took:?}");
+    // A second try would be blocked now (the source list is empty): wait past where it would
+    // have been sent, then count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        support::command_calls(node, "blmove"),
+        1,
+        "BLMOVE sent again"
+    );
+    assert_eq!(node.command(&["LLEN", "{nsa}dst"]).unwrap(), "1");
+    // The cache works on.
+    let backend = cache.backend();
+    backend
+        .set("{nsa}after", Bytes::from_static(b"v"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.get("{nsa}after").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}

@@ -143,6 +143,29 @@ async fn a_call_during_a_reconnect_is_bounded_by_the_timeouts() {
     assert!(took < Duration::from_secs(5), "recovered in {took:?}");
 }
 
+/// A call that must not run twice (`query_cmd`: here a `BLMOVE`) whose reply is lost after
+/// Redis ran it is not sent again, on a single node too (the cluster case:
+/// `cluster.rs::a_call_that_must_not_run_twice_is_not_sent_again_after_a_lost_reply`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_must_not_run_twice_is_not_sent_again_after_a_lost_reply() {
+    let server = RedisServer::start().unwrap();
+    let mut c = support::config(&server);
+    c.response_timeout = Duration::from_secs(3);
+    c.retry_on_timeout = true;
+    let cache = RedisCache::connect(c).await.unwrap();
+    let (result, took) =
+        support::lose_the_reply_of_a_command_that_ran(&server, cache.redis_backend()).await;
+    assert!(result.is_err(), "the reply was lost: {result:?}");
+    assert!(took < Duration::from_secs(2), "failed after {took:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        support::command_calls(&server, "blmove"),
+        1,
+        "BLMOVE sent again"
+    );
+    assert_eq!(server.command(&["LLEN", "{nsa}dst"]).unwrap(), "1");
+}
+
 /// A delete that timed out on one pool connection (stuck behind a blocking command) was
 /// retried on the other; its first try, still queued, ran after a write the caller made once
 /// the retry had returned, and removed it (found by review). A delete's retry now goes behind

@@ -301,6 +301,65 @@ impl RedisCluster {
         Ok(())
     }
 
+    /// Up to `count` of the keys the node on `port` holds in `slot` (`CLUSTER GETKEYSINSLOT`).
+    pub fn keys_in_slot(
+        &self,
+        port: u16,
+        slot: u16,
+        count: usize,
+    ) -> Result<Vec<String>, TestkitError> {
+        let text = self.node_or_err(port)?.command(&[
+            "CLUSTER",
+            "GETKEYSINSLOT",
+            &slot.to_string(),
+            &count.to_string(),
+        ])?;
+        Ok(text
+            .lines()
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Moves `slot` from the primary on `from` to the one on `to` as `redis-cli --cluster
+    /// reshard` does, while clients keep using it: [`begin_slot_migration`](Self::begin_slot_migration),
+    /// half of the slot's keys migrated, `half_moved` spent in that state (reads and writes of
+    /// the slot's keys meet `ASK`), then the rest migrated until the source holds none (keys
+    /// written meanwhile included) and [`end_slot_migration`](Self::end_slot_migration).
+    pub fn move_slot(
+        &self,
+        slot: u16,
+        from: u16,
+        to: u16,
+        half_moved: Duration,
+    ) -> Result<(), TestkitError> {
+        self.begin_slot_migration(slot, from, to)?;
+        let keys = self.keys_in_slot(from, slot, 1000)?;
+        let half: Vec<&str> = keys
+            .iter()
+            .take(keys.len() / 2)
+            .map(String::as_str)
+            .collect();
+        if !half.is_empty() {
+            self.migrate_keys(from, to, &half)?;
+        }
+        std::thread::sleep(half_moved);
+        // Bounded: each round moves what the source still holds; writes of keys it holds may
+        // add none (a key the source lacks is written on the target after `ASK`).
+        for _ in 0..100 {
+            let rest = self.keys_in_slot(from, slot, 1000)?;
+            if rest.is_empty() {
+                return self.end_slot_migration(slot, from, to);
+            }
+            let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+            self.migrate_keys(from, to, &rest)?;
+        }
+        Err(TestkitError::Command {
+            what: format!("moving slot {slot} from {from} to {to}"),
+            detail: "the source still holds keys after 100 rounds of MIGRATE".to_owned(),
+        })
+    }
+
     /// Kills (SIGKILL) the primary on `port`; fails if `port` is not a current primary.
     /// Follow with [`wait_for_failover`](Self::wait_for_failover).
     pub fn kill_primary(&mut self, port: u16) -> Result<(), TestkitError> {

@@ -226,8 +226,9 @@ pub(crate) fn free_port(cluster_bus: bool) -> Result<u16, TestkitError> {
     )))
 }
 
-/// Sends one command as a RESP array and reads one non-array reply: `Ok(Ok(text))` for a
-/// status, integer or bulk reply, `Ok(Err(message))` for an error reply.
+/// Sends one command as a RESP array and reads one reply: `Ok(Ok(text))` for a status,
+/// integer or bulk reply (a flat array of those: its elements, one per line), `Ok(Err(message))`
+/// for an error reply.
 fn resp_call(stream: &mut TcpStream, args: &[&str]) -> io::Result<Result<String, String>> {
     let mut request = format!("*{}\r\n", args.len());
     for arg in args {
@@ -239,6 +240,34 @@ fn resp_call(stream: &mut TcpStream, args: &[&str]) -> io::Result<Result<String,
     if reader.read_line(&mut line)? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
+    let Some(len) = line.trim_end().strip_prefix('*') else {
+        return read_scalar(&mut reader, line);
+    };
+    let len: i64 = len.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad array length {len:?}"),
+        )
+    })?;
+    let mut items = Vec::new();
+    for _ in 0..len.max(0) {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match read_scalar(&mut reader, line)? {
+            Ok(item) => items.push(item),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    Ok(Ok(items.join("\n")))
+}
+
+/// The rest of a non-array reply whose first line is `line`.
+fn read_scalar(
+    reader: &mut BufReader<&TcpStream>,
+    line: String,
+) -> io::Result<Result<String, String>> {
     let line = line.trim_end();
     let bad = || {
         io::Error::new(

@@ -123,3 +123,62 @@ pub(crate) fn command_calls(server: &RedisServer, command: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Runs `BLMOVE {nsa}src {nsa}dst` (a write, through `query_cmd`: a call that must not run
+/// twice) on `backend`, whose keys live on `node`; once it is blocked there, another client
+/// pushes an element and, in the same pipeline, kills the blocked connection: Redis runs the
+/// `BLMOVE` on the push and then drops the connection before its reply is written, so the
+/// client loses the reply of a command that ran. Returns the call's result and how long it took.
+pub(crate) async fn lose_the_reply_of_a_command_that_ran(
+    node: &RedisServer,
+    backend: &ncm_cache_redis::RedisBackend,
+) -> (ncm_cache_core::Result<redis::Value>, Duration) {
+    use std::io::{Read as _, Write as _};
+    let mut blmove = redis::cmd("BLMOVE");
+    blmove
+        .arg("{nsa}src")
+        .arg("{nsa}dst")
+        .arg("LEFT")
+        .arg("RIGHT")
+        .arg(0);
+    let start = std::time::Instant::now();
+    let call = backend.query_cmd(ncm_cache_core::Operation::Set, &blmove);
+    let kill = async {
+        // The blocked client's ID, once it is blocked (bounded: 5 s).
+        let mut id = None;
+        for _ in 0..250 {
+            let list = node.command(&["CLIENT", "LIST"]).unwrap();
+            id = list
+                .lines()
+                .find(|l| l.contains("cmd=blmove"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|f| f.strip_prefix("id="))
+                .map(str::to_owned);
+            if id.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let id = id.expect("BLMOVE never blocked on the node");
+        // One write: both commands are read in one go, so Redis serves the blocked BLMOVE
+        // right after the LPUSH and frees its client (output buffer unsent) on the kill.
+        let mut s = std::net::TcpStream::connect(node.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let req = format!(
+            "*3\r\n$5\r\nLPUSH\r\n$8\r\n{{nsa}}src\r\n$1\r\nx\r\n*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$2\r\nID\r\n${}\r\n{id}\r\n",
+            id.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        // ":1\r\n" twice (one element pushed, one client killed).
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while got.len() < 8 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the server closed the control connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&got[..], b":1\r\n:1\r\n", "LPUSH + CLIENT KILL replies");
+    };
+    let (result, ()) = tokio::join!(call, kill);
+    (result, start.elapsed())
+}
