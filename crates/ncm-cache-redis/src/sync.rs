@@ -219,6 +219,13 @@ impl RedisSyncCache {
                 .response_timeout(config.response_timeout)
                 .tcp_settings(crate::conn::tcp_settings(&config))
                 .retries(2)
+                // redis-rs waits at least 1.28 s before a retry by default: a `TRYAGAIN`
+                // during a slot migration cost a `get_many` 2.6 s with a 1 s response timeout.
+                // 10 ms, then up to 40 and 160 ms, as the async client's retries
+                // (`conn.rs`'s `cluster_call`).
+                .min_retry_wait(10)
+                .max_retry_wait(160)
+                .retry_wait_formula(10, 4)
                 .build()
                 .map_err(|e| CacheError::Config(format!("cluster: {e}")))?;
             Manager::Cluster(client)
@@ -310,6 +317,42 @@ impl RedisSyncCache {
         result
     }
 
+    /// Runs `cmd` on several keys, on a cluster one slot at a time: for each group of key
+    /// indices, the replies — one for the group's command, or one per key when a slot
+    /// migration refused it (`ASK`, or `TRYAGAIN`: its keys on two nodes; it ran nowhere, and
+    /// each key alone follows its own `ASK`). redis-rs's blocking cluster client would split a
+    /// command across slots itself, and panics when a part of it is redirected during a
+    /// migration (redis 1.8.2: an index out of bounds in `combine_and_sort_array_results`).
+    fn by_slot<K: AsRef<[u8]>, T: FromRedisValue>(
+        &self,
+        op: Operation,
+        keys: &[K],
+        cmd: impl Fn(&[&K]) -> redis::Cmd,
+    ) -> Result<Vec<(Vec<usize>, Vec<T>)>> {
+        let groups = if self.inner.cluster {
+            group_by_slot(&keys.iter().map(AsRef::as_ref).collect::<Vec<_>>())
+        } else {
+            vec![(0..keys.len()).collect()]
+        };
+        groups
+            .into_iter()
+            .map(|group| {
+                let of_group: Vec<&K> = group.iter().map(|&i| &keys[i]).collect();
+                let replies = self.run(op, |c| match cmd(&of_group).query::<T>(c) {
+                    Err(e)
+                        if of_group.len() > 1
+                            && (matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
+                                || e.code() == Some("TRYAGAIN")) =>
+                    {
+                        of_group.iter().map(|k| cmd(&[*k]).query::<T>(c)).collect()
+                    }
+                    r => r.map(|one| vec![one]),
+                })?;
+                Ok((group, replies))
+            })
+            .collect()
+    }
+
     fn full(&self, key: &str) -> Result<String> {
         Ok(self.inner.keys.full_key(key)?.into_owned())
     }
@@ -349,9 +392,17 @@ impl RedisSyncCache {
         if full.is_empty() {
             return Ok(Vec::new());
         }
-        let values: Vec<Option<Vec<u8>>> =
-            self.run(Operation::GetMany, |c| commands::mget(&full).query(c))?;
-        commands::check_mget(values.len(), full.len())?;
+        let mut values: Vec<Option<Vec<u8>>> = vec![None; full.len()];
+        let parts = self.by_slot::<_, Vec<Option<Vec<u8>>>>(Operation::GetMany, &full, |keys| {
+            commands::mget(&keys.iter().map(|&k| k.clone()).collect::<Vec<_>>())
+        })?;
+        for (group, replies) in parts {
+            let got: Vec<Option<Vec<u8>>> = replies.into_iter().flatten().collect();
+            commands::check_mget(got.len(), group.len())?;
+            for (i, v) in group.into_iter().zip(got) {
+                values[i] = v;
+            }
+        }
         let hits = values.iter().filter(|v| v.is_some()).count() as u64;
         self.inner.stats.hits(hits);
         self.inner.stats.misses(values.len() as u64 - hits);
@@ -376,12 +427,43 @@ impl RedisSyncCache {
         };
         for group in groups {
             self.run(Operation::SetMany, |c| {
-                let mut pipe = redis::pipe();
-                for &i in &group {
-                    pipe.add_command(commands::set(&full[i], entries[i].1, ttl))
-                        .ignore();
+                let sets = group
+                    .iter()
+                    .map(|&i| commands::set(&full[i], entries[i].1, ttl));
+                match &mut *c {
+                    // A cluster pipeline (redis-rs's, split by node) whose commands a slot
+                    // migration refused (`ASK`: the key has moved; `MOVED`: the slot has) ran
+                    // nowhere: each is sent again alone, following its redirect; the others
+                    // ran once. A plain pipeline on a cluster connection is sent again whole
+                    // by redis-rs, to the node an `ASK` names, behind one `ASKING`: its first
+                    // command ran a second time there (a key still on the source was created
+                    // on the target too, and the migration then failed with `BUSYKEY`).
+                    SyncConn::Cluster(cc) => {
+                        let sets: Vec<redis::Cmd> = sets.collect();
+                        let mut pipe = redis::cluster::cluster_pipe();
+                        for set in &sets {
+                            pipe.add_command(set.clone()).ignore();
+                        }
+                        match pipe.query::<()>(cc) {
+                            Err(e) => match redirected(&e) {
+                                Some(again) => again.into_iter().try_for_each(|i| {
+                                    // An index the pipeline does not have: its error stands.
+                                    let set = sets.get(i).ok_or_else(|| e.clone())?;
+                                    set.query::<()>(&mut **cc)
+                                }),
+                                None => Err(e),
+                            },
+                            ok => ok,
+                        }
+                    }
+                    SyncConn::Single(_) => {
+                        let mut pipe = redis::pipe();
+                        for set in sets {
+                            pipe.add_command(set).ignore();
+                        }
+                        pipe.query::<()>(c)
+                    }
                 }
-                pipe.query::<()>(c)
             })?;
         }
         self.inner.stats.sets(entries.len() as u64);
@@ -531,7 +613,11 @@ impl RedisSyncCache {
         if full.is_empty() {
             return Ok(0);
         }
-        let n: u64 = self.run(Operation::DeleteMany, |c| commands::unlink(&full).query(c))?;
+        let n: u64 = self
+            .by_slot(Operation::DeleteMany, &full, |keys| commands::unlink(keys))?
+            .into_iter()
+            .flat_map(|(_, counts): (_, Vec<u64>)| counts)
+            .sum();
         self.inner.stats.deletes(n);
         Ok(n)
     }
@@ -578,10 +664,13 @@ impl RedisSyncCache {
                     .filter(|k| !k.starts_with(internal.as_bytes()))
                     .collect();
                 if !keys.is_empty() {
-                    let n: u64 = self.run(Operation::ClearPattern, |c| {
-                        commands::unlink(&keys).query(c)
-                    })?;
-                    removed += n;
+                    removed += self
+                        .by_slot(Operation::ClearPattern, &keys, |keys| {
+                            commands::unlink(keys)
+                        })?
+                        .into_iter()
+                        .flat_map(|(_, counts): (_, Vec<u64>)| counts)
+                        .sum::<u64>();
                 }
                 cursor = next;
                 if cursor == 0 {
@@ -677,4 +766,20 @@ impl RedisSyncCache {
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Relaxed);
     }
+}
+
+/// The commands of a pipeline that failed only because a slot migration redirected them
+/// (`ASK`, `MOVED`: none of them ran), by index; `None` if anything else failed, or if the
+/// error is not the pipeline's list of failed commands (a lone server error also converts to
+/// one at index 0, which would name a command that may have run).
+fn redirected(e: &redis::RedisError) -> Option<Vec<usize>> {
+    // redis-rs has no accessor for "a pipeline's failures" but its message.
+    if !e.to_string().starts_with("Pipeline failure") {
+        return None;
+    }
+    let failed = e.clone().into_server_errors()?;
+    failed
+        .iter()
+        .map(|(i, err)| matches!(err.code(), "ASK" | "MOVED").then_some(*i))
+        .collect()
 }
