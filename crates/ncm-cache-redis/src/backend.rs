@@ -660,7 +660,8 @@ impl CacheBackend for RedisBackend {
             return Ok(());
         }
         // One pipelined round trip (per slot on a cluster, the slots in parallel).
-        let groups = if self.inner.conn.is_cluster() {
+        let cluster = self.inner.conn.is_cluster();
+        let groups = if cluster {
             let keys: Vec<&[u8]> = full.iter().map(|k| k.as_bytes()).collect();
             group_by_slot(&keys)
         } else {
@@ -669,14 +670,46 @@ impl CacheBackend for RedisBackend {
         try_join_all(groups.into_iter().map(|group| {
             let full = &full;
             self.run(Operation::SetMany, Idempotent::No, move |mut h| {
+                let sets: Vec<redis::Cmd> = group
+                    .iter()
+                    .filter_map(|&i| {
+                        let (_, value) = entries.get(i)?;
+                        Some(commands::set(&full[i], value, ttl))
+                    })
+                    .collect();
                 let mut pipe = redis::pipe();
-                for &i in &group {
-                    if let Some((_, value)) = entries.get(i) {
-                        pipe.add_command(commands::set(&full[i], value, ttl))
-                            .ignore();
+                // On a cluster, a slot's SETs go as one transaction: while the slot is being
+                // migrated, the source refuses it whole when any of its keys has moved (`ASK`
+                // as a SET is queued, or `TRYAGAIN` at `EXEC`: Redis checks every key then
+                // too), so none ran and each SET is then sent alone, following its own
+                // `ASK`. A plain pipeline would have run the SETs of the keys still on the
+                // source, and which ran is unknown once redis-rs reports the `ASK` for the
+                // whole pipeline. A slot's lone SET goes alone (no transaction to pay for):
+                // it follows its own `ASK`.
+                if cluster {
+                    pipe.atomic();
+                }
+                for set in &sets {
+                    pipe.add_command(set.clone()).ignore();
+                }
+                async move {
+                    if let [set] = sets.as_slice()
+                        && cluster
+                    {
+                        return set.query_async::<()>(&mut h).await;
+                    }
+                    match pipe.query_async::<()>(&mut h).await {
+                        Err(e) if cluster && refused_by_a_migration(&e) => {
+                            try_join_all(sets.iter().map(|set| {
+                                let mut h = h.clone();
+                                async move { set.query_async::<()>(&mut h).await }
+                            }))
+                            .await
+                            .map(drop)
+                        }
+                        r => r,
                     }
                 }
-                async move { pipe.query_async::<()>(&mut h).await }
             })
         }))
         .await?;
@@ -855,6 +888,21 @@ fn getex_refused(e: &CacheError) -> bool {
     ["unknown command", "noperm", "not supported", "unsupported"]
         .iter()
         .any(|s| text.contains(s))
+}
+
+/// Whether a cluster transaction failed because its slot is being migrated, so that none of
+/// its commands ran: `ASK` or `TRYAGAIN` for the whole of it, or `EXECABORT` (redis-rs's
+/// "transaction aborted") whose queued commands were refused only with `ASK`, `MOVED` or
+/// `TRYAGAIN`.
+fn refused_by_a_migration(e: &redis::RedisError) -> bool {
+    let redirect = |code: &str| matches!(code, "ASK" | "MOVED" | "TRYAGAIN");
+    if matches!(e.retry_method(), redis::RetryMethod::AskRedirect) || e.code() == Some("TRYAGAIN") {
+        return true;
+    }
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && e.clone().into_server_errors().is_some_and(|failed| {
+            !failed.is_empty() && failed.iter().all(|(_, f)| redirect(f.code()))
+        })
 }
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).
