@@ -1,5 +1,6 @@
 //! `RedisBackend`: the byte-level [`CacheBackend`] over Redis.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -670,13 +671,6 @@ impl CacheBackend for RedisBackend {
         try_join_all(groups.into_iter().map(|group| {
             let full = &full;
             self.run(Operation::SetMany, Idempotent::No, move |mut h| {
-                let sets: Vec<redis::Cmd> = group
-                    .iter()
-                    .filter_map(|&i| {
-                        let (_, value) = entries.get(i)?;
-                        Some(commands::set(&full[i], value, ttl))
-                    })
-                    .collect();
                 let mut pipe = redis::pipe();
                 // On a cluster, a slot's SETs go as one transaction: while the slot is being
                 // migrated, the source refuses it whole when any of its keys has moved (`ASK`
@@ -685,21 +679,41 @@ impl CacheBackend for RedisBackend {
                 // `ASK`. A plain pipeline would have run the SETs of the keys still on the
                 // source, and which ran is unknown once redis-rs reports the `ASK` for the
                 // whole pipeline. A slot's lone SET goes alone (no transaction to pay for):
-                // it follows its own `ASK`.
+                // it follows its own `ASK`. A key given twice is set once, to its last value
+                // (as the pipeline would leave it): the SETs sent alone go in parallel.
+                let sets: Vec<redis::Cmd> = if cluster {
+                    let last: HashMap<&str, usize> =
+                        group.iter().map(|&i| (full[i].as_str(), i)).collect();
+                    group
+                        .iter()
+                        .filter(|&&i| last.get(full[i].as_str()) == Some(&i))
+                        .filter_map(|&i| {
+                            let (_, value) = entries.get(i)?;
+                            Some(commands::set(&full[i], value, ttl))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 if cluster {
                     pipe.atomic();
-                }
-                for set in &sets {
-                    pipe.add_command(set.clone()).ignore();
+                    for set in &sets {
+                        pipe.add_command(set.clone()).ignore();
+                    }
+                } else {
+                    for &i in &group {
+                        if let Some((_, value)) = entries.get(i) {
+                            pipe.add_command(commands::set(&full[i], value, ttl))
+                                .ignore();
+                        }
+                    }
                 }
                 async move {
-                    if let [set] = sets.as_slice()
-                        && cluster
-                    {
+                    if let [set] = sets.as_slice() {
                         return set.query_async::<()>(&mut h).await;
                     }
                     match pipe.query_async::<()>(&mut h).await {
-                        Err(e) if cluster && refused_by_a_migration(&e) => {
+                        Err(e) if cluster && refused_whole(&e) => {
                             try_join_all(sets.iter().map(|set| {
                                 let mut h = h.clone();
                                 async move { set.query_async::<()>(&mut h).await }
@@ -890,19 +904,16 @@ fn getex_refused(e: &CacheError) -> bool {
         .any(|s| text.contains(s))
 }
 
-/// Whether a cluster transaction failed because its slot is being migrated, so that none of
-/// its commands ran: `ASK` or `TRYAGAIN` for the whole of it, or `EXECABORT` (redis-rs's
-/// "transaction aborted") whose queued commands were refused only with `ASK`, `MOVED` or
-/// `TRYAGAIN`.
-fn refused_by_a_migration(e: &redis::RedisError) -> bool {
-    let redirect = |code: &str| matches!(code, "ASK" | "MOVED" | "TRYAGAIN");
-    if matches!(e.retry_method(), redis::RetryMethod::AskRedirect) || e.code() == Some("TRYAGAIN") {
-        return true;
-    }
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
-        && e.clone().into_server_errors().is_some_and(|failed| {
-            !failed.is_empty() && failed.iter().all(|(_, f)| redirect(f.code()))
-        })
+/// Whether a cluster transaction was refused whole, so that none of its commands ran: `ASK`
+/// or `TRYAGAIN` for all of it (a slot being migrated: `TRYAGAIN` when Redis checks every key
+/// at `EXEC`), or `EXECABORT` (redis-rs's "transaction aborted": a command refused as it was
+/// queued — `ASK` or `MOVED` during a migration, `CLUSTERDOWN`, `LOADING`, ... — and the
+/// transaction discarded). Its commands may then be sent one by one, each with the retries a
+/// lone command gets.
+fn refused_whole(e: &redis::RedisError) -> bool {
+    matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
+        || e.code() == Some("TRYAGAIN")
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
 }
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).

@@ -823,7 +823,10 @@ fn redirect_of(e: &redis::RedisError) -> Option<To> {
 /// during a migration the source may have run some of its commands before it answered `ASK`
 /// for the others, and running a `SET` again could bring back a value another client has
 /// since replaced. So a pipeline holding a key that has already moved fails while its slot is
-/// being migrated (the caller gets the `ASK`).
+/// being migrated (the caller gets the `ASK`). A transaction (`MULTI`/`EXEC`, as `set_many`
+/// sends a slot's SETs) refused as it was queued comes back as one `EXECABORT` ("transaction
+/// aborted"), which is not retried here: none of it ran, and `set_many` then sends its SETs
+/// one by one (`backend.rs`'s `refused_whole`).
 async fn cluster_pipeline(
     c: ClusterConnection,
     bound: Duration,

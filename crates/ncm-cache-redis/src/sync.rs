@@ -218,11 +218,15 @@ impl RedisSyncCache {
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.response_timeout)
                 .tcp_settings(crate::conn::tcp_settings(&config))
-                .retries(2)
-                // redis-rs waits at least 1.28 s before a retry by default: a `TRYAGAIN`
-                // during a slot migration cost a `get_many` 2.6 s with a 1 s response timeout.
-                // 10 ms, then up to 40 and 160 ms, as the async client's retries
-                // (`conn.rs`'s `cluster_call`).
+                // redis-rs waits at least 1.28 s before a retry by default (every "wait and
+                // retry" error: `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, ...): a `TRYAGAIN` during
+                // a slot migration cost a `get_many` 2.6 s with a 1 s response timeout. Now 3
+                // retries after a random 10 ms, 10–40 ms and 10–160 ms (redis-rs draws each
+                // wait between the minimum and 10 × 4^n), as the async client's
+                // (`conn.rs`'s `cluster_call`: 3 retries after 10, 40, 160 ms): a call gives
+                // up within about 0.2 s of waiting, where it waited out up to ~4 s of a
+                // failover before.
+                .retries(3)
                 .min_retry_wait(10)
                 .max_retry_wait(160)
                 .retry_wait_formula(10, 4)
@@ -768,18 +772,56 @@ impl RedisSyncCache {
     }
 }
 
+/// A pipeline's failed commands, by index, if `e` is redis-rs's error for a pipeline some of
+/// whose commands failed. redis-rs has no accessor telling it from a lone server error (which
+/// [`redis::RedisError::into_server_errors`] also returns, at index 0) but its message:
+/// "Pipeline failure: [...]" or "Pipeline failures: [...]" (redis 1.8.2; pinned by a test).
+fn pipeline_failures(e: &redis::RedisError) -> Option<Arc<[(usize, redis::ServerError)]>> {
+    if !e.to_string().starts_with("Pipeline failure") {
+        return None;
+    }
+    e.clone().into_server_errors()
+}
+
 /// The commands of a pipeline that failed only because a slot migration redirected them
 /// (`ASK`, `MOVED`: none of them ran), by index; `None` if anything else failed, or if the
 /// error is not the pipeline's list of failed commands (a lone server error also converts to
 /// one at index 0, which would name a command that may have run).
 fn redirected(e: &redis::RedisError) -> Option<Vec<usize>> {
-    // redis-rs has no accessor for "a pipeline's failures" but its message.
-    if !e.to_string().starts_with("Pipeline failure") {
-        return None;
-    }
-    let failed = e.clone().into_server_errors()?;
+    let failed = pipeline_failures(e)?;
     failed
         .iter()
         .map(|(i, err)| matches!(err.code(), "ASK" | "MOVED").then_some(*i))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pipeline_failures` tells a pipeline's failures from a lone server error by redis-rs's
+    /// message: this pins that message (a redis-rs upgrade that rewords it fails here, not
+    /// silently in `set_many`, which would then return the error instead of sending the
+    /// redirected SETs again).
+    #[test]
+    fn pipeline_failures_are_told_from_a_lone_error() {
+        let server = ncm_cache_testkit::RedisServer::start().expect("redis-server");
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut c = client.get_connection().unwrap();
+        redis::cmd("SET").arg("s").arg("text").exec(&mut c).unwrap();
+        let e = redis::pipe()
+            .cmd("GET")
+            .arg("s")
+            .cmd("INCR")
+            .arg("s")
+            .query::<()>(&mut c)
+            .unwrap_err();
+        let failed = pipeline_failures(&e).expect("a pipeline's failures");
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, 1, "the INCR's index");
+        let lone = redis::cmd("INCR").arg("s").query::<()>(&mut c).unwrap_err();
+        assert!(lone.clone().into_server_errors().is_some());
+        assert!(pipeline_failures(&lone).is_none(), "a lone error: {lone}");
+        assert_eq!(redirected(&e), None, "not a redirect");
+    }
 }

@@ -322,10 +322,11 @@ impl RedisCluster {
     }
 
     /// Moves `slot` from the primary on `from` to the one on `to` as `redis-cli --cluster
-    /// reshard` does, while clients keep using it: [`begin_slot_migration`](Self::begin_slot_migration),
-    /// half of the slot's keys migrated, `half_moved` spent in that state (reads and writes of
-    /// the slot's keys meet `ASK`), then the rest migrated until the source holds none (keys
-    /// written meanwhile included) and [`end_slot_migration`](Self::end_slot_migration).
+    /// reshard` does, while clients keep using it:
+    /// [`begin_slot_migration`](Self::begin_slot_migration), half of the slot's keys migrated
+    /// (rounded up), `half_moved` spent in that state (reads and writes of the moved keys meet
+    /// `ASK`), then the rest migrated until the source holds none (keys written meanwhile
+    /// included) and [`end_slot_migration`](Self::end_slot_migration).
     pub fn move_slot(
         &self,
         slot: u16,
@@ -335,9 +336,10 @@ impl RedisCluster {
     ) -> Result<(), TestkitError> {
         self.begin_slot_migration(slot, from, to)?;
         let keys = self.keys_in_slot(from, slot, 1000)?;
+        // Half, rounded up: a slot holding one key moves it now.
         let half: Vec<&str> = keys
             .iter()
-            .take(keys.len() / 2)
+            .take(keys.len().div_ceil(2))
             .map(String::as_str)
             .collect();
         if !half.is_empty() {

@@ -391,6 +391,18 @@ impl RedisServer {
             .unwrap_or(0))
     }
 
+    /// How many calls of any command the server has refused since it started (`INFO
+    /// commandstats`' `rejected_calls`, summed): on a cluster node, `MOVED` and `ASK`
+    /// redirections among them, e.g. to check that clients met a slot migration.
+    pub fn rejected_calls(&self) -> Result<u64, TestkitError> {
+        let info = self.command(&["INFO", "commandstats"])?;
+        Ok(info
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter_map(|field| field.strip_prefix("rejected_calls="))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum())
+    }
+
     fn command_error(&self, what: &str, detail: String) -> TestkitError {
         TestkitError::Command {
             what: format!("{what} on port {}", self.port),
