@@ -79,9 +79,14 @@ async fn each_scheduled_tick_runs_the_loader_once_across_two_instances() {
         "{} runs for {ticks} ticks: {seen:?}",
         seen.len()
     );
+    // One owner at a time: `a`, which scheduled first, keeps the timer while it renews its
+    // lease (a quarter of the interval: 50 ms) in time. On a loaded machine a renewal can come
+    // late and `b` then takes over (seen once in CI: five runs by `a`, then five by `b`); a
+    // change of owner never adds a run (the gaps below), so it is allowed, but rarely.
+    let changes = seen.windows(2).filter(|p| p[0].0 != p[1].0).count();
     assert!(
-        seen.iter().all(|(who, _)| *who == "a"),
-        "one owner: {seen:?}"
+        seen.first().is_some_and(|(who, _)| *who == "a") && changes <= 2,
+        "one owner at a time, rarely changing: {seen:?}"
     );
     for pair in seen.windows(2) {
         let gap = pair[1].1 - pair[0].1;
