@@ -554,6 +554,9 @@ async fn cluster_connection(config: &RedisConfig) -> Result<ClusterConnection> {
     Ok(conn)
 }
 
+/// The connection to a node an `ASK` named, made by the first call that needs it.
+type AskConn = std::sync::Arc<tokio::sync::OnceCell<MultiplexedConnection>>;
+
 /// The cluster connection, replaced by a new one when it stops answering altogether.
 ///
 /// redis-rs's cluster connection can stop sending anything (seen around a slot refresh under
@@ -580,7 +583,7 @@ pub(crate) struct ClusterConn {
     /// Connections of our own to the nodes `ASK`s named: an `ASK` is not followed through
     /// redis-rs, which connects to no node by address (a node that owns no slot yet, the
     /// target of a resharding onto a new node, is not among its connections).
-    asking: std::sync::Mutex<HashMap<(String, u16), MultiplexedConnection>>,
+    asking: std::sync::Mutex<HashMap<(String, u16), AskConn>>,
 }
 
 impl ClusterConn {
@@ -592,7 +595,7 @@ impl ClusterConn {
     }
 
     /// The connections to `ASK` targets.
-    fn asking(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), MultiplexedConnection>> {
+    fn asking(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), AskConn>> {
         self.asking
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -607,10 +610,11 @@ impl ClusterConn {
     /// connection of our own to it (made on first use, dropped when it fails).
     async fn ask(&self, host: String, port: u16, cmd: &Cmd) -> redis::RedisResult<Value> {
         let node = (host, port);
-        let known = self.asking().get(&node).cloned();
-        let mut conn = match known {
-            Some(conn) => conn,
-            None => {
+        // One connection per node, made once for all the calls that meet an `ASK` naming it
+        // at the same time (each made its own before, and the last one made was kept).
+        let cell = std::sync::Arc::clone(self.asking().entry(node.clone()).or_default());
+        let mut conn = cell
+            .get_or_try_init(|| async {
                 let client = client_for(&self.config, &node.0, node.1).map_err(|e| {
                     redis::RedisError::from((
                         redis::ErrorKind::Client,
@@ -618,17 +622,16 @@ impl ClusterConn {
                         e.to_string(),
                     ))
                 })?;
-                let conn = client
+                client
                     .get_multiplexed_async_connection_with_config(
                         &AsyncConnectionConfig::new()
                             .set_connection_timeout(Some(self.config.connect_timeout))
                             .set_response_timeout(Some(self.config.response_timeout)),
                     )
-                    .await?;
-                self.asking().insert(node.clone(), conn.clone());
-                conn
-            }
-        };
+                    .await
+            })
+            .await?
+            .clone();
         let mut pipe = redis::pipe();
         pipe.add_command(redis::cmd("ASKING"))
             .add_command(cmd.clone());
@@ -636,7 +639,15 @@ impl ClusterConn {
             Ok(mut replies) => replies.pop(),
             Err(e) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                    self.asking().remove(&node);
+                    // Dropped for the next `ASK` to connect again, unless another call has
+                    // already put a new one in its place.
+                    let mut asking = self.asking();
+                    if asking
+                        .get(&node)
+                        .is_some_and(|c| std::sync::Arc::ptr_eq(c, &cell))
+                    {
+                        asking.remove(&node);
+                    }
                 }
                 return Err(e);
             }

@@ -340,6 +340,24 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     let mut half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
     half.extend(gone[..5].iter().map(String::as_str));
     cluster.migrate_keys(from, to, &half).unwrap();
+    // The first `ASK`s come to many tasks at once: one connection to the node named is made
+    // for all of them.
+    let connections = || -> u64 {
+        let info = cluster
+            .node(to)
+            .unwrap()
+            .command(&["INFO", "stats"])
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let before = connections();
+    let (failures, _) = read_all_concurrently(&backend, &keys, 10).await;
+    assert!(failures.is_empty(), "first ASKs: {failures:?}");
+    let made = connections() - before;
+    assert!(made <= 2, "{made} connections to the node an ASK named");
     // Writes of the slot's keys while it moves, each read back from where it now lives.
     for k in moving.iter().step_by(5) {
         backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
