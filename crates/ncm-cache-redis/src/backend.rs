@@ -911,8 +911,7 @@ fn getex_refused(e: &CacheError) -> bool {
 /// transaction discarded). Its commands may then be sent one by one, each with the retries a
 /// lone command gets.
 fn refused_whole(e: &redis::RedisError) -> bool {
-    matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
-        || e.code() == Some("TRYAGAIN")
+    crate::conn::split_by_a_migration(e)
         || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
 }
 

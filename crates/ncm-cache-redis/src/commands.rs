@@ -56,7 +56,7 @@ pub(crate) fn exists(key: &str) -> Cmd {
     c
 }
 
-pub(crate) fn mget(keys: &[String]) -> Cmd {
+pub(crate) fn mget<K: redis::ToRedisArgs>(keys: K) -> Cmd {
     let mut c = cmd("MGET");
     c.arg(keys);
     c

@@ -817,6 +817,13 @@ where
     r
 }
 
+/// Whether a slot migration refused a command (or a transaction) whole: `ASK` (its keys have
+/// moved), or `TRYAGAIN` (its keys are now on two nodes). Nothing of it ran; each key alone
+/// follows its own `ASK`.
+pub(crate) fn split_by_a_migration(e: &redis::RedisError) -> bool {
+    matches!(e.retry_method(), redis::RetryMethod::AskRedirect) || e.code() == Some("TRYAGAIN")
+}
+
 /// Where an `ASK` error sends its command (`None` if it names no node, or no host).
 fn redirect_of(e: &redis::RedisError) -> Option<To> {
     let (node, _slot) = e.redirect_node()?;
@@ -891,10 +898,7 @@ async fn cluster_command(
     // now on two nodes) is asked again key by key, each following its own `ASK`, within what
     // is left of the bound.
     match &r {
-        Err(e)
-            if matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
-                || e.code() == Some("TRYAGAIN") =>
-        {
+        Err(e) if split_by_a_migration(e) => {
             let Some((_, name, keys)) = multi else {
                 return r;
             };

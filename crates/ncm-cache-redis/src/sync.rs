@@ -343,11 +343,7 @@ impl RedisSyncCache {
             .map(|group| {
                 let of_group: Vec<&K> = group.iter().map(|&i| &keys[i]).collect();
                 let replies = self.run(op, |c| match cmd(&of_group).query::<T>(c) {
-                    Err(e)
-                        if of_group.len() > 1
-                            && (matches!(e.retry_method(), redis::RetryMethod::AskRedirect)
-                                || e.code() == Some("TRYAGAIN")) =>
-                    {
+                    Err(e) if of_group.len() > 1 && crate::conn::split_by_a_migration(&e) => {
                         of_group.iter().map(|k| cmd(&[*k]).query::<T>(c)).collect()
                     }
                     r => r.map(|one| vec![one]),
@@ -398,7 +394,7 @@ impl RedisSyncCache {
         }
         let mut values: Vec<Option<Vec<u8>>> = vec![None; full.len()];
         let parts = self.by_slot::<_, Vec<Option<Vec<u8>>>>(Operation::GetMany, &full, |keys| {
-            commands::mget(&keys.iter().map(|&k| k.clone()).collect::<Vec<_>>())
+            commands::mget(keys)
         })?;
         for (group, replies) in parts {
             let got: Vec<Option<Vec<u8>>> = replies.into_iter().flatten().collect();

@@ -250,6 +250,17 @@ async fn a_stalled_primary_holds_up_only_its_own_keys_reads() {
 
 /// Reads of many tasks at once (batched, one pipeline per primary) on `keys`: a read that gets
 /// a value must get its key's own; returns the reads that failed and the slowest read.
+/// SETs run since they started on the cluster's primaries and on `also` (a node just added,
+/// owning no slot yet): replicas are left out, as they run their primaries' SETs again.
+fn sets_run_on_primaries(cluster: &RedisCluster, also: Option<u16>) -> u64 {
+    let mut nodes = cluster.primaries().unwrap();
+    nodes.extend(also.filter(|p| !nodes.contains(p)));
+    nodes
+        .iter()
+        .map(|p| cluster.node(*p).unwrap().command_calls("set").unwrap())
+        .sum()
+}
+
 async fn read_all_concurrently(
     backend: &ncm_cache_core::SharedBackend,
     keys: &[String],
@@ -385,17 +396,8 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     // pipeline failed with the `ASK` after the source had run the SETs of the keys it still
     // held (the caller got an error for writes that were made; sending each SET again after
     // that runs three).
-    let sets_run = || -> u64 {
-        // The primaries, and the target when it is a node just added (no slot yet).
-        let mut nodes = cluster.primaries().unwrap();
-        if !nodes.contains(&to) {
-            nodes.push(to);
-        }
-        nodes
-            .iter()
-            .map(|p| cluster.node(*p).unwrap().command_calls("set").unwrap())
-            .sum()
-    };
+    // On the primaries, and the target when it is a node just added (no slot yet).
+    let sets_run = || sets_run_on_primaries(&cluster, Some(to));
     // And a moved key alone (a slot's lone SET goes as a command, following its `ASK`; the
     // pipeline of one SET failed with the `ASK` before). A pair whose keys are one key given
     // twice is set once, to its last value.
@@ -602,7 +604,7 @@ async fn a_call_that_must_not_run_twice_is_not_sent_again_after_a_lost_reply() {
     // have been sent, then count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        support::command_calls(node, "blmove"),
+        node.command_calls("blmove").unwrap(),
         1,
         "BLMOVE sent again"
     );
@@ -719,13 +721,7 @@ fn sync_calls_follow_a_slot_being_migrated() {
     // redis-rs's plain pipeline failed with the `ASK` and was sent again whole to the target
     // behind one `ASKING`: with the not yet moved key first, that key was created on the
     // target too, and the rest of the migration failed with `BUSYKEY`.
-    let sets_run = || -> u64 {
-        let nodes = cluster.primaries().unwrap();
-        nodes
-            .iter()
-            .map(|p| cluster.node(*p).unwrap().command_calls("set").unwrap())
-            .sum()
-    };
+    let sets_run = || sets_run_on_primaries(&cluster, None);
     for (a, b) in [(0, 30), (31, 1)] {
         let pair = [
             (moving[a].as_str(), &b"other"[..]),

@@ -159,7 +159,7 @@ async fn a_call_that_must_not_run_twice_is_not_sent_again_after_a_lost_reply() {
     assert!(took < Duration::from_secs(2), "failed after {took:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        support::command_calls(&server, "blmove"),
+        server.command_calls("blmove").unwrap(),
         1,
         "BLMOVE sent again"
     );
