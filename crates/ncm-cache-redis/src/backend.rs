@@ -910,7 +910,7 @@ fn getex_refused(e: &CacheError) -> bool {
 /// queued — `ASK` or `MOVED` during a migration, `CLUSTERDOWN`, `LOADING`, ... — and the
 /// transaction discarded). Its commands may then be sent one by one, each with the retries a
 /// lone command gets.
-fn refused_whole(e: &redis::RedisError) -> bool {
+pub(crate) fn refused_whole(e: &redis::RedisError) -> bool {
     crate::conn::split_by_a_migration(e)
         || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
 }

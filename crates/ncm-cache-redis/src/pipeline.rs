@@ -253,7 +253,8 @@ impl RedisPipeline {
             });
             full_keys.push(full);
         }
-        let groups = if backend.is_cluster() {
+        let cluster = backend.is_cluster();
+        let groups = if cluster {
             let keys: Vec<&[u8]> = full_keys.iter().map(|k| k.as_bytes()).collect();
             group_by_slot(&keys)
         } else {
@@ -264,11 +265,35 @@ impl RedisPipeline {
             async move {
                 let values: Vec<Value> = inner
                     .run(Operation::SetMany, crate::backend::Retry::No, |mut h| {
+                        // On a cluster, a slot's commands go as one transaction: while the
+                        // slot is being migrated, the source refuses it whole when any of its
+                        // keys has moved, so none ran, and they are then sent one by one in
+                        // the pipeline's order, each following its own `ASK` (as `set_many`
+                        // does, see `backend.rs`). A plain pipeline would have run the
+                        // commands on the keys still on the source, and which ran is unknown
+                        // once redis-rs reports the `ASK` for the whole pipeline. A slot's
+                        // lone command goes as a command.
                         let mut pipe = redis::pipe();
+                        if cluster {
+                            pipe.atomic();
+                        }
                         for c in &cmds {
                             pipe.add_command(c.clone());
                         }
-                        async move { pipe.query_async(&mut h).await }
+                        let cmds = &cmds;
+                        async move {
+                            if let [cmd] = cmds.as_slice()
+                                && cluster
+                            {
+                                return cmd.query_async::<Value>(&mut h).await.map(|v| vec![v]);
+                            }
+                            match pipe.query_async::<Vec<Value>>(&mut h).await {
+                                Err(e) if cluster && crate::backend::refused_whole(&e) => {
+                                    one_by_one(cmds, h).await
+                                }
+                                r => r,
+                            }
+                        }
                     })
                     .await?;
                 Ok::<_, CacheError>(group.into_iter().zip(values).collect::<Vec<_>>())
@@ -291,6 +316,26 @@ impl RedisPipeline {
                 convert(op, v)
             })
             .collect()
+    }
+}
+
+/// The commands of a cluster transaction refused whole (none ran), sent one by one in their
+/// order, each with the redirects and retries of a lone command. Every command is sent, as in
+/// a pipeline; the first failure is then the outcome, as a pipeline's would be.
+async fn one_by_one(cmds: &[Cmd], mut h: crate::conn::Handle) -> redis::RedisResult<Vec<Value>> {
+    let mut values = Vec::with_capacity(cmds.len());
+    let mut failed = None;
+    for cmd in cmds {
+        match cmd.query_async::<Value>(&mut h).await {
+            Ok(v) => values.push(v),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(values),
     }
 }
 

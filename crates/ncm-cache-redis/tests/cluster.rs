@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::{Bytes, CacheBackend};
-use ncm_cache_redis::{RedisCache, RedisConfig, RedisSyncCache};
+use ncm_cache_redis::{PipelineResult, RedisCache, RedisConfig, RedisSyncCache};
 use ncm_cache_testkit::RedisCluster;
 use ncm_cache_testkit::conformance::{self, RealTime};
 
@@ -261,6 +261,34 @@ fn sets_run_on_primaries(cluster: &RedisCluster, also: Option<u16>) -> u64 {
         .sum()
 }
 
+/// A `RedisPipeline` of SET and GET of `a`, SET and GET of `b`, and EXISTS of `a`: it ends
+/// within 1 s and each GET answers its SET's value.
+async fn pipeline_writes_and_reads(cache: &RedisCache, a: &str, b: &str) {
+    let mut pipeline = cache.pipeline();
+    pipeline
+        .set(a, "piped")
+        .get(a)
+        .set(b, "piped")
+        .get(b)
+        .exists(a);
+    let started = Instant::now();
+    let results = cache.execute_pipeline(pipeline).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the pipeline took {took:?}");
+    assert_eq!(results.len(), 5);
+    for at in [1, 3] {
+        assert_eq!(
+            results[at]
+                .decode::<String>(cache.codec())
+                .unwrap()
+                .as_deref(),
+            Some("piped"),
+            "pipeline read {at} of {a}, {b}"
+        );
+    }
+    assert_eq!(results[4], PipelineResult::Bool(true));
+}
+
 async fn read_all_concurrently(
     backend: &ncm_cache_core::SharedBackend,
     keys: &[String],
@@ -333,6 +361,21 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     // Concurrent reads first, so that the slot map is known.
     let (failures, _) = read_all_concurrently(&backend, &keys, 20).await;
     assert!(failures.is_empty(), "before the move: {failures:?}");
+    // A `RedisPipeline` of one slot's keys goes as one transaction (see below for one during
+    // the migration).
+    let execs = || {
+        cluster
+            .node(cluster.owner_of(&moving[0]).unwrap())
+            .unwrap()
+            .command_calls("exec")
+            .unwrap()
+    };
+    let before = execs();
+    pipeline_writes_and_reads(&cache, &moving[10], &moving[11]).await;
+    assert_eq!(execs() - before, 1, "EXECs for a pipeline on one slot");
+    for k in [&moving[10], &moving[11]] {
+        backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
+    }
     let slot = cluster.slot_of(&moving[0]).unwrap();
     let from = cluster.owner_of(&moving[0]).unwrap();
     // A new node owns no slot, so the cluster client has no connection to it when the first
@@ -438,6 +481,18 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
                 .set(k, Bytes::from(k.to_string()), None)
                 .await
                 .unwrap();
+        }
+    }
+    // A `RedisPipeline` on a moved and a not yet moved key of the slot, in both orders, with
+    // a read of each after its write: every command runs once, where its key now lives, in
+    // the pipeline's order. Before, the slot's pipeline failed with the `ASK` after the
+    // source had run the commands on the keys it still held.
+    for (a, b) in [(4, 33), (34, 5)] {
+        let before = sets_run();
+        pipeline_writes_and_reads(&cache, &moving[a], &moving[b]).await;
+        assert_eq!(sets_run() - before, 2, "SETs run for a pipeline of 2 SETs");
+        for k in [&moving[a], &moving[b]] {
+            backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
         }
     }
     // Over more than the second for which batched pipelines are held back after a redirect.
