@@ -713,7 +713,7 @@ impl CacheBackend for RedisBackend {
                         return set.query_async::<()>(&mut h).await;
                     }
                     match pipe.query_async::<()>(&mut h).await {
-                        Err(e) if cluster && refused_whole(&e) => {
+                        Err(e) if cluster && refused_whole(&e, sets.len()) => {
                             try_join_all(sets.iter().map(|set| {
                                 let mut h = h.clone();
                                 async move { set.query_async::<()>(&mut h).await }
@@ -904,15 +904,26 @@ fn getex_refused(e: &CacheError) -> bool {
         .any(|s| text.contains(s))
 }
 
-/// Whether a cluster transaction was refused whole, so that none of its commands ran: `ASK`
-/// or `TRYAGAIN` for all of it (a slot being migrated: `TRYAGAIN` when Redis checks every key
-/// at `EXEC`), or `EXECABORT` (redis-rs's "transaction aborted": a command refused as it was
-/// queued — `ASK` or `MOVED` during a migration, `CLUSTERDOWN`, `LOADING`, ... — and the
-/// transaction discarded). Its commands may then be sent one by one, each with the retries a
-/// lone command gets.
-pub(crate) fn refused_whole(e: &redis::RedisError) -> bool {
-    crate::conn::split_by_a_migration(e)
-        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+/// Whether a cluster transaction of `commands` commands was refused whole, so that none of
+/// them ran: `ASK` or `TRYAGAIN` for all of it (a slot being migrated: `TRYAGAIN` when Redis
+/// checks every key at `EXEC`), or `EXECABORT` (redis-rs's "transaction aborted": a command
+/// refused as it was queued — `ASK` or `MOVED` during a migration, `CLUSTERDOWN`, `LOADING`,
+/// ... — and the transaction discarded). Its commands may then be sent one by one, each with
+/// the retries a lone command gets.
+///
+/// Not when `MULTI` itself was refused (an ACL user without `MULTI`, a renamed command): the
+/// server then ran each command as it came, and redis-rs still reports an aborted transaction,
+/// with the `MULTI`'s error at no command's index (found by review: sending the commands
+/// again ran them twice). Only an abort whose every error belongs to one of the `commands` is
+/// taken as refused whole.
+pub(crate) fn refused_whole(e: &redis::RedisError, commands: usize) -> bool {
+    if crate::conn::split_by_a_migration(e) {
+        return true;
+    }
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| !errors.is_empty() && errors.iter().all(|(at, _)| *at < commands))
 }
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).

@@ -562,12 +562,13 @@ type AskConn = std::sync::Arc<tokio::sync::OnceCell<MultiplexedConnection>>;
 /// redis-rs's cluster connection can stop sending anything (seen around a slot refresh under
 /// many concurrent calls, after a migration's `MOVED` and once after a failover: every later
 /// call timed out, on every node, for good; `tests/cluster.rs`'s migration and failover
-/// tests). When a call
-/// times out, at least 4 calls have timed out since the last answer and none has been answered
-/// for twice the response timeout, a new connection is made (in a task, one at a time, at most
-/// once per twice the response timeout) and takes its place; calls made with the old one end
-/// by their timeouts, and redis-rs ends the old connection's task once the last of them has
-/// dropped it.
+/// tests; with tokio 1.54, whose lock futures can keep a permit while they yield for the
+/// task's budget: see docs/ARCHITECTURE.md). When a call times out, at least 4 calls have
+/// timed out since the last answer and none has been answered for the response timeout, a
+/// new connection is made (in a task, one at a time, at most once per twice the response
+/// timeout) and takes its place; calls made with the old one end by their timeouts, and
+/// redis-rs ends the old connection's task once the last of them has dropped it (its closing
+/// polls the requests it holds).
 pub(crate) struct ClusterConn {
     current: RwLock<ClusterConnection>,
     config: RedisConfig,
@@ -669,15 +670,17 @@ impl ClusterConn {
         }
     }
 
-    /// A call timed out: when nothing has been answered for twice the response timeout, the
+    /// A call timed out: when nothing has been answered for the response timeout, the
     /// connection is replaced in a task (see [`ClusterConn`]).
     fn timed_out(self: &std::sync::Arc<Self>) {
-        let quiet = u64::try_from(self.config.response_timeout.as_millis() * 2).unwrap_or(u64::MAX);
+        let bound = u64::try_from(self.config.response_timeout.as_millis()).unwrap_or(u64::MAX);
         let now = self.now();
-        // Several calls, not one slow call after a quiet spell.
+        // Several calls, not one slow call after a quiet spell; a call that timed out waited
+        // the response timeout, so calls made as the connection stopped replace it as they
+        // time out (twice that wait, before: about 3 s of timeouts in the migration tests).
         if self.timeouts.fetch_add(1, Ordering::Relaxed) < 3
-            || now.saturating_sub(self.answered.load(Ordering::Relaxed)) < quiet
-            || now.saturating_sub(self.replaced.load(Ordering::Relaxed)) < quiet
+            || now.saturating_sub(self.answered.load(Ordering::Relaxed)) < bound
+            || now.saturating_sub(self.replaced.load(Ordering::Relaxed)) < bound.saturating_mul(2)
             || self.replacing.swap(true, Ordering::AcqRel)
         {
             return;
@@ -696,7 +699,7 @@ impl ClusterConn {
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = conn;
                     tracing::warn!(
-                        "redis cluster: no call answered for twice the response timeout; \
+                        "redis cluster: no call answered for the response timeout; \
                          the cluster connection was replaced by a new one"
                     );
                 }
@@ -841,10 +844,11 @@ fn redirect_of(e: &redis::RedisError) -> Option<To> {
 /// during a migration the source may have run some of its commands before it answered `ASK`
 /// for the others, and running a `SET` again could bring back a value another client has
 /// since replaced. So a pipeline holding a key that has already moved fails while its slot is
-/// being migrated (the caller gets the `ASK`). A transaction (`MULTI`/`EXEC`, as `set_many`
-/// sends a slot's SETs) refused as it was queued comes back as one `EXECABORT` ("transaction
-/// aborted"), which is not retried here: none of it ran, and `set_many` then sends its SETs
-/// one by one (`backend.rs`'s `refused_whole`).
+/// being migrated (the caller gets the `ASK`): `set_many` and `RedisPipeline` therefore send
+/// a slot's commands as a transaction (`MULTI`/`EXEC`). One refused as it was queued (`ASK`,
+/// and also `MOVED`: a transaction is not tried again whole by slot) comes back as one
+/// `EXECABORT` ("transaction aborted"), which is not retried here: none of it ran, and the
+/// caller then sends its commands one by one (`backend.rs`'s `refused_whole`).
 async fn cluster_pipeline(
     c: ClusterConnection,
     bound: Duration,

@@ -288,7 +288,9 @@ impl RedisPipeline {
                                 return cmd.query_async::<Value>(&mut h).await.map(|v| vec![v]);
                             }
                             match pipe.query_async::<Vec<Value>>(&mut h).await {
-                                Err(e) if cluster && crate::backend::refused_whole(&e) => {
+                                Err(e)
+                                    if cluster && crate::backend::refused_whole(&e, cmds.len()) =>
+                                {
                                     one_by_one(cmds, h).await
                                 }
                                 r => r,
@@ -320,17 +322,25 @@ impl RedisPipeline {
 }
 
 /// The commands of a cluster transaction refused whole (none ran), sent one by one in their
-/// order, each with the redirects and retries of a lone command. Every command is sent, as in
-/// a pipeline; the first failure is then the outcome, as a pipeline's would be.
+/// order, each with the redirects and retries of a lone command. An error reply does not stop
+/// the others (as in a pipeline; the first is then the outcome); a failure to get a reply (a
+/// timeout, a lost connection) does: the commands after it are not sent, so a node that
+/// stopped answering costs one response timeout, not one per command.
 async fn one_by_one(cmds: &[Cmd], mut h: crate::conn::Handle) -> redis::RedisResult<Vec<Value>> {
     let mut values = Vec::with_capacity(cmds.len());
     let mut failed = None;
     for cmd in cmds {
         match cmd.query_async::<Value>(&mut h).await {
             Ok(v) => values.push(v),
-            Err(e) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                ) =>
+            {
                 failed.get_or_insert(e);
             }
+            Err(e) => return Err(failed.unwrap_or(e)),
         }
     }
     match failed {

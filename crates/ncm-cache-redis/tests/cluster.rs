@@ -361,18 +361,23 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     // Concurrent reads first, so that the slot map is known.
     let (failures, _) = read_all_concurrently(&backend, &keys, 20).await;
     assert!(failures.is_empty(), "before the move: {failures:?}");
-    // A `RedisPipeline` of one slot's keys goes as one transaction (see below for one during
-    // the migration).
+    // A `RedisPipeline` of one slot's keys goes as one transaction, which runs (see below for
+    // one during the migration).
     let execs = || {
-        cluster
-            .node(cluster.owner_of(&moving[0]).unwrap())
-            .unwrap()
-            .command_calls("exec")
-            .unwrap()
+        let node = cluster.node(cluster.owner_of(&moving[0]).unwrap()).unwrap();
+        (
+            node.command_calls("exec").unwrap(),
+            node.command_failures("exec").unwrap(),
+        )
     };
     let before = execs();
     pipeline_writes_and_reads(&cache, &moving[10], &moving[11]).await;
-    assert_eq!(execs() - before, 1, "EXECs for a pipeline on one slot");
+    let after = execs();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "EXECs, and failed ones, for a pipeline on one slot"
+    );
     for k in [&moving[10], &moving[11]] {
         backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
     }
@@ -487,10 +492,18 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     // a read of each after its write: every command runs once, where its key now lives, in
     // the pipeline's order. Before, the slot's pipeline failed with the `ASK` after the
     // source had run the commands on the keys it still held.
+    let aborted = || {
+        cluster
+            .node(from)
+            .unwrap()
+            .command_failures("exec")
+            .unwrap()
+    };
     for (a, b) in [(4, 33), (34, 5)] {
-        let before = sets_run();
+        let (before, aborted_before) = (sets_run(), aborted());
         pipeline_writes_and_reads(&cache, &moving[a], &moving[b]).await;
         assert_eq!(sets_run() - before, 2, "SETs run for a pipeline of 2 SETs");
+        assert_eq!(aborted() - aborted_before, 1, "the source's aborted EXECs");
         for k in [&moving[a], &moving[b]] {
             backend.set(k, Bytes::from(k.clone()), None).await.unwrap();
         }

@@ -391,6 +391,23 @@ impl RedisServer {
             .unwrap_or(0))
     }
 
+    /// How many calls of `command` the server answered with an error since it started (`INFO
+    /// commandstats`' `failed_calls` plus `rejected_calls`): an `EXEC` of a transaction that a
+    /// refused command discarded counts here.
+    pub fn command_failures(&self, command: &str) -> Result<u64, TestkitError> {
+        let info = self.command(&["INFO", "commandstats"])?;
+        let prefix = format!("cmdstat_{}:", command.to_ascii_lowercase());
+        let Some(stats) = info.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else {
+            return Ok(0);
+        };
+        Ok(stats
+            .split(',')
+            .filter_map(|field| field.split_once('='))
+            .filter(|(name, _)| matches!(*name, "failed_calls" | "rejected_calls"))
+            .filter_map(|(_, n)| n.parse::<u64>().ok())
+            .sum())
+    }
+
     /// How many calls of any command the server has refused since it started (`INFO
     /// commandstats`' `rejected_calls`, summed): on a cluster node, `MOVED` and `ASK`
     /// redirections among them, e.g. to check that clients met a slot migration.
