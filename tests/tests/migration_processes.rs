@@ -155,20 +155,27 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
         .move_slot(slot, from, to, Duration::from_secs(2))
         .unwrap();
     let moved = micros();
-    assert_eq!(cluster.owner_of(&stored).unwrap(), to, "the slot's owner");
     for (child, rx, _) in &mut workers {
         expect(rx, "done", Duration::from_secs(30));
         assert!(child.wait().unwrap().success(), "a worker failed");
     }
     let (refused_after, aborted_after) = (refused(), aborted());
     let sets = sets_run() - sets_before;
+    // After the counts: asking the primaries for the owner meets `MOVED` too.
+    assert_eq!(cluster.owner_of(&stored).unwrap(), to, "the slot's owner");
 
     // The logs: every call's outcome, and each key's writes.
     let mut writes: HashMap<String, Vec<Write>> = HashMap::new();
     let (mut ok, mut timed_out, mut ok_while_moving) = (0u64, 0u64, 0u64);
+    let mut reads: Vec<(String, String)> = Vec::new();
     for (_, _, out) in &workers {
         for line in std::fs::read_to_string(out).unwrap().lines() {
             assert!(!line.starts_with("bad-read"), "{line}");
+            if let Some(read) = line.strip_prefix("G ") {
+                let (k, v) = read.split_once('=').unwrap();
+                reads.push((k.to_owned(), v.to_owned()));
+                continue;
+            }
             let f: Vec<&str> = line.split(' ').collect();
             assert_eq!((f[0], f.len()), ("W", 6), "{line}");
             let (start, end): (u128, u128) = (f[1].parse().unwrap(), f[2].parse().unwrap());
@@ -195,7 +202,7 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
     }
     eprintln!(
         "{ok} calls ok ({ok_while_moving} overlapping the migration), {timed_out} timed out, {sets} SETs run; \
-         {} calls refused, {} EXECs aborted",
+         {} commands refused, {} EXECs aborted",
         refused_after - refused_before,
         aborted_after - aborted_before
     );
@@ -210,6 +217,18 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
         aborted_after > aborted_before,
         "the source aborted no transaction"
     );
+
+    // Every pipeline read answers a value some call wrote to its key (or the seed).
+    assert!(!reads.is_empty(), "no pipeline read");
+    for (k, v) in &reads {
+        assert!(
+            v == "seed"
+                || writes
+                    .get(k)
+                    .is_some_and(|ws| ws.iter().any(|w| &w.value == v)),
+            "a pipeline read of {k} answered {v}, which no call wrote to it"
+        );
+    }
 
     // The last write of each key: made by some call, and no successful call began after it
     // had ended.

@@ -912,18 +912,37 @@ fn getex_refused(e: &CacheError) -> bool {
 /// the retries a lone command gets.
 ///
 /// Not when `MULTI` itself was refused (an ACL user without `MULTI`, a renamed command): the
-/// server then ran each command as it came, and redis-rs still reports an aborted transaction,
-/// with the `MULTI`'s error at no command's index (found by review: sending the commands
-/// again ran them twice). Only an abort whose every error belongs to one of the `commands` is
-/// taken as refused whole.
+/// server then ran each command as it came, and redis-rs still reports an aborted transaction
+/// (found by review: sending the commands again ran them twice). So an abort is taken as
+/// refused whole only when every error belongs to one of the `commands` (redis-rs 1.8.2 puts
+/// the `MULTI`'s at no command's index) and is a refusal of the cluster's (`MOVED`, `ASK`,
+/// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`: a `MULTI` refused so, if
+/// ever, refuses its commands too), not an `ERR`, `NOPERM` or any other reply: whatever index
+/// a later redis-rs gives a refused `MULTI`, its refusal is not one of those.
 pub(crate) fn refused_whole(e: &redis::RedisError, commands: usize) -> bool {
+    use redis::ServerErrorKind as K;
     if crate::conn::split_by_a_migration(e) {
         return true;
     }
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
-        && e.clone()
-            .into_server_errors()
-            .is_some_and(|errors| !errors.is_empty() && errors.iter().all(|(at, _)| *at < commands))
+    e.kind() == redis::ErrorKind::Server(K::ExecAbort)
+        && e.clone().into_server_errors().is_some_and(|errors| {
+            !errors.is_empty()
+                && errors.iter().all(|(at, error)| {
+                    *at < commands
+                        && matches!(
+                            error.kind(),
+                            Some(
+                                K::Moved
+                                    | K::Ask
+                                    | K::TryAgain
+                                    | K::ClusterDown
+                                    | K::MasterDown
+                                    | K::BusyLoading
+                                    | K::ReadOnly
+                            )
+                        )
+                })
+        })
 }
 
 /// Raw access for crates that build on Redis (strategies: streams, Lua graphs, `CONFIG`).

@@ -564,9 +564,9 @@ type AskConn = std::sync::Arc<tokio::sync::OnceCell<MultiplexedConnection>>;
 /// call timed out, on every node, for good; `tests/cluster.rs`'s migration and failover
 /// tests; with tokio 1.54, whose lock futures can keep a permit while they yield for the
 /// task's budget: see docs/ARCHITECTURE.md). When a call times out, at least 4 calls have
-/// timed out since the last answer and none has been answered for the response timeout, a
-/// new connection is made (in a task, one at a time, at most once per twice the response
-/// timeout) and takes its place; calls made with the old one end by their timeouts, and
+/// timed out since the last answer and none has been answered for the response timeout (or
+/// a second, if longer), a new connection is made (in a task, one at a time, at most once per
+/// twice that time) and takes its place; calls made with the old one end by their timeouts, and
 /// redis-rs ends the old connection's task once the last of them has dropped it (its closing
 /// polls the requests it holds).
 pub(crate) struct ClusterConn {
@@ -673,7 +673,12 @@ impl ClusterConn {
     /// A call timed out: when nothing has been answered for the response timeout, the
     /// connection is replaced in a task (see [`ClusterConn`]).
     fn timed_out(self: &std::sync::Arc<Self>) {
-        let bound = u64::try_from(self.config.response_timeout.as_millis()).unwrap_or(u64::MAX);
+        // The response timeout, and a second at least: with a short response timeout, a node
+        // stalled for longer (a fork, a slow script) that all the calls of the moment wait for
+        // would otherwise make every node reconnect several times a second (found by review).
+        let bound = u64::try_from(self.config.response_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1000);
         let now = self.now();
         // Several calls, not one slow call after a quiet spell; a call that timed out waited
         // the response timeout, so calls made as the connection stopped replace it as they

@@ -324,8 +324,9 @@ impl RedisPipeline {
 /// The commands of a cluster transaction refused whole (none ran), sent one by one in their
 /// order, each with the redirects and retries of a lone command. An error reply does not stop
 /// the others (as in a pipeline; the first is then the outcome); a failure to get a reply (a
-/// timeout, a lost connection) does: the commands after it are not sent, so a node that
-/// stopped answering costs one response timeout, not one per command.
+/// timeout, a lost connection) does, and is the outcome (whether that command ran is not
+/// known): the commands after it are not sent, so a node that stopped answering costs one
+/// response timeout, not one per command.
 async fn one_by_one(cmds: &[Cmd], mut h: crate::conn::Handle) -> redis::RedisResult<Vec<Value>> {
     let mut values = Vec::with_capacity(cmds.len());
     let mut failed = None;
@@ -340,7 +341,7 @@ async fn one_by_one(cmds: &[Cmd], mut h: crate::conn::Handle) -> redis::RedisRes
             {
                 failed.get_or_insert(e);
             }
-            Err(e) => return Err(failed.unwrap_or(e)),
+            Err(e) => return Err(e),
         }
     }
     match failed {

@@ -9,8 +9,8 @@
 //!
 //! Log lines, one per call: `W <start µs> <end µs> <outcome> <key>=<value> <key>=<value>`, the
 //! outcome `ok`, `timeout` (the call may or may not have been applied) or `error:<message>`;
-//! values are `w<id>.<n>` (the test seeds `seed`). A pipeline's GETs are checked here: each must answer a value this
-//! format allows (`bad-read` otherwise).
+//! values are `w<id>.<n>` (the test seeds `seed`). After a pipeline that succeeded, one line
+//! per GET: `G <key>=<value>` (`bad-read <key> …` when it did not decode to a value).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -74,12 +74,12 @@ async fn main() {
                         .get(&ka)
                         .get(&kb);
                     cache.execute_pipeline(pipeline).await.map(|results| {
-                        for r in &results[2..] {
-                            let read = r.decode::<String>(cache.codec());
-                            if !matches!(&read, Ok(Some(v)) if v.starts_with('w') || v == "seed") {
-                                let mut log = log.lock().unwrap();
-                                log.push_str(&format!("bad-read {ka} {kb} {read:?} {r:?}\n"));
-                            }
+                        for (k, r) in [&ka, &kb].into_iter().zip(&results[2..]) {
+                            let line = match r.decode::<String>(cache.codec()) {
+                                Ok(Some(v)) => format!("G {k}={v}\n"),
+                                read => format!("bad-read {k} {read:?} {r:?}\n"),
+                            };
+                            log.lock().unwrap().push_str(&line);
                         }
                         assert!(matches!(results[0], PipelineResult::Done));
                     })
