@@ -113,13 +113,7 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
         .iter()
         .find(|p| **p != from)
         .unwrap();
-    let refused = || -> u64 {
-        let primaries = cluster.primaries().unwrap();
-        primaries
-            .iter()
-            .map(|p| cluster.node(*p).unwrap().rejected_calls().unwrap())
-            .sum()
-    };
+    let refused = || cluster.rejected_calls_on_primaries().unwrap();
     let aborted = || {
         cluster
             .node(from)
@@ -128,13 +122,7 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
             .unwrap()
     };
     // SETs run on the primaries (replicas run them again): each call's two SETs run once.
-    let sets_run = || -> u64 {
-        let primaries = cluster.primaries().unwrap();
-        primaries
-            .iter()
-            .map(|p| cluster.node(*p).unwrap().command_calls("set").unwrap())
-            .sum()
-    };
+    let sets_run = || cluster.command_calls_on_primaries("set").unwrap();
     let (refused_before, aborted_before, sets_before) = (refused(), aborted(), sets_run());
 
     let dir = tempfile::tempdir().unwrap();

@@ -193,6 +193,24 @@ impl RedisCluster {
         Ok(ports)
     }
 
+    /// Calls of `command` since they started, summed over the current primaries (`INFO
+    /// commandstats`; replicas, which run their primaries' writes again, left out).
+    pub fn command_calls_on_primaries(&self, command: &str) -> Result<u64, TestkitError> {
+        self.primaries()?
+            .into_iter()
+            .map(|p| self.node_or_err(p)?.command_calls(command))
+            .sum()
+    }
+
+    /// Calls refused (`MOVED`, `ASK`, ...: [`RedisServer::rejected_calls`]) since they
+    /// started, summed over the current primaries.
+    pub fn rejected_calls_on_primaries(&self) -> Result<u64, TestkitError> {
+        self.primaries()?
+            .into_iter()
+            .map(|p| self.node_or_err(p)?.rejected_calls())
+            .sum()
+    }
+
     /// Ports of the current replicas (not marked failed), sorted, as seen by the first
     /// running node.
     pub fn replicas(&self) -> Result<Vec<u16>, TestkitError> {
