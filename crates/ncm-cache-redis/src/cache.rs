@@ -124,7 +124,9 @@ impl RedisCache {
     ///
     /// A pipeline is not a transaction: `Err` when any command failed (a `get` of a key that
     /// holds a hash, a connection lost midway) — the other commands, before and after it, may
-    /// have been applied all the same (on a cluster, each slot's group is its own round trip).
+    /// have been applied all the same (on a cluster, each slot's group is its own round trip,
+    /// sent as `MULTI`/`EXEC` so that a slot being migrated refuses it before running any of
+    /// it; it is then sent command by command, in order, each to where its key now lives).
     /// Use a Lua script (`RedisBackend::eval_script`) for all-or-nothing.
     pub async fn execute_pipeline(&self, pipeline: RedisPipeline) -> Result<Vec<PipelineResult>> {
         pipeline.execute(&self.backend).await
