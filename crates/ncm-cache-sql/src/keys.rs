@@ -150,7 +150,9 @@ impl VisitorMut for FoldUnquoted {
 
     fn pre_visit_ident(&mut self, ident: &mut Ident) -> ControlFlow<()> {
         if ident.quote_style.is_none() {
-            ident.value = ident.value.to_lowercase();
+            // As PostgreSQL does in a UTF8 database: ASCII letters only (`Ärger` is not
+            // `ärger`).
+            ident.value.make_ascii_lowercase();
         }
         ControlFlow::Continue(())
     }
@@ -339,6 +341,17 @@ mod tests {
             key("SELECT * FROM t WHERE n = 'a b'", &[])
         );
         assert_ne!(key("SELECT 1.0", &[]), key("SELECT 1.00", &[]));
+        // PostgreSQL (UTF8) folds only ASCII letters: `Ärger` and `ärger` are two tables, and
+        // `AS Ü` / `AS ü` two column names (review, helper-70: one key for both before).
+        assert_eq!(
+            key("SELECT * FROM ÄrGER", &[]),
+            key("SELECT * FROM Ärger", &[])
+        );
+        assert_ne!(
+            key("SELECT * FROM Ärger", &[]),
+            key("SELECT * FROM ärger", &[])
+        );
+        assert_ne!(key("SELECT 1 AS Ü", &[]), key("SELECT 1 AS ü", &[]));
     }
 
     #[test]

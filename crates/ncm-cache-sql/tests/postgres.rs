@@ -271,6 +271,20 @@ async fn merge_truncate_ddl_and_cte_writes_invalidate_on_postgres() {
         .await
         .unwrap();
     assert!(!cached(ship.into()).await && !cached(log.clone()).await && cached(inv.into()).await);
+    // A DML target named like a CTE is the table (PostgreSQL never resolves a DML target to a
+    // CTE; review, helper-70: this invalidated nothing).
+    warm().await;
+    let deleted = cache
+        .execute(
+            "WITH inv AS (SELECT sku FROM inv WHERE sku = 'a') \
+             DELETE FROM inv WHERE sku IN (SELECT sku FROM inv)",
+            (),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    assert!(!cached(inv.into()).await && cached(ship.into()).await);
+    assert_eq!(cache.query(inv, ()).await.unwrap().len(), 1);
     // TRUNCATE, schema-qualified.
     warm().await;
     cache

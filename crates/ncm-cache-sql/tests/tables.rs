@@ -250,6 +250,73 @@ const CASES: &[(SqlDialect, &str, &[&str], &[&str])] = &[
         &[],
         &["logs_2023", "old_logs"],
     ),
+    // 33b. MySQL modifiers are not table names, and a multi-table DELETE names its targets by
+    // alias (review, helper-70: each of these invalidated `ignore`, `a`, ... instead).
+    (
+        MySql,
+        "UPDATE IGNORE orders SET status = 1 WHERE id = 2",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "UPDATE LOW_PRIORITY orders SET status = 1",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "DELETE IGNORE FROM orders WHERE id = 1",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "DELETE QUICK FROM orders WHERE id = 1",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "DELETE a FROM orders a JOIN items i ON i.order_id = a.id WHERE i.gone",
+        &["items", "orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "DELETE a, i FROM shop.orders AS a JOIN items i ON i.order_id = a.id WHERE i.gone",
+        &["items", "shop.orders"],
+        &["items", "shop.orders"],
+    ),
+    (
+        MySql,
+        "DELETE FROM a USING orders AS a JOIN items i ON i.order_id = a.id WHERE i.gone",
+        &["items", "orders"],
+        &["orders"],
+    ),
+    // 33c. A DML target is never a CTE in PostgreSQL, even when one shares its name.
+    (
+        Postgres,
+        "WITH orders AS (SELECT id FROM orders WHERE old) \
+         DELETE FROM orders WHERE id IN (SELECT id FROM orders)",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        Postgres,
+        "WITH orders AS (SELECT id FROM orders WHERE old) \
+         UPDATE orders SET archived = true WHERE id IN (SELECT id FROM orders)",
+        &["orders"],
+        &["orders"],
+    ),
+    (
+        Postgres,
+        "WITH stock AS (SELECT * FROM deliveries) \
+         MERGE INTO stock t USING stock s ON t.id = s.id \
+         WHEN MATCHED THEN UPDATE SET qty = t.qty + s.qty",
+        &["deliveries", "stock"],
+        &["stock"],
+    ),
     // 34. SQLite.
     (
         Sqlite,

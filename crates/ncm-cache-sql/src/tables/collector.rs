@@ -106,7 +106,8 @@ struct Frame {
 #[derive(Default)]
 pub(super) struct Collector {
     frames: Vec<Frame>,
-    /// Names of table-valued function calls (`FROM generate_series(1, 3)`).
+    /// Names of table-valued function calls (`FROM generate_series(1, 3)`), and aliases
+    /// named where a table may be (MySQL's `DELETE FROM a USING orders AS a`): not tables.
     functions: Vec<*const ObjectName>,
     pub(super) fp: Footprint,
 }
@@ -126,21 +127,54 @@ impl Collector {
         self.fp.writes.insert(TableName::from_object_name(name));
     }
 
-    fn write_factor(&mut self, factor: &TableFactor) {
+    /// `factor` is written. The target of an `UPDATE`, `DELETE` or `MERGE` (`target`) is
+    /// always a table, also where a CTE has its name (PostgreSQL never resolves a DML target
+    /// to a CTE: `WITH orders AS (...) DELETE FROM orders` deletes from the table); a table
+    /// joined to it may be a CTE.
+    fn write_factor(&mut self, factor: &TableFactor, target: bool) {
         if let TableFactor::Table { name, .. } = factor
-            && !self.is_cte(name)
+            && (target || !self.is_cte(name))
         {
             self.write(name);
         }
     }
 
+    /// An `UPDATE`'s or `DELETE`'s tables: each relation is a target; MySQL's multi-table
+    /// forms write the joined tables too (more than may change: never less).
     fn write_joined(&mut self, tables: &[TableWithJoins]) {
         for t in tables {
-            self.write_factor(&t.relation);
+            self.write_factor(&t.relation, true);
             for j in &t.joins {
-                self.write_factor(&j.relation);
+                self.write_factor(&j.relation, false);
             }
         }
+    }
+
+    /// A MySQL multi-table `DELETE`'s target (`DELETE a FROM orders a ...`, `DELETE FROM a
+    /// USING orders AS a ...`), which may be an alias of a table in `scope`: the table is
+    /// written, not the alias. Returns whether `name` was an alias.
+    fn write_target(&mut self, name: &ObjectName, scope: &[TableWithJoins]) -> bool {
+        if let [ObjectNamePart::Identifier(ident)] = name.0.as_slice() {
+            let aliased = scope
+                .iter()
+                .flat_map(|t| {
+                    std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation))
+                })
+                .find_map(|factor| match factor {
+                    TableFactor::Table {
+                        name,
+                        alias: Some(alias),
+                        ..
+                    } if alias.name.value.eq_ignore_ascii_case(&ident.value) => Some(name),
+                    _ => None,
+                });
+            if let Some(table) = aliased {
+                self.write(table);
+                return true;
+            }
+        }
+        self.write(name);
+        false
     }
 
     /// `TABLE name` (a query body that names a table without `FROM`).
@@ -260,17 +294,30 @@ impl Visitor for Collector {
             }
             Statement::Update(update) => self.write_joined(std::slice::from_ref(&update.table)),
             Statement::Delete(delete) => {
-                if delete.tables.is_empty() {
-                    let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) =
-                        &delete.from;
-                    self.write_joined(from);
-                } else {
-                    for name in &delete.tables {
-                        self.write(name);
+                let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) =
+                    &delete.from;
+                match (&delete.tables[..], &delete.using) {
+                    // `DELETE FROM a USING orders AS a ...`: the targets name USING's tables.
+                    ([], Some(using)) => {
+                        for t in from {
+                            if let TableFactor::Table { name, .. } = &t.relation
+                                && self.write_target(name, using)
+                            {
+                                // An alias in FROM, visited as a relation: not a table read.
+                                self.functions.push(ptr::addr_of!(*name));
+                            }
+                        }
+                    }
+                    ([], None) => self.write_joined(from),
+                    // `DELETE a, i FROM orders a JOIN items i ...`.
+                    (targets, _) => {
+                        for name in targets {
+                            let _ = self.write_target(name, from);
+                        }
                     }
                 }
             }
-            Statement::Merge(merge) => self.write_factor(&merge.table),
+            Statement::Merge(merge) => self.write_factor(&merge.table, true),
             Statement::Truncate(truncate) => {
                 for target in &truncate.table_names {
                     self.write(&target.name);

@@ -11,7 +11,9 @@ use std::collections::BTreeSet;
 
 use ncm_cache_core::{CacheError, Result};
 use sqlparser::ast::{ObjectName, ObjectNamePart, Statement, Visit};
-use sqlparser::parser::Parser;
+use sqlparser::keywords::Keyword;
+use sqlparser::parser::{Parser, ParserError};
+use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use crate::executor::SqlDialect;
 
@@ -73,11 +75,58 @@ pub(crate) struct Footprint {
 
 /// Parses `sql` with the dialect (bounded recursion).
 pub(crate) fn parse(sql: &str, dialect: SqlDialect) -> Result<Vec<Statement>> {
-    Parser::new(dialect.parser_dialect())
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
-        .map_err(|e| CacheError::InvalidArgument(format!("cannot parse SQL: {e}")))
+    let parser = Parser::new(dialect.parser_dialect()).with_recursion_limit(RECURSION_LIMIT);
+    let parsed = if dialect == SqlDialect::MySql {
+        Tokenizer::new(dialect.parser_dialect(), sql)
+            .tokenize_with_location()
+            .map_err(ParserError::from)
+            .and_then(|tokens| {
+                parser
+                    .with_tokens_with_locations(without_modifiers(tokens))
+                    .parse_statements()
+            })
+    } else {
+        parser
+            .try_with_sql(sql)
+            .and_then(|mut p| p.parse_statements())
+    };
+    parsed.map_err(|e| CacheError::InvalidArgument(format!("cannot parse SQL: {e}")))
+}
+
+/// MySQL's `UPDATE [LOW_PRIORITY] [IGNORE]` and `DELETE [LOW_PRIORITY] [QUICK] [IGNORE]`
+/// modifiers, dropped before parsing: sqlparser reads `UPDATE IGNORE orders` as the table
+/// `ignore` aliased `orders` (and `DELETE IGNORE FROM t` as a multi-table delete of `ignore`),
+/// so the write would invalidate a table that does not exist and miss the one it changes. None
+/// of them changes which tables are read or written. (`IGNORE` and `LOW_PRIORITY` are reserved
+/// words in MySQL, never a name; `QUICK` is dropped only right after `DELETE`.)
+fn without_modifiers(tokens: Vec<TokenWithSpan>) -> Vec<TokenWithSpan> {
+    let mut out = Vec::with_capacity(tokens.len());
+    // The statement keyword whose modifiers may follow, while only modifiers have.
+    let mut after: Option<Keyword> = None;
+    for t in tokens {
+        match &t.token {
+            Token::Whitespace(_) => {}
+            Token::Word(w) if w.quote_style.is_none() => {
+                let modifier = match after {
+                    Some(Keyword::UPDATE) => {
+                        matches!(w.keyword, Keyword::LOW_PRIORITY | Keyword::IGNORE)
+                    }
+                    Some(_) => {
+                        matches!(w.keyword, Keyword::LOW_PRIORITY | Keyword::IGNORE)
+                            || w.value.eq_ignore_ascii_case("QUICK")
+                    }
+                    None => false,
+                };
+                if modifier {
+                    continue;
+                }
+                after = matches!(w.keyword, Keyword::UPDATE | Keyword::DELETE).then_some(w.keyword);
+            }
+            _ => after = None,
+        }
+        out.push(t);
+    }
+    out
 }
 
 /// The tables a statement reads or writes, as `schema.table` / `table` (lowercased, sorted,
@@ -144,12 +193,38 @@ pub(crate) fn footprint(statements: &[Statement]) -> Footprint {
 
 /// Parses a table name given by a user or a notification (`users`, `public.users`,
 /// `"My Table"`) into its lowercased parts.
+/// A name that does not parse as one (`audit log`, `orders; x`) is taken whole, as a quoted
+/// name would be: never its first word alone (`invalidate_table("audit log")` bumped `audit`).
 pub(crate) fn parse_table_name(name: &str, dialect: SqlDialect) -> TableName {
     let parsed = Parser::new(dialect.parser_dialect())
         .try_with_sql(name)
-        .and_then(|mut p| p.parse_object_name(false));
+        .and_then(|mut p| {
+            let object = p.parse_object_name(false)?;
+            Ok((object, p.peek_token().token == Token::EOF))
+        });
     match parsed {
-        Ok(object) if !object.0.is_empty() => TableName::from_object_name(&object),
+        Ok((object, true)) if !object.0.is_empty() => TableName::from_object_name(&object),
         _ => TableName(vec![name.trim().to_lowercase()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_name_is_parsed_whole_or_taken_whole() {
+        let name = |n: &str| parse_table_name(n, SqlDialect::Postgres).qualified();
+        assert_eq!(name("users"), "users");
+        assert_eq!(name(" Public.Users "), "public.users");
+        assert_eq!(name("\"Audit Log\""), "audit log");
+        // Extra words are not dropped: the name is the whole text (review, helper-70:
+        // `audit log` named the table `audit`).
+        assert_eq!(name("audit log"), "audit log");
+        assert_eq!(name("order items"), "order items");
+        assert_eq!(
+            parse_table_name("`shop`.`orders`", SqlDialect::MySql).qualified(),
+            "shop.orders"
+        );
     }
 }
