@@ -64,11 +64,16 @@ pub(crate) fn canonical(value: &Value) -> String {
 
 fn hash_if_long(canonical: String) -> String {
     if canonical.len() > MAX_INLINE_ARGS {
-        let hash = xxhash_rust::xxh3::xxh3_128(canonical.as_bytes());
-        format!("#{hash:032x}")
+        hashed(&canonical)
     } else {
         canonical
     }
+}
+
+/// `#` + the 128-bit xxh3 hash of `text` in 32 hex digits.
+pub(crate) fn hashed(text: &str) -> String {
+    let hash = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
+    format!("#{hash:032x}")
 }
 
 /// The full key of a loader call: `loader:{name}:{args}`.

@@ -108,7 +108,12 @@ pub fn args_key<A: Serialize + ?Sized>(args: &A) -> Result<String> {
     canonical_args(args)
 }
 
-/// The key's argument part from a `key = <expr>` option.
+/// The key's argument part from a `key = <expr>` option. Longer than
+/// [`MAX_INLINE_ARGS`](crate::key::MAX_INLINE_ARGS) bytes it is hashed as a long argument
+/// list is (`#` + 32 hex digits), so a key built from a caller's input (`format!("q:{query}")`)
+/// never outgrows the cache's key limit — the read failed with `InvalidKey` and the call
+/// returned that error instead of running (review, helper-71). A key that begins with `#` is
+/// hashed too, so a literal key can never equal another key's hash.
 #[inline]
 pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
     let key = key.to_string();
@@ -116,6 +121,9 @@ pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
         return Err(CacheError::InvalidArgument(
             "the `key` expression produced an empty string".into(),
         ));
+    }
+    if key.len() > crate::key::MAX_INLINE_ARGS || key.starts_with('#') {
+        return Ok(crate::key::hashed(&key));
     }
     Ok(key)
 }

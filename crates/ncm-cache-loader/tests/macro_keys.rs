@@ -367,3 +367,49 @@ async fn hash_set_arguments_give_one_key_whatever_their_order() {
         "invalidating with a BTreeSet missed"
     );
 }
+
+mod search {
+    use super::*;
+
+    pub(crate) static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    #[cache_loader(loader = LOADER, key = format!("q:{query}"))]
+    pub(crate) async fn search(query: String) -> Result<usize, CacheError> {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Ok(query.len())
+    }
+}
+
+/// A `key = ...` built from a caller's input may be longer than the cache's key limit (4 KiB by
+/// default): it is hashed as long arguments are, so the call is cached like any other. Before,
+/// the read failed with `InvalidKey` and the call returned it without running (review,
+/// helper-71).
+#[tokio::test]
+async fn a_long_custom_key_is_hashed_not_refused() {
+    let long = "x".repeat(5_000);
+    for _ in 0..3 {
+        assert_eq!(search::search(long.clone()).await.unwrap(), 5_000);
+    }
+    assert_eq!(search::RUNS.load(Ordering::SeqCst), 1, "cached once");
+    let hashed = ncm_cache_loader::__private::custom_key(&format!("q:{long}")).unwrap();
+    assert!(hashed.starts_with('#') && hashed.len() == 33, "{hashed}");
+    assert!(
+        LOADER
+            .cache()
+            .exists(&format!("loader:macro_keys::search::search:{hashed}"))
+            .await
+            .unwrap()
+    );
+    // A short key is kept as written; one that begins with `#` is hashed, so no literal key
+    // can equal another's hash.
+    assert_eq!(search::search("abc".into()).await.unwrap(), 3);
+    assert!(
+        LOADER
+            .cache()
+            .exists("loader:macro_keys::search::search:q:abc")
+            .await
+            .unwrap()
+    );
+    let literal = ncm_cache_loader::__private::custom_key(&hashed).unwrap();
+    assert_ne!(literal, hashed);
+}
