@@ -108,6 +108,41 @@ async fn eager_readers_never_miss_across_ten_expiry_periods() {
     reloader.shutdown().await;
 }
 
+/// With `ttl_jitter` the cache may store an Eager value for as little as half its TTL; the
+/// timer reloads it before the shortest of them ends. Before, it reloaded at 80 % of the full
+/// TTL, and readers missed in most periods (review, helper-71).
+#[tokio::test(start_paused = true)]
+async fn eager_readers_never_miss_with_ttl_jitter() {
+    let cache = ncm_cache_core::Cache::builder(
+        common::memory_backend(),
+        ncm_cache_codec::Serializer::default(),
+    )
+    .ttl_jitter(0.5)
+    .build();
+    let reloader = CacheReloader::new(cache.clone());
+    let (runs, f) = counter(200 * Duration::from_millis(1));
+    let ttl = 10 * SEC;
+    reloader
+        .register_loader("jittered", f, ttl, ReloadStrategy::Eager)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let end = tokio::time::Instant::now() + 10 * ttl;
+    let mut reads = 0u64;
+    while tokio::time::Instant::now() < end {
+        assert!(
+            cache.get::<u64>("jittered").await.unwrap().is_some(),
+            "a reader saw the key missing after {reads} reads"
+        );
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(reloader.stats("jittered").unwrap().misses, 0);
+    // One reload per 4 s (80 % of the shortest TTL, 5 s) over ~100 s.
+    let n = runs.load(Ordering::SeqCst);
+    assert!((24..=27).contains(&n), "{n} reloads");
+    reloader.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_serves_the_old_value_and_reloads_in_the_background() {
     let reloader = CacheReloader::new(memory_cache());

@@ -31,7 +31,8 @@ pub enum ReloadStrategy {
     #[default]
     Lazy,
     /// Reload on a timer before the value expires (at the reloader's `eager_fraction` of the
-    /// TTL, 80 % by default), so readers never miss. Across instances on Redis the timer has
+    /// TTL, 80 % by default — of the shortest TTL the cache's `ttl_jitter` may give it), so
+    /// readers never miss. Across instances on Redis the timer has
     /// one owner; when it dies, another instance takes over and reloads before the value
     /// expires, provided a load plus the run lease ([`lock_ttl`](CacheReloaderBuilder::lock_ttl))
     /// fit in what is left of the TTL at the reload point minus 1.5 × the timer lease (a
@@ -290,7 +291,11 @@ impl<C: Codec> CacheReloader<C> {
         // A replaced entry's eager timer stops; a new one starts for an Eager entry.
         self.stop_task(&schedule::eager_task(name));
         if let Some(runtime) = runtime {
-            let every = ttl.mul_f64(self.inner.eager_fraction);
+            // Of the shortest TTL the cache may give the value: with `ttl_jitter(j)` a stored
+            // TTL can be cut to (1 - j) × ttl, and a timer at a fraction of the full TTL let the
+            // value expire before its reload (review, helper-71: readers missed).
+            let shortest = ttl.mul_f64(1.0 - self.inner.cache.ttl_policy().jitter());
+            let every = shortest.mul_f64(self.inner.eager_fraction);
             self.spawn_task(&runtime, schedule::eager_task(name), name, every, true);
         }
         Ok(())
