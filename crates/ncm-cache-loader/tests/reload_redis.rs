@@ -302,6 +302,74 @@ async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value()
     b.shutdown().await;
 }
 
+/// The same, when the lease check itself fails: A's connection stalls (its extend times out)
+/// after B has taken the lease and stored. A must not store then: its `SET`, queued in the
+/// stalled connection, would land once it heals and bring A's older read back (review,
+/// helper-71: a failed check counted as "still ours").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_lease_check_fails_does_not_store() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut config = ncm_cache_redis::RedisConfig::from_url(&proxy.url()).unwrap();
+    config.response_timeout = Duration::from_millis(300);
+    config.health_check_interval = None;
+    let a = RedisCache::connect(config).await.unwrap();
+    let a = CacheReloader::redis(&a)
+        .lock_wait(Duration::from_secs(2))
+        .build();
+    let b = RedisCache::from_url(&server.url()).await.unwrap();
+    let b = CacheReloader::redis(&b)
+        .lock_wait(Duration::from_secs(2))
+        .build();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (e, g) = (Arc::clone(&entered), Arc::clone(&gate));
+    a.register_loader(
+        "k",
+        move || {
+            let (e, g) = (Arc::clone(&e), Arc::clone(&g));
+            async move {
+                e.notify_one();
+                g.notified().await;
+                Ok::<_, String>("from a, read before b's".to_owned())
+            }
+        },
+        Duration::from_secs(60),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    b.register_loader(
+        "k",
+        || async { Ok::<_, String>("from b".to_owned()) },
+        Duration::from_secs(60),
+        ReloadStrategy::Lazy,
+    )
+    .unwrap();
+    let slow = {
+        let a = a.clone();
+        tokio::spawn(async move { a.reload_key("k", true).await })
+    };
+    entered.notified().await;
+    server.cli(&["DEL", "__ncm:lock:reload:k:run"]).unwrap();
+    assert!(b.reload_key("k", true).await.unwrap(), "b reloaded");
+    // A's connection stalls: its lease check times out.
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    gate.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow)
+        .await
+        .expect("a's reload ends within its timeouts");
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    // Whatever the stalled connection held has reached the server by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = server.cli(&["GET", "k"]).unwrap();
+    assert!(
+        stored.trim_end().ends_with("from b\""),
+        "a's reload stored although its lease check failed: {stored:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// A lazy load after a miss stores only while the value is still absent: a write another
 /// process made while the loader ran stays (before: the reload stored with a plain `SET` and
 /// every instance read its older value for the TTL; found by review).

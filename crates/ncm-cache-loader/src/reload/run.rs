@@ -269,12 +269,23 @@ impl<C: Codec> CacheReloader<C> {
             }
         };
         bump(&entry.counters.reloads);
-        // Still ours? (A failing lease service is fail-open, as when taking the lease.)
-        if let Some(lease) = lease
-            && let Ok(false) = lease.extend(self.inner.lock_ttl).await
-        {
-            tracing::warn!(name = %entry.name, "reload lease lost while loading (a stall?): the value is returned, not stored");
-            return Ok(loaded);
+        // Still ours? A check that fails counts as lost: the lease may have expired meanwhile
+        // (a stall), and a write queued behind the stall would land after the new holder's
+        // (review, helper-71). Not storing costs one more load; the value is returned.
+        // (Without a lease — none taken, or the lease service failing when it was asked — the
+        // value is stored: fail-open, as when taking it.)
+        if let Some(lease) = lease {
+            match lease.extend(self.inner.lock_ttl).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(name = %entry.name, "reload lease lost while loading (a stall?): the value is returned, not stored");
+                    return Ok(loaded);
+                }
+                Err(e) => {
+                    tracing::warn!(name = %entry.name, error = %e, "reload lease could not be checked: the value is returned, not stored");
+                    return Ok(loaded);
+                }
+            }
         }
         let cache = &self.inner.cache;
         let stored = match cache.ttl_policy().resolve(Expiry::After(entry.ttl)) {
