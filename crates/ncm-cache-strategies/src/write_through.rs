@@ -125,17 +125,40 @@ impl<C: Codec> CacheStrategies<C> {
 
     /// Write-around: the store only; the cached key is invalidated (here and, with Redis, on
     /// instances that keep their own cache). A store failure leaves the cache untouched.
+    ///
+    /// Ordered as write-throughs are: on this instance it waits for the key's write-throughs
+    /// (a write-through's cache write cannot land after this write's eviction), across
+    /// instances it marks the key so an overlapping write-through evicts after its cache
+    /// write, and a call cancelled once its store call began still evicts the key (in a task).
+    /// Before, a cancelled write-around left the old value cached, and a write-through of the
+    /// same key could cache its value after the write-around's eviction, while the store held
+    /// the write-around's (review, helper-69).
     pub async fn write_around<V>(&self, key: &str, value: &V, store: &Store<V>) -> Result<()>
     where
         V: Send + Sync + 'static,
     {
         validate_key(key, DEFAULT_MAX_KEY_LEN)?;
-        store.store(key, value).await?;
-        self.inner
+        let _in_order = self.inner.stripe(key).lock().await;
+        let mark = self.inner.inv.write_begin(key).await;
+        let mut unfinished = EvictOnCancel {
+            inv: Some(Arc::clone(&self.inner.inv)),
+            key,
+        };
+        if let Err(e) = store.store(key, value).await {
+            unfinished.inv = None;
+            self.inner.inv.write_end(mark).await;
+            return Err(e);
+        }
+        let evicted = self
+            .inner
             .inv
             .delete_keys(&[key.to_owned()], Kind::Key)
-            .await
-            .map(drop)
+            .await;
+        unfinished.inv = None;
+        // Evicted after the store call whether or not another instance's write-through
+        // overlapped (that one evicts after its own cache write).
+        self.inner.inv.write_end(mark).await;
+        evicted.map(drop)
     }
 
     /// Write-behind: caches `value` now and persists it to `store` after `delay`, through the

@@ -11,7 +11,7 @@ use ncm_cache_codec::Serializer;
 use ncm_cache_core::{Cache, CacheError};
 use ncm_cache_memory::MemoryBackend;
 use ncm_cache_strategies::{
-    CacheStrategies, OnFull, WriteBehind, WriteBehindConfig, is_queue_full, store_fn,
+    CacheStrategies, OnFull, Store, WriteBehind, WriteBehindConfig, is_queue_full, store_fn,
 };
 use support::{Flaky, database, eventually, eventually_async};
 
@@ -494,6 +494,83 @@ async fn a_write_through_cancelled_after_the_store_write_evicts_the_key() {
         })
         .await,
         "the cache kept the value the committed write replaced"
+    );
+}
+
+/// A write-around cancelled after its store call committed still evicts the key, and a
+/// write-through of the key on the same instance cannot cache its value after the
+/// write-around's eviction when the store applied the write-around last (review, helper-69:
+/// the old value stayed cached in both cases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_around_is_ordered_and_evicts_also_when_cancelled() {
+    let s = CacheStrategies::new(Cache::new(MemoryBackend::new(), Serializer::default()));
+    let committed = Arc::new(std::sync::Mutex::new(None::<String>));
+    let c = Arc::clone(&committed);
+    // Commits at once, then takes 300 ms to answer.
+    let slow: Store<String> = Store::from_fn(move |_key: String, value: String| {
+        let c = Arc::clone(&c);
+        async move {
+            *c.lock().unwrap() = Some(value);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<(), CacheError>(())
+        }
+    })
+    .named("slow-around");
+    s.cache().set("k", &"old".to_string()).await.unwrap();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        s.write_around("k", &"new".to_string(), &slow),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the store call was meant to outlast the timeout"
+    );
+    assert_eq!(
+        committed.lock().unwrap().as_deref(),
+        Some("new"),
+        "committed"
+    );
+    assert!(
+        eventually_async(Duration::from_secs(1), || async {
+            s.cache().get::<String>("k").await.unwrap().is_none()
+        })
+        .await,
+        "a cancelled write-around left the value its store write replaced"
+    );
+
+    // A write-around begun while a write-through of the key is in its store call (which has
+    // committed): the store applies the write-around last, so the write-around must evict after
+    // the write-through's cache write, not before it.
+    let s2 = s.clone();
+    let slow2 = slow.clone();
+    let through = tokio::spawn(async move {
+        s2.write_through("j", &"through".to_string(), HOUR, &slow2)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fast_committed = Arc::clone(&committed);
+    let fast: Store<String> = Store::from_fn(move |_key: String, value: String| {
+        let c = Arc::clone(&fast_committed);
+        async move {
+            *c.lock().unwrap() = Some(value);
+            Ok::<(), CacheError>(())
+        }
+    })
+    .named("fast-around");
+    s.write_around("j", &"around".to_string(), &fast)
+        .await
+        .unwrap();
+    through.await.unwrap().unwrap();
+    assert_eq!(
+        committed.lock().unwrap().as_deref(),
+        Some("around"),
+        "applied last"
+    );
+    assert_eq!(
+        s.cache().get::<String>("j").await.unwrap(),
+        None,
+        "the cache holds the write-through's value while the store holds the write-around's"
     );
 }
 
