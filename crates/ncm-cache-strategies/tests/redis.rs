@@ -840,6 +840,45 @@ async fn set_with_dependencies_is_one_round_trip() {
     assert_eq!(s.cache().get::<String>("order:1").await.unwrap(), None);
 }
 
+/// A write-behind whose cache write times out but lands all the same (the connection stalled,
+/// then healed) is refused and its value removed from the cache: the cache does not keep a value
+/// the store never gets, while the key's older acknowledged write is persisted (review,
+/// helper-69: "big" stayed cached for its TTL while the store held "small").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_behind_whose_cache_write_landed_is_removed() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut cfg = config(&proxy.url(), "wb:");
+    cfg.response_timeout = Duration::from_millis(300);
+    let c = RedisCache::connect(cfg).await.unwrap();
+    let s = CacheStrategies::from_redis_cache(&c).await.unwrap();
+    let (store, db) = database("landed");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    queue
+        .write("k", &"small".to_string(), HOUR, Duration::from_millis(300))
+        .await
+        .unwrap();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    let err = queue
+        .write("k", &"big".to_string(), HOUR, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    // The stalled SET reaches the server once the connection heals.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    queue.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("small"));
+    let direct = cache(&server, "wb:").await;
+    assert!(
+        eventually_async(Duration::from_secs(2), || async {
+            direct.get::<String>("k").await.unwrap().as_deref() != Some("big")
+        })
+        .await,
+        "the cache kept a refused write's value that the store never got"
+    );
+}
+
 /// A write whose cache write fails after its journal append (here: a value above the cache's
 /// size cap) is withdrawn — and the key's older acknowledged write is still stored (the newest-id
 /// record goes back to it; before, the older write was skipped as superseded and lost).

@@ -120,7 +120,9 @@ impl<V: QueueValue> WriteBehind<V> {
     ///
     /// When this returns `Ok`, the write is acknowledged: it will reach the store, or be
     /// reported as a dead letter. In durable mode it is already in Redis. On `Err`, nothing was
-    /// queued (and the cached value was removed again if caching had succeeded).
+    /// queued, and the cached value was removed again if caching succeeded or may have (a cache
+    /// write that timed out can land later); an older write of the key that is still waiting
+    /// then evicts the key again once it is persisted.
     pub async fn write(
         &self,
         key: &str,

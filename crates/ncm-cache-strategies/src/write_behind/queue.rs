@@ -114,6 +114,7 @@ impl<V: QueueValue> Shared<V> {
                 (Some(journal), Some(a)) => match journal.withdraw(key, a).await {
                     Ok(true) => {
                         unfinished.armed = false;
+                        self.unwrite(key, &e).await;
                         return Err(e);
                     }
                     Ok(false) => {
@@ -127,6 +128,7 @@ impl<V: QueueValue> Shared<V> {
                 },
                 _ => {
                     unfinished.armed = false;
+                    self.unwrite(key, &e).await;
                     return Err(e);
                 }
             }
@@ -298,6 +300,26 @@ impl<V: QueueValue> Shared<V> {
         tracing::warn!(queue = %self.name, key, "the key's newest journaled write kept changing; evicting it");
         self.uncache(key).await;
         true
+    }
+
+    /// A refused write whose cache write failed: it may have landed all the same (a timeout,
+    /// a lost connection; a multi-level cache's L2 write), so it is removed again, as `write`
+    /// promises on `Err` (before, the unpersisted value stayed cached while the store got the
+    /// older write — review, helper-69). An older write of the key that is still waiting is then
+    /// persisted as an adopted one (the key evicted once more after it): a read meanwhile may
+    /// cache the store's older value. A write refused before it was sent (a bad key, a value
+    /// over the cap) changed nothing and removes nothing.
+    async fn unwrite(&self, key: &str, e: &CacheError) {
+        if e.is_invalid_input() {
+            return;
+        }
+        {
+            let mut st = lock(&self.state);
+            if st.pending.contains_key(key) || st.in_flight > 0 {
+                st.adopted.insert(key.to_owned());
+            }
+        }
+        self.uncache(key).await;
     }
 
     async fn uncache(&self, key: &str) {
