@@ -916,6 +916,63 @@ async fn a_withdrawn_write_does_not_supersede_the_older_acknowledged_one() {
     s.shutdown().await.unwrap();
 }
 
+/// A Redis (journal) outage of a second or two while a durable batch comes due: the batch
+/// waits for the journal (up to the consumer's lease) instead of spending the store's retries,
+/// so a healthy store gets every write and nothing is dead-lettered (review, helper-69: the
+/// whole batch became dead letters within milliseconds of the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_outage_during_a_flush_does_not_dead_letter_the_batch() {
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let mut cfg = config(&proxy.url(), "");
+    cfg.response_timeout = Duration::from_millis(300);
+    cfg.connect_timeout = Duration::from_millis(300);
+    let c = RedisCache::connect(cfg).await.unwrap();
+    let local = Cache::new(MemoryBackend::new(), Serializer::default());
+    let d = DurableConfig::new(c.redis_backend().clone())
+        .lease(Duration::from_secs(10))
+        .claim_min_idle(Duration::from_millis(50));
+    let s = CacheStrategies::builder(local)
+        .redis(c.redis_backend().clone())
+        .write_behind(
+            WriteBehindConfig::default()
+                .max_retries(2)
+                .retry_backoff(Duration::from_millis(5))
+                .durable(d),
+        )
+        .build()
+        .await
+        .unwrap();
+    let (store, db) = database("outage");
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    for i in 0..20 {
+        queue
+            .write(
+                &format!("k{i}"),
+                &format!("v{i}"),
+                HOUR,
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap();
+    }
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Refuse);
+    proxy.cut();
+    // The batch comes due during the outage.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    queue.flush().await.unwrap();
+    assert!(
+        queue.dead_letters().is_empty(),
+        "{} writes dead-lettered by a journal outage",
+        queue.dead_letters().len()
+    );
+    for i in 0..20 {
+        assert_eq!(db.get(&format!("k{i}")), Some(format!("v{i}")), "k{i}");
+    }
+    s.shutdown().await.unwrap();
+}
+
 /// The journal side of a queue over a [`Flaky`] local cache, with `config` for the journal's
 /// connection: only the journal talks to Redis.
 async fn flaky_queue(

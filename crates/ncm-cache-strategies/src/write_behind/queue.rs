@@ -463,6 +463,11 @@ impl<V: QueueValue> Shared<V> {
         let Some(mut failed) = self.attempt(entries, meta, retries, out).await else {
             return;
         };
+        // The journal failed, not the store: halves would meet the same outage.
+        if failed.journal {
+            out.failed.push(failed);
+            return;
+        }
         while failed.entries.len() > 1 {
             let mid = failed.entries.len() / 2;
             let right = failed.entries.split_off(mid);
@@ -500,12 +505,31 @@ impl<V: QueueValue> Shared<V> {
         out: &mut Outcome<V>,
     ) -> Option<Failed<V>> {
         let mut attempts = 0u32;
+        // A journal (Redis) outage during the fence is waited out for up to the consumer's
+        // lease, without spending the store's retries: a healthy store's writes were given up
+        // as dead letters after a Redis outage of a few seconds (review, helper-69).
+        let outage = self.config.durable.as_ref().map(|d| d.lease);
+        let (mut journal_down_since, mut journal_tries) = (None::<Instant>, 0u32);
+        let mut journal = false;
         let result = loop {
             attempts += 1;
             let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
-                Err(e) => Err(e),
+                Err(e) => {
+                    let since = *journal_down_since.get_or_insert_with(Instant::now);
+                    if e.is_retryable() && outage.is_some_and(|lease| since.elapsed() < lease) {
+                        attempts -= 1;
+                        journal_tries += 1;
+                        let pause = backoff(&self.config, journal_tries);
+                        tracing::warn!(queue = %self.name, entries = entries.len(), error = %e, retry_in = ?pause, "write-behind journal unavailable; the batch waits for it");
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                    journal = true;
+                    break Err(e);
+                }
                 Ok(()) if entries.is_empty() => break Ok(()),
                 Ok(()) => {
+                    journal_down_since = None;
                     self.stats.add(Counter::StoreCalls, 1);
                     let versions: Vec<WriteVersion> = meta
                         .iter()
@@ -539,6 +563,7 @@ impl<V: QueueValue> Shared<V> {
                 meta,
                 error,
                 attempts,
+                journal,
             }),
         }
     }
@@ -860,6 +885,8 @@ struct Failed<V> {
     meta: Vec<(Version, Vec<Version>)>,
     error: CacheError,
     attempts: u32,
+    /// The journal failed (its fence), not the store.
+    journal: bool,
 }
 
 /// What persisting a batch came to.
