@@ -604,6 +604,87 @@ async fn adoption_respects_max_pending() {
     s.shutdown().await.unwrap();
 }
 
+/// A recovery pass that fails part-way (here: a bad entry after 20 good ones, whose move to the
+/// `:dead` stream fails because that key holds a string) keeps the writes it had already
+/// claimed: they are persisted. Before, the error dropped them, and they stayed in the adopting
+/// process's own pending list, where no later pass looks (review, helper-69).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_pass_that_fails_part_way_keeps_what_it_claimed() {
+    let server = RedisServer::start().unwrap();
+    let url = server.url();
+    // The crashed process: a runtime that is dropped with its writes waiting an hour.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = RedisCache::connect(config(&url, "")).await.unwrap();
+            let s = durable_strategies(&c).await;
+            let (store, _) = database("partway");
+            let queue = s.write_behind_queue(&store).await.unwrap();
+            for i in 0..20 {
+                queue
+                    .write(&format!("k{i}"), &format!("v{i}"), HOUR, HOUR)
+                    .await
+                    .unwrap();
+            }
+            std::mem::forget(queue);
+            std::mem::forget(s);
+            std::mem::forget(c);
+        });
+        drop(rt);
+    })
+    .join()
+    .unwrap();
+    let stream = "__ncm:wb:{partway}";
+    let dead = server
+        .cli(&["SMEMBERS", "__ncm:wb:{partway}:consumers"])
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(!dead.is_empty() && !dead.contains('\n'), "{dead:?}");
+    // A bad entry, newest, pending with the crashed consumer; its burial will fail.
+    let id = server
+        .cli(&["XADD", stream, "*", "k", "bad", "v", "not a value"])
+        .unwrap();
+    server
+        .cli(&[
+            "XCLAIM",
+            stream,
+            "ncm-wb",
+            &dead,
+            "0",
+            id.trim(),
+            "FORCE",
+            "JUSTID",
+        ])
+        .unwrap();
+    server
+        .cli(&["SET", "__ncm:wb:{partway}:dead", "not a stream"])
+        .unwrap();
+    // Past the crashed process's lease (500 ms).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let (store, db) = database("partway");
+    // Creating the queue runs a first pass.
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while db.len() < 20 && Instant::now() < deadline {
+        let _ = queue.recover().await;
+        queue.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        db.len(),
+        20,
+        "the claimed writes of a failed pass were never persisted"
+    );
+    s.shutdown().await.unwrap();
+}
+
 /// A store whose writes land at once but whose reply comes `delay` later (a slow database).
 struct SlowReplyStore {
     rows: Arc<Mutex<std::collections::HashMap<String, String>>>,

@@ -334,6 +334,19 @@ impl<V: QueueValue> RedisJournal<V> {
 
     /// Claims up to `limit` pending entries of one dead consumer; removes it once it has none
     /// left. Entries that cannot be decoded go to the dead-entry stream.
+    /// A recovery pass that failed part-way: the entries it already claimed are in this
+    /// consumer's pending list, where no later pass looks (passes skip their own consumer), so
+    /// they are returned to be persisted; the error ends the pass (review, helper-69: they were
+    /// dropped with it and stayed unpersisted for as long as this process lived). Nothing
+    /// claimed: the error.
+    fn partly(out: Vec<Recovered<V>>, e: CacheError) -> Result<Vec<Recovered<V>>> {
+        if out.is_empty() {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, adopted = out.len(), "a write-behind recovery pass failed part-way: the writes it claimed are kept, the rest waits for the next pass");
+        Ok(out)
+    }
+
     async fn adopt(&self, dead: &str, out: &mut Vec<Recovered<V>>, limit: usize) -> Result<()> {
         loop {
             let room = limit.saturating_sub(out.len()).min(CLAIM_BATCH);
@@ -616,18 +629,23 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
         for m in members.iter().filter(|m| **m != self.consumer) {
             let mut exists = cmd("EXISTS");
             exists.arg(self.alive_key(m));
-            if self
+            let alive = match self
                 .backend
                 .query_cmd::<i64>(Operation::Exists, &exists)
-                .await?
-                > 0
+                .await
             {
+                Ok(n) => n > 0,
+                Err(e) => return Self::partly(out, e),
+            };
+            if alive {
                 continue;
             }
             if out.len() >= limit {
                 break;
             }
-            self.adopt(m, &mut out, limit).await?;
+            if let Err(e) = self.adopt(m, &mut out, limit).await {
+                return Self::partly(out, e);
+            }
         }
         Ok(out)
     }
