@@ -508,7 +508,10 @@ impl<V: QueueValue> Shared<V> {
         // A journal (Redis) outage during the fence is waited out for up to the consumer's
         // lease, without spending the store's retries: a healthy store's writes were given up
         // as dead letters after a Redis outage of a few seconds (review, helper-69).
+        #[cfg(feature = "redis")]
         let outage = self.config.durable.as_ref().map(|d| d.lease);
+        #[cfg(not(feature = "redis"))]
+        let outage = None::<Duration>;
         let (mut journal_down_since, mut journal_tries) = (None::<Instant>, 0u32);
         let mut journal = false;
         let result = loop {
