@@ -113,7 +113,9 @@ pub fn args_key<A: Serialize + ?Sized>(args: &A) -> Result<String> {
 /// list is (`#` + 32 hex digits), so a key built from a caller's input (`format!("q:{query}")`)
 /// never outgrows the cache's key limit — the read failed with `InvalidKey` and the call
 /// returned that error instead of running (review, helper-71). A key that begins with `#` is
-/// hashed too, so a literal key can never equal another key's hash.
+/// hashed too, so a literal key can never equal another key's hash; and so is one holding a NUL
+/// character, which in-process load flights use as a separator (a caller's `victim\0force`
+/// could join the refresh of `victim` and get its value).
 #[inline]
 pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
     let key = key.to_string();
@@ -122,7 +124,7 @@ pub fn custom_key<K: Display + ?Sized>(key: &K) -> Result<String> {
             "the `key` expression produced an empty string".into(),
         ));
     }
-    if key.len() > crate::key::MAX_INLINE_ARGS || key.starts_with('#') {
+    if key.len() > crate::key::MAX_INLINE_ARGS || key.starts_with('#') || key.contains('\0') {
         return Ok(crate::key::hashed(&key));
     }
     Ok(key)

@@ -412,4 +412,11 @@ async fn a_long_custom_key_is_hashed_not_refused() {
     );
     let literal = ncm_cache_loader::__private::custom_key(&hashed).unwrap();
     assert_ne!(literal, hashed);
+    // A NUL (the separator of in-process load flights: `victim\0force` named the forced
+    // refresh of `victim`) is never part of a key as written.
+    assert!(
+        ncm_cache_loader::__private::custom_key("victim\0force")
+            .unwrap()
+            .starts_with('#')
+    );
 }

@@ -23,7 +23,7 @@
 //! | `loader` | the `CacheLoader` (a static, a `LazyLock`, `self.field`, a call returning `&CacheLoader`, ...) | required |
 //! | `ttl` | seconds (`1800`, `0.5`), a duration string (`"30m"`, `"1h 30m"`), or a `Duration` expression | the loader's `default_ttl` |
 //! | `strategy` | `CacheAside` (a failing cache is skipped), `ReadThrough` (a failing cache fails the call, when the error type is `From<CacheError>`), `WriteBehind` (the result is cached in the background), `WriteAround` (results are not cached); `WriteThrough` is refused (a write strategy) | `CacheAside` |
-//! | `key` | an expression over the arguments whose `Display` form is the key's argument part (required on generic functions; longer than 200 bytes, or beginning with `#`, it is replaced by `#` + its 128-bit xxh3 hash, as long arguments are) | the arguments as canonical JSON |
+//! | `key` | an expression over the arguments whose `Display` form is the key's argument part (required on generic functions; longer than 200 bytes, beginning with `#` or holding a NUL, it is replaced by `#` + its 128-bit xxh3 hash, as long arguments are) | the arguments as canonical JSON |
 //! | `name` | a string: the loader name used in keys and stats | the function's path |
 //! | `cache_none` | `true` / `false`: also cache `None` (functions returning `Option<T>`) | `false` |
 //! | `mode` | `result` (cache `Ok` only), `option` (cache `Some` only), `value` (cache what is returned) | from the return type |
