@@ -41,7 +41,9 @@
 //! associated function in an `impl` block (`impl User { fn get }` beside `impl Order { fn get }`),
 //! a method of a trait impl (the trait is added: `app::Pg as app::UserRepo::find`) — the
 //! compiler's path is used, which a toolchain may print differently: give `name = ...` where
-//! keys must never change. A generic function needs `key = ...` (otherwise every
+//! keys must never change. Two types of the same name from different modules whose methods are
+//! implemented in one module (`mod c { impl a::Repo {..} impl b::Repo {..} }`) share
+//! `c::Repo::method` keys: give one of them `name = ...`. A generic function needs `key = ...` (otherwise every
 //! instantiation would share one key); so does an associated function of a generic `impl`
 //! (the macro cannot see the impl's parameters). A return type that is a bare type parameter
 //! needs `mode = ...`.
