@@ -143,6 +143,40 @@ async fn eager_readers_never_miss_with_ttl_jitter() {
     reloader.shutdown().await;
 }
 
+/// A schedule of `a:eager` is not the eager timer of `a`: both run (review, helper-71: the
+/// schedule's timer name was `reload:{name}`, so it replaced `a`'s eager timer).
+#[tokio::test(start_paused = true)]
+async fn timers_of_names_that_look_alike_stay_apart() {
+    let reloader = CacheReloader::new(memory_cache());
+    let (eager_runs, f) = counter(Duration::from_millis(1));
+    reloader
+        .register_loader("a", f, 10 * SEC, ReloadStrategy::Eager)
+        .unwrap();
+    let (scheduled_runs, g) = counter(Duration::from_millis(1));
+    reloader
+        .schedule_reload("a:eager", 60 * SEC, g)
+        .await
+        .unwrap();
+    tokio::time::sleep(100 * SEC).await;
+    // `a` every 8 s (80 % of its TTL) from the start; `a:eager` every 60 s.
+    let (eager, scheduled) = (
+        eager_runs.load(Ordering::SeqCst),
+        scheduled_runs.load(Ordering::SeqCst),
+    );
+    assert!(
+        (12..=14).contains(&eager),
+        "a's eager timer ran {eager} times"
+    );
+    assert_eq!(scheduled, 1, "a:eager's schedule");
+    assert!(reloader.cancel_reload("a:eager").await);
+    tokio::time::sleep(20 * SEC).await;
+    assert!(
+        eager_runs.load(Ordering::SeqCst) > eager,
+        "cancelling a:eager's schedule stopped a's eager timer"
+    );
+    reloader.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn refresh_ahead_serves_the_old_value_and_reloads_in_the_background() {
     let reloader = CacheReloader::new(memory_cache());

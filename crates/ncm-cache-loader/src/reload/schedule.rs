@@ -36,12 +36,17 @@ impl Task {
     }
 }
 
+/// The eager timer of `name` (also its lease's name). Every timer and lease name ends with its
+/// kind (`:eager`, `:schedule`, and the run lease's `:run`), so no two names of different kinds
+/// or values are equal: the schedule's was `reload:{name}`, and a schedule of `a:eager`
+/// replaced the eager timer of `a`, one of `a:run` held `a`'s run lease (review, helper-71).
 pub(crate) fn eager_task(name: &str) -> String {
     format!("reload:{name}:eager")
 }
 
+/// The schedule of `name` (also its lease's name); see [`eager_task`].
 pub(crate) fn scheduled_task(name: &str) -> String {
-    format!("reload:{name}")
+    format!("reload:{name}:schedule")
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
