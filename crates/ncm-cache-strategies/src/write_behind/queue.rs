@@ -424,7 +424,7 @@ impl<V: QueueValue> Shared<V> {
                         continue;
                     }
                     dead += 1;
-                    st.dead.push(Dead {
+                    st.push_dead(Dead {
                         letter: DeadLetter {
                             key,
                             value,
@@ -659,10 +659,7 @@ impl<V: QueueValue> Shared<V> {
                     .pending
                     .get(key)
                     .is_some_and(|p| holds(p.version, &p.ids))
-                || st
-                    .dead
-                    .iter()
-                    .any(|d| d.letter.key == key && holds(d.version, &d.ids))
+                || st.dead_of(key).is_some_and(|d| holds(d.version, &d.ids))
         };
         if known {
             return Ok(None);
@@ -710,7 +707,7 @@ impl<V: QueueValue> Shared<V> {
 
     pub(crate) fn requeue_dead_letters(&self) -> usize {
         let mut st = lock(&self.state);
-        let dead = std::mem::take(&mut st.dead);
+        let dead = st.take_all_dead();
         let n = dead.len();
         let now = Instant::now();
         for d in dead {

@@ -128,7 +128,11 @@ pub(crate) struct State<V> {
     pub(crate) vseq: u64,
     pub(crate) flush_target: u64,
     pub(crate) flushed: u64,
+    /// Dead letters in the order they were given up (read with `dead_letters`).
     pub(crate) dead: Vec<Dead<V>>,
+    /// The keys of `dead`: a write looks its key up here before searching `dead` (which grows
+    /// while a store is down: a search per write made an outage's cost grow with its square).
+    pub(crate) dead_keys: std::collections::HashSet<String>,
     pub(crate) unacked: Vec<(String, Version)>,
     /// Keys whose waiting write was adopted from a crashed process (not written by this one):
     /// their cached value is evicted once the write is persisted.
@@ -153,6 +157,7 @@ impl<V> State<V> {
             flush_target: 0,
             flushed: 0,
             dead: Vec::new(),
+            dead_keys: std::collections::HashSet::new(),
             unacked: Vec::new(),
             adopted: std::collections::HashSet::new(),
             writing: HashMap::new(),
@@ -172,8 +177,7 @@ impl<V> State<V> {
         ids: Vec<Version>,
     ) -> (bool, u64) {
         let mut superseded = 0;
-        if let Some(i) = self.dead.iter().position(|d| d.letter.key == key) {
-            let dead = self.dead.remove(i);
+        if let Some(dead) = self.take_dead(&key) {
             superseded = 1;
             if dead.version > version {
                 // An adopted older write met a newer dead letter: keep the newer value.
@@ -196,6 +200,47 @@ impl<V> State<V> {
             );
         }
         self.insert_inner(key, value, version, due, ids, superseded)
+    }
+
+    /// Gives a write up: it becomes a dead letter (one per key: a key's later write takes it
+    /// back, see `insert`).
+    pub(crate) fn push_dead(&mut self, mut dead: Dead<V>) {
+        if let Some(older) = self.take_dead(&dead.letter.key) {
+            // Not expected (a key's write takes its dead letter back); kept as one, the newer
+            // value, every id carried.
+            if older.version > dead.version {
+                let ids = std::mem::take(&mut dead.ids);
+                dead = older;
+                dead.ids.extend(ids);
+            } else {
+                dead.ids.extend(older.ids);
+            }
+        }
+        self.dead_keys.insert(dead.letter.key.clone());
+        self.dead.push(dead);
+    }
+
+    /// `key`'s dead letter, taken out of the list.
+    fn take_dead(&mut self, key: &str) -> Option<Dead<V>> {
+        if !self.dead_keys.remove(key) {
+            return None;
+        }
+        let i = self.dead.iter().position(|d| d.letter.key == key)?;
+        Some(self.dead.remove(i))
+    }
+
+    /// Every dead letter, taken out of the list (a replay).
+    pub(crate) fn take_all_dead(&mut self) -> Vec<Dead<V>> {
+        self.dead_keys.clear();
+        std::mem::take(&mut self.dead)
+    }
+
+    /// `key`'s dead letter, if it has one.
+    pub(crate) fn dead_of(&self, key: &str) -> Option<&Dead<V>> {
+        if !self.dead_keys.contains(key) {
+            return None;
+        }
+        self.dead.iter().find(|d| d.letter.key == key)
     }
 
     fn insert_inner(
@@ -313,4 +358,54 @@ pub(crate) fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by)
         .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use ncm_cache_core::CacheError;
+
+    use super::*;
+    use crate::write_behind::DeadLetter;
+
+    fn dead(key: &str, value: u32, version: Version) -> Dead<u32> {
+        Dead {
+            letter: DeadLetter {
+                key: key.to_owned(),
+                value,
+                error: CacheError::store("down"),
+                attempts: 1,
+                failed_at: SystemTime::now(),
+            },
+            version,
+            ids: vec![version],
+        }
+    }
+
+    /// Dead letters are found by key without a search of the list, one per key; a key's write
+    /// takes its dead letter back (the newer value kept), and a replay takes them all.
+    #[test]
+    fn dead_letters_are_indexed_by_key() {
+        let mut st = State::<u32>::new();
+        for i in 0..10_000u32 {
+            st.push_dead(dead(&format!("k{i}"), i, (1, u64::from(i))));
+        }
+        assert_eq!(st.dead.len(), 10_000);
+        assert!(st.dead_of("k42").is_some_and(|d| d.letter.value == 42));
+        assert!(st.dead_of("nope").is_none());
+        // A second dead letter of a key is merged into one (the newer value, both ids).
+        st.push_dead(dead("k7", 700, (2, 0)));
+        assert_eq!(st.dead.len(), 10_000);
+        let k7 = st.dead_of("k7").unwrap();
+        assert_eq!((k7.letter.value, k7.ids.len()), (700, 2));
+        // An older write of a dead-lettered key: the dead letter's newer value is queued.
+        let (_, superseded) = st.insert("k9".into(), 1, (0, 0), Instant::now(), vec![(0, 0)]);
+        assert_eq!(superseded, 1);
+        assert!(st.dead_of("k9").is_none());
+        assert_eq!(st.pending["k9"].value, 9);
+        assert_eq!(st.dead.len(), 9_999);
+        assert_eq!(st.take_all_dead().len(), 9_999);
+        assert!(st.dead_of("k1").is_none() && st.dead_keys.is_empty());
+    }
 }
