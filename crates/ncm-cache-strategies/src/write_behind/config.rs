@@ -152,8 +152,9 @@ impl WriteBehindConfig {
 /// Dead letters are kept in memory, one per key, until replayed or replaced: they are not
 /// bounded by `max_pending` (dropping them would lose acknowledged writes), so a store that stays
 /// down while writes reach many distinct keys grows the list — watch the `dead_letters` stat.
-/// Each write finds its key's dead letter in constant time (before, it searched the whole list,
-/// so an outage cost writes time in proportion to its length — review, helper-69).
+/// A write of a key that has no dead letter does not search the list (before, every write did,
+/// so an outage cost writes time in proportion to its length — review, helper-69); taking a
+/// key's own dead letter back still does, once.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DeadLetter<V> {
