@@ -420,3 +420,38 @@ async fn a_long_custom_key_is_hashed_not_refused() {
             .starts_with('#')
     );
 }
+
+mod scores {
+    use super::*;
+
+    pub(crate) static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    #[cache_loader(loader = LOADER)]
+    pub(crate) async fn above(threshold: f64) -> Result<String, CacheError> {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("above {threshold}"))
+    }
+}
+
+/// NaN, +∞ and −∞ all serialize to JSON `null`: a call with one of them runs without the cache
+/// instead of sharing a key with the others (review, helper-71: `above(-inf)` returned the
+/// cached result of `above(inf)`).
+#[tokio::test]
+async fn non_finite_float_arguments_never_share_a_result() {
+    assert_eq!(scores::above(f64::INFINITY).await.unwrap(), "above inf");
+    assert_eq!(
+        scores::above(f64::NEG_INFINITY).await.unwrap(),
+        "above -inf"
+    );
+    assert_eq!(scores::above(f64::NAN).await.unwrap(), "above NaN");
+    assert_eq!(scores::above(f64::INFINITY).await.unwrap(), "above inf");
+    assert_eq!(
+        scores::RUNS.load(Ordering::SeqCst),
+        4,
+        "none of them cached"
+    );
+    // A finite argument is cached as before.
+    scores::above(1.5).await.unwrap();
+    scores::above(1.5).await.unwrap();
+    assert_eq!(scores::RUNS.load(Ordering::SeqCst), 5);
+}
