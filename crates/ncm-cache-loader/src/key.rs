@@ -10,7 +10,10 @@
 //! `BTreeSet` or a sorted `Vec` of such elements (a set of enum variants sorts by their names
 //! there, not their declaration order: pass the `HashSet` itself). Long argument
 //! strings are replaced by a 128-bit xxh3 hash (`#` + 32 hex digits; canonical JSON never
-//! starts with `#`, so a hash cannot collide with a literal argument string).
+//! starts with `#`, so a hash cannot collide with a literal argument string). A NaN or infinite
+//! float has no key (JSON would write it as `null`, like `None`): `args_key` refuses it, and a
+//! cached function called with one runs without the cache. (`Option<Option<T>>`'s `None` and
+//! `Some(None)` are both `null` too: keep such arguments out of a key.)
 
 use std::fmt::Write as _;
 
