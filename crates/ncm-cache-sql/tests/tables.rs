@@ -294,6 +294,19 @@ const CASES: &[(SqlDialect, &str, &[&str], &[&str])] = &[
         &["items", "orders"],
         &["orders"],
     ),
+    // 33d. MariaDB's executable comments run their text (review, helper-70).
+    (
+        MySql,
+        "SELECT * FROM a /*M! JOIN b USING (id) */",
+        &["a", "b"],
+        &[],
+    ),
+    (
+        MySql,
+        "/*M!100000 DELETE FROM t WHERE id = 1 */",
+        &["t"],
+        &["t"],
+    ),
     // 33c. A DML target is never a CTE in PostgreSQL, even when one shares its name.
     (
         Postgres,

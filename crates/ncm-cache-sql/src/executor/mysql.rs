@@ -194,7 +194,10 @@ impl SqlExecutor for MySqlExecutor {
             if body.trim().is_empty() {
                 // The server hides a view's definition from an account without `SHOW VIEW`
                 // (review, helper-70: no edge and no word of it).
-                tracing::warn!(view, "a view's definition is hidden from this account (it lacks SHOW VIEW): writes to its tables will not invalidate its cached results; grant SHOW VIEW, or declare them with SqlCacheBuilder::dependency");
+                tracing::warn!(
+                    view,
+                    "a view's definition is hidden from this account (it lacks SHOW VIEW): writes to its tables will not invalidate its cached results; grant SHOW VIEW, or declare them with SqlCacheBuilder::dependency"
+                );
                 continue;
             }
             match crate::tables::referenced_tables(&body, SqlDialect::MySql) {
