@@ -67,11 +67,18 @@ impl Analysis {
                     // so `SELECT ID FROM Users` is `select id from users`.
                     let _ = statements.visit(&mut FoldUnquoted);
                 }
-                let normalized = statements
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                // MariaDB's executable comments are parsed as their text (for the tables they
+                // name), but only MariaDB runs them: on MySQL `a /*M! JOIN b ... */` reads `a`
+                // alone, so its key keeps the text as written, never that of a real JOIN.
+                let normalized = if template.sql.contains("/*M!") {
+                    collapse_whitespace(&template.sql, dialect)
+                } else {
+                    statements
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
                 let fp = footprint(&statements);
                 let mut tags: Vec<String> = fp
                     .reads
@@ -352,6 +359,20 @@ mod tests {
             key("SELECT * FROM ärger", &[])
         );
         assert_ne!(key("SELECT 1 AS Ü", &[]), key("SELECT 1 AS ü", &[]));
+        // A MariaDB executable comment is not the statement it holds: MySQL ignores it.
+        let keys = Keys::new("sql", "mysql", "mysql");
+        let my = |sql: &str| {
+            keys.entry(
+                &Analysis::new(sql, SqlDialect::MySql, None, &Policy::default()),
+                &[],
+            )
+            .unwrap()
+        };
+        assert_ne!(
+            my("SELECT * FROM a /*M! JOIN b USING (id) */"),
+            my("SELECT * FROM a JOIN b USING (id)")
+        );
+        assert!(my("SELECT * FROM a /*M! JOIN b USING (id) */").contains("|a|b|"));
     }
 
     #[test]
