@@ -370,6 +370,39 @@ async fn a_reload_whose_lease_check_fails_does_not_store() {
     b.shutdown().await;
 }
 
+/// Two instances read a refresh-ahead value late in its TTL at once: one reloads, the other
+/// waits for the run lease and then takes the value just reloaded (review, helper-71: each
+/// instance ran the loader in turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_on_two_instances_at_once_loads_once() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let runs: Runs = Arc::default();
+    let ttl = Duration::from_secs(4);
+    for (r, name) in [(&a, "a"), (&b, "b")] {
+        r.register_loader(
+            "ra",
+            recording_loader(name, runs.clone(), Duration::from_millis(300)),
+            ttl,
+            ReloadStrategy::RefreshAhead { fraction: 0.5 },
+        )
+        .unwrap();
+    }
+    let _: String = a.get("ra").await.unwrap();
+    runs.lock().unwrap().clear();
+    // Past half the TTL: a read starts a background refresh.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let (x, y) = tokio::join!(a.get::<String>("ra"), b.get::<String>("ra"));
+    x.unwrap();
+    y.unwrap();
+    // Both refreshes end: one loads (300 ms), the other waits for its lease, then reads.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let ran = runs.lock().unwrap().len();
+    assert_eq!(ran, 1, "refresh-ahead ran the loader on {ran} instances");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// A lazy load after a miss stores only while the value is still absent: a write another
 /// process made while the loader ran stays (before: the reload stored with a plain `SET` and
 /// every instance read its older value for the TTL; found by review).

@@ -108,12 +108,19 @@ impl<C: Codec> CacheReloader<C> {
             return;
         }
         bump(&entry.counters.refresh_ahead);
+        // A value younger than the refresh point (another instance refreshed it while this one
+        // waited for the run lease) is taken, not loaded again: each instance that read the old
+        // value late in its TTL ran the loader once in turn (review, helper-71).
+        let fresh = match entry.strategy {
+            ReloadStrategy::RefreshAhead { fraction } => Some(entry.ttl.mul_f64(fraction)),
+            _ => None,
+        };
         let (reloader, entry) = (self.clone(), Arc::clone(entry));
         runtime.spawn(async move {
             // Cleared however the refresh ends (also cancelled at runtime shutdown).
             let _done = Refreshed(&entry);
             // Errors are counted and logged in `reload_entry`; readers keep the old value.
-            let _ = reloader.reload_entry(&entry, Force::Timer, None).await;
+            let _ = reloader.reload_entry(&entry, Force::Timer, fresh).await;
         });
     }
 
