@@ -31,14 +31,14 @@ impl Drop for EvictOnCancel<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
                 key = self.key,
-                "a cancelled write-through could not evict its key (no runtime): a stale value may be served until it expires"
+                "a cancelled write-through or write-around could not evict its key (no runtime): a stale value may be served until it expires"
             );
             return;
         };
         let key = self.key.to_owned();
         runtime.spawn(async move {
             if let Err(e) = inv.delete_keys(std::slice::from_ref(&key), Kind::Key).await {
-                tracing::error!(key, error = %e, "a cancelled write-through could not evict its key: a stale value may be served until it expires");
+                tracing::error!(key, error = %e, "a cancelled write-through or write-around could not evict its key: a stale value may be served until it expires");
             }
         });
     }
@@ -68,7 +68,9 @@ impl<C: Codec> CacheStrategies<C> {
     ///   evict during that time) and, if the process died and no other write-through overlapped
     ///   it, its value until the cache TTL; a store call longer than 4 leases is not seen by a
     ///   write-through begun after that; when Redis cannot be reached to mark a write, that
-    ///   writer evicts its own value, but others do not learn of it.
+    ///   writer evicts its own value, but others do not learn of it; the store call runs under
+    ///   the key's stripe lock (one of 64), so a store must not call a write-through or
+    ///   write-around of this `CacheStrategies` itself.
     pub async fn write_through<V>(
         &self,
         key: &str,
@@ -133,6 +135,10 @@ impl<C: Codec> CacheStrategies<C> {
     /// Before, a cancelled write-around left the old value cached, and a write-through of the
     /// same key could cache its value after the write-around's eviction, while the store held
     /// the write-around's (review, helper-69).
+    ///
+    /// Like a write-through's, the store call runs under the key's stripe lock (one of 64): a
+    /// store must not call a write-through or write-around of this `CacheStrategies` itself (it
+    /// would wait for its own stripe).
     pub async fn write_around<V>(&self, key: &str, value: &V, store: &Store<V>) -> Result<()>
     where
         V: Send + Sync + 'static,

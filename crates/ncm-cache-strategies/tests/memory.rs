@@ -505,12 +505,14 @@ async fn a_write_through_cancelled_after_the_store_write_evicts_the_key() {
 async fn a_write_around_is_ordered_and_evicts_also_when_cancelled() {
     let s = CacheStrategies::new(Cache::new(MemoryBackend::new(), Serializer::default()));
     let committed = Arc::new(std::sync::Mutex::new(None::<String>));
-    let c = Arc::clone(&committed);
+    let entered = Arc::new(AtomicUsize::new(0));
+    let (c, n) = (Arc::clone(&committed), Arc::clone(&entered));
     // Commits at once, then takes 300 ms to answer.
     let slow: Store<String> = Store::from_fn(move |_key: String, value: String| {
-        let c = Arc::clone(&c);
+        let (c, n) = (Arc::clone(&c), Arc::clone(&n));
         async move {
             *c.lock().unwrap() = Some(value);
+            n.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<(), CacheError>(())
         }
@@ -544,11 +546,18 @@ async fn a_write_around_is_ordered_and_evicts_also_when_cancelled() {
     // the write-through's cache write, not before it.
     let s2 = s.clone();
     let slow2 = slow.clone();
+    let before = entered.load(Ordering::SeqCst);
     let through = tokio::spawn(async move {
         s2.write_through("j", &"through".to_string(), HOUR, &slow2)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The write-through is in its store call (it has committed).
+    assert!(
+        eventually(Duration::from_secs(5), || entered.load(Ordering::SeqCst)
+            > before)
+        .await,
+        "the write-through never reached its store"
+    );
     let fast_committed = Arc::clone(&committed);
     let fast: Store<String> = Store::from_fn(move |_key: String, value: String| {
         let c = Arc::clone(&fast_committed);

@@ -371,12 +371,18 @@ impl<V: QueueValue> RedisJournal<V> {
             if entries.is_empty() {
                 break;
             }
+            // Every good entry of the claim is kept before any bad one is buried: a burial that
+            // fails must not strand the good entries claimed after it (review, helper-72).
+            let mut bad = Vec::new();
             for entry in entries {
                 match self.parse_entry(entry) {
                     Ok(Some(r)) => out.push(r),
                     Ok(None) => {}
-                    Err(bad) => self.bury(bad).await?,
+                    Err(b) => bad.push(b),
                 }
+            }
+            for b in bad {
+                self.bury(b).await?;
             }
         }
         self.remove_consumer(dead, true).await

@@ -309,12 +309,27 @@ impl<V: QueueValue> Shared<V> {
     /// persisted as an adopted one (the key evicted once more after it): a read meanwhile may
     /// cache the store's older value. A write refused before it was sent (a bad key, a value
     /// over the cap) changed nothing and removes nothing.
+    ///
+    /// In durable mode the cache is left with the key's newest journaled write instead (another
+    /// process's newer write stays cached: a plain delete let a read cache the store's older
+    /// row — review, helper-72).
     async fn unwrite(&self, key: &str, e: &CacheError) {
         if e.is_invalid_input() {
             return;
         }
+        if let Some(journal) = &self.journal {
+            if self
+                .cache_newest(&**journal, key, None, Expiry::Default)
+                .await
+            {
+                lock(&self.state).adopted.insert(key.to_owned());
+            }
+            return;
+        }
         {
             let mut st = lock(&self.state);
+            // (Marked also while any batch is in flight: it may hold the key. Marks of keys
+            // with nothing left to persist are dropped when the batch ends.)
             if st.pending.contains_key(key) || st.in_flight > 0 {
                 st.adopted.insert(key.to_owned());
             }
@@ -442,6 +457,15 @@ impl<V: QueueValue> Shared<V> {
             self.stats.add(Counter::DeadLettered, dead);
             self.stats.superseded(superseded);
             st.in_flight = 0;
+            // Eviction marks of keys with no write left to persist (none waiting, none dead)
+            // mean nothing any more: dropped, so the set does not grow with refused keys.
+            let State {
+                adopted,
+                pending,
+                dead_keys,
+                ..
+            } = &mut *st;
+            adopted.retain(|k| pending.contains_key(k) || dead_keys.contains(k));
             self.stats.pending_gauge(st.pending.len());
         }
         self.space.notify_waiters();
@@ -506,33 +530,45 @@ impl<V: QueueValue> Shared<V> {
     ) -> Option<Failed<V>> {
         let mut attempts = 0u32;
         // A journal (Redis) outage during the fence is waited out for up to the consumer's
-        // lease, without spending the store's retries: a healthy store's writes were given up
-        // as dead letters after a Redis outage of a few seconds (review, helper-69).
+        // lease in all (also across batches), without spending the store's retries: a healthy
+        // store's writes were given up as dead letters after a Redis outage of a few seconds
+        // (review, helper-69). Past the lease, or while the queue shuts down, the store's
+        // retries apply as to any failure.
         #[cfg(feature = "redis")]
         let outage = self.config.durable.as_ref().map(|d| d.lease);
         #[cfg(not(feature = "redis"))]
         let outage = None::<Duration>;
-        let (mut journal_down_since, mut journal_tries) = (None::<Instant>, 0u32);
+        let mut journal_tries = 0u32;
         let mut journal = false;
         let result = loop {
             attempts += 1;
             let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
                 Err(e) => {
-                    let since = *journal_down_since.get_or_insert_with(Instant::now);
-                    if e.is_retryable() && outage.is_some_and(|lease| since.elapsed() < lease) {
+                    let wait = {
+                        let mut st = lock(&self.state);
+                        let since = *st.journal_down_since.get_or_insert_with(Instant::now);
+                        e.is_retryable()
+                            && !st.closing
+                            && outage.is_some_and(|lease| since.elapsed() < lease)
+                    };
+                    if wait {
                         attempts -= 1;
                         journal_tries += 1;
-                        let pause = backoff(&self.config, journal_tries);
+                        let pause = backoff(&self.config, journal_tries).max(JOURNAL_PAUSE);
                         tracing::warn!(queue = %self.name, entries = entries.len(), error = %e, retry_in = ?pause, "write-behind journal unavailable; the batch waits for it");
                         tokio::time::sleep(pause).await;
                         continue;
                     }
                     journal = true;
-                    break Err(e);
+                    Err(e)
                 }
-                Ok(()) if entries.is_empty() => break Ok(()),
+                Ok(()) if entries.is_empty() => {
+                    lock(&self.state).journal_down_since = None;
+                    break Ok(());
+                }
                 Ok(()) => {
-                    journal_down_since = None;
+                    lock(&self.state).journal_down_since = None;
+                    journal = false;
                     self.stats.add(Counter::StoreCalls, 1);
                     let versions: Vec<WriteVersion> = meta
                         .iter()
@@ -595,11 +631,28 @@ impl<V: QueueValue> Shared<V> {
         let (mut superseded, mut lost) = (0u64, 0u64);
         let mut kept_entries = Vec::with_capacity(entries.len());
         let mut kept_meta = Vec::with_capacity(meta.len());
-        for ((mut entry, mut m), verdict) in entries.drain(..).zip(meta.drain(..)).zip(verdicts) {
+        let items: Vec<_> = entries.drain(..).zip(meta.drain(..)).collect();
+        let mut rest = items.into_iter().zip(verdicts);
+        while let Some(((mut entry, mut m), verdict)) = rest.next() {
             let verdict = match verdict {
-                Verdict::Orphan(newest) => match self.orphan(journal, &entry.0, newest).await? {
-                    None => Verdict::Superseded,
-                    Some(value) => {
+                Verdict::Orphan(newest) => match self.orphan(journal, &entry.0, newest).await {
+                    // Nothing is decided for this entry and the ones after it: they stay in the
+                    // batch with those kept so far, for a retry to fence again (review,
+                    // helper-72: the drained batch was dropped with the error, and the next
+                    // attempt "stored" an empty batch: neither persisted nor dead-lettered).
+                    Err(e) => {
+                        kept_entries.push(entry);
+                        kept_meta.push(m);
+                        for ((entry, m), _) in rest {
+                            kept_entries.push(entry);
+                            kept_meta.push(m);
+                        }
+                        *entries = kept_entries;
+                        *meta = kept_meta;
+                        return Err(e);
+                    }
+                    Ok(None) => Verdict::Superseded,
+                    Ok(Some(value)) => {
                         // Persisted in place of the older write (both acknowledged after), and
                         // the cached value evicted after: the orphan's cache write may never
                         // have happened.
@@ -783,6 +836,10 @@ impl<V: QueueValue> Shared<V> {
         Ok(())
     }
 }
+
+/// The least pause between two fences of a batch waiting for the journal (`retry_backoff` may
+/// be zero).
+const JOURNAL_PAUSE: Duration = Duration::from_millis(20);
 
 fn backoff(config: &WriteBehindConfig, attempt: u32) -> Duration {
     let exp = config

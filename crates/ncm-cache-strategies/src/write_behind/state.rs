@@ -133,6 +133,9 @@ pub(crate) struct State<V> {
     /// The keys of `dead`: a write looks its key up here before searching `dead` (which grows
     /// while a store is down: a search per write made an outage's cost grow with its square).
     pub(crate) dead_keys: std::collections::HashSet<String>,
+    /// Since when the journal's fence has been failing (durable mode; cleared by a fence that
+    /// answers): batches wait for it no longer than a lease in all.
+    pub(crate) journal_down_since: Option<Instant>,
     pub(crate) unacked: Vec<(String, Version)>,
     /// Keys whose waiting write was adopted from a crashed process (not written by this one):
     /// their cached value is evicted once the write is persisted.
@@ -158,6 +161,7 @@ impl<V> State<V> {
             flushed: 0,
             dead: Vec::new(),
             dead_keys: std::collections::HashSet::new(),
+            journal_down_since: None,
             unacked: Vec::new(),
             adopted: std::collections::HashSet::new(),
             writing: HashMap::new(),
