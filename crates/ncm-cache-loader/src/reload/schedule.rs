@@ -1,7 +1,7 @@
 //! Timers: eager reloads and scheduled reloads, each with one owner across instances.
 //!
-//! One instance at a time owns a timer: it holds the timer's lease (`reload:{name}` for a
-//! schedule, `reload:{name}:eager` for an eager timer), renews it every third of its TTL (also
+//! One instance at a time owns a timer: it holds the timer's lease (`reload:{name}:schedule`
+//! for a schedule, `reload:{name}:eager` for an eager timer), renews it every third of its TTL (also
 //! while a load runs) and reloads when a reload is due; the others try to take the lease as
 //! often, and skip. The lease is short (see [`timer_lease_ttl`]): if the owner stops, it is
 //! released; if it dies, it expires and another instance takes over, reloading an eager value
@@ -126,7 +126,11 @@ impl<C: Codec> Timer<C> {
             Some(inner) => {
                 let reloader = CacheReloader { inner };
                 match reloader.entry(&self.name) {
-                    Ok(entry) => entry.ttl,
+                    // The shortest TTL the cache's jitter may store the value with: the takeover
+                    // must come before that expiry (review, helper-72), as the timer itself does.
+                    Ok(entry) => entry
+                        .ttl
+                        .mul_f64(1.0 - reloader.inner.cache.ttl_policy().jitter()),
                     Err(_) => return,
                 }
             }
