@@ -307,6 +307,20 @@ const CASES: &[(SqlDialect, &str, &[&str], &[&str])] = &[
         &["t"],
         &["t"],
     ),
+    // 33e. Aliases inside a parenthesized join, and an alias as written before one differing in
+    // case (review, helper-72).
+    (
+        MySql,
+        "DELETE a FROM (orders a JOIN items i ON i.order_id = a.id) WHERE i.gone",
+        &["items", "orders"],
+        &["orders"],
+    ),
+    (
+        MySql,
+        "DELETE A FROM orders a JOIN items A ON A.order_id = a.id WHERE A.gone",
+        &["items", "orders"],
+        &["items"],
+    ),
     // 33c. A DML target is never a CTE in PostgreSQL, even when one shares its name.
     (
         Postgres,

@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 use std::ptr;
 
 use sqlparser::ast::{
-    CopySource, Expr, FromTable, ObjectName, ObjectNamePart, ObjectType, Query, Select, SetExpr,
-    Statement, TableFactor, TableObject, TableWithJoins, Visitor,
+    CopySource, Expr, FromTable, Ident, ObjectName, ObjectNamePart, ObjectType, Query, Select,
+    SetExpr, Statement, TableFactor, TableObject, TableWithJoins, Visitor,
 };
 
 use super::{Footprint, TableName};
@@ -112,6 +112,23 @@ pub(super) struct Collector {
     pub(super) fp: Footprint,
 }
 
+/// The aliased tables of `t` (its relation and joins, inside parenthesized joins too).
+fn aliases<'a>(t: &'a TableWithJoins, out: &mut Vec<(&'a Ident, &'a ObjectName)>) {
+    for factor in std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)) {
+        match factor {
+            TableFactor::Table {
+                name,
+                alias: Some(alias),
+                ..
+            } => out.push((&alias.name, name)),
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => aliases(table_with_joins, out),
+            _ => {}
+        }
+    }
+}
+
 impl Collector {
     fn is_cte(&self, name: &ObjectName) -> bool {
         let [ObjectNamePart::Identifier(ident)] = name.0.as_slice() else {
@@ -155,20 +172,22 @@ impl Collector {
     /// written, not the alias. Returns whether `name` was an alias.
     fn write_target(&mut self, name: &ObjectName, scope: &[TableWithJoins]) -> bool {
         if let [ObjectNamePart::Identifier(ident)] = name.0.as_slice() {
-            let aliased = scope
+            let mut aliased = Vec::new();
+            for t in scope {
+                aliases(t, &mut aliased);
+            }
+            // An alias as written first (MySQL compares them case-sensitively on most systems),
+            // then ignoring case.
+            let table = aliased
                 .iter()
-                .flat_map(|t| {
-                    std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation))
+                .find(|(alias, _)| alias.value == ident.value)
+                .or_else(|| {
+                    aliased
+                        .iter()
+                        .find(|(alias, _)| alias.value.eq_ignore_ascii_case(&ident.value))
                 })
-                .find_map(|factor| match factor {
-                    TableFactor::Table {
-                        name,
-                        alias: Some(alias),
-                        ..
-                    } if alias.name.value.eq_ignore_ascii_case(&ident.value) => Some(name),
-                    _ => None,
-                });
-            if let Some(table) = aliased {
+                .map(|(_, table)| *table);
+            if let Some(table) = table {
                 self.write(table);
                 return true;
             }

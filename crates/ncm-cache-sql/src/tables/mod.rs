@@ -228,7 +228,13 @@ pub(crate) fn parse_table_name(name: &str, dialect: SqlDialect) -> TableName {
         });
     match parsed {
         Ok((object, true)) if !object.0.is_empty() => TableName::from_object_name(&object),
-        _ => TableName(vec![name.trim().to_lowercase()]),
+        // `public.audit log`: the schema, then the rest as one name.
+        _ => TableName(match name.trim().rsplit_once('.') {
+            Some((schema, table)) if !schema.trim().is_empty() && !table.trim().is_empty() => {
+                vec![schema.trim().to_lowercase(), table.trim().to_lowercase()]
+            }
+            _ => vec![name.trim().to_lowercase()],
+        }),
     }
 }
 
@@ -246,6 +252,11 @@ mod tests {
         // `audit log` named the table `audit`).
         assert_eq!(name("audit log"), "audit log");
         assert_eq!(name("order items"), "order items");
+        assert_eq!(name("public.audit log"), "public.audit log");
+        assert_eq!(
+            parse_table_name("public.audit log", SqlDialect::Postgres).bare(),
+            "audit log"
+        );
         assert_eq!(
             parse_table_name("`shop`.`orders`", SqlDialect::MySql).qualified(),
             "shop.orders"
