@@ -294,7 +294,10 @@ impl<C: Codec> CacheReloader<C> {
             // Of the shortest TTL the cache may give the value: with `ttl_jitter(j)` a stored
             // TTL can be cut to (1 - j) × ttl, and a timer at a fraction of the full TTL let the
             // value expire before its reload (review, helper-71: readers missed).
-            let shortest = ttl.mul_f64(1.0 - self.inner.cache.ttl_policy().jitter());
+            // (Capped first: `Duration::MAX` × 1.0 overflows in `mul_f64`, found by the hostile
+            // configuration test.)
+            let shortest =
+                ncm_cache_core::capped(ttl).mul_f64(1.0 - self.inner.cache.ttl_policy().jitter());
             let every = shortest.mul_f64(self.inner.eager_fraction);
             self.spawn_task(&runtime, schedule::eager_task(name), name, every, true);
         }

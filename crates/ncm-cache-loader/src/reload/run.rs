@@ -111,8 +111,13 @@ impl<C: Codec> CacheReloader<C> {
         // A value younger than the refresh point (another instance refreshed it while this one
         // waited for the run lease) is taken, not loaded again: each instance that read the old
         // value late in its TTL ran the loader once in turn (review, helper-71).
+        // (With `ttl_jitter` j, a value is stored for as little as (1 - j) × its TTL and looks up
+        // to j × TTL older than it is: one just written counts as fresh up to that age.)
+        let jitter = self.inner.cache.ttl_policy().jitter();
         let fresh = match entry.strategy {
-            ReloadStrategy::RefreshAhead { fraction } => Some(entry.ttl.mul_f64(fraction)),
+            ReloadStrategy::RefreshAhead { fraction } => {
+                Some(ncm_cache_core::capped(entry.ttl).mul_f64(fraction.max(jitter)))
+            }
             _ => None,
         };
         let (reloader, entry) = (self.clone(), Arc::clone(entry));

@@ -122,21 +122,23 @@ impl<C: Codec> Timer<C> {
     /// Every third of the lease TTL, the owner renews its lease and the others try to take
     /// it; the owner reloads when a reload is due, renewing the lease while the load runs.
     async fn run(self, eager: bool, mut stopped: watch::Receiver<bool>) {
-        let value_ttl = match self.reloader.upgrade() {
+        let (value_ttl, shortest) = match self.reloader.upgrade() {
             Some(inner) => {
                 let reloader = CacheReloader { inner };
                 match reloader.entry(&self.name) {
-                    // The shortest TTL the cache's jitter may store the value with: the takeover
-                    // must come before that expiry (review, helper-72), as the timer itself does.
-                    Ok(entry) => entry
-                        .ttl
-                        .mul_f64(1.0 - reloader.inner.cache.ttl_policy().jitter()),
+                    // An eager value's takeover must come before the shortest TTL the cache's
+                    // jitter may store it with (review, helper-72), as the timer itself does.
+                    Ok(entry) => (
+                        entry.ttl,
+                        ncm_cache_core::capped(entry.ttl)
+                            .mul_f64(1.0 - reloader.inner.cache.ttl_policy().jitter()),
+                    ),
                     Err(_) => return,
                 }
             }
             None => return,
         };
-        let lease_ttl = timer_lease_ttl(self.every, eager.then_some(value_ttl));
+        let lease_ttl = timer_lease_ttl(self.every, eager.then_some(shortest));
         let mut ticker = tokio::time::interval(lease_ttl / 3);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut owned: Option<Box<dyn Lease>> = None;
