@@ -69,9 +69,12 @@ impl Analysis {
                 }
                 // MariaDB's executable comments are parsed as their text (for the tables they
                 // name), but only MariaDB runs them: on MySQL `a /*M! JOIN b ... */` reads `a`
-                // alone, so its key keeps the text as written, never that of a real JOIN.
+                // alone, so its key is the statement exactly as written (comments included:
+                // collapsing whitespace drops comments, and `a /*M! LIMIT 1 */` shared the key of
+                // `a` — review, helper-73), never that of a real JOIN. An AST's text never holds
+                // a comment, so no other statement's key can equal it.
                 let normalized = if template.sql.contains("/*M!") {
-                    collapse_whitespace(&template.sql, dialect)
+                    template.sql.clone()
                 } else {
                     statements
                         .iter()
@@ -373,6 +376,11 @@ mod tests {
             my("SELECT * FROM a JOIN b USING (id)")
         );
         assert!(my("SELECT * FROM a /*M! JOIN b USING (id) */").contains("|a|b|"));
+        assert_ne!(my("SELECT * FROM a /*M! LIMIT 1 */"), my("SELECT * FROM a"));
+        assert_ne!(
+            my("SELECT * FROM a /*M! LIMIT 1 */"),
+            my("SELECT * FROM a /*M! LIMIT 2 */")
+        );
     }
 
     #[test]

@@ -321,6 +321,14 @@ const CASES: &[(SqlDialect, &str, &[&str], &[&str])] = &[
         &["items", "orders"],
         &["items"],
     ),
+    // 33f. PostgreSQL: a DELETE target with its own alias is the table, whatever USING names
+    // (review, helper-73).
+    (
+        Postgres,
+        "DELETE FROM orders o USING archive AS orders WHERE o.id = orders.id",
+        &["archive", "orders"],
+        &["orders"],
+    ),
     // 33c. A DML target is never a CTE in PostgreSQL, even when one shares its name.
     (
         Postgres,

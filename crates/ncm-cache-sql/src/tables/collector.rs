@@ -177,14 +177,16 @@ impl Collector {
                 aliases(t, &mut aliased);
             }
             // An alias as written first (MySQL compares them case-sensitively on most systems),
-            // then ignoring case.
+            // then, for an unquoted name, ignoring case.
             let table = aliased
                 .iter()
                 .find(|(alias, _)| alias.value == ident.value)
                 .or_else(|| {
-                    aliased
-                        .iter()
-                        .find(|(alias, _)| alias.value.eq_ignore_ascii_case(&ident.value))
+                    aliased.iter().find(|(alias, _)| {
+                        ident.quote_style.is_none()
+                            && alias.quote_style.is_none()
+                            && alias.value.eq_ignore_ascii_case(&ident.value)
+                    })
                 })
                 .map(|(_, table)| *table);
             if let Some(table) = table {
@@ -319,8 +321,16 @@ impl Visitor for Collector {
                     // `DELETE FROM a USING orders AS a ...`: the targets name USING's tables.
                     ([], Some(using)) => {
                         for t in from {
-                            if let TableFactor::Table { name, .. } = &t.relation
-                                && self.write_target(name, using)
+                            // A target with an alias of its own is a table (PostgreSQL's
+                            // `DELETE FROM orders o USING archive AS orders`: `orders` is the
+                            // table, its name hidden by `o` — review, helper-73).
+                            if let TableFactor::Table { name, alias, .. } = &t.relation
+                                && if alias.is_some() {
+                                    self.write(name);
+                                    false
+                                } else {
+                                    self.write_target(name, using)
+                                }
                             {
                                 // An alias in FROM, visited as a relation: not a table read.
                                 self.functions.push(ptr::addr_of!(*name));
