@@ -317,24 +317,27 @@ impl<V: QueueValue> Shared<V> {
         if e.is_invalid_input() {
             return;
         }
-        if let Some(journal) = &self.journal {
-            if self
-                .cache_newest(&**journal, key, None, Expiry::Default)
-                .await
-            {
-                lock(&self.state).adopted.insert(key.to_owned());
-            }
-            return;
-        }
         {
             let mut st = lock(&self.state);
-            // (Marked also while any batch is in flight: it may hold the key. Marks of keys
-            // with nothing left to persist are dropped when the batch ends.)
+            // The refused value's cache write may still land later (a stalled connection): the
+            // key's waiting older write evicts it again once persisted. (Marked also while any
+            // batch is in flight: it may hold the key. Marks of keys with nothing left to
+            // persist are dropped when the batch ends.)
             if st.pending.contains_key(key) || st.in_flight > 0 {
                 st.adopted.insert(key.to_owned());
             }
         }
-        self.uncache(key).await;
+        match &self.journal {
+            Some(journal) => {
+                if self
+                    .cache_newest(&**journal, key, None, Expiry::Default)
+                    .await
+                {
+                    lock(&self.state).adopted.insert(key.to_owned());
+                }
+            }
+            None => self.uncache(key).await,
+        }
     }
 
     async fn uncache(&self, key: &str) {
@@ -401,9 +404,12 @@ impl<V: QueueValue> Shared<V> {
                 Vec::new()
             } else {
                 let stored = std::mem::take(&mut out.stored_keys);
+                // A mark stays while a write of the key waits: that write may be the one the
+                // mark is for (review, helper-73: the older write's persist used it up, and
+                // nothing evicted after the waiting one).
                 stored
                     .into_iter()
-                    .filter(|k| st.adopted.remove(k))
+                    .filter(|k| !st.pending.contains_key(k) && st.adopted.remove(k))
                     .collect()
             }
         };
@@ -544,12 +550,20 @@ impl<V: QueueValue> Shared<V> {
             attempts += 1;
             let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
                 Err(e) => {
-                    let wait = {
+                    let wait = e.is_retryable() && {
                         let mut st = lock(&self.state);
-                        let since = *st.journal_down_since.get_or_insert_with(Instant::now);
-                        e.is_retryable()
-                            && !st.closing
-                            && outage.is_some_and(|lease| since.elapsed() < lease)
+                        let now = Instant::now();
+                        // An outage is one run of failures no more than a lease apart: a
+                        // failure long after the last one starts a new one (review, helper-73).
+                        let ongoing = st.journal_last_failure.is_some_and(|last| {
+                            outage.is_some_and(|lease| now.duration_since(last) < lease)
+                        });
+                        if !ongoing {
+                            st.journal_down_since = Some(now);
+                        }
+                        st.journal_last_failure = Some(now);
+                        let since = st.journal_down_since.unwrap_or(now);
+                        !st.closing && outage.is_some_and(|lease| now.duration_since(since) < lease)
                     };
                     if wait {
                         attempts -= 1;
@@ -563,11 +577,11 @@ impl<V: QueueValue> Shared<V> {
                     Err(e)
                 }
                 Ok(()) if entries.is_empty() => {
-                    lock(&self.state).journal_down_since = None;
+                    lock(&self.state).journal_answered();
                     break Ok(());
                 }
                 Ok(()) => {
-                    lock(&self.state).journal_down_since = None;
+                    lock(&self.state).journal_answered();
                     journal = false;
                     self.stats.add(Counter::StoreCalls, 1);
                     let versions: Vec<WriteVersion> = meta
@@ -677,7 +691,10 @@ impl<V: QueueValue> Shared<V> {
                 }
                 Verdict::Lost => {
                     lost += 1;
-                    lock(&self.state).adopted.remove(&entry.0);
+                    let mut st = lock(&self.state);
+                    if !st.pending.contains_key(&entry.0) {
+                        st.adopted.remove(&entry.0);
+                    }
                 }
             }
         }

@@ -136,6 +136,8 @@ pub(crate) struct State<V> {
     /// Since when the journal's fence has been failing (durable mode; cleared by a fence that
     /// answers): batches wait for it no longer than a lease in all.
     pub(crate) journal_down_since: Option<Instant>,
+    /// The journal's fence's last retryable failure.
+    pub(crate) journal_last_failure: Option<Instant>,
     pub(crate) unacked: Vec<(String, Version)>,
     /// Keys whose waiting write was adopted from a crashed process (not written by this one):
     /// their cached value is evicted once the write is persisted.
@@ -162,6 +164,7 @@ impl<V> State<V> {
             dead: Vec::new(),
             dead_keys: std::collections::HashSet::new(),
             journal_down_since: None,
+            journal_last_failure: None,
             unacked: Vec::new(),
             adopted: std::collections::HashSet::new(),
             writing: HashMap::new(),
@@ -204,6 +207,12 @@ impl<V> State<V> {
             );
         }
         self.insert_inner(key, value, version, due, ids, superseded)
+    }
+
+    /// The journal's fence answered: no outage under way.
+    pub(crate) fn journal_answered(&mut self) {
+        self.journal_down_since = None;
+        self.journal_last_failure = None;
     }
 
     /// Gives a write up: it becomes a dead letter (one per key: a key's later write takes it
