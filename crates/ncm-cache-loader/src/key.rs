@@ -260,49 +260,28 @@ mod probe {
         }
     }
 
-    impl ser::SerializeSeq for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
+    /// A compound's parts are walked one by one.
+    macro_rules! walk {
+        ($trait:ident, $method:ident $(, $key:ty)?) => {
+            impl ser::$trait for NonFinite {
+                type Ok = ();
+                type Error = Found;
+                fn $method<T: ?Sized + Serialize>(&mut self, $(_key: $key,)? v: &T) -> R {
+                    v.serialize(NonFinite)
+                }
+                fn end(self) -> R {
+                    Ok(())
+                }
+            }
+        };
     }
 
-    impl ser::SerializeTuple for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleStruct for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleVariant for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
+    walk!(SerializeSeq, serialize_element);
+    walk!(SerializeTuple, serialize_element);
+    walk!(SerializeTupleStruct, serialize_field);
+    walk!(SerializeTupleVariant, serialize_field);
+    walk!(SerializeStruct, serialize_field, &'static str);
+    walk!(SerializeStructVariant, serialize_field, &'static str);
 
     impl ser::SerializeMap for NonFinite {
         type Ok = ();
@@ -311,28 +290,6 @@ mod probe {
             k.serialize(NonFinite)
         }
         fn serialize_value<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStruct for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, _k: &'static str, v: &T) -> R {
-            v.serialize(NonFinite)
-        }
-        fn end(self) -> R {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStructVariant for NonFinite {
-        type Ok = ();
-        type Error = Found;
-        fn serialize_field<T: ?Sized + Serialize>(&mut self, _k: &'static str, v: &T) -> R {
             v.serialize(NonFinite)
         }
         fn end(self) -> R {

@@ -548,13 +548,10 @@ async fn undecodable_journal_entries_go_to_the_dead_entry_stream() {
     s.shutdown().await.unwrap();
 }
 
-/// A crashed process left 50 pending writes; the process adopting them has `max_pending` 10:
-/// it never holds more than 10 at once, and still persists all 50.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adoption_respects_max_pending() {
-    let server = RedisServer::start().unwrap();
-    let url = server.url();
-    // The crashed process: a runtime that is dropped with its writes waiting an hour.
+/// A process that wrote `n` durable writes (`k{i}` = `v{i}`, due in an hour) to the queue of
+/// `store` and was killed: its runtime is dropped without the queue's drop (which would flush).
+fn crashed_with_pending_writes(url: &str, store: &'static str, n: usize) {
+    let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -564,15 +561,14 @@ async fn adoption_respects_max_pending() {
         rt.block_on(async {
             let c = RedisCache::connect(config(&url, "")).await.unwrap();
             let s = durable_strategies(&c).await;
-            let (store, _) = database("bounded");
+            let (store, _) = database(store);
             let queue = s.write_behind_queue(&store).await.unwrap();
-            for i in 0..50 {
+            for i in 0..n {
                 queue
                     .write(&format!("k{i}"), &format!("v{i}"), HOUR, HOUR)
                     .await
                     .unwrap();
             }
-            // No drop (which would flush): as if killed.
             std::mem::forget(queue);
             std::mem::forget(s);
             std::mem::forget(c);
@@ -581,6 +577,15 @@ async fn adoption_respects_max_pending() {
     })
     .join()
     .unwrap();
+}
+
+/// A crashed process left 50 pending writes; the process adopting them has `max_pending` 10:
+/// it never holds more than 10 at once, and still persists all 50.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_respects_max_pending() {
+    let server = RedisServer::start().unwrap();
+    let url = server.url();
+    crashed_with_pending_writes(&url, "bounded", 50);
     // Past the dead process's lease (500 ms).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let c = cache(&server, "").await;
@@ -612,32 +617,7 @@ async fn adoption_respects_max_pending() {
 async fn a_recovery_pass_that_fails_part_way_keeps_what_it_claimed() {
     let server = RedisServer::start().unwrap();
     let url = server.url();
-    // The crashed process: a runtime that is dropped with its writes waiting an hour.
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let c = RedisCache::connect(config(&url, "")).await.unwrap();
-            let s = durable_strategies(&c).await;
-            let (store, _) = database("partway");
-            let queue = s.write_behind_queue(&store).await.unwrap();
-            for i in 0..20 {
-                queue
-                    .write(&format!("k{i}"), &format!("v{i}"), HOUR, HOUR)
-                    .await
-                    .unwrap();
-            }
-            std::mem::forget(queue);
-            std::mem::forget(s);
-            std::mem::forget(c);
-        });
-        drop(rt);
-    })
-    .join()
-    .unwrap();
+    crashed_with_pending_writes(&url, "partway", 20);
     let stream = "__ncm:wb:{partway}";
     let dead = server
         .cli(&["SMEMBERS", "__ncm:wb:{partway}:consumers"])
