@@ -246,10 +246,12 @@ async fn a_new_owner_skips_the_run_another_instances_reload_just_made() {
 /// A reload whose run lease was lost mid-load (here: the lease key removed, as when its process
 /// stalls past the lease TTL and another instance takes the lease) must not store its result
 /// over the value the new holder stored meanwhile (found by review). Before, it did.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value() {
-    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
-    let (a, b) = two_instances(&server).await;
+/// Registers `k` on `a` with a loader that signals `entered` and then waits for `gate` before
+/// returning `from a, read before b's`, and on `b` with one returning `from b` at once.
+fn gated_on_a(
+    a: &CacheReloader,
+    b: &CacheReloader,
+) -> (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>) {
     let entered = Arc::new(tokio::sync::Notify::new());
     let gate = Arc::new(tokio::sync::Notify::new());
     let (e, g) = (Arc::clone(&entered), Arc::clone(&gate));
@@ -274,6 +276,14 @@ async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value()
         ReloadStrategy::Lazy,
     )
     .unwrap();
+    (entered, gate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lost_its_lease_does_not_overwrite_the_new_holders_value() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let (a, b) = two_instances(&server).await;
+    let (entered, gate) = gated_on_a(&a, &b);
     let slow = {
         let a = a.clone();
         tokio::spawn(async move { a.reload_key("k", true).await })
@@ -321,30 +331,7 @@ async fn a_reload_whose_lease_check_fails_does_not_store() {
     let b = CacheReloader::redis(&b)
         .lock_wait(Duration::from_secs(2))
         .build();
-    let entered = Arc::new(tokio::sync::Notify::new());
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let (e, g) = (Arc::clone(&entered), Arc::clone(&gate));
-    a.register_loader(
-        "k",
-        move || {
-            let (e, g) = (Arc::clone(&e), Arc::clone(&g));
-            async move {
-                e.notify_one();
-                g.notified().await;
-                Ok::<_, String>("from a, read before b's".to_owned())
-            }
-        },
-        Duration::from_secs(60),
-        ReloadStrategy::Lazy,
-    )
-    .unwrap();
-    b.register_loader(
-        "k",
-        || async { Ok::<_, String>("from b".to_owned()) },
-        Duration::from_secs(60),
-        ReloadStrategy::Lazy,
-    )
-    .unwrap();
+    let (entered, gate) = gated_on_a(&a, &b);
     let slow = {
         let a = a.clone();
         tokio::spawn(async move { a.reload_key("k", true).await })
