@@ -332,8 +332,6 @@ impl<V: QueueValue> RedisJournal<V> {
             .collect())
     }
 
-    /// Claims up to `limit` pending entries of one dead consumer; removes it once it has none
-    /// left. Entries that cannot be decoded go to the dead-entry stream.
     /// A recovery pass that failed part-way: the entries it already claimed are in this
     /// consumer's pending list, where no later pass looks (passes skip their own consumer), so
     /// they are returned to be persisted; the error ends the pass (review, helper-69: they were
@@ -347,6 +345,8 @@ impl<V: QueueValue> RedisJournal<V> {
         Ok(out)
     }
 
+    /// Claims up to `limit` pending entries of one dead consumer; removes it once it has none
+    /// left. Entries that cannot be decoded go to the dead-entry stream.
     async fn adopt(&self, dead: &str, out: &mut Vec<Recovered<V>>, limit: usize) -> Result<()> {
         loop {
             let room = limit.saturating_sub(out.len()).min(CLAIM_BATCH);
