@@ -365,12 +365,7 @@ async fn durable_write_behind_survives_sigkill() {
         "every acknowledged write is in the stream"
     );
 
-    let dead = server
-        .cli(&["SMEMBERS", "__ncm:wb:{sigkill}:consumers"])
-        .unwrap()
-        .trim()
-        .to_owned();
-    assert!(!dead.is_empty() && !dead.contains('\n'), "{dead:?}");
+    let dead = only_consumer(&server, "__ncm:wb:{sigkill}");
 
     // A new process replays them.
     let c = cache(&server, "").await;
@@ -509,6 +504,37 @@ impl ncm_cache_strategies::PersistentStore<String> for SharedTable {
     }
 }
 
+/// The one consumer registered for journal `stream` (a crashed process's).
+fn only_consumer(server: &RedisServer, stream: &str) -> String {
+    let dead = server
+        .cli(&["SMEMBERS", &format!("{stream}:consumers")])
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(!dead.is_empty() && !dead.contains('\n'), "{dead:?}");
+    dead
+}
+
+/// Appends to journal `stream` an entry of `key` that cannot be decoded, pending with
+/// `consumer`.
+fn pending_undecodable_entry(server: &RedisServer, stream: &str, consumer: &str, key: &str) {
+    let id = server
+        .cli(&["XADD", stream, "*", "k", key, "v", "not a value"])
+        .unwrap();
+    server
+        .cli(&[
+            "XCLAIM",
+            stream,
+            "ncm-wb",
+            consumer,
+            "0",
+            id.trim(),
+            "FORCE",
+            "JUSTID",
+        ])
+        .unwrap();
+}
+
 /// An entry of a dead consumer that cannot be decoded (another writer's format, damage) goes
 /// to the queue's dead-entry stream when adopted, instead of staying in the journal forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,21 +544,7 @@ async fn undecodable_journal_entries_go_to_the_dead_entry_stream() {
     server
         .cli(&["XGROUP", "CREATE", stream, "ncm-wb", "$", "MKSTREAM"])
         .unwrap();
-    let id = server
-        .cli(&["XADD", stream, "*", "k", "order:1", "v", "not a value"])
-        .unwrap();
-    server
-        .cli(&[
-            "XCLAIM",
-            stream,
-            "ncm-wb",
-            "ghost",
-            "0",
-            id.trim(),
-            "FORCE",
-            "JUSTID",
-        ])
-        .unwrap();
+    pending_undecodable_entry(&server, stream, "ghost", "order:1");
     server
         .cli(&["SADD", "__ncm:wb:{ghosts}:consumers", "ghost"])
         .unwrap();
@@ -636,28 +648,9 @@ async fn a_recovery_pass_that_fails_part_way_keeps_what_it_claimed() {
     let url = server.url();
     crashed_with_pending_writes(&url, "partway", 20);
     let stream = "__ncm:wb:{partway}";
-    let dead = server
-        .cli(&["SMEMBERS", "__ncm:wb:{partway}:consumers"])
-        .unwrap()
-        .trim()
-        .to_owned();
-    assert!(!dead.is_empty() && !dead.contains('\n'), "{dead:?}");
+    let dead = only_consumer(&server, stream);
     // A bad entry, newest, pending with the crashed consumer; its burial will fail.
-    let id = server
-        .cli(&["XADD", stream, "*", "k", "bad", "v", "not a value"])
-        .unwrap();
-    server
-        .cli(&[
-            "XCLAIM",
-            stream,
-            "ncm-wb",
-            &dead,
-            "0",
-            id.trim(),
-            "FORCE",
-            "JUSTID",
-        ])
-        .unwrap();
+    pending_undecodable_entry(&server, stream, &dead, "bad");
     server
         .cli(&["SET", "__ncm:wb:{partway}:dead", "not a stream"])
         .unwrap();
