@@ -561,23 +561,27 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
             return Ok(0);
         }
         inner.invalidate_l1_matching(pattern)?;
+        use crate::tombstone::Tombstone;
         let cancelled = crate::cache::OnCancel::new(|| {
             let _ = inner.invalidate_l1_matching(pattern);
             inner.queue_pattern(pattern);
+            inner.queue_tombstone(Tombstone::Pattern(pattern));
         });
         let removed = inner
             .l2_call("clear_pattern", inner.l2.clear_pattern(pattern))
             .await;
-        cancelled.disarm();
         inner.invalidate_l1_matching(pattern)?;
+        // Announced (and the trackers told, also after an error: the deletes may have run)
+        // before the loads are rechecked, still guarded: a caller cancelled during either
+        // still has it announced (review, helper-74, helper-75).
+        inner.publish_pattern(pattern).await;
+        let told = inner.tell_trackers(Tombstone::Pattern(pattern)).await;
+        cancelled.disarm();
         if let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern) {
             inner.recheck_loads_matching(|k| glob.matches(k)).await;
         }
-        inner.publish_pattern(pattern).await;
         let removed = removed?;
-        inner
-            .tell_trackers(crate::tombstone::Tombstone::Pattern(pattern))
-            .await?;
+        told?;
         Ok(removed)
     }
 

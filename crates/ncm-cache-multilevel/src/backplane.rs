@@ -544,7 +544,9 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     }
                     if !withdraw.is_empty() {
                         let inner = Arc::clone(&inner);
-                        tokio::spawn(async move { inner.withdraw_loads(withdraw, true).await });
+                        tokio::spawn(
+                            async move { inner.withdraw_loads_here(withdraw, true).await },
+                        );
                     }
                 }
                 PubSubEvent::Disconnected => {

@@ -71,6 +71,9 @@ impl<C> fmt::Debug for MultiLevelCache<C> {
 }
 
 pub(crate) struct Inner<C> {
+    /// This cache itself, for work that must outlive a cancelled caller (see
+    /// [`withdraw_loads`](Self::withdraw_loads)).
+    pub(crate) me: std::sync::Weak<Inner<C>>,
     pub(crate) l1: MemoryStore<L1Value>,
     /// L2 as the cache uses it (through its epoch with `epoch_clear`).
     pub(crate) l2: SharedBackend,
@@ -260,7 +263,8 @@ impl<C: Codec> MultiLevelCache<C> {
         if let Some(index) = b.tags {
             let _ = tags.set(index);
         }
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             defaults: Eff::defaults(&o),
             tags,
             l1,
@@ -1048,21 +1052,30 @@ impl<C: Codec> MultiLevelCache<C> {
         }
         inner.invalidate_l1_all();
         // Cancelled during the L2 call (which may have run): still emptied and announced.
+        // (With epochs, the new token's write is what tracking instances hear.)
+        let tombstone = inner.epoch.is_none();
         let cancelled = OnCancel::new(|| {
             inner.invalidate_l1_all();
             inner.queue_clear();
+            if tombstone {
+                inner.queue_tombstone(Tombstone::All);
+            }
         });
         let r = inner.l2_call("clear", inner.l2.clear_pattern("*")).await;
-        cancelled.disarm();
         inner.invalidate_l1_all();
-        inner.recheck_loads_after_clear().await;
+        // Announced (and the trackers told, also after an error: the clear may have run)
+        // before the loads are rechecked, still guarded: a caller cancelled during either
+        // still has it announced (review, helper-74, helper-75).
         inner.publish_clear().await;
+        let told = if tombstone {
+            inner.tell_trackers(Tombstone::All).await
+        } else {
+            Ok(())
+        };
+        cancelled.disarm();
+        inner.recheck_loads_after_clear().await;
         r?;
-        if inner.epoch.is_none() {
-            // (With epochs, the new token's write is what tracking instances hear.)
-            inner.tell_trackers(Tombstone::All).await?;
-        }
-        Ok(())
+        told
     }
 
     /// Sets the [`tag_index`](MultiLevelBuilder::tag_index) after the build (once).
@@ -1842,8 +1855,28 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    /// Withdraws each `(key, digest)` that L2 still holds, a few at a time.
-    pub(crate) async fn withdraw_loads(&self, found: Vec<(String, u64)>, announce: bool) {
+    /// Withdraws each `(key, digest)` that L2 still holds, a few at a time — in a task of its
+    /// own, awaited: the entries were taken out of `recent`, so a caller cancelled meanwhile
+    /// (a timeout around `delete` or `clear`) must not drop the check (review, helper-74).
+    pub(crate) async fn withdraw_loads(&self, found: Vec<(String, u64)>, announce: bool)
+    where
+        C: Codec,
+    {
+        if found.is_empty() {
+            return;
+        }
+        if let (Some(inner), Ok(runtime)) =
+            (self.me.upgrade(), tokio::runtime::Handle::try_current())
+        {
+            let _ = runtime
+                .spawn(async move { inner.withdraw_loads_here(found, announce).await })
+                .await;
+        } else {
+            self.withdraw_loads_here(found, announce).await;
+        }
+    }
+
+    pub(crate) async fn withdraw_loads_here(&self, found: Vec<(String, u64)>, announce: bool) {
         use futures_util::StreamExt as _;
         futures_util::stream::iter(found)
             .for_each_concurrent(16, |(key, digest)| async move {
@@ -1854,10 +1887,17 @@ impl<C: Codec> Inner<C> {
 
     /// `key` was deleted here: a load's store of it that may have landed after the delete is
     /// checked (`recent.rs`).
-    pub(crate) async fn recheck_loads_of(&self, key: &str, announce: bool) {
-        for digest in self.recent.deleted(key, self.opts.now_nanos()) {
-            self.withdraw_load(key, digest, announce).await;
-        }
+    pub(crate) async fn recheck_loads_of(&self, key: &str, announce: bool)
+    where
+        C: Codec,
+    {
+        let found = self
+            .recent
+            .deleted(key, self.opts.now_nanos())
+            .into_iter()
+            .map(|digest| (key.to_owned(), digest))
+            .collect();
+        self.withdraw_loads(found, announce).await;
     }
 
     /// After a clear: with `epoch_clear` a load's store cannot land in the new epoch (see
@@ -1897,24 +1937,55 @@ impl<C: Codec> Inner<C> {
             };
             #[cfg(not(feature = "redis"))]
             let in_l2 = delete.await;
-            guard.disarm();
             self.invalidate_l1(key)?;
+            // Announced before the recheck below, the guard armed until then: a caller
+            // cancelled during either still has it announced (review, helper-74).
+            if eff.announce() {
+                self.publish_delete(key).await;
+            }
+            // Redis removed nothing, so it pushes nothing: other instances may still hold the
+            // key in L1 (a cached "not found"). Also after an error (the DEL may have run),
+            // and before the recheck, still guarded (review, helper-75).
+            let told = match &in_l2 {
+                Ok(true) => Ok(()),
+                _ => self.tell_trackers(Tombstone::Key(key)).await,
+            };
+            guard.disarm();
             // A load of the key stored here may have landed after this delete.
             self.recheck_loads_of(key, eff.announce()).await;
+            let in_l2 = in_l2?;
+            told?;
             in_l2
         } else {
-            Ok(false)
+            if eff.announce() {
+                self.publish_delete(key).await;
+            }
+            false
         };
-        if eff.announce() {
-            self.publish_delete(key).await;
-        }
-        let in_l2 = in_l2?;
-        if !in_l2 && eff.write_l2() {
-            // Redis removed nothing, so it pushes nothing: other instances may still hold
-            // the key in L1 (a cached "not found").
-            self.tell_trackers(Tombstone::Key(key)).await?;
-        }
         Ok(in_l2 || in_l1)
+    }
+
+    /// [`tell_trackers`](Self::tell_trackers) from a drop guard: the marker's write is
+    /// spawned, not awaited (an error is logged).
+    pub(crate) fn queue_tombstone(&self, tombstone: Tombstone<'_>) {
+        #[cfg(feature = "redis")]
+        if let Some(tracker) = &self.tracking
+            && self.backplane.is_none()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            use ncm_cache_core::CacheBackend as _;
+            let redis = Arc::clone(&tracker.redis);
+            let (name, ttl) = (tombstone.name(), tombstone.ttl());
+            runtime.spawn(async move {
+                if let Err(e) = redis
+                    .set_reserved(&name, ncm_cache_core::Bytes::new(), ttl)
+                    .await
+                {
+                    tracing::warn!(marker = %name, error = %e, "the invalidation marker of a cancelled delete could not be written; tracking instances may keep a cached not-found until negative_ttl");
+                }
+            });
+        }
+        let _ = tombstone;
     }
 
     /// With client tracking and no backplane (which carries every invalidation itself):
@@ -2057,6 +2128,10 @@ impl<C: Codec> Drop for Unannounced<'_, C> {
             let _ = self.inner.invalidate_l1(key);
             if self.announce {
                 self.inner.queue_delete(key);
+            }
+            if write.is_none() {
+                // A delete: Redis pushes nothing for a key it did not hold.
+                self.inner.queue_tombstone(Tombstone::Key(key));
             }
         }
     }

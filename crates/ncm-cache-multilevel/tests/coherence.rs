@@ -946,6 +946,36 @@ mod redis {
         slow.other_reply_delay(Duration::ZERO);
     }
 
+    /// A delete, a pattern delete or a `clear()` of a key this instance loaded — so after its
+    /// L2 call it rechecks that load (a store that may have landed after the delete) — whose
+    /// caller is cancelled during the recheck is still announced. Before (review, helper-74),
+    /// the announcement came after the recheck: other instances served the deleted value for
+    /// their whole L1 TTL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletes_cancelled_while_rechecking_their_loads_are_still_announced() {
+        use ncm_cache_core::CacheBackend;
+        let server = RedisServer::start().unwrap();
+        let (slow, a, b) = slow_writer_and_reader(&server).await;
+        let bound = Duration::from_secs(1);
+        for (key, what) in [("k", "delete"), ("p:1", "clear_pattern"), ("c", "clear")] {
+            a.get_or_load(key, || async { Ok::<_, Io>(1u64) })
+                .await
+                .unwrap();
+            until_seen(&b, key, 1, bound).await;
+            until_l1(&b, key).await;
+            // The recheck's GET is held back; the delete's own call is not.
+            slow.get_reply_delay(Duration::from_millis(500));
+            match what {
+                "delete" => cancelled(what, a.delete(key)).await,
+                "clear_pattern" => cancelled(what, a.as_backend().clear_pattern("p:*")).await,
+                _ => cancelled(what, a.clear()).await,
+            }
+            slow.get_reply_delay(Duration::ZERO);
+            until_not(&b, key, Some(1)).await;
+            assert_eq!(b.get::<u64>(key).await.unwrap(), None, "{what}: deleted");
+        }
+    }
+
     /// An epoch `clear()` cancelled while its new epoch is being written: the writer forgets
     /// its token and every instance is told, so nobody reads the old epoch on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

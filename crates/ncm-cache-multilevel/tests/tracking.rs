@@ -5,6 +5,9 @@
 #![cfg(feature = "redis")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ncm_cache_core::{CacheError, ValueSource};
@@ -896,5 +899,91 @@ async fn a_delete_or_clear_elsewhere_ends_a_cached_not_found() {
                 "epoch_clear {epoch}, by {by}: a cached not-found outlived the invalidation"
             );
         }
+    }
+}
+
+/// A delete, a pattern delete or a `clear()` whose caller is cancelled after its L2 call
+/// reached Redis — or whose delete fails after it ran — still writes its marker, so tracking
+/// instances drop a cached "not found" within the bound. Before (review, helper-75) the marker
+/// was written only by a call that ended well: the others kept the "not found" for their whole
+/// `negative_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_failed_delete_still_ends_a_cached_not_found() {
+    use ncm_cache_core::{CacheBackend, SharedBackend};
+    let server = RedisServer::start().unwrap();
+    let ra = RedisCache::connect(config(&server.url())).await.unwrap();
+    let a = MultiLevelCache::over_redis(&ra)
+        .name("users")
+        .coherence(Coherence::Tracking)
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // B's L2 calls go through `Slow`; its markers through its tracking Redis.
+    let rb = RedisCache::connect(config(&server.url())).await.unwrap();
+    let slow = Arc::new(support::Slow::new(rb.backend()));
+    let b = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .name("users")
+        .client_tracking(Arc::clone(rb.redis_backend()))
+        .build()
+        .unwrap();
+    wait_active(&a).await;
+    wait_active(&b).await;
+    for (i, by) in ["delete", "delete fails", "pattern", "clear"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = format!("gone:{i}");
+        let none = a
+            .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(None) })
+            .await
+            .unwrap();
+        assert_eq!(none, None);
+        let cached = a
+            .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(Some(7)) })
+            .await
+            .unwrap();
+        assert_eq!(cached, None, "the not-found was not cached");
+        let held = Duration::from_millis(300);
+        match by {
+            "delete" => {
+                slow.delete_reply_delay(held);
+                let r = tokio::time::timeout(Duration::from_millis(100), b.delete(&key)).await;
+                assert!(r.is_err(), "the delete was meant to be cancelled");
+            }
+            "delete fails" => {
+                slow.delete_fails_after(true);
+                assert!(
+                    b.delete(&key).await.is_err(),
+                    "the delete was meant to fail"
+                );
+                slow.delete_fails_after(false);
+            }
+            "pattern" => {
+                slow.other_reply_delay(held);
+                let r = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    b.as_backend().clear_pattern(&format!("gone:{i}*")),
+                )
+                .await;
+                assert!(r.is_err(), "the pattern delete was meant to be cancelled");
+            }
+            _ => {
+                slow.other_reply_delay(held);
+                let r = tokio::time::timeout(Duration::from_millis(100), b.clear()).await;
+                assert!(r.is_err(), "the clear was meant to be cancelled");
+            }
+        }
+        tokio::time::sleep(held + BOUND).await;
+        slow.delete_reply_delay(Duration::ZERO);
+        slow.other_reply_delay(Duration::ZERO);
+        let after = a
+            .get_or_load_optional::<u64, _, _, std::io::Error>(&key, || async { Ok(Some(1)) })
+            .await
+            .unwrap();
+        assert_eq!(
+            after.as_deref(),
+            Some(&1),
+            "by a {by}: a cached not-found outlived the invalidation"
+        );
     }
 }
