@@ -166,6 +166,42 @@ impl Batcher {
     }
 }
 
+/// Runs `work` in a task on [`runtime_for`]'s runtime, or here when there is none. A task
+/// dropped before it ran (its runtime shut down: tokio drops what is spawned on it) marks that
+/// runtime gone, so later work runs on its caller's runtime (review, helper-76: on a cluster,
+/// whose writes are not batched, few concurrent reads never start a slot's task, and the
+/// parts of every batch and the slot-map looks went on being spawned there and dropped).
+async fn spawn_work(inner: &Arc<Inner>, work: impl Future<Output = ()> + Send + 'static) {
+    match runtime_for(inner) {
+        Some(runtime) => spawn_marked(inner, &runtime, work),
+        None => work.await,
+    }
+}
+
+/// Spawns `work` on `runtime`; see [`spawn_work`].
+fn spawn_marked(
+    inner: &Arc<Inner>,
+    runtime: &tokio::runtime::Handle,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    /// Marks the runtime gone when dropped before the task cleared it.
+    struct Unrun(Option<Arc<Inner>>);
+    impl Drop for Unrun {
+        fn drop(&mut self) {
+            if let Some(b) = self.0.take().as_ref().and_then(|i| i.batcher.as_ref()) {
+                b.runtime_gone.store(true, Ordering::Release);
+            }
+        }
+    }
+    let unrun = Unrun(Some(Arc::clone(inner)));
+    drop(runtime.spawn(async move {
+        // The whole guard moved in (not only its field), and disarmed once the task runs.
+        let mut unrun = unrun;
+        unrun.0 = None;
+        work.await;
+    }));
+}
+
 /// The runtime a batch task runs on: the one the cache connected on while it runs, else the
 /// caller's (`None` outside any runtime).
 fn runtime_for(inner: &Inner) -> Option<tokio::runtime::Handle> {
@@ -603,11 +639,7 @@ async fn send_gets(inner: &Arc<Inner>, batch: Vec<Get>) {
         if parts.is_empty() {
             return;
         }
-        let rest = async move { while parts.next().await.is_some() {} };
-        match runtime_for(inner) {
-            Some(runtime) => drop(runtime.spawn(rest)),
-            None => rest.await,
-        }
+        spawn_work(inner, async move { while parts.next().await.is_some() {} }).await;
         return;
     }
     send_part(inner, batch).await;
@@ -974,7 +1006,7 @@ impl Owners {
         let Some(runtime) = runtime_for(inner) else {
             return;
         };
-        drop(runtime.spawn(async move {
+        spawn_marked(inner, &runtime, async move {
             let inner = &looking.0;
             let Some(owners) = inner.batcher.as_ref().and_then(|b| b.cluster.as_ref()) else {
                 return;
@@ -982,7 +1014,11 @@ impl Owners {
             // Cleared first: a redirect answered during the look asks for another.
             owners.stale.store(false, Ordering::Release);
             // Not through `Inner::run`: a failed look is not a failed read.
-            match inner.conn.cluster_slots(inner.config.response_timeout).await {
+            match inner
+                .conn
+                .cluster_slots(inner.config.response_timeout)
+                .await
+            {
                 Ok(None) => {}
                 Ok(Some(slots)) => {
                     let map = Arc::new(slot_owners(slots));
@@ -995,7 +1031,7 @@ impl Owners {
                     hold(&owners.not_before, Duration::from_secs(1));
                 }
             }
-        }));
+        });
     }
 
     /// `batch` split by the primary that owns each key (a key whose owner is not known, or

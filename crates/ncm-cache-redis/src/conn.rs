@@ -317,9 +317,12 @@ impl Conn {
     /// until the new connection is up — however long its caller has been gone.
     pub(crate) fn on_call_error(&self, slot: Option<usize>, err: &CacheError) {
         if let Self::Cluster(c) = self {
-            if err.is_timeout() {
-                c.timed_out();
-            } else if !err.is_connection() {
+            if err.is_timeout() || err.is_connection() {
+                // A connection error too: the cluster connection's own task may be gone (it
+                // ran on a runtime since shut down), and then every call fails at once, for
+                // good (review, helper-76).
+                c.failed();
+            } else {
                 // An error reply: the connection answers.
                 c.answered();
             }
@@ -568,14 +571,18 @@ type AskConn = std::sync::Arc<tokio::sync::OnceCell<MultiplexedConnection>>;
 /// a second, if longer), a new connection is made (in a task, one at a time, at most once per
 /// twice that time) and takes its place; calls made with the old one end by their timeouts, and
 /// redis-rs ends the old connection's task once the last of them has dropped it (its closing
-/// polls the requests it holds).
+/// polls the requests it holds). Calls that fail with a connection error count as timed out
+/// ones: the connection's task may have died with the runtime it ran on (a `static` cache
+/// first used by one `#[tokio::test]`), and then every call fails at once; the new connection
+/// is made on the caller's runtime
+/// (`tests/cluster.rs::a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down`).
 pub(crate) struct ClusterConn {
     current: RwLock<ClusterConnection>,
     config: RedisConfig,
     base: Instant,
     /// When a call was last answered (ms since `base`).
     answered: AtomicU64,
-    /// Calls timed out since then.
+    /// Calls timed out (or failed with a connection error) since then.
     timeouts: AtomicU64,
     /// A replacement under way.
     replacing: std::sync::atomic::AtomicBool,
@@ -670,9 +677,9 @@ impl ClusterConn {
         }
     }
 
-    /// A call timed out: when nothing has been answered for the response timeout, the
-    /// connection is replaced in a task (see [`ClusterConn`]).
-    fn timed_out(self: &std::sync::Arc<Self>) {
+    /// A call timed out or lost its connection: when nothing has been answered for the
+    /// response timeout, the connection is replaced in a task (see [`ClusterConn`]).
+    fn failed(self: &std::sync::Arc<Self>) {
         // The response timeout, and a second at least: with a short response timeout, a node
         // stalled for longer (a fork, a slow script) that all the calls of the moment wait for
         // would otherwise make every node reconnect several times a second (found by review).

@@ -815,3 +815,92 @@ fn sync_calls_follow_a_slot_being_migrated() {
     let failures = read_all(&keys, Duration::from_secs(2));
     assert!(failures.is_empty(), "slot moved: {failures:?}");
 }
+
+/// The runtime a cluster cache connected on is shut down (a `static` cache first used by one
+/// `#[tokio::test]`, then by the next ones): the cluster connection's task died with it, so
+/// every call on that connection fails at once. The cache replaces it on the callers' runtime
+/// and goes on — first with 2 callers (too few to start a batch slot's task, whose loss marked
+/// the runtime gone; their batches' slower parts go on in tasks of their own), then with 64.
+/// Before (review, helper-76), only a timeout replaced the cluster connection: it stayed dead
+/// for the life of the process, and those parts kept being spawned on the dead runtime (their
+/// reads answered "abandoned").
+#[test]
+fn a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down() {
+    use std::sync::Arc;
+    let cluster = RedisCluster::start().unwrap();
+    let keys = 200usize;
+    let value = |i: usize| Bytes::from(format!("value-of-k{i}"));
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = first.block_on(async {
+        let cache = RedisCache::connect(config(&cluster))
+            .await
+            .unwrap()
+            .backend();
+        for i in 0..keys {
+            cache.set(&format!("k{i}"), value(i), None).await.unwrap();
+        }
+        cache
+    });
+    drop(first);
+    let callers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (round, tasks) in [2usize, 2, 2, 64, 64].into_iter().enumerate() {
+        let (ok, abandoned, failed) = callers.block_on(async {
+            let calls: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let cache = Arc::clone(&cache);
+                    tokio::spawn(async move {
+                        let (mut ok, mut abandoned, mut failed) = (0, 0, 0);
+                        for i in 0..20 {
+                            let k = (t * 7 + i) % keys;
+                            let call = async {
+                                if i % 4 == 0 {
+                                    cache
+                                        .set(&format!("k{k}"), value(k), None)
+                                        .await
+                                        .map(|()| None)
+                                } else {
+                                    cache.get(&format!("k{k}")).await
+                                }
+                            };
+                            match tokio::time::timeout(Duration::from_secs(5), call).await {
+                                Ok(Ok(Some(v))) => {
+                                    assert_eq!(v, value(k), "round {round}");
+                                    ok += 1;
+                                }
+                                Ok(Ok(None)) => ok += 1,
+                                Ok(Err(e)) if e.to_string().contains("abandoned") => abandoned += 1,
+                                Ok(Err(_)) => failed += 1,
+                                Err(_) => panic!("round {round}: a call hung"),
+                            }
+                        }
+                        (ok, abandoned, failed)
+                    })
+                })
+                .collect();
+            let mut sum = (0, 0, 0);
+            for c in calls {
+                let (o, a, f) = c.await.unwrap();
+                sum = (sum.0 + o, sum.1 + a, sum.2 + f);
+            }
+            sum
+        });
+        eprintln!("round {round} ({tasks} tasks): {ok} ok, {abandoned} abandoned, {failed} failed");
+        // The first round's calls may fail until the connection is replaced.
+        if round > 0 {
+            assert_eq!(abandoned, 0, "round {round}: {abandoned} calls abandoned");
+            assert!(
+                failed <= 1 + tasks / 5,
+                "round {round}: {failed} calls failed, {ok} answered (the cluster connection \
+                 was never replaced)"
+            );
+        }
+    }
+}
