@@ -146,7 +146,16 @@ impl<C: Codec> Inner<C> {
             Err(e) => tracing::debug!(key, error = %e, "L2 read failed; loading"),
         }
         let found = self
-            .load_flight::<T, F, Fut, E>(key, eff, loader, stale, Began::Miss { absent })
+            .load_flight::<T, F, Fut, E>(
+                key,
+                eff,
+                loader,
+                stale,
+                Began::Miss {
+                    absent,
+                    since: ticket,
+                },
+            )
             .await;
         span.record(
             "source",
@@ -403,7 +412,7 @@ impl<C: Codec> Inner<C> {
                         (stale, validator),
                         &ticket,
                         epoch_since,
-                        began.absent(),
+                        began,
                     )
                     .await;
                 match stored {
@@ -465,8 +474,8 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Caches what the loader answered, as it asked (adaptive caching), and says whether
-    /// L2 got it (for the lock's waiters). `after_miss`: the load began on an L2 miss (not
-    /// an eager refresh), so its value goes to L2 only while the key is still absent there.
+    /// L2 got it (for the lock's waiters). After a miss whose L2 read found nothing (not an
+    /// eager refresh), its value goes to L2 only while the key is still absent there.
     #[allow(clippy::too_many_arguments)]
     async fn store_answer<T: CacheValue>(
         &self,
@@ -476,8 +485,9 @@ impl<C: Codec> Inner<C> {
         (stale, stale_validator): (Option<Arc<T>>, Option<Arc<str>>),
         ticket: &Ticket,
         epoch_since: Option<u64>,
-        after_miss: bool,
+        began: Began,
     ) -> Result<(Found, Stored)> {
+        let after_miss = began.absent();
         let stored = if loaded.cache && eff.write_l2() {
             Stored::Cached
         } else {
@@ -506,20 +516,26 @@ impl<C: Codec> Inner<C> {
                 // The value this load refreshed (or stood in for) no longer exists at the
                 // source: removed everywhere, unless the key was written or invalidated since.
                 let mut ticket = *ticket;
-                if stale.is_some() && self.versions.current(&ticket) {
+                // Nor written or invalidated since the miss's L2 read, which found nothing: a
+                // write between that read and the load's ticket (with client tracking, a
+                // foreign write whose push came before the read's reply) stored nothing this
+                // "not found" may replace or hide (review, helper-75).
+                let since_miss = began.since().is_none_or(|t| self.versions.current(&t));
+                if stale.is_some() && since_miss && self.versions.current(&ticket) {
                     if let Err(e) = self.delete_everywhere(key, &eff).await {
                         tracing::warn!(key, error = %e, "the loader found nothing, but the old value could not be removed");
                     }
                     ticket = self.versions.ticket(key);
                 }
-                if loaded.cache && eff.negative_ttl.is_some() {
+                if loaded.cache && eff.negative_ttl.is_some() && since_miss {
                     self.l1_fill(key, Fill::negative(), &ticket, &eff);
                 }
                 // Written or invalidated during the load (a delete because the row was just
                 // inserted), or a link down (such an invalidation may be unheard): this "not
                 // found" may be older than that, so the lock's waiters are not told it (they
                 // load themselves).
-                let stored = if self.versions.current(&ticket)
+                let stored = if since_miss
+                    && self.versions.current(&ticket)
                     && self.l1_enabled.load(std::sync::atomic::Ordering::Acquire)
                 {
                     stored
@@ -787,8 +803,9 @@ pub(crate) enum Began {
     /// An eager refresh of a fresh L1 value (it replaces the value in L2).
     Refresh,
     /// A miss; `absent`: L2 was read and held nothing, so the load stores only while the key
-    /// is still absent there (not after a skipped, failed or unreadable L2 read).
-    Miss { absent: bool },
+    /// is still absent there (not after a skipped, failed or unreadable L2 read). `since`: the
+    /// ticket taken before that read.
+    Miss { absent: bool, since: Ticket },
 }
 
 impl Began {
@@ -798,7 +815,15 @@ impl Began {
     }
 
     fn absent(self) -> bool {
-        matches!(self, Self::Miss { absent: true })
+        matches!(self, Self::Miss { absent: true, .. })
+    }
+
+    /// The ticket taken before the miss's L2 read (`None` for a refresh).
+    fn since(self) -> Option<Ticket> {
+        match self {
+            Self::Miss { since, .. } => Some(since),
+            Self::Refresh => None,
+        }
     }
 }
 

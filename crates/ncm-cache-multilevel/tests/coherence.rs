@@ -90,6 +90,47 @@ async fn a_reader_never_promotes_a_value_older_than_a_local_write() {
     );
 }
 
+/// A load's "not found" is not cached over a write that came between the miss's L2 read and
+/// the load: that read found nothing, then the key was written (here a local write to L2; with
+/// client tracking, a foreign write whose push is handled before the read's reply), and the
+/// loader — which read the source before the write reached it — answers "not found". Before
+/// (review, helper-75), the load's ticket was taken after the write, so the "not found" went
+/// into L1 and was served over the written value for `negative_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_not_found_is_not_cached_over_a_write_made_after_the_miss() {
+    use ncm_cache_core::CacheLevel;
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(clock as SharedClock)
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    slow.get_reply_delay(Duration::from_millis(200));
+    let load = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load_optional::<u64, _, _, _>("k", || async { Ok::<_, Io>(None) })
+                .await
+        })
+    };
+    // The miss's GET has read "absent"; its reply is held back.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    slow.get_reply_delay(Duration::ZERO);
+    cache.set_at("k", 1u64, CacheLevel::L2).await.unwrap();
+    assert_eq!(
+        load.await.unwrap().unwrap(),
+        None,
+        "the loader found nothing"
+    );
+    assert_eq!(
+        cache.get::<u64>("k").await.unwrap(),
+        Some(1),
+        "a not-found older than the write was served from L1"
+    );
+}
+
 /// One key's invalidation must not stop another key's promotion (per-key versions, not one
 /// cache-wide epoch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
