@@ -1753,6 +1753,120 @@ async fn sql_over_a_fail_safe_cache_asks_the_database_while_redis_is_down() {
     );
 }
 
+/// Fail-safe's main case over a multi-level cache, Redis up: the entries' L2 copies expired
+/// (a 500 ms TTL; L1 300 ms) and the source is down — a `CacheLoader` load, a `CacheReloader`
+/// read, `Cache::read_through`, `CacheStrategies::read_through` and a `SqlCache` query serve
+/// their stale L1 copy; once the source is back they serve its newer value, not the copy.
+/// Before (review, helper-74), L2's "absent" dropped the copy on the byte-level path all of
+/// them take, and each returned the source's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_over_a_fail_safe_cache_serve_the_copy_of_an_expired_entry_when_the_source_fails() {
+    use ncm_cache::ReloadStrategy;
+    use ncm_cache::loader::CacheReloader;
+    let server = RedisServer::start().unwrap();
+    let multi = fail_safe_instance(&server, "fsx:").await;
+    let cache = Cache::new(multi.as_backend(), Serializer::default());
+    let ttl = Duration::from_millis(500);
+    let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
+    let read = {
+        let source = Arc::clone(&source);
+        move || {
+            let now = *source.lock().unwrap();
+            async move {
+                now.map(str::to_owned)
+                    .ok_or_else(|| std::io::Error::other("database down"))
+            }
+        }
+    };
+    let loader = CacheLoader::new(cache.clone());
+    let read_user = read.clone();
+    loader
+        .register_loader(
+            "user",
+            move |_id: u64| read_user(),
+            ttl,
+            CacheStrategy::CacheAside,
+        )
+        .unwrap();
+    let reloader = CacheReloader::new(cache.clone());
+    reloader
+        .register_loader("cfg", read.clone(), Some(ttl), ReloadStrategy::Lazy)
+        .unwrap();
+    let strategies = CacheStrategies::new(cache.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let sql = SqlCache::builder(cache.clone(), SqliteExecutor::connect(&url).await.unwrap())
+        .build()
+        .unwrap();
+    users_with_ada(&sql).await;
+    let reads = |round: &'static str| {
+        let (loader, reloader, cache, strategies, read, sql) = (
+            loader.clone(),
+            &reloader,
+            cache.clone(),
+            &strategies,
+            read.clone(),
+            sql.clone(),
+        );
+        async move {
+            let user: std::result::Result<String, _> = loader.load("user", 1u64).await;
+            let cfg: std::result::Result<String, _> = reloader.get("cfg").await;
+            let through: std::result::Result<String, _> =
+                cache.read_through("through", read.clone(), ttl).await;
+            let strat: std::result::Result<String, _> =
+                strategies.read_through("strat", read, ttl).await;
+            let query: std::result::Result<String, _> = sql
+                .cache_query(
+                    "SELECT name FROM users WHERE id = %s",
+                    params![1],
+                    QueryCacheStrategy::CacheFirst,
+                    Some(ttl),
+                )
+                .await
+                .map(|rows| match rows.and_then(|r| r.get(0, "name").cloned()) {
+                    Some(SqlValue::Text(name)) => name,
+                    other => format!("{other:?}"),
+                });
+            let all = [user, cfg, through, strat, query]
+                .map(|r| r.unwrap_or_else(|e| format!("error: {e}")));
+            eprintln!("{round}: {all:?}");
+            all
+        }
+    };
+    assert_eq!(
+        reads("warm").await,
+        ["v1", "v1", "v1", "v1", "Ada"].map(String::from)
+    );
+    // L2's copies expire (L1's go stale), and the source fails: the copies are served.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    *source.lock().unwrap() = None;
+    let other = SqliteExecutor::connect(&url).await.unwrap();
+    ncm_cache::sql::SqlExecutor::execute(&other, "DROP TABLE users", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        reads("source down").await,
+        ["v1", "v1", "v1", "v1", "Ada"].map(String::from),
+        "a stale copy was not served when the source failed"
+    );
+    // The source is back, newer: it is asked, and its values served.
+    *source.lock().unwrap() = Some("v2");
+    for statement in [
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+        "INSERT INTO users VALUES (1, 'Grace')",
+    ] {
+        ncm_cache::sql::SqlExecutor::execute(&other, statement, &[])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        reads("source back").await,
+        ["v2", "v2", "v2", "v2", "Grace"].map(String::from),
+        "a stale copy was served while the source was up"
+    );
+}
+
 /// Over a multi-level cache with the distributed lock (`over_redis`), a `CacheLoader` whose
 /// load fails releases the key's lock at once: a caller on another instance that waited for
 /// it takes it and loads right away, not after the lock's TTL (10 s) or wait (15 s). (The

@@ -63,6 +63,15 @@ pub enum LoadRead {
         /// Why the shared store could not be read.
         error: CacheError,
     },
+    /// The shared store answered and holds nothing (its copy expired or was evicted), and the
+    /// backend kept `value` (stale, within its fail-safe age): load as after a
+    /// [`Miss`](Self::Miss) — storing only while the key is still absent — and serve `value`
+    /// only if the load fails (fail-safe's "the source is down" case). Never a value to serve
+    /// as a hit.
+    Expired {
+        /// The stale copy.
+        value: Bytes,
+    },
 }
 
 /// A byte-level cache store: the memory backend, Redis, a multi-level cache, or your own.
@@ -133,9 +142,11 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
 
     /// [`get`](Self::get) before a load (a read-through, a loader, a reload): tells a value to
     /// serve from a copy a fail-safe backend kept while its shared store failed
-    /// ([`LoadRead::Stale`]), which the caller should serve only if its load fails too — a plain
-    /// `get` serves such a copy as a hit. The default has no such copies; a backend that wraps
-    /// another should forward this method too, or the copies it passes on become hits.
+    /// ([`LoadRead::Stale`]) or after the shared store's copy expired ([`LoadRead::Expired`]),
+    /// which the caller should serve only if its load fails too — a plain `get` serves the
+    /// first as a hit and the second as a miss. The default has no such copies; a backend
+    /// that wraps another should forward this method too, or the copies it passes on become
+    /// hits.
     async fn get_for_load(&self, key: &str) -> Result<LoadRead> {
         Ok(match self.get(key).await? {
             Some(value) => LoadRead::Hit(value),
@@ -238,7 +249,8 @@ pub trait CacheBackend: Send + Sync + Debug + 'static {
         Ok(LoadTurn::Load(LoadPermit::free()))
     }
 
-    /// A stale copy [`get_for_load`](Self::get_for_load) handed back ([`LoadRead::Stale`]),
+    /// A stale copy [`get_for_load`](Self::get_for_load) handed back ([`LoadRead::Stale`],
+    /// [`LoadRead::Expired`]),
     /// asked for again when the caller is about to serve it because its load failed: the copy
     /// to serve now, or `None` when it may no longer be served — the load may have taken
     /// longer than what was left of the copy's fail-safe age. The default serves `copy`; a

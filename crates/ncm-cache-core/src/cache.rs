@@ -413,10 +413,12 @@ impl<C: Codec> Cache<C> {
         key: &str,
         on_failure: CacheFailure,
     ) -> Result<(Option<T>, Option<crate::LoadMark>)> {
-        // A fail-safe copy is this call's answer, as it was before `get_for_load` told it
-        // apart: a caller of this step has no way to fall back on it after its load.
-        let (found, mark, stale) = self.read_for_load_fail_safe(key, on_failure).await?;
+        // A fail-safe copy of a failed read is this call's answer, as it was before
+        // `get_for_load` told it apart: a caller of this step has no way to fall back on it
+        // after its load. (The copy of an expired entry is not: the cache answered "absent".)
+        let (found, mark, stale, failed) = self.read_before_load(key, on_failure).await?;
         if found.is_none()
+            && failed
             && let Some(value) = self.decode_stale(key, stale.as_ref())
         {
             return Ok((Some(value), None));
@@ -434,22 +436,35 @@ impl<C: Codec> Cache<C> {
         key: &str,
         on_failure: CacheFailure,
     ) -> Result<(Option<T>, Option<crate::LoadMark>, Option<Bytes>)> {
+        let (found, mark, stale, _) = self.read_before_load(key, on_failure).await?;
+        Ok((found, mark, stale))
+    }
+
+    /// [`read_for_load_fail_safe`](Self::read_for_load_fail_safe), and whether the stale copy
+    /// is one of a failed read (not of an expired entry).
+    async fn read_before_load<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        on_failure: CacheFailure,
+    ) -> Result<(Option<T>, Option<crate::LoadMark>, Option<Bytes>, bool)> {
         match self.get_for_load::<T>(key).await {
-            Ok(Found::Value(value)) => Ok((Some(value), None, None)),
-            Ok(Found::Absent) => Ok((None, self.miss_mark(key), None)),
-            Ok(Found::Unreadable) => Ok((None, self.load_mark(key), None)),
+            Ok(Found::Value(value)) => Ok((Some(value), None, None, false)),
+            Ok(Found::Absent) => Ok((None, self.miss_mark(key), None, false)),
+            // The cache answered (no failure to apply): a copy only to fall back on.
+            Ok(Found::Expired(bytes)) => Ok((None, self.miss_mark(key), Some(bytes), false)),
+            Ok(Found::Unreadable) => Ok((None, self.load_mark(key), None, false)),
             Ok(Found::Stale(bytes, error)) => {
                 if on_failure == CacheFailure::FailClosed
                     && let Some(value) = self.decode_stale(key, Some(&bytes))
                 {
-                    return Ok((Some(value), None, None));
+                    return Ok((Some(value), None, None, false));
                 }
                 on_failure.apply(key, "get", error)?;
-                Ok((None, self.load_mark(key), Some(bytes)))
+                Ok((None, self.load_mark(key), Some(bytes), true))
             }
             Err(e) => {
                 on_failure.apply(key, "get", e)?;
-                Ok((None, self.load_mark(key), None))
+                Ok((None, self.load_mark(key), None, false))
             }
         }
     }
@@ -464,6 +479,7 @@ impl<C: Codec> Cache<C> {
             },
             crate::LoadRead::Miss => Found::Absent,
             crate::LoadRead::Stale { value, error } => Found::Stale(value, error),
+            crate::LoadRead::Expired { value } => Found::Expired(value),
         })
     }
 
@@ -637,4 +653,8 @@ pub enum Found<T> {
     /// The shared store failed (the error); a fail-safe copy (stale) was kept: load, and serve
     /// the copy only if the load fails too.
     Stale(Bytes, CacheError),
+    /// Nothing in the shared store (its copy expired), but a fail-safe copy (stale) was kept:
+    /// load, storing only while the key is still absent, and serve the copy only if the load
+    /// fails ([`LoadRead::Expired`](crate::LoadRead::Expired)).
+    Expired(Bytes),
 }

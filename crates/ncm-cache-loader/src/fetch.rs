@@ -496,6 +496,8 @@ impl<C: Codec> CacheLoader<C> {
         let (error, copy) = match cache.get_for_load::<S>(call.key).await {
             Ok(Found::Value(value)) => return Ok((Some(value), None)),
             Ok(Found::Stale(bytes, e)) => (e, Some(bytes)),
+            // The cache answered "absent"; its fail-safe copy is kept for a load that fails.
+            Ok(Found::Expired(bytes)) => return Ok((None, Some(bytes))),
             Ok(_) => return Ok((None, None)),
             Err(e) => (e, None),
         };
@@ -520,7 +522,7 @@ impl<C: Codec> CacheLoader<C> {
         // A fail-safe copy is no value stored since: the read failed.
         let error = match self.inner.cache.backend().get_for_load(call.key).await {
             Ok(LoadRead::Hit(bytes)) => return Ok(Ok(Some(bytes))),
-            Ok(LoadRead::Miss) => return Ok(Ok(None)),
+            Ok(LoadRead::Miss | LoadRead::Expired { .. }) => return Ok(Ok(None)),
             Ok(LoadRead::Stale { error, .. }) => error,
             Ok(_) => return Ok(Err(())),
             Err(e) => e,

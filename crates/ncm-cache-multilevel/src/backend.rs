@@ -25,7 +25,7 @@ impl<C: Codec> Inner<C> {
     ) -> Result<Option<(Bytes, ValueSource)>> {
         Ok(match self.read_bytes(key, eff).await? {
             BytesRead::Found(bytes, source) => Some((bytes, source)),
-            BytesRead::Absent => None,
+            BytesRead::Absent | BytesRead::Expired(_) => None,
             BytesRead::Stale(bytes, _) => {
                 Counters::bump(&self.counters.stale_served);
                 Some((bytes, ValueSource::Stale))
@@ -39,6 +39,7 @@ impl<C: Codec> Inner<C> {
         Ok(match self.read_bytes(key, eff).await? {
             BytesRead::Found(bytes, _) => LoadRead::Hit(bytes),
             BytesRead::Absent => LoadRead::Miss,
+            BytesRead::Expired(value) => LoadRead::Expired { value },
             BytesRead::Stale(value, error) => LoadRead::Stale { value, error },
         })
     }
@@ -65,7 +66,12 @@ impl<C: Codec> Inner<C> {
             }
             Ok(None) => {
                 Counters::bump(&self.counters.misses);
-                Ok(BytesRead::Absent)
+                // L2's copy expired (or was evicted): a stale L1 copy is still kept for a
+                // load that fails (review, helper-74).
+                Ok(match self.servable(stale) {
+                    Some(v) => BytesRead::Expired(Bytes::clone(&v)),
+                    None => BytesRead::Absent,
+                })
             }
             Err(e) => match self.servable(stale) {
                 Some(v) => Ok(BytesRead::Stale(Bytes::clone(&v), e)),
@@ -134,9 +140,15 @@ impl<C: Codec> Inner<C> {
         let miss_keys: Vec<&str> = missing.iter().map(|(_, k, _, _)| *k).collect();
         match self.l2_call("get_many", self.l2.get_many(&miss_keys)).await {
             Ok(raw) => {
-                for ((i, key, _, ticket), bytes) in missing.into_iter().zip(raw) {
+                for ((i, key, stale, ticket), bytes) in missing.into_iter().zip(raw) {
                     let Some(bytes) = bytes else {
                         Counters::bump(&self.counters.misses);
+                        // L2's copy expired: the stale L1 copy, for a load that fails.
+                        if let Some(v) = self.servable(stale) {
+                            out[i] = LoadRead::Expired {
+                                value: Bytes::clone(&v),
+                            };
+                        }
                         continue;
                     };
                     Counters::bump(&self.counters.l2_hits);
@@ -623,6 +635,8 @@ impl<C: Codec> CacheBackend for MultiLevelBackend<C> {
 enum BytesRead {
     Found(Bytes, ValueSource),
     Absent,
+    /// L2 holds nothing; a stale L1 copy fail-safe may serve if a load fails.
+    Expired(Bytes),
     /// L2 failed (the error); a stale L1 copy fail-safe may serve.
     Stale(Bytes, ncm_cache_core::CacheError),
 }

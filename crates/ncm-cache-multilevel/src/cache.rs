@@ -719,7 +719,7 @@ impl<C: Codec> MultiLevelCache<C> {
     /// the call fails.
     pub async fn get_many<T: CacheValue + Clone>(&self, keys: &[&str]) -> Result<Vec<Option<T>>> {
         match self.get_many_read(keys).await? {
-            Ok((out, _)) => Ok(out),
+            Ok((out, _, _)) => Ok(out),
             Err((out, failed)) => failed.serve(&self.inner, out),
         }
     }
@@ -759,7 +759,7 @@ impl<C: Codec> MultiLevelCache<C> {
         }
         if missing.is_empty() {
             // Nothing read from L2: no key is known absent (no allocation for it).
-            return Ok(Ok((out, Vec::new())));
+            return Ok(Ok((out, Vec::new(), Vec::new())));
         }
         let mut absent = vec![false; keys.len()];
         let tickets: Vec<Ticket> = missing
@@ -774,12 +774,17 @@ impl<C: Codec> MultiLevelCache<C> {
             Ok(raw) => raw,
             Err(error) => return Ok(Err((out, FailedRead { copies, error }))),
         };
-        for (((i, key), bytes), ticket) in missing.into_iter().zip(raw).zip(&tickets) {
+        // The copies of the keys L2 does not answer either (absent, unreadable).
+        let mut left = Vec::new();
+        for ((((i, key), bytes), ticket), (_, copy)) in
+            missing.into_iter().zip(raw).zip(&tickets).zip(copies)
+        {
             let Some(bytes) = bytes else {
                 if let Some(a) = absent.get_mut(i) {
                     *a = true;
                 }
                 Counters::bump(&inner.counters.misses);
+                left.push((i, copy));
                 continue;
             };
             match inner.decode::<T>(key, &bytes) {
@@ -798,10 +803,11 @@ impl<C: Codec> MultiLevelCache<C> {
                 Err(e) => {
                     inner.repair(key, &e).await;
                     Counters::bump(&inner.counters.misses);
+                    left.push((i, copy));
                 }
             }
         }
-        Ok(Ok((out, absent)))
+        Ok(Ok((out, absent, left)))
     }
 
     /// Batch get-or-load: reads every key, then calls `loader` once with only the missing
@@ -817,11 +823,13 @@ impl<C: Codec> MultiLevelCache<C> {
         Fut: Future<Output = std::result::Result<HashMap<String, T>, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        // L2 failed: load every key not fresh in L1 (replacing: nothing is known absent),
-        // keeping the stale copies fail-safe serves if the loader fails too.
-        let (mut out, absent, failed) = match self.get_many_read::<T>(keys).await? {
-            Ok((out, absent)) => (out, absent, None),
-            Err((out, failed)) => (out, Vec::new(), Some(failed)),
+        // L2 failed: load every key not fresh in L1 (replacing: nothing is known absent).
+        // Either way the stale copies of the keys left are kept: fail-safe serves them if the
+        // loader fails too (also when L2 answered, holding nothing: its copy expired — review,
+        // helper-74).
+        let (mut out, absent, copies) = match self.get_many_read::<T>(keys).await? {
+            Ok((out, absent, copies)) => (out, absent, copies),
+            Err((out, failed)) => (out, Vec::new(), failed.copies),
         };
         // Keys L2 was read for and did not hold: their loads are stored only while still
         // absent. The others (an L2 entry this build cannot read, a negative L1 answer) are
@@ -853,11 +861,8 @@ impl<C: Codec> MultiLevelCache<C> {
             Ok(loaded) => loaded,
             Err(e) => {
                 Counters::bump(&self.inner.counters.load_errors);
-                let e = CacheError::loader(e);
-                return match failed {
-                    Some(failed) => failed.serve(&self.inner, out).map_err(|_| e),
-                    None => Err(e),
-                };
+                let error = CacheError::loader(e);
+                return FailedRead { copies, error }.serve(&self.inner, out);
             }
         };
         let mut encoded: Vec<(String, ncm_cache_core::Bytes)> = Vec::new();
@@ -2299,8 +2304,17 @@ impl<C> Drop for Tracked<'_, C> {
 
 /// What a typed batch read found: the values in key order and which keys L2 held nothing for;
 /// or, when the L2 batch failed, what L1 answered and the [`FailedRead`].
-type ManyRead<T> =
-    std::result::Result<(Vec<Option<T>>, Vec<bool>), (Vec<Option<T>>, FailedRead<T>)>;
+/// A typed batch read: what L1 and L2 answered, which keys L2 held nothing for, and the
+/// stale L1 copies of the keys still missing (for a load that fails: fail-safe); or, when the
+/// L2 batch failed, what L1 answered and the stale copies of every key L2 was asked for.
+type ManyRead<T> = std::result::Result<
+    (
+        Vec<Option<T>>,
+        Vec<bool>,
+        Vec<(usize, Option<StaleCopy<T>>)>,
+    ),
+    (Vec<Option<T>>, FailedRead<T>),
+>;
 
 /// A typed batch read whose L2 call failed.
 struct FailedRead<T> {
@@ -2310,8 +2324,8 @@ struct FailedRead<T> {
 }
 
 impl<T: Clone> FailedRead<T> {
-    /// Fail-safe: `out` with the stale copies, if every key L2 was asked for has one still
-    /// within its max stale age; else the L2 error.
+    /// Fail-safe: `out` with the stale copies, if every key left has one still within its max
+    /// stale age; else the error (of the L2 batch, or of the load that followed).
     fn serve<C: Codec>(self, inner: &Inner<C>, mut out: Vec<Option<T>>) -> Result<Vec<Option<T>>> {
         let mut served = Vec::with_capacity(self.copies.len());
         for (i, copy) in self.copies {
@@ -2326,7 +2340,7 @@ impl<T: Clone> FailedRead<T> {
                 *slot = Some(T::clone(&v));
             }
         }
-        tracing::debug!(error = %self.error, "L2 batch read failed; stale copies served");
+        tracing::debug!(error = %self.error, "stale copies served (fail-safe)");
         Ok(out)
     }
 }

@@ -2483,6 +2483,59 @@ async fn typed_batch_calls_keep_fail_safe_while_l2_is_down() {
     );
 }
 
+/// Fail-safe's main case — L2's copy has expired and the source is down — on every load path:
+/// a stale L1 copy within the max stale age is served when the loader fails, by the typed
+/// `get_or_load`, by `get_many_or_load`, and through `as_backend()` (the path of `CacheLoader`,
+/// the macros, `read_through`, `CacheStrategies` and `SqlCache`); past the max stale age it is
+/// not. Before (review, helper-74), L2's "absent" dropped the copy on the last two paths: they
+/// returned the loader's error.
+#[tokio::test]
+async fn fail_safe_serves_a_stale_copy_when_l2_expired_and_the_loader_fails() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder(memory(&clock))
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(1))
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let core =
+        ncm_cache_core::Cache::new(cache.as_backend(), ncm_cache_codec::Serializer::default());
+    let ttl = Duration::from_secs(1);
+    for (k, v) in [("a", 1u64), ("b", 2)] {
+        cache.set_with_ttl(k, v, ttl).await.unwrap();
+    }
+    for (k, v) in [("c", 3u64), ("d", 4)] {
+        core.set_with_ttl(k, &v, ttl).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(2));
+    fn down() -> Io {
+        Io::other("database down")
+    }
+    let a: u64 = cache
+        .get_or_load("a", || async move { Err::<u64, _>(down()) })
+        .await
+        .unwrap();
+    assert_eq!(a, 1, "get_or_load");
+    let many = cache
+        .get_many_or_load::<u64, _, _, _>(&["b"], |_| async move {
+            Err::<std::collections::HashMap<String, u64>, _>(down())
+        })
+        .await;
+    assert_eq!(many.unwrap(), vec![Some(2)], "get_many_or_load");
+    let c: u64 = core
+        .read_through("c", || async move { Err::<u64, _>(down()) }, ttl)
+        .await
+        .expect("read_through over as_backend() serves the stale copy");
+    assert_eq!(c, 3);
+    clock.advance(Duration::from_secs(60));
+    assert!(
+        core.read_through("d", || async move { Err::<u64, _>(down()) }, ttl)
+            .await
+            .is_err(),
+        "a copy past the max stale age was served"
+    );
+}
+
 /// The other side of the epoch check on a load's store: a load longer than the token's
 /// re-check interval with no clear meanwhile re-reads the same token and is stored (the
 /// change count moves only when the token itself changes).

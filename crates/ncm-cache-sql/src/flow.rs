@@ -231,6 +231,12 @@ impl<C: Codec> SqlCache<C> {
             LoadRead::Stale { error, .. } => Some(error.clone()),
             _ => None,
         });
+        // The entry's copy a fail-safe backend kept after L2's copy expired: served only if
+        // the database fails (and its tokens are still current; review, helper-74).
+        let expired = match got.first() {
+            Some(LoadRead::Expired { value }) => Some(Bytes::clone(value)),
+            _ => None,
+        };
         let mut got: Vec<Option<Bytes>> = got
             .into_iter()
             .map(|r| match r {
@@ -262,6 +268,23 @@ impl<C: Codec> SqlCache<C> {
                 error: Some(err),
                 stale,
                 copied: Some(copied),
+            };
+        }
+        if entry.is_none()
+            && let Some(bytes) = expired
+        {
+            let stale = inner
+                .cache
+                .decode_for::<Stored>(key, &bytes)
+                .ok()
+                .filter(|stored| current(&stored.g, &tokens))
+                .map(|stored| (Arc::new(stored.r), bytes));
+            return Found {
+                rows: None,
+                tokens: Some(tokens),
+                error: None,
+                stale,
+                copied: None,
             };
         }
         let rows = match entry {

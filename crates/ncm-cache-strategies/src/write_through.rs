@@ -290,7 +290,10 @@ impl<C: Codec> CacheStrategies<C> {
                     // Another process may be loading it (a multi-level cache's stampede
                     // lock): wait for its value. (A waiter with a stale copy that gives up
                     // fails, and the copy is served.)
-                    Ok(LoadRead::Miss) => match backend.begin_load(key, has_stale, None).await {
+                    Ok(LoadRead::Miss | LoadRead::Expired { .. }) => match backend
+                        .begin_load(key, has_stale, None)
+                        .await
+                    {
                         Ok(LoadTurn::Found(stored)) => {
                             match self.cache.decode_for::<T>(key, &stored) {
                                 Ok(value) => {

@@ -51,6 +51,11 @@ impl<C: Codec> CacheReloader<C> {
                 stale = Some(bytes);
                 Err(e)
             }
+            // Nothing in the shared store; the copy is served only if the reload fails.
+            Ok(ncm_cache_core::Found::Expired(bytes)) => {
+                stale = Some(bytes);
+                Ok(None)
+            }
             Ok(_) => Ok(None),
             Err(e) => Err(e),
         };
@@ -214,13 +219,19 @@ impl<C: Codec> CacheReloader<C> {
                             }
                             // A timer or refresh-ahead that waited out another instance's
                             // reload and finds nothing does not load beside it either.
-                            Ok(ncm_cache_core::LoadRead::Miss) if force && !granted => {
+                            Ok(
+                                ncm_cache_core::LoadRead::Miss
+                                | ncm_cache_core::LoadRead::Expired { .. },
+                            ) if force && !granted => {
                                 return Err(CacheError::Timeout {
                                     operation: "reload (another instance's reload holds the run lease)",
                                     after: self.inner.lock_wait,
                                 });
                             }
-                            Ok(ncm_cache_core::LoadRead::Miss) => after_miss = !force,
+                            Ok(
+                                ncm_cache_core::LoadRead::Miss
+                                | ncm_cache_core::LoadRead::Expired { .. },
+                            ) => after_miss = !force,
                             Ok(_) | Err(_) => {}
                         }
                     }
