@@ -986,12 +986,26 @@ impl<C: Codec> MultiLevelCache<C> {
                 }
             }
             if let Err(e) = written {
-                // Some keys may have reached L2: evict them here and everywhere else.
-                for (k, _) in &encoded {
-                    if let Some(t) = writes.get(k.as_str()) {
-                        let _ = self.inner.versions.write_end(t);
+                // Some keys may have reached L2: evicted everywhere else; here the loaded
+                // values are kept as stale-only for fail-safe (as `get_or_load` keeps a value
+                // whose store failed), unless overtaken.
+                for (k, bytes) in &encoded {
+                    let ended = writes
+                        .get(k.as_str())
+                        .map(|t| self.inner.versions.write_end(t));
+                    let value = first.get(k.as_str()).and_then(|&i| out[i].clone());
+                    let kept = match (ended, value) {
+                        (Some(Settled::Clean(mine)), Some(v)) => self.inner.l1_keep_stale_only(
+                            k,
+                            Fill::value(Arc::new(v) as Object, bytes.len(), ttl),
+                            &mine,
+                            &self.inner.defaults,
+                        ),
+                        _ => false,
+                    };
+                    if !kept {
+                        let _ = self.inner.invalidate_l1(k);
                     }
-                    let _ = self.inner.invalidate_l1(k);
                 }
                 self.inner
                     .publish_deletes(encoded.iter().map(|(k, _)| k.as_str()))
@@ -1556,7 +1570,7 @@ impl<C: Codec> Inner<C> {
         {
             return false;
         }
-        if !self.l1_put(key, fill, eff) {
+        if !self.l1_put(key, fill, eff, false) {
             return false;
         }
         if self.versions.current(ticket) {
@@ -1567,7 +1581,37 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    fn l1_put(&self, key: &str, fill: Fill, eff: &Eff) -> bool {
+    /// A value this instance just wrote or loaded while L1 may not serve it as fresh (a
+    /// coherence link down), or whose L2 store failed: kept as stale-only — never served as
+    /// fresh, served by fail-safe within its max stale age — in place of an older copy, so
+    /// the loads of an outage leave their values for fail-safe (before, found by review: the
+    /// older copy was removed with it, and once the source failed too nothing was served).
+    /// Only with fail-safe on for the call, and while `ticket` is current (checked before
+    /// and after the insert, as [`l1_fill`](Self::l1_fill) does). Returns whether it stayed.
+    pub(crate) fn l1_keep_stale_only(
+        &self,
+        key: &str,
+        fill: Fill,
+        ticket: &Ticket,
+        eff: &Eff,
+    ) -> bool {
+        if eff.max_stale_age.is_none() || !eff.write_l1() || !self.versions.current(ticket) {
+            return false;
+        }
+        if !self.l1_put(key, fill, eff, true) {
+            return false;
+        }
+        if self.versions.current(ticket) {
+            true
+        } else {
+            let _ = self.l1.remove(key);
+            false
+        }
+    }
+
+    /// Inserts `fill`; `stale_only`: under a generation older than the current one, so it is
+    /// never read as fresh (`l1_lookup`).
+    fn l1_put(&self, key: &str, fill: Fill, eff: &Eff, stale_only: bool) -> bool {
         let mut fresh = if fill.negative {
             eff.negative_ttl.unwrap_or(eff.l1_ttl)
         } else {
@@ -1588,7 +1632,8 @@ impl<C: Codec> Inner<C> {
                 .eager_refresh
                 .map_or(NO_DEADLINE, |f| after(fresh.mul_f64(f))),
             // Truncation is the point: see `L1Value::generation`.
-            generation: self.generation.load(Ordering::Acquire) as u32,
+            generation: (self.generation.load(Ordering::Acquire) as u32)
+                .wrapping_sub(u32::from(stale_only)),
         };
         let ttl = Some(fresh.saturating_add(eff.keep_stale));
         if self.opts.max_stale_age.is_none()
@@ -2057,9 +2102,19 @@ impl<C: Codec> Inner<C> {
     }
 
     fn settle(&self, key: &str, mut fill: Fill, ticket: &Ticket, eff: &Eff, keep_contended: bool) {
+        // While a coherence link is down, L1 takes nothing as fresh: the value is kept for
+        // fail-safe only.
+        let linked = self.l1_enabled.load(Ordering::Acquire);
+        let fill_in = |fill: Fill, mine: &Ticket| {
+            if linked {
+                self.l1_fill(key, fill, mine, eff)
+            } else {
+                self.l1_keep_stale_only(key, fill, mine, eff)
+            }
+        };
         match self.versions.write_end(ticket) {
             Settled::Clean(mine) => {
-                if !self.l1_fill(key, fill, &mine, eff) {
+                if !fill_in(fill, &mine) {
                     // Not kept (too large, or overtaken): never leave an older value behind.
                     let _ = self.l1.remove(key);
                 }
@@ -2070,7 +2125,7 @@ impl<C: Codec> Inner<C> {
             Settled::Contended(mine) => {
                 let ttl = fill.l2_ttl.map_or(CONTENDED_TTL, |t| t.min(CONTENDED_TTL));
                 fill.l2_ttl = Some(ttl);
-                if !self.l1_fill(key, fill, &mine, eff) {
+                if !fill_in(fill, &mine) {
                     let _ = self.l1.remove(key);
                 }
             }

@@ -509,7 +509,9 @@ impl<C: Codec> Inner<C> {
                      EntryOptions::skip_l1_write on the call, or Loaded::do_not_cache()"
                 )));
             }
-            eff.l1_ttl = ttl;
+            // A sliding entry's L1 copy still lasts half its idle time at most (see
+            // `EntryOptions::resolve`): L1 hits re-arm nothing in L2 (review, helper-74).
+            eff.l1_ttl = eff.sliding.map_or(ttl, |idle| ttl.min(idle / 2));
         }
         let (value, validator) = match loaded.answer {
             Answer::NotFound => {

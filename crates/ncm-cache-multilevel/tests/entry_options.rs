@@ -898,3 +898,131 @@ async fn sliding_reads_fall_back_when_an_acl_forbids_getex() {
     let got = cache.get_with::<String>("k", &sliding).await.unwrap();
     assert_eq!(got.map(|(v, _)| v.to_string()).as_deref(), Some("v"));
 }
+
+/// Loads during an outage leave their values for fail-safe. Over `over_redis` (the backplane
+/// on the Redis that dies, so L1 takes nothing as fresh): a load while Redis is down and the
+/// source up serves the source's value and keeps it stale-only, so when the source fails too
+/// that value is served — never as fresh before. And a batch load whose L2 write fails, on a
+/// cache without a backplane, keeps its values the same way. Before (review, helper-74), both
+/// removed the value with the older copy, and once the source failed the call did too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_during_an_outage_leave_their_values_for_fail_safe() {
+    type Io = std::io::Error;
+    let mut server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let linked = MultiLevelCache::over_redis(&r)
+        .name("linked")
+        .l1_default_ttl(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let alone = MultiLevelCache::builder(r.backend())
+        .name("alone")
+        .l1_default_ttl(Duration::from_millis(300))
+        .fail_safe(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    eventually("backplane up", async || linked.l1_active()).await;
+    let v1 = || async { Ok::<_, Io>("v1".to_string()) };
+    assert_eq!(
+        linked
+            .get_or_load::<String, _, _, _>("k", v1)
+            .await
+            .unwrap(),
+        "v1"
+    );
+    let batch = |v: Option<&'static str>| {
+        let alone = alone.clone();
+        async move {
+            alone
+                .get_many_or_load::<String, _, _, _>(&["b"], move |keys| async move {
+                    match v {
+                        Some(v) => Ok(keys.into_iter().map(|k| (k, v.to_string())).collect()),
+                        None => Err(Io::other("database down")),
+                    }
+                })
+                .await
+        }
+    };
+    assert_eq!(
+        batch(Some("v1")).await.unwrap(),
+        vec![Some("v1".to_string())]
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.kill();
+    eventually("the link is seen down", async || !linked.l1_active()).await;
+    // The source is up: its value, served and kept (stale-only: asked for again next time).
+    let v2 = || async { Ok::<_, Io>("v2".to_string()) };
+    assert_eq!(
+        linked
+            .get_or_load::<String, _, _, _>("k", v2)
+            .await
+            .unwrap(),
+        "v2"
+    );
+    let runs = Arc::new(AtomicU32::new(0));
+    let failing = {
+        let runs = Arc::clone(&runs);
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Err::<String, _>(Io::other("database down"))
+        }
+    };
+    assert_eq!(
+        linked
+            .get_or_load::<String, _, _, _>("k", failing)
+            .await
+            .unwrap(),
+        "v2",
+        "the value loaded during the outage was not kept for fail-safe"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the kept value was served as fresh"
+    );
+    assert_eq!(
+        batch(Some("v2")).await.unwrap(),
+        vec![Some("v2".to_string())]
+    );
+    assert_eq!(
+        batch(None).await.unwrap(),
+        vec![Some("v2".to_string())],
+        "the batch's value loaded during the outage was not kept for fail-safe"
+    );
+}
+
+/// A loader's `Loaded::l1_ttl` does not lift the cap sliding expiration puts on L1 copies
+/// (half the idle time): reads every third of the idle time still reach L2 often enough to
+/// re-arm it, and the entry read that often stays — the loader runs once. Before (review,
+/// helper-74), the loader's L1 TTL replaced the capped one: L1 served every read for the whole
+/// idle time, nothing re-armed L2, and the entry expired under its readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaders_l1_ttl_keeps_the_sliding_cap() {
+    let server = RedisServer::start().unwrap();
+    let r = redis(&server).await;
+    let cache = instance(&r).await;
+    let idle = Duration::from_millis(600);
+    let sliding = EntryOptions::new().sliding(idle);
+    let runs = Arc::new(AtomicU32::new(0));
+    let start = Instant::now();
+    while start.elapsed() < idle * 4 {
+        let runs = Arc::clone(&runs);
+        let got = cache
+            .get_or_load_with::<String, _, _, _>("s", &sliding, move |_| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(
+                    Loaded::value("v".to_string()).l1_ttl(Duration::from_secs(60)),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.map(|(v, _)| v.to_string()).as_deref(), Some("v"));
+        tokio::time::sleep(idle / 3).await;
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "an entry read every third of its idle time expired under its readers"
+    );
+}
