@@ -200,6 +200,23 @@ impl<C: Codec> MultiLevelCache<C> {
     pub(crate) fn from_builder(b: MultiLevelBuilder<C>) -> Result<Self> {
         #[cfg(feature = "redis")]
         let (backplane_redis, tracking_redis) = fall_back_without_tracking(b.coherence_links()?);
+        // Pushes name the tracked Redis's keys, mapped back to L1's through its prefix: under
+        // another prefix than L2's, no push would ever match an L1 key (found by review).
+        #[cfg(feature = "redis")]
+        if let Some(tr) = &tracking_redis
+            && let (Some(tracked), Some(stored)) = (
+                ncm_cache_core::CacheBackend::key_prefix(&**tr),
+                b.l2.key_prefix(),
+            )
+            && tracked != stored
+        {
+            return Err(ncm_cache_core::CacheError::Config(format!(
+                "client_tracking: its Redis has the key prefix {tracked:?} but L2's is \
+                 {stored:?}, so no invalidation it hears would match an L1 key; give it the \
+                 RedisBackend of L2's RedisCache (redis.redis_backend()), or build with \
+                 MultiLevelCache::over_redis"
+            )));
+        }
         let o = b.options;
         #[cfg(feature = "redis")]
         if b.lock.is_some() && (o.lock_ttl < Duration::from_millis(100) || o.lock_wait.is_zero()) {

@@ -994,3 +994,28 @@ async fn a_cancelled_or_failed_delete_still_ends_a_cached_not_found() {
         );
     }
 }
+
+/// Client tracking on a Redis whose key prefix is not L2's is refused at build: its pushes
+/// name keys no L1 key maps to, so L1 would have kept old values for their whole TTL without
+/// a word (review, helper-75). The same prefix builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_under_another_prefix_than_l2s_is_refused() {
+    let server = RedisServer::start().unwrap();
+    let mut c = config(&server.url());
+    c.key_prefix = "app:v2:".into();
+    let l2 = RedisCache::connect(c).await.unwrap();
+    let tracker = RedisCache::connect(config(&server.url())).await.unwrap();
+    let refused = MultiLevelCache::builder(l2.backend())
+        .client_tracking(Arc::clone(tracker.redis_backend()))
+        .build();
+    let Err(CacheError::Config(message)) = refused else {
+        panic!("a tracker under another prefix was accepted");
+    };
+    assert!(message.contains("app:v2:"), "{message}");
+    assert!(
+        MultiLevelCache::builder(l2.backend())
+            .client_tracking(Arc::clone(l2.redis_backend()))
+            .build()
+            .is_ok()
+    );
+}
