@@ -1519,3 +1519,19 @@ async fn a_read_through_overtaken_by_another_instances_write_is_not_cached() {
         "B cached a load older than A's write"
     );
 }
+
+/// On a Redis cache, in memory mode and in durable mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_write_behind_key_ends_with_the_persisted_value_on_redis() {
+    let server = RedisServer::start().unwrap();
+    let plain = cache(&server, "wbm:").await;
+    support::an_invalidated_write_behind_key_ends_with_the_persisted_value(&CacheStrategies::new(
+        plain.cache().clone(),
+    ))
+    .await;
+    let journaled = cache(&server, "wbd:").await;
+    support::an_invalidated_write_behind_key_ends_with_the_persisted_value(
+        &durable_strategies(&journaled).await,
+    )
+    .await;
+}

@@ -1,6 +1,7 @@
 //! The engine of a write-behind queue: the worker task that persists batches, retries, dead
 //! letters, back-pressure and durable-mode maintenance.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -82,6 +83,7 @@ impl<V: QueueValue> Shared<V> {
             shared: self,
             key,
             value,
+            expiry,
             delay,
             id: None,
             armed: self.journal.is_none(),
@@ -158,6 +160,7 @@ impl<V: QueueValue> Shared<V> {
                     version,
                     due,
                     id.into_iter().collect(),
+                    expiry,
                 );
                 if cache_failure.is_some() || unsure {
                     // Not (surely) cached: the key is evicted once this write is persisted.
@@ -205,7 +208,14 @@ impl<V: QueueValue> Shared<V> {
     /// (the cached value evicted after). Left out, a journaled entry would stay pending under
     /// this consumer until the process exits, and an older write of its key would be judged
     /// superseded by it; a cached value would never reach the store.
-    fn take_over(&self, key: &str, value: &V, delay: Duration, id: Option<Version>) {
+    fn take_over(
+        &self,
+        key: &str,
+        value: &V,
+        expiry: Expiry,
+        delay: Duration,
+        id: Option<Version>,
+    ) {
         let mut st = lock(&self.state);
         if st.exited {
             // The consumer left: another process adopts a journaled entry.
@@ -221,6 +231,7 @@ impl<V: QueueValue> Shared<V> {
             version,
             due,
             id.into_iter().collect(),
+            expiry,
         );
         st.adopted.insert(key.to_owned());
         self.stats.pending_gauge(st.pending.len() + st.in_flight);
@@ -340,6 +351,57 @@ impl<V: QueueValue> Shared<V> {
         }
     }
 
+    /// After `entries` were persisted (none adopted): the cache must not keep an older value
+    /// than the one just stored. A read-through after an invalidation (or an eviction) of a key
+    /// whose write was still pending read the store's older row and cached it, and nothing
+    /// replaced it until its TTL (review, helper-69). The keys are read back in one call; one
+    /// whose cache holds other bytes than its write's — or nothing: a read-through of the
+    /// older row may still be on its way to cache it "only if absent" — gets that write cached
+    /// again with its expiry (memory mode) or the key's newest journaled write (durable mode),
+    /// under the key's write lock, unless a newer local write of it waits (which caches its own
+    /// value). In memory mode, another process's newer write of the key that is not yet
+    /// persisted is overwritten with this one until that process persists it and does the
+    /// same (memory mode does not order processes' writes of one key).
+    async fn recache(&self, entries: Vec<(String, V)>, expiries: &HashMap<String, Expiry>) {
+        let entries: Vec<(String, V)> = {
+            let st = lock(&self.state);
+            entries
+                .into_iter()
+                .filter(|(k, _)| !st.pending.contains_key(k))
+                .collect()
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let held = match self.cache.holds(&entries).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(queue = %self.name, error = %e, "could not read back the keys just persisted; a read-through meanwhile may keep an older row cached until its TTL");
+                return;
+            }
+        };
+        for ((key, value), held) in entries.iter().zip(held) {
+            if held {
+                continue;
+            }
+            let _stripe = self.stripe(key).lock().await;
+            if lock(&self.state).pending.contains_key(key) {
+                continue;
+            }
+            let expiry = expiries.get(key).copied().unwrap_or(Expiry::Default);
+            match &self.journal {
+                Some(journal) => {
+                    self.cache_newest(&**journal, key, None, expiry).await;
+                }
+                None => {
+                    if let Err(e) = self.cache.set(key, value, expiry).await {
+                        tracing::warn!(queue = %self.name, key, error = %e, "could not cache a persisted write again; a read-through meanwhile may keep an older row cached until its TTL");
+                    }
+                }
+            }
+        }
+    }
+
     async fn uncache(&self, key: &str) {
         if let Err(e) = self.cache.delete(key).await {
             tracing::warn!(queue = %self.name, key, error = %e, "could not remove a cached value whose write-behind was refused");
@@ -389,27 +451,31 @@ impl<V: QueueValue> Shared<V> {
     async fn persist(&self, batch: Vec<(String, Pending<V>)>) {
         let mut entries = Vec::with_capacity(batch.len());
         let mut meta = Vec::with_capacity(batch.len());
+        let mut expiries = HashMap::with_capacity(batch.len());
         for (key, p) in batch {
+            expiries.insert(key.clone(), p.expiry);
             entries.push((key, p.value));
             meta.push((p.version, p.ids));
         }
         let mut out = Outcome::default();
         self.store_or_split(entries, meta, self.config.max_retries, &mut out)
             .await;
+        let stored = std::mem::take(&mut out.stored_entries);
         // Adopted writes that were stored (not superseded): their writer may have died before
         // caching them, so the cache may hold an older value than the store now has.
-        let evict: Vec<String> = {
+        let evict: HashSet<String> = {
             let mut st = lock(&self.state);
             if st.adopted.is_empty() {
-                Vec::new()
+                HashSet::new()
             } else {
-                let stored = std::mem::take(&mut out.stored_keys);
                 // A mark stays while a write of the key waits: that write may be the one the
                 // mark is for (review, helper-73: the older write's persist used it up, and
                 // nothing evicted after the waiting one).
                 stored
-                    .into_iter()
-                    .filter(|k| !st.pending.contains_key(k) && st.adopted.remove(k))
+                    .iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !st.pending.contains_key(*k) && st.adopted.remove(*k))
+                    .cloned()
                     .collect()
             }
         };
@@ -429,6 +495,11 @@ impl<V: QueueValue> Shared<V> {
                 None => self.uncache(key).await,
             }
         }
+        let others: Vec<(String, V)> = stored
+            .into_iter()
+            .filter(|(k, _)| !evict.contains(k))
+            .collect();
+        self.recache(others, &expiries).await;
         {
             let mut st = lock(&self.state);
             self.stats.add(Counter::Stored, out.stored);
@@ -440,7 +511,9 @@ impl<V: QueueValue> Shared<V> {
                         // Another write of the key is waiting (a newer local one, or an older
                         // one adopted meanwhile): merged, the newer value kept, every id
                         // carried to the ack.
-                        let (_, dropped) = st.insert(key, value, version, Instant::now(), ids);
+                        let expiry = expiries.get(&key).copied().unwrap_or(Expiry::Default);
+                        let (_, dropped) =
+                            st.insert(key, value, version, Instant::now(), ids, expiry);
                         superseded += 1 + dropped;
                         continue;
                     }
@@ -605,9 +678,9 @@ impl<V: QueueValue> Shared<V> {
         match result {
             Ok(()) => {
                 out.stored += entries.len() as u64;
-                for ((key, _), (_, ids)) in entries.into_iter().zip(meta) {
+                for ((key, value), (_, ids)) in entries.into_iter().zip(meta) {
                     out.acks.extend(ids.into_iter().map(|id| (key.clone(), id)));
-                    out.stored_keys.push(key);
+                    out.stored_entries.push((key, value));
                 }
                 None
             }
@@ -781,7 +854,14 @@ impl<V: QueueValue> Shared<V> {
         let n = dead.len();
         let now = Instant::now();
         for d in dead {
-            let (_, superseded) = st.insert(d.letter.key, d.letter.value, d.version, now, d.ids);
+            let (_, superseded) = st.insert(
+                d.letter.key,
+                d.letter.value,
+                d.version,
+                now,
+                d.ids,
+                Expiry::Default,
+            );
             self.stats.superseded(superseded);
         }
         self.stats.replayed(n as u64);
@@ -811,7 +891,8 @@ impl<V: QueueValue> Shared<V> {
             for r in adopted {
                 // Its writer may have died before caching it: evicted once persisted.
                 st.adopted.insert(r.key.clone());
-                let (_, superseded) = st.insert(r.key, r.value, r.id, now, vec![r.id]);
+                let (_, superseded) =
+                    st.insert(r.key, r.value, r.id, now, vec![r.id], Expiry::Default);
                 self.stats.superseded(superseded);
             }
             drop(st);
@@ -872,6 +953,7 @@ struct Unfinished<'a, V: QueueValue> {
     shared: &'a Shared<V>,
     key: &'a str,
     value: &'a V,
+    expiry: Expiry,
     delay: Duration,
     id: Option<Version>,
     armed: bool,
@@ -890,7 +972,7 @@ impl<V: QueueValue> Drop for Unfinished<'_, V> {
         }
         if self.armed {
             self.shared
-                .take_over(self.key, self.value, self.delay, self.id);
+                .take_over(self.key, self.value, self.expiry, self.delay, self.id);
         }
     }
 }
@@ -966,8 +1048,8 @@ struct Failed<V> {
 /// What persisting a batch came to.
 struct Outcome<V> {
     stored: u64,
-    /// The keys stored (for the eviction of adopted ones).
-    stored_keys: Vec<String>,
+    /// The entries stored (for the eviction of adopted keys and the check of the others).
+    stored_entries: Vec<(String, V)>,
     acks: Vec<(String, Version)>,
     failed: Vec<Failed<V>>,
 }
@@ -976,7 +1058,7 @@ impl<V> Default for Outcome<V> {
     fn default() -> Self {
         Self {
             stored: 0,
-            stored_keys: Vec::new(),
+            stored_entries: Vec::new(),
             acks: Vec::new(),
             failed: Vec::new(),
         }

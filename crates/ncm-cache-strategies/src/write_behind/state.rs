@@ -20,6 +20,9 @@ pub(crate) type Version = (u64, u64);
 pub(crate) trait CacheSink<V>: Send + Sync {
     async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()>;
     async fn delete(&self, key: &str) -> Result<bool>;
+    /// For each `(key, value)`, whether the cache holds exactly that value (its encoded bytes)
+    /// now: one batch read.
+    async fn holds(&self, entries: &[(String, V)]) -> Result<Vec<bool>>;
     /// Encodes a journal value: bound (by a signing codec) to the journal stream and the
     /// entry's key, so a value cannot be paired with another key in the journal.
     #[cfg(feature = "redis")]
@@ -35,6 +38,17 @@ impl<C: Codec, V: QueueValue> CacheSink<V> for Cache<C> {
     }
     async fn delete(&self, key: &str) -> Result<bool> {
         Cache::delete(self, key).await
+    }
+    async fn holds(&self, entries: &[(String, V)]) -> Result<Vec<bool>> {
+        let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+        let held = self.backend().get_many(&keys).await?;
+        Ok(entries
+            .iter()
+            .zip(held)
+            .map(|((key, value), held)| {
+                held.is_some_and(|held| self.encode_for(key, value).is_ok_and(|ours| held == ours))
+            })
+            .collect())
     }
     #[cfg(feature = "redis")]
     fn encode(&self, binding: &[&str], value: &V) -> Result<Bytes> {
@@ -106,6 +120,9 @@ pub(crate) trait Journal<V>: Send + Sync {
 
 pub(crate) struct Pending<V> {
     pub(crate) value: V,
+    /// The expiry its writer cached it with (`Expiry::Default` for an adopted or replayed
+    /// write): what it is cached with again after it is persisted, if the cache lost it.
+    pub(crate) expiry: Expiry,
     pub(crate) version: Version,
     pub(crate) due: Instant,
     pub(crate) seq: u64,
@@ -182,6 +199,7 @@ impl<V> State<V> {
         version: Version,
         due: Instant,
         ids: Vec<Version>,
+        expiry: Expiry,
     ) -> (bool, u64) {
         let mut superseded = 0;
         if let Some(dead) = self.take_dead(&key) {
@@ -194,6 +212,7 @@ impl<V> State<V> {
                     dead.version,
                     due,
                     [ids, dead.ids].concat(),
+                    Expiry::Default,
                     superseded,
                 );
             }
@@ -203,10 +222,11 @@ impl<V> State<V> {
                 version,
                 due,
                 [ids, dead.ids].concat(),
+                expiry,
                 superseded,
             );
         }
-        self.insert_inner(key, value, version, due, ids, superseded)
+        self.insert_inner(key, value, version, due, ids, expiry, superseded)
     }
 
     /// The journal's fence answered: no outage under way.
@@ -256,6 +276,7 @@ impl<V> State<V> {
         self.dead.iter().find(|d| d.letter.key == key)
     }
 
+    #[allow(clippy::too_many_arguments)] // private: one call site per way a write arrives
     fn insert_inner(
         &mut self,
         key: String,
@@ -263,12 +284,14 @@ impl<V> State<V> {
         version: Version,
         due: Instant,
         ids: Vec<Version>,
+        expiry: Expiry,
         superseded: u64,
     ) -> (bool, u64) {
         if let Some(p) = self.pending.get_mut(&key) {
             if version >= p.version {
                 p.value = value;
                 p.version = version;
+                p.expiry = expiry;
             }
             p.ids.extend(ids);
             if due < p.due {
@@ -286,6 +309,7 @@ impl<V> State<V> {
             key,
             Pending {
                 value,
+                expiry,
                 version,
                 due,
                 seq,
@@ -413,7 +437,14 @@ mod tests {
         let k7 = st.dead_of("k7").unwrap();
         assert_eq!((k7.letter.value, k7.ids.len()), (700, 2));
         // An older write of a dead-lettered key: the dead letter's newer value is queued.
-        let (_, superseded) = st.insert("k9".into(), 1, (0, 0), Instant::now(), vec![(0, 0)]);
+        let (_, superseded) = st.insert(
+            "k9".into(),
+            1,
+            (0, 0),
+            Instant::now(),
+            vec![(0, 0)],
+            Expiry::Default,
+        );
         assert_eq!(superseded, 1);
         assert!(st.dead_of("k9").is_none());
         assert_eq!(st.pending["k9"].value, 9);

@@ -521,3 +521,43 @@ pub(crate) async fn dead_letters<C: Codec>(
         (9, 1, 0)
     );
 }
+
+/// A write-behind of a key is pending; the key is invalidated through the strategies (`k`) or
+/// removed from the cache behind their back, as an eviction would (`e`), and read through the
+/// store, which still has the older row: that row is cached. Once the write is persisted the
+/// cache must not keep that row (before, review helper-69: it stayed until its TTL).
+pub(crate) async fn an_invalidated_write_behind_key_ends_with_the_persisted_value(
+    s: &CacheStrategies,
+) {
+    let (store, db) = database("invalidated");
+    let hour = Duration::from_secs(3600);
+    for key in ["k", "e"] {
+        db.rows.lock().unwrap().insert(key.into(), "v1".into());
+        s.write_behind(key, &"v2".to_string(), hour, &store, hour)
+            .await
+            .unwrap();
+    }
+    s.invalidate("k").await.unwrap();
+    s.cache().delete("e").await.unwrap();
+    for key in ["k", "e"] {
+        let row = db.get(key);
+        let read: String = s
+            .read_through(key, move || async move { row.ok_or("no row") }, hour)
+            .await
+            .unwrap();
+        assert_eq!(
+            read, "v1",
+            "{key}: the store's row, the write not yet persisted"
+        );
+    }
+    s.flush().await.unwrap();
+    for key in ["k", "e"] {
+        assert_eq!(db.get(key).as_deref(), Some("v2"));
+        let cached = s.cache().get::<String>(key).await.unwrap();
+        assert_eq!(
+            cached.as_deref(),
+            Some("v2"),
+            "{key}: the cache kept the store's older row after the write was persisted"
+        );
+    }
+}
