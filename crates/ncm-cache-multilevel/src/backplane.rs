@@ -544,9 +544,8 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                     }
                     if !withdraw.is_empty() {
                         let inner = Arc::clone(&inner);
-                        tokio::spawn(
-                            async move { inner.withdraw_loads_here(withdraw, true).await },
-                        );
+                        let each = withdraw.into_iter().map(|(k, d)| (k, d, true)).collect();
+                        tokio::spawn(async move { inner.withdraw_loads_here(each).await });
                     }
                 }
                 PubSubEvent::Disconnected => {

@@ -705,12 +705,18 @@ impl<C: Codec> MultiLevelCache<C> {
                 let written = inner.l2_write(key, bytes, inner.opts.l2_default_ttl).await;
                 guard.disarm();
                 let _ = inner.versions.write_end(&ticket);
+                // An eager refresh's store that landed over it (see `write_encoded`).
+                let overwritten = inner.start_withdrawals(
+                    inner
+                        .recent
+                        .overwritten(key, inner.opts.now_nanos(), began)
+                        .into_iter()
+                        .map(|digest| (key.to_owned(), digest, true))
+                        .collect(),
+                );
                 inner.invalidate_l1(key)?;
                 inner.publish_set(key).await;
-                // An eager refresh's store that landed over it (see `write_encoded`).
-                for digest in inner.recent.overwritten(key, inner.opts.now_nanos(), began) {
-                    inner.withdraw_load(key, digest, true).await;
-                }
+                Inner::<C>::finish_withdrawals(overwritten).await;
                 written?;
             }
         }
@@ -1002,6 +1008,7 @@ impl<C: Codec> MultiLevelCache<C> {
                     Ok(_) | Err(_) => withdraw.extend(t.end()),
                 }
             }
+            let withdraw = self.inner.start_withdrawals(withdraw);
             if let Err(e) = written {
                 // Some keys may have reached L2: evicted everywhere else; here the loaded
                 // values are kept as stale-only for fail-safe (as `get_or_load` keeps a value
@@ -1027,9 +1034,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 self.inner
                     .publish_deletes(encoded.iter().map(|(k, _)| k.as_str()))
                     .await;
-                for (key, digest, announce) in withdraw {
-                    self.inner.withdraw_load(&key, digest, announce).await;
-                }
+                Inner::<C>::finish_withdrawals(withdraw).await;
                 // The loaded values are still good: served, not cached (as `get_or_load`
                 // serves a load whose store failed).
                 tracing::warn!(error = %e, "batch of loaded values not written to L2");
@@ -1066,9 +1071,7 @@ impl<C: Codec> MultiLevelCache<C> {
                         .filter(|k| !refused.contains(k)),
                 )
                 .await;
-            for (key, digest, announce) in withdraw {
-                self.inner.withdraw_load(&key, digest, announce).await;
-            }
+            Inner::<C>::finish_withdrawals(withdraw).await;
         }
         Ok(out)
     }
@@ -1763,26 +1766,29 @@ impl<C: Codec> Inner<C> {
         self.versions.renew_flight(key);
         // An eager refresh's store of the key (a plain SET) that landed after this write began
         // may have overwritten it (`recent.rs`): checked once this write is settled.
-        let overwritten = self.recent.overwritten(key, self.opts.now_nanos(), began);
+        // (Started at once: a caller cancelled during the announcement below still has them
+        // checked. Also after a failed write: it may have landed all the same.)
+        let overwritten = self.start_withdrawals(
+            self.recent
+                .overwritten(key, self.opts.now_nanos(), began)
+                .into_iter()
+                .map(|digest| (key.to_owned(), digest, eff.announce()))
+                .collect(),
+        );
         if let Err(e) = written {
             let _ = self.versions.write_end(&ticket);
             let _ = self.invalidate_l1(key);
             if eff.announce() {
                 self.publish_delete(key).await;
             }
-            // It may have landed all the same.
-            for digest in overwritten {
-                self.withdraw_load(key, digest, eff.announce()).await;
-            }
+            Self::finish_withdrawals(overwritten).await;
             return Err(e);
         }
         self.settle_write(key, Fill::value(value, size, ttl), &ticket, eff);
         if !published && eff.announce() {
             self.publish_set(key).await;
         }
-        for digest in overwritten {
-            self.withdraw_load(key, digest, eff.announce()).await;
-        }
+        Self::finish_withdrawals(overwritten).await;
         Ok(())
     }
 
@@ -1929,24 +1935,51 @@ impl<C: Codec> Inner<C> {
     where
         C: Codec,
     {
+        let found = found.into_iter().map(|(k, d)| (k, d, announce)).collect();
+        Self::finish_withdrawals(self.start_withdrawals(found)).await;
+    }
+
+    /// Starts the withdrawal of each `(key, digest, announce)` in a task of its own, at once:
+    /// the entries were taken out of `recent`, so a caller cancelled at any later await (its
+    /// announcement, the withdrawal itself) must not drop them (review, helper-74, helper-77).
+    /// Await the handle ([`finish_withdrawals`](Self::finish_withdrawals)) where the caller
+    /// waits for them. Outside a runtime, or while the cache is being dropped, they are
+    /// dropped (logged).
+    pub(crate) fn start_withdrawals(
+        &self,
+        found: Vec<(String, u64, bool)>,
+    ) -> Option<tokio::task::JoinHandle<()>>
+    where
+        C: Codec,
+    {
         if found.is_empty() {
-            return;
+            return None;
         }
-        if let (Some(inner), Ok(runtime)) =
-            (self.me.upgrade(), tokio::runtime::Handle::try_current())
-        {
-            let _ = runtime
-                .spawn(async move { inner.withdraw_loads_here(found, announce).await })
-                .await;
-        } else {
-            self.withdraw_loads_here(found, announce).await;
+        match (self.me.upgrade(), tokio::runtime::Handle::try_current()) {
+            (Some(inner), Ok(runtime)) => {
+                Some(runtime.spawn(async move { inner.withdraw_loads_here(found).await }))
+            }
+            _ => {
+                tracing::warn!(
+                    loads = found.len(),
+                    "loads stored after a write or delete of their keys could not be checked (no runtime)"
+                );
+                None
+            }
         }
     }
 
-    pub(crate) async fn withdraw_loads_here(&self, found: Vec<(String, u64)>, announce: bool) {
+    /// Waits for withdrawals [`start_withdrawals`](Self::start_withdrawals) began.
+    pub(crate) async fn finish_withdrawals(started: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(task) = started {
+            let _ = task.await;
+        }
+    }
+
+    pub(crate) async fn withdraw_loads_here(&self, found: Vec<(String, u64, bool)>) {
         use futures_util::StreamExt as _;
         futures_util::stream::iter(found)
-            .for_each_concurrent(16, |(key, digest)| async move {
+            .for_each_concurrent(16, |(key, digest, announce)| async move {
                 self.withdraw_load(&key, digest, announce).await;
             })
             .await;
@@ -2357,11 +2390,13 @@ impl<'a, C: Codec> Tracked<'a, C> {
     }
 
     /// [`end`](Self::end), then the withdrawal it asks for.
-    pub(crate) async fn finish(self) {
+    pub(crate) async fn finish(self)
+    where
+        C: Codec,
+    {
         let inner = self.inner;
-        if let Some((key, digest, announce)) = self.end() {
-            inner.withdraw_load(&key, digest, announce).await;
-        }
+        let started = inner.start_withdrawals(self.end().into_iter().collect());
+        Inner::<C>::finish_withdrawals(started).await;
     }
 }
 

@@ -275,6 +275,67 @@ async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
     assert_eq!(cache.get_stats().loads_withdrawn, 1);
 }
 
+/// The same with the caller's `set` cancelled (a request timeout) while it checks the
+/// refresh's store that landed over its write: the check goes on without it. Before (review,
+/// helper-77) the digests were taken out of `recent` and the check ran in the caller: a
+/// cancelled caller dropped it, and L2 kept the older value over the write for its TTL.
+#[tokio::test]
+async fn an_eager_refresh_landing_after_a_cancelled_local_write_is_withdrawn() {
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .l1_default_ttl(Duration::from_secs(10))
+        .eager_refresh(0.5)
+        .build()
+        .unwrap();
+    let loaded: String = cache
+        .get_or_load("k", || async { Ok::<_, Io>("v1".to_string()) })
+        .await
+        .unwrap();
+    assert_eq!(loaded, "v1");
+    clock.advance(Duration::from_secs(6));
+    // The refresh's store is held 200 ms before L2.
+    slow.set_request_delay(Duration::from_millis(200));
+    let called = Arc::new(tokio::sync::Notify::new());
+    let hit: String = cache
+        .get_or_load("k", {
+            let called = Arc::clone(&called);
+            || async move {
+                called.notify_one();
+                Ok::<_, Io>("old".to_string())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(hit, "v1");
+    called.notified().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The caller's write lands first; its reply is held until the refresh has landed over
+    // it, and the check that follows (a GET) is held past the caller's timeout.
+    slow.set_request_delay(Duration::ZERO);
+    slow.set_reply_delay(Duration::from_millis(400));
+    slow.get_reply_delay(Duration::from_millis(600));
+    let write = tokio::time::timeout(
+        Duration::from_millis(700),
+        cache.set("k", "new".to_string()),
+    );
+    assert!(
+        write.await.is_err(),
+        "the set was meant to be cancelled during its check"
+    );
+    slow.set_reply_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    slow.get_reply_delay(Duration::ZERO);
+    let l2 = ncm_cache_multilevel::EntryOptions::new().skip_l1();
+    let held = cache.get_with::<String>("k", &l2).await.unwrap();
+    assert_ne!(
+        held.map(|(v, _)| v.to_string()).as_deref(),
+        Some("old"),
+        "the refresh's older value stayed in L2 over the cancelled caller's write"
+    );
+}
+
 /// The same through `get_many_or_load` (one batch of stores) and a pattern delete through
 /// `as_backend()`: each store landing after the delete is withdrawn.
 #[tokio::test]
