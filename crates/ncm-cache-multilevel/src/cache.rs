@@ -885,6 +885,17 @@ impl<C: Codec> MultiLevelCache<C> {
             Err(e) => {
                 Counters::bump(&self.inner.counters.load_errors);
                 let error = CacheError::loader(e);
+                // Served only if every key left has a copy: a key L1 answered with a cached
+                // "not found" (negative caching) went to the loader with no copy of its own,
+                // and the loader's error is then the call's (review, helper-77).
+                let covered = out
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_none())
+                    .all(|(i, _)| copies.iter().any(|(j, _)| *j == i));
+                if !covered {
+                    return Err(error);
+                }
                 return FailedRead { copies, error }.serve(&self.inner, out);
             }
         };

@@ -2597,6 +2597,34 @@ async fn fail_safe_serves_a_stale_copy_when_l2_expired_and_the_loader_fails() {
     );
 }
 
+/// A `get_many_or_load` whose loader fails returns its error when a key it asked for has no
+/// copy to serve — here a key L1 answered with a cached "not found" (negative caching), with
+/// fail-safe off. Before (review, helper-77), no key had reached L2, so no copy was checked
+/// and the call answered `Ok([None])`, swallowing the error.
+#[tokio::test]
+async fn a_batch_load_that_fails_without_copies_returns_the_error() {
+    let clock = Arc::new(ManualClock::new());
+    let cache = MultiLevelCache::builder(memory(&clock))
+        .clock(Arc::clone(&clock) as SharedClock)
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let none = cache
+        .get_or_load_optional::<u64, _, _, _>("x", || async { Ok::<_, Io>(None) })
+        .await
+        .unwrap();
+    assert_eq!(none, None);
+    let failed = cache
+        .get_many_or_load::<u64, _, _, _>(&["x"], |_| async {
+            Err::<std::collections::HashMap<String, u64>, _>(Io::other("database down"))
+        })
+        .await;
+    assert!(
+        failed.is_err(),
+        "the loader's error was swallowed: {failed:?}"
+    );
+}
+
 /// The other side of the epoch check on a load's store: a load longer than the token's
 /// re-check interval with no clear meanwhile re-reads the same token and is stored (the
 /// change count moves only when the token itself changes).
