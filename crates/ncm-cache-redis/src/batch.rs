@@ -861,9 +861,17 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
 async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
     let timeout = inner.config.response_timeout;
     let calls = &*batch;
-    let r: Result<(Vec<usize>, Vec<redis::RedisResult<redis::Value>>)> = inner
+    type Sent = (
+        Vec<usize>,
+        Vec<redis::RedisResult<redis::Value>>,
+        Option<u64>,
+    );
+    let r: Result<Sent> = inner
         .run(Operation::Set, crate::backend::Retry::No, |mut h| {
             let slot = h.slot();
+            // The connection's generation (Sentinel): an error reply of this batch must not
+            // drop a newer connection made meanwhile (review, helper-76).
+            let generation = h.generation();
             async move {
                 // A connection manager that is reconnecting holds a request until the new
                 // connection is up, long after its caller may have gone: after a failure on
@@ -895,19 +903,19 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                     pipe.add_command(commands::set(&s.key, &s.value, s.ttl));
                 }
                 if sent.is_empty() {
-                    return redis::RedisResult::Ok((sent, Vec::new()));
+                    return redis::RedisResult::Ok((sent, Vec::new(), generation));
                 }
                 let replies = pipe
                     .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut h)
                     .await?;
-                Ok((sent, replies))
+                Ok((sent, replies, generation))
             }
         })
         .await;
     let mut pending = u32::from(counted_by_run(&r));
     let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
     match r {
-        Ok((sent, replies)) => {
+        Ok((sent, replies, generation)) => {
             let mut replies = replies.into_iter();
             for i in sent {
                 let Some(call) = calls.get_mut(i).and_then(Option::take) else {
@@ -919,7 +927,7 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                         let e = crate::error::map_err("set", e, timeout);
                         // READONLY and the like: the connection must be re-resolved.
                         if e.is_connection() {
-                            inner.conn.on_error(&e, None);
+                            inner.conn.on_error(&e, generation);
                         }
                         Err(e)
                     }

@@ -317,10 +317,7 @@ impl Conn {
     /// until the new connection is up — however long its caller has been gone.
     pub(crate) fn on_call_error(&self, slot: Option<usize>, err: &CacheError) {
         if let Self::Cluster(c) = self {
-            if err.is_timeout() || err.is_connection() {
-                // A connection error too: the cluster connection's own task may be gone (it
-                // ran on a runtime since shut down), and then every call fails at once, for
-                // good (review, helper-76).
+            if lost_connection(err) {
                 c.failed();
             } else {
                 // An error reply: the connection answers.
@@ -571,8 +568,8 @@ type AskConn = std::sync::Arc<tokio::sync::OnceCell<MultiplexedConnection>>;
 /// a second, if longer), a new connection is made (in a task, one at a time, at most once per
 /// twice that time) and takes its place; calls made with the old one end by their timeouts, and
 /// redis-rs ends the old connection's task once the last of them has dropped it (its closing
-/// polls the requests it holds). Calls that fail with a connection error count as timed out
-/// ones: the connection's task may have died with the runtime it ran on (a `static` cache
+/// polls the requests it holds). Calls that lose their connection count as timed out ones
+/// (not error replies such as `CLUSTERDOWN`: the cluster answers; [`lost_connection`]): the connection's task may have died with the runtime it ran on (a `static` cache
 /// first used by one `#[tokio::test]`), and then every call fails at once; the new connection
 /// is made on the caller's runtime
 /// (`tests/cluster.rs::a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down`).
@@ -724,6 +721,31 @@ impl ClusterConn {
             this.replacing.store(false, Ordering::Release);
         }));
     }
+}
+
+/// Whether a failed cluster call counts toward replacing the cluster connection: a timeout,
+/// or a lost connection — the connection's own task may be gone (it ran on a runtime since
+/// shut down), and then every call fails at once, for good (review, helper-76). Not an error
+/// reply (`CLUSTERDOWN`, `TRYAGAIN`, `LOADING`, `READONLY`, a redirect left over: classed as
+/// connection errors for the caller): the connection answers, and a new one would meet the
+/// same state of the cluster (review, helper-77).
+fn lost_connection(err: &CacheError) -> bool {
+    if err.is_timeout() {
+        return true;
+    }
+    if !err.is_connection() {
+        return false;
+    }
+    let reply = match err {
+        CacheError::Connection {
+            source: Some(source),
+            ..
+        } => (**source)
+            .downcast_ref::<redis::RedisError>()
+            .is_some_and(|e| e.code().is_some()),
+        _ => false,
+    };
+    !reply
 }
 
 /// Where one try of a cluster call goes.
@@ -1053,4 +1075,58 @@ pub(crate) fn sentinel_node_info(
     redis::sentinel::SentinelNodeConnectionInfo::default()
         .set_redis_connection_info(node)
         .set_tcp_settings(tcp_settings(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapped(err: redis::RedisError) -> CacheError {
+        crate::error::map_err("get", err, Duration::from_secs(1))
+    }
+
+    /// Error replies of a cluster that answers do not make the cluster connection look dead;
+    /// a lost connection, a dead connection task and a timeout do (review, helper-77: every
+    /// connection-class error counted, so `CLUSTERDOWN` for a second replaced the connection
+    /// every two seconds).
+    #[test]
+    fn only_a_lost_connection_or_a_timeout_counts_toward_replacing_it() {
+        let io = mapped(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connection lost",
+        )));
+        assert!(lost_connection(&io), "an I/O error");
+        for reply in [
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN Multiple keys",
+            "LOADING Redis is loading",
+            "READONLY You can't write",
+            "MASTERDOWN Link with MASTER is down",
+        ] {
+            let parsed = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes())
+                .expect("an error reply")
+                .extract_error()
+                .expect_err("an error reply");
+            let err = mapped(parsed);
+            assert!(
+                err.is_connection(),
+                "{reply}: classed as a connection error for callers"
+            );
+            assert!(!lost_connection(&err), "{reply}: the connection answered");
+        }
+        let dead_task = mapped(
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "redis_cluster: Unable to send command",
+            )
+            .into(),
+        );
+        assert!(lost_connection(&dead_task));
+        let timeout = CacheError::Timeout {
+            operation: "get",
+            after: Duration::from_secs(1),
+        };
+        assert!(lost_connection(&timeout));
+        assert!(!lost_connection(&CacheError::Config("x".into())));
+    }
 }
