@@ -1865,6 +1865,30 @@ async fn loads_over_a_fail_safe_cache_serve_the_copy_of_an_expired_entry_when_th
         ["v2", "v2", "v2", "v2", "Grace"].map(String::from),
         "a stale copy was served while the source was up"
     );
+    // A query's copy whose table was written through the cache since (its generation token
+    // moved) is not served, even when the database fails.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    sql.execute(
+        "UPDATE users SET name = %s WHERE id = %s",
+        params!["Ada", 1],
+    )
+    .await
+    .unwrap();
+    ncm_cache::sql::SqlExecutor::execute(&other, "DROP TABLE users", &[])
+        .await
+        .unwrap();
+    let after = sql
+        .cache_query(
+            "SELECT name FROM users WHERE id = %s",
+            params![1],
+            QueryCacheStrategy::CacheFirst,
+            Some(ttl),
+        )
+        .await;
+    assert!(
+        after.is_err(),
+        "a copy older than a write to its table was served: {after:?}"
+    );
 }
 
 /// Over a multi-level cache with the distributed lock (`over_redis`), a `CacheLoader` whose
