@@ -211,6 +211,31 @@ async fn redis_cli_rename_del_expire_and_flushall_are_seen() {
             until_seen(c, &format!("f{i}"), None, BOUND).await;
         }
     }
+    // FLUSHDB of another database than the cache's: tracking is not per database, so the
+    // push is heard as a flush and L1 is emptied (L2, in database 0, still holds the keys).
+    for i in 0..5u64 {
+        cache.set(&format!("d{i}"), i).await.unwrap();
+        for c in both {
+            until_l1(c, &format!("d{i}")).await;
+        }
+    }
+    server.cli(&["-n", "1", "FLUSHDB"]).unwrap();
+    for i in 0..5u64 {
+        for c in both {
+            let start = Instant::now();
+            loop {
+                let read = c.get_with_source::<u64>(&format!("d{i}")).await.unwrap();
+                match read.map(|(v, s)| (*v, s)) {
+                    Some((v, ValueSource::L2)) if v == i => break,
+                    other => assert!(
+                        start.elapsed() < BOUND,
+                        "d{i}: still {other:?} after a FLUSHDB of database 1"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
