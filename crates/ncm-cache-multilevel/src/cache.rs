@@ -1595,21 +1595,7 @@ impl<C: Codec> Inner<C> {
     /// after it (an invalidation in between removes what was inserted). Returns whether it
     /// stayed.
     pub(crate) fn l1_fill(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) -> bool {
-        if !eff.write_l1()
-            || !self.l1_enabled.load(Ordering::Acquire)
-            || !self.versions.current(ticket)
-        {
-            return false;
-        }
-        if !self.l1_put(key, fill, eff, false) {
-            return false;
-        }
-        if self.versions.current(ticket) {
-            true
-        } else {
-            let _ = self.l1.remove(key);
-            false
-        }
+        self.l1_enabled.load(Ordering::Acquire) && self.l1_put_while(key, fill, ticket, eff, false)
     }
 
     /// A value this instance just wrote or loaded while L1 may not serve it as fresh (a
@@ -1626,10 +1612,23 @@ impl<C: Codec> Inner<C> {
         ticket: &Ticket,
         eff: &Eff,
     ) -> bool {
-        if eff.max_stale_age.is_none() || !eff.write_l1() || !self.versions.current(ticket) {
+        eff.max_stale_age.is_some() && self.l1_put_while(key, fill, ticket, eff, true)
+    }
+
+    /// [`l1_put`](Self::l1_put) while `ticket` is current, checked before the insert and again
+    /// after it (an invalidation in between removes what was inserted).
+    fn l1_put_while(
+        &self,
+        key: &str,
+        fill: Fill,
+        ticket: &Ticket,
+        eff: &Eff,
+        stale_only: bool,
+    ) -> bool {
+        if !eff.write_l1() || !self.versions.current(ticket) {
             return false;
         }
-        if !self.l1_put(key, fill, eff, true) {
+        if !self.l1_put(key, fill, eff, stale_only) {
             return false;
         }
         if self.versions.current(ticket) {

@@ -227,11 +227,9 @@ async fn a_load_store_landing_after_a_local_delete_is_withdrawn() {
     assert_eq!(cache.get_stats().loads_withdrawn, 1);
 }
 
-/// A caller's `set` on this instance whose L2 write lands while an eager refresh's store (a
-/// plain `SET` of the older value it read before) is held: the refresh lands after the write
-/// and would be what L2 holds for its TTL; it is withdrawn once it lands.
-#[tokio::test]
-async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
+/// A cache with eager refresh whose `k` ("v1", loaded through `Slow` over memory) is past its
+/// refresh point: the next read starts a refresh that loads "old".
+async fn past_its_refresh_point() -> (Arc<Slow>, MultiLevelCache) {
     let clock = Arc::new(ManualClock::new());
     let slow = Arc::new(Slow::new(memory(&clock)));
     let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
@@ -246,8 +244,12 @@ async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
         .unwrap();
     assert_eq!(loaded, "v1");
     clock.advance(Duration::from_secs(6));
-    // The refresh's store is held before L2; the caller's write lands first.
-    slow.set_request_delay(Duration::from_millis(300));
+    (slow, cache)
+}
+
+/// Reads `k`, starting its eager refresh (which loads "old"), and waits until the refresh's
+/// loader has run.
+async fn start_the_refresh(cache: &MultiLevelCache) {
     let called = Arc::new(tokio::sync::Notify::new());
     let hit: String = cache
         .get_or_load("k", {
@@ -261,6 +263,17 @@ async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
         .unwrap();
     assert_eq!(hit, "v1");
     called.notified().await;
+}
+
+/// A caller's `set` on this instance whose L2 write lands while an eager refresh's store (a
+/// plain `SET` of the older value it read before) is held: the refresh lands after the write
+/// and would be what L2 holds for its TTL; it is withdrawn once it lands.
+#[tokio::test]
+async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
+    let (slow, cache) = past_its_refresh_point().await;
+    // The refresh's store is held before L2; the caller's write lands first.
+    slow.set_request_delay(Duration::from_millis(300));
+    start_the_refresh(&cache).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     slow.set_request_delay(Duration::ZERO);
     cache.set("k", "new".to_string()).await.unwrap();
@@ -281,35 +294,10 @@ async fn an_eager_refresh_landing_after_a_local_write_is_withdrawn() {
 /// cancelled caller dropped it, and L2 kept the older value over the write for its TTL.
 #[tokio::test]
 async fn an_eager_refresh_landing_after_a_cancelled_local_write_is_withdrawn() {
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .l1_default_ttl(Duration::from_secs(10))
-        .eager_refresh(0.5)
-        .build()
-        .unwrap();
-    let loaded: String = cache
-        .get_or_load("k", || async { Ok::<_, Io>("v1".to_string()) })
-        .await
-        .unwrap();
-    assert_eq!(loaded, "v1");
-    clock.advance(Duration::from_secs(6));
+    let (slow, cache) = past_its_refresh_point().await;
     // The refresh's store is held 200 ms before L2.
     slow.set_request_delay(Duration::from_millis(200));
-    let called = Arc::new(tokio::sync::Notify::new());
-    let hit: String = cache
-        .get_or_load("k", {
-            let called = Arc::clone(&called);
-            || async move {
-                called.notify_one();
-                Ok::<_, Io>("old".to_string())
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(hit, "v1");
-    called.notified().await;
+    start_the_refresh(&cache).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     // The caller's write lands first; its reply is held until the refresh has landed over
     // it, and the check that follows (a GET) is held past the caller's timeout.
