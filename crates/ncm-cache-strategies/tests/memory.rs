@@ -718,3 +718,8 @@ async fn a_load_after_a_failed_read_replaces_the_entry() {
 async fn an_invalidated_write_behind_key_ends_with_the_persisted_value() {
     support::an_invalidated_write_behind_key_ends_with_the_persisted_value(&strategies()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_landing_after_a_persist_is_not_undone() {
+    support::a_write_landing_after_a_persist_is_not_undone(&strategies()).await;
+}

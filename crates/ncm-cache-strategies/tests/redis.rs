@@ -1534,4 +1534,7 @@ async fn an_invalidated_write_behind_key_ends_with_the_persisted_value_on_redis(
         &durable_strategies(&journaled).await,
     )
     .await;
+    let landing = cache(&server, "wbl:").await;
+    support::a_write_landing_after_a_persist_is_not_undone(&durable_strategies(&landing).await)
+        .await;
 }

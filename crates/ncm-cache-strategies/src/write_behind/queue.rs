@@ -1,7 +1,7 @@
 //! The engine of a write-behind queue: the worker task that persists batches, retries, dead
 //! letters, back-pressure and durable-mode maintenance.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -83,7 +83,6 @@ impl<V: QueueValue> Shared<V> {
             shared: self,
             key,
             value,
-            expiry,
             delay,
             id: None,
             armed: self.journal.is_none(),
@@ -160,7 +159,6 @@ impl<V: QueueValue> Shared<V> {
                     version,
                     due,
                     id.into_iter().collect(),
-                    expiry,
                 );
                 if cache_failure.is_some() || unsure {
                     // Not (surely) cached: the key is evicted once this write is persisted.
@@ -208,14 +206,7 @@ impl<V: QueueValue> Shared<V> {
     /// (the cached value evicted after). Left out, a journaled entry would stay pending under
     /// this consumer until the process exits, and an older write of its key would be judged
     /// superseded by it; a cached value would never reach the store.
-    fn take_over(
-        &self,
-        key: &str,
-        value: &V,
-        expiry: Expiry,
-        delay: Duration,
-        id: Option<Version>,
-    ) {
+    fn take_over(&self, key: &str, value: &V, delay: Duration, id: Option<Version>) {
         let mut st = lock(&self.state);
         if st.exited {
             // The consumer left: another process adopts a journaled entry.
@@ -231,7 +222,6 @@ impl<V: QueueValue> Shared<V> {
             version,
             due,
             id.into_iter().collect(),
-            expiry,
         );
         st.adopted.insert(key.to_owned());
         self.stats.pending_gauge(st.pending.len() + st.in_flight);
@@ -352,17 +342,18 @@ impl<V: QueueValue> Shared<V> {
     }
 
     /// After `entries` were persisted (none adopted): the cache must not keep an older value
-    /// than the one just stored. A read-through after an invalidation (or an eviction) of a key
+    /// than the store now holds. A read-through after an invalidation (or an eviction) of a key
     /// whose write was still pending read the store's older row and cached it, and nothing
-    /// replaced it until its TTL (review, helper-69). The keys are read back in one call; one
-    /// whose cache holds other bytes than its write's — or nothing: a read-through of the
-    /// older row may still be on its way to cache it "only if absent" — gets that write cached
-    /// again with its expiry (memory mode) or the key's newest journaled write (durable mode),
-    /// under the key's write lock, unless a newer local write of it waits (which caches its own
-    /// value). In memory mode, another process's newer write of the key that is not yet
-    /// persisted is overwritten with this one until that process persists it and does the
-    /// same (memory mode does not order processes' writes of one key).
-    async fn recache(&self, entries: Vec<(String, V)>, expiries: &HashMap<String, Expiry>) {
+    /// replaced it until its TTL (review, helper-69). The keys are read back in one call, and
+    /// one whose cache holds other bytes than the write just persisted, or nothing, is
+    /// evicted, under the key's write lock, unless a newer local write of it waits (it caches
+    /// its own value). Evicted, not written again: the store now holds this write or a newer
+    /// one (another write-through, write-around or database write may have landed since, and
+    /// its value or its invalidation must not be undone — review, helper-78), so the next read
+    /// loads what is current. A key holding nothing is deleted too: on a backend with load
+    /// marks (memory, multi-level) that keeps out a read-through of the older row still on its
+    /// way; on plain Redis such a read-through's "only if absent" store can still land.
+    async fn evict_unless_held(&self, entries: Vec<(String, V)>) {
         let entries: Vec<(String, V)> = {
             let st = lock(&self.state);
             entries
@@ -380,7 +371,7 @@ impl<V: QueueValue> Shared<V> {
                 return;
             }
         };
-        for ((key, value), held) in entries.iter().zip(held) {
+        for ((key, _), held) in entries.iter().zip(held) {
             if held {
                 continue;
             }
@@ -388,17 +379,7 @@ impl<V: QueueValue> Shared<V> {
             if lock(&self.state).pending.contains_key(key) {
                 continue;
             }
-            let expiry = expiries.get(key).copied().unwrap_or(Expiry::Default);
-            match &self.journal {
-                Some(journal) => {
-                    self.cache_newest(&**journal, key, None, expiry).await;
-                }
-                None => {
-                    if let Err(e) = self.cache.set(key, value, expiry).await {
-                        tracing::warn!(queue = %self.name, key, error = %e, "could not cache a persisted write again; a read-through meanwhile may keep an older row cached until its TTL");
-                    }
-                }
-            }
+            self.uncache(key).await;
         }
     }
 
@@ -451,9 +432,7 @@ impl<V: QueueValue> Shared<V> {
     async fn persist(&self, batch: Vec<(String, Pending<V>)>) {
         let mut entries = Vec::with_capacity(batch.len());
         let mut meta = Vec::with_capacity(batch.len());
-        let mut expiries = HashMap::with_capacity(batch.len());
         for (key, p) in batch {
-            expiries.insert(key.clone(), p.expiry);
             entries.push((key, p.value));
             meta.push((p.version, p.ids));
         }
@@ -499,7 +478,7 @@ impl<V: QueueValue> Shared<V> {
             .into_iter()
             .filter(|(k, _)| !evict.contains(k))
             .collect();
-        self.recache(others, &expiries).await;
+        self.evict_unless_held(others).await;
         {
             let mut st = lock(&self.state);
             self.stats.add(Counter::Stored, out.stored);
@@ -511,9 +490,7 @@ impl<V: QueueValue> Shared<V> {
                         // Another write of the key is waiting (a newer local one, or an older
                         // one adopted meanwhile): merged, the newer value kept, every id
                         // carried to the ack.
-                        let expiry = expiries.get(&key).copied().unwrap_or(Expiry::Default);
-                        let (_, dropped) =
-                            st.insert(key, value, version, Instant::now(), ids, expiry);
+                        let (_, dropped) = st.insert(key, value, version, Instant::now(), ids);
                         superseded += 1 + dropped;
                         continue;
                     }
@@ -854,14 +831,7 @@ impl<V: QueueValue> Shared<V> {
         let n = dead.len();
         let now = Instant::now();
         for d in dead {
-            let (_, superseded) = st.insert(
-                d.letter.key,
-                d.letter.value,
-                d.version,
-                now,
-                d.ids,
-                Expiry::Default,
-            );
+            let (_, superseded) = st.insert(d.letter.key, d.letter.value, d.version, now, d.ids);
             self.stats.superseded(superseded);
         }
         self.stats.replayed(n as u64);
@@ -891,8 +861,7 @@ impl<V: QueueValue> Shared<V> {
             for r in adopted {
                 // Its writer may have died before caching it: evicted once persisted.
                 st.adopted.insert(r.key.clone());
-                let (_, superseded) =
-                    st.insert(r.key, r.value, r.id, now, vec![r.id], Expiry::Default);
+                let (_, superseded) = st.insert(r.key, r.value, r.id, now, vec![r.id]);
                 self.stats.superseded(superseded);
             }
             drop(st);
@@ -953,7 +922,6 @@ struct Unfinished<'a, V: QueueValue> {
     shared: &'a Shared<V>,
     key: &'a str,
     value: &'a V,
-    expiry: Expiry,
     delay: Duration,
     id: Option<Version>,
     armed: bool,
@@ -972,7 +940,7 @@ impl<V: QueueValue> Drop for Unfinished<'_, V> {
         }
         if self.armed {
             self.shared
-                .take_over(self.key, self.value, self.expiry, self.delay, self.id);
+                .take_over(self.key, self.value, self.delay, self.id);
         }
     }
 }

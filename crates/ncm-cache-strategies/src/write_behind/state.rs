@@ -21,7 +21,7 @@ pub(crate) trait CacheSink<V>: Send + Sync {
     async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()>;
     async fn delete(&self, key: &str) -> Result<bool>;
     /// For each `(key, value)`, whether the cache holds exactly that value (its encoded bytes)
-    /// now: one batch read.
+    /// now: one batch read (counted as reads by the backend).
     async fn holds(&self, entries: &[(String, V)]) -> Result<Vec<bool>>;
     /// Encodes a journal value: bound (by a signing codec) to the journal stream and the
     /// entry's key, so a value cannot be paired with another key in the journal.
@@ -120,9 +120,6 @@ pub(crate) trait Journal<V>: Send + Sync {
 
 pub(crate) struct Pending<V> {
     pub(crate) value: V,
-    /// The expiry its writer cached it with (`Expiry::Default` for an adopted or replayed
-    /// write): what it is cached with again after it is persisted, if the cache lost it.
-    pub(crate) expiry: Expiry,
     pub(crate) version: Version,
     pub(crate) due: Instant,
     pub(crate) seq: u64,
@@ -199,7 +196,6 @@ impl<V> State<V> {
         version: Version,
         due: Instant,
         ids: Vec<Version>,
-        expiry: Expiry,
     ) -> (bool, u64) {
         let mut superseded = 0;
         if let Some(dead) = self.take_dead(&key) {
@@ -212,7 +208,6 @@ impl<V> State<V> {
                     dead.version,
                     due,
                     [ids, dead.ids].concat(),
-                    Expiry::Default,
                     superseded,
                 );
             }
@@ -222,11 +217,10 @@ impl<V> State<V> {
                 version,
                 due,
                 [ids, dead.ids].concat(),
-                expiry,
                 superseded,
             );
         }
-        self.insert_inner(key, value, version, due, ids, expiry, superseded)
+        self.insert_inner(key, value, version, due, ids, superseded)
     }
 
     /// The journal's fence answered: no outage under way.
@@ -276,7 +270,6 @@ impl<V> State<V> {
         self.dead.iter().find(|d| d.letter.key == key)
     }
 
-    #[allow(clippy::too_many_arguments)] // private: one call site per way a write arrives
     fn insert_inner(
         &mut self,
         key: String,
@@ -284,14 +277,12 @@ impl<V> State<V> {
         version: Version,
         due: Instant,
         ids: Vec<Version>,
-        expiry: Expiry,
         superseded: u64,
     ) -> (bool, u64) {
         if let Some(p) = self.pending.get_mut(&key) {
             if version >= p.version {
                 p.value = value;
                 p.version = version;
-                p.expiry = expiry;
             }
             p.ids.extend(ids);
             if due < p.due {
@@ -309,7 +300,6 @@ impl<V> State<V> {
             key,
             Pending {
                 value,
-                expiry,
                 version,
                 due,
                 seq,
@@ -437,14 +427,7 @@ mod tests {
         let k7 = st.dead_of("k7").unwrap();
         assert_eq!((k7.letter.value, k7.ids.len()), (700, 2));
         // An older write of a dead-lettered key: the dead letter's newer value is queued.
-        let (_, superseded) = st.insert(
-            "k9".into(),
-            1,
-            (0, 0),
-            Instant::now(),
-            vec![(0, 0)],
-            Expiry::Default,
-        );
+        let (_, superseded) = st.insert("k9".into(), 1, (0, 0), Instant::now(), vec![(0, 0)]);
         assert_eq!(superseded, 1);
         assert!(st.dead_of("k9").is_none());
         assert_eq!(st.pending["k9"].value, 9);
