@@ -1551,6 +1551,31 @@ async fn fail_safe_instance_aged(
         .unwrap()
 }
 
+/// A source answering "v1" until the test sets another answer (`None`: it fails), and its
+/// read as a loader.
+#[allow(clippy::type_complexity)]
+fn switchable_source() -> (
+    Arc<Mutex<Option<&'static str>>>,
+    impl Fn() -> std::future::Ready<std::result::Result<String, std::io::Error>>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) {
+    let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
+    let read = {
+        let source = Arc::clone(&source);
+        move || {
+            let now = *source.lock().unwrap();
+            std::future::ready(
+                now.map(str::to_owned)
+                    .ok_or_else(|| std::io::Error::other("database down")),
+            )
+        }
+    };
+    (source, read)
+}
+
 /// The README's setup with fail-safe: L1 (300 ms) + Redis L2, fail-safe 1 h. Redis dies; a
 /// loader, a macro-style `CacheLoader` load, a `CacheReloader` read, `Cache::read_through` and
 /// `CacheStrategies::read_through` whose key has only a stale L1 copy left run their load (the
@@ -1565,17 +1590,7 @@ async fn loads_over_a_fail_safe_cache_ask_the_source_while_redis_is_down() {
     let multi = fail_safe_instance(&server, "fs:").await;
     let cache = Cache::new(multi.as_backend(), Serializer::default());
     // The source: "v1" now, then down, then "v2".
-    let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
-    let read = {
-        let source = Arc::clone(&source);
-        move || {
-            let now = *source.lock().unwrap();
-            async move {
-                now.map(str::to_owned)
-                    .ok_or_else(|| std::io::Error::other("database down"))
-            }
-        }
-    };
+    let (source, read) = switchable_source();
     let loader = CacheLoader::new(cache.clone());
     let read_user = read.clone();
     loader
@@ -1767,17 +1782,7 @@ async fn loads_over_a_fail_safe_cache_serve_the_copy_of_an_expired_entry_when_th
     let multi = fail_safe_instance(&server, "fsx:").await;
     let cache = Cache::new(multi.as_backend(), Serializer::default());
     let ttl = Duration::from_millis(500);
-    let source: Arc<Mutex<Option<&'static str>>> = Arc::new(Mutex::new(Some("v1")));
-    let read = {
-        let source = Arc::clone(&source);
-        move || {
-            let now = *source.lock().unwrap();
-            async move {
-                now.map(str::to_owned)
-                    .ok_or_else(|| std::io::Error::other("database down"))
-            }
-        }
-    };
+    let (source, read) = switchable_source();
     let loader = CacheLoader::new(cache.clone());
     let read_user = read.clone();
     loader

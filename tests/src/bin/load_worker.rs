@@ -17,6 +17,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+#[path = "../shared/worker_redis.rs"]
+mod worker_redis;
+
 use std::io::{BufRead, Write};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -39,18 +42,7 @@ fn say(line: &str) {
 }
 
 fn redis_config() -> RedisConfig {
-    let mut c = match std::env::var("NCM_REDIS_URL") {
-        Ok(url) if !url.is_empty() => RedisConfig::from_url(&url).unwrap(),
-        _ => {
-            let mut c = RedisConfig::default();
-            c.cluster_nodes = env("NCM_REDIS_NODES")
-                .split(',')
-                .map(str::to_owned)
-                .collect();
-            c
-        }
-    };
-    c.key_prefix = env("NCM_REDIS_PREFIX");
+    let mut c = worker_redis::from_env();
     c.health_check_interval = Some(Duration::from_millis(200));
     c
 }

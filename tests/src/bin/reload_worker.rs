@@ -12,13 +12,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+#[path = "../shared/worker_redis.rs"]
+mod worker_redis;
+
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ncm_cache::RedisCache;
 use ncm_cache::loader::{CacheReloader, ReloadStrategy};
-use ncm_cache::{RedisCache, RedisConfig};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_default()
@@ -35,19 +38,7 @@ fn say(line: &str) {
 
 #[tokio::main]
 async fn main() {
-    let mut config = match std::env::var("NCM_REDIS_URL") {
-        Ok(url) if !url.is_empty() => RedisConfig::from_url(&url).unwrap(),
-        _ => {
-            let mut c = RedisConfig::default();
-            c.cluster_nodes = env("NCM_REDIS_NODES")
-                .split(',')
-                .map(str::to_owned)
-                .collect();
-            c
-        }
-    };
-    config.key_prefix = env("NCM_REDIS_PREFIX");
-    let redis = RedisCache::connect(config).await.unwrap();
+    let redis = RedisCache::connect(worker_redis::from_env()).await.unwrap();
     let fraction: f64 = env("NCM_RELOAD_FRACTION").parse().unwrap();
     let reloader = CacheReloader::redis(&redis)
         .eager_fraction(fraction)

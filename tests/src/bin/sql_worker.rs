@@ -25,6 +25,9 @@
     clippy::print_stdout
 )]
 
+#[path = "../shared/worker_redis.rs"]
+mod worker_redis;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,18 +76,7 @@ impl SqlExecutor for SlowReply {
 
 /// The Redis of the test: one server or a cluster.
 pub fn redis_config() -> RedisConfig {
-    let mut c = match std::env::var("NCM_REDIS_URL") {
-        Ok(url) if !url.is_empty() => RedisConfig::from_url(&url).unwrap(),
-        _ => {
-            let mut c = RedisConfig::default();
-            c.cluster_nodes = env("NCM_REDIS_NODES")
-                .split(',')
-                .map(str::to_owned)
-                .collect();
-            c
-        }
-    };
-    c.key_prefix = env("NCM_REDIS_PREFIX");
+    let mut c = worker_redis::from_env();
     c.health_check_interval = None;
     c
 }
