@@ -603,43 +603,8 @@ fn batched_calls_go_on_after_the_runtime_the_cache_connected_on_shut_down() {
     drop(first);
     let callers = runtime(2);
     for round in 0..4 {
-        let (ok, abandoned, failed) = callers.block_on(async {
-            let tasks: Vec<_> = (0..64usize)
-                .map(|t| {
-                    let cache = Arc::clone(&cache);
-                    tokio::spawn(async move {
-                        let (mut ok, mut abandoned, mut failed) = (0, 0, 0);
-                        for i in 0..20 {
-                            let k = (t * 7 + i) % KEYS;
-                            let call = async {
-                                if i % 4 == 0 {
-                                    cache.set(&key(k), value(k), None).await.map(|()| None)
-                                } else {
-                                    cache.get(&key(k)).await.map(|v| Some(v.unwrap()))
-                                }
-                            };
-                            match tokio::time::timeout(Duration::from_secs(5), call).await {
-                                Ok(Ok(Some(v))) => {
-                                    assert_eq!(v, value(k), "round {round}");
-                                    ok += 1;
-                                }
-                                Ok(Ok(None)) => ok += 1,
-                                Ok(Err(e)) if e.to_string().contains("abandoned") => abandoned += 1,
-                                Ok(Err(_)) => failed += 1,
-                                Err(_) => panic!("round {round}: a batched call hung"),
-                            }
-                        }
-                        (ok, abandoned, failed)
-                    })
-                })
-                .collect();
-            let mut sum = (0, 0, 0);
-            for t in tasks {
-                let (o, a, f) = t.await.unwrap();
-                sum = (sum.0 + o, sum.1 + a, sum.2 + f);
-            }
-            sum
-        });
+        let (ok, abandoned, failed) =
+            callers.block_on(support::mixed_round(&cache, 64, KEYS, round));
         // The first calls may fail while the connection reconnects on this runtime; later a
         // rare timeout on a loaded machine is tolerated, a batch given up as abandoned is not.
         if round > 0 {

@@ -826,7 +826,6 @@ fn sync_calls_follow_a_slot_being_migrated() {
 /// reads answered "abandoned").
 #[test]
 fn a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down() {
-    use std::sync::Arc;
     let cluster = RedisCluster::start().unwrap();
     let keys = 200usize;
     let value = |i: usize| Bytes::from(format!("value-of-k{i}"));
@@ -852,46 +851,8 @@ fn a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down() {
         .build()
         .unwrap();
     for (round, tasks) in [2usize, 2, 2, 64, 64].into_iter().enumerate() {
-        let (ok, abandoned, failed) = callers.block_on(async {
-            let calls: Vec<_> = (0..tasks)
-                .map(|t| {
-                    let cache = Arc::clone(&cache);
-                    tokio::spawn(async move {
-                        let (mut ok, mut abandoned, mut failed) = (0, 0, 0);
-                        for i in 0..20 {
-                            let k = (t * 7 + i) % keys;
-                            let call = async {
-                                if i % 4 == 0 {
-                                    cache
-                                        .set(&format!("k{k}"), value(k), None)
-                                        .await
-                                        .map(|()| None)
-                                } else {
-                                    cache.get(&format!("k{k}")).await
-                                }
-                            };
-                            match tokio::time::timeout(Duration::from_secs(5), call).await {
-                                Ok(Ok(Some(v))) => {
-                                    assert_eq!(v, value(k), "round {round}");
-                                    ok += 1;
-                                }
-                                Ok(Ok(None)) => ok += 1,
-                                Ok(Err(e)) if e.to_string().contains("abandoned") => abandoned += 1,
-                                Ok(Err(_)) => failed += 1,
-                                Err(_) => panic!("round {round}: a call hung"),
-                            }
-                        }
-                        (ok, abandoned, failed)
-                    })
-                })
-                .collect();
-            let mut sum = (0, 0, 0);
-            for c in calls {
-                let (o, a, f) = c.await.unwrap();
-                sum = (sum.0 + o, sum.1 + a, sum.2 + f);
-            }
-            sum
-        });
+        let (ok, abandoned, failed) =
+            callers.block_on(support::mixed_round(&cache, tasks, keys, round));
         eprintln!("round {round} ({tasks} tasks): {ok} ok, {abandoned} abandoned, {failed} failed");
         // The first round's calls may fail until the connection is replaced.
         if round > 0 {

@@ -182,3 +182,52 @@ pub(crate) async fn lose_the_reply_of_a_command_that_ran(
     let (result, ()) = tokio::join!(call, kill);
     (result, start.elapsed())
 }
+
+/// One round of the runtime-shutdown tests (`batching.rs`, `cluster.rs`): `tasks` tasks of 20
+/// calls each on keys `k{i}` (`i < keys`) preloaded with `value-of-k{i}` — a write every fourth
+/// call, reads checked against the key's value — each bounded to 5 s (a call that hangs fails
+/// the test). Returns the calls answered, given up as abandoned, and failed otherwise.
+pub(crate) async fn mixed_round(
+    cache: &SharedBackend,
+    tasks: usize,
+    keys: usize,
+    round: usize,
+) -> (usize, usize, usize) {
+    let value = |i: usize| Bytes::from(format!("value-of-k{i}"));
+    let calls: Vec<_> = (0..tasks)
+        .map(|t| {
+            let cache = Arc::clone(cache);
+            tokio::spawn(async move {
+                let (mut ok, mut abandoned, mut failed) = (0, 0, 0);
+                for i in 0..20 {
+                    let k = (t * 7 + i) % keys;
+                    let key = format!("k{k}");
+                    let call = async {
+                        if i % 4 == 0 {
+                            cache.set(&key, value(k), None).await.map(|()| None)
+                        } else {
+                            cache.get(&key).await
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), call).await {
+                        Ok(Ok(Some(v))) => {
+                            assert_eq!(v, value(k), "round {round}");
+                            ok += 1;
+                        }
+                        Ok(Ok(None)) => ok += 1,
+                        Ok(Err(e)) if e.to_string().contains("abandoned") => abandoned += 1,
+                        Ok(Err(_)) => failed += 1,
+                        Err(_) => panic!("round {round}: a call hung"),
+                    }
+                }
+                (ok, abandoned, failed)
+            })
+        })
+        .collect();
+    let mut sum = (0, 0, 0);
+    for c in calls {
+        let (o, a, f) = c.await.unwrap();
+        sum = (sum.0 + o, sum.1 + a, sum.2 + f);
+    }
+    sum
+}
