@@ -102,11 +102,9 @@ fn sync_cache_survives_a_restart() {
 
 #[tokio::test]
 async fn connecting_to_nothing_is_a_typed_error_within_the_timeout() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Held for the test: no other test's server starts on it meanwhile.
+    let lease = ncm_cache_testkit::PortLease::reserve().unwrap();
+    let port = lease.port();
     let start = Instant::now();
     let err = RedisCache::from_url(&format!("redis://127.0.0.1:{port}/?connect_timeout=300ms"))
         .await

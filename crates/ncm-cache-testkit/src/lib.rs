@@ -11,7 +11,7 @@ mod server;
 
 pub use child::{KilledChild, kill_child_after_marker};
 pub use cluster::RedisCluster;
-pub use process::{TestkitError, redis_cli_binary, redis_server_binary};
+pub use process::{PortLease, TestkitError, redis_cli_binary, redis_server_binary};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use sentinel::{MASTER_NAME, RedisSentinelSet};
 pub use server::{RedisServer, RedisServerBuilder};

@@ -205,8 +205,85 @@ pub(crate) fn signal(pid: u32, signal: &str) -> Result<(), TestkitError> {
     .map(drop)
 }
 
-/// A free loopback port; with `cluster_bus`, one whose `port + 10000` is free too.
-pub(crate) fn free_port(cluster_bus: bool) -> Result<u16, TestkitError> {
+/// A loopback port held by this process from a server's start until its drop — also while
+/// the server is killed — so that no other test process using the testkit starts a server on
+/// it in between.
+///
+/// Without it, a killed node's port could be handed (by `bind` to port 0) to another test's
+/// fresh `redis-server`; clients reconnecting to the killed node then talk to a stranger that
+/// answers `GET` with nil, and a test that kills a primary sees keys "missing". The hold is an
+/// advisory lock (`flock`) on `<tmp>/ncm-cache-testkit-ports/<port>`, one file per port (the
+/// cluster bus port too), released by the kernel when the process ends however it ends.
+///
+/// ```
+/// let lease = ncm_cache_testkit::PortLease::reserve()?;
+/// // Held here: neither another process nor this one is handed the port again.
+/// assert!(ncm_cache_testkit::PortLease::take(lease.port())?.is_none());
+/// drop(lease);
+/// assert!(ncm_cache_testkit::PortLease::take(0).is_err());
+/// # Ok::<(), ncm_cache_testkit::TestkitError>(())
+/// ```
+#[derive(Debug)]
+pub struct PortLease {
+    port: u16,
+    _locks: Vec<File>,
+}
+
+impl PortLease {
+    /// A free loopback port, held until the lease is dropped.
+    pub fn reserve() -> Result<Self, TestkitError> {
+        free_port(false)
+    }
+
+    /// Holds `port` (not checking whether something listens on it); `None` if another lease,
+    /// in this process or another, holds it. Port 0 is refused.
+    pub fn take(port: u16) -> Result<Option<Self>, TestkitError> {
+        Self::take_all(port, &[port])
+    }
+
+    /// The leased port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn take_all(port: u16, ports: &[u16]) -> Result<Option<Self>, TestkitError> {
+        let err = |source| TestkitError::Spawn {
+            what: format!("reserving port {port} (a lock file in the temporary directory)"),
+            source,
+        };
+        if ports.contains(&0) {
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "port 0 cannot be reserved",
+            )));
+        }
+        let dir = std::env::temp_dir().join("ncm-cache-testkit-ports");
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let mut locks = Vec::with_capacity(ports.len());
+        for p in ports {
+            // Never removed: removing a lock file races with another process opening it.
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(p.to_string()))
+                .map_err(err)?;
+            match file.try_lock() {
+                Ok(()) => locks.push(file),
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+            }
+        }
+        Ok(Some(Self {
+            port,
+            _locks: locks,
+        }))
+    }
+}
+
+/// A free loopback port, leased; with `cluster_bus`, one whose `port + 10000` is free (and
+/// leased) too.
+pub(crate) fn free_port(cluster_bus: bool) -> Result<PortLease, TestkitError> {
     let err = |source| TestkitError::Spawn {
         what: "finding a free loopback port".to_owned(),
         source,
@@ -214,15 +291,21 @@ pub(crate) fn free_port(cluster_bus: bool) -> Result<u16, TestkitError> {
     for _ in 0..200 {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(err)?;
         let port = listener.local_addr().map_err(err)?.port();
-        if !cluster_bus
-            || (port <= 55535 && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10000)).is_ok())
-        {
-            return Ok(port);
+        drop(listener);
+        let lease = if !cluster_bus {
+            PortLease::take(port)?
+        } else if port <= 55535 && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10000)).is_ok() {
+            PortLease::take_all(port, &[port, port + 10000])?
+        } else {
+            None
+        };
+        if let Some(lease) = lease {
+            return Ok(lease);
         }
     }
     Err(err(io::Error::new(
         io::ErrorKind::AddrNotAvailable,
-        "no port with a free cluster bus port",
+        "no free port (with a free cluster bus port, for a cluster node) that no other test holds",
     )))
 }
 

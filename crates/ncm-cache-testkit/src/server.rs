@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::process::{
-    CLI_ENV, HOST, SERVER_ENV, TestkitError, call, find_binary, free_port, info_field,
+    CLI_ENV, HOST, PortLease, SERVER_ENV, TestkitError, call, find_binary, free_port, info_field,
     run_with_timeout, signal, tail,
 };
 
@@ -117,6 +117,9 @@ pub struct RedisServer {
     pid: u32,
     child: Mutex<Option<Child>>,
     dir: TempDir,
+    /// Held from start to drop, through kills and restarts (see [`PortLease`]); dropped after
+    /// the process is killed (`Drop` runs before the fields are dropped).
+    lease: Option<PortLease>,
 }
 
 impl RedisServer {
@@ -156,11 +159,14 @@ impl RedisServer {
             pid: 0,
             child: Mutex::new(None),
             dir,
+            lease: None,
         };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            server.port = free_port(cluster_bus)?;
+            let lease = free_port(cluster_bus)?;
+            server.port = lease.port();
+            server.lease = Some(lease);
             match server.launch() {
                 Err((_, true)) if attempt < PORT_ATTEMPTS => {}
                 result => return result.map(|()| server).map_err(|(e, _)| e),

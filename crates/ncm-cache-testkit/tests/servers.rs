@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ncm_cache_testkit::{
-    FaultProxy, ProxyMode, RedisCluster, RedisSentinelSet, RedisServer, TestkitError,
+    FaultProxy, PortLease, ProxyMode, RedisCluster, RedisSentinelSet, RedisServer, TestkitError,
 };
 
 /// Sends an inline `PING` over a fresh connection and returns the first reply line.
@@ -136,6 +136,44 @@ fn kill_takes_the_server_down_and_drop_leaves_no_process() {
     drop(server);
     assert!(!pid_alive(pid));
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A killed server keeps its port (and a cluster node its bus port) until it is dropped: no
+/// other test's server may start there while clients still reconnect to it (one that did
+/// answered a failover test's reads with nil). `PortLease::take` is what every server start
+/// (in any process) goes through.
+#[test]
+fn a_killed_servers_port_stays_held_until_drop() {
+    let mut server = RedisServer::start().unwrap();
+    let port = server.port();
+    assert!(
+        PortLease::take(port).unwrap().is_none(),
+        "held while running"
+    );
+    server.kill();
+    assert!(
+        PortLease::take(port).unwrap().is_none(),
+        "held while killed"
+    );
+    server.restart().unwrap();
+    assert!(
+        PortLease::take(port).unwrap().is_none(),
+        "held after a restart"
+    );
+    drop(server);
+    assert!(PortLease::take(port).unwrap().is_some(), "free after drop");
+
+    let node = RedisServer::builder()
+        .args(["--cluster-enabled", "yes"])
+        .start()
+        .unwrap();
+    let bus = node.port() + 10000;
+    assert!(
+        PortLease::take(bus).unwrap().is_none(),
+        "the bus port is held"
+    );
+    drop(node);
+    assert!(PortLease::take(bus).unwrap().is_some());
 }
 
 #[test]
