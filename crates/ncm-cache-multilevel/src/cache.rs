@@ -1874,8 +1874,11 @@ impl<C: Codec> Inner<C> {
             )
             .await
             .map(|placed| placed == Placed::Stored);
-        guard.disarm();
+        // Disarmed only after the withdrawal a failed store may owe (`Tracked::after`): a
+        // caller cancelled during it still ends its write (else the stripe counted it in
+        // flight for good: review, helper-74 #6).
         let tracked = Tracked::after(tracked, written.as_ref().map(|stored| *stored)).await;
+        guard.disarm();
         match written {
             Ok(true) => {
                 self.settle_load(key, Fill::value(value, size, ttl), &ticket, eff);

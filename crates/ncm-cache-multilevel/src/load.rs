@@ -724,12 +724,13 @@ impl<C: Codec> Inner<C> {
             self.l2_call("set", self.place(key, bytes, ttl, how, epoch_since))
                 .await
         };
-        guard.disarm();
+        // Disarmed only after the withdrawal a failed store may owe: as in `write_loaded`.
         let tracked = crate::cache::Tracked::after(
             tracked,
             written.as_ref().map(|placed| *placed == Placed::Stored),
         )
         .await;
+        guard.disarm();
         let mut fill = Fill::value(Arc::clone(&object), size, ttl);
         fill.validator = validator;
         let stored = match written {

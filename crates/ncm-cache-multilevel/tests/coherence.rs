@@ -489,6 +489,71 @@ async fn a_repeated_key_in_a_batch_load_is_loaded_once_and_served_twice() {
     assert_eq!((*v, source), (8, ValueSource::L1));
 }
 
+/// A load whose store fails after a delete of its key was heard, cancelled while it withdraws
+/// that store, still ends its write — through `get_or_load` and through `as_backend()`'s
+/// `set_loaded` (a `CacheLoader` over the cache). Before (review, helper-74 #6) its stripe went
+/// on counting the write as in flight, and every later write of the stripe's keys (1 in 4096
+/// keys) was kept in L1 for 1 s only, as if another write overlapped it.
+#[tokio::test]
+async fn a_load_cancelled_while_withdrawing_a_failed_store_ends_its_write() {
+    cancelled_while_withdrawing_a_failed_store(|cache| async move {
+        cache
+            .get_or_load("k", || async { Ok::<_, Io>(1u64) })
+            .await
+            .map(drop)
+    })
+    .await;
+    cancelled_while_withdrawing_a_failed_store(|cache| async move {
+        use ncm_cache_core::CacheBackend as _;
+        let backend = cache.as_backend();
+        let mark = backend.load_mark("k").map(|m| m.after_miss());
+        let bytes = ncm_cache_core::Bytes::from(serde_json::to_vec(&1u64).unwrap());
+        backend.set_loaded("k", bytes, None, mark).await.map(drop)
+    })
+    .await;
+}
+
+async fn cancelled_while_withdrawing_a_failed_store<F, Fut>(store: F)
+where
+    F: FnOnce(MultiLevelCache) -> Fut,
+    Fut: std::future::Future<Output = ncm_cache_core::Result<()>> + Send + 'static,
+{
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    // The load's store reaches L2 after 200 ms and its reply is lost.
+    slow.set_request_delay(Duration::from_millis(200));
+    slow.set_fails_after(true);
+    let load = tokio::spawn(tokio::time::timeout(
+        Duration::from_millis(500),
+        store(cache.clone()),
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Heard while the store is in flight: the store is withdrawn once it lands, and the
+    // withdrawal's look at L2 is held past the caller's timeout.
+    cache.delete("k").await.unwrap();
+    slow.get_reply_delay(Duration::from_millis(1_000));
+    assert!(
+        load.await.unwrap().is_err(),
+        "the load was meant to be cancelled during the withdrawal"
+    );
+    slow.set_request_delay(Duration::ZERO);
+    slow.set_fails_after(false);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    slow.get_reply_delay(Duration::ZERO);
+    cache.set("k", 2u64).await.unwrap();
+    clock.advance(Duration::from_secs(2));
+    let (v, source) = cache.get_with_source::<u64>("k").await.unwrap().unwrap();
+    assert_eq!(
+        (*v, source),
+        (2, ValueSource::L1),
+        "the write was kept in L1 as one overlapping another (1 s)"
+    );
+}
+
 /// An eager refresh whose loader answers "not found" (the row was deleted at the source)
 /// removes the old value from L2 and L1 (found by review). Before, L2 kept it: the deleted
 /// value was served on, and re-promoted from L2 for its whole L2 TTL.

@@ -47,6 +47,8 @@ struct Settings {
     /// `get` reads, waits `get_reply_delay`, then answers with a connection error (a read
     /// that times out).
     get_fails_after: bool,
+    /// `set` writes, then answers with a connection error (a reply lost after the command ran).
+    set_fails_after: bool,
 }
 
 /// A backend layer with injectable delays and failures.
@@ -100,6 +102,10 @@ impl Slow {
         self.settings.lock().unwrap().get_fails_after = fails;
     }
 
+    pub(crate) fn set_fails_after(&self, fails: bool) {
+        self.settings.lock().unwrap().set_fails_after = fails;
+    }
+
     pub(crate) fn delete_fails_after(&self, fails: bool) {
         self.settings.lock().unwrap().delete_fails_after = fails;
     }
@@ -116,13 +122,16 @@ impl Slow {
         write: impl std::future::Future<Output = Result<()>>,
     ) -> Result<()> {
         self.gate().await?;
-        let (before, after) = {
+        let (before, after, fails) = {
             let s = self.settings.lock().unwrap();
-            (s.set_request_delay, s.set_reply_delay)
+            (s.set_request_delay, s.set_reply_delay, s.set_fails_after)
         };
         tokio::time::sleep(before).await;
         write.await?;
         tokio::time::sleep(after).await;
+        if fails {
+            return Err(CacheError::connection("slow: reply lost", None));
+        }
         Ok(())
     }
 
