@@ -86,6 +86,11 @@ impl<C: Codec> CacheStrategies<C> {
         validate_key(key, DEFAULT_MAX_KEY_LEN)?;
         self.cache.ttl_policy().resolve(expiry)?;
         let _in_order = self.inner.stripe(key).lock().await;
+        let queue = self.inner.queues().get(&store.id()).cloned();
+        let waiting = match &queue {
+            Some(q) => Some(q.direct_write(key).await),
+            None => None,
+        };
         let mark = self.inner.inv.write_begin(key).await;
         // A caller that stops waiting once the store call began (it may have committed) leaves
         // the key evicted, not holding the value the store may have replaced.
@@ -94,6 +99,11 @@ impl<C: Codec> CacheStrategies<C> {
             key,
         };
         let stored = store.store(key, value).await;
+        if stored.is_ok()
+            && let Some(w) = waiting
+        {
+            w.stored();
+        }
         let cached = match stored {
             Ok(()) => self.cache.set_with_expiry(key, value, expiry).await,
             Err(e) => {
@@ -136,6 +146,9 @@ impl<C: Codec> CacheStrategies<C> {
     /// same key could cache its value after the write-around's eviction, while the store held
     /// the write-around's (review, helper-69).
     ///
+    /// A write-behind of the key waiting in this instance's queue of the same store is
+    /// superseded as by a write-through.
+    ///
     /// Like a write-through's, the store call runs under the key's stripe lock (one of 64): a
     /// store must not call a write-through or write-around of this `CacheStrategies` itself (it
     /// would wait for its own stripe).
@@ -145,6 +158,11 @@ impl<C: Codec> CacheStrategies<C> {
     {
         validate_key(key, DEFAULT_MAX_KEY_LEN)?;
         let _in_order = self.inner.stripe(key).lock().await;
+        let queue = self.inner.queues().get(&store.id()).cloned();
+        let waiting = match &queue {
+            Some(q) => Some(q.direct_write(key).await),
+            None => None,
+        };
         let mark = self.inner.inv.write_begin(key).await;
         let mut unfinished = EvictOnCancel {
             inv: Some(Arc::clone(&self.inner.inv)),
@@ -154,6 +172,9 @@ impl<C: Codec> CacheStrategies<C> {
             unfinished.inv = None;
             self.inner.inv.write_end(mark).await;
             return Err(e);
+        }
+        if let Some(w) = waiting {
+            w.stored();
         }
         let evicted = self
             .inner

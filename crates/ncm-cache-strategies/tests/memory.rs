@@ -720,6 +720,11 @@ async fn an_invalidated_write_behind_key_ends_with_the_persisted_value() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_supersede_a_waiting_write_behind() {
+    support::direct_writes_supersede_a_waiting_write_behind(&strategies()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_after_a_persist_is_not_undone() {
     support::a_write_landing_after_a_persist_is_not_undone(&strategies()).await;
 }

@@ -1520,6 +1520,21 @@ async fn a_read_through_overtaken_by_another_instances_write_is_not_cached() {
     );
 }
 
+/// On a Redis cache, in memory mode and in durable mode (the superseded entry's journal
+/// record acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_supersede_a_waiting_write_behind_on_redis() {
+    let server = RedisServer::start().unwrap();
+    let plain = cache(&server, "dwm:").await;
+    support::direct_writes_supersede_a_waiting_write_behind(&CacheStrategies::new(
+        plain.cache().clone(),
+    ))
+    .await;
+    let journaled = cache(&server, "dwd:").await;
+    support::direct_writes_supersede_a_waiting_write_behind(&durable_strategies(&journaled).await)
+        .await;
+}
+
 /// On a Redis cache, in memory mode and in durable mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_write_behind_key_ends_with_the_persisted_value_on_redis() {

@@ -188,6 +188,21 @@ pub(crate) trait QueueControl: Send + Sync {
     async fn shutdown(&self) -> Result<()>;
     fn stats(&self) -> WriteBehindStats;
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync);
+    /// A write-through or write-around of `key` to this queue's store begins (see
+    /// `queue.rs`'s `DirectWrite`).
+    async fn direct_write<'a>(&'a self, key: &'a str) -> Box<dyn DirectWriting + 'a>;
+}
+
+/// [`queue::DirectWrite`], type-erased.
+pub(crate) trait DirectWriting: Send {
+    /// The store accepted the direct write: the key's waiting write is superseded.
+    fn stored(self: Box<Self>);
+}
+
+impl<V: QueueValue> DirectWriting for queue::DirectWrite<'_, V> {
+    fn stored(self: Box<Self>) {
+        queue::DirectWrite::stored(*self);
+    }
 }
 
 #[async_trait::async_trait]
@@ -203,5 +218,8 @@ impl<V: QueueValue> QueueControl for WriteBehind<V> {
     }
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
+    }
+    async fn direct_write<'a>(&'a self, key: &'a str) -> Box<dyn DirectWriting + 'a> {
+        Box::new(self.inner.shared.direct_write(key).await)
     }
 }

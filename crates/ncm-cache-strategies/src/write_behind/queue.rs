@@ -389,6 +389,39 @@ impl<V: QueueValue> Shared<V> {
         }
     }
 
+    /// A write-through or write-around of `key` to this queue's store is about to call the
+    /// store: waits until no batch holding the key is being persisted, then takes the key's
+    /// waiting write out of the queue, under the key's write lock (a write-behind of the key
+    /// waits for the direct write). Persisted after the direct write, that older write would
+    /// replace it in the store (review, helper-80 #1). See [`DirectWrite`].
+    pub(crate) async fn direct_write<'a>(&'a self, key: &'a str) -> DirectWrite<'a, V> {
+        loop {
+            loop {
+                let landed = self.space.notified();
+                tokio::pin!(landed);
+                landed.as_mut().enable();
+                if !lock(&self.state).flying.contains(key) {
+                    break;
+                }
+                landed.await;
+            }
+            // Not held while waiting for the batch: its evictions take this lock.
+            let stripe = self.stripe(key).lock().await;
+            let mut st = lock(&self.state);
+            if st.flying.contains(key) {
+                continue;
+            }
+            let taken = st.remove(key);
+            drop(st);
+            return DirectWrite {
+                shared: self,
+                key,
+                _stripe: stripe,
+                taken,
+            };
+        }
+    }
+
     /// Waits for room for `key` (back-pressure).
     async fn reserve(&self, key: &str) -> Result<()> {
         let deadline = later(Instant::now(), self.config.full_wait_timeout);
@@ -513,6 +546,7 @@ impl<V: QueueValue> Shared<V> {
             self.stats.add(Counter::DeadLettered, dead);
             self.stats.superseded(superseded);
             st.in_flight = 0;
+            st.flying.clear();
             // Eviction marks of keys with no write left to persist (none waiting, none dead)
             // mean nothing any more: dropped, so the set does not grow with refused keys.
             let State {
@@ -1011,6 +1045,76 @@ struct Failed<V> {
     attempts: u32,
     /// The journal failed (its fence), not the store.
     journal: bool,
+}
+
+/// A write-through or write-around of a key under way on a store with a write-behind queue
+/// ([`Shared::direct_write`]): holds the key's write lock and its waiting write, if any.
+/// [`stored`](Self::stored) once the store accepted the direct write: the waiting write (and
+/// a dead letter of the key) is superseded — acknowledged, never persisted. Dropped without
+/// that (the store call failed, or the caller was cancelled), the waiting write goes back to
+/// its place in the queue.
+pub(crate) struct DirectWrite<'a, V: QueueValue> {
+    shared: &'a Shared<V>,
+    key: &'a str,
+    _stripe: tokio::sync::MutexGuard<'a, ()>,
+    taken: Option<Pending<V>>,
+}
+
+impl<V: QueueValue> DirectWrite<'_, V> {
+    /// The store accepted the direct write.
+    pub(crate) fn stored(mut self) {
+        let shared = self.shared;
+        let mut st = lock(&shared.state);
+        let mut superseded = 0;
+        let mut ids = Vec::new();
+        if let Some(p) = self.taken.take() {
+            superseded += 1;
+            ids.extend(p.ids);
+        }
+        if let Some(dead) = st.take_dead(self.key) {
+            superseded += 1;
+            ids.extend(dead.ids);
+        }
+        if !st.pending.contains_key(self.key) {
+            st.adopted.remove(self.key);
+        }
+        // Journal entries are acknowledged by the worker (no await here: a cancelled caller
+        // cannot drop them).
+        st.unacked
+            .extend(ids.into_iter().map(|id| (self.key.to_owned(), id)));
+        shared.stats.superseded(superseded);
+        shared.stats.pending_gauge(st.pending.len() + st.in_flight);
+        drop(st);
+        // A flush waiting for the superseded write settles.
+        shared.wake.notify_one();
+    }
+}
+
+impl<V: QueueValue> Drop for DirectWrite<'_, V> {
+    fn drop(&mut self) {
+        let Some(p) = self.taken.take() else { return };
+        let shared = self.shared;
+        let mut st = lock(&shared.state);
+        if st.exited {
+            // The worker stopped meanwhile: kept as a dead letter (replayable), not lost.
+            tracing::warn!(queue = %shared.name, key = self.key, "the queue stopped during a failed write-through of a key with a waiting write-behind; that write is a dead letter now");
+            st.push_dead(Dead {
+                letter: DeadLetter {
+                    key: self.key.to_owned(),
+                    value: p.value,
+                    error: CacheError::Closed,
+                    attempts: 0,
+                    failed_at: SystemTime::now(),
+                },
+                version: p.version,
+                ids: p.ids,
+            });
+        } else {
+            st.restore(self.key.to_owned(), p);
+        }
+        drop(st);
+        shared.wake.notify_one();
+    }
 }
 
 /// What persisting a batch came to.

@@ -137,6 +137,9 @@ pub(crate) struct State<V> {
     pub(crate) by_due: BTreeMap<(Instant, u64), String>,
     pub(crate) by_seq: BTreeMap<u64, String>,
     pub(crate) in_flight: usize,
+    /// The keys of the batch in flight (a write-through of one waits for it: see
+    /// `queue.rs`'s `DirectWrite`).
+    pub(crate) flying: std::collections::HashSet<String>,
     pub(crate) seq: u64,
     /// Version of memory-mode writes (monotonic, so ties never favour an older value).
     pub(crate) vseq: u64,
@@ -171,6 +174,7 @@ impl<V> State<V> {
             by_due: BTreeMap::new(),
             by_seq: BTreeMap::new(),
             in_flight: 0,
+            flying: std::collections::HashSet::new(),
             seq: 0,
             vseq: 0,
             flush_target: 0,
@@ -248,7 +252,7 @@ impl<V> State<V> {
     }
 
     /// `key`'s dead letter, taken out of the list.
-    fn take_dead(&mut self, key: &str) -> Option<Dead<V>> {
+    pub(crate) fn take_dead(&mut self, key: &str) -> Option<Dead<V>> {
         if !self.dead_keys.remove(key) {
             return None;
         }
@@ -309,6 +313,19 @@ impl<V> State<V> {
         (false, superseded)
     }
 
+    /// Puts back a write taken out with [`remove`](Self::remove), in its place (its sequence
+    /// number: a flush waiting for it still does); merged as a write is if the key has a
+    /// waiting write again.
+    pub(crate) fn restore(&mut self, key: String, p: Pending<V>) {
+        if self.pending.contains_key(&key) {
+            self.insert_inner(key, p.value, p.version, p.due, p.ids, 0);
+            return;
+        }
+        self.by_due.insert((p.due, p.seq), key.clone());
+        self.by_seq.insert(p.seq, key.clone());
+        self.pending.insert(key, p);
+    }
+
     pub(crate) fn remove(&mut self, key: &str) -> Option<Pending<V>> {
         let p = self.pending.remove(key)?;
         self.by_due.remove(&(p.due, p.seq));
@@ -357,6 +374,7 @@ impl<V> State<V> {
         });
         if !(drain || full || ready) {
             self.in_flight = 0;
+            self.flying.clear();
             return Vec::new();
         }
         let mut batch = Vec::new();
@@ -375,6 +393,7 @@ impl<V> State<V> {
             }
         }
         self.in_flight = batch.len();
+        self.flying = batch.iter().map(|(k, _)| k.clone()).collect();
         batch
     }
 }

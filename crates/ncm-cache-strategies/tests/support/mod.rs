@@ -601,3 +601,75 @@ pub(crate) async fn a_write_landing_after_a_persist_is_not_undone(s: &CacheStrat
         "the persisted write was cached again over a newer one"
     );
 }
+
+/// A write-through or write-around of a key whose write-behind waits in this instance's queue
+/// of the same store supersedes it: the store and reads end with the direct write. Before
+/// (review, helper-80 #1) the flush persisted the older write-behind over it. A direct write
+/// whose store call fails puts the waiting write back (still persisted), and one made while
+/// the key's batch is in the store call waits for that batch before calling the store.
+pub(crate) async fn direct_writes_supersede_a_waiting_write_behind(s: &CacheStrategies) {
+    let hour = Duration::from_secs(3600);
+    let (store, db) = database("direct");
+    let (v1, v2) = ("v1".to_string(), "v2".to_string());
+    s.write_behind("t", &v1, hour, &store, hour).await.unwrap();
+    s.write_through("t", &v2, hour, &store).await.unwrap();
+    s.write_behind("a", &v1, hour, &store, hour).await.unwrap();
+    s.write_around("a", &v2, &store).await.unwrap();
+    s.write_behind("f", &v1, hour, &store, hour).await.unwrap();
+    db.failing.store(true, Ordering::SeqCst);
+    assert!(s.write_through("f", &v2, hour, &store).await.is_err());
+    db.failing.store(false, Ordering::SeqCst);
+    s.flush().await.unwrap();
+    assert_eq!(
+        db.get("t").as_deref(),
+        Some("v2"),
+        "the waiting write-behind was persisted over the write-through"
+    );
+    assert_eq!(
+        db.get("a").as_deref(),
+        Some("v2"),
+        "the waiting write-behind was persisted over the write-around"
+    );
+    assert_eq!(
+        db.get("f").as_deref(),
+        Some("v1"),
+        "a failed write-through dropped the waiting write"
+    );
+    for key in ["t", "a", "f"] {
+        let row = db.get(key);
+        let read: String = s
+            .read_through(key, move || async move { row.ok_or("no row") }, hour)
+            .await
+            .unwrap();
+        assert_eq!(Some(read), db.get(key), "{key}: read after the flush");
+    }
+    assert_eq!(s.write_behind_queue(&store).await.unwrap().pending(), 0);
+
+    // The key's batch is in the store call: the write-through waits for it.
+    db.hang.store(true, Ordering::SeqCst);
+    s.write_behind("h", &v1, hour, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    let calls = db.calls();
+    assert!(
+        eventually(Duration::from_secs(5), || db.calls() > calls).await,
+        "the batch never reached the store"
+    );
+    let through = tokio::spawn({
+        let (s, store, v2) = (s.clone(), store.clone(), v2.clone());
+        async move { s.write_through("h", &v2, hour, &store).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        db.calls(),
+        calls + 1,
+        "the write-through called the store while the key's older write was being persisted"
+    );
+    db.hang.store(false, Ordering::SeqCst);
+    through.await.unwrap().unwrap();
+    assert_eq!(db.get("h").as_deref(), Some("v2"));
+    assert_eq!(
+        s.cache().get::<String>("h").await.unwrap().as_deref(),
+        Some("v2")
+    );
+}
