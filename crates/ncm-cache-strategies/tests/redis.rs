@@ -16,7 +16,7 @@ use ncm_cache_memory::MemoryBackend;
 use ncm_cache_redis::{RedisCache, RedisConfig};
 use ncm_cache_strategies::{CacheStrategies, DurableConfig, WriteBehindConfig};
 use ncm_cache_testkit::{RedisCluster, RedisServer};
-use support::{Flaky, database, eventually, eventually_async};
+use support::{Database, Flaky, database, eventually, eventually_async};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -1451,6 +1451,100 @@ async fn persisting_an_adopted_write_does_not_evict_another_instances_newer_writ
     );
     b.flush().await.unwrap();
     assert_eq!(db.get("k").as_deref(), Some("newer"));
+    sb.shutdown().await.unwrap();
+    sa.shutdown().await.unwrap();
+}
+
+/// The same for A's ordinary (not adopted) write: the check after its persist found the cache
+/// holding B's newer journaled write, not A's bytes, and evicted it; a read-through then cached
+/// A's older row until B persisted (review, helper-80 #2). The check now leaves a key whose
+/// newest journaled write is another one with that write cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisting_a_write_does_not_evict_another_instances_newer_write() {
+    let server = RedisServer::start().unwrap();
+    let (store, db) = database("plain-evict");
+    let ((sa, _, a), (sb, b), _) = durable_pair(&server, &store).await;
+    a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50))
+        .await
+        .unwrap();
+    // A's store call waits while B writes the key.
+    db.hang.store(true, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(3), || db.calls.load(Ordering::SeqCst)
+            >= 1)
+        .await,
+        "A never began to persist its write"
+    );
+    b.write("k", &"newer".to_string(), HOUR, HOUR)
+        .await
+        .unwrap();
+    db.hang.store(false, Ordering::SeqCst);
+    a.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("older"));
+    let read: String = sb
+        .read_through(
+            "k",
+            || async { Ok::<_, std::io::Error>(db.get("k").unwrap_or_default()) },
+            HOUR,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read, "newer",
+        "a read-through brought the older stored row back"
+    );
+    b.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("newer"));
+    sb.shutdown().await.unwrap();
+    sa.shutdown().await.unwrap();
+}
+
+/// An adopted write (its caller gave up during the cache write) is persisted; right after its
+/// store call another writer's write-through stores and caches `v3` (not journaled). The
+/// check after the persist found the persisted entry still the key's newest journaled write
+/// (acknowledged only later) and cached it again over `v3`, with no expiry on a cache without
+/// a default TTL (review, helper-80 #3). A persisted entry no longer counts as newer than
+/// what the store holds: the key is evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisting_an_adopted_write_does_not_undo_a_write_landing_after_it() {
+    let server = RedisServer::start().unwrap();
+    let db = Arc::new(Database::default());
+    let other: Arc<std::sync::OnceLock<Cache<Serializer>>> = Arc::default();
+    let store = {
+        let (db, other) = (Arc::clone(&db), Arc::clone(&other));
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, other) = (Arc::clone(&db), Arc::clone(&other));
+            async move {
+                db.rows.lock().unwrap().extend(rows);
+                // Right after this batch: another writer's write-through of `k`.
+                db.rows.lock().unwrap().insert("k".into(), "v3".into());
+                other
+                    .get()
+                    .expect("set before the write")
+                    .set_with_ttl("k", &"v3".to_string(), HOUR)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .named("adopted-landing")
+    };
+    let ((sa, fa, a), (sb, _), _) = durable_pair(&server, &store).await;
+    let _ = other.set(sb.cache().clone());
+    fa.hang_sets.store(true, Ordering::SeqCst);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        a.write("k", &"v2".to_string(), HOUR, HOUR),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the cache write was meant to hang");
+    fa.hang_sets.store(false, Ordering::SeqCst);
+    a.flush().await.unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("v3"));
+    assert_ne!(
+        sb.cache().get::<String>("k").await.unwrap().as_deref(),
+        Some("v2"),
+        "the persisted write was cached again over a newer one"
+    );
     sb.shutdown().await.unwrap();
     sa.shutdown().await.unwrap();
 }

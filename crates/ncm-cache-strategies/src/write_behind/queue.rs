@@ -353,7 +353,7 @@ impl<V: QueueValue> Shared<V> {
     /// loads what is current. A key holding nothing is deleted too: on a backend with load
     /// marks (memory, multi-level) that keeps out a read-through of the older row still on its
     /// way; on plain Redis such a read-through's "only if absent" store can still land.
-    async fn evict_unless_held(&self, entries: Vec<(String, V)>) {
+    async fn evict_unless_held(&self, entries: Vec<(String, V)>, done: &[(String, Version)]) {
         let entries: Vec<(String, V)> = {
             let st = lock(&self.state);
             entries
@@ -379,7 +379,33 @@ impl<V: QueueValue> Shared<V> {
             if lock(&self.state).pending.contains_key(key) {
                 continue;
             }
+            self.settle_persisted(key, done).await;
+        }
+    }
+
+    /// After `key`'s write was persisted (`done`: the journal ids the batch stored or found
+    /// superseded): evicted — unless, in durable mode, the key's newest journaled write is
+    /// another one (a newer write, of any process, not yet persisted): then the cache is left
+    /// with that write ([`cache_newest`](Self::cache_newest)). Before, that newer write's
+    /// cached value was evicted and a read-through cached the store's older row until it was
+    /// persisted (review, helper-80 #2); and after an adopted write the persisted entry, not
+    /// yet acknowledged, counted as the newest and was cached again over a write that landed
+    /// after its store call (helper-80 #3).
+    async fn settle_persisted(&self, key: &str, done: &[(String, Version)]) {
+        let Some(journal) = &self.journal else {
             self.uncache(key).await;
+            return;
+        };
+        match journal.newest(key).await {
+            Ok(Some(id)) if !done.iter().any(|(k, d)| k == key && *d == id) => {
+                self.cache_newest(&**journal, key, None, Expiry::Default)
+                    .await;
+            }
+            Ok(_) => self.uncache(key).await,
+            Err(e) => {
+                tracing::warn!(queue = %self.name, key, error = %e, "could not check the key's newest journaled write; evicting it (a read reloads the store)");
+                self.uncache(key).await;
+            }
         }
     }
 
@@ -498,20 +524,13 @@ impl<V: QueueValue> Shared<V> {
             if lock(&self.state).pending.contains_key(key) {
                 continue;
             }
-            match &self.journal {
-                // A newer write of another process may be journaled and cached already: kept.
-                Some(journal) => {
-                    self.cache_newest(&**journal, key, None, Expiry::Default)
-                        .await;
-                }
-                None => self.uncache(key).await,
-            }
+            self.settle_persisted(key, &out.acks).await;
         }
         let others: Vec<(String, V)> = stored
             .into_iter()
             .filter(|(k, _)| !evict.contains(k))
             .collect();
-        self.evict_unless_held(others).await;
+        self.evict_unless_held(others, &out.acks).await;
         {
             let mut st = lock(&self.state);
             self.stats.add(Counter::Stored, out.stored);
