@@ -270,8 +270,13 @@ impl<C: Codec> MultiLevelBackend<C> {
     /// The options of a write through this backend with the facade's `ttl`: `None` (the
     /// facade has no TTL of its own) keeps the options' TTL, else the builder's
     /// `l2_default_ttl` (as for every other write of the cache).
+    /// The view's options for a write. Its writes are exact: one that another local write of
+    /// its stripe overlapped is not kept in L1 (the typed API keeps it up to 1 s). `SqlCache`
+    /// writes its table tokens here: two concurrent `execute`s of one table otherwise left the
+    /// superseded token in L1, and a query on this instance served a result cached under it,
+    /// older than a write this instance had acknowledged (review, helper-79 #1).
     fn write_eff(&self, ttl: Option<Duration>) -> Eff {
-        let mut eff = self.1;
+        let mut eff = self.1.with_exact_writes();
         eff.l2_ttl = ttl
             .or(self.1.explicit_ttl())
             .or(self.0.inner.opts.l2_default_ttl);

@@ -2146,7 +2146,8 @@ impl<C: Codec> Inner<C> {
     /// After this instance's L2 write of `key` (begun with `ticket`): keep the written value in
     /// L1 unless an invalidation came meanwhile — for at most
     /// [`CONTENDED_TTL`](crate::versions::CONTENDED_TTL) when another local write of its stripe
-    /// overlapped (which of the two L2 applied last is unknown).
+    /// overlapped (which of the two L2 applied last is unknown), not at all for a write of a
+    /// `MultiLevelBackend` view (`Eff::exact_writes`).
     pub(crate) fn settle_write(&self, key: &str, fill: Fill, ticket: &Ticket, eff: &Eff) {
         self.settle(key, fill, ticket, eff, true);
     }
@@ -2181,6 +2182,9 @@ impl<C: Codec> Inner<C> {
                     // Not kept (too large, or overtaken): never leave an older value behind.
                     let _ = self.l1.remove(key);
                 }
+            }
+            Settled::Contended(_) if keep_contended && eff.exact_writes() => {
+                let _ = self.l1.remove(key);
             }
             Settled::Contended(mine) if !keep_contended && mine.set_since(ticket) => {
                 let _ = self.l1.remove(key);

@@ -14,6 +14,9 @@ const SKIP_L2_READ: u8 = 4;
 const SKIP_L2_WRITE: u8 = 8;
 const SKIP_BACKPLANE: u8 = 16;
 const NO_COMPRESSION: u8 = 32;
+/// Internal (no setter): a write through a `MultiLevelBackend` view that another local write of
+/// its stripe overlapped evicts instead of keeping its value for `CONTENDED_TTL`.
+const EXACT_WRITES: u8 = 128;
 
 /// An `EntryOptions` method that sets one flag.
 macro_rules! flag_setter {
@@ -287,6 +290,17 @@ impl Eff {
     #[inline]
     pub(crate) fn compress(&self) -> bool {
         self.flags & NO_COMPRESSION == 0
+    }
+    /// Writes of a `MultiLevelBackend` view: one overlapped by another local write of its
+    /// stripe is not kept in L1 (L2 decides), see [`exact_writes`](Self::exact_writes).
+    pub(crate) fn with_exact_writes(mut self) -> Self {
+        self.flags |= EXACT_WRITES;
+        self
+    }
+    /// Whether an overlapped write evicts instead of keeping its value for `CONTENDED_TTL`.
+    #[inline]
+    pub(crate) fn exact_writes(&self) -> bool {
+        self.flags & EXACT_WRITES != 0
     }
 }
 

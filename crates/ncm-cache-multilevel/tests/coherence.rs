@@ -2202,6 +2202,39 @@ async fn overlapping_local_writes_keep_the_key_in_l1_for_at_most_a_second() {
     );
 }
 
+/// The same two overlapping writes made through `as_backend()` — what `SqlCache` writes its
+/// table tokens with, and strategies and loaders their values — leave nothing uncertain in L1:
+/// the later-settling write evicts, and a read after both returned gets what L2 applied last.
+/// Before (review, helper-79 #1) it kept its older value for 1 s: two concurrent `execute`s
+/// of one table left the superseded token in this process's L1, and a query here served a
+/// result cached under it, older than a write this process had acknowledged.
+#[tokio::test]
+async fn overlapping_backend_writes_leave_l2s_value_in_l1() {
+    use ncm_cache_core::CacheBackend as _;
+    let clock = Arc::new(ManualClock::new());
+    let slow = Arc::new(Slow::new(memory(&clock)));
+    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
+        .clock(Arc::clone(&clock) as SharedClock)
+        .build()
+        .unwrap();
+    let backend = cache.as_backend();
+    slow.set_reply_delay(Duration::from_millis(200));
+    let first = tokio::spawn({
+        let backend = backend.clone();
+        async move { backend.set("k", "1".into(), None).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    slow.set_reply_delay(Duration::ZERO);
+    // Lands in L2 after the first write, and returns before it.
+    backend.set("k", "2".into(), None).await.unwrap();
+    first.await.unwrap();
+    assert_eq!(
+        backend.get("k").await.unwrap().as_deref(),
+        Some(&b"2"[..]),
+        "L1 kept the write L2 applied first"
+    );
+}
+
 /// A cached "not found" (`negative_ttl`) read through `as_backend()` looks like an absent key,
 /// so a load after it stores "only if absent"; when another instance wrote the key to L2
 /// meanwhile (unheard: no link), the store is refused. Found by review: the negative entry
