@@ -2082,6 +2082,90 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
     assert_eq!(reads_b.load(Ordering::SeqCst), 1);
 }
 
+/// `CacheFirst` over a fail-safe multi-level cache, the query's entry expired in L2 with a
+/// copy left in L1, while another instance holds the query's lock with a slow query: the call
+/// waits (up to `lock_wait`) and then reads its own, healthy database. Before (review,
+/// helper-79 #3) it gave up after `lock_wait` as a waiter with a fail-safe copy does and
+/// served the expired rows without asking the database; ARCHITECTURE.md said `SqlCache`
+/// never gives up so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_first_over_an_expired_copy_waits_then_reads_the_database() {
+    let server = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "fsw:".into();
+    let redis = RedisCache::connect(c).await.unwrap();
+    let multi = || {
+        MultiLevelCache::over_redis(&redis)
+            .fail_safe(Duration::from_secs(3600))
+            .distributed_lock(
+                Arc::clone(redis.redis_backend()),
+                Duration::from_secs(2),
+                Duration::from_millis(300),
+            )
+            .build()
+            .unwrap()
+    };
+    let (ma, mb) = (multi(), multi());
+    let (db_a, db_b) = (
+        TestDb::open(&url, Duration::ZERO).await,
+        TestDb::open(&url, Duration::from_millis(1500)).await,
+    );
+    let (reads_a, reads_b) = (Arc::clone(&db_a.reads), Arc::clone(&db_b.reads));
+    let sql = |multi: &MultiLevelCache, db| {
+        SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (sql(&ma, db_a), sql(&mb, db_b));
+    a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
+        .await
+        .unwrap();
+    a.execute("INSERT INTO t VALUES (1, 'x')", ())
+        .await
+        .unwrap();
+    let query = "SELECT v FROM t WHERE id = 1";
+    let ttl = Some(Duration::from_millis(300));
+    let value = |rows: Option<ncm_cache::sql::Rows>| {
+        rows.and_then(|r| r.get(0, "v").and_then(SqlValue::as_str).map(str::to_owned))
+    };
+    let warm = a
+        .cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
+        .await
+        .unwrap();
+    assert_eq!(value(warm).as_deref(), Some("x"));
+    // The database changes behind the cache's back; the entry expires in L2.
+    let other = SqliteExecutor::connect(&url).await.unwrap();
+    ncm_cache::sql::SqlExecutor::execute(&other, "UPDATE t SET v = 'z' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B loads the query under the lock (1.5 s).
+    let holder = tokio::spawn(async move {
+        b.cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        reads_b.load(Ordering::SeqCst),
+        1,
+        "B holds the query's lock"
+    );
+    let before = reads_a.load(Ordering::SeqCst);
+    let rows = a
+        .cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        value(rows).as_deref(),
+        Some("z"),
+        "the expired copy was served while the database answers"
+    );
+    assert_eq!(reads_a.load(Ordering::SeqCst), before + 1);
+    assert!(holder.await.unwrap().unwrap().is_some());
+}
+
 /// A stale copy served because a load failed is still within its max stale age when it is
 /// served: a failing load that outlives what was left of the copy's age fails instead, for
 /// `Cache::read_through`, `CacheLoader` and `CacheStrategies::read_through` over a fail-safe

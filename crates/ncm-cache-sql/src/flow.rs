@@ -126,8 +126,11 @@ impl<C: Codec> SqlCache<C> {
                 let copied = found.copied.as_deref();
                 // `CacheFirst` waits for another process running the query under the same
                 // tokens (a multi-level cache's stampede lock) and takes its result; `DbFirst`
-                // asks the database itself.
-                let turn = cache_first.then_some(fallback.is_some());
+                // asks the database itself. A wait that read the tokens never gives up to serve
+                // a copy (an expired entry's): it then asks the database, which answers (review,
+                // helper-79 #3: it served the expired rows after `lock_wait`). A copy from a
+                // read that failed comes without tokens, and takes no turn.
+                let turn = cache_first.then_some(fallback.is_some() && found.tokens.is_none());
                 let backend = self.inner().cache.backend();
                 match self
                     .load(&key, analysis, values, ttl, (found.tokens, copied), turn)
