@@ -112,7 +112,9 @@ impl<C: Codec> CacheStrategies<C> {
                 return Err(e);
             }
         };
-        unfinished.inv = None;
+        // Still armed while the mark ends and what it asks for is done: a caller cancelled
+        // there (a stalled coordination Redis) may have overlapped another write-through, and
+        // only an eviction leaves the cache no older than the store (review, helper-80 #5).
         if self.inner.inv.write_end(mark).await {
             // Overlapped another instance's write-through of the key: the store may hold
             // either value, so the cache holds neither.
@@ -121,9 +123,10 @@ impl<C: Codec> CacheStrategies<C> {
                 &CacheError::Config("concurrent write-through".into()),
             )
             .await;
+            unfinished.inv = None;
             return cached;
         }
-        match cached {
+        let result = match cached {
             Ok(()) => {
                 self.announce_write(key).await;
                 Ok(())
@@ -132,7 +135,9 @@ impl<C: Codec> CacheStrategies<C> {
                 self.invalidate_after_failure(key, &e).await;
                 Err(e)
             }
-        }
+        };
+        unfinished.inv = None;
+        result
     }
 
     /// Write-around: the store only; the cached key is invalidated (here and, with Redis, on
@@ -181,10 +186,11 @@ impl<C: Codec> CacheStrategies<C> {
             .inv
             .delete_keys(&[key.to_owned()], Kind::Key)
             .await;
-        unfinished.inv = None;
         // Evicted after the store call whether or not another instance's write-through
-        // overlapped (that one evicts after its own cache write).
+        // overlapped (that one evicts after its own cache write). Armed until the mark ended,
+        // as a write-through's guard is.
         self.inner.inv.write_end(mark).await;
+        unfinished.inv = None;
         evicted.map(drop)
     }
 

@@ -1334,6 +1334,84 @@ async fn a_write_through_slower_than_its_lease_still_counts_as_an_overlap() {
     );
 }
 
+/// A write-through cancelled while it ends its mark (its coordination Redis stalled) after an
+/// overlapping write-through of another instance: B stored `b` last and evicted after its
+/// cache write, then A's slower cache write landed `a`. A's cancelled call now evicts the key
+/// (review, helper-80 #5: the guard was disarmed before the mark's end, and the cache kept
+/// `a` while the store held `b`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_cancelled_while_ending_its_mark_still_evicts() {
+    use std::collections::HashMap;
+    let server = RedisServer::start().unwrap();
+    let proxy = ncm_cache_testkit::FaultProxy::start(server.addr()).unwrap();
+    let direct = cache(&server, "wtm:").await;
+    let proxied = RedisCache::connect(config(&proxy.url(), "wtm:"))
+        .await
+        .unwrap();
+    let shared = direct.cache().clone();
+    let a = CacheStrategies::builder(shared.clone())
+        .redis(proxied.redis_backend().clone())
+        .build()
+        .await
+        .unwrap();
+    let b = CacheStrategies::builder(shared.clone())
+        .redis(direct.redis_backend().clone())
+        .build()
+        .await
+        .unwrap();
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let (entered, gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let store = {
+        let (db, entered, gate) = (Arc::clone(&db), Arc::clone(&entered), Arc::clone(&gate));
+        ncm_cache_strategies::store_fn(move |k: String, v: String| {
+            let (db, entered, gate) = (Arc::clone(&db), Arc::clone(&entered), Arc::clone(&gate));
+            async move {
+                let slow = v == "a";
+                db.lock().unwrap().insert(k, v);
+                if slow {
+                    // A commits at once, and its reply is slow.
+                    entered.notify_one();
+                    gate.notified().await;
+                }
+                Ok::<_, std::io::Error>(())
+            }
+        })
+    };
+    let writer = {
+        let (a, store) = (a.clone(), store.clone());
+        tokio::spawn(async move { a.write_through("k", &"a".to_string(), HOUR, &store).await })
+    };
+    entered.notified().await;
+    b.write_through("k", &"b".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert_eq!(db.lock().unwrap().get("k").map(String::as_str), Some("b"));
+    // A's cache write lands; ending its mark stalls.
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    gate.notify_one();
+    assert!(
+        eventually_async(Duration::from_secs(2), || async {
+            shared.get::<String>("k").await.unwrap().as_deref() == Some("a")
+        })
+        .await,
+        "A's cache write never landed"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writer.abort();
+    let _ = writer.await;
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    assert!(
+        eventually_async(Duration::from_secs(3), || async {
+            shared.get::<String>("k").await.unwrap().as_deref() != Some("a")
+        })
+        .await,
+        "the cache kept `a` while the store holds `b`"
+    );
+}
+
 /// Two instances of one durable queue over one cache (as Redis would be), A's faults its own.
 async fn durable_pair(
     server: &RedisServer,
