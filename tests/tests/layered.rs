@@ -815,6 +815,64 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
     until("B's L1 drops the cleared entries", || mb.l1_len() == 0).await;
 }
 
+/// The same caches, with write-behind: A's queue evicts the key after persisting a write the
+/// cache no longer held (an invalidation let B's read-through cache the store's older row).
+/// That eviction is announced: B's L1 drops the older row too. Before (review, helper-80 #4)
+/// the queue's own cache changes were never announced, and B served the older row from its
+/// L1 for its TTL while the store held A's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_queues_evictions_reach_other_instances_l1() {
+    let server = RedisServer::start().unwrap();
+    let mut c = RedisConfig::from_url(&server.url()).unwrap();
+    c.key_prefix = "wbq:".into();
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let redis = RedisCache::connect(c.clone()).await.unwrap();
+        let multi = MultiLevelCache::builder(redis.backend())
+            .name("quiet")
+            .build()
+            .unwrap();
+        let strategies =
+            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
+                .redis(Arc::clone(redis.redis_backend()))
+                .build()
+                .await
+                .unwrap();
+        caches.push((multi, strategies));
+    }
+    let (_, sa) = &caches[0];
+    let (mb, sb) = &caches[1];
+    let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    db.lock().unwrap().insert("k".into(), "v1".into());
+    let store = map_store(&db);
+    let hour = Duration::from_secs(3600);
+    sa.write_behind("k", &"v2".to_string(), hour, &store, hour)
+        .await
+        .unwrap();
+    sa.invalidate("k").await.unwrap();
+    // B reads the store's older row through, into L2 and its L1 (once A's messages are in).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let read_b = || {
+        let db = Arc::clone(&db);
+        async move {
+            sb.read_through::<String, _, _, _>(
+                "k",
+                move || async move { Ok::<_, std::io::Error>(db.lock().unwrap()["k"].clone()) },
+                hour,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(read_b().await, "v1");
+    let hits = mb.get_stats().l1_hits;
+    assert_eq!(read_b().await, "v1");
+    assert!(mb.get_stats().l1_hits > hits, "B never used its L1");
+    sa.flush().await.unwrap();
+    assert_eq!(db.lock().unwrap()["k"], "v2");
+    eventually("v2".to_string(), read_b).await;
+}
+
 /// Multi-level caches without a backplane, coordinated by the strategies' messages: A's
 /// `invalidate` told B before its delete reached the shared L2, so B missed, read the old value
 /// from L2 and kept it in L1 for its TTL (found by review). A's L2 goes through a proxy that

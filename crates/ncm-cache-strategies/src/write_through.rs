@@ -241,8 +241,9 @@ impl<C: Codec> CacheStrategies<C> {
                 store.name()
             )));
         }
-        let queue = WriteBehind::start(
+        let queue = WriteBehind::start_announcing(
             self.cache.clone(),
+            Some(Arc::clone(&self.inner.inv)),
             store.clone(),
             self.inner.write_behind.clone(),
         )

@@ -1425,9 +1425,14 @@ async fn durable_pair(
     (CacheStrategies, ncm_cache_strategies::WriteBehind<String>),
     Cache<Serializer>,
 ) {
-    let (sa, fa, local, a) = flaky_queue(config(&server.url(), ""), store).await;
+    let fa = Flaky {
+        shared: true,
+        ..Flaky::default()
+    };
+    let (sa, fa, local, a) = flaky_queue_over(config(&server.url(), ""), store, fa).await;
     let fb = Flaky {
         inner: fa.inner.clone(),
+        shared: true,
         ..Flaky::default()
     };
     let (sb, _, _, b) = flaky_queue_over(config(&server.url(), ""), store, fb).await;

@@ -99,6 +99,17 @@ impl<V: QueueValue> WriteBehind<V> {
         store: Store<V>,
         config: WriteBehindConfig,
     ) -> Result<Self> {
+        Self::start_announcing(cache, None, store, config).await
+    }
+
+    /// [`start`](Self::start) for a `CacheStrategies`: the queue's own cache changes are
+    /// announced through `inv`.
+    pub(crate) async fn start_announcing<C: Codec>(
+        cache: Cache<C>,
+        inv: Option<Arc<crate::invalidation::Invalidator>>,
+        store: Store<V>,
+        config: WriteBehindConfig,
+    ) -> Result<Self> {
         config.validate()?;
         #[cfg(feature = "redis")]
         let journal: Option<Arc<dyn Journal<V>>> = match &config.durable {
@@ -109,7 +120,11 @@ impl<V: QueueValue> WriteBehind<V> {
         };
         #[cfg(not(feature = "redis"))]
         let journal: Option<Arc<dyn Journal<V>>> = None;
-        let shared = Shared::new(store, Arc::new(cache), journal, config);
+        let sink: Arc<dyn state::CacheSink<V>> = match inv {
+            Some(inv) => Arc::new(state::Announcing { cache, inv }),
+            None => Arc::new(cache),
+        };
+        let shared = Shared::new(store, sink, journal, config);
         let handle = handle::Handle::start(shared).await?;
         Ok(Self {
             inner: Arc::new(handle),

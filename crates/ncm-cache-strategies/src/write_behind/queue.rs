@@ -294,6 +294,7 @@ impl<V: QueueValue> Shared<V> {
                         self.uncache(key).await;
                         return true;
                     }
+                    self.cache.announce(key).await;
                     holds = Some(Some(id));
                 }
             }
@@ -413,6 +414,8 @@ impl<V: QueueValue> Shared<V> {
         if let Err(e) = self.cache.delete(key).await {
             tracing::warn!(queue = %self.name, key, error = %e, "could not remove a cached value whose write-behind was refused");
         }
+        // Also after a failed delete: another instance's own copy goes all the same.
+        self.cache.announce(key).await;
     }
 
     /// A write-through or write-around of `key` to this queue's store is about to call the

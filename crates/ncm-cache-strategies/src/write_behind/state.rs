@@ -29,6 +29,46 @@ pub(crate) trait CacheSink<V>: Send + Sync {
     fn encode(&self, binding: &[&str], value: &V) -> Result<Bytes>;
     #[cfg(feature = "redis")]
     fn decode(&self, binding: &[&str], bytes: &[u8]) -> Result<V>;
+    /// Tells other instances that keep their own copies (a `CacheStrategies`' messages) that
+    /// the queue changed `key` in the cache itself (an eviction after a persist, a refused
+    /// write removed, another process's newer write cached). Nothing by default (a queue
+    /// started on its own).
+    async fn announce(&self, _key: &str) {}
+}
+
+/// A `CacheStrategies`' queue's cache: its own changes are announced as the strategies'
+/// writes are (review, helper-80 #4: other instances' L1 kept the store's older row).
+pub(crate) struct Announcing<C: Codec> {
+    pub(crate) cache: Cache<C>,
+    pub(crate) inv: std::sync::Arc<crate::invalidation::Invalidator>,
+}
+
+#[async_trait]
+impl<C: Codec, V: QueueValue> CacheSink<V> for Announcing<C> {
+    async fn set(&self, key: &str, value: &V, expiry: Expiry) -> Result<()> {
+        CacheSink::<V>::set(&self.cache, key, value, expiry).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        CacheSink::<V>::delete(&self.cache, key).await
+    }
+    async fn holds(&self, entries: &[(String, V)]) -> Result<Vec<bool>> {
+        self.cache.holds(entries).await
+    }
+    #[cfg(feature = "redis")]
+    fn encode(&self, binding: &[&str], value: &V) -> Result<Bytes> {
+        CacheSink::<V>::encode(&self.cache, binding, value)
+    }
+    #[cfg(feature = "redis")]
+    fn decode(&self, binding: &[&str], bytes: &[u8]) -> Result<V> {
+        CacheSink::<V>::decode(&self.cache, binding, bytes)
+    }
+    async fn announce(&self, key: &str) {
+        self.inv
+            .broadcast(crate::invalidation::Broadcast::Keys {
+                keys: vec![key.to_owned()],
+            })
+            .await;
+    }
 }
 
 #[async_trait]

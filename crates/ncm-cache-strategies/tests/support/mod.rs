@@ -95,6 +95,9 @@ pub(crate) struct Flaky {
     pub(crate) fail_gets: Arc<AtomicBool>,
     pub(crate) fail_sets: Arc<AtomicBool>,
     pub(crate) hang_sets: Arc<AtomicBool>,
+    /// Stands for a store several instances share (as Redis is): reports a key prefix, so
+    /// another instance's messages remove nothing from it (`CacheBackend::evict_local`).
+    pub(crate) shared: bool,
 }
 
 #[async_trait]
@@ -143,6 +146,9 @@ impl CacheBackend for Flaky {
     }
     fn get_stats(&self) -> CacheStats {
         self.inner.get_stats()
+    }
+    fn key_prefix(&self) -> Option<&str> {
+        self.shared.then_some("")
     }
 }
 
