@@ -87,7 +87,8 @@ impl<C: Codec> CacheStrategies<C> {
         self.cache.ttl_policy().resolve(expiry)?;
         let _in_order = self.inner.stripe(key).lock().await;
         let queue = self.inner.queues().get(&store.id()).cloned();
-        let waiting = match &queue {
+        // Held to the end of the call (a write-behind of the key waits for it).
+        let mut waiting = match &queue {
             Some(q) => Some(q.direct_write(key).await),
             None => None,
         };
@@ -100,7 +101,7 @@ impl<C: Codec> CacheStrategies<C> {
         };
         let stored = store.store(key, value).await;
         if stored.is_ok()
-            && let Some(w) = waiting
+            && let Some(w) = waiting.as_mut()
         {
             w.stored();
         }
@@ -164,7 +165,8 @@ impl<C: Codec> CacheStrategies<C> {
         validate_key(key, DEFAULT_MAX_KEY_LEN)?;
         let _in_order = self.inner.stripe(key).lock().await;
         let queue = self.inner.queues().get(&store.id()).cloned();
-        let waiting = match &queue {
+        // Held to the end of the call, as a write-through's.
+        let mut waiting = match &queue {
             Some(q) => Some(q.direct_write(key).await),
             None => None,
         };
@@ -178,7 +180,7 @@ impl<C: Codec> CacheStrategies<C> {
             self.inner.inv.write_end(mark).await;
             return Err(e);
         }
-        if let Some(w) = waiting {
+        if let Some(w) = waiting.as_mut() {
             w.stored();
         }
         let evicted = self

@@ -724,6 +724,127 @@ async fn direct_writes_supersede_a_waiting_write_behind() {
     support::direct_writes_supersede_a_waiting_write_behind(&strategies()).await;
 }
 
+/// A direct write holds its key to its end (review of the fix above, helper-81): a flush
+/// does not settle while it holds the key's taken write (#1: it returned at once, and the write
+/// went back into the queue after a flush that said it was persisted); a write-behind of the
+/// key waits until the write-through's cache write is done (#2: it cached `v3`, then the
+/// write-through's `v2` landed over it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_write_holds_its_key_to_its_end() {
+    let flaky = Flaky::default();
+    let s = CacheStrategies::new(Cache::new(flaky.clone(), Serializer::default()));
+    let (entered, gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let db = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    // Refuses `refused` after the gate opens; stores everything else.
+    let store = {
+        let (db, entered, gate) = (Arc::clone(&db), Arc::clone(&entered), Arc::clone(&gate));
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, entered, gate) = (Arc::clone(&db), Arc::clone(&entered), Arc::clone(&gate));
+            async move {
+                if rows.iter().any(|(_, v)| v == "refused") {
+                    entered.notify_one();
+                    gate.notified().await;
+                    return Err("refused");
+                }
+                db.lock().unwrap().extend(rows);
+                Ok(())
+            }
+        })
+        .named("held")
+    };
+    let row = |k: &str| db.lock().unwrap().get(k).cloned();
+    s.write_behind("f", &"v1".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    let through = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move {
+            s.write_through("f", &"refused".to_string(), HOUR, &store)
+                .await
+        }
+    });
+    entered.notified().await;
+    let flush = tokio::spawn({
+        let s = s.clone();
+        async move { s.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !flush.is_finished(),
+        "a flush settled while the key's waiting write was taken out"
+    );
+    gate.notify_one();
+    assert!(through.await.unwrap().is_err());
+    flush.await.unwrap().unwrap();
+    assert_eq!(
+        row("f").as_deref(),
+        Some("v1"),
+        "the waiting write was lost"
+    );
+
+    // The write-through's cache write hangs; a write-behind of the key waits for it.
+    *flaky.hang_value.lock().unwrap() = Some("v2".into());
+    let through = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move { s.write_through("g", &"v2".to_string(), HOUR, &store).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(2), || row("g").as_deref() == Some("v2")).await,
+        "the write-through never stored"
+    );
+    let behind = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move {
+            s.write_behind("g", &"v3".to_string(), HOUR, &store, HOUR)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !behind.is_finished(),
+        "the write-behind did not wait for the write-through's cache write"
+    );
+    *flaky.hang_value.lock().unwrap() = None;
+    through.await.unwrap().unwrap();
+    behind.await.unwrap().unwrap();
+    assert_eq!(
+        s.cache().get::<String>("g").await.unwrap().as_deref(),
+        Some("v3"),
+        "the write-through's older value landed over the write-behind's"
+    );
+}
+
+/// A batch whose store call panics does not leave its keys "in flight" for good: a
+/// write-through of one of them does not wait forever (review, helper-81 #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_does_not_wait_for_a_batch_that_panicked() {
+    let s = strategies();
+    let store = ncm_cache_strategies::batch_store_fn(|rows: Vec<(String, String)>| async move {
+        assert!(
+            rows.iter().all(|(_, v)| v != "boom"),
+            "a store that panics (as intended by this test)"
+        );
+        Ok::<_, std::io::Error>(())
+    })
+    .named("panics");
+    s.write_behind("x", &"boom".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let through = tokio::time::timeout(
+        Duration::from_secs(2),
+        s.write_through("x", &"ok".to_string(), HOUR, &store),
+    )
+    .await;
+    assert!(
+        through.is_ok(),
+        "the write-through waited for a batch that never ends"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_landing_after_a_persist_is_not_undone() {
     support::a_write_landing_after_a_persist_is_not_undone(&strategies()).await;

@@ -1710,6 +1710,16 @@ async fn direct_writes_supersede_a_waiting_write_behind_on_redis() {
     let journaled = cache(&server, "dwd:").await;
     support::direct_writes_supersede_a_waiting_write_behind(&durable_strategies(&journaled).await)
         .await;
+    // The superseded writes' journal entries were acknowledged (removed) too.
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .cli(&["XLEN", "dwd:__ncm:wb:{direct}"])
+            .unwrap()
+            .trim()
+            == "0")
+        .await,
+        "superseded writes stayed in the journal"
+    );
 }
 
 /// On a Redis cache, in memory mode and in durable mode.

@@ -210,13 +210,14 @@ pub(crate) trait QueueControl: Send + Sync {
 
 /// [`queue::DirectWrite`], type-erased.
 pub(crate) trait DirectWriting: Send {
-    /// The store accepted the direct write: the key's waiting write is superseded.
-    fn stored(self: Box<Self>);
+    /// The store accepted the direct write: the key's waiting write is superseded. The key
+    /// stays locked until this is dropped.
+    fn stored(&mut self);
 }
 
 impl<V: QueueValue> DirectWriting for queue::DirectWrite<'_, V> {
-    fn stored(self: Box<Self>) {
-        queue::DirectWrite::stored(*self);
+    fn stored(&mut self) {
+        queue::DirectWrite::stored(self);
     }
 }
 

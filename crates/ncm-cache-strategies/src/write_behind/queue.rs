@@ -14,6 +14,11 @@ use super::{DeadLetter, OnFull, QueueFull, QueueValue, WriteBehindConfig};
 use crate::stats::{Counter, WriteBehindRecorder, WriteBehindStats};
 use crate::store::{Store, WriteVersion};
 
+/// Key write locks per queue. A write-through or write-around of a key holds its stripe for its
+/// whole call (the store call included), so writes of other keys that share the stripe wait:
+/// many stripes keep that rare.
+const STRIPES: usize = 1024;
+
 /// Everything the worker and the handles share.
 pub(crate) struct Shared<V> {
     pub(crate) name: Arc<str>,
@@ -53,7 +58,7 @@ impl<V: QueueValue> Shared<V> {
             cache,
             journal,
             state: Mutex::new(State::new()),
-            stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             wake: Notify::new(),
             space: Notify::new(),
             flushed: watch::Sender::new(0),
@@ -441,12 +446,17 @@ impl<V: QueueValue> Shared<V> {
                 continue;
             }
             let taken = st.remove(key);
+            let adopted = taken.is_some() && st.adopted.contains(key);
+            if taken.is_some() {
+                st.taken += 1;
+            }
             drop(st);
             return DirectWrite {
                 shared: self,
                 key,
                 _stripe: stripe,
                 taken,
+                adopted,
             };
         }
     }
@@ -868,7 +878,7 @@ impl<V: QueueValue> Shared<V> {
             }
             let batch = st.take_batch(Instant::now(), &self.config);
             if batch.is_empty() {
-                if worker && st.closing && st.pending.is_empty() {
+                if worker && st.closing && st.pending.is_empty() && st.taken == 0 {
                     // Decided under the lock: a write racing with the exit sees `exited`.
                     st.exited = true;
                     return Step::Exit;
@@ -877,7 +887,14 @@ impl<V: QueueValue> Shared<V> {
             }
             batch
         };
+        // A batch that never ends (its drain cancelled, a store that panicked) must not leave
+        // its keys "in flight" for good: write-throughs of them wait for that (`DirectWrite`).
+        let unlanded = OnDrop(Some(|| {
+            lock(&self.state).flying.clear();
+            self.space.notify_waiters();
+        }));
         self.persist(batch).await;
+        unlanded.disarm();
         Step::Persisted
     }
 
@@ -1078,13 +1095,19 @@ struct Failed<V> {
 pub(crate) struct DirectWrite<'a, V: QueueValue> {
     shared: &'a Shared<V>,
     key: &'a str,
+    /// Held until the direct write's end (its cache write, eviction or mark included): a
+    /// write-behind of the key waits for all of it, so the direct write's cache write cannot
+    /// land over a newer write-behind's.
     _stripe: tokio::sync::MutexGuard<'a, ()>,
     taken: Option<Pending<V>>,
+    /// The taken write was marked for eviction after its persist (adopted): marked again when
+    /// it is put back.
+    adopted: bool,
 }
 
 impl<V: QueueValue> DirectWrite<'_, V> {
-    /// The store accepted the direct write.
-    pub(crate) fn stored(mut self) {
+    /// The store accepted the direct write. The key stays locked until this is dropped.
+    pub(crate) fn stored(&mut self) {
         let shared = self.shared;
         let mut st = lock(&shared.state);
         let mut superseded = 0;
@@ -1092,6 +1115,7 @@ impl<V: QueueValue> DirectWrite<'_, V> {
         if let Some(p) = self.taken.take() {
             superseded += 1;
             ids.extend(p.ids);
+            st.taken -= 1;
         }
         if let Some(dead) = st.take_dead(self.key) {
             superseded += 1;
@@ -1117,6 +1141,10 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
         let Some(p) = self.taken.take() else { return };
         let shared = self.shared;
         let mut st = lock(&shared.state);
+        st.taken -= 1;
+        if self.adopted {
+            st.adopted.insert(self.key.to_owned());
+        }
         if st.exited {
             // The worker stopped meanwhile: kept as a dead letter (replayable), not lost.
             tracing::warn!(queue = %shared.name, key = self.key, "the queue stopped during a failed write-through of a key with a waiting write-behind; that write is a dead letter now");
@@ -1136,6 +1164,23 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
         }
         drop(st);
         shared.wake.notify_one();
+    }
+}
+
+/// Runs its closure when dropped before [`disarm`](Self::disarm).
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 

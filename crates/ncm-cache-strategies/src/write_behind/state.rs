@@ -180,6 +180,10 @@ pub(crate) struct State<V> {
     /// The keys of the batch in flight (a write-through of one waits for it: see
     /// `queue.rs`'s `DirectWrite`).
     pub(crate) flying: std::collections::HashSet<String>,
+    /// Writes taken out by a write-through or write-around of their key under way
+    /// (`queue.rs`'s `DirectWrite`): a flush does not settle, and the worker does not exit,
+    /// before they are superseded or put back.
+    pub(crate) taken: usize,
     pub(crate) seq: u64,
     /// Version of memory-mode writes (monotonic, so ties never favour an older value).
     pub(crate) vseq: u64,
@@ -215,6 +219,7 @@ impl<V> State<V> {
             by_seq: BTreeMap::new(),
             in_flight: 0,
             flying: std::collections::HashSet::new(),
+            taken: 0,
             seq: 0,
             vseq: 0,
             flush_target: 0,
@@ -378,6 +383,7 @@ impl<V> State<V> {
         let oldest = self.by_seq.first_key_value().map(|(s, _)| *s);
         if self.flush_target > self.flushed
             && self.in_flight == 0
+            && self.taken == 0
             && oldest.is_none_or(|s| s > self.flush_target)
         {
             self.flushed = self.flush_target;

@@ -98,6 +98,8 @@ pub(crate) struct Flaky {
     /// Stands for a store several instances share (as Redis is): reports a key prefix, so
     /// another instance's messages remove nothing from it (`CacheBackend::evict_local`).
     pub(crate) shared: bool,
+    /// While set, a write whose encoded value contains this text waits (until cleared).
+    pub(crate) hang_value: Arc<Mutex<Option<String>>>,
 }
 
 #[async_trait]
@@ -115,7 +117,14 @@ impl CacheBackend for Flaky {
         self.inner.get(key).await
     }
     async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<()> {
-        while self.hang_sets.load(Ordering::SeqCst) {
+        while self.hang_sets.load(Ordering::SeqCst)
+            || self
+                .hang_value
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|v| String::from_utf8_lossy(&value).contains(v))
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if self.fail_sets.load(Ordering::SeqCst) {
