@@ -29,9 +29,12 @@ fn command(r: &mut BufReader<TcpStream>) -> Option<Vec<String>> {
 /// A loopback server that answers `MGET` of any number of keys with one nil, `PING` with
 /// `PONG`, and anything else with `OK`. Runs until the test process ends.
 fn one_reply_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    // Leased (never a port another test's killed server held), for as long as it serves.
+    let lease = ncm_cache_testkit::PortLease::reserve().unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", lease.port())).unwrap();
+    let port = lease.port();
     std::thread::spawn(move || {
+        let _lease = lease;
         for stream in listener.incoming().map_while(Result::ok) {
             std::thread::spawn(move || {
                 let mut w = stream.try_clone().unwrap();

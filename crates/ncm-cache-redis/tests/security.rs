@@ -92,11 +92,9 @@ async fn tls_with_a_generated_certificate() {
         "openssl failed: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Leased for the test (see `PortLease`), as the server's own port is.
+    let tls_lease = ncm_cache_testkit::PortLease::reserve().unwrap();
+    let tls_port = tls_lease.port();
     let server = RedisServer::builder()
         .arg("--tls-port", tls_port.to_string())
         .arg("--tls-cert-file", d.join("cert.pem").display().to_string())
@@ -197,11 +195,8 @@ async fn tls_verifies_the_server_certificate_against_a_private_ca() {
         );
     }
     let start = |name: &str| {
-        let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let tls_lease = ncm_cache_testkit::PortLease::reserve().unwrap();
+        let tls_port = tls_lease.port();
         let server = RedisServer::builder()
             .arg("--tls-port", tls_port.to_string())
             .arg(
@@ -215,7 +210,7 @@ async fn tls_verifies_the_server_certificate_against_a_private_ca() {
             .arg("--tls-auth-clients", "no")
             .start()
             .unwrap();
-        (server, tls_port)
+        ((server, tls_lease), tls_port)
     };
     let config = |port: u16, ca: bool| {
         let mut c = RedisConfig::from_url(&format!("rediss://127.0.0.1:{port}/")).unwrap();

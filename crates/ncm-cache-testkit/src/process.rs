@@ -205,9 +205,10 @@ pub(crate) fn signal(pid: u32, signal: &str) -> Result<(), TestkitError> {
     .map(drop)
 }
 
-/// A loopback port held by this process from a server's start until its drop — also while
-/// the server is killed — so that no other test process using the testkit starts a server on
-/// it in between.
+/// A loopback port held by this process from a server's (or a `FaultProxy`'s) start until its
+/// drop — also while the server is killed — so that no other test process using the testkit
+/// starts a server or proxy on it in between (a test that binds a port of its own should take
+/// it with [`reserve`](Self::reserve) too).
 ///
 /// Without it, a killed node's port could be handed (by `bind` to port 0) to another test's
 /// fresh `redis-server`; clients reconnecting to the killed node then talk to a stranger that

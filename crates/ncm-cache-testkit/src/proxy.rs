@@ -81,6 +81,7 @@ pub struct FaultProxy {
     target: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
+    _lease: crate::process::PortLease,
 }
 
 impl FaultProxy {
@@ -97,8 +98,20 @@ impl FaultProxy {
             let what = what.to_owned();
             move |source| TestkitError::Spawn { what, source }
         };
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(spawn_err("binding the fault proxy"))?;
+        // On a leased port (see `PortLease`): never a killed server's port that clients may
+        // still reconnect to.
+        let (listener, lease) = {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let lease = crate::process::free_port(false)?;
+                match TcpListener::bind((Ipv4Addr::LOCALHOST, lease.port())) {
+                    Ok(listener) => break (listener, lease),
+                    Err(_) if attempt < 20 => {}
+                    Err(e) => return Err(spawn_err("binding the fault proxy")(e)),
+                }
+            }
+        };
         listener
             .set_nonblocking(true)
             .map_err(spawn_err("configuring the fault proxy"))?;
@@ -126,6 +139,7 @@ impl FaultProxy {
             target,
             shared,
             acceptor: Some(acceptor),
+            _lease: lease,
         })
     }
 
