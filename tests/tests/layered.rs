@@ -752,22 +752,24 @@ async fn overtaken_loads_are_not_cached(ma: &MultiLevelCache, mb: &MultiLevelCac
     assert_eq!(ma.get_stats().loads_not_cached, 3);
 }
 
-/// The same two strategies instances over multi-level caches *without* a backplane (nothing
-/// keeps their L1s coherent but the strategies' messages): A's write reaches B's L1 through
-/// `evict_local`, which evicts B's L1 copy and leaves the shared L2 alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backplane() {
-    let server = RedisServer::start().unwrap();
+/// Two strategies instances over multi-level caches *without* a backplane (nothing keeps their
+/// L1s coherent but the strategies' messages), on one Redis under `prefix`.
+async fn quiet_strategies_pair(
+    server: &RedisServer,
+    prefix: &str,
+    name: &str,
+    fail_safe: Option<Duration>,
+) -> Vec<(MultiLevelCache, CacheStrategies)> {
     let mut c = RedisConfig::from_url(&server.url()).unwrap();
-    c.key_prefix = "app:".into();
+    c.key_prefix = prefix.into();
     let mut caches = Vec::new();
     for _ in 0..2 {
         let redis = RedisCache::connect(c.clone()).await.unwrap();
-        let multi = MultiLevelCache::builder(redis.backend())
-            .name("quiet")
-            .fail_safe(Duration::from_secs(600))
-            .build()
-            .unwrap();
+        let mut multi = MultiLevelCache::builder(redis.backend()).name(name);
+        if let Some(age) = fail_safe {
+            multi = multi.fail_safe(age);
+        }
+        let multi = multi.build().unwrap();
         let strategies =
             CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
                 .redis(Arc::clone(redis.redis_backend()))
@@ -776,6 +778,17 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
                 .unwrap();
         caches.push((multi, strategies));
     }
+    caches
+}
+
+/// The same two strategies instances over multi-level caches *without* a backplane (nothing
+/// keeps their L1s coherent but the strategies' messages): A's write reaches B's L1 through
+/// `evict_local`, which evicts B's L1 copy and leaves the shared L2 alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backplane() {
+    let server = RedisServer::start().unwrap();
+    let caches =
+        quiet_strategies_pair(&server, "app:", "quiet", Some(Duration::from_secs(600))).await;
     let (ma, sa) = &caches[0];
     let (mb, sb) = &caches[1];
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
@@ -823,23 +836,7 @@ async fn strategies_messages_evict_the_l1_of_a_multilevel_cache_without_a_backpl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_behind_queues_evictions_reach_other_instances_l1() {
     let server = RedisServer::start().unwrap();
-    let mut c = RedisConfig::from_url(&server.url()).unwrap();
-    c.key_prefix = "wbq:".into();
-    let mut caches = Vec::new();
-    for _ in 0..2 {
-        let redis = RedisCache::connect(c.clone()).await.unwrap();
-        let multi = MultiLevelCache::builder(redis.backend())
-            .name("quiet")
-            .build()
-            .unwrap();
-        let strategies =
-            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
-                .redis(Arc::clone(redis.redis_backend()))
-                .build()
-                .await
-                .unwrap();
-        caches.push((multi, strategies));
-    }
+    let caches = quiet_strategies_pair(&server, "wbq:", "quiet", None).await;
     let (_, sa) = &caches[0];
     let (mb, sb) = &caches[1];
     let db: Arc<Mutex<HashMap<String, String>>> = Arc::default();
@@ -944,23 +941,7 @@ async fn an_invalidation_reaches_other_instances_after_the_shared_delete() {
 async fn an_expired_key_is_not_served_from_l1_after_its_time_based_callback() {
     use std::sync::atomic::AtomicBool;
     let server = RedisServer::start().unwrap();
-    let mut c = RedisConfig::from_url(&server.url()).unwrap();
-    c.key_prefix = "app:".into();
-    let mut caches = Vec::new();
-    for _ in 0..2 {
-        let redis = RedisCache::connect(c.clone()).await.unwrap();
-        let multi = MultiLevelCache::builder(redis.backend())
-            .name("expiring")
-            .build()
-            .unwrap();
-        let strategies =
-            CacheStrategies::builder(Cache::new(multi.as_backend(), Serializer::default()))
-                .redis(Arc::clone(redis.redis_backend()))
-                .build()
-                .await
-                .unwrap();
-        caches.push((multi, strategies));
-    }
+    let caches = quiet_strategies_pair(&server, "app:", "expiring", None).await;
     let (ma, sa) = &caches[0];
     let (mb, sb) = &caches[1];
     let (a, b) = (sa.cache().clone(), sb.cache().clone());
