@@ -1490,17 +1490,42 @@ async fn a_slow_cache_write_does_not_outlive_another_instances_newer_write() {
 /// cache is now left with the key's newest journaled write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persisting_an_adopted_write_does_not_evict_another_instances_newer_write() {
+    another_instances_newer_write_survives_a_persist(true).await;
+}
+
+/// The same for A's ordinary (not adopted) write: the check after its persist found the cache
+/// holding B's newer journaled write, not A's bytes, and evicted it; a read-through then cached
+/// A's older row until B persisted (review, helper-80 #2). The check now leaves a key whose
+/// newest journaled write is another one with that write cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisting_a_write_does_not_evict_another_instances_newer_write() {
+    another_instances_newer_write_survives_a_persist(false).await;
+}
+
+/// A's write of `older` (`adopted`: its caller gave up during the cache write) is in its store
+/// call when B journals and caches `newer`; after A's persist a read-through returns `newer`.
+async fn another_instances_newer_write_survives_a_persist(adopted: bool) {
     let server = RedisServer::start().unwrap();
-    let (store, db) = database("adopted-evict");
+    let (store, db) = database(if adopted {
+        "adopted-evict"
+    } else {
+        "plain-evict"
+    });
     let ((sa, fa, a), (sb, b), _) = durable_pair(&server, &store).await;
-    fa.hang_sets.store(true, Ordering::SeqCst);
-    let gave_up = tokio::time::timeout(
-        Duration::from_millis(150),
-        a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50)),
-    )
-    .await;
-    assert!(gave_up.is_err(), "the cache write was meant to hang");
-    fa.hang_sets.store(false, Ordering::SeqCst);
+    if adopted {
+        fa.hang_sets.store(true, Ordering::SeqCst);
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(150),
+            a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the cache write was meant to hang");
+        fa.hang_sets.store(false, Ordering::SeqCst);
+    } else {
+        a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50))
+            .await
+            .unwrap();
+    }
     // A's store call waits while B writes the key.
     db.hang.store(true, Ordering::SeqCst);
     assert!(
@@ -1520,50 +1545,6 @@ async fn persisting_an_adopted_write_does_not_evict_another_instances_newer_writ
         "A's write was not persisted"
     );
     a.flush().await.unwrap();
-    let read: String = sb
-        .read_through(
-            "k",
-            || async { Ok::<_, std::io::Error>(db.get("k").unwrap_or_default()) },
-            HOUR,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        read, "newer",
-        "a read-through brought the older stored row back"
-    );
-    b.flush().await.unwrap();
-    assert_eq!(db.get("k").as_deref(), Some("newer"));
-    sb.shutdown().await.unwrap();
-    sa.shutdown().await.unwrap();
-}
-
-/// The same for A's ordinary (not adopted) write: the check after its persist found the cache
-/// holding B's newer journaled write, not A's bytes, and evicted it; a read-through then cached
-/// A's older row until B persisted (review, helper-80 #2). The check now leaves a key whose
-/// newest journaled write is another one with that write cached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn persisting_a_write_does_not_evict_another_instances_newer_write() {
-    let server = RedisServer::start().unwrap();
-    let (store, db) = database("plain-evict");
-    let ((sa, _, a), (sb, b), _) = durable_pair(&server, &store).await;
-    a.write("k", &"older".to_string(), HOUR, Duration::from_millis(50))
-        .await
-        .unwrap();
-    // A's store call waits while B writes the key.
-    db.hang.store(true, Ordering::SeqCst);
-    assert!(
-        eventually(Duration::from_secs(3), || db.calls.load(Ordering::SeqCst)
-            >= 1)
-        .await,
-        "A never began to persist its write"
-    );
-    b.write("k", &"newer".to_string(), HOUR, HOUR)
-        .await
-        .unwrap();
-    db.hang.store(false, Ordering::SeqCst);
-    a.flush().await.unwrap();
-    assert_eq!(db.get("k").as_deref(), Some("older"));
     let read: String = sb
         .read_through(
             "k",
