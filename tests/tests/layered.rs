@@ -2040,6 +2040,30 @@ impl ncm_cache::sql::SqlExecutor for TestDb {
     }
 }
 
+/// `SqlCache`s over `ma` and `mb` on one SQLite database, B's reads slowed by `b_delay`, with
+/// an empty table `t (id, v)`; and the count of each one's database reads.
+async fn sql_pair_with_table_t(
+    url: &str,
+    (ma, mb): (&MultiLevelCache, &MultiLevelCache),
+    b_delay: Duration,
+) -> (SqlCache, SqlCache, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (db_a, db_b) = (
+        TestDb::open(url, Duration::ZERO).await,
+        TestDb::open(url, b_delay).await,
+    );
+    let (reads_a, reads_b) = (Arc::clone(&db_a.reads), Arc::clone(&db_b.reads));
+    let sql = |multi: &MultiLevelCache, db| {
+        SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (sql(ma, db_a), sql(mb, db_b));
+    a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
+        .await
+        .unwrap();
+    (a, b, reads_a, reads_b)
+}
+
 /// `DbFirst` reads the database also while a `CacheFirst` call of the same query on this
 /// instance waits for another instance's load of it under the stampede lock (found by review:
 /// both named their flight by the key and tokens, so the `DbFirst` call joined the waiting
@@ -2056,20 +2080,8 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
         MultiLevelCache::over_redis(&redis).build().unwrap(),
         MultiLevelCache::over_redis(&redis).build().unwrap(),
     );
-    let (db_a, db_b) = (
-        TestDb::open(&url, Duration::ZERO).await,
-        TestDb::open(&url, Duration::from_millis(800)).await,
-    );
-    let (reads_a, reads_b) = (Arc::clone(&db_a.reads), Arc::clone(&db_b.reads));
-    let sql = |multi: &MultiLevelCache, db| {
-        SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (sql(&ma, db_a), sql(&mb, db_b));
-    a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
-        .await
-        .unwrap();
+    let (a, b, reads_a, reads_b) =
+        sql_pair_with_table_t(&url, (&ma, &mb), Duration::from_millis(800)).await;
     a.execute("INSERT INTO t VALUES (1, 'x'), (2, 'y')", ())
         .await
         .unwrap();
@@ -2147,20 +2159,8 @@ async fn cache_first_over_an_expired_copy_waits_then_reads_the_database() {
             .unwrap()
     };
     let (ma, mb) = (multi(), multi());
-    let (db_a, db_b) = (
-        TestDb::open(&url, Duration::ZERO).await,
-        TestDb::open(&url, Duration::from_millis(1500)).await,
-    );
-    let (reads_a, reads_b) = (Arc::clone(&db_a.reads), Arc::clone(&db_b.reads));
-    let sql = |multi: &MultiLevelCache, db| {
-        SqlCache::builder(Cache::new(multi.as_backend(), Serializer::default()), db)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (sql(&ma, db_a), sql(&mb, db_b));
-    a.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", ())
-        .await
-        .unwrap();
+    let (a, b, reads_a, reads_b) =
+        sql_pair_with_table_t(&url, (&ma, &mb), Duration::from_millis(1500)).await;
     a.execute("INSERT INTO t VALUES (1, 'x')", ())
         .await
         .unwrap();
