@@ -27,13 +27,19 @@ fn memory(clock: &Arc<ManualClock>) -> SharedBackend {
 
 /// A multi-level cache over a `Slow` memory L2 (both on one manual clock).
 fn slow_cache() -> (Arc<Slow>, MultiLevelCache) {
+    let (_, slow, cache) = slow_cache_with_clock();
+    (slow, cache)
+}
+
+/// [`slow_cache`] and the manual clock it runs on.
+fn slow_cache_with_clock() -> (Arc<ManualClock>, Arc<Slow>, MultiLevelCache) {
     let clock = Arc::new(ManualClock::new());
     let slow = Arc::new(Slow::new(memory(&clock)));
     let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(clock as SharedClock)
+        .clock(Arc::clone(&clock) as SharedClock)
         .build()
         .unwrap();
-    (slow, cache)
+    (clock, slow, cache)
 }
 
 #[tokio::test]
@@ -518,12 +524,7 @@ where
     F: FnOnce(MultiLevelCache) -> Fut,
     Fut: std::future::Future<Output = ncm_cache_core::Result<()>> + Send + 'static,
 {
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .build()
-        .unwrap();
+    let (clock, slow, cache) = slow_cache_with_clock();
     // The load's store reaches L2 after 200 ms and its reply is lost.
     slow.set_request_delay(Duration::from_millis(200));
     slow.set_fails_after(true);
@@ -2171,12 +2172,7 @@ async fn an_eager_refresh_spanning_an_unheard_clear_is_not_stored_in_the_new_epo
 /// written by several tasks was read from L2 after almost every write.
 #[tokio::test]
 async fn overlapping_local_writes_keep_the_key_in_l1_for_at_most_a_second() {
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .build()
-        .unwrap();
+    let (clock, slow, cache) = slow_cache_with_clock();
     slow.set_reply_delay(Duration::from_millis(200));
     let first = tokio::spawn({
         let cache = cache.clone();
@@ -2211,12 +2207,7 @@ async fn overlapping_local_writes_keep_the_key_in_l1_for_at_most_a_second() {
 #[tokio::test]
 async fn overlapping_backend_writes_leave_l2s_value_in_l1() {
     use ncm_cache_core::CacheBackend as _;
-    let clock = Arc::new(ManualClock::new());
-    let slow = Arc::new(Slow::new(memory(&clock)));
-    let cache = MultiLevelCache::builder(Arc::clone(&slow) as SharedBackend)
-        .clock(Arc::clone(&clock) as SharedClock)
-        .build()
-        .unwrap();
+    let (slow, cache) = slow_cache();
     let backend = cache.as_backend();
     slow.set_reply_delay(Duration::from_millis(200));
     let first = tokio::spawn({

@@ -818,10 +818,15 @@ async fn a_direct_write_holds_its_key_to_its_end() {
 }
 
 /// A batch whose store call panics does not leave its keys "in flight" for good: a
-/// write-through of one of them does not wait forever (review, helper-81 #3).
+/// write-through of one of them does not wait forever (review, helper-81 #3). The panic fails
+/// the store call like an error (the write ends as a dead letter), and the queue goes on:
+/// before (helper-82 #1), it ended the worker and every later flush waited forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_does_not_wait_for_a_batch_that_panicked() {
-    let s = strategies();
+    let mut config = WriteBehindConfig::default();
+    config.max_retries = 1;
+    config.retry_backoff = Duration::from_millis(10);
+    let s = with_config(config).await;
     let store = ncm_cache_strategies::batch_store_fn(|rows: Vec<(String, String)>| async move {
         assert!(
             rows.iter().all(|(_, v)| v != "boom"),
@@ -833,7 +838,11 @@ async fn a_write_through_does_not_wait_for_a_batch_that_panicked() {
     s.write_behind("x", &"boom".to_string(), HOUR, &store, Duration::ZERO)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
+        "the panicking batch did not end as a dead letter"
+    );
     let through = tokio::time::timeout(
         Duration::from_secs(2),
         s.write_through("x", &"ok".to_string(), HOUR, &store),
@@ -842,6 +851,16 @@ async fn a_write_through_does_not_wait_for_a_batch_that_panicked() {
     assert!(
         through.is_ok(),
         "the write-through waited for a batch that never ends"
+    );
+    s.write_behind("y", &"fine".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    let flushed = tokio::time::timeout(Duration::from_secs(5), s.flush()).await;
+    assert!(flushed.is_ok(), "a flush after the panic never returned");
+    assert_eq!(queue.pending(), 0);
+    assert!(
+        queue.dead_letters().is_empty(),
+        "the write-through superseded the dead letter"
     );
 }
 

@@ -2,9 +2,11 @@
 //! letters, back-pressure and durable-mode maintenance.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt as _;
 use ncm_cache_core::{CacheError, Expiry, Result};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -447,8 +449,8 @@ impl<V: QueueValue> Shared<V> {
             }
             let taken = st.remove(key);
             let adopted = taken.is_some() && st.adopted.contains(key);
-            if taken.is_some() {
-                st.taken += 1;
+            if let Some(p) = &taken {
+                st.take(p.seq);
             }
             drop(st);
             return DirectWrite {
@@ -704,7 +706,16 @@ impl<V: QueueValue> Shared<V> {
                         .iter()
                         .map(|((ms, seq), _)| WriteVersion { ms: *ms, seq: *seq })
                         .collect();
-                    self.store.store_batch_versioned(&entries, &versions).await
+                    // A store that panics fails the attempt (retried, then dead-lettered)
+                    // instead of ending the worker, which left every later flush waiting.
+                    AssertUnwindSafe(self.store.store_batch_versioned(&entries, &versions))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(CacheError::store(
+                                "the store panicked while persisting a write-behind batch",
+                            ))
+                        })
                 }
             };
             match attempt {
@@ -878,7 +889,7 @@ impl<V: QueueValue> Shared<V> {
             }
             let batch = st.take_batch(Instant::now(), &self.config);
             if batch.is_empty() {
-                if worker && st.closing && st.pending.is_empty() && st.taken == 0 {
+                if worker && st.closing && st.pending.is_empty() && st.taken.is_empty() {
                     // Decided under the lock: a write racing with the exit sees `exited`.
                     st.exited = true;
                     return Step::Exit;
@@ -890,7 +901,10 @@ impl<V: QueueValue> Shared<V> {
         // A batch that never ends (its drain cancelled, a store that panicked) must not leave
         // its keys "in flight" for good: write-throughs of them wait for that (`DirectWrite`).
         let unlanded = OnDrop(Some(|| {
-            lock(&self.state).flying.clear();
+            let mut st = lock(&self.state);
+            st.flying.clear();
+            st.in_flight = 0;
+            drop(st);
             self.space.notify_waiters();
         }));
         self.persist(batch).await;
@@ -1115,7 +1129,7 @@ impl<V: QueueValue> DirectWrite<'_, V> {
         if let Some(p) = self.taken.take() {
             superseded += 1;
             ids.extend(p.ids);
-            st.taken -= 1;
+            st.untake(p.seq);
         }
         if let Some(dead) = st.take_dead(self.key) {
             superseded += 1;
@@ -1141,7 +1155,7 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
         let Some(p) = self.taken.take() else { return };
         let shared = self.shared;
         let mut st = lock(&shared.state);
-        st.taken -= 1;
+        st.untake(p.seq);
         if self.adopted {
             st.adopted.insert(self.key.to_owned());
         }

@@ -180,10 +180,10 @@ pub(crate) struct State<V> {
     /// The keys of the batch in flight (a write-through of one waits for it: see
     /// `queue.rs`'s `DirectWrite`).
     pub(crate) flying: std::collections::HashSet<String>,
-    /// Writes taken out by a write-through or write-around of their key under way
-    /// (`queue.rs`'s `DirectWrite`): a flush does not settle, and the worker does not exit,
-    /// before they are superseded or put back.
-    pub(crate) taken: usize,
+    /// The sequence numbers of writes taken out by a write-through or write-around of their
+    /// key under way (`queue.rs`'s `DirectWrite`), with their counts: a flush that covers one
+    /// does not settle, and the worker does not exit, before it is superseded or put back.
+    pub(crate) taken: BTreeMap<u64, u32>,
     pub(crate) seq: u64,
     /// Version of memory-mode writes (monotonic, so ties never favour an older value).
     pub(crate) vseq: u64,
@@ -219,7 +219,7 @@ impl<V> State<V> {
             by_seq: BTreeMap::new(),
             in_flight: 0,
             flying: std::collections::HashSet::new(),
-            taken: 0,
+            taken: BTreeMap::new(),
             seq: 0,
             vseq: 0,
             flush_target: 0,
@@ -371,6 +371,21 @@ impl<V> State<V> {
         self.pending.insert(key, p);
     }
 
+    /// A write with sequence number `seq` is taken out ([`taken`](Self::taken)).
+    pub(crate) fn take(&mut self, seq: u64) {
+        *self.taken.entry(seq).or_default() += 1;
+    }
+
+    /// A taken write is superseded or put back.
+    pub(crate) fn untake(&mut self, seq: u64) {
+        if let Some(n) = self.taken.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.taken.remove(&seq);
+            }
+        }
+    }
+
     pub(crate) fn remove(&mut self, key: &str) -> Option<Pending<V>> {
         let p = self.pending.remove(key)?;
         self.by_due.remove(&(p.due, p.seq));
@@ -383,7 +398,10 @@ impl<V> State<V> {
         let oldest = self.by_seq.first_key_value().map(|(s, _)| *s);
         if self.flush_target > self.flushed
             && self.in_flight == 0
-            && self.taken == 0
+            && self
+                .taken
+                .first_key_value()
+                .is_none_or(|(s, _)| *s > self.flush_target)
             && oldest.is_none_or(|s| s > self.flush_target)
         {
             self.flushed = self.flush_target;
