@@ -176,24 +176,21 @@ fn a_killed_servers_port_stays_held_until_drop() {
     assert!(PortLease::take(bus).unwrap().is_some());
 }
 
-/// The lease holds across processes: a child process (this test binary, running
-/// [`lease_child`]) cannot take a port a killed server of this process holds, and can once
-/// the server is dropped.
+/// The lease holds across processes: another process (`ncm-testkit-lease`) cannot take a port
+/// a killed server of this process holds, and can once the server is dropped.
 #[test]
 fn a_killed_servers_port_is_held_against_other_processes() {
     let child_takes = |port: u16| {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "lease_child", "--nocapture"])
-            .env("NCM_TESTKIT_LEASE_PORT", port.to_string())
+        let out = Command::new(env!("CARGO_BIN_EXE_ncm-testkit-lease"))
+            .arg(port.to_string())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "the child failed: {stdout}");
-        if stdout.contains("lease: taken") {
-            true
-        } else {
-            assert!(stdout.contains("lease: held"), "the child said: {stdout}");
-            false
+        match stdout.trim() {
+            "taken" => true,
+            "held" => false,
+            other => panic!("the child said {other:?}"),
         }
     };
     let mut server = RedisServer::start().unwrap();
@@ -208,21 +205,6 @@ fn a_killed_servers_port_is_held_against_other_processes() {
         child_takes(port),
         "the port stayed held after the server was dropped"
     );
-}
-
-/// Run by [`a_killed_servers_port_is_held_against_other_processes`] in a child process: tries
-/// to lease `$NCM_TESTKIT_LEASE_PORT` and says whether it could.
-#[test]
-#[ignore = "run as a child process by a_killed_servers_port_is_held_against_other_processes"]
-fn lease_child() {
-    let port: u16 = std::env::var("NCM_TESTKIT_LEASE_PORT")
-        .expect("run by a_killed_servers_port_is_held_against_other_processes")
-        .parse()
-        .unwrap();
-    match PortLease::take(port).unwrap() {
-        Some(_) => println!("lease: taken"),
-        None => println!("lease: held"),
-    }
 }
 
 #[test]
