@@ -2064,6 +2064,27 @@ async fn sql_pair_with_table_t(
     (a, b, reads_a, reads_b)
 }
 
+/// Starts `b`'s `CacheFirst` run of `query` (a miss: it takes the query's lock and reads its
+/// slow database) and waits until it is reading.
+async fn holding_the_query_lock(
+    b: SqlCache,
+    query: &'static str,
+    ttl: Option<Duration>,
+    reads_b: &AtomicUsize,
+) -> tokio::task::JoinHandle<ncm_cache::core::Result<Option<ncm_cache::sql::Rows>>> {
+    let holder = tokio::spawn(async move {
+        b.cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        reads_b.load(Ordering::SeqCst),
+        1,
+        "B holds the query's lock"
+    );
+    holder
+}
+
 /// `DbFirst` reads the database also while a `CacheFirst` call of the same query on this
 /// instance waits for another instance's load of it under the stampede lock (found by review:
 /// both named their flight by the key and tokens, so the `DbFirst` call joined the waiting
@@ -2096,16 +2117,7 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
     .unwrap();
     let query = "SELECT v FROM t WHERE id = 1";
     // B loads the query under the lock (800 ms).
-    let holder = tokio::spawn(async move {
-        b.cache_query(query, (), QueryCacheStrategy::CacheFirst, None)
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        reads_b.load(Ordering::SeqCst),
-        1,
-        "B holds the query's lock"
-    );
+    let holder = holding_the_query_lock(b, query, None, &reads_b).await;
     // A's CacheFirst call waits for B's load ...
     let waiting = tokio::spawn({
         let a = a.clone();
@@ -2181,16 +2193,7 @@ async fn cache_first_over_an_expired_copy_waits_then_reads_the_database() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // B loads the query under the lock (1.5 s).
-    let holder = tokio::spawn(async move {
-        b.cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        reads_b.load(Ordering::SeqCst),
-        1,
-        "B holds the query's lock"
-    );
+    let holder = holding_the_query_lock(b, query, ttl, &reads_b).await;
     let before = reads_a.load(Ordering::SeqCst);
     let rows = a
         .cache_query(query, (), QueryCacheStrategy::CacheFirst, ttl)
