@@ -2154,10 +2154,23 @@ async fn db_first_reads_the_database_while_cache_first_waits_for_another_instanc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_first_over_an_expired_copy_waits_then_reads_the_database() {
     let server = RedisServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("app.db").display());
     let mut c = RedisConfig::from_url(&server.url()).unwrap();
     c.key_prefix = "fsw:".into();
+    cache_first_over_an_expired_copy(c).await;
+}
+
+/// The same on a 3+3 Redis Cluster (the lock, the tokens and the entry on different nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_first_over_an_expired_copy_waits_then_reads_the_database_on_a_cluster() {
+    let cluster = ncm_cache_testkit::RedisCluster::start().unwrap();
+    let mut c = RedisConfig::default();
+    c.cluster_nodes = cluster.node_urls();
+    cache_first_over_an_expired_copy(c).await;
+}
+
+async fn cache_first_over_an_expired_copy(c: RedisConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
     let redis = RedisCache::connect(c).await.unwrap();
     let multi = || {
         MultiLevelCache::over_redis(&redis)

@@ -301,6 +301,9 @@ async fn graph_tags_events_and_durable_write_behind_on_a_cluster() {
     support::time_based(&a).await; // timers: notifications are per node on a cluster
     let (store, db) = database("cluster-orders");
     support::write_behind_coalesces(&a, &store, &db, 8_000, 80).await;
+    // Direct writes supersede a durable write-behind waiting in the queue (the journal's keys
+    // and the worker's acknowledgments on a cluster).
+    support::direct_writes_supersede_a_waiting_write_behind(&b).await;
 }
 
 const CHILD: &str = "NCM_STRATEGIES_SIGKILL_CHILD_URL";
