@@ -215,7 +215,7 @@ pub fn escape_glob(text: &str) -> Cow<'_, str> {
 /// ```
 #[derive(Debug, Clone)]
 pub struct GlobPattern {
-    matcher: globset::GlobMatcher,
+    matcher: globset::GlobSet,
 }
 
 impl GlobPattern {
@@ -231,9 +231,16 @@ impl GlobPattern {
                 pattern: truncate(pattern, 128),
                 reason: e.kind().to_string(),
             })?;
-        Ok(Self {
-            matcher: glob.compile_matcher(),
-        })
+        // Compiled through a one-glob set: `Glob::compile_matcher` panics when the regex is
+        // over globset's size limit (a pattern of about a million `?`), the set returns an error.
+        let matcher = globset::GlobSetBuilder::new()
+            .add(glob)
+            .build()
+            .map_err(|e| CacheError::InvalidPattern {
+                pattern: truncate(pattern, 128),
+                reason: e.kind().to_string(),
+            })?;
+        Ok(Self { matcher })
     }
 
     /// `true` when `key` matches the whole pattern.
@@ -283,6 +290,16 @@ fn translate_redis_glob(pattern: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pattern whose regex is over globset's size limit (a hostile backplane message of
+    /// about a million `?`) is an error, not a panic: `GlobMatcher` compiles with an `expect`
+    /// (review, helper-83 #1: the listener task died and L1 stopped hearing invalidations).
+    #[test]
+    fn a_pattern_over_the_regex_size_limit_is_an_error() {
+        let err = GlobPattern::new(&"?".repeat(1_000_000)).unwrap_err();
+        assert!(matches!(err, CacheError::InvalidPattern { .. }), "{err:?}");
+        assert!(GlobPattern::new("a?c").unwrap().matches("abc"));
+    }
 
     #[test]
     fn keys_are_validated() {

@@ -498,13 +498,15 @@ pub(crate) fn start<C: Codec>(inner: &Arc<Inner<C>>) -> Result<()> {
                                 }
                             }
                             PATTERN => {
-                                if let Ok(pattern) = std::str::from_utf8(key) {
-                                    let _ = inner.invalidate_l1_matching(pattern);
-                                    if let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern) {
-                                        withdraw.extend(
-                                            inner.recent.deleted_matching(now, |k| glob.matches(k)),
-                                        );
-                                    }
+                                // A pattern L1 refuses (over the key length limit: a
+                                // hostile or broken publisher) is not compiled again here.
+                                if let Ok(pattern) = std::str::from_utf8(key)
+                                    && inner.invalidate_l1_matching(pattern).is_ok()
+                                    && let Ok(glob) = ncm_cache_core::GlobPattern::new(pattern)
+                                {
+                                    withdraw.extend(
+                                        inner.recent.deleted_matching(now, |k| glob.matches(k)),
+                                    );
                                 }
                             }
                             WITHDRAWN | LOADED => {

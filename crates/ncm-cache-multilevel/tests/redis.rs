@@ -68,6 +68,48 @@ async fn until_seen(b: &MultiLevelCache, key: &str, want: u64) -> Duration {
     }
 }
 
+/// A message on the backplane channel carrying a pattern entry of a million `?` (a hostile or
+/// broken publisher): the listener neither dies nor spends seconds compiling it, and a later
+/// write on another instance still evicts B's L1. Before (review, helper-83 #1), compiling the
+/// pattern panicked inside globset and the listener task died: B served its L1 copy for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_pattern_on_the_backplane_does_not_stop_the_listener() {
+    let server = RedisServer::start().unwrap();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    a.set("user:1", 1u64).await.unwrap();
+    until_seen(&b, "user:1", 1).await;
+    until_l1(&b, "user:1").await;
+    let pattern = "?".repeat(1_000_000);
+    let mut frame = vec![b'B'];
+    frame.extend_from_slice(&7u64.to_le_bytes());
+    frame.push(b'P');
+    frame.extend_from_slice(&u32::try_from(pattern.len()).unwrap().to_le_bytes());
+    frame.extend_from_slice(pattern.as_bytes());
+    let publisher = RedisCache::connect(config(&server)).await.unwrap();
+    assert_eq!(
+        publisher
+            .redis_backend()
+            .publish("l1:users", &frame)
+            .await
+            .unwrap(),
+        2,
+        "both instances listen"
+    );
+    // Heard (the pattern is refused), then a real write on A.
+    let start = Instant::now();
+    while b.get_stats().backplane_received == 0 {
+        assert!(start.elapsed() < Duration::from_secs(2), "never heard");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    until_l1(&b, "user:1").await;
+    a.set("user:1", 2u64).await.unwrap();
+    let waited = until_seen(&b, "user:1", 2).await;
+    assert!(
+        waited < Duration::from_millis(500),
+        "the listener was busy for {waited:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_one_instance_evicts_the_others_l1() {
     let server = RedisServer::start().unwrap();
