@@ -484,6 +484,27 @@ async fn schedule_reload_registers_unknown_names_and_checks_types() {
     reloader.shutdown().await;
 }
 
+/// A refresh-ahead entry with a TTL of `Duration::MAX` and a fraction so small that
+/// `1 - fraction` rounds to 1: a cache hit computed `Duration::MAX × 1.0`, which overflows and
+/// panicked in `mul_f64` (review, helper-83 #3). The TTL is capped first, as the eager timer's.
+#[tokio::test]
+async fn refresh_ahead_with_an_endless_ttl_and_a_tiny_fraction_never_panics() {
+    let reloader = CacheReloader::new(memory_cache());
+    let tiny = ReloadStrategy::RefreshAhead { fraction: 1e-20 };
+    reloader
+        .register_loader(
+            "endless",
+            || async { Ok::<_, String>(7u32) },
+            Duration::MAX,
+            tiny,
+        )
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(reloader.get::<u32>("endless").await.unwrap(), 7);
+    }
+    reloader.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn loader_errors_are_returned_and_not_cached() {
     let reloader = CacheReloader::new(memory_cache());

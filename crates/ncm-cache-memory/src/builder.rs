@@ -8,6 +8,9 @@ use ncm_cache_core::{CacheError, Clock, DEFAULT_MAX_KEY_LEN, Result, SharedClock
 use crate::backend::MemoryBackend;
 use crate::store::{MemoryStore, StoreValue};
 
+/// The most lock shards a memory store may have.
+const MAX_SHARDS: usize = 4096;
+
 /// Builds a [`MemoryBackend`].
 ///
 /// ```
@@ -101,7 +104,8 @@ impl MemoryBackendBuilder {
         self
     }
 
-    /// The number of lock shards (a power of two; default: quick_cache's choice).
+    /// The number of lock shards (rounded up to a power of two, at most 4096; default: four
+    /// per CPU).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -130,6 +134,12 @@ impl MemoryBackendBuilder {
             return Err(CacheError::Config(
                 "memory backend: shards must be greater than zero".into(),
             ));
+        }
+        // Rounded up to a power of two: `usize::MAX` overflowed (review, helper-83 #5).
+        if self.shards.is_some_and(|s| s > MAX_SHARDS) {
+            return Err(CacheError::Config(format!(
+                "memory backend: shards must be at most {MAX_SHARDS}"
+            )));
         }
         MemoryStore::from_builder(self, level)
     }

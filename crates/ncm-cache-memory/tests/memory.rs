@@ -298,3 +298,16 @@ fn store_deadlines_follow_the_clock_exactly() {
     assert!(store.get("far").unwrap().is_some());
     assert_eq!(store.get_with_expiry("forever").unwrap().unwrap().1, None);
 }
+
+/// A shard count that cannot be a power of two (`usize::MAX`) is a configuration error. Before
+/// (review, helper-83 #5) `next_power_of_two` overflowed: a panic in debug builds, a division
+/// by zero in release.
+#[test]
+fn an_impossible_shard_count_is_a_config_error() {
+    let err = MemoryBackend::builder()
+        .shards(usize::MAX)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, CacheError::Config(_)), "{err:?}");
+    assert!(MemoryBackend::builder().shards(4096).build().is_ok());
+}

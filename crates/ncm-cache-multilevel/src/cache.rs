@@ -236,13 +236,13 @@ impl<C: Codec> MultiLevelCache<C> {
         let promotions = MemoryBackend::builder()
             .name(format!("{}-promotions", o.name))
             .max_entries(o.l1_max_size.saturating_mul(4).max(64))
-            .max_bytes(o.l1_max_size.saturating_mul(4).max(64) * 256)
+            .max_bytes(o.l1_max_size.saturating_mul(4).max(64).saturating_mul(256))
             .shared_clock(Arc::clone(&o.clock))
             .build_store::<Hits>("promotion")?;
         let validators = MemoryBackend::builder()
             .name(format!("{}-validators", o.name))
             .max_entries(o.l1_max_size.max(64))
-            .max_bytes(o.l1_max_size.max(64) * 256)
+            .max_bytes(o.l1_max_size.max(64).saturating_mul(256))
             .shared_clock(Arc::clone(&o.clock))
             .build_store::<Validator>("validator")?;
         #[cfg(feature = "redis")]

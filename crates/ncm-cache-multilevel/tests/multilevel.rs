@@ -534,3 +534,16 @@ async fn a_late_caller_after_a_finished_load_does_not_load_again() {
         "the late caller loaded again"
     );
 }
+
+/// `l1_max_size(u64::MAX)` — a natural way to say "no count limit" — builds a cache. Before
+/// (review, helper-83 #4) sizing the side tables multiplied it by 256 and overflowed (a panic
+/// in debug builds, a meaningless budget in release).
+#[tokio::test]
+async fn an_unbounded_l1_size_builds() {
+    let cache = MultiLevelCache::builder(Arc::new(MemoryBackend::new()))
+        .l1_max_size(u64::MAX)
+        .build()
+        .unwrap();
+    cache.set("k", 1u64).await.unwrap();
+    assert_eq!(cache.get::<u64>("k").await.unwrap(), Some(1));
+}

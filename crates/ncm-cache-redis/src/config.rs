@@ -92,8 +92,8 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// Password (never printed by `Debug`).
     pub password: Option<String>,
-    /// Multiplexed connections in the pool (default 2). Each carries many concurrent requests,
-    /// pipelined; more connections rarely help on a single server.
+    /// Multiplexed connections in the pool (default 2, at most 1024). Each carries many
+    /// concurrent requests, pipelined; more connections rarely help on a single server.
     pub max_connections: usize,
     /// Retry a read once when it timed out (default true); a delete or a TTL change is retried
     /// only on the connection of its first try (behind it, so it cannot be reordered with a
@@ -251,6 +251,9 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
+/// The most connections [`RedisConfig::max_connections`] may ask for.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
+
 impl RedisConfig {
     /// Parses `redis://[user][:password@]host[:port][/db][?option=value&...]` (or `rediss://`
     /// for TLS). Query options: `key_prefix`, `default_ttl`, `max_connections`,
@@ -336,6 +339,15 @@ impl RedisConfig {
             return Err(CacheError::Config(
                 "max_connections must be at least 1".into(),
             ));
+        }
+        // Every connection is opened at start (the async pool) or may be (the blocking one):
+        // a huge number is a mistake, and `usize::MAX` panicked sizing the pool (review,
+        // helper-83 #2).
+        if self.max_connections > MAX_CONNECTIONS {
+            return Err(CacheError::Config(format!(
+                "max_connections must be at most {MAX_CONNECTIONS} (it is {}); each is a multiplexed connection carrying many requests",
+                self.max_connections
+            )));
         }
         if self.response_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(CacheError::Config(
@@ -491,6 +503,16 @@ mod tests {
         assert!(c.validate().is_ok());
         c.max_connections = 0;
         assert!(c.validate().is_err());
+        // Not a panic sizing the pool (review, helper-83 #2).
+        c.max_connections = usize::MAX;
+        assert!(matches!(c.validate(), Err(CacheError::Config(_))));
+        let url = format!("redis://h/?max_connections={}", usize::MAX);
+        assert!(matches!(
+            RedisConfig::from_url(&url).unwrap().validate(),
+            Err(CacheError::Config(_))
+        ));
+        c.max_connections = MAX_CONNECTIONS;
+        assert!(c.validate().is_ok());
         c.max_connections = 1;
         c.cluster_nodes = vec!["127.0.0.1:7000".into()];
         c.sentinel = Some(SentinelConfig {

@@ -64,7 +64,9 @@ impl<C: Codec> CacheReloader<C> {
                 bump(&entry.counters.hits);
                 if let (ReloadStrategy::RefreshAhead { fraction }, Some(KeyTtl::Expires(left))) =
                     (entry.strategy, remaining)
-                    && left <= entry.ttl.mul_f64(1.0 - fraction)
+                    // Capped first: `Duration::MAX` × 1.0 (a fraction so small that
+                    // `1 - fraction` rounds to 1) overflows in `mul_f64` (review, helper-83 #3).
+                    && left <= ncm_cache_core::capped(entry.ttl).mul_f64(1.0 - fraction)
                 {
                     self.refresh_in_background(&entry);
                 }
