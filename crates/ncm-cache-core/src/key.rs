@@ -221,25 +221,23 @@ pub struct GlobPattern {
 impl GlobPattern {
     /// Compiles a Redis-style glob pattern.
     pub fn new(pattern: &str) -> Result<Self> {
+        let invalid = |e: globset::Error| CacheError::InvalidPattern {
+            pattern: truncate(pattern, 128),
+            reason: e.kind().to_string(),
+        };
         let translated = translate_redis_glob(pattern);
         let glob = globset::GlobBuilder::new(&translated)
             .literal_separator(false)
             .backslash_escape(true)
             .empty_alternates(true)
             .build()
-            .map_err(|e| CacheError::InvalidPattern {
-                pattern: truncate(pattern, 128),
-                reason: e.kind().to_string(),
-            })?;
+            .map_err(invalid)?;
         // Compiled through a one-glob set: `Glob::compile_matcher` panics when the regex is
         // over globset's size limit (a pattern of about a million `?`), the set returns an error.
         let matcher = globset::GlobSetBuilder::new()
             .add(glob)
             .build()
-            .map_err(|e| CacheError::InvalidPattern {
-                pattern: truncate(pattern, 128),
-                reason: e.kind().to_string(),
-            })?;
+            .map_err(invalid)?;
         Ok(Self { matcher })
     }
 
