@@ -126,11 +126,11 @@ impl<C: Codec> SqlCache<C> {
                 let copied = found.copied.as_deref();
                 // `CacheFirst` waits for another process running the query under the same
                 // tokens (a multi-level cache's stampede lock) and takes its result; `DbFirst`
-                // asks the database itself. A wait that read the tokens never gives up to serve
-                // a copy (an expired entry's): it then asks the database, which answers (review,
-                // helper-79 #3: it served the expired rows after `lock_wait`). A copy from a
-                // read that failed comes without tokens, and takes no turn.
-                let turn = cache_first.then_some(fallback.is_some() && found.tokens.is_none());
+                // asks the database itself. The wait never gives up to serve a copy (an expired
+                // entry's): it then asks the database, which answers (review, helper-79 #3: it
+                // served the expired rows after `lock_wait`). A copy from a read that failed
+                // comes without tokens, and takes no turn (`load`).
+                let turn = cache_first;
                 let backend = self.inner().cache.backend();
                 match self
                     .load(&key, analysis, values, ttl, (found.tokens, copied), turn)
@@ -342,8 +342,7 @@ impl<C: Codec> SqlCache<C> {
     /// tokens and stores the result with those tokens. `tokens`: the current tokens (`None`:
     /// unknown, the cache is unreachable: the result is served, not stored). `turn`: take the
     /// key's turn across processes first (`CacheBackend::begin_load`), taking a result another
-    /// process stored under the same tokens meanwhile; `Some(true)`: the caller has a result
-    /// to serve if the wait gives up.
+    /// process stored under the same tokens meanwhile (with tokens only).
     async fn load(
         &self,
         key: &str,
@@ -351,7 +350,7 @@ impl<C: Codec> SqlCache<C> {
         values: Vec<SqlValue>,
         ttl: Duration,
         (tokens, copied): (Option<Vec<Option<Bytes>>>, Option<&str>),
-        turn: Option<bool>,
+        turn: bool,
     ) -> Result<Arc<Rows>> {
         let tokens = match tokens {
             Some(tokens) => self.ensure_tokens(analysis, tokens).await,
@@ -380,19 +379,19 @@ impl<C: Codec> SqlCache<C> {
         // Calls that take the key's turn across processes fly apart from those that do not
         // (`DbFirst`): a `DbFirst` call never joins one answered by another process's result.
         let mut flight = format!("{key}#{}", tokens.join(","));
-        if turn.is_some() {
+        if turn {
             flight.push_str("#turn");
         }
         self.inner()
             .flights
             .run(flight, || async move {
-                let permit = match turn {
-                    Some(has_stale) => match self.take_turn(key, &tokens, has_stale).await {
-                        Ok(Ok(rows)) => return Ok(rows),
-                        Ok(Err(permit)) => permit,
-                        Err(e) => return Err(e),
-                    },
-                    None => LoadPermit::free(),
+                let permit = if turn {
+                    match self.take_turn(key, &tokens).await {
+                        Ok(rows) => return Ok(rows),
+                        Err(permit) => permit,
+                    }
+                } else {
+                    LoadPermit::free()
                 };
                 let rows = match self.fetch(analysis, &values).await {
                     Ok(rows) => Arc::new(rows),
@@ -414,26 +413,24 @@ impl<C: Codec> SqlCache<C> {
             .await
     }
 
-    /// Waits for the key's turn across processes: `Ok(Ok(rows))`, another process's result
-    /// stored under exactly `tokens` meanwhile; `Ok(Err(permit))`, run the query holding the
-    /// permit; `Err`, the wait gave up while the caller has a result to serve.
+    /// Waits for the key's turn across processes: `Ok(rows)`, another process's result stored
+    /// under exactly `tokens` meanwhile; `Err(permit)`, run the query holding the permit (also
+    /// when the wait gave up: the database is asked, never a copy served).
     async fn take_turn(
         &self,
         key: &str,
         tokens: &[String],
-        has_stale: bool,
-    ) -> Result<std::result::Result<Arc<Rows>, LoadPermit>> {
+    ) -> std::result::Result<Arc<Rows>, LoadPermit> {
         // A result stored before the invalidation that made this lookup miss (other tokens)
         // is waited past.
         let accept = |bytes: &Bytes| self.result_under(key, bytes, tokens).is_some();
         let backend = self.inner().cache.backend();
-        match backend.begin_load(key, has_stale, Some(&accept)).await {
-            Ok(LoadTurn::Found(bytes)) => Ok(self
+        match backend.begin_load(key, false, Some(&accept)).await {
+            Ok(LoadTurn::Found(bytes)) => self
                 .result_under(key, &bytes, tokens)
-                .ok_or_else(LoadPermit::free)),
-            Ok(LoadTurn::Load(permit)) => Ok(Err(permit)),
-            Err(e) if has_stale => Err(e),
-            _ => Ok(Err(LoadPermit::free())),
+                .ok_or_else(LoadPermit::free),
+            Ok(LoadTurn::Load(permit)) => Err(permit),
+            _ => Err(LoadPermit::free()),
         }
     }
 
