@@ -42,6 +42,12 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
 /// Rejects a value nested [`MAX_DEPTH`](crate::depth::MAX_DEPTH) levels or more, without
 /// recursion (see [`crate::depth`]).
 fn check_depth(format: SerializationType, bytes: &[u8]) -> Result<(), CodecError> {
+    // Each level opens with at least one byte in every format checked here: a shorter
+    // encoding cannot reach the limit. (The scan was ~2 % of the client's CPU in a `perf`
+    // profile of 64 tasks writing 100-byte strings through a multi-level cache.)
+    if bytes.len() < crate::depth::MAX_DEPTH {
+        return Ok(());
+    }
     match format {
         SerializationType::Json | SerializationType::SimdJson => crate::depth::check_json(bytes),
         SerializationType::Cbor => crate::depth::check_cbor(bytes),

@@ -997,6 +997,15 @@ mod tests {
             );
             let err = codec.encode(&nest(crate::MAX_DEPTH)).unwrap_err();
             assert_eq!(err.kind(), CodecErrorKind::Encode, "{format}: {err}");
+            // The shortest encoding refused: MAX_DEPTH levels around an empty array (which
+            // opens no level of its own), one byte a level in MessagePack and CBOR. Encodings
+            // shorter than the limit skip the scan; this one must not.
+            let mut shortest = serde_json::Value::Array(Vec::new());
+            for _ in 0..crate::MAX_DEPTH {
+                shortest = serde_json::Value::Array(vec![shortest]);
+            }
+            let err = codec.encode(&shortest).unwrap_err();
+            assert_eq!(err.kind(), CodecErrorKind::Encode, "{format}: {err}");
         }
     }
 
