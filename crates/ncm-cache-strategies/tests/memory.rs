@@ -868,3 +868,136 @@ async fn a_write_through_does_not_wait_for_a_batch_that_panicked() {
 async fn a_write_landing_after_a_persist_is_not_undone() {
     support::a_write_landing_after_a_persist_is_not_undone(&strategies()).await;
 }
+
+/// A dead letter replayed while a write-through of its key is under way is superseded by it,
+/// not persisted after it (review, helper-82 #3): the replay put the older write back into the
+/// queue without the key's lock, and the worker stored it over the write-through's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_during_a_write_through_is_superseded() {
+    use std::sync::atomic::AtomicBool;
+    let s = with_config(
+        WriteBehindConfig::default()
+            .max_retries(1)
+            .retry_backoff(Duration::from_millis(1)),
+    )
+    .await;
+    let db = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    // `old` fails while `down`; once replayed it waits for `old_gate`. The write-through's
+    // `new` waits for `new_gate`.
+    let down = Arc::new(AtomicBool::new(true));
+    let (new_entered, new_gate, old_entered, old_gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let store = {
+        let (db, down) = (Arc::clone(&db), Arc::clone(&down));
+        let gates = (
+            Arc::clone(&new_entered),
+            Arc::clone(&new_gate),
+            Arc::clone(&old_entered),
+            Arc::clone(&old_gate),
+        );
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, down, gates) = (Arc::clone(&db), Arc::clone(&down), gates.clone());
+            async move {
+                let (new_entered, new_gate, old_entered, old_gate) = gates;
+                if rows.iter().any(|(_, v)| v.starts_with("old")) && down.load(Ordering::SeqCst) {
+                    return Err("down");
+                }
+                if rows.iter().any(|(_, v)| v == "old") {
+                    old_entered.notify_one();
+                    old_gate.notified().await;
+                }
+                if rows.iter().any(|(_, v)| v == "new" || v == "bad") {
+                    new_entered.notify_one();
+                    new_gate.notified().await;
+                }
+                if rows.iter().any(|(_, v)| v == "bad") {
+                    return Err("refused");
+                }
+                db.lock().unwrap().extend(rows);
+                Ok(())
+            }
+        })
+        .named("gated")
+    };
+    s.write_behind("k", &"old".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
+        "the write never became a dead letter"
+    );
+    down.store(false, Ordering::SeqCst);
+    let through = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move { s.write_through("k", &"new".to_string(), HOUR, &store).await }
+    });
+    new_entered.notified().await;
+    let replay = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.replay_dead_letters().await }
+    });
+    // Before the fix the replayed write reached the store here, and waited there.
+    let old_reached = tokio::time::timeout(Duration::from_millis(300), old_entered.notified())
+        .await
+        .is_ok();
+    new_gate.notify_one();
+    through.await.unwrap().unwrap();
+    old_gate.notify_one();
+    let replayed = tokio::time::timeout(Duration::from_secs(5), replay)
+        .await
+        .expect("the replay never returned");
+    replayed.unwrap().unwrap();
+    assert_eq!(
+        db.lock().unwrap().get("k").map(String::as_str),
+        Some("new"),
+        "the replayed dead letter was stored over the write-through (it reached the store: \
+         {old_reached})"
+    );
+    assert!(!old_reached, "the replayed dead letter reached the store");
+    assert_eq!(queue.pending(), 0);
+    assert!(queue.dead_letters().is_empty());
+
+    // A write-through that fails: the dead letter replayed meanwhile is persisted after it,
+    // and the replay (a flush) waits for that.
+    down.store(true, Ordering::SeqCst);
+    s.write_behind("j", &"old2".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
+        "the second write never became a dead letter"
+    );
+    down.store(false, Ordering::SeqCst);
+    let through = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move { s.write_through("j", &"bad".to_string(), HOUR, &store).await }
+    });
+    new_entered.notified().await;
+    let replay = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.replay_dead_letters().await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !replay.is_finished(),
+        "the replay returned before the write-through it waits for ended"
+    );
+    new_gate.notify_one();
+    assert!(through.await.unwrap().is_err());
+    let replayed = tokio::time::timeout(Duration::from_secs(5), replay)
+        .await
+        .expect("the replay never returned");
+    assert_eq!(replayed.unwrap().unwrap(), 1);
+    assert_eq!(
+        db.lock().unwrap().get("j").map(String::as_str),
+        Some("old2"),
+        "the replayed write was lost with the failed write-through"
+    );
+    assert_eq!(queue.pending(), 0);
+    assert!(queue.dead_letters().is_empty());
+}

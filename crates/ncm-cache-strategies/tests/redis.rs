@@ -1724,3 +1724,87 @@ async fn an_invalidated_write_behind_key_ends_with_the_persisted_value_on_redis(
     support::a_write_landing_after_a_persist_is_not_undone(&durable_strategies(&landing).await)
         .await;
 }
+
+/// A crashed process's journaled write adopted while a write-through of its key is under way
+/// is superseded by it, not persisted after it (review, helper-82 #4): adoption queued it
+/// without the key's lock, and the worker stored the older value over the write-through's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_adopted_during_a_write_through_is_superseded() {
+    let server = RedisServer::start().unwrap();
+    crashed_with_pending_writes(&server.url(), "adopt-gated", 1);
+    // Created within the crashed consumer's lease: its first recovery pass adopts nothing.
+    let c = cache(&server, "").await;
+    let s = durable_strategies(&c).await;
+    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let (new_entered, new_gate, old_entered, old_gate) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let store = {
+        let db = Arc::clone(&db);
+        let gates = (
+            Arc::clone(&new_entered),
+            Arc::clone(&new_gate),
+            Arc::clone(&old_entered),
+            Arc::clone(&old_gate),
+        );
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, gates) = (Arc::clone(&db), gates.clone());
+            async move {
+                let (new_entered, new_gate, old_entered, old_gate) = gates;
+                // The crashed process wrote `v0`.
+                if rows.iter().any(|(_, v)| v == "v0") {
+                    old_entered.notify_one();
+                    old_gate.notified().await;
+                }
+                if rows.iter().any(|(_, v)| v == "new") {
+                    new_entered.notify_one();
+                    new_gate.notified().await;
+                }
+                db.lock().unwrap().extend(rows);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .named("adopt-gated")
+    };
+    let queue = s.write_behind_queue(&store).await.unwrap();
+    assert_eq!(
+        queue.pending(),
+        0,
+        "adopted within the crashed consumer's lease"
+    );
+    let through = tokio::spawn({
+        let (s, store) = (s.clone(), store.clone());
+        async move {
+            s.write_through("k0", &"new".to_string(), HOUR, &store)
+                .await
+        }
+    });
+    new_entered.notified().await;
+    // Past the crashed consumer's lease (500 ms): adopted now, during the write-through.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // (The queue's own periodic pass may have adopted it already.)
+    queue.recover().await.unwrap();
+    let old_reached = tokio::time::timeout(Duration::from_millis(300), old_entered.notified())
+        .await
+        .is_ok();
+    new_gate.notify_one();
+    through.await.unwrap().unwrap();
+    old_gate.notify_one();
+    tokio::time::timeout(Duration::from_secs(5), queue.flush())
+        .await
+        .expect("the flush never returned")
+        .unwrap();
+    let stored = db.lock().unwrap().get("k0").cloned();
+    assert_eq!(
+        stored.as_deref(),
+        Some("new"),
+        "the adopted write was stored over the write-through (it reached the store: \
+         {old_reached})"
+    );
+    assert!(!old_reached, "the adopted write reached the store");
+    assert_eq!(queue.pending(), 0);
+    s.shutdown().await.unwrap();
+}

@@ -452,6 +452,7 @@ impl<V: QueueValue> Shared<V> {
             if let Some(p) = &taken {
                 st.take(p.seq);
             }
+            st.direct.insert(key.to_owned(), Vec::new());
             drop(st);
             return DirectWrite {
                 shared: self,
@@ -459,6 +460,7 @@ impl<V: QueueValue> Shared<V> {
                 _stripe: stripe,
                 taken,
                 adopted,
+                accepted: false,
             };
         }
     }
@@ -918,7 +920,8 @@ impl<V: QueueValue> Shared<V> {
         let n = dead.len();
         let now = Instant::now();
         for d in dead {
-            let (_, superseded) = st.insert(d.letter.key, d.letter.value, d.version, now, d.ids);
+            let (_, superseded) =
+                st.queue_or_park(d.letter.key, d.letter.value, d.version, now, d.ids, false);
             self.stats.superseded(superseded);
         }
         self.stats.replayed(n as u64);
@@ -947,8 +950,7 @@ impl<V: QueueValue> Shared<V> {
             let now = Instant::now();
             for r in adopted {
                 // Its writer may have died before caching it: evicted once persisted.
-                st.adopted.insert(r.key.clone());
-                let (_, superseded) = st.insert(r.key, r.value, r.id, now, vec![r.id]);
+                let (_, superseded) = st.queue_or_park(r.key, r.value, r.id, now, vec![r.id], true);
                 self.stats.superseded(superseded);
             }
             drop(st);
@@ -1117,11 +1119,15 @@ pub(crate) struct DirectWrite<'a, V: QueueValue> {
     /// The taken write was marked for eviction after its persist (adopted): marked again when
     /// it is put back.
     adopted: bool,
+    /// The store accepted the direct write ([`stored`](Self::stored)): what a replay or an
+    /// adoption parked meanwhile is superseded too, else it is queued.
+    accepted: bool,
 }
 
 impl<V: QueueValue> DirectWrite<'_, V> {
     /// The store accepted the direct write. The key stays locked until this is dropped.
     pub(crate) fn stored(&mut self) {
+        self.accepted = true;
         let shared = self.shared;
         let mut st = lock(&shared.state);
         let mut superseded = 0;
@@ -1150,32 +1156,73 @@ impl<V: QueueValue> DirectWrite<'_, V> {
     }
 }
 
+impl<V: QueueValue> DirectWrite<'_, V> {
+    /// The queue stopped while `value` was held back: kept as a dead letter (replayable), not
+    /// lost.
+    fn bury(&self, st: &mut State<V>, value: V, version: Version, ids: Vec<Version>) {
+        tracing::warn!(queue = %self.shared.name, key = self.key, "the queue stopped during a failed write-through of a key with a waiting write-behind; that write is a dead letter now");
+        st.push_dead(Dead {
+            letter: DeadLetter {
+                key: self.key.to_owned(),
+                value,
+                error: CacheError::Closed,
+                attempts: 0,
+                failed_at: SystemTime::now(),
+            },
+            version,
+            ids,
+        });
+    }
+}
+
 impl<V: QueueValue> Drop for DirectWrite<'_, V> {
     fn drop(&mut self) {
-        let Some(p) = self.taken.take() else { return };
         let shared = self.shared;
         let mut st = lock(&shared.state);
-        st.untake(p.seq);
-        if self.adopted {
-            st.adopted.insert(self.key.to_owned());
+        let parked = st.direct.remove(self.key).unwrap_or_default();
+        if self.taken.is_none() && parked.is_empty() {
+            return;
         }
-        if st.exited {
-            // The worker stopped meanwhile: kept as a dead letter (replayable), not lost.
-            tracing::warn!(queue = %shared.name, key = self.key, "the queue stopped during a failed write-through of a key with a waiting write-behind; that write is a dead letter now");
-            st.push_dead(Dead {
-                letter: DeadLetter {
-                    key: self.key.to_owned(),
+        if let Some(p) = self.taken.take() {
+            st.untake(p.seq);
+            if self.adopted {
+                st.adopted.insert(self.key.to_owned());
+            }
+            if st.exited {
+                self.bury(&mut st, p.value, p.version, p.ids);
+            } else {
+                st.restore(self.key.to_owned(), p);
+            }
+        }
+        // Writes a replay or an adoption queued meanwhile: older than an accepted direct
+        // write (superseded, acknowledged by the worker), else queued as they would have been.
+        let mut superseded = 0;
+        for p in parked {
+            st.untake(p.seq);
+            if self.accepted {
+                superseded += 1;
+                st.unacked
+                    .extend(p.ids.into_iter().map(|id| (self.key.to_owned(), id)));
+            } else if st.exited {
+                self.bury(&mut st, p.value, p.version, p.ids);
+            } else {
+                // Under its parked number: a flush that waited for it (the replay's own) still
+                // does.
+                if p.adopted {
+                    st.adopted.insert(self.key.to_owned());
+                }
+                let pending = Pending {
                     value: p.value,
-                    error: CacheError::Closed,
-                    attempts: 0,
-                    failed_at: SystemTime::now(),
-                },
-                version: p.version,
-                ids: p.ids,
-            });
-        } else {
-            st.restore(self.key.to_owned(), p);
+                    version: p.version,
+                    due: Instant::now(),
+                    seq: p.seq,
+                    ids: p.ids,
+                };
+                st.restore(self.key.to_owned(), pending);
+            }
         }
+        shared.stats.superseded(superseded);
+        shared.stats.pending_gauge(st.pending.len() + st.in_flight);
         drop(st);
         shared.wake.notify_one();
     }

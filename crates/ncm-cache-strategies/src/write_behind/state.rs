@@ -166,6 +166,19 @@ pub(crate) struct Pending<V> {
     pub(crate) ids: Vec<Version>,
 }
 
+/// A write of a key with a write-through or write-around under way, queued by a dead-letter
+/// replay or an adoption (neither takes the key's lock): held aside until that direct write
+/// ends, then superseded by it or queued (see `queue.rs`'s `DirectWrite`).
+pub(crate) struct Parked<V> {
+    pub(crate) value: V,
+    pub(crate) version: Version,
+    pub(crate) ids: Vec<Version>,
+    /// Counted in `taken` under this number until it is superseded or queued.
+    pub(crate) seq: u64,
+    /// Adopted from a crashed process (its cached value evicted once it is persisted).
+    pub(crate) adopted: bool,
+}
+
 pub(crate) struct Dead<V> {
     pub(crate) letter: DeadLetter<V>,
     pub(crate) version: Version,
@@ -184,6 +197,9 @@ pub(crate) struct State<V> {
     /// key under way (`queue.rs`'s `DirectWrite`), with their counts: a flush that covers one
     /// does not settle, and the worker does not exit, before it is superseded or put back.
     pub(crate) taken: BTreeMap<u64, u32>,
+    /// The keys with a write-through or write-around under way (`DirectWrite`), and what a
+    /// replay or an adoption queued for them meanwhile ([`park`](Self::park)).
+    pub(crate) direct: HashMap<String, Vec<Parked<V>>>,
     pub(crate) seq: u64,
     /// Version of memory-mode writes (monotonic, so ties never favour an older value).
     pub(crate) vseq: u64,
@@ -220,6 +236,7 @@ impl<V> State<V> {
             in_flight: 0,
             flying: std::collections::HashSet::new(),
             taken: BTreeMap::new(),
+            direct: HashMap::new(),
             seq: 0,
             vseq: 0,
             flush_target: 0,
@@ -235,6 +252,39 @@ impl<V> State<V> {
             closing: false,
             exited: false,
         }
+    }
+
+    /// Queues a replayed dead letter or an adopted write (`adopted`), or, while a direct write
+    /// of its key is under way, parks it until that ends: queued there, the worker could store
+    /// it after the direct write (review, helper-82 #3). Returns as [`insert`](Self::insert).
+    pub(crate) fn queue_or_park(
+        &mut self,
+        key: String,
+        value: V,
+        version: Version,
+        due: Instant,
+        ids: Vec<Version>,
+        adopted: bool,
+    ) -> (bool, u64) {
+        if self.direct.contains_key(&key) {
+            self.seq += 1;
+            let seq = self.seq;
+            self.take(seq);
+            if let Some(parked) = self.direct.get_mut(&key) {
+                parked.push(Parked {
+                    value,
+                    version,
+                    ids,
+                    seq,
+                    adopted,
+                });
+            }
+            return (false, 0);
+        }
+        if adopted {
+            self.adopted.insert(key.clone());
+        }
+        self.insert(key, value, version, due, ids)
     }
 
     /// Adds a write; `true` when it coalesced with a waiting value of the same key.
