@@ -936,7 +936,9 @@ async fn a_dead_letter_replayed_during_a_write_through_is_superseded() {
         let (s, store) = (s.clone(), store.clone());
         async move { s.write_through("k", &"new".to_string(), HOUR, &store).await }
     });
-    new_entered.notified().await;
+    tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
+        .await
+        .expect("the write-through never reached the store");
     let replay = tokio::spawn({
         let queue = queue.clone();
         async move { queue.replay_dead_letters().await }
@@ -977,7 +979,9 @@ async fn a_dead_letter_replayed_during_a_write_through_is_superseded() {
         let (s, store) = (s.clone(), store.clone());
         async move { s.write_through("j", &"bad".to_string(), HOUR, &store).await }
     });
-    new_entered.notified().await;
+    tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
+        .await
+        .expect("the write-through never reached the store");
     let replay = tokio::spawn({
         let queue = queue.clone();
         async move { queue.replay_dead_letters().await }

@@ -583,6 +583,11 @@ async fn undecodable_journal_entries_go_to_the_dead_entry_stream() {
 /// A process that wrote `n` durable writes (`k{i}` = `v{i}`, due in an hour) to the queue of
 /// `store` and was killed: its runtime is dropped without the queue's drop (which would flush).
 fn crashed_with_pending_writes(url: &str, store: &'static str, n: usize) {
+    crashed_with_pending_writes_leased(url, store, n, Duration::from_millis(500));
+}
+
+/// [`crashed_with_pending_writes`] by a process whose lease was `lease`.
+fn crashed_with_pending_writes_leased(url: &str, store: &'static str, n: usize, lease: Duration) {
     let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -592,7 +597,16 @@ fn crashed_with_pending_writes(url: &str, store: &'static str, n: usize) {
             .unwrap();
         rt.block_on(async {
             let c = RedisCache::connect(config(&url, "")).await.unwrap();
-            let s = durable_strategies(&c).await;
+            let mut config = durable(&c);
+            if let Some(d) = config.durable.take() {
+                config = config.durable(d.lease(lease));
+            }
+            let s = CacheStrategies::builder(c.cache().clone())
+                .redis(c.redis_backend().clone())
+                .write_behind(config)
+                .build()
+                .await
+                .unwrap();
             let (store, _) = database(store);
             let queue = s.write_behind_queue(&store).await.unwrap();
             for i in 0..n {
@@ -1731,7 +1745,10 @@ async fn an_invalidated_write_behind_key_ends_with_the_persisted_value_on_redis(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_adopted_during_a_write_through_is_superseded() {
     let server = RedisServer::start().unwrap();
-    crashed_with_pending_writes(&server.url(), "adopt-gated", 1);
+    // A lease long enough for the setup below, whatever the machine's load.
+    let lease = Duration::from_secs(3);
+    crashed_with_pending_writes_leased(&server.url(), "adopt-gated", 1, lease);
+    let crashed = Instant::now();
     // Created within the crashed consumer's lease: its first recovery pass adopts nothing.
     let c = cache(&server, "").await;
     let s = durable_strategies(&c).await;
@@ -1782,16 +1799,29 @@ async fn a_write_adopted_during_a_write_through_is_superseded() {
                 .await
         }
     });
-    new_entered.notified().await;
-    // Past the crashed consumer's lease (500 ms): adopted now, during the write-through.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    // (The queue's own periodic pass may have adopted it already.)
+    tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
+        .await
+        .expect("the write-through never reached the store");
+    // (Renewed up to a third of a lease before the crash: expired 2 s after it at the soonest.)
+    assert!(
+        crashed.elapsed() < lease / 2,
+        "the setup outlived the crashed consumer's lease: the write was adopted before the \
+         write-through began (rerun on a less loaded machine)"
+    );
+    // Past the crashed consumer's lease: adopted now, during the write-through. (The queue's
+    // own periodic pass may have adopted it already.)
+    tokio::time::sleep((lease + Duration::from_millis(300)).saturating_sub(crashed.elapsed()))
+        .await;
     queue.recover().await.unwrap();
     let old_reached = tokio::time::timeout(Duration::from_millis(300), old_entered.notified())
         .await
         .is_ok();
     new_gate.notify_one();
-    through.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), through)
+        .await
+        .expect("the write-through never returned")
+        .unwrap()
+        .unwrap();
     old_gate.notify_one();
     tokio::time::timeout(Duration::from_secs(5), queue.flush())
         .await

@@ -1211,13 +1211,23 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
                 if p.adopted {
                     st.adopted.insert(self.key.to_owned());
                 }
-                let pending = Pending {
+                let mut pending = Pending {
                     value: p.value,
                     version: p.version,
                     due: Instant::now(),
                     seq: p.seq,
                     ids: p.ids,
                 };
+                // An adopted write meeting a dead letter of the key from before the direct
+                // write: one entry, the newer value, every id (as `State::insert` merges).
+                if let Some(dead) = st.take_dead(self.key) {
+                    superseded += 1;
+                    if dead.version > pending.version {
+                        pending.value = dead.letter.value;
+                        pending.version = dead.version;
+                    }
+                    pending.ids.extend(dead.ids);
+                }
                 st.restore(self.key.to_owned(), pending);
             }
         }
