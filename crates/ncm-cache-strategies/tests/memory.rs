@@ -923,26 +923,40 @@ async fn a_dead_letter_replayed_during_a_write_through_is_superseded() {
         })
         .named("gated")
     };
-    s.write_behind("k", &"old".to_string(), HOUR, &store, Duration::ZERO)
-        .await
-        .unwrap();
     let queue = s.write_behind_queue(&store).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
-        "the write never became a dead letter"
-    );
-    down.store(false, Ordering::SeqCst);
-    let through = tokio::spawn({
-        let (s, store) = (s.clone(), store.clone());
-        async move { s.write_through("k", &"new".to_string(), HOUR, &store).await }
-    });
-    tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
-        .await
-        .expect("the write-through never reached the store");
-    let replay = tokio::spawn({
-        let queue = queue.clone();
-        async move { queue.replay_dead_letters().await }
-    });
+    // `key`'s write-behind of `old` becomes a dead letter; a write-through of `direct` reaches
+    // the store; then the dead letters are replayed.
+    let replay_during_write_through =
+        |key: &'static str, old: &'static str, direct: &'static str| {
+            let (s, store, queue, down, new_entered) = (
+                s.clone(),
+                store.clone(),
+                queue.clone(),
+                Arc::clone(&down),
+                Arc::clone(&new_entered),
+            );
+            async move {
+                down.store(true, Ordering::SeqCst);
+                s.write_behind(key, &old.to_string(), HOUR, &store, Duration::ZERO)
+                    .await
+                    .unwrap();
+                assert!(
+                    eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
+                    "the write never became a dead letter"
+                );
+                down.store(false, Ordering::SeqCst);
+                let through = tokio::spawn(async move {
+                    s.write_through(key, &direct.to_string(), HOUR, &store)
+                        .await
+                });
+                tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
+                    .await
+                    .expect("the write-through never reached the store");
+                let replay = tokio::spawn(async move { queue.replay_dead_letters().await });
+                (through, replay)
+            }
+        };
+    let (through, replay) = replay_during_write_through("k", "old", "new").await;
     // Before the fix the replayed write reached the store here, and waited there.
     let old_reached = tokio::time::timeout(Duration::from_millis(300), old_entered.notified())
         .await
@@ -966,26 +980,7 @@ async fn a_dead_letter_replayed_during_a_write_through_is_superseded() {
 
     // A write-through that fails: the dead letter replayed meanwhile is persisted after it,
     // and the replay (a flush) waits for that.
-    down.store(true, Ordering::SeqCst);
-    s.write_behind("j", &"old2".to_string(), HOUR, &store, Duration::ZERO)
-        .await
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || queue.dead_letters().len() == 1).await,
-        "the second write never became a dead letter"
-    );
-    down.store(false, Ordering::SeqCst);
-    let through = tokio::spawn({
-        let (s, store) = (s.clone(), store.clone());
-        async move { s.write_through("j", &"bad".to_string(), HOUR, &store).await }
-    });
-    tokio::time::timeout(Duration::from_secs(5), new_entered.notified())
-        .await
-        .expect("the write-through never reached the store");
-    let replay = tokio::spawn({
-        let queue = queue.clone();
-        async move { queue.replay_dead_letters().await }
-    });
+    let (through, replay) = replay_during_write_through("j", "old2", "bad").await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(
         !replay.is_finished(),
