@@ -92,6 +92,11 @@ impl<C: Codec> CacheStrategies<C> {
             Some(q) => Some(q.direct_write(key).await),
             None => None,
         };
+        // Durable mode: journaled as the key's newest write, so other processes' older
+        // write-behinds of the key are not persisted after it.
+        if let Some(w) = waiting.as_mut() {
+            w.journal(value).await;
+        }
         let mark = self.inner.inv.write_begin(key).await;
         // A caller that stops waiting once the store call began (it may have committed) leaves
         // the key evicted, not holding the value the store may have replaced.
@@ -100,10 +105,11 @@ impl<C: Codec> CacheStrategies<C> {
             key,
         };
         let stored = store.store(key, value).await;
-        if stored.is_ok()
-            && let Some(w) = waiting.as_mut()
-        {
-            w.stored();
+        if let Some(w) = waiting.as_mut() {
+            match &stored {
+                Ok(()) => w.stored(),
+                Err(_) => w.failed().await,
+            }
         }
         let cached = match stored {
             Ok(()) => self.cache.set_with_expiry(key, value, expiry).await,
@@ -170,12 +176,18 @@ impl<C: Codec> CacheStrategies<C> {
             Some(q) => Some(q.direct_write(key).await),
             None => None,
         };
+        if let Some(w) = waiting.as_mut() {
+            w.journal(value).await;
+        }
         let mark = self.inner.inv.write_begin(key).await;
         let mut unfinished = EvictOnCancel {
             inv: Some(Arc::clone(&self.inner.inv)),
             key,
         };
         if let Err(e) = store.store(key, value).await {
+            if let Some(w) = waiting.as_mut() {
+                w.failed().await;
+            }
             unfinished.inv = None;
             self.inner.inv.write_end(mark).await;
             return Err(e);

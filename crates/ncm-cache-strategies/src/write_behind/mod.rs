@@ -209,13 +209,28 @@ pub(crate) trait QueueControl: Send + Sync {
 }
 
 /// [`queue::DirectWrite`], type-erased.
+#[async_trait::async_trait]
 pub(crate) trait DirectWriting: Send {
+    /// Durable mode: journals the direct write before its store call (`value` is the queue's
+    /// value type; any other is not journaled).
+    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync));
+    /// The store call failed.
+    async fn failed(&mut self);
     /// The store accepted the direct write: the key's waiting write is superseded. The key
     /// stays locked until this is dropped.
     fn stored(&mut self);
 }
 
+#[async_trait::async_trait]
 impl<V: QueueValue> DirectWriting for queue::DirectWrite<'_, V> {
+    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync)) {
+        if let Some(value) = value.downcast_ref::<V>() {
+            queue::DirectWrite::journal(self, value).await;
+        }
+    }
+    async fn failed(&mut self) {
+        queue::DirectWrite::failed(self).await;
+    }
     fn stored(&mut self) {
         queue::DirectWrite::stored(self);
     }

@@ -11,7 +11,7 @@ use ncm_cache_core::{CacheError, Expiry, Result};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::state::{CacheSink, Dead, Journal, Pending, State, Verdict, Version, later};
+use super::state::{Appended, CacheSink, Dead, Journal, Pending, State, Verdict, Version, later};
 use super::{DeadLetter, OnFull, QueueFull, QueueValue, WriteBehindConfig};
 use crate::stats::{Counter, WriteBehindRecorder, WriteBehindStats};
 use crate::store::{Store, WriteVersion};
@@ -461,6 +461,7 @@ impl<V: QueueValue> Shared<V> {
                 taken,
                 adopted,
                 accepted: false,
+                journaled: None,
             };
         }
     }
@@ -1122,9 +1123,52 @@ pub(crate) struct DirectWrite<'a, V: QueueValue> {
     /// The store accepted the direct write ([`stored`](Self::stored)): what a replay or an
     /// adoption parked meanwhile is superseded too, else it is queued.
     accepted: bool,
+    /// Durable mode: the direct write's own journal entry ([`journal`](Self::journal)), and
+    /// its value, until the direct write ends.
+    journaled: Option<(Appended, V)>,
 }
 
 impl<V: QueueValue> DirectWrite<'_, V> {
+    /// Durable mode, before the store call: journals the direct write as the key's newest
+    /// write, so that another process's older write of the key, waiting in its own queue, is
+    /// found superseded by its fence and never persisted after this one. Acknowledged once the
+    /// store accepted it; taken back if the store call fails ([`failed`](Self::failed)). A
+    /// journal that cannot be reached leaves the direct write unjournaled (a warning): it goes
+    /// on as without durable mode.
+    pub(crate) async fn journal(&mut self, value: &V) {
+        let Some(journal) = &self.shared.journal else {
+            return;
+        };
+        match journal.append(self.key, value).await {
+            Ok(appended) => self.journaled = Some((appended, value.clone())),
+            Err(e) => {
+                tracing::warn!(queue = %self.shared.name, key = self.key, error = %e, "could not journal a write-through; an older write-behind of the key waiting in another process may still be persisted after it");
+            }
+        }
+    }
+
+    /// The store call failed: the direct write's journal entry is taken back — unless another
+    /// process's older write was already acknowledged as superseded by it (or the journal
+    /// cannot be reached): then it is queued here and persisted later, so that older write is
+    /// not lost to one that did not happen. (Cancelled here, it is queued too, on drop.)
+    pub(crate) async fn failed(&mut self) {
+        let Some((appended, _)) = &self.journaled else {
+            return;
+        };
+        let Some(journal) = &self.shared.journal else {
+            return;
+        };
+        match journal.withdraw(self.key, *appended).await {
+            Ok(true) => self.journaled = None,
+            Ok(false) => {
+                tracing::warn!(queue = %self.shared.name, key = self.key, "a failed write-through superseded another process's older write of the key; it is queued and will be persisted");
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.shared.name, key = self.key, error = %e, "could not take back the journal entry of a failed write-through; it is queued and will be persisted");
+            }
+        }
+    }
+
     /// The store accepted the direct write. The key stays locked until this is dropped.
     pub(crate) fn stored(&mut self) {
         self.accepted = true;
@@ -1132,6 +1176,10 @@ impl<V: QueueValue> DirectWrite<'_, V> {
         let mut st = lock(&shared.state);
         let mut superseded = 0;
         let mut ids = Vec::new();
+        // Its own journal entry is done with.
+        if let Some((appended, _)) = self.journaled.take() {
+            ids.push(appended.id);
+        }
         if let Some(p) = self.taken.take() {
             superseded += 1;
             ids.extend(p.ids);
@@ -1180,7 +1228,7 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
         let shared = self.shared;
         let mut st = lock(&shared.state);
         let parked = st.direct.remove(self.key).unwrap_or_default();
-        if self.taken.is_none() && parked.is_empty() {
+        if self.taken.is_none() && parked.is_empty() && self.journaled.is_none() {
             return;
         }
         if let Some(p) = self.taken.take() {
@@ -1230,6 +1278,22 @@ impl<V: QueueValue> Drop for DirectWrite<'_, V> {
                 }
                 st.restore(self.key.to_owned(), pending);
             }
+        }
+        // Its own journal entry, not taken back (a failed store call whose entry superseded
+        // another process's write, or a caller cancelled): persisted like an adopted write,
+        // its key evicted after (the store call may not have happened, and the cache was not
+        // written). After the worker exited it stays in the journal for another process.
+        if let Some((appended, value)) = self.journaled.take()
+            && !st.exited
+        {
+            st.insert(
+                self.key.to_owned(),
+                value,
+                appended.id,
+                Instant::now(),
+                vec![appended.id],
+            );
+            st.adopted.insert(self.key.to_owned());
         }
         shared.stats.superseded(superseded);
         shared.stats.pending_gauge(st.pending.len() + st.in_flight);
