@@ -708,6 +708,14 @@ impl<C: Codec> Inner<C> {
         self.publish(LOADED, key, true).await;
     }
 
+    /// Announces a write or delete of this instance's L1 only (`skip_l2_write`, `set_at` L1):
+    /// other instances drop their L1 copy, as for a load's store ([`LOADED`]), and take it
+    /// for no write of L2 — they do not withdraw their own recent loads of the key from L2
+    /// (before, a local-only delete made them delete the key from L2: review, helper-85 #3).
+    pub(crate) async fn publish_local(&self, key: &str) {
+        self.publish(LOADED, key, false).await;
+    }
+
     /// Announces a load's value withdrawn from L2 (see [`WITHDRAWN`]).
     pub(crate) async fn publish_withdrawn(&self, key: &str) {
         self.publish(WITHDRAWN, key, false).await;

@@ -692,7 +692,7 @@ impl<C: Codec> MultiLevelCache<C> {
                 let ticket = inner.versions.ticket(key);
                 let fill = Fill::value(Arc::new(value) as Object, size, None);
                 inner.l1_fill(key, fill, &ticket, &inner.defaults);
-                inner.publish_set(key).await;
+                inner.publish_local(key).await;
             }
             CacheLevel::L2 => {
                 let bytes = inner.encode(key, &value)?;
@@ -1745,7 +1745,7 @@ impl<C: Codec> Inner<C> {
             let ticket = self.versions.ticket(key);
             self.l1_fill(key, Fill::value(value, size, ttl), &ticket, eff);
             if eff.announce() {
-                self.publish_set(key).await;
+                self.publish_local(key).await;
             }
             return Ok(());
         }
@@ -2071,7 +2071,7 @@ impl<C: Codec> Inner<C> {
             in_l2
         } else {
             if eff.announce() {
-                self.publish_delete(key).await;
+                self.publish_local(key).await;
             }
             false
         };

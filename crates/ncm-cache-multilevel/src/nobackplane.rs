@@ -18,6 +18,7 @@ impl<C: Codec> Inner<C> {
     pub(crate) fn queue_pattern(&self, _pattern: &str) {}
     pub(crate) async fn publish_loads<'k>(&self, _keys: impl Iterator<Item = &'k str>) {}
     pub(crate) async fn publish_loaded(&self, _key: &str) {}
+    pub(crate) async fn publish_local(&self, _key: &str) {}
     pub(crate) async fn publish_deletes<'k>(&self, _keys: impl Iterator<Item = &'k str>) {}
     pub(crate) async fn publish_set(&self, _key: &str) {}
     pub(crate) async fn publish_delete(&self, _key: &str) {}

@@ -1026,3 +1026,43 @@ async fn a_loaders_l1_ttl_keeps_the_sliding_cap() {
         "an entry read every third of its idle time expired under its readers"
     );
 }
+
+/// A local-only call (`skip_l2_write`) does not reach L2 through another instance: its
+/// announcement drops the other instances' L1 copies only. Before, another instance took it
+/// for a write or a delete of the key and withdrew its own recent load of the key from L2
+/// (review, helper-85 #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_only_write_or_delete_does_not_withdraw_another_instances_load() {
+    let server = RedisServer::start().unwrap();
+    let (ra, rb) = (redis(&server).await, redis(&server).await);
+    let (a, b) = (instance(&ra).await, instance(&rb).await);
+    let local = EntryOptions::new().skip_l2_write();
+    for (key, delete) in [("deleted", true), ("written", false)] {
+        // B's load: stored in L2, remembered as B's recent load.
+        let loaded: String = b
+            .get_or_load(key, || async {
+                Ok::<_, std::io::Error>("loaded".to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded, "loaded");
+        assert!(in_l2(&server, key));
+        if delete {
+            a.delete_with(key, &local).await.unwrap();
+        } else {
+            a.set_with(key, "local".to_string(), &local).await.unwrap();
+        }
+        // B's L1 copy goes (the announcement still reaches it) ...
+        eventually("b's L1 copy dropped", async || {
+            source(&b, key).await.map(|(_, s)| s) != Some(ValueSource::L1)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ... and L2 keeps B's load.
+        assert!(
+            in_l2(&server, key),
+            "a local-only {} made another instance withdraw its load from L2",
+            if delete { "delete" } else { "write" }
+        );
+    }
+}
