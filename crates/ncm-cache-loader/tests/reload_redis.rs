@@ -481,3 +481,38 @@ async fn a_forced_reload_that_cannot_get_the_lease_fails_instead_of_settling() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A scheduled reload refused the run lease (another instance's reload holds it) whose read of
+/// the value fails (here: bytes this build cannot decode) does not load beside the holder:
+/// without the lease its store could land after the holder's (review, helper-86 #2: it ran the
+/// loader and stored with a plain `SET`, no lease check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_reload_refused_the_lease_does_not_load_beside_it_after_a_failed_read() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let ours = RedisCache::from_url(&server.url()).await.unwrap();
+    let reloader = CacheReloader::redis(&ours)
+        .lock_wait(Duration::from_millis(100))
+        .build();
+    // Another instance's reload holds the run lease; the value is unreadable here.
+    server
+        .cli(&["SET", "__ncm:lock:reload:cfg:run", "another", "PX", "60000"])
+        .unwrap();
+    server.cli(&["SET", "cfg", "not json {"]).unwrap();
+    let runs: Runs = Arc::default();
+    reloader
+        .schedule_reload(
+            "cfg",
+            Duration::from_millis(150),
+            recording_loader("a", runs.clone(), Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        runs.lock().unwrap().len(),
+        0,
+        "a timer reload ran beside the lease holder"
+    );
+    assert_eq!(server.cli(&["GET", "cfg"]).unwrap().trim(), "not json {");
+    reloader.shutdown().await;
+}

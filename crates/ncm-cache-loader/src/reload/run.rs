@@ -234,6 +234,20 @@ impl<C: Codec> CacheReloader<C> {
                                 ncm_cache_core::LoadRead::Miss
                                 | ncm_cache_core::LoadRead::Expired { .. },
                             ) => after_miss = !force,
+                            // A read that failed (or an entry this build cannot read) beside
+                            // another instance's reload: a timer or refresh-ahead does not load
+                            // beside it either, and a lazy load stores only while the key is
+                            // absent — its plain store could land after the holder's (review,
+                            // helper-86 #2: it stored beside it, without the lease).
+                            Ok(_) | Err(_) if !granted => {
+                                if force {
+                                    return Err(CacheError::Timeout {
+                                        operation: "reload (another instance's reload holds the run lease)",
+                                        after: self.inner.lock_wait,
+                                    });
+                                }
+                                after_miss = true;
+                            }
                             Ok(_) | Err(_) => {}
                         }
                     }
