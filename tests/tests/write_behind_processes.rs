@@ -29,10 +29,25 @@ impl Worker {
         Self::start_on(server.url(), abort_after_store, journal)
     }
 
+    /// A worker whose queue is its `CacheStrategies`' (it can also write through).
+    fn start_strategies(server: &RedisServer) -> Self {
+        Self::start_env(server.url(), false, None, true)
+    }
+
     /// A worker whose cache and store are at `url` (the server, or a proxy in front of it).
     fn start_on(url: String, abort_after_store: bool, journal: Option<String>) -> Self {
+        Self::start_env(url, abort_after_store, journal, false)
+    }
+
+    fn start_env(
+        url: String,
+        abort_after_store: bool,
+        journal: Option<String>,
+        strategies: bool,
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wb_worker"))
             .env("NCM_REDIS_URL", url)
+            .env("NCM_WB_STRATEGIES", if strategies { "1" } else { "0" })
             .env("NCM_WB_JOURNAL_URL", journal.unwrap_or_default())
             .env("NCM_WB_LEASE_MS", LEASE_MS.to_string())
             .env(
@@ -254,4 +269,27 @@ fn an_adopted_write_evicts_the_older_cached_value_once_persisted() {
         cached.trim().is_empty() || (cached.contains("v2") && !cached.contains("v1")),
         "the cache still holds v1 while the store has v2: {cached:?}"
     );
+}
+
+/// Two processes over one Redis: P1's write-behind of `k0` (`v1`) waits in P1's durable queue;
+/// P2 writes `k0` through (`v2`) to the same store; then P1 flushes. P2's direct write was
+/// journaled as the key's newest write, so P1's fence finds `v1` superseded: the store keeps
+/// `v2` (before: P1's flush stored `v1` over it).
+#[test]
+fn a_write_through_in_another_process_supersedes_its_waiting_write_behind() {
+    let server = RedisServer::start().unwrap();
+    let mut p1 = Worker::start_strategies(&server);
+    let mut p2 = Worker::start_strategies(&server);
+    p1.command("write k0 v1 60000");
+    p2.command("through k0 v2");
+    assert_store(&server, 1, "v2");
+    p1.command("flush");
+    p2.command("flush");
+    assert_store(&server, 1, "v2");
+    // Every journal entry acknowledged (P2's own once its worker ran).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.cli(&["XLEN", "__ncm:wb:{orders}"]).unwrap().trim() != "0" {
+        assert!(Instant::now() < deadline, "journal entries left behind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

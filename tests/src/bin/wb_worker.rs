@@ -6,8 +6,11 @@
 //! process right after its first successful store call (a crash between persist and ack), and
 //! `NCM_WB_JOURNAL_URL` to reach the journal's Redis another way (through a fault proxy).
 //!
+//! With `NCM_WB_STRATEGIES=1` the queue is the one of a `CacheStrategies` built with that
+//! durable configuration, and `through <key> <value>` writes through it to the same store.
+//!
 //! Commands, one per line, each answered by one line (`ok ...` or `err ...`):
-//! `write <key> <value> <delay_ms>`, `flush`, `recover`.
+//! `write <key> <value> <delay_ms>`, `flush`, `recover`, `through <key> <value>`.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,7 +22,9 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use ncm_cache::strategies::{DurableConfig, WriteBehind, WriteBehindConfig, batch_store_fn};
+use ncm_cache::strategies::{
+    CacheStrategies, DurableConfig, WriteBehind, WriteBehindConfig, batch_store_fn,
+};
 use ncm_cache::{RedisCache, RedisConfig};
 
 fn env(name: &str) -> String {
@@ -77,9 +82,24 @@ async fn main() {
     let config = WriteBehindConfig::default()
         .batch_size(500)
         .durable(durable);
-    let queue = WriteBehind::start(redis.cache().clone(), store, config)
-        .await
-        .unwrap();
+    let strategies = if env("NCM_WB_STRATEGIES") == "1" {
+        Some(
+            CacheStrategies::builder(redis.cache().clone())
+                .redis(redis.redis_backend().clone())
+                .write_behind(config.clone())
+                .build()
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    let queue = match &strategies {
+        Some(s) => s.write_behind_queue(&store).await.unwrap(),
+        None => WriteBehind::start(redis.cache().clone(), store.clone(), config)
+            .await
+            .unwrap(),
+    };
     say("ready");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
@@ -100,6 +120,13 @@ async fn main() {
                     .map(|()| String::new())
             }
             ["flush"] => queue.flush().await.map(|()| String::new()),
+            ["through", key, value] => match &strategies {
+                Some(s) => s
+                    .write_through(key, &(*value).to_owned(), Duration::from_secs(3600), &store)
+                    .await
+                    .map(|()| String::new()),
+                None => panic!("`through` needs NCM_WB_STRATEGIES=1"),
+            },
             ["recover"] => queue.recover().await.map(|n| n.to_string()),
             other => panic!("unknown command {other:?}"),
         };

@@ -688,3 +688,89 @@ pub(crate) async fn direct_writes_supersede_a_waiting_write_behind(s: &CacheStra
         Some("v2")
     );
 }
+
+/// Two durable instances (each its own journal consumer, as two processes): a write-through by
+/// `b` supersedes `a`'s older write-behind of the key waiting in `a`'s queue; a failed one
+/// does not lose it; one that fails after `a` dropped its write as superseded is persisted by
+/// `b`'s queue. (`redis.rs::a_write_through_supersedes_another_instances_waiting_write_behind`.)
+pub(crate) async fn a_write_through_supersedes_another_instances_write_behind(
+    a: &CacheStrategies,
+    b: &CacheStrategies,
+    name: &str,
+) {
+    let (store, db) = database(name);
+    let queue_a = a.write_behind_queue(&store).await.unwrap();
+    // B journals its direct writes of the store: it holds the store's durable queue.
+    let queue_b = b.write_behind_queue(&store).await.unwrap();
+
+    // Superseded: A's waiting `old` is not persisted after B's `new`.
+    a.write_behind("k", &"old".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    b.write_through("k", &"new".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert_eq!(db.get("k").as_deref(), Some("new"));
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(
+        db.get("k").as_deref(),
+        Some("new"),
+        "the other instance's older write-behind was persisted over the write-through"
+    );
+    assert_eq!(queue_a.pending(), 0);
+
+    // A failed write-through: A's waiting write is still persisted.
+    a.write_behind("j", &"old2".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    db.failing.store(true, Ordering::SeqCst);
+    assert!(
+        b.write_through("j", &"bad".to_string(), HOUR, &store)
+            .await
+            .is_err()
+    );
+    db.failing.store(false, Ordering::SeqCst);
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(
+        db.get("j").as_deref(),
+        Some("old2"),
+        "a failed write-through lost the other instance's waiting write"
+    );
+
+    // A's flush finds its write superseded while B's store call is under way; then B's store
+    // call fails: B's write is persisted by B's own queue.
+    a.write_behind("p", &"old3".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    db.hang.store(true, Ordering::SeqCst);
+    let calls = db.calls();
+    let through = tokio::spawn({
+        let (b, store) = (b.clone(), store.clone());
+        async move {
+            b.write_through("p", &"new3".to_string(), HOUR, &store)
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || db.calls() > calls).await,
+        "the write-through never reached the store"
+    );
+    // Superseded: A makes no store call (it would hang here).
+    tokio::time::timeout(Duration::from_secs(5), a.flush())
+        .await
+        .expect("A persisted its superseded write (its store call hung)")
+        .unwrap();
+    db.failing.store(true, Ordering::SeqCst);
+    db.hang.store(false, Ordering::SeqCst);
+    assert!(through.await.unwrap().is_err());
+    db.failing.store(false, Ordering::SeqCst);
+    b.flush().await.unwrap();
+    assert_eq!(
+        db.get("p").as_deref(),
+        Some("new3"),
+        "the failed write-through that superseded A's write was not persisted"
+    );
+    assert_eq!(queue_b.pending(), 0);
+}
