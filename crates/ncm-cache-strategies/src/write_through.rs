@@ -47,7 +47,11 @@ impl Drop for EvictOnCancel<'_> {
 impl<C: Codec> CacheStrategies<C> {
     /// Write-through: the store first, then the cache.
     ///
-    /// - The store fails → the cache is untouched and [`CacheError::Store`] is returned.
+    /// - The store fails → the cache is untouched and [`CacheError::Store`] is returned. (With a
+    ///   durable write-behind queue of this store on this instance, a write-through that
+    ///   superseded another process's waiting write-behind of the key and then failed is
+    ///   persisted later by the queue, so that older write is not lost to one that did not
+    ///   happen; a cancelled one likewise. See docs/ARCHITECTURE.md, "Across processes".)
     /// - The cache write fails after the store succeeded → the key is invalidated (so no stale
     ///   value is served) and the cache's error is returned. Any error other than
     ///   `CacheError::Store` therefore means the value **is** persisted.
@@ -95,7 +99,7 @@ impl<C: Codec> CacheStrategies<C> {
         // Durable mode: journaled as the key's newest write, so other processes' older
         // write-behinds of the key are not persisted after it.
         if let Some(w) = waiting.as_mut() {
-            w.journal(value).await;
+            w.journal(value).await?;
         }
         let mark = self.inner.inv.write_begin(key).await;
         // A caller that stops waiting once the store call began (it may have committed) leaves
@@ -177,7 +181,7 @@ impl<C: Codec> CacheStrategies<C> {
             None => None,
         };
         if let Some(w) = waiting.as_mut() {
-            w.journal(value).await;
+            w.journal(value).await?;
         }
         let mark = self.inner.inv.write_begin(key).await;
         let mut unfinished = EvictOnCancel {

@@ -1866,3 +1866,108 @@ async fn a_write_through_supersedes_another_instances_waiting_write_behind() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// A write-through's journal entry (instance B) is never cached from the journal by another
+/// instance (A) while B's store call is under way: A, settling a persisted write of the key
+/// whose cached value is gone, found B's entry as the key's newest write and cached B's value
+/// — which B's store call then refused (review, helper-87 #1). It evicts instead; B caches
+/// its own value once its store accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_throughs_journal_entry_is_not_cached_before_its_store_accepts_it() {
+    let server = RedisServer::start().unwrap();
+    let (ca, cb) = (cache(&server, "").await, cache(&server, "").await);
+    let (a, b) = (durable_strategies(&ca).await, durable_strategies(&cb).await);
+    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
+    let [old_entered, old_gate, new_entered, new_gate] = gates.clone();
+    let store = {
+        let db = Arc::clone(&db);
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, gates) = (Arc::clone(&db), gates.clone());
+            async move {
+                let [old_entered, old_gate, new_entered, new_gate] = gates;
+                if rows.iter().any(|(_, v)| v == "old") {
+                    old_entered.notify_one();
+                    old_gate.notified().await;
+                }
+                if rows.iter().any(|(_, v)| v == "new") {
+                    new_entered.notify_one();
+                    new_gate.notified().await;
+                    return Err(std::io::Error::other("refused"));
+                }
+                db.lock().unwrap().extend(rows);
+                Ok(())
+            }
+        })
+        .named("cache-newest")
+    };
+    let _queue_b = b.write_behind_queue(&store).await.unwrap();
+    let xlen = || {
+        server
+            .cli(&["XLEN", "__ncm:wb:{cache-newest}"])
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    // A write-through of a key with no journaled write journals nothing (no round trip's
+    // worth of stream writes and acknowledgments for nothing: review, helper-87 #6).
+    b.write_through("fresh", &"x".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert_eq!(
+        xlen(),
+        "0",
+        "a write-through of an unjournaled key was journaled"
+    );
+    let wait = |n: Arc<tokio::sync::Notify>| async move {
+        tokio::time::timeout(Duration::from_secs(5), n.notified())
+            .await
+            .expect("the store was never called");
+    };
+    // A's write is in its store call; its cached value is gone meanwhile.
+    a.write_behind("k", &"old".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    wait(Arc::clone(&old_entered)).await;
+    server.cli(&["DEL", "k"]).unwrap();
+    // B's write-through is journaled (A's entry is still there), its store call hangs.
+    let through = tokio::spawn({
+        let (b, store) = (b.clone(), store.clone());
+        async move { b.write_through("k", &"new".to_string(), HOUR, &store).await }
+    });
+    wait(Arc::clone(&new_entered)).await;
+    // A's persist settles: the key's newest journaled write is B's.
+    old_gate.notify_one();
+    tokio::time::timeout(Duration::from_secs(5), a.flush())
+        .await
+        .expect("A's flush never returned")
+        .unwrap();
+    assert_ne!(
+        ca.get::<String>("k").await.unwrap().as_deref(),
+        Some("new"),
+        "B's value was cached while B's store call was under way"
+    );
+    // B's store call fails: its entry is taken back, nothing of it stays cached.
+    new_gate.notify_one();
+    assert!(through.await.unwrap().is_err());
+    b.flush().await.unwrap();
+    assert_ne!(ca.get::<String>("k").await.unwrap().as_deref(), Some("new"));
+    assert_eq!(db.lock().unwrap().get("k").map(String::as_str), Some("old"));
+
+    // After B's shutdown its write-throughs journal nothing: nothing would acknowledge the
+    // entry (review, helper-87 #2: it stayed in the journal for good).
+    b.shutdown().await.unwrap();
+    a.write_behind("s", &"a1".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    let before = xlen();
+    b.write_through("s", &"b1".to_string(), HOUR, &store)
+        .await
+        .unwrap();
+    assert_eq!(
+        xlen(),
+        before,
+        "a write-through after shutdown was journaled"
+    );
+    a.shutdown().await.unwrap();
+}

@@ -70,6 +70,27 @@ return {id, prev}
     )
 });
 
+/// [`APPEND`] for a write-through or write-around (a direct write, marked `d`), only when the
+/// key has journaled writes (ARGV[3] in the counts hash KEYS[3]): one is then superseded by
+/// it. Returns `{'', ''}` when nothing was appended.
+static APPEND_DIRECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'', ''} end
+local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1', 'd', '1')
+local r = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
+if type(r) == 'table' and r.err then
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
+end
+local prev = redis.call('HGET', KEYS[2], ARGV[3]) or ''
+redis.call('HSET', KEYS[2], ARGV[3], id)
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+return {id, prev}
+",
+    )
+});
+
 /// For each (key, id) about to be persisted by consumer ARGV[2]: 2 when the entry is no longer
 /// in its pending list (adopted by another process); when a newer write of the key was
 /// journaled, that write's id if it is pending under this same consumer, else 1 — and the newer
@@ -419,11 +440,13 @@ impl<V: QueueValue> RedisJournal<V> {
         };
         let mut key = None;
         let mut value = None;
+        let mut direct = false;
         let mut fields = items(fields).into_iter();
         while let (Some(f), Some(v)) = (fields.next(), fields.next()) {
             match text(&f).as_deref() {
                 Some("k") => key = text(&v),
                 Some("v") => value = bytes(v),
+                Some("d") => direct = true,
                 _ => {}
             }
         }
@@ -438,13 +461,53 @@ impl<V: QueueValue> RedisJournal<V> {
             });
         };
         match self.codec.decode(&[&self.stream, "\0", &key], &value) {
-            Ok(value) => Ok(Some(Recovered { id, key, value })),
+            Ok(value) => Ok(Some(Recovered {
+                id,
+                key,
+                value,
+                direct,
+            })),
             Err(error) => Err(Bad {
                 id,
                 key: Some(key),
                 error,
             }),
         }
+    }
+
+    /// Runs an append script ([`APPEND`] or [`APPEND_DIRECT`]); `None` when it appended
+    /// nothing.
+    async fn append_with(&self, script: &Script, key: &str, value: &V) -> Result<Option<Appended>> {
+        let encoded = self.codec.encode(&[&self.stream, "\0", key], value)?;
+        let args = vec![
+            GROUP.as_bytes().to_vec(),
+            self.consumer.as_bytes().to_vec(),
+            key.as_bytes().to_vec(),
+            encoded.to_vec(),
+        ];
+        let (id, prev): (String, String) = self
+            .backend
+            .eval_script(
+                Operation::Set,
+                script,
+                &[
+                    self.stream.clone(),
+                    self.newest.clone(),
+                    self.counts.clone(),
+                ],
+                &args,
+            )
+            .await?;
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let id = parse_id(&id).ok_or_else(|| {
+            CacheError::backend(format!("XADD returned a malformed id {id:?}"), None)
+        })?;
+        Ok(Some(Appended {
+            id,
+            prev: parse_id(&prev),
+        }))
     }
 
     /// Moves an entry that cannot be decoded to the dead-entry stream.
@@ -477,33 +540,13 @@ impl<V: QueueValue> RedisJournal<V> {
 #[async_trait]
 impl<V: QueueValue> Journal<V> for RedisJournal<V> {
     async fn append(&self, key: &str, value: &V) -> Result<Appended> {
-        let encoded = self.codec.encode(&[&self.stream, "\0", key], value)?;
-        let args = vec![
-            GROUP.as_bytes().to_vec(),
-            self.consumer.as_bytes().to_vec(),
-            key.as_bytes().to_vec(),
-            encoded.to_vec(),
-        ];
-        let (id, prev): (String, String) = self
-            .backend
-            .eval_script(
-                Operation::Set,
-                &APPEND,
-                &[
-                    self.stream.clone(),
-                    self.newest.clone(),
-                    self.counts.clone(),
-                ],
-                &args,
-            )
-            .await?;
-        let id = parse_id(&id).ok_or_else(|| {
-            CacheError::backend(format!("XADD returned a malformed id {id:?}"), None)
-        })?;
-        Ok(Appended {
-            id,
-            prev: parse_id(&prev),
-        })
+        self.append_with(&APPEND, key, value)
+            .await?
+            .ok_or_else(|| CacheError::backend("XADD returned no id".to_owned(), None))
+    }
+
+    async fn append_direct(&self, key: &str, value: &V) -> Result<Option<Appended>> {
+        self.append_with(&APPEND_DIRECT, key, value).await
     }
 
     async fn withdraw(&self, key: &str, appended: Appended) -> Result<bool> {

@@ -213,7 +213,7 @@ pub(crate) trait QueueControl: Send + Sync {
 pub(crate) trait DirectWriting: Send {
     /// Durable mode: journals the direct write before its store call (`value` is the queue's
     /// value type; any other is not journaled).
-    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync));
+    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync)) -> Result<()>;
     /// The store call failed.
     async fn failed(&mut self);
     /// The store accepted the direct write: the key's waiting write is superseded. The key
@@ -223,9 +223,10 @@ pub(crate) trait DirectWriting: Send {
 
 #[async_trait::async_trait]
 impl<V: QueueValue> DirectWriting for queue::DirectWrite<'_, V> {
-    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync)) {
-        if let Some(value) = value.downcast_ref::<V>() {
-            queue::DirectWrite::journal(self, value).await;
+    async fn journal(&mut self, value: &(dyn std::any::Any + Send + Sync)) -> Result<()> {
+        match value.downcast_ref::<V>() {
+            Some(value) => queue::DirectWrite::journal(self, value).await,
+            None => Ok(()),
         }
     }
     async fn failed(&mut self) {

@@ -280,8 +280,11 @@ impl<V: QueueValue> Shared<V> {
             // (older entries of the key still in the journal): the store holds the newest.
             let write = match newest {
                 None => None,
+                // A direct write's entry is not cached from here: its store call may not have
+                // been accepted (or may fail and take it back); its writer caches its value once
+                // the store accepted it (review, helper-87 #1).
                 Some(id) => match journal.fetch(id).await {
-                    Ok(found) => found.map(|w| (id, w.value)),
+                    Ok(found) => found.filter(|w| !w.direct).map(|w| (id, w.value)),
                     Err(e) => {
                         unsure("read the key's newest journaled write", &e);
                         self.uncache(key).await;
@@ -867,7 +870,9 @@ impl<V: QueueValue> Shared<V> {
         Ok(journal
             .fetch(newest)
             .await?
-            .filter(|r| r.key == key)
+            // A direct write's entry is its writer's to settle (acknowledged once stored,
+            // else taken back or queued there).
+            .filter(|r| r.key == key && !r.direct)
             .map(|r| r.value))
     }
 
@@ -1129,22 +1134,33 @@ pub(crate) struct DirectWrite<'a, V: QueueValue> {
 }
 
 impl<V: QueueValue> DirectWrite<'_, V> {
-    /// Durable mode, before the store call: journals the direct write as the key's newest
-    /// write, so that another process's older write of the key, waiting in its own queue, is
-    /// found superseded by its fence and never persisted after this one. Acknowledged once the
-    /// store accepted it; taken back if the store call fails ([`failed`](Self::failed)). A
-    /// journal that cannot be reached leaves the direct write unjournaled (a warning): it goes
-    /// on as without durable mode.
-    pub(crate) async fn journal(&mut self, value: &V) {
+    /// Durable mode, before the store call: when the key has journaled writes (of any
+    /// process), journals the direct write as the key's newest write, so that another
+    /// process's older write of the key, waiting in its own queue, is found superseded by its
+    /// fence and never persisted after this one (one round trip; nothing is written when the
+    /// key has none). Acknowledged once the store accepted it; taken back if the store call
+    /// fails ([`failed`](Self::failed)). A journal that cannot be reached leaves the direct
+    /// write unjournaled (a warning; the write-through's error contract is kept: only a
+    /// store error means nothing was persisted).
+    pub(crate) async fn journal(&mut self, value: &V) -> Result<()> {
         let Some(journal) = &self.shared.journal else {
-            return;
+            return Ok(());
         };
-        match journal.append(self.key, value).await {
-            Ok(appended) => self.journaled = Some((appended, value.clone())),
+        {
+            // After shutdown nothing would acknowledge the entry (review, helper-87 #2).
+            let st = lock(&self.shared.state);
+            if st.closing || st.exited {
+                return Ok(());
+            }
+        }
+        match journal.append_direct(self.key, value).await {
+            Ok(Some(appended)) => self.journaled = Some((appended, value.clone())),
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(queue = %self.shared.name, key = self.key, error = %e, "could not journal a write-through; an older write-behind of the key waiting in another process may still be persisted after it");
             }
         }
+        Ok(())
     }
 
     /// The store call failed: the direct write's journal entry is taken back — unless another

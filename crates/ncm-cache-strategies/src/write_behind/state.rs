@@ -105,6 +105,9 @@ pub(crate) struct Recovered<V> {
     pub(crate) id: Version,
     pub(crate) key: String,
     pub(crate) value: V,
+    /// A write-through's or write-around's entry (`Journal::append_direct`): its store call
+    /// may not have been accepted (yet), so it is never cached from the journal.
+    pub(crate) direct: bool,
 }
 
 /// A journaled write: its id, and the id of the key's newest write it replaced as newest.
@@ -136,6 +139,10 @@ pub(crate) enum Verdict {
 pub(crate) trait Journal<V>: Send + Sync {
     /// Appends a write (the acknowledgment comes once it is also cached).
     async fn append(&self, key: &str, value: &V) -> Result<Appended>;
+    /// Journals a write-through or write-around of `key` before its store call, only when
+    /// the key has journaled writes (which it then supersedes): `None` when nothing was
+    /// appended.
+    async fn append_direct(&self, key: &str, value: &V) -> Result<Option<Appended>>;
     /// Takes back an appended write that was not acknowledged: `false` when it may no longer
     /// be (an older write of its key was acknowledged as superseded by it) and must be persisted.
     async fn withdraw(&self, key: &str, appended: Appended) -> Result<bool>;
