@@ -516,3 +516,34 @@ async fn a_timer_reload_refused_the_lease_does_not_load_beside_it_after_a_failed
     assert_eq!(server.cli(&["GET", "cfg"]).unwrap().trim(), "not json {");
     reloader.shutdown().await;
 }
+
+/// A refresh-ahead hit reads the value's TTL only once it may be due for a refresh (from the
+/// TTL read last), not on every hit: before, each hit cost a `PTTL` round trip — over a
+/// multi-level cache, a Redis call per L1 hit (review, helper-86 #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_hits_read_the_ttl_once_per_refresh_point() {
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let ours = RedisCache::from_url(&server.url()).await.unwrap();
+    let reloader = CacheReloader::redis(&ours).build();
+    let runs: Runs = Arc::default();
+    reloader
+        .register_loader(
+            "ra",
+            recording_loader("a", runs.clone(), Duration::ZERO),
+            Duration::from_secs(60),
+            ReloadStrategy::RefreshAhead { fraction: 0.5 },
+        )
+        .unwrap();
+    let _: String = reloader.get("ra").await.unwrap();
+    let before = server.command_calls("PTTL").unwrap();
+    for _ in 0..50 {
+        let _: String = reloader.get("ra").await.unwrap();
+    }
+    let reads = server.command_calls("PTTL").unwrap() - before;
+    assert!(
+        reads <= 1,
+        "{reads} TTL reads for 50 hits far from the refresh point"
+    );
+    assert_eq!(runs.lock().unwrap().len(), 1, "no refresh was due");
+    reloader.shutdown().await;
+}

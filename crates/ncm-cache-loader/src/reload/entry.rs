@@ -97,6 +97,22 @@ pub(crate) struct Entry {
     pub(crate) counters: Counters,
     /// A refresh-ahead reload is running (at most one at a time per name).
     pub(crate) refreshing: AtomicBool,
+    /// Refresh-ahead: until this instant (nanoseconds since [`clock_base`], 0 = unknown) the
+    /// value cannot be due for a refresh, from the TTL last read: a hit before it reads no
+    /// TTL (before, every hit read it — over a multi-level cache a Redis round trip per L1
+    /// hit: review, helper-86 #3). A value rewritten with its registered TTL only becomes due
+    /// later; one rewritten with a shorter TTL is seen late (then it expires and loads).
+    refresh_due: AtomicU64,
+}
+
+/// The reloaders' clock origin (tokio's clock: a paused test clock moves it too).
+fn clock_base() -> tokio::time::Instant {
+    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(tokio::time::Instant::now)
+}
+
+fn clock_nanos() -> u64 {
+    u64::try_from(clock_base().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Entry {
@@ -116,7 +132,23 @@ impl Entry {
             callbacks: RwLock::new(Vec::new()),
             counters: Counters::default(),
             refreshing: AtomicBool::new(false),
+            refresh_due: AtomicU64::new(0),
         }
+    }
+
+    /// Refresh-ahead: whether a hit now may skip reading the TTL (see `refresh_due`).
+    pub(crate) fn refresh_not_due(&self) -> bool {
+        let due = self.refresh_due.load(Relaxed);
+        due != 0 && clock_nanos() < due
+    }
+
+    /// Refresh-ahead: the TTL read now had `left`; the value becomes due when `left` falls to
+    /// `ttl × (1 − fraction)`.
+    pub(crate) fn note_ttl_left(&self, left: Duration, fraction: f64) {
+        let at = ncm_cache_core::capped(self.ttl).mul_f64((1.0 - fraction).clamp(0.0, 1.0));
+        let wait = u64::try_from(left.saturating_sub(at).as_nanos()).unwrap_or(u64::MAX);
+        self.refresh_due
+            .store(clock_nanos().saturating_add(wait).max(1), Relaxed);
     }
 
     pub(crate) fn loader(&self) -> Arc<LoadFn> {

@@ -35,9 +35,12 @@ impl<C: Codec> CacheReloader<C> {
         bump(&entry.counters.reads);
         let cache = &self.inner.cache;
         let (found, remaining) = match entry.strategy {
-            ReloadStrategy::RefreshAhead { .. } => {
+            ReloadStrategy::RefreshAhead { fraction } if !entry.refresh_not_due() => {
                 let (value, ttl) =
                     tokio::join!(cache.get_for_load::<T>(name), cache.ttl_state(name));
+                if let Ok(KeyTtl::Expires(left)) = ttl {
+                    entry.note_ttl_left(left, fraction);
+                }
                 (value, ttl.ok())
             }
             _ => (cache.get_for_load::<T>(name).await, None),
