@@ -48,10 +48,11 @@ impl<C: Codec> CacheStrategies<C> {
     /// Write-through: the store first, then the cache.
     ///
     /// - The store fails → the cache is untouched and [`CacheError::Store`] is returned. (With a
-    ///   durable write-behind queue of this store on this instance, a write-through that
-    ///   superseded another process's waiting write-behind of the key and then failed is
-    ///   persisted later by the queue, so that older write is not lost to one that did not
-    ///   happen; a cancelled one likewise. See docs/ARCHITECTURE.md, "Across processes".)
+    ///   durable write-behind queue of this store on this instance, the write is journaled
+    ///   before its store call when the key has journaled writes, so other processes' older
+    ///   write-behinds of the key wait for its outcome; if its journal entry cannot be taken
+    ///   back after a failed store call, or the call is cancelled after journaling, the queue
+    ///   persists it later. See docs/ARCHITECTURE.md, "Across processes".)
     /// - The cache write fails after the store succeeded → the key is invalidated (so no stale
     ///   value is served) and the cache's error is returned. Any error other than
     ///   `CacheError::Store` therefore means the value **is** persisted.

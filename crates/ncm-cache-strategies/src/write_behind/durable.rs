@@ -91,10 +91,14 @@ return {id, prev}
     )
 });
 
-/// For each (key, id) about to be persisted by consumer ARGV[2]: 2 when the entry is no longer
-/// in its pending list (adopted by another process); when a newer write of the key was
-/// journaled, that write's id if it is pending under this same consumer, else 1 — and the newer
-/// write is pinned in KEYS[3] (it may no longer be withdrawn); else 0 (persist).
+/// For each (key, id) about to be persisted by consumer ARGV[2] (pairs from ARGV[4]): 2 when
+/// the entry is no longer in its pending list (adopted by another process); 3 when the key's
+/// newest journaled write is a direct write (a write-through's, marked `d`) journaled less than
+/// ARGV[3] ms ago and still in the stream — its store call is under way: ask again later, so
+/// that the direct write's outcome decides (stored: this write is superseded; failed and taken
+/// back: this one is the newest again); when a newer write of the key was journaled, that
+/// write's id if it is pending under this same consumer, else 1 — and the newer write is pinned
+/// in KEYS[3] (it may no longer be withdrawn); else 0 (persist).
 static FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -102,19 +106,37 @@ local function mine(id)
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   return #p > 0 and p[1][2] == ARGV[2]
 end
+local function busy(newest)
+  local e = redis.call('XRANGE', KEYS[1], newest, newest)
+  if #e == 0 then return false end
+  local f = e[1][2]
+  for j = 1, #f, 2 do
+    if f[j] == 'd' then
+      local t = redis.call('TIME')
+      local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      local at = tonumber(string.match(newest, '^(%d+)'))
+      return at ~= nil and now - at < tonumber(ARGV[3])
+    end
+  end
+  return false
+end
 local out = {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local key, id = ARGV[i], ARGV[i + 1]
   if not mine(id) then
     out[#out + 1] = 2
   else
     local newest = redis.call('HGET', KEYS[2], key)
     if newest and newest ~= id then
-      redis.call('HSET', KEYS[3], key, newest)
-      if mine(newest) then
-        out[#out + 1] = newest
+      if busy(newest) then
+        out[#out + 1] = 3
       else
-        out[#out + 1] = 1
+        redis.call('HSET', KEYS[3], key, newest)
+        if mine(newest) then
+          out[#out + 1] = newest
+        else
+          out[#out + 1] = 1
+        end
       end
     else
       out[#out + 1] = 0
@@ -175,8 +197,12 @@ if redis.call('XDEL', KEYS[1], id) == 1 then
     return 1
   end
 end
+-- Entries of the key are left: the write this one replaced as newest is the newest again,
+-- also when it is acknowledged already (persisted): the older ones left must still be told
+-- from it (review, helper-88 #1: deleting the record let an older dead letter be persisted
+-- over it).
 if redis.call('HGET', KEYS[2], key) == id then
-  if prev ~= '' and #redis.call('XRANGE', KEYS[1], prev, prev) > 0 then
+  if prev ~= '' then
     redis.call('HSET', KEYS[2], key, prev)
   else
     redis.call('HDEL', KEYS[2], key)
@@ -575,9 +601,12 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
     async fn fence(&self, entries: &[(&str, Version)]) -> Result<Vec<Verdict>> {
         let mut out = Vec::with_capacity(entries.len());
         for chunk in entries.chunks(CLAIM_BATCH) {
-            let mut args = Vec::with_capacity(2 + 2 * chunk.len());
+            let mut args = Vec::with_capacity(3 + 2 * chunk.len());
             args.push(GROUP.as_bytes().to_vec());
             args.push(self.consumer.as_bytes().to_vec());
+            // A direct write's store call is waited for no longer than a lease (its writer may
+            // have lost the append's reply and not track it).
+            args.push(millis(self.lease).to_string().into_bytes());
             for (key, id) in chunk {
                 args.push(key.as_bytes().to_vec());
                 args.push(id_str(*id).into_bytes());
@@ -605,6 +634,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                 out.push(match code {
                     Value::Int(0) => Verdict::Persist,
                     Value::Int(1) => Verdict::Superseded,
+                    Value::Int(3) => Verdict::Busy,
                     Value::Int(_) => Verdict::Lost,
                     other => match text(&other).as_deref().and_then(parse_id) {
                         Some(newest) => Verdict::Orphan(newest),

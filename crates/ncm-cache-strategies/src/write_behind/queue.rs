@@ -775,6 +775,14 @@ impl<V: QueueValue> Shared<V> {
             .map(|((key, _), (version, _))| (key.as_str(), *version))
             .collect();
         let verdicts = journal.fence(&asked).await?;
+        // A write-through of a key of this batch is in its store call: the batch waits (as
+        // for a journal outage, up to a lease) and asks again, so that its outcome decides.
+        if verdicts.contains(&Verdict::Busy) {
+            return Err(CacheError::Timeout {
+                operation: "write-behind fence (a write-through of a key in the batch is under way)",
+                after: JOURNAL_PAUSE,
+            });
+        }
         let (mut superseded, mut lost) = (0u64, 0u64);
         let mut kept_entries = Vec::with_capacity(entries.len());
         let mut kept_meta = Vec::with_capacity(meta.len());
@@ -814,7 +822,8 @@ impl<V: QueueValue> Shared<V> {
                 v => v,
             };
             match verdict {
-                Verdict::Persist => {
+                // (Busy is answered above, before any verdict is acted on.)
+                Verdict::Persist | Verdict::Busy => {
                     kept_entries.push(entry);
                     kept_meta.push(m);
                 }
@@ -870,9 +879,7 @@ impl<V: QueueValue> Shared<V> {
         Ok(journal
             .fetch(newest)
             .await?
-            // A direct write's entry is its writer's to settle (acknowledged once stored,
-            // else taken back or queued there).
-            .filter(|r| r.key == key && !r.direct)
+            .filter(|r| r.key == key)
             .map(|r| r.value))
     }
 
@@ -1163,10 +1170,11 @@ impl<V: QueueValue> DirectWrite<'_, V> {
         Ok(())
     }
 
-    /// The store call failed: the direct write's journal entry is taken back — unless another
-    /// process's older write was already acknowledged as superseded by it (or the journal
-    /// cannot be reached): then it is queued here and persisted later, so that older write is
-    /// not lost to one that did not happen. (Cancelled here, it is queued too, on drop.)
+    /// The store call failed: the direct write's journal entry is taken back (other processes'
+    /// older writes of the key, which waited for it, are the newest again). A withdrawal
+    /// refused (the entry pinned: not expected for a direct write, whose fence answers "busy"
+    /// instead) or failing queues it here, persisted later. (Cancelled here, it is queued
+    /// too, on drop.)
     pub(crate) async fn failed(&mut self) {
         let Some((appended, _)) = &self.journaled else {
             return;

@@ -127,6 +127,9 @@ pub(crate) enum Verdict {
     Superseded,
     /// Another process adopted it (our lease ran out while we stalled): leave it alone.
     Lost,
+    /// A direct write (write-through, write-around) of its key is in its store call: ask
+    /// again once it ended (stored: superseded; failed: this write is the newest again).
+    Busy,
     /// A newer write of its key supersedes it, and that write is pending under this very
     /// consumer: either one this process knows (then like `Superseded`), or an orphan — a write
     /// whose caller stopped waiting after its journal append, or whose append timed out and ran

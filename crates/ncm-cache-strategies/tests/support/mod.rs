@@ -22,6 +22,8 @@ pub(crate) struct Database {
     pub(crate) failing: AtomicBool,
     /// While set, a store call waits (once counted in `calls`).
     pub(crate) hang: AtomicBool,
+    /// A store call with a row of this value fails (after any `hang`).
+    pub(crate) refuse: Mutex<Option<String>>,
 }
 
 impl Database {
@@ -49,6 +51,10 @@ pub(crate) fn database(name: &str) -> (Store<String>, Arc<Database>) {
             }
             if d.failing.load(Ordering::SeqCst) {
                 return Err("database unavailable");
+            }
+            let refused = d.refuse.lock().unwrap().clone();
+            if refused.is_some_and(|r| rows.iter().any(|(_, v)| *v == r)) {
+                return Err("value refused");
             }
             d.entries.fetch_add(rows.len() as u64, Ordering::SeqCst);
             d.rows.lock().unwrap().extend(rows);
@@ -739,11 +745,13 @@ pub(crate) async fn a_write_through_supersedes_another_instances_write_behind(
         "a failed write-through lost the other instance's waiting write"
     );
 
-    // A's flush finds its write superseded while B's store call is under way; then B's store
-    // call fails: B's write is persisted by B's own queue.
+    // B's write-through is in its store call when A's batch of the key comes: A waits for its
+    // outcome (its fence says "busy") instead of dropping its write as superseded. B's store
+    // call fails and takes its entry back: A's write is the newest again and is persisted.
     a.write_behind("p", &"old3".to_string(), HOUR, &store, HOUR)
         .await
         .unwrap();
+    *db.refuse.lock().unwrap() = Some("new3".into());
     db.hang.store(true, Ordering::SeqCst);
     let calls = db.calls();
     let through = tokio::spawn({
@@ -757,20 +765,33 @@ pub(crate) async fn a_write_through_supersedes_another_instances_write_behind(
         eventually(Duration::from_secs(5), || db.calls() > calls).await,
         "the write-through never reached the store"
     );
-    // Superseded: A makes no store call (it would hang here).
-    tokio::time::timeout(Duration::from_secs(5), a.flush())
-        .await
-        .expect("A persisted its superseded write (its store call hung)")
-        .unwrap();
-    db.failing.store(true, Ordering::SeqCst);
+    let flush = tokio::spawn({
+        let a = a.clone();
+        async move { a.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !flush.is_finished(),
+        "A's flush did not wait for the write-through under way"
+    );
+    assert_eq!(
+        db.get("p"),
+        None,
+        "A persisted while the write-through was under way"
+    );
     db.hang.store(false, Ordering::SeqCst);
     assert!(through.await.unwrap().is_err());
-    db.failing.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), flush)
+        .await
+        .expect("A's flush never returned")
+        .unwrap()
+        .unwrap();
+    *db.refuse.lock().unwrap() = None;
     b.flush().await.unwrap();
     assert_eq!(
         db.get("p").as_deref(),
-        Some("new3"),
-        "the failed write-through that superseded A's write was not persisted"
+        Some("old3"),
+        "the failed write-through lost the write it overlapped"
     );
     assert_eq!(queue_b.pending(), 0);
 }
