@@ -62,9 +62,19 @@ fn durable(cache: &RedisCache) -> WriteBehindConfig {
 }
 
 async fn durable_strategies(cache: &RedisCache) -> CacheStrategies {
+    durable_strategies_leased(cache, Duration::from_millis(500)).await
+}
+
+/// [`durable_strategies`] with a consumer lease of `lease` (also how long another queue
+/// waits for a direct write's store call).
+async fn durable_strategies_leased(cache: &RedisCache, lease: Duration) -> CacheStrategies {
+    let mut config = durable(cache);
+    if let Some(d) = config.durable.take() {
+        config = config.durable(d.lease(lease));
+    }
     CacheStrategies::builder(cache.cache().clone())
         .redis(cache.redis_backend().clone())
-        .write_behind(durable(cache))
+        .write_behind(config)
         .build()
         .await
         .unwrap()
@@ -305,8 +315,15 @@ async fn graph_tags_events_and_durable_write_behind_on_a_cluster() {
     // and the worker's acknowledgments on a cluster).
     support::direct_writes_supersede_a_waiting_write_behind(&b).await;
     // ... and one waiting in another instance's queue (each instance its own consumer).
+    let (a, b) = (
+        durable_strategies_leased(&ca, SLOW_LEASE).await,
+        durable_strategies_leased(&cb, SLOW_LEASE).await,
+    );
     support::a_write_through_supersedes_another_instances_write_behind(&a, &b, "cluster-x").await;
 }
+
+/// A consumer lease longer than any wait of the tests that use it.
+const SLOW_LEASE: Duration = Duration::from_secs(5);
 
 const CHILD: &str = "NCM_STRATEGIES_SIGKILL_CHILD_URL";
 const WRITES: usize = 500;
@@ -599,16 +616,7 @@ fn crashed_with_pending_writes_leased(url: &str, store: &'static str, n: usize, 
             .unwrap();
         rt.block_on(async {
             let c = RedisCache::connect(config(&url, "")).await.unwrap();
-            let mut config = durable(&c);
-            if let Some(d) = config.durable.take() {
-                config = config.durable(d.lease(lease));
-            }
-            let s = CacheStrategies::builder(c.cache().clone())
-                .redis(c.redis_backend().clone())
-                .write_behind(config)
-                .build()
-                .await
-                .unwrap();
+            let s = durable_strategies_leased(&c, lease).await;
             let (store, _) = database(store);
             let queue = s.write_behind_queue(&store).await.unwrap();
             for i in 0..n {
@@ -1853,7 +1861,11 @@ async fn a_write_adopted_during_a_write_through_is_superseded() {
 async fn a_write_through_supersedes_another_instances_waiting_write_behind() {
     let server = RedisServer::start().unwrap();
     let (ca, cb) = (cache(&server, "").await, cache(&server, "").await);
-    let (a, b) = (durable_strategies(&ca).await, durable_strategies(&cb).await);
+    // A lease well past the test's waits: within it another queue waits for a direct write.
+    let (a, b) = (
+        durable_strategies_leased(&ca, SLOW_LEASE).await,
+        durable_strategies_leased(&cb, SLOW_LEASE).await,
+    );
     support::a_write_through_supersedes_another_instances_write_behind(&a, &b, "xinstance").await;
     // Every journal entry acknowledged.
     let len: i64 = server
@@ -2022,4 +2034,149 @@ async fn a_failed_write_through_leaves_an_older_dead_letter_superseded() {
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// Two write-throughs of `k` (instances B and C) journaled after A's waiting write-behind, both
+/// failing, B's taken back first: A's write is persisted. The key's newest record went back to
+/// B's entry, itself taken back, and A's fence took A's write for superseded by it (review,
+/// helper-89 #1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failed_write_throughs_leave_the_waiting_write_behind_to_persist() {
+    let server = RedisServer::start().unwrap();
+    let caches = [
+        cache(&server, "").await,
+        cache(&server, "").await,
+        cache(&server, "").await,
+    ];
+    let mut s = Vec::new();
+    for c in &caches {
+        s.push(durable_strategies_leased(c, SLOW_LEASE).await);
+    }
+    let (a, b, c) = (&s[0], &s[1], &s[2]);
+    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
+    let [d1_entered, d1_gate, d2_entered, d2_gate] = gates.clone();
+    let store = {
+        let db = Arc::clone(&db);
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, gates) = (Arc::clone(&db), gates.clone());
+            async move {
+                let [d1_entered, d1_gate, d2_entered, d2_gate] = gates;
+                if rows.iter().any(|(_, v)| v == "d1") {
+                    d1_entered.notify_one();
+                    d1_gate.notified().await;
+                    return Err(std::io::Error::other("refused"));
+                }
+                if rows.iter().any(|(_, v)| v == "d2") {
+                    d2_entered.notify_one();
+                    d2_gate.notified().await;
+                    return Err(std::io::Error::other("refused"));
+                }
+                db.lock().unwrap().extend(rows);
+                Ok(())
+            }
+        })
+        .named("two-failed")
+    };
+    for x in [a, b, c] {
+        x.write_behind_queue(&store).await.unwrap();
+    }
+    let entered = |n: &Arc<tokio::sync::Notify>| {
+        let n = Arc::clone(n);
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), n.notified())
+                .await
+                .expect("the store was never called");
+        }
+    };
+    a.write_behind("k", &"a".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    let through = |x: &CacheStrategies, v: &'static str| {
+        let (x, store) = (x.clone(), store.clone());
+        tokio::spawn(async move { x.write_through("k", &v.to_string(), HOUR, &store).await })
+    };
+    let d1 = through(b, "d1");
+    entered(&d1_entered).await;
+    let d2 = through(c, "d2");
+    entered(&d2_entered).await;
+    d1_gate.notify_one();
+    assert!(d1.await.unwrap().is_err());
+    d2_gate.notify_one();
+    assert!(d2.await.unwrap().is_err());
+    tokio::time::timeout(Duration::from_secs(5), a.flush())
+        .await
+        .expect("A's flush never returned")
+        .unwrap();
+    assert_eq!(
+        db.lock().unwrap().get("k").map(String::as_str),
+        Some("a"),
+        "the waiting write-behind was lost to two write-throughs that failed"
+    );
+    for x in [a, b, c] {
+        x.shutdown().await.unwrap();
+    }
+}
+
+/// Two instances each waiting, in a flush, for the other's write-through of a key of its batch
+/// (busy), both write-throughs then stored: each acknowledges its own stored direct write while
+/// it waits, so both flushes end at once. Before, a worker acknowledged only between batches,
+/// and each waited out the other's lease (review, helper-89 #3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_waiting_on_each_others_write_throughs_do_not_wait_a_lease() {
+    let server = RedisServer::start().unwrap();
+    let (cp, cq) = (cache(&server, "").await, cache(&server, "").await);
+    let (p, q) = (
+        durable_strategies_leased(&cp, SLOW_LEASE).await,
+        durable_strategies_leased(&cq, SLOW_LEASE).await,
+    );
+    let (store, db) = database("mutual");
+    p.write_behind_queue(&store).await.unwrap();
+    q.write_behind_queue(&store).await.unwrap();
+    // P waits to persist `y`, Q to persist `x`.
+    p.write_behind("y", &"p-y".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    q.write_behind("x", &"q-x".to_string(), HOUR, &store, HOUR)
+        .await
+        .unwrap();
+    // P writes `x` through, Q writes `y` through: both store calls hang.
+    db.hang.store(true, Ordering::SeqCst);
+    let calls = db.calls();
+    let through = |s: &CacheStrategies, k: &'static str, v: &'static str| {
+        let (s, store) = (s.clone(), store.clone());
+        tokio::spawn(async move { s.write_through(k, &v.to_string(), HOUR, &store).await })
+    };
+    let (px, qy) = (through(&p, "x", "p-x"), through(&q, "y", "q-y"));
+    assert!(
+        eventually(Duration::from_secs(5), || db.calls() >= calls + 2).await,
+        "the write-throughs never reached the store"
+    );
+    // Each flush finds its key busy with the other's write-through.
+    let flush = |s: &CacheStrategies| {
+        let s = s.clone();
+        tokio::spawn(async move { s.flush().await })
+    };
+    let (fp, fq) = (flush(&p), flush(&q));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.hang.store(false, Ordering::SeqCst);
+    px.await.unwrap().unwrap();
+    qy.await.unwrap().unwrap();
+    let started = Instant::now();
+    for f in [fp, fq] {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("a flush never returned")
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        started.elapsed() < SLOW_LEASE / 2,
+        "the flushes waited {:?} for write-throughs already stored",
+        started.elapsed()
+    );
+    assert_eq!(db.get("x").as_deref(), Some("p-x"));
+    assert_eq!(db.get("y").as_deref(), Some("q-y"));
+    p.shutdown().await.unwrap();
+    q.shutdown().await.unwrap();
 }

@@ -14,6 +14,9 @@
 //! - `{prefix}__ncm:wb:{<name>}:pinned` — hash: key → id of the newer write that an older write
 //!   of the key was acknowledged as superseded by. That write can no longer be withdrawn (see
 //!   below); removed with the key's other records.
+//! - `{prefix}__ncm:wb:{<name>}:gone` — hash: key → its last withdrawn ids (at most 16), so a
+//!   withdrawal tells a replaced write that was persisted from one withdrawn too; removed with
+//!   the key's other records.
 //!
 //! **Order and fencing.** Before a batch goes to the store, one script checks each entry: still
 //! in this consumer's pending list (else another process adopted it while this one stalled: it
@@ -172,6 +175,7 @@ if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 and mine and ARGV[3] ~= '' then
     redis.call('HDEL', KEYS[3], ARGV[3])
     redis.call('HDEL', KEYS[2], ARGV[3])
     redis.call('HDEL', KEYS[5], ARGV[3])
+    redis.call('HDEL', KEYS[6], ARGV[3])
   end
 end
 return 1
@@ -179,10 +183,12 @@ return 1
     )
 });
 
-/// Withdraws an appended entry that was not acknowledged (its cache write failed): removes it
-/// like an acknowledgment and gives the key's newest-id record back to ARGV[4], the entry it
-/// replaced, when that one is still in the stream. Refused (0, nothing changed) when the entry
-/// is pinned in KEYS[4]: an older write of the key was acknowledged as superseded by it.
+/// Withdraws an appended entry that was not acknowledged (its cache write or its direct
+/// write's store call failed): removes it like an acknowledgment and gives the key's newest-id
+/// record back to ARGV[4], the entry it replaced, when that one is still in the stream or was
+/// acknowledged (not when it was withdrawn too: KEYS[5] keeps the key's last withdrawn ids
+/// while it has entries). Refused (0, nothing changed) when the entry is pinned in KEYS[4]: an
+/// older write of the key was acknowledged as superseded by it.
 static WITHDRAW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -194,28 +200,35 @@ if redis.call('XDEL', KEYS[1], id) == 1 then
     redis.call('HDEL', KEYS[3], key)
     redis.call('HDEL', KEYS[2], key)
     redis.call('HDEL', KEYS[4], key)
+    redis.call('HDEL', KEYS[5], key)
     return 1
   end
 end
--- Entries of the key are left: the write this one replaced as newest is the newest again,
--- also when it is acknowledged already (persisted): the older ones left must still be told
--- from it (review, helper-88 #1: deleting the record let an older dead letter be persisted
--- over it).
+-- Entries of the key are left. The write this one replaced as newest is the newest again
+-- while it is journaled, and also once acknowledged (persisted: the older entries left must
+-- still be told from it; review, helper-88 #1) — not when it was taken back too (review,
+-- helper-89 #1): then no write is the newest, and each left is persisted.
+local gone = redis.call('HGET', KEYS[5], key) or ','
 if redis.call('HGET', KEYS[2], key) == id then
-  if prev ~= '' then
+  if prev ~= '' and (#redis.call('XRANGE', KEYS[1], prev, prev) > 0
+      or not string.find(gone, ',' .. prev .. ',', 1, true)) then
     redis.call('HSET', KEYS[2], key, prev)
   else
     redis.call('HDEL', KEYS[2], key)
   end
 end
+gone = gone .. id .. ','
+local n = select(2, string.gsub(gone, ',', ','))
+while n > 17 do
+  gone = (string.gsub(gone, '^,[^,]*', '', 1))
+  n = n - 1
+end
+redis.call('HSET', KEYS[5], key, gone)
 return 1
 ",
     )
 });
 
-/// Removes consumer ARGV[2] from the group and the member set — only if it has nothing pending
-/// and (ARGV[3] = `dead`) its lease KEYS[3] is gone, checked in the same step: a consumer that
-/// resumed and appended meanwhile keeps its entry.
 static REMOVE_CONSUMER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -255,6 +268,7 @@ for i = 2, #ARGV, 2 do
       redis.call('HDEL', KEYS[3], key)
       redis.call('HDEL', KEYS[2], key)
       redis.call('HDEL', KEYS[4], key)
+      redis.call('HDEL', KEYS[5], key)
     end
   end
 end
@@ -274,6 +288,10 @@ pub(crate) struct RedisJournal<V> {
     /// Hash: key → id of a write that may no longer be withdrawn (an older one was
     /// acknowledged as superseded by it).
     pinned: String,
+    /// Hash: key → the last ids of its writes taken back (`,`-separated, at most 16), while
+    /// other entries of the key are left: a withdrawal whose replaced write is gone tells a
+    /// persisted one (the newest again) from one taken back too.
+    gone: String,
     /// Stream of entries that cannot be decoded, moved out of the journal for inspection.
     dead: String,
     members: String,
@@ -317,6 +335,7 @@ impl<V: QueueValue> RedisJournal<V> {
             newest: ks.reserved_key(&format!("{base}:newest"))?,
             counts: ks.reserved_key(&format!("{base}:counts"))?,
             pinned: ks.reserved_key(&format!("{base}:pinned"))?,
+            gone: ks.reserved_key(&format!("{base}:gone"))?,
             dead: ks.reserved_key(&format!("{base}:dead"))?,
             members: ks.reserved_key(&format!("{base}:consumers"))?,
             alive_prefix: ks.reserved_key(&format!("{base}:alive:"))?,
@@ -555,6 +574,7 @@ impl<V: QueueValue> RedisJournal<V> {
                     self.counts.clone(),
                     self.dead.clone(),
                     self.pinned.clone(),
+                    self.gone.clone(),
                 ],
                 &args,
             )
@@ -591,6 +611,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                     self.newest.clone(),
                     self.counts.clone(),
                     self.pinned.clone(),
+                    self.gone.clone(),
                 ],
                 &args,
             )
@@ -692,6 +713,7 @@ impl<V: QueueValue> Journal<V> for RedisJournal<V> {
                         self.newest.clone(),
                         self.counts.clone(),
                         self.pinned.clone(),
+                        self.gone.clone(),
                     ],
                     &args,
                 )

@@ -673,6 +673,18 @@ impl<V: QueueValue> Shared<V> {
         let result = loop {
             attempts += 1;
             let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
+                // A write-through of a key of the batch is in its store call (another
+                // process's, or this one's): asked again shortly, without spending the store's
+                // retries or counting as a journal outage. The journal answers "busy" for at
+                // most a lease from that write's entry, so this ends. Meanwhile this process's
+                // own stored direct writes are acknowledged: another process's batch may be
+                // waiting for one of them while this one waits for its (review, helper-89 #2/#3).
+                Ok(Fenced::Busy) => {
+                    attempts -= 1;
+                    self.ack(Vec::new()).await;
+                    tokio::time::sleep(JOURNAL_PAUSE).await;
+                    continue;
+                }
                 Err(e) => {
                     let wait = e.is_retryable() && {
                         let mut st = lock(&self.state);
@@ -700,11 +712,11 @@ impl<V: QueueValue> Shared<V> {
                     journal = true;
                     Err(e)
                 }
-                Ok(()) if entries.is_empty() => {
+                Ok(Fenced::Done) if entries.is_empty() => {
                     lock(&self.state).journal_answered();
                     break Ok(());
                 }
-                Ok(()) => {
+                Ok(Fenced::Done) => {
                     lock(&self.state).journal_answered();
                     journal = false;
                     self.stats.add(Counter::StoreCalls, 1);
@@ -762,12 +774,12 @@ impl<V: QueueValue> Shared<V> {
         entries: &mut Vec<(String, V)>,
         meta: &mut Vec<(Version, Vec<Version>)>,
         acks: &mut Vec<(String, Version)>,
-    ) -> Result<()> {
+    ) -> Result<Fenced> {
         let Some(journal) = &self.journal else {
-            return Ok(());
+            return Ok(Fenced::Done);
         };
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Fenced::Done);
         }
         let asked: Vec<(&str, Version)> = entries
             .iter()
@@ -775,13 +787,10 @@ impl<V: QueueValue> Shared<V> {
             .map(|((key, _), (version, _))| (key.as_str(), *version))
             .collect();
         let verdicts = journal.fence(&asked).await?;
-        // A write-through of a key of this batch is in its store call: the batch waits (as
-        // for a journal outage, up to a lease) and asks again, so that its outcome decides.
+        // A write-through of a key of this batch is in its store call: asked again later, so
+        // that its outcome decides (see `attempt`).
         if verdicts.contains(&Verdict::Busy) {
-            return Err(CacheError::Timeout {
-                operation: "write-behind fence (a write-through of a key in the batch is under way)",
-                after: JOURNAL_PAUSE,
-            });
+            return Ok(Fenced::Busy);
         }
         let (mut superseded, mut lost) = (0u64, 0u64);
         let mut kept_entries = Vec::with_capacity(entries.len());
@@ -849,7 +858,7 @@ impl<V: QueueValue> Shared<V> {
         if lost > 0 {
             tracing::warn!(queue = %self.name, lost, "writes adopted by another process while this one stalled; not persisting them here");
         }
-        Ok(())
+        Ok(Fenced::Done)
     }
 
     /// The value of `newest`, a write of `key` pending under this consumer that supersedes one
@@ -1047,6 +1056,14 @@ impl<V: QueueValue> Drop for Unfinished<'_, V> {
     }
 }
 
+/// What a fence left of a batch.
+enum Fenced {
+    /// The batch holds what is to be persisted.
+    Done,
+    /// A direct write of one of its keys is in its store call: ask again later.
+    Busy,
+}
+
 pub(crate) enum Step {
     Persisted,
     Idle(Option<Instant>),
@@ -1172,9 +1189,9 @@ impl<V: QueueValue> DirectWrite<'_, V> {
 
     /// The store call failed: the direct write's journal entry is taken back (other processes'
     /// older writes of the key, which waited for it, are the newest again). A withdrawal
-    /// refused (the entry pinned: not expected for a direct write, whose fence answers "busy"
-    /// instead) or failing queues it here, persisted later. (Cancelled here, it is queued
-    /// too, on drop.)
+    /// refused (the entry pinned: another process's fence took it for a newer write once its
+    /// "busy" lease passed, a store call longer than a lease) or failing queues it here,
+    /// persisted later. (Cancelled here, it is queued too, on drop.)
     pub(crate) async fn failed(&mut self) {
         let Some((appended, _)) = &self.journaled else {
             return;
