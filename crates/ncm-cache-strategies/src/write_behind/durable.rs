@@ -55,32 +55,20 @@ use super::state::{Appended, CacheSink, Journal, Recovered, Verdict, Version};
 const GROUP: &str = "ncm-wb";
 const CLAIM_BATCH: usize = 500;
 
-/// XADD, the entry into the writer's pending list, and the key's newest id — one step.
+/// XADD, the entry into the writer's pending list, and the key's newest id — one step. With
+/// ARGV[5] = `d`, a write-through's or write-around's entry (a direct write, marked `d`),
+/// appended only when the key has journaled writes (ARGV[3] in the counts hash KEYS[3]): one
+/// is then superseded by it; `{'', ''}` when nothing was appended.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1')
-local r = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
-if type(r) == 'table' and r.err then
-  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
+local id
+if ARGV[5] == 'd' then
+  if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'', ''} end
+  id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1', 'd', '1')
+else
+  id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1')
 end
-local prev = redis.call('HGET', KEYS[2], ARGV[3]) or ''
-redis.call('HSET', KEYS[2], ARGV[3], id)
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-return {id, prev}
-",
-    )
-});
-
-/// [`APPEND`] for a write-through or write-around (a direct write, marked `d`), only when the
-/// key has journaled writes (ARGV[3] in the counts hash KEYS[3]): one is then superseded by
-/// it. Returns `{'', ''}` when nothing was appended.
-static APPEND_DIRECT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('HEXISTS', KEYS[3], ARGV[3]) == 0 then return {'', ''} end
-local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[3], 'v', ARGV[4], 'c', '1', 'd', '1')
 local r = redis.pcall('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'FORCE', 'JUSTID')
 if type(r) == 'table' and r.err then
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
@@ -520,21 +508,21 @@ impl<V: QueueValue> RedisJournal<V> {
         }
     }
 
-    /// Runs an append script ([`APPEND`] or [`APPEND_DIRECT`]); `None` when it appended
-    /// nothing.
-    async fn append_with(&self, script: &Script, key: &str, value: &V) -> Result<Option<Appended>> {
+    /// Runs [`APPEND`] (`direct`: a write-through's entry); `None` when it appended nothing.
+    async fn append_with(&self, direct: bool, key: &str, value: &V) -> Result<Option<Appended>> {
         let encoded = self.codec.encode(&[&self.stream, "\0", key], value)?;
         let args = vec![
             GROUP.as_bytes().to_vec(),
             self.consumer.as_bytes().to_vec(),
             key.as_bytes().to_vec(),
             encoded.to_vec(),
+            if direct { b"d".to_vec() } else { Vec::new() },
         ];
         let (id, prev): (String, String) = self
             .backend
             .eval_script(
                 Operation::Set,
-                script,
+                &APPEND,
                 &[
                     self.stream.clone(),
                     self.newest.clone(),
@@ -586,13 +574,13 @@ impl<V: QueueValue> RedisJournal<V> {
 #[async_trait]
 impl<V: QueueValue> Journal<V> for RedisJournal<V> {
     async fn append(&self, key: &str, value: &V) -> Result<Appended> {
-        self.append_with(&APPEND, key, value)
+        self.append_with(false, key, value)
             .await?
             .ok_or_else(|| CacheError::backend("XADD returned no id".to_owned(), None))
     }
 
     async fn append_direct(&self, key: &str, value: &V) -> Result<Option<Appended>> {
-        self.append_with(&APPEND_DIRECT, key, value).await
+        self.append_with(true, key, value).await
     }
 
     async fn withdraw(&self, key: &str, appended: Appended) -> Result<bool> {
