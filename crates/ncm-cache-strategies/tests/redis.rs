@@ -2180,3 +2180,97 @@ async fn two_instances_waiting_on_each_others_write_throughs_do_not_wait_a_lease
     p.shutdown().await.unwrap();
     q.shutdown().await.unwrap();
 }
+
+/// An older dead letter of `k`, a newer `c1` persisted and acknowledged, then two overlapping
+/// write-throughs of `k` (B's, then C's) that both fail, B's taken back first: the newest
+/// record goes back along the chain to `c1`, and the replayed dead letter is superseded by it
+/// (review, helper-90: with the second withdrawal finding the first's entry taken back, the
+/// record was deleted, and the dead letter was persisted over `c1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_failed_write_throughs_leaves_an_older_dead_letter_superseded() {
+    let server = RedisServer::start().unwrap();
+    let caches = [
+        cache(&server, "").await,
+        cache(&server, "").await,
+        cache(&server, "").await,
+    ];
+    let mut s = Vec::new();
+    for c in &caches {
+        s.push(durable_strategies_leased(c, SLOW_LEASE).await);
+    }
+    let (a, b, c) = (&s[0], &s[1], &s[2]);
+    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let refuse_a0 = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
+    let [d1_entered, d1_gate, d2_entered, d2_gate] = gates.clone();
+    let store = {
+        let (db, refuse_a0) = (Arc::clone(&db), Arc::clone(&refuse_a0));
+        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+            let (db, gates, refuse_a0) = (Arc::clone(&db), gates.clone(), Arc::clone(&refuse_a0));
+            async move {
+                let [d1_entered, d1_gate, d2_entered, d2_gate] = gates;
+                if rows.iter().any(|(_, v)| v == "a0") && refuse_a0.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other("refused"));
+                }
+                if rows.iter().any(|(_, v)| v == "d1") {
+                    d1_entered.notify_one();
+                    d1_gate.notified().await;
+                    return Err(std::io::Error::other("refused"));
+                }
+                if rows.iter().any(|(_, v)| v == "d2") {
+                    d2_entered.notify_one();
+                    d2_gate.notified().await;
+                    return Err(std::io::Error::other("refused"));
+                }
+                db.lock().unwrap().extend(rows);
+                Ok(())
+            }
+        })
+        .named("chain")
+    };
+    let queue_a = a.write_behind_queue(&store).await.unwrap();
+    b.write_behind_queue(&store).await.unwrap();
+    c.write_behind_queue(&store).await.unwrap();
+    a.write_behind("k", &"a0".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || queue_a.dead_letters().len() == 1).await,
+        "a0 never became a dead letter"
+    );
+    refuse_a0.store(false, Ordering::SeqCst);
+    b.write_behind("k", &"c1".to_string(), HOUR, &store, Duration::ZERO)
+        .await
+        .unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(db.lock().unwrap().get("k").map(String::as_str), Some("c1"));
+    let entered = |n: &Arc<tokio::sync::Notify>| {
+        let n = Arc::clone(n);
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), n.notified())
+                .await
+                .expect("the store was never called");
+        }
+    };
+    let through = |x: &CacheStrategies, v: &'static str| {
+        let (x, store) = (x.clone(), store.clone());
+        tokio::spawn(async move { x.write_through("k", &v.to_string(), HOUR, &store).await })
+    };
+    let d1 = through(b, "d1");
+    entered(&d1_entered).await;
+    let d2 = through(c, "d2");
+    entered(&d2_entered).await;
+    d1_gate.notify_one();
+    assert!(d1.await.unwrap().is_err());
+    d2_gate.notify_one();
+    assert!(d2.await.unwrap().is_err());
+    queue_a.replay_dead_letters().await.unwrap();
+    assert_eq!(
+        db.lock().unwrap().get("k").map(String::as_str),
+        Some("c1"),
+        "a replayed older dead letter was persisted over a newer write"
+    );
+    for x in [a, b, c] {
+        x.shutdown().await.unwrap();
+    }
+}

@@ -14,9 +14,9 @@
 //! - `{prefix}__ncm:wb:{<name>}:pinned` — hash: key → id of the newer write that an older write
 //!   of the key was acknowledged as superseded by. That write can no longer be withdrawn (see
 //!   below); removed with the key's other records.
-//! - `{prefix}__ncm:wb:{<name>}:gone` — hash: key → its last withdrawn ids (at most 16), so a
-//!   withdrawal tells a replaced write that was persisted from one withdrawn too; removed with
-//!   the key's other records.
+//! - `{prefix}__ncm:wb:{<name>}:gone` — hash: key → its withdrawn entries and what each
+//!   replaced as newest (up to 256, then marked as overflowed), so a withdrawal finds the newest
+//!   write left (still journaled, or persisted); removed with the key's other records.
 //!
 //! **Order and fencing.** Before a batch goes to the store, one script checks each entry: still
 //! in this consumer's pending list (else another process adopted it while this one stalled: it
@@ -173,10 +173,11 @@ return 1
 
 /// Withdraws an appended entry that was not acknowledged (its cache write or its direct
 /// write's store call failed): removes it like an acknowledgment and gives the key's newest-id
-/// record back to ARGV[4], the entry it replaced, when that one is still in the stream or was
-/// acknowledged (not when it was withdrawn too: KEYS[5] keeps the key's last withdrawn ids
-/// while it has entries). Refused (0, nothing changed) when the entry is pinned in KEYS[4]: an
-/// older write of the key was acknowledged as superseded by it.
+/// record back to ARGV[4], the entry it replaced — or, when that one was withdrawn too, to the
+/// first of the chain of replaced entries still in the stream or acknowledged (KEYS[5] keeps
+/// the key's withdrawn entries and what each replaced, while it has entries). Refused (0,
+/// nothing changed) when the entry is pinned in KEYS[4]: an older write of the key was
+/// acknowledged as superseded by it.
 static WITHDRAW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -192,24 +193,32 @@ if redis.call('XDEL', KEYS[1], id) == 1 then
     return 1
   end
 end
--- Entries of the key are left. The write this one replaced as newest is the newest again
--- while it is journaled, and also once acknowledged (persisted: the older entries left must
--- still be told from it; review, helper-88 #1) — not when it was taken back too (review,
--- helper-89 #1): then no write is the newest, and each left is persisted.
+-- Entries of the key are left. The newest is again the write this one replaced or, when that
+-- one was taken back too, the one it replaced, and so on: the first still journaled, or
+-- acknowledged (persisted; review, helper-88 #1, helper-89 #1, helper-90). KEYS[5] keeps the
+-- key's taken-back writes as `,id=prev,` while it has entries; past 256 of them it is marked
+-- `!` and a chain that leaves it is unknown: no write is the newest, each left is persisted.
 local gone = redis.call('HGET', KEYS[5], key) or ','
 if redis.call('HGET', KEYS[2], key) == id then
-  if prev ~= '' and (#redis.call('XRANGE', KEYS[1], prev, prev) > 0
-      or not string.find(gone, ',' .. prev .. ',', 1, true)) then
-    redis.call('HSET', KEYS[2], key, prev)
+  local at, known = prev, true
+  for _ = 1, 300 do
+    if at == '' or #redis.call('XRANGE', KEYS[1], at, at) > 0 then break end
+    local nxt = string.match(gone, ',' .. string.gsub(at, '%-', '%%-') .. '=([^,]*),')
+    if nxt == nil then
+      known = string.sub(gone, 1, 1) ~= '!'
+      break
+    end
+    at = nxt
+  end
+  if at ~= '' and known then
+    redis.call('HSET', KEYS[2], key, at)
   else
     redis.call('HDEL', KEYS[2], key)
   end
 end
-gone = gone .. id .. ','
-local n = select(2, string.gsub(gone, ',', ','))
-while n > 17 do
-  gone = (string.gsub(gone, '^,[^,]*', '', 1))
-  n = n - 1
+gone = gone .. id .. '=' .. prev .. ','
+if select(2, string.gsub(gone, '=', '=')) > 256 then
+  gone = '!' .. string.gsub(gone, '^!?,[^,]*', '', 1)
 end
 redis.call('HSET', KEYS[5], key, gone)
 return 1
@@ -276,9 +285,9 @@ pub(crate) struct RedisJournal<V> {
     /// Hash: key → id of a write that may no longer be withdrawn (an older one was
     /// acknowledged as superseded by it).
     pinned: String,
-    /// Hash: key → the last ids of its writes taken back (`,`-separated, at most 16), while
-    /// other entries of the key are left: a withdrawal whose replaced write is gone tells a
-    /// persisted one (the newest again) from one taken back too.
+    /// Hash: key → its writes taken back and what each replaced (`,id=prev,`…, up to 256),
+    /// while other entries of the key are left: a withdrawal whose replaced write is gone
+    /// follows the chain to the newest write left (see [`WITHDRAW`]).
     gone: String,
     /// Stream of entries that cannot be decoded, moved out of the journal for inspection.
     dead: String,

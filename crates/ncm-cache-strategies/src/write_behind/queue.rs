@@ -670,6 +670,7 @@ impl<V: QueueValue> Shared<V> {
         let outage = None::<Duration>;
         let mut journal_tries = 0u32;
         let mut journal = false;
+        let mut busy_since: Option<Instant> = None;
         let result = loop {
             attempts += 1;
             let attempt = match self.fence(&mut entries, &mut meta, &mut out.acks).await {
@@ -679,11 +680,21 @@ impl<V: QueueValue> Shared<V> {
                 // most a lease from that write's entry, so this ends. Meanwhile this process's
                 // own stored direct writes are acknowledged: another process's batch may be
                 // waiting for one of them while this one waits for its (review, helper-89 #2/#3).
+                // (Bounded here too, at two leases: a Redis clock stepped back would stretch
+                // the journal's own bound; past it the batch fails as after a journal outage.)
                 Ok(Fenced::Busy) => {
-                    attempts -= 1;
-                    self.ack(Vec::new()).await;
-                    tokio::time::sleep(JOURNAL_PAUSE).await;
-                    continue;
+                    let since = *busy_since.get_or_insert_with(Instant::now);
+                    if outage.is_some_and(|lease| since.elapsed() < lease.saturating_mul(2)) {
+                        attempts -= 1;
+                        self.ack(Vec::new()).await;
+                        tokio::time::sleep(JOURNAL_PAUSE).await;
+                        continue;
+                    }
+                    journal = true;
+                    Err(CacheError::Timeout {
+                        operation: "write-behind fence (a write-through of a key of the batch stayed under way for two leases)",
+                        after: since.elapsed(),
+                    })
                 }
                 Err(e) => {
                     let wait = e.is_retryable() && {
