@@ -2036,86 +2036,124 @@ async fn a_failed_write_through_leaves_an_older_dead_letter_superseded() {
     b.shutdown().await.unwrap();
 }
 
+/// Three durable instances over one Redis and a store whose `d1` and `d2` calls wait for their
+/// gates and then fail (and whose `a0` fails while `refuse_a0`): the setting of the tests of
+/// failed write-throughs overlapping other instances' write-behinds.
+struct FailingThroughs {
+    _server: RedisServer,
+    s: Vec<CacheStrategies>,
+    db: Arc<Mutex<std::collections::HashMap<String, String>>>,
+    store: ncm_cache_strategies::Store<String>,
+    refuse_a0: Arc<std::sync::atomic::AtomicBool>,
+    gates: [Arc<tokio::sync::Notify>; 4],
+}
+
+impl FailingThroughs {
+    async fn start(name: &str) -> Self {
+        let server = RedisServer::start().unwrap();
+        let mut s = Vec::new();
+        for _ in 0..3 {
+            s.push(durable_strategies_leased(&cache(&server, "").await, SLOW_LEASE).await);
+        }
+        let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let refuse_a0 = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
+        let store = {
+            let (db, refuse_a0, gates) = (Arc::clone(&db), Arc::clone(&refuse_a0), gates.clone());
+            ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
+                let (db, refuse_a0) = (Arc::clone(&db), Arc::clone(&refuse_a0));
+                let [d1_entered, d1_gate, d2_entered, d2_gate] = gates.clone();
+                async move {
+                    if rows.iter().any(|(_, v)| v == "a0") && refuse_a0.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("refused"));
+                    }
+                    for (value, entered, gate) in
+                        [("d1", &d1_entered, &d1_gate), ("d2", &d2_entered, &d2_gate)]
+                    {
+                        if rows.iter().any(|(_, v)| v == value) {
+                            entered.notify_one();
+                            gate.notified().await;
+                            return Err(std::io::Error::other("refused"));
+                        }
+                    }
+                    db.lock().unwrap().extend(rows);
+                    Ok(())
+                }
+            })
+            .named(name)
+        };
+        for x in &s {
+            x.write_behind_queue(&store).await.unwrap();
+        }
+        Self {
+            _server: server,
+            s,
+            db,
+            store,
+            refuse_a0,
+            gates,
+        }
+    }
+
+    /// B writes `k` through (`d1`), then C (`d2`), both in their store calls at once; both
+    /// fail, B's first.
+    async fn fail_both(&self) {
+        let [d1_entered, d1_gate, d2_entered, d2_gate] = &self.gates;
+        let through = |x: &CacheStrategies, v: &'static str| {
+            let (x, store) = (x.clone(), self.store.clone());
+            tokio::spawn(async move { x.write_through("k", &v.to_string(), HOUR, &store).await })
+        };
+        let entered = |n: &Arc<tokio::sync::Notify>| {
+            let n = Arc::clone(n);
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), n.notified())
+                    .await
+                    .expect("the store was never called");
+            }
+        };
+        let d1 = through(&self.s[1], "d1");
+        entered(d1_entered).await;
+        let d2 = through(&self.s[2], "d2");
+        entered(d2_entered).await;
+        d1_gate.notify_one();
+        assert!(d1.await.unwrap().is_err());
+        d2_gate.notify_one();
+        assert!(d2.await.unwrap().is_err());
+    }
+
+    fn stored(&self, key: &str) -> Option<String> {
+        self.db.lock().unwrap().get(key).cloned()
+    }
+
+    async fn shutdown(&self) {
+        for x in &self.s {
+            x.shutdown().await.unwrap();
+        }
+    }
+}
+
 /// Two write-throughs of `k` (instances B and C) journaled after A's waiting write-behind, both
 /// failing, B's taken back first: A's write is persisted. The key's newest record went back to
 /// B's entry, itself taken back, and A's fence took A's write for superseded by it (review,
 /// helper-89 #1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_failed_write_throughs_leave_the_waiting_write_behind_to_persist() {
-    let server = RedisServer::start().unwrap();
-    let caches = [
-        cache(&server, "").await,
-        cache(&server, "").await,
-        cache(&server, "").await,
-    ];
-    let mut s = Vec::new();
-    for c in &caches {
-        s.push(durable_strategies_leased(c, SLOW_LEASE).await);
-    }
-    let (a, b, c) = (&s[0], &s[1], &s[2]);
-    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
-    let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
-    let [d1_entered, d1_gate, d2_entered, d2_gate] = gates.clone();
-    let store = {
-        let db = Arc::clone(&db);
-        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
-            let (db, gates) = (Arc::clone(&db), gates.clone());
-            async move {
-                let [d1_entered, d1_gate, d2_entered, d2_gate] = gates;
-                if rows.iter().any(|(_, v)| v == "d1") {
-                    d1_entered.notify_one();
-                    d1_gate.notified().await;
-                    return Err(std::io::Error::other("refused"));
-                }
-                if rows.iter().any(|(_, v)| v == "d2") {
-                    d2_entered.notify_one();
-                    d2_gate.notified().await;
-                    return Err(std::io::Error::other("refused"));
-                }
-                db.lock().unwrap().extend(rows);
-                Ok(())
-            }
-        })
-        .named("two-failed")
-    };
-    for x in [a, b, c] {
-        x.write_behind_queue(&store).await.unwrap();
-    }
-    let entered = |n: &Arc<tokio::sync::Notify>| {
-        let n = Arc::clone(n);
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), n.notified())
-                .await
-                .expect("the store was never called");
-        }
-    };
-    a.write_behind("k", &"a".to_string(), HOUR, &store, HOUR)
+    let f = FailingThroughs::start("two-failed").await;
+    let a = &f.s[0];
+    a.write_behind("k", &"a".to_string(), HOUR, &f.store, HOUR)
         .await
         .unwrap();
-    let through = |x: &CacheStrategies, v: &'static str| {
-        let (x, store) = (x.clone(), store.clone());
-        tokio::spawn(async move { x.write_through("k", &v.to_string(), HOUR, &store).await })
-    };
-    let d1 = through(b, "d1");
-    entered(&d1_entered).await;
-    let d2 = through(c, "d2");
-    entered(&d2_entered).await;
-    d1_gate.notify_one();
-    assert!(d1.await.unwrap().is_err());
-    d2_gate.notify_one();
-    assert!(d2.await.unwrap().is_err());
+    f.fail_both().await;
     tokio::time::timeout(Duration::from_secs(5), a.flush())
         .await
         .expect("A's flush never returned")
         .unwrap();
     assert_eq!(
-        db.lock().unwrap().get("k").map(String::as_str),
+        f.stored("k").as_deref(),
         Some("a"),
         "the waiting write-behind was lost to two write-throughs that failed"
     );
-    for x in [a, b, c] {
-        x.shutdown().await.unwrap();
-    }
+    f.shutdown().await;
 }
 
 /// Two instances each waiting, in a flush, for the other's write-through of a key of its batch
@@ -2188,89 +2226,28 @@ async fn two_instances_waiting_on_each_others_write_throughs_do_not_wait_a_lease
 /// record was deleted, and the dead letter was persisted over `c1`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_failed_write_throughs_leaves_an_older_dead_letter_superseded() {
-    let server = RedisServer::start().unwrap();
-    let caches = [
-        cache(&server, "").await,
-        cache(&server, "").await,
-        cache(&server, "").await,
-    ];
-    let mut s = Vec::new();
-    for c in &caches {
-        s.push(durable_strategies_leased(c, SLOW_LEASE).await);
-    }
-    let (a, b, c) = (&s[0], &s[1], &s[2]);
-    let db = Arc::new(Mutex::new(std::collections::HashMap::new()));
-    let refuse_a0 = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let gates: [Arc<tokio::sync::Notify>; 4] = Default::default();
-    let [d1_entered, d1_gate, d2_entered, d2_gate] = gates.clone();
-    let store = {
-        let (db, refuse_a0) = (Arc::clone(&db), Arc::clone(&refuse_a0));
-        ncm_cache_strategies::batch_store_fn(move |rows: Vec<(String, String)>| {
-            let (db, gates, refuse_a0) = (Arc::clone(&db), gates.clone(), Arc::clone(&refuse_a0));
-            async move {
-                let [d1_entered, d1_gate, d2_entered, d2_gate] = gates;
-                if rows.iter().any(|(_, v)| v == "a0") && refuse_a0.load(Ordering::SeqCst) {
-                    return Err(std::io::Error::other("refused"));
-                }
-                if rows.iter().any(|(_, v)| v == "d1") {
-                    d1_entered.notify_one();
-                    d1_gate.notified().await;
-                    return Err(std::io::Error::other("refused"));
-                }
-                if rows.iter().any(|(_, v)| v == "d2") {
-                    d2_entered.notify_one();
-                    d2_gate.notified().await;
-                    return Err(std::io::Error::other("refused"));
-                }
-                db.lock().unwrap().extend(rows);
-                Ok(())
-            }
-        })
-        .named("chain")
-    };
-    let queue_a = a.write_behind_queue(&store).await.unwrap();
-    b.write_behind_queue(&store).await.unwrap();
-    c.write_behind_queue(&store).await.unwrap();
-    a.write_behind("k", &"a0".to_string(), HOUR, &store, Duration::ZERO)
+    let f = FailingThroughs::start("chain").await;
+    let (a, b) = (&f.s[0], &f.s[1]);
+    let queue_a = a.write_behind_queue(&f.store).await.unwrap();
+    a.write_behind("k", &"a0".to_string(), HOUR, &f.store, Duration::ZERO)
         .await
         .unwrap();
     assert!(
         eventually(Duration::from_secs(5), || queue_a.dead_letters().len() == 1).await,
         "a0 never became a dead letter"
     );
-    refuse_a0.store(false, Ordering::SeqCst);
-    b.write_behind("k", &"c1".to_string(), HOUR, &store, Duration::ZERO)
+    f.refuse_a0.store(false, Ordering::SeqCst);
+    b.write_behind("k", &"c1".to_string(), HOUR, &f.store, Duration::ZERO)
         .await
         .unwrap();
     b.flush().await.unwrap();
-    assert_eq!(db.lock().unwrap().get("k").map(String::as_str), Some("c1"));
-    let entered = |n: &Arc<tokio::sync::Notify>| {
-        let n = Arc::clone(n);
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), n.notified())
-                .await
-                .expect("the store was never called");
-        }
-    };
-    let through = |x: &CacheStrategies, v: &'static str| {
-        let (x, store) = (x.clone(), store.clone());
-        tokio::spawn(async move { x.write_through("k", &v.to_string(), HOUR, &store).await })
-    };
-    let d1 = through(b, "d1");
-    entered(&d1_entered).await;
-    let d2 = through(c, "d2");
-    entered(&d2_entered).await;
-    d1_gate.notify_one();
-    assert!(d1.await.unwrap().is_err());
-    d2_gate.notify_one();
-    assert!(d2.await.unwrap().is_err());
+    assert_eq!(f.stored("k").as_deref(), Some("c1"));
+    f.fail_both().await;
     queue_a.replay_dead_letters().await.unwrap();
     assert_eq!(
-        db.lock().unwrap().get("k").map(String::as_str),
+        f.stored("k").as_deref(),
         Some("c1"),
         "a replayed older dead letter was persisted over a newer write"
     );
-    for x in [a, b, c] {
-        x.shutdown().await.unwrap();
-    }
+    f.shutdown().await;
 }
