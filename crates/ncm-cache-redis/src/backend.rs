@@ -106,7 +106,7 @@ impl RedisBackend {
         let cluster = conn.is_cluster();
         let batcher = config
             .auto_batch
-            .then(|| crate::batch::Batcher::new(cluster));
+            .then(|| crate::batch::Batcher::new(cluster, config.batches_on_own_socket()));
         let inner = Arc::new(Inner {
             conn,
             capabilities,
@@ -300,7 +300,7 @@ impl RedisBackend {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.load(Ordering::Relaxed) {
+        if self.inner.is_closed() {
             return Err(CacheError::Closed);
         }
         Ok(())
@@ -408,6 +408,11 @@ pub(crate) enum Retry {
 }
 
 impl Inner {
+    /// Whether the backend was closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     pub(crate) async fn run<T, F, Fut>(&self, op: Operation, retry: Retry, f: F) -> Result<T>
     where
         F: Fn(Handle) -> Fut,
@@ -821,11 +826,19 @@ impl CacheBackend for RedisBackend {
 
     async fn health_report(&self) -> HealthReport {
         let start = Instant::now();
-        let pong: Result<String> = self
-            .run(Operation::HealthCheck, Idempotent::No, |mut h| async move {
-                redis::cmd("PING").query_async(&mut h).await
+        let ping = || {
+            self.run(Operation::HealthCheck, Idempotent::No, |mut h| async move {
+                redis::cmd("PING").query_async::<String>(&mut h).await
             })
-            .await;
+        };
+        let mut pong = ping().await;
+        // With batches on their own connection, the pool's connections may sit idle through a
+        // restart: the first call on one meets the dropped connection (and its manager then
+        // reconnects). That is a stale connection, not an unhealthy server: asked once more.
+        if matches!(&pong, Err(e) if e.is_connection()) && self.inner.config.batches_on_own_socket()
+        {
+            pong = ping().await;
+        }
         let latency = start.elapsed();
         let topology = if self.is_cluster() {
             "cluster"

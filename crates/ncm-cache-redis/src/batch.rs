@@ -136,17 +136,22 @@ pub(crate) struct Batcher {
     /// On a cluster: which primary owns each slot, to send a batch's reads as one pipeline per
     /// primary (writes are not batched there).
     cluster: Option<Owners>,
+    /// The batches' own connection, for reads and writes (`RedisConfig::batch_socket`: see
+    /// `wire.rs`); `None`: batches go on the pool's connections.
+    wire: Option<crate::wire::Wire>,
 }
 
 impl Batcher {
-    /// Queues of a backend connected on the current runtime (`cluster`: to a Redis Cluster).
-    pub(crate) fn new(cluster: bool) -> Self {
+    /// Queues of a backend connected on the current runtime (`cluster`: to a Redis Cluster;
+    /// `own_sockets`: batches on connections of their own, see `wire.rs`).
+    pub(crate) fn new(cluster: bool, own_socket: bool) -> Self {
         Self {
             gets: Lane::default(),
             sets: Lane::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             runtime_gone: AtomicBool::new(false),
             cluster: cluster.then(Owners::default),
+            wire: (own_socket && !cluster).then(crate::wire::Wire::default),
         }
     }
 
@@ -166,13 +171,13 @@ impl Batcher {
     }
 }
 
-/// Runs `work` in a task on [`runtime_for`]'s runtime, or here when there is none. A task
+/// Runs `work` in a task on [`runtime_of`]'s runtime, or here when there is none. A task
 /// dropped before it ran (its runtime shut down: tokio drops what is spawned on it) marks that
 /// runtime gone, so later work runs on its caller's runtime (review, helper-76: on a cluster,
 /// whose writes are not batched, few concurrent reads never start a slot's task, and the
 /// parts of every batch and the slot-map looks went on being spawned there and dropped).
 async fn spawn_work(inner: &Arc<Inner>, work: impl Future<Output = ()> + Send + 'static) {
-    match runtime_for(inner) {
+    match runtime_of(inner) {
         Some(runtime) => spawn_marked(inner, &runtime, work),
         None => work.await,
     }
@@ -202,9 +207,9 @@ fn spawn_marked(
     }));
 }
 
-/// The runtime a batch task runs on: the one the cache connected on while it runs, else the
-/// caller's (`None` outside any runtime).
-fn runtime_for(inner: &Inner) -> Option<tokio::runtime::Handle> {
+/// The runtime a batch task (and a batch connection's reader) runs on: the one the cache
+/// connected on while it runs, else the caller's (`None` outside any runtime).
+pub(crate) fn runtime_of(inner: &Inner) -> Option<tokio::runtime::Handle> {
     match inner.batcher.as_ref() {
         Some(b) if !b.runtime_gone.load(Ordering::Acquire) => b.runtime.clone(),
         _ => None,
@@ -216,7 +221,7 @@ fn runtime_for(inner: &Inner) -> Option<tokio::runtime::Handle> {
 /// down) hands slot and batch on through the slot's drop.
 fn spawn<R: Weight + Send + 'static>(slot: Slot<R>) {
     let flush = slot.flush;
-    match runtime_for(&slot.inner) {
+    match runtime_of(&slot.inner) {
         Some(runtime) => drop(runtime.spawn(flush(slot))),
         // No runtime: the slot's drop gives the calls back as abandoned.
         None => drop(slot),
@@ -718,6 +723,9 @@ async fn ask(inner: &Inner, keys: &[&str]) -> (Result<Answers>, u32) {
     {
         return ask_cluster(inner, owners, keys).await;
     }
+    if let Some(wire) = inner.batcher.as_ref().and_then(|b| b.wire.as_ref()) {
+        return ask_on(inner, wire, keys).await;
+    }
     if let [key] = keys {
         let r = get_alone(inner, key).await;
         let pending = u32::from(counted_by_run(&r));
@@ -757,6 +765,64 @@ async fn ask(inner: &Inner, keys: &[&str]) -> (Result<Answers>, u32) {
     // every caller. Asked again key by key (one pipeline), each caller gets its own answer.
     let r = match r {
         Err(CacheError::Auth(_)) => {
+            let again = get_each(inner, keys).await;
+            pending += u32::from(counted_by_run(&again));
+            again
+        }
+        r => r,
+    };
+    (r, pending)
+}
+
+/// [`ask`] on the batch's own connection: one `GET` or `MGET` (an `MGET` refused by an ACL
+/// asked again key by key on the pool's connections).
+async fn ask_on(inner: &Inner, wire: &crate::wire::Wire, keys: &[&str]) -> (Result<Answers>, u32) {
+    use crate::wire::{Reply, arg, header};
+    let timeout = inner.config.response_timeout;
+    let mut bytes = Vec::with_capacity(16 + keys.iter().map(|k| k.len() + 16).sum::<usize>());
+    header(&mut bytes, keys.len() + 1);
+    arg(&mut bytes, if keys.len() == 1 { b"GET" } else { b"MGET" });
+    for k in keys {
+        arg(&mut bytes, k.as_bytes());
+    }
+    let n = keys.len();
+    let r = crate::wire::run(
+        inner,
+        wire,
+        Operation::Get,
+        true,
+        &bytes,
+        1,
+        |mut replies| {
+            let reply = replies.pop().unwrap_or(Reply::Nil);
+            let values = match reply {
+                Reply::Array(values) if n > 1 && values.len() == n => values,
+                Reply::Array(values) if n > 1 => {
+                    return Err(CacheError::Backend {
+                        message: format!("MGET of {n} keys answered {} values", values.len()),
+                        source: None,
+                    });
+                }
+                Reply::Error(e) => return Err(crate::wire::server_error(&e, "get", timeout)),
+                one if n == 1 => vec![one],
+                other => {
+                    return Err(CacheError::Backend {
+                        message: format!("MGET of {n} keys answered {other:?}"),
+                        source: None,
+                    });
+                }
+            };
+            values
+                .into_iter()
+                .map(|v| v.into_value("get", timeout))
+                .collect::<Result<Vec<_>>>()
+                .map(Answers::All)
+        },
+    )
+    .await;
+    let mut pending = u32::from(counted_by_run(&r));
+    let r = match r {
+        Err(CacheError::Auth(_)) if n > 1 => {
             let again = get_each(inner, keys).await;
             pending += u32::from(counted_by_run(&again));
             again
@@ -859,6 +925,9 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
 /// before that is left out. Every caller gets its own command's outcome (an error reply
 /// reaches only its call) or the pipeline's failure.
 async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
+    if let Some(wire) = inner.batcher.as_ref().and_then(|b| b.wire.as_ref()) {
+        return send_sets_on(inner, wire, batch).await;
+    }
     let timeout = inner.config.response_timeout;
     let calls = &*batch;
     type Sent = (
@@ -944,6 +1013,95 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
     }
 }
 
+/// [`send_sets`] on the batch's own connection: the writes are claimed once it is up, then
+/// written as one pipeline of `SET`s.
+async fn send_sets_on(inner: &Inner, wire: &crate::wire::Wire, batch: &mut Vec<Set>) {
+    use crate::wire::{arg, header};
+    let timeout = inner.config.response_timeout;
+    let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
+    let link = if inner.is_closed() {
+        Err(CacheError::Closed)
+    } else {
+        wire.ready(&inner.config, runtime_of(inner)).await
+    };
+    let link = match link {
+        Ok(link) => link,
+        Err(e) => {
+            // Nothing was claimed: counted once per call, as a failed pipeline is.
+            let mut pending = 0;
+            for call in calls.into_iter().flatten() {
+                deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
+            }
+            return;
+        }
+    };
+    // Claimed now, with the connection up: from here the write is the caller's to wait for.
+    let sent: Vec<usize> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| {
+            s.as_ref().is_some_and(|s| {
+                s.state
+                    .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if sent.is_empty() {
+        return;
+    }
+    let mut bytes = Vec::with_capacity(
+        sent.iter()
+            .filter_map(|&i| calls[i].as_ref())
+            .map(|s| s.key.len() + s.value.len() + 64)
+            .sum(),
+    );
+    for &i in &sent {
+        let Some(s) = calls[i].as_ref() else { continue };
+        match s.ttl {
+            Some(ttl) => {
+                header(&mut bytes, 5);
+                arg(&mut bytes, b"SET");
+                arg(&mut bytes, s.key.as_bytes());
+                arg(&mut bytes, &s.value);
+                arg(&mut bytes, b"PX");
+                arg(&mut bytes, commands::millis(ttl).to_string().as_bytes());
+            }
+            None => {
+                header(&mut bytes, 3);
+                arg(&mut bytes, b"SET");
+                arg(&mut bytes, s.key.as_bytes());
+                arg(&mut bytes, &s.value);
+            }
+        }
+    }
+    let start = Instant::now();
+    let r = crate::wire::ask(&link, "set", &bytes, sent.len()).await;
+    inner.stats.latency(Operation::Set, start.elapsed());
+    let mut pending = 0;
+    match r {
+        Ok(replies) => {
+            let mut replies = replies.into_iter();
+            for i in sent {
+                let Some(call) = calls.get_mut(i).and_then(Option::take) else {
+                    continue;
+                };
+                let answer = match replies.next() {
+                    Some(reply) => reply.into_status("set", timeout),
+                    None => Err(abandoned()),
+                };
+                deliver(inner, Operation::Set, call.tx, answer, &mut pending);
+            }
+        }
+        Err(e) => {
+            for call in calls.into_iter().flatten() {
+                deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
+            }
+        }
+    }
+}
+
 /// Cluster slots.
 const SLOTS: usize = 16384;
 /// How long a cluster batch keeps its slot waiting for its first part (a round trip, when its
@@ -1011,7 +1169,7 @@ impl Owners {
         }
         // Clears `looking` when the look ends, or its task is dropped (also before it ran).
         let looking = Looking(Arc::clone(inner));
-        let Some(runtime) = runtime_for(inner) else {
+        let Some(runtime) = runtime_of(inner) else {
             return;
         };
         spawn_marked(inner, &runtime, async move {

@@ -200,6 +200,8 @@ impl RedisCacheBuilder {
         retry_on_timeout: bool,
         /// Automatic batching of concurrent gets and sets (default true).
         auto_batch: bool,
+        /// Batches on connections of their own (default true; single node, plain TCP).
+        batch_socket: bool,
         /// TCP keepalive.
         socket_keepalive: bool,
         /// TCP_NODELAY.

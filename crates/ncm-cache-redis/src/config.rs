@@ -104,6 +104,13 @@ pub struct RedisConfig {
     /// concurrent `get`s go as one pipeline per primary and `set`s are not batched. See
     /// docs/BENCHMARKS.md for where it wins and where it costs.
     pub auto_batch: bool,
+    /// Batches on a connection of their own (default true): with `auto_batch` on a single node
+    /// over plain TCP and `max_connections` of at least 2, batched reads and writes go on one
+    /// socket the batcher writes and reads itself (RESP2, connected again on demand, closed at
+    /// any doubt), counted as one of the `max_connections`, instead of through the pool's
+    /// redis-rs connections. TLS, Sentinel and Cluster always use the pool's. See
+    /// docs/ARCHITECTURE.md (`wire.rs`) and docs/BENCHMARKS.md (issue 21).
+    pub batch_socket: bool,
     /// Enable TCP keepalive (default true).
     pub socket_keepalive: bool,
     /// Disable Nagle's algorithm (default true): lowest latency per call. `false` lets the
@@ -191,6 +198,7 @@ impl Default for RedisConfig {
             max_connections: 2,
             retry_on_timeout: true,
             auto_batch: true,
+            batch_socket: true,
             socket_keepalive: true,
             tcp_nodelay: true,
             socket_keepalive_options: KeepaliveOptions::default(),
@@ -247,6 +255,7 @@ impl fmt::Debug for RedisConfig {
             .field("sentinel", &self.sentinel)
             .field("name", &self.name)
             .field("auto_batch", &self.auto_batch)
+            .field("batch_socket", &self.batch_socket)
             .finish_non_exhaustive()
     }
 }
@@ -258,7 +267,7 @@ impl RedisConfig {
     /// Parses `redis://[user][:password@]host[:port][/db][?option=value&...]` (or `rediss://`
     /// for TLS). Query options: `key_prefix`, `default_ttl`, `max_connections`,
     /// `connect_timeout`, `response_timeout`, `health_check_interval`, `cluster_failover_wait`,
-    /// `name`, `serialization`, `compression`, `insecure`, `auto_batch`. Unknown options are
+    /// `name`, `serialization`, `compression`, `insecure`, `auto_batch`, `batch_socket`. Unknown options are
     /// rejected.
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url)
@@ -307,6 +316,9 @@ impl RedisConfig {
                 self.max_connections = value.parse().map_err(|_| bad("max_connections"))?;
             }
             "auto_batch" => self.auto_batch = value.parse().map_err(|_| bad("auto_batch"))?,
+            "batch_socket" => {
+                self.batch_socket = value.parse().map_err(|_| bad("batch_socket"))?;
+            }
             "connect_timeout" => self.connect_timeout = parse_duration(value)?,
             "response_timeout" | "timeout" => self.response_timeout = parse_duration(value)?,
             // 0 turns it off, as in redis-py.
@@ -407,6 +419,18 @@ impl RedisConfig {
     }
 
     /// The `redis://` URL of the configured single node (credentials included).
+    /// Whether batches go on a connection of their own (`batch_socket`; see `wire.rs`): with
+    /// `auto_batch`, on a single node over plain TCP, and with `max_connections` of at least 2
+    /// (that connection is one of them).
+    pub(crate) fn batches_on_own_socket(&self) -> bool {
+        self.auto_batch
+            && self.batch_socket
+            && !self.tls
+            && self.cluster_nodes.is_empty()
+            && self.sentinel.is_none()
+            && self.max_connections >= 2
+    }
+
     pub(crate) fn node_url(&self, host: &str, port: u16) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = match (&self.username, &self.password) {

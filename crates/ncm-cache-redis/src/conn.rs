@@ -133,8 +133,16 @@ pub(crate) struct SentinelConn {
 /// The socket options of `config` (nodelay, keepalive).
 pub fn tcp_settings(config: &RedisConfig) -> TcpSettings {
     let settings = TcpSettings::default().set_nodelay(config.tcp_nodelay);
+    match keepalive(config) {
+        Some(ka) => settings.set_keepalive(ka),
+        None => settings,
+    }
+}
+
+/// The keepalive of `config` (`None`: off).
+pub(crate) fn keepalive(config: &RedisConfig) -> Option<socket2::TcpKeepalive> {
     if !config.socket_keepalive {
-        return settings;
+        return None;
     }
     let o = config.socket_keepalive_options;
     let mut ka = socket2::TcpKeepalive::new();
@@ -147,7 +155,7 @@ pub fn tcp_settings(config: &RedisConfig) -> TcpSettings {
     if let Some(count) = o.count {
         ka = ka.with_retries(count);
     }
-    settings.set_keepalive(ka)
+    Some(ka)
 }
 
 fn client_for(config: &RedisConfig, host: &str, port: u16) -> Result<redis::Client> {
@@ -220,8 +228,10 @@ impl Conn {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500));
-        let mut pool = Vec::with_capacity(config.max_connections);
-        for _ in 0..config.max_connections {
+        // The batches' own connection is one of `max_connections` (see `wire.rs`).
+        let size = config.max_connections - usize::from(config.batches_on_own_socket());
+        let mut pool = Vec::with_capacity(size);
+        for _ in 0..size {
             let manager = ConnectionManager::new_with_config(client.clone(), mc.clone())
                 .await
                 .map_err(|e| map_err("connect", e, config.connect_timeout))?;

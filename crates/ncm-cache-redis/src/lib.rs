@@ -37,6 +37,7 @@ mod pipeline;
 mod pubsub;
 mod sync;
 mod tracking;
+mod wire;
 
 pub use backend::RedisBackend;
 pub use cache::{IntoCompression, RedisCache, RedisCacheBuilder};

@@ -1,0 +1,837 @@
+//! The batcher's own connections (`RedisConfig::batch_socket`, on by default): on a single
+//! node over plain TCP, each batch of reads (one `GET` or `MGET`) and of writes (a pipeline of
+//! `SET`s) is written by the batch's task on a socket of its own and answered by one reader
+//! task, instead of going through a redis-rs multiplexed connection, whose request channel,
+//! driver task and parsing into `Value`s were most of what kept batching from the throughput
+//! a socket allows (docs/BENCHMARKS.md, issue 21). Reads and writes each have one connection.
+//!
+//! What it keeps:
+//! - **Replies reach the batch they answer.** One socket, one queue of batches waiting in the
+//!   order they were written; the reader hands each reply to the oldest.
+//! - **Any doubt ends the connection.** A batch not answered within `response_timeout`, a
+//!   reply that cannot be parsed or that no batch waits for, a write cut short (its future
+//!   dropped mid-write), a read or write error, the server closing: the connection ends, every
+//!   batch waiting on it gets that error at once, and no later byte of it is read. The next
+//!   batch connects again (`connect_timeout`, then `AUTH` and `SELECT` as configured, each
+//!   answered within `response_timeout`).
+//! - **Bounded.** A write to the socket and every reply are bounded by `response_timeout`, the
+//!   connect by `connect_timeout`.
+//!
+//! It speaks RESP2 and is used only where the pool's connections would be plain TCP to one
+//! server: TLS, Sentinel and Cluster keep redis-rs's connections (see `Batcher::new`).
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use ncm_cache_core::{Bytes, CacheError, Operation, Result};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+
+use crate::backend::Inner;
+use crate::config::RedisConfig;
+
+/// The client name of a batch connection (`CLIENT LIST` shows it).
+pub(crate) const NAME: &str = "ncm-cache-batches";
+/// Bytes the reader asks the socket for at least, per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Longest header line (`$123\r\n`, `-ERR …\r\n`) the parser waits for before giving up.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One reply of `GET`, `MGET`, `SET`, `AUTH` or `SELECT` (an array holds no arrays).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Nil,
+    Bulk(Bytes),
+    /// A status (`+OK`).
+    Status,
+    Int(i64),
+    /// An error reply, as Redis sent it (without `-` and CRLF).
+    Error(String),
+    Array(Vec<Reply>),
+}
+
+impl Reply {
+    /// This reply as a string value (`GET`, or one value of an `MGET`).
+    pub(crate) fn into_value(self, op: &'static str, timeout: Duration) -> Result<Option<Bytes>> {
+        match self {
+            Self::Nil => Ok(None),
+            Self::Bulk(b) => Ok(Some(b)),
+            Self::Error(e) => Err(server_error(&e, op, timeout)),
+            other => Err(CacheError::Backend {
+                message: format!("{op}: Redis answered {other:?} where a string was expected"),
+                source: None,
+            }),
+        }
+    }
+
+    /// This reply as a status (`SET`).
+    pub(crate) fn into_status(self, op: &'static str, timeout: Duration) -> Result<()> {
+        match self {
+            Self::Status => Ok(()),
+            Self::Error(e) => Err(server_error(&e, op, timeout)),
+            other => Err(CacheError::Backend {
+                message: format!("{op}: Redis answered {other:?} where a status was expected"),
+                source: None,
+            }),
+        }
+    }
+}
+
+/// An error reply as the error redis-rs would have made of it (so that `NOPERM`, `READONLY`,
+/// `LOADING`… map as they do on the pool's connections).
+pub(crate) fn server_error(line: &str, op: &'static str, timeout: Duration) -> CacheError {
+    let mut raw = Vec::with_capacity(line.len() + 3);
+    raw.push(b'-');
+    raw.extend_from_slice(line.as_bytes());
+    raw.extend_from_slice(b"\r\n");
+    match redis::parse_redis_value(&raw) {
+        Ok(redis::Value::ServerError(e)) => crate::error::map_err(op, e.into(), timeout),
+        Err(e) => crate::error::map_err(op, e, timeout),
+        Ok(_) => CacheError::Backend {
+            message: format!("{op}: {line}"),
+            source: None,
+        },
+    }
+}
+
+/// Appends one command (a RESP array of bulk strings) to `out`.
+#[cfg(test)]
+pub(crate) fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    header(out, args.len());
+    for a in args {
+        arg(out, a);
+    }
+}
+
+/// Appends the header of a command of `n` arguments.
+pub(crate) fn header(out: &mut Vec<u8>, n: usize) {
+    // Writing to a `Vec` cannot fail.
+    let _ = write!(out, "*{n}\r\n");
+}
+
+/// Appends one argument.
+pub(crate) fn arg(out: &mut Vec<u8>, a: &[u8]) {
+    let _ = write!(out, "${}\r\n", a.len());
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What the parser found at the front of its buffer.
+enum Item {
+    Value(Reply),
+    /// The header of an array of this many elements.
+    Array(usize),
+}
+
+/// An incremental RESP parser: bytes in, whole replies out.
+#[derive(Default)]
+struct Parser {
+    buf: BytesMut,
+    /// The array being read: its length and the elements read so far.
+    array: Option<(usize, Vec<Reply>)>,
+}
+
+impl Parser {
+    /// The next whole reply, `None` until its bytes have all arrived.
+    fn next(&mut self) -> std::result::Result<Option<Reply>, String> {
+        loop {
+            let Some(item) = self.item()? else {
+                return Ok(None);
+            };
+            let value = match item {
+                Item::Value(v) => v,
+                Item::Array(_) if self.array.is_some() => {
+                    return Err("an array inside an array".into());
+                }
+                Item::Array(0) => Reply::Array(Vec::new()),
+                Item::Array(n) => {
+                    self.array = Some((n, Vec::with_capacity(n.min(1024))));
+                    continue;
+                }
+            };
+            let Some((n, values)) = self.array.as_mut() else {
+                return Ok(Some(value));
+            };
+            values.push(value);
+            if values.len() == *n {
+                let values = self.array.take().map(|(_, v)| v).unwrap_or_default();
+                return Ok(Some(Reply::Array(values)));
+            }
+        }
+    }
+
+    /// The item at the front of the buffer, consumed; `None` (nothing consumed) until it has
+    /// all arrived.
+    fn item(&mut self) -> std::result::Result<Option<Item>, String> {
+        let buf = &self.buf[..];
+        let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+            if buf.len() > MAX_LINE {
+                return Err(format!("a reply line longer than {MAX_LINE} bytes"));
+            }
+            return Ok(None);
+        };
+        if nl == 0 || buf[nl - 1] != b'\r' {
+            return Err("a reply line not ended by CRLF".into());
+        }
+        let line = &buf[1..nl - 1];
+        let number = || {
+            std::str::from_utf8(line)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or_else(|| format!("a malformed length {:?}", String::from_utf8_lossy(line)))
+        };
+        let after = nl + 1;
+        let item = match buf[0] {
+            b'+' => Item::Value(Reply::Status),
+            b'-' => Item::Value(Reply::Error(String::from_utf8_lossy(line).into_owned())),
+            b':' => Item::Value(Reply::Int(number()?)),
+            // RESP3's null, should a server send it.
+            b'_' => Item::Value(Reply::Nil),
+            b'*' => match usize::try_from(number()?) {
+                Ok(n) => Item::Array(n),
+                Err(_) => Item::Value(Reply::Nil),
+            },
+            b'$' => {
+                let Ok(len) = usize::try_from(number()?) else {
+                    self.buf.advance(after);
+                    return Ok(Some(Item::Value(Reply::Nil)));
+                };
+                let end = after.saturating_add(len);
+                if buf.len() < end.saturating_add(2) {
+                    // Room for the rest of the value, read in as few calls as it takes.
+                    self.buf.reserve(end + 2 - buf.len());
+                    return Ok(None);
+                }
+                if &buf[end..end + 2] != b"\r\n" {
+                    return Err("a bulk string not ended by CRLF".into());
+                }
+                // Copied: a slice of the read buffer would keep the whole buffer alive for as
+                // long as the value is cached.
+                let value = Bytes::copy_from_slice(&buf[after..end]);
+                self.buf.advance(end + 2);
+                return Ok(Some(Item::Value(Reply::Bulk(value))));
+            }
+            other => return Err(format!("an unknown reply type {:?}", char::from(other))),
+        };
+        self.buf.advance(after);
+        Ok(Some(item))
+    }
+}
+
+/// A batch waiting for its replies.
+struct Pending {
+    left: usize,
+    replies: Vec<Reply>,
+    tx: oneshot::Sender<Result<Vec<Reply>>>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<Pending>,
+    /// Bytes of batches written after the socket's buffer filled up, in order; a flusher task
+    /// writes them as the socket drains.
+    outbox: Vec<u8>,
+    /// Why the connection ended, once it has.
+    ended: Option<CacheError>,
+}
+
+/// One connection: its write half, the batches waiting for replies, its reader task.
+///
+/// Nothing is held across an `await` by a sender: a batch is queued and written (as far as
+/// the socket takes it at once) under one short lock, and what the socket does not take is
+/// written by a flusher task. So a caller's future that is polled once and then left (a lone
+/// read is sent from its caller's future) holds no lock and cannot cut a command in half.
+pub(crate) struct Link {
+    write: OwnedWriteHalf,
+    waiting: Mutex<Waiting>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+    runtime: tokio::runtime::Handle,
+    /// How long the socket may take to drain a batch (`response_timeout`).
+    timeout: Duration,
+}
+
+/// Ends its link when dropped armed (a reader or flusher task dropped unfinished).
+struct EndOnDrop(Option<Arc<Link>>, &'static str);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            link.end(CacheError::connection(
+                format!("the batch connection ended: {}; retry", self.1),
+                None,
+            ));
+        }
+    }
+}
+
+impl Link {
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn is_ended(&self) -> bool {
+        self.waiting().ended.is_some()
+    }
+
+    /// Ends the connection: every waiting batch (and any later one) gets `why`, and its reader
+    /// stops (the socket closes once the last holder of the link lets go of it).
+    pub(crate) fn end(&self, why: CacheError) {
+        let queue = {
+            let mut w = self.waiting();
+            if w.ended.is_some() {
+                return;
+            }
+            w.ended = Some(why.clone());
+            w.outbox = Vec::new();
+            std::mem::take(&mut w.queue)
+        };
+        for p in queue {
+            let _ = p.tx.send(Err(why.clone()));
+        }
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(reader) = reader {
+            reader.abort();
+        }
+    }
+
+    /// Hands `reply` to the oldest waiting batch.
+    fn answer(&self, reply: Reply) -> std::result::Result<(), &'static str> {
+        let mut w = self.waiting();
+        let Some(head) = w.queue.front_mut() else {
+            return Err("a reply no batch waited for");
+        };
+        head.replies.push(reply);
+        head.left = head.left.saturating_sub(1);
+        if head.left == 0
+            && let Some(done) = w.queue.pop_front()
+        {
+            drop(w);
+            let _ = done.tx.send(Ok(done.replies));
+        }
+        Ok(())
+    }
+
+    /// Queues a batch of `replies` commands and writes `bytes`; its replies (or the error that
+    /// ended the connection) arrive on the receiver.
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        replies: usize,
+    ) -> oneshot::Receiver<Result<Vec<Reply>>> {
+        let (tx, rx) = oneshot::channel();
+        let mut w = self.waiting();
+        if let Some(why) = &w.ended {
+            let _ = tx.send(Err(why.clone()));
+            return rx;
+        }
+        w.queue.push_back(Pending {
+            left: replies,
+            replies: Vec::with_capacity(replies),
+            tx,
+        });
+        if !w.outbox.is_empty() {
+            // Behind what is still to be written (the flusher is at it).
+            w.outbox.extend_from_slice(bytes);
+            return rx;
+        }
+        let mut done = 0;
+        let failed = loop {
+            match self.write.try_write(&bytes[done..]) {
+                Ok(0) => break Some(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    done += n;
+                    if done == bytes.len() {
+                        return rx;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Some(e),
+            }
+        };
+        if let Some(e) = failed {
+            drop(w);
+            self.end(CacheError::connection(
+                format!("writing to Redis: {e}; retry"),
+                Some(Box::new(e)),
+            ));
+            return rx;
+        }
+        // The socket is full: the rest goes to the flusher.
+        w.outbox.extend_from_slice(&bytes[done..]);
+        drop(w);
+        self.runtime.spawn(flush(Arc::clone(self)));
+        rx
+    }
+}
+
+/// Writes the outbox as the socket drains, until it is empty; a socket that does not drain
+/// within the timeout ends the connection.
+async fn flush(link: Arc<Link>) {
+    let mut guard = EndOnDrop(Some(link), "its writer stopped");
+    let Some(link) = guard.0.clone() else {
+        return;
+    };
+    loop {
+        match tokio::time::timeout(link.timeout, link.write.writable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                guard.0 = None;
+                return link.end(CacheError::connection(
+                    format!("writing to Redis: {e}; retry"),
+                    Some(Box::new(e)),
+                ));
+            }
+            Err(_) => {
+                guard.0 = None;
+                return link.end(CacheError::Timeout {
+                    operation: "write",
+                    after: link.timeout,
+                });
+            }
+        }
+        let mut w = link.waiting();
+        if w.ended.is_some() {
+            guard.0 = None;
+            return;
+        }
+        loop {
+            match link.write.try_write(&w.outbox) {
+                Ok(0) => {
+                    drop(w);
+                    guard.0 = None;
+                    return link.end(CacheError::connection("writing to Redis: closed", None));
+                }
+                Ok(n) => {
+                    w.outbox.drain(..n);
+                    if w.outbox.is_empty() {
+                        // Done; the next full socket starts a new flusher.
+                        w.outbox = Vec::new();
+                        guard.0 = None;
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    drop(w);
+                    guard.0 = None;
+                    return link.end(CacheError::connection(
+                        format!("writing to Redis: {e}; retry"),
+                        Some(Box::new(e)),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Reads replies and hands them to the waiting batches until the connection ends.
+async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
+    // Dropped unfinished (aborted, or its runtime shut down): the connection ends.
+    let guard = EndOnDrop(Some(link), "its reader stopped");
+    let Some(link) = guard.0.as_ref() else {
+        return;
+    };
+    let mut parser = Parser::default();
+    loop {
+        // A buffer grown for a large value is not kept for the connection's life.
+        if parser.buf.is_empty() && parser.buf.capacity() > 16 * READ_CHUNK {
+            parser.buf = BytesMut::new();
+        }
+        parser.buf.reserve(READ_CHUNK);
+        match read.read_buf(&mut parser.buf).await {
+            Ok(0) => {
+                return link.end(CacheError::connection(
+                    "Redis closed the batch connection; retry",
+                    None,
+                ));
+            }
+            Err(e) => {
+                return link.end(CacheError::connection(
+                    format!("reading from Redis: {e}; retry"),
+                    Some(Box::new(e)),
+                ));
+            }
+            Ok(_) => {}
+        }
+        loop {
+            let why = match parser.next() {
+                Ok(None) => break,
+                Ok(Some(reply)) => match link.answer(reply) {
+                    Ok(()) => continue,
+                    Err(why) => why.to_owned(),
+                },
+                Err(why) => why,
+            };
+            return link.end(CacheError::Backend {
+                message: format!("Redis sent {why} on the batch connection; it was closed"),
+                source: None,
+            });
+        }
+    }
+}
+
+type Connecting = futures_util::future::Shared<oneshot::Receiver<Result<Arc<Link>>>>;
+
+#[derive(Default)]
+enum State {
+    #[default]
+    Down,
+    /// A connect under way, in a task of its own (a caller's future polled once and left
+    /// must not hold it up).
+    Connecting(Connecting),
+    Up(Arc<Link>),
+}
+
+/// Sets a wire's state back to `Down` when dropped armed.
+struct ResetOnDrop(Option<std::sync::Weak<Mutex<State>>>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take().and_then(|w| w.upgrade()) {
+            *state.lock().unwrap_or_else(PoisonError::into_inner) = State::Down;
+        }
+    }
+}
+
+/// A connection made on demand (one connect at a time) and made again after it ended.
+#[derive(Default)]
+pub(crate) struct Wire {
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        if let State::Up(link) = state {
+            link.end(CacheError::Closed);
+        }
+    }
+}
+
+impl Wire {
+    /// The connection, made now if there is none: waited for at most `connect_timeout` and
+    /// the handshake's `response_timeout`.
+    pub(crate) async fn ready(
+        &self,
+        config: &RedisConfig,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Result<Arc<Link>> {
+        use futures_util::FutureExt;
+        let connecting = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*state {
+                State::Up(link) if !link.is_ended() => return Ok(Arc::clone(link)),
+                State::Connecting(c) => c.clone(),
+                _ => {
+                    let Some(runtime) =
+                        runtime.or_else(|| tokio::runtime::Handle::try_current().ok())
+                    else {
+                        return Err(CacheError::Closed);
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    let shared = rx.shared();
+                    *state = State::Connecting(shared.clone());
+                    let weak = Arc::downgrade(&self.state);
+                    let config = config.clone();
+                    let rt = runtime.clone();
+                    drop(runtime.spawn(async move {
+                        // Dropped before it ends (its runtime shut down): the next call
+                        // connects again instead of waiting on a connect that never ends.
+                        let mut reset = ResetOnDrop(Some(weak.clone()));
+                        let made = connect(&config, rt).await;
+                        reset.0 = None;
+                        let Some(state) = weak.upgrade() else {
+                            // The backend is gone.
+                            if let Ok(link) = made {
+                                link.end(CacheError::Closed);
+                            }
+                            return;
+                        };
+                        *state.lock().unwrap_or_else(PoisonError::into_inner) = match &made {
+                            Ok(link) => State::Up(Arc::clone(link)),
+                            Err(_) => State::Down,
+                        };
+                        let _ = tx.send(made);
+                    }));
+                    shared
+                }
+            }
+        };
+        let bound = config.connect_timeout + config.response_timeout;
+        match tokio::time::timeout(bound, connecting).await {
+            Ok(Ok(made)) => made,
+            Ok(Err(_)) => Err(CacheError::connection(
+                "the batch connection's connect was dropped (runtime shutting down?); retry",
+                None,
+            )),
+            Err(_) => Err(CacheError::Timeout {
+                operation: "connect",
+                after: bound,
+            }),
+        }
+    }
+}
+
+/// Sends `bytes` (`replies` commands) on `link` and waits for the replies, at most
+/// `response_timeout` (then the connection ends: see the module's text).
+pub(crate) async fn ask(
+    link: &Arc<Link>,
+    op: &'static str,
+    bytes: &[u8],
+    replies: usize,
+) -> Result<Vec<Reply>> {
+    let rx = link.send(bytes, replies);
+    match tokio::time::timeout(link.timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(CacheError::connection(
+            "the batch connection ended; retry",
+            None,
+        )),
+        Err(_) => {
+            let e = CacheError::Timeout {
+                operation: op,
+                after: link.timeout,
+            };
+            link.end(e.clone());
+            Err(e)
+        }
+    }
+}
+
+/// Connects, sets the socket's options, starts the reader and checks that the server
+/// answers: `AUTH` and `SELECT` as configured, else a `PING`.
+async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Result<Arc<Link>> {
+    let to = || format!("{}:{}", config.host, config.port);
+    let stream = match tokio::time::timeout(
+        config.connect_timeout,
+        TcpStream::connect((config.host.as_str(), config.port)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(CacheError::Timeout {
+                operation: "connect",
+                after: config.connect_timeout,
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(CacheError::connection(
+                format!("connect to {}: {e}; is Redis running there?", to()),
+                Some(Box::new(e)),
+            ));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let options = (|| {
+        stream.set_nodelay(config.tcp_nodelay)?;
+        if let Some(ka) = crate::conn::keepalive(config) {
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
+        }
+        std::io::Result::Ok(())
+    })();
+    if let Err(e) = options {
+        return Err(CacheError::connection(
+            format!("socket options for {}: {e}", to()),
+            Some(Box::new(e)),
+        ));
+    }
+    let (read, write) = stream.into_split();
+    let link = Arc::new(Link {
+        write,
+        waiting: Mutex::default(),
+        reader: Mutex::new(None),
+        runtime: runtime.clone(),
+        timeout: config.response_timeout,
+    });
+    let reader = runtime.spawn(read_replies(Arc::clone(&link), read));
+    *link.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(reader.abort_handle());
+    // An `end` that ran before the handle was stored could not stop the reader.
+    if link.is_ended() {
+        reader.abort();
+    }
+    let mut hello = Vec::new();
+    let mut n = 0;
+    if let Some(password) = &config.password {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = &config.username {
+            auth.arg(user);
+        }
+        auth.arg(password).write_packed_command(&mut hello);
+        n += 1;
+    }
+    if config.db != 0 {
+        redis::cmd("SELECT")
+            .arg(config.db)
+            .write_packed_command(&mut hello);
+        n += 1;
+    }
+    // Named, so that `CLIENT LIST` tells it from the pool's (its error, from a user not
+    // allowed `CLIENT`, is ignored). Also what proves the server answers (a proxy or a paused
+    // server accepts connections without answering): the connection is up once it has.
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(NAME)
+        .write_packed_command(&mut hello);
+    let replies = ask(&link, "connect", &hello, n + 1).await?;
+    for r in replies.into_iter().take(n) {
+        let r = match r {
+            Reply::Status => Ok(()),
+            Reply::Error(e) => Err(server_error(&e, "connect", config.response_timeout)),
+            other => Err(CacheError::Backend {
+                message: format!("connect: Redis answered {other:?} to AUTH / SELECT"),
+                source: None,
+            }),
+        };
+        if let Err(e) = r {
+            link.end(e.clone());
+            return Err(e);
+        }
+    }
+    Ok(link)
+}
+
+/// One batch on `wire`, counted as `Inner::run` counts a call: its latency, an error once;
+/// a read (`retry`) is sent once more on a new connection after a timeout when
+/// `retry_on_timeout` is on. `answer` turns the replies into the batch's result (an error it
+/// returns is counted too).
+pub(crate) async fn run<T>(
+    inner: &Inner,
+    wire: &Wire,
+    op: Operation,
+    retry: bool,
+    bytes: &[u8],
+    replies: usize,
+    answer: impl Fn(Vec<Reply>) -> Result<T>,
+) -> Result<T> {
+    if inner.is_closed() {
+        return Err(CacheError::Closed);
+    }
+    let attempts = if retry && inner.config.retry_on_timeout {
+        2
+    } else {
+        1
+    };
+    let start = tokio::time::Instant::now();
+    let mut result = Err(CacheError::Closed);
+    for _ in 0..attempts {
+        result = match wire
+            .ready(&inner.config, crate::batch::runtime_of(inner))
+            .await
+        {
+            Ok(link) => ask(&link, op.as_str(), bytes, replies)
+                .await
+                .and_then(&answer),
+            Err(e) => Err(e),
+        };
+        if !matches!(&result, Err(e) if e.is_timeout()) {
+            break;
+        }
+    }
+    inner.stats.latency(op, start.elapsed());
+    if let Err(e) = &result {
+        inner.stats.error(op);
+        tracing::debug!(operation = op.as_str(), error = %e, "redis batch failed");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(chunks: &[&[u8]]) -> Vec<Reply> {
+        let mut p = Parser::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            p.buf.extend_from_slice(c);
+            while let Some(r) = p.next().unwrap_or_else(|e| panic!("{e}")) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn replies_split_anywhere_parse_the_same() {
+        let whole: &[u8] =
+            b"*3\r\n$3\r\nabc\r\n$-1\r\n$0\r\n\r\n+OK\r\n-ERR no\r\n:7\r\n$2\r\n\r\n\r\n*0\r\n";
+        let expected = vec![
+            Reply::Array(vec![
+                Reply::Bulk(Bytes::from_static(b"abc")),
+                Reply::Nil,
+                Reply::Bulk(Bytes::new()),
+            ]),
+            Reply::Status,
+            Reply::Error("ERR no".into()),
+            Reply::Int(7),
+            Reply::Bulk(Bytes::from_static(b"\r\n")),
+            Reply::Array(Vec::new()),
+        ];
+        assert_eq!(parse(&[whole]), expected);
+        for at in 1..whole.len() {
+            let (a, b) = whole.split_at(at);
+            assert_eq!(parse(&[a, b]), expected, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+        assert_eq!(parse(&bytes), expected);
+    }
+
+    #[test]
+    fn malformed_replies_are_refused() {
+        for bad in [
+            &b"?x\r\n"[..],
+            b"$3\r\nabcd\r\n",
+            b"$x\r\n",
+            b"*2\r\n*1\r\n",
+            b"+OK\n",
+        ] {
+            let mut p = Parser::default();
+            p.buf.extend_from_slice(bad);
+            let mut r = p.next();
+            while let Ok(Some(_)) = r {
+                r = p.next();
+            }
+            assert!(
+                r.is_err(),
+                "{:?} was accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn commands_are_encoded_as_redis_rs_encodes_them() {
+        let mut ours = Vec::new();
+        command(&mut ours, &[b"SET", b"k", b"v\r\n", b"PX", b"10"]);
+        let theirs = redis::cmd("SET")
+            .arg("k")
+            .arg(b"v\r\n")
+            .arg("PX")
+            .arg(10)
+            .get_packed_command();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn error_replies_map_as_on_the_pool() {
+        let e = server_error("NOPERM this user has no permissions", "get", Duration::ZERO);
+        assert!(matches!(e, CacheError::Auth(_)), "{e:?}");
+        let e = server_error(
+            "READONLY You can't write against a read only replica.",
+            "set",
+            Duration::ZERO,
+        );
+        assert!(e.is_connection(), "{e:?}");
+    }
+}

@@ -1,0 +1,218 @@
+//! Batches on a connection of their own (`RedisConfig::batch_socket`, on by default on a single
+//! node over plain TCP; see `wire.rs`): it authenticates and selects the database as the pool
+//! does, writes a batch the socket cannot take at once in order with the batches behind it,
+//! bounds a write the server stops draining, and counts as one of `max_connections`. Its
+//! faults (stall, cut, kill: every reply reaches its own caller) run in `batching.rs` and
+//! `faults.rs`, which use the default config.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ncm_cache_core::{Bytes, CacheBackend};
+use ncm_cache_redis::{RedisCache, RedisConfig};
+use ncm_cache_testkit::RedisServer;
+
+/// The connections of clients other than redis-cli itself.
+fn clients(server: &RedisServer) -> Vec<String> {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("cmd=client"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_use_the_configured_user_and_database() {
+    let server = RedisServer::start().unwrap();
+    server
+        .cli(&["ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all"])
+        .unwrap();
+    let mut config = support::config(&server);
+    config.username = Some("app".into());
+    config.password = Some("app-pw".into());
+    config.db = 3;
+    assert!(config.batch_socket && config.auto_batch);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    // Concurrent calls: batched, on the batch connection.
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                let k = format!("k{i}");
+                cache.set(&k, Bytes::from(format!("v{i}")), None).await?;
+                cache.get(&k).await
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(
+            call.await.unwrap().unwrap(),
+            Some(Bytes::from(format!("v{i}")))
+        );
+    }
+    // Written in database 3, by the user `app`, nothing in database 0.
+    assert_eq!(server.cli(&["-n", "3", "GET", "k7"]).unwrap().trim(), "v7");
+    assert_eq!(server.cli(&["-n", "0", "DBSIZE"]).unwrap().trim(), "0");
+    let ours = clients(&server);
+    assert!(
+        ours.iter()
+            .all(|c| c.contains(" user=app ") && c.contains(" db=3 ")),
+        "{ours:#?}"
+    );
+    // The default two connections: one of the pool, the batch connection, which ran the
+    // batches.
+    assert_eq!(ours.len(), 2, "{ours:#?}");
+    let batches: Vec<_> = ours
+        .iter()
+        .filter(|c| c.contains(" name=ncm-cache-batches "))
+        .collect();
+    assert_eq!(batches.len(), 1, "{ours:#?}");
+    assert!(
+        batches[0].contains("cmd=mget") || batches[0].contains("cmd=set"),
+        "{ours:#?}"
+    );
+
+    // A password the server refuses fails the batch with an authentication error.
+    server
+        .cli(&["ACL", "SETUSER", "app", "resetpass", ">new-pw"])
+        .unwrap();
+    server.cli(&["CLIENT", "KILL", "USER", "app"]).unwrap();
+    let mut refused = None;
+    for _ in 0..20 {
+        match cache.get("k1").await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let refused = refused.expect("reads went on after the password was changed");
+    assert!(
+        matches!(refused, ncm_cache_core::CacheError::Auth(_)),
+        "{refused:?}"
+    );
+
+    // A user not allowed `CLIENT` (the batch connection's name): batches work all the same.
+    server
+        .cli(&[
+            "ACL", "SETUSER", "limited", "on", ">l-pw", "~*", "+@all", "-client",
+        ])
+        .unwrap();
+    let mut config = support::config(&server);
+    config.username = Some("limited".into());
+    config.password = Some("l-pw".into());
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.set(&format!("l{i}"), Bytes::from("v"), None).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(cache.get("l3").await.unwrap(), Some(Bytes::from("v")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_batch_socket_batches_use_the_pool() {
+    let server = RedisServer::start().unwrap();
+    let config = RedisConfig::from_url(&format!("{}?batch_socket=false", server.url())).unwrap();
+    assert!(!config.batch_socket);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.set(&format!("k{i}"), Bytes::from("v"), None).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // Both default connections are the pool's.
+    let ours = clients(&server);
+    assert_eq!(ours.len(), 2, "{ours:#?}");
+    assert!(
+        ours.iter().all(|c| !c.contains("name=ncm-cache-batches")),
+        "{ours:#?}"
+    );
+}
+
+/// Values larger than the socket takes at once, written beside small batches: the rest of a
+/// large batch is written by the flusher, and the batches queued behind it follow it (written
+/// straight to the socket meanwhile, they would cut into it and every later reply would be
+/// garbage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_socket_cannot_take_at_once_is_written_before_those_behind_it() {
+    let server = RedisServer::start().unwrap();
+    let mut config = support::config(&server);
+    config.response_timeout = Duration::from_secs(5);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    let big = |t: usize| Bytes::from(vec![b'a' + (t % 26) as u8; 6 << 20]);
+    let tasks: Vec<_> = (0..24)
+        .map(|t| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move {
+                if t % 3 == 0 {
+                    cache.set(&format!("big{t}"), big(t), None).await.unwrap();
+                } else {
+                    for i in 0..50 {
+                        let k = format!("small{t}:{i}");
+                        cache.set(&k, Bytes::from(k.clone()), None).await.unwrap();
+                        assert_eq!(cache.get(&k).await.unwrap(), Some(Bytes::from(k)));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for t in (0..24).step_by(3) {
+        assert!(
+            cache.get(&format!("big{t}")).await.unwrap() == Some(big(t)),
+            "big{t} was not stored whole"
+        );
+    }
+}
+
+/// A server that stops reading (paused) while a write larger than the socket takes is under
+/// way: the write fails with a timeout within its bound, and the next calls reconnect once
+/// the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_server_stops_draining_times_out_and_the_connection_recovers() {
+    let server = RedisServer::start().unwrap();
+    let config = support::config(&server);
+    let bound = config.response_timeout * 2 + Duration::from_millis(700);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    cache.set("k", Bytes::from("before"), None).await.unwrap();
+    server.pause().unwrap();
+    let start = Instant::now();
+    let r = cache
+        .set("huge", Bytes::from(vec![b'x'; 64 << 20]), None)
+        .await;
+    let took = start.elapsed();
+    server.resume().unwrap();
+    let e = r.unwrap_err();
+    assert!(e.is_timeout() || e.is_connection(), "{e:?}");
+    assert!(took <= bound, "the write took {took:?} (bound {bound:?})");
+    let start = Instant::now();
+    loop {
+        match cache.get("k").await {
+            Ok(v) => {
+                assert_eq!(v, Some(Bytes::from("before")));
+                break;
+            }
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "never recovered: {e:?}"
+            ),
+        }
+    }
+}
