@@ -123,6 +123,9 @@ impl RedisBackend {
             )),
             config,
         });
+        if let Some(b) = &inner.batcher {
+            b.owned_by(Arc::downgrade(&inner));
+        }
         if let Some(every) = inner.config.health_check_interval {
             let task = tokio::spawn(health_loop(Arc::downgrade(&inner), every));
             if let Ok(mut slot) = inner.health_task.lock() {
@@ -884,6 +887,9 @@ impl CacheBackend for RedisBackend {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
+        if let Some(b) = &self.inner.batcher {
+            b.close();
+        }
         if let Ok(mut task) = self.inner.health_task.lock()
             && let Some(task) = task.take()
         {

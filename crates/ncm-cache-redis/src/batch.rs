@@ -139,6 +139,9 @@ pub(crate) struct Batcher {
     /// The batches' own connection, for reads and writes (`RedisConfig::batch_socket`: see
     /// `wire.rs`); `None`: batches go on the pool's connections.
     wire: Option<crate::wire::Wire>,
+    /// The backend these queues belong to (its pool is checked when the batches' own
+    /// connection is made again: see `wire.rs`).
+    owner: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
 
 impl Batcher {
@@ -152,12 +155,35 @@ impl Batcher {
             runtime_gone: AtomicBool::new(false),
             cluster: cluster.then(Owners::default),
             wire: (own_socket && !cluster).then(crate::wire::Wire::default),
+            owner: std::sync::OnceLock::new(),
         }
     }
 
     /// Whether the backend is a cluster's (reads batched per primary, writes not batched).
     pub(crate) fn is_cluster(&self) -> bool {
         self.cluster.is_some()
+    }
+
+    /// Records the backend these queues belong to.
+    pub(crate) fn owned_by(&self, owner: std::sync::Weak<Inner>) {
+        let _ = self.owner.set(owner);
+    }
+
+    /// The backend these queues belong to, once recorded.
+    pub(crate) fn owner(&self) -> std::sync::Weak<Inner> {
+        self.owner.get().cloned().unwrap_or_default()
+    }
+
+    /// Set once batch work spawned on the runtime the cache connected on was dropped unrun.
+    pub(crate) fn runtime_gone(&self) -> &AtomicBool {
+        &self.runtime_gone
+    }
+
+    /// Ends the batches' own connection (the backend was closed).
+    pub(crate) fn close(&self) {
+        if let Some(wire) = &self.wire {
+            wire.close();
+        }
     }
 
     /// Whether batch tasks run on the current thread's runtime: then they run as long as the
@@ -1019,14 +1045,24 @@ async fn send_sets_on(inner: &Inner, wire: &crate::wire::Wire, batch: &mut Vec<S
     use crate::wire::{arg, header};
     let timeout = inner.config.response_timeout;
     let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
-    let link = if inner.is_closed() {
-        Err(CacheError::Closed)
-    } else {
-        wire.ready(&inner.config, runtime_of(inner)).await
+    let start = Instant::now();
+    let link = match inner.batcher.as_ref() {
+        _ if inner.is_closed() => Err(CacheError::Closed),
+        Some(b) => {
+            wire.ready(
+                &inner.config,
+                runtime_of(inner),
+                b.runtime_gone(),
+                &b.owner(),
+            )
+            .await
+        }
+        None => Err(CacheError::Closed),
     };
     let link = match link {
         Ok(link) => link,
         Err(e) => {
+            inner.stats.latency(Operation::Set, start.elapsed());
             // Nothing was claimed: counted once per call, as a failed pipeline is.
             let mut pending = 0;
             for call in calls.into_iter().flatten() {
@@ -1076,7 +1112,6 @@ async fn send_sets_on(inner: &Inner, wire: &crate::wire::Wire, batch: &mut Vec<S
             }
         }
     }
-    let start = Instant::now();
     let r = crate::wire::ask(&link, "set", &bytes, sent.len()).await;
     inner.stats.latency(Operation::Set, start.elapsed());
     let mut pending = 0;

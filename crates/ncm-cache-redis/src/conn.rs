@@ -322,6 +322,32 @@ impl Conn {
         }
     }
 
+    /// Checks each connection of a single-node pool with a `PING`, and once more after a
+    /// connection error (its manager then reconnects, and the second waits for that): after
+    /// Redis came back, a connection that sat idle through the outage would otherwise fail
+    /// the first call made on it (see `wire.rs`). Each is bounded; errors are left to the
+    /// calls that follow.
+    pub(crate) async fn revive_pool(&self, config: &RedisConfig) {
+        let Self::Single { pool, .. } = self else {
+            return;
+        };
+        let bound = config.connect_timeout + config.response_timeout;
+        let checks = pool.iter().map(|c| {
+            let mut c = c.clone();
+            async move {
+                let cmd = redis::cmd("PING");
+                for _ in 0..2 {
+                    let ping = cmd.query_async::<()>(&mut c);
+                    match tokio::time::timeout(bound, ping).await {
+                        Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {}
+                        _ => return,
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
+    }
+
     /// A call on the pool's connection `slot` failed with `err`: after a connection error or
     /// a timeout its `ConnectionManager` may be reconnecting, and would hold the next request
     /// until the new connection is up — however long its caller has been gone.

@@ -3,17 +3,20 @@
 //! `SET`s) is written by the batch's task on a socket of its own and answered by one reader
 //! task, instead of going through a redis-rs multiplexed connection, whose request channel,
 //! driver task and parsing into `Value`s were most of what kept batching from the throughput
-//! a socket allows (docs/BENCHMARKS.md, issue 21). Reads and writes each have one connection.
+//! a socket allows (docs/BENCHMARKS.md, issue 21). Reads and writes share the one connection.
 //!
 //! What it keeps:
 //! - **Replies reach the batch they answer.** One socket, one queue of batches waiting in the
 //!   order they were written; the reader hands each reply to the oldest.
-//! - **Any doubt ends the connection.** A batch not answered within `response_timeout`, a
-//!   reply that cannot be parsed or that no batch waits for, a write cut short (its future
-//!   dropped mid-write), a read or write error, the server closing: the connection ends, every
-//!   batch waiting on it gets that error at once, and no later byte of it is read. The next
-//!   batch connects again (`connect_timeout`, then `AUTH` and `SELECT` as configured, each
-//!   answered within `response_timeout`).
+//! - **A timeout fails its own batch.** A batch not answered within `response_timeout` gets
+//!   `Timeout`; its replies, should they come, are read and dropped. Only when the server has
+//!   also sent nothing for that long (stalled, or the connection silently gone) does the
+//!   connection end.
+//! - **Any other doubt ends the connection.** A reply that cannot be parsed or that no batch
+//!   waits for, a read or write error, a socket that does not drain, the server closing: the
+//!   connection ends, its socket is shut down, every batch waiting on it gets that error at
+//!   once, and no later byte of it is read. The next batch connects again (`connect_timeout`,
+//!   then `AUTH` and `SELECT` as configured, answered within `response_timeout`).
 //! - **Bounded.** A write to the socket and every reply are bounded by `response_timeout`, the
 //!   connect by `connect_timeout`.
 //!
@@ -39,6 +42,8 @@ use crate::config::RedisConfig;
 pub(crate) const NAME: &str = "ncm-cache-batches";
 /// Bytes the reader asks the socket for at least, per read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Longest bulk string the parser accepts (Redis refuses values over 512 MiB by default).
+const MAX_BULK: usize = (u32::MAX >> 1) as usize;
 /// Longest header line (`$123\r\n`, `-ERR …\r\n`) the parser waits for before giving up.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -175,7 +180,7 @@ impl Parser {
             }
             return Ok(None);
         };
-        if nl == 0 || buf[nl - 1] != b'\r' {
+        if nl < 2 || buf[nl - 1] != b'\r' {
             return Err("a reply line not ended by CRLF".into());
         }
         let line = &buf[1..nl - 1];
@@ -201,10 +206,14 @@ impl Parser {
                     self.buf.advance(after);
                     return Ok(Some(Item::Value(Reply::Nil)));
                 };
-                let end = after.saturating_add(len);
-                if buf.len() < end.saturating_add(2) {
-                    // Room for the rest of the value, read in as few calls as it takes.
-                    self.buf.reserve(end + 2 - buf.len());
+                if len > MAX_BULK {
+                    return Err(format!("a bulk string of {len} bytes"));
+                }
+                let end = after + len;
+                if buf.len() < end + 2 {
+                    // Room for more of the value (up to 64 MiB at a time), read in as few
+                    // calls as it takes.
+                    self.buf.reserve((end + 2 - buf.len()).min(1 << 26));
                     return Ok(None);
                 }
                 if &buf[end..end + 2] != b"\r\n" {
@@ -235,7 +244,7 @@ struct Waiting {
     queue: VecDeque<Pending>,
     /// Bytes of batches written after the socket's buffer filled up, in order; a flusher task
     /// writes them as the socket drains.
-    outbox: Vec<u8>,
+    outbox: BytesMut,
     /// Why the connection ended, once it has.
     ended: Option<CacheError>,
 }
@@ -253,6 +262,9 @@ pub(crate) struct Link {
     runtime: tokio::runtime::Handle,
     /// How long the socket may take to drain a batch (`response_timeout`).
     timeout: Duration,
+    /// When the reader last got bytes, in ms since `born` (see [`ask`]).
+    last_read: std::sync::atomic::AtomicU64,
+    born: tokio::time::Instant,
 }
 
 /// Ends its link when dropped armed (a reader or flusher task dropped unfinished).
@@ -281,15 +293,21 @@ impl Link {
     /// Ends the connection: every waiting batch (and any later one) gets `why`, and its reader
     /// stops (the socket closes once the last holder of the link lets go of it).
     pub(crate) fn end(&self, why: CacheError) {
-        let queue = {
-            let mut w = self.waiting();
-            if w.ended.is_some() {
-                return;
-            }
-            w.ended = Some(why.clone());
-            w.outbox = Vec::new();
-            std::mem::take(&mut w.queue)
-        };
+        self.end_locked(self.waiting(), why);
+    }
+
+    /// [`end`](Self::end) with the lock already held: marked ended before any other sender
+    /// can write (a command cut short must not be completed by another batch's bytes).
+    fn end_locked(&self, mut w: MutexGuard<'_, Waiting>, why: CacheError) {
+        if w.ended.is_some() {
+            return;
+        }
+        w.ended = Some(why.clone());
+        w.outbox = BytesMut::new();
+        let queue = std::mem::take(&mut w.queue);
+        drop(w);
+        // Closed both ways now: the server lets the connection go, and nothing more is read.
+        let _ = socket2::SockRef::from(self.write.as_ref()).shutdown(std::net::Shutdown::Both);
         for p in queue {
             let _ = p.tx.send(Err(why.clone()));
         }
@@ -301,6 +319,19 @@ impl Link {
         if let Some(reader) = reader {
             reader.abort();
         }
+    }
+
+    /// Notes that the server sent something.
+    fn heard(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_read
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the server has sent nothing for `for_at_least`.
+    fn silent(&self, for_at_least: Duration) -> bool {
+        let last = Duration::from_millis(self.last_read.load(std::sync::atomic::Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last) >= for_at_least
     }
 
     /// Hands `reply` to the oldest waiting batch.
@@ -359,11 +390,10 @@ impl Link {
             }
         };
         if let Some(e) = failed {
-            drop(w);
-            self.end(CacheError::connection(
-                format!("writing to Redis: {e}; retry"),
-                Some(Box::new(e)),
-            ));
+            self.end_locked(
+                w,
+                CacheError::connection(format!("writing to Redis: {e}; retry"), Some(Box::new(e))),
+            );
             return rx;
         }
         // The socket is full: the rest goes to the flusher.
@@ -407,15 +437,15 @@ async fn flush(link: Arc<Link>) {
         loop {
             match link.write.try_write(&w.outbox) {
                 Ok(0) => {
-                    drop(w);
                     guard.0 = None;
-                    return link.end(CacheError::connection("writing to Redis: closed", None));
+                    let closed = CacheError::connection("writing to Redis: closed; retry", None);
+                    return link.end_locked(w, closed);
                 }
                 Ok(n) => {
-                    w.outbox.drain(..n);
+                    w.outbox.advance(n);
                     if w.outbox.is_empty() {
                         // Done; the next full socket starts a new flusher.
-                        w.outbox = Vec::new();
+                        w.outbox = BytesMut::new();
                         guard.0 = None;
                         return;
                     }
@@ -423,12 +453,12 @@ async fn flush(link: Arc<Link>) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    drop(w);
                     guard.0 = None;
-                    return link.end(CacheError::connection(
+                    let failed = CacheError::connection(
                         format!("writing to Redis: {e}; retry"),
                         Some(Box::new(e)),
-                    ));
+                    );
+                    return link.end_locked(w, failed);
                 }
             }
         }
@@ -445,8 +475,8 @@ async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
     let mut parser = Parser::default();
     loop {
         // A buffer grown for a large value is not kept for the connection's life.
-        if parser.buf.is_empty() && parser.buf.capacity() > 16 * READ_CHUNK {
-            parser.buf = BytesMut::new();
+        if parser.buf.capacity() > 16 * READ_CHUNK && parser.buf.len() < READ_CHUNK {
+            parser.buf = BytesMut::from(&parser.buf[..]);
         }
         parser.buf.reserve(READ_CHUNK);
         match read.read_buf(&mut parser.buf).await {
@@ -462,7 +492,7 @@ async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
                     Some(Box::new(e)),
                 ));
             }
-            Ok(_) => {}
+            Ok(_) => link.heard(),
         }
         loop {
             let why = match parser.next() {
@@ -508,6 +538,8 @@ impl Drop for ResetOnDrop {
 #[derive(Default)]
 pub(crate) struct Wire {
     state: Arc<Mutex<State>>,
+    /// Whether a connection was made before: a connect after it also checks the pool.
+    made: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Wire {
@@ -520,12 +552,23 @@ impl Drop for Wire {
 }
 
 impl Wire {
+    /// Ends the connection (the backend was closed).
+    pub(crate) fn close(&self) {
+        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        if let State::Up(link) = state {
+            link.end(CacheError::Closed);
+        }
+    }
+
     /// The connection, made now if there is none: waited for at most `connect_timeout` and
-    /// the handshake's `response_timeout`.
+    /// the handshake's `response_timeout`. The connect runs on `runtime`; `gone` is set when
+    /// a connect task there was dropped (that runtime shut down).
     pub(crate) async fn ready(
         &self,
         config: &RedisConfig,
         runtime: Option<tokio::runtime::Handle>,
+        gone: &std::sync::atomic::AtomicBool,
+        owner: &std::sync::Weak<Inner>,
     ) -> Result<Arc<Link>> {
         use futures_util::FutureExt;
         let connecting = {
@@ -537,19 +580,37 @@ impl Wire {
                     let Some(runtime) =
                         runtime.or_else(|| tokio::runtime::Handle::try_current().ok())
                     else {
-                        return Err(CacheError::Closed);
+                        return Err(CacheError::connection(
+                            "no tokio runtime to run the batch connection on",
+                            None,
+                        ));
                     };
                     let (tx, rx) = oneshot::channel();
                     let shared = rx.shared();
                     *state = State::Connecting(shared.clone());
                     let weak = Arc::downgrade(&self.state);
+                    let owner = owner.clone();
                     let config = config.clone();
                     let rt = runtime.clone();
-                    drop(runtime.spawn(async move {
-                        // Dropped before it ends (its runtime shut down): the next call
-                        // connects again instead of waiting on a connect that never ends.
-                        let mut reset = ResetOnDrop(Some(weak.clone()));
+                    // Dropped before the connect ends (its runtime shut down, also before the
+                    // task ran): the next call connects again instead of waiting on a connect
+                    // that never ends.
+                    let reset = ResetOnDrop(Some(weak.clone()));
+                    let again = Arc::clone(&self.made);
+                    let task = async move {
+                        let mut reset = reset;
                         let made = connect(&config, rt).await;
+                        // Made again after the connection was lost: Redis may have been away,
+                        // and the pool's connections, idle meanwhile, are checked before any
+                        // batch goes on (a write acknowledged here is followed by calls on the
+                        // pool, such as a backplane's PUBLISH, which must not meet a dropped
+                        // connection: `coherence.rs::a_write_after_an_outage_is_announced_without_waiting_out_the_backoff`).
+                        if made.is_ok()
+                            && again.swap(true, std::sync::atomic::Ordering::AcqRel)
+                            && let Some(owner) = owner.upgrade()
+                        {
+                            owner.conn.revive_pool(&owner.config).await;
+                        }
                         reset.0 = None;
                         let Some(state) = weak.upgrade() else {
                             // The backend is gone.
@@ -563,7 +624,11 @@ impl Wire {
                             Err(_) => State::Down,
                         };
                         let _ = tx.send(made);
-                    }));
+                    };
+                    // Spawned with the lock released: on a runtime that has shut down, the
+                    // task is dropped within `spawn`, and its `ResetOnDrop` takes the lock.
+                    drop(state);
+                    drop(runtime.spawn(task));
                     shared
                 }
             }
@@ -571,10 +636,15 @@ impl Wire {
         let bound = config.connect_timeout + config.response_timeout;
         match tokio::time::timeout(bound, connecting).await {
             Ok(Ok(made)) => made,
-            Ok(Err(_)) => Err(CacheError::connection(
-                "the batch connection's connect was dropped (runtime shutting down?); retry",
-                None,
-            )),
+            Ok(Err(_)) => {
+                // Its task was dropped: the runtime it was spawned on has shut down, and later
+                // batch work runs on its callers' runtimes.
+                gone.store(true, std::sync::atomic::Ordering::Release);
+                Err(CacheError::connection(
+                    "the batch connection's connect was dropped (its runtime shut down); retry",
+                    None,
+                ))
+            }
             Err(_) => Err(CacheError::Timeout {
                 operation: "connect",
                 after: bound,
@@ -584,7 +654,7 @@ impl Wire {
 }
 
 /// Sends `bytes` (`replies` commands) on `link` and waits for the replies, at most
-/// `response_timeout` (then the connection ends: see the module's text).
+/// `response_timeout` (see the module's text for when the connection then ends).
 pub(crate) async fn ask(
     link: &Arc<Link>,
     op: &'static str,
@@ -603,7 +673,12 @@ pub(crate) async fn ask(
                 operation: op,
                 after: link.timeout,
             };
-            link.end(e.clone());
+            // A reply slower than the bound (a large value, a slow command ahead of it) fails
+            // only its batch, whose replies are then read and dropped; a server that has sent
+            // nothing for that long is taken for stalled or gone.
+            if link.silent(link.timeout) {
+                link.end(e.clone());
+            }
             Err(e)
         }
     }
@@ -653,6 +728,8 @@ async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Resul
         reader: Mutex::new(None),
         runtime: runtime.clone(),
         timeout: config.response_timeout,
+        last_read: std::sync::atomic::AtomicU64::new(0),
+        born: tokio::time::Instant::now(),
     });
     let reader = runtime.spawn(read_replies(Arc::clone(&link), read));
     *link.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(reader.abort_handle());
@@ -660,11 +737,29 @@ async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Resul
     if link.is_ended() {
         reader.abort();
     }
+    // Redis before 6 knows no users: `AUTH user password` is refused for its arguments, and
+    // redis-rs then sends `AUTH password`, as is done here.
+    let done = match handshake(&link, config, config.username.as_deref()).await {
+        Ok(true) => handshake(&link, config, None).await.map(|_| ()),
+        other => other.map(|_| ()),
+    };
+    if let Err(e) = done {
+        link.end(e.clone());
+        return Err(e);
+    }
+    Ok(link)
+}
+
+/// `AUTH` (as `user`, if given) and `SELECT` as configured, then `CLIENT SETNAME`: the
+/// connection is up once the server has answered them all. `Ok(true)`: the server refused
+/// `AUTH` with a user for its arguments (before Redis 6), to be asked again without one.
+async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -> Result<bool> {
+    let timeout = config.response_timeout;
     let mut hello = Vec::new();
     let mut n = 0;
     if let Some(password) = &config.password {
         let mut auth = redis::cmd("AUTH");
-        if let Some(user) = &config.username {
+        if let Some(user) = user {
             auth.arg(user);
         }
         auth.arg(password).write_packed_command(&mut hello);
@@ -676,29 +771,37 @@ async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Resul
             .write_packed_command(&mut hello);
         n += 1;
     }
-    // Named, so that `CLIENT LIST` tells it from the pool's (its error, from a user not
-    // allowed `CLIENT`, is ignored). Also what proves the server answers (a proxy or a paused
-    // server accepts connections without answering): the connection is up once it has.
+    // Named, so that `CLIENT LIST` tells it from the pool's. Also what proves the server
+    // answers (a proxy or a paused server accepts connections without answering).
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(NAME)
         .write_packed_command(&mut hello);
-    let replies = ask(&link, "connect", &hello, n + 1).await?;
-    for r in replies.into_iter().take(n) {
-        let r = match r {
-            Reply::Status => Ok(()),
-            Reply::Error(e) => Err(server_error(&e, "connect", config.response_timeout)),
-            other => Err(CacheError::Backend {
-                message: format!("connect: Redis answered {other:?} to AUTH / SELECT"),
-                source: None,
-            }),
-        };
-        if let Err(e) = r {
-            link.end(e.clone());
-            return Err(e);
+    let replies = ask(link, "connect", &hello, n + 1).await?;
+    for (i, r) in replies.into_iter().enumerate() {
+        match r {
+            Reply::Status => {}
+            // A user not allowed `CLIENT`, or a server that renamed it away: not named.
+            Reply::Error(e)
+                if i == n && (e.starts_with("NOPERM") || e.contains("unknown command")) => {}
+            Reply::Error(e)
+                if i == 0
+                    && user.is_some()
+                    && config.password.is_some()
+                    && e.contains("wrong number of arguments") =>
+            {
+                return Ok(true);
+            }
+            Reply::Error(e) => return Err(server_error(&e, "connect", timeout)),
+            other => {
+                return Err(CacheError::Backend {
+                    message: format!("connect: Redis answered {other:?} to AUTH / SELECT"),
+                    source: None,
+                });
+            }
         }
     }
-    Ok(link)
+    Ok(false)
 }
 
 /// One batch on `wire`, counted as `Inner::run` counts a call: its latency, an error once;
@@ -724,9 +827,16 @@ pub(crate) async fn run<T>(
     };
     let start = tokio::time::Instant::now();
     let mut result = Err(CacheError::Closed);
+    let idle = std::sync::atomic::AtomicBool::new(false);
+    let gone = inner.batcher.as_ref().map_or(&idle, |b| b.runtime_gone());
+    let owner = inner
+        .batcher
+        .as_ref()
+        .map(crate::batch::Batcher::owner)
+        .unwrap_or_default();
     for _ in 0..attempts {
         result = match wire
-            .ready(&inner.config, crate::batch::runtime_of(inner))
+            .ready(&inner.config, crate::batch::runtime_of(inner), gone, &owner)
             .await
         {
             Ok(link) => ask(&link, op.as_str(), bytes, replies)
@@ -795,6 +905,10 @@ mod tests {
             b"$x\r\n",
             b"*2\r\n*1\r\n",
             b"+OK\n",
+            b"$99999999999999\r\n",
+            b"$-99999999999999999999999\r\n",
+            b"\r\n",
+            b"\n",
         ] {
             let mut p = Parser::default();
             p.buf.extend_from_slice(bad);

@@ -216,3 +216,69 @@ async fn a_write_the_server_stops_draining_times_out_and_the_connection_recovers
         }
     }
 }
+
+/// Closing the cache closes its batch connection at once (not when the backend is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_cache_closes_its_batch_connection() {
+    let server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server))
+        .await
+        .unwrap()
+        .backend();
+    cache.set("k", Bytes::from("v"), None).await.unwrap();
+    let named = |server: &RedisServer| {
+        clients(server)
+            .iter()
+            .filter(|c| c.contains(" name=ncm-cache-batches "))
+            .count()
+    };
+    assert_eq!(named(&server), 1);
+    cache.close().await.unwrap();
+    let start = Instant::now();
+    while named(&server) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the batch connection outlived close()"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The backend is still held: only `close` let the connection go.
+    assert!(cache.get("k").await.is_err());
+}
+
+/// The runtime the cache connected on shut down before its batch connection was ever made;
+/// the first batched call on another runtime is a lone read, whose connect is spawned on the
+/// dead runtime and dropped there unrun. Later calls connect on their own runtime (found by
+/// review: the connect stayed "under way" for good and every batched call failed).
+#[test]
+fn a_lone_read_after_the_cache_runtime_shut_down_connects_on_the_callers_runtime() {
+    let server = RedisServer::start().unwrap();
+    server.cli(&["SET", "k", "v"]).unwrap();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = first.block_on(async {
+        RedisCache::connect(support::config(&server))
+            .await
+            .unwrap()
+            .backend()
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let mut ok = 0;
+        for _ in 0..20 {
+            if let Ok(v) = cache.get("k").await {
+                assert_eq!(v, Some(Bytes::from("v")));
+                ok += 1;
+            }
+        }
+        assert!(ok >= 18, "only {ok} of 20 lone reads succeeded");
+    });
+}
