@@ -136,8 +136,8 @@ pub(crate) struct Batcher {
     /// On a cluster: which primary owns each slot, to send a batch's reads as one pipeline per
     /// primary (writes are not batched there).
     cluster: Option<Owners>,
-    /// The batches' own connection, for reads and writes (`RedisConfig::batch_socket`: see
-    /// `wire.rs`); `None`: batches go on the pool's connections.
+    /// The read batches' own connection (`RedisConfig::batch_socket`: see `wire.rs`);
+    /// `None`: they go on the pool's connections. Writes always do.
     wire: Option<crate::wire::Wire>,
     /// The backend these queues belong to (its pool is checked when the batches' own
     /// connection is made again: see `wire.rs`).
@@ -951,9 +951,6 @@ async fn get_each(inner: &Inner, keys: &[&str]) -> Result<Answers> {
 /// before that is left out. Every caller gets its own command's outcome (an error reply
 /// reaches only its call) or the pipeline's failure.
 async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
-    if let Some(wire) = inner.batcher.as_ref().and_then(|b| b.wire.as_ref()) {
-        return send_sets_on(inner, wire, batch).await;
-    }
     let timeout = inner.config.response_timeout;
     let calls = &*batch;
     type Sent = (
@@ -1026,104 +1023,6 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                         }
                         Err(e)
                     }
-                    None => Err(abandoned()),
-                };
-                deliver(inner, Operation::Set, call.tx, answer, &mut pending);
-            }
-        }
-        Err(e) => {
-            for call in calls.into_iter().flatten() {
-                deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
-            }
-        }
-    }
-}
-
-/// [`send_sets`] on the batch's own connection: the writes are claimed once it is up, then
-/// written as one pipeline of `SET`s.
-async fn send_sets_on(inner: &Inner, wire: &crate::wire::Wire, batch: &mut Vec<Set>) {
-    use crate::wire::{arg, header};
-    let timeout = inner.config.response_timeout;
-    let mut calls: Vec<Option<Set>> = batch.drain(..).map(Some).collect();
-    let start = Instant::now();
-    let link = match inner.batcher.as_ref() {
-        _ if inner.is_closed() => Err(CacheError::Closed),
-        Some(b) => {
-            wire.ready(
-                &inner.config,
-                runtime_of(inner),
-                b.runtime_gone(),
-                &b.owner(),
-            )
-            .await
-        }
-        None => Err(CacheError::Closed),
-    };
-    let link = match link {
-        Ok(link) => link,
-        Err(e) => {
-            inner.stats.latency(Operation::Set, start.elapsed());
-            // Nothing was claimed: counted once per call, as a failed pipeline is.
-            let mut pending = 0;
-            for call in calls.into_iter().flatten() {
-                deliver(inner, Operation::Set, call.tx, Err(e.clone()), &mut pending);
-            }
-            return;
-        }
-    };
-    // Claimed now, with the connection up: from here the write is the caller's to wait for.
-    let sent: Vec<usize> = calls
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| {
-            s.as_ref().is_some_and(|s| {
-                s.state
-                    .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            })
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if sent.is_empty() {
-        return;
-    }
-    let mut bytes = Vec::with_capacity(
-        sent.iter()
-            .filter_map(|&i| calls[i].as_ref())
-            .map(|s| s.key.len() + s.value.len() + 64)
-            .sum(),
-    );
-    for &i in &sent {
-        let Some(s) = calls[i].as_ref() else { continue };
-        match s.ttl {
-            Some(ttl) => {
-                header(&mut bytes, 5);
-                arg(&mut bytes, b"SET");
-                arg(&mut bytes, s.key.as_bytes());
-                arg(&mut bytes, &s.value);
-                arg(&mut bytes, b"PX");
-                arg(&mut bytes, commands::millis(ttl).to_string().as_bytes());
-            }
-            None => {
-                header(&mut bytes, 3);
-                arg(&mut bytes, b"SET");
-                arg(&mut bytes, s.key.as_bytes());
-                arg(&mut bytes, &s.value);
-            }
-        }
-    }
-    let r = crate::wire::ask(&link, "set", &bytes, sent.len()).await;
-    inner.stats.latency(Operation::Set, start.elapsed());
-    let mut pending = 0;
-    match r {
-        Ok(replies) => {
-            let mut replies = replies.into_iter();
-            for i in sent {
-                let Some(call) = calls.get_mut(i).and_then(Option::take) else {
-                    continue;
-                };
-                let answer = match replies.next() {
-                    Some(reply) => reply.into_status("set", timeout),
                     None => Err(abandoned()),
                 };
                 deliver(inner, Operation::Set, call.tx, answer, &mut pending);

@@ -104,11 +104,12 @@ pub struct RedisConfig {
     /// concurrent `get`s go as one pipeline per primary and `set`s are not batched. See
     /// docs/BENCHMARKS.md for where it wins and where it costs.
     pub auto_batch: bool,
-    /// Batches on a connection of their own (default true): with `auto_batch` on a single node
-    /// over plain TCP and `max_connections` of at least 2, batched reads and writes go on one
+    /// Read batches on a connection of their own (default true): with `auto_batch` on a single
+    /// node over plain TCP and `max_connections` of at least 2, batched reads go on one
     /// socket the batcher writes and reads itself (RESP2, connected again on demand, closed at
     /// any doubt), counted as one of the `max_connections`, instead of through the pool's
-    /// redis-rs connections. TLS, Sentinel and Cluster always use the pool's. See
+    /// redis-rs connections. Writes always go on the pool's (docs/ARCHITECTURE.md says why), and so
+    /// do TLS, Sentinel and Cluster. See
     /// docs/ARCHITECTURE.md (`wire.rs`) and docs/BENCHMARKS.md (issue 21).
     pub batch_socket: bool,
     /// Enable TCP keepalive (default true).
@@ -418,8 +419,7 @@ impl RedisConfig {
             .collect()
     }
 
-    /// The `redis://` URL of the configured single node (credentials included).
-    /// Whether batches go on a connection of their own (`batch_socket`; see `wire.rs`): with
+    /// Whether read batches go on a connection of their own (`batch_socket`; see `wire.rs`): with
     /// `auto_batch`, on a single node over plain TCP, and with `max_connections` of at least 2
     /// (that connection is one of them).
     pub(crate) fn batches_on_own_socket(&self) -> bool {
@@ -431,6 +431,7 @@ impl RedisConfig {
             && self.max_connections >= 2
     }
 
+    /// The `redis://` URL of the configured single node (credentials included).
     pub(crate) fn node_url(&self, host: &str, port: u16) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = match (&self.username, &self.password) {

@@ -339,7 +339,11 @@ impl Conn {
                 for _ in 0..2 {
                     let ping = cmd.query_async::<()>(&mut c);
                     match tokio::time::timeout(bound, ping).await {
-                        Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {}
+                        // Dropped: its manager reconnects, and the second waits for that.
+                        // (A timeout is not asked again: the manager does not reconnect.)
+                        Ok(Err(e))
+                            if !e.is_timeout()
+                                && (e.is_io_error() || e.is_connection_dropped()) => {}
                         _ => return,
                     }
                 }

@@ -1,9 +1,10 @@
-//! The batcher's own connections (`RedisConfig::batch_socket`, on by default): on a single
-//! node over plain TCP, each batch of reads (one `GET` or `MGET`) and of writes (a pipeline of
-//! `SET`s) is written by the batch's task on a socket of its own and answered by one reader
-//! task, instead of going through a redis-rs multiplexed connection, whose request channel,
-//! driver task and parsing into `Value`s were most of what kept batching from the throughput
-//! a socket allows (docs/BENCHMARKS.md, issue 21). Reads and writes share the one connection.
+//! The read batches' own connection (`RedisConfig::batch_socket`, on by default): on a single
+//! node over plain TCP, each batch of reads (one `GET` or `MGET`) is written on a socket of its
+//! own and answered by one reader task, instead of going through a redis-rs multiplexed
+//! connection, whose request channel, driver task and parsing into `Value`s were most of what
+//! kept batching from the throughput a socket allows (docs/BENCHMARKS.md, issue 21). Writes
+//! stay on the pool's connections: a write whose call timed out may still land, and calls
+//! made after it (a delete that cleans it up) must not overtake it on another connection.
 //!
 //! What it keeps:
 //! - **Replies reach the batch they answer.** One socket, one queue of batches waiting in the
@@ -47,7 +48,7 @@ const MAX_BULK: usize = (u32::MAX >> 1) as usize;
 /// Longest header line (`$123\r\n`, `-ERR …\r\n`) the parser waits for before giving up.
 const MAX_LINE: usize = 64 * 1024;
 
-/// One reply of `GET`, `MGET`, `SET`, `AUTH` or `SELECT` (an array holds no arrays).
+/// One reply of `GET`, `MGET`, `AUTH`, `SELECT` or `CLIENT` (an array holds no arrays).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reply {
     Nil,
@@ -69,18 +70,6 @@ impl Reply {
             Self::Error(e) => Err(server_error(&e, op, timeout)),
             other => Err(CacheError::Backend {
                 message: format!("{op}: Redis answered {other:?} where a string was expected"),
-                source: None,
-            }),
-        }
-    }
-
-    /// This reply as a status (`SET`).
-    pub(crate) fn into_status(self, op: &'static str, timeout: Duration) -> Result<()> {
-        match self {
-            Self::Status => Ok(()),
-            Self::Error(e) => Err(server_error(&e, op, timeout)),
-            other => Err(CacheError::Backend {
-                message: format!("{op}: Redis answered {other:?} where a status was expected"),
                 source: None,
             }),
         }
@@ -264,6 +253,8 @@ pub(crate) struct Link {
     timeout: Duration,
     /// When the reader last got bytes, in ms since `born` (see [`ask`]).
     last_read: std::sync::atomic::AtomicU64,
+    /// Batches that timed out and whose replies are still to come (see [`ask`]).
+    abandoned: std::sync::atomic::AtomicUsize,
     born: tokio::time::Instant,
 }
 
@@ -335,10 +326,15 @@ impl Link {
     }
 
     /// Hands `reply` to the oldest waiting batch.
-    fn answer(&self, reply: Reply) -> std::result::Result<(), &'static str> {
+    fn answer(&self, reply: Reply) -> std::result::Result<(), String> {
         let mut w = self.waiting();
         let Some(head) = w.queue.front_mut() else {
-            return Err("a reply no batch waited for");
+            // Such as Redis refusing the connection on accept (`max number of clients
+            // reached`, protected mode): its text is what the callers need to see.
+            return Err(match reply {
+                Reply::Error(e) => format!("an error no batch waited for: {e}"),
+                _ => "a reply no batch waited for".into(),
+            });
         };
         head.replies.push(reply);
         head.left = head.left.saturating_sub(1);
@@ -346,9 +342,26 @@ impl Link {
             && let Some(done) = w.queue.pop_front()
         {
             drop(w);
-            let _ = done.tx.send(Ok(done.replies));
+            if done.tx.send(Ok(done.replies)).is_err() {
+                // A batch that timed out: its replies are in.
+                let _ = self.abandoned.fetch_update(
+                    std::sync::atomic::Ordering::AcqRel,
+                    std::sync::atomic::Ordering::Acquire,
+                    |n| n.checked_sub(1),
+                );
+            }
         }
         Ok(())
+    }
+
+    /// An error reply the oldest waiting batch got, if any (the server's reason before it
+    /// closed the connection).
+    fn error_heard(&self) -> Option<String> {
+        let w = self.waiting();
+        w.queue.front()?.replies.iter().find_map(|r| match r {
+            Reply::Error(e) => Some(e.clone()),
+            _ => None,
+        })
     }
 
     /// Queues a batch of `replies` commands and writes `bytes`; its replies (or the error that
@@ -481,10 +494,11 @@ async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
         parser.buf.reserve(READ_CHUNK);
         match read.read_buf(&mut parser.buf).await {
             Ok(0) => {
-                return link.end(CacheError::connection(
-                    "Redis closed the batch connection; retry",
-                    None,
-                ));
+                let why = match link.error_heard() {
+                    Some(e) => format!("Redis closed the batch connection: {e}"),
+                    None => "Redis closed the batch connection; retry".into(),
+                };
+                return link.end(CacheError::connection(why, None));
             }
             Err(e) => {
                 return link.end(CacheError::connection(
@@ -499,7 +513,7 @@ async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
                 Ok(None) => break,
                 Ok(Some(reply)) => match link.answer(reply) {
                     Ok(()) => continue,
-                    Err(why) => why.to_owned(),
+                    Err(why) => why,
                 },
                 Err(why) => why,
             };
@@ -513,6 +527,8 @@ async fn read_replies(link: Arc<Link>, mut read: OwnedReadHalf) {
 
 type Connecting = futures_util::future::Shared<oneshot::Receiver<Result<Arc<Link>>>>;
 
+/// A state dropped or replaced while `Up` ends its connection (a backend dropped while its
+/// connect ran, `close()`).
 #[derive(Default)]
 enum State {
     #[default]
@@ -521,6 +537,14 @@ enum State {
     /// must not hold it up).
     Connecting(Connecting),
     Up(Arc<Link>),
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Self::Up(link) = self {
+            link.end(CacheError::Closed);
+        }
+    }
 }
 
 /// Sets a wire's state back to `Down` when dropped armed.
@@ -544,24 +568,23 @@ pub(crate) struct Wire {
 
 impl Drop for Wire {
     fn drop(&mut self) {
-        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(PoisonError::into_inner));
-        if let State::Up(link) = state {
-            link.end(CacheError::Closed);
-        }
+        // Ends an `Up` connection (`State`'s drop).
+        drop(std::mem::take(
+            &mut *self.state.lock().unwrap_or_else(PoisonError::into_inner),
+        ));
     }
 }
 
 impl Wire {
     /// Ends the connection (the backend was closed).
     pub(crate) fn close(&self) {
+        // Ends an `Up` connection (`State`'s drop), out of the lock.
         let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(PoisonError::into_inner));
-        if let State::Up(link) = state {
-            link.end(CacheError::Closed);
-        }
+        drop(state);
     }
 
-    /// The connection, made now if there is none: waited for at most `connect_timeout` and
-    /// the handshake's `response_timeout`. The connect runs on `runtime`; `gone` is set when
+    /// The connection, made now if there is none: waited for at most the connect, the
+    /// handshake and the pool's check (see the bound below). The connect runs on `runtime`; `gone` is set when
     /// a connect task there was dropped (that runtime shut down).
     pub(crate) async fn ready(
         &self,
@@ -612,17 +635,25 @@ impl Wire {
                             owner.conn.revive_pool(&owner.config).await;
                         }
                         reset.0 = None;
-                        let Some(state) = weak.upgrade() else {
-                            // The backend is gone.
+                        // The backend closed or dropped meanwhile: the new connection ends.
+                        let closed = owner.upgrade().is_none_or(|o| o.is_closed());
+                        let (Some(state), false) = (weak.upgrade(), closed) else {
                             if let Ok(link) = made {
                                 link.end(CacheError::Closed);
                             }
+                            let _ = tx.send(Err(CacheError::Closed));
                             return;
                         };
-                        *state.lock().unwrap_or_else(PoisonError::into_inner) = match &made {
+                        let next = match &made {
                             Ok(link) => State::Up(Arc::clone(link)),
                             Err(_) => State::Down,
                         };
+                        // The state replaced (`Connecting`) is dropped out of the lock.
+                        let replaced = std::mem::replace(
+                            &mut *state.lock().unwrap_or_else(PoisonError::into_inner),
+                            next,
+                        );
+                        drop(replaced);
                         let _ = tx.send(made);
                     };
                     // Spawned with the lock released: on a runtime that has shut down, the
@@ -633,7 +664,9 @@ impl Wire {
                 }
             }
         };
-        let bound = config.connect_timeout + config.response_timeout;
+        // The connect, the handshake (twice for the `AUTH` fallback) and, when made again,
+        // the pool's check (`Conn::revive_pool`).
+        let bound = config.connect_timeout * 2 + config.response_timeout * 4;
         match tokio::time::timeout(bound, connecting).await {
             Ok(Ok(made)) => made,
             Ok(Err(_)) => {
@@ -674,9 +707,17 @@ pub(crate) async fn ask(
                 after: link.timeout,
             };
             // A reply slower than the bound (a large value, a slow command ahead of it) fails
-            // only its batch, whose replies are then read and dropped; a server that has sent
-            // nothing for that long is taken for stalled or gone.
-            if link.silent(link.timeout) {
+            // only its batch, whose replies are then read and dropped. The connection ends
+            // instead when the server has sent nothing for that long (stalled or gone), when
+            // another timed-out batch is still waiting for its replies (the server falls
+            // behind: a backlog would only grow), or when bytes are still unwritten (a socket
+            // not draining; and a timed-out write is not sent later).
+            let behind = link
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                > 0;
+            let unwritten = !link.waiting().outbox.is_empty();
+            if behind || unwritten || link.silent(link.timeout) {
                 link.end(e.clone());
             }
             Err(e)
@@ -729,6 +770,7 @@ async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Resul
         runtime: runtime.clone(),
         timeout: config.response_timeout,
         last_read: std::sync::atomic::AtomicU64::new(0),
+        abandoned: std::sync::atomic::AtomicUsize::new(0),
         born: tokio::time::Instant::now(),
     });
     let reader = runtime.spawn(read_replies(Arc::clone(&link), read));
@@ -781,9 +823,9 @@ async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -
     for (i, r) in replies.into_iter().enumerate() {
         match r {
             Reply::Status => {}
-            // A user not allowed `CLIENT`, or a server that renamed it away: not named.
-            Reply::Error(e)
-                if i == n && (e.starts_with("NOPERM") || e.contains("unknown command")) => {}
+            // A user not allowed `CLIENT`, a server or proxy that renamed it away or does
+            // not have it: not named. (Not a server that is loading or wants a password.)
+            Reply::Error(e) if i == n && !e.starts_with("NOAUTH") && !e.starts_with("LOADING") => {}
             Reply::Error(e)
                 if i == 0
                     && user.is_some()
@@ -834,22 +876,34 @@ pub(crate) async fn run<T>(
         .as_ref()
         .map(crate::batch::Batcher::owner)
         .unwrap_or_default();
+    let mut result_link: Option<Arc<Link>>;
     for _ in 0..attempts {
+        result_link = None;
         result = match wire
             .ready(&inner.config, crate::batch::runtime_of(inner), gone, &owner)
             .await
         {
-            Ok(link) => ask(&link, op.as_str(), bytes, replies)
-                .await
-                .and_then(&answer),
+            Ok(link) => {
+                let r = ask(&link, op.as_str(), bytes, replies)
+                    .await
+                    .and_then(&answer);
+                result_link = Some(link);
+                r
+            }
             Err(e) => Err(e),
         };
-        if !matches!(&result, Err(e) if e.is_timeout()) {
+        // Again only on a new connection: on the same one it would queue behind the reply
+        // that was too slow.
+        let ended = result_link.as_ref().is_none_or(|l| l.is_ended());
+        if !matches!(&result, Err(e) if e.is_timeout()) || !ended {
             break;
         }
     }
     inner.stats.latency(op, start.elapsed());
-    if let Err(e) = &result {
+    // `Closed` (the backend closed) is counted by no one here, as `Inner::run` does not.
+    if let Err(e) = &result
+        && !matches!(e, CacheError::Closed)
+    {
         inner.stats.error(op);
         tracing::debug!(operation = op.as_str(), error = %e, "redis batch failed");
     }
@@ -935,6 +989,68 @@ mod tests {
             .arg(10)
             .get_packed_command();
         assert_eq!(ours, theirs);
+    }
+
+    fn test_config(server: &ncm_cache_testkit::RedisServer, timeout: Duration) -> RedisConfig {
+        let mut config = RedisConfig::from_url(&server.url()).unwrap_or_else(|e| panic!("{e}"));
+        config.response_timeout = timeout;
+        config
+    }
+
+    /// A command larger than the socket takes at once while Redis does not read (paused):
+    /// its rest goes to the flusher, and a command sent after it waits behind it instead of
+    /// cutting into it (a mutant writing it straight to the socket: Redis answers a protocol
+    /// error).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_the_socket_cannot_take_at_once_goes_before_those_behind_it() {
+        let server = ncm_cache_testkit::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let config = test_config(&server, Duration::from_secs(20));
+        let link = connect(&config, tokio::runtime::Handle::current())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        server.pause().unwrap_or_else(|e| panic!("{e}"));
+        let value = vec![b'x'; 32 << 20];
+        let mut big = Vec::new();
+        command(&mut big, &[b"SET", b"big", &value]);
+        let first = link.send(&big, 1);
+        assert!(
+            !link.waiting().outbox.is_empty(),
+            "the socket took 32 MiB at once: the flusher was not needed"
+        );
+        let mut small = Vec::new();
+        command(&mut small, &[b"STRLEN", b"big"]);
+        let second = link.send(&small, 1);
+        server.resume().unwrap_or_else(|e| panic!("{e}"));
+        let first = first.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(first.unwrap_or_else(|e| panic!("{e}")), vec![Reply::Status]);
+        let second = second.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            second.unwrap_or_else(|e| panic!("{e}")),
+            vec![Reply::Int(32 << 20)]
+        );
+    }
+
+    /// A server that stops reading (paused) while a command larger than the socket takes is
+    /// written: the wait ends within the response timeout (and the flusher's), with the
+    /// connection ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_the_server_stops_draining_ends_the_connection_within_its_bound() {
+        let server = ncm_cache_testkit::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let config = test_config(&server, Duration::from_millis(500));
+        let link = connect(&config, tokio::runtime::Handle::current())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        server.pause().unwrap_or_else(|e| panic!("{e}"));
+        let mut big = Vec::new();
+        command(&mut big, &[b"SET", b"huge", &vec![b'x'; 64 << 20]]);
+        let start = std::time::Instant::now();
+        let r = ask(&link, "set", &big, 1).await;
+        let took = start.elapsed();
+        server.resume().unwrap_or_else(|e| panic!("{e}"));
+        let e = r.expect_err("a paused server answered");
+        assert!(e.is_timeout() || e.is_connection(), "{e:?}");
+        assert!(took < Duration::from_millis(1200), "took {took:?}");
+        assert!(link.is_ended());
     }
 
     #[test]

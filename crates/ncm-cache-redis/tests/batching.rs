@@ -446,23 +446,31 @@ async fn gets_polled_once_then_parked_do_not_block_other_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_caller_gave_up_during_a_reconnect_is_never_applied() {
     let server = RedisServer::start().unwrap();
-    for auto_batch in [true, false] {
+    // Batched on the batches' own connection (the default), batched on the pool's, unbatched.
+    for (auto_batch, batch_socket) in [(true, true), (true, false), (false, false)] {
         let proxy = FaultProxy::start(server.addr()).unwrap();
         let mut config = RedisConfig::from_url(&proxy.url()).unwrap();
         config.connect_timeout = Duration::from_millis(400);
         config.response_timeout = Duration::from_millis(500);
         config.health_check_interval = None;
         config.auto_batch = auto_batch;
+        config.batch_socket = batch_socket;
         let cache = RedisCache::connect(config).await.unwrap().backend();
-        let k = format!("k:{auto_batch}");
+        let k = format!("k:{auto_batch}:{batch_socket}");
         cache.set(&k, value(0), None).await.unwrap();
         proxy.set_mode(ProxyMode::Stall);
         proxy.cut();
         // Calls meet the cut connection until the connection manager is reconnecting (to a
-        // stalled proxy): a call then waits for that and times out.
+        // stalled proxy): a call then waits for that and times out. (With the read batches on
+        // their own connection, writes of the value the key holds.)
         let mut reconnecting = false;
         for _ in 0..10 {
-            if let Err(e) = cache.get(&k).await
+            let call = if batch_socket {
+                cache.set(&k, value(0), None).await
+            } else {
+                cache.get(&k).await.map(|_| ())
+            };
+            if let Err(e) = call
                 && e.is_timeout()
             {
                 reconnecting = true;
@@ -475,7 +483,7 @@ async fn a_write_whose_caller_gave_up_during_a_reconnect_is_never_applied() {
             tokio::time::timeout(Duration::from_millis(100), cache.set(&k, value(1), None)).await;
         assert!(
             gave_up.is_err(),
-            "the write was expected to wait for the reconnect: {gave_up:?}"
+            "auto_batch {auto_batch}, batch_socket {batch_socket}: the write was expected to wait for the reconnect: {gave_up:?}"
         );
         proxy.set_mode(ProxyMode::Pass);
         let start = Instant::now();
@@ -487,7 +495,7 @@ async fn a_write_whose_caller_gave_up_during_a_reconnect_is_never_applied() {
         assert_eq!(
             cache.get(&k).await.unwrap(),
             Some(value(0)),
-            "auto_batch {auto_batch}: a write whose caller gave up during a reconnect was applied after it"
+            "auto_batch {auto_batch}, batch_socket {batch_socket}: a write whose caller gave up during a reconnect was applied after it"
         );
     }
 }
