@@ -133,6 +133,12 @@ pub async fn redis_and_raw(
     let mut config = ncm_cache_redis::RedisConfig::from_url(url)?;
     config.max_connections = 1;
     config.health_check_interval = None;
+    // `NCM_BENCH_BATCH_SOCKET=1`: read batches on their own connection (opt-in, issue 21),
+    // the pool keeping one connection for writes (reads then use one socket, as the baseline).
+    if std::env::var("NCM_BENCH_BATCH_SOCKET").is_ok_and(|v| v == "1") {
+        config.batch_socket = true;
+        config.max_connections = 2;
+    }
     let info = redis::IntoConnectionInfo::into_connection_info(url)?
         .set_tcp_settings(ncm_cache_redis::tcp_settings(&config));
     let ours = ncm_cache_redis::RedisCache::connect(config)

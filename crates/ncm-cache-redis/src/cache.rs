@@ -200,7 +200,7 @@ impl RedisCacheBuilder {
         retry_on_timeout: bool,
         /// Automatic batching of concurrent gets and sets (default true).
         auto_batch: bool,
-        /// Read batches on a connection of their own (default true; single node, plain TCP).
+        /// Read batches on a connection of their own (default false; single node, plain TCP).
         batch_socket: bool,
         /// TCP keepalive.
         socket_keepalive: bool,

@@ -223,6 +223,8 @@ impl Parser {
 
 /// A batch waiting for its replies.
 struct Pending {
+    /// When it was queued (see [`ask`]).
+    sent: tokio::time::Instant,
     left: usize,
     replies: Vec<Reply>,
     tx: oneshot::Sender<Result<Vec<Reply>>>,
@@ -253,8 +255,6 @@ pub(crate) struct Link {
     timeout: Duration,
     /// When the reader last got bytes, in ms since `born` (see [`ask`]).
     last_read: std::sync::atomic::AtomicU64,
-    /// Batches that timed out and whose replies are still to come (see [`ask`]).
-    abandoned: std::sync::atomic::AtomicUsize,
     born: tokio::time::Instant,
 }
 
@@ -342,14 +342,7 @@ impl Link {
             && let Some(done) = w.queue.pop_front()
         {
             drop(w);
-            if done.tx.send(Ok(done.replies)).is_err() {
-                // A batch that timed out: its replies are in.
-                let _ = self.abandoned.fetch_update(
-                    std::sync::atomic::Ordering::AcqRel,
-                    std::sync::atomic::Ordering::Acquire,
-                    |n| n.checked_sub(1),
-                );
-            }
+            let _ = done.tx.send(Ok(done.replies));
         }
         Ok(())
     }
@@ -378,6 +371,7 @@ impl Link {
             return rx;
         }
         w.queue.push_back(Pending {
+            sent: tokio::time::Instant::now(),
             left: replies,
             replies: Vec::with_capacity(replies),
             tx,
@@ -635,25 +629,29 @@ impl Wire {
                             owner.conn.revive_pool(&owner.config).await;
                         }
                         reset.0 = None;
-                        // The backend closed or dropped meanwhile: the new connection ends.
-                        let closed = owner.upgrade().is_none_or(|o| o.is_closed());
-                        let (Some(state), false) = (weak.upgrade(), closed) else {
+                        let installed = weak.upgrade().and_then(|state| {
+                            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                            // The backend closed or dropped meanwhile: the new connection
+                            // ends. (Checked under the lock: `close` marks the backend closed
+                            // before it takes the state.)
+                            if owner.upgrade().is_none_or(|o| o.is_closed()) {
+                                return None;
+                            }
+                            let next = match &made {
+                                Ok(link) => State::Up(Arc::clone(link)),
+                                Err(_) => State::Down,
+                            };
+                            // The state replaced (`Connecting`) ends no connection.
+                            Some(std::mem::replace(&mut *state, next))
+                        });
+                        if installed.is_none() {
                             if let Ok(link) = made {
                                 link.end(CacheError::Closed);
                             }
                             let _ = tx.send(Err(CacheError::Closed));
                             return;
-                        };
-                        let next = match &made {
-                            Ok(link) => State::Up(Arc::clone(link)),
-                            Err(_) => State::Down,
-                        };
-                        // The state replaced (`Connecting`) is dropped out of the lock.
-                        let replaced = std::mem::replace(
-                            &mut *state.lock().unwrap_or_else(PoisonError::into_inner),
-                            next,
-                        );
-                        drop(replaced);
+                        }
+                        drop(installed);
                         let _ = tx.send(made);
                     };
                     // Spawned with the lock released: on a runtime that has shut down, the
@@ -709,14 +707,17 @@ pub(crate) async fn ask(
             // A reply slower than the bound (a large value, a slow command ahead of it) fails
             // only its batch, whose replies are then read and dropped. The connection ends
             // instead when the server has sent nothing for that long (stalled or gone), when
-            // another timed-out batch is still waiting for its replies (the server falls
-            // behind: a backlog would only grow), or when bytes are still unwritten (a socket
-            // not draining; and a timed-out write is not sent later).
-            let behind = link
-                .abandoned
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-                > 0;
-            let unwritten = !link.waiting().outbox.is_empty();
+            // the oldest batch still owed replies was sent over twice that long ago (the
+            // server falls behind: a backlog would only grow), or when bytes are still
+            // unwritten (a socket not draining).
+            let (behind, unwritten) = {
+                let w = link.waiting();
+                let oldest = w.queue.front().map(|p| p.sent.elapsed());
+                (
+                    oldest.is_some_and(|age| age >= link.timeout * 2),
+                    !w.outbox.is_empty(),
+                )
+            };
             if behind || unwritten || link.silent(link.timeout) {
                 link.end(e.clone());
             }
@@ -770,7 +771,6 @@ async fn connect(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Resul
         runtime: runtime.clone(),
         timeout: config.response_timeout,
         last_read: std::sync::atomic::AtomicU64::new(0),
-        abandoned: std::sync::atomic::AtomicUsize::new(0),
         born: tokio::time::Instant::now(),
     });
     let reader = runtime.spawn(read_replies(Arc::clone(&link), read));
@@ -813,13 +813,17 @@ async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -
             .write_packed_command(&mut hello);
         n += 1;
     }
-    // Named, so that `CLIENT LIST` tells it from the pool's. Also what proves the server
-    // answers (a proxy or a paused server accepts connections without answering).
+    // Named, so that `CLIENT LIST` tells it from the pool's; then a `PING`, whose `PONG`
+    // proves the server answers (a proxy or a paused server accepts connections without
+    // answering; an error Redis sends on accept, such as `max number of clients reached`,
+    // would be taken for the name's reply, and Redis then closes the connection: that error
+    // is kept in the one the callers get).
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(NAME)
         .write_packed_command(&mut hello);
-    let replies = ask(link, "connect", &hello, n + 1).await?;
+    redis::cmd("PING").write_packed_command(&mut hello);
+    let replies = ask(link, "connect", &hello, n + 2).await?;
     for (i, r) in replies.into_iter().enumerate() {
         match r {
             Reply::Status => {}
@@ -837,7 +841,7 @@ async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -
             Reply::Error(e) => return Err(server_error(&e, "connect", timeout)),
             other => {
                 return Err(CacheError::Backend {
-                    message: format!("connect: Redis answered {other:?} to AUTH / SELECT"),
+                    message: format!("connect: Redis answered {other:?} to the handshake"),
                     source: None,
                 });
             }

@@ -121,9 +121,19 @@ async fn without_auto_batch_every_get_is_its_own_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller() {
+    stall_cut_and_kill("").await;
+}
+
+/// The same with read batches on their own connection (`batch_socket`, `wire.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller_on_the_batch_socket() {
+    stall_cut_and_kill("?batch_socket=true").await;
+}
+
+async fn stall_cut_and_kill(options: &str) {
     let mut server = RedisServer::start().unwrap();
     let proxy = FaultProxy::start(server.addr()).unwrap();
-    let cache = preloaded(&proxy.url(), 200, 200).await;
+    let cache = preloaded(&format!("{}{options}", proxy.url()), 200, 200).await;
     let faults = {
         let proxy_handle = std::thread::spawn(move || {
             for _ in 0..3 {
@@ -397,8 +407,19 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
 /// slot, so every other `get` waited out its timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gets_polled_once_then_parked_do_not_block_other_reads() {
+    parked_gets("").await;
+}
+
+/// The same with read batches on their own connection (`batch_socket`, `wire.rs`): a lone
+/// read sent from its caller's future holds no lock of that connection when left unpolled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gets_polled_once_then_parked_do_not_block_other_reads_on_the_batch_socket() {
+    parked_gets("?batch_socket=true").await;
+}
+
+async fn parked_gets(options: &str) {
     let server = RedisServer::start().unwrap();
-    let mut config = RedisConfig::from_url(&server.url()).unwrap();
+    let mut config = RedisConfig::from_url(&format!("{}{options}", server.url())).unwrap();
     config.response_timeout = Duration::from_millis(500);
     config.connect_timeout = Duration::from_millis(500);
     config.health_check_interval = None;
