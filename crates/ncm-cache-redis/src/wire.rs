@@ -1003,8 +1003,7 @@ mod tests {
 
     /// A command larger than the socket takes at once while Redis does not read (paused):
     /// its rest goes to the flusher, and a command sent after it waits behind it instead of
-    /// cutting into it (a mutant writing it straight to the socket: Redis answers a protocol
-    /// error).
+    /// cutting into it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_command_the_socket_cannot_take_at_once_goes_before_those_behind_it() {
         let server = ncm_cache_testkit::RedisServer::start().unwrap_or_else(|e| panic!("{e}"));
