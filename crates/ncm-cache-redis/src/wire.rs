@@ -1,4 +1,4 @@
-//! The read batches' own connection (`RedisConfig::batch_socket`, on by default): on a single
+//! The read batches' own connection (`RedisConfig::batch_socket`, off by default): on a single
 //! node over plain TCP, each batch of reads (one `GET` or `MGET`) is written on a socket of its
 //! own and answered by one reader task, instead of going through a redis-rs multiplexed
 //! connection, whose request channel, driver task and parsing into `Value`s were most of what
@@ -10,16 +10,18 @@
 //! - **Replies reach the batch they answer.** One socket, one queue of batches waiting in the
 //!   order they were written; the reader hands each reply to the oldest.
 //! - **A timeout fails its own batch.** A batch not answered within `response_timeout` gets
-//!   `Timeout`; its replies, should they come, are read and dropped. Only when the server has
-//!   also sent nothing for that long (stalled, or the connection silently gone) does the
-//!   connection end.
+//!   `Timeout`; its replies, should they come, are read and dropped. The connection ends only
+//!   when the server has also sent nothing for that long (stalled, or the connection silently
+//!   gone), the oldest batch still owed replies was sent over twice that long ago, or bytes
+//!   are still unwritten.
 //! - **Any other doubt ends the connection.** A reply that cannot be parsed or that no batch
 //!   waits for, a read or write error, a socket that does not drain, the server closing: the
 //!   connection ends, its socket is shut down, every batch waiting on it gets that error at
 //!   once, and no later byte of it is read. The next batch connects again (`connect_timeout`,
-//!   then `AUTH` and `SELECT` as configured, answered within `response_timeout`).
+//!   then `AUTH` and `SELECT` as configured, `CLIENT SETNAME` and a `PING`, answered within
+//!   `response_timeout`).
 //! - **Bounded.** A write to the socket and every reply are bounded by `response_timeout`, the
-//!   connect by `connect_timeout`.
+//!   TCP connect by `connect_timeout`.
 //!
 //! It speaks RESP2 and is used only where the pool's connections would be plain TCP to one
 //! server: TLS, Sentinel and Cluster keep redis-rs's connections (see `Batcher::new`).
