@@ -558,8 +558,6 @@ impl Drop for ResetOnDrop {
 #[derive(Default)]
 pub(crate) struct Wire {
     state: Arc<Mutex<State>>,
-    /// Whether a connection was made before: a connect after it also checks the pool.
-    made: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Wire {
@@ -615,17 +613,18 @@ impl Wire {
                     // task ran): the next call connects again instead of waiting on a connect
                     // that never ends.
                     let reset = ResetOnDrop(Some(weak.clone()));
-                    let again = Arc::clone(&self.made);
                     let task = async move {
                         let mut reset = reset;
                         let made = connect(&config, rt).await;
-                        // Made again after the connection was lost: Redis may have been away,
-                        // and the pool's connections, idle meanwhile, are checked before any
-                        // batch goes on (a write acknowledged here is followed by calls on the
-                        // pool, such as a backplane's PUBLISH, which must not meet a dropped
-                        // connection: `coherence.rs::a_write_after_an_outage_is_announced_without_waiting_out_the_backoff`).
+                        // Every connect, the first included, checks the pool's connections
+                        // before any batch goes on: Redis may have been away since the pool
+                        // last spoke to it (the first batch connection can come after an
+                        // outage the pool sat through idle), and calls that follow a read go
+                        // on the pool (a `SET` after a read, a backplane's `PUBLISH`), which
+                        // must not meet a dropped connection:
+                        // `tracking.rs::after_a_server_restart_nothing_from_before_is_served_as_fresh`,
+                        // `coherence.rs::a_write_after_an_outage_is_announced_without_waiting_out_the_backoff`.
                         if made.is_ok()
-                            && again.swap(true, std::sync::atomic::Ordering::AcqRel)
                             && let Some(owner) = owner.upgrade()
                         {
                             owner.conn.revive_pool(&owner.config).await;
@@ -664,8 +663,7 @@ impl Wire {
                 }
             }
         };
-        // The connect, the handshake (twice for the `AUTH` fallback) and, when made again,
-        // the pool's check (`Conn::revive_pool`).
+        // The connect, the handshake (twice for the `AUTH` fallback) and the pool's check (`Conn::revive_pool`).
         let bound = config.connect_timeout * 2 + config.response_timeout * 4;
         match tokio::time::timeout(bound, connecting).await {
             Ok(Ok(made)) => made,

@@ -151,6 +151,27 @@ async fn without_batch_socket_batches_use_the_pool() {
     );
 }
 
+/// Redis restarted before the batch connection was ever made (every read so far was served
+/// elsewhere): its first connect checks the pool too, so a write after that first read does not
+/// meet the pool's connection that sat idle through the restart (found while trying
+/// `batch_socket` on by default: only a connect made *again* checked the pool, and
+/// `set` failed with "broken pipe").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_first_batch_connect_that_follows_a_restart_reaches_redis() {
+    let mut server = RedisServer::start().unwrap();
+    let mut config = support::config(&server);
+    config.batch_socket = true;
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    // On the pool: the batch connection is not made yet.
+    cache.set("k", Bytes::from("v1"), None).await.unwrap();
+    server.kill();
+    server.restart().unwrap();
+    // The first read makes the batch connection (the restarted server is empty).
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    cache.set("k", Bytes::from("v2"), None).await.unwrap();
+    assert_eq!(cache.get("k").await.unwrap(), Some(Bytes::from("v2")));
+}
+
 /// Closing the cache closes its batch connection at once (not when the backend is dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_cache_closes_its_batch_connection() {
