@@ -49,6 +49,34 @@ pub(crate) struct Options {
 }
 
 impl Options {
+    /// Refuses a zero where zero would not mean "off" but a cache that silently does
+    /// something else: a fail-safe that serves nothing, every load abandoned at once (hard
+    /// timeout) or a stale value served before the load began (soft), entries (or "not
+    /// found") stored to expire at once. `None` turns each off.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let zero = [
+            ("l2_default_ttl (None: no expiry)", self.l2_default_ttl),
+            (
+                "fail_safe's max stale age (leave fail_safe unset for none)",
+                self.max_stale_age,
+            ),
+            ("the soft loader timeout (None: none)", self.soft_timeout),
+            ("the hard loader timeout (None: none)", self.hard_timeout),
+            (
+                "negative_ttl (leave it unset for no negative caching)",
+                self.negative_ttl,
+            ),
+        ]
+        .into_iter()
+        .find(|(_, d)| d.is_some_and(|d| d.is_zero()));
+        match zero {
+            Some((what, _)) => Err(ncm_cache_core::CacheError::Config(format!(
+                "MultiLevelCache: {what} must be greater than zero"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The L1 clock's [`now_nanos`](ncm_cache_core::Clock::now_nanos).
     #[inline]
     pub(crate) fn now_nanos(&self) -> u64 {
@@ -208,7 +236,8 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self
     }
 
-    /// TTL of L2 entries (default 1 hour; `None`: no expiry).
+    /// TTL of L2 entries (default 1 hour; `None`: no expiry; a zero is refused by
+    /// [`build`](Self::build)).
     pub fn l2_default_ttl(mut self, ttl: impl Into<Option<Duration>>) -> Self {
         self.options.l2_default_ttl = ttl.into();
         self
@@ -216,13 +245,15 @@ impl<C: Codec> MultiLevelBuilder<C> {
 
     /// Fail-safe: keep values up to `max_stale_age` past their TTL and serve them (marked
     /// [`ValueSource::Stale`](ncm_cache_core::ValueSource::Stale)) when L2 or the loader fails.
+    /// A zero `max_stale_age` is refused by [`build`](Self::build) (it would serve nothing).
     pub fn fail_safe(mut self, max_stale_age: Duration) -> Self {
         self.options.max_stale_age = Some(max_stale_age);
         self
     }
 
     /// Loader timeouts: after `soft` a stale value (if any) is served and the load finishes in
-    /// the background; after `hard` the load is abandoned with a timeout error.
+    /// the background; after `hard` the load is abandoned with a timeout error. `None` turns
+    /// each off; a zero is refused by [`build`](Self::build).
     pub fn loader_timeouts(mut self, soft: Option<Duration>, hard: Option<Duration>) -> Self {
         self.options.soft_timeout = soft;
         self.options.hard_timeout = hard;
@@ -236,7 +267,8 @@ impl<C: Codec> MultiLevelBuilder<C> {
         self
     }
 
-    /// Negative caching: `get_or_load_optional` caches "not found" for `ttl`.
+    /// Negative caching: `get_or_load_optional` caches "not found" for `ttl` (greater than
+    /// zero: [`build`](Self::build) refuses a zero).
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.options.negative_ttl = Some(ttl);
         self

@@ -218,6 +218,7 @@ impl<C: Codec> MultiLevelCache<C> {
             )));
         }
         let o = b.options;
+        o.validate()?;
         #[cfg(feature = "redis")]
         if b.lock.is_some() && (o.lock_ttl < Duration::from_millis(100) || o.lock_wait.is_zero()) {
             return Err(ncm_cache_core::CacheError::Config(format!(

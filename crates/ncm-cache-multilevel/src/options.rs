@@ -88,7 +88,8 @@ impl EntryOptions {
     }
 
     /// Fail-safe for this call: a value expired (or from before a fault) at most
-    /// `max_stale_age` ago is served, marked stale, when L2 or the loader fails.
+    /// `max_stale_age` ago is served, marked stale, when L2 or the loader fails. A zero is
+    /// refused (`InvalidArgument`); [`no_fail_safe`](Self::no_fail_safe) turns it off.
     pub fn fail_safe(mut self, max_stale_age: Duration) -> Self {
         self.fail_safe = Some(Some(max_stale_age));
         self
@@ -101,7 +102,8 @@ impl EntryOptions {
     }
 
     /// Loader timeouts for this call (`None`: none): after `soft` a caller holding a stale
-    /// value serves it while the load goes on; `hard` ends the load.
+    /// value serves it while the load goes on; `hard` ends the load. A zero is refused
+    /// (`InvalidArgument`).
     pub fn timeouts(mut self, soft: Option<Duration>, hard: Option<Duration>) -> Self {
         self.soft_timeout = Some(soft);
         self.hard_timeout = Some(hard);
@@ -191,6 +193,20 @@ impl EntryOptions {
         positive("ttl", self.ttl)?;
         positive("l1_ttl", self.l1_ttl)?;
         positive("sliding", self.sliding)?;
+        // A zero here would not mean "off" (a fail-safe that serves nothing, a load abandoned
+        // or a stale value served before the load could begin): say so instead of obeying it.
+        positive(
+            "fail_safe's max stale age (no_fail_safe() turns fail-safe off)",
+            self.fail_safe.flatten(),
+        )?;
+        positive(
+            "the soft timeout (None in timeouts(..) means none)",
+            self.soft_timeout.flatten(),
+        )?;
+        positive(
+            "the hard timeout (None in timeouts(..) means none)",
+            self.hard_timeout.flatten(),
+        )?;
         let l2_ttl = self.ttl.or(self.sliding).or(defaults.l2_ttl);
         let mut l1_ttl = self.l1_ttl.unwrap_or(defaults.l1_ttl);
         // L1 copies of a sliding entry last half of `idle`: reads then go to L2, whose
@@ -481,11 +497,29 @@ mod tests {
         assert_eq!(eff.l2_ttl, Some(Duration::from_secs(9)));
         assert_eq!(eff.max_stale_age, Some(Duration::from_secs(60)));
         assert_eq!(eff.keep_stale, Duration::from_secs(60));
-        assert!(
-            EntryOptions::new()
-                .ttl(Duration::ZERO)
-                .resolve(&defaults)
-                .is_err()
+        for zero in [
+            EntryOptions::new().ttl(Duration::ZERO),
+            EntryOptions::new().l1_ttl(Duration::ZERO),
+            EntryOptions::new().sliding(Duration::ZERO),
+            EntryOptions::new().fail_safe(Duration::ZERO),
+            EntryOptions::new().timeouts(Some(Duration::ZERO), None),
+            EntryOptions::new().timeouts(None, Some(Duration::ZERO)),
+        ] {
+            let err = zero.resolve(&defaults).unwrap_err();
+            assert!(
+                matches!(&err, CacheError::InvalidArgument(m) if m.contains("greater than zero")),
+                "{zero:?}: {err:?}"
+            );
+        }
+        // What turns them off is accepted.
+        let eff = EntryOptions::new()
+            .no_fail_safe()
+            .timeouts(None, None)
+            .resolve(&defaults)
+            .unwrap();
+        assert_eq!(
+            (eff.max_stale_age, eff.soft_timeout, eff.hard_timeout),
+            (None, None, None)
         );
         // Clamped as the builder's is.
         let eff = EntryOptions::new()
@@ -498,5 +532,36 @@ mod tests {
             .resolve(&defaults)
             .unwrap();
         assert_eq!(eff.eager_refresh, Some(0.1));
+    }
+
+    /// The builder refuses the same zeros (found by review, helper-85: they were accepted and
+    /// made a fail-safe that serves nothing or loads abandoned at once).
+    #[test]
+    fn the_builder_refuses_a_zero_that_would_not_mean_off() {
+        use crate::MultiLevelCache;
+        use ncm_cache_memory::MemoryBackend;
+        let zero = Duration::ZERO;
+        let builds = [
+            MultiLevelCache::builder(MemoryBackend::new()).fail_safe(zero),
+            MultiLevelCache::builder(MemoryBackend::new()).loader_timeouts(Some(zero), None),
+            MultiLevelCache::builder(MemoryBackend::new()).loader_timeouts(None, Some(zero)),
+            MultiLevelCache::builder(MemoryBackend::new()).negative_ttl(zero),
+            MultiLevelCache::builder(MemoryBackend::new()).l2_default_ttl(zero),
+        ];
+        for b in builds {
+            match b.build() {
+                Err(CacheError::Config(m)) => assert!(m.contains("greater than zero"), "{m}"),
+                Err(e) => panic!("not a Config error: {e:?}"),
+                Ok(_) => panic!("a zero was accepted"),
+            }
+        }
+        assert!(
+            MultiLevelCache::builder(MemoryBackend::new())
+                .l2_default_ttl(None)
+                .loader_timeouts(None, None)
+                .fail_safe(Duration::from_secs(1))
+                .build()
+                .is_ok()
+        );
     }
 }
