@@ -460,7 +460,10 @@ impl<C: Codec> CacheLoader<C> {
             (CacheStrategy::WriteBehind, Ok(runtime)) if !call.force => {
                 let (key, value, counters) = (call.key.to_owned(), bytes, Arc::clone(counters));
                 let (name, logging) = (call.name.to_owned(), self.inner.enable_logging);
+                // In flight until it ends: an invalidation through the loader waits for it.
+                let pending = self.inner.pending.enter(&key);
                 runtime.spawn(async move {
+                    let _pending = pending;
                     let stored = backend.set_loaded(&key, value, ttl, mark).await;
                     permit.end(stored_end(&stored)).await;
                     if let Err(e) = stored {

@@ -83,6 +83,7 @@ mod key;
 mod lease;
 mod loader;
 mod macro_support;
+mod pending;
 mod registry;
 mod reload;
 mod stats;

@@ -79,6 +79,8 @@ pub(crate) struct Inner<C> {
     pub(crate) registry: RwLock<HashMap<String, Arc<dyn ErasedLoader<C>>>>,
     counters: RwLock<HashMap<String, Arc<LoaderCounters>>>,
     pub(crate) warming: WarmingState,
+    /// Write-behind stores in flight, which an invalidation through the loader waits for.
+    pub(crate) pending: Arc<crate::pending::PendingStores>,
 }
 
 impl<C> Clone for CacheLoader<C> {
@@ -162,6 +164,7 @@ impl<C: Codec> CacheLoaderBuilder<C> {
                 registry: RwLock::new(HashMap::new()),
                 counters: RwLock::new(HashMap::new()),
                 warming: WarmingState::default(),
+                pending: Arc::default(),
             }),
         }
     }
@@ -334,11 +337,18 @@ impl<C: Codec> CacheLoader<C> {
     }
 
     /// Removes the cached value of one call of `name`; `true` when it was cached.
+    ///
+    /// A `WriteBehind` load of it that returned before this call has its store land first
+    /// (this waits for it), so the value is gone afterwards on any backend.
     pub async fn invalidate<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> Result<bool> {
-        self.inner
-            .cache
-            .delete(&loader_key(name, &args_key(args)?))
+        self.invalidate_key(&loader_key(name, &args_key(args)?))
             .await
+    }
+
+    /// Removes one loader key, after the write-behind stores of it begun before this call.
+    pub(crate) async fn invalidate_key(&self, key: &str) -> Result<bool> {
+        self.inner.pending.settled(key).await;
+        self.inner.cache.delete(key).await
     }
 
     /// Removes every cached value of `name`; returns how many.
@@ -348,6 +358,11 @@ impl<C: Codec> CacheLoader<C> {
     /// misses for them, but give loaders names that do not extend one another where that
     /// matters.
     pub async fn invalidate_all(&self, name: &str) -> Result<u64> {
+        // The write-behind stores of its keys begun before this call land first.
+        self.inner
+            .pending
+            .settled_under(&loader_key(name, ""))
+            .await;
         self.inner
             .cache
             .clear_pattern(&loader_key(&escape_glob(name), "*"))

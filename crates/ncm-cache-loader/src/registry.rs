@@ -254,6 +254,6 @@ where
 
     /// Removes the cached value for `args`; `true` when it was cached.
     pub async fn invalidate(&self, args: &A) -> Result<bool> {
-        self.loader.cache().delete(&self.key(args)?).await
+        self.loader.invalidate_key(&self.key(args)?).await
     }
 }

@@ -2,6 +2,9 @@
 //! reload has one owner, so each tick runs the loader once in total; a lazy miss on both
 //! instances at once loads once; the schedule moves to the other instance when its owner stops.
 //!
+//! Also a `CacheLoader` (not a reloader) over plain Redis: an invalidation made right after
+//! a `WriteBehind` load lands after that load's store.
+//!
 //! Redis has no paused clock, so these tests use real time with short intervals and count
 //! loader runs per tick window.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -546,4 +549,42 @@ async fn refresh_ahead_hits_read_the_ttl_once_per_refresh_point() {
     );
     assert_eq!(runs.lock().unwrap().len(), 1, "no refresh was due");
     reloader.shutdown().await;
+}
+
+/// A `WriteBehind` load returns before its store (a spawned task); the same task then
+/// invalidates the key. On plain Redis (no load marks) the store was sent after the `DEL`
+/// and put the value back for its TTL (review, helper-86 #4). On a current-thread runtime
+/// the spawned store runs only once the caller waits on its `DEL`: before the fix, every run.
+#[tokio::test(flavor = "current_thread")]
+async fn an_invalidation_right_after_a_write_behind_load_lands_after_its_store() {
+    use ncm_cache_core::CacheStrategy;
+    use ncm_cache_loader::CacheLoader;
+    let server = RedisServer::start().expect("redis-server (apt-get install redis-server)");
+    let redis = RedisCache::from_url(&server.url()).await.unwrap();
+    let loader = CacheLoader::new(redis.cache().clone());
+    let handle = loader
+        .register_loader(
+            "user",
+            |id: u32| async move { Ok::<_, std::io::Error>(format!("user {id}")) },
+            None,
+            CacheStrategy::WriteBehind,
+        )
+        .unwrap();
+    for id in 0..20u32 {
+        assert_eq!(handle.load(id).await.unwrap(), format!("user {id}"));
+        // Three ways to invalidate, each right after the load: each finds the stored value.
+        let removed = match id % 3 {
+            0 => u64::from(handle.invalidate(&id).await.unwrap()),
+            1 => u64::from(loader.invalidate("user", &id).await.unwrap()),
+            _ => loader.invalidate_all("user").await.unwrap(),
+        };
+        assert_eq!(removed, 1, "load {id}: its store had not landed");
+    }
+    // Any store that was still to land has had time to.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let left = server.cli(&["KEYS", "*loader:user:*"]).unwrap();
+    assert!(
+        left.trim().is_empty(),
+        "values back after their invalidation: {left}"
+    );
 }
