@@ -20,10 +20,13 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 /// invalidation up for good (it then goes ahead, and the store may land after it).
 pub(crate) const SETTLE_BOUND: Duration = Duration::from_secs(10);
 
+/// Shards of the map, so that loads of different keys rarely meet on one mutex.
+const SHARDS: usize = 16;
+
 /// Keys with stores in flight, each with the lock its stores read-hold.
 #[derive(Default)]
 pub(crate) struct PendingStores {
-    keys: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+    shards: [Mutex<HashMap<String, Arc<RwLock<()>>>>; SHARDS],
 }
 
 /// Held by one spawned store until it ends.
@@ -37,10 +40,19 @@ impl PendingStores {
     /// Marks a store of `key` as in flight (before it is spawned, so that an invalidation
     /// the caller makes next sees it).
     pub(crate) fn enter(self: &Arc<Self>, key: &str) -> PendingGuard {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let lock = keys.entry(key.to_owned()).or_default();
-        // Refused only while an invalidation waits: this store is concurrent with it.
-        let held = Arc::clone(lock).try_read_owned().ok();
+        // Refused while an invalidation waits on this lock (a waiting writer refuses new
+        // readers): that invalidation keeps it, and this store and the invalidations after it
+        // take a new one, so one made after this store's load returned still waits for it
+        // (review, helper-94 #1). A new lock has no writer: its read guard is always given.
+        let held = Arc::clone(lock).try_read_owned().ok().or_else(|| {
+            *lock = Arc::default();
+            Arc::clone(lock).try_read_owned().ok()
+        });
         PendingGuard {
             stores: Arc::clone(self),
             key: key.to_owned(),
@@ -48,52 +60,60 @@ impl PendingStores {
         }
     }
 
+    /// The shard of `key`.
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<RwLock<()>>>> {
+        let i = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % SHARDS;
+        &self.shards[i]
+    }
+
     /// Waits until the stores of `key` begun before this call have ended.
     pub(crate) async fn settled(&self, key: &str) {
         let lock = self
-            .keys
+            .shard(key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(key)
             .cloned();
         if let Some(lock) = lock {
-            self.wait(key, lock).await;
+            let _ = tokio::time::timeout(SETTLE_BOUND, self.wait(key.to_owned(), lock)).await;
         }
     }
 
     /// Waits until the stores of every key starting with `prefix` begun before this call have
     /// ended.
     pub(crate) async fn settled_under(&self, prefix: &str) {
-        let locks: Vec<(String, Arc<RwLock<()>>)> = self
-            .keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, l)| (k.clone(), Arc::clone(l)))
-            .collect();
-        let _ = tokio::time::timeout(
-            SETTLE_BOUND,
-            futures_util::future::join_all(
-                locks.into_iter().map(|(k, l)| self.wait_unbounded(k, l)),
-            ),
-        )
-        .await;
+        let mut locks: Vec<(String, Arc<RwLock<()>>)> = Vec::new();
+        for shard in &self.shards {
+            let keys = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            locks.extend(
+                keys.iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, l)| (k.clone(), Arc::clone(l))),
+            );
+        }
+        let waits = locks.into_iter().map(|(k, l)| self.wait(k, l));
+        let _ = tokio::time::timeout(SETTLE_BOUND, futures_util::future::join_all(waits)).await;
     }
 
-    async fn wait(&self, key: &str, lock: Arc<RwLock<()>>) {
-        let _ = tokio::time::timeout(SETTLE_BOUND, self.wait_unbounded(key.to_owned(), lock)).await;
-    }
-
-    async fn wait_unbounded(&self, key: String, lock: Arc<RwLock<()>>) {
-        drop(lock.write().await);
-        drop(lock);
-        self.forget_if_idle(&key);
+    /// Waits for `lock`'s write guard; `key`'s entry is dropped afterwards if idle, also when
+    /// this wait is cancelled (review, helper-94 #2: the entry stayed).
+    async fn wait(&self, key: String, lock: Arc<RwLock<()>>) {
+        let waiting = Waiting {
+            stores: self,
+            key,
+            lock: Some(lock),
+        };
+        if let Some(lock) = &waiting.lock {
+            drop(lock.write().await);
+        }
     }
 
     /// Drops `key`'s entry once no store or invalidation holds its lock.
     fn forget_if_idle(&self, key: &str) {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut keys = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if keys.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
             keys.remove(key);
         }
@@ -101,10 +121,24 @@ impl PendingStores {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+/// An invalidation's wait for one key's lock.
+struct Waiting<'a> {
+    stores: &'a PendingStores,
+    key: String,
+    lock: Option<Arc<RwLock<()>>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        self.stores.forget_if_idle(&self.key);
     }
 }
 
@@ -131,12 +165,32 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished(), "did not wait for the store");
-        // Begun while the invalidation waits: does not hold it up.
+        // Begun while the invalidation waits: does not hold it up, but one made after it
+        // waits for it (review, helper-94 #1: it did not).
         let later = stores.enter("loader:a:1");
-        assert!(later.held.is_none());
+        let after_later = {
+            let stores = Arc::clone(&stores);
+            tokio::spawn(async move { stores.settled("loader:a:1").await })
+        };
         drop(first);
         waiting.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !after_later.is_finished(),
+            "an invalidation after the later store did not wait for it"
+        );
         drop(later);
+        after_later.await.unwrap();
+        // A wait cancelled after its store ended leaves no entry behind (helper-94 #2).
+        let cancelled = stores.enter("loader:c:1");
+        let waiter = {
+            let stores = Arc::clone(&stores);
+            tokio::spawn(async move { stores.settled("loader:c:1").await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiter.abort();
+        drop(cancelled);
+        let _ = waiter.await;
         let under = {
             let stores = Arc::clone(&stores);
             tokio::spawn(async move { stores.settled_under("loader:b:").await })

@@ -664,7 +664,9 @@ impl Wire {
             }
         };
         // The connect, the handshake (twice for the `AUTH` fallback) and the pool's check (`Conn::revive_pool`).
-        let bound = config.connect_timeout * 2 + config.response_timeout * 4;
+        // (The pool's check asks each connection at most twice, each within
+        // `connect_timeout + response_timeout`: review, helper-94 #5.)
+        let bound = config.connect_timeout * 3 + config.response_timeout * 4;
         match tokio::time::timeout(bound, connecting).await {
             Ok(Ok(made)) => made,
             Ok(Err(_)) => {
