@@ -104,16 +104,14 @@ pub struct RedisConfig {
     /// concurrent `get`s go as one pipeline per primary and `set`s are not batched. See
     /// docs/BENCHMARKS.md for where it wins and where it costs.
     pub auto_batch: bool,
-    /// Read batches on a connection of their own (default false: opt in, see below): with
-    /// `auto_batch` on a single
-    /// node over plain TCP and `max_connections` of at least 2, batched reads go on one
+    /// Read batches on a connection of their own (default true): with `auto_batch` on a
+    /// single node over plain TCP and `max_connections` of at least 2, batched reads go on one
     /// socket the batcher writes and reads itself (RESP2, connected again on demand, closed at
     /// any doubt), counted as one of the `max_connections`, instead of through the pool's
-    /// redis-rs connections. Writes always go on the pool's (docs/ARCHITECTURE.md says why), and so
-    /// do TLS, Sentinel and Cluster. Off by default: with reads on their own connection, the
-    /// pool's may sit idle through a Redis restart, and a write right after the restart then
-    /// failed once in a test (docs/ARCHITECTURE.md, `wire.rs`). See
-    /// docs/ARCHITECTURE.md (`wire.rs`) and docs/BENCHMARKS.md (issue 21).
+    /// redis-rs connections: more reads per second under concurrency, most with larger values
+    /// (docs/BENCHMARKS.md, issue 21). Writes always go on the pool's (docs/ARCHITECTURE.md
+    /// says why), and so do TLS, Sentinel and Cluster. `false` (URL `batch_socket=false`)
+    /// keeps every call on the pool. See docs/ARCHITECTURE.md (`wire.rs`).
     pub batch_socket: bool,
     /// Enable TCP keepalive (default true).
     pub socket_keepalive: bool,
@@ -202,7 +200,7 @@ impl Default for RedisConfig {
             max_connections: 2,
             retry_on_timeout: true,
             auto_batch: true,
-            batch_socket: false,
+            batch_socket: true,
             socket_keepalive: true,
             tcp_nodelay: true,
             socket_keepalive_options: KeepaliveOptions::default(),

@@ -1,4 +1,4 @@
-//! The read batches' own connection (`RedisConfig::batch_socket`, off by default): on a single
+//! The read batches' own connection (`RedisConfig::batch_socket`, on by default): on a single
 //! node over plain TCP, each batch of reads (one `GET` or `MGET`) is written on a socket of its
 //! own and answered by one reader task, instead of going through a redis-rs multiplexed
 //! connection, whose request channel, driver task and parsing into `Value`s were most of what

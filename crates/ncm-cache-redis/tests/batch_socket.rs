@@ -1,4 +1,4 @@
-//! Read batches on a connection of their own (`RedisConfig::batch_socket`, opt-in, on a
+//! Read batches on a connection of their own (`RedisConfig::batch_socket`, on by default, on a
 //! single node over plain TCP; see `wire.rs`, whose own tests cover a command larger than the
 //! socket takes and a server that stops draining it): it authenticates and selects the
 //! database as the pool does, counts as one of `max_connections`, closes with the cache, and

@@ -119,12 +119,13 @@ async fn without_auto_batch_every_get_is_its_own_command() {
     assert_eq!(server.command_calls("MGET").unwrap(), 0);
 }
 
+/// On the pool's connections (`batch_socket=false`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller() {
-    stall_cut_and_kill("").await;
+    stall_cut_and_kill("?batch_socket=false").await;
 }
 
-/// The same with read batches on their own connection (`batch_socket`, `wire.rs`).
+/// The same with read batches on their own connection (`batch_socket`, the default; `wire.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_stall_cut_and_kill_no_reply_reaches_the_wrong_caller_on_the_batch_socket() {
     stall_cut_and_kill("?batch_socket=true").await;
@@ -404,10 +405,11 @@ async fn a_queued_write_whose_caller_was_dropped_is_never_sent() {
 /// Futures of `get` polled once and then left unpolled (kept alive, not dropped: a `select!`
 /// arm the task no longer looks at, a task busy elsewhere) do not hold up everyone else's
 /// reads: before, each held a batch slot until it was polled again, and four of them left no
-/// slot, so every other `get` waited out its timeout.
+/// slot, so every other `get` waited out its timeout. On the pool's connections
+/// (`batch_socket=false`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gets_polled_once_then_parked_do_not_block_other_reads() {
-    parked_gets("").await;
+    parked_gets("?batch_socket=false").await;
 }
 
 /// The same with read batches on their own connection (`batch_socket`, `wire.rs`): a lone
