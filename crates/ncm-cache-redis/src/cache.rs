@@ -194,13 +194,13 @@ impl RedisCacheBuilder {
         port: u16,
         /// Database index.
         db: i64,
-        /// Multiplexed connections in the pool.
+        /// Connections to a single node: the pool's, and the read batches' own (one of them).
         max_connections: usize,
         /// Retry reads once after a timeout.
         retry_on_timeout: bool,
         /// Automatic batching of concurrent gets and sets (default true).
         auto_batch: bool,
-        /// Read batches on a connection of their own (default false; single node, plain TCP).
+        /// Read batches on a connection of their own (default true; single node, plain TCP).
         batch_socket: bool,
         /// TCP keepalive.
         socket_keepalive: bool,

@@ -92,8 +92,10 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// Password (never printed by `Debug`).
     pub password: Option<String>,
-    /// Multiplexed connections in the pool (default 2, at most 1024). Each carries many
-    /// concurrent requests, pipelined; more connections rarely help on a single server.
+    /// Connections to a single node (default 2, at most 1024): the pool's multiplexed
+    /// connections and, with [`batch_socket`](Self::batch_socket) (the default), the read
+    /// batches' own connection, one of them. Each carries many concurrent requests,
+    /// pipelined; more connections rarely help on a single server.
     pub max_connections: usize,
     /// Retry a read once when it timed out (default true); a delete or a TTL change is retried
     /// only on the connection of its first try (behind it, so it cannot be reordered with a

@@ -19,7 +19,8 @@
 //!   connection ends, its socket is shut down, every batch waiting on it gets that error at
 //!   once, and no later byte of it is read. The next batch connects again (`connect_timeout`,
 //!   then `AUTH` and `SELECT` as configured, `CLIENT SETNAME` and a `PING`, answered within
-//!   `response_timeout`).
+//!   `response_timeout`; a refusal of the last two is an answer too). After a connect that
+//!   failed, the next waits 5 ms, doubling to 100 ms, and batches meanwhile get its error.
 //! - **Bounded.** A write to the socket and every reply are bounded by `response_timeout`, the
 //!   TCP connect by `connect_timeout`.
 //!
@@ -558,6 +559,41 @@ impl Drop for ResetOnDrop {
 #[derive(Default)]
 pub(crate) struct Wire {
     state: Arc<Mutex<State>>,
+    /// After a failed connect, when the next may begin (review, helper-95 #2: a handshake
+    /// that kept failing — a server still `LOADING`, at `maxclients`, refusing the user —
+    /// made every batch open a new TCP connection, one right after another).
+    backoff: Arc<Mutex<Backoff>>,
+}
+
+/// The shortest and longest wait between two failed connects.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// The failed connects' backoff: each failure doubles the wait (5 ms to 100 ms), a connect
+/// made resets it. During the wait, batches get the last connect's error at once.
+#[derive(Default)]
+struct Backoff {
+    wait: Duration,
+    until: Option<(tokio::time::Instant, CacheError)>,
+}
+
+impl Backoff {
+    fn failed(&mut self, e: &CacheError) {
+        self.wait = (self.wait * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+        self.until = Some((tokio::time::Instant::now() + self.wait, e.clone()));
+    }
+
+    fn made(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The last connect's error while the wait lasts.
+    fn waiting(&self) -> Option<CacheError> {
+        self.until
+            .as_ref()
+            .filter(|(until, _)| tokio::time::Instant::now() < *until)
+            .map(|(_, e)| e.clone())
+    }
 }
 
 impl Drop for Wire {
@@ -594,6 +630,14 @@ impl Wire {
                 State::Up(link) if !link.is_ended() => return Ok(Arc::clone(link)),
                 State::Connecting(c) => c.clone(),
                 _ => {
+                    if let Some(e) = self
+                        .backoff
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .waiting()
+                    {
+                        return Err(e);
+                    }
                     let Some(runtime) =
                         runtime.or_else(|| tokio::runtime::Handle::try_current().ok())
                     else {
@@ -613,9 +657,18 @@ impl Wire {
                     // task ran): the next call connects again instead of waiting on a connect
                     // that never ends.
                     let reset = ResetOnDrop(Some(weak.clone()));
+                    let backoff = Arc::clone(&self.backoff);
                     let task = async move {
                         let mut reset = reset;
                         let made = connect(&config, rt).await;
+                        {
+                            let mut backoff =
+                                backoff.lock().unwrap_or_else(PoisonError::into_inner);
+                            match &made {
+                                Ok(_) => backoff.made(),
+                                Err(e) => backoff.failed(e),
+                            }
+                        }
                         // Every connect, the first included, checks the pool's connections
                         // before any batch goes on: Redis may have been away since the pool
                         // last spoke to it (the first batch connection can come after an
@@ -829,9 +882,12 @@ async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -
     for (i, r) in replies.into_iter().enumerate() {
         match r {
             Reply::Status => {}
-            // A user not allowed `CLIENT`, a server or proxy that renamed it away or does
-            // not have it: not named. (Not a server that is loading or wants a password.)
-            Reply::Error(e) if i == n && !e.starts_with("NOAUTH") && !e.starts_with("LOADING") => {}
+            // A user not allowed `CLIENT` or `PING` (`+@read +@write` leaves `PING` out,
+            // and the pool never sends it: review, helper-95 #1), a server or proxy that
+            // renamed them away or does not have them: not named, and the refusal is the
+            // answer that proves the server answers. (Not a server that is loading or
+            // wants a password.)
+            Reply::Error(e) if i >= n && !e.starts_with("NOAUTH") && !e.starts_with("LOADING") => {}
             Reply::Error(e)
                 if i == 0
                     && user.is_some()

@@ -102,10 +102,12 @@ async fn batches_use_the_configured_user_and_database() {
         "{refused:?}"
     );
 
-    // A user not allowed `CLIENT` (the batch connection's name): batches work all the same.
+    // A user not allowed `CLIENT` (the batch connection's name) nor `PING` (the handshake's
+    // last command, which the pool never sends: `+@read +@write` users lack both): batches
+    // work all the same (review, helper-95 #1: a refused `PING` failed every read).
     server
         .cli(&[
-            "ACL", "SETUSER", "limited", "on", ">l-pw", "~*", "+@all", "-client",
+            "ACL", "SETUSER", "limited", "on", ">l-pw", "~*", "+@all", "-client", "-ping",
         ])
         .unwrap();
     let mut config = support::config(&server);
@@ -123,6 +125,60 @@ async fn batches_use_the_configured_user_and_database() {
         call.await.unwrap().unwrap();
     }
     assert_eq!(cache.get("l3").await.unwrap(), Some(Bytes::from("v")));
+    let named = clients(&server)
+        .iter()
+        .filter(|c| c.contains(" user=limited ") && c.contains("cmd=get "))
+        .count();
+    assert_eq!(named, 1, "the read did not go on the batch connection");
+}
+
+/// A batch connection that cannot be made (here every new connection is closed as it is
+/// accepted, as a server at `maxclients` does; a server still `LOADING` or refusing the user
+/// fails the same way) is not tried again by every batch: failed connects back off from 5 ms
+/// to 100 ms, batches meanwhile getting the last connect's error. Once connections are
+/// accepted again, reads come back within the backoff (review, helper-95 #2: every read
+/// opened a new TCP connection, one right after another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_batch_connects_back_off_instead_of_reconnecting_for_every_read() {
+    let server = RedisServer::start().unwrap();
+    server.cli(&["SET", "k", "v"]).unwrap();
+    let (proxy, config) = support::proxied(&server);
+    assert!(config.batch_socket, "the batch connection is the default");
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Refuse);
+    let before = proxy.accepted_connections();
+    let (mut reads, mut failed) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(500) {
+        reads += 1;
+        if cache.get("k").await.is_err() {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let connects = proxy.accepted_connections() - before;
+    assert_eq!(
+        failed, reads,
+        "a read succeeded with every connection refused"
+    );
+    // Without backoff, one connect per read (hundreds); with it, about one per 100 ms.
+    assert!(
+        (1..=20).contains(&connects),
+        "{connects} connects for {reads} reads in 500 ms"
+    );
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    let back = Instant::now();
+    loop {
+        if let Ok(v) = cache.get("k").await {
+            assert_eq!(v, Some(Bytes::from("v")));
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(1),
+            "reads did not come back within the backoff"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
