@@ -28,10 +28,24 @@ const TASKS: usize = 64;
 /// Keys of the Zipf workload, in quick and full mode alike.
 const KEYS: usize = 100_000;
 
-async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiLevelCache {
+/// The config of a client of `server`, no health checks; `NCM_BENCH_BATCH_SOCKET=0` keeps
+/// its reads on the pool (the read batches' own connection is the default).
+fn node_config(server: &RedisServer) -> RedisConfig {
     let mut config = RedisConfig::from_url(&server.url()).unwrap();
     config.health_check_interval = None;
-    multilevel_on(config, name, backplane.then_some(Coherence::Backplane)).await
+    if std::env::var("NCM_BENCH_BATCH_SOCKET").is_ok_and(|v| v == "0") {
+        config.batch_socket = false;
+    }
+    config
+}
+
+async fn multilevel(server: &RedisServer, name: &str, backplane: bool) -> MultiLevelCache {
+    multilevel_on(
+        node_config(server),
+        name,
+        backplane.then_some(Coherence::Backplane),
+    )
+    .await
 }
 
 /// The config of a client of `cluster` (every node a seed).
@@ -265,14 +279,12 @@ fn main() {
     let (ml, ml_quiet, ml_trk, redis_only, theirs) = rt.block_on(async {
         let ml = multilevel(&server, "zipf", true).await;
         // Client tracking, in a key space of its own (BCAST on its prefix).
-        let mut config = RedisConfig::from_url(&server.url()).unwrap();
-        config.health_check_interval = None;
+        let mut config = node_config(&server);
         config.key_prefix = "trk:".into();
         let ml_trk = multilevel_on(config, "zipf-trk", Some(Coherence::Tracking)).await;
         // Same L2 key space as `ml` (its values are there already), no backplane.
         let ml_quiet = multilevel(&server, "zipf-quiet", false).await;
-        let mut config = RedisConfig::from_url(&server.url()).unwrap();
-        config.health_check_interval = None;
+        let mut config = node_config(&server);
         config.key_prefix = "plain:".into();
         let redis_only = RedisCache::connect(config).await.unwrap();
         let theirs: AsyncRedisCache<String, String> = AsyncRedisCache::builder("zipf")
