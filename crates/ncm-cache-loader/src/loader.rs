@@ -338,8 +338,10 @@ impl<C: Codec> CacheLoader<C> {
 
     /// Removes the cached value of one call of `name`; `true` when it was cached.
     ///
-    /// A `WriteBehind` load of it that returned before this call has its store land first
-    /// (this waits for it), so the value is gone afterwards on any backend.
+    /// A `WriteBehind` load of it through this loader that returned before this call has its
+    /// store land first (this waits for it, at most 10 s), so that store cannot bring the
+    /// value back, whatever the backend. Stores of other loaders or processes, and deletes
+    /// made on the cache directly, are not waited for.
     pub async fn invalidate<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> Result<bool> {
         self.invalidate_key(&loader_key(name, &args_key(args)?))
             .await
