@@ -12,7 +12,7 @@ use ncm_cache_core::{
     Bytes, CacheBackend, CacheError, CacheStats, HealthReport, KeySpace, KeyTtl, Operation, Result,
     StatsRecorder, async_trait,
 };
-use redis::{FromRedisValue, RedisResult};
+use redis::{FromRedisValue, RedisResult, Value};
 
 use crate::commands;
 
@@ -460,13 +460,36 @@ impl Inner {
                     if retry == Retry::SameConnection {
                         pinned = Some(handle.clone());
                     }
-                    match f(handle).await {
+                    // A pool connection that may be reconnecting (a call on it failed, or
+                    // the server closed it) holds a request until the new connection is
+                    // up, bounded only by the reconnect's attempts: such a call gets one
+                    // connect and one response timeout. (Only then: a timer per call costs
+                    // throughput, see above.)
+                    let reconnecting = self.conn.may_be_reconnecting(slot);
+                    let answer = match reconnecting {
+                        None => f(handle)
+                            .await
+                            .map_err(|e| map_err(op.as_str(), e, timeout)),
+                        Some(_) => {
+                            let bound = self.config.connect_timeout + timeout;
+                            match tokio::time::timeout(bound, f(handle)).await {
+                                Ok(r) => r.map_err(|e| map_err(op.as_str(), e, timeout)),
+                                Err(_) => Err(CacheError::Timeout {
+                                    operation: op.as_str(),
+                                    after: bound,
+                                }),
+                            }
+                        }
+                    };
+                    match answer {
                         Err(e) => {
-                            let e = map_err(op.as_str(), e, timeout);
                             self.conn.on_call_error(slot, &e);
                             Err(e)
                         }
                         Ok(v) => {
+                            if let Some(seen) = reconnecting {
+                                self.conn.connected(slot, seen);
+                            }
                             self.conn.answered();
                             Ok(v)
                         }
@@ -969,13 +992,17 @@ impl RedisBackend {
     /// Runs one raw command through the connection pool, with the response timeout, stats
     /// (labelled `op`) and error mapping of every other call. Not retried: the command may not
     /// be idempotent. Key names are passed as they are: apply [`key_space`](Self::key_space)
-    /// yourself.
+    /// yourself. Replies come in their RESP2 shape on every topology (a map as a flat array of
+    /// keys and values, a double as a bulk string, a boolean as 0 or 1), although a single
+    /// node's pool speaks RESP3 where the server can.
     pub async fn query_cmd<T: FromRedisValue>(&self, op: Operation, cmd: &redis::Cmd) -> Result<T> {
-        self.inner
+        let v: Value = self
+            .inner
             .run(op, crate::backend::Retry::No, |mut h| async move {
                 cmd.query_async(&mut h).await
             })
-            .await
+            .await?;
+        self.converted(op, v)
     }
 
     /// Runs a Lua script (`EVALSHA`, loading it on `NOSCRIPT`) with these keys and arguments,
@@ -996,9 +1023,20 @@ impl RedisBackend {
                 for arg in args {
                     invocation.arg(arg.as_slice());
                 }
-                invocation.invoke_async(&mut h).await
+                invocation.invoke_async::<Value>(&mut h).await
             })
             .await
+            .and_then(|v| self.converted(op, v))
+    }
+
+    /// A raw reply, in its RESP2 shape ([`resp2_shape`](crate::conn::resp2_shape)), converted
+    /// to what its caller asked for; a reply that does not convert is counted as a failed
+    /// call, as before the conversion moved out of the call.
+    fn converted<T: FromRedisValue>(&self, op: Operation, v: Value) -> Result<T> {
+        T::from_redis_value(crate::conn::resp2_shape(v)).map_err(|e| {
+            self.inner.stats.error(op);
+            map_err(op.as_str(), e.into(), self.inner.config.response_timeout)
+        })
     }
 }
 

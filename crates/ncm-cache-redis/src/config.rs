@@ -95,7 +95,10 @@ pub struct RedisConfig {
     /// Connections to a single node (default 2, at most 1024): the pool's multiplexed
     /// connections and, with [`batch_socket`](Self::batch_socket) (the default), the read
     /// batches' own connection, one of them. Each carries many concurrent requests,
-    /// pipelined; more connections rarely help on a single server.
+    /// pipelined; more connections rarely help on a single server. The pool's speak RESP3
+    /// where the server has `HELLO` (Redis 6+; RESP2 otherwise), so a connection the server
+    /// closes (its `timeout`, a load balancer) is reconnected at once rather than failing
+    /// the next call on it.
     pub max_connections: usize,
     /// Retry a read once when it timed out (default true); a delete or a TTL change is retried
     /// only on the connection of its first try (behind it, so it cannot be reordered with a

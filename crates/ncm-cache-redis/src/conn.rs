@@ -111,7 +111,7 @@ pub(crate) enum Conn {
         pool: Vec<ConnectionManager>,
         /// Per connection: failures a reconnect may follow, and how many of them a later
         /// answer has cleared (see [`Conn::may_be_reconnecting`]).
-        suspect: Vec<Suspect>,
+        suspect: Vec<std::sync::Arc<Suspect>>,
         next: AtomicUsize,
     },
     Cluster(std::sync::Arc<ClusterConn>),
@@ -159,11 +159,64 @@ pub(crate) fn keepalive(config: &RedisConfig) -> Option<socket2::TcpKeepalive> {
 }
 
 fn client_for(config: &RedisConfig, host: &str, port: u16) -> Result<redis::Client> {
+    client_speaking(config, host, port, None)
+}
+
+/// A client for `host:port`, speaking `protocol` (`None`: the one its URL names, RESP2 unless
+/// it says otherwise).
+fn client_speaking(
+    config: &RedisConfig,
+    host: &str,
+    port: u16,
+    protocol: Option<redis::ProtocolVersion>,
+) -> Result<redis::Client> {
     let url = config.node_url(host, port);
-    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
         .map_err(|e| CacheError::Config(format!("invalid Redis address {host}:{port}: {e}")))?
         .set_tcp_settings(tcp_settings(config));
+    if let Some(protocol) = protocol {
+        let settings = info.redis_settings().clone().set_protocol(protocol);
+        info = info.set_redis_settings(settings);
+    }
     open_client(config, info, "connect")
+}
+
+/// Whether a failed connect was the server refusing `HELLO 3` (Redis before 6, `HELLO`
+/// renamed away or not allowed), rather than the connection, the password or TLS failing:
+/// only then is RESP2 worth a try (anything else would cost a second round of connects and
+/// fail the same way).
+fn refused_resp3(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::RESP3NotSupported
+        || (matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
+            )
+        ) && e.to_string().to_ascii_lowercase().contains("hello"))
+}
+
+/// `v` in the shape RESP2 gives it: a map as a flat array of keys and values, a set as an
+/// array, a double as a bulk string, a boolean as 0 or 1, a verbatim string as its text. The
+/// pool speaks RESP3 where it can (see [`Conn::connect_single`]), the cluster and Sentinel
+/// connections RESP2: raw replies handed to callers (`RedisBackend::query_cmd`,
+/// `eval_script`) keep one shape whatever the topology.
+pub(crate) fn resp2_shape(v: Value) -> Value {
+    match v {
+        Value::Map(pairs) => Value::Array(
+            pairs
+                .into_iter()
+                .flat_map(|(k, v)| [resp2_shape(k), resp2_shape(v)])
+                .collect(),
+        ),
+        Value::Array(items) | Value::Set(items) => {
+            Value::Array(items.into_iter().map(resp2_shape).collect())
+        }
+        Value::Attribute { data, .. } => resp2_shape(*data),
+        Value::Double(d) => Value::BulkString(d.to_string().into_bytes()),
+        Value::Boolean(b) => Value::Int(i64::from(b)),
+        Value::VerbatimString { text, .. } => Value::BulkString(text.into_bytes()),
+        other => other,
+    }
 }
 
 /// Opens a single-node client: with `tls_ca_file`, trusting that CA (PEM) for `rediss://`.
@@ -220,8 +273,17 @@ impl Conn {
             })?
     }
 
+    /// The pool speaks RESP3 where the server does, for one thing RESP2 lacks: redis-rs's
+    /// `ConnectionManager` learns that the server closed a connection (the `Disconnection`
+    /// push) and reconnects at once, instead of failing the next call made on it. With the
+    /// read batches on their own connection, the pool's can sit idle through a server
+    /// `timeout` or a load balancer's idle timeout while reads keep going; the first write
+    /// after that failed ("broken pipe") before. The same push marks the connection as
+    /// [reconnecting](Self::may_be_reconnecting), as a failed call does, so a write batch
+    /// waits for the new connection before it claims its writes. A server that refuses
+    /// `HELLO 3` (Redis before 6, or a user not allowed `HELLO`) gets RESP2, and the write
+    /// after such a close fails once, as before.
     async fn connect_single(config: &RedisConfig) -> Result<Self> {
-        let client = client_for(config, &config.host, config.port)?;
         let mc = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
@@ -230,15 +292,43 @@ impl Conn {
             .set_max_delay(Duration::from_millis(500));
         // The batches' own connection is one of `max_connections` (see `wire.rs`).
         let size = config.max_connections - usize::from(config.batches_on_own_socket());
+        let suspect: Vec<_> = (0..size)
+            .map(|_| std::sync::Arc::new(Suspect::default()))
+            .collect();
+        let (host, port) = (&config.host, config.port);
+        let mut resp3 = Some(client_speaking(
+            config,
+            host,
+            port,
+            Some(redis::ProtocolVersion::RESP3),
+        )?);
+        let resp2 = client_speaking(config, host, port, Some(redis::ProtocolVersion::RESP2))?;
         let mut pool = Vec::with_capacity(size);
-        for _ in 0..size {
-            let manager = ConnectionManager::new_with_config(client.clone(), mc.clone())
+        for s in &suspect {
+            if let Some(client) = resp3.clone() {
+                let s = std::sync::Arc::clone(s);
+                let mc = mc.clone().set_push_sender(move |push: redis::PushInfo| {
+                    if push.kind == redis::PushKind::Disconnection {
+                        s.failures.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                match ConnectionManager::new_with_config(client, mc).await {
+                    Ok(manager) => {
+                        pool.push(manager);
+                        continue;
+                    }
+                    Err(e) if refused_resp3(&e) => resp3 = None,
+                    Err(e) => return Err(map_err("connect", e, config.connect_timeout)),
+                }
+            }
+            let manager = ConnectionManager::new_with_config(resp2.clone(), mc.clone())
                 .await
                 .map_err(|e| map_err("connect", e, config.connect_timeout))?;
             pool.push(manager);
         }
         Ok(Self::Single {
-            suspect: pool.iter().map(|_| Suspect::default()).collect(),
+            suspect,
             pool,
             next: AtomicUsize::new(0),
         })
@@ -1123,6 +1213,73 @@ mod tests {
 
     fn mapped(err: redis::RedisError) -> CacheError {
         crate::error::map_err("get", err, Duration::from_secs(1))
+    }
+
+    fn reply_error(reply: &str) -> redis::RedisError {
+        redis::parse_redis_value(format!("-{reply}\r\n").as_bytes())
+            .expect("an error reply")
+            .extract_error()
+            .expect_err("an error reply")
+    }
+
+    /// Only a refused `HELLO` falls back to RESP2; a wrong password, a lost connection or a
+    /// timeout is the connect's own failure (a fallback would only repeat it).
+    #[test]
+    fn only_a_refused_hello_falls_back_to_resp2() {
+        for refused in [
+            "ERR unknown command 'HELLO', with args beginning with: '3' ",
+            "ERR unknown command `HELLO`, with args beginning with: `3`, ",
+            "NOPERM User app has no permissions to run the 'hello' command",
+        ] {
+            assert!(refused_resp3(&reply_error(refused)), "{refused}");
+        }
+        assert!(refused_resp3(&redis::RedisError::from((
+            redis::ErrorKind::RESP3NotSupported,
+            "no HELLO"
+        ))));
+        for failed in [
+            reply_error("WRONGPASS invalid username-password pair or user is disabled."),
+            reply_error("ERR DB index is out of range"),
+            reply_error("LOADING Redis is loading the dataset in memory"),
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        ] {
+            assert!(!refused_resp3(&failed), "{failed}");
+        }
+    }
+
+    /// Raw replies keep RESP2's shapes on a RESP3 connection (`query_cmd`, `eval_script`):
+    /// `CONFIG GET` read as `Vec<String>` failed on RESP3's map (found by review, helper-96).
+    #[test]
+    fn resp3_replies_take_their_resp2_shape() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let map = Value::Map(vec![(bulk("notify-keyspace-events"), bulk("Ex"))]);
+        assert!(Vec::<String>::from_redis_value(map.clone()).is_err());
+        assert_eq!(
+            Vec::<String>::from_redis_value(resp2_shape(map)).unwrap(),
+            ["notify-keyspace-events", "Ex"]
+        );
+        let nested = Value::Array(vec![
+            Value::Set(vec![Value::Double(1.5), Value::Boolean(true)]),
+            Value::VerbatimString {
+                format: redis::VerbatimFormat::Text,
+                text: "# Memory".into(),
+            },
+            Value::Attribute {
+                data: Box::new(Value::Int(7)),
+                attributes: Vec::new(),
+            },
+            Value::Nil,
+        ]);
+        assert_eq!(
+            resp2_shape(nested),
+            Value::Array(vec![
+                Value::Array(vec![bulk("1.5"), Value::Int(1)]),
+                bulk("# Memory"),
+                Value::Int(7),
+                Value::Nil,
+            ])
+        );
     }
 
     /// Error replies of a cluster that answers do not make the cluster connection look dead;

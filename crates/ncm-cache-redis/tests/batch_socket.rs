@@ -292,3 +292,82 @@ fn a_lone_read_after_the_cache_runtime_shut_down_connects_on_the_callers_runtime
         assert!(ok >= 18, "only {ok} of 20 lone reads succeeded");
     });
 }
+
+/// Reads keep the batch connection busy while the pool's connection sits idle; a server
+/// `timeout` (or a load balancer's idle timeout) then closes the pool's connection. The next
+/// write must still reach Redis: it is not the caller's business which connection idled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_server_closed_the_idle_pool_connection_reaches_redis() {
+    let server = RedisServer::builder()
+        .arg("--timeout", "1")
+        .start()
+        .unwrap();
+    let config = support::config(&server);
+    assert!(config.batch_socket);
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    cache
+        .set("k", Bytes::from_static(b"v0"), None)
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        // Reads only, on the batch connection, for longer than the server's idle timeout
+        // (Redis checks each client's idle time about once a second).
+        let until = Instant::now() + Duration::from_millis(2_500);
+        while Instant::now() < until {
+            assert!(cache.get("k").await.unwrap().is_some());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let v = Bytes::from(format!("v{round}"));
+        cache
+            .set("k", v.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
+        assert_eq!(cache.get("k").await.unwrap(), Some(v));
+    }
+}
+
+/// The pool asks for RESP3 (see the test above); a server without `HELLO` (Redis before 6,
+/// here one that renamed it away) gets RESP2 instead, and the cache works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_hello_gets_resp2_on_the_pool() {
+    let server = RedisServer::builder()
+        .args(["--rename-command", "HELLO", ""])
+        .start()
+        .unwrap();
+    server
+        .cli(&["ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all"])
+        .unwrap();
+    let mut config = support::config(&server);
+    config.username = Some("app".into());
+    config.password = Some("app-pw".into());
+    let cache = RedisCache::connect(config).await.unwrap().backend();
+    cache
+        .set("k", Bytes::from_static(b"v"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        Some(Bytes::from_static(b"v"))
+    );
+    let app: Vec<String> = clients(&server)
+        .into_iter()
+        .filter(|c| c.contains("user=app"))
+        .collect();
+    assert!(!app.is_empty(), "{app:?}");
+    assert!(app.iter().all(|c| c.contains("resp=2")), "{app:?}");
+    // With `HELLO` allowed, the pool's connection speaks RESP3.
+    let server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server))
+        .await
+        .unwrap()
+        .backend();
+    cache
+        .set("k", Bytes::from_static(b"v"), None)
+        .await
+        .unwrap();
+    assert!(
+        clients(&server).iter().any(|c| c.contains("resp=3")),
+        "{:?}",
+        clients(&server)
+    );
+}

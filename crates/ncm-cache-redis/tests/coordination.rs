@@ -286,11 +286,14 @@ async fn a_release_that_failed_or_was_cancelled_still_frees_the_lock() {
             .await
             .unwrap()
             .expect("free lock");
-        // Failed: the connection is cut first, so the release meets a broken pipe. Cancelled:
-        // the release is sent into a stalled connection, its caller gives up, and the
-        // connection is cut with the command still in flight (it never reaches Redis).
-        proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
-        if !cancelled {
+        // Failed: the connection is cut first and new ones are refused, so the release fails
+        // (the pool reconnects as soon as it sees the close, and that fails). Cancelled: the
+        // release is sent into a stalled connection, its caller gives up, and the connection
+        // is cut with the command still in flight (it never reaches Redis).
+        if cancelled {
+            proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+        } else {
+            proxy.set_mode(ncm_cache_testkit::ProxyMode::Refuse);
             proxy.cut();
         }
         let release = async {

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use ncm_cache_core::Operation;
 use ncm_cache_redis::{RedisCache, RedisSyncCache};
 use ncm_cache_testkit::RedisServer;
 
@@ -139,6 +140,47 @@ async fn a_call_during_a_reconnect_is_bounded_by_the_timeouts() {
     proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
     let took = until_ok(&cache, Duration::from_secs(10)).await;
     assert!(took < Duration::from_secs(5), "recovered in {took:?}");
+}
+
+/// A pool call made right after the server closed the connection (no call failed first) while
+/// new connections stall: the pool's connection manager heard of the close and is
+/// reconnecting (see `batch_socket.rs::a_write_after_the_server_closed_the_idle_pool_connection_reaches_redis`),
+/// and the call, which waits for that, is still bounded by one connect and one response
+/// timeout, not by the reconnect's attempts (3 × `connect_timeout` and backoff: found by
+/// review, helper-96).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_call_while_the_pool_reconnects_on_its_own_is_bounded_by_the_timeouts() {
+    let server = RedisServer::start().unwrap();
+    let (proxy, mut config) = support::proxied(&server);
+    config.connect_timeout = Duration::from_secs(1);
+    config.response_timeout = Duration::from_millis(200);
+    let bound = config.connect_timeout + config.response_timeout + SLACK;
+    let cache = RedisCache::connect(config).await.unwrap();
+    let ping = redis::cmd("PING");
+    let backend = cache.redis_backend();
+    let _: String = backend.query_cmd(Operation::Get, &ping).await.unwrap();
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Stall);
+    proxy.cut();
+    // The close heard, the reconnect (into the stalled proxy) under way.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let r = backend.query_cmd::<String>(Operation::Get, &ping).await;
+        let took = start.elapsed();
+        let err = r.unwrap_err();
+        assert!(err.is_timeout() || err.is_connection(), "{err:?}");
+        assert!(took <= bound, "a pool call took {took:?} (bound {bound:?})");
+    }
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    let start = Instant::now();
+    while backend
+        .query_cmd::<String>(Operation::Get, &ping)
+        .await
+        .is_err()
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A call that must not run twice (`query_cmd`: here a `BLMOVE`) whose reply is lost after
