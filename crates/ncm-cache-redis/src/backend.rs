@@ -530,6 +530,14 @@ async fn health_loop(inner: Weak<Inner>, every: Duration) {
                 |mut h| async move { redis::cmd("INFO").arg("memory").query_async(&mut h).await },
             )
             .await;
+        // The read batches' own connection too (see `health_report`).
+        let info = match info {
+            Ok(info) => match crate::wire::answers(&inner).await {
+                Some(Err(e)) => Err(e),
+                _ => Ok(info),
+            },
+            failed => failed,
+        };
         let ok = info.is_ok();
         if let Ok(info) = info
             && let Some(used) = commands::used_memory(&info)
@@ -865,6 +873,11 @@ impl CacheBackend for RedisBackend {
         {
             pong = ping().await;
         }
+        // Reads go on a connection of their own: it must answer too (made now if it is down).
+        let batches = match &pong {
+            Ok(_) => crate::wire::answers(&self.inner).await,
+            Err(_) => None,
+        };
         let latency = start.elapsed();
         let topology = if self.is_cluster() {
             "cluster"
@@ -873,6 +886,15 @@ impl CacheBackend for RedisBackend {
         } else {
             "single node"
         };
+        if let Some(Err(e)) = batches {
+            self.inner.healthy.store(false, Ordering::Relaxed);
+            return HealthReport::new(
+                false,
+                latency,
+                "redis",
+                format!("{topology}: PONG, but the read batches' connection failed: {e}"),
+            );
+        }
         match pong {
             Ok(p) if p == "PONG" => {
                 self.inner.healthy.store(true, Ordering::Relaxed);

@@ -138,7 +138,7 @@ pub(crate) struct Batcher {
     cluster: Option<Owners>,
     /// The read batches' own connection (`RedisConfig::batch_socket`: see `wire.rs`);
     /// `None`: they go on the pool's connections. Writes always do.
-    wire: Option<crate::wire::Wire>,
+    pub(crate) wire: Option<crate::wire::Wire>,
     /// The backend these queues belong to (its pool is checked when the batches' own
     /// connection is made again: see `wire.rs`).
     owner: std::sync::OnceLock<std::sync::Weak<Inner>>,

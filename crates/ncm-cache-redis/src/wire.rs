@@ -97,7 +97,6 @@ pub(crate) fn server_error(line: &str, op: &'static str, timeout: Duration) -> C
 }
 
 /// Appends one command (a RESP array of bulk strings) to `out`.
-#[cfg(test)]
 pub(crate) fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
     header(out, args.len());
     for a in args {
@@ -906,6 +905,30 @@ async fn handshake(link: &Arc<Link>, config: &RedisConfig, user: Option<&str>) -
         }
     }
     Ok(false)
+}
+
+/// Whether the read batches' own connection answers, made now if it is down: `None` when
+/// reads do not use one. A reply of any kind is an answer (an error reply too: a user not
+/// allowed `PING` still reads); a connect that fails, or a reply that does not come within
+/// the response timeout, is not. (A health check asking only the pool reported a server
+/// whose batch connection could not be made, at `maxclients`, as healthy while every read
+/// failed.)
+pub(crate) async fn answers(inner: &Inner) -> Option<Result<()>> {
+    let wire = inner.batcher.as_ref()?.wire.as_ref()?;
+    let mut bytes = Vec::with_capacity(14);
+    command(&mut bytes, &[b"PING"]);
+    Some(
+        run(
+            inner,
+            wire,
+            Operation::HealthCheck,
+            false,
+            &bytes,
+            1,
+            |_| Ok(()),
+        )
+        .await,
+    )
 }
 
 /// One batch on `wire`, counted as `Inner::run` counts a call: its latency, an error once;

@@ -371,3 +371,65 @@ async fn a_server_without_hello_gets_resp2_on_the_pool() {
         clients(&server)
     );
 }
+
+/// Reads go on the batches' own connection, so a health check must ask it too: with that
+/// connection lost and new connections refused (a server at `maxclients`, a firewall change)
+/// while the pool's connection still answers, every read fails. Before, `health_report` and
+/// the background health check asked the pool only and said healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_checks_see_a_batch_connection_that_cannot_be_made() {
+    let server = RedisServer::start().unwrap();
+    server.cli(&["SET", "k", "v"]).unwrap();
+    let (proxy, mut config) = support::proxied(&server);
+    config.health_check_interval = Some(Duration::from_millis(100));
+    let cache = RedisCache::connect(config).await.unwrap();
+    let backend = cache.redis_backend();
+    assert_eq!(
+        backend.get("k").await.unwrap(),
+        Some(Bytes::from_static(b"v"))
+    );
+    assert!(backend.health_report().await.healthy);
+    // The batch connection killed, new connections refused; the pool's stays.
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Refuse);
+    let batches: Vec<String> = clients(&server)
+        .into_iter()
+        .filter(|c| c.contains("name=ncm-cache-batches"))
+        .collect();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    let id = batches[0]
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("id="))
+        .unwrap()
+        .to_owned();
+    server.cli(&["CLIENT", "KILL", "ID", &id]).unwrap();
+    let start = Instant::now();
+    while backend.get("k").await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "reads kept working"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = backend.health_report().await;
+    assert!(!report.healthy, "{report:?}");
+    assert!(report.detail.contains("read batches"), "{report:?}");
+    // The background check too, within a few of its 100 ms intervals.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!backend.last_known_healthy());
+    // Connections accepted again: healthy, and reads are back.
+    proxy.set_mode(ncm_cache_testkit::ProxyMode::Pass);
+    let start = Instant::now();
+    while !backend.health_report().await.healthy {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        backend.get("k").await.unwrap(),
+        Some(Bytes::from_static(b"v"))
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(backend.last_known_healthy());
+}
