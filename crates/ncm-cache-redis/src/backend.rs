@@ -1024,7 +1024,11 @@ impl RedisBackend {
                 cmd.query_async(&mut h).await
             })
             .await?;
-        self.converted(op, v)
+        let name = match cmd.args_iter().next() {
+            Some(redis::Arg::Simple(name)) => Some(name),
+            _ => None,
+        };
+        self.converted(op, crate::conn::resp2_reply(name, v))
     }
 
     /// Runs a Lua script (`EVALSHA`, loading it on `NOSCRIPT`) with these keys and arguments,
@@ -1048,14 +1052,14 @@ impl RedisBackend {
                 invocation.invoke_async::<Value>(&mut h).await
             })
             .await
-            .and_then(|v| self.converted(op, v))
+            .and_then(|v| self.converted(op, crate::conn::resp2_shape(v)))
     }
 
-    /// A raw reply, in its RESP2 shape ([`resp2_shape`](crate::conn::resp2_shape)), converted
-    /// to what its caller asked for; a reply that does not convert is counted as a failed
-    /// call, as before the conversion moved out of the call.
+    /// A raw reply, already in its RESP2 shape ([`resp2_reply`](crate::conn::resp2_reply)),
+    /// converted to what its caller asked for; a reply that does not convert is counted as a
+    /// failed call, as before the conversion moved out of the call.
     fn converted<T: FromRedisValue>(&self, op: Operation, v: Value) -> Result<T> {
-        T::from_redis_value(crate::conn::resp2_shape(v)).map_err(|e| {
+        T::from_redis_value(v).map_err(|e| {
             self.inner.stats.error(op);
             map_err(op.as_str(), e.into(), self.inner.config.response_timeout)
         })

@@ -195,11 +195,52 @@ fn refused_resp3(e: &redis::RedisError) -> bool {
         ) && e.to_string().to_ascii_lowercase().contains("hello"))
 }
 
+/// The reply of `command` (its name, any case; `None` for a script) in the shape RESP2 gives
+/// it. Beyond [`resp2_shape`], two families nest differently in RESP3 than a flat map would
+/// suggest: `XREAD`/`XREADGROUP` answer a map of streams where RESP2 answers a list of
+/// `[stream, entries]` pairs, and the sorted-set and hash replies `WITHSCORES` /
+/// `WITHVALUES` (`ZRANGE`, `ZPOPMIN` with a count, `HRANDFIELD`, ...) answer a list of
+/// `[member, score]` pairs where RESP2 answers one flat list (found by review, helper-97).
+pub(crate) fn resp2_reply(command: Option<&[u8]>, v: Value) -> Value {
+    let name = command.map(<[u8]>::to_ascii_uppercase).unwrap_or_default();
+    match (name.as_slice(), v) {
+        (b"XREAD" | b"XREADGROUP", Value::Map(streams)) => Value::Array(
+            streams
+                .into_iter()
+                .map(|(k, v)| Value::Array(vec![resp2_shape(k), resp2_shape(v)]))
+                .collect(),
+        ),
+        (
+            b"ZRANGE" | b"ZRANGEBYSCORE" | b"ZRANGEBYLEX" | b"ZREVRANGE" | b"ZREVRANGEBYSCORE"
+            | b"ZPOPMIN" | b"ZPOPMAX" | b"ZRANDMEMBER" | b"ZINTER" | b"ZUNION" | b"ZDIFF"
+            | b"HRANDFIELD",
+            Value::Array(items),
+        ) if !items.is_empty()
+            && items
+                .iter()
+                .all(|i| matches!(i, Value::Array(pair) if pair.len() == 2)) =>
+        {
+            Value::Array(
+                items
+                    .into_iter()
+                    .flat_map(|pair| match pair {
+                        Value::Array(pair) => pair,
+                        other => vec![other],
+                    })
+                    .map(resp2_shape)
+                    .collect(),
+            )
+        }
+        (_, v) => resp2_shape(v),
+    }
+}
+
 /// `v` in the shape RESP2 gives it: a map as a flat array of keys and values, a set as an
 /// array, a double as a bulk string, a boolean as 0 or 1, a verbatim string as its text. The
 /// pool speaks RESP3 where it can (see [`Conn::connect_single`]), the cluster and Sentinel
 /// connections RESP2: raw replies handed to callers (`RedisBackend::query_cmd`,
-/// `eval_script`) keep one shape whatever the topology.
+/// `eval_script`) keep one shape whatever the topology (see [`resp2_reply`] for the
+/// commands whose RESP2 shape is not the flat one).
 pub(crate) fn resp2_shape(v: Value) -> Value {
     match v {
         Value::Map(pairs) => Value::Array(

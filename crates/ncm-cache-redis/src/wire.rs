@@ -614,13 +614,17 @@ impl Wire {
 
     /// The connection, made now if there is none: waited for at most the connect, the
     /// handshake and the pool's check (see the bound below). The connect runs on `runtime`; `gone` is set when
-    /// a connect task there was dropped (that runtime shut down).
+    /// a connect task there was dropped (that runtime shut down). A health check
+    /// (`past_backoff`) connects also while a failed connect's backoff lasts: it must not
+    /// report that connect's error after the server came back (found by review, helper-97:
+    /// the background check then said unhealthy until its next round, 30 s by default).
     pub(crate) async fn ready(
         &self,
         config: &RedisConfig,
         runtime: Option<tokio::runtime::Handle>,
         gone: &std::sync::atomic::AtomicBool,
         owner: &std::sync::Weak<Inner>,
+        past_backoff: bool,
     ) -> Result<Arc<Link>> {
         use futures_util::FutureExt;
         let connecting = {
@@ -634,6 +638,7 @@ impl Wire {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .waiting()
+                        .filter(|_| !past_backoff)
                     {
                         return Err(e);
                     }
@@ -965,7 +970,13 @@ pub(crate) async fn run<T>(
     for _ in 0..attempts {
         result_link = None;
         result = match wire
-            .ready(&inner.config, crate::batch::runtime_of(inner), gone, &owner)
+            .ready(
+                &inner.config,
+                crate::batch::runtime_of(inner),
+                gone,
+                &owner,
+                op == Operation::HealthCheck,
+            )
             .await
         {
             Ok(link) => {

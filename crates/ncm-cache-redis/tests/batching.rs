@@ -545,12 +545,14 @@ async fn a_write_whose_caller_gave_up_after_the_server_closed_the_connection_is_
         cache.set(&k, value(0), None).await.unwrap();
         proxy.set_mode(ProxyMode::Stall);
         proxy.cut();
-        // The close is seen and the reconnect (to the stalled proxy) under way.
+        // The close is seen and the reconnect (to the stalled proxy) under way. (On a busy
+        // machine the write may instead meet the closed connection and fail at once: what
+        // matters is that it is not applied later.)
         tokio::time::sleep(Duration::from_millis(100)).await;
         let gave_up =
             tokio::time::timeout(Duration::from_millis(100), cache.set(&k, value(1), None)).await;
         assert!(
-            gave_up.is_err(),
+            !matches!(gave_up, Ok(Ok(()))),
             "batch_socket {batch_socket}: the write was expected to wait for the reconnect: {gave_up:?}"
         );
         proxy.set_mode(ProxyMode::Pass);

@@ -372,3 +372,82 @@ fn sync_read_through_does_not_overwrite_a_write_made_during_its_load() {
     assert_eq!(v, "loaded");
     assert_eq!(b.get::<String>("n").unwrap().as_deref(), Some("loaded"));
 }
+
+/// Raw replies (`query_cmd`, `eval_script`) have the shapes a RESP2 connection gives, although
+/// a single node's pool speaks RESP3 (maps, sets, doubles, pairs): each command here is run
+/// through `query_cmd` and on a plain RESP2 redis-rs connection, and the replies must be
+/// equal. Before (review, helper-96, helper-97), `CONFIG GET` read as `Vec<String>` failed,
+/// `XREAD` came back as a flat list and `ZRANGE … WITHSCORES` as nested pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_replies_have_their_resp2_shapes_on_a_resp3_pool() {
+    use ncm_cache_core::Operation;
+    use redis::Value;
+    let server = RedisServer::start().unwrap();
+    for cmd in [
+        "HSET h f1 v1 f2 v2",
+        "ZADD z 1 a 2.5 b 3 c",
+        "SADD s x y z",
+        "XADD x1 1-1 f v",
+        "XADD x2 2-1 g w",
+    ] {
+        server.cli(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    let cache = RedisCache::connect(support::config(&server)).await.unwrap();
+    let backend = cache.redis_backend();
+    let mut resp2 = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for line in [
+        "HGETALL h",
+        "CONFIG GET maxmemory-policy",
+        "ZRANGE z 0 -1 WITHSCORES",
+        "ZRANGE z 0 -1",
+        "ZRANGEBYSCORE z 0 10 WITHSCORES",
+        "ZREVRANGE z 0 1 WITHSCORES",
+        "ZUNION 1 z WITHSCORES",
+        "ZSCORE z b",
+        "ZMSCORE z a b nope",
+        "SMEMBERS s",
+        "XREAD COUNT 5 STREAMS x1 x2 0 0",
+        "XRANGE x1 - +",
+        "HRANDFIELD h 2 WITHVALUES",
+        "EXISTS h",
+        "GET nope",
+    ] {
+        let mut cmd = redis::Cmd::new();
+        for arg in line.split(' ') {
+            cmd.arg(arg);
+        }
+        let ours: Value = backend.query_cmd(Operation::Get, &cmd).await.unwrap();
+        let theirs: Value = cmd.query_async(&mut resp2).await.unwrap();
+        // HRANDFIELD's order is random: compared as sorted pairs.
+        let sorted = |v: Value| match v {
+            Value::Array(items) if line.starts_with("HRANDFIELD") => {
+                let mut pairs: Vec<Vec<Value>> = items.chunks(2).map(<[Value]>::to_vec).collect();
+                pairs.sort_by_key(|p| format!("{p:?}"));
+                pairs.concat()
+            }
+            Value::Array(items) => items,
+            other => vec![other],
+        };
+        assert_eq!(sorted(ours), sorted(theirs), "{line}");
+    }
+    // The typed reads that failed on RESP3's map.
+    let config: Vec<String> = backend
+        .query_cmd(
+            Operation::Get,
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(config, ["maxmemory-policy", "noeviction"]);
+    let script = redis::Script::new("return {1, 'two', {3}}");
+    let scripted: Value = backend
+        .eval_script(Operation::Get, &script, &[], &[])
+        .await
+        .unwrap();
+    let theirs: Value = script.invoke_async(&mut resp2).await.unwrap();
+    assert_eq!(scripted, theirs);
+}
