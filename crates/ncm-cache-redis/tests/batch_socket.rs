@@ -440,3 +440,21 @@ async fn the_health_checks_see_a_batch_connection_that_cannot_be_made() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(backend.last_known_healthy());
 }
+
+/// Redis killed for a while and restarted; the pool's connection sat idle through it (reads on
+/// the batch connection), so its manager's reconnect failed while Redis was away. The first
+/// health check after the restart meets that failed reconnect on the pool: it asks once more
+/// (the manager reconnects meanwhile) instead of reporting a healthy server as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_health_check_after_a_restart_reports_healthy() {
+    let mut server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server)).await.unwrap();
+    let backend = cache.redis_backend();
+    backend.set("k", Bytes::from("v"), None).await.unwrap();
+    assert!(backend.get("k").await.unwrap().is_some());
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    server.restart().unwrap();
+    let report = backend.health_report().await;
+    assert!(report.healthy, "{report:?}");
+}

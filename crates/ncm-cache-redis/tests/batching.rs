@@ -280,6 +280,33 @@ async fn every_batched_read_that_times_out_is_counted_once() {
     proxy.set_mode(ProxyMode::Pass);
 }
 
+/// The same on a batch connection already made (a read answered before the stall): what the
+/// test above counts is a handshake that timed out, this one a batch that timed out on an
+/// established connection (each read counted once, whether its batch was retried on a new
+/// connection or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_batched_read_that_times_out_on_an_established_connection_is_counted_once() {
+    let server = RedisServer::start().unwrap();
+    let proxy = FaultProxy::start(server.addr()).unwrap();
+    let cache = preloaded(&proxy.url(), 200, 200).await;
+    assert_eq!(cache.get(&key(0)).await.unwrap(), Some(value(0)));
+    proxy.set_mode(ProxyMode::Stall);
+    let before = cache.get_stats().errors;
+    let reads: Vec<_> = (0..64usize)
+        .map(|i| {
+            let cache = Arc::clone(&cache);
+            tokio::spawn(async move { cache.get(&key(i)).await })
+        })
+        .collect();
+    for r in reads {
+        let e = r.await.unwrap().unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(cache.get_stats().errors - before, 64);
+    proxy.set_mode(ProxyMode::Pass);
+}
+
 /// Reads queued behind batches already stalled still time out within their own bound (connect
 /// + two response timeouts), counted from their call, not from when a batch took them: a
 /// stalled batch holds its slot for two response timeouts, so a read that waited for one and
