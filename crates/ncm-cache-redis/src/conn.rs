@@ -103,12 +103,63 @@ impl Handle {
 pub(crate) struct Suspect {
     failures: AtomicU64,
     cleared: AtomicU64,
+    /// A background check of the connection is under way ([`Suspect::revive`]).
+    reviving: std::sync::atomic::AtomicBool,
+    /// The connection, for that check (weak: the pool owns it).
+    manager: std::sync::OnceLock<std::sync::Weak<ConnectionManager>>,
+}
+
+impl Suspect {
+    /// The server closed this connection (RESP3's `Disconnection` notice; redis-rs's manager
+    /// reconnects at once): checks it in the background with a `PING`, 50 ms after the close
+    /// and then backing off to 1 s, until one is answered, which clears the failures seen
+    /// before it. The manager gives up reconnecting after three attempts, and a connection
+    /// nobody used since would otherwise fail the first call made on it after Redis came back
+    /// ("Connection refused": `batch_socket.rs::the_first_write_a_second_after_a_restart_lands`).
+    /// One check at a time; it ends when the pool is dropped. Each `PING` is bounded by
+    /// `bound`.
+    fn revive(self: &std::sync::Arc<Self>, bound: Duration) {
+        if self.reviving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reviving.store(false, Ordering::Release);
+            return;
+        };
+        let s = std::sync::Arc::clone(self);
+        drop(runtime.spawn(async move {
+            let mut wait = Duration::from_millis(50);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(manager) = s.manager.get().and_then(std::sync::Weak::upgrade) else {
+                    break;
+                };
+                let mut c = ConnectionManager::clone(&manager);
+                drop(manager);
+                let seen = s.failures.load(Ordering::Acquire);
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<()>(&mut c);
+                if let Ok(Ok(())) = tokio::time::timeout(bound, ping).await {
+                    s.cleared.fetch_max(seen, Ordering::AcqRel);
+                    // Closed again meanwhile: go on (a notice that came while this check
+                    // was under way started none).
+                    if s.failures.load(Ordering::Acquire) <= seen {
+                        break;
+                    }
+                    wait = Duration::from_millis(50);
+                    continue;
+                }
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            s.reviving.store(false, Ordering::Release);
+        }));
+    }
 }
 
 /// The topology-specific connection.
 pub(crate) enum Conn {
     Single {
-        pool: Vec<ConnectionManager>,
+        pool: Vec<std::sync::Arc<ConnectionManager>>,
         /// Per connection: failures a reconnect may follow, and how many of them a later
         /// answer has cleared (see [`Conn::may_be_reconnecting`]).
         suspect: Vec<std::sync::Arc<Suspect>>,
@@ -347,15 +398,19 @@ impl Conn {
         let mut pool = Vec::with_capacity(size);
         for s in &suspect {
             if let Some(client) = resp3.clone() {
-                let s = std::sync::Arc::clone(s);
+                let suspect = std::sync::Arc::clone(s);
+                let bound = config.connect_timeout + config.response_timeout;
                 let mc = mc.clone().set_push_sender(move |push: redis::PushInfo| {
                     if push.kind == redis::PushKind::Disconnection {
-                        s.failures.fetch_add(1, Ordering::AcqRel);
+                        suspect.failures.fetch_add(1, Ordering::AcqRel);
+                        suspect.revive(bound);
                     }
                     Ok::<(), std::convert::Infallible>(())
                 });
                 match ConnectionManager::new_with_config(client, mc).await {
                     Ok(manager) => {
+                        let manager = std::sync::Arc::new(manager);
+                        let _ = s.manager.set(std::sync::Arc::downgrade(&manager));
                         pool.push(manager);
                         continue;
                     }
@@ -366,7 +421,7 @@ impl Conn {
             let manager = ConnectionManager::new_with_config(resp2.clone(), mc.clone())
                 .await
                 .map_err(|e| map_err("connect", e, config.connect_timeout))?;
-            pool.push(manager);
+            pool.push(std::sync::Arc::new(manager));
         }
         Ok(Self::Single {
             suspect,
@@ -441,8 +496,7 @@ impl Conn {
                     n => next.fetch_add(1, Ordering::Relaxed) % n,
                 };
                 pool.get(i)
-                    .cloned()
-                    .map(|c| Handle::Manager(c, i))
+                    .map(|c| Handle::Manager(ConnectionManager::clone(c), i))
                     .ok_or_else(|| CacheError::Config("empty connection pool".into()))
             }
             Self::Cluster(c) => Ok(Handle::Cluster(c.current(), std::sync::Arc::clone(c), true)),
@@ -464,7 +518,7 @@ impl Conn {
         };
         let bound = config.connect_timeout + config.response_timeout;
         let checks = pool.iter().map(|c| {
-            let mut c = c.clone();
+            let mut c = ConnectionManager::clone(c);
             async move {
                 let cmd = redis::cmd("PING");
                 for _ in 0..2 {

@@ -458,3 +458,28 @@ async fn the_first_health_check_after_a_restart_reports_healthy() {
     let report = backend.health_report().await;
     assert!(report.healthy, "{report:?}");
 }
+
+/// Redis killed for a while and restarted while nothing used the pool (its manager's own
+/// reconnect failed meanwhile); a second later the first call is a write, with no read first
+/// (whose batch connect would have checked the pool). The pool's connection was brought back
+/// in the background, so the write lands instead of meeting the failed reconnect
+/// ("Connection refused").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_a_second_after_a_restart_lands() {
+    let mut server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server)).await.unwrap();
+    let backend = cache.redis_backend();
+    backend.set("k", Bytes::from("v1"), None).await.unwrap();
+    for round in 0..2 {
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        server.restart().unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let v = Bytes::from(format!("v{round}"));
+        backend
+            .set("k", v.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the first write after a restart: {e}"));
+        assert_eq!(backend.get("k").await.unwrap(), Some(v));
+    }
+}
