@@ -932,6 +932,7 @@ impl CacheBackend for RedisBackend {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.conn.close();
         if let Some(b) = &self.inner.batcher {
             b.close();
         }

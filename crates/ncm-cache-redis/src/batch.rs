@@ -973,7 +973,9 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                     let Some(seen) = inner.conn.may_be_reconnecting(slot) else {
                         break;
                     };
-                    redis::cmd("PING").query_async::<()>(&mut h).await?;
+                    // An error reply is an answer too: the connection is up (a user not
+                    // allowed `PING` must not lose every write batch after a reconnect).
+                    crate::conn::answered(redis::cmd("PING").query_async::<()>(&mut h).await)?;
                     inner.conn.connected(slot, seen);
                 }
                 // Claimed now, with the connection up: from here the write is the caller's

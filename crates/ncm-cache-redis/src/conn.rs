@@ -105,6 +105,8 @@ pub(crate) struct Suspect {
     cleared: AtomicU64,
     /// A background check of the connection is under way ([`Suspect::revive`]).
     reviving: std::sync::atomic::AtomicBool,
+    /// The backend was closed: no more background checks.
+    closed: std::sync::atomic::AtomicBool,
     /// The connection, for that check (weak: the pool owns it).
     manager: std::sync::OnceLock<std::sync::Weak<ConnectionManager>>,
 }
@@ -112,14 +114,17 @@ pub(crate) struct Suspect {
 impl Suspect {
     /// The server closed this connection (RESP3's `Disconnection` notice; redis-rs's manager
     /// reconnects at once): checks it in the background with a `PING`, 50 ms after the close
-    /// and then backing off to 1 s, until one is answered, which clears the failures seen
+    /// and then backing off to about 1 s (±20 %, so that clients that saw one server go do
+    /// not come back all at once), until one is answered, which clears the failures seen
     /// before it. The manager gives up reconnecting after three attempts, and a connection
     /// nobody used since would otherwise fail the first call made on it after Redis came back
     /// ("Connection refused": `batch_socket.rs::the_first_write_a_second_after_a_restart_lands`).
-    /// One check at a time; it ends when the pool is dropped. Each `PING` is bounded by
-    /// `bound`.
+    /// Each `PING` that meets a failed reconnect starts another (three connects), so while
+    /// Redis stays away this costs about three connects a second per pool connection. One
+    /// check at a time per connection; it ends when the pool is dropped or the backend closed
+    /// (review, helper-98). Each `PING` is bounded by `bound`.
     fn revive(self: &std::sync::Arc<Self>, bound: Duration) {
-        if self.reviving.swap(true, Ordering::AcqRel) {
+        if self.closed.load(Ordering::Acquire) || self.reviving.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -128,31 +133,49 @@ impl Suspect {
         };
         let s = std::sync::Arc::clone(self);
         drop(runtime.spawn(async move {
-            let mut wait = Duration::from_millis(50);
             loop {
-                tokio::time::sleep(wait).await;
-                let Some(manager) = s.manager.get().and_then(std::sync::Weak::upgrade) else {
-                    break;
-                };
-                let mut c = ConnectionManager::clone(&manager);
-                drop(manager);
-                let seen = s.failures.load(Ordering::Acquire);
-                let cmd = redis::cmd("PING");
-                let ping = cmd.query_async::<()>(&mut c);
-                if let Ok(Ok(())) = tokio::time::timeout(bound, ping).await {
-                    s.cleared.fetch_max(seen, Ordering::AcqRel);
-                    // Closed again meanwhile: go on (a notice that came while this check
-                    // was under way started none).
-                    if s.failures.load(Ordering::Acquire) <= seen {
-                        break;
-                    }
-                    wait = Duration::from_millis(50);
-                    continue;
+                s.check_until_answered(bound).await;
+                s.reviving.store(false, Ordering::Release);
+                // A close noticed after the last check decided to stop found the flag still
+                // set and started nothing: taken again (review, helper-98).
+                if s.closed.load(Ordering::Acquire)
+                    || s.failures.load(Ordering::Acquire) <= s.cleared.load(Ordering::Acquire)
+                    || s.reviving.swap(true, Ordering::AcqRel)
+                {
+                    return;
                 }
-                wait = (wait * 2).min(Duration::from_secs(1));
             }
-            s.reviving.store(false, Ordering::Release);
         }));
+    }
+
+    /// The checks of [`revive`](Self::revive), until one is answered with no close noticed
+    /// during it, the pool is dropped or the backend closed.
+    async fn check_until_answered(&self, bound: Duration) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            tokio::time::sleep(wait.mul_f64(fastrand::f64().mul_add(0.4, 0.8))).await;
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(manager) = self.manager.get().and_then(std::sync::Weak::upgrade) else {
+                return;
+            };
+            let mut c = ConnectionManager::clone(&manager);
+            drop(manager);
+            let seen = self.failures.load(Ordering::Acquire);
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<()>(&mut c);
+            if let Ok(Ok(())) = tokio::time::timeout(bound, ping).await.map(answered) {
+                self.cleared.fetch_max(seen, Ordering::AcqRel);
+                if self.failures.load(Ordering::Acquire) <= seen {
+                    return;
+                }
+                // Closed again meanwhile: checked again soon.
+                wait = Duration::from_millis(50);
+                continue;
+            }
+            wait = (wait * 2).min(Duration::from_secs(1));
+        }
     }
 }
 
@@ -230,6 +253,15 @@ fn client_speaking(
         info = info.set_redis_settings(settings);
     }
     open_client(config, info, "connect")
+}
+
+/// A `PING` sent to learn whether a connection is up: an error reply (`NOPERM` for a user not
+/// allowed `PING`, `LOADING`, ...) is an answer too; only a failure of the connection is not.
+pub(crate) fn answered(ping: redis::RedisResult<()>) -> redis::RedisResult<()> {
+    match ping {
+        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_)) => Ok(()),
+        other => other,
+    }
 }
 
 /// Whether a failed connect was the server refusing `HELLO 3` (Redis before 6, `HELLO`
@@ -593,6 +625,15 @@ impl Conn {
                 .is_some_and(|(g, _)| generation.is_none_or(|failed| failed == *g))
         {
             *current = None;
+        }
+    }
+
+    /// The backend was closed: the pool's background checks end.
+    pub(crate) fn close(&self) {
+        if let Self::Single { suspect, .. } = self {
+            for s in suspect {
+                s.closed.store(true, Ordering::Release);
+            }
         }
     }
 

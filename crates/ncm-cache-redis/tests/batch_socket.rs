@@ -214,7 +214,11 @@ async fn without_batch_socket_batches_use_the_pool() {
 /// `set` failed with "broken pipe").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_first_batch_connect_that_follows_a_restart_reaches_redis() {
-    let mut server = RedisServer::start().unwrap();
+    // On a pool that speaks RESP2 (a server without `HELLO`), where nothing else brings the
+    // pool's connection back: on RESP3 its background check usually does (see
+    // `the_first_write_a_second_after_a_restart_lands`), and the pool's check at the batch
+    // connect is then not what this test sees.
+    let mut server = without_hello();
     let mut config = support::config(&server);
     config.batch_socket = true;
     let cache = RedisCache::connect(config).await.unwrap().backend();
@@ -298,12 +302,30 @@ fn a_lone_read_after_the_cache_runtime_shut_down_connects_on_the_callers_runtime
 /// write must still reach Redis: it is not the caller's business which connection idled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_server_closed_the_idle_pool_connection_reaches_redis() {
+    // Also for a user not allowed `PING`: the checks after a close take an error reply as an
+    // answer (before, found while reviewing the background checks, every write batch after
+    // the close asked a `PING` first, met `NOPERM`, and failed).
+    for limited in [false, true] {
+        a_write_after_an_idle_close(limited).await;
+    }
+}
+
+async fn a_write_after_an_idle_close(limited: bool) {
     let server = RedisServer::builder()
         .arg("--timeout", "1")
         .start()
         .unwrap();
-    let config = support::config(&server);
+    let mut config = support::config(&server);
     assert!(config.batch_socket);
+    if limited {
+        server
+            .cli(&[
+                "ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all", "-ping",
+            ])
+            .unwrap();
+        config.username = Some("app".into());
+        config.password = Some("app-pw".into());
+    }
     let cache = RedisCache::connect(config).await.unwrap().backend();
     cache
         .set("k", Bytes::from_static(b"v0"), None)
@@ -318,10 +340,9 @@ async fn a_write_after_the_server_closed_the_idle_pool_connection_reaches_redis(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let v = Bytes::from(format!("v{round}"));
-        cache
-            .set("k", v.clone(), None)
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
+        cache.set("k", v.clone(), None).await.unwrap_or_else(|e| {
+            panic!("limited {limited}, round {round}: the write after an idle close failed: {e}")
+        });
         assert_eq!(cache.get("k").await.unwrap(), Some(v));
     }
 }
@@ -447,7 +468,27 @@ async fn the_health_checks_see_a_batch_connection_that_cannot_be_made() {
 /// (the manager reconnects meanwhile) instead of reporting a healthy server as down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_health_check_after_a_restart_reports_healthy() {
-    let mut server = RedisServer::start().unwrap();
+    // RESP3 (the pool's background check may also bring it back first) and RESP2 (a server
+    // without `HELLO`: only the second `PING` does).
+    for resp2 in [false, true] {
+        first_health_check_after_a_restart(resp2).await;
+    }
+}
+
+/// A server the pool speaks RESP2 to: `HELLO` renamed away, as on Redis before 6.
+fn without_hello() -> RedisServer {
+    RedisServer::builder()
+        .args(["--rename-command", "HELLO", ""])
+        .start()
+        .unwrap()
+}
+
+async fn first_health_check_after_a_restart(resp2: bool) {
+    let mut server = if resp2 {
+        without_hello()
+    } else {
+        RedisServer::start().unwrap()
+    };
     let cache = RedisCache::connect(support::config(&server)).await.unwrap();
     let backend = cache.redis_backend();
     backend.set("k", Bytes::from("v"), None).await.unwrap();
@@ -456,7 +497,7 @@ async fn the_first_health_check_after_a_restart_reports_healthy() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     server.restart().unwrap();
     let report = backend.health_report().await;
-    assert!(report.healthy, "{report:?}");
+    assert!(report.healthy, "resp2 {resp2}: {report:?}");
 }
 
 /// Redis killed for a while and restarted while nothing used the pool (its manager's own
@@ -482,4 +523,59 @@ async fn the_first_write_a_second_after_a_restart_lands() {
             .unwrap_or_else(|e| panic!("round {round}: the first write after a restart: {e}"));
         assert_eq!(backend.get("k").await.unwrap(), Some(v));
     }
+}
+
+/// The background checks of a closed pool connection (see the test above) while Redis stays
+/// away: about three connects a second per pool connection at most (each `PING` that meets a
+/// failed reconnect starts another of three attempts, checks backing off to about 1 s); none
+/// once the backend is closed or dropped (review, helper-98: a closed backend still held kept
+/// connecting for as long as the outage lasted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_checks_of_the_pool_stop_when_the_backend_is_closed_or_dropped() {
+    use ncm_cache_core::CacheBackend as _;
+    let server = RedisServer::start().unwrap();
+    let (open_proxy, open_config) = support::proxied(&server);
+    let (closed_proxy, closed_config) = support::proxied(&server);
+    let open = RedisCache::connect(open_config).await.unwrap();
+    let closed = RedisCache::connect(closed_config).await.unwrap();
+    for cache in [&open, &closed] {
+        cache
+            .redis_backend()
+            .set("k", Bytes::from("v"), None)
+            .await
+            .unwrap();
+    }
+    closed.redis_backend().close().await.unwrap();
+    let before = [
+        open_proxy.accepted_connections(),
+        closed_proxy.accepted_connections(),
+    ];
+    for proxy in [&open_proxy, &closed_proxy] {
+        proxy.set_mode(ncm_cache_testkit::ProxyMode::Refuse);
+        proxy.cut();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let open_connects = open_proxy.accepted_connections() - before[0];
+    let closed_connects = closed_proxy.accepted_connections() - before[1];
+    // The manager's own reconnect (three attempts) and the checks: 50 ms after the close,
+    // then backing off to about a second, each check meeting a failed reconnect starting
+    // another of three.
+    assert!(
+        (6..=30).contains(&open_connects),
+        "{open_connects} connects in 3 s while open"
+    );
+    assert!(
+        closed_connects <= 3,
+        "{closed_connects} connects in 3 s after close()"
+    );
+    // Dropped: the checks end.
+    drop(open);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after_drop = open_proxy.accepted_connections();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        open_proxy.accepted_connections(),
+        after_drop,
+        "connects after the backend was dropped"
+    );
 }
