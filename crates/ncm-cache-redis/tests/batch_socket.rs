@@ -27,16 +27,22 @@ fn clients(server: &RedisServer) -> Vec<String> {
         .collect()
 }
 
+/// Creates the user `app` (password `app-pw`, every key, `+@all` then `extra` rules) and
+/// makes `config` connect as it.
+fn as_app_user(server: &RedisServer, config: &mut RedisConfig, extra: &[&str]) {
+    let mut acl = vec!["ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all"];
+    acl.extend_from_slice(extra);
+    server.cli(&acl).unwrap();
+    config.username = Some("app".into());
+    config.password = Some("app-pw".into());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_use_the_configured_user_and_database() {
     let server = RedisServer::start().unwrap();
-    server
-        .cli(&["ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all"])
-        .unwrap();
     let mut config = support::config(&server);
+    as_app_user(&server, &mut config, &[]);
     config.batch_socket = true;
-    config.username = Some("app".into());
-    config.password = Some("app-pw".into());
     config.db = 3;
     assert!(config.auto_batch);
     let cache = RedisCache::connect(config).await.unwrap().backend();
@@ -318,13 +324,7 @@ async fn a_write_after_an_idle_close(limited: bool) {
     let mut config = support::config(&server);
     assert!(config.batch_socket);
     if limited {
-        server
-            .cli(&[
-                "ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all", "-ping",
-            ])
-            .unwrap();
-        config.username = Some("app".into());
-        config.password = Some("app-pw".into());
+        as_app_user(&server, &mut config, &["-ping"]);
     }
     let cache = RedisCache::connect(config).await.unwrap().backend();
     cache
@@ -351,16 +351,9 @@ async fn a_write_after_an_idle_close(limited: bool) {
 /// here one that renamed it away) gets RESP2 instead, and the cache works as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_hello_gets_resp2_on_the_pool() {
-    let server = RedisServer::builder()
-        .args(["--rename-command", "HELLO", ""])
-        .start()
-        .unwrap();
-    server
-        .cli(&["ACL", "SETUSER", "app", "on", ">app-pw", "~*", "+@all"])
-        .unwrap();
+    let server = without_hello();
     let mut config = support::config(&server);
-    config.username = Some("app".into());
-    config.password = Some("app-pw".into());
+    as_app_user(&server, &mut config, &[]);
     let cache = RedisCache::connect(config).await.unwrap().backend();
     cache
         .set("k", Bytes::from_static(b"v"), None)

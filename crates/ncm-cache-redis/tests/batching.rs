@@ -531,25 +531,38 @@ async fn a_write_whose_caller_gave_up_during_a_reconnect_is_never_applied() {
         // The caller gives up on its own while the reconnect is under way (or the call fails
         // first: a reconnect attempt under way since the cut may time out within the 100 ms,
         // and the write's batch, waiting for it, fails before it claimed the write).
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(100), cache.set(&k, value(1), None)).await;
-        assert!(
-            !matches!(gave_up, Ok(Ok(()))),
-            "auto_batch {auto_batch}, batch_socket {batch_socket}: the write was expected to wait for the reconnect: {gave_up:?}"
-        );
-        proxy.set_mode(ProxyMode::Pass);
-        let start = Instant::now();
-        while cache.get("probe").await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            cache.get(&k).await.unwrap(),
-            Some(value(0)),
-            "auto_batch {auto_batch}, batch_socket {batch_socket}: a write whose caller gave up during a reconnect was applied after it"
-        );
+        let label = format!("auto_batch {auto_batch}, batch_socket {batch_socket}");
+        give_up_on_a_write_then_heal(&cache, &proxy, &k, &label).await;
     }
+}
+
+/// A write of `value(1)` to `k` (holding `value(0)`) whose caller gives up after 100 ms while
+/// the connection is being re-established (or that fails at once); then the proxy heals: the
+/// write must not have been applied after its caller had gone.
+async fn give_up_on_a_write_then_heal(
+    cache: &SharedBackend,
+    proxy: &FaultProxy,
+    k: &str,
+    label: &str,
+) {
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), cache.set(k, value(1), None)).await;
+    assert!(
+        !matches!(gave_up, Ok(Ok(()))),
+        "{label}: the write was expected to wait for the reconnect: {gave_up:?}"
+    );
+    proxy.set_mode(ProxyMode::Pass);
+    let start = Instant::now();
+    while cache.get("probe").await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        cache.get(k).await.unwrap(),
+        Some(value(0)),
+        "{label}: a write whose caller gave up during a reconnect was applied after it"
+    );
 }
 
 /// The same with no failed call first: the pool's connection is closed, so its connection
@@ -576,24 +589,8 @@ async fn a_write_whose_caller_gave_up_after_the_server_closed_the_connection_is_
         // machine the write may instead meet the closed connection and fail at once: what
         // matters is that it is not applied later.)
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(100), cache.set(&k, value(1), None)).await;
-        assert!(
-            !matches!(gave_up, Ok(Ok(()))),
-            "batch_socket {batch_socket}: the write was expected to wait for the reconnect: {gave_up:?}"
-        );
-        proxy.set_mode(ProxyMode::Pass);
-        let start = Instant::now();
-        while cache.get("probe").await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "never recovered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            cache.get(&k).await.unwrap(),
-            Some(value(0)),
-            "batch_socket {batch_socket}: a write whose caller gave up during a reconnect was applied after it"
-        );
+        let label = format!("batch_socket {batch_socket}");
+        give_up_on_a_write_then_heal(&cache, &proxy, &k, &label).await;
     }
 }
 
