@@ -124,15 +124,11 @@ impl Suspect {
     /// check at a time per connection; it ends when the pool is dropped or the backend closed
     /// (review, helper-98). Each `PING` is bounded by `bound`.
     fn revive(self: &std::sync::Arc<Self>, bound: Duration) {
-        if self.closed.load(Ordering::Acquire) || self.reviving.swap(true, Ordering::AcqRel) {
+        if self.closed.load(Ordering::Acquire) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.reviving.store(false, Ordering::Release);
-            return;
-        };
         let s = std::sync::Arc::clone(self);
-        drop(runtime.spawn(async move {
+        spawn_alone(&self.reviving, async move {
             loop {
                 s.check_until_answered(bound).await;
                 s.reviving.store(false, Ordering::Release);
@@ -145,7 +141,7 @@ impl Suspect {
                     return;
                 }
             }
-        }));
+        });
     }
 
     /// The checks of [`revive`](Self::revive), until one is answered with no close noticed
@@ -956,16 +952,11 @@ impl ClusterConn {
         if self.timeouts.fetch_add(1, Ordering::Relaxed) < 3
             || now.saturating_sub(self.answered.load(Ordering::Relaxed)) < bound
             || now.saturating_sub(self.replaced.load(Ordering::Relaxed)) < bound.saturating_mul(2)
-            || self.replacing.swap(true, Ordering::AcqRel)
         {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.replacing.store(false, Ordering::Release);
-            return;
-        };
         let this = std::sync::Arc::clone(self);
-        drop(runtime.spawn(async move {
+        spawn_alone(&self.replacing, async move {
             let bound = this.config.connect_timeout * 2 + Duration::from_millis(100);
             match tokio::time::timeout(bound, cluster_connection(&this.config)).await {
                 Ok(Ok(conn)) => {
@@ -985,7 +976,24 @@ impl ClusterConn {
             }
             this.replaced.store(this.now(), Ordering::Relaxed);
             this.replacing.store(false, Ordering::Release);
-        }));
+        });
+    }
+}
+
+/// Starts `work` in a task on the current runtime unless `busy` says one is under way: sets
+/// `busy`, which `work` clears when it ends (and this, when there is no runtime to run it).
+/// One background task at a time: the pool's checks after a close, the cluster connection's
+/// replacement.
+fn spawn_alone(
+    busy: &std::sync::atomic::AtomicBool,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if busy.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(work)),
+        Err(_) => busy.store(false, Ordering::Release),
     }
 }
 
