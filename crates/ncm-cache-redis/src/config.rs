@@ -412,6 +412,14 @@ impl RedisConfig {
     /// The URLs (credentials included) of the configured cluster seed nodes, which may be
     /// written `host:port`, `redis://host:port` or `rediss://host:port`.
     pub(crate) fn cluster_node_urls(&self) -> Vec<String> {
+        self.cluster_seeds()
+            .iter()
+            .map(|(host, port)| self.node_url(host, *port))
+            .collect()
+    }
+
+    /// The host and port of each of `cluster_nodes`.
+    pub(crate) fn cluster_seeds(&self) -> Vec<(String, u16)> {
         self.cluster_nodes
             .iter()
             .map(|n| {
@@ -420,7 +428,7 @@ impl RedisConfig {
                     .trim_start_matches("rediss://")
                     .trim_end_matches('/');
                 let (host, port) = n.rsplit_once(':').unwrap_or((n, "6379"));
-                self.node_url(host, port.parse().unwrap_or(6379))
+                (host.to_owned(), port.parse().unwrap_or(6379))
             })
             .collect()
     }

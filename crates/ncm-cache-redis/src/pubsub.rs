@@ -176,7 +176,10 @@ pub(crate) async fn node_url(config: &RedisConfig, attempt: usize) -> Result<Str
         let client = sentinel
             .async_master_for(
                 &s.master_name,
-                Some(&crate::conn::sentinel_node_info(config)),
+                Some(&crate::conn::sentinel_node_info(
+                    config,
+                    redis::ProtocolVersion::RESP2,
+                )),
             )
             .await
             .map_err(|e| map_err("sentinel", e, timeout))?;

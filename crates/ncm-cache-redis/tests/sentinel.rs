@@ -105,3 +105,54 @@ async fn unresponsive_sentinels_cost_each_call_a_bounded_wait() {
         "a call waited {longest:?} (all: {took:?})"
     );
 }
+
+/// The primary closes connections idle for a second (`timeout 1`, or a load balancer's idle
+/// timeout). After each idle spell the next write — not resent after a lost connection, since
+/// it may have landed — and the next read still reach Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_primary_closed_the_idle_connection_reaches_redis() {
+    let set = RedisSentinelSet::start().unwrap();
+    for s in set.servers() {
+        s.command(&["CONFIG", "SET", "timeout", "1"]).unwrap();
+    }
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let cache = RedisCache::builder()
+        .sentinel(set.master_name(), sentinels)
+        .health_check_interval(None)
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    cache.set("k", &0).await.unwrap();
+    for round in 1..=2 {
+        // Redis checks each client's idle time about once a second.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        cache
+            .set("k", &round)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let read = cache.get::<i32>("k").await;
+        assert_eq!(read.unwrap(), Some(round));
+    }
+}
+
+/// A primary without `HELLO` (before Redis 6; here renamed away) gets RESP2 on the cache's
+/// connection, and the cache works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_without_hello_gets_resp2() {
+    let set = RedisSentinelSet::start_with_data_args(&["--rename-command", "HELLO", ""]).unwrap();
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let cache = RedisCache::builder()
+        .sentinel(set.master_name(), sentinels)
+        .health_check_interval(None)
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    cache.set("k", &1).await.unwrap();
+    assert_eq!(cache.get::<i32>("k").await.unwrap(), Some(1));
+    assert!(cache.delete("k").await.unwrap());
+}

@@ -44,18 +44,26 @@ impl RedisSentinelSet {
     /// replica is linked and every sentinel sees the primary as `ok` with one replica and
     /// three sentinels.
     pub fn start() -> Result<Self, TestkitError> {
-        Self::start_inner(None)
+        Self::start_inner(None, &[])
     }
 
     /// The same with `password` required by the primary and the replica (`requirepass`,
     /// `masterauth`); the sentinels know it (`sentinel auth-pass`) and need none themselves.
     pub fn start_with_password(password: &str) -> Result<Self, TestkitError> {
-        Self::start_inner(Some(password))
+        Self::start_inner(Some(password), &[])
     }
 
-    fn start_inner(password: Option<&str>) -> Result<Self, TestkitError> {
+    /// The same with `args` given to the primary and the replica (not the sentinels), e.g.
+    /// `["--rename-command", "HELLO", ""]` for a server without `HELLO`.
+    pub fn start_with_data_args(args: &[&str]) -> Result<Self, TestkitError> {
+        Self::start_inner(None, args)
+    }
+
+    fn start_inner(password: Option<&str>, extra: &[&str]) -> Result<Self, TestkitError> {
         let data = |args: Vec<String>| {
-            let mut b = RedisServer::builder().args(args);
+            let mut b = RedisServer::builder()
+                .args(args)
+                .args(extra.iter().copied());
             if let Some(p) = password {
                 b = b.password(p).args(["--masterauth", p]);
             }
