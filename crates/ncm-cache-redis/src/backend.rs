@@ -470,9 +470,20 @@ impl Inner {
                         None => f(handle)
                             .await
                             .map_err(|e| map_err(op.as_str(), e, timeout)),
-                        Some(_) => {
+                        Some(seen) => {
                             let bound = self.config.connect_timeout + timeout;
-                            match tokio::time::timeout(bound, f(handle)).await {
+                            // A `PING` first (twice if it met a failed reconnect: see
+                            // `conn::ping_up`), so that a call not to be resent is not lost to
+                            // a reconnect that had failed while Redis was away
+                            // (`batch_socket.rs::writes_right_after_a_restart_land`). Boxed:
+                            // only this rare path pays for the deeper future.
+                            let checked = Box::pin(async {
+                                let mut ping = handle.clone();
+                                crate::conn::ping_up(&mut ping).await?;
+                                self.conn.connected(slot, seen);
+                                f(handle).await
+                            });
+                            match tokio::time::timeout(bound, checked).await {
                                 Ok(r) => r.map_err(|e| map_err(op.as_str(), e, timeout)),
                                 Err(_) => Err(CacheError::Timeout {
                                     operation: op.as_str(),

@@ -974,8 +974,9 @@ async fn send_sets(inner: &Inner, batch: &mut Vec<Set>) {
                         break;
                     };
                     // An error reply is an answer too: the connection is up (a user not
-                    // allowed `PING` must not lose every write batch after a reconnect).
-                    crate::conn::answered(redis::cmd("PING").query_async::<()>(&mut h).await)?;
+                    // allowed `PING` must not lose every write batch after a reconnect); a
+                    // `PING` that met a failed reconnect is asked once more.
+                    crate::conn::ping_up(&mut h).await?;
                     inner.conn.connected(slot, seen);
                 }
                 // Claimed now, with the connection up: from here the write is the caller's

@@ -261,6 +261,17 @@ pub(crate) fn answered(ping: redis::RedisResult<()>) -> redis::RedisResult<()> {
     }
 }
 
+/// A `PING` that waits for a pool connection's manager to be up: the first request after a
+/// failed reconnect gets that failure at once (and starts a new reconnect), so a `PING` that
+/// failed on the connection is asked once more, and that one waits for the new connection.
+/// An error reply is an answer ([`answered`]); a timeout is not asked again.
+pub(crate) async fn ping_up(h: &mut Handle) -> redis::RedisResult<()> {
+    match answered(redis::cmd("PING").query_async::<()>(&mut *h).await) {
+        Err(e) if !e.is_timeout() => answered(redis::cmd("PING").query_async::<()>(h).await),
+        r => r,
+    }
+}
+
 /// Whether a failed connect was the server refusing `HELLO 3` (Redis before 6, `HELLO`
 /// renamed away or not allowed), rather than the connection, the password or TLS failing:
 /// only then is RESP2 worth a try (anything else would cost a second round of connects and

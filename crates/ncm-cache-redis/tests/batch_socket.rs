@@ -518,6 +518,39 @@ async fn the_first_write_a_second_after_a_restart_lands() {
     }
 }
 
+/// Redis killed for 3 s (the pool's background checks back off to about a second, each
+/// meeting a failed reconnect) and restarted; the first call right after the restart is a
+/// write, with no read first: a batched `set`, an unbatched `delete`, a load's
+/// `set_if_absent`, one per round. Each lands: a call on a connection whose reconnect failed
+/// first asks a `PING`, and once more if that met the failed reconnect (the manager answers
+/// the first request with the old failure and starts a new reconnect, which the second
+/// waits for). Before, the call itself met the failure and, since a write is not resent,
+/// failed with "Connection refused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_right_after_a_restart_land() {
+    use ncm_cache_core::CacheBackend as _;
+    let mut server = RedisServer::start().unwrap();
+    let cache = RedisCache::connect(support::config(&server)).await.unwrap();
+    let backend = cache.redis_backend();
+    for first in ["set", "delete", "set_if_absent"] {
+        backend.set("k", Bytes::from("v"), None).await.unwrap();
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        server.restart().unwrap();
+        let v = Bytes::from(first);
+        let landed = match first {
+            "set" => backend.set("k", v.clone(), None).await.map(|()| true),
+            "delete" => backend.delete("k").await.map(|existed| !existed),
+            _ => backend.set_if_absent("k", v.clone(), None).await,
+        };
+        let landed = landed
+            .unwrap_or_else(|e| panic!("{first}: the first write right after a restart: {e}"));
+        assert!(landed, "{first}: the restarted server is empty");
+        let expected = (first != "delete").then_some(v);
+        assert_eq!(backend.get("k").await.unwrap(), expected, "{first}");
+    }
+}
+
 /// The background checks of a closed pool connection (see the test above) while Redis stays
 /// away: about three connects a second per pool connection at most (each `PING` that meets a
 /// failed reconnect starts another of three attempts, checks backing off to about 1 s); none

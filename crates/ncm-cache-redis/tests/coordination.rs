@@ -347,6 +347,13 @@ async fn a_lock_taken_by_a_timed_out_or_cancelled_try_lock_is_freed() {
     let b = RedisCache::connect(support::config(&server)).await.unwrap();
     for cancelled in [false, true] {
         let name = format!("job-{cancelled}");
+        // A call answered first: after the round before, whose call timed out, the next call
+        // would ask a `PING` first (the connection may be reconnecting), and a caller that
+        // gives up during it never sends its `SET` — not the scenario here.
+        a.redis_backend()
+            .set("settle", Bytes::from_static(b"x"), None)
+            .await
+            .unwrap();
         // The command reaches Redis after 150 ms; its reply would come back 150 ms later.
         proxy.set_mode(ncm_cache_testkit::ProxyMode::Delay(Duration::from_millis(
             150,
