@@ -107,12 +107,7 @@ fn writes_of_several_processes_follow_a_slot_being_migrated_on_a_cluster() {
     let stored = format!("mig:{}", keys[0]);
     let slot = cluster.slot_of(&stored).unwrap();
     let from = cluster.owner_of(&stored).unwrap();
-    let to = *cluster
-        .primaries()
-        .unwrap()
-        .iter()
-        .find(|p| **p != from)
-        .unwrap();
+    let to = cluster.other_primary(from).unwrap();
     let refused = || cluster.rejected_calls_on_primaries().unwrap();
     let aborted = || {
         cluster

@@ -19,6 +19,22 @@ fn config(cluster: &RedisCluster) -> RedisConfig {
     c
 }
 
+/// Writes `{prefix}:0` … `{prefix}:{n - 1}`, each holding its own name, in one batch; their
+/// names.
+async fn write_own_names(
+    backend: &ncm_cache_core::SharedBackend,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}:{i}")).collect();
+    let entries: Vec<(&str, Bytes)> = keys
+        .iter()
+        .map(|k| (k.as_str(), Bytes::from(k.clone())))
+        .collect();
+    backend.set_many(&entries, None).await.unwrap();
+    keys
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_conformance_spread_batches_patterns_and_failover() {
     let mut cluster = RedisCluster::start().unwrap();
@@ -30,13 +46,8 @@ async fn cluster_conformance_spread_batches_patterns_and_failover() {
 
     // Keys spread over all three primaries.
     let backend = cache.backend();
-    let keys: Vec<String> = (0..300).map(|i| format!("spread:{i}")).collect();
+    let keys = write_own_names(&backend, "spread", 300).await;
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let entries: Vec<(&str, Bytes)> = refs
-        .iter()
-        .map(|k| (*k, Bytes::from(k.to_string())))
-        .collect();
-    backend.set_many(&entries, None).await.unwrap();
     let primaries = cluster.primaries().unwrap();
     assert_eq!(primaries.len(), 3);
     for port in &primaries {
@@ -388,12 +399,7 @@ async fn reads_follow_a_slot_being_migrated(auto_batch: bool, onto_a_new_node: b
     let to = if onto_a_new_node {
         cluster.add_node().unwrap()
     } else {
-        *cluster
-            .primaries()
-            .unwrap()
-            .iter()
-            .find(|p| **p != from)
-            .unwrap()
+        cluster.other_primary(from).unwrap()
     };
     cluster.begin_slot_migration(slot, from, to).unwrap();
     let mut half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
@@ -747,12 +753,7 @@ fn sync_calls_follow_a_slot_being_migrated() {
     );
     let slot = cluster.slot_of("{smig}").unwrap();
     let from = cluster.owner_of("{smig}").unwrap();
-    let to = *cluster
-        .primaries()
-        .unwrap()
-        .iter()
-        .find(|p| **p != from)
-        .unwrap();
+    let to = cluster.other_primary(from).unwrap();
     cluster.begin_slot_migration(slot, from, to).unwrap();
     let mut half: Vec<&str> = moving[..20].iter().map(String::as_str).collect();
     half.extend(gone[..5].iter().map(String::as_str));
@@ -866,6 +867,16 @@ fn a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down() {
     }
 }
 
+/// A cluster whose nodes close connections idle for a second (set once it is made: `redis-cli
+/// --cluster create` idles its own connections).
+fn closing_idle_connections() -> RedisCluster {
+    let cluster = RedisCluster::start().unwrap();
+    for node in cluster.nodes() {
+        node.command(&["CONFIG", "SET", "timeout", "1"]).unwrap();
+    }
+    cluster
+}
+
 /// Every node closes connections idle for a second (`timeout 1`, or a load balancer's idle
 /// timeout). After each idle spell, the next call of each kind — a write, a read, a batch, a
 /// delete, a script (the lock) — still reaches Redis: it is not the caller's business that the
@@ -874,11 +885,7 @@ fn a_cluster_cache_goes_on_after_the_runtime_it_connected_on_shut_down() {
 /// connection, since it may have landed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_after_every_node_closed_the_idle_connections_reach_redis() {
-    let cluster = RedisCluster::start().unwrap();
-    // Set once the cluster is made (`redis-cli --cluster create` idles its own connections).
-    for node in cluster.nodes() {
-        node.command(&["CONFIG", "SET", "timeout", "1"]).unwrap();
-    }
+    let cluster = closing_idle_connections();
     let cache = RedisCache::connect(config(&cluster)).await.unwrap();
     let backend = cache.backend();
     let keys: Vec<String> = (0..30).map(|i| format!("idle:{i}")).collect();
@@ -943,13 +950,8 @@ async fn a_cluster_without_hello_gets_resp2() {
     c.cluster_nodes.push(down);
     let cache = RedisCache::connect(c).await.unwrap();
     let backend = cache.backend();
-    let keys: Vec<String> = (0..30).map(|i| format!("old:{i}")).collect();
+    let keys = write_own_names(&backend, "old", 30).await;
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let entries: Vec<(&str, Bytes)> = refs
-        .iter()
-        .map(|k| (*k, Bytes::from(k.to_string())))
-        .collect();
-    backend.set_many(&entries, None).await.unwrap();
     let got = backend.get_many(&refs).await.unwrap();
     for (k, g) in refs.iter().zip(&got) {
         assert_eq!(g.as_deref(), Some(k.as_bytes()));
@@ -965,10 +967,7 @@ async fn a_cluster_without_hello_gets_resp2() {
 /// is not resent after a lost connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_after_the_node_an_ask_named_closed_the_idle_connection_lands() {
-    let cluster = RedisCluster::start().unwrap();
-    for node in cluster.nodes() {
-        node.command(&["CONFIG", "SET", "timeout", "1"]).unwrap();
-    }
+    let cluster = closing_idle_connections();
     let cache = RedisCache::connect(config(&cluster)).await.unwrap();
     let backend = cache.backend();
     let keys: Vec<String> = (0..4).map(|i| format!("{{askidle}}:{i}")).collect();
@@ -980,12 +979,7 @@ async fn a_write_after_the_node_an_ask_named_closed_the_idle_connection_lands() 
     }
     let slot = cluster.slot_of(&keys[0]).unwrap();
     let from = cluster.owner_of(&keys[0]).unwrap();
-    let to = *cluster
-        .primaries()
-        .unwrap()
-        .iter()
-        .find(|p| **p != from)
-        .unwrap();
+    let to = cluster.other_primary(from).unwrap();
     cluster.begin_slot_migration(slot, from, to).unwrap();
     cluster.migrate_keys(from, to, &[keys[0].as_str()]).unwrap();
     for round in 1..=2 {

@@ -6,18 +6,23 @@ use std::time::{Duration, Instant};
 use ncm_cache_redis::RedisCache;
 use ncm_cache_testkit::RedisSentinelSet;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_failover_moves_the_cache_to_the_new_primary() {
-    let mut set = RedisSentinelSet::start().unwrap();
+/// A cache on `set`'s primary through its sentinels, with 500 ms timeouts and no health loop.
+async fn connect(set: &RedisSentinelSet) -> RedisCache {
     let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
-    let cache = RedisCache::builder()
+    RedisCache::builder()
         .sentinel(set.master_name(), sentinels)
         .health_check_interval(None)
         .connect_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_millis(500))
         .build()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_moves_the_cache_to_the_new_primary() {
+    let mut set = RedisSentinelSet::start().unwrap();
+    let cache = connect(&set).await;
     cache.set("before", &1).await.unwrap();
     assert_eq!(cache.get::<i32>("before").await.unwrap(), Some(1));
 
@@ -115,15 +120,7 @@ async fn a_write_after_the_primary_closed_the_idle_connection_reaches_redis() {
     for s in set.servers() {
         s.command(&["CONFIG", "SET", "timeout", "1"]).unwrap();
     }
-    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
-    let cache = RedisCache::builder()
-        .sentinel(set.master_name(), sentinels)
-        .health_check_interval(None)
-        .connect_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
+    let cache = connect(&set).await;
     cache.set("k", &0).await.unwrap();
     for round in 1..=2 {
         // Redis checks each client's idle time about once a second.
@@ -143,15 +140,7 @@ async fn a_write_after_the_primary_closed_the_idle_connection_reaches_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_without_hello_gets_resp2() {
     let set = RedisSentinelSet::start_with_data_args(&["--rename-command", "HELLO", ""]).unwrap();
-    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
-    let cache = RedisCache::builder()
-        .sentinel(set.master_name(), sentinels)
-        .health_check_interval(None)
-        .connect_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
+    let cache = connect(&set).await;
     cache.set("k", &1).await.unwrap();
     assert_eq!(cache.get::<i32>("k").await.unwrap(), Some(1));
     assert!(cache.delete("k").await.unwrap());

@@ -193,6 +193,18 @@ impl RedisCluster {
         Ok(ports)
     }
 
+    /// A current primary other than `port` (the lowest), e.g. where to move one of `port`'s
+    /// slots.
+    pub fn other_primary(&self, port: u16) -> Result<u16, TestkitError> {
+        self.primaries()?
+            .into_iter()
+            .find(|p| *p != port)
+            .ok_or_else(|| TestkitError::Command {
+                what: "finding another primary".to_owned(),
+                detail: format!("no primary but {port}"),
+            })
+    }
+
     /// Calls of `command` since they started, summed over the current primaries (`INFO
     /// commandstats`; replicas, which run their primaries' writes again, left out).
     pub fn command_calls_on_primaries(&self, command: &str) -> Result<u64, TestkitError> {
