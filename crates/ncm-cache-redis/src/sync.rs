@@ -74,7 +74,14 @@ struct Single {
     conn: redis::Connection,
     timeout: Duration,
     broken: bool,
+    /// When it was last used: see [`SyncConn::usable`].
+    used: Instant,
 }
+
+/// How long a pooled single-node connection may sit unused before it is checked with a `PING`
+/// (see [`SyncConn::usable`]): Redis's `timeout` counts in seconds, and a load balancer's idle
+/// timeout is longer.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Single {
     /// A pipeline's replies under one bound for all of them. redis's own reads each wait the
@@ -119,6 +126,34 @@ impl Single {
         }
         restored?;
         Ok(replies)
+    }
+}
+
+impl SyncConn {
+    /// Whether this connection may carry a call: a single node's connection unused for
+    /// [`IDLE_CHECK`] or longer is asked a `PING` first, since the server (its `timeout`, a
+    /// load balancer's idle timeout) may have closed it meanwhile, and a write on it would
+    /// then fail — it is not resent, since it may have landed
+    /// (`tests/redis.rs::sync_calls_after_the_server_closed_the_idle_connections_reach_redis`).
+    /// Unanswered, it is marked broken (the pool drops it). An error reply is an answer.
+    fn usable(&mut self) -> bool {
+        match self {
+            Self::Single(c) if c.used.elapsed() >= IDLE_CHECK => {
+                let ping = redis::cmd("PING").query::<()>(&mut c.conn);
+                let up = crate::conn::answered(ping).is_ok();
+                c.broken |= !up;
+                c.used = Instant::now();
+                up
+            }
+            _ => true,
+        }
+    }
+
+    /// Records a use (see [`usable`](Self::usable)).
+    fn used(&mut self) {
+        if let Self::Single(c) = self {
+            c.used = Instant::now();
+        }
     }
 }
 
@@ -182,6 +217,7 @@ impl r2d2::ManageConnection for Manager {
                     conn: c,
                     timeout: *response,
                     broken: false,
+                    used: Instant::now(),
                 }))
             }
             Self::Cluster(client) => client
@@ -280,6 +316,25 @@ impl RedisSyncCache {
         &self.inner.codec
     }
 
+    /// A pooled connection that is [usable](SyncConn::usable): one that sat idle and does
+    /// not answer is dropped and another taken (made anew when none is idle), a few times at
+    /// most.
+    fn checked_out(&self, op: Operation) -> Result<r2d2::PooledConnection<Manager>> {
+        let mut tries = 0;
+        loop {
+            let mut conn = self.inner.pool.get().map_err(|e| {
+                CacheError::connection(
+                    format!("{}: no connection available: {e}", op.as_str()),
+                    Some(Box::new(e)),
+                )
+            })?;
+            tries += 1;
+            if conn.usable() || tries > 3 {
+                return Ok(conn);
+            }
+        }
+    }
+
     fn run<T>(&self, op: Operation, f: impl Fn(&mut SyncConn) -> RedisResult<T>) -> Result<T> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(CacheError::Closed);
@@ -303,12 +358,13 @@ impl RedisSyncCache {
         let start = Instant::now();
         let mut result = Err(CacheError::Closed);
         for _ in 0..attempts {
-            result = match self.inner.pool.get() {
-                Err(e) => Err(CacheError::connection(
-                    format!("{}: no connection available: {e}", op.as_str()),
-                    Some(Box::new(e)),
-                )),
-                Ok(mut conn) => f(&mut conn).map_err(|e| map_err(op.as_str(), e, timeout)),
+            result = match self.checked_out(op) {
+                Err(e) => Err(e),
+                Ok(mut conn) => {
+                    let r = f(&mut conn).map_err(|e| map_err(op.as_str(), e, timeout));
+                    conn.used();
+                    r
+                }
             };
             if !matches!(&result, Err(e) if e.is_timeout()) {
                 break;

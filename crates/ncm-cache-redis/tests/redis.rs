@@ -290,6 +290,30 @@ fn sync_cache_needs_no_runtime() {
     assert_eq!(s.decode::<i32>(&s.encode(&5).unwrap()).unwrap(), 5);
 }
 
+/// The blocking cache's pooled connections idle past the server's `timeout` (or a load
+/// balancer's) and are closed by it; the next write — not resent after a lost connection,
+/// since it may have landed — and the next read still reach Redis (a connection idle for a
+/// second or more is asked a `PING` first; before, the write failed with "unexpected end of
+/// file"). On a cluster: `cluster.rs::sync_calls_after_every_node_closed_the_idle_connections_reach_redis`.
+#[test]
+fn sync_calls_after_the_server_closed_the_idle_connections_reach_redis() {
+    let server = RedisServer::builder()
+        .arg("--timeout", "1")
+        .start()
+        .unwrap();
+    let cache = RedisSyncCache::connect(support::config(&server)).unwrap();
+    cache.set("k", &0).unwrap();
+    for round in 1..=2 {
+        // Redis checks each client's idle time about once a second.
+        std::thread::sleep(Duration::from_millis(2_500));
+        cache
+            .set("k", &round)
+            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
+        std::thread::sleep(Duration::from_millis(2_500));
+        assert_eq!(cache.get::<i32>("k").unwrap(), Some(round), "round {round}");
+    }
+}
+
 /// Client tracking reports what any client changes under the prefix (without the prefix), a
 /// flush, and a restart as Disconnected then Reconnected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
