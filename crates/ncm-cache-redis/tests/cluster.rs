@@ -935,16 +935,7 @@ async fn calls_after_every_node_closed_the_idle_connections_reach_redis() {
 fn sync_calls_after_every_node_closed_the_idle_connections_reach_redis() {
     let cluster = closing_idle_connections();
     let cache = RedisSyncCache::connect(config(&cluster)).unwrap();
-    cache.set("k", &0).unwrap();
-    for round in 1..=2 {
-        // Redis checks each client's idle time about once a second.
-        std::thread::sleep(Duration::from_millis(2_500));
-        cache
-            .set("k", &round)
-            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
-        std::thread::sleep(Duration::from_millis(2_500));
-        assert_eq!(cache.get::<i32>("k").unwrap(), Some(round), "round {round}");
-    }
+    support::sync_calls_after_idle_spells(&cache);
 }
 
 /// Nodes without `HELLO` (before Redis 6; here renamed away) get RESP2 on the cluster

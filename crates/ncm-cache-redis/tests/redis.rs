@@ -302,16 +302,7 @@ fn sync_calls_after_the_server_closed_the_idle_connections_reach_redis() {
         .start()
         .unwrap();
     let cache = RedisSyncCache::connect(support::config(&server)).unwrap();
-    cache.set("k", &0).unwrap();
-    for round in 1..=2 {
-        // Redis checks each client's idle time about once a second.
-        std::thread::sleep(Duration::from_millis(2_500));
-        cache
-            .set("k", &round)
-            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
-        std::thread::sleep(Duration::from_millis(2_500));
-        assert_eq!(cache.get::<i32>("k").unwrap(), Some(round), "round {round}");
-    }
+    support::sync_calls_after_idle_spells(&cache);
 }
 
 /// Client tracking reports what any client changes under the prefix (without the prefix), a

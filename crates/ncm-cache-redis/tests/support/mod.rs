@@ -231,3 +231,18 @@ pub(crate) async fn mixed_round(
     }
     sum
 }
+
+/// Two rounds, each of 2.5 s idle, a `set`, 2.5 s idle and a `get` of the value just written,
+/// on a blocking cache whose server closes connections idle for a second (Redis checks each
+/// client's idle time about once a second).
+pub(crate) fn sync_calls_after_idle_spells(cache: &RedisSyncCache) {
+    cache.set("k", &0).unwrap();
+    for round in 1..=2 {
+        std::thread::sleep(Duration::from_millis(2_500));
+        cache
+            .set("k", &round)
+            .unwrap_or_else(|e| panic!("round {round}: the write after an idle close failed: {e}"));
+        std::thread::sleep(Duration::from_millis(2_500));
+        assert_eq!(cache.get::<i32>("k").unwrap(), Some(round), "round {round}");
+    }
+}
